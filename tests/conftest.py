@@ -1,0 +1,46 @@
+"""Shared fixtures: the read-only ../shared folder, devices and dtypes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ULTRASTYLE_SHARED", REPO.parent / "shared"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # In CI the real models are part of the contract: a missing ../shared is a
+    # failure, never a silent skip.
+    if os.environ.get("CI") and not (SHARED / "models" / "MANIFEST.json").is_file():
+        raise pytest.UsageError(f"CI=true but the shared folder is missing: {SHARED}/models/MANIFEST.json")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "models" / "MANIFEST.json").is_file():
+        pytest.skip(f"needs the shared models and images at {SHARED} (set ULTRASTYLE_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cd16x_dir(shared_dir: Path) -> Path:
+    return shared_dir / "models" / "cd-wct-16x"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # Never touch the user's real model cache from a test.
+    home = tmp_path_factory.mktemp("ultrastyle_home")
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    return torch.device(request.param)

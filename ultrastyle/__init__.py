@@ -1,0 +1,3 @@
+"""ultrastyle: ultra-resolution universal style transfer."""
+
+__version__ = "0.1.0"
