@@ -1,0 +1,19 @@
+"""The `ultrastyle` console script: thin typer commands over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from ultrastyle.cli.models import app as models_app
+
+app = typer.Typer(
+    name="ultrastyle",
+    help="Ultra-resolution universal style transfer (Collaborative Distillation, WCT, AdaIN).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
