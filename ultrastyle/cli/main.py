@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ultrastyle.cli.models import app as models_app
+from ultrastyle.cli.stylize import stylize_command
 
 app = typer.Typer(
     name="ultrastyle",
@@ -13,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("stylize")(stylize_command)
 app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
 
 if __name__ == "__main__":  # pragma: no cover

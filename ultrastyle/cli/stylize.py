@@ -1,0 +1,115 @@
+"""`ultrastyle stylize`: batch style transfer over files, folders and globs."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS
+from ultrastyle.io.paths import expand_inputs
+from ultrastyle.models import zoo
+from ultrastyle.models.convert import CheckpointError
+from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
+from ultrastyle.runtime.batch import PairResult, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
+
+
+class Method(str, Enum):
+    wct = "wct"
+    adain = "adain"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Format(str, Enum):
+    png = "png"
+    jpg = "jpg"
+    tiff = "tiff"
+
+
+def _err(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
+
+
+def stylize_command(
+    content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
+    style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = Path("out"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (downloaded on first use) or a folder of CD weights {k}SE.pth/{k}SD.pth.")] = DEFAULT_MODEL,
+    method: Annotated[Method, typer.Option(help="Feature transform.")] = Method.wct,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features.")] = DEFAULT_ALPHA,
+    levels: Annotated[str, typer.Option(help="Stages to run, in order (coarse to fine).")] = "5,4,3,2,1",
+    content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
+    style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
+    device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
+
+    ultrastyle stylize photos/ --style art.jpg -o out/   or   ultrastyle stylize photos/ art.jpg -o out/
+
+    Exit status is 1 if any pair failed; the other pairs still run and no
+    partial output file is left behind.
+    """
+    try:
+        level_tuple = parse_levels(levels)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--levels") from None
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
+            raise typer.Exit(2)
+    if not style:
+        # `ultrastyle stylize CONTENT... STYLE`, like cp's SOURCE... DEST.
+        if len(content) < 2:
+            raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
+        content, style = content[:-1], content[-1:]
+    contents, styles = expand_inputs(content), expand_inputs(style)
+    if not contents or not styles:
+        _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
+        raise typer.Exit(2)
+    options = StylizeOptions(
+        method=method.value, alpha=alpha, levels=level_tuple, content_size=content_size,
+        style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
+    )  # fmt: skip
+    try:
+        net = load_model(model, stages=tuple(sorted(set(level_tuple))), device=device.value)
+    except (zoo.ZooError, CheckpointError) as exc:
+        _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
+        raise typer.Exit(2) from None
+
+    pairs = plan_pairs(contents, styles, output, fmt.value)
+    console = Console(stderr=True, highlight=False)
+    with Progress(
+        TextColumn("[bold]stylize"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=len(pairs))
+
+        def on_result(r: PairResult) -> None:
+            if r.status == "failed":
+                progress.console.print(f"error: {r.error}", style="red", markup=False, soft_wrap=True)
+            progress.update(task, advance=1, description=r.pair.output.name)
+
+        summary = run_batch(net, pairs, options, on_result)
+
+    spmp = summary.seconds_per_megapixel
+    rate = f", {spmp:.2f} s/MP" if spmp is not None else ""
+    Console(highlight=False).print(
+        f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
+        f"of {len(pairs)} pairs{rate}; outputs in {output}"
+    )
+    if summary.count("failed"):
+        raise typer.Exit(1)

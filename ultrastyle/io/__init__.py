@@ -1,0 +1,1 @@
+"""Image files in and out, and expansion of file/directory/glob arguments."""

@@ -1,0 +1,30 @@
+"""Expand CLI arguments (files, directories, globs) into image paths."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from ultrastyle.io.images import IMAGE_SUFFIXES
+
+
+def expand_inputs(specs: list[str] | list[Path]) -> list[Path]:
+    """Files as given, directories as their image files (sorted), globs as their matches (sorted).
+
+    A path that exists nowhere is kept as it is, so the batch reports it as a
+    bad input ("no such file") instead of silently dropping it. Duplicates are
+    dropped, order kept.
+    """
+    out: list[Path] = []
+    for spec in map(str, specs):
+        p = Path(spec)
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            out.append(p)
+        elif glob.has_magic(spec):
+            # A glob that matches nothing is reported like a missing file.
+            out += sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file()) or [p]
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))

@@ -1,0 +1,76 @@
+"""`Encoder` and `Decoder`: one class each, built from an `ArchSpec` and a stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ultrastyle.models.spec import ArchSpec, Layer
+
+
+class _StageNet(nn.Module):
+    """Runs a list of `Layer`s; convs are registered under their published names."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        super().__init__()
+        self.layers = layers
+        for layer in layers:
+            if layer.kind == "conv":
+                self.add_module(layer.name, nn.Conv2d(layer.cin, layer.cout, layer.kernel))
+
+    def _layer(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.kind == "pool":
+            return F.max_pool2d(x, 2, 2)
+        if layer.kind == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if layer.kernel > 1:
+            p = layer.kernel // 2
+            x = F.pad(x, (p, p, p, p), mode="reflect")
+        x = getattr(self, layer.name)(x)
+        return F.relu(x) if layer.relu else x
+
+
+class Encoder(_StageNet):
+    """Encoder of ``stage``: image (N, 3, H, W) in [0, 1] -> relu{stage}_1 (N, C, H/2^(k-1), W/2^(k-1)).
+
+    H and W must be multiples of ``spec.grid(stage)`` (see `runtime.padding`).
+    With ``aux=True`` the Q_k embeddings (``conv{b}1_aux``) are built too; they
+    are used by distillation only and never in `forward`.
+    """
+
+    def __init__(self, spec: ArchSpec, stage: int, aux: bool = False) -> None:
+        super().__init__(spec.encoder_layers(stage))
+        self.spec, self.stage = spec, stage
+        self.out_channels = spec.feature_channels(stage)
+        if aux:
+            for layer in spec.aux_layers(stage):
+                self.add_module(layer.name, nn.Conv2d(layer.cin, layer.cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = self._layer(layer, x)
+        return x
+
+    def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All ``relu{b}_1`` features up to this stage, e.g. for perceptual losses."""
+        out: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            x = self._layer(layer, x)
+            if layer.kind == "conv" and layer.name.endswith("1") and layer.name != "conv0":
+                out[f"relu{layer.name[4]}_1"] = x
+        return out
+
+
+class Decoder(_StageNet):
+    """Decoder of ``stage``: relu{stage}_1 features (N, C, h, w) -> image (N, 3, h*2^(k-1), w*2^(k-1))."""
+
+    def __init__(self, spec: ArchSpec, stage: int) -> None:
+        super().__init__(spec.decoder_layers(stage))
+        self.spec, self.stage = spec, stage
+        self.in_channels = spec.feature_channels(stage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = self._layer(layer, x)
+        return x

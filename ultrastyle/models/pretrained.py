@@ -1,0 +1,77 @@
+"""Load a whole stylization model (encoder + decoder per stage) from a zoo name or a folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ultrastyle.models import convert, zoo
+from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec
+
+DEFAULT_MODEL = "cd-wct-16x"
+
+
+@dataclass
+class StyleModel:
+    """Encoder/decoder pairs of the stages a cascade uses, on one device."""
+
+    name: str
+    arch: ArchSpec
+    encoders: dict[int, Encoder] = field(default_factory=dict)
+    decoders: dict[int, Decoder] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return tuple(sorted(self.encoders))
+
+    def to(self, device: str | torch.device) -> StyleModel:
+        for net in (*self.encoders.values(), *self.decoders.values()):
+            net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.encoders.values())).conv0.weight.device
+
+
+def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
+    return all((folder / f"{k}SE.pth").is_file() and (folder / f"{k}SD.pth").is_file() for k in stages)
+
+
+def load_cd_folder(folder: str | Path, stages: tuple[int, ...] = STAGES, name: str | None = None) -> StyleModel:
+    """A folder holding CD-format ``{k}SE.pth`` / ``{k}SD.pth`` files (the cd16x architecture)."""
+    folder = Path(folder)
+    spec = ARCHS["cd16x"]
+    model = StyleModel(name or folder.name, spec)
+    for k in stages:
+        model.encoders[k] = convert.cd_encoder(folder / f"{k}SE.pth", k, spec=spec)
+        model.decoders[k] = convert.cd_decoder(folder / f"{k}SD.pth", k, spec=spec)
+    return model
+
+
+def load_model(
+    source: str | Path = DEFAULT_MODEL,
+    *,
+    stages: tuple[int, ...] = STAGES,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> StyleModel:
+    """A zoo name (downloaded on first use, like torch.hub) or a folder of CD weights."""
+    path = Path(source)
+    if path.is_dir():
+        if not cd_files_present(path, stages):
+            missing = [f"{k}{s}.pth" for k in stages for s in ("SE", "SD") if not (path / f"{k}{s}.pth").is_file()]
+            raise convert.CheckpointError(
+                f"{path}: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for stages {list(stages)}; missing: {', '.join(missing)}"
+            )
+        return load_cd_folder(path, stages).to(device)
+    if str(source) not in zoo.entries():
+        raise zoo.UnknownModelError(
+            f"{source!r} is neither a folder nor a known model; known models: {', '.join(sorted(zoo.entries()))}"
+        )
+    entry = zoo.get_entry(str(source))
+    folder = zoo.ensure(entry.name, progress=progress)
+    return load_cd_folder(folder, stages, name=entry.name).to(device)

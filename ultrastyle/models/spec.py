@@ -1,0 +1,124 @@
+"""Architectures as data: one width table describes every VGG-shaped encoder.
+
+Block ``b`` (1..5) holds ``CONVS_PER_BLOCK[b]`` 3x3 convolutions named
+``conv{b}{j}``; blocks 2..5 start with a 2x2 max-pool. Encoder ``k`` stops after
+``conv{k}1`` + ReLU (the ``relu{k}_1`` tap). Decoder ``k`` mirrors it.
+See DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+CONVS_PER_BLOCK = {1: 2, 2: 2, 3: 4, 4: 4, 5: 1}
+STAGES = (1, 2, 3, 4, 5)
+TAPS = {k: f"relu{k}_1" for k in STAGES}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One step of a stage network.
+
+    kind: ``conv`` (reflect-pad ``kernel // 2`` then conv), ``pool`` (2x2 max,
+    stride 2) or ``up`` (nearest 2x). ``relu`` applies after a conv.
+    """
+
+    kind: Literal["conv", "pool", "up"]
+    name: str = ""
+    cin: int = 0
+    cout: int = 0
+    kernel: int = 3
+    relu: bool = True
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A family member: widths of blocks 1..5 plus per-stage width overrides.
+
+    ``overrides`` maps ``(stage, conv_name) -> width`` for the few layers that a
+    published model made wider in one stage only (CD 16x: conv11 is 24 wide in
+    the stage-1 encoder).
+    """
+
+    name: str
+    widths: tuple[int, int, int, int, int]
+    overrides: dict[tuple[int, str], int] = field(default_factory=dict)
+    decoder_final_relu: bool = False
+    teacher_widths: tuple[int, int, int, int, int] | None = None  # aux (Q_k) targets, training only
+
+    def conv_names(self, stage: int) -> list[str]:
+        """Encoder conv names of ``stage`` in order, without ``conv0``."""
+        _check_stage(stage)
+        names = []
+        for b in range(1, stage + 1):
+            n = 1 if b == stage else CONVS_PER_BLOCK[b]
+            names += [f"conv{b}{j}" for j in range(1, n + 1)]
+        return names
+
+    def width(self, stage: int, conv: str) -> int:
+        return self.overrides.get((stage, conv), self.widths[int(conv[4]) - 1])
+
+    def encoder_layers(self, stage: int) -> list[Layer]:
+        layers = [Layer("conv", "conv0", 3, 3, kernel=1, relu=False)]
+        cin = 3
+        for name in self.conv_names(stage):
+            if name.endswith("1") and name != "conv11":
+                layers.append(Layer("pool"))
+            cout = self.width(stage, name)
+            layers.append(Layer("conv", name, cin, cout))
+            cin = cout
+        return layers
+
+    def decoder_layers(self, stage: int) -> list[Layer]:
+        convs = [l for l in self.encoder_layers(stage) if l.kind == "conv" and l.name != "conv0"]
+        layers: list[Layer] = []
+        for i, enc in enumerate(reversed(convs)):
+            last = i == len(convs) - 1
+            layers.append(Layer("conv", enc.name, enc.cout, enc.cin, relu=self.decoder_final_relu or not last))
+            if enc.name.endswith("1") and enc.name != "conv11":
+                layers.append(Layer("up"))
+        return layers
+
+    def feature_channels(self, stage: int) -> int:
+        return self.width(stage, f"conv{stage}1")
+
+    def aux_layers(self, stage: int) -> list[Layer]:
+        """The 1x1 linear embeddings Q_b (student -> teacher width) of a distillation student."""
+        if self.teacher_widths is None:
+            return []
+        return [
+            Layer("conv", f"conv{b}1_aux", self.width(stage, f"conv{b}1"), self.teacher_widths[b - 1], kernel=1, relu=False)
+            for b in range(1, stage + 1)
+        ]
+
+    def grid(self, stage: int) -> int:
+        """Pooling grid of ``stage``: input sizes must be multiples of this."""
+        _check_stage(stage)
+        return 2 ** (stage - 1)
+
+
+def _check_stage(stage: int) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+VGG19_WIDTHS = (64, 128, 256, 512, 512)
+
+ARCHS: dict[str, ArchSpec] = {
+    "vgg19": ArchSpec("vgg19", VGG19_WIDTHS),
+    "cd16x": ArchSpec(
+        "cd16x",
+        (16, 32, 64, 128, 128),
+        overrides={(1, "conv11"): 24},
+        decoder_final_relu=True,
+        teacher_widths=(64, 128, 256, 512, 512),
+    ),
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}") from None

@@ -1,0 +1,64 @@
+"""The whole-image reference cascade: the semantics every fast path is checked against.
+
+For each stage ``k`` in ``levels`` (default coarse to fine, 5..1): pad the
+current image to the stage's grid (`runtime.padding`), encode to relu{k}_1,
+fit the affine map from the content's and the style's global statistics,
+apply it, decode, crop back. No clamping between stages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.padding import pad_to_grid
+from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
+
+DEFAULT_LEVELS = (5, 4, 3, 2, 1)
+DEFAULT_ALPHA = 0.6
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """``"5,4,3,2,1"`` -> (5, 4, 3, 2, 1), with a clear error for anything else."""
+    try:
+        levels = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
+    if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
+        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}")
+    return levels
+
+
+@torch.inference_mode()
+def style_statistics(model: StyleModel, style: torch.Tensor, levels: tuple[int, ...]) -> dict[int, FeatureStats]:
+    """Per-stage statistics of a style image (3, H, W); compute once, reuse for a whole batch."""
+    x = style[None].to(model.device)
+    return {k: FeatureStats.of(model.encoders[k](pad_to_grid(x, model.arch.grid(k)))) for k in set(levels)}
+
+
+@torch.inference_mode()
+def stylize_stage(
+    model: StyleModel, image: torch.Tensor, stage: int, style: FeatureStats, *, method: str, alpha: float
+) -> torch.Tensor:
+    """One stage on the whole image: (1, 3, H, W) -> (1, 3, H, W)."""
+    h, w = image.shape[-2:]
+    f = model.encoders[stage](pad_to_grid(image, model.arch.grid(stage)))
+    a, b = fit_affine(method, FeatureStats.of(f), style, alpha)
+    out = model.decoders[stage](apply_affine(f, a, b))
+    return out[..., :h, :w]
+
+
+def stylize(
+    model: StyleModel,
+    content: torch.Tensor,
+    style_stats: dict[int, FeatureStats],
+    *,
+    method: str = "wct",
+    alpha: float = DEFAULT_ALPHA,
+    levels: tuple[int, ...] = DEFAULT_LEVELS,
+) -> torch.Tensor:
+    """Stylize a content image (3, H, W) in [0, 1]; returns (3, H, W), not clamped."""
+    x = content[None].to(model.device)
+    for k in levels:
+        x = stylize_stage(model, x, k, style_stats[k], method=method, alpha=alpha)
+    return x[0]

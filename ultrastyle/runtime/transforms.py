@@ -1,0 +1,113 @@
+"""WCT and AdaIN as one affine map per pixel, fitted from global statistics.
+
+Both transforms become ``f_hat = A f + b`` once the content and style feature
+statistics are known (DESIGN.md §2), with the blend ``alpha * f_hat + (1 - alpha) * f``
+folded into ``A`` and ``b``. Statistics are float64 sums, mergeable across
+tiles, so a tiled run fits the same map as a whole-image run.
+
+Semantics follow the original WCT (Li et al. 2017) and pytorch-AdaIN:
+content covariance ``/(N-1) + I``, style covariance ``/(N-1)``, eigenvalues
+below 1e-5 dropped; AdaIN's std is ``sqrt(unbiased var + 1e-5)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+EIG_FLOOR = 1e-5
+ADAIN_EPS = 1e-5
+
+
+@dataclass
+class FeatureStats:
+    """Count, Σf (C,) and Σffᵀ (C, C) of a feature map, float64 on the CPU."""
+
+    count: int
+    sum: torch.Tensor
+    outer: torch.Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> FeatureStats:
+        z = torch.zeros(channels, dtype=torch.float64)
+        return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64))
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> FeatureStats:
+        """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts."""
+        f = features.detach()
+        c = f.shape[-3]
+        f = f.transpose(0, -3).reshape(c, -1) if f.dim() == 4 else f.reshape(c, -1)
+        # The GEMM runs where the features are (on the device); only C + C² numbers
+        # come back. float64 keeps Σffᵀ exact enough for 100 MP images.
+        f = f.to(torch.float64)
+        return cls(f.shape[1], f.sum(1).cpu(), (f @ f.T).cpu())
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+
+    @property
+    def channels(self) -> int:
+        return self.sum.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariance (C, C)."""
+        if self.count < 2:
+            raise ValueError(f"covariance needs at least 2 feature pixels, got {self.count}")
+        m = self.mean
+        return (self.outer - self.count * torch.outer(m, m)) / (self.count - 1)
+
+
+def _sym_power(cov: torch.Tensor, power: float) -> torch.Tensor:
+    """``cov^power`` over the eigenvalues at or above `EIG_FLOOR` (the rest dropped)."""
+    evals, evecs = torch.linalg.eigh(cov)
+    keep = evals >= EIG_FLOOR
+    v = evecs[:, keep]
+    return (v * evals[keep].pow(power)) @ v.T
+
+
+def wct_affine(content: FeatureStats, style: FeatureStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blended WCT map: returns ``A`` (C, C) and ``b`` (C,), float64."""
+    eye = torch.eye(content.channels, dtype=torch.float64)
+    whiten = _sym_power(content.covariance() + eye, -0.5)
+    color = _sym_power(style.covariance(), 0.5)
+    a = color @ whiten
+    b = style.mean - a @ content.mean
+    return alpha * a + (1 - alpha) * eye, alpha * b
+
+
+def adain_affine(content: FeatureStats, style: FeatureStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blended AdaIN map (diagonal ``A``): returns ``A`` (C, C) and ``b`` (C,), float64."""
+    sc = (content.covariance().diagonal() + ADAIN_EPS).sqrt()
+    ss = (style.covariance().diagonal() + ADAIN_EPS).sqrt()
+    scale = ss / sc
+    b = style.mean - scale * content.mean
+    return torch.diag(alpha * scale + (1 - alpha)), alpha * b
+
+
+AffineFit = Callable[[FeatureStats, FeatureStats, float], tuple[torch.Tensor, torch.Tensor]]
+METHODS: dict[str, AffineFit] = {"wct": wct_affine, "adain": adain_affine}
+
+
+def fit_affine(method: str, content: FeatureStats, style: FeatureStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if content.channels != style.channels:
+        raise ValueError(f"content has {content.channels} channels, style {style.channels}")
+    return METHODS[method](content, style, alpha)
+
+
+def apply_affine(features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A f + b`` per pixel: features (N, C, H, W) -> (N, C, H, W), in the features' dtype and device."""
+    # A 1x1 convolution: the same op an exported stage graph uses.
+    a = a.to(features.device, features.dtype)
+    return F.conv2d(features, a[:, :, None, None], b.to(features.device, features.dtype))
