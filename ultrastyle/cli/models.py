@@ -1,0 +1,163 @@
+"""`ultrastyle models ...`: list, fetch, import, verify and locate published models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ultrastyle.models import zoo
+
+app = typer.Typer(
+    help="List, download, import and verify published models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Model name, as shown by `ultrastyle models list` (e.g. cd-wct-16x).")]
+
+
+def _stdout() -> Console:
+    # Built per call: CliRunner and callers swap sys.stdout/sys.stderr.
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    """Print one red `error: ...` line on stderr and exit with status 1."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _zoo_errors() -> Iterator[None]:
+    """Turn a ZooError into a one-line message and exit status 1 (no traceback)."""
+    try:
+        yield
+    except zoo.ZooError as exc:
+        # Messages are single sentences; flatten any newline so it stays one line.
+        _fail(" ".join(str(exc).split()))
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+@app.command("list")
+def list_models() -> None:
+    """Show every model in the registry: files, total size, whether installed."""
+    with _zoo_errors():
+        table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left")
+        table.add_column("name", no_wrap=True, style="bold")
+        table.add_column("files", justify="right", no_wrap=True)
+        table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("installed", no_wrap=True)
+        table.add_column("description")
+        for name, entry in sorted(zoo.entries().items()):
+            installed = zoo.is_installed(name)
+            table.add_row(
+                name,
+                str(len(entry.files)),
+                _human(entry.total_bytes),
+                "[green]yes[/green]" if installed else "no",
+                entry.description,
+            )
+        _stdout().print(table)
+
+
+@app.command("fetch")
+def fetch(
+    name: NameArg,
+    mirror: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Base URL to download from instead of the pinned URLs; files are read from "
+            "URL/NAME/FILE. Default: $ULTRASTYLE_MIRROR.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even files already installed and verified.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection or for data before giving up.")] = 60.0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Download a model into the cache, verifying every file's sha256; prints its directory."""
+    with _zoo_errors():
+        d = zoo.fetch(name, mirror=mirror, force=force, progress=progress, timeout=timeout)
+    typer.echo(str(d))
+
+
+@app.command("import")
+def import_(
+    name: NameArg,
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR",
+            help="Folder holding the model's files, flat (1SE.pth ...) or in a NAME/ sub-folder.",
+            show_default=False,
+        ),
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Copy again even files already installed and verified.")] = False,
+) -> None:
+    """Install a model from local copies of its files (offline machines); every sha256 is checked."""
+    with _zoo_errors():
+        d = zoo.import_local(name, directory, force=force)
+    typer.echo(f"imported {name} into {d}")
+
+
+@app.command("verify")
+def verify(
+    name: Annotated[
+        Optional[str],
+        typer.Argument(help="Model to check; all models with files in the cache when omitted.", show_default=False),
+    ] = None,
+) -> None:
+    """Re-hash installed files; exit status 1 with one line per problem if any file is missing or altered."""
+    with _zoo_errors():
+        if name is not None:
+            names = [zoo.get_entry(name).name]
+        else:
+            # "Installed" here means anything on disk: a half-damaged model must
+            # still be reported, though is_installed() would call it absent.
+            names = [
+                n
+                for n, e in sorted(zoo.entries().items())
+                if any((zoo.model_dir(n) / f.name).exists() for f in e.files)
+            ]
+        if not names:
+            typer.echo("no models installed (see: ultrastyle models list)")
+            return
+        problems: list[str] = []
+        for n in names:
+            found = zoo.verify(n)
+            problems += found
+            if not found:
+                typer.echo(f"ok: {n} ({len(zoo.get_entry(n).files)} files, sha256 verified)")
+    if problems:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        for p in problems:
+            err.print(f"error: {p}", style="red", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command("path")
+def path(name: NameArg) -> None:
+    """Print the directory holding an installed model (exit status 1 if it is not installed)."""
+    with _zoo_errors():
+        if not zoo.is_installed(name):
+            _fail(
+                f"model {name} is not installed in {zoo.model_dir(name)}; "
+                f"run: ultrastyle models fetch {name}  (offline: ultrastyle models import {name} DIR)"
+            )
+        d = zoo.model_dir(name)
+    typer.echo(str(d))
