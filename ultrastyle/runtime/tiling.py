@@ -1,0 +1,73 @@
+"""Tile plans: pure functions from an image size to core and halo regions.
+
+Coordinates are in pixels of the grid-padded image (`runtime.padding`); every
+boundary lies on the stage's pooling grid. Cores partition the image (each
+output pixel belongs to exactly one core); a tile's region is its core grown
+by the halo and clipped to the image, so a border tile starts exactly at the
+image border and halos only extend inward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open interval [start, stop) on one axis."""
+
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: ``core`` (written to the output) inside ``region`` (read and computed)."""
+
+    rows: Span
+    cols: Span
+    region_rows: Span
+    region_cols: Span
+
+    @property
+    def core_in_region(self) -> tuple[slice, slice]:
+        """Slices that cut the core out of the region's result (same resolution)."""
+        r0 = self.rows.start - self.region_rows.start
+        c0 = self.cols.start - self.region_cols.start
+        return slice(r0, r0 + self.rows.size), slice(c0, c0 + self.cols.size)
+
+    def scaled(self, factor: int) -> Tile:
+        """The same tile at a resolution ``factor`` times coarser (all bounds divisible)."""
+        spans = (self.rows, self.cols, self.region_rows, self.region_cols)
+        return Tile(*(Span(s.start // factor, s.stop // factor) for s in spans))
+
+
+def split_axis(length: int, core: int, halo: int, grid: int) -> list[tuple[Span, Span]]:
+    """(core, region) spans covering ``[0, length)``; length, core and halo are multiples of grid."""
+    for name, v in (("length", length), ("core", core), ("halo", halo)):
+        if v % grid:
+            raise ValueError(f"{name}={v} is not a multiple of the grid {grid}")
+    if core <= 0:
+        raise ValueError(f"core size must be positive, got {core}")
+    out = []
+    for start in range(0, length, core):
+        stop = min(start + core, length)
+        out.append((Span(start, stop), Span(max(0, start - halo), min(length, stop + halo))))
+    return out
+
+
+def plan_tiles(height: int, width: int, core: int, halo: int, grid: int) -> list[Tile]:
+    """Row-major tiles of ``core`` x ``core`` (the last row/column may be smaller).
+
+    ``height`` and ``width`` are the padded image size (multiples of ``grid``);
+    ``core`` is rounded down to the grid (at least one grid cell) and ``halo``
+    up to it.
+    """
+    core = max(grid, core // grid * grid)
+    halo = -(-halo // grid) * grid
+    rows, cols = split_axis(height, core, halo, grid), split_axis(width, core, halo, grid)
+    return [Tile(r, c, rr, rc) for r, rr in rows for c, rc in cols]
