@@ -291,11 +291,6 @@ def test_bad_contents_are_reported_once_each_and_good_pairs_still_run(invoke, im
     assert _partials(out) == [] and _partials(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    reason="bug: a bad content is reported once per style (one identical error line per failed pair), "
-    "not once per file; ultrastyle/cli/stylize.py on_result should print each distinct error once",
-    strict=True,
-)
 def test_bad_content_with_two_styles_is_reported_on_one_line(invoke, images: dict[str, Path], tmp_path: Path) -> None:
     bad = _bad_inputs(tmp_path / "in")
     r = invoke(images["c1"], bad["text"], "--style", images["s1"], "--style", images["s2"], "-o", tmp_path / "out")
@@ -373,11 +368,6 @@ def test_invalid_option_values_exit_2(invoke, images: dict[str, Path], tmp_path:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    reason="bug: ultrastyle/models/pretrained.py load_model raises zoo.UnknownModelError(message) but "
-    "UnknownModelError.__init__ takes (name, known) -> TypeError, exit 1 with a traceback",
-    strict=True,
-)
 def test_unknown_model_name_exits_2_listing_known_models(invoke, images: dict[str, Path], tmp_path: Path) -> None:
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--model", "no-such-model", model=False)
     assert r.exit_code == 2, (r.output, r.exception)

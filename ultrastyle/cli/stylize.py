@@ -97,9 +97,11 @@ def stylize_command(
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         task = progress.add_task("", total=len(pairs))
+        reported: set[str] = set()  # a bad file fails every pair it is in; say so once
 
         def on_result(r: PairResult) -> None:
-            if r.status == "failed":
+            if r.status == "failed" and r.error not in reported:
+                reported.add(r.error or "")
                 progress.console.print(f"error: {r.error}", style="red", markup=False, soft_wrap=True)
             progress.update(task, advance=1, description=r.pair.output.name)
 

@@ -68,10 +68,6 @@ def load_model(
                 f"{path}: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for stages {list(stages)}; missing: {', '.join(missing)}"
             )
         return load_cd_folder(path, stages).to(device)
-    if str(source) not in zoo.entries():
-        raise zoo.UnknownModelError(
-            f"{source!r} is neither a folder nor a known model; known models: {', '.join(sorted(zoo.entries()))}"
-        )
-    entry = zoo.get_entry(str(source))
+    entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
     folder = zoo.ensure(entry.name, progress=progress)
     return load_cd_folder(folder, stages, name=entry.name).to(device)
