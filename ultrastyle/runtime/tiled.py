@@ -1,0 +1,262 @@
+"""Exact tiled stylization: any image size within a fixed memory budget.
+
+Per stage (DESIGN.md §3):
+
+1. Pass 1 encodes each tile with the encoder's halo and accumulates count, Σf
+   and Σffᵀ over the tile's core only, so each feature pixel counts once. Where
+   encoding is expensive relative to the feature map's size (the deep stages),
+   the core features are kept in a feature canvas.
+2. The affine map is fitted from the global content statistics and the style's.
+3. Pass 2 decodes each tile: from the cached features with the decoder's halo,
+   or by re-encoding with the full stage halo. Each tile's core is written into
+   the output canvas.
+
+With the exact halo the result equals the whole-image cascade
+(`runtime.cascade`) up to float rounding; the tests hold it to 1e-4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.models.spec import ArchSpec
+from ultrastyle.runtime.canvas import Canvas
+from ultrastyle.runtime.memory import core_for_budget
+from ultrastyle.runtime.padding import padded_size, reflect_index
+from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
+from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
+from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
+
+DEFAULT_MAX_MEMORY = 2 * 2**30
+# Cache relu{k}_1 features between the passes when re-encoding would cost more
+# than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
+CACHE_MACS_PER_VALUE = 200
+
+TileCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How to tile: ``tile`` (core side, px) overrides the ``max_memory`` planner."""
+
+    tile: int | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
+    halo: int | None = None  # None: exact (the full receptive field)
+    scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
+    ram_canvas_limit: int | None = None  # canvases larger than this go to disk; None: max_memory // 2
+    cache_features: bool | None = None  # None: decided per stage by encoder cost
+
+    def canvas_dir(self, nbytes: int) -> str | None:
+        """None (RAM) or the scratch folder for a canvas of ``nbytes``."""
+        limit = self.max_memory // 2 if self.ram_canvas_limit is None else self.ram_canvas_limit
+        if nbytes <= limit:
+            return None
+        import tempfile
+
+        return str(self.scratch_dir or tempfile.gettempdir())
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Halos and tile cores of one stage on one image size (pixels unless noted)."""
+
+    stage: int
+    grid: int
+    height: int  # grid-padded
+    width: int
+    enc_halo: int
+    full_halo: int
+    dec_halo: int  # in feature pixels
+    encode_core: int
+    decode_core: int
+    cache: bool
+
+    def encode_tiles(self) -> list[Tile]:
+        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid)
+
+    def decode_tiles(self) -> list[Tile]:
+        """Pass-2 tiles: in feature pixels when features are cached, else in image pixels."""
+        if self.cache:
+            g = self.grid
+            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1)
+        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid)
+
+
+def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
+    """Multiply-adds per image pixel of encoder k, divided by its feature floats per image pixel."""
+    macs, s = 0.0, 1
+    for layer in spec.encoder_layers(stage):
+        if layer.kind == "pool":
+            s *= 2
+        elif layer.kind == "conv":
+            macs += layer.cin * layer.cout * layer.kernel**2 / (s * s)
+    return macs / (spec.feature_channels(stage) / (s * s))
+
+
+def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
+    """Halos from the receptive fields, cores from ``options`` (tile or memory budget)."""
+    g = spec.grid(stage)
+    if options.halo is None:
+        enc_halo = round_up(encoder_radius(spec, stage), g)
+        full_halo = round_up(stage_radius(spec, stage), g)
+        dec_halo = decoder_radius(spec, stage)
+    else:  # approximate: the same reduced halo everywhere
+        enc_halo = full_halo = round_up(options.halo, g)
+        dec_halo = -(-options.halo // g)
+    cache = options.cache_features
+    if cache is None:
+        cache = encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
+    if options.tile is not None:
+        encode_core = decode_core = max(g, options.tile // g * g)
+    else:
+        encode_core = core_for_budget(spec, stage, options.max_memory, enc_halo)
+        decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo)
+    return StagePlan(
+        stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
+        encode_core, decode_core, bool(cache),
+    )  # fmt: skip
+
+
+def read_region(src: Canvas, rows: Span, cols: Span) -> torch.Tensor:
+    """(1, C, rows, cols) of the grid-padded image: indices past the edge are mirrored in."""
+    _, h, w = src.shape
+    r = reflect_index(torch.arange(rows.start, rows.stop), h).numpy()
+    c = reflect_index(torch.arange(cols.start, cols.stop), w).numpy()
+    return torch.from_numpy(src.read(r, c))[None]
+
+
+def _core(y: torch.Tensor, tile: Tile, factor: int = 1) -> torch.Tensor:
+    rs, cs = tile.core_in_region
+    return y[..., rs.start * factor : rs.stop * factor, cs.start * factor : cs.stop * factor]
+
+
+@torch.inference_mode()
+def encode_statistics(
+    model: StyleModel,
+    stage: int,
+    src: Canvas,
+    plan: StagePlan,
+    features: Canvas | None = None,
+    on_tile: TileCallback | None = None,
+) -> FeatureStats:
+    """Pass 1: content statistics over every tile's core; optionally keep the core features."""
+    encoder, device, g = model.encoders[stage], model.device, plan.grid
+    stats = FeatureStats.empty(encoder.out_channels)
+    tiles = plan.encode_tiles()
+    for i, t in enumerate(tiles):
+        f = encoder(read_region(src, t.region_rows, t.region_cols).to(device))
+        ft = t.scaled(g)
+        core = _core(f, ft)
+        stats = stats + FeatureStats.of(core)
+        if features is not None:
+            features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
+        if on_tile:
+            on_tile(f"stage {stage} statistics", i + 1, len(tiles))
+    return stats
+
+
+@torch.inference_mode()
+def decode_tiles(
+    model: StyleModel,
+    stage: int,
+    src: Canvas,
+    dst: Canvas,
+    plan: StagePlan,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    features: Canvas | None = None,
+    on_tile: TileCallback | None = None,
+) -> None:
+    """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image."""
+    encoder, decoder, device, g = model.encoders[stage], model.decoders[stage], model.device, plan.grid
+    _, h, w = dst.shape
+    tiles = plan.decode_tiles()
+    for i, t in enumerate(tiles):
+        if features is not None:
+            f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
+                                               slice(t.region_cols.start, t.region_cols.stop)))[None].to(device)  # fmt: skip
+            y, scale = _core(decoder(apply_affine(f, a, b)), t, g), g
+        else:
+            x = read_region(src, t.region_rows, t.region_cols).to(device)
+            y, scale = _core(decoder(apply_affine(encoder(x), a, b)), t), 1
+        r0, c0 = t.rows.start * scale, t.cols.start * scale
+        if r0 < h and c0 < w:
+            dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())
+        if on_tile:
+            on_tile(f"stage {stage} decode", i + 1, len(tiles))
+
+
+def stylize_stage_tiled(
+    model: StyleModel,
+    stage: int,
+    src: Canvas,
+    style: FeatureStats,
+    options: TilingOptions,
+    *,
+    method: str,
+    alpha: float,
+    on_tile: TileCallback | None = None,
+) -> Canvas:
+    """One stage over a whole canvas, tile by tile; returns a new canvas of the same size."""
+    c, h, w = src.shape
+    plan = plan_stage(model.arch, stage, h, w, options)
+    feats = None
+    if plan.cache:
+        fc = model.encoders[stage].out_channels
+        fh, fw = plan.height // plan.grid, plan.width // plan.grid
+        feats = Canvas(fc, fh, fw, disk_dir=options.canvas_dir(fc * fh * fw * 4))
+    try:
+        content = encode_statistics(model, stage, src, plan, feats, on_tile)
+        a, b = fit_affine(method, content, style, alpha)
+        dst = Canvas(c, h, w, disk_dir=options.canvas_dir(src.nbytes))
+        decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
+    finally:
+        if feats is not None:
+            feats.close()
+    return dst
+
+
+def style_statistics_tiled(
+    model: StyleModel, style: Canvas, levels: tuple[int, ...], options: TilingOptions
+) -> dict[int, FeatureStats]:
+    """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`)."""
+    _, h, w = style.shape
+    return {k: encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options)) for k in set(levels)}
+
+
+def stylize_tiled(
+    model: StyleModel,
+    content: Canvas,
+    style_stats: dict[int, FeatureStats],
+    options: TilingOptions,
+    *,
+    method: str,
+    alpha: float,
+    levels: tuple[int, ...],
+    on_tile: TileCallback | None = None,
+) -> Canvas:
+    """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result."""
+    x = content
+    for k in levels:
+        y = stylize_stage_tiled(model, k, x, style_stats[k], options, method=method, alpha=alpha, on_tile=on_tile)
+        if x is not content:
+            x.close()
+        x = y
+    return x
+
+
+def canvas_to_image(canvas: Canvas, dtype: type = np.uint8, band: int = 512) -> np.ndarray:
+    """(H, W, 3) uint8/uint16 of a [0, 1] canvas, clamped and rounded, converted band by band."""
+    c, h, w = canvas.shape
+    peak = 255 if dtype == np.uint8 else 65535
+    out = np.empty((h, w, c), dtype)
+    for r in range(0, h, band):
+        blk = np.clip(canvas.rows_band(r, min(h, r + band)), 0, 1) * peak + 0.5
+        out[r : r + band] = np.moveaxis(blk, 0, 2).astype(dtype)
+    return out
