@@ -17,6 +17,8 @@ from ultrastyle.models.convert import CheckpointError
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.runtime.batch import PairResult, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
+from ultrastyle.runtime.memory import parse_bytes
+from ultrastyle.runtime.tiled import TilingOptions
 
 
 class Method(str, Enum):
@@ -33,6 +35,23 @@ class Format(str, Enum):
     png = "png"
     jpg = "jpg"
     tiff = "tiff"
+
+
+def _tiling_options(tile: str, max_memory: str, halo: str, scratch: Path | None) -> TilingOptions:
+    try:
+        budget = parse_bytes(max_memory)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
+    if tile != "auto" and not (tile.isdigit() and int(tile) > 0):
+        raise typer.BadParameter(f"expected 'auto' or a positive number of pixels, got {tile!r}", param_hint="--tile")
+    if halo != "exact" and not halo.isdigit():
+        raise typer.BadParameter(f"expected 'exact' or a number of pixels, got {halo!r}", param_hint="--halo")
+    return TilingOptions(
+        tile=None if tile == "auto" else int(tile),
+        max_memory=budget,
+        halo=None if halo == "exact" else int(halo),
+        scratch_dir=scratch,
+    )
 
 
 def _err(message: str) -> None:
@@ -53,6 +72,12 @@ def stylize_command(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
+    depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
+    tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
+    no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
+    max_memory: Annotated[str, typer.Option(help="Activation memory budget per tile, e.g. 512MB, 2GB (used by --tile auto).")] = "2GB",
+    halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
+    scratch: Annotated[Path | None, typer.Option(help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
 
@@ -80,9 +105,13 @@ def stylize_command(
     if not contents or not styles:
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
+    if depth not in (8, 16) or (depth == 16 and fmt is Format.jpg):
+        raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
+    tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)
     options = StylizeOptions(
         method=method.value, alpha=alpha, levels=level_tuple, content_size=content_size,
         style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
+        depth=depth, tiling=tiling,
     )  # fmt: skip
     try:
         net = load_model(model, stages=tuple(sorted(set(level_tuple))), device=device.value)
@@ -97,6 +126,10 @@ def stylize_command(
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         task = progress.add_task("", total=len(pairs))
+        tiles = progress.add_task("", total=None, visible=False)
+
+        def on_tile(what: str, done: int, total: int) -> None:
+            progress.update(tiles, description=f"  {what}", completed=done, total=total, visible=total > 1)
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
 
         def on_result(r: PairResult) -> None:
@@ -104,8 +137,10 @@ def stylize_command(
                 reported.add(r.error or "")
                 progress.console.print(f"error: {r.error}", style="red", markup=False, soft_wrap=True)
             progress.update(task, advance=1, description=r.pair.output.name)
+            progress.update(tiles, visible=False)
 
-        summary = run_batch(net, pairs, options, on_result)
+        summary = run_batch(net, pairs, options, on_result, on_tile)
+        progress.remove_task(tiles)
 
     spmp = summary.seconds_per_megapixel
     rate = f", {spmp:.2f} s/MP" if spmp is not None else ""

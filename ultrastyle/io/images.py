@@ -41,11 +41,22 @@ def _bomb_guard(max_pixels: int):
 
 
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Read ``path`` as (3, H, W) float32 RGB in [0, 1].
+    """Read ``path`` as (3, H, W) float32 RGB in [0, 1] (see `read_image`)."""
+    return array_to_tensor(read_image(path, max_pixels=max_pixels))
+
+
+def array_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8/uint16/float32 -> (3, H, W) float32 in [0, 1]."""
+    peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(a.dtype, 1)
+    return torch.from_numpy(a.astype(np.float32) / np.float32(peak)).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read ``path`` as an (H, W, 3) RGB array: uint8, uint16 (16-bit files) or float32 in [0, 1].
 
     EXIF orientation is applied; grey, palette and CMYK images become RGB;
-    transparency is composited over white; 16-bit grey keeps its precision.
-    Raises `ImageError` naming the file and the cause.
+    transparency is composited over white; 16-bit grey and 16-bit RGB PNG/TIFF
+    keep their precision. Raises `ImageError` naming the file and the cause.
     """
     path = Path(path)
     if not path.exists():
@@ -61,9 +72,10 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
                 raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of {max_pixels / 1e6:.0f} MP (raise --max-pixels to allow it)")
             if w == 0 or h == 0:
                 raise ImageError(f"{path}: zero-size image ({w}x{h})")
+            if _is_rgb16(path, img):
+                return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_tensor(img)
+            return _to_array(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -72,26 +84,61 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
         raise ImageError(f"{path}: cannot read the file (permission denied)") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path}: not an image file PIL can read") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # imagecodecs raises its own errors
         raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from exc
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
+ORIENTATION = 0x0112
+
+
+def _is_rgb16(path: Path, img: Image.Image) -> bool:
+    """PIL reads 16-bit RGB PNG/TIFF as 8-bit RGB; those files take the lossless path."""
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)
+        return len(head) == 26 and head[24] == 16 and head[25] in (2, 6)  # IHDR bit depth, colour type
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, (8,))
+        return img.mode in ("RGB", "RGBA", "RGBX") and max(bits) == 16
+    return False
+
+
+def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
+    import imagecodecs
+    import tifffile
+
+    a = tifffile.imread(path) if fmt == "TIFF" else imagecodecs.png_decode(path.read_bytes())
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ImageError(f"{path}: unsupported 16-bit layout {a.shape}")
+    if a.shape[2] == 4:  # composite over white, in float to keep 16-bit precision
+        rgb, alpha = a[..., :3].astype(np.float32), a[..., 3:].astype(np.float32) / 65535
+        a = (rgb * alpha + 65535 * (1 - alpha) + 0.5).astype(np.uint16)
+    return np.ascontiguousarray(a, dtype=np.uint16)
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1..8) to an (H, W, C) array, as ImageOps.exif_transpose does."""
+    ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
+           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1), 7: lambda x: np.rot90(x, 1)[::-1],
+           8: lambda x: np.rot90(x, 1)}  # fmt: skip
+    return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
+
+
+def _to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey (PNG/TIFF): keep the precision instead of going through 8 bits.
-        a = np.asarray(img, dtype=np.float32) / 65535.0
-        return torch.from_numpy(np.clip(a, 0, 1)).expand(3, *a.shape).contiguous()
+        a = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+        return np.repeat(a[..., None], 3, axis=2)
     if mode == "F":
         a = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
-        return torch.from_numpy(a).expand(3, *a.shape).contiguous()
+        return np.repeat(a[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    return np.asarray(img.convert("RGB"))
 
 
 def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -105,13 +152,23 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
-def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png") -> Path:
-    """Write (3, H, W) in [0, 1] (clamped) atomically: temp file in the same folder, then rename."""
+def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int = 8) -> Path:
+    """Write (3, H, W) in [0, 1] (clamped) atomically; ``depth`` 16 for png/tiff."""
+    peak, dtype = (255, np.uint8) if depth == 8 else (65535, np.uint16)
+    a = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * peak + 0.5).astype(dtype)
+    return save_array(a, path, fmt)
+
+
+def save_array(a: np.ndarray, path: str | Path, fmt: str = "png") -> Path:
+    """Write an (H, W, 3) uint8 or uint16 array: temp file in the same folder, then rename.
+
+    16-bit goes to TIFF (tifffile, deflate) or PNG (imagecodecs); JPEG is 8-bit only.
+    """
     path = Path(path)
     if fmt not in FORMATS:
         raise ImageError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    a = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    pil = Image.fromarray(a, "RGB")
+    if a.dtype == np.uint16 and fmt == "jpg":
+        raise ImageError(f"{path}: JPEG cannot hold 16-bit samples; use --format png or tiff")
     # Not mkstemp: its 0600 mode would survive the rename; "xb" honours the umask.
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.partial"
     try:
@@ -121,8 +178,7 @@ def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png") -> Path:
         raise ImageError(f"{path.parent}: cannot write to the output directory ({exc.strerror or exc})") from exc
     try:
         with f:
-            kwargs = {"quality": 95} if fmt == "jpg" else {}
-            pil.save(f, FORMATS[fmt], **kwargs)
+            _encode(a, f, fmt)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -130,3 +186,18 @@ def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png") -> Path:
             raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
         raise
     return path
+
+
+def _encode(a: np.ndarray, f, fmt: str) -> None:
+    if a.dtype == np.uint16:
+        if fmt == "tiff":
+            import tifffile
+
+            tifffile.imwrite(f, a, photometric="rgb", compression="zlib")
+        else:
+            import imagecodecs
+
+            f.write(imagecodecs.png_encode(a))
+        return
+    kwargs = {"quality": 95} if fmt == "jpg" else {}
+    Image.fromarray(a, "RGB").save(f, FORMATS[fmt], **kwargs)

@@ -12,9 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resize_long_side, save_image
+import numpy as np
+
+from ultrastyle.io.images import (
+    DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, read_image, resize_long_side, save_array, save_image,
+)  # fmt: skip
 from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_statistics, stylize
+from ultrastyle.runtime.tiled import TileCallback, TilingOptions, canvas_to_image, style_statistics_tiled, stylize_tiled
 from ultrastyle.runtime.transforms import FeatureStats
 
 
@@ -28,6 +34,8 @@ class StylizeOptions:
     format: str = "png"
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    depth: int = 8  # bits per sample of the output (16: png/tiff)
+    tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: whole-image reference path
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,13 @@ class _StyleCache:
     def get(self, path: Path) -> dict[int, FeatureStats]:
         if path not in self._stats:
             try:
-                img = resize_long_side(load_image(path, max_pixels=self.options.max_pixels), self.options.style_size)
-                self._stats[path] = style_statistics(self.model, img, self.options.levels)
+                opts = self.options
+                img = resize_long_side(array_to_tensor(read_image(path, max_pixels=opts.max_pixels)), opts.style_size)
+                if opts.tiling is None:
+                    self._stats[path] = style_statistics(self.model, img, opts.levels)
+                else:  # a large style is tiled like a content
+                    with canvas_from_array(img.numpy(), layout="chw") as canvas:
+                        self._stats[path] = style_statistics_tiled(self.model, canvas, opts.levels, opts.tiling)
             except ImageError as exc:
                 self._stats[path] = exc
         got = self._stats[path]
@@ -94,6 +107,7 @@ def run_batch(
     pairs: list[Pair],
     options: StylizeOptions,
     on_result: Callable[[PairResult], None] | None = None,
+    on_tile: TileCallback | None = None,
 ) -> BatchSummary:
     """Stylize ``pairs``; outputs are written atomically, so an interrupted batch resumes with ``skip_existing``."""
     styles = _StyleCache(model, options)
@@ -102,24 +116,65 @@ def run_batch(
         if options.skip_existing and pair.output.exists():
             result = PairResult(pair, "skipped")
         else:
-            result = _run_pair(model, pair, options, styles)
+            result = _run_pair(model, pair, options, styles, on_tile)
         summary.results.append(result)
         if on_result:
             on_result(result)
     return summary
 
 
-def _run_pair(model: StyleModel, pair: Pair, options: StylizeOptions, styles: _StyleCache) -> PairResult:
+def _run_pair(
+    model: StyleModel, pair: Pair, options: StylizeOptions, styles: _StyleCache, on_tile: TileCallback | None
+) -> PairResult:
     t0 = time.perf_counter()
     try:
         stats = styles.get(pair.style)
-        content = resize_long_side(load_image(pair.content, max_pixels=options.max_pixels), options.content_size)
-        out = stylize(model, content, stats, method=options.method, alpha=options.alpha, levels=options.levels)
-        save_image(out, pair.output, options.format)
+        if options.tiling is None:
+            content = array_to_tensor(_load_content(pair.content, options))
+            h, w = content.shape[-2:]
+            out = stylize(model, content, stats, method=options.method, alpha=options.alpha, levels=options.levels)
+            save_image(out, pair.output, options.format, options.depth)
+        else:
+            h, w = _stylize_tiled_to_file(model, pair.content, stats, options, pair.output, on_tile)
     except ImageError as exc:
         return PairResult(pair, "failed", str(exc), time.perf_counter() - t0)
     except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on one huge image
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
         return PairResult(pair, "failed", msg, time.perf_counter() - t0)
-    mp = content.shape[-1] * content.shape[-2] / 1e6
-    return PairResult(pair, "done", None, time.perf_counter() - t0, mp)
+    return PairResult(pair, "done", None, time.perf_counter() - t0, h * w / 1e6)
+
+
+def _load_content(path: Path, options: StylizeOptions) -> np.ndarray:
+    """(H, W, 3) pixels, resized to ``content_size`` when asked."""
+    pixels = read_image(path, max_pixels=options.max_pixels)
+    if options.content_size and max(pixels.shape[:2]) != options.content_size:
+        return resize_long_side(array_to_tensor(pixels), options.content_size).permute(1, 2, 0).numpy()
+    return pixels
+
+
+def _stylize_tiled_to_file(
+    model: StyleModel,
+    path: Path,
+    stats: dict[int, FeatureStats],
+    options: StylizeOptions,
+    output: Path,
+    on_tile: TileCallback | None,
+) -> tuple[int, int]:
+    """Tiled cascade from ``path`` to ``output``; returns the content's (H, W)."""
+    tiling = options.tiling
+    assert tiling is not None
+    pixels = _load_content(path, options)
+    h, w = pixels.shape[:2]
+    content = canvas_from_array(pixels, disk_dir=tiling.canvas_dir(3 * h * w * 4))
+    del pixels  # the canvas holds it now (on disk when large)
+    result: Canvas | None = None
+    try:
+        result = stylize_tiled(
+            model, content, stats, tiling, method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile
+        )
+        save_array(canvas_to_image(result, np.uint8 if options.depth == 8 else np.uint16), output, options.format)
+    finally:
+        content.close()
+        if result is not None:
+            result.close()
+    return h, w

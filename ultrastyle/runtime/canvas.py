@@ -114,9 +114,9 @@ def canvas_from_array(
         raise ValueError(f"layout must be 'hwc' or 'chw', got {layout!r}")
     chw = layout == "chw"
     c, h, w = a.shape if chw else (a.shape[2], a.shape[0], a.shape[1])
-    scale = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}.get(a.dtype, 1.0)
+    peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(a.dtype, 1)
     canvas = Canvas(c, h, w, disk_dir=disk_dir)
     for r in range(0, h, band):
         blk = a[:, r : r + band] if chw else np.moveaxis(a[r : r + band], 2, 0)
-        canvas.write(r, 0, blk.astype(np.float32) * np.float32(scale))
+        canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
     return canvas
