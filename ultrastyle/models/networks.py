@@ -28,7 +28,7 @@ class _StageNet(nn.Module):
             p = layer.kernel // 2
             x = F.pad(x, (p, p, p, p), mode="reflect")
         x = getattr(self, layer.name)(x)
-        return F.relu(x) if layer.relu else x
+        return F.relu_(x) if layer.relu else x  # in place: the conv output is fresh
 
 
 class Encoder(_StageNet):

@@ -1,9 +1,11 @@
 """Memory planner: activation bytes per pixel of each stage network, and tile sizes from a budget.
 
-The estimate follows how the eager runtime holds tensors: while a layer runs,
-its input, its reflection-padded copy and its output are alive together. The
-peak over the encoder, the affine map and the decoder, per pixel of the tile's
-region, times the region's area, is the tile's working memory.
+The estimate follows how the eager CPU runtime holds tensors: while a 3x3
+convolution runs, its input, its reflection-padded copy, oneDNN's blocked-layout
+copy of that, the blocked output and the plain output are alive together
+(measured: tests/test_memory_planner.py). The peak over the encoder, the affine
+map and the decoder, per pixel of the tile's region, times the region's area,
+is the tile's working memory.
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2).replace("i", "")])
 
 
+def _blocked(channels: int) -> int:
+    """Channels of oneDNN's blocked layout (nChw16c): rounded up to 16."""
+    return -(-channels // 16) * 16
+
+
 def _peak_per_pixel(layers: list[Layer], channels: int, scale: float, bytes_per_value: int) -> tuple[float, int, float]:
     """Peak live bytes per input pixel over ``layers``; returns (peak, out channels, out scale)."""
     peak = 0.0
     for layer in layers:
         area = 1.0 / (scale * scale)
         if layer.kind == "conv":
-            padded = channels if layer.kernel > 1 else 0
-            live = (channels + padded + layer.cout) * area
+            # input, padded input, blocked copy of it, blocked output, plain output
+            src = channels if layer.kernel > 1 else 0
+            live = (channels + src + _blocked(channels) + _blocked(layer.cout) + layer.cout) * area
             channels = layer.cout
         elif layer.kind == "pool":
-            live = channels * area * 1.25
+            live = channels * area * 2.5
             scale *= 2
         else:  # nearest 2x upsampling
             live = channels * area * 5
@@ -45,7 +53,7 @@ def _peak_per_pixel(layers: list[Layer], channels: int, scale: float, bytes_per_
 def stage_bytes_per_pixel(spec: ArchSpec, stage: int, bytes_per_value: int = 4) -> float:
     """Peak activation bytes per pixel of the tile region for encoder k -> A f + b -> decoder k."""
     enc, c, s = _peak_per_pixel(spec.encoder_layers(stage), 3, 1.0, bytes_per_value)
-    affine = 2 * c / (s * s) * bytes_per_value  # features and their transformed copy
+    affine = 2 * c / (s * s) * bytes_per_value  # features and their transformed copy (a GEMM)
     dec, _, _ = _peak_per_pixel(spec.decoder_layers(stage), c, s, bytes_per_value)
     # The tile's input stays referenced while the stage runs.
     return max(enc, affine, dec) + 3 * bytes_per_value
