@@ -1,0 +1,200 @@
+"""Exact tiling: plans, receptive fields, and tiled == whole-image results."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ultrastyle.io.images import load_image, resize_long_side
+from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.models.spec import ARCHS
+from ultrastyle.runtime.canvas import Canvas, canvas_from_array
+from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
+from ultrastyle.runtime.padding import padded_size
+from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
+from ultrastyle.runtime.tiled import TilingOptions, plan_stage, read_region, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiling import Span, plan_tiles
+
+# float32 tolerance of tiled vs whole-image results in [0, 1] (issue #3).
+ATOL = {torch.float32: 1e-4}
+
+
+@pytest.mark.parametrize(
+    "h,w,core,halo,grid",
+    [(64, 64, 16, 8, 8), (48, 80, 32, 16, 16), (2, 10, 1, 1, 1), (160, 32, 48, 0, 16), (16, 16, 64, 32, 16), (96, 32, 24, 12, 4)],
+)
+def test_tile_cores_cover_every_pixel_exactly_once(h, w, core, halo, grid):
+    hits = np.zeros((h, w), int)
+    for t in plan_tiles(h, w, core, halo, grid):
+        hits[t.rows.start : t.rows.stop, t.cols.start : t.cols.stop] += 1
+    assert (hits == 1).all()
+
+
+def test_tile_regions_sit_on_the_grid_and_border_tiles_start_at_the_border():
+    h, w, core, halo, grid = 96, 160, 32, 24, 16  # halo rounds up to 32
+    tiles = plan_tiles(h, w, core, halo, grid)
+    for t in tiles:
+        for s in (t.rows, t.cols, t.region_rows, t.region_cols):
+            assert s.start % grid == 0 and s.stop % grid == 0
+        assert t.region_rows.start == max(0, t.rows.start - 32) and t.region_rows.stop == min(h, t.rows.stop + 32)
+        assert t.region_cols.start == max(0, t.cols.start - 32) and t.region_cols.stop == min(w, t.cols.stop + 32)
+    assert tiles[0].region_rows.start == 0 and tiles[0].region_cols.start == 0
+    assert tiles[-1].region_rows.stop == h and tiles[-1].region_cols.stop == w
+
+
+def test_split_rejects_sizes_off_the_grid():
+    from ultrastyle.runtime.tiling import split_axis
+
+    with pytest.raises(ValueError, match="multiple of the grid"):
+        split_axis(50, 16, 16, 16)
+
+
+def _random_net(stage: int, spec=ARCHS["cd16x"]):
+    torch.manual_seed(stage)
+    enc, dec = Encoder(spec, stage).double(), Decoder(spec, stage).double()
+    for p in (*enc.parameters(), *dec.parameters()):
+        p.data.normal_(0, 0.3) if p.dim() > 1 else p.data.fill_(0.1)  # keep ReLUs alive so influence spreads
+    return enc, dec
+
+
+def _influence(fn, x: torch.Tensor, at: int, axis: int = -1) -> tuple[int, int]:
+    """Outputs along ``axis`` that change when input pixel ``at`` (centre row, column ``at``) is perturbed."""
+    with torch.no_grad():
+        y0 = fn(x)
+        x2 = x.clone()
+        x2[..., x.shape[-2] // 2, at] += 1.0
+        changed = ((fn(x2) - y0).abs().amax(dim=(0, 1, 2)) > 0).nonzero().flatten()
+    return int(changed.min()), int(changed.max())
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
+def test_receptive_field_equals_brute_force_probe(stage):
+    spec = ARCHS["cd16x"]
+    enc, dec = _random_net(stage)
+    g, n = spec.grid(stage), 384
+    x = torch.rand(1, 3, n, n, dtype=torch.float64)
+    worst = 0
+    for phase in range(g):
+        c = n // 2 + phase
+        lo, hi = _influence(lambda t: dec(enc(t)), x, c)
+        worst = max(worst, c - lo, hi - c)
+    assert worst == stage_radius(spec, stage)
+    # Encoder alone: pixel p reaches feature j when p lies within R of j's cell [j*g, j*g + g - 1].
+    reach = 0
+    for p in range(n // 2, n // 2 + g):
+        lo, hi = _influence(enc, x, p)
+        reach = max(reach, p - (lo * g + g - 1), hi * g - p)
+    assert reach == encoder_radius(spec, stage)
+    # Decoder alone, in feature pixels: feature q reaches output o when |o // g - q| <= R.
+    with torch.no_grad():
+        f = enc(x)
+    q = f.shape[-1] // 2
+    lo, hi = _influence(dec, f, q)
+    assert max(q - lo // g, hi // g - q) == decoder_radius(spec, stage)
+
+
+@pytest.fixture(scope="module")
+def cd16x(cd16x_dir):
+    return load_cd_folder(cd16x_dir)
+
+
+@pytest.fixture(scope="module")
+def style(shared_dir):
+    return resize_long_side(load_image(shared_dir / "images/style/cd_style_in2.jpg"), 128)
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir):
+    return resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 320)
+
+
+def _tiled(model, content: torch.Tensor, style_img: torch.Tensor, opts: TilingOptions, *, method="wct", levels=DEFAULT_LEVELS):
+    stats = style_statistics_tiled(model, canvas_from_array(style_img.numpy(), layout="chw"), levels, opts)
+    with canvas_from_array(content.numpy(), layout="chw") as cv:
+        out = stylize_tiled(model, cv, stats, opts, method=method, alpha=0.6, levels=levels)
+        try:
+            return torch.from_numpy(out.numpy().copy())
+        finally:
+            out.close()
+
+
+def _assert_equal_to_whole(model, content, style_img, opts, *, method="wct", levels=DEFAULT_LEVELS):
+    ref = stylize(model, content, style_statistics(model, style_img, levels), method=method, levels=levels)
+    got = _tiled(model, content, style_img, opts, method=method, levels=levels)
+    assert got.shape == ref.shape
+    diff = (got.clamp(0, 1) - ref.clamp(0, 1)).abs()
+    assert diff.max() <= ATOL[torch.float32], f"max {diff.max():.2e} mean {diff.mean():.2e}"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("size", [(96, 128), (101, 77)])
+def test_tiled_single_stage_equals_whole_image(cd16x, style, stage, size):
+    torch.manual_seed(0)
+    content = torch.rand(3, *size)
+    for cache in (False, True):
+        _assert_equal_to_whole(cd16x, content, style, TilingOptions(tile=32, cache_features=cache), levels=(stage,))
+
+
+@pytest.mark.parametrize("method", ["wct", "adain"])
+@pytest.mark.parametrize(
+    "crop,tile",
+    [
+        ((0, 0, 160, 192), 48),  # multiple of 16, tiles smaller than the image in both directions
+        ((3, 5, 117, 203), 64),  # not a multiple of 16
+        ((0, 0, 90, 70), 512),  # image smaller than one tile
+        ((40, 0, 1, 300), 64),  # a 1-pixel-high strip
+        ((0, 40, 300, 1), 64),  # a 1-pixel-wide strip
+        ((0, 0, 300, 40), 48),  # tall
+        ((100, 0, 30, 320), 80),  # wide
+    ],
+)
+def test_tiled_cascade_equals_whole_image(cd16x, style, photo, method, crop, tile):
+    r, c, h, w = crop
+    content = photo[:, r : r + h, c : c + w]
+    assert content.shape[1:] == (h, w)
+    _assert_equal_to_whole(cd16x, content, style, TilingOptions(tile=tile), method=method)
+
+
+def test_disk_canvases_give_the_same_result_as_ram(cd16x, style, photo, tmp_path):
+    content = photo[:, :96, :144]
+    ram = _tiled(cd16x, content, style, TilingOptions(tile=48))
+    disk = _tiled(cd16x, content, style, TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path))
+    assert torch.equal(ram, disk)
+    assert list(tmp_path.iterdir()) == []  # scratch files are unlinked
+
+
+def test_budget_tiling_equals_whole_image_and_uses_several_tiles(cd16x, style, photo):
+    opts = TilingOptions(max_memory=24 * 2**20)
+    plan = plan_stage(cd16x.arch, 5, 320, 320, opts)
+    assert len(plan.encode_tiles()) > 1 and len(plan.decode_tiles()) > 1
+    _assert_equal_to_whole(cd16x, photo, style, opts)
+
+
+def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
+    whole = style_statistics(cd16x, photo, DEFAULT_LEVELS)
+    tiled = style_statistics_tiled(cd16x, canvas_from_array(photo.numpy(), layout="chw"), DEFAULT_LEVELS, TilingOptions(tile=64))
+    for k in DEFAULT_LEVELS:
+        assert tiled[k].count == whole[k].count
+        torch.testing.assert_close(tiled[k].covariance(), whole[k].covariance(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tiled[k].mean, whole[k].mean, rtol=1e-5, atol=1e-6)
+
+
+def test_read_region_mirrors_past_the_bottom_right_edge():
+    a = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
+    cv = Canvas(2, 5, 7)
+    cv.write(0, 0, a)
+    got = read_region(cv, Span(2, 8), Span(4, 10))[0].numpy()
+    rows, cols = [2, 3, 4, 3, 2, 1], [4, 5, 6, 5, 4, 3]
+    assert np.array_equal(got, a[:, rows][:, :, cols])
+
+
+def test_plan_stage_halos_follow_receptive_fields_on_the_grid():
+    spec = ARCHS["cd16x"]
+    for k, (h, w) in itertools.product(range(1, 6), [(100, 37)]):
+        plan = plan_stage(spec, k, h, w, TilingOptions(tile=64))
+        g = spec.grid(k)
+        assert plan.enc_halo % g == 0 and plan.enc_halo >= encoder_radius(spec, k) > plan.enc_halo - g
+        assert plan.full_halo % g == 0 and plan.full_halo >= stage_radius(spec, k) > plan.full_halo - g
+        assert (plan.height, plan.width) == (padded_size(h, g), padded_size(w, g))
