@@ -75,7 +75,8 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             if _is_rgb16(path, img):
                 return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
             img.load()
-            return _to_array(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
+            return _to_array(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -138,7 +139,7 @@ def _to_array(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img if mode == "RGB" else img.convert("RGB"))
 
 
 def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -165,7 +165,7 @@ def _stylize_tiled_to_file(
     assert tiling is not None
     pixels = _load_content(path, options)
     h, w = pixels.shape[:2]
-    content = canvas_from_array(pixels, disk_dir=tiling.canvas_dir(3 * h * w * 4))
+    content = canvas_from_array(pixels, disk_dir=tiling.canvas_dir(model.arch, h, w, options.levels))
     del pixels  # the canvas holds it now (on disk when large)
     result: Canvas | None = None
     try:

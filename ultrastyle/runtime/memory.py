@@ -10,7 +10,10 @@ is the tile's working memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
+import sys
 
 from ultrastyle.models.spec import ArchSpec, Layer
 
@@ -79,3 +82,12 @@ def core_for_budget(spec: ArchSpec, stage: int, budget: int, halo: int, bytes_pe
             f"it needs at least {need / 2**20:.0f} MiB: raise --max-memory or set --tile"
         )
     return core
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise; RSS would creep per stage)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or an exotic libc: nothing to trim
+            pass

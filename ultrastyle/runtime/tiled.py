@@ -17,6 +17,7 @@ With the exact halo the result equals the whole-image cascade
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas
-from ultrastyle.runtime.memory import core_for_budget
+from ultrastyle.runtime.memory import core_for_budget, release_free_memory
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
 from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
@@ -52,14 +53,28 @@ class TilingOptions:
     ram_canvas_limit: int | None = None  # canvases larger than this go to disk; None: max_memory // 2
     cache_features: bool | None = None  # None: decided per stage by encoder cost
 
-    def canvas_dir(self, nbytes: int) -> str | None:
-        """None (RAM) or the scratch folder for a canvas of ``nbytes``."""
-        limit = self.max_memory // 2 if self.ram_canvas_limit is None else self.ram_canvas_limit
-        if nbytes <= limit:
-            return None
-        import tempfile
+    def canvas_dir(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> str | None:
+        """Where all canvases of one image go: None (RAM) or the scratch folder.
 
+        One decision per image, counting everything alive at once: the stage's
+        input and output canvases and the largest feature cache.
+        """
+        image = 3 * height * width * 4
+        feats = [
+            spec.feature_channels(k) * padded_size(height, spec.grid(k)) * padded_size(width, spec.grid(k)) * 4 // spec.grid(k) ** 2
+            for k in set(levels)
+            if self.caches(spec, k)
+        ]
+        limit = self.max_memory // 2 if self.ram_canvas_limit is None else self.ram_canvas_limit
+        if 2 * image + max(feats, default=0) <= limit:
+            return None
         return str(self.scratch_dir or tempfile.gettempdir())
+
+    def caches(self, spec: ArchSpec, stage: int) -> bool:
+        """Whether pass 1 keeps the stage's features for pass 2."""
+        if self.cache_features is not None:
+            return self.cache_features
+        return encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
 
 
 @dataclass(frozen=True)
@@ -109,9 +124,7 @@ def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: Til
     else:  # approximate: the same reduced halo everywhere
         enc_halo = full_halo = round_up(options.halo, g)
         dec_halo = -(-options.halo // g)
-    cache = options.cache_features
-    if cache is None:
-        cache = encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
+    cache = options.caches(spec, stage)
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
     else:
@@ -201,24 +214,24 @@ def stylize_stage_tiled(
     *,
     method: str,
     alpha: float,
+    disk_dir: str | None = None,
     on_tile: TileCallback | None = None,
 ) -> Canvas:
-    """One stage over a whole canvas, tile by tile; returns a new canvas of the same size."""
+    """One stage over a whole canvas, tile by tile; returns a new canvas (in RAM or ``disk_dir``)."""
     c, h, w = src.shape
     plan = plan_stage(model.arch, stage, h, w, options)
     feats = None
     if plan.cache:
-        fc = model.encoders[stage].out_channels
-        fh, fw = plan.height // plan.grid, plan.width // plan.grid
-        feats = Canvas(fc, fh, fw, disk_dir=options.canvas_dir(fc * fh * fw * 4))
+        feats = Canvas(model.encoders[stage].out_channels, plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
         a, b = fit_affine(method, content, style, alpha)
-        dst = Canvas(c, h, w, disk_dir=options.canvas_dir(src.nbytes))
+        dst = Canvas(c, h, w, disk_dir=disk_dir)
         decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
     finally:
         if feats is not None:
             feats.close()
+        release_free_memory()
     return dst
 
 
@@ -242,9 +255,13 @@ def stylize_tiled(
     on_tile: TileCallback | None = None,
 ) -> Canvas:
     """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result."""
+    _, h, w = content.shape
+    disk_dir = options.canvas_dir(model.arch, h, w, levels)
     x = content
     for k in levels:
-        y = stylize_stage_tiled(model, k, x, style_stats[k], options, method=method, alpha=alpha, on_tile=on_tile)
+        y = stylize_stage_tiled(
+            model, k, x, style_stats[k], options, method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile
+        )
         if x is not content:
             x.close()
         x = y
