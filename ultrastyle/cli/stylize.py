@@ -18,7 +18,7 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.runtime.batch import PairResult, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
 from ultrastyle.runtime.memory import parse_bytes
-from ultrastyle.runtime.tiled import TilingOptions
+from ultrastyle.runtime.tiled import TilingOptions, plan_stage
 
 
 class Method(str, Enum):
@@ -118,6 +118,12 @@ def stylize_command(
     except (zoo.ZooError, CheckpointError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
         raise typer.Exit(2) from None
+    if tiling is not None and tiling.tile is None:
+        try:  # fail before any work when the budget cannot hold one tile of some stage
+            for k in level_tuple:
+                plan_stage(net.arch, k, 4096, 4096, tiling)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
 
     pairs = plan_pairs(contents, styles, output, fmt.value)
     console = Console(stderr=True, highlight=False)

@@ -138,6 +138,8 @@ def _run_pair(
             h, w = _stylize_tiled_to_file(model, pair.content, stats, options, pair.output, on_tile)
     except ImageError as exc:
         return PairResult(pair, "failed", str(exc), time.perf_counter() - t0)
+    except ValueError as exc:  # e.g. a memory budget too small for this image's tiles
+        return PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - t0)
     except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on one huge image
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
         return PairResult(pair, "failed", msg, time.perf_counter() - t0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +50,28 @@ class TilingOptions:
     max_memory: int = DEFAULT_MAX_MEMORY
     halo: int | None = None  # None: exact (the full receptive field)
     scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
-    ram_canvas_limit: int | None = None  # canvases larger than this go to disk; None: max_memory // 2
+    ram_canvas_limit: int | None = None  # an image whose canvases need more goes to disk; None: max_memory // 4
     cache_features: bool | None = None  # None: decided per stage by encoder cost
+
+    def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
+        """Canvas bytes alive at once for one image: a stage's input and output and the largest feature cache."""
+        image = 3 * height * width * 4
+        feats = [
+            spec.feature_channels(k) * (padded_size(height, spec.grid(k)) // spec.grid(k))
+            * (padded_size(width, spec.grid(k)) // spec.grid(k)) * 4
+            for k in set(levels)
+            if self.caches(spec, k)
+        ]  # fmt: skip
+        return 2 * image + max(feats, default=0)
 
     def canvas_dir(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> str | None:
         """Where all canvases of one image go: None (RAM) or the scratch folder.
 
-        One decision per image, counting everything alive at once: the stage's
-        input and output canvases and the largest feature cache.
+        In RAM while they take at most a quarter of ``max_memory`` (or
+        ``ram_canvas_limit``); the tiles then get the rest of the budget.
         """
-        image = 3 * height * width * 4
-        feats = [
-            spec.feature_channels(k) * padded_size(height, spec.grid(k)) * padded_size(width, spec.grid(k)) * 4 // spec.grid(k) ** 2
-            for k in set(levels)
-            if self.caches(spec, k)
-        ]
-        limit = self.max_memory // 2 if self.ram_canvas_limit is None else self.ram_canvas_limit
-        if 2 * image + max(feats, default=0) <= limit:
+        limit = self.max_memory // 4 if self.ram_canvas_limit is None else self.ram_canvas_limit
+        if self.canvas_bytes(spec, height, width, levels) <= limit:
             return None
         return str(self.scratch_dir or tempfile.gettempdir())
 
@@ -257,6 +262,8 @@ def stylize_tiled(
     """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result."""
     _, h, w = content.shape
     disk_dir = options.canvas_dir(model.arch, h, w, levels)
+    if disk_dir is None and options.tile is None:  # canvases in RAM share the budget with the tiles
+        options = replace(options, max_memory=options.max_memory - options.canvas_bytes(model.arch, h, w, levels))
     x = content
     for k in levels:
         y = stylize_stage_tiled(

@@ -1,0 +1,102 @@
+"""`ultrastyle stylize` tiling options and 16-bit I/O end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from ultrastyle.cli.main import app
+from ultrastyle.io.images import load_image, read_image
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tiling_in")
+    with Image.open(shared_dir / "images/content/cd_content_in1.jpg") as im:
+        im.convert("RGB").resize((150, 97), Image.Resampling.LANCZOS).save(d / "content.png")
+    with Image.open(shared_dir / "images/style/cd_style_in3.jpg") as im:
+        im.convert("RGB").resize((96, 80), Image.Resampling.LANCZOS).save(d / "style.png")
+    # A 16-bit RGB TIFF with detail below 8-bit resolution.
+    a = (np.asarray(Image.open(d / "content.png"), np.float64) * 257).astype(np.uint16)
+    a[::2, ::2] += 37  # 37/65535 is well under one 8-bit step
+    tifffile.imwrite(d / "deep.tif", a, photometric="rgb")
+    return {"content": d / "content.png", "style": d / "style.png", "deep": d / "deep.tif"}
+
+
+def _run(args: list[object], cd16x_dir: Path):
+    return CliRunner().invoke(app, ["stylize", *map(str, args), "--model", str(cd16x_dir), "--style-size", "96"])
+
+
+def test_tiled_default_matches_no_tile_reference(inputs, cd16x_dir, tmp_path):
+    for name, extra in (("tiled", ["--tile", "40"]), ("budget", ["--max-memory", "16MB"]), ("whole", ["--no-tile"])):
+        r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / name, *extra], cd16x_dir)
+        assert r.exit_code == 0, r.output
+    out = "content_stylized_style.png"
+    whole = np.asarray(Image.open(tmp_path / "whole" / out), np.int16)
+    for name in ("tiled", "budget"):
+        got = np.asarray(Image.open(tmp_path / name / out), np.int16)
+        assert got.shape == whole.shape == (97, 150, 3)
+        assert np.abs(got - whole).max() <= 1, name
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("--tile", "big", "auto"), ("--tile", "0", "positive"), ("--max-memory", "lots", "examples"),
+     ("--halo", "wide", "exact"), ("--depth", "12", "16")],  # fmt: skip
+)
+def test_bad_tiling_options_exit_2_naming_the_option(inputs, cd16x_dir, tmp_path, option, value, message):
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, option, value], cd16x_dir)
+    assert r.exit_code == 2
+    assert option in r.output and message in r.output
+
+
+def test_budget_too_small_is_refused_up_front_with_the_minimum(inputs, cd16x_dir, tmp_path):
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, "--max-memory", "1MB"], cd16x_dir)
+    assert r.exit_code == 2
+    assert "needs at least" in r.output and "--max-memory" in r.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_sixteen_bit_tiff_input_keeps_its_precision(inputs):
+    a = read_image(inputs["deep"])
+    assert a.dtype == np.uint16
+    t = load_image(inputs["deep"])
+    # the +37 detail survives: it would vanish through 8 bits
+    step = (t[:, 0, 0] - t[:, 0, 1]).abs().max().item()
+    expected = np.abs(a[0, 0].astype(int) - a[0, 1].astype(int)).max() / 65535
+    assert abs(step - expected) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "png"])
+def test_depth_16_writes_16_bit_files_from_16_bit_input(inputs, cd16x_dir, tmp_path, fmt):
+    r = _run([inputs["deep"], "--style", inputs["style"], "-o", tmp_path, "--format", fmt, "--depth", "16",
+              "--alpha", "0", "--levels", "1"], cd16x_dir)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = read_image(tmp_path / f"deep_stylized_style.{fmt}")
+    assert out.dtype == np.uint16 and out.shape == (97, 150, 3)
+    # Not a widened 8-bit image: most values are not multiples of 257.
+    assert (out % 257 != 0).mean() > 0.5
+
+
+def test_depth_16_with_jpeg_is_refused(inputs, cd16x_dir, tmp_path):
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, "--format", "jpg", "--depth", "16"], cd16x_dir)
+    assert r.exit_code == 2 and "--depth" in r.output
+
+
+def test_disk_canvas_via_scratch_leaves_no_files(inputs, cd16x_dir, tmp_path, monkeypatch):
+    # A tiny budget sends every canvas to the scratch folder; results still match.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "a", "--max-memory", "3MB",
+              "--tile", "32", "--scratch", scratch], cd16x_dir)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert list(scratch.iterdir()) == []
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "b", "--no-tile"], cd16x_dir)
+    a = np.asarray(Image.open(tmp_path / "a/content_stylized_style.png"), np.int16)
+    b = np.asarray(Image.open(tmp_path / "b/content_stylized_style.png"), np.int16)
+    assert np.abs(a - b).max() <= 1
