@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ultrastyle.cli.export import export_command
 from ultrastyle.cli.models import app as models_app
 from ultrastyle.cli.stylize import stylize_command
 
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("stylize")(stylize_command)
+app.command("export")(export_command)
 app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
 
 if __name__ == "__main__":  # pragma: no cover

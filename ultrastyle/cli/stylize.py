@@ -14,7 +14,11 @@ from ultrastyle.io.images import DEFAULT_MAX_PIXELS
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
-from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
+from ultrastyle.export.bundle import BundleError
+from ultrastyle.export.validate import ExportValidationError
+from ultrastyle.models.pretrained import DEFAULT_MODEL
+from ultrastyle.runtime.backends.base import RunnerError
+from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.runtime.batch import PairResult, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
 from ultrastyle.runtime.memory import parse_bytes
@@ -29,6 +33,13 @@ class Method(str, Enum):
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
 
 
 class Format(str, Enum):
@@ -62,13 +73,15 @@ def stylize_command(
     content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = Path("out"),
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (downloaded on first use) or a folder of CD weights {k}SE.pth/{k}SD.pth.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (downloaded on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
     method: Annotated[Method, typer.Option(help="Feature transform.")] = Method.wct,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features.")] = DEFAULT_ALPHA,
     levels: Annotated[str, typer.Option(help="Stages to run, in order (coarse to fine).")] = "5,4,3,2,1",
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
+    backend: Annotated[Backend, typer.Option(help="auto: ONNX Runtime (TensorRT once built, issue #6); torch: the PyTorch reference.")] = Backend.auto,
+    threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
@@ -113,9 +126,13 @@ def stylize_command(
         style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
         depth=depth, tiling=tiling,
     )  # fmt: skip
+    console = Console(stderr=True, highlight=False)
     try:
-        net = load_model(model, stages=tuple(sorted(set(level_tuple))), device=device.value)
-    except (zoo.ZooError, CheckpointError) as exc:
+        net = open_runner(
+            model, backend=backend.value, device=device.value, stages=tuple(sorted(set(level_tuple))),
+            threads=threads, on_export=lambda msg: console.print(msg, markup=False),
+        )  # fmt: skip
+    except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
         raise typer.Exit(2) from None
     if tiling is not None and tiling.tile is None:
@@ -126,8 +143,7 @@ def stylize_command(
             raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
 
     pairs = plan_pairs(contents, styles, output, fmt.value)
-    console = Console(stderr=True, highlight=False)
-    with Progress(
+    with net, Progress(
         TextColumn("[bold]stylize"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec
+from ultrastyle.runtime.transforms import apply_affine
 
 DEFAULT_MODEL = "cd-wct-16x"
 
@@ -35,6 +36,16 @@ class StyleModel:
     @property
     def device(self) -> torch.device:
         return next(iter(self.encoders.values())).conv0.weight.device
+
+    @torch.inference_mode()
+    def encode(self, stage: int, image: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> relu{stage}_1 features (N, C, H/g, W/g)."""
+        return self.encoders[stage](image)
+
+    @torch.inference_mode()
+    def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """decoder(A f + b): (N, C, h, w) -> (N, 3, h*g, w*g)."""
+        return self.decoders[stage](apply_affine(features, a, b))
 
 
 def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:

@@ -92,6 +92,20 @@ class ArchSpec:
             for b in range(1, stage + 1)
         ]
 
+    def macs_per_pixel(self, stage: int, kind: str) -> float:
+        """Multiply-adds per image pixel of the stage's ``encoder`` or ``decoder`` (convolutions only)."""
+        layers = self.encoder_layers(stage) if kind == "encoder" else self.decoder_layers(stage)
+        scale = 1.0 if kind == "encoder" else float(self.grid(stage))
+        macs = 0.0
+        for layer in layers:
+            if layer.kind == "pool":
+                scale *= 2
+            elif layer.kind == "up":
+                scale /= 2
+            else:
+                macs += layer.cin * layer.cout * layer.kernel**2 / scale**2
+        return macs
+
     def grid(self, stage: int) -> int:
         """Pooling grid of ``stage``: input sizes must be multiples of this."""
         _check_stage(stage)

@@ -17,7 +17,7 @@ import numpy as np
 from ultrastyle.io.images import (
     DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, read_image, resize_long_side, save_array, save_image,
 )  # fmt: skip
-from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.tiled import TileCallback, TilingOptions, canvas_to_image, style_statistics_tiled, stylize_tiled
@@ -80,7 +80,7 @@ def plan_pairs(contents: list[Path], styles: list[Path], outdir: Path, fmt: str)
 class _StyleCache:
     """Style statistics per style file, computed on first use; a bad style fails all its pairs once."""
 
-    def __init__(self, model: StyleModel, options: StylizeOptions) -> None:
+    def __init__(self, model: StageNetworks, options: StylizeOptions) -> None:
         self.model, self.options = model, options
         self._stats: dict[Path, dict[int, FeatureStats] | ImageError] = {}
 
@@ -103,7 +103,7 @@ class _StyleCache:
 
 
 def run_batch(
-    model: StyleModel,
+    model: StageNetworks,
     pairs: list[Pair],
     options: StylizeOptions,
     on_result: Callable[[PairResult], None] | None = None,
@@ -124,7 +124,7 @@ def run_batch(
 
 
 def _run_pair(
-    model: StyleModel, pair: Pair, options: StylizeOptions, styles: _StyleCache, on_tile: TileCallback | None
+    model: StageNetworks, pair: Pair, options: StylizeOptions, styles: _StyleCache, on_tile: TileCallback | None
 ) -> PairResult:
     t0 = time.perf_counter()
     try:
@@ -155,7 +155,7 @@ def _load_content(path: Path, options: StylizeOptions) -> np.ndarray:
 
 
 def _stylize_tiled_to_file(
-    model: StyleModel,
+    model: StageNetworks,
     path: Path,
     stats: dict[int, FeatureStats],
     options: StylizeOptions,

@@ -68,9 +68,7 @@ class Canvas:
         """``canvas[:, row:row+h, col:col+w] = block`` for block (C, h, w)."""
         a = self._array()
         a[:, row : row + block.shape[1], col : col + block.shape[2]] = block
-        if isinstance(a, np.memmap):
-            a.flush()
-        del a
+        del a  # unmapping leaves the pages to the page cache; no msync: nothing needs them on disk
 
     def rows_band(self, r0: int, r1: int) -> np.ndarray:
         """A copy of rows [r0, r1) of every channel: (C, r1 - r0, W)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.padding import pad_to_grid
-from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
+from ultrastyle.runtime.transforms import FeatureStats, fit_affine
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
 DEFAULT_ALPHA = 0.6
@@ -30,26 +30,26 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 
 @torch.inference_mode()
-def style_statistics(model: StyleModel, style: torch.Tensor, levels: tuple[int, ...]) -> dict[int, FeatureStats]:
+def style_statistics(model: StageNetworks, style: torch.Tensor, levels: tuple[int, ...]) -> dict[int, FeatureStats]:
     """Per-stage statistics of a style image (3, H, W); compute once, reuse for a whole batch."""
     x = style[None].to(model.device)
-    return {k: FeatureStats.of(model.encoders[k](pad_to_grid(x, model.arch.grid(k)))) for k in set(levels)}
+    return {k: FeatureStats.of(model.encode(k, pad_to_grid(x, model.arch.grid(k)))) for k in set(levels)}
 
 
 @torch.inference_mode()
 def stylize_stage(
-    model: StyleModel, image: torch.Tensor, stage: int, style: FeatureStats, *, method: str, alpha: float
+    model: StageNetworks, image: torch.Tensor, stage: int, style: FeatureStats, *, method: str, alpha: float
 ) -> torch.Tensor:
     """One stage on the whole image: (1, 3, H, W) -> (1, 3, H, W)."""
     h, w = image.shape[-2:]
-    f = model.encoders[stage](pad_to_grid(image, model.arch.grid(stage)))
+    f = model.encode(stage, pad_to_grid(image, model.arch.grid(stage)))
     a, b = fit_affine(method, FeatureStats.of(f), style, alpha)
-    out = model.decoders[stage](apply_affine(f, a, b))
+    out = model.decode(stage, f, a, b)
     return out[..., :h, :w]
 
 
 def stylize(
-    model: StyleModel,
+    model: StageNetworks,
     content: torch.Tensor,
     style_stats: dict[int, FeatureStats],
     *,

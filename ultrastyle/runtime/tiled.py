@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas
 from ultrastyle.runtime.memory import core_for_budget, release_free_memory
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
 from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
-from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
+from ultrastyle.runtime.transforms import FeatureStats, fit_affine
 
 DEFAULT_MAX_MEMORY = 2 * 2**30
 # Cache relu{k}_1 features between the passes when re-encoding would cost more
@@ -109,14 +109,9 @@ class StagePlan:
 
 
 def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
-    """Multiply-adds per image pixel of encoder k, divided by its feature floats per image pixel."""
-    macs, s = 0.0, 1
-    for layer in spec.encoder_layers(stage):
-        if layer.kind == "pool":
-            s *= 2
-        elif layer.kind == "conv":
-            macs += layer.cin * layer.cout * layer.kernel**2 / (s * s)
-    return macs / (spec.feature_channels(stage) / (s * s))
+    """Encoder multiply-adds per image pixel over its feature floats per image pixel."""
+    g = spec.grid(stage)
+    return spec.macs_per_pixel(stage, "encoder") / (spec.feature_channels(stage) / (g * g))
 
 
 def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
@@ -156,7 +151,7 @@ def _core(y: torch.Tensor, tile: Tile, factor: int = 1) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_statistics(
-    model: StyleModel,
+    model: StageNetworks,
     stage: int,
     src: Canvas,
     plan: StagePlan,
@@ -164,11 +159,11 @@ def encode_statistics(
     on_tile: TileCallback | None = None,
 ) -> FeatureStats:
     """Pass 1: content statistics over every tile's core; optionally keep the core features."""
-    encoder, device, g = model.encoders[stage], model.device, plan.grid
-    stats = FeatureStats.empty(encoder.out_channels)
+    device, g = model.device, plan.grid
+    stats = FeatureStats.empty(model.arch.feature_channels(stage))
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
-        f = encoder(read_region(src, t.region_rows, t.region_cols).to(device))
+        f = model.encode(stage, read_region(src, t.region_rows, t.region_cols).to(device))
         ft = t.scaled(g)
         core = _core(f, ft)
         stats = stats + FeatureStats.of(core)
@@ -181,7 +176,7 @@ def encode_statistics(
 
 @torch.inference_mode()
 def decode_tiles(
-    model: StyleModel,
+    model: StageNetworks,
     stage: int,
     src: Canvas,
     dst: Canvas,
@@ -192,17 +187,17 @@ def decode_tiles(
     on_tile: TileCallback | None = None,
 ) -> None:
     """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image."""
-    encoder, decoder, device, g = model.encoders[stage], model.decoders[stage], model.device, plan.grid
+    device, g = model.device, plan.grid
     _, h, w = dst.shape
     tiles = plan.decode_tiles()
     for i, t in enumerate(tiles):
         if features is not None:
             f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
                                                slice(t.region_cols.start, t.region_cols.stop)))[None].to(device)  # fmt: skip
-            y, scale = _core(decoder(apply_affine(f, a, b)), t, g), g
+            y, scale = _core(model.decode(stage, f, a, b), t, g), g
         else:
             x = read_region(src, t.region_rows, t.region_cols).to(device)
-            y, scale = _core(decoder(apply_affine(encoder(x), a, b)), t), 1
+            y, scale = _core(model.decode(stage, model.encode(stage, x), a, b), t), 1
         r0, c0 = t.rows.start * scale, t.cols.start * scale
         if r0 < h and c0 < w:
             dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())
@@ -211,7 +206,7 @@ def decode_tiles(
 
 
 def stylize_stage_tiled(
-    model: StyleModel,
+    model: StageNetworks,
     stage: int,
     src: Canvas,
     style: FeatureStats,
@@ -227,7 +222,7 @@ def stylize_stage_tiled(
     plan = plan_stage(model.arch, stage, h, w, options)
     feats = None
     if plan.cache:
-        feats = Canvas(model.encoders[stage].out_channels, plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
+        feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
         a, b = fit_affine(method, content, style, alpha)
@@ -241,7 +236,7 @@ def stylize_stage_tiled(
 
 
 def style_statistics_tiled(
-    model: StyleModel, style: Canvas, levels: tuple[int, ...], options: TilingOptions
+    model: StageNetworks, style: Canvas, levels: tuple[int, ...], options: TilingOptions
 ) -> dict[int, FeatureStats]:
     """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`)."""
     _, h, w = style.shape
@@ -249,7 +244,7 @@ def style_statistics_tiled(
 
 
 def stylize_tiled(
-    model: StyleModel,
+    model: StageNetworks,
     content: Canvas,
     style_stats: dict[int, FeatureStats],
     options: TilingOptions,

@@ -35,15 +35,23 @@ class FeatureStats:
         return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64))
 
     @classmethod
-    def of(cls, features: torch.Tensor) -> FeatureStats:
-        """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts."""
+    def of(cls, features: torch.Tensor, chunk: int = 1 << 16) -> FeatureStats:
+        """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
+
+        Sums run in float64 (exact enough for 100 MP images) over ``chunk``
+        pixels at a time, so the float64 copy stays small; the GEMMs run where
+        the features are, and only C + C² numbers come back.
+        """
         f = features.detach()
         c = f.shape[-3]
         f = f.transpose(0, -3).reshape(c, -1) if f.dim() == 4 else f.reshape(c, -1)
-        # The GEMM runs where the features are (on the device); only C + C² numbers
-        # come back. float64 keeps Σffᵀ exact enough for 100 MP images.
-        f = f.to(torch.float64)
-        return cls(f.shape[1], f.sum(1).cpu(), (f @ f.T).cpu())
+        total = torch.zeros(c, dtype=torch.float64, device=f.device)
+        outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)
+        for i in range(0, f.shape[1], chunk):
+            part = f[:, i : i + chunk].to(torch.float64)
+            total += part.sum(1)
+            outer.addmm_(part, part.T)
+        return cls(f.shape[1], total.cpu(), outer.cpu())
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)

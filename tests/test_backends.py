@@ -1,0 +1,157 @@
+"""One conformance suite for every runner, against the PyTorch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ultrastyle.cli.main import app
+from ultrastyle.export.bundle import export_bundle
+from ultrastyle.io.images import load_image, resize_long_side
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.runtime.backends.base import Runner, RunnerError
+from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+from ultrastyle.runtime.backends.select import ensure_bundle, open_runner, resolve_backend
+from ultrastyle.runtime.backends.torch_backend import TorchRunner
+from ultrastyle.runtime.canvas import canvas_from_array
+from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
+from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
+
+# Max abs difference from the PyTorch reference per output, float32.
+TOL = {"features": 3e-4, "image": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def model(cd16x_dir):
+    return load_cd_folder(cd16x_dir)
+
+
+@pytest.fixture(scope="module")
+def bundle(model, tmp_path_factory):
+    return export_bundle(model, tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.fixture(params=["torch", "onnxruntime"])
+def runner(request, model, bundle) -> Runner:
+    return TorchRunner(model) if request.param == "torch" else OnnxRuntimeRunner(bundle, threads=2)
+
+
+def test_runner_refuses_infer_before_activate_and_double_activate(runner):
+    with pytest.raises(RunnerError, match="activate"):
+        runner.encode(1, torch.rand(1, 3, 8, 8))
+    runner.activate()
+    with pytest.raises(RunnerError, match="already active"):
+        runner.activate()
+    runner.deactivate()
+    with pytest.raises(RunnerError, match="not active"):
+        runner.deactivate()
+
+
+def test_runner_is_a_context_manager(runner):
+    with runner as r:
+        assert r.is_active
+    assert not runner.is_active
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
+def test_runner_matches_torch_reference_on_every_stage_network(runner, model, stage):
+    g = model.arch.grid(stage)
+    gen = torch.Generator().manual_seed(stage)
+    x = torch.rand(1, 3, 5 * g, 3 * g, generator=gen)
+    c = model.arch.feature_channels(stage)
+    a = torch.eye(c, dtype=torch.float64) * 0.7 + torch.randn(c, c, generator=gen, dtype=torch.float64) * 0.02
+    b = torch.randn(c, generator=gen, dtype=torch.float64) * 0.1
+    with runner:
+        f = runner.encode(stage, x)
+        y = runner.decode(stage, f, a, b)
+        plain = runner.infer(f"decoder{stage}", {"features": f})["image"]
+        assert runner.memory_bytes() >= 0
+    ref_f = model.encode(stage, x)
+    assert f.shape == ref_f.shape == (1, c, 5, 3)
+    assert (f - ref_f).abs().max() <= TOL["features"]
+    assert y.shape == plain.shape == x.shape
+    assert (y - model.decode(stage, ref_f, a, b)).abs().max() <= TOL["image"]
+    assert (plain - model.decoders[stage](ref_f)).abs().max() <= TOL["image"]
+
+
+def test_runner_rejects_unknown_networks(runner):
+    with runner, pytest.raises(RunnerError, match="unknown network"):
+        runner.infer("classifier1", {})
+
+
+def test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4(runner, model, shared_dir):
+    content = resize_long_side(load_image(shared_dir / "images/content/cd_content_in1.jpg"), 200)
+    style = resize_long_side(load_image(shared_dir / "images/style/cd_style_in4.jpg"), 128)
+    ref = stylize(model, content, style_statistics(model, style, DEFAULT_LEVELS))
+    with runner:
+        stats = style_statistics(runner, style, DEFAULT_LEVELS)
+        with canvas_from_array(content.numpy(), layout="chw") as cv:
+            out = stylize_tiled(runner, cv, stats, TilingOptions(tile=64), method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+            got = torch.from_numpy(out.numpy().copy())
+            out.close()
+    assert (got.clamp(0, 1) - ref.clamp(0, 1)).abs().max() <= 1e-4
+
+
+def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
+    # Tiles of changing sizes, repeated: memory after the second round must not exceed the first's.
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    sizes = [(512, 384), (128, 640), (640, 128), (256, 256), (496, 512)]
+    with OnnxRuntimeRunner(bundle, threads=2) as r:
+        highs = []
+        for _ in range(3):
+            for h, w in sizes:
+                f = r.encode(3, torch.rand(1, 3, h, w))
+                r.decode(3, f, torch.eye(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64))
+            highs.append(rss())
+    assert highs[2] <= highs[0] + 64 * 2**20, [h >> 20 for h in highs]
+
+
+def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_it_is_not_built():
+    assert resolve_backend("auto", "cpu") == "onnxruntime"
+    with pytest.raises(RunnerError, match="issue #6"):
+        open_runner("cd-wct-16x", backend="tensorrt")
+    with pytest.raises(RunnerError, match="unknown backend"):
+        resolve_backend("tflite", "cpu")
+
+
+def test_torch_backend_refuses_a_bundle(bundle):
+    with pytest.raises(RunnerError, match="bundle of ONNX graphs"):
+        open_runner(bundle.path, backend="torch")
+
+
+def test_bundle_is_exported_on_first_use_and_reused(cd16x_dir, tmp_path):
+    first = ensure_bundle(cd16x_dir, stages=(1, 2))
+    mtime = (first.path / "manifest.json").stat().st_mtime_ns
+    again = ensure_bundle(cd16x_dir, stages=(1, 2))
+    assert again.path == first.path and (again.path / "manifest.json").stat().st_mtime_ns == mtime
+    # Other weights (one file changed) get their own bundle.
+    other = tmp_path / "w"
+    other.mkdir()
+    for k in (1, 2):
+        for s in ("SE", "SD"):
+            (other / f"{k}{s}.pth").write_bytes((cd16x_dir / f"{k}{s}.pth").read_bytes())
+    sd = torch.load(other / "1SD.pth", weights_only=True)
+    sd["model"]["conv11.bias"] += 0.5
+    torch.save(sd, other / "1SD.pth")
+    changed = ensure_bundle(other, stages=(1, 2))
+    assert changed.path != first.path
+    assert changed.manifest["source_weights"]["1SD.pth"] != first.manifest["source_weights"]["1SD.pth"]
+
+
+def test_cli_onnxruntime_backend_matches_torch_backend(shared_dir, cd16x_dir, tmp_path):
+    with Image.open(shared_dir / "images/content/cd_content_in4.jpg") as im:
+        im.convert("RGB").resize((131, 90), Image.Resampling.LANCZOS).save(tmp_path / "c.png")
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), str(shared_dir / "images/style/cd_style_in3.jpg"),
+                                     "--model", str(cd16x_dir), "--style-size", "96", "--tile", "48",
+                                     "--backend", backend, "-o", str(tmp_path / backend)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[backend] = np.asarray(Image.open(tmp_path / backend / "c_stylized_cd_style_in3.png"), np.int16)
+    assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1

@@ -1,0 +1,143 @@
+"""ONNX export: bundle contents, validation against PyTorch, manifest integrity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from ultrastyle.cli.main import app
+from ultrastyle.export import graph as graph_mod
+from ultrastyle.export.bundle import BundleError, arch_from_dict, arch_to_dict, export_bundle, read_bundle
+from ultrastyle.export.spec import ATOL, BUNDLE_FORMAT_VERSION, ExportSpec
+from ultrastyle.export.validate import ExportValidationError
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.models.spec import ARCHS
+from ultrastyle.runtime.receptive import stage_radius
+
+
+@pytest.fixture(scope="module")
+def model(cd16x_dir):
+    return load_cd_folder(cd16x_dir)
+
+
+@pytest.fixture(scope="module")
+def bundle(model, tmp_path_factory):
+    return export_bundle(model, tmp_path_factory.mktemp("export") / "cd16x", source_weights={"1SE.pth": "ab" * 32})
+
+
+def test_bundle_has_every_stage_network_validated_within_tolerance(bundle):
+    nets = bundle.manifest["networks"]
+    assert sorted(nets) == sorted(f"{kind}{k}" for kind in ("encoder", "decoder", "decoder_affine") for k in range(1, 6))
+    for name, report in bundle.manifest["validation"].items():
+        kind = nets[name]["kind"]
+        assert report["max_abs_diff"] <= ATOL["float32"][kind] * 10  # atol + rtol*|ref| bound, features reach ~1e2
+        assert len(report["sizes"]) >= 3
+    assert all((bundle.path / n["file"]).is_file() for n in nets.values())
+
+
+def test_manifest_records_architecture_receptive_fields_and_io(bundle):
+    m = bundle.manifest
+    assert m["format_version"] == BUNDLE_FORMAT_VERSION and m["opset"] == 17
+    assert arch_from_dict(m["architecture"]) == ARCHS["cd16x"] == bundle.arch
+    assert m["receptive_fields"]["5"]["stage_px"] == stage_radius(ARCHS["cd16x"], 5)
+    enc3 = m["networks"]["encoder3"]
+    assert enc3["inputs"] == [{"name": "image", "shape": ["N", 3, "H", "W"], "dtype": "float32"}]
+    assert enc3["outputs"][0]["shape"] == ["N", 64, "h", "w"] and enc3["grid"] == 4
+    assert m["source_weights"] == {"1SE.pth": "ab" * 32}
+
+
+def test_manifest_round_trips(bundle):
+    again = read_bundle(bundle.path)
+    assert again.manifest == json.loads((bundle.path / "manifest.json").read_text()) == bundle.manifest
+    assert arch_from_dict(arch_to_dict(ARCHS["vgg19"])) == ARCHS["vgg19"]
+
+
+def test_graphs_have_dynamic_axes_and_constant_reflect_pads(bundle):
+    g = onnx.load(bundle.graph_path("encoder5")).graph
+    dims = [d.dim_param or d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "H", "W"]
+    inits = {i.name for i in g.initializer}
+    pads = [n for n in g.node if n.op_type == "Pad"]
+    assert len(pads) == 15  # every 3x3 conv of encoder 5
+    assert all(n.input[1] in inits and onnx.helper.get_attribute_value(n.attribute[0]) == b"reflect" for n in pads)
+    ops = {n.op_type for n in onnx.load(bundle.graph_path("decoder_affine5")).graph.node}
+    assert {"MatMul", "Resize", "Conv", "Relu", "Pad"} <= ops and "MaxPool" not in ops
+
+
+def _copy(bundle, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle.path, dst)
+    return dst
+
+
+def test_tampered_graph_is_detected_by_sha256(bundle, tmp_path):
+    dst = _copy(bundle, tmp_path)
+    data = bytearray((dst / "decoder3.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (dst / "decoder3.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"decoder3.onnx: sha256 .* does not match .* re-export"):
+        read_bundle(dst)
+
+
+def test_newer_bundle_format_is_refused_with_a_clear_message(bundle, tmp_path):
+    dst = _copy(bundle, tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["format_version"] = BUNDLE_FORMAT_VERSION + 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"version 2 is newer .* upgrade ultrastyle"):
+        read_bundle(dst)
+
+
+def test_missing_graph_and_non_bundle_folders_are_named(bundle, tmp_path):
+    dst = _copy(bundle, tmp_path)
+    (dst / "encoder1.onnx").unlink()
+    with pytest.raises(BundleError, match="encoder1.onnx: graph encoder1 listed in the manifest is missing"):
+        read_bundle(dst)
+    with pytest.raises(BundleError, match="not a bundle .* ultrastyle export"):
+        read_bundle(tmp_path)
+
+
+def test_mismatching_graph_raises_typed_error_with_max_difference_and_leaves_nothing(model, tmp_path, monkeypatch):
+    real = graph_mod.build_graph
+
+    def broken(net, spec, **kw):
+        g = real(net, spec, **kw)
+        if spec.name == "decoder2":
+            w = next(i for i in g.graph.initializer if i.name == "conv11.bias")
+            arr = onnx.numpy_helper.to_array(w) + 0.01
+            w.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), "conv11.bias"))
+        return g
+
+    monkeypatch.setattr(graph_mod, "build_graph", broken)
+    with pytest.raises(ExportValidationError) as err:
+        export_bundle(model, tmp_path / "b", spec=ExportSpec(stages=(1, 2)))
+    assert err.value.network == "decoder2" and err.value.max_diff == pytest.approx(0.01, rel=0.05)
+    assert "differs from PyTorch by up to" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_opset_is_refused(model, tmp_path):
+    with pytest.raises(BundleError, match="opset 9 is not supported"):
+        export_bundle(model, tmp_path / "b", spec=ExportSpec(opset=9))
+
+
+def test_export_cli_writes_a_bundle_that_stylize_accepts(cd16x_dir, tmp_path, shared_dir):
+    r = CliRunner().invoke(app, ["export", str(cd16x_dir), "-o", str(tmp_path / "b"), "--stages", "1,2"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 6 graphs" in r.output
+    b = read_bundle(tmp_path / "b")
+    assert b.stages == (1, 2) and b.manifest["source_weights"]["2SD.pth"]
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "c.png")
+    r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), str(shared_dir / "images/style/cd_style_in2.jpg"),
+                                 "--model", str(tmp_path / "b"), "--levels", "2,1", "--style-size", "64",
+                                 "-o", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out/c_stylized_cd_style_in2.png").is_file()

@@ -1,0 +1,1 @@
+"""PyTorch stage networks -> ONNX graphs, bundles with a manifest, and their validation."""

@@ -1,0 +1,206 @@
+"""Bundles: a folder with ``manifest.json`` and one ONNX graph per stage network.
+
+``export_bundle`` writes one from a `StyleModel` and validates every graph
+against PyTorch; ``read_bundle`` checks the format version and every graph's
+sha256 before anything runs it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ultrastyle import __version__
+from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, ExportSpec, NetworkSpec, TensorSpec
+from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.models.spec import ArchSpec
+from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
+
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: says what was expected, what was found, and what to do."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle on disk."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return tuple(self.manifest["stages"])
+
+    @property
+    def arch(self) -> ArchSpec:
+        return arch_from_dict(self.manifest["architecture"])
+
+    def network(self, name: str) -> NetworkSpec:
+        try:
+            n = self.manifest["networks"][name]
+        except KeyError:
+            raise BundleError(f"{self.path}: no network {name!r}; it has {', '.join(self.manifest['networks'])}") from None
+        def tensors(key: str) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in n[key])
+        return NetworkSpec(n["kind"], n["stage"], tensors("inputs"), tensors("outputs"))
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest["networks"][name]["file"]
+
+
+def arch_to_dict(spec: ArchSpec) -> dict:
+    return {
+        "name": spec.name,
+        "widths": list(spec.widths),
+        "overrides": [[k, conv, w] for (k, conv), w in sorted(spec.overrides.items())],
+        "decoder_final_relu": spec.decoder_final_relu,
+    }
+
+
+def arch_from_dict(d: dict) -> ArchSpec:
+    return ArchSpec(
+        d["name"],
+        tuple(d["widths"]),
+        overrides={(k, conv): w for k, conv, w in d.get("overrides", [])},
+        decoder_final_relu=d["decoder_final_relu"],
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_bundle(
+    model: StyleModel,
+    out_dir: str | Path,
+    *,
+    spec: ExportSpec = ExportSpec(),
+    source_weights: dict[str, str] | None = None,
+    validate: bool = True,
+    on_network: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Write ``model``'s stage networks as ONNX graphs plus a manifest into ``out_dir``.
+
+    The bundle is assembled in a temporary folder beside ``out_dir`` and renamed
+    into place, so a failed export (a validation error, say) leaves nothing.
+    ``source_weights`` maps weight file names to their sha256.
+    """
+    import onnx
+
+    from ultrastyle.export.graph import build_graph
+    from ultrastyle.export.validate import validate_network
+
+    out_dir = Path(out_dir)
+    if spec.opset not in range(13, 22):
+        raise BundleError(f"opset {spec.opset} is not supported; use 13..21 (default {ExportSpec().opset})")
+    missing = [k for k in spec.stages if k not in model.encoders]
+    if missing:
+        raise BundleError(f"model {model.name} has no stage(s) {missing}; it has {list(model.stages)}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
+    try:
+        arch = model.arch
+        networks = {}
+        report = {}
+        for ns in spec.networks({k: arch.feature_channels(k) for k in spec.stages}):
+            if on_network:
+                on_network(ns.name)
+            net = model.encoders[ns.stage] if ns.kind == "encoder" else model.decoders[ns.stage]
+            graph = build_graph(net, ns, opset=spec.opset, doc=f"{model.name} {ns.name}")
+            onnx.save(graph, tmp / ns.file)
+            if validate:
+                report[ns.name] = validate_network(tmp / ns.file, net, ns, arch.grid(ns.stage), spec.check_cells)
+            networks[ns.name] = {
+                "file": ns.file,
+                "sha256": sha256_file(tmp / ns.file),
+                "kind": ns.kind,
+                "stage": ns.stage,
+                "grid": arch.grid(ns.stage),
+                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ns.inputs],
+                "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in ns.outputs],
+            }
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "ultrastyle_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": model.name,
+            "architecture": arch_to_dict(arch),
+            "stages": list(spec.stages),
+            "opset": spec.opset,
+            "input_range": [0.0, 1.0],
+            "normalisation": "folded into conv0 of every encoder",
+            "receptive_fields": {
+                str(k): {"grid": arch.grid(k), "encoder_px": encoder_radius(arch, k),
+                         "decoder_features": decoder_radius(arch, k), "stage_px": stage_radius(arch, k)}
+                for k in spec.stages
+            },  # fmt: skip
+            "source_weights": dict(sorted((source_weights or {}).items())),
+            "networks": networks,
+            "validation": report,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out_dir, manifest)
+
+
+def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle: format and version checked, every graph's sha256 verified."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST}); create one with: ultrastyle export MODEL -o {path}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{mf}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mf}: expected format {BUNDLE_FORMAT!r}, found {manifest.get('format')!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{mf}: bundle format version {version} is newer than this ultrastyle ({__version__}) reads "
+            f"(up to {BUNDLE_FORMAT_VERSION}); upgrade ultrastyle or re-export the bundle with this version"
+        )
+    if verify:
+        for name, n in manifest["networks"].items():
+            f = path / n["file"]
+            if not f.is_file():
+                raise BundleError(f"{f}: graph {name} listed in the manifest is missing; re-export the bundle")
+            found = sha256_file(f)
+            if found != n["sha256"]:
+                raise BundleError(
+                    f"{f}: sha256 {found} does not match the manifest's {n['sha256']}: "
+                    "the graph was modified or corrupted; re-export the bundle"
+                )
+    return Bundle(path, manifest)
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()

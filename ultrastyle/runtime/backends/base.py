@@ -1,0 +1,113 @@
+"""The runner interface every backend implements (after Polygraphy's runners).
+
+A runner owns a model's stage networks on one device: ``activate`` loads them,
+``infer`` runs one network by name (``encoder3``, ``decoder3``,
+``decoder_affine3``) on a feed dict, ``deactivate`` frees them; a runner is a
+context manager. The stylization pipeline uses the two calls built on
+``infer``: ``encode`` (image tile -> relu{k}_1 features) and ``decode``
+(features, A, b -> image tile), with torch tensors on ``device`` in and out.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ultrastyle.models.spec import ArchSpec
+
+
+@runtime_checkable
+class StageNetworks(Protocol):
+    """What the cascade and the tiled pipeline need from a model."""
+
+    name: str
+    arch: ArchSpec
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def stages(self) -> tuple[int, ...]: ...
+
+    def encode(self, stage: int, image: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
+
+
+class RunnerError(RuntimeError):
+    """A runner used out of order, or a backend that cannot run here (says why and what to do)."""
+
+
+class Runner(ABC):
+    """Base class: state checks and the context-manager protocol; backends fill in the ``*_impl`` parts."""
+
+    backend = "abstract"
+
+    def __init__(self, name: str, arch: ArchSpec, stages: tuple[int, ...]) -> None:
+        self.name, self.arch, self._stages = name, arch, tuple(stages)
+        self.is_active = False
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return self._stages
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where ``encode``/``decode`` want their tensors."""
+
+    def activate(self) -> Runner:
+        if self.is_active:
+            raise RunnerError(f"{self.backend} runner for {self.name} is already active")
+        self.activate_impl()
+        self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if not self.is_active:
+            raise RunnerError(f"{self.backend} runner for {self.name} is not active")
+        self.deactivate_impl()
+        self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def infer(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run ``network`` on ``feed`` (input name -> tensor); returns output name -> tensor."""
+        if not self.is_active:
+            raise RunnerError(f"{self.backend} runner for {self.name}: call activate() (or use `with`) before infer()")
+        return self.infer_impl(network, feed)
+
+    def encode(self, stage: int, image: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, H/g, W/g)."""
+        return self.infer(f"encoder{stage}", {"image": image})["features"]
+
+    def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w), A (C, C), b (C,) -> (N, 3, h*g, w*g): decoder(A f + b)."""
+        return self.infer(f"decoder_affine{stage}", {"features": features, "A": a, "b": b})["image"]
+
+    def memory_bytes(self) -> int:
+        """Memory the runner holds on its device (best effort; 0 when unknown)."""
+        return 0
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def parse_network(name: str) -> tuple[str, int]:
+    """``"decoder_affine3"`` -> ("decoder_affine", 3)."""
+    kind, stage = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")) :]
+    if kind not in ("encoder", "decoder", "decoder_affine") or not stage.isdigit():
+        raise RunnerError(f"unknown network {name!r}; expected encoderK, decoderK or decoder_affineK")
+    return kind, int(stage)

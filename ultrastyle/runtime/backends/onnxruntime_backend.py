@@ -1,0 +1,130 @@
+"""The ONNX Runtime runner: a bundle's graphs, one session per network, loaded on first use.
+
+Session settings (measured in benchmarks/backends.py):
+- ``intra_op_num_threads``: the physical cores (ORT's default) unless given;
+- graph optimisation ``ORT_ENABLE_ALL``;
+- ``enable_mem_pattern`` off: tiles change shape, and a memory pattern is only
+  reused for one shape;
+- the CPU arena extends by what is requested (``kSameAsRequested``) instead
+  of doubling, so a sequence of tile sizes does not ratchet it up;
+- I/O binding on the CPU: outputs are written straight into numpy buffers that
+  torch then shares, so no output is copied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ultrastyle.export.bundle import Bundle, read_bundle
+from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise RunnerError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime") from exc
+    return ort
+
+
+def default_providers() -> list[str]:
+    """TensorRT, then CUDA execution providers when onnxruntime-gpu sees a GPU; the CPU always."""
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    gpu = torch.cuda.is_available() or "CUDAExecutionProvider" in available and _cuda_device_present()
+    chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if gpu and p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs a bundle's networks with ONNX Runtime."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        bundle: Bundle | str,
+        *,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        io_binding: bool = True,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+        super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
+        self.providers = providers or default_providers()
+        self.threads = threads
+        self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"
+        self._sessions: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # ORT copies to its GPU providers itself; tensors cross as host arrays
+
+    def activate_impl(self) -> None:
+        ort = _import_ort()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_mem_pattern = False
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self._options = opts
+        self._provider_options = [
+            {"arena_extend_strategy": "kSameAsRequested"} if p == "CUDAExecutionProvider" else {} for p in self.providers
+        ]
+
+    def deactivate_impl(self) -> None:
+        self._sessions.clear()
+
+    def session(self, network: str):
+        """The network's InferenceSession, created on first use."""
+        if network not in self._sessions:
+            ort = _import_ort()
+            path = self.bundle.graph_path(network) if network in self.bundle.manifest["networks"] else None
+            if path is None:
+                raise RunnerError(f"bundle {self.bundle.path} has no network {network!r}")
+            self._sessions[network] = ort.InferenceSession(
+                str(path), self._options, providers=self.providers, provider_options=self._provider_options
+            )
+        return self._sessions[network]
+
+    def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind, stage = parse_network(network)
+        sess = self.session(network)
+        arrays = {k: _as_numpy(v) for k, v in feed.items()}
+        out_name = sess.get_outputs()[0].name
+        if not self.io_binding:
+            return {out_name: torch.from_numpy(sess.run([out_name], arrays)[0])}
+        # Bind inputs and a preallocated output: ORT writes into memory torch then shares.
+        x = arrays["image" if kind == "encoder" else "features"]
+        n, _, h, w = x.shape
+        g = self.arch.grid(stage)
+        if kind == "encoder":
+            shape = (n, self.arch.feature_channels(stage), h // g, w // g)
+        else:
+            shape = (n, 3, h * g, w * g)
+        out = np.empty(shape, np.float32)
+        binding = sess.io_binding()
+        for name, arr in arrays.items():
+            binding.bind_cpu_input(name, arr)
+        binding.bind_output(out_name, "cpu", 0, np.float32, list(shape), out.ctypes.data)
+        sess.run_with_iobinding(binding)
+        return {out_name: torch.from_numpy(out)}
+
+
+def _as_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32)
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())

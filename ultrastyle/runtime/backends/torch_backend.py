@@ -1,0 +1,43 @@
+"""The PyTorch runner: the reference every other backend is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+
+
+class TorchRunner(Runner):
+    """Runs a `StyleModel`'s modules eagerly on the model's device."""
+
+    backend = "torch"
+
+    def __init__(self, model: StyleModel) -> None:
+        super().__init__(model.name, model.arch, model.stages)
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def activate_impl(self) -> None:
+        pass  # the modules are already on their device
+
+    def deactivate_impl(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind, stage = parse_network(network)
+        if stage not in self.model.encoders:
+            raise RunnerError(f"{self.name} has no stage {stage}; it has {list(self.stages)}")
+        if kind == "encoder":
+            return {"features": self.model.encode(stage, feed["image"])}
+        if kind == "decoder_affine":
+            return {"image": self.model.decode(stage, feed["features"], feed["A"], feed["b"])}
+        return {"image": self.model.decoders[stage](feed["features"])}
+
+    def memory_bytes(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
