@@ -136,7 +136,7 @@ def test_bundle_is_exported_on_first_use_and_reused(cd16x_dir, tmp_path):
     for k in (1, 2):
         for s in ("SE", "SD"):
             (other / f"{k}{s}.pth").write_bytes((cd16x_dir / f"{k}{s}.pth").read_bytes())
-    sd = torch.load(other / "1SD.pth", weights_only=True)
+    sd = torch.load(other / "1SD.pth", map_location="cpu", weights_only=True)
     sd["model"]["conv11.bias"] += 0.5
     torch.save(sd, other / "1SD.pth")
     changed = ensure_bundle(other, stages=(1, 2))

@@ -68,6 +68,7 @@ def arch_to_dict(spec: ArchSpec) -> dict:
         "widths": list(spec.widths),
         "overrides": [[k, conv, w] for (k, conv), w in sorted(spec.overrides.items())],
         "decoder_final_relu": spec.decoder_final_relu,
+        "teacher_widths": list(spec.teacher_widths) if spec.teacher_widths else None,
     }
 
 
@@ -77,6 +78,7 @@ def arch_from_dict(d: dict) -> ArchSpec:
         tuple(d["widths"]),
         overrides={(k, conv): w for k, conv, w in d.get("overrides", [])},
         decoder_final_relu=d["decoder_final_relu"],
+        teacher_widths=tuple(d["teacher_widths"]) if d.get("teacher_widths") else None,
     )
 
 

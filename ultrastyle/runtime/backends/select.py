@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
+from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, cd_files_present, load_model
 from ultrastyle.models.spec import STAGES
@@ -66,7 +67,7 @@ def ensure_bundle(
     if on_export:
         on_export(f"exporting {name} to ONNX (first use) into {target}")
     model = load_model(source, stages=stages, progress=progress)
-    return export_bundle(model, target, source_weights=files)
+    return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(stages))), source_weights=files)
 
 
 def resolve_backend(backend: str, device: str) -> str:
