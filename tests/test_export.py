@@ -141,3 +141,15 @@ def test_export_cli_writes_a_bundle_that_stylize_accepts(cd16x_dir, tmp_path, sh
                                  "-o", str(tmp_path / "out")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out/c_stylized_cd_style_in2.png").is_file()
+
+
+def test_aux_embeddings_are_exported_only_when_asked(cd16x_dir, bundle, tmp_path):
+    assert not any(n.startswith("encoder_aux") for n in bundle.manifest["networks"])
+    aux_model = load_cd_folder(cd16x_dir, stages=(2,), aux=True)
+    b = export_bundle(aux_model, tmp_path / "aux", spec=ExportSpec(stages=(2,), kinds=("encoder", "encoder_aux")))
+    outs = b.manifest["networks"]["encoder_aux2"]["outputs"]
+    assert [o["name"] for o in outs] == ["features", "embed1", "embed2"]
+    assert [o["shape"][1] for o in outs] == [32, 64, 128]  # student width, then the teacher widths of Q_1, Q_2
+    assert b.manifest["validation"]["encoder_aux2"]["max_abs_diff"] < 1e-3
+    with pytest.raises(BundleError, match="without its aux layers"):
+        export_bundle(load_cd_folder(cd16x_dir, stages=(2,)), tmp_path / "x", spec=ExportSpec(stages=(2,), kinds=("encoder_aux",)))

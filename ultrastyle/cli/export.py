@@ -10,6 +10,8 @@ from rich.console import Console
 
 from ultrastyle.export.bundle import BundleError, export_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, ExportSpec
+
+KINDS = ExportSpec().kinds
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
@@ -23,6 +25,7 @@ def export_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if it exists).")],
     opset: Annotated[int, typer.Option(min=13, max=21, help="ONNX opset.")] = DEFAULT_OPSET,
     stages: Annotated[str, typer.Option(help="Stages to export.")] = "1,2,3,4,5",
+    aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
 ) -> None:
     """Export encoder, decoder and decoder+affine graphs per stage, validated against PyTorch.
 
@@ -36,11 +39,12 @@ def export_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
     try:
-        net = load_model(model, stages=stage_tuple)
+        net = load_model(model, stages=stage_tuple, aux=aux)
         _, files = weights_digest(model, stage_tuple)
         with err.status("exporting") as status:
             bundle = export_bundle(
-                net, output, spec=ExportSpec(opset=opset, stages=stage_tuple), source_weights=files,
+                net, output, spec=ExportSpec(opset=opset, stages=stage_tuple, kinds=KINDS + (("encoder_aux",) if aux else ())),
+                source_weights=files,
                 on_network=lambda name: status.update(f"exporting and validating {name}"),
             )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError) as exc:

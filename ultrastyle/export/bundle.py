@@ -125,10 +125,13 @@ def export_bundle(
         arch = model.arch
         networks = {}
         report = {}
-        for ns in spec.networks({k: arch.feature_channels(k) for k in spec.stages}):
+        if "encoder_aux" in spec.kinds and not all(hasattr(model.encoders[k], "conv11_aux") for k in spec.stages):
+            raise BundleError(f"model {model.name} was loaded without its aux layers (Q_k); load it with aux=True")
+        teacher = arch.teacher_widths
+        for ns in spec.networks({k: arch.feature_channels(k) for k in spec.stages}, teacher):
             if on_network:
                 on_network(ns.name)
-            net = model.encoders[ns.stage] if ns.kind == "encoder" else model.decoders[ns.stage]
+            net = model.encoders[ns.stage] if ns.kind.startswith("encoder") else model.decoders[ns.stage]
             graph = build_graph(net, ns, opset=spec.opset, doc=f"{model.name} {ns.name}")
             onnx.save(graph, tmp / ns.file)
             if validate:

@@ -48,7 +48,9 @@ class _Builder:
         return out
 
 
-def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> None:
+def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> dict[str, str]:
+    """Append ``net``'s layers; returns each conv's output tensor name (after its ReLU)."""
+    outs: dict[str, str] = {}
     layers = net.layers
     pads1 = b.const("pads_reflect_1", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
     for i, layer in enumerate(layers):
@@ -71,6 +73,8 @@ def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> None:
             x = b.node("Conv", [x, w, bias], layer.name, None if layer.relu else last, kernel_shape=[k, k])
             if layer.relu:
                 x = b.node("Relu", [x], f"{layer.name}_relu", last)
+            outs[layer.name] = x
+    return outs
 
 
 def _add_affine(b: _Builder, features: str, a: str, bias: str) -> str:
@@ -91,7 +95,14 @@ def build_graph(net: _StageNet, spec: NetworkSpec, *, opset: int, doc: str = "")
     x = spec.inputs[0].name
     if spec.kind == "decoder_affine":
         x = _add_affine(b, x, spec.inputs[1].name, spec.inputs[2].name)
-    _add_layers(b, net, x, spec.outputs[0].name)
+    outs = _add_layers(b, net, x, spec.outputs[0].name)
+    if spec.kind == "encoder_aux":  # training bundles: Q_b(relu{b}_1) as extra outputs
+        for t in spec.outputs[1:]:
+            block = t.name.removeprefix("embed")
+            aux = getattr(net, f"conv{block}1_aux")
+            w = b.const(f"conv{block}1_aux.weight", aux.weight.detach().cpu().numpy().astype(np.float32))
+            bias = b.const(f"conv{block}1_aux.bias", aux.bias.detach().cpu().numpy().astype(np.float32))
+            b.node("Conv", [outs[f"conv{block}1"], w, bias], f"aux{block}", t.name, kernel_shape=[1, 1])
     graph = helper.make_graph(
         b.nodes, spec.name, [_value_info(t) for t in spec.inputs], [_value_info(t) for t in spec.outputs], b.inits
     )
@@ -102,11 +113,17 @@ def build_graph(net: _StageNet, spec: NetworkSpec, *, opset: int, doc: str = "")
 
 
 @torch.inference_mode()
-def torch_reference(net: _StageNet, spec: NetworkSpec, feed: dict[str, np.ndarray]) -> np.ndarray:
-    """What PyTorch computes for ``feed`` (the validation reference)."""
+def torch_reference(net: _StageNet, spec: NetworkSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What PyTorch computes for ``feed``: output name -> array (the validation reference)."""
     from ultrastyle.runtime.transforms import apply_affine
 
     x = torch.from_numpy(feed[spec.inputs[0].name])
     if spec.kind == "decoder_affine":
         x = apply_affine(x, torch.from_numpy(feed["A"]), torch.from_numpy(feed["b"]))
-    return net(x).numpy()
+    out = {spec.outputs[0].name: net(x).numpy()}
+    if spec.kind == "encoder_aux":
+        taps = net.taps(x)
+        for t in spec.outputs[1:]:
+            block = t.name.removeprefix("embed")
+            out[t.name] = getattr(net, f"conv{block}1_aux")(taps[f"relu{block}_1"]).numpy()
+    return out

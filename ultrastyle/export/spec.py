@@ -21,7 +21,7 @@ class TensorSpec:
 class NetworkSpec:
     """One graph of a bundle."""
 
-    kind: str  # "encoder" | "decoder" | "decoder_affine"
+    kind: str  # "encoder" | "decoder" | "decoder_affine" | "encoder_aux" (training bundles)
     stage: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -37,7 +37,7 @@ class NetworkSpec:
 
 # Max abs difference allowed between ONNX Runtime and PyTorch, per dtype and
 # network output (images in [0, 1]; features of CD 16x reach ~1e2).
-ATOL = {"float32": {"encoder": 2e-4, "decoder": 1e-4, "decoder_affine": 1e-4}}
+ATOL = {"float32": {"encoder": 2e-4, "encoder_aux": 5e-4, "decoder": 1e-4, "decoder_affine": 1e-4}}
 RTOL = {"float32": 1e-4}
 
 
@@ -49,8 +49,11 @@ class ExportSpec:
     # validation sizes per stage, in grid cells (H, W): odd and even counts, non-square
     check_cells: tuple[tuple[int, int], ...] = field(default=((2, 2), (3, 5), (7, 4)))
 
-    def networks(self, channels: dict[int, int]) -> list[NetworkSpec]:
-        """Graph specs for every stage and kind; ``channels[k]`` is relu{k}_1's width."""
+    def networks(self, channels: dict[int, int], teacher: tuple[int, ...] | None = None) -> list[NetworkSpec]:
+        """Graph specs for every stage and kind; ``channels[k]`` is relu{k}_1's width.
+
+        ``teacher`` (the Q_k output widths) is needed for ``encoder_aux``.
+        """
         out = []
         for k in self.stages:
             c = channels[k]
@@ -60,6 +63,11 @@ class ExportSpec:
                 out.append(NetworkSpec("encoder", k, (image,), (feats,)))
             if "decoder" in self.kinds:
                 out.append(NetworkSpec("decoder", k, (feats,), (image,)))
+            if "encoder_aux" in self.kinds:
+                if teacher is None:
+                    raise ValueError("encoder_aux graphs need the teacher widths of the Q_k embeddings")
+                embeds = tuple(TensorSpec(f"embed{b}", ("N", teacher[b - 1], f"h{b}", f"w{b}")) for b in range(1, k + 1))
+                out.append(NetworkSpec("encoder_aux", k, (image,), (feats, *embeds)))
             if "decoder_affine" in self.kinds:
                 a, b = TensorSpec("A", (c, c)), TensorSpec("b", (c,))
                 out.append(NetworkSpec("decoder_affine", k, (feats, a, b), (image,)))

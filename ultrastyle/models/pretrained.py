@@ -52,13 +52,18 @@ def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
     return all((folder / f"{k}SE.pth").is_file() and (folder / f"{k}SD.pth").is_file() for k in stages)
 
 
-def load_cd_folder(folder: str | Path, stages: tuple[int, ...] = STAGES, name: str | None = None) -> StyleModel:
-    """A folder holding CD-format ``{k}SE.pth`` / ``{k}SD.pth`` files (the cd16x architecture)."""
+def load_cd_folder(
+    folder: str | Path, stages: tuple[int, ...] = STAGES, name: str | None = None, aux: bool = False
+) -> StyleModel:
+    """A folder holding CD-format ``{k}SE.pth`` / ``{k}SD.pth`` files (the cd16x architecture).
+
+    ``aux`` keeps the encoders' Q_k embedding layers (training bundles).
+    """
     folder = Path(folder)
     spec = ARCHS["cd16x"]
     model = StyleModel(name or folder.name, spec)
     for k in stages:
-        model.encoders[k] = convert.cd_encoder(folder / f"{k}SE.pth", k, spec=spec)
+        model.encoders[k] = convert.cd_encoder(folder / f"{k}SE.pth", k, spec=spec, aux=aux)
         model.decoders[k] = convert.cd_decoder(folder / f"{k}SD.pth", k, spec=spec)
     return model
 
@@ -69,6 +74,7 @@ def load_model(
     stages: tuple[int, ...] = STAGES,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    aux: bool = False,
 ) -> StyleModel:
     """A zoo name (downloaded on first use, like torch.hub) or a folder of CD weights."""
     path = Path(source)
@@ -78,7 +84,7 @@ def load_model(
             raise convert.CheckpointError(
                 f"{path}: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for stages {list(stages)}; missing: {', '.join(missing)}"
             )
-        return load_cd_folder(path, stages).to(device)
+        return load_cd_folder(path, stages, aux=aux).to(device)
     entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
     folder = zoo.ensure(entry.name, progress=progress)
-    return load_cd_folder(folder, stages, name=entry.name).to(device)
+    return load_cd_folder(folder, stages, name=entry.name, aux=aux).to(device)
