@@ -84,6 +84,8 @@ DEFAULT_SOURCE = SHARED / "images" / "large" / "lomiri_seeding_by_Clements_Engel
 DEFAULT_STYLE = SHARED / "images" / "style" / "cd_style_in1.jpg"
 DEFAULT_MODELS = SHARED / "models" / "cd-wct-16x"
 MARKER = "TILED_SCALING_RESULT "
+# whole: the whole-image PyTorch reference; tiled: tiled, PyTorch runner; tiled-ort: tiled, ONNX Runtime runner
+PATHS = ("whole", "tiled", "tiled-ort")
 GiB = 2**30
 
 
@@ -105,9 +107,9 @@ def _floats(text: str) -> list[float]:
 
 def _paths(text: str) -> list[str]:
     vals = [t for t in text.replace(" ", "").split(",") if t]
-    bad = [v for v in vals if v not in ("tiled", "whole")]
+    bad = [v for v in vals if v not in PATHS]
     if not vals or bad:
-        raise argparse.ArgumentTypeError(f"paths are 'tiled' and/or 'whole', got {text!r}")
+        raise argparse.ArgumentTypeError(f"paths are some of {', '.join(PATHS)}; got {text!r}")
     return vals
 
 
@@ -131,7 +133,18 @@ def _vmrss() -> int:
 
 
 def _maxrss() -> int:
-    """Peak RSS of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak RSS of this process in bytes: VmHWM (Linux), else ru_maxrss.
+
+    Not ru_maxrss on Linux: it carries over across fork + exec, so a worker
+    would start at the parent's peak (the parent builds the 100 MP inputs).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
@@ -175,12 +188,21 @@ def worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     levels = tuple(spec["levels"])
     model = load_cd_folder(spec["models"], stages=tuple(sorted(set(levels))))
+    runner = None
+    if spec["path"] == "tiled-ort":
+        from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(spec["bundle"], threads=spec.get("threads") or 0).activate()
+        for k in set(levels):  # sessions are created before timing, like model loading
+            runner.session(f"encoder{k}")
+            runner.session(f"decoder_affine{k}")
+        model = runner
     baseline, rss_loaded = _maxrss(), _vmrss()
 
     content, style, outdir = Path(spec["content"]), Path(spec["style"]), Path(spec["outdir"])
     tiling = None
     plan_info: list[dict] = []
-    if spec["path"] == "tiled":
+    if spec["path"] in ("tiled", "tiled-ort"):
         budget = parse_bytes(spec["max_memory"])
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
         tiling = TilingOptions(max_memory=budget, scratch_dir=scratch)
@@ -345,7 +367,7 @@ def print_report(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
           "wall s = run_batch (read + style stats + cascade + write)")  # fmt: skip
     print()
     cols = ["size (MP, WxH)", "path", "wall s", "s/MP", "cpu s", "load", "peak RSS GiB", "baseline GiB", "over base GiB",
-            "peak phase", "tiles", "tiled/whole s/MP"]  # fmt: skip
+            "peak phase", "tiles", "time / whole's"]  # fmt: skip
     if args.compare:
         cols.append("max abs diff (uint8)")
     print("| " + " | ".join(cols) + " |")
@@ -395,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sizes", type=_floats, default=None, help="megapixels, comma-separated (default 2,8,16,40,100)")
     ap.add_argument("--quick", action="store_true", help="smoke run: sizes 0.5,2 (unless --sizes is given)")
     ap.add_argument("--max-memory", default="1GB", help="TilingOptions.max_memory for the tiled path (default 1GB)")
-    ap.add_argument("--paths", type=_paths, default=["tiled", "whole"], help="tiled,whole (default both)")
+    ap.add_argument("--paths", type=_paths, default=list(PATHS), help=f"some of {','.join(PATHS)} (default all)")
     ap.add_argument("--whole-max-mp", type=float, default=16.0,
                     help="skip the whole-image path above this many MP (it needs ~1.4 GB/MP; default 16)")  # fmt: skip
     ap.add_argument("--source", type=_resolve, default=DEFAULT_SOURCE, help="photo resized to each size")
@@ -439,6 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         inputs = build_inputs(args.source, args.sizes, work, args.input_format)
+        bundle = None
+        if "tiled-ort" in args.paths:  # exported once, before anything is timed
+            from ultrastyle.export.bundle import export_bundle
+            from ultrastyle.export.spec import ExportSpec
+            from ultrastyle.models.pretrained import load_cd_folder
+
+            stages = tuple(sorted(set(args.level_list)))
+            bundle = export_bundle(load_cd_folder(args.models, stages=stages), work / "bundle", spec=ExportSpec(stages=stages)).path
+            _log(f"exported the ONNX bundle to {bundle}")
         for mp in args.sizes:
             path, w, h = inputs[mp]
             by_path: dict[str, dict] = {}
@@ -451,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"path": which, "content": str(path), "style": str(args.style), "models": str(args.models),
                         "outdir": str(work / f"out-{which}"), "style_size": args.style_size, "levels": args.level_list,
                         "max_memory": args.max_memory, "scratch": str(args.scratch) if args.scratch else None,
-                        "height": h, "width": w, "threads": args.threads}  # fmt: skip
+                        "height": h, "width": w, "threads": args.threads, "bundle": str(bundle) if bundle else None}  # fmt: skip
                 _log(f"{_mp_label(mp)} MP {which}: running")
                 res = run_worker(spec, args.timeout or None)
                 row["result"] = res
@@ -463,13 +494,15 @@ def main(argv: list[str] | None = None) -> int:
                     env.setdefault("threads", res["threads"])
                 else:
                     _log(f"{_mp_label(mp)} MP {which}: {res['status']}: {res.get('error')}")
-            if "tiled" in by_path and "whole" in by_path:
-                tiled_row = next(r for r in rows if r["mp"] == mp and r["path"] == "tiled")
-                tiled_row["ratio"] = f"{by_path['tiled']['wall_s'] / by_path['whole']['wall_s']:.2f}"
+            for which in ("tiled", "tiled-ort"):
+                if which not in by_path or "whole" not in by_path:
+                    continue
+                tiled_row = next(r for r in rows if r["mp"] == mp and r["path"] == which)
+                tiled_row["ratio"] = f"{by_path[which]['wall_s'] / by_path['whole']['wall_s']:.2f}"
                 if args.compare:
-                    d = max_abs_diff(by_path["tiled"]["output"], by_path["whole"]["output"])
+                    d = max_abs_diff(by_path[which]["output"], by_path["whole"]["output"])
                     tiled_row["diff"] = str(d)
-                    _log(f"{_mp_label(mp)} MP: max |tiled - whole| = {d}")
+                    _log(f"{_mp_label(mp)} MP: max |{which} - whole| = {d}")
             for res in by_path.values():  # outputs of 100 MP are hundreds of MB: drop them once compared
                 if not args.keep:
                     Path(res["output"]).unlink(missing_ok=True)

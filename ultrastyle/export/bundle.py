@@ -8,7 +8,6 @@ sha256 before anything runs it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from ultrastyle import __version__
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, ExportSpec, NetworkSpec, TensorSpec
 from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.models.zoo import sha256_file
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
 
@@ -80,14 +80,6 @@ def arch_from_dict(d: dict) -> ArchSpec:
         decoder_final_relu=d["decoder_final_relu"],
         teacher_widths=tuple(d["teacher_widths"]) if d.get("teacher_widths") else None,
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_bundle(

@@ -55,14 +55,16 @@ class Canvas:
         """A copy of ``canvas[:, rows, cols]``; index arrays may repeat rows (reflection)."""
         a = self._array()
         rows, cols = _as_index(rows), _as_index(cols)
-        if isinstance(rows, np.ndarray):  # read the bounding band once, then gather
-            r0, r1 = int(rows.min()), int(rows.max()) + 1
-            band = np.asarray(a[:, r0:r1])
-            out = band[:, rows - r0][:, :, cols]
-        else:
-            out = np.array(a[:, rows, cols])
+        # Copy only the bounding box (a memmap pages in just that), then gather within it.
+        r_box, r_idx = _box(rows)
+        c_box, c_idx = _box(cols)
+        out = np.array(a[:, r_box, c_box])
         del a
-        return out
+        if r_idx is not None:
+            out = out[:, r_idx]
+        if c_idx is not None:
+            out = out[:, :, c_idx]
+        return np.ascontiguousarray(out)
 
     def write(self, row: int, col: int, block: np.ndarray) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for block (C, h, w)."""
@@ -98,6 +100,14 @@ def _as_index(idx: np.ndarray | slice) -> np.ndarray | slice:
     if idx.size and np.all(np.diff(idx) == 1):  # contiguous: a slice avoids a gather copy
         return slice(int(idx[0]), int(idx[-1]) + 1)
     return idx
+
+
+def _box(idx: np.ndarray | slice) -> tuple[slice, np.ndarray | None]:
+    """(bounding slice, indices relative to it or None when the slice is the answer)."""
+    if isinstance(idx, slice):
+        return idx, None
+    lo = int(idx.min())
+    return slice(lo, int(idx.max()) + 1), idx - lo
 
 
 def canvas_from_array(
