@@ -199,3 +199,32 @@ def test_plan_stage_halos_follow_receptive_fields_on_the_grid():
         assert plan.enc_halo % g == 0 and plan.enc_halo >= encoder_radius(spec, k) > plan.enc_halo - g
         assert plan.full_halo % g == 0 and plan.full_halo >= stage_radius(spec, k) > plan.full_halo - g
         assert (plan.height, plan.width) == (padded_size(h, g), padded_size(w, g))
+
+
+@pytest.mark.parametrize("stage", [2, 4, 5])
+def test_forward_core_equals_slicing_the_full_output(cd16x, stage):
+    g = 2 ** (stage - 1)
+    torch.manual_seed(stage)
+    x = torch.rand(1, 3, 12 * g, 10 * g)
+    with torch.no_grad():
+        f = cd16x.encoders[stage](x)
+        y = cd16x.decoders[stage](f)
+        for rows, cols in [(slice(0, 12), slice(0, 10)), (slice(3, 9), slice(7, 10)), (slice(11, 12), slice(0, 1))]:
+            fc = cd16x.encoders[stage].forward_core(x, rows, cols)
+            assert fc.shape[-2:] == (rows.stop - rows.start, cols.stop - cols.start)
+            assert (fc - f[..., rows, cols]).abs().max() <= 1e-4 * f.abs().max()
+            out_rows, out_cols = slice(rows.start * g + 1, rows.stop * g), slice(cols.start * g, cols.stop * g - 1)
+            yc = cd16x.decoders[stage].forward_core(f, out_rows, out_cols)
+            assert (yc - y[..., out_rows, out_cols]).abs().max() <= 1e-5
+
+
+def test_needed_windows_shrink_toward_the_output_and_stay_on_the_grid():
+    from ultrastyle.runtime.receptive import needed_windows
+
+    layers = ARCHS["cd16x"].encoder_layers(4)
+    wins = needed_windows(layers, 10, 20, 256)  # feature rows 10..19 of a 256-row input
+    assert wins[-1] == (10, 20)
+    assert wins[0][0] % 8 == 0 and wins[0][1] % 8 == 0  # input window on encoder 4's grid
+    first, last = wins[0], wins[-1]
+    assert first[0] >= 10 * 8 - encoder_radius(ARCHS["cd16x"], 4) - 8 and first[1] <= 20 * 8 + encoder_radius(ARCHS["cd16x"], 4) + 8
+    assert all(a <= b for a, b in wins)

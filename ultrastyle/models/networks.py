@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.models.spec import ArchSpec, Layer
+from ultrastyle.runtime.receptive import needed_windows
 
 
 class _StageNet(nn.Module):
@@ -18,6 +19,29 @@ class _StageNet(nn.Module):
         for layer in layers:
             if layer.kind == "conv":
                 self.add_module(layer.name, nn.Conv2d(layer.cin, layer.cout, layer.kernel))
+
+    def forward_core(self, x: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        """``self(x)[..., rows, cols]``, computing only what that core needs.
+
+        ``x`` is a tile region whose origin lies on the network's pooling grid;
+        after each layer the tensor is cropped to the window the remaining
+        layers need for the core (kept on the remaining pooling grid), so halo
+        pixels are dropped as soon as they stop mattering. The reflection pad at
+        a crop edge is wrong, but only inside what the next crop drops.
+        """
+        h_in, w_in = x.shape[-2:]
+        row_windows = needed_windows(self.layers, rows.start, rows.stop, h_in)
+        col_windows = needed_windows(self.layers, cols.start, cols.stop, w_in)
+        r0, c0 = row_windows[0][0], col_windows[0][0]
+        x = x[..., r0 : row_windows[0][1], c0 : col_windows[0][1]]
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x)
+            r0 = r0 // 2 if layer.kind == "pool" else r0 * 2 if layer.kind == "up" else r0
+            c0 = c0 // 2 if layer.kind == "pool" else c0 * 2 if layer.kind == "up" else c0
+            (rs, re), (cs, ce) = row_windows[i + 1], col_windows[i + 1]
+            x = x[..., rs - r0 : re - r0, cs - c0 : ce - c0]
+            r0, c0 = rs, cs
+        return x
 
     def _layer(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if layer.kind == "pool":

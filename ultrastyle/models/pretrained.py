@@ -10,6 +10,7 @@ import torch
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec
+from ultrastyle.runtime.receptive import needed_windows
 from ultrastyle.runtime.transforms import apply_affine
 
 DEFAULT_MODEL = "cd-wct-16x"
@@ -46,6 +47,36 @@ class StyleModel:
     def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """decoder(A f + b): (N, C, h, w) -> (N, 3, h*g, w*g)."""
         return self.decoders[stage](apply_affine(features, a, b))
+
+    # The *_core variants return only a tile's core and skip the halo work the
+    # core does not need (`_StageNet.forward_core`); same results as slicing.
+
+    @torch.inference_mode()
+    def encode_core(self, stage: int, image: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        """``encode(stage, image)[..., rows, cols]``."""
+        return self.encoders[stage].forward_core(image, rows, cols)
+
+    @torch.inference_mode()
+    def decode_core(
+        self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        """``decode(stage, features, a, b)[..., rows, cols]``."""
+        return self.decoders[stage].forward_core(apply_affine(features, a, b), rows, cols)
+
+    @torch.inference_mode()
+    def stylize_core(
+        self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        """``decode(stage, encode(stage, image), a, b)[..., rows, cols]``."""
+        g = self.arch.grid(stage)
+        dec = self.decoders[stage].layers
+        fr = needed_windows(dec, rows.start, rows.stop, image.shape[-2] // g)[0]
+        fc = needed_windows(dec, cols.start, cols.stop, image.shape[-1] // g)[0]
+        f = self.encode_core(stage, image, slice(*fr), slice(*fc))
+        shift_r, shift_c = fr[0] * g, fc[0] * g
+        return self.decode_core(
+            stage, f, a, b, slice(rows.start - shift_r, rows.stop - shift_r), slice(cols.start - shift_c, cols.stop - shift_c)
+        )
 
 
 def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:

@@ -52,6 +52,30 @@ def radius(layers: list[Layer], phases: int) -> int:
     return worst
 
 
+def needed_windows(layers: list[Layer], start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Per tensor (the input, then each layer's output), the window [a, b) that outputs [start, stop) need.
+
+    One axis; ``size`` is the input's length. Windows are clipped to each
+    tensor's extent and widened to the pooling grid of the layers that follow,
+    so pools stay aligned; the last window is exactly [start, stop).
+    """
+    sizes, grids = [size], []
+    for layer in layers:
+        n = sizes[-1]
+        sizes.append(n // 2 if layer.kind == "pool" else n * 2 if layer.kind == "up" else n)
+    for i in range(len(layers) + 1):
+        grids.append(2 ** sum(1 for l in layers[i:] if l.kind == "pool"))
+    windows: list[tuple[int, int]] = [(start, stop)]
+    lo, hi = start, stop - 1
+    for i in range(len(layers) - 1, -1, -1):
+        lo, hi = _back([layers[i]], lo, hi)
+        g, n = grids[i], sizes[i]
+        a, b = max(0, lo // g * g), min(n, -(-(hi + 1) // g) * g)
+        windows.append((a, b))
+        lo, hi = a, b - 1  # what is kept here is what the layers before must supply
+    return windows[::-1]
+
+
 def encoder_radius(spec: ArchSpec, stage: int) -> int:
     """Input pixels each relu{k}_1 feature pixel reaches beyond its own grid cell."""
     return radius(spec.encoder_layers(stage), 1)

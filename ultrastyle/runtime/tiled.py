@@ -144,11 +144,6 @@ def read_region(src: Canvas, rows: Span, cols: Span) -> torch.Tensor:
     return torch.from_numpy(src.read(r, c))[None]
 
 
-def _core(y: torch.Tensor, tile: Tile, factor: int = 1) -> torch.Tensor:
-    rs, cs = tile.core_in_region
-    return y[..., rs.start * factor : rs.stop * factor, cs.start * factor : cs.stop * factor]
-
-
 @torch.inference_mode()
 def encode_statistics(
     model: StageNetworks,
@@ -163,9 +158,8 @@ def encode_statistics(
     stats = FeatureStats.empty(model.arch.feature_channels(stage))
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
-        f = model.encode(stage, read_region(src, t.region_rows, t.region_cols).to(device))
         ft = t.scaled(g)
-        core = _core(f, ft)
+        core = model.encode_core(stage, read_region(src, t.region_rows, t.region_cols).to(device), *ft.core_in_region)
         stats = stats + FeatureStats.of(core)
         if features is not None:
             features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
@@ -194,10 +188,12 @@ def decode_tiles(
         if features is not None:
             f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
                                                slice(t.region_cols.start, t.region_cols.stop)))[None].to(device)  # fmt: skip
-            y, scale = _core(model.decode(stage, f, a, b), t, g), g
+            rs, cs = t.core_in_region
+            y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
+            scale = g
         else:
             x = read_region(src, t.region_rows, t.region_cols).to(device)
-            y, scale = _core(model.decode(stage, model.encode(stage, x), a, b), t), 1
+            y, scale = model.stylize_core(stage, x, a, b, *t.core_in_region), 1
         r0, c0 = t.rows.start * scale, t.cols.start * scale
         if r0 < h and c0 < w:
             dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())

@@ -35,6 +35,16 @@ class StageNetworks(Protocol):
 
     def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
+    def encode_core(self, stage: int, image: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor: ...
+
+    def decode_core(
+        self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor: ...
+
+    def stylize_core(
+        self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor: ...
+
 
 class RunnerError(RuntimeError):
     """A runner used out of order, or a backend that cannot run here (says why and what to do)."""
@@ -79,9 +89,12 @@ class Runner(ABC):
 
     def infer(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run ``network`` on ``feed`` (input name -> tensor); returns output name -> tensor."""
+        self._check_active()
+        return self.infer_impl(network, feed)
+
+    def _check_active(self) -> None:
         if not self.is_active:
             raise RunnerError(f"{self.backend} runner for {self.name}: call activate() (or use `with`) before infer()")
-        return self.infer_impl(network, feed)
 
     def encode(self, stage: int, image: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C, H/g, W/g)."""
@@ -90,6 +103,22 @@ class Runner(ABC):
     def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w), A (C, C), b (C,) -> (N, 3, h*g, w*g): decoder(A f + b)."""
         return self.infer(f"decoder_affine{stage}", {"features": features, "A": a, "b": b})["image"]
+
+    # A tile's core only. Whole graphs run here, then the core is cut out;
+    # a backend that can skip the halo work overrides these.
+
+    def encode_core(self, stage: int, image: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        return self.encode(stage, image)[..., rows, cols]
+
+    def decode_core(
+        self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        return self.decode(stage, features, a, b)[..., rows, cols]
+
+    def stylize_core(
+        self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        return self.decode(stage, self.encode(stage, image), a, b)[..., rows, cols]
 
     def memory_bytes(self) -> int:
         """Memory the runner holds on its device (best effort; 0 when unknown)."""

@@ -1,12 +1,13 @@
 """The ONNX Runtime runner: a bundle's graphs, one session per network, loaded on first use.
 
-Session settings (measured in benchmarks/backends.py):
+Session settings (measured in benchmarks/ort_settings.py):
 - ``intra_op_num_threads``: the physical cores (ORT's default) unless given;
 - graph optimisation ``ORT_ENABLE_ALL``;
 - ``enable_mem_pattern`` off: tiles change shape, and a memory pattern is only
   reused for one shape;
-- the CPU arena extends by what is requested (``kSameAsRequested``) instead
-  of doubling, so a sequence of tile sizes does not ratchet it up;
+- ORT's default CPU arena: over rounds of varied tile shapes its RSS stays flat
+  (tests/test_backends.py holds it to that); on GPUs the arena extends by what
+  is requested (``kSameAsRequested``) instead of doubling;
 - I/O binding on the CPU: outputs are written straight into numpy buffers that
   torch then shares, so no output is copied.
 """

@@ -39,5 +39,21 @@ class TorchRunner(Runner):
             return {"image": self.model.decode(stage, feed["features"], feed["A"], feed["b"])}
         return {"image": self.model.decoders[stage](feed["features"])}
 
+    def encode_core(self, stage: int, image: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        self._check_active()
+        return self.model.encode_core(stage, image, rows, cols)
+
+    def decode_core(
+        self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        self._check_active()
+        return self.model.decode_core(stage, features, a, b, rows, cols)
+
+    def stylize_core(
+        self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
+    ) -> torch.Tensor:
+        self._check_active()
+        return self.model.stylize_core(stage, image, a, b, rows, cols)
+
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
