@@ -68,11 +68,11 @@ def needed_windows(layers: list[Layer], start: int, stop: int, size: int) -> lis
     windows: list[tuple[int, int]] = [(start, stop)]
     lo, hi = start, stop - 1
     for i in range(len(layers) - 1, -1, -1):
+        # What is needed propagates unaligned; the grid margin kept for the pools
+        # may hold wrong values, since nothing needed depends on it.
         lo, hi = _back([layers[i]], lo, hi)
         g, n = grids[i], sizes[i]
-        a, b = max(0, lo // g * g), min(n, -(-(hi + 1) // g) * g)
-        windows.append((a, b))
-        lo, hi = a, b - 1  # what is kept here is what the layers before must supply
+        windows.append((max(0, lo // g * g), min(n, -(-(hi + 1) // g) * g)))
     return windows[::-1]
 
 
