@@ -11,15 +11,22 @@ end-to-end job through the library:
     run_batch(load_cd_folder(models), plan_pairs([content], [style], outdir, "png"),
               StylizeOptions(style_size=1024, levels=..., tiling=TilingOptions(max_memory, scratch_dir)))
 
+Paths: ``whole`` is the whole-image PyTorch reference (``tiling=None``);
+``tiled`` is the tiled path on the PyTorch runner; ``tiled-ort`` the tiled
+path on the ONNX Runtime runner (the bundle is exported, and the sessions
+created, before timing, like loading the models). "time / whole's" divides a
+tiled path's wall time by the whole-image path's at the same size.
+
 ``tiling=None`` is the whole-image reference path. The wall time is taken
 around ``run_batch`` only, so it includes reading the content, the style
 statistics (style resized to ``--style-size``; a fixed cost of roughly 1 MP
 of encoders, which dominates the smallest sizes), the 5-stage cascade and
 writing the output PNG, but not importing torch or loading the models.
-Peak RSS is the worker's ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end (as
-reported by the OS, so memory-mapped canvas pages that were resident count
-too); the baseline is the same counter after importing torch and loading the
-models, and "over base" is the difference. A sampler thread also reads
+Peak RSS is the worker's high-water mark ``VmHWM`` from /proc/self/status at
+the end (as reported by the OS, so memory-mapped canvas pages that were
+resident count too; not ``ru_maxrss``, which Linux carries over from the parent
+across fork + exec); the baseline is the same counter after importing torch
+and loading the models, and "over base" is the difference. A sampler thread also reads
 VmRSS every 20 ms and remembers which phase (content tile pass of a stage,
 "load+style" before the first tile, "save" after the last) the highest
 sample fell in. A worker that dies (killed by the OOM killer, say) is
