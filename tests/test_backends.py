@@ -68,7 +68,6 @@ def test_runner_matches_torch_reference_on_every_stage_network(runner, model, st
         f = runner.encode(stage, x)
         y = runner.decode(stage, f, a, b)
         plain = runner.infer(f"decoder{stage}", {"features": f})["image"]
-        assert runner.memory_bytes() >= 0
     ref_f = model.encode(stage, x)
     assert f.shape == ref_f.shape == (1, c, 5, 3)
     assert (f - ref_f).abs().max() <= TOL["features"]
@@ -114,6 +113,10 @@ def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
 
 def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_it_is_not_built():
     assert resolve_backend("auto", "cpu") == "onnxruntime"
+    if not torch.cuda.is_available():  # no onnxruntime-gpu here: PyTorch takes the GPU request
+        assert resolve_backend("auto", "cuda") == "torch"
+        with pytest.raises(RunnerError, match="onnxruntime-gpu"):
+            open_runner("cd-wct-16x", backend="onnxruntime", device="cuda")
     with pytest.raises(RunnerError, match="issue #6"):
         open_runner("cd-wct-16x", backend="tensorrt")
     with pytest.raises(RunnerError, match="unknown backend"):

@@ -405,3 +405,13 @@ def test_missing_default_model_offline_says_how_to_import(
     assert "Traceback" not in r.output
     assert not (tmp_path / "out").exists()
     assert _partials(zoo.home_dir()) == []
+
+
+def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "c1.png").write_bytes(images["c1"].read_bytes())
+    r = invoke(images["c1"], other / "c1.png", "--style", images["s1"], "-o", tmp_path / "out")
+    assert r.exit_code == 2
+    assert "would both write" in r.output and "c1_stylized_s1.png" in r.output
+    assert not (tmp_path / "out").exists()

@@ -153,3 +153,26 @@ def test_aux_embeddings_are_exported_only_when_asked(cd16x_dir, bundle, tmp_path
     assert b.manifest["validation"]["encoder_aux2"]["max_abs_diff"] < 1e-3
     with pytest.raises(BundleError, match="without its aux layers"):
         export_bundle(load_cd_folder(cd16x_dir, stages=(2,)), tmp_path / "x", spec=ExportSpec(stages=(2,), kinds=("encoder_aux",)))
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(model, bundle, tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="exists and is not a bundle"):
+        export_bundle(model, tmp_path / "project", spec=ExportSpec(stages=(1,)))
+    assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
+    # an existing bundle is replaced whole
+    dst = _copy(bundle, tmp_path)
+    again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))
+    assert sorted(again.manifest["networks"]) == ["decoder1", "decoder_affine1", "encoder1"]
+    assert sorted(p.name for p in dst.iterdir()) == ["decoder1.onnx", "decoder_affine1.onnx", "encoder1.onnx", "manifest.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_manifest_naming_a_file_outside_the_bundle_is_refused(bundle, tmp_path):
+    dst = _copy(bundle, tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["networks"]["encoder1"]["file"] = "../encoder1.onnx"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        read_bundle(dst)

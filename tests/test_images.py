@@ -551,3 +551,18 @@ def test_expand_drops_duplicates_keeping_first_order(tmp_path: Path) -> None:
 def test_expand_empty_directory_gives_nothing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert expand_inputs([tmp_path / "empty"]) == []
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_numpy_orientation_matches_pil_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    from ultrastyle.io.images import _orient
+
+    a = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    img = Image.fromarray(a, "RGB")
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.info["exif"] = exif.tobytes()
+    ref = np.asarray(ImageOps.exif_transpose(img))
+    assert np.array_equal(_orient(a, orientation), ref)

@@ -228,3 +228,13 @@ def test_needed_windows_shrink_toward_the_output_and_stay_on_the_grid():
     first, last = wins[0], wins[-1]
     assert first[0] >= 10 * 8 - encoder_radius(ARCHS["cd16x"], 4) - 8 and first[1] <= 20 * 8 + encoder_radius(ARCHS["cd16x"], 4) + 8
     assert all(a <= b for a, b in wins)
+
+
+def test_balanced_cores_avoid_slivers():
+    from ultrastyle.runtime.tiling import balanced_core
+
+    assert balanced_core(1008, 1000, 8) == 504
+    assert balanced_core(2000, 1000, 16) == 1000
+    assert balanced_core(48, 1000, 16) == 48
+    sizes = [t.rows.size for t in plan_tiles(1008, 16, 1000, 160, 8) if t.cols.start == 0]
+    assert sizes == [504, 504]

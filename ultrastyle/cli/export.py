@@ -9,9 +9,7 @@ import typer
 from rich.console import Console
 
 from ultrastyle.export.bundle import BundleError, export_bundle
-from ultrastyle.export.spec import DEFAULT_OPSET, ExportSpec
-
-KINDS = ExportSpec().kinds
+from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
@@ -23,7 +21,7 @@ from ultrastyle.runtime.cascade import parse_levels
 def export_command(
     model: Annotated[str, typer.Argument(help="Zoo model name or a folder of CD weights {k}SE.pth/{k}SD.pth.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if it exists).")],
-    opset: Annotated[int, typer.Option(min=13, max=21, help="ONNX opset.")] = DEFAULT_OPSET,
+    opset: Annotated[int, typer.Option(min=SUPPORTED_OPSETS.start, max=SUPPORTED_OPSETS.stop - 1, help="ONNX opset.")] = DEFAULT_OPSET,
     stages: Annotated[str, typer.Option(help="Stages to export.")] = "1,2,3,4,5",
     aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
 ) -> None:
@@ -43,11 +41,11 @@ def export_command(
         _, files = weights_digest(model, stage_tuple)
         with err.status("exporting") as status:
             bundle = export_bundle(
-                net, output, spec=ExportSpec(opset=opset, stages=stage_tuple, kinds=KINDS + (("encoder_aux",) if aux else ())),
+                net, output, spec=ExportSpec(opset=opset, stages=stage_tuple, kinds=ExportSpec().kinds + (("encoder_aux",) if aux else ())),
                 source_weights=files,
                 on_network=lambda name: status.update(f"exporting and validating {name}"),
             )  # fmt: skip
-    except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError) as exc:
+    except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False)
         raise typer.Exit(1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())

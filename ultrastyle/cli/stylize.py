@@ -19,7 +19,7 @@ from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.backends.select import open_runner
-from ultrastyle.runtime.batch import PairResult, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
 from ultrastyle.runtime.memory import parse_bytes
 from ultrastyle.runtime.tiled import TilingOptions, plan_stage
@@ -90,7 +90,7 @@ def stylize_command(
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
     max_memory: Annotated[str, typer.Option(help="Activation memory budget per tile, e.g. 512MB, 2GB (used by --tile auto).")] = "2GB",
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
-    scratch: Annotated[Path | None, typer.Option(help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
+    scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
 
@@ -132,7 +132,7 @@ def stylize_command(
             model, backend=backend.value, device=device.value, stages=tuple(sorted(set(level_tuple))),
             threads=threads, on_export=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
-    except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError) as exc:
+    except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
         raise typer.Exit(2) from None
     if tiling is not None and tiling.tile is None:
@@ -142,7 +142,11 @@ def stylize_command(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
 
-    pairs = plan_pairs(contents, styles, output, fmt.value)
+    try:
+        pairs = plan_pairs(contents, styles, output, fmt.value)
+    except OutputCollisionError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
     with net, Progress(
         TextColumn("[bold]stylize"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ultrastyle import __version__
-from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, ExportSpec, NetworkSpec, TensorSpec
+from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.zoo import sha256_file
 from ultrastyle.models.spec import ArchSpec
@@ -48,15 +48,6 @@ class Bundle:
     @property
     def arch(self) -> ArchSpec:
         return arch_from_dict(self.manifest["architecture"])
-
-    def network(self, name: str) -> NetworkSpec:
-        try:
-            n = self.manifest["networks"][name]
-        except KeyError:
-            raise BundleError(f"{self.path}: no network {name!r}; it has {', '.join(self.manifest['networks'])}") from None
-        def tensors(key: str) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in n[key])
-        return NetworkSpec(n["kind"], n["stage"], tensors("inputs"), tensors("outputs"))
 
     def graph_path(self, name: str) -> Path:
         return self.path / self.manifest["networks"][name]["file"]
@@ -102,9 +93,13 @@ def export_bundle(
     from ultrastyle.export.graph import build_graph
     from ultrastyle.export.validate import validate_network
 
-    out_dir = Path(out_dir)
-    if spec.opset not in range(13, 22):
-        raise BundleError(f"opset {spec.opset} is not supported; use 13..21 (default {ExportSpec().opset})")
+    out_dir = Path(out_dir).resolve()
+    if spec.opset not in SUPPORTED_OPSETS:
+        raise BundleError(
+            f"opset {spec.opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {ExportSpec().opset})"
+        )
+    if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        raise BundleError(f"{out_dir} exists and is not a bundle; choose a new or empty folder for the bundle")
     missing = [k for k in spec.stages if k not in model.encoders]
     if missing:
         raise BundleError(f"model {model.name} has no stage(s) {missing}; it has {list(model.stages)}")
@@ -158,9 +153,12 @@ def export_bundle(
             "validation": report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        # Swap by renames, so the folder never lacks graphs it lists.
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,6 +183,9 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             f"{mf}: bundle format version {version} is newer than this ultrastyle ({__version__}) reads "
             f"(up to {BUNDLE_FORMAT_VERSION}); upgrade ultrastyle or re-export the bundle with this version"
         )
+    for name, n in manifest["networks"].items():
+        if Path(n["file"]).name != n["file"]:  # graphs live in the bundle folder, nowhere else
+            raise BundleError(f"{mf}: graph {name} names a file outside the bundle: {n['file']!r}")
     if verify:
         for name, n in manifest["networks"].items():
             f = path / n["file"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 BUNDLE_FORMAT = "ultrastyle-bundle"
 BUNDLE_FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
-SUPPORTED_OPSETS = range(13, 22)
+SUPPORTED_OPSETS = range(13, 22)  # Resize with scales and Pad with a pads input exist from 13
 
 
 @dataclass(frozen=True)

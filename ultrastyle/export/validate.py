@@ -21,7 +21,7 @@ class ExportValidationError(RuntimeError):
         super().__init__(f"{network}: {detail}")
 
 
-def _feeds(spec: NetworkSpec, net: _StageNet, grid: int, cells: Iterable[tuple[int, int]], seed: int = 0):
+def _feeds(spec: NetworkSpec, grid: int, cells: Iterable[tuple[int, int]], seed: int = 0):
     """Inputs at each size: uniform noise and a smooth 'photo-like' ramp (features from the real encoder)."""
     rng = np.random.default_rng(seed)
     for ch, cw in cells:
@@ -60,7 +60,7 @@ def validate_network(
     atol, rtol = ATOL[dtype][spec.kind], RTOL[dtype]
     worst, sizes = 0.0, []
     names = [t.name for t in spec.outputs]
-    for label, feed in _feeds(spec, net, grid, cells):
+    for label, feed in _feeds(spec, grid, cells):
         refs = torch_reference(net, spec, feed)
         for name, got in zip(names, session.run(names, feed)):
             ref = refs[name]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ultrastyle.runtime.canvas import sample_peak
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
 # Ultra-resolution is the point of this toolkit: PIL's decompression-bomb guard
@@ -47,7 +49,7 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
 
 def array_to_tensor(a: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8/uint16/float32 -> (3, H, W) float32 in [0, 1]."""
-    peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(a.dtype, 1)
+    peak = sample_peak(a.dtype)
     return torch.from_numpy(a.astype(np.float32) / np.float32(peak)).permute(2, 0, 1).contiguous()
 
 
@@ -59,13 +61,13 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     keep their precision. Raises `ImageError` naming the file and the cause.
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
     try:
+        if not path.exists():
+            raise ImageError(f"{path}: no such file")
+        if path.is_dir():
+            raise ImageError(f"{path}: is a directory, not an image")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
         with _bomb_guard(max_pixels), Image.open(path) as img:
             w, h = img.size
             if w * h > max_pixels:
@@ -120,7 +122,7 @@ def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (1..8) to an (H, W, C) array, as ImageOps.exif_transpose does."""
     ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
-           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1), 7: lambda x: np.rot90(x, 1)[::-1],
+           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1), 7: lambda x: np.rot90(x, -1)[::-1],
            8: lambda x: np.rot90(x, 1)}  # fmt: skip
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
@@ -155,8 +157,8 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int = 8) -> Path:
     """Write (3, H, W) in [0, 1] (clamped) atomically; ``depth`` 16 for png/tiff."""
-    peak, dtype = (255, np.uint8) if depth == 8 else (65535, np.uint16)
-    a = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * peak + 0.5).astype(dtype)
+    dtype = np.uint8 if depth == 8 else np.uint16
+    a = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * sample_peak(dtype) + 0.5).astype(dtype)
     return save_array(a, path, fmt)
 
 

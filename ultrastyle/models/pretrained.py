@@ -79,8 +79,13 @@ class StyleModel:
         )
 
 
+def cd_file_names(stages: tuple[int, ...] = STAGES) -> list[str]:
+    """``{k}SE.pth`` (encoder) and ``{k}SD.pth`` (decoder) of each stage."""
+    return [f"{k}{part}.pth" for k in stages for part in ("SE", "SD")]
+
+
 def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
-    return all((folder / f"{k}SE.pth").is_file() and (folder / f"{k}SD.pth").is_file() for k in stages)
+    return all((folder / f).is_file() for f in cd_file_names(stages))
 
 
 def load_cd_folder(
@@ -111,7 +116,7 @@ def load_model(
     path = Path(source)
     if path.is_dir():
         if not cd_files_present(path, stages):
-            missing = [f"{k}{s}.pth" for k in stages for s in ("SE", "SD") if not (path / f"{k}{s}.pth").is_file()]
+            missing = [f for f in cd_file_names(stages) if not (path / f).is_file()]
             raise convert.CheckpointError(
                 f"{path}: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for stages {list(stages)}; missing: {', '.join(missing)}"
             )

@@ -13,7 +13,6 @@ from typing import Literal
 
 CONVS_PER_BLOCK = {1: 2, 2: 2, 3: 4, 4: 4, 5: 1}
 STAGES = (1, 2, 3, 4, 5)
-TAPS = {k: f"relu{k}_1" for k in STAGES}
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,23 @@ def output_name(content: Path, style: Path, fmt: str) -> str:
     return f"{content.stem}_stylized_{style.stem}.{fmt}"
 
 
+class OutputCollisionError(ValueError):
+    """Two pairs would write the same output file."""
+
+
 def plan_pairs(contents: list[Path], styles: list[Path], outdir: Path, fmt: str) -> list[Pair]:
-    """Every content x style pair, in content-major order."""
-    return [Pair(c, s, outdir / output_name(c, s, fmt)) for c in contents for s in styles]
+    """Every content x style pair, in content-major order; refuses pairs that share an output name."""
+    pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in contents for s in styles]
+    seen: dict[Path, Pair] = {}
+    for p in pairs:
+        if p.output in seen:
+            q = seen[p.output]
+            raise OutputCollisionError(
+                f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}; "
+                "rename one of the files or stylize them into different --output folders"
+            )
+        seen[p.output] = p
+    return pairs
 
 
 class _StyleCache:
@@ -140,7 +154,7 @@ def _run_pair(
         return PairResult(pair, "failed", str(exc), time.perf_counter() - t0)
     except ValueError as exc:  # e.g. a memory budget too small for this image's tiles
         return PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - t0)
-    except (RuntimeError, MemoryError) as exc:  # e.g. out of memory on one huge image
+    except Exception as exc:  # out of memory, a backend or disk error: this pair fails, the batch goes on
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
         return PairResult(pair, "failed", msg, time.perf_counter() - t0)
     return PairResult(pair, "done", None, time.perf_counter() - t0, h * w / 1e6)

@@ -30,7 +30,12 @@ class Canvas:
             os.unlink(name)
             self._file = os.fdopen(fd, "w+b")
             try:
-                self._file.truncate(self.nbytes)
+                # Reserve the blocks now: a sparse file that meets a full disk
+                # later would kill the process with SIGBUS mid-image.
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, self.nbytes)
+                else:  # pragma: no cover - macOS/Windows
+                    self._file.truncate(self.nbytes)
             except OSError as exc:
                 self._file.close()
                 raise OSError(f"cannot allocate a {self.nbytes / 2**30:.1f} GiB scratch canvas in {disk_dir}: {exc}") from exc
@@ -39,10 +44,6 @@ class Canvas:
     def nbytes(self) -> int:
         c, h, w = self.shape
         return c * h * w * 4
-
-    @property
-    def on_disk(self) -> bool:
-        return self._ram is None
 
     def _array(self) -> np.ndarray:
         if self._ram is not None:
@@ -122,9 +123,18 @@ def canvas_from_array(
         raise ValueError(f"layout must be 'hwc' or 'chw', got {layout!r}")
     chw = layout == "chw"
     c, h, w = a.shape if chw else (a.shape[2], a.shape[0], a.shape[1])
-    peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(a.dtype, 1)
+    peak = sample_peak(a.dtype)
     canvas = Canvas(c, h, w, disk_dir=disk_dir)
-    for r in range(0, h, band):
-        blk = a[:, r : r + band] if chw else np.moveaxis(a[r : r + band], 2, 0)
-        canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
+    try:
+        for r in range(0, h, band):
+            blk = a[:, r : r + band] if chw else np.moveaxis(a[r : r + band], 2, 0)
+            canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
+    except BaseException:
+        canvas.close()
+        raise
     return canvas
+
+
+def sample_peak(dtype: np.dtype) -> int:
+    """The value that means 1.0: 255 for uint8, 65535 for uint16, 1 for floats."""
+    return {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(np.dtype(dtype), 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import re
 import sys
 
@@ -84,10 +85,18 @@ def core_for_budget(spec: ArchSpec, stage: int, budget: int, halo: int, bytes_pe
     return core
 
 
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl or an exotic libc: nothing to trim
+        return None
+
+
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise; RSS would creep per stage)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # musl or an exotic libc: nothing to trim
-            pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

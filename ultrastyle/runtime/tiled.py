@@ -27,7 +27,7 @@ import torch
 
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.canvas import Canvas
+from ultrastyle.runtime.canvas import Canvas, sample_peak
 from ultrastyle.runtime.memory import core_for_budget, release_free_memory
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
@@ -54,15 +54,15 @@ class TilingOptions:
     cache_features: bool | None = None  # None: decided per stage by encoder cost
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
-        """Canvas bytes alive at once for one image: a stage's input and output and the largest feature cache."""
-        image = 3 * height * width * 4
+        """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
+        image = 3 * height * width * 4 * (3 if len(set(levels)) > 1 else 2)
         feats = [
             spec.feature_channels(k) * (padded_size(height, spec.grid(k)) // spec.grid(k))
             * (padded_size(width, spec.grid(k)) // spec.grid(k)) * 4
             for k in set(levels)
             if self.caches(spec, k)
         ]  # fmt: skip
-        return 2 * image + max(feats, default=0)
+        return image + max(feats, default=0)
 
     def canvas_dir(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> str | None:
         """Where all canvases of one image go: None (RAM) or the scratch folder.
@@ -123,7 +123,7 @@ def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: Til
         dec_halo = decoder_radius(spec, stage)
     else:  # approximate: the same reduced halo everywhere
         enc_halo = full_halo = round_up(options.halo, g)
-        dec_halo = -(-options.halo // g)
+        dec_halo = round_up(options.halo, g) // g
     cache = options.caches(spec, stage)
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
@@ -223,7 +223,11 @@ def stylize_stage_tiled(
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
         a, b = fit_affine(method, content, style, alpha)
         dst = Canvas(c, h, w, disk_dir=disk_dir)
-        decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
+        try:
+            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
+        except BaseException:
+            dst.close()
+            raise
     finally:
         if feats is not None:
             feats.close()
@@ -256,20 +260,25 @@ def stylize_tiled(
     if disk_dir is None and options.tile is None:  # canvases in RAM share the budget with the tiles
         options = replace(options, max_memory=options.max_memory - options.canvas_bytes(model.arch, h, w, levels))
     x = content
-    for k in levels:
-        y = stylize_stage_tiled(
-            model, k, x, style_stats[k], options, method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile
-        )
+    try:
+        for k in levels:
+            y = stylize_stage_tiled(
+                model, k, x, style_stats[k], options, method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile
+            )
+            if x is not content:
+                x.close()
+            x = y
+    except BaseException:
         if x is not content:
             x.close()
-        x = y
+        raise
     return x
 
 
 def canvas_to_image(canvas: Canvas, dtype: type = np.uint8, band: int = 512) -> np.ndarray:
     """(H, W, 3) uint8/uint16 of a [0, 1] canvas, clamped and rounded, converted band by band."""
     c, h, w = canvas.shape
-    peak = 255 if dtype == np.uint8 else 65535
+    peak = sample_peak(dtype)
     out = np.empty((h, w, c), dtype)
     for r in range(0, h, band):
         blk = np.clip(canvas.rows_band(r, min(h, r + band)), 0, 1) * peak + 0.5

@@ -60,8 +60,18 @@ def split_axis(length: int, core: int, halo: int, grid: int) -> list[tuple[Span,
     return out
 
 
+def balanced_core(length: int, core: int, grid: int) -> int:
+    """The smallest grid-multiple core that covers ``length`` in as many tiles as ``core`` needs.
+
+    1008 px in cores of 1000 becomes two cores of 504 instead of 1000 + an 8 px
+    sliver carrying a full halo.
+    """
+    n = -(-length // core)
+    return min(core, -(-(-(-length // n)) // grid) * grid)
+
+
 def plan_tiles(height: int, width: int, core: int, halo: int, grid: int) -> list[Tile]:
-    """Row-major tiles of ``core`` x ``core`` (the last row/column may be smaller).
+    """Row-major tiles of at most ``core`` x ``core``, balanced so no row or column of tiles is a sliver.
 
     ``height`` and ``width`` are the padded image size (multiples of ``grid``);
     ``core`` is rounded down to the grid (at least one grid cell) and ``halo``
@@ -69,5 +79,6 @@ def plan_tiles(height: int, width: int, core: int, halo: int, grid: int) -> list
     """
     core = max(grid, core // grid * grid)
     halo = -(-halo // grid) * grid
-    rows, cols = split_axis(height, core, halo, grid), split_axis(width, core, halo, grid)
+    rows = split_axis(height, balanced_core(height, core, grid), halo, grid)
+    cols = split_axis(width, balanced_core(width, core, grid), halo, grid)
     return [Tile(r, c, rr, rc) for r, rr in rows for c, rc in cols]

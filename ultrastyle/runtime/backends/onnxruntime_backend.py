@@ -29,13 +29,21 @@ def _import_ort():
     return ort
 
 
-def default_providers() -> list[str]:
-    """TensorRT, then CUDA execution providers when onnxruntime-gpu sees a GPU; the CPU always."""
+def providers_for(device: str) -> list[str]:
+    """Execution providers for ``device``: the CPU's alone, or CUDA's first (onnxruntime-gpu on a GPU).
+
+    ORT's TensorRT provider is not chosen here: it would build an engine per
+    tile shape; TensorRT gets its own runner (issue #6).
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
     ort = _import_ort()
-    available = ort.get_available_providers()
-    gpu = torch.cuda.is_available() or "CUDAExecutionProvider" in available and _cuda_device_present()
-    chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if gpu and p in available]
-    return [*chosen, "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not (torch.cuda.is_available() or _cuda_device_present()):
+        raise RunnerError(
+            "--device cuda with onnxruntime needs the onnxruntime-gpu package and a CUDA GPU; "
+            "use --backend torch --device cuda, or --device cpu"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def _cuda_device_present() -> bool:
@@ -64,7 +72,7 @@ class OnnxRuntimeRunner(Runner):
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
         super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
-        self.providers = providers or default_providers()
+        self.providers = providers or providers_for("cpu")
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"
         self._sessions: dict = {}

@@ -18,7 +18,7 @@ import torch
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
-from ultrastyle.models.pretrained import DEFAULT_MODEL, cd_files_present, load_model
+from ultrastyle.models.pretrained import DEFAULT_MODEL, cd_file_names, cd_files_present, load_model
 from ultrastyle.models.spec import STAGES
 from ultrastyle.runtime.backends.base import Runner, RunnerError
 
@@ -26,14 +26,15 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] = STAGES) -> tuple[str, dict[str, str]]:
-    """(model name, {file: sha256}) of a zoo model (from the registry) or a weights folder (hashed)."""
+    """(model name, {file: sha256}) of a weights folder or an installed zoo model.
+
+    The files themselves are hashed (about 10 MB for CD 16x), so a bundle is
+    keyed by what will actually be exported, not by what the registry promises.
+    """
     path = Path(source)
-    if path.is_dir():
-        files = {f"{k}{s}.pth": zoo.sha256_file(path / f"{k}{s}.pth") for k in stages for s in ("SE", "SD")}
-        return path.name, files
-    entry = zoo.get_entry(str(source))
-    wanted = {f"{k}{s}.pth" for k in stages for s in ("SE", "SD")}
-    return entry.name, {f.name: f.sha256 for f in entry.files if f.name in wanted}
+    name = path.name if path.is_dir() else zoo.get_entry(str(source)).name
+    folder = path if path.is_dir() else zoo.model_dir(name)
+    return name, {f: zoo.sha256_file(folder / f) for f in cd_file_names(stages)}
 
 
 def bundle_dir_for(name: str, files: dict[str, str]) -> Path:
@@ -77,10 +78,13 @@ def resolve_backend(backend: str, device: str) -> str:
     if backend != "auto":
         return backend
     if device == "cuda":
-        from ultrastyle.runtime.backends.onnxruntime_backend import default_providers
+        from ultrastyle.runtime.backends.onnxruntime_backend import providers_for
 
         # ONNX Runtime only where it has a GPU provider; else PyTorch on the GPU beats ORT on the CPU.
-        return "onnxruntime" if default_providers()[0] != "CPUExecutionProvider" else "torch"
+        try:
+            providers_for("cuda")
+        except RunnerError:
+            return "torch"
     return "onnxruntime"
 
 
@@ -110,11 +114,13 @@ def open_runner(
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RunnerError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
-        return TorchRunner(load_model(source, stages=stages, device=device, progress=progress))
-    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+        return TorchRunner(load_model(source, stages=stages, device=device, progress=progress), threads=threads)
+    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner, providers_for
+
+    providers = providers_for(device)
 
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
     missing = set(stages) - set(bundle.stages)
     if missing:
         raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
-    return OnnxRuntimeRunner(bundle, threads=threads)
+    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers)

@@ -13,18 +13,26 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, model: StyleModel) -> None:
+    def __init__(self, model: StyleModel, threads: int = 0) -> None:
         super().__init__(model.name, model.arch, model.stages)
         self.model = model
+        self.threads = threads
+        self._saved_threads = 0
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def activate_impl(self) -> None:
-        pass  # the modules are already on their device
+        # The modules are already on their device; only the thread count is set here.
+        if self.threads:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
 
     def deactivate_impl(self) -> None:
+        if self._saved_threads:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = 0
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
