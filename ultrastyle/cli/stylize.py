@@ -138,7 +138,7 @@ def stylize_command(
     if tiling is not None and tiling.tile is None:
         try:  # fail before any work when the budget cannot hold one tile of some stage
             for k in level_tuple:
-                plan_stage(net.arch, k, 4096, 4096, tiling)
+                plan_stage(net.arch, k, 4096, 4096, tiling, net.memory_factor(k))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
 

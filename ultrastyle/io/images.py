@@ -202,5 +202,6 @@ def _encode(a: np.ndarray, f, fmt: str) -> None:
 
             f.write(imagecodecs.png_encode(a))
         return
-    kwargs = {"quality": 95} if fmt == "jpg" else {}
+    # PNG at zlib level 1: 4x faster to write than PIL's default 6, files ~10-20% larger.
+    kwargs = {"jpg": {"quality": 95}, "png": {"compress_level": 1}}.get(fmt, {})
     Image.fromarray(a, "RGB").save(f, FORMATS[fmt], **kwargs)

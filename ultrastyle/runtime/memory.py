@@ -63,21 +63,26 @@ def stage_bytes_per_pixel(spec: ArchSpec, stage: int, bytes_per_value: int = 4) 
     return max(enc, affine, dec) + 3 * bytes_per_value
 
 
-def region_side_for_budget(spec: ArchSpec, stage: int, budget: int, bytes_per_value: int = 4) -> int:
-    """Largest square region side (on the stage's grid) whose activations fit ``budget`` bytes."""
-    side = int((budget / stage_bytes_per_pixel(spec, stage, bytes_per_value)) ** 0.5)
+def region_side_for_budget(spec: ArchSpec, stage: int, budget: int, bytes_per_value: int = 4, factor: float = 1.0) -> int:
+    """Largest square region side (on the stage's grid) whose activations fit ``budget`` bytes.
+
+    ``factor`` scales the estimate for a backend that holds more than eager PyTorch.
+    """
+    side = int((budget / (factor * stage_bytes_per_pixel(spec, stage, bytes_per_value))) ** 0.5)
     return side // spec.grid(stage) * spec.grid(stage)
 
 
-def core_for_budget(spec: ArchSpec, stage: int, budget: int, halo: int, bytes_per_value: int = 4) -> int:
+def core_for_budget(
+    spec: ArchSpec, stage: int, budget: int, halo: int, bytes_per_value: int = 4, factor: float = 1.0
+) -> int:
     """Core side of a square tile whose region (core + 2 halo) fits ``budget``.
 
     Raises ValueError naming the smallest budget that works when none fits.
     """
     grid = spec.grid(stage)
-    core = region_side_for_budget(spec, stage, budget, bytes_per_value) - 2 * halo
+    core = region_side_for_budget(spec, stage, budget, bytes_per_value, factor) - 2 * halo
     if core < 2 * grid:
-        need = (2 * grid + 2 * halo) ** 2 * stage_bytes_per_pixel(spec, stage, bytes_per_value)
+        need = (2 * grid + 2 * halo) ** 2 * factor * stage_bytes_per_pixel(spec, stage, bytes_per_value)
         raise ValueError(
             f"a memory budget of {budget / 2**20:.0f} MiB is too small for stage {stage} (halo {halo} px); "
             f"it needs at least {need / 2**20:.0f} MiB: raise --max-memory or set --tile"

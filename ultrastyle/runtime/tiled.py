@@ -114,8 +114,13 @@ def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
     return spec.macs_per_pixel(stage, "encoder") / (spec.feature_channels(stage) / (g * g))
 
 
-def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
-    """Halos from the receptive fields, cores from ``options`` (tile or memory budget)."""
+def plan_stage(
+    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0
+) -> StagePlan:
+    """Halos from the receptive fields, cores from ``options`` (tile or memory budget).
+
+    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
+    """
     g = spec.grid(stage)
     if options.halo is None:
         enc_halo = round_up(encoder_radius(spec, stage), g)
@@ -128,8 +133,8 @@ def plan_stage(spec: ArchSpec, stage: int, height: int, width: int, options: Til
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
     else:
-        encode_core = core_for_budget(spec, stage, options.max_memory, enc_halo)
-        decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo)
+        encode_core = core_for_budget(spec, stage, options.max_memory, enc_halo, factor=memory_factor)
+        decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo, factor=memory_factor)
     return StagePlan(
         stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
         encode_core, decode_core, bool(cache),
@@ -215,7 +220,7 @@ def stylize_stage_tiled(
 ) -> Canvas:
     """One stage over a whole canvas, tile by tile; returns a new canvas (in RAM or ``disk_dir``)."""
     c, h, w = src.shape
-    plan = plan_stage(model.arch, stage, h, w, options)
+    plan = plan_stage(model.arch, stage, h, w, options, _memory_factor(model, stage))
     feats = None
     if plan.cache:
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
@@ -240,7 +245,15 @@ def style_statistics_tiled(
 ) -> dict[int, FeatureStats]:
     """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`)."""
     _, h, w = style.shape
-    return {k: encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options)) for k in set(levels)}
+    return {
+        k: encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
+        for k in set(levels)
+    }
+
+
+def _memory_factor(model: StageNetworks, stage: int) -> float:
+    factor = getattr(model, "memory_factor", None)  # a bare StyleModel is the eager PyTorch the planner models
+    return factor(stage) if factor else 1.0
 
 
 def stylize_tiled(

@@ -124,6 +124,10 @@ class Runner(ABC):
         """Memory the runner holds on its device (best effort; 0 when unknown)."""
         return 0
 
+    def memory_factor(self, stage: int) -> float:
+        """This backend's peak tile memory over the planner's model (eager PyTorch on oneDNN), measured."""
+        return 1.0
+
     @abstractmethod
     def activate_impl(self) -> None: ...
 
