@@ -96,7 +96,11 @@ class OnnxRuntimeRunner(Runner):
         providers: list[str] | None = None,
         threads: int = 0,
         io_binding: bool = True,
+        arena: str = "shared",
     ) -> None:
+        if arena not in ("shared", "shrink", "off"):
+            raise RunnerError(f"arena must be 'shared', 'shrink' (after every run) or 'off', got {arena!r}")
+        self.arena = arena
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
         super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
         self.providers = providers or providers_for("cpu")
@@ -111,6 +115,23 @@ class OnnxRuntimeRunner(Runner):
     def memory_factor(self, stage: int) -> float:
         return MEMORY_FACTOR.get(stage, MEMORY_FACTOR_DEFAULT)
 
+    def trim_memory(self) -> None:
+        """Hand the shared arena's unused chunks back (the pipeline calls this after each pass).
+
+        The arena keeps request-sized chunks; the next stage's tensors have other
+        sizes, so without this the arena would hold every stage's peak at once.
+        Shrinking happens at the end of a run, so a tiny one is made.
+        """
+        if not self.is_active or self.arena != "shared" or not self._sessions:
+            return
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        name = next(n for n in self._sessions if n.startswith("encoder"))
+        g = self.arch.grid(int(name.removeprefix("encoder").removeprefix("_aux")))
+        self._sessions[name].run(None, {"image": np.zeros((1, 3, 2 * g, 2 * g), np.float32)}, opts)
+
     def activate_impl(self) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()
@@ -118,11 +139,17 @@ class OnnxRuntimeRunner(Runner):
         opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         if self.providers[0] == "CPUExecutionProvider":
-            _register_shared_arena(ort)
-            opts.add_session_config_entry("session.use_env_allocators", "1")
+            if self.arena == "off":
+                opts.enable_cpu_mem_arena = False
+            else:
+                _register_shared_arena(ort)
+                opts.add_session_config_entry("session.use_env_allocators", "1")
         if self.threads:
             opts.intra_op_num_threads = self.threads
         self._options = opts
+        self._run_options = ort.RunOptions()
+        if self.arena == "shrink":  # hand unused arena chunks back after every run
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._provider_options = [
             {"arena_extend_strategy": "kSameAsRequested"} if p == "CUDAExecutionProvider" else {} for p in self.providers
         ]
@@ -148,7 +175,7 @@ class OnnxRuntimeRunner(Runner):
         arrays = {k: _as_numpy(v) for k, v in feed.items()}
         out_name = sess.get_outputs()[0].name
         if not self.io_binding:
-            return {out_name: torch.from_numpy(sess.run([out_name], arrays)[0])}
+            return {out_name: torch.from_numpy(sess.run([out_name], arrays, self._run_options)[0])}
         # Bind inputs and a preallocated output: ORT writes into memory torch then shares.
         x = arrays["image" if kind == "encoder" else "features"]
         n, _, h, w = x.shape
@@ -162,7 +189,7 @@ class OnnxRuntimeRunner(Runner):
         for name, arr in arrays.items():
             binding.bind_cpu_input(name, arr)
         binding.bind_output(out_name, "cpu", 0, np.float32, list(shape), out.ctypes.data)
-        sess.run_with_iobinding(binding)
+        sess.run_with_iobinding(binding, self._run_options)
         return {out_name: torch.from_numpy(out)}
 
 
