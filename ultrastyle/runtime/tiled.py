@@ -170,7 +170,6 @@ def encode_statistics(
             features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
         if on_tile:
             on_tile(f"stage {stage} statistics", i + 1, len(tiles))
-    _trim(model)
     return stats
 
 
@@ -205,14 +204,6 @@ def decode_tiles(
             dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())
         if on_tile:
             on_tile(f"stage {stage} decode", i + 1, len(tiles))
-    _trim(model)
-
-
-def _trim(model: StageNetworks) -> None:
-    """Let the backend return memory it cached for this pass's tile shapes."""
-    trim = getattr(model, "trim_memory", None)
-    if trim is not None:
-        trim()
 
 
 def stylize_stage_tiled(

@@ -124,9 +124,6 @@ class Runner(ABC):
         """Memory the runner holds on its device (best effort; 0 when unknown)."""
         return 0
 
-    def trim_memory(self) -> None:
-        """Return memory cached for the last pass's tile shapes (called between passes; default: nothing)."""
-
     def memory_factor(self, stage: int) -> float:
         """This backend's peak tile memory over the planner's model (eager PyTorch on oneDNN), measured."""
         return 1.0

@@ -8,9 +8,11 @@ Session settings (measured in benchmarks/ort_settings.py):
 - one CPU arena shared by all sessions of the process (an environment
   allocator), extending by what is requested (``kSameAsRequested``) instead of
   doubling: with one arena per session, ten stage networks each kept their own
-  peak (2.9 GB at 2 MP in benchmarks/tiled_scaling.py); shared, the process
-  holds one network's peak, and over rounds of varied tile shapes its RSS stays
-  flat (tests/test_backends.py);
+  peak (2.9 GB at 2 MP in benchmarks/tiled_scaling.py); shared, 1.1 GB at 2 MP
+  and 2.2 GB at 16 MP with a 1 GB budget, and flat over rounds of varied tile
+  shapes (tests/test_backends.py). It still grows with the number of tiles
+  (3.5 GB at 40 MP): ``arena="shrink"`` (give chunks back after every run)
+  holds 1.5 GB at 16 MP but runs 3x slower, ``arena="off"`` 1.7x slower;
 - I/O binding on the CPU: outputs are written straight into numpy buffers that
   torch then shares, so no output is copied.
 """
@@ -114,23 +116,6 @@ class OnnxRuntimeRunner(Runner):
 
     def memory_factor(self, stage: int) -> float:
         return MEMORY_FACTOR.get(stage, MEMORY_FACTOR_DEFAULT)
-
-    def trim_memory(self) -> None:
-        """Hand the shared arena's unused chunks back (the pipeline calls this after each pass).
-
-        The arena keeps request-sized chunks; the next stage's tensors have other
-        sizes, so without this the arena would hold every stage's peak at once.
-        Shrinking happens at the end of a run, so a tiny one is made.
-        """
-        if not self.is_active or self.arena != "shared" or not self._sessions:
-            return
-        import onnxruntime as ort
-
-        opts = ort.RunOptions()
-        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        name = next(n for n in self._sessions if n.startswith("encoder"))
-        g = self.arch.grid(int(name.removeprefix("encoder").removeprefix("_aux")))
-        self._sessions[name].run(None, {"image": np.zeros((1, 3, 2 * g, 2 * g), np.float32)}, opts)
 
     def activate_impl(self) -> None:
         ort = _import_ort()
