@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _timing import median_seconds
 
 from ultrastyle.export.bundle import export_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
@@ -77,9 +78,9 @@ FULL_SHAPES = ((1024, 1024), (640, 1536), (1536, 640), (512, 512), (1008, 1024),
 QUICK_SHAPES = ((256, 256), (160, 384), (384, 160), (128, 128), (240, 256), (256, 240))
 OPT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 ARENA_CONFIGS = {
-    "arena, default extend (kNextPowerOfTwo) -- runner today": {"arena": True},
+    "arena per session, default extend (kNextPowerOfTwo)": {"arena": True},
     "no arena (enable_cpu_mem_arena=False)": {"arena": False},
-    "env arena, kSameAsRequested (use_env_allocators)": {"arena": True, "env_same_as_requested": True},
+    "env arena, kSameAsRequested (use_env_allocators) -- the runner's default": {"arena": True, "env_same_as_requested": True},
     "arena + shrink after each run (run option)": {"arena": True, "shrink": True},
 }
 
@@ -95,10 +96,10 @@ class _ShrinkingSession:
     def __getattr__(self, name: str):
         return getattr(self._sess, name)
 
-    def run(self, outputs, feed):
+    def run(self, outputs, feed, run_options=None):
         return self._sess.run(outputs, feed, self._ro)
 
-    def run_with_iobinding(self, binding):
+    def run_with_iobinding(self, binding, run_options=None):
         return self._sess.run_with_iobinding(binding, self._ro)
 
 
@@ -150,16 +151,6 @@ def rss_kib(field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: session creation, first touch of buffers
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def stage_pass(runner, k: int, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

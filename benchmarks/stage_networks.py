@@ -17,12 +17,11 @@ About 2 minutes on a 2-core machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _timing import median_seconds
 
 from ultrastyle.export.bundle import export_bundle
 from ultrastyle.models.pretrained import load_cd_folder
@@ -30,16 +29,6 @@ from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: session/primitive creation, first-touch of buffers
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,7 +56,7 @@ def main() -> None:
                     f = runner.encode(k, x)
                     a, b = torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
                     for kind, fn in (("encoder", lambda: runner.encode(k, x)), ("decoder", lambda: runner.decode(k, f, a, b))):
-                        sec = _median_seconds(fn, args.repeats)
+                        sec = median_seconds(fn, args.repeats)
                         flop = 2 * arch.macs_per_pixel(k, kind) * args.tile * args.tile
                         rows.append((name, f"{kind}{k}", sec, sec / mp, flop / sec / 1e9))
                         totals[name] += sec / mp

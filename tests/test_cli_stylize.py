@@ -7,7 +7,6 @@ pair takes a few tens of milliseconds on a CPU.
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -382,14 +381,6 @@ def test_model_folder_without_weights_exits_2(invoke, images: dict[str, Path], t
     assert r.exit_code == 2, r.output
     assert str(empty) in r.stderr and "5SE.pth" in r.stderr
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def test_missing_default_model_offline_says_how_to_import(

@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,15 +89,6 @@ def mirror(shared_dir: Path) -> Iterator[Mirror]:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@pytest.fixture
-def closed_port_url() -> str:
-    # Bind then close: nothing listens there, so connecting is refused at once.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def _leftovers(d: Path, fname: str) -> list[Path]:
