@@ -238,3 +238,12 @@ def test_balanced_cores_avoid_slivers():
     assert balanced_core(48, 1000, 16) == 48
     sizes = [t.rows.size for t in plan_tiles(1008, 16, 1000, 160, 8) if t.cols.start == 0]
     assert sizes == [504, 504]
+
+
+def test_reduced_halo_never_exceeds_the_exact_one():
+    spec = ARCHS["cd16x"]
+    for k in range(1, 6):
+        exact = plan_stage(spec, k, 512, 512, TilingOptions(tile=128))
+        small = plan_stage(spec, k, 512, 512, TilingOptions(tile=128, halo=64))
+        assert small.enc_halo == min(exact.enc_halo, 64) and small.full_halo == min(exact.full_halo, 64)
+        assert small.dec_halo <= exact.dec_halo

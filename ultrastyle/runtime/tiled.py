@@ -122,13 +122,13 @@ def plan_stage(
     ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
     """
     g = spec.grid(stage)
-    if options.halo is None:
-        enc_halo = round_up(encoder_radius(spec, stage), g)
-        full_halo = round_up(stage_radius(spec, stage), g)
-        dec_halo = decoder_radius(spec, stage)
-    else:  # approximate: the same reduced halo everywhere
-        enc_halo = full_halo = round_up(options.halo, g)
-        dec_halo = round_up(options.halo, g) // g
+    enc_halo = round_up(encoder_radius(spec, stage), g)
+    full_halo = round_up(stage_radius(spec, stage), g)
+    dec_halo = decoder_radius(spec, stage)
+    if options.halo is not None:  # approximate: no halo larger than N, never more than exact
+        enc_halo = min(enc_halo, round_up(options.halo, g))
+        full_halo = min(full_halo, round_up(options.halo, g))
+        dec_halo = min(dec_halo, round_up(options.halo, g) // g)
     cache = options.caches(spec, stage)
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
