@@ -52,7 +52,7 @@ def main() -> None:
         for name, runner in runners.items():
             with runner:
                 for k in model.stages:
-                    g, c = arch.grid(k), arch.feature_channels(k)
+                    c = arch.feature_channels(k)
                     f = runner.encode(k, x)
                     a, b = torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
                     for kind, fn in (("encoder", lambda: runner.encode(k, x)), ("decoder", lambda: runner.decode(k, f, a, b))):
