@@ -161,7 +161,9 @@ def test_tiled_cascade_equals_whole_image(cd16x, style, photo, method, crop, til
 def test_disk_canvases_give_the_same_result_as_ram(cd16x, style, photo, tmp_path):
     content = photo[:, :96, :144]
     ram = _tiled(cd16x, content, style, TilingOptions(tile=48))
-    disk = _tiled(cd16x, content, style, TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path))
+    disk_opts = TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path)
+    assert disk_opts.canvas_dir(cd16x.arch, 96, 144, DEFAULT_LEVELS) == str(tmp_path)
+    disk = _tiled(cd16x, content, style, disk_opts)
     assert torch.equal(ram, disk)
     assert list(tmp_path.iterdir()) == []  # scratch files are unlinked
 
