@@ -164,8 +164,9 @@ def encode_statistics(
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
         ft = t.scaled(g)
-        core = model.encode_core(stage, read_region(src, t.region_rows, t.region_cols).to(device), *ft.core_in_region)
-        stats = stats + FeatureStats.of(core)
+        x = read_region(src, t.region_rows, t.region_cols).to(device)
+        part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
+        stats = stats + part
         if features is not None:
             features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
         if on_tile:
@@ -249,6 +250,17 @@ def style_statistics_tiled(
         k: encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
         for k in set(levels)
     }
+
+
+def _core_statistics(
+    model: StageNetworks, stage: int, x: torch.Tensor, rows: slice, cols: slice, keep: bool
+) -> tuple[FeatureStats, torch.Tensor | None]:
+    """A runner's own pass-1 reduction where it has one (`Runner.encode_core_statistics`)."""
+    own = getattr(model, "encode_core_statistics", None)
+    if own is not None:
+        return own(stage, x, rows, cols, keep)
+    core = model.encode_core(stage, x, rows, cols)
+    return FeatureStats.of(core), (core if keep else None)
 
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:

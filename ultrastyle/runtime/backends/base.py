@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ultrastyle.models.spec import ArchSpec
+from ultrastyle.runtime.transforms import FeatureStats
 
 
 @runtime_checkable
@@ -119,6 +120,17 @@ class Runner(ABC):
         self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
     ) -> torch.Tensor:
         return self.decode(stage, self.encode(stage, image), a, b)[..., rows, cols]
+
+    def encode_core_statistics(
+        self, stage: int, image: torch.Tensor, rows: slice, cols: slice, keep_features: bool
+    ) -> tuple[FeatureStats, torch.Tensor | None]:
+        """Pass 1 of the tiled pipeline for one tile: statistics of the core features (and the features if kept).
+
+        A GPU backend overrides this to reduce Σf and Σffᵀ where the features
+        are, so only C + C² numbers reach the host when features are not kept.
+        """
+        core = self.encode_core(stage, image, rows, cols)
+        return FeatureStats.of(core), (core if keep_features else None)
 
     def memory_bytes(self) -> int:
         """Memory the runner holds on its device (best effort; 0 when unknown)."""
