@@ -1,0 +1,219 @@
+"""Building TensorRT engines for a bundle, TensorRT 10 and 11 by feature detection.
+
+The build follows NVIDIA's Python samples and API reference (TensorRT Python
+API, docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/;
+bindings in NVIDIA/TensorRT ``python/src/infer/pyCore.cpp``):
+
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger); parser.parse(onnx_bytes)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    profile = builder.create_optimization_profile(); profile.set_shape(name, min, opt, max)
+    config.add_optimization_profile(profile)
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    config.get_timing_cache().serialize()  -> written back to the cache file
+
+TensorRT 10 vs 11 (migration guide "Migrating from TensorRT 10.x to 11.x"):
+every network is built **strongly typed**: ``STRONGLY_TYPED`` is set where the
+flag exists (required for strong typing on 10.x, accepted and ignored on 11).
+Precision therefore lives in the graph: fp16 graphs are converted before the
+build (`trt.fp16`), int8 graphs carry Q/DQ nodes (``ultrastyle calibrate``);
+no ``BuilderFlag.FP16``/``INT8`` (deprecated 10.12, removed in 11) and no
+``int8_calibrator`` (deprecated 10.1, removed in 11). Only a TensorRT without
+the strongly-typed flag (older than 10) would fall back to those flags.
+TF32 stays on (TensorRT's default) except for the statistics graph, whose
+GEMM must keep float32's mantissa.
+
+The timing cache persists across builds (one file per GPU and TensorRT
+version, `engines.timing_cache_path`), so rebuilding after a re-export
+reuses the measured tactics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ultrastyle.export.bundle import Bundle
+from ultrastyle.trt import engines as eng
+from ultrastyle.trt.env import GpuInfo, TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
+from ultrastyle.trt.graphs import GraphSource, graph_sources, verify_int8_file
+from ultrastyle.trt.profiles import TileRange, network_shapes
+
+DEFAULT_WORKSPACE = 1 << 30
+
+
+class BuildError(RuntimeError):
+    """An engine TensorRT would not build; says which graph, what TensorRT reported and what to try."""
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    built: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class NetworkFromOnnx:
+    """A strongly typed TensorRT network parsed from an ONNX model (lazy, after Polygraphy's loaders)."""
+
+    def __init__(self, trt, logger, features: TrtFeatures, model: onnx.ModelProto, label: str) -> None:
+        self.trt, self.logger, self.features, self.model, self.label = trt, logger, features, model, label
+
+    def __call__(self, builder):
+        trt = self.trt
+        flags = 0
+        if self.features.strongly_typed_flag:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(self.model.SerializeToString()):
+            errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BuildError(
+                f"TensorRT's ONNX parser rejected {self.label}: {errors}; run `ultrastyle build BUNDLE --check` for a static report"
+            )
+        return network, parser  # the parser must outlive the network's use (it owns the weights)
+
+
+class EngineFromNetwork:
+    """A serialized engine (plan) from a network, a profile and the persistent timing cache."""
+
+    def __init__(self, trt, logger, features: TrtFeatures, *, workspace: int, timing_cache: Path) -> None:
+        self.trt, self.logger, self.features = trt, logger, features
+        self.workspace, self.timing_cache = workspace, timing_cache
+
+    def __call__(
+        self, network_loader: NetworkFromOnnx, shapes: dict, *, precision: str, quantized: bool, tf32: bool
+    ) -> tuple[bytes, int]:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network, _parser = network_loader(builder)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace))
+        if not tf32 and self.features.tf32_flag:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if not self.features.strongly_typed_flag and self.features.weak_typing_flags:
+            # Only a TensorRT older than 10: weak typing needs the flags to pick reduced-precision kernels.
+            if precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            if quantized:
+                config.set_flag(trt.BuilderFlag.INT8)
+        profile = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in shapes.items():
+            profile.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(profile)
+        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise BuildError(
+                f"TensorRT could not build {network_loader.label} (see its log above); try a larger --workspace or a smaller --tile-max"
+            )
+        eng.write_atomic(self.timing_cache, bytes(config.get_timing_cache().serialize()))
+        data = bytes(plan)
+        runtime = trt.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(data)
+        return data, engine_device_memory(engine) if engine is not None else 0
+
+
+def current_host(trt, gpu: GpuInfo) -> eng.Host:
+    return eng.Host(gpu.name, gpu.compute_capability, str(trt.__version__))
+
+
+def build_engines(
+    bundle: Bundle,
+    *,
+    precision: str = "fp32",
+    ranges: dict[int, TileRange],
+    stages: tuple[int, ...] | None = None,
+    workspace: int = DEFAULT_WORKSPACE,
+    timing_cache: str | Path | None = None,
+    force: bool = False,
+    on_step: Callable[[str], None] | None = None,
+    verbose: bool = False,
+) -> BuildReport:
+    """Build every stale or missing engine of ``bundle`` at ``precision`` for this GPU; fresh ones are kept."""
+    gpu = require_gpu()
+    trt = import_tensorrt()
+    features = detect_features(trt)
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    host = current_host(trt, gpu)
+    folder = eng.engine_dir(bundle.path, host)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = eng.read_manifest(folder)
+    except ValueError:
+        manifest = None  # damaged: every engine in it is rebuilt
+    if manifest is None or manifest.host != host:
+        manifest = eng.EngineManifest(host)
+    manifest.cuda_driver, manifest.nvidia_driver = gpu.cuda_driver, gpu.nvidia_driver
+    cache_path = eng.timing_cache_path(host, timing_cache)
+    engine_from = EngineFromNetwork(trt, logger, features, workspace=workspace, timing_cache=cache_path)
+    report = BuildReport(folder)
+    t0 = time.perf_counter()
+    for src in graph_sources(bundle, precision, stages):
+        rng = ranges[src.stage]
+        key = eng.engine_key(src.network, precision)
+        reasons = eng.stale_reasons(manifest, folder, src.network, precision, host=host, graph_sha256=src.sha256, need_region=rng.max)
+        if not reasons and not force:
+            report.fresh.append(key)
+            continue
+        report.reasons[key] = reasons or ["--force"]
+        if on_step:
+            on_step(f"building {key} (tiles {rng.min}..{rng.max} px)")
+        _build_one(bundle, src, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace)
+        eng.write_manifest(folder, manifest)  # after each engine: an interrupted build keeps what it finished
+        report.built.append(key)
+    eng.write_manifest(folder, manifest)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace) -> None:
+    if src.quantized:
+        verify_int8_file(bundle, src)
+    model = src.load()
+    shapes = network_shapes(src.kind, src.stage, bundle.arch, rng)
+    t = time.perf_counter()
+    data, device_memory = engine_from(
+        NetworkFromOnnx(trt, logger, features, model, f"{src.network} ({src.label}, {precision})"), shapes,
+        precision=precision, quantized=src.quantized, tf32=src.kind != "stats",
+    )  # fmt: skip
+    name = eng.engine_file(src.network, precision)
+    eng.write_atomic(folder / name, data)
+    manifest.engines[eng.engine_key(src.network, precision)] = eng.EngineEntry(
+        network=src.network,
+        precision=precision,
+        file=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        graph_sha256=src.sha256,
+        graph=src.label,
+        profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()},
+        tiles=rng.as_dict(),
+        settings={
+            "workspace": int(workspace),
+            "tf32": src.kind != "stats",
+            "strongly_typed": features.strongly_typed_flag or features.major >= 11,
+            "quantized": src.quantized,
+            "device_memory": int(device_memory),
+            "build_seconds": round(time.perf_counter() - t, 2),
+        },
+    )
+
+
+def _parser_error(error) -> str:
+    """One IParserError as text: its node and description (``desc()``/``node()`` in the bindings)."""
+    try:
+        return f"node {error.node()}: {error.desc()}"
+    except AttributeError:
+        return str(error)

@@ -1,0 +1,184 @@
+"""What is installed and usable for the GPU path, probed without failing on a CPU machine.
+
+- The GPU and driver come from the CUDA driver library (``libcuda.so.1``)
+  through ctypes: ``cuInit``, ``cuDeviceGetCount``, ``cuDeviceGetName``,
+  ``cuDeviceGetAttribute`` (compute capability: attributes 75 and 76),
+  ``cuDeviceTotalMem_v2``, ``cuDriverGetVersion`` (CUDA driver API reference,
+  docs.nvidia.com/cuda/cuda-driver-api). No Python package is needed for it,
+  so ``doctor`` and ``--backend auto`` can ask on any machine.
+- ``import tensorrt`` works without a driver, but creating a ``Builder`` or
+  ``Runtime`` then fails with CUDA error 35 (insufficient driver): the GPU is
+  probed first, and TensorRT objects are only made when one is there.
+- TensorRT 10 and 11 differ in API surface; `TrtFeatures` detects each
+  difference by the attribute, never by the version string (TensorRT 11
+  migration guide, "Removed Python APIs and Replacements").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.metadata
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ultrastyle.runtime.backends.base import RunnerError
+
+INSTALL_TENSORRT = "pip install 'ultrastyle[tensorrt]'  (the tensorrt and cuda-python wheels; needs an NVIDIA driver)"
+INSTALL_PYCUDA = "pip install pycuda  (builds from source: needs the CUDA toolkit headers)"
+INSTALL_ORT_GPU = "pip install 'ultrastyle[gpu]'  (onnxruntime-gpu; uninstall the CPU onnxruntime wheel first)"
+
+_CC_MAJOR, _CC_MINOR = 75, 76  # CUdevice_attribute: COMPUTE_CAPABILITY_MAJOR / _MINOR
+
+
+class TensorRTUnavailable(RunnerError):
+    """TensorRT, a CUDA binding or a GPU is missing; the message says which and how to install it."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+    cuda_driver: str  # the CUDA version the driver supports, e.g. "12.4"
+    nvidia_driver: str | None  # the kernel driver's version, e.g. "550.54.15"
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        try:
+            return ctypes.CDLL("nvcuda.dll")  # Windows
+        except (OSError, AttributeError):
+            return None
+
+
+def probe_gpus() -> list[GpuInfo]:
+    """Every CUDA device the driver shows; empty without a driver or a device (never raises)."""
+    cuda = _libcuda()
+    if cuda is None:
+        return []
+    try:
+        if cuda.cuInit(0) != 0:
+            return []
+        count = ctypes.c_int(0)
+        if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return []
+        version = ctypes.c_int(0)
+        cuda.cuDriverGetVersion(ctypes.byref(version))
+        cuda_driver = f"{version.value // 1000}.{version.value % 1000 // 10}"
+        gpus = []
+        for i in range(count.value):
+            dev = ctypes.c_int(0)
+            if cuda.cuDeviceGet(ctypes.byref(dev), i) != 0:
+                continue
+            name = ctypes.create_string_buffer(256)
+            cuda.cuDeviceGetName(name, 256, dev)
+            major, minor = ctypes.c_int(0), ctypes.c_int(0)
+            cuda.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
+            cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
+            total = ctypes.c_size_t(0)
+            cuda.cuDeviceTotalMem_v2(ctypes.byref(total), dev)
+            gpus.append(
+                GpuInfo(i, name.value.decode(errors="replace"), (major.value, minor.value), total.value, cuda_driver, nvidia_driver_version())
+            )
+        return gpus
+    except (OSError, AttributeError):  # a stub libcuda without these symbols
+        return []
+
+
+def nvidia_driver_version() -> str | None:
+    """The kernel driver's version from /proc (Linux), or None."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    m = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+(?:\.\d+)+)", text)
+    return m.group(1) if m else None
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def import_tensorrt() -> ModuleType:
+    """``tensorrt``, or TensorRTUnavailable with the install command."""
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"the tensorrt Python package is not installed ({exc}); install it with: {INSTALL_TENSORRT}") from exc
+    except OSError as exc:  # the bindings are there, libnvinfer is not
+        raise TensorRTUnavailable(
+            f"the tensorrt package is installed but its libraries do not load ({exc}); reinstall with: {INSTALL_TENSORRT}"
+        ) from exc
+
+
+def require_gpu() -> GpuInfo:
+    """The first GPU, or TensorRTUnavailable saying that none is visible (and why it matters)."""
+    gpus = probe_gpus()
+    if not gpus:
+        raise TensorRTUnavailable(
+            "TensorRT needs an NVIDIA GPU and its driver, and none is visible here (libcuda.so.1 missing or no device); "
+            "use --backend onnxruntime (CPU) instead"
+        )
+    return gpus[0]
+
+
+@dataclass(frozen=True)
+class TrtFeatures:
+    """The TensorRT 10 / 11 differences this package uses, detected by attribute."""
+
+    version: str
+    strongly_typed_flag: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (10.x; accepted but ignored in 11)
+    weak_typing_flags: bool  # BuilderFlag.FP16 / INT8 exist (deprecated 10.12, removed in 11)
+    int8_calibrator: bool  # IBuilderConfig.int8_calibrator (deprecated 10.1, removed in 11)
+    device_memory_v2: bool  # ICudaEngine.device_memory_size_v2 (10.1+; the only one in 11)
+    sized_set_device_memory: bool  # IExecutionContext.set_device_memory(memory, size) (10.1+)
+    memory_for_shapes: bool  # IExecutionContext.update_device_memory_size_for_shapes() (10.x)
+    tf32_flag: bool  # BuilderFlag.TF32 (on by default in every version)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def detect_features(trt: ModuleType) -> TrtFeatures:
+    flags = getattr(trt, "BuilderFlag", None)
+    return TrtFeatures(
+        version=str(getattr(trt, "__version__", "unknown")),
+        strongly_typed_flag=hasattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED"),
+        weak_typing_flags=hasattr(flags, "FP16") and hasattr(flags, "INT8"),
+        int8_calibrator=hasattr(getattr(trt, "IBuilderConfig", None), "int8_calibrator"),
+        device_memory_v2=hasattr(getattr(trt, "ICudaEngine", None), "device_memory_size_v2"),
+        sized_set_device_memory=hasattr(getattr(trt, "IExecutionContext", None), "set_device_memory"),
+        memory_for_shapes=hasattr(getattr(trt, "IExecutionContext", None), "update_device_memory_size_for_shapes"),
+        tf32_flag=hasattr(flags, "TF32"),
+    )
+
+
+def engine_device_memory(engine) -> int:
+    """Activation bytes an execution context needs for the engine's whole profile (10.x and 11)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    if size is None:  # TensorRT 10.0
+        size = engine.device_memory_size
+    return int(size)
+
+
+def tensorrt_status() -> tuple[str | None, str | None]:
+    """(version, problem): the installed TensorRT's version without importing it, and why it cannot be used."""
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu12-bindings"):
+        v = package_version(dist)
+        if v:
+            return v, None
+    return None, f"not installed: {INSTALL_TENSORRT}"

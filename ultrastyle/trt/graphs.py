@@ -1,0 +1,124 @@
+"""Which ONNX graph each engine is built from, per precision.
+
+Per stage k: ``encoderK``, ``decoderK``, ``decoder_affineK`` from the bundle,
+and ``statsK``, the pass-1 statistics graph generated for the stage's feature
+width (`export.stats_graph`; no weights, so not stored in the bundle).
+
+- fp32: the bundle's graphs as they are.
+- fp16: the same graphs converted to float16 compute with float32 I/O
+  (`trt.fp16`), in memory, at build time; TensorRT 11 builds them strongly
+  typed. The statistics graph stays float32 (its sums overflow float16).
+- int8: explicitly quantized (Q/DQ) graphs, which ``ultrastyle calibrate``
+  (issue #7) stores in the bundle as ``networks[name]["int8"] = {"file",
+  "sha256"}`` beside the float32 graph. A network without one is built from
+  its float32 graph (calibration may keep a network in float on purpose).
+  TensorRT 11 has no implicit INT8 calibration, so without any Q/DQ graph
+  there is no int8 build.
+
+The recorded ``graph_sha256`` identifies the exact bytes an engine came from
+(for fp16 the source graph's sha256 plus the conversion's version), which is
+what makes an engine stale when a graph is re-exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ultrastyle.export.bundle import Bundle
+from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
+from ultrastyle.models.zoo import sha256_file
+
+FP16_CONVERSION_VERSION = 1
+STAGE_KINDS = ("encoder", "decoder", "decoder_affine", "stats")
+
+
+class GraphError(ValueError):
+    """A bundle that lacks the graphs a precision needs (says which and how to make them)."""
+
+
+@dataclass
+class GraphSource:
+    network: str  # "encoder3", "stats3"
+    kind: str
+    stage: int
+    label: str  # the bundle file it comes from, or "generated:stats_c64"
+    sha256: str  # identifies the bytes built (see module docstring)
+    loader: Callable[[], onnx.ModelProto]
+    quantized: bool = False
+
+    def load(self) -> onnx.ModelProto:
+        return self.loader()
+
+
+def int8_graph(bundle: Bundle, network: str) -> dict | None:
+    """The network's Q/DQ graph entry (``{"file", "sha256"}``) if calibration stored one."""
+    entry = bundle.manifest["networks"].get(network, {}).get("int8")
+    return entry if isinstance(entry, dict) and "file" in entry else None
+
+
+def _fp16_sha(source_sha: str) -> str:
+    return hashlib.sha256(f"{source_sha}:fp16-conversion-v{FP16_CONVERSION_VERSION}".encode()).hexdigest()
+
+
+def _stats_sha(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None = None) -> list[GraphSource]:
+    """Every graph an engine set at ``precision`` is built from, in build order."""
+    from ultrastyle.trt.fp16 import convert_to_fp16
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise GraphError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    stages = tuple(stages or bundle.stages)
+    missing = sorted(set(stages) - set(bundle.stages))
+    if missing:
+        raise GraphError(f"bundle {bundle.path} has no stage(s) {missing}; it has {list(bundle.stages)}")
+    nets = bundle.manifest["networks"]
+    if precision == "int8" and not any(int8_graph(bundle, n) for n in nets):
+        raise GraphError(
+            f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
+            "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` (issue #7), "
+            "or build --precision fp16 / fp32"
+        )
+    out: list[GraphSource] = []
+    for k in stages:
+        for kind in ("encoder", "decoder", "decoder_affine"):
+            name = f"{kind}{k}"
+            if name not in nets:
+                raise GraphError(f"bundle {bundle.path} lacks {name}; re-export it with: ultrastyle export MODEL -o {bundle.path}")
+            path = bundle.path / nets[name]["file"]
+            sha = nets[name]["sha256"]
+            q = int8_graph(bundle, name) if precision == "int8" else None
+            if q is not None:
+                qpath = bundle.path / Path(q["file"]).name
+                out.append(GraphSource(name, kind, k, qpath.name, q["sha256"], _loader(qpath), quantized=True))
+            elif precision == "fp16":
+                out.append(GraphSource(name, kind, k, path.name, _fp16_sha(sha), lambda p=path: convert_to_fp16(onnx.load(p))))
+            else:
+                out.append(GraphSource(name, kind, k, path.name, sha, _loader(path)))
+        c = bundle.arch.feature_channels(k)
+        stats = build_stats_graph(c, opset=max(13, int(bundle.manifest.get("opset", 17))))
+        out.append(GraphSource(f"stats{k}", "stats", k, f"generated:{stats_network_name(c)}", _stats_sha(stats), lambda m=stats: m))
+    return out
+
+
+def _loader(path: Path) -> Callable[[], onnx.ModelProto]:
+    def load() -> onnx.ModelProto:
+        return onnx.load(path)
+
+    return load
+
+
+def verify_int8_file(bundle: Bundle, source: GraphSource) -> None:
+    """A Q/DQ graph's bytes against the sha256 calibration recorded (the bundle reader checks only the fp32 graphs)."""
+    path = bundle.path / source.label
+    if not path.is_file():
+        raise GraphError(f"{path}: int8 graph listed for {source.network} is missing; re-run ultrastyle calibrate")
+    if sha256_file(path) != source.sha256:
+        raise GraphError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")

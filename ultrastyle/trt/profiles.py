@@ -1,0 +1,190 @@
+"""Optimisation profiles from the tile shapes the planner uses.
+
+A TensorRT engine with dynamic shapes runs any input between its profile's
+``min`` and ``max`` and is tuned for ``opt``. Every tile the tiled pipeline
+sends to a stage network is a *region*: a core plus halos, clipped to the
+grid-padded image (`runtime.tiled.plan_stage`). So, per stage k with grid g:
+
+- ``min`` = 2g: the smallest padded image side (`runtime.padding.padded_size`),
+  a 1-pixel strip padded up; it also keeps every reflect pad legal (the
+  deepest feature map is 2 pixels wide, a pad of 1 mirrors inside it);
+- ``max`` = the largest region the planner makes for the memory budget
+  (pass 1: core + 2 encoder halos; pass 2: core + 2 decoder or full halos);
+- ``opt`` = ``max``: on a large image nearly every tile is a full one.
+
+Sides are image pixels and multiples of g; decoders and the statistics graph
+see the same region at 1/g (feature pixels). One profile per engine, square
+bounds (a region is at most ``max`` on each side, so tall and wide tiles are
+inside it too). A budget that would plan larger regions than an engine's
+``max`` is met by a smaller tile (`max_core_for_profile`), never by running
+outside the profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ultrastyle.models.spec import ArchSpec
+from ultrastyle.runtime.receptive import round_up
+from ultrastyle.runtime.tiled import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, plan_stage
+from ultrastyle.trt.memory_model import memory_factor
+
+PLAN_SIDE = 8192  # image side the default profile is planned for (large enough that tiles are full-size)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TileRange:
+    """Region sides in image pixels: the optimisation profile of one stage's engines."""
+
+    min: int
+    opt: int
+    max: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+def stage_range(spec: ArchSpec, stage: int, requested: TileRange) -> TileRange:
+    """``requested`` on stage k's grid: min rounded up (at least 2g), opt and max rounded down (at least min)."""
+    g = spec.grid(stage)
+    lo = max(2 * g, round_up(requested.min, g))
+    hi = max(lo, requested.max // g * g)
+    opt = min(hi, max(lo, requested.opt // g * g))
+    return TileRange(lo, opt, hi)
+
+
+def _halo_plan(spec: ArchSpec, stage: int, options: TilingOptions) -> StagePlan:
+    g = spec.grid(stage)
+    return plan_stage(spec, stage, PLAN_SIDE, PLAN_SIDE, replace(options, tile=g))
+
+
+def region_for_core(spec: ArchSpec, stage: int, core: int, options: TilingOptions) -> int:
+    """The largest region side (image px) any pass of ``stage`` makes for tiles with this core."""
+    p = _halo_plan(spec, stage, options)
+    pass2 = p.dec_halo * p.grid if p.cache else p.full_halo
+    return core + 2 * max(p.enc_halo, pass2)
+
+
+def max_core_for_profile(spec: ArchSpec, stage: int, max_region: int, options: TilingOptions) -> int:
+    """The largest core (multiple of g) whose regions fit ``max_region``; 0 when even one grid cell does not."""
+    g = spec.grid(stage)
+    halo_span = region_for_core(spec, stage, 0, options)
+    return max(0, (max_region - halo_span) // g * g)
+
+
+def default_ranges(
+    spec: ArchSpec,
+    stages: tuple[int, ...],
+    precision: str = "fp32",
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    options: TilingOptions | None = None,
+) -> dict[int, TileRange]:
+    """Per stage: min 2g, opt = max = the largest region the planner makes within ``max_memory`` on TensorRT."""
+    options = options or TilingOptions(max_memory=max_memory)
+    out = {}
+    for k in stages:
+        g = spec.grid(k)
+        plan = plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, replace(options, max_memory=max_memory), memory_factor(spec, k, precision))
+        pass2 = plan.decode_core + 2 * (plan.dec_halo * g if plan.cache else plan.full_halo)
+        biggest = round_up(max(plan.encode_core + 2 * plan.enc_halo, pass2), g)
+        out[k] = TileRange(2 * g, biggest, biggest)
+    return out
+
+
+def requested_ranges(
+    spec: ArchSpec, stages: tuple[int, ...], *, tile_min: int | None, tile_opt: int | None, tile_max: int | None,
+    precision: str = "fp32",
+) -> dict[int, TileRange]:
+    """``--tile-min/--tile-opt/--tile-max`` over the planner's defaults, each stage on its own grid."""
+    defaults = default_ranges(spec, stages, precision)
+    out = {}
+    for k in stages:
+        d = defaults[k]
+        hi = tile_max if tile_max is not None else d.max
+        opt = tile_opt if tile_opt is not None else (hi if tile_max is not None else d.opt)
+        out[k] = stage_range(spec, k, TileRange(tile_min if tile_min is not None else d.min, opt, hi))
+    return out
+
+
+def network_shapes(kind: str, stage: int, spec: ArchSpec, rng: TileRange) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Input name -> (min, opt, max) shapes of one engine's profile."""
+    g = spec.grid(stage)
+    c = spec.feature_channels(stage)
+    sides = (rng.min, rng.opt, rng.max)
+    if kind == "encoder":
+        return {"image": tuple((1, 3, s, s) for s in sides)}  # type: ignore[return-value]
+    feats = tuple((1, c, s // g, s // g) for s in sides)
+    if kind == "decoder":
+        return {"features": feats}  # type: ignore[dict-item]
+    if kind == "decoder_affine":
+        return {"features": feats, "A": ((c, c),) * 3, "b": ((c,),) * 3}  # type: ignore[dict-item]
+    if kind == "stats":
+        return {"features": feats, "row_mask": tuple((s // g,) for s in sides), "col_mask": tuple((s // g,) for s in sides)}  # type: ignore[dict-item]
+    raise ValueError(f"no profile for network kind {kind!r}")
+
+
+def profile_problems(spec: ArchSpec, stage: int, rng: TileRange, options: TilingOptions | None = None) -> list[str]:
+    """Why ``rng`` cannot serve stage k's tiles (empty when it can)."""
+    g = spec.grid(stage)
+    problems = []
+    for name, v in rng.as_dict().items():
+        if v % g:
+            problems.append(f"stage {stage}: profile {name} {v} px is not a multiple of the stage's grid {g}")
+    if rng.min < 2 * g:
+        problems.append(
+            f"stage {stage}: profile min {rng.min} px is below 2 x grid = {2 * g} px, the smallest padded image side "
+            "(and the smallest on which every reflect pad has 2 pixels to mirror); use --tile-min {2 * g} or more"
+        )
+    if not rng.min <= rng.opt <= rng.max:
+        problems.append(f"stage {stage}: profile must satisfy min <= opt <= max, got {rng.min} / {rng.opt} / {rng.max}")
+    options = options or TilingOptions()
+    if max_core_for_profile(spec, stage, rng.max, options) < g:
+        need = region_for_core(spec, stage, g, options)
+        problems.append(
+            f"stage {stage}: profile max {rng.max} px leaves no room for a tile core inside the stage's halos "
+            f"(a {g}-px core needs a {need}-px region); raise --tile-max to at least {need}"
+        )
+    return problems
+
+
+def plan_region(plan: StagePlan) -> int:
+    """The largest region side (image px) a stage plan makes in either pass."""
+    g = plan.grid
+    pass2 = plan.decode_core + 2 * (plan.dec_halo * g if plan.cache else plan.full_halo)
+    return max(plan.encode_core + 2 * plan.enc_halo, pass2)
+
+
+def fit_tiling_to_engines(
+    spec: ArchSpec,
+    levels: tuple[int, ...],
+    options: TilingOptions,
+    max_regions: dict[int, int],
+    factor=lambda stage: 1.0,
+) -> TilingOptions:
+    """``options`` unchanged when every stage's planned regions fit its engines' profile max, else a smaller ``tile``.
+
+    The tiled pipeline takes one tile for all stages, so the tile is the
+    smallest of the budget's cores and the profiles' largest cores: never more
+    memory than the budget, never a region outside a profile. An explicit
+    ``--tile`` that does not fit raises ValueError saying what fits.
+    """
+    plans = {k: plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, options, factor(k)) for k in set(levels)}
+    if all(plan_region(p) <= max_regions[k] for k, p in plans.items()):
+        return options
+    allowed = {k: max_core_for_profile(spec, k, max_regions[k], options) for k in plans}
+    if options.tile is not None:
+        k = next(k for k, p in sorted(plans.items()) if plan_region(p) > max_regions[k])
+        raise ValueError(
+            f"--tile {options.tile} makes {plan_region(plans[k])}-px regions at stage {k}, larger than its TensorRT "
+            f"engines' profile max {max_regions[k]} px; use --tile {min(allowed.values())} or less, or rebuild the "
+            f"engines with: ultrastyle build BUNDLE --tile-max {plan_region(plans[k])}"
+        )
+    tile = min(min(min(p.encode_core, p.decode_core) for p in plans.values()), min(allowed.values()))
+    if tile < max(spec.grid(k) for k in plans):
+        raise ValueError(
+            f"the TensorRT engines' profiles (max {min(max_regions.values())} px) are too small for any tile of "
+            f"stages {sorted(plans)}; rebuild them with a larger --tile-max"
+        )
+    return replace(options, tile=tile)
