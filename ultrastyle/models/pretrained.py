@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,11 +10,14 @@ import torch
 
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec
+from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch, spec_from_dict
 from ultrastyle.runtime.receptive import needed_windows
 from ultrastyle.runtime.transforms import apply_affine
 
 DEFAULT_MODEL = "cd-wct-16x"
+# A model folder may record its architecture here (`spec_to_dict`); without it
+# the folder holds the published CD 16x architecture.
+ARCH_FILE = "architecture.json"
 
 
 @dataclass
@@ -88,15 +92,33 @@ def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
     return all((folder / f).is_file() for f in cd_file_names(stages))
 
 
-def load_cd_folder(
-    folder: str | Path, stages: tuple[int, ...] = STAGES, name: str | None = None, aux: bool = False
-) -> StyleModel:
-    """A folder holding CD-format ``{k}SE.pth`` / ``{k}SD.pth`` files (the cd16x architecture).
+def folder_arch(folder: str | Path) -> ArchSpec:
+    """The architecture recorded in ``folder/architecture.json``, else CD 16x."""
+    path = Path(folder) / ARCH_FILE
+    if not path.is_file():
+        return ARCHS["cd16x"]
+    try:
+        return spec_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise convert.CheckpointError(f"{path}: unreadable architecture description ({exc})") from exc
 
-    ``aux`` keeps the encoders' Q_k embedding layers (training bundles).
+
+def load_cd_folder(
+    folder: str | Path,
+    stages: tuple[int, ...] = STAGES,
+    name: str | None = None,
+    aux: bool = False,
+    spec: ArchSpec | None = None,
+) -> StyleModel:
+    """A folder holding CD-format ``{k}SE.pth`` / ``{k}SD.pth`` files.
+
+    The architecture is the one recorded in ``architecture.json`` (folders
+    written by ``ultrastyle distill`` / ``train-decoder``), else CD 16x;
+    ``spec`` overrides both. ``aux`` keeps the encoders' Q_k embedding layers
+    (training bundles).
     """
     folder = Path(folder)
-    spec = ARCHS["cd16x"]
+    spec = spec or folder_arch(folder)
     model = StyleModel(name or folder.name, spec)
     for k in stages:
         model.encoders[k] = convert.cd_encoder(folder / f"{k}SE.pth", k, spec=spec, aux=aux)
@@ -123,4 +145,4 @@ def load_model(
         return load_cd_folder(path, stages, aux=aux).to(device)
     entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
     folder = zoo.ensure(entry.name, progress=progress)
-    return load_cd_folder(folder, stages, name=entry.name, aux=aux).to(device)
+    return load_cd_folder(folder, stages, name=entry.name, aux=aux, spec=get_arch(entry.architecture)).to(device)

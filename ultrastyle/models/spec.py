@@ -45,6 +45,9 @@ class ArchSpec:
     overrides: dict[tuple[int, str], int] = field(default_factory=dict)
     decoder_final_relu: bool = False
     teacher_widths: tuple[int, int, int, int, int] | None = None  # aux (Q_k) targets, training only
+    # Per-stage overrides of the teacher's widths, e.g. a CD 16x teacher's 24-wide
+    # relu1_1 in stage 1: ``(stage, conv_name) -> width``, like ``overrides``.
+    teacher_overrides: dict[tuple[int, str], int] = field(default_factory=dict)
 
     def conv_names(self, stage: int) -> list[str]:
         """Encoder conv names of ``stage`` in order, without ``conv0``."""
@@ -82,14 +85,37 @@ class ArchSpec:
     def feature_channels(self, stage: int) -> int:
         return self.width(stage, f"conv{stage}1")
 
+    def teacher_width(self, stage: int, conv: str) -> int:
+        """Width of the teacher's ``conv`` in its stage-``stage`` encoder (the Q_k output width)."""
+        if self.teacher_widths is None:
+            raise ValueError(f"architecture {self.name!r} has no teacher widths")
+        return self.teacher_overrides.get((stage, conv), self.teacher_widths[int(conv[4]) - 1])
+
     def aux_layers(self, stage: int) -> list[Layer]:
         """The 1x1 linear embeddings Q_b (student -> teacher width) of a distillation student."""
         if self.teacher_widths is None:
             return []
         return [
-            Layer("conv", f"conv{b}1_aux", self.width(stage, f"conv{b}1"), self.teacher_widths[b - 1], kernel=1, relu=False)
+            Layer("conv", f"conv{b}1_aux", self.width(stage, f"conv{b}1"), self.teacher_width(stage, f"conv{b}1"), kernel=1, relu=False)
             for b in range(1, stage + 1)
         ]
+
+    def student(self, name: str, factor: float = 0.5) -> ArchSpec:
+        """A thinner student of this architecture: every width times ``factor`` (at least 1).
+
+        The student's Q_k embeddings map back to this architecture's widths, so
+        ``ARCHS["cd16x"].student("cd64x")`` is the 64x student of the 16x teacher
+        (half the widths, a quarter of the multiply-adds).
+        """
+        scale = lambda w: max(1, round(w * factor))  # noqa: E731
+        return ArchSpec(
+            name,
+            tuple(scale(w) for w in self.widths),  # type: ignore[arg-type]
+            overrides={key: scale(w) for key, w in self.overrides.items()},
+            decoder_final_relu=self.decoder_final_relu,
+            teacher_widths=self.widths,
+            teacher_overrides=dict(self.overrides),
+        )
 
     def macs_per_pixel(self, stage: int, kind: str) -> float:
         """Multiply-adds per image pixel of the stage's ``encoder`` or ``decoder`` (convolutions only)."""
@@ -128,6 +154,40 @@ ARCHS: dict[str, ArchSpec] = {
         teacher_widths=(64, 128, 256, 512, 512),
     ),
 }
+
+
+ARCHS["cd64x"] = ARCHS["cd16x"].student("cd64x")  # this project's own level: distilled from cd16x (issue #5)
+
+
+def spec_to_dict(spec: ArchSpec) -> dict:
+    """A JSON-able description of ``spec`` (``architecture.json`` of a model folder)."""
+    return {
+        "name": spec.name,
+        "widths": list(spec.widths),
+        "overrides": [[k, conv, w] for (k, conv), w in sorted(spec.overrides.items())],
+        "decoder_final_relu": spec.decoder_final_relu,
+        "teacher_widths": list(spec.teacher_widths) if spec.teacher_widths else None,
+        "teacher_overrides": [[k, conv, w] for (k, conv), w in sorted(spec.teacher_overrides.items())],
+    }
+
+
+def spec_from_dict(d: dict) -> ArchSpec:
+    """Inverse of `spec_to_dict`; raises ValueError naming what is wrong."""
+    try:
+        widths = tuple(int(w) for w in d["widths"])
+        if len(widths) != len(STAGES) or min(widths) < 1:
+            raise ValueError(f"widths must be {len(STAGES)} positive integers, got {d['widths']!r}")
+        teacher = d.get("teacher_widths")
+        return ArchSpec(
+            str(d["name"]),
+            widths,  # type: ignore[arg-type]
+            overrides={(int(k), str(conv)): int(w) for k, conv, w in d.get("overrides", [])},
+            decoder_final_relu=bool(d["decoder_final_relu"]),
+            teacher_widths=tuple(int(w) for w in teacher) if teacher else None,  # type: ignore[arg-type]
+            teacher_overrides={(int(k), str(conv)): int(w) for k, conv, w in d.get("teacher_overrides", [])},
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not an architecture description ({type(exc).__name__}: {exc})") from None
 
 
 def get_arch(name: str) -> ArchSpec:

@@ -38,20 +38,30 @@ class FeatureStats:
     def of(cls, features: torch.Tensor, chunk: int = 1 << 16) -> FeatureStats:
         """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
 
-        Sums run in float64 (exact enough for 100 MP images) over ``chunk``
-        pixels at a time, so the float64 copy stays small; the GEMMs run where
-        the features are, and only C + C² numbers come back.
+        Sums run in float64 (exact enough for 100 MP images), row band by row
+        band of about ``chunk`` pixels converted straight from the (often
+        strided) tile view, so no full-size copy is made; each band is centred
+        on the float32 mean first, which keeps Σffᵀ free of cancellation. The
+        GEMMs run where the features are; only C + C² numbers come back.
         """
         f = features.detach()
-        c = f.shape[-3]
-        f = f.transpose(0, -3).reshape(c, -1) if f.dim() == 4 else f.reshape(c, -1)
-        total = torch.zeros(c, dtype=torch.float64, device=f.device)
-        outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)
-        for i in range(0, f.shape[1], chunk):
-            part = f[:, i : i + chunk].to(torch.float64)
-            total += part.sum(1)
+        f4 = f if f.dim() == 4 else f[None]
+        nb, c, h, w = f4.shape
+        n = nb * h * w
+        # The centre only has to be close to the mean: a float32 sum is enough.
+        s = (f4.sum((0, 2, 3)) / max(n, 1)).to(torch.float64)
+        residual = torch.zeros(c, dtype=torch.float64, device=f.device)  # Σ(f - s)
+        outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)  # Σ(f - s)(f - s)ᵀ
+        step = max(1, chunk // max(1, nb * w))  # rows per band
+        for r in range(0, h, step):
+            band = f4[:, :, r : r + step].to(torch.float64, copy=True).sub_(s.view(1, c, 1, 1))
+            part = band.transpose(0, 1).reshape(c, -1)
+            residual += part.sum(1)
             outer.addmm_(part, part.T)
-        return cls(f.shape[1], total.cpu(), outer.cpu())
+        total = residual + n * s
+        # Σffᵀ = Σ(f-s)(f-s)ᵀ + s Σ(f-s)ᵀ + Σ(f-s) sᵀ + n s sᵀ
+        outer += torch.outer(s, residual) + torch.outer(residual, s) + n * torch.outer(s, s)
+        return cls(n, total.cpu(), outer.cpu())
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
