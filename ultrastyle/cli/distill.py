@@ -1,0 +1,239 @@
+"""`ultrastyle distill` and `ultrastyle train-decoder`: the training half on the command line.
+
+Thin typer layers over `ultrastyle.distill.jobs`. Every setting comes from a
+flag or from ``--config FILE.yaml`` (flags win); a flag left out means "the
+file's value, else the default". The resolved configuration is written beside
+the checkpoints.
+"""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
+from ultrastyle.distill.data import DataError
+from ultrastyle.distill.jobs import JobResult, distill, train_decoder
+from ultrastyle.distill.outputs import OutputError
+from ultrastyle.distill.trainer import StepReport, TrainingError
+from ultrastyle.models import zoo
+from ultrastyle.models.convert import CheckpointError
+from ultrastyle.runtime.cascade import parse_levels
+
+
+class Mode(str, Enum):
+    wct = "wct"
+    adain = "adain"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _err(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {' '.join(message.split())}", style="red", markup=False)
+
+
+def _stages(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]  # from the config file
+    try:
+        return list(dict.fromkeys(parse_levels(text)))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).replace("levels", "stages"), param_hint="--stage") from None
+
+
+def _loss_text(losses: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items(), key=lambda kv: (kv[0] != "loss", kv[0])))
+
+
+def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file: Path | None, stage_text: str | None, resume: bool) -> None:
+    """Resolve and run one job per stage, with a progress bar; exit codes: 1 error, 2 bad settings, 130 Ctrl-C."""
+    err = Console(stderr=True, highlight=False)
+    file_values: dict[str, Any] = {}
+    try:
+        if config_file is not None:
+            from ultrastyle.distill.config import read_yaml
+
+            file_values = read_yaml(config_file)
+        stages = _stages(stage_text)
+        if len(stages) > 1 and flags.get("run_dir"):
+            raise ConfigError("run_dir: give one stage per run folder (or leave --run-dir out)")
+        configs = [resolve(cls, config_file, {**flags, "stage": k}) for k in stages]
+        for c in configs:
+            c.check()
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
+    if any(c.device.startswith("cuda") for c in configs):
+        import torch
+
+        if not torch.cuda.is_available():
+            _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
+            raise typer.Exit(2)
+    if configs[0].threads:
+        import torch
+
+        torch.set_num_threads(configs[0].threads)
+    explicit = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
+    job = distill if kind == "SE" else train_decoder
+    with Progress(
+        TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=False,
+    ) as progress:  # fmt: skip
+        for config in configs:
+            bar = progress.add_task("", total=config.steps, name=f"stage {config.stage} {kind}")
+
+            def on_step(r: StepReport, bar: Any = bar) -> None:
+                progress.update(bar, completed=r.step, total=r.steps, description=_loss_text(r.losses))
+
+            def on_message(m: str) -> None:
+                progress.console.print(m, markup=False, soft_wrap=True)
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # torch's; ours arrive through on_message
+                    result = job(config, resume=resume, explicit=explicit, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
+            except (ConfigError, OutputError) as exc:
+                progress.stop()
+                _err(str(exc))
+                raise typer.Exit(2) from None
+            except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
+                progress.stop()
+                _err(str(exc))
+                raise typer.Exit(1) from None
+            _report(progress.console, result)
+            if result.train.status == "interrupted":
+                progress.stop()
+                raise typer.Exit(130)
+
+
+def _report(console: Console, r: JobResult) -> None:
+    t = r.train
+    if t.status == "interrupted":
+        console.print(
+            f"interrupted at step {t.step} of {t.steps}; checkpoint written to {r.run_dir / 'checkpoint.pt'}. "
+            "Run the same command with --resume to continue.",
+            style="yellow", markup=False, soft_wrap=True,
+        )  # fmt: skip
+        return
+    val = f"; validation {_loss_text(t.val)}" if t.val else ""
+    wrote = ", ".join(str(p) for p in r.outputs) or "nothing new (already done)"
+    console.print(
+        f"stage {r.config.stage} {r.config.kind}: {t.step} steps in {t.seconds:.0f} s{val}; wrote {wrote}; "
+        f"log and plot in {r.run_dir}", markup=False, soft_wrap=True,
+    )  # fmt: skip
+
+
+# Shared options (None: "from --config, else the default").
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML file of settings (keys as the flag names); flags override it.")]
+StageOpt = Annotated[Optional[str], typer.Option("--stage", help="Stage(s) 1..5, e.g. 4 or 1,2,3,4,5 (run one after another).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write {k}SE.pth/{k}SD.pth and architecture.json into.")]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder of training photos (searched recursively).")]
+StyleOpt = Annotated[Optional[Path], typer.Option("--style", help="Folder of style images (AdaIN mode).")]
+ModeOpt = Annotated[Optional[Mode], typer.Option(help="wct: reconstruction losses; adain: AdaIN style-transfer loss (needs --style).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints, log.csv, losses.png, config.yaml [default: OUT/runs/{k}SE or {k}SD].")]
+CropOpt = Annotated[Optional[int], typer.Option(help="Random crop side in pixels [default: 256].")]
+ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize each photo's short side to this before cropping; 0 keeps it [default: 300].")]
+ValFracOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the photos held out for validation [default: 0.1].")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step [default: 4].")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps [default: 2000]; may be raised on --resume.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate [default: 1e-4].")]
+CkptOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints [default: 200].")]
+LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CSV row [default: 10].")]
+ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints [default: 0].")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker processes [default: 2].")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init) [default: 0].")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to train [default: cpu].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default [default: 0].")]
+PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss [default: 1].")]
+PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss [default: 1].")]
+ContentOpt = Annotated[Optional[float], typer.Option("--content-weight", help="AdaIN mode: content loss weight [default: 1].")]
+StyleWOpt = Annotated[Optional[float], typer.Option("--style-weight", help="AdaIN mode: style loss weight [default: 10].")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint (same settings; --steps may grow).")]
+
+
+def _common(**kw: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, Enum):
+            v = v.value
+        elif isinstance(v, Path):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def distill_command(
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Teacher: zoo name, model folder ({k}SE.pth) or a VGG-19 .pth file.")] = None,
+    stage: StageOpt = None,
+    out: OutOpt = None,
+    images: ImagesOpt = None,
+    collaborator: Annotated[Optional[str], typer.Option(help="Model with the collaborator decoder {k}SD.pth [default: the teacher].")] = None,
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x) [default: teacher widths x --width-factor].")] = None,
+    width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width [default: 0.5].")] = None,
+    init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights [default: prune].")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2 [default: 10].")] = None,
+    collaborate: Annotated[Optional[bool], typer.Option("--collaborate/--no-collaborate", help="--no-collaborate: embedding loss only (plain feature distillation).")] = None,
+    mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
+    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
+    checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None, pixel_weight: PixelOpt = None,
+    perceptual_weight: PercOpt = None, content_weight: ContentOpt = None, style_weight: StyleWOpt = None,
+    config: ConfigOpt = None, resume: ResumeOpt = False,
+) -> None:  # fmt: skip
+    """Distill a thin student encoder from a teacher with its frozen collaborator decoder (Collaborative Distillation).
+
+    ultrastyle distill -t ../shared/models/cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/
+
+    Loss: collaborator reconstruction through D(Q_k F'_k) + beta * sum_k ||F_k - Q_k F'_k||^2.
+    Writes OUT/{k}SE.pth (with the Q_k layers) once all steps are done; train
+    its decoder next with `ultrastyle train-decoder --encoder OUT`.
+    """
+    flags = _common(
+        teacher=teacher, out=out, images=images, collaborator=collaborator, student_arch=student_arch,
+        width_factor=width_factor, init=init, beta=beta, collaborate=collaborate, mode=mode, style=style,
+        run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
+        lr=lr, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
+        content_weight=content_weight, style_weight=style_weight,
+    )  # fmt: skip
+    _run_all("SE", DistillConfig, flags, config, stage, resume)
+
+
+def train_decoder_command(
+    encoder: Annotated[Optional[str], typer.Option("--encoder", "-e", help="Encoder whose features are decoded: zoo name, model folder or VGG-19 .pth.")] = None,
+    stage: StageOpt = None,
+    out: OutOpt = None,
+    images: ImagesOpt = None,
+    loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder [default: the encoder].")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider) [default: random].")] = None,
+    mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
+    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
+    checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None, pixel_weight: PixelOpt = None,
+    perceptual_weight: PercOpt = None, content_weight: ContentOpt = None, style_weight: StyleWOpt = None,
+    config: ConfigOpt = None, resume: ResumeOpt = False,
+) -> None:  # fmt: skip
+    """Train the decoder of an encoder: a teacher's collaborator, or a distilled student's own decoder.
+
+    ultrastyle train-decoder -e my-64x/ --loss-encoder ../shared/models/cd-wct-16x --init ../shared/models/cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/
+
+    Writes OUT/{k}SD.pth (and OUT/{k}SE.pth if missing), so OUT loads as a
+    model: `ultrastyle stylize --model OUT`, `ultrastyle export OUT`.
+    """
+    flags = _common(
+        encoder=encoder, out=out, images=images, loss_encoder=loss_encoder, init=init, mode=mode, style=style,
+        run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
+        lr=lr, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
+        content_weight=content_weight, style_weight=style_weight,
+    )  # fmt: skip
+    _run_all("SD", DecoderConfig, flags, config, stage, resume)

@@ -1,0 +1,241 @@
+"""Run configurations of ``ultrastyle distill`` and ``ultrastyle train-decoder``, as flat dataclasses.
+
+A configuration is resolved in layers: the dataclass defaults, then a YAML
+file (``--config``; keys as the field names, ``-`` or ``_``), then the flags
+given on the command line. The resolved configuration is written beside the
+checkpoints as ``config.yaml``; resuming a run reads it back, and only the
+fields in `RESUMABLE` (how long and where to run, not what to train) may then
+differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ultrastyle.models.spec import STAGES
+
+CONFIG_FILE = "config.yaml"
+MODES = ("wct", "adain")
+# What may change when a run is resumed: its length and where it runs.
+RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads"})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """What every training run needs: stage, images, output folder, optimisation."""
+
+    stage: int = 0
+    out: str = ""  # model folder receiving {k}SE.pth / {k}SD.pth and architecture.json
+    images: str = ""  # folder of training photos (content)
+    style: str | None = None  # folder of style images (AdaIN mode)
+    mode: str = "wct"
+    run_dir: str | None = None  # checkpoints, logs, config; default OUT/runs/{k}SE or {k}SD
+    crop: int = 256
+    resize: int = 300  # short side of each photo before cropping (0: native size), as CD
+    val_fraction: float = 0.1
+    batch_size: int = 4
+    steps: int = 2000
+    lr: float = 1e-4
+    checkpoint_every: int = 200
+    log_every: int = 10
+    val_every: int = 0  # 0: at every checkpoint
+    workers: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads, 0: PyTorch's default
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    content_weight: float = 1.0
+    style_weight: float = 10.0
+
+    def check(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: must be one of {list(STAGES)}, got {self.stage!r}")
+        for name in ("out", "images"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "adain" and not self.style:
+            raise ConfigError("style: AdaIN mode needs a folder of style images")
+        grid = 2 ** (self.stage - 1)
+        if self.crop < 2 * grid or self.crop % grid:
+            raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
+        for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("resize", "val_every", "workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device: cpu or cuda, got {self.device!r}")
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.out) / "runs" / f"{self.stage}{self.kind}"
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    """``ultrastyle distill``: a student encoder for one stage."""
+
+    teacher: str = ""  # zoo name, model folder or VGG-19 .pth: the teacher encoder
+    collaborator: str | None = None  # where the collaborator decoder {k}SD.pth is; default: the teacher
+    student_arch: str | None = None  # a registered architecture; default: the teacher's widths x width_factor
+    width_factor: float = 0.5
+    init: str = "prune"  # prune | random | a folder or .pth with the student's weights
+    beta: float = 10.0  # weight of the embedding loss Σ_b ||F_b − Q_b F'_b||²
+    collaborate: bool = True  # False: embedding loss only (plain feature distillation)
+
+    @property
+    def kind(self) -> str:
+        return "SE"
+
+    def check(self) -> None:
+        super().check()
+        if not self.teacher:
+            raise ConfigError("teacher: required")
+        if not 0.0 < self.width_factor <= 1.0:
+            raise ConfigError(f"width_factor: must be in (0, 1], got {self.width_factor}")
+        if self.beta < 0:
+            raise ConfigError(f"beta: must not be negative, got {self.beta}")
+        if not self.collaborate and self.beta == 0:
+            raise ConfigError("beta: 0 without a collaborator leaves nothing to train")
+
+
+@dataclass
+class DecoderConfig(RunConfig):
+    """``ultrastyle train-decoder``: a decoder for one stage of a given encoder."""
+
+    encoder: str = ""  # zoo name, model folder or VGG-19 .pth whose features are decoded
+    loss_encoder: str | None = None  # network of the perceptual loss; default: the encoder itself
+    init: str = "random"  # random | a model with {k}SD.pth (copied, or pruned if it is wider)
+
+    @property
+    def kind(self) -> str:
+        return "SD"
+
+    def check(self) -> None:
+        super().check()
+        if not self.encoder:
+            raise ConfigError("encoder: required")
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
+def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    kind = str(field.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{field.name}: required, got nothing")
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field.name}: expected {kind}, got {value!r}") from None
+
+
+def from_mapping(cls: type[C], values: Mapping[str, Any], base: C | None = None, source: str = "") -> C:
+    """``base`` (or the defaults) updated with ``values``; unknown keys are an error naming the known ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dataclasses.asdict(base) if base is not None else {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+        out[name] = _coerce(fields[name], value)
+    return cls(**out)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    return data
+
+
+def resolve(cls: type[C], config_file: str | Path | None, flags: Mapping[str, Any]) -> C:
+    """Defaults <- YAML file <- flags (``None`` values in ``flags`` mean "not given")."""
+    cfg = cls()
+    if config_file:
+        cfg = from_mapping(cls, read_yaml(config_file), cfg, source=str(config_file))
+    return from_mapping(cls, {k: v for k, v in flags.items() if v is not None}, cfg)
+
+
+def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
+    """The saved config of a run, with the `RESUMABLE` fields taken from ``given``.
+
+    ``explicit`` are the settings the user gave this time (file or flags): any
+    other setting among them that differs from the saved run is an error.
+    """
+    now = dataclasses.asdict(given)
+    then = dataclasses.asdict(saved)
+    names = {str(k).replace("-", "_") for k in explicit}
+    clash = sorted(k for k in names - RESUMABLE if k in now and now[k] != then[k])
+    if clash:
+        diffs = ", ".join(f"{k}={then[k]!r} (now {now[k]!r})" for k in clash)
+        raise ConfigError(
+            f"cannot resume with different settings: the run was started with {diffs}; "
+            "start a new run (another --out or --run-dir) to change them"
+        )
+    return dataclasses.replace(saved, **{k: now[k] for k in RESUMABLE & names})
+
+
+def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = None) -> None:
+    """The resolved configuration (plus ``extra`` facts, e.g. the student architecture) as YAML, atomically."""
+    import yaml
+
+    data = dataclasses.asdict(config)
+    if extra:
+        data["resolved"] = dict(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_saved(cls: type[C], path: Path) -> C:
+    """A run's saved ``config.yaml`` (its ``resolved`` facts are dropped)."""
+    data = read_yaml(path)
+    data.pop("resolved", None)
+    return from_mapping(cls, data, source=str(path))

@@ -1,0 +1,236 @@
+"""Whole training jobs: a resolved config in, trained weights in a model folder out.
+
+`distill` trains a student encoder ``{k}SE.pth``; `train_decoder` trains a
+decoder ``{k}SD.pth`` (the teacher's collaborator, or the student's own SD).
+Both build data and networks from the config, run the `Trainer` in
+``config.resolved_run_dir()`` and, once all steps are done, write the trained
+network into ``config.out`` (see `outputs`). The CLI and the benchmark are
+thin layers over these two functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ultrastyle.distill import sources
+from ultrastyle.distill.config import CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
+from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, PairStream, list_images, readable_images, split_files
+from ultrastyle.distill.outputs import claim_folder, write_network
+from ultrastyle.distill.prune import prune_decoder, prune_encoder
+from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
+from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult
+from ultrastyle.models import convert
+from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.spec import ARCHS, ArchSpec, get_arch, spec_to_dict
+
+
+@dataclass
+class JobResult:
+    config: RunConfig
+    run_dir: Path
+    train: TrainResult
+    outputs: list[Path]  # files written into config.out (empty unless the run finished)
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def _same_dims(a: ArchSpec, b: ArchSpec) -> bool:
+    return dataclasses.replace(a, name="") == dataclasses.replace(b, name="")
+
+
+def student_spec(teacher: ArchSpec, arch: str | None = None, width_factor: float = 0.5) -> ArchSpec:
+    """The student architecture: ``arch`` by name, or the teacher's widths x ``width_factor``.
+
+    A derived architecture takes the name of a registered one with the same
+    widths (cd16x x 0.5 is ``cd64x``). The student's Q_k must map onto the
+    teacher's widths; a named architecture that does not is refused.
+    """
+    if arch:
+        spec = get_arch(arch)
+        for k in (1, 2, 3, 4, 5):
+            for b in range(1, k + 1):
+                conv = f"conv{b}1"
+                if spec.teacher_widths is None or spec.teacher_width(k, conv) != teacher.width(k, conv):
+                    raise ConfigError(
+                        f"student_arch: {spec.name}'s Q_k embeddings do not map onto {teacher.name} "
+                        f"(stage {k} {conv}: teacher has {teacher.width(k, conv)} channels)"
+                    )
+        return spec
+    spec = teacher.student(f"{teacher.name}-x{width_factor:g}", width_factor)
+    return next((a for a in ARCHS.values() if _same_dims(a, spec)), spec)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, CenterCrops | None, dict[str, Any]]:
+    settings = CropSettings(config.crop, config.resize)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files = readable_images(list_images(config.images), min_side=1)
+        styles = readable_images(list_images(config.style), min_side=1) if config.mode == "adain" and config.style else []
+    for w in caught:
+        warn(str(w.message))
+    if not files:
+        raise ConfigError(f"images: no readable image in {config.images}")
+    train, val = split_files(files, config.val_fraction)
+    style_stream = CropStream(styles, settings, seed=config.seed + 1) if styles else None
+    stream = PairStream(CropStream(train, settings, seed=config.seed), style_stream)
+    val_data = CenterCrops(val, settings, styles[: len(val)]) if val else None
+    facts = {"train_images": len(train), "val_images": len(val), "style_images": len(styles)}
+    return stream, val_data, facts
+
+
+# ---------------------------------------------------------------- networks
+
+
+def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec) -> Encoder:
+    k = config.stage
+    if config.init == "prune":
+        return prune_encoder(teacher, spec)[0]
+    if config.init == "random":
+        torch.manual_seed(config.seed)
+        return Encoder(spec, k, aux=True)
+    path = Path(config.init)
+    if path.is_dir():  # a student folder, or CD's pruned base (e{k}_base.pth)
+        candidates = [path / f"{k}SE.pth", path / f"e{k}_base.pth"]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
+    return convert.cd_encoder(path, k, spec=spec, aux=True)
+
+
+def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec) -> Decoder:
+    """Random, or a decoder to start from: copied if it has ``spec``'s widths, else pruned to them."""
+    k = config.stage
+    if config.init == "random":
+        torch.manual_seed(config.seed)
+        return Decoder(spec, k)
+    path = Path(config.init)
+    if path.is_file():  # one decoder file of this very architecture: a warm start
+        return convert.cd_decoder(path, k, spec=spec)
+    if path.is_dir() and not (path / f"{k}SD.pth").is_file() and (path / f"d{k}_base.pth").is_file():
+        start = convert.cd_decoder(path / f"d{k}_base.pth", k, spec=sources.source_arch(path))  # CD's pruned base
+    else:
+        start = sources.load_decoder(config.init, k)
+    if _same_dims(dataclasses.replace(start.spec, teacher_widths=None, teacher_overrides={}),
+                  dataclasses.replace(spec, teacher_widths=None, teacher_overrides={})):  # fmt: skip
+        dec = Decoder(spec, k)
+        dec.load_state_dict(start.state_dict())
+        return dec
+    # A wider decoder (the teacher's collaborator): prune it, reading the
+    # student's features through the encoder's Q_k where it has one.
+    embed = getattr(encoder, f"conv{k}1_aux", None)
+    if embed is not None and embed.out_channels != start.in_channels:
+        embed = None
+    return prune_decoder(start, spec, embed=embed)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: bool) -> RunConfig:
+    """The config to run: on resume, the saved one (with resumable changes); else ``config``, checked."""
+    config.check()
+    run_dir = config.resolved_run_dir()
+    saved = run_dir / CONFIG_FILE
+    if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
+        config = for_resume(read_saved(type(config), saved), config, explicit if explicit is not None else {})
+        config.check()
+    return config
+
+
+def _options(config: RunConfig) -> TrainOptions:
+    return TrainOptions(
+        steps=config.steps, lr=config.lr, batch_size=config.batch_size, checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every, val_every=config.val_every, workers=config.workers, device=config.device,
+    )  # fmt: skip
+
+
+def distill(
+    config: DistillConfig,
+    *,
+    resume: bool = False,
+    explicit: Mapping[str, Any] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_message: Callable[[str], None] = lambda m: None,
+) -> JobResult:
+    """Train the stage-``config.stage`` student encoder by Collaborative Distillation.
+
+    ``explicit``: the settings the user gave (for `config.for_resume`).
+    ``on_message`` receives one-line notes (skipped images, where things go).
+    """
+    config = _prepare_run(config, explicit, resume)
+    k = config.stage
+    teacher = sources.load_encoder(config.teacher, k)
+    spec = student_spec(teacher.spec, config.student_arch, config.width_factor)
+    decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborate else None
+    student = _student_init(config, teacher, spec)
+    task = StudentEncoderTask(
+        teacher, student, decoder, beta=config.beta, mode=config.mode,  # type: ignore[arg-type]
+        pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
+        content_weight=config.content_weight, style_weight=config.style_weight,
+    )  # fmt: skip
+    return _run(config, task, spec, f"{k}SE.pth", resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
+
+
+def train_decoder(
+    config: DecoderConfig,
+    *,
+    resume: bool = False,
+    explicit: Mapping[str, Any] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_message: Callable[[str], None] = lambda m: None,
+) -> JobResult:
+    """Train the stage-``config.stage`` decoder of ``config.encoder`` (collaborator or student decoder).
+
+    The output folder also receives the encoder as ``{k}SE.pth`` when it has
+    none, so that it is a complete model (e.g. for a VGG-19 teacher file).
+    """
+    config = _prepare_run(config, explicit, resume)
+    k = config.stage
+    spec = sources.source_arch(config.encoder)
+    encoder = sources.load_encoder(config.encoder, k, aux=None)  # keep Q_k if it has them (to fold into a pruned init)
+    loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
+    decoder = _decoder_init(config, encoder, spec)
+    task = DecoderTask(
+        encoder, decoder, loss_encoder=loss_encoder, mode=config.mode,  # type: ignore[arg-type]
+        pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
+        content_weight=config.content_weight, style_weight=config.style_weight,
+    )  # fmt: skip
+    result = _run(config, task, spec, f"{k}SD.pth", resume, on_step, on_message, {})
+    if result.outputs and not (Path(config.out) / f"{k}SE.pth").is_file():
+        result.outputs.append(write_network(config.out, f"{k}SE.pth", encoder))
+    return result
+
+
+def _run(
+    config: RunConfig,
+    task: StudentEncoderTask | DecoderTask,
+    spec: ArchSpec,
+    filename: str,
+    resume: bool,
+    on_step: Callable[[StepReport], None] | None,
+    on_message: Callable[[str], None],
+    facts: dict[str, Any],
+) -> JobResult:
+    out = claim_folder(config.out, spec)
+    run_dir = config.resolved_run_dir()
+    stream, val_data, data_facts = _data(config, on_message)
+    write_yaml(config, run_dir / CONFIG_FILE, {"architecture": spec_to_dict(spec), **facts, **data_facts})
+    trainer = Trainer(task, run_dir, _options(config), stream, val_data=val_data, config=dataclasses.asdict(config), on_step=on_step)
+    on_message(
+        f"stage {config.stage} {config.kind}: {data_facts['train_images']} training / {data_facts['val_images']} "
+        f"validation images; run folder {run_dir}"
+    )
+    result = trainer.fit(resume=resume)
+    outputs = []
+    if result.status == "done":
+        outputs.append(write_network(out, filename, task.trained, result.step))
+    return JobResult(config, run_dir, result, outputs)

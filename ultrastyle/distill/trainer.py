@@ -1,0 +1,319 @@
+"""The training loop: Adam over a task's trained network, with checkpoints you can resume.
+
+A run directory holds:
+
+- ``checkpoint.pt``: step, the trained network, the optimizer (Adam moments),
+  the RNG states and the resolved config; written to a temporary file,
+  fsynced and renamed, so a crash never leaves a half-written checkpoint;
+- ``log.csv`` and ``losses.png``: the loss curves (see `logs`).
+
+Resuming loads the checkpoint and continues at its step. Because every batch
+is a function of the data seed and the step (`data.CropStream`), and the RNG
+and optimizer states are restored, a resumed run computes the same weights as
+an uninterrupted one. Ctrl-C (SIGINT) finishes the current step, writes a
+checkpoint and returns with status ``"interrupted"``; a second Ctrl-C aborts
+at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ultrastyle.distill.data import step_loader
+from ultrastyle.distill.logs import LossLog, plot_losses
+from ultrastyle.distill.tasks import Task
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+PLOT = "losses.png"
+CHECKPOINT_FORMAT = "ultrastyle-train-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation and bookkeeping of one run (steps count optimizer updates)."""
+
+    steps: int
+    lr: float = 1e-4
+    batch_size: int = 4
+    checkpoint_every: int = 200
+    log_every: int = 10
+    val_every: int = 0  # 0: validate at each checkpoint
+    workers: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class StepReport:
+    """What a progress display needs after each step."""
+
+    step: int
+    steps: int
+    losses: dict[str, float]
+    seconds: float
+    event: str = ""  # "checkpoint" / "val" when one was just written / run
+
+
+@dataclass
+class TrainResult:
+    status: Literal["done", "interrupted"]
+    step: int
+    steps: int
+    seconds: float
+    last: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``; `TrainingError` if it is not one."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: not an ultrastyle training checkpoint")
+    if ck.get("version", 0) > CHECKPOINT_VERSION:
+        raise TrainingError(f"{path}: checkpoint version {ck.get('version')} is newer than this ultrastyle reads")
+    return ck
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopOnSigint:
+    """First SIGINT sets a flag (the loop stops after its step); the second raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Trainer:
+    """Runs ``task`` for ``options.steps`` steps over ``stream``, checkpointing into ``run_dir``.
+
+    ``stream`` is an endless dataset of batch items (`data.PairStream`);
+    ``val_data`` (optional) a finite one, evaluated at ``val_every`` steps;
+    ``config`` is stored in every checkpoint (the resolved run configuration);
+    ``on_step`` receives a `StepReport` after every step.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        run_dir: str | Path,
+        options: TrainOptions,
+        stream: Dataset,
+        *,
+        val_data: Dataset | None = None,
+        config: Mapping | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+    ) -> None:
+        if options.steps < 1 or options.batch_size < 1 or options.checkpoint_every < 1 or options.log_every < 1:
+            raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {options}")
+        self.task, self.options, self.stream, self.val_data = task, options, stream, val_data
+        self.run_dir = Path(run_dir)
+        self.config = dict(config or {})
+        self.on_step = on_step
+        self.device = torch.device(options.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._stop: _StopOnSigint | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def request_stop(self) -> None:
+        """Stop after the current step, as Ctrl-C does (for callbacks and tests)."""
+        if self._stop is not None:
+            self._stop.requested = True
+
+    def _save(self, step: int, seconds: float) -> None:
+        assert self.optimizer is not None
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "steps": self.options.steps,
+                "seconds": seconds,
+                "trained": {k: v.detach().cpu() for k, v in self.task.trained.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "rng": _rng_state(),
+                "config": self.config,
+            },
+            self.checkpoint_path,
+        )
+        plot_losses(self.run_dir / LOG, self.run_dir / PLOT, title=str(self.run_dir.name))
+
+    def _checkpoint(self, log: LossLog, step: int, seconds: float, sums: dict[str, float], count: int) -> int:
+        if count:  # the partial log interval, so the log reaches the checkpoint
+            log.append(step, "train", seconds, self.options.lr, {k: v / count for k, v in sums.items()})
+        self._save(step, seconds)
+        return step
+
+    def _load(self) -> tuple[int, float]:
+        assert self.optimizer is not None
+        ck = read_checkpoint(self.checkpoint_path)
+        try:
+            self.task.trained.load_state_dict(ck["trained"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrainingError(
+                f"{self.checkpoint_path}: does not fit this run ({exc}); was it written with another architecture or task?"
+            ) from exc
+        _set_rng_state(ck["rng"])
+        return int(ck["step"]), float(ck.get("seconds", 0.0))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean of each loss over ``val_data`` (eval mode, no gradients)."""
+        if not self.val_data:
+            return {}
+        self.task.train(False)
+        sums: dict[str, float] = {}
+        n = 0
+        loader = DataLoader(self.val_data, batch_size=self.options.batch_size)
+        for batch in loader:
+            losses = self.task({k: v.to(self.device) for k, v in batch.items()})
+            m = next(iter(batch.values())).shape[0]
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * m
+            n += m
+        self.task.train(True)
+        return {k: v / n for k, v in sums.items()}
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train to ``options.steps``; with ``resume``, continue from the run's checkpoint if there is one."""
+        opts = self.options
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.checkpoint_path.exists() and not resume:
+            raise TrainingError(
+                f"{self.run_dir} already holds a checkpoint; resume it (--resume) or choose another run folder"
+            )
+        self.task.to(self.device)
+        self.task.train(True)
+        self.optimizer = torch.optim.Adam(self.task.parameters_to_train(), lr=opts.lr)
+        log = LossLog(self.run_dir / LOG)
+        start, spent = 0, 0.0
+        if resume and self.checkpoint_path.exists():
+            start, spent = self._load()
+            log.truncate(start)  # rows after the checkpoint belong to lost steps
+        if start >= opts.steps:
+            return TrainResult("done", start, opts.steps, spent)
+        if not self.checkpoint_path.exists():
+            self._save(0, 0.0)  # a run folder always holds a resumable state, even before step 1
+
+        sums: dict[str, float] = {}
+        count = 0
+        last: dict[str, float] = {}
+        val: dict[str, float] = {}
+        t0 = time.perf_counter() - spent
+        saved_at = start
+        loader = step_loader(self.stream, opts.batch_size, start, opts.steps, opts.workers)
+        batches = None
+        step = start
+        with _StopOnSigint() as stop:
+            self._stop = stop
+            try:
+                batches = iter(loader)
+                while step < opts.steps and not stop.requested:
+                    batch = next(batches)
+                    losses = self.task({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                    loss = losses["loss"]
+                    if not math.isfinite(float(loss)):
+                        raise TrainingError(
+                            f"loss became {float(loss)} at step {step + 1}; lower the learning rate "
+                            f"(now {opts.lr:g}) and resume from the last checkpoint (step {saved_at})"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    step += 1
+                    last = {k: float(v) for k, v in losses.items()}
+                    for k, v in last.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    event = ""
+                    now = time.perf_counter() - t0
+                    if step % opts.log_every == 0 or step == opts.steps:
+                        log.append(step, "train", now, opts.lr, {k: v / count for k, v in sums.items()})
+                        sums, count = {}, 0
+                    at_checkpoint = step % opts.checkpoint_every == 0 or step == opts.steps
+                    if self.val_data and ((opts.val_every and step % opts.val_every == 0) or (not opts.val_every and at_checkpoint)):
+                        val = self.validate()
+                        log.append(step, "val", now, opts.lr, val)
+                        event = "val"
+                    if at_checkpoint or stop.requested:
+                        saved_at = self._checkpoint(log, step, now, sums, count)
+                        sums, count = {}, 0
+                        event = "checkpoint"
+                    if self.on_step:
+                        self.on_step(StepReport(step, opts.steps, last, now, event))
+            finally:
+                self._stop = None
+                # Drop the iterator now: that shuts its worker processes down.
+                batches = loader = None  # noqa: F841
+            seconds = time.perf_counter() - t0
+            if saved_at != step:  # a stop requested by the last step's callback
+                self._checkpoint(log, step, seconds, sums, count)
+        status: Literal["done", "interrupted"] = "done" if step >= opts.steps else "interrupted"
+        return TrainResult(status, step, opts.steps, seconds, last, val)
