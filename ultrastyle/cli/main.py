@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ultrastyle.cli.distill import distill_command, train_decoder_command
 from ultrastyle.cli.export import export_command
 from ultrastyle.cli.models import app as models_app
 from ultrastyle.cli.stylize import stylize_command
@@ -17,6 +18,8 @@ app = typer.Typer(
 )
 app.command("stylize")(stylize_command)
 app.command("export")(export_command)
+app.command("distill")(distill_command)
+app.command("train-decoder")(train_decoder_command)
 app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
 
 if __name__ == "__main__":  # pragma: no cover
