@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -42,6 +43,12 @@ class Backend(str, Enum):
     tensorrt = "tensorrt"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 class Format(str, Enum):
     png = "png"
     jpg = "jpg"
@@ -80,7 +87,8 @@ def stylize_command(
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
-    backend: Annotated[Backend, typer.Option(help="auto: ONNX Runtime (TensorRT once built, issue #6); torch: the PyTorch reference.")] = Backend.auto,
+    backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
+    precision: Annotated[Precision, typer.Option(help="Engine precision on --backend tensorrt: fp32, fp16, or int8 (Q/DQ graphs from ultrastyle calibrate); other backends run fp32.")] = Precision.fp32,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
@@ -130,7 +138,7 @@ def stylize_command(
     try:
         net = open_runner(
             model, backend=backend.value, device=device.value, stages=tuple(sorted(set(level_tuple))),
-            threads=threads, on_export=lambda msg: console.print(msg, markup=False),
+            threads=threads, on_export=lambda msg: console.print(msg, markup=False), precision=precision.value,
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
@@ -141,6 +149,14 @@ def stylize_command(
                 plan_stage(net.arch, k, 4096, 4096, tiling, net.memory_factor(k))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
+    if tiling is not None and net.backend == "tensorrt":
+        from ultrastyle.trt.profiles import fit_tiling_to_engines
+
+        try:  # tiles never outgrow the engines' optimisation profiles
+            tiling = fit_tiling_to_engines(net.arch, level_tuple, tiling, net.profile_max_regions(), net.memory_factor)
+        except (ValueError, RunnerError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--tile") from None
+        options = replace(options, tiling=tiling)
 
     try:
         pairs = plan_pairs(contents, styles, output, fmt.value)

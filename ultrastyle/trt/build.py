@@ -43,7 +43,7 @@ import onnx
 
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.trt import engines as eng
-from ultrastyle.trt.env import GpuInfo, TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
+from ultrastyle.trt.env import GpuInfo, TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_tensorrt_stack
 from ultrastyle.trt.graphs import GraphSource, graph_sources, verify_int8_file
 from ultrastyle.trt.profiles import TileRange, network_shapes
 
@@ -139,11 +139,19 @@ def build_engines(
     workspace: int = DEFAULT_WORKSPACE,
     timing_cache: str | Path | None = None,
     force: bool = False,
+    keep_smaller_profiles: bool = False,
     on_step: Callable[[str], None] | None = None,
     verbose: bool = False,
 ) -> BuildReport:
-    """Build every stale or missing engine of ``bundle`` at ``precision`` for this GPU; fresh ones are kept."""
-    gpu = require_gpu()
+    """Build every stale or missing engine of ``bundle`` at ``precision`` for this GPU; fresh ones are kept.
+
+    An engine whose profile ends below ``ranges`` is rebuilt, unless
+    ``keep_smaller_profiles`` (first use from ``stylize``: a profile the user
+    built on purpose is kept, and the tiles are fitted to it instead).
+    """
+    gpu = require_tensorrt_stack(
+        "building TensorRT engines", f"`ultrastyle build {bundle.path} --check` checks the bundle without them"
+    )
     trt = import_tensorrt()
     features = detect_features(trt)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -164,7 +172,8 @@ def build_engines(
     for src in graph_sources(bundle, precision, stages):
         rng = ranges[src.stage]
         key = eng.engine_key(src.network, precision)
-        reasons = eng.stale_reasons(manifest, folder, src.network, precision, host=host, graph_sha256=src.sha256, need_region=rng.max)
+        reasons = eng.stale_reasons(manifest, folder, src.network, precision, host=host, graph_sha256=src.sha256,
+                                   need_region=None if keep_smaller_profiles else rng.max)  # fmt: skip
         if not reasons and not force:
             report.fresh.append(key)
             continue

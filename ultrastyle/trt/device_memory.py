@@ -173,7 +173,7 @@ class PyCudaMemory(DeviceMemory):
         try:
             self.cuda = importlib.import_module("pycuda.driver")
         except ImportError as exc:
-            raise TensorRTUnavailable(f"pycuda is not installed ({exc}); {INSTALL_PYCUDA}, or use --memory cuda-python") from exc
+            raise TensorRTUnavailable(f"pycuda is not installed ({exc}); install it with: {INSTALL_PYCUDA}, or set ULTRASTYLE_CUDA_BINDING=cuda-python") from exc
         self.cuda.init()
         self.context = self.cuda.Device(device).retain_primary_context()
         self.context.push()

@@ -26,9 +26,9 @@ from types import ModuleType
 
 from ultrastyle.runtime.backends.base import RunnerError
 
-INSTALL_TENSORRT = "pip install 'ultrastyle[tensorrt]'  (the tensorrt and cuda-python wheels; needs an NVIDIA driver)"
-INSTALL_PYCUDA = "pip install pycuda  (builds from source: needs the CUDA toolkit headers)"
-INSTALL_ORT_GPU = "pip install 'ultrastyle[gpu]'  (onnxruntime-gpu; uninstall the CPU onnxruntime wheel first)"
+INSTALL_TENSORRT = "pip install 'ultrastyle[tensorrt]'"  # the tensorrt and cuda-python wheels
+INSTALL_PYCUDA = "pip install pycuda (it builds from source and needs the CUDA toolkit headers)"
+INSTALL_ORT_GPU = "pip uninstall -y onnxruntime && pip install 'ultrastyle[gpu]'"  # onnxruntime-gpu replaces the CPU wheel
 
 _CC_MAJOR, _CC_MINOR = 75, 76  # CUdevice_attribute: COMPUTE_CAPABILITY_MAJOR / _MINOR
 
@@ -182,3 +182,37 @@ def tensorrt_status() -> tuple[str | None, str | None]:
         if v:
             return v, None
     return None, f"not installed: {INSTALL_TENSORRT}"
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
+
+
+def has_cuda_binding() -> bool:
+    """cuda-python (``cuda.bindings``, or ``cuda.cudart`` before 12.6) or pycuda."""
+    return _has_module("cuda.bindings") or _has_module("cuda.cudart") or _has_module("pycuda")
+
+
+def missing_for_tensorrt() -> list[str]:
+    """What the TensorRT backend lacks here, each with how to get it (empty: all present)."""
+    missing = []
+    if not _has_module("tensorrt"):
+        missing.append(f"the tensorrt package ({INSTALL_TENSORRT}, which brings cuda-python too)")
+    if not has_cuda_binding():
+        missing.append("a CUDA binding for device memory: cuda-python (pip install cuda-python) or pycuda")
+    if not probe_gpus():
+        missing.append("an NVIDIA GPU with its driver (none is visible: libcuda.so.1 missing or no device)")
+    return missing
+
+
+def require_tensorrt_stack(what: str = "the TensorRT backend", instead: str = "use --backend onnxruntime to run on the CPU") -> GpuInfo:
+    """The GPU when TensorRT, a CUDA binding and a GPU are all here; else one TensorRTUnavailable naming all that is missing."""
+    missing = missing_for_tensorrt()
+    if missing:
+        raise TensorRTUnavailable(f"{what} needs " + "; ".join(missing) + f"; {instead}")
+    return probe_gpus()[0]

@@ -1,10 +1,14 @@
 """Choosing a backend and opening a runner for a model given by zoo name, weights folder or bundle.
 
-``auto`` picks TensorRT where engines and a GPU are present (not built yet:
-issue #6), else ONNX Runtime. ONNX Runtime runs a bundle; for a zoo model or a
-weights folder the bundle is exported on first use and cached under
+``auto`` picks TensorRT where a GPU, TensorRT and a CUDA binding are present
+and the model's bundle already has fresh engines for this GPU and TensorRT
+version at the asked precision (``ultrastyle build``); else ONNX Runtime (with
+``--device cuda``: its CUDA provider where onnxruntime-gpu is installed, else
+PyTorch). ONNX Runtime and TensorRT run a bundle; for a zoo model or a weights
+folder the bundle is exported on first use and cached under
 ``$ULTRASTYLE_HOME/bundles/<model>-<weights digest>`` (re-exported when the
-weights change).
+weights change). ``--backend tensorrt`` builds missing or stale engines on
+first use, the way the bundle itself is exported on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ultrastyle.models.spec import STAGES
 from ultrastyle.runtime.backends.base import Runner, RunnerError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] = STAGES) -> tuple[str, dict[str, str]]:
@@ -71,12 +76,55 @@ def ensure_bundle(
     return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(stages))), source_weights=files)
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """``auto`` -> a concrete backend for ``device``."""
+def _cached_bundle_path(source: str | Path, stages: tuple[int, ...]) -> Path | None:
+    """The bundle ``source`` runs from, if it exists already (nothing is exported to find out)."""
+    if is_bundle(source):
+        return Path(source)
+    try:
+        name, files = weights_digest(source, stages)
+    except (zoo.ZooError, OSError, KeyError, ValueError):
+        return None
+    path = bundle_dir_for(name, files)
+    return path if is_bundle(path) else None
+
+
+def tensorrt_engines_ready(source: str | Path, stages: tuple[int, ...] = STAGES, precision: str = "fp32") -> bool:
+    """Whether ``source``'s bundle has fresh engines for this GPU and TensorRT (cheap checks first; never raises)."""
+    from ultrastyle.trt.env import missing_for_tensorrt
+
+    if missing_for_tensorrt():
+        return False
+    path = _cached_bundle_path(source, stages)
+    if path is None or not (path / "engines").is_dir():
+        return False
+    try:
+        from ultrastyle.trt import engines as eng
+        from ultrastyle.trt.env import import_tensorrt, probe_gpus
+        from ultrastyle.trt.graphs import graph_sources
+
+        gpu = probe_gpus()[0]
+        host = eng.Host(gpu.name, gpu.compute_capability, str(import_tensorrt().__version__))
+        folder = eng.engine_dir(path, host)
+        manifest = eng.read_manifest(folder)
+        bundle = read_bundle(path)
+        return not any(
+            eng.stale_reasons(manifest, folder, s.network, precision, host=host, graph_sha256=s.sha256)
+            for s in graph_sources(bundle, precision, stages)
+        )
+    except Exception:  # noqa: BLE001 - any doubt means "not ready": auto then takes ONNX Runtime
+        return False
+
+
+def resolve_backend(
+    backend: str, device: str, source: str | Path | None = None, stages: tuple[int, ...] = STAGES, precision: str = "fp32"
+) -> str:
+    """``auto`` -> a concrete backend for ``device`` (TensorRT when ``source`` has fresh engines here)."""
     if backend not in BACKENDS:
         raise RunnerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if source is not None and tensorrt_engines_ready(source, stages, precision):
+        return "tensorrt"
     if device == "cuda":
         from ultrastyle.runtime.backends.onnxruntime_backend import providers_for
 
@@ -97,13 +145,22 @@ def open_runner(
     threads: int = 0,
     progress: bool = True,
     on_export: Callable[[str], None] | None = None,
+    precision: str = "fp32",
 ) -> Runner:
-    """An (inactive) runner for ``source`` on ``backend``; use it as a context manager."""
-    concrete = resolve_backend(backend, device)
-    if concrete == "tensorrt":
+    """An (inactive) runner for ``source`` on ``backend``; use it as a context manager.
+
+    ``precision`` (fp32, fp16, int8) selects TensorRT engines; the other backends run fp32.
+    """
+    if precision not in PRECISIONS:
+        raise RunnerError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    concrete = resolve_backend(backend, device, source, stages, precision)
+    if precision != "fp32" and concrete != "tensorrt":
         raise RunnerError(
-            "the TensorRT backend is not built yet (tracked in issue #6); use --backend onnxruntime or torch"
+            f"--precision {precision} runs on the TensorRT backend only (ONNX Runtime int8 is issue #7); "
+            f"use --backend tensorrt on an NVIDIA GPU, or --precision fp32 with {concrete}"
         )
+    if concrete == "tensorrt":
+        return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
     if concrete == "torch":
         if is_bundle(source):
             raise RunnerError(
@@ -124,3 +181,30 @@ def open_runner(
     if missing:
         raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
     return OnnxRuntimeRunner(bundle, threads=threads, providers=providers)
+
+
+def _open_tensorrt(
+    source: str | Path, *, stages: tuple[int, ...], precision: str, progress: bool, on_export: Callable[[str], None] | None
+) -> Runner:
+    """A TensorRT runner; the bundle is exported and the engines built on first use (minutes, once per GPU)."""
+    from ultrastyle.runtime.backends.tensorrt_backend import TensorRTRunner
+    from ultrastyle.trt.build import build_engines
+    from ultrastyle.trt.env import require_tensorrt_stack
+    from ultrastyle.trt.graphs import GraphError
+    from ultrastyle.trt.profiles import default_ranges
+
+    gpu = require_tensorrt_stack()  # before any export: one message naming all that is missing
+    bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
+    missing = set(stages) - set(bundle.stages)
+    if missing:
+        raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
+    try:
+        build_engines(
+            bundle, precision=precision, ranges=default_ranges(bundle.arch, stages, precision), stages=stages,
+            keep_smaller_profiles=True,
+            on_step=(lambda msg: on_export(f"TensorRT for {gpu.name} (first use; `ultrastyle build` does this ahead): {msg}"))
+            if on_export else None,
+        )  # fmt: skip
+    except GraphError as exc:
+        raise RunnerError(str(exc)) from exc
+    return TensorRTRunner(bundle, precision=precision)

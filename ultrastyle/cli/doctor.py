@@ -1,0 +1,105 @@
+"""`ultrastyle doctor`: what is installed and usable here, with the install command for what is missing."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+@dataclass
+class Row:
+    what: str
+    status: str  # "ok" | "missing" | "unusable" | "info"
+    detail: str
+
+
+def gather() -> list[Row]:
+    """Every probe; none raises (a CPU-only machine is a healthy setup)."""
+    from ultrastyle.trt.env import (
+        INSTALL_ORT_GPU,
+        INSTALL_PYCUDA,
+        INSTALL_TENSORRT,
+        _has_module,
+        detect_features,
+        import_tensorrt,
+        package_version,
+        probe_gpus,
+    )
+
+    rows = [Row("python", "ok", f"{platform.python_version()} ({sys.executable})")]
+    try:
+        import torch
+
+        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "CPU build or no GPU"
+        rows.append(Row("torch", "ok", f"{torch.__version__}; {cuda}"))
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        rows.append(Row("torch", "missing", f"{exc}: pip install torch"))
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        gpu = "CUDAExecutionProvider" in providers
+        rows.append(Row("onnxruntime", "ok", f"{ort.__version__}; providers {', '.join(providers)}"
+                        + ("" if gpu else f"; for its CUDA provider: {INSTALL_ORT_GPU}")))  # fmt: skip
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        rows.append(Row("onnxruntime", "missing", f"{exc}: pip install onnxruntime"))
+
+    gpus = probe_gpus()
+    if gpus:
+        for g in gpus:
+            rows.append(Row(f"gpu {g.index}", "ok", f"{g.name}, compute capability {g.compute_capability[0]}.{g.compute_capability[1]}, "
+                                                     f"{g.total_memory / 2**30:.1f} GiB"))  # fmt: skip
+        g = gpus[0]
+        rows.append(Row("driver", "ok", f"NVIDIA {g.nvidia_driver or '?'}, supports CUDA {g.cuda_driver}"))
+    else:
+        rows.append(Row("gpu", "missing", "no NVIDIA GPU or driver visible (libcuda.so.1): the CPU backends run; TensorRT needs a GPU"))
+
+    trt_version = package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu13")
+    if not _has_module("tensorrt"):
+        rows.append(Row("tensorrt", "missing", INSTALL_TENSORRT))
+    else:
+        try:
+            trt = import_tensorrt()
+            f = detect_features(trt)
+            api = "strongly typed" + (", weak-typing flags" if f.weak_typing_flags else "") + (
+                ", device_memory_size_v2" if f.device_memory_v2 else ", device_memory_size")
+            rows.append(Row("tensorrt", "ok" if gpus else "unusable",
+                            f"{f.version} ({api})" + ("" if gpus else "; no GPU here: Builder and Runtime would fail (CUDA error 35)")))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a broken install is reported, not raised
+            rows.append(Row("tensorrt", "unusable", f"{trt_version or '?'}: {exc}"))
+    cp = package_version("cuda-python") or package_version("cuda-bindings")
+    has_cp = _has_module("cuda.bindings") or _has_module("cuda.cudart")
+    rows.append(Row("cuda-python", "ok" if has_cp else "missing", cp if has_cp else f"{INSTALL_TENSORRT} (or pip install cuda-python)"))
+    has_pc = _has_module("pycuda")
+    rows.append(Row("pycuda", "ok" if has_pc else "missing", (package_version("pycuda") or "?") if has_pc else f"optional; {INSTALL_PYCUDA}"))
+    return rows
+
+
+def doctor_command() -> None:
+    """Report Python, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver.
+
+    Exit status 0 on a healthy setup, CPU-only included; what is missing comes
+    with the command that installs it.
+    """
+    from ultrastyle.trt.env import missing_for_tensorrt
+
+    table = Table(show_header=True, header_style="bold", box=None)
+    for col in ("component", "status", "details"):
+        table.add_column(col)
+    for r in gather():
+        style = {"ok": "green", "missing": "yellow", "unusable": "red"}.get(r.status, "")
+        table.add_row(escape(r.what), f"[{style}]{r.status}[/]" if style else r.status, escape(r.detail))
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(table)
+    missing = missing_for_tensorrt()
+    if missing:
+        out.print(f"backends: onnxruntime and torch ready; tensorrt not usable here ({len(missing)} missing above)", markup=False)
+    else:
+        out.print("backends: onnxruntime, torch and tensorrt ready (build engines with: ultrastyle build BUNDLE)", markup=False)
+    raise typer.Exit(0)
