@@ -111,6 +111,23 @@ def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
     assert highs[2] <= highs[0] + 64 * 2**20, [h >> 20 for h in highs]
 
 
+def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
+    # Without it the shared arena holds every pass's peak; the tiled pipeline calls it between passes.
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    with OnnxRuntimeRunner(bundle, threads=2) as r:
+        r.release_memory()
+        before = rss()
+        r.encode(4, torch.rand(1, 3, 768, 768))
+        grown = rss() - before
+        r.release_memory()
+        released = rss() - before
+    assert grown > 100 * 2**20, grown >> 20  # the run really held arena memory
+    assert released < grown / 3, (grown >> 20, released >> 20)
+
+
 def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_it_is_not_built():
     assert resolve_backend("auto", "cpu") == "onnxruntime"
     if not torch.cuda.is_available():  # no onnxruntime-gpu here: PyTorch takes the GPU request

@@ -227,6 +227,7 @@ def stylize_stage_tiled(
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
+        _release(model)
         a, b = fit_affine(method, content, style, alpha)
         dst = Canvas(c, h, w, disk_dir=disk_dir)
         try:
@@ -237,7 +238,7 @@ def stylize_stage_tiled(
     finally:
         if feats is not None:
             feats.close()
-        release_free_memory()
+        _release(model)
     return dst
 
 
@@ -246,10 +247,19 @@ def style_statistics_tiled(
 ) -> dict[int, FeatureStats]:
     """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`)."""
     _, h, w = style.shape
-    return {
-        k: encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
-        for k in set(levels)
-    }
+    stats = {}
+    for k in sorted(set(levels)):
+        stats[k] = encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
+        _release(model)
+    return stats
+
+
+def _release(model: StageNetworks) -> None:
+    """Between passes: the runner's cached memory (an ORT arena), then the C heap's free pages."""
+    release = getattr(model, "release_memory", None)
+    if release is not None:
+        release()
+    release_free_memory()
 
 
 def _core_statistics(

@@ -132,6 +132,9 @@ class Runner(ABC):
         core = self.encode_core(stage, image, rows, cols)
         return FeatureStats.of(core), (core if keep_features else None)
 
+    def release_memory(self) -> None:
+        """Give memory cached for past tile shapes back (called between tile passes); no-op by default."""
+
     def memory_bytes(self) -> int:
         """Memory the runner holds on its device (best effort; 0 when unknown)."""
         return 0

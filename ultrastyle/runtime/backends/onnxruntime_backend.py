@@ -142,6 +142,24 @@ class OnnxRuntimeRunner(Runner):
     def deactivate_impl(self) -> None:
         self._sessions.clear()
 
+    def release_memory(self) -> None:
+        """Hand the arena's free chunks back to the OS between tile passes.
+
+        The arena keeps every chunk it ever allocated, and each pass (another
+        network, other tile shapes) asks for other sizes, so without this the
+        process would hold the sum of all passes' peaks instead of the largest
+        one. ORT shrinks an arena at the end of a run that asks for it, so a
+        run on a tiny input does it here, before the next pass allocates.
+        """
+        if not self.is_active or self.arena == "off" or self.providers[0] != "CPUExecutionProvider":
+            return
+        stage = min(self.stages)
+        side = 2 ** (stage + 1)  # the smallest input the stage's grid and reflection pads accept
+        sess = self.session(f"encoder{stage}")
+        options = _import_ort().RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        sess.run(None, {"image": np.zeros((1, 3, side, side), np.float32)}, options)
+
     def session(self, network: str):
         """The network's InferenceSession, created on first use."""
         if network not in self._sessions:

@@ -63,5 +63,9 @@ class TorchRunner(Runner):
         self._check_active()
         return self.model.stylize_core(stage, image, a, b, rows, cols)
 
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
