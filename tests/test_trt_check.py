@@ -1,0 +1,151 @@
+"""`build --check`: the static TensorRT compatibility check, on the real CD 16x bundle and on graphs it must reject."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from ultrastyle.cli.main import app
+from ultrastyle.export.bundle import export_bundle, read_bundle
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.models.zoo import sha256_file
+from ultrastyle.trt.check import check_bundle, check_model
+
+
+@pytest.fixture(scope="module")
+def bundle(cd16x_dir, tmp_path_factory):
+    return export_bundle(load_cd_folder(cd16x_dir), tmp_path_factory.mktemp("trtcheck") / "cd16x")
+
+
+def _errors(model: onnx.ModelProto, kind: str | None = "encoder") -> list[str]:
+    return [f.message for f in check_model(model, "g.onnx", kind=kind) if f.severity == "error"]
+
+
+def _load(bundle, name: str) -> onnx.ModelProto:
+    return onnx.load(bundle.graph_path(name))
+
+
+def test_real_cd16x_bundle_is_compatible_at_fp32_and_fp16(bundle):
+    for precision in ("fp32", "fp16"):
+        report = check_bundle(bundle, precisions=(precision,))
+        assert report.ok, [str(f) for f in report.errors]
+        # 5 stages x (encoder, decoder, decoder_affine, stats); stages 4 and 5 share the 128-channel statistics graph
+        assert report.graphs == 19 and report.nodes > 300
+
+
+def test_cli_check_exits_0_and_says_compatible(bundle):
+    r = CliRunner().invoke(app, ["build", str(bundle.path), "--check"])
+    assert r.exit_code == 0, r.output
+    assert "compatible with TensorRT at fp32" in r.output and "stage 5: 32.." in r.output
+
+
+def test_edge_pad_is_rejected_for_a_stage_graph(bundle):
+    m = _load(bundle, "encoder2")
+    pad = next(n for n in m.graph.node if n.op_type == "Pad")
+    pad.attribute[0].s = b"edge"
+    errs = _errors(m)
+    assert len(errs) == 1 and "Pad mode 'edge'" in errs[0] and "reflection" in errs[0]
+
+
+def test_resize_cubic_is_rejected(bundle):
+    m = _load(bundle, "decoder3")
+    rs = next(n for n in m.graph.node if n.op_type == "Resize")
+    next(a for a in rs.attribute if a.name == "mode").s = b"cubic"
+    assert any("Resize mode 'cubic'" in e and "nearest and linear" in e for e in _errors(m, "decoder"))
+    assert any("Resize mode 'cubic'" in e for e in _errors(m, None))  # a TensorRT rule, not only ultrastyle's
+
+
+def test_maxpool_with_indices_is_rejected(bundle):
+    m = _load(bundle, "encoder3")
+    mp = next(n for n in m.graph.node if n.op_type == "MaxPool")
+    mp.output.append("pool_indices")
+    assert any("Indices" in e for e in _errors(m, None))
+
+
+def test_runtime_pads_unsupported_op_and_opset_are_rejected(bundle):
+    m = _load(bundle, "encoder1")
+    pad = next(n for n in m.graph.node if n.op_type == "Pad")
+    m.graph.node.insert(0, helper.make_node("Identity", [pad.input[1]], ["pads_runtime"]))
+    pad.input[1] = "pads_runtime"
+    assert any("computed at run time" in e for e in _errors(m))
+    m2 = _load(bundle, "encoder1")
+    m2.graph.node.append(helper.make_node("StringNormalizer", ["features"], ["s"]))
+    assert any("StringNormalizer is not supported" in e for e in _errors(m2))
+    m3 = _load(bundle, "encoder1")
+    m3.opset_import[0].version = 25
+    assert any("opset 25" in e for e in _errors(m3))
+    m4 = _load(bundle, "encoder1")
+    m4.opset_import[0].version = 21
+    assert not _errors(m4) and any(f.severity == "warning" for f in check_model(m4, "g", kind="encoder"))
+
+
+def _qdq_conv(zero_point: int = 0, zp_type=TensorProto.INT8, q_to_conv: bool = False, scale: float = 0.02) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv(DQ(int8 weights)) -> y: the explicit-quantization pattern TensorRT fuses."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(scale, np.float32), "sx"),
+        helper.make_tensor("zx", zp_type, [], [zero_point]),
+        numpy_helper.from_array(rng.integers(-127, 127, (4, 3, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.full(4, 0.01, np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "zw"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
+        helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["w"], name="dqw", axis=0),
+        helper.make_node("Conv", ["xq" if q_to_conv else "xd", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "H", "W"])], inits)  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_qdq_rules():
+    assert _errors(_qdq_conv(), None) == []
+    assert any("zero-point is [3]" in e for e in _errors(_qdq_conv(zero_point=3), None))
+    assert any("signed" in e for e in _errors(_qdq_conv(zp_type=TensorProto.UINT8), None))
+    assert any("straight into a DequantizeLinear" in e for e in _errors(_qdq_conv(q_to_conv=True), None))
+    assert any("positive scales" in e for e in _errors(_qdq_conv(scale=0.0), None))
+
+
+def test_int8_without_qdq_graphs_says_to_calibrate(bundle):
+    report = check_bundle(bundle, precisions=("int8",))
+    assert not report.ok and "ultrastyle calibrate" in report.errors[0].message
+
+
+def test_int8_qdq_graph_stored_by_calibration_is_checked(bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(bundle.path, dst, ignore=shutil.ignore_patterns("engines"))
+    onnx.save(_qdq_conv(zero_point=5), dst / "encoder1.int8.onnx")
+    mf = json.loads((dst / "manifest.json").read_text())
+    mf["networks"]["encoder1"]["int8"] = {"file": "encoder1.int8.onnx", "sha256": sha256_file(dst / "encoder1.int8.onnx")}
+    (dst / "manifest.json").write_text(json.dumps(mf))
+    report = check_bundle(read_bundle(dst), precisions=("int8",), stages=(1,))
+    # the Q and the DQ of the activation pair each carry the zero-point
+    assert {("encoder1.int8.onnx" in f.where, "zero-point is [5]" in f.message) for f in report.errors} == {(True, True)}
+
+
+def test_cli_check_lists_problems_and_exits_1(bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(bundle.path, dst, ignore=shutil.ignore_patterns("engines"))
+    m = onnx.load(dst / "decoder2.onnx")
+    next(a for a in next(n for n in m.graph.node if n.op_type == "Resize").attribute if a.name == "mode").s = b"cubic"
+    onnx.save(m, dst / "decoder2.onnx")
+    mf = json.loads((dst / "manifest.json").read_text())
+    mf["networks"]["decoder2"]["sha256"] = sha256_file(dst / "decoder2.onnx")
+    (dst / "manifest.json").write_text(json.dumps(mf))
+    r = CliRunner().invoke(app, ["build", str(dst), "--check", "--stages", "1,2"])
+    assert r.exit_code == 1, r.output
+    assert "decoder2.onnx: node" in r.output and "cubic" in r.output and "NOT compatible" in r.output
+
+
+def test_cli_check_rejects_a_profile_too_small_for_the_halo(bundle):
+    r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-max", "64"])
+    assert r.exit_code == 1
+    assert "stage 5 profile" in r.output and "raise --tile-max" in r.output
