@@ -135,7 +135,7 @@ def profile_problems(spec: ArchSpec, stage: int, rng: TileRange, options: Tiling
     if rng.min < 2 * g:
         problems.append(
             f"stage {stage}: profile min {rng.min} px is below 2 x grid = {2 * g} px, the smallest padded image side "
-            "(and the smallest on which every reflect pad has 2 pixels to mirror); use --tile-min {2 * g} or more"
+            f"(and the smallest on which every reflect pad has 2 pixels to mirror); use --tile-min {2 * g} or more"
         )
     if not rng.min <= rng.opt <= rng.max:
         problems.append(f"stage {stage}: profile must satisfy min <= opt <= max, got {rng.min} / {rng.opt} / {rng.max}")
