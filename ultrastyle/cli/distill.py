@@ -139,24 +139,24 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folde
 ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder of training photos (searched recursively).")]
 StyleOpt = Annotated[Optional[Path], typer.Option("--style", help="Folder of style images (AdaIN mode).")]
 ModeOpt = Annotated[Optional[Mode], typer.Option(help="wct: reconstruction losses; adain: AdaIN style-transfer loss (needs --style).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints, log.csv, losses.png, config.yaml [default: OUT/runs/{k}SE or {k}SD].")]
-CropOpt = Annotated[Optional[int], typer.Option(help="Random crop side in pixels [default: 256].")]
-ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize each photo's short side to this before cropping; 0 keeps it [default: 300].")]
-ValFracOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the photos held out for validation [default: 0.1].")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step [default: 4].")]
-StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps [default: 2000]; may be raised on --resume.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate [default: 1e-4].")]
-CkptOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints [default: 200].")]
-LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CSV row [default: 10].")]
-ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints [default: 0].")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker processes [default: 2].")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init) [default: 0].")]
-DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to train [default: cpu].")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default [default: 0].")]
-PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss [default: 1].")]
-PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss [default: 1].")]
-ContentOpt = Annotated[Optional[float], typer.Option("--content-weight", help="AdaIN mode: content loss weight [default: 1].")]
-StyleWOpt = Annotated[Optional[float], typer.Option("--style-weight", help="AdaIN mode: style loss weight [default: 10].")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints, log.csv, losses.png, config.yaml", show_default="OUT/runs/{k}SE or {k}SD")]
+CropOpt = Annotated[Optional[int], typer.Option(help="Random crop side in pixels", show_default="256")]
+ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize each photo's short side to this before cropping; 0 keeps it", show_default="300")]
+ValFracOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the photos held out for validation", show_default="0.1")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step", show_default="4")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps; may be raised on --resume.", show_default="2000")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate", show_default="1e-4")]
+CkptOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints", show_default="200")]
+LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CSV row", show_default="10")]
+ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints", show_default="0")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker processes", show_default="2")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init)", show_default="0")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to train", show_default="cpu")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default", show_default="0")]
+PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss", show_default="1")]
+PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss", show_default="1")]
+ContentOpt = Annotated[Optional[float], typer.Option("--content-weight", help="AdaIN mode: content loss weight", show_default="1")]
+StyleWOpt = Annotated[Optional[float], typer.Option("--style-weight", help="AdaIN mode: style loss weight", show_default="10")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint (same settings; --steps may grow).")]
 
 
@@ -176,11 +176,11 @@ def distill_command(
     stage: StageOpt = None,
     out: OutOpt = None,
     images: ImagesOpt = None,
-    collaborator: Annotated[Optional[str], typer.Option(help="Model with the collaborator decoder {k}SD.pth [default: the teacher].")] = None,
-    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x) [default: teacher widths x --width-factor].")] = None,
-    width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width [default: 0.5].")] = None,
-    init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights [default: prune].")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2 [default: 10].")] = None,
+    collaborator: Annotated[Optional[str], typer.Option(help="Model with the collaborator decoder {k}SD.pth", show_default="the teacher")] = None,
+    student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x)", show_default="teacher widths x --width-factor")] = None,
+    width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width", show_default="0.5")] = None,
+    init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights", show_default="prune")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2", show_default="10")] = None,
     collaborate: Annotated[Optional[bool], typer.Option("--collaborate/--no-collaborate", help="--no-collaborate: embedding loss only (plain feature distillation).")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
     val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
@@ -213,8 +213,8 @@ def train_decoder_command(
     stage: StageOpt = None,
     out: OutOpt = None,
     images: ImagesOpt = None,
-    loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder [default: the encoder].")] = None,
-    init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider) [default: random].")] = None,
+    loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder", show_default="the encoder")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider)", show_default="random")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
     val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,

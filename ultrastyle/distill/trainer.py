@@ -279,16 +279,17 @@ class Trainer:
                     batch = next(batches)
                     losses = self.task({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
                     loss = losses["loss"]
-                    if not math.isfinite(float(loss)):
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
                         raise TrainingError(
-                            f"loss became {float(loss)} at step {step + 1}; lower the learning rate "
+                            f"loss became {value} at step {step + 1}; lower the learning rate "
                             f"(now {opts.lr:g}) and resume from the last checkpoint (step {saved_at})"
                         )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
                     step += 1
-                    last = {k: float(v) for k, v in losses.items()}
+                    last = {k: float(v.detach()) for k, v in losses.items()}
                     for k, v in last.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1

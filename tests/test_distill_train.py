@@ -1,0 +1,188 @@
+"""Whole training runs: checkpoints, resume, Ctrl-C, logs, the CLI, and the trained model in use.
+
+A tiny teacher (widths 6/8, written as a model folder) and 64 x 48 synthetic
+photos keep every run to a fraction of a second of compute.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from ultrastyle.cli.main import app
+from ultrastyle.distill.config import DecoderConfig, DistillConfig
+from ultrastyle.distill.jobs import distill, train_decoder
+from ultrastyle.distill.outputs import claim_folder, write_network
+from ultrastyle.distill.trainer import read_checkpoint
+from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.pretrained import load_model
+from ultrastyle.models.spec import ArchSpec
+
+TEACHER = ArchSpec("tinyteacher", (6, 8, 8, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = claim_folder(tmp_path_factory.mktemp("teacher"), TEACHER)
+    torch.manual_seed(0)
+    for k in (1, 2):
+        write_network(d, f"{k}SE.pth", Encoder(TEACHER, k))
+        write_network(d, f"{k}SD.pth", Decoder(TEACHER, k))
+    return d
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((64, 48), Image.BILINEAR).save(d / f"p{i}.png")
+    return d
+
+
+def _config(teacher_dir: Path, photos: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(stage=2, out=str(out), images=str(photos), teacher=str(teacher_dir), crop=16, resize=24, batch_size=2,
+                steps=6, checkpoint_every=2, log_every=1, workers=0, lr=1e-3, val_fraction=0.25)  # fmt: skip
+    return DistillConfig(**{**base, **kw})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(obj) == {"model", "step"}
+    return obj["model"]
+
+
+def test_interrupted_crashed_and_resumed_run_equals_an_uninterrupted_one(teacher_dir, photos, tmp_path):
+    whole = distill(_config(teacher_dir, photos, tmp_path / "a"))
+    assert whole.train.status == "done" and whole.outputs == [tmp_path / "a" / "2SE.pth"]
+
+    cfg = _config(teacher_dir, photos, tmp_path / "b")
+
+    def ctrl_c_at_3(r):
+        if r.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C in the terminal sends
+
+    part = distill(cfg, on_step=ctrl_c_at_3)
+    assert part.train.status == "interrupted" and part.train.step == 3 and part.outputs == []
+    assert not (tmp_path / "b" / "2SE.pth").exists()
+    ck = read_checkpoint(part.run_dir / "checkpoint.pt")
+    assert ck["step"] == 3 and ck["optimizer"]["state"] and "torch" in ck["rng"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(r):
+        if r.step == 5:
+            raise Crash  # a killed process: step 5 is lost, the checkpoint of step 4 is not
+
+    with pytest.raises(Crash):
+        distill(cfg, resume=True, on_step=crash_at_5)
+    assert read_checkpoint(part.run_dir / "checkpoint.pt")["step"] == 4
+
+    done = distill(cfg, resume=True)
+    assert done.train.status == "done" and done.train.step == 6
+    a, b = _weights(tmp_path / "a" / "2SE.pth"), _weights(tmp_path / "b" / "2SE.pth")
+    assert a.keys() == b.keys() and "conv21_aux.weight" in a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+    rows = list(csv.DictReader(open(done.run_dir / "log.csv")))
+    train_steps = [int(r["step"]) for r in rows if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # lost step 5 logged once, after the resume
+    ref = list(csv.DictReader(open(whole.run_dir / "log.csv")))
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in rows] == [drop(r) for r in ref]  # same losses, step by step, train and val
+
+
+def test_a_finished_run_is_not_retrained_and_a_fresh_run_refuses_an_existing_checkpoint(teacher_dir, photos, tmp_path):
+    cfg = _config(teacher_dir, photos, tmp_path / "m", steps=2)
+    distill(cfg)
+    again = distill(cfg, resume=True)
+    assert again.train.status == "done" and again.train.step == 2
+    from ultrastyle.distill.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="already holds a checkpoint"):
+        distill(cfg)
+
+
+def test_cli_distill_then_train_decoder_gives_a_model_that_loads_stylizes_and_exports(teacher_dir, photos, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "student"
+    cfg = tmp_path / "distill.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": str(teacher_dir), "images": str(photos), "crop": 16, "resize": 24,
+                                   "batch-size": 2, "checkpoint_every": 2, "log_every": 1, "workers": 0, "lr": 1e-3}))  # fmt: skip
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "1,2", "-o", str(out), "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    run = out / "runs" / "2SE"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["steps"] == 3 and saved["crop"] == 16 and saved["teacher"] == str(teacher_dir)
+    assert saved["resolved"]["architecture"]["widths"] == [3, 4, 4, 4, 4]
+    with Image.open(run / "losses.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+    assert {"embed", "pixel", "perceptual", "loss"} <= set(next(csv.DictReader(open(run / "log.csv"))))
+
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "3", "--lr", "0.5", "--resume"])
+    assert r.exit_code == 2 and "lr=0.001 (now 0.5)" in r.output
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "5", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == 5
+
+    r = runner.invoke(app, ["train-decoder", "-e", str(out), "--loss-encoder", str(teacher_dir), "--init", str(teacher_dir),
+                            "--stage", "1,2", "--images", str(photos), "-o", str(out), "--steps", "3", "--crop", "16",
+                            "--resize", "24", "--batch-size", "2", "--workers", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for k in (1, 2):
+        assert set(_weights(out / f"{k}SD.pth")) == {f"{n}.{p}" for n in (["conv11"] if k == 1 else ["conv21", "conv12", "conv11"]) for p in ("weight", "bias")}
+    assert json.loads((out / "architecture.json").read_text())["widths"] == [3, 4, 4, 4, 4]
+
+    model = load_model(out, stages=(1, 2))
+    assert model.arch.widths == (3, 4, 4, 4, 4) and model.encoders[2].out_channels == 4
+    assert model.decoders[2](model.encode(2, torch.rand(1, 3, 16, 16))).shape == (1, 3, 16, 16)
+
+    img = tmp_path / "c.png"
+    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(img)
+    r = runner.invoke(app, ["stylize", str(img), "--style", str(img), "--model", str(out), "--levels", "2,1",
+                            "--backend", "torch", "--style-size", "0", "-o", str(tmp_path / "styled")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "styled").iterdir())) == 1
+
+    r = runner.invoke(app, ["export", str(out), "-o", str(tmp_path / "bundle"), "--stages", "1,2"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["architecture"]["widths"] == [3, 4, 4, 4, 4]
+    assert {"encoder2", "decoder2", "decoder_affine1"} <= set(manifest["networks"])
+
+
+def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: x\nlearning_rate: 0.1\n")
+    r = runner.invoke(app, ["distill", "--config", str(bad), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos)])
+    assert r.exit_code == 2 and "unknown setting 'learning_rate'" in r.output
+    r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "3", "-o", str(tmp_path / "o"), "--images", str(photos), "--crop", "10"])
+    assert r.exit_code == 2 and "crop: stage 3 needs a multiple of 4" in r.output
+    r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "no such folder" in r.output
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos), "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA device" in r.output
+
+
+def test_train_decoder_writes_a_complete_teacher_model(teacher_dir, photos, tmp_path):
+    """A collaborator decoder for a teacher: the folder also receives the encoder, so it is a model."""
+    cfg = DecoderConfig(stage=1, out=str(tmp_path / "t"), images=str(photos), encoder=str(teacher_dir), crop=16,
+                        resize=24, batch_size=2, steps=2, workers=0)  # fmt: skip
+    result = train_decoder(cfg)
+    assert sorted(p.name for p in result.outputs) == ["1SD.pth", "1SE.pth"]
+    torch.testing.assert_close(_weights(tmp_path / "t" / "1SE.pth")["conv11.weight"], _weights(teacher_dir / "1SE.pth")["conv11.weight"])
+    assert load_model(tmp_path / "t", stages=(1,)).arch.widths == TEACHER.widths
