@@ -188,6 +188,7 @@ class _Engine:
         self.outputs = [o.name for o in self.model.graph.output]
         self.num_io_tensors = len(self.inputs) + len(self.outputs)
         self.device_memory_size_v2 = 1 << 16
+        self.shape_cache: dict = {}
 
     def get_tensor_name(self, i: int) -> str:
         return (self.inputs + self.outputs)[i]
@@ -234,7 +235,16 @@ class _Context:
                 d.Clear()
                 d.dim_value = v
         m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-        return {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in m.graph.output}
+        shapes = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in m.graph.output}
+        if all(all(d > 0 for d in s) for s in shapes.values()):
+            return shapes
+        # ONNX shape inference does not follow Resize's scales: run the graph once on zeros, as TensorRT's own inference would tell
+        key = tuple(sorted(self.shapes.items()))
+        if key not in self.engine.shape_cache:
+            feed = {n: np.zeros(self.shapes[n], np.float32) for n in self.engine.inputs}
+            outs = self.engine.session.run(self.engine.outputs, feed)
+            self.engine.shape_cache[key] = {n: tuple(o.shape) for n, o in zip(self.engine.outputs, outs)}
+        return self.engine.shape_cache[key]
 
     def get_tensor_shape(self, name):
         return self._output_shapes()[name]

@@ -218,8 +218,14 @@ def stylize_stage_tiled(
     alpha: float,
     disk_dir: str | None = None,
     on_tile: TileCallback | None = None,
+    out: Canvas | None = None,
 ) -> Canvas:
-    """One stage over a whole canvas, tile by tile; returns a new canvas (in RAM or ``disk_dir``)."""
+    """One stage over a whole canvas, tile by tile, into ``out`` or a new canvas (in RAM or ``disk_dir``).
+
+    Every pixel of ``out`` is overwritten, so a spare canvas from an earlier
+    stage can be reused: its pages are already mapped, which saves the page
+    faults of a fresh one.
+    """
     c, h, w = src.shape
     plan = plan_stage(model.arch, stage, h, w, options, _memory_factor(model, stage))
     feats = None
@@ -229,11 +235,14 @@ def stylize_stage_tiled(
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
         _release(model)
         a, b = fit_affine(method, content, style, alpha)
-        dst = Canvas(c, h, w, disk_dir=disk_dir)
+        if out is not None and out.shape != src.shape:
+            raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
+        dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
         try:
             decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
         except BaseException:
-            dst.close()
+            if out is None:
+                dst.close()
             raise
     finally:
         if feats is not None:
@@ -294,19 +303,22 @@ def stylize_tiled(
     disk_dir = options.canvas_dir(model.arch, h, w, levels)
     if disk_dir is None and options.tile is None:  # canvases in RAM share the budget with the tiles
         options = replace(options, max_memory=options.max_memory - options.canvas_bytes(model.arch, h, w, levels))
-    x = content
+    x, spare = content, None  # stage outputs alternate between two canvases
     try:
         for k in levels:
             y = stylize_stage_tiled(
-                model, k, x, style_stats[k], options, method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile
-            )
-            if x is not content:
-                x.close()
+                model, k, x, style_stats[k], options,
+                method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile, out=spare,
+            )  # fmt: skip
+            spare = x if x is not content else None
             x = y
     except BaseException:
         if x is not content:
             x.close()
         raise
+    finally:
+        if spare is not None:
+            spare.close()
     return x
 
 

@@ -207,4 +207,4 @@ def _open_tensorrt(
         )  # fmt: skip
     except GraphError as exc:
         raise RunnerError(str(exc)) from exc
-    return TensorRTRunner(bundle, precision=precision)
+    return TensorRTRunner(bundle, precision=precision, stages=stages)

@@ -71,9 +71,15 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, bundle: Bundle | str, *, precision: str = "fp32", cuda_binding: str | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
+    ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-        super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
+        stages = tuple(stages or self.bundle.stages)
+        missing = sorted(set(stages) - set(self.bundle.stages))
+        if missing:
+            raise RunnerError(f"bundle {self.bundle.path} lacks stage(s) {missing}; it has {list(self.bundle.stages)}")
+        super().__init__(self.bundle.model_name, self.bundle.arch, stages)
         self.precision = precision
         self.cuda_binding = cuda_binding or os.environ.get(CUDA_BINDING_ENV, "auto")
         self._nets: dict[str, _Network] = {}
@@ -240,6 +246,8 @@ class TensorRTRunner(Runner):
             ctx.set_tensor_address(tensor, ptr)
         for tensor in net.outputs:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(tensor))
+            if any(d <= 0 for d in shape):
+                raise RunnerError(f"{name}: TensorRT could not infer the shape of output {tensor!r} ({shape}) from the inputs set")
             net.shapes[tensor] = shape
             buf = self._device_buffer(name, tensor, int(np.prod(shape)) * 4)
             ctx.set_tensor_address(tensor, buf.ptr)
