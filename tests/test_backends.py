@@ -128,14 +128,17 @@ def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
     assert released < grown / 3, (grown >> 20, released >> 20)
 
 
-def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_it_is_not_built():
+def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_what_is_missing():
     assert resolve_backend("auto", "cpu") == "onnxruntime"
     if not torch.cuda.is_available():  # no onnxruntime-gpu here: PyTorch takes the GPU request
         assert resolve_backend("auto", "cuda") == "torch"
         with pytest.raises(RunnerError, match="onnxruntime-gpu"):
             open_runner("cd-wct-16x", backend="onnxruntime", device="cuda")
-    with pytest.raises(RunnerError, match="issue #6"):
-        open_runner("cd-wct-16x", backend="tensorrt")
+    from ultrastyle.trt.env import missing_for_tensorrt
+
+    if missing_for_tensorrt():  # one message naming each missing piece, before any export
+        with pytest.raises(RunnerError, match="the TensorRT backend needs"):
+            open_runner("cd-wct-16x", backend="tensorrt")
     with pytest.raises(RunnerError, match="unknown backend"):
         resolve_backend("tflite", "cpu")
 
