@@ -1,0 +1,76 @@
+"""`doctor`, `build` and `stylize --backend tensorrt` from the command line, with and without TensorRT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import test_trt_fakes as fakes
+from ultrastyle.cli.main import app
+from ultrastyle.trt.env import missing_for_tensorrt
+
+NO_TRT = pytest.mark.skipif(not missing_for_tensorrt(), reason="checks the messages of a machine without TensorRT or a GPU")
+
+
+@pytest.fixture
+def images(tmp_path, shared_dir):
+    with Image.open(shared_dir / "images/content/cd_content_in4.jpg") as im:
+        im.convert("RGB").resize((131, 90), Image.Resampling.LANCZOS).save(tmp_path / "c.png")
+    return tmp_path / "c.png", shared_dir / "images/style/cd_style_in3.jpg"
+
+
+def test_doctor_reports_every_component_and_exits_0_without_a_gpu():
+    r = CliRunner().invoke(app, ["doctor"])
+    assert r.exit_code == 0, r.output
+    for name in ("python", "torch", "onnxruntime", "tensorrt", "cuda-python", "pycuda"):
+        assert name in r.output
+    assert "gpu" in r.output and "backends:" in r.output
+    if missing_for_tensorrt():
+        assert "pip install 'ultrastyle[tensorrt]'" in r.output
+
+
+@NO_TRT
+def test_stylize_backend_tensorrt_without_tensorrt_exits_2_with_one_message(images, tmp_path):
+    content, style = images
+    r = CliRunner().invoke(app, ["stylize", str(content), str(style), "--backend", "tensorrt", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the TensorRT backend needs"), r.output
+    assert "tensorrt package" in r.output and "NVIDIA GPU" in r.output and "--backend onnxruntime" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@NO_TRT
+def test_build_without_tensorrt_exits_1_and_points_to_check(tmp_path, cd16x_dir):
+    from ultrastyle.export.bundle import export_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+
+    b = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(1,)))
+    r = CliRunner().invoke(app, ["build", str(b.path), "--stages", "1"])
+    assert r.exit_code == 1 and "building TensorRT engines needs" in r.output and "--check" in r.output
+
+
+def test_precision_other_than_fp32_needs_tensorrt(images, tmp_path):
+    content, style = images
+    r = CliRunner().invoke(app, ["stylize", str(content), str(style), "--backend", "onnxruntime", "--precision", "fp16", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "runs on the TensorRT backend only" in r.output
+
+
+def test_stylize_on_tensorrt_matches_onnxruntime(images, cd16x_dir, tmp_path, monkeypatch):
+    # With the ONNX Runtime-backed stand-in for TensorRT: the CLI path (engines built on first use,
+    # tiles fitted to the profiles, device-side statistics) gives ONNX Runtime's image.
+    content, style = images
+    outs = {}
+    for backend in ("onnxruntime", "tensorrt"):
+        if backend == "tensorrt":
+            fakes.install(monkeypatch)
+        r = CliRunner().invoke(app, ["stylize", str(content), str(style), "--model", str(cd16x_dir), "--style-size", "96",
+                                     "--max-memory", "256MB", "--backend", backend, "-o", str(tmp_path / backend)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[backend] = np.asarray(Image.open(tmp_path / backend / "c_stylized_cd_style_in3.png"), np.int16)
+        if backend == "tensorrt":
+            assert "first use" in r.output
+    assert np.abs(outs["onnxruntime"] - outs["tensorrt"]).max() <= 1
