@@ -111,7 +111,7 @@ def stylize_command(
         level_tuple = parse_levels(levels)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--levels") from None
-    if device is Device.cuda:
+    if device is Device.cuda and backend is not Backend.tensorrt:  # TensorRT needs no CUDA build of PyTorch
         import torch
 
         if not torch.cuda.is_available():
