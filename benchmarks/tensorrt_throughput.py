@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,6 @@ def main() -> None:
 
             def on_tile(*_):
                 peak[0] = max(peak[0], free0 - r.mem.mem_info()[0])
-
-            import time
 
             t0 = time.perf_counter()
             with canvas_from_array(content, layout="chw") as cv:
