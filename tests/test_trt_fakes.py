@@ -135,10 +135,23 @@ class _Config:
         return self.cache
 
 
+class _Tensor:
+    def __init__(self, vi) -> None:
+        self.name = vi.name
+        self.shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
+
+
 class _Network:
     def __init__(self, flags: int) -> None:
         assert flags & 1, "networks are created strongly typed"
         self.onnx: bytes | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(onnx.load_from_string(self.onnx).graph.input)
+
+    def get_input(self, i: int) -> _Tensor:
+        return _Tensor(onnx.load_from_string(self.onnx).graph.input[i])
 
 
 class OnnxParser:
@@ -200,7 +213,11 @@ class _Engine:
         return DataType.FLOAT
 
     def get_tensor_profile_shape(self, name: str, index: int):
-        return self.profile[name]
+        return self.profile[name]  # a KeyError for a static input, as TensorRT has no profile for one
+
+    def get_tensor_shape(self, name: str):
+        vi = next(v for v in list(self.model.graph.input) + list(self.model.graph.output) if v.name == name)
+        return _Tensor(vi).shape
 
     def create_execution_context(self, strategy):
         assert strategy == ExecutionContextAllocationStrategy.USER_MANAGED
@@ -216,6 +233,10 @@ class _Context:
         self.runs = 0
 
     def set_input_shape(self, name, shape) -> bool:
+        static = self.engine.get_tensor_shape(name)
+        if all(d >= 0 for d in static):
+            self.shapes[name] = tuple(shape)
+            return tuple(shape) == static
         lo, _, hi = self.engine.profile[name]
         if any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             return False

@@ -108,8 +108,10 @@ class EngineFromNetwork:
             if quantized:
                 config.set_flag(trt.BuilderFlag.INT8)
         profile = builder.create_optimization_profile()
+        dynamic = _dynamic_inputs(network)
         for name, (mn, opt, mx) in shapes.items():
-            profile.set_shape(name, mn, opt, mx)
+            if name in dynamic:  # a profile covers dynamic inputs only (A and b have static shapes)
+                profile.set_shape(name, mn, opt, mx)
         config.add_optimization_profile(profile)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
         cache = config.create_timing_cache(cache_bytes)
@@ -218,6 +220,16 @@ def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engin
             "build_seconds": round(time.perf_counter() - t, 2),
         },
     )
+
+
+def _dynamic_inputs(network) -> set[str]:
+    """Names of the network's inputs with a -1 dimension."""
+    out = set()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if any(int(d) < 0 for d in t.shape):
+            out.add(t.name)
+    return out
 
 
 def _parser_error(error) -> str:

@@ -186,7 +186,12 @@ class TensorRTRunner(Runner):
         for n in names:
             if engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
                 raise RunnerError(f"{name}: engine tensor {n!r} is {engine.get_tensor_dtype(n)}, the runner binds float32; rebuild the engines")
-        profile = {n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, 0)) for n in inputs}
+        static = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in inputs}
+        # Dynamic inputs are bounded by the profile; a static one (A, b) is its own min and max.
+        profile = {
+            n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, 0)) if any(d < 0 for d in shp) else (shp, shp, shp)
+            for n, shp in static.items()
+        }
         net = _Network(name, engine, context, inputs, outputs, profile, engine_device_memory(engine))  # type: ignore[arg-type]
         self._nets[name] = net
         return net
