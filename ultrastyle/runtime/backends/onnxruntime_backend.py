@@ -99,11 +99,28 @@ class OnnxRuntimeRunner(Runner):
         threads: int = 0,
         io_binding: bool = True,
         arena: str = "shared",
+        precision: str = "fp32",
     ) -> None:
         if arena not in ("shared", "shrink", "off"):
             raise RunnerError(f"arena must be 'shared', 'shrink' (after every run) or 'off', got {arena!r}")
+        if precision not in ("fp32", "int8"):
+            raise RunnerError(f"the onnxruntime backend runs fp32 or int8 (Q/DQ graphs), not {precision!r}")
         self.arena = arena
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+        self.precision = precision
+        self._int8: dict = {}
+        if precision == "int8":
+            from ultrastyle.calibration.quantize import CalibrationError, int8_networks
+
+            try:
+                self._int8 = int8_networks(self.bundle)
+            except CalibrationError as exc:
+                raise RunnerError(str(exc)) from exc
+            if not self._int8:
+                raise RunnerError(
+                    f"bundle {self.bundle.path} has no int8 graphs; make them with: "
+                    f"ultrastyle calibrate {self.bundle.path} --images YOUR_PHOTOS/"
+                )
         super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
         self.providers = providers or providers_for("cpu")
         self.threads = threads
@@ -164,9 +181,10 @@ class OnnxRuntimeRunner(Runner):
         """The network's InferenceSession, created on first use."""
         if network not in self._sessions:
             ort = _import_ort()
-            path = self.bundle.graph_path(network) if network in self.bundle.manifest["networks"] else None
-            if path is None:
+            if network not in self.bundle.manifest["networks"]:
                 raise RunnerError(f"bundle {self.bundle.path} has no network {network!r}")
+            # int8: the Q/DQ graph where calibration made one (some networks stay float on purpose).
+            path = self._int8.get(network) or self.bundle.graph_path(network)
             self._sessions[network] = ort.InferenceSession(
                 str(path), self._options, providers=self.providers, provider_options=self._provider_options
             )

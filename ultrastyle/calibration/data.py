@@ -1,0 +1,145 @@
+"""Calibration data: tiles drawn from a folder of real images, as rewindable feed dicts.
+
+A stage network's activation ranges depend on what it sees, so calibration
+feeds each network what the tiled pipeline will feed it: encoders get image
+tiles; the decoders with the fused transform (``decoder_affineK``) get the
+encoder's features of a tile together with a WCT map (A, b) fitted from that
+tile's statistics and a *different* image's (so the transformed features have
+another image's colours, as in stylization). Tiles are drawn with a seeded
+generator over the sorted files, so a fixed folder, seed and count always give
+the same samples, and calibration is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, array_to_tensor, read_image, resize_long_side
+from ultrastyle.runtime.padding import pad_to_grid
+from ultrastyle.runtime.transforms import FeatureStats, fit_affine
+
+DEFAULT_TILE = 512
+DEFAULT_SAMPLES = 8
+# Long side the images are brought to before tiles are cut: close to the
+# scale of a stage's input in a real run, where tiles cut a large photo.
+DEFAULT_IMAGE_SIZE = 1024
+
+Feed = dict[str, np.ndarray]
+
+
+class CalibrationDataError(ValueError):
+    """No usable calibration images: says which folder or file and why."""
+
+
+def calibration_images(folder: str | Path) -> list[Path]:
+    """The folder's image files, sorted; an empty or missing folder is an error."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise CalibrationDataError(f"{path}: calibration images must be a folder of images; no such folder")
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationDataError(
+            f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate on; "
+            "give a folder of photos like the ones you will stylize"
+        )
+    return files
+
+
+@dataclass(frozen=True)
+class TileSampler:
+    """``samples`` tiles of ``tile`` x ``tile`` px drawn from ``files`` (seeded, in a fixed order).
+
+    Unreadable files are skipped with a note through ``warn``; if none is
+    readable the sampler raises `CalibrationDataError` naming the first cause.
+    """
+
+    files: tuple[Path, ...]
+    tile: int = DEFAULT_TILE
+    samples: int = DEFAULT_SAMPLES
+    image_size: int = DEFAULT_IMAGE_SIZE
+    seed: int = 0
+
+    def images(self, warn: Callable[[str], None] | None = None) -> list[torch.Tensor]:
+        """The readable images as (3, H, W) float32, long side ``image_size``."""
+        out, errors = [], []
+        for f in self.files:
+            try:
+                out.append(resize_long_side(array_to_tensor(read_image(f)), self.image_size))
+            except (ImageError, OSError) as exc:
+                errors.append(f"{f}: {exc}")
+                if warn:
+                    warn(f"skipping {f}: {exc}")
+        if not out:
+            raise CalibrationDataError(f"none of the {len(self.files)} calibration images could be read; first: {errors[0]}")
+        return out
+
+    def tiles(self, warn: Callable[[str], None] | None = None) -> list[tuple[torch.Tensor, int]]:
+        """[(tile (1, 3, t, t), index of its image)]: deterministic for the files, seed and counts."""
+        images = self.images(warn)
+        gen = np.random.default_rng(self.seed)
+        out = []
+        for i in range(self.samples):
+            j = i % len(images) if i < len(images) else int(gen.integers(len(images)))
+            img = images[j]
+            _, h, w = img.shape
+            t = min(self.tile, h, w)
+            r, c = int(gen.integers(h - t + 1)), int(gen.integers(w - t + 1))
+            out.append((img[None, :, r : r + t, c : c + t].contiguous(), j))
+        return out
+
+
+class FeedReader:
+    """A rewindable iterable of feed dicts (ONNX Runtime's `CalibrationDataReader` protocol).
+
+    ``get_next()`` returns the next feed or None; ``rewind()`` starts over.
+    """
+
+    def __init__(self, feeds: list[Feed]) -> None:
+        if not feeds:
+            raise CalibrationDataError("no calibration feeds")
+        self.feeds = feeds
+        self._it: Iterator[Feed] = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def stage_feeds(
+    encode: Callable[[int, torch.Tensor], torch.Tensor],
+    stage: int,
+    grid: int,
+    tiles: list[tuple[torch.Tensor, int]],
+    *,
+    method: str = "wct",
+    alpha: float = 0.6,
+) -> dict[str, list[Feed]]:
+    """Feeds for ``encoderK`` and ``decoder_affineK`` of one stage.
+
+    ``encode(stage, x)`` is the float32 reference encoder (any runner's
+    ``encode``). Tile i is transformed towards the statistics of the next tile
+    that comes from another image (itself when all come from one image).
+    """
+    xs = [pad_to_grid(t, grid) for t, _ in tiles]
+    feats = [encode(stage, x).float() for x in xs]
+    stats = [FeatureStats.of(f) for f in feats]
+    enc, dec = [], []
+    for i, (x, f) in enumerate(zip(xs, feats)):
+        j = next((m % len(tiles) for m in range(i + 1, i + len(tiles)) if tiles[m % len(tiles)][1] != tiles[i][1]), i)
+        a, b = fit_affine(method, stats[i], stats[j], alpha)
+        enc.append({"image": x.numpy()})
+        dec.append({"features": f.numpy(), "A": a.float().numpy(), "b": b.float().numpy()})
+    return {f"encoder{stage}": enc, f"decoder_affine{stage}": dec}

@@ -1,0 +1,221 @@
+"""Static int8 quantization of a bundle's stage networks into Q/DQ ONNX graphs.
+
+ONNX Runtime's static quantization (``quantize_static``, QDQ format) inserts
+QuantizeLinear/DequantizeLinear pairs around every quantizable tensor, with
+scales from a calibration pass over `data.TileSampler` tiles. The settings are
+the ones TensorRT can consume as well (``ultrastyle build --precision int8``):
+signed int8 activations and weights, symmetric (zero-point 0), biases left in
+float (TensorRT folds them itself), per-tensor or per-channel weight scales.
+On the CPU, ONNX Runtime fuses DQ -> Conv -> Q into int8 convolutions (VNNI).
+
+What stays in float (``keep_float``), measured in benchmarks/int8_quality.py:
+
+- ``"transform"``: only the fused WCT/AdaIN map (the MatMul and Add in front of
+  ``decoder_affineK``): A and b change with every image and style, so no
+  calibrated range fits them.
+- ``"ends"`` (default): also the encoder's first convolution (the 1x1 colour
+  transform on RGB, negligible compute) and the decoder's last one, whose
+  output is the image itself: quantizing it would put 8-bit steps straight
+  into the output, on top of the other layers' error.
+
+The Q/DQ graphs are written beside the float32 graphs (``encoderK.int8.onnx``)
+and recorded in the manifest as ``networks[name]["int8"] = {"file", "sha256",
+"calibration"}``, where the TensorRT builder and the ONNX Runtime runner find
+them. The manifest is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ultrastyle.calibration.data import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SAMPLES,
+    DEFAULT_TILE,
+    FeedReader,
+    TileSampler,
+    calibration_images,
+    stage_feeds,
+)
+from ultrastyle.export.bundle import MANIFEST, Bundle, read_bundle
+from ultrastyle.models.zoo import sha256_file
+
+METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_METHOD = "minmax"
+KEEP_FLOAT = ("transform", "ends")
+DEFAULT_KEEP_FLOAT = "ends"
+QUANTIZED_KINDS = ("encoder", "decoder_affine")
+CALIBRATION_VERSION = 1
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class CalibrationError(RuntimeError):
+    """Quantization that could not be done: says which network and why."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything that determines the Q/DQ graphs (recorded in the manifest)."""
+
+    method: str = DEFAULT_METHOD
+    per_channel: bool = False
+    samples: int = DEFAULT_SAMPLES
+    tile: int = DEFAULT_TILE
+    image_size: int = DEFAULT_IMAGE_SIZE
+    seed: int = 0
+    keep_float: str = DEFAULT_KEEP_FLOAT
+    percentile: float = 99.999
+    version: int = CALIBRATION_VERSION
+    images: list[str] = field(default_factory=list)  # file names, for the record
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.keep_float not in KEEP_FLOAT:
+            raise ValueError(f"keep_float must be one of {', '.join(KEEP_FLOAT)}, got {self.keep_float!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
+
+
+def float_nodes(model: onnx.ModelProto, kind: str, keep_float: str) -> list[str]:
+    """Names of the nodes of a stage graph that stay in float (see the module docstring)."""
+    nodes = list(model.graph.node)
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    keep: list[str] = []
+    if kind == "decoder_affine":
+        # The transform: everything before the first Pad (Shape/Reshape/MatMul/Add/Reshape).
+        for n in nodes:
+            if n.op_type in ("Pad", "Conv"):
+                break
+            keep.append(n.name)
+    if keep_float == "ends" and convs:
+        keep.append(convs[0] if kind == "encoder" else convs[-1])
+    return keep
+
+
+def quantize_graph(
+    src: Path, dst: Path, kind: str, reader: FeedReader, settings: CalibrationSettings, workdir: Path
+) -> None:
+    """One float32 graph -> its Q/DQ graph at ``dst`` (ONNX Runtime static quantization)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    model = onnx.load(src)
+    extra = {
+        "ActivationSymmetric": True,  # zero-point 0: what TensorRT requires
+        "WeightSymmetric": True,
+        "QuantizeBias": False,  # biases stay float; TensorRT and ORT fold them into the int8 conv
+        "CalibPercentile": settings.percentile,
+        "CalibTensorRangeSymmetric": True,
+    }
+    cwd = os.getcwd()
+    os.chdir(workdir)  # the calibrator writes its augmented model into the working directory
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's advice to pre-process: shape inference is done at export
+    try:
+        quantize_static(
+            model_input=src,
+            model_output=dst,
+            calibration_data_reader=reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method[settings.method],
+            nodes_to_exclude=float_nodes(model, kind, settings.keep_float),
+            extra_options=extra,
+        )
+    except Exception as exc:  # noqa: BLE001 - ORT raises many types; report them as one
+        raise CalibrationError(f"{src.name}: ONNX Runtime quantization failed: {exc}") from exc
+    finally:
+        os.chdir(cwd)
+        logging.getLogger().setLevel(quiet)
+
+
+def calibrate_bundle(
+    bundle: Bundle | str | Path,
+    images: str | Path,
+    settings: CalibrationSettings | None = None,
+    *,
+    stages: tuple[int, ...] | None = None,
+    on_progress: ProgressCallback | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Calibrate and quantize the bundle's encoders and fused decoders; returns the updated bundle.
+
+    The float32 reference for the decoders' inputs is the bundle's own
+    encoder, run with ONNX Runtime.
+    """
+    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+
+    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    files = calibration_images(images)
+    settings = settings or CalibrationSettings()
+    settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f in files]})
+    stages = tuple(stages or bundle.stages)
+    sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
+    tiles = sampler.tiles(warn)
+    arch = bundle.arch
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    record = {k: v for k, v in asdict(settings).items()}
+    total, done = len(stages) * len(QUANTIZED_KINDS), 0
+    with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work:
+        for k in stages:
+            feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles)
+            for kind in QUANTIZED_KINDS:
+                name = f"{kind}{k}"
+                if on_progress:
+                    on_progress(f"calibrating {name} ({settings.method})", done, total)
+                t0 = time.perf_counter()
+                out = bundle.path / f"{name}.int8.onnx"
+                tmp = Path(work) / out.name
+                quantize_graph(bundle.graph_path(name), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
+                os.replace(tmp, out)
+                manifest["networks"][name]["int8"] = {
+                    "file": out.name,
+                    "sha256": sha256_file(out),
+                    "source_sha256": manifest["networks"][name]["sha256"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+                done += 1
+    manifest["calibration"] = record
+    _write_manifest(bundle.path, manifest)
+    if on_progress:
+        on_progress("calibrated", total, total)
+    return read_bundle(bundle.path)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def int8_networks(bundle: Bundle) -> dict[str, Path]:
+    """network name -> its Q/DQ graph, for the networks calibration quantized (checked against its sha256)."""
+    out = {}
+    for name, entry in bundle.manifest["networks"].items():
+        q = entry.get("int8") if isinstance(entry, dict) else None
+        if not q:
+            continue
+        path = bundle.path / Path(q["file"]).name
+        if not path.is_file():
+            raise CalibrationError(f"{path}: the int8 graph of {name} is missing; re-run ultrastyle calibrate")
+        if sha256_file(path) != q["sha256"]:
+            raise CalibrationError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")
+        if q.get("source_sha256") not in (None, entry["sha256"]):
+            raise CalibrationError(f"{path}: calibrated from another {name} graph than the bundle's; re-run ultrastyle calibrate")
+        out[name] = path
+    return out
