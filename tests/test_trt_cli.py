@@ -53,10 +53,10 @@ def test_build_without_tensorrt_exits_1_and_points_to_check(tmp_path, cd16x_dir)
     assert r.exit_code == 1 and "building TensorRT engines needs" in r.output and "--check" in r.output
 
 
-def test_precision_other_than_fp32_needs_tensorrt(images, tmp_path):
+def test_precision_fp16_needs_tensorrt(images, tmp_path):
     content, style = images
     r = CliRunner().invoke(app, ["stylize", str(content), str(style), "--backend", "onnxruntime", "--precision", "fp16", "-o", str(tmp_path)])
-    assert r.exit_code == 2 and "runs on the TensorRT backend only" in r.output
+    assert r.exit_code == 2 and "does not run on the onnxruntime backend" in r.output and "--backend tensorrt" in r.output
 
 
 def test_stylize_on_tensorrt_matches_onnxruntime(images, cd16x_dir, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from ultrastyle.cli.build import build_command
+from ultrastyle.cli.calibrate import calibrate_command
 from ultrastyle.cli.doctor import doctor_command
 from ultrastyle.cli.distill import distill_command, train_decoder_command
 from ultrastyle.cli.export import export_command
@@ -23,6 +24,7 @@ app.command("export")(export_command)
 app.command("distill")(distill_command)
 app.command("train-decoder")(train_decoder_command)
 app.command("build")(build_command)
+app.command("calibrate")(calibrate_command)
 app.command("doctor")(doctor_command)
 app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
 

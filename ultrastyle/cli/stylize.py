@@ -88,7 +88,7 @@ def stylize_command(
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
     backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
-    precision: Annotated[Precision, typer.Option(help="Engine precision on --backend tensorrt: fp32, fp16, or int8 (Q/DQ graphs from ultrastyle calibrate); other backends run fp32.")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt.")] = Precision.fp32,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,

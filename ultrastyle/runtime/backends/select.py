@@ -149,15 +149,18 @@ def open_runner(
 ) -> Runner:
     """An (inactive) runner for ``source`` on ``backend``; use it as a context manager.
 
-    ``precision`` (fp32, fp16, int8) selects TensorRT engines; the other backends run fp32.
+    ``precision``: fp32 everywhere; int8 on TensorRT and ONNX Runtime (the
+    bundle's Q/DQ graphs from ``ultrastyle calibrate``); fp16 on TensorRT.
     """
     if precision not in PRECISIONS:
         raise RunnerError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     concrete = resolve_backend(backend, device, source, stages, precision)
-    if precision != "fp32" and concrete != "tensorrt":
+    allowed = {"tensorrt": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32",)}[concrete]
+    if precision not in allowed:
         raise RunnerError(
-            f"--precision {precision} runs on the TensorRT backend only (ONNX Runtime int8 is issue #7); "
-            f"use --backend tensorrt on an NVIDIA GPU, or --precision fp32 with {concrete}"
+            f"--precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
+            + ("use --backend tensorrt on an NVIDIA GPU" if precision == "fp16" else "use --backend onnxruntime or tensorrt")
+            + f", or --precision fp32"
         )
     if concrete == "tensorrt":
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
@@ -180,7 +183,7 @@ def open_runner(
     missing = set(stages) - set(bundle.stages)
     if missing:
         raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
-    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers)
+    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision)
 
 
 def _open_tensorrt(

@@ -1,0 +1,178 @@
+"""INT8 calibration: Q/DQ graphs from real images, valid, close to fp32, deterministic, TensorRT-checkable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ultrastyle.calibration.data import CalibrationDataError, TileSampler, calibration_images
+from ultrastyle.calibration.quantize import CalibrationSettings, calibrate_bundle, float_nodes
+from ultrastyle.cli.main import app
+from ultrastyle.export.bundle import export_bundle, read_bundle
+from ultrastyle.export.spec import ExportSpec
+from ultrastyle.io.images import load_image, resize_long_side
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.runtime.backends.base import RunnerError
+from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+from ultrastyle.runtime.cascade import style_statistics, stylize
+
+STAGES = (1, 3, 5)
+# int8 against fp32 on a real photo, per output (measured ~0.05-0.07 and ~0.02-0.03 with 2-8 tiles):
+TOL_INT8 = {"features_mean_rel": 0.15, "image_mean_abs": 0.06}
+SETTINGS = CalibrationSettings(samples=3, tile=128, image_size=384)
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(cd16x_dir, tmp_path_factory):
+    model = load_cd_folder(cd16x_dir, stages=STAGES)
+    return export_bundle(model, tmp_path_factory.mktemp("fp32") / "b", spec=ExportSpec(stages=STAGES), validate=False)
+
+
+@pytest.fixture(scope="module")
+def train_dir(shared_dir) -> Path:
+    return shared_dir / "images" / "train"
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(fp32_bundle, train_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8") / "b"
+    shutil.copytree(fp32_bundle.path, folder)
+    return calibrate_bundle(folder, train_dir, SETTINGS)
+
+
+def test_calibration_records_int8_graphs_with_settings_in_the_manifest(int8_bundle):
+    nets = int8_bundle.manifest["networks"]
+    for k in STAGES:
+        for kind in ("encoder", "decoder_affine"):
+            entry = nets[f"{kind}{k}"]["int8"]
+            assert (int8_bundle.path / entry["file"]).is_file()
+            assert entry["source_sha256"] == nets[f"{kind}{k}"]["sha256"]
+        assert "int8" not in nets[f"decoder{k}"]  # the pipeline runs the fused decoders only
+    cal = int8_bundle.manifest["calibration"]
+    assert cal["method"] == "minmax" and cal["samples"] == 3 and cal["keep_float"] == "ends" and cal["images"]
+
+
+def test_qdq_graphs_pass_the_checker_and_are_symmetric_int8(int8_bundle):
+    for entry in int8_bundle.manifest["networks"].values():
+        if "int8" not in entry:
+            continue
+        model = onnx.load(int8_bundle.path / entry["int8"]["file"])
+        onnx.checker.check_model(model, full_check=True)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq, entry["int8"]["file"]
+        for n in qdq:
+            zp = inits[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), (entry["int8"]["file"], n.name)
+
+
+def test_first_encoder_conv_last_decoder_conv_and_transform_stay_float(int8_bundle, fp32_bundle):
+    enc = onnx.load(fp32_bundle.graph_path("encoder3"))
+    dec = onnx.load(fp32_bundle.graph_path("decoder_affine3"))
+    assert float_nodes(enc, "encoder", "ends") == [next(n.name for n in enc.graph.node if n.op_type == "Conv")]
+    kept = float_nodes(dec, "decoder_affine", "ends")
+    assert "MatMul" in {n.op_type for n in dec.graph.node if n.name in kept}
+    assert kept[-1] == [n.name for n in dec.graph.node if n.op_type == "Conv"][-1]
+    q = onnx.load(int8_bundle.path / "decoder_affine3.int8.onnx")
+    producers = {o: n for n in q.graph.node for o in n.output}
+    last_conv = [n for n in q.graph.node if n.op_type == "Conv"][-1]
+    assert last_conv.input[1] not in producers  # the float initializer itself, no DequantizeLinear of int8 weights
+    matmul = next(n for n in q.graph.node if n.op_type == "MatMul")
+    assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in matmul.input)
+
+
+def test_int8_stage_networks_are_close_to_fp32_on_a_real_photo(int8_bundle, shared_dir):
+    photo = resize_long_side(load_image(shared_dir / "images" / "content" / "cd_content_in1.jpg"), 256)[None]
+    with OnnxRuntimeRunner(int8_bundle) as f32, OnnxRuntimeRunner(int8_bundle, precision="int8") as i8:
+        for k in STAGES:
+            x = photo[..., : photo.shape[-2] // 16 * 16, : photo.shape[-1] // 16 * 16]
+            ff, fq = f32.encode(k, x), i8.encode(k, x)
+            rel = float((ff - fq).abs().mean() / ff.abs().mean())
+            assert 0 < rel < TOL_INT8["features_mean_rel"], (k, rel)
+            c = ff.shape[1]
+            a, b = torch.eye(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+            err = float((f32.decode(k, ff, a, b) - i8.decode(k, ff, a, b)).abs().mean())
+            assert 0 < err < TOL_INT8["image_mean_abs"], (k, err)
+
+
+def test_calibration_is_deterministic_for_a_fixed_sample(int8_bundle, fp32_bundle, train_dir, tmp_path):
+    folder = tmp_path / "again"
+    shutil.copytree(fp32_bundle.path, folder)
+    again = calibrate_bundle(folder, train_dir, SETTINGS, stages=(3,))
+    for name in ("encoder3", "decoder_affine3"):
+        assert again.manifest["networks"][name]["int8"]["sha256"] == int8_bundle.manifest["networks"][name]["int8"]["sha256"]
+
+
+def test_tile_sampler_is_seeded(train_dir):
+    files = tuple(calibration_images(train_dir))
+    a = TileSampler(files, tile=64, samples=4, image_size=256, seed=1).tiles()
+    b = TileSampler(files, tile=64, samples=4, image_size=256, seed=1).tiles()
+    c = TileSampler(files, tile=64, samples=4, image_size=256, seed=2).tiles()
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, c))
+    assert all(t.shape == (1, 3, 64, 64) for t, _ in a)
+
+
+def test_empty_or_unreadable_image_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(CalibrationDataError, match="no image files"):
+        calibration_images(tmp_path)
+    with pytest.raises(CalibrationDataError, match="no such folder"):
+        calibration_images(tmp_path / "missing")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    warnings: list[str] = []
+    with pytest.raises(CalibrationDataError, match="none of the 1 calibration images could be read.*broken.jpg"):
+        TileSampler(tuple(calibration_images(tmp_path))).tiles(warnings.append)
+    assert warnings and "broken.jpg" in warnings[0]
+
+
+def test_cli_calibrate_reports_an_empty_folder_in_one_line(fp32_bundle, tmp_path):
+    r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path)])
+    assert r.exit_code == 1 and "no image files" in r.output and str(tmp_path) in " ".join(r.output.split())
+
+
+def test_tensorrt_static_check_accepts_the_qdq_graphs(int8_bundle):
+    from ultrastyle.trt.check import check_bundle
+
+    report = check_bundle(int8_bundle, precisions=("int8",))
+    errors = [f for f in report.findings if f.level == "error"]
+    assert report.graphs >= 2 * len(STAGES) and not errors, errors
+
+
+def test_tampered_int8_graph_is_refused(int8_bundle, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(int8_bundle.path, folder)
+    (folder / "encoder3.int8.onnx").write_bytes((folder / "encoder3.int8.onnx").read_bytes() + b"\0")
+    with pytest.raises(RunnerError, match="sha256"):
+        OnnxRuntimeRunner(read_bundle(folder), precision="int8")
+
+
+def test_int8_runner_without_calibration_says_how_to_make_it(fp32_bundle):
+    with pytest.raises(RunnerError, match="ultrastyle calibrate"):
+        OnnxRuntimeRunner(fp32_bundle, precision="int8")
+
+
+def test_stylize_precision_int8_runs_the_calibrated_bundle(int8_bundle, shared_dir, tmp_path):
+    content = shared_dir / "images" / "content" / "cd_content_in1.jpg"
+    style = shared_dir / "images" / "style" / "cd_style_in1.jpg"
+    outs = {}
+    for precision in ("fp32", "int8"):
+        r = CliRunner().invoke(app, [
+            "stylize", str(content), str(style), "-m", str(int8_bundle.path), "--levels", "5,3,1",
+            "--content-size", "256", "--style-size", "256", "--precision", precision, "-o", str(tmp_path / precision),
+        ])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[precision] = np.asarray(load_image(next((tmp_path / precision).iterdir())))
+    diff = np.abs(outs["fp32"] - outs["int8"])
+    assert 0 < diff.mean() < 0.08, diff.mean()
+
+
+def test_manifest_stays_valid_json_with_calibration_block(int8_bundle):
+    manifest = json.loads((int8_bundle.path / "manifest.json").read_text())
+    assert read_bundle(int8_bundle.path).manifest == manifest

@@ -1,0 +1,65 @@
+"""`ultrastyle calibrate`: int8 (Q/DQ) stage networks for a bundle, from a folder of real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError
+from ultrastyle.calibration.quantize import DEFAULT_KEEP_FLOAT, DEFAULT_METHOD, KEEP_FLOAT, METHODS, CalibrationError, CalibrationSettings, calibrate_bundle
+from ultrastyle.export.bundle import BundleError
+from ultrastyle.models import zoo
+from ultrastyle.models.convert import CheckpointError
+from ultrastyle.runtime.backends.base import RunnerError
+from ultrastyle.runtime.backends.select import ensure_bundle
+from ultrastyle.runtime.cascade import parse_levels
+
+
+def calibrate_command(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (ultrastyle export), or a zoo name / weights folder whose cached bundle to calibrate.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of real images like the ones you will stylize.")],
+    method: Annotated[str, typer.Option(help=f"Calibration method: {', '.join(METHODS)}.")] = DEFAULT_METHOD,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-output-channel weight scales (else one per tensor).")] = False,
+    samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded).")] = DEFAULT_SAMPLES,
+    tile: Annotated[int, typer.Option(min=32, help="Tile side in pixels.")] = DEFAULT_TILE,
+    image_size: Annotated[int, typer.Option(min=64, help="Images are resized to this long side before tiles are cut.")] = DEFAULT_IMAGE_SIZE,
+    keep_float: Annotated[str, typer.Option(help=f"Layers kept in float: {' or '.join(KEEP_FLOAT)} (see README).")] = DEFAULT_KEEP_FLOAT,
+    stages: Annotated[str, typer.Option(help="Stages to quantize.")] = "1,2,3,4,5",
+    seed: Annotated[int, typer.Option(help="Seed of the tile sampler.")] = 0,
+) -> None:
+    """Quantize the bundle's encoders and fused decoders to int8 Q/DQ graphs (symmetric, zero-point 0).
+
+    The graphs are stored in the bundle beside the float32 ones with their
+    calibration settings; `stylize --precision int8` runs them with ONNX
+    Runtime, and `build --precision int8` builds TensorRT engines from them.
+    """
+    err = Console(stderr=True, highlight=False)
+    try:
+        settings = CalibrationSettings(
+            method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float
+        )
+        stage_tuple = tuple(sorted(set(parse_levels(stages))))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        target = ensure_bundle(bundle, on_export=lambda msg: err.print(msg, markup=False))
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task("calibrating", total=2 * len(stage_tuple))
+            result = calibrate_bundle(
+                target, images, settings, stages=stage_tuple,
+                on_progress=lambda msg, done, total: progress.update(task, description=msg, completed=done),
+                warn=lambda msg: err.print(f"warning: {msg}", markup=False),
+            )  # fmt: skip
+    except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
+        err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8")]
+    Console(highlight=False).print(
+        f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
+        f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, float: {keep_float})"
+    )
