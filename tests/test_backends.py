@@ -111,6 +111,17 @@ def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
     assert highs[2] <= highs[0] + 64 * 2**20, [h >> 20 for h in highs]
 
 
+def test_onnxruntime_runner_decodes_with_the_folded_decoder(bundle):
+    c = bundle.arch.feature_channels(2)
+    f = torch.rand(1, c, 8, 8) * 2
+    a, b = torch.eye(c, dtype=torch.float64) * 0.8, torch.full((c,), 0.1, dtype=torch.float64)
+    with OnnxRuntimeRunner(bundle, threads=2) as r:
+        y = r.decode(2, f, a, b)
+        assert set(r._sessions) == {"decoder_folded2"}
+        ref = r.infer("decoder_affine2", {"features": f, "A": a, "b": b})["image"]
+    assert (y - ref).abs().max() <= TOL["image"]
+
+
 def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
     # Without it the shared arena holds every pass's peak; the tiled pipeline calls it between passes.
     def rss() -> int:

@@ -33,7 +33,8 @@ def bundle(model, tmp_path_factory):
 
 def test_bundle_has_every_stage_network_validated_within_tolerance(bundle):
     nets = bundle.manifest["networks"]
-    assert sorted(nets) == sorted(f"{kind}{k}" for kind in ("encoder", "decoder", "decoder_affine") for k in range(1, 6))
+    kinds = ("encoder", "decoder", "decoder_affine", "decoder_folded")
+    assert sorted(nets) == sorted(f"{kind}{k}" for kind in kinds for k in range(1, 6))
     for name, report in bundle.manifest["validation"].items():
         kind = nets[name]["kind"]
         assert report["max_abs_diff"] <= ATOL["float32"][kind] * 10  # atol + rtol*|ref| bound, features reach ~1e2
@@ -68,6 +69,28 @@ def test_graphs_have_dynamic_axes_and_constant_reflect_pads(bundle):
     assert all(n.input[1] in inits and onnx.helper.get_attribute_value(n.attribute[0]) == b"reflect" for n in pads)
     ops = {n.op_type for n in onnx.load(bundle.graph_path("decoder_affine5")).graph.node}
     assert {"MatMul", "Resize", "Conv", "Relu", "Pad"} <= ops and "MaxPool" not in ops
+
+
+def test_folded_decoder_equals_the_unfused_affine_decoder(bundle):
+    # The map folded into the first conv (no full-size MatMul) is the same function as A f + b then decode.
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    for k in (1, 3, 5):
+        c = bundle.arch.feature_channels(k)
+        feed = {
+            "features": (rng.standard_exponential((1, c, 9, 13)) * 2).astype(np.float32),
+            "A": (np.eye(c) * 0.6 + rng.standard_normal((c, c)) * 0.4 / np.sqrt(c)).astype(np.float32),
+            "b": (rng.standard_normal(c) * 0.3).astype(np.float32),
+        }
+        out = {}
+        for kind in ("decoder_affine", "decoder_folded"):
+            sess = ort.InferenceSession(str(bundle.graph_path(f"{kind}{k}")), providers=["CPUExecutionProvider"])
+            out[kind] = sess.run(None, feed)[0]
+        diff = np.abs(out["decoder_affine"] - out["decoder_folded"]).max()
+        assert diff <= ATOL["float32"]["decoder_folded"], (k, diff)
+        ops = [n.op_type for n in onnx.load(bundle.graph_path(f"decoder_folded{k}")).graph.node]
+        assert ops.index("Pad") < ops.index("Conv") and ops.count("MatMul") == 2  # weights and bias folding only
 
 
 def _copy(bundle, tmp_path: Path) -> Path:
@@ -130,7 +153,7 @@ def test_unsupported_opset_is_refused(model, tmp_path):
 def test_export_cli_writes_a_bundle_that_stylize_accepts(cd16x_dir, tmp_path, shared_dir):
     r = CliRunner().invoke(app, ["export", str(cd16x_dir), "-o", str(tmp_path / "b"), "--stages", "1,2"])
     assert r.exit_code == 0, r.output
-    assert "wrote 6 graphs" in r.output
+    assert "wrote 8 graphs" in r.output
     b = read_bundle(tmp_path / "b")
     assert b.stages == (1, 2) and b.manifest["source_weights"]["2SD.pth"]
     from PIL import Image
@@ -164,8 +187,10 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(model, bundle, 
     # an existing bundle is replaced whole
     dst = _copy(bundle, tmp_path)
     again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))
-    assert sorted(again.manifest["networks"]) == ["decoder1", "decoder_affine1", "encoder1"]
-    assert sorted(p.name for p in dst.iterdir()) == ["decoder1.onnx", "decoder_affine1.onnx", "encoder1.onnx", "manifest.json"]
+    assert sorted(again.manifest["networks"]) == ["decoder1", "decoder_affine1", "decoder_folded1", "encoder1"]
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "decoder1.onnx", "decoder_affine1.onnx", "decoder_folded1.onnx", "encoder1.onnx", "manifest.json"
+    ]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -9,7 +9,12 @@ PyTorch module.
 
 The ``decoder_affine`` variant takes the transform as inputs (``A`` (C, C),
 ``b`` (C,)) and applies ``A f + b`` as a MatMul before decoding, so the
-transform runs where the features are (DESIGN.md §2).
+transform runs where the features are (DESIGN.md §2). ``decoder_folded`` has
+the same inputs and output but folds the map into the decoder's first
+convolution instead: reflection padding only copies pixels, so
+``conv(W, pad(A f + b)) = conv(W A, pad(f)) + W b``; the folded weights
+(O x 9 x C x C multiply-adds) are computed in the graph, and the full-size
+MatMul over the feature map, with the layout copies around it, disappears.
 """
 
 from __future__ import annotations
@@ -48,10 +53,15 @@ class _Builder:
         return out
 
 
-def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> dict[str, str]:
-    """Append ``net``'s layers; returns each conv's output tensor name (after its ReLU)."""
+def _add_layers(b: _Builder, net: _StageNet, x: str, output: str, fold: tuple[str, str] | None = None) -> dict[str, str]:
+    """Append ``net``'s layers; returns each conv's output tensor name (after its ReLU).
+
+    ``fold`` (names of A and b): fold ``A f + b`` into the first layer, which must be a convolution.
+    """
     outs: dict[str, str] = {}
     layers = net.layers
+    if fold is not None and layers[0].kind != "conv":
+        raise ValueError(f"cannot fold the transform into {layers[0].name}: the first layer is not a convolution")
     pads1 = b.const("pads_reflect_1", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
     for i, layer in enumerate(layers):
         last = output if i == len(layers) - 1 else None
@@ -63,8 +73,11 @@ def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> dict[str, s
                        coordinate_transformation_mode="asymmetric", nearest_mode="floor")  # fmt: skip
         else:
             conv = getattr(net, layer.name)
-            w = b.const(f"{layer.name}.weight", conv.weight.detach().cpu().numpy().astype(np.float32))
+            weight = conv.weight.detach().cpu().numpy().astype(np.float32)
+            w = b.const(f"{layer.name}.weight", weight)
             bias = b.const(f"{layer.name}.bias", conv.bias.detach().cpu().numpy().astype(np.float32))
+            if fold is not None and i == 0:
+                w, bias = _fold_affine(b, layer.name, weight, bias, *fold)
             if layer.kernel > 1:
                 if layer.kernel != 3:
                     raise ValueError(f"{layer.name}: only 1x1 and 3x3 convolutions are exported")
@@ -75,6 +88,15 @@ def _add_layers(b: _Builder, net: _StageNet, x: str, output: str) -> dict[str, s
                 x = b.node("Relu", [x], f"{layer.name}_relu", last)
             outs[layer.name] = x
     return outs
+
+
+def _fold_affine(b: _Builder, name: str, weight: np.ndarray, bias: str, a: str, shift: str) -> tuple[str, str]:
+    """Weights W A (O, C, k, k) and bias bias + Σ W b of a conv that reads ``A f + b``."""
+    w_last = b.const(f"{name}.weight_ohwc", np.ascontiguousarray(weight.transpose(0, 2, 3, 1)))  # (O, k, k, C)
+    folded = b.node("MatMul", [w_last, a], "fold_w")  # Σ_c W[o, c] A[c, c']
+    w = b.node("Transpose", [folded], "fold_w_oihw", perm=[0, 3, 1, 2])
+    w_sum = b.const(f"{name}.weight_sum", weight.sum(axis=(2, 3)).astype(np.float32))  # (O, C)
+    return w, b.node("Add", [bias, b.node("MatMul", [w_sum, shift], "fold_b")], "fold_bias")
 
 
 def _add_affine(b: _Builder, features: str, a: str, bias: str) -> str:
@@ -95,7 +117,8 @@ def build_graph(net: _StageNet, spec: NetworkSpec, *, opset: int, doc: str = "")
     x = spec.inputs[0].name
     if spec.kind == "decoder_affine":
         x = _add_affine(b, x, spec.inputs[1].name, spec.inputs[2].name)
-    outs = _add_layers(b, net, x, spec.outputs[0].name)
+    fold = (spec.inputs[1].name, spec.inputs[2].name) if spec.kind == "decoder_folded" else None
+    outs = _add_layers(b, net, x, spec.outputs[0].name, fold)
     if spec.kind == "encoder_aux":  # training bundles: Q_b(relu{b}_1) as extra outputs
         for t in spec.outputs[1:]:
             block = t.name.removeprefix("embed")
@@ -118,7 +141,7 @@ def torch_reference(net: _StageNet, spec: NetworkSpec, feed: dict[str, np.ndarra
     from ultrastyle.runtime.transforms import apply_affine
 
     x = torch.from_numpy(feed[spec.inputs[0].name])
-    if spec.kind == "decoder_affine":
+    if spec.kind in ("decoder_affine", "decoder_folded"):
         x = apply_affine(x, torch.from_numpy(feed["A"]), torch.from_numpy(feed["b"]))
     out = {spec.outputs[0].name: net(x).numpy()}
     if spec.kind == "encoder_aux":

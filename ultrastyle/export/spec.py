@@ -21,7 +21,7 @@ class TensorSpec:
 class NetworkSpec:
     """One graph of a bundle."""
 
-    kind: str  # "encoder" | "decoder" | "decoder_affine" | "encoder_aux" (training bundles)
+    kind: str  # "encoder" | "decoder" | "decoder_affine" | "decoder_folded" | "encoder_aux" (training bundles)
     stage: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -37,7 +37,7 @@ class NetworkSpec:
 
 # Max abs difference allowed between ONNX Runtime and PyTorch, per dtype and
 # network output (images in [0, 1]; features of CD 16x reach ~1e2).
-ATOL = {"float32": {"encoder": 2e-4, "encoder_aux": 5e-4, "decoder": 1e-4, "decoder_affine": 1e-4}}
+ATOL = {"float32": {"encoder": 2e-4, "encoder_aux": 5e-4, "decoder": 1e-4, "decoder_affine": 1e-4, "decoder_folded": 1e-4}}
 RTOL = {"float32": 1e-4}
 
 
@@ -45,7 +45,8 @@ RTOL = {"float32": 1e-4}
 class ExportSpec:
     opset: int = DEFAULT_OPSET
     stages: tuple[int, ...] = (1, 2, 3, 4, 5)
-    kinds: tuple[str, ...] = ("encoder", "decoder", "decoder_affine")
+    # decoder_folded: the same map as decoder_affine, folded into the first conv (what the CPU runs)
+    kinds: tuple[str, ...] = ("encoder", "decoder", "decoder_affine", "decoder_folded")
     # validation sizes per stage, in grid cells (H, W): odd and even counts, non-square
     check_cells: tuple[tuple[int, int], ...] = field(default=((2, 2), (3, 5), (7, 4)))
 
@@ -68,7 +69,8 @@ class ExportSpec:
                     raise ValueError("encoder_aux graphs need the teacher widths of the Q_k embeddings")
                 embeds = tuple(TensorSpec(f"embed{b}", ("N", teacher[b - 1], f"h{b}", f"w{b}")) for b in range(1, k + 1))
                 out.append(NetworkSpec("encoder_aux", k, (image,), (feats, *embeds)))
-            if "decoder_affine" in self.kinds:
-                a, b = TensorSpec("A", (c, c)), TensorSpec("b", (c,))
-                out.append(NetworkSpec("decoder_affine", k, (feats, a, b), (image,)))
+            for kind in ("decoder_affine", "decoder_folded"):
+                if kind in self.kinds:
+                    a, b = TensorSpec("A", (c, c)), TensorSpec("b", (c,))
+                    out.append(NetworkSpec(kind, k, (feats, a, b), (image,)))
         return out

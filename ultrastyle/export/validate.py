@@ -37,7 +37,7 @@ def _feeds(spec: NetworkSpec, grid: int, cells: Iterable[tuple[int, int]], seed:
             # relu{k}_1 features are non-negative with a heavy tail
             f = (rng.standard_exponential((1, c, ch, cw)) * 2).astype(np.float32)
             feed = {spec.inputs[0].name: f}
-            if spec.kind == "decoder_affine":
+            if spec.kind in ("decoder_affine", "decoder_folded"):
                 a = np.eye(c, dtype=np.float32) * 0.6 + rng.standard_normal((c, c)).astype(np.float32) * (0.4 / np.sqrt(c))
                 feed["A"], feed["b"] = a.astype(np.float32), (rng.standard_normal(c) * 0.1).astype(np.float32)
             yield f"{ch}x{cw} features", feed

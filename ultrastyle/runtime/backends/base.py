@@ -156,6 +156,6 @@ class Runner(ABC):
 def parse_network(name: str) -> tuple[str, int]:
     """``"decoder_affine3"`` -> ("decoder_affine", 3)."""
     kind, stage = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")) :]
-    if kind not in ("encoder", "decoder", "decoder_affine") or not stage.isdigit():
-        raise RunnerError(f"unknown network {name!r}; expected encoderK, decoderK or decoder_affineK")
+    if kind not in ("encoder", "decoder", "decoder_affine", "decoder_folded") or not stage.isdigit():
+        raise RunnerError(f"unknown network {name!r}; expected encoderK, decoderK, decoder_affineK or decoder_foldedK")
     return kind, int(stage)

@@ -134,6 +134,13 @@ class OnnxRuntimeRunner(Runner):
     def memory_factor(self, stage: int) -> float:
         return MEMORY_FACTOR.get(stage, MEMORY_FACTOR_DEFAULT)
 
+    def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """decoder(A f + b), by ``decoder_foldedK`` where the bundle has it (the map folded into the first conv)."""
+        folded = f"decoder_folded{stage}"
+        use_folded = folded in self.bundle.manifest["networks"] and f"decoder_affine{stage}" not in self._int8
+        name = folded if use_folded else f"decoder_affine{stage}"
+        return self.infer(name, {"features": features, "A": a, "b": b})["image"]
+
     def activate_impl(self) -> None:
         ort = _import_ort()
         opts = ort.SessionOptions()

@@ -43,7 +43,7 @@ class TorchRunner(Runner):
             raise RunnerError(f"{self.name} has no stage {stage}; it has {list(self.stages)}")
         if kind == "encoder":
             return {"features": self.model.encode(stage, feed["image"])}
-        if kind == "decoder_affine":
+        if kind in ("decoder_affine", "decoder_folded"):
             return {"image": self.model.decode(stage, feed["features"], feed["A"], feed["b"])}
         return {"image": self.model.decoders[stage](feed["features"])}
 
