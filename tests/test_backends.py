@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,12 @@ def test_bundle_is_exported_on_first_use_and_reused(cd16x_dir, tmp_path):
     mtime = (first.path / "manifest.json").stat().st_mtime_ns
     again = ensure_bundle(cd16x_dir, stages=(1, 2))
     assert again.path == first.path and (again.path / "manifest.json").stat().st_mtime_ns == mtime
+    # A cached bundle from an older ultrastyle without some graph kind is exported again.
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    del manifest["networks"]["decoder_folded1"]
+    (first.path / "manifest.json").write_text(json.dumps(manifest))
+    renewed = ensure_bundle(cd16x_dir, stages=(1, 2))
+    assert renewed.path == first.path and "decoder_folded1" in renewed.manifest["networks"]
     # Other weights (one file changed) get their own bundle.
     other = tmp_path / "w"
     other.mkdir()

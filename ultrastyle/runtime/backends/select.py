@@ -66,8 +66,9 @@ def ensure_bundle(
     if is_bundle(target):
         try:
             bundle = read_bundle(target)
-            if bundle.manifest["source_weights"] == files and set(stages) <= set(bundle.stages):
-                return bundle
+            wanted = {f"{kind}{k}" for kind in ExportSpec().kinds for k in stages}
+            if bundle.manifest["source_weights"] == files and wanted <= set(bundle.manifest["networks"]):
+                return bundle  # else exported by an older ultrastyle without some graph kind: re-export
         except BundleError:
             pass  # a damaged cache is re-exported below
     if on_export:
