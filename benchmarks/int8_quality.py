@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", type=_csv, default=list(METHODS))
     ap.add_argument("--keep-float", type=_csv, default=["ends", "transform"])
-    ap.add_argument("--per-channel", type=_csv, default=["no", "yes"])
+    ap.add_argument("--per-channel", type=_csv, default=["yes", "no"])
     ap.add_argument("--images", type=Path, default=SHARED / "images/train")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tile", type=int, default=512)

@@ -56,7 +56,7 @@ def test_calibration_records_int8_graphs_with_settings_in_the_manifest(int8_bund
             assert entry["source_sha256"] == nets[f"{kind}{k}"]["sha256"]
         assert "int8" not in nets[f"decoder{k}"]  # the pipeline runs the fused decoders only
     cal = int8_bundle.manifest["calibration"]
-    assert cal["method"] == "minmax" and cal["samples"] == 3 and cal["keep_float"] == "ends" and cal["images"]
+    assert cal["method"] == "percentile" and cal["per_channel"] and cal["samples"] == 3 and cal["keep_float"] == "ends" and cal["images"]
 
 
 def test_qdq_graphs_pass_the_checker_and_are_symmetric_int8(int8_bundle):

