@@ -45,6 +45,7 @@ class RunConfig:
     batch_size: int = 4
     steps: int = 2000
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or cosine (decay to lr/100 at the last step)
     checkpoint_every: int = 200
     log_every: int = 10
     val_every: int = 0  # 0: at every checkpoint
@@ -80,6 +81,8 @@ class RunConfig:
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: cpu or cuda, got {self.device!r}")
 

@@ -141,14 +141,15 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     run_dir = config.resolved_run_dir()
     saved = run_dir / CONFIG_FILE
     if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
-        config = for_resume(read_saved(type(config), saved), config, explicit if explicit is not None else {})
+        given = explicit if explicit is not None else dataclasses.asdict(config)
+        config = for_resume(read_saved(type(config), saved), config, given)
         config.check()
     return config
 
 
 def _options(config: RunConfig) -> TrainOptions:
     return TrainOptions(
-        steps=config.steps, lr=config.lr, batch_size=config.batch_size, checkpoint_every=config.checkpoint_every,
+        steps=config.steps, lr=config.lr, lr_schedule=config.lr_schedule, batch_size=config.batch_size, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, val_every=config.val_every, workers=config.workers, device=config.device,
     )  # fmt: skip
 
@@ -163,7 +164,10 @@ def distill(
 ) -> JobResult:
     """Train the stage-``config.stage`` student encoder by Collaborative Distillation.
 
-    ``explicit``: the settings the user gave (for `config.for_resume`).
+    With ``resume``, the run folder's saved settings are used; ``explicit``
+    names the settings the caller chose (default: every field of ``config``):
+    those must match the saved ones, except the resumable ones (``steps``,
+    ``device``, ...; see `config.for_resume`), which are taken from ``config``.
     ``on_message`` receives one-line notes (skipped images, where things go).
     """
     config = _prepare_run(config, explicit, resume)

@@ -53,6 +53,7 @@ class TrainOptions:
 
     steps: int
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2, down to lr / 100
     batch_size: int = 4
     checkpoint_every: int = 200
     log_every: int = 10
@@ -167,6 +168,8 @@ class Trainer:
         config: Mapping | None = None,
         on_step: Callable[[StepReport], None] | None = None,
     ) -> None:
+        if options.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {options.lr_schedule!r}")
         if options.steps < 1 or options.batch_size < 1 or options.checkpoint_every < 1 or options.log_every < 1:
             raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {options}")
         self.task, self.options, self.stream, self.val_data = task, options, stream, val_data
@@ -176,6 +179,14 @@ class Trainer:
         self.device = torch.device(options.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self._stop: _StopOnSigint | None = None
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (0-based): a function of the step alone, so resuming keeps it."""
+        opts = self.options
+        if opts.lr_schedule == "constant":
+            return opts.lr
+        floor = opts.lr / 100
+        return floor + (opts.lr - floor) * (1 + math.cos(math.pi * min(step, opts.steps) / opts.steps)) / 2
 
     @property
     def checkpoint_path(self) -> Path:
@@ -206,7 +217,7 @@ class Trainer:
 
     def _checkpoint(self, log: LossLog, step: int, seconds: float, sums: dict[str, float], count: int) -> int:
         if count:  # the partial log interval, so the log reaches the checkpoint
-            log.append(step, "train", seconds, self.options.lr, {k: v / count for k, v in sums.items()})
+            log.append(step, "train", seconds, self.lr_at(step - 1), {k: v / count for k, v in sums.items()})
         self._save(step, seconds)
         return step
 
@@ -285,6 +296,9 @@ class Trainer:
                             f"loss became {value} at step {step + 1}; lower the learning rate "
                             f"(now {opts.lr:g}) and resume from the last checkpoint (step {saved_at})"
                         )
+                    lr = self.lr_at(step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
@@ -296,12 +310,12 @@ class Trainer:
                     event = ""
                     now = time.perf_counter() - t0
                     if step % opts.log_every == 0 or step == opts.steps:
-                        log.append(step, "train", now, opts.lr, {k: v / count for k, v in sums.items()})
+                        log.append(step, "train", now, lr, {k: v / count for k, v in sums.items()})
                         sums, count = {}, 0
                     at_checkpoint = step % opts.checkpoint_every == 0 or step == opts.steps
                     if self.val_data and ((opts.val_every and step % opts.val_every == 0) or (not opts.val_every and at_checkpoint)):
                         val = self.validate()
-                        log.append(step, "val", now, opts.lr, val)
+                        log.append(step, "val", now, lr, val)
                         event = "val"
                     if at_checkpoint or stop.requested:
                         saved_at = self._checkpoint(log, step, now, sums, count)

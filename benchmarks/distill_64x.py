@@ -1,0 +1,306 @@
+"""Collaborative Distillation one level down: a 64x student from the published 16x models, stages 1-5.
+
+The 16x CD models (`../shared/models/cd-wct-16x`) are the teacher (``{k}SE``)
+and its collaborator decoder (``{k}SD``); the student is ``cd64x`` (half the
+16x widths, ~1/4 of the multiply-adds). For each stage it trains, on the photos
+of `../shared/images/train` (10% held out by file-name hash), four runs:
+
+- ``cd/{k}SE``: the CD student: L1-pruned from the teacher, Q_k starting as
+  the pruned channels' selection matrix, loss = collaborator reconstruction
+  (pixel + perceptual through the frozen 16x decoder) + beta * embedding loss;
+- ``cd/{k}SD``: its own decoder (started from the 16x decoder pruned with Q_k
+  folded into its first conv; perceptual loss with the 16x teacher, as CD);
+- ``mse/{k}SE``, ``mse/{k}SD``: the same without the collaborator (embedding
+  loss only, i.e. plain feature distillation), and its decoder.
+
+Then it reports, on the held-out photos (the validation split plus
+`../shared/images/content`, long side ``--eval-size``), reconstruction PSNR /
+SSIM per stage of:
+
+- (a) teacher 16x SE + 16x SD;
+- (b) CD student + the teacher's decoder, through Q_k (D_T(Q_k F'));
+- (c) CD student + its own SD;
+- (d) the pruned student without training + the teacher's decoder through
+  its selection Q_k (the paper's pruned baseline; untrained, it has no SD);
+- (e) the feature-MSE student + its own SD, and (e') + the teacher's decoder
+  through Q_k;
+
+plus parameter counts (encoder without Q_k, and decoder) and CPU seconds
+per megapixel (PyTorch eager, encoder + decoder, ``--threads``).
+
+Everything lives in ``--work`` (default ``out/distill_64x``, git-ignored). Each
+run checkpoints every ``--checkpoint-every`` steps and the script resumes
+where it stopped: run the same command again after an interruption (Ctrl-C,
+logout, kill) and at most one checkpoint interval is lost; finished runs are
+skipped. ``--report-only`` only evaluates what exists.
+
+Full experiment (run in the background from the repository root, ../shared beside it):
+
+    nohup .venv/bin/python benchmarks/distill_64x.py > out/distill_64x.log 2>&1 &
+
+Defaults: 1500 steps per run, batch 4 crops of 128 px, Adam lr 2e-4, 4 runs x
+5 stages. Measured cost per step on this 2-core machine (idle): see
+benchmarks/README.md; about 3 CPU hours in total (stage 5 is ~45% of it).
+Smoke run (a minute or two): ``--steps 4 --checkpoint-every 2 --stages 1,2
+--work out/distill_64x_smoke --eval-size 128``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ultrastyle.distill.config import DecoderConfig, DistillConfig
+from ultrastyle.distill.data import list_images, readable_images, split_files
+from ultrastyle.distill.jobs import distill, train_decoder
+from ultrastyle.distill.metrics import psnr, ssim
+from ultrastyle.distill.prune import prune_encoder
+from ultrastyle.distill.sources import load_decoder, load_encoder
+from ultrastyle.distill.trainer import StepReport
+from ultrastyle.io.images import load_image, resize_long_side
+from ultrastyle.models.spec import ARCHS
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STUDENT = ARCHS["cd64x"]
+
+
+def _done(path: Path, steps: int) -> bool:
+    """A run's output exists and was trained for at least ``steps`` steps."""
+    if not path.is_file():
+        return False
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("step", 0)) >= steps
+
+
+def _progress(label: str, every: int):
+    state = {"t": time.perf_counter(), "step": None}
+
+    def on_step(r: StepReport) -> None:
+        if r.step % every and r.step != r.steps:
+            return
+        now = time.perf_counter()
+        speed = ""
+        if state["step"] is not None and r.step > state["step"]:
+            rate = (now - state["t"]) / (r.step - state["step"])
+            speed = f" ({rate:.2f} s/step, ~{rate * (r.steps - r.step) / 60:.0f} min left)"
+        state["t"], state["step"] = now, r.step
+        losses = " ".join(f"{k} {v:.4g}" for k, v in sorted(r.losses.items()))
+        print(f"[{label}] step {r.step}/{r.steps} {losses}{speed}", flush=True)
+
+    return on_step
+
+
+def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
+    common = dict(stage=k, images=str(args.images), crop=args.crop, resize=args.resize, batch_size=args.batch_size,
+                  lr_schedule=args.lr_schedule, pixel_weight=args.pixel_weight,
+                  perceptual_weight=args.perceptual_weight, checkpoint_every=args.checkpoint_every, log_every=args.log_every, workers=args.workers,
+                  seed=args.seed, val_fraction=args.val_fraction, threads=args.threads)  # fmt: skip
+    teacher = str(args.teacher)
+    runs: list[tuple[str, object]] = []
+    for name, collaborate in (("cd", True), ("mse", False)):
+        if name == "mse" and args.no_baselines:
+            continue
+        out = str(args.work / name)
+        runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=args.steps, lr=args.lr, teacher=teacher,
+                                                      student_arch=STUDENT.name, init="prune", beta=args.beta,
+                                                      collaborate=collaborate)))  # fmt: skip
+        runs.append((f"{name}/{k}SD", DecoderConfig(**common, out=out, steps=args.sd_steps, lr=args.sd_lr, encoder=out,
+                                                      loss_encoder=teacher, init=teacher)))  # fmt: skip
+    return runs
+
+
+def train(args: argparse.Namespace) -> bool:
+    """Every run of every stage, skipping finished ones; False if interrupted."""
+    for k in args.stages:
+        for label, config in _runs(args, k):
+            out = Path(config.out) / f"{k}{config.kind}.pth"
+            if _done(out, config.steps):
+                print(f"[{label}] done, skipped ({out})", flush=True)
+                continue
+            job = distill if config.kind == "SE" else train_decoder
+            t0 = time.perf_counter()
+            result = job(config, resume=True, on_step=_progress(label, args.checkpoint_every), on_message=lambda m, l=label: print(f"[{l}] {m}", flush=True))
+            t = result.train
+            if t.status != "done":
+                print(f"[{label}] interrupted at step {t.step}; run the same command again to resume", flush=True)
+                return False
+            print(f"[{label}] finished {t.steps} steps ({t.seconds / max(t.steps, 1):.2f} s/step over the run; "
+                  f"this session {time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    return True
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _eval_images(args: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
+    _, val = split_files(readable_images(list_images(args.images)), args.val_fraction)
+    files = val + sorted((args.content).glob("*.jpg"))
+    out = []
+    for f in files:
+        x = resize_long_side(load_image(f), args.eval_size)
+        h, w = (x.shape[1] // 16) * 16, (x.shape[2] // 16) * 16  # the stage-5 grid: no padding rule needed
+        out.append((f.name, x[:, :h, :w].contiguous()))
+    return out
+
+
+def _params(*nets: torch.nn.Module) -> int:
+    return sum(p.numel() for n in nets for name, p in n.named_parameters() if "_aux" not in name)
+
+
+def _seconds_per_mp(enc, dec, size: int, repeats: int = 3) -> float:
+    x = torch.rand(1, 3, size, size)
+    with torch.inference_mode():
+        dec(enc(x))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dec(enc(x))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / (size * size / 1e6)
+
+
+@torch.inference_mode()
+def evaluate(args: argparse.Namespace) -> dict:
+    images = _eval_images(args)
+    report: dict = {"images": [n for n, _ in images], "eval_size": args.eval_size, "stages": {}}
+    for k in args.stages:
+        t_enc, t_dec = load_encoder(args.teacher, k), load_decoder(args.teacher, k)
+        pruned = prune_encoder(t_enc, STUDENT)[0].eval()
+        # name -> (features of an image, decoder), with F' -> Q_k F' where the teacher's decoder reads a student
+        q = lambda enc: (lambda x: getattr(enc, f"conv{k}1_aux")(enc(x)))  # noqa: E731
+        configs: dict[str, tuple] = {"a": (t_enc, t_dec), "d": (q(pruned), t_dec)}
+        nets: dict[str, tuple] = {"a": (t_enc, t_dec)}
+        for name, tags in (("cd", ("b", "c")), ("mse", ("e'", "e"))):
+            folder = args.work / name
+            if (folder / f"{k}SE.pth").is_file():
+                s_enc = load_encoder(folder, k, aux=True)
+                configs[tags[0]] = (q(s_enc), t_dec)
+                if (folder / f"{k}SD.pth").is_file():
+                    s_dec = load_decoder(folder, k)
+                    configs[tags[1]] = (s_enc, s_dec)
+                    nets.setdefault("student", (s_enc, s_dec))
+        row: dict = {}
+        for tag, (enc, dec) in configs.items():
+            ps, ss = [], []
+            for _, x in images:
+                y = dec(enc(x[None]))[0].clamp(0, 1)
+                ps.append(psnr(y, x))
+                ss.append(ssim(y, x))
+            row[tag] = {"psnr": statistics.mean(ps), "ssim": statistics.mean(ss)}
+        s_enc, s_dec = nets.get("student", (pruned, None))
+        info = {"teacher_params": _params(t_enc, t_dec), "teacher_s_per_mp": _seconds_per_mp(t_enc, t_dec, args.time_size)}
+        if s_dec is not None:
+            info |= {"student_params": _params(s_enc, s_dec), "student_s_per_mp": _seconds_per_mp(s_enc, s_dec, args.time_size)}
+        report["stages"][k] = {"quality": row, **info}
+    return report
+
+
+COLUMNS = [("a", "(a) teacher 16x SE+SD"), ("b", "(b) CD student + teacher SD via Q"), ("c", "(c) CD student + own SD"),
+           ("d", "(d) pruned student, untrained + teacher SD via Q"), ("e", "(e) feature-MSE student + own SD"),
+           ("e'", "(e') feature-MSE student + teacher SD via Q")]  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Held-out photos: {len(report['images'])} ({', '.join(report['images'])}), long side {report['eval_size']} px.", ""]
+    head = "| stage | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines += ["Reconstruction PSNR (dB) / SSIM:", "", head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for k, st in report["stages"].items():
+        q = st["quality"]
+        cells = [f"{q[t]['psnr']:.2f} / {q[t]['ssim']:.3f}" if t in q else "-" for t, _ in COLUMNS]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "| stage | teacher params | student params | teacher s/MP | student s/MP |", "|---|---|---|---|---|"]
+    for k, st in report["stages"].items():
+        sp = f"{st['student_params']:,}" if "student_params" in st else "-"
+        ss = f"{st['student_s_per_mp']:.3f}" if "student_s_per_mp" in st else "-"
+        lines.append(f"| {k} | {st['teacher_params']:,} | {sp} | {st['teacher_s_per_mp']:.3f} | {ss} |")
+    claims = []
+    for k, st in report["stages"].items():
+        q = st["quality"]
+        if {"a", "c", "d"} <= set(q):
+            txt = f"stage {k}: (c) - (a) = {q['c']['psnr'] - q['a']['psnr']:+.2f} dB, (c) - (d) = {q['c']['psnr'] - q['d']['psnr']:+.2f} dB"
+            if "e" in q:
+                txt += f", (c) - (e) = {q['c']['psnr'] - q['e']['psnr']:+.2f} dB"
+            claims.append(txt)
+    if claims:
+        lines += ["", *claims]
+    return "\n".join(lines) + "\n"
+
+
+def publish(args: argparse.Namespace, dest: Path) -> None:
+    """fp16 copies of the CD student's SE (with Q_k) and SD, plus architecture.json, for the model zoo."""
+    import hashlib
+
+    from ultrastyle.distill.trainer import atomic_save
+
+    src = args.work / "cd"
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for k in args.stages:
+        for part in ("SE", "SD"):
+            obj = torch.load(src / f"{k}{part}.pth", map_location="cpu", weights_only=True)
+            atomic_save({"model": {n: v.half() for n, v in obj["model"].items()}, "step": obj["step"]}, dest / f"{k}{part}.pth")
+    (dest / "architecture.json").write_text((src / "architecture.json").read_text())
+    for f in sorted(dest.iterdir()):
+        data = f.read_bytes()
+        total += len(data)
+        print(f"{f.name}\t{len(data)} bytes\tsha256 {hashlib.sha256(data).hexdigest()}")
+    print(f"total {total / 1e6:.2f} MB in {dest}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("out/distill_64x"), help="runs, weights and report (default: %(default)s)")
+    ap.add_argument("--teacher", type=Path, default=SHARED / "models/cd-wct-16x")
+    ap.add_argument("--images", type=Path, default=SHARED / "images/train")
+    ap.add_argument("--content", type=Path, default=SHARED / "images/content", help="extra held-out photos")
+    ap.add_argument("--stages", default="1,2,3,4,5")
+    ap.add_argument("--steps", type=int, default=3000, help="steps per student encoder run")
+    ap.add_argument("--sd-steps", type=int, default=None, help="steps per decoder run (default: --steps)")
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--resize", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the student encoders")
+    ap.add_argument("--sd-lr", type=float, default=1e-4, help="Adam lr of the decoders (their weights are ~10x smaller)")
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
+    ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
+    ap.add_argument("--pixel-weight", type=float, default=1.0)
+    ap.add_argument("--perceptual-weight", type=float, default=1.0)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads run several times slower under load)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-size", type=int, default=512)
+    ap.add_argument("--time-size", type=int, default=1024, help="image side for the s/MP timing")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the feature-MSE runs (e)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--publish", type=Path, default=None, help="also write fp16 copies of the CD student here")
+    args = ap.parse_args()
+    args.stages = [int(s) for s in args.stages.split(",")]
+    args.sd_steps = args.sd_steps or args.steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if not args.report_only and not train(args):
+        sys.exit(130)
+    report = evaluate(args)
+    report["train_seconds_this_session"] = time.perf_counter() - t0
+    report["settings"] = {k: str(v) for k, v in vars(args).items()}
+    (args.work / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report)
+    (args.work / "report.md").write_text(md)
+    print(md)
+    if args.publish:
+        publish(args, args.publish)
+
+
+if __name__ == "__main__":
+    main()
