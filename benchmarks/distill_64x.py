@@ -38,11 +38,23 @@ Full experiment (run in the background from the repository root, ../shared besid
 
     nohup .venv/bin/python benchmarks/distill_64x.py > out/distill_64x.log 2>&1 &
 
-Defaults: 1500 steps per run, batch 4 crops of 128 px, Adam lr 2e-4, 4 runs x
-5 stages. Measured cost per step on this 2-core machine (idle): see
-benchmarks/README.md; about 3 CPU hours in total (stage 5 is ~45% of it).
-Smoke run (a minute or two): ``--steps 4 --checkpoint-every 2 --stages 1,2
---work out/distill_64x_smoke --eval-size 128``.
+Defaults: 3000 steps per run, batch 4 crops of 128 px, Adam with a 100-step
+warm-up and cosine decay, lr 1e-3 for the student encoders and 1e-4 for the
+decoders (decoder weights are ~10x smaller: 1e-3 made the stage-1 decoder
+collapse), beta = 1 (CD's beta = 10 was tuned for a VGG-19 teacher; at this
+level it drowns the collaborator loss: 400-step probes at stage 1 gave
+D_T(Q F') 15 dB with beta 10, 23 dB with 1, 30 dB with 0.1; at stage 2, 16 /
+19 dB with beta 0.1 / 1), 1 torch thread plus 1 data worker.
+
+Budget: one step of the four runs of all five stages costs about 3.1 s on
+one core of this 2-core machine (stage 5: 1.1 s, stage 4: 0.8 s, stage 3:
+0.55 s, stage 2: 0.4 s, stage 1: 0.2 s), so the default 3000 steps take about
+2.6 h of training plus ~10% for data, validation and checkpoints: about 3 CPU
+hours in total, single-threaded (``--threads 2`` is faster on an idle machine
+but several times slower when other processes load the cores).
+
+Smoke run (about a minute): ``--steps 6 --checkpoint-every 2 --work
+out/distill_64x_smoke --eval-size 128 --time-size 256``.
 """
 
 from __future__ import annotations
@@ -97,7 +109,7 @@ def _progress(label: str, every: int):
 
 def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
     common = dict(stage=k, images=str(args.images), crop=args.crop, resize=args.resize, batch_size=args.batch_size,
-                  lr_schedule=args.lr_schedule, pixel_weight=args.pixel_weight,
+                  lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, pixel_weight=args.pixel_weight,
                   perceptual_weight=args.perceptual_weight, checkpoint_every=args.checkpoint_every, log_every=args.log_every, workers=args.workers,
                   seed=args.seed, val_fraction=args.val_fraction, threads=args.threads)  # fmt: skip
     teacher = str(args.teacher)
@@ -269,6 +281,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the student encoders")
     ap.add_argument("--sd-lr", type=float, default=1e-4, help="Adam lr of the decoders (their weights are ~10x smaller)")
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
+    ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
     ap.add_argument("--pixel-weight", type=float, default=1.0)
     ap.add_argument("--perceptual-weight", type=float, default=1.0)

@@ -121,19 +121,23 @@ def test_cli_distill_then_train_decoder_gives_a_model_that_loads_stylizes_and_ex
     cfg = tmp_path / "distill.yaml"
     cfg.write_text(yaml.safe_dump({"teacher": str(teacher_dir), "images": str(photos), "crop": 16, "resize": 24,
                                    "batch-size": 2, "checkpoint_every": 2, "log_every": 1, "workers": 0, "lr": 1e-3}))  # fmt: skip
-    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "1,2", "-o", str(out), "--steps", "3"])
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "1,2", "-o", str(out), "--steps", "3",
+                            "--lr-schedule", "cosine", "--warmup-steps", "2"])  # fmt: skip
     assert r.exit_code == 0, r.output
     run = out / "runs" / "2SE"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["steps"] == 3 and saved["crop"] == 16 and saved["teacher"] == str(teacher_dir)
+    assert (saved["lr_schedule"], saved["warmup_steps"], saved["batch_size"]) == ("cosine", 2, 2)
     assert saved["resolved"]["architecture"]["widths"] == [3, 4, 4, 4, 4]
     with Image.open(run / "losses.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
     assert {"embed", "pixel", "perceptual", "loss"} <= set(next(csv.DictReader(open(run / "log.csv"))))
 
-    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "3", "--lr", "0.5", "--resume"])
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "3", "--lr", "0.5",
+                            "--lr-schedule", "cosine", "--warmup-steps", "2", "--resume"])  # fmt: skip
     assert r.exit_code == 2 and "lr=0.001 (now 0.5)" in r.output
-    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "5", "--resume"])
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "5",
+                            "--lr-schedule", "cosine", "--warmup-steps", "2", "--resume"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert read_checkpoint(run / "checkpoint.pt")["step"] == 5
 

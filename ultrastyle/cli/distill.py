@@ -146,6 +146,7 @@ ValFracOpt = Annotated[Optional[float], typer.Option("--val-fraction", help="Sha
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step", show_default="4")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps; may be raised on --resume.", show_default="2000")]
 LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate", show_default="1e-4")]
+WarmupOpt = Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear learning-rate ramp over the first steps", show_default="0")]
 LrScheduleOpt = Annotated[Optional[str], typer.Option("--lr-schedule", help="constant, or cosine (decays to lr/100 at the last step)", show_default="constant")]
 CkptOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints", show_default="200")]
 LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CSV row", show_default="10")]
@@ -184,7 +185,7 @@ def distill_command(
     beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2", show_default="10")] = None,
     collaborate: Annotated[Optional[bool], typer.Option("--collaborate/--no-collaborate", help="--no-collaborate: embedding loss only (plain feature distillation).")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
-    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None,
+    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None, warmup_steps: WarmupOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None, pixel_weight: PixelOpt = None,
     perceptual_weight: PercOpt = None, content_weight: ContentOpt = None, style_weight: StyleWOpt = None,
@@ -202,7 +203,7 @@ def distill_command(
         teacher=teacher, out=out, images=images, collaborator=collaborator, student_arch=student_arch,
         width_factor=width_factor, init=init, beta=beta, collaborate=collaborate, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
-        lr=lr, lr_schedule=lr_schedule, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
         content_weight=content_weight, style_weight=style_weight,
     )  # fmt: skip
@@ -217,7 +218,7 @@ def train_decoder_command(
     loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder", show_default="the encoder")] = None,
     init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider)", show_default="random")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
-    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None,
+    val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None, warmup_steps: WarmupOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, threads: ThreadsOpt = None, pixel_weight: PixelOpt = None,
     perceptual_weight: PercOpt = None, content_weight: ContentOpt = None, style_weight: StyleWOpt = None,
@@ -233,7 +234,7 @@ def train_decoder_command(
     flags = _common(
         encoder=encoder, out=out, images=images, loss_encoder=loss_encoder, init=init, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
-        lr=lr, lr_schedule=lr_schedule, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
         content_weight=content_weight, style_weight=style_weight,
     )  # fmt: skip

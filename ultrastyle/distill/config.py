@@ -46,6 +46,7 @@ class RunConfig:
     steps: int = 2000
     lr: float = 1e-4
     lr_schedule: str = "constant"  # or cosine (decay to lr/100 at the last step)
+    warmup_steps: int = 0  # linear lr ramp over the first steps
     checkpoint_every: int = 200
     log_every: int = 10
     val_every: int = 0  # 0: at every checkpoint
@@ -74,7 +75,7 @@ class RunConfig:
         for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("resize", "val_every", "workers", "threads"):
+        for name in ("resize", "val_every", "workers", "threads", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -149,7 +149,7 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
 
 def _options(config: RunConfig) -> TrainOptions:
     return TrainOptions(
-        steps=config.steps, lr=config.lr, lr_schedule=config.lr_schedule, batch_size=config.batch_size, checkpoint_every=config.checkpoint_every,
+        steps=config.steps, lr=config.lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps, batch_size=config.batch_size, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, val_every=config.val_every, workers=config.workers, device=config.device,
     )  # fmt: skip
 

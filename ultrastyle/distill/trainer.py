@@ -54,6 +54,7 @@ class TrainOptions:
     steps: int
     lr: float = 1e-4
     lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2, down to lr / 100
+    warmup_steps: int = 0  # linear ramp from lr / warmup_steps over the first steps (Adam's first steps are large)
     batch_size: int = 4
     checkpoint_every: int = 200
     log_every: int = 10
@@ -81,6 +82,15 @@ class TrainResult:
     seconds: float
     last: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)
+
+
+def learning_rate(opts: TrainOptions, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): a function of the step alone, so resuming keeps it."""
+    ramp = min(1.0, (step + 1) / opts.warmup_steps) if opts.warmup_steps else 1.0
+    if opts.lr_schedule == "constant":
+        return opts.lr * ramp
+    floor = opts.lr / 100
+    return ramp * (floor + (opts.lr - floor) * (1 + math.cos(math.pi * min(step, opts.steps) / opts.steps)) / 2)
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -181,12 +191,7 @@ class Trainer:
         self._stop: _StopOnSigint | None = None
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of step ``step`` (0-based): a function of the step alone, so resuming keeps it."""
-        opts = self.options
-        if opts.lr_schedule == "constant":
-            return opts.lr
-        floor = opts.lr / 100
-        return floor + (opts.lr - floor) * (1 + math.cos(math.pi * min(step, opts.steps) / opts.steps)) / 2
+        return learning_rate(self.options, step)
 
     @property
     def checkpoint_path(self) -> Path:
