@@ -190,3 +190,18 @@ def test_train_decoder_writes_a_complete_teacher_model(teacher_dir, photos, tmp_
     assert sorted(p.name for p in result.outputs) == ["1SD.pth", "1SE.pth"]
     torch.testing.assert_close(_weights(tmp_path / "t" / "1SE.pth")["conv11.weight"], _weights(teacher_dir / "1SE.pth")["conv11.weight"])
     assert load_model(tmp_path / "t", stages=(1,)).arch.widths == TEACHER.widths
+
+
+def test_a_vgg19_file_teacher_runs_the_same_commands(photos, tmp_path):
+    """torchvision VGG-19 weights (random here) -> collaborator decoder -> 16x-wide student, stage 2."""
+    torch.manual_seed(0)
+    vgg = {f"features.{i}.{p}": t for i, (o, c) in {0: (64, 3), 2: (64, 64), 5: (128, 64)}.items()
+           for p, t in (("weight", 0.05 * torch.randn(o, c, 3, 3)), ("bias", torch.zeros(o)))}  # fmt: skip
+    torch.save(vgg, tmp_path / "vgg19.pth")
+    common = dict(stage=2, images=str(photos), crop=16, resize=24, batch_size=2, steps=2, workers=0)
+    train_decoder(DecoderConfig(**common, encoder=str(tmp_path / "vgg19.pth"), out=str(tmp_path / "teacher")))
+    assert _weights(tmp_path / "teacher" / "2SE.pth")["conv21.weight"].shape == (128, 64, 3, 3)
+    result = distill(DistillConfig(**common, teacher=str(tmp_path / "teacher"), width_factor=0.25, out=str(tmp_path / "s16")))
+    se = _weights(result.outputs[0])
+    assert se["conv21.weight"].shape == (32, 16, 3, 3) and se["conv21_aux.weight"].shape == (128, 32, 1, 1)
+    assert json.loads((tmp_path / "s16" / "architecture.json").read_text())["name"] == "vgg19-x0.25"
