@@ -205,3 +205,28 @@ def test_a_vgg19_file_teacher_runs_the_same_commands(photos, tmp_path):
     se = _weights(result.outputs[0])
     assert se["conv21.weight"].shape == (32, 16, 3, 3) and se["conv21_aux.weight"].shape == (128, 32, 1, 1)
     assert json.loads((tmp_path / "s16" / "architecture.json").read_text())["name"] == "vgg19-x0.25"
+
+
+def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir, photos, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    argv = [sys.executable, "-m", "ultrastyle.cli.main", "distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos),
+            "-o", str(out), "--crop", "16", "--resize", "24", "--batch-size", "2", "--workers", "1", "--log-every", "1",
+            "--checkpoint-every", "100000", "--steps", "100000"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "runs" / "2SE" / "log.csv"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and len(log.read_text().splitlines()) > 2) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Run the same command with --resume" in output
+    step = read_checkpoint(out / "runs" / "2SE" / "checkpoint.pt")["step"]
+    assert step >= 2  # the steps done before Ctrl-C were kept, not only the step-0 state
+    r = subprocess.run([*argv[:-1], str(step + 1), "--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _weights(out / "2SE.pth") and read_checkpoint(out / "runs" / "2SE" / "checkpoint.pt")["step"] == step + 1

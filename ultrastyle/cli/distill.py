@@ -109,6 +109,10 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                 progress.stop()
                 _err(str(exc))
                 raise typer.Exit(1) from None
+            except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+                progress.stop()
+                _err(f"aborted; the last checkpoint in {config.resolved_run_dir()} is intact: rerun with --resume")
+                raise typer.Exit(130) from None
             _report(progress.console, result)
             if result.train.status == "interrupted":
                 progress.stop()
