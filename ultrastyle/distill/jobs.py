@@ -54,7 +54,10 @@ def student_spec(teacher: ArchSpec, arch: str | None = None, width_factor: float
     teacher's widths; a named architecture that does not is refused.
     """
     if arch:
-        spec = get_arch(arch)
+        try:
+            spec = get_arch(arch)
+        except KeyError as exc:
+            raise ConfigError(f"student_arch: {exc.args[0]}") from None
         for k in (1, 2, 3, 4, 5):
             for b in range(1, k + 1):
                 conv = f"conv{b}1"
