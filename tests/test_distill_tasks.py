@@ -15,6 +15,16 @@ from ultrastyle.distill.config import ConfigError
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, ArchSpec
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
+    # processes share the cores (10x slower measured on a loaded 2-core machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 TINY = ArchSpec("tiny", (6, 8, 8, 8, 8))  # no final ReLU: a random decoder must not start dead
 TINY_STUDENT = TINY.student("tiny-x0.5", 0.5)
 
@@ -119,6 +129,22 @@ def test_pruned_decoder_folds_q_into_its_first_conv():
     f = torch.rand(2, student.out_channels, 10, 12)
     with torch.no_grad():
         torch.testing.assert_close(sd(f), dec(student.conv11_aux(f)), rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_pruned_decoder_tracks_the_teacher_closer():
+    enc, dec = _pair(TINY, 3)
+    student = prune_encoder(enc, TINY_STUDENT)[0]
+    with torch.no_grad():
+        feats = student(_images(n=4, size=32, seed=3))
+        target = dec(student.conv31_aux(feats))
+        plain = prune_decoder(dec, TINY_STUDENT, embed=student.conv31_aux)
+        calibrated = prune_decoder(dec, TINY_STUDENT, embed=student.conv31_aux, calibrate=feats)
+        assert torch.equal(plain.conv31.weight.abs() > 0, calibrated.conv31.weight.abs() > 0)  # same filters, rescaled
+        err_plain = float(((plain(feats) - target) ** 2).mean())
+        err_cal = float(((calibrated(feats) - target) ** 2).mean())
+    assert err_cal < 0.5 * err_plain
+    with pytest.raises(ValueError, match="needs the embedding"):
+        prune_decoder(dec, TINY_STUDENT, calibrate=feats)
 
 
 # ---------------------------------------------------------------- losses

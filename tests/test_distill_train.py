@@ -28,6 +28,16 @@ from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.models.spec import ArchSpec
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
+    # processes share the cores (10x slower measured on a loaded 2-core machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 TEACHER = ArchSpec("tinyteacher", (6, 8, 8, 8, 8))
 
 
@@ -215,7 +225,7 @@ def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir,
     out = tmp_path / "s"
     argv = [sys.executable, "-m", "ultrastyle.cli.main", "distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos),
             "-o", str(out), "--crop", "16", "--resize", "24", "--batch-size", "2", "--workers", "1", "--log-every", "1",
-            "--checkpoint-every", "100000", "--steps", "100000"]  # fmt: skip
+            "--threads", "1", "--checkpoint-every", "100000", "--steps", "100000"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "runs" / "2SE" / "log.csv"
     deadline = time.monotonic() + 60

@@ -109,8 +109,16 @@ def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec) -> En
     return convert.cd_encoder(path, k, spec=spec, aux=True)
 
 
-def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec) -> Decoder:
-    """Random, or a decoder to start from: copied if it has ``spec``'s widths, else pruned to them."""
+CALIBRATION_CROPS = 16
+
+
+def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, stream: PairStream) -> Decoder:
+    """Random, or a decoder to start from: copied if it has ``spec``'s widths, else pruned to them.
+
+    A pruned start reads the encoder's features through its Q_k (when it has
+    one) and is calibrated on the first `CALIBRATION_CROPS` training crops
+    (see `prune.prune_decoder`).
+    """
     k = config.stage
     if config.init == "random":
         torch.manual_seed(config.seed)
@@ -132,7 +140,11 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec) -> De
     embed = getattr(encoder, f"conv{k}1_aux", None)
     if embed is not None and embed.out_channels != start.in_channels:
         embed = None
-    return prune_decoder(start, spec, embed=embed)
+    feats = None
+    if embed is not None:
+        with torch.no_grad():
+            feats = encoder(torch.stack([stream[g]["content"] for g in range(CALIBRATION_CROPS)]))
+    return prune_decoder(start, spec, embed=embed, calibrate=feats)
 
 
 # ---------------------------------------------------------------- runs
@@ -175,6 +187,7 @@ def distill(
     """
     config = _prepare_run(config, explicit, resume)
     k = config.stage
+    data = _data(config, on_message)
     teacher = sources.load_encoder(config.teacher, k)
     spec = student_spec(teacher.spec, config.student_arch, config.width_factor)
     decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborate else None
@@ -184,7 +197,7 @@ def distill(
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    return _run(config, task, spec, f"{k}SE.pth", resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
+    return _run(config, task, spec, f"{k}SE.pth", data, resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
 
 
 def train_decoder(
@@ -202,16 +215,17 @@ def train_decoder(
     """
     config = _prepare_run(config, explicit, resume)
     k = config.stage
+    data = _data(config, on_message)
     spec = sources.source_arch(config.encoder)
     encoder = sources.load_encoder(config.encoder, k, aux=None)  # keep Q_k if it has them (to fold into a pruned init)
     loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
-    decoder = _decoder_init(config, encoder, spec)
+    decoder = _decoder_init(config, encoder, spec, data[0])
     task = DecoderTask(
         encoder, decoder, loss_encoder=loss_encoder, mode=config.mode,  # type: ignore[arg-type]
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    result = _run(config, task, spec, f"{k}SD.pth", resume, on_step, on_message, {})
+    result = _run(config, task, spec, f"{k}SD.pth", data, resume, on_step, on_message, {})
     if result.outputs and not (Path(config.out) / f"{k}SE.pth").is_file():
         result.outputs.append(write_network(config.out, f"{k}SE.pth", encoder))
     return result
@@ -222,6 +236,7 @@ def _run(
     task: StudentEncoderTask | DecoderTask,
     spec: ArchSpec,
     filename: str,
+    data: tuple[PairStream, CenterCrops | None, dict[str, Any]],
     resume: bool,
     on_step: Callable[[StepReport], None] | None,
     on_message: Callable[[str], None],
@@ -229,7 +244,7 @@ def _run(
 ) -> JobResult:
     out = claim_folder(config.out, spec)
     run_dir = config.resolved_run_dir()
-    stream, val_data, data_facts = _data(config, on_message)
+    stream, val_data, data_facts = data
     write_yaml(config, run_dir / CONFIG_FILE, {"architecture": spec_to_dict(spec), **facts, **data_facts})
     trainer = Trainer(task, run_dir, _options(config), stream, val_data=val_data, config=dataclasses.asdict(config), on_step=on_step)
     on_message(
