@@ -9,7 +9,8 @@ of `../shared/images/train` (10% held out by file-name hash), four runs:
   the pruned channels' selection matrix, loss = collaborator reconstruction
   (pixel + perceptual through the frozen 16x decoder) + beta * embedding loss;
 - ``cd/{k}SD``: its own decoder (started from the 16x decoder pruned with Q_k
-  folded into its first conv; perceptual loss with the 16x teacher, as CD);
+  folded into its first conv and its channels recalibrated to the 16x
+  decoder's activations; perceptual loss with the 16x teacher, as CD);
 - ``mse/{k}SE``, ``mse/{k}SD``: the same without the collaborator (embedding
   loss only, i.e. plain feature distillation), and its decoder.
 
