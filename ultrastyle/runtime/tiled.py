@@ -233,7 +233,7 @@ def stylize_stage_tiled(
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
         content = encode_statistics(model, stage, src, plan, feats, on_tile)
-        _release(model)
+        _release(model, options.max_memory // 2)
         a, b = fit_affine(method, content, style, alpha)
         if out is not None and out.shape != src.shape:
             raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
@@ -247,7 +247,7 @@ def stylize_stage_tiled(
     finally:
         if feats is not None:
             feats.close()
-        _release(model)
+        _release(model, options.max_memory // 2)
     return dst
 
 
@@ -259,15 +259,15 @@ def style_statistics_tiled(
     stats = {}
     for k in sorted(set(levels)):
         stats[k] = encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
-        _release(model)
+        _release(model, options.max_memory // 2)
     return stats
 
 
-def _release(model: StageNetworks) -> None:
-    """Between passes: the runner's cached memory (an ORT arena), then the C heap's free pages."""
+def _release(model: StageNetworks, keep_bytes: int) -> None:
+    """Between passes: the runner's cached memory beyond ``keep_bytes`` (an ORT arena), then the C heap's free pages."""
     release = getattr(model, "release_memory", None)
     if release is not None:
-        release()
+        release(keep_bytes)
     release_free_memory()
 
 

@@ -132,8 +132,12 @@ class Runner(ABC):
         core = self.encode_core(stage, image, rows, cols)
         return FeatureStats.of(core), (core if keep_features else None)
 
-    def release_memory(self) -> None:
-        """Give memory cached for past tile shapes back (called between tile passes); no-op by default."""
+    def release_memory(self, keep_bytes: int = 0) -> None:
+        """Give memory cached for past tile shapes back (called between tile passes); no-op by default.
+
+        ``keep_bytes``: a backend may keep up to this much cached memory, since
+        giving it back and faulting it in again costs time.
+        """
 
     def memory_bytes(self) -> int:
         """Memory the runner holds on its device (best effort; 0 when unknown)."""

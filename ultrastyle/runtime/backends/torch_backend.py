@@ -63,7 +63,7 @@ class TorchRunner(Runner):
         self._check_active()
         return self.model.stylize_core(stage, image, a, b, rows, cols)
 
-    def release_memory(self) -> None:
+    def release_memory(self, keep_bytes: int = 0) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
