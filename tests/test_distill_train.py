@@ -176,6 +176,13 @@ def test_cli_distill_then_train_decoder_gives_a_model_that_loads_stylizes_and_ex
     assert manifest["architecture"]["widths"] == [3, 4, 4, 4, 4]
     assert {"encoder2", "decoder2", "decoder_affine1"} <= set(manifest["networks"])
 
+    # A training bundle of the student: its Q_k embeddings map back to the teacher's widths.
+    r = runner.invoke(app, ["export", str(out), "-o", str(tmp_path / "aux"), "--stages", "1,2", "--aux"])
+    assert r.exit_code == 0, r.output
+    aux = json.loads((tmp_path / "aux" / "manifest.json").read_text())["networks"]["encoder_aux2"]
+    teacher = load_model(teacher_dir, stages=(1, 2)).arch
+    assert [o["shape"][1] for o in aux["outputs"][1:]] == [teacher.feature_channels(1), teacher.feature_channels(2)]
+
 
 def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_path):
     runner = CliRunner()

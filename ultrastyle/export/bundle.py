@@ -21,6 +21,8 @@ from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORT
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.zoo import sha256_file
 from ultrastyle.models.spec import ArchSpec
+from ultrastyle.models.spec import spec_from_dict as arch_from_dict
+from ultrastyle.models.spec import spec_to_dict as arch_to_dict
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
 
 MANIFEST = "manifest.json"
@@ -51,26 +53,6 @@ class Bundle:
 
     def graph_path(self, name: str) -> Path:
         return self.path / self.manifest["networks"][name]["file"]
-
-
-def arch_to_dict(spec: ArchSpec) -> dict:
-    return {
-        "name": spec.name,
-        "widths": list(spec.widths),
-        "overrides": [[k, conv, w] for (k, conv), w in sorted(spec.overrides.items())],
-        "decoder_final_relu": spec.decoder_final_relu,
-        "teacher_widths": list(spec.teacher_widths) if spec.teacher_widths else None,
-    }
-
-
-def arch_from_dict(d: dict) -> ArchSpec:
-    return ArchSpec(
-        d["name"],
-        tuple(d["widths"]),
-        overrides={(k, conv): w for k, conv, w in d.get("overrides", [])},
-        decoder_final_relu=d["decoder_final_relu"],
-        teacher_widths=tuple(d["teacher_widths"]) if d.get("teacher_widths") else None,
-    )
 
 
 def export_bundle(
@@ -114,8 +96,8 @@ def export_bundle(
         report = {}
         if "encoder_aux" in spec.kinds and not all(hasattr(model.encoders[k], "conv11_aux") for k in spec.stages):
             raise BundleError(f"model {model.name} was loaded without its aux layers (Q_k); load it with aux=True")
-        teacher = arch.teacher_widths
-        for ns in spec.networks({k: arch.feature_channels(k) for k in spec.stages}, teacher):
+        embeds = {k: tuple(q.cout for q in arch.aux_layers(k)) for k in spec.stages} if arch.teacher_widths else None
+        for ns in spec.networks({k: arch.feature_channels(k) for k in spec.stages}, embeds):
             if on_network:
                 on_network(ns.name)
             net = model.encoders[ns.stage] if ns.kind.startswith("encoder") else model.decoders[ns.stage]

@@ -50,10 +50,10 @@ class ExportSpec:
     # validation sizes per stage, in grid cells (H, W): odd and even counts, non-square
     check_cells: tuple[tuple[int, int], ...] = field(default=((2, 2), (3, 5), (7, 4)))
 
-    def networks(self, channels: dict[int, int], teacher: tuple[int, ...] | None = None) -> list[NetworkSpec]:
+    def networks(self, channels: dict[int, int], embeds: dict[int, tuple[int, ...]] | None = None) -> list[NetworkSpec]:
         """Graph specs for every stage and kind; ``channels[k]`` is relu{k}_1's width.
 
-        ``teacher`` (the Q_k output widths) is needed for ``encoder_aux``.
+        ``embeds[k]`` (the output widths of stage k's Q_1..Q_k, `ArchSpec.aux_layers`) is needed for ``encoder_aux``.
         """
         out = []
         for k in self.stages:
@@ -65,10 +65,10 @@ class ExportSpec:
             if "decoder" in self.kinds:
                 out.append(NetworkSpec("decoder", k, (feats,), (image,)))
             if "encoder_aux" in self.kinds:
-                if teacher is None:
-                    raise ValueError("encoder_aux graphs need the teacher widths of the Q_k embeddings")
-                embeds = tuple(TensorSpec(f"embed{b}", ("N", teacher[b - 1], f"h{b}", f"w{b}")) for b in range(1, k + 1))
-                out.append(NetworkSpec("encoder_aux", k, (image,), (feats, *embeds)))
+                if embeds is None or k not in embeds:
+                    raise ValueError("encoder_aux graphs need the widths of the Q_k embeddings (a student architecture)")
+                outs = tuple(TensorSpec(f"embed{b}", ("N", w, f"h{b}", f"w{b}")) for b, w in enumerate(embeds[k], start=1))
+                out.append(NetworkSpec("encoder_aux", k, (image,), (feats, *outs)))
             for kind in ("decoder_affine", "decoder_folded"):
                 if kind in self.kinds:
                     a, b = TensorSpec("A", (c, c)), TensorSpec("b", (c,))

@@ -157,8 +157,13 @@ def encode_statistics(
     plan: StagePlan,
     features: Canvas | None = None,
     on_tile: TileCallback | None = None,
+    keep_bytes: int | None = None,
 ) -> FeatureStats:
-    """Pass 1: content statistics over every tile's core; optionally keep the core features."""
+    """Pass 1: content statistics over every tile's core; optionally keep the core features.
+
+    ``keep_bytes``: after each tile the runner may hold at most this much
+    memory cached from earlier tiles (`Runner.release_memory`); None: no limit.
+    """
     device, g = model.device, plan.grid
     stats = FeatureStats.empty(model.arch.feature_channels(stage))
     tiles = plan.encode_tiles()
@@ -169,6 +174,7 @@ def encode_statistics(
         stats = stats + part
         if features is not None:
             features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
+        _after_tile(model, keep_bytes)
         if on_tile:
             on_tile(f"stage {stage} statistics", i + 1, len(tiles))
     return stats
@@ -185,8 +191,9 @@ def decode_tiles(
     b: torch.Tensor,
     features: Canvas | None = None,
     on_tile: TileCallback | None = None,
+    keep_bytes: int | None = None,
 ) -> None:
-    """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image."""
+    """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image (``keep_bytes``: as pass 1)."""
     device, g = model.device, plan.grid
     _, h, w = dst.shape
     tiles = plan.decode_tiles()
@@ -203,6 +210,7 @@ def decode_tiles(
         r0, c0 = t.rows.start * scale, t.cols.start * scale
         if r0 < h and c0 < w:
             dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())
+        _after_tile(model, keep_bytes)
         if on_tile:
             on_tile(f"stage {stage} decode", i + 1, len(tiles))
 
@@ -232,14 +240,15 @@ def stylize_stage_tiled(
     if plan.cache:
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
-        content = encode_statistics(model, stage, src, plan, feats, on_tile)
-        _release(model, options.max_memory // 2)
+        keep = options.max_memory // 2
+        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep)
+        _release(model, keep)
         a, b = fit_affine(method, content, style, alpha)
         if out is not None and out.shape != src.shape:
             raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
         dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
         try:
-            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile)
+            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep)
         except BaseException:
             if out is None:
                 dst.close()
@@ -247,7 +256,7 @@ def stylize_stage_tiled(
     finally:
         if feats is not None:
             feats.close()
-        _release(model, options.max_memory // 2)
+        _release(model, keep)
     return dst
 
 
@@ -261,6 +270,13 @@ def style_statistics_tiled(
         stats[k] = encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
         _release(model, options.max_memory // 2)
     return stats
+
+
+def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
+    """Mid-pass: the runner hands back cached memory beyond ``keep_bytes`` (an ORT arena fragments over many tiles)."""
+    release = getattr(model, "release_memory", None)
+    if keep_bytes is not None and release is not None:
+        release(keep_bytes)
 
 
 def _release(model: StageNetworks, keep_bytes: int) -> None:

@@ -64,8 +64,10 @@ class TorchRunner(Runner):
         return self.model.stylize_core(stage, image, a, b, rows, cols)
 
     def release_memory(self, keep_bytes: int = 0) -> None:
+        # PyTorch's CUDA cache: emptied once it holds more than keep_bytes unused (the CPU allocator returns memory itself).
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device) > keep_bytes:
+                torch.cuda.empty_cache()
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
