@@ -48,6 +48,16 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 
 @pytest.fixture
+def one_thread():
+    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
+    # processes share the cores (10x slower measured on a loaded 2-core machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def closed_port_url() -> str:
     # Bind then close: nothing listens there, so connecting is refused at once.
     with socket.socket() as s:

@@ -24,14 +24,7 @@ from ultrastyle.distill.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
-    # processes share the cores (10x slower measured on a loaded 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photos(folder: Path, n: int = 5, size: tuple[int, int] = (72, 48)) -> list[Path]:

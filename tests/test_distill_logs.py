@@ -15,14 +15,7 @@ from ultrastyle.distill.metrics import psnr, ssim
 from ultrastyle.distill.trainer import TrainOptions, learning_rate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
-    # processes share the cores (10x slower measured on a loaded 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_csv_log_truncates_to_a_checkpoint_and_plots_without_matplotlib(tmp_path, monkeypatch):

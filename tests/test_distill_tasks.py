@@ -16,14 +16,7 @@ from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, ArchSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
-    # processes share the cores (10x slower measured on a loaded 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ArchSpec("tiny", (6, 8, 8, 8, 8))  # no final ReLU: a random decoder must not start dead
 TINY_STUDENT = TINY.student("tiny-x0.5", 0.5)

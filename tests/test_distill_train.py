@@ -29,14 +29,7 @@ from ultrastyle.models.pretrained import load_model
 from ultrastyle.models.spec import ArchSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-waiting, badly so when other
-    # processes share the cores (10x slower measured on a loaded 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEACHER = ArchSpec("tinyteacher", (6, 8, 8, 8, 8))
 
