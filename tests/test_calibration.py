@@ -21,7 +21,6 @@ from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
-from ultrastyle.runtime.cascade import style_statistics, stylize
 
 STAGES = (1, 3, 5)
 # int8 against fp32 on a real photo, per output (measured ~0.05-0.07 and ~0.02-0.03 with 2-8 tiles):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, array_to_tensor, read_image, resize_long_side
+from ultrastyle.io.paths import expand_inputs
+from ultrastyle.runtime.cascade import DEFAULT_ALPHA
 from ultrastyle.runtime.padding import pad_to_grid
 from ultrastyle.runtime.transforms import FeatureStats, fit_affine
 
@@ -41,7 +43,7 @@ def calibration_images(folder: str | Path) -> list[Path]:
     path = Path(folder)
     if not path.is_dir():
         raise CalibrationDataError(f"{path}: calibration images must be a folder of images; no such folder")
-    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = expand_inputs([path])
     if not files:
         raise CalibrationDataError(
             f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate on; "
@@ -125,7 +127,7 @@ def stage_feeds(
     tiles: list[tuple[torch.Tensor, int]],
     *,
     method: str = "wct",
-    alpha: float = 0.6,
+    alpha: float = DEFAULT_ALPHA,
 ) -> dict[str, list[Feed]]:
     """Feeds for ``encoderK`` and ``decoder_affineK`` of one stage.
 

@@ -167,7 +167,6 @@ def calibrate_bundle(
     tiles = sampler.tiles(warn)
     arch = bundle.arch
     manifest = json.loads((bundle.path / MANIFEST).read_text())
-    record = {k: v for k, v in asdict(settings).items()}
     total, done = len(stages) * len(QUANTIZED_KINDS), 0
     with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work:
         for k in stages:
@@ -188,7 +187,7 @@ def calibrate_bundle(
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
                 done += 1
-    manifest["calibration"] = record
+    manifest["calibration"] = asdict(settings)
     _write_manifest(bundle.path, manifest)
     if on_progress:
         on_progress("calibrated", total, total)

@@ -75,6 +75,11 @@ class TilingOptions:
             return None
         return str(self.scratch_dir or tempfile.gettempdir())
 
+    @property
+    def runner_cache_bytes(self) -> int:
+        """What a runner may keep cached between tiles before handing it back (`Runner.release_memory`)."""
+        return self.max_memory // 2
+
     def caches(self, spec: ArchSpec, stage: int) -> bool:
         """Whether pass 1 keeps the stage's features for pass 2."""
         if self.cache_features is not None:
@@ -240,7 +245,7 @@ def stylize_stage_tiled(
     if plan.cache:
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
-        keep = options.max_memory // 2
+        keep = options.runner_cache_bytes
         content = encode_statistics(model, stage, src, plan, feats, on_tile, keep)
         _release(model, keep)
         a, b = fit_affine(method, content, style, alpha)
@@ -268,7 +273,7 @@ def style_statistics_tiled(
     stats = {}
     for k in sorted(set(levels)):
         stats[k] = encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
-        _release(model, options.max_memory // 2)
+        _release(model, options.runner_cache_bytes)
     return stats
 
 
@@ -280,10 +285,8 @@ def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
 
 
 def _release(model: StageNetworks, keep_bytes: int) -> None:
-    """Between passes: the runner's cached memory beyond ``keep_bytes`` (an ORT arena), then the C heap's free pages."""
-    release = getattr(model, "release_memory", None)
-    if release is not None:
-        release(keep_bytes)
+    """Between passes: as after a tile, then the C heap's free pages too."""
+    _after_tile(model, keep_bytes)
     release_free_memory()
 
 

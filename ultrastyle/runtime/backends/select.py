@@ -161,7 +161,7 @@ def open_runner(
         raise RunnerError(
             f"--precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
             + ("use --backend tensorrt on an NVIDIA GPU" if precision == "fp16" else "use --backend onnxruntime or tensorrt")
-            + f", or --precision fp32"
+            + ", or --precision fp32"
         )
     if concrete == "tensorrt":
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
