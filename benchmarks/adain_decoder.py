@@ -90,7 +90,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
