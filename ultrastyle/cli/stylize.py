@@ -20,7 +20,9 @@ from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.backends.select import open_runner
-from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.io.images import ImageError
+from ultrastyle.io.masks import read_labels
+from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StyleSpec, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
 from ultrastyle.runtime.memory import parse_bytes
 from ultrastyle.runtime.tiled import TilingOptions, plan_stage
@@ -49,6 +51,12 @@ class Precision(str, Enum):
     int8 = "int8"
 
 
+class PreserveColor(str, Enum):
+    none = "none"
+    luminance = "luminance"
+    match = "match"
+
+
 class Format(str, Enum):
     png = "png"
     jpg = "jpg"
@@ -70,6 +78,29 @@ def _tiling_options(tile: str, max_memory: str, halo: str, scratch: Path | None)
         halo=None if halo == "exact" else int(halo),
         scratch_dir=scratch,
     )
+
+
+def _mix_spec(items: list[str]) -> StyleSpec:
+    """``["a.jpg=0.7", "b.jpg=0.3"]`` -> a normalised StyleSpec mix; one clear error per bad item."""
+    paths, weights = [], []
+    for item in items:
+        name, sep, weight = item.rpartition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"expected STYLE=WEIGHT, e.g. art.jpg=0.7, got {item!r}", param_hint="--mix")
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise typer.BadParameter(f"weight of {name} is not a number: {weight!r}", param_hint="--mix") from None
+        path = Path(name)
+        if not path.is_file():
+            raise typer.BadParameter(f"{name}: no such style image file", param_hint="--mix")
+        if path in paths:
+            raise typer.BadParameter(f"{name} is given twice; give each style once with its weight", param_hint="--mix")
+        paths.append(path)
+    try:
+        return StyleSpec(tuple(paths), tuple(weights))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from None
 
 
 def _err(message: str) -> None:
@@ -99,6 +130,9 @@ def stylize_command(
     max_memory: Annotated[str, typer.Option(help="Activation memory budget per tile, e.g. 512MB, 2GB (used by --tile auto).")] = "2GB",
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
+    mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
+    mask: Annotated[Path | None, typer.Option(help="Label image the content's size: one region per colour, taking the --style images in ascending order of colour; one output per content.", show_default=False)] = None,
+    preserve_color: Annotated[PreserveColor, typer.Option(help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
 
@@ -117,22 +151,41 @@ def stylize_command(
         if not torch.cuda.is_available():
             _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
             raise typer.Exit(2)
-    if not style:
-        # `ultrastyle stylize CONTENT... STYLE`, like cp's SOURCE... DEST.
-        if len(content) < 2:
-            raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
-        content, style = content[:-1], content[-1:]
-    contents, styles = expand_inputs(content), expand_inputs(style)
-    if not contents or not styles:
+    if mix:
+        if style:
+            raise typer.BadParameter("give either --style (one output per style) or --mix (one blended output)", param_hint="--mix")
+        if mask is not None:
+            raise typer.BadParameter("--mask takes one --style per label, not a --mix", param_hint="--mix")
+        contents, specs = expand_inputs(content), [_mix_spec(mix)]
+        style = []
+    else:
+        if not style:
+            # `ultrastyle stylize CONTENT... STYLE`, like cp's SOURCE... DEST.
+            if len(content) < 2:
+                raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
+            content, style = content[:-1], content[-1:]
+        contents, styles = expand_inputs(content), expand_inputs(style)
+        specs = [StyleSpec(tuple(styles), mask=mask)] if mask is not None and styles else styles
+    if not contents or not specs:
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
+    if mask is not None:
+        try:  # the label count is known before any work
+            labels = read_labels(mask, max_pixels=max_pixels)[1]
+        except ImageError as exc:
+            _err(str(exc))
+            raise typer.Exit(2) from None
+        if len(labels) != len(styles):
+            _err(f"{mask}: the mask has {len(labels)} labels but {len(styles)} style(s) were given: "
+                 f"{', '.join(p.name for p in styles)}; give one --style per label, in ascending order of colour")
+            raise typer.Exit(2)
     if depth not in (8, 16) or (depth == 16 and fmt is Format.jpg):
         raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
     tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)
     options = StylizeOptions(
         method=method.value, alpha=alpha, levels=level_tuple, content_size=content_size,
         style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
-        depth=depth, tiling=tiling,
+        depth=depth, tiling=tiling, preserve_color=preserve_color.value,
     )  # fmt: skip
     console = Console(stderr=True, highlight=False)
     try:
@@ -159,7 +212,7 @@ def stylize_command(
         options = replace(options, tiling=tiling)
 
     try:
-        pairs = plan_pairs(contents, styles, output, fmt.value)
+        pairs = plan_pairs(contents, specs, output, fmt.value)
     except OutputCollisionError as exc:
         _err(str(exc))
         raise typer.Exit(2) from None

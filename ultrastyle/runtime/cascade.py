@@ -12,7 +12,8 @@ import torch
 
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.padding import pad_to_grid
-from ultrastyle.runtime.transforms import FeatureStats, fit_affine
+from ultrastyle.runtime.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
+from ultrastyle.runtime.transforms import FeatureStats
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
 DEFAULT_ALPHA = 0.6
@@ -38,27 +39,42 @@ def style_statistics(model: StageNetworks, style: torch.Tensor, levels: tuple[in
 
 @torch.inference_mode()
 def stylize_stage(
-    model: StageNetworks, image: torch.Tensor, stage: int, style: FeatureStats, *, method: str, alpha: float
+    model: StageNetworks, image: torch.Tensor, stage: int, style: Style, *, method: str, alpha: float
 ) -> torch.Tensor:
-    """One stage on the whole image: (1, 3, H, W) -> (1, 3, H, W)."""
+    """One stage on the whole image: (1, 3, H, W) -> (1, 3, H, W); ``style`` as in `stylize`."""
     h, w = image.shape[-2:]
-    f = model.encode(stage, pad_to_grid(image, model.arch.grid(stage)))
-    a, b = fit_affine(method, FeatureStats.of(f), style, alpha)
-    out = model.decode(stage, f, a, b)
+    g = model.arch.grid(stage)
+    f = model.encode(stage, pad_to_grid(image, g))
+    target = as_style(style)
+    if isinstance(target, Regions):
+        labels = target.feature_labels(g, slice(0, f.shape[-2]), slice(0, f.shape[-1]))
+        maps = target.fit(method, stage, region_statistics(f, labels, target.count), alpha)
+        out = model.decode(stage, apply_regions(f, labels, maps), *identity_map(f.shape[1]))
+    else:
+        a, b = target.fit(method, stage, FeatureStats.of(f), alpha)
+        out = model.decode(stage, f, a, b)
     return out[..., :h, :w]
 
 
 def stylize(
     model: StageNetworks,
     content: torch.Tensor,
-    style_stats: dict[int, FeatureStats],
+    style: Style,
     *,
     method: str = "wct",
     alpha: float = DEFAULT_ALPHA,
     levels: tuple[int, ...] = DEFAULT_LEVELS,
 ) -> torch.Tensor:
-    """Stylize a content image (3, H, W) in [0, 1]; returns (3, H, W), not clamped."""
+    """Stylize a content image (3, H, W) in [0, 1]; returns (3, H, W), not clamped.
+
+    ``style``: per-stage statistics of one style (`style_statistics`), a
+    weighted `Target` of several, or `Regions` (one target per mask label,
+    the mask the content's size).
+    """
+    target = as_style(style)
+    if isinstance(target, Regions):
+        target.check_size(*content.shape[-2:])
     x = content[None].to(model.device)
     for k in levels:
-        x = stylize_stage(model, x, k, style_stats[k], method=method, alpha=alpha)
+        x = stylize_stage(model, x, k, target, method=method, alpha=alpha)
     return x[0]

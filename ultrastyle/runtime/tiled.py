@@ -11,6 +11,10 @@ Per stage (DESIGN.md §3):
    or by re-encoding with the full stage halo. Each tile's core is written into
    the output canvas.
 
+With mask regions (`runtime.styles.Regions`) pass 1 accumulates statistics
+per region, and features are always cached, so that pass 2 can send each
+feature pixel through its region's map before decoding.
+
 With the exact halo the result equals the whole-image cascade
 (`runtime.cascade`) up to float rounding; the tests hold it to 1e-4.
 """
@@ -31,8 +35,11 @@ from ultrastyle.runtime.canvas import Canvas, sample_peak
 from ultrastyle.runtime.memory import core_for_budget, release_free_memory
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
+from ultrastyle.runtime.styles import (
+    Affine, Regions, Style, Target, apply_regions, as_style, identity_map, region_statistics,
+)  # fmt: skip
 from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
-from ultrastyle.runtime.transforms import FeatureStats, fit_affine
+from ultrastyle.runtime.transforms import FeatureStats
 
 DEFAULT_MAX_MEMORY = 2 * 2**30
 # Cache relu{k}_1 features between the passes when re-encoding would cost more
@@ -163,20 +170,29 @@ def encode_statistics(
     features: Canvas | None = None,
     on_tile: TileCallback | None = None,
     keep_bytes: int | None = None,
-) -> FeatureStats:
+    regions: Regions | None = None,
+) -> FeatureStats | list[FeatureStats]:
     """Pass 1: content statistics over every tile's core; optionally keep the core features.
 
     ``keep_bytes``: after each tile the runner may hold at most this much
     memory cached from earlier tiles (`Runner.release_memory`); None: no limit.
+    With ``regions``: one `FeatureStats` per region instead.
     """
     device, g = model.device, plan.grid
-    stats = FeatureStats.empty(model.arch.feature_channels(stage))
+    channels = model.arch.feature_channels(stage)
+    stats: FeatureStats | list[FeatureStats]
+    stats = FeatureStats.empty(channels) if regions is None else [FeatureStats.empty(channels)] * regions.count
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
         ft = t.scaled(g)
         x = read_region(src, t.region_rows, t.region_cols).to(device)
-        part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
-        stats = stats + part
+        if regions is None:
+            part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
+            stats = stats + part
+        else:
+            core = model.encode_core(stage, x, *ft.core_in_region)
+            labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
+            stats = [a + b for a, b in zip(stats, region_statistics(core, labels, regions.count))]
         if features is not None:
             features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
         _after_tile(model, keep_bytes)
@@ -197,15 +213,28 @@ def decode_tiles(
     features: Canvas | None = None,
     on_tile: TileCallback | None = None,
     keep_bytes: int | None = None,
+    regions: tuple[Regions, list[Affine]] | None = None,
 ) -> None:
-    """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image (``keep_bytes``: as pass 1)."""
+    """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image (``keep_bytes``: as pass 1).
+
+    ``regions``: the mask and one map per region, applied to the cached
+    ``features`` (required then) before decoding; ``a``, ``b`` are ignored.
+    """
     device, g = model.device, plan.grid
     _, h, w = dst.shape
     tiles = plan.decode_tiles()
+    if regions is not None and features is None:
+        raise ValueError("mask regions need the stage's features cached between the passes")
     for i, t in enumerate(tiles):
         if features is not None:
             f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
                                                slice(t.region_cols.start, t.region_cols.stop)))[None].to(device)  # fmt: skip
+            if regions is not None:
+                mask, maps = regions
+                labels = mask.feature_labels(g, slice(t.region_rows.start, t.region_rows.stop),
+                                         slice(t.region_cols.start, t.region_cols.stop))  # fmt: skip
+                f = apply_regions(f, labels, maps)
+                a, b = identity_map(f.shape[1])
             rs, cs = t.core_in_region
             y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
             scale = g
@@ -224,7 +253,7 @@ def stylize_stage_tiled(
     model: StageNetworks,
     stage: int,
     src: Canvas,
-    style: FeatureStats,
+    style: Style,
     options: TilingOptions,
     *,
     method: str,
@@ -235,25 +264,34 @@ def stylize_stage_tiled(
 ) -> Canvas:
     """One stage over a whole canvas, tile by tile, into ``out`` or a new canvas (in RAM or ``disk_dir``).
 
-    Every pixel of ``out`` is overwritten, so a spare canvas from an earlier
+    ``style``: as in `stylize_tiled`. Every pixel of ``out`` is overwritten, so a spare canvas from an earlier
     stage can be reused: its pages are already mapped, which saves the page
     faults of a fresh one.
     """
     c, h, w = src.shape
+    target = as_style(style)
+    regions = target if isinstance(target, Regions) else None
+    if regions is not None:
+        options = replace(options, cache_features=True)
     plan = plan_stage(model.arch, stage, h, w, options, _memory_factor(model, stage))
     feats = None
     if plan.cache:
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
     try:
         keep = options.runner_cache_bytes
-        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep)
+        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep, regions)
         _release(model, keep)
-        a, b = fit_affine(method, content, style, alpha)
+        if regions is not None:
+            maps = regions.fit(method, stage, content, alpha)
+            a, b = identity_map(model.arch.feature_channels(stage))
+        else:
+            assert isinstance(target, Target) and isinstance(content, FeatureStats)
+            a, b = target.fit(method, stage, content, alpha)
         if out is not None and out.shape != src.shape:
             raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
         dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
         try:
-            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep)
+            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep, None if regions is None else (regions, maps))
         except BaseException:
             if out is None:
                 dst.close()
@@ -309,7 +347,7 @@ def _memory_factor(model: StageNetworks, stage: int) -> float:
 def stylize_tiled(
     model: StageNetworks,
     content: Canvas,
-    style_stats: dict[int, FeatureStats],
+    style: Style,
     options: TilingOptions,
     *,
     method: str,
@@ -317,8 +355,16 @@ def stylize_tiled(
     levels: tuple[int, ...],
     on_tile: TileCallback | None = None,
 ) -> Canvas:
-    """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result."""
+    """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result.
+
+    ``style``: per-stage statistics of one style (`style_statistics_tiled`),
+    a weighted `Target`, or `Regions` (a mask the content's size).
+    """
     _, h, w = content.shape
+    target = as_style(style)
+    if isinstance(target, Regions):
+        target.check_size(h, w)
+        options = replace(options, cache_features=True)  # pass 2 transforms cached features per region
     disk_dir = options.canvas_dir(model.arch, h, w, levels)
     if disk_dir is None and options.tile is None:  # canvases in RAM share the budget with the tiles
         options = replace(options, max_memory=options.max_memory - options.canvas_bytes(model.arch, h, w, levels))
@@ -326,7 +372,7 @@ def stylize_tiled(
     try:
         for k in levels:
             y = stylize_stage_tiled(
-                model, k, x, style_stats[k], options,
+                model, k, x, target, options,
                 method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile, out=spare,
             )  # fmt: skip
             spare = x if x is not content else None

@@ -82,7 +82,7 @@ class FeatureStats:
         return (self.outer - self.count * torch.outer(m, m)) / (self.count - 1)
 
 
-def _sym_power(cov: torch.Tensor, power: float) -> torch.Tensor:
+def sym_power(cov: torch.Tensor, power: float) -> torch.Tensor:
     """``cov^power`` over the eigenvalues at or above `EIG_FLOOR` (the rest dropped)."""
     evals, evecs = torch.linalg.eigh(cov)
     keep = evals >= EIG_FLOOR
@@ -93,8 +93,8 @@ def _sym_power(cov: torch.Tensor, power: float) -> torch.Tensor:
 def wct_affine(content: FeatureStats, style: FeatureStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Blended WCT map: returns ``A`` (C, C) and ``b`` (C,), float64."""
     eye = torch.eye(content.channels, dtype=torch.float64)
-    whiten = _sym_power(content.covariance() + eye, -0.5)
-    color = _sym_power(style.covariance(), 0.5)
+    whiten = sym_power(content.covariance() + eye, -0.5)
+    color = sym_power(style.covariance(), 0.5)
     a = color @ whiten
     b = style.mean - a @ content.mean
     return alpha * a + (1 - alpha) * eye, alpha * b

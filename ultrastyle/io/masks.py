@@ -1,0 +1,47 @@
+"""Label images for spatial control (`stylize --mask`): one region per distinct colour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+
+MAX_LABELS = 255
+
+
+def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """A mask file as (labels (H, W) uint8, the colour of each label).
+
+    Every distinct colour (grey level for grey images) is one label; labels are
+    numbered in ascending order of colour, so label ``i`` takes the ``i``-th
+    style. Raises `ImageError` naming the file for unreadable images and for
+    images with more than `MAX_LABELS` colours (a photo or a JPEG, whose
+    compression noise makes every pixel a label).
+    """
+    a = read_image(path, max_pixels=max_pixels)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    if np.array_equal(r, g) and np.array_equal(r, b):
+        values, inverse = np.unique(r, return_inverse=True)
+        colours = [(int(v),) for v in values]
+    else:
+        shift = 8 * a.itemsize
+        packed = (r.astype(np.int64) << (2 * shift)) | (g.astype(np.int64) << shift) | b
+        values, inverse = np.unique(packed, return_inverse=True)
+        m = (1 << shift) - 1
+        colours = [(int(v >> (2 * shift)), int((v >> shift) & m), int(v & m)) for v in values]
+    if len(values) > MAX_LABELS:
+        raise ImageError(
+            f"{path}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "
+            f"(at most {MAX_LABELS}), e.g. a PNG painted without antialiasing (not a JPEG)"
+        )
+    return inverse.reshape(r.shape).astype(np.uint8), colours
+
+
+def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (labels never blend)."""
+    if labels.shape == (height, width):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST))

@@ -1,0 +1,152 @@
+"""What one output is stylized towards: one style, a weighted mix of styles, or one style per mask region.
+
+Every case stays an affine map per feature pixel (DESIGN.md §2), so tiled
+and whole-image runs still agree:
+
+- `Target`: styles with weights ``w_i`` (summing to 1). The transformed
+  features are blended, ``Σ w_i T_i(f)``, as in the AdaIN and WCT papers'
+  style interpolation; since each ``T_i`` is affine that is one map,
+  ``A = Σ w_i A_i``, ``b = Σ w_i b_i``. One style is a `Target` of weight 1.
+- `Regions`: a label image the size of the content; label ``l`` gets
+  ``targets[l]``. Content statistics are accumulated per region, each region
+  fits its own map, and each feature pixel takes its region's map. A feature
+  pixel of stage grid ``g`` belongs to the label at the centre of its
+  ``g x g`` cell of the grid-padded image (`feature_labels`), the same rule
+  whole and tiled. A region with fewer than two feature pixels at a stage
+  (small regions vanish at coarse stages) fits its map from the whole
+  image's content statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ultrastyle.runtime.padding import reflect_index
+from ultrastyle.runtime.transforms import FeatureStats, fit_affine
+
+StageStats = Mapping[int, FeatureStats]
+Affine = tuple[torch.Tensor, torch.Tensor]
+
+
+def mix_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Validate style weights (one per style, >= 0, not all zero) and normalise them to sum to 1."""
+    w = [float(x) for x in weights]
+    if not w:
+        raise ValueError("a style mix needs at least one style")
+    bad = [x for x in w if not np.isfinite(x) or x < 0]
+    if bad:
+        raise ValueError(f"style weights must be finite and >= 0, got {bad[0]:g}")
+    total = sum(w)
+    if total <= 0:
+        raise ValueError("style weights are all zero; give at least one positive weight")
+    return tuple(x / total for x in w)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Per-stage statistics of one or more styles, with weights summing to 1."""
+
+    stats: tuple[StageStats, ...]
+    weights: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if len(self.stats) != len(self.weights):
+            raise ValueError(f"{len(self.stats)} styles but {len(self.weights)} weights: give one weight per style")
+        object.__setattr__(self, "weights", mix_weights(self.weights))
+
+    def fit(self, method: str, stage: int, content: FeatureStats, alpha: float) -> Affine:
+        """The blended map ``(A (C, C), b (C,))`` for content statistics ``content``, float64."""
+        a = b = None
+        for stats, w in zip(self.stats, self.weights):
+            ai, bi = fit_affine(method, content, stats[stage], alpha)
+            a, b = (w * ai, w * bi) if a is None else (a + w * ai, b + w * bi)
+        assert a is not None and b is not None
+        return a, b
+
+
+@dataclass(frozen=True)
+class Regions:
+    """One `Target` per label: ``labels`` (H, W) integer array of indices into ``targets``, the content's size."""
+
+    labels: np.ndarray
+    targets: tuple[Target, ...]
+
+    def __post_init__(self) -> None:
+        if self.labels.ndim != 2:
+            raise ValueError(f"region labels must be (H, W), got shape {self.labels.shape}")
+        top = int(self.labels.max(initial=0))
+        if top >= len(self.targets):
+            raise ValueError(f"label {top} has no style: {len(self.targets)} styles for labels 0..{top}")
+
+    @property
+    def count(self) -> int:
+        return len(self.targets)
+
+    def check_size(self, height: int, width: int) -> None:
+        if self.labels.shape != (height, width):
+            h, w = self.labels.shape
+            raise ValueError(f"the mask is {w}x{h} but the content is {width}x{height}; give a mask of the content's size")
+
+    def feature_labels(self, grid: int, rows: slice, cols: slice) -> torch.Tensor:
+        """Labels (h, w) int64 of feature pixels ``rows`` x ``cols`` of a stage with ``grid``.
+
+        Feature pixel ``i`` covers padded-image pixels ``i*g .. i*g+g-1``; it
+        takes the label at ``i*g + g//2``, mirrored into the image like the
+        grid padding (`runtime.padding`).
+        """
+        h, w = self.labels.shape
+        r = reflect_index(torch.arange(rows.start, rows.stop) * grid + grid // 2, h).numpy()
+        c = reflect_index(torch.arange(cols.start, cols.stop) * grid + grid // 2, w).numpy()
+        return torch.from_numpy(self.labels[np.ix_(r, c)].astype(np.int64))
+
+    def fit(self, method: str, stage: int, content: Sequence[FeatureStats], alpha: float) -> list[Affine]:
+        """One map per region from per-region content statistics (the whole image's where a region is too small)."""
+        total = content[0]
+        for s in content[1:]:
+            total = total + s
+        return [t.fit(method, stage, s if s.count >= 2 else total, alpha) for t, s in zip(self.targets, content)]
+
+
+Style = StageStats | Target | Regions
+
+
+def as_style(style: Style) -> Target | Regions:
+    """A plain per-stage statistics dict is one style of weight 1."""
+    if isinstance(style, (Target, Regions)):
+        return style
+    return Target((style,))
+
+
+def region_statistics(features: torch.Tensor, labels: torch.Tensor, count: int) -> list[FeatureStats]:
+    """Statistics of ``features`` (1, C, h, w) per label of ``labels`` (h, w): ``count`` entries."""
+    c = features.shape[1]
+    flat = features[0].reshape(c, -1)
+    lab = labels.to(features.device).reshape(-1)
+    out = []
+    for region in range(count):
+        sel = flat[:, lab == region]
+        out.append(FeatureStats.of(sel[None, :, None]) if sel.shape[1] else FeatureStats.empty(c))
+    return out
+
+
+def apply_regions(features: torch.Tensor, labels: torch.Tensor, maps: Sequence[Affine]) -> torch.Tensor:
+    """Each feature pixel through its region's map: (1, C, h, w) -> (1, C, h, w), in the features' dtype."""
+    _, c, h, w = features.shape
+    flat = features[0].reshape(c, -1)
+    lab = labels.to(features.device).reshape(-1)
+    out = torch.empty_like(flat)
+    for region, (a, b) in enumerate(maps):
+        sel = lab == region
+        if bool(sel.any()):
+            a_, b_ = a.to(features.device, features.dtype), b.to(features.device, features.dtype)
+            out[:, sel] = a_ @ flat[:, sel] + b_[:, None]
+    return out.view(1, c, h, w)
+
+
+def identity_map(channels: int) -> Affine:
+    """``A = I``, ``b = 0``: for decoders fed features that were already transformed."""
+    return torch.eye(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
