@@ -15,7 +15,7 @@ from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.batch import StyleSpec
 from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import style_statistics, stylize
-from ultrastyle.runtime.color import chroma, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.runtime.color import chroma, luminance, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.styles import Regions, Target, apply_regions, mix_weights, region_statistics
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
 from ultrastyle.runtime.transforms import FeatureStats, fit_affine
@@ -206,11 +206,22 @@ def test_read_labels_refuses_a_photo(tmp_path):
 
 def test_keep_content_chroma_keeps_chroma_and_the_results_luminance():
     torch.manual_seed(2)
-    content, result = torch.rand(3, 8, 9), torch.rand(3, 8, 9)
+    content = torch.rand(3, 8, 9) * 0.3 + 0.35  # mild colours: every combination stays in [0, 1]
+    result = torch.rand(3, 8, 9) * 0.4 + 0.3
     out = keep_content_chroma(result, content)
     assert torch.allclose(chroma(out), chroma(content), atol=1e-6)
-    y = lambda x: 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # noqa: E731
-    assert torch.allclose(y(out), y(result), atol=1e-6)
+    assert torch.allclose(luminance(out), luminance(result), atol=1e-6)
+
+
+def test_keep_content_chroma_scales_unrepresentable_chroma_towards_grey_keeping_hue_and_luminance():
+    content = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # saturated red
+    result = torch.full((3, 1, 1), 0.95)  # very bright stylized luminance
+    out = keep_content_chroma(result, content)
+    assert float(out.max()) <= 1 and float(out.min()) >= 0
+    assert torch.allclose(luminance(out), luminance(result), atol=1e-6)
+    cc, co = chroma(content).flatten(), chroma(out).flatten()
+    assert 0 < co.norm() < cc.norm()  # less saturated ...
+    assert torch.allclose(co / co.norm(), cc / cc.norm(), atol=1e-5)  # ... same hue
     with canvas_from_array(result.numpy(), layout="chw") as rc, canvas_from_array(content.numpy(), layout="chw") as cc:
         keep_content_chroma_canvas(rc, cc, band=3)
         assert np.allclose(rc.numpy(), out.numpy(), atol=1e-6)

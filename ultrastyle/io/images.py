@@ -159,7 +159,7 @@ def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int
     """Write (3, H, W) in [0, 1] (clamped) atomically; ``depth`` 16 for png/tiff."""
     dtype = np.uint8 if depth == 8 else np.uint16
     a = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * sample_peak(dtype) + 0.5).astype(dtype)
-    return save_array(a, path, fmt)
+    return save_array(np.ascontiguousarray(a), path, fmt)  # imagecodecs' PNG encoder refuses strided arrays
 
 
 def save_array(a: np.ndarray, path: str | Path, fmt: str = "png") -> Path:

@@ -4,8 +4,11 @@ Two ways, both per pixel or per image, so they work at any size and on tiles:
 
 - ``luminance``: the result keeps its luminance and takes the content's
   chroma. In full-range YCbCr (BT.601, as JPEG) the luminance column of the
-  inverse transform is (1, 1, 1), so this is ``content + (Y(result) -
-  Y(content))`` added to every channel: exact, no colour-space round trip.
+  inverse transform is (1, 1, 1), so this is ``Y(result) + (content -
+  Y(content))``: no colour-space round trip. Where that leaves [0, 1] (a
+  saturated colour under a very bright or dark stylized luminance) the
+  chroma is scaled towards grey just enough to fit: hue and luminance are
+  kept, saturation gives way. Everywhere else the chroma is the content's.
 - ``match``: the style image is recoloured before its statistics are taken,
   ``s' = A s + b`` with ``A = Σc^½ Σs^-½`` and ``b = μc − A μs`` (the
   content's and the style's RGB mean and covariance), so the stylization
@@ -44,8 +47,13 @@ def chroma(rgb: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
 
 
 def keep_content_chroma(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) result with its own luminance and the content's chroma."""
-    return content + (luminance(result) - luminance(content))[None]
+    """(3, H, W) in [0, 1]: the luminance of ``result`` (as displayed, clamped) with the chroma of ``content``."""
+    y = luminance(result.clamp(0, 1))
+    d = content - luminance(content)[None]  # the content's chroma as an RGB offset from grey
+    # Largest s <= 1 with y + s*d inside [0, 1] in every channel.
+    room = torch.where(d > 0, (1 - y)[None] / d.clamp(min=1e-12), torch.where(d < 0, -y[None] / d.clamp(max=-1e-12), 1.0))
+    s = room.amin(0).clamp(0, 1)
+    return (y[None] + s[None] * d).clamp_(0, 1)
 
 
 def keep_content_chroma_canvas(result: Canvas, content: Canvas, band: int = 256) -> None:
@@ -55,8 +63,8 @@ def keep_content_chroma_canvas(result: Canvas, content: Canvas, band: int = 256)
     _, h, _ = result.shape
     for r in range(0, h, band):
         r1 = min(h, r + band)
-        out, src = result.rows_band(r, r1), content.rows_band(r, r1)
-        result.write(r, 0, (src + (luminance(out) - luminance(src))[None]).astype(np.float32))
+        out = keep_content_chroma(torch.from_numpy(result.rows_band(r, r1)), torch.from_numpy(content.rows_band(r, r1)))
+        result.write(r, 0, out.numpy())
 
 
 def rgb_statistics(image: torch.Tensor | Canvas, band: int = 256) -> FeatureStats:

@@ -1,0 +1,138 @@
+"""`ultrastyle stylize --mix / --mask / --preserve-color` end to end on tiny images (issue #8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from ultrastyle.cli.main import app
+from ultrastyle.runtime.color import chroma
+
+W, H = 48, 40
+
+
+@pytest.fixture(scope="module")
+def images(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny copies of shared images (in a temp folder, never in the repo) and masks."""
+    d = tmp_path_factory.mktemp("styles_in")
+    src = shared_dir / "images"
+    out: dict[str, Path] = {}
+    for key, name, size in (("c", "content/cd_content_in4.jpg", (W, H)), ("s1", "style/cd_style_in2.jpg", (64, 64)),
+                            ("s2", "style/cd_style_in4.jpg", (64, 64))):  # fmt: skip
+        with Image.open(src / name) as im:
+            im.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(d / f"{key}.png")
+        out[key] = d / f"{key}.png"
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, W // 2 :] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    Image.fromarray(mask[:, :-2]).save(d / "mask_small.png")
+    three = mask.copy()
+    three[: H // 4] = 128
+    Image.fromarray(three).save(d / "mask3.png")
+    out.update(mask=d / "mask.png", mask_small=d / "mask_small.png", mask3=d / "mask3.png")
+    return out
+
+
+@pytest.fixture
+def invoke(cd16x_dir: Path):  # noqa: ANN201
+    def run(*args: object) -> Result:
+        argv = ["stylize", *map(str, args), "--style-size", "64", "--model", str(cd16x_dir), "--backend", "torch"]
+        return CliRunner().invoke(app, argv)
+
+    return run
+
+
+def _read(p: Path) -> np.ndarray:
+    return np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255
+
+
+def test_mix_writes_one_output_named_after_the_normalised_weights(invoke, images, tmp_path):
+    r = invoke(images["c"], "--mix", f"{images['s1']}=3", "--mix", f"{images['s2']}=1", "-o", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c_stylized_s1@0.75+s2@0.25.png"]
+    r = invoke(images["c"], "--style", images["s1"], "-o", tmp_path)
+    mixed, alone = _read(tmp_path / "c_stylized_s1@0.75+s2@0.25.png"), _read(tmp_path / "c_stylized_s1.png")
+    assert np.abs(mixed - alone).mean() > 0.005  # the second style changed the result
+
+
+@pytest.mark.parametrize("item,message", [("nofile.png=1", "no such style image"), ("{s1}", "expected STYLE=WEIGHT"),
+                                          ("{s1}=heavy", "not a number"), ("{s1}=-1", ">= 0")])  # fmt: skip
+def test_mix_refuses_bad_items_with_one_clear_message(invoke, images, tmp_path, item, message):
+    r = invoke(images["c"], "--mix", item.format(**images), "--mix", f"{images['s2']}=1", "-o", tmp_path)
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_mix_and_style_together_are_refused(invoke, images, tmp_path):
+    r = invoke(images["c"], "--style", images["s1"], "--mix", f"{images['s2']}=1", "-o", tmp_path)
+    assert r.exit_code == 2 and "either --style" in r.output
+
+
+def test_mask_gives_each_region_its_style_and_tiles_match_the_whole_image(invoke, images, tmp_path):
+    args = (images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask"], "--format", "png", "--depth", "16")
+    assert invoke(*args, "-o", tmp_path / "tiled", "--tile", "16").exit_code == 0
+    r = invoke(*args, "-o", tmp_path / "whole", "--no-tile")
+    assert r.exit_code == 0, r.output
+    name = "c_stylized_s1+s2.png"
+    tiled, whole = _read(tmp_path / "tiled" / name), _read(tmp_path / "whole" / name)
+    assert np.abs(tiled - whole).max() <= 1 / 255
+    for s in ("s1", "s2"):
+        assert invoke(images["c"], "--style", images[s], "-o", tmp_path / s).exit_code == 0
+    one, two = _read(tmp_path / "s1" / "c_stylized_s1.png"), _read(tmp_path / "s2" / "c_stylized_s2.png")
+    left, right = slice(2, W // 2 - 8), slice(W // 2 + 8, W - 2)  # away from the border between regions
+    assert np.abs(whole[:, left] - one[:, left]).mean() < np.abs(whole[:, left] - two[:, left]).mean()
+    assert np.abs(whole[:, right] - two[:, right]).mean() < np.abs(whole[:, right] - one[:, right]).mean()
+
+
+def test_mask_with_a_label_without_style_is_refused_before_any_work(invoke, images, tmp_path):
+    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask3"], "-o", tmp_path)
+    assert r.exit_code == 2
+    assert "mask3.png: the mask has 3 labels but 2 style(s) were given" in r.output
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images, tmp_path):
+    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path)
+    assert r.exit_code == 1
+    assert f"mask_small.png: the mask is {W - 2}x{H} but the content is {W}x{H}" in r.output
+
+
+def test_mask_follows_a_resized_content(invoke, images, tmp_path):
+    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask"], "--content-size", "96", "-o", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "c_stylized_s1+s2.png").size == (96, 80)
+
+
+# Chroma tolerance of --preserve-color luminance, in [0, 1] units, where the
+# result is representable (no channel at 0 or 1): 8-bit rounding of three
+# channels moves Cb/Cr by at most ~0.0035. Elsewhere the chroma is scaled
+# towards grey on purpose (tests/test_styles.py checks the hue is kept).
+CHROMA_ATOL = 0.004
+
+
+def test_preserve_color_luminance_keeps_the_contents_chroma(invoke, images, tmp_path):
+    for s in ("s1", "s2"):
+        assert invoke(images["c"], "--style", images[s], "--preserve-color", "luminance", "-o", tmp_path / "keep").exit_code == 0
+        assert invoke(images["c"], "--style", images[s], "-o", tmp_path / "plain").exit_code == 0
+        content = np.moveaxis(_read(images["c"]), 2, 0)
+        keep = np.moveaxis(_read(tmp_path / "keep" / f"c_stylized_{s}.png"), 2, 0)
+        plain = np.moveaxis(_read(tmp_path / "plain" / f"c_stylized_{s}.png"), 2, 0)
+        inside = ((keep > 0) & (keep < 1)).all(0)
+        assert inside.mean() > 0.3, f"only {inside.mean():.2f} of the pixels are representable: the check would be vacuous"
+        err = np.abs(chroma(keep) - chroma(content)).max(0)
+        assert err[inside].max() <= CHROMA_ATOL, f"{s}: chroma off by {err[inside].max():.4f}"
+        assert np.abs(chroma(plain) - chroma(content)).mean() > 5 * err[inside].mean()  # the style did change the colours
+        y = lambda x: 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # noqa: E731
+        assert np.abs(y(keep) - y(np.clip(plain, 0, 1))).mean() < 0.01  # and the stylized luminance is kept
+
+
+def test_preserve_color_match_moves_the_palette_towards_the_content(invoke, images, tmp_path):
+    assert invoke(images["c"], "--style", images["s1"], "--preserve-color", "match", "-o", tmp_path / "match").exit_code == 0
+    assert invoke(images["c"], "--style", images["s1"], "-o", tmp_path / "plain").exit_code == 0
+    content = _read(images["c"]).reshape(-1, 3)
+    match = _read(tmp_path / "match" / "c_stylized_s1.png").reshape(-1, 3)
+    plain = _read(tmp_path / "plain" / "c_stylized_s1.png").reshape(-1, 3)
+    assert np.abs(match.mean(0) - content.mean(0)).sum() < np.abs(plain.mean(0) - content.mean(0)).sum()
