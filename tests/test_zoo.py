@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import json
+import random
+import re
 import shutil
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,3 +417,199 @@ def test_cli_help_texts(runner: CliRunner) -> None:
         assert len(r.stdout.strip().splitlines()) > 3, cmd
     r = runner.invoke(app, ["models", "fetch", "--help"])
     assert "--mirror" in r.stdout and "--force" in r.stdout
+
+
+# ---------------------------------------------------------------- file sources: package / from
+
+REAL_REGISTRY = Path(zoo.__file__).with_name("zoo.json")
+
+
+def real_entry(name: str) -> dict:
+    """An entry of the shipped zoo.json, as JSON."""
+    return json.loads(REAL_REGISTRY.read_text())["models"][name]
+
+
+def entry_json(files: list[dict], **extra: object) -> dict:
+    return {"description": "test model", "license": "MIT", "source": "tests", "architecture": "cd16x",
+            "format": "cd", "files": files, **extra}  # fmt: skip
+
+
+@dataclass
+class TempRegistry:
+    """A zoo.json and a package weights folder of the test's own (the zoo module points at them)."""
+
+    path: Path
+    weights: Path
+
+    def write(self, models: dict[str, dict]) -> None:
+        self.path.write_text(json.dumps({"schema": 1, "models": models}))
+        zoo._load_registry.cache_clear()
+
+    def package(self, rel: str, data: bytes) -> dict:
+        """Ship ``data`` as weights/REL; the file's registry JSON."""
+        p = self.weights / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return {"name": Path(rel).name, "package": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TempRegistry]:
+    reg = TempRegistry(tmp_path / "registry" / "zoo.json", tmp_path / "registry" / "weights")
+    reg.weights.mkdir(parents=True)
+    monkeypatch.setattr(zoo, "_REGISTRY", reg.path)
+    monkeypatch.setattr(zoo, "_WEIGHTS", reg.weights)
+    zoo._load_registry.cache_clear()
+    yield reg
+    zoo._load_registry.cache_clear()  # monkeypatch restores the real paths after this
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def _blob(seed: int, n: int = 5000) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_packaged_files_install_and_verify_without_network(registry: TempRegistry, no_network: None) -> None:
+    files = [registry.package("own/4SE.pth", _blob(1)), registry.package("own/4SD.pth", _blob(2))]
+    registry.write({"own": entry_json(files, stages=[4])})
+    e = zoo.get_entry("own")
+    assert [f.kind for f in e.files] == ["package", "package"] and e.source_kinds == ("package",)
+    assert e.stages == (4,) and e.files[0].url is None
+    assert not zoo.is_installed("own")
+    d = zoo.ensure("own", progress=False)
+    assert zoo.verify("own") == [] and _no_partials(d) == []
+    assert (d / "4SE.pth").read_bytes() == _blob(1) and (d / "4SD.pth").read_bytes() == _blob(2)
+    # import needs no folder for such a model: it re-installs what is missing from the package.
+    (d / "4SD.pth").unlink()
+    assert zoo.import_local("own", None) == d and zoo.verify("own") == []
+    # fetch --force copies again, verified.
+    (registry.weights / "own" / "4SE.pth").unlink()
+    with pytest.raises(zoo.ZooError, match=r"own/4SE\.pth ships inside the ultrastyle package .* reinstall ultrastyle"):
+        zoo.fetch("own", force=True, progress=False)
+    assert zoo.verify("own") == []  # the installed copy was kept
+
+
+def test_tampered_packaged_file_is_refused(registry: TempRegistry, no_network: None) -> None:
+    files = [registry.package("own/4SE.pth", _blob(1)), registry.package("own/4SD.pth", _blob(2))]
+    registry.write({"own": entry_json(files, stages=[4])})
+    victim = registry.weights / "own" / "4SD.pth"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0x01  # same size, one bit
+    victim.write_bytes(bytes(data))
+    with pytest.raises(zoo.ChecksumError) as ei:
+        zoo.ensure("own", progress=False)
+    msg = str(ei.value)
+    assert "own/4SD.pth" in msg and files[1]["sha256"] in msg and zoo.sha256_file(victim) in msg
+    assert "packaged file" in msg and "reinstall" in msg
+    d = zoo.model_dir("own")
+    assert _leftovers(d, "4SD.pth") == [] and _no_partials(d) == []
+    assert not zoo.is_installed("own")
+
+
+def _own_from_cd(registry: TempRegistry) -> dict:
+    """cd-wct-16x (URL files) and `own`: 4SE.pth reused from it, 4SD.pth packaged, stage 4 only."""
+    cd = real_entry(NAME)
+    se = next(f for f in cd["files"] if f["name"] == "4SE.pth")
+    own = entry_json(
+        [{"name": "4SE.pth", "from": f"{NAME}/4SE.pth", "sha256": se["sha256"], "bytes": se["bytes"]},
+         registry.package("own/4SD.pth", _blob(3))],
+        stages=[4], defaults={"method": "adain", "levels": [4], "alpha": 1.0},
+    )  # fmt: skip
+    registry.write({NAME: cd, "own": own})
+    return se
+
+
+def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    se = _own_from_cd(registry)
+    assert zoo.get_entry("own").depends_on == (NAME,)
+    assert zoo.get_entry("own").source_kinds == ("package", "from")
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", mirror.url)
+    d = zoo.ensure("own", progress=False)
+    # The source model was installed first, whole and verified, from the mirror.
+    assert sorted(mirror.requests) == sorted(f"/{NAME}/{f.name}" for f in zoo.get_entry(NAME).files)
+    assert zoo.verify(NAME) == [] and zoo.verify("own") == []
+    assert zoo.sha256_file(d / "4SE.pth") == se["sha256"]
+    assert (d / "4SE.pth").read_bytes() == (zoo.model_dir(NAME) / "4SE.pth").read_bytes()
+    mirror.requests.clear()
+    assert zoo.ensure("own", progress=False) == d and mirror.requests == []
+
+    # A damaged source is caught by the copy's own sha256 check (ensure only compares sizes).
+    src = zoo.model_dir(NAME) / "4SE.pth"
+    data = bytearray(src.read_bytes())
+    data[99] ^= 0xFF
+    src.write_bytes(bytes(data))
+    with pytest.raises(zoo.ChecksumError) as ei:
+        zoo.fetch("own", force=True, progress=False)
+    assert f"ultrastyle models fetch {NAME} --force" in str(ei.value) and se["sha256"] in str(ei.value)
+    assert zoo.verify("own") == []  # the verified copy was kept
+    assert mirror.requests == []  # force applies to `own`, not to the model it reuses
+
+
+def test_import_installs_derived_files_from_the_source_model(registry: TempRegistry, shared_dir: Path, no_network: None, runner: CliRunner) -> None:
+    _own_from_cd(registry)
+    # Not installed, no folder: a clear error, nothing downloaded.
+    with pytest.raises(zoo.ZooError, match=rf"reuses files of {NAME}, which is not installed.*models fetch {NAME}"):
+        zoo.import_local("own", None)
+    # A mirror-style root holds the source model: it is imported from there first.
+    r = runner.invoke(app, ["models", "import", "own", str(shared_dir / "models")])
+    assert r.exit_code == 0, r.output
+    assert zoo.verify(NAME) == [] and zoo.verify("own") == []
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.stdout.splitlines() if line.lstrip("│ ").startswith("own"))
+    assert f"package+from:{NAME}" in row and " 4 " in row and "yes" in row
+    assert "url" in next(line for line in r.stdout.splitlines() if NAME in line)
+
+
+@pytest.mark.parametrize(
+    "sources, found",
+    [({}, "no source"), ({"url": "https://example.com/a.pth", "package": "own/4SE.pth"}, "2 sources (url, package)"),
+     ({"package": "own/4SE.pth", "from": f"{NAME}/4SE.pth"}, "2 sources (package, from)")],
+)  # fmt: skip
+def test_registry_file_needs_exactly_one_source(registry: TempRegistry, sources: dict, found: str) -> None:
+    f = {"name": "4SE.pth", "sha256": "0" * 64, "bytes": 1, **sources}
+    registry.write({NAME: real_entry(NAME), "own": entry_json([f, registry.package("own/4SD.pth", b"x")], stages=[4])})
+    with pytest.raises(zoo.ZooError) as ei:
+        zoo.entries()
+    msg = str(ei.value)
+    assert "model 'own', file '4SE.pth'" in msg and found in msg
+    assert 'exactly one of "url", "package" or "from"' in msg and str(registry.path) in msg
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [({"from": "nope/4SE.pth"}, "must name another registered model"),
+     ({"from": f"{NAME}/9SE.pth"}, "cd-wct-16x has no file '9SE.pth'"),
+     ({"from": f"{NAME}/4SE.pth", "sha256": "1" * 64}, "a derived file must be byte-identical"),
+     ({"from": "own/4SD.pth"}, "must name another registered model"),
+     ({"package": "../../etc/passwd"}, "relative path inside ultrastyle/models/weights/"),
+     ({"name": "../4SE.pth", "package": "own/x"}, "plain file name")],
+)  # fmt: skip
+def test_registry_refuses_bad_sources(registry: TempRegistry, bad: dict, message: str) -> None:
+    se = next(f for f in real_entry(NAME)["files"] if f["name"] == "4SE.pth")
+    f = {"name": "4SE.pth", "sha256": se["sha256"], "bytes": se["bytes"], **bad}
+    registry.write({NAME: real_entry(NAME), "own": entry_json([f, registry.package("own/4SD.pth", b"x")], stages=[4])})
+    with pytest.raises(zoo.ZooError, match=re.escape(message)):
+        zoo.entries()
+
+
+def test_registry_refuses_cycles_and_missing_stage_files(registry: TempRegistry) -> None:
+    a = {"name": "4SE.pth", "from": "b/4SE.pth", "sha256": "0" * 64, "bytes": 1}
+    b = {"name": "4SE.pth", "from": "a/4SE.pth", "sha256": "0" * 64, "bytes": 1}
+    sd = registry.package("x/4SD.pth", b"x")
+    registry.write({"a": entry_json([a, sd], stages=[4]), "b": entry_json([b, sd], stages=[4])})
+    with pytest.raises(zoo.ZooError, match=r"cycle: a -> b -> a"):
+        zoo.entries()
+    registry.write({"a": entry_json([sd], stages=[4])})
+    with pytest.raises(zoo.ZooError, match=r"model 'a' \(format cd, stages \[4\]\) lacks the file\(s\) 4SE\.pth"):
+        zoo.entries()
+    registry.write({"a": entry_json([sd], stages=[4, 4])})
+    with pytest.raises(zoo.ZooError, match=r"\"stages\" must be a non-empty list of distinct stages"):
+        zoo.entries()

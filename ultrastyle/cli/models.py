@@ -53,14 +53,33 @@ def _human(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _stages(stages: tuple[int, ...]) -> str:
+    """``1-5`` for a run of stages, else ``4`` or ``1,3``."""
+    if len(stages) > 2 and list(stages) == list(range(stages[0], stages[-1] + 1)):
+        return f"{stages[0]}-{stages[-1]}"
+    return ",".join(map(str, stages))
+
+
+def _sources(entry: zoo.ZooEntry) -> str:
+    """``url``, ``package``, ``from:MODEL`` (files reused from another model), joined by ``+``."""
+    parts = [k for k in entry.source_kinds if k != "from"]
+    parts += [f"from:{m}" for m in entry.depends_on]
+    return "+".join(parts)
+
+
 @app.command("list")
 def list_models() -> None:
-    """Show every model in the registry: files, total size, whether installed."""
+    """Show every model in the registry: files, total size, stages, where its files come from, whether installed.
+
+    Sources: url (downloaded), package (shipped inside ultrastyle), from:MODEL (the same files as MODEL's).
+    """
     with _zoo_errors():
         table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left")
         table.add_column("name", no_wrap=True, style="bold")
         table.add_column("files", justify="right", no_wrap=True)
         table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("stages", no_wrap=True)
+        table.add_column("source", no_wrap=True)
         table.add_column("installed", no_wrap=True)
         table.add_column("description")
         for name, entry in sorted(zoo.entries().items()):
@@ -69,6 +88,8 @@ def list_models() -> None:
                 name,
                 str(len(entry.files)),
                 _human(entry.total_bytes),
+                _stages(entry.stages),
+                _sources(entry),
                 "[green]yes[/green]" if installed else "no",
                 entry.description,
             )
@@ -100,16 +121,22 @@ def fetch(
 def import_(
     name: NameArg,
     directory: Annotated[
-        Path,
+        Optional[Path],
         typer.Argument(
-            metavar="DIR",
-            help="Folder holding the model's files, flat (1SE.pth ...) or in a NAME/ sub-folder.",
+            metavar="[DIR]",
+            help="Folder holding the model's downloadable (url) files, flat (1SE.pth ...) or in a NAME/ sub-folder. "
+            "Not needed for a model whose files all ship with ultrastyle or come from installed models.",
             show_default=False,
         ),
-    ],
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Copy again even files already installed and verified.")] = False,
 ) -> None:
-    """Install a model from local copies of its files (offline machines); every sha256 is checked."""
+    """Install a model from local copies of its files (offline machines); every sha256 is checked.
+
+    Packaged files are copied from the ultrastyle package and files reused from
+    another model from that model (imported from DIR first if it is not
+    installed); nothing is downloaded.
+    """
     with _zoo_errors():
         d = zoo.import_local(name, directory, force=force)
     typer.echo(f"imported {name} into {d}")

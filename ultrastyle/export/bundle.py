@@ -122,6 +122,8 @@ def export_bundle(
             "model": model.name,
             "architecture": arch_to_dict(arch),
             "stages": list(spec.stages),
+            # The source model's method/levels/alpha (`ultrastyle.models.defaults`), when known.
+            **({"defaults": model.defaults.restricted(spec.stages).to_dict()} if model.defaults else {}),
             "opset": spec.opset,
             "input_range": [0.0, 1.0],
             "normalisation": "folded into conv0 of every encoder",

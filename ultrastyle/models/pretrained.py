@@ -1,4 +1,12 @@
-"""Load a whole stylization model (encoder + decoder per stage) from a zoo name or a folder."""
+"""Load a whole stylization model (encoder + decoder per stage) from a zoo name or a folder.
+
+Folders come in two formats (`folder_format`): CD-format ``{k}SE.pth`` /
+``{k}SD.pth`` per stage (published CD models, and everything ``ultrastyle
+distill`` writes; the architecture in ``architecture.json``, else CD 16x), and
+pytorch-AdaIN's ``vgg_normalised.pth`` + ``decoder.pth`` (VGG-19, stage 4
+only). A model has the stages it has files for (`model_stages`); asking for
+another one is a `CheckpointError` that says which ``--levels`` would work.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ultrastyle.models import convert, zoo
+from ultrastyle.models.defaults import ModelDefaults, model_defaults
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch, spec_from_dict
 from ultrastyle.runtime.receptive import needed_windows
@@ -18,6 +27,10 @@ DEFAULT_MODEL = "cd-wct-16x"
 # A model folder may record its architecture here (`spec_to_dict`); without it
 # the folder holds the published CD 16x architecture.
 ARCH_FILE = "architecture.json"
+# The published pytorch-AdaIN files (github.com/naoto0804/pytorch-AdaIN): VGG-19 to relu4_1 and its decoder.
+ADAIN_FILES = ("vgg_normalised.pth", "decoder.pth")
+# zoo entry formats load_model can load ("cd-base" is a training initialisation).
+LOADABLE_FORMATS = ("cd", "pytorch-adain")
 
 
 @dataclass
@@ -28,6 +41,8 @@ class StyleModel:
     arch: ArchSpec
     encoders: dict[int, Encoder] = field(default_factory=dict)
     decoders: dict[int, Decoder] = field(default_factory=dict)
+    # The source's defaults restricted to the loaded stages (`load_model` sets them; export records them).
+    defaults: ModelDefaults | None = None
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -92,6 +107,81 @@ def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
     return all((folder / f).is_file() for f in cd_file_names(stages))
 
 
+def folder_stages(folder: str | Path) -> tuple[int, ...]:
+    """The stages whose ``{k}SE.pth`` and ``{k}SD.pth`` both exist in ``folder``, ascending."""
+    return tuple(k for k in STAGES if cd_files_present(Path(folder), (k,)))
+
+
+def folder_format(folder: str | Path) -> str:
+    """``"pytorch-adain"`` for a folder with ``vgg_normalised.pth`` and ``decoder.pth`` and no CD stage, else ``"cd"``."""
+    folder = Path(folder)
+    if not folder_stages(folder) and all((folder / f).is_file() for f in ADAIN_FILES):
+        return "pytorch-adain"
+    return "cd"
+
+
+def _csv(stages: tuple[int, ...] | list[int]) -> str:
+    return ",".join(map(str, stages))
+
+
+def model_stages(source: str | Path) -> tuple[int, ...]:
+    """The stages a zoo model or weights folder has, ascending (nothing is downloaded).
+
+    A folder without any weights raises `CheckpointError` listing what was looked for.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
+        if entry.format not in LOADABLE_FORMATS:
+            raise convert.CheckpointError(
+                f"model {entry.name} has format {entry.format!r}, which is not a stylization model "
+                f"(loadable formats: {', '.join(LOADABLE_FORMATS)}); pick another model (see: ultrastyle models list)"
+            )
+        return entry.stages
+    if folder_format(path) == "pytorch-adain":
+        return (4,)
+    stages = folder_stages(path)
+    if not stages:
+        missing = [f for f in cd_file_names() if not (path / f).is_file()]
+        raise convert.CheckpointError(
+            f"{path}: no model weights: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for some of stages "
+            f"{list(STAGES)} (missing: {', '.join(missing)}), or pytorch-AdaIN's {' and '.join(ADAIN_FILES)}"
+        )
+    return stages
+
+
+def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``stages`` (None: all the model has) if ``source`` has every one of them, else `CheckpointError`.
+
+    The message names the model's stages, what was asked and the ``--levels``
+    that would work; nothing is downloaded to find out.
+    """
+    have = model_stages(source)
+    if stages is None:
+        return have
+    missing = [k for k in stages if k not in have]
+    if not missing:
+        return tuple(stages)
+    path = Path(source)
+    what = f"model {source}"
+    files = ""
+    if path.is_dir():
+        if folder_format(path) == "pytorch-adain":
+            what += " (pytorch-AdaIN weights)"
+        else:
+            files = f" (missing: {', '.join(f for f in cd_file_names(tuple(dict.fromkeys(missing))) if not (path / f).is_file())})"
+    raise convert.CheckpointError(
+        f"{what} has stages {_csv(have)}; asked for {_csv(stages)}{files}; use --levels {_csv(sorted(have, reverse=True))}"
+    )
+
+
+def model_files(source: str | Path, stages: tuple[int, ...]) -> list[str]:
+    """The weight file names that ``stages`` of a zoo model or weights folder are loaded from."""
+    path = Path(source)
+    fmt = folder_format(path) if path.is_dir() else zoo.get_entry(str(source)).format
+    return list(ADAIN_FILES) if fmt == "pytorch-adain" else cd_file_names(tuple(dict.fromkeys(stages)))
+
+
 def folder_arch(folder: str | Path) -> ArchSpec:
     """The architecture recorded in ``folder/architecture.json``, else CD 16x."""
     path = Path(folder) / ARCH_FILE
@@ -126,23 +216,49 @@ def load_cd_folder(
     return model
 
 
+def load_adain_folder(folder: str | Path, stages: tuple[int, ...] = (4,), name: str | None = None, aux: bool = False) -> StyleModel:
+    """A folder holding pytorch-AdaIN's ``vgg_normalised.pth`` and ``decoder.pth``: VGG-19, stage 4."""
+    folder = Path(folder)
+    if aux:
+        raise convert.CheckpointError(f"{folder}: pytorch-AdaIN weights have no Q_k embedding layers (aux); load them without aux")
+    check_stages(folder, stages)
+    model = StyleModel(name or folder.name, ARCHS["vgg19"])
+    model.encoders[4] = convert.adain_vgg_encoder(folder / ADAIN_FILES[0], 4)
+    model.decoders[4] = convert.adain_decoder(folder / ADAIN_FILES[1])
+    return model
+
+
 def load_model(
     source: str | Path = DEFAULT_MODEL,
     *,
-    stages: tuple[int, ...] = STAGES,
+    stages: tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
     aux: bool = False,
 ) -> StyleModel:
-    """A zoo name (downloaded on first use, like torch.hub) or a folder of CD weights."""
+    """A zoo name (installed on first use, like torch.hub), a folder of CD weights or a pytorch-AdaIN folder.
+
+    ``stages`` None loads every stage the model has. A stage the model lacks
+    raises `CheckpointError` before anything is downloaded (`check_stages`).
+    The model's `defaults` (`model_defaults`, restricted to the loaded stages)
+    ride along as ``StyleModel.defaults``.
+    """
     path = Path(source)
     if path.is_dir():
-        if not cd_files_present(path, stages):
-            missing = [f for f in cd_file_names(stages) if not (path / f).is_file()]
-            raise convert.CheckpointError(
-                f"{path}: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for stages {list(stages)}; missing: {', '.join(missing)}"
-            )
-        return load_cd_folder(path, stages, aux=aux).to(device)
-    entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
-    folder = zoo.ensure(entry.name, progress=progress)
-    return load_cd_folder(folder, stages, name=entry.name, aux=aux, spec=get_arch(entry.architecture)).to(device)
+        stages = check_stages(path, stages)
+        defaults = model_defaults(path)
+        if folder_format(path) == "pytorch-adain":
+            model = load_adain_folder(path, stages, aux=aux)
+        else:
+            model = load_cd_folder(path, stages, aux=aux)
+    else:
+        entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
+        stages = check_stages(entry.name, stages)  # also refuses formats that are not stylization models
+        defaults = model_defaults(entry.name)
+        folder = zoo.ensure(entry.name, progress=progress)
+        if entry.format == "pytorch-adain":
+            model = load_adain_folder(folder, stages, name=entry.name, aux=aux)
+        else:
+            model = load_cd_folder(folder, stages, name=entry.name, aux=aux, spec=get_arch(entry.architecture))
+    model.defaults = defaults.restricted(stages)
+    return model.to(device)

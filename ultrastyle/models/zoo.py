@@ -1,24 +1,58 @@
-"""Model zoo: published weights by name, downloaded once into a verified cache.
+"""Model zoo: published and packaged weights by name, installed once into a verified cache.
 
 Like ``torch.hub`` for checkpoints: the registry (``zoo.json``, shipped with the
-package) pins every file's URL, byte size and sha256. Files are stored flat in
-``model_dir(name)`` = ``$ULTRASTYLE_HOME/models/NAME/FILE`` (default home
-``~/.cache/ultrastyle``).
+package) pins every file's byte size and sha256 and where it comes from. Files
+are stored flat in ``model_dir(name)`` = ``$ULTRASTYLE_HOME/models/NAME/FILE``
+(default home ``~/.cache/ultrastyle``).
+
+Every file has exactly one source (a file with none, or two, is a registry
+error naming the model and file):
+
+- ``"url"``: downloaded over HTTP(S)::
+
+      {"name": "4SE.pth", "url": "https://github.com/.../20191110-132643_E20.pth",
+       "sha256": "d2f059cb...", "bytes": 1235183}
+
+- ``"package"``: this project's own weights, shipped inside the package under
+  ``ultrastyle/models/weights/`` (path relative to that folder, by convention
+  ``MODEL/FILE``); installed by a local copy, no network::
+
+      {"name": "4SD.pth", "package": "ultrastyle-adain-16x/4SD.pth",
+       "sha256": "...", "bytes": 881308}
+
+- ``"from"``: the same bytes as file ``FILE`` of another registered model
+  ``MODEL`` (``"MODEL/FILE"``); that model is installed first (downloaded if
+  needed, with its own progress bar and errors), then the file is copied. Its
+  sha256 and bytes must equal the other entry's::
+
+      {"name": "4SE.pth", "from": "cd-wct-16x/4SE.pth",
+       "sha256": "d2f059cb...", "bytes": 1235183}
+
+An entry may also give ``"stages"`` (default ``[1, 2, 3, 4, 5]``: format
+``cd`` entries must list ``{k}SE.pth`` and ``{k}SD.pth`` of each) and
+``"defaults"`` (``{"method": "adain", "levels": [4], "alpha": 1.0}``, each key
+optional; see `ultrastyle.models.defaults`), which become
+:attr:`ZooEntry.stages` and :attr:`ZooEntry.defaults`.
 
 Getting the files:
 
-- :func:`fetch` downloads over HTTP(S) with ``urllib``. Each file is streamed
-  into a temp file next to its destination (``.FILE.partial-XXXX``), hashed
-  while streaming, checked for size and sha256 and only then moved into place
-  with ``os.replace``. A failed download (HTTP error, dropped connection, short
-  read, timeout, wrong checksum) leaves nothing of that file behind.
-- Mirror layout: with ``mirror=URL`` (or ``$ULTRASTYLE_MIRROR``) file ``FILE``
-  of model ``NAME`` is fetched from ``{URL.rstrip('/')}/{NAME}/{FILE}``
+- :func:`fetch` installs every file that is missing or damaged. URL files are
+  streamed into a temp file next to their destination
+  (``.FILE.partial-XXXX``), hashed while streaming, checked for size and
+  sha256 and only then moved into place with ``os.replace``; packaged and
+  derived files are copied the same way. A failed download (HTTP error,
+  dropped connection, short read, timeout, wrong checksum) or copy leaves
+  nothing of that file behind.
+- Mirror layout: with ``mirror=URL`` (or ``$ULTRASTYLE_MIRROR``) URL file
+  ``FILE`` of model ``NAME`` is fetched from ``{URL.rstrip('/')}/{NAME}/{FILE}``
   instead of its pinned URL, i.e. a mirror is a web server over a folder that
   looks like the cache's ``models/`` folder (``NAME/1SE.pth`` ...).
-- :func:`import_local` copies a local copy (offline machines), with the same
-  temp-file + verify + rename discipline. The source folder may hold the files
-  flat, or hold a ``NAME/`` sub-folder with them (so a mirror's root works).
+- :func:`import_local` copies local copies of the URL files (offline
+  machines), with the same temp-file + verify + rename discipline, and
+  installs packaged and derived files as :func:`fetch` does (a model whose
+  files are reused and is not installed is imported from the same folder).
+  The source folder may hold the files flat, or hold a ``NAME/`` sub-folder
+  with them (so a mirror's root works).
 """
 
 from __future__ import annotations
@@ -27,6 +61,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -35,8 +70,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, BinaryIO
+
+from ultrastyle.models.spec import STAGES
+
+if TYPE_CHECKING:
+    from ultrastyle.models.defaults import ModelDefaults
 
 __all__ = [
     "ZooError",
@@ -45,6 +85,7 @@ __all__ = [
     "DownloadError",
     "ZooFile",
     "ZooEntry",
+    "SOURCE_KINDS",
     "entries",
     "get_entry",
     "home_dir",
@@ -55,9 +96,13 @@ __all__ = [
     "import_local",
     "ensure",
     "sha256_file",
+    "weights_dir",
 ]
 
 _REGISTRY = Path(__file__).with_name("zoo.json")
+# This project's own weights ("package" sources), shipped as package data.
+_WEIGHTS = Path(__file__).with_name("weights")
+SOURCE_KINDS = ("url", "package", "from")
 _CHUNK = 1 << 20
 # A partial file untouched this long belongs to a killed process, not to a
 # download in progress (those write at least every `timeout` seconds).
@@ -111,12 +156,38 @@ class DownloadError(ZooError):
 
 @dataclass(frozen=True)
 class ZooFile:
-    """One published file: stored as ``model_dir(entry)/name``."""
+    """One file of a model: stored as ``model_dir(entry)/name``.
+
+    Exactly one of ``url`` (downloaded), ``package`` (a path under
+    :func:`weights_dir`) and ``derived_from`` (``"MODEL/FILE"``, a file of
+    another registered model; ``"from"`` in zoo.json) is set.
+    """
 
     name: str
-    url: str
+    url: str | None
     sha256: str
     bytes: int
+    package: str | None = None
+    derived_from: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"url"``, ``"package"`` or ``"from"``."""
+        if self.package is not None:
+            return "package"
+        if self.derived_from is not None:
+            return "from"
+        return "url"
+
+    @property
+    def source_model(self) -> str | None:
+        """The model a ``"from"`` file is copied from, else None."""
+        return self.derived_from.split("/", 1)[0] if self.derived_from else None
+
+    @property
+    def source_file(self) -> str | None:
+        """The file name within :attr:`source_model`, else None."""
+        return self.derived_from.split("/", 1)[1] if self.derived_from else None
 
 
 @dataclass(frozen=True)
@@ -130,27 +201,155 @@ class ZooEntry:
     architecture: str
     format: str
     files: tuple[ZooFile, ...]
+    stages: tuple[int, ...] = STAGES
+    # Resolved at registry load (zoo.json's "defaults", missing keys filled in);
+    # None only for entries built by hand: see `ultrastyle.models.defaults.model_defaults`.
+    defaults: ModelDefaults | None = None
 
     @property
     def total_bytes(self) -> int:
         """Sum of the file sizes."""
         return sum(f.bytes for f in self.files)
 
+    @property
+    def source_kinds(self) -> tuple[str, ...]:
+        """The distinct source kinds of the files, in :data:`SOURCE_KINDS` order."""
+        kinds = {f.kind for f in self.files}
+        return tuple(k for k in SOURCE_KINDS if k in kinds)
+
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """Models whose files this one reuses (``"from"`` sources), in file order."""
+        return tuple(dict.fromkeys(f.source_model for f in self.files if f.source_model))
+
 
 # ---------------------------------------------------------------- registry
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Files the loader needs, per format (other formats, e.g. "cd-base", are not checked).
+_ADAIN_FILES = ("vgg_normalised.pth", "decoder.pth")
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _parse_file(model: str, f: dict) -> ZooFile:
+    where = f"{_REGISTRY}: model {model!r}, file {f.get('name')!r}"
+    if not _plain_name(f.get("name")):
+        raise ZooError(f"{where}: a file name must be a plain file name (no folders)")
+    given = [k for k in SOURCE_KINDS if f.get(k) is not None]
+    if len(given) != 1:
+        found = "no source" if not given else f"{len(given)} sources ({', '.join(given)})"
+        raise ZooError(f"{where}: has {found}; give exactly one of \"url\", \"package\" or \"from\"")
+    sha = str(f["sha256"]).lower()
+    if not _SHA256.match(sha):
+        raise ZooError(f"{where}: sha256 must be 64 hex digits, got {f['sha256']!r}")
+    size = f["bytes"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ZooError(f"{where}: bytes must be a non-negative integer, got {size!r}")
+    package = derived = None
+    if "package" in given:
+        package = f["package"]
+        pp = PurePosixPath(package) if isinstance(package, str) else None
+        if pp is None or pp.is_absolute() or not pp.parts or ".." in pp.parts or "\\" in package:
+            raise ZooError(
+                f"{where}: \"package\" must be a relative path inside ultrastyle/models/weights/ "
+                f"(e.g. \"{model}/{f['name']}\"), got {package!r}"
+            )
+    if "from" in given:
+        derived = f["from"]
+        parts = derived.split("/") if isinstance(derived, str) else []
+        if len(parts) != 2 or not all(_plain_name(p) for p in parts):
+            raise ZooError(f"{where}: \"from\" must be \"MODEL/FILE\" (a file of another registered model), got {derived!r}")
+    url = f["url"] if "url" in given else None
+    if url is not None and not isinstance(url, str):
+        raise ZooError(f"{where}: \"url\" must be a string, got {url!r}")
+    return ZooFile(name=f["name"], url=url, sha256=sha, bytes=size, package=package, derived_from=derived)
+
+
+def _parse_stages(model: str, e: dict) -> tuple[int, ...]:
+    raw = e.get("stages", list(STAGES))
+    ok = (
+        isinstance(raw, list) and raw
+        and all(isinstance(k, int) and not isinstance(k, bool) and k in STAGES for k in raw)
+        and len(set(raw)) == len(raw)
+    )  # fmt: skip
+    if not ok:
+        raise ZooError(f"{_REGISTRY}: model {model!r}: \"stages\" must be a non-empty list of distinct stages 1..5, got {raw!r}")
+    return tuple(sorted(raw))
+
+
+def _check_entry_files(entry: ZooEntry) -> None:
+    names = [f.name for f in entry.files]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ZooError(f"{_REGISTRY}: model {entry.name!r} lists {', '.join(dup)} more than once")
+    if entry.format == "cd":
+        needed = [f"{k}{part}.pth" for k in entry.stages for part in ("SE", "SD")]
+    elif entry.format == "pytorch-adain":
+        if entry.stages != (4,):
+            raise ZooError(f"{_REGISTRY}: model {entry.name!r}: format pytorch-adain has stage 4 only; set \"stages\": [4]")
+        needed = list(_ADAIN_FILES)
+    else:
+        return
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise ZooError(
+            f"{_REGISTRY}: model {entry.name!r} (format {entry.format}, stages {list(entry.stages)}) "
+            f"lacks the file(s) {', '.join(missing)}"
+        )
+
+
+def _check_derived(reg: dict[str, ZooEntry]) -> None:
+    """Every ``"from"`` names an existing file of another model, with the same bytes; no cycles."""
+    for entry in reg.values():
+        for f in entry.files:
+            if f.derived_from is None:
+                continue
+            where = f"{_REGISTRY}: model {entry.name!r}, file {f.name!r}: \"from\" {f.derived_from!r}"
+            other = reg.get(f.source_model or "")
+            if other is None or other.name == entry.name:
+                raise ZooError(f"{where} must name another registered model (known: {', '.join(sorted(reg))})")
+            src = next((g for g in other.files if g.name == f.source_file), None)
+            if src is None:
+                raise ZooError(f"{where}: {other.name} has no file {f.source_file!r} ({', '.join(g.name for g in other.files)})")
+            if (src.sha256, src.bytes) != (f.sha256, f.bytes):
+                raise ZooError(
+                    f"{where}: sha256/bytes {f.sha256}/{f.bytes} differ from {f.derived_from}'s {src.sha256}/{src.bytes}; "
+                    "a derived file must be byte-identical to its source"
+                )
+    # Model-level cycles would make ensure() recurse forever.
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            raise ZooError(f"{_REGISTRY}: models reuse each other's files in a cycle: {' -> '.join(cycle)}")
+        state[name] = 1
+        for dep in reg[name].depends_on:
+            visit(dep, path + [name])
+        state[name] = 2
+
+    for name in reg:
+        visit(name, [])
 
 
 @functools.lru_cache(maxsize=1)
 def _load_registry() -> dict[str, ZooEntry]:
+    from ultrastyle.models.defaults import defaults_from_dict
+
     try:
         data = json.loads(_REGISTRY.read_text(encoding="utf-8"))
         out: dict[str, ZooEntry] = {}
         for name, e in data["models"].items():
-            files = tuple(
-                ZooFile(name=f["name"], url=f["url"], sha256=f["sha256"].lower(), bytes=int(f["bytes"]))
-                for f in e["files"]
-            )
-            out[name] = ZooEntry(
+            if not _plain_name(name):
+                raise ZooError(f"{_REGISTRY}: model name {name!r} must be a plain name (no folders)")
+            files = tuple(_parse_file(name, f) for f in e["files"])
+            stages = _parse_stages(name, e)
+            entry = ZooEntry(
                 name=name,
                 description=e["description"],
                 license=e["license"],
@@ -158,9 +357,19 @@ def _load_registry() -> dict[str, ZooEntry]:
                 architecture=e["architecture"],
                 format=e["format"],
                 files=files,
+                stages=stages,
+                defaults=defaults_from_dict(
+                    e.get("defaults") or {}, stages, where=f"{_REGISTRY} (model {name!r})",
+                    base="pytorch-adain" if e["format"] == "pytorch-adain" else None,
+                ),
             )
+            _check_entry_files(entry)
+            out[name] = entry
+        _check_derived(out)
         return out
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except ZooError:
+        raise  # already names the entry and what to fix
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ZooError(
             f"the model registry {_REGISTRY} is unreadable ({type(exc).__name__}: {exc}); reinstall ultrastyle"
         ) from exc
@@ -189,6 +398,11 @@ def home_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "ultrastyle"
+
+
+def weights_dir() -> Path:
+    """The folder of this project's own weights shipped in the package (``"package"`` sources)."""
+    return _WEIGHTS
 
 
 def model_dir(name: str) -> Path:
@@ -427,6 +641,53 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
         _commit(fh, tmp, dest)
 
 
+def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str,
+                   advance: Callable[[int], None] = lambda n: None) -> None:
+    """Copy ``src`` to ``dest`` through a temp file, renamed into place only if its sha256 is ``f``'s."""
+    with _atomic_target(dest) as (fh, tmp):
+        h = hashlib.sha256()
+        try:
+            with open(src, "rb") as s:
+                for chunk in iter(lambda: s.read(_CHUNK), b""):
+                    fh.write(chunk)
+                    h.update(chunk)
+                    advance(len(chunk))
+        except OSError as exc:
+            raise ZooError(f"cannot read {src} ({exc.strerror or exc}) to install {entry.name}/{f.name}") from exc
+        digest = h.hexdigest()
+        if digest != f.sha256:
+            raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, digest, detail=detail, hint=hint)
+        _commit(fh, tmp, dest)
+
+
+def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[int], None] = lambda n: None) -> None:
+    """Install a ``"package"`` or ``"from"`` file (its source model must be installed already)."""
+    if f.package is not None:
+        src = _WEIGHTS / f.package
+        if not src.is_file():
+            raise ZooError(
+                f"{entry.name}/{f.name} ships inside the ultrastyle package at {src}, which is missing; "
+                "reinstall ultrastyle (a wheel or checkout without its package data lacks it)"
+            )
+        _copy_verified(
+            entry, f, src, dest, detail=f"packaged file {src}", advance=advance,
+            hint="The installed ultrastyle package is damaged or was modified; reinstall it.",
+        )  # fmt: skip
+        return
+    other, name = f.source_model, f.source_file
+    assert other is not None and name is not None
+    src = model_dir(other) / name
+    if not src.is_file():
+        raise ZooError(
+            f"{entry.name}/{f.name} is a copy of {other}/{name}, which is missing at {src}; "
+            f"run: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR)"
+        )
+    _copy_verified(
+        entry, f, src, dest, detail=f"copied from {other}/{name} at {src}", advance=advance,
+        hint=f"The installed {other} is damaged; run: ultrastyle models fetch {other} --force",
+    )  # fmt: skip
+
+
 def fetch(
     name: str,
     *,
@@ -435,15 +696,18 @@ def fetch(
     progress: bool = True,
     timeout: float = 60,
 ) -> Path:
-    """Download model ``name`` into :func:`model_dir` and return that directory.
+    """Install model ``name`` into :func:`model_dir` and return that directory.
 
-    Files already present and verified are skipped (``force=True`` downloads
+    URL files are downloaded; packaged files are copied from the package and
+    derived (``"from"``) files from their source model, which is installed
+    first (with this ``mirror``, ``progress`` and ``timeout``; not forced).
+    Files already present and verified are skipped (``force=True`` installs
     them again, replacing each only once its new copy is verified). ``mirror``
     (default ``$ULTRASTYLE_MIRROR``) replaces each pinned URL by
     ``{mirror}/{name}/{file}``. ``timeout`` is per connect / read, in seconds.
-    Stops at the first failure with :class:`DownloadError` or
-    :class:`ChecksumError`; files verified before it stay installed, and
-    nothing of the failing file is left.
+    Stops at the first failure with :class:`DownloadError`,
+    :class:`ChecksumError` or :class:`ZooError`; files verified before it stay
+    installed, and nothing of the failing file is left.
     """
     entry = get_entry(name)
     if mirror is None:
@@ -451,23 +715,32 @@ def fetch(
     d = model_dir(name)
     _prepare_dir(d)
     todo = [f for f in entry.files if _needs_install(entry, f, d / f.name, force)]
+    # Source models first, each with its own progress bar (rich allows one live display at a time).
+    for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
+        if not is_installed(other):
+            fetch(other, mirror=mirror, progress=progress, timeout=timeout)
     with _Progress(progress and bool(todo)) as bar:
         for f in todo:
-            url = _mirror_url(mirror, entry, f) if mirror else f.url
-            _download(entry, f, url, d / f.name, timeout, bar.task(f"{entry.name}/{f.name}", f.bytes))
+            advance = bar.task(f"{entry.name}/{f.name}", f.bytes)
+            if f.kind == "url":
+                assert f.url is not None
+                url = _mirror_url(mirror, entry, f) if mirror else f.url
+                _download(entry, f, url, d / f.name, timeout, advance)
+            else:
+                _install_local(entry, f, d / f.name, advance)
     return d
 
 
 # ---------------------------------------------------------------- local import
 
 
-def _find_source(entry: ZooEntry, src: Path) -> dict[str, Path]:
-    """Map each file name to its path under ``src`` (flat, or in ``src/NAME/``)."""
+def _find_source(entry: ZooEntry, src: Path, files: list[ZooFile]) -> dict[str, Path]:
+    """Map each of ``files`` to its path under ``src`` (flat, or in ``src/NAME/``)."""
     if not src.is_dir():
-        raise ZooError(f"{src} is not a directory; pass the folder that holds {entry.files[0].name} etc.")
+        raise ZooError(f"{src} is not a directory; pass the folder that holds {files[0].name} etc.")
     found: dict[str, Path] = {}
     missing: list[str] = []
-    for f in entry.files:
+    for f in files:
         for cand in (src / f.name, src / entry.name / f.name):
             if cand.is_file():
                 found[f.name] = cand
@@ -476,46 +749,61 @@ def _find_source(entry: ZooEntry, src: Path) -> dict[str, Path]:
             missing.append(f.name)
     if missing:
         raise ZooError(
-            f"{src} lacks {len(missing)} of the {len(entry.files)} files of {entry.name}: {', '.join(missing)} "
+            f"{src} lacks {len(missing)} of the {len(files)} files of {entry.name}: {', '.join(missing)} "
             f"(looked in {src} and {src / entry.name}); copy all of them there and retry"
         )
     return found
 
 
-def import_local(name: str, src: Path, *, force: bool = False) -> Path:
+def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     """Install model ``name`` from local copies in ``src`` and return its directory.
 
-    For offline machines. ``src`` holds the files flat (``1SE.pth`` ...) or in
-    ``src/NAME/``. Each file is copied to a temp file, hashed on the way, and
-    renamed into place only if its sha256 matches; otherwise
+    For offline machines. ``src`` holds the URL files flat (``1SE.pth`` ...) or
+    in ``src/NAME/``. Each file is copied to a temp file, hashed on the way,
+    and renamed into place only if its sha256 matches; otherwise
     :class:`ChecksumError` (naming the file, expected and found sha256) and
-    nothing of that file is left. Files already installed and verified are
-    skipped unless ``force``.
+    nothing of that file is left. Packaged files are installed from the
+    package and derived files from their source model; a source model that is
+    not installed is imported from ``src`` first (never downloaded). ``src``
+    may be None for a model without URL files. Files already installed and
+    verified are skipped unless ``force``.
     """
     entry = get_entry(name)
-    src = Path(src).expanduser()
-    sources = _find_source(entry, src)
+    url_files = [f for f in entry.files if f.kind == "url"]
+    if url_files and src is None:
+        raise ZooError(f"{name} has {len(url_files)} file(s) to import ({url_files[0].name} ...); pass the folder that holds them")
+    src = Path(src).expanduser() if src is not None else None
+    sources = _find_source(entry, src, url_files) if url_files and src is not None else {}
+    for other in entry.depends_on:
+        if is_installed(other):
+            continue
+        if src is None:
+            raise ZooError(
+                f"{name} reuses files of {other}, which is not installed; "
+                f"run: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR) first"
+            )
+        try:
+            import_local(other, src)
+        except ZooError as exc:
+            raise ZooError(
+                f"{name} reuses files of {other}, which is not installed and could not be imported from {src} "
+                f"({exc}); install {other} first: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR)"
+            ) from exc
     d = model_dir(name)
     _prepare_dir(d)
     for f in entry.files:
         dest = d / f.name
-        if dest.exists() and sources[f.name].resolve() == dest.resolve():
+        if f.name in sources and dest.exists() and sources[f.name].resolve() == dest.resolve():
             continue  # importing the cache into itself: _needs_install would delete a corrupt source
         if not _needs_install(entry, f, dest, force):
             continue
-        with _atomic_target(dest) as (fh, tmp):
-            h = hashlib.sha256()
-            with open(sources[f.name], "rb") as s:
-                for chunk in iter(lambda: s.read(_CHUNK), b""):
-                    fh.write(chunk)
-                    h.update(chunk)
-            digest = h.hexdigest()
-            if digest != f.sha256:
-                raise ChecksumError(
-                    f"{entry.name}/{f.name}", f.sha256, digest, detail=f"source {sources[f.name]}",
-                    hint="Copy the file again from a trusted source.",
-                )
-            _commit(fh, tmp, dest)
+        if f.kind == "url":
+            _copy_verified(
+                entry, f, sources[f.name], dest, detail=f"source {sources[f.name]}",
+                hint="Copy the file again from a trusted source.",
+            )  # fmt: skip
+        else:
+            _install_local(entry, f, dest)
     problems = verify(name)
     if problems:  # e.g. the cache dir was modified concurrently
         raise ZooError(f"{name} failed verification after import: {'; '.join(problems)}")
@@ -523,12 +811,12 @@ def import_local(name: str, src: Path, *, force: bool = False) -> Path:
 
 
 def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Path:
-    """The directory of model ``name``, fetching it first if it is not installed.
+    """The directory of model ``name``, installing it first (:func:`fetch`) if it is not installed.
 
     Only sizes are checked here (first use must be cheap); run :func:`verify`
-    or ``ultrastyle models verify`` for a full check.
+    or ``ultrastyle models verify`` for a full check. Packaged files need no
+    network; derived files install their source model first.
     """
     if is_installed(name):
         return model_dir(name)
     return fetch(name, mirror=mirror, progress=progress)
-

@@ -22,7 +22,7 @@ import torch
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
-from ultrastyle.models.pretrained import DEFAULT_MODEL, cd_file_names, cd_files_present, load_model
+from ultrastyle.models.pretrained import DEFAULT_MODEL, check_stages, load_model, model_files
 from ultrastyle.models.spec import STAGES
 from ultrastyle.runtime.backends.base import Runner, RunnerError
 
@@ -30,16 +30,19 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def weights_digest(source: str | Path, stages: tuple[int, ...] = STAGES) -> tuple[str, dict[str, str]]:
+def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
     """(model name, {file: sha256}) of a weights folder or an installed zoo model.
 
     The files themselves are hashed (about 10 MB for CD 16x), so a bundle is
     keyed by what will actually be exported, not by what the registry promises.
+    ``stages`` None: every stage the model has; one it lacks raises
+    ``CheckpointError`` (`check_stages`).
     """
     path = Path(source)
     name = path.name if path.is_dir() else zoo.get_entry(str(source)).name
     folder = path if path.is_dir() else zoo.model_dir(name)
-    return name, {f: zoo.sha256_file(folder / f) for f in cd_file_names(stages)}
+    stages = check_stages(source, stages)
+    return name, {f: zoo.sha256_file(folder / f) for f in model_files(source, stages)}
 
 
 def bundle_dir_for(name: str, files: dict[str, str]) -> Path:
@@ -50,15 +53,18 @@ def bundle_dir_for(name: str, files: dict[str, str]) -> Path:
 def ensure_bundle(
     source: str | Path = DEFAULT_MODEL,
     *,
-    stages: tuple[int, ...] = STAGES,
+    stages: tuple[int, ...] | None = None,
     progress: bool = True,
     on_export: Callable[[str], None] | None = None,
 ) -> Bundle:
-    """The cached bundle of a zoo model or weights folder, exported on first use."""
+    """The cached bundle of a zoo model or weights folder, exported on first use.
+
+    ``stages`` None: every stage the model has. A stage the model lacks raises
+    ``CheckpointError`` naming the stages it has, before anything is downloaded.
+    """
     if is_bundle(source):
         return read_bundle(source)
-    if Path(source).is_dir() and not cd_files_present(Path(source), stages):
-        load_model(source, stages=stages)  # raises the error that lists the missing files
+    stages = check_stages(source, stages)
     if not Path(source).is_dir():
         zoo.ensure(str(source), progress=progress)
     name, files = weights_digest(source, stages)
@@ -74,7 +80,7 @@ def ensure_bundle(
     if on_export:
         on_export(f"exporting {name} to ONNX (first use) into {target}")
     model = load_model(source, stages=stages, progress=progress)
-    return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(stages))), source_weights=files)
+    return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
 
 
 def _cached_bundle_path(source: str | Path, stages: tuple[int, ...]) -> Path | None:
@@ -142,7 +148,7 @@ def open_runner(
     *,
     backend: str = "auto",
     device: str = "cpu",
-    stages: tuple[int, ...] = STAGES,
+    stages: tuple[int, ...] | None = None,
     threads: int = 0,
     progress: bool = True,
     on_export: Callable[[str], None] | None = None,
@@ -150,11 +156,14 @@ def open_runner(
 ) -> Runner:
     """An (inactive) runner for ``source`` on ``backend``; use it as a context manager.
 
+    ``stages`` None: every stage the model (or bundle) has.
     ``precision``: fp32 everywhere; int8 on TensorRT and ONNX Runtime (the
     bundle's Q/DQ graphs from ``ultrastyle calibrate``); fp16 on TensorRT.
     """
     if precision not in PRECISIONS:
         raise RunnerError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if stages is None:
+        stages = read_bundle(source, verify=False).stages if is_bundle(source) else check_stages(source, None)
     concrete = resolve_backend(backend, device, source, stages, precision)
     allowed = {"tensorrt": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32",)}[concrete]
     if precision not in allowed:
@@ -183,8 +192,14 @@ def open_runner(
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
     missing = set(stages) - set(bundle.stages)
     if missing:
-        raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
+        raise _lacks_stages(bundle, stages)
     return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision)
+
+
+def _lacks_stages(bundle: Bundle, stages: tuple[int, ...]) -> RunnerError:
+    missing = sorted(set(stages) - set(bundle.stages))
+    have = ",".join(map(str, sorted(bundle.stages, reverse=True)))
+    return RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; use --levels {have}")
 
 
 def _open_tensorrt(
@@ -201,7 +216,7 @@ def _open_tensorrt(
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
     missing = set(stages) - set(bundle.stages)
     if missing:
-        raise RunnerError(f"bundle {bundle.path} lacks stage(s) {sorted(missing)}; it has {list(bundle.stages)}")
+        raise _lacks_stages(bundle, stages)
     try:
         build_engines(
             bundle, precision=precision, ranges=default_ranges(bundle.arch, stages, precision), stages=stages,
