@@ -119,10 +119,11 @@ def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
         if name == "mse" and args.no_baselines:
             continue
         out = str(args.work / name)
-        runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=args.steps, lr=args.lr, teacher=teacher,
+        steps = args.stage_steps.get(k, args.steps)
+        runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=steps, lr=args.lr, teacher=teacher,
                                                       student_arch=STUDENT.name, init="prune", beta=args.beta,
                                                       collaborate=collaborate)))  # fmt: skip
-        runs.append((f"{name}/{k}SD", DecoderConfig(**common, out=out, steps=args.sd_steps, lr=args.sd_lr, encoder=out,
+        runs.append((f"{name}/{k}SD", DecoderConfig(**common, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
                                                       loss_encoder=teacher, init=teacher)))  # fmt: skip
     return runs
 
@@ -274,6 +275,7 @@ def main() -> None:
     ap.add_argument("--stages", default="1,2,3,4,5")
     ap.add_argument("--steps", type=int, default=3000, help="steps per student encoder run")
     ap.add_argument("--sd-steps", type=int, default=None, help="steps per decoder run (default: --steps)")
+    ap.add_argument("--stage-steps", default="", help="per-stage steps of every run of that stage, overriding --steps/--sd-steps, e.g. 4=1000,5=1000")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--crop", type=int, default=128)
@@ -298,6 +300,10 @@ def main() -> None:
     args = ap.parse_args()
     args.stages = [int(s) for s in args.stages.split(",")]
     args.sd_steps = args.sd_steps or args.steps
+    try:
+        args.stage_steps = {int(k): int(v) for k, v in (item.split("=") for item in args.stage_steps.split(",") if item)}
+    except ValueError:
+        ap.error(f"--stage-steps: expected STAGE=STEPS[,STAGE=STEPS...], got {args.stage_steps!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
