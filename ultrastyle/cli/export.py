@@ -19,10 +19,10 @@ from ultrastyle.runtime.cascade import parse_levels
 
 
 def export_command(
-    model: Annotated[str, typer.Argument(help="Zoo model name or a folder of CD weights {k}SE.pth/{k}SD.pth.")],
+    model: Annotated[str, typer.Argument(help="Zoo model name, a folder of CD weights {k}SE.pth/{k}SD.pth, or a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if it exists).")],
     opset: Annotated[int, typer.Option(min=SUPPORTED_OPSETS.start, max=SUPPORTED_OPSETS.stop - 1, help="ONNX opset.")] = DEFAULT_OPSET,
-    stages: Annotated[str, typer.Option(help="Stages to export.")] = "1,2,3,4,5",
+    stages: Annotated[str | None, typer.Option(help="Stages to export [default: every stage the model has]", show_default=False)] = None,
     aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
 ) -> None:
     """Export encoder, decoder and decoder+affine graphs per stage, validated against PyTorch.
@@ -33,11 +33,12 @@ def export_command(
     """
     err = Console(stderr=True, highlight=False)
     try:
-        stage_tuple = tuple(sorted(set(parse_levels(stages))))
+        stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
     try:
         net = load_model(model, stages=stage_tuple, aux=aux)
+        stage_tuple = net.stages
         _, files = weights_digest(model, stage_tuple)
         with err.status("exporting") as status:
             bundle = export_bundle(

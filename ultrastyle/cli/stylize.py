@@ -23,7 +23,8 @@ from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.masks import read_labels
 from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StyleSpec, StylizeOptions, plan_pairs, run_batch
-from ultrastyle.runtime.cascade import DEFAULT_ALPHA, parse_levels
+from ultrastyle.models.defaults import model_defaults
+from ultrastyle.runtime.cascade import parse_levels
 from ultrastyle.runtime.memory import parse_bytes
 from ultrastyle.runtime.tiled import TilingOptions, plan_stage
 
@@ -111,10 +112,10 @@ def stylize_command(
     content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = Path("out"),
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (downloaded on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
-    method: Annotated[Method, typer.Option(help="Feature transform.")] = Method.wct,
-    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features.")] = DEFAULT_ALPHA,
-    levels: Annotated[str, typer.Option(help="Stages to run, in order (coarse to fine).")] = "5,4,3,2,1",
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (installed on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth), or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
+    method: Annotated[Method | None, typer.Option(help="Feature transform [default: the model's, wct for the CD models]", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features [default: the model's, 0.6 for the CD models]", show_default=False)] = None,
+    levels: Annotated[str | None, typer.Option(help="Stages to run, in order (coarse to fine) [default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
@@ -141,10 +142,17 @@ def stylize_command(
     Exit status is 1 if any pair failed; the other pairs still run and no
     partial output file is left behind.
     """
+    try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
+        defaults = model_defaults(model)
+    except (zoo.ZooError, OSError, ValueError) as exc:
+        _err(" ".join(str(exc).split()))
+        raise typer.Exit(2) from None
     try:
-        level_tuple = parse_levels(levels)
+        level_tuple = parse_levels(levels) if levels is not None else defaults.levels
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--levels") from None
+    method_name = method.value if method is not None else defaults.method
+    alpha = alpha if alpha is not None else defaults.alpha
     if device is Device.cuda and backend is not Backend.tensorrt:  # TensorRT needs no CUDA build of PyTorch
         import torch
 
@@ -183,7 +191,7 @@ def stylize_command(
         raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
     tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)
     options = StylizeOptions(
-        method=method.value, alpha=alpha, levels=level_tuple, content_size=content_size,
+        method=method_name, alpha=alpha, levels=level_tuple, content_size=content_size,
         style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
         depth=depth, tiling=tiling, preserve_color=preserve_color.value,
     )  # fmt: skip
