@@ -10,6 +10,22 @@ from ultrastyle.models.spec import ArchSpec, Layer
 from ultrastyle.runtime.receptive import needed_windows
 
 
+# CUDA's reflection-pad kernel indexes in 32 bits: it refuses outputs of 2**31 elements or more
+# ("input tensor must fit into 32-bit index math"), e.g. stage 1's 24-channel features of a 90 MP image.
+CUDA_PAD_MAX_ELEMENTS = 2**31 - 1
+
+
+def reflect_pad(x: torch.Tensor, p: int, max_elements: int = CUDA_PAD_MAX_ELEMENTS) -> torch.Tensor:
+    """``F.pad(x, (p, p, p, p), mode="reflect")``; on CUDA past ``max_elements`` by concatenating mirrored edges."""
+    n, c, h, w = x.shape
+    if x.device.type != "cuda" or n * c * (h + 2 * p) * (w + 2 * p) <= max_elements:
+        return F.pad(x, (p, p, p, p), mode="reflect")
+    if p >= min(h, w):
+        raise ValueError(f"reflection padding of {p} needs more than {p} rows and columns, got {h}x{w}")
+    x = torch.cat([x[:, :, 1 : p + 1].flip(2), x, x[:, :, h - 1 - p : h - 1].flip(2)], 2)
+    return torch.cat([x[..., 1 : p + 1].flip(3), x, x[..., w - 1 - p : w - 1].flip(3)], 3)
+
+
 class _StageNet(nn.Module):
     """Runs a list of `Layer`s; convs are registered under their published names."""
 
@@ -49,8 +65,7 @@ class _StageNet(nn.Module):
         if layer.kind == "up":
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         if layer.kernel > 1:
-            p = layer.kernel // 2
-            x = F.pad(x, (p, p, p, p), mode="reflect")
+            x = reflect_pad(x, layer.kernel // 2)
         x = getattr(self, layer.name)(x)
         return F.relu_(x) if layer.relu else x  # in place: the conv output is fresh
 

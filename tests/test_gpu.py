@@ -1,0 +1,323 @@
+"""On a CUDA device: the device-memory bindings the TensorRT runner uses, and the PyTorch runner on the GPU.
+
+Every test here is marked ``gpu`` and skips, saying what is missing, without
+a CUDA device (or without cuda-python / pycuda for the device-memory tests).
+Run them with ``python -m pytest -q -m gpu``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ultrastyle.io.images import load_image, resize_long_side
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.runtime.backends.torch_backend import TorchRunner
+from ultrastyle.runtime.canvas import canvas_from_array
+from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
+from ultrastyle.runtime.tiled import TilingOptions, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.transforms import FeatureStats
+from ultrastyle.trt.device_memory import ALIGNMENT, DeviceMemory, GrowingBuffer, GrowingPinned, open_device_memory
+from ultrastyle.trt.env import TensorRTUnavailable
+
+pytestmark = pytest.mark.gpu
+
+MiB = 2**20
+
+
+# -- device memory (cuda-python, pycuda) ---------------------------------------------------
+
+
+@pytest.fixture(params=["cuda-python", "pycuda"])
+def mem(request) -> DeviceMemory:
+    try:
+        m = open_device_memory(request.param)
+    except TensorRTUnavailable as exc:
+        pytest.skip(str(exc))
+    except Exception as exc:  # the binding is there but finds no usable device / driver
+        pytest.skip(f"no CUDA device for {request.param}: {exc}")
+    yield m
+    m.close()
+
+
+def _pattern(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def test_alloc_is_aligned_and_free_gives_it_back(mem):
+    n = 256 * MiB
+    free0, total = mem.mem_info()
+    assert 0 < free0 <= total
+    buf = mem.alloc(n)
+    try:
+        assert buf.ptr % ALIGNMENT == 0 and buf.nbytes == n
+        free1, _ = mem.mem_info()
+        assert free0 - free1 >= n - 2 * MiB  # the driver's granularity aside, the bytes are taken
+    finally:
+        mem.free(buf)
+    free2, _ = mem.mem_info()
+    assert free2 >= free1 + n - 2 * MiB
+    tiny = mem.alloc(0)  # zero bytes still gives a valid (aligned) allocation
+    assert tiny.ptr % ALIGNMENT == 0
+    mem.free(tiny)
+
+
+def test_host_device_host_round_trip_is_exact(mem):
+    n = 8 * MiB + 13  # odd size: no multiple-of-anything assumption
+    src, dst = mem.alloc_pinned(n), mem.alloc_pinned(n)
+    dev = mem.alloc(n)
+    stream = mem.create_stream()
+    try:
+        src.array[:] = _pattern(n)
+        dst.array[:] = 0
+        mem.copy_htod(dev.ptr, src, n, stream)
+        mem.copy_dtoh(dst, dev.ptr, n, stream)
+        mem.synchronize(stream)
+        assert np.array_equal(src.array[:n], dst.array[:n])
+        # float32 views of the pinned buffers (how the runner stages tiles)
+        x = src.view(np.float32, (2, 3, 5))
+        x[:] = np.arange(30, dtype=np.float32).reshape(2, 3, 5)
+        mem.copy_htod(dev.ptr, src, x.nbytes, stream)
+        mem.copy_dtoh(dst, dev.ptr, x.nbytes, stream)
+        mem.synchronize(stream)
+        assert np.array_equal(dst.view(np.float32, (2, 3, 5)), x)
+    finally:
+        mem.destroy_stream(stream)
+        mem.free(dev)
+        mem.free_pinned(src)
+        mem.free_pinned(dst)
+
+
+def test_growing_buffer_grows_keeps_its_address_when_large_enough_and_releases(mem):
+    grow = GrowingBuffer(mem)
+    pinned = GrowingPinned(mem)
+    stream = mem.create_stream()
+    try:
+        assert grow.ensure(1 * MiB) and grow.nbytes >= 1 * MiB
+        ptr = grow.ptr
+        assert not grow.ensure(512 * 1024) and grow.ptr == ptr  # smaller: kept
+        assert grow.ensure(64 * MiB) and grow.nbytes >= 64 * MiB  # larger: moved
+        n = 64 * MiB
+        host = pinned.ensure(n)
+        assert host.nbytes >= n and pinned.ensure(n // 2) is host
+        host.array[:n] = _pattern(n, seed=1)
+        back = mem.alloc_pinned(n)
+        try:
+            mem.copy_htod(grow.ptr, host, n, stream)  # the whole grown buffer is usable
+            mem.copy_dtoh(back, grow.ptr, n, stream)
+            mem.synchronize(stream)
+            assert np.array_equal(back.array[:n], host.array[:n])
+        finally:
+            mem.free_pinned(back)
+        free_before, _ = mem.mem_info()
+        grow.release()
+        free_after, _ = mem.mem_info()
+        assert grow.nbytes == 0 and free_after >= free_before + 64 * MiB - 2 * MiB
+    finally:
+        grow.release()
+        pinned.release()
+        mem.destroy_stream(stream)
+
+
+def test_device_memory_shares_pytorchs_context(mem):
+    # TensorRT's runtime-API calls, the binding's pointers and PyTorch's tensors must all live in
+    # the device's primary context: copy into and out of a PyTorch CUDA tensor by its address.
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch here has no CUDA")
+    t = torch.arange(1024, dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    host = mem.alloc_pinned(t.numel() * 4)
+    stream = mem.create_stream()
+    try:
+        mem.copy_dtoh(host, t.data_ptr(), t.numel() * 4, stream)
+        mem.synchronize(stream)
+        assert np.array_equal(host.view(np.float32, (1024,)), np.arange(1024, dtype=np.float32))
+        host.view(np.float32, (1024,))[:] = -1.5
+        mem.copy_htod(t.data_ptr(), host, t.numel() * 4, stream)
+        mem.synchronize(stream)
+        assert bool((t == -1.5).all())
+    finally:
+        mem.destroy_stream(stream)
+        mem.free_pinned(host)
+
+
+def test_impossible_allocation_fails_with_the_cuda_error(mem):
+    with pytest.raises(Exception, match=r"(?i)memory|cudaMalloc"):
+        mem.alloc(1 << 50)  # 1 PiB
+    buf = mem.alloc(MiB)  # and the binding still works afterwards (the error is not sticky)
+    mem.free(buf)
+
+
+# -- the PyTorch runner on CUDA -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (torch.cuda.is_available() is False)")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def cpu_model(cd16x_dir):
+    return load_cd_folder(cd16x_dir)
+
+
+@pytest.fixture(scope="module")
+def gpu_model(cd16x_dir, cuda):
+    return load_cd_folder(cd16x_dir).to(cuda)
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir):
+    return resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 320)
+
+
+@pytest.fixture(scope="module")
+def style(shared_dir):
+    return resize_long_side(load_image(shared_dir / "images/style/cd_style_in2.jpg"), 128)
+
+
+def _tf32_state() -> tuple:
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        return (cudnn_conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+
+def test_cuda_runner_runs_ieee_float32_while_active_and_restores_the_settings(gpu_model):
+    before = _tf32_state()
+    with TorchRunner(gpu_model):
+        assert torch.backends.cudnn.allow_tf32 is False  # still legal to read: legacy and per-operator flags agree
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert _tf32_state() == before
+    with TorchRunner(gpu_model, tf32=True):  # opted in: PyTorch's settings are left alone
+        assert _tf32_state() == before
+
+
+def test_cuda_runner_turns_tf32_off_after_the_caller_mixed_the_tf32_apis(gpu_model):
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        pytest.skip(f"PyTorch {torch.__version__} has no per-operator fp32_precision settings")
+    saved = _tf32_state()
+    try:
+        conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"  # now the legacy flag cannot be read
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.backends.cudnn.allow_tf32
+        with TorchRunner(gpu_model):
+            assert conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert conv.fp32_precision == "tf32" and torch.backends.cudnn.rnn.fp32_precision == "ieee"
+    finally:
+        conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+    assert _tf32_state() == saved
+
+
+def test_reflect_pad_by_concatenation_equals_f_pad(cuda):
+    # The path CUDA takes for tensors past 2**31 elements, forced here on a small one.
+    from ultrastyle.models.networks import reflect_pad
+
+    x = torch.randn(1, 5, 7, 9, device=cuda)
+    for p in (1, 2):
+        assert torch.equal(reflect_pad(x, p, max_elements=0), torch.nn.functional.pad(x, (p,) * 4, mode="reflect"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
+def test_stage_networks_on_cuda_match_the_cpu(cpu_model, gpu_model, stage):
+    g = cpu_model.arch.grid(stage)
+    gen = torch.Generator().manual_seed(stage)
+    x = torch.rand(1, 3, 24 * g if stage < 4 else 12 * g, 20 * g if stage < 4 else 10 * g, generator=gen)
+    c = cpu_model.arch.feature_channels(stage)
+    a = torch.eye(c, dtype=torch.float64) * 0.7 + torch.randn(c, c, generator=gen, dtype=torch.float64) * 0.02
+    b = torch.randn(c, generator=gen, dtype=torch.float64) * 0.1
+    ref_f = cpu_model.encode(stage, x)
+    ref_y = cpu_model.decode(stage, ref_f, a, b)
+    with TorchRunner(gpu_model) as r:
+        f = r.encode(stage, x.cuda())
+        y = r.decode(stage, ref_f.cuda(), a, b)
+    assert f.device.type == "cuda" and f.dtype == torch.float32
+    df = (f.cpu() - ref_f).abs().max().item()
+    dy = (y.cpu() - ref_y).abs().max().item()
+    print(f"stage {stage}: features max {df:.2e} (scale {ref_f.abs().max():.1f}), image max {dy:.2e}")
+    assert df <= 1e-4 * max(1.0, ref_f.abs().max().item())
+    assert dy <= 1e-4
+
+
+def test_feature_statistics_on_cuda_equal_the_cpus(cuda):
+    f = torch.rand(1, 64, 96, 80, generator=torch.Generator().manual_seed(3)) * 4
+    on_cpu, on_gpu = FeatureStats.of(f), FeatureStats.of(f.to(cuda))
+    assert on_gpu.count == on_cpu.count and on_gpu.sum.device.type == "cpu"
+    torch.testing.assert_close(on_gpu.sum, on_cpu.sum, rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(on_gpu.outer, on_cpu.outer, rtol=1e-9, atol=1e-6)
+
+
+def _tiled(net, content, style_img, opts, levels=DEFAULT_LEVELS):
+    stats = style_statistics_tiled(net, canvas_from_array(style_img.numpy(), layout="chw"), levels, opts)
+    with canvas_from_array(content.numpy(), layout="chw") as cv:
+        out = stylize_tiled(net, cv, stats, opts, method="wct", alpha=0.6, levels=levels)
+        try:
+            return torch.from_numpy(out.numpy().copy())
+        finally:
+            out.close()
+
+
+def test_tiled_equals_whole_image_on_cuda_and_both_match_the_cpu(cpu_model, gpu_model, photo, style):
+    # The exact-tiling contract (1e-4 in [0, 1], float32) on the GPU, and the GPU against the CPU reference.
+    content = photo[:, 3:, 5:]  # off the pooling grid
+    cpu_ref = stylize(cpu_model, content, style_statistics(cpu_model, style, DEFAULT_LEVELS)).clamp(0, 1)
+    with TorchRunner(gpu_model) as r:
+        whole = stylize(r, content, style_statistics(r, style, DEFAULT_LEVELS)).cpu().clamp(0, 1)
+        tiled = _tiled(r, content, style, TilingOptions(tile=64)).clamp(0, 1)
+        budget = _tiled(r, content, style, TilingOptions(max_memory=24 * MiB)).clamp(0, 1)
+    d_tile = (tiled - whole).abs().max().item()
+    d_budget = (budget - whole).abs().max().item()
+    d_cpu = (whole - cpu_ref).abs().max().item()
+    print(f"cuda tiled vs whole {d_tile:.2e}, budget-tiled vs whole {d_budget:.2e}, cuda whole vs cpu whole {d_cpu:.2e}")
+    assert d_tile <= 1e-4 and d_budget <= 1e-4
+    assert d_cpu <= 2e-4  # measured 6.9e-5 on an H100 in IEEE float32 (with TF32: 3e-2)
+
+
+def test_tiled_run_keeps_gpu_memory_within_the_budget(gpu_model, photo, style, cuda):
+    budget = 64 * MiB
+    opts = TilingOptions(max_memory=budget)
+    with TorchRunner(gpu_model) as r:
+        stats = style_statistics_tiled(r, canvas_from_array(style.numpy(), layout="chw"), DEFAULT_LEVELS, opts)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        with canvas_from_array(photo.numpy(), layout="chw") as cv:
+            stylize_tiled(r, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS).close()
+        peak = torch.cuda.max_memory_allocated(cuda) - base
+        assert r.memory_bytes() > 0  # the model's weights
+    print(f"peak tile memory on the GPU {peak / MiB:.1f} MiB for a {budget / MiB:.0f} MiB budget")
+    assert 0 < peak <= budget
+
+
+def test_cli_stylize_on_cuda_matches_the_cpu(shared_dir, cd16x_dir, tmp_path, cuda):
+    import tifffile
+
+    from ultrastyle.cli.main import app
+
+    content = shared_dir / "images/content/cd_content_in1.jpg"
+    style_img = shared_dir / "images/style/cd_style_in4.jpg"
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        for tile in (True, False):
+            out = tmp_path / f"{dev}-{tile}"
+            args = ["stylize", str(content), "--style", str(style_img), "-m", str(cd16x_dir), "--backend", "torch",
+                    "--device", dev, "--content-size", "256", "--style-size", "256", "-o", str(out), "-f", "tiff", "--depth", "16"]  # fmt: skip
+            if tile:
+                args += ["--tile", "64"]
+            else:
+                args.append("--no-tile")
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 0, r.output
+            (path,) = out.iterdir()
+            outs[dev, tile] = torch.from_numpy(tifffile.imread(path).astype(np.float32) / 65535)
+    ref = outs["cpu", False]
+    for key, img in outs.items():
+        d = (img - ref).abs().max().item()
+        print(f"{key}: max abs diff from cpu whole-image {d:.2e}")
+        assert d <= 1e-4 + 1 / 65535, key  # 1e-4 before quantisation, plus one 16-bit rounding step
