@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.models import registry as zoo_registry
 from ultrastyle.models import zoo
 
 NAME = "cd-wct-16x"
@@ -436,14 +437,14 @@ def entry_json(files: list[dict], **extra: object) -> dict:
 
 @dataclass
 class TempRegistry:
-    """A zoo.json and a package weights folder of the test's own (the zoo module points at them)."""
+    """A zoo.json and a package weights folder of the test's own (the registry and zoo modules point at them)."""
 
     path: Path
     weights: Path
 
     def write(self, models: dict[str, dict]) -> None:
         self.path.write_text(json.dumps({"schema": 1, "models": models}))
-        zoo._load_registry.cache_clear()
+        zoo_registry._load_registry.cache_clear()
 
     def package(self, rel: str, data: bytes) -> dict:
         """Ship ``data`` as weights/REL; the file's registry JSON."""
@@ -457,11 +458,11 @@ class TempRegistry:
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TempRegistry]:
     reg = TempRegistry(tmp_path / "registry" / "zoo.json", tmp_path / "registry" / "weights")
     reg.weights.mkdir(parents=True)
-    monkeypatch.setattr(zoo, "_REGISTRY", reg.path)
-    monkeypatch.setattr(zoo, "_WEIGHTS", reg.weights)
-    zoo._load_registry.cache_clear()
+    monkeypatch.setattr(zoo_registry, "_REGISTRY", reg.path)  # read by the registry
+    monkeypatch.setattr(zoo, "_WEIGHTS", reg.weights)  # read by the installer
+    zoo_registry._load_registry.cache_clear()
     yield reg
-    zoo._load_registry.cache_clear()  # monkeypatch restores the real paths after this
+    zoo_registry._load_registry.cache_clear()  # monkeypatch restores the real paths after this
 
 
 @pytest.fixture
