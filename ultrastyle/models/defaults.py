@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ultrastyle.models.spec import STAGES
-from ultrastyle.models.zoo import ZooError
+from ultrastyle.models.registry import ZooError
 
 __all__ = [
     "METHODS",
