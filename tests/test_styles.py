@@ -235,3 +235,13 @@ def test_match_colors_gives_the_style_the_contents_rgb_mean_and_covariance():
     got = rgb_statistics(match_colors(style, target))
     assert torch.allclose(got.mean, target.mean, atol=2e-3)
     assert torch.allclose(got.covariance(), target.covariance(), atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["wct", "adain"])
+def test_mask_and_mix_tiled_equal_whole_on_each_device(cd16x_dir, images, device, method):
+    model = load_cd_folder(cd16x_dir, stages=LEVELS).to(device)
+    content = images["content"]
+    stats = [style_statistics(model, images[k], LEVELS) for k in ("s1", "s2")]
+    for style in (Target(tuple(stats), (0.4, 0.6)), Regions(_two_regions(*content.shape[-2:]), (Target((stats[0],)), Target((stats[1],))))):
+        ref = stylize(model, content, style, method=method, alpha=0.8, levels=LEVELS).cpu()
+        assert _max_diff(_tiled(model, content, style, method), ref) <= ATOL[torch.float32]
