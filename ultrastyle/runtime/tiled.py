@@ -32,6 +32,7 @@ import torch
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas, sample_peak
+from ultrastyle.runtime.cascade import stylize_stage
 from ultrastyle.runtime.memory import core_for_budget, release_free_memory
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
@@ -274,6 +275,11 @@ def stylize_stage_tiled(
     if regions is not None:
         options = replace(options, cache_features=True)
     plan = plan_stage(model.arch, stage, h, w, options, _memory_factor(model, stage))
+    if len(plan.encode_tiles()) == 1 and len(plan.decode_tiles()) == 1:
+        try:
+            return _whole_stage(model, stage, src, target, method, alpha, out, disk_dir)
+        finally:
+            _release(model, options.runner_cache_bytes)
     feats = None
     if plan.cache:
         feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
@@ -300,6 +306,27 @@ def stylize_stage_tiled(
         if feats is not None:
             feats.close()
         _release(model, keep)
+    return dst
+
+
+def _whole_stage(
+    model: StageNetworks, stage: int, src: Canvas, target: Target | Regions, method: str, alpha: float,
+    out: Canvas | None, disk_dir: str | None,
+) -> Canvas:
+    """A stage whose plan is one tile in both passes: the whole-image stage itself.
+
+    Same result as two passes over one tile, without encoding twice or
+    round-tripping features through a canvas (what made small images slower
+    tiled than whole).
+    """
+    c, h, w = src.shape
+    if out is not None and out.shape != src.shape:
+        raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
+    x = torch.from_numpy(src.numpy())[None].to(model.device)
+    y = stylize_stage(model, x, stage, target, method=method, alpha=alpha)
+    del x
+    dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
+    dst.write(0, 0, y[0].float().cpu().numpy())
     return dst
 
 
