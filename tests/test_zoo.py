@@ -117,6 +117,8 @@ def test_registry_matches_manifest(shared_dir: Path) -> None:
     seen = set()
     for entry in reg.values():
         for f in entry.files:
+            if f.url is None:  # this project's own (packaged) or another model's file: not in the upstream manifest
+                continue
             key = f"{entry.name}/{f.name}"
             seen.add(key)
             assert key in manifest, key
@@ -127,6 +129,19 @@ def test_registry_matches_manifest(shared_dir: Path) -> None:
             # The shared folder is a faithful copy: catches a registry/file mix-up too.
             assert (shared_dir / "models" / key).stat().st_size == f.bytes, key
     assert seen == set(manifest)
+
+
+def test_packaged_and_derived_registry_files_match_their_sources() -> None:
+    # Every packaged file ships with the package at its pinned size and sha256;
+    # every derived file pins the same bytes as the file it is taken from.
+    for entry in zoo.entries().values():
+        for f in entry.files:
+            if f.package is not None:
+                path = zoo.weights_dir() / f.package
+                assert path.stat().st_size == f.bytes and zoo.sha256_file(path) == f.sha256, path
+            elif f.url is None:
+                src = next(g for g in zoo.get_entry(f.source_model).files if g.name == f.source_file)
+                assert (src.sha256, src.bytes) == (f.sha256, f.bytes), f"{entry.name}/{f.name}"
 
 
 def test_registry_entries_fields() -> None:
@@ -564,9 +579,11 @@ def test_import_installs_derived_files_from_the_source_model(registry: TempRegis
     assert zoo.verify(NAME) == [] and zoo.verify("own") == []
     r = runner.invoke(app, ["models", "list"])
     assert r.exit_code == 0, r.output
-    row = next(line for line in r.stdout.splitlines() if line.lstrip("│ ").startswith("own"))
-    assert f"package+from:{NAME}" in row and " 4 " in row and "yes" in row
-    assert "url" in next(line for line in r.stdout.splitlines() if NAME in line)
+    lines = r.stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("own "))
+    assert "package" in lines[i] and f"from:{NAME}" in lines[i + 1]  # one source per line
+    assert " 4 " in lines[i] and "yes" in lines[i]
+    assert "url" in next(line for line in lines if line.lstrip().startswith(f"{NAME} "))
 
 
 @pytest.mark.parametrize(

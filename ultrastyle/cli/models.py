@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from ultrastyle.models import zoo
@@ -74,14 +76,14 @@ def list_models() -> None:
     Sources: url (downloaded), package (shipped inside ultrastyle), from:MODEL (the same files as MODEL's).
     """
     with _zoo_errors():
-        table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left")
+        # Compact columns so the table fits 80 columns; descriptions follow it, wrapped.
+        table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left", box=box.SIMPLE_HEAD)
         table.add_column("name", no_wrap=True, style="bold")
         table.add_column("files", justify="right", no_wrap=True)
         table.add_column("size", justify="right", no_wrap=True)
         table.add_column("stages", no_wrap=True)
-        table.add_column("source", no_wrap=True)
+        table.add_column("source")
         table.add_column("installed", no_wrap=True)
-        table.add_column("description")
         for name, entry in sorted(zoo.entries().items()):
             installed = zoo.is_installed(name)
             table.add_row(
@@ -89,11 +91,13 @@ def list_models() -> None:
                 str(len(entry.files)),
                 _human(entry.total_bytes),
                 _stages(entry.stages),
-                _sources(entry),
+                _sources(entry).replace("+", "\n"),
                 "[green]yes[/green]" if installed else "no",
-                entry.description,
             )
-        _stdout().print(table)
+        out = _stdout()
+        out.print(table)
+        for name, entry in sorted(zoo.entries().items()):
+            out.print(f"[bold]{name}[/bold]: {escape(entry.description)}")
 
 
 @app.command("fetch")
