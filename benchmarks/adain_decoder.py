@@ -508,6 +508,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sheet-jpeg", type=Path, default=None, help="also write the sheet as a JPEG (quality 85) for the docs")
     p.add_argument("--sheet-rows", type=int, default=4, help="pairs shown on the sheet")
     p.add_argument("--sheet-init", action="store_true", help="add a column for the init (WCT) decoder")
+    p.add_argument("--sheet-contents", nargs="+", default=None, help="file names of the held-out contents to show, one row each (default: --sheet-rows spread over the list)")
     return p.parse_args(argv)
 
 
@@ -563,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     # Sheet rows: different contents (spread over the list), each with the next held-out style.
     n_rows = max(0, args.sheet_rows)
     row_contents = spaced(list(range(len(contents))), n_rows)
+    if args.sheet_contents:  # e.g. only photos whose licence allows showing the sheet anywhere
+        names = [c.name for c in contents]
+        missing = [n for n in args.sheet_contents if n not in names]
+        if missing:
+            raise SystemExit(f"--sheet-contents: not among the held-out contents: {', '.join(missing)}")
+        row_contents = [names.index(n) for n in args.sheet_contents]
+        n_rows = len(row_contents)
     picks = [(row_contents[i % len(row_contents)], i % len(styles)) for i in range(n_rows)]
 
     results, images = evaluate(encoder, decoders, contents, n_val_used, styles, args, set(picks))
