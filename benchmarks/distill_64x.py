@@ -123,7 +123,8 @@ def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
         runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=steps, lr=args.lr, teacher=teacher,
                                                       student_arch=STUDENT.name, init="prune", beta=args.beta,
                                                       collaborate=collaborate)))  # fmt: skip
-        runs.append((f"{name}/{k}SD", DecoderConfig(**common, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
+        sd = common | {"pixel_weight": args.sd_pixel_weight.get(k, args.pixel_weight)}
+        runs.append((f"{name}/{k}SD", DecoderConfig(**sd, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
                                                       loss_encoder=teacher, init=teacher)))  # fmt: skip
     return runs
 
@@ -288,6 +289,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
     ap.add_argument("--pixel-weight", type=float, default=1.0)
     ap.add_argument("--perceptual-weight", type=float, default=1.0)
+    ap.add_argument("--sd-pixel-weight", default="", help="per-stage pixel-loss weight of the decoder runs, e.g. 4=1000,5=1000 (default: --pixel-weight)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads run several times slower under load)")
@@ -302,8 +304,9 @@ def main() -> None:
     args.sd_steps = args.sd_steps or args.steps
     try:
         args.stage_steps = {int(k): int(v) for k, v in (item.split("=") for item in args.stage_steps.split(",") if item)}
+        args.sd_pixel_weight = {int(k): float(v) for k, v in (item.split("=") for item in args.sd_pixel_weight.split(",") if item)}
     except ValueError:
-        ap.error(f"--stage-steps: expected STAGE=STEPS[,STAGE=STEPS...], got {args.stage_steps!r}")
+        ap.error("--stage-steps / --sd-pixel-weight: expected STAGE=VALUE[,STAGE=VALUE...]")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
