@@ -32,6 +32,22 @@ def cd16x_dir(shared_dir: Path) -> Path:
     return shared_dir / "models" / "cd-wct-16x"
 
 
+@pytest.fixture(scope="session")
+def photo(shared_dir: Path) -> torch.Tensor:
+    """A CD content photo, long side 320 px: (3, H, W) in [0, 1]."""
+    from ultrastyle.io.images import load_image, resize_long_side
+
+    return resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 320)
+
+
+@pytest.fixture(scope="session")
+def style(shared_dir: Path) -> torch.Tensor:
+    """A CD style painting, long side 128 px: (3, H, W) in [0, 1]."""
+    from ultrastyle.io.images import load_image, resize_long_side
+
+    return resize_long_side(load_image(shared_dir / "images/style/cd_style_in2.jpg"), 128)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     # Never touch the user's real model cache from a test.

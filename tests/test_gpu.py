@@ -12,7 +12,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.canvas import canvas_from_array
@@ -168,16 +167,6 @@ def cpu_model(cd16x_dir):
 @pytest.fixture(scope="module")
 def gpu_model(cd16x_dir, cuda):
     return load_cd_folder(cd16x_dir).to(cuda)
-
-
-@pytest.fixture(scope="module")
-def photo(shared_dir):
-    return resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 320)
-
-
-@pytest.fixture(scope="module")
-def style(shared_dir):
-    return resize_long_side(load_image(shared_dir / "images/style/cd_style_in2.jpg"), 128)
 
 
 def _tf32_state() -> tuple:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
@@ -99,16 +98,6 @@ def test_receptive_field_equals_brute_force_probe(stage):
 @pytest.fixture(scope="module")
 def cd16x(cd16x_dir):
     return load_cd_folder(cd16x_dir)
-
-
-@pytest.fixture(scope="module")
-def style(shared_dir):
-    return resize_long_side(load_image(shared_dir / "images/style/cd_style_in2.jpg"), 128)
-
-
-@pytest.fixture(scope="module")
-def photo(shared_dir):
-    return resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 320)
 
 
 def _tiled(model, content: torch.Tensor, style_img: torch.Tensor, opts: TilingOptions, *, method="wct", levels=DEFAULT_LEVELS):
