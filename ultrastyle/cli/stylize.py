@@ -21,7 +21,7 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.io.images import ImageError
-from ultrastyle.io.masks import read_labels
+from ultrastyle.io.masks import check_label_count, read_labels
 from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StyleSpec, StylizeOptions, plan_pairs, run_batch
 from ultrastyle.models.defaults import model_defaults
 from ultrastyle.runtime.cascade import parse_levels
@@ -179,14 +179,10 @@ def stylize_command(
         raise typer.Exit(2)
     if mask is not None:
         try:  # the label count is known before any work
-            labels = read_labels(mask, max_pixels=max_pixels)[1]
+            check_label_count(mask, read_labels(mask, max_pixels=max_pixels)[1], len(styles))
         except ImageError as exc:
             _err(str(exc))
             raise typer.Exit(2) from None
-        if len(labels) != len(styles):
-            _err(f"{mask}: the mask has {len(labels)} labels but {len(styles)} style(s) were given: "
-                 f"{', '.join(p.name for p in styles)}; give one --style per label, in ascending order of colour")
-            raise typer.Exit(2)
     if depth not in (8, 16) or (depth == 16 and fmt is Format.jpg):
         raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
     tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)

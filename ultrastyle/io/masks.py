@@ -40,6 +40,16 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     return inverse.reshape(r.shape).astype(np.uint8), colours
 
 
+def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: int) -> None:
+    """`ImageError` naming the mask unless it has exactly one label per style."""
+    if len(colours) != styles:
+        shown = ", ".join(map(str, colours[:8])) + (", ..." if len(colours) > 8 else "")
+        raise ImageError(
+            f"{path}: the mask has {len(colours)} labels but {styles} style(s) were given (colours {shown}); "
+            "give one --style per label, in ascending order of colour"
+        )
+
+
 def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a label map (labels never blend)."""
     if labels.shape == (height, width):

@@ -21,7 +21,7 @@ import numpy as np
 from ultrastyle.io.images import (
     DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, read_image, resize_long_side, save_array, save_image,
 )  # fmt: skip
-from ultrastyle.io.masks import read_labels, resize_labels
+from ultrastyle.io.masks import check_label_count, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_statistics, stylize
@@ -196,12 +196,7 @@ class _StyleCache:
         if path not in self._masks:
             try:
                 labels, colours = read_labels(path, max_pixels=self.options.max_pixels)
-                if len(colours) != styles:
-                    shown = ", ".join(map(str, colours[:8])) + (", ..." if len(colours) > 8 else "")
-                    raise ImageError(
-                        f"{path}: the mask has {len(colours)} labels (colours {shown}) but {styles} style(s) "
-                        "were given; give one --style per label, in ascending order of colour"
-                    )
+                check_label_count(path, colours, styles)
                 self._masks[path] = labels
             except ImageError as exc:
                 self._masks[path] = exc

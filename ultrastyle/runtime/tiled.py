@@ -224,8 +224,10 @@ def decode_tiles(
     device, g = model.device, plan.grid
     _, h, w = dst.shape
     tiles = plan.decode_tiles()
-    if regions is not None and features is None:
-        raise ValueError("mask regions need the stage's features cached between the passes")
+    if regions is not None:
+        if features is None:
+            raise ValueError("mask regions need the stage's features cached between the passes")
+        a, b = identity_map(model.arch.feature_channels(stage))  # the features arrive transformed
     for i, t in enumerate(tiles):
         if features is not None:
             f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
@@ -235,7 +237,6 @@ def decode_tiles(
                 labels = mask.feature_labels(g, slice(t.region_rows.start, t.region_rows.stop),
                                          slice(t.region_cols.start, t.region_cols.stop))  # fmt: skip
                 f = apply_regions(f, labels, maps)
-                a, b = identity_map(f.shape[1])
             rs, cs = t.core_in_region
             y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
             scale = g
@@ -270,6 +271,8 @@ def stylize_stage_tiled(
     faults of a fresh one.
     """
     c, h, w = src.shape
+    if out is not None and out.shape != src.shape:
+        raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
     target = as_style(style)
     regions = target if isinstance(target, Regions) else None
     if regions is not None:
@@ -287,14 +290,12 @@ def stylize_stage_tiled(
         keep = options.runner_cache_bytes
         content = encode_statistics(model, stage, src, plan, feats, on_tile, keep, regions)
         _release(model, keep)
-        if regions is not None:
+        if regions is not None:  # decode_tiles applies the per-region maps itself
             maps = regions.fit(method, stage, content, alpha)
             a, b = identity_map(model.arch.feature_channels(stage))
         else:
             assert isinstance(target, Target) and isinstance(content, FeatureStats)
             a, b = target.fit(method, stage, content, alpha)
-        if out is not None and out.shape != src.shape:
-            raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
         dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
         try:
             decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep, None if regions is None else (regions, maps))
@@ -320,8 +321,6 @@ def _whole_stage(
     tiled than whole).
     """
     c, h, w = src.shape
-    if out is not None and out.shape != src.shape:
-        raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
     x = torch.from_numpy(src.numpy())[None].to(model.device)
     y = stylize_stage(model, x, stage, target, method=method, alpha=alpha)
     del x
