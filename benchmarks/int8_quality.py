@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--speed-size", type=int, default=1600, help="long side of the speed image")
     ap.add_argument("--max-memory", default="1GB")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--activations", choices=["int8", "uint8"], default="int8", help="uint8: asymmetric activations for the CPU (not TensorRT)")
+    ap.add_argument("--no-speed", action="store_true", help="quality only")
     ap.add_argument("--quick", action="store_true", help="2 styles, 4 samples, 1 repeat")
     args = ap.parse_args()
     if args.quick:
@@ -131,13 +133,13 @@ def main() -> None:
         for method, keep, pc in itertools.product(args.methods, args.keep_float, args.per_channel):
             folder = work / f"{method}-{keep}-{pc}"
             shutil.copytree(base.path, folder)
-            settings = CalibrationSettings(method=method, keep_float=keep, per_channel=pc == "yes", samples=args.samples, tile=args.tile)
+            settings = CalibrationSettings(method=method, keep_float=keep, per_channel=pc == "yes", samples=args.samples, tile=args.tile, activations=args.activations)
             t0 = time.perf_counter()
             bundle = calibrate_bundle(folder, args.images, settings)
             calib_s = time.perf_counter() - t0
             with OnnxRuntimeRunner(bundle) as fp32, OnnxRuntimeRunner(bundle, precision="int8") as int8:
                 ps, ss = quality(fp32, int8, pairs, reference)
-                f_s, i_s = speed(fp32, int8, args)
+                f_s, i_s = (float("nan"), float("nan")) if args.no_speed else speed(fp32, int8, args)
             rows.append((method, keep, pc, calib_s, statistics.mean(ps), min(ps), statistics.mean(ss), min(ss), f_s, i_s))
             print(f"done {method} {keep} per-channel={pc}: PSNR {statistics.mean(ps):.1f} dB, {f_s / i_s:.2f}x", flush=True)
             shutil.rmtree(folder)

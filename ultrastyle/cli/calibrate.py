@@ -10,7 +10,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError
-from ultrastyle.calibration.quantize import DEFAULT_KEEP_FLOAT, DEFAULT_METHOD, KEEP_FLOAT, METHODS, CalibrationError, CalibrationSettings, calibrate_bundle
+from ultrastyle.calibration.quantize import (
+    ACTIVATIONS,
+    DEFAULT_ACTIVATIONS,
+    DEFAULT_KEEP_FLOAT,
+    DEFAULT_METHOD,
+    KEEP_FLOAT,
+    METHODS,
+    CalibrationError,
+    CalibrationSettings,
+    calibrate_bundle,
+)
 from ultrastyle.export.bundle import BundleError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
@@ -27,21 +37,27 @@ def calibrate_command(
     samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded).")] = DEFAULT_SAMPLES,
     tile: Annotated[int, typer.Option(min=32, help="Tile side in pixels.")] = DEFAULT_TILE,
     image_size: Annotated[int, typer.Option(min=64, help="Images are resized to this long side before tiles are cut.")] = DEFAULT_IMAGE_SIZE,
-    keep_float: Annotated[str, typer.Option(help=f"Layers kept in float: {' or '.join(KEEP_FLOAT)} (see README).")] = DEFAULT_KEEP_FLOAT,
+    keep_float: Annotated[str, typer.Option(help=f"Layers kept in float: {', '.join(KEEP_FLOAT)} (see README).")] = DEFAULT_KEEP_FLOAT,
+    activations: Annotated[
+        str, typer.Option(help=f"{' or '.join(ACTIVATIONS)}: uint8 for ONNX Runtime on the CPU (more precise, faster); int8 (signed, zero-point 0) for TensorRT.")
+    ] = DEFAULT_ACTIVATIONS,
+    percentile: Annotated[float, typer.Option(help="Range kept by --method percentile (the rest is clipped).")] = CalibrationSettings.percentile,
     stages: Annotated[str, typer.Option(help="Stages to quantize.")] = "1,2,3,4,5",
     seed: Annotated[int, typer.Option(help="Seed of the tile sampler.")] = 0,
 ) -> None:
-    """Quantize the bundle's encoders and fused decoders to int8 Q/DQ graphs (symmetric, zero-point 0).
+    """Quantize the bundle's encoders and fused decoders to int8 Q/DQ graphs.
 
     The graphs are stored in the bundle beside the float32 ones with their
     calibration settings; `stylize --precision int8` runs them with ONNX
-    Runtime, and `build --precision int8` builds TensorRT engines from them.
+    Runtime, and `build --precision int8` builds TensorRT engines from graphs
+    calibrated with --activations int8.
     """
     err = Console(stderr=True, highlight=False)
     try:
         settings = CalibrationSettings(
-            method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float
-        )
+            method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float,
+            activations=activations, percentile=percentile,
+        )  # fmt: skip
         stage_tuple = tuple(sorted(set(parse_levels(stages))))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -61,5 +77,5 @@ def calibrate_command(
     quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8")]
     Console(highlight=False).print(
         f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
-        f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, float: {keep_float})"
+        f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, {activations} activations, float: {keep_float})"
     )

@@ -86,6 +86,12 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
             "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` (issue #7), "
             "or build --precision fp16 / fp32"
         )
+    activations = (bundle.manifest.get("calibration") or {}).get("activations", "int8")
+    if precision == "int8" and activations != "int8":
+        raise GraphError(
+            f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
+            f"TensorRT's INT8 is signed with zero-point 0: re-run ultrastyle calibrate {bundle.path} --images DIR --activations int8"
+        )
     out: list[GraphSource] = []
     for k in stages:
         for kind in ("encoder", "decoder", "decoder_affine"):
