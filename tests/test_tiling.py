@@ -169,7 +169,9 @@ def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
     tiled = style_statistics_tiled(cd16x, canvas_from_array(photo.numpy(), layout="chw"), DEFAULT_LEVELS, TilingOptions(tile=64))
     for k in DEFAULT_LEVELS:
         assert tiled[k].count == whole[k].count
-        torch.testing.assert_close(tiled[k].covariance(), whole[k].covariance(), rtol=1e-5, atol=1e-6)
+        # Float32 band GEMMs, float64 sums: error ~1e-6 of the covariance's scale, whatever the tiling.
+        scale = float(whole[k].covariance().abs().max())
+        torch.testing.assert_close(tiled[k].covariance(), whole[k].covariance(), rtol=1e-5, atol=1e-5 * scale)
         torch.testing.assert_close(tiled[k].mean, whole[k].mean, rtol=1e-5, atol=1e-6)
 
 

@@ -35,13 +35,15 @@ class FeatureStats:
         return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64))
 
     @classmethod
-    def of(cls, features: torch.Tensor, chunk: int = 1 << 16) -> FeatureStats:
+    def of(cls, features: torch.Tensor, chunk: int = 1 << 13) -> FeatureStats:
         """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
 
-        Sums run in float64 (exact enough for 100 MP images), row band by row
-        band of about ``chunk`` pixels converted straight from the (often
-        strided) tile view, so no full-size copy is made; each band is centred
-        on the float32 mean first, which keeps Σffᵀ free of cancellation. The
+        Each row band of about ``chunk`` pixels is centred on the float32 mean
+        (which keeps Σffᵀ free of cancellation) and multiplied in float32, read
+        straight from the (often strided) tile view; the bands' sums accumulate
+        in float64, so the error stays that of one band (~1e-6 relative), at
+        any image size. Float32 GEMMs are 2.5-4x faster than float64 ones here
+        (a fifth of the int8 pipeline's time went to these statistics). The
         GEMMs run where the features are; only C + C² numbers come back.
         """
         f = features.detach()
@@ -49,15 +51,17 @@ class FeatureStats:
         nb, c, h, w = f4.shape
         n = nb * h * w
         # The centre only has to be close to the mean: a float32 sum is enough.
-        s = (f4.sum((0, 2, 3)) / max(n, 1)).to(torch.float64)
+        work = torch.float64 if f4.dtype == torch.float64 else torch.float32  # float64 input keeps float64 GEMMs
+        centre = f4.sum((0, 2, 3), dtype=work) / max(n, 1)
+        s = centre.to(torch.float64)
         residual = torch.zeros(c, dtype=torch.float64, device=f.device)  # Σ(f - s)
         outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)  # Σ(f - s)(f - s)ᵀ
         step = max(1, chunk // max(1, nb * w))  # rows per band
         for r in range(0, h, step):
-            band = f4[:, :, r : r + step].to(torch.float64, copy=True).sub_(s.view(1, c, 1, 1))
+            band = f4[:, :, r : r + step].to(work) - centre.view(1, c, 1, 1)
             part = band.transpose(0, 1).reshape(c, -1)
-            residual += part.sum(1)
-            outer.addmm_(part, part.T)
+            residual += part.sum(1, dtype=torch.float64)
+            outer += (part @ part.T).to(torch.float64)
         total = residual + n * s
         # Σffᵀ = Σ(f-s)(f-s)ᵀ + s Σ(f-s)ᵀ + Σ(f-s) sᵀ + n s sᵀ
         outer += torch.outer(s, residual) + torch.outer(residual, s) + n * torch.outer(s, s)
