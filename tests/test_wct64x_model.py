@@ -15,26 +15,28 @@ from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.padding import pad_to_grid
 
 NAME = "ultrastyle-wct-64x"
-# Reconstruction PSNR floors (dB) on a held-out photo at 256 px: a few dB under
-# the experiment's (c) column (38.2 / 25.3 / 22.6 / 20.4 at 512 px), far above
-# what broken or mis-converted weights give (~10 dB).
-FLOORS = {1: 32.0, 2: 21.0, 3: 18.0, 4: 16.0}
+# Reconstruction PSNR floors (dB) on a held-out photo at 256 px: 2-4 dB under
+# what the shipped weights give there (36.3 / 24.0 / 21.3 / 17.7 / 16.4; the
+# experiment's (c) column at 512 px: 38.2 / 25.3 / 22.6 / 20.4 / 18.2), above
+# what broken or mis-converted weights or the untrained pruned student give
+# (10-12 dB).
+FLOORS = {1: 32.0, 2: 21.0, 3: 18.0, 4: 15.5, 5: 14.0}
 
 
-def test_wct64x_installs_from_the_package_without_network_and_defaults_to_stages_4_to_1():
+def test_wct64x_installs_from_the_package_without_network_and_defaults_to_stages_5_to_1():
     folder = zoo.ensure(NAME, progress=False)
     assert zoo.verify(NAME) == []
-    assert len(list(folder.glob("*.pth"))) == 8
-    assert model_defaults(NAME) == ModelDefaults("wct", (4, 3, 2, 1), 0.6)
+    assert len(list(folder.glob("*.pth"))) == 10
+    assert model_defaults(NAME) == ModelDefaults("wct", (5, 4, 3, 2, 1), 0.6)
     assert zoo.get_entry(NAME).total_bytes < 3 * 2**20  # the limit for committed weights
 
 
 def test_wct64x_reconstructs_a_held_out_photo(shared_dir: Path, one_thread):
     model = load_model(NAME)
-    assert model.arch.name == "cd64x" and model.stages == (1, 2, 3, 4)
+    assert model.arch.name == "cd64x" and model.stages == (1, 2, 3, 4, 5)
     x = resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 256)[None]
-    with pytest.raises(Exception, match="stages 1, ?2, ?3, ?4|stages 1-4|has stages"):
-        load_model(NAME, stages=(5,))
+    with pytest.raises(Exception, match="has stages 1,2,3,4,5; asked for 6"):
+        load_model(NAME, stages=(6,))
     for k, floor in FLOORS.items():
         xp = pad_to_grid(x, model.arch.grid(k))
         with torch.no_grad():
