@@ -212,7 +212,7 @@ def worker(spec: dict) -> dict:
     if spec["path"] in ("tiled", "tiled-ort"):
         budget = parse_bytes(spec["max_memory"])
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
-        tiling = TilingOptions(max_memory=budget, scratch_dir=scratch)
+        tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
         h, w = spec["height"], spec["width"]
         for k in levels:
             p = plan_stage(model.arch, k, h, w, tiling)
@@ -437,6 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-format", choices=("jpg", "png"), default="jpg", help="how inputs are stored (default jpg q95)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the workers (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=0, help="kill a worker after this many seconds (0: never)")
+    ap.add_argument("--uniform-tiles", choices=("auto", "on", "off"), default="auto",
+                    help="one tile shape per pass (auto: the runner's preference: on for ONNX Runtime, off for PyTorch)")
     ap.add_argument("--compare", action="store_true", help="max |tiled - whole| of the output PNGs where both ran")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (inputs, outputs)")
@@ -489,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"path": which, "content": str(path), "style": str(args.style), "models": str(args.models),
                         "outdir": str(work / f"out-{which}"), "style_size": args.style_size, "levels": args.level_list,
                         "max_memory": args.max_memory, "scratch": str(args.scratch) if args.scratch else None,
+                        "uniform_tiles": {"auto": None, "on": True, "off": False}[args.uniform_tiles],
                         "height": h, "width": w, "threads": args.threads, "bundle": str(bundle) if bundle else None}  # fmt: skip
                 _log(f"{_mp_label(mp)} MP {which}: running")
                 res = run_worker(spec, args.timeout or None)

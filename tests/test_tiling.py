@@ -24,11 +24,26 @@ ATOL = {torch.float32: 1e-4}
     "h,w,core,halo,grid",
     [(64, 64, 16, 8, 8), (48, 80, 32, 16, 16), (2, 10, 1, 1, 1), (160, 32, 48, 0, 16), (16, 16, 64, 32, 16), (96, 32, 24, 12, 4)],
 )
-def test_tile_cores_cover_every_pixel_exactly_once(h, w, core, halo, grid):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_tile_cores_cover_every_pixel_exactly_once(h, w, core, halo, grid, uniform):
     hits = np.zeros((h, w), int)
-    for t in plan_tiles(h, w, core, halo, grid):
+    for t in plan_tiles(h, w, core, halo, grid, uniform):
         hits[t.rows.start : t.rows.stop, t.cols.start : t.cols.stop] += 1
     assert (hits == 1).all()
+
+
+@pytest.mark.parametrize("h,w,core,halo,grid", [(96, 160, 32, 24, 16), (100, 44, 30, 7, 1), (64, 256, 64, 64, 16), (48, 48, 16, 40, 8)])
+def test_uniform_regions_have_one_shape_and_keep_the_halo_around_every_core(h, w, core, halo, grid):
+    tiles = plan_tiles(h, w, core, halo, grid, uniform=True)
+    halo = -(-halo // grid) * grid
+    assert len({(t.region_rows.size, t.region_cols.size) for t in tiles}) == 1
+    for t in tiles:
+        for span, region, length in ((t.rows, t.region_rows, h), (t.cols, t.region_cols, w)):
+            assert 0 <= region.start <= span.start and span.stop <= region.stop <= length
+            assert region.start % grid == 0 and region.stop % grid == 0
+            # an inner region edge lies at least the halo away from the core; an edge at the border needs none
+            assert region.start == 0 or span.start - region.start >= halo
+            assert region.stop == length or region.stop - span.stop >= halo
 
 
 def test_tile_regions_sit_on_the_grid_and_border_tiles_start_at_the_border():
@@ -123,8 +138,9 @@ def _assert_equal_to_whole(model, content, style_img, opts, *, method="wct", lev
 def test_tiled_single_stage_equals_whole_image(cd16x, style, stage, size):
     torch.manual_seed(0)
     content = torch.rand(3, *size)
-    for cache in (False, True):
-        _assert_equal_to_whole(cd16x, content, style, TilingOptions(tile=32, cache_features=cache), levels=(stage,))
+    for cache, uniform in ((False, False), (True, False), (False, True), (True, True)):
+        opts = TilingOptions(tile=32, cache_features=cache, uniform_tiles=uniform)
+        _assert_equal_to_whole(cd16x, content, style, opts, levels=(stage,))
 
 
 @pytest.mark.parametrize("method", ["wct", "adain"])

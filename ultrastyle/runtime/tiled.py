@@ -60,6 +60,7 @@ class TilingOptions:
     scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
     ram_canvas_limit: int | None = None  # an image whose canvases need more goes to disk; None: max_memory // 4
     cache_features: bool | None = None  # None: decided per stage by encoder cost
+    uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
         """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
@@ -109,16 +110,17 @@ class StagePlan:
     encode_core: int
     decode_core: int
     cache: bool
+    uniform: bool = False
 
     def encode_tiles(self) -> list[Tile]:
-        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid)
+        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid, self.uniform)
 
     def decode_tiles(self) -> list[Tile]:
         """Pass-2 tiles: in feature pixels when features are cached, else in image pixels."""
         if self.cache:
             g = self.grid
-            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1)
-        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid)
+            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1, self.uniform)
+        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid, self.uniform)
 
 
 def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
@@ -128,11 +130,13 @@ def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
 
 
 def plan_stage(
-    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0
+    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0,
+    uniform: bool = False,
 ) -> StagePlan:
     """Halos from the receptive fields, cores from ``options`` (tile or memory budget).
 
-    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
+    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`);
+    ``uniform``: the runner's preference for one region shape, unless ``options.uniform_tiles`` says otherwise.
     """
     g = spec.grid(stage)
     enc_halo = round_up(encoder_radius(spec, stage), g)
@@ -150,7 +154,7 @@ def plan_stage(
         decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo, factor=memory_factor)
     return StagePlan(
         stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
-        encode_core, decode_core, bool(cache),
+        encode_core, decode_core, bool(cache), uniform if options.uniform_tiles is None else options.uniform_tiles,
     )  # fmt: skip
 
 
@@ -277,7 +281,7 @@ def stylize_stage_tiled(
     regions = target if isinstance(target, Regions) else None
     if regions is not None:
         options = replace(options, cache_features=True)
-    plan = plan_stage(model.arch, stage, h, w, options, _memory_factor(model, stage))
+    plan = _plan(model, stage, h, w, options)
     if len(plan.encode_tiles()) == 1 and len(plan.decode_tiles()) == 1:
         try:
             return _whole_stage(model, stage, src, target, method, alpha, out, disk_dir)
@@ -336,7 +340,7 @@ def style_statistics_tiled(
     _, h, w = style.shape
     stats = {}
     for k in sorted(set(levels)):
-        stats[k] = encode_statistics(model, k, style, plan_stage(model.arch, k, h, w, options, _memory_factor(model, k)))
+        stats[k] = encode_statistics(model, k, style, _plan(model, k, h, w, options))
         _release(model, options.runner_cache_bytes)
     return stats
 
@@ -363,6 +367,11 @@ def _core_statistics(
         return own(stage, x, rows, cols, keep)
     core = model.encode_core(stage, x, rows, cols)
     return FeatureStats.of(core), (core if keep else None)
+
+
+def _plan(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
+    """`plan_stage` with the runner's memory factor and tile-shape preference (a bare StyleModel has neither)."""
+    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage), getattr(model, "uniform_tiles", False))
 
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:

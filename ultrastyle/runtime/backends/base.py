@@ -55,6 +55,9 @@ class Runner(ABC):
     """Base class: state checks and the context-manager protocol; backends fill in the ``*_impl`` parts."""
 
     backend = "abstract"
+    # Whether the tiled pipeline should give every tile of a pass one shape (`runtime.tiling`, uniform):
+    # worth its extra border compute where the backend caches memory or plans per input shape.
+    uniform_tiles = False
 
     def __init__(self, name: str, arch: ArchSpec, stages: tuple[int, ...]) -> None:
         self.name, self.arch, self._stages = name, arch, tuple(stages)

@@ -101,6 +101,7 @@ class OnnxRuntimeRunner(Runner):
     """Runs a bundle's networks with ONNX Runtime."""
 
     backend = "onnxruntime"
+    uniform_tiles = True  # its arena keeps chunks per size: one tile shape per pass reuses them
 
     def __init__(
         self,
