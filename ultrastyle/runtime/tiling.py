@@ -9,9 +9,9 @@ image border and halos only extend inward.
 With ``uniform`` regions a border tile's region is shifted
 inward to the interior tiles' size instead of clipped: its core is then
 further than the halo from the region's inner edge, which keeps the result
-exact, and every tile of a pass has one shape. Runtimes that cache per shape
-(ONNX Runtime's arena, TensorRT profiles, oneDNN primitives) then reuse one
-allocation instead of fragmenting over up to nine shapes per pass.
+exact, and every tile of a pass has one shape. A runtime that caches memory
+per shape (ONNX Runtime's arena) then reuses one allocation instead of
+fragmenting over up to nine shapes per pass.
 """
 
 from __future__ import annotations

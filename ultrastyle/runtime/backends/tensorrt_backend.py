@@ -70,7 +70,6 @@ class TensorRTRunner(Runner):
     """Runs a bundle's TensorRT engines (built by ``ultrastyle build``) on this machine's first GPU."""
 
     backend = "tensorrt"
-    uniform_tiles = True  # one shape per pass: one optimization-profile shape, no re-planning
 
     def __init__(
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
