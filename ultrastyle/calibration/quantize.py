@@ -129,6 +129,11 @@ def float_nodes(model: onnx.ModelProto, kind: str, keep_float: str) -> list[str]
     return keep
 
 
+def calibrated_activations(manifest: dict) -> str:
+    """The activation type of a bundle's int8 graphs (calibration version 1 wrote signed graphs only)."""
+    return (manifest.get("calibration") or {}).get("activations", "int8")
+
+
 def float_networks(keep_float: str, stages: tuple[int, ...]) -> set[str]:
     """Networks calibration leaves entirely in float32 (no int8 graph; every backend runs the fp32 one)."""
     return {f"encoder{max(stages)}"} if keep_float == "deep" and stages else set()
@@ -235,12 +240,11 @@ def calibrate_bundle(
 
 def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], settings: CalibrationSettings) -> None:
     """Refuse to mix signed and unsigned graphs in one bundle (a backend takes one kind or the other)."""
-    before = manifest.get("calibration") or {}
     others = [
         n for n, e in manifest["networks"].items()
         if isinstance(e, dict) and e.get("int8") and not any(n == f"{kind}{k}" for kind in QUANTIZED_KINDS for k in stages)
     ]  # fmt: skip
-    old = before.get("activations", "int8")  # calibration version 1 wrote signed graphs only
+    old = calibrated_activations(manifest)
     if others and old != settings.activations:
         raise CalibrationError(
             f"{bundle.path}: {', '.join(sorted(others))} were calibrated with {old} activations, this run asks for "

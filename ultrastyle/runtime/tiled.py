@@ -130,13 +130,11 @@ def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
 
 
 def plan_stage(
-    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0,
-    uniform: bool = False,
+    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0
 ) -> StagePlan:
     """Halos from the receptive fields, cores from ``options`` (tile or memory budget).
 
-    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`);
-    ``uniform``: the runner's preference for one region shape, unless ``options.uniform_tiles`` says otherwise.
+    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
     """
     g = spec.grid(stage)
     enc_halo = round_up(encoder_radius(spec, stage), g)
@@ -154,7 +152,7 @@ def plan_stage(
         decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo, factor=memory_factor)
     return StagePlan(
         stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
-        encode_core, decode_core, bool(cache), uniform if options.uniform_tiles is None else options.uniform_tiles,
+        encode_core, decode_core, bool(cache), bool(options.uniform_tiles),
     )  # fmt: skip
 
 
@@ -370,8 +368,13 @@ def _core_statistics(
 
 
 def _plan(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
-    """`plan_stage` with the runner's memory factor and tile-shape preference (a bare StyleModel has neither)."""
-    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage), getattr(model, "uniform_tiles", False))
+    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference.
+
+    A bare StyleModel has neither: factor 1, clipped regions.
+    """
+    if options.uniform_tiles is None:
+        options = replace(options, uniform_tiles=getattr(model, "uniform_tiles", False))
+    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
 
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:

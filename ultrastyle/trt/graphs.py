@@ -29,6 +29,7 @@ from pathlib import Path
 
 import onnx
 
+from ultrastyle.calibration.quantize import calibrated_activations
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
 from ultrastyle.models.zoo import sha256_file
@@ -86,7 +87,7 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
             "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` (issue #7), "
             "or build --precision fp16 / fp32"
         )
-    activations = (bundle.manifest.get("calibration") or {}).get("activations", "int8")
+    activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":
         raise GraphError(
             f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
