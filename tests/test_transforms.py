@@ -30,6 +30,17 @@ def test_stats_merge_over_pieces_equals_stats_of_the_whole():
     torch.testing.assert_close(whole.covariance(), _cov(f))
 
 
+def test_float32_stats_keep_the_covariance_of_features_far_from_zero():
+    """ReLU features sit far from zero in some channels: the band sums must not cancel (centre, then multiply)."""
+    f64 = _features(8, 600, 700, 3) + 300.0  # mean ~300, spread ~3
+    f32 = f64.float()[:, :, :, 5:-5]  # a strided view, as a tile's core is
+    got = FeatureStats.of(f32)
+    ref = _cov(f32.double())
+    assert got.count == 600 * 690 and got.sum.dtype == torch.float64
+    torch.testing.assert_close(got.covariance(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(got.mean, f32.double().mean((0, 2, 3)), rtol=1e-7, atol=0)
+
+
 def test_whitened_features_have_identity_covariance_plus_ridge():
     # alpha=1 with a zero-mean, identity-covariance style leaves only the whitening.
     content = _features(6, 40, 40, 1, scale=3.0)
