@@ -180,42 +180,6 @@ def test_budget_tiling_equals_whole_image_and_uses_several_tiles(cd16x, style, p
     _assert_equal_to_whole(cd16x, photo, style, opts)
 
 
-@pytest.mark.parametrize("uniform", [False, True])
-def test_budget_rectangles_equal_whole_image_on_a_wide_image(cd16x, style, photo, uniform):
-    content = torch.cat([photo, photo.flip(-1)], -1)[:, :160, :640]
-    opts = TilingOptions(max_memory=24 * 2**20, uniform_tiles=uniform)
-    tiles = plan_stage(cd16x.arch, 5, 160, 640, opts).encode_tiles()
-    assert len(tiles) > 1 and all(t.region_rows.size != t.region_cols.size for t in tiles)  # strips, not squares
-    _assert_equal_to_whole(cd16x, content, style, opts)
-
-
-@pytest.mark.parametrize("h,w,area,halo,grid", [(3280, 4896, 1712**2, 32, 16), (2000, 8992, 800**2, 80, 16),
-                                               (640, 480, 300**2, 10, 2), (96, 4000, 200**2, 8, 8), (4992, 64, 150**2, 16, 16)])
-@pytest.mark.parametrize("uniform", [False, True])
-def test_area_cores_fit_the_area_and_never_compute_more_than_squares(h, w, area, halo, grid, uniform):
-    from ultrastyle.runtime.tiling import area_cores
-
-    cores = area_cores(h, w, area, halo, grid, uniform)
-    tiles = plan_tiles(h, w, cores, halo, grid, uniform)
-    hits = np.zeros((h, w), np.int8)
-    for t in tiles:
-        hits[t.rows.start : t.rows.stop, t.cols.start : t.cols.stop] += 1
-        assert t.region_rows.size * t.region_cols.size <= area
-    assert (hits == 1).all()
-    side = int(area**0.5) // grid * grid - 2 * -(-halo // grid) * grid  # the square core of the same area
-    squares = plan_tiles(h, w, side, halo, grid, uniform)
-    computed = sum(t.region_rows.size * t.region_cols.size for t in tiles)
-    assert computed <= sum(t.region_rows.size * t.region_cols.size for t in squares)
-
-
-def test_area_cores_take_one_tile_when_the_image_fits_and_strips_when_it_is_wide():
-    from ultrastyle.runtime.tiling import area_cores
-
-    assert area_cores(1152, 1744, 1600**2, 80, 16) == (1152, 1744)  # 2 MP in a 1600^2 area: whole
-    rows, cols = area_cores(1024, 8192, 2048**2, 64, 16)
-    assert rows == 1024 and cols < 8192  # full-height strips: halos on two sides instead of four
-
-
 def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
     whole = style_statistics(cd16x, photo, DEFAULT_LEVELS)
     tiled = style_statistics_tiled(cd16x, canvas_from_array(photo.numpy(), layout="chw"), DEFAULT_LEVELS, TilingOptions(tile=64))

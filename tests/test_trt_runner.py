@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -298,30 +297,3 @@ def _mem_info() -> tuple[int, int]:
         return mem.mem_info()
     finally:
         mem.close()
-
-
-def test_budget_tiles_stay_square_within_the_engines_profile(bundle, model, fake):
-    """A wide strip under a budget: rectangles of least area would be wider than the profile allows."""
-    from ultrastyle.runtime.canvas import canvas_from_array
-    from ultrastyle.runtime.tiled import TilingOptions, plan_stage, stylize_tiled
-
-    _build(bundle)
-    options = TilingOptions(max_memory=64 * 2**20)
-    h, w = 64, 3000
-    square = plan_stage(bundle.arch, 1, h, w, replace(options, square_tiles=True))
-    free = plan_stage(bundle.arch, 1, h, w, options)
-    assert max(t.region_cols.size for t in square.encode_tiles()) <= TILE_MAX
-    assert max(t.region_cols.size for t in free.encode_tiles()) > TILE_MAX  # what a CPU runner would run
-    torch.manual_seed(0)
-    content = torch.rand(3, h, w)
-    style = {1: FeatureStats.of(model.encode(1, torch.rand(1, 3, 64, 64)))}
-    with TensorRTRunner(bundle) as runner, canvas_from_array(content.numpy(), layout="chw") as cv:
-        out = stylize_tiled(runner, cv, style, options, method="wct", alpha=0.6, levels=(1,))
-        try:
-            got = out.numpy().copy()
-        finally:
-            out.close()
-    from ultrastyle.runtime.cascade import stylize
-
-    ref = stylize(model, content, style, method="wct", alpha=0.6, levels=(1,)).numpy()
-    assert np.abs(np.clip(got, 0, 1) - np.clip(ref, 0, 1)).max() <= 1e-4

@@ -60,7 +60,7 @@ def test_network_shapes_are_the_region_at_each_networks_resolution():
 
 
 def test_default_profile_covers_every_region_the_planner_makes():
-    opts = TilingOptions(square_tiles=True)  # the TensorRT runner's preference (its profiles bound each side)
+    opts = TilingOptions()
     for precision in ("fp32", "fp16"):
         ranges = default_ranges(SPEC, (1, 2, 3, 4, 5), precision)
         for k, rng in ranges.items():

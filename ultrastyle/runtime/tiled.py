@@ -39,7 +39,7 @@ from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_u
 from ultrastyle.runtime.styles import (
     Affine, Regions, Style, Target, apply_regions, as_style, identity_map, region_statistics,
 )  # fmt: skip
-from ultrastyle.runtime.tiling import Span, Tile, area_cores, plan_tiles
+from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
 from ultrastyle.runtime.transforms import FeatureStats
 
 DEFAULT_MAX_MEMORY = 2 * 2**30
@@ -61,9 +61,6 @@ class TilingOptions:
     ram_canvas_limit: int | None = None  # an image whose canvases need more goes to disk; None: max_memory // 4
     cache_features: bool | None = None  # None: decided per stage by encoder cost
     uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
-    # Budget-planned tiles as squares instead of the rectangles of least area (`tiling.area_cores`);
-    # None: the runner's preference (TensorRT's profiles are square). ``tile`` always makes squares.
-    square_tiles: bool | None = None
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
         """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
@@ -114,25 +111,16 @@ class StagePlan:
     decode_core: int
     cache: bool
     uniform: bool = False
-    # False: the cores are the budget's square sides, and tiles are the rectangles whose
-    # regions fit the square's region area with the least summed area (`tiling.area_cores`).
-    square: bool = True
 
     def encode_tiles(self) -> list[Tile]:
-        return self._tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid)
+        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid, self.uniform)
 
     def decode_tiles(self) -> list[Tile]:
         """Pass-2 tiles: in feature pixels when features are cached, else in image pixels."""
         if self.cache:
             g = self.grid
-            return self._tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1)
-        return self._tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid)
-
-    def _tiles(self, height: int, width: int, core: int, halo: int, grid: int) -> list[Tile]:
-        shape: int | tuple[int, int] = core
-        if not self.square:
-            shape = area_cores(height, width, (core + 2 * halo) ** 2, halo, grid, self.uniform)
-        return plan_tiles(height, width, shape, halo, grid, self.uniform)
+            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1, self.uniform)
+        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid, self.uniform)
 
 
 def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
@@ -145,9 +133,6 @@ def plan_stage(
     spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0
 ) -> StagePlan:
     """Halos from the receptive fields, cores from ``options`` (tile or memory budget).
-
-    A budget's tiles are rectangles of least area unless ``options.square_tiles``
-    (`StagePlan.square`); an explicit ``tile`` makes squares.
 
     ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
     """
@@ -168,7 +153,6 @@ def plan_stage(
     return StagePlan(
         stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
         encode_core, decode_core, bool(cache), bool(options.uniform_tiles),
-        square=options.tile is not None or bool(options.square_tiles),
     )  # fmt: skip
 
 
@@ -384,14 +368,12 @@ def _core_statistics(
 
 
 def _plan(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
-    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preferences.
+    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference.
 
-    A bare StyleModel has none: factor 1, clipped regions, rectangles of least area.
+    A bare StyleModel has neither: factor 1, clipped regions.
     """
     if options.uniform_tiles is None:
         options = replace(options, uniform_tiles=getattr(model, "uniform_tiles", False))
-    if options.square_tiles is None:
-        options = replace(options, square_tiles=getattr(model, "square_tiles", False))
     return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
 
 

@@ -12,17 +12,10 @@ further than the halo from the region's inner edge, which keeps the result
 exact, and every tile of a pass has one shape. A runtime that caches memory
 per shape (ONNX Runtime's arena) then reuses one allocation instead of
 fragmenting over up to nine shapes per pass.
-
-A memory budget bounds a region's *area*, not its sides: `area_cores` picks
-the rectangle of cores whose regions fit that area and add up to the least
-computed area, so an image that fits the area in one tile takes one tile, and
-a wide image takes full-height strips (halos on two sides, not four) where
-squares would have cut it both ways.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 
@@ -94,63 +87,15 @@ def balanced_core(length: int, core: int, grid: int) -> int:
     return min(core, -(-(-(-length // n)) // grid) * grid)
 
 
-def _axis_area(length: int, core: int, halo: int, uniform: bool) -> int:
-    """Summed region length of `split_axis` (exact while cores are at least the halo)."""
-    n = -(-length // core)
-    if n == 1:
-        return length
-    return n * min(length, core + 2 * halo) if uniform else length + 2 * halo * (n - 1)
-
-
-@functools.lru_cache(maxsize=256)
-def area_cores(height: int, width: int, max_area: int, halo: int, grid: int, uniform: bool = False) -> tuple[int, int]:
-    """(rows, cols) core sizes whose regions each fit ``max_area`` px and together cover the least area.
-
-    Sizes as in `plan_tiles`. Tries every count of tile rows, gives the
-    columns the widest region the area leaves, and keeps the plan with the
-    smallest summed region area (ties: fewer tiles). Cores are at least two
-    grid cells where the axis is that long; when even those do not fit
-    ``max_area``, the smallest such cores are returned.
-    """
-    halo = -(-halo // grid) * grid
-    smallest = (min(height, 2 * grid), min(width, 2 * grid))
-    best: tuple[int, int, int, int] | None = None  # (area, tiles, core rows, core cols)
-    last = None
-    for n in range(1, height // grid + 1):
-        cr = balanced_core(height, -(-height // (n * grid)) * grid, grid)
-        if cr == last:
-            continue
-        last = cr
-        if cr < smallest[0]:
-            break
-        region_rows = height if cr >= height else min(height, cr + 2 * halo)
-        fit = max_area // region_rows
-        if width <= fit:
-            cc = width
-        else:
-            cc = (fit - 2 * halo) // grid * grid
-            if cc < smallest[1]:
-                continue
-            cc = balanced_core(width, cc, grid)
-        area = _axis_area(height, cr, halo, uniform) * _axis_area(width, cc, halo, uniform)
-        tiles = -(-height // cr) * -(-width // cc)
-        if best is None or (area, tiles) < best[:2]:
-            best = (area, tiles, cr, cc)
-    return (best[2], best[3]) if best else smallest
-
-
-def plan_tiles(
-    height: int, width: int, core: int | tuple[int, int], halo: int, grid: int, uniform: bool = False
-) -> list[Tile]:
-    """Row-major tiles of at most ``core`` x ``core`` (or rows x cols), balanced so no row or column of tiles is a sliver.
+def plan_tiles(height: int, width: int, core: int, halo: int, grid: int, uniform: bool = False) -> list[Tile]:
+    """Row-major tiles of at most ``core`` x ``core``, balanced so no row or column of tiles is a sliver.
 
     ``height`` and ``width`` are the padded image size (multiples of ``grid``);
     ``core`` is rounded down to the grid (at least one grid cell) and ``halo``
     up to it. ``uniform``: one region shape per axis (module docstring).
     """
-    core_rows, core_cols = (core, core) if isinstance(core, int) else core
-    core_rows, core_cols = (max(grid, c // grid * grid) for c in (core_rows, core_cols))
+    core = max(grid, core // grid * grid)
     halo = -(-halo // grid) * grid
-    rows = split_axis(height, balanced_core(height, core_rows, grid), halo, grid, uniform)
-    cols = split_axis(width, balanced_core(width, core_cols, grid), halo, grid, uniform)
+    rows = split_axis(height, balanced_core(height, core, grid), halo, grid, uniform)
+    cols = split_axis(width, balanced_core(width, core, grid), halo, grid, uniform)
     return [Tile(r, c, rr, rc) for r, rr in rows for c, rc in cols]

@@ -58,9 +58,6 @@ class Runner(ABC):
     # Whether the tiled pipeline should give every tile of a pass one shape (`runtime.tiling`, uniform):
     # worth its extra border compute where the backend caches memory or plans per input shape.
     uniform_tiles = False
-    # Whether budget-planned tiles must be square (`TilingOptions.square_tiles`): where
-    # shapes are bounded per side, as TensorRT's optimisation profiles are.
-    square_tiles = False
 
     def __init__(self, name: str, arch: ArchSpec, stages: tuple[int, ...]) -> None:
         self.name, self.arch, self._stages = name, arch, tuple(stages)

@@ -70,7 +70,6 @@ class TensorRTRunner(Runner):
     """Runs a bundle's TensorRT engines (built by ``ultrastyle build``) on this machine's first GPU."""
 
     backend = "tensorrt"
-    square_tiles = True  # engines' profiles bound each side (trt.profiles), so budget tiles stay square
 
     def __init__(
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
