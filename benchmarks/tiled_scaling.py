@@ -188,9 +188,11 @@ def worker(spec: dict) -> dict:
 
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
-    from ultrastyle.runtime.memory import parse_bytes
+    from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes
     from ultrastyle.runtime.tiled import TilingOptions, plan_stage
 
+    if not spec.get("system_malloc"):
+        keep_freed_memory()  # as the command line does, for every path
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     levels = tuple(spec["levels"])
@@ -439,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=0, help="kill a worker after this many seconds (0: never)")
     ap.add_argument("--uniform-tiles", choices=("auto", "on", "off"), default="auto",
                     help="one tile shape per pass (auto: the runner's preference: on for ONNX Runtime, off for PyTorch)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (the CLI's keep_freed_memory is applied otherwise)")
     ap.add_argument("--compare", action="store_true", help="max |tiled - whole| of the output PNGs where both ran")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (inputs, outputs)")
@@ -492,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         "outdir": str(work / f"out-{which}"), "style_size": args.style_size, "levels": args.level_list,
                         "max_memory": args.max_memory, "scratch": str(args.scratch) if args.scratch else None,
                         "uniform_tiles": {"auto": None, "on": True, "off": False}[args.uniform_tiles],
+                        "system_malloc": args.system_malloc,
                         "height": h, "width": w, "threads": args.threads, "bundle": str(bundle) if bundle else None}  # fmt: skip
                 _log(f"{_mp_label(mp)} MP {which}: running")
                 res = run_worker(spec, args.timeout or None)

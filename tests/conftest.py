@@ -11,6 +11,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ULTRASTYLE_SHARED", REPO.parent / "shared"))
+# The CLI tunes glibc's malloc for the whole process (`memory.keep_freed_memory`), which also
+# changes PyTorch's tile plans; in this one test process that would make tests depend on their
+# order, so the commands run here leave it alone (tests/test_memory_planner.py tests it).
+os.environ["ULTRASTYLE_MALLOC"] = "system"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -1,6 +1,7 @@
 """The memory planner: byte sizes, tile sizes from a budget, and its estimate against a measured peak."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,104 @@ def test_memory_estimate_within_25_percent_of_measured_peak(cd16x_dir, stage, si
     r = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = r["estimate"] / r["measured"]
     assert 0.75 <= ratio <= 1.25, f"estimate {r['estimate'] / 2**20:.0f} MiB vs measured {r['measured'] / 2**20:.0f} MiB"
+
+
+_FAULTS_ON_REUSE = """
+import resource, sys, torch
+from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.runtime.memory import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.set_num_threads(1)
+model = load_cd_folder(sys.argv[2], stages=(5,))
+x = torch.rand(1, 3, 768, 768)
+with torch.inference_mode():
+    model.encode(5, x)  # the first tile maps its memory in
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        model.encode(5, x)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults_on_reuse(mode: str, models) -> tuple[str, int]:
+    cmd = [sys.executable, "-c", _FAULTS_ON_REUSE, mode, str(models)]
+    env = {k: v for k, v in os.environ.items() if k != "ULTRASTYLE_MALLOC"}  # conftest opts this process out
+    applied, faults = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_lets_later_tiles_reuse_freed_pages(cd16x_dir):
+    """Three more stage-5 tiles after the first: measured 10-15k minor faults kept vs 166-186k by default."""
+    from ultrastyle.runtime.memory import _libc
+
+    if _libc() is None:
+        pytest.skip("not glibc (musl or another libc): there is nothing to tune")
+    applied, kept = _faults_on_reuse("keep", cd16x_dir)
+    _, default = _faults_on_reuse("system", cd16x_dir)
+    assert applied == "True"
+    assert kept * 4 < default, f"{kept} minor faults with freed memory kept, {default} with glibc's default"
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    import ultrastyle.runtime.memory as mem
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(mem, "_libc", lambda: libc)
+    monkeypatch.setattr(mem, "_HEAP_KEEPS_FREED", False)
+    monkeypatch.setattr(mem, "_rss_after_trim", None)
+    monkeypatch.delenv("ULTRASTYLE_MALLOC", raising=False)
+    return libc
+
+
+def test_keep_freed_memory_sets_mmap_max_and_trim_threshold_once_unless_opted_out(fake_libc, monkeypatch):
+    import ultrastyle.runtime.memory as mem
+
+    monkeypatch.setenv("ULTRASTYLE_MALLOC", "system")
+    assert mem.keep_freed_memory() is False and fake_libc.calls == [] and mem.heap_factor() == 1.0
+    monkeypatch.delenv("ULTRASTYLE_MALLOC")
+    assert mem.keep_freed_memory() is True and mem.keep_freed_memory() is True
+    assert fake_libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**40 - 1)]
+    assert mem.heap_factor() == mem.HEAP_KEEP_FACTOR
+
+
+def test_trim_heap_waits_until_the_resident_set_grew_past_keep_bytes(fake_libc, monkeypatch):
+    import ultrastyle.runtime.memory as mem
+
+    rss = iter([100, 150, 100 + 2**20 + 1, 40])
+    monkeypatch.setattr(mem, "resident_bytes", lambda: next(rss))
+    mem.trim_heap(2**20)  # nothing measured yet: trims, then RSS 100
+    mem.trim_heap(2**20)  # 150: grew by 50 bytes, kept
+    mem.trim_heap(2**20)  # grew by more than 1 MiB: trims, then RSS 40
+    assert [c for c in fake_libc.calls if c[0] == "trim"] == [("trim", 0), ("trim", 0)]
+
+
+def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_libc, cd16x_dir):
+    import ultrastyle.runtime.memory as mem
+    from ultrastyle.models.pretrained import load_cd_folder
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+    from ultrastyle.runtime.tiled import TilingOptions, _plan
+
+    model = load_cd_folder(cd16x_dir, stages=(5,))
+    opts = TilingOptions(max_memory=2**30)
+    before = [_plan(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
+    mem.keep_freed_memory()
+    after = [_plan(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
+    region = [c + 2 * _plan(model, 5, 4000, 4000, opts).enc_halo for c in before]
+    assert before[0] == before[1] and after[0] == after[1]
+    # the region's area shrinks by the factor (to the grid)
+    assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05

@@ -11,6 +11,7 @@ from ultrastyle.cli.distill import distill_command, train_decoder_command
 from ultrastyle.cli.export import export_command
 from ultrastyle.cli.models import app as models_app
 from ultrastyle.cli.stylize import stylize_command
+from ultrastyle.runtime.memory import keep_freed_memory
 
 app = typer.Typer(
     name="ultrastyle",
@@ -19,6 +20,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _process_setup() -> None:
+    """Process-wide settings every command benefits from (the library leaves them to its caller)."""
+    keep_freed_memory()  # large tensors reuse freed heap pages instead of faulting in fresh ones
+
+
 app.command("stylize")(stylize_command)
 app.command("export")(export_command)
 app.command("distill")(distill_command)

@@ -26,6 +26,7 @@ from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.color import check_mode, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.runtime.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import TileCallback, TilingOptions, canvas_to_image, style_statistics_tiled, stylize_tiled
 from ultrastyle.runtime.transforms import FeatureStats
@@ -221,6 +222,7 @@ def run_batch(
             result = PairResult(pair, "skipped")
         else:
             result = _run_pair(model, pair, options, styles, on_tile)
+            release_free_memory()  # the next image may be smaller: do not hold this one's peak
         summary.results.append(result)
         if on_result:
             on_result(result)

@@ -33,7 +33,7 @@ from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas, sample_peak
 from ultrastyle.runtime.cascade import stylize_stage
-from ultrastyle.runtime.memory import core_for_budget, release_free_memory
+from ultrastyle.runtime.memory import core_for_budget, heap_factor, release_free_memory, trim_heap
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
 from ultrastyle.runtime.styles import (
@@ -344,10 +344,18 @@ def style_statistics_tiled(
 
 
 def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
-    """Mid-pass: the runner hands back cached memory beyond ``keep_bytes`` (an ORT arena fragments over many tiles)."""
+    """Mid-pass: the runner hands back cached memory beyond ``keep_bytes`` (an ORT arena fragments over many tiles),
+
+    and so does the C heap once the resident set has grown past the budget (`memory.keep_freed_memory`).
+    """
+    if keep_bytes is None:
+        return
     release = getattr(model, "release_memory", None)
-    if keep_bytes is not None and release is not None:
+    if release is not None:
         release(keep_bytes)
+    # A tile's working set is up to the whole budget (2 x keep_bytes): the heap keeps that much for
+    # the next tile to reuse, since trimming it makes every tile fault its pages in again.
+    trim_heap(2 * keep_bytes)
 
 
 def _release(model: StageNetworks, keep_bytes: int) -> None:
@@ -379,7 +387,7 @@ def _plan(model: StageNetworks, stage: int, height: int, width: int, options: Ti
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:
     factor = getattr(model, "memory_factor", None)  # a bare StyleModel is the eager PyTorch the planner models
-    return factor(stage) if factor else 1.0
+    return factor(stage) if factor else heap_factor()
 
 
 def stylize_tiled(

@@ -21,13 +21,13 @@ Session settings (measured in benchmarks/ort_settings.py):
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 
 from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+from ultrastyle.runtime.memory import resident_bytes
 
 
 def _import_ort():
@@ -197,7 +197,7 @@ class OnnxRuntimeRunner(Runner):
         """
         if not self.is_active or self.arena == "off" or self.providers[0] != "CPUExecutionProvider":
             return
-        if keep_bytes and self._rss_after_release is not None and _resident_bytes() - self._rss_after_release <= keep_bytes:
+        if keep_bytes and self._rss_after_release is not None and resident_bytes() - self._rss_after_release <= keep_bytes:
             return
         stage = min(self.stages)
         side = 2 ** (stage + 1)  # the smallest input the stage's grid and reflection pads accept
@@ -205,7 +205,7 @@ class OnnxRuntimeRunner(Runner):
         options = _import_ort().RunOptions()
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         sess.run(None, {"image": np.zeros((1, 3, side, side), np.float32)}, options)
-        self._rss_after_release = _resident_bytes()
+        self._rss_after_release = resident_bytes()
 
     def session(self, network: str):
         """The network's InferenceSession, created on first use."""
@@ -242,15 +242,6 @@ class OnnxRuntimeRunner(Runner):
         binding.bind_output(out_name, "cpu", 0, np.float32, list(shape), out.ctypes.data)
         sess.run_with_iobinding(binding, self._run_options)
         return {out_name: torch.from_numpy(out)}
-
-
-def _resident_bytes() -> int | None:
-    """The process's resident set (Linux /proc); None where unknown (then every release shrinks)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _as_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:

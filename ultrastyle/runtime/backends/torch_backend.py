@@ -6,6 +6,7 @@ import torch
 
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+from ultrastyle.runtime.memory import heap_factor
 
 
 def _fp32_exact() -> list[tuple[object, str, object]]:
@@ -111,6 +112,9 @@ class TorchRunner(Runner):
         if self.device.type == "cuda":
             if torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device) > keep_bytes:
                 torch.cuda.empty_cache()
+
+    def memory_factor(self, stage: int) -> float:
+        return heap_factor() if self.device.type == "cpu" else 1.0
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
