@@ -38,10 +38,13 @@ Columns: "cpu s" is the worker's user + system CPU time over the same span
 load average when the worker started: above ~0.5 another process was
 competing for the CPUs and the wall times are not comparable. "peak phase"
 is where the RSS maximum was reached, which is not always what allocated it:
-glibc keeps freed heap memory (a few hundred MB after the tile passes), so
-RSS ratchets up over a run. "tiles" counts encode + decode tiles over all
-stages. Environment variables reach the workers, e.g.
-``MALLOC_MMAP_THRESHOLD_=4194304`` to see the run without that retention.
+every worker keeps freed heap memory for reuse as the command line does
+(`ultrastyle.runtime.memory.keep_freed_memory`: large tensors come from the
+heap and stay there until the tiled pipeline trims it), so RSS ratchets up
+within a pass. ``--system-malloc`` runs the workers with glibc's defaults
+instead (every tensor above 32 MB freshly mapped and unmapped), to see what
+that setting buys. "tiles" counts encode + decode tiles over all stages.
+Environment variables reach the workers.
 
 ``--compare`` loads the two output PNGs wherever both paths ran and prints
 the largest absolute uint8 difference (the tiled path is exact: expect 0 or 1).

@@ -180,3 +180,15 @@ def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_
     assert before[0] == before[1] and after[0] == after[1]
     # the region's area shrinks by the factor (to the grid)
     assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05
+
+
+def test_every_command_keeps_freed_memory_first(monkeypatch):
+    from typer.testing import CliRunner
+
+    import ultrastyle.cli.main as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    result = CliRunner().invoke(cli.app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert calls == [True]

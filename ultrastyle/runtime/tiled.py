@@ -355,7 +355,7 @@ def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
         release(keep_bytes)
     # A tile's working set is up to the whole budget (2 x keep_bytes): the heap keeps that much for
     # the next tile to reuse, since trimming it makes every tile fault its pages in again.
-    trim_heap(2 * keep_bytes)
+    trim_heap(keep_bytes)
 
 
 def _release(model: StageNetworks, keep_bytes: int) -> None:
