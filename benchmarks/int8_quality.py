@@ -54,7 +54,7 @@ from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner  #
 from ultrastyle.runtime.backends.select import ensure_bundle  # noqa: E402
 from ultrastyle.runtime.canvas import canvas_from_array  # noqa: E402
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize  # noqa: E402
-from ultrastyle.runtime.memory import parse_bytes  # noqa: E402
+from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes  # noqa: E402
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -131,7 +131,10 @@ def main() -> None:
     ap.add_argument("--activations", choices=["int8", "uint8"], default="int8", help="uint8: asymmetric activations for the CPU (not TensorRT)")
     ap.add_argument("--no-speed", action="store_true", help="quality only")
     ap.add_argument("--quick", action="store_true", help="2 styles, 4 samples, 1 repeat")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc (the CLI keeps freed memory)")
     args = ap.parse_args()
+    if not args.system_malloc:
+        keep_freed_memory()  # as the command line does
     if args.quick:
         args.styles, args.samples, args.repeats = 2, 4, 1
     base = ensure_bundle(SHARED / "models/cd-wct-16x")
