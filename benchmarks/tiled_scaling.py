@@ -86,6 +86,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +193,7 @@ def worker(spec: dict) -> dict:
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
     from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes
-    from ultrastyle.runtime.tiled import TilingOptions, plan_stage
+    from ultrastyle.runtime.tiled import TilingOptions, plan_for
 
     if not spec.get("system_malloc"):
         keep_freed_memory()  # as the command line does, for every path
@@ -219,8 +220,11 @@ def worker(spec: dict) -> dict:
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
         tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
         h, w = spec["height"], spec["width"]
+        planned = tiling  # as stylize_tiled plans: RAM canvases take their share of the budget
+        if tiling.canvas_dir(model.arch, h, w, levels) is None:
+            planned = replace(tiling, max_memory=tiling.max_memory - tiling.canvas_bytes(model.arch, h, w, levels))
         for k in levels:
-            p = plan_stage(model.arch, k, h, w, tiling)
+            p = plan_for(model, k, h, w, planned)  # with the runner's memory factor and tile shape
             plan_info.append({"stage": k, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),
                               "encode_core": p.encode_core, "decode_core": p.decode_core, "cache": p.cache})  # fmt: skip
     options = StylizeOptions(style_size=spec["style_size"], levels=levels, tiling=tiling)

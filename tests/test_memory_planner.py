@@ -169,14 +169,14 @@ def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_
     import ultrastyle.runtime.memory as mem
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
-    from ultrastyle.runtime.tiled import TilingOptions, _plan
+    from ultrastyle.runtime.tiled import TilingOptions, plan_for
 
     model = load_cd_folder(cd16x_dir, stages=(5,))
     opts = TilingOptions(max_memory=2**30)
-    before = [_plan(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
+    before = [plan_for(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
     mem.keep_freed_memory()
-    after = [_plan(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
-    region = [c + 2 * _plan(model, 5, 4000, 4000, opts).enc_halo for c in before]
+    after = [plan_for(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
+    region = [c + 2 * plan_for(model, 5, 4000, 4000, opts).enc_halo for c in before]
     assert before[0] == before[1] and after[0] == after[1]
     # the region's area shrinks by the factor (to the grid)
     assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05

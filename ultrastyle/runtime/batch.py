@@ -237,8 +237,8 @@ def _run_pair(
         if options.preserve_color != "match":  # a bad style fails before the content is read
             for path in pair.style.paths:
                 styles.get(path)
-        pixels, original = _load_content(pair.content, options)
         if options.tiling is None:
+            pixels, original = _load_content(pair.content, options)
             content = array_to_tensor(pixels)
             del pixels
             h, w = content.shape[-2:]
@@ -248,8 +248,8 @@ def _run_pair(
             if options.preserve_color == "luminance":
                 out = keep_content_chroma(out, content)
             save_image(out, pair.output, options.format, options.depth)
-        else:
-            h, w = _stylize_tiled_to_file(model, pixels, original, pair, styles, options, on_tile)
+        else:  # loads the content itself, so that nothing here keeps the decoded pixels alive
+            h, w = _stylize_tiled_to_file(model, pair, styles, options, on_tile)
     except ImageError as exc:
         return PairResult(pair, "failed", str(exc), time.perf_counter() - t0)
     except ValueError as exc:  # e.g. a memory budget too small for this image's tiles
@@ -271,16 +271,19 @@ def _load_content(path: Path, options: StylizeOptions) -> tuple[np.ndarray, tupl
 
 def _stylize_tiled_to_file(
     model: StageNetworks,
-    pixels: np.ndarray,
-    original: tuple[int, int],
     pair: Pair,
     styles: _StyleCache,
     options: StylizeOptions,
     on_tile: TileCallback | None,
 ) -> tuple[int, int]:
-    """Tiled cascade of the content ``pixels`` into ``pair.output``; returns the content's (H, W)."""
+    """Tiled cascade of ``pair.content`` into ``pair.output``; returns the content's (H, W).
+
+    The decoded pixels live only until the content canvas holds them (300 MB
+    at 100 MP that a caller's reference kept alive through every stage).
+    """
     tiling = options.tiling
     assert tiling is not None
+    pixels, original = _load_content(pair.content, options)
     h, w = pixels.shape[:2]
     content = canvas_from_array(pixels, disk_dir=tiling.canvas_dir(model.arch, h, w, options.levels))
     del pixels  # the canvas holds it now (on disk when large)

@@ -281,7 +281,7 @@ def stylize_stage_tiled(
     regions = target if isinstance(target, Regions) else None
     if regions is not None:
         options = replace(options, cache_features=True)
-    plan = _plan(model, stage, h, w, options)
+    plan = plan_for(model, stage, h, w, options)
     if len(plan.encode_tiles()) == 1 and len(plan.decode_tiles()) == 1:
         try:
             return _whole_stage(model, stage, src, target, method, alpha, out, disk_dir)
@@ -340,7 +340,7 @@ def style_statistics_tiled(
     _, h, w = style.shape
     stats = {}
     for k in sorted(set(levels)):
-        stats[k] = encode_statistics(model, k, style, _plan(model, k, h, w, options))
+        stats[k] = encode_statistics(model, k, style, plan_for(model, k, h, w, options))
         _release(model, options.cache_bytes(model))
     return stats
 
@@ -377,10 +377,10 @@ def _core_statistics(
     return FeatureStats.of(core), (core if keep else None)
 
 
-def _plan(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
+def plan_for(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
     """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference.
 
-    A bare StyleModel has neither: factor 1, clipped regions.
+    A bare StyleModel has neither: the eager PyTorch factor (`memory.heap_factor`), clipped regions.
     """
     if options.uniform_tiles is None:
         options = replace(options, uniform_tiles=getattr(model, "uniform_tiles", False))
