@@ -112,3 +112,32 @@ def test_disk_canvas_via_scratch_leaves_no_files(inputs, cd16x_dir, tmp_path, mo
     a = np.asarray(Image.open(tmp_path / "a/content_stylized_style.png"), np.int16)
     b = np.asarray(Image.open(tmp_path / "b/content_stylized_style.png"), np.int16)
     assert np.abs(a - b).max() <= 1
+
+
+def test_tiled_batch_frees_the_decoded_content_before_the_stages_run(inputs, cd16x_dir, tmp_path, monkeypatch):
+    """At 100 MP the decoded uint8 image is 300 MB: only its canvas may survive into the tile passes."""
+    import gc
+    import weakref
+
+    import ultrastyle.runtime.batch as batch
+
+    decoded: list[weakref.ref] = []
+    alive_during_stages: list[bool] = []
+    real_load, real_tiled = batch._load_content, batch.stylize_tiled
+
+    def load(path, options):
+        pixels, original = real_load(path, options)
+        pixels = np.array(pixels)  # an array of our own, so the weak reference tracks exactly it
+        decoded.append(weakref.ref(pixels))
+        return pixels, original
+
+    def tiled(*args, **kwargs):
+        gc.collect()
+        alive_during_stages.append(decoded[-1]() is not None)
+        return real_tiled(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "_load_content", load)
+    monkeypatch.setattr(batch, "stylize_tiled", tiled)
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, "--tile", "48"], cd16x_dir)
+    assert r.exit_code == 0, r.output
+    assert alive_during_stages == [False]
