@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultrastyle.runtime.backends.base import StageNetworks
+from ultrastyle.runtime.backends.base import Runner, StageNetworks
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas, sample_peak
 from ultrastyle.runtime.cascade import stylize_stage
@@ -87,9 +87,9 @@ class TilingOptions:
     def cache_bytes(self, model: StageNetworks) -> int:
         """What the runner and the heap may keep between tiles before handing it back (`_after_tile`).
 
-        A share of the budget: the runner's ``cache_share`` (`Runner.cache_share`), 3/4 for a bare model.
+        A share of the budget: the runner's `Runner.cache_share` (a bare model: the base class's).
         """
-        return int(self.max_memory * getattr(model, "cache_share", 0.75))
+        return int(self.max_memory * getattr(model, "cache_share", Runner.cache_share))
 
     def caches(self, spec: ArchSpec, stage: int) -> bool:
         """Whether pass 1 keeps the stage's features for pass 2."""
@@ -346,11 +346,14 @@ def style_statistics_tiled(
 
 
 def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
-    """Mid-pass: the runner hands back cached memory beyond ``keep_bytes`` (an ORT arena fragments over many tiles),
+    """Mid-pass: the runner and the C heap hand back what they keep beyond ``keep_bytes``.
 
-    and so does the C heap once the resident set has grown by more than that (`memory.keep_freed_memory`).
-    Measured at 40 MP, 1 GB budget, PyTorch: trimming past half the budget 4.89 s/MP and 1.65 GiB
-    peak, past the whole budget 3.55 s/MP and 2.26 GiB (over the 2 GB the budget promises).
+    The runner by its own rule (an ORT arena fragments over many tiles); the
+    heap once the resident set has grown by more than that since its last
+    trim (`memory.keep_freed_memory`). Measured at 40 MP, 1 GB budget,
+    PyTorch: trimming past half the budget 4.89 s/MP and 1.65 GiB peak, past
+    the whole budget 3.55 s/MP and 2.26 GiB (over the 2 GB the budget
+    promises); `Runner.cache_share` sets the share.
     """
     if keep_bytes is None:
         return

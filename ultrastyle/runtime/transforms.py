@@ -19,6 +19,7 @@ import torch
 
 EIG_FLOOR = 1e-5
 ADAIN_EPS = 1e-5
+SUBSAMPLED_CENTRE_PIXELS = 64 * 4096  # maps at least this large are centred on a 1/64 sample
 
 
 @dataclass
@@ -50,10 +51,13 @@ class FeatureStats:
         f4 = f if f.dim() == 4 else f[None]
         nb, c, h, w = f4.shape
         n = nb * h * w
-        # The centre only has to be close to the mean (the sums are exact for any centre): the mean of
-        # every 8th row and column costs a 64th of a full pass over the (strided) view.
+        # The centre only has to be close to the mean: the float32 products of f - centre carry
+        # n |mean - centre|² that the float64 corrections cancel, so a far centre loses precision.
+        # Large maps: the mean of every 8th row and column (a 64th of a pass over the strided view,
+        # still >= 4096 samples); small ones: the mean itself (one sampled ReLU pixel can be far off).
         work = torch.float64 if f4.dtype == torch.float64 else torch.float32  # float64 input keeps float64 GEMMs
-        centre = f4[:, :, ::8, ::8].mean((0, 2, 3), dtype=work) if n else torch.zeros(c, dtype=work, device=f.device)
+        sample = f4[:, :, ::8, ::8] if n >= SUBSAMPLED_CENTRE_PIXELS else f4
+        centre = sample.mean((0, 2, 3), dtype=work) if n else torch.zeros(c, dtype=work, device=f.device)
         s = centre.to(torch.float64)
         residual = torch.zeros(c, dtype=torch.float64, device=f.device)  # Σ(f - s)
         outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)  # Σ(f - s)(f - s)ᵀ

@@ -22,11 +22,10 @@ The arena's chunks come from glibc's malloc. Once the heap keeps freed memory
 (`runtime.memory.keep_freed_memory`, which the command line applies), chunks
 the arena releases stay in the heap for its next growth until the tiled
 pipeline trims the heap, and the host-side arrays around each run stop
-faulting in fresh pages: 8 MP, 3.57 -> 2.97 s/MP (benchmarks/README.md, run L).
+faulting in fresh pages: 8 MP, 3.57 -> 2.67 s/MP (benchmarks/README.md, runs J and R).
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
