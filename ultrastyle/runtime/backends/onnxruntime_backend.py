@@ -12,8 +12,9 @@ Session settings (measured in benchmarks/ort_settings.py):
   and 2.2 GB at 16 MP with a 1 GB budget, and flat over rounds of varied tile
   shapes (tests/test_backends.py). Over many large tiles it still fragments
   (3.5 GB at 40 MP), so the tiled pipeline calls `release_memory`, which
-  shrinks it once it holds more than half the budget (40 MP: 1.76 GB, at
-  18-40% more time); ``arena="shrink"`` (give chunks back after every run)
+  shrinks it once the process has grown by more than its share of the budget
+  since the last shrink (`cache_share`; run H, half the budget: 40 MP 1.76 GB
+  at 18-40% more time); ``arena="shrink"`` (give chunks back after every run)
   runs 3x slower, ``arena="off"`` 1.7x slower;
 - I/O binding on the CPU: outputs are written straight into numpy buffers that
   torch then shares, so no output is copied.
