@@ -86,7 +86,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,9 +219,7 @@ def worker(spec: dict) -> dict:
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
         tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
         h, w = spec["height"], spec["width"]
-        planned = tiling  # as stylize_tiled plans: RAM canvases take their share of the budget
-        if tiling.canvas_dir(model.arch, h, w, levels) is None:
-            planned = replace(tiling, max_memory=tiling.max_memory - tiling.canvas_bytes(model.arch, h, w, levels))
+        planned = tiling.for_image(model.arch, h, w, levels)  # as stylize_tiled plans
         for k in levels:
             p = plan_for(model, k, h, w, planned)  # with the runner's memory factor and tile shape
             plan_info.append({"stage": k, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),

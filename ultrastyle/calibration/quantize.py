@@ -240,10 +240,8 @@ def calibrate_bundle(
 
 def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], settings: CalibrationSettings) -> None:
     """Refuse to mix signed and unsigned graphs in one bundle (a backend takes one kind or the other)."""
-    others = [
-        n for n, e in manifest["networks"].items()
-        if isinstance(e, dict) and e.get("int8") and not any(n == f"{kind}{k}" for kind in QUANTIZED_KINDS for k in stages)
-    ]  # fmt: skip
+    redone = {f"{kind}{k}" for kind in QUANTIZED_KINDS for k in stages}
+    others = [n for n, e in manifest["networks"].items() if isinstance(e, dict) and e.get("int8") and n not in redone]
     old = calibrated_activations(manifest)
     if others and old != settings.activations:
         raise CalibrationError(

@@ -84,6 +84,12 @@ class TilingOptions:
             return None
         return str(self.scratch_dir or tempfile.gettempdir())
 
+    def for_image(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> TilingOptions:
+        """The options one image's tiles are planned with: canvases in RAM share the budget with the tiles."""
+        if self.tile is None and self.canvas_dir(spec, height, width, levels) is None:
+            return replace(self, max_memory=self.max_memory - self.canvas_bytes(spec, height, width, levels))
+        return self
+
     def cache_bytes(self, model: StageNetworks) -> int:
         """What the runner and the heap may keep between tiles before handing it back (`_after_tile`).
 
@@ -417,8 +423,7 @@ def stylize_tiled(
         target.check_size(h, w)
         options = replace(options, cache_features=True)  # pass 2 transforms cached features per region
     disk_dir = options.canvas_dir(model.arch, h, w, levels)
-    if disk_dir is None and options.tile is None:  # canvases in RAM share the budget with the tiles
-        options = replace(options, max_memory=options.max_memory - options.canvas_bytes(model.arch, h, w, levels))
+    options = options.for_image(model.arch, h, w, levels)
     x, spare = content, None  # stage outputs alternate between two canvases
     try:
         for k in levels:

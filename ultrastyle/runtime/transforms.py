@@ -39,7 +39,7 @@ class FeatureStats:
     def of(cls, features: torch.Tensor, chunk: int = 1 << 13) -> FeatureStats:
         """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
 
-        Each row band of about ``chunk`` pixels is centred on the float32 mean
+        Each row band of about ``chunk`` pixels is centred near the mean
         (which keeps Σffᵀ free of cancellation) and multiplied in float32, read
         straight from the (often strided) tile view; the bands' sums accumulate
         in float64, so the error stays that of one band (~1e-6 relative), at
