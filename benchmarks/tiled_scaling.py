@@ -43,7 +43,10 @@ every worker keeps freed heap memory for reuse as the command line does
 heap and stay there until the tiled pipeline trims it), so RSS ratchets up
 within a pass. ``--system-malloc`` runs the workers with glibc's defaults
 instead (every tensor above 32 MB freshly mapped and unmapped), to see what
-that setting buys. "tiles" counts encode + decode tiles over all stages.
+that setting buys. The tiled workers also ask PyTorch for huge pages
+(`memory.use_huge_pages`, as ``stylize`` does for tiled runs: trimmed pages
+fault back in 2 MB at a time); ``--no-huge-pages`` leaves them out.
+"tiles" counts encode + decode tiles over all stages.
 Environment variables reach the workers.
 
 ``--compare`` loads the two output PNGs wherever both paths ran and prints
@@ -191,11 +194,14 @@ def worker(spec: dict) -> dict:
 
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
-    from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes
+    from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes, use_huge_pages
     from ultrastyle.runtime.tiled import TilingOptions, plan_for
 
+    huge_pages = False
     if not spec.get("system_malloc"):
         keep_freed_memory()  # as the command line does, for every path
+        if spec["path"] != "whole" and not spec.get("no_huge_pages"):
+            huge_pages = use_huge_pages()  # as the command line does for tiled runs, before the first tensor
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     levels = tuple(spec["levels"])
@@ -260,6 +266,7 @@ def worker(spec: dict) -> dict:
         "plan": plan_info,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "huge_pages": huge_pages,
     }
 
 
@@ -447,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="one tile shape per pass (auto: the runner's preference: on for ONNX Runtime, off for PyTorch)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's malloc as it is (the CLI's keep_freed_memory is applied otherwise)")
+    ap.add_argument("--no-huge-pages", action="store_true",
+                    help="tiled paths without PyTorch's huge pages (the CLI's use_huge_pages is applied otherwise)")  # fmt: skip
     ap.add_argument("--compare", action="store_true", help="max |tiled - whole| of the output PNGs where both ran")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (inputs, outputs)")
@@ -501,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                         "max_memory": args.max_memory, "scratch": str(args.scratch) if args.scratch else None,
                         "uniform_tiles": {"auto": None, "on": True, "off": False}[args.uniform_tiles],
                         "system_malloc": args.system_malloc,
+                        "no_huge_pages": args.no_huge_pages,
                         "height": h, "width": w, "threads": args.threads, "bundle": str(bundle) if bundle else None}  # fmt: skip
                 _log(f"{_mp_label(mp)} MP {which}: running")
                 res = run_worker(spec, args.timeout or None)

@@ -139,6 +139,7 @@ def fake_libc(monkeypatch):
     monkeypatch.setattr(mem, "_libc", lambda: libc)
     monkeypatch.setattr(mem, "_HEAP_KEEPS_FREED", False)
     monkeypatch.setattr(mem, "_rss_after_trim", None)
+    monkeypatch.setattr(mem, "_HUGE_PAGES", False)
     monkeypatch.delenv("ULTRASTYLE_MALLOC", raising=False)
     return libc
 
@@ -180,6 +181,95 @@ def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_
     assert before[0] == before[1] and after[0] == after[1]
     # the region's area shrinks by the factor (to the grid)
     assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05
+
+
+_FAULTS_AFTER_TRIM = """
+import resource, sys
+from ultrastyle.runtime.memory import _libc, keep_freed_memory, use_huge_pages
+keep_freed_memory()
+huge = use_huge_pages() if sys.argv[1] == "huge" else False
+import torch
+from ultrastyle.models.pretrained import load_cd_folder
+torch.set_num_threads(1)
+model = load_cd_folder(sys.argv[2], stages=(5,))
+x = torch.rand(1, 3, 768, 768)
+with torch.inference_mode():
+    model.encode(5, x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        _libc().malloc_trim(0)  # as the tiled path does once the heap grew past its share of the budget
+        model.encode(5, x)
+print(huge, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _thp_possible() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_possible(), reason="no transparent huge pages here (Linux with THP not 'never')")
+def test_huge_pages_cut_the_faults_of_tiles_after_a_trim(cd16x_dir):
+    """Three stage-5 tiles, each after a trim: measured ~10x fewer minor faults with huge pages."""
+    from ultrastyle.runtime.memory import _libc
+
+    if _libc() is None:
+        pytest.skip("not glibc: no malloc_trim")
+    env = {k: v for k, v in os.environ.items() if k not in ("ULTRASTYLE_MALLOC", "THP_MEM_ALLOC_ENABLE")}
+    out = {}
+    for mode in ("huge", "small"):
+        cmd = [sys.executable, "-c", _FAULTS_AFTER_TRIM, mode, str(cd16x_dir)]
+        out[mode] = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out["huge"][0] == "True" and out["small"][0] == "False"
+    huge, small = int(out["huge"][1]), int(out["small"][1])
+    assert huge * 4 < small, f"{huge} minor faults with huge pages, {small} without"
+
+
+@pytest.mark.parametrize(
+    ("env", "huge", "factor"),
+    [({}, True, "HUGE_PAGE_HEAP_FACTOR"), ({"THP_MEM_ALLOC_ENABLE": "0"}, False, "HEAP_KEEP_FACTOR"),
+     ({"ULTRASTYLE_MALLOC": "system"}, False, None)],
+    ids=["default", "thp-env-0-respected", "system-malloc"],
+)  # fmt: skip
+def test_use_huge_pages_respects_explicit_opt_outs_and_sets_the_heap_factor(env, huge, factor):
+    import ultrastyle.runtime.memory as mem
+
+    if not _thp_possible() or mem._libc() is None:
+        pytest.skip("no transparent huge pages or no glibc here (needs Linux, glibc, THP not 'never')")
+    code = "from ultrastyle.runtime import memory as m; m.keep_freed_memory(); h = m.use_huge_pages(); print(h, m.heap_factor())"
+    base = {k: v for k, v in os.environ.items() if k not in ("ULTRASTYLE_MALLOC", "THP_MEM_ALLOC_ENABLE")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**base, **env})
+    expected_factor = float(getattr(mem, factor)) if factor else 1.0
+    assert res.stdout.split() == [str(huge), str(expected_factor)]
+
+
+def test_stylize_asks_for_huge_pages_for_tiled_runs_only(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import ultrastyle.cli.main as cli
+    import ultrastyle.cli.stylize as stylize_cli
+
+    from PIL import Image
+
+    calls = []
+
+    def open_runner(*args, **kwargs):
+        calls.append("runner")
+        raise OSError("stopped here: the test only checks what ran before the model loads")
+
+    monkeypatch.setattr(stylize_cli, "use_huge_pages", lambda: calls.append("huge"))
+    monkeypatch.setattr(stylize_cli, "open_runner", open_runner)
+    for name in ("c.png", "s.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    for extra in ([], ["--no-tile"]):
+        calls.clear()
+        args = ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s.png"), "-o", str(tmp_path / "out"), *extra]
+        res = CliRunner().invoke(cli.app, args)
+        assert "stopped here" in res.output
+        assert calls == (["huge", "runner"] if not extra else ["runner"]), (extra, calls, res.output)
 
 
 def test_every_command_keeps_freed_memory_first(monkeypatch):
