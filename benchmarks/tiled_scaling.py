@@ -43,9 +43,10 @@ every worker keeps freed heap memory for reuse as the command line does
 heap and stay there until the tiled pipeline trims it), so RSS ratchets up
 within a pass. ``--system-malloc`` runs the workers with glibc's defaults
 instead (every tensor above 32 MB freshly mapped and unmapped), to see what
-that setting buys. The tiled workers also ask PyTorch for huge pages
-(`memory.use_huge_pages`, as ``stylize`` does for tiled runs: trimmed pages
-fault back in 2 MB at a time); ``--no-huge-pages`` leaves them out.
+that setting buys. The tiled PyTorch worker also asks PyTorch for huge
+pages (`memory.use_huge_pages`, as ``stylize --backend torch`` does for tiled
+runs: trimmed pages fault back in 2 MB at a time); ``--no-huge-pages``
+leaves them out.
 "tiles" counts encode + decode tiles over all stages.
 Environment variables reach the workers.
 
@@ -200,8 +201,8 @@ def worker(spec: dict) -> dict:
     huge_pages = False
     if not spec.get("system_malloc"):
         keep_freed_memory()  # as the command line does, for every path
-        if spec["path"] != "whole" and not spec.get("no_huge_pages"):
-            huge_pages = use_huge_pages()  # as the command line does for tiled runs, before the first tensor
+        if spec["path"] == "tiled" and not spec.get("no_huge_pages"):
+            huge_pages = use_huge_pages()  # as `stylize --backend torch` does for tiled runs, before the first tensor
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     levels = tuple(spec["levels"])
@@ -455,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's malloc as it is (the CLI's keep_freed_memory is applied otherwise)")
     ap.add_argument("--no-huge-pages", action="store_true",
-                    help="tiled paths without PyTorch's huge pages (the CLI's use_huge_pages is applied otherwise)")  # fmt: skip
+                    help="tiled PyTorch without huge pages (the CLI's use_huge_pages is applied otherwise)")  # fmt: skip
     ap.add_argument("--compare", action="store_true", help="max |tiled - whole| of the output PNGs where both ran")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (inputs, outputs)")

@@ -246,7 +246,7 @@ def test_use_huge_pages_respects_explicit_opt_outs_and_sets_the_heap_factor(env,
     assert res.stdout.split() == [str(huge), str(expected_factor)]
 
 
-def test_stylize_asks_for_huge_pages_for_tiled_runs_only(monkeypatch, tmp_path):
+def test_stylize_asks_for_huge_pages_for_tiled_pytorch_cpu_runs_only(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     import ultrastyle.cli.main as cli
@@ -264,12 +264,13 @@ def test_stylize_asks_for_huge_pages_for_tiled_runs_only(monkeypatch, tmp_path):
     monkeypatch.setattr(stylize_cli, "open_runner", open_runner)
     for name in ("c.png", "s.png"):
         Image.new("RGB", (32, 32)).save(tmp_path / name)
-    for extra in ([], ["--no-tile"]):
+    cases = {("--backend", "torch"): ["huge", "runner"], ("--backend", "torch", "--no-tile"): ["runner"], (): ["runner"]}
+    for extra, expected in cases.items():
         calls.clear()
         args = ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s.png"), "-o", str(tmp_path / "out"), *extra]
         res = CliRunner().invoke(cli.app, args)
         assert "stopped here" in res.output
-        assert calls == (["huge", "runner"] if not extra else ["runner"]), (extra, calls, res.output)
+        assert calls == expected, (extra, calls, res.output)
 
 
 def test_every_command_keeps_freed_memory_first(monkeypatch):

@@ -186,8 +186,8 @@ def stylize_command(
     if depth not in (8, 16) or (depth == 16 and fmt is Format.jpg):
         raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
     tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)
-    if tiling is not None:
-        use_huge_pages()  # before the first tensor: tiles re-fault trimmed pages 2 MB at a time
+    if tiling is not None and backend.value == "torch" and device.value == "cpu":
+        use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
     options = StylizeOptions(
         method=method_name, alpha=alpha, levels=level_tuple, content_size=content_size,
         style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,

@@ -148,8 +148,10 @@ def use_huge_pages() -> bool:
     when it grows past the budget, and the next tiles fault their pages in
     again: 4.4-5.1M minor faults at 8 MP. Huge pages fault in 2 MB at a time:
     0.47-0.49M faults, 16-18% less wall time and a lower peak RSS (measured
-    in process, 8 MP, 1 GB budget; benchmarks/README.md). Not for the
-    whole-image path: it never trims, and its peak RSS grew by half.
+    in process, 8 MP, 1 GB budget; benchmarks/README.md), which leaves room
+    for larger tiles (`HUGE_PAGE_HEAP_FACTOR`). For tiled eager PyTorch on the
+    CPU only (``stylize`` asks for it there): the whole-image path never
+    trims, and its peak RSS grew by half; ONNX Runtime allocates its own.
 
     PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU allocation,
     so this must run before any tensor exists; an explicit
