@@ -247,12 +247,11 @@ def test_use_huge_pages_respects_explicit_opt_outs_and_sets_the_heap_factor(env,
 
 
 def test_stylize_asks_for_huge_pages_for_tiled_pytorch_cpu_runs_only(monkeypatch, tmp_path):
+    from PIL import Image
     from typer.testing import CliRunner
 
     import ultrastyle.cli.main as cli
     import ultrastyle.cli.stylize as stylize_cli
-
-    from PIL import Image
 
     calls = []
 
