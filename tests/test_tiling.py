@@ -180,6 +180,24 @@ def test_budget_tiling_equals_whole_image_and_uses_several_tiles(cd16x, style, p
     _assert_equal_to_whole(cd16x, photo, style, opts)
 
 
+def test_an_image_whose_area_fits_the_budget_runs_as_one_tile_whatever_its_shape():
+    from dataclasses import replace
+
+    from ultrastyle.runtime.memory import region_side_for_budget
+
+    spec, opts = ARCHS["cd16x"], TilingOptions(max_memory=256 * 2**20)
+    for k in range(1, 6):
+        side = region_side_for_budget(spec, k, opts.max_memory)
+        h, w = side // 2, side * 3 // 2  # 3/4 of the square's area, 1.5x its width
+        wide = plan_stage(spec, k, h, w, opts)
+        assert len(wide.encode_tiles()) == 1 and len(wide.decode_tiles()) == 1
+        assert wide.encode_tiles()[0].region_cols == Span(0, padded_size(w, spec.grid(k)))  # no halo: the image
+        squares = plan_stage(spec, k, h, w, replace(opts, whole_if_area_fits=False))
+        assert len(squares.encode_tiles()) > 1  # bounded by the square side, as TensorRT profiles need
+        too_big = plan_stage(spec, k, side, side * 3 // 2, opts)  # 1.5x the area
+        assert len(too_big.encode_tiles()) > 1
+
+
 def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
     whole = style_statistics(cd16x, photo, DEFAULT_LEVELS)
     tiled = style_statistics_tiled(cd16x, canvas_from_array(photo.numpy(), layout="chw"), DEFAULT_LEVELS, TilingOptions(tile=64))

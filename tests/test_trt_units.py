@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -96,10 +98,11 @@ def test_tiling_is_shrunk_to_fit_the_engines_and_never_grows():
     opts = TilingOptions(max_memory=8 * 2**30)
     levels = (5, 4, 3, 2, 1)
     big = {k: 1 << 20 for k in levels}
-    assert fit_tiling_to_engines(SPEC, levels, opts, big) is opts  # the budget's tiles fit: unchanged
+    # the budget's tiles fit: unchanged, but never one whole wide image past a profile's side
+    assert fit_tiling_to_engines(SPEC, levels, opts, big) == replace(opts, whole_if_area_fits=False)
     small = {k: 768 for k in levels}
     fitted = fit_tiling_to_engines(SPEC, levels, opts, small)
-    assert fitted.tile is not None
+    assert fitted.tile is not None and not fitted.whole_if_area_fits
     for k in levels:
         assert plan_region(plan_stage(SPEC, k, 8192, 8192, fitted)) <= 768
     with pytest.raises(ValueError, match="--tile-max"):

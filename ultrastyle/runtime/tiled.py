@@ -33,7 +33,7 @@ from ultrastyle.runtime.backends.base import Runner, StageNetworks
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.canvas import Canvas, sample_peak
 from ultrastyle.runtime.cascade import stylize_stage
-from ultrastyle.runtime.memory import core_for_budget, heap_factor, release_free_memory, trim_heap
+from ultrastyle.runtime.memory import core_for_budget, heap_factor, region_side_for_budget, release_free_memory, trim_heap
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
 from ultrastyle.runtime.styles import (
@@ -61,6 +61,9 @@ class TilingOptions:
     ram_canvas_limit: int | None = None  # an image whose canvases need more goes to disk; None: max_memory // 4
     cache_features: bool | None = None  # None: decided per stage by encoder cost
     uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
+    # One tile without halo wherever the image's area fits the budget's square region, whatever its
+    # shape; off where regions are bounded per side (TensorRT profiles: `trt.profiles.fit_tiling_to_engines`).
+    whole_if_area_fits: bool = True
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
         """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
@@ -153,13 +156,18 @@ def plan_stage(
         full_halo = min(full_halo, round_up(options.halo, g))
         dec_halo = min(dec_halo, round_up(options.halo, g) // g)
     cache = options.caches(spec, stage)
+    height, width = padded_size(height, g), padded_size(width, g)
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
+    elif options.whole_if_area_fits and height * width <= region_side_for_budget(
+        spec, stage, options.max_memory, factor=memory_factor
+    ) ** 2:  # the memory is the area's: a 2 MP image, wider than the square, still runs whole
+        encode_core = decode_core = max(height, width)
     else:
         encode_core = core_for_budget(spec, stage, options.max_memory, enc_halo, factor=memory_factor)
         decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo, factor=memory_factor)
     return StagePlan(
-        stage, g, padded_size(height, g), padded_size(width, g), enc_halo, full_halo, dec_halo,
+        stage, g, height, width, enc_halo, full_halo, dec_halo,
         encode_core, decode_core, bool(cache), bool(options.uniform_tiles),
     )  # fmt: skip
 

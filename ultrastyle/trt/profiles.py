@@ -163,13 +163,16 @@ def fit_tiling_to_engines(
     max_regions: dict[int, int],
     factor=lambda stage: 1.0,
 ) -> TilingOptions:
-    """``options`` unchanged when every stage's planned regions fit its engines' profile max, else a smaller ``tile``.
+    """``options`` when every stage's planned regions fit its engines' profile max, else a smaller ``tile``.
+
+    Either way without `TilingOptions.whole_if_area_fits`: regions stay within the profiles' square.
 
     The tiled pipeline takes one tile for all stages, so the tile is the
     smallest of the budget's cores and the profiles' largest cores: never more
     memory than the budget, never a region outside a profile. An explicit
     ``--tile`` that does not fit raises ValueError saying what fits.
     """
+    options = replace(options, whole_if_area_fits=False)  # a whole wide image could pass a profile's max side
     plans = {k: plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, options, factor(k)) for k in set(levels)}
     if all(plan_region(p) <= max_regions[k] for k, p in plans.items()):
         return options
