@@ -63,10 +63,11 @@ From the repository root, with ``../shared`` beside it::
 
 How long it takes (2-core machine, 24 GiB)
 ------------------------------------------
-``--quick``: about 2-3 minutes. The full run does ~166 MP through the tiled
-path and 26 MP through the whole-image path (skipped above ``--whole-max-mp``:
-it needs about 1.4 GB per MP), at roughly 10-15 s/MP: plan on 45-60 minutes,
-plus a minute to build the inputs. Run it on an otherwise idle machine; the
+``--quick``: about 1-2 minutes. The full run does ~166 MP through each
+tiled path and 26 MP through the whole-image path (skipped above
+``--whole-max-mp``: it needs about 0.6 GB per MP), at roughly 2.5-3.5 s/MP
+each: about 20 minutes (run U, 2026-11-22: 18.5), plus a minute to build
+the inputs. Run it on an otherwise idle machine; the
 timings are per process and CPU contention shows up directly in them.
 
 The work folder (inputs, outputs) is created under ``--scratch`` (default:
@@ -440,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-memory", default="1GB", help="TilingOptions.max_memory for the tiled path (default 1GB)")
     ap.add_argument("--paths", type=_paths, default=list(PATHS), help=f"some of {','.join(PATHS)} (default all)")
     ap.add_argument("--whole-max-mp", type=float, default=16.0,
-                    help="skip the whole-image path above this many MP (it needs ~1.4 GB/MP; default 16)")  # fmt: skip
+                    help="skip the whole-image path above this many MP (it needs ~0.6 GB/MP with freed memory kept; default 16)")  # fmt: skip
     ap.add_argument("--source", type=_resolve, default=DEFAULT_SOURCE, help="photo resized to each size")
     ap.add_argument("--style", type=_resolve, default=DEFAULT_STYLE)
     ap.add_argument("--style-size", type=int, default=1024, help="style long side in px (default 1024)")
