@@ -204,11 +204,9 @@ print(huge, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _thp_possible() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
+    from ultrastyle.runtime.memory import transparent_huge_pages
+
+    return transparent_huge_pages() not in (None, "never")
 
 
 @pytest.mark.skipif(not _thp_possible(), reason="no transparent huge pages here (Linux with THP not 'never')")
@@ -270,6 +268,26 @@ def test_stylize_asks_for_huge_pages_for_tiled_pytorch_cpu_runs_only(monkeypatch
         res = CliRunner().invoke(cli.app, args)
         assert "stopped here" in res.output
         assert calls == expected, (extra, calls, res.output)
+
+
+def test_transparent_huge_pages_reads_the_bracketed_mode(monkeypatch, tmp_path):
+    import builtins
+
+    import ultrastyle.runtime.memory as mem
+
+    real_open = builtins.open
+    fake = tmp_path / "enabled"
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(fake if str(path).endswith("transparent_hugepage/enabled") else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    for text, mode in (("always [madvise] never\n", "madvise"), ("[always] madvise never\n", "always"), ("always madvise [never]\n", "never")):
+        fake.write_text(text)
+        assert mem.transparent_huge_pages() == mode
+        assert ("use them" in mem.describe_memory_setup()) == (mode != "never")
+    fake.unlink()
+    assert mem.transparent_huge_pages() is None
 
 
 def test_every_command_keeps_freed_memory_first(monkeypatch):

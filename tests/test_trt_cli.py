@@ -24,7 +24,7 @@ def images(tmp_path, shared_dir):
 def test_doctor_reports_every_component_and_exits_0_without_a_gpu():
     r = CliRunner().invoke(app, ["doctor"])
     assert r.exit_code == 0, r.output
-    for name in ("python", "torch", "onnxruntime", "tensorrt", "cuda-python", "pycuda"):
+    for name in ("python", "memory", "torch", "onnxruntime", "tensorrt", "cuda-python", "pycuda"):
         assert name in r.output
     assert "gpu" in r.output and "backends:" in r.output
     if missing_for_tensorrt():

@@ -32,7 +32,10 @@ def gather() -> list[Row]:
         probe_gpus,
     )
 
+    from ultrastyle.runtime.memory import describe_memory_setup
+
     rows = [Row("python", "ok", f"{platform.python_version()} ({sys.executable})")]
+    rows.append(Row("memory", "info", describe_memory_setup()))
     try:
         import torch
 
@@ -82,7 +85,7 @@ def gather() -> list[Row]:
 
 
 def doctor_command() -> None:
-    """Report Python, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver.
+    """Report Python, the memory setup, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver.
 
     Exit status 0 on a healthy setup, CPU-only included; what is missing comes
     with the command that installs it.

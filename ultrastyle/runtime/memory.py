@@ -170,17 +170,39 @@ def huge_pages_in_effect() -> bool:
 
     Two 4 MB blocks, both page-aligned: by chance 1 in 4096 with the default 64-byte alignment.
     """
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return False
-    except OSError:
+    if transparent_huge_pages() in (None, "never"):
         return False
     import torch
 
     blocks = [torch.empty(2**20) for _ in range(2)]
     page = os.sysconf("SC_PAGE_SIZE")
     return all(b.data_ptr() % page == 0 for b in blocks)
+
+
+def transparent_huge_pages() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``); None where unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def describe_memory_setup() -> str:
+    """One line for ``ultrastyle doctor``: what the commands do to malloc here, and whether huge pages exist."""
+    if _libc() is None:
+        heap = "not glibc: malloc left as it is"
+    elif os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
+        heap = "glibc malloc left as it is (ULTRASTYLE_MALLOC=system)"
+    else:
+        heap = "glibc: commands keep freed memory for reuse (ULTRASTYLE_MALLOC=system opts out)"
+    mode = transparent_huge_pages()
+    if mode in (None, "never"):
+        pages = f"transparent huge pages {mode or 'unknown'}: tiled PyTorch runs fault 4 KB pages"
+    else:
+        pages = f"transparent huge pages '{mode}': tiled PyTorch runs use them"
+    return f"{heap}; {pages}"
 
 
 def heap_factor() -> float:
