@@ -16,7 +16,7 @@ from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import TilingOptions, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import TilingOptions, plan_for, style_statistics_tiled, stylize_tiled
 from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt.device_memory import ALIGNMENT, DeviceMemory, GrowingBuffer, GrowingPinned, open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable
@@ -270,8 +270,9 @@ def test_tiled_equals_whole_image_on_cuda_and_both_match_the_cpu(cpu_model, gpu_
 
 def test_tiled_run_keeps_gpu_memory_within_the_budget(gpu_model, photo, style, cuda):
     budget = 64 * MiB
-    opts = TilingOptions(max_memory=budget)
+    opts = TilingOptions(max_memory=budget, whole_if_area_fits=False)  # tiles at every stage, not whole stages
     with TorchRunner(gpu_model) as r:
+        assert len(plan_for(r, 5, *photo.shape[-2:], opts).encode_tiles()) > 1
         stats = style_statistics_tiled(r, canvas_from_array(style.numpy(), layout="chw"), DEFAULT_LEVELS, opts)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(cuda)

@@ -13,7 +13,7 @@ from ultrastyle.runtime.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.padding import padded_size
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
-from ultrastyle.runtime.tiled import TilingOptions, plan_stage, read_region, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage, read_region, style_statistics_tiled, stylize_tiled
 from ultrastyle.runtime.tiling import Span, plan_tiles
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (issue #3).
@@ -196,6 +196,8 @@ def test_an_image_whose_area_fits_the_budget_runs_as_one_tile_whatever_its_shape
         assert len(squares.encode_tiles()) > 1  # bounded by the square side, as TensorRT profiles need
         too_big = plan_stage(spec, k, side, side * 3 // 2, opts)  # 1.5x the area
         assert len(too_big.encode_tiles()) > 1
+        bounded = type("Bounded", (), {"arch": spec, "bounded_regions": True, "memory_factor": lambda self, k: 1.0})()
+        assert len(plan_for(bounded, k, h, w, opts).encode_tiles()) > 1  # a runner bounded per side: no wide whole
 
 
 def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):

@@ -27,6 +27,7 @@ def test_doctor_reports_every_component_and_exits_0_without_a_gpu():
     for name in ("python", "memory", "torch", "onnxruntime", "tensorrt", "cuda-python", "pycuda"):
         assert name in r.output
     assert "gpu" in r.output and "backends:" in r.output
+    assert "transparent huge pages" in " ".join(r.output.split())  # the memory row (rich may wrap it)
     if missing_for_tensorrt():
         assert "pip install 'ultrastyle[tensorrt]'" in r.output
 

@@ -13,7 +13,7 @@ import torch
 from ultrastyle.export.stats_graph import STATS_OUTPUTS, build_stats_graph, stats_from_outputs, window_masks
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
-from ultrastyle.runtime.tiled import TilingOptions, plan_stage
+from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage
 from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.device_memory import open_device_memory
@@ -61,19 +61,32 @@ def test_network_shapes_are_the_region_at_each_networks_resolution():
     assert st["row_mask"][2] == (64,) and st["features"] == dec["features"]
 
 
+class _TensorRTLike:
+    """What `plan_for` reads from a `TensorRTRunner`."""
+
+    arch, bounded_regions = SPEC, True
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+
+    def memory_factor(self, stage: int) -> float:
+        return memory_factor(SPEC, stage, self.precision)
+
+
 def test_default_profile_covers_every_region_the_planner_makes():
     opts = TilingOptions()
     for precision in ("fp32", "fp16"):
         ranges = default_ranges(SPEC, (1, 2, 3, 4, 5), precision)
         for k, rng in ranges.items():
             assert not profile_problems(SPEC, k, rng), (k, rng)
-            for side in (97, 3000, 8192):  # small, odd and large images
-                plan = plan_stage(SPEC, k, side, side, opts, memory_factor(SPEC, k, precision))
+            # small, odd, large; and a wide strip whose area fits the budget, but not its side
+            for h, w in ((97, 97), (3000, 3000), (8192, 8192), (600, 6000)):
+                plan = plan_for(_TensorRTLike(precision), k, h, w, opts)
                 scale = plan.grid if plan.cache else 1  # cached pass-2 tiles are in feature pixels
                 regions = [(t.region_rows.size, t.region_cols.size) for t in plan.encode_tiles()]
                 regions += [(t.region_rows.size * scale, t.region_cols.size * scale) for t in plan.decode_tiles()]
-                assert max(max(r) for r in regions) <= rng.max, (k, side)
-                assert min(min(r) for r in regions) >= rng.min, (k, side)
+                assert max(max(r) for r in regions) <= rng.max, (k, h, w)
+                assert min(min(r) for r in regions) >= rng.min, (k, h, w)
 
 
 def test_profile_problems_name_grid_min_and_halo():

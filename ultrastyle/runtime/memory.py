@@ -157,12 +157,23 @@ def use_huge_pages() -> bool:
     so this must run before any tensor exists; an explicit
     ``THP_MEM_ALLOC_ENABLE=0`` or ``ULTRASTYLE_MALLOC=system`` is respected.
     """
-    if not sys.platform.startswith("linux") or os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
-        return False
+    if _huge_pages_opted_out() or transparent_huge_pages() in (None, "never"):
+        return False  # (never: PyTorch would still align blocks to pages, for nothing)
     global _HUGE_PAGES
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     _HUGE_PAGES = huge_pages_in_effect()
     return _HUGE_PAGES
+
+
+def _huge_pages_opted_out() -> str | None:
+    """What keeps `use_huge_pages` off here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    if os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
+        return "ULTRASTYLE_MALLOC=system"
+    if os.environ.get("THP_MEM_ALLOC_ENABLE", "1") in ("0", ""):
+        return "THP_MEM_ALLOC_ENABLE=0"
+    return None
 
 
 def huge_pages_in_effect() -> bool:
@@ -197,9 +208,11 @@ def describe_memory_setup() -> str:
         heap = "glibc malloc left as it is (ULTRASTYLE_MALLOC=system)"
     else:
         heap = "glibc: commands keep freed memory for reuse (ULTRASTYLE_MALLOC=system opts out)"
-    mode = transparent_huge_pages()
+    mode, off = transparent_huge_pages(), _huge_pages_opted_out()
     if mode in (None, "never"):
         pages = f"transparent huge pages {mode or 'unknown'}: tiled PyTorch runs fault 4 KB pages"
+    elif off:
+        pages = f"transparent huge pages '{mode}', not used ({off})"
     else:
         pages = f"transparent huge pages '{mode}': tiled PyTorch runs use them"
     return f"{heap}; {pages}"

@@ -62,8 +62,9 @@ class TilingOptions:
     cache_features: bool | None = None  # None: decided per stage by encoder cost
     uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
     # One tile without halo wherever the image's area fits the budget's square region, whatever its
-    # shape; off where regions are bounded per side (TensorRT profiles: `trt.profiles.fit_tiling_to_engines`).
-    whole_if_area_fits: bool = True
+    # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
+    # `Runner.bounded_regions` (`plan_for`); on for `plan_stage` called directly.
+    whole_if_area_fits: bool | None = None
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
         """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
@@ -159,7 +160,7 @@ def plan_stage(
     height, width = padded_size(height, g), padded_size(width, g)
     if options.tile is not None:
         encode_core = decode_core = max(g, options.tile // g * g)
-    elif options.whole_if_area_fits and height * width <= region_side_for_budget(
+    elif options.whole_if_area_fits is not False and height * width <= region_side_for_budget(
         spec, stage, options.max_memory, factor=memory_factor
     ) ** 2:  # the memory is the area's: a 2 MP image, wider than the square, still runs whole
         encode_core = decode_core = max(height, width)
@@ -395,12 +396,14 @@ def _core_statistics(
 
 
 def plan_for(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
-    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference.
+    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference and region bounds.
 
     A bare StyleModel has neither: the eager PyTorch factor (`memory.heap_factor`), clipped regions.
     """
     if options.uniform_tiles is None:
         options = replace(options, uniform_tiles=getattr(model, "uniform_tiles", False))
+    if options.whole_if_area_fits is None:
+        options = replace(options, whole_if_area_fits=not getattr(model, "bounded_regions", False))
     return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
 
 

@@ -86,7 +86,8 @@ def default_ranges(
     out = {}
     for k in stages:
         g = spec.grid(k)
-        plan = plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, replace(options, max_memory=max_memory), memory_factor(spec, k, precision))
+        plan = plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, replace(options, max_memory=max_memory, whole_if_area_fits=False),
+                          memory_factor(spec, k, precision))  # fmt: skip
         pass2 = plan.decode_core + 2 * (plan.dec_halo * g if plan.cache else plan.full_halo)
         biggest = round_up(max(plan.encode_core + 2 * plan.enc_halo, pass2), g)
         out[k] = TileRange(2 * g, biggest, biggest)

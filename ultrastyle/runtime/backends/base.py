@@ -58,6 +58,7 @@ class Runner(ABC):
     # Whether the tiled pipeline should give every tile of a pass one shape (`runtime.tiling`, uniform):
     # worth its extra border compute where the backend caches memory or plans per input shape.
     uniform_tiles = False
+    bounded_regions = False  # True: regions are limited per side (engine profiles), so no whole wide image
     # Share of the memory budget the runner and the C heap may keep between tiles before the tiled
     # pipeline hands it back (`TilingOptions.cache_bytes`): keeping more faults less, costs RSS.
     # Measured at 40 MP, 1 GB budget, eager PyTorch: 3/4 -> 3.68 s/MP, 1.73 GiB; all -> 3.54, 2.24 GiB.

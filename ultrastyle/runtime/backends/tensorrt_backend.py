@@ -70,6 +70,7 @@ class TensorRTRunner(Runner):
     """Runs a bundle's TensorRT engines (built by ``ultrastyle build``) on this machine's first GPU."""
 
     backend = "tensorrt"
+    bounded_regions = True  # engine profiles bound each side: `TilingOptions.whole_if_area_fits` stays off
 
     def __init__(
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
