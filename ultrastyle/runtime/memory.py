@@ -133,12 +133,17 @@ def keep_freed_memory() -> bool:
     """
     global _HEAP_KEEPS_FREED
     libc = _libc()
-    if libc is None or os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
+    if libc is None or _system_malloc_requested():
         return False
     if not _HEAP_KEEPS_FREED:
         # mmap requests fall back to the heap; free() trims the heap's top only past 1 TiB (i.e. on trim_heap).
         _HEAP_KEEPS_FREED = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**40 - 1))
     return _HEAP_KEEPS_FREED
+
+
+def _system_malloc_requested() -> bool:
+    """``ULTRASTYLE_MALLOC=system``: leave glibc's malloc and PyTorch's pages as they are."""
+    return os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system"
 
 
 def use_huge_pages() -> bool:
@@ -169,7 +174,7 @@ def _huge_pages_opted_out() -> str | None:
     """What keeps `use_huge_pages` off here, or None."""
     if not sys.platform.startswith("linux"):
         return "not Linux"
-    if os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
+    if _system_malloc_requested():
         return "ULTRASTYLE_MALLOC=system"
     if os.environ.get("THP_MEM_ALLOC_ENABLE", "1") in ("0", ""):
         return "THP_MEM_ALLOC_ENABLE=0"
@@ -180,9 +185,8 @@ def huge_pages_in_effect() -> bool:
     """Whether PyTorch's CPU allocator page-aligns its blocks, as it does with ``THP_MEM_ALLOC_ENABLE``.
 
     Two 4 MB blocks, both page-aligned: by chance 1 in 4096 with the default 64-byte alignment.
+    (Whether the kernel offers huge pages at all is `transparent_huge_pages`.)
     """
-    if transparent_huge_pages() in (None, "never"):
-        return False
     import torch
 
     blocks = [torch.empty(2**20) for _ in range(2)]
@@ -204,7 +208,7 @@ def describe_memory_setup() -> str:
     """One line for ``ultrastyle doctor``: what the commands do to malloc here, and whether huge pages exist."""
     if _libc() is None:
         heap = "not glibc: malloc left as it is"
-    elif os.environ.get("ULTRASTYLE_MALLOC", "").lower() == "system":
+    elif _system_malloc_requested():
         heap = "glibc malloc left as it is (ULTRASTYLE_MALLOC=system)"
     else:
         heap = "glibc: commands keep freed memory for reuse (ULTRASTYLE_MALLOC=system opts out)"
