@@ -81,28 +81,41 @@ def test_memory_estimate_within_25_percent_of_measured_peak(cd16x_dir, stage, si
     assert 0.75 <= ratio <= 1.25, f"estimate {r['estimate'] / 2**20:.0f} MiB vs measured {r['measured'] / 2**20:.0f} MiB"
 
 
-_FAULTS_ON_REUSE = """
-import resource, sys, torch
+_STAGE5_FAULTS = """
+import resource, sys
+from ultrastyle.runtime.memory import _libc, keep_freed_memory, use_huge_pages
+models, malloc, pages, trim = sys.argv[1:5]
+applied = keep_freed_memory() if malloc == "keep" else False
+huge = use_huge_pages() if pages == "huge" else False  # before the first tensor
+import torch
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.runtime.memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 torch.set_num_threads(1)
-model = load_cd_folder(sys.argv[2], stages=(5,))
+model = load_cd_folder(models, stages=(5,))
 x = torch.rand(1, 3, 768, 768)
 with torch.inference_mode():
     model.encode(5, x)  # the first tile maps its memory in
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):
+        if trim == "trim":
+            _libc().malloc_trim(0)  # as the tiled path does once the heap grew past its share of the budget
         model.encode(5, x)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+try:
+    with open("/proc/self/smaps_rollup") as f:
+        anon_huge_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("AnonHugePages:"))
+except (OSError, StopIteration):
+    anon_huge_kb = -1
+print(applied, huge, faults, anon_huge_kb)
 """
 
 
-def _faults_on_reuse(mode: str, models) -> tuple[str, int]:
-    cmd = [sys.executable, "-c", _FAULTS_ON_REUSE, mode, str(models)]
-    env = {k: v for k, v in os.environ.items() if k != "ULTRASTYLE_MALLOC"}  # conftest opts this process out
-    applied, faults = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
-    return applied, int(faults)
+def _stage5_faults(models, malloc: str, pages: str = "small", trim: str = "no-trim") -> tuple[bool, bool, int, int]:
+    """(keep_freed_memory applied, huge pages in effect, minor faults of 3 stage-5 tiles after the first, AnonHugePages kB)."""
+    cmd = [sys.executable, "-c", _STAGE5_FAULTS, str(models), malloc, pages, trim]
+    # conftest opts this process out; the probe decides for itself
+    env = {k: v for k, v in os.environ.items() if k not in ("ULTRASTYLE_MALLOC", "THP_MEM_ALLOC_ENABLE")}
+    applied, huge, faults, anon = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+    return applied == "True", huge == "True", int(faults), int(anon)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -112,9 +125,9 @@ def test_keep_freed_memory_lets_later_tiles_reuse_freed_pages(cd16x_dir):
 
     if _libc() is None:
         pytest.skip("not glibc (musl or another libc): there is nothing to tune")
-    applied, kept = _faults_on_reuse("keep", cd16x_dir)
-    _, default = _faults_on_reuse("system", cd16x_dir)
-    assert applied == "True"
+    applied, _, kept, _ = _stage5_faults(cd16x_dir, "keep")
+    _, _, default, _ = _stage5_faults(cd16x_dir, "system")
+    assert applied
     assert kept * 4 < default, f"{kept} minor faults with freed memory kept, {default} with glibc's default"
 
 
@@ -183,32 +196,6 @@ def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_
     assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05
 
 
-_FAULTS_AFTER_TRIM = """
-import resource, sys
-from ultrastyle.runtime.memory import _libc, keep_freed_memory, use_huge_pages
-keep_freed_memory()
-huge = use_huge_pages() if sys.argv[1] == "huge" else False
-import torch
-from ultrastyle.models.pretrained import load_cd_folder
-torch.set_num_threads(1)
-model = load_cd_folder(sys.argv[2], stages=(5,))
-x = torch.rand(1, 3, 768, 768)
-with torch.inference_mode():
-    model.encode(5, x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        _libc().malloc_trim(0)  # as the tiled path does once the heap grew past its share of the budget
-        model.encode(5, x)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-try:
-    with open("/proc/self/smaps_rollup") as f:
-        anon_huge_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("AnonHugePages:"))
-except (OSError, StopIteration):
-    anon_huge_kb = -1
-print(huge, faults, anon_huge_kb)
-"""
-
-
 def _thp_possible() -> bool:
     from ultrastyle.runtime.memory import transparent_huge_pages
 
@@ -222,15 +209,11 @@ def test_huge_pages_cut_the_faults_of_tiles_after_a_trim(cd16x_dir):
 
     if _libc() is None:
         pytest.skip("not glibc: no malloc_trim")
-    env = {k: v for k, v in os.environ.items() if k not in ("ULTRASTYLE_MALLOC", "THP_MEM_ALLOC_ENABLE")}
-    out = {}
-    for mode in ("huge", "small"):
-        cmd = [sys.executable, "-c", _FAULTS_AFTER_TRIM, mode, str(cd16x_dir)]
-        out[mode] = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert out["huge"][0] == "True" and out["small"][0] == "False"
-    if int(out["huge"][2]) == 0:  # advised, but none granted (memory fragmented, a cgroup, defrag settings)
+    _, in_effect, huge, anon_huge_kb = _stage5_faults(cd16x_dir, "keep", "huge", "trim")
+    _, off, small, _ = _stage5_faults(cd16x_dir, "keep", "small", "trim")
+    assert in_effect and not off
+    if anon_huge_kb == 0:  # advised, but none granted (memory fragmented, a cgroup, defrag settings)
         pytest.skip("the kernel granted no huge pages to the test process (AnonHugePages 0)")
-    huge, small = int(out["huge"][1]), int(out["small"][1])
     assert huge * 4 < small, f"{huge} minor faults with huge pages, {small} without"
 
 
