@@ -90,7 +90,7 @@ from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.memory import parse_bytes
-from ultrastyle.runtime.tiled import TilingOptions, canvas_to_image, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled
 
 GiB = 2**30
 
@@ -142,7 +142,7 @@ def run_once(runner: TorchRunner, content: np.ndarray, style: torch.Tensor, path
         with canvas_from_array(style.numpy(), layout="chw") as sc:
             stats = style_statistics_tiled(runner, sc, DEFAULT_LEVELS, opts)
         h, w = content.shape[:2]
-        cv = canvas_from_array(content, disk_dir=opts.canvas_dir(runner.arch, h, w, DEFAULT_LEVELS))
+        cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
         try:
             res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
             try:

@@ -9,11 +9,13 @@ import torch
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
-from ultrastyle.runtime.canvas import Canvas, canvas_from_array
+from ultrastyle.runtime.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.padding import padded_size
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
-from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage, read_region, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import (
+    TilingOptions, plan_for, plan_stage, read_region, style_statistics_tiled, stylize_stage_tiled, stylize_tiled,
+)  # fmt: skip
 from ultrastyle.runtime.tiling import Span, plan_tiles
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (issue #3).
@@ -167,7 +169,7 @@ def test_disk_canvases_give_the_same_result_as_ram(cd16x, style, photo, tmp_path
     content = photo[:, :96, :144]
     ram = _tiled(cd16x, content, style, TilingOptions(tile=48))
     disk_opts = TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path)
-    assert disk_opts.canvas_dir(cd16x.arch, 96, 144, DEFAULT_LEVELS) == str(tmp_path)
+    assert disk_opts.for_runner(cd16x).canvas_site(cd16x.arch, 96, 144, DEFAULT_LEVELS) == CanvasSite(disk_dir=str(tmp_path))
     disk = _tiled(cd16x, content, style, disk_opts)
     assert torch.equal(ram, disk)
     assert list(tmp_path.iterdir()) == []  # scratch files are unlinked
@@ -211,13 +213,100 @@ def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
         torch.testing.assert_close(tiled[k].mean, whole[k].mean, rtol=1e-5, atol=1e-6)
 
 
-def test_read_region_mirrors_past_the_bottom_right_edge():
+@pytest.mark.parametrize("on_tensor", [False, True], ids=["ram", "tensor"])
+def test_read_region_mirrors_past_the_bottom_right_edge(on_tensor, device):
     a = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
-    cv = Canvas(2, 5, 7)
+    cv = Canvas(2, 5, 7, device=device if on_tensor else None)
     cv.write(0, 0, a)
-    got = read_region(cv, Span(2, 8), Span(4, 10))[0].numpy()
+    got = read_region(cv, Span(2, 8), Span(4, 10), device)
+    assert got.device.type == device.type and got.is_contiguous()
     rows, cols = [2, 3, 4, 3, 2, 1], [4, 5, 6, 5, 4, 3]
-    assert np.array_equal(got, a[:, rows][:, :, cols])
+    assert np.array_equal(got[0].cpu().numpy(), a[:, rows][:, :, cols])
+
+
+def test_tensor_canvas_reads_and_writes_as_a_ram_canvas(device):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ram, dev = canvas_from_array(pixels), canvas_from_array(pixels, device=device)
+    assert dev.device.type == device.type and ram.device is None
+    assert np.array_equal(ram.numpy(), dev.numpy())  # the uint8 -> [0, 1] division on the device matches the host's
+    block = torch.from_numpy(rng.random((3, 9, 11), dtype=np.float32))
+    for cv in (ram, dev):
+        cv.write_tensor(30, 45, block[:, :7, :8].to(device))  # clipped by the caller to the canvas, as pass 2 does
+        cv.write(0, 0, block.numpy())
+    assert np.array_equal(ram.numpy(), dev.numpy())
+    got = dev.read_tensor(slice(30, 37), slice(45, 53), device)
+    assert torch.equal(got.cpu(), block[:, :7, :8])
+    got.zero_()  # a read is a copy: the canvas keeps its pixels
+    assert np.array_equal(dev.rows_band(30, 37)[:, :, 45:], block[:, :7, :8].numpy())
+    dev.close()
+    with pytest.raises(ValueError, match="closed"):
+        dev.numpy()
+
+
+def test_tensor_canvases_give_the_same_stage_output_as_ram_canvases(cd16x, cd16x_dir, style, photo, device):
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+
+    content = photo[:, :96, :128].contiguous()
+    model = cd16x if device.type == "cpu" else load_cd_folder(cd16x_dir).to(device)
+    outs = []
+    with TorchRunner(model) as runner:  # IEEE float32 on CUDA
+        stats = style_statistics(runner, style.to(device), (4,))
+        opts = TilingOptions(tile=32).for_runner(runner)
+        assert len(plan_for(runner, 4, 96, 128, opts).encode_tiles()) > 1
+        for site in (CanvasSite(), CanvasSite(device=device)):
+            src = canvas_from_array(content.numpy(), layout="chw", device=site.device)
+            out = stylize_stage_tiled(runner, 4, src, stats, opts, method="wct", alpha=0.6, site=site)
+            assert (out.device is None) == (site.device is None)
+            outs.append(out.numpy().copy())
+    assert np.array_equal(outs[0], outs[1])
+
+
+class _Runner:
+    """What `TilingOptions.for_runner` reads from a runner."""
+
+    def __init__(self, device: str, budget_memory: str) -> None:
+        self.device, self.budget_memory = torch.device(device), budget_memory
+
+
+def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, monkeypatch, tmp_path):
+    import ultrastyle.runtime.tiled as tiled
+
+    monkeypatch.setattr(tiled, "available_bytes", lambda: 8 * 2**30)
+    arch, h, w = cd16x.arch, 2000, 3000
+    need = TilingOptions().canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+    assert 2**26 < need < 2**30
+
+    def site(budget_bytes, runner, **kw):
+        opts = TilingOptions(max_memory=budget_bytes, scratch_dir=tmp_path, **kw).for_runner(runner)
+        return opts.canvas_site(arch, h, w, DEFAULT_LEVELS, runner.device), opts.for_image(arch, h, w, DEFAULT_LEVELS, runner.device).max_memory
+
+    # Host budget (CPU): RAM while the canvases take at most a quarter of it, which the tiles then lose.
+    cpu = _Runner("cpu", "host")
+    assert site(4 * need, cpu) == (CanvasSite(), 3 * need)
+    assert site(4 * need - 4, cpu) == (CanvasSite(disk_dir=str(tmp_path)), 4 * need - 4)
+    # Device budget, tensors on the GPU: on the device up to half the budget (shared with the tiles) ...
+    gpu = _Runner("cuda", "device")
+    assert site(2 * need, gpu) == (CanvasSite(device=torch.device("cuda")), need)
+    # ... else in host RAM (half of what is available), which the device budget does not count ...
+    assert site(2 * need - 2, gpu) == (CanvasSite(), 2 * need - 2)
+    assert site(2 * need - 2, gpu, ram_canvas_limit=need - 1)[0] == CanvasSite(disk_dir=str(tmp_path))
+    monkeypatch.setattr(tiled, "available_bytes", lambda: 2 * need - 2)
+    assert site(need, gpu)[0] == CanvasSite(disk_dir=str(tmp_path))
+    # ... and never on the device for runners whose tiles cross as host arrays (TensorRT, ORT's CUDA provider).
+    monkeypatch.setattr(tiled, "available_bytes", lambda: 8 * 2**30)
+    assert site(64 * need, _Runner("cpu", "device")) == (CanvasSite(), 64 * need)
+
+
+def test_the_budget_is_the_runners_unless_the_options_say(cd16x):
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+
+    assert TilingOptions().for_runner(TorchRunner(cd16x)).budget == "host"
+    assert TilingOptions().for_runner(cd16x).budget == "host"  # a bare model: where its tensors live
+    assert TilingOptions().for_runner(_Runner("cpu", "device")).budget == "device"
+    assert TilingOptions(budget="host").for_runner(_Runner("cuda", "device")).budget == "host"
+    with pytest.raises(ValueError, match="'host' or 'device'"):
+        TilingOptions(budget="gpu").for_runner(cd16x)
 
 
 def test_plan_stage_halos_follow_receptive_fields_on_the_grid():

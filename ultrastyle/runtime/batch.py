@@ -28,7 +28,9 @@ from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_stat
 from ultrastyle.runtime.color import check_mode, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.runtime.styles import Regions, Style, Target, mix_weights
-from ultrastyle.runtime.tiled import TileCallback, TilingOptions, canvas_to_image, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import (
+    TileCallback, TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled,
+)  # fmt: skip
 from ultrastyle.runtime.transforms import FeatureStats
 
 
@@ -285,8 +287,8 @@ def _stylize_tiled_to_file(
     assert tiling is not None
     pixels, original = _load_content(pair.content, options)
     h, w = pixels.shape[:2]
-    content = canvas_from_array(pixels, disk_dir=tiling.canvas_dir(model.arch, h, w, options.levels))
-    del pixels  # the canvas holds it now (on disk when large)
+    content = content_canvas(model, pixels, tiling, options.levels)
+    del pixels  # the canvas holds it now (on disk when large, on the GPU where it fits there)
     result: Canvas | None = None
     try:
         recolor = rgb_statistics(content) if options.preserve_color == "match" else None

@@ -1,28 +1,56 @@
 """Canvases: (C, H, W) float32 arrays that tiles are read from and written into.
 
-Small canvases live in RAM. Large ones live in an unlinked scratch file and
-are reached through a numpy memmap opened per access: the mapping is dropped
-after every tile, so the pages a tile touched do not stay in the process's
-resident set and image size is limited by disk, not RAM.
+Where a canvas lives (`CanvasSite`):
+
+- in RAM (a numpy array), the default;
+- on disk: an unlinked scratch file reached through a numpy memmap opened
+  per access. The mapping is dropped after every tile, so the pages a tile
+  touched do not stay in the process's resident set and image size is
+  limited by disk, not RAM;
+- on a GPU (a torch tensor), where the image's canvases fit beside the tiles
+  in the device budget: tiles then never cross to the host. Measured on an
+  H100 (benchmarks/gpu_torch.py), host canvases cost the tiled path most of
+  its time: strided copies, page faults and device-host transfers.
+
+Tiles move through `Canvas.read_tensor` / `Canvas.write_tensor`; from and to a
+host canvas they cross a GPU through page-locked memory.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class CanvasSite:
+    """Where new canvases go: ``device`` (a torch device), else ``disk_dir``, else RAM."""
+
+    disk_dir: str | None = None
+    device: torch.device | None = None
+
+    def describe(self) -> str:
+        return f"on {self.device}" if self.device is not None else f"on disk in {self.disk_dir}" if self.disk_dir else "in RAM"
 
 
 class Canvas:
-    """A float32 (C, H, W) array, in RAM or on disk."""
+    """A float32 (C, H, W) array, in RAM, on disk or on a torch device."""
 
-    def __init__(self, channels: int, height: int, width: int, *, disk_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, channels: int, height: int, width: int, *, disk_dir: str | Path | None = None, device: torch.device | None = None
+    ) -> None:
         self.shape = (channels, height, width)
         self._ram: np.ndarray | None = None
+        self._tensor: torch.Tensor | None = None
         self._file = None
-        if disk_dir is None:
+        if device is not None:
+            self._tensor = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        elif disk_dir is None:
             self._ram = np.zeros(self.shape, np.float32)
         else:
             # Unlinked at once: the space comes back even if the process is killed.
@@ -40,10 +68,19 @@ class Canvas:
                 self._file.close()
                 raise OSError(f"cannot allocate a {self.nbytes / 2**30:.1f} GiB scratch canvas in {disk_dir}: {exc}") from exc
 
+    @classmethod
+    def at(cls, site: CanvasSite, channels: int, height: int, width: int) -> Canvas:
+        return cls(channels, height, width, disk_dir=site.disk_dir, device=site.device)
+
     @property
     def nbytes(self) -> int:
         c, h, w = self.shape
         return c * h * w * 4
+
+    @property
+    def device(self) -> torch.device | None:
+        """The torch device holding the canvas; None for RAM and disk canvases."""
+        return None if self._tensor is None else self._tensor.device
 
     def _array(self) -> np.ndarray:
         if self._ram is not None:
@@ -54,31 +91,58 @@ class Canvas:
 
     def read(self, rows: np.ndarray | slice, cols: np.ndarray | slice) -> np.ndarray:
         """A copy of ``canvas[:, rows, cols]``; index arrays may repeat rows (reflection)."""
+        if self._tensor is not None:
+            return self.read_tensor(rows, cols, torch.device("cpu")).numpy()
+        return self._read_host(rows, cols)
+
+    def _read_host(self, rows: np.ndarray | slice, cols: np.ndarray | slice, out: torch.Tensor | None = None) -> np.ndarray:
         a = self._array()
-        rows, cols = _as_index(rows), _as_index(cols)
-        # Copy only the bounding box (a memmap pages in just that), then gather within it.
-        r_box, r_idx = _box(rows)
-        c_box, c_idx = _box(cols)
-        out = np.array(a[:, r_box, c_box])
+        if out is None:
+            out = torch.empty((self.shape[0], _length(rows, self.shape[1]), _length(cols, self.shape[2])), dtype=torch.float32)
+        _gather(torch.from_numpy(a), rows, cols, out)  # a memmap pages in just the rows and columns read
         del a
-        if r_idx is not None:
-            out = out[:, r_idx]
-        if c_idx is not None:
-            out = out[:, :, c_idx]
-        return np.ascontiguousarray(out)
+        return out.numpy()
+
+    def read_tensor(self, rows: np.ndarray | slice, cols: np.ndarray | slice, device: torch.device) -> torch.Tensor:
+        """``canvas[:, rows, cols]`` as a contiguous float32 tensor on ``device`` (a copy)."""
+        if self._tensor is not None:
+            out = self._tensor.new_empty((self.shape[0], _length(rows, self.shape[1]), _length(cols, self.shape[2])))
+            _gather(self._tensor, rows, cols, out)
+            return out.to(device)
+        if device.type != "cuda":
+            return torch.from_numpy(self._read_host(rows, cols))
+        # To a GPU through page-locked memory: one host copy instead of two, and a DMA transfer.
+        c = self.shape[0]
+        staged = torch.empty((c, _length(rows, self.shape[1]), _length(cols, self.shape[2])), dtype=torch.float32, pin_memory=True)
+        self._read_host(rows, cols, out=staged)
+        return staged.to(device, non_blocking=True)  # PyTorch keeps the page-locked block until the copy is done
 
     def write(self, row: int, col: int, block: np.ndarray) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for block (C, h, w)."""
+        if self._tensor is not None:
+            self.write_tensor(row, col, torch.from_numpy(np.ascontiguousarray(block)))
+            return
         a = self._array()
-        a[:, row : row + block.shape[1], col : col + block.shape[2]] = block
+        torch.from_numpy(a[:, row : row + block.shape[1], col : col + block.shape[2]]).copy_(_as_tensor(block))
         del a  # unmapping leaves the pages to the page cache; no msync: nothing needs them on disk
+
+    def write_tensor(self, row: int, col: int, block: torch.Tensor) -> None:
+        """``canvas[:, row:row+h, col:col+w] = block`` for a float tensor (C, h, w) on any device."""
+        if self._tensor is not None:
+            self._tensor[:, row : row + block.shape[1], col : col + block.shape[2]] = block.to(self._tensor.device)
+            return
+        if block.device.type == "cuda":
+            staged = torch.empty(block.shape, dtype=torch.float32, pin_memory=True)
+            staged.copy_(block)  # a DMA transfer into page-locked memory, then one host copy
+            block = staged
+        self.write(row, col, block.detach().float().numpy())
 
     def rows_band(self, r0: int, r1: int) -> np.ndarray:
         """A copy of rows [r0, r1) of every channel: (C, r1 - r0, W)."""
         return self.read(slice(r0, r1), slice(None))
 
     def numpy(self) -> np.ndarray:
-        """The whole canvas as an in-RAM array (a copy when on disk)."""
+        """The whole canvas as an in-RAM array (a copy when on disk or on a device)."""
         return self._ram if self._ram is not None else self.read(slice(None), slice(None))
 
     def close(self) -> None:
@@ -86,6 +150,7 @@ class Canvas:
             self._file.close()
             self._file = None
         self._ram = None
+        self._tensor = None
 
     def __enter__(self) -> Canvas:
         return self
@@ -94,41 +159,80 @@ class Canvas:
         self.close()
 
 
-def _as_index(idx: np.ndarray | slice) -> np.ndarray | slice:
+def _gather(src: torch.Tensor, rows: np.ndarray | slice, cols: np.ndarray | slice, out: torch.Tensor) -> None:
+    """``out[:] = src[:, rows, cols]`` by slice copies: one per run of consecutive (or mirrored) indices.
+
+    A tile's rows are one run, plus a short reversed run where it reaches past
+    the edge (reflection); slice copies use every core, where index_select
+    made 40 MP tiled runs on a GPU host spend a third of their time gathering.
+    """
+    for ro, rs, rn, rflip in _runs(rows, src.shape[1]):
+        for co, cs, cn, cflip in _runs(cols, src.shape[2]):
+            block = src[:, rs : rs + rn, cs : cs + cn]
+            flips = [d for d, f in ((1, rflip), (2, cflip)) if f]
+            out[:, ro : ro + rn, co : co + cn].copy_(block.flip(flips) if flips else block)
+
+
+def _runs(idx: np.ndarray | slice, size: int) -> list[tuple[int, int, int, bool]]:
+    """``idx`` as runs (start in the output, lowest source index, length, descending)."""
     if isinstance(idx, slice):
-        return idx
+        start, stop, step = idx.indices(size)
+        if step != 1:
+            raise ValueError(f"canvas slices take step 1, got {step}")
+        return [(0, start, max(0, stop - start), False)]
     idx = np.asarray(idx)
-    if idx.size and np.all(np.diff(idx) == 1):  # contiguous: a slice avoids a gather copy
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
+    gaps = np.diff(idx)
+    runs, i, n = [], 0, len(idx)
+    while i < n:
+        step = int(gaps[i]) if i + 1 < n and gaps[i] in (1, -1) else 0
+        if step:  # the run goes on while the gaps keep this step (a numpy search, not a Python loop)
+            ends = np.flatnonzero(gaps[i:] != step)
+            j = i + 1 + (int(ends[0]) if ends.size else n - 1 - i)
+        else:
+            j = i + 1
+        runs.append((i, int(idx[j - 1]) if step == -1 else int(idx[i]), j - i, step == -1))
+        i = j
+    return runs
 
 
-def _box(idx: np.ndarray | slice) -> tuple[slice, np.ndarray | None]:
-    """(bounding slice, indices relative to it or None when the slice is the answer)."""
-    if isinstance(idx, slice):
-        return idx, None
-    lo = int(idx.min())
-    return slice(lo, int(idx.max()) + 1), idx - lo
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory (a copy only where a stride is negative, which torch cannot view)."""
+    a = np.asarray(a)
+    return torch.from_numpy(a if all(st >= 0 for st in a.strides) else np.ascontiguousarray(a))
+
+
+def _length(idx: np.ndarray | slice, size: int) -> int:
+    return len(range(*idx.indices(size))) if isinstance(idx, slice) else len(idx)
+
+
 
 
 def canvas_from_array(
-    a: np.ndarray, *, layout: str = "hwc", disk_dir: str | Path | None = None, band: int = 512
+    a: np.ndarray, *, layout: str = "hwc", disk_dir: str | Path | None = None, device: torch.device | None = None, band: int = 512
 ) -> Canvas:
     """A canvas holding ``a`` ((H, W, C) or, with ``layout="chw"``, (C, H, W)); uint8/uint16 scale to [0, 1].
 
     Converted ``band`` rows at a time so a 100 MP image never has a whole
-    float32 copy in RAM besides the canvas.
+    float32 copy in RAM besides the canvas. To a device canvas the samples
+    travel in their own type (uint8: a quarter of float32's bytes) and are
+    scaled there.
     """
     if layout not in ("hwc", "chw"):
         raise ValueError(f"layout must be 'hwc' or 'chw', got {layout!r}")
     chw = layout == "chw"
     c, h, w = a.shape if chw else (a.shape[2], a.shape[0], a.shape[1])
     peak = sample_peak(a.dtype)
-    canvas = Canvas(c, h, w, disk_dir=disk_dir)
+    canvas = Canvas(c, h, w, disk_dir=disk_dir, device=device)
     try:
         for r in range(0, h, band):
             blk = a[:, r : r + band] if chw else np.moveaxis(a[r : r + band], 2, 0)
-            canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
+            if device is not None and blk.dtype == np.uint8:
+                # uint8 samples travel as such and are looked up on the device in a table of the host's
+                # float32 quotients (a GPU's division can round differently).
+                lut = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(peak)).to(device)
+                canvas.write_tensor(r, 0, lut[torch.from_numpy(np.ascontiguousarray(blk)).to(device).long()])
+            else:
+                canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
     except BaseException:
         canvas.close()
         raise

@@ -31,9 +31,11 @@ import torch
 
 from ultrastyle.runtime.backends.base import Runner, StageNetworks
 from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.canvas import Canvas, sample_peak
+from ultrastyle.runtime.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
 from ultrastyle.runtime.cascade import stylize_stage
-from ultrastyle.runtime.memory import core_for_budget, heap_factor, region_side_for_budget, release_free_memory, trim_heap
+from ultrastyle.runtime.memory import (
+    available_bytes, core_for_budget, heap_factor, region_side_for_budget, release_free_memory, trim_heap,
+)  # fmt: skip
 from ultrastyle.runtime.padding import padded_size, reflect_index
 from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
 from ultrastyle.runtime.styles import (
@@ -43,6 +45,10 @@ from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
 from ultrastyle.runtime.transforms import FeatureStats
 
 DEFAULT_MAX_MEMORY = 2 * 2**30
+# A device budget (GPU memory) holds an image's canvases while they take at most this share of it,
+# leaving the rest to the tiles; host canvases of a device budget take at most this share of free RAM.
+DEVICE_CANVAS_SHARE = 0.5
+HOST_CANVAS_SHARE = 0.5
 # Cache relu{k}_1 features between the passes when re-encoding would cost more
 # than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
 CACHE_MACS_PER_VALUE = 200
@@ -58,13 +64,32 @@ class TilingOptions:
     max_memory: int = DEFAULT_MAX_MEMORY
     halo: int | None = None  # None: exact (the full receptive field)
     scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
-    ram_canvas_limit: int | None = None  # an image whose canvases need more goes to disk; None: max_memory // 4
+    ram_canvas_limit: int | None = None  # an image whose host canvases need more goes to disk; None: see canvas_site
     cache_features: bool | None = None  # None: decided per stage by encoder cost
     uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
     # One tile without halo wherever the image's area fits the budget's square region, whatever its
     # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
     # `Runner.bounded_regions` (`plan_for`); on for `plan_stage` called directly.
     whole_if_area_fits: bool | None = None
+    # What max_memory bounds: "host" (this process's RAM: tiles and RAM canvases) or "device" (GPU
+    # memory: tiles, and canvases that fit beside them). None: the runner's (`Runner.budget_memory`).
+    budget: str | None = None
+
+    def for_runner(self, model: StageNetworks) -> TilingOptions:
+        """These options with every None that means "ask the runner" resolved from ``model``.
+
+        A bare StyleModel: clipped regions, mixed tile shapes, the budget where its tensors live.
+        """
+        device = getattr(model, "device", torch.device("cpu"))
+        budget = self.budget or getattr(model, "budget_memory", None) or ("host" if device.type == "cpu" else "device")
+        if budget not in ("host", "device"):
+            raise ValueError(f"budget must be 'host' or 'device', got {budget!r}")
+        return replace(
+            self,
+            uniform_tiles=getattr(model, "uniform_tiles", False) if self.uniform_tiles is None else self.uniform_tiles,
+            whole_if_area_fits=not getattr(model, "bounded_regions", False) if self.whole_if_area_fits is None else self.whole_if_area_fits,
+            budget=budget,
+        )
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
         """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
@@ -77,20 +102,39 @@ class TilingOptions:
         ]  # fmt: skip
         return image + max(feats, default=0)
 
-    def canvas_dir(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> str | None:
-        """Where all canvases of one image go: None (RAM) or the scratch folder.
+    def canvas_site(
+        self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], device: torch.device | None = None
+    ) -> CanvasSite:
+        """Where all canvases of one image go, given the device the runner's tensors live on.
 
-        In RAM while they take at most a quarter of ``max_memory`` (or
-        ``ram_canvas_limit``); the tiles then get the rest of the budget.
+        - A host budget: in RAM while they take at most a quarter of
+          ``max_memory`` (or ``ram_canvas_limit``), the tiles getting the rest;
+          else on disk.
+        - A device budget (resolve ``budget`` with `for_runner` first): on
+          ``device`` while they take at most `DEVICE_CANVAS_SHARE` of
+          ``max_memory`` and the runner's tensors live there (PyTorch on CUDA;
+          not TensorRT, whose tiles cross as host arrays); else in RAM while
+          they take at most ``ram_canvas_limit`` or `HOST_CANVAS_SHARE` of the
+          RAM available now (the budget is GPU memory, not RAM); else on disk.
         """
-        limit = self.max_memory // 4 if self.ram_canvas_limit is None else self.ram_canvas_limit
-        if self.canvas_bytes(spec, height, width, levels) <= limit:
-            return None
-        return str(self.scratch_dir or tempfile.gettempdir())
+        need = self.canvas_bytes(spec, height, width, levels)
+        if self.budget == "device":
+            if device is not None and device.type != "cpu" and need <= self.max_memory * DEVICE_CANVAS_SHARE:
+                return CanvasSite(device=device)
+            limit = int(available_bytes() * HOST_CANVAS_SHARE) if self.ram_canvas_limit is None else self.ram_canvas_limit
+        else:
+            limit = self.max_memory // 4 if self.ram_canvas_limit is None else self.ram_canvas_limit
+        if need <= limit:
+            return CanvasSite()
+        return CanvasSite(disk_dir=str(self.scratch_dir or tempfile.gettempdir()))
 
-    def for_image(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> TilingOptions:
-        """The options one image's tiles are planned with: canvases in RAM share the budget with the tiles."""
-        if self.tile is None and self.canvas_dir(spec, height, width, levels) is None:
+    def for_image(
+        self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], device: torch.device | None = None
+    ) -> TilingOptions:
+        """The options one image's tiles are planned with: canvases in the budget's memory share it with the tiles."""
+        site = self.canvas_site(spec, height, width, levels, device)
+        shares = site.device is not None if self.budget == "device" else site.disk_dir is None
+        if self.tile is None and shares:
             return replace(self, max_memory=self.max_memory - self.canvas_bytes(spec, height, width, levels))
         return self
 
@@ -173,12 +217,12 @@ def plan_stage(
     )  # fmt: skip
 
 
-def read_region(src: Canvas, rows: Span, cols: Span) -> torch.Tensor:
-    """(1, C, rows, cols) of the grid-padded image: indices past the edge are mirrored in."""
+def read_region(src: Canvas, rows: Span, cols: Span, device: torch.device | None = None) -> torch.Tensor:
+    """(1, C, rows, cols) of the grid-padded image on ``device`` (default CPU): indices past the edge are mirrored in."""
     _, h, w = src.shape
     r = reflect_index(torch.arange(rows.start, rows.stop), h).numpy()
     c = reflect_index(torch.arange(cols.start, cols.stop), w).numpy()
-    return torch.from_numpy(src.read(r, c))[None]
+    return src.read_tensor(r, c, device or torch.device("cpu"))[None]
 
 
 @torch.inference_mode()
@@ -205,7 +249,7 @@ def encode_statistics(
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
         ft = t.scaled(g)
-        x = read_region(src, t.region_rows, t.region_cols).to(device)
+        x = read_region(src, t.region_rows, t.region_cols, device)
         if regions is None:
             part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
             stats = stats + part
@@ -214,7 +258,7 @@ def encode_statistics(
             labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
             stats = [a + b for a, b in zip(stats, region_statistics(core, labels, regions.count))]
         if features is not None:
-            features.write(ft.rows.start, ft.cols.start, core[0].float().cpu().numpy())
+            features.write_tensor(ft.rows.start, ft.cols.start, core[0].float())
         _after_tile(model, keep_bytes)
         if on_tile:
             on_tile(f"stage {stage} statistics", i + 1, len(tiles))
@@ -249,8 +293,8 @@ def decode_tiles(
         a, b = identity_map(model.arch.feature_channels(stage))  # the features arrive transformed
     for i, t in enumerate(tiles):
         if features is not None:
-            f = torch.from_numpy(features.read(slice(t.region_rows.start, t.region_rows.stop),
-                                               slice(t.region_cols.start, t.region_cols.stop)))[None].to(device)  # fmt: skip
+            f = features.read_tensor(slice(t.region_rows.start, t.region_rows.stop),
+                                     slice(t.region_cols.start, t.region_cols.stop), device)[None]  # fmt: skip
             if regions is not None:
                 mask, maps = regions
                 labels = mask.feature_labels(g, slice(t.region_rows.start, t.region_rows.stop),
@@ -260,11 +304,11 @@ def decode_tiles(
             y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
             scale = g
         else:
-            x = read_region(src, t.region_rows, t.region_cols).to(device)
+            x = read_region(src, t.region_rows, t.region_cols, device)
             y, scale = model.stylize_core(stage, x, a, b, *t.core_in_region), 1
         r0, c0 = t.rows.start * scale, t.cols.start * scale
         if r0 < h and c0 < w:
-            dst.write(r0, c0, y[0, :, : h - r0, : w - c0].float().cpu().numpy())
+            dst.write_tensor(r0, c0, y[0, :, : h - r0, : w - c0].float())
         _after_tile(model, keep_bytes)
         if on_tile:
             on_tile(f"stage {stage} decode", i + 1, len(tiles))
@@ -279,11 +323,11 @@ def stylize_stage_tiled(
     *,
     method: str,
     alpha: float,
-    disk_dir: str | None = None,
+    site: CanvasSite = CanvasSite(),
     on_tile: TileCallback | None = None,
     out: Canvas | None = None,
 ) -> Canvas:
-    """One stage over a whole canvas, tile by tile, into ``out`` or a new canvas (in RAM or ``disk_dir``).
+    """One stage over a whole canvas, tile by tile, into ``out`` or a new canvas at ``site``.
 
     ``style``: as in `stylize_tiled`. Every pixel of ``out`` is overwritten, so a spare canvas from an earlier
     stage can be reused: its pages are already mapped, which saves the page
@@ -299,12 +343,12 @@ def stylize_stage_tiled(
     plan = plan_for(model, stage, h, w, options)
     if len(plan.encode_tiles()) == 1 and len(plan.decode_tiles()) == 1:
         try:
-            return _whole_stage(model, stage, src, target, method, alpha, out, disk_dir)
+            return _whole_stage(model, stage, src, target, method, alpha, out, site)
         finally:
             _release(model, options.cache_bytes(model))
     feats = None
     if plan.cache:
-        feats = Canvas(model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, disk_dir=disk_dir)
+        feats = Canvas.at(site, model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid)
     try:
         keep = options.cache_bytes(model)
         content = encode_statistics(model, stage, src, plan, feats, on_tile, keep, regions)
@@ -315,7 +359,7 @@ def stylize_stage_tiled(
         else:
             assert isinstance(target, Target) and isinstance(content, FeatureStats)
             a, b = target.fit(method, stage, content, alpha)
-        dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
+        dst = out if out is not None else Canvas.at(site, c, h, w)
         try:
             decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep, None if regions is None else (regions, maps))
         except BaseException:
@@ -331,7 +375,7 @@ def stylize_stage_tiled(
 
 def _whole_stage(
     model: StageNetworks, stage: int, src: Canvas, target: Target | Regions, method: str, alpha: float,
-    out: Canvas | None, disk_dir: str | None,
+    out: Canvas | None, site: CanvasSite,
 ) -> Canvas:
     """A stage whose plan is one tile in both passes: the whole-image stage itself.
 
@@ -340,11 +384,11 @@ def _whole_stage(
     tiled than whole).
     """
     c, h, w = src.shape
-    x = torch.from_numpy(src.numpy())[None].to(model.device)
+    x = src.read_tensor(slice(None), slice(None), model.device)[None]
     y = stylize_stage(model, x, stage, target, method=method, alpha=alpha)
     del x
-    dst = out if out is not None else Canvas(c, h, w, disk_dir=disk_dir)
-    dst.write(0, 0, y[0].float().cpu().numpy())
+    dst = out if out is not None else Canvas.at(site, c, h, w)
+    dst.write_tensor(0, 0, y[0].float())
     return dst
 
 
@@ -400,11 +444,7 @@ def plan_for(model: StageNetworks, stage: int, height: int, width: int, options:
 
     A bare StyleModel has neither: the eager PyTorch factor (`memory.heap_factor`), clipped regions.
     """
-    if options.uniform_tiles is None:
-        options = replace(options, uniform_tiles=getattr(model, "uniform_tiles", False))
-    if options.whole_if_area_fits is None:
-        options = replace(options, whole_if_area_fits=not getattr(model, "bounded_regions", False))
-    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
+    return plan_stage(model.arch, stage, height, width, options.for_runner(model), _memory_factor(model, stage))
 
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:
@@ -433,14 +473,15 @@ def stylize_tiled(
     if isinstance(target, Regions):
         target.check_size(h, w)
         options = replace(options, cache_features=True)  # pass 2 transforms cached features per region
-    disk_dir = options.canvas_dir(model.arch, h, w, levels)
-    options = options.for_image(model.arch, h, w, levels)
+    options = options.for_runner(model)
+    site = options.canvas_site(model.arch, h, w, levels, model.device)
+    options = options.for_image(model.arch, h, w, levels, model.device)
     x, spare = content, None  # stage outputs alternate between two canvases
     try:
         for k in levels:
             y = stylize_stage_tiled(
                 model, k, x, target, options,
-                method=method, alpha=alpha, disk_dir=disk_dir, on_tile=on_tile, out=spare,
+                method=method, alpha=alpha, site=site, on_tile=on_tile, out=spare,
             )  # fmt: skip
             spare = x if x is not content else None
             x = y
@@ -454,12 +495,23 @@ def stylize_tiled(
     return x
 
 
+def content_canvas(
+    model: StageNetworks, pixels: np.ndarray, options: TilingOptions, levels: tuple[int, ...], layout: str = "hwc"
+) -> Canvas:
+    """The content canvas of ``pixels`` where `stylize_tiled` keeps this image's canvases (RAM, disk or the GPU)."""
+    h, w = pixels.shape[:2] if layout == "hwc" else pixels.shape[1:]
+    site = options.for_runner(model).canvas_site(model.arch, h, w, levels, model.device)
+    return canvas_from_array(pixels, layout=layout, disk_dir=site.disk_dir, device=site.device)
+
+
 def canvas_to_image(canvas: Canvas, dtype: type = np.uint8, band: int = 512) -> np.ndarray:
     """(H, W, 3) uint8/uint16 of a [0, 1] canvas, clamped and rounded, converted band by band."""
     c, h, w = canvas.shape
     peak = sample_peak(dtype)
     out = np.empty((h, w, c), dtype)
+    target = torch.from_numpy(out)
     for r in range(0, h, band):
-        blk = np.clip(canvas.rows_band(r, min(h, r + band)), 0, 1) * peak + 0.5
-        out[r : r + band] = np.moveaxis(blk, 0, 2).astype(dtype)
+        # In torch, which uses every core: the same float32 arithmetic, truncated as numpy's astype would.
+        blk = torch.from_numpy(canvas.rows_band(r, min(h, r + band))).clamp_(0, 1).mul_(peak).add_(0.5)
+        target[r : r + band].copy_(blk.permute(1, 2, 0).to(torch.uint8 if dtype == np.uint8 else torch.int32))
     return out

@@ -64,6 +64,11 @@ class Runner(ABC):
     # Measured at 40 MP, 1 GB budget, eager PyTorch: 3/4 -> 3.68 s/MP, 1.73 GiB; all -> 3.54, 2.24 GiB.
     cache_share = 0.75
 
+    @property
+    def budget_memory(self) -> str:
+        """What ``--max-memory`` bounds for this runner: "host" (RAM) or "device" (GPU memory; `TilingOptions.budget`)."""
+        return "host" if self.device.type == "cpu" else "device"
+
     def __init__(self, name: str, arch: ArchSpec, stages: tuple[int, ...]) -> None:
         self.name, self.arch, self._stages = name, arch, tuple(stages)
         self.is_active = False

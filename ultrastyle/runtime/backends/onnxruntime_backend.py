@@ -114,6 +114,10 @@ class OnnxRuntimeRunner(Runner):
     # at the same 1.94 GiB peak (set by the largest tile, see MEMORY_FACTOR).
     cache_share = 1.0
 
+    @property
+    def budget_memory(self) -> str:
+        return "host" if self.providers[0] == "CPUExecutionProvider" else "device"  # the CUDA provider's memory
+
     def __init__(
         self,
         bundle: Bundle | str,

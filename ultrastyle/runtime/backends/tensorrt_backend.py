@@ -71,6 +71,7 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
     bounded_regions = True  # engine profiles bound each side: `TilingOptions.whole_if_area_fits` stays off
+    budget_memory = "device"  # the engines' memory; canvases stay on the host (tiles cross as host arrays)
 
     def __init__(
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
