@@ -8,9 +8,9 @@ megapixels (16, 40, 100 by default, 16:9), on two paths:
 
 - ``tiled``: the library's tiled path with ``TilingOptions(max_memory=...)``
   (``--max-memory``, default 2GB), what ``ultrastyle stylize --backend torch
-  --device cuda --max-memory 2GB`` runs: host canvases (on disk in the
-  system temp folder once they exceed a quarter of the budget), tiles moved to
-  the GPU, pass 1 statistics on the GPU, pass 2 decode;
+  --device cuda --max-memory 2GB`` runs: canvases on the GPU while they take
+  at most half the budget, else in host RAM (tiles cross through page-locked
+  buffers), pass 1 statistics on the GPU, pass 2 decode;
 - ``whole``: the whole-image reference (``--no-tile``): each stage on the whole
   image on the GPU. Skipped where the estimate (``--whole-gib-per-mp`` GiB per
   MP) exceeds the GPU's free memory; a run that still fails (out of memory, a
@@ -43,33 +43,15 @@ From the repository root, on a machine with a CUDA GPU::
     python benchmarks/gpu_torch.py --model DIR --sizes 16 --paths tiled --max-memory 1GB
 
 Prints a markdown table (and ``--json PATH`` writes the rows). On an H100 the
-default run takes about 80 s, most of it the host side of the tiled path.
+default run takes about 40 s, much of it resizing the inputs.
 
 Results
 -------
-NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, cuDNN 9.19, IEEE float32, content
-``../shared/images/large/lomiri_Dragonfly_by_Bolly.jpg`` resized, style
-``cd_style_in1.jpg`` at 1024 px, ``--compare`` (100 MP whole with the
-reflection-pad fix in ``models/networks.py``; before it: "input tensor must
-fit into 32-bit index math")::
-
-    | MP | W x H | path | wall s | s/MP | MP/s | peak GPU allocated GiB | peak GPU reserved GiB | max diff (uint8) |
-    |---|---|---|---|---|---|---|---|---|
-    | 16.0 | 4619x3464 | tiled 2GB | 5.4 | 0.3373 | 2.96 | 0.924 | 1.496 | 0 |
-    | 16.0 | 4619x3464 | whole | 0.48 | 0.0297 | 33.68 | 4.692 | 9.143 | 0 |
-    | 40.0 | 7303x5477 | tiled 2GB | 14.8 | 0.3701 | 2.7 | 1.049 | 1.934 | 0 |
-    | 40.0 | 7303x5477 | whole | 1.12 | 0.028 | 35.71 | 11.664 | 22.393 | 0 |
-    | 100.0 | 11547x8660 | tiled 2GB | 35.91 | 0.3591 | 2.78 | 1.303 | 1.896 | 0 |
-    | 100.0 | 11547x8660 | whole | 2.88 | 0.0288 | 34.72 | 36.929 | 65.553 | 0 |
-
-The tiled path is bound by the host, not the GPU: cProfile of the 16 MP run
-puts 1.8 s in canvas writes (disk-backed memmaps), 1.4 s in ``.cpu()`` (the
-device-to-host copies, which also wait for the GPU's queued work), 1.3 s in
-canvas reads (fancy-indexed copies) and 0.35 s in pageable host-to-device
-copies, against about 0.5 s of GPU work (the whole-image time). Larger
-budgets help little (16 MP: 6.1 s at 2GB, 4.5 s at 8GB, 4.3 s at 32GB, canvases in
-RAM). ``--tf32``: whole-image 0.0231-0.0243 s/MP (15-25% faster), tiled no
-faster (0.28-0.40 s/MP), and the result moves up to 3e-2 from the float32 one.
+In benchmarks/README.md ("gpu_torch.py"): H100 80GB, torch 2.11.0+cu130, IEEE
+float32, content ``../shared/images/large/lomiri_Dragonfly_by_Bolly.jpg``
+resized, style ``cd_style_in1.jpg`` at 1024 px, ``--compare``: tiled 2GB
+0.071-0.11 s/MP at 16-100 MP (0.50 before the canvas changes), whole-image
+0.029-0.044 s/MP, tiled = whole exactly in uint8.
 """
 
 from __future__ import annotations
