@@ -128,7 +128,7 @@ def stylize_command(
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
-    max_memory: Annotated[str, typer.Option(help="Activation memory budget per tile, e.g. 512MB, 2GB (used by --tile auto).")] = "2GB",
+    max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 512MB, 2GB: RAM on the CPU (tiles, and canvases up to a quarter), GPU memory with --device cuda (tiles, and PyTorch's canvases up to half).")] = "2GB",
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
