@@ -38,8 +38,9 @@ Measured (benchmarks/int8_qat.py, see benchmarks/README.md): the simulation
 reproduces ONNX Runtime's activation scales exactly and its int8 outputs to
 ~1/10 of the int8-vs-fp32 error; fine-tuning lowers the held-out simulated
 error (encoders 3-4 to 2-2.6x, decoders 1.1-1.5x) and the 5-stage cascade's
-PSNR against the original fp32 by about 1 dB (6 pairs: 28.3 -> 29.0 dB at
-100 steps per network, 29.3 dB at 300): short of the 30 dB target, so it is
+PSNR against the original fp32 by about 1 dB (12 pairs: 27.3 -> 28.4 dB at
+300 steps per network; 6 pairs: 28.3 -> 29.0 at 100, 29.3 at 300): short of
+the 30 dB target, so it is
 not wired into ``ultrastyle calibrate``. Tuning encoder and decoder jointly
 on the stage output (``joint``) made it worse (27.5 dB at 100 steps). What
 weights cannot fix: the per-tensor quantization of the decoders' input
