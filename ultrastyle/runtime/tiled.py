@@ -509,9 +509,11 @@ def canvas_to_image(canvas: Canvas, dtype: type = np.uint8, band: int = 512) -> 
     c, h, w = canvas.shape
     peak = sample_peak(dtype)
     out = np.empty((h, w, c), dtype)
-    target = torch.from_numpy(out)
     for r in range(0, h, band):
         # In torch, which uses every core: the same float32 arithmetic, truncated as numpy's astype would.
-        blk = torch.from_numpy(canvas.rows_band(r, min(h, r + band))).clamp_(0, 1).mul_(peak).add_(0.5)
-        target[r : r + band].copy_(blk.permute(1, 2, 0).to(torch.uint8 if dtype == np.uint8 else torch.int32))
+        blk = torch.from_numpy(canvas.rows_band(r, min(h, r + band))).clamp_(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0)
+        if out.dtype == np.uint8:
+            torch.from_numpy(out[r : r + band]).copy_(blk)
+        else:  # uint16: no torch dtype before 2.3
+            out[r : r + band] = blk.numpy().astype(dtype)
     return out
