@@ -34,9 +34,6 @@ class CanvasSite:
     disk_dir: str | None = None
     device: torch.device | None = None
 
-    def describe(self) -> str:
-        return f"on {self.device}" if self.device is not None else f"on disk in {self.disk_dir}" if self.disk_dir else "in RAM"
-
 
 class Canvas:
     """A float32 (C, H, W) array, in RAM, on disk or on a torch device."""
@@ -100,22 +97,24 @@ class Canvas:
         if out is None:
             # numpy's allocator, not torch's: with huge pages PyTorch aligns large blocks to 2 MB, and
             # 100 MP tiled PyTorch peaked at 1.95 GiB that way, 1.84-1.89 GiB this way (run Y).
-            out = torch.from_numpy(np.empty((self.shape[0], _length(rows, self.shape[1]), _length(cols, self.shape[2])), np.float32))
+            out = torch.from_numpy(np.empty(self._region_shape(rows, cols), np.float32))
         _gather(torch.from_numpy(a), rows, cols, out)  # a memmap pages in just the rows and columns read
         del a
         return out.numpy()
 
+    def _region_shape(self, rows: np.ndarray | slice, cols: np.ndarray | slice) -> tuple[int, int, int]:
+        return self.shape[0], _length(rows, self.shape[1]), _length(cols, self.shape[2])
+
     def read_tensor(self, rows: np.ndarray | slice, cols: np.ndarray | slice, device: torch.device) -> torch.Tensor:
         """``canvas[:, rows, cols]`` as a contiguous float32 tensor on ``device`` (a copy)."""
         if self._tensor is not None:
-            out = self._tensor.new_empty((self.shape[0], _length(rows, self.shape[1]), _length(cols, self.shape[2])))
+            out = self._tensor.new_empty(self._region_shape(rows, cols))
             _gather(self._tensor, rows, cols, out)
             return out.to(device)
         if device.type != "cuda":
             return torch.from_numpy(self._read_host(rows, cols))
         # To a GPU through page-locked memory: one host copy instead of two, and a DMA transfer.
-        c = self.shape[0]
-        staged = torch.empty((c, _length(rows, self.shape[1]), _length(cols, self.shape[2])), dtype=torch.float32, pin_memory=True)
+        staged = torch.empty(self._region_shape(rows, cols), dtype=torch.float32, pin_memory=True)
         self._read_host(rows, cols, out=staged)
         return staged.to(device, non_blocking=True)  # PyTorch keeps the page-locked block until the copy is done
 
@@ -207,8 +206,6 @@ def _length(idx: np.ndarray | slice, size: int) -> int:
     return len(range(*idx.indices(size))) if isinstance(idx, slice) else len(idx)
 
 
-
-
 def canvas_from_array(
     a: np.ndarray, *, layout: str = "hwc", disk_dir: str | Path | None = None, device: torch.device | None = None, band: int = 512
 ) -> Canvas:
@@ -225,13 +222,15 @@ def canvas_from_array(
     c, h, w = a.shape if chw else (a.shape[2], a.shape[0], a.shape[1])
     peak = sample_peak(a.dtype)
     canvas = Canvas(c, h, w, disk_dir=disk_dir, device=device)
+    lut = None
+    if device is not None and a.dtype == np.uint8:
+        # uint8 samples travel as such and are looked up on the device in a table of the host's
+        # float32 quotients (a GPU's division can round differently).
+        lut = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(peak)).to(device)
     try:
         for r in range(0, h, band):
             blk = a[:, r : r + band] if chw else np.moveaxis(a[r : r + band], 2, 0)
-            if device is not None and blk.dtype == np.uint8:
-                # uint8 samples travel as such and are looked up on the device in a table of the host's
-                # float32 quotients (a GPU's division can round differently).
-                lut = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(peak)).to(device)
+            if lut is not None:
                 canvas.write_tensor(r, 0, lut[torch.from_numpy(np.ascontiguousarray(blk)).to(device).long()])
             else:
                 canvas.write(r, 0, blk.astype(np.float32) / np.float32(peak))
