@@ -227,7 +227,8 @@ def worker(spec: dict) -> dict:
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
         tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
         h, w = spec["height"], spec["width"]
-        planned = tiling.for_runner(model).for_image(model.arch, h, w, levels, model.device)  # as stylize_tiled plans
+        resolved = tiling.for_runner(model)  # as stylize_tiled plans
+        planned = resolved.for_image(model.arch, h, w, levels, resolved.canvas_site(model.arch, h, w, levels, model.device))
         for k in levels:
             p = plan_for(model, k, h, w, planned)  # with the runner's memory factor and tile shape
             plan_info.append({"stage": k, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),

@@ -279,7 +279,8 @@ def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, monkeypa
 
     def site(budget_bytes, runner, **kw):
         opts = TilingOptions(max_memory=budget_bytes, scratch_dir=tmp_path, **kw).for_runner(runner)
-        return opts.canvas_site(arch, h, w, DEFAULT_LEVELS, runner.device), opts.for_image(arch, h, w, DEFAULT_LEVELS, runner.device).max_memory
+        where = opts.canvas_site(arch, h, w, DEFAULT_LEVELS, runner.device)
+        return where, opts.for_image(arch, h, w, DEFAULT_LEVELS, where).max_memory
 
     # Host budget (CPU): RAM while the canvases take at most a quarter of it, which the tiles then lose.
     cpu = _Runner("cpu", "host")

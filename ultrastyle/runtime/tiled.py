@@ -128,11 +128,11 @@ class TilingOptions:
             return CanvasSite()
         return CanvasSite(disk_dir=str(self.scratch_dir or tempfile.gettempdir()))
 
-    def for_image(
-        self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], device: torch.device | None = None
-    ) -> TilingOptions:
-        """The options one image's tiles are planned with: canvases in the budget's memory share it with the tiles."""
-        site = self.canvas_site(spec, height, width, levels, device)
+    def for_image(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], site: CanvasSite) -> TilingOptions:
+        """The options one image's tiles are planned with, its canvases at ``site`` (`canvas_site`).
+
+        Canvases in the budget's memory share it with the tiles.
+        """
         shares = site.device is not None if self.budget == "device" else site.disk_dir is None
         if self.tile is None and shares:
             return replace(self, max_memory=self.max_memory - self.canvas_bytes(spec, height, width, levels))
@@ -475,7 +475,7 @@ def stylize_tiled(
         options = replace(options, cache_features=True)  # pass 2 transforms cached features per region
     options = options.for_runner(model)
     site = options.canvas_site(model.arch, h, w, levels, model.device)
-    options = options.for_image(model.arch, h, w, levels, model.device)
+    options = options.for_image(model.arch, h, w, levels, site)
     x, spare = content, None  # stage outputs alternate between two canvases
     try:
         for k in levels:
