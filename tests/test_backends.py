@@ -149,6 +149,36 @@ def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
     assert released < grown / 3, (grown >> 20, released >> 20)
 
 
+def test_onnxruntime_release_memory_counts_growth_from_its_first_call(bundle):
+    # Shrinking at the first call made every stage of a small image fault its arena in again.
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    with OnnxRuntimeRunner(bundle, threads=2) as r:
+        r.encode(4, torch.rand(1, 3, 512, 512))
+        before = rss()
+        r.release_memory(keep_bytes=1)  # the first call takes the reference: nothing handed back
+        kept = rss()
+        r.encode(4, torch.rand(1, 3, 1024, 1024))  # a larger tile: the arena grows past keep_bytes
+        grown = rss()
+        r.release_memory(keep_bytes=1)
+        release_free_memory()
+        released = rss()
+    assert kept > before - 8 * 2**20, (before >> 20, kept >> 20)
+    assert grown - kept > 64 * 2**20, (kept >> 20, grown >> 20)
+    assert released < grown - 64 * 2**20, (grown >> 20, released >> 20)
+
+
+def test_onnxruntime_sessions_do_not_spin_unless_asked(bundle):
+    # Spinning pool threads take the cores from the pipeline's own work between runs.
+    with OnnxRuntimeRunner(bundle, threads=2) as r:
+        assert r._options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with OnnxRuntimeRunner(bundle, threads=2, spinning=True) as r:
+        with pytest.raises(Exception, match="allow_spinning"):  # not set: ORT's default (spinning) applies
+            r._options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_what_is_missing():
     assert resolve_backend("auto", "cpu") == "onnxruntime"
     if not torch.cuda.is_available():  # no onnxruntime-gpu here: PyTorch takes the GPU request

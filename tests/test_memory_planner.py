@@ -171,12 +171,16 @@ def test_keep_freed_memory_sets_mmap_max_and_trim_threshold_once_unless_opted_ou
 def test_trim_heap_waits_until_the_resident_set_grew_past_keep_bytes(fake_libc, monkeypatch):
     import ultrastyle.runtime.memory as mem
 
-    rss = iter([100, 150, 100 + 2**20 + 1, 40])
+    rss = iter([100, 150, 100 + 2**20 + 1, 40, 40 + 2**20, 50])
     monkeypatch.setattr(mem, "resident_bytes", lambda: next(rss))
-    mem.trim_heap(2**20)  # nothing measured yet: trims, then RSS 100
+    mem.trim_heap(2**20)  # nothing measured yet: RSS 100 is the reference, nothing trimmed
+    assert [c for c in fake_libc.calls if c[0] == "trim"] == []
     mem.trim_heap(2**20)  # 150: grew by 50 bytes, kept
-    mem.trim_heap(2**20)  # grew by more than 1 MiB: trims, then RSS 40
+    mem.trim_heap(2**20)  # grew by more than 1 MiB since the reference: trims, then RSS 40
+    mem.trim_heap(2**20)  # grew by exactly 1 MiB since the trim: kept
+    mem.trim_heap()  # no keep_bytes: always trims, then RSS 50
     assert [c for c in fake_libc.calls if c[0] == "trim"] == [("trim", 0), ("trim", 0)]
+    assert mem._rss_after_trim == 50
 
 
 def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_libc, cd16x_dir):
