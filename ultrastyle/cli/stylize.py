@@ -209,10 +209,8 @@ def stylize_command(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
     if tiling is not None and net.backend == "tensorrt":
-        from ultrastyle.trt.profiles import fit_tiling_to_engines
-
-        try:  # tiles never outgrow the engines' optimisation profiles
-            tiling = fit_tiling_to_engines(net.arch, level_tuple, tiling, net.profile_max_regions(), net.memory_factor)
+        try:  # one tile for every level that fits the engines' profiles; an explicit --tile that cannot fails here, before any work
+            tiling = net.fit_tiling(tiling, level_tuple)
         except (ValueError, RunnerError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--tile") from None
         options = replace(options, tiling=tiling)

@@ -442,9 +442,17 @@ def _core_statistics(
 def plan_for(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
     """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference and region bounds.
 
-    A bare StyleModel has neither: the eager PyTorch factor (`memory.heap_factor`), clipped regions.
+    A runner whose regions have a largest size (TensorRT's engine profiles)
+    fits the options to it first (``fit_tiling(options, stages)``), so
+    library callers get tiles its engines accept without fitting them
+    themselves. A bare StyleModel has none of these: the eager PyTorch factor
+    (`memory.heap_factor`), clipped regions.
     """
-    return plan_stage(model.arch, stage, height, width, options.for_runner(model), _memory_factor(model, stage))
+    options = options.for_runner(model)
+    fit = getattr(model, "fit_tiling", None)
+    if fit is not None:
+        options = fit(options, (stage,))
+    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
 
 
 def _memory_factor(model: StageNetworks, stage: int) -> float:

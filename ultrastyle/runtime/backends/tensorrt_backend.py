@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
 from ultrastyle.trt.graphs import GraphError, graph_sources
 from ultrastyle.trt.memory_model import memory_factor as trt_memory_factor
+
+if TYPE_CHECKING:
+    from ultrastyle.runtime.tiled import TilingOptions
 
 CUDA_BINDING_ENV = "ULTRASTYLE_CUDA_BINDING"  # auto | cuda-python | pycuda
 
@@ -143,6 +147,20 @@ class TensorRTRunner(Runner):
         if not self.is_active:
             return 0
         return self.arena.nbytes + sum(b.nbytes for b in self._buffers.values())  # type: ignore[attr-defined]
+
+    def fit_tiling(self, options: TilingOptions, stages: tuple[int, ...]) -> TilingOptions:
+        """``options`` whose regions at ``stages`` fit the engines' profiles (`trt.profiles.fit_tiling_to_engines`).
+
+        Called by `runtime.tiled.plan_for` for every stage it plans. Raises
+        ValueError where an explicit ``tile`` is too large for a profile.
+        """
+        from ultrastyle.trt.profiles import fit_tiling_to_engines
+
+        regions = self.profile_max_regions()
+        stages = tuple(k for k in stages if k in regions)  # no engine: `infer` says so when the stage runs
+        if not stages:
+            return options
+        return fit_tiling_to_engines(self.arch, stages, options, regions, self.memory_factor)
 
     def profile_max_regions(self) -> dict[int, int]:
         """Per stage, the largest tile region (image px) every one of its engines accepts (read before activation too)."""
