@@ -238,11 +238,9 @@ def test_feature_statistics_on_cuda_equal_the_cpus(cuda):
     f = torch.rand(1, 64, 96, 80, generator=torch.Generator().manual_seed(3)) * 4
     on_cpu, on_gpu = FeatureStats.of(f), FeatureStats.of(f.to(cuda))
     assert on_gpu.count == on_cpu.count and on_gpu.sum.device.type == "cpu"
-    # The CPU's float32 band GEMMs (FeatureStats.of) against the GPU's float64 ones: a band's rounding, ~1e-6 relative.
-    torch.testing.assert_close(on_gpu.sum, on_cpu.sum, rtol=2e-6, atol=1e-6)
-    torch.testing.assert_close(on_gpu.outer, on_cpu.outer, rtol=2e-6, atol=1e-6)
-    exact = FeatureStats.of(f.double())
-    torch.testing.assert_close(on_gpu.outer, exact.outer, rtol=1e-12, atol=1e-9)  # float64 on the GPU
+    # Float64 band GEMMs on both (FeatureStats.of): equal up to float64 summation order.
+    torch.testing.assert_close(on_gpu.sum, on_cpu.sum, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(on_gpu.outer, on_cpu.outer, rtol=1e-12, atol=1e-9)
 
 
 def _tiled(net, content, style_img, opts, levels=DEFAULT_LEVELS):
@@ -268,10 +266,9 @@ def test_tiled_equals_whole_image_on_cuda_and_both_match_the_cpu(cpu_model, gpu_
     d_cpu = (whole - cpu_ref).abs().max().item()
     print(f"cuda tiled vs whole {d_tile:.2e}, budget-tiled vs whole {d_budget:.2e}, cuda whole vs cpu whole {d_cpu:.2e}")
     assert d_tile <= 1e-4 and d_budget <= 1e-4
-    # The CPU reference's statistics come from float32 GEMMs (FeatureStats.of), whose rounding the
-    # whitening amplifies: on an H100, 1.9e-3 max and 1.7e-5 mean against the GPU's float64 ones
-    # (float64 statistics on both: 6.9e-5 max; TF32 convolutions: 3e-2).
-    assert d_cpu <= 3e-3 and (whole - cpu_ref).abs().mean().item() <= 5e-5
+    # Float32 convolutions of two devices, amplified by the whitening: 6.9e-5 max on an H100 with float64
+    # statistics on both (float32 statistics on the CPU: 1.9e-3; TF32 convolutions: 3e-2).
+    assert d_cpu <= 2e-4 and (whole - cpu_ref).abs().mean().item() <= 5e-5
 
 
 def test_tiled_run_keeps_gpu_memory_within_the_budget(gpu_model, photo, style, cuda):

@@ -40,38 +40,36 @@ class FeatureStats:
         """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
 
         Each row band of about ``chunk`` pixels is centred near the mean
-        (which keeps Σffᵀ free of cancellation) and multiplied in float32, read
-        straight from the (often strided) tile view; the bands' sums accumulate
-        in float64, so the error stays that of one band (~1e-6 relative), at
-        any image size. Float32 GEMMs are 2.5-4x faster than float64 ones on
-        the CPU (a fifth of the int8 pipeline's time went to these
-        statistics); on a GPU the GEMMs stay float64. The GEMMs run where the
-        features are; only C + C² numbers come back.
+        (which keeps Σffᵀ free of cancellation), converted to float64 and
+        multiplied there, read straight from the (often strided) tile view.
+        Float32 GEMMs were 2.5-4x faster, but their rounding (5e-7 of the
+        covariance) differs between a tile's centre and the whole image's,
+        and the whitening of five stages amplified it: a 256x1200 strip came
+        out 1.2e-4 from its whole-image run (0 in float64), a CUDA cascade
+        1.9e-3 from the float64 one. Float64 costs ~0.1 s per 2 MP image
+        here (2%). The GEMMs run where the features are; only C + C²
+        numbers come back.
         """
         f = features.detach()
         f4 = f if f.dim() == 4 else f[None]
         nb, c, h, w = f4.shape
         n = nb * h * w
-        # The centre only has to be close to the mean: the float32 products of f - centre carry
-        # n |mean - centre|² that the float64 corrections cancel, so a far centre loses precision.
+        # The centre only has to be close to the mean: the products of f - centre carry
+        # n |mean - centre|² that the corrections below cancel, so a far centre loses precision.
         # Large maps: the mean of every 8th row and column (a 64th of a pass over the strided view,
         # still >= 4096 samples); small ones: the mean itself (one sampled ReLU pixel can be far off).
-        # Float64 GEMMs for float64 input, and on GPUs, where they cost little: float32 statistics
-        # moved a CUDA cascade 1.9e-3 off the float64 one (whitening amplifies their rounding).
-        work = torch.float64 if f4.dtype == torch.float64 or f4.device.type != "cpu" else torch.float32
         sample = f4[:, :, ::8, ::8] if n >= SUBSAMPLED_CENTRE_PIXELS else f4
-        centre = sample.mean((0, 2, 3), dtype=work) if n else torch.zeros(c, dtype=work, device=f.device)
-        s = centre.to(torch.float64)
+        s = sample.mean((0, 2, 3), dtype=torch.float64) if n else torch.zeros(c, dtype=torch.float64, device=f.device)
         residual = torch.zeros(c, dtype=torch.float64, device=f.device)  # Σ(f - s)
         outer = torch.zeros(c, c, dtype=torch.float64, device=f.device)  # Σ(f - s)(f - s)ᵀ
         if f.device.type != "cpu":  # fewer, larger launches: bands of up to 64 MiB
             chunk = max(chunk, (64 << 20) // (c * 8))
         step = max(1, chunk // max(1, nb * w))  # rows per band
         for r in range(0, h, step):
-            band = f4[:, :, r : r + step].to(work) - centre.view(1, c, 1, 1)
+            band = f4[:, :, r : r + step].to(torch.float64) - s.view(1, c, 1, 1)
             part = band.transpose(0, 1).reshape(c, -1)
             residual += part.sum(1, dtype=torch.float64)
-            outer += (part @ part.T).to(torch.float64)
+            outer += part @ part.T
         total = residual + n * s
         # Σffᵀ = Σ(f-s)(f-s)ᵀ + s Σ(f-s)ᵀ + Σ(f-s) sᵀ + n s sᵀ
         outer += torch.outer(s, residual) + torch.outer(residual, s) + n * torch.outer(s, s)
