@@ -245,12 +245,12 @@ def trim_heap(keep_bytes: int | None = None) -> None:
     libc = _libc()
     if libc is None:
         return
-    if keep_bytes is not None:
-        rss = resident_bytes()
+    rss = resident_bytes() if keep_bytes is not None else None
+    if rss is not None:  # (unknown: trim, as without keep_bytes)
         if _rss_after_trim is None:
             _rss_after_trim = rss
             return
-        if rss is not None and rss - _rss_after_trim <= keep_bytes:
+        if rss - _rss_after_trim <= keep_bytes:
             return
     libc.malloc_trim(0)
     _rss_after_trim = resident_bytes()
