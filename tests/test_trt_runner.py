@@ -9,8 +9,8 @@ TensorRT on a GPU, skipped here with the reason saying what is missing.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
