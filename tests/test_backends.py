@@ -27,6 +27,12 @@ from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
 TOL = {"features": 3e-4, "image": 1e-4}
 
 
+def _rss() -> int:
+    """This process's resident set (VmRSS), bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+
 @pytest.fixture(scope="module")
 def model(cd16x_dir):
     return load_cd_folder(cd16x_dir)
@@ -99,10 +105,6 @@ def test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4(runner
 
 def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
     # Tiles of changing sizes, repeated: memory after the second round must not exceed the first's.
-    def rss() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-
     sizes = [(512, 384), (128, 640), (640, 128), (256, 256), (496, 512)]
     with OnnxRuntimeRunner(bundle, threads=2) as r:
         highs = []
@@ -110,7 +112,7 @@ def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
             for h, w in sizes:
                 f = r.encode(3, torch.rand(1, 3, h, w))
                 r.decode(3, f, torch.eye(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64))
-            highs.append(rss())
+            highs.append(_rss())
     assert highs[2] <= highs[0] + 64 * 2**20, [h >> 20 for h in highs]
 
 
@@ -129,21 +131,17 @@ def test_onnxruntime_runner_decodes_with_the_folded_decoder(bundle):
 
 def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
     # Without it the shared arena holds every pass's peak; the tiled pipeline calls it between passes.
-    def rss() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-
     with OnnxRuntimeRunner(bundle, threads=2) as r:
         r.release_memory()
         release_free_memory()  # earlier tests' freed heap pages: gone, so the run below must fault its own in
-        before = rss()
+        before = _rss()
         r.encode(4, torch.rand(1, 3, 1024, 1024))
-        grown = rss() - before
+        grown = _rss() - before
         r.release_memory(keep_bytes=2**40)  # within what the caller lets it keep: no shrink, no refaulting
-        kept = rss() - before
+        kept = _rss() - before
         r.release_memory()
         release_free_memory()  # as the tiled pipeline does after a pass
-        released = rss() - before
+        released = _rss() - before
     assert grown > 64 * 2**20, grown >> 20  # the run really held arena memory
     assert kept > grown * 0.9, (grown >> 20, kept >> 20)
     assert released < grown / 3, (grown >> 20, released >> 20)
@@ -151,20 +149,16 @@ def test_onnxruntime_release_memory_hands_arena_chunks_back(bundle):
 
 def test_onnxruntime_release_memory_counts_growth_from_its_first_call(bundle):
     # Shrinking at the first call made every stage of a small image fault its arena in again.
-    def rss() -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-
     with OnnxRuntimeRunner(bundle, threads=2) as r:
         r.encode(4, torch.rand(1, 3, 512, 512))
-        before = rss()
+        before = _rss()
         r.release_memory(keep_bytes=1)  # the first call takes the reference: nothing handed back
-        kept = rss()
+        kept = _rss()
         r.encode(4, torch.rand(1, 3, 1024, 1024))  # a larger tile: the arena grows past keep_bytes
-        grown = rss()
+        grown = _rss()
         r.release_memory(keep_bytes=1)
         release_free_memory()
-        released = rss()
+        released = _rss()
     assert kept > before - 8 * 2**20, (before >> 20, kept >> 20)
     assert grown - kept > 64 * 2**20, (kept >> 20, grown >> 20)
     assert released < grown - 64 * 2**20, (grown >> 20, released >> 20)
