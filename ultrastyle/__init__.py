@@ -1,3 +1,45 @@
-"""ultrastyle: ultra-resolution universal style transfer."""
+"""ultrastyle: ultra-resolution universal style transfer.
+
+    import ultrastyle
+    image = ultrastyle.stylize("photo.jpg", "art.jpg")            # (H, W, 3) uint8, the model's defaults
+    with ultrastyle.load("cd-wct-16x") as s:                       # one model for many calls
+        s.stylize(image, "art.jpg", alpha=0.8, output="out.png")
+    ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")   # what `ultrastyle stylize` does
+
+The names below are imported on first use, so ``import ultrastyle`` stays
+cheap (no torch) for the command line's ``--help`` and torch-free modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "stylize": "ultrastyle.api",
+    "stylize_batch": "ultrastyle.api",
+    "load": "ultrastyle.api",
+    "Stylizer": "ultrastyle.api",
+    "make_options": "ultrastyle.api",
+    "OptionError": "ultrastyle.api",
+    "BatchSummary": "ultrastyle.runtime.batch",
+    "BatchInterrupted": "ultrastyle.runtime.batch",
+    "PairResult": "ultrastyle.runtime.batch",
+    "OutputCollisionError": "ultrastyle.runtime.batch",
+    "ImageError": "ultrastyle.io.images",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ultrastyle' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -1,32 +1,27 @@
-"""`ultrastyle stylize`: batch style transfer over files, folders and globs."""
+"""`ultrastyle stylize`: batch style transfer over files, folders and globs (a thin layer over `ultrastyle.api`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS
+from ultrastyle.api import OptionError, Stylizer, make_options
+from ultrastyle.export.bundle import BundleError
+from ultrastyle.export.validate import ExportValidationError
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
-from ultrastyle.export.bundle import BundleError
-from ultrastyle.export.validate import ExportValidationError
+from ultrastyle.models.defaults import model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.backends.select import open_runner
-from ultrastyle.io.images import ImageError
-from ultrastyle.io.masks import check_label_count, read_labels
-from ultrastyle.runtime.batch import OutputCollisionError, PairResult, StyleSpec, StylizeOptions, plan_pairs, run_batch
-from ultrastyle.models.defaults import model_defaults
-from ultrastyle.runtime.cascade import parse_levels
-from ultrastyle.runtime.memory import parse_bytes, use_huge_pages
-from ultrastyle.runtime.tiled import TilingOptions, plan_stage
+from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
+from ultrastyle.runtime.memory import use_huge_pages
 
 
 class Method(str, Enum):
@@ -64,26 +59,14 @@ class Format(str, Enum):
     tiff = "tiff"
 
 
-def _tiling_options(tile: str, max_memory: str, halo: str, scratch: Path | None) -> TilingOptions:
-    try:
-        budget = parse_bytes(max_memory)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
-    if tile != "auto" and not (tile.isdigit() and int(tile) > 0):
-        raise typer.BadParameter(f"expected 'auto' or a positive number of pixels, got {tile!r}", param_hint="--tile")
-    if halo != "exact" and not halo.isdigit():
-        raise typer.BadParameter(f"expected 'exact' or a number of pixels, got {halo!r}", param_hint="--halo")
-    return TilingOptions(
-        tile=None if tile == "auto" else int(tile),
-        max_memory=budget,
-        halo=None if halo == "exact" else int(halo),
-        scratch_dir=scratch,
-    )
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
-def _mix_spec(items: list[str]) -> StyleSpec:
-    """``["a.jpg=0.7", "b.jpg=0.3"]`` -> a normalised StyleSpec mix; one clear error per bad item."""
-    paths, weights = [], []
+def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
+    """``["a.jpg=0.7", "b.jpg=0.3"]`` -> [(path, weight), ...]; one clear error per bad item."""
+    paths: list[Path] = []
+    weights: list[float] = []
     for item in items:
         name, sep, weight = item.rpartition("=")
         if not sep or not name:
@@ -98,14 +81,15 @@ def _mix_spec(items: list[str]) -> StyleSpec:
         if path in paths:
             raise typer.BadParameter(f"{name} is given twice; give each style once with its weight", param_hint="--mix")
         paths.append(path)
-    try:
-        return StyleSpec(tuple(paths), tuple(weights))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--mix") from None
+    return list(zip(paths, weights))
 
 
 def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
+
+
+def _bad_option(exc: OptionError) -> typer.BadParameter:
+    return typer.BadParameter(exc.message.replace("levels=", "--levels "), param_hint=_flag(exc.option))
 
 
 def stylize_command(
@@ -134,25 +118,32 @@ def stylize_command(
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
     mask: Annotated[Path | None, typer.Option(help="Label image the content's size: one region per colour, taking the --style images in ascending order of colour; one output per content.", show_default=False)] = None,
     preserve_color: Annotated[PreserveColor, typer.Option(help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
+    io_workers: Annotated[int, typer.Option(min=0, help="Threads decoding the next contents and encoding finished outputs while the model computes (0: half the cores, 1-8).")] = 0,
+    png_level: Annotated[int, typer.Option(min=0, max=9, help="zlib level of PNG outputs: 1 is fast; 6-9 write files ~10-20% smaller, several times slower.")] = DEFAULT_PNG_LEVEL,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
 
     ultrastyle stylize photos/ --style art.jpg -o out/   or   ultrastyle stylize photos/ art.jpg -o out/
 
     Exit status is 1 if any pair failed; the other pairs still run and no
-    partial output file is left behind.
+    partial output file is left behind. Ctrl-C stops after the outputs in
+    flight are written, prints the summary and exits 130.
     """
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:
         _err(" ".join(str(exc).split()))
         raise typer.Exit(2) from None
+    settings = dict(
+        method=method.value if method is not None else None, alpha=alpha, levels=levels,
+        preserve_color=preserve_color.value, content_size=content_size, style_size=style_size,
+        max_memory=None if no_tile else max_memory, tile=tile, halo=halo, scratch=scratch, format=fmt.value,
+        depth=depth, png_level=png_level, skip_existing=skip_existing, max_pixels=max_pixels, io_workers=io_workers,
+    )  # fmt: skip
     try:
-        level_tuple = parse_levels(levels) if levels is not None else defaults.levels
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--levels") from None
-    method_name = method.value if method is not None else defaults.method
-    alpha = alpha if alpha is not None else defaults.alpha
+        options = make_options(defaults, **settings)  # every bad value, before the model is opened
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     if device is Device.cuda and backend is not Backend.tensorrt:  # TensorRT needs no CUDA build of PyTorch
         import torch
 
@@ -164,88 +155,62 @@ def stylize_command(
             raise typer.BadParameter("give either --style (one output per style) or --mix (one blended output)", param_hint="--mix")
         if mask is not None:
             raise typer.BadParameter("--mask takes one --style per label, not a --mix", param_hint="--mix")
-        contents, specs = expand_inputs(content), [_mix_spec(mix)]
-        style = []
+        mix_items, contents, styles = _mix_items(mix), expand_inputs(content), []
     else:
         if not style:
             # `ultrastyle stylize CONTENT... STYLE`, like cp's SOURCE... DEST.
             if len(content) < 2:
                 raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
             content, style = content[:-1], content[-1:]
-        contents, styles = expand_inputs(content), expand_inputs(style)
-        specs = [StyleSpec(tuple(styles), mask=mask)] if mask is not None and styles else styles
-    if not contents or not specs:
+        mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style)
+    if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
-    if mask is not None:
-        try:  # the label count is known before any work
-            check_label_count(mask, read_labels(mask, max_pixels=max_pixels)[1], len(styles))
-        except ImageError as exc:
-            _err(str(exc))
-            raise typer.Exit(2) from None
-    if depth not in (8, 16) or (depth == 16 and fmt is Format.jpg):
-        raise typer.BadParameter("use 8, or 16 with --format png or tiff", param_hint="--depth")
-    tiling = None if no_tile else _tiling_options(tile, max_memory, halo, scratch)
-    if tiling is not None and backend.value == "torch" and device.value == "cpu":
+    if options.tiling is not None and backend.value == "torch" and device.value == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
-    options = StylizeOptions(
-        method=method_name, alpha=alpha, levels=level_tuple, content_size=content_size,
-        style_size=style_size, format=fmt.value, skip_existing=skip_existing, max_pixels=max_pixels,
-        depth=depth, tiling=tiling, preserve_color=preserve_color.value,
-    )  # fmt: skip
     console = Console(stderr=True, highlight=False)
     try:
-        net = open_runner(
-            model, backend=backend.value, device=device.value, stages=tuple(sorted(set(level_tuple))),
-            threads=threads, on_export=lambda msg: console.print(msg, markup=False), precision=precision.value,
+        stylizer = Stylizer(
+            model, backend=backend.value, device=device.value, precision=precision.value, threads=threads,
+            levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
         raise typer.Exit(2) from None
-    if tiling is not None and tiling.tile is None:
-        try:  # fail before any work when the budget cannot hold one tile of some stage
-            for k in level_tuple:
-                plan_stage(net.arch, k, 4096, 4096, tiling, net.memory_factor(k))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--max-memory") from None
-    if tiling is not None and net.backend == "tensorrt":
-        try:  # one tile for every level that fits the engines' profiles; an explicit --tile that cannot fails here, before any work
-            tiling = net.fit_tiling(tiling, level_tuple)
-        except (ValueError, RunnerError) as exc:
-            raise typer.BadParameter(str(exc), param_hint="--tile") from None
-        options = replace(options, tiling=tiling)
-
-    try:
-        pairs = plan_pairs(contents, specs, output, fmt.value)
-    except OutputCollisionError as exc:
-        _err(str(exc))
-        raise typer.Exit(2) from None
-    with net, Progress(
-        TextColumn("[bold]stylize"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    with stylizer, Progress(
+        TextColumn("[bold]stylize"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} MP"),
+        TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
-        task = progress.add_task("", total=len(pairs))
+        reported: set[str] = set()  # a bad file fails every pair it is in; say so once
+        sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
+        task = progress.add_task("", total=sum(sizes.values()) * (1 if mix_items else len(styles)) or None)
         tiles = progress.add_task("", total=None, visible=False)
 
         def on_tile(what: str, done: int, total: int) -> None:
             progress.update(tiles, description=f"  {what}", completed=done, total=total, visible=total > 1)
-        reported: set[str] = set()  # a bad file fails every pair it is in; say so once
 
         def on_result(r: PairResult) -> None:
             if r.status == "failed" and r.error not in reported:
                 reported.add(r.error or "")
                 progress.console.print(f"error: {r.error}", style="red", markup=False, soft_wrap=True)
-            progress.update(task, advance=1, description=r.pair.output.name)
+            progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 
-        summary = run_batch(net, pairs, options, on_result, on_tile)
+        try:
+            summary = stylizer.stylize_batch(
+                contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
+            )  # fmt: skip
+        except OptionError as exc:
+            raise _bad_option(exc) from None
+        except (OutputCollisionError, ImageError) as exc:  # before any work: colliding outputs, a mask of the wrong label count
+            _err(str(exc).replace("output folders", "--output folders"))
+            raise typer.Exit(2) from None
+        except BatchInterrupted as exc:
+            progress.stop()
+            Console(stderr=True, highlight=False).print("interrupted: the outputs being written were finished; rerun with --skip-existing to resume")
+            Console(highlight=False).print(f"{exc.summary.describe()}; outputs in {output}")
+            raise typer.Exit(130) from None
         progress.remove_task(tiles)
-
-    spmp = summary.seconds_per_megapixel
-    rate = f", {spmp:.2f} s/MP" if spmp is not None else ""
-    Console(highlight=False).print(
-        f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
-        f"of {len(pairs)} pairs{rate}; outputs in {output}"
-    )
+    Console(highlight=False).print(f"{summary.describe()}; outputs in {output}")
     if summary.count("failed"):
         raise typer.Exit(1)

@@ -155,6 +155,11 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
+# zlib level of PNG outputs: 1 is 4x faster to write than PIL's default 6, files ~10-20% larger
+# (benchmarks/codecs.py measures the levels and encoders).
+DEFAULT_PNG_LEVEL = 1
+
+
 def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int = 8) -> Path:
     """Write (3, H, W) in [0, 1] (clamped) atomically; ``depth`` 16 for png/tiff."""
     dtype = np.uint8 if depth == 8 else np.uint16
@@ -162,7 +167,7 @@ def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int
     return save_array(np.ascontiguousarray(a), path, fmt)  # imagecodecs' PNG encoder refuses strided arrays
 
 
-def save_array(a: np.ndarray, path: str | Path, fmt: str = "png") -> Path:
+def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: int = DEFAULT_PNG_LEVEL) -> Path:
     """Write an (H, W, 3) uint8 or uint16 array: temp file in the same folder, then rename.
 
     16-bit goes to TIFF (tifffile, deflate) or PNG (imagecodecs); JPEG is 8-bit only.
@@ -181,7 +186,7 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png") -> Path:
         raise ImageError(f"{path.parent}: cannot write to the output directory ({exc.strerror or exc})") from exc
     try:
         with f:
-            _encode(a, f, fmt)
+            _encode(a, f, fmt, png_level)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -191,7 +196,7 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png") -> Path:
     return path
 
 
-def _encode(a: np.ndarray, f, fmt: str) -> None:
+def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL) -> None:
     if a.dtype == np.uint16:
         if fmt == "tiff":
             import tifffile
@@ -200,8 +205,7 @@ def _encode(a: np.ndarray, f, fmt: str) -> None:
         else:
             import imagecodecs
 
-            f.write(imagecodecs.png_encode(a))
+            f.write(imagecodecs.png_encode(a, level=png_level))
         return
-    # PNG at zlib level 1: 4x faster to write than PIL's default 6, files ~10-20% larger.
-    kwargs = {"jpg": {"quality": 95}, "png": {"compress_level": 1}}.get(fmt, {})
+    kwargs = {"jpg": {"quality": 95}, "png": {"compress_level": png_level}}.get(fmt, {})
     Image.fromarray(a, "RGB").save(f, FORMATS[fmt], **kwargs)

@@ -21,7 +21,13 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     images with more than `MAX_LABELS` colours (a photo or a JPEG, whose
     compression noise makes every pixel a label).
     """
-    a = read_image(path, max_pixels=max_pixels)
+    return labels_of(read_image(path, max_pixels=max_pixels), str(path))
+
+
+def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """`read_labels` of decoded pixels (H, W, 3) or (H, W); ``name`` names them in errors."""
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     if np.array_equal(r, g) and np.array_equal(r, b):
         values, inverse = np.unique(r, return_inverse=True)
@@ -34,7 +40,7 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
         colours = [(int(v >> (2 * shift)), int((v >> shift) & m), int(v & m)) for v in values]
     if len(values) > MAX_LABELS:
         raise ImageError(
-            f"{path}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "
+            f"{name}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "
             f"(at most {MAX_LABELS}), e.g. a PNG painted without antialiasing (not a JPEG)"
         )
     return inverse.reshape(r.shape).astype(np.uint8), colours

@@ -1,31 +1,46 @@
-"""Batch stylization: every content x style pair, surviving bad files.
+"""Batch stylization: every content x style pair, streamed, surviving bad files.
 
-The style side of a pair is a `StyleSpec`: one style file, a weighted mix of
+The style side of a pair is a `StyleSpec`: one style, a weighted mix of
 several (one output blending their statistics), or one style per mask label.
-Each style is read and its statistics computed once for the whole batch
-(per pair with ``preserve_color="match"``, which recolours the style to each
-content). A pair that fails (unreadable content, style or mask, a mask of the
-wrong size, unwritable output) is recorded with one message naming the file
-and the cause; the other pairs still run.
+Each style is read and its statistics computed once for the whole batch (per
+content with ``preserve_color="match"``, which recolours the style to each
+content).
+
+`run_batch` streams: worker threads decode the next contents while the
+runner computes the current one, and encode finished outputs behind it, so
+the device does not wait on files and the CPU does not wait on the device.
+Decoded images waiting to be computed and outputs waiting to be encoded
+count against one allowance (`StylizeOptions.io_memory`), beside the
+working-memory budget of the image being computed. A pair that fails
+(unreadable content, style or mask, a mask of the wrong size, unwritable
+output) is recorded with one message naming the file and the cause; the
+other pairs still run, and results are reported in pair order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+from PIL import Image
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, read_image, resize_long_side, save_array, save_image,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, read_image, resize_long_side, save_array,
 )  # fmt: skip
-from ultrastyle.io.masks import check_label_count, read_labels, resize_labels
+from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.canvas import Canvas, canvas_from_array
-from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.color import check_mode, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
+from ultrastyle.runtime.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.runtime.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
@@ -33,9 +48,68 @@ from ultrastyle.runtime.tiled import (
 )  # fmt: skip
 from ultrastyle.runtime.transforms import FeatureStats
 
+# Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline: a budget no image reaches.
+UNBOUNDED = TilingOptions(max_memory=1 << 62)
+
+
+class ImageInput:
+    """An image given in memory (an (H, W, 3) array or a PIL image) where a path would go; ``name`` names it in outputs and errors."""
+
+    def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image") -> None:
+        self.pixels = as_pixels(pixels, name)
+        self.name = name
+        h = hashlib.blake2b(self.pixels.tobytes(), digest_size=16)
+        h.update(f"{self.pixels.shape}{self.pixels.dtype}".encode())
+        self.key = h.hexdigest()
+
+    @property
+    def stem(self) -> str:
+        return self.name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageInput) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Source = Union[Path, ImageInput]
+
+
+def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
+        raise ImageError(f"{name}: expected an (H, W, 3) RGB array, got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype in (np.float64, np.float16):
+        a = a.astype(np.float32)
+    if a.dtype not in (np.uint8, np.uint16, np.float32):
+        raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def read_source(src: Source, max_pixels: int) -> np.ndarray:
+    """The (H, W, 3) pixels of a path (`read_image`) or an in-memory image."""
+    if isinstance(src, ImageInput):
+        h, w = src.pixels.shape[:2]
+        if h * w > max_pixels:
+            raise ImageError(f"{src}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of {max_pixels / 1e6:.0f} MP")
+        return src.pixels
+    return read_image(src, max_pixels=max_pixels)
+
 
 @dataclass(frozen=True)
 class StylizeOptions:
+    """Everything about one batch except the model; `None` entries of the public API are resolved before this."""
+
     method: str = "wct"
     alpha: float = DEFAULT_ALPHA
     levels: tuple[int, ...] = DEFAULT_LEVELS
@@ -45,25 +119,51 @@ class StylizeOptions:
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     depth: int = 8  # bits per sample of the output (16: png/tiff)
-    tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: whole-image reference path
+    tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: whole image (no budget)
     preserve_color: str = "none"  # "luminance": the content's chroma; "match": the style recoloured to the content
+    png_level: int = DEFAULT_PNG_LEVEL  # zlib level of PNG outputs (0-9)
+    io_workers: int = 0  # decoding and encoding threads each; 0: from the core count (`default_io_workers`)
+    # Bytes of decoded contents and of outputs waiting to be encoded, beside the budget of the image being
+    # computed; at least one of each is always admitted. None: half the tiling budget (1 GiB whole-image).
+    io_memory: int | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.preserve_color)
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"png_level must be 0..9, got {self.png_level}")
+
+    @property
+    def resolved_tiling(self) -> TilingOptions:
+        return self.tiling if self.tiling is not None else UNBOUNDED
+
+    @property
+    def io_allowance(self) -> int:
+        if self.io_memory is not None:
+            return self.io_memory
+        return self.tiling.max_memory // 2 if self.tiling is not None else 2**30
+
+    @property
+    def workers(self) -> int:
+        return self.io_workers or default_io_workers()
+
+
+def default_io_workers() -> int:
+    """Half the cores for decoding (and as many for encoding), 1 to 8: the rest compute."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
 class StyleSpec:
-    """The style side of one output: one file, a weighted mix, or one file per mask label.
+    """The style side of one output: one image, a weighted mix, or one image per mask label.
 
     ``weights`` (a mix) are normalised to sum to 1. With ``mask``, label ``i``
     (the ``i``-th smallest colour of the mask, `io.masks.read_labels`) takes
-    ``paths[i]``.
+    ``paths[i]``. Entries are paths or `ImageInput`.
     """
 
-    paths: tuple[Path, ...]
+    paths: tuple[Source, ...]
     weights: tuple[float, ...] | None = None
-    mask: Path | None = None
+    mask: Source | None = None
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -87,14 +187,14 @@ class StyleSpec:
     def __str__(self) -> str:
         if self.weights is not None:
             return " + ".join(f"{p} x {w:.3g}" for p, w in zip(self.paths, self.weights))
-        return " + ".join(map(str, self.paths)) + (f" (mask {self.mask})" if self.mask else "")
+        return " + ".join(map(str, self.paths)) + (f" (mask {self.mask})" if self.mask is not None else "")
 
 
 @dataclass(frozen=True)
 class Pair:
-    content: Path
+    content: Source
     style: StyleSpec
-    output: Path
+    output: Path | None  # None: kept in memory (`PairResult.image`)
 
 
 @dataclass
@@ -102,25 +202,49 @@ class PairResult:
     pair: Pair
     status: str  # "done" | "skipped" | "failed"
     error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # compute time of this pair
     megapixels: float = 0.0
+    image: np.ndarray | None = None  # (H, W, 3) uint8/uint16, for pairs without an output file
 
 
 @dataclass
 class BatchSummary:
     results: list[PairResult] = field(default_factory=list)
+    wall_seconds: float | None = None  # the whole batch, reading and writing included
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
 
     @property
+    def megapixels(self) -> float:
+        return sum(r.megapixels for r in self.results if r.status == "done")
+
+    @property
     def seconds_per_megapixel(self) -> float | None:
-        done = [r for r in self.results if r.status == "done"]
-        mp = sum(r.megapixels for r in done)
-        return sum(r.seconds for r in done) / mp if mp else None
+        """Wall time per megapixel done (the sum of compute times where the wall is unknown)."""
+        mp = self.megapixels
+        if not mp:
+            return None
+        seconds = self.wall_seconds if self.wall_seconds is not None else sum(r.seconds for r in self.results)
+        return seconds / mp
+
+    def describe(self, total: int | None = None) -> str:
+        """``"3 done, 1 skipped, 0 failed of 4 pairs, 2.10 s/MP"``."""
+        spmp = self.seconds_per_megapixel
+        rate = f", {spmp:.2f} s/MP" if spmp is not None else ""
+        of = total if total is not None else len(self.results)
+        return f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed of {of} pairs{rate}"
 
 
-def output_name(content: Path, style: Path | StyleSpec, fmt: str) -> str:
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a batch: ``summary`` holds the pairs finished before it (outputs complete, none partial)."""
+
+    def __init__(self, summary: BatchSummary) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
     name = style.name if isinstance(style, StyleSpec) else style.stem
     return f"{content.stem}_stylized_{name}.{fmt}"
 
@@ -129,56 +253,55 @@ class OutputCollisionError(ValueError):
     """Two pairs would write the same output file."""
 
 
-def plan_pairs(contents: list[Path], styles: list[Path] | list[StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
+def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
     """Every content x style pair, in content-major order; refuses pairs that share an output name."""
     specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
     pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in contents for s in specs]
     seen: dict[Path, Pair] = {}
     for p in pairs:
+        assert p.output is not None
         if p.output in seen:
             q = seen[p.output]
             raise OutputCollisionError(
                 f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}; "
-                "rename one of the files or stylize them into different --output folders"
+                "rename one of the files or write them into different output folders"
             )
         seen[p.output] = p
     return pairs
 
 
-class _StyleCache:
-    """Style statistics per style file, computed on first use; a bad style fails all its pairs once."""
+class StyleBook:
+    """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error."""
 
     def __init__(self, model: StageNetworks, options: StylizeOptions) -> None:
         self.model, self.options = model, options
-        self._stats: dict[Path, dict[int, FeatureStats] | ImageError] = {}
-        self._masks: dict[Path, np.ndarray | ImageError] = {}
+        self._stats: dict[Source, dict[int, FeatureStats] | ImageError] = {}
+        self._masks: dict[Source, np.ndarray | ImageError] = {}
 
-    def get(self, path: Path, recolor: FeatureStats | None = None) -> dict[int, FeatureStats]:
-        """Statistics of style ``path``; with ``recolor`` (a content's RGB statistics) of the recoloured style, not cached."""
+    def get(self, src: Source, recolor: FeatureStats | None = None) -> dict[int, FeatureStats]:
+        """Statistics of style ``src``; with ``recolor`` (a content's RGB statistics) of the recoloured style, not cached."""
         if recolor is not None:
-            return self._compute(path, recolor)
-        if path not in self._stats:
+            return self._compute(src, recolor)
+        if src not in self._stats:
             try:
-                self._stats[path] = self._compute(path, None)
+                self._stats[src] = self._compute(src, None)
             except ImageError as exc:
-                self._stats[path] = exc
-        got = self._stats[path]
+                self._stats[src] = exc
+        got = self._stats[src]
         if isinstance(got, ImageError):
             raise got
         return got
 
-    def _compute(self, path: Path, recolor: FeatureStats | None) -> dict[int, FeatureStats]:
+    def _compute(self, src: Source, recolor: FeatureStats | None) -> dict[int, FeatureStats]:
         opts = self.options
         try:
-            img = resize_long_side(array_to_tensor(read_image(path, max_pixels=opts.max_pixels)), opts.style_size)
+            img = resize_long_side(array_to_tensor(read_source(src, opts.max_pixels)), opts.style_size)
         except ImageError as exc:
             raise ImageError(f"style {exc}") from None
         if recolor is not None:
             img = match_colors(img, recolor)
-        if opts.tiling is None:
-            return style_statistics(self.model, img, opts.levels)
         with canvas_from_array(img.numpy(), layout="chw") as canvas:  # a large style is tiled like a content
-            return style_statistics_tiled(self.model, canvas, opts.levels, opts.tiling)
+            return style_statistics_tiled(self.model, canvas, opts.levels, opts.resolved_tiling)
 
     def style_for(self, spec: StyleSpec, size: tuple[int, int], original: tuple[int, int],
                   recolor: FeatureStats | None = None) -> Style:  # fmt: skip
@@ -194,19 +317,186 @@ class _StyleCache:
             )
         return Regions(resize_labels(labels, *size), tuple(Target((s,)) for s in stats))
 
-    def labels(self, path: Path, styles: int) -> np.ndarray:
+    def labels(self, src: Source, styles: int) -> np.ndarray:
         """The mask's label map, read once; its label count must equal the number of styles."""
-        if path not in self._masks:
+        if src not in self._masks:
             try:
-                labels, colours = read_labels(path, max_pixels=self.options.max_pixels)
-                check_label_count(path, colours, styles)
-                self._masks[path] = labels
+                if isinstance(src, ImageInput):
+                    labels, colours = labels_of(src.pixels, str(src))
+                else:
+                    labels, colours = read_labels(src, max_pixels=self.options.max_pixels)
+                check_label_count(src, colours, styles)
+                self._masks[src] = labels
             except ImageError as exc:
-                self._masks[path] = exc
-        got = self._masks[path]
+                self._masks[src] = exc
+        got = self._masks[src]
         if isinstance(got, ImageError):
             raise got
         return got
+
+
+def load_content(src: Source, options: StylizeOptions) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H, W, 3) pixels, resized to ``content_size`` when asked, and the (H, W) of the file."""
+    pixels = read_source(src, options.max_pixels)
+    original = (pixels.shape[0], pixels.shape[1])
+    if options.content_size and max(original) != options.content_size:
+        return resize_long_side(array_to_tensor(pixels), options.content_size).permute(1, 2, 0).numpy(), original
+    return pixels, original
+
+
+def stylize_canvas(
+    model: StageNetworks, content: Canvas, style: Style, options: StylizeOptions, on_tile: TileCallback | None = None
+) -> np.ndarray:
+    """The cascade of ``options`` on a content canvas: (H, W, 3) uint8 (``depth`` 8) or uint16, clamped and rounded."""
+    result = stylize_tiled(
+        model, content, style, options.resolved_tiling,
+        method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile,
+    )  # fmt: skip
+    try:
+        if options.preserve_color == "luminance":
+            keep_content_chroma_canvas(result, content)
+        return canvas_to_image(result, np.uint8 if options.depth == 8 else np.uint16)
+    finally:
+        result.close()
+
+
+def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
+    if isinstance(exc, ImageError):
+        msg = str(exc)
+    elif isinstance(exc, ValueError):  # e.g. a memory budget too small for this image's tiles
+        msg = f"{pair.content}: {exc}"
+    else:  # out of memory, a backend or disk error: this pair fails, the batch goes on
+        msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
+    return PairResult(pair, "failed", msg, seconds)
+
+
+class Decoded:
+    """A decoded content, handed over once (`take`), so that only its canvas outlives the hand-over."""
+
+    def __init__(self, pixels: np.ndarray, original: tuple[int, int]) -> None:
+        self._pixels: np.ndarray | None = pixels
+        self.original = original
+        self.shape = pixels.shape
+
+    def take(self) -> np.ndarray:
+        pixels, self._pixels = self._pixels, None
+        if pixels is None:
+            raise RuntimeError("the decoded pixels were handed over already")
+        return pixels
+
+
+def decode(src: Source, options: StylizeOptions) -> Decoded:
+    """`load_content` as a `Decoded`."""
+    return Decoded(*load_content(src, options))
+
+
+def stylize_content(
+    model: StageNetworks,
+    decoded: Decoded,
+    pairs: Sequence[Pair],
+    styles: StyleBook,
+    options: StylizeOptions,
+    on_tile: TileCallback | None = None,
+    on_output: Callable[[Pair, np.ndarray, float], None] | None = None,
+    *,
+    raise_errors: bool = False,
+) -> list[PairResult | None]:
+    """Every pair of one ``decoded`` content; a pair's output goes to ``on_output`` (its result then None),
+    else into its result. Failures are results (raised with ``raise_errors``); the content canvas is built once
+    for all its pairs."""
+    h, w = decoded.shape[:2]
+    original = decoded.original
+    t0 = time.perf_counter()
+    results: list[PairResult | None] = []
+    try:
+        content = content_canvas(model, decoded.take(), options.resolved_tiling, options.levels)
+    except Exception as exc:  # noqa: BLE001 - the pairs fail, the batch goes on
+        if raise_errors:
+            raise
+        return [_failure(p, exc, time.perf_counter() - t0) for p in pairs]
+    try:  # the decoded pixels are gone: the canvas holds them (on disk when large, on the GPU where it fits)
+        recolor = rgb_statistics(content) if options.preserve_color == "match" else None
+        for pair in pairs:
+            t0 = time.perf_counter()
+            try:
+                style = styles.style_for(pair.style, (h, w), original, recolor)
+                out = stylize_canvas(model, content, style, options, on_tile)
+            except Exception as exc:  # noqa: BLE001
+                if raise_errors:
+                    raise
+                results.append(_failure(pair, exc, time.perf_counter() - t0))
+                continue
+            seconds = time.perf_counter() - t0
+            if on_output is not None:
+                on_output(pair, out, seconds)
+                results.append(None)
+            else:
+                results.append(PairResult(pair, "done", None, seconds, h * w / 1e6, out))
+    finally:
+        content.close()
+    return results
+
+
+def decoded_bytes(src: Source, options: StylizeOptions) -> int:
+    """An upper estimate of the memory ``src`` takes decoded (its header's size; 0 when unreadable)."""
+    if isinstance(src, ImageInput):
+        return src.pixels.nbytes
+    try:
+        with Image.open(src) as img:
+            w, h = img.size
+            deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
+    except Exception:  # noqa: BLE001 - the read reports it
+        return 0
+    return w * h * 3 * (2 if deep else 1)
+
+
+def output_megapixels(src: Source, options: StylizeOptions) -> float:
+    """The megapixels ``src`` will have after ``content_size`` (from its header; 0 when unreadable)."""
+    if isinstance(src, ImageInput):
+        h, w = src.pixels.shape[:2]
+    else:
+        try:
+            with Image.open(src) as img:
+                w, h = img.size
+        except Exception:  # noqa: BLE001
+            return 0.0
+    if options.content_size and max(h, w) != options.content_size:
+        s = options.content_size / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+    return h * w / 1e6
+
+
+class _Allowance:
+    """Bytes held by queued images; the main thread waits for room (one item is always let in)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def fits(self, n: int) -> bool:
+        with self._cond:
+            return self.used == 0 or self.used + n <= self.limit
+
+    def take(self, n: int, wait: bool = True) -> None:
+        with self._cond:
+            while wait and not (self.used == 0 or self.used + n <= self.limit):
+                self._cond.wait(0.5)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class _Job:
+    """One content and its consecutive pairs (content-major order: read once)."""
+
+    content: Source
+    indices: list[int]
+    estimate: int = 0
+    read: Future | None = None
 
 
 def run_batch(
@@ -216,91 +506,122 @@ def run_batch(
     on_result: Callable[[PairResult], None] | None = None,
     on_tile: TileCallback | None = None,
 ) -> BatchSummary:
-    """Stylize ``pairs``; outputs are written atomically, so an interrupted batch resumes with ``skip_existing``."""
-    styles = _StyleCache(model, options)
+    """Stylize ``pairs``, streaming; results reach ``on_result`` and the summary in pair order.
+
+    Outputs are written atomically (an interrupted batch resumes with
+    ``skip_existing``); Ctrl-C raises `BatchInterrupted` with the summary so far.
+    """
+    from ultrastyle.io import atomic
+
+    for folder in {p.output.parent for p in pairs if p.output is not None}:
+        atomic.sweep_stale(folder)  # temp files of a killed earlier run
+    t_start = time.perf_counter()
+    results: list[PairResult | None] = [None] * len(pairs)
     summary = BatchSummary()
-    for pair in pairs:
-        if options.skip_existing and pair.output.exists():
-            result = PairResult(pair, "skipped")
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        while reported < len(pairs) and results[reported] is not None:
+            r = results[reported]
+            summary.results.append(r)
+            if on_result:
+                on_result(r)
+            reported += 1
+
+    jobs: list[_Job] = []
+    for i, pair in enumerate(pairs):
+        if options.skip_existing and pair.output is not None and pair.output.exists():
+            results[i] = PairResult(pair, "skipped")
+        elif jobs and jobs[-1].content == pair.content and jobs[-1].indices[-1] == i - 1:
+            jobs[-1].indices.append(i)
         else:
-            result = _run_pair(model, pair, options, styles, on_tile)
+            jobs.append(_Job(pair.content, [i]))
+    report()
+    styles = StyleBook(model, options)
+    workers = options.workers
+    allowance = _Allowance(options.io_allowance)
+    writes: deque[Future] = deque()
+    readers = ThreadPoolExecutor(workers, thread_name_prefix="ultrastyle-read")
+    writers = ThreadPoolExecutor(workers, thread_name_prefix="ultrastyle-write")
+    submitted = 0
+
+    def read_ahead(current: int) -> None:
+        nonlocal submitted
+        while submitted < len(jobs) and submitted <= current + workers:
+            job = jobs[submitted]
+            job.estimate = decoded_bytes(job.content, options)
+            if submitted > current and not allowance.fits(job.estimate):
+                return
+            allowance.take(job.estimate, wait=False)
+            job.read = readers.submit(decode, job.content, options)
+            submitted += 1
+
+    def write(i: int, pair: Pair, out: np.ndarray, seconds: float, nbytes: int) -> None:
+        try:
+            assert pair.output is not None
+            save_array(out, pair.output, options.format, png_level=options.png_level)
+            results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6)
+        except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
+            results[i] = _failure(pair, exc, seconds)
+        finally:
+            allowance.give(nbytes)
+
+    try:
+        for j, job in enumerate(jobs):
+            read_ahead(j)
+            assert job.read is not None
+            try:
+                decoded = job.read.result()
+            except Exception as exc:  # noqa: BLE001 - ImageError mostly; the content's pairs fail
+                for i in job.indices:
+                    results[i] = _failure(pairs[i], exc)
+                allowance.give(job.estimate)
+                report()
+                continue
+            finally:
+                job.read = None  # the future holds the pixels too
+            by_pair = {id(pairs[i]): i for i in job.indices}
+
+            def on_output(pair: Pair, out: np.ndarray, seconds: float) -> None:
+                i = by_pair[id(pair)]
+                if pair.output is None:
+                    results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
+                    return
+                allowance.take(out.nbytes)  # waits while earlier outputs fill the allowance
+                writes.append(writers.submit(write, i, pair, out, seconds, out.nbytes))
+
+            try:
+                got = stylize_content(model, decoded, [pairs[i] for i in job.indices], styles, options, on_tile, on_output)
+            finally:
+                del decoded
+                allowance.give(job.estimate)
+            for i, r in zip(job.indices, got):
+                if r is not None:
+                    results[i] = r
             release_free_memory()  # the next image may be smaller: do not hold this one's peak
-        summary.results.append(result)
-        if on_result:
-            on_result(result)
+            while writes and writes[0].done():
+                writes.popleft().result()
+            report()
+        for f in writes:
+            f.result()
+        report()
+    except KeyboardInterrupt:
+        readers.shutdown(wait=False, cancel_futures=True)
+        for f in writes:  # outputs already computed are finished, atomically
+            f.result()
+        report()
+        summary.wall_seconds = time.perf_counter() - t_start
+        raise BatchInterrupted(summary) from None
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True)
+    summary.wall_seconds = time.perf_counter() - t_start
     return summary
 
 
-def _run_pair(
-    model: StageNetworks, pair: Pair, options: StylizeOptions, styles: _StyleCache, on_tile: TileCallback | None
-) -> PairResult:
-    t0 = time.perf_counter()
-    try:
-        if options.preserve_color != "match":  # a bad style fails before the content is read
-            for path in pair.style.paths:
-                styles.get(path)
-        if options.tiling is None:
-            pixels, original = _load_content(pair.content, options)
-            content = array_to_tensor(pixels)
-            del pixels
-            h, w = content.shape[-2:]
-            recolor = rgb_statistics(content) if options.preserve_color == "match" else None
-            style = styles.style_for(pair.style, (h, w), original, recolor)
-            out = stylize(model, content, style, method=options.method, alpha=options.alpha, levels=options.levels)
-            if options.preserve_color == "luminance":
-                out = keep_content_chroma(out, content)
-            save_image(out, pair.output, options.format, options.depth)
-        else:  # loads the content itself, so that nothing here keeps the decoded pixels alive
-            h, w = _stylize_tiled_to_file(model, pair, styles, options, on_tile)
-    except ImageError as exc:
-        return PairResult(pair, "failed", str(exc), time.perf_counter() - t0)
-    except ValueError as exc:  # e.g. a memory budget too small for this image's tiles
-        return PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - t0)
-    except Exception as exc:  # out of memory, a backend or disk error: this pair fails, the batch goes on
-        msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
-        return PairResult(pair, "failed", msg, time.perf_counter() - t0)
-    return PairResult(pair, "done", None, time.perf_counter() - t0, h * w / 1e6)
-
-
-def _load_content(path: Path, options: StylizeOptions) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) pixels, resized to ``content_size`` when asked, and the (H, W) of the file."""
-    pixels = read_image(path, max_pixels=options.max_pixels)
-    original = (pixels.shape[0], pixels.shape[1])
-    if options.content_size and max(original) != options.content_size:
-        return resize_long_side(array_to_tensor(pixels), options.content_size).permute(1, 2, 0).numpy(), original
-    return pixels, original
-
-
-def _stylize_tiled_to_file(
-    model: StageNetworks,
-    pair: Pair,
-    styles: _StyleCache,
-    options: StylizeOptions,
-    on_tile: TileCallback | None,
-) -> tuple[int, int]:
-    """Tiled cascade of ``pair.content`` into ``pair.output``; returns the content's (H, W).
-
-    The decoded pixels live only until the content canvas holds them (300 MB
-    at 100 MP that a caller's reference kept alive through every stage).
-    """
-    tiling = options.tiling
-    assert tiling is not None
-    pixels, original = _load_content(pair.content, options)
-    h, w = pixels.shape[:2]
-    content = content_canvas(model, pixels, tiling, options.levels)
-    del pixels  # the canvas holds it now (on disk when large, on the GPU where it fits there)
-    result: Canvas | None = None
-    try:
-        recolor = rgb_statistics(content) if options.preserve_color == "match" else None
-        style = styles.style_for(pair.style, (h, w), original, recolor)
-        result = stylize_tiled(
-            model, content, style, tiling, method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile
-        )
-        if options.preserve_color == "luminance":
-            keep_content_chroma_canvas(result, content)
-        save_array(canvas_to_image(result, np.uint8 if options.depth == 8 else np.uint16), pair.output, options.format)
-    finally:
-        content.close()
-        if result is not None:
-            result.close()
-    return h, w
+__all__ = [
+    "BatchInterrupted", "BatchSummary", "ImageInput", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
+    "StyleSpec", "StylizeOptions", "as_pixels", "decode", "default_io_workers", "load_content", "output_megapixels",
+    "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
+]  # fmt: skip

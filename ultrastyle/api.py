@@ -1,0 +1,399 @@
+"""The Python API: `stylize` one image, `load` a `Stylizer` for many, `stylize_batch` for folders.
+
+    import ultrastyle
+
+    out = ultrastyle.stylize("photo.jpg", "art.jpg")              # (H, W, 3) uint8
+    with ultrastyle.load("ultrastyle-adain-16x") as s:            # the model's defaults: adain, 1.0, stage 4
+        a = s.stylize(photo_array, "art.jpg", max_memory="1GB")
+        b = s.stylize(photo_array, mix=[("a.jpg", 0.7), ("b.jpg", 0.3)], output="mix.png")
+    summary = ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")
+
+Settings left as None take the model's own defaults (its zoo entry, the
+``defaults`` of a model folder's ``architecture.json``, or a bundle's
+manifest), resolved here once for the command line and for Python alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, FORMATS, save_array
+from ultrastyle.io.paths import expand_inputs
+from ultrastyle.models.defaults import ModelDefaults, model_defaults
+from ultrastyle.models.pretrained import DEFAULT_MODEL
+from ultrastyle.runtime.backends.base import Runner
+from ultrastyle.runtime.backends.select import open_runner
+from ultrastyle.runtime.batch import (
+    BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, StyleSpec, StylizeOptions, decode,
+    plan_pairs, run_batch, stylize_content,
+)  # fmt: skip
+from ultrastyle.runtime.cascade import parse_levels
+from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes
+from ultrastyle.runtime.tiled import TileCallback, TilingOptions, plan_stage
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
+
+__all__ = [
+    "ImageLike", "OptionError", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
+]  # fmt: skip
+
+
+class OptionError(ValueError):
+    """A setting with a bad value; ``option`` is its keyword name (``max_memory``), for front ends to map to their flag."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def _bytes(option: str, value: int | str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise OptionError(option, f"expected a positive number of bytes, got {value}")
+        return value
+    try:
+        return parse_bytes(str(value))
+    except ValueError as exc:
+        raise OptionError(option, str(exc)) from None
+
+
+def _pixels(option: str, value: int | str | None, none_word: str) -> int | None:
+    if value is None or value == none_word:
+        return None
+    if isinstance(value, str):
+        if not value.isdigit():
+            raise OptionError(option, f"expected {none_word!r} or a number of pixels, got {value!r}")
+        value = int(value)
+    if value < (1 if option == "tile" else 0):
+        raise OptionError(option, f"expected {none_word!r} or a {'positive' if option == 'tile' else 'non-negative'} number of pixels, got {value}")
+    return value
+
+
+def make_options(
+    defaults: ModelDefaults,
+    *,
+    method: str | None = None,
+    alpha: float | None = None,
+    levels: Sequence[int] | str | None = None,
+    preserve_color: str = "none",
+    content_size: int = 0,
+    style_size: int = 1024,
+    max_memory: int | str | None = "2GB",
+    tile: int | str | None = None,
+    halo: int | str | None = None,
+    scratch: str | os.PathLike | None = None,
+    format: str = "png",  # noqa: A002 - the name users know from --format
+    depth: int = 8,
+    png_level: int = DEFAULT_PNG_LEVEL,
+    skip_existing: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    io_workers: int = 0,
+    io_memory: int | str | None = None,
+) -> StylizeOptions:
+    """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults``.
+
+    ``max_memory``: the working-memory budget of one image (bytes or ``"2GB"``);
+    None runs every stage on the whole image. ``tile``: a fixed tile core side
+    (None or ``"auto"``: fitted to the budget). ``halo``: None or ``"exact"``
+    for the exact result, else at most that many pixels (approximate). Raises
+    `OptionError` naming the setting.
+    """
+    if method is not None and method not in ("wct", "adain"):
+        raise OptionError("method", f"expected 'wct' or 'adain', got {method!r}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise OptionError("alpha", f"expected a number in 0..1, got {alpha}")
+    if isinstance(levels, str):
+        try:
+            levels = parse_levels(levels)
+        except ValueError as exc:
+            raise OptionError("levels", str(exc)) from None
+    elif levels is not None:
+        levels = tuple(int(k) for k in levels)
+        if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
+            raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels}")
+    if preserve_color not in ("none", "luminance", "match"):
+        raise OptionError("preserve_color", f"expected 'none', 'luminance' or 'match', got {preserve_color!r}")
+    fmt = {"jpeg": "jpg", "tif": "tiff"}.get(format.lower(), format.lower())
+    if fmt not in FORMATS:
+        raise OptionError("format", f"expected one of {', '.join(FORMATS)}, got {format!r}")
+    if depth not in (8, 16) or (depth == 16 and fmt == "jpg"):
+        raise OptionError("depth", "expected 8, or 16 with png or tiff")
+    if not 0 <= png_level <= 9:
+        raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}")
+    if content_size < 0 or style_size < 0:
+        raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep the size) or a number of pixels")
+    if io_workers < 0:
+        raise OptionError("io_workers", f"expected 0 (from the core count) or a number of threads, got {io_workers}")
+    tiling = None
+    if max_memory is not None:
+        tiling = TilingOptions(
+            tile=_pixels("tile", tile, "auto"),
+            max_memory=_bytes("max_memory", max_memory),
+            halo=_pixels("halo", halo, "exact"),
+            scratch_dir=Path(scratch) if scratch is not None else None,
+        )
+    return StylizeOptions(
+        method=method or defaults.method,
+        alpha=defaults.alpha if alpha is None else float(alpha),
+        levels=levels or defaults.levels,
+        content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing,
+        max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
+        io_workers=io_workers, io_memory=None if io_memory is None else _bytes("io_memory", io_memory),
+    )  # fmt: skip
+
+
+def _source(image: ImageLike, role: str) -> Source:
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image)
+    if isinstance(image, (np.ndarray, Image.Image)):
+        return ImageInput(image, role)
+    raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
+
+
+def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None) -> StyleSpec:
+    if mix is not None:
+        if style is not None:
+            raise OptionError("mix", "give either a style (one output per style) or a mix (one blended output)")
+        if mask is not None:
+            raise OptionError("mix", "a mask takes one style per label, not a mix")
+        items = list(mix.items()) if isinstance(mix, Mapping) else list(mix)
+        try:
+            return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
+        except ValueError as exc:
+            raise OptionError("mix", str(exc)) from None
+    if style is None:
+        raise OptionError("style", "give a style image (or a mix)")
+    styles = list(style) if isinstance(style, (list, tuple)) else [style]
+    if mask is not None:
+        return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=_source(mask, "mask"))
+    if len(styles) != 1:
+        raise OptionError("style", "several styles make one output only as a mix or with a mask")
+    return StyleSpec((_source(styles[0], "style"),))
+
+
+class Stylizer:
+    """A model opened on one backend and device, for many images; style statistics are cached per style.
+
+    ``model``: a zoo name (installed on first use), a weights folder or a bundle
+    folder. ``levels``: the stages to load (default: the model's default
+    levels); calls may run any subset of them. Use as a context manager, or
+    call `close`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        backend: str = "auto",
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int = 0,
+        levels: Sequence[int] | str | None = None,
+        on_message: Callable[[str], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model = str(model)
+        self.defaults = model_defaults(model)
+        stages = make_options(self.defaults, levels=levels).levels
+        keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
+        self.runner: Runner = open_runner(
+            model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,
+            on_export=on_message, precision=precision, progress=progress,
+        )  # fmt: skip
+        self.runner.activate()
+        self._books: dict[tuple, StyleBook] = {}
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return self.runner.stages
+
+    def close(self) -> None:
+        """Free the networks (idempotent)."""
+        if self.runner.is_active:
+            self.runner.deactivate()
+        self._books.clear()
+
+    def __enter__(self) -> Stylizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def options(self, **settings: Any) -> StylizeOptions:
+        """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
+        opts = make_options(self.defaults, **settings)
+        missing = sorted(set(opts.levels) - set(self.stages))
+        if missing:
+            raise OptionError(
+                "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
+            )
+        tiling = opts.tiling
+        if tiling is not None and tiling.tile is None:
+            try:  # fail before any work when the budget cannot hold one tile of some stage
+                for k in opts.levels:
+                    plan_stage(self.runner.arch, k, 4096, 4096, tiling, self.runner.memory_factor(k))
+            except ValueError as exc:
+                raise OptionError("max_memory", str(exc)) from None
+        fit = getattr(self.runner, "fit_tiling", None)
+        if tiling is not None and fit is not None:
+            try:  # regions the engines' profiles accept; a fixed tile that cannot fit fails here
+                opts = replace(opts, tiling=fit(tiling, opts.levels))
+            except ValueError as exc:
+                raise OptionError("tile", str(exc)) from None
+        return opts
+
+    def _book(self, opts: StylizeOptions) -> StyleBook:
+        key = (opts.levels, opts.style_size, opts.max_pixels, opts.resolved_tiling)
+        if key not in self._books:
+            self._books[key] = StyleBook(self.runner, opts)
+        return self._books[key]
+
+    def stylize(
+        self,
+        content: ImageLike,
+        style: ImageLike | Sequence[ImageLike] | None = None,
+        *,
+        mix: MixLike | None = None,
+        mask: ImageLike | None = None,
+        output: str | os.PathLike | None = None,
+        on_tile: TileCallback | None = None,
+        **settings: Any,
+    ) -> np.ndarray:
+        """Stylize one content image; returns (H, W, 3) uint8 (uint16 with ``depth=16``).
+
+        ``content``, ``style``: paths, (H, W, 3) arrays (uint8, uint16 or
+        float32 in [0, 1]) or PIL images. ``mix``: ``[(style, weight), ...]``
+        blended into one output (instead of ``style``). ``mask``: a label image
+        the content's size, one region per colour, taking the styles (a list)
+        in ascending order of colour. ``output``: also write the image there
+        (atomically; the format from its suffix unless ``format`` is given).
+        ``settings``: as `make_options` (method, alpha, levels, preserve_color,
+        content_size, style_size, max_memory, tile, halo, depth, ...). Raises
+        `ImageError` for a bad image, `OptionError` for a bad setting, ValueError when the budget cannot hold
+        this image's tiles.
+        """
+        if output is not None and "format" not in settings:
+            settings["format"] = Path(output).suffix.lstrip(".") or "png"
+        opts = self.options(**settings)
+        spec = _style_spec(style, mix, mask)
+        src = _source(content, "content")
+        pair = Pair(src, spec, None)
+        (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
+        assert result is not None and result.image is not None
+        if output is not None:
+            save_array(result.image, output, opts.format, png_level=opts.png_level)
+        return result.image
+
+    def stylize_batch(
+        self,
+        contents: Iterable[ImageLike],
+        styles: Iterable[ImageLike] | None = None,
+        output_dir: str | os.PathLike = "out",
+        *,
+        mix: MixLike | None = None,
+        mask: ImageLike | None = None,
+        on_result: Callable[[PairResult], None] | None = None,
+        on_tile: TileCallback | None = None,
+        **settings: Any,
+    ) -> BatchSummary:
+        """Every content x style pair into ``output_dir`` as ``{content}_stylized_{style}.{ext}``, streamed.
+
+        ``contents``, ``styles``: paths, folders (their images, sorted), globs,
+        arrays or PIL images (named ``content`` / ``style`` then). ``mix``: one
+        blended output per content instead of ``styles``; ``mask``: one output
+        per content with ``styles`` one per label. A bad file fails its pairs
+        (``status`` "failed", ``error`` naming it) and the rest run; results in
+        pair order. Raises `OutputCollisionError` before any work when two
+        pairs would write one file, ``BatchInterrupted`` (with the summary so
+        far) on Ctrl-C.
+        """
+        opts = self.options(**settings)
+        content_list = _sources(contents, "content")
+        if mix is not None or mask is not None:
+            specs: list[StyleSpec] = [_style_spec(list(styles) if styles is not None else None, mix, mask)]
+        else:
+            specs = [StyleSpec((s,)) for s in _sources(styles or [], "style")]
+        if not content_list or not specs:
+            raise OptionError("contents" if not content_list else "styles", "no images given or found")
+        pairs = plan_pairs(content_list, specs, Path(output_dir), opts.format)
+        if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
+            self._book(opts).labels(specs[0].mask, len(specs[0].paths))
+        return run_batch(self.runner, pairs, opts, on_result, on_tile)
+
+
+def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
+    """Paths, folders and globs expanded (`expand_inputs`); in-memory images named ``role``, ``role``-2, ..."""
+    out: list[Source] = []
+    paths: list[str] = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            paths.append(os.fspath(image))
+            continue
+        out += expand_inputs(paths)
+        paths = []
+        n = sum(isinstance(s, ImageInput) for s in out)
+        out.append(ImageInput(image, role if n == 0 else f"{role}-{n + 1}"))
+    return out + expand_inputs(paths)
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    threads: int = 0,
+    levels: Sequence[int] | str | None = None,
+    on_message: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> Stylizer:
+    """Open ``model`` for many calls (`Stylizer`); see `Stylizer` for the arguments."""
+    return Stylizer(
+        model, backend=backend, device=device, precision=precision, threads=threads, levels=levels,
+        on_message=on_message, progress=progress,
+    )  # fmt: skip
+
+
+_RUNNER_KEYS = ("backend", "device", "precision", "threads", "on_message", "progress")
+
+
+def stylize(
+    content: ImageLike,
+    style: ImageLike | Sequence[ImageLike] | None = None,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    **settings: Any,
+) -> np.ndarray:
+    """Stylize one image with ``model``: `load` then `Stylizer.stylize` (see both); returns (H, W, 3) uint8.
+
+    For many images, `load` the model once instead.
+    """
+    runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
+    with load(model, levels=settings.get("levels"), **runner_kw) as s:
+        return s.stylize(content, style, **settings)
+
+
+def stylize_batch(
+    contents: Iterable[ImageLike],
+    styles: Iterable[ImageLike] | None = None,
+    output_dir: str | os.PathLike = "out",
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    **settings: Any,
+) -> BatchSummary:
+    """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both)."""
+    runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
+    with load(model, levels=settings.get("levels"), **runner_kw) as s:
+        return s.stylize_batch(contents, styles, output_dir, **settings)
