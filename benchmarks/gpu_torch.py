@@ -66,12 +66,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.images import array_to_tensor, read_image, resize_long_side
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.memory import parse_bytes
 from ultrastyle.runtime.tiled import TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled
 
 GiB = 2**30

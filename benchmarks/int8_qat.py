@@ -84,7 +84,7 @@ SHARED = ROOT.parent / "shared"
 @torch.no_grad()
 def error_sources(model, images: Path) -> None:
     """Print, per stage network, which quantized tensors the simulated int8 error comes from."""
-    from ultrastyle.runtime.transforms import apply_affine
+    from ultrastyle.core.transforms import apply_affine
 
     files = tuple(calibration_images(images))
     calib = TileSampler(files, 512, 8, DEFAULT_IMAGE_SIZE, 0).tiles()

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from _timing import median_seconds
 
+from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.tile_memory import parse_bytes
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import export_bundle, is_bundle, read_bundle
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.tensorrt_backend import TensorRTRunner
-from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS
-from ultrastyle.runtime.memory import parse_bytes
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
-from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt.build import build_engines
 from ultrastyle.trt.env import missing_for_tensorrt, probe_gpus
 from ultrastyle.trt.profiles import default_ranges, fit_tiling_to_engines

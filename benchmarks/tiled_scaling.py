@@ -196,7 +196,8 @@ def worker(spec: dict) -> dict:
 
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
-    from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes, use_huge_pages
+    from ultrastyle.core.tile_memory import parse_bytes
+    from ultrastyle.runtime.memory import keep_freed_memory, use_huge_pages
     from ultrastyle.runtime.tiled import TilingOptions, plan_for
 
     huge_pages = False

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.styles import Regions, Target
 from ultrastyle.distill.losses import adain, style_loss
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models import zoo
@@ -14,9 +16,7 @@ from ultrastyle.models.convert import cd_decoder, cd_encoder
 from ultrastyle.models.defaults import ModelDefaults, model_defaults
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.backends.select import open_runner
-from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import style_statistics, stylize
-from ultrastyle.runtime.styles import Regions, Target
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
 
 NAME = "ultrastyle-adain-16x"

@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.export.bundle import export_bundle
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
@@ -18,9 +19,8 @@ from ultrastyle.runtime.backends.base import Runner, RunnerError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from ultrastyle.runtime.backends.select import ensure_bundle, open_runner, resolve_backend
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.canvas import canvas_from_array
-from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
+from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
 
 # Max abs difference from the PyTorch reference per output, float32.

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, parse_levels, style_statistics, stylize
-from ultrastyle.runtime.padding import pad_to_grid
 
 # Written out by hand, independently of ultrastyle.models.spec: "P" = 2x2 max-pool, "U" = nearest 2x.
 REF_ENCODERS = {

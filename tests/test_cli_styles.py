@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from ultrastyle.cli.main import app
-from ultrastyle.runtime.color import chroma
+from ultrastyle.core.color import chroma
 
 W, H = 48, 40
 

@@ -90,7 +90,7 @@ def test_depth_16_with_jpeg_is_refused(inputs, cd16x_dir, tmp_path):
 
 def test_disk_canvas_via_scratch_leaves_no_files(inputs, cd16x_dir, tmp_path, monkeypatch):
     # A tiny budget sends every canvas to the scratch folder; results still match.
-    import ultrastyle.runtime.canvas as canvas_mod
+    import ultrastyle.core.canvas as canvas_mod
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.tiled import TilingOptions, plan_for, style_statistics_tiled, stylize_tiled
-from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt.device_memory import ALIGNMENT, DeviceMemory, GrowingBuffer, GrowingPinned, open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from ultrastyle.core.tile_memory import core_for_budget, parse_bytes, region_side_for_budget, stage_bytes_per_pixel
 from ultrastyle.models.spec import ARCHS
-from ultrastyle.runtime.memory import core_for_budget, parse_bytes, region_side_for_budget, stage_bytes_per_pixel
 
 
 @pytest.mark.parametrize("text,value", [("2GB", 2 * 2**30), ("512MB", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("1024", 1024), ("64k", 65536)])
@@ -41,9 +41,9 @@ def test_too_small_budget_names_the_minimum():
 
 _PROBE = r"""
 import json, sys, torch
+from ultrastyle.core.tile_memory import stage_bytes_per_pixel
+from ultrastyle.core.transforms import apply_affine
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.runtime.memory import stage_bytes_per_pixel
-from ultrastyle.runtime.transforms import apply_affine
 
 k, side, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(2)
@@ -184,9 +184,9 @@ def test_trim_heap_waits_until_the_resident_set_grew_past_keep_bytes(fake_libc, 
 
 
 def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_libc, cd16x_dir):
-    import ultrastyle.runtime.memory as mem
     from ultrastyle.models.pretrained import load_cd_folder
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
+    import ultrastyle.runtime.memory as mem
     from ultrastyle.runtime.tiled import TilingOptions, plan_for
 
     model = load_cd_folder(cd16x_dir, stages=(5,))

@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.color import chroma, luminance, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.core.styles import Regions, Target, apply_regions, mix_weights, region_statistics
+from ultrastyle.core.transforms import FeatureStats, fit_affine
 from ultrastyle.io.images import ImageError, load_image, resize_long_side
 from ultrastyle.io.masks import read_labels, resize_labels
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.batch import StyleSpec
-from ultrastyle.runtime.canvas import canvas_from_array
 from ultrastyle.runtime.cascade import style_statistics, stylize
-from ultrastyle.runtime.color import chroma, luminance, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
-from ultrastyle.runtime.styles import Regions, Target, apply_regions, mix_weights, region_statistics
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
-from ultrastyle.runtime.transforms import FeatureStats, fit_affine
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (as tests/test_tiling.py).
 ATOL = {torch.float32: 1e-4}

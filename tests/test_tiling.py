@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
+from ultrastyle.core.padding import padded_size
+from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
+from ultrastyle.core.tiling import Span, plan_tiles
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
-from ultrastyle.runtime.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.padding import padded_size
-from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
 from ultrastyle.runtime.tiled import (
     TilingOptions, plan_for, plan_stage, read_region, style_statistics_tiled, stylize_stage_tiled, stylize_tiled,
 )  # fmt: skip
-from ultrastyle.runtime.tiling import Span, plan_tiles
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (issue #3).
 ATOL = {torch.float32: 1e-4}
@@ -61,7 +61,7 @@ def test_tile_regions_sit_on_the_grid_and_border_tiles_start_at_the_border():
 
 
 def test_split_rejects_sizes_off_the_grid():
-    from ultrastyle.runtime.tiling import split_axis
+    from ultrastyle.core.tiling import split_axis
 
     with pytest.raises(ValueError, match="multiple of the grid"):
         split_axis(50, 16, 16, 16)
@@ -185,7 +185,7 @@ def test_budget_tiling_equals_whole_image_and_uses_several_tiles(cd16x, style, p
 def test_an_image_whose_area_fits_the_budget_runs_as_one_tile_whatever_its_shape():
     from dataclasses import replace
 
-    from ultrastyle.runtime.memory import region_side_for_budget
+    from ultrastyle.core.tile_memory import region_side_for_budget
 
     spec, opts = ARCHS["cd16x"], TilingOptions(max_memory=256 * 2**20)
     for k in range(1, 6):
@@ -338,7 +338,7 @@ def test_forward_core_equals_slicing_the_full_output(cd16x, stage):
 
 
 def test_needed_windows_shrink_toward_the_output_and_stay_on_the_grid():
-    from ultrastyle.runtime.receptive import needed_windows
+    from ultrastyle.core.receptive import needed_windows
 
     layers = ARCHS["cd16x"].encoder_layers(4)
     wins = needed_windows(layers, 10, 20, 256)  # feature rows 10..19 of a 256-row input
@@ -350,7 +350,7 @@ def test_needed_windows_shrink_toward_the_output_and_stay_on_the_grid():
 
 
 def test_balanced_cores_avoid_slivers():
-    from ultrastyle.runtime.tiling import balanced_core
+    from ultrastyle.core.tiling import balanced_core
 
     assert balanced_core(1008, 1000, 8) == 504
     assert balanced_core(2000, 1000, 16) == 1000

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultrastyle.runtime.padding import pad_to_grid, padded_size, reflect_index
-from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
+from ultrastyle.core.padding import pad_to_grid, padded_size, reflect_index
+from ultrastyle.core.transforms import FeatureStats, apply_affine, fit_affine
 
 
 def _features(c: int, h: int, w: int, seed: int, scale: float = 1.0) -> torch.Tensor:

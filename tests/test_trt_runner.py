@@ -26,6 +26,7 @@ from test_backends import (  # the conformance suite every runner passes (collec
     test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4,
 )
 from ultrastyle.cli.main import app
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import export_bundle, read_bundle
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.zoo import sha256_file
@@ -33,7 +34,6 @@ from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from ultrastyle.runtime.backends.select import open_runner, resolve_backend
 from ultrastyle.runtime.backends.tensorrt_backend import TensorRTRunner
-from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.build import build_engines
 from ultrastyle.trt.env import missing_for_tensorrt
@@ -227,8 +227,8 @@ def test_tiles_outside_the_profile_are_refused_with_the_fix(bundle, fake):
 
 def test_tiled_stylization_fits_its_tiles_to_the_profiles_without_being_asked(bundle, model, fake, shared_dir):
     # A library caller passes plain options: a 1200-px strip at the 2 GB default would plan 1200-px regions.
+    from ultrastyle.core.canvas import canvas_from_array
     from ultrastyle.io.images import load_image, resize_long_side
-    from ultrastyle.runtime.canvas import canvas_from_array
     from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
     from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage, stylize_tiled
 
@@ -296,7 +296,7 @@ def test_fp32_engines_within_1e3_of_pytorch(bundle, model):
 @pytest.mark.slow
 def test_40mp_tiled_stylization_stays_under_2gb_of_device_memory(bundle, model):
     _require_real_tensorrt()
-    from ultrastyle.runtime.canvas import canvas_from_array
+    from ultrastyle.core.canvas import canvas_from_array
     from ultrastyle.runtime.cascade import DEFAULT_LEVELS
     from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
     from ultrastyle.trt.profiles import default_ranges, fit_tiling_to_engines

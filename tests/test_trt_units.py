@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.stats_graph import STATS_OUTPUTS, build_stats_graph, stats_from_outputs, window_masks
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage
-from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.device_memory import open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable, detect_features

@@ -35,7 +35,8 @@ from ultrastyle.runtime.batch import (
     plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.cascade import parse_levels
-from ultrastyle.runtime.memory import keep_freed_memory, parse_bytes
+from ultrastyle.core.tile_memory import parse_bytes
+from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.runtime.tiled import TileCallback, TilingOptions, plan_stage
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]

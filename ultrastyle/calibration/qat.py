@@ -62,10 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrastyle.core.transforms import FeatureStats, apply_affine, fit_affine
 from ultrastyle.models.networks import Encoder, _StageNet, reflect_pad
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA
-from ultrastyle.runtime.transforms import FeatureStats, apply_affine, fit_affine
 
 HIST_BINS = 2048  # ONNX Runtime's HistogramCalibrater default
 

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.export.bundle import BundleError, read_bundle
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.cascade import parse_levels
-from ultrastyle.runtime.memory import parse_bytes
 
 
 class Precision(str, Enum):

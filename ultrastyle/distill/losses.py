@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ultrastyle.runtime.transforms import ADAIN_EPS
+from ultrastyle.core.transforms import ADAIN_EPS
 
 Taps = Mapping[str, torch.Tensor]
 

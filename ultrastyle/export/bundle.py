@@ -23,7 +23,7 @@ from ultrastyle.models.zoo import sha256_file
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.models.spec import spec_from_dict as arch_from_dict
 from ultrastyle.models.spec import spec_to_dict as arch_to_dict
-from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, stage_radius
+from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
 
 MANIFEST = "manifest.json"
 

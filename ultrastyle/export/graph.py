@@ -138,7 +138,7 @@ def build_graph(net: _StageNet, spec: NetworkSpec, *, opset: int, doc: str = "")
 @torch.inference_mode()
 def torch_reference(net: _StageNet, spec: NetworkSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What PyTorch computes for ``feed``: output name -> array (the validation reference)."""
-    from ultrastyle.runtime.transforms import apply_affine
+    from ultrastyle.core.transforms import apply_affine
 
     x = torch.from_numpy(feed[spec.inputs[0].name])
     if spec.kind in ("decoder_affine", "decoder_folded"):

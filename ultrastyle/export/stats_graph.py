@@ -28,7 +28,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ultrastyle.runtime.transforms import FeatureStats
+from ultrastyle.core.transforms import FeatureStats
 
 STATS_INPUTS = ("features", "row_mask", "col_mask")
 STATS_OUTPUTS = ("sum", "outer", "count")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ultrastyle.runtime.canvas import sample_peak
+from ultrastyle.core.canvas import sample_peak
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}

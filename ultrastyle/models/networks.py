@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrastyle.core.receptive import needed_windows
 from ultrastyle.models.spec import ArchSpec, Layer
-from ultrastyle.runtime.receptive import needed_windows
 
 
 # CUDA's reflection-pad kernel indexes in 32 bits: it refuses outputs of 2**31 elements or more
@@ -73,7 +73,7 @@ class _StageNet(nn.Module):
 class Encoder(_StageNet):
     """Encoder of ``stage``: image (N, 3, H, W) in [0, 1] -> relu{stage}_1 (N, C, H/2^(k-1), W/2^(k-1)).
 
-    H and W must be multiples of ``spec.grid(stage)`` (see `runtime.padding`).
+    H and W must be multiples of ``spec.grid(stage)`` (see `core.padding`).
     With ``aux=True`` the Q_k embeddings (``conv{b}1_aux``) are built too; they
     are used by distillation only and never in `forward`.
     """

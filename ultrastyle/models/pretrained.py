@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ultrastyle.core.receptive import needed_windows
+from ultrastyle.core.transforms import apply_affine
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.defaults import ModelDefaults, model_defaults
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch, spec_from_dict
-from ultrastyle.runtime.receptive import needed_windows
-from ultrastyle.runtime.transforms import apply_affine
 
 DEFAULT_MODEL = "cd-wct-16x"
 # A model folder may record its architecture here (`spec_to_dict`); without it

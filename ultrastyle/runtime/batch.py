@@ -38,15 +38,15 @@ from ultrastyle.io.images import (
 )  # fmt: skip
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
-from ultrastyle.runtime.canvas import Canvas, canvas_from_array
+from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
-from ultrastyle.runtime.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
-from ultrastyle.runtime.styles import Regions, Style, Target, mix_weights
+from ultrastyle.core.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
     TileCallback, TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
-from ultrastyle.runtime.transforms import FeatureStats
+from ultrastyle.core.transforms import FeatureStats
 
 # Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline: a budget no image reaches.
 UNBOUNDED = TilingOptions(max_memory=1 << 62)

@@ -1,7 +1,7 @@
 """The whole-image reference cascade: the semantics every fast path is checked against.
 
 For each stage ``k`` in ``levels`` (default coarse to fine, 5..1): pad the
-current image to the stage's grid (`runtime.padding`), encode to relu{k}_1,
+current image to the stage's grid (`core.padding`), encode to relu{k}_1,
 fit the affine map from the content's and the style's global statistics,
 apply it, decode, crop back. No clamping between stages.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ultrastyle.core.padding import pad_to_grid
+from ultrastyle.core.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.runtime.backends.base import StageNetworks
-from ultrastyle.runtime.padding import pad_to_grid
-from ultrastyle.runtime.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
-from ultrastyle.runtime.transforms import FeatureStats
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
 DEFAULT_ALPHA = 0.6

@@ -11,7 +11,7 @@ Per stage (DESIGN.md §3):
    or by re-encoding with the full stage halo. Each tile's core is written into
    the output canvas.
 
-With mask regions (`runtime.styles.Regions`) pass 1 accumulates statistics
+With mask regions (`core.styles.Regions`) pass 1 accumulates statistics
 per region, and features are always cached, so that pass 2 can send each
 feature pixel through its region's map before decoding.
 
@@ -29,20 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultrastyle.runtime.backends.base import Runner, StageNetworks
-from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
-from ultrastyle.runtime.cascade import stylize_stage
-from ultrastyle.runtime.memory import (
-    available_bytes, core_for_budget, heap_factor, region_side_for_budget, release_free_memory, trim_heap,
-)  # fmt: skip
-from ultrastyle.runtime.padding import padded_size, reflect_index
-from ultrastyle.runtime.receptive import decoder_radius, encoder_radius, round_up, stage_radius
-from ultrastyle.runtime.styles import (
+from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
+from ultrastyle.core.padding import padded_size, reflect_index
+from ultrastyle.core.receptive import decoder_radius, encoder_radius, round_up, stage_radius
+from ultrastyle.core.styles import (
     Affine, Regions, Style, Target, apply_regions, as_style, identity_map, region_statistics,
 )  # fmt: skip
-from ultrastyle.runtime.tiling import Span, Tile, plan_tiles
-from ultrastyle.runtime.transforms import FeatureStats
+from ultrastyle.core.tile_memory import core_for_budget, region_side_for_budget
+from ultrastyle.core.tiling import Span, Tile, plan_tiles
+from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.models.spec import ArchSpec
+from ultrastyle.runtime.backends.base import Runner, StageNetworks
+from ultrastyle.runtime.cascade import stylize_stage
+from ultrastyle.runtime.memory import available_bytes, heap_factor, release_free_memory, trim_heap
 
 DEFAULT_MAX_MEMORY = 2 * 2**30
 # A device budget (GPU memory) holds an image's canvases while they take at most this share of it,
@@ -66,7 +65,7 @@ class TilingOptions:
     scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
     ram_canvas_limit: int | None = None  # an image whose host canvases need more goes to disk; None: see canvas_site
     cache_features: bool | None = None  # None: decided per stage by encoder cost
-    uniform_tiles: bool | None = None  # one region shape per pass (`runtime.tiling`); None: the runner's preference
+    uniform_tiles: bool | None = None  # one region shape per pass (`core.tiling`); None: the runner's preference
     # One tile without halo wherever the image's area fits the budget's square region, whatever its
     # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
     # `Runner.bounded_regions` (`plan_for`); on for `plan_stage` called directly.

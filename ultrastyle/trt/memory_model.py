@@ -1,6 +1,6 @@
 """Device memory of a TensorRT tile, per precision: the planner's factor for the TensorRT runner.
 
-The planner (`runtime.memory`) models eager PyTorch on oneDNN, which keeps
+The planner (`core.tile_memory`) models eager PyTorch on oneDNN, which keeps
 padded and blocked copies of every convolution's input alive. A TensorRT
 engine plans its activation memory ahead and reuses it: the peak is about the
 largest (input + output) pair of one layer, in the engine's compute type,
@@ -17,8 +17,8 @@ once ``benchmarks/tensorrt_throughput.py`` has run on a GPU.
 
 from __future__ import annotations
 
+from ultrastyle.core.tile_memory import stage_bytes_per_pixel
 from ultrastyle.models.spec import ArchSpec, Layer
-from ultrastyle.runtime.memory import stage_bytes_per_pixel
 
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
 TRT_SAFETY = 1.5  # workspace, tactic scratch and alignment on top of the activation peak

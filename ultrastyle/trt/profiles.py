@@ -5,7 +5,7 @@ A TensorRT engine with dynamic shapes runs any input between its profile's
 sends to a stage network is a *region*: a core plus halos, clipped to the
 grid-padded image (`runtime.tiled.plan_stage`). So, per stage k with grid g:
 
-- ``min`` = 2g: the smallest padded image side (`runtime.padding.padded_size`),
+- ``min`` = 2g: the smallest padded image side (`core.padding.padded_size`),
   a 1-pixel strip padded up; it also keeps every reflect pad legal (the
   deepest feature map is 2 pixels wide, a pad of 1 mirrors inside it);
 - ``max`` = the largest region the planner makes for the memory budget
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ultrastyle.core.receptive import round_up
 from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.receptive import round_up
 from ultrastyle.runtime.tiled import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, plan_stage
 from ultrastyle.trt.memory_model import memory_factor
 

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.transforms import FeatureStats
 
 
 @runtime_checkable
@@ -55,7 +55,7 @@ class Runner(ABC):
     """Base class: state checks and the context-manager protocol; backends fill in the ``*_impl`` parts."""
 
     backend = "abstract"
-    # Whether the tiled pipeline should give every tile of a pass one shape (`runtime.tiling`, uniform):
+    # Whether the tiled pipeline should give every tile of a pass one shape (`core.tiling`, uniform):
     # worth its extra border compute where the backend caches memory or plans per input shape.
     uniform_tiles = False
     bounded_regions = False  # True: regions are limited per side (engine profiles), so no whole wide image

@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.export.stats_graph import stats_from_outputs, window_masks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
-from ultrastyle.runtime.transforms import FeatureStats
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
 from ultrastyle.trt.graphs import GraphError, graph_sources

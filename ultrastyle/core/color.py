@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ultrastyle.runtime.canvas import Canvas
-from ultrastyle.runtime.transforms import FeatureStats, sym_power
+from ultrastyle.core.canvas import Canvas
+from ultrastyle.core.transforms import FeatureStats, sym_power
 
 MODES = ("none", "luminance", "match")
 LUMA = (0.299, 0.587, 0.114)

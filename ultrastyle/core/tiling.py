@@ -1,6 +1,6 @@
 """Tile plans: pure functions from an image size to core and halo regions.
 
-Coordinates are in pixels of the grid-padded image (`runtime.padding`); every
+Coordinates are in pixels of the grid-padded image (`core.padding`); every
 boundary lies on the stage's pooling grid. Cores partition the image (each
 output pixel belongs to exactly one core); a tile's region is its core grown
 by the halo and clipped to the image, so a border tile starts exactly at the

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ultrastyle.runtime.padding import reflect_index
-from ultrastyle.runtime.transforms import FeatureStats, fit_affine
+from ultrastyle.core.padding import reflect_index
+from ultrastyle.core.transforms import FeatureStats, fit_affine
 
 StageStats = Mapping[int, FeatureStats]
 Affine = tuple[torch.Tensor, torch.Tensor]
@@ -96,7 +96,7 @@ class Regions:
 
         Feature pixel ``i`` covers padded-image pixels ``i*g .. i*g+g-1``; it
         takes the label at ``i*g + g//2``, mirrored into the image like the
-        grid padding (`runtime.padding`).
+        grid padding (`core.padding`).
         """
         h, w = self.labels.shape
         r = reflect_index(torch.arange(rows.start, rows.stop) * grid + grid // 2, h).numpy()
