@@ -1,0 +1,210 @@
+"""ultrastyle.io.atomic: atomic writes leave the old file or the new one, never a temp; sweep_stale."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ultrastyle.io import atomic
+from ultrastyle.io.atomic import PARTIAL_SUFFIX, atomic_dir, atomic_path, atomic_write, partial_path, sweep_stale, write_atomic, writer_pid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_partial_name_is_hidden_carries_pid_and_is_recognised(tmp_path: Path) -> None:
+    p = partial_path(tmp_path / "out.png")
+    assert p.parent == tmp_path
+    assert p.name.startswith(".out.png.") and p.name.endswith(PARTIAL_SUFFIX)
+    assert writer_pid(p) == os.getpid()
+    assert partial_path(tmp_path / "out.png") != p  # a fresh token each time
+    for other in (".out.png.partial", "out.png.tmp", ".out.png.partial-ab12cd", f"out.png.{os.getpid()}.0123abcd{PARTIAL_SUFFIX}",
+                  f".out.png.{os.getpid()}.0123ABCD{PARTIAL_SUFFIX}", f".out.png.0.0123abcd{PARTIAL_SUFFIX}",
+                  f".out.png.{os.getpid()}.0123abcd{PARTIAL_SUFFIX}.bak"):  # fmt: skip
+        assert writer_pid(other) is None, other
+
+
+def test_partial_name_of_a_very_long_name_fits_the_file_system(tmp_path: Path) -> None:
+    target = tmp_path / ("n" * 250)
+    write_atomic(target, b"x")
+    assert target.read_bytes() == b"x" and _names(tmp_path) == [target.name]
+
+
+# ---------------------------------------------------------------- atomic_write
+
+
+def test_atomic_write_success_leaves_only_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "a.bin"
+    with atomic_write(target) as f:
+        f.write(b"new")
+        assert not target.exists()  # nothing at the target until the block ends
+    assert target.read_bytes() == b"new" and _names(tmp_path) == ["a.bin"]
+    with atomic_write(target, "w") as f:
+        f.write("text é")
+    assert target.read_text(encoding="utf-8") == "text é" and _names(tmp_path) == ["a.bin"]
+
+
+@pytest.mark.parametrize("exc", [ValueError("boom"), KeyboardInterrupt()])
+def test_atomic_write_body_raising_keeps_the_old_file_and_no_temp(tmp_path: Path, exc: BaseException) -> None:
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(type(exc)):
+        with atomic_write(target) as f:
+            f.write(b"half of the new")
+            f.flush()
+            assert writer_pid(Path(f.name)) == os.getpid()  # the temp existed while writing
+            raise exc
+    assert target.read_bytes() == b"old" and _names(tmp_path) == ["a.bin"]
+
+
+def test_atomic_write_honours_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_atomic_write_rejects_other_modes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_write(tmp_path / "a", "ab"):
+            pass
+
+
+# ---------------------------------------------------------------- atomic_path / atomic_dir
+
+
+def test_atomic_path_commits_what_the_library_wrote(tmp_path: Path) -> None:
+    target = tmp_path / "g.onnx"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and writer_pid(tmp) == os.getpid()
+        tmp.write_bytes(b"graph")
+    assert target.read_bytes() == b"graph" and _names(tmp_path) == ["g.onnx"]
+
+
+def test_atomic_path_removes_the_temp_when_the_library_fails(tmp_path: Path) -> None:
+    target = tmp_path / "g.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert target.read_bytes() == b"old" and _names(tmp_path) == ["g.onnx"]
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert _names(target) == ["a"] and _names(tmp_path) == ["bundle"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("validation failed")
+    assert _names(target) == ["a"] and _names(tmp_path) == ["bundle"]
+    with atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+    assert _names(target) == ["b"] and _names(tmp_path) == ["bundle"]  # the old folder is gone too
+
+
+# ---------------------------------------------------------------- sweep_stale
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from ultrastyle.io.atomic import atomic_write
+    with atomic_write(sys.argv[1]) as f:
+        f.write(b"x" * 100000)
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def _start_writer(target: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, cwd=REPO, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "writing"
+    return p
+
+
+def test_writer_killed_mid_write_leaves_a_partial_that_sweep_removes(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    p = _start_writer(target)
+    try:
+        partials = [q for q in tmp_path.iterdir() if writer_pid(q) == p.pid]
+        assert len(partials) == 1 and partials[0].stat().st_size == 100000
+        assert sweep_stale(tmp_path) == []  # its writer is alive: kept
+        assert partials[0].exists()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert partials[0].exists()  # SIGKILL skips every cleanup
+    assert sweep_stale(tmp_path) == partials
+    assert _names(tmp_path) == ["out.png"] and target.read_bytes() == b"old"
+
+
+def test_sweep_keeps_live_writers_and_other_programs_files(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = [tmp_path / f".a.{os.getpid()}.0123abcd{PARTIAL_SUFFIX}", tmp_path / f".b.{sleeper.pid}.0123abcd{PARTIAL_SUFFIX}"]
+        others = [tmp_path / n for n in (".foo.partial", "x.tmp", ".x.partial-ab12cd", f".c.{dead}.0123abcd.partial",
+                                         f"c.{dead}.0123abcd{PARTIAL_SUFFIX}", f".c.{dead}.0123ABCD{PARTIAL_SUFFIX}", "out.png")]  # fmt: skip
+        stale_file = tmp_path / f".d.png.{dead}.0123abcd{PARTIAL_SUFFIX}"
+        stale_dir = tmp_path / f".bundle.{dead}.0123abcd{PARTIAL_SUFFIX}"
+        for p in [*live, *others, stale_file]:
+            p.write_bytes(b"x")
+        stale_dir.mkdir()
+        (stale_dir / "g.onnx").write_bytes(b"x")
+        assert sorted(sweep_stale(tmp_path)) == sorted([stale_file, stale_dir])
+        assert _names(tmp_path) == sorted(p.name for p in [*live, *others])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_sweep_treats_a_pid_it_may_not_signal_as_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / f".a.{_dead_pid()}.0123abcd{PARTIAL_SUFFIX}"
+    p.write_bytes(b"x")
+
+    def kill(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")  # another user's live process
+
+    monkeypatch.setattr(atomic.os, "kill", kill)
+    assert sweep_stale(tmp_path) == [] and p.exists()
+
+
+def test_sweep_of_a_missing_folder_is_a_no_op(tmp_path: Path) -> None:
+    assert sweep_stale(tmp_path / "nope") == []
+
+
+def test_sweep_does_not_recurse(tmp_path: Path) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    p = sub / f".a.{_dead_pid()}.0123abcd{PARTIAL_SUFFIX}"
+    p.write_bytes(b"x")
+    assert sweep_stale(tmp_path) == [] and p.exists()
+

@@ -1,0 +1,207 @@
+"""Atomic writes and the sweep of temp files that killed writers left behind.
+
+Every file or folder this tool writes goes first to a hidden temp beside its
+target, named ``.{name}.{pid}.{token}.ultrastyle-partial`` (``pid`` is the
+writer's process id, ``token`` 8 random hex digits), and is renamed onto the
+target (``os.replace``) only once complete and fsynced. An exception,
+KeyboardInterrupt included, removes the temp. Only SIGKILL or a power cut can
+leave one; :func:`sweep_stale` removes those whose writer is no longer alive.
+
+Pure standard library (no torch), so any module can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write",
+    "partial_path",
+    "sweep_stale",
+    "write_atomic",
+    "writer_pid",
+]
+
+PARTIAL_SUFFIX = ".ultrastyle-partial"
+# The exact shape of our temp names; nothing else is ever swept.
+_PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})\.(?P<token>[0-9a-f]{8})" + re.escape(PARTIAL_SUFFIX))
+# Keeps ".{name}.{pid}.{token}.ultrastyle-partial" under the usual 255-byte name limit.
+_MAX_NAME_BYTES = 200
+
+
+def partial_path(path: str | Path) -> Path:
+    """A fresh temp name beside ``path`` in this tool's pattern, carrying this process's pid."""
+    path = Path(path)
+    name = path.name
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
+    return path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def writer_pid(path: str | Path) -> int | None:
+    """The writer's pid if ``path``'s name is one of this tool's temp names, else None."""
+    m = _PARTIAL_RE.fullmatch(Path(path).name)
+    return int(m["pid"]) if m else None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def atomic_write(
+    path: str | Path, mode: str = "wb", *, encoding: str | None = None, newline: str | None = None, fsync: bool = True
+) -> Iterator[IO[Any]]:
+    """Yield a file open on a temp beside ``path``; renamed onto ``path`` when the block ends cleanly.
+
+    ``mode`` is ``"wb"`` or ``"w"`` (text; ``encoding`` default utf-8). If the
+    block raises, the temp is removed and ``path`` is left as it was. The
+    parent folder must exist. The file honours the umask (unlike mkstemp's 0600).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    tmp = partial_path(path)
+    if mode == "w":
+        f = open(tmp, "x", encoding=encoding or "utf-8", newline=newline)  # noqa: SIM115 - closed below
+    else:
+        f = open(tmp, "xb")  # noqa: SIM115 - closed below
+    try:
+        with f:
+            yield f
+            f.flush()
+            if fsync:  # the rename must never expose a file whose data is not on disk yet
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for libraries that write by name (torch.save, onnx.save, PIL, ...).
+
+    The library must create the file; it is renamed onto ``path`` when the
+    block ends cleanly and removed if the block raises. Libraries that pick
+    the format from the file name need it given explicitly: the temp name
+    ends in ``.ultrastyle-partial``.
+    """
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        if fsync:
+            _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a new empty temp folder beside ``path``; it replaces ``path`` (folder or absent) on a clean exit.
+
+    An existing ``path`` is swapped out by renames, so ``path`` is always
+    either the old folder or the complete new one, then removed. If the block
+    raises, the temp folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = partial_path(path)
+    os.mkdir(tmp)  # honours the umask (mkdtemp's 0700 would survive the rename)
+    try:
+        yield tmp
+        if fsync:
+            for p in tmp.iterdir():
+                if p.is_file():
+                    _fsync_file(p)
+        old = None
+        if path.exists():
+            old = partial_path(path)  # our pattern: a crash right here leaves it for sweep_stale
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> Path:
+    """Write ``data`` (bytes, or str as utf-8) to ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    with atomic_write(path, "w" if isinstance(data, str) else "wb", fsync=fsync) as f:
+        f.write(data)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but not ours, or undecidable: never remove a live writer's file
+    return True
+
+
+def sweep_stale(folder: str | Path) -> list[Path]:
+    """Remove this tool's temp files and folders in ``folder`` (not recursive) whose writer has died.
+
+    Only names of the exact pattern ``.{name}.{pid}.{token}.ultrastyle-partial``
+    are considered; one whose pid is a live process is kept. Missing
+    ``folder`` or unremovable entries are ignored. Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        pid = writer_pid(e.name)
+        if pid is None or _alive(pid):
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass  # another sweeper was first
+        except OSError:
+            continue
+        removed.append(p)
+    return removed
