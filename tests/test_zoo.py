@@ -6,21 +6,28 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.io import atomic
 from ultrastyle.models import registry as zoo_registry
 from ultrastyle.models import zoo
+from ultrastyle.models.pretrained import load_model
 
 NAME = "cd-wct-16x"
 
@@ -354,6 +361,129 @@ def test_verify_detects_modification_after_install(shared_dir: Path) -> None:
     assert zoo.verify(NAME) == []
 
 
+# ---------------------------------------------------------------- interrupted installs
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_fetch_killed_mid_download_leaves_nothing_after_the_next_fetch(mirror: Mirror) -> None:
+    # `ultrastyle models fetch` in its own process, stalled half-way through 3SD.pth, then kill -9.
+    mirror.faults["3SD.pth"] = "stall"
+    d = zoo.model_dir(NAME)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ultrastyle.cli.main", "models", "fetch", NAME, "--mirror", mirror.url, "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (partials := [q for q in _no_partials(d) if q.name.startswith(".3SD.pth.")]):
+            assert p.poll() is None and time.monotonic() < deadline, "the fetch never reached 3SD.pth"
+            time.sleep(0.05)
+    finally:
+        p.kill()  # SIGKILL: no except/finally of the fetch runs
+        p.wait()
+    assert len(partials) == 1 and partials[0].exists()
+    assert atomic.writer_pid(partials[0]) == p.pid
+    assert not (d / "3SD.pth").exists()
+    mirror.faults.clear()
+    zoo.fetch(NAME, mirror=mirror.url, progress=False)
+    assert _no_partials(d) == [] and zoo.verify(NAME) == []
+    assert sorted(q.name for q in d.iterdir()) == sorted(f.name for f in zoo.get_entry(NAME).files)
+
+
+def test_import_sweeps_partials_of_dead_writers_only(shared_dir: Path) -> None:
+    d = zoo.model_dir(NAME)
+    d.mkdir(parents=True)
+    dead = d / f".2SE.pth.{_dead_pid()}.0123abcd{atomic.PARTIAL_SUFFIX}"
+    live = d / f".2SE.pth.{os.getpid()}.0123abcd{atomic.PARTIAL_SUFFIX}"  # a concurrent import in this process
+    legacy_old = d / ".1SE.pth.partial-ab12cd34"  # older ultrastyle's names: by age
+    legacy_new = d / ".1SE.pth.partial-ef56ab78"
+    foreign = d / ".1SE.pth.swp"
+    for q in (dead, live, legacy_old, legacy_new, foreign):
+        q.write_bytes(b"x" * 100)
+    os.utime(legacy_old, (time.time() - 2 * 3600,) * 2)
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    left = {q.name for q in d.iterdir()} - {f.name for f in zoo.get_entry(NAME).files}
+    assert left == {live.name, legacy_new.name, foreign.name}
+    assert zoo.verify(NAME) == []
+
+
+# ---------------------------------------------------------------- damaged installed files
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_ensure_refuses_a_tampered_installed_file_then_repair_works(shared_dir: Path, closed_port_url: str) -> None:
+    d = zoo.import_local(NAME, shared_dir / "models" / NAME)
+    victim = d / "4SE.pth"
+    _flip_one_byte(victim)
+    assert zoo.is_installed(NAME)  # same size: the cheap check cannot tell
+    with pytest.raises(zoo.DamagedModelError) as ei:
+        zoo.ensure(NAME, mirror=closed_port_url, progress=False)
+    err = ei.value
+    assert isinstance(err, zoo.ZooError)
+    expected = next(f.sha256 for f in zoo.get_entry(NAME).files if f.name == "4SE.pth")
+    msg = str(err)
+    assert str(victim) in msg and expected in msg and zoo.sha256_file(victim) in msg
+    assert f"ultrastyle models fetch {NAME}" in msg and f"ultrastyle models import {NAME} DIR" in msg
+    assert [x[0] for x in err.damaged] == ["4SE.pth"]
+    with pytest.raises(zoo.DamagedModelError):  # load_model goes through ensure: refused before any weight is read
+        load_model(NAME, progress=False)
+    # The repair the message names: re-import (fetch works the same way, from the network).
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    assert zoo.ensure(NAME, mirror=closed_port_url, progress=False) == d
+
+
+def test_ensure_refuses_a_tampered_packaged_file(registry: TempRegistry, no_network: None) -> None:
+    files = [registry.package("own/4SE.pth", _blob(1)), registry.package("own/4SD.pth", _blob(2))]
+    registry.write({"own": entry_json(files, stages=[4])})
+    d = zoo.fetch("own", progress=False)
+    _flip_one_byte(d / "4SE.pth")
+    with pytest.raises(zoo.DamagedModelError) as ei:
+        zoo.ensure("own", progress=False)
+    msg = str(ei.value)
+    assert "4SE.pth" in msg and "ultrastyle models fetch own" in msg and "models import" not in msg
+
+
+def test_stylize_refuses_a_tampered_zoo_model(runner: CliRunner, shared_dir: Path, tmp_path: Path) -> None:
+    d = zoo.import_local(NAME, shared_dir / "models" / NAME)
+    _flip_one_byte(d / "2SD.pth")
+    content = tmp_path / "c.png"
+    Image.new("RGB", (32, 24), (120, 80, 40)).save(content)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["stylize", str(content), "--style", str(content), "-o", str(out), "--model", NAME])
+    assert r.exit_code != 0, r.output
+    assert "Traceback" not in r.output
+    assert str(d / "2SD.pth") in r.stderr and f"ultrastyle models fetch {NAME}" in r.stderr, r.stderr
+    assert not (zoo.home_dir() / "bundles").exists() or not any((zoo.home_dir() / "bundles").iterdir())
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_installed_files_are_hashed_once_per_process(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ultrastyle.runtime.backends.select import weights_digest
+
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    hashed: list[str] = []
+    real = zoo.sha256_file
+    monkeypatch.setattr(zoo, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    zoo.ensure(NAME, progress=False)
+    assert hashed == []  # just installed: digested while copied
+    monkeypatch.setattr(zoo, "_DIGESTS", {})  # as in a later process
+    zoo.ensure(NAME, progress=False)
+    _, digests = weights_digest(NAME)
+    zoo.ensure(NAME, progress=False)
+    assert sorted(hashed) == sorted(f.name for f in zoo.get_entry(NAME).files)  # each file once
+    assert digests and all(digests[f.name] == f.sha256 for f in zoo.get_entry(NAME).files if f.name in digests)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -556,7 +686,7 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
     mirror.requests.clear()
     assert zoo.ensure("own", progress=False) == d and mirror.requests == []
 
-    # A damaged source is caught by the copy's own sha256 check (ensure only compares sizes).
+    # A damaged source is caught by the copy's own sha256 check (ensure("own") checks own's files only).
     src = zoo.model_dir(NAME) / "4SE.pth"
     data = bytearray(src.read_bytes())
     data[99] ^= 0xFF

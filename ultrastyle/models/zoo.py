@@ -16,8 +16,9 @@ Getting the files:
 
 - :func:`fetch` installs every file that is missing or damaged. URL files are
   streamed into a temp file next to their destination
-  (``.FILE.partial-XXXX``), hashed while streaming, checked for size and
-  sha256 and only then moved into place with ``os.replace``; packaged and
+  (`ultrastyle.io.atomic`: ``.FILE.PID.TOKEN.ultrastyle-partial``, swept by
+  the next fetch or import once its writer is dead), hashed while streaming,
+  checked for size and sha256 and only then moved into place with ``os.replace``; packaged and
   derived files are copied the same way (a derived file's source model is
   installed first). A failed download (HTTP error, dropped connection, short
   read, timeout, wrong checksum) or copy leaves nothing of that file behind.
@@ -32,24 +33,24 @@ Getting the files:
   The source folder may hold the files flat, or hold a ``NAME/`` sub-folder
   with them (so a mirror's root works).
 - :func:`ensure` returns the model's directory, fetching it first unless
-  :func:`is_installed` (every file present with its size: cheap, no hashing);
-  :func:`verify` hashes every file and lists what is wrong.
+  :func:`is_installed` (every file present with its size), then checks every
+  file's sha256 (:func:`check_installed`, once per process): a damaged file is
+  refused with :class:`DamagedModelError` naming the repair command.
+  :func:`verify` hashes every file afresh and lists what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
+from ultrastyle.io.atomic import atomic_write, sweep_stale
 from ultrastyle.models.registry import (
     SOURCE_KINDS,
     UnknownModelError,
@@ -64,6 +65,7 @@ __all__ = [
     "ZooError",
     "UnknownModelError",
     "ChecksumError",
+    "DamagedModelError",
     "DownloadError",
     "ZooFile",
     "ZooEntry",
@@ -77,14 +79,17 @@ __all__ = [
     "fetch",
     "import_local",
     "ensure",
+    "check_installed",
     "sha256_file",
+    "sha256_file_cached",
     "weights_dir",
 ]
 
 # This project's own weights ("package" sources), shipped as package data.
 _WEIGHTS = Path(__file__).with_name("weights")
 _CHUNK = 1 << 20
-# A partial file untouched this long belongs to a killed process, not to a
+# Legacy temp names (``.FILE.partial-XXXX``, before `ultrastyle.io.atomic`) carry
+# no pid: one untouched this long belongs to a killed process, not to a
 # download in progress (those write at least every `timeout` seconds).
 _STALE_PARTIAL_S = 3600.0
 
@@ -103,6 +108,24 @@ class ChecksumError(ZooError):
         if hint:
             msg += f" {hint}"
         super().__init__(msg)
+
+
+class DamagedModelError(ZooError):
+    """An installed model file whose size or sha256 is not the registry's; it is refused before use.
+
+    ``damaged`` lists ``(file name, path, expected, found)`` per bad file;
+    ``repair`` is the command that reinstalls it.
+    """
+
+    def __init__(self, model: str, damaged: list[tuple[str, Path, str, str]], repair: str) -> None:
+        self.model = model
+        self.damaged = damaged
+        self.repair = repair
+        what = "; ".join(f"{model}/{name} at {path}: expected {exp}, found {found}" for name, path, exp, found in damaged)
+        super().__init__(
+            f"installed model {model} is damaged and was not used ({what}). "
+            f"Reinstall it with: {repair}"
+        )
 
 
 class DownloadError(ZooError):
@@ -149,6 +172,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# path -> (stat key, sha256): the load path checks a file and then keys its bundle
+# by the same digest; one hash per file per process is enough.
+_DIGESTS: dict[Path, tuple[tuple[int, ...], str]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_file_cached(path: Path) -> str:
+    """:func:`sha256_file`, remembered for this process while the file's inode, size, mtime and ctime stay put."""
+    path = Path(path).absolute()
+    key = _stat_key(path)
+    hit = _DIGESTS.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    digest = sha256_file(path)
+    _DIGESTS[path] = (key, digest)
+    return digest
+
+
+def _remember(path: Path, digest: str) -> None:
+    """Record the digest of a file just installed (hashed while copied), for :func:`sha256_file_cached`."""
+    path = Path(path).absolute()
+    _DIGESTS[path] = (_stat_key(path), digest)
+
+
 def is_installed(name: str) -> bool:
     """True when every file is present with the right size (no hashing: cheap)."""
     entry = get_entry(name)
@@ -175,6 +226,40 @@ def _file_problem(entry: ZooEntry, f: ZooFile, path: Path) -> str | None:
     return None
 
 
+def _repair_command(entry: ZooEntry) -> str:
+    if any(f.kind == "url" for f in entry.files):
+        return f"ultrastyle models fetch {entry.name}  (offline: ultrastyle models import {entry.name} DIR)"
+    return f"ultrastyle models fetch {entry.name}  (nothing is downloaded: its files ship with ultrastyle or come from installed models)"
+
+
+def check_installed(name: str) -> Path:
+    """The directory of installed model ``name`` once every file's size and sha256 match the registry.
+
+    Raises :class:`DamagedModelError` naming each bad file, what was expected
+    and found, and the repair command. Digests are remembered per process
+    (:func:`sha256_file_cached`), so checking before each use costs one hash.
+    """
+    entry = get_entry(name)
+    d = model_dir(name)
+    damaged: list[tuple[str, Path, str, str]] = []
+    for f in entry.files:
+        path = d / f.name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            damaged.append((f.name, path, f"{f.bytes} bytes", "no file"))
+            continue
+        if size != f.bytes:
+            damaged.append((f.name, path, f"{f.bytes} bytes", f"{size} bytes"))
+            continue
+        found = sha256_file_cached(path)
+        if found != f.sha256:
+            damaged.append((f.name, path, f"sha256 {f.sha256}", f"sha256 {found}"))
+    if damaged:
+        raise DamagedModelError(entry.name, damaged, _repair_command(entry))
+    return d
+
+
 def verify(name: str) -> list[str]:
     """Hash every file of ``name``; one line per problem, ``[]`` when all is well."""
     entry = get_entry(name)
@@ -182,7 +267,7 @@ def verify(name: str) -> list[str]:
     return [p for f in entry.files if (p := _file_problem(entry, f, d / f.name)) is not None]
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- install folder
 
 
 def _unlink(path: Path) -> None:
@@ -208,6 +293,8 @@ def _prepare_dir(d: Path) -> None:
 
 def _clean_stale_partials(d: Path) -> None:
     # SIGKILL or power loss can skip our cleanup; don't let those pile up.
+    sweep_stale(d)
+    # Temp names of older ultrastyle versions carry no pid: judged by age instead.
     now = time.time()
     for p in d.glob(".*.partial-*"):
         try:
@@ -215,30 +302,6 @@ def _clean_stale_partials(d: Path) -> None:
                 p.unlink()
         except OSError:
             pass
-
-
-@contextmanager
-def _atomic_target(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """Yield an open temp file beside ``dest``; the caller commits via ``os.replace``.
-
-    Whatever happens inside the block (errors, KeyboardInterrupt), the temp file
-    is gone afterwards unless it was already renamed onto ``dest``.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh, tmp
-    finally:
-        _unlink(tmp)
-
-
-def _commit(fh: BinaryIO, tmp: Path, dest: Path) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())  # the rename must not expose an empty file after a crash
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are not secret
-    os.replace(tmp, dest)
 
 
 def _needs_install(entry: ZooEntry, f: ZooFile, dest: Path, force: bool) -> bool:
@@ -320,7 +383,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
     """Stream ``url`` into ``dest`` atomically, checking size and sha256."""
     _check_url(url, entry.name)
     req = urllib.request.Request(url, headers={"User-Agent": "ultrastyle-model-zoo"})
-    with _atomic_target(dest) as (fh, tmp):
+    with atomic_write(dest) as fh:
         h = hashlib.sha256()
         got = 0
         try:
@@ -367,13 +430,13 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
                 f"{entry.name}/{f.name}", f.sha256, digest, detail=f"downloaded from {url}",
                 hint="The server sent a different or corrupted file; retry, or use another mirror.",
             )
-        _commit(fh, tmp, dest)
+    _remember(dest, f.sha256)
 
 
 def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str,
                    advance: Callable[[int], None] = lambda n: None) -> None:
     """Copy ``src`` to ``dest`` through a temp file, renamed into place only if its sha256 is ``f``'s."""
-    with _atomic_target(dest) as (fh, tmp):
+    with atomic_write(dest) as fh:  # renamed into place only if the block does not raise
         h = hashlib.sha256()
         try:
             with open(src, "rb") as s:
@@ -386,7 +449,7 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
         digest = h.hexdigest()
         if digest != f.sha256:
             raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, digest, detail=detail, hint=hint)
-        _commit(fh, tmp, dest)
+    _remember(dest, f.sha256)
 
 
 def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[int], None] = lambda n: None) -> None:
@@ -540,12 +603,13 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
 
 
 def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Path:
-    """The directory of model ``name``, installing it first (:func:`fetch`) if it is not installed.
+    """The directory of model ``name``, installing it first (:func:`fetch`) if any file is missing or has the wrong size.
 
-    Only sizes are checked here (first use must be cheap); run :func:`verify`
-    or ``ultrastyle models verify`` for a full check. Packaged files need no
+    Every file's sha256 is then checked (:func:`check_installed`; about 10 ms
+    per 10 MB, once per process): a damaged installed file raises
+    :class:`DamagedModelError` rather than being used. Packaged files need no
     network; derived files install their source model first.
     """
-    if is_installed(name):
-        return model_dir(name)
-    return fetch(name, mirror=mirror, progress=progress)
+    if not is_installed(name):
+        fetch(name, mirror=mirror, progress=progress)
+    return check_installed(name)

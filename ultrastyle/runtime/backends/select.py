@@ -42,7 +42,8 @@ def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) ->
     name = path.name if path.is_dir() else zoo.get_entry(str(source)).name
     folder = path if path.is_dir() else zoo.model_dir(name)
     stages = check_stages(source, stages)
-    return name, {f: zoo.sha256_file(folder / f) for f in model_files(source, stages)}
+    # Cached: zoo.ensure has just hashed these same files to check them.
+    return name, {f: zoo.sha256_file_cached(folder / f) for f in model_files(source, stages)}
 
 
 def bundle_dir_for(name: str, files: dict[str, str]) -> Path:
