@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ultrastyle import __version__
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
+from ultrastyle.io.atomic import atomic_dir, sweep_stale
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.zoo import sha256_file
 from ultrastyle.models.spec import ArchSpec
@@ -86,11 +84,9 @@ def export_bundle(
     if missing:
         raise BundleError(f"model {model.name} has no stage(s) {missing}; it has {list(model.stages)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
-    try:
+    sweep_stale(out_dir.parent)  # temp folders of exports killed before they finished
+    # Written into a temp folder then swapped in by renames, so the folder never lacks graphs it lists.
+    with atomic_dir(out_dir) as tmp:
         arch = model.arch
         networks = {}
         report = {}
@@ -137,15 +133,6 @@ def export_bundle(
             "validation": report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        # Swap by renames, so the folder never lacks graphs it lists.
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Bundle(out_dir, manifest)
 
 
