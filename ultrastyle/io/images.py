@@ -6,8 +6,6 @@ file beside the target and renamed, so no partial file is ever left.
 
 from __future__ import annotations
 
-import os
-import secrets
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ultrastyle.core.canvas import sample_peak
+from ultrastyle.io.atomic import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
@@ -177,22 +176,16 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: 
         raise ImageError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if a.dtype == np.uint16 and fmt == "jpg":
         raise ImageError(f"{path}: JPEG cannot hold 16-bit samples; use --format png or tiff")
-    # Not mkstemp: its 0600 mode would survive the rename; "xb" honours the umask.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.partial"
+    encoding = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "xb")  # noqa: SIM115 - closed below, removed on any failure
-    except OSError as exc:
-        raise ImageError(f"{path.parent}: cannot write to the output directory ({exc.strerror or exc})") from exc
-    try:
-        with f:
+        with atomic_write(path) as f:  # the temp is removed on any failure, Ctrl-C included
+            encoding = True
             _encode(a, f, fmt, png_level)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
-        raise
+    except OSError as exc:
+        if not encoding:
+            raise ImageError(f"{path.parent}: cannot write to the output directory ({exc.strerror or exc})") from exc
+        raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
 
 
