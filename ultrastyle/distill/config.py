@@ -11,12 +11,12 @@ differ.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models.spec import STAGES
 
 CONFIG_FILE = "config.yaml"
@@ -233,9 +233,7 @@ def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = 
     if extra:
         data["resolved"] = dict(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def read_saved(cls: type[C], path: Path) -> C:

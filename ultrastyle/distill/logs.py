@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ultrastyle.io.atomic import atomic_path, write_atomic
+
 FIXED = ["step", "split", "seconds", "lr"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class LossLog:
@@ -56,7 +51,7 @@ class LossLog:
             return
         kept = [r for r in self.rows() if int(r["step"]) <= step]
         lines = [",".join(self.columns)] + [",".join(r.get(c, "") or "" for c in self.columns) for r in kept]
-        _write_atomic(self.path, "\n".join(lines) + "\n")
+        write_atomic(self.path, "\n".join(lines) + "\n")
 
 
 def _series(rows: list[dict[str, str]], name: str, split: str) -> tuple[list[float], list[float]]:
@@ -78,30 +73,33 @@ def plot_losses(csv_path: str | Path, png_path: str | Path, title: str = "") -> 
         return None
     names = [c for c in rows[0] if c not in FIXED]
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plot_pil(rows, names, tmp, title)
-    else:
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            for split, style in (("train", "-"), ("val", "o")):
-                xs, ys = _series(rows, name, split)
-                if xs:
-                    ax.plot(xs, ys, style, label=split, markersize=3)
-            ax.set_yscale("log")
-            ax.set_title(name)
-            ax.set_xlabel("step")
-        axes[0][0].legend()
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-    os.replace(tmp, png_path)
+        plt = None
+    with atomic_path(png_path) as tmp:  # the temp name has no .png: formats are given explicitly
+        if plt is None:
+            _plot_pil(rows, names, tmp, title)
+        else:
+            fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+            for ax, name in zip(axes[0], names):
+                for split, style in (("train", "-"), ("val", "o")):
+                    xs, ys = _series(rows, name, split)
+                    if xs:
+                        ax.plot(xs, ys, style, label=split, markersize=3)
+                ax.set_yscale("log")
+                ax.set_title(name)
+                ax.set_xlabel("step")
+            axes[0][0].legend()
+            fig.suptitle(title)
+            fig.tight_layout()
+            try:
+                fig.savefig(tmp, dpi=80, format="png")
+            finally:
+                plt.close(fig)
     return png_path
 
 

@@ -12,13 +12,13 @@ stages they use.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ultrastyle.distill.trainer import atomic_save
+from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.models.pretrained import ARCH_FILE, folder_arch
 from ultrastyle.models.spec import ArchSpec, spec_to_dict
 
@@ -35,6 +35,7 @@ def claim_folder(folder: str | Path, spec: ArchSpec) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale(folder)  # weights of a run killed mid-write
     has_weights = any(folder.glob("[1-5]S[ED].pth"))
     if (folder / ARCH_FILE).is_file() or has_weights:
         found = folder_arch(folder)
@@ -45,9 +46,7 @@ def claim_folder(folder: str | Path, spec: ArchSpec) -> Path:
             )
         if (folder / ARCH_FILE).is_file():
             return folder
-    tmp = folder / f".{ARCH_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(spec_to_dict(spec), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / ARCH_FILE)
+    write_atomic(folder / ARCH_FILE, json.dumps(spec_to_dict(spec), indent=1) + "\n")
     return folder
 
 

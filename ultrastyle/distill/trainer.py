@@ -18,10 +18,8 @@ at once.
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ultrastyle.distill.data import step_loader
 from ultrastyle.distill.logs import LossLog, plot_losses
 from ultrastyle.distill.tasks import Task
+from ultrastyle.io.atomic import atomic_write, sweep_stale
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -94,19 +93,10 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename."""
+    """``torch.save`` to a temp file beside ``path``, fsync, rename (`ultrastyle.io.atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -261,6 +251,7 @@ class Trainer:
         """Train to ``options.steps``; with ``resume``, continue from the run's checkpoint if there is one."""
         opts = self.options
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.run_dir)  # checkpoints of a run killed mid-save
         if self.checkpoint_path.exists() and not resume:
             raise TrainingError(
                 f"{self.run_dir} already holds a checkpoint; resume it (--resume) or choose another run folder"
