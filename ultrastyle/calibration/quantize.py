@@ -63,6 +63,7 @@ from ultrastyle.calibration.data import (
     stage_feeds,
 )
 from ultrastyle.export.bundle import MANIFEST, Bundle, read_bundle
+from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.models.zoo import sha256_file
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -221,9 +222,9 @@ def calibrate_bundle(
                     done += 1
                     continue
                 t0 = time.perf_counter()
-                tmp = Path(work) / out.name
-                quantize_graph(bundle.graph_path(name), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
-                os.replace(tmp, out)
+                # Absolute: quantize_graph runs in `work` (chdir); written beside `out`, then renamed.
+                with atomic_path(out.absolute()) as tmp:
+                    quantize_graph(bundle.graph_path(name), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
                 manifest["networks"][name]["int8"] = {
                     "file": out.name,
                     "sha256": sha256_file(out),
@@ -251,11 +252,7 @@ def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], s
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def int8_networks(bundle: Bundle) -> dict[str, Path]:
