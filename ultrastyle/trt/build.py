@@ -42,6 +42,7 @@ from pathlib import Path
 import onnx
 
 from ultrastyle.export.bundle import Bundle
+from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import GpuInfo, TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_tensorrt_stack
 from ultrastyle.trt.graphs import GraphSource, graph_sources, verify_int8_file
@@ -121,7 +122,7 @@ class EngineFromNetwork:
             raise BuildError(
                 f"TensorRT could not build {network_loader.label} (see its log above); try a larger --workspace or a smaller --tile-max"
             )
-        eng.write_atomic(self.timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_atomic(self.timing_cache, bytes(config.get_timing_cache().serialize()))
         data = bytes(plan)
         runtime = trt.Runtime(self.logger)
         engine = runtime.deserialize_cuda_engine(data)
@@ -160,6 +161,7 @@ def build_engines(
     host = current_host(trt, gpu)
     folder = eng.engine_dir(bundle.path, host)
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale(folder)  # engines of builds killed mid-write (hundreds of MB each)
     try:
         manifest = eng.read_manifest(folder)
     except ValueError:
@@ -168,6 +170,8 @@ def build_engines(
         manifest = eng.EngineManifest(host)
     manifest.cuda_driver, manifest.nvidia_driver = gpu.cuda_driver, gpu.nvidia_driver
     cache_path = eng.timing_cache_path(host, timing_cache)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(cache_path.parent)
     engine_from = EngineFromNetwork(trt, logger, features, workspace=workspace, timing_cache=cache_path)
     report = BuildReport(folder)
     t0 = time.perf_counter()
@@ -201,7 +205,7 @@ def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engin
         precision=precision, quantized=src.quantized, tf32=src.kind != "stats",
     )  # fmt: skip
     name = eng.engine_file(src.network, precision)
-    eng.write_atomic(folder / name, data)
+    write_atomic(folder / name, data)
     manifest.engines[eng.engine_key(src.network, precision)] = eng.EngineEntry(
         network=src.network,
         precision=precision,

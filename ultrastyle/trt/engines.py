@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ultrastyle import __version__
+from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models.zoo import home_dir, sha256_file
 
 ENGINES_DIR = "engines"
@@ -153,19 +152,7 @@ def read_manifest(folder: str | Path) -> EngineManifest | None:
 
 def write_manifest(folder: str | Path, manifest: EngineManifest) -> None:
     """Write ``engines.json`` atomically (temporary file + rename)."""
-    write_atomic(Path(folder) / MANIFEST, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(folder) / MANIFEST, json.dumps(manifest.to_json(), indent=1) + "\n")
 
 
 def stale_reasons(
