@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models.spec import STAGES
 from ultrastyle.models.registry import ZooError
 
@@ -201,7 +201,5 @@ def write_folder_defaults(folder: str | Path, defaults: ModelDefaults) -> Path:
     else:
         data = spec_to_dict(ARCHS["vgg19"] if folder_format(folder) == "pytorch-adain" else folder_arch(folder))
     data[DEFAULTS_KEY] = defaults_from_dict(defaults.to_dict(), stages, where=str(path)).to_dict()
-    tmp = folder / f".{ARCH_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
     return path
