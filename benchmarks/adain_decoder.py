@@ -111,7 +111,7 @@ from ultrastyle.distill.trainer import CHECKPOINT, read_checkpoint  # noqa: E402
 from ultrastyle.io.images import load_image, resize_long_side, save_image  # noqa: E402
 from ultrastyle.models import convert  # noqa: E402
 from ultrastyle.models.networks import Decoder, Encoder  # noqa: E402
-from ultrastyle.models.pretrained import ARCH_FILE  # noqa: E402
+from ultrastyle.models.sources import ARCH_FILE  # noqa: E402
 from ultrastyle.models.spec import spec_to_dict  # noqa: E402
 
 STAGE = 4

@@ -13,8 +13,9 @@ from ultrastyle.distill.losses import adain, style_loss
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import cd_decoder, cd_encoder
-from ultrastyle.models.defaults import ModelDefaults, model_defaults
+from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.pretrained import load_model
+from ultrastyle.models.sources import model_defaults
 from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.runtime.cascade import style_statistics, stylize
 from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled

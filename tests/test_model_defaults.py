@@ -15,14 +15,9 @@ from test_zoo import NAME, TempRegistry, entry_json, real_entry, registry  # noq
 from ultrastyle.export.bundle import read_bundle
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
-from ultrastyle.models.defaults import (
-    DEFAULT_ALPHA,
-    ModelDefaults,
-    ModelDefaultsError,
-    model_defaults,
-    write_folder_defaults,
-)
-from ultrastyle.models.pretrained import folder_arch, load_model
+from ultrastyle.models.defaults import DEFAULT_ALPHA, ModelDefaults, ModelDefaultsError
+from ultrastyle.models.pretrained import load_model
+from ultrastyle.models.sources import folder_arch, model_defaults, write_folder_defaults
 from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime import cascade
 from ultrastyle.runtime.backends.select import ensure_bundle, open_runner, weights_digest

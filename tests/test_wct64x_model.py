@@ -11,8 +11,9 @@ from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.distill.metrics import psnr
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models import zoo
-from ultrastyle.models.defaults import ModelDefaults, model_defaults
+from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.pretrained import load_model
+from ultrastyle.models.sources import model_defaults
 
 NAME = "ultrastyle-wct-64x"
 # Reconstruction PSNR floors (dB) on a held-out photo at 256 px: 2-4 dB under

@@ -26,7 +26,8 @@ from PIL import Image
 
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, FORMATS, save_array
 from ultrastyle.io.paths import expand_inputs
-from ultrastyle.models.defaults import ModelDefaults, model_defaults
+from ultrastyle.models.defaults import ModelDefaults
+from ultrastyle.models.sources import model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import open_runner

@@ -23,7 +23,7 @@ from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.transforms import FeatureStats, fit_affine
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, array_to_tensor, read_image, resize_long_side
 from ultrastyle.io.paths import expand_inputs
-from ultrastyle.runtime.cascade import DEFAULT_ALPHA
+from ultrastyle.models.defaults import DEFAULT_ALPHA
 
 DEFAULT_TILE = 512
 DEFAULT_SAMPLES = 8

@@ -63,9 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.core.transforms import FeatureStats, apply_affine, fit_affine
+from ultrastyle.models.defaults import DEFAULT_ALPHA
 from ultrastyle.models.networks import Encoder, _StageNet, reflect_pad
 from ultrastyle.models.pretrained import StyleModel
-from ultrastyle.runtime.cascade import DEFAULT_ALPHA
 
 HIST_BINS = 2048  # ONNX Runtime's HistogramCalibrater default
 

@@ -37,7 +37,7 @@ What stays in float (``keep_float``):
 The Q/DQ graphs are written beside the float32 graphs (``encoderK.int8.onnx``)
 and recorded in the manifest as ``networks[name]["int8"] = {"file", "sha256",
 "calibration"}``, where the TensorRT builder and the ONNX Runtime runner find
-them. The manifest is rewritten atomically.
+them (`export.int8`). The manifest is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ from ultrastyle.calibration.data import (
     stage_feeds,
 )
 from ultrastyle.export.bundle import MANIFEST, Bundle, read_bundle
+from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.models.zoo import sha256_file
+from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_METHOD = "percentile"  # measured: +2 dB over minmax on the 5-stage cascade (benchmarks/int8_quality.py)
@@ -130,11 +132,6 @@ def float_nodes(model: onnx.ModelProto, kind: str, keep_float: str) -> list[str]
     return keep
 
 
-def calibrated_activations(manifest: dict) -> str:
-    """The activation type of a bundle's int8 graphs (calibration version 1 wrote signed graphs only)."""
-    return (manifest.get("calibration") or {}).get("activations", "int8")
-
-
 def float_networks(keep_float: str, stages: tuple[int, ...]) -> set[str]:
     """Networks calibration leaves entirely in float32 (no int8 graph; every backend runs the fp32 one)."""
     return {f"encoder{max(stages)}"} if keep_float == "deep" and stages else set()
@@ -194,8 +191,6 @@ def calibrate_bundle(
     The float32 reference for the decoders' inputs is the bundle's own
     encoder, run with ONNX Runtime.
     """
-    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
-
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     files = calibration_images(images)
     settings = settings or CalibrationSettings()
@@ -253,21 +248,3 @@ def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], s
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def int8_networks(bundle: Bundle) -> dict[str, Path]:
-    """network name -> its Q/DQ graph, for the networks calibration quantized (checked against its sha256)."""
-    out = {}
-    for name, entry in bundle.manifest["networks"].items():
-        q = entry.get("int8") if isinstance(entry, dict) else None
-        if not q:
-            continue
-        path = bundle.path / Path(q["file"]).name
-        if not path.is_file():
-            raise CalibrationError(f"{path}: the int8 graph of {name} is missing; re-run ultrastyle calibrate")
-        if sha256_file(path) != q["sha256"]:
-            raise CalibrationError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")
-        if q.get("source_sha256") not in (None, entry["sha256"]):
-            raise CalibrationError(f"{path}: calibrated from another {name} graph than the bundle's; re-run ultrastyle calibrate")
-        out[name] = path
-    return out

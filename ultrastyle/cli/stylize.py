@@ -17,7 +17,7 @@ from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageErr
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
-from ultrastyle.models.defaults import model_defaults
+from ultrastyle.models.sources import model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels

@@ -19,7 +19,7 @@ from torch import nn
 
 from ultrastyle.distill.trainer import atomic_save
 from ultrastyle.io.atomic import sweep_stale, write_atomic
-from ultrastyle.models.pretrained import ARCH_FILE, folder_arch
+from ultrastyle.models.sources import ARCH_FILE, folder_arch
 from ultrastyle.models.spec import ArchSpec, spec_to_dict
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.pretrained import folder_arch
+from ultrastyle.models.sources import folder_arch
 from ultrastyle.models.spec import ArchSpec, get_arch
 
 

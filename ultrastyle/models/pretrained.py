@@ -1,16 +1,13 @@
 """Load a whole stylization model (encoder + decoder per stage) from a zoo name or a folder.
 
-Folders come in two formats (`folder_format`): CD-format ``{k}SE.pth`` /
-``{k}SD.pth`` per stage (published CD models, and everything ``ultrastyle
-distill`` writes; the architecture in ``architecture.json``, else CD 16x), and
-pytorch-AdaIN's ``vgg_normalised.pth`` + ``decoder.pth`` (VGG-19, stage 4
-only). A model has the stages it has files for (`model_stages`); asking for
-another one is a `CheckpointError` that says which ``--levels`` would work.
+What a source holds (its format, stages, architecture and defaults) is read
+without loading anything by `models.sources`; this module loads the weights
+into a `StyleModel`. Asking for a stage the model lacks is a
+`CheckpointError` that says which ``--levels`` would work.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +16,12 @@ import torch
 from ultrastyle.core.receptive import needed_windows
 from ultrastyle.core.transforms import apply_affine
 from ultrastyle.models import convert, zoo
-from ultrastyle.models.defaults import ModelDefaults, model_defaults
+from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch, spec_from_dict
+from ultrastyle.models.sources import ADAIN_FILES, check_stages, folder_arch, folder_format, model_defaults
+from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch
 
 DEFAULT_MODEL = "cd-wct-16x"
-# A model folder may record its architecture here (`spec_to_dict`); without it
-# the folder holds the published CD 16x architecture.
-ARCH_FILE = "architecture.json"
-# The published pytorch-AdaIN files (github.com/naoto0804/pytorch-AdaIN): VGG-19 to relu4_1 and its decoder.
-ADAIN_FILES = ("vgg_normalised.pth", "decoder.pth")
-# zoo entry formats load_model can load ("cd-base" is a training initialisation).
-LOADABLE_FORMATS = ("cd", "pytorch-adain")
 
 
 @dataclass
@@ -96,101 +87,6 @@ class StyleModel:
         return self.decode_core(
             stage, f, a, b, slice(rows.start - shift_r, rows.stop - shift_r), slice(cols.start - shift_c, cols.stop - shift_c)
         )
-
-
-def cd_file_names(stages: tuple[int, ...] = STAGES) -> list[str]:
-    """``{k}SE.pth`` (encoder) and ``{k}SD.pth`` (decoder) of each stage."""
-    return [f"{k}{part}.pth" for k in stages for part in ("SE", "SD")]
-
-
-def cd_files_present(folder: Path, stages: tuple[int, ...] = STAGES) -> bool:
-    return all((folder / f).is_file() for f in cd_file_names(stages))
-
-
-def folder_stages(folder: str | Path) -> tuple[int, ...]:
-    """The stages whose ``{k}SE.pth`` and ``{k}SD.pth`` both exist in ``folder``, ascending."""
-    return tuple(k for k in STAGES if cd_files_present(Path(folder), (k,)))
-
-
-def folder_format(folder: str | Path) -> str:
-    """``"pytorch-adain"`` for a folder with ``vgg_normalised.pth`` and ``decoder.pth`` and no CD stage, else ``"cd"``."""
-    folder = Path(folder)
-    if not folder_stages(folder) and all((folder / f).is_file() for f in ADAIN_FILES):
-        return "pytorch-adain"
-    return "cd"
-
-
-def _csv(stages: tuple[int, ...] | list[int]) -> str:
-    return ",".join(map(str, stages))
-
-
-def model_stages(source: str | Path) -> tuple[int, ...]:
-    """The stages a zoo model or weights folder has, ascending (nothing is downloaded).
-
-    A folder without any weights raises `CheckpointError` listing what was looked for.
-    """
-    path = Path(source)
-    if not path.is_dir():
-        entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
-        if entry.format not in LOADABLE_FORMATS:
-            raise convert.CheckpointError(
-                f"model {entry.name} has format {entry.format!r}, which is not a stylization model "
-                f"(loadable formats: {', '.join(LOADABLE_FORMATS)}); pick another model (see: ultrastyle models list)"
-            )
-        return entry.stages
-    if folder_format(path) == "pytorch-adain":
-        return (4,)
-    stages = folder_stages(path)
-    if not stages:
-        missing = [f for f in cd_file_names() if not (path / f).is_file()]
-        raise convert.CheckpointError(
-            f"{path}: no model weights: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for some of stages "
-            f"{list(STAGES)} (missing: {', '.join(missing)}), or pytorch-AdaIN's {' and '.join(ADAIN_FILES)}"
-        )
-    return stages
-
-
-def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[int, ...]:
-    """``stages`` (None: all the model has) if ``source`` has every one of them, else `CheckpointError`.
-
-    The message names the model's stages, what was asked and the ``--levels``
-    that would work; nothing is downloaded to find out.
-    """
-    have = model_stages(source)
-    if stages is None:
-        return have
-    missing = [k for k in stages if k not in have]
-    if not missing:
-        return tuple(stages)
-    path = Path(source)
-    what = f"model {source}"
-    files = ""
-    if path.is_dir():
-        if folder_format(path) == "pytorch-adain":
-            what += " (pytorch-AdaIN weights)"
-        else:
-            files = f" (missing: {', '.join(f for f in cd_file_names(tuple(dict.fromkeys(missing))) if not (path / f).is_file())})"
-    raise convert.CheckpointError(
-        f"{what} has stages {_csv(have)}; asked for {_csv(stages)}{files}; use --levels {_csv(sorted(have, reverse=True))}"
-    )
-
-
-def model_files(source: str | Path, stages: tuple[int, ...]) -> list[str]:
-    """The weight file names that ``stages`` of a zoo model or weights folder are loaded from."""
-    path = Path(source)
-    fmt = folder_format(path) if path.is_dir() else zoo.get_entry(str(source)).format
-    return list(ADAIN_FILES) if fmt == "pytorch-adain" else cd_file_names(tuple(dict.fromkeys(stages)))
-
-
-def folder_arch(folder: str | Path) -> ArchSpec:
-    """The architecture recorded in ``folder/architecture.json``, else CD 16x."""
-    path = Path(folder) / ARCH_FILE
-    if not path.is_file():
-        return ARCHS["cd16x"]
-    try:
-        return spec_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:
-        raise convert.CheckpointError(f"{path}: unreadable architecture description ({exc})") from exc
 
 
 def load_cd_folder(

@@ -54,12 +54,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
+from ultrastyle.models.defaults import ModelDefaults, defaults_from_dict
+from ultrastyle.models.errors import ZooError
 from ultrastyle.models.spec import STAGES
-
-if TYPE_CHECKING:
-    from ultrastyle.models.defaults import ModelDefaults
 
 __all__ = [
     "ZooError",
@@ -73,10 +71,6 @@ __all__ = [
 
 _REGISTRY = Path(__file__).with_name("zoo.json")
 SOURCE_KINDS = ("url", "package", "from")
-
-
-class ZooError(RuntimeError):
-    """Base class of every model-zoo error; the message says what to do."""
 
 
 class UnknownModelError(ZooError):
@@ -140,7 +134,7 @@ class ZooEntry:
     files: tuple[ZooFile, ...]
     stages: tuple[int, ...] = STAGES
     # Resolved at registry load (zoo.json's "defaults", missing keys filled in);
-    # None only for entries built by hand: see `ultrastyle.models.defaults.model_defaults`.
+    # None only for entries built by hand: see `ultrastyle.models.sources.model_defaults`.
     defaults: ModelDefaults | None = None
 
     @property
@@ -276,8 +270,6 @@ def _check_derived(reg: dict[str, ZooEntry]) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _load_registry() -> dict[str, ZooEntry]:
-    from ultrastyle.models.defaults import defaults_from_dict
-
     try:
         data = json.loads(_REGISTRY.read_text(encoding="utf-8"))
         out: dict[str, ZooEntry] = {}

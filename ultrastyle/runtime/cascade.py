@@ -13,10 +13,10 @@ import torch
 from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
 from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.models.defaults import DEFAULT_ALPHA
 from ultrastyle.runtime.backends.base import StageNetworks
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
-DEFAULT_ALPHA = 0.6
 
 
 def parse_levels(text: str) -> tuple[int, ...]:

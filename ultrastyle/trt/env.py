@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from ultrastyle.runtime.backends.base import RunnerError
+from ultrastyle.errors import RunnerError
 
 INSTALL_TENSORRT = "pip install 'ultrastyle[tensorrt]'"  # the tensorrt and cuda-python wheels
 INSTALL_PYCUDA = "pip install pycuda (it builds from source and needs the CUDA toolkit headers)"

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import onnx
 
-from ultrastyle.calibration.quantize import calibrated_activations
 from ultrastyle.export.bundle import Bundle
+from ultrastyle.export.int8 import calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
 from ultrastyle.models.zoo import sha256_file
 
@@ -54,12 +54,6 @@ class GraphSource:
 
     def load(self) -> onnx.ModelProto:
         return self.loader()
-
-
-def int8_graph(bundle: Bundle, network: str) -> dict | None:
-    """The network's Q/DQ graph entry (``{"file", "sha256"}``) if calibration stored one."""
-    entry = bundle.manifest["networks"].get(network, {}).get("int8")
-    return entry if isinstance(entry, dict) and "file" in entry else None
 
 
 def _fp16_sha(source_sha: str) -> str:

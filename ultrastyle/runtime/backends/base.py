@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.errors import RunnerError
 from ultrastyle.models.spec import ArchSpec
 
 
@@ -45,10 +46,6 @@ class StageNetworks(Protocol):
     def stylize_core(
         self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
     ) -> torch.Tensor: ...
-
-
-class RunnerError(RuntimeError):
-    """A runner used out of order, or a backend that cannot run here (says why and what to do)."""
 
 
 class Runner(ABC):

@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ultrastyle.export.bundle import Bundle, read_bundle
+from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
+from ultrastyle.export.int8 import int8_networks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
 from ultrastyle.runtime.memory import resident_bytes, trim_heap
 
@@ -141,11 +142,9 @@ class OnnxRuntimeRunner(Runner):
         self.precision = precision
         self._int8: dict = {}
         if precision == "int8":
-            from ultrastyle.calibration.quantize import CalibrationError, int8_networks
-
             try:
                 self._int8 = int8_networks(self.bundle)
-            except CalibrationError as exc:
+            except BundleError as exc:
                 raise RunnerError(str(exc)) from exc
             if not self._int8:
                 raise RunnerError(

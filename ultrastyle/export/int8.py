@@ -1,0 +1,47 @@
+"""A bundle's int8 (Q/DQ) graphs, as calibration records them in its manifest.
+
+``ultrastyle calibrate`` (`calibration.quantize`) writes them beside the
+float32 graphs and records ``networks[name]["int8"] = {"file", "sha256",
+"source_sha256", ...}`` and the settings under ``"calibration"``. The
+backends that run them (ONNX Runtime, TensorRT's graph sources) read them
+here, below both: reading a bundle needs no calibration code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ultrastyle.export.bundle import Bundle, BundleError
+from ultrastyle.models.zoo import sha256_file
+
+
+def calibrated_activations(manifest: dict) -> str:
+    """The activation type of a bundle's int8 graphs (calibration version 1 wrote signed graphs only)."""
+    return (manifest.get("calibration") or {}).get("activations", "int8")
+
+
+def int8_graph(bundle: Bundle, network: str) -> dict | None:
+    """The network's Q/DQ graph entry (``{"file", "sha256"}``) if calibration stored one."""
+    entry = bundle.manifest["networks"].get(network, {}).get("int8")
+    return entry if isinstance(entry, dict) and "file" in entry else None
+
+
+def int8_networks(bundle: Bundle) -> dict[str, Path]:
+    """network name -> its Q/DQ graph, for the networks calibration quantized (checked against its sha256).
+
+    A missing, modified or stale graph raises `BundleError` with the command that remakes it.
+    """
+    out = {}
+    for name, entry in bundle.manifest["networks"].items():
+        q = entry.get("int8") if isinstance(entry, dict) else None
+        if not q:
+            continue
+        path = bundle.path / Path(q["file"]).name
+        if not path.is_file():
+            raise BundleError(f"{path}: the int8 graph of {name} is missing; re-run ultrastyle calibrate")
+        if sha256_file(path) != q["sha256"]:
+            raise BundleError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")
+        if q.get("source_sha256") not in (None, entry["sha256"]):
+            raise BundleError(f"{path}: calibrated from another {name} graph than the bundle's; re-run ultrastyle calibrate")
+        out[name] = path
+    return out
