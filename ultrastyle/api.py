@@ -38,7 +38,8 @@ from ultrastyle.runtime.batch import (
 from ultrastyle.runtime.cascade import parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.runtime.memory import keep_freed_memory
-from ultrastyle.runtime.tiled import TileCallback, TilingOptions, plan_stage
+from ultrastyle.core.plan import TilingOptions, plan_stage
+from ultrastyle.runtime.tiled import TileCallback
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
@@ -185,8 +186,8 @@ class Stylizer:
     """A model opened on one backend and device, for many images; style statistics are cached per style.
 
     ``model``: a zoo name (installed on first use), a weights folder or a bundle
-    folder. ``levels``: the stages to load (default: the model's default
-    levels); calls may run any subset of them. Use as a context manager, or
+    folder. ``levels``: the stages to load and run by default (default: the
+    model's default levels); calls may run any of them. Use as a context manager, or
     call `close`.
     """
 
@@ -203,8 +204,8 @@ class Stylizer:
         progress: bool = True,
     ) -> None:
         self.model = str(model)
-        self.defaults = model_defaults(model)
-        stages = make_options(self.defaults, levels=levels).levels
+        stages = make_options(model_defaults(model), levels=levels).levels
+        self.defaults = replace(model_defaults(model), levels=stages)  # calls default to the levels loaded
         keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
         self.runner: Runner = open_runner(
             model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,

@@ -177,6 +177,9 @@ def stylize_command(
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
         _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _err("interrupted while opening the model; no image was stylized")
+        raise typer.Exit(130) from None
     with stylizer, Progress(
         TextColumn("[bold]stylize"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} MP"),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,

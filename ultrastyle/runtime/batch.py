@@ -39,12 +39,13 @@ from ultrastyle.io.images import (
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.core.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
-    TileCallback, TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled,
+    TileCallback, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
 from ultrastyle.core.transforms import FeatureStats
 
@@ -377,11 +378,15 @@ class Decoded:
         self._pixels: np.ndarray | None = pixels
         self.original = original
         self.shape = pixels.shape
+        self.on_take: Callable[[], None] | None = None  # e.g. give the queue allowance back
 
     def take(self) -> np.ndarray:
         pixels, self._pixels = self._pixels, None
         if pixels is None:
             raise RuntimeError("the decoded pixels were handed over already")
+        if self.on_take is not None:
+            self.on_take()
+            self.on_take = None
         return pixels
 
 
@@ -467,7 +472,12 @@ def output_megapixels(src: Source, options: StylizeOptions) -> float:
 
 
 class _Allowance:
-    """Bytes held by queued images; the main thread waits for room (one item is always let in)."""
+    """Bytes held by queued images: decoded contents not yet in a canvas, outputs not yet encoded.
+
+    Reads ahead are only started where they fit (one is always let in); an
+    output waits for room only while earlier outputs are being encoded (they
+    give theirs back on their own), so nothing waits on itself.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
@@ -477,10 +487,11 @@ class _Allowance:
         with self._cond:
             return self.used == 0 or self.used + n <= self.limit
 
-    def take(self, n: int, wait: bool = True) -> None:
+    def take(self, n: int, wait_while: Callable[[], bool] | None = None) -> None:
+        """Count ``n`` bytes; first, while ``wait_while()`` holds, wait for them to fit."""
         with self._cond:
-            while wait and not (self.used == 0 or self.used + n <= self.limit):
-                self._cond.wait(0.5)
+            while wait_while is not None and self.used and self.used + n > self.limit and wait_while():
+                self._cond.wait(0.1)
             self.used += n
 
     def give(self, n: int) -> None:
@@ -553,7 +564,7 @@ def run_batch(
             job.estimate = decoded_bytes(job.content, options)
             if submitted > current and not allowance.fits(job.estimate):
                 return
-            allowance.take(job.estimate, wait=False)
+            allowance.take(job.estimate)
             job.read = readers.submit(decode, job.content, options)
             submitted += 1
 
@@ -581,6 +592,13 @@ def run_batch(
                 continue
             finally:
                 job.read = None  # the future holds the pixels too
+            given = [False]
+
+            def give_back(estimate: int = job.estimate, given: list[bool] = given) -> None:
+                given[0] = True
+                allowance.give(estimate)
+
+            decoded.on_take = give_back  # once the canvas holds the pixels
             by_pair = {id(pairs[i]): i for i in job.indices}
 
             def on_output(pair: Pair, out: np.ndarray, seconds: float) -> None:
@@ -588,14 +606,15 @@ def run_batch(
                 if pair.output is None:
                     results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
                     return
-                allowance.take(out.nbytes)  # waits while earlier outputs fill the allowance
+                allowance.take(out.nbytes, wait_while=lambda: any(not f.done() for f in writes))
                 writes.append(writers.submit(write, i, pair, out, seconds, out.nbytes))
 
             try:
                 got = stylize_content(model, decoded, [pairs[i] for i in job.indices], styles, options, on_tile, on_output)
             finally:
                 del decoded
-                allowance.give(job.estimate)
+                if not given[0]:
+                    allowance.give(job.estimate)
             for i, r in zip(job.indices, got):
                 if r is not None:
                     results[i] = r

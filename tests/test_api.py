@@ -1,0 +1,151 @@
+"""The Python API (`ultrastyle.stylize`, `load`, `Stylizer`, `stylize_batch`) against the CLI and the reference."""
+
+from __future__ import annotations
+
+import hashlib
+import pydoc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import ultrastyle
+from ultrastyle.cli.main import app
+from ultrastyle.io.images import array_to_tensor, load_image, read_image
+from ultrastyle.models import zoo
+from ultrastyle.models.pretrained import load_model
+from ultrastyle.runtime.cascade import style_statistics, stylize as reference_stylize
+
+
+@pytest.fixture(scope="module")
+def small(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("api_in")
+    out = {}
+    for key, name, size in (
+        ("c1", "content/cd_content_in1.jpg", (72, 56)),
+        ("c2", "content/cd_content_in4.jpg", (61, 47)),
+        ("s1", "style/cd_style_in3.jpg", (64, 64)),
+        ("s2", "style/cd_style_in1.jpg", (64, 48)),
+    ):
+        with Image.open(shared_dir / "images" / name) as im:
+            im.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(d / f"{key}.png")
+        out[key] = d / f"{key}.png"
+    return out
+
+
+@pytest.fixture
+def installed(cd16x_dir: Path) -> None:
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+
+
+def test_public_names_are_exported_with_docstrings():
+    for name in ("stylize", "stylize_batch", "load", "Stylizer", "make_options", "BatchSummary", "ImageError"):
+        assert name in ultrastyle.__all__ and getattr(ultrastyle, name).__doc__, name
+    text = pydoc.render_doc(ultrastyle, renderer=pydoc.plaintext)
+    assert "stylize_batch" in text and "Stylizer" in text
+
+
+def test_adain_zoo_model_runs_its_own_defaults_from_python(installed, small):
+    """adain / alpha 1.0 / stage 4, as the CLI runs it; a library caller used to get wct / 0.6 / 5..1."""
+    got = ultrastyle.stylize(small["c1"], small["s1"], model="ultrastyle-adain-16x", backend="torch", style_size=64)
+    model = load_model("ultrastyle-adain-16x")
+    content, style = load_image(small["c1"]), load_image(small["s1"])
+    ref = reference_stylize(model, content, style_statistics(model, style, (4,)), method="adain", alpha=1.0, levels=(4,))
+    ref8 = (ref.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert got.shape == (56, 72, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - ref8).max() <= 1
+    wct = ultrastyle.stylize(small["c1"], small["s1"], model="ultrastyle-adain-16x", backend="torch", style_size=64,
+                             method="wct", alpha=0.6)  # fmt: skip
+    assert np.abs(got.astype(int) - wct.astype(int)).mean() > 5  # the defaults did change the result
+
+
+def test_api_and_cli_write_byte_identical_files(installed, small, tmp_path):
+    settings = dict(alpha=0.7, levels="5,3,1", max_memory="64MB", style_size=64)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 3, 1)) as s:
+        s.stylize(small["c2"], small["s1"], output=tmp_path / "api.png", **settings)
+        summary = s.stylize_batch([small["c1"], small["c2"]], [small["s1"]], tmp_path / "batch", **settings)
+    assert summary.count("done") == 2
+    r = CliRunner().invoke(app, ["stylize", str(small["c1"]), str(small["c2"]), "--style", str(small["s1"]),
+                                 "-o", str(tmp_path / "cli"), "--backend", "torch", "--alpha", "0.7", "--levels", "5,3,1",
+                                 "--max-memory", "64MB", "--style-size", "64"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    for name in ("c1_stylized_s1.png", "c2_stylized_s1.png"):
+        assert digest(tmp_path / "cli" / name) == digest(tmp_path / "batch" / name)
+    assert digest(tmp_path / "api.png") == digest(tmp_path / "cli" / "c2_stylized_s1.png")
+
+
+def test_arrays_and_pil_images_give_the_same_result_as_their_files(installed, small):
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 4)) as s:
+        from_files = s.stylize(small["c2"], small["s2"], levels=(5, 4), style_size=64)
+        c = read_image(small["c2"])
+        from_arrays = s.stylize(c, Image.open(small["s2"]), levels=(5, 4), style_size=64)
+        from_float = s.stylize(c.astype(np.float32) / 255, read_image(small["s2"]), levels=(5, 4), style_size=64)
+    assert np.array_equal(from_files, from_arrays)
+    assert np.array_equal(from_files, from_float)
+
+
+def test_style_statistics_are_cached_per_style(installed, small, monkeypatch):
+    import ultrastyle.runtime.batch as batch
+
+    calls = []
+    real = batch.style_statistics_tiled
+    monkeypatch.setattr(batch, "style_statistics_tiled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        for _ in range(3):
+            s.stylize(small["c1"], small["s1"], levels=(5,), style_size=64)
+    assert len(calls) == 1
+
+
+def test_mix_and_mask_from_python_equal_their_cli_outputs(installed, small, tmp_path):
+    mask = np.zeros((47, 61, 3), np.uint8)
+    mask[:, 30:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    kw = dict(levels=(5, 4), style_size=64)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 4)) as s:
+        mixed = s.stylize(small["c2"], mix=[(small["s1"], 3), (small["s2"], 1)], **kw)
+        masked = s.stylize(small["c2"], [small["s1"], small["s2"]], mask=mask, **kw)
+    base = ["stylize", str(small["c2"]), "--backend", "torch", "--levels", "5,4", "--style-size", "64"]
+    r = CliRunner().invoke(app, [*base, "--mix", f"{small['s1']}=3", "--mix", f"{small['s2']}=1", "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*base, "--style", str(small["s1"]), "--style", str(small["s2"]),
+                                 "--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "k")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(mixed, read_image(next((tmp_path / "m").iterdir())))
+    assert np.array_equal(masked, read_image(next((tmp_path / "k").iterdir())))
+    assert np.abs(mixed.astype(int) - masked.astype(int)).mean() > 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "option"),
+    [({"alpha": 2}, "alpha"), ({"levels": "5,x"}, "levels"), ({"max_memory": "lots"}, "max_memory"),
+     ({"tile": 0}, "tile"), ({"format": "bmp"}, "format"), ({"depth": 16, "format": "jpg"}, "depth"),
+     ({"max_memory": "1MB"}, "max_memory"), ({"levels": (2,)}, "levels")],
+)  # fmt: skip
+def test_bad_settings_raise_option_error_naming_the_setting_not_a_flag(installed, small, settings, option):
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 4)) as s:
+        with pytest.raises(ultrastyle.OptionError) as info:
+            s.stylize(small["c1"], small["s1"], **settings)
+    assert info.value.option == option and "--" not in str(info.value)
+
+
+def test_bad_image_raises_image_error_naming_it(installed, small, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ultrastyle.ImageError, match="bad.png"):
+        ultrastyle.stylize(bad, small["s1"], backend="torch", levels=(5,))
+
+
+def test_whole_image_setting_equals_the_tiled_run(installed, small):
+    with ultrastyle.load("cd-wct-16x", backend="torch") as s:
+        whole = s.stylize(small["c1"], small["s1"], max_memory=None, style_size=64)
+        tiled = s.stylize(small["c1"], small["s1"], tile=24, style_size=64)
+    content = array_to_tensor(read_image(small["c1"]))
+    assert whole.shape[:2] == tuple(content.shape[1:])
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1

@@ -1,0 +1,192 @@
+"""The streaming batch executor: order, isolation, a bounded queue, kill -9 and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ultrastyle.runtime.batch as batch
+from ultrastyle.models.pretrained import load_model
+from ultrastyle.runtime.backends.torch_backend import TorchRunner
+from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs, run_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small contents (one corrupt), a style."""
+    d = tmp_path_factory.mktemp("stream_in")
+    photos = sorted((shared_dir / "images/content").glob("*.jpg"))
+    for i in range(6):
+        with Image.open(photos[i % len(photos)]) as im:
+            im.convert("RGB").resize((64 + 8 * i, 48), Image.Resampling.LANCZOS).save(d / f"c{i}.png")
+    (d / "c3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with Image.open(shared_dir / "images/style/cd_style_in2.jpg") as im:
+        im.convert("RGB").resize((64, 64)).save(d / "style.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runner(cd16x_dir: Path):
+    with TorchRunner(load_model(cd16x_dir, stages=(5, 4))) as r:
+        yield r
+
+
+def _pairs(folder: Path, out: Path) -> list:
+    return plan_pairs(sorted(folder.glob("c*.png")), [StyleSpec((folder / "style.png",))], out, "png")
+
+
+def test_results_keep_pair_order_and_a_bad_file_fails_alone(folder, runner, tmp_path, monkeypatch):
+    real = batch.decode
+
+    def slow_first(src, options):  # later contents finish decoding first
+        if src.name == "c0.png":
+            time.sleep(0.5)
+        return real(src, options)
+
+    monkeypatch.setattr(batch, "decode", slow_first)
+    pairs = _pairs(folder, tmp_path)
+    seen = []
+    summary = run_batch(runner, pairs, StylizeOptions(levels=(5, 4), style_size=64, io_workers=3), on_result=seen.append)
+    assert [r.pair for r in summary.results] == pairs == [r.pair for r in seen]
+    assert [r.status for r in summary.results] == ["done"] * 3 + ["failed"] + ["done"] * 2
+    assert "c3.png" in summary.results[3].error
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.output.name for p in pairs if "c3" not in p.output.name)
+    assert summary.wall_seconds > 0 and summary.seconds_per_megapixel > 0
+
+
+def _decode_vs_compute(monkeypatch) -> list[tuple[str, str]]:
+    """Records ("decode", name) at each decode's start and ("done", name) at each content's end of compute."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_decode, real_content = batch.decode, batch.stylize_content
+
+    def decode(src, options):
+        with lock:
+            events.append(("decode", src.name))
+        return real_decode(src, options)
+
+    def content(model, decoded, pairs, *a, **k):
+        out = real_content(model, decoded, pairs, *a, **k)
+        time.sleep(0.2)  # room for a read-ahead to start, were it allowed
+        with lock:
+            events.append(("done", pairs[0].content.name))
+        return out
+
+    monkeypatch.setattr(batch, "decode", decode)
+    monkeypatch.setattr(batch, "stylize_content", content)
+    return events
+
+
+def test_contents_are_decoded_ahead_within_the_allowance(folder, runner, tmp_path, monkeypatch):
+    events = _decode_vs_compute(monkeypatch)
+    run_batch(runner, _pairs(folder, tmp_path / "a"), StylizeOptions(levels=(5,), style_size=64, io_workers=2))
+    first_done = events.index(("done", "c0.png"))
+    assert ("decode", "c1.png") in events[:first_done]  # read ahead while c0 was computed
+
+
+def test_a_full_allowance_holds_the_next_decode_back(folder, runner, tmp_path, monkeypatch):
+    events = _decode_vs_compute(monkeypatch)
+    run_batch(runner, _pairs(folder, tmp_path / "b"), StylizeOptions(levels=(5,), style_size=64, io_workers=2, io_memory=1))
+    decodes = [name for kind, name in events if kind == "decode"]
+    for name in decodes[1:]:  # each decode waits for the previous content to be computed
+        i = events.index(("decode", name))
+        prev = decodes[decodes.index(name) - 1]
+        assert ("done", prev) in events[:i] or prev == "c3.png", events
+
+
+def _script(out: Path, folder: Path, model: Path, body: str) -> str:
+    return textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import ultrastyle.io.images as images
+        {body}
+        from ultrastyle.cli.main import app
+        sys.argv = ["ultrastyle", "stylize", *sorted(str(p) for p in Path({str(folder)!r}).glob("c*.png")),
+                    "--style", {str(folder / "style.png")!r}, "-o", {str(out)!r}, "--model", {str(model)!r},
+                    "--backend", "torch", "--levels", "5,4", "--style-size", "64", "--io-workers", "2"]
+        app()
+    """)
+
+
+def _wait_for(pred, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not pred():
+        if time.time() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _partials(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if "partial" in p.name]
+
+
+def test_kill_9_mid_write_leaves_a_partial_that_the_rerun_removes(folder, cd16x_dir, tmp_path):
+    out = tmp_path / "out"
+    stall = textwrap.indent(textwrap.dedent("""
+        real = images._encode
+        def _encode(a, f, fmt, *args):
+            if "c2" in f.name:
+                f.write(b"half an image"); f.flush(); time.sleep(600)
+            return real(a, f, fmt, *args)
+        images._encode = _encode
+    """), " " * 8)
+    proc = subprocess.Popen([sys.executable, "-c", _script(out, folder, cd16x_dir, stall)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(lambda: out.is_dir() and _partials(out))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert _partials(out)  # what kill -9 leaves
+    rerun = subprocess.run([sys.executable, "-c", _script(out, folder, cd16x_dir, "pass").replace(
+        '"--io-workers", "2"]', '"--io-workers", "2", "--skip-existing"]')], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert rerun.returncode == 1, rerun.stderr  # c3 is corrupt
+    assert _partials(out) == []
+    assert sorted(p.name for p in out.iterdir()) == [f"c{i}_stylized_style.png" for i in (0, 1, 2, 4, 5)]
+    with Image.open(out / "c2_stylized_style.png") as im:
+        im.load()
+
+
+def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, cd16x_dir, tmp_path):
+    out = tmp_path / "out"
+    slow = textwrap.indent(textwrap.dedent("""
+        real = images._encode
+        def _encode(a, f, fmt, *args):
+            time.sleep(1.0)  # the batch is still running when Ctrl-C comes
+            return real(a, f, fmt, *args)
+        images._encode = _encode
+    """), " " * 8)
+    proc = subprocess.Popen([sys.executable, "-c", _script(out, folder, cd16x_dir, slow)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()))
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted" in stderr
+    done = int(stdout.split(" done,")[0].split()[-1])
+    assert 1 <= done < 5 and "of " in stdout and "outputs in" in stdout, stdout
+    assert _partials(out) == []
+    assert len([p for p in out.iterdir() if p.suffix == ".png"]) == done
+
+
+def test_io_workers_default_comes_from_the_core_count():
+    n = os.cpu_count() or 2
+    assert StylizeOptions().workers == max(1, min(8, n // 2))
+    assert StylizeOptions(io_workers=3).workers == 3
+    assert np.isclose(StylizeOptions(tiling=None).io_allowance, 2**30)
