@@ -67,12 +67,13 @@ import numpy as np
 import torch
 
 from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.images import array_to_tensor, read_image, resize_long_side
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import TilingOptions, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled
 
 GiB = 2**30
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.export.bundle import export_bundle
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS
-from ultrastyle.runtime.tiled import TilingOptions, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import style_statistics_tiled, stylize_tiled
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -49,6 +49,7 @@ from _timing import median_seconds  # noqa: E402
 
 from ultrastyle.calibration.quantize import METHODS, CalibrationSettings, calibrate_bundle  # noqa: E402
 from ultrastyle.core.canvas import canvas_from_array  # noqa: E402
+from ultrastyle.core.plan import TilingOptions  # noqa: E402
 from ultrastyle.core.tile_memory import parse_bytes  # noqa: E402
 from ultrastyle.distill.metrics import psnr, ssim  # noqa: E402
 from ultrastyle.io.images import load_image, resize_long_side  # noqa: E402
@@ -56,7 +57,7 @@ from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner  #
 from ultrastyle.runtime.backends.select import ensure_bundle  # noqa: E402
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize  # noqa: E402
 from ultrastyle.runtime.memory import keep_freed_memory  # noqa: E402
-from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled  # noqa: E402
+from ultrastyle.runtime.tiled import stylize_tiled  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

@@ -32,16 +32,17 @@ import torch
 from _timing import median_seconds
 
 from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import export_bundle, is_bundle, read_bundle
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.tensorrt_backend import TensorRTRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS
-from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
+from ultrastyle.runtime.tiled import stylize_tiled
 from ultrastyle.trt.build import build_engines
 from ultrastyle.trt.env import missing_for_tensorrt, probe_gpus
-from ultrastyle.trt.profiles import default_ranges, fit_tiling_to_engines
+from ultrastyle.trt.profiles import default_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def main() -> None:
                 for name, fn in ((f"encoder{k}", lambda: r.encode(k, x)), (f"decoder_affine{k}", lambda: r.decode(k, f, a, b))):
                     s = median_seconds(fn, args.repeats)
                     print(f"{name:<18} {s:9.4f} {mp / s:9.1f}")
-            options = fit_tiling_to_engines(bundle.arch, DEFAULT_LEVELS, TilingOptions(max_memory=budget), r.profile_max_regions(), r.memory_factor)
+            options = TilingOptions(max_memory=budget)  # the plans fit the engines' profiles (`TensorRTRunner.traits`)
             free0, _ = r.mem.mem_info()
             peak = [0]
 

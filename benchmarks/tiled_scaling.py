@@ -198,7 +198,8 @@ def worker(spec: dict) -> dict:
     from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
     from ultrastyle.core.tile_memory import parse_bytes
     from ultrastyle.runtime.memory import keep_freed_memory, use_huge_pages
-    from ultrastyle.runtime.tiled import TilingOptions, plan_for
+    from ultrastyle.core.plan import TilingOptions
+    from ultrastyle.runtime.tiled import plan_image_for
 
     huge_pages = False
     if not spec.get("system_malloc"):
@@ -218,6 +219,11 @@ def worker(spec: dict) -> dict:
             runner.session(f"encoder{k}")
             runner.session(f"decoder_affine{k}")
         model = runner
+    else:
+        from ultrastyle.runtime.backends.torch_backend import TorchRunner
+
+        # As `stylize --backend torch` runs it: the runner reads the heap factor once, now that the heap is set up.
+        runner = model = TorchRunner(model).activate()
     baseline, rss_loaded = _maxrss(), _vmrss()
 
     content, style, outdir = Path(spec["content"]), Path(spec["style"]), Path(spec["outdir"])
@@ -228,11 +234,8 @@ def worker(spec: dict) -> dict:
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
         tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
         h, w = spec["height"], spec["width"]
-        resolved = tiling.for_runner(model)  # as stylize_tiled plans
-        planned = resolved.for_image(model.arch, h, w, levels, resolved.canvas_site(model.arch, h, w, levels, model.device))
-        for k in levels:
-            p = plan_for(model, k, h, w, planned)  # with the runner's memory factor and tile shape
-            plan_info.append({"stage": k, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),
+        for p in plan_image_for(model, h, w, levels, tiling).stages:  # as stylize_tiled plans, with the runner's traits
+            plan_info.append({"stage": p.stage, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),
                               "encode_core": p.encode_core, "decode_core": p.decode_core, "cache": p.cache})  # fmt: skip
     options = StylizeOptions(style_size=spec["style_size"], levels=levels, tiling=tiling)
     pairs = plan_pairs([content], [style], outdir, "png")

@@ -11,9 +11,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ULTRASTYLE_SHARED", REPO.parent / "shared"))
-# The CLI tunes glibc's malloc for the whole process (`memory.keep_freed_memory`), which also
-# changes PyTorch's tile plans; in this one test process that would make tests depend on their
-# order, so the commands run here leave it alone (tests/test_memory_planner.py tests it).
+# The CLI tunes glibc's malloc for the whole process (`memory.keep_freed_memory`): freed memory
+# stays in the heap until trimmed. Tile plans no longer depend on it (a runner reads the heap
+# factor once, when it is made), but the resident-set measurements of later tests would (the
+# ONNX Runtime arena tests in tests/test_backends.py), so the commands run in this one test
+# process leave malloc alone (tests/test_memory_planner.py tests the tuning in subprocesses).
 os.environ["ULTRASTYLE_MALLOC"] = "system"
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.styles import Regions, Target
 from ultrastyle.distill.losses import adain, style_loss
 from ultrastyle.io.images import load_image, resize_long_side
@@ -18,7 +19,7 @@ from ultrastyle.models.pretrained import load_model
 from ultrastyle.models.sources import model_defaults
 from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.runtime.cascade import style_statistics, stylize
-from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
+from ultrastyle.runtime.tiled import stylize_tiled
 
 NAME = "ultrastyle-adain-16x"
 # float32 tolerance of fast paths against the PyTorch whole-image reference, in [0, 1].

@@ -13,11 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import TilingOptions, plan_for, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import plan_image_for, style_statistics_tiled, stylize_tiled
 from ultrastyle.trt.device_memory import ALIGNMENT, DeviceMemory, GrowingBuffer, GrowingPinned, open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable
 
@@ -275,7 +276,7 @@ def test_tiled_run_keeps_gpu_memory_within_the_budget(gpu_model, photo, style, c
     budget = 64 * MiB
     opts = TilingOptions(max_memory=budget, whole_if_area_fits=False)  # tiles at every stage, not whole stages
     with TorchRunner(gpu_model) as r:
-        assert len(plan_for(r, 5, *photo.shape[-2:], opts).encode_tiles()) > 1
+        assert len(plan_image_for(r, *photo.shape[-2:], DEFAULT_LEVELS, opts).stage(5).encode_tiles()) > 1
         stats = style_statistics_tiled(r, canvas_from_array(style.numpy(), layout="chw"), DEFAULT_LEVELS, opts)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(cuda)

@@ -183,21 +183,30 @@ def test_trim_heap_waits_until_the_resident_set_grew_past_keep_bytes(fake_libc, 
     assert mem._rss_after_trim == 50
 
 
-def test_pytorch_tiles_shrink_by_the_heap_factor_once_freed_memory_is_kept(fake_libc, cd16x_dir):
+def test_pytorch_runners_made_once_freed_memory_is_kept_plan_smaller_tiles_and_keep_them(fake_libc, cd16x_dir):
+    from ultrastyle.core.plan import TilingOptions, plan_stages
     from ultrastyle.models.pretrained import load_cd_folder
-    from ultrastyle.runtime.backends.torch_backend import TorchRunner
     import ultrastyle.runtime.memory as mem
-    from ultrastyle.runtime.tiled import TilingOptions, plan_for
+    from ultrastyle.runtime.backends.base import runner_traits
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
     model = load_cd_folder(cd16x_dir, stages=(5,))
     opts = TilingOptions(max_memory=2**30)
-    before = [plan_for(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
+
+    def plan(m):
+        return plan_stages(m.arch, 4000, 4000, (5,), opts, runner_traits(m))[0]
+
+    early = TorchRunner(model)
+    before = [plan(m) for m in (model, early)]
     mem.keep_freed_memory()
-    after = [plan_for(m, 5, 4000, 4000, opts).encode_core for m in (model, TorchRunner(model))]
-    region = [c + 2 * plan_for(model, 5, 4000, 4000, opts).enc_halo for c in before]
-    assert before[0] == before[1] and after[0] == after[1]
-    # the region's area shrinks by the factor (to the grid)
-    assert abs((after[0] + region[0] - before[0]) ** 2 * mem.HEAP_KEEP_FACTOR / region[0] ** 2 - 1) < 0.05
+    late = TorchRunner(model)
+    after = [plan(m) for m in (model, early, late)]
+    # The heap factor is read when a runner is made: plans never change with the process's heap state afterwards.
+    assert before[0] == before[1] == after[0] == after[1]
+    assert late.heap_factor == mem.HEAP_KEEP_FACTOR and TorchRunner(model, heap_factor=1.0).traits == early.traits
+    # A runner made after `keep_freed_memory`: the region's area shrinks by the factor (to the grid).
+    region = before[0].encode_core + 2 * before[0].enc_halo
+    assert abs((after[2].encode_core + 2 * after[2].enc_halo) ** 2 * mem.HEAP_KEEP_FACTOR / region**2 - 1) < 0.05
 
 
 def _thp_possible() -> bool:

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.core.color import chroma, luminance, keep_content_chroma, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.styles import Regions, Target, apply_regions, mix_weights, region_statistics
 from ultrastyle.core.transforms import FeatureStats, fit_affine
 from ultrastyle.io.images import ImageError, load_image, resize_long_side
@@ -19,7 +20,9 @@ from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.batch import StyleSpec
 from ultrastyle.runtime.cascade import style_statistics, stylize
-from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
+
+# float32 tolerance of tiled vs whole-image results in [0, 1] (as tests/test_tiling.py).
+from ultrastyle.runtime.tiled import stylize_tiled
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (as tests/test_tiling.py).
 ATOL = {torch.float32: 1e-4}

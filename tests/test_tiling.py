@@ -8,15 +8,15 @@ import torch
 
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
+from ultrastyle.core.plan import TilingOptions, check_budget, plan_image, plan_stage, plan_stages
 from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
 from ultrastyle.core.tiling import Span, plan_tiles
+from ultrastyle.core.traits import EAGER_HOST, RunnerTraits
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import (
-    TilingOptions, plan_for, plan_stage, read_region, style_statistics_tiled, stylize_stage_tiled, stylize_tiled,
-)  # fmt: skip
+from ultrastyle.runtime.tiled import read_region, style_statistics_tiled, stylize_stage_tiled, stylize_tiled
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (issue #3).
 ATOL = {torch.float32: 1e-4}
@@ -169,7 +169,7 @@ def test_disk_canvases_give_the_same_result_as_ram(cd16x, style, photo, tmp_path
     content = photo[:, :96, :144]
     ram = _tiled(cd16x, content, style, TilingOptions(tile=48))
     disk_opts = TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path)
-    assert disk_opts.for_runner(cd16x).canvas_site(cd16x.arch, 96, 144, DEFAULT_LEVELS) == CanvasSite(disk_dir=str(tmp_path))
+    assert disk_opts.resolve(EAGER_HOST).canvas_site(cd16x.arch, 96, 144, DEFAULT_LEVELS) == CanvasSite(disk_dir=str(tmp_path))
     disk = _tiled(cd16x, content, style, disk_opts)
     assert torch.equal(ram, disk)
     assert list(tmp_path.iterdir()) == []  # scratch files are unlinked
@@ -198,8 +198,8 @@ def test_an_image_whose_area_fits_the_budget_runs_as_one_tile_whatever_its_shape
         assert len(squares.encode_tiles()) > 1  # bounded by the square side, as TensorRT profiles need
         too_big = plan_stage(spec, k, side, side * 3 // 2, opts)  # 1.5x the area
         assert len(too_big.encode_tiles()) > 1
-        bounded = type("Bounded", (), {"arch": spec, "bounded_regions": True, "memory_factor": lambda self, k: 1.0})()
-        assert len(plan_for(bounded, k, h, w, opts).encode_tiles()) > 1  # a runner bounded per side: no wide whole
+        bounded = RunnerTraits(bounded_regions=True)  # a runner bounded per side: no wide whole
+        assert len(plan_stages(spec, h, w, (k,), opts, bounded)[0].encode_tiles()) > 1
 
 
 def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
@@ -252,62 +252,56 @@ def test_tensor_canvases_give_the_same_stage_output_as_ram_canvases(cd16x, cd16x
     outs = []
     with TorchRunner(model) as runner:  # IEEE float32 on CUDA
         stats = style_statistics(runner, style.to(device), (4,))
-        opts = TilingOptions(tile=32).for_runner(runner)
-        assert len(plan_for(runner, 4, 96, 128, opts).encode_tiles()) > 1
+        plan = plan_image(runner.arch, 96, 128, (4,), TilingOptions(tile=32), runner.traits, runner.device).stage(4)
+        assert len(plan.encode_tiles()) > 1
         for site in (CanvasSite(), CanvasSite(device=device)):
             src = canvas_from_array(content.numpy(), layout="chw", device=site.device)
-            out = stylize_stage_tiled(runner, 4, src, stats, opts, method="wct", alpha=0.6, site=site)
+            out = stylize_stage_tiled(runner, src, stats, plan, method="wct", alpha=0.6, site=site)
             assert (out.device is None) == (site.device is None)
             outs.append(out.numpy().copy())
     assert np.array_equal(outs[0], outs[1])
 
 
-class _Runner:
-    """What `TilingOptions.for_runner` reads from a runner."""
-
-    def __init__(self, device: str, budget_memory: str) -> None:
-        self.device, self.budget_memory = torch.device(device), budget_memory
-
-
-def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, monkeypatch, tmp_path):
-    import ultrastyle.runtime.tiled as tiled
-
-    monkeypatch.setattr(tiled, "available_bytes", lambda: 8 * 2**30)
+def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, tmp_path):
     arch, h, w = cd16x.arch, 2000, 3000
     need = TilingOptions().canvas_bytes(arch, h, w, DEFAULT_LEVELS)
     assert 2**26 < need < 2**30
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
 
-    def site(budget_bytes, runner, **kw):
-        opts = TilingOptions(max_memory=budget_bytes, scratch_dir=tmp_path, **kw).for_runner(runner)
-        where = opts.canvas_site(arch, h, w, DEFAULT_LEVELS, runner.device)
-        return where, opts.for_image(arch, h, w, DEFAULT_LEVELS, where).max_memory
+    def site(budget_bytes, budget, device, ram=8 * 2**30, **kw):
+        plan = plan_image(arch, h, w, DEFAULT_LEVELS, TilingOptions(max_memory=budget_bytes, scratch_dir=tmp_path, **kw),
+                          RunnerTraits(budget_memory=budget), device, ram_available=ram)  # fmt: skip
+        return plan.site, plan.options.max_memory
 
     # Host budget (CPU): RAM while the canvases take at most a quarter of it, which the tiles then lose.
-    cpu = _Runner("cpu", "host")
-    assert site(4 * need, cpu) == (CanvasSite(), 3 * need)
-    assert site(4 * need - 4, cpu) == (CanvasSite(disk_dir=str(tmp_path)), 4 * need - 4)
+    assert site(4 * need, "host", cpu) == (CanvasSite(), 3 * need)
+    assert site(4 * need - 4, "host", cpu) == (CanvasSite(disk_dir=str(tmp_path)), 4 * need - 4)
     # Device budget, tensors on the GPU: on the device up to half the budget (shared with the tiles) ...
-    gpu = _Runner("cuda", "device")
-    assert site(2 * need, gpu) == (CanvasSite(device=torch.device("cuda")), need)
+    assert site(2 * need, "device", cuda) == (CanvasSite(device=cuda), need)
     # ... else in host RAM (half of what is available), which the device budget does not count ...
-    assert site(2 * need - 2, gpu) == (CanvasSite(), 2 * need - 2)
-    assert site(2 * need - 2, gpu, ram_canvas_limit=need - 1)[0] == CanvasSite(disk_dir=str(tmp_path))
-    monkeypatch.setattr(tiled, "available_bytes", lambda: 2 * need - 2)
-    assert site(need, gpu)[0] == CanvasSite(disk_dir=str(tmp_path))
+    assert site(2 * need - 2, "device", cuda) == (CanvasSite(), 2 * need - 2)
+    assert site(2 * need - 2, "device", cuda, ram_canvas_limit=need - 1)[0] == CanvasSite(disk_dir=str(tmp_path))
+    assert site(need, "device", cuda, ram=2 * need - 2)[0] == CanvasSite(disk_dir=str(tmp_path))
     # ... and never on the device for runners whose tiles cross as host arrays (TensorRT, ORT's CUDA provider).
-    monkeypatch.setattr(tiled, "available_bytes", lambda: 8 * 2**30)
-    assert site(64 * need, _Runner("cpu", "device")) == (CanvasSite(), 64 * need)
+    assert site(64 * need, "device", cpu) == (CanvasSite(), 64 * need)
+    # Unbounded: in the runner's memory, whatever their size, the tiles unbounded too.
+    assert site(None, "host", cpu) == (CanvasSite(), None)
+    assert site(None, "device", cuda, ram=0) == (CanvasSite(device=cuda), None)
+    assert site(None, "device", cpu, ram=0) == (CanvasSite(), None)
 
 
 def test_the_budget_is_the_runners_unless_the_options_say(cd16x):
+    from ultrastyle.runtime.backends.base import runner_traits
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
-    assert TilingOptions().for_runner(TorchRunner(cd16x)).budget == "host"
-    assert TilingOptions().for_runner(cd16x).budget == "host"  # a bare model: where its tensors live
-    assert TilingOptions().for_runner(_Runner("cpu", "device")).budget == "device"
-    assert TilingOptions(budget="host").for_runner(_Runner("cuda", "device")).budget == "host"
+    assert TilingOptions().resolve(TorchRunner(cd16x).traits).budget == "host"
+    assert TilingOptions().resolve(runner_traits(cd16x)).budget == "host"  # a bare model: where its tensors live
+    assert TilingOptions().resolve(RunnerTraits(budget_memory="device")).budget == "device"
+    assert TilingOptions(budget="host").resolve(RunnerTraits(budget_memory="device")).budget == "host"
     with pytest.raises(ValueError, match="'host' or 'device'"):
-        TilingOptions(budget="gpu").for_runner(cd16x)
+        TilingOptions(budget="gpu").resolve(EAGER_HOST)
+    with pytest.raises(ValueError, match="'host' or 'device'"):
+        RunnerTraits(budget_memory="gpu")
 
 
 def test_plan_stage_halos_follow_receptive_fields_on_the_grid():
@@ -366,3 +360,105 @@ def test_reduced_halo_never_exceeds_the_exact_one():
         small = plan_stage(spec, k, 512, 512, TilingOptions(tile=128, halo=64))
         assert small.enc_halo == min(exact.enc_halo, 64) and small.full_halo == min(exact.full_halo, 64)
         assert small.dec_halo <= exact.dec_halo
+
+
+# -- one plan per image, from the options and the runner's traits -------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["style", "mask"])
+def test_unbounded_tiling_is_the_whole_image_cascade_bit_for_bit(cd16x, style, photo, masked):
+    from ultrastyle.core.styles import Regions, Target
+    from ultrastyle.runtime.cascade import style_statistics as whole_statistics
+
+    levels = DEFAULT_LEVELS
+    content = photo[:, :200, :270].contiguous()
+    stats = whole_statistics(cd16x, style, levels)
+    tiled_stats = style_statistics_tiled(cd16x, canvas_from_array(style.numpy(), layout="chw"), levels, TilingOptions.unbounded())
+    for k in levels:  # the same computation, not merely close
+        assert tiled_stats[k].count == stats[k].count
+        assert torch.equal(tiled_stats[k].sum, stats[k].sum) and torch.equal(tiled_stats[k].outer, stats[k].outer)
+    target = Target((stats,))
+    if masked:
+        labels = np.zeros(content.shape[1:], np.int64)
+        labels[:, 100:] = 1
+        target = Regions(labels, (Target((stats,)), Target((stats,), (1.0,))))
+    ref = stylize(cd16x, content, target, method="wct", levels=levels)
+    plan = plan_image(cd16x.arch, *content.shape[1:], levels, TilingOptions.unbounded(), EAGER_HOST, masked=masked)
+    assert plan.keep_bytes is None and plan.site == CanvasSite() and all(p.one_tile for p in plan.stages)
+    with canvas_from_array(content.numpy(), layout="chw") as cv:
+        out = stylize_tiled(cd16x, cv, target, TilingOptions.unbounded(), method="wct", alpha=0.6, levels=levels)
+        try:
+            assert torch.equal(torch.from_numpy(out.numpy()), ref)
+        finally:
+            out.close()
+
+
+def test_stylize_tiled_plans_each_image_once(cd16x, style, photo, monkeypatch):
+    import ultrastyle.runtime.tiled as tiled
+
+    calls = []
+    real = tiled.plan_image
+    monkeypatch.setattr(tiled, "plan_image", lambda *a, **kw: calls.append(a[1:4]) or real(*a, **kw))
+    content = photo[:, :96, :144].contiguous()
+    _tiled(cd16x, content, style, TilingOptions(tile=48))
+    assert calls == [(96, 144, DEFAULT_LEVELS)]  # one plan for the five stages (the style's statistics plan none)
+
+
+def test_plans_are_a_function_of_size_options_and_traits_only():
+    spec, opts = ARCHS["cd16x"], TilingOptions(max_memory=2**30, ram_canvas_limit=2**30)
+    a = plan_image(spec, 3000, 2000, DEFAULT_LEVELS, opts, RunnerTraits(default_memory_factor=2.5))
+    assert a == plan_image(spec, 3000, 2000, DEFAULT_LEVELS, opts, RunnerTraits(default_memory_factor=2.5))
+    b = plan_image(spec, 3000, 2000, DEFAULT_LEVELS, opts, EAGER_HOST)
+    assert all(p.encode_core <= q.encode_core for p, q in zip(a.stages, b.stages)) and a != b
+    # resolved once: the plan's options say what every stage was planned with
+    assert a.options.budget == "host" and a.options.uniform_tiles is False and a.options.whole_if_area_fits is True
+    assert a.options.max_memory == opts.max_memory - opts.canvas_bytes(spec, 3000, 2000, DEFAULT_LEVELS)
+    assert a.keep_bytes == int(a.options.max_memory * EAGER_HOST.cache_share)
+    assert [p.stage for p in a.stages] == [1, 2, 3, 4, 5] and a.stage(4).stage == 4
+
+
+@pytest.mark.parametrize("size", [(97, 97), (3000, 3000), (8192, 8192), (600, 6000)])
+def test_regions_stay_within_the_runners_largest_region(size):
+    spec = ARCHS["cd16x"]
+    limits = {1: 256, 2: 300, 3: 512, 4: 768, 5: 1024}
+    traits = RunnerTraits(budget_memory="device", bounded_regions=True, max_regions=limits)
+    for opts in (TilingOptions(max_memory=8 * 2**30), TilingOptions.unbounded(), TilingOptions(max_memory=64 * 2**20)):
+        for plan in plan_image(spec, *size, DEFAULT_LEVELS, opts, traits).stages:
+            g, scale = plan.grid, plan.grid if plan.cache else 1  # cached pass-2 tiles are in feature pixels
+            regions = [(t.region_rows.size, t.region_cols.size) for t in plan.encode_tiles()]
+            regions += [(t.region_rows.size * scale, t.region_cols.size * scale) for t in plan.decode_tiles()]
+            assert max(max(r) for r in regions) <= limits[plan.stage], (opts, plan)
+            if max(size) > limits[plan.stage]:  # cores as large as the limit allows: one more grid cell would not fit
+                assert plan.encode_core + g + 2 * plan.enc_halo > limits[plan.stage] or opts.max_memory == 64 * 2**20
+
+
+def test_a_fixed_tile_or_a_region_limit_that_cannot_fit_is_refused_saying_what_fits():
+    spec = ARCHS["cd16x"]
+    small = RunnerTraits(bounded_regions=True, max_regions={k: 768 for k in range(1, 6)})
+    with pytest.raises(ValueError, match=r"tiles of 2048 px make \d+-px regions at stage \d.*at most \d+ px"):
+        plan_image(spec, 4000, 4000, DEFAULT_LEVELS, TilingOptions(tile=2048), small)
+    with pytest.raises(ValueError, match=r"tiles of 2048 px"):
+        check_budget(spec, DEFAULT_LEVELS, TilingOptions(tile=2048), small)
+    plan_image(spec, 700, 700, DEFAULT_LEVELS, TilingOptions(tile=2048), small)  # an image within the limit: one region
+    tiny = RunnerTraits(bounded_regions=True, max_regions={k: 64 for k in range(1, 6)})
+    with pytest.raises(ValueError, match="too small for any tile"):
+        check_budget(spec, DEFAULT_LEVELS, TilingOptions(), tiny)
+    check_budget(spec, DEFAULT_LEVELS, TilingOptions(), small)
+
+
+def test_check_budget_says_what_one_tile_of_a_stage_needs():
+    spec = ARCHS["cd16x"]
+    with pytest.raises(ValueError, match=r"^the memory budget of 1 MiB cannot hold one tile of stage \d; at least \d+ MiB is needed$"):
+        check_budget(spec, DEFAULT_LEVELS, TilingOptions(max_memory=2**20), EAGER_HOST)
+    for budget in (256 * 2**20, None):
+        check_budget(spec, DEFAULT_LEVELS, TilingOptions(max_memory=budget), EAGER_HOST)
+    check_budget(spec, DEFAULT_LEVELS, TilingOptions(max_memory=2**20, tile=64), EAGER_HOST)  # a fixed tile overrides the budget
+    # The bound is the planner's: just below it, a large image's plan fails the same way; at it, it plans.
+    msg = ""
+    try:
+        check_budget(spec, (5,), TilingOptions(max_memory=8 * 2**20), RunnerTraits(default_memory_factor=2.5))
+    except ValueError as exc:
+        msg = str(exc)
+    need = int(float(msg.split("at least ")[1].split(" MiB")[0]) * 2**20)
+    check_budget(spec, (5,), TilingOptions(max_memory=need), RunnerTraits(default_memory_factor=2.5))
+    plan_stage(spec, 5, 4000, 4000, TilingOptions(max_memory=need), 2.5)

@@ -230,7 +230,8 @@ def test_tiled_stylization_fits_its_tiles_to_the_profiles_without_being_asked(bu
     from ultrastyle.core.canvas import canvas_from_array
     from ultrastyle.io.images import load_image, resize_long_side
     from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-    from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage, stylize_tiled
+    from ultrastyle.core.plan import TilingOptions, plan_stage
+    from ultrastyle.runtime.tiled import plan_image_for, stylize_tiled
 
     _build(bundle)
     content = resize_long_side(load_image(shared_dir / "images/content/cd_content_in1.jpg"), 1200)[:, 100:356]
@@ -241,8 +242,8 @@ def test_tiled_stylization_fits_its_tiles_to_the_profiles_without_being_asked(bu
     assert max(t.region_cols.stop - t.region_cols.start for t in unfitted.encode_tiles()) > TILE_MAX
     with TensorRTRunner(bundle) as r:
         style = style_statistics(r, style_image, DEFAULT_LEVELS)
-        for k in DEFAULT_LEVELS:
-            plan = plan_for(r, k, h, w, options)
+        for plan in plan_image_for(r, h, w, DEFAULT_LEVELS, options).stages:
+            k = plan.stage
             widths = [t.region_cols.stop - t.region_cols.start for t in plan.encode_tiles()]
             if not plan.cache:
                 widths += [t.region_cols.stop - t.region_cols.start for t in plan.decode_tiles()]
@@ -298,8 +299,9 @@ def test_40mp_tiled_stylization_stays_under_2gb_of_device_memory(bundle, model):
     _require_real_tensorrt()
     from ultrastyle.core.canvas import canvas_from_array
     from ultrastyle.runtime.cascade import DEFAULT_LEVELS
-    from ultrastyle.runtime.tiled import TilingOptions, stylize_tiled
-    from ultrastyle.trt.profiles import default_ranges, fit_tiling_to_engines
+    from ultrastyle.core.plan import TilingOptions
+    from ultrastyle.runtime.tiled import stylize_tiled
+    from ultrastyle.trt.profiles import default_ranges
 
     budget = 2 * 2**30
     build_engines(bundle, precision="fp32", ranges=default_ranges(bundle.arch, bundle.stages, "fp32", budget))
@@ -316,7 +318,7 @@ def test_40mp_tiled_stylization_stays_under_2gb_of_device_memory(bundle, model):
         peak[0] = max(peak[0], free0 - free)
 
     with runner:
-        options = fit_tiling_to_engines(bundle.arch, DEFAULT_LEVELS, TilingOptions(max_memory=budget), runner.profile_max_regions(), runner.memory_factor)
+        options = TilingOptions(max_memory=budget)  # the plans fit the engines' profiles (`TensorRTRunner.traits`)
         with canvas_from_array(content, layout="chw") as cv:
             out = stylize_tiled(runner, cv, style, options, method="wct", alpha=0.6, levels=DEFAULT_LEVELS, on_tile=on_tile)
             out.close()

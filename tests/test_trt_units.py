@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ultrastyle.core.plan import TilingOptions, plan_image, plan_stages
+from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.stats_graph import STATS_OUTPUTS, build_stats_graph, stats_from_outputs, window_masks
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
-from ultrastyle.runtime.tiled import TilingOptions, plan_for, plan_stage
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.device_memory import open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable, detect_features
@@ -23,7 +24,6 @@ from ultrastyle.trt.memory_model import memory_factor
 from ultrastyle.trt.profiles import (
     TileRange,
     default_ranges,
-    fit_tiling_to_engines,
     max_core_for_profile,
     network_shapes,
     plan_region,
@@ -61,16 +61,12 @@ def test_network_shapes_are_the_region_at_each_networks_resolution():
     assert st["row_mask"][2] == (64,) and st["features"] == dec["features"]
 
 
-class _TensorRTLike:
-    """What `plan_for` reads from a `TensorRTRunner`."""
-
-    arch, bounded_regions = SPEC, True
-
-    def __init__(self, precision: str) -> None:
-        self.precision = precision
-
-    def memory_factor(self, stage: int) -> float:
-        return memory_factor(SPEC, stage, self.precision)
+def _tensorrt_traits(precision: str, max_regions: dict[int, int] | None = None) -> RunnerTraits:
+    """A `TensorRTRunner`'s traits, without engines or a GPU."""
+    return RunnerTraits(
+        budget_memory="device", bounded_regions=True, max_regions=max_regions or {},
+        memory_factors={k: memory_factor(SPEC, k, precision) for k in range(1, 6)},
+    )  # fmt: skip
 
 
 def test_default_profile_covers_every_region_the_planner_makes():
@@ -81,7 +77,7 @@ def test_default_profile_covers_every_region_the_planner_makes():
             assert not profile_problems(SPEC, k, rng), (k, rng)
             # small, odd, large; and a wide strip whose area fits the budget, but not its side
             for h, w in ((97, 97), (3000, 3000), (8192, 8192), (600, 6000)):
-                plan = plan_for(_TensorRTLike(precision), k, h, w, opts)
+                (plan,) = plan_stages(SPEC, h, w, (k,), opts, _tensorrt_traits(precision))
                 scale = plan.grid if plan.cache else 1  # cached pass-2 tiles are in feature pixels
                 regions = [(t.region_rows.size, t.region_cols.size) for t in plan.encode_tiles()]
                 regions += [(t.region_rows.size * scale, t.region_cols.size * scale) for t in plan.decode_tiles()]
@@ -107,21 +103,20 @@ def test_requested_ranges_use_the_cli_values_on_each_grid():
     assert r[1] == TileRange(2, 1000, 1000) and r[5] == TileRange(32, 992, 992)
 
 
-def test_tiling_is_shrunk_to_fit_the_engines_and_never_grows():
+def test_tiles_shrink_to_fit_the_engines_and_never_grow():
     opts = TilingOptions(max_memory=8 * 2**30)
     levels = (5, 4, 3, 2, 1)
-    big = {k: 1 << 20 for k in levels}
-    # the budget's tiles fit: unchanged, but never one whole wide image past a profile's side
-    assert fit_tiling_to_engines(SPEC, levels, opts, big) == replace(opts, whole_if_area_fits=False)
-    small = {k: 768 for k in levels}
-    fitted = fit_tiling_to_engines(SPEC, levels, opts, small)
-    assert fitted.tile is not None and not fitted.whole_if_area_fits
-    for k in levels:
-        assert plan_region(plan_stage(SPEC, k, 8192, 8192, fitted)) <= 768
-    with pytest.raises(ValueError, match="--tile-max"):
-        fit_tiling_to_engines(SPEC, levels, TilingOptions(tile=2048), small)
+    unlimited = plan_image(SPEC, 8192, 8192, levels, opts, _tensorrt_traits("fp32"))
+    big = plan_image(SPEC, 8192, 8192, levels, opts, _tensorrt_traits("fp32", {k: 1 << 20 for k in levels}))
+    assert big.stages == unlimited.stages  # the budget's tiles fit: unchanged
+    assert not big.options.whole_if_area_fits  # and never one whole wide image past a profile's side
+    small = plan_image(SPEC, 8192, 8192, levels, opts, _tensorrt_traits("fp32", {k: 768 for k in levels}))
+    for p, q in zip(small.stages, unlimited.stages):
+        assert plan_region(p) <= 768 and p.encode_core <= q.encode_core and p.decode_core <= q.decode_core
+    with pytest.raises(ValueError, match="engines built for"):
+        plan_image(SPEC, 8192, 8192, levels, TilingOptions(tile=2048), _tensorrt_traits("fp32", {k: 768 for k in levels}))
     with pytest.raises(ValueError, match="too small"):
-        fit_tiling_to_engines(SPEC, levels, opts, {k: 64 for k in levels})
+        plan_image(SPEC, 8192, 8192, levels, opts, _tensorrt_traits("fp32", {k: 64 for k in levels}))
 
 
 def test_memory_model_is_below_eager_pytorch_and_halves_with_fp16():

@@ -16,204 +16,35 @@ per region, and features are always cached, so that pass 2 can send each
 feature pixel through its region's map before decoding.
 
 With the exact halo the result equals the whole-image cascade
-(`runtime.cascade`) up to float rounding; the tests hold it to 1e-4.
+(`runtime.cascade`) up to float rounding; the tests hold it to 1e-4. A stage
+planned as one tile in both passes runs as the whole-image stage itself, so
+``TilingOptions.unbounded()`` gives the cascade's result bit for bit.
+
+What tiles each stage gets is decided once per image, before any work
+(`core.plan.plan_image`, from the options and the runner's `RunnerTraits`);
+this module only runs the plan.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
-from ultrastyle.core.padding import padded_size, reflect_index
-from ultrastyle.core.receptive import decoder_radius, encoder_radius, round_up, stage_radius
+from ultrastyle.core.padding import reflect_index
+from ultrastyle.core.plan import ImagePlan, StagePlan, TilingOptions, plan_image, plan_stages
 from ultrastyle.core.styles import (
     Affine, Regions, Style, Target, apply_regions, as_style, identity_map, region_statistics,
 )  # fmt: skip
-from ultrastyle.core.tile_memory import core_for_budget, region_side_for_budget
-from ultrastyle.core.tiling import Span, Tile, plan_tiles
+from ultrastyle.core.tiling import Span
 from ultrastyle.core.transforms import FeatureStats
-from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.backends.base import Runner, StageNetworks
-from ultrastyle.runtime.cascade import stylize_stage
-from ultrastyle.runtime.memory import available_bytes, heap_factor, release_free_memory, trim_heap
-
-DEFAULT_MAX_MEMORY = 2 * 2**30
-# A device budget (GPU memory) holds an image's canvases while they take at most this share of it,
-# leaving the rest to the tiles; host canvases of a device budget take at most this share of free RAM.
-DEVICE_CANVAS_SHARE = 0.5
-HOST_CANVAS_SHARE = 0.5
-# Cache relu{k}_1 features between the passes when re-encoding would cost more
-# than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
-CACHE_MACS_PER_VALUE = 200
+from ultrastyle.runtime.backends.base import Runner, StageNetworks, runner_traits
+from ultrastyle.runtime.cascade import style_statistics, stylize_stage
+from ultrastyle.runtime.memory import available_bytes, release_free_memory, trim_heap
 
 TileCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class TilingOptions:
-    """How to tile: ``tile`` (core side, px) overrides the ``max_memory`` planner."""
-
-    tile: int | None = None
-    max_memory: int = DEFAULT_MAX_MEMORY
-    halo: int | None = None  # None: exact (the full receptive field)
-    scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
-    ram_canvas_limit: int | None = None  # an image whose host canvases need more goes to disk; None: see canvas_site
-    cache_features: bool | None = None  # None: decided per stage by encoder cost
-    uniform_tiles: bool | None = None  # one region shape per pass (`core.tiling`); None: the runner's preference
-    # One tile without halo wherever the image's area fits the budget's square region, whatever its
-    # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
-    # `Runner.bounded_regions` (`plan_for`); on for `plan_stage` called directly.
-    whole_if_area_fits: bool | None = None
-    # What max_memory bounds: "host" (this process's RAM: tiles and RAM canvases) or "device" (GPU
-    # memory: tiles, and canvases that fit beside them). None: the runner's (`Runner.budget_memory`).
-    budget: str | None = None
-
-    def for_runner(self, model: StageNetworks) -> TilingOptions:
-        """These options with every None that means "ask the runner" resolved from ``model``.
-
-        A bare StyleModel: clipped regions, mixed tile shapes, the budget where its tensors live.
-        """
-        device = getattr(model, "device", torch.device("cpu"))
-        budget = self.budget or getattr(model, "budget_memory", None) or ("host" if device.type == "cpu" else "device")
-        if budget not in ("host", "device"):
-            raise ValueError(f"budget must be 'host' or 'device', got {budget!r}")
-        return replace(
-            self,
-            uniform_tiles=getattr(model, "uniform_tiles", False) if self.uniform_tiles is None else self.uniform_tiles,
-            whole_if_area_fits=not getattr(model, "bounded_regions", False) if self.whole_if_area_fits is None else self.whole_if_area_fits,
-            budget=budget,
-        )
-
-    def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
-        """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
-        image = 3 * height * width * 4 * (3 if len(set(levels)) > 1 else 2)
-        feats = [
-            spec.feature_channels(k) * (padded_size(height, spec.grid(k)) // spec.grid(k))
-            * (padded_size(width, spec.grid(k)) // spec.grid(k)) * 4
-            for k in set(levels)
-            if self.caches(spec, k)
-        ]  # fmt: skip
-        return image + max(feats, default=0)
-
-    def canvas_site(
-        self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], device: torch.device | None = None
-    ) -> CanvasSite:
-        """Where all canvases of one image go, given the device the runner's tensors live on.
-
-        - A host budget: in RAM while they take at most a quarter of
-          ``max_memory`` (or ``ram_canvas_limit``), the tiles getting the rest;
-          else on disk.
-        - A device budget (resolve ``budget`` with `for_runner` first): on
-          ``device`` while they take at most `DEVICE_CANVAS_SHARE` of
-          ``max_memory`` and the runner's tensors live there (PyTorch on CUDA;
-          not TensorRT, whose tiles cross as host arrays); else in RAM while
-          they take at most ``ram_canvas_limit`` or `HOST_CANVAS_SHARE` of the
-          RAM available now (the budget is GPU memory, not RAM); else on disk.
-        """
-        need = self.canvas_bytes(spec, height, width, levels)
-        if self.budget == "device":
-            if device is not None and device.type != "cpu" and need <= self.max_memory * DEVICE_CANVAS_SHARE:
-                return CanvasSite(device=device)
-            limit = int(available_bytes() * HOST_CANVAS_SHARE) if self.ram_canvas_limit is None else self.ram_canvas_limit
-        else:
-            limit = self.max_memory // 4 if self.ram_canvas_limit is None else self.ram_canvas_limit
-        if need <= limit:
-            return CanvasSite()
-        return CanvasSite(disk_dir=str(self.scratch_dir or tempfile.gettempdir()))
-
-    def for_image(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], site: CanvasSite) -> TilingOptions:
-        """The options one image's tiles are planned with, its canvases at ``site`` (`canvas_site`).
-
-        Canvases in the budget's memory share it with the tiles.
-        """
-        shares = site.device is not None if self.budget == "device" else site.disk_dir is None
-        if self.tile is None and shares:
-            return replace(self, max_memory=self.max_memory - self.canvas_bytes(spec, height, width, levels))
-        return self
-
-    def cache_bytes(self, model: StageNetworks) -> int:
-        """What the runner and the heap may keep between tiles before handing it back (`_after_tile`).
-
-        A share of the budget: the runner's `Runner.cache_share` (a bare model: the base class's).
-        """
-        return int(self.max_memory * getattr(model, "cache_share", Runner.cache_share))
-
-    def caches(self, spec: ArchSpec, stage: int) -> bool:
-        """Whether pass 1 keeps the stage's features for pass 2."""
-        if self.cache_features is not None:
-            return self.cache_features
-        return encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """Halos and tile cores of one stage on one image size (pixels unless noted)."""
-
-    stage: int
-    grid: int
-    height: int  # grid-padded
-    width: int
-    enc_halo: int
-    full_halo: int
-    dec_halo: int  # in feature pixels
-    encode_core: int
-    decode_core: int
-    cache: bool
-    uniform: bool = False
-
-    def encode_tiles(self) -> list[Tile]:
-        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid, self.uniform)
-
-    def decode_tiles(self) -> list[Tile]:
-        """Pass-2 tiles: in feature pixels when features are cached, else in image pixels."""
-        if self.cache:
-            g = self.grid
-            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1, self.uniform)
-        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid, self.uniform)
-
-
-def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
-    """Encoder multiply-adds per image pixel over its feature floats per image pixel."""
-    g = spec.grid(stage)
-    return spec.macs_per_pixel(stage, "encoder") / (spec.feature_channels(stage) / (g * g))
-
-
-def plan_stage(
-    spec: ArchSpec, stage: int, height: int, width: int, options: TilingOptions, memory_factor: float = 1.0
-) -> StagePlan:
-    """Halos from the receptive fields, cores from ``options`` (tile or memory budget).
-
-    ``memory_factor`` is the backend's measured peak over the planner's model (`Runner.memory_factor`).
-    """
-    g = spec.grid(stage)
-    enc_halo = round_up(encoder_radius(spec, stage), g)
-    full_halo = round_up(stage_radius(spec, stage), g)
-    dec_halo = decoder_radius(spec, stage)
-    if options.halo is not None:  # approximate: no halo larger than N, never more than exact
-        enc_halo = min(enc_halo, round_up(options.halo, g))
-        full_halo = min(full_halo, round_up(options.halo, g))
-        dec_halo = min(dec_halo, round_up(options.halo, g) // g)
-    cache = options.caches(spec, stage)
-    height, width = padded_size(height, g), padded_size(width, g)
-    if options.tile is not None:
-        encode_core = decode_core = max(g, options.tile // g * g)
-    elif options.whole_if_area_fits is not False and height * width <= region_side_for_budget(
-        spec, stage, options.max_memory, factor=memory_factor
-    ) ** 2:  # the memory is the area's: a 2 MP image, wider than the square, still runs whole
-        encode_core = decode_core = max(height, width)
-    else:
-        encode_core = core_for_budget(spec, stage, options.max_memory, enc_halo, factor=memory_factor)
-        decode_core = core_for_budget(spec, stage, options.max_memory, dec_halo * g if cache else full_halo, factor=memory_factor)
-    return StagePlan(
-        stage, g, height, width, enc_halo, full_halo, dec_halo,
-        encode_core, decode_core, bool(cache), bool(options.uniform_tiles),
-    )  # fmt: skip
 
 
 def read_region(src: Canvas, rows: Span, cols: Span, device: torch.device | None = None) -> torch.Tensor:
@@ -313,45 +144,57 @@ def decode_tiles(
             on_tile(f"stage {stage} decode", i + 1, len(tiles))
 
 
+def plan_image_for(
+    model: StageNetworks, height: int, width: int, levels: tuple[int, ...], options: TilingOptions, *, masked: bool = False
+) -> ImagePlan:
+    """`plan_image` for ``model``: its traits (`runner_traits`), its device, and the RAM available now."""
+    return plan_image(
+        model.arch, height, width, levels, options, runner_traits(model), model.device,
+        masked=masked, ram_available=available_bytes(),
+    )  # fmt: skip
+
+
 def stylize_stage_tiled(
     model: StageNetworks,
-    stage: int,
     src: Canvas,
     style: Style,
-    options: TilingOptions,
+    plan: StagePlan,
     *,
     method: str,
     alpha: float,
     site: CanvasSite = CanvasSite(),
+    keep_bytes: int | None = None,
     on_tile: TileCallback | None = None,
     out: Canvas | None = None,
 ) -> Canvas:
-    """One stage over a whole canvas, tile by tile, into ``out`` or a new canvas at ``site``.
+    """Stage ``plan.stage`` over a whole canvas, tile by tile, into ``out`` or a new canvas at ``site``.
 
-    ``style``: as in `stylize_tiled`. Every pixel of ``out`` is overwritten, so a spare canvas from an earlier
-    stage can be reused: its pages are already mapped, which saves the page
-    faults of a fresh one.
+    ``style``: as in `stylize_tiled` (`Regions` need a plan that caches
+    features: `plan_image` with ``masked``). ``keep_bytes``: what the runner
+    and the heap may keep between tiles (`ImagePlan.keep_bytes`; None: no
+    limit, nothing handed back). Every pixel of ``out`` is overwritten, so a
+    spare canvas from an earlier stage can be reused: its pages are already
+    mapped, which saves the page faults of a fresh one.
     """
     c, h, w = src.shape
+    stage = plan.stage
     if out is not None and out.shape != src.shape:
         raise ValueError(f"output canvas has shape {out.shape}, the stage's input {src.shape}")
     target = as_style(style)
     regions = target if isinstance(target, Regions) else None
-    if regions is not None:
-        options = replace(options, cache_features=True)
-    plan = plan_for(model, stage, h, w, options)
-    if len(plan.encode_tiles()) == 1 and len(plan.decode_tiles()) == 1:
+    if plan.one_tile:
         try:
             return _whole_stage(model, stage, src, target, method, alpha, out, site)
         finally:
-            _release(model, options.cache_bytes(model))
+            _release(model, keep_bytes)
+    if regions is not None and not plan.cache:
+        raise ValueError("mask regions need the stage's features cached between the passes: plan the image with masked=True")
     feats = None
     if plan.cache:
         feats = Canvas.at(site, model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid)
     try:
-        keep = options.cache_bytes(model)
-        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep, regions)
-        _release(model, keep)
+        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep_bytes, regions)
+        _release(model, keep_bytes)
         if regions is not None:  # decode_tiles applies the per-region maps itself
             maps = regions.fit(method, stage, content, alpha)
             a, b = identity_map(model.arch.feature_channels(stage))
@@ -360,7 +203,7 @@ def stylize_stage_tiled(
             a, b = target.fit(method, stage, content, alpha)
         dst = out if out is not None else Canvas.at(site, c, h, w)
         try:
-            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep, None if regions is None else (regions, maps))
+            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep_bytes, None if regions is None else (regions, maps))
         except BaseException:
             if out is None:
                 dst.close()
@@ -368,7 +211,7 @@ def stylize_stage_tiled(
     finally:
         if feats is not None:
             feats.close()
-        _release(model, keep)
+        _release(model, keep_bytes)
     return dst
 
 
@@ -394,35 +237,49 @@ def _whole_stage(
 def style_statistics_tiled(
     model: StageNetworks, style: Canvas, levels: tuple[int, ...], options: TilingOptions
 ) -> dict[int, FeatureStats]:
-    """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`)."""
+    """Per-stage style statistics by tiled pass 1 (equal to `cascade.style_statistics`).
+
+    A stage whose plan is one tile is the whole-image computation itself
+    (`cascade.style_statistics`), as `stylize_stage_tiled` runs such a stage.
+    """
     _, h, w = style.shape
+    traits = runner_traits(model)
+    keep = options.keep_bytes(traits)
+    whole = None
     stats = {}
-    for k in sorted(set(levels)):
-        stats[k] = encode_statistics(model, k, style, plan_for(model, k, h, w, options))
-        _release(model, options.cache_bytes(model))
+    for plan in plan_stages(model.arch, h, w, levels, options, traits):
+        k = plan.stage
+        if plan.one_tile:
+            if whole is None:
+                whole = style.read_tensor(slice(None), slice(None), model.device)
+            stats[k] = style_statistics(model, whole, (k,))[k]
+        else:
+            stats[k] = encode_statistics(model, k, style, plan)
+        _release(model, keep)
     return stats
 
 
 def _after_tile(model: StageNetworks, keep_bytes: int | None) -> None:
-    """Mid-pass: the runner and the C heap hand back what they keep beyond ``keep_bytes``.
+    """Mid-pass: the runner and the C heap hand back what they keep beyond ``keep_bytes`` (None: nothing).
 
     The runner by its own rule (an ORT arena fragments over many tiles); the
     heap once the resident set has grown by more than that since its last
     trim (`memory.keep_freed_memory`). Measured at 40 MP, 1 GB budget,
     PyTorch: trimming past half the budget 4.89 s/MP and 1.65 GiB peak, past
     the whole budget 3.55 s/MP and 2.26 GiB (over the 2 GB the budget
-    promises); `Runner.cache_share` sets the share.
+    promises); `RunnerTraits.cache_share` sets the share.
     """
     if keep_bytes is None:
         return
-    release = getattr(model, "release_memory", None)
-    if release is not None:
-        release(keep_bytes)
+    if isinstance(model, Runner):  # a bare StyleModel keeps nothing of its own
+        model.release_memory(keep_bytes)
     trim_heap(keep_bytes)
 
 
-def _release(model: StageNetworks, keep_bytes: int) -> None:
-    """Between passes: as after a tile, then the C heap's free pages too."""
+def _release(model: StageNetworks, keep_bytes: int | None) -> None:
+    """Between passes: as after a tile, then the C heap's free pages too (None: nothing, as the whole-image cascade)."""
+    if keep_bytes is None:
+        return
     _after_tile(model, keep_bytes)
     release_free_memory()
 
@@ -430,33 +287,11 @@ def _release(model: StageNetworks, keep_bytes: int) -> None:
 def _core_statistics(
     model: StageNetworks, stage: int, x: torch.Tensor, rows: slice, cols: slice, keep: bool
 ) -> tuple[FeatureStats, torch.Tensor | None]:
-    """A runner's own pass-1 reduction where it has one (`Runner.encode_core_statistics`)."""
-    own = getattr(model, "encode_core_statistics", None)
-    if own is not None:
-        return own(stage, x, rows, cols, keep)
-    core = model.encode_core(stage, x, rows, cols)
+    """A runner's pass-1 reduction (`Runner.encode_core_statistics`; a GPU backend reduces on the device)."""
+    if isinstance(model, Runner):
+        return model.encode_core_statistics(stage, x, rows, cols, keep)
+    core = model.encode_core(stage, x, rows, cols)  # a bare StyleModel: what the base Runner does
     return FeatureStats.of(core), (core if keep else None)
-
-
-def plan_for(model: StageNetworks, stage: int, height: int, width: int, options: TilingOptions) -> StagePlan:
-    """`plan_stage` with the runner's memory factor and, unless the options say, its tile-shape preference and region bounds.
-
-    A runner whose regions have a largest size (TensorRT's engine profiles)
-    fits the options to it first (``fit_tiling(options, stages)``), so
-    library callers get tiles its engines accept without fitting them
-    themselves. A bare StyleModel has none of these: the eager PyTorch factor
-    (`memory.heap_factor`), clipped regions.
-    """
-    options = options.for_runner(model)
-    fit = getattr(model, "fit_tiling", None)
-    if fit is not None:
-        options = fit(options, (stage,))
-    return plan_stage(model.arch, stage, height, width, options, _memory_factor(model, stage))
-
-
-def _memory_factor(model: StageNetworks, stage: int) -> float:
-    factor = getattr(model, "memory_factor", None)  # a bare StyleModel is the eager PyTorch the planner models
-    return factor(stage) if factor else heap_factor()
 
 
 def stylize_tiled(
@@ -469,26 +304,32 @@ def stylize_tiled(
     alpha: float,
     levels: tuple[int, ...],
     on_tile: TileCallback | None = None,
+    plan: ImagePlan | None = None,
 ) -> Canvas:
     """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result.
 
     ``style``: per-stage statistics of one style (`style_statistics_tiled`),
     a weighted `Target`, or `Regions` (a mask the content's size).
+    ``options`` are resolved once into the image's `ImagePlan`
+    (`plan_image_for`), or ``plan`` is that plan already (as `content_canvas`
+    used it). ``TilingOptions.unbounded()`` runs the whole-image cascade
+    (`runtime.cascade.stylize`), with the same result bit for bit.
     """
     _, h, w = content.shape
     target = as_style(style)
-    if isinstance(target, Regions):
+    masked = isinstance(target, Regions)
+    if masked:
         target.check_size(h, w)
-        options = replace(options, cache_features=True)  # pass 2 transforms cached features per region
-    options = options.for_runner(model)
-    site = options.canvas_site(model.arch, h, w, levels, model.device)
-    options = options.for_image(model.arch, h, w, levels, site)
+    if plan is None:
+        plan = plan_image_for(model, h, w, levels, options, masked=masked)
+    elif (plan.height, plan.width) != (h, w):
+        raise ValueError(f"the plan is for a {plan.width}x{plan.height} image, the content is {w}x{h}")
     x, spare = content, None  # stage outputs alternate between two canvases
     try:
         for k in levels:
             y = stylize_stage_tiled(
-                model, k, x, target, options,
-                method=method, alpha=alpha, site=site, on_tile=on_tile, out=spare,
+                model, x, target, plan.stage(k), method=method, alpha=alpha,
+                site=plan.site, keep_bytes=plan.keep_bytes, on_tile=on_tile, out=spare,
             )  # fmt: skip
             spare = x if x is not content else None
             x = y
@@ -503,11 +344,20 @@ def stylize_tiled(
 
 
 def content_canvas(
-    model: StageNetworks, pixels: np.ndarray, options: TilingOptions, levels: tuple[int, ...], layout: str = "hwc"
+    model: StageNetworks,
+    pixels: np.ndarray,
+    options: TilingOptions,
+    levels: tuple[int, ...],
+    layout: str = "hwc",
+    *,
+    plan: ImagePlan | None = None,
 ) -> Canvas:
-    """The content canvas of ``pixels`` where `stylize_tiled` keeps this image's canvases (RAM, disk or the GPU)."""
+    """The content canvas of ``pixels`` where `stylize_tiled` keeps this image's canvases (RAM, disk or the GPU).
+
+    ``plan``: the image's `ImagePlan`, to pass on to `stylize_tiled` (else planned here from ``options``).
+    """
     h, w = pixels.shape[:2] if layout == "hwc" else pixels.shape[1:]
-    site = options.for_runner(model).canvas_site(model.arch, h, w, levels, model.device)
+    site = (plan or plan_image_for(model, h, w, levels, options)).site
     return canvas_from_array(pixels, layout=layout, disk_dir=site.disk_dir, device=site.device)
 
 

@@ -3,7 +3,7 @@
 A TensorRT engine with dynamic shapes runs any input between its profile's
 ``min`` and ``max`` and is tuned for ``opt``. Every tile the tiled pipeline
 sends to a stage network is a *region*: a core plus halos, clipped to the
-grid-padded image (`runtime.tiled.plan_stage`). So, per stage k with grid g:
+grid-padded image (`core.plan.plan_stage`). So, per stage k with grid g:
 
 - ``min`` = 2g: the smallest padded image side (`core.padding.padded_size`),
   a 1-pixel strip padded up; it also keeps every reflect pad legal (the
@@ -16,20 +16,19 @@ Sides are image pixels and multiples of g; decoders and the statistics graph
 see the same region at 1/g (feature pixels). One profile per engine, square
 bounds (a region is at most ``max`` on each side, so tall and wide tiles are
 inside it too). A budget that would plan larger regions than an engine's
-``max`` is met by a smaller tile (`max_core_for_profile`), never by running
-outside the profile.
+``max`` is met by smaller tiles, never by running outside the profile: the
+runner's traits carry each stage's profile max (`RunnerTraits.max_region`),
+and the planner keeps every region within it (`core.plan.plan_stage`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ultrastyle.core.plan import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, stage_cores, stage_halos
 from ultrastyle.core.receptive import round_up
 from ultrastyle.models.spec import ArchSpec
-from ultrastyle.runtime.tiled import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, plan_stage
 from ultrastyle.trt.memory_model import memory_factor
-
-PLAN_SIDE = 8192  # image side the default profile is planned for (large enough that tiles are full-size)
 
 Shape = tuple[int, ...]
 
@@ -55,16 +54,10 @@ def stage_range(spec: ArchSpec, stage: int, requested: TileRange) -> TileRange:
     return TileRange(lo, opt, hi)
 
 
-def _halo_plan(spec: ArchSpec, stage: int, options: TilingOptions) -> StagePlan:
-    g = spec.grid(stage)
-    return plan_stage(spec, stage, PLAN_SIDE, PLAN_SIDE, replace(options, tile=g))
-
-
 def region_for_core(spec: ArchSpec, stage: int, core: int, options: TilingOptions) -> int:
     """The largest region side (image px) any pass of ``stage`` makes for tiles with this core."""
-    p = _halo_plan(spec, stage, options)
-    pass2 = p.dec_halo * p.grid if p.cache else p.full_halo
-    return core + 2 * max(p.enc_halo, pass2)
+    halos = stage_halos(spec, stage, options.halo)
+    return core + 2 * max(halos.enc, halos.pass2(options.caches(spec, stage)))
 
 
 def max_core_for_profile(spec: ArchSpec, stage: int, max_region: int, options: TilingOptions) -> int:
@@ -81,15 +74,18 @@ def default_ranges(
     max_memory: int = DEFAULT_MAX_MEMORY,
     options: TilingOptions | None = None,
 ) -> dict[int, TileRange]:
-    """Per stage: min 2g, opt = max = the largest region the planner makes within ``max_memory`` on TensorRT."""
-    options = options or TilingOptions(max_memory=max_memory)
+    """Per stage: min 2g, opt = max = the largest region the planner makes within ``max_memory`` on TensorRT.
+
+    That is the region of a full tile (`core.plan.stage_cores`: the budget's, or ``options.tile``) in
+    whichever pass has the wider halo: every tile of any image is at most that.
+    """
+    options = replace(options or TilingOptions(), max_memory=max_memory)
     out = {}
     for k in stages:
         g = spec.grid(k)
-        plan = plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, replace(options, max_memory=max_memory, whole_if_area_fits=False),
-                          memory_factor(spec, k, precision))  # fmt: skip
-        pass2 = plan.decode_core + 2 * (plan.dec_halo * g if plan.cache else plan.full_halo)
-        biggest = round_up(max(plan.encode_core + 2 * plan.enc_halo, pass2), g)
+        halos = stage_halos(spec, k, options.halo)
+        encode_core, decode_core = stage_cores(spec, k, options, memory_factor(spec, k, precision))
+        biggest = round_up(max(encode_core + 2 * halos.enc, decode_core + 2 * halos.pass2(options.caches(spec, k))), g)
         out[k] = TileRange(2 * g, biggest, biggest)
     return out
 
@@ -155,40 +151,3 @@ def plan_region(plan: StagePlan) -> int:
     g = plan.grid
     pass2 = plan.decode_core + 2 * (plan.dec_halo * g if plan.cache else plan.full_halo)
     return max(plan.encode_core + 2 * plan.enc_halo, pass2)
-
-
-def fit_tiling_to_engines(
-    spec: ArchSpec,
-    levels: tuple[int, ...],
-    options: TilingOptions,
-    max_regions: dict[int, int],
-    factor=lambda stage: 1.0,
-) -> TilingOptions:
-    """``options`` when every stage's planned regions fit its engines' profile max, else a smaller ``tile``.
-
-    Either way without `TilingOptions.whole_if_area_fits`: regions stay within the profiles' square.
-
-    The tiled pipeline takes one tile for all stages, so the tile is the
-    smallest of the budget's cores and the profiles' largest cores: never more
-    memory than the budget, never a region outside a profile. An explicit
-    ``--tile`` that does not fit raises ValueError saying what fits.
-    """
-    options = replace(options, whole_if_area_fits=False)  # a whole wide image could pass a profile's max side
-    plans = {k: plan_stage(spec, k, PLAN_SIDE, PLAN_SIDE, options, factor(k)) for k in set(levels)}
-    if all(plan_region(p) <= max_regions[k] for k, p in plans.items()):
-        return options
-    allowed = {k: max_core_for_profile(spec, k, max_regions[k], options) for k in plans}
-    if options.tile is not None:
-        k = next(k for k, p in sorted(plans.items()) if plan_region(p) > max_regions[k])
-        raise ValueError(
-            f"--tile {options.tile} makes {plan_region(plans[k])}-px regions at stage {k}, larger than its TensorRT "
-            f"engines' profile max {max_regions[k]} px; use --tile {min(allowed.values())} or less, or rebuild the "
-            f"engines with: ultrastyle build BUNDLE --tile-max {plan_region(plans[k])}"
-        )
-    tile = min(min(min(p.encode_core, p.decode_core) for p in plans.values()), min(allowed.values()))
-    if tile < max(spec.grid(k) for k in plans):
-        raise ValueError(
-            f"the TensorRT engines' profiles (max {min(max_regions.values())} px) are too small for any tile of "
-            f"stages {sorted(plans)}; rebuild them with a larger --tile-max"
-        )
-    return replace(options, tile=tile)

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.errors import RunnerError
 from ultrastyle.models.spec import ArchSpec
@@ -52,19 +53,6 @@ class Runner(ABC):
     """Base class: state checks and the context-manager protocol; backends fill in the ``*_impl`` parts."""
 
     backend = "abstract"
-    # Whether the tiled pipeline should give every tile of a pass one shape (`core.tiling`, uniform):
-    # worth its extra border compute where the backend caches memory or plans per input shape.
-    uniform_tiles = False
-    bounded_regions = False  # True: regions are limited per side (engine profiles), so no whole wide image
-    # Share of the memory budget the runner and the C heap may keep between tiles before the tiled
-    # pipeline hands it back (`TilingOptions.cache_bytes`): keeping more faults less, costs RSS.
-    # Measured at 40 MP, 1 GB budget, eager PyTorch: 3/4 -> 3.68 s/MP, 1.73 GiB; all -> 3.54, 2.24 GiB.
-    cache_share = 0.75
-
-    @property
-    def budget_memory(self) -> str:
-        """What ``--max-memory`` bounds for this runner: "host" (RAM) or "device" (GPU memory; `TilingOptions.budget`)."""
-        return "host" if self.device.type == "cpu" else "device"
 
     def __init__(self, name: str, arch: ArchSpec, stages: tuple[int, ...]) -> None:
         self.name, self.arch, self._stages = name, arch, tuple(stages)
@@ -143,7 +131,7 @@ class Runner(ABC):
         return FeatureStats.of(core), (core if keep_features else None)
 
     def release_memory(self, keep_bytes: int = 0) -> None:
-        """Give memory cached for past tile shapes back (called between tile passes); no-op by default.
+        """Give memory cached for past tile shapes back (called after tiles and between passes); no-op by default.
 
         ``keep_bytes``: a backend may keep up to this much cached memory, since
         giving it back and faulting it in again costs time.
@@ -153,9 +141,17 @@ class Runner(ABC):
         """Memory the runner holds on its device (best effort; 0 when unknown)."""
         return 0
 
+    @property
+    def traits(self) -> RunnerTraits:
+        """What the tile planner needs to know about this runner (`core.traits.RunnerTraits`).
+
+        The base: eager PyTorch as the planner models it, the budget where the tensors live.
+        """
+        return EAGER_HOST if self.device.type == "cpu" else EAGER_DEVICE
+
     def memory_factor(self, stage: int) -> float:
-        """This backend's peak tile memory over the planner's model (eager PyTorch on oneDNN), measured."""
-        return 1.0
+        """This backend's peak tile memory over the planner's model (eager PyTorch on oneDNN), measured (`traits`)."""
+        return self.traits.memory_factor(stage)
 
     @abstractmethod
     def activate_impl(self) -> None: ...
@@ -165,6 +161,13 @@ class Runner(ABC):
 
     @abstractmethod
     def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def runner_traits(model: StageNetworks) -> RunnerTraits:
+    """A runner's `Runner.traits`; a bare `StyleModel`'s: eager PyTorch where its tensors live (`EAGER_HOST`, `EAGER_DEVICE`)."""
+    if isinstance(model, Runner):
+        return model.traits
+    return EAGER_HOST if model.device.type == "cpu" else EAGER_DEVICE
 
 
 def parse_network(name: str) -> tuple[str, int]:

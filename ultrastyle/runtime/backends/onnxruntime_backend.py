@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
 from ultrastyle.export.int8 import int8_networks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
@@ -110,14 +111,6 @@ class OnnxRuntimeRunner(Runner):
     """Runs a bundle's networks with ONNX Runtime."""
 
     backend = "onnxruntime"
-    uniform_tiles = True  # its arena keeps chunks per size: one tile shape per pass reuses them
-    # Its arena reuses what it keeps: 40 MP, 1 GB budget: the whole budget 2.61 s/MP, 3/4 of it 3.37,
-    # at the same 1.94 GiB peak (set by the largest tile, see MEMORY_FACTOR).
-    cache_share = 1.0
-
-    @property
-    def budget_memory(self) -> str:
-        return "host" if self.providers[0] == "CPUExecutionProvider" else "device"  # the CUDA provider's memory
 
     def __init__(
         self,
@@ -162,8 +155,17 @@ class OnnxRuntimeRunner(Runner):
     def device(self) -> torch.device:
         return torch.device("cpu")  # ORT copies to its GPU providers itself; tensors cross as host arrays
 
-    def memory_factor(self, stage: int) -> float:
-        return MEMORY_FACTOR.get(stage, MEMORY_FACTOR_DEFAULT)
+    @property
+    def traits(self) -> RunnerTraits:
+        return RunnerTraits(
+            budget_memory="host" if self.providers[0] == "CPUExecutionProvider" else "device",  # the CUDA provider's memory
+            uniform_tiles=True,  # its arena keeps chunks per size: one tile shape per pass reuses them
+            # Its arena reuses what it keeps: 40 MP, 1 GB budget: the whole budget 2.61 s/MP, 3/4 of it 3.37,
+            # at the same 1.94 GiB peak (set by the largest tile, see MEMORY_FACTOR).
+            cache_share=1.0,
+            memory_factors=MEMORY_FACTOR,
+            default_memory_factor=MEMORY_FACTOR_DEFAULT,
+        )
 
     def decode(self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """decoder(A f + b): ``decoder_foldedK`` for the `FOLDED_STAGES`, where the bundle has it, else ``decoder_affineK``."""

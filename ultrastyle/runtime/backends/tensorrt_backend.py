@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.export.stats_graph import stats_from_outputs, window_masks
@@ -51,9 +51,6 @@ from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
 from ultrastyle.trt.graphs import GraphError, graph_sources
 from ultrastyle.trt.memory_model import memory_factor as trt_memory_factor
-
-if TYPE_CHECKING:
-    from ultrastyle.runtime.tiled import TilingOptions
 
 CUDA_BINDING_ENV = "ULTRASTYLE_CUDA_BINDING"  # auto | cuda-python | pycuda
 
@@ -74,8 +71,6 @@ class TensorRTRunner(Runner):
     """Runs a bundle's TensorRT engines (built by ``ultrastyle build``) on this machine's first GPU."""
 
     backend = "tensorrt"
-    bounded_regions = True  # engine profiles bound each side: `TilingOptions.whole_if_area_fits` stays off
-    budget_memory = "device"  # the engines' memory; canvases stay on the host (tiles cross as host arrays)
 
     def __init__(
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
@@ -96,8 +91,18 @@ class TensorRTRunner(Runner):
     def device(self) -> torch.device:
         return torch.device("cpu")  # tiles cross as host tensors through pinned buffers (see module docstring)
 
+    @property
+    def traits(self) -> RunnerTraits:
+        """Regions within the engines' profiles (read from their manifest: before activation this needs the GPU's name)."""
+        return RunnerTraits(
+            budget_memory="device",  # the engines' memory; canvases stay on the host (tiles cross as host arrays)
+            bounded_regions=True,  # engine profiles bound each side: `TilingOptions.whole_if_area_fits` stays off
+            max_regions=self.profile_max_regions(),  # a stage without engines: `infer` says so when it runs
+            memory_factors={k: self.memory_factor(k) for k in self.stages},
+        )
+
     def memory_factor(self, stage: int) -> float:
-        return trt_memory_factor(self.arch, stage, self.precision)
+        return trt_memory_factor(self.arch, stage, self.precision)  # (no GPU needed, unlike `traits`)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -147,20 +152,6 @@ class TensorRTRunner(Runner):
         if not self.is_active:
             return 0
         return self.arena.nbytes + sum(b.nbytes for b in self._buffers.values())  # type: ignore[attr-defined]
-
-    def fit_tiling(self, options: TilingOptions, stages: tuple[int, ...]) -> TilingOptions:
-        """``options`` whose regions at ``stages`` fit the engines' profiles (`trt.profiles.fit_tiling_to_engines`).
-
-        Called by `runtime.tiled.plan_for` for every stage it plans. Raises
-        ValueError where an explicit ``tile`` is too large for a profile.
-        """
-        from ultrastyle.trt.profiles import fit_tiling_to_engines
-
-        regions = self.profile_max_regions()
-        stages = tuple(k for k in stages if k in regions)  # no engine: `infer` says so when the stage runs
-        if not stages:
-            return options
-        return fit_tiling_to_engines(self.arch, stages, options, regions, self.memory_factor)
 
     def profile_max_regions(self) -> dict[int, int]:
         """Per stage, the largest tile region (image px) every one of its engines accepts (read before activation too)."""

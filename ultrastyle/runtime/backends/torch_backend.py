@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.runtime import memory
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
-from ultrastyle.runtime.memory import heap_factor
 
 
 def _fp32_exact() -> list[tuple[object, str, object]]:
@@ -51,11 +54,14 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, model: StyleModel, threads: int = 0, tf32: bool = False) -> None:
+    def __init__(self, model: StyleModel, threads: int = 0, tf32: bool = False, heap_factor: float | None = None) -> None:
         super().__init__(model.name, model.arch, model.stages)
         self.model = model
         self.threads = threads
         self.tf32 = tf32  # True: leave PyTorch's TF32 settings as they are (faster on a GPU, ~1e-3 off the reference)
+        # What the C heap's retention adds to eager tiles on the CPU (`memory.heap_factor`), read once here,
+        # so that this runner's tile plans do not change with later process-wide heap settings.
+        self.heap_factor = memory.heap_factor() if heap_factor is None else heap_factor
         self._saved_threads = 0
         self._saved_fp32: list[tuple[object, str, object]] = []
 
@@ -113,8 +119,10 @@ class TorchRunner(Runner):
             if torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device) > keep_bytes:
                 torch.cuda.empty_cache()
 
-    def memory_factor(self, stage: int) -> float:
-        return heap_factor() if self.device.type == "cpu" else 1.0
+    @property
+    def traits(self) -> RunnerTraits:
+        """Eager PyTorch's, with the heap factor on the CPU (the CUDA allocator's cache is no heap the planner models)."""
+        return replace(EAGER_HOST, default_memory_factor=self.heap_factor) if self.device.type == "cpu" else EAGER_DEVICE
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0

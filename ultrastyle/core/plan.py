@@ -1,0 +1,397 @@
+"""Tile plans of a whole image: options resolved once against a runner's traits.
+
+`plan_image` turns one image's size, the `TilingOptions` and the runner's
+`RunnerTraits` into an `ImagePlan`: where the image's canvases go, what is
+left of the memory budget for the tiles, and per stage a `StagePlan` (halos
+from the receptive fields, cores from the tile size or the budget, regions
+within the runner's largest region). It is a pure function of its inputs:
+nothing here reads process state, so the same image plans the same way
+whatever ran before. (`runtime.tiled` runs the plans; `check_budget` is the
+cheap image-independent check a caller makes before any work.)
+
+``TilingOptions.unbounded()`` (``max_memory=None``) makes every stage one
+tile (regions permitting) with the canvases in the runner's memory: the
+whole-image reference cascade is that case.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ultrastyle.core.canvas import CanvasSite
+from ultrastyle.core.padding import padded_size
+from ultrastyle.core.receptive import decoder_radius, encoder_radius, round_up, stage_radius
+from ultrastyle.core.tile_memory import core_for_budget, region_side_for_budget, stage_bytes_per_pixel
+from ultrastyle.core.tiling import Tile, plan_tiles
+from ultrastyle.core.traits import BUDGET_MEMORIES, RunnerTraits
+from ultrastyle.models.spec import ArchSpec
+
+DEFAULT_MAX_MEMORY = 2 * 2**30
+# A device budget (GPU memory) holds an image's canvases while they take at most this share of it,
+# leaving the rest to the tiles; host canvases of a device budget take at most this share of free RAM.
+DEVICE_CANVAS_SHARE = 0.5
+HOST_CANVAS_SHARE = 0.5
+# Cache relu{k}_1 features between the passes when re-encoding would cost more
+# than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
+CACHE_MACS_PER_VALUE = 200
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How to tile: ``tile`` (core side, px) overrides the ``max_memory`` planner; ``max_memory=None``: unbounded."""
+
+    tile: int | None = None
+    max_memory: int | None = DEFAULT_MAX_MEMORY  # bytes; None: unbounded (`unbounded`)
+    halo: int | None = None  # None: exact (the full receptive field)
+    scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
+    ram_canvas_limit: int | None = None  # an image whose host canvases need more goes to disk; None: see canvas_site
+    cache_features: bool | None = None  # None: decided per stage by encoder cost
+    uniform_tiles: bool | None = None  # one region shape per pass (`core.tiling`); None: the runner's preference
+    # One tile without halo wherever the image's area fits the budget's square region, whatever its
+    # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
+    # `RunnerTraits.bounded_regions` (`resolve`); on for `plan_stage` called directly.
+    whole_if_area_fits: bool | None = None
+    # What max_memory bounds: "host" (this process's RAM: tiles and RAM canvases) or "device" (GPU
+    # memory: tiles, and canvases that fit beside them). None: the runner's (`RunnerTraits.budget_memory`).
+    budget: str | None = None
+
+    @classmethod
+    def unbounded(cls, **options: object) -> TilingOptions:
+        """No memory budget: every stage one tile (within the runner's largest region), canvases in the runner's memory.
+
+        The whole-image reference (`runtime.cascade`) is this case.
+        """
+        return cls(max_memory=None, **options)  # type: ignore[arg-type]
+
+    def resolve(self, traits: RunnerTraits) -> TilingOptions:
+        """These options with every None that means "ask the runner" taken from ``traits``."""
+        budget = self.budget or traits.budget_memory
+        if budget not in BUDGET_MEMORIES:
+            raise ValueError(f"budget must be 'host' or 'device', got {budget!r}")
+        return replace(
+            self,
+            uniform_tiles=traits.uniform_tiles if self.uniform_tiles is None else self.uniform_tiles,
+            whole_if_area_fits=not traits.bounded_regions if self.whole_if_area_fits is None else self.whole_if_area_fits,
+            budget=budget,
+        )
+
+    def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:
+        """Canvas bytes alive at once for one image: the content, a stage's input and output, the largest feature cache."""
+        image = 3 * height * width * 4 * (3 if len(set(levels)) > 1 else 2)
+        feats = [
+            spec.feature_channels(k) * (padded_size(height, spec.grid(k)) // spec.grid(k))
+            * (padded_size(width, spec.grid(k)) // spec.grid(k)) * 4
+            for k in set(levels)
+            if self.caches(spec, k)
+        ]  # fmt: skip
+        return image + max(feats, default=0)
+
+    def canvas_site(
+        self,
+        spec: ArchSpec,
+        height: int,
+        width: int,
+        levels: tuple[int, ...],
+        device: torch.device | None = None,
+        ram_available: int | None = None,
+    ) -> CanvasSite:
+        """Where all canvases of one image go, given the device the runner's tensors live on (resolve ``budget`` first).
+
+        - Unbounded: in the runner's memory: on ``device`` for a device
+          budget whose tensors live there, else in RAM (on disk only past
+          ``ram_canvas_limit``).
+        - A host budget: in RAM while they take at most a quarter of
+          ``max_memory`` (or ``ram_canvas_limit``), the tiles getting the rest;
+          else on disk.
+        - A device budget: on ``device`` while they take at most
+          `DEVICE_CANVAS_SHARE` of ``max_memory`` and the runner's tensors
+          live there (PyTorch on CUDA; not TensorRT, whose tiles cross as host
+          arrays); else in RAM while they take at most ``ram_canvas_limit`` or
+          `HOST_CANVAS_SHARE` of ``ram_available`` (the RAM available now,
+          `runtime.memory.available_bytes`; None: unknown, as 0); else on disk.
+        """
+        need = self.canvas_bytes(spec, height, width, levels)
+        on_device = self.budget == "device" and device is not None and device.type != "cpu"
+        limit: int | None
+        if self.max_memory is None:
+            if on_device:
+                return CanvasSite(device=device)
+            limit = self.ram_canvas_limit
+        elif self.budget == "device":
+            if on_device and need <= self.max_memory * DEVICE_CANVAS_SHARE:
+                return CanvasSite(device=device)
+            limit = int((ram_available or 0) * HOST_CANVAS_SHARE) if self.ram_canvas_limit is None else self.ram_canvas_limit
+        else:
+            limit = self.max_memory // 4 if self.ram_canvas_limit is None else self.ram_canvas_limit
+        if limit is None or need <= limit:
+            return CanvasSite()
+        return CanvasSite(disk_dir=str(self.scratch_dir or tempfile.gettempdir()))
+
+    def tile_budget(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...], site: CanvasSite) -> int | None:
+        """What one image's tiles may use, its canvases at ``site``: canvases in the budget's memory share it."""
+        if self.max_memory is None:
+            return None
+        shares = site.device is not None if self.budget == "device" else site.disk_dir is None
+        if self.tile is None and shares:
+            return self.max_memory - self.canvas_bytes(spec, height, width, levels)
+        return self.max_memory
+
+    def keep_bytes(self, traits: RunnerTraits) -> int | None:
+        """What the runner and the heap may keep between tiles before handing it back: the runner's share of the budget.
+
+        None (unbounded): nothing is handed back, as in the whole-image cascade.
+        """
+        return None if self.max_memory is None else int(self.max_memory * traits.cache_share)
+
+    def caches(self, spec: ArchSpec, stage: int) -> bool:
+        """Whether pass 1 keeps the stage's features for pass 2."""
+        if self.cache_features is not None:
+            return self.cache_features
+        return encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Halos and tile cores of one stage on one image size (pixels unless noted)."""
+
+    stage: int
+    grid: int
+    height: int  # grid-padded
+    width: int
+    enc_halo: int
+    full_halo: int
+    dec_halo: int  # in feature pixels
+    encode_core: int
+    decode_core: int
+    cache: bool
+    uniform: bool = False
+
+    def encode_tiles(self) -> list[Tile]:
+        return plan_tiles(self.height, self.width, self.encode_core, self.enc_halo, self.grid, self.uniform)
+
+    def decode_tiles(self) -> list[Tile]:
+        """Pass-2 tiles: in feature pixels when features are cached, else in image pixels."""
+        if self.cache:
+            g = self.grid
+            return plan_tiles(self.height // g, self.width // g, self.decode_core // g, self.dec_halo, 1, self.uniform)
+        return plan_tiles(self.height, self.width, self.decode_core, self.full_halo, self.grid, self.uniform)
+
+    @property
+    def one_tile(self) -> bool:
+        """Whether both passes are one tile: the whole-image stage (`runtime.tiled` runs it as such)."""
+        return len(self.encode_tiles()) == 1 and len(self.decode_tiles()) == 1
+
+
+@dataclass(frozen=True)
+class StageHalos:
+    """A stage's halos: around encoder tiles and whole-stage tiles (image px, on the grid), around decoder tiles (feature px)."""
+
+    grid: int
+    enc: int
+    full: int
+    dec: int
+
+    def pass2(self, cache: bool) -> int:
+        """Pass 2's halo in image pixels: the decoder's (features cached) or the whole stage's."""
+        return self.dec * self.grid if cache else self.full
+
+
+def stage_halos(spec: ArchSpec, stage: int, halo: int | None = None) -> StageHalos:
+    """The exact halos from the receptive fields; ``halo``: none larger than that (approximate), never more than exact."""
+    g = spec.grid(stage)
+    enc = round_up(encoder_radius(spec, stage), g)
+    full = round_up(stage_radius(spec, stage), g)
+    dec = decoder_radius(spec, stage)
+    if halo is not None:
+        enc, full, dec = min(enc, round_up(halo, g)), min(full, round_up(halo, g)), min(dec, round_up(halo, g) // g)
+    return StageHalos(g, enc, full, dec)
+
+
+def encoder_macs_per_value(spec: ArchSpec, stage: int) -> float:
+    """Encoder multiply-adds per image pixel over its feature floats per image pixel."""
+    g = spec.grid(stage)
+    return spec.macs_per_pixel(stage, "encoder") / (spec.feature_channels(stage) / (g * g))
+
+
+def stage_cores(spec: ArchSpec, stage: int, options: TilingOptions, memory_factor: float = 1.0) -> tuple[int, int]:
+    """(encode, decode) core sides of a full tile: ``options.tile``, else the largest whose region fits the budget.
+
+    Raises ValueError where the budget holds no tile (`core_for_budget`) or is unbounded without a tile.
+    """
+    g = spec.grid(stage)
+    if options.tile is not None:
+        core = max(g, options.tile // g * g)
+        return core, core
+    if options.max_memory is None:
+        raise ValueError("an unbounded budget has no largest tile; give a tile size")
+    halos = stage_halos(spec, stage, options.halo)
+    return (
+        core_for_budget(spec, stage, options.max_memory, halos.enc, factor=memory_factor),
+        core_for_budget(spec, stage, options.max_memory, halos.pass2(options.caches(spec, stage)), factor=memory_factor),
+    )
+
+
+def plan_stage(
+    spec: ArchSpec,
+    stage: int,
+    height: int,
+    width: int,
+    options: TilingOptions,
+    memory_factor: float = 1.0,
+    max_region: int | None = None,
+) -> StagePlan:
+    """Halos from the receptive fields, cores from ``options`` (tile, memory budget, or unbounded: the whole image).
+
+    ``memory_factor`` is the backend's measured peak over the planner's model
+    (`RunnerTraits.memory_factor`); ``max_region`` the largest region side the
+    runner accepts (`RunnerTraits.max_region`): where the image is larger,
+    cores shrink until every region fits, and a ``tile`` whose regions cannot
+    fit raises ValueError saying what fits.
+    """
+    g = spec.grid(stage)
+    halos = stage_halos(spec, stage, options.halo)
+    cache = options.caches(spec, stage)
+    height, width = padded_size(height, g), padded_size(width, g)
+    side = max(height, width)
+    if options.tile is not None:
+        encode_core, decode_core = stage_cores(spec, stage, options, memory_factor)
+    elif options.max_memory is None or (
+        options.whole_if_area_fits is not False
+        and height * width <= region_side_for_budget(spec, stage, options.max_memory, factor=memory_factor) ** 2
+    ):  # the memory is the area's: a 2 MP image, wider than the square, still runs whole
+        encode_core = decode_core = side
+    else:
+        encode_core, decode_core = stage_cores(spec, stage, options, memory_factor)
+    if max_region is not None and side > max_region:  # (an image within it: every region is)
+        encode_core, decode_core = _fit_region(
+            spec, stage, encode_core, decode_core, halos, cache, max_region, options.tile is not None
+        )
+    return StagePlan(
+        stage, g, height, width, halos.enc, halos.full, halos.dec,
+        encode_core, decode_core, bool(cache), bool(options.uniform_tiles),
+    )  # fmt: skip
+
+
+def _fit_region(
+    spec: ArchSpec, stage: int, encode_core: int, decode_core: int, halos: StageHalos, cache: bool, max_region: int,
+    fixed: bool,
+) -> tuple[int, int]:
+    """Cores no larger than what keeps each pass's regions within ``max_region``; ``fixed`` (a given tile): refuse instead of shrinking."""
+    g = spec.grid(stage)
+    enc_cap = (max_region - 2 * halos.enc) // g * g
+    dec_cap = (max_region - 2 * halos.pass2(cache)) // g * g
+    if min(enc_cap, dec_cap) < g:
+        need = g + 2 * max(halos.enc, halos.pass2(cache))
+        raise ValueError(
+            f"stage {stage} of this runner accepts regions of at most {max_region} px (its engines' profiles), too "
+            f"small for any tile inside the stage's halos: a {g}-px core needs a {need}-px region; build the "
+            f"engines for regions of at least {need} px"
+        )
+    if fixed and (encode_core > enc_cap or decode_core > dec_cap):
+        region = max(encode_core + 2 * halos.enc, decode_core + 2 * halos.pass2(cache))
+        raise ValueError(
+            f"tiles of {max(encode_core, decode_core)} px make {region}-px regions at stage {stage}, larger than the "
+            f"{max_region} px its runner accepts (its engines' profiles); use tiles of at most {min(enc_cap, dec_cap)} "
+            f"px, or engines built for {region}-px regions"
+        )
+    return min(encode_core, enc_cap), min(decode_core, dec_cap)
+
+
+def plan_stages(
+    spec: ArchSpec, height: int, width: int, stages: Iterable[int], options: TilingOptions, traits: RunnerTraits
+) -> tuple[StagePlan, ...]:
+    """`plan_stage` for each of ``stages`` (ascending), with the options resolved against ``traits``."""
+    options = options.resolve(traits)
+    return tuple(
+        plan_stage(spec, k, height, width, options, traits.memory_factor(k), traits.max_region(k)) for k in sorted(set(stages))
+    )
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image's tiling, resolved once: where its canvases go, the tiles' budget, and each stage's tiles."""
+
+    height: int
+    width: int
+    levels: tuple[int, ...]
+    options: TilingOptions  # resolved against the runner's traits; ``max_memory``: what the tiles may use
+    site: CanvasSite
+    keep_bytes: int | None  # what the runner and the heap may keep between tiles (None: no limit, nothing handed back)
+    stages: tuple[StagePlan, ...]  # one per distinct level, ascending
+
+    def stage(self, stage: int) -> StagePlan:
+        for p in self.stages:
+            if p.stage == stage:
+                return p
+        raise KeyError(f"stage {stage} is not planned; the plan has {[p.stage for p in self.stages]}")
+
+
+def plan_image(
+    arch: ArchSpec,
+    height: int,
+    width: int,
+    levels: tuple[int, ...],
+    options: TilingOptions,
+    traits: RunnerTraits,
+    device: torch.device | None = None,
+    *,
+    masked: bool = False,
+    ram_available: int | None = None,
+) -> ImagePlan:
+    """The `ImagePlan` of stylizing one ``height`` x ``width`` image over ``levels`` (a pure function of its arguments).
+
+    ``device``: where the runner's tensors live (canvases may go there);
+    ``masked``: mask regions (`core.styles.Regions`), whose pass 2 transforms
+    cached features, so every stage caches them; ``ram_available``: the RAM
+    available now, for a device budget's host canvases (`TilingOptions.canvas_site`).
+    """
+    options = options.resolve(traits)
+    if masked:
+        options = replace(options, cache_features=True)
+    site = options.canvas_site(arch, height, width, levels, device, ram_available)
+    options = replace(options, max_memory=options.tile_budget(arch, height, width, levels, site))
+    stages = plan_stages(arch, height, width, levels, options, traits)
+    return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)
+
+
+def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, traits: RunnerTraits) -> None:
+    """Raise ValueError, before any work, where no image could be tiled with ``options`` on this runner.
+
+    That is where the memory budget cannot hold one tile of some stage (the
+    smallest: a core of two grid cells plus the halos), where a given tile
+    makes regions larger than the runner accepts, or where the runner's
+    largest region leaves no room for a core. Cheap: no image is planned.
+    """
+    options = options.resolve(traits)
+    for k in sorted(set(levels)):
+        g = arch.grid(k)
+        halos = stage_halos(arch, k, options.halo)
+        cache = options.caches(arch, k)
+        factor = traits.memory_factor(k)
+        if options.tile is None and options.max_memory is not None:
+            widest = max(halos.enc, halos.pass2(cache))
+            if region_side_for_budget(arch, k, options.max_memory, factor=factor) - 2 * widest < 2 * g:
+                need = (2 * g + 2 * widest) ** 2 * factor * stage_bytes_per_pixel(arch, k)
+                raise ValueError(
+                    f"the memory budget of {_size(options.max_memory)} cannot hold one tile of stage {k}; "
+                    f"at least {_size(need, up=True)} is needed"
+                )
+        limit = traits.max_region(k)
+        if limit is not None:
+            cores = stage_cores(arch, k, options, factor) if options.tile is not None else (g, g)
+            _fit_region(arch, k, *cores, halos, cache, limit, options.tile is not None)
+
+
+def _size(n: float, up: bool = False) -> str:
+    """Bytes in GiB to 0.01 (whole MiB below one GiB); ``up``: rounded up, so that "at least" holds."""
+    if n >= 2**30:
+        v = n / 2**30 * 100
+        return f"{(math.ceil(v) if up else round(v)) / 100:g} GiB"
+    v = n / 2**20
+    return f"{math.ceil(v) if up else round(v)} MiB"
