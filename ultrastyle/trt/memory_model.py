@@ -6,8 +6,8 @@ engine plans its activation memory ahead and reuses it: the peak is about the
 largest (input + output) pair of one layer, in the engine's compute type,
 plus the float32 input/output buffers the runner binds. `trt_bytes_per_pixel`
 models that; `memory_factor` is its ratio to the planner's model, which is
-what `Runner.memory_factor` reports, so ``--max-memory`` picks TensorRT tiles
-through the same `plan_stage`.
+what the runner's traits report (`RunnerTraits.memory_factor`), so a budget
+picks TensorRT tiles through the same `plan_stage`.
 
 This is a model, not a measurement (no GPU was available when it was
 written): `TRT_SAFETY` leaves room for convolution workspace and tactic
