@@ -351,22 +351,9 @@ def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
     return out + expand_inputs(paths)
 
 
-def load(
-    model: str | os.PathLike = DEFAULT_MODEL,
-    *,
-    backend: str = "auto",
-    device: str = "cpu",
-    precision: str = "fp32",
-    threads: int = 0,
-    levels: Sequence[int] | str | None = None,
-    on_message: Callable[[str], None] | None = None,
-    progress: bool = True,
-) -> Stylizer:
-    """Open ``model`` for many calls (`Stylizer`); see `Stylizer` for the arguments."""
-    return Stylizer(
-        model, backend=backend, device=device, precision=precision, threads=threads, levels=levels,
-        on_message=on_message, progress=progress,
-    )  # fmt: skip
+def load(model: str | os.PathLike = DEFAULT_MODEL, **runner: Any) -> Stylizer:
+    """Open ``model`` for many calls: `Stylizer` (backend, device, precision, threads, levels, on_message, progress)."""
+    return Stylizer(model, **runner)
 
 
 _RUNNER_KEYS = ("backend", "device", "precision", "threads", "on_message", "progress")
