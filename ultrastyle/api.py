@@ -38,7 +38,7 @@ from ultrastyle.runtime.batch import (
 from ultrastyle.runtime.cascade import parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.runtime.memory import keep_freed_memory
-from ultrastyle.core.plan import TilingOptions, plan_stage
+from ultrastyle.core.plan import TilingOptions, check_budget
 from ultrastyle.runtime.tiled import TileCallback
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
@@ -135,14 +135,12 @@ def make_options(
         raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep the size) or a number of pixels")
     if io_workers < 0:
         raise OptionError("io_workers", f"expected 0 (from the core count) or a number of threads, got {io_workers}")
-    tiling = None
-    if max_memory is not None:
-        tiling = TilingOptions(
-            tile=_pixels("tile", tile, "auto"),
-            max_memory=_bytes("max_memory", max_memory),
-            halo=_pixels("halo", halo, "exact"),
-            scratch_dir=Path(scratch) if scratch is not None else None,
-        )
+    tiling = TilingOptions(
+        tile=_pixels("tile", tile, "auto"),
+        max_memory=None if max_memory is None else _bytes("max_memory", max_memory),
+        halo=_pixels("halo", halo, "exact"),
+        scratch_dir=Path(scratch) if scratch is not None else None,
+    )
     return StylizeOptions(
         method=method or defaults.method,
         alpha=defaults.alpha if alpha is None else float(alpha),
@@ -242,19 +240,10 @@ class Stylizer:
             raise OptionError(
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
             )
-        tiling = opts.tiling
-        if tiling is not None and tiling.tile is None:
-            try:  # fail before any work when the budget cannot hold one tile of some stage
-                for k in opts.levels:
-                    plan_stage(self.runner.arch, k, 4096, 4096, tiling, self.runner.memory_factor(k))
-            except ValueError as exc:
-                raise OptionError("max_memory", str(exc)) from None
-        fit = getattr(self.runner, "fit_tiling", None)
-        if tiling is not None and fit is not None:
-            try:  # regions the engines' profiles accept; a fixed tile that cannot fit fails here
-                opts = replace(opts, tiling=fit(tiling, opts.levels))
-            except ValueError as exc:
-                raise OptionError("tile", str(exc)) from None
+        try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
+            check_budget(self.runner.arch, opts.levels, opts.resolved_tiling, self.runner.traits)
+        except ValueError as exc:
+            raise OptionError("tile" if opts.resolved_tiling.tile is not None else "max_memory", str(exc)) from None
         return opts
 
     def _book(self, opts: StylizeOptions) -> StyleBook:

@@ -49,8 +49,8 @@ from ultrastyle.runtime.tiled import (
 )  # fmt: skip
 from ultrastyle.core.transforms import FeatureStats
 
-# Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline: a budget no image reaches.
-UNBOUNDED = TilingOptions(max_memory=1 << 62)
+# Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline, with no budget.
+UNBOUNDED = TilingOptions.unbounded()
 
 
 class ImageInput:
@@ -120,7 +120,7 @@ class StylizeOptions:
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     depth: int = 8  # bits per sample of the output (16: png/tiff)
-    tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: whole image (no budget)
+    tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: `TilingOptions.unbounded()`
     preserve_color: str = "none"  # "luminance": the content's chroma; "match": the style recoloured to the content
     png_level: int = DEFAULT_PNG_LEVEL  # zlib level of PNG outputs (0-9)
     io_workers: int = 0  # decoding and encoding threads each; 0: from the core count (`default_io_workers`)
@@ -141,7 +141,8 @@ class StylizeOptions:
     def io_allowance(self) -> int:
         if self.io_memory is not None:
             return self.io_memory
-        return self.tiling.max_memory // 2 if self.tiling is not None else 2**30
+        budget = self.resolved_tiling.max_memory
+        return budget // 2 if budget is not None else 2**30
 
     @property
     def workers(self) -> int:
