@@ -252,6 +252,7 @@ def test_stylize_asks_for_huge_pages_for_tiled_pytorch_cpu_runs_only(monkeypatch
     from PIL import Image
     from typer.testing import CliRunner
 
+    import ultrastyle.api as api
     import ultrastyle.cli.main as cli
     import ultrastyle.cli.stylize as stylize_cli
 
@@ -262,7 +263,7 @@ def test_stylize_asks_for_huge_pages_for_tiled_pytorch_cpu_runs_only(monkeypatch
         raise OSError("stopped here: the test only checks what ran before the model loads")
 
     monkeypatch.setattr(stylize_cli, "use_huge_pages", lambda: calls.append("huge"))
-    monkeypatch.setattr(stylize_cli, "open_runner", open_runner)
+    monkeypatch.setattr(api, "open_runner", open_runner)
     for name in ("c.png", "s.png"):
         Image.new("RGB", (32, 32)).save(tmp_path / name)
     cases = {("--backend", "torch"): ["huge", "runner"], ("--backend", "torch", "--no-tile"): ["runner"], (): ["runner"]}

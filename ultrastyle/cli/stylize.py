@@ -166,7 +166,7 @@ def stylize_command(
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
-    if options.tiling is not None and backend.value == "torch" and device.value == "cpu":
+    if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device.value == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
     console = Console(stderr=True, highlight=False)
     try:

@@ -39,13 +39,13 @@ from ultrastyle.io.images import (
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, canvas_from_array
-from ultrastyle.core.plan import TilingOptions
+from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.core.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
-    TileCallback, canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled,
+    TileCallback, canvas_to_image, content_canvas, plan_image_for, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
 from ultrastyle.core.transforms import FeatureStats
 
@@ -347,12 +347,19 @@ def load_content(src: Source, options: StylizeOptions) -> tuple[np.ndarray, tupl
 
 
 def stylize_canvas(
-    model: StageNetworks, content: Canvas, style: Style, options: StylizeOptions, on_tile: TileCallback | None = None
+    model: StageNetworks,
+    content: Canvas,
+    style: Style,
+    options: StylizeOptions,
+    on_tile: TileCallback | None = None,
+    plan: ImagePlan | None = None,
 ) -> np.ndarray:
-    """The cascade of ``options`` on a content canvas: (H, W, 3) uint8 (``depth`` 8) or uint16, clamped and rounded."""
+    """The cascade of ``options`` on a content canvas: (H, W, 3) uint8 (``depth`` 8) or uint16, clamped and rounded.
+
+    ``plan``: the image's plan (`runtime.tiled.plan_image_for`), else made from ``options``."""
     result = stylize_tiled(
         model, content, style, options.resolved_tiling,
-        method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile,
+        method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile, plan=plan,
     )  # fmt: skip
     try:
         if options.preserve_color == "luminance":
@@ -414,8 +421,10 @@ def stylize_content(
     original = decoded.original
     t0 = time.perf_counter()
     results: list[PairResult | None] = []
-    try:
-        content = content_canvas(model, decoded.take(), options.resolved_tiling, options.levels)
+    tiling = options.resolved_tiling
+    try:  # one plan per image: where its canvases go, each stage's tiles
+        plan = plan_image_for(model, h, w, options.levels, tiling, masked=any(p.style.mask is not None for p in pairs))
+        content = content_canvas(model, decoded.take(), tiling, options.levels, plan=plan)
     except Exception as exc:  # noqa: BLE001 - the pairs fail, the batch goes on
         if raise_errors:
             raise
@@ -426,7 +435,7 @@ def stylize_content(
             t0 = time.perf_counter()
             try:
                 style = styles.style_for(pair.style, (h, w), original, recolor)
-                out = stylize_canvas(model, content, style, options, on_tile)
+                out = stylize_canvas(model, content, style, options, on_tile, plan)
             except Exception as exc:  # noqa: BLE001
                 if raise_errors:
                     raise
@@ -628,9 +637,13 @@ def run_batch(
         report()
     except KeyboardInterrupt:
         readers.shutdown(wait=False, cancel_futures=True)
-        for f in writes:  # outputs already computed are finished, atomically
-            f.result()
+        for f in writes:  # outputs not yet being encoded are dropped; those being encoded are finished
+            f.cancel()
+        for f in writes:
+            if not f.cancelled():
+                f.result()
         report()
+        summary.results += [r for r in results[reported:] if r is not None]  # finished after a gap: still done
         summary.wall_seconds = time.perf_counter() - t_start
         raise BatchInterrupted(summary) from None
     finally:
