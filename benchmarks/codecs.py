@@ -5,7 +5,8 @@ CD 16x cascade at 5 stages, or with ``--photo`` the photo itself) with:
 
 - PIL's PNG at zlib levels 0, 1, 3, 6 (PIL's default) and 9;
 - imagecodecs' libpng (``png_encode``) at level 1, plain and with the fast
-  settings its docstring gives (RLE strategy, SUB filter);
+  settings its docstring gives (RLE strategy, SUB filter: what ultrastyle
+  writes at ``--png-level 1``, the default), and at level 6;
 - imagecodecs' libspng (``spng_encode``) at level 1;
 - PIL's JPEG at quality 95 (what ``--format jpg`` writes).
 
@@ -66,7 +67,8 @@ def _encoders() -> dict[str, callable]:
 
     encs = {f"PIL PNG level {lv}": pil_png(lv) for lv in (0, 1, 3, 6, 9)}
     encs["imagecodecs libpng level 1"] = lambda a: imagecodecs.png_encode(a, level=1)
-    encs["imagecodecs libpng level 1, RLE, SUB filter"] = lambda a: imagecodecs.png_encode(a, level=1, strategy=3, filter=16)
+    encs["imagecodecs libpng level 1, RLE, SUB filter (default)"] = lambda a: imagecodecs.png_encode(a, level=1, strategy=3, filter=16)
+    encs["imagecodecs libpng level 6"] = lambda a: imagecodecs.png_encode(a, level=6)
     if imagecodecs.SPNG.available:
         encs["imagecodecs libspng level 1"] = lambda a: imagecodecs.spng_encode(a, level=1)
     encs["PIL JPEG quality 95"] = pil_jpeg

@@ -13,11 +13,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import PIL.Image
 import pytest
 import torch
 from PIL import Image
 
+import ultrastyle.io.images
 from ultrastyle.io.images import ImageError, load_image, resize_long_side, save_image
 from ultrastyle.io.paths import expand_inputs
 
@@ -449,12 +451,14 @@ def test_save_under_a_regular_file_raises_naming_it_and_leaves_nothing(tmp_path:
 def test_save_failing_midway_leaves_no_target_and_no_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
 
-    def broken_save(self: Image.Image, fp: object, *a: object, **k: object) -> None:
+    import ultrastyle.io.images as images
+
+    def broken_encode(a: object, fp: object, *args: object) -> None:  # the encoder's writes fail midway
         calls.append(fp)
         fp.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 1000)  # type: ignore[attr-defined]
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(PIL.Image.Image, "save", broken_save)
+    monkeypatch.setattr(images, "_encode", broken_encode)
     target = tmp_path / "o.png"
     with pytest.raises(ImageError) as ei:
         save_image(_u8_image(), target)
@@ -468,7 +472,7 @@ def test_save_interrupted_midway_reraises_and_leaves_nothing(tmp_path: Path, mon
         fp.write(b"partial bytes")  # type: ignore[attr-defined]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PIL.Image.Image, "save", interrupted)
+    monkeypatch.setattr(ultrastyle.io.images, "_encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_image(_u8_image(), tmp_path / "o.png")
     assert list(tmp_path.iterdir()) == []
@@ -483,7 +487,7 @@ def test_failed_save_keeps_previous_target_intact(tmp_path: Path, monkeypatch: p
         fp.write(b"garbage")  # type: ignore[attr-defined]
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(PIL.Image.Image, "save", broken_save)
+    monkeypatch.setattr(ultrastyle.io.images, "_encode", broken_save)
     with pytest.raises(ImageError):
         save_image(_u8_image(seed=4), target)
     assert target.read_bytes() == before
