@@ -6,7 +6,10 @@ file beside the target and renamed, so no partial file is ever left.
 
 from __future__ import annotations
 
+import os
+import struct
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +76,8 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                 raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of {max_pixels / 1e6:.0f} MP (raise --max-pixels to allow it)")
             if w == 0 or h == 0:
                 raise ImageError(f"{path}: zero-size image ({w}x{h})")
+            if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
+                check_png_data(path)
             if _is_rgb16(path, img):
                 return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
             img.load()
@@ -91,6 +96,91 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
 
 
 ORIENTATION = 0x0112
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Deflate cannot compress better than 1032:1 (a 258-byte match costs at least 2 bits), so
+# compressed data shorter than a 1032nd of the pixel data it claims is truncated for sure.
+DEFLATE_MAX_RATIO = 1032
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_data_size(width: int, height: int, bit_depth: int, colour_type: int, interlaced: bool) -> int:
+    """The bytes a PNG's IDAT stream must inflate to: every scanline of every pass plus its filter byte."""
+    bits = _PNG_CHANNELS[colour_type] * bit_depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        pw, ph = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if pw > 0 and ph > 0:  # an empty pass has no scanlines, not even filter bytes
+            total += ph * (1 + (pw * bits + 7) // 8)
+    return total
+
+
+def check_png_data(path: Path, *, chunk: int = 1 << 20) -> None:
+    """Refuse a PNG whose image data cannot fill the image its header claims; `ImageError` naming the file.
+
+    Pillow's PNG decoder stops without an error where the zlib stream ends,
+    even before the last row (libImaging/ZipDecode.c returns "end of file,
+    errcode=0" on Z_STREAM_END; the check that image and data end together is
+    commented out there), so ``ImageFile.LOAD_TRUNCATED_IMAGES`` = False does
+    not catch it: a 370-byte file claiming 19000x19000 decoded to a flat
+    1 GB image. Checked here before any decoding: first the IDAT chunks'
+    total length against deflate's best ratio (no inflating), then the
+    stream is inflated in ``chunk``-sized pieces that are counted and dropped
+    (memory stays at ~``chunk``) until it has produced every scanline.
+    """
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return
+        head = f.read(25)
+        if len(head) < 25 or head[4:8] != b"IHDR":
+            raise ImageError(f"{path}: corrupt PNG: no IHDR chunk after the signature")
+        width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", head[8:21])
+        if ctype not in _PNG_CHANNELS:
+            raise ImageError(f"{path}: corrupt PNG: unknown colour type {ctype}")
+        need = png_data_size(width, height, depth, ctype, interlace == 1)
+        idat: list[tuple[int, int]] = []  # (offset, length) of each IDAT chunk's data
+        pos = 8 + 25
+        size = os.fstat(f.fileno()).st_size
+        while pos + 8 <= size:  # walk the chunk headers only: seeks, no data read
+            f.seek(pos)
+            length, kind = struct.unpack(">I4s", f.read(8))
+            if kind == b"IDAT":
+                idat.append((pos + 8, min(length, max(0, size - pos - 8))))
+            elif idat or kind == b"IEND":  # IDAT chunks are consecutive: the image data has ended
+                break
+            pos += 12 + length
+        have = sum(n for _, n in idat)
+        claim = f"the header claims {width}x{height} ({need / 1e6:.1f} MB of pixel data)"
+        if have * DEFLATE_MAX_RATIO + 64 < need:
+            raise ImageError(f"{path}: truncated PNG: {claim} but its compressed image data is {have} bytes, too short to hold it")
+        inflater = zlib.decompressobj()
+        got = 0
+        try:
+            for offset, length in idat:
+                f.seek(offset)
+                left = length
+                while left and got < need:
+                    data = f.read(min(chunk, left))
+                    if not data:
+                        break
+                    left -= len(data)
+                    while got < need:  # at most ``chunk`` bytes out per call; the rest of the input waits
+                        out = len(inflater.decompress(data, chunk))
+                        got += out
+                        data = inflater.unconsumed_tail
+                        if not data and (not out or inflater.eof):  # input used up and nothing pending
+                            break
+                if got >= need:
+                    return
+        except zlib.error as exc:
+            raise ImageError(f"{path}: corrupt PNG image data ({exc})") from None
+        rows = ""
+        if not interlace:
+            rows = f": {got // (1 + (width * _PNG_CHANNELS[ctype] * depth + 7) // 8)} of {height} rows"
+        raise ImageError(f"{path}: truncated PNG: {claim} but its image data ends after {got} bytes{rows}")
 
 
 def _is_rgb16(path: Path, img: Image.Image) -> bool:
