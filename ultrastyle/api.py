@@ -24,7 +24,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, FORMATS, save_array
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
+from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import model_defaults
@@ -100,11 +101,19 @@ def make_options(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     io_workers: int = 0,
     io_memory: int | str | None = None,
+    tiff_layout: str = "auto",
+    tiff_compression: str = "deflate",
+    dzi_tiles: str = "jpg",
 ) -> StylizeOptions:
     """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults``.
 
     ``max_memory``: the working-memory budget of one image (bytes or ``"2GB"``);
-    None runs every stage on the whole image. ``tile``: a fixed tile core side
+    None runs every stage on the whole image. ``format``: png, jpg, tiff or
+    dzi (a Deep Zoom pyramid and its viewer page, written from the canvas
+    band by band; ``dzi_tiles`` "jpg" or lossless "png"). ``tiff_layout``:
+    "plain", "pyramid" (tiled, with reduced levels, written band by band) or
+    "auto" (a pyramid above 8192 pixels); ``tiff_compression`` of pyramids:
+    "deflate", "zstd" or "jpeg". ``tile``: a fixed tile core side
     (None or ``"auto"``: fitted to the budget). ``halo``: None or ``"exact"``
     for the exact result, else at most that many pixels (approximate). Raises
     `OptionError` naming the setting.
@@ -125,10 +134,16 @@ def make_options(
     if preserve_color not in ("none", "luminance", "match"):
         raise OptionError("preserve_color", f"expected 'none', 'luminance' or 'match', got {preserve_color!r}")
     fmt = {"jpeg": "jpg", "tif": "tiff"}.get(format.lower(), format.lower())
-    if fmt not in FORMATS:
-        raise OptionError("format", f"expected one of {', '.join(FORMATS)}, got {format!r}")
-    if depth not in (8, 16) or (depth == 16 and fmt == "jpg"):
+    if fmt not in OUTPUT_FORMATS:
+        raise OptionError("format", f"expected one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
+    if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
         raise OptionError("depth", "expected 8, or 16 with png or tiff")
+    for option, value, choices in (("tiff_layout", tiff_layout, TIFF_LAYOUTS), ("tiff_compression", tiff_compression, TIFF_COMPRESSIONS),
+                                   ("dzi_tiles", dzi_tiles, DZI_TILE_FORMATS)):  # fmt: skip
+        if value not in choices:
+            raise OptionError(option, f"expected one of {', '.join(choices)}, got {value!r}")
+    if depth == 16 and fmt == "tiff" and tiff_compression == "jpeg":
+        raise OptionError("tiff_compression", "jpeg holds 8-bit samples; use deflate or zstd with depth 16")
     if not 0 <= png_level <= 9:
         raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}")
     if content_size < 0 or style_size < 0:
@@ -148,6 +163,7 @@ def make_options(
         content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing,
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
         io_workers=io_workers, io_memory=None if io_memory is None else _bytes("io_memory", io_memory),
+        pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
     )  # fmt: skip
 
 
@@ -285,7 +301,7 @@ class Stylizer:
         (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
         if output is not None:
-            save_array(result.image, output, opts.format, png_level=opts.png_level)
+            save_output(result.image, output, opts.format, depth=opts.depth, png_level=opts.png_level, pyramid=opts.pyramid)
         return result.image
 
     def stylize_batch(

@@ -57,6 +57,24 @@ class Format(str, Enum):
     png = "png"
     jpg = "jpg"
     tiff = "tiff"
+    dzi = "dzi"
+
+
+class TiffLayout(str, Enum):
+    auto = "auto"
+    plain = "plain"
+    pyramid = "pyramid"
+
+
+class TiffCompression(str, Enum):
+    deflate = "deflate"
+    zstd = "zstd"
+    jpeg = "jpeg"
+
+
+class DziTiles(str, Enum):
+    jpg = "jpg"
+    png = "png"
 
 
 def _flag(option: str) -> str:
@@ -106,7 +124,10 @@ def stylize_command(
     backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
     precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt.")] = Precision.fp32,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output image format (jpg at quality 95).")] = Format.png,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
+    tiff_layout: Annotated[TiffLayout, typer.Option(help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
+    tiff_compression: Annotated[TiffCompression, typer.Option(help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
+    dzi_tiles: Annotated[DziTiles, typer.Option(help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
@@ -139,6 +160,7 @@ def stylize_command(
         preserve_color=preserve_color.value, content_size=content_size, style_size=style_size,
         max_memory=None if no_tile else max_memory, tile=tile, halo=halo, scratch=scratch, format=fmt.value,
         depth=depth, png_level=png_level, skip_existing=skip_existing, max_pixels=max_pixels, io_workers=io_workers,
+        tiff_layout=tiff_layout.value, tiff_compression=tiff_compression.value, dzi_tiles=dzi_tiles.value,
     )  # fmt: skip
     try:
         options = make_options(defaults, **settings)  # every bad value, before the model is opened

@@ -75,6 +75,11 @@ class Canvas:
         return c * h * w * 4
 
     @property
+    def on_disk(self) -> bool:
+        """Whether the canvas is a scratch file (read a region at a time; its pages are not kept in RAM)."""
+        return self._file is not None
+
+    @property
     def device(self) -> torch.device | None:
         """The torch device holding the canvas; None for RAM and disk canvases."""
         return None if self._tensor is None else self._tensor.device

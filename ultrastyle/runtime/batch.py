@@ -34,8 +34,9 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, read_image, resize_long_side, save_array,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, read_image, resize_long_side,
 )  # fmt: skip
+from ultrastyle.io.pyramid import PyramidOptions, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, canvas_from_array
@@ -127,6 +128,7 @@ class StylizeOptions:
     # Bytes of decoded contents and of outputs waiting to be encoded, beside the budget of the image being
     # computed; at least one of each is always admitted. None: half the tiling budget (1 GiB whole-image).
     io_memory: int | None = None
+    pyramid: PyramidOptions = PyramidOptions()  # zoomable outputs: dzi, and tiff's layout and compression
 
     def __post_init__(self) -> None:
         check_mode(self.preserve_color)
@@ -353,10 +355,13 @@ def stylize_canvas(
     options: StylizeOptions,
     on_tile: TileCallback | None = None,
     plan: ImagePlan | None = None,
-) -> np.ndarray:
+    *,
+    as_canvas: bool = False,
+) -> np.ndarray | Canvas:
     """The cascade of ``options`` on a content canvas: (H, W, 3) uint8 (``depth`` 8) or uint16, clamped and rounded.
 
-    ``plan``: the image's plan (`runtime.tiled.plan_image_for`), else made from ``options``."""
+    ``plan``: the image's plan (`runtime.tiled.plan_image_for`), else made from ``options``. ``as_canvas``:
+    return the last stage's (3, H, W) canvas instead, for a writer that reads it band by band and closes it."""
     result = stylize_tiled(
         model, content, style, options.resolved_tiling,
         method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile, plan=plan,
@@ -364,9 +369,13 @@ def stylize_canvas(
     try:
         if options.preserve_color == "luminance":
             keep_content_chroma_canvas(result, content)
+        if as_canvas:
+            handed, result = result, None
+            return handed
         return canvas_to_image(result, np.uint8 if options.depth == 8 else np.uint16)
     finally:
-        result.close()
+        if result is not None:
+            result.close()
 
 
 def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
@@ -410,13 +419,14 @@ def stylize_content(
     styles: StyleBook,
     options: StylizeOptions,
     on_tile: TileCallback | None = None,
-    on_output: Callable[[Pair, np.ndarray, float], None] | None = None,
+    on_output: Callable[[Pair, np.ndarray | Canvas, float], None] | None = None,
     *,
     raise_errors: bool = False,
 ) -> list[PairResult | None]:
     """Every pair of one ``decoded`` content; a pair's output goes to ``on_output`` (its result then None),
     else into its result. Failures are results (raised with ``raise_errors``); the content canvas is built once
-    for all its pairs."""
+    for all its pairs. An output file of a zoomable format (`io.pyramid.streams`) goes to ``on_output`` as
+    the last stage's host canvas, which the receiver writes band by band and closes."""
     h, w = decoded.shape[:2]
     original = decoded.original
     t0 = time.perf_counter()
@@ -431,11 +441,13 @@ def stylize_content(
         return [_failure(p, exc, time.perf_counter() - t0) for p in pairs]
     try:  # the decoded pixels are gone: the canvas holds them (on disk when large, on the GPU where it fits)
         recolor = rgb_statistics(content) if options.preserve_color == "match" else None
+        # A GPU canvas would hold device memory the next image is planned to use: converted here as before.
+        stream = on_output is not None and plan.site.device is None and streams(options.format, h, w, options.pyramid)
         for pair in pairs:
             t0 = time.perf_counter()
             try:
                 style = styles.style_for(pair.style, (h, w), original, recolor)
-                out = stylize_canvas(model, content, style, options, on_tile, plan)
+                out = stylize_canvas(model, content, style, options, on_tile, plan, as_canvas=stream and pair.output is not None)
             except Exception as exc:  # noqa: BLE001
                 if raise_errors:
                     raise
@@ -578,14 +590,17 @@ def run_batch(
             job.read = readers.submit(decode, job.content, options)
             submitted += 1
 
-    def write(i: int, pair: Pair, out: np.ndarray, seconds: float, nbytes: int) -> None:
+    def write(i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float, nbytes: int) -> None:
         try:
             assert pair.output is not None
-            save_array(out, pair.output, options.format, png_level=options.png_level)
-            results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6)
+            save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid)
+            h, w = image_size(out)
+            results[i] = PairResult(pair, "done", None, seconds, h * w / 1e6)
         except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
             results[i] = _failure(pair, exc, seconds)
         finally:
+            if isinstance(out, Canvas):
+                out.close()
             allowance.give(nbytes)
 
     try:
@@ -611,13 +626,17 @@ def run_batch(
             decoded.on_take = give_back  # once the canvas holds the pixels
             by_pair = {id(pairs[i]): i for i in job.indices}
 
-            def on_output(pair: Pair, out: np.ndarray, seconds: float) -> None:
+            def on_output(pair: Pair, out: np.ndarray | Canvas, seconds: float) -> None:
                 i = by_pair[id(pair)]
                 if pair.output is None:
+                    assert isinstance(out, np.ndarray)
                     results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
                     return
-                allowance.take(out.nbytes, wait_while=lambda: any(not f.done() for f in writes))
-                writes.append(writers.submit(write, i, pair, out, seconds, out.nbytes))
+                nbytes = out.nbytes
+                if isinstance(out, Canvas) and out.on_disk:  # read a band at a time: its file is not RAM
+                    nbytes = min(nbytes, out.shape[0] * out.shape[2] * 4 * 512)
+                allowance.take(nbytes, wait_while=lambda: any(not f.done() for f in writes))
+                writes.append(writers.submit(write, i, pair, out, seconds, nbytes))
 
             try:
                 got = stylize_content(model, decoded, [pairs[i] for i in job.indices], styles, options, on_tile, on_output)

@@ -1,0 +1,459 @@
+"""Zoomable outputs written band by band: Deep Zoom pyramids (with an offline viewer page) and pyramidal TIFF.
+
+A gigapixel result is not one image file anyone opens whole; it is looked at
+in a zoomable viewer that loads the tiles of the level it shows. Both writers
+here take the stylized image as a `Canvas` (or an (H, W, 3) array) and read it
+``TILE`` rows at a time, so the uint8 image never exists whole in memory:
+
+- ``dzi``: ``NAME.dzi`` (the Deep Zoom XML), ``NAME_files/<level>/<col>_<row>.jpg|png``
+  (254-pixel tiles with a 1-pixel overlap, levels down to 1x1, level numbers
+  counting up from the 1x1 one as the convention has it) and ``NAME.html``, a
+  self-contained page that shows the pyramid offline (`io.viewer`).
+- ``tiff`` with the pyramid layout: a tiled (256 x 256) TIFF, BigTIFF when it
+  could pass 4 GB, its reduced levels (each half the previous, down to one
+  tile) in SubIFDs of the full-size page, as libvips and OME write them;
+  deflate, zstd or jpeg compression.
+
+Every level is computed from the one above it as it streams past (2 x 2 box
+means, an odd last row or column repeated), so each level holds only a band.
+A TIFF must store its levels one after the other, so the reduced ones go to
+an unlinked scratch file beside the output (a third of the full level's size)
+until the full level is written.
+
+Atomic as every output: the tile folder and the TIFF are written under this
+tool's temp names (`io.atomic`) and renamed when complete; the ``.dzi`` is
+written last, so its presence means the pyramid is whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ultrastyle.core.canvas import Canvas, sample_peak
+from ultrastyle.io.atomic import atomic_dir, atomic_path, write_atomic
+from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, ImageError, save_array
+from ultrastyle.io.viewer import PAGE
+
+__all__ = [
+    "DZI_OVERLAP", "DZI_TILE", "OUTPUT_FORMATS", "Pixels", "PyramidOptions", "TIFF_TILE", "dzi_levels",
+    "save_output", "streams", "tiff_levels", "write_dzi", "write_tiff_pyramid",
+]  # fmt: skip
+
+Pixels = Union[np.ndarray, Canvas]  # (H, W, 3) uint8/uint16, or a (3, H, W) float canvas in [0, 1]
+
+OUTPUT_FORMATS = (*FORMATS, "dzi")
+DZI_TILE, DZI_OVERLAP = 254, 1  # 254 + 2 x 1 overlap = 256-pixel images, the Deep Zoom default
+TIFF_TILE = 256
+TIFF_COMPRESSIONS = {"deflate": "zlib", "zstd": "zstd", "jpeg": "jpeg"}  # our names -> tifffile's
+TIFF_LAYOUTS = ("auto", "plain", "pyramid")
+DZI_TILE_FORMATS = ("jpg", "png")
+# "auto" writes a plain TIFF (one image, as before) up to this long side, a tiled pyramid above it.
+TIFF_PYRAMID_SIDE = 8192
+# Reduced TIFF levels up to this many bytes stay in RAM; larger ones go to a scratch file.
+_SPILL_BYTES = 64 * 2**20
+# Tiles tifffile takes from our bands and compresses in one pass (its default, 512 MB, would hold
+# that much of the image in memory at once).
+_ENCODE_BYTES = 32 * 2**20
+# BigTIFF once the raw pixels (all levels) come near classic TIFF's 4 GB offsets; compressed data can
+# exceed the raw size slightly (noise under deflate), hence the margin.
+_BIGTIFF_AT = 2**32 - 2**28
+
+
+@dataclass(frozen=True)
+class PyramidOptions:
+    """How zoomable outputs are written.
+
+    ``tiff_layout``: "plain" (one image, as PNG-sized outputs always were),
+    "pyramid" (tiled, with reduced levels), "auto" (a pyramid when the long
+    side is above `TIFF_PYRAMID_SIDE`). ``tiff_compression``: "deflate",
+    "zstd" or "jpeg" (8-bit only) for pyramids. ``dzi_tile_format``: "jpg" or
+    "png" (lossless). ``jpeg_quality``: of JPEG tiles (1-100).
+    """
+
+    tiff_layout: str = "auto"
+    tiff_compression: str = "deflate"
+    dzi_tile_format: str = "jpg"
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.tiff_layout not in TIFF_LAYOUTS:
+            raise ValueError(f"tiff_layout must be one of {', '.join(TIFF_LAYOUTS)}, got {self.tiff_layout!r}")
+        if self.tiff_compression not in TIFF_COMPRESSIONS:
+            raise ValueError(f"tiff_compression must be one of {', '.join(TIFF_COMPRESSIONS)}, got {self.tiff_compression!r}")
+        if self.dzi_tile_format not in DZI_TILE_FORMATS:
+            raise ValueError(f"dzi_tile_format must be one of {', '.join(DZI_TILE_FORMATS)}, got {self.dzi_tile_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
+
+    def tiff_pyramid(self, height: int, width: int) -> bool:
+        """Whether a ``height`` x ``width`` TIFF output is written as a tiled pyramid."""
+        return self.tiff_layout == "pyramid" or (self.tiff_layout == "auto" and max(height, width) > TIFF_PYRAMID_SIDE)
+
+
+def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
+    """True where an output of this format and size is written from the canvas band by band (dzi, pyramidal tiff)."""
+    return fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width))
+
+
+def image_size(src: Pixels) -> tuple[int, int]:
+    """(H, W) of an (H, W, 3) array or a (3, H, W) canvas."""
+    return (src.shape[1], src.shape[2]) if isinstance(src, Canvas) else (src.shape[0], src.shape[1])
+
+
+def save_output(
+    src: Pixels, path: str | Path, fmt: str, *, depth: int = 8, png_level: int = DEFAULT_PNG_LEVEL,
+    pyramid: PyramidOptions = PyramidOptions(),
+) -> Path:
+    """Write ``src`` as ``fmt`` at ``path``: zoomable formats band by band, the others through `images.save_array`.
+
+    ``src``: (H, W, 3) uint8/uint16, or a [0, 1] canvas converted to ``depth``
+    bits as `runtime.tiled.canvas_to_image` does (a whole-image format then
+    converts it whole). The caller keeps ownership of a canvas. Returns
+    ``path``; raises `ImageError` naming it.
+    """
+    path = Path(path)
+    h, w = image_size(src)
+    dtype = np.uint8 if depth == 8 else np.uint16
+    if fmt == "dzi":
+        return write_dzi(src, path, pyramid)
+    if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
+        return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
+    a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
+    return save_array(a, path, fmt, png_level=png_level)
+
+
+# --- reading an image band by band ------------------------------------------------------------
+
+
+def _bands(src: Pixels, dtype: type, band: int) -> Iterator[np.ndarray]:
+    """(rows, W, 3) blocks of ``src`` top to bottom, ``band`` rows each (the last one shorter), as ``dtype``.
+
+    From a canvas: clamped, scaled and rounded with the float32 arithmetic of
+    `runtime.tiled.canvas_to_image`, so the pixels equal a PNG output's; read
+    in pieces of at most ~16 MB of float32, whatever the width.
+    """
+    h, w = image_size(src)
+    peak = sample_peak(dtype)
+    piece = max(1, min(band, 2**24 // (w * 3 * 4)))
+    for r in range(0, h, band):
+        if isinstance(src, np.ndarray):
+            blk = src[r : r + band]
+            yield blk if blk.dtype == dtype else blk.astype(dtype)
+            continue
+        out = np.empty((min(h, r + band) - r, w, 3), dtype)
+        for p in range(r, min(h, r + band), piece):
+            q = min(h, r + band, p + piece)
+            t = torch.from_numpy(src.rows_band(p, q)).clamp_(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0)
+            if dtype == np.uint8:
+                torch.from_numpy(out[p - r : q - r]).copy_(t)  # truncates, as numpy's astype does
+            else:  # uint16: no torch dtype before 2.3
+                out[p - r : q - r] = t.numpy().astype(dtype)
+        yield out
+
+
+def _halve(a: np.ndarray) -> np.ndarray:
+    """(h, w, c) -> (ceil(h/2), ceil(w/2), c): rounded means of 2 x 2 blocks; an odd last row/column is repeated."""
+    if a.shape[0] % 2:
+        a = np.concatenate([a, a[-1:]], axis=0)
+    if a.shape[1] % 2:
+        a = np.concatenate([a, a[:, -1:]], axis=1)
+    s = a[0::2, 0::2].astype(np.uint32 if a.dtype == np.uint16 else np.uint16)  # 4 x 255 fits in 16 bits
+    s += a[0::2, 1::2]
+    s += a[1::2, 0::2]
+    s += a[1::2, 1::2]
+    s += 2
+    s //= 4
+    return s.astype(a.dtype)
+
+
+class _Level:
+    """One level of a pyramid, fed its rows top to bottom: hands them to ``sink`` and their halves to ``below``."""
+
+    def __init__(self, sink: Callable[[np.ndarray], None], below: _Level | None) -> None:
+        self.sink, self.below = sink, below
+        self._odd: np.ndarray | None = None  # a last row waiting for its pair
+
+    def push(self, rows: np.ndarray) -> None:
+        self.sink(rows)
+        if self.below is None:
+            return
+        if self._odd is not None:
+            rows, self._odd = np.concatenate([self._odd, rows], axis=0), None
+        even = rows.shape[0] - rows.shape[0] % 2
+        if even < rows.shape[0]:
+            self._odd = rows[even:].copy()
+        for r in range(0, even, 128):  # in pieces: the widened sums stay small
+            self.below.push(_halve(rows[r : min(even, r + 128)]))
+
+    def finish(self) -> None:
+        if self.below is None:
+            return
+        if self._odd is not None:
+            self.below.push(_halve(self._odd))
+            self._odd = None
+        self.below.finish()
+
+
+def _halved_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
+    """(h, w) of ``levels`` levels, the full size first, each the ceiling of half the previous."""
+    out = [(height, width)]
+    for _ in range(levels - 1):
+        h, w = out[-1]
+        out.append(((h + 1) // 2, (w + 1) // 2))
+    return out
+
+
+# --- Deep Zoom --------------------------------------------------------------------------------
+
+
+def dzi_levels(height: int, width: int) -> list[tuple[int, int]]:
+    """(h, w) of every Deep Zoom level, level 0 (1 x 1) first, the full size last."""
+    n = math.ceil(math.log2(max(height, width))) + 1
+    return _halved_sizes(height, width, n)[::-1]
+
+
+def _tile_span(i: int, size: int, tile: int, overlap: int) -> tuple[int, int]:
+    """[start, stop) of tile ``i`` along an axis of ``size`` pixels: its ``tile`` pixels plus the overlap inside the image."""
+    return max(0, i * tile - overlap), min(size, (i + 1) * tile + overlap)
+
+
+class _DziTiler:
+    """The sink of one Deep Zoom level: writes a row of tiles as soon as its rows (and the overlap below) have come."""
+
+    def __init__(self, folder: Path, height: int, width: int, fmt: str, quality: int) -> None:
+        self.folder, self.height, self.width, self.fmt, self.quality = folder, height, width, fmt, quality
+        self.rows = math.ceil(height / DZI_TILE)
+        self.cols = math.ceil(width / DZI_TILE)
+        self._buf: np.ndarray | None = None
+        self._start = 0  # image row of _buf[0]
+        self._next = 0  # next tile row to write
+        folder.mkdir()
+
+    def __call__(self, rows: np.ndarray) -> None:
+        self._buf = rows if self._buf is None else np.concatenate([self._buf, rows], axis=0)
+        have = self._start + self._buf.shape[0]
+        while self._next < self.rows and _tile_span(self._next, self.height, DZI_TILE, DZI_OVERLAP)[1] <= have:
+            self._write_row(self._next)
+            self._next += 1
+            keep = min(have, _tile_span(self._next, self.height, DZI_TILE, DZI_OVERLAP)[0])
+            self._buf = self._buf[keep - self._start :].copy()  # a copy: the old block is freed
+            self._start = keep
+
+    def _write_row(self, t: int) -> None:
+        y0, y1 = _tile_span(t, self.height, DZI_TILE, DZI_OVERLAP)
+        assert self._buf is not None
+        band = self._buf[y0 - self._start : y1 - self._start]
+        for c in range(self.cols):
+            x0, x1 = _tile_span(c, self.width, DZI_TILE, DZI_OVERLAP)
+            _write_tile(np.ascontiguousarray(band[:, x0:x1]), self.folder / f"{c}_{t}.{self.fmt}", self.fmt, self.quality)
+
+    def check_done(self) -> None:
+        if self._next != self.rows:  # a bug, not a bad file: every row was fed
+            raise RuntimeError(f"{self.folder}: wrote {self._next} of {self.rows} tile rows")
+
+
+def _write_tile(a: np.ndarray, path: Path, fmt: str, quality: int) -> None:
+    if fmt == "png":
+        import imagecodecs
+
+        path.write_bytes(imagecodecs.png_encode(a, level=1))
+    else:
+        Image.fromarray(a).save(path, "JPEG", quality=quality)
+
+
+def dzi_xml(height: int, width: int, fmt: str) -> str:
+    """The ``.dzi`` descriptor of a pyramid of this size and tile format."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" Overlap="{DZI_OVERLAP}" TileSize="{DZI_TILE}">\n'
+        f'  <Size Width="{width}" Height="{height}"/>\n'
+        "</Image>\n"
+    )
+
+
+def viewer_html(name: str, height: int, width: int, fmt: str) -> str:
+    """The offline viewer page of pyramid ``name`` (``name.dzi``, ``name_files/``): `io.viewer.PAGE` with its settings.
+
+    The settings are in the page, not read from the ``.dzi``: browsers refuse
+    to fetch files from a ``file://`` page, but load its images.
+    """
+    config = {
+        "dzi": f"{name}.dzi", "files": f"{name}_files", "width": width, "height": height,
+        "tileSize": DZI_TILE, "overlap": DZI_OVERLAP, "format": fmt, "maxLevel": len(dzi_levels(height, width)) - 1,
+    }  # fmt: skip
+    title = name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    js = json.dumps(config).replace("</", "<\\/")  # a name cannot close the script element
+    return PAGE.replace("__TITLE__", title).replace("__CONFIG__", js)
+
+
+def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOptions()) -> Path:
+    """Write ``src`` (8-bit) as a Deep Zoom pyramid: ``path`` (``NAME.dzi``), ``NAME_files/`` and ``NAME.html``.
+
+    ``src``: (H, W, 3) uint8 or a [0, 1] canvas, read `DZI_TILE`-row bands at a
+    time. The tile folder is written under a temp name and renamed when
+    complete; then the page, then the ``.dzi``. Returns ``path``; raises
+    `ImageError` naming it.
+    """
+    path = Path(path)
+    name = path.name[: -len(path.suffix)] if path.suffix else path.name
+    h, w = image_size(src)
+    if isinstance(src, np.ndarray) and src.dtype != np.uint8:
+        raise ImageError(f"{path}: Deep Zoom tiles are 8-bit; got {src.dtype} samples")
+    fmt = options.dzi_tile_format
+    sizes = dzi_levels(h, w)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
+            chain: _Level | None = None
+            tilers = []
+            for level, (lh, lw) in enumerate(sizes):  # 1 x 1 first: each level feeds the one before it
+                tilers.append(_DziTiler(tmp / str(level), lh, lw, fmt, options.jpeg_quality))
+                chain = _Level(tilers[-1], chain)
+            assert chain is not None
+            for band in _bands(src, np.uint8, DZI_TILE):
+                chain.push(band)
+            chain.finish()
+            for t in tilers:
+                t.check_done()
+            _sync_filesystem(tmp)  # one flush for every tile, before the rename exposes them
+        write_atomic(path.with_name(f"{name}.html"), viewer_html(name, h, w, fmt))
+        write_atomic(path, dzi_xml(h, w, fmt))  # last: the pyramid is complete
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write the Deep Zoom pyramid ({exc.strerror or exc})") from exc
+    return path
+
+
+def _sync_filesystem(folder: Path) -> None:
+    """Flush the filesystem holding ``folder`` (Linux syncfs; elsewhere everything): thousands of tiles, one call."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    except (OSError, AttributeError):
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+# --- pyramidal TIFF ---------------------------------------------------------------------------
+
+
+def tiff_levels(height: int, width: int) -> list[tuple[int, int]]:
+    """(h, w) of a pyramidal TIFF's levels, full size first, halving until one `TIFF_TILE` tile holds a level."""
+    n = 1
+    while max(_halved_sizes(height, width, n)[-1]) > TIFF_TILE:
+        n += 1
+    return _halved_sizes(height, width, n)
+
+
+class _Spill:
+    """A reduced level kept until its turn: (h, w, 3) in RAM when small, else in an unlinked file beside the output."""
+
+    def __init__(self, height: int, width: int, dtype: type, folder: Path) -> None:
+        self.shape, self.dtype = (height, width, 3), np.dtype(dtype)
+        self.row_bytes = width * 3 * self.dtype.itemsize
+        self._ram: np.ndarray | None = None
+        self._file = None
+        if height * self.row_bytes <= _SPILL_BYTES:
+            self._ram = np.empty(self.shape, self.dtype)
+        else:  # unlinked at once: a killed run leaves no scratch behind
+            self._file = tempfile.TemporaryFile(dir=folder, prefix=".ultrastyle-level-")
+        self.filled = 0
+
+    def __call__(self, rows: np.ndarray) -> None:
+        if self._ram is not None:
+            self._ram[self.filled : self.filled + rows.shape[0]] = rows
+        else:
+            assert self._file is not None
+            os.pwrite(self._file.fileno(), np.ascontiguousarray(rows, self.dtype).tobytes(), self.filled * self.row_bytes)
+        self.filled += rows.shape[0]
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        if self._ram is not None:
+            return self._ram[r0:r1]
+        assert self._file is not None
+        data = os.pread(self._file.fileno(), (r1 - r0) * self.row_bytes, r0 * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(r1 - r0, self.shape[1], 3)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._ram = self._file = None
+
+
+def _tiles(bands: Iterator[np.ndarray], width: int) -> Iterator[np.ndarray]:
+    """`TIFF_TILE`-square tiles of `TIFF_TILE`-row bands, row by row (tifffile pads the edge ones)."""
+    for band in bands:
+        for c in range(0, width, TIFF_TILE):
+            yield band[:, c : c + TIFF_TILE]
+
+
+def write_tiff_pyramid(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOptions(), *, dtype: type = np.uint8) -> Path:
+    """Write ``src`` as a tiled pyramidal TIFF at ``path`` (tifffile): the full level, then its halves in SubIFDs.
+
+    ``src``: (H, W, 3) uint8/uint16 or a [0, 1] canvas (converted to
+    ``dtype``), read `TIFF_TILE` rows at a time; reduced levels are made from
+    those rows as they pass and kept (`_Spill`) until written. BigTIFF where
+    the pixels could pass 4 GB. Written to a temp name, renamed when complete.
+    Returns ``path``; raises `ImageError` naming it.
+    """
+    import tifffile
+
+    path = Path(path)
+    if isinstance(src, np.ndarray):
+        dtype = src.dtype.type
+    if options.tiff_compression == "jpeg" and np.dtype(dtype) != np.uint8:
+        raise ImageError(f"{path}: JPEG compression holds 8-bit samples only; use deflate or zstd for 16-bit")
+    h, w = image_size(src)
+    sizes = tiff_levels(h, w)
+    raw = sum(lh * lw * 3 for lh, lw in sizes) * np.dtype(dtype).itemsize
+    compression = TIFF_COMPRESSIONS[options.tiff_compression]
+    kwargs: dict = {"tile": (TIFF_TILE, TIFF_TILE), "photometric": "rgb", "compression": compression, "metadata": None,
+                    "buffersize": _ENCODE_BYTES}  # fmt: skip
+    if compression == "jpeg":
+        kwargs["compressionargs"] = {"level": options.jpeg_quality}
+    else:
+        kwargs["predictor"] = True  # horizontal differencing: smaller files for photographs
+    spills: list[_Spill] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spills = [_Spill(lh, lw, dtype, path.parent) for lh, lw in sizes[1:]]
+        chain: _Level | None = None
+        for spill in reversed(spills):
+            chain = _Level(spill, chain)
+        full = _Level(lambda rows: None, chain)
+
+        def full_bands() -> Iterator[np.ndarray]:
+            for band in _bands(src, dtype, TIFF_TILE):
+                full.push(band)  # the reduced levels are made as the full one streams past
+                yield band
+
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=raw > _BIGTIFF_AT) as tif:
+            tif.write(_tiles(full_bands(), w), shape=(h, w, 3), dtype=dtype, subifds=len(spills), **kwargs)
+            full.finish()  # here, not after the generator's loop: tifffile takes the tiles it needs, never StopIteration
+            for spill in spills:
+                lh, lw, _ = spill.shape
+                if spill.filled != lh:  # a bug, not a bad file
+                    raise RuntimeError(f"{path}: a reduced level got {spill.filled} of {lh} rows")
+                bands = (spill.rows(r, min(lh, r + TIFF_TILE)) for r in range(0, lh, TIFF_TILE))
+                tif.write(_tiles(bands, lw), shape=(lh, lw, 3), dtype=dtype, subfiletype=1, **kwargs)
+                spill.close()  # its scratch space comes back before the next level
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write the tiled TIFF ({exc.strerror or exc})") from exc
+    finally:
+        for spill in spills:
+            spill.close()
+    return path
