@@ -149,3 +149,35 @@ def test_cli_check_rejects_a_profile_too_small_for_the_halo(bundle):
     r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-max", "64"])
     assert r.exit_code == 1
     assert "stage 5 profile" in r.output and "raise --tile-max" in r.output
+
+
+def test_cast_to_int8_is_rejected(bundle):
+    # operators.md: Cast takes FP32, FP16, BF16, INT32, INT64, UINT8, BOOL; int8 tensors come from Q/DQ only
+    m = _load(bundle, "encoder1")
+    out = m.graph.output[0].name
+    producer = next(n for n in m.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = "pre"
+    m.graph.node.extend([helper.make_node("Cast", ["pre"], ["q"], to=TensorProto.INT8, name="to_int8"),
+                         helper.make_node("Cast", ["q"], [out], to=TensorProto.FLOAT, name="back")])  # fmt: skip
+    errs = _errors(m, None)
+    assert len(errs) == 1 and "Cast to INT8" in errs[0]
+
+
+def _qdq_without_zero_point(output_dtype: int | None = None) -> onnx.ModelProto:
+    m = _qdq_conv()
+    for n in m.graph.node:
+        if n.name in ("q", "dq"):
+            del n.input[2:]
+    q = next(n for n in m.graph.node if n.name == "q")
+    if output_dtype is not None:
+        q.attribute.append(helper.make_attribute("output_dtype", output_dtype))
+        m.opset_import[0].version = 21
+    return m
+
+
+def test_quantize_without_a_zero_point_is_rejected():
+    # ONNX's QuantizeLinear without a zero-point outputs UINT8 (offset 128 in effect); TensorRT computes signed INT8
+    errs = _errors(_qdq_without_zero_point(), None)
+    assert len(errs) == 1 and "without a zero-point" in errs[0] and "UINT8" in errs[0]
+    assert _errors(_qdq_without_zero_point(TensorProto.INT8), None) == []  # opset 21's output_dtype says int8
+    assert len(_errors(_qdq_without_zero_point(TensorProto.UINT8), None)) == 1

@@ -9,7 +9,8 @@ Three kinds of finding, each naming the graph and node:
    accepts: ``MaxPool`` without the ``Indices`` output and with unit
    dilations; ``Resize`` modes nearest/linear, the five coordinate
    transformation modes, four nearest modes, no antialiasing, aspect policy
-   ``stretch``; ``Q``/``DQ`` with zero-point 0 (symmetric, signed INT8);
+   ``stretch``; ``Q``/``DQ`` with zero-point 0 (symmetric, signed INT8), given
+   explicitly on every ``QuantizeLinear`` (ONNX's default is UINT8);
    ``ReduceX`` axes as initializers; ``Cast`` to TensorRT types.
 2. Explicit quantization (TensorRT developer guide, "Explicit Quantization";
    TensorRT 11 has no other INT8): scales are positive constants, zero-points
@@ -67,8 +68,9 @@ RESIZE_MODES = {"nearest", "linear"}
 RESIZE_COORDS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 PAD_MODES = {"constant", "reflect", "edge", "wrap"}  # what the importer maps (kFILL, kREFLECT, kCLAMP, kWRAP)
+# operators.md, Cast: FP32, FP16, BF16, INT32, INT64, UINT8, BOOL (no INT8: int8 comes from Q/DQ only).
 CAST_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT32, TensorProto.INT64,
-              TensorProto.UINT8, TensorProto.BOOL, TensorProto.INT8}  # fmt: skip
+              TensorProto.UINT8, TensorProto.BOOL}  # fmt: skip
 Q_TYPES = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN}
 REDUCE_OPS = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
               "ReduceProd", "ReduceSum", "ReduceSumSquare"}  # fmt: skip
@@ -236,6 +238,11 @@ def check_model(model: onnx.ModelProto, label: str, *, kind: str | None = None) 
     return out
 
 
+def _output_dtype(node: onnx.NodeProto) -> int | None:
+    """A QuantizeLinear's ``output_dtype`` attribute (opset 21+), which sets its type when no zero-point does."""
+    return _attrs(node).get("output_dtype")
+
+
 def _check_qdq(node: onnx.NodeProto, g: _Graph, label: str) -> list[Finding]:
     where = f"{label}: node {node.name or node.op_type} ({node.op_type})"
     found: list[Finding] = []
@@ -248,6 +255,9 @@ def _check_qdq(node: onnx.NodeProto, g: _Graph, label: str) -> list[Finding]:
         err("Q/DQ scale is computed at run time; TensorRT needs it as a build-time constant (initializer)")
     elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
         err("Q/DQ scale has zero, negative or non-finite values; TensorRT needs positive scales")
+    if node.op_type == "QuantizeLinear" and not (len(node.input) > 2 and node.input[2]) and _output_dtype(node) not in Q_TYPES:
+        err("QuantizeLinear without a zero-point: ONNX then quantizes to UINT8 while TensorRT computes signed INT8, so the "
+            "two would not compute the same; give an int8 zero-point of 0")  # fmt: skip
     if len(node.input) > 2 and node.input[2]:
         zp_name = node.input[2]
         zp = g.const(zp_name)
