@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -28,6 +29,35 @@ from ultrastyle.runtime.tiled import stylize_tiled
 
 # Max abs difference from the PyTorch reference per output, float32.
 TOL = {"features": 3e-4, "image": 1e-4}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max abs differences from the PyTorch reference: features (times max(1, |reference|) when relative), images, tiled images."""
+
+    features: float
+    image: float
+    tiled: float
+    relative: bool = False
+
+    def features_bound(self, ref: torch.Tensor) -> float:
+        return self.features * (max(1.0, ref.abs().max().item()) if self.relative else 1.0)
+
+
+FLOAT32 = Tolerance(TOL["features"], TOL["image"], 1e-4)
+# IEEE float32 on a GPU (TensorRT's fp32 engines, TF32 off): another device's float32 kernels. The PyTorch runner
+# on an H100 measured <= 1e-4 per network (features relative to their scale) and 6.9e-5 on the cascade (test_gpu.py).
+GPU_FLOAT32 = Tolerance(3e-4, 2e-4, 2e-4, relative=True)
+# TF32 (TensorRT's default, opt-in here: build_engines(tf32=True)): Conv/MatMul inputs keep 10 mantissa bits.
+# Under the stand-in's emulation of it (tests/test_trt_fakes.py), CD 16x measured at most 1.2e-3 (features,
+# relative), 5.8e-3 (images, stage 5) and 2.3e-2 (the 5-stage tiled cascade); these are 2.5x that.
+TF32 = Tolerance(3e-3, 1.5e-2, 6e-2, relative=True)
+
+
+@pytest.fixture
+def tol() -> Tolerance:
+    """The tolerance of this module's runners (test_trt_runner.py overrides it for a GPU's TensorRT engines)."""
+    return FLOAT32
 
 
 def _rss() -> int:
@@ -69,7 +99,7 @@ def test_runner_is_a_context_manager(runner):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4, 5])
-def test_runner_matches_torch_reference_on_every_stage_network(runner, model, stage):
+def test_runner_matches_torch_reference_on_every_stage_network(runner, model, stage, tol):
     g = model.arch.grid(stage)
     gen = torch.Generator().manual_seed(stage)
     x = torch.rand(1, 3, 5 * g, 3 * g, generator=gen)
@@ -82,10 +112,10 @@ def test_runner_matches_torch_reference_on_every_stage_network(runner, model, st
         plain = runner.infer(f"decoder{stage}", {"features": f})["image"]
     ref_f = model.encode(stage, x)
     assert f.shape == ref_f.shape == (1, c, 5, 3)
-    assert (f - ref_f).abs().max() <= TOL["features"]
+    assert (f - ref_f).abs().max() <= tol.features_bound(ref_f)
     assert y.shape == plain.shape == x.shape
-    assert (y - model.decode(stage, ref_f, a, b)).abs().max() <= TOL["image"]
-    assert (plain - model.decoders[stage](ref_f)).abs().max() <= TOL["image"]
+    assert (y - model.decode(stage, ref_f, a, b)).abs().max() <= tol.image
+    assert (plain - model.decoders[stage](ref_f)).abs().max() <= tol.image
 
 
 def test_runner_rejects_unknown_networks(runner):
@@ -93,7 +123,7 @@ def test_runner_rejects_unknown_networks(runner):
         runner.infer("classifier1", {})
 
 
-def test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4(runner, model, shared_dir):
+def test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4(runner, model, shared_dir, tol):
     content = resize_long_side(load_image(shared_dir / "images/content/cd_content_in1.jpg"), 200)
     style = resize_long_side(load_image(shared_dir / "images/style/cd_style_in4.jpg"), 128)
     ref = stylize(model, content, style_statistics(model, style, DEFAULT_LEVELS))
@@ -103,7 +133,7 @@ def test_tiled_stylization_on_runner_matches_torch_whole_image_within_1e4(runner
             out = stylize_tiled(runner, cv, stats, TilingOptions(tile=64), method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
             got = torch.from_numpy(out.numpy().copy())
             out.close()
-    assert (got.clamp(0, 1) - ref.clamp(0, 1)).abs().max() <= 1e-4
+    assert (got.clamp(0, 1) - ref.clamp(0, 1)).abs().max() <= tol.tiled  # 1e-4 in float32
 
 
 def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):

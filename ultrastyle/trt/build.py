@@ -11,9 +11,9 @@ bindings in NVIDIA/TensorRT ``python/src/infer/pyCore.cpp``):
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     profile = builder.create_optimization_profile(); profile.set_shape(name, min, opt, max)
     config.add_optimization_profile(profile)
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)  -> False: refused
     plan = builder.build_serialized_network(network, config)
-    config.get_timing_cache().serialize()  -> written back to the cache file
+    config.get_timing_cache().serialize()  -> written back to the cache file (None: no cache to keep)
 
 TensorRT 10 vs 11 (migration guide "Migrating from TensorRT 10.x to 11.x"):
 every network is built **strongly typed**: ``STRONGLY_TYPED`` is set where the
@@ -23,12 +23,25 @@ build (`trt.fp16`), int8 graphs carry Q/DQ nodes (``ultrastyle calibrate``);
 no ``BuilderFlag.FP16``/``INT8`` (deprecated 10.12, removed in 11) and no
 ``int8_calibrator`` (deprecated 10.1, removed in 11). Only a TensorRT without
 the strongly-typed flag (older than 10) would fall back to those flags.
-TF32 stays on (TensorRT's default) except for the statistics graph, whose
-GEMM must keep float32's mantissa.
+TF32 is off unless asked for (``build_engines(tf32=True)``; TensorRT's default
+is on): fp32 engines compute in IEEE float32, as the PyTorch runner does on
+CUDA. TF32 keeps 10 mantissa bits of the Conv/MatMul inputs; the whitening
+amplifies that to ~3e-2 on the 5-stage cascade (measured with PyTorch on an
+H100; 2.3e-2 under the test stand-in's TF32 emulation, 0.15 on a 1200-px
+strip), far from the exact-tiling contract. fp16 is the fast precision. The
+statistics graph never uses TF32 (its GEMM must keep float32's mantissa).
 
 The timing cache persists across builds (one file per GPU and TensorRT
 version, `engines.timing_cache_path`), so rebuilding after a re-export
-reuses the measured tactics.
+reuses the measured tactics. A cache TensorRT refuses (``set_timing_cache``
+returns False: another device or version, or damaged) is replaced by a fresh
+one, and the build says so; without any cache the build still runs.
+
+Every TensorRT object gets the process's one logger (`env.tensorrt_logger`).
+Return values that report failure are checked: ``parse``,
+``add_optimization_profile`` (-1 for an invalid profile),
+``set_timing_cache``, ``build_serialized_network`` (None),
+``deserialize_cuda_engine`` (None).
 """
 
 from __future__ import annotations
@@ -44,7 +57,15 @@ import onnx
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.trt import engines as eng
-from ultrastyle.trt.env import GpuInfo, TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_tensorrt_stack
+from ultrastyle.trt.env import (
+    GpuInfo,
+    TrtFeatures,
+    detect_features,
+    engine_device_memory,
+    import_tensorrt,
+    require_tensorrt_stack,
+    tensorrt_logger,
+)
 from ultrastyle.trt.graphs import GraphSource, graph_sources, verify_int8_file
 from ultrastyle.trt.profiles import TileRange, network_shapes
 
@@ -62,6 +83,7 @@ class BuildReport:
     fresh: list[str] = field(default_factory=list)
     reasons: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the build worked around (a refused timing cache)
 
 
 class NetworkFromOnnx:
@@ -91,6 +113,8 @@ class EngineFromNetwork:
     def __init__(self, trt, logger, features: TrtFeatures, *, workspace: int, timing_cache: Path) -> None:
         self.trt, self.logger, self.features = trt, logger, features
         self.workspace, self.timing_cache = workspace, timing_cache
+        self.notes: list[str] = []
+        self.tf32 = False  # what build_engines asks for the float32 layers of the graphs (never for statistics)
 
     def __call__(
         self, network_loader: NetworkFromOnnx, shapes: dict, *, precision: str, quantized: bool, tf32: bool
@@ -112,21 +136,43 @@ class EngineFromNetwork:
         dynamic = _dynamic_inputs(network)
         for name, (mn, opt, mx) in shapes.items():
             if name in dynamic:  # a profile covers dynamic inputs only (A and b have static shapes)
-                profile.set_shape(name, mn, opt, mx)
-        config.add_optimization_profile(profile)
-        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+                try:
+                    profile.set_shape(name, mn, opt, mx)
+                except RuntimeError as exc:  # the binding raises where setDimensions refuses (min <= opt <= max, ranks)
+                    raise BuildError(f"TensorRT refused the profile of {network_loader.label} for {name!r} {mn}..{opt}..{mx}: {exc}") from exc
+        if config.add_optimization_profile(profile) < 0:
+            raise BuildError(f"TensorRT refused the optimisation profile of {network_loader.label}: {shapes} (see its log above)")
+        self._set_timing_cache(config)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise BuildError(
                 f"TensorRT could not build {network_loader.label} (see its log above); try a larger --workspace or a smaller --tile-max"
             )
-        write_atomic(self.timing_cache, bytes(config.get_timing_cache().serialize()))
+        cache = config.get_timing_cache()
+        if cache is not None:
+            write_atomic(self.timing_cache, bytes(cache.serialize()))
         data = bytes(plan)
         runtime = trt.Runtime(self.logger)
         engine = runtime.deserialize_cuda_engine(data)
-        return data, engine_device_memory(engine) if engine is not None else 0
+        if engine is None:
+            raise BuildError(f"TensorRT built {network_loader.label} but cannot load the engine it built (see its log above)")
+        return data, engine_device_memory(engine)
+
+    def _set_timing_cache(self, config) -> None:
+        """The persistent cache, or a fresh one where TensorRT refuses it; none at all if even that is refused."""
+        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        if cache_bytes:
+            self.notes.append(
+                f"TensorRT refused the timing cache {self.timing_cache} (another GPU or TensorRT version, or damaged); "
+                "building with a fresh one, which replaces it"
+            )
+            cache = config.create_timing_cache(b"")
+            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                return
+        self.notes.append("TensorRT refused an empty timing cache; building without one (tactics are measured again next time)")
 
 
 def current_host(trt, gpu: GpuInfo) -> eng.Host:
@@ -145,19 +191,22 @@ def build_engines(
     keep_smaller_profiles: bool = False,
     on_step: Callable[[str], None] | None = None,
     verbose: bool = False,
+    tf32: bool = False,
 ) -> BuildReport:
     """Build every stale or missing engine of ``bundle`` at ``precision`` for this GPU; fresh ones are kept.
 
     An engine whose profile ends below ``ranges`` is rebuilt, unless
     ``keep_smaller_profiles`` (first use from ``stylize``: a profile the user
     built on purpose is kept, and the tiles are fitted to it instead).
+    ``tf32``: let float32 convolutions and GEMMs use TF32 (faster on Ampere and
+    newer, ~1e-3 per network and ~3e-2 on the cascade; see the module docstring).
     """
     gpu = require_tensorrt_stack(
         "building TensorRT engines", f"`ultrastyle build {bundle.path} --check` checks the bundle without them"
     )
     trt = import_tensorrt()
     features = detect_features(trt)
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    logger = tensorrt_logger(trt, verbose=verbose)
     host = current_host(trt, gpu)
     folder = eng.engine_dir(bundle.path, host)
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,8 +222,21 @@ def build_engines(
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(cache_path.parent)
     engine_from = EngineFromNetwork(trt, logger, features, workspace=workspace, timing_cache=cache_path)
+    engine_from.tf32 = tf32
     report = BuildReport(folder)
     t0 = time.perf_counter()
+    try:
+        _build_stale(bundle, precision, ranges, stages, force, keep_smaller_profiles, on_step, manifest, folder, host,
+                     engine_from, report, trt, logger, features, workspace)  # fmt: skip
+    finally:
+        if verbose:
+            tensorrt_logger(trt)  # back to warnings for what runs after the build
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _build_stale(bundle, precision, ranges, stages, force, keep_smaller_profiles, on_step, manifest, folder, host,
+                 engine_from, report, trt, logger, features, workspace) -> None:  # fmt: skip
     for src in graph_sources(bundle, precision, stages):
         rng = ranges[src.stage]
         key = eng.engine_key(src.network, precision)
@@ -186,12 +248,17 @@ def build_engines(
         report.reasons[key] = reasons or ["--force"]
         if on_step:
             on_step(f"building {key} (tiles {rng.min}..{rng.max} px)")
-        _build_one(bundle, src, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace)
+        try:
+            _build_one(bundle, src, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace)
+        finally:
+            for note in engine_from.notes:
+                report.notes.append(note)
+                if on_step:
+                    on_step(note)
+            engine_from.notes.clear()
         eng.write_manifest(folder, manifest)  # after each engine: an interrupted build keeps what it finished
         report.built.append(key)
     eng.write_manifest(folder, manifest)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace) -> None:
@@ -202,7 +269,7 @@ def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engin
     t = time.perf_counter()
     data, device_memory = engine_from(
         NetworkFromOnnx(trt, logger, features, model, f"{src.network} ({src.label}, {precision})"), shapes,
-        precision=precision, quantized=src.quantized, tf32=src.kind != "stats",
+        precision=precision, quantized=src.quantized, tf32=engine_from.tf32 and src.kind != "stats",
     )  # fmt: skip
     name = eng.engine_file(src.network, precision)
     write_atomic(folder / name, data)
@@ -217,7 +284,7 @@ def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engin
         tiles=rng.as_dict(),
         settings={
             "workspace": int(workspace),
-            "tf32": src.kind != "stats",
+            "tf32": engine_from.tf32 and src.kind != "stats",
             "strongly_typed": features.strongly_typed_flag or features.major >= 11,
             "quantized": src.quantized,
             "device_memory": int(device_memory),

@@ -17,6 +17,13 @@ stream, asynchronous copies, a synchronize, and the free/total memory. That is
   runtime-API calls use; ``pycuda.autoinit`` would create a second context
   whose pointers TensorRT could not use.
 
+cuda-python's CUDA major must be one the driver supports (cuda-python 13 needs
+an R580+ driver; on an older one ``cudaSetDevice`` fails with CUDA error 35)
+and should match TensorRT's wheel (``tensorrt-cu12`` with cuda-python 12.x:
+the ``tensorrt`` extra pins both). A cuda-python that cannot use the GPU
+raises `CudaBindingUnusable`, so ``auto`` falls back to pycuda as it does
+when cuda-python is missing.
+
 Pointers are plain ints and streams are plain int handles, which is what
 ``IExecutionContext.set_tensor_address``, ``set_device_memory`` and
 ``execute_async_v3(stream_handle)`` take.
@@ -31,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ultrastyle.trt.env import INSTALL_PYCUDA, INSTALL_TENSORRT, TensorRTUnavailable
+from ultrastyle.trt.env import INSTALL_PYCUDA, INSTALL_TENSORRT, TensorRTUnavailable, package_version, tensorrt_cuda_major
+
+CUDA_BINDING_ENV_NAME = "ULTRASTYLE_CUDA_BINDING"  # the runner's choice of binding (tensorrt_backend.CUDA_BINDING_ENV)
 
 ALIGNMENT = 256  # TensorRT wants device memory aligned to 256 bytes; cudaMalloc's is larger
 
@@ -100,6 +109,23 @@ class DeviceMemory(ABC):
         """Release what the implementation holds itself (contexts); buffers are freed by their owners."""
 
 
+class CudaBindingUnusable(TensorRTUnavailable):
+    """A CUDA binding that is installed but cannot use the GPU (a CUDA major the driver does not support)."""
+
+
+def cuda_binding_advice() -> str:
+    """What to install when cuda-python fails on this driver: the CUDA major of TensorRT's wheel."""
+    cp = package_version("cuda-python") or package_version("cuda-bindings")
+    trt_major = tensorrt_cuda_major()
+    have = f"cuda-python {cp} is installed" if cp else "cuda-python"
+    want = f"{trt_major}" if trt_major else "12"
+    return (
+        f"{have}; its CUDA major must match TensorRT's wheel (CUDA {want} here) and the driver must support it "
+        f"(CUDA 13 needs an R580 or newer driver): pip install 'cuda-python>={want}.0,<{int(want) + 1}' "
+        f"(or update the NVIDIA driver), or set {CUDA_BINDING_ENV_NAME}=pycuda"
+    )
+
+
 def _import_cudart():
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
@@ -116,7 +142,10 @@ class CudaPythonMemory(DeviceMemory):
 
     def __init__(self, device: int = 0) -> None:
         self.rt = _import_cudart()
-        self._call(self.rt.cudaSetDevice(device), "cudaSetDevice")
+        try:
+            self._call(self.rt.cudaSetDevice(device), "cudaSetDevice")
+        except RuntimeError as exc:  # e.g. CUDA error 35: cuda-python 13 on a driver older than R580
+            raise CudaBindingUnusable(f"cuda-python cannot use the GPU ({exc}); {cuda_binding_advice()}") from exc
 
     def _call(self, result, what: str):
         err, *values = result if isinstance(result, tuple) else (result,)
@@ -234,11 +263,11 @@ def open_device_memory(which: str = "auto", device: int = 0) -> DeviceMemory:
         return PyCudaMemory(device)
     try:
         return CudaPythonMemory(device)
-    except TensorRTUnavailable as first:
+    except TensorRTUnavailable as first:  # not installed, or installed for a CUDA the driver lacks
         try:
             return PyCudaMemory(device)
         except TensorRTUnavailable:
-            raise TensorRTUnavailable(f"{first} (pycuda is not installed either)") from None
+            raise type(first)(f"{first} (pycuda is not installed either)") from None
 
 
 class GrowingBuffer:

@@ -167,6 +167,53 @@ def detect_features(trt: ModuleType) -> TrtFeatures:
     )
 
 
+class _LoggerSlot:
+    """The process's one TensorRT logger, per TensorRT module (the real one, or a test's stand-in)."""
+
+    module: ModuleType | None = None
+    logger: object = None
+
+
+def tensorrt_logger(trt: ModuleType, *, verbose: bool = False):
+    """The one TensorRT logger of this process, writing to stderr; ``verbose`` sets its level for what follows.
+
+    TensorRT keeps a single logger pointer per process: a ``Builder`` or
+    ``Runtime`` made with another logger while one exists keeps the first and
+    warns (NVIDIA/TensorRT#1475), so a level asked for a later build would be
+    ignored. Its default ``trt.Logger`` also prints to stdout (pyCore.cpp's
+    ``DefaultLogger``: ``std::cout``), where ``stylize`` writes results. So,
+    like Polygraphy's ``get_trt_logger``, one subclass of ``trt.ILogger``
+    (``log(severity, msg)``, which must not raise) is made on first use and
+    reused by the builder, the parser and the runner's runtime.
+    """
+    slot = _LoggerSlot
+    if slot.module is not trt or slot.logger is None:
+        slot.module, slot.logger = trt, _make_logger(trt)
+    slot.logger.min_severity = int(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)  # type: ignore[attr-defined]
+    return slot.logger
+
+
+def _make_logger(trt: ModuleType):
+    import sys
+
+    names = {int(trt.Logger.INTERNAL_ERROR): "F", int(trt.Logger.ERROR): "E", int(trt.Logger.WARNING): "W",
+             int(trt.Logger.INFO): "I", int(trt.Logger.VERBOSE): "V"}  # fmt: skip
+
+    class StderrLogger(trt.ILogger):  # type: ignore[name-defined, misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.min_severity = int(trt.Logger.WARNING)
+
+        def log(self, severity, msg) -> None:  # called by TensorRT (noexcept): never raise
+            try:
+                if int(severity) <= self.min_severity:  # INTERNAL_ERROR is 0, VERBOSE the largest
+                    print(f"[TensorRT] [{names.get(int(severity), '?')}] {msg}", file=sys.stderr, flush=True)
+            except Exception:  # noqa: BLE001 - a closed stderr must not take TensorRT down
+                pass
+
+    return StderrLogger()
+
+
 def engine_device_memory(engine) -> int:
     """Activation bytes an execution context needs for the engine's whole profile (10.x and 11)."""
     size = getattr(engine, "device_memory_size_v2", None)
@@ -182,6 +229,14 @@ def tensorrt_status() -> tuple[str | None, str | None]:
         if v:
             return v, None
     return None, f"not installed: {INSTALL_TENSORRT}"
+
+
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major TensorRT's installed wheel is built for (``tensorrt-cu12`` -> 12), or None if unknown."""
+    for major in (13, 12, 11):
+        if package_version(f"tensorrt-cu{major}") or package_version(f"tensorrt-cu{major}-libs"):
+            return major
+    return None
 
 
 def _has_module(name: str) -> bool:

@@ -8,11 +8,12 @@ comes from us. All contexts share one activation arena, since they run one
 after another on one stream; before each run the context's input shapes are
 set (``set_input_shape``), the memory it needs for those shapes is asked
 (``update_device_memory_size_for_shapes``, or the profile-wide
-``device_memory_size_v2`` / ``device_memory_size`` where that is missing),
+``device_memory_size_v2`` / ``device_memory_size`` where that is missing or
+answers 0, its error value),
 the arena grows if needed (so it ends up sized for the planned tile, the
 largest one the plan makes) and is bound with ``set_device_memory(ptr, size)``
 (TensorRT 10.1+; the ``device_memory`` attribute before). Tensors are bound
-with ``set_tensor_address`` and the engine runs with
+with ``set_tensor_address`` (its False is an error) and the engine runs with
 ``execute_async_v3(stream)``. (TensorRT Python API, IExecutionContext and
 ICudaEngine; pyCore.cpp in NVIDIA/TensorRT.)
 
@@ -48,7 +49,7 @@ from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.export.stats_graph import stats_from_outputs, window_masks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
 from ultrastyle.trt import engines as eng
-from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu
+from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu, tensorrt_logger
 from ultrastyle.trt.graphs import GraphError, graph_sources
 from ultrastyle.trt.memory_model import memory_factor as trt_memory_factor
 
@@ -128,7 +129,7 @@ class TensorRTRunner(Runner):
                 f"TensorRT engines for {self.bundle.path} at {self.precision} are missing or stale on this GPU "
                 f"({self.host.folder_name}): {shown}. Build them with: ultrastyle build {self.bundle.path} --precision {self.precision}"
             )
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = tensorrt_logger(trt)  # the process's one logger (the builder's too)
         self.runtime = trt.Runtime(self.logger)
         self.mem = open_device_memory(self.cuda_binding)
         self.stream = self.mem.create_stream()
@@ -259,14 +260,14 @@ class TensorRTRunner(Runner):
                 raise RunnerError(f"{name}: no value for input {tensor!r}; expected {net.inputs}")
             if not ctx.set_input_shape(tensor, shape):
                 raise RunnerError(f"{name}: TensorRT refused input {tensor!r} of shape {shape}")
-            ctx.set_tensor_address(tensor, ptr)
+            self._bind_address(net, tensor, ptr)
         for tensor in net.outputs:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(tensor))
             if any(d <= 0 for d in shape):
                 raise RunnerError(f"{name}: TensorRT could not infer the shape of output {tensor!r} ({shape}) from the inputs set")
             net.shapes[tensor] = shape
             buf = self._device_buffer(name, tensor, int(np.prod(shape)) * 4)
-            ctx.set_tensor_address(tensor, buf.ptr)
+            self._bind_address(net, tensor, buf.ptr)
         self._bind_activation_memory(net)
         if not ctx.execute_async_v3(stream):
             raise RunnerError(f"{name}: TensorRT execution failed (see TensorRT's log above)")
@@ -280,9 +281,25 @@ class TensorRTRunner(Runner):
             mem.synchronize(stream)
         return {t: pins[t].view(np.float32, net.shapes[t]).copy() for t in fetch}
 
+    @staticmethod
+    def _bind_address(net: _Network, tensor: str, ptr: int) -> None:
+        if not net.context.set_tensor_address(tensor, ptr):  # False: a null, misaligned or unknown binding
+            raise RunnerError(f"{net.name}: TensorRT refused the device address {ptr:#x} for tensor {tensor!r} (see TensorRT's log above)")
+
     def _bind_activation_memory(self, net: _Network) -> None:
+        """Size the shared arena for this context's current shapes and bind it.
+
+        ``update_device_memory_size_for_shapes`` returns 0 on error
+        (NvInferRuntime.h), and may return 0 when the shapes need nothing: in
+        both cases the profile-wide size (``device_memory_size_v2``, known to
+        cover every shape of the profile) is used instead. The arena always
+        holds a valid allocation, so a pointer is bound even for 0 bytes.
+        """
         ctx = net.context
-        need = int(ctx.update_device_memory_size_for_shapes()) if self.features.memory_for_shapes else net.device_memory
+        need = int(ctx.update_device_memory_size_for_shapes()) if self.features.memory_for_shapes else 0
+        if need <= 0:
+            need = net.device_memory
+        need = max(need, 1)
         if self.arena.nbytes < need:
             self.mem.synchronize(self.stream)  # an earlier engine on the stream may still use the arena
             self.arena.ensure(need)
