@@ -218,8 +218,9 @@ class Stylizer:
         progress: bool = True,
     ) -> None:
         self.model = str(model)
-        stages = make_options(model_defaults(model), levels=levels).levels
-        self.defaults = replace(model_defaults(model), levels=stages)  # calls default to the levels loaded
+        defaults = model_defaults(model)
+        stages = make_options(defaults, levels=levels).levels
+        self.defaults = replace(defaults, levels=stages)  # calls default to the levels loaded
         keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
         self.runner: Runner = open_runner(
             model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,

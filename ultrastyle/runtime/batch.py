@@ -464,29 +464,31 @@ def stylize_content(
     return results
 
 
-def decoded_bytes(src: Source, options: StylizeOptions) -> int:
-    """An upper estimate of the memory ``src`` takes decoded (its header's size; 0 when unreadable)."""
+def _header(src: Source) -> tuple[int, int, int] | None:
+    """(width, height, bytes per sample) of ``src`` from its header alone; None when unreadable (the read reports it)."""
     if isinstance(src, ImageInput):
-        return src.pixels.nbytes
+        h, w = src.pixels.shape[:2]
+        return w, h, src.pixels.itemsize
     try:
         with Image.open(src) as img:
-            w, h = img.size
             deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
-    except Exception:  # noqa: BLE001 - the read reports it
-        return 0
-    return w * h * 3 * (2 if deep else 1)
+            return img.size[0], img.size[1], 2 if deep else 1
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def decoded_bytes(src: Source) -> int:
+    """An upper estimate of the memory ``src`` takes decoded (its header's size; 0 when unreadable)."""
+    header = _header(src)
+    return 0 if header is None else header[0] * header[1] * 3 * header[2]
 
 
 def output_megapixels(src: Source, options: StylizeOptions) -> float:
     """The megapixels ``src`` will have after ``content_size`` (from its header; 0 when unreadable)."""
-    if isinstance(src, ImageInput):
-        h, w = src.pixels.shape[:2]
-    else:
-        try:
-            with Image.open(src) as img:
-                w, h = img.size
-        except Exception:  # noqa: BLE001
-            return 0.0
+    header = _header(src)
+    if header is None:
+        return 0.0
+    w, h, _ = header
     if options.content_size and max(h, w) != options.content_size:
         s = options.content_size / max(h, w)
         h, w = max(1, round(h * s)), max(1, round(w * s))
@@ -583,7 +585,7 @@ def run_batch(
         nonlocal submitted
         while submitted < len(jobs) and submitted <= current + workers:
             job = jobs[submitted]
-            job.estimate = decoded_bytes(job.content, options)
+            job.estimate = decoded_bytes(job.content)
             if submitted > current and not allowance.fits(job.estimate):
                 return
             allowance.take(job.estimate)
