@@ -32,6 +32,13 @@ class Mode(str, Enum):
     adain = "adain"
 
 
+class Kd(str, Enum):
+    cd = "cd"
+    review = "review"
+    cd_review = "cd+review"
+    mse = "mse"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -186,8 +193,11 @@ def distill_command(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x)", show_default="teacher widths x --width-factor")] = None,
     width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width", show_default="0.5")] = None,
     init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights", show_default="prune")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2", show_default="10")] = None,
-    collaborate: Annotated[Optional[bool], typer.Option("--collaborate/--no-collaborate", help="--no-collaborate: embedding loss only (plain feature distillation).")] = None,
+    kd: Annotated[Optional[Kd], typer.Option("--kd", help="Distillation method. cd: collaborator decoder through Q_k + beta * same-level embedding loss; review: knowledge review (ABF fusion from the deepest tap down, hierarchical context loss against every teacher tap); cd+review: both; mse: embedding loss only.", show_default="cd")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2 (with review it only fits Q_k)", show_default="10")] = None,
+    review_weight: Annotated[Optional[float], typer.Option("--review-weight", help="Weight of the knowledge-review loss (--kd review, cd+review)", show_default="1")] = None,
+    review_width: Annotated[Optional[int], typer.Option("--review-width", help="Channels of the training-only fusion (ABF) maps; 0: the student's deepest width", show_default="0")] = None,
+    collaborate: Annotated[Optional[bool], typer.Option("--collaborate/--no-collaborate", help="--no-collaborate: the same as --kd mse (older spelling).")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
     val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None, warmup_steps: WarmupOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
@@ -195,17 +205,21 @@ def distill_command(
     perceptual_weight: PercOpt = None, content_weight: ContentOpt = None, style_weight: StyleWOpt = None,
     config: ConfigOpt = None, resume: ResumeOpt = False,
 ) -> None:  # fmt: skip
-    """Distill a thin student encoder from a teacher with its frozen collaborator decoder (Collaborative Distillation).
+    """Distill a thin student encoder from a teacher (Collaborative Distillation and/or knowledge review).
 
-    ultrastyle distill -t ../shared/models/cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/
+    ultrastyle distill -t cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/ [--kd review]
 
-    Loss: collaborator reconstruction through D(Q_k F'_k) + beta * sum_k ||F_k - Q_k F'_k||^2.
+    --kd cd (default): collaborator reconstruction through D(Q_k F'_k) + beta * sum_k ||F_k - Q_k F'_k||^2.
+    --kd review / cd+review: the student's taps, fused from the deepest tap down by
+    training-only attention modules, must predict every teacher tap (hierarchical
+    context loss, --review-weight); the deployed student is the same network.
     Writes OUT/{k}SE.pth (with the Q_k layers) once all steps are done; train
     its decoder next with `ultrastyle train-decoder --encoder OUT`.
     """
     flags = _common(
         teacher=teacher, out=out, images=images, collaborator=collaborator, student_arch=student_arch,
-        width_factor=width_factor, init=init, beta=beta, collaborate=collaborate, mode=mode, style=style,
+        width_factor=width_factor, init=init, beta=beta, kd=kd, review_weight=review_weight, review_width=review_width,
+        collaborate=collaborate, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
         lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,

@@ -1,7 +1,8 @@
-"""The training half: Collaborative Distillation of student encoders and their decoders (issue #5).
+"""The training half: distillation of student encoders (Collaborative Distillation, knowledge review) and their decoders.
 
 - `data`: seeded random-crop streams over image folders;
 - `tasks`: collaborator decoder, student encoder (Q_k embeddings), student decoder;
+- `review`: knowledge review's training-only ABF modules and hierarchical context loss;
 - `prune`: L1-norm filter pruning, the student's starting point;
 - `trainer`: the loop, checkpoints, resume, Ctrl-C; `logs`: CSV and PNG;
 - `config`, `jobs`: whole runs from a resolved configuration;

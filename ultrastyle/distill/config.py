@@ -21,6 +21,7 @@ from ultrastyle.models.spec import STAGES
 
 CONFIG_FILE = "config.yaml"
 MODES = ("wct", "adain")
+KD_CHOICES = ("cd", "review", "cd+review", "mse")  # tasks.KD_METHODS describes them
 # What may change when a run is resumed: its length and where it runs.
 RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads"})
 
@@ -105,22 +106,48 @@ class DistillConfig(RunConfig):
     width_factor: float = 0.5
     init: str = "prune"  # prune | random | a folder or .pth with the student's weights
     beta: float = 10.0  # weight of the embedding loss Σ_b ||F_b − Q_b F'_b||²
-    collaborate: bool = True  # False: embedding loss only (plain feature distillation)
+    kd: str = "cd"  # cd | review | cd+review | mse (see tasks.KD_METHODS)
+    review_weight: float = 1.0  # weight of the knowledge-review HCL loss
+    review_width: int = 0  # width of the ABF fused maps; 0: the student's deepest tap width
+    collaborate: bool = True  # False with kd "cd": kd "mse" (the older spelling, kept for saved configs)
 
     @property
     def kind(self) -> str:
         return "SE"
 
+    @property
+    def method(self) -> str:
+        """The distillation method, with ``collaborate=False`` read as ``"mse"``."""
+        return "mse" if self.kd == "cd" and not self.collaborate else self.kd
+
+    @property
+    def collaborates(self) -> bool:
+        return self.method in ("cd", "cd+review")
+
+    @property
+    def reviews(self) -> bool:
+        return self.method in ("review", "cd+review")
+
     def check(self) -> None:
         super().check()
         if not self.teacher:
             raise ConfigError("teacher: required")
+        if self.kd not in KD_CHOICES:
+            raise ConfigError(f"kd: must be one of {', '.join(KD_CHOICES)}, got {self.kd!r}")
+        if not self.collaborate and self.kd not in ("cd", "mse"):
+            raise ConfigError(f"collaborate: False contradicts kd {self.kd!r} (use kd mse for feature distillation only)")
+        if self.review_weight < 0:
+            raise ConfigError(f"review_weight: must not be negative, got {self.review_weight}")
+        if self.review_width < 0:
+            raise ConfigError(f"review_width: must not be negative, got {self.review_width}")
         if not 0.0 < self.width_factor <= 1.0:
             raise ConfigError(f"width_factor: must be in (0, 1], got {self.width_factor}")
         if self.beta < 0:
             raise ConfigError(f"beta: must not be negative, got {self.beta}")
-        if not self.collaborate and self.beta == 0:
+        if self.method == "mse" and self.beta == 0:
             raise ConfigError("beta: 0 without a collaborator leaves nothing to train")
+        if self.method == "review" and self.review_weight == 0:
+            raise ConfigError("review_weight: 0 with kd review leaves nothing to train the student")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ultrastyle.distill.config import CONFIG_FILE, ConfigError, DecoderConfig, D
 from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.outputs import claim_folder, write_network
 from ultrastyle.distill.prune import prune_decoder, prune_encoder
+from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult
 from ultrastyle.models import convert
@@ -109,6 +110,16 @@ def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec) -> En
     return convert.cd_encoder(path, k, spec=spec, aux=True)
 
 
+def _review_head(config: DistillConfig, teacher: Encoder, student: Encoder) -> ReviewHead:
+    """The ABF modules of a knowledge-review run, initialised from ``config.seed`` (the global RNG is left alone)."""
+    k = config.stage
+    widths = [getattr(student, f"conv{b}1").out_channels for b in range(1, k + 1)]
+    t_widths = [getattr(teacher, f"conv{b}1").out_channels for b in range(1, k + 1)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return ReviewHead(widths, t_widths, config.review_width)
+
+
 CALIBRATION_CROPS = 16
 
 
@@ -177,7 +188,7 @@ def distill(
     on_step: Callable[[StepReport], None] | None = None,
     on_message: Callable[[str], None] = lambda m: None,
 ) -> JobResult:
-    """Train the stage-``config.stage`` student encoder by Collaborative Distillation.
+    """Train the stage-``config.stage`` student encoder by ``config.method`` (Collaborative Distillation by default).
 
     With ``resume``, the run folder's saved settings are used; ``explicit``
     names the settings the caller chose (default: every field of ``config``):
@@ -190,10 +201,12 @@ def distill(
     data = _data(config, on_message)
     teacher = sources.load_encoder(config.teacher, k)
     spec = student_spec(teacher.spec, config.student_arch, config.width_factor)
-    decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborate else None
+    decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborates else None
     student = _student_init(config, teacher, spec)
+    review = _review_head(config, teacher, student) if config.reviews else None
     task = StudentEncoderTask(
-        teacher, student, decoder, beta=config.beta, mode=config.mode,  # type: ignore[arg-type]
+        teacher, student, decoder, beta=config.beta, review=review, review_weight=config.review_weight,
+        mode=config.mode,  # type: ignore[arg-type]
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip

@@ -14,6 +14,9 @@ The three tasks of Collaborative Distillation (Wang et al., CVPR 2020):
    collaborator decodes, plus β Σ_b ||F_b − Q_b F'_b||².
 3. `DecoderTask` with the trained student as encoder (and, as in CD, the
    teacher for the perceptual loss): the student's own decoder (SD).
+
+`StudentEncoderTask` also takes a knowledge-review head (`review.ReviewHead`,
+Chen et al., CVPR 2021) in place of, or beside, the collaborator: see `KD_METHODS`.
 """
 
 from __future__ import annotations
@@ -24,10 +27,19 @@ import torch
 from torch import nn
 
 from ultrastyle.distill.losses import adain, mse, perceptual_loss, style_loss
+from ultrastyle.distill.review import ReviewHead, review_loss
 from ultrastyle.models.networks import Decoder, Encoder
 
 Mode = Literal["wct", "adain"]
 Batch = dict[str, torch.Tensor]
+
+# Student-encoder distillation methods: what supervises the student.
+KD_METHODS = {
+    "cd": "collaborator decoder through Q_k + beta * same-level embedding loss (Collaborative Distillation)",
+    "review": "knowledge review: ABF fusion from the deepest tap down + HCL against every teacher tap",
+    "cd+review": "collaborator decoder through Q_k + knowledge review",
+    "mse": "same-level embedding loss only (plain feature distillation)",
+}
 
 
 def freeze(net: nn.Module) -> nn.Module:
@@ -40,14 +52,25 @@ class Task(nn.Module):
     """Base: ``trained`` is the one network whose weights the optimiser updates."""
 
     trained: nn.Module
+    # Training-only modules optimised with ``trained`` (e.g. ABF): checkpointed, never exported.
+    helpers: nn.Module | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # An instance attribute, not a class default: nn.Module keeps submodules in
+        # _modules, which a class-level None would shadow.
+        self.helpers = None
 
     def parameters_to_train(self) -> list[nn.Parameter]:
-        return [p for p in self.trained.parameters() if p.requires_grad]
+        nets = [self.trained] if self.helpers is None else [self.trained, self.helpers]
+        return [p for net in nets for p in net.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> Task:
-        # Only the trained network ever switches mode; frozen ones stay in eval.
+        # Only the trained networks ever switch mode; frozen ones stay in eval.
         self.training = mode
         self.trained.train(mode)
+        if self.helpers is not None:
+            self.helpers.train(mode)
         return self
 
 
@@ -130,6 +153,13 @@ class StudentEncoderTask(Task):
 
     ``decoder=None`` leaves only the embedding loss: plain feature
     distillation, the baseline CD improves on.
+
+    With a ``review`` head (knowledge review), ``review_weight`` * HCL of the
+    head's predictions against every teacher tap supervises the student's
+    features instead of the same-level embedding loss: that loss then reads
+    the student's taps detached, so it only fits the Q_b (they stay the
+    linear read-out the teacher's decoder and a pruned decoder start use).
+    The collaborator loss, if any, still reaches the student through Q_k.
     """
 
     def __init__(
@@ -139,6 +169,8 @@ class StudentEncoderTask(Task):
         decoder: Decoder | None,
         *,
         beta: float = 10.0,
+        review: ReviewHead | None = None,
+        review_weight: float = 1.0,
         mode: Mode = "wct",
         pixel_weight: float = 1.0,
         perceptual_weight: float = 1.0,
@@ -158,25 +190,39 @@ class StudentEncoderTask(Task):
                 raise ValueError(f"Q_{b} maps to {q.out_channels} channels, the teacher's relu{b}_1 has {t_width}")
         if decoder is not None and decoder.in_channels != teacher.out_channels:
             raise ValueError(f"collaborator decoder reads {decoder.in_channels} channels, the teacher gives {teacher.out_channels}")
+        if review is not None and len(review.abfs) != k:
+            raise ValueError(f"review head has {len(review.abfs)} levels, stage {k} has {k} taps")
         self.teacher = freeze(teacher)
         self.decoder = freeze(decoder) if decoder is not None else None
         self.trained = self.student = student.requires_grad_(True)
-        self.stage, self.beta, self.mode = k, beta, mode
+        self.helpers = self.review = review.requires_grad_(True) if review is not None else None
+        self.stage, self.beta, self.review_weight, self.mode = k, beta, review_weight, mode
         self.weights = dict(pixel=pixel_weight, perceptual=perceptual_weight, content=content_weight, style=style_weight)
 
     def embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Q_b F'_b for b = 1..k: the student's taps in the teacher's width."""
-        return {name: getattr(self.student, f"conv{name[4]}1_aux")(f) for name, f in self.student.taps(x).items()}
+        return self._embed(self.student.taps(x))
+
+    def _embed(self, taps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: getattr(self.student, f"conv{name[4]}1_aux")(f) for name, f in taps.items()}
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         c = batch["content"]
         last = f"relu{self.stage}_1"
         with torch.no_grad():
             t_taps = self.teacher.taps(c)
-        emb = self.embed(c)
-        embed = perceptual_loss(emb, t_taps)
-        out = {"embed": embed}
-        total = self.beta * embed
+        s_taps = self.student.taps(c)
+        emb = self._embed(s_taps)
+        out: dict[str, torch.Tensor] = {}
+        if self.review is None:
+            out["embed"] = perceptual_loss(emb, t_taps)
+        else:
+            # Review supervises the features; the embedding loss only fits Q_b (detached taps).
+            out["embed"] = perceptual_loss(self._embed({n: f.detach() for n, f in s_taps.items()}), t_taps)
+            out["review"] = review_loss(self.review, s_taps, t_taps)
+        total = self.beta * out["embed"]
+        if "review" in out:
+            total = total + self.review_weight * out["review"]
         w = self.weights
         if self.decoder is not None and self.mode == "wct":
             rec = self.decoder(emb[last])

@@ -2,8 +2,9 @@
 
 A run directory holds:
 
-- ``checkpoint.pt``: step, the trained network, the optimizer (Adam moments),
-  the RNG states and the resolved config; written to a temporary file,
+- ``checkpoint.pt``: step, the trained network (and the task's training-only
+  ``helpers``, e.g. knowledge review's ABF modules), the optimizer (Adam
+  moments), the RNG states and the resolved config; written to a temporary file,
   fsynced and renamed, so a crash never leaves a half-written checkpoint;
 - ``log.csv`` and ``losses.png``: the loss curves (see `logs`).
 
@@ -202,6 +203,8 @@ class Trainer:
                 "steps": self.options.steps,
                 "seconds": seconds,
                 "trained": {k: v.detach().cpu() for k, v in self.task.trained.state_dict().items()},
+                **({"helpers": {k: v.detach().cpu() for k, v in self.task.helpers.state_dict().items()}}
+                   if self.task.helpers is not None else {}),  # fmt: skip
                 "optimizer": self.optimizer.state_dict(),
                 "rng": _rng_state(),
                 "config": self.config,
@@ -221,6 +224,8 @@ class Trainer:
         ck = read_checkpoint(self.checkpoint_path)
         try:
             self.task.trained.load_state_dict(ck["trained"])
+            if self.task.helpers is not None:  # training-only modules (e.g. knowledge review's ABF)
+                self.task.helpers.load_state_dict(ck["helpers"])
             self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise TrainingError(
