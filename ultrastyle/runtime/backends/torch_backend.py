@@ -10,6 +10,7 @@ from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.runtime import memory
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+from ultrastyle.runtime.backends.torch_engine import StageEngine, network_dtype
 
 
 def _fp32_exact() -> list[tuple[object, str, object]]:
@@ -50,15 +51,49 @@ def _restore_fp32(changed: list[tuple[object, str, object]]) -> None:
 
 
 class TorchRunner(Runner):
-    """Runs a `StyleModel`'s modules eagerly on the model's device."""
+    """Runs a `StyleModel`'s modules on the model's device: eagerly in float32 (the reference), or through a `StageEngine`.
+
+    ``precision``: ``fp32`` (the reference), ``bf16``, or ``fp16`` (CUDA only:
+    PyTorch's float16 convolutions on the CPU ran 80x slower than float32
+    here); the networks run in it, statistics and the affine fit stay float64.
+    ``compile``: the stage networks through ``torch.compile`` (one compile per
+    network and tile shape, cached on disk under ``$ULTRASTYLE_HOME/cache``),
+    with the affine map folded into each decoder's first convolution
+    (``fuse_affine``, default: with ``compile``). See `torch_engine`.
+    """
 
     backend = "torch"
 
-    def __init__(self, model: StyleModel, threads: int = 0, tf32: bool = False, heap_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        model: StyleModel,
+        threads: int = 0,
+        tf32: bool = False,
+        heap_factor: float | None = None,
+        *,
+        precision: str = "fp32",
+        compile: bool = False,
+        fuse_affine: bool | None = None,
+        compile_mode: str | None = None,
+    ) -> None:
         super().__init__(model.name, model.arch, model.stages)
         self.model = model
         self.threads = threads
         self.tf32 = tf32  # True: leave PyTorch's TF32 settings as they are (faster on a GPU, ~1e-3 off the reference)
+        network_dtype(precision)  # a typed error for an unknown precision, before anything is copied
+        if precision == "fp16" and model.device.type != "cuda":
+            raise RunnerError(
+                f"precision='fp16' runs the torch backend on a CUDA device only: on the {model.device.type} PyTorch's "
+                "float16 convolutions are tens of times slower than float32; use precision='bf16' or 'fp32' there"
+            )
+        self.precision, self.compile = precision, bool(compile)
+        # The fast paths; None: the float32 eager reference, the model itself.
+        self.engine: StageEngine | None = (
+            StageEngine(model, precision, compile=compile, fuse_affine=fuse_affine, compile_mode=compile_mode)
+            if precision != "fp32" or compile or fuse_affine
+            else None
+        )
+        self._nets: StageEngine | StyleModel = self.engine if self.engine is not None else model
         # What the C heap's retention adds to eager tiles on the CPU (`memory.heap_factor`), read once here,
         # so that this runner's tile plans do not change with later process-wide heap settings.
         self.heap_factor = memory.heap_factor() if heap_factor is None else heap_factor
@@ -92,26 +127,28 @@ class TorchRunner(Runner):
         if stage not in self.model.encoders:
             raise RunnerError(f"{self.name} has no stage {stage}; it has {list(self.stages)}")
         if kind == "encoder":
-            return {"features": self.model.encode(stage, feed["image"])}
+            return {"features": self._nets.encode(stage, feed["image"])}
         if kind in ("decoder_affine", "decoder_folded"):
-            return {"image": self.model.decode(stage, feed["features"], feed["A"], feed["b"])}
+            return {"image": self._nets.decode(stage, feed["features"], feed["A"], feed["b"])}
+        if self.engine is not None:
+            return {"image": self.engine.decode_plain(stage, feed["features"])}
         return {"image": self.model.decoders[stage](feed["features"])}
 
     def encode_core(self, stage: int, image: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
         self._check_active()
-        return self.model.encode_core(stage, image, rows, cols)
+        return self._nets.encode_core(stage, image, rows, cols)
 
     def decode_core(
         self, stage: int, features: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
     ) -> torch.Tensor:
         self._check_active()
-        return self.model.decode_core(stage, features, a, b, rows, cols)
+        return self._nets.decode_core(stage, features, a, b, rows, cols)
 
     def stylize_core(
         self, stage: int, image: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: slice, cols: slice
     ) -> torch.Tensor:
         self._check_active()
-        return self.model.stylize_core(stage, image, a, b, rows, cols)
+        return self._nets.stylize_core(stage, image, a, b, rows, cols)
 
     def release_memory(self, keep_bytes: int = 0) -> None:
         # PyTorch's CUDA cache: emptied once it holds more than keep_bytes unused (the CPU allocator returns memory itself).
@@ -121,8 +158,12 @@ class TorchRunner(Runner):
 
     @property
     def traits(self) -> RunnerTraits:
-        """Eager PyTorch's, with the heap factor on the CPU (the CUDA allocator's cache is no heap the planner models)."""
-        return replace(EAGER_HOST, default_memory_factor=self.heap_factor) if self.device.type == "cpu" else EAGER_DEVICE
+        """Eager PyTorch's, with the heap factor on the CPU (the CUDA allocator's cache is no heap the planner models).
+
+        Compiled: uniform tiles, so each stage's networks see few shapes (one compile each).
+        """
+        base = replace(EAGER_HOST, default_memory_factor=self.heap_factor) if self.device.type == "cpu" else EAGER_DEVICE
+        return replace(base, uniform_tiles=True) if self.compile else base
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
