@@ -32,16 +32,30 @@ class ImageError(ValueError):
     """A file that cannot be read or written as an image; the message names file and cause."""
 
 
+class AnimatedImageWarning(UserWarning):
+    """An image with several frames: its first frame is used."""
+
+
 @contextmanager
-def _bomb_guard(max_pixels: int):
+def pil_limits_off():
+    # Pillow's own guard (a warning above MAX_IMAGE_PIXELS, an error above twice that) is off while a file is
+    # opened here: `check_pixels` reads the header's size against ``max_pixels`` before anything is decoded,
+    # so there is one limit and one message. (Pillow reads the global at open time only.)
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse, before decoding, an image whose header promises more than ``max_pixels`` or no pixels; `ImageError`."""
+    if width * height > max_pixels:
+        raise ImageError(f"{path}: {width}x{height} = {width * height / 1e6:.0f} MP is above the limit of "
+                         f"{max_pixels / 1e6:.0f} MP (max_pixels); raise the limit to read it")  # fmt: skip
+    if width == 0 or height == 0:
+        raise ImageError(f"{path}: zero-size image ({width}x{height})")
 
 
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -70,12 +84,10 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             raise ImageError(f"{path}: is a directory, not an image")
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with _bomb_guard(max_pixels), Image.open(path) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of {max_pixels / 1e6:.0f} MP (raise --max-pixels to allow it)")
-            if w == 0 or h == 0:
-                raise ImageError(f"{path}: zero-size image ({w}x{h})")
+        with pil_limits_off(), Image.open(path) as img:
+            check_pixels(path, *img.size, max_pixels)
+            if getattr(img, "n_frames", 1) > 1 and img.format in ("GIF", "PNG", "WEBP"):
+                warnings.warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
             if _is_rgb16(path, img):
@@ -85,8 +97,6 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             return _to_array(img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: image is larger than the limit of {max_pixels / 1e6:.0f} MP (raise --max-pixels to allow it): {exc}") from exc
     except PermissionError as exc:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from exc
     except UnidentifiedImageError as exc:

@@ -23,6 +23,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,22 +35,25 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, read_image, resize_long_side,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, pil_limits_off, read_image, resize_long_side,
 )  # fmt: skip
 from ultrastyle.io.pyramid import PyramidOptions, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
-from ultrastyle.core.canvas import Canvas, canvas_from_array
+from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
+from ultrastyle.core.resample import resized_size
+from ultrastyle.io.stream import BAND_ROWS, ImageStream, open_stream, stream_blocker
 from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.core.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
-    TileCallback, canvas_to_image, content_canvas, plan_image_for, style_statistics_tiled, stylize_tiled,
+    TileCallback, canvas_to_image, plan_image_for, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
 from ultrastyle.core.transforms import FeatureStats
 
+STREAMING = ("auto", "always", "never")
 # Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline, with no budget.
 UNBOUNDED = TilingOptions.unbounded()
 
@@ -129,11 +133,16 @@ class StylizeOptions:
     # computed; at least one of each is always admitted. None: half the tiling budget (1 GiB whole-image).
     io_memory: int | None = None
     pyramid: PyramidOptions = PyramidOptions()  # zoomable outputs: dzi, and tiff's layout and compression
+    # Content files read a band at a time (`io.stream`): "auto" where reading one whole would not fit the
+    # allowance of decoded images (`io_allowance`), "always" where the file allows it, "never".
+    streaming: str = "auto"
 
     def __post_init__(self) -> None:
         check_mode(self.preserve_color)
         if not 0 <= self.png_level <= 9:
             raise ValueError(f"png_level must be 0..9, got {self.png_level}")
+        if self.streaming not in STREAMING:
+            raise ValueError(f"streaming must be one of {', '.join(STREAMING)}, got {self.streaming!r}")
 
     @property
     def resolved_tiling(self) -> TilingOptions:
@@ -389,7 +398,7 @@ def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
 
 
 class Decoded:
-    """A decoded content, handed over once (`take`), so that only its canvas outlives the hand-over."""
+    """A decoded content, handed over once (`to_canvas`), so that only its canvas outlives the hand-over."""
 
     def __init__(self, pixels: np.ndarray, original: tuple[int, int]) -> None:
         self._pixels: np.ndarray | None = pixels
@@ -401,15 +410,92 @@ class Decoded:
         pixels, self._pixels = self._pixels, None
         if pixels is None:
             raise RuntimeError("the decoded pixels were handed over already")
+        self._taken()
+        return pixels
+
+    def _taken(self) -> None:
         if self.on_take is not None:
             self.on_take()
             self.on_take = None
-        return pixels
+
+    def to_canvas(self, site: CanvasSite) -> Canvas:
+        """The pixels as a [0, 1] canvas at ``site`` (converted band by band; the pixels are dropped)."""
+        return canvas_from_array(self.take(), disk_dir=site.disk_dir, device=site.device)
+
+
+class StreamedDecoded(Decoded):
+    """A content file that is decoded (and resized) into its canvas a band of rows at a time, never whole."""
+
+    def __init__(self, stream: ImageStream) -> None:
+        self.stream = stream
+        self.original = stream.original
+        self.shape = (*stream.size, 3)
+        self.on_take = None
+
+    def take(self) -> np.ndarray:
+        raise RuntimeError(f"{self.stream.path}: a streamed content is read into its canvas (to_canvas), not whole")
+
+    def to_canvas(self, site: CanvasSite) -> Canvas:
+        self._taken()
+        h, w, c = self.shape
+        canvas = Canvas(c, h, w, disk_dir=site.disk_dir, device=site.device)
+        try:
+            for r0, band in self.stream.bands():
+                peak = np.float32(sample_peak(band.dtype))
+                canvas.write(r0, 0, np.moveaxis(band, 2, 0).astype(np.float32) / peak)
+        except BaseException:
+            canvas.close()
+            raise
+        return canvas
+
+
+def whole_read_bytes(src: Source, options: StylizeOptions) -> int:
+    """The memory `load_content` takes for ``src`` (from its header): the decoded pixels, and resizing's float copies."""
+    header = _header(src)
+    if header is None:
+        return 0
+    w, h, depth = header
+    nh, nw = resized_size(h, w, options.content_size)
+    resize = 12 * (h * w + 2 * nh * nw) if (nh, nw) != (h, w) else 0
+    return h * w * 3 * depth + resize
+
+
+def streamed_read_bytes(src: Source, options: StylizeOptions) -> int:
+    """The memory a streamed read of ``src`` holds: a band of the file and of the resized rows (float32)."""
+    header = _header(src)
+    if header is None:
+        return 0
+    w, h, _ = header
+    nw = resized_size(h, w, options.content_size)[1]
+    return BAND_ROWS * 3 * 4 * (2 * w + nw) * 2
+
+
+def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | None]:
+    """(stream?, bytes the read holds, why a file that should stream cannot) for ``src`` under ``options``."""
+    whole = whole_read_bytes(src, options)
+    if isinstance(src, ImageInput) or options.streaming == "never":
+        return False, whole, None
+    if options.streaming == "auto" and whole <= options.io_allowance:
+        return False, whole, None
+    why = stream_blocker(src)
+    if why is not None:
+        return False, whole, why
+    return True, streamed_read_bytes(src, options), None
 
 
 def decode(src: Source, options: StylizeOptions) -> Decoded:
-    """`load_content` as a `Decoded`."""
+    """``src`` read whole (`load_content`), or opened for a streamed read where `read_plan` says so."""
+    stream, _, why = read_plan(src, options)
+    if stream:
+        return StreamedDecoded(open_stream(src, max_pixels=options.max_pixels, content_size=options.content_size))
+    if why is not None:
+        warnings.warn(f"{src}: read whole ({whole_read_bytes(src, options) / 2**20:.0f} MiB, above the "
+                      f"{options.io_allowance / 2**20:.0f} MiB allowance for decoded images): {why}", ReadWholeWarning, stacklevel=2)  # fmt: skip
     return Decoded(*load_content(src, options))
+
+
+class ReadWholeWarning(UserWarning):
+    """A content that should have been streamed (too large to read whole within the budget) is read whole."""
 
 
 def stylize_content(
@@ -434,7 +520,7 @@ def stylize_content(
     tiling = options.resolved_tiling
     try:  # one plan per image: where its canvases go, each stage's tiles
         plan = plan_image_for(model, h, w, options.levels, tiling, masked=any(p.style.mask is not None for p in pairs))
-        content = content_canvas(model, decoded.take(), tiling, options.levels, plan=plan)
+        content = decoded.to_canvas(plan.site)
     except Exception as exc:  # noqa: BLE001 - the pairs fail, the batch goes on
         if raise_errors:
             raise
@@ -470,17 +556,11 @@ def _header(src: Source) -> tuple[int, int, int] | None:
         h, w = src.pixels.shape[:2]
         return w, h, src.pixels.itemsize
     try:
-        with Image.open(src) as img:
+        with pil_limits_off(), Image.open(src) as img:  # the header: no pixel limit applies to reading it
             deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
             return img.size[0], img.size[1], 2 if deep else 1
     except Exception:  # noqa: BLE001
         return None
-
-
-def decoded_bytes(src: Source) -> int:
-    """An upper estimate of the memory ``src`` takes decoded (its header's size; 0 when unreadable)."""
-    header = _header(src)
-    return 0 if header is None else header[0] * header[1] * 3 * header[2]
 
 
 def output_megapixels(src: Source, options: StylizeOptions) -> float:
@@ -488,10 +568,7 @@ def output_megapixels(src: Source, options: StylizeOptions) -> float:
     header = _header(src)
     if header is None:
         return 0.0
-    w, h, _ = header
-    if options.content_size and max(h, w) != options.content_size:
-        s = options.content_size / max(h, w)
-        h, w = max(1, round(h * s)), max(1, round(w * s))
+    h, w = resized_size(header[1], header[0], options.content_size)
     return h * w / 1e6
 
 
@@ -585,7 +662,7 @@ def run_batch(
         nonlocal submitted
         while submitted < len(jobs) and submitted <= current + workers:
             job = jobs[submitted]
-            job.estimate = decoded_bytes(job.content)
+            job.estimate = read_plan(job.content, options)[1]
             if submitted > current and not allowance.fits(job.estimate):
                 return
             allowance.take(job.estimate)
@@ -676,6 +753,6 @@ def run_batch(
 
 __all__ = [
     "BatchInterrupted", "BatchSummary", "ImageInput", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
-    "StyleSpec", "StylizeOptions", "as_pixels", "decode", "default_io_workers", "load_content", "output_megapixels",
+    "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "as_pixels", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
     "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
 ]  # fmt: skip

@@ -1,0 +1,169 @@
+"""Content images read as bands of rows through libvips, never whole, resized on the way.
+
+`read_image` decodes a whole file (a 1 gigapixel JPEG is 3 GB of uint8, and its
+resize a float32 copy four times that). `open_stream` reads the same pixels a
+band at a time: libvips (pyvips, the ``vips`` extra) decodes JPEG, PNG,
+TIFF/BigTIFF and WebP sequentially, and `core.resample.RowResampler` applies
+`resize_long_side`'s filter to the rows as they come. The bands equal what
+`read_image` (+ `resize_long_side`) returns: the colour conversions are
+Pillow's own, applied per band (tests/test_stream.py).
+
+Not streamed (`stream_blocker` says why, and the caller reads the file whole):
+EXIF-rotated images (a rotation needs every row first), interlaced PNG, images
+whose layout this module does not convert (e.g. Lab TIFF), and in-memory images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ultrastyle.core.resample import RowResampler, resized_size
+from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_png_data, check_pixels
+
+BAND_ROWS = 256  # rows per band handed on; a 1 GP image's band (31.6k wide) is 97 MB as float32
+
+
+def vips_available() -> bool:
+    """Whether pyvips and a libvips it can load are installed (``pip install 'ultrastyle[vips]'``)."""
+    if importlib.util.find_spec("pyvips") is None:
+        return False
+    try:
+        import pyvips  # noqa: F401  - its import loads libvips (the pyvips-binary wheel or the system's)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+_FORMATS = {"uchar": np.uint8, "ushort": np.uint16, "float": np.float32}
+
+
+class ImageStream:
+    """One content file read top to bottom in bands.
+
+    ``size``: (H, W) of the bands (after ``content_size``); ``original``: (H, W) of the file; ``dtype``: the bands'
+    sample type: uint8 / uint16 as the file holds them, float32 in [0, 1] when resized or a float TIFF.
+    """
+
+    def __init__(self, path: Path, image: object, content_size: int) -> None:
+        self.path = path
+        self._image = image
+        h, w = image.height, image.width  # type: ignore[attr-defined]
+        self.original = (h, w)
+        self.size = resized_size(h, w, content_size)
+        self._fmt = image.format  # type: ignore[attr-defined]
+        native = _FORMATS[self._fmt]
+        self.dtype = np.dtype(np.float32 if self.size != self.original else native)
+        self._mode = _mode_of(image)
+
+    def bands(self, rows: int = BAND_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W, 3) array) from the top; a decoding error is an `ImageError` naming the file."""
+        import pyvips
+
+        h, w = self.original
+        resampler = RowResampler(h, w, *self.size, band=rows) if self.size != self.original else None
+        region = pyvips.Region.new(self._image)
+        try:
+            for r0 in range(0, h, rows):
+                n = min(rows, h - r0)
+                raw = np.frombuffer(region.fetch(0, r0, w, n), dtype=_FORMATS[self._fmt])
+                rgb = _to_rgb(raw.reshape(n, w, -1), self._mode)
+                if resampler is None:
+                    yield r0, rgb
+                    continue
+                peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(rgb.dtype)
+                block = rgb.astype(np.float32) / np.float32(peak) if peak else rgb
+                yield from resampler.push(block)
+        except pyvips.Error as exc:
+            raise ImageError(f"{self.path}: truncated or corrupt image data ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "detail", "") or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _mode_of(image: object) -> str:
+    """Pillow's name for the file's layout, which `_to_array` converts the same way."""
+    bands, interp, fmt = image.bands, image.interpretation, image.format  # type: ignore[attr-defined]
+    if fmt not in _FORMATS:
+        raise ValueError(f"{fmt} samples")
+    if interp == "cmyk" and bands == 4 and fmt == "uchar":
+        return "CMYK"
+    if interp in ("b-w", "grey16") or bands in (1, 2):
+        return {1: "L", 2: "LA"}.get(bands, "?")
+    if interp in ("srgb", "rgb16", "rgb", "scrgb") and bands in (3, 4):
+        return {3: "RGB", 4: "RGBA"}[bands]
+    raise ValueError(f"{interp} with {bands} bands")
+
+
+def _to_rgb(a: np.ndarray, mode: str) -> np.ndarray:
+    """(rows, W, bands) in the file's layout -> (rows, W, 3) as `read_image` converts it (Pillow's conversions)."""
+    if a.dtype == np.uint8 and mode in ("CMYK", "LA", "RGBA"):
+        img = Image.fromarray(np.ascontiguousarray(a), mode)
+        if mode == "CMYK":
+            return np.asarray(img.convert("RGB"))
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
+    if mode in ("LA", "RGBA"):  # 16-bit or float with alpha: over white in float, as `_read_rgb16` does
+        peak = 65535 if a.dtype == np.uint16 else 1
+        colour = a[..., :-1].astype(np.float32)
+        alpha = a[..., -1:].astype(np.float32) / peak
+        out = colour * alpha + peak * (1 - alpha)
+        a = (out + 0.5).astype(np.uint16) if a.dtype == np.uint16 else out.astype(np.float32)
+        mode = mode[:-1]
+    if mode in ("L", "LA"):
+        return np.repeat(a[..., :1], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def stream_blocker(path: str | Path) -> str | None:
+    """Why ``path`` cannot be streamed (read whole instead), or None when it can; never raises."""
+    if not vips_available():
+        return "pyvips is not installed (pip install 'ultrastyle[vips]')"
+    import pyvips
+
+    try:
+        image = pyvips.Image.new_from_file(str(path))  # the header only
+        fields = set(image.get_fields())
+        if "orientation" in fields and image.get("orientation") not in (0, 1):
+            return "its EXIF orientation turns it, which needs every row first"
+        if image.get("vips-loader").startswith("png") and "interlaced" in fields and image.get("interlaced"):
+            return "an interlaced PNG cannot be decoded a band at a time"
+        _mode_of(image)
+    except (pyvips.Error, ValueError) as exc:
+        return f"libvips cannot stream it ({_first_line(exc)})"
+    return None
+
+
+def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> ImageStream:
+    """Open ``path`` for `ImageStream.bands` after checking its header (size against ``max_pixels``, PNG data length).
+
+    Raises `ImageError` naming the file and the cause; warns (`AnimatedImageWarning`) that an animation's first
+    frame is used. Call `stream_blocker` first: a file it names is not handled here.
+    """
+    import pyvips
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    try:
+        image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
+    except pyvips.Error as exc:
+        raise ImageError(f"{path}: not an image file libvips can read ({_first_line(exc)})") from None
+    check_pixels(path, image.width, image.height, max_pixels)
+    if image.get("vips-loader").startswith("png"):
+        check_png_data(path)
+    fields = set(image.get_fields())
+    pages = image.get("n-pages") if "n-pages" in fields else 1
+    if pages > 1 and image.get("vips-loader").split("load")[0] in ("gif", "webp", "png", "heif"):
+        warnings.warn(f"{path}: an animation of {pages} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
+    return ImageStream(path, image, content_size)
+
+
+__all__ = ["AnimatedImageWarning", "BAND_ROWS", "ImageStream", "open_stream", "stream_blocker", "vips_available"]
