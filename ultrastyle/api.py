@@ -33,7 +33,7 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import open_runner
 from ultrastyle.runtime.batch import (
-    BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, StyleSpec, StylizeOptions, decode,
+    BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode,
     plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.cascade import parse_levels
@@ -104,6 +104,7 @@ def make_options(
     tiff_layout: str = "auto",
     tiff_compression: str = "deflate",
     dzi_tiles: str = "jpg",
+    streaming: str = "auto",
 ) -> StylizeOptions:
     """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults``.
 
@@ -115,8 +116,10 @@ def make_options(
     "auto" (a pyramid above 8192 pixels); ``tiff_compression`` of pyramids:
     "deflate", "zstd" or "jpeg". ``tile``: a fixed tile core side
     (None or ``"auto"``: fitted to the budget). ``halo``: None or ``"exact"``
-    for the exact result, else at most that many pixels (approximate). Raises
-    `OptionError` naming the setting.
+    for the exact result, else at most that many pixels (approximate).
+    ``streaming``: read content files a band at a time (libvips, the ``vips``
+    extra): "auto" where a whole read would not fit beside the budget,
+    "always", or "never". Raises `OptionError` naming the setting.
     """
     if method is not None and method not in ("wct", "adain"):
         raise OptionError("method", f"expected 'wct' or 'adain', got {method!r}")
@@ -148,6 +151,8 @@ def make_options(
         raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}")
     if content_size < 0 or style_size < 0:
         raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep the size) or a number of pixels")
+    if streaming not in STREAMING:
+        raise OptionError("streaming", f"expected one of {', '.join(STREAMING)}, got {streaming!r}")
     if io_workers < 0:
         raise OptionError("io_workers", f"expected 0 (from the core count) or a number of threads, got {io_workers}")
     tiling = TilingOptions(
@@ -164,6 +169,7 @@ def make_options(
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
         io_workers=io_workers, io_memory=None if io_memory is None else _bytes("io_memory", io_memory),
         pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
+        streaming=streaming,
     )  # fmt: skip
 
 
@@ -201,8 +207,9 @@ class Stylizer:
 
     ``model``: a zoo name (installed on first use), a weights folder or a bundle
     folder. ``levels``: the stages to load and run by default (default: the
-    model's default levels); calls may run any of them. Use as a context manager, or
-    call `close`.
+    model's default levels); calls may run any of them. ``precision`` and
+    ``compile`` (half-precision and compiled PyTorch networks): see
+    `runtime.backends.select.open_runner`. Use as a context manager, or call `close`.
     """
 
     def __init__(
@@ -212,6 +219,7 @@ class Stylizer:
         backend: str = "auto",
         device: str = "cpu",
         precision: str = "fp32",
+        compile: bool = False,
         threads: int = 0,
         levels: Sequence[int] | str | None = None,
         on_message: Callable[[str], None] | None = None,
@@ -224,7 +232,7 @@ class Stylizer:
         keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
         self.runner: Runner = open_runner(
             model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,
-            on_export=on_message, precision=precision, progress=progress,
+            on_export=on_message, precision=precision, progress=progress, compile=compile,
         )  # fmt: skip
         self.runner.activate()
         self._books: dict[tuple, StyleBook] = {}
@@ -358,11 +366,11 @@ def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, **runner: Any) -> Stylizer:
-    """Open ``model`` for many calls: `Stylizer` (backend, device, precision, threads, levels, on_message, progress)."""
+    """Open ``model`` for many calls: `Stylizer` (backend, device, precision, compile, threads, levels, on_message, progress)."""
     return Stylizer(model, **runner)
 
 
-_RUNNER_KEYS = ("backend", "device", "precision", "threads", "on_message", "progress")
+_RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
 
 
 def stylize(

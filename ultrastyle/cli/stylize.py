@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,7 @@ class Backend(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+    bf16 = "bf16"
     int8 = "int8"
 
 
@@ -77,6 +79,12 @@ class DziTiles(str, Enum):
     png = "png"
 
 
+class Streaming(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
 def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
@@ -106,6 +114,11 @@ def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
+def _as_flags(message: str) -> str:
+    """A library message with its option keywords given as this command's flags."""
+    return message.replace("(max_pixels)", "(--max-pixels)")
+
+
 def _bad_option(exc: OptionError) -> typer.BadParameter:
     return typer.BadParameter(exc.message.replace("levels=", "--levels "), param_hint=_flag(exc.option))
 
@@ -122,12 +135,14 @@ def stylize_command(
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
     backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
-    precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt.")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the stage networks with torch.compile (Inductor; the first run of each tile shape compiles, cached on disk after).")] = False,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
     tiff_layout: Annotated[TiffLayout, typer.Option(help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
     tiff_compression: Annotated[TiffCompression, typer.Option(help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
     dzi_tiles: Annotated[DziTiles, typer.Option(help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
+    streaming: Annotated[Streaming, typer.Option(help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
@@ -161,6 +176,7 @@ def stylize_command(
         max_memory=None if no_tile else max_memory, tile=tile, halo=halo, scratch=scratch, format=fmt.value,
         depth=depth, png_level=png_level, skip_existing=skip_existing, max_pixels=max_pixels, io_workers=io_workers,
         tiff_layout=tiff_layout.value, tiff_compression=tiff_compression.value, dzi_tiles=dzi_tiles.value,
+        streaming=streaming.value,
     )  # fmt: skip
     try:
         options = make_options(defaults, **settings)  # every bad value, before the model is opened
@@ -193,11 +209,13 @@ def stylize_command(
     console = Console(stderr=True, highlight=False)
     try:
         stylizer = Stylizer(
-            model, backend=backend.value, device=device.value, precision=precision.value, threads=threads,
+            model, backend=backend.value, device=device.value, precision=precision.value, threads=threads, compile=compile_,
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
-        _err(" ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc))
+        text = " ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc)
+        # The library names its keywords (torch backend errors); say the flags here.
+        _err(re.sub(r"precision='(\w+)'", r"--precision \1", text).replace("compile=True", "--compile"))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _err("interrupted while opening the model; no image was stylized")
@@ -217,7 +235,7 @@ def stylize_command(
         def on_result(r: PairResult) -> None:
             if r.status == "failed" and r.error not in reported:
                 reported.add(r.error or "")
-                progress.console.print(f"error: {r.error}", style="red", markup=False, soft_wrap=True)
+                progress.console.print(f"error: {_as_flags(r.error or '')}", style="red", markup=False, soft_wrap=True)
             progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 

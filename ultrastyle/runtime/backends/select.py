@@ -28,7 +28,7 @@ from ultrastyle.models.spec import STAGES
 from ultrastyle.runtime.backends.base import Runner, RunnerError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
@@ -132,6 +132,8 @@ def resolve_backend(
         raise RunnerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if precision == "bf16":  # only PyTorch runs bfloat16 networks
+        return "torch"
     if source is not None and tensorrt_engines_ready(source, stages, precision):
         return "tensorrt"
     if device == "cuda":
@@ -155,23 +157,30 @@ def open_runner(
     progress: bool = True,
     on_export: Callable[[str], None] | None = None,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> Runner:
     """An (inactive) runner for ``source`` on ``backend``; use it as a context manager.
 
     ``stages`` None: every stage the model (or bundle) has.
     ``precision``: fp32 everywhere; int8 on TensorRT and ONNX Runtime (the
-    bundle's Q/DQ graphs from ``ultrastyle calibrate``); fp16 on TensorRT.
+    bundle's Q/DQ graphs from ``ultrastyle calibrate``); fp16 on TensorRT and
+    PyTorch (CUDA); bf16 on PyTorch. ``compile``: the PyTorch backend's stage
+    networks through ``torch.compile`` (``backend="auto"`` then means torch).
     """
     if precision not in PRECISIONS:
         raise RunnerError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if stages is None:
         stages = read_bundle(source, verify=False).stages if is_bundle(source) else check_stages(source, None)
-    concrete = resolve_backend(backend, device, source, stages, precision)
-    allowed = {"tensorrt": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32",)}[concrete]
+    concrete = "torch" if compile and backend == "auto" else resolve_backend(backend, device, source, stages, precision)
+    if compile and concrete != "torch":
+        raise RunnerError(f"compile=True runs the torch backend (torch.compile); the {concrete} backend has its own engines")
+    allowed = {"tensorrt": ("fp32", "fp16", "int8"), "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16", "bf16")}[concrete]
     if precision not in allowed:
         raise RunnerError(
             f"--precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
-            + ("use --backend tensorrt on an NVIDIA GPU" if precision == "fp16" else "use --backend onnxruntime or tensorrt")
+            + {"fp16": "use --backend tensorrt or torch on an NVIDIA GPU", "bf16": "use --backend torch"}.get(
+                precision, "use --backend onnxruntime or tensorrt"
+            )
             + ", or --precision fp32"
         )
     if concrete == "tensorrt":
@@ -186,7 +195,8 @@ def open_runner(
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RunnerError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
-        return TorchRunner(load_model(source, stages=stages, device=device, progress=progress), threads=threads)
+        model = load_model(source, stages=stages, device=device, progress=progress)
+        return TorchRunner(model, threads=threads, precision=precision, compile=compile)
     from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner, providers_for
 
     providers = providers_for(device)

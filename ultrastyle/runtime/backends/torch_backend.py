@@ -84,7 +84,7 @@ class TorchRunner(Runner):
         if precision == "fp16" and model.device.type != "cuda":
             raise RunnerError(
                 f"precision='fp16' runs the torch backend on a CUDA device only: on the {model.device.type} PyTorch's "
-                "float16 convolutions are tens of times slower than float32; use precision='bf16' or 'fp32' there"
+                "float16 convolutions are tens of times slower than float32; use precision='bf16' or precision='fp32' there"
             )
         self.precision, self.compile = precision, bool(compile)
         # The fast paths; None: the float32 eager reference, the model itself.
