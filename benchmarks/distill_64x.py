@@ -1,60 +1,60 @@
-"""Collaborative Distillation one level down: a 64x student from the published 16x models, stages 1-5.
+"""Distillation one level down: 64x students from the published 16x models, stages 1-5, by every method.
 
 The 16x CD models (`../shared/models/cd-wct-16x`) are the teacher (``{k}SE``)
 and its collaborator decoder (``{k}SD``); the student is ``cd64x`` (half the
-16x widths, ~1/4 of the multiply-adds). For each stage it trains, on the photos
-of `../shared/images/train` (10% held out by file-name hash), four runs:
+16x widths, ~1/4 of the multiply-adds). For each stage and each method of
+``--methods`` it trains, on the photos of `../shared/images/train` (10% held
+out by file-name hash), with the same step budget and seed, two runs:
 
-- ``cd/{k}SE``: the CD student: L1-pruned from the teacher, Q_k starting as
-  the pruned channels' selection matrix, loss = collaborator reconstruction
-  (pixel + perceptual through the frozen 16x decoder) + beta * embedding loss;
-- ``cd/{k}SD``: its own decoder (started from the 16x decoder pruned with Q_k
-  folded into its first conv and its channels recalibrated to the 16x
-  decoder's activations; perceptual loss with the 16x teacher, as CD);
-- ``mse/{k}SE``, ``mse/{k}SD``: the same without the collaborator (embedding
-  loss only, i.e. plain feature distillation), and its decoder.
+- ``{method}/{k}SE``: the student encoder, L1-pruned from the teacher (Q_k
+  starting as the pruned channels' selection matrix), distilled by
+  ``ultrastyle distill --kd {method}``:
+  ``cd`` collaborator reconstruction (pixel + perceptual through the frozen 16x
+  decoder) + beta * same-level embedding loss; ``mse`` the embedding loss
+  only; ``review`` knowledge review (training-only ABF modules fuse the
+  student's taps from the deepest down and predict every teacher tap, HCL loss;
+  the embedding loss only fits Q_k); ``cd+review`` collaborator + review;
+- ``{method}/{k}SD``: its own decoder (started from the 16x decoder pruned with
+  Q_k folded into its first conv and its channels recalibrated; perceptual
+  loss with the 16x teacher, as CD).
 
 Then it reports, on the held-out photos (the validation split plus
 `../shared/images/content`, long side ``--eval-size``), reconstruction PSNR /
-SSIM per stage of:
-
-- (a) teacher 16x SE + 16x SD;
-- (b) CD student + the teacher's decoder, through Q_k (D_T(Q_k F'));
-- (c) CD student + its own SD;
-- (d) the pruned student without training + the teacher's decoder through
-  its selection Q_k (the paper's pruned baseline; untrained, it has no SD);
-- (e) the feature-MSE student + its own SD, and (e') + the teacher's decoder
-  through Q_k;
-
-plus parameter counts (encoder without Q_k, and decoder) and CPU seconds
-per megapixel (PyTorch eager, encoder + decoder, ``--threads``).
+SSIM per stage of the teacher (16x SE + SD), the untrained pruned student
+through the teacher's decoder, every method's student through its own decoder
+and through the teacher's decoder (D_T(Q_k F')), and the shipped
+``ultrastyle-wct-64x`` (``--shipped``); the 5-stage WCT cascade at alpha 0
+(levels 5,4,3,2,1: a pure reconstruction through all ten networks) of each
+complete model; parameter counts (encoder without Q_k, plus decoder) and CPU
+seconds per megapixel (PyTorch eager, encoder + decoder, ``--threads``).
 
 Everything lives in ``--work`` (default ``out/distill_64x``, git-ignored). Each
 run checkpoints every ``--checkpoint-every`` steps and the script resumes
 where it stopped: run the same command again after an interruption (Ctrl-C,
 logout, kill) and at most one checkpoint interval is lost; finished runs are
-skipped. ``--report-only`` only evaluates what exists.
+skipped. ``--report-only`` only evaluates what exists; ``--train-only`` skips
+the evaluation (e.g. two processes training different ``--methods`` into one
+``--work``, then one ``--report-only``).
 
-Full experiment (run in the background from the repository root, ../shared beside it):
+Full experiment on a GPU (a few thousand steps per stage take minutes there):
 
-    nohup .venv/bin/python benchmarks/distill_64x.py > out/distill_64x.log 2>&1 &
+    .venv/bin/python benchmarks/distill_64x.py --device cuda --threads 0 --steps 3000 --sd-pixel-weight 4=1000,5=1000
 
 Defaults: 3000 steps per run, batch 4 crops of 128 px, Adam with a 100-step
-warm-up and cosine decay, lr 1e-3 for the student encoders and 1e-4 for the
-decoders (decoder weights are ~10x smaller: 1e-3 made the stage-1 decoder
-collapse), beta = 1 (CD's beta = 10 was tuned for a VGG-19 teacher; at this
-level it drowns the collaborator loss: 400-step probes at stage 1 gave
-D_T(Q F') 15 dB with beta 10, 23 dB with 1, 30 dB with 0.1; at stage 2, 16 /
-19 dB with beta 0.1 / 1), 1 torch thread plus 1 data worker.
+warm-up and cosine decay, lr 1e-3 for the student encoders (and ABF modules)
+and 1e-4 for the decoders (decoder weights are ~10x smaller: 1e-3 made the
+stage-1 decoder collapse), beta = 1 (CD's beta = 10 was tuned for a VGG-19
+teacher; at this level it drowns the collaborator loss: 400-step probes at
+stage 1 gave D_T(Q F') 15 dB with beta 10, 23 dB with 1, 30 dB with 0.1; at
+stage 2, 16 / 19 dB with beta 0.1 / 1), review weight 1, 1 torch thread plus
+1 data worker.
 
-Budget: one step of the four runs of all five stages costs about 3.1 s on
-one core of this 2-core machine (stage 5: 1.1 s, stage 4: 0.8 s, stage 3:
-0.55 s, stage 2: 0.4 s, stage 1: 0.2 s), so the default 3000 steps take about
-2.6 h of training plus ~10% for data, validation and checkpoints: about 3 CPU
-hours in total, single-threaded (``--threads 2`` is faster on an idle machine
-but several times slower when other processes load the cores).
+Budget on a CPU: one step of the SE and SD runs of all five stages costs
+about 1.6 s per method on one core of this 2-core machine when idle (stage 5:
+0.55 s, stage 4: 0.4 s, stage 3: 0.28 s, stage 2: 0.2 s, stage 1: 0.1 s), so
+3000 steps of four methods take about 5.5 CPU hours.
 
-Smoke run (about a minute): ``--steps 6 --checkpoint-every 2 --work
+Smoke run (a few minutes): ``--steps 6 --checkpoint-every 2 --work
 out/distill_64x_smoke --eval-size 128 --time-size 256``.
 """
 
@@ -79,8 +79,11 @@ from ultrastyle.distill.trainer import StepReport
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.spec import ARCHS
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHIPPED = ROOT / "ultrastyle/models/weights/ultrastyle-wct-64x"
 STUDENT = ARCHS["cd64x"]
+METHODS = ("cd", "mse", "review", "cd+review")
 
 
 def _done(path: Path, steps: int) -> bool:
@@ -112,17 +115,15 @@ def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
     common = dict(stage=k, images=str(args.images), crop=args.crop, resize=args.resize, batch_size=args.batch_size,
                   lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, pixel_weight=args.pixel_weight,
                   perceptual_weight=args.perceptual_weight, checkpoint_every=args.checkpoint_every, log_every=args.log_every, workers=args.workers,
-                  seed=args.seed, val_fraction=args.val_fraction, threads=args.threads)  # fmt: skip
+                  seed=args.seed, val_fraction=args.val_fraction, threads=args.threads, device=args.device)  # fmt: skip
     teacher = str(args.teacher)
     runs: list[tuple[str, object]] = []
-    for name, collaborate in (("cd", True), ("mse", False)):
-        if name == "mse" and args.no_baselines:
-            continue
+    for name in args.methods:
         out = str(args.work / name)
-        steps = args.stage_steps.get(k, args.steps)
+        steps = args.stage_steps.get(k, args.steps)  # every method: the same budget per stage
         runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=steps, lr=args.lr, teacher=teacher,
-                                                      student_arch=STUDENT.name, init="prune", beta=args.beta,
-                                                      collaborate=collaborate)))  # fmt: skip
+                                                      student_arch=STUDENT.name, init="prune", beta=args.beta, kd=name,
+                                                      review_weight=args.review_weight)))  # fmt: skip
         sd = common | {"pixel_weight": args.sd_pixel_weight.get(k, args.pixel_weight)}
         runs.append((f"{name}/{k}SD", DecoderConfig(**sd, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
                                                       loss_encoder=teacher, init=teacher)))  # fmt: skip
@@ -179,6 +180,55 @@ def _seconds_per_mp(enc, dec, size: int, repeats: int = 3) -> float:
     return statistics.median(times) / (size * size / 1e6)
 
 
+def _quality(enc, dec, images: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    ps, ss = [], []
+    for _, x in images:
+        y = dec(enc(x[None]))[0].clamp(0, 1)
+        ps.append(psnr(y, x))
+        ss.append(ssim(y, x))
+    return {"psnr": statistics.mean(ps), "ssim": statistics.mean(ss)}
+
+
+def _models(args: argparse.Namespace) -> dict[str, Path]:
+    """Label -> model folder of every student set to evaluate (the methods' and the shipped one)."""
+    out = {m: args.work / m for m in args.methods if (args.work / m).is_dir()}
+    if args.shipped and args.shipped.is_dir():
+        # The packaged folder has no architecture.json (the zoo names it): a copy that has one.
+        import shutil
+
+        from ultrastyle.models.spec import spec_to_dict
+
+        copy = args.work / "shipped"
+        copy.mkdir(parents=True, exist_ok=True)
+        for f in args.shipped.glob("[1-5]S[ED].pth"):
+            shutil.copyfile(f, copy / f.name)
+        (copy / "architecture.json").write_text(json.dumps(spec_to_dict(STUDENT), indent=1) + "\n")
+        out["shipped"] = copy
+    return out
+
+
+@torch.inference_mode()
+def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """5-stage WCT cascade at alpha 0 (levels 5..1) of the teacher and of every complete student model."""
+    from ultrastyle.models.pretrained import load_model
+    from ultrastyle.runtime.cascade import stylize, style_statistics
+
+    levels = (5, 4, 3, 2, 1)
+    out: dict[str, dict[str, float]] = {}
+    for label, folder in {"teacher": args.teacher, **_models(args)}.items():
+        if not all((folder / f"{k}{p}.pth").is_file() for k in levels for p in ("SE", "SD")):
+            continue
+        model = load_model(folder, stages=levels, progress=False)
+        ps, ss = [], []
+        for _, x in images:
+            # alpha 0: the style is ignored; its statistics only fill the argument
+            y = stylize(model, x, style_statistics(model, x, levels), method="wct", alpha=0.0, levels=levels).clamp(0, 1)
+            ps.append(psnr(y, x))
+            ss.append(ssim(y, x))
+        out[label] = {"psnr": statistics.mean(ps), "ssim": statistics.mean(ss)}
+    return out
+
+
 @torch.inference_mode()
 def evaluate(args: argparse.Namespace) -> dict:
     images = _eval_images(args)
@@ -186,73 +236,68 @@ def evaluate(args: argparse.Namespace) -> dict:
     for k in args.stages:
         t_enc, t_dec = load_encoder(args.teacher, k), load_decoder(args.teacher, k)
         pruned = prune_encoder(t_enc, STUDENT)[0].eval()
-        # name -> (features of an image, decoder), with F' -> Q_k F' where the teacher's decoder reads a student
+        # F' -> Q_k F' where the teacher's decoder reads a student
         q = lambda enc: (lambda x: getattr(enc, f"conv{k}1_aux")(enc(x)))  # noqa: E731
-        configs: dict[str, tuple] = {"a": (t_enc, t_dec), "d": (q(pruned), t_dec)}
-        nets: dict[str, tuple] = {"a": (t_enc, t_dec)}
-        for name, tags in (("cd", ("b", "c")), ("mse", ("e'", "e"))):
-            folder = args.work / name
-            if (folder / f"{k}SE.pth").is_file():
-                s_enc = load_encoder(folder, k, aux=True)
-                configs[tags[0]] = (q(s_enc), t_dec)
-                if (folder / f"{k}SD.pth").is_file():
-                    s_dec = load_decoder(folder, k)
-                    configs[tags[1]] = (s_enc, s_dec)
-                    nets.setdefault("student", (s_enc, s_dec))
-        row: dict = {}
-        for tag, (enc, dec) in configs.items():
-            ps, ss = [], []
-            for _, x in images:
-                y = dec(enc(x[None]))[0].clamp(0, 1)
-                ps.append(psnr(y, x))
-                ss.append(ssim(y, x))
-            row[tag] = {"psnr": statistics.mean(ps), "ssim": statistics.mean(ss)}
-        s_enc, s_dec = nets.get("student", (pruned, None))
+        row: dict = {"teacher": _quality(t_enc, t_dec, images), "pruned+T": _quality(q(pruned), t_dec, images)}
+        student = None
+        for label, folder in _models(args).items():
+            if not (folder / f"{k}SE.pth").is_file():
+                continue
+            s_enc = load_encoder(folder, k, aux=True).float()
+            row[f"{label}+T"] = _quality(q(s_enc), t_dec, images)
+            if (folder / f"{k}SD.pth").is_file():
+                s_dec = load_decoder(folder, k).float()
+                row[label] = _quality(s_enc, s_dec, images)
+                student = student or (s_enc, s_dec)
         info = {"teacher_params": _params(t_enc, t_dec), "teacher_s_per_mp": _seconds_per_mp(t_enc, t_dec, args.time_size)}
-        if s_dec is not None:
-            info |= {"student_params": _params(s_enc, s_dec), "student_s_per_mp": _seconds_per_mp(s_enc, s_dec, args.time_size)}
+        if student is not None:
+            info |= {"student_params": _params(*student), "student_s_per_mp": _seconds_per_mp(*student, args.time_size)}
         report["stages"][k] = {"quality": row, **info}
+        print(f"[eval] stage {k}: " + ", ".join(f"{t} {v['psnr']:.2f}" for t, v in row.items()), flush=True)
+    if set(args.stages) >= {1, 2, 3, 4, 5}:
+        report["cascade"] = cascade(args, images)
     return report
 
 
-COLUMNS = [("a", "(a) teacher 16x SE+SD"), ("b", "(b) CD student + teacher SD via Q"), ("c", "(c) CD student + own SD"),
-           ("d", "(d) pruned student, untrained + teacher SD via Q"), ("e", "(e) feature-MSE student + own SD"),
-           ("e'", "(e') feature-MSE student + teacher SD via Q")]  # fmt: skip
+def _cell(q: dict, tag: str) -> str:
+    return f"{q[tag]['psnr']:.2f} / {q[tag]['ssim']:.3f}" if tag in q else "-"
 
 
 def markdown(report: dict) -> str:
+    labels = list(dict.fromkeys(t for st in report["stages"].values() for t in st["quality"] if t not in ("teacher", "pruned+T") and not t.endswith("+T")))
     lines = [f"Held-out photos: {len(report['images'])} ({', '.join(report['images'])}), long side {report['eval_size']} px.", ""]
-    head = "| stage | " + " | ".join(label for _, label in COLUMNS) + " |"
-    lines += ["Reconstruction PSNR (dB) / SSIM:", "", head, "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += ["Reconstruction PSNR (dB) / SSIM per stage: each student through its own decoder (own SD) and through the "
+              "teacher's decoder via Q_k (teacher SD); gap = own SD - teacher.", ""]  # fmt: skip
+    lines += ["| stage | model | own SD | teacher SD via Q | gap to teacher (dB) |", "|---|---|---|---|---|"]
     for k, st in report["stages"].items():
         q = st["quality"]
-        cells = [f"{q[t]['psnr']:.2f} / {q[t]['ssim']:.3f}" if t in q else "-" for t, _ in COLUMNS]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | teacher 16x SE+SD | {_cell(q, 'teacher')} | - | - |")
+        lines.append(f"| {k} | pruned, untrained | - | {_cell(q, 'pruned+T')} | - |")
+        for label in labels:
+            gap = f"{q[label]['psnr'] - q['teacher']['psnr']:+.2f}" if label in q else "-"
+            lines.append(f"| {k} | {label} | {_cell(q, label)} | {_cell(q, label + '+T')} | {gap} |")
+    if report.get("cascade"):
+        c = report["cascade"]
+        lines += ["", "5-stage WCT cascade at alpha 0 (levels 5,4,3,2,1), PSNR (dB) / SSIM:", "",
+                  "| model | PSNR / SSIM | vs teacher (dB) |", "|---|---|---|"]  # fmt: skip
+        for label, v in c.items():
+            gap = f"{v['psnr'] - c['teacher']['psnr']:+.2f}" if "teacher" in c and label != "teacher" else "-"
+            lines.append(f"| {label} | {v['psnr']:.2f} / {v['ssim']:.3f} | {gap} |")
     lines += ["", "| stage | teacher params | student params | teacher s/MP | student s/MP |", "|---|---|---|---|---|"]
     for k, st in report["stages"].items():
         sp = f"{st['student_params']:,}" if "student_params" in st else "-"
         ss = f"{st['student_s_per_mp']:.3f}" if "student_s_per_mp" in st else "-"
         lines.append(f"| {k} | {st['teacher_params']:,} | {sp} | {st['teacher_s_per_mp']:.3f} | {ss} |")
-    claims = []
-    for k, st in report["stages"].items():
-        q = st["quality"]
-        if {"a", "c", "d"} <= set(q):
-            txt = f"stage {k}: (c) - (a) = {q['c']['psnr'] - q['a']['psnr']:+.2f} dB, (c) - (d) = {q['c']['psnr'] - q['d']['psnr']:+.2f} dB"
-            if "e" in q:
-                txt += f", (c) - (e) = {q['c']['psnr'] - q['e']['psnr']:+.2f} dB"
-            claims.append(txt)
-    if claims:
-        lines += ["", *claims]
     return "\n".join(lines) + "\n"
 
 
 def publish(args: argparse.Namespace, dest: Path) -> None:
-    """fp16 copies of the CD student's SE (with Q_k) and SD, plus architecture.json, for the model zoo."""
+    """fp16 copies of the ``--publish-method`` student's SE (with Q_k) and SD, plus architecture.json, for the model zoo."""
     import hashlib
 
     from ultrastyle.distill.trainer import atomic_save
 
-    src = args.work / "cd"
+    src = args.work / args.publish_method
     dest.mkdir(parents=True, exist_ok=True)
     total = 0
     for k in args.stages:
@@ -286,21 +331,29 @@ def main() -> None:
     ap.add_argument("--sd-lr", type=float, default=1e-4, help="Adam lr of the decoders (their weights are ~10x smaller)")
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--methods", default=",".join(METHODS), help="distillation methods to train and compare (default: %(default)s)")
     ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
+    ap.add_argument("--review-weight", type=float, default=1.0, help="knowledge-review (HCL) loss weight")
     ap.add_argument("--pixel-weight", type=float, default=1.0)
     ap.add_argument("--perceptual-weight", type=float, default=1.0)
     ap.add_argument("--sd-pixel-weight", default="", help="per-stage pixel-loss weight of the decoder runs, e.g. 4=1000,5=1000 (default: --pixel-weight)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training only; evaluation runs on the CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads run several times slower under load)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-size", type=int, default=512)
     ap.add_argument("--time-size", type=int, default=1024, help="image side for the s/MP timing")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the feature-MSE runs (e)")
+    ap.add_argument("--shipped", type=Path, default=SHIPPED, help="the shipped student model folder, evaluated beside (default: the packaged ultrastyle-wct-64x)")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--publish", type=Path, default=None, help="also write fp16 copies of the CD student here")
+    ap.add_argument("--train-only", action="store_true", help="train, skip the evaluation")
+    ap.add_argument("--publish", type=Path, default=None, help="also write fp16 copies of one method's students here")
+    ap.add_argument("--publish-method", default="cd", choices=METHODS)
     args = ap.parse_args()
     args.stages = [int(s) for s in args.stages.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or set(args.methods) - set(METHODS):
+        ap.error(f"--methods: choose among {', '.join(METHODS)}")
     args.sd_steps = args.sd_steps or args.steps
     try:
         args.stage_steps = {int(k): int(v) for k, v in (item.split("=") for item in args.stage_steps.split(",") if item)}
@@ -314,6 +367,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.report_only and not train(args):
         sys.exit(130)
+    if args.train_only:
+        return
     report = evaluate(args)
     report["train_seconds_this_session"] = time.perf_counter() - t0
     report["settings"] = {k: str(v) for k, v in vars(args).items()}
