@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.core.plan import DEFAULT_MAX_MEMORY, ImagePlan, TilingOptions
 from ultrastyle.io.images import load_image, read_image
 
 
@@ -19,29 +20,86 @@ def inputs(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     d = tmp_path_factory.mktemp("tiling_in")
     with Image.open(shared_dir / "images/content/cd_content_in1.jpg") as im:
         im.convert("RGB").resize((150, 97), Image.Resampling.LANCZOS).save(d / "content.png")
+        im.convert("RGB").resize((300, 194), Image.Resampling.LANCZOS).save(d / "big.png")
     with Image.open(shared_dir / "images/style/cd_style_in3.jpg") as im:
         im.convert("RGB").resize((96, 80), Image.Resampling.LANCZOS).save(d / "style.png")
     # A 16-bit RGB TIFF with detail below 8-bit resolution.
     a = (np.asarray(Image.open(d / "content.png"), np.float64) * 257).astype(np.uint16)
     a[::2, ::2] += 37  # 37/65535 is well under one 8-bit step
     tifffile.imwrite(d / "deep.tif", a, photometric="rgb")
-    return {"content": d / "content.png", "style": d / "style.png", "deep": d / "deep.tif"}
+    return {"content": d / "content.png", "big": d / "big.png", "style": d / "style.png", "deep": d / "deep.tif"}
 
 
 def _run(args: list[object], cd16x_dir: Path):
     return CliRunner().invoke(app, ["stylize", *map(str, args), "--model", str(cd16x_dir), "--style-size", "96"])
 
 
-def test_tiled_default_matches_no_tile_reference(inputs, cd16x_dir, tmp_path):
-    for name, extra in (("tiled", ["--tile", "40"]), ("budget", ["--max-memory", "16MB"]), ("whole", ["--no-tile"])):
+@pytest.fixture
+def plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TilingOptions, ImagePlan]]:
+    """Every (options, plan) the batch made, in order: which tiles each run really had."""
+    import ultrastyle.runtime.batch as batch
+
+    made: list[tuple[TilingOptions, ImagePlan]] = []
+    real = batch.plan_image_for
+
+    def spy(model, height, width, levels, options, **kw):
+        plan = real(model, height, width, levels, options, **kw)
+        made.append((options, plan))
+        return plan
+
+    monkeypatch.setattr(batch, "plan_image_for", spy)
+    return made
+
+
+def _tiles(plan: ImagePlan) -> dict[int, tuple[int, int]]:
+    """Stage -> (pass-1 tiles, pass-2 tiles)."""
+    return {p.stage: (len(p.encode_tiles()), len(p.decode_tiles())) for p in plan.stages}
+
+
+def _stylized(folder: Path, name: str = "content_stylized_style.png") -> np.ndarray:
+    return np.asarray(Image.open(folder / name), np.int16)
+
+
+def test_memory_budget_plans_several_tiles_in_every_stage_and_matches_no_tile(inputs, cd16x_dir, tmp_path, plans):
+    # 300x194 with a 24 MB budget: every stage of the 5-stage cascade is cut into several tiles
+    # (stage 5, halo 80 px, into 20), so the exact-halo tiling itself is compared with the whole image.
+    # (At 150x97 no budget the planner accepts gives more than one tile in stage 5: its area fits.)
+    for name, extra in (("budget", ["--max-memory", "24MB"]), ("whole", ["--no-tile"])):
+        r = _run([inputs["big"], "--style", inputs["style"], "-o", tmp_path / name, *extra], cd16x_dir)
+        assert r.exit_code == 0, r.output
+    (_, budget), (_, whole_plan) = plans
+    tiles = _tiles(budget)
+    assert sorted(tiles) == [1, 2, 3, 4, 5]
+    assert all(enc > 1 and dec > 1 for enc, dec in tiles.values()), f"a stage ran as one tile: {tiles}"
+    assert all(t == (1, 1) for t in _tiles(whole_plan).values())
+    got, whole = _stylized(tmp_path / "budget", "big_stylized_style.png"), _stylized(tmp_path / "whole", "big_stylized_style.png")
+    assert got.shape == whole.shape == (194, 300, 3)
+    assert np.abs(got - whole).max() <= 1
+
+
+def test_fixed_tile_size_cuts_every_stage_and_matches_no_tile(inputs, cd16x_dir, tmp_path, plans):
+    for name, extra in (("tiled", ["--tile", "40"]), ("whole", ["--no-tile"])):
         r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / name, *extra], cd16x_dir)
         assert r.exit_code == 0, r.output
-    out = "content_stylized_style.png"
-    whole = np.asarray(Image.open(tmp_path / "whole" / out), np.int16)
-    for name in ("tiled", "budget"):
-        got = np.asarray(Image.open(tmp_path / name / out), np.int16)
-        assert got.shape == whole.shape == (97, 150, 3)
-        assert np.abs(got - whole).max() <= 1, name
+    tiles = _tiles(plans[0][1])
+    assert all(enc > 1 and dec > 1 for enc, dec in tiles.values()), f"a stage ran as one tile: {tiles}"
+    got, whole = _stylized(tmp_path / "tiled"), _stylized(tmp_path / "whole")
+    assert got.shape == whole.shape == (97, 150, 3)
+    assert np.abs(got - whole).max() <= 1
+
+
+def test_default_tile_auto_at_the_default_budget_matches_no_tile(inputs, cd16x_dir, tmp_path, plans):
+    # No tiling option at all: `--tile auto` and `--max-memory 2GB`, what a user gets.
+    for name, extra in (("default", []), ("whole", ["--no-tile"])):
+        r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / name, *extra], cd16x_dir)
+        assert r.exit_code == 0, r.output
+    (options, default), _ = plans
+    assert options.tile is None and options.max_memory == DEFAULT_MAX_MEMORY
+    # A 150x97 image fits the default budget: the default runs each stage as one whole-image tile.
+    assert all(t == (1, 1) for t in _tiles(default).values())
+    got, whole = _stylized(tmp_path / "default"), _stylized(tmp_path / "whole")
+    assert got.shape == whole.shape == (97, 150, 3)
+    assert np.abs(got - whole).max() <= 1
 
 
 @pytest.mark.parametrize(
