@@ -176,11 +176,11 @@ def test_load_model_one_stage_zoo_entry(one_stage_zoo: str, one_thread: None) ->
     assert load_model(one_stage_zoo).stages == (4,)  # default: every stage the model has
     with pytest.raises(CheckpointError) as ei:
         load_model(one_stage_zoo, stages=(5, 4, 3, 2, 1))
-    assert str(ei.value) == "model own has stages 4; asked for 5,4,3,2,1; use --levels 4"
+    assert str(ei.value) == "model own has stages 4; asked for 5,4,3,2,1; choose levels among 4"
 
     name, files = weights_digest(one_stage_zoo)
     assert name == "own" and files == {f.name: f.sha256 for f in zoo.get_entry("own").files}
-    with pytest.raises(CheckpointError, match="use --levels 4"):
+    with pytest.raises(CheckpointError, match="choose levels among 4"):
         ensure_bundle(one_stage_zoo, stages=(5, 4))
     bundle = ensure_bundle(one_stage_zoo, stages=(4,))
     assert bundle.stages == (4,) and set(bundle.manifest["networks"]) == {
@@ -196,8 +196,8 @@ def test_load_model_cd_folder_missing_stage(one_stage_dir: Path) -> None:
         load_model(one_stage_dir, stages=(5, 4))
     msg = str(ei.value)
     assert msg.startswith(f"model {one_stage_dir} has stages 4; asked for 5,4 (missing: 5SE.pth, 5SD.pth)")
-    assert msg.endswith("use --levels 4")
-    with pytest.raises(CheckpointError, match="use --levels 4"):
+    assert msg.endswith("choose levels among 4")
+    with pytest.raises(CheckpointError, match="choose levels among 4"):
         weights_digest(one_stage_dir, (5, 4))
 
 
@@ -209,7 +209,7 @@ def test_load_model_pytorch_adain_folder(adain_dir: Path) -> None:
     assert torch.equal(model.encoders[4].conv41.weight, vgg["29.weight"])
     x = torch.rand(1, 3, 16, 16)
     assert model.decode(4, model.encode(4, x), torch.eye(512), torch.zeros(512)).shape == (1, 3, 16, 16)
-    with pytest.raises(CheckpointError, match=r"pytorch-AdaIN weights\) has stages 4; asked for 5,4; use --levels 4"):
+    with pytest.raises(CheckpointError, match=r"pytorch-AdaIN weights\) has stages 4; asked for 5,4; choose levels among 4"):
         load_model(adain_dir, stages=(5, 4))
 
 

@@ -39,7 +39,7 @@ def test_stylize_backend_tensorrt_without_tensorrt_exits_2_with_one_message(imag
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the TensorRT backend needs"), r.output
-    assert "tensorrt package" in r.output and "NVIDIA GPU" in r.output and "--backend onnxruntime" in r.output
+    assert "tensorrt package" in r.output and "NVIDIA GPU" in r.output and "onnxruntime backend" in r.output
     assert not (tmp_path / "o").exists()
 
 
@@ -57,7 +57,7 @@ def test_build_without_tensorrt_exits_1_and_points_to_check(tmp_path, cd16x_dir)
 def test_precision_fp16_needs_tensorrt(images, tmp_path):
     content, style = images
     r = CliRunner().invoke(app, ["stylize", str(content), str(style), "--backend", "onnxruntime", "--precision", "fp16", "-o", str(tmp_path)])
-    assert r.exit_code == 2 and "does not run on the onnxruntime backend" in r.output and "--backend tensorrt" in r.output
+    assert r.exit_code == 2 and "does not run on the onnxruntime backend" in r.output and "tensorrt backend" in r.output and "--precision fp32" in r.output
 
 
 def test_stylize_on_tensorrt_matches_onnxruntime(images, cd16x_dir, tmp_path, monkeypatch):

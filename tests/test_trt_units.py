@@ -85,7 +85,7 @@ def test_default_profile_covers_every_region_the_planner_makes():
 
 def test_profile_problems_name_grid_min_and_halo():
     probs = " ".join(profile_problems(SPEC, 5, TileRange(4, 100, 100)))
-    assert "not a multiple of the stage's grid 16" in probs and "below 2 x grid" in probs and "raise --tile-max" in probs
+    assert "not a multiple of the stage's grid 16" in probs and "below 2 x grid" in probs and "(tile_max)" in probs
     assert profile_problems(SPEC, 4, TileRange(16, 512, 512)) == []
 
 

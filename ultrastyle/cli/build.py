@@ -78,11 +78,18 @@ def build_command(
                 on_step=lambda msg: (status.update(msg), err.print(msg, markup=False)),
             )  # fmt: skip
     except (RunnerError, GraphError, BuildError, OSError) as exc:
-        _err(str(exc))
+        _err(_as_flags(str(exc)))
         raise typer.Exit(1) from None
     Console(highlight=False).print(
         f"{len(report.built)} engine(s) built, {len(report.fresh)} up to date, in {report.folder} ({report.seconds:.0f} s)"
     )
+
+
+def _as_flags(message: str) -> str:
+    """A library message with its keywords in parentheses given as this command's flags."""
+    for keyword in ("tile_min", "tile_opt", "tile_max"):
+        message = message.replace(f"({keyword})", f"(--{keyword.replace('_', '-')})")
+    return message
 
 
 def _check(bundle, precision: str, ranges, stages: tuple[int, ...]) -> None:
@@ -91,7 +98,7 @@ def _check(bundle, precision: str, ranges, stages: tuple[int, ...]) -> None:
     report = check_bundle(bundle, precisions=(precision,), ranges=ranges, stages=stages)
     out = Console(highlight=False, soft_wrap=True)
     for f in report.findings:
-        out.print(str(f), style="red" if f.severity == "error" else "yellow", markup=False)
+        out.print(_as_flags(str(f)), style="red" if f.severity == "error" else "yellow", markup=False)
     prof = ", ".join(f"stage {k}: {r.min}..{r.opt}..{r.max}" for k, r in sorted(ranges.items()))
     verdict = "compatible" if report.ok else f"NOT compatible: {len(report.errors)} problem(s)"
     out.print(

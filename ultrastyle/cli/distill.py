@@ -244,7 +244,7 @@ def train_decoder_command(
 ) -> None:  # fmt: skip
     """Train the decoder of an encoder: a teacher's collaborator, or a distilled student's own decoder.
 
-    ultrastyle train-decoder -e my-64x/ --loss-encoder ../shared/models/cd-wct-16x --init ../shared/models/cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/
+    ultrastyle train-decoder -e my-64x/ --loss-encoder cd-wct-16x --init cd-wct-16x --stage 1,2,3,4,5 --images photos/ -o my-64x/
 
     Writes OUT/{k}SD.pth (and OUT/{k}SE.pth if missing), so OUT loads as a
     model: `ultrastyle stylize --model OUT`, `ultrastyle export OUT`.

@@ -1,6 +1,6 @@
 """What one output is stylized towards: one style, a weighted mix of styles, or one style per mask region.
 
-Every case stays an affine map per feature pixel (DESIGN.md §2), so tiled
+Every case stays an affine map per feature pixel (docs/design.md), so tiled
 and whole-image runs still agree:
 
 - `Target`: styles with weights ``w_i`` (summing to 1). The transformed

@@ -1,7 +1,7 @@
 """WCT and AdaIN as one affine map per pixel, fitted from global statistics.
 
 Both transforms become ``f_hat = A f + b`` once the content and style feature
-statistics are known (DESIGN.md §2), with the blend ``alpha * f_hat + (1 - alpha) * f``
+statistics are known (docs/design.md), with the blend ``alpha * f_hat + (1 - alpha) * f``
 folded into ``A`` and ``b``. Statistics are float64 sums, mergeable across
 tiles, so a tiled run fits the same map as a whole-image run.
 

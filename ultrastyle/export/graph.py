@@ -9,7 +9,7 @@ PyTorch module.
 
 The ``decoder_affine`` variant takes the transform as inputs (``A`` (C, C),
 ``b`` (C,)) and applies ``A f + b`` as a MatMul before decoding, so the
-transform runs where the features are (DESIGN.md §2). ``decoder_folded`` has
+transform runs where the features are (docs/design.md, "The transforms"). ``decoder_folded`` has
 the same inputs and output but folds the map into the decoder's first
 convolution instead: reflection padding only copies pixels, so
 ``conv(W, pad(A f + b)) = conv(W A, pad(f)) + W b``; the folded weights

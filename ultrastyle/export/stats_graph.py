@@ -17,7 +17,7 @@ Masks instead of a Slice keep every shape static for TensorRT: a Slice whose
 bounds are graph inputs would make them shape tensors, which need host
 buffers and profile values of their own. The graph has no weights: it depends
 on C alone, so ``build`` generates it for each feature width rather than
-storing it in the bundle. ``tests/test_trt_stats.py`` checks it against
+storing it in the bundle. ``tests/test_trt_units.py`` checks it against
 `FeatureStats.of` under ONNX Runtime.
 """
 

@@ -128,7 +128,7 @@ def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[in
         else:
             files = f" (missing: {', '.join(f for f in cd_file_names(tuple(dict.fromkeys(missing))) if not (path / f).is_file())})"
     raise convert.CheckpointError(
-        f"{what} has stages {_csv(have)}; asked for {_csv(stages)}{files}; use --levels {_csv(sorted(have, reverse=True))}"
+        f"{what} has stages {_csv(have)}; asked for {_csv(stages)}{files}; choose levels among {_csv(sorted(have, reverse=True))}"
     )
 
 

@@ -3,7 +3,7 @@
 Block ``b`` (1..5) holds ``CONVS_PER_BLOCK[b]`` 3x3 convolutions named
 ``conv{b}{j}``; blocks 2..5 start with a 2x2 max-pool. Encoder ``k`` stops after
 ``conv{k}1`` + ReLU (the ``relu{k}_1`` tap). Decoder ``k`` mirrors it.
-See DESIGN.md §1.
+See docs/design.md, "The models".
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-ARCHS["cd64x"] = ARCHS["cd16x"].student("cd64x")  # this project's own level: distilled from cd16x (issue #5)
+ARCHS["cd64x"] = ARCHS["cd16x"].student("cd64x")  # this project's own level: distilled from cd16x (docs/training.md)
 
 
 def spec_to_dict(spec: ArchSpec) -> dict:

@@ -1,6 +1,6 @@
 """Exact tiled stylization: any image size within a fixed memory budget.
 
-Per stage (DESIGN.md §3):
+Per stage (docs/design.md, "Exact tiling"):
 
 1. Pass 1 encodes each tile with the encoder's halo and accumulates count, Σf
    and Σffᵀ over the tile's core only, so each feature pixel counts once. Where

@@ -130,7 +130,7 @@ def require_gpu() -> GpuInfo:
     if not gpus:
         raise TensorRTUnavailable(
             "TensorRT needs an NVIDIA GPU and its driver, and none is visible here (libcuda.so.1 missing or no device); "
-            "use --backend onnxruntime (CPU) instead"
+            "use the onnxruntime backend (CPU) instead"
         )
     return gpus[0]
 
@@ -265,7 +265,7 @@ def missing_for_tensorrt() -> list[str]:
     return missing
 
 
-def require_tensorrt_stack(what: str = "the TensorRT backend", instead: str = "use --backend onnxruntime to run on the CPU") -> GpuInfo:
+def require_tensorrt_stack(what: str = "the TensorRT backend", instead: str = "use the onnxruntime backend to run on the CPU") -> GpuInfo:
     """The GPU when TensorRT, a CUDA binding and a GPU are all here; else one TensorRTUnavailable naming all that is missing."""
     missing = missing_for_tensorrt()
     if missing:

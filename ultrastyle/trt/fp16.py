@@ -8,7 +8,7 @@ tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-patterns.html)
 converts the model with ModelOpt AutoCast, ``keep_io_types=True``, before
 building. Our stage graphs are small straight-line CNNs, so the same
 conversion is done here with ``onnx`` alone, on the CPU, where it can be
-tested (tests/test_trt_fp16.py runs the result in ONNX Runtime):
+tested (tests/test_trt_units.py runs the result in ONNX Runtime):
 
 - float32 initializers become float16, except inputs that ONNX defines as
   float32 whatever the data type (``Resize``'s ``roi`` and ``scales``);

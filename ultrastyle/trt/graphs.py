@@ -9,7 +9,7 @@ width (`export.stats_graph`; no weights, so not stored in the bundle).
   (`trt.fp16`), in memory, at build time; TensorRT 11 builds them strongly
   typed. The statistics graph stays float32 (its sums overflow float16).
 - int8: explicitly quantized (Q/DQ) graphs, which ``ultrastyle calibrate``
-  (issue #7) stores in the bundle as ``networks[name]["int8"] = {"file",
+  (`ultrastyle.calibration`) stores in the bundle as ``networks[name]["int8"] = {"file",
   "sha256"}`` beside the float32 graph. A network without one is built from
   its float32 graph (calibration may keep a network in float on purpose).
   TensorRT 11 has no implicit INT8 calibration, so without any Q/DQ graph
@@ -78,8 +78,8 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
     if precision == "int8" and not any(int8_graph(bundle, n) for n in nets):
         raise GraphError(
             f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
-            "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` (issue #7), "
-            "or build --precision fp16 / fp32"
+            "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` "
+            "(int8 calibration on sample photos), or build fp16 or fp32 engines"
         )
     activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":

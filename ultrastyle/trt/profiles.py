@@ -94,7 +94,7 @@ def requested_ranges(
     spec: ArchSpec, stages: tuple[int, ...], *, tile_min: int | None, tile_opt: int | None, tile_max: int | None,
     precision: str = "fp32",
 ) -> dict[int, TileRange]:
-    """``--tile-min/--tile-opt/--tile-max`` over the planner's defaults, each stage on its own grid."""
+    """``tile_min``/``tile_opt``/``tile_max`` (px; None: the planner's default) over the planner's defaults, each stage on its own grid."""
     defaults = default_ranges(spec, stages, precision)
     out = {}
     for k in stages:
@@ -132,7 +132,7 @@ def profile_problems(spec: ArchSpec, stage: int, rng: TileRange, options: Tiling
     if rng.min < 2 * g:
         problems.append(
             f"stage {stage}: profile min {rng.min} px is below 2 x grid = {2 * g} px, the smallest padded image side "
-            f"(and the smallest on which every reflect pad has 2 pixels to mirror); use --tile-min {2 * g} or more"
+            f"(and the smallest on which every reflect pad has 2 pixels to mirror); raise the smallest tile side (tile_min) to {2 * g} or more"
         )
     if not rng.min <= rng.opt <= rng.max:
         problems.append(f"stage {stage}: profile must satisfy min <= opt <= max, got {rng.min} / {rng.opt} / {rng.max}")
@@ -141,7 +141,7 @@ def profile_problems(spec: ArchSpec, stage: int, rng: TileRange, options: Tiling
         need = region_for_core(spec, stage, g, options)
         problems.append(
             f"stage {stage}: profile max {rng.max} px leaves no room for a tile core inside the stage's halos "
-            f"(a {g}-px core needs a {need}-px region); raise --tile-max to at least {need}"
+            f"(a {g}-px core needs a {need}-px region); raise the largest tile side (tile_max) to at least {need}"
         )
     return problems
 

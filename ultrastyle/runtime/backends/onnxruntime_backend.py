@@ -50,15 +50,15 @@ def providers_for(device: str) -> list[str]:
     """Execution providers for ``device``: the CPU's alone, or CUDA's first (onnxruntime-gpu on a GPU).
 
     ORT's TensorRT provider is not chosen here: it would build an engine per
-    tile shape; TensorRT gets its own runner (issue #6).
+    tile shape; TensorRT gets its own runner (`tensorrt_backend`).
     """
     if device == "cpu":
         return ["CPUExecutionProvider"]
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not (torch.cuda.is_available() or _cuda_device_present()):
         raise RunnerError(
-            "--device cuda with onnxruntime needs the onnxruntime-gpu package and a CUDA GPU; "
-            "use --backend torch --device cuda, or --device cpu"
+            "device='cuda' with the onnxruntime backend needs the onnxruntime-gpu package and a CUDA GPU; "
+            "use the torch backend on CUDA, or run on the CPU (device='cpu')"
         )
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

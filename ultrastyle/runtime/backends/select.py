@@ -7,7 +7,7 @@ version at the asked precision (``ultrastyle build``); else ONNX Runtime (with
 PyTorch). ONNX Runtime and TensorRT run a bundle; for a zoo model or a weights
 folder the bundle is exported on first use and cached under
 ``$ULTRASTYLE_HOME/bundles/<model>-<weights digest>`` (re-exported when the
-weights change). ``--backend tensorrt`` builds missing or stale engines on
+weights change). ``backend="tensorrt"`` builds missing or stale engines on
 first use, the way the bundle itself is exported on first use.
 """
 
@@ -177,11 +177,11 @@ def open_runner(
     allowed = {"tensorrt": ("fp32", "fp16", "int8"), "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16", "bf16")}[concrete]
     if precision not in allowed:
         raise RunnerError(
-            f"--precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
-            + {"fp16": "use --backend tensorrt or torch on an NVIDIA GPU", "bf16": "use --backend torch"}.get(
-                precision, "use --backend onnxruntime or tensorrt"
+            f"precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
+            + {"fp16": "use the tensorrt backend, or torch on an NVIDIA GPU", "bf16": "use the torch backend"}.get(
+                precision, "use the onnxruntime or tensorrt backend"
             )
-            + ", or --precision fp32"
+            + ", or precision='fp32'"
         )
     if concrete == "tensorrt":
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
@@ -189,12 +189,12 @@ def open_runner(
         if is_bundle(source):
             raise RunnerError(
                 f"{source} is a bundle of ONNX graphs, which the torch backend cannot run; "
-                "use --backend onnxruntime, or give the weights folder / zoo name"
+                "use the onnxruntime backend, or give the weights folder / zoo name"
             )
         from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
         if device == "cuda" and not torch.cuda.is_available():
-            raise RunnerError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
+            raise RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')")
         model = load_model(source, stages=stages, device=device, progress=progress)
         return TorchRunner(model, threads=threads, precision=precision, compile=compile)
     from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner, providers_for
@@ -211,7 +211,7 @@ def open_runner(
 def _lacks_stages(bundle: Bundle, stages: tuple[int, ...]) -> RunnerError:
     missing = sorted(set(stages) - set(bundle.stages))
     have = ",".join(map(str, sorted(bundle.stages, reverse=True)))
-    return RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; use --levels {have}")
+    return RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; choose levels among {have}")
 
 
 def _open_tensorrt(

@@ -228,7 +228,7 @@ class TensorRTRunner(Runner):
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
             raise RunnerError(
                 f"{net.name}: input {tensor!r} of shape {tuple(shape)} is outside the engine's profile {lo}..{hi}; "
-                f"use smaller tiles (--tile / --max-memory) or rebuild with a larger range: "
+                f"use smaller tiles (tile / max_memory) or rebuild with a larger range: "
                 f"ultrastyle build {self.bundle.path} --precision {self.precision} --tile-max N"
             )
 
