@@ -10,6 +10,7 @@ from ultrastyle.cli.doctor import doctor_command
 from ultrastyle.cli.distill import distill_command, train_decoder_command
 from ultrastyle.cli.export import export_command
 from ultrastyle.cli.models import app as models_app
+from ultrastyle.cli.optimize import optimize_command
 from ultrastyle.cli.stylize import stylize_command
 from ultrastyle.runtime.memory import keep_freed_memory
 
@@ -29,6 +30,7 @@ def _process_setup() -> None:
 
 
 app.command("stylize")(stylize_command)
+app.command("optimize")(optimize_command)
 app.command("export")(export_command)
 app.command("distill")(distill_command)
 app.command("train-decoder")(train_decoder_command)

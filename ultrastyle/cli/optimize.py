@@ -1,0 +1,165 @@
+"""`ultrastyle optimize`: optimization-based stylization (Gatys et al.) of every content with one style (a thin layer over `ultrastyle.optimize`)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError
+from ultrastyle.io.paths import expand_inputs
+from ultrastyle.models.pretrained import DEFAULT_MODEL
+from ultrastyle.optimize.loss import DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
+from ultrastyle.optimize.run import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
+
+
+class Init(str, Enum):
+    content = "content"
+    noise = "noise"
+    wct = "wct"
+
+
+class SolverName(str, Enum):
+    lbfgs = "lbfgs"
+    adam = "adam"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Format(str, Enum):
+    png = "png"
+    jpg = "jpg"
+    tiff = "tiff"
+
+
+_FLAGS = {"max_memory": "--max-memory", "layer_weights": "--layer-weights", "content_layer": "--content-layer"}
+
+
+def _err(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
+
+
+def _layer_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected five numbers for relu1_1..relu5_1, e.g. 1,1,1,1,1; got {text!r}", param_hint="--layer-weights") from None
+
+
+def optimize_command(
+    content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs).", show_default=False)],
+    style: Annotated[Path, typer.Option("--style", "-s", help="The style image.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder ({content}_optimized_{style}.{ext}), or a file name for one content.")] = Path("out"),
+    iterations: Annotated[int, typer.Option(min=0, help="Solver iterations per scale.")] = DEFAULT_ITERATIONS,
+    scales: Annotated[str, typer.Option(help="Long sides to optimize at, coarse to fine, each starting from the previous result upsampled, e.g. 512,1024,full.")] = "full",
+    init: Annotated[Init, typer.Option(help="Starting image at the first scale: the content, uniform noise (--seed), or ultrastyle's WCT result.")] = Init.content,
+    solver: Annotated[SolverName, typer.Option(help="lbfgs (fewer evaluations to a given loss, measured) or adam.")] = SolverName.lbfgs,
+    content_weight: Annotated[float, typer.Option(min=0.0, help="alpha: weight of the content loss (per feature position at --content-layer).")] = DEFAULT_CONTENT_WEIGHT,
+    style_weight: Annotated[float, typer.Option(min=0.0, help="beta: weight of the style (Gram) loss summed over relu1_1..relu5_1.")] = DEFAULT_STYLE_WEIGHT,
+    layer_weights: Annotated[str | None, typer.Option(help="lambda per style layer relu1_1..relu5_1, five numbers (default: 1 each).", show_default=False)] = None,
+    content_layer: Annotated[str, typer.Option(help="Layer of the content loss: relu1_1 .. relu5_1.")] = DEFAULT_CONTENT_LAYER,
+    content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
+    style_size: Annotated[int | None, typer.Option(min=32, help="Long side of the style (default: each scale's long side, at most the style's own).", show_default=False)] = None,
+    max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 1GB: tiles get what the canvases (in RAM up to a quarter of it, else on disk) leave.")] = DEFAULT_MAX_MEMORY,
+    no_tile: Annotated[bool, typer.Option("--no-tile", help="Evaluate the whole image at once (memory grows with the image; same result).")] = False,
+    tile: Annotated[int | None, typer.Option(min=16, help="Fixed tile core side in pixels instead of fitting --max-memory.", show_default=False)] = None,
+    scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk canvases (default: system temp).")] = None,
+    save_every: Annotated[int, typer.Option(min=0, help="Save the state every K iterations (and after each scale); a rerun of the same command resumes from it. 0: only after each scale.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of --init noise.")] = 0,
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name or folder of CD weights: its deepest encoder is the loss network (WCT init uses the whole model).")] = DEFAULT_MODEL,
+    device: Annotated[Device, typer.Option(help="Where the loss network runs.")] = Device.cpu,
+    threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format (folder outputs).")] = Format.png,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists.")] = False,
+) -> None:
+    """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
+
+    The gradient of every tile is exact: tiled and whole-image runs take the
+    same steps. Interrupted runs resume from their last saved state when the
+    same command is run again. Exit status is 1 if any content failed; the
+    others still run.
+    """
+    from ultrastyle.api import OptionError
+    from ultrastyle.optimize.run import Optimizer, ProgressEvent, make_optimize_options
+
+    settings = dict(
+        iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
+        style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
+        content_size=content_size, style_size=style_size, max_memory=None if no_tile else max_memory, tile=tile,
+        scratch=scratch, save_every=save_every, seed=seed, format=fmt.value,
+    )  # fmt: skip
+    try:
+        opts = make_optimize_options(**settings)
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
+    contents = expand_inputs(content)
+    if not contents:
+        _err(f"no content images found in: {' '.join(content)}")
+        raise typer.Exit(2)
+    if not style.is_file():
+        _err(f"{style}: no such style image file")
+        raise typer.Exit(2)
+    single_file = len(contents) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device is Device.cuda and not torch.cuda.is_available():
+        _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
+        raise typer.Exit(2)
+    try:
+        optimizer = Optimizer(model, device=device.value)
+    except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
+        _err(" ".join(str(exc).split()))
+        raise typer.Exit(2) from None
+    console = Console(stderr=True, highlight=False)
+    failed = done = skipped = 0
+    steps = opts.iterations * len(opts.scales)
+    with optimizer, Progress(
+        TextColumn("[bold]optimize"), TextColumn("{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as progress:  # fmt: skip
+        for src in contents:
+            name = f"{src.stem}_optimized_{style.stem}.{opts.format}"
+            out = output if single_file else output / name
+            state = out.with_name(f".{out.name}.optimize-state")
+            if skip_existing and out.exists():
+                skipped += 1
+                continue
+            task = progress.add_task("", total=steps or None, name=out.name)
+
+            def on_progress(e: ProgressEvent, task: int = task) -> None:
+                v = e.value
+                progress.update(task, completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
+                                description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
+                                            f"(content {v.content:.3g}, style {v.style_total:.3g}) {e.tiles} tile(s)")  # fmt: skip
+
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                optimizer.run(src, style, output=out, state_dir=state, on_progress=on_progress, options=opts)
+                done += 1
+            except KeyboardInterrupt:
+                progress.stop()
+                _err(f"interrupted: {out.name} was not finished; run the same command again to resume from its last saved state")
+                raise typer.Exit(130) from None
+            except (ImageError, OptionError) as exc:
+                failed += 1
+                progress.console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
+            except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
+                failed += 1
+                progress.console.print(f"error: {src}: optimization failed ({type(exc).__name__}: {exc})", style="red",
+                                       markup=False, soft_wrap=True)  # fmt: skip
+            progress.update(task, visible=False)
+    where = output if single_file else f"outputs in {output}"
+    Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(contents)} images; {where}")
+    if failed:
+        raise typer.Exit(1)

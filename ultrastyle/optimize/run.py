@@ -1,0 +1,562 @@
+"""Optimization-based stylization end to end: scales, initialisation, budget, resumable state, output.
+
+    import ultrastyle
+    out = ultrastyle.optimize("photo.jpg", "art.jpg", iterations=100, max_memory="1GB")   # (H, W, 3) uint8
+    with ultrastyle.optimize.Optimizer("cd-wct-16x") as o:                                 # one model, many images
+        o.run("a.jpg", "art.jpg", output="a_opt.png", state_dir=".a.state", save_every=10)
+
+Per scale (coarse to fine, each long side in ``scales``; 0 is the content's
+own size), the content is resized, the style's Grams and the content's
+features are computed, the image is initialised (first scale: the content,
+noise or ultrastyle's WCT result; later scales: the previous result
+upsampled) and ``iterations`` solver steps run. Canvases sit in RAM or on disk
+as the memory budget says; tiles get what is left (`plan_memory`).
+
+With a ``state_dir`` the run saves its state there every ``save_every``
+iterations and at the end of every scale (atomically: a folder swapped in
+whole), resumes from it when it matches this run's inputs and settings, and
+removes it once the output is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ultrastyle.api import OptionError
+from ultrastyle.core.canvas import Canvas, canvas_from_array
+from ultrastyle.core.padding import padded_size
+from ultrastyle.core.tile_memory import parse_bytes
+from ultrastyle.io.atomic import atomic_dir
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
+from ultrastyle.optimize import vectors as vec
+from ultrastyle.optimize.loss import (
+    DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
+    LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
+)  # fmt: skip
+from ultrastyle.optimize.solvers import (
+    DEFAULT_ADAM_LR, DEFAULT_HISTORY, DEFAULT_SOLVER, SOLVERS, Solver, make_solver, vectors_per_image,
+)  # fmt: skip
+from ultrastyle.optimize.vectors import VectorSite
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+INITS = ("content", "noise", "wct")
+DEFAULT_ITERATIONS = 100
+DEFAULT_MAX_MEMORY = "2GB"
+STATE_VERSION = 1
+# Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
+# here at 1024 px (847 B/px) and 512 px (1.26 KB/px, more of it fixed cost); wider encoders
+# scale it by their activations (`_activation_values`).
+BYTES_PER_REGION_PIXEL = 1024
+_CD16X_VALUES = 133.5  # `_activation_values` of the CD 16x stage-5 encoder
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """Every setting of an optimization run (`make_optimize_options` validates them)."""
+
+    iterations: int = DEFAULT_ITERATIONS  # per scale
+    scales: tuple[int, ...] = (0,)  # long sides, coarse to fine; 0: the content's size
+    init: str = "content"
+    solver: str = DEFAULT_SOLVER
+    content_weight: float = DEFAULT_CONTENT_WEIGHT
+    style_weight: float = DEFAULT_STYLE_WEIGHT
+    layer_weights: tuple[tuple[str, float], ...] | None = None
+    content_layer: str = DEFAULT_CONTENT_LAYER
+    content_size: int = 0
+    style_size: int | None = None  # None: the scale's long side, at most the style's own
+    max_memory: int | None = parse_bytes(DEFAULT_MAX_MEMORY)
+    tile: int | None = None
+    scratch: str | None = None
+    save_every: int = 0
+    seed: int = 0
+    history: int = DEFAULT_HISTORY
+    lr: float = DEFAULT_ADAM_LR
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    format: str = "png"
+
+    @property
+    def weights(self) -> LossWeights:
+        lw = dict(self.layer_weights) if self.layer_weights is not None else None
+        return LossWeights(self.content_weight, self.style_weight, lw, self.content_layer)
+
+    def trajectory(self) -> dict:
+        """The settings a saved state must match to be resumed (not the budget, tiles or saving: results equal)."""
+        d = asdict(self)
+        for k in ("max_memory", "tile", "scratch", "save_every", "max_pixels", "format"):
+            d.pop(k)
+        return d
+
+
+def _scales(value: Sequence[int | str] | str | int | None) -> tuple[int, ...]:
+    if value is None:
+        return (0,)
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value) if not isinstance(value, int) else [value]
+    out = []
+    for item in items:
+        if item in ("full", "0", 0):
+            out.append(0)
+            continue
+        try:
+            n = int(item)
+        except (TypeError, ValueError):
+            raise OptionError("scales", f"expected long sides in pixels or 'full', e.g. 512,1024,full; got {item!r}") from None
+        if n < 32:
+            raise OptionError("scales", f"a scale must be at least 32 px, got {n}")
+        out.append(n)
+    if not out:
+        raise OptionError("scales", "give at least one scale")
+    body = [s for s in out if s]
+    if body != sorted(body) or (0 in out and out.index(0) != len(out) - 1):
+        raise OptionError("scales", f"scales go coarse to fine, 'full' last; got {value!r}")
+    return tuple(out)
+
+
+def make_optimize_options(
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    scales: Sequence[int | str] | str | int | None = None,
+    init: str = "content",
+    solver: str = DEFAULT_SOLVER,
+    content_weight: float = DEFAULT_CONTENT_WEIGHT,
+    style_weight: float = DEFAULT_STYLE_WEIGHT,
+    layer_weights: Mapping[str, float] | Sequence[float] | None = None,
+    content_layer: str = DEFAULT_CONTENT_LAYER,
+    content_size: int = 0,
+    style_size: int | None = None,
+    max_memory: int | str | None = DEFAULT_MAX_MEMORY,
+    tile: int | None = None,
+    scratch: str | os.PathLike | None = None,
+    save_every: int = 0,
+    seed: int = 0,
+    history: int = DEFAULT_HISTORY,
+    lr: float = DEFAULT_ADAM_LR,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    format: str = "png",  # noqa: A002 - the name users know from --format
+) -> OptimizeOptions:
+    """Validated `OptimizeOptions`; raises `OptionError` naming the keyword.
+
+    ``scales``: long sides coarse to fine (``"512,1024,full"``; 0 or "full":
+    the content's size). ``layer_weights``: λ per tap, a mapping
+    ``{"relu3_1": 2.0, ...}`` (taps left out weigh 0) or five numbers for
+    relu1_1..relu5_1; None: 1 each. ``max_memory``: bytes or ``"1GB"``; None:
+    the whole image at once. ``tile``: a fixed tile core side instead.
+    """
+    if iterations < 0:
+        raise OptionError("iterations", f"expected a number of iterations >= 0, got {iterations}")
+    if init not in INITS:
+        raise OptionError("init", f"expected one of {', '.join(INITS)}, got {init!r}")
+    if solver not in SOLVERS:
+        raise OptionError("solver", f"expected one of {', '.join(SOLVERS)}, got {solver!r}")
+    if content_layer not in TAPS:
+        raise OptionError("content_layer", f"expected one of {', '.join(TAPS)}, got {content_layer!r}")
+    for name, v in (("content_weight", content_weight), ("style_weight", style_weight)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise OptionError(name, f"expected a finite number >= 0, got {v}")
+    lw = None
+    if layer_weights is not None:
+        items = list(layer_weights.items()) if isinstance(layer_weights, Mapping) else list(zip(TAPS, layer_weights))
+        if not isinstance(layer_weights, Mapping) and len(list(layer_weights)) != len(TAPS):
+            raise OptionError("layer_weights", f"expected {len(TAPS)} numbers (relu1_1..relu5_1), got {list(layer_weights)}")
+        for k, v in items:
+            if k not in TAPS or not float(v) >= 0:
+                raise OptionError("layer_weights", f"expected weights >= 0 for taps among {', '.join(TAPS)}, got {k}={v}")
+        lw = tuple((str(k), float(v)) for k, v in items)
+    if content_size < 0 or (style_size is not None and style_size < 32):
+        raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep) or a number of pixels (style: >= 32)")
+    budget = None
+    if max_memory is not None:
+        try:
+            budget = max_memory if isinstance(max_memory, int) else parse_bytes(str(max_memory))
+        except ValueError as exc:
+            raise OptionError("max_memory", str(exc)) from None
+        if budget <= 0:
+            raise OptionError("max_memory", f"expected a positive number of bytes, got {budget}")
+    if tile is not None and tile < 16:
+        raise OptionError("tile", f"expected a tile core side of at least 16 px, got {tile}")
+    if save_every < 0:
+        raise OptionError("save_every", f"expected 0 (never) or a number of iterations, got {save_every}")
+    if history < 1:
+        raise OptionError("history", f"expected at least 1 pair, got {history}")
+    if not lr > 0:
+        raise OptionError("lr", f"expected a learning rate > 0, got {lr}")
+    fmt = {"jpeg": "jpg", "tif": "tiff"}.get(format.lower(), format.lower())
+    if fmt not in ("png", "jpg", "tiff"):
+        raise OptionError("format", f"expected png, jpg or tiff, got {format!r}")
+    return OptimizeOptions(
+        iterations=int(iterations), scales=_scales(scales), init=init, solver=solver,
+        content_weight=float(content_weight), style_weight=float(style_weight), layer_weights=lw,
+        content_layer=content_layer, content_size=int(content_size), style_size=style_size, max_memory=budget,
+        tile=tile, scratch=None if scratch is None else str(scratch), save_every=int(save_every), seed=int(seed),
+        history=int(history), lr=float(lr), max_pixels=int(max_pixels), format=fmt,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where one scale's canvases go and the tiles' core side."""
+
+    site: VectorSite
+    core: int | None  # None: the whole image as one tile
+    canvas_bytes: int
+
+
+def _activation_values(net: LossNetwork) -> float:
+    """Floats per input pixel summed over the encoder's layer outputs (what autograd keeps, roughly)."""
+    total, area = 3.0, 1.0
+    for layer in net.layers:
+        if layer.kind == "pool":
+            area /= 4
+        else:
+            total += layer.cout * area
+    return total
+
+
+def plan_memory(net: LossNetwork, height: int, width: int, opts: OptimizeOptions, content_channels: int) -> MemoryPlan:
+    """Canvases (content, content features, the solver's vectors) in RAM while they take at most a quarter of the budget, else on disk; tiles get the rest.
+
+    Raises `OptionError` (``max_memory``) when no tile fits.
+    """
+    hp, wp = padded_size(height, net.grid), padded_size(width, net.grid)
+    s = net.scale(opts.content_layer)
+    need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
+    if opts.max_memory is None:
+        return MemoryPlan(VectorSite(), opts.tile, need)
+    on_disk = need > opts.max_memory // 4
+    site = VectorSite(opts.scratch or _tempdir()) if on_disk else VectorSite()
+    if opts.tile is not None:
+        return MemoryPlan(site, opts.tile, need)
+    tiles = opts.max_memory - (0 if on_disk else need)
+    per_px = BYTES_PER_REGION_PIXEL * _activation_values(net) / _CD16X_VALUES
+    side = int(math.sqrt(tiles / per_px)) // net.grid * net.grid
+    if side * side >= hp * wp and side >= max(hp, wp) // 2:  # the whole image fits: one tile, no halo
+        return MemoryPlan(site, None, need)
+    core = side - 2 * net.halo
+    if core < 2 * net.grid:
+        least = (2 * net.grid + 2 * net.halo) ** 2 * per_px
+        raise OptionError("max_memory", f"too small for one tile of the loss network: it needs at least {least / 2**20:.0f} MiB for tiles")
+    return MemoryPlan(site, core, need)
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+@dataclass
+class ProgressEvent:
+    """One finished iteration: where (scale of scales, iteration of iterations), the loss, seconds so far."""
+
+    scale: int
+    scales: int
+    size: tuple[int, int]  # (H, W) of this scale
+    iteration: int
+    iterations: int
+    value: LossValue
+    seconds: float
+    tiles: int
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class _Objective:
+    """The loss of one scale as the solvers see it."""
+
+    def __init__(self, net: LossNetwork, target: StyleTarget, weights: LossWeights, plan: GradientPlan, on_tile: TileCallback | None) -> None:
+        self.net, self.target, self.weights, self.plan, self.on_tile = net, target, weights, plan, on_tile
+
+    def value(self, x: Canvas) -> LossValue:
+        return evaluate(self.net, x, self.target, self.weights, self.plan, self.on_tile)
+
+    def gradient(self, x: Canvas, g: Canvas, known: LossValue | None = None) -> LossValue:
+        return loss_and_gradient(self.net, x, self.target, self.weights, self.plan, g, known=known, on_tile=self.on_tile)
+
+
+def _source_key(src: Any) -> str:
+    if isinstance(src, Path):
+        st = src.stat()
+        return f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return str(getattr(src, "key", ""))
+
+
+def _read(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch.Tensor]:
+    """(source, (3, H, W) float32 in [0, 1]); `ImageError` naming the file."""
+    from ultrastyle.runtime.batch import ImageInput, read_source
+
+    if isinstance(image, (str, os.PathLike)):
+        src: Any = Path(image)
+    elif isinstance(image, (np.ndarray, Image.Image)):
+        src = ImageInput(image, role)
+    else:
+        raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
+    try:
+        return src, array_to_tensor(read_source(src, max_pixels))
+    except ImageError as exc:
+        if role == "style":  # "style photo.jpg: cannot read ...", as `stylize` says it
+            raise ImageError(f"style {exc}") from None
+        raise
+
+
+def scale_sizes(height: int, width: int, scales: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(H, W) per scale, coarse to fine: long side as given (never above the content's), 0 the content's size; repeats dropped."""
+    long = max(height, width)
+    out: list[tuple[int, int]] = []
+    for s in scales:
+        if s == 0 or s >= long:
+            size = (height, width)
+        else:
+            f = s / long
+            size = (max(1, round(height * f)), max(1, round(width * f)))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def upsample(src: Canvas, dst: Canvas, band: int = 256) -> None:
+    """Bilinear resize (align_corners=False, as `F.interpolate`) of ``src`` into ``dst``, band by band."""
+    _, hs, ws = src.shape
+    _, hd, wd = dst.shape
+
+    def coords(n_dst: int, n_src: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = ((torch.arange(lo, hi, dtype=torch.float64) + 0.5) * (n_src / n_dst) - 0.5).clamp(min=0)
+        y0 = y.floor().long().clamp(max=n_src - 1)
+        return y0, (y0 + 1).clamp(max=n_src - 1), (y - y0).clamp(0, 1)
+
+    x0, x1, wx = coords(wd, ws, 0, wd)
+    for r in range(0, hd, band):
+        y0, y1, wy = coords(hd, hs, r, min(hd, r + band))
+        lo, hi = int(y0.min()), int(y1.max()) + 1
+        rows = torch.from_numpy(src.read(slice(lo, hi), slice(None))).double()
+        a, b = rows[:, y0 - lo], rows[:, y1 - lo]
+        v = a + (b - a) * wy[None, :, None]
+        out = v[:, :, x0] + (v[:, :, x1] - v[:, :, x0]) * wx
+        dst.write(r, 0, out.float().numpy())
+
+
+def _noise(dst: Canvas, seed: int, band: int = 256) -> None:
+    c, h, w = dst.shape
+    for i, r in enumerate(range(0, h, band)):
+        rng = np.random.default_rng([seed, i])  # per band: the same image in RAM or on disk
+        dst.write(r, 0, rng.random((c, min(band, h - r), w), dtype=np.float32))
+
+
+class Optimizer:
+    """The loss network of ``model`` on ``device``, for many optimization runs.
+
+    ``model``: a zoo name or a folder of CD weights (its deepest encoder is the
+    loss network: CD 16x ``5SE`` gives relu1_1..relu5_1), or an `Encoder`
+    (e.g. a VGG-19 from `models.convert`). ``dtype``: torch.float32 (default)
+    or torch.float64 for the networks.
+    """
+
+    def __init__(self, model: Any = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 progress: bool = True) -> None:  # fmt: skip
+        from ultrastyle.models.networks import Encoder
+
+        self.model = model
+        if isinstance(model, Encoder):
+            encoder = model
+        else:
+            loaded = load_model(model, device=device, progress=progress)
+            encoder = loaded.encoders[max(loaded.encoders)]
+        self.net = LossNetwork(encoder.to(device=device, dtype=dtype))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Optimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(
+        self,
+        content: ImageLike,
+        style: ImageLike,
+        *,
+        output: str | os.PathLike | None = None,
+        state_dir: str | os.PathLike | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_tile: TileCallback | None = None,
+        **settings: Any,
+    ) -> np.ndarray:
+        """Optimize one image; returns (H, W, 3) uint8 (the content's size after ``content_size``).
+
+        ``settings``: as `make_optimize_options`. ``output``: also write the
+        image there (atomically). ``state_dir``: save the state there every
+        ``save_every`` iterations and after each scale, resume from it when it
+        matches, remove it once done. Raises `ImageError` for a bad image,
+        `OptionError` for a bad setting.
+        """
+        opts = settings.pop("options", None) or make_optimize_options(**settings)
+        if settings and not isinstance(opts, OptimizeOptions):
+            raise TypeError("give either options= or settings")
+        from ultrastyle.runtime.tiled import canvas_to_image
+
+        c_src, content_full = _read(content, "content", opts.max_pixels)
+        s_src, style_full = _read(style, "style", opts.max_pixels)
+        if opts.content_size:
+            content_full = resize_long_side(content_full, opts.content_size)
+        h, w = content_full.shape[-2:]
+        sizes = scale_sizes(h, w, opts.scales)
+        fingerprint = hashlib.sha256(json.dumps(
+            [STATE_VERSION, _source_key(c_src), _source_key(s_src), str(self.model), opts.trajectory()], default=str
+        ).encode()).hexdigest()  # fmt: skip
+        state = Path(state_dir) if state_dir is not None else None
+        resume = _read_state(state, fingerprint) if state is not None else None
+        start = resume["scale"] if resume else 0
+        t0 = time.perf_counter()
+        solver: Solver | None = None
+        try:
+            for i in range(start, len(sizes)):
+                sh, sw = sizes[i]
+                content_i = resize_long_side(content_full, max(sh, sw)) if (sh, sw) != (h, w) else content_full
+                mem = plan_memory(self.net, sh, sw, opts, self.net.channels(opts.content_layer))
+                plan = plan_gradient(self.net, sh, sw, mem.core)
+                target, closing = self._target(content_i, style_full, opts, mem, plan)
+                try:
+                    x = mem.site.new((3, sh, sw))
+                    resuming = i == start and resume is not None  # x comes from the saved state
+                    if solver is not None:
+                        upsample(solver.x, x)  # coarse to fine: the previous scale's result
+                    elif not resuming:
+                        self._init(x, content_i, style, opts)
+                    previous, solver = solver, make_solver(opts.solver, x, mem.site, **_solver_settings(opts))
+                    if previous is not None:
+                        previous.close()
+                    if resuming:
+                        solver.load(state / "solver")  # type: ignore[operator]
+                    objective = _Objective(self.net, target, opts.weights, plan, on_tile)
+                    while solver.iterations < opts.iterations:
+                        value = solver.step(objective)
+                        if on_progress is not None:
+                            on_progress(ProgressEvent(i, len(sizes), (sh, sw), solver.iterations, opts.iterations, value,
+                                                      time.perf_counter() - t0, len(plan.tiles)))  # fmt: skip
+                        if state is not None and opts.save_every and solver.iterations % opts.save_every == 0:
+                            _save_state(state, fingerprint, i, solver)
+                    if state is not None and i < len(sizes) - 1:
+                        _save_state(state, fingerprint, i, solver)
+                finally:
+                    for canvas in closing:
+                        canvas.close()
+            assert solver is not None
+            image = canvas_to_image(solver.x)
+        finally:
+            if solver is not None:
+                solver.close()
+        if output is not None:
+            from ultrastyle.io.pyramid import save_output
+
+            save_output(image, output, opts.format)
+        if state is not None and state.exists():
+            shutil.rmtree(state, ignore_errors=True)
+        return image
+
+    def _target(self, content: torch.Tensor, style: torch.Tensor, opts: OptimizeOptions, mem: MemoryPlan,
+                plan: GradientPlan) -> tuple[StyleTarget, list[Canvas]]:  # fmt: skip
+        """The style's Grams at this scale and the content layer's features; the canvases to close afterwards."""
+        sh, sw = content.shape[-2:]
+        side = opts.style_size or min(max(sh, sw), max(style.shape[-2:]))
+        style_c = canvas_from_array(resize_long_side(style, side).numpy(), layout="chw")
+        content_c = canvas_from_array(content.numpy(), layout="chw", disk_dir=mem.site.disk_dir)
+        s = self.net.scale(opts.content_layer)
+        feats = Canvas(self.net.channels(opts.content_layer), plan.padded_height // s, plan.padded_width // s, disk_dir=mem.site.disk_dir)
+        try:
+            target = style_target(self.net, style_c, content_c, opts.weights, mem.core, content_features=feats)
+        except BaseException:
+            feats.close()
+            raise
+        finally:
+            style_c.close()
+            content_c.close()
+        return target, [feats]
+
+    def _init(self, x: Canvas, content: torch.Tensor, style: ImageLike, opts: OptimizeOptions) -> None:
+        if opts.init == "noise":
+            _noise(x, opts.seed)
+            return
+        if opts.init == "wct":
+            pixels = _wct(self.model, content, style, opts)
+            with canvas_from_array(pixels) as c:
+                vec.combine(x, [(1.0, c)])
+            return
+        with canvas_from_array(content.numpy(), layout="chw") as c:
+            vec.combine(x, [(1.0, c)])
+
+
+def _wct(model: Any, content: torch.Tensor, style: ImageLike, opts: OptimizeOptions) -> np.ndarray:
+    """ultrastyle's own WCT cascade (its model defaults) on the first scale's content: (H, W, 3) uint16."""
+    from ultrastyle.api import Stylizer
+
+    if not isinstance(model, (str, os.PathLike)):
+        raise OptionError("init", "'wct' needs a model name or folder with decoders, not a bare encoder")
+    pixels = np.ascontiguousarray(content.permute(1, 2, 0).numpy())
+    with Stylizer(model, progress=False) as s:
+        memory = opts.max_memory if opts.max_memory is not None else None
+        return s.stylize(pixels, style, depth=16, max_memory=memory, style_size=opts.style_size or max(pixels.shape[:2]),
+                         max_pixels=opts.max_pixels)  # fmt: skip
+
+
+def _solver_settings(opts: OptimizeOptions) -> dict:
+    return {"history": opts.history} if opts.solver == "lbfgs" else {"lr": opts.lr}
+
+
+def _save_state(folder: Path, fingerprint: str, scale: int, solver: Solver) -> None:
+    """The run's state, swapped in whole (`atomic_dir`): a kill at any moment leaves the old state or the new one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder) as tmp:
+        (tmp / "solver").mkdir()
+        solver.save(tmp / "solver")
+        (tmp / "state.json").write_text(json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint, "scale": scale}))
+
+
+def _read_state(folder: Path, fingerprint: str) -> dict | None:
+    """The saved state's header when it matches this run, else None (a mismatch starts over)."""
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("version") != STATE_VERSION or meta.get("fingerprint") != fingerprint:
+        return None
+    return meta
+
+
+def optimize(
+    content: ImageLike,
+    style: ImageLike,
+    *,
+    model: Any = DEFAULT_MODEL,
+    device: str = "cpu",
+    output: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_tile: TileCallback | None = None,
+    **settings: Any,
+) -> np.ndarray:
+    """Stylize ``content`` by optimization (Gatys et al.) with ``model``'s encoder as the loss network; (H, W, 3) uint8.
+
+    ``settings``: iterations (per scale), scales, init ("content", "noise",
+    "wct"), solver ("lbfgs", "adam"), content_weight (α), style_weight (β),
+    layer_weights, content_layer, content_size, style_size, max_memory, tile,
+    save_every, seed, ... (`make_optimize_options`). ``output``, ``state_dir``:
+    as `Optimizer.run`. For many images, open an `Optimizer` once.
+    """
+    with Optimizer(model, device=device) as o:
+        return o.run(content, style, output=output, state_dir=state_dir, on_progress=on_progress, on_tile=on_tile, **settings)
