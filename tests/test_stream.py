@@ -148,15 +148,17 @@ def test_header_over_max_pixels_is_refused_before_decoding(tmp_path: Path) -> No
     assert str(ej.value) == str(ei.value)  # one limit, one message, whichever reader
 
 
-def test_truncated_files_fail_with_one_error(files: dict[str, Path], tmp_path: Path) -> None:
-    for name in ("rgb.jpg", "rgb.tif", "rgb.png"):
-        data = files[name].read_bytes()
-        p = tmp_path / f"cut_{name}"
-        p.write_bytes(data[: len(data) * 2 // 3])
-        with pytest.raises(ImageError) as ei:
-            _streamed(p)
-        msg = str(ei.value)
-        assert msg.startswith(str(p)) and "\n" not in msg and ("truncated" in msg or "corrupt" in msg), msg
+@pytest.mark.parametrize("name", ["rgb.jpg", "rgb.tif", "rgb.png", "rgb16.tif", "rgb16.png", "rgb.webp"])
+@pytest.mark.parametrize("reader", ["stream", "whole"])
+def test_truncated_files_fail_with_one_error(files: dict[str, Path], tmp_path: Path, name: str, reader: str) -> None:
+    data = files[name].read_bytes()
+    p = tmp_path / f"cut_{name}"
+    p.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageError) as ei, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's own warnings about the damaged TIFF directory
+        _streamed(p) if reader == "stream" else read_image(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: ") and "\n" not in msg and ("truncated" in msg or "corrupt" in msg), msg
 
 
 def test_animation_uses_its_first_frame_and_says_so(tmp_path: Path) -> None:
@@ -189,3 +191,25 @@ def test_batch_outputs_equal_with_and_without_streaming(files: dict[str, Path], 
     np.testing.assert_array_equal(outs["never"], outs["always"])
     ref = resize_long_side(torch.zeros(3, H, W), 0)
     assert outs["always"].shape == (ref.shape[1], ref.shape[2], 3)
+
+
+def test_cli_streams_and_says_which_files_it_reads_whole(files: dict[str, Path], tmp_path: Path, cd16x_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(files["rgb.jpg"]).save(rotated, exif=exif)
+    style = tmp_path / "style.png"
+    Image.fromarray((np.random.default_rng(4).random((32, 32, 3)) * 255).astype(np.uint8)).save(style)
+    out = tmp_path / "out"
+    argv = ["stylize", str(files["rgb16.png"]), str(rotated), "--style", str(style), "-o", str(out), "--model", str(cd16x_dir),
+            "--backend", "torch", "--levels", "5,1", "--streaming", "always", "--style-size", "32"]  # fmt: skip
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and str(rotated) in lines[0] and "orientation" in lines[0], r.output
+    assert (out / "rgb16_stylized_style.png").is_file() and (out / "rotated_stylized_style.png").is_file()
+    assert Image.open(out / "rotated_stylized_style.png").size == (H, W)  # turned by its EXIF orientation

@@ -100,12 +100,29 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     except PermissionError as exc:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from exc
     except UnidentifiedImageError as exc:
+        kind = _signature(path)
+        if kind:  # the file says what it is, but its header or directory is cut or damaged
+            raise ImageError(f"{path}: truncated or corrupt {kind} file (its header or directory cannot be read)") from exc
         raise ImageError(f"{path}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # imagecodecs raises its own errors
         raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from exc
 
 
 ORIENTATION = 0x0112
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+               (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"), (b"GIF8", "GIF"), (b"BM", "BMP"))  # fmt: skip
+
+
+def _signature(path: Path) -> str | None:
+    """The format a file's first bytes announce (None: none this module knows)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Deflate cannot compress better than 1032:1 (a 258-byte match costs at least 2 bits), so
@@ -191,6 +208,25 @@ def check_png_data(path: Path, *, chunk: int = 1 << 20) -> None:
         if not interlace:
             rows = f": {got // (1 + (width * _PNG_CHANNELS[ctype] * depth + 7) // 8)} of {height} rows"
         raise ImageError(f"{path}: truncated PNG: {claim} but its image data ends after {got} bytes{rows}")
+
+
+def check_tiff_data(path: Path) -> None:
+    """Refuse a TIFF whose first image's strips or tiles reach past the end of the file; `ImageError` naming it.
+
+    libvips reads such strips as warnings (zeros where the data is missing), so the directory is checked first:
+    tifffile reads the offsets and byte counts only, no pixel data.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+    except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
+        raise ImageError(f"{path}: truncated or corrupt TIFF file ({exc})") from None
+    if ends and max(ends) > size:
+        raise ImageError(f"{path}: truncated TIFF: its image data runs to byte {max(ends)} but the file ends at {size}")
 
 
 def _is_rgb16(path: Path, img: Image.Image) -> bool:

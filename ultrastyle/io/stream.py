@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle.core.resample import RowResampler, resized_size
-from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_png_data, check_pixels
+from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_png_data, check_pixels, check_tiff_data
 
 BAND_ROWS = 256  # rows per band handed on; a 1 GP image's band (31.6k wide) is 97 MB as float32
 
@@ -157,11 +157,14 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
     except pyvips.Error as exc:
         raise ImageError(f"{path}: not an image file libvips can read ({_first_line(exc)})") from None
     check_pixels(path, image.width, image.height, max_pixels)
-    if image.get("vips-loader").startswith("png"):
+    loader = image.get("vips-loader")
+    if loader.startswith("png"):
         check_png_data(path)
+    elif loader.startswith("tiff"):
+        check_tiff_data(path)
     fields = set(image.get_fields())
     pages = image.get("n-pages") if "n-pages" in fields else 1
-    if pages > 1 and image.get("vips-loader").split("load")[0] in ("gif", "webp", "png", "heif"):
+    if pages > 1 and loader.split("load")[0] in ("gif", "webp", "png", "heif"):
         warnings.warn(f"{path}: an animation of {pages} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
     return ImageStream(path, image, content_size)
 

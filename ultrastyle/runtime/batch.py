@@ -483,15 +483,23 @@ def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | No
     return True, streamed_read_bytes(src, options), None
 
 
-def decode(src: Source, options: StylizeOptions) -> Decoded:
-    """``src`` read whole (`load_content`), or opened for a streamed read where `read_plan` says so."""
-    stream, _, why = read_plan(src, options)
-    if stream:
+def decode(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None] | None = None) -> Decoded:
+    """``src`` read whole (`load_content`), or opened for a streamed read where `read_plan` says so.
+
+    Without ``plan`` (the caller's `read_plan`, which warned already), a file that cannot stream warns here."""
+    if plan is None:
+        plan = read_plan(src, options)
+        warn_read_whole(src, options, plan)
+    if plan[0]:
         return StreamedDecoded(open_stream(src, max_pixels=options.max_pixels, content_size=options.content_size))
-    if why is not None:
-        warnings.warn(f"{src}: read whole ({whole_read_bytes(src, options) / 2**20:.0f} MiB, above the "
-                      f"{options.io_allowance / 2**20:.0f} MiB allowance for decoded images): {why}", ReadWholeWarning, stacklevel=2)  # fmt: skip
     return Decoded(*load_content(src, options))
+
+
+def warn_read_whole(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None]) -> None:
+    """One `ReadWholeWarning` where ``plan`` reads whole a file that should have streamed."""
+    if plan[2] is not None:
+        warnings.warn(f"{src}: read whole ({plan[1] / 2**20:.0f} MiB, above the {options.io_allowance / 2**20:.0f} MiB "
+                      f"allowance for decoded images): {plan[2]}", ReadWholeWarning, stacklevel=3)  # fmt: skip
 
 
 class ReadWholeWarning(UserWarning):
@@ -609,6 +617,7 @@ class _Job:
     indices: list[int]
     estimate: int = 0
     read: Future | None = None
+    plan: tuple[bool, int, str | None] | None = None  # `read_plan`
 
 
 def run_batch(
@@ -650,6 +659,9 @@ def run_batch(
         else:
             jobs.append(_Job(pair.content, [i]))
     report()
+    for job in jobs:  # before any work: which contents stream, and one line for each that should but cannot
+        job.plan = read_plan(job.content, options)
+        warn_read_whole(job.content, options, job.plan)
     styles = StyleBook(model, options)
     workers = options.workers
     allowance = _Allowance(options.io_allowance)
@@ -662,11 +674,12 @@ def run_batch(
         nonlocal submitted
         while submitted < len(jobs) and submitted <= current + workers:
             job = jobs[submitted]
-            job.estimate = read_plan(job.content, options)[1]
+            assert job.plan is not None
+            job.estimate = job.plan[1]
             if submitted > current and not allowance.fits(job.estimate):
                 return
             allowance.take(job.estimate)
-            job.read = readers.submit(decode, job.content, options)
+            job.read = readers.submit(decode, job.content, options, job.plan)
             submitted += 1
 
     def write(i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float, nbytes: int) -> None:
