@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -239,10 +240,15 @@ def stylize_command(
             progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 
+        def on_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+            progress.console.print(f"warning: {_as_flags(str(message))}", style="yellow", markup=False, soft_wrap=True)
+
         try:
-            summary = stylizer.stylize_batch(
-                contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
-            )  # fmt: skip
+            with warnings.catch_warnings():  # the library's notices (a file read whole, an animation's first frame)
+                warnings.showwarning = on_warning
+                summary = stylizer.stylize_batch(
+                    contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
+                )  # fmt: skip
         except OptionError as exc:
             raise _bad_option(exc) from None
         except (OutputCollisionError, ImageError) as exc:  # before any work: colliding outputs, a mask of the wrong label count
