@@ -3,7 +3,7 @@
 What a source holds (its format, stages, architecture and defaults) is read
 without loading anything by `models.sources`; this module loads the weights
 into a `StyleModel`. Asking for a stage the model lacks is a
-`CheckpointError` that says which ``--levels`` would work.
+`CheckpointError` that says which levels would work.
 """
 
 from __future__ import annotations
