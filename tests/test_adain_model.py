@@ -1,4 +1,4 @@
-"""`ultrastyle-adain-16x`: this project's AdaIN decoder for the CD 16x stage-4 encoder (issue #8)."""
+"""`ultrastyle-adain-16x`: this project's AdaIN decoder for the CD 16x stage-4 encoder."""
 
 from __future__ import annotations
 

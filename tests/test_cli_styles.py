@@ -1,4 +1,4 @@
-"""`ultrastyle stylize --mix / --mask / --preserve-color` end to end on tiny images (issue #8)."""
+"""`ultrastyle stylize --mix / --mask / --preserve-color` end to end on tiny images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Style mixes, mask regions and colour preservation: semantics, tiled = whole, clear errors (issue #8)."""
+"""Style mixes, mask regions and colour preservation: semantics, tiled = whole, clear errors."""
 
 from __future__ import annotations
 

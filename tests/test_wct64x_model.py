@@ -1,4 +1,4 @@
-"""`ultrastyle-wct-64x`: the 64x students distilled by this project (issue #5), shipped in fp16."""
+"""`ultrastyle-wct-64x`: the 64x students distilled by this project, shipped in fp16."""
 
 from __future__ import annotations
 
