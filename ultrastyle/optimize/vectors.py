@@ -96,6 +96,6 @@ def load(path: Path, canvas: Canvas) -> None:
         if src.shape != canvas.shape or src.dtype != np.float32:
             raise ValueError(f"{path}: holds {src.dtype} {src.shape}, expected float32 {canvas.shape}")
         for r0, r1 in _bands(canvas):
-            canvas.write(r0, 0, np.ascontiguousarray(src[:, r0:r1]))
+            canvas.write(r0, 0, np.array(src[:, r0:r1]))  # a copy: the mapping is read-only
     finally:
         del src

@@ -1,0 +1,243 @@
+"""Optimization-based stylization: the exact tiled gradient, the solvers, resume, the API and the CLI.
+
+Tiny images and few iterations: the point is equality with the whole-image
+autograd reference and the solvers' contracts, not the looks.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from ultrastyle.core.canvas import Canvas, canvas_from_array
+from ultrastyle.optimize import vectors as vec
+from ultrastyle.optimize.loss import (
+    LossNetwork, LossWeights, evaluate, loss_and_gradient, plan_gradient, reference_loss, style_target,
+)  # fmt: skip
+from ultrastyle.optimize.run import Optimizer, make_optimize_options, upsample
+
+TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
+
+
+@pytest.fixture(scope="module")
+def encoder(cd16x_dir: Path):
+    from ultrastyle.models.convert import cd_encoder
+
+    return cd_encoder(cd16x_dir / "5SE.pth", 5)
+
+
+@pytest.fixture(scope="module")
+def optimizer(cd16x_dir: Path) -> Optimizer:
+    return Optimizer(cd16x_dir)
+
+
+def _chw(t: torch.Tensor) -> Canvas:
+    return canvas_from_array(t.float().numpy(), layout="chw")
+
+
+def _images(h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, h, w, generator=g)
+    content = (image + 0.2 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+    return image, torch.rand(3, 37, 52, generator=g), content
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "size, core, two_pass",
+    [
+        ((75, 130), None, False),  # the whole image: one forward, one backward
+        ((40, 27), 64, True),  # smaller than one tile, through both passes
+        ((75, 130), 32, True),  # larger than a tile, off the grid both ways
+        ((96, 64), 48, True),  # on the grid
+    ],
+)
+def test_tiled_gradient_equals_the_whole_image_autograd(encoder, device, dtype, size, core, two_pass, one_thread):
+    net = LossNetwork(copy.deepcopy(encoder).to(device=device, dtype=dtype))
+    weights = LossWeights(content_weight=2.0, style_weight=1e-3, layer_weights={"relu1_1": 1.0, "relu2_1": 0.5, "relu3_1": 2.0, "relu4_1": 1.0, "relu5_1": 3.0})
+    image, style, content = _images(*size)
+    x = image.to(device, dtype).clone().requires_grad_(True)
+    ref = reference_loss(net, x, style.to(device, dtype), content.to(device, dtype), weights)
+    ref.backward()
+    want = x.grad.double().cpu()
+    plan = plan_gradient(net, *size, core)
+    assert plan.one_tile == (core is None or size == (40, 27))
+    target = style_target(net, _chw(style), _chw(content), weights, core)
+    grad = Canvas(3, *size)
+    known = evaluate(net, _chw(image), target, weights, plan) if two_pass else None
+    value = loss_and_gradient(net, _chw(image), target, weights, plan, grad, known=known)
+    got = torch.from_numpy(grad.numpy()).double()
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel <= TOL[dtype], f"tiled gradient differs from the whole image's by {rel:.2e} (relative)"
+    assert value.total == pytest.approx(ref.item(), rel=TOL[dtype])
+    assert value.content > 0 and all(v > 0 for v in value.style.values())
+
+
+def test_the_tiles_of_a_plan_cover_the_padded_image_once(encoder):
+    net = LossNetwork(encoder)
+    plan = plan_gradient(net, 75, 130, 32)
+    cover = np.zeros((plan.padded_height, plan.padded_width), int)
+    for t in plan.tiles:
+        cover[t.rows.start : t.rows.stop, t.cols.start : t.cols.stop] += 1
+        assert t.region_rows.start <= max(0, t.rows.start - net.halo) and t.region_rows.stop >= min(plan.padded_height, t.rows.stop + net.halo)
+    assert (cover == 1).all() and len(plan.tiles) > 4
+
+
+def test_banded_vectors_and_upsampling_match_numpy_and_torch(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 70, 41), dtype=np.float32), rng.random((3, 70, 41), dtype=np.float32)
+    old = vec.BAND_BYTES
+    vec.BAND_BYTES = 3 * 41 * 4 * 16  # 16-row bands: several per vector
+    try:
+        ca, cb = canvas_from_array(a, layout="chw", disk_dir=tmp_path), canvas_from_array(b, layout="chw")
+        assert vec.dot(ca, cb) == pytest.approx(float(np.dot(a.ravel().astype(np.float64), b.ravel())), rel=1e-12)
+        vec.combine(ca, [(2.0, ca), (-0.5, cb)])
+        np.testing.assert_allclose(ca.numpy(), 2 * a - 0.5 * b, rtol=1e-6)
+        vec.save(ca, tmp_path / "a.npy")
+        back = Canvas(3, 70, 41)
+        vec.load(tmp_path / "a.npy", back)
+        assert np.array_equal(back.numpy(), ca.numpy())
+        with pytest.raises(ValueError, match="expected float32"):
+            vec.load(tmp_path / "a.npy", Canvas(3, 71, 41))
+    finally:
+        vec.BAND_BYTES = old
+    src = torch.from_numpy(a)
+    dst = Canvas(3, 157, 90)
+    upsample(_chw(src), dst, band=20)
+    want = F.interpolate(src[None], size=(157, 90), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(dst.numpy(), want.numpy(), atol=1e-5)  # torch computes the coordinates in float32
+
+
+def _grams(net: LossNetwork, img: np.ndarray) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        taps = net.encoder.taps(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+    return {t: (a[0].flatten(1) @ a[0].flatten(1).T / a[0, 0].numel()).double() for t, a in taps.items()}
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+def test_the_loss_decreases_and_the_grams_move_to_the_style(optimizer, photo, style, solver, one_thread):
+    content = (photo[:, ::5, ::5].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # 64 px long side
+    style_px = (style.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    losses = []
+    out = optimizer.run(content, style_px, iterations=6, solver=solver, max_memory=None, lr=0.02, style_size=max(style_px.shape),
+                        on_progress=lambda e: losses.append(e.value.total))  # fmt: skip
+    assert out.shape == content.shape and out.dtype == np.uint8
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    if solver == "lbfgs":  # Armijo steps: every accepted point is lower
+        assert all(b <= a for a, b in zip(losses, losses[1:]))
+    net = optimizer.net
+    gs, gc, go = _grams(net, style_px), _grams(net, content), _grams(net, out)
+    dist = lambda g: sum(float(((g[t] - gs[t]) ** 2).sum()) for t in gs)  # noqa: E731
+    assert dist(go) < dist(gc)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+def test_resume_continues_to_the_uninterrupted_result(optimizer, photo, style, tmp_path, solver, one_thread):
+    content = photo[:, ::4, ::4].permute(1, 2, 0).numpy().copy()  # 80 px long side
+    settings = dict(iterations=3, scales=(48, 0), solver=solver, tile=32, max_memory="8MB", scratch=tmp_path,
+                    save_every=2, style_size=48, lr=0.02)  # fmt: skip
+    whole = optimizer.run(content, style.permute(1, 2, 0).numpy().copy(), **settings)
+    state = tmp_path / "state"
+    seen = []
+
+    def stop(e):
+        seen.append((e.scale, e.iteration, e.tiles))
+        if (e.scale, e.iteration) == (1, 1):  # after the save at the end of scale 0, before the one at (1, 2)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.run(content, style.permute(1, 2, 0).numpy().copy(), state_dir=state, on_progress=stop, **settings)
+    assert (state / "state.json").is_file() and not list(tmp_path.glob(".state.*"))
+    assert seen[-1][2] > 1  # the full scale ran tiled
+    resumed = []
+    again = optimizer.run(content, style.permute(1, 2, 0).numpy().copy(), state_dir=state,
+                          on_progress=lambda e: resumed.append((e.scale, e.iteration)), **settings)  # fmt: skip
+    assert resumed == [(1, 1), (1, 2), (1, 3)]
+    assert np.array_equal(again, whole)
+    assert not state.exists()  # removed once the output exists
+
+
+def test_a_state_from_other_settings_is_not_resumed(optimizer, photo, style, tmp_path, one_thread):
+    content = photo[:, ::8, ::8].permute(1, 2, 0).numpy().copy()
+    st = style.permute(1, 2, 0).numpy().copy()
+
+    def stop(e):
+        if e.iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", on_progress=stop, max_memory=None)
+    steps = []
+    optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", style_weight=1.0, max_memory=None,
+                  on_progress=lambda e: steps.append(e.iteration))  # fmt: skip
+    assert steps == [1, 2, 3]
+
+
+def test_options_name_the_keyword():
+    from ultrastyle.api import OptionError
+
+    for bad, option in (
+        (dict(init="zeros"), "init"), (dict(solver="sgd"), "solver"), (dict(scales="1024,512"), "scales"),
+        (dict(scales="big"), "scales"), (dict(layer_weights=[1, 2]), "layer_weights"), (dict(max_memory="lots"), "max_memory"),
+        (dict(content_layer="conv4_2"), "content_layer"), (dict(style_weight=-1.0), "style_weight"),
+    ):  # fmt: skip
+        with pytest.raises(OptionError) as info:
+            make_optimize_options(**bad)
+        assert info.value.option == option
+    assert make_optimize_options(scales="512, 1024, full").scales == (512, 1024, 0)
+
+
+def test_a_budget_too_small_for_one_tile_is_an_option_error(optimizer, photo, style):
+    from ultrastyle.api import OptionError
+
+    with pytest.raises(OptionError, match="too small for one tile") as info:
+        optimizer.run(photo.permute(1, 2, 0).numpy().copy(), style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="4MB")
+    assert info.value.option == "max_memory"
+
+
+def test_the_package_is_the_function():
+    import ultrastyle
+    import ultrastyle.optimize as pkg
+    from ultrastyle.optimize.run import optimize
+
+    assert callable(ultrastyle.optimize) and callable(pkg)
+    assert pkg.optimize is optimize
+
+
+def test_cli_runs_a_batch_past_a_bad_file_and_writes_atomically(cd16x_dir, shared_dir, tmp_path, one_thread):
+    from ultrastyle.cli.main import app
+
+    good = tmp_path / "in" / "a.png"
+    good.parent.mkdir()
+    Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((48, 36)).save(good)
+    bad = tmp_path / "in" / "b.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "optimize", str(tmp_path / "in"), "--style", str(shared_dir / "images/style/cd_style_in3.jpg"), "-o", str(out),
+        "--iterations", "2", "--style-size", "48", "--model", str(cd16x_dir), "--tile", "32",
+    ])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "b.png" in result.output and "1 done, 0 skipped, 1 failed of 2" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a_optimized_cd_style_in3.png"]  # no state, no temp left
+    assert Image.open(out / "a_optimized_cd_style_in3.png").size == (48, 36)
+    bad_flag = CliRunner().invoke(app, ["optimize", str(good), "--style", str(good), "--scales", "64,32"])
+    assert bad_flag.exit_code == 2 and "--scales" in bad_flag.output
+
+
+def test_wct_init_is_ultrastyles_own_wct_result(optimizer, cd16x_dir, shared_dir, one_thread):
+    import ultrastyle
+
+    content = np.asarray(Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((64, 48)))
+    art = shared_dir / "images/style/cd_style_in3.jpg"
+    start = Optimizer(cd16x_dir).run(content, art, init="wct", iterations=0, max_memory=None)
+    wct = ultrastyle.stylize(content, art, model=cd16x_dir, style_size=64, max_memory=None)
+    assert np.abs(start.astype(int) - wct).max() <= 1
+    assert np.abs(start.astype(int) - content).mean() > 10  # not the content itself
