@@ -1,57 +1,71 @@
-"""PyTorch on a CUDA GPU: tiled (``--max-memory``) vs whole-image stylization by image size.
+"""PyTorch on a CUDA GPU: precision x compile x tiled/whole, quality against float32, network-only and floor figures.
 
 What it measures
 ----------------
-The CD 16x WCT cascade (5 stages, alpha 0.6, style resized to 1024 px long
-side) through the PyTorch runner on ``cuda``, for images of ``--sizes``
-megapixels (16, 40, 100 by default, 16:9), on two paths:
+The CD 16x WCT cascade (5 stages, alpha 0.6, style resized to ``--style-size``
+px long side) through the PyTorch runner on ``cuda``, for each ``--configs``
+entry, each ``--sizes`` image and each ``--paths`` path. A config is
+``PRECISION[+compile][+hostfit]``: the networks in ``fp32`` (IEEE, TF32 off;
+``--tf32`` leaves PyTorch's TF32 defaults on), ``fp16`` or ``bf16``
+(statistics, eigendecompositions and the fit in float64 either way);
+``+compile``: the stage networks through ``torch.compile`` with the affine map
+folded into each decoder's first convolution (`runtime.backends.torch_engine`);
+``+hostfit``: the WCT fit on the CPU (``fit_on="host"``) instead of on the GPU.
 
+- ``whole``: each stage on the whole image (``--no-tile``); skipped where the
+  estimate (``--whole-gib-per-mp``) exceeds the GPU's free memory.
 - ``tiled``: the library's tiled path with ``TilingOptions(max_memory=...)``
   (``--max-memory``, default 2GB), what ``ultrastyle stylize --backend torch
-  --device cuda --max-memory 2GB`` runs: canvases on the GPU while they take
-  at most half the budget, else in host RAM (tiles cross through page-locked
-  buffers), pass 1 statistics on the GPU, pass 2 decode;
-- ``whole``: the whole-image reference (``--no-tile``): each stage on the whole
-  image on the GPU. Skipped where the estimate (``--whole-gib-per-mp`` GiB per
-  MP) exceeds the GPU's free memory; a run that still fails (out of memory, a
-  kernel's size limit) is reported with its error and the benchmark goes on.
+  --device cuda --max-memory 2GB`` runs.
 
-Timed span (wall clock, ``torch.cuda.synchronize()`` at both ends): the style
-statistics, the content canvas built from the uint8 image, the 5-stage
-cascade and the conversion of the result to a uint8 (H, W, 3) array; not
-reading or writing image files, importing torch or loading the models. One
-warm-up run per path (a 2 MP image) comes first, so cuDNN's first-call set-up
-is not timed. Peak GPU memory is ``torch.cuda.max_memory_allocated`` (tensors)
-and ``max_memory_reserved`` (PyTorch's caching allocator, what the process
-holds), both reset before each run; the model weights (about 10 MB) are in
-them. The content is the ``--image`` photo resized (PIL, LANCZOS; upscaled
-past its size) or, without it, a synthetic image (smooth gradients plus
-noise); the style is ``--style`` or a synthetic texture. ``--compare`` adds
-the largest difference between the tiled and whole outputs (uint8) where both
-ran.
+Sizes are megapixels (16:9, or the photo's aspect ratio) or ``WxH`` (the photo
+resized to cover it and centre-cropped). Timed span (wall clock,
+``sync()`` at both ends): the content canvas built from the
+uint8 image, the 5-stage cascade and the conversion of the result to a uint8
+(H, W, 3) array on the host. Not timed: the style statistics (computed once per
+config, as a batch reuses them; with the eager networks of the config's
+precision, so a compiled config compiles only the content's shapes), reading
+images, loading models. Each row runs once untimed on the same input first
+(for ``+compile`` rows that run compiles: its excess over the timed median is
+the ``compile s`` column), then ``--repeats`` timed runs (median). Peak GPU
+memory: ``torch.cuda.max_memory_allocated`` of the timed runs.
 
-TF32: the PyTorch runner turns TF32 off while it is active (IEEE float32, the
-reference's precision); ``--tf32`` runs with PyTorch's defaults instead
-(cuDNN convolutions in TF32) to show what that costs or gains.
+``--networks``: the network-only figure: the 5 stage encoders + decoders (A = I,
+b = 0) on one ``--net-size`` square image, per config, ms/MP and TFLOP/s
+(multiply-adds x 2 from the layer list); and stage 5 alone. Same shapes as the
+whole-image cascade at that size, so compiled configs reuse its graphs.
+
+``--floors``: the figures the GPU path is held against: FLOP per megapixel of
+the cascade's networks, the fp16 matrix rate and the copy bandwidth measured
+here (8192^3 products; a 2 GiB copy), the arithmetic floor (FLOP / rate) and
+the activation-traffic floor (each layer's input read once and output written
+once in fp16, padding/bias/ReLU fused; / bandwidth), in ms/MP.
+
+``--psnr-pairs N``: quality against float32: N content x style pairs (contents
+from ``--pairs-content`` folders, styles from ``--pairs-style``, cycled),
+each content resized and cropped to ``--psnr-size`` (square), whole-image, each
+non-fp32 config's output against the fp32 config's: PSNR (dB, [0, 1] outputs
+clamped), max and mean abs error; mean and worst pair.
+
+``--budget-s``: rows not started by then are reported as skipped (the device
+check must end in time); rows run in order: floors, networks, PSNR, then sizes
+in the given order with every config.
 
 How to run
 ----------
-From the repository root, on a machine with a CUDA GPU::
+On a machine with a CUDA GPU (benchmarks/gpu_check.sh runs the full check)::
 
     python benchmarks/gpu_torch.py --model ../shared/models/cd-wct-16x \\
         --image ../shared/images/large/lomiri_Dragonfly_by_Bolly.jpg --style ../shared/images/style/cd_style_in1.jpg
-    python benchmarks/gpu_torch.py --model DIR --sizes 16 --paths tiled --max-memory 1GB
+    python benchmarks/gpu_torch.py --model DIR --sizes 4096x4096 --configs fp32,fp16,fp16+compile --networks --floors
 
-Prints a markdown table (and ``--json PATH`` writes the rows). On an H100 the
-default run takes about 40 s, much of it resizing the inputs.
+Prints markdown tables (``--json PATH`` writes every row).
 
 Results
 -------
-In benchmarks/README.md ("gpu_torch.py"): H100 80GB, torch 2.11.0+cu130, IEEE
-float32, content ``../shared/images/large/lomiri_Dragonfly_by_Bolly.jpg``
-resized, style ``cd_style_in1.jpg`` at 1024 px, ``--compare``: tiled 2GB
-0.071-0.11 s/MP at 16-100 MP (0.50 before the canvas changes), whole-image
-0.029-0.044 s/MP, tiled = whole exactly in uint8.
+In benchmarks/README.md ("gpu_torch.py"). Before the precision and compile
+options: H100 80GB, torch 2.11.0+cu130, IEEE float32, tiled 2GB 0.071-0.11
+s/MP at 16-100 MP, whole-image 0.029-0.044 s/MP, tiled = whole exactly in uint8.
 """
 
 from __future__ import annotations
@@ -59,8 +73,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,26 +85,67 @@ import torch
 from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.io.images import array_to_tensor, read_image, resize_long_side
-from ultrastyle.models.pretrained import load_model
+from ultrastyle.io.images import IMAGE_SUFFIXES, array_to_tensor, read_image, resize_long_side
+from ultrastyle.models.pretrained import StyleModel, load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import canvas_to_image, content_canvas, style_statistics_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import canvas_to_image, content_canvas, stylize_tiled
 
 GiB = 2**30
+DEV = torch.device("cuda")  # --device cpu: a smoke run of this script's logic on a machine without a GPU (no figures)
 
 
-def make_content(mp: float, image: Path | None) -> np.ndarray:
-    """(H, W, 3) uint8 of about ``mp`` megapixels, 16:9 (or the photo's aspect ratio)."""
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Config:
+    precision: str = "fp32"
+    compile: bool = False
+    host_fit: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        precision, *flags = text.strip().split("+")
+        bad = set(flags) - {"compile", "hostfit"}
+        if precision not in ("fp32", "fp16", "bf16") or bad:
+            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit], PRECISION fp32|fp16|bf16")
+        return cls(precision, "compile" in flags, "hostfit" in flags)
+
+    def __str__(self) -> str:
+        return self.precision + ("+compile" if self.compile else "") + ("+hostfit" if self.host_fit else "")
+
+
+def parse_size(text: str) -> tuple[int, int] | float:
+    """``"16"`` -> 16.0 (MP); ``"4096x4096"`` -> (4096, 4096)."""
+    if "x" in text:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    return float(text)
+
+
+def make_content(size: tuple[int, int] | float, image: Path | None) -> np.ndarray:
+    """(H, W, 3) uint8: ``size`` MP (16:9 or the photo's aspect ratio), or exactly (W, H) (photo resized and cropped)."""
     if image is not None:
         from PIL import Image
 
         with Image.open(image) as im:
             im = im.convert("RGB")
-            scale = math.sqrt(mp * 1e6 / (im.width * im.height))
+            if isinstance(size, tuple):
+                w, h = size
+                scale = max(w / im.width, h / im.height)
+                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.LANCZOS)
+                left, top = (im.width - w) // 2, (im.height - h) // 2
+                return np.asarray(im.crop((left, top, left + w, top + h)))
+            scale = math.sqrt(size * 1e6 / (im.width * im.height))
             return np.asarray(im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS))
-    w = round(math.sqrt(mp * 1e6 * 16 / 9))
-    h = round(mp * 1e6 / w)
+    if isinstance(size, tuple):
+        w, h = size
+    else:
+        w = round(math.sqrt(size * 1e6 * 16 / 9))
+        h = round(size * 1e6 / w)
     rng = np.random.default_rng(0)
     out = np.empty((h, w, 3), np.uint8)
     x = np.linspace(0, 6 * np.pi, w, dtype=np.float32)
@@ -110,21 +167,39 @@ def make_style(path: Path | None, size: int) -> torch.Tensor:
     return resize_long_side(img, size)
 
 
-def run_once(runner: TorchRunner, content: np.ndarray, style: torch.Tensor, path: str, max_memory: int) -> tuple[float, np.ndarray]:
-    """Seconds for style statistics + cascade + conversion to uint8, and the uint8 result."""
-    torch.cuda.synchronize()
+class Bench:
+    """One runner per config (eager twins for the style statistics), opened once."""
+
+    def __init__(self, model: StyleModel, tf32: bool) -> None:
+        self.model, self.tf32 = model, tf32
+        self.runners: dict[Config, TorchRunner] = {}
+        self.eager: dict[str, TorchRunner] = {}
+
+    def runner(self, cfg: Config) -> TorchRunner:
+        key = Config(cfg.precision, cfg.compile)  # +hostfit shares the runner (and its compiled graphs)
+        if key not in self.runners:
+            self.runners[key] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision, compile=cfg.compile)
+        return self.runners[key]
+
+    def style_stats(self, cfg: Config, style: torch.Tensor) -> dict:
+        if cfg.precision not in self.eager:
+            self.eager[cfg.precision] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision)
+        r = self.eager[cfg.precision]
+        with r:
+            return style_statistics(r, style, DEFAULT_LEVELS)
+
+
+def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict, path: str, max_memory: int) -> tuple[float, np.ndarray]:
+    """Seconds for content canvas + cascade + conversion to uint8 on the host, and the uint8 result."""
+    sync()
     t0 = time.perf_counter()
     if path == "whole":
-        stats = style_statistics(runner, style, DEFAULT_LEVELS)
         x = array_to_tensor(content)
-        y = stylize(runner, x, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+        y = stylize(runner, x, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS, fit_on="host" if cfg.host_fit else "auto")
         out = (y.clamp(0, 1).mul(255).add(0.5)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         del y
     else:
         opts = TilingOptions(max_memory=max_memory)
-        with canvas_from_array(style.numpy(), layout="chw") as sc:
-            stats = style_statistics_tiled(runner, sc, DEFAULT_LEVELS, opts)
-        h, w = content.shape[:2]
         cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
         try:
             res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
@@ -134,8 +209,129 @@ def run_once(runner: TorchRunner, content: np.ndarray, style: torch.Tensor, path
                 res.close()
         finally:
             cv.close()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0, out
+
+
+def network_flops_and_bytes(model: StyleModel, stages: tuple[int, ...] = DEFAULT_LEVELS, elem: int = 2) -> tuple[float, float]:
+    """(FLOP, activation bytes) per image pixel of every stage's encoder + decoder (2 x multiply-adds; fp16 bytes)."""
+    flops = traffic = 0.0
+    for k in stages:
+        for layers, scale in ((model.encoders[k].layers, 1.0), (model.decoders[k].layers, 1.0 / 4 ** (k - 1))):
+            s = scale  # pixels of this layer's input per image pixel
+            for layer in layers:
+                if layer.kind == "conv":
+                    flops += 2 * layer.cin * layer.cout * layer.kernel**2 * s
+                    traffic += (layer.cin + layer.cout) * s * elem
+                    c = layer.cout
+                elif layer.kind == "pool":
+                    traffic += c * s * elem * 1.25
+                    s /= 4
+                else:
+                    traffic += c * s * elem * 5
+                    s *= 4
+    return flops, traffic
+
+
+def measure_floors(model: StyleModel) -> dict:
+    n = 8192 if DEV.type == "cuda" else 256
+    a = torch.randn(n, n, device=DEV, dtype=torch.float16 if DEV.type == "cuda" else torch.float32)
+    for _ in range(3):
+        a @ a
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync()
+    tflops = 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12
+    del a
+    src = torch.empty(GiB if DEV.type == "cuda" else 2**24, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    tbps = 10 * 2 * src.numel() / (time.perf_counter() - t) / 1e12
+    del src, dst
+    flops, traffic = network_flops_and_bytes(model)
+    return {
+        "gflop_per_mp": round(flops * 1e6 / 1e9, 1), "fp16_matmul_tflops": round(tflops, 1), "copy_tb_s": round(tbps, 2),
+        "arith_floor_ms_per_mp": round(flops * 1e6 / (tflops * 1e12) * 1e3, 3),
+        "traffic_gb_per_mp": round(traffic * 1e6 / 1e9, 2), "traffic_floor_ms_per_mp": round(traffic * 1e6 / (tbps * 1e12) * 1e3, 3),
+    }  # fmt: skip
+
+
+def networks_row(bench: Bench, cfg: Config, side: int, repeats: int, stages: tuple[int, ...]) -> dict:
+    """ms/MP of ``stages``' encoders + decoders on one side x side image (A = I, b = 0)."""
+    runner = bench.runner(cfg)
+    x = torch.rand(1, 3, side, side, device=DEV)
+    maps = {k: (torch.eye(c := bench.model.arch.feature_channels(k), dtype=torch.float64, device=DEV),
+                torch.zeros(c, dtype=torch.float64, device=DEV)) for k in stages}  # fmt: skip
+
+    def once() -> float:
+        sync()
+        t = time.perf_counter()
+        for k in stages:
+            runner.decode(k, runner.encode(k, x), *maps[k])
+        sync()
+        return time.perf_counter() - t
+
+    with runner:
+        first = once()
+        secs = statistics.median(once() for _ in range(max(1, repeats)))
+    mp = side * side / 1e6
+    flops, _ = network_flops_and_bytes(bench.model, stages)
+    row = {"what": f"networks {'+'.join(map(str, stages))}", "config": str(cfg), "size": f"{side}x{side}",
+           "ms_per_mp": round(secs / mp * 1e3, 2), "tflops": round(flops * side * side / secs / 1e12, 1)}  # fmt: skip
+    if cfg.compile:
+        row["compile_s"] = round(first - secs, 1)
+    return row
+
+
+def psnr_rows(bench: Bench, configs: list[Config], contents: list[Path], styles: list[Path], pairs: int, side: int, style_size: int) -> list[dict]:
+    ref_cfg = Config("fp32")
+    found: dict[str, list[tuple[float, float, float]]] = {str(c): [] for c in configs if c.precision != "fp32"}
+    for i in range(pairs):
+        content = array_to_tensor(make_content((side, side), contents[i % len(contents)]))
+        style = make_style(styles[i % len(styles)], style_size)
+        outs = {}
+        for cfg in [ref_cfg, *(c for c in configs if c.precision != "fp32")]:
+            runner = bench.runner(cfg)
+            stats = bench.style_stats(cfg, style)
+            with runner:
+                outs[str(cfg)] = stylize(runner, content, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS).clamp(0, 1)
+        ref = outs.pop(str(ref_cfg))
+        for name, y in outs.items():
+            d = (y - ref).abs()
+            mse = d.square().mean().item()
+            found[name].append((10 * math.log10(1 / max(mse, 1e-20)), d.max().item(), d.mean().item()))
+        print(f"# pair {i + 1}/{pairs}: {contents[i % len(contents)].name} x {styles[i % len(styles)].name}: "
+              + ", ".join(f"{n} {v[-1][0]:.1f} dB" for n, v in found.items()), file=sys.stderr, flush=True)  # fmt: skip
+    return [
+        {"config": name, "pairs": len(v), "size": f"{side}x{side}", "psnr_mean_db": round(statistics.mean(p for p, _, _ in v), 2),
+         "psnr_min_db": round(min(p for p, _, _ in v), 2), "max_abs": round(max(m for _, m, _ in v), 4),
+         "mean_abs": round(statistics.mean(a for _, _, a in v), 5)}  # fmt: skip
+        for name, v in found.items()
+        if v
+    ]
+
+
+def image_files(folders: str) -> list[Path]:
+    out: list[Path] = []
+    for folder in folders.split(","):
+        if folder:
+            out += sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return out
+
+
+def table(rows: list[dict], cols: list[str], heads: dict[str, str]) -> None:
+    print("| " + " | ".join(heads.get(c, c) for c in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) if c != "wall_s" or "error" not in r else r["error"] for c in cols) + " |")
+    print()
 
 
 def main() -> int:
@@ -144,82 +340,141 @@ def main() -> int:
     ap.add_argument("--image", type=Path, help="content photo to resize (default: synthetic)")
     ap.add_argument("--style", type=Path, help="style image (default: synthetic)")
     ap.add_argument("--style-size", type=int, default=1024)
-    ap.add_argument("--sizes", default="16,40,100", help="megapixels, comma-separated")
+    ap.add_argument("--sizes", default="16,40,100", help="megapixels or WxH, comma-separated")
     ap.add_argument("--paths", default="tiled,whole")
+    ap.add_argument("--configs", default="fp32", help="PRECISION[+compile][+hostfit], comma-separated (e.g. fp32,fp16,bf16,fp16+compile)")
+    ap.add_argument("--large-configs", help="configs for sizes above 20 MP (default: --configs)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after the untimed one (median)")
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--whole-gib-per-mp", type=float, default=0.75, help="estimate used to skip whole-image runs that cannot fit")
-    ap.add_argument("--compare", action="store_true")
-    ap.add_argument("--tf32", action="store_true", help="leave PyTorch's TF32 defaults on (cuDNN convolutions in TF32)")
+    ap.add_argument("--compare", action="store_true", help="largest uint8 difference of each row from the first config's whole-image output")
+    ap.add_argument("--tf32", action="store_true", help="fp32 configs: leave PyTorch's TF32 defaults on (cuDNN convolutions in TF32)")
+    ap.add_argument("--networks", action="store_true", help="network-only rows (5 stages, and stage 5 alone) per config")
+    ap.add_argument("--net-size", type=int, default=4096)
+    ap.add_argument("--floors", action="store_true", help="FLOP/MP, measured fp16 matmul rate and copy bandwidth, floors")
+    ap.add_argument("--psnr-pairs", type=int, default=0)
+    ap.add_argument("--psnr-size", type=int, default=4096)
+    ap.add_argument("--pairs-content", default="", help="content folders for --psnr-pairs, comma-separated")
+    ap.add_argument("--pairs-style", default="", help="style folders for --psnr-pairs, comma-separated")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no row after this many seconds (0: no limit)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the script (tiny sizes), no figures")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEV
+    DEV = torch.device(args.device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device available to PyTorch: this benchmark needs one", file=sys.stderr)
         return 2
-    sizes = [float(s) for s in args.sizes.split(",")]
+    start = time.perf_counter()
+    configs = [Config.parse(c) for c in args.configs.split(",")]
+    large = [Config.parse(c) for c in args.large_configs.split(",")] if args.large_configs else configs
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     paths = args.paths.split(",")
     budget = parse_bytes(args.max_memory)
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    model = load_model(args.model, device=dev, progress=False)
+    name = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "CPU (smoke run)"
+    bench = Bench(load_model(args.model, device=DEV, progress=False), args.tf32)
     style = make_style(args.style, args.style_size)
-    runner = TorchRunner(model, tf32=args.tf32)
-    rows = []
-    outputs: dict[tuple[float, str], np.ndarray] = {}
-    with runner:
-        warm = make_content(2, None)
-        for p in paths:
-            run_once(runner, warm, style, p, budget)
-        for mp in sizes:
-            t = time.perf_counter()
-            content = make_content(mp, args.image)
-            h, w = content.shape[:2]
-            print(f"# {w}x{h} input built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    report: dict = {"device": name, "torch": torch.__version__, "tf32": args.tf32, "floors": None, "networks": [], "psnr": [], "rows": []}
+
+    def out_of_time(what: str) -> bool:
+        late = args.budget_s and time.perf_counter() - start > args.budget_s
+        if late:
+            print(f"# skipped (past --budget-s {args.budget_s:.0f} s): {what}", file=sys.stderr, flush=True)
+            report.setdefault("skipped", []).append(what)
+        return bool(late)
+
+    if args.floors and not out_of_time("floors"):
+        report["floors"] = measure_floors(bench.model)
+        print(f"# floors {report['floors']}", file=sys.stderr, flush=True)
+    if args.networks:
+        for cfg in configs:
+            for stages in (DEFAULT_LEVELS, (5,)):
+                if cfg.host_fit or out_of_time(f"networks {cfg} {stages}"):
+                    continue
+                row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
+                report["networks"].append(row)
+                print(f"# {row}", file=sys.stderr, flush=True)
+    if args.psnr_pairs and not out_of_time("psnr"):
+        contents, styles = image_files(args.pairs_content), image_files(args.pairs_style)
+        if not contents or not styles:
+            print("--psnr-pairs needs --pairs-content and --pairs-style folders with images", file=sys.stderr)
+            return 2
+        report["psnr"] = psnr_rows(bench, configs, contents, styles, args.psnr_pairs, args.psnr_size, args.style_size)
+    stats_by_cfg: dict[str, dict] = {}
+    for size in sizes:
+        t = time.perf_counter()
+        content = make_content(size, args.image)
+        h, w = content.shape[:2]
+        mp = h * w / 1e6
+        print(f"# {w}x{h} input built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        reference: np.ndarray | None = None
+        for cfg in large if mp > 20 else configs:
+            runner = bench.runner(cfg)
+            if cfg.precision not in stats_by_cfg:
+                stats_by_cfg[cfg.precision] = bench.style_stats(cfg, style)
+            stats = stats_by_cfg[cfg.precision]
             for p in paths:
-                row = {"mp": round(h * w / 1e6, 1), "size": f"{w}x{h}", "path": p if p == "whole" else f"tiled {args.max_memory}", "device": name}
-                free, _ = torch.cuda.mem_get_info(dev)
+                label = "whole" if p == "whole" else f"tiled {args.max_memory}"
+                row = {"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": label}
+                if out_of_time(f"{cfg} {label} {w}x{h}"):
+                    continue
+                free = torch.cuda.mem_get_info(DEV)[0] if DEV.type == "cuda" else 64 * GiB
                 if p == "whole" and mp * args.whole_gib_per_mp * GiB > free:
                     row["error"] = f"skipped: ~{mp * args.whole_gib_per_mp:.0f} GiB estimated, {free / GiB:.0f} GiB free"
-                    rows.append(row)
-                    print(row, file=sys.stderr, flush=True)
+                    report["rows"].append(row)
                     continue
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-                try:
-                    secs, out = run_once(runner, content, style, p, budget)
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                if DEV.type == "cuda":
                     torch.cuda.empty_cache()
+                compiles = runner.engine.compile_count() if runner.engine else 0
+                try:
+                    with runner:
+                        first, out = run_once(runner, cfg, content, stats, p, budget)
+                        if DEV.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(DEV)
+                        secs = statistics.median(run_once(runner, cfg, content, stats, p, budget)[0] for _ in range(max(1, args.repeats)))
+                except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:  # one row fails, the check goes on
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    if DEV.type == "cuda":
+                        torch.cuda.empty_cache()
                 else:
-                    row.update(wall_s=round(secs, 2), s_per_mp=round(secs / (h * w / 1e6), 4), mp_per_s=round(h * w / 1e6 / secs, 2))
+                    row.update(wall_s=round(secs, 3), ms_per_mp=round(secs / mp * 1e3, 2), mp_per_s=round(mp / secs, 1))
+                    if cfg.compile:
+                        row["compile_s"] = round(first - secs, 1)
+                        row["compiles"] = runner.engine.compile_count() - compiles if runner.engine else 0
                     if args.compare:
-                        outputs[mp, p] = out
-                row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(dev) / GiB, 3)
-                row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(dev) / GiB, 3)
-                rows.append(row)
-                print(row, file=sys.stderr, flush=True)
-            if args.compare and (mp, "tiled") in outputs and (mp, "whole") in outputs:
-                d = np.abs(outputs[mp, "tiled"].astype(np.int16) - outputs[mp, "whole"].astype(np.int16)).max()
-                for r in rows:
-                    if r["mp"] == round(h * w / 1e6, 1):
-                        r["max_diff_uint8"] = int(d)
-            outputs.clear()
-            del content
-    tf32 = "TF32 on (PyTorch defaults)" if args.tf32 else "IEEE float32 (TF32 off)"
-    print(f"\n{name}, torch {torch.__version__}, {tf32}, style {args.style_size} px, 5 stages, WCT alpha 0.6\n")
-    cols = ["mp", "size", "path", "wall_s", "s_per_mp", "mp_per_s", "peak_alloc_gib", "peak_reserved_gib"]
+                        if reference is None:
+                            reference = out
+                        row["max_diff_uint8"] = int(np.abs(out.astype(np.int16) - reference.astype(np.int16)).max())
+                row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(DEV) / GiB, 3) if DEV.type == "cuda" else ""
+                report["rows"].append(row)
+                print(f"# {row}", file=sys.stderr, flush=True)
+        # tiled / whole per config and size, side by side in this run
+        for r in report["rows"]:
+            if r["size"] == f"{w}x{h}" and r["path"] != "whole" and "ms_per_mp" in r:
+                whole = [x for x in report["rows"] if x["size"] == r["size"] and x["config"] == r["config"] and x["path"] == "whole" and "ms_per_mp" in x]
+                if whole:
+                    r["tiled_over_whole"] = round(r["ms_per_mp"] / whole[0]["ms_per_mp"], 2)
+        del content
+
+    tf32 = "TF32 on (PyTorch defaults)" if args.tf32 else "fp32 in IEEE (TF32 off)"
+    print(f"\n{name}, torch {torch.__version__}, {tf32}, style {args.style_size} px, 5 stages, WCT alpha 0.6; absolute times on this machine\n")
+    if report["floors"]:
+        f = report["floors"]
+        print(f"Floors: {f['gflop_per_mp']} GFLOP/MP; fp16 matmul {f['fp16_matmul_tflops']} TFLOP/s -> {f['arith_floor_ms_per_mp']} ms/MP; "
+              f"activations {f['traffic_gb_per_mp']} GB/MP at {f['copy_tb_s']} TB/s -> {f['traffic_floor_ms_per_mp']} ms/MP\n")  # fmt: skip
+    if report["networks"]:
+        table(report["networks"], ["what", "config", "size", "ms_per_mp", "tflops", "compile_s"],
+              {"ms_per_mp": "ms/MP", "tflops": "TFLOP/s", "compile_s": "compile s"})  # fmt: skip
+    if report["psnr"]:
+        table(report["psnr"], ["config", "pairs", "size", "psnr_mean_db", "psnr_min_db", "max_abs", "mean_abs"],
+              {"psnr_mean_db": "PSNR vs fp32 dB (mean)", "psnr_min_db": "PSNR worst pair", "max_abs": "max abs", "mean_abs": "mean abs"})  # fmt: skip
+    cols = ["mp", "size", "config", "path", "wall_s", "ms_per_mp", "tiled_over_whole", "compile_s", "compiles", "peak_alloc_gib"]
     if args.compare:
         cols.append("max_diff_uint8")
-    heads = {"mp": "MP", "size": "W x H", "wall_s": "wall s", "s_per_mp": "s/MP", "mp_per_s": "MP/s",
-             "peak_alloc_gib": "peak GPU allocated GiB", "peak_reserved_gib": "peak GPU reserved GiB", "max_diff_uint8": "max diff (uint8)"}  # fmt: skip
-    print("| " + " | ".join(heads.get(c, c) for c in cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        cells = [str(r.get(c, "")) for c in cols]
-        if "error" in r:
-            cells[3] = r["error"]
-        print("| " + " | ".join(cells) + " |")
+    table(report["rows"], cols, {"mp": "MP", "size": "W x H", "wall_s": "wall s", "ms_per_mp": "ms/MP", "tiled_over_whole": "tiled/whole",
+                                 "compile_s": "compile s", "peak_alloc_gib": "peak GPU GiB", "max_diff_uint8": "max diff (uint8)"})  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "tf32": args.tf32, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
