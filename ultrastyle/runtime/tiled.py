@@ -27,7 +27,7 @@ this module only runs the plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -65,12 +65,14 @@ def encode_statistics(
     on_tile: TileCallback | None = None,
     keep_bytes: int | None = None,
     regions: Regions | None = None,
+    only: Collection[int] | None = None,
 ) -> FeatureStats | list[FeatureStats]:
     """Pass 1: content statistics over every tile's core; optionally keep the core features.
 
     ``keep_bytes``: after each tile the runner may hold at most this much
     memory cached from earlier tiles (`Runner.release_memory`); None: no limit.
-    With ``regions``: one `FeatureStats` per region instead.
+    With ``regions``: one `FeatureStats` per region instead. ``only``: the
+    indices of the tiles to run, the rest skipped (a cluster worker's share).
     """
     device, g = model.device, plan.grid
     channels = model.arch.feature_channels(stage)
@@ -78,6 +80,8 @@ def encode_statistics(
     stats = FeatureStats.empty(channels) if regions is None else [FeatureStats.empty(channels)] * regions.count
     tiles = plan.encode_tiles()
     for i, t in enumerate(tiles):
+        if only is not None and i not in only:
+            continue
         ft = t.scaled(g)
         x = read_region(src, t.region_rows, t.region_cols, device)
         if regions is None:
@@ -108,11 +112,13 @@ def decode_tiles(
     on_tile: TileCallback | None = None,
     keep_bytes: int | None = None,
     regions: tuple[Regions, list[Affine]] | None = None,
+    only: Collection[int] | None = None,
 ) -> None:
     """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image (``keep_bytes``: as pass 1).
 
     ``regions``: the mask and one map per region, applied to the cached
     ``features`` (required then) before decoding; ``a``, ``b`` are ignored.
+    ``only``: as in `encode_statistics`.
     """
     device, g = model.device, plan.grid
     _, h, w = dst.shape
@@ -122,6 +128,8 @@ def decode_tiles(
             raise ValueError("mask regions need the stage's features cached between the passes")
         a, b = identity_map(model.arch.feature_channels(stage))  # the features arrive transformed
     for i, t in enumerate(tiles):
+        if only is not None and i not in only:
+            continue
         if features is not None:
             f = features.read_tensor(slice(t.region_rows.start, t.region_rows.stop),
                                      slice(t.region_cols.start, t.region_cols.stop), device)[None]  # fmt: skip
