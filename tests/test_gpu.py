@@ -315,3 +315,100 @@ def test_cli_stylize_on_cuda_matches_the_cpu(shared_dir, cd16x_dir, tmp_path, cu
         d = (img - ref).abs().max().item()
         print(f"{key}: max abs diff from cpu whole-image {d:.2e}")
         assert d <= 1e-4 + 1 / 65535, key  # 1e-4 before quantisation, plus one 16-bit rounding step
+
+
+# -- half precision, torch.compile and the device fit on CUDA ----------------------------------
+
+# On [0, 1] outputs of the 5-stage cascade against float32 (as tests/test_torch_precision.py on the CPU).
+HALF_TOL = {"fp16": (0.1, 0.005), "bf16": (0.6, 0.03)}
+
+
+def _psnr(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return 10 * float(torch.log10(1 / (y - ref).square().mean().clamp_min(1e-20)))
+
+
+@pytest.fixture(scope="module")
+def cuda_reference(gpu_model, photo, style):
+    with TorchRunner(gpu_model) as r:
+        return stylize(r, photo, style_statistics(r, style, DEFAULT_LEVELS)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_cuda_matches_float32(gpu_model, photo, style, cuda_reference, precision):
+    with TorchRunner(gpu_model, precision=precision) as r:
+        whole = stylize(r, photo, style_statistics(r, style, DEFAULT_LEVELS)).clamp(0, 1)
+        tiled = _tiled(r, photo, style, TilingOptions(tile=64)).clamp(0, 1)
+    for name, y in (("whole", whole.cpu()), ("tiled", tiled)):
+        d = (y - cuda_reference.cpu()).abs()
+        print(f"{precision} {name} vs float32: max {d.max():.3g}, mean {d.mean():.3g}, PSNR {_psnr(y, cuda_reference.cpu()):.1f} dB")
+        assert d.max().item() <= HALF_TOL[precision][0] and d.mean().item() <= HALF_TOL[precision][1], name
+
+
+def test_fp16_on_cuda_is_accepted_and_fp32_flags_are_restored(gpu_model):
+    with TorchRunner(gpu_model, precision="fp16") as r:
+        f = r.encode(5, torch.rand(1, 3, 64, 64, device="cuda"))
+        assert f.dtype == torch.float32 and r.engine is not None and r.engine.dtype == torch.float16
+
+
+def test_compiled_networks_on_cuda_match_eager(gpu_model, tmp_path, monkeypatch):
+    # One stage (5), one shape, fp32 and fp16: compiled (Inductor, Triton kernels) with the map folded vs eager.
+    from ultrastyle.runtime.backends.torch_engine import COMPILE_CACHE_ENV
+
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "inductor"))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 3, 256, 192, generator=gen).cuda()
+    c = gpu_model.arch.feature_channels(5)
+    a = (torch.eye(c, dtype=torch.float64) * 0.8 + torch.randn(c, c, generator=gen, dtype=torch.float64) * 0.03).cuda()
+    b = (torch.randn(c, generator=gen, dtype=torch.float64) * 0.1).cuda()
+    with TorchRunner(gpu_model) as ref:
+        ref_y = ref.decode(5, ref.encode(5, x), a, b)
+    tol = {"fp32": 1e-4, "fp16": 0.05}
+    for precision in ("fp32", "fp16"):
+        with TorchRunner(gpu_model, precision=precision) as eager, TorchRunner(gpu_model, precision=precision, compile=True) as comp:
+            y_eager = eager.decode(5, eager.encode(5, x), a, b)
+            y = comp.decode(5, comp.encode(5, x), a, b)
+            assert comp.engine is not None and comp.engine.compile_count() == 2
+        d_eager, d_ref = (y - y_eager).abs().max().item(), (y - ref_y).abs().max().item()
+        print(f"{precision} compiled vs eager {d_eager:.2e}, vs eager fp32 {d_ref:.2e}")
+        assert d_eager <= tol[precision] and d_ref <= tol[precision]
+    assert any((tmp_path / "inductor").iterdir())  # the on-disk cache where it was pointed
+
+
+def test_device_fit_on_cuda_equals_the_host_fit(gpu_model, photo, style):
+    with TorchRunner(gpu_model) as r:
+        stats = style_statistics(r, style, DEFAULT_LEVELS)
+        on_device = stylize(r, photo, stats, fit_on="device").cpu()
+        on_host = stylize(r, photo, stats, fit_on="host").cpu()
+    d = (on_device - on_host).abs().max().item()
+    print(f"fit on the GPU vs on the CPU: max {d:.2e}")
+    assert d <= 1e-5  # float64 eigh on two devices, then float32 networks
+
+
+def test_a_stage_synchronises_only_for_its_statistics(gpu_model, photo, style):
+    # Device-to-host waits inside a whole-image stage, counted by PyTorch's sync debug mode: the content
+    # statistics (Σf and Σffᵀ, two copies) and eigh's own error check, on a queue those copies already drained.
+    import warnings
+
+    from ultrastyle.core.padding import pad_to_grid
+    from ultrastyle.runtime.cascade import stylize_stage
+
+    counts = {}
+    with TorchRunner(gpu_model, precision="fp16") as r:
+        stats = style_statistics(r, style, DEFAULT_LEVELS)
+        x = photo[None].cuda()
+        for k in DEFAULT_LEVELS:  # warm: the style's colouring matrices cached, kernels loaded
+            stylize_stage(r, pad_to_grid(x, 16), k, stats, method="wct", alpha=0.6)
+        torch.cuda.synchronize()
+        for fit_on in ("device", "host"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    y = x
+                    for k in DEFAULT_LEVELS:
+                        y = stylize_stage(r, y, k, stats, method="wct", alpha=0.6, fit_on=fit_on)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[fit_on] = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"synchronising calls over 5 stages: fit on the device {counts['device']}, on the host {counts['host']}")
+    assert 1 <= counts["device"] <= 3 * len(DEFAULT_LEVELS)

@@ -48,8 +48,21 @@ def sym_power_masked(cov: torch.Tensor, power: float) -> torch.Tensor:
 
 
 def stats_on(stats: FeatureStats, device: torch.device) -> FeatureStats:
-    """``stats`` with its sums on ``device`` (float64)."""
-    return FeatureStats(stats.count, stats.sum.to(device, torch.float64), stats.outer.to(device, torch.float64))
+    """``stats`` with its sums on ``device`` (float64).
+
+    To a CUDA device through page-locked copies, asynchronously: a copy from
+    pageable memory would wait for the device's queue (PyTorch's caching host
+    allocator keeps the page-locked block until the copy is done).
+    """
+    if device.type != "cuda":
+        return FeatureStats(stats.count, stats.sum.to(device, torch.float64), stats.outer.to(device, torch.float64))
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cpu":
+            return t.to(device, torch.float64)
+        return t.to(torch.float64).pin_memory().to(device, non_blocking=True)
+
+    return FeatureStats(stats.count, up(stats.sum), up(stats.outer))
 
 
 class DeviceFitter:
