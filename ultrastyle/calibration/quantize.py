@@ -242,7 +242,7 @@ def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], s
     if others and old != settings.activations:
         raise CalibrationError(
             f"{bundle.path}: {', '.join(sorted(others))} were calibrated with {old} activations, this run asks for "
-            f"{settings.activations}; calibrate every stage at once (leave out --stages) to switch"
+            f"{settings.activations}; calibrate every stage at once (stages=None) to switch"
         )
 
 

@@ -87,7 +87,7 @@ def build_command(
 
 def _as_flags(message: str) -> str:
     """A library message with its keywords in parentheses given as this command's flags."""
-    for keyword in ("tile_min", "tile_opt", "tile_max"):
+    for keyword in ("tile_min", "tile_opt", "tile_max", "workspace"):
         message = message.replace(f"({keyword})", f"(--{keyword.replace('_', '-')})")
     return message
 

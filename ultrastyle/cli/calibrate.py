@@ -72,7 +72,8 @@ def calibrate_command(
                 warn=lambda msg: err.print(f"warning: {msg}", markup=False),
             )  # fmt: skip
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
-        err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False, soft_wrap=True)
+        text = " ".join(str(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
+        err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
     quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8")]
     Console(highlight=False).print(

@@ -136,7 +136,7 @@ class DownloadError(ZooError):
         self.cause = cause
         self.model = model
         super().__init__(
-            f"could not download {url}: {cause}. Retry, or pass --mirror URL (env ULTRASTYLE_MIRROR). "
+            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or: ultrastyle models fetch {model} --mirror URL). "
             f"On an offline machine, copy the files and run: ultrastyle models import {model} DIR"
         )
 

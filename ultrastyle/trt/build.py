@@ -146,7 +146,7 @@ class EngineFromNetwork:
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise BuildError(
-                f"TensorRT could not build {network_loader.label} (see its log above); try a larger --workspace or a smaller --tile-max"
+                f"TensorRT could not build {network_loader.label} (see its log above); try a larger builder workspace (workspace) or smaller tiles (tile_max)"
             )
         cache = config.get_timing_cache()
         if cache is not None:

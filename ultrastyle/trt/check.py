@@ -152,9 +152,9 @@ def check_model(model: onnx.ModelProto, label: str, *, kind: str | None = None) 
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             if not OPSET_MIN <= imp.version <= OPSET_MAX:
-                err(None, f"opset {imp.version} is outside what TensorRT's ONNX parser supports ({OPSET_MIN}..{OPSET_MAX}); re-export with --opset 17")
+                err(None, f"opset {imp.version} is outside what TensorRT's ONNX parser supports ({OPSET_MIN}..{OPSET_MAX}); re-export the bundle with opset 17")
             elif imp.version > OPSET_ALL_10X:
-                err(None, f"opset {imp.version} needs TensorRT >= 10.15 (TensorRT 10.0 documents up to {OPSET_ALL_10X}); --opset 17 works with every 10.x and 11", "warning")
+                err(None, f"opset {imp.version} needs TensorRT >= 10.15 (TensorRT 10.0 documents up to {OPSET_ALL_10X}); opset 17 works with every 10.x and 11", "warning")
         elif imp.domain != "ai.onnx.ml" or any(n.domain == imp.domain for n in model.graph.node):
             err(None, f"operator domain {imp.domain!r} is not ONNX's: TensorRT would need a plugin for its ops")
     if contract:
