@@ -1,0 +1,253 @@
+"""Ray scale-out on a local two-node cluster started here (every node bound to 127.0.0.1).
+
+Batches: outputs byte-identical to the local batch's, a bad file fails alone,
+a killed actor or a lost node still finishes every output once with nothing
+partial left, and a killed driver's batch resumes with skip_existing. One
+image across the cluster equals the single-machine tiled result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ultrastyle.core.plan import TilingOptions
+from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs, run_batch
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (5, 4)
+
+
+def _ray():
+    from ultrastyle.distributed.cluster import ClusterError, import_ray
+
+    try:
+        return import_ray(loopback=True)
+    except ClusterError as exc:
+        pytest.skip(f"Ray is not importable here ({exc}); the [ray] extra installs it")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with no CPUs and two worker nodes of one CPU each, all on 127.0.0.1; this process is the driver."""
+    ray = _ray()
+    from ray.cluster_utils import Cluster
+
+    from ultrastyle.distributed.cluster import connect
+
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=False))
+    nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    c.wait_for_nodes()
+    try:
+        assert connect(c.address)  # joins: the loopback address is kept (not turned into a routable one)
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        c.worker_nodes_list = nodes
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five small contents (c3 corrupt) and two styles."""
+    d = tmp_path_factory.mktemp("ray_in")
+    photos = sorted((shared_dir / "images/content").glob("*.jpg"))
+    for i in range(5):
+        with Image.open(photos[i % len(photos)]) as im:
+            im.convert("RGB").resize((72 + 8 * i, 56), Image.Resampling.LANCZOS).save(d / f"c{i}.png")
+    (d / "c3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for j, name in enumerate(("cd_style_in2.jpg", "cd_style_in1.jpg")):
+        with Image.open(shared_dir / "images/style" / name) as im:
+            im.convert("RGB").resize((64, 64)).save(d / f"s{j}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, cd16x_dir: Path):
+    from ultrastyle.distributed.pool import WorkerPool
+
+    # Half a CPU per worker: a second driver (the killed-driver test) finds room beside this pool.
+    with WorkerPool(cd16x_dir, address=cluster.address, workers=2, cpus_per_worker=0.5, backend="torch", stages=LEVELS) as p:
+        yield p
+
+
+OPTIONS = StylizeOptions(levels=LEVELS, tiling=TilingOptions(max_memory=None), io_workers=1)
+
+
+def _pairs(folder: Path, out: Path) -> list:
+    styles = [StyleSpec((folder / "s0.png",)), StyleSpec((folder / "s1.png",))]
+    return plan_pairs(sorted(folder.glob("c*.png")), styles, out, "png")
+
+
+@pytest.fixture(scope="module")
+def local(folder: Path, cd16x_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """The local batch's outputs and results (the reference), one thread as each worker runs."""
+    from ultrastyle.models.pretrained import load_model
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+
+    out = tmp_path_factory.mktemp("ray_local")
+    with TorchRunner(load_model(cd16x_dir, stages=LEVELS), threads=1) as r:
+        summary = run_batch(r, _pairs(folder, out), OPTIONS)
+    return out, summary.results
+
+
+def _partials(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name.endswith(".ultrastyle-partial")]
+
+
+def _same_as_local(local, out: Path, results) -> None:
+    ref_dir, ref = local
+    assert [(r.status, r.error) for r in results] == [(r.status, r.error.replace(str(ref_dir), str(out)) if r.error else None) for r in ref]
+    done = [r.pair.output.name for r in ref if r.status == "done"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(done)  # every output once, nothing partial
+    for name in done:
+        assert (out / name).read_bytes() == (ref_dir / name).read_bytes(), name
+
+
+def test_local_paths_never_import_ray(tmp_path):
+    code = "import sys, ultrastyle.cli.main, ultrastyle.api; import ultrastyle.runtime.batch; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_batch_equals_the_local_batch_and_a_bad_file_fails_alone(pool, folder, local, tmp_path):
+    pairs = _pairs(folder, tmp_path)
+    seen = []
+    summary = pool.run_batch(pairs, OPTIONS, on_result=seen.append)
+    assert [r.pair for r in seen] == pairs  # results in pair order, each once
+    assert summary.count("done") == 8 and summary.count("failed") == 2
+    assert all("c3.png" in r.error for r in summary.results if r.status == "failed")
+    _same_as_local(local, tmp_path, summary.results)
+    assert {w.node for w in pool.workers} == {n.node_id for n in pool_nodes(pool)}  # spread over both nodes
+
+
+def pool_nodes(pool):
+    import ray
+
+    return [type("N", (), {"node_id": n["NodeID"]}) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+
+def test_skip_existing_skips_and_the_rest_run(pool, folder, local, tmp_path):
+    pairs = _pairs(folder, tmp_path)
+    ref_dir = local[0]
+    (tmp_path / pairs[0].output.name).write_bytes((ref_dir / pairs[0].output.name).read_bytes())
+    opts = StylizeOptions(**{**OPTIONS.__dict__, "skip_existing": True})
+    summary = pool.run_batch(pairs, opts)
+    assert summary.results[0].status == "skipped" and summary.count("done") == 7
+    _same_as_local(local, tmp_path, [r if i else local[1][0] for i, r in enumerate(summary.results)])
+
+
+def test_a_killed_actor_mid_batch_still_writes_every_output_once(pool, folder, local, tmp_path):
+    pairs = _pairs(folder, tmp_path)
+    victims = [w.pid for w in pool.workers]
+    killed = []
+
+    def kill_one(r) -> None:
+        if not killed:  # the other actor is mid-job now
+            os.kill(victims[-1], signal.SIGKILL)
+            killed.append(victims[-1])
+
+    summary = pool.run_batch(pairs, OPTIONS, on_result=kill_one)
+    assert killed
+    _same_as_local(local, tmp_path, summary.results)
+    assert not _partials(tmp_path)
+
+
+def test_one_image_across_the_cluster_equals_the_local_tiled_result(pool, folder, cd16x_dir, tmp_path):
+    import torch
+
+    from ultrastyle.core.canvas import canvas_from_array
+    from ultrastyle.models.pretrained import load_model
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+    from ultrastyle.runtime.batch import StyleBook, load_content
+    from ultrastyle.runtime.tiled import canvas_to_image, stylize_tiled
+
+    opts = StylizeOptions(levels=LEVELS, tiling=TilingOptions(tile=48), io_workers=1)
+    src = folder / "c4.png"
+    pixels, _ = load_content(src, opts)
+    spec = StyleSpec((folder / "s0.png", folder / "s1.png"), weights=(0.7, 0.3))
+    seen: list[tuple[str, int, int]] = []
+    result = pool.stylize_image(pixels, spec, opts, tmp_path / "work", on_tile=lambda *t: seen.append(t))
+    got = result.numpy()
+    with TorchRunner(load_model(cd16x_dir, stages=LEVELS), threads=1) as r:
+        book = StyleBook(r, opts)
+        from ultrastyle.core.styles import Target
+
+        target = Target(tuple(book.get(p) for p in spec.paths), spec.weights)
+        with canvas_from_array(pixels) as content, stylize_tiled(r, content, target, opts.resolved_tiling,
+                                                                 method=opts.method, alpha=opts.alpha, levels=LEVELS) as ref:  # fmt: skip
+            want = ref.numpy()
+            want8 = canvas_to_image(ref)
+    assert max(t[2] for t in seen if t[0] == "stage 4 decode") > 1  # several tiles, spread over the actors
+    err = np.abs(got - want)
+    assert err.max() <= 1e-4, (err.max(), err.mean())
+    assert np.array_equal(canvas_to_image(result), want8)
+    assert torch.from_numpy(got).isfinite().all()
+
+
+def test_distribute_tiles_batch_writes_the_local_outputs(pool, folder, local, tmp_path):
+    pairs = [p for p in _pairs(folder, tmp_path) if p.content.name in ("c0.png", "c3.png")]
+    summary = pool.run_batch(pairs, OPTIONS, distribute_tiles=True)
+    assert [r.status for r in summary.results] == ["done", "done", "failed", "failed"]
+    ref_dir = local[0]
+    for r in summary.results[:2]:
+        a = np.asarray(Image.open(r.pair.output))
+        b = np.asarray(Image.open(ref_dir / r.pair.output.name))
+        assert np.array_equal(a, b)
+    assert not _partials(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_skip_existing(pool, cluster, folder, local, cd16x_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from ultrastyle.distributed.pool import WorkerPool
+        from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs
+        from ultrastyle.core.plan import TilingOptions
+        folder, out = Path({str(folder)!r}), Path({str(tmp_path)!r})
+        pairs = plan_pairs(sorted(folder.glob("c*.png")), [StyleSpec((folder / "s0.png",)), StyleSpec((folder / "s1.png",))], out, "png")
+        opts = StylizeOptions(levels={LEVELS!r}, tiling=TilingOptions(max_memory=None), io_workers=1)
+        def die(r):
+            if r.status == "done":
+                os.kill(os.getpid(), signal.SIGKILL)
+        with WorkerPool({str(cd16x_dir)!r}, address={cluster.address!r}, workers=2, cpus_per_worker=0.5, backend="torch", stages={LEVELS!r}) as p:
+            p.run_batch(pairs, opts, on_result=die)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    before = {p.name for p in tmp_path.iterdir() if not p.name.endswith(".ultrastyle-partial")}
+    assert before  # at least the first output was written before the kill
+    opts = StylizeOptions(**{**OPTIONS.__dict__, "skip_existing": True})
+    summary = pool.run_batch(_pairs(folder, tmp_path), opts)
+    assert {r.pair.output.name for r in summary.results if r.status == "skipped"} == before
+    ref = {r.pair.output.name: r for r in local[1]}
+    assert all(r.status == ref[r.pair.output.name].status for r in summary.results if r.status != "skipped")
+    _same_as_local(local, tmp_path, [ref[r.pair.output.name] if r.status == "skipped" else r for r in summary.results])
+
+
+@pytest.mark.slow
+def test_a_lost_node_mid_batch_still_writes_every_output_once(pool, cluster, folder, local, tmp_path):
+    """Runs last: it takes a worker node away from the module's cluster."""
+    pairs = _pairs(folder, tmp_path)
+    gone = []
+
+    def drop_node(r) -> None:
+        if not gone:
+            victim = next(n for n in cluster.worker_nodes_list if n.node_id == pool.workers[-1].node)
+            cluster.remove_node(victim, allow_graceful=False)
+            gone.append(victim)
+
+    summary = pool.run_batch(pairs, OPTIONS, on_result=drop_node)
+    assert gone
+    _same_as_local(local, tmp_path, summary.results)
+    assert not _partials(tmp_path)

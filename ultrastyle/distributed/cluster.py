@@ -1,0 +1,85 @@
+"""Starting a local Ray instance (bound to 127.0.0.1) or joining an existing cluster.
+
+A local instance (``address="local"``) is for trying the Ray path on one
+machine and for the tests: every Ray process of it binds 127.0.0.1, no
+dashboard is started and usage reporting is off. Ray turns a loopback
+address into the machine's routable address before connecting
+(``services.resolve_ip_for_localhost``) unless its "cluster mode" is off
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported), so that
+is switched off for loopback addresses, before and after Ray's import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+LOOPBACK = "127.0.0.1"
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ClusterError(RuntimeError):
+    """Ray is missing, or the cluster cannot be started or reached; the message says which and why."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (``"local"``, ``host:port`` or ``ray://host:port``) stays on this machine's loopback."""
+    if address == "local":
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in _LOOPBACK_HOSTS
+
+
+def ray_env(loopback: bool) -> None:
+    """The environment every Ray start of ours gets (and the processes it spawns inherit)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reporting, ever
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def import_ray(loopback: bool = True) -> ModuleType:
+    """``ray``, with our environment set first; ClusterError naming the extra when it is not installed."""
+    ray_env(loopback)
+    try:
+        import ray
+    except ImportError as exc:
+        raise ClusterError(f"Ray is not installed ({exc}); install the extra: pip install 'ultrastyle[ray]'") from None
+    if loopback:  # ray may have been imported before our environment was set
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
+def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
+    """Start (``"local"``) or join (``host:port``, ``ray://...``, ``"auto"``) Ray; True when this call did.
+
+    A process already connected (``ray.is_initialized()``) is left as it is and
+    False returned, so the caller knows not to shut it down. ``num_cpus``: of a
+    local instance (default: every core).
+    """
+    loopback = is_loopback(address)
+    ray = import_ray(loopback)
+    if ray.is_initialized():
+        return False
+    kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    try:
+        if address == "local":
+            ray.init(
+                address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
+                num_cpus=num_cpus or os.cpu_count() or 1, **kwargs,
+            )  # fmt: skip
+        else:
+            ray.init(address=address, _node_ip_address=LOOPBACK if loopback else None, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
+        where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
+        raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}") from None
+    return True
+
+
+def disconnect() -> None:
+    """``ray.shutdown()`` (stops a local instance this process started)."""
+    import ray
+
+    ray.shutdown()
