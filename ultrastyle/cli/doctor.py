@@ -19,6 +19,26 @@ class Row:
     detail: str
 
 
+def baseline_rows(model: str | None = None) -> list[Row]:
+    """The memory baseline per CPU backend (`runtime.memory.measure_baseline`): what --max-memory comes on top of."""
+    from ultrastyle.models import zoo
+    from ultrastyle.models.pretrained import DEFAULT_MODEL
+    from ultrastyle.runtime.memory import measure_baseline
+
+    model = model or DEFAULT_MODEL
+    if not zoo.is_installed(model):
+        return [Row("memory baseline", "info", f"{model} is not installed; install it (ultrastyle models install {model}) to measure")]
+    rows = []
+    for backend in ("onnxruntime", "torch"):
+        try:
+            rss = measure_baseline(model, backend)
+            rows.append(Row(f"baseline ({backend})", "info", f"{rss / 2**20:.0f} MiB resident with {model} open: "
+                            "a run's peak is this plus at most --max-memory"))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            rows.append(Row(f"baseline ({backend})", "unusable", str(exc)))
+    return rows
+
+
 def gather() -> list[Row]:
     """Every probe; none raises (a CPU-only machine is a healthy setup)."""
     from ultrastyle.trt.env import (
@@ -53,6 +73,16 @@ def gather() -> list[Row]:
     except ImportError as exc:  # pragma: no cover - a base dependency
         rows.append(Row("onnxruntime", "missing", f"{exc}: pip install onnxruntime"))
 
+    from ultrastyle.io.stream import vips_available
+
+    if vips_available():
+        import pyvips
+
+        rows.append(Row("libvips", "ok", f"pyvips {pyvips.__version__}, libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}: "
+                        "large contents are read a band at a time"))  # fmt: skip
+    else:
+        rows.append(Row("libvips", "missing", "contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
+
     gpus = probe_gpus()
     if gpus:
         for g in gpus:
@@ -84,8 +114,11 @@ def gather() -> list[Row]:
     return rows
 
 
-def doctor_command() -> None:
-    """Report Python, the memory setup, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver.
+def doctor_command(
+    baseline: bool = typer.Option(True, help="Measure the memory baseline of each CPU backend (a child process each, a few seconds)."),
+) -> None:
+    """Report Python, the memory setup, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver,
+    and the memory baseline of each CPU backend with the default model.
 
     Exit status 0 on a healthy setup, CPU-only included; what is missing comes
     with the command that installs it.
@@ -95,7 +128,7 @@ def doctor_command() -> None:
     table = Table(show_header=True, header_style="bold", box=None)
     for col in ("component", "status", "details"):
         table.add_column(col)
-    for r in gather():
+    for r in gather() + (baseline_rows() if baseline else []):
         style = {"ok": "green", "missing": "yellow", "unusable": "red"}.get(r.status, "")
         table.add_row(escape(r.what), f"[{style}]{r.status}[/]" if style else r.status, escape(r.detail))
     out = Console(highlight=False, soft_wrap=True)

@@ -31,8 +31,10 @@ import ctypes
 import json
 import math
 import os
+import struct
 import tempfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -42,8 +44,8 @@ import torch
 from PIL import Image
 
 from ultrastyle.core.canvas import Canvas, sample_peak
-from ultrastyle.io.atomic import atomic_dir, atomic_path, write_atomic
-from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, ImageError, save_array
+from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write, write_atomic
+from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, PNG_SIGNATURE, ImageError, save_array
 from ultrastyle.io.viewer import PAGE
 
 __all__ = [
@@ -66,6 +68,9 @@ _SPILL_BYTES = 64 * 2**20
 # Tiles tifffile takes from our bands and compresses in one pass (its default, 512 MB, would hold
 # that much of the image in memory at once).
 _ENCODE_BYTES = 32 * 2**20
+# PNG outputs above this many raw bytes (8-bit) are encoded band by band (`write_png_bands`) instead of whole
+# through libpng: about 22 MP, where the whole uint8 image and its encoded copy start to weigh on a 1 GB budget.
+PNG_STREAM_BYTES = 64 * 2**20
 # BigTIFF once the raw pixels (all levels) come near classic TIFF's 4 GB offsets; compressed data can
 # exceed the raw size slightly (noise under deflate), hence the margin.
 _BIGTIFF_AT = 2**32 - 2**28
@@ -103,8 +108,9 @@ class PyramidOptions:
 
 
 def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
-    """True where an output of this format and size is written from the canvas band by band (dzi, pyramidal tiff)."""
-    return fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width))
+    """True where an output of this format and size is written from the canvas band by band (dzi, pyramidal tiff,
+    PNG above `PNG_STREAM_BYTES`)."""
+    return fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width)) or (fmt == "png" and height * width * 3 > PNG_STREAM_BYTES)
 
 
 def image_size(src: Pixels) -> tuple[int, int]:
@@ -130,8 +136,56 @@ def save_output(
         return write_dzi(src, path, pyramid)
     if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
         return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
+    if fmt == "png" and isinstance(src, Canvas):
+        return write_png_bands(_bands(src, dtype, 256), path, h, w, dtype, level=png_level)
     a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
     return save_array(a, path, fmt, png_level=png_level)
+
+
+# --- PNG, band by band ----------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_png_bands(
+    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *, level: int = DEFAULT_PNG_LEVEL
+) -> Path:
+    """Write (rows, W, 3) ``bands`` (top to bottom, ``height`` rows in all) as an RGB PNG, atomically, never whole.
+
+    Every row is SUB-filtered (its bytes minus those one pixel to the left, as libpng's fast setting) and fed
+    to one zlib stream (level ``level``, run-length strategy at level 1), whose output leaves in IDAT chunks
+    as it comes: memory is one band. The bytes do not depend on how the rows are cut into bands.
+    """
+    path = Path(path)
+    depth = 16 if np.dtype(dtype) == np.uint16 else 8
+    bpp = 3 * depth // 8
+    strategy = zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.write(PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)))
+            z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+            pending, rows = bytearray(), 0
+            for band in bands:
+                raw = np.ascontiguousarray(band, dtype=">u2" if depth == 16 else np.uint8).view(np.uint8).reshape(len(band), width * bpp)
+                filtered = np.empty((len(band), width * bpp + 1), np.uint8)
+                filtered[:, 0] = 1  # filter type SUB
+                filtered[:, 1 : 1 + bpp] = raw[:, :bpp]
+                np.subtract(raw[:, bpp:], raw[:, :-bpp], out=filtered[:, 1 + bpp :])  # wraps mod 256, as PNG wants
+                pending += z.compress(filtered.tobytes())
+                rows += len(band)
+                if len(pending) >= 1 << 20:
+                    f.write(_png_chunk(b"IDAT", bytes(pending)))
+                    pending.clear()
+            if rows != height:
+                raise ValueError(f"{path}: the bands held {rows} rows, the header says {height}")
+            pending += z.flush()
+            f.write(_png_chunk(b"IDAT", bytes(pending)) + _png_chunk(b"IEND", b""))
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
+    return path
 
 
 # --- reading an image band by band ------------------------------------------------------------

@@ -206,3 +206,32 @@ def available_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return 0
+
+
+_BASELINE_SCRIPT = """
+import resource, sys, numpy as np
+import ultrastyle
+rng = np.random.default_rng(0)
+with ultrastyle.load(sys.argv[1], backend=sys.argv[2], device=sys.argv[3]) as st:
+    st.stylize((rng.random((8, 8, 3)) * 255).astype(np.uint8), (rng.random((16, 16, 3)) * 255).astype(np.uint8))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def measure_baseline(model: str, backend: str = "onnxruntime", device: str = "cpu", timeout: float = 600) -> int:
+    """The peak resident bytes of a fresh process that opens ``model`` on ``backend`` and stylizes an 8x8 image.
+
+    That is the memory a run holds whatever its images: the interpreter, the
+    libraries and the model (networks, sessions, arenas). ``max_memory`` bounds
+    what a run takes above it: peak RSS <= baseline + max_memory
+    (tests/test_memory_rule.py holds a run to that). Measured in a child
+    process, so this process's own state does not count. Raises RuntimeError
+    with the child's last error line when it fails.
+    """
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, model, backend, device], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"measuring the memory baseline of {model} on {backend} failed: {last}")
+    return int(r.stdout.strip().splitlines()[-1])
