@@ -42,6 +42,7 @@ from ultrastyle.core.tiling import Span
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.runtime.backends.base import Runner, StageNetworks, runner_traits
 from ultrastyle.runtime.cascade import style_statistics, stylize_stage
+from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
 from ultrastyle.runtime.memory import available_bytes, release_free_memory, trim_heap
 
 TileCallback = Callable[[str, int, int], None]
@@ -208,7 +209,11 @@ def stylize_stage_tiled(
             a, b = identity_map(model.arch.feature_channels(stage))
         else:
             assert isinstance(target, Target) and isinstance(content, FeatureStats)
-            a, b = target.fit(method, stage, content, alpha)
+            # PyTorch on a GPU: A and b fitted there once, not copied (and waited for) per tile; engines take host maps.
+            if fit_on_device("auto", model.device) and getattr(model, "backend", "torch") == "torch":
+                a, b = DEVICE_FITTER.fit(target, method, stage, content, alpha, model.device)
+            else:
+                a, b = target.fit(method, stage, content, alpha)
         dst = out if out is not None else Canvas.at(site, c, h, w)
         try:
             decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep_bytes, None if regions is None else (regions, maps))
