@@ -216,7 +216,8 @@ def stylize_command(
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
         text = " ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc)
         # The library names its keywords (torch backend errors); say the flags here.
-        _err(re.sub(r"precision='(\w+)'", r"--precision \1", text).replace("compile=True", "--compile"))
+        text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)
+        _err(text.replace("compile=True", "--compile"))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _err("interrupted while opening the model; no image was stylized")

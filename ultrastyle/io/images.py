@@ -311,7 +311,7 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: 
     if fmt not in FORMATS:
         raise ImageError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if a.dtype == np.uint16 and fmt == "jpg":
-        raise ImageError(f"{path}: JPEG cannot hold 16-bit samples; use --format png or tiff")
+        raise ImageError(f"{path}: JPEG cannot hold 16-bit samples; write PNG or TIFF for 16-bit outputs")
     encoding = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: 
         shown = ", ".join(map(str, colours[:8])) + (", ..." if len(colours) > 8 else "")
         raise ImageError(
             f"{path}: the mask has {len(colours)} labels but {styles} style(s) were given (colours {shown}); "
-            "give one --style per label, in ascending order of colour"
+            "give one style per label, in ascending order of colour"
         )
 
 
