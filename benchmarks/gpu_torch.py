@@ -300,9 +300,15 @@ def psnr_rows(bench: Bench, configs: list[Config], contents: list[Path], styles:
         for cfg in [ref_cfg, *(c for c in configs if c.precision != "fp32")]:
             runner = bench.runner(cfg)
             stats = bench.style_stats(cfg, style)
-            with runner:
-                outs[str(cfg)] = stylize(runner, content, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS).clamp(0, 1)
-        ref = outs.pop(str(ref_cfg))
+            fit_on = "host" if cfg.host_fit else "auto"
+            try:
+                with runner:
+                    outs[str(cfg)] = stylize(runner, content, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS, fit_on=fit_on).clamp(0, 1)
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
+                print(f"# {cfg}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
+        ref = outs.pop(str(ref_cfg), None)
+        if ref is None:
+            break
         for name, y in outs.items():
             d = (y - ref).abs()
             mse = d.square().mean().item()
@@ -391,7 +397,10 @@ def main() -> int:
             for stages in (DEFAULT_LEVELS, (5,)):
                 if cfg.host_fit or out_of_time(f"networks {cfg} {stages}"):
                     continue
-                row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
+                try:
+                    row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
+                except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:  # a compile error, say: the check goes on
+                    row = {"what": f"networks {'+'.join(map(str, stages))}", "config": str(cfg), "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 report["networks"].append(row)
                 print(f"# {row}", file=sys.stderr, flush=True)
     if args.psnr_pairs and not out_of_time("psnr"):
@@ -414,6 +423,8 @@ def main() -> int:
                 stats_by_cfg[cfg.precision] = bench.style_stats(cfg, style)
             stats = stats_by_cfg[cfg.precision]
             for p in paths:
+                if cfg.host_fit and p != "whole":  # the tiled path fits on the host either way
+                    continue
                 label = "whole" if p == "whole" else f"tiled {args.max_memory}"
                 row = {"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": label}
                 if out_of_time(f"{cfg} {label} {w}x{h}"):
@@ -463,7 +474,7 @@ def main() -> int:
         print(f"Floors: {f['gflop_per_mp']} GFLOP/MP; fp16 matmul {f['fp16_matmul_tflops']} TFLOP/s -> {f['arith_floor_ms_per_mp']} ms/MP; "
               f"activations {f['traffic_gb_per_mp']} GB/MP at {f['copy_tb_s']} TB/s -> {f['traffic_floor_ms_per_mp']} ms/MP\n")  # fmt: skip
     if report["networks"]:
-        table(report["networks"], ["what", "config", "size", "ms_per_mp", "tflops", "compile_s"],
+        table(report["networks"], ["what", "config", "size", "ms_per_mp", "tflops", "compile_s", "error"],
               {"ms_per_mp": "ms/MP", "tflops": "TFLOP/s", "compile_s": "compile s"})  # fmt: skip
     if report["psnr"]:
         table(report["psnr"], ["config", "pairs", "size", "psnr_mean_db", "psnr_min_db", "max_abs", "mean_abs"],
