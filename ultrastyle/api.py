@@ -46,7 +46,7 @@ ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 
 __all__ = [
-    "ImageLike", "OptionError", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
+    "ClusterStylizer", "ImageLike", "OptionError", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
 ]  # fmt: skip
 
 
@@ -108,7 +108,9 @@ def make_options(
 ) -> StylizeOptions:
     """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults``.
 
-    ``max_memory``: the working-memory budget of one image (bytes or ``"2GB"``);
+    ``max_memory``: what a run may hold above its baseline (the interpreter, libraries and model;
+    `runtime.memory.measure_baseline`), in bytes or ``"2GB"``: a quarter for decoded contents and
+    outputs waiting to be encoded (``io_memory`` to set it), the rest for the tiles and canvases;
     None runs every stage on the whole image. ``format``: png, jpg, tiff or
     dzi (a Deep Zoom pyramid and its viewer page, written from the canvas
     band by band; ``dzi_tiles`` "jpg" or lossless "png"). ``tiff_layout``:
@@ -155,9 +157,13 @@ def make_options(
         raise OptionError("streaming", f"expected one of {', '.join(STREAMING)}, got {streaming!r}")
     if io_workers < 0:
         raise OptionError("io_workers", f"expected 0 (from the core count) or a number of threads, got {io_workers}")
+    io_bytes = None if io_memory is None else _bytes("io_memory", io_memory)
+    budget = None if max_memory is None else _bytes("max_memory", max_memory)
+    if io_bytes is not None and budget is not None and io_bytes >= budget:
+        raise OptionError("io_memory", f"expected less than max_memory ({budget} bytes), which it is a part of; got {io_bytes}")
     tiling = TilingOptions(
         tile=_pixels("tile", tile, "auto"),
-        max_memory=None if max_memory is None else _bytes("max_memory", max_memory),
+        max_memory=budget,
         halo=_pixels("halo", halo, "exact"),
         scratch_dir=Path(scratch) if scratch is not None else None,
     )
@@ -167,7 +173,7 @@ def make_options(
         levels=levels or defaults.levels,
         content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing,
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
-        io_workers=io_workers, io_memory=None if io_memory is None else _bytes("io_memory", io_memory),
+        io_workers=io_workers, io_memory=io_bytes,
         pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
         streaming=streaming,
     )  # fmt: skip
@@ -266,13 +272,13 @@ class Stylizer:
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
             )
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
-            check_budget(self.runner.arch, opts.levels, opts.resolved_tiling, self.runner.traits)
+            check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits)
         except ValueError as exc:
             raise OptionError("tile" if opts.resolved_tiling.tile is not None else "max_memory", str(exc)) from None
         return opts
 
     def _book(self, opts: StylizeOptions) -> StyleBook:
-        key = (opts.levels, opts.style_size, opts.max_pixels, opts.resolved_tiling)
+        key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits))
         if key not in self._books:
             self._books[key] = StyleBook(self.runner, opts)
         return self._books[key]
@@ -347,7 +353,65 @@ class Stylizer:
         pairs = plan_pairs(content_list, specs, Path(output_dir), opts.format)
         if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))
+        return self._run_batch(pairs, opts, on_result, on_tile)
+
+    def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
+                   on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
         return run_batch(self.runner, pairs, opts, on_result, on_tile)
+
+
+class ClusterStylizer(Stylizer):
+    """`Stylizer.stylize_batch` on Ray: a pool of actors, one runner each (`ultrastyle.distributed.pool.WorkerPool`).
+
+    ``address``: ``"local"`` starts Ray on this machine alone (bound to
+    127.0.0.1); ``host:port`` joins a running cluster, whose workers must see
+    the model, inputs and output folder at the same paths. ``workers``,
+    ``cpus_per_worker``: the pool (default: one actor per CPU of the cluster).
+    ``distribute_tiles``: each image runs on every actor (its stages' tiles
+    spread over them), one image after the other, for images too large or slow
+    for one machine; the result equals the local one. Other keywords as
+    `Stylizer`. Raises ``ClusterError`` (Ray missing or unreachable) or
+    ``RunnerError`` (the workers cannot open the model).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        address: str = "local",
+        workers: int | None = None,
+        cpus_per_worker: float = 1.0,
+        distribute_tiles: bool = False,
+        backend: str = "auto",
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int = 0,
+        levels: Sequence[int] | str | None = None,
+        **_ignored: Any,  # on_message, progress: the workers open the model quietly
+    ) -> None:
+        from ultrastyle.distributed.pool import WorkerPool
+
+        self.model = str(model)
+        defaults = model_defaults(model)
+        stages = make_options(defaults, levels=levels).levels
+        self.defaults = replace(defaults, levels=stages)
+        self.distribute_tiles = distribute_tiles
+        self._books = {}
+        self.pool = WorkerPool(model, address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
+                               device=device, precision=precision, threads=threads, stages=stages)  # fmt: skip
+        self.runner = self.pool  # type: ignore[assignment] - what `options` reads: arch, traits, stages, backend
+
+    def close(self) -> None:
+        """Stop the actors (and a local Ray instance this started); idempotent."""
+        self.pool.close()
+        self._books.clear()
+
+    def stylize(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise NotImplementedError("one image in memory runs locally: use ultrastyle.load(...).stylize, or stylize_batch here")
+
+    def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
+                   on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
+        return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles)
 
 
 def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
@@ -395,9 +459,24 @@ def stylize_batch(
     output_dir: str | os.PathLike = "out",
     *,
     model: str | os.PathLike = DEFAULT_MODEL,
+    executor: str = "local",
+    ray_address: str = "local",
+    distribute_tiles: bool = False,
     **settings: Any,
 ) -> BatchSummary:
-    """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both)."""
+    """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both).
+
+    ``executor="ray"``: on a Ray cluster instead (`ClusterStylizer`, at ``ray_address``: ``"local"`` or
+    ``host:port``; ``distribute_tiles``: each image across every worker).
+    """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
-    with load(model, levels=settings.get("levels"), **runner_kw) as s:
+    if executor not in ("local", "ray"):
+        raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
+    if executor == "ray":
+        opener: Callable[..., Stylizer] = lambda m, **kw: ClusterStylizer(m, address=ray_address, distribute_tiles=distribute_tiles, **kw)  # noqa: E731
+    elif distribute_tiles:
+        raise OptionError("distribute_tiles", "spreads an image over a Ray cluster: give executor='ray'")
+    else:
+        opener = load
+    with opener(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize_batch(contents, styles, output_dir, **settings)

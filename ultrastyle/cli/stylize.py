@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.api import OptionError, Stylizer, make_options
+from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, make_options
+from ultrastyle.distributed.cluster import ClusterError
 from ultrastyle.export.bundle import BundleError
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError
@@ -149,7 +151,7 @@ def stylize_command(
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
-    max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 512MB, 2GB: RAM on the CPU (tiles, and canvases up to a quarter), GPU memory with --device cuda (tiles, and PyTorch's canvases up to half).")] = "2GB",
+    max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB. On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = "2GB",
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
@@ -157,6 +159,8 @@ def stylize_command(
     preserve_color: Annotated[PreserveColor, typer.Option(help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
     io_workers: Annotated[int, typer.Option(min=0, help="Threads decoding the next contents and encoding finished outputs while the model computes (0: half the cores, 1-8).")] = 0,
     png_level: Annotated[int, typer.Option(min=0, max=9, help="zlib level of PNG outputs: 1 is fast; 6-9 write files ~10-20% smaller, several times slower.")] = DEFAULT_PNG_LEVEL,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS|local", help="Run on Ray (the ray extra): 'local' starts Ray on this machine alone (bound to 127.0.0.1); HOST:PORT joins a running cluster, whose nodes must all see the model, inputs and --output at the same paths. One actor per CPU, each content on one actor.", show_default=False)] = None,
+    distribute_tiles: Annotated[bool, typer.Option("--distribute-tiles", help="With --ray: spread each image's tiles over every worker, one image after the other (for images too large or slow for one machine); the result equals the local one.")] = False,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
 
@@ -208,12 +212,15 @@ def stylize_command(
     if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device.value == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
     console = Console(stderr=True, highlight=False)
+    if distribute_tiles and ray is None:
+        raise typer.BadParameter("spreads an image over a Ray cluster: give --ray ADDRESS or --ray local too", param_hint="--distribute-tiles")
     try:
-        stylizer = Stylizer(
+        opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles)
+        stylizer = opener(
             model, backend=backend.value, device=device.value, precision=precision.value, threads=threads, compile=compile_,
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
-    except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError) as exc:
+    except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError, ClusterError) as exc:
         text = " ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc)
         # The library names its keywords (torch backend errors); say the flags here.
         text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)

@@ -106,15 +106,15 @@ class WorkerPool:
                 num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=0, max_concurrency=1, scheduling_strategy="SPREAD"
             ).remote(self.spec, env)  # fmt: skip
             self.start_timeout = start_timeout
-            self._actors = [self._make() for _ in range(workers)]
-            self._warming: dict[Any, Any] = {}  # info ref -> replacement actor not yet up
+            self._actors: list[Any] = []
+            self._warming: dict[Any, Any] = {}  # info ref -> actor not yet up (it joins when it is)
             self._spares = 2 * workers  # replacements allowed over the pool's life
-            infos = self._infos(self._actors)
+            self._info: dict[Any, WorkerInfo] = {}
+            self._start(workers)
         except BaseException:
             self.close()
             raise
-        self._info = dict(zip(self._actors, infos))
-        first = infos[0]
+        first = self.workers[0]
         assert first.arch is not None and first.traits is not None
         self.arch, self.traits, self.stages, self.backend = first.arch, first.traits, first.stages, first.backend
 
@@ -123,23 +123,32 @@ class WorkerPool:
         """The live actors' process ids, nodes and runners (replacements included)."""
         return [self._info[a] for a in self._actors]
 
-    def _infos(self, actors: list[Any]) -> list[WorkerInfo]:
+    def _start(self, count: int) -> None:
+        """Start ``count`` actors; return once one is up (those still starting join when they are: a busy cluster)."""
         ray = self._ray
-        refs = [a.info.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
-        if len(ready) < len(refs):
+        refs = {}
+        for _ in range(count):
+            actor = self._make()
+            refs[actor.info.remote()] = actor
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(30.0, self.start_timeout))
+        if not ready:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.start_timeout)
+        if not ready:
             raise ClusterError(
-                f"only {len(ready)} of {len(refs)} Ray workers started within {self.start_timeout:.0f} s; "
-                "the cluster may lack the CPUs/GPUs asked for (fewer workers, or fewer cpus per worker)"
+                f"no Ray worker started within {self.start_timeout:.0f} s; the cluster may lack the "
+                "CPUs/GPUs asked for (fewer workers, or fewer cpus per worker)"
             )
-        try:
-            infos: list[WorkerInfo] = ray.get(refs)
-        except Exception as exc:  # noqa: BLE001 - a worker process that could not even start
-            raise ClusterError(f"a Ray worker failed to start: {exc}") from None
-        bad = [i for i in infos if i.error]
-        if bad:
-            raise RunnerError(f"the Ray workers cannot open the model {self.spec.model}: {bad[0].error}")
-        return infos
+        for ref in ready:
+            actor = refs.pop(ref)
+            try:
+                info: WorkerInfo = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a worker process that could not even start
+                raise ClusterError(f"a Ray worker failed to start: {exc}") from None
+            if info.error:
+                raise RunnerError(f"the Ray workers cannot open the model {self.spec.model}: {info.error}")
+            self._info[actor] = info
+            self._actors.append(actor)
+        self._warming.update(refs)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
