@@ -171,6 +171,23 @@ def test_folded_decoder_matches_the_unfused_float32_one(cd16x, stage):
     assert fused._fold(stage, a, b)[0] is w0 and fused._fold(stage, a * 1, b)[0] is not w0
 
 
+def test_fused_runner_tiled_equals_the_whole_image_reference(cd16x, small, reference):
+    # The compiled runner's tile calls (whole tile graphs, the core cut out after; the map folded), run eagerly.
+    content, style_img = small
+    with TorchRunner(cd16x, fuse_affine=True) as r:
+        assert r.engine is not None and r.engine.fuse_affine and not r.engine.compiled
+        stats = style_statistics(r, style_img, DEFAULT_LEVELS)
+        with canvas_from_array(content.numpy(), layout="chw") as cv:
+            out = stylize_tiled(r, cv, stats, TilingOptions(tile=32), method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+            try:
+                tiled = torch.from_numpy(out.numpy().copy()).clamp(0, 1)
+            finally:
+                out.close()
+    d = (tiled - reference).abs().max().item()
+    print(f"fused fp32 tiled (32 px) vs the whole-image reference: max {d:.2e}")
+    assert d <= 1e-4
+
+
 def test_folding_refuses_a_decoder_that_does_not_start_with_a_convolution(cd16x):
     dec = cd16x.decoders[2]
     saved = dec.layers
