@@ -171,7 +171,7 @@ def test_one_image_across_the_cluster_equals_the_local_tiled_result(pool, folder
     from ultrastyle.runtime.batch import StyleBook, load_content
     from ultrastyle.runtime.tiled import canvas_to_image, stylize_tiled
 
-    opts = StylizeOptions(levels=LEVELS, tiling=TilingOptions(tile=48), io_workers=1)
+    opts = StylizeOptions(levels=LEVELS, tiling=TilingOptions(tile=64), io_workers=1)
     src = folder / "c4.png"
     pixels, _ = load_content(src, opts)
     spec = StyleSpec((folder / "s0.png", folder / "s1.png"), weights=(0.7, 0.3))
@@ -183,7 +183,7 @@ def test_one_image_across_the_cluster_equals_the_local_tiled_result(pool, folder
         from ultrastyle.core.styles import Target
 
         target = Target(tuple(book.get(p) for p in spec.paths), spec.weights)
-        with canvas_from_array(pixels) as content, stylize_tiled(r, content, target, opts.resolved_tiling,
+        with canvas_from_array(pixels) as content, stylize_tiled(r, content, target, opts.tiling_for(r.traits),
                                                                  method=opts.method, alpha=opts.alpha, levels=LEVELS) as ref:  # fmt: skip
             want = ref.numpy()
             want8 = canvas_to_image(ref)
@@ -233,6 +233,23 @@ def test_a_killed_driver_resumes_with_skip_existing(pool, cluster, folder, local
     ref = {r.pair.output.name: r for r in local[1]}
     assert all(r.status == ref[r.pair.output.name].status for r in summary.results if r.status != "skipped")
     _same_as_local(local, tmp_path, [ref[r.pair.output.name] if r.status == "skipped" else r for r in summary.results])
+
+
+def test_distribute_tiles_needs_ray_and_executor_is_checked(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    import ultrastyle
+    from ultrastyle.api import OptionError
+    from ultrastyle.cli.main import app
+
+    res = CliRunner().invoke(app, ["stylize", str(folder / "c0.png"), str(folder / "s0.png"), "-o", str(tmp_path), "--distribute-tiles"])
+    assert res.exit_code == 2 and "--ray" in res.output
+    with pytest.raises(OptionError) as exc:
+        ultrastyle.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path, executor="dask")
+    assert exc.value.option == "executor"
+    with pytest.raises(OptionError) as exc:
+        ultrastyle.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path, distribute_tiles=True)
+    assert exc.value.option == "distribute_tiles"
 
 
 @pytest.mark.slow

@@ -425,7 +425,7 @@ class WorkerPool:
             raise ValueError("mask regions are not supported across the cluster; run masked pairs one image per worker")
         work = Path(work)
         h, w = pixels.shape[:2]
-        plan = plan_image(self.arch, h, w, options.levels, options.resolved_tiling, self.traits,
+        plan = plan_image(self.arch, h, w, options.levels, options.tiling_for(self.traits), self.traits,
                           torch.device(self.spec.device), ram_available=available_bytes())  # fmt: skip
         content = create_array(work / "content", (3, h, w), (min(h, 1024), min(w, 1024)))
         for r in range(0, h, 512):  # as `canvas_from_array` scales them
