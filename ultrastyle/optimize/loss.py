@@ -55,6 +55,7 @@ from ultrastyle.core.receptive import encoder_radius, needed_windows, round_up
 from ultrastyle.core.tiling import Tile, plan_tiles
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.networks import Encoder
+from ultrastyle.runtime.memory import release_free_memory
 
 TAPS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYER = "relu4_1"
@@ -310,6 +311,7 @@ def feature_statistics(
                 c = _content_block(target, net, weights, t, x.dtype)
                 if c is not None:
                     content_sum += _content_term(taps[weights.content_layer], c)
+            _after_tile(plan)
             if on_tile:
                 on_tile("loss", i + 1, len(plan.tiles))
     return stats, content_sum
@@ -353,9 +355,20 @@ def loss_and_gradient(
             torch.autograd.backward(list(taps.values()), grads)
         add_tile_gradient(grad, x.grad[0], rows, cols)
         del x, taps, grads
+        _after_tile(plan)
         if on_tile:
             on_tile("gradient", i + 1, len(plan.tiles))
     return value
+
+
+def _after_tile(plan: GradientPlan) -> None:
+    """Between tiles: freed heap memory back to the OS, so one tile's activations are all a pass holds.
+
+    (The command line keeps freed memory in glibc's heap, `runtime.memory.keep_freed_memory`;
+    without trims the resident set would grow by the heap's fragmentation tile after tile.)
+    """
+    if len(plan.tiles) > 1:
+        release_free_memory()
 
 
 def _whole_image(net: LossNetwork, image: Canvas, target: StyleTarget, weights: LossWeights, plan: GradientPlan, grad: Canvas) -> LossValue:

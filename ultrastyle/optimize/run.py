@@ -43,7 +43,8 @@ from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
-from ultrastyle.optimize import vectors as vec
+from ultrastyle.models.spec import ARCHS
+import ultrastyle.optimize.vectors as vec
 from ultrastyle.optimize.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
@@ -59,10 +60,10 @@ DEFAULT_ITERATIONS = 100
 DEFAULT_MAX_MEMORY = "2GB"
 STATE_VERSION = 1
 # Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
-# here at 1024 px (847 B/px) and 512 px (1.26 KB/px, more of it fixed cost); wider encoders
-# scale it by their activations (`_activation_values`).
-BYTES_PER_REGION_PIXEL = 1024
-_CD16X_VALUES = 133.5  # `_activation_values` of the CD 16x stage-5 encoder
+# here at 1024 px with a heap trim after each tile: 933 B/px with glibc's defaults, 1129 B/px with
+# the command line's heap that keeps freed memory (`runtime.memory.keep_freed_memory`); wider
+# encoders scale it by their activations (`_activation_values`).
+BYTES_PER_REGION_PIXEL = 1200
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,10 @@ class MemoryPlan:
     canvas_bytes: int
 
 
-def _activation_values(net: LossNetwork) -> float:
-    """Floats per input pixel summed over the encoder's layer outputs (what autograd keeps, roughly)."""
+def _activation_values(layers: list) -> float:
+    """Floats per input pixel summed over an encoder's layer outputs (what autograd keeps, roughly)."""
     total, area = 3.0, 1.0
-    for layer in net.layers:
+    for layer in layers:
         if layer.kind == "pool":
             area /= 4
         else:
@@ -241,7 +242,7 @@ def plan_memory(net: LossNetwork, height: int, width: int, opts: OptimizeOptions
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
     tiles = opts.max_memory - (0 if on_disk else need)
-    per_px = BYTES_PER_REGION_PIXEL * _activation_values(net) / _CD16X_VALUES
+    per_px = BYTES_PER_REGION_PIXEL * _activation_values(net.layers) / _activation_values(ARCHS["cd16x"].encoder_layers(5))
     side = int(math.sqrt(tiles / per_px)) // net.grid * net.grid
     if side * side >= hp * wp and side >= max(hp, wp) // 2:  # the whole image fits: one tile, no halo
         return MemoryPlan(site, None, need)
@@ -428,6 +429,8 @@ class Optimizer:
             for i in range(start, len(sizes)):
                 sh, sw = sizes[i]
                 content_i = resize_long_side(content_full, max(sh, sw)) if (sh, sw) != (h, w) else content_full
+                if i == len(sizes) - 1:
+                    content_full = None  # type: ignore[assignment]  # the last scale's canvases hold it now
                 mem = plan_memory(self.net, sh, sw, opts, self.net.channels(opts.content_layer))
                 plan = plan_gradient(self.net, sh, sw, mem.core)
                 target, closing = self._target(content_i, style_full, opts, mem, plan)
@@ -438,6 +441,7 @@ class Optimizer:
                         upsample(solver.x, x)  # coarse to fine: the previous scale's result
                     elif not resuming:
                         self._init(x, content_i, style, opts)
+                    del content_i
                     previous, solver = solver, make_solver(opts.solver, x, mem.site, **_solver_settings(opts))
                     if previous is not None:
                         previous.close()
@@ -497,8 +501,8 @@ class Optimizer:
             with canvas_from_array(pixels) as c:
                 vec.combine(x, [(1.0, c)])
             return
-        with canvas_from_array(content.numpy(), layout="chw") as c:
-            vec.combine(x, [(1.0, c)])
+        for r in range(0, content.shape[1], 256):  # band by band: no second image-sized copy in RAM
+            x.write(r, 0, content[:, r : r + 256].numpy())
 
 
 def _wct(model: Any, content: torch.Tensor, style: ImageLike, opts: OptimizeOptions) -> np.ndarray:

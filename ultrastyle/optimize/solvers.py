@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from ultrastyle.core.canvas import Canvas
-from ultrastyle.optimize import vectors as vec
+import ultrastyle.optimize.vectors as vec
 from ultrastyle.optimize.loss import LossValue
 from ultrastyle.optimize.vectors import VectorSite
 
