@@ -11,6 +11,7 @@ one run, not across runs.
 
     python benchmarks/optimize.py solvers     # L-BFGS vs Adam, same pairs, same iterations
     python benchmarks/optimize.py tiling      # whole image vs tiled, same iterations: final losses, s/iter/MP, RSS
+    python benchmarks/optimize.py divergence --tile 64   # per iteration: where float32 rounding starts to tell
     python benchmarks/optimize.py large       # >= 16 MP within max_memory 1GB (slow: about half an hour here)
     python benchmarks/optimize.py sheet       # docs/optimize_contact_sheet.jpg: content | style | WCT | optimized
     python benchmarks/optimize.py all
@@ -146,6 +147,20 @@ def tiling(iterations: int, size: int, tile: int) -> None:
                   f"{final / whole:.6f} | {per:.1f} | {r['hwm'] / 2**30:.2f} GiB | {(r['hwm'] - r['base']) / 2**30:.2f} GiB |", flush=True)
 
 
+def divergence(iterations: int, size: int, tile: int) -> None:
+    """Per iteration, tiled over whole-image loss: where float32 rounding starts to tell."""
+    content, style = PAIRS[1]
+    whole = run(content, style, size=size, iterations=iterations)
+    tiled = run(content, style, size=size, iterations=iterations, tile=tile, max_memory="1GB")
+    if "error" in whole or "error" in tiled:
+        print(f"failed: {whole.get('error') or tiled.get('error')}")
+        return
+    print(f"\n## Tiled ({tiled['tiles']} tiles of {tile} px) / whole-image loss per iteration, {Path(content).stem} x {Path(style).stem}, {size} px\n")
+    print("| iteration | " + " | ".join(str(i + 1) for i in range(len(whole["log"]))) + " |")
+    print("|---|" + "---|" * len(whole["log"]))
+    print("| tiled / whole − 1 | " + " | ".join(f"{t[2] / w[2] - 1:.1e}" for w, t in zip(whole["log"], tiled["log"])) + " |")
+
+
 def large(megapixels: float, iterations: int, threads: int) -> None:
     from PIL import Image
 
@@ -223,10 +238,10 @@ def main() -> None:
     w.add_argument("--scales", default="full")
     w.add_argument("--lr", type=float, default=0.01)
     w.add_argument("--scratch")
-    for name in ("solvers", "tiling", "large", "sheet", "all"):
+    for name in ("solvers", "tiling", "divergence", "large", "sheet", "all"):
         s = sub.add_parser(name)
-        s.add_argument("--iterations", type=int, default={"solvers": 20, "tiling": 10, "large": 1, "sheet": 40}.get(name, 0))
-        s.add_argument("--size", type=int, default={"solvers": 256, "tiling": 512, "sheet": 384}.get(name, 0))
+        s.add_argument("--iterations", type=int, default={"solvers": 20, "tiling": 10, "divergence": 10, "large": 1, "sheet": 40}.get(name, 0))
+        s.add_argument("--size", type=int, default={"solvers": 256, "tiling": 512, "divergence": 192, "sheet": 384}.get(name, 0))
         s.add_argument("--tile", type=int, default=128)
         s.add_argument("--megapixels", type=float, default=16.0)
         s.add_argument("--threads", type=int, default=1)
@@ -238,6 +253,8 @@ def main() -> None:
         solvers(args.iterations or 20, args.size or 256)
     if args.what in ("tiling", "all"):
         tiling(args.iterations or 10, args.size or 512, args.tile)
+    if args.what in ("divergence", "all"):
+        divergence(args.iterations or 10, args.size or 192, 64 if args.what == "all" else args.tile)
     if args.what in ("sheet", "all"):
         sheet(args.iterations or 40, args.size or 384, REPO / "docs" / "optimize_contact_sheet.jpg")
     if args.what in ("large", "all"):

@@ -241,3 +241,18 @@ def test_wct_init_is_ultrastyles_own_wct_result(optimizer, cd16x_dir, shared_dir
     wct = ultrastyle.stylize(content, art, model=cd16x_dir, style_size=64, max_memory=None)
     assert np.abs(start.astype(int) - wct).max() <= 1
     assert np.abs(start.astype(int) - content).mean() > 10  # not the content itself
+
+
+def test_the_memory_plan_puts_large_canvases_on_disk_and_fits_a_region_in_the_budget(encoder, tmp_path):
+    from ultrastyle.optimize.run import BYTES_PER_REGION_PIXEL, plan_memory, scale_sizes
+
+    net = LossNetwork(encoder)
+    opts = make_optimize_options(max_memory="1GB", scratch=tmp_path)
+    big = plan_memory(net, 3266, 4899, opts, net.channels("relu4_1"))  # 16 MP: 15 L-BFGS vectors are 2.9 GB
+    assert big.site.disk_dir == str(tmp_path) and big.core is not None
+    region = big.core + 2 * net.halo
+    assert region**2 * BYTES_PER_REGION_PIXEL <= 2**30 < (region + 2 * net.grid) ** 2 * BYTES_PER_REGION_PIXEL
+    small = plan_memory(net, 200, 300, opts, net.channels("relu4_1"))
+    assert small.site.disk_dir is None and small.core is None  # RAM, one tile
+    assert scale_sizes(300, 200, (64, 128, 0)) == [(64, 43), (128, 85), (300, 200)]
+    assert scale_sizes(300, 200, (512, 0)) == [(300, 200)]

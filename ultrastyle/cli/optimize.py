@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.pretrained import DEFAULT_MODEL
@@ -109,6 +110,9 @@ def optimize_command(
         _err(f"{style}: no such style image file")
         raise typer.Exit(2)
     single_file = len(contents) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
+    folder = output.parent if single_file else output
+    if folder.is_dir():  # temp files and state folders of killed runs (their writer is gone)
+        sweep_stale(folder)
     import torch
 
     if threads:

@@ -406,9 +406,11 @@ class Optimizer:
         matches, remove it once done. Raises `ImageError` for a bad image,
         `OptionError` for a bad setting.
         """
-        opts = settings.pop("options", None) or make_optimize_options(**settings)
-        if settings and not isinstance(opts, OptimizeOptions):
-            raise TypeError("give either options= or settings")
+        opts = settings.pop("options", None)  # the command line validates its settings once for the batch
+        if opts is None:
+            opts = make_optimize_options(**settings)
+        elif settings or not isinstance(opts, OptimizeOptions):
+            raise TypeError("give either options (an OptimizeOptions) or settings, not both")
         from ultrastyle.runtime.tiled import canvas_to_image
 
         c_src, content_full = _read(content, "content", opts.max_pixels)
