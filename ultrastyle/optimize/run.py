@@ -406,6 +406,8 @@ class Optimizer:
         matches, remove it once done. Raises `ImageError` for a bad image,
         `OptionError` for a bad setting.
         """
+        if output is not None and "format" not in settings and "options" not in settings:
+            settings["format"] = Path(output).suffix.lstrip(".") or "png"  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
             opts = make_optimize_options(**settings)
