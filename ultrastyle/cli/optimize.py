@@ -129,7 +129,7 @@ def optimize_command(
     failed = done = skipped = 0
     steps = opts.iterations * len(opts.scales)
     with optimizer, Progress(
-        TextColumn("[bold]optimize"), TextColumn("{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
         for src in contents:
@@ -140,6 +140,7 @@ def optimize_command(
                 skipped += 1
                 continue
             task = progress.add_task("", total=steps or None, name=out.name)
+            failed_before = failed
 
             def on_progress(e: ProgressEvent, task: int = task) -> None:
                 v = e.value
@@ -162,7 +163,8 @@ def optimize_command(
                 failed += 1
                 progress.console.print(f"error: {src}: optimization failed ({type(exc).__name__}: {exc})", style="red",
                                        markup=False, soft_wrap=True)  # fmt: skip
-            progress.update(task, visible=False)
+            if failed > failed_before:  # a finished image keeps its line: the final losses
+                progress.update(task, visible=False)
     where = output if single_file else f"outputs in {output}"
     Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(contents)} images; {where}")
     if failed:
