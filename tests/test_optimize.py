@@ -256,3 +256,21 @@ def test_the_memory_plan_puts_large_canvases_on_disk_and_fits_a_region_in_the_bu
     assert small.site.disk_dir is None and small.core is None  # RAM, one tile
     assert scale_sizes(300, 200, (64, 128, 0)) == [(64, 43), (128, 85), (300, 200)]
     assert scale_sizes(300, 200, (512, 0)) == [(300, 200)]
+
+
+def test_a_vgg19_shaped_encoder_works_the_same(one_thread):
+    from ultrastyle.models.networks import Encoder
+    from ultrastyle.models.spec import ARCHS
+
+    torch.manual_seed(0)  # random weights: the tiling does not depend on them
+    net = LossNetwork(Encoder(ARCHS["vgg19"], 5).double())
+    assert net.taps == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1") and net.channels("relu5_1") == 512
+    weights = LossWeights(style_weight=1e-3)
+    image, style, content = _images(50, 41, seed=1)
+    x = image.double().clone().requires_grad_(True)
+    reference_loss(net, x, style.double(), content.double(), weights).backward()
+    target = style_target(net, _chw(style), _chw(content), weights, 32)
+    grad = Canvas(3, 50, 41)
+    loss_and_gradient(net, _chw(image), target, weights, plan_gradient(net, 50, 41, 32), grad)
+    got = torch.from_numpy(grad.numpy()).double()
+    assert float((got - x.grad).abs().max() / x.grad.abs().max()) <= 1e-5
