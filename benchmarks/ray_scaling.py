@@ -4,7 +4,8 @@ Inputs are made from the shared photos (JPEG, quality 95, in a temp folder):
 ``--count`` photos of ``--mp`` megapixels and one style. Reported, in one run:
 
 - ``local``: `runtime.batch.run_batch` in this process with all cores
-  (threads 0) and with one thread (what one Ray worker of one CPU gets);
+  (threads 0) and with one thread, the network's and torch's (what one Ray
+  worker of one CPU gets: Ray sets its OMP_NUM_THREADS to 1);
 - ``ray N nodes``: without ``--address``, a local Ray cluster started here
   (`ray.cluster_utils.Cluster`, a head without CPUs and N worker nodes of one
   CPU each, every process bound to 127.0.0.1), a `WorkerPool` of N actors, the
@@ -104,11 +105,17 @@ def main() -> None:
         out.mkdir(parents=True)
         return plan_pairs(contents, [StyleSpec((STYLE,))], out, "png")
 
+    import torch
+
+    default_threads = torch.get_num_threads()
     for threads, tag in ((0, "local, all cores"), (1, "local, 1 thread")):
+        # One thread: the network's and torch's own (a Ray actor of one CPU gets OMP_NUM_THREADS=1 from Ray).
+        torch.set_num_threads(threads or default_threads)
         with open_runner(args.model, backend=args.backend, stages=opts.levels, threads=threads, progress=False) as r:
             t = median(lambda: run_batch(r, batch_pairs("local"), opts), args.repeats)
         rows.append((tag, 1, t, None))
         print(f"{tag}: {t:.1f} s", flush=True)
+    torch.set_num_threads(default_threads)
 
     def ray_rows(tag: str, address: str, workers: int | None) -> WorkerPool:
         t0 = time.perf_counter()
