@@ -50,10 +50,10 @@ def _pairs(folder: Path, out: Path) -> list:
 def test_results_keep_pair_order_and_a_bad_file_fails_alone(folder, runner, tmp_path, monkeypatch):
     real = batch.decode
 
-    def slow_first(src, options):  # later contents finish decoding first
+    def slow_first(src, options, *plan):  # later contents finish decoding first
         if src.name == "c0.png":
             time.sleep(0.5)
-        return real(src, options)
+        return real(src, options, *plan)
 
     monkeypatch.setattr(batch, "decode", slow_first)
     pairs = _pairs(folder, tmp_path)
@@ -72,10 +72,10 @@ def _decode_vs_compute(monkeypatch) -> list[tuple[str, str]]:
     lock = threading.Lock()
     real_decode, real_content = batch.decode, batch.stylize_content
 
-    def decode(src, options):
+    def decode(src, options, *plan):
         with lock:
             events.append(("decode", src.name))
-        return real_decode(src, options)
+        return real_decode(src, options, *plan)
 
     def content(model, decoded, pairs, *a, **k):
         out = real_content(model, decoded, pairs, *a, **k)

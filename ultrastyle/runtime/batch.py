@@ -27,7 +27,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -44,6 +44,7 @@ from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample
 from ultrastyle.core.resample import resized_size
 from ultrastyle.io.stream import BAND_ROWS, ImageStream, open_stream, stream_blocker
 from ultrastyle.core.plan import ImagePlan, TilingOptions
+from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
@@ -54,6 +55,9 @@ from ultrastyle.runtime.tiled import (
 from ultrastyle.core.transforms import FeatureStats
 
 STREAMING = ("auto", "always", "never")
+# The share of a host max_memory held for decoded contents and outputs waiting to be encoded (the io
+# allowance); the tiles and canvases of the image being computed get the rest.
+IO_SHARE = 0.25
 # Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline, with no budget.
 UNBOUNDED = TilingOptions.unbounded()
 
@@ -146,14 +150,28 @@ class StylizeOptions:
 
     @property
     def resolved_tiling(self) -> TilingOptions:
+        """The tiling as given: ``max_memory`` is the whole run's budget (`tiling_for` splits it for the tiles)."""
         return self.tiling if self.tiling is not None else UNBOUNDED
 
     @property
     def io_allowance(self) -> int:
+        """Bytes for decoded contents and outputs waiting to be encoded: ``io_memory``, else `IO_SHARE` of the budget."""
         if self.io_memory is not None:
             return self.io_memory
         budget = self.resolved_tiling.max_memory
-        return budget // 2 if budget is not None else 2**30
+        return int(budget * IO_SHARE) if budget is not None else 2**30
+
+    def tiling_for(self, traits: RunnerTraits) -> TilingOptions:
+        """The tiles' options on a runner with ``traits``.
+
+        A host budget bounds the whole process above its baseline (`runtime.memory.measure_baseline`): the io
+        allowance comes out of it and the tiles and canvases get the rest. A device budget (GPU memory) is the
+        tiles' alone; the io allowance is host memory beside it.
+        """
+        t = self.resolved_tiling
+        if t.max_memory is None or (t.budget or traits.budget_memory) != "host":
+            return t
+        return replace(t, max_memory=max(1, t.max_memory - self.io_allowance))
 
     @property
     def workers(self) -> int:
@@ -314,7 +332,7 @@ class StyleBook:
         if recolor is not None:
             img = match_colors(img, recolor)
         with canvas_from_array(img.numpy(), layout="chw") as canvas:  # a large style is tiled like a content
-            return style_statistics_tiled(self.model, canvas, opts.levels, opts.resolved_tiling)
+            return style_statistics_tiled(self.model, canvas, opts.levels, opts.tiling_for(self.model.traits))
 
     def style_for(self, spec: StyleSpec, size: tuple[int, int], original: tuple[int, int],
                   recolor: FeatureStats | None = None) -> Style:  # fmt: skip
@@ -372,7 +390,7 @@ def stylize_canvas(
     ``plan``: the image's plan (`runtime.tiled.plan_image_for`), else made from ``options``. ``as_canvas``:
     return the last stage's (3, H, W) canvas instead, for a writer that reads it band by band and closes it."""
     result = stylize_tiled(
-        model, content, style, options.resolved_tiling,
+        model, content, style, options.tiling_for(model.traits),
         method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile, plan=plan,
     )  # fmt: skip
     try:
@@ -525,7 +543,7 @@ def stylize_content(
     original = decoded.original
     t0 = time.perf_counter()
     results: list[PairResult | None] = []
-    tiling = options.resolved_tiling
+    tiling = options.tiling_for(model.traits)
     try:  # one plan per image: where its canvases go, each stage's tiles
         plan = plan_image_for(model, h, w, options.levels, tiling, masked=any(p.style.mask is not None for p in pairs))
         content = decoded.to_canvas(plan.site)
@@ -724,9 +742,11 @@ def run_batch(
                     assert isinstance(out, np.ndarray)
                     results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
                     return
-                nbytes = out.nbytes
-                if isinstance(out, Canvas) and out.on_disk:  # read a band at a time: its file is not RAM
-                    nbytes = min(nbytes, out.shape[0] * out.shape[2] * 4 * 512)
+                nbytes = 2 * out.nbytes  # encoded whole: the pixels and the encoder's output
+                if isinstance(out, Canvas):
+                    nbytes = out.nbytes
+                    if out.on_disk:  # read a band at a time: its file is not RAM
+                        nbytes = min(nbytes, out.shape[0] * out.shape[2] * 4 * 512)
                 allowance.take(nbytes, wait_while=lambda: any(not f.done() for f in writes))
                 writes.append(writers.submit(write, i, pair, out, seconds, nbytes))
 
