@@ -1,7 +1,7 @@
 """Optimization-based stylization (`ultrastyle optimize`): solvers, whole vs tiled, a large image, the contact sheet.
 
 Every measured run is one FRESH Python process (``worker``) that loads the
-loss network, runs `ultrastyle.optimize.run.Optimizer.run` and prints one
+loss network, runs `ultrastyle.optimization.run.Optimizer.run` and prints one
 JSON line: the loss after every iteration with its time, the tiles per
 evaluation, wall time and peak RSS (``VmHWM`` from /proc/self/status: as the
 OS reports it, mapped canvas pages included), and the baseline RSS after
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ultrastyle.optimize.run import Optimizer
+    from ultrastyle.optimization.run import Optimizer
     from ultrastyle.runtime.memory import keep_freed_memory
 
     keep_freed_memory()  # the heap as the command line sets it up

@@ -17,11 +17,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.core.canvas import Canvas, canvas_from_array
-from ultrastyle.optimize import vectors as vec
-from ultrastyle.optimize.loss import (
+from ultrastyle.optimization import vectors as vec
+from ultrastyle.optimization.loss import (
     LossNetwork, LossWeights, evaluate, loss_and_gradient, plan_gradient, reference_loss, style_target,
 )  # fmt: skip
-from ultrastyle.optimize.run import Optimizer, make_optimize_options, upsample
+from ultrastyle.optimization.run import Optimizer, make_optimize_options, upsample
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -202,13 +202,11 @@ def test_a_budget_too_small_for_one_tile_is_an_option_error(optimizer, photo, st
     assert info.value.option == "max_memory"
 
 
-def test_the_package_is_the_function():
+def test_the_api_function_is_the_runner_s():
     import ultrastyle
-    import ultrastyle.optimize as pkg
-    from ultrastyle.optimize.run import optimize
+    from ultrastyle.optimization.run import optimize
 
-    assert callable(ultrastyle.optimize) and callable(pkg)
-    assert pkg.optimize is optimize
+    assert ultrastyle.optimize is optimize
 
 
 def test_cli_runs_a_batch_past_a_bad_file_and_writes_atomically(cd16x_dir, shared_dir, tmp_path, one_thread):
@@ -244,7 +242,7 @@ def test_wct_init_is_ultrastyles_own_wct_result(optimizer, cd16x_dir, shared_dir
 
 
 def test_the_memory_plan_puts_large_canvases_on_disk_and_fits_a_region_in_the_budget(encoder, tmp_path):
-    from ultrastyle.optimize.run import BYTES_PER_REGION_PIXEL, plan_memory, scale_sizes
+    from ultrastyle.optimization.run import BYTES_PER_REGION_PIXEL, plan_memory, scale_sizes
 
     net = LossNetwork(encoder)
     opts = make_optimize_options(max_memory="1GB", scratch=tmp_path)

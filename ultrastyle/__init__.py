@@ -29,7 +29,7 @@ _API = {
     "PairResult": "ultrastyle.runtime.batch",
     "OutputCollisionError": "ultrastyle.runtime.batch",
     "ImageError": "ultrastyle.io.images",
-    "optimize": "ultrastyle.optimize.run",
+    "optimize": "ultrastyle.optimization.run",
 }
 __all__ = ["__version__", *_API]
 

@@ -1,4 +1,4 @@
-"""`ultrastyle optimize`: optimization-based stylization (Gatys et al.) of every content with one style (a thin layer over `ultrastyle.optimize`)."""
+"""`ultrastyle optimize`: optimization-based stylization (Gatys et al.) of every content with one style (a thin layer over `ultrastyle.optimization`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.pretrained import DEFAULT_MODEL
-from ultrastyle.optimize.loss import DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
-from ultrastyle.optimize.run import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
+from ultrastyle.optimization.loss import DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
+from ultrastyle.optimization.run import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
 
 
 class Init(str, Enum):
@@ -90,7 +90,7 @@ def optimize_command(
     others still run.
     """
     from ultrastyle.api import OptionError
-    from ultrastyle.optimize.run import Optimizer, ProgressEvent, make_optimize_options
+    from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
 
     settings = dict(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,

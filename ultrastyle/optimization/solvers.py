@@ -24,9 +24,9 @@ from typing import Protocol
 import numpy as np
 
 from ultrastyle.core.canvas import Canvas
-import ultrastyle.optimize.vectors as vec
-from ultrastyle.optimize.loss import LossValue
-from ultrastyle.optimize.vectors import VectorSite
+import ultrastyle.optimization.vectors as vec
+from ultrastyle.optimization.loss import LossValue
+from ultrastyle.optimization.vectors import VectorSite
 
 SOLVERS = ("lbfgs", "adam")
 DEFAULT_SOLVER = "lbfgs"  # measured against Adam: docs/optimize.md

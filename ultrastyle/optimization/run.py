@@ -2,7 +2,7 @@
 
     import ultrastyle
     out = ultrastyle.optimize("photo.jpg", "art.jpg", iterations=100, max_memory="1GB")   # (H, W, 3) uint8
-    with ultrastyle.optimize.Optimizer("cd-wct-16x") as o:                                 # one model, many images
+    with ultrastyle.optimization.Optimizer("cd-wct-16x") as o:                                 # one model, many images
         o.run("a.jpg", "art.jpg", output="a_opt.png", state_dir=".a.state", save_every=10)
 
 Per scale (coarse to fine, each long side in ``scales``; 0 is the content's
@@ -44,15 +44,15 @@ from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.spec import ARCHS
-import ultrastyle.optimize.vectors as vec
-from ultrastyle.optimize.loss import (
+import ultrastyle.optimization.vectors as vec
+from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
 )  # fmt: skip
-from ultrastyle.optimize.solvers import (
+from ultrastyle.optimization.solvers import (
     DEFAULT_ADAM_LR, DEFAULT_HISTORY, DEFAULT_SOLVER, SOLVERS, Solver, make_solver, vectors_per_image,
 )  # fmt: skip
-from ultrastyle.optimize.vectors import VectorSite
+from ultrastyle.optimization.vectors import VectorSite
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 INITS = ("content", "noise", "wct")
