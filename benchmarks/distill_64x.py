@@ -254,7 +254,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             info |= {"student_params": _params(*student), "student_s_per_mp": _seconds_per_mp(*student, args.time_size)}
         report["stages"][k] = {"quality": row, **info}
         print(f"[eval] stage {k}: " + ", ".join(f"{t} {v['psnr']:.2f}" for t, v in row.items()), flush=True)
-    if set(args.stages) >= {1, 2, 3, 4, 5}:
+    if set(args.stages) >= {1, 2, 3, 4, 5} or args.cascade:
         report["cascade"] = cascade(args, images)
     return report
 
@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--time-size", type=int, default=1024, help="image side for the s/MP timing")
     ap.add_argument("--shipped", type=Path, default=SHIPPED, help="the shipped student model folder, evaluated beside (default: the packaged ultrastyle-wct-64x)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--cascade", action="store_true", help="evaluate the 5-stage cascade even when --stages names fewer (their weights must exist)")
     ap.add_argument("--train-only", action="store_true", help="train, skip the evaluation")
     ap.add_argument("--publish", type=Path, default=None, help="also write fp16 copies of one method's students here")
     ap.add_argument("--publish-method", default="cd", choices=METHODS)
