@@ -124,7 +124,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     baseline = measure_baseline(args.model, "onnxruntime")
     budget = args.max_memory
-    budget_bytes = int(float(budget.rstrip("GMB")) * {"GB": 10**9, "MB": 10**6}[budget[-2:]])
+    from ultrastyle.core.tile_memory import parse_bytes
+
+    budget_bytes = parse_bytes(budget)  # as the CLI reads it
     print(f"baseline (onnxruntime, model open): {baseline / 2**20:.0f} MiB; --max-memory {budget}: "
           f"the rule is peak <= {(baseline + budget_bytes) / 2**30:.2f} GiB\n")  # fmt: skip
     print("| content | format | wall s | s/MP | peak RSS GiB | within rule | scratch GiB | output GB | read alone s |")
