@@ -32,13 +32,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_seconds  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STYLE = SHARED / "images/style/cd_style_in1.jpg"
@@ -58,16 +61,6 @@ def make_inputs(folder: Path, count: int, mp: float) -> list[Path]:
             im.resize((max(16, round(w * s)), max(16, round(h * s))), Image.Resampling.LANCZOS).save(p, quality=95)
             out.append(p)
     return out
-
-
-def median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -112,7 +105,7 @@ def main() -> None:
         # One thread: the network's and torch's own (a Ray actor of one CPU gets OMP_NUM_THREADS=1 from Ray).
         torch.set_num_threads(threads or default_threads)
         with open_runner(args.model, backend=args.backend, stages=opts.levels, threads=threads, progress=False) as r:
-            t = median(lambda: run_batch(r, batch_pairs("local"), opts), args.repeats)
+            t = median_seconds(lambda: run_batch(r, batch_pairs("local"), opts), args.repeats)
         rows.append((tag, 1, t, None))
         print(f"{tag}: {t:.1f} s", flush=True)
     torch.set_num_threads(default_threads)
@@ -121,7 +114,7 @@ def main() -> None:
         t0 = time.perf_counter()
         pool = WorkerPool(args.model, address=address, workers=workers, backend=args.backend, stages=opts.levels)
         start = time.perf_counter() - t0
-        t = median(lambda: pool.run_batch(batch_pairs("ray"), opts), args.repeats)
+        t = median_seconds(lambda: pool.run_batch(batch_pairs("ray"), opts), args.repeats)
         rows.append((tag, len(pool.workers), t, start))
         print(f"{tag}: {t:.1f} s (pool start {start:.1f} s)", flush=True)
         return pool

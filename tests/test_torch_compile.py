@@ -99,7 +99,8 @@ def test_compiled_stage_equals_eager_and_compiles_once_per_shape(cd16x_dir, monk
     # The on-disk cache: written under the ultrastyle home, and a fresh process compiling the same graph hits it.
     folder = compile_cache_dir()
     assert engine.cache_dir == folder and any(folder.iterdir())
-    env = {**os.environ, COMPILE_CACHE_ENV: str(folder), "OMP_NUM_THREADS": "1"}
+    # The same thread count as this process: Inductor's CPU kernels (and so the cache key) depend on it.
+    env = {**os.environ, COMPILE_CACHE_ENV: str(folder), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(cd16x_dir)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])

@@ -30,11 +30,14 @@ def test_viewer_page_shows_the_pyramid_in_chromium(tmp_path: Path, tiles: str) -
     a = _image(h, w)
     write_dzi(a, tmp_path / "img.dzi", PyramidOptions(dzi_tile_format=tiles))
     shot = tmp_path / "shot.png"
-    r = subprocess.run([BROWSER, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=800,600",
-                        "--virtual-time-budget=10000", f"--screenshot={shot}", (tmp_path / "img.html").as_uri()],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
-    s = np.asarray(Image.open(shot).convert("RGB"), np.float32)
+    for budget_ms in (10_000, 30_000, 90_000):  # a loaded machine may need longer before the tiles are drawn
+        r = subprocess.run([BROWSER, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=800,600",
+                            f"--virtual-time-budget={budget_ms}", f"--screenshot={shot}", (tmp_path / "img.html").as_uri()],
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+        s = np.asarray(Image.open(shot).convert("RGB"), np.float32)
+        if s.std() > 40:
+            break
     assert s.shape == (600, 800, 3)
     assert s.std() > 40  # not blank, not uniform
     # Fitted to the window: 800 x 533, centred vertically; the toolbar covers the top-left corner.

@@ -39,7 +39,7 @@ from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import save_output
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import (
-    BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, StylizeOptions, _failure, load_content,
+    BatchInterrupted, BatchSummary, InOrder, Pair, PairResult, StyleSpec, StylizeOptions, _failure, content_runs, load_content,
 )  # fmt: skip
 from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
@@ -303,28 +303,10 @@ class WorkerPool:
         folders = {p.output.parent for p in pairs if p.output is not None}
         for folder in folders:
             atomic.sweep_stale(folder)  # temp files of a killed earlier run (its workers are gone)
-        results: list[PairResult | None] = [None] * len(pairs)
+        results, runs = content_runs(pairs, options.skip_existing)
         summary = BatchSummary()
-        reported = 0
-
-        def report() -> None:
-            nonlocal reported
-            while reported < len(pairs) and results[reported] is not None:
-                r = results[reported]
-                assert r is not None
-                summary.results.append(r)
-                if on_result:
-                    on_result(r)
-                reported += 1
-
-        jobs: list[_Job] = []
-        for i, pair in enumerate(pairs):
-            if options.skip_existing and pair.output is not None and pair.output.exists():
-                results[i] = PairResult(pair, "skipped")
-            elif jobs and jobs[-1].payload[0] == pair.content and jobs[-1].payload[1][-1] == i - 1:
-                jobs[-1].payload[1].append(i)
-            else:
-                jobs.append(_Job((pair.content, [i])))
+        report = InOrder(results, summary, on_result)
+        jobs = [_Job(run) for run in runs]
         report()
         try:
             styles = self.style_table([pairs[i] for job in jobs for i in job.payload[1]], options) if jobs else None
@@ -355,7 +337,7 @@ class WorkerPool:
         except KeyboardInterrupt:
             for folder in folders:  # the abandoned writers are dead now
                 atomic.sweep_stale(folder)
-            summary.results += [r for r in results[reported:] if r is not None]
+            summary.results += [r for r in results[report.reported:] if r is not None]
             summary.wall_seconds = time.perf_counter() - t_start
             raise BatchInterrupted(summary) from None
         summary.wall_seconds = time.perf_counter() - t_start

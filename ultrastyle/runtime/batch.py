@@ -627,6 +627,36 @@ class _Allowance:
             self._cond.notify_all()
 
 
+def content_runs(pairs: Sequence[Pair], skip_existing: bool) -> tuple[list[PairResult | None], list[tuple[Source, list[int]]]]:
+    """The results known before any work (pairs skipped for an existing output) and the runs of consecutive
+    pairs that share a content, as (content, pair indices): each run reads its content once."""
+    results: list[PairResult | None] = [None] * len(pairs)
+    runs: list[tuple[Source, list[int]]] = []
+    for i, pair in enumerate(pairs):
+        if skip_existing and pair.output is not None and pair.output.exists():
+            results[i] = PairResult(pair, "skipped")
+        elif runs and runs[-1][0] == pair.content and runs[-1][1][-1] == i - 1:
+            runs[-1][1].append(i)
+        else:
+            runs.append((pair.content, [i]))
+    return results, runs
+
+
+class InOrder:
+    """Hands ``results`` on in pair order: each call passes the finished prefix to ``summary`` and ``on_result``."""
+
+    def __init__(self, results: list[PairResult | None], summary: BatchSummary, on_result: Callable[[PairResult], None] | None) -> None:
+        self.results, self.summary, self.on_result = results, summary, on_result
+        self.reported = 0
+
+    def __call__(self) -> None:
+        while self.reported < len(self.results) and (r := self.results[self.reported]) is not None:
+            self.summary.results.append(r)
+            if self.on_result:
+                self.on_result(r)
+            self.reported += 1
+
+
 @dataclass
 class _Job:
     """One content and its consecutive pairs (content-major order: read once)."""
@@ -655,27 +685,10 @@ def run_batch(
     for folder in {p.output.parent for p in pairs if p.output is not None}:
         atomic.sweep_stale(folder)  # temp files of a killed earlier run
     t_start = time.perf_counter()
-    results: list[PairResult | None] = [None] * len(pairs)
+    results, runs = content_runs(pairs, options.skip_existing)
     summary = BatchSummary()
-    reported = 0
-
-    def report() -> None:
-        nonlocal reported
-        while reported < len(pairs) and results[reported] is not None:
-            r = results[reported]
-            summary.results.append(r)
-            if on_result:
-                on_result(r)
-            reported += 1
-
-    jobs: list[_Job] = []
-    for i, pair in enumerate(pairs):
-        if options.skip_existing and pair.output is not None and pair.output.exists():
-            results[i] = PairResult(pair, "skipped")
-        elif jobs and jobs[-1].content == pair.content and jobs[-1].indices[-1] == i - 1:
-            jobs[-1].indices.append(i)
-        else:
-            jobs.append(_Job(pair.content, [i]))
+    report = InOrder(results, summary, on_result)
+    jobs = [_Job(content, indices) for content, indices in runs]
     report()
     for job in jobs:  # before any work: which contents stream, and one line for each that should but cannot
         job.plan = read_plan(job.content, options)
@@ -774,7 +787,7 @@ def run_batch(
             if not f.cancelled():
                 f.result()
         report()
-        summary.results += [r for r in results[reported:] if r is not None]  # finished after a gap: still done
+        summary.results += [r for r in results[report.reported:] if r is not None]  # finished after a gap: still done
         summary.wall_seconds = time.perf_counter() - t_start
         raise BatchInterrupted(summary) from None
     finally:
@@ -785,7 +798,7 @@ def run_batch(
 
 
 __all__ = [
-    "BatchInterrupted", "BatchSummary", "ImageInput", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
+    "BatchInterrupted", "BatchSummary", "ImageInput", "InOrder", "content_runs", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
     "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "as_pixels", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
     "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
 ]  # fmt: skip
