@@ -1,7 +1,7 @@
 """Where training networks come from: a zoo name, a model folder, or a single weight file.
 
 - a model folder (CD format ``{k}SE.pth`` / ``{k}SD.pth``, architecture from
-  its ``architecture.json``, else CD 16x), e.g. ``../shared/models/cd-wct-16x``
+  its ``architecture.json``, else CD 16x), e.g. ``models/cd-wct-16x``
   or the output folder of ``ultrastyle distill``;
 - a zoo name (``cd-wct-16x``), installed on first use;
 - a single ``.pth`` file: torchvision's ImageNet VGG-19 or pytorch-AdaIN's
