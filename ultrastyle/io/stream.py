@@ -26,7 +26,13 @@ from PIL import Image
 from ultrastyle.core.resample import RowResampler, resized_size
 from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_png_data, check_pixels, check_tiff_data
 
-BAND_ROWS = 256  # rows per band handed on; a 1 GP image's band (31.6k wide) is 97 MB as float32
+BAND_ROWS = 256  # rows per band at most
+BAND_BYTES = 16 * 2**20  # float32 bytes per band at most: a wide image gets fewer rows (a 1 GP image's 31.6k: 44)
+
+
+def band_rows(width: int) -> int:
+    """Rows per band for an image ``width`` pixels wide: `BAND_ROWS`, fewer where a float32 band would pass `BAND_BYTES`."""
+    return max(8, min(BAND_ROWS, BAND_BYTES // (width * 3 * 4)))
 
 
 def vips_available() -> bool:
@@ -61,11 +67,13 @@ class ImageStream:
         self.dtype = np.dtype(np.float32 if self.size != self.original else native)
         self._mode = _mode_of(image)
 
-    def bands(self, rows: int = BAND_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, (rows, W, 3) array) from the top; a decoding error is an `ImageError` naming the file."""
+    def bands(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W, 3) array) from the top (``rows`` None: `band_rows`); a decoding error is an
+        `ImageError` naming the file."""
         import pyvips
 
         h, w = self.original
+        rows = rows or band_rows(w)
         resampler = RowResampler(h, w, *self.size, band=rows) if self.size != self.original else None
         region = pyvips.Region.new(self._image)
         try:
@@ -169,4 +177,4 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
     return ImageStream(path, image, content_size)
 
 
-__all__ = ["AnimatedImageWarning", "BAND_ROWS", "ImageStream", "open_stream", "stream_blocker", "vips_available"]
+__all__ = ["AnimatedImageWarning", "BAND_BYTES", "BAND_ROWS", "band_rows", "ImageStream", "open_stream", "stream_blocker", "vips_available"]

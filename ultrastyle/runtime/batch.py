@@ -42,7 +42,7 @@ from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resiz
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
 from ultrastyle.core.resample import resized_size
-from ultrastyle.io.stream import BAND_ROWS, ImageStream, open_stream, stream_blocker
+from ultrastyle.io.stream import ImageStream, band_rows, open_stream, stream_blocker
 from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
@@ -459,11 +459,13 @@ class StreamedDecoded(Decoded):
         canvas = Canvas(c, h, w, disk_dir=site.disk_dir, device=site.device)
         try:
             for r0, band in self.stream.bands():
-                peak = np.float32(sample_peak(band.dtype))
-                canvas.write(r0, 0, np.moveaxis(band, 2, 0).astype(np.float32) / peak)
+                block = np.moveaxis(band, 2, 0).astype(np.float32)
+                block /= np.float32(sample_peak(band.dtype))  # in place: one float copy of the band, not two
+                canvas.write(r0, 0, block)
         except BaseException:
             canvas.close()
             raise
+        release_free_memory()  # the bands' memory goes back before the tiles need it
         return canvas
 
 
@@ -485,7 +487,7 @@ def streamed_read_bytes(src: Source, options: StylizeOptions) -> int:
         return 0
     w, h, _ = header
     nw = resized_size(h, w, options.content_size)[1]
-    return BAND_ROWS * 3 * 4 * (2 * w + nw) * 2
+    return band_rows(w) * 3 * 4 * (2 * w + nw) * 2
 
 
 def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | None]:
