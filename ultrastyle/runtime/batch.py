@@ -469,30 +469,28 @@ class StreamedDecoded(Decoded):
         return canvas
 
 
-def whole_read_bytes(src: Source, options: StylizeOptions) -> int:
-    """The memory `load_content` takes for ``src`` (from its header): the decoded pixels, and resizing's float copies."""
-    header = _header(src)
-    if header is None:
-        return 0
+def _whole_read_bytes(header: tuple[int, int, int], content_size: int) -> int:
+    """The memory `load_content` takes for an image with ``header``: the decoded pixels, and resizing's float copies."""
     w, h, depth = header
-    nh, nw = resized_size(h, w, options.content_size)
+    nh, nw = resized_size(h, w, content_size)
     resize = 12 * (h * w + 2 * nh * nw) if (nh, nw) != (h, w) else 0
     return h * w * 3 * depth + resize
 
 
-def streamed_read_bytes(src: Source, options: StylizeOptions) -> int:
-    """The memory a streamed read of ``src`` holds: a band of the file and of the resized rows (float32)."""
-    header = _header(src)
-    if header is None:
-        return 0
+def _streamed_read_bytes(header: tuple[int, int, int], content_size: int) -> int:
+    """The memory a streamed read holds: a band of the file and of the resized rows (float32)."""
     w, h, _ = header
-    nw = resized_size(h, w, options.content_size)[1]
+    nw = resized_size(h, w, content_size)[1]
     return band_rows(w) * 3 * 4 * (2 * w + nw) * 2
 
 
 def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | None]:
-    """(stream?, bytes the read holds, why a file that should stream cannot) for ``src`` under ``options``."""
-    whole = whole_read_bytes(src, options)
+    """(stream?, bytes the read holds, why a file that should stream cannot) for ``src`` under ``options``.
+
+    From one read of the header; an unreadable header counts 0 bytes (the read reports the file).
+    """
+    header = _header(src)
+    whole = 0 if header is None else _whole_read_bytes(header, options.content_size)
     if isinstance(src, ImageInput) or options.streaming == "never":
         return False, whole, None
     if options.streaming == "auto" and whole <= options.io_allowance:
@@ -500,7 +498,7 @@ def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | No
     why = stream_blocker(src)
     if why is not None:
         return False, whole, why
-    return True, streamed_read_bytes(src, options), None
+    return True, 0 if header is None else _streamed_read_bytes(header, options.content_size), None
 
 
 def decode(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None] | None = None) -> Decoded:
