@@ -94,7 +94,10 @@ class RowResampler:
         self.rows = aa_bicubic_weights(height, out_height)
         self.cols = aa_bicubic_weights(width, out_width)
         self.band = band
-        self._col_matrix = torch.from_numpy(self.cols.matrix(0, out_width, 0, width).T.copy())  # (W, W')
+        # Across the width by taps, not as a dense (W, W') matrix: 31.6k x 20k columns would be 2.5 GB.
+        taps = self.cols.weights.shape[1]
+        self._col_index = torch.from_numpy(np.minimum(self.cols.start[:, None] + np.arange(taps), width - 1))  # (W', taps)
+        self._col_weights = torch.from_numpy(self.cols.weights.astype(np.float32))  # zero past each column's end
         self._pending: list[np.ndarray] = []  # width-resized input rows [self._first, self._next)
         self._first = 0
         self._next = 0
@@ -102,7 +105,10 @@ class RowResampler:
 
     def push(self, block: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Feed the next input rows ``block`` (rows, W, C); returns the finished (first output row, (rows', W', C)) bands."""
-        narrow = torch.einsum("rwc,wv->rvc", torch.from_numpy(np.ascontiguousarray(block, np.float32)), self._col_matrix)
+        x = torch.from_numpy(np.ascontiguousarray(block, np.float32))  # (rows, W, C)
+        narrow = torch.zeros(x.shape[0], self._col_index.shape[0], x.shape[2])
+        for k in range(self._col_index.shape[1]):  # (rows, W', C) += w_k * x[:, start + k]
+            narrow += x[:, self._col_index[:, k]] * self._col_weights[:, k, None]
         self._pending.append(narrow.numpy())
         self._next += block.shape[0]
         done: list[tuple[int, np.ndarray]] = []
