@@ -3,10 +3,12 @@
 Where a canvas lives (`CanvasSite`):
 
 - in RAM (a numpy array), the default;
-- on disk: an unlinked scratch file reached through a numpy memmap opened
-  per access. The mapping is dropped after every tile, so the pages a tile
-  touched do not stay in the process's resident set and image size is
-  limited by disk, not RAM;
+- on disk: an unlinked scratch file read and written with positioned I/O
+  (pread/pwrite, a call per channel row), so image size is limited by disk,
+  not RAM. Not a memory map: mapped pages count in the process's resident
+  set, and the kernel maps 64 KB around every touched page, so a tile read
+  through a map held whole canvas rows (~1000 rows x width x 12 bytes):
+  440 MiB of file pages at once in a 100 MP run, more as images widen;
 - on a GPU (a torch tensor), where the image's canvases fit beside the tiles
   in the device budget: tiles then never cross to the host. Measured on an
   H100 (benchmarks/gpu_torch.py), host canvases cost the tiled path most of
@@ -87,9 +89,12 @@ class Canvas:
     def _array(self) -> np.ndarray:
         if self._ram is not None:
             return self._ram
+        raise ValueError("canvas is closed")
+
+    def _fd(self) -> int:
         if self._file is None:
             raise ValueError("canvas is closed")
-        return np.memmap(self._file, dtype=np.float32, mode="r+", shape=self.shape)
+        return self._file.fileno()
 
     def read(self, rows: np.ndarray | slice, cols: np.ndarray | slice) -> np.ndarray:
         """A copy of ``canvas[:, rows, cols]``; index arrays may repeat rows (reflection)."""
@@ -98,13 +103,14 @@ class Canvas:
         return self._read_host(rows, cols)
 
     def _read_host(self, rows: np.ndarray | slice, cols: np.ndarray | slice, out: torch.Tensor | None = None) -> np.ndarray:
-        a = self._array()
         if out is None:
             # numpy's allocator, not torch's: with huge pages PyTorch aligns large blocks to 2 MB, and
             # 100 MP tiled PyTorch peaked at 1.95 GiB that way, 1.84-1.89 GiB this way (run Y).
             out = torch.from_numpy(np.empty(self._region_shape(rows, cols), np.float32))
-        _gather(torch.from_numpy(a), rows, cols, out)  # a memmap pages in just the rows and columns read
-        del a
+        if self._file is not None:
+            _file_gather(self._fd(), self.shape, rows, cols, out.numpy())
+        else:
+            _gather(torch.from_numpy(self._array()), rows, cols, out)
         return out.numpy()
 
     def _region_shape(self, rows: np.ndarray | slice, cols: np.ndarray | slice) -> tuple[int, int, int]:
@@ -128,9 +134,11 @@ class Canvas:
         if self._tensor is not None:
             self.write_tensor(row, col, torch.from_numpy(np.ascontiguousarray(block)))
             return
+        if self._file is not None:
+            _file_scatter(self._fd(), self.shape, row, col, np.ascontiguousarray(block, np.float32))
+            return
         a = self._array()
         torch.from_numpy(a[:, row : row + block.shape[1], col : col + block.shape[2]]).copy_(_as_tensor(block))
-        del a  # unmapping leaves the pages to the page cache; no msync: nothing needs them on disk
 
     def write_tensor(self, row: int, col: int, block: torch.Tensor) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for a float tensor (C, h, w) on any device."""
@@ -177,6 +185,72 @@ def _gather(src: torch.Tensor, rows: np.ndarray | slice, cols: np.ndarray | slic
             block = src[:, rs : rs + rn, cs : cs + cn]
             flips = [d for d, f in ((1, rflip), (2, cflip)) if f]
             out[:, ro : ro + rn, co : co + cn].copy_(block.flip(flips) if flips else block)
+
+
+def _file_gather(fd: int, shape: tuple[int, int, int], rows: np.ndarray | slice, cols: np.ndarray | slice, out: np.ndarray) -> None:
+    """``out[:] = file[:, rows, cols]`` for a (C, H, W) float32 file, by positioned reads straight into ``out``.
+
+    One read per channel where a run spans whole rows, else one per channel
+    row; mirrored runs (reflection halos, a few rows) go through a small copy.
+    """
+    c, h, w = shape
+    row_bytes = w * 4
+    for ro, rs, rn, rflip in _runs(rows, h):
+        for co, cs, cn, cflip in _runs(cols, w):
+            if rn == 0 or cn == 0:
+                continue
+            for ch in range(c):
+                dst = out[ch, ro : ro + rn, co : co + cn]  # each of its rows is contiguous
+                flipped = rflip or cflip
+                buf = np.empty((rn, cn), np.float32) if flipped else dst
+                base = (ch * h + rs) * row_bytes + cs * 4
+                if cn == w and buf.flags.c_contiguous:
+                    _read_exact(fd, buf, base)
+                else:
+                    for i in range(rn):
+                        _read_exact(fd, buf[i], base + i * row_bytes)
+                if flipped:
+                    dst[...] = buf[:: -1 if rflip else 1, :: -1 if cflip else 1]
+                elif buf is not dst:
+                    dst[...] = buf
+
+
+def _read_exact(fd: int, buf: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array ``buf`` from ``offset``; a short read is an error (the file is preallocated)."""
+    view = memoryview(buf).cast("B")
+    while view.nbytes:
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view], offset)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, view.nbytes, offset)
+            n = len(data)
+            view[:n] = data
+        if n <= 0:
+            raise OSError(f"scratch canvas: read {n} bytes at offset {offset}, expected {view.nbytes}")
+        view, offset = view[n:], offset + n
+
+
+def _file_scatter(fd: int, shape: tuple[int, int, int], row: int, col: int, block: np.ndarray) -> None:
+    """``file[:, row:row+h, col:col+w] = block`` for a contiguous float32 block (C, h, w), by positioned writes."""
+    c, h, w = shape
+    bc, bh, bw = block.shape
+    if bc != c or row < 0 or col < 0 or row + bh > h or col + bw > w:
+        raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
+    row_bytes = w * 4
+    for ch in range(c):
+        base = (ch * h + row) * row_bytes + col * 4
+        if bw == w:
+            _write_all(fd, block[ch], base)
+        else:
+            for i in range(bh):
+                _write_all(fd, block[ch, i], base + i * row_bytes)
+
+
+def _write_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _runs(idx: np.ndarray | slice, size: int) -> list[tuple[int, int, int, bool]]:

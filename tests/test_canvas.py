@@ -1,0 +1,46 @@
+"""Canvases on disk equal canvases in RAM: reads of any rows/columns (mirrored runs included) and writes of any block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ultrastyle.core.canvas import Canvas
+
+REGIONS = [
+    (slice(None), slice(None)),
+    (slice(2, 9), slice(1, 6)),
+    (np.array([2, 1, 0, 1, 2, 3, 4]), np.array([1, 0, 1, 2, 3])),  # reflection at the top-left corner
+    (np.array([0, 1, 2, 3, 2, 1]), slice(None)),  # whole rows with a mirrored run
+    (np.array([33, 34, 35, 36, 35, 34]), np.array([49, 50, 51, 52, 51])),  # reflection at the bottom-right corner
+    (slice(5, 5), slice(None)),  # empty
+    (np.array([3, 2, 1]), np.array([4, 3, 2])),  # descending only
+]
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 53), (7, 40, 53)])
+def test_disk_canvas_equals_ram_canvas(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    ram, disk = Canvas(*shape), Canvas(*shape, disk_dir=tmp_path)
+    assert disk.on_disk and not ram.on_disk
+    a = rng.random(shape, dtype=np.float32)
+    partial = rng.random((shape[0], 7, 5), dtype=np.float32)
+    full_rows = rng.random((shape[0], 4, shape[2]), dtype=np.float32)
+    for canvas in (ram, disk):
+        canvas.write(0, 0, a)
+        canvas.write(3, 2, partial)
+        canvas.write(10, 0, full_rows)
+    for rows, cols in REGIONS:
+        got = disk.read(rows, cols)
+        assert got.shape == ram.read(rows, cols).shape
+        np.testing.assert_array_equal(got, ram.read(rows, cols))
+    np.testing.assert_array_equal(disk.numpy(), ram.numpy())
+    assert disk.numpy()[0, 3, 2] == partial[0, 0, 0]
+    ram.close()
+    disk.close()
+
+
+def test_disk_canvas_refuses_a_block_past_its_edge(tmp_path):
+    with Canvas(3, 10, 10, disk_dir=tmp_path) as disk:
+        with pytest.raises(ValueError, match="does not fit"):
+            disk.write(8, 0, np.zeros((3, 4, 10), np.float32))
