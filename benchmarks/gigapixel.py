@@ -94,7 +94,7 @@ def run(content: Path, style: Path, model: str, fmt: str, budget: str, work: Pat
     scratch.mkdir(exist_ok=True)
     peak_file = work / "peak"
     argv = ["stylize", str(content), "--style", str(style), "-o", str(out), "--model", model, "--max-memory", budget,
-            "--format", fmt, "--scratch", str(scratch)]  # fmt: skip
+            "--format", fmt, "--scratch", str(scratch), "--max-pixels", str(2 * 10**9)]  # fmt: skip  (1 GP > the 400 MP default)
     with DiskWatch(scratch) as disk:
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", _RUN, str(peak_file), *argv], capture_output=True, text=True)

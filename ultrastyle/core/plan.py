@@ -40,6 +40,9 @@ HOST_CANVAS_SHARE = 0.5
 # Cache relu{k}_1 features between the passes when re-encoding would cost more
 # than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
 CACHE_MACS_PER_VALUE = 200
+# Scratch canvases with their feature caches take at most this share of the scratch disk's free space
+# (the rest is for the output and whatever else runs); past it the caches are left out.
+DISK_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -343,18 +346,26 @@ def plan_image(
     *,
     masked: bool = False,
     ram_available: int | None = None,
+    disk_free: int | None = None,
 ) -> ImagePlan:
     """The `ImagePlan` of stylizing one ``height`` x ``width`` image over ``levels`` (a pure function of its arguments).
 
     ``device``: where the runner's tensors live (canvases may go there);
     ``masked``: mask regions (`core.styles.Regions`), whose pass 2 transforms
     cached features, so every stage caches them; ``ram_available``: the RAM
-    available now, for a device budget's host canvases (`TilingOptions.canvas_site`).
+    available now, for a device budget's host canvases (`TilingOptions.canvas_site`);
+    ``disk_free``: the scratch folder's free bytes (None: unknown). Canvases
+    on disk whose feature caches would not fit in `DISK_SHARE` of it are
+    planned without caches (pass 2 encodes again), so that a large image
+    fills no disk; masks need the caches whatever the disk.
     """
     options = options.resolve(traits)
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
+    if (site.disk_dir is not None and disk_free is not None and options.cache_features is None
+            and options.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE):  # fmt: skip
+        options = replace(options, cache_features=False)
     options = replace(options, max_memory=options.tile_budget(arch, height, width, levels, site))
     stages = plan_stages(arch, height, width, levels, options, traits)
     return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)

@@ -193,6 +193,17 @@ def resident_bytes() -> int | None:
         return None
 
 
+def disk_free(folder: str | os.PathLike | None = None) -> int | None:
+    """Free bytes on the disk of ``folder`` (None: the temp folder, where scratch canvases go by default); None if unknown."""
+    import shutil
+    import tempfile
+
+    try:
+        return shutil.disk_usage(folder or tempfile.gettempdir()).free
+    except OSError:  # not there yet, or not a folder: the canvas allocation will say so
+        return None
+
+
 def available_bytes() -> int:
     """RAM available to new allocations now: /proc/meminfo's MemAvailable (Linux), else free physical pages; 0 if unknown."""
     try:

@@ -43,7 +43,7 @@ from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.runtime.backends.base import Runner, StageNetworks, runner_traits
 from ultrastyle.runtime.cascade import style_statistics, stylize_stage
 from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
-from ultrastyle.runtime.memory import available_bytes, release_free_memory, trim_heap
+from ultrastyle.runtime.memory import available_bytes, disk_free, release_free_memory, trim_heap
 
 TileCallback = Callable[[str, int, int], None]
 
@@ -156,10 +156,10 @@ def decode_tiles(
 def plan_image_for(
     model: StageNetworks, height: int, width: int, levels: tuple[int, ...], options: TilingOptions, *, masked: bool = False
 ) -> ImagePlan:
-    """`plan_image` for ``model``: its traits (`runner_traits`), its device, and the RAM available now."""
+    """`plan_image` for ``model``: its traits (`runner_traits`), its device, the RAM and scratch disk available now."""
     return plan_image(
         model.arch, height, width, levels, options, runner_traits(model), model.device,
-        masked=masked, ram_available=available_bytes(),
+        masked=masked, ram_available=available_bytes(), disk_free=disk_free(options.scratch_dir),
     )  # fmt: skip
 
 
