@@ -291,6 +291,25 @@ def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, tmp_path
     assert site(None, "device", cpu, ram=0) == (CanvasSite(), None)
 
 
+def test_feature_caches_are_left_out_where_the_scratch_disk_cannot_hold_them(tmp_path):
+    from ultrastyle.core.plan import DISK_SHARE
+
+    arch, h, w = ARCHS["cd16x"], 20000, 30000  # canvases on disk at a 1 GB budget
+    options = TilingOptions(max_memory=2**30, scratch_dir=tmp_path)
+    need = options.canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+    without = TilingOptions(max_memory=2**30, cache_features=False).canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+    assert without < need
+
+    def caches(free, **kw):
+        plan = plan_image(arch, h, w, DEFAULT_LEVELS, options, EAGER_HOST, disk_free=free, **kw)
+        assert plan.site == CanvasSite(disk_dir=str(tmp_path))
+        return [p.cache for p in plan.stages]
+
+    assert any(caches(None)) and caches(None) == caches(int(need / DISK_SHARE) + 1)
+    assert not any(caches(int(need / DISK_SHARE) - 1))  # pass 2 encodes again rather than fill the disk
+    assert all(caches(0, masked=True))  # masks transform cached features: kept, whatever the disk
+
+
 def test_the_budget_is_the_runners_unless_the_options_say(cd16x):
     from ultrastyle.runtime.backends.base import runner_traits
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
