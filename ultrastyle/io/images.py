@@ -293,6 +293,7 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
 # zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
 # files 21% larger (benchmarks/codecs.py measures the levels and encoders).
 DEFAULT_PNG_LEVEL = 1
+JPEG_QUALITY = 95  # of JPEG outputs, with Pillow's default 4:2:0 chroma (`io.pyramid.write_jpeg_bands` matches it)
 
 
 def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int = 8) -> Path:
@@ -339,5 +340,5 @@ def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL) -> N
 
         tifffile.imwrite(f, a, photometric="rgb", compression="zlib")
         return
-    kwargs = {"jpg": {"quality": 95}}.get(fmt, {})
+    kwargs = {"jpg": {"quality": JPEG_QUALITY}}.get(fmt, {})
     Image.fromarray(a, "RGB").save(f, FORMATS[fmt], **kwargs)

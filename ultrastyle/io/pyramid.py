@@ -45,12 +45,13 @@ from PIL import Image
 
 from ultrastyle.core.canvas import Canvas, sample_peak
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write, write_atomic
-from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, PNG_SIGNATURE, ImageError, save_array
+from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, save_array
 from ultrastyle.io.viewer import PAGE
 
 __all__ = [
     "DZI_OVERLAP", "DZI_TILE", "OUTPUT_FORMATS", "Pixels", "PyramidOptions", "TIFF_TILE", "dzi_levels",
-    "save_output", "streams", "tiff_levels", "write_dzi", "write_tiff_pyramid",
+    "save_output", "streams", "tiff_levels", "write_dzi", "write_jpeg_bands", "write_png_bands", "write_tiff_pyramid",
+    "write_tiff_strips",
 ]  # fmt: skip
 
 Pixels = Union[np.ndarray, Canvas]  # (H, W, 3) uint8/uint16, or a (3, H, W) float canvas in [0, 1]
@@ -108,9 +109,18 @@ class PyramidOptions:
 
 
 def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
-    """True where an output of this format and size is written from the canvas band by band (dzi, pyramidal tiff,
-    PNG above `PNG_STREAM_BYTES`)."""
-    return fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width)) or (fmt == "png" and height * width * 3 > PNG_STREAM_BYTES)
+    """True where an output of this format and size is written from the canvas band by band: dzi and pyramidal
+    tiff always; PNG, plain TIFF and JPEG (with libvips) above `PNG_STREAM_BYTES` of 8-bit pixels."""
+    if fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width)):
+        return True
+    large = height * width * 3 > PNG_STREAM_BYTES
+    return large and (fmt in ("png", "tiff") or (fmt == "jpg" and _has_pyvips()))
+
+
+def _has_pyvips() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyvips") is not None
 
 
 def image_size(src: Pixels) -> tuple[int, int]:
@@ -136,7 +146,13 @@ def save_output(
         return write_dzi(src, path, pyramid)
     if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
         return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
-    if fmt == "png" and isinstance(src, Canvas):
+    if isinstance(src, Canvas) and streams(fmt, h, w, pyramid):
+        if fmt == "png":
+            return write_png_bands(_bands(src, dtype, 256), path, h, w, dtype, level=png_level)
+        if fmt == "tiff":
+            return write_tiff_strips(_bands(src, dtype, 256), path, h, w, dtype)
+        return write_jpeg_bands(_bands(src, dtype, 256), path, h, w, quality=JPEG_QUALITY)
+    if isinstance(src, Canvas) and fmt == "png":  # small: the same encoder as large ones (bytes independent of size)
         return write_png_bands(_bands(src, dtype, 256), path, h, w, dtype, level=png_level)
     a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
     return save_array(a, path, fmt, png_level=png_level)
@@ -186,6 +202,127 @@ def write_png_bands(
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
+
+
+# --- plain TIFF and JPEG, band by band -------------------------------------------------------------
+
+JPEG_MAX_SIDE = 65535
+# Plain TIFF strips: about this many bytes each (whole rows), as libtiff's writers keep strips small.
+_STRIP_BYTES = 2**20
+
+
+def write_tiff_strips(
+    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8
+) -> Path:
+    """Write (rows, W, 3) ``bands`` as a plain (untiled) RGB TIFF, atomically, never whole: tifffile, strips of ~1 MB.
+
+    8-bit strips uncompressed (as Pillow writes small TIFFs), 16-bit ones
+    deflated; BigTIFF where the pixels could pass 4 GB. The strips are cut
+    from the rows whatever the bands, so the bytes do not depend on them.
+    """
+    import tifffile
+
+    path = Path(path)
+    dt = np.dtype(dtype)
+    row_bytes = width * 3 * dt.itemsize
+    per_strip = max(1, _STRIP_BYTES // row_bytes)
+    deflate = dt == np.uint16
+
+    def strips() -> Iterator[bytes]:
+        pending: list[np.ndarray] = []
+        rows = 0
+        for band in bands:
+            band = np.ascontiguousarray(band, dt)
+            while len(band):
+                take = min(len(band), per_strip - sum(len(b) for b in pending))
+                pending.append(band[:take])
+                band = band[take:]
+                rows += take
+                if sum(len(b) for b in pending) == per_strip or rows == height:
+                    raw = b"".join(b.tobytes() for b in pending)
+                    pending.clear()
+                    yield zlib.compress(raw, 6) if deflate else raw
+        if rows != height:
+            raise ValueError(f"{path}: the bands held {rows} rows, the header says {height}")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=height * row_bytes > _BIGTIFF_AT) as tif:
+            tif.write(strips(), shape=(height, width, 3), dtype=dt, photometric="rgb", rowsperstrip=per_strip,
+                      compression="zlib" if deflate else None, metadata=None)  # fmt: skip
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
+    return path
+
+
+def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, *, quality: int = JPEG_QUALITY) -> Path:
+    """Write (rows, W, 3) uint8 ``bands`` as a JPEG, atomically, never whole (libvips: the `vips` extra).
+
+    libvips encodes rows as they come: the bands reach it as an uncompressed
+    PNG stream (stored deflate blocks: no compression work), read
+    sequentially. The settings are Pillow's (``quality``, 4:2:0 chroma), so
+    the decoded pixels equal those of a JPEG Pillow would write
+    (`tests/test_png_stream.py`).
+    """
+    import pyvips
+
+    path = Path(path)
+    if max(height, width) > JPEG_MAX_SIDE:
+        raise ImageError(f"{path}: JPEG holds at most {JPEG_MAX_SIDE} pixels a side, this image is {width}x{height}; write tiff or dzi")
+    failure: list[BaseException] = []
+    source = _ByteSource(_png_stored(bands, width, height), failure)
+    custom = pyvips.SourceCustom()
+    custom.on_read(source.read)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            try:
+                image = pyvips.Image.new_from_source(custom, "", access="sequential")
+                image.jpegsave(str(tmp), Q=quality, subsample_mode="on", keep="none")
+            except pyvips.Error as exc:
+                if failure:  # the bands failed (a canvas read): that is the error, not libvips' end of data
+                    raise failure[0] from exc
+                raise ImageError(f"{path}: cannot write the image (libvips: {str(exc).strip().splitlines()[0]})") from exc
+            if failure:
+                raise failure[0]
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
+    return path
+
+
+def _png_stored(bands: Iterable[np.ndarray], width: int, height: int) -> Iterator[bytes]:
+    """An 8-bit RGB PNG of ``bands`` with filter 0 and stored (level 0) deflate blocks: the cheapest PNG to make."""
+    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    z = zlib.compressobj(0)
+    rows = 0
+    for band in bands:
+        filtered = np.zeros((len(band), width * 3 + 1), np.uint8)  # filter byte 0 (none), then the row
+        filtered[:, 1:] = np.asarray(band, np.uint8).reshape(len(band), width * 3)
+        rows += len(band)
+        yield _png_chunk(b"IDAT", z.compress(filtered.tobytes()))
+    if rows != height:
+        raise ValueError(f"the bands held {rows} rows, the header says {height}")
+    yield _png_chunk(b"IDAT", z.flush()) + _png_chunk(b"IEND", b"")
+
+
+class _ByteSource:
+    """``read(size)`` over an iterator of byte strings, for libvips' custom sources; an error ends the data and is kept."""
+
+    def __init__(self, chunks: Iterator[bytes], failure: list[BaseException]) -> None:
+        self._chunks, self._failure = chunks, failure
+        self._buf = bytearray()
+
+    def read(self, size: int) -> bytes:
+        while len(self._buf) < size and not self._failure:
+            try:
+                self._buf += next(self._chunks)
+            except StopIteration:
+                break
+            except BaseException as exc:  # noqa: BLE001 - raised again by the writer, after libvips stops
+                self._failure.append(exc)
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
 
 
 # --- reading an image band by band ------------------------------------------------------------
