@@ -241,3 +241,19 @@ def test_a_killed_dzi_write_leaves_nothing_after_the_rerun(inputs: Path, cd16x_d
     rerun = subprocess.run([sys.executable, "-c", script.replace("{stall}", "False")], cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in out.iterdir()) == ["c_stylized_style.dzi", "c_stylized_style.html", "c_stylized_style_files"]
+
+
+def test_tiff_pyramid_band_by_band_equals_tifffile_writing_whole_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte for byte: the streamed writer (bands, reduced levels spilled to scratch) vs tifffile given each whole level."""
+    a = _noise(601, 1031)
+    monkeypatch.setattr(pyramid, "_SPILL_BYTES", 1000)  # every reduced level through the scratch file
+    streamed = write_tiff_pyramid(canvas_from_array(a), tmp_path / "s.tif")
+    levels = [a]
+    while len(levels) < len(tiff_levels(601, 1031)):
+        levels.append(_halve(levels[-1]))
+    kwargs = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib", "predictor": True, "metadata": None}
+    with tifffile.TiffWriter(tmp_path / "w.tif") as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, **kwargs)
+        for lv in levels[1:]:
+            tif.write(lv, subfiletype=1, **kwargs)
+    assert streamed.read_bytes() == (tmp_path / "w.tif").read_bytes()
