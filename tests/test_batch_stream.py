@@ -190,3 +190,18 @@ def test_io_workers_default_comes_from_the_core_count():
     assert StylizeOptions().workers == max(1, min(8, n // 2))
     assert StylizeOptions(io_workers=3).workers == 3
     assert np.isclose(StylizeOptions(tiling=None).io_allowance, 2**30)
+
+
+def test_an_output_its_format_cannot_hold_fails_before_any_tile(folder, runner, tmp_path, monkeypatch):
+    import ultrastyle.io.pyramid as pyramid
+
+    real, stylized = batch.stylize_canvas, []
+    monkeypatch.setattr(batch, "stylize_canvas", lambda *a, **k: stylized.append(1) or real(*a, **k))
+    out = tmp_path / "out"
+    pairs = plan_pairs([folder / "c0.png", folder / "c1.png"], [StyleSpec((folder / "style.png",))], out, "jpg")
+    monkeypatch.setattr(pyramid, "JPEG_MAX_SIDE", 70)  # c0 (64x48) fits, c1 (72x48) does not
+    results = run_batch(runner, pairs, StylizeOptions(levels=(5, 4), format="jpg")).results
+    assert [r.status for r in results] == ["done", "failed"]
+    assert "c1" in results[1].error and "JPEG holds at most 70 pixels a side, this image is 72x48" in results[1].error
+    assert len(stylized) == 1  # c1 failed before its tiles
+    assert [p.name for p in out.iterdir()] == [pairs[0].output.name]

@@ -49,7 +49,7 @@ from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_S
 from ultrastyle.io.viewer import PAGE
 
 __all__ = [
-    "DZI_OVERLAP", "DZI_TILE", "OUTPUT_FORMATS", "Pixels", "PyramidOptions", "TIFF_TILE", "dzi_levels",
+    "DZI_OVERLAP", "DZI_TILE", "OUTPUT_FORMATS", "check_output_size", "Pixels", "PyramidOptions", "TIFF_TILE", "dzi_levels",
     "save_output", "streams", "tiff_levels", "write_dzi", "write_jpeg_bands", "write_png_bands", "write_tiff_pyramid",
     "write_tiff_strips",
 ]  # fmt: skip
@@ -267,8 +267,7 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
     import pyvips
 
     path = Path(path)
-    if max(height, width) > JPEG_MAX_SIDE:
-        raise ImageError(f"{path}: JPEG holds at most {JPEG_MAX_SIDE} pixels a side, this image is {width}x{height}; write tiff or dzi")
+    check_output_size(path, "jpg", height, width)
     failure: list[BaseException] = []
     source = _ByteSource(_png_stored(bands, width, height), failure)
     custom = pyvips.SourceCustom()
@@ -288,6 +287,15 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
+
+
+def check_output_size(path: str | Path, fmt: str, height: int, width: int) -> None:
+    """Raise `ImageError` naming ``path`` where ``fmt`` cannot hold a ``height`` x ``width`` image (JPEG: 65535 px a side).
+
+    Checked before an image is stylized, not after hours of tiles.
+    """
+    if fmt == "jpg" and max(height, width) > JPEG_MAX_SIDE:
+        raise ImageError(f"{path}: JPEG holds at most {JPEG_MAX_SIDE} pixels a side, this image is {width}x{height}; write tiff or dzi")
 
 
 def _png_stored(bands: Iterable[np.ndarray], width: int, height: int) -> Iterator[bytes]:

@@ -37,7 +37,7 @@ from PIL import Image
 from ultrastyle.io.images import (
     DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, pil_limits_off, read_image, resize_long_side,
 )  # fmt: skip
-from ultrastyle.io.pyramid import PyramidOptions, image_size, save_output, streams
+from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
@@ -545,6 +545,9 @@ def stylize_content(
     results: list[PairResult | None] = []
     tiling = options.tiling_for(model.traits)
     try:  # one plan per image: where its canvases go, each stage's tiles
+        for pair in pairs:  # an output its format cannot hold fails now, not after the tiles
+            if pair.output is not None:
+                check_output_size(pair.output, options.format, h, w)
         plan = plan_image_for(model, h, w, options.levels, tiling, masked=any(p.style.mask is not None for p in pairs))
         content = decoded.to_canvas(plan.site)
     except Exception as exc:  # noqa: BLE001 - the pairs fail, the batch goes on
