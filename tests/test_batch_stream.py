@@ -205,3 +205,12 @@ def test_an_output_its_format_cannot_hold_fails_before_any_tile(folder, runner, 
     assert "c1" in results[1].error and "JPEG holds at most 70 pixels a side, this image is 72x48" in results[1].error
     assert len(stylized) == 1  # c1 failed before its tiles
     assert [p.name for p in out.iterdir()] == [pairs[0].output.name]
+
+
+def test_the_summary_gives_a_rate_only_from_a_megapixel_done():
+    from ultrastyle.runtime.batch import BatchSummary, PairResult
+
+    small = BatchSummary([PairResult(None, "done", None, 1.0, 0.05), PairResult(None, "failed", "x", 0.1)], wall_seconds=2.0)
+    assert small.describe() == "1 done, 0 skipped, 1 failed of 2 pairs in 2.0 s (0.05 MP)"
+    large = BatchSummary([PairResult(None, "done", None, 20.0, 8.0)] * 2, wall_seconds=42.0)
+    assert large.describe(3) == "2 done, 0 skipped, 0 failed of 3 pairs in 42.0 s (16.0 MP, 2.62 s/MP)"
