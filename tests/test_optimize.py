@@ -106,6 +106,10 @@ def test_banded_vectors_and_upsampling_match_numpy_and_torch(tmp_path):
         assert np.array_equal(back.numpy(), ca.numpy())
         with pytest.raises(ValueError, match="expected float32"):
             vec.load(tmp_path / "a.npy", Canvas(3, 71, 41))
+        np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), ca.numpy())  # a plain .npy file for numpy too
+        (tmp_path / "cut.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-100])
+        with pytest.raises(ValueError, match="ends early"):
+            vec.load(tmp_path / "cut.npy", Canvas(3, 70, 41))
     finally:
         vec.BAND_BYTES = old
     src = torch.from_numpy(a)

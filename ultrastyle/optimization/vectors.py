@@ -79,23 +79,37 @@ def fill(dst: Canvas, value: float = 0.0) -> None:
 
 
 def save(canvas: Canvas, path: Path) -> None:
-    """Write ``canvas`` as an ``.npy`` file (float32 (C, H, W)), band by band."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=canvas.shape)
-    try:
+    """Write ``canvas`` as an ``.npy`` file (float32 (C, H, W)), band by band.
+
+    Written, not memory-mapped: mapped pages count in the resident set until unmapped (a whole state file).
+    """
+    c, h, w = canvas.shape
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": canvas.shape})
+        start = f.tell()
         for r0, r1 in _bands(canvas):
-            out[:, r0:r1] = _rows(canvas, r0, r1)
-        out.flush()
-    finally:
-        del out
+            rows = _rows(canvas, r0, r1)  # (C, rows, W): each channel's rows have their own place in the file
+            for ch in range(c):
+                f.seek(start + (ch * h + r0) * w * 4)
+                f.write(np.ascontiguousarray(rows[ch], "<f4").tobytes())
 
 
 def load(path: Path, canvas: Canvas) -> None:
-    """Fill ``canvas`` from an ``.npy`` file `save` wrote; ValueError when the shapes differ."""
-    src = np.load(path, mmap_mode="r")
-    try:
-        if src.shape != canvas.shape or src.dtype != np.float32:
-            raise ValueError(f"{path}: holds {src.dtype} {src.shape}, expected float32 {canvas.shape}")
+    """Fill ``canvas`` from an ``.npy`` file `save` wrote; ValueError when the shapes differ or the file is short."""
+    c, h, w = canvas.shape
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if tuple(shape) != canvas.shape or dtype != np.dtype("<f4") or fortran:
+            raise ValueError(f"{path}: holds {dtype} {tuple(shape)}, expected float32 {canvas.shape}")
+        start = f.tell()
         for r0, r1 in _bands(canvas):
-            canvas.write(r0, 0, np.array(src[:, r0:r1]))  # a copy: the mapping is read-only
-    finally:
-        del src
+            block = np.empty((c, r1 - r0, w), np.float32)
+            for ch in range(c):
+                f.seek(start + (ch * h + r0) * w * 4)
+                data = f.read((r1 - r0) * w * 4)
+                if len(data) != block[ch].nbytes:
+                    raise ValueError(f"{path}: ends early (a truncated state file)")
+                block[ch] = np.frombuffer(data, "<f4").reshape(r1 - r0, w)
+            canvas.write(r0, 0, block)
