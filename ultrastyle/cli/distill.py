@@ -114,7 +114,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
                 progress.stop()
-                _err(str(exc))
+                _err(str(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
                 progress.stop()

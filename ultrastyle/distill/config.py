@@ -247,7 +247,7 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
         diffs = ", ".join(f"{k}={then[k]!r} (now {now[k]!r})" for k in clash)
         raise ConfigError(
             f"cannot resume with different settings: the run was started with {diffs}; "
-            "start a new run (another --out or --run-dir) to change them"
+            "start a new run in another folder to change them"
         )
     return dataclasses.replace(saved, **{k: now[k] for k in RESUMABLE & names})
 

@@ -259,7 +259,7 @@ class Trainer:
         sweep_stale(self.run_dir)  # checkpoints of a run killed mid-save
         if self.checkpoint_path.exists() and not resume:
             raise TrainingError(
-                f"{self.run_dir} already holds a checkpoint; resume it (--resume) or choose another run folder"
+                f"{self.run_dir} already holds a checkpoint; resume it (resume=True) or choose another run folder"
             )
         self.task.to(self.device)
         self.task.train(True)
