@@ -482,3 +482,21 @@ def test_check_budget_says_what_one_tile_of_a_stage_needs():
     need = int(float(msg.split("at least ")[1].split(" MiB")[0]) * 2**20)
     check_budget(spec, (5,), TilingOptions(max_memory=need), RunnerTraits(default_memory_factor=2.5))
     plan_stage(spec, 5, 4000, 4000, TilingOptions(max_memory=need), 2.5)
+
+
+@pytest.mark.parametrize("levels", [(5, 4, 3), (5, 4)])
+def test_a_consumed_content_canvas_is_reused_and_changes_nothing(cd16x, photo, style, tmp_path, levels):
+    content, style_img = photo[:, :96, :128], style[:, :64, :64]
+    opts = TilingOptions(tile=32, scratch_dir=tmp_path)
+    want = _tiled(cd16x, content, style_img, opts, levels=levels)
+    stats = style_statistics_tiled(cd16x, canvas_from_array(style_img.numpy(), layout="chw"), levels, opts)
+    cv = Canvas(3, 96, 128, disk_dir=tmp_path)
+    cv.write(0, 0, content.numpy())
+    out = stylize_tiled(cd16x, cv, stats, opts, method="wct", alpha=0.6, levels=levels, consume_content=True)
+    got = out.numpy().copy()
+    assert np.array_equal(got, want.numpy())
+    # Later stages wrote into the content's canvas: with an even number of stages it is the result.
+    assert (out is cv) == (len(levels) % 2 == 0)
+    assert not np.array_equal(cv.numpy(), content.numpy())
+    out.close()
+    cv.close()

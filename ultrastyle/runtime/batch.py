@@ -399,14 +399,19 @@ def stylize_canvas(
     plan: ImagePlan | None = None,
     *,
     as_canvas: bool = False,
+    last_use: bool = False,
 ) -> np.ndarray | Canvas:
     """The cascade of ``options`` on a content canvas: (H, W, 3) uint8 (``depth`` 8) or uint16, clamped and rounded.
 
     ``plan``: the image's plan (`runtime.tiled.plan_image_for`), else made from ``options``. ``as_canvas``:
-    return the last stage's (3, H, W) canvas instead, for a writer that reads it band by band and closes it."""
+    return the last stage's (3, H, W) canvas instead, for a writer that reads it band by band and closes it
+    (it may be ``content`` itself). ``last_use``: the caller needs ``content`` no more, so its canvas may be
+    reused by later stages (`stylize_tiled`'s ``consume_content``)."""
+    consume = last_use and options.preserve_color != "luminance"  # luminance reads the content after the cascade
     result = stylize_tiled(
         model, content, style, options.tiling_for(model.traits),
         method=options.method, alpha=options.alpha, levels=options.levels, on_tile=on_tile, plan=plan,
+        consume_content=consume,
     )  # fmt: skip
     try:
         if options.preserve_color == "luminance":
@@ -577,7 +582,8 @@ def stylize_content(
             t0 = time.perf_counter()
             try:
                 style = styles.style_for(pair.style, (h, w), original, recolor)
-                out = stylize_canvas(model, content, style, options, on_tile, plan, as_canvas=stream and pair.output is not None)
+                out = stylize_canvas(model, content, style, options, on_tile, plan, as_canvas=stream and pair.output is not None,
+                                     last_use=len(pairs) == 1)  # fmt: skip
             except Exception as exc:  # noqa: BLE001
                 if raise_errors:
                     raise

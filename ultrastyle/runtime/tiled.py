@@ -318,8 +318,13 @@ def stylize_tiled(
     levels: tuple[int, ...],
     on_tile: TileCallback | None = None,
     plan: ImagePlan | None = None,
+    consume_content: bool = False,
 ) -> Canvas:
-    """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result.
+    """The cascade over ``levels`` on a canvas; the caller closes ``content`` and the result (which may be one).
+
+    ``consume_content``: the caller needs ``content`` no more once the first
+    stage has read it, so later stages may write into it (two canvases
+    alive instead of three: 12 GB less scratch at a gigapixel).
 
     ``style``: per-stage statistics of one style (`style_statistics_tiled`),
     a weighted `Target`, or `Regions` (a mask the content's size).
@@ -344,14 +349,14 @@ def stylize_tiled(
                 model, x, target, plan.stage(k), method=method, alpha=alpha,
                 site=plan.site, keep_bytes=plan.keep_bytes, on_tile=on_tile, out=spare,
             )  # fmt: skip
-            spare = x if x is not content else None
+            spare = x if x is not content or consume_content else None
             x = y
     except BaseException:
         if x is not content:
             x.close()
         raise
     finally:
-        if spare is not None:
+        if spare is not None and spare is not content:  # the caller closes its content
             spare.close()
     return x
 
