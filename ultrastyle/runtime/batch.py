@@ -574,6 +574,7 @@ def stylize_content(
         if raise_errors:
             raise
         return [_failure(p, exc, time.perf_counter() - t0) for p in pairs]
+    handed_content = False
     try:  # the decoded pixels are gone: the canvas holds them (on disk when large, on the GPU where it fits)
         recolor = rgb_statistics(content) if options.preserve_color == "match" else None
         # A GPU canvas would hold device memory the next image is planned to use: converted here as before.
@@ -591,12 +592,14 @@ def stylize_content(
                 continue
             seconds = time.perf_counter() - t0
             if on_output is not None:
+                handed_content = out is content  # the cascade ended in the content's canvas: the receiver closes it
                 on_output(pair, out, seconds)
                 results.append(None)
             else:
                 results.append(PairResult(pair, "done", None, seconds, h * w / 1e6, out))
     finally:
-        content.close()
+        if not handed_content:
+            content.close()
     return results
 
 
