@@ -2,8 +2,9 @@
 
 Builds contents of the given sizes on disk by enlarging a photo with libvips
 (streamed: the big image is never in memory), then runs ``ultrastyle stylize``
-on each in a child process and reports wall time, s/MP, peak RSS (from the
-OS), the baseline (`measure_baseline`: interpreter, libraries and model), the
+on each in a child process and reports wall time, s/MP, CPU seconds per wall
+second (the cores kept busy: lower where the run waits on the scratch disk),
+peak RSS (from the OS), the baseline (`measure_baseline`: interpreter, libraries and model), the
 scratch disk the canvases took (the free space of the scratch folder's disk,
 polled), and the time a streamed read of the content takes alone.
 
@@ -35,7 +36,8 @@ from ultrastyle.cli.main import app
 try:
     app(sys.argv[2:])
 finally:
-    open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    open(sys.argv[1], "w").write(f"{u.ru_maxrss * 1024} {u.ru_utime + u.ru_stime}")
 """
 
 
@@ -103,7 +105,8 @@ def run(content: Path, style: Path, model: str, fmt: str, budget: str, work: Pat
         raise SystemExit(f"{content.name} {fmt}: exit {r.returncode}\n{r.stderr[-2000:]}")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out)
-    return {"wall": wall, "peak": int(peak_file.read_text()), "scratch": disk.used, "output": size}
+    peak, cpu = peak_file.read_text().split()
+    return {"wall": wall, "peak": int(peak), "cpu": float(cpu), "scratch": disk.used, "output": size}
 
 
 def main() -> None:
@@ -129,8 +132,9 @@ def main() -> None:
     budget_bytes = parse_bytes(budget)  # as the CLI reads it
     print(f"baseline (onnxruntime, model open): {baseline / 2**20:.0f} MiB; --max-memory {budget}: "
           f"the rule is peak <= {(baseline + budget_bytes) / 2**30:.2f} GiB\n")  # fmt: skip
-    print("| content | format | wall s | s/MP | peak RSS GiB | within rule | scratch GiB | output GB | read alone s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    # cpu/wall: the cores kept busy (2 at most here); lower where the run waits on the scratch disk.
+    print("| content | format | wall s | s/MP | cpu/wall | peak RSS GiB | within rule | scratch GiB | output GB | read alone s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     png_at = {float(s) for s in args.png_at.split(",") if s}
     per_mp: dict[str, list[float]] = {}
     for mp in [float(s) for s in args.sizes.split(",")]:
@@ -145,7 +149,7 @@ def main() -> None:
             spm = m["wall"] / actual
             per_mp.setdefault(fmt, []).append(spm)
             ok = "yes" if m["peak"] <= baseline + budget_bytes else "NO"
-            print(f"| {actual:.0f} MP ({head.width}x{head.height}) | {fmt} | {m['wall']:.0f} | {spm:.2f} | "
+            print(f"| {actual:.0f} MP ({head.width}x{head.height}) | {fmt} | {m['wall']:.0f} | {spm:.2f} | {m['cpu'] / m['wall']:.2f} | "
                   f"{m['peak'] / 2**30:.2f} | {ok} | {m['scratch'] / 2**30:.1f} | {m['output'] / 1e9:.2f} | {read_s:.1f} |", flush=True)  # fmt: skip
         content.unlink()
     for fmt, v in per_mp.items():
