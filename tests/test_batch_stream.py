@@ -165,7 +165,7 @@ def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, 
     slow = textwrap.indent(textwrap.dedent("""
         real = images._encode
         def _encode(a, f, fmt, *args):
-            time.sleep(1.0)  # the batch is still running when Ctrl-C comes
+            time.sleep(2.0)  # the batch is still running when Ctrl-C comes (wide: the signal can be late on a loaded machine)
             return real(a, f, fmt, *args)
         images._encode = _encode
     """), " " * 8)
