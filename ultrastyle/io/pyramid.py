@@ -46,6 +46,7 @@ from PIL import Image
 from ultrastyle.core.canvas import Canvas, sample_peak
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write, write_atomic
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, save_array
+from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
 
 __all__ = [
@@ -114,13 +115,7 @@ def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
     if fmt == "dzi" or (fmt == "tiff" and options.tiff_pyramid(height, width)):
         return True
     large = height * width * 3 > PNG_STREAM_BYTES
-    return large and (fmt in ("png", "tiff") or (fmt == "jpg" and _has_pyvips()))
-
-
-def _has_pyvips() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pyvips") is not None
+    return large and (fmt in ("png", "tiff") or (fmt == "jpg" and vips_available()))
 
 
 def image_size(src: Pixels) -> tuple[int, int]:
@@ -146,14 +141,14 @@ def save_output(
         return write_dzi(src, path, pyramid)
     if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
         return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
-    if isinstance(src, Canvas) and streams(fmt, h, w, pyramid):
+    # A canvas's PNG always leaves band by band (the same bytes whatever its size); TIFF and JPEG when large.
+    if isinstance(src, Canvas) and (fmt == "png" or streams(fmt, h, w, pyramid)):
+        bands = _bands(src, dtype, 256)
         if fmt == "png":
-            return write_png_bands(_bands(src, dtype, 256), path, h, w, dtype, level=png_level)
+            return write_png_bands(bands, path, h, w, dtype, level=png_level)
         if fmt == "tiff":
-            return write_tiff_strips(_bands(src, dtype, 256), path, h, w, dtype)
-        return write_jpeg_bands(_bands(src, dtype, 256), path, h, w, quality=JPEG_QUALITY)
-    if isinstance(src, Canvas) and fmt == "png":  # small: the same encoder as large ones (bytes independent of size)
-        return write_png_bands(_bands(src, dtype, 256), path, h, w, dtype, level=png_level)
+            return write_tiff_strips(bands, path, h, w, dtype)
+        return write_jpeg_bands(bands, path, h, w, quality=JPEG_QUALITY)
     a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
     return save_array(a, path, fmt, png_level=png_level)
 
@@ -175,33 +170,49 @@ def write_png_bands(
     as it comes: memory is one band. The bytes do not depend on how the rows are cut into bands.
     """
     path = Path(path)
-    depth = 16 if np.dtype(dtype) == np.uint16 else 8
-    bpp = 3 * depth // 8
-    strategy = zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            f.write(PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)))
-            z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
-            pending, rows = bytearray(), 0
-            for band in bands:
-                raw = np.ascontiguousarray(band, dtype=">u2" if depth == 16 else np.uint8).view(np.uint8).reshape(len(band), width * bpp)
-                filtered = np.empty((len(band), width * bpp + 1), np.uint8)
-                filtered[:, 0] = 1  # filter type SUB
-                filtered[:, 1 : 1 + bpp] = raw[:, :bpp]
-                np.subtract(raw[:, bpp:], raw[:, :-bpp], out=filtered[:, 1 + bpp :])  # wraps mod 256, as PNG wants
-                pending += z.compress(filtered.tobytes())
-                rows += len(band)
-                if len(pending) >= 1 << 20:
-                    f.write(_png_chunk(b"IDAT", bytes(pending)))
-                    pending.clear()
-            if rows != height:
-                raise ValueError(f"{path}: the bands held {rows} rows, the header says {height}")
-            pending += z.flush()
-            f.write(_png_chunk(b"IDAT", bytes(pending)) + _png_chunk(b"IEND", b""))
+            for chunk in _png_stream(bands, height, width, dtype, level=level, sub_filter=True, label=f"{path}: "):
+                f.write(chunk)
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
+
+
+def _png_stream(
+    bands: Iterable[np.ndarray], height: int, width: int, dtype: type, *, level: int, sub_filter: bool, label: str = ""
+) -> Iterator[bytes]:
+    """The bytes of an RGB PNG of ``bands``, in pieces of about 1 MB of compressed data (one IDAT chunk each).
+
+    ``sub_filter``: every row SUB-filtered (`write_png_bands`), else unfiltered (with ``level`` 0, the
+    cheapest PNG to make: stored deflate blocks). ``label`` prefixes the error for a wrong row count.
+    """
+    depth = 16 if np.dtype(dtype) == np.uint16 else 8
+    bpp = 3 * depth // 8
+    strategy = zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY
+    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0))
+    z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+    pending, rows = bytearray(), 0
+    for band in bands:
+        raw = np.ascontiguousarray(band, dtype=">u2" if depth == 16 else np.uint8).view(np.uint8).reshape(len(band), width * bpp)
+        filtered = np.empty((len(band), width * bpp + 1), np.uint8)
+        if sub_filter:
+            filtered[:, 0] = 1  # filter type SUB
+            filtered[:, 1 : 1 + bpp] = raw[:, :bpp]
+            np.subtract(raw[:, bpp:], raw[:, :-bpp], out=filtered[:, 1 + bpp :])  # wraps mod 256, as PNG wants
+        else:
+            filtered[:, 0] = 0  # filter type None
+            filtered[:, 1:] = raw
+        pending += z.compress(filtered.tobytes())
+        rows += len(band)
+        if len(pending) >= 1 << 20:
+            yield _png_chunk(b"IDAT", bytes(pending))
+            pending.clear()
+    if rows != height:
+        raise ValueError(f"{label}the bands held {rows} rows, the header says {height}")
+    pending += z.flush()
+    yield _png_chunk(b"IDAT", bytes(pending)) + _png_chunk(b"IEND", b"")
 
 
 # --- plain TIFF and JPEG, band by band -------------------------------------------------------------
@@ -229,18 +240,20 @@ def write_tiff_strips(
     deflate = dt == np.uint16
 
     def strips() -> Iterator[bytes]:
-        pending: list[np.ndarray] = []
-        rows = 0
+        pending: list[np.ndarray] = []  # rows of the strip being filled
+        held = rows = 0
         for band in bands:
             band = np.ascontiguousarray(band, dt)
             while len(band):
-                take = min(len(band), per_strip - sum(len(b) for b in pending))
+                take = min(len(band), per_strip - held)
                 pending.append(band[:take])
                 band = band[take:]
+                held += take
                 rows += take
-                if sum(len(b) for b in pending) == per_strip or rows == height:
+                if held == per_strip or rows == height:
                     raw = b"".join(b.tobytes() for b in pending)
                     pending.clear()
+                    held = 0
                     yield zlib.compress(raw, 6) if deflate else raw
         if rows != height:
             raise ValueError(f"{path}: the bands held {rows} rows, the header says {height}")
@@ -269,7 +282,7 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
     path = Path(path)
     check_output_size(path, "jpg", height, width)
     failure: list[BaseException] = []
-    source = _ByteSource(_png_stored(bands, width, height), failure)
+    source = _ByteSource(_png_stream(bands, height, width, np.uint8, level=0, sub_filter=False), failure)
     custom = pyvips.SourceCustom()
     custom.on_read(source.read)
     try:
@@ -296,21 +309,6 @@ def check_output_size(path: str | Path, fmt: str, height: int, width: int) -> No
     """
     if fmt == "jpg" and max(height, width) > JPEG_MAX_SIDE:
         raise ImageError(f"{path}: JPEG holds at most {JPEG_MAX_SIDE} pixels a side, this image is {width}x{height}; write tiff or dzi")
-
-
-def _png_stored(bands: Iterable[np.ndarray], width: int, height: int) -> Iterator[bytes]:
-    """An 8-bit RGB PNG of ``bands`` with filter 0 and stored (level 0) deflate blocks: the cheapest PNG to make."""
-    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    z = zlib.compressobj(0)
-    rows = 0
-    for band in bands:
-        filtered = np.zeros((len(band), width * 3 + 1), np.uint8)  # filter byte 0 (none), then the row
-        filtered[:, 1:] = np.asarray(band, np.uint8).reshape(len(band), width * 3)
-        rows += len(band)
-        yield _png_chunk(b"IDAT", z.compress(filtered.tobytes()))
-    if rows != height:
-        raise ValueError(f"the bands held {rows} rows, the header says {height}")
-    yield _png_chunk(b"IDAT", z.flush()) + _png_chunk(b"IEND", b"")
 
 
 class _ByteSource:
