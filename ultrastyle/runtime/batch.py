@@ -255,13 +255,15 @@ class BatchSummary:
         return sum(r.megapixels for r in self.results if r.status == "done")
 
     @property
+    def seconds(self) -> float:
+        """The batch's wall time (the sum of compute times where the wall is unknown)."""
+        return self.wall_seconds if self.wall_seconds is not None else sum(r.seconds for r in self.results)
+
+    @property
     def seconds_per_megapixel(self) -> float | None:
-        """Wall time per megapixel done (the sum of compute times where the wall is unknown)."""
+        """`seconds` per megapixel done."""
         mp = self.megapixels
-        if not mp:
-            return None
-        seconds = self.wall_seconds if self.wall_seconds is not None else sum(r.seconds for r in self.results)
-        return seconds / mp
+        return self.seconds / mp if mp else None
 
     def describe(self, total: int | None = None) -> str:
         """``"3 done, 1 skipped, 0 failed of 4 pairs in 25.2 s (12.0 MP, 2.10 s/MP)"``.
@@ -271,7 +273,7 @@ class BatchSummary:
         """
         of = total if total is not None else len(self.results)
         text = f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed of {of} pairs"
-        seconds = self.wall_seconds if self.wall_seconds is not None else sum(r.seconds for r in self.results)
+        seconds = self.seconds
         if seconds:
             text += f" in {seconds:.1f} s"
         mp = self.megapixels
