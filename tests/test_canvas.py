@@ -18,10 +18,13 @@ REGIONS = [
 ]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(3, 37, 53), (7, 40, 53)])
-def test_disk_canvas_equals_ram_canvas(tmp_path, shape):
+def test_disk_canvas_equals_ram_canvas(tmp_path, shape, channels_last, monkeypatch):
+    if channels_last:  # chunks of a few rows, so that runs span several chunks
+        monkeypatch.setattr("ultrastyle.core.canvas._HWC_CHUNK_BYTES", 3 * shape[0] * 4 * shape[2])
     rng = np.random.default_rng(0)
-    ram, disk = Canvas(*shape), Canvas(*shape, disk_dir=tmp_path)
+    ram, disk = Canvas(*shape), Canvas(*shape, disk_dir=tmp_path, channels_last=channels_last)
     assert disk.on_disk and not ram.on_disk
     a = rng.random(shape, dtype=np.float32)
     partial = rng.random((shape[0], 7, 5), dtype=np.float32)
@@ -40,7 +43,17 @@ def test_disk_canvas_equals_ram_canvas(tmp_path, shape):
     disk.close()
 
 
-def test_disk_canvas_refuses_a_block_past_its_edge(tmp_path):
-    with Canvas(3, 10, 10, disk_dir=tmp_path) as disk:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_disk_canvas_refuses_a_block_past_its_edge(tmp_path, channels_last):
+    with Canvas(3, 10, 10, disk_dir=tmp_path, channels_last=channels_last) as disk:
         with pytest.raises(ValueError, match="does not fit"):
             disk.write(8, 0, np.zeros((3, 4, 10), np.float32))
+
+
+def test_channels_last_file_holds_each_pixels_channels_together(tmp_path):
+    """The layout itself: pixel (r, c)'s channels are adjacent in the file (what makes a tile row one read)."""
+    block = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    with Canvas(2, 3, 4, disk_dir=tmp_path, channels_last=True) as disk:
+        disk.write(0, 0, block)
+        raw = np.fromfile(f"/proc/self/fd/{disk._fd()}", np.float32)
+    np.testing.assert_array_equal(raw, block.transpose(1, 2, 0).ravel())

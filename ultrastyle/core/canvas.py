@@ -5,7 +5,10 @@ Where a canvas lives (`CanvasSite`):
 - in RAM (a numpy array), the default;
 - on disk: an unlinked scratch file read and written with positioned I/O
   (pread/pwrite, a call per channel row), so image size is limited by disk,
-  not RAM. Not a memory map: mapped pages count in the process's resident
+  not RAM. Feature caches (many channels) are stored channels-last on disk
+  (``channels_last``): a tile's row is then one read of every channel, where
+  (C, H, W) made it C reads of a few KB, each a separate disk request once
+  the cache has left the page cache. Not a memory map: mapped pages count in the process's resident
   set, and the kernel maps 64 KB around every touched page, so a tile read
   through a map held whole canvas rows (~1000 rows x width x 12 bytes):
   440 MiB of file pages at once in a 100 MP run, more as images widen;
@@ -41,9 +44,17 @@ class Canvas:
     """A float32 (C, H, W) array, in RAM, on disk or on a torch device."""
 
     def __init__(
-        self, channels: int, height: int, width: int, *, disk_dir: str | Path | None = None, device: torch.device | None = None
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        *,
+        disk_dir: str | Path | None = None,
+        device: torch.device | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.shape = (channels, height, width)
+        self._hwc = channels_last and disk_dir is not None and device is None  # a file layout only
         self._ram: np.ndarray | None = None
         self._tensor: torch.Tensor | None = None
         self._file = None
@@ -68,8 +79,9 @@ class Canvas:
                 raise OSError(f"cannot allocate a {self.nbytes / 2**30:.1f} GiB scratch canvas in {disk_dir}: {exc}") from exc
 
     @classmethod
-    def at(cls, site: CanvasSite, channels: int, height: int, width: int) -> Canvas:
-        return cls(channels, height, width, disk_dir=site.disk_dir, device=site.device)
+    def at(cls, site: CanvasSite, channels: int, height: int, width: int, *, channels_last: bool = False) -> Canvas:
+        """A canvas at ``site``; ``channels_last``: on disk, stored (H, W, C) (reads and writes still take (C, h, w))."""
+        return cls(channels, height, width, disk_dir=site.disk_dir, device=site.device, channels_last=channels_last)
 
     @property
     def nbytes(self) -> int:
@@ -108,7 +120,7 @@ class Canvas:
             # 100 MP tiled PyTorch peaked at 1.95 GiB that way, 1.84-1.89 GiB this way (run Y).
             out = torch.from_numpy(np.empty(self._region_shape(rows, cols), np.float32))
         if self._file is not None:
-            _file_gather(self._fd(), self.shape, rows, cols, out.numpy())
+            (_file_gather_hwc if self._hwc else _file_gather)(self._fd(), self.shape, rows, cols, out.numpy())
         else:
             _gather(torch.from_numpy(self._array()), rows, cols, out)
         return out.numpy()
@@ -135,7 +147,8 @@ class Canvas:
             self.write_tensor(row, col, torch.from_numpy(np.ascontiguousarray(block)))
             return
         if self._file is not None:
-            _file_scatter(self._fd(), self.shape, row, col, np.ascontiguousarray(block, np.float32))
+            scatter = _file_scatter_hwc if self._hwc else _file_scatter
+            scatter(self._fd(), self.shape, row, col, np.ascontiguousarray(block, np.float32))
             return
         a = self._array()
         torch.from_numpy(a[:, row : row + block.shape[1], col : col + block.shape[2]]).copy_(_as_tensor(block))
@@ -244,6 +257,56 @@ def _file_scatter(fd: int, shape: tuple[int, int, int], row: int, col: int, bloc
         else:
             for i in range(bh):
                 _write_all(fd, block[ch, i], base + i * row_bytes)
+
+
+# Rows of a channels-last file moved per call: a few MB, so the transposing copy stays small beside a tile.
+_HWC_CHUNK_BYTES = 4 * 2**20
+
+
+def _file_gather_hwc(fd: int, shape: tuple[int, int, int], rows: np.ndarray | slice, cols: np.ndarray | slice, out: np.ndarray) -> None:
+    """As `_file_gather` for an (H, W, C) file: one read per row of a run (every channel), transposed into ``out`` (C, r, c)."""
+    c, h, w = shape
+    pixel = c * 4
+    for ro, rs, rn, rflip in _runs(rows, h):
+        for co, cs, cn, cflip in _runs(cols, w):
+            if rn == 0 or cn == 0:
+                continue
+            step = max(1, _HWC_CHUNK_BYTES // (cn * pixel))
+            for j0 in range(0, rn, step):
+                j1 = min(rn, j0 + step)
+                buf = np.empty((j1 - j0, cn, c), np.float32)
+                base = ((rs + j0) * w + cs) * pixel
+                if cn == w:
+                    _read_exact(fd, buf, base)
+                else:
+                    for i in range(j1 - j0):
+                        _read_exact(fd, buf[i], base + i * w * pixel)
+                t = buf.transpose(2, 0, 1)
+                if cflip:
+                    t = t[:, :, ::-1]
+                if rflip:  # source rows rs+j0.. land at the run's far end, reversed
+                    out[:, ro + rn - j1 : ro + rn - j0, co : co + cn] = t[:, ::-1]
+                else:
+                    out[:, ro + j0 : ro + j1, co : co + cn] = t
+
+
+def _file_scatter_hwc(fd: int, shape: tuple[int, int, int], row: int, col: int, block: np.ndarray) -> None:
+    """As `_file_scatter` for an (H, W, C) file: the block transposed a few rows at a time, one write per row."""
+    c, h, w = shape
+    bc, bh, bw = block.shape
+    if bc != c or row < 0 or col < 0 or row + bh > h or col + bw > w:
+        raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
+    pixel = c * 4
+    step = max(1, _HWC_CHUNK_BYTES // max(1, bw * pixel))
+    for i0 in range(0, bh, step):
+        i1 = min(bh, i0 + step)
+        t = np.ascontiguousarray(block[:, i0:i1].transpose(1, 2, 0))
+        base = ((row + i0) * w + col) * pixel
+        if bw == w:
+            _write_all(fd, t, base)
+        else:
+            for i in range(i1 - i0):
+                _write_all(fd, t[i], base + i * w * pixel)
 
 
 def _write_all(fd: int, buf: np.ndarray, offset: int) -> None:

@@ -128,7 +128,14 @@ def decode_tiles(
         if features is None:
             raise ValueError("mask regions need the stage's features cached between the passes")
         a, b = identity_map(model.arch.feature_channels(stage))  # the features arrive transformed
-    for i, t in enumerate(tiles):
+    # Backwards: pass 1 ran forwards, so the features and rows it touched last, the ones still in
+    # the page cache when disk canvases outgrow RAM, are read first; this pass's output is then
+    # read by the next stage's pass 1 (forwards) from its most recent end too. 100 MP with ~2 GiB
+    # of page cache: 321 s forwards, see docs/gigapixel.md. Cores partition the image, so the
+    # order does not change the result.
+    done = 0
+    for i in reversed(range(len(tiles))):
+        t = tiles[i]
         if only is not None and i not in only:
             continue
         if features is not None:
@@ -149,8 +156,9 @@ def decode_tiles(
         if r0 < h and c0 < w:
             dst.write_tensor(r0, c0, y[0, :, : h - r0, : w - c0].float())
         _after_tile(model, keep_bytes)
+        done += 1
         if on_tile:
-            on_tile(f"stage {stage} decode", i + 1, len(tiles))
+            on_tile(f"stage {stage} decode", done, len(tiles))
 
 
 def plan_image_for(
@@ -200,7 +208,7 @@ def stylize_stage_tiled(
         raise ValueError("mask regions need the stage's features cached between the passes: plan the image with masked=True")
     feats = None
     if plan.cache:
-        feats = Canvas.at(site, model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid)
+        feats = Canvas.at(site, model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, channels_last=True)
     try:
         content = encode_statistics(model, stage, src, plan, feats, on_tile, keep_bytes, regions)
         _release(model, keep_bytes)
