@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,24 +209,51 @@ def _file_gather(fd: int, shape: tuple[int, int, int], rows: np.ndarray | slice,
     """
     c, h, w = shape
     row_bytes = w * 4
-    for ro, rs, rn, rflip in _runs(rows, h):
-        for co, cs, cn, cflip in _runs(cols, w):
-            if rn == 0 or cn == 0:
-                continue
-            for ch in range(c):
-                dst = out[ch, ro : ro + rn, co : co + cn]  # each of its rows is contiguous
-                flipped = rflip or cflip
-                buf = np.empty((rn, cn), np.float32) if flipped else dst
-                base = (ch * h + rs) * row_bytes + cs * 4
-                if cn == w and buf.flags.c_contiguous:
-                    _read_exact(fd, buf, base)
-                else:
-                    for i in range(rn):
-                        _read_exact(fd, buf[i], base + i * row_bytes)
-                if flipped:
-                    dst[...] = buf[:: -1 if rflip else 1, :: -1 if cflip else 1]
-                elif buf is not dst:
-                    dst[...] = buf
+    for (ro, rs, rn, rflip), (co, cs, cn, cflip) in _region_runs(rows, cols, h, w):
+        for ch in range(c):
+            dst = out[ch, ro : ro + rn, co : co + cn]  # each of its rows is contiguous
+            flipped = rflip or cflip
+            buf = np.empty((rn, cn), np.float32) if flipped else dst
+            _read_rows(fd, buf, (ch * h + rs) * row_bytes + cs * 4, row_bytes)
+            if flipped:
+                dst[...] = buf[:: -1 if rflip else 1, :: -1 if cflip else 1]
+            elif buf is not dst:
+                dst[...] = buf
+
+
+def _region_runs(
+    rows: np.ndarray | slice, cols: np.ndarray | slice, h: int, w: int
+) -> Iterator[tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]]]:
+    """The non-empty (row run, column run) pairs of a region (`_runs`)."""
+    for r in _runs(rows, h):
+        for c in _runs(cols, w):
+            if r[2] and c[2]:
+                yield r, c
+
+
+def _read_rows(fd: int, buf: np.ndarray, offset: int, stride: int) -> None:
+    """``buf[i]`` (each row contiguous) from ``offset + i * stride``: one call where the rows are adjacent in the file."""
+    if len(buf) and buf.flags.c_contiguous and buf[0].nbytes == stride:
+        _read_exact(fd, buf, offset)
+    else:
+        for i in range(len(buf)):
+            _read_exact(fd, buf[i], offset + i * stride)
+
+
+def _write_rows(fd: int, block: np.ndarray, offset: int, stride: int) -> None:
+    """``block[i]`` (a contiguous array) to ``offset + i * stride``, as `_read_rows`."""
+    if len(block) and block[0].nbytes == stride:
+        _write_all(fd, block, offset)
+    else:
+        for i in range(len(block)):
+            _write_all(fd, block[i], offset + i * stride)
+
+
+def _check_block(shape: tuple[int, int, int], row: int, col: int, block: np.ndarray) -> None:
+    c, h, w = shape
+    bc, bh, bw = block.shape
+    if bc != c or row < 0 or col < 0 or row + bh > h or col + bw > w:
+        raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
 
 
 def _read_exact(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -245,18 +273,10 @@ def _read_exact(fd: int, buf: np.ndarray, offset: int) -> None:
 
 def _file_scatter(fd: int, shape: tuple[int, int, int], row: int, col: int, block: np.ndarray) -> None:
     """``file[:, row:row+h, col:col+w] = block`` for a contiguous float32 block (C, h, w), by positioned writes."""
+    _check_block(shape, row, col, block)
     c, h, w = shape
-    bc, bh, bw = block.shape
-    if bc != c or row < 0 or col < 0 or row + bh > h or col + bw > w:
-        raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
-    row_bytes = w * 4
     for ch in range(c):
-        base = (ch * h + row) * row_bytes + col * 4
-        if bw == w:
-            _write_all(fd, block[ch], base)
-        else:
-            for i in range(bh):
-                _write_all(fd, block[ch, i], base + i * row_bytes)
+        _write_rows(fd, block[ch], ((ch * h + row) * w + col) * 4, w * 4)
 
 
 # Rows of a channels-last file moved per call: a few MB, so the transposing copy stays small beside a tile.
@@ -267,46 +287,31 @@ def _file_gather_hwc(fd: int, shape: tuple[int, int, int], rows: np.ndarray | sl
     """As `_file_gather` for an (H, W, C) file: one read per row of a run (every channel), transposed into ``out`` (C, r, c)."""
     c, h, w = shape
     pixel = c * 4
-    for ro, rs, rn, rflip in _runs(rows, h):
-        for co, cs, cn, cflip in _runs(cols, w):
-            if rn == 0 or cn == 0:
-                continue
-            step = max(1, _HWC_CHUNK_BYTES // (cn * pixel))
-            for j0 in range(0, rn, step):
-                j1 = min(rn, j0 + step)
-                buf = np.empty((j1 - j0, cn, c), np.float32)
-                base = ((rs + j0) * w + cs) * pixel
-                if cn == w:
-                    _read_exact(fd, buf, base)
-                else:
-                    for i in range(j1 - j0):
-                        _read_exact(fd, buf[i], base + i * w * pixel)
-                t = buf.transpose(2, 0, 1)
-                if cflip:
-                    t = t[:, :, ::-1]
-                if rflip:  # source rows rs+j0.. land at the run's far end, reversed
-                    out[:, ro + rn - j1 : ro + rn - j0, co : co + cn] = t[:, ::-1]
-                else:
-                    out[:, ro + j0 : ro + j1, co : co + cn] = t
+    for (ro, rs, rn, rflip), (co, cs, cn, cflip) in _region_runs(rows, cols, h, w):
+        step = max(1, _HWC_CHUNK_BYTES // (cn * pixel))
+        for j0 in range(0, rn, step):
+            j1 = min(rn, j0 + step)
+            buf = np.empty((j1 - j0, cn, c), np.float32)
+            _read_rows(fd, buf, ((rs + j0) * w + cs) * pixel, w * pixel)
+            t = buf.transpose(2, 0, 1)
+            if cflip:
+                t = t[:, :, ::-1]
+            if rflip:  # source rows rs+j0.. land at the run's far end, reversed
+                out[:, ro + rn - j1 : ro + rn - j0, co : co + cn] = t[:, ::-1]
+            else:
+                out[:, ro + j0 : ro + j1, co : co + cn] = t
 
 
 def _file_scatter_hwc(fd: int, shape: tuple[int, int, int], row: int, col: int, block: np.ndarray) -> None:
     """As `_file_scatter` for an (H, W, C) file: the block transposed a few rows at a time, one write per row."""
+    _check_block(shape, row, col, block)
     c, h, w = shape
-    bc, bh, bw = block.shape
-    if bc != c or row < 0 or col < 0 or row + bh > h or col + bw > w:
-        raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
+    bh, bw = block.shape[1:]
     pixel = c * 4
     step = max(1, _HWC_CHUNK_BYTES // max(1, bw * pixel))
     for i0 in range(0, bh, step):
-        i1 = min(bh, i0 + step)
-        t = np.ascontiguousarray(block[:, i0:i1].transpose(1, 2, 0))
-        base = ((row + i0) * w + col) * pixel
-        if bw == w:
-            _write_all(fd, t, base)
-        else:
-            for i in range(i1 - i0):
-                _write_all(fd, t[i], base + i * w * pixel)
+        t = np.ascontiguousarray(block[:, i0 : i0 + step].transpose(1, 2, 0))
+        _write_rows(fd, t, ((row + i0) * w + col) * pixel, w * pixel)
 
 
 def _write_all(fd: int, buf: np.ndarray, offset: int) -> None:
