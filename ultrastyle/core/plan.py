@@ -40,6 +40,11 @@ HOST_CANVAS_SHARE = 0.5
 # Cache relu{k}_1 features between the passes when re-encoding would cost more
 # than this many multiply-adds per cached float (disk or RAM traffic is cheaper).
 CACHE_MACS_PER_VALUE = 200
+# The same where the scratch canvases are larger than the RAM available (a gigapixel here), so caches
+# go through the disk: 8 bytes per value written and read back, ~40 ns at an effective 200 MB/s, against
+# re-encoding at ~60 GMAC/s (ONNX Runtime, 2 cores: stage 5 of a 100 MP run). Leaves out stage 2 of
+# cd16x (487; 32 GB at 1 GP), keeps stages 3-5 (1838 and up).
+DISK_CACHE_MACS_PER_VALUE = 1000
 # Scratch canvases with their feature caches take at most this share of the scratch disk's free space
 # (the rest is for the output and whatever else runs); past it the caches are left out.
 DISK_SHARE = 0.85
@@ -55,6 +60,7 @@ class TilingOptions:
     scratch_dir: Path | None = None  # where disk canvases go (default: the system temp folder)
     ram_canvas_limit: int | None = None  # an image whose host canvases need more goes to disk; None: see canvas_site
     cache_features: bool | None = None  # None: decided per stage by encoder cost
+    cache_macs_per_value: int = CACHE_MACS_PER_VALUE  # with cache_features None: cache where the encoder costs this much
     uniform_tiles: bool | None = None  # one region shape per pass (`core.tiling`); None: the runner's preference
     # One tile without halo wherever the image's area fits the budget's square region, whatever its
     # shape; off where regions are bounded per side (TensorRT profiles). None: the runner's
@@ -156,7 +162,7 @@ class TilingOptions:
         """Whether pass 1 keeps the stage's features for pass 2."""
         if self.cache_features is not None:
             return self.cache_features
-        return encoder_macs_per_value(spec, stage) >= CACHE_MACS_PER_VALUE
+        return encoder_macs_per_value(spec, stage) >= self.cache_macs_per_value
 
 
 @dataclass(frozen=True)
@@ -357,15 +363,20 @@ def plan_image(
     ``disk_free``: the scratch folder's free bytes (None: unknown). Canvases
     on disk whose feature caches would not fit in `DISK_SHARE` of it are
     planned without caches (pass 2 encodes again), so that a large image
-    fills no disk; masks need the caches whatever the disk.
+    fills no disk; canvases on disk larger than ``ram_available`` cache only
+    the stages whose encoders cost `DISK_CACHE_MACS_PER_VALUE` (their caches
+    go through the disk, not the page cache); masks need the caches whatever
+    the disk.
     """
     options = options.resolve(traits)
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
-    if (site.disk_dir is not None and disk_free is not None and options.cache_features is None
-            and options.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE):  # fmt: skip
-        options = replace(options, cache_features=False)
+    if site.disk_dir is not None and options.cache_features is None:
+        if ram_available is not None and options.canvas_bytes(arch, height, width, levels) > ram_available:
+            options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, DISK_CACHE_MACS_PER_VALUE))
+        if disk_free is not None and options.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE:
+            options = replace(options, cache_features=False)
     options = replace(options, max_memory=options.tile_budget(arch, height, width, levels, site))
     stages = plan_stages(arch, height, width, levels, options, traits)
     return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)
