@@ -342,6 +342,32 @@ def test_feature_caches_are_left_out_where_the_scratch_disk_cannot_hold_them(tmp
     assert all(caches(0, masked=True))  # masks transform cached features: kept, whatever the disk
 
 
+def test_scratch_larger_than_ram_caches_only_expensive_encoders(tmp_path):
+    from ultrastyle.core.plan import CACHE_MACS_PER_VALUE, DISK_CACHE_MACS_PER_VALUE, encoder_macs_per_value
+
+    arch, h, w = ARCHS["cd16x"], 20000, 30000
+    options = TilingOptions(max_memory=2**30, scratch_dir=tmp_path)
+    need = options.canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+
+    def cached(ram, **kw):
+        plan = plan_image(arch, h, w, DEFAULT_LEVELS, options, EAGER_HOST, ram_available=ram, **kw)
+        return {p.stage for p in plan.stages if p.cache}
+
+    cost = {k: encoder_macs_per_value(arch, k) for k in DEFAULT_LEVELS}
+    in_ram = {k for k, c in cost.items() if c >= CACHE_MACS_PER_VALUE}
+    on_disk = {k for k, c in cost.items() if c >= DISK_CACHE_MACS_PER_VALUE}
+    assert on_disk and on_disk < in_ram  # some stage, not every one, is left out
+    assert cached(None) == cached(need) == in_ram
+    assert cached(need - 1) == on_disk  # the page cache cannot hold them: cheap encoders encode again
+    assert cached(0, masked=True) == set(DEFAULT_LEVELS)  # masks need every cache
+    # the RAM rule comes first: a disk that holds the smaller caches keeps them
+    smaller = TilingOptions(max_memory=2**30, cache_macs_per_value=DISK_CACHE_MACS_PER_VALUE).canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+    assert smaller < need
+    from ultrastyle.core.plan import DISK_SHARE
+
+    assert cached(0, disk_free=int(smaller / DISK_SHARE) + 1) == on_disk
+
+
 def test_the_budget_is_the_runners_unless_the_options_say(cd16x):
     from ultrastyle.runtime.backends.base import runner_traits
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
