@@ -57,3 +57,48 @@ def test_channels_last_file_holds_each_pixels_channels_together(tmp_path):
         disk.write(0, 0, block)
         raw = np.fromfile(f"/proc/self/fd/{disk._fd()}", np.float32)
     np.testing.assert_array_equal(raw, block.transpose(1, 2, 0).ravel())
+
+
+def _element_bytes(shape, rows, cols, hwc):
+    """Every byte offset a read of canvas[:, rows, cols] touches in the file."""
+    c, h, w = shape
+    ch, r, k = np.meshgrid(np.arange(c), np.asarray(rows), np.asarray(cols), indexing="ij")
+    elem = (r * w + k) * c + ch if hwc else (ch * h + r) * w + k
+    return set((elem.ravel()[:, None] * 4 + np.arange(4)).ravel().tolist())
+
+
+@pytest.mark.parametrize("hwc", [False, True])
+def test_prefetch_ranges_are_the_bytes_a_read_takes(hwc):
+    from ultrastyle.core.canvas import _coalesce, _file_ranges
+
+    shape = (3, 20, 30)
+    rows = np.array([2, 1, 0, 1, 2, 3, 4, 5, 6])  # a mirrored halo, then a run
+    cols = np.arange(7, 19)
+    pieces = _coalesce(_file_ranges(shape, rows, cols, hwc), gap=0)
+    advised = set()
+    for off, n in pieces:
+        advised.update(range(off, off + n))
+    assert advised == _element_bytes(shape, rows, cols, hwc)
+    assert [p[0] for p in pieces] == sorted(p[0] for p in pieces)
+    # Nearby pieces merge: one request for the region with the default gap.
+    assert len(_coalesce(_file_ranges(shape, rows, cols, hwc))) == 1 < len(pieces)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prefetch_advises_the_kernel_from_a_thread(tmp_path, channels_last, monkeypatch):
+    import os
+    import threading
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((fd, off, n, advice, threading.current_thread())))
+    ram = Canvas(3, 20, 30)
+    ram.prefetch(slice(0, 5), slice(None))
+    canvas = Canvas(3, 20, 30, disk_dir=tmp_path, channels_last=channels_last)
+    fd = canvas._fd()
+    canvas.prefetch(slice(4, 9), slice(None))
+    canvas._advice.result(timeout=10)  # close() would cancel advice that has not started
+    canvas.close()
+    assert calls and all(c[0] == fd and c[3] == os.POSIX_FADV_WILLNEED for c in calls)
+    assert all(c[4] is not threading.main_thread() for c in calls)
+    advised = {b for _, off, n, _, _ in calls for b in range(off, off + n)}
+    assert _element_bytes((3, 20, 30), np.arange(4, 9), np.arange(30), channels_last) <= advised

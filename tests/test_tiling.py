@@ -187,6 +187,40 @@ class _RecordingCanvas(Canvas):
         super().write_tensor(row, col, block)
 
 
+class _PrefetchLog(Canvas):
+    """A RAM canvas that logs the regions read and prefetched, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+
+    def prefetch(self, rows, cols):
+        self.log.append(("prefetch", np.asarray(rows).tolist(), np.asarray(cols).tolist()))
+        super().prefetch(rows, cols)
+
+    def read_tensor(self, rows, cols, device):
+        self.log.append(("read", np.asarray(rows).tolist(), np.asarray(cols).tolist()))
+        return super().read_tensor(rows, cols, device)
+
+
+def test_each_pass_prefetches_the_tile_it_reads_next(cd16x, style, photo):
+    """While a tile computes, the disk is already reading the next one's region (`Canvas.prefetch`)."""
+    content = photo[:, :96, :144].contiguous().numpy()
+    stats = style_statistics(cd16x, style, (1,))
+    plan = plan_image(cd16x.arch, 96, 144, (1,), TilingOptions(tile=48), EAGER_HOST).stage(1)
+    n_enc, n_dec = len(plan.encode_tiles()), len(plan.decode_tiles())
+    src = _PrefetchLog(3, 96, 144)
+    src.write(0, 0, content)
+    stylize_stage_tiled(cd16x, src, stats, plan, method="wct", alpha=0.6)
+    reads = [e[1:] for e in src.log if e[0] == "read"]
+    assert len(reads) == n_enc + n_dec > 4
+    for k, event in enumerate(src.log):
+        if event[0] == "prefetch":  # the advice names the very next read, and comes before it
+            assert next(e for e in src.log[k + 1 :] if e[0] == "read")[1:] == event[1:]
+    prefetched = [e[1:] for e in src.log if e[0] == "prefetch"]
+    assert prefetched == reads[1:n_enc] + reads[n_enc + 1 :]  # all but each pass's first
+
+
 @pytest.mark.parametrize("stage", [1, 4])  # stage 1 encodes again in pass 2; stage 4 reads cached features
 def test_pass_two_runs_its_tiles_last_first(cd16x, style, photo, stage):
     """Pass 1 forwards, pass 2 backwards: each sweep starts on what the one before touched last.

@@ -18,14 +18,20 @@ Where a canvas lives (`CanvasSite`):
   its time: strided copies, page faults and device-host transfers.
 
 Tiles move through `Canvas.read_tensor` / `Canvas.write_tensor`; from and to a
-host canvas they cross a GPU through page-locked memory.
+host canvas they cross a GPU through page-locked memory. `Canvas.prefetch`
+asks the kernel to start reading the next tile's region of a disk canvas
+while the current tile computes (`posix_fadvise` WILLNEED, from a background
+thread: the advice itself allocates page-cache pages, which under memory
+pressure means reclaiming others).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +65,7 @@ class Canvas:
         self._ram: np.ndarray | None = None
         self._tensor: torch.Tensor | None = None
         self._file = None
+        self._advice: Future[None] | None = None
         if device is not None:
             self._tensor = torch.zeros(self.shape, dtype=torch.float32, device=device)
         elif disk_dir is None:
@@ -165,6 +172,19 @@ class Canvas:
             block = staged
         self.write(row, col, block.detach().float().numpy())
 
+    def prefetch(self, rows: np.ndarray | slice, cols: np.ndarray | slice) -> None:
+        """Start reading ``canvas[:, rows, cols]`` from the disk for a `read` soon after; returns at once.
+
+        Only advice: disk canvases queue it (one region at a time per canvas:
+        a region still queued is replaced), other canvases ignore it.
+        """
+        if self._file is None or not hasattr(os, "posix_fadvise"):
+            return
+        ranges = _coalesce(_file_ranges(self.shape, rows, cols, self._hwc))
+        if self._advice is not None and self._advice.cancel():
+            self._advice = None
+        self._advice = _advisor().submit(_advise, self._fd(), ranges)
+
     def rows_band(self, r0: int, r1: int) -> np.ndarray:
         """A copy of rows [r0, r1) of every channel: (C, r1 - r0, W)."""
         return self.read(slice(r0, r1), slice(None))
@@ -174,6 +194,9 @@ class Canvas:
         return self._ram if self._ram is not None else self.read(slice(None), slice(None))
 
     def close(self) -> None:
+        if self._advice is not None:  # its descriptor must not close (and be reused) under it
+            self._advice.cancel() or self._advice.result()
+            self._advice = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -319,6 +342,60 @@ def _write_all(fd: int, buf: np.ndarray, offset: int) -> None:
     while view.nbytes:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _file_ranges(shape: tuple[int, int, int], rows: np.ndarray | slice, cols: np.ndarray | slice, hwc: bool) -> np.ndarray:
+    """(n, 2) [offset, length] in bytes, ascending, of the file pieces holding a region: a row of a run each."""
+    c, h, w = shape
+    parts = []
+    for (_, rs, rn, _), (_, cs, cn, _) in _region_runs(rows, cols, h, w):
+        r = np.arange(rs, rs + rn, dtype=np.int64)
+        if hwc:
+            starts, length = (r * w + cs) * c * 4, cn * c * 4
+        else:
+            starts, length = ((np.arange(c, dtype=np.int64)[:, None] * h + r) * w + cs).ravel() * 4, cn * 4
+        parts.append(np.stack([starts, np.full_like(starts, length)], 1))
+    if not parts:
+        return np.zeros((0, 2), np.int64)
+    out = np.concatenate(parts)
+    return out[np.argsort(out[:, 0], kind="stable")]
+
+
+# Pieces closer than this are advised as one: reading the gap costs less than another disk request.
+_ADVICE_GAP = 128 * 1024
+
+
+def _coalesce(ranges: np.ndarray, gap: int = _ADVICE_GAP) -> list[tuple[int, int]]:
+    """Ascending (n, 2) [offset, length] pieces merged where they overlap or lie within ``gap`` bytes of each other."""
+    if not len(ranges):
+        return []
+    ends = np.maximum.accumulate(ranges[:, 0] + ranges[:, 1])
+    first = np.ones(len(ranges), bool)
+    first[1:] = ranges[1:, 0] - ends[:-1] > gap
+    heads = np.flatnonzero(first)
+    starts, stops = ranges[heads, 0], ends[np.r_[heads[1:] - 1, len(ranges) - 1]]
+    return list(zip(starts.tolist(), (stops - starts).tolist()))
+
+
+def _advise(fd: int, ranges: list[tuple[int, int]]) -> None:
+    try:
+        for off, n in ranges:
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+    except OSError:  # advice only: the read that follows fails properly if the file does
+        pass
+
+
+_ADVISOR: tuple[int, ThreadPoolExecutor] | None = None
+_ADVISOR_LOCK = threading.Lock()
+
+
+def _advisor() -> ThreadPoolExecutor:
+    """The process's prefetch thread, started on first use (and again in a forked child, which has no threads)."""
+    global _ADVISOR
+    with _ADVISOR_LOCK:
+        if _ADVISOR is None or _ADVISOR[0] != os.getpid():
+            _ADVISOR = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="ultrastyle-prefetch"))
+        return _ADVISOR[1]
 
 
 def _runs(idx: np.ndarray | slice, size: int) -> list[tuple[int, int, int, bool]]:

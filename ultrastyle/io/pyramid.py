@@ -352,6 +352,8 @@ def _bands(src: Pixels, dtype: type, band: int) -> Iterator[np.ndarray]:
         out = np.empty((min(h, r + band) - r, w, 3), dtype)
         for p in range(r, min(h, r + band), piece):
             q = min(h, r + band, p + piece)
+            if q < h:
+                src.prefetch(slice(q, min(h, q + piece)), slice(None))
             t = torch.from_numpy(src.rows_band(p, q)).clamp_(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0)
             if dtype == np.uint8:
                 torch.from_numpy(out[p - r : q - r]).copy_(t)  # truncates, as numpy's astype does

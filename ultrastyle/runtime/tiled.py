@@ -50,10 +50,17 @@ TileCallback = Callable[[str, int, int], None]
 
 def read_region(src: Canvas, rows: Span, cols: Span, device: torch.device | None = None) -> torch.Tensor:
     """(1, C, rows, cols) of the grid-padded image on ``device`` (default CPU): indices past the edge are mirrored in."""
+    return src.read_tensor(*_mirrored(src, rows, cols), device or torch.device("cpu"))[None]
+
+
+def _mirrored(src: Canvas, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
     _, h, w = src.shape
-    r = reflect_index(torch.arange(rows.start, rows.stop), h).numpy()
-    c = reflect_index(torch.arange(cols.start, cols.stop), w).numpy()
-    return src.read_tensor(r, c, device or torch.device("cpu"))[None]
+    return (reflect_index(torch.arange(rows.start, rows.stop), h).numpy(),
+            reflect_index(torch.arange(cols.start, cols.stop), w).numpy())  # fmt: skip
+
+
+def _selected(count: int, only: Collection[int] | None) -> list[int]:
+    return [i for i in range(count) if only is None or i in only]
 
 
 @torch.inference_mode()
@@ -80,11 +87,14 @@ def encode_statistics(
     stats: FeatureStats | list[FeatureStats]
     stats = FeatureStats.empty(channels) if regions is None else [FeatureStats.empty(channels)] * regions.count
     tiles = plan.encode_tiles()
-    for i, t in enumerate(tiles):
-        if only is not None and i not in only:
-            continue
+    order = _selected(len(tiles), only)
+    for k, i in enumerate(order):
+        t = tiles[i]
         ft = t.scaled(g)
         x = read_region(src, t.region_rows, t.region_cols, device)
+        if k + 1 < len(order):  # the disk reads the next tile while this one computes
+            nxt = tiles[order[k + 1]]
+            src.prefetch(*_mirrored(src, nxt.region_rows, nxt.region_cols))
         if regions is None:
             part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
             stats = stats + part
@@ -132,32 +142,35 @@ def decode_tiles(
     # canvases outgrow RAM, is read first; the next stage's pass 1 (forwards) then starts on what
     # this pass wrote last. 100 MP with ~2.2 GiB of page cache: 276 s forwards, 260 s backwards
     # (benchmarks/page_cache.py). Cores partition the image: the order changes no result.
-    done = 0
-    for i in reversed(range(len(tiles))):
+    order = _selected(len(tiles), only)[::-1]
+    for k, i in enumerate(order):
         t = tiles[i]
-        if only is not None and i not in only:
-            continue
+        rows, cols = slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop)
         if features is not None:
-            f = features.read_tensor(slice(t.region_rows.start, t.region_rows.stop),
-                                     slice(t.region_cols.start, t.region_cols.stop), device)[None]  # fmt: skip
+            f = features.read_tensor(rows, cols, device)[None]
+        else:
+            x = read_region(src, t.region_rows, t.region_cols, device)
+        if k + 1 < len(order):  # the disk reads the next tile while this one computes
+            nxt = tiles[order[k + 1]]
+            if features is not None:
+                features.prefetch(slice(nxt.region_rows.start, nxt.region_rows.stop), slice(nxt.region_cols.start, nxt.region_cols.stop))
+            else:
+                src.prefetch(*_mirrored(src, nxt.region_rows, nxt.region_cols))
+        if features is not None:
             if regions is not None:
                 mask, maps = regions
-                labels = mask.feature_labels(g, slice(t.region_rows.start, t.region_rows.stop),
-                                         slice(t.region_cols.start, t.region_cols.stop))  # fmt: skip
-                f = apply_regions(f, labels, maps)
+                f = apply_regions(f, mask.feature_labels(g, rows, cols), maps)
             rs, cs = t.core_in_region
             y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
             scale = g
         else:
-            x = read_region(src, t.region_rows, t.region_cols, device)
             y, scale = model.stylize_core(stage, x, a, b, *t.core_in_region), 1
         r0, c0 = t.rows.start * scale, t.cols.start * scale
         if r0 < h and c0 < w:
             dst.write_tensor(r0, c0, y[0, :, : h - r0, : w - c0].float())
         _after_tile(model, keep_bytes)
-        done += 1
         if on_tile:
-            on_tile(f"stage {stage} decode", done, len(tiles))
+            on_tile(f"stage {stage} decode", k + 1, len(tiles))
 
 
 def plan_image_for(
@@ -392,6 +405,8 @@ def canvas_to_image(canvas: Canvas, dtype: type = np.uint8, band: int = 512) -> 
     peak = sample_peak(dtype)
     out = np.empty((h, w, c), dtype)
     for r in range(0, h, band):
+        if r + band < h:
+            canvas.prefetch(slice(r + band, r + 2 * band), slice(None))
         # In torch, which uses every core: the same float32 arithmetic, truncated as numpy's astype would.
         blk = torch.from_numpy(canvas.rows_band(r, min(h, r + band))).clamp_(0, 1).mul_(peak).add_(0.5).permute(1, 2, 0)
         if out.dtype == np.uint8:
