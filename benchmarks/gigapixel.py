@@ -17,6 +17,7 @@ Needs the vips extra and the CD models (``--model``, default ../shared/models/cd
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -30,15 +31,72 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ULTRASTYLE_SHARED", REPO.parent / "shared"))
 
+# The child: the CLI, with the two passes of runtime.tiled wrapped to log their wall and CPU seconds and
+# /proc/self/io deltas (read_bytes: page-cache misses), one JSON line per pass, and the peak RSS last.
 _RUN = """
-import resource, sys
+import json, os, resource, sys, time
+import ultrastyle.runtime.tiled as tiled
+
+log = open(sys.argv[1], "w")
+
+def snap():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    io = {}
+    if os.path.exists("/proc/self/io"):
+        io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    return [time.perf_counter(), u.ru_utime + u.ru_stime, int(io.get("read_bytes", 0)), int(io.get("write_bytes", 0))]
+
+last = [snap()]
+
+def mark(label):
+    now = snap()
+    log.write(json.dumps([label] + [b - a for a, b in zip(last[0], now)]) + "\\n")
+    log.flush()
+    last[0] = now
+
+def timed(name, tag):
+    inner = getattr(tiled, name)
+    def run(model, stage, *args, **kwargs):
+        mark("other")
+        try:
+            return inner(model, stage, *args, **kwargs)
+        finally:
+            mark(f"{tag} {stage}")
+    setattr(tiled, name, run)
+
+timed("encode_statistics", "encode")
+timed("decode_tiles", "decode")
 from ultrastyle.cli.main import app
 try:
     app(sys.argv[2:])
 finally:
+    mark("other")
     u = resource.getrusage(resource.RUSAGE_SELF)
-    open(sys.argv[1], "w").write(f"{u.ru_maxrss * 1024} {u.ru_utime + u.ru_stime}")
+    log.write(json.dumps(["end", u.ru_maxrss * 1024, u.ru_utime + u.ru_stime]) + "\\n")
 """
+
+PASS_HEADER = "| pass | wall s | cpu s | cpu/wall | disk read GiB | disk write GiB |\n|---|---|---|---|---|---|"
+
+
+def read_passes(log: Path) -> tuple[dict[str, list[float]], int, float]:
+    """Per-pass [wall s, cpu s, read bytes, write bytes] summed over a run's log (`_RUN`); its peak RSS and CPU seconds."""
+    passes: dict[str, list[float]] = {}
+    peak, cpu = 0, 0.0
+    for line in log.read_text().splitlines():
+        label, *values = json.loads(line)
+        if label == "end":
+            peak, cpu = int(values[0]), float(values[1])
+            continue
+        acc = passes.setdefault(label, [0.0] * 4)
+        passes[label] = [a + v for a, v in zip(acc, values)]
+    return passes, peak, cpu
+
+
+def pass_rows(passes: dict[str, list[float]]) -> list[str]:
+    """Markdown rows under `PASS_HEADER`, with a total."""
+    total = [sum(v[i] for v in passes.values()) for i in range(4)]
+    return [f"| {label} | {wall:.1f} | {cpu:.1f} | {cpu / max(wall, 1e-9):.2f} | {rb / 2**30:.2f} | {wb / 2**30:.2f} |"
+            for label, (wall, cpu, rb, wb) in [*passes.items(), ("total", total)]]  # fmt: skip
 
 
 def make_content(photo: Path, megapixels: float, out: Path) -> Path:
@@ -94,19 +152,19 @@ def run(content: Path, style: Path, model: str, fmt: str, budget: str, work: Pat
     out = work / f"out_{fmt}"
     scratch = work / "scratch"
     scratch.mkdir(exist_ok=True)
-    peak_file = work / "peak"
+    log = work / "passes.jsonl"
     argv = ["stylize", str(content), "--style", str(style), "-o", str(out), "--model", model, "--max-memory", budget,
             "--format", fmt, "--scratch", str(scratch), "--max-pixels", str(2 * 10**9)]  # fmt: skip  (1 GP > the 400 MP default)
     with DiskWatch(scratch) as disk:
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", _RUN, str(peak_file), *argv], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", _RUN, str(log), *argv], capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{content.name} {fmt}: exit {r.returncode}\n{r.stderr[-2000:]}")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out)
-    peak, cpu = peak_file.read_text().split()
-    return {"wall": wall, "peak": int(peak), "cpu": float(cpu), "scratch": disk.used, "output": size}
+    passes, peak, cpu = read_passes(log)
+    return {"wall": wall, "peak": peak, "cpu": cpu, "scratch": disk.used, "output": size, "passes": passes}
 
 
 def main() -> None:
@@ -137,6 +195,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     png_at = {float(s) for s in args.png_at.split(",") if s}
     per_mp: dict[str, list[float]] = {}
+    profiles: list[tuple[str, dict[str, list[float]]]] = []
     for mp in [float(s) for s in args.sizes.split(",")]:
         content = make_content(Path(args.photo), mp, work / f"content_{mp:g}mp")
         import pyvips
@@ -148,10 +207,14 @@ def main() -> None:
             m = run(content, Path(args.style), args.model, fmt, budget, work)
             spm = m["wall"] / actual
             per_mp.setdefault(fmt, []).append(spm)
+            profiles.append((f"{actual:.0f} MP, {fmt}", m["passes"]))
             ok = "yes" if m["peak"] <= baseline + budget_bytes else "NO"
             print(f"| {actual:.0f} MP ({head.width}x{head.height}) | {fmt} | {m['wall']:.0f} | {spm:.2f} | {m['cpu'] / m['wall']:.2f} | "
                   f"{m['peak'] / 2**30:.2f} | {ok} | {m['scratch'] / 2**30:.1f} | {m['output'] / 1e9:.2f} | {read_s:.1f} |", flush=True)  # fmt: skip
         content.unlink()
+    for name, passes in profiles:  # where the time went: pass 1 "encode", pass 2 "decode", the rest "other"
+        print(f"\n{name}, per pass:\n\n{PASS_HEADER}")
+        print("\n".join(pass_rows(passes)))
     for fmt, v in per_mp.items():
         if len(v) > 1:
             print(f"\n{fmt}: s/MP at the largest size / at the smallest = {v[-1] / v[0]:.3f} (median s/MP {statistics.median(v):.2f})")
