@@ -175,6 +175,45 @@ def test_disk_canvases_give_the_same_result_as_ram(cd16x, style, photo, tmp_path
     assert list(tmp_path.iterdir()) == []  # scratch files are unlinked
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_consumed_content_is_reused_in_ram_and_replaced_on_disk(cd16x, style, photo, tmp_path, monkeypatch, on_disk):
+    """Later stages write into a consumed content's RAM; a scratch file is closed and a fresh one made.
+
+    Writing tiles into an old scratch file reads each page a row ends in back
+    from the disk first once the file has left the page cache (1 GP: 792 s
+    for one pass); a fresh, preallocated file has nothing to read.
+    """
+    import ultrastyle.runtime.tiled as tiled
+
+    content = photo[:, :96, :144].contiguous()
+    opts = TilingOptions(tile=48, ram_canvas_limit=0, scratch_dir=tmp_path) if on_disk else TilingOptions(tile=48)
+    stats = style_statistics(cd16x, style, DEFAULT_LEVELS)
+    outs, inner = [], tiled.stylize_stage_tiled
+
+    def spy(model, src, *args, out=None, **kwargs):
+        outs.append((out, [c._file is not None for c in opened]))
+        return inner(model, src, *args, out=out, **kwargs)
+
+    monkeypatch.setattr(tiled, "stylize_stage_tiled", spy)
+    cv = canvas_from_array(content.numpy(), layout="chw", disk_dir=tmp_path if on_disk else None)
+    opened = [cv]
+    result = stylize_tiled(cd16x, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS, consume_content=True)
+    try:
+        assert result.on_disk == on_disk and len(outs) == len(DEFAULT_LEVELS)
+        if on_disk:
+            assert all(out is None for out, _ in outs)
+            assert outs[0][1] == [True] and outs[1][1] == [False]  # the content's file closed before stage 2 runs
+        else:
+            assert outs[0][0] is None and outs[1][0] is cv and all(out is not None for out, _ in outs[1:])
+        with canvas_from_array(content.numpy(), layout="chw") as fresh:
+            want = stylize_tiled(cd16x, fresh, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+        assert np.array_equal(result.numpy(), want.numpy())
+        want.close()
+    finally:
+        result.close()
+        cv.close()
+
+
 class _RecordingCanvas(Canvas):
     """A RAM canvas that records where tiles are written."""
 
@@ -582,7 +621,7 @@ def test_a_consumed_content_canvas_is_reused_and_changes_nothing(cd16x, photo, s
     opts = TilingOptions(tile=32, scratch_dir=tmp_path)
     want = _tiled(cd16x, content, style_img, opts, levels=levels)
     stats = style_statistics_tiled(cd16x, canvas_from_array(style_img.numpy(), layout="chw"), levels, opts)
-    cv = Canvas(3, 96, 128, disk_dir=tmp_path)
+    cv = Canvas(3, 96, 128)  # in RAM: a scratch file is replaced instead (the test below)
     cv.write(0, 0, content.numpy())
     out = stylize_tiled(cd16x, cv, stats, opts, method="wct", alpha=0.6, levels=levels, consume_content=True)
     got = out.numpy().copy()
