@@ -102,3 +102,24 @@ def test_prefetch_advises_the_kernel_from_a_thread(tmp_path, channels_last, monk
     assert all(c[4] is not threading.main_thread() for c in calls)
     advised = {b for _, off, n, _, _ in calls for b in range(off, off + n)}
     assert _element_bytes((3, 20, 30), np.arange(4, 9), np.arange(30), channels_last) <= advised
+
+
+def test_close_waits_for_advice_already_running(tmp_path, monkeypatch):
+    import os
+    import time
+
+    open_during = []
+
+    def slow(fd, off, n, advice):
+        time.sleep(0.05)
+        open_during.append(os.fstat(fd).st_size > 0)  # raises once the descriptor is closed
+
+    monkeypatch.setattr(os, "posix_fadvise", slow)
+    canvas = Canvas(3, 20, 30, disk_dir=tmp_path)
+    canvas.prefetch(slice(0, 10), slice(0, 5))  # running when close comes
+    time.sleep(0.02)
+    canvas.prefetch(slice(10, 20), slice(0, 5))  # queued, then cancelled by close
+    canvas.close()
+    n = len(open_during)
+    time.sleep(0.2)
+    assert n >= 1 and open_during == [True] * n  # nothing ran on the descriptor after close

@@ -194,8 +194,9 @@ class Canvas:
         return self._ram if self._ram is not None else self.read(slice(None), slice(None))
 
     def close(self) -> None:
-        if self._advice is not None:  # its descriptor must not close (and be reused) under it
-            self._advice.cancel() or self._advice.result()
+        if self._advice is not None:  # the descriptor must not close (and be reused) under advice still running
+            self._advice.cancel()
+            _advisor().submit(int).result()  # one thread, first in first out: a barrier behind what runs now
             self._advice = None
         if self._file is not None:
             self._file.close()
