@@ -21,6 +21,7 @@ content) and the CD models (``--model``).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import shutil
@@ -40,18 +41,12 @@ sys.stdin.read()
 """
 
 
+@functools.cache
 def _gigapixel_module():
     spec = importlib.util.spec_from_file_location("gigapixel_bench", Path(__file__).with_name("gigapixel.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
-
-
-def available_bytes() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def drop_page_cache() -> bool:
@@ -66,6 +61,8 @@ def drop_page_cache() -> bool:
 
 def profile(content: Path, args: argparse.Namespace, work: Path, page_cache: float | None) -> tuple[dict[str, list[float]], int]:
     """Per-pass [wall s, cpu s, read bytes, write bytes] of one run, and its peak RSS."""
+    from ultrastyle.runtime.memory import available_bytes
+
     hog = None
     if page_cache is not None:
         # Leave page_cache GiB beside the run itself (its peak is about the baseline plus the budget).

@@ -227,11 +227,15 @@ class _RecordingCanvas(Canvas):
 
 
 class _PrefetchLog(Canvas):
-    """A RAM canvas that logs the regions read and prefetched, in order."""
+    """A RAM canvas that logs the regions read and prefetched, in order (posing as a disk canvas, which is prefetched)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.log = []
+
+    @property
+    def on_disk(self):
+        return True
 
     def prefetch(self, rows, cols):
         self.log.append(("prefetch", np.asarray(rows).tolist(), np.asarray(cols).tolist()))

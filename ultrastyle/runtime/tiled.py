@@ -38,7 +38,7 @@ from ultrastyle.core.plan import ImagePlan, StagePlan, TilingOptions, plan_image
 from ultrastyle.core.styles import (
     Affine, Regions, Style, Target, apply_regions, as_style, identity_map, region_statistics,
 )  # fmt: skip
-from ultrastyle.core.tiling import Span
+from ultrastyle.core.tiling import Span, Tile
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.runtime.backends.base import Runner, StageNetworks, runner_traits
 from ultrastyle.runtime.cascade import style_statistics, stylize_stage
@@ -57,6 +57,16 @@ def _mirrored(src: Canvas, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarr
     _, h, w = src.shape
     return (reflect_index(torch.arange(rows.start, rows.stop), h).numpy(),
             reflect_index(torch.arange(cols.start, cols.stop), w).numpy())  # fmt: skip
+
+
+def _prefetch(src: Canvas, t: Tile, mirror: bool) -> None:
+    """Queue the disk reads of tile ``t``'s region of ``src`` (mirrored past the edge with ``mirror``) while another computes."""
+    if not src.on_disk:  # nothing to read ahead: skip building the indices
+        return
+    if mirror:
+        src.prefetch(*_mirrored(src, t.region_rows, t.region_cols))
+    else:
+        src.prefetch(slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop))
 
 
 def _selected(count: int, only: Collection[int] | None) -> list[int]:
@@ -93,8 +103,7 @@ def encode_statistics(
         ft = t.scaled(g)
         x = read_region(src, t.region_rows, t.region_cols, device)
         if k + 1 < len(order):  # the disk reads the next tile while this one computes
-            nxt = tiles[order[k + 1]]
-            src.prefetch(*_mirrored(src, nxt.region_rows, nxt.region_cols))
+            _prefetch(src, tiles[order[k + 1]], mirror=True)
         if regions is None:
             part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
             stats = stats + part
@@ -151,11 +160,7 @@ def decode_tiles(
         else:
             x = read_region(src, t.region_rows, t.region_cols, device)
         if k + 1 < len(order):  # the disk reads the next tile while this one computes
-            nxt = tiles[order[k + 1]]
-            if features is not None:
-                features.prefetch(slice(nxt.region_rows.start, nxt.region_rows.stop), slice(nxt.region_cols.start, nxt.region_cols.stop))
-            else:
-                src.prefetch(*_mirrored(src, nxt.region_rows, nxt.region_cols))
+            _prefetch(src if features is None else features, tiles[order[k + 1]], mirror=features is None)
         if features is not None:
             if regions is not None:
                 mask, maps = regions
