@@ -70,8 +70,9 @@ from pathlib import Path
 import torch
 
 from ultrastyle.distill.config import DecoderConfig, DistillConfig
-from ultrastyle.distill.data import list_images, readable_images, split_files
-from ultrastyle.distill.jobs import distill, train_decoder
+from ultrastyle.distill.data import CropSettings, CropStream, PairStream, list_images, readable_images, split_files
+from ultrastyle.distill.fit import fit_decoder, fit_encoder
+from ultrastyle.distill.jobs import _calibration, distill, train_decoder
 from ultrastyle.distill.metrics import psnr, ssim
 from ultrastyle.distill.prune import prune_encoder
 from ultrastyle.distill.sources import load_decoder, load_encoder
@@ -122,11 +123,11 @@ def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
         out = str(args.work / name)
         steps = args.stage_steps.get(k, args.steps)  # every method: the same budget per stage
         runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=steps, lr=args.lr, teacher=teacher,
-                                                      student_arch=STUDENT.name, init="prune", beta=args.beta, kd=name,
+                                                      student_arch=STUDENT.name, init=args.init, beta=args.beta, kd=name,
                                                       review_weight=args.review_weight)))  # fmt: skip
         sd = common | {"pixel_weight": args.sd_pixel_weight.get(k, args.pixel_weight)}
         runs.append((f"{name}/{k}SD", DecoderConfig(**sd, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
-                                                      loss_encoder=teacher, init=teacher)))  # fmt: skip
+                                                      loss_encoder=teacher, init=teacher, prune="fit" if args.init == "fit" else "l1")))  # fmt: skip
     return runs
 
 
@@ -232,6 +233,7 @@ def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) ->
 @torch.inference_mode()
 def evaluate(args: argparse.Namespace) -> dict:
     images = _eval_images(args)
+    train_files, _ = split_files(readable_images(list_images(args.images)), args.val_fraction)
     report: dict = {"images": [n for n, _ in images], "eval_size": args.eval_size, "stages": {}}
     for k in args.stages:
         t_enc, t_dec = load_encoder(args.teacher, k), load_decoder(args.teacher, k)
@@ -239,6 +241,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         # F' -> Q_k F' where the teacher's decoder reads a student
         q = lambda enc: (lambda x: getattr(enc, f"conv{k}1_aux")(enc(x)))  # noqa: E731
         row: dict = {"teacher": _quality(t_enc, t_dec, images), "pruned+T": _quality(q(pruned), t_dec, images)}
+        # the fitted start of --init fit, on the same calibration crops as the runs (the first FIT_CROPS of the stream)
+        cal = _calibration(PairStream(CropStream(train_files, CropSettings(args.crop, args.resize), seed=args.seed)))
+        f_enc = fit_encoder(t_enc, STUDENT, cal)[0]
+        f_dec = fit_decoder(t_dec, STUDENT, f_enc(cal), t_enc(cal))
+        row |= {"fitted+T": _quality(q(f_enc), t_dec, images), "fitted": _quality(f_enc, f_dec, images)}
         student = None
         for label, folder in _models(args).items():
             if not (folder / f"{k}SE.pth").is_file():
@@ -264,7 +271,7 @@ def _cell(q: dict, tag: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    labels = list(dict.fromkeys(t for st in report["stages"].values() for t in st["quality"] if t not in ("teacher", "pruned+T") and not t.endswith("+T")))
+    labels = list(dict.fromkeys(t for st in report["stages"].values() for t in st["quality"] if t not in ("teacher", "pruned+T", "fitted") and not t.endswith("+T")))
     lines = [f"Held-out photos: {len(report['images'])} ({', '.join(report['images'])}), long side {report['eval_size']} px.", ""]
     lines += ["Reconstruction PSNR (dB) / SSIM per stage: each student through its own decoder (own SD) and through the "
               "teacher's decoder via Q_k (teacher SD); gap = own SD - teacher.", ""]  # fmt: skip
@@ -273,6 +280,8 @@ def markdown(report: dict) -> str:
         q = st["quality"]
         lines.append(f"| {k} | teacher 16x SE+SD | {_cell(q, 'teacher')} | - | - |")
         lines.append(f"| {k} | pruned, untrained | - | {_cell(q, 'pruned+T')} | - |")
+        if "fitted" in q:
+            lines.append(f"| {k} | fitted, untrained | {_cell(q, 'fitted')} | {_cell(q, 'fitted+T')} | {q['fitted']['psnr'] - q['teacher']['psnr']:+.2f} |")
         for label in labels:
             gap = f"{q[label]['psnr'] - q['teacher']['psnr']:+.2f}" if label in q else "-"
             lines.append(f"| {k} | {label} | {_cell(q, label)} | {_cell(q, label + '+T')} | {gap} |")
@@ -332,6 +341,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--methods", default=",".join(METHODS), help="distillation methods to train and compare (default: %(default)s)")
+    ap.add_argument("--init", default="prune", choices=["prune", "fit"], help="student start: L1 pruning (decoders recalibrated) or fit (encoders and decoders fitted by least squares to the teacher's activations)")
     ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
     ap.add_argument("--review-weight", type=float, default=1.0, help="knowledge-review (HCL) loss weight")
     ap.add_argument("--pixel-weight", type=float, default=1.0)

@@ -240,3 +240,36 @@ def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir,
     r = subprocess.run([*argv[:-1], str(step + 1), "--resume"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _weights(out / "2SE.pth") and read_checkpoint(out / "runs" / "2SE" / "checkpoint.pt")["step"] == step + 1
+
+
+def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
+    """``init fit`` (encoder) and ``prune fit`` (decoder): a run with a vanishing lr saves the fitted networks."""
+    from ultrastyle.distill.fit import fit_decoder, fit_encoder
+    from ultrastyle.distill.jobs import _calibration, _data
+    from ultrastyle.distill.sources import load_decoder, load_encoder
+
+    out = tmp_path / "s"
+    cfg = _config(teacher_dir, photos, out, init="fit", steps=1, lr=1e-12)
+    distill(cfg)
+    teacher = load_encoder(str(teacher_dir), 2)
+    cal = _calibration(_data(cfg, lambda m: None)[0])
+    want = fit_encoder(teacher, TEACHER.student("tinyteacher-x0.5", 0.5), cal)[0].state_dict()
+    got = _weights(out / "2SE.pth")
+    assert set(got) == set(want)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, atol=1e-6, rtol=0)
+
+    dcfg = DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), loss_encoder=str(teacher_dir), init=str(teacher_dir),
+                         prune="fit", crop=16, resize=24, batch_size=2, steps=1, lr=1e-12, workers=0, val_fraction=0.25)  # fmt: skip
+    train_decoder(dcfg)
+    student = load_encoder(str(out), 2)
+    want = fit_decoder(load_decoder(str(teacher_dir), 2), student.spec, student(cal), teacher(cal)).state_dict()
+    got = _weights(out / "2SD.pth")
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, atol=1e-6, rtol=0)
+
+    r = CliRunner().invoke(app, ["train-decoder", "-e", str(out), "--init", str(teacher_dir), "--prune", "lasso", "--stage", "2",
+                                 "--images", str(photos), "-o", str(out)])  # fmt: skip
+    assert r.exit_code == 2 and "lasso" in r.output
+    with pytest.raises(Exception, match="prune: must be one of l1, fit, got 'lasso'"):
+        DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), prune="lasso").check()

@@ -39,6 +39,11 @@ class Kd(str, Enum):
     mse = "mse"
 
 
+class Prune(str, Enum):
+    l1 = "l1"
+    fit = "fit"
+
+
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -192,7 +197,7 @@ def distill_command(
     collaborator: Annotated[Optional[str], typer.Option(help="Model with the collaborator decoder {k}SD.pth", show_default="the teacher")] = None,
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x)", show_default="teacher widths x --width-factor")] = None,
     width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width", show_default="0.5")] = None,
-    init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights", show_default="prune")] = None,
+    init: Annotated[Optional[str], typer.Option(help="prune (L1 filter pruning of the teacher), fit (the teacher's channels that span the rest, refitted by least squares to its activations), random, or a folder/.pth with the student's weights", show_default="prune")] = None,
     kd: Annotated[Optional[Kd], typer.Option("--kd", help="Distillation method. cd: collaborator decoder through Q_k + beta * same-level embedding loss; review: knowledge review (ABF fusion from the deepest tap down, hierarchical context loss against every teacher tap); cd+review: both; mse: embedding loss only.", show_default="cd")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2 (with review it only fits Q_k)", show_default="10")] = None,
     review_weight: Annotated[Optional[float], typer.Option("--review-weight", help="Weight of the knowledge-review loss (--kd review, cd+review)", show_default="1")] = None,
@@ -235,6 +240,7 @@ def train_decoder_command(
     images: ImagesOpt = None,
     loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder", show_default="the encoder")] = None,
     init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider)", show_default="random")] = None,
+    prune: Annotated[Optional[Prune], typer.Option(help="How a wider --init decoder is thinned: l1 (filter norms, recalibrated) or fit (least squares to its activations on its own encoder's features)", show_default="l1")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
     val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None, warmup_steps: WarmupOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,
@@ -250,7 +256,7 @@ def train_decoder_command(
     model: `ultrastyle stylize --model OUT`, `ultrastyle export OUT`.
     """
     flags = _common(
-        encoder=encoder, out=out, images=images, loss_encoder=loss_encoder, init=init, mode=mode, style=style,
+        encoder=encoder, out=out, images=images, loss_encoder=loss_encoder, init=init, prune=prune, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
         lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,

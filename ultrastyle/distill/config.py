@@ -22,6 +22,7 @@ from ultrastyle.models.spec import STAGES
 CONFIG_FILE = "config.yaml"
 MODES = ("wct", "adain")
 KD_CHOICES = ("cd", "review", "cd+review", "mse")  # tasks.KD_METHODS describes them
+PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (distill.prune, distill.fit)
 # What may change when a run is resumed: its length and where it runs.
 RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads"})
 
@@ -104,7 +105,7 @@ class DistillConfig(RunConfig):
     collaborator: str | None = None  # where the collaborator decoder {k}SD.pth is; default: the teacher
     student_arch: str | None = None  # a registered architecture; default: the teacher's widths x width_factor
     width_factor: float = 0.5
-    init: str = "prune"  # prune | random | a folder or .pth with the student's weights
+    init: str = "prune"  # prune (L1) | fit (least squares to the teacher, see distill.fit) | random | a folder or .pth with the student's weights
     beta: float = 10.0  # weight of the embedding loss Σ_b ||F_b − Q_b F'_b||²
     kd: str = "cd"  # cd | review | cd+review | mse (see tasks.KD_METHODS)
     review_weight: float = 1.0  # weight of the knowledge-review HCL loss
@@ -157,6 +158,7 @@ class DecoderConfig(RunConfig):
     encoder: str = ""  # zoo name, model folder or VGG-19 .pth whose features are decoded
     loss_encoder: str | None = None  # network of the perceptual loss; default: the encoder itself
     init: str = "random"  # random | a model with {k}SD.pth (copied, or pruned if it is wider)
+    prune: str = "l1"  # how a wider init decoder is thinned: l1 (filter norms, recalibrated) | fit (least squares, see distill.fit)
 
     @property
     def kind(self) -> str:
@@ -166,6 +168,8 @@ class DecoderConfig(RunConfig):
         super().check()
         if not self.encoder:
             raise ConfigError("encoder: required")
+        if self.prune not in PRUNE_CHOICES:
+            raise ConfigError(f"prune: must be one of {', '.join(PRUNE_CHOICES)}, got {self.prune!r}")
 
 
 C = TypeVar("C", bound=RunConfig)
