@@ -25,12 +25,14 @@ own features, while the student decoder reads the student encoder's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.models.networks import Decoder, Encoder, _StageNet
-from ultrastyle.models.spec import ArchSpec
+from ultrastyle.models.spec import ArchSpec, Layer
 
 RELU_ROUNDS = 3  # refits for the ReLU (see fit_conv)
 RIDGE = 1e-5  # times the mean diagonal of the Gram matrix: only stabilises rank-deficient fits
@@ -94,7 +96,7 @@ def fit_conv(conv: nn.Conv2d, x: torch.Tensor, target: torch.Tensor, *, relu: bo
     reg[-1] = 0.0  # the bias is not shrunk
     chol = torch.linalg.cholesky(gram + torch.diag(reg))
 
-    def solve(goal) -> None:
+    def solve(goal: Callable[[int, int], torch.Tensor]) -> None:
         cross = torch.zeros(d, conv.out_channels, dtype=torch.float64)
         for i in range(0, x.shape[0], chunk):
             p = _patches(x[i : i + chunk], k).double()
@@ -122,7 +124,9 @@ def _covariance(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_chain(student: _StageNet, teacher: _StageNet, xs: torch.Tensor, xt: torch.Tensor, *, on_tap=None) -> dict[str, torch.Tensor]:
+def fit_chain(
+    student: _StageNet, teacher: _StageNet, xs: torch.Tensor, xt: torch.Tensor, *, on_tap: Callable[[Layer, torch.Tensor, torch.Tensor], None] | None = None
+) -> dict[str, torch.Tensor]:
     """Fit every conv of ``student`` to ``teacher``'s (same layer list, thinner); returns the kept channels per conv.
 
     ``xs`` / ``xt``: the two networks' inputs (N, C, H, W) on the calibration
@@ -168,7 +172,7 @@ def fit_encoder(teacher: Encoder, spec: ArchSpec, images: torch.Tensor) -> tuple
     student = Encoder(spec, teacher.stage, aux=spec.teacher_widths is not None)
     student.eval()
 
-    def fit_q(layer, xs: torch.Tensor, xt: torch.Tensor) -> None:
+    def fit_q(layer: Layer, xs: torch.Tensor, xt: torch.Tensor) -> None:
         q = getattr(student, f"{layer.name}_aux", None)
         if q is not None:
             fit_conv(q, xs, xt)
