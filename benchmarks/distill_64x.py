@@ -7,7 +7,8 @@ and its collaborator decoder (``{k}SD``); the student is ``cd64x`` (half the
 out by file-name hash), with the same step budget and seed, two runs:
 
 - ``{method}/{k}SE``: the student encoder, L1-pruned from the teacher (Q_k
-  starting as the pruned channels' selection matrix), distilled by
+  starting as the pruned channels' selection matrix; with ``--init fit``
+  fitted to the teacher's activations instead, see `ultrastyle.distill.fit`), distilled by
   ``ultrastyle distill --kd {method}``:
   ``cd`` collaborator reconstruction (pixel + perceptual through the frozen 16x
   decoder) + beta * same-level embedding loss; ``mse`` the embedding loss
@@ -15,13 +16,14 @@ out by file-name hash), with the same step budget and seed, two runs:
   student's taps from the deepest down and predict every teacher tap, HCL loss;
   the embedding loss only fits Q_k); ``cd+review`` collaborator + review;
 - ``{method}/{k}SD``: its own decoder (started from the 16x decoder pruned with
-  Q_k folded into its first conv and its channels recalibrated; perceptual
-  loss with the 16x teacher, as CD).
+  Q_k folded into its first conv and its channels recalibrated, or with
+  ``--init fit`` fitted to it; perceptual loss with the 16x teacher, as CD).
 
 Then it reports, on the held-out photos (the validation split plus
 `../shared/images/content`, long side ``--eval-size``), reconstruction PSNR /
 SSIM per stage of the teacher (16x SE + SD), the untrained pruned student
-through the teacher's decoder, every method's student through its own decoder
+through the teacher's decoder, the untrained fitted student (through its
+fitted decoder and through the teacher's), every method's student through its own decoder
 and through the teacher's decoder (D_T(Q_k F')), and the shipped
 ``ultrastyle-wct-64x`` (``--shipped``); the 5-stage WCT cascade at alpha 0
 (levels 5,4,3,2,1: a pure reconstruction through all ten networks) of each
