@@ -74,7 +74,7 @@ import torch
 from ultrastyle.distill.config import DecoderConfig, DistillConfig
 from ultrastyle.distill.data import CropSettings, CropStream, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
-from ultrastyle.distill.jobs import _calibration, distill, train_decoder
+from ultrastyle.distill.jobs import calibration_crops, distill, train_decoder
 from ultrastyle.distill.metrics import psnr, ssim
 from ultrastyle.distill.prune import prune_encoder
 from ultrastyle.distill.sources import load_decoder, load_encoder
@@ -244,7 +244,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         q = lambda enc: (lambda x: getattr(enc, f"conv{k}1_aux")(enc(x)))  # noqa: E731
         row: dict = {"teacher": _quality(t_enc, t_dec, images), "pruned+T": _quality(q(pruned), t_dec, images)}
         # the fitted start of --init fit, on the same calibration crops as the runs (the first FIT_CROPS of the stream)
-        cal = _calibration(PairStream(CropStream(train_files, CropSettings(args.crop, args.resize), seed=args.seed)))
+        cal = calibration_crops(PairStream(CropStream(train_files, CropSettings(args.crop, args.resize), seed=args.seed)))
         f_enc = fit_encoder(t_enc, STUDENT, cal)[0]
         f_dec = fit_decoder(t_dec, STUDENT, f_enc(cal), t_enc(cal))
         row |= {"fitted+T": _quality(q(f_enc), t_dec, images), "fitted": _quality(f_enc, f_dec, images)}

@@ -245,14 +245,14 @@ def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir,
 def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
     """``init fit`` (encoder) and ``prune fit`` (decoder): a run with a vanishing lr saves the fitted networks."""
     from ultrastyle.distill.fit import fit_decoder, fit_encoder
-    from ultrastyle.distill.jobs import _calibration, _data
+    from ultrastyle.distill.jobs import calibration_crops, _data
     from ultrastyle.distill.sources import load_decoder, load_encoder
 
     out = tmp_path / "s"
     cfg = _config(teacher_dir, photos, out, init="fit", steps=1, lr=1e-12)
     distill(cfg)
     teacher = load_encoder(str(teacher_dir), 2)
-    cal = _calibration(_data(cfg, lambda m: None)[0])
+    cal = calibration_crops(_data(cfg, lambda m: None)[0])
     want = fit_encoder(teacher, TEACHER.student("tinyteacher-x0.5", 0.5), cal)[0].state_dict()
     got = _weights(out / "2SE.pth")
     assert set(got) == set(want)
@@ -271,5 +271,9 @@ def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
     r = CliRunner().invoke(app, ["train-decoder", "-e", str(out), "--init", str(teacher_dir), "--prune", "lasso", "--stage", "2",
                                  "--images", str(photos), "-o", str(out)])  # fmt: skip
     assert r.exit_code == 2 and "lasso" in r.output
+    dec_only = claim_folder(tmp_path / "dec_only", TEACHER)
+    write_network(dec_only, "2SD.pth", load_decoder(str(teacher_dir), 2))
+    with pytest.raises(Exception, match=r"prune: fit needs the encoder of the decoder it thins, .*2SE.pth, and there is none"):
+        train_decoder(DecoderConfig(**{**dcfg.__dict__, "init": str(dec_only), "out": str(tmp_path / "o2")}))
     with pytest.raises(Exception, match="prune: must be one of l1, fit, got 'lasso'"):
         DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), prune="lasso").check()

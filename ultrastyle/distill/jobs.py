@@ -100,7 +100,7 @@ def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, C
 FIT_CROPS = 32  # calibration crops of a fitted init (64 crops of 256 px gave the same quality within 0.1-0.6 dB at stages 1-3)
 
 
-def _calibration(stream: PairStream, n: int = FIT_CROPS) -> torch.Tensor:
+def calibration_crops(stream: PairStream, n: int = FIT_CROPS) -> torch.Tensor:
     """The first ``n`` training crops (N, 3, crop, crop): what a fitted or recalibrated init sees."""
     return torch.stack([stream[g]["content"] for g in range(n)])
 
@@ -111,7 +111,7 @@ def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec, strea
         return prune_encoder(teacher, spec)[0]
     if config.init == "fit":
         with torch.no_grad():
-            return fit_encoder(teacher, spec, _calibration(stream))[0]
+            return fit_encoder(teacher, spec, calibration_crops(stream))[0]
     if config.init == "random":
         torch.manual_seed(config.seed)
         return Encoder(spec, k, aux=True)
@@ -161,8 +161,10 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
         dec.load_state_dict(start.state_dict())
         return dec
     if config.prune == "fit":
+        if path.is_dir() and not (path / f"{k}SE.pth").is_file():
+            raise ConfigError(f"prune: fit needs the encoder of the decoder it thins, {path / f'{k}SE.pth'}, and there is none (use prune l1)")
         with torch.no_grad():
-            images = _calibration(stream)
+            images = calibration_crops(stream)
             return fit_decoder(start, spec, encoder(images), sources.load_encoder(config.init, k)(images))
     # A wider decoder (the teacher's collaborator): prune it, reading the
     # student's features through the encoder's Q_k where it has one.
@@ -172,7 +174,7 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
     feats = None
     if embed is not None:
         with torch.no_grad():
-            feats = encoder(_calibration(stream, CALIBRATION_CROPS))
+            feats = encoder(calibration_crops(stream, CALIBRATION_CROPS))
     return prune_decoder(start, spec, embed=embed, calibrate=feats)
 
 
