@@ -17,8 +17,8 @@ from ultrastyle.models.sources import model_defaults
 
 NAME = "ultrastyle-wct-64x"
 # Reconstruction PSNR floors (dB) on a held-out photo at 256 px: 2.3-4 dB under
-# what the shipped weights give there (39.9 / 25.3 / 24.4 / 21.8 / 18.8; the
-# experiment's 15-photo means at 512 px: 47.7 / 28.2 / 26.2 / 23.4 / 20.1), above
+# what the shipped weights give there (39.9 / 25.3 / 24.5 / 21.8 / 18.8; the
+# experiment's 15-photo means at 512 px: 47.7 / 28.2 / 26.3 / 23.4 / 20.1), above
 # the previous students (36.3 / 24.0 / 21.3 / 17.7 / 16.4 here) at stages 3-5,
 # and far above broken or mis-converted weights or the untrained L1-pruned
 # student (10-12 dB).
