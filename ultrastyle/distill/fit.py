@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultrastyle.models.networks import Decoder, Encoder, _StageNet
+from ultrastyle.models.networks import Decoder, Encoder, _StageNet, reflect_pad
 from ultrastyle.models.spec import ArchSpec, Layer
 
 RELU_ROUNDS = 3  # refits for the ReLU (see fit_conv)
@@ -67,8 +67,7 @@ def greedy_span(cov: torch.Tensor, n: int) -> torch.Tensor:
 
 def _patches(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """(N*L, C*k*k + 1): every output position's receptive field (reflection-padded) and a 1 for the bias."""
-    if kernel > 1:
-        x = F.pad(x, (kernel // 2,) * 4, mode="reflect")
+    x = reflect_pad(x, kernel // 2)
     u = F.unfold(x, kernel).transpose(1, 2).reshape(-1, x.shape[1] * kernel * kernel)
     return torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype)], 1)
 
@@ -85,7 +84,6 @@ def fit_conv(conv: nn.Conv2d, x: torch.Tensor, target: torch.Tensor, *, relu: bo
     returned is then that of the ReLU outputs).
     """
     k = conv.kernel_size[0]
-    pad = (lambda v: F.pad(v, (k // 2,) * 4, mode="reflect")) if k > 1 else (lambda v: v)
     d = conv.in_channels * k * k + 1
     gram = torch.zeros(d, d, dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
@@ -110,8 +108,8 @@ def fit_conv(conv: nn.Conv2d, x: torch.Tensor, target: torch.Tensor, *, relu: bo
     with torch.no_grad():
         solve(lambda a, b: target[a:b])
         for _ in range(rounds if relu else 0):
-            solve(lambda a, b: torch.where(target[a:b] > 0, target[a:b], conv(pad(x[a:b])).clamp(max=0)))
-        out = conv(pad(x))
+            solve(lambda a, b: torch.where(target[a:b] > 0, target[a:b], conv(reflect_pad(x[a:b], k // 2)).clamp(max=0)))
+        out = conv(reflect_pad(x, k // 2))
         if relu:
             out, target = F.relu(out), F.relu(target)
         return float((out - target).pow(2).mean() / target.var().clamp_min(1e-12))
@@ -143,8 +141,7 @@ def fit_chain(
             continue
         s_conv: nn.Conv2d = getattr(student, s_layer.name)
         t_conv: nn.Conv2d = getattr(teacher, t_layer.name)
-        pad = (lambda x, p=t_layer.kernel // 2: F.pad(x, (p,) * 4, mode="reflect") if p else x)  # noqa: E731
-        zt = t_conv(pad(xt))
+        zt = t_conv(reflect_pad(xt, t_layer.kernel // 2))
         at = F.relu(zt) if t_layer.relu else zt
         n = s_conv.out_channels
         rows = torch.arange(n) if n == t_conv.out_channels else greedy_span(_covariance(at), n)
@@ -155,9 +152,7 @@ def fit_chain(
             fit_conv(s_conv, xs, zt[:, rows], relu=s_layer.relu)
             same = False
         kept[s_layer.name] = rows
-        zs = s_conv(pad(xs))
-        xs = F.relu(zs) if s_layer.relu else zs
-        xt = at
+        xs, xt = student._layer(s_layer, xs), at
         if on_tap is not None:
             on_tap(s_layer, xs, xt)
     return kept
