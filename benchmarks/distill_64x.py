@@ -236,6 +236,8 @@ def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) ->
 def evaluate(args: argparse.Namespace) -> dict:
     images = _eval_images(args)
     train_files, _ = split_files(readable_images(list_images(args.images)), args.val_fraction)
+    # the fitted start of --init fit sees the same calibration crops as the runs (the first FIT_CROPS of the stream)
+    cal = calibration_crops(PairStream(CropStream(train_files, CropSettings(args.crop, args.resize), seed=args.seed)))
     report: dict = {"images": [n for n, _ in images], "eval_size": args.eval_size, "stages": {}}
     for k in args.stages:
         t_enc, t_dec = load_encoder(args.teacher, k), load_decoder(args.teacher, k)
@@ -243,8 +245,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         # F' -> Q_k F' where the teacher's decoder reads a student
         q = lambda enc: (lambda x: getattr(enc, f"conv{k}1_aux")(enc(x)))  # noqa: E731
         row: dict = {"teacher": _quality(t_enc, t_dec, images), "pruned+T": _quality(q(pruned), t_dec, images)}
-        # the fitted start of --init fit, on the same calibration crops as the runs (the first FIT_CROPS of the stream)
-        cal = calibration_crops(PairStream(CropStream(train_files, CropSettings(args.crop, args.resize), seed=args.seed)))
         f_enc = fit_encoder(t_enc, STUDENT, cal)[0]
         f_dec = fit_decoder(t_dec, STUDENT, f_enc(cal), t_enc(cal))
         row |= {"fitted+T": _quality(q(f_enc), t_dec, images), "fitted": _quality(f_enc, f_dec, images)}
