@@ -343,7 +343,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--methods", default=",".join(METHODS), help="distillation methods to train and compare (default: %(default)s)")
-    ap.add_argument("--init", default="prune", choices=["prune", "fit"], help="student start: L1 pruning (decoders recalibrated) or fit (encoders and decoders fitted by least squares to the teacher's activations)")
+    ap.add_argument("--init", default="fit", choices=["fit", "prune"], help="student start: fit (encoders and decoders fitted by least squares to the teacher's activations) or L1 pruning (decoders recalibrated)")
     ap.add_argument("--beta", type=float, default=1.0, help="embedding loss weight (CD used 10 with a VGG-19 teacher)")
     ap.add_argument("--review-weight", type=float, default=1.0, help="knowledge-review (HCL) loss weight")
     ap.add_argument("--pixel-weight", type=float, default=1.0)

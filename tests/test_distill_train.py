@@ -243,13 +243,13 @@ def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir,
 
 
 def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
-    """``init fit`` (encoder) and ``prune fit`` (decoder): a run with a vanishing lr saves the fitted networks."""
+    """The default starts, ``init fit`` (encoder) and ``prune fit`` (decoder): a run with a vanishing lr saves the fitted networks."""
     from ultrastyle.distill.fit import fit_decoder, fit_encoder
     from ultrastyle.distill.jobs import calibration_crops, _data
     from ultrastyle.distill.sources import load_decoder, load_encoder
 
     out = tmp_path / "s"
-    cfg = _config(teacher_dir, photos, out, init="fit", steps=1, lr=1e-12)
+    cfg = _config(teacher_dir, photos, out, steps=1, lr=1e-12)  # no init given: fit
     distill(cfg)
     teacher = load_encoder(str(teacher_dir), 2)
     cal = calibration_crops(_data(cfg, lambda m: None)[0])
@@ -260,7 +260,7 @@ def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
         torch.testing.assert_close(got[name], w, atol=1e-6, rtol=0)
 
     dcfg = DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), loss_encoder=str(teacher_dir), init=str(teacher_dir),
-                         prune="fit", crop=16, resize=24, batch_size=2, steps=1, lr=1e-12, workers=0, val_fraction=0.25)  # fmt: skip
+                         crop=16, resize=24, batch_size=2, steps=1, lr=1e-12, workers=0, val_fraction=0.25)  # fmt: skip (no prune given: fit)
     train_decoder(dcfg)
     student = load_encoder(str(out), 2)
     want = fit_decoder(load_decoder(str(teacher_dir), 2), student.spec, student(cal), teacher(cal)).state_dict()

@@ -105,7 +105,7 @@ class DistillConfig(RunConfig):
     collaborator: str | None = None  # where the collaborator decoder {k}SD.pth is; default: the teacher
     student_arch: str | None = None  # a registered architecture; default: the teacher's widths x width_factor
     width_factor: float = 0.5
-    init: str = "prune"  # prune (L1) | fit (least squares to the teacher, see distill.fit) | random | a folder or .pth with the student's weights
+    init: str = "fit"  # fit (least squares to the teacher, see distill.fit) | prune (L1) | random | a folder or .pth with the student's weights
     beta: float = 10.0  # weight of the embedding loss Σ_b ||F_b − Q_b F'_b||²
     kd: str = "cd"  # cd | review | cd+review | mse (see tasks.KD_METHODS)
     review_weight: float = 1.0  # weight of the knowledge-review HCL loss
@@ -158,7 +158,7 @@ class DecoderConfig(RunConfig):
     encoder: str = ""  # zoo name, model folder or VGG-19 .pth whose features are decoded
     loss_encoder: str | None = None  # network of the perceptual loss; default: the encoder itself
     init: str = "random"  # random | a model with {k}SD.pth (copied, or pruned if it is wider)
-    prune: str = "l1"  # how a wider init decoder is thinned: l1 (filter norms, recalibrated) | fit (least squares, see distill.fit)
+    prune: str = "fit"  # how a wider init decoder is thinned: fit (least squares, see distill.fit) | l1 (filter norms, recalibrated)
 
     @property
     def kind(self) -> str:
