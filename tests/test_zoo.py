@@ -659,6 +659,53 @@ def test_tampered_packaged_file_is_refused(registry: TempRegistry, no_network: N
     assert not zoo.is_installed("own")
 
 
+def test_an_earlier_releases_packaged_file_is_replaced_not_refused(registry: TempRegistry, no_network: None, runner: CliRunner) -> None:
+    """A new release ships new weights: the copy an older one installed is outdated, and ensure replaces it."""
+    old = [registry.package("own/4SE.pth", _blob(1)), registry.package("own/4SD.pth", _blob(2))]
+    registry.write({"own": entry_json(old, stages=[4])})
+    d = zoo.fetch("own", progress=False)
+    new_se = registry.package("own/4SE.pth", _blob(3))  # same size, other bytes: the upgrade
+    registry.write({"own": entry_json([{**new_se, "earlier_sha256": [old[0]["sha256"]]}, old[1]], stages=[4])})
+    assert zoo.is_installed("own") and zoo.is_outdated("own")
+    problems = zoo.verify("own")
+    assert len(problems) == 1 and "earlier ultrastyle release" in problems[0] and "ultrastyle models fetch own" in problems[0]
+    r = runner.invoke(app, ["models", "verify", "own"])
+    assert r.exit_code == 1 and "earlier ultrastyle release" in r.stderr
+    assert zoo.ensure("own", progress=False) == d
+    assert zoo.sha256_file(d / "4SE.pth") == new_se["sha256"] and not zoo.is_outdated("own") and zoo.verify("own") == []
+    # A digest the registry does not list as earlier is still damage, refused.
+    _flip_one_byte(d / "4SE.pth")
+    assert not zoo.is_outdated("own")
+    with pytest.raises(zoo.DamagedModelError):
+        zoo.ensure("own", progress=False)
+
+
+def test_the_packaged_models_list_their_earlier_versions() -> None:
+    """Every earlier digest of a packaged file in this repository's history is listed (so upgrades replace, not refuse)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        log = subprocess.run(["git", "-C", str(repo), "log", "--format=%H", "--", "ultrastyle/models/zoo.json"],
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no git history to compare with ({exc})")
+    if len(log) < 2:
+        pytest.skip("a shallow clone: zoo.json has no earlier versions here")
+    current = {(n, f.name): f for n, e in zoo.entries().items() for f in e.files if f.kind == "package"}
+    missing = []
+    for commit in log[1:]:
+        raw = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:ultrastyle/models/zoo.json"], capture_output=True, text=True).stdout
+        try:
+            models = json.loads(raw)["models"]
+        except (ValueError, KeyError, TypeError):
+            continue  # an older schema
+        for n, e in models.items():
+            for f in e.get("files", []):
+                now = current.get((n, f.get("name")))
+                if now is not None and f.get("sha256") not in (now.sha256, *now.earlier_sha256):
+                    missing.append(f"{n}/{f['name']} {f['sha256']} (zoo.json at {commit[:7]})")
+    assert not missing, "add to the file's earlier_sha256: " + "; ".join(sorted(set(missing)))
+
+
 def _own_from_cd(registry: TempRegistry) -> dict:
     """cd-wct-16x (URL files) and `own`: 4SE.pth reused from it, 4SD.pth packaged, stage 4 only."""
     cd = real_entry(NAME)
@@ -738,7 +785,10 @@ def test_registry_file_needs_exactly_one_source(registry: TempRegistry, sources:
      ({"from": f"{NAME}/4SE.pth", "sha256": "1" * 64}, "a derived file must be byte-identical"),
      ({"from": "own/4SD.pth"}, "must name another registered model"),
      ({"package": "../../etc/passwd"}, "relative path inside ultrastyle/models/weights/"),
-     ({"name": "../4SE.pth", "package": "own/x"}, "plain file name")],
+     ({"name": "../4SE.pth", "package": "own/x"}, "plain file name"),
+     ({"url": "https://example.invalid/4SE.pth", "earlier_sha256": "ab"}, "earlier_sha256 must be a list of sha256 digests"),
+     ({"url": "https://example.invalid/4SE.pth", "earlier_sha256": ["ab"]}, "earlier_sha256 must be a list of sha256 digests"),
+     ({"url": "https://example.invalid/4SE.pth", "sha256": "1" * 64, "earlier_sha256": ["1" * 64]}, "lists the current sha256")],
 )  # fmt: skip
 def test_registry_refuses_bad_sources(registry: TempRegistry, bad: dict, message: str) -> None:
     se = next(f for f in real_entry(NAME)["files"] if f["name"] == "4SE.pth")

@@ -39,7 +39,9 @@ optional; see `ultrastyle.models.defaults`), which become
 Loading (once per process, cached) checks the whole file and raises
 :class:`ZooError` naming the model and file and what to fix: file and model
 names are plain names (no folders); ``sha256`` is 64 hex digits and ``bytes``
-a non-negative integer; a ``"package"`` path stays inside the weights folder;
+a non-negative integer; an optional ``"earlier_sha256"`` lists the file's
+digests in earlier releases (an installed copy with one of them is replaced
+by ``zoo.ensure``, not refused as damaged); a ``"package"`` path stays inside the weights folder;
 a ``"from"`` names an existing file of another model with the same sha256 and
 bytes, and models do not reuse each other's files in a cycle; no file is
 listed twice; ``stages`` are distinct stages 1..5; formats ``cd`` and
@@ -100,6 +102,10 @@ class ZooFile:
     bytes: int
     package: str | None = None
     derived_from: str | None = None
+    # This file's sha256 in earlier ultrastyle releases ("earlier_sha256" in
+    # zoo.json): an installed copy with one of them is outdated, not damaged,
+    # and `zoo.ensure` replaces it.
+    earlier_sha256: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -176,6 +182,12 @@ def _parse_file(model: str, f: dict) -> ZooFile:
     sha = str(f["sha256"]).lower()
     if not _SHA256.match(sha):
         raise ZooError(f"{where}: sha256 must be 64 hex digits, got {f['sha256']!r}")
+    earlier = f.get("earlier_sha256", [])
+    if not isinstance(earlier, list) or not all(isinstance(e, str) and _SHA256.match(e.lower()) for e in earlier):
+        raise ZooError(f"{where}: earlier_sha256 must be a list of sha256 digests (64 hex digits each), got {earlier!r}")
+    earlier = [e.lower() for e in earlier]
+    if sha in earlier:
+        raise ZooError(f"{where}: earlier_sha256 lists the current sha256 {sha}; an earlier version must differ from it")
     size = f["bytes"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ZooError(f"{where}: bytes must be a non-negative integer, got {size!r}")
@@ -196,7 +208,8 @@ def _parse_file(model: str, f: dict) -> ZooFile:
     url = f["url"] if "url" in given else None
     if url is not None and not isinstance(url, str):
         raise ZooError(f"{where}: \"url\" must be a string, got {url!r}")
-    return ZooFile(name=f["name"], url=url, sha256=sha, bytes=size, package=package, derived_from=derived)
+    return ZooFile(name=f["name"], url=url, sha256=sha, bytes=size, package=package, derived_from=derived,
+                   earlier_sha256=tuple(earlier))  # fmt: skip
 
 
 def _parse_stages(model: str, e: dict) -> tuple[int, ...]:

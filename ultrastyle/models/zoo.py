@@ -33,7 +33,9 @@ Getting the files:
   The source folder may hold the files flat, or hold a ``NAME/`` sub-folder
   with them (so a mirror's root works).
 - :func:`ensure` returns the model's directory, fetching it first unless
-  :func:`is_installed` (every file present with its size), then checks every
+  :func:`is_installed` (every file present with its size) and none is an
+  earlier release's version (:func:`is_outdated`, zoo.json's
+  ``earlier_sha256``: replaced, not refused), then checks every
   file's sha256 (:func:`check_installed`, once per process): a damaged file is
   refused with :class:`DamagedModelError` naming the repair command.
   :func:`verify` hashes every file afresh and lists what is wrong.
@@ -75,6 +77,7 @@ __all__ = [
     "home_dir",
     "model_dir",
     "is_installed",
+    "is_outdated",
     "verify",
     "fetch",
     "import_local",
@@ -221,9 +224,19 @@ def _file_problem(entry: ZooEntry, f: ZooFile, path: Path) -> str | None:
     if size != f.bytes:
         return f"{entry.name}/{f.name}: size {size} bytes, expected {f.bytes} ({path})"
     found = sha256_file(path)
+    if found in f.earlier_sha256:
+        return f"{entry.name}/{f.name}: an earlier ultrastyle release's version ({path}); run: ultrastyle models fetch {entry.name}"
     if found != f.sha256:
         return f"{entry.name}/{f.name}: sha256 {found}, expected {f.sha256} ({path})"
     return None
+
+
+def is_outdated(name: str) -> bool:
+    """True when an installed file is an earlier release's version of it (its registry ``earlier_sha256``)."""
+    entry = get_entry(name)
+    d = model_dir(name)
+    return any(f.earlier_sha256 and (d / f.name).is_file() and sha256_file_cached(d / f.name) in f.earlier_sha256
+               for f in entry.files)  # fmt: skip
 
 
 def _repair_command(entry: ZooEntry) -> str:
@@ -603,13 +616,15 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
 
 
 def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Path:
-    """The directory of model ``name``, installing it first (:func:`fetch`) if any file is missing or has the wrong size.
+    """The directory of model ``name``, installing it first (:func:`fetch`) if any file is missing, has the wrong size or is outdated.
 
-    Every file's sha256 is then checked (:func:`check_installed`; about 10 ms
-    per 10 MB, once per process): a damaged installed file raises
+    Outdated: an earlier release's version of the file (:func:`is_outdated`),
+    left by an older ultrastyle; it is replaced like a missing one. Every
+    file's sha256 is then checked (:func:`check_installed`; about 10 ms per
+    10 MB, once per process): a damaged installed file raises
     :class:`DamagedModelError` rather than being used. Packaged files need no
     network; derived files install their source model first.
     """
-    if not is_installed(name):
+    if not is_installed(name) or is_outdated(name):
         fetch(name, mirror=mirror, progress=progress)
     return check_installed(name)
