@@ -27,7 +27,8 @@ fitted decoder and through the teacher's), every method's student through its ow
 and through the teacher's decoder (D_T(Q_k F')), and the shipped
 ``ultrastyle-wct-64x`` (``--shipped``); the 5-stage WCT cascade at alpha 0
 (levels 5,4,3,2,1: a pure reconstruction through all ten networks) of each
-complete model; parameter counts (encoder without Q_k, plus decoder) and CPU
+complete model, and each student's stylizations at ``--alpha`` (``--styles``
+styles x ``--styled-photos`` photos) against the teacher's; parameter counts (encoder without Q_k, plus decoder) and CPU
 seconds per megapixel (PyTorch eager, encoder + decoder, ``--threads``).
 
 Everything lives in ``--work`` (default ``out/distill_64x``, git-ignored). Each
@@ -212,12 +213,21 @@ def _models(args: argparse.Namespace) -> dict[str, Path]:
 
 @torch.inference_mode()
 def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
-    """5-stage WCT cascade at alpha 0 (levels 5..1) of the teacher and of every complete student model."""
+    """5-stage WCT cascade (levels 5..1) of the teacher and of every complete student model.
+
+    At alpha 0 (a reconstruction: PSNR/SSIM against the photo) and, for the
+    students, stylized at ``--alpha`` with the first ``--styles`` styles over
+    the first ``--styled-photos`` held-out photos: PSNR/SSIM against the
+    teacher's stylization of the same pair (does the student stylize like it?).
+    """
     from ultrastyle.models.pretrained import load_model
     from ultrastyle.runtime.cascade import stylize, style_statistics
 
     levels = (5, 4, 3, 2, 1)
+    styles = [resize_long_side(load_image(f), args.eval_size) for f in sorted(args.style_dir.glob("*.jpg"))[: args.styles]]
+    pairs = [(x, s) for _, x in images[: args.styled_photos] for s in styles]
     out: dict[str, dict[str, float]] = {}
+    reference: list[torch.Tensor] = []  # the teacher's stylizations
     for label, folder in {"teacher": args.teacher, **_models(args)}.items():
         if not all((folder / f"{k}{p}.pth").is_file() for k in levels for p in ("SE", "SD")):
             continue
@@ -229,6 +239,13 @@ def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) ->
             ps.append(psnr(y, x))
             ss.append(ssim(y, x))
         out[label] = {"psnr": statistics.mean(ps), "ssim": statistics.mean(ss)}
+        styled = [stylize(model, x, style_statistics(model, s, levels), method="wct", alpha=args.alpha, levels=levels).clamp(0, 1)
+                  for x, s in pairs]  # fmt: skip
+        if label == "teacher":
+            reference = styled
+        elif reference:
+            out[label] |= {"styled_psnr": statistics.mean(psnr(y, r) for y, r in zip(styled, reference)),
+                           "styled_ssim": statistics.mean(ssim(y, r) for y, r in zip(styled, reference))}  # fmt: skip
     return out
 
 
@@ -265,6 +282,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"[eval] stage {k}: " + ", ".join(f"{t} {v['psnr']:.2f}" for t, v in row.items()), flush=True)
     if set(args.stages) >= {1, 2, 3, 4, 5} or args.cascade:
         report["cascade"] = cascade(args, images)
+        report |= {"styled_pairs": min(args.styled_photos, len(images)) * min(args.styles, len(list(args.style_dir.glob("*.jpg")))), "alpha": args.alpha}
     return report
 
 
@@ -289,11 +307,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {k} | {label} | {_cell(q, label)} | {_cell(q, label + '+T')} | {gap} |")
     if report.get("cascade"):
         c = report["cascade"]
-        lines += ["", "5-stage WCT cascade at alpha 0 (levels 5,4,3,2,1), PSNR (dB) / SSIM:", "",
-                  "| model | PSNR / SSIM | vs teacher (dB) |", "|---|---|---|"]  # fmt: skip
+        lines += ["", "5-stage WCT cascade (levels 5,4,3,2,1), PSNR (dB) / SSIM: at alpha 0 against the photo; stylized "
+                  f"({report.get('styled_pairs', '?')} content x style pairs, alpha {report.get('alpha', '?')}) against the teacher's stylization:", "",
+                  "| model | alpha 0 | vs teacher (dB) | stylized vs teacher's |", "|---|---|---|---|"]  # fmt: skip
         for label, v in c.items():
             gap = f"{v['psnr'] - c['teacher']['psnr']:+.2f}" if "teacher" in c and label != "teacher" else "-"
-            lines.append(f"| {label} | {v['psnr']:.2f} / {v['ssim']:.3f} | {gap} |")
+            styled = f"{v['styled_psnr']:.2f} / {v['styled_ssim']:.3f}" if "styled_psnr" in v else "-"
+            lines.append(f"| {label} | {v['psnr']:.2f} / {v['ssim']:.3f} | {gap} | {styled} |")
     lines += ["", "| stage | teacher params | student params | teacher s/MP | student s/MP |", "|---|---|---|---|---|"]
     for k, st in report["stages"].items():
         sp = f"{st['student_params']:,}" if "student_params" in st else "-"
@@ -355,6 +375,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads run several times slower under load)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-size", type=int, default=512)
+    ap.add_argument("--style-dir", type=Path, default=SHARED / "images/style", help="styles of the cascade's stylized comparison")
+    ap.add_argument("--styles", type=int, default=4, help="how many of --style-dir's styles (sorted by name)")
+    ap.add_argument("--styled-photos", type=int, default=5, help="how many held-out photos are stylized with each style")
+    ap.add_argument("--alpha", type=float, default=0.6, help="stylization strength of the stylized comparison (ultrastyle-wct-64x's default)")
     ap.add_argument("--time-size", type=int, default=1024, help="image side for the s/MP timing")
     ap.add_argument("--shipped", type=Path, default=SHIPPED, help="the shipped student model folder, evaluated beside (default: the packaged ultrastyle-wct-64x)")
     ap.add_argument("--report-only", action="store_true")
