@@ -49,8 +49,10 @@ and 1e-4 for the decoders (decoder weights are ~10x smaller: 1e-3 made the
 stage-1 decoder collapse), beta = 1 (CD's beta = 10 was tuned for a VGG-19
 teacher; at this level it drowns the collaborator loss: 400-step probes at
 stage 1 gave D_T(Q F') 15 dB with beta 10, 23 dB with 1, 30 dB with 0.1; at
-stage 2, 16 / 19 dB with beta 0.1 / 1), review weight 1, 1 torch thread plus
-1 data worker.
+stage 2, 16 / 19 dB with beta 0.1 / 1), review weight 1, pixel weight 1 (CD's;
+the shipped students used 1e3-1e4, worth +0.5 to +2.2 dB at stages 2-5: at
+this size a weight of 1 leaves the pixel term ~1000x under the perceptual
+one), 1 torch thread plus 1 data worker.
 
 Budget on a CPU: one step of the SE and SD runs of all five stages costs
 about 1.6 s per method on one core of this 2-core machine when idle (stage 5:
