@@ -171,7 +171,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker proc
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init)", show_default="0")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to train", show_default="cpu")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default", show_default="0")]
-PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss", show_default="1")]
+PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss (CD's 1; the 64x students used 1e3-1e4, +0.5 to +2.2 dB reconstruction PSNR, docs/training.md)", show_default="1")]
 PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss", show_default="1")]
 ContentOpt = Annotated[Optional[float], typer.Option("--content-weight", help="AdaIN mode: content loss weight", show_default="1")]
 StyleWOpt = Annotated[Optional[float], typer.Option("--style-weight", help="AdaIN mode: style loss weight", show_default="10")]
