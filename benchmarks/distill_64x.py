@@ -214,13 +214,14 @@ def _models(args: argparse.Namespace) -> dict[str, Path]:
 
 
 @torch.inference_mode()
-def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, dict[str, float]], int]:
     """5-stage WCT cascade (levels 5..1) of the teacher and of every complete student model.
 
     At alpha 0 (a reconstruction: PSNR/SSIM against the photo) and, for the
     students, stylized at ``--alpha`` with the first ``--styles`` styles over
     the first ``--styled-photos`` held-out photos: PSNR/SSIM against the
     teacher's stylization of the same pair (does the student stylize like it?).
+    Returns the figures per model and the number of stylized pairs.
     """
     from ultrastyle.models.pretrained import load_model
     from ultrastyle.runtime.cascade import stylize, style_statistics
@@ -248,7 +249,7 @@ def cascade(args: argparse.Namespace, images: list[tuple[str, torch.Tensor]]) ->
         elif reference:
             out[label] |= {"styled_psnr": statistics.mean(psnr(y, r) for y, r in zip(styled, reference)),
                            "styled_ssim": statistics.mean(ssim(y, r) for y, r in zip(styled, reference))}  # fmt: skip
-    return out
+    return out, len(pairs)
 
 
 @torch.inference_mode()
@@ -283,8 +284,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         report["stages"][k] = {"quality": row, **info}
         print(f"[eval] stage {k}: " + ", ".join(f"{t} {v['psnr']:.2f}" for t, v in row.items()), flush=True)
     if set(args.stages) >= {1, 2, 3, 4, 5} or args.cascade:
-        report["cascade"] = cascade(args, images)
-        report |= {"styled_pairs": min(args.styled_photos, len(images)) * min(args.styles, len(list(args.style_dir.glob("*.jpg")))), "alpha": args.alpha}
+        report["cascade"], report["styled_pairs"] = cascade(args, images)
+        report["alpha"] = args.alpha
     return report
 
 
