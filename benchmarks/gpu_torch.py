@@ -371,13 +371,16 @@ def main() -> int:
     ap.add_argument("--pairs-style", default="", help="style folders for --psnr-pairs, comma-separated")
     ap.add_argument("--budget-s", type=float, default=0, help="start no row after this many seconds (0: no limit)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the script (tiny sizes), no figures")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the script (320x240 content, 128 px networks, 96MB tiles; sizes and repeats ignored), no figures")
     args = ap.parse_args()
     global DEV
     DEV = torch.device(args.device)
     if DEV.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device available to PyTorch: this benchmark needs one", file=sys.stderr)
         return 2
+    if DEV.type == "cpu":  # the smoke run exercises every code path on sizes a CPU finishes in seconds
+        args.sizes, args.net_size, args.psnr_size, args.style_size = "320x240", 128, 128, 128
+        args.max_memory, args.repeats, args.psnr_pairs = "96MB", 1, min(args.psnr_pairs, 2)
     start = time.perf_counter()
     configs = [Config.parse(c) for c in args.configs.split(",")]
     large = [Config.parse(c) for c in args.large_configs.split(",")] if args.large_configs else configs
