@@ -10,7 +10,10 @@ entry, each ``--sizes`` image and each ``--paths`` path. A config is
 (statistics, eigendecompositions and the fit in float64 either way);
 ``+compile``: the stage networks through ``torch.compile`` with the affine map
 folded into each decoder's first convolution (`runtime.backends.torch_engine`);
-``+hostfit``: the WCT fit on the CPU (``fit_on="host"``) instead of on the GPU.
+``+hostfit``: the WCT fit on the CPU (``fit_on="host"``) instead of on the GPU;
+``+syncio``: tiled rows only, tile reads and writes of host canvases in line
+instead of overlapped with compute (``TilingOptions(overlap_io=False)``,
+`runtime.tile_io`), to show what the overlap saves.
 
 - ``whole``: each stage on the whole image (``--no-tile``); skipped where the
   estimate (``--whole-gib-per-mp``) exceeds the GPU's free memory.
@@ -112,17 +115,19 @@ class Config:
     precision: str = "fp32"
     compile: bool = False
     host_fit: bool = False
+    sync_io: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Config:
         precision, *flags = text.strip().split("+")
-        bad = set(flags) - {"compile", "hostfit"}
+        bad = set(flags) - {"compile", "hostfit", "syncio"}
         if precision not in ("fp32", "fp16", "bf16") or bad:
-            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit], PRECISION fp32|fp16|bf16")
-        return cls(precision, "compile" in flags, "hostfit" in flags)
+            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit][+syncio], PRECISION fp32|fp16|bf16")
+        return cls(precision, "compile" in flags, "hostfit" in flags, "syncio" in flags)
 
     def __str__(self) -> str:
-        return self.precision + ("+compile" if self.compile else "") + ("+hostfit" if self.host_fit else "")
+        flags = ("+compile" if self.compile else "") + ("+hostfit" if self.host_fit else "") + ("+syncio" if self.sync_io else "")
+        return self.precision + flags
 
 
 def parse_size(text: str) -> tuple[int, int] | float:
@@ -183,7 +188,7 @@ class Bench:
         self.eager: dict[str, TorchRunner] = {}
 
     def runner(self, cfg: Config) -> TorchRunner:
-        key = Config(cfg.precision, cfg.compile)  # +hostfit shares the runner (and its compiled graphs)
+        key = Config(cfg.precision, cfg.compile)  # +hostfit and +syncio share the runner (and its compiled graphs)
         if key not in self.runners:
             self.runners[key] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision, compile=cfg.compile)
         return self.runners[key]
@@ -206,7 +211,7 @@ def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict,
         out = (y.clamp(0, 1).mul(255).add(0.5)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         del y
     else:
-        opts = TilingOptions(max_memory=max_memory)
+        opts = TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else None)
         cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
         try:
             res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
@@ -299,12 +304,13 @@ def networks_row(bench: Bench, cfg: Config, side: int, repeats: int, stages: tup
 
 def psnr_rows(bench: Bench, configs: list[Config], contents: list[Path], styles: list[Path], pairs: int, side: int, style_size: int) -> list[dict]:
     ref_cfg = Config("fp32")
-    found: dict[str, list[tuple[float, float, float]]] = {str(c): [] for c in configs if c.precision != "fp32"}
+    checked = [c for c in configs if c.precision != "fp32" and not c.sync_io]  # +syncio: the same whole-image output
+    found: dict[str, list[tuple[float, float, float]]] = {str(c): [] for c in checked}
     for i in range(pairs):
         content = array_to_tensor(make_content((side, side), contents[i % len(contents)]))
         style = make_style(styles[i % len(styles)], style_size)
         outs = {}
-        for cfg in [ref_cfg, *(c for c in configs if c.precision != "fp32")]:
+        for cfg in [ref_cfg, *checked]:
             runner = bench.runner(cfg)
             stats = bench.style_stats(cfg, style)
             fit_on = "host" if cfg.host_fit else "auto"
@@ -405,7 +411,7 @@ def main() -> int:
     if args.networks:
         for cfg in configs:
             for stages in (DEFAULT_LEVELS, (5,)):
-                if cfg.host_fit or out_of_time(f"networks {cfg} {stages}"):
+                if cfg.host_fit or cfg.sync_io or out_of_time(f"networks {cfg} {stages}"):
                     continue
                 try:
                     row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
@@ -433,7 +439,7 @@ def main() -> int:
                 stats_by_cfg[cfg.precision] = bench.style_stats(cfg, style)
             stats = stats_by_cfg[cfg.precision]
             for p in paths:
-                if cfg.host_fit and p != "whole":  # the tiled path fits on the host either way
+                if (cfg.host_fit and p != "whole") or (cfg.sync_io and p == "whole"):  # rows that would repeat another's
                     continue
                 label = "whole" if p == "whole" else f"tiled {args.max_memory}"
                 row = {"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": label}

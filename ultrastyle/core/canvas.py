@@ -143,11 +143,19 @@ class Canvas:
             _gather(self._tensor, rows, cols, out)
             return out.to(device)
         if device.type != "cuda":
-            return torch.from_numpy(self._read_host(rows, cols))
+            return self.read_host(rows, cols)
         # To a GPU through page-locked memory: one host copy instead of two, and a DMA transfer.
+        return self.read_host(rows, cols, pinned=True).to(device, non_blocking=True)  # PyTorch keeps the block until the copy is done
+
+    def read_host(self, rows: np.ndarray | slice, cols: np.ndarray | slice, *, pinned: bool = False) -> torch.Tensor:
+        """``canvas[:, rows, cols]`` as a new float32 CPU tensor (C, h, w); ``pinned``: page-locked, for an asynchronous copy to a GPU."""
+        if self._tensor is not None:
+            return self.read_tensor(rows, cols, torch.device("cpu"))
+        if not pinned:
+            return torch.from_numpy(self._read_host(rows, cols))
         staged = torch.empty(self._region_shape(rows, cols), dtype=torch.float32, pin_memory=True)
         self._read_host(rows, cols, out=staged)
-        return staged.to(device, non_blocking=True)  # PyTorch keeps the page-locked block until the copy is done
+        return staged
 
     def write(self, row: int, col: int, block: np.ndarray) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for block (C, h, w)."""

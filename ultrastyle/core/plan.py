@@ -69,6 +69,9 @@ class TilingOptions:
     # What max_memory bounds: "host" (this process's RAM: tiles and RAM canvases) or "device" (GPU
     # memory: tiles, and canvases that fit beside them). None: the runner's (`RunnerTraits.budget_memory`).
     budget: str | None = None
+    # Tile reads and writes of host canvases on worker threads, overlapped with compute (`runtime.tile_io`).
+    # None: the runner's (`RunnerTraits.overlap_io`: on where a GPU computes).
+    overlap_io: bool | None = None
 
     @classmethod
     def unbounded(cls, **options: object) -> TilingOptions:
@@ -88,6 +91,7 @@ class TilingOptions:
             uniform_tiles=traits.uniform_tiles if self.uniform_tiles is None else self.uniform_tiles,
             whole_if_area_fits=not traits.bounded_regions if self.whole_if_area_fits is None else self.whole_if_area_fits,
             budget=budget,
+            overlap_io=traits.overlap_io if self.overlap_io is None else self.overlap_io,
         )
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:

@@ -47,6 +47,10 @@ class RunnerTraits:
     # measured: per stage, else ``default_memory_factor``.
     memory_factors: tuple[tuple[int, float], ...] = ()
     default_memory_factor: float = 1.0
+    # Whether host canvases' tile reads and writes run on worker threads beside the compute
+    # (`runtime.tile_io`): where a GPU computes. On the CPU they would share its cores and hold a
+    # tile beyond the planner's memory model.
+    overlap_io: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_memory not in BUDGET_MEMORIES:
@@ -66,4 +70,4 @@ class RunnerTraits:
 # A bare StyleModel: eager PyTorch as the planner models it, clipped regions, mixed tile shapes, and the
 # budget where its tensors live. (A `TorchRunner` adds what the heap keeps, read when it is made.)
 EAGER_HOST = RunnerTraits()
-EAGER_DEVICE = RunnerTraits(budget_memory="device")
+EAGER_DEVICE = RunnerTraits(budget_memory="device", overlap_io=True)

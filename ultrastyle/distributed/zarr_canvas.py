@@ -75,6 +75,10 @@ class ZarrCanvas(Canvas):
     def read_tensor(self, rows: np.ndarray | slice, cols: np.ndarray | slice, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.read(rows, cols)).to(device)
 
+    def read_host(self, rows: np.ndarray | slice, cols: np.ndarray | slice, *, pinned: bool = False) -> torch.Tensor:
+        t = torch.from_numpy(self.read(rows, cols))
+        return t.pin_memory() if pinned else t
+
     def write(self, row: int, col: int, block: np.ndarray) -> None:
         _, h, w = block.shape
         self._z[:, row : row + h, col : col + w] = np.asarray(block, dtype=np.float32)  # type: ignore[index]

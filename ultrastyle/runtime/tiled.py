@@ -44,6 +44,7 @@ from ultrastyle.runtime.backends.base import Runner, StageNetworks, runner_trait
 from ultrastyle.runtime.cascade import style_statistics, stylize_stage
 from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
 from ultrastyle.runtime.memory import available_bytes, disk_free, release_free_memory, trim_heap
+from ultrastyle.runtime.tile_io import Pending, TileIO
 
 TileCallback = Callable[[str, int, int], None]
 
@@ -59,14 +60,9 @@ def _mirrored(src: Canvas, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarr
             reflect_index(torch.arange(cols.start, cols.stop), w).numpy())  # fmt: skip
 
 
-def _prefetch(src: Canvas, t: Tile, mirror: bool) -> None:
-    """Queue the disk reads of tile ``t``'s region of ``src`` (mirrored past the edge with ``mirror``) while another computes."""
-    if not src.on_disk:  # nothing to read ahead: skip building the indices
-        return
-    if mirror:
-        src.prefetch(*_mirrored(src, t.region_rows, t.region_cols))
-    else:
-        src.prefetch(slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop))
+def _fetch_region(io: TileIO, src: Canvas, t: Tile, ahead: bool) -> Pending:
+    """Start reading tile ``t``'s region of the grid-padded image ``src`` (`read_region`) through ``io`` (``ahead``: `TileIO.fetch`)."""
+    return io.fetch(src, *_mirrored(src, t.region_rows, t.region_cols), ahead=ahead)
 
 
 def _selected(count: int, only: Collection[int] | None) -> list[int]:
@@ -84,6 +80,7 @@ def encode_statistics(
     keep_bytes: int | None = None,
     regions: Regions | None = None,
     only: Collection[int] | None = None,
+    overlap: bool = False,
 ) -> FeatureStats | list[FeatureStats]:
     """Pass 1: content statistics over every tile's core; optionally keep the core features.
 
@@ -91,6 +88,8 @@ def encode_statistics(
     memory cached from earlier tiles (`Runner.release_memory`); None: no limit.
     With ``regions``: one `FeatureStats` per region instead. ``only``: the
     indices of the tiles to run, the rest skipped (a cluster worker's share).
+    ``overlap``: host canvases read ahead and written behind on worker threads
+    (`runtime.tile_io`; the plan's ``options.overlap_io``).
     """
     device, g = model.device, plan.grid
     channels = model.arch.feature_channels(stage)
@@ -98,24 +97,23 @@ def encode_statistics(
     stats = FeatureStats.empty(channels) if regions is None else [FeatureStats.empty(channels)] * regions.count
     tiles = plan.encode_tiles()
     order = _selected(len(tiles), only)
-    for k, i in enumerate(order):
-        t = tiles[i]
-        ft = t.scaled(g)
-        x = read_region(src, t.region_rows, t.region_cols, device)
-        if k + 1 < len(order):  # the disk reads the next tile while this one computes
-            _prefetch(src, tiles[order[k + 1]], mirror=True)
-        if regions is None:
-            part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
-            stats = stats + part
-        else:
-            core = model.encode_core(stage, x, *ft.core_in_region)
-            labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
-            stats = [a + b for a, b in zip(stats, region_statistics(core, labels, regions.count))]
-        if features is not None:
-            features.write_tensor(ft.rows.start, ft.cols.start, core[0].float())
-        _after_tile(model, keep_bytes)
-        if on_tile:
-            on_tile(f"stage {stage} statistics", i + 1, len(tiles))
+    with TileIO(device, overlap) as io:
+        # the next tile's region is read while this one computes
+        for i, x in io.read_ahead(order, lambda j, ahead: _fetch_region(io, src, tiles[j], ahead)):
+            t = tiles[i]
+            ft = t.scaled(g)
+            if regions is None:
+                part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
+                stats = stats + part
+            else:
+                core = model.encode_core(stage, x, *ft.core_in_region)
+                labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
+                stats = [a + b for a, b in zip(stats, region_statistics(core, labels, regions.count))]
+            if features is not None:
+                io.store(features, ft.rows.start, ft.cols.start, core[0].float())
+            _after_tile(model, keep_bytes)
+            if on_tile:
+                on_tile(f"stage {stage} statistics", i + 1, len(tiles))
     return stats
 
 
@@ -133,12 +131,13 @@ def decode_tiles(
     keep_bytes: int | None = None,
     regions: tuple[Regions, list[Affine]] | None = None,
     only: Collection[int] | None = None,
+    overlap: bool = False,
 ) -> None:
     """Pass 2: (encode ->) A f + b -> decode per tile; write each core, cropped to the image (``keep_bytes``: as pass 1).
 
     ``regions``: the mask and one map per region, applied to the cached
     ``features`` (required then) before decoding; ``a``, ``b`` are ignored.
-    ``only``: as in `encode_statistics`.
+    ``only``, ``overlap``: as in `encode_statistics`.
     """
     device, g = model.device, plan.grid
     _, h, w = dst.shape
@@ -152,30 +151,32 @@ def decode_tiles(
     # this pass wrote last. 100 MP with ~2.2 GiB of page cache: 276 s forwards, 260 s backwards
     # (benchmarks/page_cache.py). Cores partition the image: the order changes no result.
     order = _selected(len(tiles), only)[::-1]
-    for k, i in enumerate(order):
+
+    def fetch(i: int, ahead: bool) -> Pending:  # cached features lie inside the canvas; the image is mirrored in
         t = tiles[i]
-        rows, cols = slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop)
-        if features is not None:
-            f = features.read_tensor(rows, cols, device)[None]
-        else:
-            x = read_region(src, t.region_rows, t.region_cols, device)
-        if k + 1 < len(order):  # the disk reads the next tile while this one computes
-            _prefetch(src if features is None else features, tiles[order[k + 1]], mirror=features is None)
-        if features is not None:
-            if regions is not None:
-                mask, maps = regions
-                f = apply_regions(f, mask.feature_labels(g, rows, cols), maps)
-            rs, cs = t.core_in_region
-            y = model.decode_core(stage, f, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
-            scale = g
-        else:
-            y, scale = model.stylize_core(stage, x, a, b, *t.core_in_region), 1
-        r0, c0 = t.rows.start * scale, t.cols.start * scale
-        if r0 < h and c0 < w:
-            dst.write_tensor(r0, c0, y[0, :, : h - r0, : w - c0].float())
-        _after_tile(model, keep_bytes)
-        if on_tile:
-            on_tile(f"stage {stage} decode", k + 1, len(tiles))
+        if features is None:
+            return _fetch_region(io, src, t, ahead)
+        return io.fetch(features, slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop), ahead=ahead)
+
+    with TileIO(device, overlap) as io:
+        for k, (i, x) in enumerate(io.read_ahead(order, fetch)):  # the next tile's region is read while this one computes
+            t = tiles[i]
+            if features is not None:
+                if regions is not None:
+                    mask, maps = regions
+                    rows, cols = slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop)
+                    x = apply_regions(x, mask.feature_labels(g, rows, cols), maps)
+                rs, cs = t.core_in_region
+                y = model.decode_core(stage, x, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
+                scale = g
+            else:
+                y, scale = model.stylize_core(stage, x, a, b, *t.core_in_region), 1
+            r0, c0 = t.rows.start * scale, t.cols.start * scale
+            if r0 < h and c0 < w:
+                io.store(dst, r0, c0, y[0, :, : h - r0, : w - c0].float())
+            _after_tile(model, keep_bytes)
+            if on_tile:
+                on_tile(f"stage {stage} decode", k + 1, len(tiles))
 
 
 def plan_image_for(
@@ -200,6 +201,7 @@ def stylize_stage_tiled(
     keep_bytes: int | None = None,
     on_tile: TileCallback | None = None,
     out: Canvas | None = None,
+    overlap: bool = False,
 ) -> Canvas:
     """Stage ``plan.stage`` over a whole canvas, tile by tile, into ``out`` or a new canvas at ``site``.
 
@@ -208,7 +210,8 @@ def stylize_stage_tiled(
     and the heap may keep between tiles (`ImagePlan.keep_bytes`; None: no
     limit, nothing handed back). Every pixel of ``out`` is overwritten, so a
     spare canvas from an earlier stage can be reused: its pages are already
-    mapped, which saves the page faults of a fresh one.
+    mapped, which saves the page faults of a fresh one. ``overlap``: as in
+    `encode_statistics`.
     """
     c, h, w = src.shape
     stage = plan.stage
@@ -227,7 +230,7 @@ def stylize_stage_tiled(
     if plan.cache:
         feats = Canvas.at(site, model.arch.feature_channels(stage), plan.height // plan.grid, plan.width // plan.grid, channels_last=True)
     try:
-        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep_bytes, regions)
+        content = encode_statistics(model, stage, src, plan, feats, on_tile, keep_bytes, regions, overlap=overlap)
         _release(model, keep_bytes)
         if regions is not None:  # decode_tiles applies the per-region maps itself
             maps = regions.fit(method, stage, content, alpha)
@@ -241,7 +244,10 @@ def stylize_stage_tiled(
                 a, b = target.fit(method, stage, content, alpha)
         dst = out if out is not None else Canvas.at(site, c, h, w)
         try:
-            decode_tiles(model, stage, src, dst, plan, a, b, feats, on_tile, keep_bytes, None if regions is None else (regions, maps))
+            decode_tiles(
+                model, stage, src, dst, plan, a, b, feats, on_tile, keep_bytes, None if regions is None else (regions, maps),
+                overlap=overlap,
+            )  # fmt: skip
         except BaseException:
             if out is None:
                 dst.close()
@@ -380,6 +386,7 @@ def stylize_tiled(
             y = stylize_stage_tiled(
                 model, x, target, plan.stage(k), method=method, alpha=alpha,
                 site=plan.site, keep_bytes=plan.keep_bytes, on_tile=on_tile, out=spare,
+                overlap=bool(plan.options.overlap_io),
             )  # fmt: skip
             spare = x if x is not content or consume_content else None
             x = y
