@@ -232,7 +232,7 @@ def worker(spec: dict) -> dict:
     if spec["path"] in ("tiled", "tiled-ort"):
         budget = parse_bytes(spec["max_memory"])
         scratch = Path(spec["scratch"]) if spec.get("scratch") else None
-        tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"))
+        tiling = TilingOptions(max_memory=budget, scratch_dir=scratch, uniform_tiles=spec.get("uniform_tiles"), overlap_io=spec.get("overlap_io"))
         h, w = spec["height"], spec["width"]
         for p in plan_image_for(model, h, w, levels, tiling).stages:  # as stylize_tiled plans, with the runner's traits
             plan_info.append({"stage": p.stage, "encode_tiles": len(p.encode_tiles()), "decode_tiles": len(p.decode_tiles()),
@@ -459,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=0, help="kill a worker after this many seconds (0: never)")
     ap.add_argument("--uniform-tiles", choices=("auto", "on", "off"), default="auto",
                     help="one tile shape per pass (auto: the runner's preference: on for ONNX Runtime, off for PyTorch)")
+    ap.add_argument("--overlap-io", choices=("auto", "on", "off"), default="auto",
+                    help="tile reads/writes of host canvases on worker threads (auto: the runner's: on for PyTorch on a GPU only)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's malloc as it is (the CLI's keep_freed_memory is applied otherwise)")
     ap.add_argument("--no-huge-pages", action="store_true",
@@ -516,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         "outdir": str(work / f"out-{which}"), "style_size": args.style_size, "levels": args.level_list,
                         "max_memory": args.max_memory, "scratch": str(args.scratch) if args.scratch else None,
                         "uniform_tiles": {"auto": None, "on": True, "off": False}[args.uniform_tiles],
+                        "overlap_io": {"auto": None, "on": True, "off": False}[args.overlap_io],
                         "system_malloc": args.system_malloc,
                         "no_huge_pages": args.no_huge_pages,
                         "height": h, "width": w, "threads": args.threads, "bundle": str(bundle) if bundle else None}  # fmt: skip
