@@ -164,3 +164,12 @@ def test_overlap_is_the_runners_choice_unless_the_options_say(cd16x):
     assert TilingOptions(overlap_io=False).resolve(EAGER_DEVICE).overlap_io is False
     with TorchRunner(cd16x) as r:  # on the CPU the threads would share the compute's cores
         assert r.traits.overlap_io is False
+
+
+@pytest.mark.parametrize(("mode", "overlap"), [(None, True), ("max-autotune-no-cudagraphs", True), ("reduce-overhead", False)])
+def test_a_compiled_cuda_runner_writes_behind_unless_it_replays_cuda_graphs(cd16x, monkeypatch, mode, overlap):
+    # Traits only (nothing runs): on CUDA the overlap is on, except where outputs are CUDA-graph buffers.
+    r = TorchRunner(cd16x, compile=True, compile_mode=mode)
+    monkeypatch.setattr(TorchRunner, "device", property(lambda self: torch.device("cuda")))
+    assert r.traits.uniform_tiles and r.traits.budget_memory == "device"
+    assert r.traits.overlap_io is overlap

@@ -8,23 +8,25 @@ waits for each; the issue that asked for this module measured tiled 2 GB at
 work on worker threads (numpy, torch copies and pread/pwrite release the GIL):
 
 - `TileIO.fetch`: while the current tile computes, the reader thread gathers
-  the next tile's region into page-locked memory and copies it to the device
-  on an upload stream; `Pending.get` makes the compute stream wait for that
-  copy's event, not for the whole copy stream.
+  the next tile's region into page-locked memory; `Pending.get` queues its
+  copy to the device on the compute stream (an asynchronous DMA of ~12 MB per
+  megapixel of image). Uploading on a stream of its own from the reader would
+  overlap that copy too, but would put the next region on the device during
+  the current tile's peak, in a pool the compute stream cannot reuse.
 - `TileIO.store`: after the compute that made it (the download stream waits
   for the compute stream), the core is copied into page-locked memory on a
-  download stream; the writer thread waits for that copy (an event) and
-  scatters it into the canvas while the GPU goes on. Uploads and downloads
-  get a stream each: on one, the next tile's upload would queue behind the
-  last tile's download, which waits for its compute, and the compute stream
-  would wait for both. At most `WRITES_BEHIND` stores are outstanding (each
-  holds a core in host memory).
+  download stream; the writer thread waits for that copy (a blocking-sync
+  event: the thread sleeps instead of spinning a core) and scatters it into
+  the canvas while the GPU goes on. At most `WRITES_BEHIND` stores are
+  outstanding (each holds a core in host memory; the device block it came
+  from is kept until its copy is done, `record_stream`).
 - `TileIO.flush` waits for every store and raises the first failure; leaving
   the context waits too, so no writer outlives its pass (a canvas never
   closes under one).
 
-A stored block must not be written to afterwards (runners return fresh
-tensors). Off (``overlap=False``), or for a canvas on the device, each call
+A stored block must not be written to afterwards: runners return fresh
+tensors, except CUDA-graph modes of `torch.compile`, whose outputs the next
+replay overwrites, so `TorchRunner` turns the overlap off there. Off (``overlap=False``), or for a canvas on the device, each call
 is the synchronous `Canvas.read_tensor` / `Canvas.write_tensor`. On the CPU
 the same threads run without page-locked memory or streams, which is how the
 tests hold the overlapped pass to the synchronous one, bit for bit; where the
@@ -49,25 +51,20 @@ WRITES_BEHIND = 2
 
 Index = np.ndarray | slice
 T = TypeVar("T")
-Uploaded = tuple[torch.Tensor, "torch.cuda.Event | None"]  # a region on the device, and the event its copy there records
 
 
 class Pending:
     """A tile region on its way: `get` returns it as (1, C, h, w) on the device (once)."""
 
-    def __init__(self, read: Callable[[], torch.Tensor] | None = None, staged: Future[Uploaded] | None = None) -> None:
-        self._read, self._staged = read, staged
+    def __init__(self, device: torch.device, read: Callable[[], torch.Tensor] | None = None, staged: Future[torch.Tensor] | None = None) -> None:
+        self._device, self._read, self._staged = device, read, staged
 
     def get(self) -> torch.Tensor:
         if self._read is not None:
             return self._read()[None]
         assert self._staged is not None
-        x, ready = self._staged.result()
-        if ready is not None:  # uploaded on another stream: the compute stream waits for that copy alone
-            compute = torch.cuda.current_stream(x.device)
-            compute.wait_event(ready)
-            x.record_stream(compute)  # allocated on the upload stream, used on the compute stream
-        return x[None]
+        # page-locked for a GPU: the copy is queued on the compute stream and the caching host allocator keeps the block until it is done
+        return self._staged.result().to(self._device, non_blocking=True)[None]
 
 
 class TileIO:
@@ -83,9 +80,7 @@ class TileIO:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ultrastyle-tile-read") if overlap else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ultrastyle-tile-write") if overlap else None
         self._writes: deque[Future[None]] = deque()
-        cuda = overlap and device.type == "cuda"
-        self._upload = torch.cuda.Stream(device) if cuda else None
-        self._download = torch.cuda.Stream(device) if cuda else None
+        self._download = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
 
     def _threaded(self, canvas: Any) -> bool:
         return self.overlap and isinstance(canvas, Canvas) and canvas.device is None
@@ -99,9 +94,9 @@ class TileIO:
         if not self._threaded(canvas):
             if ahead:
                 canvas.prefetch(rows, cols)  # advice only: a disk canvas starts reading, others ignore it
-            return Pending(read=lambda: canvas.read_tensor(rows, cols, self.device))
+            return Pending(self.device, read=lambda: canvas.read_tensor(rows, cols, self.device))
         assert self._reader is not None
-        return Pending(staged=self._reader.submit(self._upload_region, canvas, rows, cols))
+        return Pending(self.device, staged=self._reader.submit(canvas.read_host, rows, cols, pinned=self._download is not None))
 
     def read_ahead(self, items: Sequence[T], fetch: Callable[[T, bool], Pending]) -> Iterator[tuple[T, torch.Tensor]]:
         """Each of ``items`` with its region on the device; the next one's read starts before this one is handed out.
@@ -116,38 +111,27 @@ class TileIO:
                 pending = fetch(items[k + 1], True)
             yield item, x
 
-    def _upload_region(self, canvas: Canvas, rows: Index, cols: Index) -> Uploaded:
-        """On the reader thread: the region gathered (page-locked for a GPU) and, for a GPU, its copy there queued."""
-        if self._upload is None:
-            return canvas.read_host(rows, cols).to(self.device), None
-        host = canvas.read_host(rows, cols, pinned=True)
-        with torch.cuda.stream(self._upload):
-            x = host.to(self.device, non_blocking=True)  # the caching host allocator keeps ``host`` until the copy is done
-            ready = torch.cuda.Event()
-            ready.record()
-        return x, ready
-
     def store(self, canvas: Any, row: int, col: int, block: torch.Tensor) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for a float32 (C, h, w); threaded: done behind, `flush` waits."""
         if not self._threaded(canvas):
             canvas.write_tensor(row, col, block)
             return
         assert self._writer is not None
+        while len(self._writes) >= WRITES_BEHIND:  # before this block is staged: at most WRITES_BEHIND held at once
+            self._writes.popleft().result()
         if self._download is not None and block.device.type == "cuda":
             # Queued here, on the compute thread: record_stream covers only work already on the stream.
             staged = torch.empty(block.shape, dtype=torch.float32, pin_memory=True)
             self._download.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._download):
                 staged.copy_(block, non_blocking=True)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spin a core
                 done.record()
             block.record_stream(self._download)
             job = self._writer.submit(_write_when, done, canvas, row, col, staged)
         else:
             job = self._writer.submit(canvas.write, row, col, block.detach().cpu().numpy())
         self._writes.append(job)
-        while len(self._writes) > WRITES_BEHIND:
-            self._writes.popleft().result()
 
     def flush(self) -> None:
         """Wait for every store; raise the first that failed."""

@@ -12,6 +12,9 @@ from ultrastyle.runtime import memory
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
 from ultrastyle.runtime.backends.torch_engine import StageEngine, network_dtype
 
+# torch.compile modes that replay CUDA graphs (their outputs are the graph's own buffers, reused by the next replay).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def _fp32_exact() -> list[tuple[object, str, object]]:
     """Turn TensorFloat-32 off for cuDNN convolutions and cuBLAS matmuls; returns what `_restore_fp32` puts back.
@@ -86,7 +89,7 @@ class TorchRunner(Runner):
                 f"precision='fp16' runs the torch backend on a CUDA device only: on the {model.device.type} PyTorch's "
                 "float16 convolutions are tens of times slower than float32; use precision='bf16' or precision='fp32' there"
             )
-        self.precision, self.compile = precision, bool(compile)
+        self.precision, self.compile, self.compile_mode = precision, bool(compile), compile_mode
         # The fast paths; None: the float32 eager reference, the model itself.
         self.engine: StageEngine | None = (
             StageEngine(model, precision, compile=compile, fuse_affine=fuse_affine, compile_mode=compile_mode)
@@ -160,10 +163,13 @@ class TorchRunner(Runner):
     def traits(self) -> RunnerTraits:
         """Eager PyTorch's, with the heap factor on the CPU (the CUDA allocator's cache is no heap the planner models).
 
-        Compiled: uniform tiles, so each stage's networks see few shapes (one compile each).
+        Compiled: uniform tiles, so each stage's networks see few shapes (one compile each); in a mode that
+        replays CUDA graphs, no tile writes behind (`runtime.tile_io`): the next replay overwrites the outputs.
         """
         base = replace(EAGER_HOST, default_memory_factor=self.heap_factor) if self.device.type == "cpu" else EAGER_DEVICE
-        return replace(base, uniform_tiles=True) if self.compile else base
+        if not self.compile:
+            return base
+        return replace(base, uniform_tiles=True, overlap_io=base.overlap_io and self.compile_mode not in CUDA_GRAPH_MODES)
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
