@@ -147,6 +147,14 @@ def test_onnxruntime_arena_does_not_grow_across_tile_sizes(bundle):
     assert highs[2] <= highs[0] + 64 * 2**20, [h >> 20 for h in highs]
 
 
+def test_onnxruntime_runner_overlaps_tile_io_only_with_a_gpu_provider(bundle):
+    # Traits only: with the CUDA provider first, a GPU computes while the host reads and writes tiles (runtime/tile_io.py).
+    r = OnnxRuntimeRunner(bundle, threads=2)
+    assert r.traits.overlap_io is False and r.traits.budget_memory == "host"
+    r.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert r.traits.overlap_io is True and r.traits.budget_memory == "device"
+
+
 def test_onnxruntime_runner_decodes_stage_1_with_the_folded_decoder(bundle, monkeypatch):
     c = bundle.arch.feature_channels(1)
     f = torch.rand(1, c, 8, 8) * 2

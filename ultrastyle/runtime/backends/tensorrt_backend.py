@@ -100,6 +100,7 @@ class TensorRTRunner(Runner):
             bounded_regions=True,  # engine profiles bound each side: `TilingOptions.whole_if_area_fits` stays off
             max_regions=self.profile_max_regions(),  # a stage without engines: `infer` says so when it runs
             memory_factors={k: self.memory_factor(k) for k in self.stages},
+            overlap_io=True,  # the GPU computes while the host reads and writes tiles (`runtime.tile_io`); outputs are copies
         )
 
     def memory_factor(self, stage: int) -> float:
