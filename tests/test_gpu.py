@@ -447,3 +447,32 @@ def test_a_stage_synchronises_only_for_its_statistics(gpu_model, photo, style):
             counts[fit_on] = sum("synchroniz" in str(w.message) for w in caught)
     print(f"synchronising calls over 5 stages: fit on the device {counts['device']}, on the host {counts['host']}")
     assert 1 <= counts["device"] <= 3 * len(DEFAULT_LEVELS)
+
+
+def test_a_tiled_pass_one_waits_for_the_device_once_not_per_tile(gpu_model, photo):
+    # Pass 1 adds its tiles' statistics on the device and copies the total once (FeatureStats.to_host), so
+    # the host queues tile after tile without waiting: synchronising calls counted by sync debug mode.
+    import warnings
+
+    from ultrastyle.runtime.tiled import encode_statistics
+
+    opts = TilingOptions(tile=64, cache_features=False)  # ~20 tiles; canvases fit on the device
+    with TorchRunner(gpu_model) as r:
+        plan = plan_image_for(r, *photo.shape[-2:], (1,), opts)
+        assert plan.site.device is not None  # device canvases: no host copies of tiles either
+        stage = plan.stage(1)
+        assert len(stage.encode_tiles()) > 4
+        with canvas_from_array(photo.numpy(), layout="chw", device=plan.site.device) as cv:
+            encode_statistics(r, 1, cv, stage)  # warm: kernels loaded
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    stats = encode_statistics(r, 1, cv, stage)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"synchronising calls in pass 1 over {len(stage.encode_tiles())} tiles: {syncs}")
+    assert stats.sum.device.type == "cpu" and stats.count == plan.stage(1).height * plan.stage(1).width
+    assert syncs <= 3

@@ -30,6 +30,20 @@ def test_stats_merge_over_pieces_equals_stats_of_the_whole():
     torch.testing.assert_close(whole.covariance(), _cov(f))
 
 
+def test_stats_kept_on_the_device_and_brought_over_once_equal_the_host_stats():
+    # host=False leaves the sums where the features are (a GPU pass adds its tiles there); on the CPU the
+    # same tensors, and to_host of a CPU sum is the object itself (no copy).
+    f = _features(8, 20, 30, 1)
+    kept = FeatureStats.of(f[..., :9, :], host=False) + FeatureStats.of(f[..., 9:, :], host=False)
+    host = FeatureStats.of(f[..., :9, :]) + FeatureStats.of(f[..., 9:, :])
+    assert kept.to_host() is kept and kept.count == host.count == 600
+    assert torch.equal(kept.sum, host.sum) and torch.equal(kept.outer, host.outer)
+    if torch.cuda.is_available():  # the same numbers from a GPU, brought over once
+        g = FeatureStats.of(f.cuda(), host=False)
+        assert g.sum.is_cuda and not g.to_host().sum.is_cuda
+        torch.testing.assert_close(g.to_host().covariance(), FeatureStats.of(f).covariance(), rtol=1e-12, atol=1e-12)
+
+
 def test_float32_features_merge_over_tiles_to_the_whole_images_statistics_in_float64_precision():
     # Float32 band GEMMs differed by 5e-7 of the covariance between tiles and the whole map (other
     # centres, other rounding), which five stages of whitening grew to 1.2e-4 in the output.

@@ -25,7 +25,7 @@ CPU_BAND_BYTES = 1 << 20  # float64 band copies on the CPU stay this small (`Fea
 
 @dataclass
 class FeatureStats:
-    """Count, Σf (C,) and Σffᵀ (C, C) of a feature map, float64 on the CPU."""
+    """Count, Σf (C,) and Σffᵀ (C, C) of a feature map, float64 on the CPU (or, summed over a pass, on its device: `to_host`)."""
 
     count: int
     sum: torch.Tensor
@@ -37,8 +37,12 @@ class FeatureStats:
         return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64))
 
     @classmethod
-    def of(cls, features: torch.Tensor, chunk: int = 1 << 13) -> FeatureStats:
+    def of(cls, features: torch.Tensor, chunk: int = 1 << 13, *, host: bool = True) -> FeatureStats:
         """Statistics of ``features`` (N, C, H, W) or (C, H, W); every pixel of every item counts.
+
+        ``host=False``: the sums stay on the features' device, for a caller
+        that adds up many tiles there and copies the total once (`to_host`):
+        a copy per tile would make the host wait for each tile's compute.
 
         Each row band of about ``chunk`` pixels is centred near the mean
         (which keeps Σffᵀ free of cancellation), copied from the (often
@@ -80,7 +84,13 @@ class FeatureStats:
         total = residual + n * s
         # Σffᵀ = Σ(f-s)(f-s)ᵀ + s Σ(f-s)ᵀ + Σ(f-s) sᵀ + n s sᵀ
         outer += torch.outer(s, residual) + torch.outer(residual, s) + n * torch.outer(s, s)
-        return cls(n, total.cpu(), outer.cpu())
+        return cls(n, total.cpu(), outer.cpu()) if host else cls(n, total, outer)
+
+    def to_host(self) -> FeatureStats:
+        """These statistics with their sums on the CPU (a device-to-host copy where they are elsewhere; else themselves)."""
+        if self.sum.device.type == "cpu":
+            return self
+        return FeatureStats(self.count, self.sum.cpu(), self.outer.cpu())
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)

@@ -93,8 +93,8 @@ def encode_statistics(
     """
     device, g = model.device, plan.grid
     channels = model.arch.feature_channels(stage)
-    stats: FeatureStats | list[FeatureStats]
-    stats = FeatureStats.empty(channels) if regions is None else [FeatureStats.empty(channels)] * regions.count
+    total: FeatureStats | None = None  # summed where the runner's statistics are (on a GPU: no wait per tile)
+    per_region = [FeatureStats.empty(channels)] * (0 if regions is None else regions.count)
     tiles = plan.encode_tiles()
     order = _selected(len(tiles), only)
     with TileIO(device, overlap) as io:
@@ -104,17 +104,19 @@ def encode_statistics(
             ft = t.scaled(g)
             if regions is None:
                 part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
-                stats = stats + part
+                total = part if total is None else total + part
             else:
                 core = model.encode_core(stage, x, *ft.core_in_region)
                 labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
-                stats = [a + b for a, b in zip(stats, region_statistics(core, labels, regions.count))]
+                per_region = [a + b for a, b in zip(per_region, region_statistics(core, labels, regions.count))]
             if features is not None:
                 io.store(features, ft.rows.start, ft.cols.start, core[0].float())
             _after_tile(model, keep_bytes)
             if on_tile:
                 on_tile(f"stage {stage} statistics", i + 1, len(tiles))
-    return stats
+    if regions is not None:
+        return per_region
+    return FeatureStats.empty(channels) if total is None else total.to_host()
 
 
 @torch.inference_mode()
@@ -335,7 +337,7 @@ def _core_statistics(
     if isinstance(model, Runner):
         return model.encode_core_statistics(stage, x, rows, cols, keep)
     core = model.encode_core(stage, x, rows, cols)  # a bare StyleModel: what the base Runner does
-    return FeatureStats.of(core), (core if keep else None)
+    return FeatureStats.of(core, host=False), (core if keep else None)
 
 
 def stylize_tiled(

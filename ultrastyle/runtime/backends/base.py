@@ -124,11 +124,14 @@ class Runner(ABC):
     ) -> tuple[FeatureStats, torch.Tensor | None]:
         """Pass 1 of the tiled pipeline for one tile: statistics of the core features (and the features if kept).
 
-        A GPU backend overrides this to reduce Σf and Σffᵀ where the features
-        are, so only C + C² numbers reach the host when features are not kept.
+        Σf and Σffᵀ are reduced where the features are and may stay there
+        (`FeatureStats.to_host` brings them over): the tiled pass adds up its
+        tiles on the device and copies C + C² numbers once, so the host never
+        waits for a tile's compute. A backend whose features are not tensors
+        on a device (TensorRT) overrides this.
         """
         core = self.encode_core(stage, image, rows, cols)
-        return FeatureStats.of(core), (core if keep_features else None)
+        return FeatureStats.of(core, host=False), (core if keep_features else None)
 
     def release_memory(self, keep_bytes: int = 0) -> None:
         """Give memory cached for past tile shapes back (called after tiles and between passes); no-op by default.
