@@ -17,12 +17,12 @@ from ultrastyle.models.sources import model_defaults
 
 NAME = "ultrastyle-wct-64x"
 # Reconstruction PSNR floors (dB) on a held-out photo at 256 px: 1.7-2.4 dB under
-# what the shipped weights give there (39.9 / 27.7 / 25.2 / 22.4 / 19.2; the
-# experiment's 15-photo means at 512 px: 47.7 / 30.4 / 27.3 / 24.1 / 20.6),
+# what the shipped weights give there (39.9 / 27.7 / 25.2 / 22.4 / 20.2; the
+# experiment's 15-photo means at 512 px: 47.7 / 30.4 / 27.3 / 24.1 / 21.5),
 # above the students shipped before (39.9 / 25.3 / 24.5 / 21.8 / 18.8 here) at
 # stage 2, and far above broken or mis-converted weights or the untrained
 # L1-pruned student (10-12 dB).
-FLOORS = {1: 37.5, 2: 26.0, 3: 23.0, 4: 20.5, 5: 17.5}
+FLOORS = {1: 37.5, 2: 26.0, 3: 23.0, 4: 20.5, 5: 18.0}
 
 
 def test_wct64x_installs_from_the_package_without_network_and_defaults_to_stages_5_to_1():
