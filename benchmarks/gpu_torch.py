@@ -211,7 +211,8 @@ def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict,
         out = (y.clamp(0, 1).mul(255).add(0.5)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         del y
     else:
-        opts = TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else None)
+        # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes.
+        opts = TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else (True if DEV.type == "cpu" else None))
         cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
         try:
             res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)

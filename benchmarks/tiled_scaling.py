@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--uniform-tiles", choices=("auto", "on", "off"), default="auto",
                     help="one tile shape per pass (auto: the runner's preference: on for ONNX Runtime, off for PyTorch)")
     ap.add_argument("--overlap-io", choices=("auto", "on", "off"), default="auto",
-                    help="tile reads/writes of host canvases on worker threads (auto: the runner's: on for PyTorch on a GPU only)")
+                    help="tile reads/writes of host canvases on worker threads (auto: the runner's: on where a GPU computes)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's malloc as it is (the CLI's keep_freed_memory is applied otherwise)")
     ap.add_argument("--no-huge-pages", action="store_true",

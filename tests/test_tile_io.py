@@ -33,6 +33,29 @@ def _io_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("ultrastyle-tile-")]
 
 
+@pytest.fixture
+def workers(monkeypatch) -> list[str]:
+    """The names of the threads that run canvas reads (`read_host`) and writes (`write`), in order."""
+    seen: list[str] = []
+    write, read_host = Canvas.write, Canvas.read_host
+
+    def logged_write(self, *a):
+        seen.append(threading.current_thread().name)
+        return write(self, *a)
+
+    def logged_read(self, *a, **k):
+        seen.append(threading.current_thread().name)
+        return read_host(self, *a, **k)
+
+    monkeypatch.setattr(Canvas, "write", logged_write)
+    monkeypatch.setattr(Canvas, "read_host", logged_read)
+    return seen
+
+
+def _on_workers(seen: list[str]) -> set[str]:
+    return {n for n in seen if n.startswith("ultrastyle-tile-")}
+
+
 def _run(model, content: np.ndarray, style, overlap: bool, site: CanvasSite, **kw) -> np.ndarray:
     opts = TilingOptions(tile=48, overlap_io=overlap, **kw)
     plan = plan_image(model.arch, *content.shape[1:], LEVELS, opts, EAGER_HOST, masked=isinstance(style, Regions))
@@ -47,31 +70,31 @@ def _run(model, content: np.ndarray, style, overlap: bool, site: CanvasSite, **k
 
 
 @pytest.mark.parametrize("where", ["ram", "disk"])
-def test_overlapped_passes_equal_the_synchronous_ones_bit_for_bit(cd16x, photo, style, tmp_path, where, one_thread, monkeypatch):
+def test_overlapped_passes_equal_the_synchronous_ones_bit_for_bit(cd16x, photo, style, tmp_path, where, one_thread, workers):
     content = photo[:, 5:133, 3:163].contiguous().numpy()  # 128 x 160, off the grid
     site = CanvasSite(disk_dir=str(tmp_path)) if where == "disk" else CanvasSite()
     stats = style_statistics(cd16x, style, LEVELS)
-    threads: list[str] = []
-    write, read_host = Canvas.write, Canvas.read_host
-    monkeypatch.setattr(Canvas, "write", lambda self, *a: (threads.append(threading.current_thread().name), write(self, *a))[1])
-    monkeypatch.setattr(Canvas, "read_host", lambda self, *a, **k: (threads.append(threading.current_thread().name), read_host(self, *a, **k))[1])
     sync = _run(cd16x, content, stats, False, site)
-    assert threads and not any(n.startswith("ultrastyle-tile-") for n in threads)
-    threads.clear()
+    assert workers and not _on_workers(workers)
+    workers.clear()
     threaded = _run(cd16x, content, stats, True, site)
-    assert {n for n in threads if n.startswith("ultrastyle-tile-")} == {"ultrastyle-tile-read_0", "ultrastyle-tile-write_0"}
+    assert _on_workers(workers) == {"ultrastyle-tile-read_0", "ultrastyle-tile-write_0"}
     assert np.array_equal(sync, threaded)
     assert not _io_threads()  # every pass's threads stopped with it
     if where == "disk":
         assert not list(tmp_path.iterdir())  # scratch files are unlinked at once either way
 
 
-def test_overlapped_masked_regions_equal_the_synchronous_ones(cd16x, photo, style, one_thread):
+def test_overlapped_masked_regions_equal_the_synchronous_ones(cd16x, photo, style, one_thread, workers):
     content = photo[:, :96, :128].contiguous().numpy()
     labels = np.zeros((96, 128), np.int64)
     labels[:, 64:] = 1
     regions = Regions(labels, (Target((style_statistics(cd16x, style, LEVELS),)), Target((style_statistics(cd16x, style.flip(-1), LEVELS),))))
-    assert np.array_equal(_run(cd16x, content, regions, False, CanvasSite()), _run(cd16x, content, regions, True, CanvasSite()))
+    sync = _run(cd16x, content, regions, False, CanvasSite())
+    workers.clear()
+    threaded = _run(cd16x, content, regions, True, CanvasSite())
+    assert _on_workers(workers) == {"ultrastyle-tile-read_0", "ultrastyle-tile-write_0"}
+    assert np.array_equal(sync, threaded)
 
 
 class _FailingCanvas(Canvas):
@@ -79,10 +102,11 @@ class _FailingCanvas(Canvas):
 
     def __init__(self, *args, fail_at: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fail_at, self.writes = fail_at, 0
+        self.fail_at, self.writes, self.threads = fail_at, 0, []
 
     def write(self, row, col, block):
         self.writes += 1
+        self.threads.append(threading.current_thread().name)
         if self.writes == self.fail_at:
             raise OSError(28, "No space left on device (test)")
         super().write(row, col, block)
@@ -97,6 +121,7 @@ def test_a_failed_write_behind_is_raised_and_no_thread_is_left(cd16x, photo, sty
     with pytest.raises(OSError, match="No space left"):
         stylize_stage_tiled(cd16x, src, style_statistics(cd16x, style, (1,)), plan, method="wct", alpha=0.6, out=out, overlap=True)
     assert not _io_threads()
+    assert set(out.threads) == {"ultrastyle-tile-write_0"}  # the failure came from a write behind
     # the pass stopped within the writes allowed behind the failure, not at the end of the image
     assert out.writes <= 3 + WRITES_BEHIND + 1 < len(plan.decode_tiles())
 
@@ -125,7 +150,7 @@ def test_stores_wait_once_writes_behind_are_full_and_flush_waits_for_all():
         t = threading.Thread(target=producer, args=(io,))
         t.start()
         time.sleep(0.3)
-        # The writer holds the first block; WRITES_BEHIND more may queue; the next store waits.
+        # WRITES_BEHIND stores outstanding (the writer blocked on the first): the next store waits.
         assert len(stored) == WRITES_BEHIND and t.is_alive()
         gate.set()
         t.join(10)
@@ -134,14 +159,16 @@ def test_stores_wait_once_writes_behind_are_full_and_flush_waits_for_all():
     assert canvas.numpy()[0, 0, : WRITES_BEHIND + 2].tolist() == [float(j + 1) for j in range(WRITES_BEHIND + 2)]
 
 
-def test_fetch_reads_the_mirrored_region_as_read_tensor_does(tmp_path):
+def test_fetch_reads_the_mirrored_region_as_read_tensor_does(tmp_path, workers):
     img = np.random.default_rng(0).random((3, 20, 30), dtype=np.float32)
     rows, cols = np.array([2, 1, 0, 1, 2, 3]), slice(25, 30)
     with canvas_from_array(img, layout="chw", disk_dir=str(tmp_path)) as cv:
         want = cv.read_tensor(rows, cols, torch.device("cpu"))
+        workers.clear()
         with TileIO(torch.device("cpu"), overlap=True) as io:
             ahead = io.fetch(cv, rows, cols)
-            got = ahead.get()
+            got = ahead()
+    assert workers == ["ultrastyle-tile-read_0"]  # read on the reader thread
     assert got.shape == (1, 3, 6, 5) and torch.equal(got[0], want)
     assert torch.equal(want, torch.from_numpy(img[:, [2, 1, 0, 1, 2, 3], 25:30]))
 
@@ -172,4 +199,8 @@ def test_a_compiled_cuda_runner_writes_behind_unless_it_replays_cuda_graphs(cd16
     r = TorchRunner(cd16x, compile=True, compile_mode=mode)
     monkeypatch.setattr(TorchRunner, "device", property(lambda self: torch.device("cuda")))
     assert r.traits.uniform_tiles and r.traits.budget_memory == "device"
-    assert r.traits.overlap_io is overlap
+    assert r.traits.overlap_io is overlap and r.traits.stable_outputs is overlap
+    if not overlap:  # asked for explicitly, the overlap is refused rather than racing the graph's buffers
+        with pytest.raises(ValueError, match="reuses its output buffers"):
+            TilingOptions(overlap_io=True).resolve(r.traits)
+        assert TilingOptions().resolve(r.traits).overlap_io is False

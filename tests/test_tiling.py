@@ -16,7 +16,7 @@ from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import read_region, style_statistics_tiled, stylize_stage_tiled, stylize_tiled
+from ultrastyle.runtime.tiled import mirrored_indices, style_statistics_tiled, stylize_stage_tiled, stylize_tiled
 
 # float32 tolerance of tiled vs whole-image results in [0, 1].
 ATOL = {torch.float32: 1e-4}
@@ -324,11 +324,11 @@ def test_tiled_style_statistics_equal_whole_image_statistics(cd16x, photo):
 
 
 @pytest.mark.parametrize("on_tensor", [False, True], ids=["ram", "tensor"])
-def test_read_region_mirrors_past_the_bottom_right_edge(on_tensor, device):
+def test_a_region_read_mirrors_past_the_bottom_right_edge(on_tensor, device):
     a = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
     cv = Canvas(2, 5, 7, device=device if on_tensor else None)
     cv.write(0, 0, a)
-    got = read_region(cv, Span(2, 8), Span(4, 10), device)
+    got = cv.read_tensor(*mirrored_indices(cv, Span(2, 8), Span(4, 10)), device)[None]
     assert got.device.type == device.type and got.is_contiguous()
     rows, cols = [2, 3, 4, 3, 2, 1], [4, 5, 6, 5, 4, 3]
     assert np.array_equal(got[0].cpu().numpy(), a[:, rows][:, :, cols])

@@ -86,12 +86,18 @@ class TilingOptions:
         budget = self.budget or traits.budget_memory
         if budget not in BUDGET_MEMORIES:
             raise ValueError(f"budget must be 'host' or 'device', got {budget!r}")
+        overlap = traits.overlap_io if self.overlap_io is None else self.overlap_io
+        if overlap and not traits.stable_outputs:
+            raise ValueError(
+                "overlap_io=True writes tiles behind the compute, but this runner reuses its output buffers on its next "
+                "call (CUDA-graph replays); leave overlap_io unset or False for it"
+            )
         return replace(
             self,
             uniform_tiles=traits.uniform_tiles if self.uniform_tiles is None else self.uniform_tiles,
             whole_if_area_fits=not traits.bounded_regions if self.whole_if_area_fits is None else self.whole_if_area_fits,
             budget=budget,
-            overlap_io=traits.overlap_io if self.overlap_io is None else self.overlap_io,
+            overlap_io=overlap,
         )
 
     def canvas_bytes(self, spec: ArchSpec, height: int, width: int, levels: tuple[int, ...]) -> int:

@@ -51,6 +51,9 @@ class RunnerTraits:
     # (`runtime.tile_io`): where a GPU computes. On the CPU they would share its cores and hold a
     # tile beyond the planner's memory model.
     overlap_io: bool = False
+    # Whether a network's output stays valid after the runner's next call. False: CUDA-graph replays
+    # reuse their output buffers, so no tile may be written behind (`TilingOptions.resolve` refuses it).
+    stable_outputs: bool = True
 
     def __post_init__(self) -> None:
         if self.budget_memory not in BUDGET_MEMORIES:

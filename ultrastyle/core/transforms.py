@@ -32,9 +32,10 @@ class FeatureStats:
     outer: torch.Tensor
 
     @classmethod
-    def empty(cls, channels: int) -> FeatureStats:
-        z = torch.zeros(channels, dtype=torch.float64)
-        return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64))
+    def empty(cls, channels: int, device: torch.device | None = None) -> FeatureStats:
+        """No pixels yet; on ``device`` (default the CPU) for a sum over tiles kept there (`of` with ``host=False``)."""
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        return cls(0, z, torch.zeros(channels, channels, dtype=torch.float64, device=device))
 
     @classmethod
     def of(cls, features: torch.Tensor, chunk: int = 1 << 13, *, host: bool = True) -> FeatureStats:

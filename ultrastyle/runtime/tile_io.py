@@ -1,37 +1,27 @@
 """Tile reads and writes of host canvases overlapped with compute: one read ahead, writes behind.
 
-A tiled pass whose canvases live in RAM or on disk moves every tile through
-the host twice: its region gathered from the canvas (strided copies,
-mirrored indices, disk reads), its core scattered back. Done in line, a GPU
-waits for each; the issue that asked for this module measured tiled 2 GB at
-66-72 ms/MP against 31-32 whole-image on an H200. `TileIO` does that host
-work on worker threads (numpy, torch copies and pread/pwrite release the GIL):
+A tiled pass whose canvases live in RAM or on disk gathers every tile's
+region from the host (mirrored indices, strided copies, disk reads) and
+scatters its core back. Done in line, a GPU waits for each. `TileIO` does
+that host work on two worker threads (numpy, torch copies and pread/pwrite
+release the GIL):
 
-- `TileIO.fetch`: while the current tile computes, the reader thread gathers
-  the next tile's region into page-locked memory; `Pending.get` queues its
-  copy to the device on the compute stream (an asynchronous DMA of ~12 MB per
-  megapixel of image). Uploading on a stream of its own from the reader would
-  overlap that copy too, but would put the next region on the device during
-  the current tile's peak, in a pool the compute stream cannot reuse.
-- `TileIO.store`: after the compute that made it (the download stream waits
-  for the compute stream), the core is copied into page-locked memory on a
-  download stream; the writer thread waits for that copy (a blocking-sync
-  event: the thread sleeps instead of spinning a core) and scatters it into
-  the canvas while the GPU goes on. At most `WRITES_BEHIND` stores are
-  outstanding (each holds a core in host memory; the device block it came
-  from is kept until its copy is done, `record_stream`).
-- `TileIO.flush` waits for every store and raises the first failure; leaving
-  the context waits too, so no writer outlives its pass (a canvas never
-  closes under one).
+- `TileIO.fetch`: the reader thread gathers the next tile's region, into
+  page-locked memory for a GPU, while the current one computes; taking it
+  queues its copy to the device on the compute stream.
+- `TileIO.store`: on a GPU the core is copied to page-locked memory on a
+  download stream that waits for the compute stream; the writer thread waits
+  for that copy (a blocking-sync event: it sleeps) and scatters it into the
+  canvas. At most `WRITES_BEHIND` stores are outstanding.
+- Leaving the context waits for every store (raising the first failure) and
+  for a read still running: no thread outlives its pass.
 
 A stored block must not be written to afterwards: runners return fresh
-tensors, except CUDA-graph modes of `torch.compile`, whose outputs the next
-replay overwrites, so `TorchRunner` turns the overlap off there. Off (``overlap=False``), or for a canvas on the device, each call
-is the synchronous `Canvas.read_tensor` / `Canvas.write_tensor`. On the CPU
-the same threads run without page-locked memory or streams, which is how the
-tests hold the overlapped pass to the synchronous one, bit for bit; where the
-CPU also computes, the threads share its cores and hold a tile beyond the
-planner's model, so runners turn it on for a GPU only (`RunnerTraits.overlap_io`).
+tensors (CUDA-graph modes of `torch.compile` do not: `RunnerTraits.stable_outputs`).
+Off, or for a canvas on the device, each call is the synchronous
+`Canvas.read_tensor` / `Canvas.write_tensor`. On the CPU the same threads run
+without page-locked memory or streams: the tests hold that to the synchronous
+pass bit for bit. Which runners use it: `RunnerTraits.overlap_io`; docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -39,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -51,20 +41,8 @@ WRITES_BEHIND = 2
 
 Index = np.ndarray | slice
 T = TypeVar("T")
-
-
-class Pending:
-    """A tile region on its way: `get` returns it as (1, C, h, w) on the device (once)."""
-
-    def __init__(self, device: torch.device, read: Callable[[], torch.Tensor] | None = None, staged: Future[torch.Tensor] | None = None) -> None:
-        self._device, self._read, self._staged = device, read, staged
-
-    def get(self) -> torch.Tensor:
-        if self._read is not None:
-            return self._read()[None]
-        assert self._staged is not None
-        # page-locked for a GPU: the copy is queued on the compute stream and the caching host allocator keeps the block until it is done
-        return self._staged.result().to(self._device, non_blocking=True)[None]
+# A tile region on its way: calling it returns the region as (1, C, h, w) on the device (once).
+Pending = Callable[[], torch.Tensor]
 
 
 class TileIO:
@@ -82,10 +60,10 @@ class TileIO:
         self._writes: deque[Future[None]] = deque()
         self._download = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
 
-    def _threaded(self, canvas: Any) -> bool:
+    def _threaded(self, canvas: Canvas) -> bool:
         return self.overlap and isinstance(canvas, Canvas) and canvas.device is None
 
-    def fetch(self, canvas: Any, rows: Index, cols: Index, *, ahead: bool = True) -> Pending:
+    def fetch(self, canvas: Canvas, rows: Index, cols: Index, *, ahead: bool = True) -> Pending:
         """Start reading ``canvas[:, rows, cols]`` (index arrays may repeat: mirroring).
 
         ``ahead``: it is wanted after other work, so a disk canvas read in line
@@ -94,9 +72,11 @@ class TileIO:
         if not self._threaded(canvas):
             if ahead:
                 canvas.prefetch(rows, cols)  # advice only: a disk canvas starts reading, others ignore it
-            return Pending(self.device, read=lambda: canvas.read_tensor(rows, cols, self.device))
+            return lambda: canvas.read_tensor(rows, cols, self.device)[None]
         assert self._reader is not None
-        return Pending(self.device, staged=self._reader.submit(canvas.read_host, rows, cols, pinned=self._download is not None))
+        staged = self._reader.submit(canvas.read_host, rows, cols, pinned=self._download is not None)
+        # page-locked for a GPU: the copy is queued on the compute stream; the caching host allocator keeps the block until it is done
+        return lambda: staged.result().to(self.device, non_blocking=True)[None]
 
     def read_ahead(self, items: Sequence[T], fetch: Callable[[T, bool], Pending]) -> Iterator[tuple[T, torch.Tensor]]:
         """Each of ``items`` with its region on the device; the next one's read starts before this one is handed out.
@@ -106,12 +86,12 @@ class TileIO:
         pending = fetch(items[0], False) if items else None
         for k, item in enumerate(items):
             assert pending is not None
-            x = pending.get()
+            x = pending()
             if k + 1 < len(items):
                 pending = fetch(items[k + 1], True)
             yield item, x
 
-    def store(self, canvas: Any, row: int, col: int, block: torch.Tensor) -> None:
+    def store(self, canvas: Canvas, row: int, col: int, block: torch.Tensor) -> None:
         """``canvas[:, row:row+h, col:col+w] = block`` for a float32 (C, h, w); threaded: done behind, `flush` waits."""
         if not self._threaded(canvas):
             canvas.write_tensor(row, col, block)

@@ -49,20 +49,16 @@ from ultrastyle.runtime.tile_io import Pending, TileIO
 TileCallback = Callable[[str, int, int], None]
 
 
-def read_region(src: Canvas, rows: Span, cols: Span, device: torch.device | None = None) -> torch.Tensor:
-    """(1, C, rows, cols) of the grid-padded image on ``device`` (default CPU): indices past the edge are mirrored in."""
-    return src.read_tensor(*_mirrored(src, rows, cols), device or torch.device("cpu"))[None]
-
-
-def _mirrored(src: Canvas, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
+def mirrored_indices(src: Canvas, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a region of the grid-padded image ``src``: indices past the edge are mirrored in."""
     _, h, w = src.shape
     return (reflect_index(torch.arange(rows.start, rows.stop), h).numpy(),
             reflect_index(torch.arange(cols.start, cols.stop), w).numpy())  # fmt: skip
 
 
 def _fetch_region(io: TileIO, src: Canvas, t: Tile, ahead: bool) -> Pending:
-    """Start reading tile ``t``'s region of the grid-padded image ``src`` (`read_region`) through ``io`` (``ahead``: `TileIO.fetch`)."""
-    return io.fetch(src, *_mirrored(src, t.region_rows, t.region_cols), ahead=ahead)
+    """Start reading tile ``t``'s region of the grid-padded image ``src`` through ``io`` (``ahead``: `TileIO.fetch`)."""
+    return io.fetch(src, *mirrored_indices(src, t.region_rows, t.region_cols), ahead=ahead)
 
 
 def _selected(count: int, only: Collection[int] | None) -> list[int]:
@@ -93,7 +89,7 @@ def encode_statistics(
     """
     device, g = model.device, plan.grid
     channels = model.arch.feature_channels(stage)
-    total: FeatureStats | None = None  # summed where the runner's statistics are (on a GPU: no wait per tile)
+    total = FeatureStats.empty(channels, device)  # summed where the runner's statistics are (on a GPU: no wait per tile)
     per_region = [FeatureStats.empty(channels)] * (0 if regions is None else regions.count)
     tiles = plan.encode_tiles()
     order = _selected(len(tiles), only)
@@ -104,7 +100,7 @@ def encode_statistics(
             ft = t.scaled(g)
             if regions is None:
                 part, core = _core_statistics(model, stage, x, *ft.core_in_region, features is not None)
-                total = part if total is None else total + part
+                total = total + part
             else:
                 core = model.encode_core(stage, x, *ft.core_in_region)
                 labels = regions.feature_labels(g, slice(t.rows.start // g, t.rows.stop // g), slice(t.cols.start // g, t.cols.stop // g))
@@ -114,9 +110,7 @@ def encode_statistics(
             _after_tile(model, keep_bytes)
             if on_tile:
                 on_tile(f"stage {stage} statistics", i + 1, len(tiles))
-    if regions is not None:
-        return per_region
-    return FeatureStats.empty(channels) if total is None else total.to_host()
+    return per_region if regions is not None else total.to_host()
 
 
 @torch.inference_mode()
@@ -291,6 +285,7 @@ def style_statistics_tiled(
     _, h, w = style.shape
     traits = runner_traits(model)
     keep = options.keep_bytes(traits)
+    overlap = bool(options.resolve(traits).overlap_io)
     whole = None
     stats = {}
     for plan in plan_stages(model.arch, h, w, levels, options, traits):
@@ -300,7 +295,7 @@ def style_statistics_tiled(
                 whole = style.read_tensor(slice(None), slice(None), model.device)
             stats[k] = style_statistics(model, whole, (k,))[k]
         else:
-            stats[k] = encode_statistics(model, k, style, plan)
+            stats[k] = encode_statistics(model, k, style, plan, overlap=overlap)
         _release(model, keep)
     return stats
 

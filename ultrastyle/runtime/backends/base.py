@@ -126,8 +126,9 @@ class Runner(ABC):
 
         Σf and Σffᵀ are reduced where the features are and may stay there
         (`FeatureStats.to_host` brings them over): the tiled pass adds up its
-        tiles on the device and copies C + C² numbers once, so the host never
-        waits for a tile's compute. A backend whose features are not tensors
+        tiles on the device and copies C + C² numbers once, so the host does
+        not wait for each tile's compute (mask regions' per-region statistics
+        still come over per tile). A backend whose features are not tensors
         on a device (TensorRT) overrides this.
         """
         core = self.encode_core(stage, image, rows, cols)

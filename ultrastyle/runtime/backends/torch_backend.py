@@ -169,7 +169,8 @@ class TorchRunner(Runner):
         base = replace(EAGER_HOST, default_memory_factor=self.heap_factor) if self.device.type == "cpu" else EAGER_DEVICE
         if not self.compile:
             return base
-        return replace(base, uniform_tiles=True, overlap_io=base.overlap_io and self.compile_mode not in CUDA_GRAPH_MODES)
+        graphs = self.compile_mode in CUDA_GRAPH_MODES
+        return replace(base, uniform_tiles=True, overlap_io=base.overlap_io and not graphs, stable_outputs=not graphs)
 
     def memory_bytes(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
