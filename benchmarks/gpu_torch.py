@@ -85,7 +85,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.images import IMAGE_SUFFIXES, array_to_tensor, read_image, resize_long_side
