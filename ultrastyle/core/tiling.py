@@ -41,6 +41,11 @@ class Tile:
     region_cols: Span
 
     @property
+    def region(self) -> tuple[slice, slice]:
+        """Slices of the region (what is read), in the tile's own coordinates; no mirroring past the edges."""
+        return slice(self.region_rows.start, self.region_rows.stop), slice(self.region_cols.start, self.region_cols.stop)
+
+    @property
     def core_in_region(self) -> tuple[slice, slice]:
         """Slices that cut the core out of the region's result (same resolution)."""
         r0 = self.rows.start - self.region_rows.start

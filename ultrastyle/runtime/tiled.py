@@ -152,7 +152,7 @@ def decode_tiles(
         t = tiles[i]
         if features is None:
             return _fetch_region(io, src, t, ahead)
-        return io.fetch(features, slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop), ahead=ahead)
+        return io.fetch(features, *t.region, ahead=ahead)
 
     with TileIO(device, overlap) as io:
         for k, (i, x) in enumerate(io.read_ahead(order, fetch)):  # the next tile's region is read while this one computes
@@ -160,8 +160,7 @@ def decode_tiles(
             if features is not None:
                 if regions is not None:
                     mask, maps = regions
-                    rows, cols = slice(t.region_rows.start, t.region_rows.stop), slice(t.region_cols.start, t.region_cols.stop)
-                    x = apply_regions(x, mask.feature_labels(g, rows, cols), maps)
+                    x = apply_regions(x, mask.feature_labels(g, *t.region), maps)
                 rs, cs = t.core_in_region
                 y = model.decode_core(stage, x, a, b, slice(rs.start * g, rs.stop * g), slice(cs.start * g, cs.stop * g))
                 scale = g
