@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ultrastyle.core.canvas import canvas_from_array
+from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.pretrained import load_cd_folder
@@ -449,11 +449,16 @@ def test_a_stage_synchronises_only_for_its_statistics(gpu_model, photo, style):
     assert 1 <= counts["device"] <= 3 * len(DEFAULT_LEVELS)
 
 
-def test_a_tiled_pass_one_waits_for_the_device_once_not_per_tile(gpu_model, photo):
+@pytest.mark.parametrize("regions", [0, 2], ids=["one-map", "two-regions"])
+def test_a_tiled_pass_one_waits_for_the_device_once_not_per_tile(gpu_model, photo, regions):
     # Pass 1 adds its tiles' statistics on the device and copies the total once (FeatureStats.to_host), so
     # the host queues tile after tile without waiting: synchronising calls counted by sync debug mode.
+    # With mask regions each region's pixels are picked by indices found on the host (core.styles.region_indices).
     import warnings
 
+    import numpy as np
+
+    from ultrastyle.core.styles import Regions, Target
     from ultrastyle.runtime.tiled import encode_statistics
 
     opts = TilingOptions(tile=64, cache_features=False)  # ~20 tiles; canvases fit on the device
@@ -463,16 +468,65 @@ def test_a_tiled_pass_one_waits_for_the_device_once_not_per_tile(gpu_model, phot
         stage = plan.stage(1)
         assert len(stage.encode_tiles()) > 4
         with canvas_from_array(photo.numpy(), layout="chw", device=plan.site.device) as cv:
-            encode_statistics(r, 1, cv, stage)  # warm: kernels loaded
+            mask = None
+            if regions:
+                labels = np.zeros(photo.shape[-2:], dtype=np.int64)
+                labels[:, labels.shape[1] // 3 :] = 1
+                mask = Regions(labels, (Target(({},)),) * regions)
+            encode_statistics(r, 1, cv, stage, regions=mask)  # warm: kernels loaded
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    stats = encode_statistics(r, 1, cv, stage)
+                    stats = encode_statistics(r, 1, cv, stage, regions=mask)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
-    print(f"synchronising calls in pass 1 over {len(stage.encode_tiles())} tiles: {syncs}")
-    assert stats.sum.device.type == "cpu" and stats.count == plan.stage(1).height * plan.stage(1).width
-    assert syncs <= 3
+    print(f"synchronising calls in pass 1 over {len(stage.encode_tiles())} tiles, {regions or 1} region(s): {syncs}")
+    parts = stats if isinstance(stats, list) else [stats]
+    assert all(p.sum.device.type == "cpu" for p in parts)
+    assert sum(p.count for p in parts) == plan.stage(1).height * plan.stage(1).width
+    assert syncs <= 1 + 2 * len(parts)  # the total's two copies (Σf, Σffᵀ) per region, and one spare
+
+
+@pytest.mark.parametrize("regions", [0, 2], ids=["one-map", "two-regions"])
+def test_a_tiled_decode_pass_does_not_wait_per_tile(gpu_model, photo, regions):
+    # Pass 2 with device canvases: A and b (or each region's map, copied once per pass) on the device,
+    # region pixels picked by indices found on the host; nothing comes back per tile.
+    import warnings
+
+    from ultrastyle.core.styles import Regions, Target, identity_map
+    from ultrastyle.runtime.tiled import decode_tiles, encode_statistics
+
+    opts = TilingOptions(tile=64, cache_features=True)
+    with TorchRunner(gpu_model) as r:
+        plan = plan_image_for(r, *photo.shape[-2:], (1,), opts, masked=True)
+        assert plan.site.device is not None
+        stage = plan.stage(1)
+        assert stage.cache and len(stage.decode_tiles()) > 4
+        channels = r.arch.feature_channels(1)
+        mask = None
+        if regions:
+            labels = np.zeros(photo.shape[-2:], dtype=np.int64)
+            labels[: labels.shape[0] // 2] = 1
+            mask = (Regions(labels, (Target(({},)),) * regions), [identity_map(channels)] * regions)
+        a, b = (t.cuda() for t in identity_map(channels))
+        with canvas_from_array(photo.numpy(), layout="chw", device=plan.site.device) as src, \
+                Canvas.at(plan.site, *src.shape) as dst, \
+                Canvas.at(plan.site, channels, stage.height // stage.grid, stage.width // stage.grid) as feats:  # fmt: skip
+            encode_statistics(r, 1, src, stage, feats)
+            decode_tiles(r, 1, src, dst, stage, a, b, feats, regions=mask)  # warm
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    decode_tiles(r, 1, src, dst, stage, a, b, feats, regions=mask)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            out = torch.from_numpy(dst.numpy())
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"synchronising calls in pass 2 over {len(stage.decode_tiles())} tiles, {regions or 1} map(s): {syncs}")
+    assert bool(torch.isfinite(out).all()) and out.abs().sum() > 0  # every tile decoded
+    assert syncs <= 2 * regions + 1  # each region's A and b copied to the device once per pass

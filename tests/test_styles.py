@@ -135,6 +135,19 @@ def test_region_statistics_partition_the_whole_and_apply_regions_uses_each_map()
     assert torch.allclose(out[0][:, sel], f[0][:, sel] + 1)
 
 
+def test_a_label_with_no_pixels_gets_empty_statistics_and_leaves_no_hole():
+    torch.manual_seed(2)
+    f = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    labels = torch.full((4, 4), 2, dtype=torch.int64)  # labels 0 and 1 absent from this tile
+    parts = region_statistics(f, labels, 3, host=False)
+    assert [p.count for p in parts] == [0, 0, 16]
+    assert torch.equal(parts[0].sum, torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(parts[2].outer, FeatureStats.of(f).outer)
+    maps = [(torch.zeros(3, 3, dtype=torch.float64), torch.full((3,), 7.0, dtype=torch.float64))] * 2
+    maps.append((torch.eye(3, dtype=torch.float64), -torch.ones(3, dtype=torch.float64)))
+    assert torch.equal(apply_regions(f, labels, maps), f - 1)  # every pixel written, by its own region's map
+
+
 def test_feature_labels_take_the_cell_centre_and_mirror_past_the_edge():
     lab = np.arange(5 * 7, dtype=np.uint8).reshape(5, 7) % 3
     regions = Regions(lab, (Target(({},)),) * 3)

@@ -121,15 +121,38 @@ def as_style(style: Style) -> Target | Regions:
     return Target((style,))
 
 
-def region_statistics(features: torch.Tensor, labels: torch.Tensor, count: int) -> list[FeatureStats]:
-    """Statistics of ``features`` (1, C, h, w) per label of ``labels`` (h, w): ``count`` entries."""
+def region_indices(labels: torch.Tensor, count: int, device: torch.device) -> list[torch.Tensor | None]:
+    """Per label ``0..count-1`` of host ``labels`` (h, w): the flat pixel indices on ``device``, None where it has none.
+
+    Found on the host, where the labels are: selecting on the device by a
+    boolean mask would wait for the device to count the pixels.
+    """
+    lab = labels.reshape(-1)
+    out: list[torch.Tensor | None] = []
+    for region in range(count):
+        idx = (lab == region).nonzero().squeeze(1)
+        if not idx.numel():
+            out.append(None)
+        elif device.type == "cpu":
+            out.append(idx)
+        else:  # page-locked, so the copy is queued without waiting
+            out.append(idx.pin_memory().to(device, non_blocking=True))
+    return out
+
+
+def region_statistics(features: torch.Tensor, labels: torch.Tensor, count: int, *, host: bool = True) -> list[FeatureStats]:
+    """Statistics of ``features`` (1, C, h, w) per label of host ``labels`` (h, w): ``count`` entries.
+
+    ``host=False``: the sums stay on the features' device (`FeatureStats.of`).
+    """
     c = features.shape[1]
     flat = features[0].reshape(c, -1)
-    lab = labels.to(features.device).reshape(-1)
     out = []
-    for region in range(count):
-        sel = flat[:, lab == region]
-        out.append(FeatureStats.of(sel[None, :, None]) if sel.shape[1] else FeatureStats.empty(c))
+    for idx in region_indices(labels, count, features.device):
+        if idx is None:
+            out.append(FeatureStats.empty(c, None if host else features.device))
+        else:
+            out.append(FeatureStats.of(flat.index_select(1, idx)[None, :, None], host=host))
     return out
 
 
@@ -137,13 +160,11 @@ def apply_regions(features: torch.Tensor, labels: torch.Tensor, maps: Sequence[A
     """Each feature pixel through its region's map: (1, C, h, w) -> (1, C, h, w), in the features' dtype."""
     _, c, h, w = features.shape
     flat = features[0].reshape(c, -1)
-    lab = labels.to(features.device).reshape(-1)
     out = torch.empty_like(flat)
-    for region, (a, b) in enumerate(maps):
-        sel = lab == region
-        if bool(sel.any()):
+    for idx, (a, b) in zip(region_indices(labels, len(maps), features.device), maps):
+        if idx is not None:
             a_, b_ = a.to(features.device, features.dtype), b.to(features.device, features.dtype)
-            out[:, sel] = a_ @ flat[:, sel] + b_[:, None]
+            out.index_copy_(1, idx, a_ @ flat.index_select(1, idx) + b_[:, None])
     return out.view(1, c, h, w)
 
 
