@@ -14,6 +14,9 @@
 # else ../shared. Outputs: $OUT (else a temporary folder): gpu_torch.json, bench.log, pytest.log.
 # Exit status: 0 when the benchmark ran and pytest -m gpu passed; the figures are judged by reading
 # them against the targets printed at the end (no timed assertion here either).
+# GPU_CHECK_DEVICE=cpu: a dry run of this very script on a machine without a GPU (gpu_torch.py --device cpu:
+# small fixed sizes, no figures; the GPU tests skip), so its command lines and summary are tried before a lease
+# (tests/test_bench_gpu_torch.py).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,6 +39,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 PY="${PYTHON:-python3}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 SHARED="${ULTRASTYLE_SHARED:-}"
@@ -51,15 +55,19 @@ BENCH_BUDGET_S="${BENCH_BUDGET_S:-240}"
 T0=$SECONDS
 
 echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))" || exit 2
+if [[ "$DEVICE" == "cuda" ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))" || exit 2
+else
+    "$PY" -c "import torch; print('dry run on the CPU: torch', torch.__version__)" || exit 2
+fi
 
 echo "== benchmark (rows stop starting after ${BENCH_BUDGET_S} s)"
-timeout $((BENCH_BUDGET_S + 90)) "$PY" benchmarks/gpu_torch.py \
+timeout $((BENCH_BUDGET_S + 90)) "$PY" benchmarks/gpu_torch.py --device "$DEVICE" \
     --model "$SHARED/models/cd-wct-16x" \
     --image "$SHARED/images/large/lomiri_Dragonfly_by_Bolly.jpg" --style "$SHARED/images/style/cd_style_in1.jpg" \
     --configs fp32,fp16,bf16,fp16+compile,fp16+compile+hostfit,fp16+syncio --large-configs fp16,fp16+compile \
-    --sizes 4096x4096,100 --paths whole,tiled --max-memory 2GB --repeats 2 \
+    --sizes 4096x4096,100 --paths whole,tiled --max-memory 2GB --repeats 2 --compare \
     --networks --net-size 4096 --floors \
     --psnr-pairs 10 --psnr-size 4096 \
     --pairs-content "$SHARED/images/content,$SHARED/images/large,$SHARED/images/uhd,$SHARED/images/reference" \

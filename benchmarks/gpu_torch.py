@@ -79,7 +79,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -311,13 +311,13 @@ def psnr_rows(bench: Bench, configs: list[Config], contents: list[Path], styles:
         style = make_style(styles[i % len(styles)], style_size)
         outs = {}
         for cfg in [ref_cfg, *checked]:
-            runner = bench.runner(cfg)
-            stats = bench.style_stats(cfg, style)
             fit_on = "host" if cfg.host_fit else "auto"
-            try:
+            try:  # a config that cannot run (or compile) leaves its column empty; the check goes on
+                runner = bench.runner(cfg)
+                stats = bench.style_stats(cfg, style)
                 with runner:
                     outs[str(cfg)] = stylize(runner, content, stats, method="wct", alpha=0.6, levels=DEFAULT_LEVELS, fit_on=fit_on).clamp(0, 1)
-            except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
+            except Exception as exc:
                 print(f"# {cfg}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
         ref = outs.pop(str(ref_cfg), None)
         if ref is None:
@@ -377,7 +377,7 @@ def main() -> int:
     ap.add_argument("--pairs-style", default="", help="style folders for --psnr-pairs, comma-separated")
     ap.add_argument("--budget-s", type=float, default=0, help="start no row after this many seconds (0: no limit)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the script (320x240 content, 128 px networks, 96MB tiles; sizes and repeats ignored), no figures")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the script (320x240 content, 128 px networks, 96MB tiles, fp16 configs run as bf16; sizes and repeats ignored), no figures")
     args = ap.parse_args()
     global DEV
     DEV = torch.device(args.device)
@@ -390,6 +390,8 @@ def main() -> int:
     start = time.perf_counter()
     configs = [Config.parse(c) for c in args.configs.split(",")]
     large = [Config.parse(c) for c in args.large_configs.split(",")] if args.large_configs else configs
+    if DEV.type == "cpu":  # PyTorch's CPU float16 convolutions are refused (tens of times slower): bf16 runs the same rows
+        configs, large = (list(dict.fromkeys(replace(c, precision="bf16") if c.precision == "fp16" else c for c in cs)) for cs in (configs, large))
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     paths = args.paths.split(",")
     budget = parse_bytes(args.max_memory)
@@ -397,6 +399,10 @@ def main() -> int:
     bench = Bench(load_model(args.model, device=DEV, progress=False), args.tf32)
     style = make_style(args.style, args.style_size)
     report: dict = {"device": name, "torch": torch.__version__, "tf32": args.tf32, "floors": None, "networks": [], "psnr": [], "rows": []}
+
+    def save() -> None:  # after every row: a run cut short by its time limit still leaves what it measured
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
 
     def out_of_time(what: str) -> bool:
         late = args.budget_s and time.perf_counter() - start > args.budget_s
@@ -415,9 +421,10 @@ def main() -> int:
                     continue
                 try:
                     row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
-                except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:  # a compile error, say: the check goes on
+                except Exception as exc:  # a compile error, say: the check goes on
                     row = {"what": f"networks {'+'.join(map(str, stages))}", "config": str(cfg), "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 report["networks"].append(row)
+                save()
                 print(f"# {row}", file=sys.stderr, flush=True)
     if args.psnr_pairs and not out_of_time("psnr"):
         contents, styles = image_files(args.pairs_content), image_files(args.pairs_style)
@@ -425,6 +432,7 @@ def main() -> int:
             print("--psnr-pairs needs --pairs-content and --pairs-style folders with images", file=sys.stderr)
             return 2
         report["psnr"] = psnr_rows(bench, configs, contents, styles, args.psnr_pairs, args.psnr_size, args.style_size)
+        save()
     stats_by_cfg: dict[str, dict] = {}
     for size in sizes:
         t = time.perf_counter()
@@ -434,9 +442,14 @@ def main() -> int:
         print(f"# {w}x{h} input built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         reference: np.ndarray | None = None
         for cfg in large if mp > 20 else configs:
-            runner = bench.runner(cfg)
-            if cfg.precision not in stats_by_cfg:
-                stats_by_cfg[cfg.precision] = bench.style_stats(cfg, style)
+            try:
+                runner = bench.runner(cfg)
+                if cfg.precision not in stats_by_cfg:
+                    stats_by_cfg[cfg.precision] = bench.style_stats(cfg, style)
+            except Exception as exc:  # this config cannot run here: its rows say why, the others go on
+                report["rows"].append({"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": ",".join(paths),
+                                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})  # fmt: skip
+                continue
             stats = stats_by_cfg[cfg.precision]
             for p in paths:
                 if (cfg.host_fit and p != "whole") or (cfg.sync_io and p == "whole"):  # rows that would repeat another's
@@ -459,7 +472,7 @@ def main() -> int:
                         if DEV.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(DEV)
                         secs = statistics.median(run_once(runner, cfg, content, stats, p, budget)[0] for _ in range(max(1, args.repeats)))
-                except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:  # one row fails, the check goes on
+                except Exception as exc:  # one row fails, the check goes on
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     if DEV.type == "cuda":
                         torch.cuda.empty_cache()
@@ -474,6 +487,7 @@ def main() -> int:
                         row["max_diff_uint8"] = int(np.abs(out.astype(np.int16) - reference.astype(np.int16)).max())
                 row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(DEV) / GiB, 3) if DEV.type == "cuda" else ""
                 report["rows"].append(row)
+                save()
                 print(f"# {row}", file=sys.stderr, flush=True)
         # tiled / whole per config and size, side by side in this run
         for r in report["rows"]:
@@ -500,8 +514,7 @@ def main() -> int:
         cols.append("max_diff_uint8")
     table(report["rows"], cols, {"mp": "MP", "size": "W x H", "wall_s": "wall s", "ms_per_mp": "ms/MP", "tiled_over_whole": "tiled/whole",
                                  "compile_s": "compile s", "peak_alloc_gib": "peak GPU GiB", "max_diff_uint8": "max diff (uint8)"})  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    save()
     return 0
 
 

@@ -46,3 +46,30 @@ def test_cpu_smoke_run_fills_every_row(cd16x_dir, shared_dir, tmp_path):
     assert rows["bf16", "whole"]["max_diff_uint8"] < 128
     assert rows["fp32", "tiled 96MB"]["tiled_over_whole"] > 0
     assert rows["fp32+compile+hostfit", "whole"]["compiles"] >= 1  # Dynamo compiled this row's graphs
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_dry_runs_on_the_cpu(shared_dir, tmp_path):
+    # benchmarks/gpu_check.sh itself, with GPU_CHECK_DEVICE=cpu: its command lines, the JSON it reads
+    # back for the summary, and the pytest -m gpu step (every test skips here, saying why).
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "BENCH_BUDGET_S": "60", "OUT": str(out), "PYTHON": sys.executable,
+           "ULTRASTYLE_SHARED": str(shared_dir), "ULTRASTYLE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}  # fmt: skip
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "== pytest exit 0" in done.stdout and "networks fp16+compile ms/MP:" in done.stdout
+    r = json.loads((out / "gpu_torch.json").read_text())
+    assert r["device"] == "CPU (smoke run)"
+    nets = {(n["config"], n["what"]) for n in r["networks"] if "error" not in n}
+    assert {("fp32", "networks 5+4+3+2+1"), ("bf16", "networks 5+4+3+2+1")} <= nets  # fp16 runs as bf16 on a CPU
+    assert not [x for x in r["rows"] if "error" in x]
+    ran = {(x["config"], x["path"].split()[0]) for x in r["rows"]}
+    skipped = " | ".join(r.get("skipped", []))
+    for cfg in ("fp32", "bf16", "bf16+compile", "bf16+compile+hostfit", "bf16+syncio"):  # each row ran or was skipped for time
+        for path in ("whole", "tiled"):
+            if ("hostfit" in cfg and path == "tiled") or ("syncio" in cfg and path == "whole"):
+                continue
+            assert (cfg, path) in ran or f"{cfg} {path}" in skipped, (cfg, path, ran, skipped)
+    assert ("fp32", "whole") in ran and ("fp32", "tiled") in ran  # the first rows always run
+    rows = {(x["config"], x["path"].split()[0]): x for x in r["rows"]}
+    assert rows["fp32", "tiled"]["max_diff_uint8"] <= 1  # --compare: tiling is exact
