@@ -13,7 +13,12 @@ folded into each decoder's first convolution (`runtime.backends.torch_engine`);
 ``+hostfit``: the WCT fit on the CPU (``fit_on="host"``) instead of on the GPU;
 ``+syncio``: tiled rows only, tile reads and writes of host canvases in line
 instead of overlapped with compute (``TilingOptions(overlap_io=False)``,
-`runtime.tile_io`), to show what the overlap saves.
+`runtime.tile_io`), to show what the overlap saves; ``+hostcache``: tiled rows
+only, feature caches planned as on a CPU (every stage whose encoder costs
+`CACHE_MACS_PER_VALUE` per cached float, canvases off the GPU where they then do
+not fit) instead of `GPU_HOST_CACHE_MACS_PER_VALUE`'s rule (`core.plan`), to
+show what re-encoding saves. Tiled rows print their plan: where the canvases
+are and which stages cache features.
 
 - ``whole``: each stage on the whole image (``--no-tile``); skipped where the
   estimate (``--whole-gib-per-mp``) exceeds the GPU's free memory.
@@ -74,6 +79,7 @@ s/MP at 16-100 MP, whole-image 0.029-0.044 s/MP, tiled = whole exactly in uint8.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -81,17 +87,19 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
+import ultrastyle.core.plan as plan_module
 from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.images import IMAGE_SUFFIXES, array_to_tensor, read_image, resize_long_side
 from ultrastyle.models.pretrained import StyleModel, load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
-from ultrastyle.runtime.tiled import canvas_to_image, content_canvas, stylize_tiled
+from ultrastyle.runtime.tiled import canvas_to_image, content_canvas, plan_image_for, stylize_tiled
 
 GiB = 2**30
 DEV = torch.device("cuda")  # --device cpu: a smoke run of this script's logic on a machine without a GPU (no figures)
@@ -115,18 +123,23 @@ class Config:
     compile: bool = False
     host_fit: bool = False
     sync_io: bool = False
+    host_cache: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Config:
         precision, *flags = text.strip().split("+")
-        bad = set(flags) - {"compile", "hostfit", "syncio"}
+        bad = set(flags) - {"compile", "hostfit", "syncio", "hostcache"}
         if precision not in ("fp32", "fp16", "bf16") or bad:
-            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit][+syncio], PRECISION fp32|fp16|bf16")
-        return cls(precision, "compile" in flags, "hostfit" in flags, "syncio" in flags)
+            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit][+syncio][+hostcache], PRECISION fp32|fp16|bf16")
+        return cls(precision, "compile" in flags, "hostfit" in flags, "syncio" in flags, "hostcache" in flags)
+
+    @property
+    def tiled_only(self) -> bool:
+        return self.sync_io or self.host_cache
 
     def __str__(self) -> str:
         flags = ("+compile" if self.compile else "") + ("+hostfit" if self.host_fit else "") + ("+syncio" if self.sync_io else "")
-        return self.precision + flags
+        return self.precision + flags + ("+hostcache" if self.host_cache else "")
 
 
 def parse_size(text: str) -> tuple[int, int] | float:
@@ -200,6 +213,24 @@ class Bench:
             return style_statistics(r, style, DEFAULT_LEVELS)
 
 
+def tiled_options(cfg: Config, max_memory: int) -> TilingOptions:
+    # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes.
+    return TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else (True if DEV.type == "cpu" else None))
+
+
+def planned_as(cfg: Config) -> contextlib.AbstractContextManager:
+    """``+hostcache``: the planner's GPU cache rule off (caches as on a CPU) while the row runs."""
+    return mock.patch.object(plan_module, "GPU_HOST_CACHE_MACS_PER_VALUE", 0) if cfg.host_cache else contextlib.nullcontext()
+
+
+def plan_summary(runner: TorchRunner, cfg: Config, h: int, w: int, max_memory: int) -> str:
+    """Where a tiled row's canvases go, which stages cache features, tiles per stage (pass 2)."""
+    with planned_as(cfg):
+        p = plan_image_for(runner, h, w, DEFAULT_LEVELS, tiled_options(cfg, max_memory))
+    where = "gpu" if p.site.device is not None else "disk" if p.site.disk_dir else "ram"
+    return f"{where}; cache {''.join(str(s.stage) for s in p.stages if s.cache) or '-'}; tiles {'/'.join(str(len(s.decode_tiles())) for s in p.stages)}"
+
+
 def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict, path: str, max_memory: int) -> tuple[float, np.ndarray]:
     """Seconds for content canvas + cascade + conversion to uint8 on the host, and the uint8 result."""
     sync()
@@ -211,16 +242,17 @@ def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict,
         del y
     else:
         # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes.
-        opts = TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else (True if DEV.type == "cpu" else None))
-        cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
-        try:
-            res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+        opts = tiled_options(cfg, max_memory)
+        with planned_as(cfg):
+            cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
             try:
-                out = canvas_to_image(res, np.uint8)
+                res = stylize_tiled(runner, cv, stats, opts, method="wct", alpha=0.6, levels=DEFAULT_LEVELS)
+                try:
+                    out = canvas_to_image(res, np.uint8)
+                finally:
+                    res.close()
             finally:
-                res.close()
-        finally:
-            cv.close()
+                cv.close()
     sync()
     return time.perf_counter() - t0, out
 
@@ -304,7 +336,7 @@ def networks_row(bench: Bench, cfg: Config, side: int, repeats: int, stages: tup
 
 def psnr_rows(bench: Bench, configs: list[Config], contents: list[Path], styles: list[Path], pairs: int, side: int, style_size: int) -> list[dict]:
     ref_cfg = Config("fp32")
-    checked = [c for c in configs if c.precision != "fp32" and not c.sync_io]  # +syncio: the same whole-image output
+    checked = [c for c in configs if c.precision != "fp32" and not c.tiled_only]  # +syncio, +hostcache: the same whole-image output
     found: dict[str, list[tuple[float, float, float]]] = {str(c): [] for c in checked}
     for i in range(pairs):
         content = array_to_tensor(make_content((side, side), contents[i % len(contents)]))
@@ -417,7 +449,7 @@ def main() -> int:
     if args.networks:
         for cfg in configs:
             for stages in (DEFAULT_LEVELS, (5,)):
-                if cfg.host_fit or cfg.sync_io or out_of_time(f"networks {cfg} {stages}"):
+                if cfg.host_fit or cfg.tiled_only or out_of_time(f"networks {cfg} {stages}"):
                     continue
                 try:
                     row = networks_row(bench, cfg, args.net_size, max(3, args.repeats), stages)
@@ -452,10 +484,12 @@ def main() -> int:
                 continue
             stats = stats_by_cfg[cfg.precision]
             for p in paths:
-                if (cfg.host_fit and p != "whole") or (cfg.sync_io and p == "whole"):  # rows that would repeat another's
+                if (cfg.host_fit and p != "whole") or (cfg.tiled_only and p == "whole"):  # rows that would repeat another's
                     continue
                 label = "whole" if p == "whole" else f"tiled {args.max_memory}"
                 row = {"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": label}
+                if p != "whole":
+                    row["plan"] = plan_summary(runner, cfg, h, w, budget)
                 if out_of_time(f"{cfg} {label} {w}x{h}"):
                     continue
                 free = torch.cuda.mem_get_info(DEV)[0] if DEV.type == "cuda" else 64 * GiB
@@ -509,7 +543,7 @@ def main() -> int:
     if report["psnr"]:
         table(report["psnr"], ["config", "pairs", "size", "psnr_mean_db", "psnr_min_db", "max_abs", "mean_abs"],
               {"psnr_mean_db": "PSNR vs fp32 dB (mean)", "psnr_min_db": "PSNR worst pair", "max_abs": "max abs", "mean_abs": "mean abs"})  # fmt: skip
-    cols = ["mp", "size", "config", "path", "wall_s", "ms_per_mp", "tiled_over_whole", "compile_s", "compiles", "peak_alloc_gib"]
+    cols = ["mp", "size", "config", "path", "wall_s", "ms_per_mp", "tiled_over_whole", "compile_s", "compiles", "peak_alloc_gib", "plan"]
     if args.compare:
         cols.append("max_diff_uint8")
     table(report["rows"], cols, {"mp": "MP", "size": "W x H", "wall_s": "wall s", "ms_per_mp": "ms/MP", "tiled_over_whole": "tiled/whole",

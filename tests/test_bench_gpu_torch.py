@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cpu_smoke_run_fills_every_row(cd16x_dir, shared_dir, tmp_path):
     report = tmp_path / "gpu_torch.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_torch.py"), "--device", "cpu", "--model", str(cd16x_dir),
-           "--configs", "fp32,bf16,fp32+compile+hostfit,fp32+syncio", "--paths", "whole,tiled", "--compare",
+           "--configs", "fp32,bf16,fp32+compile+hostfit,fp32+syncio,fp32+hostcache", "--paths", "whole,tiled", "--compare",
            "--networks", "--floors", "--psnr-pairs", "1", "--json", str(report),
            "--pairs-content", str(shared_dir / "images" / "content"), "--pairs-style", str(shared_dir / "images" / "style")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -36,12 +36,14 @@ def test_cpu_smoke_run_fills_every_row(cd16x_dir, shared_dir, tmp_path):
     assert psnr["config"] == "bf16" and psnr["pairs"] == 1 and 25 < psnr["psnr_mean_db"] < 60
     rows = {(x["config"], x["path"]): x for x in r["rows"]}
     assert set(rows) == {("fp32", "whole"), ("fp32", "tiled 96MB"), ("bf16", "whole"), ("bf16", "tiled 96MB"),
-                         ("fp32+compile+hostfit", "whole"), ("fp32+syncio", "tiled 96MB")}  # fmt: skip
+                         ("fp32+compile+hostfit", "whole"), ("fp32+syncio", "tiled 96MB"), ("fp32+hostcache", "tiled 96MB")}  # fmt: skip
     assert all("error" not in x and x["ms_per_mp"] > 0 for x in rows.values()), r["rows"]
     # --compare: against fp32's whole image. Tiling is exact; bf16 networks and a compiled graph are near it.
     assert rows["fp32", "whole"]["max_diff_uint8"] == 0
     assert rows["fp32", "tiled 96MB"]["max_diff_uint8"] <= 1
     assert rows["fp32+syncio", "tiled 96MB"]["max_diff_uint8"] <= 1  # reads and writes in line: the same tiles
+    assert rows["fp32+hostcache", "tiled 96MB"]["max_diff_uint8"] <= 1  # caches or not, tiling is exact
+    assert rows["fp32", "tiled 96MB"]["plan"].startswith("ram; cache 2345; tiles ")  # a CPU caches where encoders cost 200 MACs/float
     assert rows["fp32+compile+hostfit", "whole"]["max_diff_uint8"] <= 2
     assert rows["bf16", "whole"]["max_diff_uint8"] < 128
     assert rows["fp32", "tiled 96MB"]["tiled_over_whole"] > 0
@@ -65,9 +67,9 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(shared_dir, tmp_path):
     assert not [x for x in r["rows"] if "error" in x]
     ran = {(x["config"], x["path"].split()[0]) for x in r["rows"]}
     skipped = " | ".join(r.get("skipped", []))
-    for cfg in ("fp32", "bf16", "bf16+compile", "bf16+compile+hostfit", "bf16+syncio"):  # each row ran or was skipped for time
+    for cfg in ("fp32", "bf16", "bf16+compile", "bf16+compile+hostfit", "bf16+hostcache"):  # each row ran or was skipped for time
         for path in ("whole", "tiled"):
-            if ("hostfit" in cfg and path == "tiled") or ("syncio" in cfg and path == "whole"):
+            if ("hostfit" in cfg and path == "tiled") or ("hostcache" in cfg and path == "whole"):
                 continue
             assert (cfg, path) in ran or f"{cfg} {path}" in skipped, (cfg, path, ran, skipped)
     assert ("fp32", "whole") in ran and ("fp32", "tiled") in ran  # the first rows always run

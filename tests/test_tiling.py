@@ -8,10 +8,10 @@ import torch
 
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
-from ultrastyle.core.plan import TilingOptions, check_budget, plan_image, plan_stage, plan_stages
+from ultrastyle.core.plan import GPU_HOST_CACHE_MACS_PER_VALUE, TilingOptions, check_budget, plan_image, plan_stage, plan_stages
 from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
 from ultrastyle.core.tiling import Span, plan_tiles
-from ultrastyle.core.traits import EAGER_HOST, RunnerTraits
+from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
@@ -388,16 +388,49 @@ def test_canvases_go_where_the_budget_is_and_share_it_only_there(cd16x, tmp_path
     assert site(4 * need - 4, "host", cpu) == (CanvasSite(disk_dir=str(tmp_path)), 4 * need - 4)
     # Device budget, tensors on the GPU: on the device up to half the budget (shared with the tiles) ...
     assert site(2 * need, "device", cuda) == (CanvasSite(device=cuda), need)
+    # ... else without the feature caches a GPU re-encodes faster than it would ship them over the bus ...
+    lean = TilingOptions(cache_macs_per_value=GPU_HOST_CACHE_MACS_PER_VALUE).canvas_bytes(arch, h, w, DEFAULT_LEVELS)
+    assert lean < need
+    assert site(2 * need - 2, "device", cuda) == (CanvasSite(device=cuda), 2 * need - 2 - lean)
     # ... else in host RAM (half of what is available), which the device budget does not count ...
-    assert site(2 * need - 2, "device", cuda) == (CanvasSite(), 2 * need - 2)
-    assert site(2 * need - 2, "device", cuda, ram_canvas_limit=need - 1)[0] == CanvasSite(disk_dir=str(tmp_path))
-    assert site(need, "device", cuda, ram=2 * need - 2)[0] == CanvasSite(disk_dir=str(tmp_path))
+    assert site(2 * lean - 2, "device", cuda) == (CanvasSite(), 2 * lean - 2)
+    assert site(2 * lean - 2, "device", cuda, ram_canvas_limit=lean - 1)[0] == CanvasSite(disk_dir=str(tmp_path))
+    assert site(lean, "device", cuda, ram=2 * lean - 2)[0] == CanvasSite(disk_dir=str(tmp_path))
     # ... and never on the device for runners whose tiles cross as host arrays (TensorRT, ORT's CUDA provider).
     assert site(64 * need, "device", cpu) == (CanvasSite(), 64 * need)
     # Unbounded: in the runner's memory, whatever their size, the tiles unbounded too.
     assert site(None, "host", cpu) == (CanvasSite(), None)
     assert site(None, "device", cuda, ram=0) == (CanvasSite(device=cuda), None)
     assert site(None, "device", cpu, ram=0) == (CanvasSite(), None)
+
+
+@pytest.mark.parametrize("mp", [16, 100])
+def test_a_gpu_caches_only_features_that_cost_more_to_encode_than_to_ship(mp):
+    # Canvases off the GPU (or made to fit on it by leaving caches out): a stage caches only where its
+    # encoder costs GPU_HOST_CACHE_MACS_PER_VALUE per cached float; on the CPU the RAM rule stays.
+    from ultrastyle.core.plan import CACHE_MACS_PER_VALUE, encoder_macs_per_value
+
+    arch = ARCHS["cd16x"]
+    h, w = (4096, 4096) if mp == 16 else (7500, 13333)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cost = {k: encoder_macs_per_value(arch, k) for k in DEFAULT_LEVELS}
+    gpu = {k for k, c in cost.items() if c >= GPU_HOST_CACHE_MACS_PER_VALUE}
+    host = {k for k, c in cost.items() if c >= CACHE_MACS_PER_VALUE}
+    assert gpu == {5} and host == {2, 3, 4, 5}  # cd16x: stage 5 alone ships fewer bytes than it saves
+
+    def plan(traits, device, **kw):
+        p = plan_image(arch, h, w, DEFAULT_LEVELS, TilingOptions(max_memory=2 * 2**30), traits, device, ram_available=64 * 2**30, **kw)
+        return p.site, {s.stage for s in p.stages if s.cache}
+
+    site, cached = plan(EAGER_DEVICE, cuda)
+    assert cached == gpu
+    # 16 MP: the canvases with every cache take over half the budget; without the cheap ones they fit on the GPU
+    assert site == (CanvasSite(device=cuda) if mp == 16 else CanvasSite())
+    assert plan(RunnerTraits(budget_memory="device"), cpu) == (CanvasSite(), gpu)  # TensorRT, ORT on CUDA: host canvases
+    assert plan(EAGER_HOST, cpu)[1] == host
+    assert plan(EAGER_DEVICE, cuda, masked=True)[1] == set(DEFAULT_LEVELS)  # masks transform cached features
+    small = plan_image(arch, 1024, 1024, DEFAULT_LEVELS, TilingOptions(max_memory=2 * 2**30), EAGER_DEVICE, cuda)
+    assert small.site == CanvasSite(device=cuda) and {s.stage for s in small.stages if s.cache} == host  # on the GPU: every cache
 
 
 def test_feature_caches_are_left_out_where_the_scratch_disk_cannot_hold_them(tmp_path):

@@ -45,6 +45,12 @@ CACHE_MACS_PER_VALUE = 200
 # re-encoding at ~60 GMAC/s (ONNX Runtime, 2 cores: stage 5 of a 100 MP run). Leaves out stage 2 of
 # cd16x (487; 32 GB at 1 GP), keeps stages 3-5 (1838 and up).
 DISK_CACHE_MACS_PER_VALUE = 1000
+# The same where a GPU computes and the canvases are not in its memory: a cached float is copied out of
+# the GPU (PCIe), scattered into RAM, gathered back and copied in again, ~1-2 ns of one host thread and
+# the bus per value, against re-encoding at 11.5 TMAC/s (H200, eager fp16: 200.8 GFLOP/MP in 8.7 ms/MP,
+# issue #23), ~0.1 ns per 1000 MACs: break-even near 10^4-2*10^4. Estimated, not measured end to end.
+# For cd16x (27, 487, 1838, 7708, 45810 per stage) anything between 7708 and 45810 keeps stage 5 alone.
+GPU_HOST_CACHE_MACS_PER_VALUE = 20000
 # Scratch canvases with their feature caches take at most this share of the scratch disk's free space
 # (the rest is for the output and whatever else runs); past it the caches are left out.
 DISK_SHARE = 0.85
@@ -376,12 +382,20 @@ def plan_image(
     fills no disk; canvases on disk larger than ``ram_available`` cache only
     the stages whose encoders cost `DISK_CACHE_MACS_PER_VALUE` (their caches
     go through the disk, not the page cache); masks need the caches whatever
-    the disk.
+    the disk. Where a GPU computes (a device budget's runner) and the canvases
+    do not fit in its memory with every cache, only the stages whose encoders
+    cost `GPU_HOST_CACHE_MACS_PER_VALUE` cache (and the canvases go on the
+    device if they then fit).
     """
     options = options.resolve(traits)
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
+    if traits.budget_memory == "device" and site.device is None and options.cache_features is None:
+        # A GPU computes and the caches would live off it: it re-encodes rather than ship features
+        # over the bus, and the canvases, smaller without those caches, may then fit on it after all.
+        options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, GPU_HOST_CACHE_MACS_PER_VALUE))
+        site = options.canvas_site(arch, height, width, levels, device, ram_available)
     if site.disk_dir is not None and options.cache_features is None:
         if ram_available is not None and options.canvas_bytes(arch, height, width, levels) > ram_available:
             options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, DISK_CACHE_MACS_PER_VALUE))
