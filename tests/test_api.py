@@ -126,7 +126,9 @@ def test_mix_and_mask_from_python_equal_their_cli_outputs(installed, small, tmp_
     ("settings", "option"),
     [({"alpha": 2}, "alpha"), ({"levels": "5,x"}, "levels"), ({"max_memory": "lots"}, "max_memory"),
      ({"tile": 0}, "tile"), ({"format": "bmp"}, "format"), ({"depth": 16, "format": "jpg"}, "depth"),
-     ({"max_memory": "1MB"}, "max_memory"), ({"levels": (2,)}, "levels")],
+     ({"max_memory": "1MB"}, "max_memory"), ({"levels": (2,)}, "levels"), ({"alpha": "0.5"}, "alpha"),
+     ({"content_size": "256"}, "content_size"), ({"alpah": 0.5}, "alpah"), ({"backend": "torch"}, "backend"),
+     ({"output": "x.jpg", "format": "png"}, "format"), ({"output": "x.webp"}, "output"), ({"skip_existing": True}, "skip_existing")],
 )  # fmt: skip
 def test_bad_settings_raise_option_error_naming_the_setting_not_a_flag(installed, small, settings, option):
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 4)) as s:
@@ -149,3 +151,88 @@ def test_whole_image_setting_equals_the_tiled_run(installed, small):
     content = array_to_tensor(read_image(small["c1"]))
     assert whole.shape[:2] == tuple(content.shape[1:])
     assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+
+
+def test_a_typo_or_a_model_setting_in_a_call_says_what_to_do():
+    from ultrastyle.api import _check_settings
+
+    with pytest.raises(ultrastyle.OptionError, match="did you mean 'alpha'"):
+        _check_settings({"alpah": 0.5})
+    with pytest.raises(ultrastyle.OptionError, match=r"ultrastyle.load"):
+        _check_settings({"device": "cuda"})
+    _check_settings({"alpha": 0.5, "levels": 5})  # real settings pass
+
+
+def test_errors_a_caller_catches_are_importable_from_the_package():
+    for name in ("RunnerError", "ZooError", "UnknownModelError", "ClusterError", "ClusterStylizer", "ModelDefaults", "OptionError"):
+        assert isinstance(getattr(ultrastyle, name), type), name
+    assert issubclass(ultrastyle.UnknownModelError, ultrastyle.ZooError)
+
+
+def test_bad_runner_arguments_fail_before_any_model_is_opened():
+    for kw, match in (({"device": "gpu"}, "unknown device 'gpu'"), ({"threads": -1}, "threads"), ({"compile": "yes"}, "compile")):
+        with pytest.raises(ultrastyle.RunnerError, match=match):
+            ultrastyle.load("no-such-model-either", **kw)
+
+
+def test_one_path_is_one_image_not_its_characters(installed, small, tmp_path):
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        summary = s.stylize_batch(str(small["c1"]), small["s1"], tmp_path / "out", levels=(5,), style_size=64)
+    assert [r.status for r in summary.results] == ["done"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["c1_stylized_s1.png"]
+
+
+def test_a_stylizer_opens_again_after_its_with_block(installed, small):
+    s = ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,))
+    with s:
+        first = s.stylize(small["c1"], small["s1"], levels=(5,), style_size=64)
+    assert not s.runner.is_active  # closed: the networks freed
+    with s:
+        again = s.stylize(small["c1"], small["s1"], levels=(5,), style_size=64)
+    after = s.stylize(small["c1"], small["s1"], levels=(5,), style_size=64)  # outside a with block too
+    s.close()
+    assert np.array_equal(first, again) and np.array_equal(first, after)
+
+
+def test_a_style_file_created_or_replaced_after_a_call_is_read_again(installed, small, tmp_path):
+    style = tmp_path / "late.png"
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        with pytest.raises(ultrastyle.ImageError, match="no such file"):
+            s.stylize(small["c1"], style, levels=(5,), style_size=64)
+        style.write_bytes(small["s1"].read_bytes())
+        first = s.stylize(small["c1"], style, levels=(5,), style_size=64)  # the missing file's error was not kept
+        style.write_bytes(small["s2"].read_bytes())
+        os_stat = style.stat()
+        import os
+
+        os.utime(style, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))  # a new version, whatever the clock's resolution
+        second = s.stylize(small["c1"], style, levels=(5,), style_size=64)
+        expected = s.stylize(small["c1"], small["s2"], levels=(5,), style_size=64)
+    assert not np.array_equal(first, second) and np.array_equal(second, expected)
+
+
+def test_in_memory_images_read_as_their_files_would():
+    from ultrastyle.runtime.batch import as_pixels
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, :3] = (10, 20, 30, 255)  # left half opaque, right half transparent
+    assert as_pixels(rgba)[0, 0].tolist() == [10, 20, 30] and as_pixels(rgba)[0, 5].tolist() == [255, 255, 255]
+    assert np.array_equal(as_pixels(Image.fromarray(rgba, "RGBA")), as_pixels(rgba))  # PIL: over white too
+    grey16 = Image.fromarray(np.full((3, 5), 40000, np.uint16))
+    assert as_pixels(grey16).dtype == np.uint16 and int(as_pixels(grey16).max()) == 40000  # 16 bits kept
+    tall = Image.fromarray(np.zeros((2, 7, 3), np.uint8))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 2 wide, 7 tall
+    tall.info["exif"] = exif.tobytes()
+    tall = Image.open(__import__("io").BytesIO(_jpeg_bytes(tall, exif)))
+    assert as_pixels(tall).shape[:2] == (7, 2)
+    with pytest.raises(ultrastyle.ImageError, match=r"\[0, 1\], got 0..200; divide"):
+        as_pixels(np.linspace(0, 200, 12, dtype=np.float32).reshape(2, 2, 3))
+
+
+def _jpeg_bytes(img: Image.Image, exif: Image.Exif) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    return buf.getvalue()

@@ -15,6 +15,8 @@ manifest), resolved here once for the command line and for Python alike.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -31,7 +33,7 @@ from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import Runner
-from ultrastyle.runtime.backends.select import open_runner
+from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.runtime.batch import (
     BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode,
     plan_pairs, run_batch, stylize_content,
@@ -56,6 +58,18 @@ class OptionError(ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option, self.message = option, message
+
+
+def _int(option: str, value: object, at_least: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise OptionError(option, f"expected a whole number, got {value!r}")
+    if value < at_least:
+        raise OptionError(option, f"expected a number >= {at_least}, got {value}")
+    return int(value)
+
+
+def _format_name(text: str) -> str:
+    return {"jpeg": "jpg", "tif": "tiff"}.get(text.lower(), text.lower())
 
 
 def _bytes(option: str, value: int | str) -> int:
@@ -106,7 +120,7 @@ def make_options(
     dzi_tiles: str = "jpg",
     streaming: str = "auto",
 ) -> StylizeOptions:
-    """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults``.
+    """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults`` (a `Stylizer`'s ``.defaults``).
 
     ``max_memory``: what a run may hold above its baseline (the interpreter, libraries and model;
     `runtime.memory.measure_baseline`), in bytes or ``"2GB"``: a quarter for decoded contents and
@@ -125,20 +139,28 @@ def make_options(
     """
     if method is not None and method not in ("wct", "adain"):
         raise OptionError("method", f"expected 'wct' or 'adain', got {method!r}")
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise OptionError("alpha", f"expected a number in 0..1, got {alpha}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0.0 <= alpha <= 1.0):
+        raise OptionError("alpha", f"expected a number in 0..1, got {alpha!r}")
+    content_size, style_size = _int("content_size", content_size), _int("style_size", style_size)
+    depth, png_level, io_workers = _int("depth", depth), _int("png_level", png_level), _int("io_workers", io_workers)
+    max_pixels = _int("max_pixels", max_pixels, 1)
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+        levels = (int(levels),)
     if isinstance(levels, str):
         try:
             levels = parse_levels(levels)
         except ValueError as exc:
             raise OptionError("levels", str(exc)) from None
     elif levels is not None:
-        levels = tuple(int(k) for k in levels)
+        try:
+            levels = tuple(_int("levels", k) for k in levels)
+        except (OptionError, TypeError):
+            raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels!r}") from None
         if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
             raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels}")
     if preserve_color not in ("none", "luminance", "match"):
         raise OptionError("preserve_color", f"expected 'none', 'luminance' or 'match', got {preserve_color!r}")
-    fmt = {"jpeg": "jpg", "tif": "tiff"}.get(format.lower(), format.lower())
+    fmt = _format_name(str(format))
     if fmt not in OUTPUT_FORMATS:
         raise OptionError("format", f"expected one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
@@ -151,12 +173,8 @@ def make_options(
         raise OptionError("tiff_compression", "jpeg holds 8-bit samples; use deflate or zstd with depth 16")
     if not 0 <= png_level <= 9:
         raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}")
-    if content_size < 0 or style_size < 0:
-        raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep the size) or a number of pixels")
     if streaming not in STREAMING:
         raise OptionError("streaming", f"expected one of {', '.join(STREAMING)}, got {streaming!r}")
-    if io_workers < 0:
-        raise OptionError("io_workers", f"expected 0 (from the core count) or a number of threads, got {io_workers}")
     io_bytes = None if io_memory is None else _bytes("io_memory", io_memory)
     budget = None if max_memory is None else _bytes("max_memory", max_memory)
     if io_bytes is not None and budget is not None and io_bytes >= budget:
@@ -231,6 +249,7 @@ class Stylizer:
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
     ) -> None:
+        check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
         self.model = str(model)
         defaults = model_defaults(model)
         stages = make_options(defaults, levels=levels).levels
@@ -252,12 +271,17 @@ class Stylizer:
         return self.runner.stages
 
     def close(self) -> None:
-        """Free the networks (idempotent)."""
+        """Free the networks (idempotent); a later call opens them again."""
         if self.runner.is_active:
             self.runner.deactivate()
         self._books.clear()
 
+    def _open(self) -> None:
+        if not self.runner.is_active:  # closed (a `with` block ended): the next use opens the networks again
+            self.runner.activate()
+
     def __enter__(self) -> Stylizer:
+        self._open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -265,6 +289,7 @@ class Stylizer:
 
     def options(self, **settings: Any) -> StylizeOptions:
         """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
+        _check_settings(settings)
         opts = make_options(self.defaults, **settings)
         missing = sorted(set(opts.levels) - set(self.stages))
         if missing:
@@ -307,9 +332,12 @@ class Stylizer:
         `ImageError` for a bad image, `OptionError` for a bad setting, ValueError when the budget cannot hold
         this image's tiles.
         """
-        if output is not None and "format" not in settings:
-            settings["format"] = Path(output).suffix.lstrip(".") or "png"
+        if settings.get("skip_existing"):
+            raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
+        if output is not None:
+            settings["format"] = _output_format(output, settings.get("format"))
         opts = self.options(**settings)
+        self._open()
         spec = _style_spec(style, mix, mask)
         src = _source(content, "content")
         pair = Pair(src, spec, None)
@@ -321,8 +349,8 @@ class Stylizer:
 
     def stylize_batch(
         self,
-        contents: Iterable[ImageLike],
-        styles: Iterable[ImageLike] | None = None,
+        contents: ImageLike | Iterable[ImageLike],
+        styles: ImageLike | Iterable[ImageLike] | None = None,
         output_dir: str | os.PathLike = "out",
         *,
         mix: MixLike | None = None,
@@ -345,7 +373,7 @@ class Stylizer:
         opts = self.options(**settings)
         content_list = _sources(contents, "content")
         if mix is not None or mask is not None:
-            specs: list[StyleSpec] = [_style_spec(list(styles) if styles is not None else None, mix, mask)]
+            specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask)]
         else:
             specs = [StyleSpec((s,)) for s in _sources(styles or [], "style")]
         if not content_list or not specs:
@@ -353,6 +381,7 @@ class Stylizer:
         pairs = plan_pairs(content_list, specs, Path(output_dir), opts.format)
         if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))
+        self._open()
         return self._run_batch(pairs, opts, on_result, on_tile)
 
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
@@ -406,6 +435,9 @@ class ClusterStylizer(Stylizer):
         self.pool.close()
         self._books.clear()
 
+    def _open(self) -> None:  # the pool's actors hold the networks; a closed pool says so when used
+        pass
+
     def stylize(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError("one image in memory runs locally: use ultrastyle.load(...).stylize, or stylize_batch here")
 
@@ -414,11 +446,44 @@ class ClusterStylizer(Stylizer):
         return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles)
 
 
-def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
+def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
+    """One image (a path is a string: not its characters) or many, as a list."""
+    if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+        return [images]
+    return list(images)
+
+
+_SETTINGS = frozenset(inspect.signature(make_options).parameters) - {"defaults"}
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """OptionError for a keyword that is no setting of a call (a typo, or one of `load`'s)."""
+    for name in settings:
+        if name in _SETTINGS:
+            continue
+        if name in _RUNNER_KEYS:
+            raise OptionError(name, "is a setting of the model, not of each call: give it to ultrastyle.load(...) (or to ultrastyle.stylize)")
+        close = difflib.get_close_matches(name, sorted(_SETTINGS), n=1)
+        raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(_SETTINGS))}"))
+
+
+def _output_format(output: str | os.PathLike, given: str | None) -> str:
+    """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
+    suffix = Path(output).suffix.lstrip(".")
+    if given is not None:
+        if suffix and _format_name(suffix) != _format_name(str(given)):
+            raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
+        return given
+    if suffix and _format_name(suffix) not in OUTPUT_FORMATS:
+        raise OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); give another suffix or format=")
+    return suffix or "png"
+
+
+def _sources(images: ImageLike | Iterable[ImageLike], role: str) -> list[Source]:
     """Paths, folders and globs expanded (`expand_inputs`); in-memory images named ``role``, ``role``-2, ..."""
     out: list[Source] = []
     paths: list[str] = []
-    for image in images:
+    for image in _listed(images):
         if isinstance(image, (str, os.PathLike)):
             paths.append(os.fspath(image))
             continue
@@ -429,9 +494,21 @@ def _sources(images: Iterable[ImageLike], role: str) -> list[Source]:
     return out + expand_inputs(paths)
 
 
-def load(model: str | os.PathLike = DEFAULT_MODEL, **runner: Any) -> Stylizer:
-    """Open ``model`` for many calls: `Stylizer` (backend, device, precision, compile, threads, levels, on_message, progress)."""
-    return Stylizer(model, **runner)
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    threads: int = 0,
+    levels: Sequence[int] | str | None = None,
+    on_message: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> Stylizer:
+    """Open ``model`` for many calls: a `Stylizer` (see it for the arguments)."""
+    return Stylizer(model, backend=backend, device=device, precision=precision, compile=compile, threads=threads,
+                    levels=levels, on_message=on_message, progress=progress)  # fmt: skip
 
 
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
@@ -449,13 +526,14 @@ def stylize(
     For many images, `load` the model once instead.
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
+    _check_settings(settings)
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, **settings)
 
 
 def stylize_batch(
-    contents: Iterable[ImageLike],
-    styles: Iterable[ImageLike] | None = None,
+    contents: ImageLike | Iterable[ImageLike],
+    styles: ImageLike | Iterable[ImageLike] | None = None,
     output_dir: str | os.PathLike = "out",
     *,
     model: str | os.PathLike = DEFAULT_MODEL,
@@ -470,6 +548,7 @@ def stylize_batch(
     ``host:port``; ``distribute_tiles``: each image across every worker).
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
+    _check_settings(settings)
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
     if executor == "ray":

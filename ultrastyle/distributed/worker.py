@@ -24,6 +24,7 @@ from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.distributed.zarr_canvas import open_array
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, save_output
+from ultrastyle.io.paths import file_signature
 from ultrastyle.models.spec import ArchSpec
 from ultrastyle.runtime.batch import (
     Pair, PairResult, Source, StyleBook, StylizeOptions, _failure, decode, output_megapixels, stylize_content,
@@ -59,17 +60,6 @@ class WorkerInfo:
     stages: tuple[int, ...] = ()
     arch: ArchSpec | None = None
     traits: RunnerTraits | None = None
-
-
-def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:
-    """(mtime ns, size) of a file, None when absent: tells a retried job which outputs an earlier attempt wrote."""
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 class SharedStyleBook(StyleBook):

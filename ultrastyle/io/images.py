@@ -94,7 +94,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                 return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
-            return _to_array(img)
+            return pil_to_array(img)
     except ImageError:
         raise
     except PermissionError as exc:
@@ -262,7 +262,8 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
-def _to_array(img: Image.Image) -> np.ndarray:
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey (PNG/TIFF): keep the precision instead of going through 8 bits.

@@ -1,8 +1,9 @@
-"""Expand CLI arguments (files, directories, globs) into image paths."""
+"""Expand CLI arguments (files, directories, globs) into image paths; a file's version."""
 
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from ultrastyle.io.images import IMAGE_SUFFIXES
@@ -28,3 +29,14 @@ def expand_inputs(specs: list[str] | list[Path]) -> list[Path]:
         else:
             out.append(p)
     return list(dict.fromkeys(out))
+
+
+def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:
+    """(mtime ns, size) of a file, None when absent (or ``path`` None): whether it changed since it was read or written."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

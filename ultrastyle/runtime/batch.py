@@ -24,21 +24,22 @@ import os
 import threading
 import time
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, pil_limits_off, read_image, resize_long_side,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, pil_limits_off, pil_to_array, read_image, resize_long_side,
 )  # fmt: skip
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
+from ultrastyle.io.paths import file_signature
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
 from ultrastyle.core.resample import resized_size
@@ -68,7 +69,7 @@ class ImageInput:
     def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image") -> None:
         self.pixels = as_pixels(pixels, name)
         self.name = name
-        h = hashlib.blake2b(self.pixels.tobytes(), digest_size=16)
+        h = hashlib.blake2b(memoryview(self.pixels).cast("B"), digest_size=16)  # contiguous: hashed in place, no copy
         h.update(f"{self.pixels.shape}{self.pixels.dtype}".encode())
         self.key = h.hexdigest()
 
@@ -90,20 +91,33 @@ Source = Union[Path, ImageInput]
 
 
 def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise."""
+    """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise.
+
+    As a file's pixels (`read_image`): a PIL image's EXIF orientation is applied
+    and 16-bit grey kept; transparency (RGBA arrays too) is composited over white.
+    """
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = pil_to_array(ImageOps.exif_transpose(image))
     a = np.asarray(image)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
         raise ImageError(f"{name}: expected an (H, W, 3) RGB array, got shape {a.shape}")
-    a = a[..., :3]
     if a.dtype in (np.float64, np.float16):
         a = a.astype(np.float32)
     if a.dtype not in (np.uint8, np.uint16, np.float32):
         raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}")
-    return np.ascontiguousarray(a)
+    if a.dtype == np.float32:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates, and fails the test below
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+            hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
+            raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    if a.shape[2] == 4:  # over white, as files with transparency are
+        peak = 1.0 if a.dtype == np.float32 else float(np.iinfo(a.dtype).max)
+        alpha = a[..., 3:].astype(np.float32) / peak
+        rgb = a[..., :3].astype(np.float32) * alpha + peak * (1 - alpha)
+        return np.ascontiguousarray(rgb if a.dtype == np.float32 else (rgb + 0.5).astype(a.dtype))
+    return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
 
 
 def read_source(src: Source, max_pixels: int) -> np.ndarray:
@@ -318,27 +332,46 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     return pairs
 
 
+def _version(src: Source) -> tuple:
+    """What a cached result of ``src`` depends on: a file's path and `file_signature` (None while missing)."""
+    return (src,) if isinstance(src, ImageInput) else (src, file_signature(src))
+
+
 class StyleBook:
-    """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error."""
+    """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error.
+
+    Results (errors too) are kept per file version (`_version`): a style file
+    created, fixed or replaced since is read again. At most `KEEP` of each are
+    kept, the least recently used dropped first.
+    """
+
+    KEEP = 256  # statistics of a style: ~0.2 MB (five stages' sums, float64)
 
     def __init__(self, model: StageNetworks, options: StylizeOptions) -> None:
         self.model, self.options = model, options
-        self._stats: dict[Source, dict[int, FeatureStats] | ImageError] = {}
-        self._masks: dict[Source, np.ndarray | ImageError] = {}
+        self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
+        self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict()
+
+    def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any]) -> Any:
+        if key in book:
+            book.move_to_end(key)
+        else:
+            try:
+                book[key] = make()
+            except ImageError as exc:
+                book[key] = exc
+            while len(book) > self.KEEP:
+                book.popitem(last=False)
+        got = book[key]
+        if isinstance(got, ImageError):
+            raise got
+        return got
 
     def get(self, src: Source, recolor: FeatureStats | None = None) -> dict[int, FeatureStats]:
         """Statistics of style ``src``; with ``recolor`` (a content's RGB statistics) of the recoloured style, not cached."""
         if recolor is not None:
             return self._compute(src, recolor)
-        if src not in self._stats:
-            try:
-                self._stats[src] = self._compute(src, None)
-            except ImageError as exc:
-                self._stats[src] = exc
-        got = self._stats[src]
-        if isinstance(got, ImageError):
-            raise got
-        return got
+        return self._remember(self._stats, _version(src), lambda: self._compute(src, None))
 
     def _compute(self, src: Source, recolor: FeatureStats | None) -> dict[int, FeatureStats]:
         opts = self.options
@@ -366,21 +399,16 @@ class StyleBook:
         return Regions(resize_labels(labels, *size), tuple(Target((s,)) for s in stats))
 
     def labels(self, src: Source, styles: int) -> np.ndarray:
-        """The mask's label map, read once; its label count must equal the number of styles."""
-        if src not in self._masks:
-            try:
-                if isinstance(src, ImageInput):
-                    labels, colours = labels_of(src.pixels, str(src))
-                else:
-                    labels, colours = read_labels(src, max_pixels=self.options.max_pixels)
-                check_label_count(src, colours, styles)
-                self._masks[src] = labels
-            except ImageError as exc:
-                self._masks[src] = exc
-        got = self._masks[src]
-        if isinstance(got, ImageError):
-            raise got
-        return got
+        """The mask's label map, read once per file version; its label count must equal the number of styles."""
+
+        def read() -> tuple[np.ndarray, list]:
+            if isinstance(src, ImageInput):
+                return labels_of(src.pixels, str(src))
+            return read_labels(src, max_pixels=self.options.max_pixels)
+
+        labels, colours = self._remember(self._masks, _version(src), read)
+        check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
+        return labels
 
 
 def load_content(src: Source, options: StylizeOptions) -> tuple[np.ndarray, tuple[int, int]]:

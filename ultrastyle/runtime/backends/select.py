@@ -29,6 +29,7 @@ from ultrastyle.runtime.backends.base import Runner, RunnerError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEVICES = ("cpu", "cuda")
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
@@ -147,6 +148,17 @@ def resolve_backend(
     return "onnxruntime"
 
 
+def check_runner_options(*, backend: str = "auto", device: str = "cpu", precision: str = "fp32", compile: bool = False, threads: int = 0) -> None:
+    """RunnerError for a value no runner takes (before a model is looked up or opened)."""
+    for what, value, choices in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("precision", precision, PRECISIONS)):
+        if value not in choices:
+            raise RunnerError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    if not isinstance(compile, bool):
+        raise RunnerError(f"compile must be True or False, got {compile!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise RunnerError(f"threads must be 0 (from the core count) or a positive number, got {threads!r}")
+
+
 def open_runner(
     source: str | Path = DEFAULT_MODEL,
     *,
@@ -167,8 +179,7 @@ def open_runner(
     PyTorch (CUDA); bf16 on PyTorch. ``compile``: the PyTorch backend's stage
     networks through ``torch.compile`` (``backend="auto"`` then means torch).
     """
-    if precision not in PRECISIONS:
-        raise RunnerError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
     if stages is None:
         stages = read_bundle(source, verify=False).stages if is_bundle(source) else check_stages(source, None)
     concrete = "torch" if compile and backend == "auto" else resolve_backend(backend, device, source, stages, precision)
