@@ -267,6 +267,20 @@ def test_bundle_is_exported_on_first_use_and_reused(cd16x_dir, tmp_path):
     assert changed.manifest["source_weights"]["1SD.pth"] != first.manifest["source_weights"]["1SD.pth"]
 
 
+def test_a_subset_of_stages_runs_from_the_whole_models_bundle(cd16x_dir, tmp_path):
+    two = tmp_path / "two"  # a model of two stages: its whole bundle is cheap to export
+    two.mkdir()
+    for k in (1, 2):
+        for s in ("SE", "SD"):
+            (two / f"{k}{s}.pth").write_bytes((cd16x_dir / f"{k}{s}.pth").read_bytes())
+    exports = []
+    whole = ensure_bundle(two, on_export=exports.append)
+    subset = ensure_bundle(two, stages=(2,), on_export=exports.append)
+    assert subset.path == whole.path and len(exports) == 1  # no second export for --levels 2
+    with open_runner(two, backend="onnxruntime", stages=(2,)) as r:
+        assert 2 in r.stages
+
+
 def test_cli_onnxruntime_backend_matches_torch_backend(shared_dir, cd16x_dir, tmp_path):
     with Image.open(shared_dir / "images/content/cd_content_in4.jpg") as im:
         im.convert("RGB").resize((131, 90), Image.Resampling.LANCZOS).save(tmp_path / "c.png")

@@ -452,3 +452,53 @@ def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, ima
     assert r.exit_code == 2
     assert "would both write" in r.output and "c1_stylized_s1.png" in r.output
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a user's review: what a newcomer tries
+
+
+def test_no_readable_content_fails_its_pairs_without_a_traceback(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    r = invoke(tmp_path / "nowhere.jpg", empty, "--style", images["s1"], "-o", tmp_path / "out")
+    assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert "Traceback" not in r.output and "0.0/? MP" in r.stderr  # the progress bar's total is unknown, not a crash
+    assert sorted(_error_lines(r)) == [f"error: {empty}: empty file (0 bytes)", f"error: {tmp_path / 'nowhere.jpg'}: no such file"]
+    assert _summary(r) == (0, 0, 2, 2)
+
+
+def test_an_image_name_given_as_the_output_folder_is_refused(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "result.jpg")
+    assert r.exit_code == 2 and "looks like a file name" in r.output and "--format" in r.output
+    assert not (tmp_path / "result.jpg").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--levels", "5,,4"], "comma-separated stage numbers"),
+    (["--threads", "99999"], "per core"),
+])  # fmt: skip
+def test_option_typos_are_refused_before_any_work(invoke, images: dict[str, Path], tmp_path: Path, args: list[str], says: str) -> None:
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", *args)
+    assert r.exit_code == 2 and says in r.output and not (tmp_path / "out").exists()
+
+
+def test_the_max_memory_error_names_a_budget_that_works(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--max-memory", "4MiB", "--backend", "torch")
+    assert r.exit_code == 2, r.output
+    m = re.search(r"give at least (\d+) MiB", re.sub(r"[\s│]+", " ", r.output))  # the message wraps inside a box
+    assert m, r.output
+    ok = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--max-memory", f"{m.group(1)}MiB", "--backend", "torch")
+    assert ok.exit_code == 0 and _summary(ok) == (1, 0, 0, 1), ok.output  # the figure it names is enough
+    short = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "o2", "--max-memory", f"{int(m.group(1)) - 1}MiB", "--backend", "torch")
+    assert short.exit_code == 2  # and is the least
+
+
+def test_help_shows_the_model_defaults(runner: CliRunner) -> None:
+    out = " ".join(runner.invoke(app, ["stylize", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert "[default: the model's, wct for the CD models]" in out and "[default: the model's, 0.6 for the CD models]" in out
+
+
+def test_small_pixel_limits_read_in_pixels(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--max-pixels", "100")
+    w, h = SIZES["c1"]
+    assert f"{w}x{h} = {w * h} pixels is above the limit of 100 pixels" in " ".join(r.output.split())  # not "0 MP ... 0 MP"

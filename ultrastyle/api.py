@@ -41,7 +41,7 @@ from ultrastyle.runtime.batch import (
 from ultrastyle.runtime.cascade import parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.runtime.memory import keep_freed_memory
-from ultrastyle.core.plan import TilingOptions, check_budget
+from ultrastyle.core.plan import BudgetTooSmall, TilingOptions, check_budget, size_text
 from ultrastyle.runtime.tiled import TileCallback
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
@@ -144,6 +144,8 @@ def make_options(
     content_size, style_size = _int("content_size", content_size), _int("style_size", style_size)
     depth, png_level, io_workers = _int("depth", depth), _int("png_level", png_level), _int("io_workers", io_workers)
     max_pixels = _int("max_pixels", max_pixels, 1)
+    if io_workers > 4 * (os.cpu_count() or 1):
+        raise OptionError("io_workers", f"expected at most 4 per core ({os.cpu_count()} cores here), got {io_workers}; 0 picks half the cores")
     if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
         levels = (int(levels),)
     if isinstance(levels, str):
@@ -298,6 +300,9 @@ class Stylizer:
             )
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
             check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits)
+        except BudgetTooSmall as exc:  # in the caller's terms: the whole budget, of which the tiles get a share
+            given, need = opts.resolved_tiling.max_memory or 0, opts.budget_for_tiles(exc.need, self.runner.traits)
+            raise OptionError("max_memory", f"{size_text(given)} cannot hold one tile of stage {exc.stage}; give at least {size_text(need, up=True)}") from None
         except ValueError as exc:
             raise OptionError("tile" if opts.resolved_tiling.tile is not None else "max_memory", str(exc)) from None
         return opts

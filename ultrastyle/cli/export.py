@@ -22,7 +22,7 @@ def export_command(
     model: Annotated[str, typer.Argument(help="Zoo model name, a folder of CD weights {k}SE.pth/{k}SD.pth, or a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if it exists).")],
     opset: Annotated[int, typer.Option(min=SUPPORTED_OPSETS.start, max=SUPPORTED_OPSETS.stop - 1, help="ONNX opset.")] = DEFAULT_OPSET,
-    stages: Annotated[str | None, typer.Option(help="Stages to export [default: every stage the model has]", show_default=False)] = None,
+    stages: Annotated[str | None, typer.Option(help="Stages to export \\[default: every stage the model has]", show_default=False)] = None,
     aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
 ) -> None:
     """Export encoder, decoder and decoder+affine graphs per stage, validated against PyTorch.

@@ -11,13 +11,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, make_options
 from ultrastyle.distributed.cluster import ClusterError
 from ultrastyle.export.bundle import BundleError
 from ultrastyle.export.validate import ExportValidationError
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES, ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
@@ -88,6 +89,14 @@ class Streaming(str, Enum):
     never = "never"
 
 
+class MegapixelColumn(ProgressColumn):
+    """``done/total MP``; ``done/? MP`` while the total is unknown (no content header could be read)."""
+
+    def render(self, task: Task) -> Text:
+        total = "?" if task.total is None else f"{task.total:.1f}"
+        return Text(f"{task.completed:.1f}/{total} MP")
+
+
 def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
@@ -131,9 +140,9 @@ def stylize_command(
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = Path("out"),
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (installed on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth), or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
-    method: Annotated[Method | None, typer.Option(help="Feature transform [default: the model's, wct for the CD models]", show_default=False)] = None,
-    alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features [default: the model's, 0.6 for the CD models]", show_default=False)] = None,
-    levels: Annotated[str | None, typer.Option(help="Stages to run, in order (coarse to fine) [default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option(help="Feature transform \\[default: the model's, wct for the CD models]", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
+    levels: Annotated[str | None, typer.Option(help="Stages to run, in order (coarse to fine) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
@@ -141,7 +150,7 @@ def stylize_command(
     precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
     compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the stage networks with torch.compile (Inductor; the first run of each tile shape compiles, cached on disk after).")] = False,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
+    fmt: Annotated[Format, typer.Option("--format", "-f", case_sensitive=False, help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
     tiff_layout: Annotated[TiffLayout, typer.Option(help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
     tiff_compression: Annotated[TiffCompression, typer.Option(help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
     dzi_tiles: Annotated[DziTiles, typer.Option(help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
@@ -206,6 +215,11 @@ def stylize_command(
                 raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
             content, style = content[:-1], content[-1:]
         mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style)
+    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():  # `-o result.jpg` would make a folder of that name
+        raise typer.BadParameter(
+            f"{output} looks like a file name, but --output is a folder (files in it are named {{content}}_stylized_{{style}}.{{ext}}); "
+            "give a folder, and the format with --format", param_hint="--output",
+        )  # fmt: skip
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
@@ -230,7 +244,7 @@ def stylize_command(
         _err("interrupted while opening the model; no image was stylized")
         raise typer.Exit(130) from None
     with stylizer, Progress(
-        TextColumn("[bold]stylize"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} MP"),
+        TextColumn("[bold]stylize"), BarColumn(), MegapixelColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
@@ -265,7 +279,8 @@ def stylize_command(
         except BatchInterrupted as exc:
             progress.stop()
             Console(stderr=True, highlight=False).print("interrupted: the outputs being written were finished; rerun with --skip-existing to resume")
-            Console(highlight=False).print(f"{exc.summary.describe()}; outputs in {output}")
+            planned = len(contents) * (1 if mix_items or mask else len(styles))
+            Console(highlight=False).print(f"{exc.summary.describe(total=max(planned, len(exc.summary.results)))}; outputs in {output}")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
     Console(highlight=False).print(f"{summary.describe()}; outputs in {output}")

@@ -406,6 +406,14 @@ def plan_image(
     return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)
 
 
+class BudgetTooSmall(ValueError):
+    """A memory budget that holds no tile of some stage; ``need``: the least budget that holds one of every stage, in bytes."""
+
+    def __init__(self, budget: int, stage: int, need: int) -> None:
+        super().__init__(f"the memory budget of {size_text(budget)} cannot hold one tile of stage {stage}; at least {size_text(need, up=True)} is needed")
+        self.budget, self.stage, self.need = budget, stage, need
+
+
 def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, traits: RunnerTraits) -> None:
     """Raise ValueError, before any work, where no image could be tiled with ``options`` on this runner.
 
@@ -415,6 +423,8 @@ def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, 
     largest region leaves no room for a core. Cheap: no image is planned.
     """
     options = options.resolve(traits)
+    short: list[int] = []  # stages whose smallest tile the budget cannot hold
+    needs: dict[int, float] = {}  # each stage's smallest tile, in bytes
     for k in sorted(set(levels)):
         g = arch.grid(k)
         halos = stage_halos(arch, k, options.halo)
@@ -422,19 +432,19 @@ def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, 
         factor = traits.memory_factor(k)
         if options.tile is None and options.max_memory is not None:
             widest = max(halos.enc, halos.pass2(cache))
+            needs[k] = (2 * g + 2 * widest) ** 2 * factor * stage_bytes_per_pixel(arch, k)
             if region_side_for_budget(arch, k, options.max_memory, factor=factor) - 2 * widest < 2 * g:
-                need = (2 * g + 2 * widest) ** 2 * factor * stage_bytes_per_pixel(arch, k)
-                raise ValueError(
-                    f"the memory budget of {_size(options.max_memory)} cannot hold one tile of stage {k}; "
-                    f"at least {_size(need, up=True)} is needed"
-                )
+                short.append(k)
         limit = traits.max_region(k)
         if limit is not None:
             cores = stage_cores(arch, k, options, factor) if options.tile is not None else (g, g)
             _fit_region(arch, k, *cores, halos, cache, limit, options.tile is not None)
+    if short and options.max_memory is not None:  # the stage that needs most: one figure that is enough for all
+        worst = max(needs, key=lambda k: needs[k])
+        raise BudgetTooSmall(options.max_memory, worst, math.ceil(needs[worst]))
 
 
-def _size(n: float, up: bool = False) -> str:
+def size_text(n: float, up: bool = False) -> str:
     """Bytes in GiB to 0.01 (whole MiB below one GiB); ``up``: rounded up, so that "at least" holds."""
     if n >= 2**30:
         v = n / 2**30 * 100

@@ -49,11 +49,16 @@ def pil_limits_off():
         Image.MAX_IMAGE_PIXELS = old
 
 
-def check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+def pixel_count(n: int) -> str:
+    """``"268 MP"``, ``"0.25 MP"`` or ``"100 pixels"``: readable at any size."""
+    return f"{n / 1e6:.0f} MP" if n >= 10**7 else f"{n / 1e6:.3g} MP" if n >= 10**4 else f"{n} pixels"
+
+
+def check_pixels(path: Path | str, width: int, height: int, max_pixels: int) -> None:
     """Refuse, before decoding, an image whose header promises more than ``max_pixels`` or no pixels; `ImageError`."""
     if width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} = {width * height / 1e6:.0f} MP is above the limit of "
-                         f"{max_pixels / 1e6:.0f} MP (max_pixels); raise the limit to read it")  # fmt: skip
+        raise ImageError(f"{path}: {width}x{height} = {pixel_count(width * height)} is above the limit of "
+                         f"{pixel_count(max_pixels)} (max_pixels); raise the limit to read it")  # fmt: skip
     if width == 0 or height == 0:
         raise ImageError(f"{path}: zero-size image ({width}x{height})")
 

@@ -50,9 +50,13 @@ def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: 
     """`ImageError` naming the mask unless it has exactly one label per style."""
     if len(colours) != styles:
         shown = ", ".join(map(str, colours[:8])) + (", ..." if len(colours) > 8 else "")
+        # Many more colours than styles: edges blended by antialiasing or JPEG compression, not regions.
+        blended = ""
+        if len(colours) > max(8, 2 * styles):
+            blended = "; so many colours suggest blended edges: paint the mask without antialiasing and save it as PNG, not JPEG"
         raise ImageError(
             f"{path}: the mask has {len(colours)} labels but {styles} style(s) were given (colours {shown}); "
-            "give one style per label, in ascending order of colour"
+            f"give one style per label, in ascending order of colour{blended}"
         )
 
 

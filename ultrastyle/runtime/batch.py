@@ -20,6 +20,7 @@ other pairs still run, and results are reported in pair order.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -35,7 +36,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, pil_limits_off, pil_to_array, read_image, resize_long_side,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, check_pixels, pil_limits_off, pil_to_array, read_image,
+    resize_long_side,
 )  # fmt: skip
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
@@ -124,8 +126,7 @@ def read_source(src: Source, max_pixels: int) -> np.ndarray:
     """The (H, W, 3) pixels of a path (`read_image`) or an in-memory image."""
     if isinstance(src, ImageInput):
         h, w = src.pixels.shape[:2]
-        if h * w > max_pixels:
-            raise ImageError(f"{src}: {w}x{h} = {w * h / 1e6:.0f} MP is above the limit of {max_pixels / 1e6:.0f} MP")
+        check_pixels(str(src), w, h, max_pixels)
         return src.pixels
     return read_image(src, max_pixels=max_pixels)
 
@@ -186,6 +187,15 @@ class StylizeOptions:
         if t.max_memory is None or (t.budget or traits.budget_memory) != "host":
             return t
         return replace(t, max_memory=max(1, t.max_memory - self.io_allowance))
+
+    def budget_for_tiles(self, tile_bytes: int, traits: RunnerTraits) -> int:
+        """The least ``max_memory`` whose share for the tiles (`tiling_for`) is at least ``tile_bytes``."""
+        t = self.resolved_tiling
+        if (t.budget or traits.budget_memory) != "host":
+            return tile_bytes
+        if self.io_memory is not None:
+            return tile_bytes + self.io_memory
+        return math.ceil(tile_bytes / (1 - IO_SHARE))
 
     @property
     def workers(self) -> int:

@@ -27,8 +27,11 @@ DEFAULT_LEVELS = (5, 4, 3, 2, 1)
 
 def parse_levels(text: str) -> tuple[int, ...]:
     """``"5,4,3,2,1"`` -> (5, 4, 3, 2, 1), with a clear error for anything else."""
+    items = text.replace(" ", "").split(",")
+    if text.strip().endswith(","):  # "5,4," is read as 5,4; an empty item inside ("5,,4") is a typo
+        items = items[:-1]
     try:
-        levels = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+        levels = tuple(int(t) for t in items)
     except ValueError:
         raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
     if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):

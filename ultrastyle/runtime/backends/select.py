@@ -14,6 +14,7 @@ first use, the way the bundle itself is exported on first use.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ultrastyle.runtime.backends.base import Runner, RunnerError
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEVICES = ("cpu", "cuda")
+MAX_THREADS_PER_CORE = 4
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
@@ -71,12 +73,17 @@ def ensure_bundle(
     if not Path(source).is_dir():
         zoo.ensure(str(source), progress=progress)
     name, files = weights_digest(source, stages)
+    wanted = {f"{kind}{k}" for kind in ExportSpec().kinds for k in stages}
     target = bundle_dir_for(name, files)
-    if is_bundle(target):
+    # This subset's bundle, else the whole model's (exported for the default levels): a subset of its stages
+    # runs from it rather than exporting again.
+    whole = bundle_dir_for(*weights_digest(source, None))
+    for candidate in dict.fromkeys((target, whole)):
+        if not is_bundle(candidate):
+            continue
         try:
-            bundle = read_bundle(target)
-            wanted = {f"{kind}{k}" for kind in ExportSpec().kinds for k in stages}
-            if bundle.manifest["source_weights"] == files and wanted <= set(bundle.manifest["networks"]):
+            bundle = read_bundle(candidate)
+            if files.items() <= bundle.manifest["source_weights"].items() and wanted <= set(bundle.manifest["networks"]):
                 return bundle  # else exported by an older ultrastyle without some graph kind: re-export
         except BundleError:
             pass  # a damaged cache is re-exported below
@@ -157,6 +164,8 @@ def check_runner_options(*, backend: str = "auto", device: str = "cpu", precisio
         raise RunnerError(f"compile must be True or False, got {compile!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise RunnerError(f"threads must be 0 (from the core count) or a positive number, got {threads!r}")
+    if threads > MAX_THREADS_PER_CORE * (os.cpu_count() or 1):  # thousands of spinning threads stall the run
+        raise RunnerError(f"threads={threads} is more than {MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here); give 0 for one per core")
 
 
 def open_runner(
