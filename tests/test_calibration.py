@@ -242,3 +242,34 @@ def test_stylize_precision_int8_runs_the_calibrated_bundle(int8_bundle, shared_d
 def test_manifest_stays_valid_json_with_calibration_block(int8_bundle):
     manifest = json.loads((int8_bundle.path / "manifest.json").read_text())
     assert read_bundle(int8_bundle.path).manifest == manifest
+
+
+def test_a_failed_recalibration_leaves_the_bundle_as_it_was(int8_bundle, train_dir, tmp_path, monkeypatch):
+    import ultrastyle.calibration.quantize as q
+
+    folder = tmp_path / "b"
+    shutil.copytree(int8_bundle.path, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(CalibrationError, match=r"no stage\(s\) \[2\]"):  # checked before any graph is touched
+        calibrate_bundle(folder, train_dir, SETTINGS, stages=(2, 3))
+    real, calls = q.quantize_graph, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise CalibrationError("decoder_affine3.onnx: ONNX Runtime quantization failed: disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, "quantize_graph", second_fails)
+    with pytest.raises(CalibrationError, match="simulated"):
+        calibrate_bundle(folder, train_dir, SETTINGS, stages=(3,))
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert after == before  # encoder3's new graph was not renamed in; no partial file left
+    OnnxRuntimeRunner(read_bundle(folder), precision="int8")  # still verifies
+
+
+def test_calibrate_takes_a_relative_bundle_path(fp32_bundle, train_dir, tmp_path, monkeypatch):
+    shutil.copytree(fp32_bundle.path, tmp_path / "rel")
+    monkeypatch.chdir(tmp_path)
+    out = calibrate_bundle(Path("rel"), train_dir, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(5,))
+    assert "int8" in out.manifest["networks"]["encoder5"]

@@ -276,3 +276,39 @@ def test_a_vgg19_shaped_encoder_works_the_same(one_thread):
     loss_and_gradient(net, _chw(image), target, weights, plan_gradient(net, 50, 41, 32), grad)
     got = torch.from_numpy(grad.numpy()).double()
     assert float((got - x.grad).abs().max() / x.grad.abs().max()) <= 1e-5
+
+
+def test_layers_the_loss_network_lacks_are_refused_or_left_out_with_a_warning(cd16x_dir, tmp_path):
+    from ultrastyle.api import OptionError
+
+    three = tmp_path / "three"  # a model of stages 1-3: its loss network stops at relu3_1
+    three.mkdir()
+    for k in (1, 2, 3):
+        for s in ("SE", "SD"):
+            (three / f"{k}{s}.pth").write_bytes((cd16x_dir / f"{k}{s}.pth").read_bytes())
+    opt = Optimizer(three)
+    assert opt.net.taps[-1] == "relu3_1"
+    with pytest.raises(OptionError, match=r"relu4_1 is not a layer of .* which has relu1_1, relu2_1, relu3_1") as info:
+        opt.check(make_optimize_options())  # the default content layer
+    assert info.value.option == "content_layer"
+    with pytest.raises(OptionError, match=r"relu5_1: not layers"):
+        opt.check(make_optimize_options(content_layer="relu2_1", layer_weights=[1, 1, 1, 0, 1]))
+    opt.check(make_optimize_options(content_layer="relu2_1", layer_weights=[1, 1, 1, 0, 0]))  # weighed 0: fine
+    with pytest.warns(UserWarning, match="leaves out relu4_1, relu5_1"):
+        opt.check(make_optimize_options(content_layer="relu2_1"))
+
+
+def test_a_style_larger_than_the_content_is_tiled_for_its_own_size(cd16x_dir, monkeypatch):
+    # The content fits one tile (core None); the style, 4x its side, must not run whole past the budget.
+    import ultrastyle.optimization.run as run
+
+    seen = []
+    real = run.style_target
+    monkeypatch.setattr(run, "style_target", lambda *a, **k: seen.append(k["style_core"]) or real(*a, **k))
+    content = np.zeros((48, 48, 3), np.uint8) + 100
+    style = (np.random.default_rng(0).random((384, 384, 3)) * 255).astype(np.uint8)
+    with Optimizer(cd16x_dir) as opt:
+        whole = run.plan_memory(opt.net, 48, 48, make_optimize_options(max_memory="64MB"), 512)
+        assert whole.core is None  # the content alone: one tile
+        opt.run(content, style, iterations=0, scales="full", style_size=384, max_memory="64MB")
+    assert seen and seen[0] is not None and seen[0] < 384  # the style pass was tiled

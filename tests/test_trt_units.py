@@ -298,3 +298,13 @@ def test_feature_detection_tells_tensorrt_10_from_11():
     f10, f11 = detect_features(trt10), detect_features(trt11)
     assert f10.weak_typing_flags and f10.int8_calibrator and f10.strongly_typed_flag
     assert not f11.weak_typing_flags and not f11.int8_calibrator and f11.device_memory_v2 and f11.tf32_flag
+
+
+def test_tile_sides_out_of_order_are_refused():
+    from ultrastyle.models.spec import ARCHS
+    from ultrastyle.trt.profiles import requested_ranges
+
+    with pytest.raises(ValueError, match="tile_min 512 is above tile_max 64"):
+        requested_ranges(ARCHS["cd16x"], (1, 2), tile_min=512, tile_opt=None, tile_max=64)
+    with pytest.raises(ValueError, match="tile_opt 1000 is above tile_max 64"):
+        requested_ranges(ARCHS["cd16x"], (1,), tile_min=None, tile_opt=1000, tile_max=64)

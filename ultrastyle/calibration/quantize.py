@@ -42,12 +42,15 @@ them (`export.int8`). The manifest is rewritten atomically.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -158,18 +161,19 @@ def quantize_graph(
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # ORT's advice to pre-process: shape inference is done at export
     try:
-        quantize_static(
-            model_input=src,
-            model_output=dst,
-            calibration_data_reader=reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=settings.per_channel,
-            activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method[settings.method],
-            nodes_to_exclude=float_nodes(model, kind, settings.keep_float),
-            extra_options=extra,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print progress ("Collecting tensor data ...")
+            quantize_static(
+                model_input=src,
+                model_output=dst,
+                calibration_data_reader=reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method[settings.method],
+                nodes_to_exclude=float_nodes(model, kind, settings.keep_float),
+                extra_options=extra,
+            )
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; report them as one
         raise CalibrationError(f"{src.name}: ONNX Runtime quantization failed: {exc}") from exc
     finally:
@@ -196,6 +200,9 @@ def calibrate_bundle(
     settings = settings or CalibrationSettings()
     settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f in files]})
     stages = tuple(stages or bundle.stages)
+    missing = sorted(set(stages) - set(bundle.stages))
+    if missing:  # before any work: nothing of the bundle is touched
+        raise CalibrationError(f"bundle {bundle.path} has no stage(s) {missing}; it has {list(bundle.stages)}")
     sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
     tiles = sampler.tiles(warn)
     arch = bundle.arch
@@ -203,7 +210,10 @@ def calibrate_bundle(
     _check_consistent(bundle, manifest, stages, settings)
     keep = float_networks(settings.keep_float, tuple(bundle.stages))
     total, done = len(stages) * len(QUANTIZED_KINDS), 0
-    with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work:
+    dropped: list[Path] = []
+    # Every int8 graph is written beside its target and renamed into place only once all are done (`commit`
+    # exits first), then the manifest: a run that fails or is interrupted leaves the bundle as it was.
+    with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work, ExitStack() as commit:
         for k in stages:
             feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles)
             for kind in QUANTIZED_KINDS:
@@ -213,20 +223,22 @@ def calibrate_bundle(
                 out = bundle.path / f"{name}.int8.onnx"
                 if name in keep:  # float32 on purpose: drop an int8 graph from an earlier calibration
                     manifest["networks"][name].pop("int8", None)
-                    out.unlink(missing_ok=True)
+                    dropped.append(out)
                     done += 1
                     continue
                 t0 = time.perf_counter()
-                # Absolute: quantize_graph runs in `work` (chdir); written beside `out`, then renamed.
-                with atomic_path(out.absolute()) as tmp:
-                    quantize_graph(bundle.graph_path(name), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
+                # Absolute paths: quantize_graph runs in `work` (chdir).
+                tmp = commit.enter_context(atomic_path(out.absolute()))
+                quantize_graph(bundle.graph_path(name).absolute(), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
                 manifest["networks"][name]["int8"] = {
                     "file": out.name,
-                    "sha256": sha256_file(out),
+                    "sha256": sha256_file(tmp),
                     "source_sha256": manifest["networks"][name]["sha256"],
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
                 done += 1
+    for out in dropped:
+        out.unlink(missing_ok=True)
     manifest["calibration"] = asdict(settings)
     _write_manifest(bundle.path, manifest)
     if on_progress:

@@ -33,7 +33,7 @@ def build_command(
     tile_max: Annotated[int | None, typer.Option("--tile-max", min=1, help="Largest tile region side in pixels (default: what the planner picks for a 2GB budget).")] = None,
     workspace: Annotated[str, typer.Option(help="TensorRT builder workspace limit, e.g. 1GB.")] = "1GB",
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, kept across builds (default: $ULTRASTYLE_HOME/tensorrt/timing_<gpu>_sm<cc>_trt<version>.cache).")] = None,
-    stages: Annotated[str, typer.Option(help="Stages to build.")] = "1,2,3,4,5",
+    stages: Annotated[str | None, typer.Option(help="Stages to build \\[default: every stage of the bundle]", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Check statically, without a GPU or TensorRT: ops and attributes the TensorRT parser supports, Q/DQ rules, profiles, engine staleness. Exit 1 on any problem.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild engines even when they are fresh.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="TensorRT's verbose log.")] = False,
@@ -47,7 +47,7 @@ def build_command(
     from ultrastyle.trt.profiles import requested_ranges
 
     try:
-        stage_tuple = tuple(sorted(set(parse_levels(stages))))
+        asked = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
     try:
@@ -59,11 +59,15 @@ def build_command(
     except BundleError as exc:
         _err(str(exc))
         raise typer.Exit(2) from None
+    stage_tuple = asked or tuple(sorted(b.stages))
     missing = sorted(set(stage_tuple) - set(b.stages))
     if missing:
         _err(f"bundle {b.path} has no stage(s) {missing}; it has {list(b.stages)} (use --stages)")
         raise typer.Exit(2)
-    ranges = requested_ranges(b.arch, stage_tuple, tile_min=tile_min, tile_opt=tile_opt, tile_max=tile_max, precision=precision.value)
+    try:
+        ranges = requested_ranges(b.arch, stage_tuple, tile_min=tile_min, tile_opt=tile_opt, tile_max=tile_max, precision=precision.value)
+    except ValueError as exc:  # the library names its keywords; here they are flags
+        raise typer.BadParameter(str(exc).replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
     if check:
         _check(b, precision.value, ranges, stage_tuple)
         return

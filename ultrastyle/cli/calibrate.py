@@ -42,7 +42,7 @@ def calibrate_command(
         str, typer.Option(help=f"{' or '.join(ACTIVATIONS)}: uint8 for ONNX Runtime on the CPU (about 3 dB closer to fp32); int8 (signed, zero-point 0) for TensorRT.")
     ] = DEFAULT_ACTIVATIONS,
     percentile: Annotated[float, typer.Option(help="Range kept by --method percentile (the rest is clipped).")] = CalibrationSettings.percentile,
-    stages: Annotated[str, typer.Option(help="Stages to quantize.")] = "1,2,3,4,5",
+    stages: Annotated[str | None, typer.Option(help="Stages to quantize \\[default: every stage of the bundle]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the tile sampler.")] = 0,
 ) -> None:
     """Quantize the bundle's encoders and fused decoders to int8 Q/DQ graphs.
@@ -58,14 +58,14 @@ def calibrate_command(
             method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float,
             activations=activations, percentile=percentile,
         )  # fmt: skip
-        stage_tuple = tuple(sorted(set(parse_levels(stages))))
+        stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
         target = ensure_bundle(bundle, on_export=lambda msg: err.print(msg, markup=False))
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as progress:
-            task = progress.add_task("calibrating", total=2 * len(stage_tuple))
+            task = progress.add_task("calibrating", total=2 * len(stage_tuple or target.stages))
             result = calibrate_bundle(
                 target, images, settings, stages=stage_tuple,
                 on_progress=lambda msg, done, total: progress.update(task, description=msg, completed=done),

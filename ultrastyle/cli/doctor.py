@@ -27,7 +27,8 @@ def baseline_rows(model: str | None = None) -> list[Row]:
 
     model = model or DEFAULT_MODEL
     if not zoo.is_installed(model):
-        return [Row("memory baseline", "info", f"{model} is not installed; install it (ultrastyle models install {model}) to measure")]
+        return [Row("memory baseline", "info", f"{model} is not installed (or a file of it is damaged: ultrastyle models verify); "
+                    f"install it (ultrastyle models fetch {model}, or offline: ultrastyle models import {model} DIR) to measure")]  # fmt: skip
     rows = []
     for backend in ("onnxruntime", "torch"):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -125,6 +126,14 @@ def optimize_command(
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
         _err(" ".join(str(exc).split()))
         raise typer.Exit(2) from None
+    try:
+        with warnings.catch_warnings(record=True) as noted:
+            warnings.simplefilter("always")
+            optimizer.check(opts)  # before any image: layers the model's loss network lacks
+        for w in noted:
+            Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
     console = Console(stderr=True, highlight=False)
     failed = done = skipped = 0
     steps = opts.iterations * len(opts.scales)

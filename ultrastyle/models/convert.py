@@ -50,7 +50,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/unsafe files
-        raise CheckpointError(f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {exc})") from exc
+        # torch's own text suggests weights_only=False, i.e. running the file's pickle: never for a file that fails here
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:  # the unpickler's own reason, without the advice around it
+            reason = " ".join(text.split("WeightsUnpickler error:")[1].split("Check the documentation")[0].split()) or "refused"
+        else:
+            reason = " ".join(text.split()) or "unreadable"
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {reason}); "
+            "it is damaged or not a tensor-only checkpoint (weights are read with weights_only=True: no pickled code runs)"
+        ) from exc
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -81,6 +81,9 @@ class UnknownModelError(ZooError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = known
+        if "/" in name or "\\" in name or name.startswith((".", "~")):  # meant as a folder, which is not there
+            super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
+            return
         super().__init__(
             f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} "
             "(see: ultrastyle models list)"

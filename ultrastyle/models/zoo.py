@@ -578,6 +578,8 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     if url_files and src is None:
         raise ZooError(f"{name} has {len(url_files)} file(s) to import ({url_files[0].name} ...); pass the folder that holds them")
     src = Path(src).expanduser() if src is not None else None
+    if src is not None and not src.is_dir():
+        raise ZooError(f"{src} is not a directory; pass the folder that holds {name}'s files")
     sources = _find_source(entry, src, url_files) if url_files and src is not None else {}
     for other in entry.depends_on:
         if is_installed(other):

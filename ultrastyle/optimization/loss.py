@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -414,15 +415,17 @@ def _zero(canvas: Canvas, band: int = 256) -> None:
 
 def style_target(
     net: LossNetwork, style: Canvas, content: Canvas | None, weights: LossWeights, core: int | None,
-    content_features: Canvas | None = None, on_tile: TileCallback | None = None,
+    content_features: Canvas | None = None, on_tile: TileCallback | None = None, style_core: int | None | Literal["same"] = "same",
 ) -> StyleTarget:
     """The style's Grams (pass 1 over ``style``) and the content layer's features of ``content`` (into ``content_features``).
 
     ``content_features``: a canvas (C, Hp / s, Wp / s) for the content layer's
-    features (made in RAM when None). ``core``: tile core side (None: whole).
+    features (made in RAM when None). ``core``: tile core side (None: whole);
+    ``style_core``: the style pass's, when it differs ("same": ``core``).
     """
     _, sh, sw = style.shape
-    stats, _ = feature_statistics(net, style, plan_gradient(net, sh, sw, core), on_tile=on_tile)
+    s_core = core if style_core == "same" else style_core
+    stats, _ = feature_statistics(net, style, plan_gradient(net, sh, sw, s_core), on_tile=on_tile)
     grams = {t: stats[t].outer / stats[t].count for t in net.taps}
     feats = None
     if content is not None and weights.content_weight != 0:

@@ -26,9 +26,9 @@ import math
 import os
 import shutil
 import time
-import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -227,14 +227,17 @@ def _activation_values(layers: list) -> float:
     return total
 
 
-def plan_memory(net: LossNetwork, height: int, width: int, opts: OptimizeOptions, content_channels: int) -> MemoryPlan:
+def plan_memory(net: LossNetwork, height: int, width: int, opts: OptimizeOptions, content_channels: int, *, style: bool = False) -> MemoryPlan:
     """Canvases (content, content features, the solver's vectors) in RAM while they take at most a quarter of the budget, else on disk; tiles get the rest.
 
+    ``style``: the plan of the style's pass instead, whose only canvas is the style image.
     Raises `OptionError` (``max_memory``) when no tile fits.
     """
     hp, wp = padded_size(height, net.grid), padded_size(width, net.grid)
     s = net.scale(opts.content_layer)
     need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
+    if style:
+        need = 3 * height * width * 4
     if opts.max_memory is None:
         return MemoryPlan(VectorSite(), opts.tile, need)
     on_disk = need > opts.max_memory // 4
@@ -377,9 +380,28 @@ class Optimizer:
             loaded = load_model(model, device=device, progress=progress)
             encoder = loaded.encoders[max(loaded.encoders)]
         self.net = LossNetwork(encoder.to(device=device, dtype=dtype))
+        self._checked: set[tuple] = set()
 
     def close(self) -> None:
         pass
+
+    def check(self, opts: OptimizeOptions) -> None:
+        """OptionError where ``opts`` weighs a layer this loss network lacks (a model whose encoder stops earlier).
+
+        Default layer weights (None) cover the layers it has; the rest are left out with a warning.
+        """
+        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight))
+        if key in self._checked:  # once per setting: a batch's runs warn once
+            return
+        have = self.net.taps
+        if opts.content_weight and opts.content_layer not in have:
+            raise OptionError("content_layer", f"{opts.content_layer} is not a layer of {self.model}'s loss network, which has {', '.join(have)}")
+        if opts.layer_weights is None:
+            if missing := [t for t in TAPS if t not in have]:
+                warnings.warn(f"{self.model}'s loss network stops at {have[-1]}: the style loss leaves out {', '.join(missing)}", stacklevel=2)
+        elif missing := [k for k, v in opts.layer_weights if v and k not in have]:
+            raise OptionError("layer_weights", f"{', '.join(missing)}: not layers of {self.model}'s loss network, which has {', '.join(have)}; weigh them 0")
+        self._checked.add(key)
 
     def __enter__(self) -> Optimizer:
         return self
@@ -413,6 +435,7 @@ class Optimizer:
             opts = make_optimize_options(**settings)
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
+        self.check(opts)
         from ultrastyle.runtime.tiled import canvas_to_image
 
         c_src, content_full = _read(content, "content", opts.max_pixels)
@@ -482,12 +505,19 @@ class Optimizer:
         """The style's Grams at this scale and the content layer's features; the canvases to close afterwards."""
         sh, sw = content.shape[-2:]
         side = opts.style_size or min(max(sh, sw), max(style.shape[-2:]))
-        style_c = canvas_from_array(resize_long_side(style, side).numpy(), layout="chw")
+        style = resize_long_side(style, side)
+        # The style's pass is tiled for its own size: a style larger than the content (whose plan may be one
+        # tile) would otherwise run whole, past the budget.
+        try:
+            style_core = mem.core if opts.tile is not None else plan_memory(self.net, *style.shape[-2:], opts, 0, style=True).core
+        except OptionError as exc:
+            raise OptionError("max_memory", f"the style at {style.shape[-1]}x{style.shape[-2]}: {exc.message}; or lower style_size") from None
+        style_c = canvas_from_array(style.numpy(), layout="chw")
         content_c = canvas_from_array(content.numpy(), layout="chw", disk_dir=mem.site.disk_dir)
         s = self.net.scale(opts.content_layer)
         feats = Canvas(self.net.channels(opts.content_layer), plan.padded_height // s, plan.padded_width // s, disk_dir=mem.site.disk_dir)
         try:
-            target = style_target(self.net, style_c, content_c, opts.weights, mem.core, content_features=feats)
+            target = style_target(self.net, style_c, content_c, opts.weights, mem.core, content_features=feats, style_core=style_core)
         except BaseException:
             feats.close()
             raise

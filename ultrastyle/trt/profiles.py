@@ -94,7 +94,14 @@ def requested_ranges(
     spec: ArchSpec, stages: tuple[int, ...], *, tile_min: int | None, tile_opt: int | None, tile_max: int | None,
     precision: str = "fp32",
 ) -> dict[int, TileRange]:
-    """``tile_min``/``tile_opt``/``tile_max`` (px; None: the planner's default) over the planner's defaults, each stage on its own grid."""
+    """``tile_min``/``tile_opt``/``tile_max`` (px; None: the planner's default) over the planner's defaults, each stage on its own grid.
+
+    ValueError where the sides given are out of order (min <= opt <= max).
+    """
+    given = [(n, v) for n, v in (("tile_min", tile_min), ("tile_opt", tile_opt), ("tile_max", tile_max)) if v is not None]
+    for (a, x), (b, y) in zip(given, given[1:]):
+        if x > y:
+            raise ValueError(f"{a} {x} is above {b} {y}; give tile_min <= tile_opt <= tile_max")
     defaults = default_ranges(spec, stages, precision)
     out = {}
     for k in stages:
