@@ -208,3 +208,11 @@ def test_sweep_does_not_recurse(tmp_path: Path) -> None:
     p.write_bytes(b"x")
     assert sweep_stale(tmp_path) == [] and p.exists()
 
+
+
+def test_a_folder_that_cannot_be_made_is_named_not_its_temp(tmp_path: Path) -> None:
+    target = tmp_path / "missing-parent" / "bundle"
+    with pytest.raises(OSError, match=r"cannot create .*missing-parent/bundle") as info:
+        with atomic_dir(target):
+            pass
+    assert PARTIAL_SUFFIX not in str(info.value)

@@ -187,6 +187,8 @@ def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_pa
     assert r.exit_code == 2 and "crop: stage 3 needs a multiple of 4" in r.output
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(tmp_path / "none")])
     assert r.exit_code == 1 and "no such folder" in r.output
+    r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "--images", str(photos)])
+    assert r.exit_code == 2 and "out: required: give --out" in r.output  # the flag named, not just the setting
     if not torch.cuda.is_available():
         r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos), "--device", "cuda"])
         assert r.exit_code == 2 and "no CUDA device" in r.output

@@ -21,7 +21,7 @@ from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig,
 from ultrastyle.distill.data import DataError
 from ultrastyle.distill.jobs import JobResult, distill, train_decoder
 from ultrastyle.distill.outputs import OutputError
-from ultrastyle.distill.trainer import StepReport, TrainingError
+from ultrastyle.distill.trainer import CHECKPOINT, StepReport, TrainingError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
 from ultrastyle.runtime.cascade import parse_levels
@@ -82,7 +82,11 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         for c in configs:
             c.check()
     except ConfigError as exc:
-        _err(str(exc))
+        text = str(exc)
+        if text.endswith(": required"):  # the library names the setting; here it is a flag or a config key
+            key = text.split(":")[0]
+            text = f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
+        _err(text)
         raise typer.Exit(2) from None
     if any(c.device.startswith("cuda") for c in configs):
         import torch
@@ -109,6 +113,8 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             def on_message(m: str) -> None:
                 progress.console.print(m, markup=False, soft_wrap=True)
 
+            if resume and not (config.resolved_run_dir() / CHECKPOINT).exists():  # a typo in -o would go unnoticed
+                on_message(f"--resume: no checkpoint in {config.resolved_run_dir()}; starting from step 0")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # torch's; ours arrive through on_message

@@ -133,7 +133,10 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = partial_path(path)
-    os.mkdir(tmp)  # honours the umask (mkdtemp's 0700 would survive the rename)
+    try:
+        os.mkdir(tmp)  # honours the umask (mkdtemp's 0700 would survive the rename)
+    except OSError as exc:  # name the folder asked for, not our temp name beside it
+        raise OSError(exc.errno, f"cannot create {path} ({exc.strerror})", str(path)) from None
     try:
         yield tmp
         if fsync:
