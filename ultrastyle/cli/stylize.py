@@ -97,6 +97,12 @@ class MegapixelColumn(ProgressColumn):
         return Text(f"{task.completed:.1f}/{total} MP")
 
 
+def _drop(progress: Progress) -> None:
+    """Stop and erase the progress bar: the run was refused before any work, so only the error is left on screen."""
+    progress.live.transient = True
+    progress.stop()
+
+
 def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
@@ -272,8 +278,10 @@ def stylize_command(
                     contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
                 )  # fmt: skip
         except OptionError as exc:
+            _drop(progress)
             raise _bad_option(exc) from None
         except (OutputCollisionError, ImageError) as exc:  # before any work: colliding outputs, a mask of the wrong label count
+            _drop(progress)
             _err(str(exc).replace("output folders", "--output folders"))
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:

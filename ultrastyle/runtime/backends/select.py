@@ -72,25 +72,34 @@ def ensure_bundle(
     stages = check_stages(source, stages)
     if not Path(source).is_dir():
         zoo.ensure(str(source), progress=progress)
+    found = _find_bundle(source, stages)
+    if found is not None:
+        return found
     name, files = weights_digest(source, stages)
-    wanted = {f"{kind}{k}" for kind in ExportSpec().kinds for k in stages}
-    target = bundle_dir_for(name, files)
-    # This subset's bundle, else the whole model's (exported for the default levels): a subset of its stages
-    # runs from it rather than exporting again.
-    whole = bundle_dir_for(*weights_digest(source, None))
-    for candidate in dict.fromkeys((target, whole)):
-        if not is_bundle(candidate):
-            continue
-        try:
-            bundle = read_bundle(candidate)
-            if files.items() <= bundle.manifest["source_weights"].items() and wanted <= set(bundle.manifest["networks"]):
-                return bundle  # else exported by an older ultrastyle without some graph kind: re-export
-        except BundleError:
-            pass  # a damaged cache is re-exported below
+    target = bundle_dir_for(name, files)  # a missing or damaged (or older: a graph kind short) cache: exported again
     if on_export:
         on_export(f"exporting {name} to ONNX (first use) into {target}")
     model = load_model(source, stages=stages, progress=progress)
     return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
+
+
+def _find_bundle(source: str | Path, stages: tuple[int, ...]) -> Bundle | None:
+    """The cached bundle holding ``stages`` of ``source``'s weights with every graph kind: its own, else the whole model's.
+
+    The whole model's is exported for the default levels, so a run of fewer stages finds it rather than exporting again.
+    """
+    name, files = weights_digest(source, stages)
+    wanted = {f"{kind}{k}" for kind in ExportSpec().kinds for k in stages}
+    for candidate in dict.fromkeys((bundle_dir_for(name, files), bundle_dir_for(*weights_digest(source, None)))):
+        if not is_bundle(candidate):
+            continue
+        try:
+            bundle = read_bundle(candidate)
+        except BundleError:
+            continue
+        if files.items() <= bundle.manifest["source_weights"].items() and wanted <= set(bundle.manifest["networks"]):
+            return bundle
+    return None
 
 
 def _cached_bundle_path(source: str | Path, stages: tuple[int, ...]) -> Path | None:
@@ -98,11 +107,10 @@ def _cached_bundle_path(source: str | Path, stages: tuple[int, ...]) -> Path | N
     if is_bundle(source):
         return Path(source)
     try:
-        name, files = weights_digest(source, stages)
+        found = _find_bundle(source, stages)
     except (zoo.ZooError, OSError, KeyError, ValueError):
         return None
-    path = bundle_dir_for(name, files)
-    return path if is_bundle(path) else None
+    return found.path if found is not None else None
 
 
 def tensorrt_engines_ready(source: str | Path, stages: tuple[int, ...] = STAGES, precision: str = "fp32") -> bool:
