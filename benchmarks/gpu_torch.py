@@ -481,6 +481,7 @@ def main() -> int:
             except Exception as exc:  # this config cannot run here: its rows say why, the others go on
                 report["rows"].append({"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": ",".join(paths),
                                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})  # fmt: skip
+                save()
                 continue
             stats = stats_by_cfg[cfg.precision]
             for p in paths:
@@ -489,13 +490,17 @@ def main() -> int:
                 label = "whole" if p == "whole" else f"tiled {args.max_memory}"
                 row = {"mp": round(mp, 1), "size": f"{w}x{h}", "config": str(cfg), "path": label}
                 if p != "whole":
-                    row["plan"] = plan_summary(runner, cfg, h, w, budget)
+                    try:
+                        row["plan"] = plan_summary(runner, cfg, h, w, budget)
+                    except Exception as exc:  # the row itself will say what fails
+                        row["plan"] = f"{type(exc).__name__}: {str(exc)[:80]}"
                 if out_of_time(f"{cfg} {label} {w}x{h}"):
                     continue
                 free = torch.cuda.mem_get_info(DEV)[0] if DEV.type == "cuda" else 64 * GiB
                 if p == "whole" and mp * args.whole_gib_per_mp * GiB > free:
                     row["error"] = f"skipped: ~{mp * args.whole_gib_per_mp:.0f} GiB estimated, {free / GiB:.0f} GiB free"
                     report["rows"].append(row)
+                    save()
                     continue
                 if DEV.type == "cuda":
                     torch.cuda.empty_cache()

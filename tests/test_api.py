@@ -235,3 +235,24 @@ def _jpeg_bytes(img: Image.Image, exif: Image.Exif) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif.tobytes())
     return buf.getvalue()
+
+
+def test_arrays_and_dotted_names_the_api_used_to_take(installed, small, tmp_path):
+    c, s1 = read_image(small["c1"]), read_image(small["s1"])
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        one = s.stylize_batch(c, s1, tmp_path / "one", levels=(5,), style_size=64)  # one array each: one pair
+        assert [r.status for r in one.results] == ["done"]
+        stack = s.stylize_batch(np.stack([c, c]), [s1], tmp_path / "two", levels=(5,), style_size=64)  # (N, H, W, 3): N images
+        assert len(stack.results) == 2
+        s.stylize(c, s1, output=tmp_path / "frame.0001", format="png", levels=(5,), style_size=64)  # a dot that names no format
+    assert (tmp_path / "frame.0001").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_runner_of_fewer_stages_than_its_bundle_says_so(installed):
+    for device in ("cuda:1",):  # cuda:N is a device name; only its availability may fail
+        try:
+            ultrastyle.load("cd-wct-16x", device=device, backend="torch", levels=(5,)).close()
+        except ultrastyle.RunnerError as exc:
+            assert "unknown device" not in str(exc)
+    with ultrastyle.load("cd-wct-16x", backend="onnxruntime", levels=(5, 4)) as s:
+        assert s.stages == (4, 5)

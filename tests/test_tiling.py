@@ -426,7 +426,8 @@ def test_a_gpu_caches_only_features_that_cost_more_to_encode_than_to_ship(mp):
     assert cached == gpu
     # 16 MP: the canvases with every cache take over half the budget; without the cheap ones they fit on the GPU
     assert site == (CanvasSite(device=cuda) if mp == 16 else CanvasSite())
-    assert plan(RunnerTraits(budget_memory="device"), cpu) == (CanvasSite(), gpu)  # TensorRT, ORT on CUDA: host canvases
+    # TensorRT, ORT on CUDA (tensors cross as host arrays): the CPU rule, which their engine profiles are sized for
+    assert plan(RunnerTraits(budget_memory="device"), cpu)[1] == host
     assert plan(EAGER_HOST, cpu)[1] == host
     assert plan(EAGER_DEVICE, cuda, masked=True)[1] == set(DEFAULT_LEVELS)  # masks transform cached features
     small = plan_image(arch, 1024, 1024, DEFAULT_LEVELS, TilingOptions(max_memory=2 * 2**30), EAGER_DEVICE, cuda)

@@ -380,7 +380,7 @@ class Stylizer:
         if mix is not None or mask is not None:
             specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask)]
         else:
-            specs = [StyleSpec((s,)) for s in _sources(styles or [], "style")]
+            specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style")]
         if not content_list or not specs:
             raise OptionError("contents" if not content_list else "styles", "no images given or found")
         pairs = plan_pairs(content_list, specs, Path(output_dir), opts.format)
@@ -452,7 +452,9 @@ class ClusterStylizer(Stylizer):
 
 
 def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
-    """One image (a path is a string: not its characters) or many, as a list."""
+    """One image (a path is a string: not its characters) or many, as a list; an (N, H, W, C) array is N images."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
     if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         return [images]
     return list(images)
@@ -475,8 +477,8 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
 def _output_format(output: str | os.PathLike, given: str | None) -> str:
     """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
     suffix = Path(output).suffix.lstrip(".")
-    if given is not None:
-        if suffix and _format_name(suffix) != _format_name(str(given)):
+    if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
+        if _format_name(suffix) in OUTPUT_FORMATS and _format_name(suffix) != _format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
         return given
     if suffix and _format_name(suffix) not in OUTPUT_FORMATS:

@@ -212,7 +212,8 @@ def calibrate_bundle(
     total, done = len(stages) * len(QUANTIZED_KINDS), 0
     dropped: list[Path] = []
     # Every int8 graph is written beside its target and renamed into place only once all are done (`commit`
-    # exits first), then the manifest: a run that fails or is interrupted leaves the bundle as it was.
+    # exits first), then the manifest is written: a run that fails or is interrupted before that leaves the
+    # bundle as it was (a crash between the renames and the manifest would leave digests to re-calibrate).
     with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work, ExitStack() as commit:
         for k in stages:
             feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles)
@@ -237,10 +238,10 @@ def calibrate_bundle(
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
                 done += 1
-    for out in dropped:
-        out.unlink(missing_ok=True)
     manifest["calibration"] = asdict(settings)
     _write_manifest(bundle.path, manifest)
+    for out in dropped:  # after the manifest no longer lists them
+        out.unlink(missing_ok=True)
     if on_progress:
         on_progress("calibrated", total, total)
     return read_bundle(bundle.path)

@@ -255,7 +255,7 @@ def stylize_command(
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
         sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
-        task = progress.add_task("", total=sum(sizes.values()) * (1 if mix_items else len(styles)) or None)
+        task = progress.add_task("", total=sum(sizes.values()) * (1 if mix_items or mask else len(styles)) or None)
         tiles = progress.add_task("", total=None, visible=False)
 
         def on_tile(what: str, done: int, total: int) -> None:

@@ -382,18 +382,21 @@ def plan_image(
     fills no disk; canvases on disk larger than ``ram_available`` cache only
     the stages whose encoders cost `DISK_CACHE_MACS_PER_VALUE` (their caches
     go through the disk, not the page cache); masks need the caches whatever
-    the disk. Where a GPU computes (a device budget's runner) and the canvases
-    do not fit in its memory with every cache, only the stages whose encoders
-    cost `GPU_HOST_CACHE_MACS_PER_VALUE` cache (and the canvases go on the
-    device if they then fit).
+    the disk. Where the runner's tensors live on a GPU (PyTorch on CUDA) and
+    the canvases do not fit in its memory with every cache, only the stages
+    whose encoders cost `GPU_HOST_CACHE_MACS_PER_VALUE` cache (and the canvases
+    go on the device if they then fit).
     """
     options = options.resolve(traits)
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
-    if traits.budget_memory == "device" and site.device is None and options.cache_features is None:
+    on_gpu = traits.budget_memory == "device" and device is not None and device.type != "cpu"
+    if on_gpu and site.device is None and options.cache_features is None:
         # A GPU computes and the caches would live off it: it re-encodes rather than ship features
         # over the bus, and the canvases, smaller without those caches, may then fit on it after all.
+        # Only where the runner's tensors live on the GPU (PyTorch): TensorRT's engine profiles and
+        # `check_budget` are sized with the caches of the CPU rule, and its tiles cross as host arrays.
         options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, GPU_HOST_CACHE_MACS_PER_VALUE))
         site = options.canvas_site(arch, height, width, levels, device, ram_available)
     if site.disk_dir is not None and options.cache_features is None:

@@ -227,24 +227,28 @@ def _activation_values(layers: list) -> float:
     return total
 
 
-def plan_memory(net: LossNetwork, height: int, width: int, opts: OptimizeOptions, content_channels: int, *, style: bool = False) -> MemoryPlan:
+def plan_memory(
+    net: LossNetwork, height: int, width: int, opts: OptimizeOptions, content_channels: int, *, beside: int | None = None
+) -> MemoryPlan:
     """Canvases (content, content features, the solver's vectors) in RAM while they take at most a quarter of the budget, else on disk; tiles get the rest.
 
-    ``style``: the plan of the style's pass instead, whose only canvas is the style image.
+    ``beside``: the plan of the style's pass instead (``height`` x ``width``: the
+    style), whose style canvas is in RAM beside ``beside`` bytes of the
+    content's canvases in RAM; the tiles get what is left.
     Raises `OptionError` (``max_memory``) when no tile fits.
     """
     hp, wp = padded_size(height, net.grid), padded_size(width, net.grid)
     s = net.scale(opts.content_layer)
     need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
-    if style:
+    if beside is not None:
         need = 3 * height * width * 4
     if opts.max_memory is None:
         return MemoryPlan(VectorSite(), opts.tile, need)
-    on_disk = need > opts.max_memory // 4
+    on_disk = need > opts.max_memory // 4 and beside is None
     site = VectorSite(opts.scratch or _tempdir()) if on_disk else VectorSite()
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
-    tiles = opts.max_memory - (0 if on_disk else need)
+    tiles = opts.max_memory - (0 if on_disk else need) - (beside or 0)
     per_px = BYTES_PER_REGION_PIXEL * _activation_values(net.layers) / _activation_values(ARCHS["cd16x"].encoder_layers(5))
     side = int(math.sqrt(tiles / per_px)) // net.grid * net.grid
     if side * side >= hp * wp and side >= max(hp, wp) // 2:  # the whole image fits: one tile, no halo
@@ -509,7 +513,8 @@ class Optimizer:
         # The style's pass is tiled for its own size: a style larger than the content (whose plan may be one
         # tile) would otherwise run whole, past the budget.
         try:
-            style_core = mem.core if opts.tile is not None else plan_memory(self.net, *style.shape[-2:], opts, 0, style=True).core
+            in_ram = mem.canvas_bytes if mem.site.disk_dir is None else 0  # the content's canvases, alive meanwhile
+            style_core = mem.core if opts.tile is not None else plan_memory(self.net, *style.shape[-2:], opts, 0, beside=in_ram).core
         except OptionError as exc:
             raise OptionError("max_memory", f"the style at {style.shape[-1]}x{style.shape[-2]}: {exc.message}; or lower style_size") from None
         style_c = canvas_from_array(style.numpy(), layout="chw")

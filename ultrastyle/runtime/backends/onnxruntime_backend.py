@@ -122,7 +122,9 @@ class OnnxRuntimeRunner(Runner):
         arena: str = "shared",
         precision: str = "fp32",
         spinning: bool = False,
+        stages: tuple[int, ...] | None = None,
     ) -> None:
+        """``stages``: the stages it runs (default: every stage of the bundle; a bundle may hold more)."""
         if arena not in ("shared", "shrink", "off"):
             raise RunnerError(f"arena must be 'shared', 'shrink' (after every run) or 'off', got {arena!r}")
         if precision not in ("fp32", "int8"):
@@ -144,7 +146,9 @@ class OnnxRuntimeRunner(Runner):
                     f"bundle {self.bundle.path} has no int8 graphs; make them with: "
                     f"ultrastyle calibrate {self.bundle.path} --images YOUR_PHOTOS/"
                 )
-        super().__init__(self.bundle.model_name, self.bundle.arch, self.bundle.stages)
+        if stages is not None and (missing := sorted(set(stages) - set(self.bundle.stages))):
+            raise RunnerError(f"bundle {self.bundle.path} lacks stage(s) {missing}; it has {list(self.bundle.stages)}")
+        super().__init__(self.bundle.model_name, self.bundle.arch, tuple(sorted(set(stages))) if stages else self.bundle.stages)
         self.providers = providers or providers_for("cpu")
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def resolve_backend(
         return "torch"
     if source is not None and tensorrt_engines_ready(source, stages, precision):
         return "tensorrt"
-    if device == "cuda":
+    if device.startswith("cuda"):
         from ultrastyle.runtime.backends.onnxruntime_backend import providers_for
 
         # ONNX Runtime only where it has a GPU provider; else PyTorch on the GPU beats ORT on the CPU.
@@ -166,8 +167,8 @@ def resolve_backend(
 def check_runner_options(*, backend: str = "auto", device: str = "cpu", precision: str = "fp32", compile: bool = False, threads: int = 0) -> None:
     """RunnerError for a value no runner takes (before a model is looked up or opened)."""
     for what, value, choices in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("precision", precision, PRECISIONS)):
-        if value not in choices:
-            raise RunnerError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        if value not in choices and not (what == "device" and re.fullmatch(r"cuda:\d+", str(value))):
+            raise RunnerError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}" + (" (or cuda:N)" if what == "device" else ""))
     if not isinstance(compile, bool):
         raise RunnerError(f"compile must be True or False, got {compile!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -221,7 +222,7 @@ def open_runner(
             )
         from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
-        if device == "cuda" and not torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
             raise RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')")
         model = load_model(source, stages=stages, device=device, progress=progress)
         return TorchRunner(model, threads=threads, precision=precision, compile=compile)
@@ -233,7 +234,7 @@ def open_runner(
     missing = set(stages) - set(bundle.stages)
     if missing:
         raise _lacks_stages(bundle, stages)
-    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision)
+    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages)
 
 
 def _lacks_stages(bundle: Bundle, stages: tuple[int, ...]) -> RunnerError:
