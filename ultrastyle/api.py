@@ -501,21 +501,7 @@ def _sources(images: ImageLike | Iterable[ImageLike], role: str) -> list[Source]
     return out + expand_inputs(paths)
 
 
-def load(
-    model: str | os.PathLike = DEFAULT_MODEL,
-    *,
-    backend: str = "auto",
-    device: str = "cpu",
-    precision: str = "fp32",
-    compile: bool = False,
-    threads: int = 0,
-    levels: Sequence[int] | str | None = None,
-    on_message: Callable[[str], None] | None = None,
-    progress: bool = True,
-) -> Stylizer:
-    """Open ``model`` for many calls: a `Stylizer` (see it for the arguments)."""
-    return Stylizer(model, backend=backend, device=device, precision=precision, compile=compile, threads=threads,
-                    levels=levels, on_message=on_message, progress=progress)  # fmt: skip
+load = Stylizer  # ``ultrastyle.load(model, ...)``: open ``model`` for many calls (the same arguments, typed)
 
 
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
