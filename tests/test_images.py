@@ -321,7 +321,7 @@ def test_image_above_max_pixels_is_refused_with_hint(tmp_path: Path) -> None:
             load_image(p, max_pixels=limit)
         msg = str(ei.value)
         # one limit, one message, naming the keyword (the CLI shows it as its flag)
-        assert str(p) in msg and f"above the limit of {limit / 1e6:.0f} MP (max_pixels)" in msg, (limit, msg)
+        assert str(p) in msg and f"20x10 = 200 pixels is above the limit of {limit} pixels (max_pixels)" in msg, (limit, msg)
     _assert_rgb_tensor(load_image(p, max_pixels=200), 10, 20)
 
 
