@@ -51,7 +51,7 @@ def test_build_without_tensorrt_exits_1_and_points_to_check(tmp_path, cd16x_dir)
 
     b = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(1,)))
     r = CliRunner().invoke(app, ["build", str(b.path), "--stages", "1"])
-    assert r.exit_code == 1 and "building TensorRT engines needs" in r.output and "--check" in r.output
+    assert r.exit_code == 2 and "building TensorRT engines needs" in r.output and "--check" in r.output  # refused before any work
 
 
 def test_precision_fp16_needs_tensorrt(images, tmp_path):

@@ -72,6 +72,7 @@ def build_command(
         _check(b, precision.value, ranges, stage_tuple)
         return
     from ultrastyle.trt.build import BuildError, build_engines
+    from ultrastyle.trt.env import TensorRTUnavailable
 
     err = Console(stderr=True, highlight=False)
     try:
@@ -81,6 +82,9 @@ def build_command(
                 timing_cache=timing_cache, force=force, verbose=verbose,
                 on_step=lambda msg: (status.update(msg), err.print(msg, markup=False)),
             )  # fmt: skip
+    except TensorRTUnavailable as exc:  # refused before any work, as `stylize --backend tensorrt` is
+        _err(_as_flags(str(exc)))
+        raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
         _err(_as_flags(str(exc)))
         raise typer.Exit(1) from None

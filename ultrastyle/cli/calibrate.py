@@ -74,7 +74,8 @@ def calibrate_command(
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
         text = " ".join(str(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        # A bundle or model that cannot be used is refused before any work (2, as `stylize` does); the rest failed (1).
+        raise typer.Exit(2 if isinstance(exc, (BundleError, RunnerError, zoo.ZooError, CheckpointError)) else 1) from None
     quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8")]
     Console(highlight=False).print(
         f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
