@@ -48,7 +48,8 @@ def export_command(
             )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False)
-        raise typer.Exit(1) from None
+        # A model that cannot be loaded is refused before any work (2); a failed export or validation is 1.
+        raise typer.Exit(2 if isinstance(exc, (zoo.ZooError, CheckpointError)) else 1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())
     Console(highlight=False).print(
         f"wrote {len(bundle.manifest['networks'])} graphs to {bundle.path} "
