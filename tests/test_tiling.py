@@ -669,3 +669,26 @@ def test_a_consumed_content_canvas_is_reused_and_changes_nothing(cd16x, photo, s
     assert not np.array_equal(cv.numpy(), content.numpy())
     out.close()
     cv.close()
+
+
+def test_check_budget_on_a_gpu_allows_for_the_stages_that_may_encode_again():
+    # Where a GPU re-encodes cheap stages (canvases off it), pass 2 of those stages has the whole stage's halo:
+    # the least budget checked up front is at least what such a plan needs.
+    from ultrastyle.core.plan import BudgetTooSmall
+
+    arch, cuda = ARCHS["cd16x"], torch.device("cuda")
+
+    levels = (4,)  # stage 4 caches on a CPU, encodes again on a GPU with host canvases (stage 5 caches either way)
+
+    def least(device):
+        try:
+            check_budget(arch, levels, TilingOptions(max_memory=2**20), EAGER_DEVICE, device)
+        except BudgetTooSmall as exc:
+            return exc.need
+        raise AssertionError("1 MiB held a tile")
+
+    assert least(cuda) > least(None)  # None: tensors on the host, the CPU rule
+    need = least(cuda)
+    check_budget(arch, levels, TilingOptions(max_memory=need), EAGER_DEVICE, cuda)  # the figure it names is enough
+    plan = plan_image(arch, 8192, 8192, levels, TilingOptions(max_memory=need), EAGER_DEVICE, cuda, ram_available=2**34)
+    assert plan.site.device is None and not plan.stage(4).cache  # such a plan: host canvases, stage 4 encodes again

@@ -299,7 +299,7 @@ class Stylizer:
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
             )
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
-            check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits)
+            check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits, self.runner.device)
         except BudgetTooSmall as exc:  # in the caller's terms: the whole budget, of which the tiles get a share
             given, need = opts.resolved_tiling.max_memory or 0, opts.budget_for_tiles(exc.need, self.runner.traits)
             raise OptionError("max_memory", f"{size_text(given)} cannot hold one tile of stage {exc.stage}; give at least {size_text(need, up=True)}") from None

@@ -391,8 +391,7 @@ def plan_image(
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
-    on_gpu = traits.budget_memory == "device" and device is not None and device.type != "cpu"
-    if on_gpu and site.device is None and options.cache_features is None:
+    if _gpu_reencodes(traits, device) and site.device is None and options.cache_features is None:
         # A GPU computes and the caches would live off it: it re-encodes rather than ship features
         # over the bus, and the canvases, smaller without those caches, may then fit on it after all.
         # Only where the runner's tensors live on the GPU (PyTorch): TensorRT's engine profiles and
@@ -417,8 +416,19 @@ class BudgetTooSmall(ValueError):
         self.budget, self.stage, self.need = budget, stage, need
 
 
-def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, traits: RunnerTraits) -> None:
+def _gpu_reencodes(traits: RunnerTraits, device: torch.device | None) -> bool:
+    """Whether the runner's tensors live on a GPU, where `plan_image` may leave cheap feature caches out."""
+    return traits.budget_memory == "device" and device is not None and device.type != "cpu"
+
+
+def check_budget(
+    arch: ArchSpec, levels: Iterable[int], options: TilingOptions, traits: RunnerTraits, device: torch.device | None = None
+) -> None:
     """Raise ValueError, before any work, where no image could be tiled with ``options`` on this runner.
+
+    ``device``: where the runner's tensors live; on a GPU the stages that may
+    re-encode instead of caching (`GPU_HOST_CACHE_MACS_PER_VALUE`) are checked
+    with pass 2's wider halo.
 
     That is where the memory budget cannot hold one tile of some stage (the
     smallest: a core of two grid cells plus the halos), where a given tile
@@ -426,6 +436,7 @@ def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, 
     largest region leaves no room for a core. Cheap: no image is planned.
     """
     options = options.resolve(traits)
+    gpu = _gpu_reencodes(traits, device)
     short: list[int] = []  # stages whose smallest tile the budget cannot hold
     needs: dict[int, float] = {}  # each stage's smallest tile, in bytes
     for k in sorted(set(levels)):
@@ -434,6 +445,8 @@ def check_budget(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, 
         cache = options.caches(arch, k)
         factor = traits.memory_factor(k)
         if options.tile is None and options.max_memory is not None:
+            if gpu and options.cache_features is None:  # canvases off the GPU: this stage may encode again
+                cache = cache and encoder_macs_per_value(arch, k) >= GPU_HOST_CACHE_MACS_PER_VALUE
             widest = max(halos.enc, halos.pass2(cache))
             needs[k] = (2 * g + 2 * widest) ** 2 * factor * stage_bytes_per_pixel(arch, k)
             if region_side_for_budget(arch, k, options.max_memory, factor=factor) - 2 * widest < 2 * g:

@@ -119,6 +119,11 @@ class WorkerPool:
         self.arch, self.traits, self.stages, self.backend = first.arch, first.traits, first.stages, first.backend
 
     @property
+    def device(self) -> torch.device:
+        """Where the workers' runners keep their tensors (as a runner's ``device``)."""
+        return torch.device(self.spec.device)
+
+    @property
     def workers(self) -> list[WorkerInfo]:
         """The live actors' process ids, nodes and runners (replacements included)."""
         return [self._info[a] for a in self._actors]
@@ -408,7 +413,7 @@ class WorkerPool:
         work = Path(work)
         h, w = pixels.shape[:2]
         plan = plan_image(self.arch, h, w, options.levels, options.tiling_for(self.traits), self.traits,
-                          torch.device(self.spec.device), ram_available=available_bytes())  # fmt: skip
+                          self.device, ram_available=available_bytes())  # fmt: skip
         content = create_array(work / "content", (3, h, w), (min(h, 1024), min(w, 1024)))
         for r in range(0, h, 512):  # as `canvas_from_array` scales them
             content.write(r, 0, as_float32_band(pixels, r, min(h, r + 512)))
