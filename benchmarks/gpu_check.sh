@@ -66,7 +66,7 @@ echo "== benchmark (rows stop starting after ${BENCH_BUDGET_S} s)"
 timeout $((BENCH_BUDGET_S + 90)) "$PY" benchmarks/gpu_torch.py --device "$DEVICE" \
     --model "$SHARED/models/cd-wct-16x" \
     --image "$SHARED/images/large/lomiri_Dragonfly_by_Bolly.jpg" --style "$SHARED/images/style/cd_style_in1.jpg" \
-    --configs fp32,fp16,bf16,fp16+compile,fp16+compile+hostfit,fp16+hostcache --large-configs fp16,fp16+compile,fp16+syncio,fp16+hostcache \
+    --configs fp32,fp16,bf16,fp16+compile,fp16+compile+hostfit,fp16+hostcache --large-configs fp16,fp16+compile,fp16+hostcache,fp16+syncio \
     --sizes 4096x4096,100 --paths whole,tiled --max-memory 2GB --repeats 2 --compare \
     --networks --net-size 4096 --floors \
     --psnr-pairs 10 --psnr-size 4096 \
