@@ -11,7 +11,8 @@ context manager. The stylization pipeline uses the two calls built on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -165,6 +166,17 @@ class Runner(ABC):
 
     @abstractmethod
     def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def bundle_stages(bundle: Any, stages: Iterable[int] | None) -> tuple[int, ...]:
+    """``stages`` of a bundle (None: all it has); RunnerError naming the stages it has where it lacks one."""
+    if stages is None:
+        return tuple(bundle.stages)
+    missing = sorted(set(stages) - set(bundle.stages))
+    if missing:
+        have = ",".join(map(str, sorted(bundle.stages, reverse=True)))
+        raise RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; choose levels among {have}")
+    return tuple(stages)
 
 
 def runner_traits(model: StageNetworks) -> RunnerTraits:

@@ -34,7 +34,7 @@ import torch
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
 from ultrastyle.export.int8 import int8_networks
-from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
 from ultrastyle.runtime.memory import resident_bytes, trim_heap
 
 
@@ -146,9 +146,7 @@ class OnnxRuntimeRunner(Runner):
                     f"bundle {self.bundle.path} has no int8 graphs; make them with: "
                     f"ultrastyle calibrate {self.bundle.path} --images YOUR_PHOTOS/"
                 )
-        if stages is not None and (missing := sorted(set(stages) - set(self.bundle.stages))):
-            raise RunnerError(f"bundle {self.bundle.path} lacks stage(s) {missing}; it has {list(self.bundle.stages)}")
-        super().__init__(self.bundle.model_name, self.bundle.arch, tuple(sorted(set(stages))) if stages else self.bundle.stages)
+        super().__init__(self.bundle.model_name, self.bundle.arch, tuple(sorted(set(bundle_stages(self.bundle, stages)))))
         self.providers = providers or providers_for("cpu")
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"

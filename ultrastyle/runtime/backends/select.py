@@ -27,7 +27,7 @@ from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.sources import check_stages, model_files
 from ultrastyle.models.spec import STAGES
-from ultrastyle.runtime.backends.base import Runner, RunnerError
+from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -231,16 +231,7 @@ def open_runner(
     providers = providers_for(device)
 
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
-    missing = set(stages) - set(bundle.stages)
-    if missing:
-        raise _lacks_stages(bundle, stages)
     return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages)
-
-
-def _lacks_stages(bundle: Bundle, stages: tuple[int, ...]) -> RunnerError:
-    missing = sorted(set(stages) - set(bundle.stages))
-    have = ",".join(map(str, sorted(bundle.stages, reverse=True)))
-    return RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; choose levels among {have}")
 
 
 def _open_tensorrt(
@@ -255,9 +246,7 @@ def _open_tensorrt(
 
     gpu = require_tensorrt_stack()  # before any export: one message naming all that is missing
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
-    missing = set(stages) - set(bundle.stages)
-    if missing:
-        raise _lacks_stages(bundle, stages)
+    bundle_stages(bundle, stages)  # before any engine is built
     try:
         build_engines(
             bundle, precision=precision, ranges=default_ranges(bundle.arch, stages, precision), stages=stages,

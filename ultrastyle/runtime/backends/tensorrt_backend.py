@@ -47,7 +47,7 @@ from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.export.stats_graph import stats_from_outputs, window_masks
-from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
+from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import TrtFeatures, detect_features, engine_device_memory, import_tensorrt, require_gpu, tensorrt_logger
 from ultrastyle.trt.graphs import GraphError, graph_sources
@@ -77,10 +77,7 @@ class TensorRTRunner(Runner):
         self, bundle: Bundle | str, *, precision: str = "fp32", stages: tuple[int, ...] | None = None, cuda_binding: str | None = None
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-        stages = tuple(stages or self.bundle.stages)
-        missing = sorted(set(stages) - set(self.bundle.stages))
-        if missing:
-            raise RunnerError(f"bundle {self.bundle.path} lacks stage(s) {missing}; it has {list(self.bundle.stages)}")
+        stages = bundle_stages(self.bundle, stages or None)
         super().__init__(self.bundle.model_name, self.bundle.arch, stages)
         self.precision = precision
         self.cuda_binding = cuda_binding or os.environ.get(CUDA_BINDING_ENV, "auto")
