@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
-from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
+from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, format_name, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import model_defaults
@@ -66,10 +66,6 @@ def _int(option: str, value: object, at_least: int = 0) -> int:
     if value < at_least:
         raise OptionError(option, f"expected a number >= {at_least}, got {value}")
     return int(value)
-
-
-def _format_name(text: str) -> str:
-    return {"jpeg": "jpg", "tif": "tiff"}.get(text.lower(), text.lower())
 
 
 def _bytes(option: str, value: int | str) -> int:
@@ -162,7 +158,7 @@ def make_options(
             raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels}")
     if preserve_color not in ("none", "luminance", "match"):
         raise OptionError("preserve_color", f"expected 'none', 'luminance' or 'match', got {preserve_color!r}")
-    fmt = _format_name(str(format))
+    fmt = format_name(str(format))
     if fmt not in OUTPUT_FORMATS:
         raise OptionError("format", f"expected one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
@@ -478,10 +474,10 @@ def _output_format(output: str | os.PathLike, given: str | None) -> str:
     """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
     suffix = Path(output).suffix.lstrip(".")
     if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
-        if _format_name(suffix) in OUTPUT_FORMATS and _format_name(suffix) != _format_name(str(given)):
+        if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
         return given
-    if suffix and _format_name(suffix) not in OUTPUT_FORMATS:
+    if suffix and format_name(suffix) not in OUTPUT_FORMATS:
         raise OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); give another suffix or format=")
     return suffix or "png"
 

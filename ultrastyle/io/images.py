@@ -253,10 +253,20 @@ def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
     a = tifffile.imread(path) if fmt == "TIFF" else imagecodecs.png_decode(path.read_bytes())
     if a.ndim != 3 or a.shape[2] not in (3, 4):
         raise ImageError(f"{path}: unsupported 16-bit layout {a.shape}")
-    if a.shape[2] == 4:  # composite over white, in float to keep 16-bit precision
-        rgb, alpha = a[..., :3].astype(np.float32), a[..., 3:].astype(np.float32) / 65535
-        a = (rgb * alpha + 65535 * (1 - alpha) + 0.5).astype(np.uint16)
+    if a.shape[2] == 4:
+        a = over_white(a)
     return np.ascontiguousarray(a, dtype=np.uint16)
+
+
+def over_white(a: np.ndarray) -> np.ndarray:
+    """RGBA (H, W, 4) composited over white: (H, W, 3) in its own dtype (uint8, uint16, or float in [0, 1]).
+
+    In float, so 16-bit samples keep their precision.
+    """
+    peak = 1.0 if a.dtype.kind == "f" else float(np.iinfo(a.dtype).max)
+    alpha = a[..., 3:].astype(np.float32) / peak
+    rgb = a[..., :3].astype(np.float32) * alpha + peak * (1 - alpha)
+    return rgb if a.dtype.kind == "f" else (rgb + 0.5).astype(a.dtype)
 
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:

@@ -42,6 +42,7 @@ from ultrastyle.core.padding import padded_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.io.pyramid import format_name
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.spec import ARCHS
 import ultrastyle.optimization.vectors as vec
@@ -195,7 +196,7 @@ def make_optimize_options(
         raise OptionError("history", f"expected at least 1 pair, got {history}")
     if not lr > 0:
         raise OptionError("lr", f"expected a learning rate > 0, got {lr}")
-    fmt = {"jpeg": "jpg", "tif": "tiff"}.get(format.lower(), format.lower())
+    fmt = format_name(format)
     if fmt not in ("png", "jpg", "tiff"):
         raise OptionError("format", f"expected png, jpg or tiff, got {format!r}")
     return OptimizeOptions(

@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, check_pixels, pil_limits_off, pil_to_array, read_image,
-    resize_long_side,
+    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, check_pixels, over_white, pil_limits_off, pil_to_array,
+    read_image, resize_long_side,
 )  # fmt: skip
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
@@ -114,11 +114,8 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarra
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
             hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
             raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
-    if a.shape[2] == 4:  # over white, as files with transparency are
-        peak = 1.0 if a.dtype == np.float32 else float(np.iinfo(a.dtype).max)
-        alpha = a[..., 3:].astype(np.float32) / peak
-        rgb = a[..., :3].astype(np.float32) * alpha + peak * (1 - alpha)
-        return np.ascontiguousarray(rgb if a.dtype == np.float32 else (rgb + 0.5).astype(a.dtype))
+    if a.shape[2] == 4:  # as files with transparency are
+        return np.ascontiguousarray(over_white(a))
     return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
 
 
