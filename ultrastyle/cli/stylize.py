@@ -255,7 +255,8 @@ def stylize_command(
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
         sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
-        task = progress.add_task("", total=sum(sizes.values()) * (1 if mix_items or mask else len(styles)) or None)
+        per_content = 1 if mix_items or mask else len(styles)  # outputs of each content
+        task = progress.add_task("", total=sum(sizes.values()) * per_content or None)
         tiles = progress.add_task("", total=None, visible=False)
 
         def on_tile(what: str, done: int, total: int) -> None:
@@ -287,8 +288,8 @@ def stylize_command(
         except BatchInterrupted as exc:
             progress.stop()
             Console(stderr=True, highlight=False).print("interrupted: the outputs being written were finished; rerun with --skip-existing to resume")
-            planned = len(contents) * (1 if mix_items or mask else len(styles))
-            Console(highlight=False).print(f"{exc.summary.describe(total=max(planned, len(exc.summary.results)))}; outputs in {output}")
+            planned = max(len(contents) * per_content, len(exc.summary.results))
+            Console(highlight=False).print(f"{exc.summary.describe(total=planned)}; outputs in {output}")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
     Console(highlight=False).print(f"{summary.describe()}; outputs in {output}")

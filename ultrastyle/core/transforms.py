@@ -85,7 +85,8 @@ class FeatureStats:
         total = residual + n * s
         # Σffᵀ = Σ(f-s)(f-s)ᵀ + s Σ(f-s)ᵀ + Σ(f-s) sᵀ + n s sᵀ
         outer += torch.outer(s, residual) + torch.outer(residual, s) + n * torch.outer(s, s)
-        return cls(n, total.cpu(), outer.cpu()) if host else cls(n, total, outer)
+        stats = cls(n, total, outer)
+        return stats.to_host() if host else stats
 
     def to_host(self) -> FeatureStats:
         """These statistics with their sums on the CPU (a device-to-host copy where they are elsewhere; else themselves)."""

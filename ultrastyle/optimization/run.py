@@ -240,9 +240,10 @@ def plan_memory(
     """
     hp, wp = padded_size(height, net.grid), padded_size(width, net.grid)
     s = net.scale(opts.content_layer)
-    need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
-    if beside is not None:
+    if beside is not None:  # the style canvas alone
         need = 3 * height * width * 4
+    else:
+        need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
     if opts.max_memory is None:
         return MemoryPlan(VectorSite(), opts.tile, need)
     on_disk = need > opts.max_memory // 4 and beside is None
