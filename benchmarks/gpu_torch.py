@@ -200,7 +200,7 @@ class Bench:
         self.eager: dict[str, TorchRunner] = {}
 
     def runner(self, cfg: Config) -> TorchRunner:
-        key = Config(cfg.precision, cfg.compile)  # +hostfit and +syncio share the runner (and its compiled graphs)
+        key = Config(cfg.precision, cfg.compile)  # +hostfit, +syncio and +hostcache share the runner (and its compiled graphs)
         if key not in self.runners:
             self.runners[key] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision, compile=cfg.compile)
         return self.runners[key]
@@ -241,7 +241,6 @@ def run_once(runner: TorchRunner, cfg: Config, content: np.ndarray, stats: dict,
         out = (y.clamp(0, 1).mul(255).add(0.5)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         del y
     else:
-        # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes.
         opts = tiled_options(cfg, max_memory)
         with planned_as(cfg):
             cv = content_canvas(runner, content, opts, DEFAULT_LEVELS)
