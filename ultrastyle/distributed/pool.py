@@ -339,6 +339,10 @@ class WorkerPool:
 
                 self._run(jobs, submit, done, failed)
             report()
+            # Again at the end: a killed driver's actors outlive it until Ray stops them (asynchronously),
+            # so one still writing at the start may have died since, leaving its temp file.
+            for folder in folders:
+                atomic.sweep_stale(folder)
         except KeyboardInterrupt:
             for folder in folders:  # the abandoned writers are dead now
                 atomic.sweep_stale(folder)
