@@ -189,6 +189,40 @@ def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, 
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == done
 
 
+def test_a_second_ctrl_c_while_outputs_finish_still_exits_130_with_whole_files(folder, cd16x_dir, tmp_path):
+    out, started = tmp_path / "out", tmp_path / "second-encode-started"
+    slow = textwrap.indent(textwrap.dedent(f"""
+        real, calls = images._encode, []
+        def _encode(a, f, fmt, *args):
+            calls.append(1)
+            if len(calls) == 2:  # the second output is being encoded when both Ctrl-Cs come
+                Path({str(started)!r}).touch()
+                time.sleep(3.0)
+            return real(a, f, fmt, *args)
+        images._encode = _encode
+    """), " " * 8)
+    proc = subprocess.Popen([sys.executable, "-c", _script(out, folder, cd16x_dir, slow)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        _wait_for(started.exists)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the first Ctrl-C is now waiting for the second output's encode
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted again" in stderr and "--skip-existing" in stderr, stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
+    assert _partials(out) == []
+    written = sorted(p for p in out.iterdir() if p.suffix == ".png")
+    assert len(written) >= 2  # the encode in flight was finished, not torn
+    for p in written:
+        with Image.open(p) as im:
+            im.load()
+
+
 def test_io_workers_default_comes_from_the_core_count():
     n = os.cpu_count() or 2
     assert StylizeOptions().workers == max(1, min(8, n // 2))

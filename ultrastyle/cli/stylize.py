@@ -291,6 +291,10 @@ def stylize_command(
             planned = max(len(contents) * per_content, len(exc.summary.results))
             Console(highlight=False).print(f"{exc.summary.describe(total=planned)}; outputs in {output}")
             raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # a second Ctrl-C while the outputs in flight were being finished
+            progress.stop()
+            _err("interrupted again, before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
+            raise typer.Exit(130) from None
         progress.remove_task(tiles)
     Console(highlight=False).print(f"{summary.describe()}; outputs in {output}")
     if summary.count("failed"):
