@@ -151,6 +151,14 @@ def test_cli_check_rejects_a_profile_too_small_for_the_halo(bundle):
     assert "stage 5 profile" in r.output and "(--tile-max)" in r.output
 
 
+def test_cli_check_warns_that_a_raised_tile_min_leaves_small_images_out(bundle):
+    r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-min", "512"])
+    assert r.exit_code == 0, r.output  # a warning: the engines work, for images large enough
+    assert "warning: stage 5 profile: profile min 512 px" in " ".join(r.output.split()) and "cannot run on these engines" in r.output
+    default = CliRunner().invoke(app, ["build", str(bundle.path), "--check"])
+    assert "cannot run on these engines" not in default.output  # the default minimum is 2 x grid
+
+
 def test_cast_to_int8_is_rejected(bundle):
     # operators.md: Cast takes FP32, FP16, BF16, INT32, INT64, UINT8, BOOL; int8 tensors come from Q/DQ only
     m = _load(bundle, "encoder1")

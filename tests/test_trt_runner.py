@@ -233,6 +233,8 @@ def test_tiles_outside_the_profile_are_refused_with_the_fix(bundle, fake):
     _build(bundle)
     with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match="outside the engine's profile.*--tile-max"):
         r.encode(1, torch.rand(1, 3, 8, TILE_MAX + 8))
+    with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match="below the engine's profile.*smaller than.*--tile-min"):
+        r.encode(5, torch.rand(1, 3, 16, 64))  # stage 5's profile starts at 2 x its 16-px grid
 
 
 def test_tiled_stylization_fits_its_tiles_to_the_profiles_without_being_asked(bundle, model, fake, shared_dir):

@@ -294,6 +294,11 @@ def check_profiles(bundle: Bundle, ranges: dict[int, TileRange]) -> list[Finding
     for k, rng in sorted(ranges.items()):
         for msg in profile_problems(bundle.arch, k, rng):
             out.append(Finding("error", f"stage {k} profile", msg))
+        g = bundle.arch.grid(k)
+        if rng.min > 2 * g:  # a small image is one region of its own padded size: below the profile, no engine runs it
+            out.append(Finding("warning", f"stage {k} profile", (
+                f"profile min {rng.min} px: images whose padded side at this stage (a multiple of {g} px) is below "
+                f"{rng.min} px cannot run on these engines; the smallest profile min is {2 * g} px")))  # fmt: skip
     return out
 
 
