@@ -5,11 +5,14 @@ What it measures
 The CD 16x WCT cascade (5 stages, alpha 0.6, style resized to ``--style-size``
 px long side) through the PyTorch runner on ``cuda``, for each ``--configs``
 entry, each ``--sizes`` image and each ``--paths`` path. A config is
-``PRECISION[+compile][+hostfit]``: the networks in ``fp32`` (IEEE, TF32 off;
+``PRECISION[+compile[+graphs]][+hostfit][+syncio][+hostcache]``: the networks in ``fp32`` (IEEE, TF32 off;
 ``--tf32`` leaves PyTorch's TF32 defaults on), ``fp16`` or ``bf16``
 (statistics, eigendecompositions and the fit in float64 either way);
 ``+compile``: the stage networks through ``torch.compile`` with the affine map
 folded into each decoder's first convolution (`runtime.backends.torch_engine`);
+``+graphs``: compiled with ``mode="reduce-overhead"``, which captures each
+graph as a CUDA graph and replays it (no launch per kernel; outputs are the
+graph's buffers, so tiles are written in line, not behind);
 ``+hostfit``: the WCT fit on the CPU (``fit_on="host"``) instead of on the GPU;
 ``+syncio``: tiled rows only, tile reads and writes of host canvases in line
 instead of overlapped with compute (``TilingOptions(overlap_io=False)``,
@@ -124,22 +127,25 @@ class Config:
     host_fit: bool = False
     sync_io: bool = False
     host_cache: bool = False
+    graphs: bool = False  # +graphs: torch.compile(mode="reduce-overhead"), which replays CUDA graphs
+
+    FLAGS = ("compile", "graphs", "hostfit", "syncio", "hostcache")
 
     @classmethod
     def parse(cls, text: str) -> Config:
         precision, *flags = text.strip().split("+")
-        bad = set(flags) - {"compile", "hostfit", "syncio", "hostcache"}
-        if precision not in ("fp32", "fp16", "bf16") or bad:
-            raise SystemExit(f"bad config {text!r}: PRECISION[+compile][+hostfit][+syncio][+hostcache], PRECISION fp32|fp16|bf16")
-        return cls(precision, "compile" in flags, "hostfit" in flags, "syncio" in flags, "hostcache" in flags)
+        bad = set(flags) - set(cls.FLAGS)
+        if precision not in ("fp32", "fp16", "bf16") or bad or ("graphs" in flags and "compile" not in flags):
+            raise SystemExit(f"bad config {text!r}: PRECISION[+compile[+graphs]][+hostfit][+syncio][+hostcache], PRECISION fp32|fp16|bf16")
+        return cls(precision, "compile" in flags, "hostfit" in flags, "syncio" in flags, "hostcache" in flags, "graphs" in flags)
 
     @property
     def tiled_only(self) -> bool:
         return self.sync_io or self.host_cache
 
     def __str__(self) -> str:
-        flags = ("+compile" if self.compile else "") + ("+hostfit" if self.host_fit else "") + ("+syncio" if self.sync_io else "")
-        return self.precision + flags + ("+hostcache" if self.host_cache else "")
+        on = {"compile": self.compile, "graphs": self.graphs, "hostfit": self.host_fit, "syncio": self.sync_io, "hostcache": self.host_cache}
+        return self.precision + "".join(f"+{f}" for f in self.FLAGS if on[f])
 
 
 def parse_size(text: str) -> tuple[int, int] | float:
@@ -200,9 +206,10 @@ class Bench:
         self.eager: dict[str, TorchRunner] = {}
 
     def runner(self, cfg: Config) -> TorchRunner:
-        key = Config(cfg.precision, cfg.compile)  # +hostfit, +syncio and +hostcache share the runner (and its compiled graphs)
+        key = Config(cfg.precision, cfg.compile, graphs=cfg.graphs)  # +hostfit, +syncio and +hostcache share the runner (and its compiled graphs)
         if key not in self.runners:
-            self.runners[key] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision, compile=cfg.compile)
+            mode = "reduce-overhead" if cfg.graphs else None
+            self.runners[key] = TorchRunner(self.model, tf32=self.tf32, precision=cfg.precision, compile=cfg.compile, compile_mode=mode)
         return self.runners[key]
 
     def style_stats(self, cfg: Config, style: torch.Tensor) -> dict:
@@ -214,8 +221,10 @@ class Bench:
 
 
 def tiled_options(cfg: Config, max_memory: int) -> TilingOptions:
-    # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes.
-    return TilingOptions(max_memory=max_memory, overlap_io=False if cfg.sync_io else (True if DEV.type == "cpu" else None))
+    # The CPU smoke run overlaps too (runners leave it off on the CPU), so it runs the path a GPU run takes;
+    # +graphs does not (its outputs are the graph's buffers: the runner refuses the overlap).
+    overlap = False if cfg.sync_io else (True if DEV.type == "cpu" and not cfg.graphs else None)
+    return TilingOptions(max_memory=max_memory, overlap_io=overlap)
 
 
 def planned_as(cfg: Config) -> contextlib.AbstractContextManager:
@@ -392,7 +401,7 @@ def main() -> int:
     ap.add_argument("--style-size", type=int, default=1024)
     ap.add_argument("--sizes", default="16,40,100", help="megapixels or WxH, comma-separated")
     ap.add_argument("--paths", default="tiled,whole")
-    ap.add_argument("--configs", default="fp32", help="PRECISION[+compile][+hostfit], comma-separated (e.g. fp32,fp16,bf16,fp16+compile)")
+    ap.add_argument("--configs", default="fp32", help="PRECISION[+compile[+graphs]][+hostfit][+syncio][+hostcache], comma-separated (e.g. fp32,fp16,bf16,fp16+compile)")
     ap.add_argument("--large-configs", help="configs for sizes above 20 MP (default: --configs)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after the untimed one (median)")
     ap.add_argument("--max-memory", default="2GB")

@@ -56,9 +56,10 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(shared_dir, tmp_path):
     # back for the summary, and the pytest -m gpu step (every test skips here, saying why).
     out = tmp_path / "out"
     # The device's budget (240 s): unloaded, every row starts within ~100 s here; a loaded machine may skip the last ones.
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "BENCH_BUDGET_S": "240", "OUT": str(out), "PYTHON": sys.executable,
+    # GPU_CHECK_TOTAL_S: the CUDA-graphs phase runs however long the rest took on this machine.
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "BENCH_BUDGET_S": "240", "GPU_CHECK_TOTAL_S": "1200", "OUT": str(out), "PYTHON": sys.executable,
            "ULTRASTYLE_SHARED": str(shared_dir), "ULTRASTYLE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}  # fmt: skip
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=1500, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "== pytest exit 0" in done.stdout and "networks fp16+compile ms/MP:" in done.stdout
     r = json.loads((out / "gpu_torch.json").read_text())
@@ -76,3 +77,9 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(shared_dir, tmp_path):
     assert ("fp32", "whole") in ran and ("fp32", "tiled") in ran  # the first rows always run
     rows = {(x["config"], x["path"].split()[0]): x for x in r["rows"]}
     assert rows["fp32", "tiled"]["max_diff_uint8"] <= 1  # --compare: tiling is exact
+    # The CUDA-graphs comparison ran last (time remained here): compile mode reduce-overhead beside plain compile.
+    assert "== CUDA graphs exit 0" in done.stdout and "CUDA graphs vs compile, ms/MP:" in done.stdout
+    g = json.loads((out / "gpu_graphs.json").read_text())
+    graphs = {(x["config"], x["path"].split()[0]): x for x in g["rows"]}
+    assert set(graphs) == {(c, p) for c in ("bf16+compile", "bf16+compile+graphs") for p in ("whole", "tiled")}
+    assert all("error" not in x and x["max_diff_uint8"] <= 2 for x in graphs.values()), g["rows"]
