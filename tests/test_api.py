@@ -61,6 +61,38 @@ def test_adain_zoo_model_runs_its_own_defaults_from_python(installed, small):
     assert np.abs(got.astype(int) - wct.astype(int)).mean() > 5  # the defaults did change the result
 
 
+def test_module_functions_take_every_keyword_of_the_stylizer_methods(installed, small, tmp_path):
+    import inspect
+
+    for fn, meth in ((ultrastyle.stylize, ultrastyle.Stylizer.stylize), (ultrastyle.stylize_batch, ultrastyle.Stylizer.stylize_batch)):
+        kw = {n for n, p in inspect.signature(meth).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert kw <= set(inspect.signature(fn).parameters), (fn.__name__, kw)
+    settings = dict(backend="torch", levels=(5,), style_size=64, tile=32)  # tiles: on_tile is called
+    mix = [(small["s1"], 0.5), (small["s2"], 0.5)]
+    tiles: list[int] = []
+    got = ultrastyle.stylize(small["c1"], mix=mix, output=tmp_path / "one.jpg", on_tile=lambda *a: tiles.append(1), **settings)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        ref = s.stylize(small["c1"], mix=mix, style_size=64, tile=32)
+    assert np.array_equal(got, ref) and tiles
+    with Image.open(tmp_path / "one.jpg") as im:
+        assert im.format == "JPEG"
+    results = []
+    summary = ultrastyle.stylize_batch([small["c1"]], [small["s1"], small["s2"]], tmp_path / "masked", mask=np.eye(56, 72, dtype=bool)[..., None]
+                                       .repeat(3, 2).astype(np.uint8) * 255, on_result=results.append, **settings)  # fmt: skip
+    assert summary.count("done") == 1 and [r.status for r in results] == ["done"]
+
+
+def test_levels_a_model_lacks_are_an_option_error_naming_the_stages_it_has(installed):
+    zoo.import_local("ultrastyle-adain-16x", None)
+    with pytest.raises(ultrastyle.OptionError, match=r"has stage\(s\) \[4\], not \[5\]; choose levels among \[4\]") as e:
+        ultrastyle.load("ultrastyle-adain-16x", backend="torch", levels=[5])
+    assert e.value.option == "levels"
+    with ultrastyle.load("ultrastyle-adain-16x", backend="torch", progress=False) as s, pytest.raises(ultrastyle.OptionError, match=r"not \[5\]"):
+        s.options(levels=(5,))  # not "load the model with levels=[5]", which would fail
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,), progress=False) as s, pytest.raises(ultrastyle.OptionError, match="not loaded"):
+        s.options(levels=(4,))  # the model has stage 4: loading it is the fix
+
+
 def test_api_and_cli_write_byte_identical_files(installed, small, tmp_path):
     settings = dict(alpha=0.7, levels="5,3,1", max_memory="64MB", style_size=64)
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 3, 1)) as s:

@@ -94,6 +94,14 @@ def test_mask_with_a_label_without_style_is_refused_before_any_work(invoke, imag
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+def test_mask_labels_may_share_a_style_given_twice(invoke, images, tmp_path):
+    # Three labels in ascending grey (left 0, top band 128, right 255): the first style covers left and right.
+    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--style", images["s1"], "--mask", images["mask3"], "-o", tmp_path)
+    assert r.exit_code == 0, r.output
+    (out,) = tmp_path.iterdir()
+    assert out.name == "c_stylized_s1+s2+s1.png"
+
+
 def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images, tmp_path):
     r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path)
     assert r.exit_code == 1

@@ -30,7 +30,7 @@ from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, format_name, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
-from ultrastyle.models.sources import model_defaults
+from ultrastyle.models.sources import available_stages, model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
@@ -250,7 +250,7 @@ class Stylizer:
         check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
         self.model = str(model)
         defaults = model_defaults(model)
-        stages = make_options(defaults, levels=levels).levels
+        stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)  # calls default to the levels loaded
         keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
         self.runner: Runner = open_runner(
@@ -291,6 +291,7 @@ class Stylizer:
         opts = make_options(self.defaults, **settings)
         missing = sorted(set(opts.levels) - set(self.stages))
         if missing:
+            _levels_of(self.model, self.defaults, opts.levels)  # stages the model lacks: say which it has
             raise OptionError(
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
             )
@@ -423,7 +424,7 @@ class ClusterStylizer(Stylizer):
 
         self.model = str(model)
         defaults = model_defaults(model)
-        stages = make_options(defaults, levels=levels).levels
+        stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)
         self.distribute_tiles = distribute_tiles
         self._books = {}
@@ -445,6 +446,16 @@ class ClusterStylizer(Stylizer):
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
                    on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
         return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles)
+
+
+def _levels_of(model: str | os.PathLike, defaults: ModelDefaults, levels: Sequence[int] | str | None) -> tuple[int, ...]:
+    """``levels`` (None: the model's default levels) parsed, or OptionError where the model lacks one of them."""
+    stages = make_options(defaults, levels=levels).levels
+    have = available_stages(model)
+    missing = sorted(set(stages) - set(have))
+    if missing:
+        raise OptionError("levels", f"model {os.fspath(model)} has stage(s) {list(have)}, not {missing}; choose levels among {list(have)}")
+    return stages
 
 
 def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
@@ -508,6 +519,10 @@ def stylize(
     style: ImageLike | Sequence[ImageLike] | None = None,
     *,
     model: str | os.PathLike = DEFAULT_MODEL,
+    mix: MixLike | None = None,
+    mask: ImageLike | None = None,
+    output: str | os.PathLike | None = None,
+    on_tile: TileCallback | None = None,
     **settings: Any,
 ) -> np.ndarray:
     """Stylize one image with ``model``: `load` then `Stylizer.stylize` (see both); returns (H, W, 3) uint8.
@@ -517,7 +532,7 @@ def stylize(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     _check_settings(settings)
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
-        return s.stylize(content, style, **settings)
+        return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
 
 
 def stylize_batch(
@@ -529,6 +544,10 @@ def stylize_batch(
     executor: str = "local",
     ray_address: str = "local",
     distribute_tiles: bool = False,
+    mix: MixLike | None = None,
+    mask: ImageLike | None = None,
+    on_result: Callable[[PairResult], None] | None = None,
+    on_tile: TileCallback | None = None,
     **settings: Any,
 ) -> BatchSummary:
     """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both).
@@ -547,4 +566,4 @@ def stylize_batch(
     else:
         opener = load
     with opener(model, levels=settings.get("levels"), **runner_kw) as s:
-        return s.stylize_batch(contents, styles, output_dir, **settings)
+        return s.stylize_batch(contents, styles, output_dir, mix=mix, mask=mask, on_result=on_result, on_tile=on_tile, **settings)

@@ -220,7 +220,7 @@ def stylize_command(
             if len(content) < 2:
                 raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
             content, style = content[:-1], content[-1:]
-        mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style)
+        mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style, unique=mask is None)  # a mask's labels may share a style
     if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():  # `-o result.jpg` would make a folder of that name
         raise typer.BadParameter(
             f"{output} looks like a file name, but --output is a folder (files in it are named {{content}}_stylized_{{style}}.{{ext}}); "

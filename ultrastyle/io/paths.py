@@ -9,12 +9,13 @@ from pathlib import Path
 from ultrastyle.io.images import IMAGE_SUFFIXES
 
 
-def expand_inputs(specs: list[str] | list[Path]) -> list[Path]:
+def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Path]:
     """Files as given, directories as their image files (sorted), globs as their matches (sorted).
 
     A path that exists nowhere is kept as it is, so the batch reports it as a
     bad input ("no such file") instead of silently dropping it. Duplicates are
-    dropped, order kept.
+    dropped, order kept, unless ``unique`` is False (a mask's styles, one per
+    label: one style may cover two labels).
     """
     out: list[Path] = []
     for spec in map(str, specs):
@@ -28,7 +29,7 @@ def expand_inputs(specs: list[str] | list[Path]) -> list[Path]:
             out += sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file()) or [p]
         else:
             out.append(p)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out)) if unique else out
 
 
 def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:

@@ -107,6 +107,19 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
     return stages
 
 
+def _bundle_stages(manifest: Path) -> tuple[int, ...]:
+    stages = _read_json(manifest).get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and k in STAGES for k in stages):
+        raise ModelDefaultsError(f"{manifest}: \"stages\" must be a non-empty list of stages 1..5, got {stages!r}")
+    return tuple(stages)
+
+
+def available_stages(source: str | Path) -> tuple[int, ...]:
+    """The stages a zoo model, weights folder or bundle folder has, ascending (nothing is downloaded or loaded)."""
+    manifest = Path(source) / "manifest.json"
+    return tuple(sorted(_bundle_stages(manifest))) if manifest.is_file() else model_stages(source)
+
+
 def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[int, ...]:
     """``stages`` (None: all the model has) if ``source`` has every one of them, else `CheckpointError`.
 
@@ -176,11 +189,8 @@ def model_defaults(source: str | Path) -> ModelDefaults:
         return standard_defaults(entry.stages, base="pytorch-adain" if entry.format == "pytorch-adain" else None)
     manifest = path / "manifest.json"  # ultrastyle.export.bundle.MANIFEST (that module imports torch)
     if manifest.is_file():
-        data = _read_json(manifest)
-        stages = data.get("stages")
-        if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and k in STAGES for k in stages):
-            raise ModelDefaultsError(f"{manifest}: \"stages\" must be a non-empty list of stages 1..5, got {stages!r}")
-        raw = data.get(DEFAULTS_KEY)
+        stages = list(_bundle_stages(manifest))
+        raw = _read_json(manifest).get(DEFAULTS_KEY)
         return standard_defaults(stages) if raw is None else defaults_from_dict(raw, stages, where=str(manifest))
 
     stages = model_stages(path)  # CheckpointError for a folder without weights
