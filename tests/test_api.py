@@ -168,6 +168,25 @@ def test_bad_settings_raise_option_error_naming_the_setting_not_a_flag(installed
     assert info.value.option == option and "--" not in str(info.value)
 
 
+def test_a_mix_of_bare_paths_or_one_file_twice_is_an_option_error(installed, small):
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        for mix, said in (([small["s1"], small["s2"]], "(style, weight) pairs"), ([(small["s1"], 0.5), (str(small["s1"]), 0.5)], "given twice")):
+            with pytest.raises(ultrastyle.OptionError, match=said.replace("(", r"\(").replace(")", r"\)")) as info:
+                s.stylize(small["c1"], mix=mix)
+            assert info.value.option == "mix"
+
+
+def test_bool_and_integer_label_arrays_are_masks(installed, small):
+    left = np.zeros((56, 72), bool)
+    left[:, 36:] = True
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        outs = [s.stylize(small["c1"], [small["s1"], small["s2"]], mask=m, style_size=64)
+                for m in (left.astype(np.uint8) * 255, left, left.astype(np.int64) + 7)]  # fmt: skip
+        with pytest.raises(ultrastyle.OptionError, match="0..65535"):
+            s.stylize(small["c1"], [small["s1"], small["s2"]], mask=left.astype(np.int64) - 1)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
 def test_bad_image_raises_image_error_naming_it(installed, small, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
@@ -185,13 +204,13 @@ def test_whole_image_setting_equals_the_tiled_run(installed, small):
 
 
 def test_a_typo_or_a_model_setting_in_a_call_says_what_to_do():
-    from ultrastyle.api import _check_settings
+    from ultrastyle.api import check_settings
 
     with pytest.raises(ultrastyle.OptionError, match="did you mean 'alpha'"):
-        _check_settings({"alpah": 0.5})
+        check_settings({"alpah": 0.5})
     with pytest.raises(ultrastyle.OptionError, match=r"ultrastyle.load"):
-        _check_settings({"device": "cuda"})
-    _check_settings({"alpha": 0.5, "levels": 5})  # real settings pass
+        check_settings({"device": "cuda"})
+    check_settings({"alpha": 0.5, "levels": 5})  # real settings pass
 
 
 def test_errors_a_caller_catches_are_importable_from_the_package():

@@ -21,6 +21,7 @@ from ultrastyle.optimization import vectors as vec
 from ultrastyle.optimization.loss import (
     LossNetwork, LossWeights, evaluate, loss_and_gradient, plan_gradient, reference_loss, style_target,
 )  # fmt: skip
+from ultrastyle.api import OptionError
 from ultrastyle.optimization.run import Optimizer, make_optimize_options, upsample
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
@@ -201,8 +202,14 @@ def test_options_name_the_keyword():
 def test_a_budget_too_small_for_one_tile_is_an_option_error(optimizer, photo, style):
     from ultrastyle.api import OptionError
 
-    with pytest.raises(OptionError, match="too small for one tile") as info:
+    with pytest.raises(OptionError, match="4 MiB cannot hold one tile of the loss network; give at least") as info:
         optimizer.run(photo.permute(1, 2, 0).numpy().copy(), style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="4MB")
+    assert info.value.option == "max_memory"
+    # Just above the smallest tile, an image's canvases in RAM (Adam's few: under a quarter of the budget) can still
+    # leave too little for one tile of an image larger than a tile: said per image.
+    big = np.zeros((200, 200, 3), np.uint8)
+    with pytest.raises(OptionError, match="too small for one tile of the loss network: it needs at least") as info:
+        optimizer.run(big, style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="44MB", solver="adam")
     assert info.value.option == "max_memory"
 
 
@@ -232,6 +239,85 @@ def test_cli_runs_a_batch_past_a_bad_file_and_writes_atomically(cd16x_dir, share
     assert Image.open(out / "a_optimized_cd_style_in3.png").size == (48, 36)
     bad_flag = CliRunner().invoke(app, ["optimize", str(good), "--style", str(good), "--scales", "64,32"])
     assert bad_flag.exit_code == 2 and "--scales" in bad_flag.output
+
+
+def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_cannot_work(cd16x_dir, shared_dir, tmp_path, one_thread):
+    from ultrastyle.cli.main import app
+
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+
+    def run(*args: object):
+        return CliRunner().invoke(app, ["optimize", str(content), *map(str, args), "--style", str(style), "--iterations", "0",
+                                        "--content-size", "48", "--style-size", "48", "--model", str(cd16x_dir)])  # fmt: skip
+
+    r = run("-o", tmp_path / "one.jpg")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "one.jpg") as im:
+        assert im.format == "JPEG"
+    refused = {
+        "webp": run("-o", tmp_path / "x.webp"),
+        "clash": run("-f", "jpg", "-o", tmp_path / "x.png"),
+        "two contents": run(shared_dir / "images/content/cd_content_in4.jpg", "-o", tmp_path / "z.png"),
+        "budget": run("--max-memory", "1MB", "-o", tmp_path / "y.png"),
+    }
+    assert {k: r.exit_code for k, r in refused.items()} == dict.fromkeys(refused, 2), {k: r.output for k, r in refused.items()}
+    text = {k: " ".join(r.output.replace("│", " ").split()) for k, r in refused.items()}
+    assert ".webp is no output format" in text["webp"] and "make them agree" in text["clash"]
+    assert "2 contents were given; give a folder" in text["two contents"]
+    assert "--max-memory" in text["budget"] and "cannot hold one tile of the loss network; give at least" in text["budget"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jpg"]  # nothing made for a refused run
+
+
+@pytest.mark.parametrize(("save_every", "said"), [(0, "no state was saved yet"), (1, "resume from its last saved state")])
+def test_cli_ctrl_c_says_whether_a_rerun_resumes(cd16x_dir, shared_dir, tmp_path, save_every, said):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    marker = tmp_path / "third-evaluation"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import ultrastyle.optimization.run as run
+        real, calls = run.loss_and_gradient, []
+        def slow(*a, **k):  # the run is still going when Ctrl-C comes
+            calls.append(1)
+            if len(calls) == 3:
+                Path({str(marker)!r}).touch()
+            time.sleep(0.3 if len(calls) >= 3 else 0)
+            return real(*a, **k)
+        run.loss_and_gradient = slow
+        from ultrastyle.cli.main import app
+        sys.argv = ["ultrastyle", "optimize", {str(shared_dir / "images/content/cd_content_in2.jpg")!r}, "--style",
+                    {str(shared_dir / "images/style/cd_style_in3.jpg")!r}, "-o", {str(tmp_path / "out")!r}, "--model", {str(cd16x_dir)!r},
+                    "--content-size", "48", "--style-size", "48", "--iterations", "200", "--solver", "adam", "--save-every", "{save_every}"]
+        app()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        end = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < end:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert said in " ".join(stderr.split()), stderr
+
+
+def test_api_typos_and_model_settings_are_option_errors(optimizer, cd16x_dir):
+    import ultrastyle
+
+    with pytest.raises(OptionError, match="did you mean 'iterations'"):
+        ultrastyle.optimize("any.png", "any.png", model=cd16x_dir, iteration=1)  # before the model loads or a file is read
+    with pytest.raises(OptionError, match="setting of the model"):
+        optimizer.run("any.png", "any.png", device="cuda")
+    with pytest.raises(OptionError, match="threads"):
+        Optimizer(cd16x_dir, threads=-1)
 
 
 def test_wct_init_is_ultrastyles_own_wct_result(optimizer, cd16x_dir, shared_dir, one_thread):

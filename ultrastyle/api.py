@@ -203,6 +203,17 @@ def _source(image: ImageLike, role: str) -> Source:
     raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
 
 
+def _label_array(mask: ImageLike) -> ImageLike:
+    """A bool or integer label array as the uint8/uint16 image whose grey levels are its labels (other masks as given)."""
+    if not isinstance(mask, np.ndarray) or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
+        return mask
+    if mask.dtype == bool:
+        return mask.astype(np.uint8) * 255
+    if mask.size and (mask.min() < 0 or mask.max() > 65535):
+        raise OptionError("mask", f"integer labels must lie in 0..65535, got {mask.min()}..{mask.max()}")
+    return mask.astype(np.uint16 if mask.size and mask.max() > 255 else np.uint8)
+
+
 def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None) -> StyleSpec:
     if mix is not None:
         if style is not None:
@@ -210,6 +221,11 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         if mask is not None:
             raise OptionError("mix", "a mask takes one style per label, not a mix")
         items = list(mix.items()) if isinstance(mix, Mapping) else list(mix)
+        if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            raise OptionError("mix", "expected (style, weight) pairs or a {style: weight} dict, e.g. [('a.jpg', 0.7), ('b.jpg', 0.3)]")
+        paths = [os.path.abspath(s) for s, _ in items if isinstance(s, (str, os.PathLike))]
+        if twice := sorted({p for p in paths if paths.count(p) > 1}):
+            raise OptionError("mix", f"{twice[0]} is given twice; give each style once with its weight")
         try:
             return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
         except ValueError as exc:
@@ -218,7 +234,7 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         raise OptionError("style", "give a style image (or a mix)")
     styles = list(style) if isinstance(style, (list, tuple)) else [style]
     if mask is not None:
-        return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=_source(mask, "mask"))
+        return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=_source(_label_array(mask), "mask"))
     if len(styles) != 1:
         raise OptionError("style", "several styles make one output only as a mix or with a mask")
     return StyleSpec((_source(styles[0], "style"),))
@@ -287,7 +303,7 @@ class Stylizer:
 
     def options(self, **settings: Any) -> StylizeOptions:
         """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
-        _check_settings(settings)
+        check_settings(settings)
         opts = make_options(self.defaults, **settings)
         missing = sorted(set(opts.levels) - set(self.stages))
         if missing:
@@ -470,15 +486,24 @@ def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
 _SETTINGS = frozenset(inspect.signature(make_options).parameters) - {"defaults"}
 
 
-def _check_settings(settings: Mapping[str, Any]) -> None:
-    """OptionError for a keyword that is no setting of a call (a typo, or one of `load`'s)."""
+def check_settings(
+    settings: Mapping[str, Any], allowed: frozenset[str] | None = None, model_keys: Sequence[str] | None = None,
+    opener: str = "ultrastyle.load(...) (or to ultrastyle.stylize)",
+) -> None:
+    """OptionError for a keyword that is no setting of a call: a typo (with the closest setting), or one of ``model_keys``.
+
+    ``allowed``: the call's settings (default: `make_options`'); ``model_keys``: settings of the opened model
+    instead, which belong to ``opener``.
+    """
+    allowed = _SETTINGS if allowed is None else allowed
+    model_keys = _RUNNER_KEYS if model_keys is None else model_keys
     for name in settings:
-        if name in _SETTINGS:
+        if name in allowed:
             continue
-        if name in _RUNNER_KEYS:
-            raise OptionError(name, "is a setting of the model, not of each call: give it to ultrastyle.load(...) (or to ultrastyle.stylize)")
-        close = difflib.get_close_matches(name, sorted(_SETTINGS), n=1)
-        raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(_SETTINGS))}"))
+        if name in model_keys:
+            raise OptionError(name, f"is a setting of the model, not of each call: give it to {opener}")
+        close = difflib.get_close_matches(name, sorted(allowed), n=1)
+        raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
 
 
 def _output_format(output: str | os.PathLike, given: str | None) -> str:
@@ -530,7 +555,7 @@ def stylize(
     For many images, `load` the model once instead.
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
-    _check_settings(settings)
+    check_settings(settings)
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
 
@@ -556,7 +581,7 @@ def stylize_batch(
     ``host:port``; ``distribute_tiles``: each image across every worker).
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
-    _check_settings(settings)
+    check_settings(settings)
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
     if executor == "ray":

@@ -48,6 +48,20 @@ def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
+def _format(output: Path | None, given: Format | None) -> str:
+    """The output format: ``given``, which must agree with an output file's suffix, else that suffix, else png."""
+    from ultrastyle.io.pyramid import format_name
+
+    if output is None:
+        return given.value if given else "png"
+    suffix = format_name(output.suffix.lstrip("."))
+    if suffix not in [f.value for f in Format]:
+        raise typer.BadParameter(f"{output}: .{output.suffix.lstrip('.')} is no output format of optimize (png, jpg, tiff)", param_hint="--output")
+    if given is not None and given.value != suffix:
+        raise typer.BadParameter(f"{given.value}, but {output} ends in {output.suffix}; make them agree", param_hint="--format")
+    return suffix
+
+
 def _layer_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -80,7 +94,7 @@ def optimize_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name or folder of CD weights: its deepest encoder is the loss network (WCT init uses the whole model).")] = DEFAULT_MODEL,
     device: Annotated[Device, typer.Option(help="Where the loss network runs.")] = Device.cpu,
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format (folder outputs).")] = Format.png,
+    fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists.")] = False,
 ) -> None:
     """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
@@ -93,24 +107,29 @@ def optimize_command(
     from ultrastyle.api import OptionError
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
 
+    contents = expand_inputs(content)
+    if not contents:
+        _err(f"no content images found in: {' '.join(content)}")
+        raise typer.Exit(2)
+    as_file = output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
+    if as_file and len(contents) > 1:  # `-o result.png` would make a folder of that name
+        raise typer.BadParameter(f"{output} looks like a file name, but {len(contents)} contents were given; give a folder "
+                                 "(files in it are named {content}_optimized_{style}.{ext})", param_hint="--output")  # fmt: skip
+    out_format = _format(output if as_file else None, fmt)
     settings = dict(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
         content_size=content_size, style_size=style_size, max_memory=None if no_tile else max_memory, tile=tile,
-        scratch=scratch, save_every=save_every, seed=seed, format=fmt.value,
+        scratch=scratch, save_every=save_every, seed=seed, format=out_format,
     )  # fmt: skip
     try:
         opts = make_optimize_options(**settings)
     except OptionError as exc:
         raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
-    contents = expand_inputs(content)
-    if not contents:
-        _err(f"no content images found in: {' '.join(content)}")
-        raise typer.Exit(2)
     if not style.is_file():
-        _err(f"{style}: no such style image file")
+        _err(f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
         raise typer.Exit(2)
-    single_file = len(contents) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
+    single_file = as_file
     folder = output.parent if single_file else output
     if folder.is_dir():  # temp files and state folders of killed runs (their writer is gone)
         sweep_stale(folder)
@@ -137,6 +156,7 @@ def optimize_command(
     console = Console(stderr=True, highlight=False)
     failed = done = skipped = 0
     steps = opts.iterations * len(opts.scales)
+    weights = opts.weights  # the progress line shows the weighted parts of the loss, which sum to it
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -155,7 +175,8 @@ def optimize_command(
                 v = e.value
                 progress.update(task, completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
                                 description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
-                                            f"(content {v.content:.3g}, style {v.style_total:.3g}) {e.tiles} tile(s)")  # fmt: skip
+                                            f"(content {weights.content_weight * v.content:.3g}, style {v.total - weights.content_weight * v.content:.3g}) "
+                                            f"{e.tiles} tile(s)")  # fmt: skip
 
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,11 +184,17 @@ def optimize_command(
                 done += 1
             except KeyboardInterrupt:
                 progress.stop()
-                _err(f"interrupted: {out.name} was not finished; run the same command again to resume from its last saved state")
+                resume = ("run the same command again to resume from its last saved state" if state.exists() else
+                          "no state was saved yet (--save-every K saves one every K iterations); a rerun starts it again")  # fmt: skip
+                _err(f"interrupted: {out.name} was not finished; {resume}")
                 raise typer.Exit(130) from None
-            except (ImageError, OptionError) as exc:
+            except ImageError as exc:
                 failed += 1
                 progress.console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
+            except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
+                failed += 1
+                flag = _FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))
+                progress.console.print(f"error: {src}: {flag}: {exc.message}", style="red", markup=False, soft_wrap=True)
             except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
                 failed += 1
                 progress.console.print(f"error: {src}: optimization failed ({type(exc).__name__}: {exc})", style="red",

@@ -21,6 +21,7 @@ removes it once the output is written.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -36,9 +37,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrastyle.api import OptionError
+from ultrastyle.api import OptionError, check_settings
 from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.padding import padded_size
+from ultrastyle.core.plan import size_text
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
@@ -208,6 +210,10 @@ def make_optimize_options(
     )  # fmt: skip
 
 
+_SETTINGS = frozenset(inspect.signature(make_optimize_options).parameters)
+_MODEL_KEYS = ("model", "device", "dtype", "threads", "progress")  # the Optimizer's, not a run's
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Where one scale's canvases go and the tiles' core side."""
@@ -251,15 +257,23 @@ def plan_memory(
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
     tiles = opts.max_memory - (0 if on_disk else need) - (beside or 0)
-    per_px = BYTES_PER_REGION_PIXEL * _activation_values(net.layers) / _activation_values(ARCHS["cd16x"].encoder_layers(5))
-    side = int(math.sqrt(tiles / per_px)) // net.grid * net.grid
+    side = int(math.sqrt(tiles / _bytes_per_region_pixel(net))) // net.grid * net.grid
     if side * side >= hp * wp and side >= max(hp, wp) // 2:  # the whole image fits: one tile, no halo
         return MemoryPlan(site, None, need)
     core = side - 2 * net.halo
     if core < 2 * net.grid:
-        least = (2 * net.grid + 2 * net.halo) ** 2 * per_px
-        raise OptionError("max_memory", f"too small for one tile of the loss network: it needs at least {least / 2**20:.0f} MiB for tiles")
+        raise OptionError("max_memory", f"too small for one tile of the loss network: it needs at least {least_tile_bytes(net) / 2**20:.0f} MiB for tiles")
     return MemoryPlan(site, core, need)
+
+
+def _bytes_per_region_pixel(net: LossNetwork) -> float:
+    """BYTES_PER_REGION_PIXEL (measured on CD 16x's stage-5 encoder) scaled by this network's activations."""
+    return BYTES_PER_REGION_PIXEL * _activation_values(net.layers) / _activation_values(ARCHS["cd16x"].encoder_layers(5))
+
+
+def least_tile_bytes(net: LossNetwork) -> int:
+    """Bytes of the smallest tile the loss network takes (a core of 2 grid cells inside its halo)."""
+    return math.ceil((2 * net.grid + 2 * net.halo) ** 2 * _bytes_per_region_pixel(net))
 
 
 def _tempdir() -> str:
@@ -372,14 +386,17 @@ class Optimizer:
     ``model``: a zoo name or a folder of CD weights (its deepest encoder is the
     loss network: CD 16x ``5SE`` gives relu1_1..relu5_1), or an `Encoder`
     (e.g. a VGG-19 from `models.convert`). ``dtype``: torch.float32 (default)
-    or torch.float64 for the networks.
+    or torch.float64 for the networks. ``threads``: PyTorch's CPU threads
+    while a run runs (0: PyTorch's default).
     """
 
     def __init__(self, model: Any = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 progress: bool = True) -> None:  # fmt: skip
+                 threads: int = 0, progress: bool = True) -> None:  # fmt: skip
         from ultrastyle.models.networks import Encoder
 
-        self.model = model
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise OptionError("threads", f"expected 0 (PyTorch's default) or a number of threads, got {threads!r}")
+        self.model, self.threads = model, threads
         if isinstance(model, Encoder):
             encoder = model
         else:
@@ -396,9 +413,13 @@ class Optimizer:
 
         Default layer weights (None) cover the layers it has; the rest are left out with a warning.
         """
-        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight))
+        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight), opts.max_memory, opts.tile)
         if key in self._checked:  # once per setting: a batch's runs warn once
             return
+        if opts.max_memory is not None and opts.tile is None and opts.max_memory < (least := least_tile_bytes(self.net)):
+            # Tiles get at least three quarters of the budget (canvases beyond a quarter go to disk).
+            raise OptionError("max_memory", f"{size_text(opts.max_memory)} cannot hold one tile of the loss network; give at least "
+                                            f"{size_text(math.ceil(least * 4 / 3), up=True)}")  # fmt: skip
         have = self.net.taps
         if opts.content_weight and opts.content_layer not in have:
             raise OptionError("content_layer", f"{opts.content_layer} is not a layer of {self.model}'s loss network, which has {', '.join(have)}")
@@ -438,10 +459,21 @@ class Optimizer:
             settings["format"] = Path(output).suffix.lstrip(".") or "png"  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
+            check_settings(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")
             opts = make_optimize_options(**settings)
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
         self.check(opts)
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, content: ImageLike, style: ImageLike, opts: OptimizeOptions, output: str | os.PathLike | None,
+             state_dir: str | os.PathLike | None, on_progress: ProgressCallback | None, on_tile: TileCallback | None) -> np.ndarray:  # fmt: skip
         from ultrastyle.runtime.tiled import canvas_to_image
 
         c_src, content_full = _read(content, "content", opts.max_pixels)
@@ -589,6 +621,8 @@ def optimize(
     *,
     model: Any = DEFAULT_MODEL,
     device: str = "cpu",
+    threads: int = 0,
+    progress: bool = True,
     output: str | os.PathLike | None = None,
     state_dir: str | os.PathLike | None = None,
     on_progress: ProgressCallback | None = None,
@@ -601,7 +635,9 @@ def optimize(
     "wct"), solver ("lbfgs", "adam"), content_weight (α), style_weight (β),
     layer_weights, content_layer, content_size, style_size, max_memory, tile,
     save_every, seed, ... (`make_optimize_options`). ``output``, ``state_dir``:
-    as `Optimizer.run`. For many images, open an `Optimizer` once.
+    as `Optimizer.run`; ``threads``, ``progress`` (the model's download bar):
+    as `Optimizer`. For many images, open an `Optimizer` once.
     """
-    with Optimizer(model, device=device) as o:
+    check_settings(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)")  # before the model loads
+    with Optimizer(model, device=device, threads=threads, progress=progress) as o:
         return o.run(content, style, output=output, state_dir=state_dir, on_progress=on_progress, on_tile=on_tile, **settings)
