@@ -90,6 +90,12 @@ def test_fixed_tile_size_cuts_every_stage_and_matches_no_tile(inputs, cd16x_dir,
     assert np.abs(got - whole).max() <= 1
 
 
+def test_a_tile_size_with_no_tile_is_refused(inputs, cd16x_dir, tmp_path):
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "x", "--tile", "40", "--no-tile"], cd16x_dir)
+    assert r.exit_code == 2 and "give one of them" in " ".join(r.output.replace("│", " ").split()), r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_default_tile_auto_at_the_default_budget_matches_no_tile(inputs, cd16x_dir, tmp_path, plans):
     # No tiling option at all: `--tile auto` and `--max-memory 2GB`, what a user gets.
     for name, extra in (("default", []), ("whole", ["--no-tile"])):

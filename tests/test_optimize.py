@@ -259,12 +259,15 @@ def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_canno
         "clash": run("-f", "jpg", "-o", tmp_path / "x.png"),
         "two contents": run(shared_dir / "images/content/cd_content_in4.jpg", "-o", tmp_path / "z.png"),
         "budget": run("--max-memory", "1MB", "-o", tmp_path / "y.png"),
+        "tile and no tile": run("--tile", "64", "--no-tile", "-o", tmp_path / "w.png"),
+        "zero weights": run("--content-weight", "0", "--style-weight", "0", "-o", tmp_path / "v.png"),
     }
     assert {k: r.exit_code for k, r in refused.items()} == dict.fromkeys(refused, 2), {k: r.output for k, r in refused.items()}
     text = {k: " ".join(r.output.replace("│", " ").split()) for k, r in refused.items()}
     assert ".webp is no output format" in text["webp"] and "make them agree" in text["clash"]
     assert "2 contents were given; give a folder" in text["two contents"]
     assert "--max-memory" in text["budget"] and "cannot hold one tile of the loss network; give at least" in text["budget"]
+    assert "give one of them" in text["tile and no tile"] and "both 0" in text["zero weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jpg"]  # nothing made for a refused run
 
 

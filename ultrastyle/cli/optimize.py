@@ -116,6 +116,8 @@ def optimize_command(
         raise typer.BadParameter(f"{output} looks like a file name, but {len(contents)} contents were given; give a folder "
                                  "(files in it are named {content}_optimized_{style}.{ext})", param_hint="--output")  # fmt: skip
     out_format = _format(output if as_file else None, fmt)
+    if no_tile and tile is not None:
+        raise typer.BadParameter("--no-tile evaluates whole images and --tile sets a tile size; give one of them", param_hint="--tile")
     settings = dict(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,

@@ -185,6 +185,8 @@ def stylize_command(
     partial output file is left behind. Ctrl-C stops after the outputs in
     flight are written, prints the summary and exits 130.
     """
+    if no_tile and tile.strip().lower() != "auto":
+        raise typer.BadParameter("--no-tile runs each stage on the whole image and --tile sets a tile size; give one of them", param_hint="--tile")
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:

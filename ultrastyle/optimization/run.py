@@ -171,6 +171,8 @@ def make_optimize_options(
     for name, v in (("content_weight", content_weight), ("style_weight", style_weight)):
         if not (v >= 0 and math.isfinite(v)):
             raise OptionError(name, f"expected a finite number >= 0, got {v}")
+    if content_weight == 0 and style_weight == 0:
+        raise OptionError("style_weight", "content_weight and style_weight are both 0: the loss would be 0 and the image would not change")
     lw = None
     if layer_weights is not None:
         items = list(layer_weights.items()) if isinstance(layer_weights, Mapping) else list(zip(TAPS, layer_weights))
