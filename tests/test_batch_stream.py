@@ -128,6 +128,24 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def _interrupt(script: str, ready, again_after: float | None = None) -> tuple[int, str, str]:
+    """Run ``script``, press Ctrl-C once ``ready()`` (and again ``again_after`` s later); (exit status, stdout, stderr)."""
+    # A shell's background job starts with SIGINT ignored, which a child inherits (and Python then leaves
+    # ignored): the child gets the default disposition, as a terminal's foreground command has.
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        _wait_for(ready)
+        proc.send_signal(signal.SIGINT)
+        if again_after is not None:
+            time.sleep(again_after)
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
+
+
 def _partials(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if "partial" in p.name]
 
@@ -170,18 +188,8 @@ def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, 
             return real(a, f, fmt, *args)
         images._encode = _encode
     """), " " * 8)
-    # A shell's background job starts with SIGINT ignored, which a child inherits (and Python then leaves
-    # ignored): the child gets the default disposition, as a terminal's foreground command has.
-    proc = subprocess.Popen([sys.executable, "-c", _script(out, folder, cd16x_dir, slow)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    try:
-        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()))
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, (stdout, stderr)
+    code, stdout, stderr = _interrupt(_script(out, folder, cd16x_dir, slow), lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()))
+    assert code == 130, (stdout, stderr)
     assert "interrupted" in stderr
     done = int(stdout.split(" done,")[0].split()[-1])
     assert 1 <= done < 5 and "of " in stdout and "outputs in" in stdout, stdout  # queued outputs were dropped
@@ -201,18 +209,9 @@ def test_a_second_ctrl_c_while_outputs_finish_still_exits_130_with_whole_files(f
             return real(a, f, fmt, *args)
         images._encode = _encode
     """), " " * 8)
-    proc = subprocess.Popen([sys.executable, "-c", _script(out, folder, cd16x_dir, slow)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    try:
-        _wait_for(started.exists)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)  # the first Ctrl-C is now waiting for the second output's encode
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, (stdout, stderr)
+    # The second Ctrl-C half a second later, while the first is waiting for the second output's encode.
+    code, stdout, stderr = _interrupt(_script(out, folder, cd16x_dir, slow), started.exists, again_after=0.5)
+    assert code == 130, (stdout, stderr)
     assert "interrupted again" in stderr and "--skip-existing" in stderr, stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr, stderr
     assert _partials(out) == []
