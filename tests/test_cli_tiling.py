@@ -208,3 +208,15 @@ def test_tiled_batch_frees_the_decoded_content_before_the_stages_run(inputs, cd1
     r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, "--tile", "48"], cd16x_dir)
     assert r.exit_code == 0, r.output
     assert alive_during_stages == [False]
+
+
+def test_the_tile_line_counts_tiles_and_the_batch_line_megapixels():
+    from rich.progress import Progress
+
+    from ultrastyle.cli.stylize import MegapixelColumn
+
+    p = Progress()
+    p.add_task("", total=40.0, completed=32.0)
+    p.add_task("", total=9, completed=3, unit="tiles")
+    p.add_task("", total=None, completed=1.5)
+    assert [str(MegapixelColumn().render(t)) for t in p.tasks] == ["32.0/40.0 MP", "3/9 tiles", "1.5/? MP"]

@@ -257,3 +257,13 @@ def test_tiff_pyramid_band_by_band_equals_tifffile_writing_whole_levels(tmp_path
         for lv in levels[1:]:
             tif.write(lv, subfiletype=1, **kwargs)
     assert streamed.read_bytes() == (tmp_path / "w.tif").read_bytes()
+
+
+def test_skip_existing_counts_a_dzi_only_beside_its_tiles(tmp_path: Path) -> None:
+    from ultrastyle.runtime.batch import output_exists
+
+    dzi = tmp_path / "a_stylized_b.dzi"
+    dzi.write_text("<Image/>")
+    assert not output_exists(dzi)  # its tile folder was deleted: run it again
+    (tmp_path / "a_stylized_b_files").mkdir()
+    assert output_exists(dzi) and not output_exists(tmp_path / "none.png")

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from ultrastyle.core.plan import TilingOptions
-from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.batch import BatchInterrupted, StyleSpec, StylizeOptions, plan_pairs, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (5, 4)
@@ -200,7 +200,8 @@ def test_one_image_across_the_cluster_equals_the_local_tiled_result(pool, folder
 
 
 def test_distribute_tiles_batch_writes_the_local_outputs(pool, folder, local, tmp_path):
-    pairs = [p for p in _pairs(folder, tmp_path) if p.content.name in ("c0.png", "c3.png")]
+    out = tmp_path / "not" / "made yet"  # made as the local batch makes it
+    pairs = [p for p in _pairs(folder, out) if p.content.name in ("c0.png", "c3.png")]
     summary = pool.run_batch(pairs, OPTIONS, distribute_tiles=True)
     assert [r.status for r in summary.results] == ["done", "done", "failed", "failed"]
     ref_dir = local[0]
@@ -208,7 +209,7 @@ def test_distribute_tiles_batch_writes_the_local_outputs(pool, folder, local, tm
         a = np.asarray(Image.open(r.pair.output))
         b = np.asarray(Image.open(ref_dir / r.pair.output.name))
         assert np.array_equal(a, b)
-    assert not _partials(tmp_path)
+    assert not _partials(out)
 
 
 @pytest.mark.slow
@@ -255,6 +256,51 @@ def test_distribute_tiles_needs_ray_and_executor_is_checked(folder, tmp_path):
     with pytest.raises(OptionError) as exc:
         ultrastyle.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path, distribute_tiles=True)
     assert exc.value.option == "distribute_tiles"
+
+
+def test_cluster_stylizer_equals_the_local_batch_and_reopens_after_close(cluster, folder, local, cd16x_dir, tmp_path):
+    import ultrastyle
+
+    cs = ultrastyle.ClusterStylizer(cd16x_dir, address=cluster.address, workers=1, cpus_per_worker=0.5, backend="torch",
+                                    threads=1, levels=LEVELS)  # fmt: skip
+    settings = dict(levels=LEVELS, max_memory=None, io_workers=1)
+    with cs:
+        first = cs.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path / "a", **settings)
+    # After its with block (or close), as a Stylizer's networks: the next call starts the pool again.
+    again = cs.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path / "b", **settings)
+    cs.close()
+    ref = (local[0] / "c0_stylized_s0.png").read_bytes()
+    # Ctrl-C (here: raised from the first result's callback): busy actors are killed, their outputs abandoned.
+    def stop(result) -> None:
+        raise KeyboardInterrupt
+
+    with cs, pytest.raises(BatchInterrupted) as info:
+        cs.stylize_batch([folder / "c0.png", folder / "c1.png"], [folder / "s0.png"], tmp_path / "c", on_result=stop, **settings)
+    assert info.value.abandoned and len(info.value.summary.results) >= 1
+    assert not _partials(tmp_path / "c")
+    for summary, out in ((first, tmp_path / "a"), (again, tmp_path / "b")):
+        assert [r.status for r in summary.results] == ["done"], summary.results
+        assert (out / "c0_stylized_s0.png").read_bytes() == ref
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once(folder, cd16x_dir, tmp_path):
+    import socket
+    import time
+
+    _ray()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nothing listens on
+    t0 = time.perf_counter()
+    # Its own process: this module's driver is already connected, and a connected process keeps its cluster.
+    cmd = [sys.executable, "-m", "ultrastyle.cli.main", "stylize", str(folder / "c0.png"), "--style", str(folder / "s0.png"),
+           "-o", str(tmp_path / "out"), "--model", str(cd16x_dir), "--ray", f"127.0.0.1:{port}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert f"nothing answers on port {port}" in " ".join(done.stderr.split()), done.stderr
+    assert time.perf_counter() - t0 < 60  # Ray alone retried for minutes
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

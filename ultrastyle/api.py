@@ -444,17 +444,29 @@ class ClusterStylizer(Stylizer):
         self.defaults = replace(defaults, levels=stages)
         self.distribute_tiles = distribute_tiles
         self._books = {}
-        self.pool = WorkerPool(model, address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
+        self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, stages=stages)  # fmt: skip
+        self._closed = False
+        self.pool = WorkerPool(model, **self._pool_args)
         self.runner = self.pool  # type: ignore[assignment] - what `options` reads: arch, traits, stages, backend
 
     def close(self) -> None:
-        """Stop the actors (and a local Ray instance this started); idempotent."""
+        """Stop the actors (and a local Ray instance this started); idempotent. A later call starts the pool again."""
         self.pool.close()
         self._books.clear()
+        self._closed = True
 
-    def _open(self) -> None:  # the pool's actors hold the networks; a closed pool says so when used
-        pass
+    def _open(self) -> None:  # as a Stylizer reopens its networks: a new pool at the same address
+        if self._closed:
+            from ultrastyle.distributed.pool import WorkerPool
+
+            self.pool = WorkerPool(self.model, **self._pool_args)
+            self.runner = self.pool  # type: ignore[assignment]
+            self._closed = False
+
+    def options(self, **settings: Any) -> StylizeOptions:
+        self._open()  # the settings are checked against the pool's model
+        return super().options(**settings)
 
     def stylize(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError("one image in memory runs locally: use ultrastyle.load(...).stylize, or stylize_batch here")

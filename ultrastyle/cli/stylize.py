@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from enum import Enum
 from functools import partial
@@ -90,9 +91,15 @@ class Streaming(str, Enum):
 
 
 class MegapixelColumn(ProgressColumn):
-    """``done/total MP``; ``done/? MP`` while the total is unknown (no content header could be read)."""
+    """``done/total MP``; ``done/? MP`` while the total is unknown (no content header could be read).
+
+    A task with a ``unit`` field counts that instead (the tile line: ``done/total tiles``).
+    """
 
     def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit")
+        if unit:
+            return Text(f"{task.completed:.0f}/{'?' if task.total is None else f'{task.total:.0f}'} {unit}")
         total = "?" if task.total is None else f"{task.total:.1f}"
         return Text(f"{task.completed:.1f}/{total} MP")
 
@@ -236,6 +243,7 @@ def stylize_command(
     console = Console(stderr=True, highlight=False)
     if distribute_tiles and ray is None:
         raise typer.BadParameter("spreads an image over a Ray cluster: give --ray ADDRESS or --ray local too", param_hint="--distribute-tiles")
+    t_open = time.perf_counter()
     try:
         opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles)
         stylizer = opener(
@@ -251,6 +259,7 @@ def stylize_command(
     except KeyboardInterrupt:
         _err("interrupted while opening the model; no image was stylized")
         raise typer.Exit(130) from None
+    opened = f"; model {'and Ray pool ' if ray is not None else ''}opened in {time.perf_counter() - t_open:.1f} s"  # not in the batch's time
     with stylizer, Progress(
         TextColumn("[bold]stylize"), BarColumn(), MegapixelColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
@@ -259,7 +268,7 @@ def stylize_command(
         sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
         per_content = 1 if mix_items or mask else len(styles)  # outputs of each content
         task = progress.add_task("", total=sum(sizes.values()) * per_content or None)
-        tiles = progress.add_task("", total=None, visible=False)
+        tiles = progress.add_task("", total=None, visible=False, unit="tiles")
 
         def on_tile(what: str, done: int, total: int) -> None:
             progress.update(tiles, description=f"  {what}", completed=done, total=total, visible=total > 1)
@@ -289,15 +298,16 @@ def stylize_command(
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:
             progress.stop()
-            Console(stderr=True, highlight=False).print("interrupted: the outputs being written were finished; rerun with --skip-existing to resume")
+            fate = "abandoned (nothing partial is left)" if exc.abandoned else "finished"
+            Console(stderr=True, highlight=False).print(f"interrupted: the outputs being written were {fate}; rerun with --skip-existing to resume")
             planned = max(len(contents) * per_content, len(exc.summary.results))
-            Console(highlight=False).print(f"{exc.summary.describe(total=planned)}; outputs in {output}")
+            Console(highlight=False).print(f"{exc.summary.describe(total=planned)}{opened}; outputs in {output}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
             _err("interrupted again, before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
-    Console(highlight=False).print(f"{summary.describe()}; outputs in {output}")
+    Console(highlight=False).print(f"{summary.describe()}{opened}; outputs in {output}")
     if summary.count("failed"):
         raise typer.Exit(1)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from types import ModuleType
 
 LOOPBACK = "127.0.0.1"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# ray.init retries an address where nothing listens without end (measured: 10 minutes of "Failed to connect
+# to GCS"): a plain TCP connect answers within this many seconds first.
+PROBE_TIMEOUT_S = 10.0
 
 
 class ClusterError(RuntimeError):
@@ -52,6 +56,33 @@ def import_ray(loopback: bool = True) -> ModuleType:
     return ray
 
 
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """ClusterError unless something accepts a TCP connection at ``host:port`` (``ray://host:port``); others pass.
+
+    ``"local"`` and ``"auto"`` (Ray finds the address itself) are not probed.
+    """
+    if address in ("local", "auto"):
+        return
+    rest = address.split("://", 1)[-1]
+    host, sep, port_text = rest.rpartition(":")
+    if not sep:
+        return  # no port: Ray's own parsing says what is wrong
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {port_text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: port {port} is out of range (1..65535)")
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address}: nothing answers on port {port} of {host} ({exc.strerror or exc}); "
+            f"start one there (ray start --head --port {port}) or use address 'local'"
+        ) from None
+
+
 def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
     """Start (``"local"``) or join (``host:port``, ``ray://...``, ``"auto"``) Ray; True when this call did.
 
@@ -63,6 +94,7 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
     ray = import_ray(loopback)
     if ray.is_initialized():
         return False
+    probe(address)
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     try:
         if address == "local":

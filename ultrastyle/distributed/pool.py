@@ -348,7 +348,7 @@ class WorkerPool:
                 atomic.sweep_stale(folder)
             summary.results += [r for r in results[report.reported:] if r is not None]
             summary.wall_seconds = time.perf_counter() - t_start
-            raise BatchInterrupted(summary) from None
+            raise BatchInterrupted(summary, abandoned=True) from None
         summary.wall_seconds = time.perf_counter() - t_start
         return summary
 
@@ -373,8 +373,14 @@ class WorkerPool:
                 if bad:
                     raise bad[0]
                 # The stage arrays: a temp name of this process (swept by a later run if this driver is killed).
-                work = atomic.partial_path((Path(scratch) if scratch is not None else pair.output.parent) / f"{pair.output.name}.tiles")
-                os.mkdir(work)
+                base = Path(scratch) if scratch is not None else pair.output.parent
+                try:  # the output folder is made as the local batch makes it, before the stage arrays go in it
+                    base.mkdir(parents=True, exist_ok=True)
+                    work = atomic.partial_path(base / f"{pair.output.name}.tiles")
+                    os.mkdir(work)
+                except OSError as exc:
+                    where = "scratch" if scratch is not None else "output"
+                    raise ImageError(f"{base}: cannot write to the {where} directory ({exc.strerror or exc})") from exc
                 try:
                     result = self.stylize_image(pixels, pair.style, options, work, stats=stats, on_tile=on_tile)
                     save_output(result, pair.output, options.format, depth=options.depth, png_level=options.png_level,

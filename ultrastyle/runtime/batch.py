@@ -306,11 +306,14 @@ class BatchSummary:
 
 
 class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a batch: ``summary`` holds the pairs finished before it (outputs complete, none partial)."""
+    """Ctrl-C during a batch: ``summary`` holds the pairs finished before it (outputs complete, none partial).
 
-    def __init__(self, summary: BatchSummary) -> None:
+    ``abandoned``: the outputs being written were dropped (a Ray pool kills its busy actors), not finished.
+    """
+
+    def __init__(self, summary: BatchSummary, abandoned: bool = False) -> None:
         super().__init__("interrupted")
-        self.summary = summary
+        self.summary, self.abandoned = summary, abandoned
 
 
 def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
@@ -691,13 +694,20 @@ class _Allowance:
             self._cond.notify_all()
 
 
+def output_exists(path: Path) -> bool:
+    """Whether an output is there whole: a Deep Zoom ``NAME.dzi`` counts only beside its ``NAME_files/`` tiles."""
+    if path.suffix.lower() == ".dzi":
+        return path.is_file() and path.with_name(f"{path.stem}_files").is_dir()
+    return path.exists()
+
+
 def content_runs(pairs: Sequence[Pair], skip_existing: bool) -> tuple[list[PairResult | None], list[tuple[Source, list[int]]]]:
     """The results known before any work (pairs skipped for an existing output) and the runs of consecutive
     pairs that share a content, as (content, pair indices): each run reads its content once."""
     results: list[PairResult | None] = [None] * len(pairs)
     runs: list[tuple[Source, list[int]]] = []
     for i, pair in enumerate(pairs):
-        if skip_existing and pair.output is not None and pair.output.exists():
+        if skip_existing and pair.output is not None and output_exists(pair.output):
             results[i] = PairResult(pair, "skipped")
         elif runs and runs[-1][0] == pair.content and runs[-1][1][-1] == i - 1:
             runs[-1][1].append(i)
