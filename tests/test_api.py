@@ -82,7 +82,7 @@ def test_module_functions_take_every_keyword_of_the_stylizer_methods(installed, 
     assert summary.count("done") == 1 and [r.status for r in results] == ["done"]
 
 
-def test_levels_a_model_lacks_are_an_option_error_naming_the_stages_it_has(installed):
+def test_levels_a_model_lacks_are_an_option_error_naming_the_stages_it_has(installed, small):
     zoo.import_local("ultrastyle-adain-16x", None)
     with pytest.raises(ultrastyle.OptionError, match=r"has stage\(s\) \[4\], not \[5\]; choose levels among \[4\]") as e:
         ultrastyle.load("ultrastyle-adain-16x", backend="torch", levels=[5])
@@ -91,6 +91,9 @@ def test_levels_a_model_lacks_are_an_option_error_naming_the_stages_it_has(insta
         s.options(levels=(5,))  # not "load the model with levels=[5]", which would fail
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,), progress=False) as s, pytest.raises(ultrastyle.OptionError, match="not loaded"):
         s.options(levels=(4,))  # the model has stage 4: loading it is the fix
+    r = CliRunner().invoke(app, ["stylize", str(small["c1"]), "--style", str(small["s1"]), "--model", "ultrastyle-adain-16x", "--levels", "5"])
+    said = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "--levels" in said and "not [5]" in said, r.output  # refused before any work
 
 
 def test_api_and_cli_write_byte_identical_files(installed, small, tmp_path):

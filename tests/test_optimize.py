@@ -202,15 +202,18 @@ def test_options_name_the_keyword():
 def test_a_budget_too_small_for_one_tile_is_an_option_error(optimizer, photo, style):
     from ultrastyle.api import OptionError
 
-    with pytest.raises(OptionError, match="4 MiB cannot hold one tile of the loss network; give at least") as info:
+    with pytest.raises(OptionError, match="too small for one tile of the loss network: it needs at least") as info:
         optimizer.run(photo.permute(1, 2, 0).numpy().copy(), style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="4MB")
     assert info.value.option == "max_memory"
     # Just above the smallest tile, an image's canvases in RAM (Adam's few: under a quarter of the budget) can still
-    # leave too little for one tile of an image larger than a tile: said per image.
+    # leave too little for one tile of an image larger than a tile.
     big = np.zeros((200, 200, 3), np.uint8)
     with pytest.raises(OptionError, match="too small for one tile of the loss network: it needs at least") as info:
         optimizer.run(big, style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="44MB", solver="adam")
     assert info.value.option == "max_memory"
+    # Below the smallest tile, an image small enough runs whole: the budget is judged per image, not refused outright.
+    small = np.zeros((64, 64, 3), np.uint8)
+    assert optimizer.run(small, small, iterations=0, max_memory="32MB").shape == (64, 64, 3)
 
 
 def test_the_api_function_is_the_runner_s():
@@ -266,7 +269,7 @@ def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_canno
     text = {k: " ".join(r.output.replace("│", " ").split()) for k, r in refused.items()}
     assert ".webp is no output format" in text["webp"] and "make them agree" in text["clash"]
     assert "2 contents were given; give a folder" in text["two contents"]
-    assert "--max-memory" in text["budget"] and "cannot hold one tile of the loss network; give at least" in text["budget"]
+    assert "--max-memory" in text["budget"] and "too small for one tile of the loss network" in text["budget"]
     assert "give one of them" in text["tile and no tile"] and "both 0" in text["zero weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jpg"]  # nothing made for a refused run
 

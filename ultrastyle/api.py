@@ -353,7 +353,7 @@ class Stylizer:
         if settings.get("skip_existing"):
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         if output is not None:
-            settings["format"] = _output_format(output, settings.get("format"))
+            settings["format"] = output_format(output, settings.get("format"))
         opts = self.options(**settings)
         self._open()
         spec = _style_spec(style, mix, mask)
@@ -464,9 +464,6 @@ class ClusterStylizer(Stylizer):
             self.runner = self.pool  # type: ignore[assignment]
             self._closed = False
 
-    def options(self, **settings: Any) -> StylizeOptions:
-        self._open()  # the settings are checked against the pool's model
-        return super().options(**settings)
 
     def stylize(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError("one image in memory runs locally: use ultrastyle.load(...).stylize, or stylize_batch here")
@@ -518,7 +515,7 @@ def check_settings(
         raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
 
 
-def _output_format(output: str | os.PathLike, given: str | None) -> str:
+def output_format(output: str | os.PathLike, given: str | None) -> str:
     """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
     suffix = Path(output).suffix.lstrip(".")
     if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name

@@ -50,16 +50,36 @@ def _err(message: str) -> None:
 
 def _format(output: Path | None, given: Format | None) -> str:
     """The output format: ``given``, which must agree with an output file's suffix, else that suffix, else png."""
-    from ultrastyle.io.pyramid import format_name
+    from ultrastyle.api import OptionError, output_format
 
     if output is None:
         return given.value if given else "png"
-    suffix = format_name(output.suffix.lstrip("."))
-    if suffix not in [f.value for f in Format]:
-        raise typer.BadParameter(f"{output}: .{output.suffix.lstrip('.')} is no output format of optimize (png, jpg, tiff)", param_hint="--output")
-    if given is not None and given.value != suffix:
-        raise typer.BadParameter(f"{given.value}, but {output} ends in {output.suffix}; make them agree", param_hint="--format")
-    return suffix
+    try:
+        fmt = output_format(output, given.value if given else None)
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message.replace("format=", "--format"), param_hint="--" + exc.option) from None
+    if fmt not in [f.value for f in Format]:
+        raise typer.BadParameter(f"{output}: optimize writes png, jpg or tiff, not {fmt}", param_hint="--output")
+    return fmt
+
+
+def _check_budget(optimizer, opts, contents: list[Path]) -> None:  # noqa: ANN001 - Optimizer, OptimizeOptions (imported lazily)
+    """Before any image: the OptionError of a budget that holds no content's last scale (from the headers); else each image says."""
+    from ultrastyle.api import OptionError
+    from ultrastyle.runtime.batch import resized_header
+
+    found: list[OptionError] = []
+    for src in contents:
+        hw = resized_header(src, 0)
+        if hw is None:
+            return  # unreadable: its own run says why; the others run
+        try:
+            optimizer.check_budget(opts, *hw)
+            return
+        except OptionError as exc:
+            found.append(exc)
+    if found:
+        raise found[0]
 
 
 def _layer_weights(text: str | None) -> list[float] | None:
@@ -131,19 +151,16 @@ def optimize_command(
     if not style.is_file():
         _err(f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
         raise typer.Exit(2)
-    single_file = as_file
-    folder = output.parent if single_file else output
+    folder = output.parent if as_file else output
     if folder.is_dir():  # temp files and state folders of killed runs (their writer is gone)
         sweep_stale(folder)
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     if device is Device.cuda and not torch.cuda.is_available():
         _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
         raise typer.Exit(2)
     try:
-        optimizer = Optimizer(model, device=device.value)
+        optimizer = Optimizer(model, device=device.value, threads=threads)
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
         _err(" ".join(str(exc).split()))
         raise typer.Exit(2) from None
@@ -153,19 +170,19 @@ def optimize_command(
             optimizer.check(opts)  # before any image: layers the model's loss network lacks
         for w in noted:
             Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
+        _check_budget(optimizer, opts, contents)
     except OptionError as exc:
         raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
     console = Console(stderr=True, highlight=False)
     failed = done = skipped = 0
     steps = opts.iterations * len(opts.scales)
-    weights = opts.weights  # the progress line shows the weighted parts of the loss, which sum to it
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
         for src in contents:
             name = f"{src.stem}_optimized_{style.stem}.{opts.format}"
-            out = output if single_file else output / name
+            out = output if as_file else output / name
             state = out.with_name(f".{out.name}.optimize-state")
             if skip_existing and out.exists():
                 skipped += 1
@@ -177,7 +194,7 @@ def optimize_command(
                 v = e.value
                 progress.update(task, completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
                                 description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
-                                            f"(content {weights.content_weight * v.content:.3g}, style {v.total - weights.content_weight * v.content:.3g}) "
+                                            f"(content {opts.content_weight * v.content:.3g}, style {v.total - opts.content_weight * v.content:.3g}) "
                                             f"{e.tiles} tile(s)")  # fmt: skip
 
             try:
@@ -203,7 +220,7 @@ def optimize_command(
                                        markup=False, soft_wrap=True)  # fmt: skip
             if failed > failed_before:  # a finished image keeps its line: the final losses
                 progress.update(task, visible=False)
-    where = output if single_file else f"outputs in {output}"
+    where = output if as_file else f"outputs in {output}"
     Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(contents)} images; {where}")
     if failed:
         raise typer.Exit(1)

@@ -190,7 +190,7 @@ def stylize_command(
 
     Exit status is 1 if any pair failed; the other pairs still run and no
     partial output file is left behind. Ctrl-C stops after the outputs in
-    flight are written, prints the summary and exits 130.
+    flight are written (--ray: abandons them), prints the summary and exits 130.
     """
     if no_tile and tile.strip().lower() != "auto":
         raise typer.BadParameter("--no-tile runs each stage on the whole image and --tile sets a tile size; give one of them", param_hint="--tile")
@@ -256,6 +256,8 @@ def stylize_command(
         text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)
         _err(text.replace("compile=True", "--compile"))
         raise typer.Exit(2) from None
+    except OptionError as exc:  # levels the model lacks
+        raise _bad_option(exc) from None
     except KeyboardInterrupt:
         _err("interrupted while opening the model; no image was stylized")
         raise typer.Exit(130) from None
@@ -303,9 +305,9 @@ def stylize_command(
             planned = max(len(contents) * per_content, len(exc.summary.results))
             Console(highlight=False).print(f"{exc.summary.describe(total=planned)}{opened}; outputs in {output}")
             raise typer.Exit(130) from None
-        except KeyboardInterrupt:  # a second Ctrl-C while the outputs in flight were being finished
+        except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
-            _err("interrupted again, before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
+            _err("interrupted before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
     Console(highlight=False).print(f"{summary.describe()}{opened}; outputs in {output}")

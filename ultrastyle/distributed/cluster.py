@@ -63,23 +63,21 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """
     if address in ("local", "auto"):
         return
-    rest = address.split("://", 1)[-1]
-    host, sep, port_text = rest.rpartition(":")
-    if not sep:
-        return  # no port: Ray's own parsing says what is wrong
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ClusterError(f"cannot reach the Ray cluster at {address}: {port_text!r} is not a port number") from None
+    client = address.startswith("ray://")
+    host, sep, port_text = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port_text.isdigit() or (":" in host and not host.startswith("[")):
+        return  # no port, or a bare IPv6 address: Ray's own parsing says what is wrong
+    port = int(port_text)
     if not 0 < port < 65536:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: port {port} is out of range (1..65535)")
-    try:
+    try:  # (the host name's lookup is not bounded by the timeout)
         with socket.create_connection((host.strip("[]"), port), timeout=timeout):
             pass
     except OSError as exc:
+        start = "its head's Ray client server" if client else f"one there (ray start --head --port {port})"
         raise ClusterError(
             f"cannot reach the Ray cluster at {address}: nothing answers on port {port} of {host} ({exc.strerror or exc}); "
-            f"start one there (ray start --head --port {port}) or use address 'local'"
+            f"start {start} or use address 'local'"
         ) from None
 
 

@@ -107,8 +107,8 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
     return stages
 
 
-def _bundle_stages(manifest: Path) -> tuple[int, ...]:
-    stages = _read_json(manifest).get("stages")
+def _bundle_stages(data: dict, manifest: Path) -> tuple[int, ...]:
+    stages = data.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and k in STAGES for k in stages):
         raise ModelDefaultsError(f"{manifest}: \"stages\" must be a non-empty list of stages 1..5, got {stages!r}")
     return tuple(stages)
@@ -117,7 +117,7 @@ def _bundle_stages(manifest: Path) -> tuple[int, ...]:
 def available_stages(source: str | Path) -> tuple[int, ...]:
     """The stages a zoo model, weights folder or bundle folder has, ascending (nothing is downloaded or loaded)."""
     manifest = Path(source) / "manifest.json"
-    return tuple(sorted(_bundle_stages(manifest))) if manifest.is_file() else model_stages(source)
+    return tuple(sorted(_bundle_stages(_read_json(manifest), manifest))) if manifest.is_file() else model_stages(source)
 
 
 def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -189,8 +189,9 @@ def model_defaults(source: str | Path) -> ModelDefaults:
         return standard_defaults(entry.stages, base="pytorch-adain" if entry.format == "pytorch-adain" else None)
     manifest = path / "manifest.json"  # ultrastyle.export.bundle.MANIFEST (that module imports torch)
     if manifest.is_file():
-        stages = list(_bundle_stages(manifest))
-        raw = _read_json(manifest).get(DEFAULTS_KEY)
+        data = _read_json(manifest)
+        stages = list(_bundle_stages(data, manifest))
+        raw = data.get(DEFAULTS_KEY)
         return standard_defaults(stages) if raw is None else defaults_from_dict(raw, stages, where=str(manifest))
 
     stages = model_stages(path)  # CheckpointError for a folder without weights

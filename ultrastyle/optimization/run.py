@@ -40,7 +40,7 @@ from PIL import Image
 from ultrastyle.api import OptionError, check_settings
 from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.padding import padded_size
-from ultrastyle.core.plan import size_text
+from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
@@ -415,13 +415,9 @@ class Optimizer:
 
         Default layer weights (None) cover the layers it has; the rest are left out with a warning.
         """
-        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight), opts.max_memory, opts.tile)
+        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight))
         if key in self._checked:  # once per setting: a batch's runs warn once
             return
-        if opts.max_memory is not None and opts.tile is None and opts.max_memory < (least := least_tile_bytes(self.net)):
-            # Tiles get at least three quarters of the budget (canvases beyond a quarter go to disk).
-            raise OptionError("max_memory", f"{size_text(opts.max_memory)} cannot hold one tile of the loss network; give at least "
-                                            f"{size_text(math.ceil(least * 4 / 3), up=True)}")  # fmt: skip
         have = self.net.taps
         if opts.content_weight and opts.content_layer not in have:
             raise OptionError("content_layer", f"{opts.content_layer} is not a layer of {self.model}'s loss network, which has {', '.join(have)}")
@@ -431,6 +427,13 @@ class Optimizer:
         elif missing := [k for k, v in opts.layer_weights if v and k not in have]:
             raise OptionError("layer_weights", f"{', '.join(missing)}: not layers of {self.model}'s loss network, which has {', '.join(have)}; weigh them 0")
         self._checked.add(key)
+
+    def check_budget(self, opts: OptimizeOptions, height: int, width: int) -> None:
+        """OptionError (``max_memory``) where the budget cannot hold the last scale of a ``height`` x ``width`` content."""
+        if opts.content_size:
+            height, width = resized_size(height, width, opts.content_size)
+        sh, sw = scale_sizes(height, width, opts.scales)[-1]
+        plan_memory(self.net, sh, sw, opts, self.net.channels(opts.content_layer))
 
     def __enter__(self) -> Optimizer:
         return self
@@ -466,9 +469,10 @@ class Optimizer:
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
         self.check(opts)
+        if not self.threads:
+            return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
         threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:
             return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
         finally:
@@ -623,6 +627,7 @@ def optimize(
     *,
     model: Any = DEFAULT_MODEL,
     device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
     threads: int = 0,
     progress: bool = True,
     output: str | os.PathLike | None = None,
@@ -637,9 +642,9 @@ def optimize(
     "wct"), solver ("lbfgs", "adam"), content_weight (α), style_weight (β),
     layer_weights, content_layer, content_size, style_size, max_memory, tile,
     save_every, seed, ... (`make_optimize_options`). ``output``, ``state_dir``:
-    as `Optimizer.run`; ``threads``, ``progress`` (the model's download bar):
-    as `Optimizer`. For many images, open an `Optimizer` once.
+    as `Optimizer.run`; ``dtype``, ``threads``, ``progress`` (the model's
+    download bar): as `Optimizer`. For many images, open an `Optimizer` once.
     """
     check_settings(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)")  # before the model loads
-    with Optimizer(model, device=device, threads=threads, progress=progress) as o:
+    with Optimizer(model, device=device, dtype=dtype, threads=threads, progress=progress) as o:
         return o.run(content, style, output=output, state_dir=state_dir, on_progress=on_progress, on_tile=on_tile, **settings)

@@ -656,13 +656,16 @@ def _header(src: Source) -> tuple[int, int, int] | None:
         return None
 
 
+def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:
+    """(H, W) of ``src`` after resizing its long side to ``long_side`` (0: kept), from its header; None when unreadable."""
+    header = _header(src)
+    return None if header is None else resized_size(header[1], header[0], long_side)
+
+
 def output_megapixels(src: Source, options: StylizeOptions) -> float:
     """The megapixels ``src`` will have after ``content_size`` (from its header; 0 when unreadable)."""
-    header = _header(src)
-    if header is None:
-        return 0.0
-    h, w = resized_size(header[1], header[0], options.content_size)
-    return h * w / 1e6
+    hw = resized_header(src, options.content_size)
+    return 0.0 if hw is None else hw[0] * hw[1] / 1e6
 
 
 class _Allowance:

@@ -226,7 +226,7 @@ class TensorRTRunner(Runner):
         if len(shape) == len(lo) and any(s < a for s, a in zip(shape, lo)):
             raise RunnerError(
                 f"{net.name}: input {tensor!r} of shape {tuple(shape)} is below the engine's profile {lo}..{hi}: "
-                f"the image is smaller than the engines' smallest tile; rebuild with a smaller minimum: "
+                f"this region (a small image, or an image's edge tile) is smaller than the engines' smallest tile; rebuild with a smaller minimum: "
                 f"ultrastyle build {self.bundle.path} --precision {self.precision} --tile-min N"
             )
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
