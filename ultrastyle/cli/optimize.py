@@ -44,6 +44,10 @@ class Format(str, Enum):
 _FLAGS = {"max_memory": "--max-memory", "layer_weights": "--layer-weights", "content_layer": "--content-layer"}
 
 
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
 def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
@@ -147,7 +151,7 @@ def optimize_command(
     try:
         opts = make_optimize_options(**settings)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
+        raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
     if not style.is_file():
         _err(f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
         raise typer.Exit(2)
@@ -172,7 +176,7 @@ def optimize_command(
             Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
         _check_budget(optimizer, opts, contents)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message, param_hint=_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))) from None
+        raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
     console = Console(stderr=True, highlight=False)
     failed = done = skipped = 0
     steps = opts.iterations * len(opts.scales)
@@ -212,8 +216,7 @@ def optimize_command(
                 progress.console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
             except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
                 failed += 1
-                flag = _FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))
-                progress.console.print(f"error: {src}: {flag}: {exc.message}", style="red", markup=False, soft_wrap=True)
+                progress.console.print(f"error: {src}: {_flag(exc.option)}: {exc.message}", style="red", markup=False, soft_wrap=True)
             except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
                 failed += 1
                 progress.console.print(f"error: {src}: optimization failed ({type(exc).__name__}: {exc})", style="red",
