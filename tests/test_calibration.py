@@ -155,7 +155,7 @@ def test_empty_or_unreadable_image_folder_is_a_clear_error(tmp_path):
 
 def test_cli_calibrate_reports_an_empty_folder_in_one_line(fp32_bundle, tmp_path):
     r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path)])
-    assert r.exit_code == 1 and "no image files" in r.output and str(tmp_path) in " ".join(r.output.split())
+    assert r.exit_code == 2 and "no image files" in r.output and str(tmp_path) in " ".join(r.output.split())  # refused before any work
 
 
 def test_tensorrt_static_check_accepts_the_signed_qdq_graphs(signed_bundle):

@@ -184,6 +184,8 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(model, bundle, 
     with pytest.raises(BundleError, match="exists and is not a bundle"):
         export_bundle(model, tmp_path / "project", spec=ExportSpec(stages=(1,)))
     assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
+    r = CliRunner().invoke(app, ["export", "no-such-model", "-o", str(tmp_path / "project")])
+    assert r.exit_code == 2 and "exists and is not a bundle" in " ".join(r.output.split())  # refused before the model is looked up
     # an existing bundle is replaced whole
     dst = _copy(bundle, tmp_path)
     again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError
+from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError, calibration_images
 from ultrastyle.calibration.quantize import (
     ACTIVATIONS,
     DEFAULT_ACTIVATIONS,
@@ -61,6 +61,11 @@ def calibrate_command(
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    try:  # before any bundle is opened or exported: a folder without images is refused before any work
+        calibration_images(images)
+    except CalibrationDataError as exc:
+        err.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     try:
         target = ensure_bundle(bundle, on_export=lambda msg: err.print(msg, markup=False))
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.export.bundle import BundleError, export_bundle
+from ultrastyle.export.bundle import BundleError, check_bundle_target, export_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models import zoo
@@ -20,7 +20,7 @@ from ultrastyle.runtime.cascade import parse_levels
 
 def export_command(
     model: Annotated[str, typer.Argument(help="Zoo model name, a folder of CD weights {k}SE.pth/{k}SD.pth, or a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (replaced if it exists).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (a bundle there is replaced; any other non-empty folder is refused).")],
     opset: Annotated[int, typer.Option(min=SUPPORTED_OPSETS.start, max=SUPPORTED_OPSETS.stop - 1, help="ONNX opset.")] = DEFAULT_OPSET,
     stages: Annotated[str | None, typer.Option(help="Stages to export \\[default: every stage the model has]", show_default=False)] = None,
     aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
@@ -36,6 +36,11 @@ def export_command(
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    try:  # before the model loads: a folder holding something else is refused before any work
+        check_bundle_target(output)
+    except BundleError as exc:
+        err.print(f"error: {exc}", style="red", markup=False)
+        raise typer.Exit(2) from None
     try:
         net = load_model(model, stages=stage_tuple, aux=aux)
         stage_tuple = net.stages

@@ -53,6 +53,13 @@ class Bundle:
         return self.path / self.manifest["networks"][name]["file"]
 
 
+def check_bundle_target(out_dir: str | Path) -> None:
+    """BundleError unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        raise BundleError(f"{out_dir.resolve()} exists and is not a bundle; choose a new or empty folder for the bundle")
+
+
 def export_bundle(
     model: StyleModel,
     out_dir: str | Path,
@@ -78,8 +85,7 @@ def export_bundle(
         raise BundleError(
             f"opset {spec.opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {ExportSpec().opset})"
         )
-    if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise BundleError(f"{out_dir} exists and is not a bundle; choose a new or empty folder for the bundle")
+    check_bundle_target(out_dir)
     missing = [k for k in spec.stages if k not in model.encoders]
     if missing:
         raise BundleError(f"model {model.name} has no stage(s) {missing}; it has {list(model.stages)}")
