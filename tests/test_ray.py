@@ -283,6 +283,27 @@ def test_cluster_stylizer_equals_the_local_batch_and_reopens_after_close(cluster
         assert (out / "c0_stylized_s0.png").read_bytes() == ref
 
 
+def test_the_address_probe_bounds_a_hanging_name_lookup_and_checks_the_port(monkeypatch):
+    import socket
+    import time
+
+    from ultrastyle.distributed.cluster import ClusterError, probe
+
+    def hanging(*args, **kwargs):  # a resolver that answers only after the probe gave up
+        time.sleep(3)
+        raise socket.gaierror("too late")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match="ray-head.example does not resolve .*within 0.3 s"):
+        probe("ray-head.example:6379", timeout=0.3)
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(ClusterError, match="out of range"):
+        probe("127.0.0.1:70000")
+    for passed_to_ray in ("local", "auto", "::1", "ray://[::1]", "127.0.0.1:notaport"):
+        probe(passed_to_ray)  # Ray's own parsing says what is wrong with these (nothing is contacted here)
+
+
 def test_an_address_where_nothing_listens_is_refused_at_once(folder, cd16x_dir, tmp_path):
     import socket
     import time

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from types import ModuleType
 
 LOOPBACK = "127.0.0.1"
@@ -70,8 +71,12 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     port = int(port_text)
     if not 0 < port < 65536:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: port {port} is out of range (1..65535)")
-    try:  # (the host name's lookup is not bounded by the timeout)
-        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
+    try:
+        addr = _lookup(host.strip("[]"), port, timeout)
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {host} does not resolve ({exc.strerror or exc})") from None
+    try:
+        with socket.create_connection(addr, timeout=timeout):
             pass
     except OSError as exc:
         start = "its head's Ray client server" if client else f"one there (ray start --head --port {port})"
@@ -79,6 +84,26 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             f"cannot reach the Ray cluster at {address}: nothing answers on port {port} of {host} ({exc.strerror or exc}); "
             f"start {start} or use address 'local'"
         ) from None
+
+
+def _lookup(host: str, port: int, timeout: float) -> tuple[str, int]:
+    """``host``'s first TCP address within ``timeout`` seconds (getaddrinfo itself has no timeout); OSError otherwise."""
+    found: list = []
+
+    def resolve() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][:2])
+        except OSError as exc:
+            found.append(exc)
+
+    t = threading.Thread(target=resolve, daemon=True)  # left to finish on its own if the resolver hangs
+    t.start()
+    t.join(timeout)
+    if not found:
+        raise OSError(f"no answer from the name resolver for {host} within {timeout:g} s")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]
 
 
 def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
