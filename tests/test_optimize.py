@@ -322,6 +322,8 @@ def test_api_typos_and_model_settings_are_option_errors(optimizer, cd16x_dir):
         ultrastyle.optimize("any.png", "any.png", model=cd16x_dir, iteration=1)  # before the model loads or a file is read
     with pytest.raises(OptionError, match="setting of the model"):
         optimizer.run("any.png", "any.png", device="cuda")
+    with pytest.raises(OptionError, match="make them agree"):  # as Stylizer.stylize: the output's suffix and format= agree
+        optimizer.run("any.png", "any.png", output="out.png", format="jpg")
     with pytest.raises(OptionError, match="threads"):
         Optimizer(cd16x_dir, threads=-1)
 

@@ -464,7 +464,6 @@ class ClusterStylizer(Stylizer):
             self.runner = self.pool  # type: ignore[assignment]
             self._closed = False
 
-
     def stylize(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError("one image in memory runs locally: use ultrastyle.load(...).stylize, or stylize_batch here")
 

@@ -200,9 +200,8 @@ def calibrate_bundle(
     settings = settings or CalibrationSettings()
     settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f in files]})
     stages = tuple(stages or bundle.stages)
-    missing = sorted(set(stages) - set(bundle.stages))
-    if missing:  # before any work: nothing of the bundle is touched
-        raise CalibrationError(f"bundle {bundle.path} has no stage(s) {missing}; it has {list(bundle.stages)}")
+    if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched
+        raise CalibrationError(why)
     sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
     tiles = sampler.tiles(warn)
     arch = bundle.arch

@@ -60,9 +60,8 @@ def build_command(
         _err(str(exc))
         raise typer.Exit(2) from None
     stage_tuple = asked or tuple(sorted(b.stages))
-    missing = sorted(set(stage_tuple) - set(b.stages))
-    if missing:
-        _err(f"bundle {b.path} has no stage(s) {missing}; it has {list(b.stages)} (use --stages)")
+    if why := b.stages_problem(stage_tuple):
+        _err(f"{why} (use --stages)")
         raise typer.Exit(2)
     try:
         ranges = requested_ranges(b.arch, stage_tuple, tile_min=tile_min, tile_opt=tile_opt, tile_max=tile_max, precision=precision.value)

@@ -339,16 +339,15 @@ class WorkerPool:
 
                 self._run(jobs, submit, done, failed)
             report()
-            # Again at the end: a killed driver's actors outlive it until Ray stops them (asynchronously),
-            # so one still writing at the start may have died since, leaving its temp file.
-            for folder in folders:
-                atomic.sweep_stale(folder)
         except KeyboardInterrupt:
-            for folder in folders:  # the abandoned writers are dead now
-                atomic.sweep_stale(folder)
             summary.results += [r for r in results[report.reported:] if r is not None]
             summary.wall_seconds = time.perf_counter() - t_start
             raise BatchInterrupted(summary, abandoned=True) from None
+        finally:
+            # Again at the end: after Ctrl-C the abandoned writers are dead; and a killed driver's actors outlive
+            # it until Ray stops them (asynchronously), so one still writing at the start may have died since.
+            for folder in folders:
+                atomic.sweep_stale(folder)
         summary.wall_seconds = time.perf_counter() - t_start
         return summary
 

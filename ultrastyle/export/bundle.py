@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,11 @@ class Bundle:
 
     def graph_path(self, name: str) -> Path:
         return self.path / self.manifest["networks"][name]["file"]
+
+    def stages_problem(self, stages: Iterable[int]) -> str | None:
+        """Why this bundle cannot serve ``stages``: those it lacks and those it has (None: it can). Callers raise their own error."""
+        missing = sorted(set(stages) - set(self.stages))
+        return f"bundle {self.path} has no stage(s) {missing}; it has {list(self.stages)}" if missing else None
 
 
 def check_bundle_target(out_dir: str | Path) -> None:

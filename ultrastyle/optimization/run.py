@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrastyle.api import OptionError, check_settings
+from ultrastyle.api import OptionError, check_settings, output_format
 from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.resample import resized_size
@@ -460,8 +460,8 @@ class Optimizer:
         matches, remove it once done. Raises `ImageError` for a bad image,
         `OptionError` for a bad setting.
         """
-        if output is not None and "format" not in settings and "options" not in settings:
-            settings["format"] = Path(output).suffix.lstrip(".") or "png"  # as `Stylizer.stylize`: from the name
+        if output is not None and "options" not in settings:
+            settings["format"] = output_format(output, settings.get("format"))  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
             check_settings(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")

@@ -71,9 +71,8 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
     if precision not in ("fp32", "fp16", "int8"):
         raise GraphError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
     stages = tuple(stages or bundle.stages)
-    missing = sorted(set(stages) - set(bundle.stages))
-    if missing:
-        raise GraphError(f"bundle {bundle.path} has no stage(s) {missing}; it has {list(bundle.stages)}")
+    if why := bundle.stages_problem(stages):
+        raise GraphError(why)
     nets = bundle.manifest["networks"]
     if precision == "int8" and not any(int8_graph(bundle, n) for n in nets):
         raise GraphError(

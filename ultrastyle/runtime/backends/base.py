@@ -172,10 +172,8 @@ def bundle_stages(bundle: Any, stages: Iterable[int] | None) -> tuple[int, ...]:
     """``stages`` of a bundle (None: all it has); RunnerError naming the stages it has where it lacks one."""
     if stages is None:
         return tuple(bundle.stages)
-    missing = sorted(set(stages) - set(bundle.stages))
-    if missing:
-        have = ",".join(map(str, sorted(bundle.stages, reverse=True)))
-        raise RunnerError(f"bundle {bundle.path} lacks stage(s) {missing}; it has {list(bundle.stages)}; choose levels among {have}")
+    if why := bundle.stages_problem(stages):
+        raise RunnerError(f"{why}; choose levels among {','.join(map(str, sorted(bundle.stages, reverse=True)))}")
     return tuple(stages)
 
 
