@@ -544,7 +544,7 @@ def test_cli_errors_are_one_red_line(runner: CliRunner, closed_port_url: str, tm
         ["models", "import", "nope", str(tmp_path)],
     ):
         r = runner.invoke(app, args)
-        assert r.exit_code == 1, args
+        assert r.exit_code == 2, args  # an unknown name is a bad argument, refused as other commands refuse one
         assert r.exception is None or isinstance(r.exception, SystemExit), args
         assert r.stdout == ""
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr

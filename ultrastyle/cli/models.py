@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ultrastyle.models import zoo
+from ultrastyle.models.registry import UnknownModelError
 
 app = typer.Typer(
     help="List, download, import and verify published models.",
@@ -30,20 +31,21 @@ def _stdout() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
-    """Print one red `error: ...` line on stderr and exit with status 1."""
+def _fail(message: str, status: int = 1) -> None:
+    """Print one red `error: ...` line on stderr and exit with ``status``."""
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
-    raise typer.Exit(1)
+    raise typer.Exit(status)
 
 
 @contextmanager
 def _zoo_errors() -> Iterator[None]:
-    """Turn a ZooError into a one-line message and exit status 1 (no traceback)."""
+    """Turn a ZooError into a one-line message (no traceback): exit 2 for a name the registry lacks, as other commands
+    refuse a bad argument; 1 for the rest."""
     try:
         yield
     except zoo.ZooError as exc:
         # Messages are single sentences; flatten any newline so it stays one line.
-        _fail(" ".join(str(exc).split()))
+        _fail(" ".join(str(exc).split()), 2 if isinstance(exc, UnknownModelError) else 1)
 
 
 def _human(n: int) -> str:
