@@ -198,6 +198,10 @@ def test_keep_float_deep_leaves_the_deepest_encoder_in_float32(int8_bundle, trai
     nets = deep.manifest["networks"]
     assert "int8" not in nets["encoder5"] and not (folder / "encoder5.int8.onnx").exists()
     assert "int8" in nets["decoder_affine5"] and "int8" in nets["encoder3"]
+    # Each graph keeps the settings it was made with; the top-level record names the stages of the latest run.
+    assert nets["decoder_affine5"]["int8"]["settings"]["keep_float"] == "deep" and nets["decoder_affine5"]["int8"]["settings"]["samples"] == 2
+    assert nets["encoder3"]["int8"]["settings"]["keep_float"] == "ends" and nets["encoder3"]["int8"]["settings"]["samples"] == 3
+    assert deep.manifest["calibration"]["stages"] == [5] and deep.manifest["calibration"]["keep_float"] == "deep"
     with OnnxRuntimeRunner(deep) as f32, OnnxRuntimeRunner(deep, precision="int8") as mixed:
         x = torch.rand(1, 3, 64, 64)
         assert torch.equal(f32.encode(5, x), mixed.encode(5, x))  # the fp32 graph itself
@@ -273,3 +277,23 @@ def test_calibrate_takes_a_relative_bundle_path(fp32_bundle, train_dir, tmp_path
     monkeypatch.chdir(tmp_path)
     out = calibrate_bundle(Path("rel"), train_dir, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(5,))
     assert "int8" in out.manifest["networks"]["encoder5"]
+    # Stages 1 and 3 have no int8 graphs: an int8 runner over them would run them in float32 without a word.
+    with pytest.raises(RunnerError, match=r"int8 graphs for stage\(s\) \[5\], not for \[1, 3\]"):
+        OnnxRuntimeRunner(out, precision="int8")
+    assert OnnxRuntimeRunner(out, precision="int8", stages=(5,)).stages == (5,)
+
+
+def test_cli_calibrate_counts_the_graphs_of_its_own_stages(int8_bundle, train_dir, tmp_path):
+    shutil.copytree(int8_bundle.path, tmp_path / "b")
+    args = ["calibrate", str(tmp_path / "b"), "--images", str(train_dir), "--samples", "1", "--tile", "64", "--image-size", "128"]
+    r = CliRunner().invoke(app, [*args, "--stages", "5"])
+    assert r.exit_code == 0 and "wrote 2 int8 graphs" in r.output, r.output  # not the 6 the bundle holds
+
+
+def test_cli_calibrate_refuses_before_any_work_with_status_2(fp32_bundle, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "b.jpg").write_bytes(b"not a jpeg")
+    r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path / "junk")])
+    assert r.exit_code == 2 and "could be read" in r.output, r.output
+    r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path / "junk"), "--stages", "2"])
+    assert r.exit_code == 2 and "no stage(s) [2]" in r.output, r.output

@@ -19,6 +19,7 @@ from ultrastyle.export.spec import ATOL, BUNDLE_FORMAT_VERSION, ExportSpec
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.spec import ARCHS
+from ultrastyle.models.zoo import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +204,42 @@ def test_manifest_naming_a_file_outside_the_bundle_is_refused(bundle, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="outside the bundle"):
         read_bundle(dst)
+
+
+def test_a_graph_that_is_not_onnx_is_named_by_every_user_of_the_bundle(bundle, tmp_path):
+    """A graph whose bytes match the manifest but do not parse: one typed error naming the file, no protobuf traceback."""
+    from ultrastyle.export.bundle import load_graph
+    from ultrastyle.runtime.backends.base import RunnerError
+    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+    from ultrastyle.trt.check import check_bundle
+
+    dst = _copy(bundle, tmp_path)
+    (dst / "encoder1.onnx").write_text("not a graph")
+    m = json.loads((dst / "manifest.json").read_text())
+    m["networks"]["encoder1"]["sha256"] = sha256_file(dst / "encoder1.onnx")
+    (dst / "manifest.json").write_text(json.dumps(m))
+    b = read_bundle(dst)  # the digest matches: only parsing finds it
+    with pytest.raises(BundleError, match=r"encoder1.onnx: not an ONNX graph"):
+        load_graph(dst / "encoder1.onnx")
+    with OnnxRuntimeRunner(b, stages=(1,)) as runner, pytest.raises(RunnerError, match=r"encoder1.onnx: ONNX Runtime cannot load"):
+        runner.session("encoder1")
+    report = check_bundle(b, stages=(1,))
+    assert not report.ok and any("encoder1" in str(f) and "not an ONNX graph" in str(f) for f in report.errors), report.findings
+
+
+def test_export_names_a_parent_that_is_a_file(model, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BundleError, match=r"afile is a file, not a folder"):
+        export_bundle(model, tmp_path / "afile" / "sub", spec=ExportSpec(stages=(1,)))
+    r = CliRunner().invoke(app, ["export", "no-such-model", "-o", str(tmp_path / "afile" / "sub")])
+    assert r.exit_code == 2 and "is a file, not a folder" in " ".join(r.output.split())  # before the model is looked up
+
+
+def test_a_bundle_that_lost_its_manifest_is_not_called_a_weights_folder(bundle, tmp_path):
+    from ultrastyle.models.convert import CheckpointError
+    from ultrastyle.models.sources import model_stages
+
+    dst = _copy(bundle, tmp_path)
+    (dst / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ONNX graphs but no manifest.json"):
+        model_stages(dst)

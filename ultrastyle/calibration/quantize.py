@@ -65,7 +65,7 @@ from ultrastyle.calibration.data import (
     calibration_images,
     stage_feeds,
 )
-from ultrastyle.export.bundle import MANIFEST, Bundle, read_bundle
+from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.models.zoo import sha256_file
@@ -85,6 +85,10 @@ ProgressCallback = Callable[[str, int, int], None]
 
 class CalibrationError(RuntimeError):
     """Quantization that could not be done: says which network and why."""
+
+
+class CalibrationRefused(CalibrationError):
+    """Settings the bundle cannot take (stages it lacks, mixed activation kinds); raised before anything is written."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def quantize_graph(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    model = onnx.load(src)
+    model = load_graph(src)
     unsigned = settings.activations == "uint8"
     extra = {
         "ActivationSymmetric": not unsigned,  # zero-point 0: what TensorRT requires
@@ -201,7 +205,7 @@ def calibrate_bundle(
     settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f in files]})
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched
-        raise CalibrationError(why)
+        raise CalibrationRefused(why)
     sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
     tiles = sampler.tiles(warn)
     arch = bundle.arch
@@ -235,9 +239,12 @@ def calibrate_bundle(
                     "sha256": sha256_file(tmp),
                     "source_sha256": manifest["networks"][name]["sha256"],
                     "seconds": round(time.perf_counter() - t0, 1),
+                    # Per graph: a later run over some stages must not rewrite what the others were made with.
+                    "settings": {k: v for k, v in asdict(settings).items() if k != "images"},
                 }
                 done += 1
-    manifest["calibration"] = asdict(settings)
+    # The latest run's settings and the stages it calibrated (each int8 entry keeps its own `settings`).
+    manifest["calibration"] = {**asdict(settings), "stages": list(stages)}
     _write_manifest(bundle.path, manifest)
     for out in dropped:  # after the manifest no longer lists them
         out.unlink(missing_ok=True)
@@ -252,7 +259,7 @@ def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], s
     others = [n for n, e in manifest["networks"].items() if isinstance(e, dict) and e.get("int8") and n not in redone]
     old = calibrated_activations(manifest)
     if others and old != settings.activations:
-        raise CalibrationError(
+        raise CalibrationRefused(
             f"{bundle.path}: {', '.join(sorted(others))} were calibrated with {old} activations, this run asks for "
             f"{settings.activations}; calibrate every stage at once (stages=None) to switch"
         )

@@ -18,6 +18,7 @@ from ultrastyle.calibration.quantize import (
     KEEP_FLOAT,
     METHODS,
     CalibrationError,
+    CalibrationRefused,
     CalibrationSettings,
     calibrate_bundle,
 )
@@ -79,9 +80,12 @@ def calibrate_command(
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
         text = " ".join(str(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
-        # A bundle or model that cannot be used is refused before any work (2, as `stylize` does); the rest failed (1).
-        raise typer.Exit(2 if isinstance(exc, (BundleError, RunnerError, zoo.ZooError, CheckpointError)) else 1) from None
-    quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8")]
+        # A bundle, model, image folder or settings that cannot be used are refused before any graph is written (2, as
+        # `stylize` does; calibrate_bundle reads every image before it quantizes); the rest failed (1).
+        refused = (BundleError, RunnerError, zoo.ZooError, CheckpointError, CalibrationDataError, CalibrationRefused)
+        raise typer.Exit(2 if isinstance(exc, refused) else 1) from None
+    done = set(result.manifest["calibration"]["stages"])
+    quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8") and e.get("stage") in done]
     Console(highlight=False).print(
         f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
         f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, {activations} activations, float: {keep_float})"

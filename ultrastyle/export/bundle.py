@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ultrastyle import __version__
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
@@ -22,6 +23,9 @@ from ultrastyle.models.spec import ArchSpec
 from ultrastyle.models.spec import spec_from_dict as arch_from_dict
 from ultrastyle.models.spec import spec_to_dict as arch_to_dict
 from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
+
+if TYPE_CHECKING:
+    import onnx
 
 MANIFEST = "manifest.json"
 
@@ -63,6 +67,11 @@ def check_bundle_target(out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
         raise BundleError(f"{out_dir.resolve()} exists and is not a bundle; choose a new or empty folder for the bundle")
+    for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise BundleError(f"cannot create the bundle folder {out_dir}: {parent} is a file, not a folder")
+            break
 
 
 def export_bundle(
@@ -145,6 +154,17 @@ def export_bundle(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Bundle(out_dir, manifest)
+
+
+def load_graph(path: str | Path) -> onnx.ModelProto:
+    """``onnx.load(path)``; a file that is not an ONNX protobuf raises `BundleError` naming it (not protobuf's DecodeError)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path))
+    except DecodeError as exc:
+        raise BundleError(f"{path}: not an ONNX graph ({exc}); export the model again") from None
 
 
 def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

@@ -99,6 +99,11 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
         return (4,)
     stages = folder_stages(path)
     if not stages:
+        if any(path.glob("*.onnx")):  # graphs without their manifest: a damaged bundle, not a weights folder
+            raise convert.CheckpointError(
+                f"{path}: holds ONNX graphs but no manifest.json, so it is not a usable bundle; "
+                "export the model again into this folder (the manifest lists each graph's sha256)"
+            )
         missing = [f for f in cd_file_names() if not (path / f).is_file()]
         raise convert.CheckpointError(
             f"{path}: no model weights: expected CD weight files {{k}}SE.pth/{{k}}SD.pth for some of stages "

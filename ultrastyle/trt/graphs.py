@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnx
 
-from ultrastyle.export.bundle import Bundle
+from ultrastyle.export.bundle import Bundle, load_graph
 from ultrastyle.export.int8 import calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
 from ultrastyle.models.zoo import sha256_file
@@ -99,7 +99,7 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
                 qpath = bundle.path / Path(q["file"]).name
                 out.append(GraphSource(name, kind, k, qpath.name, q["sha256"], _loader(qpath), quantized=True))
             elif precision == "fp16":
-                out.append(GraphSource(name, kind, k, path.name, _fp16_sha(sha), lambda p=path: convert_to_fp16(onnx.load(p))))
+                out.append(GraphSource(name, kind, k, path.name, _fp16_sha(sha), lambda p=path: convert_to_fp16(load_graph(p))))
             else:
                 out.append(GraphSource(name, kind, k, path.name, sha, _loader(path)))
         c = bundle.arch.feature_channels(k)
@@ -110,7 +110,7 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
 
 def _loader(path: Path) -> Callable[[], onnx.ModelProto]:
     def load() -> onnx.ModelProto:
-        return onnx.load(path)
+        return load_graph(path)
 
     return load
 

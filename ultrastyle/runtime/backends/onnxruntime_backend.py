@@ -147,6 +147,13 @@ class OnnxRuntimeRunner(Runner):
                     f"ultrastyle calibrate {self.bundle.path} --images YOUR_PHOTOS/"
                 )
         super().__init__(self.bundle.model_name, self.bundle.arch, tuple(sorted(set(bundle_stages(self.bundle, stages)))))
+        if self._int8:  # a stage calibration never reached would run in float32 without a word
+            calibrated = sorted({parse_network(n)[1] for n in self._int8})
+            if bare := [k for k in self.stages if k not in calibrated]:
+                raise RunnerError(
+                    f"bundle {self.bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; "
+                    f"calibrate those stages too, or run only stages {calibrated}"
+                )
         self.providers = providers or providers_for("cpu")
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"
@@ -249,9 +256,14 @@ class OnnxRuntimeRunner(Runner):
                 raise RunnerError(f"bundle {self.bundle.path} has no network {network!r}")
             # int8: the Q/DQ graph where calibration made one (some networks stay float on purpose).
             path = self._int8.get(network) or self.bundle.graph_path(network)
-            self._sessions[network] = ort.InferenceSession(
-                str(path), self._options, providers=self.providers, provider_options=self._provider_options
-            )
+            try:
+                self._sessions[network] = ort.InferenceSession(
+                    str(path), self._options, providers=self.providers, provider_options=self._provider_options
+                )
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+                if type(exc).__module__.split(".")[0] != "onnxruntime":
+                    raise
+                raise RunnerError(f"{path}: ONNX Runtime cannot load this graph ({' '.join(str(exc).split())}); export the model again") from None
         return self._sessions[network]
 
     def infer_impl(self, network: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
