@@ -186,7 +186,7 @@ def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_pa
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "3", "-o", str(tmp_path / "o"), "--images", str(photos), "--crop", "10"])
     assert r.exit_code == 2 and "crop: stage 3 needs a multiple of 4" in r.output
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(tmp_path / "none")])
-    assert r.exit_code == 1 and "no such folder" in r.output
+    assert r.exit_code == 2 and "images:" in r.output and "no such folder" in r.output  # refused before any work
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "--images", str(photos)])
     assert r.exit_code == 2 and "out: required: give --out" in r.output  # the flag named, not just the setting
     if not torch.cuda.is_available():
@@ -279,3 +279,77 @@ def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
         train_decoder(DecoderConfig(**{**dcfg.__dict__, "init": str(dec_only), "out": str(tmp_path / "o2")}))
     with pytest.raises(Exception, match="prune: must be one of l1, fit, got 'lasso'"):
         DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), prune="lasso").check()
+
+
+def _truncated_copy(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not
+    return dst
+
+
+def test_a_refused_fresh_run_leaves_the_saved_settings_as_they_were(teacher_dir, photos, tmp_path):
+    from ultrastyle.distill.trainer import RunFolderInUse
+
+    cfg = _config(teacher_dir, photos, tmp_path / "m", steps=2)
+    distill(cfg)
+    saved = (tmp_path / "m" / "runs" / "2SE" / "config.yaml").read_text()
+    with pytest.raises(RunFolderInUse, match="already holds a checkpoint"):
+        distill(_config(teacher_dir, photos, tmp_path / "m", steps=2, lr=0.01, kd="mse", beta=3.0))
+    assert (tmp_path / "m" / "runs" / "2SE" / "config.yaml").read_text() == saved  # a later resume keeps the run's own settings
+
+
+def test_paths_from_python_and_paths_written_another_way_on_resume(teacher_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(teacher_dir, photos, Path("rel"), steps=2)
+    cfg = DistillConfig(**{**cfg.__dict__, "images": Path(photos), "out": Path("rel")})  # Path objects, as Python callers pass
+    assert distill(cfg).train.status == "done"
+    again = distill(_config(teacher_dir, photos, tmp_path / "rel", steps=3), resume=True)  # the same folder, written absolute
+    assert again.train.step == 3
+
+
+def test_a_corrupt_photo_in_the_validation_split_is_left_out_with_a_warning(teacher_dir, photos, tmp_path):
+    from ultrastyle.distill.data import CenterCrops, CropSettings
+
+    bad = _truncated_copy(photos / "p0.png", tmp_path / "bad.png")
+    notes: list[str] = []
+    val = CenterCrops([bad, photos / "p1.png"], CropSettings(crop=16, resize=24)).readable(notes.append)
+    assert val is not None and val.files == [photos / "p1.png"] and len(val) == 1 and val[0]["content"].shape == (3, 16, 16)
+    assert len(notes) == 1 and "bad.png" in notes[0] and "left out of validation" in notes[0]
+    assert CenterCrops([bad], CropSettings(crop=16, resize=24)).readable(notes.append) is None
+
+
+def test_a_decoder_trained_in_adain_mode_makes_an_adain_model(teacher_dir, photos, tmp_path):
+    from ultrastyle.models.sources import model_defaults
+
+    cfg = DecoderConfig(stage=2, out=str(tmp_path / "ad"), images=str(photos), style=str(photos), mode="adain", encoder=str(teacher_dir),
+                        crop=16, resize=24, batch_size=2, steps=2, workers=0)  # fmt: skip
+    train_decoder(cfg)
+    d = model_defaults(tmp_path / "ad")
+    assert (d.method, d.levels, d.alpha) == ("adain", (2,), 1.0)
+
+
+def test_cli_training_settings_from_a_file_and_bad_outputs(teacher_dir, photos, tmp_path):
+    runner = CliRunner()
+    common = ["-t", str(teacher_dir), "--images", str(photos), "--crop", "16", "--resize", "24", "-b", "2", "--steps", "2", "--workers", "0"]
+    (tmp_path / "shared.yaml").write_text(f"stage: 1,2\nrun_dir: {tmp_path / 'one'}\n")
+    r = runner.invoke(app, ["distill", "-c", str(tmp_path / "shared.yaml"), "-o", str(tmp_path / "s"), *common])
+    assert r.exit_code == 2 and "one stage per run folder" in r.output, r.output  # the file's run_dir counts too
+    (tmp_path / "stages.yaml").write_text("stage: [1, 2]\n")
+    r = runner.invoke(app, ["distill", "-c", str(tmp_path / "stages.yaml"), "-o", str(tmp_path / "s"), *common])
+    assert r.exit_code == 0 and (tmp_path / "s" / "1SE.pth").is_file() and (tmp_path / "s" / "2SE.pth").is_file(), r.output
+    r = runner.invoke(app, ["distill", "--stage", "1", "-o", str(tmp_path / "s"), *common, "--steps", "1", "--resume"])
+    assert r.exit_code == 0 and "already at step 2, past the 1 asked; nothing was trained" in " ".join(r.output.split()), r.output
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["distill", "--stage", "1", "-o", str(tmp_path / "afile"), *common])
+    assert r.exit_code == 2 and "afile: is a file" in " ".join(r.output.split()), r.output
+
+
+def test_cli_names_a_photo_that_fails_to_decode_during_training(teacher_dir, photos, tmp_path):
+    import shutil
+
+    shutil.copytree(photos, tmp_path / "p")
+    _truncated_copy(photos / "p0.png", tmp_path / "p" / "zz_truncated.png")
+    r = CliRunner().invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "--images", str(tmp_path / "p"), "-o", str(tmp_path / "o"),
+                                 "--crop", "16", "--resize", "24", "-b", "4", "--steps", "4", "--workers", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.output and "zz_truncated.png" in r.output  # in training (another image used) or left out of validation

@@ -8,8 +8,11 @@ the checkpoints.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
-from ultrastyle.distill.data import DataError
+from ultrastyle.distill.data import BadImageWarning, DataError
 from ultrastyle.distill.jobs import JobResult, distill, train_decoder
 from ultrastyle.distill.outputs import OutputError
-from ultrastyle.distill.trainer import CHECKPOINT, StepReport, TrainingError
+from ultrastyle.distill.trainer import CHECKPOINT, RunFolderInUse, StepReport, TrainingError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
 from ultrastyle.runtime.cascade import parse_levels
@@ -75,10 +78,12 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             from ultrastyle.distill.config import read_yaml
 
             file_values = read_yaml(config_file)
+        if stage_text is None and isinstance(file_values.get("stage"), (str, list)):  # `stage: 1,2` or `[1, 2]`, as --stage takes
+            stage_text = ",".join(map(str, file_values["stage"])) if isinstance(file_values["stage"], list) else file_values["stage"]
         stages = _stages(stage_text)
-        if len(stages) > 1 and flags.get("run_dir"):
-            raise ConfigError("run_dir: give one stage per run folder (or leave --run-dir out)")
         configs = [resolve(cls, config_file, {**flags, "stage": k}) for k in stages]
+        if len({c.resolved_run_dir() for c in configs}) < len(configs):  # from --run-dir or the file's run_dir
+            raise ConfigError("run_dir: give one stage per run folder (or leave --run-dir out)")
         for c in configs:
             c.check()
     except ConfigError as exc:
@@ -88,12 +93,6 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             text = f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
         _err(text)
         raise typer.Exit(2) from None
-    if any(c.device.startswith("cuda") for c in configs):
-        import torch
-
-        if not torch.cuda.is_available():
-            _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
-            raise typer.Exit(2)
     if configs[0].threads:
         import torch
 
@@ -117,24 +116,41 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                 on_message(f"--resume: no checkpoint in {config.resolved_run_dir()}; starting from step 0")
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # torch's; ours arrive through on_message
-                    result = job(config, resume=resume, explicit=explicit, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
-            except (ConfigError, OutputError) as exc:
+                    warnings.simplefilter("ignore", UserWarning)  # torch's
+                    warnings.simplefilter("always", BadImageWarning)  # a photo that fails to decode mid-run: name it
+                    warnings.showwarning = partial(_show_bad_image, on_message, os.getpid())
+                    # The run folder's stage is compared on --resume too.
+                    result = job(config, resume=resume, explicit={**explicit, "stage": config.stage}, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
+            except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
-                _err(str(exc))
+                _err(str(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
                 progress.stop()
-                _err(str(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
+                text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
+                _err(text.replace("(resume=True)", "(--resume)"))
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
                 progress.stop()
-                _err(f"aborted; the last checkpoint in {config.resolved_run_dir()} is intact: rerun with --resume")
+                run_dir = config.resolved_run_dir()
+                _err(
+                    f"aborted; the last checkpoint in {run_dir} is intact: rerun with --resume" if (run_dir / CHECKPOINT).exists()
+                    else "aborted before training started; nothing was saved"
+                )  # fmt: skip
                 raise typer.Exit(130) from None
             _report(progress.console, result)
             if result.train.status == "interrupted":
                 progress.stop()
                 raise typer.Exit(130)
+
+
+def _show_bad_image(on_message: Any, parent: int, message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    """`warnings.showwarning` for the run: one line per unreadable photo (data loader workers, forked, print it plainly)."""
+    line = f"warning: {message}"
+    if os.getpid() == parent:
+        on_message(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _report(console: Console, r: JobResult) -> None:
@@ -146,6 +162,11 @@ def _report(console: Console, r: JobResult) -> None:
             style="yellow", markup=False, soft_wrap=True,
         )  # fmt: skip
         return
+    if t.step > t.steps:  # --resume with fewer --steps than the run has done
+        console.print(
+            f"stage {r.config.stage} {r.config.kind}: the run was already at step {t.step}, past the {t.steps} asked; nothing was trained",
+            style="yellow", markup=False, soft_wrap=True,
+        )  # fmt: skip
     val = f"; validation {_loss_text(t.val)}" if t.val else ""
     wrote = ", ".join(str(p) for p in r.outputs) or "nothing new (already done)"
     console.print(

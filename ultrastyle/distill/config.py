@@ -61,6 +61,12 @@ class RunConfig:
     content_weight: float = 1.0
     style_weight: float = 10.0
 
+    def __post_init__(self) -> None:
+        # Paths are accepted from Python (the saved config.yaml and resume compare them as text).
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), Path):
+                setattr(self, f.name, str(getattr(self, f.name)))
+
     def check(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage: must be one of {list(STAGES)}, got {self.stage!r}")
@@ -88,6 +94,11 @@ class RunConfig:
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device: cpu or cuda, got {self.device!r}")
+        if self.device != "cpu":
+            import torch  # only here: the configuration module itself stays torch-free
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device: {self.device!r}, but no CUDA device is available to PyTorch here; use cpu")
 
     @property
     def kind(self) -> str:
@@ -231,10 +242,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve(cls: type[C], config_file: str | Path | None, flags: Mapping[str, Any]) -> C:
     """Defaults <- YAML file <- flags (``None`` values in ``flags`` mean "not given")."""
+    given = {k: v for k, v in flags.items() if v is not None}
     cfg = cls()
-    if config_file:
-        cfg = from_mapping(cls, read_yaml(config_file), cfg, source=str(config_file))
-    return from_mapping(cls, {k: v for k, v in flags.items() if v is not None}, cfg)
+    if config_file:  # a key the flags give is not read from the file (e.g. `stage: 1,2`, split into one run per stage)
+        from_file = {k: v for k, v in read_yaml(config_file).items() if str(k).replace("-", "_") not in given}
+        cfg = from_mapping(cls, from_file, cfg, source=str(config_file))
+    return from_mapping(cls, given, cfg)
+
+
+def _same(now: Any, then: Any) -> bool:
+    """Equal settings; paths written two ways (``r3``, ``/abs/r3``) to one existing file or folder are the same."""
+    if now == then:
+        return True
+    if isinstance(now, str) and isinstance(then, str) and Path(now).exists():
+        return Path(now).resolve() == Path(then).resolve()
+    return False
 
 
 def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
@@ -246,7 +268,7 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
     now = dataclasses.asdict(given)
     then = dataclasses.asdict(saved)
     names = {str(k).replace("-", "_") for k in explicit}
-    clash = sorted(k for k in names - RESUMABLE if k in now and now[k] != then[k])
+    clash = sorted(k for k in names - RESUMABLE if k in now and not _same(now[k], then[k]))
     if clash:
         diffs = ", ".join(f"{k}={then[k]!r} (now {now[k]!r})" for k in clash)
         raise ConfigError(

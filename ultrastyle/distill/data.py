@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +209,26 @@ class CenterCrops(Dataset):
         _, h, w = img.shape
         top, left = (h - c) // 2, (w - c) // 2
         return torch.from_numpy(np.ascontiguousarray(img[:, top : top + c, left : left + c])).float().div_(255.0)
+
+    def readable(self, warn: Callable[[str], None]) -> CenterCrops | None:
+        """This set without the files that do not decode (each named through ``warn``); None if none does.
+
+        Decodes every file once (they are cached for the validations anyway), so a
+        corrupt photo in the split is left out here rather than failing a validation.
+        """
+        good: dict[str, list[Path]] = {"files": [], "styles": []}
+        for key in good:
+            for f in getattr(self, key):
+                try:
+                    self._crop(f)
+                except ImageError as exc:
+                    warn(f"{exc}; left out of validation")
+                else:
+                    good[key].append(f)
+        if not good["files"] or (self.styles and not good["styles"]):
+            return None
+        self.files, self.styles = good["files"], good["styles"]
+        return self
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {"content": self._crop(self.files[i])}

@@ -21,13 +21,13 @@ import torch
 
 from ultrastyle.distill import sources
 from ultrastyle.distill.config import CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
-from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, PairStream, list_images, readable_images, split_files
+from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, DataError, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
-from ultrastyle.distill.outputs import claim_folder, write_network
+from ultrastyle.distill.outputs import OutputError, claim_folder, record_adain_stage, write_network
 from ultrastyle.distill.prune import prune_decoder, prune_encoder
 from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
-from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult
+from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
 from ultrastyle.models import convert
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.spec import ARCHS, ArchSpec, get_arch, spec_to_dict
@@ -76,12 +76,20 @@ def student_spec(teacher: ArchSpec, arch: str | None = None, width_factor: float
 # ---------------------------------------------------------------- data
 
 
+def _listed(setting: str, folder: str) -> list[Path]:
+    """The folder's images; a missing or empty folder is a setting that cannot be used (before any work)."""
+    try:
+        return list_images(folder)
+    except DataError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+
+
 def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, CenterCrops | None, dict[str, Any]]:
     settings = CropSettings(config.crop, config.resize)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        files = readable_images(list_images(config.images), min_side=1)
-        styles = readable_images(list_images(config.style), min_side=1) if config.mode == "adain" and config.style else []
+        files = readable_images(_listed("images", config.images), min_side=1)
+        styles = readable_images(_listed("style", config.style), min_side=1) if config.mode == "adain" and config.style else []
     for w in caught:
         warn(str(w.message))
     if not files:
@@ -89,7 +97,7 @@ def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, C
     train, val = split_files(files, config.val_fraction)
     style_stream = CropStream(styles, settings, seed=config.seed + 1) if styles else None
     stream = PairStream(CropStream(train, settings, seed=config.seed), style_stream)
-    val_data = CenterCrops(val, settings, styles[: len(val)]) if val else None
+    val_data = CenterCrops(val, settings, styles[: len(val)]).readable(warn) if val else None
     facts = {"train_images": len(train), "val_images": len(val), "style_images": len(styles)}
     return stream, val_data, facts
 
@@ -185,6 +193,9 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     """The config to run: on resume, the saved one (with resumable changes); else ``config``, checked."""
     config.check()
     run_dir = config.resolved_run_dir()
+    refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
     saved = run_dir / CONFIG_FILE
     if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
         given = explicit if explicit is not None else dataclasses.asdict(config)
@@ -261,6 +272,8 @@ def train_decoder(
     result = _run(config, task, spec, f"{k}SD.pth", data, resume, on_step, on_message, {})
     if result.outputs and not (Path(config.out) / f"{k}SE.pth").is_file():
         result.outputs.append(write_network(config.out, f"{k}SE.pth", encoder))
+    if result.outputs and config.mode == "adain":  # the folder stylizes with adain by default
+        result.outputs.append(record_adain_stage(config.out, k))
     return result
 
 

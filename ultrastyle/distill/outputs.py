@@ -19,7 +19,8 @@ from torch import nn
 
 from ultrastyle.distill.trainer import atomic_save
 from ultrastyle.io.atomic import sweep_stale, write_atomic
-from ultrastyle.models.sources import ARCH_FILE, folder_arch
+from ultrastyle.models.defaults import DEFAULTS_KEY, ModelDefaults
+from ultrastyle.models.sources import ARCH_FILE, folder_arch, write_folder_defaults
 from ultrastyle.models.spec import ArchSpec, spec_to_dict
 
 
@@ -34,7 +35,10 @@ def claim_folder(folder: str | Path, spec: ArchSpec) -> Path:
     16x folder (`folder_arch`); mixing architectures in one folder is refused.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only parent: name the model folder, not an errno
+        raise OutputError(f"{folder}: cannot be the model folder ({exc.strerror}: {exc.filename})") from None
     sweep_stale(folder)  # weights of a run killed mid-write
     has_weights = any(folder.glob("[1-5]S[ED].pth"))
     if (folder / ARCH_FILE).is_file() or has_weights:
@@ -62,3 +66,15 @@ def write_network(folder: str | Path, filename: str, net: nn.Module, step: int =
     sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
     atomic_save({"model": sd, "step": int(step)}, path)
     return path
+
+
+def record_adain_stage(folder: str | Path, stage: int) -> Path:
+    """Make ``folder``'s defaults AdaIN (alpha 1) at ``stage``, beside the stages already recorded as AdaIN.
+
+    A decoder trained in AdaIN mode decodes AdaIN's statistics, not WCT's, so the
+    folder must stylize with adain by default, as a published AdaIN model does.
+    """
+    path = Path(folder) / ARCH_FILE
+    saved = json.loads(path.read_text()).get(DEFAULTS_KEY) if path.is_file() else None
+    levels = {stage} | (set(saved.get("levels", [])) if saved and saved.get("method") == "adain" else set())
+    return write_folder_defaults(folder, ModelDefaults("adain", tuple(sorted(levels, reverse=True)), 1.0))

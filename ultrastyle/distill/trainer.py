@@ -47,6 +47,10 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
+class RunFolderInUse(TrainingError):
+    """A fresh run asked for a run folder that holds a checkpoint (refused before anything is written)."""
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Optimisation and bookkeeping of one run (steps count optimizer updates)."""
@@ -147,6 +151,12 @@ class _StopOnSigint:
     def __exit__(self, *exc: object) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+def refuse_overwrite(run_dir: str | Path, resume: bool) -> None:
+    """`TrainingError` when ``run_dir`` holds a checkpoint that a fresh run (not ``resume``) would overwrite."""
+    if not resume and (Path(run_dir) / CHECKPOINT).exists():
+        raise RunFolderInUse(f"{run_dir} already holds a checkpoint; resume it (resume=True) or choose another run folder")
 
 
 class Trainer:
@@ -257,10 +267,7 @@ class Trainer:
         opts = self.options
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale(self.run_dir)  # checkpoints of a run killed mid-save
-        if self.checkpoint_path.exists() and not resume:
-            raise TrainingError(
-                f"{self.run_dir} already holds a checkpoint; resume it (resume=True) or choose another run folder"
-            )
+        refuse_overwrite(self.run_dir, resume)
         self.task.to(self.device)
         self.task.train(True)
         self.optimizer = torch.optim.Adam(self.task.parameters_to_train(), lr=opts.lr)
