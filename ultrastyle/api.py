@@ -26,20 +26,20 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from ultrastyle import options as check
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, format_name, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import available_stages, model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
+from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.runtime.batch import (
     BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode,
     plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
-from ultrastyle.runtime.cascade import parse_levels
-from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.core.plan import BudgetTooSmall, TilingOptions, check_budget, size_text
 from ultrastyle.runtime.tiled import TileCallback
@@ -50,45 +50,6 @@ MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLik
 __all__ = [
     "ClusterStylizer", "ImageLike", "OptionError", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
 ]  # fmt: skip
-
-
-class OptionError(ValueError):
-    """A setting with a bad value; ``option`` is its keyword name (``max_memory``), for front ends to map to their flag."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
-        self.option, self.message = option, message
-
-
-def _int(option: str, value: object, at_least: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise OptionError(option, f"expected a whole number, got {value!r}")
-    if value < at_least:
-        raise OptionError(option, f"expected a number >= {at_least}, got {value}")
-    return int(value)
-
-
-def _bytes(option: str, value: int | str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise OptionError(option, f"expected a positive number of bytes, got {value}")
-        return value
-    try:
-        return parse_bytes(str(value))
-    except ValueError as exc:
-        raise OptionError(option, str(exc)) from None
-
-
-def _pixels(option: str, value: int | str | None, none_word: str) -> int | None:
-    if value is None or value == none_word:
-        return None
-    if isinstance(value, str):
-        if not value.isdigit():
-            raise OptionError(option, f"expected {none_word!r} or a number of pixels, got {value!r}")
-        value = int(value)
-    if value < (1 if option == "tile" else 0):
-        raise OptionError(option, f"expected {none_word!r} or a {'positive' if option == 'tile' else 'non-negative'} number of pixels, got {value}")
-    return value
 
 
 def make_options(
@@ -131,61 +92,42 @@ def make_options(
     for the exact result, else at most that many pixels (approximate).
     ``streaming``: read content files a band at a time (libvips, the ``vips``
     extra): "auto" where a whole read would not fit beside the budget,
-    "always", or "never". Raises `OptionError` naming the setting.
+    "always", or "never". ``content_size``, ``style_size``: long sides in
+    pixels, 0 keeping the image's own size. ``max_pixels``: the largest image
+    decoded. Each setting is checked by `ultrastyle.options` (the rules
+    `make_optimize_options` shares). Raises `OptionError` naming the setting.
     """
-    if method is not None and method not in ("wct", "adain"):
-        raise OptionError("method", f"expected 'wct' or 'adain', got {method!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0.0 <= alpha <= 1.0):
-        raise OptionError("alpha", f"expected a number in 0..1, got {alpha!r}")
-    content_size, style_size = _int("content_size", content_size), _int("style_size", style_size)
-    depth, png_level, io_workers = _int("depth", depth), _int("png_level", png_level), _int("io_workers", io_workers)
-    max_pixels = _int("max_pixels", max_pixels, 1)
+    method, alpha, levels = check.method(method), check.alpha(alpha), check.levels(levels)
+    content_size, style_size = check.image_size("content_size", content_size), check.image_size("style_size", style_size)
+    max_pixels = check.pixel_limit("max_pixels", max_pixels)
+    depth, png_level = check.count("depth", depth), check.count("png_level", png_level)
+    io_workers = check.count("io_workers", io_workers, what="reader and encoder threads")
     if io_workers > 4 * (os.cpu_count() or 1):
         raise OptionError("io_workers", f"expected at most 4 per core ({os.cpu_count()} cores here), got {io_workers}; 0 picks half the cores")
-    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
-        levels = (int(levels),)
-    if isinstance(levels, str):
-        try:
-            levels = parse_levels(levels)
-        except ValueError as exc:
-            raise OptionError("levels", str(exc)) from None
-    elif levels is not None:
-        try:
-            levels = tuple(_int("levels", k) for k in levels)
-        except (OptionError, TypeError):
-            raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels!r}") from None
-        if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
-            raise OptionError("levels", f"expected stage numbers 1..5, coarse to fine, got {levels}")
-    if preserve_color not in ("none", "luminance", "match"):
-        raise OptionError("preserve_color", f"expected 'none', 'luminance' or 'match', got {preserve_color!r}")
-    fmt = format_name(str(format))
-    if fmt not in OUTPUT_FORMATS:
-        raise OptionError("format", f"expected one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
+    preserve_color = check.choice("preserve_color", preserve_color, ("none", "luminance", "match"))
+    fmt = check.format_choice("format", format, OUTPUT_FORMATS)
     if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
-        raise OptionError("depth", "expected 8, or 16 with png or tiff")
-    for option, value, choices in (("tiff_layout", tiff_layout, TIFF_LAYOUTS), ("tiff_compression", tiff_compression, TIFF_COMPRESSIONS),
-                                   ("dzi_tiles", dzi_tiles, DZI_TILE_FORMATS)):  # fmt: skip
-        if value not in choices:
-            raise OptionError(option, f"expected one of {', '.join(choices)}, got {value!r}")
+        raise OptionError("depth", f"expected 8, or 16 with png or tiff, got {depth} with {fmt}; give depth 8, or format png or tiff")
+    tiff_layout = check.choice("tiff_layout", tiff_layout, TIFF_LAYOUTS)
+    tiff_compression = check.choice("tiff_compression", tiff_compression, TIFF_COMPRESSIONS)
+    dzi_tiles = check.choice("dzi_tiles", dzi_tiles, DZI_TILE_FORMATS)
     if depth == 16 and fmt == "tiff" and tiff_compression == "jpeg":
         raise OptionError("tiff_compression", "jpeg holds 8-bit samples; use deflate or zstd with depth 16")
     if not 0 <= png_level <= 9:
-        raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}")
-    if streaming not in STREAMING:
-        raise OptionError("streaming", f"expected one of {', '.join(STREAMING)}, got {streaming!r}")
-    io_bytes = None if io_memory is None else _bytes("io_memory", io_memory)
-    budget = None if max_memory is None else _bytes("max_memory", max_memory)
+        raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}; give 0 (fastest) to 9 (smallest)")
+    streaming = check.choice("streaming", streaming, STREAMING)
+    io_bytes, budget = check.memory_budget("io_memory", io_memory), check.memory_budget("max_memory", max_memory)
     if io_bytes is not None and budget is not None and io_bytes >= budget:
         raise OptionError("io_memory", f"expected less than max_memory ({budget} bytes), which it is a part of; got {io_bytes}")
     tiling = TilingOptions(
-        tile=_pixels("tile", tile, "auto"),
+        tile=check.tile_side("tile", tile),
         max_memory=budget,
-        halo=_pixels("halo", halo, "exact"),
+        halo=check.halo_width("halo", halo),
         scratch_dir=Path(scratch) if scratch is not None else None,
     )
     return StylizeOptions(
         method=method or defaults.method,
-        alpha=defaults.alpha if alpha is None else float(alpha),
+        alpha=defaults.alpha if alpha is None else alpha,
         levels=levels or defaults.levels,
         content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing,
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,

@@ -108,7 +108,7 @@ def optimize_command(
     layer_weights: Annotated[str | None, typer.Option(help="lambda per style layer relu1_1..relu5_1, five numbers (default: 1 each).", show_default=False)] = None,
     content_layer: Annotated[str, typer.Option(help="Layer of the content loss: relu1_1 .. relu5_1.")] = DEFAULT_CONTENT_LAYER,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
-    style_size: Annotated[int | None, typer.Option(min=32, help="Long side of the style (default: each scale's long side, at most the style's own).", show_default=False)] = None,
+    style_size: Annotated[int | None, typer.Option(min=0, help="Long side of the style; 0 keeps its own size (default: each scale's long side, at most the style's own).", show_default=False)] = None,
     max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 1GB: tiles get what the canvases (in RAM up to a quarter of it, else on disk) leave.")] = DEFAULT_MAX_MEMORY,
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Evaluate the whole image at once (memory grows with the image; same result).")] = False,
     tile: Annotated[int | None, typer.Option(min=16, help="Fixed tile core side in pixels instead of fitting --max-memory.", show_default=False)] = None,

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrastyle.api import OptionError, check_settings, output_format
+from ultrastyle import options as check
+from ultrastyle.api import check_settings, output_format
 from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
-from ultrastyle.io.pyramid import format_name
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.spec import ARCHS
 import ultrastyle.optimization.vectors as vec
@@ -56,9 +56,11 @@ from ultrastyle.optimization.solvers import (
     DEFAULT_ADAM_LR, DEFAULT_HISTORY, DEFAULT_SOLVER, SOLVERS, Solver, make_solver, vectors_per_image,
 )  # fmt: skip
 from ultrastyle.optimization.vectors import VectorSite
+from ultrastyle.options import OptionError
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 INITS = ("content", "noise", "wct")
+FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)
 DEFAULT_ITERATIONS = 100
 DEFAULT_MAX_MEMORY = "2GB"
 STATE_VERSION = 1
@@ -82,7 +84,7 @@ class OptimizeOptions:
     layer_weights: tuple[tuple[str, float], ...] | None = None
     content_layer: str = DEFAULT_CONTENT_LAYER
     content_size: int = 0
-    style_size: int | None = None  # None: the scale's long side, at most the style's own
+    style_size: int | None = None  # None: the scale's long side, at most the style's own; 0: the style's own size
     max_memory: int | None = parse_bytes(DEFAULT_MAX_MEMORY)
     tile: int | None = None
     scratch: str | None = None
@@ -143,7 +145,7 @@ def make_optimize_options(
     content_size: int = 0,
     style_size: int | None = None,
     max_memory: int | str | None = DEFAULT_MAX_MEMORY,
-    tile: int | None = None,
+    tile: int | str | None = None,
     scratch: str | os.PathLike | None = None,
     save_every: int = 0,
     seed: int = 0,
@@ -158,10 +160,14 @@ def make_optimize_options(
     the content's size). ``layer_weights``: λ per tap, a mapping
     ``{"relu3_1": 2.0, ...}`` (taps left out weigh 0) or five numbers for
     relu1_1..relu5_1; None: 1 each. ``max_memory``: bytes or ``"1GB"``; None:
-    the whole image at once. ``tile``: a fixed tile core side instead.
+    the whole image at once. ``tile``: a fixed tile core side instead (None or
+    ``"auto"``: fitted to the budget). ``content_size``: the content's long
+    side, 0 keeping its size; ``style_size``: the style's, 0 keeping its own
+    size, None each scale's long side (at most the style's own). The keywords
+    `api.make_options` takes too are checked by the same `ultrastyle.options`
+    rules there and here.
     """
-    if iterations < 0:
-        raise OptionError("iterations", f"expected a number of iterations >= 0, got {iterations}")
+    iterations = check.count("iterations", iterations, what="iterations per scale")
     if init not in INITS:
         raise OptionError("init", f"expected one of {', '.join(INITS)}, got {init!r}")
     if solver not in SOLVERS:
@@ -182,33 +188,22 @@ def make_optimize_options(
             if k not in TAPS or not float(v) >= 0:
                 raise OptionError("layer_weights", f"expected weights >= 0 for taps among {', '.join(TAPS)}, got {k}={v}")
         lw = tuple((str(k), float(v)) for k, v in items)
-    if content_size < 0 or (style_size is not None and style_size < 32):
-        raise OptionError("content_size" if content_size < 0 else "style_size", "expected 0 (keep) or a number of pixels (style: >= 32)")
-    budget = None
-    if max_memory is not None:
-        try:
-            budget = max_memory if isinstance(max_memory, int) else parse_bytes(str(max_memory))
-        except ValueError as exc:
-            raise OptionError("max_memory", str(exc)) from None
-        if budget <= 0:
-            raise OptionError("max_memory", f"expected a positive number of bytes, got {budget}")
-    if tile is not None and tile < 16:
-        raise OptionError("tile", f"expected a tile core side of at least 16 px, got {tile}")
-    if save_every < 0:
-        raise OptionError("save_every", f"expected 0 (never) or a number of iterations, got {save_every}")
-    if history < 1:
-        raise OptionError("history", f"expected at least 1 pair, got {history}")
+    content_size = check.image_size("content_size", content_size)
+    style_size = check.image_size("style_size", style_size, none="each scale's long side, at most the style's own")
+    budget = check.memory_budget("max_memory", max_memory)
+    tile = check.tile_side("tile", tile)
+    save_every = check.count("save_every", save_every, what="iterations between saves")
+    history = check.count("history", history, least=1, what="L-BFGS pairs")
     if not lr > 0:
         raise OptionError("lr", f"expected a learning rate > 0, got {lr}")
-    fmt = format_name(format)
-    if fmt not in ("png", "jpg", "tiff"):
-        raise OptionError("format", f"expected png, jpg or tiff, got {format!r}")
+    max_pixels = check.pixel_limit("max_pixels", max_pixels)
+    fmt = check.format_choice("format", format, FORMATS)
     return OptimizeOptions(
         iterations=int(iterations), scales=_scales(scales), init=init, solver=solver,
         content_weight=float(content_weight), style_weight=float(style_weight), layer_weights=lw,
-        content_layer=content_layer, content_size=int(content_size), style_size=style_size, max_memory=budget,
-        tile=tile, scratch=None if scratch is None else str(scratch), save_every=int(save_every), seed=int(seed),
-        history=int(history), lr=float(lr), max_pixels=int(max_pixels), format=fmt,
+        content_layer=content_layer, content_size=content_size, style_size=style_size, max_memory=budget,
+        tile=tile, scratch=None if scratch is None else str(scratch), save_every=save_every, seed=int(seed),
+        history=history, lr=float(lr), max_pixels=max_pixels, format=fmt,
     )  # fmt: skip
 
 
@@ -548,7 +543,10 @@ class Optimizer:
                 plan: GradientPlan) -> tuple[StyleTarget, list[Canvas]]:  # fmt: skip
         """The style's Grams at this scale and the content layer's features; the canvases to close afterwards."""
         sh, sw = content.shape[-2:]
-        side = opts.style_size or min(max(sh, sw), max(style.shape[-2:]))
+        if opts.style_size is None:  # the scale's long side, at most the style's own
+            side = min(max(sh, sw), max(style.shape[-2:]))
+        else:  # 0: the style's own size (as `ultrastyle stylize --style-size 0`)
+            side = opts.style_size or max(style.shape[-2:])
         style = resize_long_side(style, side)
         # The style's pass is tiled for its own size: a style larger than the content (whose plan may be one
         # tile) would otherwise run whole, past the budget.
@@ -593,7 +591,7 @@ def _wct(model: Any, content: torch.Tensor, style: ImageLike, opts: OptimizeOpti
     pixels = np.ascontiguousarray(content.permute(1, 2, 0).numpy())
     with Stylizer(model, progress=False) as s:
         memory = opts.max_memory if opts.max_memory is not None else None
-        return s.stylize(pixels, style, depth=16, max_memory=memory, style_size=opts.style_size or max(pixels.shape[:2]),
+        return s.stylize(pixels, style, depth=16, max_memory=memory, style_size=max(pixels.shape[:2]) if opts.style_size is None else opts.style_size,
                          max_pixels=opts.max_pixels)  # fmt: skip
 
 

@@ -1,0 +1,172 @@
+"""One rule per keyword: `api.make_options` and `optimization.run.make_optimize_options` resolve the settings both take alike.
+
+Both call the validators of `ultrastyle.options`; every case runs through both
+resolvers and must give the same outcome: the same resolved value, or the same
+`OptionError` (its ``option`` the keyword, its message the same words, no CLI flag).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ultrastyle.api
+import ultrastyle.options
+from ultrastyle.api import OptionError, make_options
+from ultrastyle.models.defaults import ModelDefaults
+from ultrastyle.optimization.run import Optimizer, make_optimize_options
+
+DEFAULTS = ModelDefaults("wct", (5, 4), 0.6)
+
+
+def _stylize(**kw):
+    o = make_options(DEFAULTS, **kw)
+    return {"max_memory": o.tiling.max_memory, "tile": o.tiling.tile, "content_size": o.content_size, "style_size": o.style_size,
+            "max_pixels": o.max_pixels, "format": o.format}  # fmt: skip
+
+
+def _optimize(**kw):
+    o = make_optimize_options(**kw)
+    return {"max_memory": o.max_memory, "tile": o.tile, "content_size": o.content_size, "style_size": o.style_size,
+            "max_pixels": o.max_pixels, "format": o.format}  # fmt: skip
+
+
+RESOLVERS = {"make_options": _stylize, "make_optimize_options": _optimize}
+
+# (keyword, value, the resolved value, or None where it must be refused)
+ACCEPTED = [
+    ("tile", "auto", None),  # the review's case: make_optimize_options raised a bare TypeError
+    ("tile", " AUTO ", None),
+    ("tile", "64", 64),
+    ("tile", 8, 8),  # below a grid: the planners round it up
+    ("tile", np.int64(48), 48),
+    ("style_size", 0, 0),  # the review's case: make_optimize_options refused it; 0 keeps the style's own size
+    ("style_size", 16, 16),
+    ("content_size", 0, 0),
+    ("content_size", np.int32(256), 256),
+    ("max_memory", "1.5GiB", 3 * 2**29),
+    ("max_memory", 2**20, 2**20),
+    ("max_memory", None, None),
+    ("max_pixels", 1, 1),
+    ("format", "JPEG", "jpg"),
+    ("format", "tif", "tiff"),
+]
+REFUSED = [
+    ("max_pixels", -5),  # the review's case: make_optimize_options took it
+    ("max_pixels", 0),
+    ("max_pixels", 2.5e6),
+    ("content_size", 1.5),  # the review's case: make_optimize_options took it
+    ("content_size", -1),
+    ("content_size", "256"),
+    ("style_size", -1),
+    ("style_size", 64.0),
+    ("max_memory", "0"),  # the review's case: make_options returned a budget of 0
+    ("max_memory", 0),
+    ("max_memory", "0.4B"),  # parses to 0 bytes
+    ("max_memory", -1),
+    ("max_memory", "lots"),
+    ("max_memory", True),
+    ("max_memory", float("inf")),
+    ("tile", 0),
+    ("tile", -16),
+    ("tile", "big"),
+    ("tile", 32.5),
+    ("tile", True),
+    ("format", "bmp"),
+    ("format", 3),
+]
+
+
+@pytest.mark.parametrize("resolver", RESOLVERS.values(), ids=RESOLVERS.keys())
+@pytest.mark.parametrize(("option", "value", "want"), ACCEPTED, ids=[f"{o}={v!r}" for o, v, _ in ACCEPTED])
+def test_both_resolvers_accept_and_resolve_alike(resolver, option, value, want):
+    got = resolver(**{option: value})[option]
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("resolver", RESOLVERS.values(), ids=RESOLVERS.keys())
+@pytest.mark.parametrize(("option", "value"), REFUSED, ids=[f"{o}={v!r}" for o, v in REFUSED])
+def test_both_resolvers_refuse_with_an_option_error_naming_the_keyword(resolver, option, value):
+    with pytest.raises(OptionError) as info:
+        resolver(**{option: value})
+    assert info.value.option == option
+    message = info.value.message
+    assert message.startswith("expected ") and f"got {value!r}" in message and "; " in message  # what, what came, how to fix
+    assert "--" not in str(info.value)  # keywords, not the command line's flags
+
+
+@pytest.mark.parametrize(("option", "value"), REFUSED, ids=[f"{o}={v!r}" for o, v in REFUSED])
+def test_the_same_bad_value_gets_the_same_words_from_both(option, value):
+    said = []
+    for resolver in RESOLVERS.values():
+        with pytest.raises(OptionError) as info:
+            resolver(**{option: value})
+        said.append(str(info.value))
+    if option == "format":  # the same rule, over each command's formats (optimize writes no dzi)
+        said = [s.replace(", dzi", "") for s in said]
+    if option == "style_size":  # the same rule; optimize also takes None (each scale's long side)
+        said = [s.replace(", or None (each scale's long side, at most the style's own)", "") for s in said]
+    assert said[0] == said[1]
+
+
+def test_option_error_is_one_class_wherever_it_is_imported():
+    assert ultrastyle.api.OptionError is ultrastyle.options.OptionError is ultrastyle.OptionError
+    assert issubclass(OptionError, ValueError)
+
+
+def test_formats_differ_only_by_what_each_writes():
+    assert _stylize(format="dzi")["format"] == "dzi"
+    with pytest.raises(OptionError, match="expected one of png, jpg, tiff, got 'dzi'") as info:
+        _optimize(format="dzi")
+    assert info.value.option == "format"
+
+
+def test_optimize_keeps_none_for_style_size_and_stylize_refuses_it():
+    assert _optimize(style_size=None)["style_size"] is None  # each scale's long side, at most the style's own
+    with pytest.raises(OptionError) as info:
+        _stylize(style_size=None)
+    assert info.value.option == "style_size"
+
+
+@pytest.mark.parametrize(
+    ("settings", "option"),
+    [({"method": "gatys"}, "method"), ({"alpha": 1.5}, "alpha"), ({"alpha": True}, "alpha"), ({"levels": "5,,4"}, "levels"),
+     ({"levels": (6,)}, "levels"), ({"levels": ()}, "levels"), ({"levels": ["5"]}, "levels"), ({"halo": "wide"}, "halo"),
+     ({"halo": -1}, "halo"), ({"depth": 8.0}, "depth"), ({"io_memory": "0"}, "io_memory"), ({"preserve_color": "all"}, "preserve_color")],
+)  # fmt: skip
+def test_make_options_checks_method_alpha_levels_against_the_model_constants(settings, option):
+    with pytest.raises(OptionError) as info:
+        make_options(DEFAULTS, **settings)
+    assert info.value.option == option and "--" not in str(info.value)
+
+
+def test_make_options_resolves_levels_and_defaults():
+    assert make_options(DEFAULTS, levels="5, 3,1,").levels == (5, 3, 1)
+    assert make_options(DEFAULTS, levels=np.array([4, 2])).levels == (4, 2)
+    assert make_options(DEFAULTS, levels=3).levels == (3,)
+    o = make_options(DEFAULTS)
+    assert (o.method, o.alpha, o.levels) == ("wct", 0.6, (5, 4))
+    o = make_options(DEFAULTS, method="adain", alpha=1, halo="EXACT")
+    assert (o.method, o.alpha, o.tiling.halo) == ("adain", 1.0, None) and type(o.alpha) is float
+
+
+@pytest.mark.parametrize(("option", "value"), [("iterations", 2.5), ("iterations", -1), ("save_every", -1), ("history", 0)])
+def test_make_optimize_options_counts_are_whole_numbers(option, value):
+    with pytest.raises(OptionError) as info:
+        make_optimize_options(**{option: value})
+    assert info.value.option == option
+
+
+@pytest.mark.parametrize(("style_size", "side"), [(0, 96), (None, 48), (32, 32)])
+def test_optimize_style_size_0_keeps_the_style_s_own_size(cd16x_dir, monkeypatch, style_size, side):
+    # As `ultrastyle stylize --style-size 0`: the style at its own size, not resized to the scale (None's rule).
+    import ultrastyle.optimization.run as run
+
+    seen = []
+    real = run.style_target
+    monkeypatch.setattr(run, "style_target", lambda *a, **k: seen.append(a[1].shape) or real(*a, **k))
+    content = np.zeros((40, 48, 3), np.uint8) + 100
+    style = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    with Optimizer(cd16x_dir) as opt:
+        opt.run(content, style, iterations=0, scales="full", style_size=style_size, max_memory=None)
+    assert seen and max(seen[0][-2:]) == side

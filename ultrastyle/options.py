@@ -1,0 +1,196 @@
+"""The validators of a run's settings, shared by `api.make_options` and `optimization.run.make_optimize_options`.
+
+One rule per keyword: a setting both resolvers take (``max_memory``,
+``tile``, ``content_size``, ``style_size``, ``max_pixels``, ``format``) is
+checked by the same function in both and fails with the same `OptionError`.
+Each function is pure: it returns the resolved value or raises `OptionError`
+whose ``option`` is the Python keyword (``max_memory``) and whose message says
+what was expected, what came and how to fix it, in the library's terms (the
+command line maps keywords to its flags).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import numpy as np
+
+from ultrastyle.core.tile_memory import parse_bytes
+from ultrastyle.models.defaults import METHODS
+from ultrastyle.models.spec import STAGES
+
+__all__ = [
+    "OptionError", "alpha", "choice", "count", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
+    "method", "pixel_limit", "tile_side",
+]  # fmt: skip
+
+_SIZE_EXAMPLES = "512MB, 2GB, 1.5GiB, 1073741824"
+_FORMAT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}  # as `io.pyramid.format_name` spells them
+
+
+class OptionError(ValueError):
+    """A setting with a bad value; ``option`` is its keyword name (``max_memory``), for front ends to map to their flag."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def count(option: str, value: object, *, least: int = 0, what: str = "") -> int:
+    """A whole number (int or numpy integer, not bool) >= ``least``; ``what`` describes it in the message."""
+    expected = f"a whole number{' of ' + what if what else ''} >= {least}"
+    if not _whole(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give an int such as {max(least, 1)}")
+    if value < least:
+        raise OptionError(option, f"expected {expected}, got {value}; give {least} or more")
+    return int(value)
+
+
+def image_size(option: str, value: object, *, none: str | None = None) -> int | None:
+    """``content_size`` / ``style_size``: 0 keeps the image's own size, else its long side in pixels (a whole number >= 1).
+
+    ``none``: what None means where a resolver takes it (else None is refused).
+    """
+    keep = "0 (keep the image's own size) or a long side in pixels >= 1" + (f", or None ({none})" if none else "")
+    if value is None and none:
+        return None
+    if not _whole(value):
+        raise OptionError(option, f"expected {keep}, got {value!r} ({type(value).__name__}); give a whole number such as 0 or 1024")
+    if value < 0:
+        raise OptionError(option, f"expected {keep}, got {value}; give 0 to keep the size or a positive number of pixels")
+    return int(value)
+
+
+def pixel_limit(option: str, value: object) -> int:
+    """``max_pixels``: the largest image (width x height) to decode, a whole number >= 1."""
+    expected = "a whole number of pixels >= 1 (the largest width x height to decode)"
+    if not _whole(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give an int such as 400000000")
+    if value < 1:
+        raise OptionError(option, f"expected {expected}, got {value}; give a positive limit, e.g. 400000000")
+    return int(value)
+
+
+def memory_budget(option: str, value: object) -> int | None:
+    """``max_memory`` / ``io_memory``: None (no budget), a number of bytes or a size text (``"2GB"``), above 0 either way."""
+    expected = "a number of bytes or a size such as '2GB', above 0"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            budget = parse_bytes(value)
+        except ValueError:
+            raise OptionError(option, f"expected {expected}, got {value!r}; examples: {_SIZE_EXAMPLES}") from None
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise OptionError(option, f"expected {expected}, got {value!r}; examples: {_SIZE_EXAMPLES}")
+        budget = int(value)
+    else:
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); examples: {_SIZE_EXAMPLES}")
+    if budget <= 0:
+        raise OptionError(option, f"expected {expected}, got {value!r} ({budget} bytes); give a positive budget, e.g. 2GB")
+    return budget
+
+
+def tile_side(option: str, value: object) -> int | None:
+    """``tile``: None or ``"auto"`` (fitted to the budget), else a core side in pixels, a whole number >= 1 (digits in a string too).
+
+    Sides below a stage's grid are rounded up to it by the planners.
+    """
+    expected = "'auto' or a positive whole number of pixels (the tile core side)"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return None
+        if not text.isdigit():
+            raise OptionError(option, f"expected {expected}, got {value!r}; give e.g. 512, or 'auto' to fit the memory budget")
+        value = int(text)
+    if not _whole(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give an int such as 512, or 'auto'")
+    if value < 1:
+        raise OptionError(option, f"expected {expected}, got {value}; give a positive side, e.g. 512, or 'auto'")
+    return int(value)
+
+
+def halo_width(option: str, value: object) -> int | None:
+    """``halo``: None or ``"exact"`` (the exact result), else at most that many pixels, a whole number >= 0 (approximate)."""
+    expected = "'exact' or a whole number of pixels >= 0 (an approximate halo)"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "exact":
+            return None
+        if not text.isdigit():
+            raise OptionError(option, f"expected {expected}, got {value!r}; give 'exact' for the exact result, or e.g. 32")
+        value = int(text)
+    if not _whole(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give 'exact' or an int such as 32")
+    if value < 0:
+        raise OptionError(option, f"expected {expected}, got {value}; give 'exact' or 0 or more")
+    return int(value)
+
+
+def choice(option: str, value: object, choices: Collection[str]) -> str:
+    """One of ``choices``, exactly as spelt there."""
+    if not isinstance(value, str) or value not in choices:
+        raise OptionError(option, f"expected one of {', '.join(choices)}, got {value!r}; give one of them")
+    return value
+
+
+def format_choice(option: str, value: object, formats: Collection[str]) -> str:
+    """``format``: one of ``formats`` as `io.pyramid.format_name` spells it (any case; jpeg -> jpg, tif -> tiff)."""
+    name = _FORMAT_ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else None
+    if name not in formats:
+        raise OptionError(option, f"expected one of {', '.join(formats)}, got {value!r}; give one of them (jpeg and tif name jpg and tiff)")
+    return name
+
+
+def method(value: object) -> str | None:
+    """``method``: None (the model's default) or one of `models.defaults.METHODS`."""
+    if value is None:
+        return None
+    return choice("method", value, METHODS)
+
+
+def alpha(value: object) -> float | None:
+    """``alpha``: None (the model's default) or a number in 0..1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 <= value <= 1.0:
+        raise OptionError("alpha", f"expected a number in 0..1, got {value!r}; give e.g. 0.6 (0 keeps the content, 1 is the full style)")
+    return float(value)
+
+
+def levels(value: object) -> tuple[int, ...] | None:
+    """``levels``: None (the model's default), a stage, ``"5,4,3"`` or a sequence of stages of `models.spec.STAGES`, coarse to fine."""
+    stages = f"{STAGES[0]}..{STAGES[-1]}"
+    if value is None:
+        return None
+    if _whole(value):
+        value = (value,)
+    if isinstance(value, str):
+        items = value.replace(" ", "").split(",")
+        if value.strip().endswith(","):  # "5,4," is read as 5,4; an empty item inside ("5,,4") is a typo
+            items = items[:-1]
+        try:
+            found: tuple[int, ...] = tuple(int(t) for t in items)
+        except ValueError:
+            found = ()
+        if not found or any(k not in STAGES for k in found):
+            raise OptionError("levels", f"expected comma-separated stage numbers {stages}, coarse to fine, got {value!r}; give e.g. 5,4,3")
+        return found
+    try:
+        items = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        items = []
+    if not items or not all(_whole(k) and k in STAGES for k in items):
+        raise OptionError("levels", f"expected stage numbers {stages}, coarse to fine, got {value!r}; give e.g. (5, 4, 3) or '5,4,3'")
+    return tuple(int(k) for k in items)
