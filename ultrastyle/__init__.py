@@ -5,6 +5,7 @@
     with ultrastyle.load("cd-wct-16x") as s:                       # one model for many calls
         s.stylize(image, "art.jpg", alpha=0.8, output="out.png")
     ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")   # what `ultrastyle stylize` does
+    bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")      # `export`; then calibrate, check_tensorrt, build_tensorrt
 
 The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
@@ -37,6 +38,14 @@ _API = {
     "OutputCollisionError": "ultrastyle.runtime.batch",
     "ImageError": "ultrastyle.io.images",
     "optimize": "ultrastyle.optimization.run",
+    "export_model": "ultrastyle.deploy",
+    "calibrate": "ultrastyle.deploy",
+    "check_tensorrt": "ultrastyle.deploy",
+    "build_tensorrt": "ultrastyle.deploy",
+    "BundleError": "ultrastyle.export.bundle",
+    "ExportValidationError": "ultrastyle.export.validate",
+    "CalibrationError": "ultrastyle.calibration.quantize",
+    "CalibrationDataError": "ultrastyle.calibration.data",
 }
 __all__ = ["__version__", *_API]
 

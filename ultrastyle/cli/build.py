@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.export.bundle import BundleError, read_bundle
+from ultrastyle.export.bundle import BundleError
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.cascade import parse_levels
 
@@ -43,8 +43,9 @@ def build_command(
     Engines already built for this GPU and TensorRT version from the same
     graphs are kept; stale or foreign ones are rebuilt (and never run).
     """
+    from ultrastyle.deploy import build_tensorrt, check_tensorrt
+    from ultrastyle.options import OptionError
     from ultrastyle.trt.graphs import GraphError
-    from ultrastyle.trt.profiles import requested_ranges
 
     try:
         asked = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
@@ -54,41 +55,37 @@ def build_command(
         workspace_bytes = parse_bytes(workspace)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--workspace") from None
-    try:
-        b = read_bundle(bundle)
-    except BundleError as exc:
-        _err(str(exc))
-        raise typer.Exit(2) from None
-    stage_tuple = asked or tuple(sorted(b.stages))
-    if why := b.stages_problem(stage_tuple):
-        _err(f"{why} (use --stages)")
-        raise typer.Exit(2)
-    try:
-        ranges = requested_ranges(b.arch, stage_tuple, tile_min=tile_min, tile_opt=tile_opt, tile_max=tile_max, precision=precision.value)
-    except ValueError as exc:  # the library names its keywords; here they are flags
-        raise typer.BadParameter(str(exc).replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
+    tiles = {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max}
     if check:
-        _check(b, precision.value, ranges, stage_tuple)
+        try:
+            report = check_tensorrt(bundle, precision=precision.value, stages=asked, **tiles)
+        except OptionError as exc:  # the library names its keywords; here they are flags
+            raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
+        except BundleError as exc:  # unreadable, or without the stages asked: refused before any check
+            _err(f"{exc}{' (use --stages)' if 'has no stage' in str(exc) else ''}")
+            raise typer.Exit(2) from None
+        _print_check(report, precision.value)
         return
-    from ultrastyle.trt.build import BuildError, build_engines
+    from ultrastyle.trt.build import BuildError
     from ultrastyle.trt.env import TensorRTUnavailable
 
     err = Console(stderr=True, highlight=False)
     try:
         with err.status("building TensorRT engines") as status:
-            report = build_engines(
-                b, precision=precision.value, ranges=ranges, stages=stage_tuple, workspace=workspace_bytes,
-                timing_cache=timing_cache, force=force, verbose=verbose,
-                on_step=lambda msg: (status.update(msg), err.print(msg, markup=False)),
+            built = build_tensorrt(
+                bundle, precision=precision.value, stages=asked, workspace=workspace_bytes, timing_cache=timing_cache, force=force,
+                verbose=verbose, on_step=lambda msg: (status.update(msg), err.print(msg, markup=False)), **tiles,
             )  # fmt: skip
-    except TensorRTUnavailable as exc:  # refused before any work, as `stylize --backend tensorrt` is
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
+    except (TensorRTUnavailable, BundleError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
         _err(_as_flags(str(exc)))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
         _err(_as_flags(str(exc)))
         raise typer.Exit(1) from None
     Console(highlight=False).print(
-        f"{len(report.built)} engine(s) built, {len(report.fresh)} up to date, in {report.folder} ({report.seconds:.0f} s)"
+        f"{len(built.built)} engine(s) built, {len(built.fresh)} up to date, in {built.folder} ({built.seconds:.0f} s)"
     )
 
 
@@ -99,17 +96,15 @@ def _as_flags(message: str) -> str:
     return message
 
 
-def _check(bundle, precision: str, ranges, stages: tuple[int, ...]) -> None:
-    from ultrastyle.trt.check import check_bundle
-
-    report = check_bundle(bundle, precisions=(precision,), ranges=ranges, stages=stages)
+def _print_check(report, precision: str) -> None:
+    """One line per finding, then the verdict; exit 1 unless compatible."""
     out = Console(highlight=False, soft_wrap=True)
     for f in report.findings:
         out.print(_as_flags(str(f)), style="red" if f.severity == "error" else "yellow", markup=False)
-    prof = ", ".join(f"stage {k}: {r.min}..{r.opt}..{r.max}" for k, r in sorted(ranges.items()))
+    prof = ", ".join(f"stage {k}: {r.min}..{r.opt}..{r.max}" for k, r in sorted(report.ranges.items()))
     verdict = "compatible" if report.ok else f"NOT compatible: {len(report.errors)} problem(s)"
     out.print(
-        f"{bundle.path}: {verdict} with TensorRT at {precision} ({report.graphs} graphs, {report.nodes} nodes checked statically; "
+        f"{report.bundle}: {verdict} with TensorRT at {precision} ({report.graphs} graphs, {report.nodes} nodes checked statically; "
         f"{len(report.warnings)} warning(s)); tile profiles (px) {prof}",
         markup=False,
     )

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError, calibration_images
+from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError
 from ultrastyle.calibration.quantize import (
     ACTIVATIONS,
     DEFAULT_ACTIVATIONS,
@@ -20,13 +20,11 @@ from ultrastyle.calibration.quantize import (
     CalibrationError,
     CalibrationRefused,
     CalibrationSettings,
-    calibrate_bundle,
 )
 from ultrastyle.export.bundle import BundleError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
 from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.backends.select import ensure_bundle
 from ultrastyle.runtime.cascade import parse_levels
 
 
@@ -53,29 +51,29 @@ def calibrate_command(
     Runtime, and `build --precision int8` builds TensorRT engines from graphs
     calibrated with --activations int8.
     """
+    from ultrastyle.deploy import calibrate, calibration_settings
+    from ultrastyle.options import OptionError
+
     err = Console(stderr=True, highlight=False)
+    settings = dict(
+        method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float,
+        activations=activations, percentile=percentile,
+    )  # fmt: skip
     try:
-        settings = CalibrationSettings(
-            method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float,
-            activations=activations, percentile=percentile,
-        )  # fmt: skip
+        calibration_settings(**settings)
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
-    except ValueError as exc:
+    except (OptionError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    try:  # before any bundle is opened or exported: a folder without images is refused before any work
-        calibration_images(images)
-    except CalibrationDataError as exc:
-        err.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
     try:
-        target = ensure_bundle(bundle, on_export=lambda msg: err.print(msg, markup=False))
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as progress:
-            task = progress.add_task("calibrating", total=2 * len(stage_tuple or target.stages))
-            result = calibrate_bundle(
-                target, images, settings, stages=stage_tuple,
-                on_progress=lambda msg, done, total: progress.update(task, description=msg, completed=done),
+            task = progress.add_task("calibrating", total=None)
+            result = calibrate(
+                bundle, images, stages=stage_tuple,
+                on_progress=lambda msg, done, total: progress.update(task, description=msg, completed=done, total=total),
                 warn=lambda msg: err.print(f"warning: {msg}", markup=False),
+                on_export=lambda msg: err.print(msg, markup=False),
+                **settings,
             )  # fmt: skip
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
         text = " ".join(str(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag

@@ -8,13 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.export.bundle import BundleError, check_bundle_target, export_bundle
-from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
+from ultrastyle.export.bundle import BundleError, check_bundle_target
+from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
-from ultrastyle.models.pretrained import load_model
-from ultrastyle.runtime.backends.select import weights_digest
 from ultrastyle.runtime.cascade import parse_levels
 
 
@@ -41,16 +39,13 @@ def export_command(
     except BundleError as exc:
         err.print(f"error: {exc}", style="red", markup=False)
         raise typer.Exit(2) from None
+    from ultrastyle.deploy import export_model
+
     try:
-        net = load_model(model, stages=stage_tuple, aux=aux)
-        stage_tuple = net.stages
-        _, files = weights_digest(model, stage_tuple)
         with err.status("exporting") as status:
-            bundle = export_bundle(
-                net, output, spec=ExportSpec(opset=opset, stages=stage_tuple, kinds=ExportSpec().kinds + (("encoder_aux",) if aux else ())),
-                source_weights=files,
-                on_network=lambda name: status.update(f"exporting and validating {name}"),
-            )  # fmt: skip
+            bundle = export_model(
+                model, output, stages=stage_tuple, opset=opset, aux=aux, on_network=lambda name: status.update(f"exporting and validating {name}")
+            )
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False)
         # A model that cannot be loaded is refused before any work (2); a failed export or validation is 1.

@@ -92,6 +92,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     graphs: int = 0
     nodes: int = 0
+    ranges: dict[int, TileRange] = field(default_factory=dict)  # the tile profiles checked, per stage
+    bundle: Path | None = None  # the bundle checked
 
     @property
     def errors(self) -> list[Finding]:
@@ -341,7 +343,7 @@ def check_bundle(
     stages: tuple[int, ...] | None = None,
 ) -> CheckReport:
     """The whole static check: every graph for every precision asked, the profiles, the engine manifests."""
-    report = CheckReport()
+    report = CheckReport(bundle=bundle.path)
     shas: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
     for precision in precisions:
@@ -367,6 +369,7 @@ def check_bundle(
             report.nodes += len(model.graph.node)
             report.findings.extend(check_model(model, label, kind=None if src.kind == "stats" else src.kind))
     if ranges is not None:
+        report.ranges = dict(ranges)
         report.findings.extend(check_profiles(bundle, ranges))
     report.findings.extend(check_engines(bundle, shas))
     return report

@@ -1,0 +1,70 @@
+"""The deployment half from Python (`ultrastyle.export_model`, `calibrate`, `check_tensorrt`, `build_tensorrt`), as the CLI runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import ultrastyle
+from ultrastyle.export.bundle import BundleError
+from ultrastyle.models.zoo import sha256_file
+from ultrastyle.options import OptionError
+
+
+@pytest.fixture(scope="module")
+def bundle(cd16x_dir, tmp_path_factory):
+    return ultrastyle.export_model(cd16x_dir, tmp_path_factory.mktemp("deploy") / "b", stages=[1])
+
+
+def test_export_model_records_the_stages_and_source_weights(bundle, cd16x_dir):
+    assert bundle.stages == (1,) and sorted(bundle.manifest["networks"]) == ["decoder1", "decoder_affine1", "decoder_folded1", "encoder1"]
+    assert bundle.manifest["source_weights"]["1SE.pth"] == sha256_file(cd16x_dir / "1SE.pth")  # what `ultrastyle export` records
+    assert all(v["max_abs_diff"] < 1e-3 for v in bundle.manifest["validation"].values())
+
+
+def test_export_model_refuses_a_folder_that_is_not_a_bundle_before_loading(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="exists and is not a bundle"):
+        ultrastyle.export_model("no-such-model", tmp_path)  # refused before the name is looked up
+
+
+def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_dir, tmp_path):
+    import shutil
+
+    images = shared_dir / "images" / "train"
+    with pytest.raises(OptionError, match="did you mean 'samples'") as info:
+        ultrastyle.calibrate(bundle, images, sample=2)
+    assert info.value.option == "sample"
+    with pytest.raises(OptionError) as info:
+        ultrastyle.calibrate(bundle, images, keep_float="everything")
+    assert info.value.option == "keep_float"
+    shutil.copytree(bundle.path, tmp_path / "b")
+    out = ultrastyle.calibrate(tmp_path / "b", images, samples=1, tile=64, image_size=128, activations="int8")
+    entry = out.manifest["networks"]["encoder1"]["int8"]
+    assert entry["settings"]["activations"] == "int8" and (out.path / entry["file"]).is_file()
+    assert ultrastyle.check_tensorrt(out, precision="int8").ok  # signed Q/DQ graphs: what TensorRT builds
+
+
+def test_check_tensorrt_reports_profiles_and_refuses_bad_tiles(bundle):
+    report = ultrastyle.check_tensorrt(bundle, tile_max=512)
+    assert report.ok and report.graphs >= 4 and report.ranges[1].max == 512 and report.bundle == bundle.path
+    with pytest.raises(OptionError, match="tile_min 900 is above tile_max 512") as info:
+        ultrastyle.check_tensorrt(bundle, tile_min=900, tile_max=512)
+    assert info.value.option == "tile_min"
+    with pytest.raises(BundleError, match=r"no stage\(s\) \[3\]"):
+        ultrastyle.check_tensorrt(bundle, stages=[3])
+    with pytest.raises(OptionError):
+        ultrastyle.check_tensorrt(bundle, precision="int4")
+    assert not ultrastyle.check_tensorrt(bundle, precision="int8").ok  # no int8 graphs yet: a finding, not an exception
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: the build would run")
+def test_build_tensorrt_without_tensorrt_says_what_is_missing(bundle):
+    from ultrastyle.trt.env import TensorRTUnavailable
+
+    with pytest.raises(TensorRTUnavailable, match="TensorRT"):
+        ultrastyle.build_tensorrt(bundle)
+    with pytest.raises(OptionError) as info:
+        ultrastyle.build_tensorrt(bundle, workspace="lots")
+    assert info.value.option == "workspace"

@@ -1,0 +1,172 @@
+"""Shipping a model from Python: what `ultrastyle export`, `calibrate` and `build` do, as functions.
+
+    import ultrastyle
+    bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")               # validated ONNX graphs + manifest
+    ultrastyle.calibrate(bundle, "photos/", activations="int8")           # int8 Q/DQ graphs in the bundle
+    report = ultrastyle.check_tensorrt(bundle, precision="int8")          # static check, no GPU needed
+    ultrastyle.build_tensorrt(bundle, precision="int8")                   # engines for this GPU (TensorRT)
+    ultrastyle.load(bundle.path, precision="int8").stylize(...)           # run it
+
+The command line calls these; they raise the library's typed errors
+(`OptionError` for a bad keyword, `BundleError`, `CalibrationError`,
+`RunnerError`, `ZooError`, `CheckpointError`), never exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ultrastyle.export.bundle import Bundle, BundleError, check_bundle_target, export_bundle, read_bundle
+from ultrastyle.export.spec import DEFAULT_OPSET, ExportSpec
+from ultrastyle.options import OptionError
+
+if TYPE_CHECKING:
+    from ultrastyle.trt.build import BuildReport
+    from ultrastyle.trt.check import CheckReport
+
+__all__ = ["build_tensorrt", "calibrate", "check_tensorrt", "export_model"]
+
+
+def _stages(stages: Iterable[int] | None) -> tuple[int, ...] | None:
+    return None if stages is None else tuple(sorted(set(stages)))
+
+
+def export_model(
+    model: str | Path,
+    output: str | Path,
+    *,
+    stages: Iterable[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    aux: bool = False,
+    on_network: Callable[[str], None] | None = None,
+) -> Bundle:
+    """A zoo model or weights folder's stage networks as a validated ONNX bundle in ``output`` (`ultrastyle export`).
+
+    ``stages`` None: every stage the model has. ``aux``: also the encoders with
+    their Q_k embeddings as outputs (training bundles). ``output`` must be new,
+    empty or a bundle (replaced whole); anything else is refused before the
+    model loads. The manifest records the source weights' sha256.
+    """
+    from ultrastyle.models.pretrained import load_model
+    from ultrastyle.runtime.backends.select import weights_digest
+
+    check_bundle_target(output)
+    net = load_model(model, stages=_stages(stages), aux=aux)
+    _, files = weights_digest(model, net.stages)
+    kinds = ExportSpec().kinds + (("encoder_aux",) if aux else ())
+    return export_bundle(net, output, spec=ExportSpec(opset=opset, stages=net.stages, kinds=kinds), source_weights=files, on_network=on_network)
+
+
+def calibration_settings(**settings: Any):
+    """`CalibrationSettings` from keywords; a typo or a bad value is an `OptionError` naming the keyword."""
+    from ultrastyle.api import check_settings
+    from ultrastyle.calibration.quantize import CalibrationSettings
+
+    allowed = frozenset(f.name for f in dataclasses.fields(CalibrationSettings) if f.name not in ("images", "version"))
+    check_settings(settings, allowed, (), opener="calibrate")
+    try:
+        return CalibrationSettings(**settings)
+    except ValueError as exc:  # its messages start with the setting (or name the method)
+        name = next((k for k in settings if str(exc).startswith(k)), "method")
+        raise OptionError(name, str(exc)) from None
+
+
+def calibrate(
+    bundle: Bundle | str | Path,
+    images: str | Path,
+    *,
+    stages: Iterable[int] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    on_export: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> Bundle:
+    """Int8 (Q/DQ) graphs for ``bundle``'s encoders and fused decoders from a folder of real ``images`` (`ultrastyle calibrate`).
+
+    ``bundle``: a bundle, or a zoo name / weights folder whose cached bundle is
+    calibrated (exported first if needed). ``settings``: `CalibrationSettings`
+    fields (``method``, ``per_channel``, ``samples``, ``tile``, ``image_size``,
+    ``seed``, ``keep_float``, ``percentile``, ``activations``: ``"int8"`` for
+    TensorRT). ``stages`` None: every stage of the bundle. Returns the updated bundle.
+    """
+    from ultrastyle.calibration.data import calibration_images
+    from ultrastyle.calibration.quantize import calibrate_bundle
+    from ultrastyle.runtime.backends.select import ensure_bundle
+
+    chosen = calibration_settings(**settings)
+    calibration_images(images)  # a folder without images is refused before a bundle is exported
+    target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
+    return calibrate_bundle(target, images, chosen, stages=_stages(stages), on_progress=on_progress, warn=warn)
+
+
+def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | None, tiles: dict[str, int | None]):
+    from ultrastyle.trt.profiles import requested_ranges
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise OptionError("precision", f"TensorRT engines are fp32, fp16 or int8, not {precision!r}")
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    chosen = _stages(stages) or tuple(sorted(b.stages))
+    if why := b.stages_problem(chosen):
+        raise BundleError(why)
+    try:
+        ranges = requested_ranges(b.arch, chosen, precision=precision, **tiles)
+    except ValueError as exc:  # "tile_min 900 is above tile_max 512; ..."
+        raise OptionError(str(exc).split()[0], str(exc)) from None
+    return b, chosen, ranges
+
+
+def check_tensorrt(
+    bundle: Bundle | str | Path,
+    *,
+    precision: str = "fp32",
+    stages: Iterable[int] | None = None,
+    tile_min: int | None = None,
+    tile_opt: int | None = None,
+    tile_max: int | None = None,
+) -> CheckReport:
+    """Whether TensorRT can build ``bundle`` at ``precision``, checked statically (no GPU or TensorRT needed; `build --check`).
+
+    The report lists findings (ops and attributes the parser lacks, Q/DQ rules,
+    profiles for the tile sides, stale engines); ``report.ok`` is False on any error.
+    """
+    from ultrastyle.trt.check import check_bundle
+
+    b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
+    return check_bundle(b, precisions=(precision,), ranges=ranges, stages=chosen)
+
+
+def build_tensorrt(
+    bundle: Bundle | str | Path,
+    *,
+    precision: str = "fp32",
+    stages: Iterable[int] | None = None,
+    tile_min: int | None = None,
+    tile_opt: int | None = None,
+    tile_max: int | None = None,
+    workspace: int | str = "1GB",
+    timing_cache: str | Path | None = None,
+    force: bool = False,
+    verbose: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """TensorRT engines for ``bundle`` on this GPU, into ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/`` (`ultrastyle build`).
+
+    Fresh engines are kept (``force`` rebuilds them). Tile sides in pixels
+    (None: what the planner makes for a 2GB budget); ``workspace``: bytes or
+    ``"1GB"``. Without TensorRT or a GPU, `TensorRTUnavailable` says what is missing.
+    """
+    from ultrastyle.core.tile_memory import parse_bytes
+    from ultrastyle.trt.build import build_engines
+
+    try:
+        workspace_bytes = parse_bytes(workspace) if isinstance(workspace, str) else int(workspace)
+    except ValueError as exc:
+        raise OptionError("workspace", str(exc)) from None
+    b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
+    return build_engines(
+        b, precision=precision, ranges=ranges, stages=chosen, workspace=workspace_bytes, timing_cache=timing_cache,
+        force=force, verbose=verbose, on_step=on_step,
+    )  # fmt: skip
