@@ -46,11 +46,14 @@ def gather() -> list[Row]:
         INSTALL_ORT_GPU,
         INSTALL_PYCUDA,
         INSTALL_TENSORRT,
-        _has_module,
         detect_features,
+        has_cuda_python,
+        has_pycuda,
+        has_tensorrt,
         import_tensorrt,
         package_version,
         probe_gpus,
+        tensorrt_status,
     )
 
     from ultrastyle.runtime.memory import describe_memory_setup
@@ -94,8 +97,8 @@ def gather() -> list[Row]:
     else:
         rows.append(Row("gpu", "missing", "no NVIDIA GPU or driver visible (libcuda.so.1): the CPU backends run; TensorRT needs a GPU"))
 
-    trt_version = package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu13")
-    if not _has_module("tensorrt"):
+    trt_version, _ = tensorrt_status()
+    if not has_tensorrt():
         rows.append(Row("tensorrt", "missing", INSTALL_TENSORRT))
     else:
         try:
@@ -108,9 +111,9 @@ def gather() -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - a broken install is reported, not raised
             rows.append(Row("tensorrt", "unusable", f"{trt_version or '?'}: {exc}"))
     cp = package_version("cuda-python") or package_version("cuda-bindings")
-    has_cp = _has_module("cuda.bindings") or _has_module("cuda.cudart")
+    has_cp = has_cuda_python()
     rows.append(Row("cuda-python", "ok" if has_cp else "missing", cp if has_cp else f"{INSTALL_TENSORRT} (or pip install cuda-python)"))
-    has_pc = _has_module("pycuda")
+    has_pc = has_pycuda()
     rows.append(Row("pycuda", "ok" if has_pc else "missing", (package_version("pycuda") or "?") if has_pc else f"optional; {INSTALL_PYCUDA}"))
     return rows
 

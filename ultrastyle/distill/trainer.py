@@ -198,11 +198,6 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT
 
-    def request_stop(self) -> None:
-        """Stop after the current step, as Ctrl-C does (for callbacks and tests)."""
-        if self._stop is not None:
-            self._stop.requested = True
-
     def _save(self, step: int, seconds: float) -> None:
         assert self.optimizer is not None
         atomic_save(

@@ -30,7 +30,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ultrastyle.core.transforms import FeatureStats
 
-STATS_INPUTS = ("features", "row_mask", "col_mask")
 STATS_OUTPUTS = ("sum", "outer", "count")
 
 

@@ -248,15 +248,29 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def has_tensorrt() -> bool:
+    """The tensorrt package is installed (not imported: importing it needs its CUDA libraries)."""
+    return _has_module("tensorrt")
+
+
+def has_cuda_python() -> bool:
+    """cuda-python: ``cuda.bindings``, or ``cuda.cudart`` before 12.6."""
+    return _has_module("cuda.bindings") or _has_module("cuda.cudart")
+
+
+def has_pycuda() -> bool:
+    return _has_module("pycuda")
+
+
 def has_cuda_binding() -> bool:
-    """cuda-python (``cuda.bindings``, or ``cuda.cudart`` before 12.6) or pycuda."""
-    return _has_module("cuda.bindings") or _has_module("cuda.cudart") or _has_module("pycuda")
+    """A binding the TensorRT runner can allocate device memory with: cuda-python or pycuda."""
+    return has_cuda_python() or has_pycuda()
 
 
 def missing_for_tensorrt() -> list[str]:
     """What the TensorRT backend lacks here, each with how to get it (empty: all present)."""
     missing = []
-    if not _has_module("tensorrt"):
+    if not has_tensorrt():
         missing.append(f"the tensorrt package ({INSTALL_TENSORRT}, which brings cuda-python too)")
     if not has_cuda_binding():
         missing.append("a CUDA binding for device memory: cuda-python (pip install cuda-python) or pycuda")

@@ -88,6 +88,7 @@ MEMORY_FACTOR_DEFAULT = 1.25
 # 2-5 gain nothing measurable (within +-15% run-to-run noise): a conv whose
 # weights are a graph input cannot use ORT's prepacked weights.
 FOLDED_STAGES = (1,)
+PRECISIONS = ("fp32", "int8")  # int8: the bundle's Q/DQ graphs (`ultrastyle calibrate`)
 
 _SHARED_ARENA = False
 
@@ -127,7 +128,7 @@ class OnnxRuntimeRunner(Runner):
         """``stages``: the stages it runs (default: every stage of the bundle; a bundle may hold more)."""
         if arena not in ("shared", "shrink", "off"):
             raise RunnerError(f"arena must be 'shared', 'shrink' (after every run) or 'off', got {arena!r}")
-        if precision not in ("fp32", "int8"):
+        if precision not in PRECISIONS:
             raise RunnerError(f"the onnxruntime backend runs fp32 or int8 (Q/DQ graphs), not {precision!r}")
         self.arena = arena
         # Pool threads that spin after a run take the cores from the torch and numpy work between

@@ -177,6 +177,17 @@ def check_runner_options(*, backend: str = "auto", device: str = "cpu", precisio
         raise RunnerError(f"threads={threads} is more than {MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here); give 0 for one per core")
 
 
+def _precisions(backend: str) -> tuple[str, ...]:
+    """The precisions ``backend`` runs, as each backend declares them."""
+    if backend == "tensorrt":
+        from ultrastyle.trt import PRECISIONS
+    elif backend == "onnxruntime":
+        from ultrastyle.runtime.backends.onnxruntime_backend import PRECISIONS
+    else:
+        from ultrastyle.runtime.backends.torch_engine import TORCH_PRECISIONS as PRECISIONS
+    return PRECISIONS
+
+
 def open_runner(
     source: str | Path = DEFAULT_MODEL,
     *,
@@ -203,7 +214,7 @@ def open_runner(
     concrete = "torch" if compile and backend == "auto" else resolve_backend(backend, device, source, stages, precision)
     if compile and concrete != "torch":
         raise RunnerError(f"compile=True runs the torch backend (torch.compile); the {concrete} backend has its own engines")
-    allowed = {"tensorrt": ("fp32", "fp16", "int8"), "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16", "bf16")}[concrete]
+    allowed = _precisions(concrete)
     if precision not in allowed:
         raise RunnerError(
             f"precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
