@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import onnx
 
@@ -175,7 +177,7 @@ class EngineFromNetwork:
         self.notes.append("TensorRT refused an empty timing cache; building without one (tactics are measured again next time)")
 
 
-def current_host(trt, gpu: GpuInfo) -> eng.Host:
+def current_host(trt: ModuleType, gpu: GpuInfo) -> eng.Host:
     return eng.Host(gpu.name, gpu.compute_capability, str(trt.__version__))
 
 
@@ -223,74 +225,92 @@ def build_engines(
     sweep_stale(cache_path.parent)
     engine_from = EngineFromNetwork(trt, logger, features, workspace=workspace, timing_cache=cache_path)
     engine_from.tf32 = tf32
-    report = BuildReport(folder)
+    run = _Build(bundle, precision, folder, host, manifest, engine_from, trt, logger, features, workspace, BuildReport(folder))
     t0 = time.perf_counter()
     try:
-        _build_stale(bundle, precision, ranges, stages, force, keep_smaller_profiles, on_step, manifest, folder, host,
-                     engine_from, report, trt, logger, features, workspace)  # fmt: skip
+        run.stale_ones(ranges, stages, force=force, keep_smaller_profiles=keep_smaller_profiles, on_step=on_step)
     finally:
         if verbose:
             tensorrt_logger(trt)  # back to warnings for what runs after the build
-    report.seconds = time.perf_counter() - t0
-    return report
+    run.report.seconds = time.perf_counter() - t0
+    return run.report
 
 
-def _build_stale(bundle, precision, ranges, stages, force, keep_smaller_profiles, on_step, manifest, folder, host,
-                 engine_from, report, trt, logger, features, workspace) -> None:  # fmt: skip
-    for src in graph_sources(bundle, precision, stages):
-        rng = ranges[src.stage]
-        key = eng.engine_key(src.network, precision)
-        reasons = eng.stale_reasons(manifest, folder, src.network, precision, host=host, graph_sha256=src.sha256,
-                                   need_region=None if keep_smaller_profiles else rng.max)  # fmt: skip
-        if not reasons and not force:
-            report.fresh.append(key)
-            continue
-        report.reasons[key] = reasons or ["--force"]
-        if on_step:
-            on_step(f"building {key} (tiles {rng.min}..{rng.max} px)")
-        try:
-            _build_one(bundle, src, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace)
-        finally:
-            for note in engine_from.notes:
-                report.notes.append(note)
-                if on_step:
-                    on_step(note)
-            engine_from.notes.clear()
-        eng.write_manifest(folder, manifest)  # after each engine: an interrupted build keeps what it finished
-        report.built.append(key)
-    eng.write_manifest(folder, manifest)
+@dataclass
+class _Build:
+    """What every engine of one `build_engines` call shares."""
 
+    bundle: Bundle
+    precision: str
+    folder: Path
+    host: eng.Host
+    manifest: eng.EngineManifest
+    engine_from: EngineFromNetwork
+    trt: ModuleType
+    logger: Any
+    features: TrtFeatures
+    workspace: int
+    report: BuildReport
 
-def _build_one(bundle, src: GraphSource, precision, rng, manifest, folder, engine_from, trt, logger, features, workspace) -> None:
-    if src.quantized:
-        verify_int8_file(bundle, src)
-    model = src.load()
-    shapes = network_shapes(src.kind, src.stage, bundle.arch, rng)
-    t = time.perf_counter()
-    data, device_memory = engine_from(
-        NetworkFromOnnx(trt, logger, features, model, f"{src.network} ({src.label}, {precision})"), shapes,
-        precision=precision, quantized=src.quantized, tf32=engine_from.tf32 and src.kind != "stats",
-    )  # fmt: skip
-    name = eng.engine_file(src.network, precision)
-    write_atomic(folder / name, data)
-    manifest.engines[eng.engine_key(src.network, precision)] = eng.EngineEntry(
-        network=src.network,
-        precision=precision,
-        file=name,
-        sha256=hashlib.sha256(data).hexdigest(),
-        graph_sha256=src.sha256,
-        graph=src.label,
-        profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()},
-        tiles=rng.as_dict(),
-        settings={
-            "workspace": int(workspace),
-            "tf32": engine_from.tf32 and src.kind != "stats",
-            "strongly_typed": features.strongly_typed_flag or features.major >= 11,
-            "quantized": src.quantized,
-            "device_memory": int(device_memory),
-            "build_seconds": round(time.perf_counter() - t, 2),
-        },
-    )
+    def stale_ones(
+        self, ranges: dict[int, TileRange], stages: tuple[int, ...] | None, *, force: bool, keep_smaller_profiles: bool,
+        on_step: Callable[[str], None] | None,
+    ) -> None:  # fmt: skip
+        """Build each engine that is missing, stale or (``force``) any; the manifest is written after each."""
+        for src in graph_sources(self.bundle, self.precision, stages):
+            rng = ranges[src.stage]
+            key = eng.engine_key(src.network, self.precision)
+            reasons = eng.stale_reasons(self.manifest, self.folder, src.network, self.precision, host=self.host, graph_sha256=src.sha256,
+                                       need_region=None if keep_smaller_profiles else rng.max)  # fmt: skip
+            if not reasons and not force:
+                self.report.fresh.append(key)
+                continue
+            self.report.reasons[key] = reasons or ["rebuild forced"]
+            if on_step:
+                on_step(f"building {key} (tiles {rng.min}..{rng.max} px)")
+            try:
+                self.one(src, rng)
+            finally:
+                for note in self.engine_from.notes:
+                    self.report.notes.append(note)
+                    if on_step:
+                        on_step(note)
+                self.engine_from.notes.clear()
+            eng.write_manifest(self.folder, self.manifest)  # after each engine: an interrupted build keeps what it finished
+            self.report.built.append(key)
+        eng.write_manifest(self.folder, self.manifest)
+
+    def one(self, src: GraphSource, rng: TileRange) -> None:
+        """One engine: parse, build, write atomically, record in the manifest (not yet written)."""
+        if src.quantized:
+            verify_int8_file(self.bundle, src)
+        model = src.load()
+        shapes = network_shapes(src.kind, src.stage, self.bundle.arch, rng)
+        t = time.perf_counter()
+        data, device_memory = self.engine_from(
+            NetworkFromOnnx(self.trt, self.logger, self.features, model, f"{src.network} ({src.label}, {self.precision})"), shapes,
+            precision=self.precision, quantized=src.quantized, tf32=self.engine_from.tf32 and src.kind != "stats",
+        )  # fmt: skip
+        name = eng.engine_file(src.network, self.precision)
+        write_atomic(self.folder / name, data)
+        self.manifest.engines[eng.engine_key(src.network, self.precision)] = eng.EngineEntry(
+            network=src.network,
+            precision=self.precision,
+            file=name,
+            sha256=hashlib.sha256(data).hexdigest(),
+            graph_sha256=src.sha256,
+            graph=src.label,
+            profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()},
+            tiles=rng.as_dict(),
+            settings={
+                "workspace": int(self.workspace),
+                "tf32": self.engine_from.tf32 and src.kind != "stats",
+                "strongly_typed": self.features.strongly_typed_flag or self.features.major >= 11,
+                "quantized": src.quantized,
+                "device_memory": int(device_memory),
+                "build_seconds": round(time.perf_counter() - t, 2),
+            },
+        )
 
 
 def _dynamic_inputs(network) -> set[str]:

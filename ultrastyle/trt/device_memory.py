@@ -64,7 +64,7 @@ class HostBuffer:
     def nbytes(self) -> int:
         return self.array.nbytes
 
-    def view(self, dtype, shape) -> np.ndarray:
+    def view(self, dtype: np.dtype | type, shape: tuple[int, ...]) -> np.ndarray:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return self.array[:n].view(dtype).reshape(shape)
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ultrastyle.errors import RunnerError
 
@@ -174,7 +175,7 @@ class _LoggerSlot:
     logger: object = None
 
 
-def tensorrt_logger(trt: ModuleType, *, verbose: bool = False):
+def tensorrt_logger(trt: ModuleType, *, verbose: bool = False) -> Any:
     """The one TensorRT logger of this process, writing to stderr; ``verbose`` sets its level for what follows.
 
     TensorRT keeps a single logger pointer per process: a ``Builder`` or
@@ -214,7 +215,7 @@ def _make_logger(trt: ModuleType):
     return StderrLogger()
 
 
-def engine_device_memory(engine) -> int:
+def engine_device_memory(engine: Any) -> int:
     """Activation bytes an execution context needs for the engine's whole profile (10.x and 11)."""
     size = getattr(engine, "device_memory_size_v2", None)
     if size is None:  # TensorRT 10.0
