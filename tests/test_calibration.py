@@ -169,8 +169,11 @@ def test_tensorrt_static_check_accepts_the_signed_qdq_graphs(signed_bundle):
 def test_tensorrt_refuses_uint8_graphs_and_says_how_to_calibrate_for_it(int8_bundle):
     from ultrastyle.trt.graphs import GraphError, graph_sources
 
-    with pytest.raises(GraphError, match="uint8 activations.*--activations int8"):
+    from ultrastyle.cli.remedies import as_command
+
+    with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*activations='int8'\)") as info:
         graph_sources(int8_bundle, "int8")
+    assert f"ultrastyle calibrate {int8_bundle.path} --images DIR --activations int8" in as_command(info.value)
 
 
 # Mean feature error of uint8 over signed int8 activations, measured 0.59 / 0.69 / 0.87 for stages 1 / 3 / 5
@@ -224,7 +227,7 @@ def test_tampered_int8_graph_is_refused(int8_bundle, tmp_path):
 
 
 def test_int8_runner_without_calibration_says_how_to_make_it(fp32_bundle):
-    with pytest.raises(RunnerError, match="ultrastyle calibrate"):
+    with pytest.raises(RunnerError, match=r"ultrastyle\.calibrate\("):
         OnnxRuntimeRunner(fp32_bundle, precision="int8")
 
 

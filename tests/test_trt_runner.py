@@ -231,10 +231,14 @@ def test_stylize_core_keeps_features_on_the_device(bundle, model, fake, monkeypa
 
 def test_tiles_outside_the_profile_are_refused_with_the_fix(bundle, fake):
     _build(bundle)
-    with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match="outside the engine's profile.*--tile-max"):
+    from ultrastyle.cli.remedies import as_command
+
+    with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match=r"outside the engine's profile.*build_tensorrt\(.*tile_max=N\)") as info:
         r.encode(1, torch.rand(1, 3, 8, TILE_MAX + 8))
-    with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match="below the engine's profile.*smaller than.*--tile-min"):
+    assert f"ultrastyle build {bundle.path} --precision fp32 --tile-max N" in as_command(info.value)  # what the CLI prints
+    with TensorRTRunner(bundle) as r, pytest.raises(RunnerError, match=r"below the engine's profile.*smaller than.*tile_min=N") as info:
         r.encode(5, torch.rand(1, 3, 16, 64))  # stage 5's profile starts at 2 x its 16-px grid
+    assert "--tile-min N" in as_command(info.value)
 
 
 def test_tiled_stylization_fits_its_tiles_to_the_profiles_without_being_asked(bundle, model, fake, shared_dir):

@@ -740,7 +740,10 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
     src.write_bytes(bytes(data))
     with pytest.raises(zoo.ChecksumError) as ei:
         zoo.fetch("own", force=True, progress=False)
-    assert f"ultrastyle models fetch {NAME} --force" in str(ei.value) and se["sha256"] in str(ei.value)
+    assert f"ultrastyle.models.zoo.fetch('{NAME}', force=True)" in str(ei.value) and se["sha256"] in str(ei.value)
+    from ultrastyle.cli.remedies import as_command
+
+    assert f"ultrastyle models fetch {NAME} --force" in as_command(ei.value)  # as the CLI prints it
     assert zoo.verify("own") == []  # the verified copy was kept
     assert mirror.requests == []  # force applies to `own`, not to the model it reuses
 

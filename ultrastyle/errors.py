@@ -4,10 +4,51 @@
 and also what `trt` raises when TensorRT, a CUDA binding or a GPU is missing
 (`trt.env.TensorRTUnavailable`): both import it from here, downward, so the
 command line reports either the same way.
+
+`Remedy` is the fix an error suggests, as data: the message shows it as a
+Python call, and the command line as the command (library messages name no
+command-line flags).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
 
 class RunnerError(RuntimeError):
     """A runner used out of order, or a backend that cannot run here (says why and what to do)."""
+
+
+class Placeholder(str):
+    """A value the user fills in (``YOUR_PHOTOS/``, ``N``): shown bare, not quoted, in a `Remedy`."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A call that fixes an error, kept on the error as ``.remedy``.
+
+    The library's message shows it as Python (`python`); a front end shows it
+    its own way (the command line as a command, `ultrastyle.cli.remedies`).
+    ``function`` is a name under ``ultrastyle`` (``build_tensorrt``, ``models.zoo.fetch``).
+    """
+
+    function: str
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def python(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs]
+        return f"ultrastyle.{self.function}({', '.join(parts)})"
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def remedied(exc: E, remedy: Remedy) -> E:
+    """``exc`` with ``remedy`` attached (its message already shows ``remedy.python()``)."""
+    exc.remedy = remedy  # type: ignore[attr-defined]
+    return exc

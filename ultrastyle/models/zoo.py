@@ -52,6 +52,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from ultrastyle.errors import Remedy
 from ultrastyle.io.atomic import atomic_write, sweep_stale
 from ultrastyle.models.registry import (
     SOURCE_KINDS,
@@ -100,16 +101,19 @@ _STALE_PARTIAL_S = 3600.0
 class ChecksumError(ZooError):
     """A file whose content is not the published one."""
 
-    def __init__(self, file: str, expected: str, found: str, *, detail: str = "", hint: str = "") -> None:
+    def __init__(self, file: str, expected: str, found: str, *, detail: str = "", hint: str = "", remedy: Remedy | None = None) -> None:
         self.file = file
         self.expected = expected
         self.found = found
+        self.remedy = remedy
         msg = f"checksum mismatch for {file}: expected sha256 {expected}, found {found}"
         if detail:
             msg += f" ({detail})"
         msg += "; the file was not installed."
         if hint:
             msg += f" {hint}"
+        if remedy:
+            msg += f" Fetch it again: {remedy.python()}"
         super().__init__(msg)
 
 
@@ -138,8 +142,9 @@ class DownloadError(ZooError):
         self.url = url
         self.cause = cause
         self.model = model
+        self.remedy = Remedy("models.zoo.fetch", (model,), (("mirror", "URL"),))
         super().__init__(
-            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or: ultrastyle models fetch {model} --mirror URL). "
+            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {self.remedy.python()}). "
             f"On an offline machine, copy the files and run: ultrastyle models import {model} DIR"
         )
 
@@ -446,7 +451,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
     _remember(dest, f.sha256)
 
 
-def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str,
+def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str = "", remedy: Remedy | None = None,
                    advance: Callable[[int], None] = lambda n: None) -> None:
     """Copy ``src`` to ``dest`` through a temp file, renamed into place only if its sha256 is ``f``'s."""
     with atomic_write(dest) as fh:  # renamed into place only if the block does not raise
@@ -461,7 +466,7 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
             raise ZooError(f"cannot read {src} ({exc.strerror or exc}) to install {entry.name}/{f.name}") from exc
         digest = h.hexdigest()
         if digest != f.sha256:
-            raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, digest, detail=detail, hint=hint)
+            raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, digest, detail=detail, hint=hint, remedy=remedy)
     _remember(dest, f.sha256)
 
 
@@ -489,7 +494,7 @@ def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[i
         )
     _copy_verified(
         entry, f, src, dest, detail=f"copied from {other}/{name} at {src}", advance=advance,
-        hint=f"The installed {other} is damaged; run: ultrastyle models fetch {other} --force",
+        hint=f"The installed {other} is damaged.", remedy=Remedy("models.zoo.fetch", (other,), (("force", True),)),
     )  # fmt: skip
 
 

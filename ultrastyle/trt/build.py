@@ -103,9 +103,7 @@ class NetworkFromOnnx:
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse(self.model.SerializeToString()):
             errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BuildError(
-                f"TensorRT's ONNX parser rejected {self.label}: {errors}; run `ultrastyle build BUNDLE --check` for a static report"
-            )
+            raise BuildError(f"TensorRT's ONNX parser rejected {self.label}: {errors}; check_tensorrt(BUNDLE) gives a static report")
         return network, parser  # the parser must outlive the network's use (it owns the weights)
 
 
@@ -204,7 +202,7 @@ def build_engines(
     newer, ~1e-3 per network and ~3e-2 on the cascade; see the module docstring).
     """
     gpu = require_tensorrt_stack(
-        "building TensorRT engines", f"`ultrastyle build {bundle.path} --check` checks the bundle without them"
+        "building TensorRT engines", f"ultrastyle.check_tensorrt({str(bundle.path)!r}) checks the bundle without them"
     )
     trt = import_tensorrt()
     features = detect_features(trt)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import onnx
 
+from ultrastyle.errors import Remedy, remedied
 from ultrastyle.export.bundle import Bundle, load_graph
 from ultrastyle.export.int8 import calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
@@ -82,10 +83,11 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
         )
     activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":
-        raise GraphError(
+        fix = Remedy("calibrate", (str(bundle.path), "DIR"), (("activations", "int8"),))
+        raise remedied(GraphError(
             f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
-            f"TensorRT's INT8 is signed with zero-point 0: re-run ultrastyle calibrate {bundle.path} --images DIR --activations int8"
-        )
+            f"TensorRT's INT8 is signed with zero-point 0: calibrate again with {fix.python()}"
+        ), fix)  # fmt: skip
     out: list[GraphSource] = []
     for k in stages:
         for kind in ("encoder", "decoder", "decoder_affine"):

@@ -45,6 +45,7 @@ import torch
 
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, read_bundle
 from ultrastyle.export.stats_graph import stats_from_outputs, window_masks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
@@ -123,10 +124,11 @@ class TensorRTRunner(Runner):
             stale += eng.stale_reasons(self.manifest, self.folder, src.network, self.precision, host=self.host, graph_sha256=src.sha256)
         if stale:
             shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
-            raise RunnerError(
+            fix = Remedy("build_tensorrt", (str(self.bundle.path),), (("precision", self.precision),))
+            raise remedied(RunnerError(
                 f"TensorRT engines for {self.bundle.path} at {self.precision} are missing or stale on this GPU "
-                f"({self.host.folder_name}): {shown}. Build them with: ultrastyle build {self.bundle.path} --precision {self.precision}"
-            )
+                f"({self.host.folder_name}): {shown}. Build them with {fix.python()}"
+            ), fix)  # fmt: skip
         self.logger = tensorrt_logger(trt)  # the process's one logger (the builder's too)
         self.runtime = trt.Runtime(self.logger)
         self.mem = open_device_memory(self.cuda_binding)
@@ -182,7 +184,8 @@ class TensorRTRunner(Runner):
         entry = self.manifest.engines[eng.engine_key(name, self.precision)]  # type: ignore[union-attr]
         engine = self.runtime.deserialize_cuda_engine((self.folder / entry.file).read_bytes())
         if engine is None:
-            raise RunnerError(f"TensorRT could not deserialize {self.folder / entry.file}; rebuild with: ultrastyle build {self.bundle.path} --force")
+            fix = Remedy("build_tensorrt", (str(self.bundle.path),), (("precision", self.precision), ("force", True)))
+            raise remedied(RunnerError(f"TensorRT could not deserialize {self.folder / entry.file}; rebuild with {fix.python()}"), fix)
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
         if strategy is not None:
             context = engine.create_execution_context(strategy.USER_MANAGED)
@@ -224,17 +227,18 @@ class TensorRTRunner(Runner):
     def _check_shape(self, net: _Network, tensor: str, shape: tuple[int, ...]) -> None:
         lo, _, hi = net.profile[tensor]
         if len(shape) == len(lo) and any(s < a for s, a in zip(shape, lo)):
-            raise RunnerError(
+            fix = Remedy("build_tensorrt", (str(self.bundle.path),), (("precision", self.precision), ("tile_min", Placeholder("N"))))
+            raise remedied(RunnerError(
                 f"{net.name}: input {tensor!r} of shape {tuple(shape)} is below the engine's profile {lo}..{hi}: "
                 f"this region (a small image, or an image's edge tile) is smaller than the engines' smallest tile; rebuild with a smaller minimum: "
-                f"ultrastyle build {self.bundle.path} --precision {self.precision} --tile-min N"
-            )
+                f"{fix.python()}"
+            ), fix)  # fmt: skip
         if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
-            raise RunnerError(
+            fix = Remedy("build_tensorrt", (str(self.bundle.path),), (("precision", self.precision), ("tile_max", Placeholder("N"))))
+            raise remedied(RunnerError(
                 f"{net.name}: input {tensor!r} of shape {tuple(shape)} is outside the engine's profile {lo}..{hi}; "
-                f"use smaller tiles (tile / max_memory) or rebuild with a larger range: "
-                f"ultrastyle build {self.bundle.path} --precision {self.precision} --tile-max N"
-            )
+                f"use smaller tiles (tile / max_memory) or rebuild with a larger range: {fix.python()}"
+            ), fix)  # fmt: skip
 
     def _execute(
         self,

@@ -1,0 +1,42 @@
+"""Fixes that errors suggest: Python in library messages, the command on the command line (`cli.remedies`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ultrastyle.cli.remedies import COMMANDS, as_command, command
+from ultrastyle.errors import Placeholder, Remedy, RunnerError, remedied
+
+
+def test_a_remedy_reads_as_python_and_as_the_command():
+    fix = Remedy("build_tensorrt", ("b/",), (("precision", "fp16"), ("tile_min", Placeholder("N")), ("force", True)))
+    assert fix.python() == "ultrastyle.build_tensorrt('b/', precision='fp16', tile_min=N, force=True)"
+    assert command(fix) == "ultrastyle build b/ --precision fp16 --tile-min N --force"
+    assert command(Remedy("calibrate", ("b/", "photos/"), (("activations", "int8"),))) == "ultrastyle calibrate b/ --images photos/ --activations int8"
+
+
+def test_the_cli_swaps_the_call_for_the_command_and_leaves_other_errors_alone():
+    fix = Remedy("models.zoo.fetch", ("cd-wct-16x",), (("mirror", "URL"),))
+    exc = remedied(RunnerError(f"could not download; fetch it from a mirror: {fix.python()}"), fix)
+    assert as_command(exc) == "could not download; fetch it from a mirror: ultrastyle models fetch cd-wct-16x --mirror URL"
+    assert as_command(RunnerError("plain")) == "plain"
+
+
+@pytest.mark.parametrize("function", sorted(COMMANDS))
+def test_every_command_remedy_names_a_public_function(function):
+    import importlib
+
+    module, _, name = f"ultrastyle.{function}".rpartition(".")
+    assert callable(getattr(importlib.import_module(module), name))  # the Python the message shows exists
+
+
+def test_an_int8_runner_without_int8_graphs_suggests_calibrate(tmp_path, cd16x_dir):
+    from ultrastyle.export.bundle import export_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+
+    bundle = export_bundle(load_cd_folder(cd16x_dir, stages=(5,)), tmp_path / "b", spec=ExportSpec(stages=(5,)), validate=False)
+    with pytest.raises(RunnerError, match=r"make them with ultrastyle.calibrate\(") as info:
+        OnnxRuntimeRunner(bundle, precision="int8")
+    assert as_command(info.value).endswith(f"ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/")
