@@ -19,17 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ultrastyle.calibration.constants import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE
 from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.transforms import FeatureStats, fit_affine
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, array_to_tensor, read_image, resize_long_side
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import DEFAULT_ALPHA
-
-DEFAULT_TILE = 512
-DEFAULT_SAMPLES = 8
-# Long side the images are brought to before tiles are cut: close to the
-# scale of a stage's input in a real run, where tiles cut a large photo.
-DEFAULT_IMAGE_SIZE = 1024
 
 Feed = dict[str, np.ndarray]
 

@@ -53,30 +53,30 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-
-from ultrastyle.calibration.data import (
+from ultrastyle.calibration.constants import (
+    ACTIVATIONS,
+    DEFAULT_ACTIVATIONS,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_KEEP_FLOAT,
+    DEFAULT_METHOD,
+    DEFAULT_PERCENTILE,
     DEFAULT_SAMPLES,
     DEFAULT_TILE,
-    FeedReader,
-    TileSampler,
-    calibration_images,
-    stage_feeds,
+    KEEP_FLOAT,
+    METHODS,
 )
+from ultrastyle.calibration.data import FeedReader, TileSampler, calibration_images, stage_feeds
 from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.models.zoo import sha256_file
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
-METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "percentile"  # measured: +2 dB over minmax on the 5-stage cascade (benchmarks/int8_quality.py)
-KEEP_FLOAT = ("transform", "ends", "deep")
-DEFAULT_KEEP_FLOAT = "ends"
-ACTIVATIONS = ("uint8", "int8")
-DEFAULT_ACTIVATIONS = "uint8"  # measured: +2.8-3.5 dB over signed int8 on the 5-stage cascade, at about the same speed
+if TYPE_CHECKING:
+    import onnx
+
 QUANTIZED_KINDS = ("encoder", "decoder_affine")
 CALIBRATION_VERSION = 2
 
@@ -102,7 +102,7 @@ class CalibrationSettings:
     image_size: int = DEFAULT_IMAGE_SIZE
     seed: int = 0
     keep_float: str = DEFAULT_KEEP_FLOAT
-    percentile: float = 99.99  # measured: 99.9 / 99.97 / 99.99 / 99.999 / 99.9999 -> 25.3 / 27.6 / 28.3 / 28.2 / 27.2 dB (uint8)
+    percentile: float = DEFAULT_PERCENTILE
     activations: str = DEFAULT_ACTIVATIONS
     version: int = CALIBRATION_VERSION
     images: list[str] = field(default_factory=list)  # file names, for the record

@@ -10,9 +10,7 @@ import typer
 from rich.console import Console
 
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.export.bundle import BundleError
-from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.cascade import parse_levels
+from ultrastyle.models.spec import parse_levels
 
 
 class Precision(str, Enum):
@@ -44,6 +42,8 @@ def build_command(
     graphs are kept; stale or foreign ones are rebuilt (and never run).
     """
     from ultrastyle.deploy import build_tensorrt, check_tensorrt
+    from ultrastyle.errors import RunnerError
+    from ultrastyle.export.bundle import BundleError
     from ultrastyle.options import OptionError
     from ultrastyle.trt.graphs import GraphError
 

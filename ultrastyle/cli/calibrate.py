@@ -9,23 +9,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ultrastyle.calibration.data import DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLES, DEFAULT_TILE, CalibrationDataError
-from ultrastyle.calibration.quantize import (
+from ultrastyle.calibration.constants import (
     ACTIVATIONS,
     DEFAULT_ACTIVATIONS,
+    DEFAULT_IMAGE_SIZE,
     DEFAULT_KEEP_FLOAT,
     DEFAULT_METHOD,
+    DEFAULT_PERCENTILE,
+    DEFAULT_SAMPLES,
+    DEFAULT_TILE,
     KEEP_FLOAT,
     METHODS,
-    CalibrationError,
-    CalibrationRefused,
-    CalibrationSettings,
 )
-from ultrastyle.export.bundle import BundleError
 from ultrastyle.models import zoo
-from ultrastyle.models.convert import CheckpointError
-from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.cascade import parse_levels
+from ultrastyle.models.spec import parse_levels
 
 
 def calibrate_command(
@@ -40,7 +37,7 @@ def calibrate_command(
     activations: Annotated[
         str, typer.Option(help=f"{' or '.join(ACTIVATIONS)}: uint8 for ONNX Runtime on the CPU (about 3 dB closer to fp32); int8 (signed, zero-point 0) for TensorRT.")
     ] = DEFAULT_ACTIVATIONS,
-    percentile: Annotated[float, typer.Option(help="Range kept by --method percentile (the rest is clipped).")] = CalibrationSettings.percentile,
+    percentile: Annotated[float, typer.Option(help="Range kept by --method percentile (the rest is clipped).")] = DEFAULT_PERCENTILE,
     stages: Annotated[str | None, typer.Option(help="Stages to quantize \\[default: every stage of the bundle]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the tile sampler.")] = 0,
 ) -> None:
@@ -51,7 +48,12 @@ def calibrate_command(
     Runtime, and `build --precision int8` builds TensorRT engines from graphs
     calibrated with --activations int8.
     """
+    from ultrastyle.calibration.data import CalibrationDataError
+    from ultrastyle.calibration.quantize import CalibrationError, CalibrationRefused
     from ultrastyle.deploy import calibrate, calibration_settings
+    from ultrastyle.errors import RunnerError
+    from ultrastyle.export.bundle import BundleError
+    from ultrastyle.models.convert import CheckpointError
     from ultrastyle.options import OptionError
 
     err = Console(stderr=True, highlight=False)

@@ -14,20 +14,18 @@ import warnings
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
-from ultrastyle.distill.data import BadImageWarning, DataError
-from ultrastyle.distill.jobs import JobResult, distill, train_decoder
-from ultrastyle.distill.outputs import OutputError
-from ultrastyle.distill.trainer import CHECKPOINT, RunFolderInUse, StepReport, TrainingError
 from ultrastyle.models import zoo
-from ultrastyle.models.convert import CheckpointError
-from ultrastyle.runtime.cascade import parse_levels
+from ultrastyle.models.spec import parse_levels
+
+if TYPE_CHECKING:
+    from ultrastyle.distill.jobs import JobResult
 
 
 class Mode(str, Enum):
@@ -93,6 +91,13 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             text = f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
         _err(text)
         raise typer.Exit(2) from None
+    # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
+    from ultrastyle.distill.data import BadImageWarning, DataError
+    from ultrastyle.distill.jobs import distill, train_decoder
+    from ultrastyle.distill.outputs import OutputError
+    from ultrastyle.distill.trainer import CHECKPOINT, RunFolderInUse, StepReport, TrainingError
+    from ultrastyle.models.convert import CheckpointError
+
     if configs[0].threads:
         import torch
 

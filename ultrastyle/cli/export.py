@@ -8,12 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.export.bundle import BundleError, check_bundle_target
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS
-from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models import zoo
-from ultrastyle.models.convert import CheckpointError
-from ultrastyle.runtime.cascade import parse_levels
+from ultrastyle.models.spec import parse_levels
 
 
 def export_command(
@@ -34,12 +31,16 @@ def export_command(
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    from ultrastyle.export.bundle import BundleError, check_bundle_target
+
     try:  # before the model loads: a folder holding something else is refused before any work
         check_bundle_target(output)
     except BundleError as exc:
         err.print(f"error: {exc}", style="red", markup=False)
         raise typer.Exit(2) from None
     from ultrastyle.deploy import export_model
+    from ultrastyle.export.validate import ExportValidationError
+    from ultrastyle.models.convert import CheckpointError
 
     try:
         with err.status("exporting") as status:

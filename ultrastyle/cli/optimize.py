@@ -12,11 +12,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.io.atomic import sweep_stale
-from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError
-from ultrastyle.io.paths import expand_inputs
-from ultrastyle.models.pretrained import DEFAULT_MODEL
-from ultrastyle.optimization.loss import DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
-from ultrastyle.optimization.run import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
+from ultrastyle.io.constants import IMAGE_SUFFIXES
+from ultrastyle.models.defaults import DEFAULT_MODEL
+from ultrastyle.optimization.constants import (
+    DEFAULT_CONTENT_LAYER,
+    DEFAULT_CONTENT_WEIGHT,
+    DEFAULT_ITERATIONS,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_STYLE_WEIGHT,
+)
 
 
 class Init(str, Enum):
@@ -129,6 +133,8 @@ def optimize_command(
     others still run.
     """
     from ultrastyle.api import OptionError
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.io.paths import expand_inputs
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
 
     contents = expand_inputs(content)

@@ -8,26 +8,20 @@ import warnings
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, make_options
-from ultrastyle.distributed.cluster import ClusterError
-from ultrastyle.export.bundle import BundleError
-from ultrastyle.export.validate import ExportValidationError
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES, ImageError
-from ultrastyle.io.paths import expand_inputs
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES
 from ultrastyle.models import zoo
-from ultrastyle.models.convert import CheckpointError
-from ultrastyle.models.sources import model_defaults
-from ultrastyle.models.pretrained import DEFAULT_MODEL
-from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
+from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.runtime.memory import use_huge_pages
+
+if TYPE_CHECKING:
+    from ultrastyle.options import OptionError
 
 
 class Method(str, Enum):
@@ -192,6 +186,18 @@ def stylize_command(
     partial output file is left behind. Ctrl-C stops after the outputs in
     flight are written (--ray: abandons them), prints the summary and exits 130.
     """
+    # The library is imported here, not at module level: every `--help` builds this command (typer), without torch.
+    from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, make_options
+    from ultrastyle.distributed.cluster import ClusterError
+    from ultrastyle.errors import RunnerError
+    from ultrastyle.export.bundle import BundleError
+    from ultrastyle.export.validate import ExportValidationError
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.io.paths import expand_inputs
+    from ultrastyle.models.convert import CheckpointError
+    from ultrastyle.models.sources import model_defaults
+    from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
+
     if no_tile and tile.strip().lower() != "auto":
         raise typer.BadParameter("--no-tile runs each stage on the whole image and --tile sets a tile size; give one of them", param_hint="--tile")
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)

@@ -20,12 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ultrastyle.core.canvas import sample_peak
 from ultrastyle.io.atomic import atomic_write
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES  # noqa: F401 - IMAGE_SUFFIXES re-exported
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
-# Ultra-resolution is the point of this toolkit: PIL's decompression-bomb guard
-# (89 MP) is raised deliberately, to this default, and can be set per call.
-DEFAULT_MAX_PIXELS = 400_000_000
 
 
 class ImageError(ValueError):
@@ -306,9 +303,6 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
-# zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
-# files 21% larger (benchmarks/codecs.py measures the levels and encoders).
-DEFAULT_PNG_LEVEL = 1
 JPEG_QUALITY = 95  # of JPEG outputs, with Pillow's default 4:2:0 chroma (`io.pyramid.write_jpeg_bands` matches it)
 
 

@@ -6,7 +6,7 @@ import glob
 import os
 from pathlib import Path
 
-from ultrastyle.io.images import IMAGE_SUFFIXES
+from ultrastyle.io.constants import IMAGE_SUFFIXES
 
 
 def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Path]:

@@ -29,6 +29,7 @@ from ultrastyle.models.errors import ZooError
 from ultrastyle.models.spec import STAGES
 
 __all__ = [
+    "DEFAULT_MODEL",
     "METHODS",
     "DEFAULT_METHOD",
     "DEFAULT_ALPHA",
@@ -39,6 +40,7 @@ __all__ = [
     "defaults_from_dict",
 ]
 
+DEFAULT_MODEL = "cd-wct-16x"  # the model every command and `load_model` use unless told (`models.pretrained` imports it)
 METHODS = ("wct", "adain")
 DEFAULT_METHOD = "wct"
 DEFAULT_ALPHA = 0.6  # also the cascade's (`runtime.cascade` imports it; this module stays torch-free)

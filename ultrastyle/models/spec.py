@@ -142,6 +142,23 @@ def _check_stage(stage: int) -> None:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
 
 
+def parse_levels(text: str) -> tuple[int, ...]:
+    """``"5,4,3,2,1"`` -> (5, 4, 3, 2, 1), with a clear error for anything else.
+
+    Here, torch-free, for the command line's ``--levels``/``--stages`` (`runtime.cascade` re-exports it).
+    """
+    items = text.replace(" ", "").split(",")
+    if text.strip().endswith(","):  # "5,4," is read as 5,4; an empty item inside ("5,,4") is a typo
+        items = items[:-1]
+    try:
+        levels = tuple(int(t) for t in items)
+    except ValueError:
+        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
+    if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
+        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}")
+    return levels
+
+
 VGG19_WIDTHS = (64, 128, 256, 512, 512)
 
 ARCHS: dict[str, ArchSpec] = {

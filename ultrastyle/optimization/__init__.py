@@ -8,6 +8,20 @@ their state in canvases), `vectors` (band-wise arithmetic on canvases), `run`
 
 from __future__ import annotations
 
-from ultrastyle.optimization.run import Optimizer, OptimizeOptions, ProgressEvent, make_optimize_options, optimize
+import importlib
+from typing import Any
 
 __all__ = ["Optimizer", "OptimizeOptions", "ProgressEvent", "make_optimize_options", "optimize"]
+
+
+def __getattr__(name: str) -> Any:
+    # The names of `run` are loaded on first use, so the torch-free `constants` (the command line's help) stays cheap.
+    if name in __all__:
+        value = getattr(importlib.import_module("ultrastyle.optimization.run"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ultrastyle.optimization' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

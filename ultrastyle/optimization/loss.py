@@ -56,12 +56,10 @@ from ultrastyle.core.receptive import encoder_radius, needed_windows, round_up
 from ultrastyle.core.tiling import Tile, plan_tiles
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.networks import Encoder
+from ultrastyle.optimization.constants import DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT
 from ultrastyle.runtime.memory import release_free_memory
 
 TAPS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-DEFAULT_CONTENT_LAYER = "relu4_1"
-DEFAULT_CONTENT_WEIGHT = 1.0
-DEFAULT_STYLE_WEIGHT = 1e-3  # balances the two terms on the CD 16x encoder: see docs/optimize.md
 
 TileCallback = Callable[[str, int, int], None]
 

@@ -48,6 +48,7 @@ from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.spec import ARCHS
 import ultrastyle.optimization.vectors as vec
+from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
 from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
@@ -61,8 +62,6 @@ from ultrastyle.options import OptionError
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 INITS = ("content", "noise", "wct")
 FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)
-DEFAULT_ITERATIONS = 100
-DEFAULT_MAX_MEMORY = "2GB"
 STATE_VERSION = 1
 # Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
 # here at 1024 px with a heap trim after each tile: 933 B/px with glibc's defaults, 1129 B/px with

@@ -19,24 +19,11 @@ from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.defaults import DEFAULT_ALPHA
+from ultrastyle.models.spec import parse_levels  # noqa: F401 - re-exported: its home is torch-free for the command line
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
 
 DEFAULT_LEVELS = (5, 4, 3, 2, 1)
-
-
-def parse_levels(text: str) -> tuple[int, ...]:
-    """``"5,4,3,2,1"`` -> (5, 4, 3, 2, 1), with a clear error for anything else."""
-    items = text.replace(" ", "").split(",")
-    if text.strip().endswith(","):  # "5,4," is read as 5,4; an empty item inside ("5,,4") is a typo
-        items = items[:-1]
-    try:
-        levels = tuple(int(t) for t in items)
-    except ValueError:
-        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
-    if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
-        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}")
-    return levels
 
 
 @torch.inference_mode()

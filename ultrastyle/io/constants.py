@@ -1,0 +1,14 @@
+"""Image I/O settings the command line shows in its help: torch-free, so ``ultrastyle --help`` stays cheap.
+
+`io.images` (which imports torch) re-exports them; this is their one definition.
+"""
+
+from __future__ import annotations
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+# Ultra-resolution is the point of this toolkit: PIL's decompression-bomb guard
+# (89 MP) is raised deliberately, to this default, and can be set per call.
+DEFAULT_MAX_PIXELS = 400_000_000
+# zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
+# files 21% larger (benchmarks/codecs.py measures the levels and encoders).
+DEFAULT_PNG_LEVEL = 1

@@ -1,0 +1,12 @@
+"""Defaults of an optimization run that the command line shows in its help: torch-free, so ``ultrastyle --help`` stays cheap.
+
+`optimization.loss` and `optimization.run` (which import torch) re-export them; this is their one definition.
+"""
+
+from __future__ import annotations
+
+DEFAULT_CONTENT_LAYER = "relu4_1"
+DEFAULT_CONTENT_WEIGHT = 1.0
+DEFAULT_STYLE_WEIGHT = 1e-3  # balances the two terms on the CD 16x encoder: see docs/optimize.md
+DEFAULT_ITERATIONS = 100
+DEFAULT_MAX_MEMORY = "2GB"
