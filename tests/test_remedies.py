@@ -40,3 +40,19 @@ def test_an_int8_runner_without_int8_graphs_suggests_calibrate(tmp_path, cd16x_d
     with pytest.raises(RunnerError, match=r"make them with ultrastyle.calibrate\(") as info:
         OnnxRuntimeRunner(bundle, precision="int8")
     assert as_command(info.value).endswith(f"ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/")
+
+
+def test_the_command_line_prints_the_fix_as_a_command(tmp_path, cd16x_dir, shared_dir):
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+    from ultrastyle.export.bundle import export_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+
+    bundle = export_bundle(load_cd_folder(cd16x_dir, stages=(5,)), tmp_path / "b", spec=ExportSpec(stages=(5,)), validate=False)
+    content = shared_dir / "images" / "content" / "cd_content_in1.jpg"
+    style = shared_dir / "images" / "style" / "cd_style_in1.jpg"
+    r = CliRunner().invoke(app, ["stylize", str(content), "--style", str(style), "-m", str(bundle.path), "--precision", "int8", "-o", str(tmp_path / "o")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/" in text and "ultrastyle.calibrate(" not in text, text

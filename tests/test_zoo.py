@@ -554,6 +554,7 @@ def test_cli_errors_are_one_red_line(runner: CliRunner, closed_port_url: str, tm
     r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", closed_port_url, "--no-progress"])
     assert r.exit_code == 1
     assert r.stderr.count("\n") == 1 and f"ultrastyle models import {NAME} DIR" in r.stderr
+    assert f"ultrastyle models fetch {NAME} --mirror URL" in r.stderr and "ultrastyle.models.zoo.fetch(" not in r.stderr  # the fix as a command
 
 
 def test_cli_help_texts(runner: CliRunner) -> None:

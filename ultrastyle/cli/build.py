@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.models.spec import parse_levels
 
@@ -62,7 +63,7 @@ def build_command(
         except OptionError as exc:  # the library names its keywords; here they are flags
             raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
         except BundleError as exc:  # unreadable, or without the stages asked: refused before any check
-            _err(f"{exc}{' (use --stages)' if 'has no stage' in str(exc) else ''}")
+            _err(f"{as_command(exc)}{' (use --stages)' if 'has no stage' in str(exc) else ''}")
             raise typer.Exit(2) from None
         _print_check(report, precision.value)
         return
@@ -79,10 +80,10 @@ def build_command(
     except OptionError as exc:
         raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
     except (TensorRTUnavailable, BundleError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
-        _err(_as_flags(str(exc)))
+        _err(_as_flags(as_command(exc)))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
-        _err(_as_flags(str(exc)))
+        _err(_as_flags(as_command(exc)))
         raise typer.Exit(1) from None
     Console(highlight=False).print(
         f"{len(built.built)} engine(s) built, {len(built.fresh)} up to date, in {built.folder} ({built.seconds:.0f} s)"

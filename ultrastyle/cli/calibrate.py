@@ -21,6 +21,7 @@ from ultrastyle.calibration.constants import (
     KEEP_FLOAT,
     METHODS,
 )
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.models import zoo
 from ultrastyle.models.spec import parse_levels
 
@@ -78,7 +79,7 @@ def calibrate_command(
                 **settings,
             )  # fmt: skip
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
-        text = " ".join(str(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
+        text = " ".join(as_command(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
         # A bundle, model, image folder or settings that cannot be used are refused before any graph is written (2, as
         # `stylize` does; calibrate_bundle reads every image before it quantizes); the rest failed (1).

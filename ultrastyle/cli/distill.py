@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
 from ultrastyle.models import zoo
 from ultrastyle.models.spec import parse_levels
@@ -128,11 +129,11 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                     result = job(config, resume=resume, explicit={**explicit, "stage": config.stage}, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
             except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
-                _err(str(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
+                _err(as_command(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
                 progress.stop()
-                text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
+                text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else as_command(exc)
                 _err(text.replace("(resume=True)", "(--resume)"))
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

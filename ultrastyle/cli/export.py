@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS
 from ultrastyle.models import zoo
 from ultrastyle.models.spec import parse_levels
@@ -48,7 +49,7 @@ def export_command(
                 model, output, stages=stage_tuple, opset=opset, aux=aux, on_network=lambda name: status.update(f"exporting and validating {name}")
             )
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
-        err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False)
+        err.print(f"error: {' '.join(as_command(exc).split())}", style="red", markup=False)
         # A model that cannot be loaded is refused before any work (2); a failed export or validation is 1.
         raise typer.Exit(2 if isinstance(exc, (zoo.ZooError, CheckpointError)) else 1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())

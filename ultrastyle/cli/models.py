@@ -13,6 +13,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from ultrastyle.cli.remedies import as_command
+
 from ultrastyle.models import zoo
 from ultrastyle.models.registry import UnknownModelError
 
@@ -45,7 +47,7 @@ def _zoo_errors() -> Iterator[None]:
         yield
     except zoo.ZooError as exc:
         # Messages are single sentences; flatten any newline so it stays one line.
-        _fail(" ".join(str(exc).split()), 2 if isinstance(exc, UnknownModelError) else 1)
+        _fail(" ".join(as_command(exc).split()), 2 if isinstance(exc, UnknownModelError) else 1)
 
 
 def _human(n: int) -> str:

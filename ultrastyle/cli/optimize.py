@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -172,7 +173,7 @@ def optimize_command(
     try:
         optimizer = Optimizer(model, device=device.value, threads=threads)
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
-        _err(" ".join(str(exc).split()))
+        _err(" ".join(as_command(exc).split()))
         raise typer.Exit(2) from None
     try:
         with warnings.catch_warnings(record=True) as noted:

@@ -8,32 +8,35 @@ from __future__ import annotations
 
 from ultrastyle.errors import Remedy
 
-# Remedy.function -> (command, names of the positional arguments that are flags there: None for a positional).
-COMMANDS: dict[str, tuple[str, tuple[str | None, ...]]] = {
-    "build_tensorrt": ("ultrastyle build", (None,)),
-    "check_tensorrt": ("ultrastyle build --check", (None,)),
-    "calibrate": ("ultrastyle calibrate", (None, "--images")),
-    "export_model": ("ultrastyle export", (None, "--output")),
-    "models.zoo.fetch": ("ultrastyle models fetch", (None,)),
+# Remedy.function -> (command, what each positional argument is there: None a positional, else its flag; flags it always has).
+COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
+    "build_tensorrt": ("ultrastyle build", (None,), ()),
+    "check_tensorrt": ("ultrastyle build", (None,), ("--check",)),
+    "calibrate": ("ultrastyle calibrate", (None, "--images"), ()),
+    "export_model": ("ultrastyle export", (None, "--output"), ()),
+    "models.zoo.fetch": ("ultrastyle models fetch", (None,), ()),
 }
 
 
 def command(remedy: Remedy) -> str:
     """``remedy`` as a command line: keywords as ``--flags`` (True: the flag alone)."""
-    name, positional = COMMANDS[remedy.function]
+    name, positional, always = COMMANDS[remedy.function]
     parts = [name]
     for flag, value in zip(positional, remedy.args):
         parts += [str(value)] if flag is None else [flag, str(value)]
     for key, value in remedy.kwargs:
         flag = "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, str(value)]
-    return " ".join(parts)
+    return " ".join([*parts, *always])
 
 
-def as_command(exc: BaseException, text: str | None = None) -> str:
-    """``text`` (default: ``str(exc)``) with ``exc``'s remedy, if any, written as the command that applies it."""
-    text = str(exc) if text is None else text
-    remedy = getattr(exc, "remedy", None)
+def swap(text: str, remedy: Remedy | None) -> str:
+    """``text`` with ``remedy``'s Python call, if it holds one, written as the command that applies it."""
     if isinstance(remedy, Remedy) and remedy.function in COMMANDS:
         text = text.replace(remedy.python(), command(remedy))
     return text
+
+
+def as_command(exc: BaseException, text: str | None = None) -> str:
+    """``text`` (default: ``str(exc)``) with ``exc``'s remedy, if any, written as a command."""
+    return swap(str(exc) if text is None else text, getattr(exc, "remedy", None))

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from ultrastyle.cli.remedies import as_command, swap
+
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES
 from ultrastyle.models import zoo
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -257,7 +259,7 @@ def stylize_command(
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError, ClusterError) as exc:
-        text = " ".join(str(exc).split()) if isinstance(exc, zoo.ZooError) else str(exc)
+        text = " ".join(as_command(exc).split()) if isinstance(exc, zoo.ZooError) else as_command(exc)
         # The library names its keywords (torch backend errors); say the flags here.
         text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)
         _err(text.replace("compile=True", "--compile"))
@@ -284,7 +286,7 @@ def stylize_command(
         def on_result(r: PairResult) -> None:
             if r.status == "failed" and r.error not in reported:
                 reported.add(r.error or "")
-                progress.console.print(f"error: {_as_flags(r.error or '')}", style="red", markup=False, soft_wrap=True)
+                progress.console.print(f"error: {_as_flags(swap(r.error or '', r.remedy))}", style="red", markup=False, soft_wrap=True)
             progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 

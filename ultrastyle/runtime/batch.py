@@ -35,6 +35,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ultrastyle.errors import Remedy
 from ultrastyle.io.images import (
     DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, check_pixels, over_white, pil_limits_off, pil_to_array,
     read_image, resize_long_side,
@@ -257,6 +258,7 @@ class PairResult:
     seconds: float = 0.0  # compute time of this pair
     megapixels: float = 0.0
     image: np.ndarray | None = None  # (H, W, 3) uint8/uint16, for pairs without an output file
+    remedy: Remedy | None = None  # the fix the failure's error suggests (`errors.Remedy`), for a front end to show its way
 
 
 # A batch's summary gives seconds per megapixel from this many megapixels done.
@@ -472,7 +474,7 @@ def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
         msg = f"{pair.content}: {exc}"
     else:  # out of memory, a backend or disk error: this pair fails, the batch goes on
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
-    return PairResult(pair, "failed", msg, seconds)
+    return PairResult(pair, "failed", msg, seconds, remedy=getattr(exc, "remedy", None))
 
 
 class Decoded:

@@ -56,11 +56,13 @@ from typing import Any
 
 import onnx
 
+from ultrastyle.errors import Remedy, remedied
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.env import (
     GpuInfo,
+    TensorRTUnavailable,
     TrtFeatures,
     detect_features,
     engine_device_memory,
@@ -201,9 +203,11 @@ def build_engines(
     ``tf32``: let float32 convolutions and GEMMs use TF32 (faster on Ampere and
     newer, ~1e-3 per network and ~3e-2 on the cascade; see the module docstring).
     """
-    gpu = require_tensorrt_stack(
-        "building TensorRT engines", f"ultrastyle.check_tensorrt({str(bundle.path)!r}) checks the bundle without them"
-    )
+    fix = Remedy("check_tensorrt", (str(bundle.path),))
+    try:
+        gpu = require_tensorrt_stack("building TensorRT engines", f"{fix.python()} checks the bundle without them")
+    except TensorRTUnavailable as exc:
+        raise remedied(exc, fix) from None
     trt = import_tensorrt()
     features = detect_features(trt)
     logger = tensorrt_logger(trt, verbose=verbose)
