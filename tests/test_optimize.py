@@ -406,3 +406,28 @@ def test_a_style_larger_than_the_content_is_tiled_for_its_own_size(cd16x_dir, mo
         assert whole.core is None  # the content alone: one tile
         opt.run(content, style, iterations=0, scales="full", style_size=384, max_memory="64MB")
     assert seen and seen[0] is not None and seen[0] < 384  # the style pass was tiled
+
+
+def test_optimize_batch_from_python_runs_past_a_bad_file_and_skips_what_exists(cd16x_dir, shared_dir, tmp_path, one_thread):
+    import ultrastyle
+
+    good = tmp_path / "in" / "a.png"
+    good.parent.mkdir()
+    Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((48, 36)).save(good)
+    (tmp_path / "in" / "b.png").write_bytes(b"not an image")
+    style = shared_dir / "images/style/cd_style_in3.jpg"
+    seen: list[str] = []
+    summary = ultrastyle.optimize_batch([tmp_path / "in"], style, tmp_path / "out", model=cd16x_dir, iterations=1, style_size=48,
+                                        tile=32, on_result=lambda r: seen.append(r.status))  # fmt: skip
+    assert [r.status for r in summary.results] == ["done", "failed"] == seen
+    assert summary.results[0].pair.output == tmp_path / "out" / "a_optimized_cd_style_in3.png" and summary.results[0].megapixels > 0
+    assert "b.png" in summary.results[1].error
+    again = ultrastyle.optimize_batch([good], style, tmp_path / "out", model=cd16x_dir, iterations=1, style_size=48, skip_existing=True)
+    assert [r.status for r in again.results] == ["skipped"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OptionError) as info:  # before the model loads
+        ultrastyle.optimize_batch([tmp_path / "empty"], style, tmp_path / "out", model=cd16x_dir)
+    assert info.value.option == "contents"
+    with pytest.raises(OptionError) as info:
+        ultrastyle.optimize_batch([good, good.parent / "b.png"], style, tmp_path / "one.png", model=cd16x_dir)
+    assert info.value.option == "output"

@@ -38,6 +38,7 @@ _API = {
     "OutputCollisionError": "ultrastyle.runtime.batch",
     "ImageError": "ultrastyle.io.images",
     "optimize": "ultrastyle.optimization.run",
+    "optimize_batch": "ultrastyle.optimization.batch",
     "export_model": "ultrastyle.deploy",
     "calibrate": "ultrastyle.deploy",
     "check_tensorrt": "ultrastyle.deploy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -11,8 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.cli.remedies import as_command
-from ultrastyle.io.atomic import sweep_stale
+from ultrastyle.cli.remedies import as_command, swap
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
@@ -72,25 +72,6 @@ def _format(output: Path | None, given: Format | None) -> str:
     return fmt
 
 
-def _check_budget(optimizer, opts, contents: list[Path]) -> None:  # noqa: ANN001 - Optimizer, OptimizeOptions (imported lazily)
-    """Before any image: the OptionError of a budget that holds no content's last scale (from the headers); else each image says."""
-    from ultrastyle.api import OptionError
-    from ultrastyle.runtime.batch import resized_header
-
-    found: list[OptionError] = []
-    for src in contents:
-        hw = resized_header(src, 0)
-        if hw is None:
-            return  # unreadable: its own run says why; the others run
-        try:
-            optimizer.check_budget(opts, *hw)
-            return
-        except OptionError as exc:
-            found.append(exc)
-    if found:
-        raise found[0]
-
-
 def _layer_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -133,19 +114,12 @@ def optimize_command(
     same command is run again. Exit status is 1 if any content failed; the
     others still run.
     """
-    from ultrastyle.api import OptionError
-    from ultrastyle.io.images import ImageError
-    from ultrastyle.io.paths import expand_inputs
+    from ultrastyle.optimization.batch import check_budget, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
+    from ultrastyle.options import OptionError
+    from ultrastyle.runtime.batch import BatchInterrupted, Pair, PairResult
 
-    contents = expand_inputs(content)
-    if not contents:
-        _err(f"no content images found in: {' '.join(content)}")
-        raise typer.Exit(2)
     as_file = output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
-    if as_file and len(contents) > 1:  # `-o result.png` would make a folder of that name
-        raise typer.BadParameter(f"{output} looks like a file name, but {len(contents)} contents were given; give a folder "
-                                 "(files in it are named {content}_optimized_{style}.{ext})", param_hint="--output")  # fmt: skip
     out_format = _format(output if as_file else None, fmt)
     if no_tile and tile is not None:
         raise typer.BadParameter("--no-tile evaluates whole images and --tile sets a tile size; give one of them", param_hint="--tile")
@@ -157,14 +131,14 @@ def optimize_command(
     )  # fmt: skip
     try:
         opts = make_optimize_options(**settings)
+        pairs = plan_outputs(content, style, output, opts.format)
     except OptionError as exc:
+        if exc.option == "output":
+            raise typer.BadParameter(exc.message, param_hint="--output") from None
+        if exc.option in ("contents", "style"):  # nothing to read
+            _err(exc.message)
+            raise typer.Exit(2) from None
         raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
-    if not style.is_file():
-        _err(f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
-        raise typer.Exit(2)
-    folder = output.parent if as_file else output
-    if folder.is_dir():  # temp files and state folders of killed runs (their writer is gone)
-        sweep_stale(folder)
     import torch
 
     if device is Device.cuda and not torch.cuda.is_available():
@@ -181,56 +155,43 @@ def optimize_command(
             optimizer.check(opts)  # before any image: layers the model's loss network lacks
         for w in noted:
             Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
-        _check_budget(optimizer, opts, contents)
+        check_budget(optimizer, opts, pairs)
     except OptionError as exc:
         raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
     console = Console(stderr=True, highlight=False)
-    failed = done = skipped = 0
-    steps = opts.iterations * len(opts.scales)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
-        for src in contents:
-            name = f"{src.stem}_optimized_{style.stem}.{opts.format}"
-            out = output if as_file else output / name
-            state = out.with_name(f".{out.name}.optimize-state")
-            if skip_existing and out.exists():
-                skipped += 1
-                continue
-            task = progress.add_task("", total=steps or None, name=out.name)
-            failed_before = failed
+        tasks: dict[Path, int] = {}
 
-            def on_progress(e: ProgressEvent, task: int = task) -> None:
-                v = e.value
-                progress.update(task, completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
-                                description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
-                                            f"(content {opts.content_weight * v.content:.3g}, style {v.total - opts.content_weight * v.content:.3g}) "
-                                            f"{e.tiles} tile(s)")  # fmt: skip
+        def on_progress(pair: Pair, e: ProgressEvent) -> None:
+            if pair.output not in tasks:
+                tasks[pair.output] = progress.add_task("", total=e.scales * opts.iterations or None, name=pair.output.name)
+            v = e.value
+            progress.update(tasks[pair.output], completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
+                            description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
+                                        f"(content {opts.content_weight * v.content:.3g}, style {v.total - opts.content_weight * v.content:.3g}) "
+                                        f"{e.tiles} tile(s)")  # fmt: skip
 
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                optimizer.run(src, style, output=out, state_dir=state, on_progress=on_progress, options=opts)
-                done += 1
-            except KeyboardInterrupt:
-                progress.stop()
-                resume = ("run the same command again to resume from its last saved state" if state.exists() else
+        def on_result(r: PairResult) -> None:
+            if r.status == "failed":
+                text = re.sub(r"(?<=: )([a-z][a-z_]+)(?=: )", lambda m: _flag(m[1]) if m[1] in settings else m[1], r.error or "")
+                progress.console.print(f"error: {swap(text, r.remedy)}", style="red", markup=False, soft_wrap=True)
+                if r.pair.output in tasks:  # a finished image keeps its line (the final losses), a failed one goes
+                    progress.update(tasks[r.pair.output], visible=False)
+
+        try:
+            summary = run_batch(optimizer, pairs, opts, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
+        except BatchInterrupted as stop:
+            progress.stop()
+            for pair in stop.unfinished:
+                resume = ("run the same command again to resume from its last saved state" if state_dir_for(pair.output).exists() else
                           "no state was saved yet (--save-every K saves one every K iterations); a rerun starts it again")  # fmt: skip
-                _err(f"interrupted: {out.name} was not finished; {resume}")
-                raise typer.Exit(130) from None
-            except ImageError as exc:
-                failed += 1
-                progress.console.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
-            except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
-                failed += 1
-                progress.console.print(f"error: {src}: {_flag(exc.option)}: {exc.message}", style="red", markup=False, soft_wrap=True)
-            except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
-                failed += 1
-                progress.console.print(f"error: {src}: optimization failed ({type(exc).__name__}: {exc})", style="red",
-                                       markup=False, soft_wrap=True)  # fmt: skip
-            if failed > failed_before:  # a finished image keeps its line: the final losses
-                progress.update(task, visible=False)
+                _err(f"interrupted: {pair.output.name} was not finished; {resume}")
+            raise typer.Exit(130) from None
+    done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
     where = output if as_file else f"outputs in {output}"
-    Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(contents)} images; {where}")
+    Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(pairs)} images; {where}")
     if failed:
         raise typer.Exit(1)

@@ -311,11 +311,12 @@ class BatchInterrupted(KeyboardInterrupt):
     """Ctrl-C during a batch: ``summary`` holds the pairs finished before it (outputs complete, none partial).
 
     ``abandoned``: the outputs being written were dropped (a Ray pool kills its busy actors), not finished.
+    ``unfinished``: the pairs that were running, where the caller knows them (an optimization keeps their state).
     """
 
-    def __init__(self, summary: BatchSummary, abandoned: bool = False) -> None:
+    def __init__(self, summary: BatchSummary, abandoned: bool = False, unfinished: tuple[Pair, ...] = ()) -> None:
         super().__init__("interrupted")
-        self.summary, self.abandoned = summary, abandoned
+        self.summary, self.abandoned, self.unfinished = summary, abandoned, unfinished
 
 
 def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:

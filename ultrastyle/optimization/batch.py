@@ -1,0 +1,162 @@
+"""Many contents, one style, by optimization: what `ultrastyle optimize` runs, as a library call.
+
+`optimize_batch` (or `Optimizer` + `run_batch` for an open loss network)
+names each output ``{content}_optimized_{style}.{format}`` in a folder (or
+writes the one file given), skips outputs that exist when asked, saves and
+resumes each image's state beside its output, and never stops at a bad
+file: its pair is ``"failed"`` with the reason, the others run. Results are
+`runtime.batch.PairResult` s in a `BatchSummary`, as `stylize_batch` gives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ultrastyle.api import check_settings
+from ultrastyle.io.atomic import sweep_stale
+from ultrastyle.io.constants import IMAGE_SUFFIXES
+from ultrastyle.io.images import ImageError
+from ultrastyle.io.paths import expand_inputs
+from ultrastyle.models.defaults import DEFAULT_MODEL
+from ultrastyle.optimization.run import _MODEL_KEYS, _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
+from ultrastyle.options import OptionError
+from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, resized_header
+
+__all__ = ["optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
+
+PairProgress = Callable[[Pair, ProgressEvent], None]
+
+
+def state_dir_for(output: Path) -> Path:
+    """Where an output's optimization state is saved while it runs (beside it, hidden; removed once done)."""
+    return output.with_name(f".{output.name}.optimize-state")
+
+
+def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike, output: str | os.PathLike, fmt: str) -> list[Pair]:
+    """One `Pair` per content image (folders and globs expanded): ``output`` a folder, or a file for one content.
+
+    `OptionError` (``contents``, ``style``, ``output``) for inputs that cannot make a batch, before any work.
+    """
+    files = expand_inputs([os.fspath(c) for c in contents])
+    if not files:
+        raise OptionError("contents", f"no content images found in: {' '.join(map(os.fspath, contents))}")
+    style = Path(style)
+    if not style.is_file():
+        raise OptionError("style", f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
+    output = Path(output)
+    as_file = output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
+    if as_file and len(files) > 1:  # a file name for several outputs would silently become a folder
+        raise OptionError(
+            "output", f"{output} looks like a file name, but {len(files)} contents were given; give a folder "
+            "(files in it are named {content}_optimized_{style}.{format})",
+        )  # fmt: skip
+    spec = StyleSpec((style,))
+    return [Pair(f, spec, output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}") for f in files]
+
+
+def check_budget(optimizer: Optimizer, options: OptimizeOptions, pairs: Sequence[Pair]) -> None:
+    """`OptionError` (``max_memory``) when the budget holds no content's last scale (judged from the headers).
+
+    A budget some images fit is left to each image: those that do not fail alone.
+    """
+    found: list[OptionError] = []
+    for pair in pairs:
+        hw = resized_header(pair.content, 0)
+        if hw is None:
+            return  # unreadable: its own run says why; the others run
+        try:
+            optimizer.check_budget(options, *hw)
+            return
+        except OptionError as exc:
+            found.append(exc)
+    if found:
+        raise found[0]
+
+
+def run_batch(
+    optimizer: Optimizer,
+    pairs: Sequence[Pair],
+    options: OptimizeOptions,
+    *,
+    skip_existing: bool = False,
+    on_progress: PairProgress | None = None,
+    on_result: Callable[[PairResult], None] | None = None,
+) -> BatchSummary:
+    """Optimize every pair with an open ``optimizer``; one `PairResult` each, in order (``on_result`` as each ends).
+
+    Ctrl-C raises `BatchInterrupted` with the pairs done so far; the image in
+    progress keeps its saved state (``save_every``), and the same call resumes it.
+    """
+    optimizer.check(options)  # before any image: layers the loss network lacks
+    for folder in {p.output.parent for p in pairs if p.output is not None}:
+        if folder.is_dir():
+            sweep_stale(folder)  # temp files and state folders of killed runs (their writer is gone)
+    summary = BatchSummary()
+    t0 = time.perf_counter()
+    for pair in pairs:
+        out = pair.output
+        assert out is not None
+        started = time.perf_counter()
+        if skip_existing and out.exists():
+            result = PairResult(pair, "skipped")
+        else:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image = optimizer.run(
+                    pair.content, pair.style.paths[0], output=out, state_dir=state_dir_for(out), options=options,
+                    on_progress=None if on_progress is None else (lambda e, pair=pair: on_progress(pair, e)),
+                )  # fmt: skip
+                result = PairResult(pair, "done", seconds=time.perf_counter() - started, megapixels=image.shape[0] * image.shape[1] / 1e6)
+            except KeyboardInterrupt:
+                summary.wall_seconds = time.perf_counter() - t0
+                raise BatchInterrupted(summary, unfinished=(pair,)) from None
+            except ImageError as exc:
+                result = PairResult(pair, "failed", str(exc), time.perf_counter() - started)
+            except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
+                result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
+                result = PairResult(pair, "failed", f"{pair.content}: optimization failed ({type(exc).__name__}: {exc})",
+                                    time.perf_counter() - started, remedy=getattr(exc, "remedy", None))  # fmt: skip
+        summary.results.append(result)
+        if on_result is not None:
+            on_result(result)
+    summary.wall_seconds = time.perf_counter() - t0
+    return summary
+
+
+def optimize_batch(
+    contents: Sequence[str | os.PathLike],
+    style: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: Any = DEFAULT_MODEL,
+    device: str = "cpu",
+    threads: int = 0,
+    skip_existing: bool = False,
+    on_progress: PairProgress | None = None,
+    on_result: Callable[[PairResult], None] | None = None,
+    **settings: Any,
+) -> BatchSummary:
+    """What `ultrastyle optimize` does: every content image (files, folders, globs) with ``style``, into ``output``.
+
+    ``output``: a folder (``{content}_optimized_{style}.{format}``), or a file
+    name for one content (its suffix gives the format). ``settings``: as
+    `make_optimize_options` (iterations, scales, init, max_memory, ...).
+    A bad file fails alone; a budget too small for every content, a bad
+    setting or a missing style is an `OptionError` before any image.
+    """
+    check_settings(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize_batch(...)")
+    as_file = Path(output).suffix.lower() in IMAGE_SUFFIXES and not Path(output).is_dir()
+    if as_file:
+        from ultrastyle.api import output_format
+
+        settings["format"] = output_format(output, settings.get("format"))
+    options = make_optimize_options(**settings)
+    pairs = plan_outputs(contents, style, output, options.format)
+    with Optimizer(model, device=device, threads=threads) as optimizer:
+        check_budget(optimizer, options, pairs)
+        return run_batch(optimizer, pairs, options, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
