@@ -102,6 +102,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ultrastyle.core.arch import spec_to_dict  # noqa: E402
 from ultrastyle.distill import sources  # noqa: E402
 from ultrastyle.distill.data import list_images, readable_images, split_files  # noqa: E402
 from ultrastyle.distill.losses import adain, mse, style_loss  # noqa: E402
@@ -112,7 +113,6 @@ from ultrastyle.io.images import load_image, resize_long_side, save_image  # noq
 from ultrastyle.models import convert  # noqa: E402
 from ultrastyle.models.networks import Decoder, Encoder  # noqa: E402
 from ultrastyle.models.sources import ARCH_FILE  # noqa: E402
-from ultrastyle.models.spec import spec_to_dict  # noqa: E402
 
 STAGE = 4
 LAST = f"relu{STAGE}_1"

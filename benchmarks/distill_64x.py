@@ -83,7 +83,7 @@ from ultrastyle.distill.prune import prune_encoder
 from ultrastyle.distill.sources import load_decoder, load_encoder
 from ultrastyle.distill.trainer import StepReport
 from ultrastyle.io.images import load_image, resize_long_side
-from ultrastyle.models.spec import ARCHS
+from ultrastyle.core.arch import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -202,7 +202,7 @@ def _models(args: argparse.Namespace) -> dict[str, Path]:
         # The packaged folder has no architecture.json (the zoo names it): a copy that has one.
         import shutil
 
-        from ultrastyle.models.spec import spec_to_dict
+        from ultrastyle.core.arch import spec_to_dict
 
         copy = args.work / "shipped"
         copy.mkdir(parents=True, exist_ok=True)

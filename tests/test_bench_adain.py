@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.distill.losses import adain
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 

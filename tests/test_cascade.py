@@ -11,7 +11,7 @@ from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, parse_levels, style_statistics, stylize
 
-# Written out by hand, independently of ultrastyle.models.spec: "P" = 2x2 max-pool, "U" = nearest 2x.
+# Written out by hand, independently of ultrastyle.core.arch: "P" = 2x2 max-pool, "U" = nearest 2x.
 REF_ENCODERS = {
     1: "conv0 conv11",
     2: "conv0 conv11 conv12 P conv21",

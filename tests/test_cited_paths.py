@@ -49,7 +49,7 @@ def cited_paths() -> list[tuple[Path, int, str, str]]:
 
 def test_the_scan_finds_citations_in_code_tests_and_docs():
     found = {(src.relative_to(REPO).as_posix(), path) for src, _, path, _ in cited_paths()}
-    assert ("ultrastyle/models/spec.py", "docs/design.md") in found  # a docstring
+    assert ("ultrastyle/core/arch.py", "docs/design.md") in found  # a docstring
     assert any(src.startswith("tests/") for src, _ in found)
     assert any(src.startswith("docs/") for src, _ in found)
     assert CITATION.findall("checked by ``tests/test_tiling.py``; see docs/design.md.") == ["tests/test_tiling.py", "docs/design.md"]

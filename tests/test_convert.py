@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.models import convert
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS
 
 
 def _random_like(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

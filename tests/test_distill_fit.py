@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrastyle.core.arch import ARCHS, ArchSpec
 from ultrastyle.distill.fit import fit_conv, fit_decoder, fit_encoder, greedy_span
 from ultrastyle.distill.prune import prune_decoder, prune_encoder
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, ArchSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

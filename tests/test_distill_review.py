@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.core.arch import ARCHS, ArchSpec
 from ultrastyle.distill.config import ConfigError, DistillConfig
 from ultrastyle.distill.jobs import distill
 from ultrastyle.distill.outputs import claim_folder, write_network
@@ -20,7 +21,6 @@ from ultrastyle.distill.review import ABF, ReviewHead, hcl
 from ultrastyle.distill.tasks import StudentEncoderTask
 from ultrastyle.distill.trainer import read_checkpoint
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, ArchSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

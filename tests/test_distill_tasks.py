@@ -13,7 +13,7 @@ from ultrastyle.distill.prune import l1_keep, prune_decoder, prune_encoder
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.config import ConfigError
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, ArchSpec
+from ultrastyle.core.arch import ARCHS, ArchSpec
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from ultrastyle.distill.outputs import claim_folder, write_network
 from ultrastyle.distill.trainer import read_checkpoint
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_model
-from ultrastyle.models.spec import ArchSpec
+from ultrastyle.core.arch import ArchSpec
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.receptive import stage_radius
 from ultrastyle.export import graph as graph_mod
 from ultrastyle.export.bundle import BundleError, arch_from_dict, arch_to_dict, export_bundle, read_bundle
 from ultrastyle.export.spec import ATOL, BUNDLE_FORMAT_VERSION, ExportSpec
 from ultrastyle.export.validate import ExportValidationError
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.models.spec import ARCHS
 from ultrastyle.models.zoo import sha256_file
 
 

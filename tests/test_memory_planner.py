@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ultrastyle.core.tile_memory import core_for_budget, parse_bytes, region_side_for_budget, stage_bytes_per_pixel
-from ultrastyle.models.spec import ARCHS
+from ultrastyle.core.arch import ARCHS
 
 
 @pytest.mark.parametrize("text,value", [("2GB", 2 * 2**30), ("512MB", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("1024", 1024), ("64k", 65536)])

@@ -12,13 +12,13 @@ import torch
 from test_convert import ADAIN_DEC_SHAPES, ADAIN_VGG_SHAPES
 from test_zoo import NAME, TempRegistry, entry_json, real_entry, registry  # noqa: F401  (registry: a fixture)
 
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.export.bundle import read_bundle
 from ultrastyle.models import zoo
 from ultrastyle.models.convert import CheckpointError
 from ultrastyle.models.defaults import DEFAULT_ALPHA, ModelDefaults, ModelDefaultsError
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.models.sources import folder_arch, model_defaults, write_folder_defaults
-from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime import cascade
 from ultrastyle.runtime.backends.select import ensure_bundle, open_runner, weights_digest
 

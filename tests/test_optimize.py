@@ -356,7 +356,7 @@ def test_the_memory_plan_puts_large_canvases_on_disk_and_fits_a_region_in_the_bu
 
 def test_a_vgg19_shaped_encoder_works_the_same(one_thread):
     from ultrastyle.models.networks import Encoder
-    from ultrastyle.models.spec import ARCHS
+    from ultrastyle.core.arch import ARCHS
 
     torch.manual_seed(0)  # random weights: the tiling does not depend on them
     net = LossNetwork(Encoder(ARCHS["vgg19"], 5).double())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from ultrastyle.core.arch import ARCHS, get_arch
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, get_arch
 
 
 @pytest.mark.parametrize("stage,channels", [(1, 24), (2, 32), (3, 64), (4, 128), (5, 128)])

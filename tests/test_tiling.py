@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.plan import GPU_HOST_CACHE_MACS_PER_VALUE, TilingOptions, check_budget, plan_image, plan_stage, plan_stages
@@ -14,7 +15,6 @@ from ultrastyle.core.tiling import Span, plan_tiles
 from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.models.spec import ARCHS
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize
 from ultrastyle.runtime.tiled import mirrored_indices, style_statistics_tiled, stylize_stage_tiled, stylize_tiled
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ultrastyle.core.arch import Layer
 from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.core.plan import TilingOptions
 from ultrastyle.core.styles import Target
@@ -25,7 +26,6 @@ from ultrastyle.errors import RunnerError
 from ultrastyle.io.images import resize_long_side
 from ultrastyle.models.networks import reflect_pad
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.models.spec import Layer
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
 from ultrastyle.runtime.backends.torch_engine import FoldedDecoder, StageEngine, fold_affine, network_dtype
 from ultrastyle.runtime.cascade import DEFAULT_LEVELS, style_statistics, stylize

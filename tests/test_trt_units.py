@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.plan import TilingOptions, plan_image, plan_stages
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.export.stats_graph import STATS_OUTPUTS, build_stats_graph, stats_from_outputs, window_masks
 from ultrastyle.models.pretrained import load_cd_folder
-from ultrastyle.models.spec import ARCHS
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.device_memory import open_device_memory
 from ultrastyle.trt.env import TensorRTUnavailable, detect_features
@@ -301,7 +301,7 @@ def test_feature_detection_tells_tensorrt_10_from_11():
 
 
 def test_tile_sides_out_of_order_are_refused():
-    from ultrastyle.models.spec import ARCHS
+    from ultrastyle.core.arch import ARCHS
     from ultrastyle.trt.profiles import requested_ranges
 
     with pytest.raises(ValueError, match="tile_min 512 is above tile_max 64"):

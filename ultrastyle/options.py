@@ -16,9 +16,9 @@ from collections.abc import Collection
 
 import numpy as np
 
+from ultrastyle.core.arch import STAGES
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.models.defaults import METHODS
-from ultrastyle.models.spec import STAGES
 
 __all__ = [
     "OptionError", "alpha", "choice", "count", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
@@ -170,7 +170,7 @@ def alpha(value: object) -> float | None:
 
 
 def levels(value: object) -> tuple[int, ...] | None:
-    """``levels``: None (the model's default), a stage, ``"5,4,3"`` or a sequence of stages of `models.spec.STAGES`, coarse to fine."""
+    """``levels``: None (the model's default), a stage, ``"5,4,3"`` or a sequence of stages of `core.arch.STAGES`, coarse to fine."""
     stages = f"{STAGES[0]}..{STAGES[-1]}"
     if value is None:
         return None

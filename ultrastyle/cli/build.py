@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 
 from ultrastyle.cli.remedies import as_command
+from ultrastyle.core.arch import parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.models.spec import parse_levels
 
 
 class Precision(str, Enum):

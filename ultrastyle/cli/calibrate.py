@@ -22,8 +22,8 @@ from ultrastyle.calibration.constants import (
     METHODS,
 )
 from ultrastyle.cli.remedies import as_command
+from ultrastyle.core.arch import parse_levels
 from ultrastyle.models import zoo
-from ultrastyle.models.spec import parse_levels
 
 
 def calibrate_command(

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.cli.remedies import as_command
+from ultrastyle.core.arch import parse_levels
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
 from ultrastyle.models import zoo
-from ultrastyle.models.spec import parse_levels
 
 if TYPE_CHECKING:
     from ultrastyle.distill.jobs import JobResult

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 
 from ultrastyle.cli.remedies import as_command
+from ultrastyle.core.arch import parse_levels
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS
 from ultrastyle.models import zoo
-from ultrastyle.models.spec import parse_levels
 
 
 def export_command(

@@ -9,7 +9,7 @@ at it, so reflection padding there matches the whole-image run.
 
 from __future__ import annotations
 
-from ultrastyle.models.spec import ArchSpec, Layer
+from ultrastyle.core.arch import ArchSpec, Layer
 
 
 def _back(layers: list[Layer], lo: int, hi: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ultrastyle.models.spec import ArchSpec, Layer
+from ultrastyle.core.arch import ArchSpec, Layer
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
 

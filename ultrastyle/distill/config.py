@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ultrastyle.core.arch import STAGES
 from ultrastyle.io.atomic import write_atomic
-from ultrastyle.models.spec import STAGES
 
 CONFIG_FILE = "config.yaml"
 MODES = ("wct", "adain")

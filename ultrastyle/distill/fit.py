@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultrastyle.core.arch import ArchSpec, Layer
 from ultrastyle.models.networks import Decoder, Encoder, _StageNet, reflect_pad
-from ultrastyle.models.spec import ArchSpec, Layer
 
 RELU_ROUNDS = 3  # refits for the ReLU (see fit_conv)
 RIDGE = 1e-5  # times the mean diagonal of the Gram matrix: only stabilises rank-deficient fits

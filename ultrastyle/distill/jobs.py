@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ultrastyle.core.arch import ARCHS, ArchSpec, get_arch, spec_to_dict
 from ultrastyle.distill import sources
 from ultrastyle.distill.config import CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
 from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, DataError, PairStream, list_images, readable_images, split_files
@@ -30,7 +31,6 @@ from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
 from ultrastyle.models import convert
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, ArchSpec, get_arch, spec_to_dict
 
 
 @dataclass

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ultrastyle.core.arch import ArchSpec, spec_to_dict
 from ultrastyle.distill.trainer import atomic_save
 from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.models.defaults import DEFAULTS_KEY, ModelDefaults
 from ultrastyle.models.sources import ARCH_FILE, folder_arch, write_folder_defaults
-from ultrastyle.models.spec import ArchSpec, spec_to_dict
 
 
 class OutputError(ValueError):

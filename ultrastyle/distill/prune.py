@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ultrastyle.core.arch import ArchSpec
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ArchSpec
 
 
 def l1_keep(weight: torch.Tensor, n: int) -> torch.Tensor:

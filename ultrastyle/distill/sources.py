@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ultrastyle.core.arch import ArchSpec, get_arch
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.sources import folder_arch
-from ultrastyle.models.spec import ArchSpec, get_arch
 
 
 def _folder(source: str | Path) -> tuple[Path, ArchSpec]:

@@ -25,7 +25,7 @@ from ultrastyle.distributed.zarr_canvas import open_array
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, save_output
 from ultrastyle.io.paths import file_signature
-from ultrastyle.models.spec import ArchSpec
+from ultrastyle.core.arch import ArchSpec
 from ultrastyle.runtime.batch import (
     Pair, PairResult, Source, StyleBook, StylizeOptions, _failure, decode, output_megapixels, stylize_content,
 )  # fmt: skip

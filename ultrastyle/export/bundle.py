@@ -19,9 +19,9 @@ from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORT
 from ultrastyle.io.atomic import atomic_dir, sweep_stale
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.zoo import sha256_file
-from ultrastyle.models.spec import ArchSpec
-from ultrastyle.models.spec import spec_from_dict as arch_from_dict
-from ultrastyle.models.spec import spec_to_dict as arch_to_dict
+from ultrastyle.core.arch import ArchSpec
+from ultrastyle.core.arch import spec_from_dict as arch_from_dict
+from ultrastyle.core.arch import spec_to_dict as arch_to_dict
 from ultrastyle.core.receptive import decoder_radius, encoder_radius, stage_radius
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ultrastyle.core.arch import ARCHS, ArchSpec
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.spec import ARCHS, ArchSpec
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -25,8 +25,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ultrastyle.core.arch import STAGES
 from ultrastyle.models.errors import ZooError
-from ultrastyle.models.spec import STAGES
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.core.receptive import needed_windows
-from ultrastyle.models.spec import ArchSpec, Layer
+from ultrastyle.core.arch import ArchSpec, Layer
 
 
 # CUDA's reflection-pad kernel indexes in 32 bits: it refuses outputs of 2**31 elements or more

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ultrastyle.core.arch import ARCHS, STAGES, ArchSpec, get_arch
 from ultrastyle.core.receptive import needed_windows
 from ultrastyle.core.transforms import apply_affine
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.defaults import DEFAULT_MODEL, ModelDefaults
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.sources import ADAIN_FILES, check_stages, folder_arch, folder_format, model_defaults
-from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, get_arch
 
 
 @dataclass

@@ -57,9 +57,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ultrastyle.core.arch import STAGES
 from ultrastyle.models.defaults import ModelDefaults, defaults_from_dict
 from ultrastyle.models.errors import ZooError
-from ultrastyle.models.spec import STAGES
 
 __all__ = [
     "ZooError",

@@ -44,7 +44,7 @@ from ultrastyle.models import convert, zoo
 from ultrastyle.models.defaults import (
     DEFAULTS_KEY, ModelDefaults, ModelDefaultsError, defaults_from_dict, standard_defaults,
 )  # fmt: skip
-from ultrastyle.models.spec import ARCHS, STAGES, ArchSpec, spec_from_dict, spec_to_dict
+from ultrastyle.core.arch import ARCHS, STAGES, ArchSpec, spec_from_dict, spec_to_dict
 
 # A model folder may record its architecture here (`spec_to_dict`); without it
 # the folder holds the published CD 16x architecture.

@@ -46,7 +46,7 @@ from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
-from ultrastyle.models.spec import ARCHS
+from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
 from ultrastyle.optimization.loss import (

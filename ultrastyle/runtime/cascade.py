@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from ultrastyle.core.arch import parse_levels  # noqa: F401 - re-exported: its home is torch-free for the command line
 from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.styles import Regions, Style, apply_regions, as_style, identity_map, region_statistics
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.models.defaults import DEFAULT_ALPHA
-from ultrastyle.models.spec import parse_levels  # noqa: F401 - re-exported: its home is torch-free for the command line
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
 

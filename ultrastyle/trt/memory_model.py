@@ -17,8 +17,8 @@ once ``benchmarks/tensorrt_throughput.py`` has run on a GPU.
 
 from __future__ import annotations
 
+from ultrastyle.core.arch import ArchSpec, Layer
 from ultrastyle.core.tile_memory import stage_bytes_per_pixel
-from ultrastyle.models.spec import ArchSpec, Layer
 
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
 TRT_SAFETY = 1.5  # workspace, tactic scratch and alignment on top of the activation peak

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.plan import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, stage_cores, stage_halos
 from ultrastyle.core.receptive import round_up
-from ultrastyle.models.spec import ArchSpec
 from ultrastyle.trt.memory_model import memory_factor
 
 Shape = tuple[int, ...]

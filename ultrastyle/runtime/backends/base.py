@@ -16,10 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.errors import RunnerError
-from ultrastyle.models.spec import ArchSpec
 
 
 @runtime_checkable

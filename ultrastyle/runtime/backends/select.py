@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ultrastyle.core.arch import STAGES
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.sources import check_stages, model_files
-from ultrastyle.models.spec import STAGES
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
