@@ -300,3 +300,19 @@ def test_cli_calibrate_refuses_before_any_work_with_status_2(fp32_bundle, tmp_pa
     assert r.exit_code == 2 and "could be read" in r.output, r.output
     r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path / "junk"), "--stages", "2"])
     assert r.exit_code == 2 and "no stage(s) [2]" in r.output, r.output
+
+
+def test_tensorrt_int8_refuses_stages_without_int8_graphs(signed_bundle, tmp_path):
+    """As the ONNX Runtime runner: a stage calibration never reached would build in float32 without a word."""
+    from ultrastyle.trt.graphs import GraphError, graph_sources
+
+    shutil.copytree(signed_bundle.path, tmp_path / "b")
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    for kind in ("encoder", "decoder_affine"):
+        m["networks"][f"{kind}5"].pop("int8")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
+    b = read_bundle(tmp_path / "b")
+    with pytest.raises(GraphError, match=r"int8 graphs for stage\(s\) \[1, 3\], not for \[5\]") as info:
+        graph_sources(b, "int8")
+    assert info.value.remedy.function == "calibrate"
+    assert {s.stage for s in graph_sources(b, "int8", (1, 3))} == {1, 3}

@@ -115,8 +115,11 @@ def test_qdq_rules():
 
 
 def test_int8_without_qdq_graphs_says_to_calibrate(bundle):
+    from ultrastyle.cli.remedies import swap
+
     report = check_bundle(bundle, precisions=("int8",))
-    assert not report.ok and "ultrastyle calibrate" in report.errors[0].message
+    assert not report.ok and "ultrastyle.calibrate(" in report.errors[0].message
+    assert f"ultrastyle calibrate {bundle.path} --images DIR --activations int8" in swap(str(report.errors[0]), report.errors[0].remedy)
 
 
 def test_int8_qdq_graph_stored_by_calibration_is_checked(bundle, tmp_path):

@@ -139,7 +139,7 @@ def test_changed_graph_is_rebuilt_and_never_run(bundle, fake, tmp_path):
     mf["networks"]["decoder1"]["sha256"] = sha256_file(dst / "decoder1.onnx")
     (dst / "manifest.json").write_text(json.dumps(mf))
     copy = read_bundle(dst)
-    with pytest.raises(RunnerError, match=r"decoder1\.fp32: its graph changed since the build.*ultrastyle build"):
+    with pytest.raises(RunnerError, match=r"decoder1\.fp32: its graph changed since the build.*ultrastyle\.build_tensorrt\(.*precision=.fp32.\)"):
         TensorRTRunner(copy).activate()
     assert resolve_backend("auto", "cpu", dst, stages=(1,)) == "onnxruntime"  # stale engines: auto does not take them
     report = _build(copy)

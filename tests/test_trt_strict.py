@@ -138,7 +138,7 @@ def test_an_engine_tensorrt_cannot_deserialize_is_refused_with_the_rebuild(bundl
     fakes.install(monkeypatch)
     _build(bundle)
     monkeypatch.setattr(fakes, "FAULTS", fakes.Faults(deserialize_none=True))  # e.g. a plan of another TensorRT build
-    with TensorRTRunner(bundle, stages=(1,)) as r, pytest.raises(RunnerError, match="could not deserialize.*ultrastyle build"):
+    with TensorRTRunner(bundle, stages=(1,)) as r, pytest.raises(RunnerError, match=r"could not deserialize.*ultrastyle\.build_tensorrt\(.*force=True\)"):
         r.encode(1, torch.rand(1, 3, 8, 8))
     with pytest.raises(BuildError, match="cannot load the engine it built"):
         _build(bundle, force=True)

@@ -28,7 +28,8 @@ from PIL import Image
 
 from ultrastyle import options as check
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
-from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, format_name, save_output
+from ultrastyle.io.constants import format_name
+from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import available_stages, model_defaults

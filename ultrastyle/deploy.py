@@ -71,7 +71,7 @@ def calibration_settings(**settings: Any):
         return CalibrationSettings(**settings)
     except ValueError as exc:  # its messages start with the setting (or name the method)
         name = next((k for k in settings if str(exc).startswith(k)), "method")
-        raise OptionError(name, str(exc)) from None
+        raise OptionError(name, str(exc).removeprefix(name).lstrip()) from None
 
 
 def calibrate(
@@ -103,10 +103,11 @@ def calibrate(
 
 
 def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | None, tiles: dict[str, int | None]):
+    from ultrastyle.trt import PRECISIONS
     from ultrastyle.trt.profiles import requested_ranges
 
-    if precision not in ("fp32", "fp16", "int8"):
-        raise OptionError("precision", f"TensorRT engines are fp32, fp16 or int8, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise OptionError("precision", f"TensorRT engines are {', '.join(PRECISIONS)}, not {precision!r}")
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     chosen = _stages(stages) or tuple(sorted(b.stages))
     if why := b.stages_problem(chosen):

@@ -48,7 +48,7 @@ class Remedy:
 E = TypeVar("E", bound=BaseException)
 
 
-def remedied(exc: E, remedy: Remedy) -> E:
-    """``exc`` with ``remedy`` attached (its message already shows ``remedy.python()``)."""
+def remedied(exc: E, remedy: Remedy | None) -> E:
+    """``exc`` with ``remedy`` attached (its message already shows ``remedy.python()``; None: no remedy)."""
     exc.remedy = remedy  # type: ignore[attr-defined]
     return exc

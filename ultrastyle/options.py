@@ -16,8 +16,9 @@ from collections.abc import Collection
 
 import numpy as np
 
-from ultrastyle.core.arch import STAGES
+from ultrastyle.core.arch import STAGES, parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
+from ultrastyle.io.constants import format_name
 from ultrastyle.models.defaults import METHODS
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
 ]  # fmt: skip
 
 _SIZE_EXAMPLES = "512MB, 2GB, 1.5GiB, 1073741824"
-_FORMAT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}  # as `io.pyramid.format_name` spells them
 
 
 class OptionError(ValueError):
@@ -146,8 +146,8 @@ def choice(option: str, value: object, choices: Collection[str]) -> str:
 
 
 def format_choice(option: str, value: object, formats: Collection[str]) -> str:
-    """``format``: one of ``formats`` as `io.pyramid.format_name` spells it (any case; jpeg -> jpg, tif -> tiff)."""
-    name = _FORMAT_ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else None
+    """``format``: one of ``formats`` as `io.constants.format_name` spells it (any case; jpeg -> jpg, tif -> tiff)."""
+    name = format_name(value) if isinstance(value, str) else None
     if name not in formats:
         raise OptionError(option, f"expected one of {', '.join(formats)}, got {value!r}; give one of them (jpeg and tif name jpg and tiff)")
     return name
@@ -177,16 +177,10 @@ def levels(value: object) -> tuple[int, ...] | None:
     if _whole(value):
         value = (value,)
     if isinstance(value, str):
-        items = value.replace(" ", "").split(",")
-        if value.strip().endswith(","):  # "5,4," is read as 5,4; an empty item inside ("5,,4") is a typo
-            items = items[:-1]
         try:
-            found: tuple[int, ...] = tuple(int(t) for t in items)
+            return parse_levels(value)
         except ValueError:
-            found = ()
-        if not found or any(k not in STAGES for k in found):
-            raise OptionError("levels", f"expected comma-separated stage numbers {stages}, coarse to fine, got {value!r}; give e.g. 5,4,3")
-        return found
+            raise OptionError("levels", f"expected comma-separated stage numbers {stages}, coarse to fine, got {value!r}; give e.g. 5,4,3") from None
     try:
         items = list(value)  # type: ignore[call-overload]
     except TypeError:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.cli.remedies import as_command
+from ultrastyle.cli.remedies import as_command, swap
 from ultrastyle.core.arch import parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
 
@@ -63,7 +63,7 @@ def build_command(
         except OptionError as exc:  # the library names its keywords; here they are flags
             raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
         except BundleError as exc:  # unreadable, or without the stages asked: refused before any check
-            _err(f"{as_command(exc)}{' (use --stages)' if 'has no stage' in str(exc) else ''}")
+            _err(_refusal(exc))
             raise typer.Exit(2) from None
         _print_check(report, precision.value)
         return
@@ -80,7 +80,7 @@ def build_command(
     except OptionError as exc:
         raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
     except (TensorRTUnavailable, BundleError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
-        _err(_as_flags(as_command(exc)))
+        _err(_refusal(exc))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
         _err(_as_flags(as_command(exc)))
@@ -88,6 +88,11 @@ def build_command(
     Console(highlight=False).print(
         f"{len(built.built)} engine(s) built, {len(built.fresh)} up to date, in {built.folder} ({built.seconds:.0f} s)"
     )
+
+
+def _refusal(exc: Exception) -> str:
+    """The line for a bundle or stack that cannot be used: its remedy as a command, keywords as flags."""
+    return _as_flags(as_command(exc)) + (" (use --stages)" if "has no stage" in str(exc) else "")
 
 
 def _as_flags(message: str) -> str:
@@ -101,7 +106,7 @@ def _print_check(report, precision: str) -> None:
     """One line per finding, then the verdict; exit 1 unless compatible."""
     out = Console(highlight=False, soft_wrap=True)
     for f in report.findings:
-        out.print(_as_flags(str(f)), style="red" if f.severity == "error" else "yellow", markup=False)
+        out.print(_as_flags(swap(str(f), f.remedy)), style="red" if f.severity == "error" else "yellow", markup=False)
     prof = ", ".join(f"stage {k}: {r.min}..{r.opt}..{r.max}" for k, r in sorted(report.ranges.items()))
     verdict = "compatible" if report.ok else f"NOT compatible: {len(report.errors)} problem(s)"
     out.print(

@@ -49,7 +49,7 @@ def calibrate_command(
     Runtime, and `build --precision int8` builds TensorRT engines from graphs
     calibrated with --activations int8.
     """
-    from ultrastyle.calibration.data import CalibrationDataError
+    from ultrastyle.calibration.data import CalibrationDataError, calibration_images
     from ultrastyle.calibration.quantize import CalibrationError, CalibrationRefused
     from ultrastyle.deploy import calibrate, calibration_settings
     from ultrastyle.errors import RunnerError
@@ -64,9 +64,17 @@ def calibrate_command(
     )  # fmt: skip
     try:
         calibration_settings(**settings)
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message, param_hint="--" + exc.option.replace("_", "-")) from None
+    try:
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
-    except (OptionError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    try:  # before the progress bar: a folder without images is refused in one line
+        calibration_images(images)
+    except CalibrationDataError as exc:
+        err.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as progress:

@@ -64,6 +64,15 @@ def _stages(text: str | None) -> list[int | None]:
         raise typer.BadParameter(str(exc).replace("levels", "stages"), param_hint="--stage") from None
 
 
+def _config_text(exc: Exception) -> str:
+    """A `ConfigError` line with its setting as this command's flag (``device: ...`` -> ``--device: ...``)."""
+    text = str(exc)
+    key, _, rest = text.partition(": ")
+    if text.endswith(": required"):  # a flag or a config key
+        return f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
+    return f"--{key.replace('_', '-')}: {rest}" if key.isidentifier() and rest else text
+
+
 def _loss_text(losses: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4g}" for k, v in sorted(losses.items(), key=lambda kv: (kv[0] != "loss", kv[0])))
 
@@ -86,11 +95,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         for c in configs:
             c.check()
     except ConfigError as exc:
-        text = str(exc)
-        if text.endswith(": required"):  # the library names the setting; here it is a flag or a config key
-            key = text.split(":")[0]
-            text = f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
-        _err(text)
+        _err(_config_text(exc))
         raise typer.Exit(2) from None
     # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
     from ultrastyle.distill.data import BadImageWarning, DataError
@@ -129,7 +134,8 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                     result = job(config, resume=resume, explicit={**explicit, "stage": config.stage}, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
             except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
-                _err(as_command(exc).replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
+                text = _config_text(exc) if isinstance(exc, ConfigError) else as_command(exc)
+                _err(text.replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
                 progress.stop()

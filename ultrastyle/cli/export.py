@@ -32,14 +32,8 @@ def export_command(
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
-    from ultrastyle.export.bundle import BundleError, check_bundle_target
-
-    try:  # before the model loads: a folder holding something else is refused before any work
-        check_bundle_target(output)
-    except BundleError as exc:
-        err.print(f"error: {exc}", style="red", markup=False)
-        raise typer.Exit(2) from None
     from ultrastyle.deploy import export_model
+    from ultrastyle.export.bundle import BundleError, BundleTargetError
     from ultrastyle.export.validate import ExportValidationError
     from ultrastyle.models.convert import CheckpointError
 
@@ -50,8 +44,8 @@ def export_command(
             )
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(as_command(exc).split())}", style="red", markup=False)
-        # A model that cannot be loaded is refused before any work (2); a failed export or validation is 1.
-        raise typer.Exit(2 if isinstance(exc, (zoo.ZooError, CheckpointError)) else 1) from None
+        # An output folder or a model that cannot be used is refused before any work (2); a failed export or validation is 1.
+        raise typer.Exit(2 if isinstance(exc, (BundleTargetError, zoo.ZooError, CheckpointError)) else 1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())
     Console(highlight=False).print(
         f"wrote {len(bundle.manifest['networks'])} graphs to {bundle.path} "

@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.cli.remedies import as_command, swap
-from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
     DEFAULT_CONTENT_LAYER,
@@ -114,12 +113,12 @@ def optimize_command(
     same command is run again. Exit status is 1 if any content failed; the
     others still run.
     """
-    from ultrastyle.optimization.batch import check_budget, plan_outputs, run_batch, state_dir_for
+    from ultrastyle.optimization.batch import check_budget, is_file_output, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
     from ultrastyle.options import OptionError
     from ultrastyle.runtime.batch import BatchInterrupted, Pair, PairResult
 
-    as_file = output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
+    as_file = is_file_output(output)
     out_format = _format(output if as_file else None, fmt)
     if no_tile and tile is not None:
         raise typer.BadParameter("--no-tile evaluates whole images and --tile sets a tile size; give one of them", param_hint="--tile")

@@ -154,7 +154,7 @@ def parse_levels(text: str) -> tuple[int, ...]:
         levels = tuple(int(t) for t in items)
     except ValueError:
         raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
-    if not levels or any(k not in (1, 2, 3, 4, 5) for k in levels):
+    if not levels or any(k not in STAGES for k in levels):
         raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}")
     return levels
 

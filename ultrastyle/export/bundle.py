@@ -62,15 +62,19 @@ class Bundle:
         return f"bundle {self.path} has no stage(s) {missing}; it has {list(self.stages)}" if missing else None
 
 
+class BundleTargetError(BundleError):
+    """An output folder that cannot take a bundle (it holds something else, or a file stands in its path)."""
+
+
 def check_bundle_target(out_dir: str | Path) -> None:
-    """BundleError unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
+    """`BundleTargetError` unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise BundleError(f"{out_dir.resolve()} exists and is not a bundle; choose a new or empty folder for the bundle")
+        raise BundleTargetError(f"{out_dir.resolve()} exists and is not a bundle; choose a new or empty folder for the bundle")
     for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
         if parent.exists():
             if not parent.is_dir():
-                raise BundleError(f"cannot create the bundle folder {out_dir}: {parent} is a file, not a folder")
+                raise BundleTargetError(f"cannot create the bundle folder {out_dir}: {parent} is a file, not a folder")
             break
 
 

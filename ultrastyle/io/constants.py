@@ -12,3 +12,8 @@ DEFAULT_MAX_PIXELS = 400_000_000
 # zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
 # files 21% larger (benchmarks/codecs.py measures the levels and encoders).
 DEFAULT_PNG_LEVEL = 1
+
+
+def format_name(text: str) -> str:
+    """An output format as `io.pyramid.OUTPUT_FORMATS` spells it: ``"JPEG"`` -> ``"jpg"``, ``"tif"`` -> ``"tiff"`` (others lower-cased)."""
+    return {"jpeg": "jpg", "tif": "tiff"}.get(text.lower(), text.lower())

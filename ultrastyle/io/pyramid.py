@@ -60,9 +60,6 @@ Pixels = Union[np.ndarray, Canvas]  # (H, W, 3) uint8/uint16, or a (3, H, W) flo
 OUTPUT_FORMATS = (*FORMATS, "dzi")
 
 
-def format_name(text: str) -> str:
-    """An output format as `OUTPUT_FORMATS` spells it: ``"JPEG"`` -> ``"jpg"``, ``"tif"`` -> ``"tiff"`` (others lower-cased)."""
-    return {"jpeg": "jpg", "tif": "tiff"}.get(text.lower(), text.lower())
 
 DZI_TILE, DZI_OVERLAP = 254, 1  # 254 + 2 x 1 overlap = 256-pixel images, the Deep Zoom default
 TIFF_TILE = 256

@@ -22,11 +22,11 @@ from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import DEFAULT_MODEL
-from ultrastyle.optimization.run import _MODEL_KEYS, _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
+from ultrastyle.optimization.run import _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, resized_header
 
-__all__ = ["optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
+__all__ = ["check_budget", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
 PairProgress = Callable[[Pair, ProgressEvent], None]
 
@@ -34,6 +34,11 @@ PairProgress = Callable[[Pair, ProgressEvent], None]
 def state_dir_for(output: Path) -> Path:
     """Where an output's optimization state is saved while it runs (beside it, hidden; removed once done)."""
     return output.with_name(f".{output.name}.optimize-state")
+
+
+def is_file_output(output: str | os.PathLike) -> bool:
+    """Whether ``output`` names one output file (an image suffix, not an existing folder) rather than a folder."""
+    return Path(output).suffix.lower() in IMAGE_SUFFIXES and not Path(output).is_dir()
 
 
 def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike, output: str | os.PathLike, fmt: str) -> list[Pair]:
@@ -48,7 +53,7 @@ def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike
     if not style.is_file():
         raise OptionError("style", f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
     output = Path(output)
-    as_file = output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
+    as_file = is_file_output(output)
     if as_file and len(files) > 1:  # a file name for several outputs would silently become a folder
         raise OptionError(
             "output", f"{output} looks like a file name, but {len(files)} contents were given; give a folder "
@@ -135,7 +140,9 @@ def optimize_batch(
     *,
     model: Any = DEFAULT_MODEL,
     device: str = "cpu",
+    dtype: Any = None,
     threads: int = 0,
+    progress: bool = True,
     skip_existing: bool = False,
     on_progress: PairProgress | None = None,
     on_result: Callable[[PairResult], None] | None = None,
@@ -146,17 +153,18 @@ def optimize_batch(
     ``output``: a folder (``{content}_optimized_{style}.{format}``), or a file
     name for one content (its suffix gives the format). ``settings``: as
     `make_optimize_options` (iterations, scales, init, max_memory, ...).
+    ``model``, ``device``, ``dtype``, ``threads``, ``progress``: as `Optimizer`.
     A bad file fails alone; a budget too small for every content, a bad
     setting or a missing style is an `OptionError` before any image.
     """
-    check_settings(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize_batch(...)")
-    as_file = Path(output).suffix.lower() in IMAGE_SUFFIXES and not Path(output).is_dir()
-    if as_file:
+    check_settings(settings, _SETTINGS, ())  # the model's settings are this function's own keywords
+    if is_file_output(output):
         from ultrastyle.api import output_format
 
         settings["format"] = output_format(output, settings.get("format"))
     options = make_optimize_options(**settings)
     pairs = plan_outputs(contents, style, output, options.format)
-    with Optimizer(model, device=device, threads=threads) as optimizer:
+    loss_dtype = {} if dtype is None else {"dtype": dtype}  # None: the Optimizer's default (float32)
+    with Optimizer(model, device=device, threads=threads, progress=progress, **loss_dtype) as optimizer:
         check_budget(optimizer, options, pairs)
         return run_batch(optimizer, pairs, options, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)

@@ -93,8 +93,9 @@ class BuildReport:
 class NetworkFromOnnx:
     """A strongly typed TensorRT network parsed from an ONNX model (lazy, after Polygraphy's loaders)."""
 
-    def __init__(self, trt, logger, features: TrtFeatures, model: onnx.ModelProto, label: str) -> None:
+    def __init__(self, trt, logger, features: TrtFeatures, model: onnx.ModelProto, label: str, bundle: Path | None = None) -> None:
         self.trt, self.logger, self.features, self.model, self.label = trt, logger, features, model, label
+        self.bundle = bundle  # where the graph comes from: a parser failure suggests checking it
 
     def __call__(self, builder):
         trt = self.trt
@@ -105,7 +106,8 @@ class NetworkFromOnnx:
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse(self.model.SerializeToString()):
             errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BuildError(f"TensorRT's ONNX parser rejected {self.label}: {errors}; check_tensorrt(BUNDLE) gives a static report")
+            fix = Remedy("check_tensorrt", (str(self.bundle) if self.bundle else "BUNDLE",))
+            raise remedied(BuildError(f"TensorRT's ONNX parser rejected {self.label}: {errors}; {fix.python()} gives a static report"), fix)
         return network, parser  # the parser must outlive the network's use (it owns the weights)
 
 
@@ -290,7 +292,7 @@ class _Build:
         shapes = network_shapes(src.kind, src.stage, self.bundle.arch, rng)
         t = time.perf_counter()
         data, device_memory = self.engine_from(
-            NetworkFromOnnx(self.trt, self.logger, self.features, model, f"{src.network} ({src.label}, {self.precision})"), shapes,
+            NetworkFromOnnx(self.trt, self.logger, self.features, model, f"{src.network} ({src.label}, {self.precision})", self.bundle.path), shapes,
             precision=self.precision, quantized=src.quantized, tf32=self.engine_from.tf32 and src.kind != "stats",
         )  # fmt: skip
         name = eng.engine_file(src.network, self.precision)

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ultrastyle.errors import Remedy
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.graphs import GraphError, graph_sources, verify_int8_file
@@ -82,6 +83,7 @@ class Finding:
     severity: str  # "error" | "warning"
     where: str  # "encoder3.onnx: node Pad_5" / "stage 3 profile" / "engines/..."
     message: str
+    remedy: Remedy | None = None  # the fix its message shows as Python (`errors.Remedy`)
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.where}: {self.message}"
@@ -350,7 +352,7 @@ def check_bundle(
         try:
             sources = graph_sources(bundle, precision, stages)
         except GraphError as exc:
-            report.findings.append(Finding("error", f"{bundle.path} ({precision})", str(exc)))
+            report.findings.append(Finding("error", f"{bundle.path} ({precision})", str(exc), getattr(exc, "remedy", None)))
             continue
         shas[precision] = {s.network: s.sha256 for s in sources}
         for src in sources:
@@ -363,7 +365,7 @@ def check_bundle(
                     verify_int8_file(bundle, src)
                 model = src.load()
             except (GraphError, ValueError, OSError, onnx.checker.ValidationError) as exc:
-                report.findings.append(Finding("error", label, f"cannot load or convert the graph: {exc}"))
+                report.findings.append(Finding("error", label, f"cannot load or convert the graph: {exc}", getattr(exc, "remedy", None)))
                 continue
             report.graphs += 1
             report.nodes += len(model.graph.node)

@@ -75,15 +75,22 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
     if why := bundle.stages_problem(stages):
         raise GraphError(why)
     nets = bundle.manifest["networks"]
-    if precision == "int8" and not any(int8_graph(bundle, n) for n in nets):
-        raise GraphError(
-            f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
-            "graphs (its implicit INT8 calibration was removed); create them with `ultrastyle calibrate` "
-            "(int8 calibration on sample photos), or build fp16 or fp32 engines"
-        )
+    if precision == "int8":
+        calibrated = sorted({e["stage"] for n, e in nets.items() if isinstance(e, dict) and int8_graph(bundle, n)})
+        fix = Remedy("calibrate", (str(bundle.path), "DIR"), (("activations", "int8"),))
+        if not calibrated:
+            raise remedied(GraphError(
+                f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
+                f"graphs (its implicit INT8 calibration was removed); create them with {fix.python()} "
+                "(int8 calibration on sample photos), or build fp16 or fp32 engines"
+            ), fix)  # fmt: skip
+        if bare := [k for k in stages if k not in calibrated]:  # they would build in float32 without a word
+            raise remedied(GraphError(
+                f"bundle {bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; calibrate those stages too "
+                f"({fix.python()}), or build only stages {calibrated}"
+            ), fix)  # fmt: skip
     activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":
-        fix = Remedy("calibrate", (str(bundle.path), "DIR"), (("activations", "int8"),))
         raise remedied(GraphError(
             f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
             f"TensorRT's INT8 is signed with zero-point 0: calibrate again with {fix.python()}"
@@ -93,7 +100,8 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
         for kind in ("encoder", "decoder", "decoder_affine"):
             name = f"{kind}{k}"
             if name not in nets:
-                raise GraphError(f"bundle {bundle.path} lacks {name}; re-export it with: ultrastyle export MODEL -o {bundle.path}")
+                fix = Remedy("export_model", ("MODEL", str(bundle.path)))
+                raise remedied(GraphError(f"bundle {bundle.path} lacks {name}; export it again: {fix.python()}"), fix)
             path = bundle.path / nets[name]["file"]
             sha = nets[name]["sha256"]
             q = int8_graph(bundle, name) if precision == "int8" else None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ultrastyle.core.arch import STAGES
+from ultrastyle.errors import remedied
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
@@ -265,6 +266,6 @@ def _open_tensorrt(
             on_step=(lambda msg: on_export(f"TensorRT for {gpu.name} (first use; `ultrastyle build` does this ahead): {msg}"))
             if on_export else None,
         )  # fmt: skip
-    except GraphError as exc:
-        raise RunnerError(str(exc)) from exc
+    except GraphError as exc:  # its remedy goes with it
+        raise remedied(RunnerError(str(exc)), getattr(exc, "remedy", None)) from exc
     return TensorRTRunner(bundle, precision=precision, stages=stages)

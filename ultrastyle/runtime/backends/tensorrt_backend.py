@@ -117,8 +117,8 @@ class TensorRTRunner(Runner):
         try:
             self.manifest = eng.read_manifest(self.folder)
             sources = graph_sources(self.bundle, self.precision, self.stages)
-        except (ValueError, GraphError) as exc:
-            raise RunnerError(str(exc)) from exc
+        except (ValueError, GraphError) as exc:  # its remedy goes with it
+            raise remedied(RunnerError(str(exc)), getattr(exc, "remedy", None)) from exc
         stale = []
         for src in sources:
             stale += eng.stale_reasons(self.manifest, self.folder, src.network, self.precision, host=self.host, graph_sha256=src.sha256)
