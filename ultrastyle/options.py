@@ -97,45 +97,37 @@ def memory_budget(option: str, value: object) -> int | None:
     return budget
 
 
+def _side_or_word(option: str, value: object, word: str, least: int, expected: str, example: str) -> int | None:
+    """None or ``word`` (any case) -> None; else a whole number >= ``least`` (digits in a string too)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == word:
+            return None
+        if not text.isdigit():
+            raise OptionError(option, f"expected {expected}, got {value!r}; give {example}")
+        value = int(text)
+    if not _whole(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give {example}")
+    if value < least:
+        raise OptionError(option, f"expected {expected}, got {value}; give {example}")
+    return int(value)
+
+
 def tile_side(option: str, value: object) -> int | None:
     """``tile``: None or ``"auto"`` (fitted to the budget), else a core side in pixels, a whole number >= 1 (digits in a string too).
 
     Sides below a stage's grid are rounded up to it by the planners.
     """
-    expected = "'auto' or a positive whole number of pixels (the tile core side)"
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return None
-        if not text.isdigit():
-            raise OptionError(option, f"expected {expected}, got {value!r}; give e.g. 512, or 'auto' to fit the memory budget")
-        value = int(text)
-    if not _whole(value):
-        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give an int such as 512, or 'auto'")
-    if value < 1:
-        raise OptionError(option, f"expected {expected}, got {value}; give a positive side, e.g. 512, or 'auto'")
-    return int(value)
+    return _side_or_word(option, value, "auto", 1, "'auto' or a positive whole number of pixels (the tile core side)",
+                         "a positive side such as 512, or 'auto' to fit the memory budget")  # fmt: skip
 
 
 def halo_width(option: str, value: object) -> int | None:
     """``halo``: None or ``"exact"`` (the exact result), else at most that many pixels, a whole number >= 0 (approximate)."""
-    expected = "'exact' or a whole number of pixels >= 0 (an approximate halo)"
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "exact":
-            return None
-        if not text.isdigit():
-            raise OptionError(option, f"expected {expected}, got {value!r}; give 'exact' for the exact result, or e.g. 32")
-        value = int(text)
-    if not _whole(value):
-        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give 'exact' or an int such as 32")
-    if value < 0:
-        raise OptionError(option, f"expected {expected}, got {value}; give 'exact' or 0 or more")
-    return int(value)
+    return _side_or_word(option, value, "exact", 0, "'exact' or a whole number of pixels >= 0 (an approximate halo)",
+                         "'exact' for the exact result, or 0 or more pixels such as 32")  # fmt: skip
 
 
 def choice(option: str, value: object, choices: Collection[str]) -> str:
