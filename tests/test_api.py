@@ -16,7 +16,8 @@ from ultrastyle.cli.main import app
 from ultrastyle.io.images import array_to_tensor, load_image, read_image
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import load_model
-from ultrastyle.runtime.cascade import style_statistics, stylize as reference_stylize
+from ultrastyle.runtime.cascade import style_statistics
+from ultrastyle.runtime.cascade import stylize as reference_stylize
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +266,7 @@ def test_a_style_file_created_or_replaced_after_a_call_is_read_again(installed, 
 
 
 def test_in_memory_images_read_as_their_files_would():
-    from ultrastyle.runtime.batch import as_pixels
+    from ultrastyle.io.sources import as_pixels
 
     rgba = np.zeros((4, 6, 4), np.uint8)
     rgba[:, :3] = (10, 20, 30, 255)  # left half opaque, right half transparent

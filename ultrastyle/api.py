@@ -37,15 +37,14 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
+from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
 from ultrastyle.runtime.batch import (
-    BatchSummary, ImageInput, Pair, PairResult, Source, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode,
-    plan_pairs, run_batch, stylize_content,
+    BatchSummary, Pair, PairResult, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode, plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.core.plan import BudgetTooSmall, TilingOptions, check_budget, size_text
 from ultrastyle.runtime.tiled import TileCallback
 
-ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 
 __all__ = [
@@ -138,14 +137,6 @@ def make_options(
     )  # fmt: skip
 
 
-def _source(image: ImageLike, role: str) -> Source:
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image)
-    if isinstance(image, (np.ndarray, Image.Image)):
-        return ImageInput(image, role)
-    raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
-
-
 def _label_array(mask: ImageLike) -> ImageLike:
     """A bool or integer label array as the uint8/uint16 image whose grey levels are its labels (other masks as given)."""
     if not isinstance(mask, np.ndarray) or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
@@ -170,17 +161,17 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         if twice := sorted({p for p in paths if paths.count(p) > 1}):
             raise OptionError("mix", f"{twice[0]} is given twice; give each style once with its weight")
         try:
-            return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
+            return StyleSpec(tuple(as_source(s, f"style {i + 1}") for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
         except ValueError as exc:
             raise OptionError("mix", str(exc)) from None
     if style is None:
         raise OptionError("style", "give a style image (or a mix)")
     styles = list(style) if isinstance(style, (list, tuple)) else [style]
     if mask is not None:
-        return StyleSpec(tuple(_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=_source(_label_array(mask), "mask"))
+        return StyleSpec(tuple(as_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask"))
     if len(styles) != 1:
         raise OptionError("style", "several styles make one output only as a mix or with a mask")
-    return StyleSpec((_source(styles[0], "style"),))
+    return StyleSpec((as_source(styles[0], "style"),))
 
 
 class Stylizer:
@@ -300,7 +291,7 @@ class Stylizer:
         opts = self.options(**settings)
         self._open()
         spec = _style_spec(style, mix, mask)
-        src = _source(content, "content")
+        src = as_source(content, "content")
         pair = Pair(src, spec, None)
         (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None

@@ -26,8 +26,9 @@ from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, save_output
 from ultrastyle.io.paths import file_signature
 from ultrastyle.core.arch import ArchSpec
+from ultrastyle.io.sources import Source
 from ultrastyle.runtime.batch import (
-    Pair, PairResult, Source, StyleBook, StylizeOptions, _failure, decode, output_megapixels, stylize_content,
+    Pair, PairResult, StyleBook, StylizeOptions, _failure, decode, output_megapixels, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.tiled import decode_tiles, encode_statistics, stylize_stage_tiled
 

@@ -21,10 +21,11 @@ from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.paths import expand_inputs
+from ultrastyle.io.sources import resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.run import _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
 from ultrastyle.options import OptionError
-from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, resized_header
+from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
 __all__ = ["check_budget", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 

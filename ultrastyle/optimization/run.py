@@ -31,11 +31,10 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ultrastyle import options as check
 from ultrastyle.api import check_settings, output_format
@@ -45,6 +44,7 @@ from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
@@ -59,7 +59,6 @@ from ultrastyle.optimization.solvers import (
 from ultrastyle.optimization.vectors import VectorSite
 from ultrastyle.options import OptionError
 
-ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 INITS = ("content", "noise", "wct")
 FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)
 STATE_VERSION = 1
@@ -317,14 +316,7 @@ def _source_key(src: Any) -> str:
 
 def _read(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch.Tensor]:
     """(source, (3, H, W) float32 in [0, 1]); `ImageError` naming the file."""
-    from ultrastyle.runtime.batch import ImageInput, read_source
-
-    if isinstance(image, (str, os.PathLike)):
-        src: Any = Path(image)
-    elif isinstance(image, (np.ndarray, Image.Image)):
-        src = ImageInput(image, role)
-    else:
-        raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
+    src = as_source(image, role)
     try:
         return src, array_to_tensor(read_source(src, max_pixels))
     except ImageError as exc:

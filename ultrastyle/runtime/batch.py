@@ -19,7 +19,6 @@ other pairs still run, and results are reported in pair order.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -30,16 +29,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from ultrastyle.errors import Remedy
-from ultrastyle.io.images import (
-    DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, check_pixels, over_white, pil_limits_off, pil_to_array,
-    read_image, resize_long_side,
-)  # fmt: skip
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.paths import file_signature
@@ -64,69 +60,6 @@ STREAMING = ("auto", "always", "never")
 IO_SHARE = 0.25
 # Whole-image runs (``tiling=None``) are the one-tile case of the tiled pipeline, with no budget.
 UNBOUNDED = TilingOptions.unbounded()
-
-
-class ImageInput:
-    """An image given in memory (an (H, W, 3) array or a PIL image) where a path would go; ``name`` names it in outputs and errors."""
-
-    def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image") -> None:
-        self.pixels = as_pixels(pixels, name)
-        self.name = name
-        h = hashlib.blake2b(memoryview(self.pixels).cast("B"), digest_size=16)  # contiguous: hashed in place, no copy
-        h.update(f"{self.pixels.shape}{self.pixels.dtype}".encode())
-        self.key = h.hexdigest()
-
-    @property
-    def stem(self) -> str:
-        return self.name
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ImageInput) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def __str__(self) -> str:
-        return self.name
-
-
-Source = Union[Path, ImageInput]
-
-
-def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise.
-
-    As a file's pixels (`read_image`): a PIL image's EXIF orientation is applied
-    and 16-bit grey kept; transparency (RGBA arrays too) is composited over white.
-    """
-    if isinstance(image, Image.Image):
-        image = pil_to_array(ImageOps.exif_transpose(image))
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
-        raise ImageError(f"{name}: expected an (H, W, 3) RGB array, got shape {a.shape}")
-    if a.dtype in (np.float64, np.float16):
-        a = a.astype(np.float32)
-    if a.dtype not in (np.uint8, np.uint16, np.float32):
-        raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}")
-    if a.dtype == np.float32:
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates, and fails the test below
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
-            hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
-            raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
-    if a.shape[2] == 4:  # as files with transparency are
-        return np.ascontiguousarray(over_white(a))
-    return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
-
-
-def read_source(src: Source, max_pixels: int) -> np.ndarray:
-    """The (H, W, 3) pixels of a path (`read_image`) or an in-memory image."""
-    if isinstance(src, ImageInput):
-        h, w = src.pixels.shape[:2]
-        check_pixels(str(src), w, h, max_pixels)
-        return src.pixels
-    return read_image(src, max_pixels=max_pixels)
 
 
 @dataclass(frozen=True)
@@ -552,7 +485,7 @@ def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | No
 
     From one read of the header; an unreadable header counts 0 bytes (the read reports the file).
     """
-    header = _header(src)
+    header = image_header(src)
     whole = 0 if header is None else _whole_read_bytes(header, options.content_size)
     if isinstance(src, ImageInput) or options.streaming == "never":
         return False, whole, None
@@ -644,25 +577,6 @@ def stylize_content(
         if not handed_content:
             content.close()
     return results
-
-
-def _header(src: Source) -> tuple[int, int, int] | None:
-    """(width, height, bytes per sample) of ``src`` from its header alone; None when unreadable (the read reports it)."""
-    if isinstance(src, ImageInput):
-        h, w = src.pixels.shape[:2]
-        return w, h, src.pixels.itemsize
-    try:
-        with pil_limits_off(), Image.open(src) as img:  # the header: no pixel limit applies to reading it
-            deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
-            return img.size[0], img.size[1], 2 if deep else 1
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:
-    """(H, W) of ``src`` after resizing its long side to ``long_side`` (0: kept), from its header; None when unreadable."""
-    header = _header(src)
-    return None if header is None else resized_size(header[1], header[0], long_side)
 
 
 def output_megapixels(src: Source, options: StylizeOptions) -> float:
@@ -878,7 +792,7 @@ def run_batch(
 
 
 __all__ = [
-    "BatchInterrupted", "BatchSummary", "ImageInput", "InOrder", "content_runs", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
-    "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "as_pixels", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
+    "BatchInterrupted", "BatchSummary", "InOrder", "content_runs", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
+    "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
     "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
 ]  # fmt: skip

@@ -1,0 +1,115 @@
+"""Images given where a path would go: in-memory pixels (`ImageInput`), a `Source` (a path or one of them), their headers.
+
+What the Python API accepts as an image (`ImageLike`: a path, an (H, W, 3) array
+or a PIL image) becomes a `Source` through `as_source`; arrays and PIL images
+are read as their files would be (`as_pixels`: transparency over white, EXIF
+orientation applied, floats in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ultrastyle.core.resample import resized_size
+from ultrastyle.io.images import ImageError, check_pixels, over_white, pil_limits_off, pil_to_array, read_image
+
+__all__ = ["ImageInput", "ImageLike", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+
+class ImageInput:
+    """An image given in memory (an (H, W, 3) array or a PIL image) where a path would go; ``name`` names it in outputs and errors."""
+
+    def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image") -> None:
+        self.pixels = as_pixels(pixels, name)
+        self.name = name
+        h = hashlib.blake2b(memoryview(self.pixels).cast("B"), digest_size=16)  # contiguous: hashed in place, no copy
+        h.update(f"{self.pixels.shape}{self.pixels.dtype}".encode())
+        self.key = h.hexdigest()
+
+    @property
+    def stem(self) -> str:
+        return self.name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageInput) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Source = Union[Path, ImageInput]
+
+
+def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise.
+
+    As a file's pixels (`read_image`): a PIL image's EXIF orientation is applied
+    and 16-bit grey kept; transparency (RGBA arrays too) is composited over white.
+    """
+    if isinstance(image, Image.Image):
+        image = pil_to_array(ImageOps.exif_transpose(image))
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
+        raise ImageError(f"{name}: expected an (H, W, 3) RGB array, got shape {a.shape}")
+    if a.dtype in (np.float64, np.float16):
+        a = a.astype(np.float32)
+    if a.dtype not in (np.uint8, np.uint16, np.float32):
+        raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}")
+    if a.dtype == np.float32:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates, and fails the test below
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+            hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
+            raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    if a.shape[2] == 4:  # as files with transparency are
+        return np.ascontiguousarray(over_white(a))
+    return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
+
+
+def read_source(src: Source, max_pixels: int) -> np.ndarray:
+    """The (H, W, 3) pixels of a path (`read_image`) or an in-memory image."""
+    if isinstance(src, ImageInput):
+        h, w = src.pixels.shape[:2]
+        check_pixels(str(src), w, h, max_pixels)
+        return src.pixels
+    return read_image(src, max_pixels=max_pixels)
+
+
+def as_source(image: ImageLike, role: str) -> Source:
+    """A path as a `Path`, an array or PIL image as an `ImageInput` named ``role``; TypeError for anything else."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image)
+    if isinstance(image, (np.ndarray, Image.Image)):
+        return ImageInput(image, role)
+    raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
+
+
+def image_header(src: Source) -> tuple[int, int, int] | None:
+    """(width, height, bytes per sample) of ``src`` from its header alone; None when unreadable (the read reports it)."""
+    if isinstance(src, ImageInput):
+        h, w = src.pixels.shape[:2]
+        return w, h, src.pixels.itemsize
+    try:
+        with pil_limits_off(), Image.open(src) as img:  # the header: no pixel limit applies to reading it
+            deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
+            return img.size[0], img.size[1], 2 if deep else 1
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:
+    """(H, W) of ``src`` after resizing its long side to ``long_side`` (0: kept), from its header; None when unreadable."""
+    header = image_header(src)
+    return None if header is None else resized_size(header[1], header[0], long_side)
