@@ -15,7 +15,6 @@ manifest), resolved here once for the command line and for Python alike.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -437,15 +436,7 @@ def check_settings(
     ``allowed``: the call's settings (default: `make_options`'); ``model_keys``: settings of the opened model
     instead, which belong to ``opener``.
     """
-    allowed = _SETTINGS if allowed is None else allowed
-    model_keys = _RUNNER_KEYS if model_keys is None else model_keys
-    for name in settings:
-        if name in allowed:
-            continue
-        if name in model_keys:
-            raise OptionError(name, f"is a setting of the model, not of each call: give it to {opener}")
-        close = difflib.get_close_matches(name, sorted(allowed), n=1)
-        raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
+    check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener)
 
 
 def output_format(output: str | os.PathLike, given: str | None) -> str:

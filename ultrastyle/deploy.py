@@ -62,11 +62,11 @@ def export_model(
 
 def calibration_settings(**settings: Any):
     """`CalibrationSettings` from keywords; a typo or a bad value is an `OptionError` naming the keyword."""
-    from ultrastyle.api import check_settings
     from ultrastyle.calibration.quantize import CalibrationSettings
+    from ultrastyle.options import known_keywords
 
     allowed = frozenset(f.name for f in dataclasses.fields(CalibrationSettings) if f.name not in ("images", "version"))
-    check_settings(settings, allowed, (), opener="calibrate")
+    known_keywords(settings, allowed)
     try:
         return CalibrationSettings(**settings)
     except ValueError as exc:  # its messages start with the setting (or name the method)

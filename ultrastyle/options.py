@@ -11,6 +11,7 @@ command line maps keywords to its flags).
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Collection
 
@@ -22,7 +23,7 @@ from ultrastyle.io.constants import format_name
 from ultrastyle.models.defaults import METHODS
 
 __all__ = [
-    "OptionError", "alpha", "choice", "count", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
+    "OptionError", "alpha", "choice", "count", "known_keywords", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
     "method", "pixel_limit", "tile_side",
 ]  # fmt: skip
 
@@ -180,3 +181,15 @@ def levels(value: object) -> tuple[int, ...] | None:
     if not items or not all(_whole(k) and k in STAGES for k in items):
         raise OptionError("levels", f"expected stage numbers {stages}, coarse to fine, got {value!r}; give e.g. (5, 4, 3) or '5,4,3'")
     return tuple(int(k) for k in items)
+
+
+def known_keywords(settings: Collection[str], allowed: Collection[str], model_keys: Collection[str] = (), opener: str = "") -> None:
+    """OptionError for a keyword that is no setting of a call: a typo (with the closest of ``allowed``), or one of
+    ``model_keys``, the settings of the opened model, which belong to ``opener``."""
+    for name in settings:
+        if name in allowed:
+            continue
+        if name in model_keys:
+            raise OptionError(name, f"is a setting of the model, not of each call: give it to {opener}")
+        close = difflib.get_close_matches(name, sorted(allowed), n=1)
+        raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ultrastyle.api import check_settings
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError
@@ -24,7 +23,7 @@ from ultrastyle.io.paths import expand_inputs
 from ultrastyle.io.sources import resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.run import _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
-from ultrastyle.options import OptionError
+from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
 __all__ = ["check_budget", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
@@ -158,7 +157,7 @@ def optimize_batch(
     A bad file fails alone; a budget too small for every content, a bad
     setting or a missing style is an `OptionError` before any image.
     """
-    check_settings(settings, _SETTINGS, ())  # the model's settings are this function's own keywords
+    known_keywords(settings, _SETTINGS)  # the model's settings are this function's own keywords
     if is_file_output(output):
         from ultrastyle.api import output_format
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ultrastyle import options as check
-from ultrastyle.api import check_settings, output_format
+from ultrastyle.api import output_format
 from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.resample import resized_size
@@ -450,7 +450,7 @@ class Optimizer:
             settings["format"] = output_format(output, settings.get("format"))  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
-            check_settings(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")
+            check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")
             opts = make_optimize_options(**settings)
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
@@ -634,6 +634,6 @@ def optimize(
     as `Optimizer.run`; ``dtype``, ``threads``, ``progress`` (the model's
     download bar): as `Optimizer`. For many images, open an `Optimizer` once.
     """
-    check_settings(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)")  # before the model loads
+    check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)")  # before the model loads
     with Optimizer(model, device=device, dtype=dtype, threads=threads, progress=progress) as o:
         return o.run(content, style, output=output, state_dir=state_dir, on_progress=on_progress, on_tile=on_tile, **settings)
