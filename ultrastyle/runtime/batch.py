@@ -662,6 +662,123 @@ class _Job:
     plan: tuple[bool, int, str | None] | None = None  # `read_plan`
 
 
+class _BatchRun:
+    """The state of one `run_batch`: reads ahead within the allowance, stylizes job by job, writes on threads."""
+
+    def __init__(self, model: StageNetworks, pairs: list[Pair], options: StylizeOptions,
+                 on_result: Callable[[PairResult], None] | None, on_tile: TileCallback | None) -> None:
+        self.model, self.pairs, self.options, self.on_tile = model, pairs, options, on_tile
+        self.results, runs = content_runs(pairs, options.skip_existing)
+        self.summary = BatchSummary()
+        self.report = InOrder(self.results, self.summary, on_result)
+        self.jobs = [_Job(content, indices) for content, indices in runs]
+        self.report()
+        for job in self.jobs:  # before any work: which contents stream, and one line for each that should but cannot
+            job.plan = read_plan(job.content, options)
+            warn_read_whole(job.content, options, job.plan)
+        self.styles = StyleBook(model, options)
+        self.workers = options.workers
+        self.allowance = _Allowance(options.io_allowance)
+        self.writes: deque[Future] = deque()
+        self.readers = ThreadPoolExecutor(self.workers, thread_name_prefix="ultrastyle-read")
+        self.writers = ThreadPoolExecutor(self.workers, thread_name_prefix="ultrastyle-write")
+        self.submitted = 0
+
+    def read_ahead(self, current: int) -> None:
+        """Start reading the jobs after ``current`` that fit the allowance (``current`` itself always)."""
+        while self.submitted < len(self.jobs) and self.submitted <= current + self.workers:
+            job = self.jobs[self.submitted]
+            assert job.plan is not None
+            job.estimate = job.plan[1]
+            if self.submitted > current and not self.allowance.fits(job.estimate):
+                return
+            self.allowance.take(job.estimate)
+            job.read = self.readers.submit(decode, job.content, self.options, job.plan)
+            self.submitted += 1
+
+    def write(self, i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float, nbytes: int) -> None:
+        """Encode one output (on a writer thread); a failure fails its pair only."""
+        options = self.options
+        try:
+            assert pair.output is not None
+            save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid)
+            h, w = image_size(out)
+            self.results[i] = PairResult(pair, "done", None, seconds, h * w / 1e6)
+        except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
+            self.results[i] = _failure(pair, exc, seconds)
+        finally:
+            if isinstance(out, Canvas):
+                out.close()
+            self.allowance.give(nbytes)
+
+    def queue_write(self, i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float) -> None:
+        """Hand one output on: kept in memory without an output path, else queued for a writer."""
+        if pair.output is None:
+            assert isinstance(out, np.ndarray)
+            self.results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
+            return
+        nbytes = 2 * out.nbytes  # encoded whole: the pixels and the encoder's output
+        if isinstance(out, Canvas):
+            nbytes = out.nbytes
+            if out.on_disk:  # read a band at a time: its file is not RAM
+                nbytes = min(nbytes, out.shape[0] * out.shape[2] * 4 * 512)
+        self.allowance.take(nbytes, wait_while=lambda: any(not f.done() for f in self.writes))
+        self.writes.append(self.writers.submit(self.write, i, pair, out, seconds, nbytes))
+
+    def run_job(self, j: int) -> None:
+        """Read (ahead), stylize and queue the outputs of job ``j``; its pairs fail together if its content cannot be read."""
+        job, pairs = self.jobs[j], self.pairs
+        self.read_ahead(j)
+        assert job.read is not None
+        try:
+            decoded = job.read.result()
+        except Exception as exc:  # noqa: BLE001 - ImageError mostly; the content's pairs fail
+            for i in job.indices:
+                self.results[i] = _failure(pairs[i], exc)
+            self.allowance.give(job.estimate)
+            return
+        finally:
+            job.read = None  # the future holds the pixels too
+        given = False
+
+        def give_back() -> None:
+            nonlocal given
+            given = True
+            self.allowance.give(job.estimate)
+
+        decoded.on_take = give_back  # once the canvas holds the pixels
+        by_pair = {id(pairs[i]): i for i in job.indices}
+        try:
+            got = stylize_content(self.model, decoded, [pairs[i] for i in job.indices], self.styles, self.options, self.on_tile,
+                                  lambda pair, out, seconds: self.queue_write(by_pair[id(pair)], pair, out, seconds))
+        finally:
+            del decoded
+            if not given:
+                self.allowance.give(job.estimate)
+        for i, r in zip(job.indices, got):
+            if r is not None:
+                self.results[i] = r
+        release_free_memory()  # the next image may be smaller: do not hold this one's peak
+        while self.writes and self.writes[0].done():
+            self.writes.popleft().result()
+
+    def interrupted(self) -> BatchSummary:
+        """After Ctrl-C: outputs not yet being encoded are dropped, those being encoded are finished."""
+        self.readers.shutdown(wait=False, cancel_futures=True)
+        for f in self.writes:
+            f.cancel()
+        for f in self.writes:
+            if not f.cancelled():
+                f.result()
+        self.report()
+        self.summary.results += [r for r in self.results[self.report.reported:] if r is not None]  # finished after a gap: still done
+        return self.summary
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True, cancel_futures=True)
+        self.writers.shutdown(wait=True)
+
+
 def run_batch(
     model: StageNetworks,
     pairs: list[Pair],
@@ -679,116 +796,22 @@ def run_batch(
     for folder in {p.output.parent for p in pairs if p.output is not None}:
         atomic.sweep_stale(folder)  # temp files of a killed earlier run
     t_start = time.perf_counter()
-    results, runs = content_runs(pairs, options.skip_existing)
-    summary = BatchSummary()
-    report = InOrder(results, summary, on_result)
-    jobs = [_Job(content, indices) for content, indices in runs]
-    report()
-    for job in jobs:  # before any work: which contents stream, and one line for each that should but cannot
-        job.plan = read_plan(job.content, options)
-        warn_read_whole(job.content, options, job.plan)
-    styles = StyleBook(model, options)
-    workers = options.workers
-    allowance = _Allowance(options.io_allowance)
-    writes: deque[Future] = deque()
-    readers = ThreadPoolExecutor(workers, thread_name_prefix="ultrastyle-read")
-    writers = ThreadPoolExecutor(workers, thread_name_prefix="ultrastyle-write")
-    submitted = 0
-
-    def read_ahead(current: int) -> None:
-        nonlocal submitted
-        while submitted < len(jobs) and submitted <= current + workers:
-            job = jobs[submitted]
-            assert job.plan is not None
-            job.estimate = job.plan[1]
-            if submitted > current and not allowance.fits(job.estimate):
-                return
-            allowance.take(job.estimate)
-            job.read = readers.submit(decode, job.content, options, job.plan)
-            submitted += 1
-
-    def write(i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float, nbytes: int) -> None:
-        try:
-            assert pair.output is not None
-            save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid)
-            h, w = image_size(out)
-            results[i] = PairResult(pair, "done", None, seconds, h * w / 1e6)
-        except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
-            results[i] = _failure(pair, exc, seconds)
-        finally:
-            if isinstance(out, Canvas):
-                out.close()
-            allowance.give(nbytes)
-
+    run = _BatchRun(model, pairs, options, on_result, on_tile)
     try:
-        for j, job in enumerate(jobs):
-            read_ahead(j)
-            assert job.read is not None
-            try:
-                decoded = job.read.result()
-            except Exception as exc:  # noqa: BLE001 - ImageError mostly; the content's pairs fail
-                for i in job.indices:
-                    results[i] = _failure(pairs[i], exc)
-                allowance.give(job.estimate)
-                report()
-                continue
-            finally:
-                job.read = None  # the future holds the pixels too
-            given = [False]
-
-            def give_back(estimate: int = job.estimate, given: list[bool] = given) -> None:
-                given[0] = True
-                allowance.give(estimate)
-
-            decoded.on_take = give_back  # once the canvas holds the pixels
-            by_pair = {id(pairs[i]): i for i in job.indices}
-
-            def on_output(pair: Pair, out: np.ndarray | Canvas, seconds: float) -> None:
-                i = by_pair[id(pair)]
-                if pair.output is None:
-                    assert isinstance(out, np.ndarray)
-                    results[i] = PairResult(pair, "done", None, seconds, out.shape[0] * out.shape[1] / 1e6, out)
-                    return
-                nbytes = 2 * out.nbytes  # encoded whole: the pixels and the encoder's output
-                if isinstance(out, Canvas):
-                    nbytes = out.nbytes
-                    if out.on_disk:  # read a band at a time: its file is not RAM
-                        nbytes = min(nbytes, out.shape[0] * out.shape[2] * 4 * 512)
-                allowance.take(nbytes, wait_while=lambda: any(not f.done() for f in writes))
-                writes.append(writers.submit(write, i, pair, out, seconds, nbytes))
-
-            try:
-                got = stylize_content(model, decoded, [pairs[i] for i in job.indices], styles, options, on_tile, on_output)
-            finally:
-                del decoded
-                if not given[0]:
-                    allowance.give(job.estimate)
-            for i, r in zip(job.indices, got):
-                if r is not None:
-                    results[i] = r
-            release_free_memory()  # the next image may be smaller: do not hold this one's peak
-            while writes and writes[0].done():
-                writes.popleft().result()
-            report()
-        for f in writes:
+        for j in range(len(run.jobs)):
+            run.run_job(j)
+            run.report()
+        for f in run.writes:
             f.result()
-        report()
+        run.report()
     except KeyboardInterrupt:
-        readers.shutdown(wait=False, cancel_futures=True)
-        for f in writes:  # outputs not yet being encoded are dropped; those being encoded are finished
-            f.cancel()
-        for f in writes:
-            if not f.cancelled():
-                f.result()
-        report()
-        summary.results += [r for r in results[report.reported:] if r is not None]  # finished after a gap: still done
+        summary = run.interrupted()
         summary.wall_seconds = time.perf_counter() - t_start
         raise BatchInterrupted(summary) from None
     finally:
-        readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True)
-    summary.wall_seconds = time.perf_counter() - t_start
-    return summary
+        run.close()
+    run.summary.wall_seconds = time.perf_counter() - t_start
+    return run.summary
 
 
 __all__ = [
