@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.receptive import stage_radius
 from ultrastyle.export import graph as graph_mod
@@ -123,8 +124,9 @@ def test_missing_graph_and_non_bundle_folders_are_named(bundle, tmp_path):
     (dst / "encoder1.onnx").unlink()
     with pytest.raises(BundleError, match="encoder1.onnx: graph encoder1 listed in the manifest is missing"):
         read_bundle(dst)
-    with pytest.raises(BundleError, match="not a bundle .* ultrastyle export"):
+    with pytest.raises(BundleError, match=r"not a bundle .* ultrastyle\.export_model\(MODEL, ") as info:
         read_bundle(tmp_path)
+    assert as_command(info.value).endswith(f"create one with ultrastyle export MODEL --output {tmp_path}")
 
 
 def test_mismatching_graph_raises_typed_error_with_max_difference_and_leaves_nothing(model, tmp_path, monkeypatch):

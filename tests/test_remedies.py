@@ -22,6 +22,38 @@ def test_the_cli_swaps_the_call_for_the_command_and_leaves_other_errors_alone():
     assert as_command(RunnerError("plain")) == "plain"
 
 
+def test_an_error_may_carry_several_fixes_and_each_becomes_a_command():
+    online, offline = Remedy("models.zoo.fetch", ("m",)), Remedy("models.zoo.import_local", ("m", Placeholder("DIR")))
+    exc = remedied(RunnerError(f"install it: {online.python()}  (offline: {offline.python()})"), (online, offline))
+    assert str(exc) == "install it: ultrastyle.models.zoo.fetch('m')  (offline: ultrastyle.models.zoo.import_local('m', DIR))"
+    assert as_command(exc) == "install it: ultrastyle models fetch m  (offline: ultrastyle models import m DIR)"
+
+
+@pytest.mark.parametrize("argv", [
+    ["stylize", "c.jpg", "--style", "s.jpg", "-m", "nosuch", "-o", "out"],
+    ["optimize", "c.jpg", "--style", "s.jpg", "-m", "nosuch", "-o", "out"],
+    ["export", "nosuch", "-o", "bundle"],
+    ["calibrate", "nosuch", "--images", "photos"],
+    ["models", "path", "nosuch"],
+])  # fmt: skip
+def test_an_unknown_model_points_at_models_list_on_the_command_line(argv, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    for name in ("c.jpg", "s.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "p.png").write_bytes(b"")
+    r = CliRunner().invoke(app, argv)
+    text = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: unknown model 'nosuch'"), r.stderr  # one line: no blank line from a progress bar before it
+    assert "(described by ultrastyle models list)" in text and "ultrastyle.models" not in text, text
+
+
 @pytest.mark.parametrize("function", sorted(COMMANDS))
 def test_every_command_remedy_names_a_public_function(function):
     import importlib

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.plan import TilingOptions, plan_image, plan_stages
 from ultrastyle.core.traits import RunnerTraits
@@ -187,8 +188,10 @@ def test_damaged_or_newer_manifest_is_refused_with_the_rebuild_command(tmp_path)
     folder = tmp_path / "b" / "engines" / HOST.folder_name
     folder.mkdir(parents=True)
     (folder / eng.MANIFEST).write_text("{not json")
-    with pytest.raises(ValueError, match="ultrastyle build"):
+    with pytest.raises(ValueError, match="unreadable engine manifest") as info:
         eng.read_manifest(folder)
+    assert f"ultrastyle.build_tensorrt({str(tmp_path / 'b')!r})" in str(info.value)  # Python in the library's message
+    assert f"ultrastyle build {tmp_path / 'b'}" in as_command(info.value)  # the command in the CLI's
     (folder / eng.MANIFEST).write_text('{"format": "ultrastyle-engines", "format_version": 99}')
     with pytest.raises(ValueError, match="version <= 1"):
         eng.read_manifest(folder)

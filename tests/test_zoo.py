@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.io import atomic
 from ultrastyle.models import registry as zoo_registry
 from ultrastyle.models import zoo
@@ -249,7 +250,8 @@ def test_fetch_dropped_connection_raises_and_leaves_nothing(mirror: Mirror) -> N
     with pytest.raises(zoo.DownloadError) as ei:
         zoo.fetch(NAME, mirror=mirror.url, progress=False)
     assert "4SD.pth" in str(ei.value)  # the URL is named
-    assert "ultrastyle models import" in str(ei.value)
+    assert f"ultrastyle.models.zoo.import_local({NAME!r}, DIR)" in str(ei.value)  # the offline fix, as Python
+    assert f"ultrastyle models import {NAME} DIR" in as_command(ei.value)  # and as the CLI prints it
     d = zoo.model_dir(NAME)
     assert _leftovers(d, "4SD.pth") == []
     assert _no_partials(d) == []
@@ -282,13 +284,13 @@ def test_fetch_unreachable_mirror_has_offline_hint(closed_port_url: str) -> None
         zoo.fetch(NAME, mirror=closed_port_url, progress=False, timeout=5)
     msg = str(ei.value)
     assert closed_port_url in msg
-    assert f"ultrastyle models import {NAME}" in msg
+    assert f"ultrastyle models import {NAME} DIR" in as_command(ei.value)
     assert _no_partials(zoo.model_dir(NAME)) == []
     assert not any(zoo.model_dir(NAME).iterdir())
 
 
 def test_fetch_rejects_non_http_mirror(shared_dir: Path) -> None:
-    with pytest.raises(zoo.DownloadError, match="models import"):
+    with pytest.raises(zoo.DownloadError, match=r"unsupported URL scheme.*models\.zoo\.import_local"):
         zoo.fetch(NAME, mirror=str(shared_dir / "models"), progress=False)
 
 
@@ -433,7 +435,8 @@ def test_ensure_refuses_a_tampered_installed_file_then_repair_works(shared_dir: 
     expected = next(f.sha256 for f in zoo.get_entry(NAME).files if f.name == "4SE.pth")
     msg = str(err)
     assert str(victim) in msg and expected in msg and zoo.sha256_file(victim) in msg
-    assert f"ultrastyle models fetch {NAME}" in msg and f"ultrastyle models import {NAME} DIR" in msg
+    assert f"ultrastyle.models.zoo.fetch({NAME!r})" in msg and f"ultrastyle.models.zoo.import_local({NAME!r}, DIR)" in msg
+    assert f"ultrastyle models fetch {NAME}  (offline: ultrastyle models import {NAME} DIR)" in as_command(err)
     assert [x[0] for x in err.damaged] == ["4SE.pth"]
     with pytest.raises(zoo.DamagedModelError):  # load_model goes through ensure: refused before any weight is read
         load_model(NAME, progress=False)
@@ -450,7 +453,7 @@ def test_ensure_refuses_a_tampered_packaged_file(registry: TempRegistry, no_netw
     with pytest.raises(zoo.DamagedModelError) as ei:
         zoo.ensure("own", progress=False)
     msg = str(ei.value)
-    assert "4SE.pth" in msg and "ultrastyle models fetch own" in msg and "models import" not in msg
+    assert "4SE.pth" in msg and "ultrastyle models fetch own" in as_command(ei.value) and "import_local" not in msg
 
 
 def test_stylize_refuses_a_tampered_zoo_model(runner: CliRunner, shared_dir: Path, tmp_path: Path) -> None:
@@ -525,8 +528,9 @@ def test_cli_import_verify_path(runner: CliRunner, shared_dir: Path) -> None:
     r = runner.invoke(app, ["models", "verify"])
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and all(s.startswith("error: ") for s in lines)
+    assert len(lines) == 3 and all(s.startswith("error: ") for s in lines[:2])
     assert "5SE.pth" in r.stderr and "1SE.pth" in r.stderr
+    assert lines[2] == f"repair {NAME} with: ultrastyle models fetch {NAME}  (offline: ultrastyle models import {NAME} DIR)"
 
 
 def test_cli_fetch(runner: CliRunner, mirror: Mirror) -> None:
@@ -669,9 +673,10 @@ def test_an_earlier_releases_packaged_file_is_replaced_not_refused(registry: Tem
     registry.write({"own": entry_json([{**new_se, "earlier_sha256": [old[0]["sha256"]]}, old[1]], stages=[4])})
     assert zoo.is_installed("own") and zoo.is_outdated("own")
     problems = zoo.verify("own")
-    assert len(problems) == 1 and "earlier ultrastyle release" in problems[0] and "ultrastyle models fetch own" in problems[0]
+    assert len(problems) == 1 and "earlier ultrastyle release" in problems[0] and "ultrastyle models" not in problems[0]  # no command in the library
     r = runner.invoke(app, ["models", "verify", "own"])
     assert r.exit_code == 1 and "earlier ultrastyle release" in r.stderr
+    assert "repair own with: ultrastyle models fetch own" in r.stderr and "models import" not in r.stderr, r.stderr  # packaged: nothing to import
     assert zoo.ensure("own", progress=False) == d
     assert zoo.sha256_file(d / "4SE.pth") == new_se["sha256"] and not zoo.is_outdated("own") and zoo.verify("own") == []
     # A digest the registry does not list as earlier is still damage, refused.
@@ -752,7 +757,7 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
 def test_import_installs_derived_files_from_the_source_model(registry: TempRegistry, shared_dir: Path, no_network: None, runner: CliRunner) -> None:
     _own_from_cd(registry)
     # Not installed, no folder: a clear error, nothing downloaded.
-    with pytest.raises(zoo.ZooError, match=rf"reuses files of {NAME}, which is not installed.*models fetch {NAME}"):
+    with pytest.raises(zoo.ZooError, match=rf"reuses files of {NAME}, which is not installed.*models\.zoo\.fetch\('{NAME}'\)"):
         zoo.import_local("own", None)
     # A mirror-style root holds the source model: it is imported from there first.
     r = runner.invoke(app, ["models", "import", "own", str(shared_dir / "models")])

@@ -13,7 +13,7 @@ command-line flags).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 
 class RunnerError(RuntimeError):
@@ -45,10 +45,20 @@ class Remedy:
         return f"ultrastyle.{self.function}({', '.join(parts)})"
 
 
+# One fix, several (``fetch`` online, ``import_local`` offline), or none.
+Remedies = Union[Remedy, "tuple[Remedy, ...]", None]
+
 E = TypeVar("E", bound=BaseException)
 
 
-def remedied(exc: E, remedy: Remedy | None) -> E:
-    """``exc`` with ``remedy`` attached (its message already shows ``remedy.python()``; None: no remedy)."""
+def remedied(exc: E, remedy: Remedies) -> E:
+    """``exc`` with ``remedy`` attached (its message already shows each ``remedy.python()``; None: no remedy)."""
     exc.remedy = remedy  # type: ignore[attr-defined]
     return exc
+
+
+def remedies_of(remedy: Remedies) -> tuple[Remedy, ...]:
+    """``remedy`` (as `remedied` takes it) as a tuple."""
+    if isinstance(remedy, Remedy):
+        return (remedy,)
+    return tuple(r for r in remedy or () if isinstance(r, Remedy))

@@ -77,7 +77,7 @@ def calibrate_command(
         raise typer.Exit(2) from None
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True) as progress:
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:  # a log gets no blank line
             task = progress.add_task("calibrating", total=None)
             result = calibrate(
                 bundle, images, stages=stage_tuple,

@@ -13,7 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from ultrastyle.cli.remedies import as_command
+from ultrastyle.cli.remedies import as_command, swap
 
 from ultrastyle.models import zoo
 from ultrastyle.models.registry import UnknownModelError
@@ -173,15 +173,20 @@ def verify(
             typer.echo("no models installed (see: ultrastyle models list)")
             return
         problems: list[str] = []
+        repairs: list[str] = []
         for n in names:
             found = zoo.verify(n)
-            problems += found
-            if not found:
+            if found:
+                problems += found
+                repairs.append(f"repair {n} with: {swap(zoo.reinstall_text(n), zoo.reinstall(n))}")
+            else:
                 typer.echo(f"ok: {n} ({len(zoo.get_entry(n).files)} files, sha256 verified)")
     if problems:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         for p in problems:
             err.print(f"error: {p}", style="red", markup=False)
+        for r in repairs:
+            err.print(r, markup=False)
         raise typer.Exit(1)
 
 

@@ -6,7 +6,7 @@ Library messages show a remedy as a Python call (``ultrastyle.build_tensorrt('b'
 
 from __future__ import annotations
 
-from ultrastyle.errors import Remedy
+from ultrastyle.errors import Remedies, Remedy, remedies_of
 
 # Remedy.function -> (command, what each positional argument is there: None a positional, else its flag; flags it always has).
 COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
     "calibrate": ("ultrastyle calibrate", (None, "--images"), ()),
     "export_model": ("ultrastyle export", (None, "--output"), ()),
     "models.zoo.fetch": ("ultrastyle models fetch", (None,), ()),
+    "models.zoo.import_local": ("ultrastyle models import", (None, None), ()),
+    "models.zoo.entries": ("ultrastyle models list", (), ()),
 }
 
 
@@ -30,10 +32,11 @@ def command(remedy: Remedy) -> str:
     return " ".join([*parts, *always])
 
 
-def swap(text: str, remedy: Remedy | None) -> str:
-    """``text`` with ``remedy``'s Python call, if it holds one, written as the command that applies it."""
-    if isinstance(remedy, Remedy) and remedy.function in COMMANDS:
-        text = text.replace(remedy.python(), command(remedy))
+def swap(text: str, remedy: Remedies) -> str:
+    """``text`` with each of ``remedy``'s Python calls that it holds written as the command that applies it."""
+    for r in remedies_of(remedy):
+        if r.function in COMMANDS:
+            text = text.replace(r.python(), command(r))
     return text
 
 

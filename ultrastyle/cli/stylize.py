@@ -205,7 +205,7 @@ def stylize_command(
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:
-        _err(" ".join(str(exc).split()))
+        _err(" ".join(as_command(exc).split()))
         raise typer.Exit(2) from None
     settings = dict(
         method=method.value if method is not None else None, alpha=alpha, levels=levels,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ultrastyle import __version__
+from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.io.atomic import atomic_dir, sweep_stale
 from ultrastyle.models.pretrained import StyleModel
@@ -176,7 +177,8 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
-        raise BundleError(f"{path}: not a bundle (no {MANIFEST}); create one with: ultrastyle export MODEL -o {path}")
+        fix = Remedy("export_model", (Placeholder("MODEL"), str(path)))
+        raise remedied(BundleError(f"{path}: not a bundle (no {MANIFEST}); create one with {fix.python()}"), fix)
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, BundleError
 from ultrastyle.models.zoo import sha256_file
 
@@ -32,16 +33,17 @@ def int8_networks(bundle: Bundle) -> dict[str, Path]:
     A missing, modified or stale graph raises `BundleError` with the command that remakes it.
     """
     out = {}
+    fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")))
     for name, entry in bundle.manifest["networks"].items():
         q = entry.get("int8") if isinstance(entry, dict) else None
         if not q:
             continue
         path = bundle.path / Path(q["file"]).name
         if not path.is_file():
-            raise BundleError(f"{path}: the int8 graph of {name} is missing; re-run ultrastyle calibrate")
+            raise remedied(BundleError(f"{path}: the int8 graph of {name} is missing; calibrate again: {fix.python()}"), fix)
         if sha256_file(path) != q["sha256"]:
-            raise BundleError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")
+            raise remedied(BundleError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, calibrate again: {fix.python()}"), fix)
         if q.get("source_sha256") not in (None, entry["sha256"]):
-            raise BundleError(f"{path}: calibrated from another {name} graph than the bundle's; re-run ultrastyle calibrate")
+            raise remedied(BundleError(f"{path}: calibrated from another {name} graph than the bundle's; calibrate again: {fix.python()}"), fix)
         out[name] = path
     return out

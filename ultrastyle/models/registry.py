@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ultrastyle.core.arch import STAGES
+from ultrastyle.errors import Remedy
 from ultrastyle.models.defaults import ModelDefaults, defaults_from_dict
 from ultrastyle.models.errors import ZooError
 
@@ -84,10 +85,8 @@ class UnknownModelError(ZooError):
         if "/" in name or "\\" in name or name.startswith((".", "~")):  # meant as a folder, which is not there
             super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
             return
-        super().__init__(
-            f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} "
-            "(see: ultrastyle models list)"
-        )
+        self.remedy = Remedy("models.zoo.entries")
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ultrastyle.errors import Remedy, remedied
 from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.defaults import (
@@ -90,10 +91,11 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
     if not path.is_dir():
         entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
         if entry.format not in LOADABLE_FORMATS:
-            raise convert.CheckpointError(
+            fix = Remedy("models.zoo.entries")
+            raise remedied(convert.CheckpointError(
                 f"model {entry.name} has format {entry.format!r}, which is not a stylization model "
-                f"(loadable formats: {', '.join(LOADABLE_FORMATS)}); pick another model (see: ultrastyle models list)"
-            )
+                f"(loadable formats: {', '.join(LOADABLE_FORMATS)}); pick another model (see {fix.python()})"
+            ), fix)
         return entry.stages
     if folder_format(path) == "pytorch-adain":
         return (4,)

@@ -52,7 +52,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from ultrastyle.errors import Remedy
+from ultrastyle.errors import Placeholder, Remedies, Remedy, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
 from ultrastyle.models.registry import (
     SOURCE_KINDS,
@@ -84,6 +84,8 @@ __all__ = [
     "import_local",
     "ensure",
     "check_installed",
+    "reinstall",
+    "reinstall_text",
     "sha256_file",
     "sha256_file_cached",
     "weights_dir",
@@ -121,13 +123,14 @@ class DamagedModelError(ZooError):
     """An installed model file whose size or sha256 is not the registry's; it is refused before use.
 
     ``damaged`` lists ``(file name, path, expected, found)`` per bad file;
-    ``repair`` is the command that reinstalls it.
+    ``repair`` says how to reinstall it, and ``remedy`` holds those calls (`errors.Remedy`).
     """
 
-    def __init__(self, model: str, damaged: list[tuple[str, Path, str, str]], repair: str) -> None:
+    def __init__(self, model: str, damaged: list[tuple[str, Path, str, str]], repair: str, remedy: Remedies = None) -> None:
         self.model = model
         self.damaged = damaged
         self.repair = repair
+        self.remedy = remedy
         what = "; ".join(f"{model}/{name} at {path}: expected {exp}, found {found}" for name, path, exp, found in damaged)
         super().__init__(
             f"installed model {model} is damaged and was not used ({what}). "
@@ -142,11 +145,31 @@ class DownloadError(ZooError):
         self.url = url
         self.cause = cause
         self.model = model
-        self.remedy = Remedy("models.zoo.fetch", (model,), (("mirror", "URL"),))
+        mirror, offline = Remedy("models.zoo.fetch", (model,), (("mirror", Placeholder("URL")),)), _import_remedy(model)
+        self.remedy = (mirror, offline)
         super().__init__(
-            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {self.remedy.python()}). "
-            f"On an offline machine, copy the files and run: ultrastyle models import {model} DIR"
+            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {mirror.python()}). "
+            f"On an offline machine, copy the files there and import them: {offline.python()}"
         )
+
+
+def _import_remedy(model: str) -> Remedy:
+    return Remedy("models.zoo.import_local", (model, Placeholder("DIR")))
+
+
+def reinstall(name: str) -> tuple[Remedy, ...]:
+    """The calls that (re)install model ``name``: `fetch`, and `import_local` where it has files to download."""
+    entry = get_entry(name)
+    fetch_it = Remedy("models.zoo.fetch", (entry.name,))
+    return (fetch_it, _import_remedy(entry.name)) if any(f.kind == "url" for f in entry.files) else (fetch_it,)
+
+
+def reinstall_text(name: str) -> str:
+    """`reinstall` in words: ``fetch(...)  (offline: import_local(...))``."""
+    calls = reinstall(name)
+    if len(calls) == 2:
+        return f"{calls[0].python()}  (offline: {calls[1].python()})"
+    return f"{calls[0].python()}  (nothing is downloaded: its files ship with ultrastyle or come from installed models)"
 
 
 # ---------------------------------------------------------------- locations
@@ -230,7 +253,7 @@ def _file_problem(entry: ZooEntry, f: ZooFile, path: Path) -> str | None:
         return f"{entry.name}/{f.name}: size {size} bytes, expected {f.bytes} ({path})"
     found = sha256_file(path)
     if found in f.earlier_sha256:
-        return f"{entry.name}/{f.name}: an earlier ultrastyle release's version ({path}); run: ultrastyle models fetch {entry.name}"
+        return f"{entry.name}/{f.name}: an earlier ultrastyle release's version ({path})"
     if found != f.sha256:
         return f"{entry.name}/{f.name}: sha256 {found}, expected {f.sha256} ({path})"
     return None
@@ -242,12 +265,6 @@ def is_outdated(name: str) -> bool:
     d = model_dir(name)
     return any(f.earlier_sha256 and (d / f.name).is_file() and sha256_file_cached(d / f.name) in f.earlier_sha256
                for f in entry.files)  # fmt: skip
-
-
-def _repair_command(entry: ZooEntry) -> str:
-    if any(f.kind == "url" for f in entry.files):
-        return f"ultrastyle models fetch {entry.name}  (offline: ultrastyle models import {entry.name} DIR)"
-    return f"ultrastyle models fetch {entry.name}  (nothing is downloaded: its files ship with ultrastyle or come from installed models)"
 
 
 def check_installed(name: str) -> Path:
@@ -274,7 +291,7 @@ def check_installed(name: str) -> Path:
         if found != f.sha256:
             damaged.append((f.name, path, f"sha256 {f.sha256}", f"sha256 {found}"))
     if damaged:
-        raise DamagedModelError(entry.name, damaged, _repair_command(entry))
+        raise DamagedModelError(entry.name, damaged, reinstall_text(entry.name), reinstall(entry.name))
     return d
 
 
@@ -347,11 +364,7 @@ def _mirror_url(mirror: str, entry: ZooEntry, f: ZooFile) -> str:
 def _check_url(url: str, model: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise DownloadError(
-            url, f"unsupported URL scheme {scheme or '(none)'!r}, expected http:// or https:// "
-            "(for a local folder use `ultrastyle models import`)",
-            model=model,
-        )
+        raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}, expected http:// or https://", model=model)
 
 
 class _Progress:
@@ -488,10 +501,9 @@ def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[i
     assert other is not None and name is not None
     src = model_dir(other) / name
     if not src.is_file():
-        raise ZooError(
-            f"{entry.name}/{f.name} is a copy of {other}/{name}, which is missing at {src}; "
-            f"run: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR)"
-        )
+        raise remedied(ZooError(
+            f"{entry.name}/{f.name} is a copy of {other}/{name}, which is missing at {src}; install it: {reinstall_text(other)}"
+        ), reinstall(other))
     _copy_verified(
         entry, f, src, dest, detail=f"copied from {other}/{name} at {src}", advance=advance,
         hint=f"The installed {other} is damaged.", remedy=Remedy("models.zoo.fetch", (other,), (("force", True),)),
@@ -590,17 +602,15 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
         if is_installed(other):
             continue
         if src is None:
-            raise ZooError(
-                f"{name} reuses files of {other}, which is not installed; "
-                f"run: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR) first"
-            )
+            raise remedied(ZooError(f"{name} reuses files of {other}, which is not installed; install it first: {reinstall_text(other)}"),
+                           reinstall(other))
         try:
             import_local(other, src)
         except ZooError as exc:
-            raise ZooError(
+            raise remedied(ZooError(
                 f"{name} reuses files of {other}, which is not installed and could not be imported from {src} "
-                f"({exc}); install {other} first: ultrastyle models fetch {other}  (offline: ultrastyle models import {other} DIR)"
-            ) from exc
+                f"({exc}); install {other} first: {reinstall_text(other)}"
+            ), reinstall(other)) from exc
     d = model_dir(name)
     _prepare_dir(d)
     for f in entry.files:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ultrastyle.errors import Remedy
+from ultrastyle.errors import Remedies
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
@@ -191,7 +191,7 @@ class PairResult:
     seconds: float = 0.0  # compute time of this pair
     megapixels: float = 0.0
     image: np.ndarray | None = None  # (H, W, 3) uint8/uint16, for pairs without an output file
-    remedy: Remedy | None = None  # the fix the failure's error suggests (`errors.Remedy`), for a front end to show its way
+    remedy: Remedies = None  # the fix the failure's error suggests (`errors.Remedy`), for a front end to show its way
 
 
 # A batch's summary gives seconds per megapixel from this many megapixels done.

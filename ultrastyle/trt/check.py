@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ultrastyle.errors import Remedy
+from ultrastyle.errors import Remedies, Remedy
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.graphs import GraphError, graph_sources, verify_int8_file
@@ -83,7 +83,7 @@ class Finding:
     severity: str  # "error" | "warning"
     where: str  # "encoder3.onnx: node Pad_5" / "stage 3 profile" / "engines/..."
     message: str
-    remedy: Remedy | None = None  # the fix its message shows as Python (`errors.Remedy`)
+    remedy: Remedies = None  # the fix its message shows as Python (`errors.Remedy`)
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.where}: {self.message}"
@@ -320,10 +320,11 @@ def check_engines(bundle: Bundle, sources_by_precision: dict[str, dict[str, str]
         try:
             manifest = eng.read_manifest(folder)
         except ValueError as exc:
-            out.append(Finding("warning", str(folder), f"{exc}"))
+            out.append(Finding("warning", str(folder), f"{exc}", getattr(exc, "remedy", None)))
             continue
         if manifest is None:
-            out.append(Finding("warning", str(folder), "engine folder without engines.json: ignored, rebuild with ultrastyle build"))
+            fix = Remedy("build_tensorrt", (str(bundle.path),))
+            out.append(Finding("warning", str(folder), f"engine folder without engines.json: ignored; rebuild with {fix.python()}", fix))
             continue
         if folder.name != manifest.host.folder_name:
             out.append(Finding("warning", str(folder), f"folder name does not match its manifest ({manifest.host.folder_name}): "
@@ -332,8 +333,9 @@ def check_engines(bundle: Bundle, sources_by_precision: dict[str, dict[str, str]
             graphs = sources_by_precision.get(entry.precision)
             if graphs is None or entry.network not in graphs:
                 continue
+            fix = Remedy("build_tensorrt", (str(bundle.path),), (("precision", entry.precision),))
             for reason in eng.stale_reasons(manifest, folder, entry.network, entry.precision, host=None, graph_sha256=graphs[entry.network]):
-                out.append(Finding("warning", f"{folder.name}", f"stale, will be rebuilt by ultrastyle build and never run: {reason}"))
+                out.append(Finding("warning", f"{folder.name}", f"stale: never run, and rebuilt by {fix.python()}: {reason}", fix))
     return out
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ultrastyle import __version__
+from ultrastyle.errors import Remedy, remedied
 from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models.zoo import home_dir, sha256_file
 
@@ -147,7 +148,8 @@ def read_manifest(folder: str | Path) -> EngineManifest | None:
     try:
         return EngineManifest.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: unreadable engine manifest ({exc}); rebuild with: ultrastyle build {Path(folder).parents[1]}") from exc
+        fix = Remedy("build_tensorrt", (str(Path(folder).parents[1]),))
+        raise remedied(ValueError(f"{path}: unreadable engine manifest ({exc}); rebuild with {fix.python()}"), fix) from exc
 
 
 def write_manifest(folder: str | Path, manifest: EngineManifest) -> None:

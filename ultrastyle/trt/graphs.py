@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnx
 
-from ultrastyle.errors import Remedy, remedied
+from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, load_graph
 from ultrastyle.export.int8 import calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
@@ -128,7 +128,8 @@ def _loader(path: Path) -> Callable[[], onnx.ModelProto]:
 def verify_int8_file(bundle: Bundle, source: GraphSource) -> None:
     """A Q/DQ graph's bytes against the sha256 calibration recorded (the bundle reader checks only the fp32 graphs)."""
     path = bundle.path / source.label
+    fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")))
     if not path.is_file():
-        raise GraphError(f"{path}: int8 graph listed for {source.network} is missing; re-run ultrastyle calibrate")
+        raise remedied(GraphError(f"{path}: int8 graph listed for {source.network} is missing; calibrate again: {fix.python()}"), fix)
     if sha256_file(path) != source.sha256:
-        raise GraphError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, re-run ultrastyle calibrate")
+        raise remedied(GraphError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, calibrate again: {fix.python()}"), fix)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ultrastyle.core.traits import RunnerTraits
-from ultrastyle.errors import Remedy, remedied
+from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
 from ultrastyle.export.int8 import int8_networks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
@@ -144,7 +144,7 @@ class OnnxRuntimeRunner(Runner):
             except BundleError as exc:
                 raise RunnerError(str(exc)) from exc
             if not self._int8:
-                fix = Remedy("calibrate", (str(self.bundle.path), "YOUR_PHOTOS/"))
+                fix = Remedy("calibrate", (str(self.bundle.path), Placeholder("YOUR_PHOTOS/")))
                 raise remedied(RunnerError(f"bundle {self.bundle.path} has no int8 graphs; make them with {fix.python()}"), fix)
         super().__init__(self.bundle.model_name, self.bundle.arch, tuple(sorted(set(bundle_stages(self.bundle, stages)))))
         if self._int8:  # a stage calibration never reached would run in float32 without a word
