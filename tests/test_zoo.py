@@ -474,12 +474,14 @@ def test_installed_files_are_hashed_once_per_process(shared_dir: Path, monkeypat
     from ultrastyle.runtime.backends.select import weights_digest
 
     zoo.import_local(NAME, shared_dir / "models" / NAME)
+    from ultrastyle.io import digest
+
     hashed: list[str] = []
-    real = zoo.sha256_file
-    monkeypatch.setattr(zoo, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = digest.sha256_file
+    monkeypatch.setattr(digest, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     zoo.ensure(NAME, progress=False)
     assert hashed == []  # just installed: digested while copied
-    monkeypatch.setattr(zoo, "_DIGESTS", {})  # as in a later process
+    monkeypatch.setattr(digest, "_DIGESTS", {})  # as in a later process
     zoo.ensure(NAME, progress=False)
     _, digests = weights_digest(NAME)
     zoo.ensure(NAME, progress=False)

@@ -71,7 +71,7 @@ from ultrastyle.calibration.data import FeedReader, TileSampler, calibration_ima
 from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
-from ultrastyle.models.zoo import sha256_file
+from ultrastyle.io.digest import sha256_file
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
 if TYPE_CHECKING:

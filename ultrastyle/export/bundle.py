@@ -19,7 +19,7 @@ from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.io.atomic import atomic_dir, sweep_stale
 from ultrastyle.models.pretrained import StyleModel
-from ultrastyle.models.zoo import sha256_file
+from ultrastyle.io.digest import sha256_file
 from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.arch import spec_from_dict as arch_from_dict
 from ultrastyle.core.arch import spec_to_dict as arch_to_dict

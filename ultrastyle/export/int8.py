@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, BundleError
-from ultrastyle.models.zoo import sha256_file
+from ultrastyle.io.digest import sha256_file
 
 
 def calibrated_activations(manifest: dict) -> str:

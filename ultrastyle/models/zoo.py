@@ -54,6 +54,7 @@ from pathlib import Path
 
 from ultrastyle.errors import Placeholder, Remedies, Remedy, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
+from ultrastyle.io.digest import CHUNK, remember, sha256_file, sha256_file_cached
 from ultrastyle.models.registry import (
     SOURCE_KINDS,
     UnknownModelError,
@@ -93,7 +94,6 @@ __all__ = [
 
 # This project's own weights ("package" sources), shipped as package data.
 _WEIGHTS = Path(__file__).with_name("weights")
-_CHUNK = 1 << 20
 # Legacy temp names (``.FILE.partial-XXXX``, before `ultrastyle.io.atomic`) carry
 # no pid: one untouched this long belongs to a killed process, not to a
 # download in progress (those write at least every `timeout` seconds).
@@ -192,43 +192,6 @@ def model_dir(name: str) -> Path:
     """Where the files of model ``name`` live (whether installed or not)."""
     entry = get_entry(name)  # validates the name, so it cannot escape the cache
     return home_dir() / "models" / entry.name
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# path -> (stat key, sha256): the load path checks a file and then keys its bundle
-# by the same digest; one hash per file per process is enough.
-_DIGESTS: dict[Path, tuple[tuple[int, ...], str]] = {}
-
-
-def _stat_key(path: Path) -> tuple[int, ...]:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def sha256_file_cached(path: Path) -> str:
-    """:func:`sha256_file`, remembered for this process while the file's inode, size, mtime and ctime stay put."""
-    path = Path(path).absolute()
-    key = _stat_key(path)
-    hit = _DIGESTS.get(path)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    digest = sha256_file(path)
-    _DIGESTS[path] = (key, digest)
-    return digest
-
-
-def _remember(path: Path, digest: str) -> None:
-    """Record the digest of a file just installed (hashed while copied), for :func:`sha256_file_cached`."""
-    path = Path(path).absolute()
-    _DIGESTS[path] = (_stat_key(path), digest)
 
 
 def is_installed(name: str) -> bool:
@@ -424,7 +387,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
                 while True:
                     # Read at most one byte past the expected size: enough to tell
                     # a too-long file, never enough to fill the disk.
-                    chunk = resp.read(min(_CHUNK, f.bytes + 1 - got))
+                    chunk = resp.read(min(CHUNK, f.bytes + 1 - got))
                     if not chunk:
                         break
                     fh.write(chunk)
@@ -461,7 +424,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
                 f"{entry.name}/{f.name}", f.sha256, digest, detail=f"downloaded from {url}",
                 hint="The server sent a different or corrupted file; retry, or use another mirror.",
             )
-    _remember(dest, f.sha256)
+    remember(dest, f.sha256)
 
 
 def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str = "", remedy: Remedy | None = None,
@@ -471,7 +434,7 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
         h = hashlib.sha256()
         try:
             with open(src, "rb") as s:
-                for chunk in iter(lambda: s.read(_CHUNK), b""):
+                for chunk in iter(lambda: s.read(CHUNK), b""):
                     fh.write(chunk)
                     h.update(chunk)
                     advance(len(chunk))
@@ -480,7 +443,7 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
         digest = h.hexdigest()
         if digest != f.sha256:
             raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, digest, detail=detail, hint=hint, remedy=remedy)
-    _remember(dest, f.sha256)
+    remember(dest, f.sha256)
 
 
 def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[int], None] = lambda n: None) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 from ultrastyle import __version__
 from ultrastyle.errors import Remedy, remedied
 from ultrastyle.io.atomic import write_atomic
-from ultrastyle.models.zoo import home_dir, sha256_file
+from ultrastyle.io.digest import sha256_file
+from ultrastyle.models.zoo import home_dir
 
 ENGINES_DIR = "engines"
 MANIFEST = "engines.json"

@@ -33,7 +33,7 @@ from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, load_graph
 from ultrastyle.export.int8 import calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
-from ultrastyle.models.zoo import sha256_file
+from ultrastyle.io.digest import sha256_file
 
 FP16_CONVERSION_VERSION = 1
 STAGE_KINDS = ("encoder", "decoder", "decoder_affine", "stats")
