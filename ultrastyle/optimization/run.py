@@ -38,7 +38,7 @@ import torch
 
 from ultrastyle import options as check
 from ultrastyle.api import output_format
-from ultrastyle.core.canvas import Canvas, canvas_from_array
+from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
@@ -56,7 +56,6 @@ from ultrastyle.optimization.loss import (
 from ultrastyle.optimization.solvers import (
     DEFAULT_ADAM_LR, DEFAULT_HISTORY, DEFAULT_SOLVER, SOLVERS, Solver, make_solver, vectors_per_image,
 )  # fmt: skip
-from ultrastyle.optimization.vectors import VectorSite
 from ultrastyle.options import OptionError
 
 INITS = ("content", "noise", "wct")
@@ -213,7 +212,7 @@ _MODEL_KEYS = ("model", "device", "dtype", "threads", "progress")  # the Optimiz
 class MemoryPlan:
     """Where one scale's canvases go and the tiles' core side."""
 
-    site: VectorSite
+    site: CanvasSite
     core: int | None  # None: the whole image as one tile
     canvas_bytes: int
 
@@ -246,9 +245,9 @@ def plan_memory(
     else:
         need = (vectors_per_image(opts.solver, opts.history) + 1) * 3 * height * width * 4 + content_channels * (hp // s) * (wp // s) * 4
     if opts.max_memory is None:
-        return MemoryPlan(VectorSite(), opts.tile, need)
+        return MemoryPlan(CanvasSite(), opts.tile, need)
     on_disk = need > opts.max_memory // 4 and beside is None
-    site = VectorSite(opts.scratch or _tempdir()) if on_disk else VectorSite()
+    site = CanvasSite(opts.scratch or _tempdir()) if on_disk else CanvasSite()
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
     tiles = opts.max_memory - (0 if on_disk else need) - (beside or 0)
@@ -492,7 +491,7 @@ class Optimizer:
                 plan = plan_gradient(self.net, sh, sw, mem.core)
                 target, closing = self._target(content_i, style_full, opts, mem, plan)
                 try:
-                    x = mem.site.new((3, sh, sw))
+                    x = Canvas.at(mem.site, 3, sh, sw)
                     resuming = i == start and resume is not None  # x comes from the saved state
                     if solver is not None:
                         upsample(solver.x, x)  # coarse to fine: the previous scale's result

@@ -23,10 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ultrastyle.core.canvas import Canvas
+from ultrastyle.core.canvas import Canvas, CanvasSite
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.optimization.loss import LossValue
-from ultrastyle.optimization.vectors import VectorSite
 
 SOLVERS = ("lbfgs", "adam")
 DEFAULT_SOLVER = "lbfgs"  # measured against Adam: docs/optimize.md
@@ -54,13 +53,13 @@ class Solver:
 
     name = ""
 
-    def __init__(self, x: Canvas, site: VectorSite) -> None:
+    def __init__(self, x: Canvas, site: CanvasSite) -> None:
         self.x, self.site = x, site
         self.iterations = 0
         self.value: LossValue | None = None  # the loss at the last evaluated point
 
     def _new(self) -> Canvas:
-        return self.site.new(self.x.shape)
+        return Canvas.at(self.site, *self.x.shape)
 
     def step(self, objective: Objective) -> LossValue:
         raise NotImplementedError
@@ -105,7 +104,7 @@ class Adam(Solver):
     name = "adam"
 
     def __init__(
-        self, x: Canvas, site: VectorSite = VectorSite(), lr: float = DEFAULT_ADAM_LR,
+        self, x: Canvas, site: CanvasSite = CanvasSite(), lr: float = DEFAULT_ADAM_LR,
         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     ) -> None:  # fmt: skip
         super().__init__(x, site)
@@ -142,7 +141,7 @@ class LBFGS(Solver):
     name = "lbfgs"
 
     def __init__(
-        self, x: Canvas, site: VectorSite = VectorSite(), history: int = DEFAULT_HISTORY,
+        self, x: Canvas, site: CanvasSite = CanvasSite(), history: int = DEFAULT_HISTORY,
         initial_step: float = DEFAULT_INITIAL_STEP, c1: float = 1e-4, max_backtracks: int = 8,
     ) -> None:  # fmt: skip
         super().__init__(x, site)
@@ -257,7 +256,7 @@ class LBFGS(Solver):
         return [self.x, self.x_new, self.g, self.g_new, self.d] + [c for s, y, _ in self.pairs for c in (s, y)]
 
 
-def make_solver(name: str, x: Canvas, site: VectorSite = VectorSite(), **settings: float) -> Solver:
+def make_solver(name: str, x: Canvas, site: CanvasSite = CanvasSite(), **settings: float) -> Solver:
     """``"lbfgs"`` or ``"adam"`` over the image ``x``; ``settings``: the solver's keywords (history, lr, ...)."""
     if name == "lbfgs":
         return LBFGS(x, site, **settings)  # type: ignore[arg-type]

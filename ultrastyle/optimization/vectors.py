@@ -3,7 +3,7 @@
 An optimizer's state at a gigapixel is several image-sized float32 vectors
 (L-BFGS: the image, its gradient, a direction and 2 x history; Adam: the
 image and two moments). They live in `core.canvas.Canvas` objects, RAM or
-disk as the budget says (`VectorSite`); every operation here reads and writes
+disk as the budget says (a `core.canvas.CanvasSite`); every operation here reads and writes
 them ``band`` rows at a time, in float64 where it reduces, so RAM holds a few
 bands whatever the image size. Saved state is ``.npy`` files written band by
 band too.
@@ -12,7 +12,6 @@ band too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,6 @@ import numpy as np
 from ultrastyle.core.canvas import Canvas
 
 BAND_BYTES = 4 << 20  # per vector and band
-
-
-@dataclass(frozen=True)
-class VectorSite:
-    """Where new vectors go: ``disk_dir`` (an unlinked scratch file there) or RAM (None)."""
-
-    disk_dir: str | None = None
-
-    def new(self, shape: tuple[int, int, int]) -> Canvas:
-        return Canvas(*shape, disk_dir=self.disk_dir)
 
 
 def _bands(canvas: Canvas) -> Iterator[tuple[int, int]]:
