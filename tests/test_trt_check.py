@@ -192,3 +192,41 @@ def test_quantize_without_a_zero_point_is_rejected():
     assert len(errs) == 1 and "without a zero-point" in errs[0] and "UINT8" in errs[0]
     assert _errors(_qdq_without_zero_point(TensorProto.INT8), None) == []  # opset 21's output_dtype says int8
     assert len(_errors(_qdq_without_zero_point(TensorProto.UINT8), None)) == 1
+
+
+def _one_node(op: str, inputs: list[str], attrs: dict, *, consts: dict[str, np.ndarray] = {}, opset: int = 18) -> onnx.ModelProto:  # noqa: B006
+    """x (1, 4, 8, 8) float -> ``op`` -> y, plus a runtime tensor ``dyn`` (int64, computed from x's shape) for inputs that should be constant."""
+    shape = helper.make_node("Shape", ["x"], ["dyn_full"], name="shape")
+    dyn = helper.make_node("Slice", ["dyn_full", "s0", "s1"], ["dyn"], name="slice")
+    node = helper.make_node(op, inputs, ["y"], name="n", **attrs)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1")]
+    inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph([shape, dyn, node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+W4 = np.zeros((4, 4, 3, 3), np.float32)
+
+
+@pytest.mark.parametrize("op, inputs, attrs, consts, expected", [
+    ("MaxPool", ["x"], {"kernel_shape": [2, 2], "dilations": [2, 2]}, {}, "MaxPool dilations [2, 2]"),
+    ("MaxPool", ["x"], {"kernel_shape": [2]}, {}, "TensorRT pools in 2D or 3D only"),
+    ("Pad", ["x", "dyn"], {"mode": "reflect"}, {}, "Pad's pads are computed at run time"),
+    ("Resize", ["x", "", "", "dyn"], {"mode": "nearest"}, {}, "Resize scales/sizes are computed at run time"),
+    ("Resize", ["x", "", "sc"], {"mode": "linear", "antialias": 1}, {"sc": np.array([1, 1, 2, 2], np.float32)}, "Resize with antialias"),
+    ("ReduceMean", ["x", "dyn"], {}, {}, "ReduceMean axes must be an initializer"),
+    ("Squeeze", ["x", "dyn"], {}, {}, "Squeeze axes must be resolvable to a constant"),
+    ("Conv", ["x", "w"], {"kernel_shape": [3, 3, 3, 3]}, {"w": W4}, "TensorRT convolves in 1D, 2D or 3D only"),
+])  # fmt: skip
+def test_each_node_check_rejects_what_tensorrt_cannot_run(op, inputs, attrs, consts, expected):
+    errs = _errors(_one_node(op, inputs, attrs, consts=consts), None)
+    assert any(expected in e for e in errs), errs
+
+
+def test_the_stage_contract_refuses_runtime_conv_weights():
+    m = _one_node("Conv", ["x", "wdyn"], {"kernel_shape": [3, 3]}, consts={})
+    m.graph.node.insert(2, helper.make_node("Identity", ["w"], ["wdyn"], name="wcopy"))  # weights through a node
+    m.graph.initializer.append(numpy_helper.from_array(W4, "w"))
+    assert not any("computed at run time" in e for e in _errors(m, None))  # only stage graphs promise constant weights
+    assert any("convolution weights are computed at run time" in e for e in _errors(m, "encoder"))

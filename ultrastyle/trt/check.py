@@ -31,7 +31,7 @@ optimisation profiles against each stage's grid and halos.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +143,99 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+# One checker per op kind: (node, its attributes, the graph, whether ultrastyle's stage contract applies)
+# -> the messages of its errors. The table below says which ops have one.
+_Problems = Iterator[str]
+
+
+def _maxpool(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+    if len([o for o in node.output if o]) > 1:
+        yield "MaxPool with the Indices output: TensorRT supports only the pooled output; drop the second output"
+    if any(d != 1 for d in a.get("dilations", [])):
+        yield f"MaxPool dilations {a['dilations']}: TensorRT needs them empty or all ones"
+    if len(a.get("kernel_shape", [])) not in (2, 3):
+        yield f"MaxPool kernel {a.get('kernel_shape')}: TensorRT pools in 2D or 3D only"
+    if contract and (list(a.get("kernel_shape", [])) != [2, 2] or list(a.get("strides", [])) != [2, 2] or any(a.get("pads", [])) or a.get("ceil_mode", 0)):
+        yield "stage networks pool 2x2 with stride 2, no pads, floor mode; this MaxPool does not (the tile grid assumes it)"
+
+
+def _pad(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+    mode = _s(a.get("mode", b"constant"))
+    if mode not in PAD_MODES:
+        yield f"Pad mode {mode!r}: TensorRT's importer maps constant, reflect, edge and wrap only"
+    pads = node.input[1] if len(node.input) > 1 else ""
+    if pads and g.const(pads) is None:
+        yield ("Pad's pads are computed at run time; ultrastyle needs them as an initializer (static shapes for the "
+               "optimisation profile; constant-fold the graph)")  # fmt: skip
+    if len(node.input) > 3 and node.input[3] and g.const(node.input[3]) is None:
+        yield "Pad's axes are computed at run time; give them as an initializer"
+    if contract and mode != "reflect":
+        yield (f"Pad mode {mode!r} where the stage networks pad by reflection: TensorRT could run it, but the "
+               "engine would not compute the exported architecture; re-export the bundle")  # fmt: skip
+
+
+def _resize(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+    op = node.op_type
+    mode = _s(a.get("mode", b"nearest"))
+    if mode not in RESIZE_MODES:
+        yield f"Resize mode {mode!r}: TensorRT's support matrix lists nearest and linear only (operators.md)"
+    coord = _s(a.get("coordinate_transformation_mode", b"half_pixel"))
+    if op == "Resize" and coord not in RESIZE_COORDS:
+        yield f"Resize coordinate_transformation_mode {coord!r}: TensorRT supports {', '.join(sorted(RESIZE_COORDS))}"
+    nearest = _s(a.get("nearest_mode", b"round_prefer_floor"))
+    if mode == "nearest" and nearest not in RESIZE_NEAREST:
+        yield f"Resize nearest_mode {nearest!r}: TensorRT supports {', '.join(sorted(RESIZE_NEAREST))}"
+    if a.get("antialias", 0):
+        yield "Resize with antialias: not supported by TensorRT"
+    if _s(a.get("keep_aspect_ratio_policy", b"stretch")) != "stretch":
+        yield "Resize keep_aspect_ratio_policy must be 'stretch' for TensorRT"
+    scales = node.input[2] if op == "Resize" and len(node.input) > 2 else (node.input[1] if op == "Upsample" and len(node.input) > 1 else "")
+    sizes = node.input[3] if len(node.input) > 3 else ""
+    if scales and g.const(scales) is None or sizes and g.const(sizes) is None:
+        yield "Resize scales/sizes are computed at run time; ultrastyle needs constant scales (static tile shapes)"
+    if contract:
+        sc = g.const(scales) if scales else None
+        if mode != "nearest" or coord != "asymmetric" or nearest != "floor" or sc is None or list(np.asarray(sc).reshape(-1)) != [1, 1, 2, 2]:
+            yield ("stage decoders upsample nearest x2 (asymmetric, floor: PyTorch's nearest); this Resize does "
+                   "not, so the engine would not compute the exported model")  # fmt: skip
+
+
+def _const_axes(wording: str) -> Callable[[onnx.NodeProto, dict, _Graph, bool], _Problems]:
+    def check(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+        if len(node.input) > 1 and node.input[1] and g.const(node.input[1]) is None:
+            yield f"{node.op_type} axes must be {wording} for TensorRT (operators.md)"
+
+    return check
+
+
+def _cast(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+    if a.get("to") not in CAST_TYPES:
+        yield f"Cast to {TensorProto.DataType.Name(a.get('to', 0))}: not a TensorRT type"
+
+
+def _conv(node: onnx.NodeProto, a: dict, g: _Graph, contract: bool) -> _Problems:
+    w = node.input[1]
+    src = g.producer.get(w)
+    if len(a.get("kernel_shape", [3, 3])) not in (1, 2, 3):
+        yield f"{node.op_type} kernel {a.get('kernel_shape')}: TensorRT convolves in 1D, 2D or 3D only"
+    if contract and g.const(w) is None and not (src is not None and src.op_type == "DequantizeLinear" and g.const(src.input[0]) is not None):
+        yield "convolution weights are computed at run time; stage graphs carry constant weights (re-export)"
+
+
+_NODE_CHECKS: dict[str, Callable[[onnx.NodeProto, dict, _Graph, bool], _Problems]] = {
+    "MaxPool": _maxpool,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Upsample": _resize,
+    **{op: _const_axes("an initializer") for op in REDUCE_OPS},
+    "Squeeze": _const_axes("resolvable to a constant"),
+    "Unsqueeze": _const_axes("resolvable to a constant"),
+    "Cast": _cast,
+    "Conv": _conv,
+    "ConvTranspose": _conv,
+}
+
+
 def check_model(model: onnx.ModelProto, label: str, *, kind: str | None = None) -> list[Finding]:
     """Findings for one graph; ``kind`` (a stage network kind) also applies ultrastyle's contract."""
     out: list[Finding] = []
@@ -171,74 +264,13 @@ def check_model(model: onnx.ModelProto, label: str, *, kind: str | None = None) 
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             err(node, f"custom-domain op {node.domain}::{op} has no TensorRT importer (a plugin would be needed)")
-            continue
-        if op not in SUPPORTED_OPS:
+        elif op not in SUPPORTED_OPS:
             err(node, f"{op} is not supported by TensorRT's ONNX parser (onnx-tensorrt operators.md)")
-            continue
-        a = _attrs(node)
-        if op == "MaxPool":
-            if len([o for o in node.output if o]) > 1:
-                err(node, "MaxPool with the Indices output: TensorRT supports only the pooled output; drop the second output")
-            if any(d != 1 for d in a.get("dilations", [])):
-                err(node, f"MaxPool dilations {a['dilations']}: TensorRT needs them empty or all ones")
-            if len(a.get("kernel_shape", [])) not in (2, 3):
-                err(node, f"MaxPool kernel {a.get('kernel_shape')}: TensorRT pools in 2D or 3D only")
-            if contract and (list(a.get("kernel_shape", [])) != [2, 2] or list(a.get("strides", [])) != [2, 2] or any(a.get("pads", [])) or a.get("ceil_mode", 0)):
-                err(node, "stage networks pool 2x2 with stride 2, no pads, floor mode; this MaxPool does not (the tile grid assumes it)")
-        elif op == "Pad":
-            mode = _s(a.get("mode", b"constant"))
-            if mode not in PAD_MODES:
-                err(node, f"Pad mode {mode!r}: TensorRT's importer maps constant, reflect, edge and wrap only")
-            pads = node.input[1] if len(node.input) > 1 else ""
-            if pads and g.const(pads) is None:
-                err(node, "Pad's pads are computed at run time; ultrastyle needs them as an initializer (static shapes for the "
-                          "optimisation profile; constant-fold the graph)")  # fmt: skip
-            if len(node.input) > 3 and node.input[3] and g.const(node.input[3]) is None:
-                err(node, "Pad's axes are computed at run time; give them as an initializer")
-            if contract and mode != "reflect":
-                err(node, f"Pad mode {mode!r} where the stage networks pad by reflection: TensorRT could run it, but the "
-                          "engine would not compute the exported architecture; re-export the bundle")  # fmt: skip
-        elif op in ("Resize", "Upsample"):
-            mode = _s(a.get("mode", b"nearest"))
-            if mode not in RESIZE_MODES:
-                err(node, f"Resize mode {mode!r}: TensorRT's support matrix lists nearest and linear only (operators.md)")
-            coord = _s(a.get("coordinate_transformation_mode", b"half_pixel"))
-            if op == "Resize" and coord not in RESIZE_COORDS:
-                err(node, f"Resize coordinate_transformation_mode {coord!r}: TensorRT supports {', '.join(sorted(RESIZE_COORDS))}")
-            nearest = _s(a.get("nearest_mode", b"round_prefer_floor"))
-            if mode == "nearest" and nearest not in RESIZE_NEAREST:
-                err(node, f"Resize nearest_mode {nearest!r}: TensorRT supports {', '.join(sorted(RESIZE_NEAREST))}")
-            if a.get("antialias", 0):
-                err(node, "Resize with antialias: not supported by TensorRT")
-            if _s(a.get("keep_aspect_ratio_policy", b"stretch")) != "stretch":
-                err(node, "Resize keep_aspect_ratio_policy must be 'stretch' for TensorRT")
-            scales = node.input[2] if op == "Resize" and len(node.input) > 2 else (node.input[1] if op == "Upsample" and len(node.input) > 1 else "")
-            sizes = node.input[3] if len(node.input) > 3 else ""
-            if scales and g.const(scales) is None or sizes and g.const(sizes) is None:
-                err(node, "Resize scales/sizes are computed at run time; ultrastyle needs constant scales (static tile shapes)")
-            if contract:
-                sc = g.const(scales) if scales else None
-                if mode != "nearest" or coord != "asymmetric" or nearest != "floor" or sc is None or list(np.asarray(sc).reshape(-1)) != [1, 1, 2, 2]:
-                    err(node, "stage decoders upsample nearest x2 (asymmetric, floor: PyTorch's nearest); this Resize does "
-                              "not, so the engine would not compute the exported model")  # fmt: skip
-        elif op in REDUCE_OPS:
-            if len(node.input) > 1 and node.input[1] and g.const(node.input[1]) is None:
-                err(node, f"{op} axes must be an initializer for TensorRT (operators.md)")
-        elif op in ("Squeeze", "Unsqueeze"):
-            if len(node.input) > 1 and node.input[1] and g.const(node.input[1]) is None:
-                err(node, f"{op} axes must be resolvable to a constant for TensorRT (operators.md)")
-        elif op == "Cast":
-            if a.get("to") not in CAST_TYPES:
-                err(node, f"Cast to {TensorProto.DataType.Name(a.get('to', 0))}: not a TensorRT type")
-        elif op in ("Conv", "ConvTranspose"):
-            w = node.input[1]
-            src = g.producer.get(w)
-            if len(a.get("kernel_shape", [3, 3])) not in (1, 2, 3):
-                err(node, f"{op} kernel {a.get('kernel_shape')}: TensorRT convolves in 1D, 2D or 3D only")
-            if contract and g.const(w) is None and not (src is not None and src.op_type == "DequantizeLinear" and g.const(src.input[0]) is not None):
-                err(node, "convolution weights are computed at run time; stage graphs carry constant weights (re-export)")
         elif op in ("QuantizeLinear", "DequantizeLinear"):
             out.extend(_check_qdq(node, g, label))
+        elif op in _NODE_CHECKS:
+            for msg in _NODE_CHECKS[op](node, _attrs(node), g, contract):
+                err(node, msg)
     return out
 
 
