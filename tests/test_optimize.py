@@ -431,3 +431,26 @@ def test_optimize_batch_from_python_runs_past_a_bad_file_and_skips_what_exists(c
     with pytest.raises(OptionError) as info:
         ultrastyle.optimize_batch([good, good.parent / "b.png"], style, tmp_path / "one.png", model=cd16x_dir)
     assert info.value.option == "output"
+
+
+def test_cli_names_the_flag_of_a_setting_one_image_cannot_take(cd16x_dir, shared_dir, tmp_path, one_thread, monkeypatch):
+    from ultrastyle.cli.main import app
+    from ultrastyle.optimization.run import Optimizer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((48, 36)).save(folder / name)
+    real = Optimizer.run
+
+    def run(self, content, *args, **kwargs):
+        if Path(content).name == "b.png":  # as a budget too small for this image's canvases and tiles
+            raise OptionError("max_memory", "too small for this image: its canvases need 3 GB")
+        return real(self, content, *args, **kwargs)
+
+    monkeypatch.setattr(Optimizer, "run", run)
+    result = CliRunner().invoke(app, ["optimize", str(folder), "--style", str(shared_dir / "images/style/cd_style_in3.jpg"),
+                                      "-o", str(tmp_path / "out"), "--iterations", "0", "--style-size", "48", "--model", str(cd16x_dir)])  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"{folder / 'b.png'}: --max-memory: too small for this image" in text, text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -175,7 +174,9 @@ def optimize_command(
 
         def on_result(r: PairResult) -> None:
             if r.status == "failed":
-                text = re.sub(r"(?<=: )([a-z][a-z_]+)(?=: )", lambda m: _flag(m[1]) if m[1] in settings else m[1], r.error or "")
+                text = r.error or ""
+                if r.option:  # "CONTENT: max_memory: ..." names the flag
+                    text = text.replace(f": {r.option}: ", f": {_flag(r.option)}: ", 1)
                 progress.console.print(f"error: {swap(text, r.remedy)}", style="red", markup=False, soft_wrap=True)
                 if r.pair.output in tasks:  # a finished image keeps its line (the final losses), a failed one goes
                     progress.update(tasks[r.pair.output], visible=False)

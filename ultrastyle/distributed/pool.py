@@ -329,7 +329,7 @@ class WorkerPool:
 
                 def done(job: _Job, got: list[PairResult]) -> None:
                     for i, r in zip(job.payload[1], got):
-                        results[i] = PairResult(pairs[i], r.status, r.error, r.seconds, r.megapixels, remedy=r.remedy)
+                        results[i] = PairResult(pairs[i], r.status, r.error, r.seconds, r.megapixels, remedy=r.remedy, option=r.option)
                     report()
 
                 def failed(job: _Job, why: str) -> None:

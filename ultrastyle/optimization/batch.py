@@ -122,7 +122,7 @@ def run_batch(
             except ImageError as exc:
                 result = PairResult(pair, "failed", str(exc), time.perf_counter() - started)
             except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
-                result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started)
+                result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started, option=exc.option)
             except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
                 result = PairResult(pair, "failed", f"{pair.content}: optimization failed ({type(exc).__name__}: {exc})",
                                     time.perf_counter() - started, remedy=getattr(exc, "remedy", None))  # fmt: skip

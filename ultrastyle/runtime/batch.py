@@ -192,6 +192,7 @@ class PairResult:
     megapixels: float = 0.0
     image: np.ndarray | None = None  # (H, W, 3) uint8/uint16, for pairs without an output file
     remedy: Remedies = None  # the fix the failure's error suggests (`errors.Remedy`), for a front end to show its way
+    option: str | None = None  # the setting the failure is about (an `OptionError`'s keyword), for a front end to name its way
 
 
 # A batch's summary gives seconds per megapixel from this many megapixels done.
