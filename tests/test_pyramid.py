@@ -237,7 +237,9 @@ def test_a_killed_dzi_write_leaves_nothing_after_the_rerun(inputs: Path, cd16x_d
     finally:
         proc.kill()
     left = sorted(p.name for p in out.iterdir())
-    assert len(left) == 1 and left[0].startswith(".c_stylized_style_files.") and left[0].endswith(".ultrastyle-partial"), left
+    # only temp names: the .dzi, the page and the tile folder (staged together, renamed once all are complete)
+    assert [n.split(".")[1] for n in left] == ["c_stylized_style", "c_stylized_style", "c_stylized_style_files"], left
+    assert all(n.endswith(".ultrastyle-partial") for n in left) and any(n.startswith(".c_stylized_style.dzi.") for n in left), left
     rerun = subprocess.run([sys.executable, "-c", script.replace("{stall}", "False")], cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in out.iterdir()) == ["c_stylized_style.dzi", "c_stylized_style.html", "c_stylized_style_files"]
@@ -267,3 +269,28 @@ def test_skip_existing_counts_a_dzi_only_beside_its_tiles(tmp_path: Path) -> Non
     assert not output_exists(dzi)  # its tile folder was deleted: run it again
     (tmp_path / "a_stylized_b_files").mkdir()
     assert output_exists(dzi) and not output_exists(tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("fail_at", ["tiles", "page"])
+def test_a_failed_dzi_write_leaves_nothing_new_and_keeps_an_old_output_whole(tmp_path: Path, monkeypatch, fail_at: str) -> None:
+    """A full disk while the tiles or the page are written: no orphan tile folder, no temp file, the old pyramid intact."""
+    import errno
+
+    first = write_dzi(_noise(300, 200, seed=1), tmp_path / "o.dzi")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fail_at == "tiles":
+        monkeypatch.setattr(pyramid._DziTiler, "check_done", full)
+    else:
+        monkeypatch.setattr(pyramid, "viewer_html", full)
+    with pytest.raises(ImageError, match=r"o\.dzi: cannot write the Deep Zoom pyramid \(No space left on device\)"):
+        write_dzi(_noise(400, 500, seed=2), first)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # the old output, byte for byte, and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.dzi", "o.html", "o_files"]
+    with pytest.raises(ImageError):
+        write_dzi(_noise(40, 50), tmp_path / "new.dzi")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.dzi", "o.html", "o_files"]  # a first write that fails leaves nothing

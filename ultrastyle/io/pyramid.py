@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from ultrastyle.core.canvas import Canvas, sample_peak
-from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write, write_atomic
+from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, save_array
 from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
@@ -504,9 +504,9 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
     """Write ``src`` (8-bit) as a Deep Zoom pyramid: ``path`` (``NAME.dzi``), ``NAME_files/`` and ``NAME.html``.
 
     ``src``: (H, W, 3) uint8 or a [0, 1] canvas, read `DZI_TILE`-row bands at a
-    time. The tile folder is written under a temp name and renamed when
-    complete; then the page, then the ``.dzi``. Returns ``path``; raises
-    `ImageError` naming it.
+    time. The ``.dzi``, the page and the tile folder are written under temp
+    names first and renamed when all are complete, the ``.dzi`` last. Returns
+    ``path``; raises `ImageError` naming it, leaving nothing new behind.
     """
     path = Path(path)
     name = path.name[: -len(path.suffix)] if path.suffix else path.name
@@ -517,7 +517,12 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
     sizes = dzi_levels(h, w)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
+        # The page and the .dzi are written first (a full disk fails before any tile) and renamed last, after the
+        # tiles: the blocks exit innermost first. A failure anywhere leaves no new file and keeps an old output whole.
+        with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
+                atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
+            dzi_tmp.write_text(dzi_xml(h, w, fmt))
+            html_tmp.write_text(viewer_html(name, h, w, fmt))
             chain: _Level | None = None
             tilers = []
             for level, (lh, lw) in enumerate(sizes):  # 1 x 1 first: each level feeds the one before it
@@ -530,8 +535,7 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
             for t in tilers:
                 t.check_done()
             _sync_filesystem(tmp)  # one flush for every tile, before the rename exposes them
-        write_atomic(path.with_name(f"{name}.html"), viewer_html(name, h, w, fmt))
-        write_atomic(path, dzi_xml(h, w, fmt))  # last: the pyramid is complete
+            path.unlink(missing_ok=True)  # an old .dzi never points at the new tiles, even after a crash right here
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the Deep Zoom pyramid ({exc.strerror or exc})") from exc
     return path
