@@ -310,3 +310,26 @@ def test_every_command_keeps_freed_memory_first(monkeypatch):
     result = CliRunner().invoke(cli.app, ["models", "list"])
     assert result.exit_code == 0, result.output
     assert calls == [True]
+
+
+def test_a_fixed_tile_says_when_it_breaks_the_budget_or_is_dwarfed_by_its_halo():
+    from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TilingOptions, fixed_tile_notes, stage_cores, stage_halos
+    from ultrastyle.core.traits import RunnerTraits
+
+    arch, traits, levels = ARCHS["cd16x"], RunnerTraits(), (1, 2, 3, 4, 5)
+    assert fixed_tile_notes(arch, levels, TilingOptions(max_memory=50 << 20), traits) == []  # automatic: the planner keeps the budget
+    assert fixed_tile_notes(arch, levels, TilingOptions(tile=512, max_memory=2 << 30), traits) == []
+    assert fixed_tile_notes(arch, levels, TilingOptions(tile=2048), traits) == []  # no budget to break, a halo small beside it
+
+    (note,) = fixed_tile_notes(arch, levels, TilingOptions(tile=2048, max_memory=50 << 20), traits)
+    region = (2048 + 2 * stage_halos(arch, 1).enc) ** 2 * stage_bytes_per_pixel(arch, 1)
+    assert region > 50 << 20 and "tile 2048 px makes stage 1 regions" in note and "more than the 50 MiB" in note
+    fits = min(min(stage_cores(arch, k, TilingOptions(max_memory=50 << 20))) for k in levels)
+    assert f"a tile of {fits} px or an automatic one stays within it" in note
+    assert fixed_tile_notes(arch, levels, TilingOptions(tile=fits, max_memory=50 << 20), traits) == []  # the tile it names does fit
+
+    (slow,) = fixed_tile_notes(arch, levels, TilingOptions(tile=7, max_memory=2 << 30), traits)
+    assert "stage 5's halo of 80 px" in slow and "about 121 times over" in slow  # ((16 + 160) / 16)^2: the core rounds up to the grid
+    enough = int(slow.split("a tile of ")[1].split()[0])
+    assert fixed_tile_notes(arch, levels, TilingOptions(tile=enough, max_memory=2 << 30), traits) == []
+    assert ((32 + 160) / 32) ** 2 > TILE_OVERHEAD_WARN and fixed_tile_notes(arch, levels, TilingOptions(tile=32), traits)  # below it: noted

@@ -36,6 +36,7 @@ _API = {
     "BatchInterrupted": "ultrastyle.runtime.batch",
     "PairResult": "ultrastyle.runtime.batch",
     "OutputCollisionError": "ultrastyle.runtime.batch",
+    "TileWarning": "ultrastyle.core.plan",
     "ImageError": "ultrastyle.io.images",
     "optimize": "ultrastyle.optimization.run",
     "optimize_batch": "ultrastyle.optimization.batch",

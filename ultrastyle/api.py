@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from ultrastyle.runtime.batch import (
     BatchSummary, Pair, PairResult, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode, plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.memory import keep_freed_memory
-from ultrastyle.core.plan import BudgetTooSmall, TilingOptions, check_budget, size_text
+from ultrastyle.core.plan import BudgetTooSmall, TileWarning, TilingOptions, check_budget, fixed_tile_notes, size_text
 from ultrastyle.runtime.tiled import TileCallback
 
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
@@ -246,6 +247,8 @@ class Stylizer:
             )
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
             check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits, self.runner.device)
+            for note in fixed_tile_notes(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits):
+                warnings.warn(note, TileWarning, stacklevel=3)
         except BudgetTooSmall as exc:  # in the caller's terms: the whole budget, of which the tiles get a share
             given, need = opts.resolved_tiling.max_memory or 0, opts.budget_for_tiles(exc.need, self.runner.traits)
             raise OptionError("max_memory", f"{size_text(given)} cannot hold one tile of stage {exc.stage}; give at least {size_text(need, up=True)}") from None

@@ -460,6 +460,54 @@ def check_budget(
         raise BudgetTooSmall(options.max_memory, worst, math.ceil(needs[worst]))
 
 
+# A fixed tile whose regions cost more than this many times its core's own work is worth a word (its halo dominates).
+TILE_OVERHEAD_WARN = 16.0
+
+
+class TileWarning(UserWarning):
+    """A fixed tile that makes the run hold more than its memory budget, or one so small that its halo dominates the work."""
+
+
+def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptions, traits: RunnerTraits) -> list[str]:
+    """What a fixed ``options.tile`` costs that the caller may not expect; [] for an automatic tile.
+
+    A fixed tile overrides the budget's planner (`TilingOptions`): one whose
+    regions need more than ``max_memory`` makes the run hold more than its
+    budget, and one far below a stage's halo computes each pixel many times
+    over (on images larger than the tile). Cheap: no image is planned.
+    """
+    options = options.resolve(traits)
+    if options.tile is None:
+        return []
+    stages = sorted(set(levels))
+    halo = {k: max(stage_halos(arch, k, options.halo).enc, stage_halos(arch, k, options.halo).pass2(options.caches(arch, k))) for k in stages}
+
+    def core(k: int, tile: int) -> int:
+        return max(arch.grid(k), tile // arch.grid(k) * arch.grid(k))
+
+    def overhead(k: int, tile: int) -> float:  # region work over core work
+        return ((core(k, tile) + 2 * halo[k]) / core(k, tile)) ** 2
+
+    notes: list[str] = []
+    need = {k: (core(k, options.tile) + 2 * halo[k]) ** 2 * traits.memory_factor(k) * stage_bytes_per_pixel(arch, k) for k in stages}
+    worst = max(stages, key=lambda k: need[k])
+    if options.max_memory is not None and need[worst] > options.max_memory:
+        try:
+            fits = min(min(stage_cores(arch, k, replace(options, tile=None), traits.memory_factor(k))) for k in stages)
+            largest = f"a tile of {fits} px or an automatic one stays within it"
+        except ValueError:
+            largest = "no tile fits it"
+        notes.append(f"tile {options.tile} px makes stage {worst} regions of about {size_text(need[worst], up=True)}, more than the "
+                     f"{size_text(options.max_memory)} the memory budget leaves for tiles, so the run holds more than its budget; {largest}")  # fmt: skip
+    slow = max(stages, key=lambda k: overhead(k, options.tile))
+    if overhead(slow, options.tile) > TILE_OVERHEAD_WARN:
+        enough = next(t for t in range(64, 1 << 20, 64) if all(overhead(k, t) <= TILE_OVERHEAD_WARN for k in stages))
+        notes.append(f"tile {options.tile} px is small beside stage {slow}'s halo of {halo[slow]} px: on images larger than the tile "
+                     f"each pixel is computed about {overhead(slow, options.tile):.0f} times over; a tile of {enough} px or more "
+                     f"keeps that under {TILE_OVERHEAD_WARN:.0f}")  # fmt: skip
+    return notes
+
+
 def size_text(n: float, up: bool = False) -> str:
     """Bytes in GiB to 0.01 (whole MiB below one GiB); ``up``: rounded up, so that "at least" holds."""
     if n >= 2**30:
