@@ -471,6 +471,11 @@ def test_an_image_name_given_as_the_output_folder_is_refused(invoke, images: dic
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "result.jpg")
     assert r.exit_code == 2 and "looks like a file name" in r.output and "--format" in r.output
     assert not (tmp_path / "result.jpg").exists()
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):  # refused before the model opens, not 1 after every pair's compute
+        r = invoke(images["c1"], "--style", images["s1"], "-o", out)
+        assert r.exit_code == 2 and "afile is a file" in " ".join(r.output.replace("│", " ").split()), r.output
+        assert "exporting" not in r.output
 
 
 @pytest.mark.parametrize(("args", "says"), [

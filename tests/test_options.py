@@ -170,3 +170,27 @@ def test_optimize_style_size_0_keeps_the_style_s_own_size(cd16x_dir, monkeypatch
     with Optimizer(cd16x_dir) as opt:
         opt.run(content, style, iterations=0, scales="full", style_size=style_size, max_memory=None)
     assert seen and max(seen[0][-2:]) == side
+
+
+def test_an_output_folder_that_is_a_file_or_named_like_one_is_refused_before_any_work(tmp_path):
+    from ultrastyle.options import output_folder
+
+    (tmp_path / "afile").write_text("x")
+    for value, said in ((tmp_path / "afile", "is a file, and outputs go into a folder"), (tmp_path / "afile" / "sub", "afile is a file"),
+                        (tmp_path / "r.jpg", "looks like a file name"), (tmp_path / "x.dzi", "looks like a file name")):  # fmt: skip
+        with pytest.raises(OptionError, match=said) as info:
+            output_folder("output_dir", value)
+        assert info.value.option == "output_dir" and "--" not in info.value.message
+    (tmp_path / "was.png").mkdir()  # an existing folder is a folder, whatever its name
+    for ok in (tmp_path / "new" / "deeper", tmp_path, tmp_path / "was.png"):
+        assert output_folder("output_dir", ok) == ok
+
+
+def test_stylize_batch_refuses_a_file_as_its_folder_before_the_model_opens(tmp_path, monkeypatch):
+    import ultrastyle
+    from ultrastyle import api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was opened"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OptionError, match="is a file"):
+        ultrastyle.stylize_batch(["c.jpg"], ["s.jpg"], tmp_path / "afile")

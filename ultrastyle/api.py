@@ -325,6 +325,7 @@ class Stylizer:
         far) on Ctrl-C.
         """
         opts = self.options(**settings)
+        folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content")
         if mix is not None or mask is not None:
             specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask)]
@@ -332,7 +333,7 @@ class Stylizer:
             specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style")]
         if not content_list or not specs:
             raise OptionError("contents" if not content_list else "styles", "no images given or found")
-        pairs = plan_pairs(content_list, specs, Path(output_dir), opts.format)
+        pairs = plan_pairs(content_list, specs, folder, opts.format)
         if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))
         self._open()
@@ -518,6 +519,7 @@ def stylize_batch(
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
+    check.output_folder("output_dir", output_dir)  # before the model opens
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
     if executor == "ray":

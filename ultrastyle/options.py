@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Collection
+from pathlib import Path
 
 import numpy as np
 
 from ultrastyle.core.arch import STAGES, parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.io.constants import format_name
+from ultrastyle.io.constants import IMAGE_SUFFIXES, format_name
 from ultrastyle.models.defaults import METHODS
 
 __all__ = [
     "OptionError", "alpha", "choice", "count", "known_keywords", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
-    "method", "pixel_limit", "tile_side",
+    "method", "output_folder", "pixel_limit", "tile_side",
 ]  # fmt: skip
 
 _SIZE_EXAMPLES = "512MB, 2GB, 1.5GiB, 1073741824"
@@ -129,6 +131,24 @@ def halo_width(option: str, value: object) -> int | None:
     """``halo``: None or ``"exact"`` (the exact result), else at most that many pixels, a whole number >= 0 (approximate)."""
     return _side_or_word(option, value, "exact", 0, "'exact' or a whole number of pixels >= 0 (an approximate halo)",
                          "'exact' for the exact result, or 0 or more pixels such as 32")  # fmt: skip
+
+
+def output_folder(option: str, value: str | os.PathLike) -> Path:
+    """A folder that outputs go into: absent (it is made) or a folder, and not named like an image file.
+
+    Checked before any work: a file there (or above it) would fail every
+    output at its write, after all the compute.
+    """
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
+    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
+    if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
+        raise OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name, each named "
+                                  "{content}_stylized_{style}.{ext}; give a folder, and the format separately")  # fmt: skip
+    return path
 
 
 def choice(option: str, value: object, choices: Collection[str]) -> str:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from ultrastyle.cli.remedies import as_command, swap
 
-from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from ultrastyle.models import zoo
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.runtime.memory import use_huge_pages
@@ -198,6 +198,7 @@ def stylize_command(
     from ultrastyle.io.paths import expand_inputs
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.models.sources import model_defaults
+    from ultrastyle.options import output_folder
     from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
 
     if no_tile and tile.strip().lower() != "auto":
@@ -238,11 +239,10 @@ def stylize_command(
                 raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
             content, style = content[:-1], content[-1:]
         mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style, unique=mask is None)  # a mask's labels may share a style
-    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():  # `-o result.jpg` would make a folder of that name
-        raise typer.BadParameter(
-            f"{output} looks like a file name, but --output is a folder (files in it are named {{content}}_stylized_{{style}}.{{ext}}); "
-            "give a folder, and the format with --format", param_hint="--output",
-        )  # fmt: skip
+    try:  # before the model opens: a file there would fail every output after all the compute
+        output_folder("output_dir", output)
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message.replace("the format separately", "the format with --format"), param_hint="--output") from None
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
