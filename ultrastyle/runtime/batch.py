@@ -513,8 +513,10 @@ def decode(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | No
 def warn_read_whole(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None]) -> None:
     """One `ReadWholeWarning` where ``plan`` reads whole a file that should have streamed."""
     if plan[2] is not None:
-        warnings.warn(f"{src}: read whole ({plan[1] / 2**20:.0f} MiB, above the {options.io_allowance / 2**20:.0f} MiB "
-                      f"allowance for decoded images): {plan[2]}", ReadWholeWarning, stacklevel=3)  # fmt: skip
+        size = f"{plan[1] / 2**20:.0f} MiB"
+        why = (f"{size}, above the {options.io_allowance / 2**20:.0f} MiB allowance for decoded images" if plan[1] > options.io_allowance
+               else f"{size}; streaming was asked for")  # streaming="always"
+        warnings.warn(f"{src}: read whole ({why}): {plan[2]}", ReadWholeWarning, stacklevel=3)
 
 
 class ReadWholeWarning(UserWarning):
