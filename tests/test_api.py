@@ -218,9 +218,15 @@ def test_a_typo_or_a_model_setting_in_a_call_says_what_to_do():
 
 
 def test_errors_a_caller_catches_are_importable_from_the_package():
-    for name in ("RunnerError", "ZooError", "UnknownModelError", "ClusterError", "ClusterStylizer", "ModelDefaults", "OptionError"):
+    for name in ("RunnerError", "ZooError", "UnknownModelError", "CheckpointError", "ClusterError", "ClusterStylizer", "ModelDefaults",
+                 "OptionError", "TileWarning"):  # fmt: skip
         assert isinstance(getattr(ultrastyle, name), type), name
     assert issubclass(ultrastyle.UnknownModelError, ultrastyle.ZooError)
+
+
+def test_a_folder_without_weights_is_a_checkpoint_error_naming_it(tmp_path):
+    with pytest.raises(ultrastyle.CheckpointError, match=f"{tmp_path}: no model weights"):
+        ultrastyle.load(tmp_path)
 
 
 def test_bad_runner_arguments_fail_before_any_model_is_opened():

@@ -31,6 +31,7 @@ _API = {
     "RunnerError": "ultrastyle.errors",
     "ZooError": "ultrastyle.models.errors",
     "UnknownModelError": "ultrastyle.models.registry",
+    "CheckpointError": "ultrastyle.models.convert",
     "ClusterError": "ultrastyle.distributed.cluster",
     "BatchSummary": "ultrastyle.runtime.batch",
     "BatchInterrupted": "ultrastyle.runtime.batch",
