@@ -328,3 +328,19 @@ def test_a_fixed_tile_beyond_the_budget_is_a_tile_warning_and_an_automatic_one_i
         with warnings.catch_warnings():
             warnings.simplefilter("error", ultrastyle.TileWarning)
             s.stylize(small["c1"], small["s1"], style_size=64, max_memory="50MB")  # the planner keeps the budget
+
+
+def test_an_interrupted_batch_summary_counts_every_pair_it_was_given(installed, small, tmp_path):
+    seen = []
+
+    def stop_after_first(r):  # Ctrl-C while the first result is reported
+        seen.append(r)
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ultrastyle.BatchInterrupted) as info:
+        ultrastyle.stylize_batch([small["c1"], small["c2"]], [small["s1"], small["s2"]], tmp_path / "o", backend="torch", levels=5,
+                                 style_size=64, on_result=stop_after_first)  # fmt: skip
+    summary = info.value.summary
+    assert summary.planned == 4 and 1 <= len(summary.results) < 4
+    assert summary.describe().split(" in ")[0].endswith("of 4 pairs"), summary.describe()

@@ -309,7 +309,7 @@ class WorkerPool:
         for folder in folders:
             atomic.sweep_stale(folder)  # temp files of a killed earlier run (its workers are gone)
         results, runs = content_runs(pairs, options.skip_existing)
-        summary = BatchSummary()
+        summary = BatchSummary(planned=len(pairs))
         report = InOrder(results, summary, on_result)
         jobs = [_Job(run) for run in runs]
         report()

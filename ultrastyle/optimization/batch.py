@@ -100,7 +100,7 @@ def run_batch(
     for folder in {p.output.parent for p in pairs if p.output is not None}:
         if folder.is_dir():
             sweep_stale(folder)  # temp files and state folders of killed runs (their writer is gone)
-    summary = BatchSummary()
+    summary = BatchSummary(planned=len(pairs))
     t0 = time.perf_counter()
     for pair in pairs:
         out = pair.output

@@ -203,6 +203,7 @@ RATE_MIN_MEGAPIXELS = 1.0
 class BatchSummary:
     results: list[PairResult] = field(default_factory=list)
     wall_seconds: float | None = None  # the whole batch, reading and writing included
+    planned: int | None = None  # the pairs the batch was given (more than `results` after Ctrl-C); None: as many as results
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -228,7 +229,7 @@ class BatchSummary:
         The rate only from `RATE_MIN_MEGAPIXELS` done: below it the fixed costs (opening the model, the styles'
         statistics) dominate, and 0.01 MP in 2 s would read as 200 s/MP.
         """
-        of = total if total is not None else len(self.results)
+        of = total if total is not None else self.planned if self.planned is not None else len(self.results)
         text = f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed of {of} pairs"
         seconds = self.seconds
         if seconds:
@@ -672,7 +673,7 @@ class _BatchRun:
                  on_result: Callable[[PairResult], None] | None, on_tile: TileCallback | None) -> None:
         self.model, self.pairs, self.options, self.on_tile = model, pairs, options, on_tile
         self.results, runs = content_runs(pairs, options.skip_existing)
-        self.summary = BatchSummary()
+        self.summary = BatchSummary(planned=len(pairs))
         self.report = InOrder(self.results, self.summary, on_result)
         self.jobs = [_Job(content, indices) for content, indices in runs]
         self.report()
