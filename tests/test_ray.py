@@ -320,6 +320,7 @@ def test_an_address_where_nothing_listens_is_refused_at_once(folder, cd16x_dir, 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stderr
     assert f"nothing answers on port {port}" in " ".join(done.stderr.split()), done.stderr
+    assert "or use --ray local" in " ".join(done.stderr.split()), done.stderr  # the flag, not the library's keyword
     assert time.perf_counter() - t0 < 60  # Ray alone retried for minutes
     assert not (tmp_path / "out").exists()
 

@@ -262,6 +262,7 @@ def stylize_command(
         text = " ".join(as_command(exc).split()) if isinstance(exc, zoo.ZooError) else as_command(exc)
         # The library names its keywords (torch backend errors); say the flags here.
         text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)
+        text = re.sub(r"\bthreads=(-?\d+)", r"--threads \1", text).replace("address='local'", "--ray local")
         _err(text.replace("compile=True", "--compile"))
         raise typer.Exit(2) from None
     except OptionError as exc:  # levels the model lacks

@@ -82,7 +82,7 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         start = "its head's Ray client server" if client else f"one there (ray start --head --port {port})"
         raise ClusterError(
             f"cannot reach the Ray cluster at {address}: nothing answers on port {port} of {host} ({exc.strerror or exc}); "
-            f"start {start} or use address 'local'"
+            f"start {start} or use address='local'"
         ) from None
 
 
