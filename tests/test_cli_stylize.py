@@ -19,6 +19,7 @@ from ultrastyle.cli.main import app
 from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.core.styles import identity_map
 from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.io.constants import format_name
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
@@ -133,12 +134,12 @@ def test_content_folder_and_glob_inputs(invoke, images: dict[str, Path], tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["c1_stylized_s1.png", "c2_stylized_s1.png"]
 
 
-@pytest.mark.parametrize(("fmt", "pil_format"), [("jpg", "JPEG"), ("tiff", "TIFF"), ("png", "PNG")])
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpg", "JPEG"), ("tiff", "TIFF"), ("png", "PNG"), ("jpeg", "JPEG"), ("TIF", "TIFF")])
 def test_format_option_writes_that_format(invoke, images: dict[str, Path], tmp_path: Path, fmt: str, pil_format: str) -> None:
     out = tmp_path / "out"
     r = invoke(images["c2"], "--style", images["s1"], "-o", out, "--format", fmt)
     assert r.exit_code == 0, r.output
-    p = out / f"c2_stylized_s1.{fmt}"
+    p = out / f"c2_stylized_s1.{format_name(fmt)}"  # the aliases the Python API takes: jpeg -> .jpg, tif -> .tiff
     assert [q.name for q in out.iterdir()] == [p.name]
     assert _fmt(p) == pil_format and _size(p) == SIZES["c2"]
 

@@ -42,6 +42,8 @@ class Format(str, Enum):
     png = "png"
     jpg = "jpg"
     tiff = "tiff"
+    jpeg = "jpeg"  # the aliases the library takes too (io.constants.format_name)
+    tif = "tif"
 
 
 _FLAGS = {"max_memory": "--max-memory", "layer_weights": "--layer-weights", "content_layer": "--content-layer"}

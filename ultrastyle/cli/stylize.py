@@ -61,6 +61,8 @@ class Format(str, Enum):
     jpg = "jpg"
     tiff = "tiff"
     dzi = "dzi"
+    jpeg = "jpeg"  # the aliases the library takes too (io.constants.format_name)
+    tif = "tif"
 
 
 class TiffLayout(str, Enum):
