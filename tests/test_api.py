@@ -344,3 +344,11 @@ def test_an_interrupted_batch_summary_counts_every_pair_it_was_given(installed, 
     summary = info.value.summary
     assert summary.planned == 4 and 1 <= len(summary.results) < 4
     assert summary.describe().split(" in ")[0].endswith("of 4 pairs"), summary.describe()
+
+
+def test_a_mix_of_in_memory_styles_names_its_output_without_spaces(installed, small, tmp_path):
+    a = np.asarray(Image.open(small["s1"]).convert("RGB"))
+    b = Image.open(small["s2"]).convert("RGB")
+    summary = ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "o", mix=[(a, 1), (b, 1)], backend="torch", levels=5, style_size=64)
+    (name,) = [p.name for p in (tmp_path / "o").iterdir()]
+    assert summary.count("done") == 1 and name == "c1_stylized_style@0.5+style-2@0.5.png", name  # as in-memory contents: content, content-2

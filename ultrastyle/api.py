@@ -161,14 +161,14 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         if twice := sorted({p for p in paths if paths.count(p) > 1}):
             raise OptionError("mix", f"{twice[0]} is given twice; give each style once with its weight")
         try:
-            return StyleSpec(tuple(as_source(s, f"style {i + 1}") for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
+            return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
         except ValueError as exc:
             raise OptionError("mix", str(exc)) from None
     if style is None:
         raise OptionError("style", "give a style image (or a mix)")
     styles = list(style) if isinstance(style, (list, tuple)) else [style]
     if mask is not None:
-        return StyleSpec(tuple(as_source(s, f"style {i + 1}") for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask"))
+        return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask"))
     if len(styles) != 1:
         raise OptionError("style", "several styles make one output only as a mix or with a mask")
     return StyleSpec((as_source(styles[0], "style"),))
@@ -455,6 +455,11 @@ def output_format(output: str | os.PathLike, given: str | None) -> str:
     return suffix or "png"
 
 
+def _nth(role: str, i: int) -> str:
+    """The name of the ``i``-th in-memory image of ``role`` (from 0): ``style``, ``style-2``, ... (output names hold no spaces)."""
+    return role if i == 0 else f"{role}-{i + 1}"
+
+
 def _sources(images: ImageLike | Iterable[ImageLike], role: str) -> list[Source]:
     """Paths, folders and globs expanded (`expand_inputs`); in-memory images named ``role``, ``role``-2, ..."""
     out: list[Source] = []
@@ -465,8 +470,7 @@ def _sources(images: ImageLike | Iterable[ImageLike], role: str) -> list[Source]
             continue
         out += expand_inputs(paths)
         paths = []
-        n = sum(isinstance(s, ImageInput) for s in out)
-        out.append(ImageInput(image, role if n == 0 else f"{role}-{n + 1}"))
+        out.append(ImageInput(image, _nth(role, sum(isinstance(s, ImageInput) for s in out))))
     return out + expand_inputs(paths)
 
 
