@@ -64,6 +64,7 @@ def test_mix_writes_one_output_named_after_the_normalised_weights(invoke, images
 def test_mix_refuses_bad_items_with_one_clear_message(invoke, images, tmp_path, item, message):
     r = invoke(images["c"], "--mix", item.format(**images), "--mix", f"{images['s2']}=1", "-o", tmp_path)
     assert r.exit_code == 2 and message in r.output, r.output
+    assert r.stderr.startswith("Usage:"), repr(r.stderr[:40])  # no blank lines from a progress bar dropped after the model opened
 
 
 def test_mix_and_style_together_are_refused(invoke, images, tmp_path):

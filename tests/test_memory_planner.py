@@ -333,3 +333,10 @@ def test_a_fixed_tile_says_when_it_breaks_the_budget_or_is_dwarfed_by_its_halo()
     enough = int(slow.split("a tile of ")[1].split()[0])
     assert fixed_tile_notes(arch, levels, TilingOptions(tile=enough, max_memory=2 << 30), traits) == []
     assert ((32 + 160) / 32) ** 2 > TILE_OVERHEAD_WARN and fixed_tile_notes(arch, levels, TilingOptions(tile=32), traits)  # below it: noted
+
+
+def test_size_text_names_small_budgets_in_their_own_unit():
+    from ultrastyle.core.plan import size_text
+
+    assert [size_text(n) for n in (1000, 3 << 10, 50 << 20, 1.5 * 2**30)] == ["1000 bytes", "3 KiB", "50 MiB", "1.5 GiB"]
+    assert size_text((50 << 20) + 1, up=True) == "51 MiB" and size_text(1025, up=True) == "2 KiB"  # "at least" holds

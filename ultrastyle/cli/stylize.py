@@ -105,7 +105,13 @@ class MegapixelColumn(ProgressColumn):
 def _drop(progress: Progress) -> None:
     """Stop and erase the progress bar: the run was refused before any work, so only the error is left on screen."""
     progress.live.transient = True
-    progress.stop()
+    console = progress.console
+    quiet, console.quiet = console.quiet, console.quiet or not console.is_terminal  # a log: nothing was drawn, print no blank line
+    try:
+        progress.stop()
+    finally:
+        console.quiet = quiet
+    progress.stop = lambda: None  # type: ignore[method-assign]  # the `with` block's exit would print a blank line to a log
 
 
 def _flag(option: str) -> str:

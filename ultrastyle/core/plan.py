@@ -509,9 +509,11 @@ def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptio
 
 
 def size_text(n: float, up: bool = False) -> str:
-    """Bytes in GiB to 0.01 (whole MiB below one GiB); ``up``: rounded up, so that "at least" holds."""
+    """Bytes in GiB to 0.01 (whole MiB below one GiB, whole KiB below one MiB); ``up``: rounded up, so that "at least" holds."""
     if n >= 2**30:
         v = n / 2**30 * 100
         return f"{(math.ceil(v) if up else round(v)) / 100:g} GiB"
+    if n < 2**20:  # a budget of 1KB is not "0 MiB"
+        return f"{math.ceil(n / 2**10) if up else round(n / 2**10)} KiB" if n >= 2**10 else f"{math.ceil(n)} bytes"
     v = n / 2**20
     return f"{math.ceil(v) if up else round(v)} MiB"

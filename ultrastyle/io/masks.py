@@ -55,7 +55,8 @@ def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: 
         if len(colours) > max(8, 2 * styles):
             blended = "; so many colours suggest blended edges: paint the mask without antialiasing and save it as PNG, not JPEG"
         raise ImageError(
-            f"{path}: the mask has {len(colours)} labels but {styles} style(s) were given (colours {shown}); "
+            f"{path}: the mask has {len(colours)} label{'s' if len(colours) != 1 else ''} but {styles} style(s) were given "
+            f"(colour{'s' if len(colours) != 1 else ''} {shown}); "
             f"give one style per label, in ascending order of colour{blended}"
         )
 
