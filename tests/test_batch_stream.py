@@ -251,3 +251,25 @@ def test_the_summary_gives_a_rate_only_from_a_megapixel_done():
     assert small.describe() == "1 done, 0 skipped, 1 failed of 2 pairs in 2.0 s (0.05 MP)"
     large = BatchSummary([PairResult(None, "done", None, 20.0, 8.0)] * 2, wall_seconds=42.0)
     assert large.describe(3) == "2 done, 0 skipped, 0 failed of 3 pairs in 42.0 s (16.0 MP, 2.62 s/MP)"
+
+
+def test_a_style_too_large_to_read_whole_is_streamed_at_style_size(runner, shared_dir, tmp_path, monkeypatch):
+    """A style is read as a content is: streamed and resized band by band where reading it whole would not fit, so a 60 MP
+    style keeps the memory rule; its statistics match the whole read's."""
+    pytest.importorskip("pyvips", reason="streaming reads need pyvips (pip install 'ultrastyle[vips]')")
+    from ultrastyle.io import stream
+
+    style = tmp_path / "big_style.png"
+    with Image.open(shared_dir / "images/style/cd_style_in1.jpg") as im:
+        im.convert("RGB").resize((900, 640)).save(style)
+    opened: list[Path] = []
+    real = stream.open_stream
+    monkeypatch.setattr(batch, "open_stream", lambda src, **kw: opened.append(Path(src)) or real(src, **kw))
+    whole = batch.StyleBook(runner, StylizeOptions(style_size=256, levels=(5, 4), streaming="never")).get(style)
+    assert opened == []
+    streamed = batch.StyleBook(runner, StylizeOptions(style_size=256, levels=(5, 4), streaming="auto", io_memory=1 << 20)).get(style)
+    assert opened == [style]  # 900 x 640 read whole is above a 1 MiB allowance: streamed
+    for k in (5, 4):
+        a, b = whole[k], streamed[k]
+        mean_a, mean_b = (a.sum / a.count).numpy(), (b.sum / b.count).numpy()
+        assert a.count == b.count and np.abs(mean_a - mean_b).max() <= 2e-2 * np.abs(mean_a).max(), k  # resized band by band

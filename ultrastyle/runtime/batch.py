@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ultrastyle.errors import Remedies
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, resize_long_side
@@ -322,14 +323,20 @@ class StyleBook:
         return self._remember(self._stats, _version(src), lambda: self._compute(src, None))
 
     def _compute(self, src: Source, recolor: FeatureStats | None) -> dict[int, FeatureStats]:
-        opts = self.options
+        # Read as a content is, at style_size: streamed (and resized band by band) where reading it whole would not fit the
+        # allowance for decoded images, so a 60 MP style keeps the memory rule too.
+        opts = replace(self.options, content_size=self.options.style_size)
         try:
-            img = resize_long_side(array_to_tensor(read_source(src, opts.max_pixels)), opts.style_size)
+            plan = read_plan(src, opts)
+            warn_read_whole(src, opts, plan)
+            canvas = decode(src, opts, plan).to_canvas(CanvasSite())
         except ImageError as exc:
             raise ImageError(f"style {exc}") from None
         if recolor is not None:
-            img = match_colors(img, recolor)
-        with canvas_from_array(img.numpy(), layout="chw") as canvas:  # a large style is tiled like a content
+            with canvas:
+                recoloured = match_colors(torch.from_numpy(canvas.read(slice(None), slice(None))), recolor)
+            canvas = canvas_from_array(recoloured.numpy(), layout="chw")
+        with canvas:  # a large style is tiled like a content
             return style_statistics_tiled(self.model, canvas, opts.levels, opts.tiling_for(self.model.traits))
 
     def style_for(self, spec: StyleSpec, size: tuple[int, int], original: tuple[int, int],
