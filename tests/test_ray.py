@@ -341,3 +341,17 @@ def test_a_lost_node_mid_batch_still_writes_every_output_once(pool, cluster, fol
     assert gone
     _same_as_local(local, tmp_path, summary.results)
     assert not _partials(tmp_path)
+
+
+def test_a_worker_that_cannot_open_the_model_keeps_the_fix_its_error_suggests(tmp_path, monkeypatch):
+    """The driver raises the worker's error with its remedy, so the command line prints the command (not the Python call)."""
+    from ultrastyle.cli.remedies import as_command
+    from ultrastyle.distributed.worker import RunnerSpec, StylizeWorker
+    from ultrastyle.errors import Remedy, remedied
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path))
+    worker = StylizeWorker(RunnerSpec("no-such-model"), {})  # in this process: the actor's constructor
+    assert worker.runner is None and "unknown model 'no-such-model'" in worker.error
+    assert worker.remedy == Remedy("models.zoo.entries")
+    exc = remedied(RuntimeError(f"the Ray workers cannot open the model no-such-model: {worker.error}"), worker.remedy)  # as the pool raises it
+    assert "(described by ultrastyle models list)" in as_command(exc)

@@ -37,6 +37,7 @@ from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
 from ultrastyle.io import atomic
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import save_output
+from ultrastyle.errors import remedied
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import (
     BatchInterrupted, BatchSummary, InOrder, Pair, PairResult, StyleSpec, StylizeOptions, _failure, content_runs, load_content,
@@ -150,7 +151,7 @@ class WorkerPool:
             except Exception as exc:  # noqa: BLE001 - a worker process that could not even start
                 raise ClusterError(f"a Ray worker failed to start: {exc}") from None
             if info.error:
-                raise RunnerError(f"the Ray workers cannot open the model {self.spec.model}: {info.error}")
+                raise remedied(RunnerError(f"the Ray workers cannot open the model {self.spec.model}: {info.error}"), info.remedy)
             self._info[actor] = info
             self._actors.append(actor)
         self._warming.update(refs)

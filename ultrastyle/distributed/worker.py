@@ -22,6 +22,7 @@ from ultrastyle.core.styles import Style
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.distributed.zarr_canvas import open_array
+from ultrastyle.errors import Remedies
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, save_output
 from ultrastyle.io.paths import file_signature
@@ -57,6 +58,7 @@ class WorkerInfo:
     pid: int
     node: str
     error: str | None = None
+    remedy: Remedies = None  # the fix ``error`` suggests (`errors.Remedy`), for the driver's front end to show its way
     backend: str = ""
     stages: tuple[int, ...] = ()
     arch: ArchSpec | None = None
@@ -85,6 +87,7 @@ class StylizeWorker:
     def __init__(self, spec: RunnerSpec, env: Mapping[str, str]) -> None:
         os.environ.update(env)
         self.error: str | None = None
+        self.remedy: Remedies = None
         self.runner = None
         try:
             from ultrastyle.runtime.backends.select import open_runner
@@ -95,15 +98,16 @@ class StylizeWorker:
             ).activate()  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported by `info`, raised on the driver with the cause
             self.error = str(exc) or type(exc).__name__
+            self.remedy = getattr(exc, "remedy", None)
 
     def info(self) -> WorkerInfo:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
         if self.runner is None:
-            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open")
+            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open", self.remedy)
         r = self.runner
-        return WorkerInfo(os.getpid(), node, None, r.backend, r.stages, r.arch, r.traits)
+        return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits)
 
     def style_statistics(self, src: Source, options: StylizeOptions, recolor: FeatureStats | None = None):
         """Per-stage statistics of one style (of the style recoloured to ``recolor``), or the ImageError that fails its pairs."""
