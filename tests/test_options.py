@@ -194,3 +194,16 @@ def test_stylize_batch_refuses_a_file_as_its_folder_before_the_model_opens(tmp_p
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OptionError, match="is a file"):
         ultrastyle.stylize_batch(["c.jpg"], ["s.jpg"], tmp_path / "afile")
+
+
+@pytest.mark.parametrize("resolve", ["stylize", "optimize"])
+def test_a_scratch_folder_that_is_missing_or_a_file_is_refused_by_both_resolvers(tmp_path, resolve):
+    (tmp_path / "afile").write_text("x")
+    for value, said in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "afile", "is a file")):
+        with pytest.raises(OptionError, match=said) as info:
+            if resolve == "stylize":
+                make_options(DEFAULTS, scratch=value)
+            else:
+                make_optimize_options(scratch=value)
+        assert info.value.option == "scratch"
+    assert make_options(DEFAULTS, scratch=tmp_path).tiling.scratch_dir == tmp_path

@@ -123,7 +123,7 @@ def make_options(
         tile=check.tile_side("tile", tile),
         max_memory=budget,
         halo=check.halo_width("halo", halo),
-        scratch_dir=Path(scratch) if scratch is not None else None,
+        scratch_dir=check.scratch_folder("scratch", scratch),
     )
     return StylizeOptions(
         method=method or defaults.method,

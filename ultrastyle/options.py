@@ -26,7 +26,7 @@ from ultrastyle.models.defaults import METHODS
 
 __all__ = [
     "OptionError", "alpha", "choice", "count", "known_keywords", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
-    "method", "output_folder", "pixel_limit", "tile_side",
+    "method", "output_folder", "pixel_limit", "scratch_folder", "tile_side",
 ]  # fmt: skip
 
 _SIZE_EXAMPLES = "512MB, 2GB, 1.5GiB, 1073741824"
@@ -148,6 +148,17 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
         raise OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name, each named "
                                   "{content}_stylized_{style}.{ext}; give a folder, and the format separately")  # fmt: skip
+    return path
+
+
+def scratch_folder(option: str, value: str | os.PathLike | None) -> Path | None:
+    """An existing folder for scratch canvases (unlinked files), or None for the system's temp folder."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        why = "is a file" if path.exists() else "does not exist"
+        raise OptionError(option, f"{path} {why}; scratch canvases go into an existing folder (None: the system's temp folder)")
     return path
 
 

@@ -199,7 +199,7 @@ def make_optimize_options(
         iterations=int(iterations), scales=_scales(scales), init=init, solver=solver,
         content_weight=float(content_weight), style_weight=float(style_weight), layer_weights=lw,
         content_layer=content_layer, content_size=content_size, style_size=style_size, max_memory=budget,
-        tile=tile, scratch=None if scratch is None else str(scratch), save_every=save_every, seed=int(seed),
+        tile=tile, scratch=None if scratch is None else str(check.scratch_folder("scratch", scratch)), save_every=save_every, seed=int(seed),
         history=history, lr=float(lr), max_pixels=max_pixels, format=fmt,
     )  # fmt: skip
 
