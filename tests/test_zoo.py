@@ -822,3 +822,15 @@ def test_registry_refuses_cycles_and_missing_stage_files(registry: TempRegistry)
     registry.write({"a": entry_json([sd], stages=[4, 4])})
     with pytest.raises(zoo.ZooError, match=r"\"stages\" must be a non-empty list of distinct stages"):
         zoo.entries()
+
+
+def test_an_installed_file_whose_size_changed_is_refused_not_deleted(shared_dir: Path, no_network: None) -> None:
+    """Truncated after install: refused as damaged (naming it), as a same-size change is; not removed and downloaded again."""
+    d = zoo.import_local(NAME, shared_dir / "models" / NAME)
+    victim = d / "3SD.pth"
+    with open(victim, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(zoo.DamagedModelError) as ei:
+        zoo.ensure(NAME, progress=False)
+    assert str(victim) in str(ei.value) and "1000 bytes" in str(ei.value)
+    assert victim.stat().st_size == 1000  # left for the user to see and repair

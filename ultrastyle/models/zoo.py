@@ -596,7 +596,7 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
 
 
 def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Path:
-    """The directory of model ``name``, installing it first (:func:`fetch`) if any file is missing, has the wrong size or is outdated.
+    """The directory of model ``name``, installing it first (:func:`fetch`) if any file is missing or outdated.
 
     Outdated: an earlier release's version of the file (:func:`is_outdated`),
     left by an older ultrastyle; it is replaced like a missing one. Every
@@ -605,6 +605,10 @@ def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Pa
     :class:`DamagedModelError` rather than being used. Packaged files need no
     network; derived files install their source model first.
     """
-    if not is_installed(name) or is_outdated(name):
+    outdated = is_outdated(name)
+    d = model_dir(name)
+    if not outdated and any((d / f.name).is_file() and (d / f.name).stat().st_size != f.bytes for f in get_entry(name).files):
+        return check_installed(name)  # a damaged file is refused, naming it, not replaced without a word (fetch would)
+    if outdated or not is_installed(name):
         fetch(name, mirror=mirror, progress=progress)
     return check_installed(name)
