@@ -289,9 +289,13 @@ def test_fetch_unreachable_mirror_has_offline_hint(closed_port_url: str) -> None
     assert not any(zoo.model_dir(NAME).iterdir())
 
 
-def test_fetch_rejects_non_http_mirror(shared_dir: Path) -> None:
-    with pytest.raises(zoo.DownloadError, match=r"unsupported URL scheme.*models\.zoo\.import_local"):
+def test_fetch_rejects_non_http_mirror(shared_dir: Path, runner: CliRunner) -> None:
+    with pytest.raises(zoo.ZooError, match=r"expected an http:// or https:// base URL.*models\.zoo\.import_local\(NAME, DIR\)"):
         zoo.fetch(NAME, mirror=str(shared_dir / "models"), progress=False)
+    assert not zoo.model_dir(NAME).exists()  # refused before any folder is made
+    r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", "notaurl"])
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "Invalid value for --mirror" in text and "ultrastyle models import NAME DIR" in text, r.output
 
 
 def test_ensure_uses_installed_copy_without_network(shared_dir: Path, closed_port_url: str, mirror: Mirror) -> None:

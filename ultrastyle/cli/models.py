@@ -120,6 +120,11 @@ def fetch(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Download a model into the cache, verifying every file's sha256; prints its directory."""
+    if mirror is not None:
+        try:
+            zoo.check_mirror(mirror)
+        except zoo.ZooError as exc:
+            raise typer.BadParameter(as_command(exc), param_hint="--mirror") from None
     with _zoo_errors():
         d = zoo.fetch(name, mirror=mirror, force=force, progress=progress, timeout=timeout)
     typer.echo(str(d))

@@ -85,6 +85,7 @@ __all__ = [
     "import_local",
     "ensure",
     "check_installed",
+    "check_mirror",
     "reinstall",
     "reinstall_text",
     "sha256_file",
@@ -324,6 +325,16 @@ def _mirror_url(mirror: str, entry: ZooEntry, f: ZooFile) -> str:
     return f"{mirror.rstrip('/')}/{urllib.parse.quote(entry.name)}/{urllib.parse.quote(f.name)}"
 
 
+def check_mirror(mirror: str) -> str:
+    """``mirror`` if it is an http(s) base URL; else `ZooError` (a local folder is imported, not fetched)."""
+    scheme = urllib.parse.urlsplit(mirror).scheme.lower()
+    if scheme not in ("http", "https"):
+        fix = Remedy("models.zoo.import_local", (Placeholder("NAME"), Placeholder("DIR")))
+        raise remedied(ZooError(f"mirror {mirror!r}: expected an http:// or https:// base URL (files are read from URL/NAME/FILE), got "
+                                f"scheme {scheme or '(none)'!r}; a local copy of the files is installed with {fix.python()}"), fix)  # fmt: skip
+    return mirror
+
+
 def _check_url(url: str, model: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
@@ -497,6 +508,8 @@ def fetch(
     entry = get_entry(name)
     if mirror is None:
         mirror = os.environ.get("ULTRASTYLE_MIRROR") or None
+    if mirror is not None:
+        check_mirror(mirror)  # before any folder or progress bar
     d = model_dir(name)
     _prepare_dir(d)
     todo = [f for f in entry.files if _needs_install(entry, f, d / f.name, force)]
