@@ -207,3 +207,14 @@ def test_a_scratch_folder_that_is_missing_or_a_file_is_refused_by_both_resolvers
                 make_optimize_options(scratch=value)
         assert info.value.option == "scratch"
     assert make_options(DEFAULTS, scratch=tmp_path).tiling.scratch_dir == tmp_path
+
+
+def test_ray_settings_without_the_ray_executor_are_refused_not_ignored(monkeypatch):
+    import ultrastyle
+    from ultrastyle import api
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was opened"))
+    for kw, option in (({"ray_address": "10.0.0.1:10001"}, "ray_address"), ({"distribute_tiles": True}, "distribute_tiles")):
+        with pytest.raises(OptionError, match="executor='ray'") as info:
+            ultrastyle.stylize_batch(["c.jpg"], ["s.jpg"], "out", **kw)
+        assert info.value.option == option

@@ -530,6 +530,8 @@ def stylize_batch(
         opener: Callable[..., Stylizer] = lambda m, **kw: ClusterStylizer(m, address=ray_address, distribute_tiles=distribute_tiles, **kw)  # noqa: E731
     elif distribute_tiles:
         raise OptionError("distribute_tiles", "spreads an image over a Ray cluster: give executor='ray'")
+    elif ray_address != "local":
+        raise OptionError("ray_address", f"{ray_address!r} is a Ray cluster's address: give executor='ray' to run there")
     else:
         opener = load
     with opener(model, levels=settings.get("levels"), **runner_kw) as s:
