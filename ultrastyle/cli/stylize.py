@@ -317,10 +317,14 @@ def stylize_command(
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:
             progress.stop()
-            fate = "abandoned (nothing partial is left)" if exc.abandoned else "finished"
-            Console(stderr=True, highlight=False).print(f"interrupted: the outputs being written were {fate}; rerun with --skip-existing to resume")
-            planned = max(len(contents) * per_content, len(exc.summary.results))
-            Console(highlight=False).print(f"{exc.summary.describe(total=planned)}{opened}; outputs in {output}")
+            done = exc.summary.count("done")
+            if exc.abandoned:
+                said = "the outputs being written were abandoned (nothing partial is left)"
+            else:
+                said = "the outputs being written were finished" if done else "no output was finished, and nothing partial is left"
+            again = f"; rerun with --skip-existing to keep the {done} done" if done else "; an image is stylized whole or not at all"
+            Console(stderr=True, highlight=False).print(f"interrupted: {said}{again}")
+            Console(highlight=False).print(f"{exc.summary.describe()}{opened}; outputs in {output}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
