@@ -340,3 +340,16 @@ def test_size_text_names_small_budgets_in_their_own_unit():
 
     assert [size_text(n) for n in (1000, 3 << 10, 50 << 20, 1.5 * 2**30)] == ["1000 bytes", "3 KiB", "50 MiB", "1.5 GiB"]
     assert size_text((50 << 20) + 1, up=True) == "51 MiB" and size_text(1025, up=True) == "2 KiB"  # "at least" holds
+
+
+def test_a_scratch_disk_too_small_for_the_caches_is_named_as_the_cause():
+    """Without feature caches (no room on the scratch disk) pass 2 needs wider halos; where the budget then holds no tile,
+    the error names the scratch folder, not the memory budget alone."""
+    from ultrastyle.core.plan import TilingOptions, plan_image
+    from ultrastyle.core.traits import RunnerTraits
+
+    arch, levels = ARCHS["cd16x"], (5, 4, 3, 2, 1)
+    options = TilingOptions(max_memory=38 << 20, scratch_dir="/scratch", ram_canvas_limit=0)
+    assert plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=20 << 30).site.disk_dir == "/scratch"
+    with pytest.raises(ValueError, match=r"the scratch folder /scratch has 20 MiB free, too little for this image's feature caches"):
+        plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=20 << 20)

@@ -388,6 +388,7 @@ def plan_image(
     go on the device if they then fit).
     """
     options = options.resolve(traits)
+    short_disk: str | None = None  # why the caches were left out for lack of disk
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
@@ -403,8 +404,14 @@ def plan_image(
             options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, DISK_CACHE_MACS_PER_VALUE))
         if disk_free is not None and options.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE:
             options = replace(options, cache_features=False)
+            short_disk = f"the scratch folder {site.disk_dir} has {size_text(disk_free)} free, too little for this image's feature caches"
     options = replace(options, max_memory=options.tile_budget(arch, height, width, levels, site))
-    stages = plan_stages(arch, height, width, levels, options, traits)
+    try:
+        stages = plan_stages(arch, height, width, levels, options, traits)
+    except ValueError as exc:  # without caches pass 2 needs wider halos: the disk is the cause, not the budget alone
+        if short_disk is not None:
+            raise ValueError(f"{short_disk}, and without them {exc}; free space there or choose another scratch folder") from None
+        raise
     return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)
 
 
