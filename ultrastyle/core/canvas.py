@@ -27,6 +27,7 @@ pressure means reclaiming others).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -84,7 +85,8 @@ class Canvas:
                     self._file.truncate(self.nbytes)
             except OSError as exc:
                 self._file.close()
-                raise OSError(f"cannot allocate a {self.nbytes / 2**30:.1f} GiB scratch canvas in {disk_dir}: {exc}") from exc
+                size = f"{self.nbytes / 2**30:.1f} GiB" if self.nbytes >= 2**30 else f"{math.ceil(self.nbytes / 2**20)} MiB"
+                raise OSError(f"cannot allocate a {size} scratch canvas in {disk_dir}: {exc}") from exc
 
     @classmethod
     def at(cls, site: CanvasSite, channels: int, height: int, width: int, *, channels_last: bool = False) -> Canvas:
