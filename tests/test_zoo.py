@@ -838,3 +838,17 @@ def test_an_installed_file_whose_size_changed_is_refused_not_deleted(shared_dir:
         zoo.ensure(NAME, progress=False)
     assert str(victim) in str(ei.value) and "1000 bytes" in str(ei.value)
     assert victim.stat().st_size == 1000  # left for the user to see and repair
+
+
+def test_import_local_names_every_corrupt_copy_and_installs_none(shared_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "copy"
+    shutil.copytree(shared_dir / "models" / NAME, src)
+    for name in ("3SE.pth", "5SD.pth"):
+        (src / name).chmod(0o644)
+        _flip_one_byte(src / name)
+    with pytest.raises(zoo.ChecksumError) as ei:
+        zoo.import_local(NAME, src)
+    msg = str(ei.value)
+    assert "3SE.pth" in msg and f"{src / '5SD.pth'} do not match either" in msg and "nothing was installed" in msg, msg
+    d = zoo.model_dir(NAME)
+    assert not d.exists() or not [p for p in d.iterdir() if p.suffix == ".pth"]  # the good files were not installed either

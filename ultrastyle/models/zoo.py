@@ -553,6 +553,25 @@ def _find_source(entry: ZooEntry, src: Path, files: list[ZooFile]) -> dict[str, 
     return found
 
 
+def _check_sources(entry: ZooEntry, sources: dict[str, Path], d: Path, force: bool) -> None:
+    """Every source file that would be installed hashed first: a `ChecksumError` naming all that do not match, before any is installed."""
+    bad: list[tuple[ZooFile, str]] = []
+    for f in entry.files:
+        src, dest = sources.get(f.name), d / f.name
+        if src is None or (dest.exists() and src.resolve() == dest.resolve()):
+            continue
+        if not force and dest.is_file() and _file_problem(entry, f, dest) is None:
+            continue  # installed and intact: not copied, so not checked
+        found = sha256_file(src)
+        if found != f.sha256:
+            bad.append((f, found))
+    if bad:
+        f, found = bad[0]
+        also = f"; {', '.join(str(sources[g.name]) for g, _ in bad[1:])} do not match either" if len(bad) > 1 else ""
+        raise ChecksumError(f"{entry.name}/{f.name}", f.sha256, found, detail=f"source {sources[f.name]}{also}; nothing was installed",
+                            hint="Copy the files again from a trusted source.")  # fmt: skip
+
+
 def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     """Install model ``name`` from local copies in ``src`` and return its directory.
 
@@ -588,6 +607,7 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
                 f"({exc}); install {other} first: {reinstall_text(other)}"
             ), reinstall(other)) from exc
     d = model_dir(name)
+    _check_sources(entry, sources, d, force)
     _prepare_dir(d)
     for f in entry.files:
         dest = d / f.name
