@@ -290,12 +290,22 @@ def test_fetch_unreachable_mirror_has_offline_hint(closed_port_url: str) -> None
 
 
 def test_fetch_rejects_non_http_mirror(shared_dir: Path, runner: CliRunner) -> None:
-    with pytest.raises(zoo.ZooError, match=r"expected an http:// or https:// base URL.*models\.zoo\.import_local\(NAME, DIR\)"):
+    with pytest.raises(zoo.ZooError, match=rf"expected an http:// or https:// base URL.*models\.zoo\.import_local\('{NAME}', '{shared_dir}/models'\)"):
         zoo.fetch(NAME, mirror=str(shared_dir / "models"), progress=False)
     assert not zoo.model_dir(NAME).exists()  # refused before any folder is made
     r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", "notaurl"])
     text = " ".join(r.output.replace("│", " ").split())
-    assert r.exit_code == 2 and "Invalid value for --mirror" in text and "ultrastyle models import NAME DIR" in text, r.output
+    assert r.exit_code == 2 and "Invalid value for --mirror" in text and f"ultrastyle models import {NAME} notaurl" in text, r.output
+
+
+def test_a_local_folder_as_ultrastyle_mirror_is_named_and_does_not_block_what_downloads_nothing(
+    shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", str(shared_dir / "models"))
+    with pytest.raises(zoo.ZooError, match=rf"ULTRASTYLE_MIRROR .*models\.zoo\.import_local\('{NAME}', '{shared_dir / 'models'}'\)"):
+        zoo.fetch(NAME, progress=False)
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    assert zoo.fetch(NAME, progress=False) == zoo.model_dir(NAME)  # installed: nothing to download, the mirror is not used
 
 
 def test_ensure_uses_installed_copy_without_network(shared_dir: Path, closed_port_url: str, mirror: Mirror) -> None:

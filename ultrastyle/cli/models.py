@@ -122,7 +122,7 @@ def fetch(
     """Download a model into the cache, verifying every file's sha256; prints its directory."""
     if mirror is not None:
         try:
-            zoo.check_mirror(mirror)
+            zoo.check_mirror(mirror, name)
         except zoo.ZooError as exc:
             raise typer.BadParameter(as_command(exc), param_hint="--mirror") from None
     with _zoo_errors():

@@ -325,13 +325,17 @@ def _mirror_url(mirror: str, entry: ZooEntry, f: ZooFile) -> str:
     return f"{mirror.rstrip('/')}/{urllib.parse.quote(entry.name)}/{urllib.parse.quote(f.name)}"
 
 
-def check_mirror(mirror: str) -> str:
-    """``mirror`` if it is an http(s) base URL; else `ZooError` (a local folder is imported, not fetched)."""
+def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirror") -> str:
+    """``mirror`` if it is an http(s) base URL; else `ZooError` (a local folder is imported, not fetched).
+
+    ``name``: the model it is for (named in the remedy); ``given_as``: where the value came from, for the message.
+    """
     scheme = urllib.parse.urlsplit(mirror).scheme.lower()
     if scheme not in ("http", "https"):
-        fix = Remedy("models.zoo.import_local", (Placeholder("NAME"), Placeholder("DIR")))
-        raise remedied(ZooError(f"mirror {mirror!r}: expected an http:// or https:// base URL (files are read from URL/NAME/FILE), got "
-                                f"scheme {scheme or '(none)'!r}; a local copy of the files is installed with {fix.python()}"), fix)  # fmt: skip
+        folder = Placeholder("DIR") if scheme else mirror  # a path: the folder to import from
+        fix = Remedy("models.zoo.import_local", (name if name else Placeholder("NAME"), folder))
+        raise remedied(ZooError(f"{given_as} {mirror!r}: expected an http:// or https:// base URL (files are read from URL/NAME/FILE), "
+                                f"got scheme {scheme or '(none)'!r}; a local copy of the files is installed with {fix.python()}"), fix)  # fmt: skip
     return mirror
 
 
@@ -506,11 +510,13 @@ def fetch(
     installed, and nothing of the failing file is left.
     """
     entry = get_entry(name)
+    given_as = "mirror"
     if mirror is None:
-        mirror = os.environ.get("ULTRASTYLE_MIRROR") or None
-    if mirror is not None:
-        check_mirror(mirror)  # before any folder or progress bar
+        mirror, given_as = os.environ.get("ULTRASTYLE_MIRROR") or None, "ULTRASTYLE_MIRROR"
     d = model_dir(name)
+    if mirror is not None and any(f.kind == "url" and (force or not ((d / f.name).is_file() and (d / f.name).stat().st_size == f.bytes))
+                                  for f in entry.files):  # fmt: skip
+        check_mirror(mirror, entry.name, given_as=given_as)  # only where it would be used; before any folder or progress bar
     _prepare_dir(d)
     todo = [f for f in entry.files if _needs_install(entry, f, d / f.name, force)]
     # Source models first, each with its own progress bar (rich allows one live display at a time).
