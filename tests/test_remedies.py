@@ -88,3 +88,20 @@ def test_the_command_line_prints_the_fix_as_a_command(tmp_path, cd16x_dir, share
     r = CliRunner().invoke(app, ["stylize", str(content), "--style", str(style), "-m", str(bundle.path), "--precision", "int8", "-o", str(tmp_path / "o")])
     text = " ".join(r.output.split())
     assert r.exit_code == 2 and f"ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/" in text and "ultrastyle.calibrate(" not in text, text
+
+
+def test_a_missing_int8_graph_keeps_its_calibrate_remedy_through_the_runner(tmp_path, cd16x_dir):
+    import json
+
+    from ultrastyle.export.bundle import MANIFEST, export_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+    from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+
+    bundle = export_bundle(load_cd_folder(cd16x_dir, stages=(5,)), tmp_path / "b", spec=ExportSpec(stages=(5,)), validate=False)
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    manifest["networks"]["encoder5"]["int8"] = {"file": "encoder5.int8.onnx", "sha256": "0" * 64}  # listed, never written
+    (bundle.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RunnerError, match="the int8 graph of encoder5 is missing") as info:
+        OnnxRuntimeRunner(bundle.path, precision="int8")
+    assert as_command(info.value).endswith(f"calibrate again: ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/")

@@ -141,8 +141,8 @@ class OnnxRuntimeRunner(Runner):
         if precision == "int8":
             try:
                 self._int8 = int8_networks(self.bundle)
-            except BundleError as exc:
-                raise RunnerError(str(exc)) from exc
+            except BundleError as exc:  # its remedy goes with it
+                raise remedied(RunnerError(str(exc)), getattr(exc, "remedy", None)) from exc
             if not self._int8:
                 fix = Remedy("calibrate", (str(self.bundle.path), Placeholder("YOUR_PHOTOS/")))
                 raise remedied(RunnerError(f"bundle {self.bundle.path} has no int8 graphs; make them with {fix.python()}"), fix)

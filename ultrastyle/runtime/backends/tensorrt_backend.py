@@ -164,8 +164,8 @@ class TensorRTRunner(Runner):
             host = eng.Host(gpu.name, gpu.compute_capability, str(trt.__version__))
             try:
                 manifest = eng.read_manifest(eng.engine_dir(self.bundle.path, host))
-            except ValueError as exc:
-                raise RunnerError(str(exc)) from exc
+            except ValueError as exc:  # its remedy goes with it
+                raise remedied(RunnerError(str(exc)), getattr(exc, "remedy", None)) from exc
         if manifest is None:
             return out
         for e in manifest.engines.values():
