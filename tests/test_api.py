@@ -343,6 +343,9 @@ def test_an_interrupted_batch_summary_counts_every_pair_it_was_given(installed, 
                                  style_size=64, on_result=stop_after_first)  # fmt: skip
     summary = info.value.summary
     assert summary.planned == 4 and 1 <= len(summary.results) < 4
+    outputs = [r.pair.output for r in summary.results]
+    assert len(set(outputs)) == len(outputs), outputs  # each result once, though Ctrl-C came inside its callback
+    assert sorted(p.name for p in outputs if p.exists()) == sorted(p.name for p in (tmp_path / "o").iterdir())
     assert summary.describe().split(" in ")[0].endswith("of 4 pairs"), summary.describe()
 
 

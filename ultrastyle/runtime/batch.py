@@ -657,9 +657,9 @@ class InOrder:
     def __call__(self) -> None:
         while self.reported < len(self.results) and (r := self.results[self.reported]) is not None:
             self.summary.results.append(r)
+            self.reported += 1  # before the callback: a Ctrl-C inside it must not count this result twice
             if self.on_result:
                 self.on_result(r)
-            self.reported += 1
 
 
 @dataclass
