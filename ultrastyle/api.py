@@ -257,7 +257,8 @@ class Stylizer:
         return opts
 
     def _book(self, opts: StylizeOptions) -> StyleBook:
-        key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits))
+        # Everything the statistics depend on, and how a style is read (streamed or whole).
+        key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits), opts.streaming, opts.io_allowance)
         if key not in self._books:
             self._books[key] = StyleBook(self.runner, opts)
         return self._books[key]
