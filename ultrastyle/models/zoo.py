@@ -32,12 +32,12 @@ Getting the files:
   files are reused and is not installed is imported from the same folder).
   The source folder may hold the files flat, or hold a ``NAME/`` sub-folder
   with them (so a mirror's root works).
-- :func:`ensure` returns the model's directory, fetching it first unless
-  :func:`is_installed` (every file present with its size) and none is an
-  earlier release's version (:func:`is_outdated`, zoo.json's
-  ``earlier_sha256``: replaced, not refused), then checks every
-  file's sha256 (:func:`check_installed`, once per process): a damaged file is
-  refused with :class:`DamagedModelError` naming the repair command.
+- :func:`ensure` returns the model's directory, fetching it first where a
+  file is missing or is an earlier release's version (:func:`is_outdated`,
+  zoo.json's ``earlier_sha256``: replaced, not refused), then checks every
+  file's sha256 (:func:`check_installed`, once per process): a damaged file
+  (its size or its sha256 changed) is refused with :class:`DamagedModelError`
+  naming the repair, never replaced without a word.
   :func:`verify` hashes every file afresh and lists what is wrong.
 """
 
@@ -582,10 +582,11 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     """Install model ``name`` from local copies in ``src`` and return its directory.
 
     For offline machines. ``src`` holds the URL files flat (``1SE.pth`` ...) or
-    in ``src/NAME/``. Each file is copied to a temp file, hashed on the way,
-    and renamed into place only if its sha256 matches; otherwise
-    :class:`ChecksumError` (naming the file, expected and found sha256) and
-    nothing of that file is left. Packaged files are installed from the
+    in ``src/NAME/``. Every copy that would be installed is hashed first: one
+    that does not match raises :class:`ChecksumError` (naming it, expected and
+    found sha256, and any other bad copy) and none is installed. Each file is
+    then copied to a temp file, hashed on the way, and renamed into place only
+    if its sha256 matches. Packaged files are installed from the
     package and derived files from their source model; a source model that is
     not installed is imported from ``src`` first (never downloaded). ``src``
     may be None for a model without URL files. Files already installed and
