@@ -454,3 +454,17 @@ def test_cli_names_the_flag_of_a_setting_one_image_cannot_take(cd16x_dir, shared
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert f"{folder / 'b.png'}: --max-memory: too small for this image" in text, text
+
+
+def test_optimize_outputs_refuse_a_file_in_the_way_and_take_any_case_of_suffix(shared_dir, tmp_path):
+    from ultrastyle.api import output_format
+    from ultrastyle.optimization.batch import plan_outputs
+
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", tmp_path / "afile" / "one.png"):
+        with pytest.raises(OptionError, match="is a file") as info:  # before any optimization, not at the write after it
+            plan_outputs([content], style, out, "png")
+        assert info.value.option == "output"
+    assert [output_format(tmp_path / n, None) for n in ("a.JPG", "b.Png", "c.jpeg", "d.TIF", "e")] == ["jpg", "png", "jpg", "tiff", "png"]
+    assert output_format(tmp_path / "a.JPG", "jpeg") == "jpg"

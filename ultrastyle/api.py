@@ -450,10 +450,10 @@ def output_format(output: str | os.PathLike, given: str | None) -> str:
     if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
         if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
-        return given
+        return format_name(str(given))
     if suffix and format_name(suffix) not in OUTPUT_FORMATS:
         raise OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); give another suffix or format=")
-    return suffix or "png"
+    return format_name(suffix) if suffix else "png"
 
 
 def _nth(role: str, i: int) -> str:

@@ -146,8 +146,8 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     if ancestor is not None and not ancestor.is_dir():
         raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
-        raise OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name, each named "
-                                  "{content}_stylized_{style}.{ext}; give a folder, and the format separately")  # fmt: skip
+        raise OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file per "
+                                  "content and style); give a folder, and the format separately")  # fmt: skip
     return path
 
 

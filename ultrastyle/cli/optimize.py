@@ -67,7 +67,7 @@ def _format(output: Path | None, given: Format | None) -> str:
         fmt = output_format(output, given.value if given else None)
     except OptionError as exc:
         raise typer.BadParameter(exc.message.replace("format=", "--format"), param_hint="--" + exc.option) from None
-    if fmt not in [f.value for f in Format]:
+    if fmt not in [f.value for f in Format]:  # normalised by output_format: JPG, jpeg -> jpg
         raise typer.BadParameter(f"{output}: optimize writes png, jpg or tiff, not {fmt}", param_hint="--output")
     return fmt
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ultrastyle import options as check
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError
@@ -54,6 +55,7 @@ def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike
         raise OptionError("style", f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
     output = Path(output)
     as_file = is_file_output(output)
+    check.output_folder("output", output.parent if as_file else output)  # a file in the way fails here, not after the compute
     if as_file and len(files) > 1:  # a file name for several outputs would silently become a folder
         raise OptionError(
             "output", f"{output} looks like a file name, but {len(files)} contents were given; give a folder "
