@@ -505,7 +505,8 @@ def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptio
         except ValueError:
             largest = "no tile fits it"
         notes.append(f"tile {options.tile} px makes stage {worst} regions of about {size_text(need[worst], up=True)}, more than the "
-                     f"{size_text(options.max_memory)} the memory budget leaves for tiles, so the run holds more than its budget; {largest}")  # fmt: skip
+                     f"{size_text(options.max_memory)} the memory budget leaves for tiles: on images larger than the tile the run holds "
+                     f"more than its budget; {largest}")  # fmt: skip
     slow = max(stages, key=lambda k: overhead(k, options.tile))
     if overhead(slow, options.tile) > TILE_OVERHEAD_WARN:
         enough = next(t for t in range(64, 1 << 20, 64) if all(overhead(k, t) <= TILE_OVERHEAD_WARN for k in stages))

@@ -518,7 +518,8 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The page and the .dzi are written first (a full disk fails before any tile) and renamed last, after the
-        # tiles: the blocks exit innermost first. A failure anywhere leaves no new file and keeps an old output whole.
+        # tiles: the blocks exit innermost first. A failure while writing leaves no new file and an old output whole
+        # (a failed rename after the old .dzi is gone leaves it incomplete, which skip_existing reruns).
         with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
                 atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
             dzi_tmp.write_text(dzi_xml(h, w, fmt))

@@ -40,6 +40,7 @@ from ultrastyle.io.sources import ImageInput, Source, image_header, read_source,
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.paths import file_signature
+from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
 from ultrastyle.core.resample import resized_size
@@ -417,7 +418,7 @@ def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
         msg = f"{pair.content}: {exc}"
     else:  # out of memory, a backend or disk error: this pair fails, the batch goes on
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
-    return PairResult(pair, "failed", msg, seconds, remedy=getattr(exc, "remedy", None))
+    return PairResult(pair, "failed", msg, seconds, remedy=getattr(exc, "remedy", None), option=exc.option if isinstance(exc, OptionError) else None)
 
 
 class Decoded:

@@ -263,7 +263,7 @@ def _open_tensorrt(
         build_engines(
             bundle, precision=precision, ranges=default_ranges(bundle.arch, stages, precision), stages=stages,
             keep_smaller_profiles=True,
-            on_step=(lambda msg: on_export(f"TensorRT for {gpu.name} (first use; `ultrastyle build` does this ahead): {msg}"))
+            on_step=(lambda msg: on_export(f"TensorRT for {gpu.name} (first use; building the engines ahead of time saves this wait): {msg}"))
             if on_export else None,
         )  # fmt: skip
     except GraphError as exc:  # its remedy goes with it
