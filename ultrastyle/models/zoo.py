@@ -330,7 +330,7 @@ def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirro
 
     ``name``: the model it is for (named in the remedy); ``given_as``: where the value came from, for the message.
     """
-    scheme = urllib.parse.urlsplit(mirror).scheme.lower()
+    scheme = _scheme(mirror)
     if scheme not in ("http", "https"):
         folder = Placeholder("DIR") if scheme else mirror  # a path: the folder to import from
         fix = Remedy("models.zoo.import_local", (name if name else Placeholder("NAME"), folder))
@@ -339,8 +339,12 @@ def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirro
     return mirror
 
 
+def _scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url).scheme.lower()
+
+
 def _check_url(url: str, model: str) -> None:
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    scheme = _scheme(url)
     if scheme not in ("http", "https"):
         raise DownloadError(url, f"unsupported URL scheme {scheme or '(none)'!r}, expected http:// or https://", model=model)
 
@@ -514,11 +518,10 @@ def fetch(
     if mirror is None:
         mirror, given_as = os.environ.get("ULTRASTYLE_MIRROR") or None, "ULTRASTYLE_MIRROR"
     d = model_dir(name)
-    if mirror is not None and any(f.kind == "url" and (force or not ((d / f.name).is_file() and (d / f.name).stat().st_size == f.bytes))
-                                  for f in entry.files):  # fmt: skip
-        check_mirror(mirror, entry.name, given_as=given_as)  # only where it would be used; before any folder or progress bar
-    _prepare_dir(d)
     todo = [f for f in entry.files if _needs_install(entry, f, d / f.name, force)]
+    if mirror is not None and any(f.kind == "url" for f in todo):
+        check_mirror(mirror, entry.name, given_as=given_as)  # only where it is used; before any folder or progress bar
+    _prepare_dir(d)
     # Source models first, each with its own progress bar (rich allows one live display at a time).
     for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
         if not is_installed(other):
