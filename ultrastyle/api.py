@@ -246,8 +246,9 @@ class Stylizer:
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
             )
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
-            check_budget(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits, self.runner.device)
-            for note in fixed_tile_notes(self.runner.arch, opts.levels, opts.tiling_for(self.runner.traits), self.runner.traits):
+            tiling = opts.tiling_for(self.runner.traits)
+            check_budget(self.runner.arch, opts.levels, tiling, self.runner.traits, self.runner.device)
+            for note in fixed_tile_notes(self.runner.arch, opts.levels, tiling, self.runner.traits):
                 warnings.warn(note, TileWarning, stacklevel=3)
         except BudgetTooSmall as exc:  # in the caller's terms: the whole budget, of which the tiles get a share
             given, need = opts.resolved_tiling.max_memory or 0, opts.budget_for_tiles(exc.need, self.runner.traits)

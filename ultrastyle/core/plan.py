@@ -487,7 +487,8 @@ def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptio
     if options.tile is None:
         return []
     stages = sorted(set(levels))
-    halo = {k: max(stage_halos(arch, k, options.halo).enc, stage_halos(arch, k, options.halo).pass2(options.caches(arch, k))) for k in stages}
+    halos = {k: stage_halos(arch, k, options.halo) for k in stages}
+    halo = {k: max(halos[k].enc, halos[k].pass2(options.caches(arch, k))) for k in stages}  # the widest pass's, as check_budget
 
     def core(k: int, tile: int) -> int:
         return max(arch.grid(k), tile // arch.grid(k) * arch.grid(k))
