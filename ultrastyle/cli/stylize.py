@@ -105,13 +105,10 @@ class MegapixelColumn(ProgressColumn):
 def _drop(progress: Progress) -> None:
     """Stop and erase the progress bar: the run was refused before any work, so only the error is left on screen."""
     progress.live.transient = True
-    console = progress.console
-    quiet, console.quiet = console.quiet, console.quiet or not console.is_terminal  # a log: nothing was drawn, print no blank line
-    try:
-        progress.stop()
-    finally:
-        console.quiet = quiet
-    progress.stop = lambda: None  # type: ignore[method-assign]  # the `with` block's exit would print a blank line to a log
+    # A log: nothing was drawn, and each stop (this one, the `with` block's) would print a blank line. The run ends here,
+    # and its error goes through another console.
+    progress.console.quiet = progress.console.quiet or not progress.console.is_terminal
+    progress.stop()
 
 
 def _flag(option: str) -> str:
