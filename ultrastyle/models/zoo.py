@@ -562,17 +562,11 @@ def _find_source(entry: ZooEntry, src: Path, files: list[ZooFile]) -> dict[str, 
     return found
 
 
-def _check_sources(entry: ZooEntry, sources: dict[str, Path], d: Path, force: bool) -> None:
-    """Every source file that would be installed hashed first: a `ChecksumError` naming all that do not match, before any is installed."""
+def _check_sources(entry: ZooEntry, sources: dict[str, Path], todo: list[ZooFile]) -> None:
+    """The sources of the files in ``todo`` hashed first: a `ChecksumError` naming all that do not match, before any is installed."""
     bad: list[tuple[ZooFile, str]] = []
-    for f in entry.files:
-        src, dest = sources.get(f.name), d / f.name
-        if src is None or (dest.exists() and src.resolve() == dest.resolve()):
-            continue
-        if not force and dest.is_file() and _file_problem(entry, f, dest) is None:
-            continue  # installed and intact: not copied, so not checked
-        found = sha256_file(src)
-        if found != f.sha256:
+    for f in todo:
+        if f.name in sources and (found := sha256_file(sources[f.name])) != f.sha256:
             bad.append((f, found))
     if bad:
         f, found = bad[0]
@@ -617,14 +611,15 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
                 f"({exc}); install {other} first: {reinstall_text(other)}"
             ), reinstall(other)) from exc
     d = model_dir(name)
-    _check_sources(entry, sources, d, force)
+
+    def is_own_source(f: ZooFile) -> bool:  # importing the cache into itself: _needs_install would delete a corrupt source
+        return f.name in sources and (d / f.name).exists() and sources[f.name].resolve() == (d / f.name).resolve()
+
+    todo = [f for f in entry.files if not is_own_source(f) and _needs_install(entry, f, d / f.name, force)]
+    _check_sources(entry, sources, todo)
     _prepare_dir(d)
-    for f in entry.files:
+    for f in todo:
         dest = d / f.name
-        if f.name in sources and dest.exists() and sources[f.name].resolve() == dest.resolve():
-            continue  # importing the cache into itself: _needs_install would delete a corrupt source
-        if not _needs_install(entry, f, dest, force):
-            continue
         if f.kind == "url":
             _copy_verified(
                 entry, f, sources[f.name], dest, detail=f"source {sources[f.name]}",
