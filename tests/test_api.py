@@ -230,9 +230,11 @@ def test_a_folder_without_weights_is_a_checkpoint_error_naming_it(tmp_path):
 
 
 def test_bad_runner_arguments_fail_before_any_model_is_opened():
-    for kw, match in (({"device": "gpu"}, "unknown device 'gpu'"), ({"threads": -1}, "threads"), ({"compile": "yes"}, "compile")):
-        with pytest.raises(ultrastyle.RunnerError, match=match):
+    for kw, match in (({"device": "gpu"}, "device: expected cpu, cuda or cuda:N, got 'gpu'"), ({"device": "cuda:x"}, "got 'cuda:x'"),
+                      ({"threads": -1}, "threads: expected a whole number"), ({"compile": "yes"}, "compile"), ({"backend": "bogus"}, "backend")):
+        with pytest.raises(ultrastyle.OptionError, match=match) as info:
             ultrastyle.load("no-such-model-either", **kw)
+        assert info.value.option == next(iter(kw))  # the keyword, for a front end to name its flag
 
 
 def test_one_path_is_one_image_not_its_characters(installed, small, tmp_path):

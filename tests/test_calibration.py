@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ultrastyle.calibration.data import CalibrationDataError, TileSampler, calibration_images
 from ultrastyle.calibration.quantize import CalibrationError, CalibrationSettings, calibrate_bundle, float_nodes
 from ultrastyle.cli.main import app
+from ultrastyle.cli.remedies import as_command
 from ultrastyle.export.bundle import export_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.io.images import load_image, resize_long_side
@@ -214,8 +215,9 @@ def test_keep_float_deep_leaves_the_deepest_encoder_in_float32(int8_bundle, trai
 def test_recalibrating_some_stages_with_other_activations_is_refused(int8_bundle, train_dir, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(int8_bundle.path, folder)
-    with pytest.raises(CalibrationError, match=r"uint8 activations.*\(stages=None\)"):
+    with pytest.raises(CalibrationError, match=r"uint8 activations.*\(stages=None\)") as info:
         calibrate_bundle(folder, train_dir, SIGNED, stages=(3,))
+    assert "calibrate every stage at once (leave out --stages) to switch" in as_command(info.value)  # the flag on the command line
 
 
 def test_tampered_int8_graph_is_refused(int8_bundle, tmp_path):

@@ -106,18 +106,21 @@ def test_prefetch_advises_the_kernel_from_a_thread(tmp_path, channels_last, monk
 
 def test_close_waits_for_advice_already_running(tmp_path, monkeypatch):
     import os
+    import threading
     import time
 
     open_during = []
+    started = threading.Event()
 
     def slow(fd, off, n, advice):
+        started.set()
         time.sleep(0.05)
         open_during.append(os.fstat(fd).st_size > 0)  # raises once the descriptor is closed
 
     monkeypatch.setattr(os, "posix_fadvise", slow)
     canvas = Canvas(3, 20, 30, disk_dir=tmp_path)
-    canvas.prefetch(slice(0, 10), slice(0, 5))  # running when close comes
-    time.sleep(0.02)
+    canvas.prefetch(slice(0, 10), slice(0, 5))
+    assert started.wait(10)  # running when close comes
     canvas.prefetch(slice(10, 20), slice(0, 5))  # queued, then cancelled by close
     canvas.close()
     n = len(open_during)

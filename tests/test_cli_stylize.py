@@ -479,11 +479,11 @@ def test_an_image_name_given_as_the_output_folder_is_refused(invoke, images: dic
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--levels", "5,,4"], "comma-separated stage numbers"),
-    (["--threads", "99999"], "--threads 99999 is more than 4 per core"),
+    (["--threads", "99999"], "99999 threads are more than 4 per core"),
 ])  # fmt: skip
 def test_option_typos_are_refused_before_any_work(invoke, images: dict[str, Path], tmp_path: Path, args: list[str], says: str) -> None:
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", *args)
-    assert r.exit_code == 2 and says in r.output and not (tmp_path / "out").exists()
+    assert r.exit_code == 2 and says in " ".join(r.output.replace("│", " ").split()) and not (tmp_path / "out").exists()
 
 
 def test_the_max_memory_error_names_a_budget_that_works(invoke, images: dict[str, Path], tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ def test_export_model_refuses_a_folder_that_is_not_a_bundle_before_loading(tmp_p
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(BundleError, match="exists and is not a bundle"):
         ultrastyle.export_model("no-such-model", tmp_path)  # refused before the name is looked up
+    with pytest.raises(OptionError, match="expected 13..21, got 5") as info:
+        ultrastyle.export_model("no-such-model", tmp_path / "b", opset=5)  # refused before the model is looked up
+    assert info.value.option == "opset"
 
 
 def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_dir, tmp_path):
@@ -38,7 +41,11 @@ def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_di
     assert info.value.option == "sample"
     with pytest.raises(OptionError) as info:
         ultrastyle.calibrate(bundle, images, keep_float="everything")
-    assert info.value.option == "keep_float" and info.value.message.startswith("must be one of")  # the name once, not twice
+    assert info.value.option == "keep_float" and info.value.message.startswith("expected one of")  # the name once, not twice
+    for kw in ({"tile": 0}, {"tile": -4}, {"image_size": 0}, {"samples": "8"}, {"percentile": 200}, {"per_channel": "yes"}, {"seed": 1.5}):
+        with pytest.raises(OptionError) as info:  # the limits the command line has, from Python too
+            ultrastyle.calibrate(bundle, images, **kw)
+        assert info.value.option == next(iter(kw)), info.value
     shutil.copytree(bundle.path, tmp_path / "b")
     out = ultrastyle.calibrate(tmp_path / "b", images, samples=1, tile=64, image_size=128, activations="int8")
     entry = out.manifest["networks"]["encoder1"]["int8"]
@@ -49,13 +56,17 @@ def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_di
 def test_check_tensorrt_reports_profiles_and_refuses_bad_tiles(bundle):
     report = ultrastyle.check_tensorrt(bundle, tile_max=512)
     assert report.ok and report.graphs >= 4 and report.ranges[1].max == 512 and report.bundle == bundle.path
-    with pytest.raises(OptionError, match="tile_min 900 is above tile_max 512") as info:
+    with pytest.raises(OptionError, match="tile_min=900 is above tile_max=512") as info:
         ultrastyle.check_tensorrt(bundle, tile_min=900, tile_max=512)
     assert info.value.option == "tile_min"
     with pytest.raises(BundleError, match=r"no stage\(s\) \[3\]"):
         ultrastyle.check_tensorrt(bundle, stages=[3])
     with pytest.raises(OptionError):
         ultrastyle.check_tensorrt(bundle, precision="int4")
+    for kw in ({"tile_max": 0}, {"tile_min": -64}, {"workspace": "0GB"}, {"workspace": "lots"}):  # before TensorRT is looked for
+        with pytest.raises(OptionError) as info:
+            ultrastyle.build_tensorrt(bundle, **kw)
+        assert info.value.option == next(iter(kw)), info.value
     assert not ultrastyle.check_tensorrt(bundle, precision="int8").ok  # no int8 graphs yet: a finding, not an exception
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
-from ultrastyle.distill.config import DecoderConfig, DistillConfig
+from ultrastyle.cli.remedies import as_command
+from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
 from ultrastyle.distill.jobs import distill, train_decoder
 from ultrastyle.distill.outputs import claim_folder, write_network
 from ultrastyle.distill.trainer import read_checkpoint
@@ -275,9 +276,9 @@ def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):
     assert r.exit_code == 2 and "lasso" in r.output
     dec_only = claim_folder(tmp_path / "dec_only", TEACHER)
     write_network(dec_only, "2SD.pth", load_decoder(str(teacher_dir), 2))
-    with pytest.raises(Exception, match=r"prune: fit needs the encoder of the decoder it thins, .*2SE.pth, and there is none"):
+    with pytest.raises(ConfigError, match=r"prune: fit needs the encoder of the decoder it thins, .*2SE.pth, and there is none"):
         train_decoder(DecoderConfig(**{**dcfg.__dict__, "init": str(dec_only), "out": str(tmp_path / "o2")}))
-    with pytest.raises(Exception, match="prune: must be one of l1, fit, got 'lasso'"):
+    with pytest.raises(ConfigError, match="prune: must be one of l1, fit, got 'lasso'"):
         DecoderConfig(stage=2, out=str(out), images=str(photos), encoder=str(out), prune="lasso").check()
 
 
@@ -293,8 +294,9 @@ def test_a_refused_fresh_run_leaves_the_saved_settings_as_they_were(teacher_dir,
     cfg = _config(teacher_dir, photos, tmp_path / "m", steps=2)
     distill(cfg)
     saved = (tmp_path / "m" / "runs" / "2SE" / "config.yaml").read_text()
-    with pytest.raises(RunFolderInUse, match="already holds a checkpoint"):
+    with pytest.raises(RunFolderInUse, match=r"already holds a checkpoint; resume it \(resume=True\)") as info:
         distill(_config(teacher_dir, photos, tmp_path / "m", steps=2, lr=0.01, kd="mse", beta=3.0))
+    assert "resume it (--resume)" in as_command(info.value)  # the command line names its flag
     assert (tmp_path / "m" / "runs" / "2SE" / "config.yaml").read_text() == saved  # a later resume keeps the run's own settings
 
 

@@ -38,8 +38,10 @@ def mem(request) -> DeviceMemory:
         m = open_device_memory(request.param)
     except TensorRTUnavailable as exc:
         pytest.skip(str(exc))
-    except Exception as exc:  # the binding is there but finds no usable device / driver
-        pytest.skip(f"no CUDA device for {request.param}: {exc}")
+    except Exception as exc:
+        if not type(exc).__module__.startswith("pycuda"):  # a bug of ours fails here, and is not skipped
+            raise
+        pytest.skip(f"pycuda is installed but finds no usable CUDA device or driver: {exc}")
     yield m
     m.close()
 

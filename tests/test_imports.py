@@ -203,3 +203,17 @@ def test_trt_export_and_calibration_import_no_pipeline_and_trt_and_export_no_bac
     for prefix in ("ultrastyle.trt", "ultrastyle.export"):  # (calibration runs bundles with a backend)
         found = _importers_of(backends, prefix)
         assert not found, f"{prefix} imports a backend: {found}"
+
+
+ORCHESTRATION = ("ultrastyle.api", "ultrastyle.deploy", "ultrastyle.cli", "ultrastyle.runtime", "ultrastyle.distributed",
+                 "ultrastyle.optimization", "ultrastyle.distill", "ultrastyle.calibration", "ultrastyle.trt")  # fmt: skip
+
+
+def test_image_io_and_the_networks_import_no_orchestration():
+    """`io` (files, canvases on disk) and `models.networks` (the layers) sit under everything that runs a model."""
+    g = graph()
+    pure = [m for m in g if m.startswith("ultrastyle.io") or m == "ultrastyle.models.networks"]
+    assert "ultrastyle.io.images" in pure and "ultrastyle.models.networks" in pure
+    bad = [f"{m} -> {t} ({modules()[m].relative_to(PACKAGE.parent)}:{line})" for m in pure for t, line in g[m].items()
+           if t.startswith(ORCHESTRATION)]  # fmt: skip
+    assert not bad, "\n".join(bad)

@@ -192,6 +192,9 @@ def test_options_name_the_keyword():
         (dict(init="zeros"), "init"), (dict(solver="sgd"), "solver"), (dict(scales="1024,512"), "scales"),
         (dict(scales="big"), "scales"), (dict(layer_weights=[1, 2]), "layer_weights"), (dict(max_memory="lots"), "max_memory"),
         (dict(content_layer="conv4_2"), "content_layer"), (dict(style_weight=-1.0), "style_weight"),
+        # text where a number belongs: an OptionError, not a TypeError from a comparison
+        (dict(content_weight="1"), "content_weight"), (dict(lr="0.1"), "lr"), (dict(layer_weights={"relu1_1": "x"}), "layer_weights"),
+        (dict(seed="a"), "seed"), (dict(style_weight=float("nan")), "style_weight"),
     ):  # fmt: skip
         with pytest.raises(OptionError) as info:
             make_optimize_options(**bad)

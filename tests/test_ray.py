@@ -355,3 +355,27 @@ def test_a_worker_that_cannot_open_the_model_keeps_the_fix_its_error_suggests(tm
     assert worker.remedy == Remedy("models.zoo.entries")
     exc = remedied(RuntimeError(f"the Ray workers cannot open the model no-such-model: {worker.error}"), worker.remedy)  # as the pool raises it
     assert "(described by ultrastyle models list)" in as_command(exc)
+
+
+def test_bad_pool_settings_are_refused_before_ray_starts(monkeypatch, cd16x_dir):
+    from ultrastyle.api import ClusterStylizer
+    from ultrastyle.distributed import pool
+    from ultrastyle.options import OptionError
+
+    def no_ray(address):
+        raise AssertionError(f"Ray was started for {address} with settings that were bound to fail")
+
+    monkeypatch.setattr(pool, "connect", no_ray)
+    for kw, option in (({"backend": "bogus"}, "backend"), ({"precision": "fp64"}, "precision"), ({"threads": -2}, "threads"),
+                       ({"workers": 0}, "workers"), ({"cpus_per_worker": 0}, "cpus_per_worker")):  # fmt: skip
+        with pytest.raises(OptionError) as info:
+            ClusterStylizer(cd16x_dir, address="local", levels=(5,), **kw)
+        assert info.value.option == option, info.value
+
+
+def test_compile_reaches_every_worker_runner(tmp_path, cd16x_dir):
+    """``compile=True`` goes to each worker's runner (it was once dropped without a word): ONNX Runtime refuses it there."""
+    from ultrastyle.distributed.worker import RunnerSpec, StylizeWorker
+
+    worker = StylizeWorker(RunnerSpec(str(cd16x_dir), backend="onnxruntime", stages=(5,), compile=True), {})
+    assert worker.runner is None and "compile=True runs the torch backend" in worker.error, worker.error

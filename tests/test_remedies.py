@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+
 import pytest
 
-from ultrastyle.cli.remedies import COMMANDS, as_command, command
-from ultrastyle.errors import Placeholder, Remedy, RunnerError, remedied
+from ultrastyle.cli.remedies import COMMANDS, as_command, command, flag
+from ultrastyle.errors import Placeholder, Remedy, RunnerError, Setting, remedied
 
 
 def test_a_remedy_reads_as_python_and_as_the_command():
@@ -105,3 +108,52 @@ def test_a_missing_int8_graph_keeps_its_calibrate_remedy_through_the_runner(tmp_
     with pytest.raises(RunnerError, match="the int8 graph of encoder5 is missing") as info:
         OnnxRuntimeRunner(bundle.path, precision="int8")
     assert as_command(info.value).endswith(f"calibrate again: ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/")
+
+
+@pytest.mark.parametrize(("setting", "python", "cli"), [
+    (Setting("max_pixels"), "(max_pixels)", "(--max-pixels)"),
+    (Setting("resume", True), "resume=True", "--resume"),
+    (Setting("stages", None), "stages=None", "leave out --stages"),
+    (Setting("levels", [5, 4]), "levels=[5, 4]", "--levels 5,4"),
+    (Setting("threads", 99), "threads=99", "--threads 99"),
+    (Setting("address", "local"), "address='local'", "--ray local"),  # a keyword whose flag is another word
+])  # fmt: skip
+def test_a_setting_reads_as_the_keyword_in_python_and_as_the_flag_on_the_command_line(setting, python, cli):
+    assert setting.python() == python
+    assert flag(setting, {"address": "--ray"}) == cli
+    exc = remedied(RunnerError(f"it failed; fix it ({python}) and rerun"), setting)
+    assert as_command(exc, flags={"address": "--ray"}) == f"it failed; fix it ({cli}) and rerun"
+    assert pickle.loads(pickle.dumps(setting)) == setting  # Ray workers send it to the driver
+
+
+def test_a_setting_swaps_only_its_own_keyword_and_value():
+    exc = remedied(RunnerError("threads=999 is too many, and threads=99 too; (max_pixels) is not --max_pixels (max_pixels_x)"),
+                   (Setting("threads", 99), Setting("max_pixels")))  # fmt: skip
+    assert as_command(exc) == "threads=999 is too many, and --threads 99 too; (--max-pixels) is not --max_pixels (max_pixels_x)"
+
+
+def test_a_call_and_a_setting_on_one_error_are_each_shown_as_the_command_line_says_them():
+    fix = Remedy("calibrate", ("b/", Placeholder("PHOTOS/")), (("stages", [3]),))
+    exc = remedied(RunnerError(f"calibrate again: {fix.python()}, or every stage (stages=None)"), (fix, Setting("stages", None)))
+    assert as_command(exc) == "calibrate again: ultrastyle calibrate b/ --images PHOTOS/ --stages [3], or every stage (leave out --stages)"
+
+
+@pytest.mark.parametrize(("argv", "said", "exit_code"), [
+    (["--threads", "100000"], "Invalid value for --threads: 100000 threads are more than 4 per core", 2),
+    (["--backend", "onnxruntime", "--compile"], "--compile runs the torch backend", 2),
+    (["-o", "result.png"], "and the format separately (--format)", 2),
+    (["--max-pixels", "1000"], "(--max-pixels); raise the limit", 1),
+])  # fmt: skip
+def test_stylize_names_its_flags_where_the_library_names_keywords(argv, said, exit_code, tmp_path, cd16x_dir, shared_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    content = shared_dir / "images" / "content" / "cd_content_in1.jpg"
+    style = shared_dir / "images" / "style" / "cd_style_in1.jpg"
+    argv = ["stylize", str(content), "--style", str(style), "-m", str(cd16x_dir), "--levels", "5", *argv]
+    r = CliRunner().invoke(app, argv if "-o" in argv else [*argv, "-o", "out"])
+    text = " ".join(r.output.replace("│", " ").split())  # a usage error comes in a box
+    assert r.exit_code == exit_code and said in text, text
+    assert not re.search(r"\b(threads|compile|max_pixels|format)=|\(max_pixels\)|\(format\)", text), text  # no library keyword is left

@@ -149,7 +149,10 @@ def test_stores_wait_once_writes_behind_are_full_and_flush_waits_for_all():
     with TileIO(torch.device("cpu"), overlap=True) as io:
         t = threading.Thread(target=producer, args=(io,))
         t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while len(stored) < WRITES_BEHIND and time.monotonic() < deadline:  # however slow the machine
+            time.sleep(0.01)
+        time.sleep(0.1)  # time for one store too many, were it to happen
         # WRITES_BEHIND stores outstanding (the writer blocked on the first): the next store waits.
         assert len(stored) == WRITES_BEHIND and t.is_alive()
         gate.set()

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
 from ultrastyle.export.bundle import export_bundle, read_bundle
+from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.models.zoo import sha256_file
 from ultrastyle.trt.check import check_bundle, check_model
@@ -152,6 +153,16 @@ def test_cli_check_rejects_a_profile_too_small_for_the_halo(bundle):
     r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-max", "64"])
     assert r.exit_code == 1
     assert "stage 5 profile" in r.output and "(--tile-max)" in r.output
+
+
+def test_cli_check_refuses_tile_sides_out_of_order_and_absent_stages_naming_the_flags(bundle, cd16x_dir, tmp_path):
+    r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-min", "900", "--tile-max", "512"])
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "--tile-min 900 is above --tile-max 512" in text and "tile_min" not in text, text
+    one = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "one", spec=ExportSpec(stages=(1,)), validate=False)
+    r = CliRunner().invoke(app, ["build", str(one.path), "--check", "--stages", "3"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "has no stage(s) [3]" in text and "choose among them (--stages)" in text, text
 
 
 def test_cli_check_warns_that_a_raised_tile_min_leaves_small_images_out(bundle):

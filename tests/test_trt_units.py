@@ -13,6 +13,7 @@ from ultrastyle.core.arch import ARCHS
 from ultrastyle.core.plan import TilingOptions, plan_image, plan_stages
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
+from ultrastyle.errors import Setting
 from ultrastyle.export.stats_graph import STATS_OUTPUTS, build_stats_graph, stats_from_outputs, window_masks
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.trt import engines as eng
@@ -307,7 +308,8 @@ def test_tile_sides_out_of_order_are_refused():
     from ultrastyle.core.arch import ARCHS
     from ultrastyle.trt.profiles import requested_ranges
 
-    with pytest.raises(ValueError, match="tile_min 512 is above tile_max 64"):
+    with pytest.raises(ValueError, match="tile_min=512 is above tile_max=64") as info:
         requested_ranges(ARCHS["cd16x"], (1, 2), tile_min=512, tile_opt=None, tile_max=64)
-    with pytest.raises(ValueError, match="tile_opt 1000 is above tile_max 64"):
+    assert info.value.remedy == (Setting("tile_min", 512), Setting("tile_max", 64))  # a front end shows them its way
+    with pytest.raises(ValueError, match="tile_opt=1000 is above tile_max=64"):
         requested_ranges(ARCHS["cd16x"], (1,), tile_min=None, tile_opt=1000, tile_max=64)

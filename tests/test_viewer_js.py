@@ -18,7 +18,7 @@ import pytest
 from ultrastyle.io.pyramid import DZI_TILE, dzi_levels, viewer_html
 
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="needs node")
+pytestmark = pytest.mark.skipif(NODE is None, reason="runs the Deep Zoom viewer's JavaScript in Node.js, which is not on PATH here (install nodejs)")
 
 HARNESS = r"""
 const fs = require("fs");

@@ -11,6 +11,7 @@ from ultrastyle.core.padding import pad_to_grid
 from ultrastyle.distill.metrics import psnr
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models import zoo
+from ultrastyle.models.convert import CheckpointError
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.models.sources import model_defaults
@@ -37,7 +38,7 @@ def test_wct64x_reconstructs_a_held_out_photo(shared_dir: Path, one_thread):
     model = load_model(NAME)
     assert model.arch.name == "cd64x" and model.stages == (1, 2, 3, 4, 5)
     x = resize_long_side(load_image(shared_dir / "images/content/cd_content_in4.jpg"), 256)[None]
-    with pytest.raises(Exception, match="has stages 1,2,3,4,5; asked for 6"):
+    with pytest.raises(CheckpointError, match="has stages 1,2,3,4,5; asked for 6"):
         load_model(NAME, stages=(6,))
     for k, floor in FLOORS.items():
         xp = pad_to_grid(x, model.arch.grid(k))

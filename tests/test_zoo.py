@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -161,8 +162,8 @@ def test_registry_entries_fields() -> None:
     b = zoo.get_entry("cd-16x-pruned-base")
     assert sorted(f.name for f in b.files) == sorted([f"e{k}_base.pth" for k in range(1, 6)] + [f"d{k}_base.pth" for k in range(1, 6)])
     assert (b.architecture, b.format) == ("cd16x", "cd-base")
-    with pytest.raises(Exception):
-        e.name = "x"  # type: ignore[misc]  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.name = "x"  # type: ignore[misc]
 
 
 def test_unknown_model_lists_known_names() -> None:

@@ -20,21 +20,20 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
 from ultrastyle import options as check
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
-from ultrastyle.io.constants import format_name
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import available_stages, model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
-from ultrastyle.options import OptionError
+from ultrastyle.options import OptionError, output_format  # noqa: F401 - output_format re-exported
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
@@ -42,6 +41,7 @@ from ultrastyle.runtime.batch import (
     BatchSummary, Pair, PairResult, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode, plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
 from ultrastyle.runtime.memory import keep_freed_memory
+from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.core.plan import BudgetTooSmall, TileWarning, TilingOptions, check_budget, fixed_tile_notes, size_text
 from ultrastyle.runtime.tiled import TileCallback
 
@@ -104,7 +104,7 @@ def make_options(
     io_workers = check.count("io_workers", io_workers, what="reader and encoder threads")
     if io_workers > 4 * (os.cpu_count() or 1):
         raise OptionError("io_workers", f"expected at most 4 per core ({os.cpu_count()} cores here), got {io_workers}; 0 picks half the cores")
-    preserve_color = check.choice("preserve_color", preserve_color, ("none", "luminance", "match"))
+    preserve_color = check.choice("preserve_color", preserve_color, COLOR_MODES)
     fmt = check.format_choice("format", format, OUTPUT_FORMATS)
     if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
         raise OptionError("depth", f"expected 8, or 16 with png or tiff, got {depth} with {fmt}; give depth 8, or format png or tiff")
@@ -242,9 +242,9 @@ class Stylizer:
         missing = sorted(set(opts.levels) - set(self.stages))
         if missing:
             _levels_of(self.model, self.defaults, opts.levels)  # stages the model lacks: say which it has
-            raise OptionError(
+            raise remedied(OptionError(
                 "levels", f"stage(s) {missing} are not loaded (loaded: {list(self.stages)}); load the model with levels={list(opts.levels)}"
-            )
+            ), Setting("levels", list(opts.levels)))
         try:  # before any work: a budget that cannot hold one tile, a tile larger than the runner accepts
             tiling = opts.tiling_for(self.runner.traits)
             check_budget(self.runner.arch, opts.levels, tiling, self.runner.traits, self.runner.device)
@@ -372,11 +372,15 @@ class ClusterStylizer(Stylizer):
         device: str = "cpu",
         precision: str = "fp32",
         threads: int = 0,
+        compile: bool = False,
         levels: Sequence[int] | str | None = None,
-        **_ignored: Any,  # on_message, progress: the workers open the model quietly
+        on_message: Callable[[str], None] | None = None,
+        progress: bool = True,
     ) -> None:
         from ultrastyle.distributed.pool import WorkerPool
 
+        del on_message, progress  # as `Stylizer` takes them; the workers open the model quietly
+        check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)  # before Ray starts
         self.model = str(model)
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
@@ -384,7 +388,7 @@ class ClusterStylizer(Stylizer):
         self.distribute_tiles = distribute_tiles
         self._books = {}
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
-                               device=device, precision=precision, threads=threads, stages=stages)  # fmt: skip
+                               device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
         self._closed = False
         self.pool = WorkerPool(model, **self._pool_args)
         self.runner = self.pool  # type: ignore[assignment] - what `options` reads: arch, traits, stages, backend
@@ -443,18 +447,6 @@ def check_settings(
     instead, which belong to ``opener``.
     """
     check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener)
-
-
-def output_format(output: str | os.PathLike, given: str | None) -> str:
-    """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
-    suffix = Path(output).suffix.lstrip(".")
-    if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
-        if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
-            raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
-        return format_name(str(given))
-    if suffix and format_name(suffix) not in OUTPUT_FORMATS:
-        raise OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); give another suffix or format=")
-    return format_name(suffix) if suffix else "png"
 
 
 def _nth(role: str, i: int) -> str:

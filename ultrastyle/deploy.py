@@ -19,11 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ultrastyle import options as check
+from ultrastyle.errors import Setting, remedied, remedies_of
 from ultrastyle.export.bundle import Bundle, BundleError, check_bundle_target, export_bundle, read_bundle
-from ultrastyle.export.spec import DEFAULT_OPSET, ExportSpec
+from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.options import OptionError
 
 if TYPE_CHECKING:
+    from ultrastyle.calibration.quantize import CalibrationSettings
     from ultrastyle.trt.build import BuildReport
     from ultrastyle.trt.check import CheckReport
 
@@ -53,6 +56,8 @@ def export_model(
     from ultrastyle.models.pretrained import load_model
     from ultrastyle.runtime.backends.select import weights_digest
 
+    if opset not in SUPPORTED_OPSETS:  # before the model loads
+        raise OptionError("opset", f"expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; give e.g. {DEFAULT_OPSET}")
     check_bundle_target(output)
     net = load_model(model, stages=_stages(stages), aux=aux)
     _, files = weights_digest(model, net.stages)
@@ -60,18 +65,14 @@ def export_model(
     return export_bundle(net, output, spec=ExportSpec(opset=opset, stages=net.stages, kinds=kinds), source_weights=files, on_network=on_network)
 
 
-def calibration_settings(**settings: Any):
+def calibration_settings(**settings: Any) -> CalibrationSettings:
     """`CalibrationSettings` from keywords; a typo or a bad value is an `OptionError` naming the keyword."""
     from ultrastyle.calibration.quantize import CalibrationSettings
     from ultrastyle.options import known_keywords
 
     allowed = frozenset(f.name for f in dataclasses.fields(CalibrationSettings) if f.name not in ("images", "version"))
     known_keywords(settings, allowed)
-    try:
-        return CalibrationSettings(**settings)
-    except ValueError as exc:  # its messages start with the setting (or name the method)
-        name = next((k for k in settings if str(exc).startswith(k)), "method")
-        raise OptionError(name, str(exc).removeprefix(name).lstrip()) from None
+    return CalibrationSettings(**settings)  # an OptionError naming the keyword
 
 
 def calibrate(
@@ -108,14 +109,18 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
 
     if precision not in PRECISIONS:
         raise OptionError("precision", f"TensorRT engines are {', '.join(PRECISIONS)}, not {precision!r}")
+    for name, side in tiles.items():
+        if side is not None:
+            check.count(name, side, least=1, what="pixels (a tile side)")
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     chosen = _stages(stages) or tuple(sorted(b.stages))
     if why := b.stages_problem(chosen):
-        raise BundleError(why)
+        raise remedied(BundleError(f"{why}; choose among them (stages)"), Setting("stages"))
     try:
         ranges = requested_ranges(b.arch, chosen, precision=precision, **tiles)
-    except ValueError as exc:  # "tile_min 900 is above tile_max 512; ..."
-        raise OptionError(str(exc).split()[0], str(exc)) from None
+    except ValueError as exc:  # "tile_min=900 is above tile_max=512; ...": the first setting is the option
+        named = remedies_of(getattr(exc, "remedy", None))
+        raise remedied(OptionError(named[0].keyword if named else "tile_max", str(exc)), named) from None
     return b, chosen, ranges
 
 
@@ -159,13 +164,11 @@ def build_tensorrt(
     (None: what the planner makes for a 2GB budget); ``workspace``: bytes or
     ``"1GB"``. Without TensorRT or a GPU, `TensorRTUnavailable` says what is missing.
     """
-    from ultrastyle.core.tile_memory import parse_bytes
     from ultrastyle.trt.build import build_engines
 
-    try:
-        workspace_bytes = parse_bytes(workspace) if isinstance(workspace, str) else int(workspace)
-    except ValueError as exc:
-        raise OptionError("workspace", str(exc)) from None
+    workspace_bytes = check.memory_budget("workspace", workspace)
+    if workspace_bytes is None:
+        raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
     b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
     return build_engines(
         b, precision=precision, ranges=ranges, stages=chosen, workspace=workspace_bytes, timing_cache=timing_cache,

@@ -6,8 +6,9 @@ and also what `trt` raises when TensorRT, a CUDA binding or a GPU is missing
 command line reports either the same way.
 
 `Remedy` is the fix an error suggests, as data: the message shows it as a
-Python call, and the command line as the command (library messages name no
-command-line flags).
+Python call, and the command line as the command; `Setting` is a keyword the
+message names (``(max_pixels)``, ``resume=True``), which the command line
+shows as its flag. Library messages name no command-line flags.
 """
 
 from __future__ import annotations
@@ -45,20 +46,37 @@ class Remedy:
         return f"ultrastyle.{self.function}({', '.join(parts)})"
 
 
-# One fix, several (``fetch`` online, ``import_local`` offline), or none.
-Remedies = Union[Remedy, "tuple[Remedy, ...]", None]
+@dataclass(frozen=True)
+class Setting:
+    """A keyword argument that an error's message names, kept on the error with its `Remedy` (``.remedy``).
+
+    The message shows it as Python (`python`): the keyword alone, in parentheses (``value`` left as ``...``:
+    ``raise the limit (max_pixels)``), or with a value (``resume it (resume=True)``; None: leave it out, its
+    default). A front end shows it its own way (the command line as the flag: ``(--max-pixels)``, ``--resume``,
+    ``leave out --stages``).
+    """
+
+    keyword: str
+    value: Any = ...  # Ellipsis, not a private sentinel: it is the same object after pickling (Ray workers)
+
+    def python(self) -> str:
+        return f"({self.keyword})" if self.value is ... else f"{self.keyword}={self.value!r}"
+
+
+# One fix, several (``fetch`` online, ``import_local`` offline; a call and the keywords its message names), or none.
+Remedies = Union[Remedy, Setting, "tuple[Remedy | Setting, ...]", None]
 
 E = TypeVar("E", bound=BaseException)
 
 
 def remedied(exc: E, remedy: Remedies) -> E:
-    """``exc`` with ``remedy`` attached (its message already shows each ``remedy.python()``; None: no remedy)."""
+    """``exc`` with ``remedy`` attached (its message already shows each one's ``python()``; None: no remedy)."""
     exc.remedy = remedy  # type: ignore[attr-defined]
     return exc
 
 
-def remedies_of(remedy: Remedies) -> tuple[Remedy, ...]:
+def remedies_of(remedy: Remedies) -> tuple[Remedy | Setting, ...]:
     """``remedy`` (as `remedied` takes it) as a tuple."""
-    if isinstance(remedy, Remedy):
+    if isinstance(remedy, (Remedy, Setting)):
         return (remedy,)
-    return tuple(r for r in remedy or () if isinstance(r, Remedy))
+    return tuple(r for r in remedy or () if isinstance(r, (Remedy, Setting)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -21,13 +22,17 @@ import numpy as np
 
 from ultrastyle.core.arch import STAGES, parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.io.constants import IMAGE_SUFFIXES, format_name
+from ultrastyle.errors import Setting, remedied
+from ultrastyle.io.constants import IMAGE_SUFFIXES, OUTPUT_FORMATS, format_name
 from ultrastyle.models.defaults import METHODS
 
 __all__ = [
-    "OptionError", "alpha", "choice", "count", "known_keywords", "format_choice", "halo_width", "image_size", "levels", "memory_budget",
-    "method", "output_folder", "pixel_limit", "scratch_folder", "tile_side",
+    "OptionError", "alpha", "choice", "count", "device", "known_keywords", "format_choice", "halo_width", "image_size", "levels",
+    "memory_budget", "method", "number", "output_folder", "output_format", "pixel_limit", "scratch_folder", "thread_count", "tile_side",
 ]  # fmt: skip
+
+# More threads than this per core spin rather than work: thousands of them stall a run.
+MAX_THREADS_PER_CORE = 4
 
 _SIZE_EXAMPLES = "512MB, 2GB, 1.5GiB, 1073741824"
 
@@ -52,6 +57,33 @@ def count(option: str, value: object, *, least: int = 0, what: str = "") -> int:
     if value < least:
         raise OptionError(option, f"expected {expected}, got {value}; give {least} or more")
     return int(value)
+
+
+def number(option: str, value: object, *, least: float | None = None, above: float | None = None, example: float = 1.0) -> float:
+    """A finite real number (int, float or numpy scalar, not bool or text), ``>= least`` and ``> above`` where given."""
+    bounds = ([f">= {least:g}"] if least is not None else []) + ([f"> {above:g}"] if above is not None else [])
+    expected = "a number" + (f" {' and '.join(bounds)}" if bounds else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+        raise OptionError(option, f"expected {expected}, got {value!r} ({type(value).__name__}); give e.g. {example:g}")
+    if (least is not None and value < least) or (above is not None and value <= above):
+        raise OptionError(option, f"expected {expected}, got {value:g}; give e.g. {example:g}")
+    return float(value)
+
+
+def thread_count(option: str, value: object) -> int:
+    """``threads``: 0 (one per core, or the library's default) or a number of threads, at most `MAX_THREADS_PER_CORE` per core."""
+    n = count(option, value, what="threads (0: one per core)")
+    cores = os.cpu_count() or 1
+    if n > MAX_THREADS_PER_CORE * cores:
+        raise OptionError(option, f"{n} threads are more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); give 0 for one per core")
+    return n
+
+
+def device(option: str, value: object) -> str:
+    """``device``: ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is the runner's to say)."""
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise OptionError(option, f"expected cpu, cuda or cuda:N, got {value!r}; give one of them")
+    return value
 
 
 def image_size(option: str, value: object, *, none: str | None = None) -> int | None:
@@ -146,8 +178,8 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     if ancestor is not None and not ancestor.is_dir():
         raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
-        raise OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file per "
-                                  "content and style); give a folder, and the format separately")  # fmt: skip
+        raise remedied(OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file "
+                                           "per content and style); give a folder, and the format separately (format)"), Setting("format"))  # fmt: skip
     return path
 
 
@@ -224,3 +256,16 @@ def known_keywords(settings: Collection[str], allowed: Collection[str], model_ke
             raise OptionError(name, f"is a setting of the model, not of each call: give it to {opener}")
         close = difflib.get_close_matches(name, sorted(allowed), n=1)
         raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
+
+
+def output_format(output: str | os.PathLike, given: str | None) -> str:
+    """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
+    suffix = Path(output).suffix.lstrip(".")
+    if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
+        if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
+            raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
+        return format_name(str(given))
+    if suffix and format_name(suffix) not in OUTPUT_FORMATS:
+        raise remedied(OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); "
+                                             "give another suffix, or the format (format)"), Setting("format"))  # fmt: skip
+    return format_name(suffix) if suffix else "png"

@@ -7,10 +7,12 @@ setting does is described there); this is their one definition.
 from __future__ import annotations
 
 DEFAULT_TILE = 512
+MIN_TILE = 32  # 2 x the deepest stage's grid (16): the smallest side every stage can take
 DEFAULT_SAMPLES = 8
 # Long side the images are brought to before tiles are cut: close to the
 # scale of a stage's input in a real run, where tiles cut a large photo.
 DEFAULT_IMAGE_SIZE = 1024
+MIN_IMAGE_SIZE = 64
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_METHOD = "percentile"  # measured: +2 dB over minmax on the 5-stage cascade (benchmarks/int8_quality.py)

@@ -253,7 +253,8 @@ class _Tiles:
     def __init__(self, images: Sequence[torch.Tensor], tile: int, seed: int) -> None:
         self.images = [im for im in images if min(im.shape[-2:]) >= 16]
         if not self.images:
-            raise ValueError("no images to fine-tune on")
+            raise ValueError(f"no images to fine-tune on: all {len(images)} are smaller than 16 px on a side; give larger photos"
+                             if images else "no images to fine-tune on; give a folder of photos")  # fmt: skip
         self.tile = tile
         self.rng = np.random.default_rng(seed)
 

@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ultrastyle import options as check
 from ultrastyle.calibration.constants import (
     ACTIVATIONS,
     DEFAULT_ACTIVATIONS,
@@ -66,12 +67,16 @@ from ultrastyle.calibration.constants import (
     DEFAULT_TILE,
     KEEP_FLOAT,
     METHODS,
+    MIN_IMAGE_SIZE,
+    MIN_TILE,
 )
 from ultrastyle.calibration.data import FeedReader, TileSampler, calibration_images, stage_feeds
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.io.digest import sha256_file
+from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
 if TYPE_CHECKING:
@@ -107,17 +112,18 @@ class CalibrationSettings:
     version: int = CALIBRATION_VERSION
     images: list[str] = field(default_factory=list)  # file names, for the record
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.keep_float not in KEEP_FLOAT:
-            raise ValueError(f"keep_float must be one of {', '.join(KEEP_FLOAT)}, got {self.keep_float!r}")
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
-        if not 50 < self.percentile <= 100:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be at least 1, got {self.samples}")
+    def __post_init__(self) -> None:  # `OptionError` (a ValueError) naming the keyword
+        check.choice("method", self.method, METHODS)
+        if not isinstance(self.per_channel, bool):
+            raise OptionError("per_channel", f"expected True or False, got {self.per_channel!r}")
+        check.count("samples", self.samples, least=1)
+        check.count("tile", self.tile, least=MIN_TILE, what="pixels (the tile side)")
+        check.count("image_size", self.image_size, least=MIN_IMAGE_SIZE, what="pixels (the images' long side)")
+        check.count("seed", self.seed)
+        check.choice("keep_float", self.keep_float, KEEP_FLOAT)
+        check.choice("activations", self.activations, ACTIVATIONS)
+        if check.number("percentile", self.percentile, above=50, example=DEFAULT_PERCENTILE) > 100:
+            raise OptionError("percentile", f"expected a number in (50, 100], got {self.percentile}; give e.g. {DEFAULT_PERCENTILE}")
 
 
 def float_nodes(model: onnx.ModelProto, kind: str, keep_float: str) -> list[str]:
@@ -259,10 +265,10 @@ def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], s
     others = [n for n, e in manifest["networks"].items() if isinstance(e, dict) and e.get("int8") and n not in redone]
     old = calibrated_activations(manifest)
     if others and old != settings.activations:
-        raise CalibrationRefused(
+        raise remedied(CalibrationRefused(
             f"{bundle.path}: {', '.join(sorted(others))} were calibrated with {old} activations, this run asks for "
             f"{settings.activations}; calibrate every stage at once (stages=None) to switch"
-        )
+        ), Setting("stages", None))
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:

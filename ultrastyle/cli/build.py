@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from ultrastyle.cli.remedies import as_command, swap
+from ultrastyle.cli.remedies import as_command, flag_name, swap
 from ultrastyle.core.arch import parse_levels
-from ultrastyle.core.tile_memory import parse_bytes
+
+if TYPE_CHECKING:
+    from ultrastyle.options import OptionError
 
 
 class Precision(str, Enum):
@@ -52,18 +54,14 @@ def build_command(
         asked = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
-    try:
-        workspace_bytes = parse_bytes(workspace)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--workspace") from None
     tiles = {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max}
     if check:
         try:
             report = check_tensorrt(bundle, precision=precision.value, stages=asked, **tiles)
         except OptionError as exc:  # the library names its keywords; here they are flags
-            raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
+            raise _bad_option(exc) from None
         except BundleError as exc:  # unreadable, or without the stages asked: refused before any check
-            _err(_refusal(exc))
+            _err(as_command(exc))
             raise typer.Exit(2) from None
         _print_check(report, precision.value)
         return
@@ -74,39 +72,33 @@ def build_command(
     try:
         with err.status("building TensorRT engines") as status:
             built = build_tensorrt(
-                bundle, precision=precision.value, stages=asked, workspace=workspace_bytes, timing_cache=timing_cache, force=force,
+                bundle, precision=precision.value, stages=asked, workspace=workspace, timing_cache=timing_cache, force=force,
                 verbose=verbose, on_step=lambda msg: (status.update(msg), err.print(msg, markup=False)), **tiles,
             )  # fmt: skip
     except OptionError as exc:
-        raise typer.BadParameter(exc.message.replace("tile_", "--tile-"), param_hint="--tile-min/--tile-opt/--tile-max") from None
+        raise _bad_option(exc) from None
     except (TensorRTUnavailable, BundleError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
-        _err(_refusal(exc))
+        _err(as_command(exc))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
-        _err(_as_flags(as_command(exc)))
+        _err(as_command(exc))
         raise typer.Exit(1) from None
     Console(highlight=False).print(
         f"{len(built.built)} engine(s) built, {len(built.fresh)} up to date, in {built.folder} ({built.seconds:.0f} s)"
     )
 
 
-def _refusal(exc: Exception) -> str:
-    """The line for a bundle or stack that cannot be used: its remedy as a command, keywords as flags."""
-    return _as_flags(as_command(exc)) + (" (use --stages)" if "has no stage" in str(exc) else "")
-
-
-def _as_flags(message: str) -> str:
-    """A library message with its keywords in parentheses given as this command's flags."""
-    for keyword in ("tile_min", "tile_opt", "tile_max", "workspace"):
-        message = message.replace(f"({keyword})", f"(--{keyword.replace('_', '-')})")
-    return message
+def _bad_option(exc: OptionError) -> typer.BadParameter:
+    """A tile side's error names the three flags: which of them is out of order is in the message."""
+    hint = "--tile-min/--tile-opt/--tile-max" if exc.option.startswith("tile_") else flag_name(exc.option)
+    return typer.BadParameter(as_command(exc, exc.message), param_hint=hint)
 
 
 def _print_check(report, precision: str) -> None:
     """One line per finding, then the verdict; exit 1 unless compatible."""
     out = Console(highlight=False, soft_wrap=True)
     for f in report.findings:
-        out.print(_as_flags(swap(str(f), f.remedy)), style="red" if f.severity == "error" else "yellow", markup=False)
+        out.print(swap(str(f), f.remedy), style="red" if f.severity == "error" else "yellow", markup=False)
     prof = ", ".join(f"stage {k}: {r.min}..{r.opt}..{r.max}" for k, r in sorted(report.ranges.items()))
     verdict = "compatible" if report.ok else f"NOT compatible: {len(report.errors)} problem(s)"
     out.print(

@@ -21,7 +21,7 @@ from ultrastyle.calibration.constants import (
     KEEP_FLOAT,
     METHODS,
 )
-from ultrastyle.cli.remedies import as_command
+from ultrastyle.cli.remedies import as_command, flag_name
 from ultrastyle.core.arch import parse_levels
 from ultrastyle.models import zoo
 
@@ -65,7 +65,7 @@ def calibrate_command(
     try:
         calibration_settings(**settings)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message, param_hint="--" + exc.option.replace("_", "-")) from None
+        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     try:
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
@@ -87,7 +87,7 @@ def calibrate_command(
                 **settings,
             )  # fmt: skip
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
-        text = " ".join(as_command(exc).split()).replace("(stages=None)", "(leave out --stages)")  # the library's keyword, as a flag
+        text = " ".join(as_command(exc).split())
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
         # A bundle, model, image folder or settings that cannot be used are refused before any graph is written (2, as
         # `stylize` does; calibrate_bundle reads every image before it quantizes); the rest failed (1).

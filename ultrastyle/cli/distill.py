@@ -61,7 +61,7 @@ def _stages(text: str | None) -> list[int | None]:
     try:
         return list(dict.fromkeys(parse_levels(text)))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc).replace("levels", "stages"), param_hint="--stage") from None
+        raise typer.BadParameter(str(exc), param_hint="--stage") from None
 
 
 def _config_text(exc: Exception) -> str:
@@ -135,12 +135,12 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
                 text = _config_text(exc) if isinstance(exc, ConfigError) else as_command(exc)
-                _err(text.replace("(resume=True)", "(--resume)"))  # the library's keyword, as this command's flag
+                _err(text)
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
                 progress.stop()
                 text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else as_command(exc)
-                _err(text.replace("(resume=True)", "(--resume)"))
+                _err(text)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
                 progress.stop()

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.cli.remedies import as_command, swap
+from ultrastyle.cli.remedies import as_command, flag_name, swap
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
     DEFAULT_CONTENT_LAYER,
@@ -46,27 +46,20 @@ class Format(str, Enum):
     tif = "tif"
 
 
-_FLAGS = {"max_memory": "--max-memory", "layer_weights": "--layer-weights", "content_layer": "--content-layer"}
-
-
-def _flag(option: str) -> str:
-    return _FLAGS.get(option, "--" + option.replace("_", "-"))
-
-
 def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
 def _format(output: Path | None, given: Format | None) -> str:
     """The output format: ``given``, which must agree with an output file's suffix, else that suffix, else png."""
-    from ultrastyle.api import OptionError, output_format
+    from ultrastyle.options import OptionError, output_format
 
     if output is None:
         return given.value if given else "png"
     try:
         fmt = output_format(output, given.value if given else None)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message.replace("format=", "--format"), param_hint="--" + exc.option) from None
+        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     if fmt not in [f.value for f in Format]:  # normalised by output_format: JPG, jpeg -> jpg
         raise typer.BadParameter(f"{output}: optimize writes png, jpg or tiff, not {fmt}", param_hint="--output")
     return fmt
@@ -97,7 +90,7 @@ def optimize_command(
     style_size: Annotated[int | None, typer.Option(min=0, help="Long side of the style; 0 keeps its own size (default: each scale's long side, at most the style's own).", show_default=False)] = None,
     max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 1GB: tiles get what the canvases (in RAM up to a quarter of it, else on disk) leave.")] = DEFAULT_MAX_MEMORY,
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Evaluate the whole image at once (memory grows with the image; same result).")] = False,
-    tile: Annotated[int | None, typer.Option(min=16, help="Fixed tile core side in pixels instead of fitting --max-memory.", show_default=False)] = None,
+    tile: Annotated[int | None, typer.Option(min=1, help="Fixed tile core side in pixels instead of fitting --max-memory.", show_default=False)] = None,
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk canvases (default: system temp).")] = None,
     save_every: Annotated[int, typer.Option(min=0, help="Save the state every K iterations (and after each scale); a rerun of the same command resumes from it. 0: only after each scale.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of --init noise.")] = 0,
@@ -138,7 +131,7 @@ def optimize_command(
         if exc.option in ("contents", "style"):  # nothing to read
             _err(exc.message)
             raise typer.Exit(2) from None
-        raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     import torch
 
     if device is Device.cuda and not torch.cuda.is_available():
@@ -157,7 +150,7 @@ def optimize_command(
             Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
         check_budget(optimizer, opts, pairs)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     console = Console(stderr=True, highlight=False)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
@@ -178,7 +171,7 @@ def optimize_command(
             if r.status == "failed":
                 text = r.error or ""
                 if r.option:  # "CONTENT: max_memory: ..." names the flag
-                    text = text.replace(f": {r.option}: ", f": {_flag(r.option)}: ", 1)
+                    text = text.replace(f": {r.option}: ", f": {flag_name(r.option)}: ", 1)
                 progress.console.print(f"error: {swap(text, r.remedy)}", style="red", markup=False, soft_wrap=True)
                 if r.pair.output in tasks:  # a finished image keeps its line (the final losses), a failed one goes
                     progress.update(tasks[r.pair.output], visible=False)

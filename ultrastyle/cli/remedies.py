@@ -1,12 +1,16 @@
-"""The command line's side of `ultrastyle.errors.Remedy`: the fix an error suggests, as the command that does it.
+"""The command line's side of `ultrastyle.errors.Remedy` and `Setting`: the fix an error suggests, as the command or flag.
 
-Library messages show a remedy as a Python call (``ultrastyle.build_tensorrt('b', precision='fp16')``);
-`as_command` swaps it for the command (``ultrastyle build b --precision fp16``) when the CLI reports the error.
+Library messages show a remedy as a Python call (``ultrastyle.build_tensorrt('b', precision='fp16')``) and a setting as
+its keyword (``(max_pixels)``, ``threads=99``); `as_command` swaps them for the command (``ultrastyle build b --precision
+fp16``) and the flag (``(--max-pixels)``, ``--threads 99``) when the CLI reports the error.
 """
 
 from __future__ import annotations
 
-from ultrastyle.errors import Remedies, Remedy, remedies_of
+import re
+from collections.abc import Mapping
+
+from ultrastyle.errors import Remedies, Remedy, Setting, remedies_of
 
 # Remedy.function -> (command, what each positional argument is there: None a positional, else its flag; flags it always has).
 COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
@@ -32,14 +36,39 @@ def command(remedy: Remedy) -> str:
     return " ".join([*parts, *always])
 
 
-def swap(text: str, remedy: Remedies) -> str:
-    """``text`` with each of ``remedy``'s Python calls that it holds written as the command that applies it."""
-    for r in remedies_of(remedy):
-        if r.function in COMMANDS:
+def flag_name(keyword: str, flags: Mapping[str, str] | None = None) -> str:
+    """The flag of the library's ``keyword``: ``flags``' entry (a command's flag that is not the keyword), else ``--kebab-case``."""
+    return (flags or {}).get(keyword) or "--" + keyword.replace("_", "-")
+
+
+def flag(setting: Setting, flags: Mapping[str, str] | None = None) -> str:
+    """``setting`` as a command line says it (``(--max-pixels)``, ``--threads 4``, ``leave out --stages``)."""
+    name = flag_name(setting.keyword, flags)
+    value = setting.value
+    if value is ...:
+        return f"({name})"
+    if value is True:
+        return name
+    if value is None:
+        return f"leave out {name}"
+    if isinstance(value, (list, tuple)):
+        return f"{name} {','.join(map(str, value))}"
+    return f"{name} {value}"
+
+
+def swap(text: str, remedy: Remedies, flags: Mapping[str, str] | None = None) -> str:
+    """``text`` with each of ``remedy``'s Python calls written as the command that applies it, and its settings as flags."""
+    found = remedies_of(remedy)
+    for r in found:
+        if isinstance(r, Remedy) and r.function in COMMANDS:
             text = text.replace(r.python(), command(r))
+    for r in found:  # after the calls: a call's keywords are its command's flags already
+        if isinstance(r, Setting):
+            said = flag(r, flags)
+            text = re.sub(rf"(?<![\w.-]){re.escape(r.python())}(?![\w=])", lambda _: said, text)
     return text
 
 
-def as_command(exc: BaseException, text: str | None = None) -> str:
-    """``text`` (default: ``str(exc)``) with ``exc``'s remedy, if any, written as a command."""
-    return swap(str(exc) if text is None else text, getattr(exc, "remedy", None))
+def as_command(exc: BaseException, text: str | None = None, flags: Mapping[str, str] | None = None) -> str:
+    """``text`` (default: ``str(exc)``) with ``exc``'s remedy, if any, written as a command and its settings as flags."""
+    return swap(str(exc) if text is None else text, getattr(exc, "remedy", None), flags)

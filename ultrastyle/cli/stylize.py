@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from enum import Enum
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ultrastyle.cli.remedies import as_command, swap
+from ultrastyle.cli.remedies import as_command, flag_name, swap
 
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from ultrastyle.models import zoo
@@ -111,8 +110,12 @@ def _drop(progress: Progress) -> None:
     progress.stop()
 
 
+# The library's keywords whose flag is not ``--kebab-case``.
+_FLAGS = {"output_dir": "--output", "address": "--ray"}
+
+
 def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
+    return flag_name(option, _FLAGS)
 
 
 def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
@@ -140,13 +143,8 @@ def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
-def _as_flags(message: str) -> str:
-    """A library message with its option keywords given as this command's flags."""
-    return message.replace("(max_pixels)", "(--max-pixels)")
-
-
 def _bad_option(exc: OptionError) -> typer.BadParameter:
-    return typer.BadParameter(exc.message.replace("levels=", "--levels "), param_hint=_flag(exc.option))
+    return typer.BadParameter(as_command(exc, exc.message, _FLAGS), param_hint=_flag(exc.option))
 
 
 def stylize_command(
@@ -211,7 +209,7 @@ def stylize_command(
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:
-        _err(" ".join(as_command(exc).split()))
+        _err(" ".join(as_command(exc, flags=_FLAGS).split()))
         raise typer.Exit(2) from None
     settings = dict(
         method=method.value if method is not None else None, alpha=alpha, levels=levels,
@@ -247,7 +245,7 @@ def stylize_command(
     try:  # before the model opens: a file there would fail every output after all the compute
         output_folder("output_dir", output)
     except OptionError as exc:
-        raise typer.BadParameter(exc.message.replace("the format separately", "the format with --format"), param_hint="--output") from None
+        raise _bad_option(exc) from None
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
@@ -264,11 +262,8 @@ def stylize_command(
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError, ClusterError) as exc:
-        text = " ".join(as_command(exc).split()) if isinstance(exc, zoo.ZooError) else as_command(exc)
-        # The library names its keywords (torch backend errors); say the flags here.
-        text = re.sub(r"(precision|device)='(\w+)'", r"--\1 \2", text)
-        text = re.sub(r"\bthreads=(-?\d+)", r"--threads \1", text).replace("address='local'", "--ray local")
-        _err(text.replace("compile=True", "--compile"))
+        text = as_command(exc, flags=_FLAGS)
+        _err(" ".join(text.split()) if isinstance(exc, zoo.ZooError) else text)
         raise typer.Exit(2) from None
     except OptionError as exc:  # levels the model lacks
         raise _bad_option(exc) from None
@@ -292,12 +287,12 @@ def stylize_command(
         def on_result(r: PairResult) -> None:
             if r.status == "failed" and r.error not in reported:
                 reported.add(r.error or "")
-                progress.console.print(f"error: {_as_flags(swap(r.error or '', r.remedy))}", style="red", markup=False, soft_wrap=True)
+                progress.console.print(f"error: {swap(r.error or '', r.remedy, _FLAGS)}", style="red", markup=False, soft_wrap=True)
             progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 
         def on_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-            progress.console.print(f"warning: {_as_flags(str(message))}", style="yellow", markup=False, soft_wrap=True)
+            progress.console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
         try:
             with warnings.catch_warnings():  # the library's notices (a file read whole, an animation's first frame)
@@ -310,7 +305,7 @@ def stylize_command(
             raise _bad_option(exc) from None
         except (OutputCollisionError, ImageError) as exc:  # before any work: colliding outputs, a mask of the wrong label count
             _drop(progress)
-            _err(str(exc).replace("output folders", "--output folders"))
+            _err(as_command(exc, flags=_FLAGS))
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:
             progress.stop()

@@ -153,9 +153,9 @@ def parse_levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(t) for t in items)
     except ValueError:
-        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}") from None
+        raise ValueError(f"expected comma-separated stage numbers 1..5, got {text!r}") from None
     if not levels or any(k not in STAGES for k in levels):
-        raise ValueError(f"levels must be comma-separated stage numbers 1..5, got {text!r}")
+        raise ValueError(f"expected comma-separated stage numbers 1..5, got {text!r}")
     return levels
 
 

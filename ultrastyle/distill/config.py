@@ -83,7 +83,7 @@ class RunConfig:
         for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("resize", "val_every", "workers", "threads", "warmup_steps"):
+        for name in ("resize", "val_every", "workers", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -92,8 +92,13 @@ class RunConfig:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device: cpu or cuda, got {self.device!r}")
+        from ultrastyle import options as check  # here: the CLI imports this module for its help, and options imports numpy
+
+        try:  # the rules every runner option follows ("key: message", as a ConfigError's)
+            check.thread_count("threads", self.threads)
+            check.device("device", self.device)
+        except check.OptionError as exc:
+            raise ConfigError(str(exc)) from None
         if self.device != "cpu":
             import torch  # only here: the configuration module itself stays torch-free
 

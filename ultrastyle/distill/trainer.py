@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ultrastyle.distill.data import step_loader
 from ultrastyle.distill.logs import LossLog, plot_losses
 from ultrastyle.distill.tasks import Task
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
 
 CHECKPOINT = "checkpoint.pt"
@@ -65,6 +66,13 @@ class TrainOptions:
     val_every: int = 0  # 0: validate at each checkpoint
     workers: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:  # `config.RunConfig.check` says the same of a whole run's settings, as `ConfigError`s
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -156,7 +164,8 @@ class _StopOnSigint:
 def refuse_overwrite(run_dir: str | Path, resume: bool) -> None:
     """`TrainingError` when ``run_dir`` holds a checkpoint that a fresh run (not ``resume``) would overwrite."""
     if not resume and (Path(run_dir) / CHECKPOINT).exists():
-        raise RunFolderInUse(f"{run_dir} already holds a checkpoint; resume it (resume=True) or choose another run folder")
+        raise remedied(RunFolderInUse(f"{run_dir} already holds a checkpoint; resume it (resume=True) or choose another run folder"),
+                       Setting("resume", True))  # fmt: skip
 
 
 class Trainer:
@@ -179,10 +188,6 @@ class Trainer:
         config: Mapping | None = None,
         on_step: Callable[[StepReport], None] | None = None,
     ) -> None:
-        if options.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {options.lr_schedule!r}")
-        if options.steps < 1 or options.batch_size < 1 or options.checkpoint_every < 1 or options.log_every < 1:
-            raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {options}")
         self.task, self.options, self.stream, self.val_data = task, options, stream, val_data
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})

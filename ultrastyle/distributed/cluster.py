@@ -17,6 +17,8 @@ import socket
 import threading
 from types import ModuleType
 
+from ultrastyle.errors import Setting, remedied
+
 LOOPBACK = "127.0.0.1"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # ray.init retries an address where nothing listens without end (measured: 10 minutes of "Failed to connect
@@ -80,10 +82,10 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         start = "its head's Ray client server" if client else f"one there (ray start --head --port {port})"
-        raise ClusterError(
+        raise remedied(ClusterError(
             f"cannot reach the Ray cluster at {address}: nothing answers on port {port} of {host} ({exc.strerror or exc}); "
             f"start {start} or use address='local'"
-        ) from None
+        ), Setting("address", "local")) from None
 
 
 def _lookup(host: str, port: int, timeout: float) -> tuple[str, int]:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ultrastyle import options as check
 from ultrastyle.core.plan import StagePlan, plan_image
 from ultrastyle.core.styles import Target
 from ultrastyle.distributed.cluster import ClusterError, connect, disconnect, import_ray, is_loopback
@@ -87,9 +88,13 @@ class WorkerPool:
         device: str = "cpu",
         precision: str = "fp32",
         threads: int = 0,
+        compile: bool = False,
         stages: Sequence[int] | None = None,
         start_timeout: float = 600.0,
     ) -> None:
+        if workers is not None:  # before Ray starts
+            check.count("workers", workers, least=1)
+        check.number("cpus_per_worker", cpus_per_worker, above=0)
         self._owns_ray = connect(address)
         self._ray = import_ray(is_loopback(address))
         ray = self._ray
@@ -100,7 +105,7 @@ class WorkerPool:
                 workers = max(1, int(have.get("GPU", 0)) if gpus else int(have.get("CPU", 1) // cpus_per_worker))
             self.spec = RunnerSpec(
                 str(model), backend, device, precision, threads or max(1, int(cpus_per_worker)),
-                tuple(sorted(set(stages))) if stages else None,
+                tuple(sorted(set(stages))) if stages else None, compile,
             )  # fmt: skip
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
             self._make = lambda: ray.remote(StylizeWorker).options(

@@ -49,6 +49,7 @@ class RunnerSpec:
     precision: str = "fp32"
     threads: int = 1
     stages: tuple[int, ...] | None = None
+    compile: bool = False  # the torch backend's torch.compile engine, in every worker
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class StylizeWorker:
 
             self.runner = open_runner(
                 spec.model, backend=spec.backend, device=spec.device, stages=spec.stages, threads=spec.threads,
-                precision=spec.precision, progress=False,
+                precision=spec.precision, compile=spec.compile, progress=False,
             ).activate()  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported by `info`, raised on the driver with the cause
             self.error = str(exc) or type(exc).__name__
@@ -109,7 +110,7 @@ class StylizeWorker:
         r = self.runner
         return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits)
 
-    def style_statistics(self, src: Source, options: StylizeOptions, recolor: FeatureStats | None = None):
+    def style_statistics(self, src: Source, options: StylizeOptions, recolor: FeatureStats | None = None) -> dict[int, FeatureStats] | ImageError:
         """Per-stage statistics of one style (of the style recoloured to ``recolor``), or the ImageError that fails its pairs."""
         try:
             return StyleBook(self.runner, options).get(src, recolor)  # type: ignore[arg-type]

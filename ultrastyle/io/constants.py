@@ -12,6 +12,8 @@ DEFAULT_MAX_PIXELS = 400_000_000
 # zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
 # files 21% larger (benchmarks/codecs.py measures the levels and encoders).
 DEFAULT_PNG_LEVEL = 1
+# What an output can be written as: `io.images`' file formats, and Deep Zoom's folder of tiles (`io.pyramid`).
+OUTPUT_FORMATS = ("png", "jpg", "tiff", "dzi")
 
 
 def format_name(text: str) -> str:

@@ -10,6 +10,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ultrastyle.core.canvas import sample_peak
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import atomic_write
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES  # noqa: F401 - IMAGE_SUFFIXES re-exported
 
@@ -34,7 +36,7 @@ class AnimatedImageWarning(UserWarning):
 
 
 @contextmanager
-def pil_limits_off():
+def pil_limits_off() -> Iterator[None]:
     # Pillow's own guard (a warning above MAX_IMAGE_PIXELS, an error above twice that) is off while a file is
     # opened here: `check_pixels` reads the header's size against ``max_pixels`` before anything is decoded,
     # so there is one limit and one message. (Pillow reads the global at open time only.)
@@ -54,8 +56,8 @@ def pixel_count(n: int) -> str:
 def check_pixels(path: Path | str, width: int, height: int, max_pixels: int) -> None:
     """Refuse, before decoding, an image whose header promises more than ``max_pixels`` or no pixels; `ImageError`."""
     if width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} = {pixel_count(width * height)} is above the limit of "
-                         f"{pixel_count(max_pixels)} (max_pixels); raise the limit to read it")  # fmt: skip
+        raise remedied(ImageError(f"{path}: {width}x{height} = {pixel_count(width * height)} is above the limit of "
+                                  f"{pixel_count(max_pixels)} (max_pixels); raise the limit to read it"), Setting("max_pixels"))  # fmt: skip
     if width == 0 or height == 0:
         raise ImageError(f"{path}: zero-size image ({width}x{height})")
 

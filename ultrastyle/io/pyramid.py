@@ -45,6 +45,7 @@ from PIL import Image
 
 from ultrastyle.core.canvas import Canvas, sample_peak
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
+from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, save_array
 from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
@@ -57,7 +58,7 @@ __all__ = [
 
 Pixels = Union[np.ndarray, Canvas]  # (H, W, 3) uint8/uint16, or a (3, H, W) float canvas in [0, 1]
 
-OUTPUT_FORMATS = (*FORMATS, "dzi")
+assert OUTPUT_FORMATS == (*FORMATS, "dzi")  # its one definition is torch-free, for option checks
 
 
 

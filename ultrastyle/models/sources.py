@@ -130,8 +130,8 @@ def available_stages(source: str | Path) -> tuple[int, ...]:
 def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[int, ...]:
     """``stages`` (None: all the model has) if ``source`` has every one of them, else `CheckpointError`.
 
-    The message names the model's stages, what was asked and the ``--levels``
-    that would work; nothing is downloaded to find out.
+    The message names the model's stages, what was asked and the levels that
+    would work; nothing is downloaded to find out.
     """
     have = model_stages(source)
     if stages is None:

@@ -161,7 +161,7 @@ def optimize_batch(
     """
     known_keywords(settings, _SETTINGS)  # the model's settings are this function's own keywords
     if is_file_output(output):
-        from ultrastyle.api import output_format
+        from ultrastyle.options import output_format
 
         settings["format"] = output_format(output, settings.get("format"))
     options = make_optimize_options(**settings)

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from ultrastyle import options as check
-from ultrastyle.api import output_format
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.resample import resized_size
@@ -165,15 +164,11 @@ def make_optimize_options(
     rules there and here.
     """
     iterations = check.count("iterations", iterations, what="iterations per scale")
-    if init not in INITS:
-        raise OptionError("init", f"expected one of {', '.join(INITS)}, got {init!r}")
-    if solver not in SOLVERS:
-        raise OptionError("solver", f"expected one of {', '.join(SOLVERS)}, got {solver!r}")
-    if content_layer not in TAPS:
-        raise OptionError("content_layer", f"expected one of {', '.join(TAPS)}, got {content_layer!r}")
-    for name, v in (("content_weight", content_weight), ("style_weight", style_weight)):
-        if not (v >= 0 and math.isfinite(v)):
-            raise OptionError(name, f"expected a finite number >= 0, got {v}")
+    init = check.choice("init", init, INITS)
+    solver = check.choice("solver", solver, SOLVERS)
+    content_layer = check.choice("content_layer", content_layer, TAPS)
+    content_weight = check.number("content_weight", content_weight, least=0)
+    style_weight = check.number("style_weight", style_weight, least=0, example=1e4)
     if content_weight == 0 and style_weight == 0:
         raise OptionError("style_weight", "content_weight and style_weight are both 0: the loss would be 0 and the image would not change")
     lw = None
@@ -181,18 +176,18 @@ def make_optimize_options(
         items = list(layer_weights.items()) if isinstance(layer_weights, Mapping) else list(zip(TAPS, layer_weights))
         if not isinstance(layer_weights, Mapping) and len(list(layer_weights)) != len(TAPS):
             raise OptionError("layer_weights", f"expected {len(TAPS)} numbers (relu1_1..relu5_1), got {list(layer_weights)}")
-        for k, v in items:
-            if k not in TAPS or not float(v) >= 0:
-                raise OptionError("layer_weights", f"expected weights >= 0 for taps among {', '.join(TAPS)}, got {k}={v}")
-        lw = tuple((str(k), float(v)) for k, v in items)
+        for k, _ in items:
+            if k not in TAPS:
+                raise OptionError("layer_weights", f"expected taps among {', '.join(TAPS)}, got {k!r}")
+        lw = tuple((str(k), check.number("layer_weights", v, least=0)) for k, v in items)
     content_size = check.image_size("content_size", content_size)
     style_size = check.image_size("style_size", style_size, none="each scale's long side, at most the style's own")
     budget = check.memory_budget("max_memory", max_memory)
     tile = check.tile_side("tile", tile)
     save_every = check.count("save_every", save_every, what="iterations between saves")
     history = check.count("history", history, least=1, what="L-BFGS pairs")
-    if not lr > 0:
-        raise OptionError("lr", f"expected a learning rate > 0, got {lr}")
+    lr = check.number("lr", lr, above=0, example=DEFAULT_ADAM_LR)
+    seed = check.count("seed", seed)
     max_pixels = check.pixel_limit("max_pixels", max_pixels)
     fmt = check.format_choice("format", format, FORMATS)
     return OptimizeOptions(
@@ -381,9 +376,8 @@ class Optimizer:
                  threads: int = 0, progress: bool = True) -> None:  # fmt: skip
         from ultrastyle.models.networks import Encoder
 
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise OptionError("threads", f"expected 0 (PyTorch's default) or a number of threads, got {threads!r}")
-        self.model, self.threads = model, threads
+        self.model, self.threads = model, check.thread_count("threads", threads)
+        check.device("device", str(device))
         if isinstance(model, Encoder):
             encoder = model
         else:
@@ -446,7 +440,7 @@ class Optimizer:
         `OptionError` for a bad setting.
         """
         if output is not None and "options" not in settings:
-            settings["format"] = output_format(output, settings.get("format"))  # as `Stylizer.stylize`: from the name
+            settings["format"] = check.output_format(output, settings.get("format"))  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
             check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")

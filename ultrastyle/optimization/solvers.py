@@ -1,4 +1,4 @@
-"""L-BFGS and Adam over image-sized vectors held in canvases (`optimize.vectors`).
+"""L-BFGS and Adam over image-sized vectors held in canvases (`optimization.vectors`).
 
 Both minimise an `Objective`: ``value(x)`` (the loss alone: pass 1 of the
 tiled evaluation) and ``gradient(x, g)`` (loss and gradient: both passes).

@@ -61,12 +61,6 @@ def apply(dst: Canvas, srcs: list[Canvas], fn: Callable[..., np.ndarray]) -> Non
         dst.write(r0, 0, np.asarray(fn(*(_rows(s, r0, r1) for s in srcs)), np.float32))
 
 
-def fill(dst: Canvas, value: float = 0.0) -> None:
-    c, _, w = dst.shape
-    for r0, r1 in _bands(dst):
-        dst.write(r0, 0, np.full((c, r1 - r0, w), value, np.float32))
-
-
 def save(canvas: Canvas, path: Path) -> None:
     """Write ``canvas`` as an ``.npy`` file (float32 (C, H, W)), band by band.
 

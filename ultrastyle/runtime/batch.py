@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultrastyle.errors import Remedies
+from ultrastyle.errors import Remedies, Setting, remedied
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.paths import file_signature
+from ultrastyle import options as check
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import StageNetworks
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
@@ -48,7 +49,7 @@ from ultrastyle.io.stream import ImageStream, band_rows, open_stream, stream_blo
 from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
-from ultrastyle.core.color import check_mode, keep_content_chroma_canvas, match_colors, rgb_statistics
+from ultrastyle.core.color import MODES as COLOR_MODES, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.core.styles import Regions, Style, Target, mix_weights
 from ultrastyle.runtime.tiled import (
@@ -82,19 +83,18 @@ class StylizeOptions:
     png_level: int = DEFAULT_PNG_LEVEL  # zlib level of PNG outputs (0-9)
     io_workers: int = 0  # decoding and encoding threads each; 0: from the core count (`default_io_workers`)
     # Bytes of decoded contents and of outputs waiting to be encoded, beside the budget of the image being
-    # computed; at least one of each is always admitted. None: half the tiling budget (1 GiB whole-image).
+    # computed; at least one of each is always admitted. None: `IO_SHARE` of the budget (1 GiB whole-image).
     io_memory: int | None = None
     pyramid: PyramidOptions = PyramidOptions()  # zoomable outputs: dzi, and tiff's layout and compression
     # Content files read a band at a time (`io.stream`): "auto" where reading one whole would not fit the
     # allowance of decoded images (`io_allowance`), "always" where the file allows it, "never".
     streaming: str = "auto"
 
-    def __post_init__(self) -> None:
-        check_mode(self.preserve_color)
-        if not 0 <= self.png_level <= 9:
-            raise ValueError(f"png_level must be 0..9, got {self.png_level}")
-        if self.streaming not in STREAMING:
-            raise ValueError(f"streaming must be one of {', '.join(STREAMING)}, got {self.streaming!r}")
+    def __post_init__(self) -> None:  # `api.make_options` checks every value; this guards direct construction, by its rules
+        check.choice("preserve_color", self.preserve_color, COLOR_MODES)
+        check.choice("streaming", self.streaming, STREAMING)
+        if check.count("png_level", self.png_level) > 9:
+            raise OptionError("png_level", f"expected a zlib level 0..9, got {self.png_level}; give 0 (fastest) to 9 (smallest)")
 
     @property
     def resolved_tiling(self) -> TilingOptions:
@@ -274,10 +274,10 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
         assert p.output is not None
         if p.output in seen:
             q = seen[p.output]
-            raise OutputCollisionError(
+            raise remedied(OutputCollisionError(
                 f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}; "
-                "rename one of the files or write them into different output folders"
-            )
+                "rename one of the files or write them into different output folders (output_dir)"
+            ), Setting("output_dir"))
         seen[p.output] = p
     return pairs
 

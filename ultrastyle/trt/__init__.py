@@ -11,6 +11,7 @@ Modules:
     check          static TensorRT compatibility of a bundle (``ultrastyle build --check``)
     profiles       optimisation profiles from the tile planner's shapes
     engines        engine folders, their manifest, staleness
+    graphs         which ONNX graph each engine is built from, per precision
     fp16           fp32 -> fp16 graph conversion (TensorRT 11 has no FP16 flag)
     build          building engines, TensorRT 10 and 11 by feature detection
     device_memory  a small device-memory interface, cuda-python and pycuda implementations

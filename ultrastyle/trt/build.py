@@ -56,7 +56,7 @@ from typing import Any
 
 import onnx
 
-from ultrastyle.errors import Remedy, remedied
+from ultrastyle.errors import Remedy, Setting, remedied
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.io.atomic import sweep_stale, write_atomic
 from ultrastyle.trt import engines as eng
@@ -93,11 +93,11 @@ class BuildReport:
 class NetworkFromOnnx:
     """A strongly typed TensorRT network parsed from an ONNX model (lazy, after Polygraphy's loaders)."""
 
-    def __init__(self, trt, logger, features: TrtFeatures, model: onnx.ModelProto, label: str, bundle: Path | None = None) -> None:
+    def __init__(self, trt: Any, logger: Any, features: TrtFeatures, model: onnx.ModelProto, label: str, bundle: Path | None = None) -> None:
         self.trt, self.logger, self.features, self.model, self.label = trt, logger, features, model, label
         self.bundle = bundle  # where the graph comes from: a parser failure suggests checking it
 
-    def __call__(self, builder):
+    def __call__(self, builder: Any) -> tuple[Any, Any]:  # tensorrt's INetworkDefinition and OnnxParser (imported lazily)
         trt = self.trt
         flags = 0
         if self.features.strongly_typed_flag:
@@ -114,7 +114,7 @@ class NetworkFromOnnx:
 class EngineFromNetwork:
     """A serialized engine (plan) from a network, a profile and the persistent timing cache."""
 
-    def __init__(self, trt, logger, features: TrtFeatures, *, workspace: int, timing_cache: Path) -> None:
+    def __init__(self, trt: Any, logger: Any, features: TrtFeatures, *, workspace: int, timing_cache: Path) -> None:
         self.trt, self.logger, self.features = trt, logger, features
         self.workspace, self.timing_cache = workspace, timing_cache
         self.notes: list[str] = []
@@ -149,9 +149,9 @@ class EngineFromNetwork:
         self._set_timing_cache(config)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise BuildError(
+            raise remedied(BuildError(
                 f"TensorRT could not build {network_loader.label} (see its log above); try a larger builder workspace (workspace) or smaller tiles (tile_max)"
-            )
+            ), (Setting("workspace"), Setting("tile_max")))
         cache = config.get_timing_cache()
         if cache is not None:
             write_atomic(self.timing_cache, bytes(cache.serialize()))

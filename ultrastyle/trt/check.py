@@ -43,7 +43,7 @@ from ultrastyle.errors import Remedies, Remedy
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.trt import engines as eng
 from ultrastyle.trt.graphs import GraphError, graph_sources, verify_int8_file
-from ultrastyle.trt.profiles import TileRange, profile_problems
+from ultrastyle.trt.profiles import PROFILE_SETTINGS, TileRange, profile_problems
 
 OPSET_MIN, OPSET_MAX = 9, 24  # operators.md, TensorRT 10.15
 OPSET_ALL_10X = 20  # the newest opset TensorRT 10.0 documents
@@ -329,7 +329,7 @@ def check_profiles(bundle: Bundle, ranges: dict[int, TileRange]) -> list[Finding
     out = []
     for k, rng in sorted(ranges.items()):
         for msg in profile_problems(bundle.arch, k, rng):
-            out.append(Finding("error", f"stage {k} profile", msg))
+            out.append(Finding("error", f"stage {k} profile", msg, PROFILE_SETTINGS))
         g = bundle.arch.grid(k)
         if rng.min > 2 * g:  # a small image is one region of its own padded size: below the profile, no engine runs it
             out.append(Finding("warning", f"stage {k} profile", (

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.plan import DEFAULT_MAX_MEMORY, StagePlan, TilingOptions, stage_cores, stage_halos
 from ultrastyle.core.receptive import round_up
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.trt.memory_model import memory_factor
 
 Shape = tuple[int, ...]
@@ -96,12 +97,12 @@ def requested_ranges(
 ) -> dict[int, TileRange]:
     """``tile_min``/``tile_opt``/``tile_max`` (px; None: the planner's default) over the planner's defaults, each stage on its own grid.
 
-    ValueError where the sides given are out of order (min <= opt <= max).
+    ValueError where the sides given are out of order (min <= opt <= max); its ``.remedy`` holds the two settings (`errors.Setting`).
     """
     given = [(n, v) for n, v in (("tile_min", tile_min), ("tile_opt", tile_opt), ("tile_max", tile_max)) if v is not None]
     for (a, x), (b, y) in zip(given, given[1:]):
         if x > y:
-            raise ValueError(f"{a} {x} is above {b} {y}; give tile_min <= tile_opt <= tile_max")
+            raise remedied(ValueError(f"{a}={x} is above {b}={y}; give the tile sides in order, min <= opt <= max"), (Setting(a, x), Setting(b, y)))
     defaults = default_ranges(spec, stages, precision)
     out = {}
     for k in stages:
@@ -129,8 +130,12 @@ def network_shapes(kind: str, stage: int, spec: ArchSpec, rng: TileRange) -> dic
     raise ValueError(f"no profile for network kind {kind!r}")
 
 
+# The keywords `profile_problems` names (`errors.Setting`), for a front end to show its way.
+PROFILE_SETTINGS = (Setting("tile_min"), Setting("tile_max"))
+
+
 def profile_problems(spec: ArchSpec, stage: int, rng: TileRange, options: TilingOptions | None = None) -> list[str]:
-    """Why ``rng`` cannot serve stage k's tiles (empty when it can)."""
+    """Why ``rng`` cannot serve stage k's tiles (empty when it can); the fixes name `PROFILE_SETTINGS`."""
     g = spec.grid(stage)
     problems = []
     for name, v in rng.as_dict().items():

@@ -1,4 +1,4 @@
-"""Backends behind one runner interface: torch (the reference), onnxruntime, and later tensorrt."""
+"""Backends behind one runner interface: torch (the reference), onnxruntime and tensorrt (`select.open_runner` picks one)."""
 
 from ultrastyle.runtime.backends.base import Runner, StageNetworks
 

@@ -28,15 +28,20 @@ faulting in fresh pages: 8 MP, 3.57 -> 2.67 s/MP (benchmarks/README.md, runs J a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from ultrastyle.core.traits import RunnerTraits
-from ultrastyle.errors import Placeholder, Remedy, remedied
+from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
 from ultrastyle.export.int8 import int8_networks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
 from ultrastyle.runtime.memory import resident_bytes, trim_heap
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 def _import_ort():
@@ -57,10 +62,10 @@ def providers_for(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not (torch.cuda.is_available() or _cuda_device_present()):
-        raise RunnerError(
+        raise remedied(RunnerError(
             "device='cuda' with the onnxruntime backend needs the onnxruntime-gpu package and a CUDA GPU; "
             "use the torch backend on CUDA, or run on the CPU (device='cpu')"
-        )
+        ), (Setting("device", "cuda"), Setting("device", "cpu")))
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -248,7 +253,7 @@ class OnnxRuntimeRunner(Runner):
         trim_heap()  # the chunks went back to malloc, which may keep them (`memory.keep_freed_memory`)
         self._rss_after_release = resident_bytes()
 
-    def session(self, network: str):
+    def session(self, network: str) -> onnxruntime.InferenceSession:
         """The network's InferenceSession, created on first use."""
         if network not in self._sessions:
             ort = _import_ort()

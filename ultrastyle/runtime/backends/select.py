@@ -14,26 +14,24 @@ first use, the way the bundle itself is exported on first use.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ultrastyle import options as check
 from ultrastyle.core.arch import STAGES
-from ultrastyle.errors import remedied
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.sources import check_stages, model_files
+from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DEVICES = ("cpu", "cuda")
-MAX_THREADS_PER_CORE = 4
 
 
 def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
@@ -166,16 +164,13 @@ def resolve_backend(
 
 
 def check_runner_options(*, backend: str = "auto", device: str = "cpu", precision: str = "fp32", compile: bool = False, threads: int = 0) -> None:
-    """RunnerError for a value no runner takes (before a model is looked up or opened)."""
-    for what, value, choices in (("backend", backend, BACKENDS), ("device", device, DEVICES), ("precision", precision, PRECISIONS)):
-        if value not in choices and not (what == "device" and re.fullmatch(r"cuda:\d+", str(value))):
-            raise RunnerError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}" + (" (or cuda:N)" if what == "device" else ""))
+    """`OptionError` for a value no runner takes (before a model is looked up or opened)."""
+    check.choice("backend", backend, BACKENDS)
+    check.device("device", device)
+    check.choice("precision", precision, PRECISIONS)
     if not isinstance(compile, bool):
-        raise RunnerError(f"compile must be True or False, got {compile!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise RunnerError(f"threads must be 0 (from the core count) or a positive number, got {threads!r}")
-    if threads > MAX_THREADS_PER_CORE * (os.cpu_count() or 1):  # thousands of spinning threads stall the run
-        raise RunnerError(f"threads={threads} is more than {MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here); give 0 for one per core")
+        raise OptionError("compile", f"expected True or False, got {compile!r}")
+    check.thread_count("threads", threads)
 
 
 def _precisions(backend: str) -> tuple[str, ...]:
@@ -214,16 +209,17 @@ def open_runner(
         stages = read_bundle(source, verify=False).stages if is_bundle(source) else check_stages(source, None)
     concrete = "torch" if compile and backend == "auto" else resolve_backend(backend, device, source, stages, precision)
     if compile and concrete != "torch":
-        raise RunnerError(f"compile=True runs the torch backend (torch.compile); the {concrete} backend has its own engines")
+        raise remedied(RunnerError(f"compile=True runs the torch backend (torch.compile); the {concrete} backend has its own engines"),
+                       Setting("compile", True))  # fmt: skip
     allowed = _precisions(concrete)
     if precision not in allowed:
-        raise RunnerError(
+        raise remedied(RunnerError(
             f"precision {precision} does not run on the {concrete} backend (it runs {', '.join(allowed)}); "
             + {"fp16": "use the tensorrt backend, or torch on an NVIDIA GPU", "bf16": "use the torch backend"}.get(
                 precision, "use the onnxruntime or tensorrt backend"
             )
             + ", or precision='fp32'"
-        )
+        ), Setting("precision", "fp32"))
     if concrete == "tensorrt":
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
     if concrete == "torch":
@@ -235,7 +231,8 @@ def open_runner(
         from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')")
+            raise remedied(RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')"),
+                           (Setting("device", "cuda"), Setting("device", "cpu")))  # fmt: skip
         model = load_model(source, stages=stages, device=device, progress=progress)
         return TorchRunner(model, threads=threads, precision=precision, compile=compile)
     from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner, providers_for

@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from ultrastyle.core.traits import EAGER_DEVICE, EAGER_HOST, RunnerTraits
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.runtime import memory
 from ultrastyle.runtime.backends.base import Runner, RunnerError, parse_network
@@ -85,10 +86,10 @@ class TorchRunner(Runner):
         self.tf32 = tf32  # True: leave PyTorch's TF32 settings as they are (faster on a GPU, ~1e-3 off the reference)
         network_dtype(precision)  # a typed error for an unknown precision, before anything is copied
         if precision == "fp16" and model.device.type != "cuda":
-            raise RunnerError(
+            raise remedied(RunnerError(
                 f"precision='fp16' runs the torch backend on a CUDA device only: on the {model.device.type} PyTorch's "
                 "float16 convolutions are tens of times slower than float32; use precision='bf16' or precision='fp32' there"
-            )
+            ), tuple(Setting("precision", p) for p in ("fp16", "bf16", "fp32")))
         self.precision, self.compile, self.compile_mode = precision, bool(compile), compile_mode
         # The fast paths; None: the float32 eager reference, the model itself.
         self.engine: StageEngine | None = (
