@@ -27,6 +27,9 @@ def test_csv_log_truncates_to_a_checkpoint_and_plots_without_matplotlib(tmp_path
     rows = LossLog(tmp_path / "log.csv").rows()
     assert [(r["step"], r["split"]) for r in rows] == [("1", "train"), ("2", "train"), ("3", "train"), ("4", "train"), ("4", "val")]
     assert list(rows[0]) == ["step", "split", "seconds", "lr", "loss", "pixel"]
+    log.append(5, "train", 0.5, 1e-3, {"loss": 2.0, "pixel": 0.2})  # the resumed run goes on
+    raw = (tmp_path / "log.csv").read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") == 7  # one line ending in the whole file, as csv writes it
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # force the PIL fallback
     png = plot_losses(tmp_path / "log.csv", tmp_path / "losses.png", title="run")
     with Image.open(png) as img:

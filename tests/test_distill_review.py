@@ -203,7 +203,7 @@ def test_cli_kd_review_student_exports_and_stylizes_through_onnxruntime(teacher_
     header = next(csv.DictReader(open(out / "runs" / "2SE" / "log.csv")))
     assert {"review", "embed"} <= set(header) and "pixel" not in header  # no collaborator with kd review
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--kd", "review", "--no-collaborate", *common, "-o", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "contradicts" in r.output
+    assert r.exit_code == 2 and "--no-collaborate contradicts --kd review (use --kd mse" in " ".join(r.output.split()), r.output  # flags, as typed
     r = runner.invoke(app, ["train-decoder", "-e", str(out), "--loss-encoder", str(teacher_dir), "--init", str(teacher_dir), *common])
     assert r.exit_code == 0, r.output
 

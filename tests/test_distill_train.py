@@ -190,6 +190,17 @@ def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_pa
     assert r.exit_code == 2 and "images:" in r.output and "no such folder" in r.output  # refused before any work
     r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "--images", str(photos)])
     assert r.exit_code == 2 and "out: required: give --out" in r.output  # the flag named, not just the setting
+    r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "-o", str(tmp_path / "o"), "--images", str(photos)])
+    assert r.exit_code == 2 and "stage: required: give --stage" in r.output, r.output  # not "got 0", a value never given
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("steps: 2.5\n")
+    r = runner.invoke(app, ["distill", "--config", str(typo), "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{typo}: steps: expected int, got 2.5" in text and "--steps" not in text, text
+    typo.write_text("steps: 3\n")
+    r = runner.invoke(app, ["distill", "--config", str(typo), "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos),
+                            "--lr", "-1"])  # fmt: skip
+    assert r.exit_code == 2 and "--lr: expected a number > 0, got -1" in " ".join(r.output.split()), r.output  # the flag's own value
     if not torch.cuda.is_available():
         r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos), "--device", "cuda"])
         assert r.exit_code == 2 and "no CUDA device" in r.output
@@ -355,3 +366,96 @@ def test_cli_names_a_photo_that_fails_to_decode_during_training(teacher_dir, pho
                                  "--crop", "16", "--resize", "24", "-b", "4", "--steps", "4", "--workers", "0"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "warning:" in r.output and "zz_truncated.png" in r.output  # in training (another image used) or left out of validation
+
+
+def test_trained_weights_in_the_output_folder_are_not_replaced_by_a_fresh_run(teacher_dir, photos, tmp_path):
+    """Its run folder may have been cleaned away; the weights are still refused to a fresh run, and kept byte for byte."""
+    import shutil
+
+    from ultrastyle.distill.outputs import OutputError
+
+    cfg = _config(teacher_dir, photos, tmp_path / "m", steps=2)
+    distill(cfg)
+    shutil.rmtree(tmp_path / "m" / "runs")
+    before = (tmp_path / "m" / "2SE.pth").read_bytes()
+    with pytest.raises(OutputError, match=r"2SE.pth holds trained weights already.*\(resume=True\)") as info:
+        distill(cfg)
+    assert "(--resume)" in as_command(info.value) and "(--out)" in as_command(info.value)
+    assert (tmp_path / "m" / "2SE.pth").read_bytes() == before and not (tmp_path / "m" / "runs").exists()
+
+
+def test_a_decoder_is_not_trained_into_a_folder_holding_another_encoder(teacher_dir, photos, tmp_path):
+    import shutil
+
+    from ultrastyle.distill.outputs import OutputError
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(teacher_dir, mixed)
+    (mixed / "1SD.pth").unlink()
+    write_network(mixed, "1SE.pth", Encoder(TEACHER, 1))  # another encoder of the same architecture
+    cfg = DecoderConfig(stage=1, out=str(mixed), images=str(photos), encoder=str(teacher_dir), crop=16, resize=24, batch_size=2, steps=2, workers=0)
+    with pytest.raises(OutputError, match="1SE.pth is another encoder than"):
+        train_decoder(cfg)
+    assert not (mixed / "1SD.pth").exists()
+    same = tmp_path / "same"
+    shutil.copytree(teacher_dir, same)
+    (same / "1SD.pth").unlink()  # the folder's encoder is the one the decoder is trained for: accepted
+    assert sorted(p.name for p in train_decoder(DecoderConfig(**{**cfg.__dict__, "out": str(same)})).outputs) == ["1SD.pth"]
+
+
+def test_a_run_resumes_from_another_directory_and_from_a_copied_folder(teacher_dir, photos, tmp_path, monkeypatch):
+    """Relative paths are saved resolved; where the run's files are (out, run_dir) is taken as given on resume."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(photos, work / "imgs")
+    monkeypatch.chdir(work)
+    cfg = _config(teacher_dir, Path("imgs"), Path("r1"), steps=2)
+    distill(cfg, on_step=lambda r: None)
+    saved = yaml.safe_load((work / "r1" / "runs" / "2SE" / "config.yaml").read_text())
+    assert saved["images"] == str(work / "imgs") and saved["out"] == str(work / "r1")
+    monkeypatch.chdir(tmp_path)  # elsewhere, the same folders written another way
+    again = distill(_config(teacher_dir, work / "imgs", work / "r1", steps=3), resume=True)
+    assert again.train.step == 3
+    shutil.copytree(work / "r1", tmp_path / "copy")
+    moved = distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=4), resume=True)
+    assert moved.train.step == 4 and moved.outputs == [tmp_path / "copy" / "2SE.pth"]  # written where it was resumed, not in r1
+    with pytest.raises(ConfigError, match=r"lr=0.001 \(now 0.01\)"):  # how it trains is still compared
+        distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=5, lr=0.01), resume=True)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["-t", "no-such-model"], "--teacher: unknown model 'no-such-model'"),
+    (["-t", "./nowhere"], "--teacher: ./nowhere: no such model folder or weight file"),
+    (["--init", "nothere.pth"], "--init: nothere.pth"),
+])  # fmt: skip
+def test_cli_networks_that_cannot_be_loaded_name_their_flag_and_exit_2(argv, said, teacher_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    args = ["distill", "-t", str(teacher_dir), "--stage", "2", "-o", str(tmp_path / "o"), "--images", str(photos), "--steps", "2", *argv]
+    r = CliRunner().invoke(app, args)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and said in text, text
+    assert not (tmp_path / "o" / "2SE.pth").exists()
+
+
+def test_a_damaged_checkpoint_says_how_to_go_on_and_not_to_unpickle_it(teacher_dir, photos, tmp_path):
+    from ultrastyle.distill.trainer import CHECKPOINT, TrainingError
+
+    cfg = _config(teacher_dir, photos, tmp_path / "m", steps=2)
+    distill(cfg)
+    ck = tmp_path / "m" / "runs" / "2SE" / CHECKPOINT
+    ck.write_bytes(b"\x80\x04garbage" * 8)
+    with pytest.raises(TrainingError, match=r"checkpoint.pt: damaged or not a checkpoint .*delete it to start the run again") as info:
+        distill(_config(teacher_dir, photos, tmp_path / "m", steps=3), resume=True)
+    assert "weights_only" not in str(info.value)  # torch's advice would run pickled code
+
+
+def test_a_log_gets_a_line_at_each_checkpoint_and_at_the_end(teacher_dir, photos, tmp_path):
+    """stderr piped to a file: plain progress lines, not one bar drawn once at the end."""
+    r = CliRunner().invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "2", "-o", str(tmp_path / "o"), "--images", str(photos),
+                                 "--steps", "4", "--checkpoint-every", "2", "--crop", "16", "--resize", "24", "--batch-size", "2",
+                                 "--workers", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("stage 2 SE: step")]
+    assert [line.split()[4] for line in lines][-1] == "4/4" and any("2/4" in line and "(checkpoint)" in line for line in lines), r.output
+    assert "━" not in r.output  # no bar

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from enum import Enum
 from functools import partial
@@ -24,6 +25,9 @@ from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.arch import parse_levels
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
 from ultrastyle.models import zoo
+
+# Seconds between progress lines in a log (stderr not a terminal); checkpoints, validations and the end always get one.
+LOG_LINE_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from ultrastyle.distill.jobs import JobResult
@@ -64,13 +68,17 @@ def _stages(text: str | None) -> list[int | None]:
         raise typer.BadParameter(str(exc), param_hint="--stage") from None
 
 
-def _config_text(exc: Exception) -> str:
-    """A `ConfigError` line with its setting as this command's flag (``device: ...`` -> ``--device: ...``)."""
+def _config_text(exc: Exception, flags: dict[str, Any] | None = None, config_file: Path | None = None) -> str:
+    """A `ConfigError` line naming where its setting came from: the flag (``--device: ...``) or the config file's key."""
     text = str(exc)
     key, _, rest = text.partition(": ")
     if text.endswith(": required"):  # a flag or a config key
         return f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
-    return f"--{key.replace('_', '-')}: {rest}" if key.isidentifier() and rest else text
+    if not (key.isidentifier() and rest):
+        return text
+    if config_file is not None and (flags or {}).get(key) is None:  # the file's value (or a default the file did not change)
+        return f"{config_file}: {key}: {rest}"
+    return f"--{key.replace('_', '-')}: {rest}"
 
 
 def _loss_text(losses: dict[str, float]) -> str:
@@ -95,7 +103,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         for c in configs:
             c.check()
     except ConfigError as exc:
-        _err(_config_text(exc))
+        _err(as_command(exc, _config_text(exc, {**flags, "stage": stage_text}, config_file)))
         raise typer.Exit(2) from None
     # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
     from ultrastyle.distill.data import BadImageWarning, DataError
@@ -113,12 +121,19 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
     with Progress(
         TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=False,
+        disable=not err.is_terminal,  # a log gets plain lines (`on_step`), not one bar cut at 80 columns at the end
     ) as progress:  # fmt: skip
         for config in configs:
-            bar = progress.add_task("", total=config.steps, name=f"stage {config.stage} {kind}")
+            name = f"stage {config.stage} {kind}"
+            bar = progress.add_task("", total=config.steps, name=name)
+            said = [time.monotonic()]
 
-            def on_step(r: StepReport, bar: Any = bar) -> None:
+            def on_step(r: StepReport, bar: Any = bar, name: str = name, said: list[float] = said) -> None:
                 progress.update(bar, completed=r.step, total=r.steps, description=_loss_text(r.losses))
+                if not err.is_terminal and (r.event or r.step >= r.steps or time.monotonic() - said[0] >= LOG_LINE_SECONDS):
+                    said[0] = time.monotonic()
+                    err.print(f"{name}: step {r.step}/{r.steps} {_loss_text(r.losses)}{' (' + r.event + ')' if r.event else ''}",
+                              markup=False, soft_wrap=True)  # fmt: skip
 
             def on_message(m: str) -> None:
                 progress.console.print(m, markup=False, soft_wrap=True)
@@ -134,7 +149,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                     result = job(config, resume=resume, explicit={**explicit, "stage": config.stage}, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
             except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
-                text = _config_text(exc) if isinstance(exc, ConfigError) else as_command(exc)
+                text = as_command(exc, _config_text(exc, flags, config_file) if isinstance(exc, ConfigError) else None)
                 _err(text)
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:

@@ -49,6 +49,8 @@ def flag(setting: Setting, flags: Mapping[str, str] | None = None) -> str:
         return f"({name})"
     if value is True:
         return name
+    if value is False and name.startswith("--"):  # a typer boolean flag's other half
+        return f"--no-{name[2:]}"
     if value is None:
         return f"leave out {name}"
     if isinstance(value, (list, tuple)):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ultrastyle.core.arch import STAGES
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import write_atomic
 
 CONFIG_FILE = "config.yaml"
@@ -25,6 +26,10 @@ KD_CHOICES = ("cd", "review", "cd+review", "mse")  # tasks.KD_METHODS describes 
 PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (distill.prune, distill.fit)
 # What may change when a run is resumed: its length and where it runs.
 RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads"})
+# Where a run's files are, not how it trains: a resume takes them as given (a copied or moved model folder resumes).
+LOCATION = frozenset({"out", "run_dir"})
+# Settings that may name a file or folder: saved absolute where they exist, so a resume from another directory matches.
+PATHS = ("out", "run_dir", "images", "style", "teacher", "collaborator", "init", "encoder", "loss_encoder")
 
 
 class ConfigError(ValueError):
@@ -68,6 +73,10 @@ class RunConfig:
                 setattr(self, f.name, str(getattr(self, f.name)))
 
     def check(self) -> None:
+        from ultrastyle import options as check  # here: the CLI imports this module for its help, and options imports numpy
+
+        if not self.stage:
+            raise ConfigError("stage: required")
         if self.stage not in STAGES:
             raise ConfigError(f"stage: must be one of {list(STAGES)}, got {self.stage!r}")
         for name in ("out", "images"):
@@ -77,28 +86,26 @@ class RunConfig:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "adain" and not self.style:
             raise ConfigError("style: AdaIN mode needs a folder of style images")
-        grid = 2 ** (self.stage - 1)
-        if self.crop < 2 * grid or self.crop % grid:
-            raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
-        for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("resize", "val_every", "workers", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be positive, got {self.lr}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
-        from ultrastyle import options as check  # here: the CLI imports this module for its help, and options imports numpy
-
-        try:  # the rules every runner option follows ("key: message", as a ConfigError's)
+        try:  # the rules every option follows ("key: message", as a ConfigError's); a type error is one too
+            for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
+                check.count(name, getattr(self, name), least=1)
+            for name in ("crop", "resize", "val_every", "workers", "warmup_steps", "seed"):
+                check.count(name, getattr(self, name))
+            if check.number("val_fraction", self.val_fraction, least=0, example=0.1) >= 1:
+                raise check.OptionError("val_fraction", f"expected a fraction in [0, 1), got {self.val_fraction}; give e.g. 0.1")
+            check.number("lr", self.lr, above=0, example=1e-4)
+            for f in dataclasses.fields(self):  # the loss weights, where a run has them
+                if f.name.endswith("_weight") or f.name in ("beta", "width_factor"):
+                    check.number(f.name, getattr(self, f.name), least=0)
             check.thread_count("threads", self.threads)
             check.device("device", self.device)
         except check.OptionError as exc:
             raise ConfigError(str(exc)) from None
+        grid = 2 ** (self.stage - 1)
+        if self.crop < 2 * grid or self.crop % grid:
+            raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
         if self.device != "cpu":
             import torch  # only here: the configuration module itself stays torch-free
 
@@ -152,7 +159,8 @@ class DistillConfig(RunConfig):
         if self.kd not in KD_CHOICES:
             raise ConfigError(f"kd: must be one of {', '.join(KD_CHOICES)}, got {self.kd!r}")
         if not self.collaborate and self.kd not in ("cd", "mse"):
-            raise ConfigError(f"collaborate: False contradicts kd {self.kd!r} (use kd mse for feature distillation only)")
+            raise remedied(ConfigError(f"collaborate: collaborate=False contradicts kd={self.kd!r} (use kd='mse' for feature distillation only)"),
+                           (Setting("collaborate", False), Setting("kd", self.kd), Setting("kd", "mse")))  # fmt: skip
         if self.review_weight < 0:
             raise ConfigError(f"review_weight: must not be negative, got {self.review_weight}")
         if self.review_width < 0:
@@ -273,14 +281,14 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
     now = dataclasses.asdict(given)
     then = dataclasses.asdict(saved)
     names = {str(k).replace("-", "_") for k in explicit}
-    clash = sorted(k for k in names - RESUMABLE if k in now and not _same(now[k], then[k]))
+    clash = sorted(k for k in names - RESUMABLE - LOCATION if k in now and not _same(now[k], then[k]))
     if clash:
         diffs = ", ".join(f"{k}={then[k]!r} (now {now[k]!r})" for k in clash)
         raise ConfigError(
             f"cannot resume with different settings: the run was started with {diffs}; "
             "start a new run in another folder to change them"
         )
-    return dataclasses.replace(saved, **{k: now[k] for k in RESUMABLE & names})
+    return dataclasses.replace(saved, **{k: now[k] for k in (RESUMABLE & names) | LOCATION})
 
 
 def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = None) -> None:
@@ -288,6 +296,10 @@ def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = 
     import yaml
 
     data = dataclasses.asdict(config)
+    for name in PATHS:
+        value = data.get(name)
+        if isinstance(value, str) and value not in ("", "fit", "prune", "random") and Path(value).exists():  # not init's methods
+            data[name] = str(Path(value).resolve())
     if extra:
         data["resolved"] = dict(extra)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,7 @@ class CropStream(Dataset):
         self._images: dict[int, np.ndarray] = {}
         self._perm_epoch = -1
         self._perm = np.arange(0)
+        self._warned: set[int] = set()  # files that failed to decode, named once
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -163,7 +164,9 @@ class CropStream(Dataset):
                 img = self._image(index)
                 break
             except ImageError as exc:
-                warnings.warn(f"{exc}; using another image for this sample", BadImageWarning, stacklevel=2)
+                if index not in self._warned:  # drawn again and again over a run: said once (per loader process)
+                    self._warned.add(index)
+                    warnings.warn(f"{exc}; using another image for each sample that draws it", BadImageWarning, stacklevel=2)
         else:
             raise DataError(f"none of the {n} training images could be decoded")
         c = self.settings.crop

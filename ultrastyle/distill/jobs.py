@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from ultrastyle.distill.prune import prune_decoder, prune_encoder
 from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
-from ultrastyle.models import convert
+from ultrastyle.errors import Setting, remedied
+from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 
 
@@ -91,14 +93,14 @@ def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, C
         files = readable_images(_listed("images", config.images), min_side=1)
         styles = readable_images(_listed("style", config.style), min_side=1) if config.mode == "adain" and config.style else []
     for w in caught:
-        warn(str(w.message))
+        warn(f"warning: {w.message}")
     if not files:
         raise ConfigError(f"images: no readable image in {config.images}")
     train, val = split_files(files, config.val_fraction)
     style_stream = CropStream(styles, settings, seed=config.seed + 1) if styles else None
     stream = PairStream(CropStream(train, settings, seed=config.seed), style_stream)
-    val_data = CenterCrops(val, settings, styles[: len(val)]).readable(warn) if val else None
-    facts = {"train_images": len(train), "val_images": len(val), "style_images": len(styles)}
+    val_data = CenterCrops(val, settings, styles[: len(val)]).readable(lambda m: warn(f"warning: {m}")) if val else None
+    facts = {"train_images": len(train), "val_images": len(val_data.files) if val_data else 0, "style_images": len(styles)}  # readable ones
     return stream, val_data, facts
 
 
@@ -196,6 +198,12 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
+    written = Path(config.out) / f"{config.stage}{config.kind}.pth"
+    if not resume and written.is_file():  # its run folder may be gone; the weights are still someone's work
+        raise remedied(OutputError(
+            f"{written} holds trained weights already, which a fresh run would replace; resume the run that wrote them "
+            "(resume=True), or move the file away, or write into another model folder (out)"
+        ), (Setting("resume", True), Setting("out")))
     saved = run_dir / CONFIG_FILE
     if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
         given = explicit if explicit is not None else dataclasses.asdict(config)
@@ -230,10 +238,13 @@ def distill(
     config = _prepare_run(config, explicit, resume)
     k = config.stage
     data = _data(config, on_message)
-    teacher = sources.load_encoder(config.teacher, k)
+    with _source("teacher"):
+        teacher = sources.load_encoder(config.teacher, k)
     spec = student_spec(teacher.spec, config.student_arch, config.width_factor)
-    decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborates else None
-    student = _student_init(config, teacher, spec, data[0])
+    with _source("collaborator" if config.collaborator else "teacher"):
+        decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborates else None
+    with _source("init"):
+        student = _student_init(config, teacher, spec, data[0])
     review = _review_head(config, teacher, student) if config.reviews else None
     task = StudentEncoderTask(
         teacher, student, decoder, beta=config.beta, review=review, review_weight=config.review_weight,
@@ -260,10 +271,14 @@ def train_decoder(
     config = _prepare_run(config, explicit, resume)
     k = config.stage
     data = _data(config, on_message)
-    spec = sources.source_arch(config.encoder)
-    encoder = sources.load_encoder(config.encoder, k, aux=None)  # keep Q_k if it has them (to fold into a pruned init)
-    loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
-    decoder = _decoder_init(config, encoder, spec, data[0])
+    with _source("encoder"):
+        spec = sources.source_arch(config.encoder)
+        encoder = sources.load_encoder(config.encoder, k, aux=None)  # keep Q_k if it has them (to fold into a pruned init)
+    _refuse_another_encoder(config, encoder)
+    with _source("loss_encoder"):
+        loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
+    with _source("init"):
+        decoder = _decoder_init(config, encoder, spec, data[0])
     task = DecoderTask(
         encoder, decoder, loss_encoder=loss_encoder, mode=config.mode,  # type: ignore[arg-type]
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
@@ -275,6 +290,30 @@ def train_decoder(
     if result.outputs and config.mode == "adain":  # the folder stylizes with adain by default
         result.outputs.append(record_adain_stage(config.out, k))
     return result
+
+
+@contextmanager
+def _source(setting: str) -> Iterator[None]:
+    """Weights that cannot be found or read from ``setting``'s value: a `ConfigError` naming the setting (before training)."""
+    try:
+        yield
+    except (convert.CheckpointError, zoo.ZooError) as exc:
+        raise remedied(ConfigError(f"{setting}: {exc}"), getattr(exc, "remedy", None)) from exc
+
+
+def _refuse_another_encoder(config: DecoderConfig, encoder: Encoder) -> None:
+    """`OutputError` where the output folder holds a stage encoder other than ``encoder``: the decoder would not fit it."""
+    k = config.stage
+    there = Path(config.out) / f"{k}SE.pth"
+    if not there.is_file() or (Path(config.encoder).is_dir() and Path(config.encoder).resolve() == Path(config.out).resolve()):
+        return
+    theirs = sources.load_encoder(config.out, k, aux=None).state_dict()
+    ours = encoder.state_dict()
+    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[n], ours[n]) for n in ours):
+        raise remedied(OutputError(
+            f"{there} is another encoder than {config.encoder}'s stage {k}, which the decoder is trained for: the folder would pair "
+            "them; write into another model folder (out), or train for the encoder that is there (encoder)"
+        ), (Setting("out"), Setting("encoder")))
 
 
 def _run(

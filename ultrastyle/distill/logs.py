@@ -9,6 +9,7 @@ otherwise, so matplotlib is never required.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,8 +51,11 @@ class LossLog:
         if self.columns is None:
             return
         kept = [r for r in self.rows() if int(r["step"]) <= step]
-        lines = [",".join(self.columns)] + [",".join(r.get(c, "") or "" for c in self.columns) for r in kept]
-        write_atomic(self.path, "\n".join(lines) + "\n")
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)  # as `append` writes rows: one quoting and line ending in the whole file
+        writer.writerow(self.columns)
+        writer.writerows([r.get(c, "") or "" for c in self.columns] for r in kept)
+        write_atomic(self.path, text.getvalue())
 
 
 def _series(rows: list[dict[str, str]], name: str, split: str) -> tuple[list[float], list[float]]:

@@ -19,6 +19,7 @@ at once.
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import signal
 import threading
@@ -117,7 +118,12 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise TrainingError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        # torch's own text for an unpickling error suggests weights_only=False, which would run pickled code: not repeated here
+        why = ("not tensors alone, or not a torch file" if isinstance(exc, pickle.UnpicklingError)
+               else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")  # fmt: skip
+        raise TrainingError(
+            f"{path}: damaged or not a checkpoint ({why}); delete it to start the run again from step 0, or start a new run in another folder"
+        ) from exc
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path}: not an ultrastyle training checkpoint")
     if ck.get("version", 0) > CHECKPOINT_VERSION:
