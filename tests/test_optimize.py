@@ -203,17 +203,19 @@ def test_options_name_the_keyword():
 
 
 def test_a_budget_too_small_for_one_tile_is_an_option_error(optimizer, photo, style):
+    import re
+
     from ultrastyle.api import OptionError
 
-    with pytest.raises(OptionError, match="too small for one tile of the loss network: it needs at least") as info:
-        optimizer.run(photo.permute(1, 2, 0).numpy().copy(), style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="4MB")
+    with pytest.raises(OptionError, match="4 MiB is too small for one tile of the loss network on this image; give at least") as info:
+        optimizer.run(photo.permute(1, 2, 0).numpy().copy(), style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="4MiB")
     assert info.value.option == "max_memory"
-    # Just above the smallest tile, an image's canvases in RAM (Adam's few: under a quarter of the budget) can still
-    # leave too little for one tile of an image larger than a tile.
+    least = int(re.search(r"give at least (\d+) MiB", info.value.message).group(1))
+    # The figure it names runs, even where the image's canvases would fit in RAM beside no tile: they go to disk then.
     big = np.zeros((200, 200, 3), np.uint8)
-    with pytest.raises(OptionError, match="too small for one tile of the loss network: it needs at least") as info:
-        optimizer.run(big, style.permute(1, 2, 0).numpy().copy(), iterations=1, max_memory="44MB", solver="adam")
-    assert info.value.option == "max_memory"
+    assert optimizer.run(big, style.permute(1, 2, 0).numpy().copy(), iterations=0, max_memory=f"{least}MiB", solver="adam").shape == (200, 200, 3)
+    with pytest.raises(OptionError, match=f"give at least {least} MiB"):
+        optimizer.run(big, style.permute(1, 2, 0).numpy().copy(), iterations=0, max_memory=f"{least - 1}MiB", solver="adam")
     # Below the smallest tile, an image small enough runs whole: the budget is judged per image, not refused outright.
     small = np.zeros((64, 64, 3), np.uint8)
     assert optimizer.run(small, small, iterations=0, max_memory="32MB").shape == (64, 64, 3)
@@ -273,11 +275,14 @@ def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_canno
     assert ".webp is no output format" in text["webp"] and "make them agree" in text["clash"]
     assert "2 contents were given; give a folder" in text["two contents"]
     assert "--max-memory" in text["budget"] and "too small for one tile of the loss network" in text["budget"]
-    assert "give one of them" in text["tile and no tile"] and "both 0" in text["zero weights"]
+    assert "give one of them" in text["tile and no tile"]
+    assert "--content-weight 0 and --style-weight 0: the loss would be 0" in " ".join(text["zero weights"].replace("│", " ").split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jpg"]  # nothing made for a refused run
 
 
-@pytest.mark.parametrize(("save_every", "said"), [(0, "no state was saved yet"), (1, "resume from its last saved state")])
+@pytest.mark.parametrize(("save_every", "said"), [
+    (0, "no state was saved yet"), (1, "with --skip-existing (the finished images are not redone) to resume it from its last saved state"),
+])  # fmt: skip
 def test_cli_ctrl_c_says_whether_a_rerun_resumes(cd16x_dir, shared_dir, tmp_path, save_every, said):
     import signal
     import subprocess
@@ -471,3 +476,74 @@ def test_optimize_outputs_refuse_a_file_in_the_way_and_take_any_case_of_suffix(s
         assert info.value.option == "output"
     assert [output_format(tmp_path / n, None) for n in ("a.JPG", "b.Png", "c.jpeg", "d.TIF", "e")] == ["jpg", "png", "jpg", "tiff", "png"]
     assert output_format(tmp_path / "a.JPG", "jpeg") == "jpg"
+
+
+def test_outputs_that_would_replace_an_input_or_each_other_are_refused(shared_dir, tmp_path):
+    import shutil
+
+    from ultrastyle.optimization.batch import plan_outputs
+
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    for src in (content, style):  # -o naming an input would overwrite it
+        shutil.copy(src, tmp_path / src.name)
+    for out in (tmp_path / content.name, tmp_path / style.name):
+        with pytest.raises(OptionError, match="is one of the inputs") as info:
+            plan_outputs([tmp_path / content.name], tmp_path / style.name, out, "jpg")
+        assert info.value.option == "output"
+    for sub in ("x", "y"):  # one name in two folders: one output file
+        (tmp_path / sub).mkdir()
+        shutil.copy(content, tmp_path / sub / "p.jpg")
+    with pytest.raises(OptionError, match=r"x/p.jpg and .*y/p.jpg would both write .*p_optimized_cd_style_in3.png") as info:
+        plan_outputs([tmp_path / "x", tmp_path / "y"], style, tmp_path / "out", "png")
+    assert info.value.option == "contents"
+    one = plan_outputs(str(tmp_path / "x" / "p.jpg"), style, tmp_path / "out", "png")  # one path, not its characters
+    assert [p.content for p in one] == [tmp_path / "x" / "p.jpg"]
+    with pytest.raises(OptionError, match="not a Deep Zoom folder"):
+        plan_outputs([content], style, tmp_path / "f.dzi", "png")
+
+
+def test_a_state_dir_that_is_not_a_saved_state_is_refused_and_left_alone(optimizer, shared_dir, tmp_path):
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("also precious")
+    for state in (keep, tmp_path / "afile"):
+        with pytest.raises(OptionError, match="a run replaces its state folder") as info:
+            optimizer.run(content, style, state_dir=state, iterations=0, content_size=32, style_size=32)
+        assert info.value.option == "state_dir"
+    assert (keep / "notes.txt").read_text() == "precious" and (tmp_path / "afile").read_text() == "also precious"
+    out = optimizer.run(content, style, state_dir=tmp_path / "new", iterations=0, content_size=32, style_size=32)  # absent: fine
+    assert out.shape[:2] and not (tmp_path / "new").exists()  # removed once done
+
+
+def test_an_output_name_that_contradicts_the_options_format_is_refused(optimizer, shared_dir, tmp_path):
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    with pytest.raises(OptionError, match="format 'png' but .*x.jpg ends in .jpg"):  # it once wrote PNG bytes into x.jpg
+        optimizer.run(content, style, output=tmp_path / "x.jpg", options=make_optimize_options(iterations=0, content_size=32))
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_optimizer_settings_the_machine_cannot_run_are_typed_errors(cd16x_dir):
+    from ultrastyle.errors import RunnerError
+
+    with pytest.raises(OptionError, match="dtype"):
+        Optimizer(cd16x_dir, dtype="float64")
+    if not torch.cuda.is_available():
+        with pytest.raises(RunnerError, match="no CUDA device is available"):  # not torch's AssertionError
+            Optimizer(cd16x_dir, device="cuda")
+
+
+def test_optimize_cli_refuses_dzi_and_webp_outputs_with_its_own_formats_and_takes_max_pixels(shared_dir, cd16x_dir, tmp_path):
+    from ultrastyle.cli.main import app
+
+    content, style = shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    base = ["optimize", str(content), "--style", str(style), "--model", str(cd16x_dir), "--iterations", "0"]
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "w.webp")])
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "(png, jpg, tiff);" in text, text  # not stylize's list, which has dzi
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "f.dzi")])
+    assert r.exit_code == 2 and "not a Deep Zoom folder" in " ".join(r.output.replace("│", " ").split()), r.output
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "out"), "--max-pixels", "1000"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "(--max-pixels); raise the limit" in text, text

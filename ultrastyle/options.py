@@ -258,14 +258,17 @@ def known_keywords(settings: Collection[str], allowed: Collection[str], model_ke
         raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
 
 
-def output_format(output: str | os.PathLike, given: str | None) -> str:
-    """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png)."""
+def output_format(output: str | os.PathLike, given: str | None, formats: Collection[str] = OUTPUT_FORMATS) -> str:
+    """The format to write ``output`` in: ``given``, which must agree with its suffix, else the suffix (none: png).
+
+    ``formats``: what the caller writes (the optimizer writes no Deep Zoom folder).
+    """
     suffix = Path(output).suffix.lstrip(".")
     if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
         if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
         return format_name(str(given))
-    if suffix and format_name(suffix) not in OUTPUT_FORMATS:
-        raise remedied(OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(OUTPUT_FORMATS)}); "
+    if suffix and format_name(suffix) not in formats:
+        raise remedied(OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(formats)}); "
                                              "give another suffix, or the format (format)"), Setting("format"))  # fmt: skip
     return format_name(suffix) if suffix else "png"

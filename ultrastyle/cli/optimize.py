@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.cli.remedies import as_command, flag_name, swap
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
     DEFAULT_CONTENT_LAYER,
@@ -19,6 +20,7 @@ from ultrastyle.optimization.constants import (
     DEFAULT_ITERATIONS,
     DEFAULT_MAX_MEMORY,
     DEFAULT_STYLE_WEIGHT,
+    FORMATS,
 )
 
 
@@ -57,7 +59,7 @@ def _format(output: Path | None, given: Format | None) -> str:
     if output is None:
         return given.value if given else "png"
     try:
-        fmt = output_format(output, given.value if given else None)
+        fmt = output_format(output, given.value if given else None, FORMATS)
     except OptionError as exc:
         raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     if fmt not in [f.value for f in Format]:  # normalised by output_format: JPG, jpeg -> jpg
@@ -99,6 +101,7 @@ def optimize_command(
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists.")] = False,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
 
@@ -120,16 +123,14 @@ def optimize_command(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
         content_size=content_size, style_size=style_size, max_memory=None if no_tile else max_memory, tile=tile,
-        scratch=scratch, save_every=save_every, seed=seed, format=out_format,
+        scratch=scratch, save_every=save_every, seed=seed, format=out_format, max_pixels=max_pixels,
     )  # fmt: skip
     try:
         opts = make_optimize_options(**settings)
         pairs = plan_outputs(content, style, output, opts.format)
     except OptionError as exc:
-        if exc.option == "output":
-            raise typer.BadParameter(exc.message, param_hint="--output") from None
-        if exc.option in ("contents", "style"):  # nothing to read
-            _err(exc.message)
+        if exc.option in ("contents", "style"):  # nothing to read, or outputs that would collide
+            _err(as_command(exc, exc.message))
             raise typer.Exit(2) from None
         raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     import torch
@@ -180,10 +181,12 @@ def optimize_command(
             summary = run_batch(optimizer, pairs, opts, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
         except BatchInterrupted as stop:
             progress.stop()
+            again = "run the same command again" + ("" if skip_existing else " with --skip-existing (the finished images are not redone)")
             for pair in stop.unfinished:
-                resume = ("run the same command again to resume from its last saved state" if state_dir_for(pair.output).exists() else
-                          "no state was saved yet (--save-every K saves one every K iterations); a rerun starts it again")  # fmt: skip
+                resume = (f"{again} to resume it from its last saved state" if state_dir_for(pair.output).exists() else
+                          f"no state was saved yet (--save-every K saves one every K iterations); {again} to start it again")  # fmt: skip
                 _err(f"interrupted: {pair.output.name} was not finished; {resume}")
+            _err(f"{stop.summary.count('done')} of {len(pairs)} images were done")
             raise typer.Exit(130) from None
     done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
     where = output if as_file else f"outputs in {output}"

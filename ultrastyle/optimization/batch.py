@@ -23,7 +23,7 @@ from ultrastyle.io.images import ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.io.sources import resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
-from ultrastyle.optimization.run import _SETTINGS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
+from ultrastyle.optimization.run import _SETTINGS, FORMATS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
@@ -42,11 +42,15 @@ def is_file_output(output: str | os.PathLike) -> bool:
     return Path(output).suffix.lower() in IMAGE_SUFFIXES and not Path(output).is_dir()
 
 
-def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike, output: str | os.PathLike, fmt: str) -> list[Pair]:
+def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], style: str | os.PathLike, output: str | os.PathLike,
+                 fmt: str) -> list[Pair]:  # fmt: skip
     """One `Pair` per content image (folders and globs expanded): ``output`` a folder, or a file for one content.
 
-    `OptionError` (``contents``, ``style``, ``output``) for inputs that cannot make a batch, before any work.
+    `OptionError` (``contents``, ``style``, ``output``) for inputs that cannot make a batch, before any work: among
+    them an output that is one of the inputs, and two contents whose outputs would have one name.
     """
+    if isinstance(contents, (str, os.PathLike)):  # one path, not a sequence of its characters
+        contents = [contents]
     files = expand_inputs([os.fspath(c) for c in contents])
     if not files:
         raise OptionError("contents", f"no content images found in: {' '.join(map(os.fspath, contents))}")
@@ -54,6 +58,8 @@ def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike
     if not style.is_file():
         raise OptionError("style", f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
     output = Path(output)
+    if output.suffix.lower() == ".dzi":
+        raise OptionError("output", f"{output}: the optimizer writes one image (png, jpg or tiff), not a Deep Zoom folder")
     as_file = is_file_output(output)
     check.output_folder("output", output.parent if as_file else output)  # a file in the way fails here, not after the compute
     if as_file and len(files) > 1:  # a file name for several outputs would silently become a folder
@@ -62,7 +68,20 @@ def plan_outputs(contents: Sequence[str | os.PathLike], style: str | os.PathLike
             "(files in it are named {content}_optimized_{style}.{format})",
         )  # fmt: skip
     spec = StyleSpec((style,))
-    return [Pair(f, spec, output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}") for f in files]
+    pairs = [Pair(f, spec, output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}") for f in files]
+    inputs = {Path(p).resolve(): p for p in [*files, style]}
+    seen: dict[Path, Path] = {}
+    for p in pairs:
+        assert p.output is not None
+        target = p.output.resolve()
+        if target in inputs:
+            raise OptionError("output", f"{p.output} is one of the inputs ({inputs[target]}); writing it would replace that image: give "
+                                        "another output")  # fmt: skip
+        if target in seen:
+            raise OptionError("contents", f"{seen[target]} and {p.content} would both write {p.output}; rename one of them, or "
+                                          "optimize them into different output folders")  # fmt: skip
+        seen[target] = p.content
+    return pairs
 
 
 def check_budget(optimizer: Optimizer, options: OptimizeOptions, pairs: Sequence[Pair]) -> None:
@@ -121,10 +140,11 @@ def run_batch(
             except KeyboardInterrupt:
                 summary.wall_seconds = time.perf_counter() - t0
                 raise BatchInterrupted(summary, unfinished=(pair,)) from None
-            except ImageError as exc:
-                result = PairResult(pair, "failed", str(exc), time.perf_counter() - started)
+            except ImageError as exc:  # its remedy goes with it: a front end says the setting its way
+                result = PairResult(pair, "failed", str(exc), time.perf_counter() - started, remedy=getattr(exc, "remedy", None))
             except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
-                result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started, option=exc.option)
+                result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started, option=exc.option,
+                                    remedy=getattr(exc, "remedy", None))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
                 result = PairResult(pair, "failed", f"{pair.content}: optimization failed ({type(exc).__name__}: {exc})",
                                     time.perf_counter() - started, remedy=getattr(exc, "remedy", None))  # fmt: skip
@@ -136,7 +156,7 @@ def run_batch(
 
 
 def optimize_batch(
-    contents: Sequence[str | os.PathLike],
+    contents: str | os.PathLike | Sequence[str | os.PathLike],
     style: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -163,7 +183,7 @@ def optimize_batch(
     if is_file_output(output):
         from ultrastyle.options import output_format
 
-        settings["format"] = output_format(output, settings.get("format"))
+        settings["format"] = output_format(output, settings.get("format"), FORMATS)
     options = make_optimize_options(**settings)
     pairs = plan_outputs(contents, style, output, options.format)
     loss_dtype = {} if dtype is None else {"dtype": dtype}  # None: the Optimizer's default (float32)

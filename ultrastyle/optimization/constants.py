@@ -10,3 +10,4 @@ DEFAULT_CONTENT_WEIGHT = 1.0
 DEFAULT_STYLE_WEIGHT = 1e-3  # balances the two terms on the CD 16x encoder: see docs/optimize.md
 DEFAULT_ITERATIONS = 100
 DEFAULT_MAX_MEMORY = "2GB"
+FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)

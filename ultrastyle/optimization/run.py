@@ -39,6 +39,7 @@ import torch
 from ultrastyle import options as check
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
+from ultrastyle.core.plan import size_text
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
@@ -47,7 +48,8 @@ from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
-from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY
+from ultrastyle.errors import Setting, remedied
+from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, FORMATS
 from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
@@ -58,7 +60,6 @@ from ultrastyle.optimization.solvers import (
 from ultrastyle.options import OptionError
 
 INITS = ("content", "noise", "wct")
-FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)
 STATE_VERSION = 1
 # Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
 # here at 1024 px with a heap trim after each tile: 933 B/px with glibc's defaults, 1129 B/px with
@@ -170,7 +171,8 @@ def make_optimize_options(
     content_weight = check.number("content_weight", content_weight, least=0)
     style_weight = check.number("style_weight", style_weight, least=0, example=1e4)
     if content_weight == 0 and style_weight == 0:
-        raise OptionError("style_weight", "content_weight and style_weight are both 0: the loss would be 0 and the image would not change")
+        raise remedied(OptionError("style_weight", "content_weight=0 and style_weight=0: the loss would be 0 and the image would not change"),
+                       (Setting("content_weight", 0), Setting("style_weight", 0)))  # fmt: skip
     lw = None
     if layer_weights is not None:
         items = list(layer_weights.items()) if isinstance(layer_weights, Mapping) else list(zip(TAPS, layer_weights))
@@ -242,6 +244,9 @@ def plan_memory(
     if opts.max_memory is None:
         return MemoryPlan(CanvasSite(), opts.tile, need)
     on_disk = need > opts.max_memory // 4 and beside is None
+    least = least_tile_bytes(net)
+    if not on_disk and beside is None and opts.tile is None and opts.max_memory - need < least <= opts.max_memory:
+        on_disk = True  # canvases in RAM would leave no tile; on disk they leave the whole budget to tiles
     site = CanvasSite(opts.scratch or _tempdir()) if on_disk else CanvasSite()
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
@@ -251,7 +256,9 @@ def plan_memory(
         return MemoryPlan(site, None, need)
     core = side - 2 * net.halo
     if core < 2 * net.grid:
-        raise OptionError("max_memory", f"too small for one tile of the loss network: it needs at least {least_tile_bytes(net) / 2**20:.0f} MiB for tiles")
+        total = least + (beside or 0)
+        raise OptionError("max_memory", f"{size_text(opts.max_memory)} is too small for one tile of the loss network on this "
+                                        f"image; give at least {size_text(total, up=True)}")  # fmt: skip
     return MemoryPlan(site, core, need)
 
 
@@ -261,8 +268,13 @@ def _bytes_per_region_pixel(net: LossNetwork) -> float:
 
 
 def least_tile_bytes(net: LossNetwork) -> int:
-    """Bytes of the smallest tile the loss network takes (a core of 2 grid cells inside its halo)."""
-    return math.ceil((2 * net.grid + 2 * net.halo) ** 2 * _bytes_per_region_pixel(net))
+    """Bytes of the smallest tile the loss network takes (a core of 2 grid cells inside its halo).
+
+    One pixel's bytes more than that region's: `plan_memory` takes a square root of the budget, and its rounding must not
+    lose the last row of the region.
+    """
+    side = 2 * net.grid + 2 * net.halo
+    return math.ceil((side * side + 1) * _bytes_per_region_pixel(net))
 
 
 def _tempdir() -> str:
@@ -375,9 +387,12 @@ class Optimizer:
     def __init__(self, model: Any = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  threads: int = 0, progress: bool = True) -> None:  # fmt: skip
         from ultrastyle.models.networks import Encoder
+        from ultrastyle.runtime.backends.select import require_torch_device
 
         self.model, self.threads = model, check.thread_count("threads", threads)
-        check.device("device", str(device))
+        require_torch_device(check.device("device", str(device)))
+        if dtype not in (torch.float32, torch.float64):
+            raise OptionError("dtype", f"expected torch.float32 or torch.float64, got {dtype!r}")
         if isinstance(model, Encoder):
             encoder = model
         else:
@@ -440,14 +455,18 @@ class Optimizer:
         `OptionError` for a bad setting.
         """
         if output is not None and "options" not in settings:
-            settings["format"] = check.output_format(output, settings.get("format"))  # as `Stylizer.stylize`: from the name
+            settings["format"] = check.output_format(output, settings.get("format"), FORMATS)  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
             check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")
             opts = make_optimize_options(**settings)
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
+        elif output is not None:  # the options' format, which the output's name must not contradict
+            check.output_format(output, opts.format, FORMATS)
         self.check(opts)
+        if state_dir is not None:
+            _check_state_dir(Path(state_dir))
         if not self.threads:
             return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
         threads = torch.get_num_threads()
@@ -581,6 +600,14 @@ def _wct(model: Any, content: torch.Tensor, style: ImageLike, opts: OptimizeOpti
 
 def _solver_settings(opts: OptimizeOptions) -> dict:
     return {"history": opts.history} if opts.solver == "lbfgs" else {"lr": opts.lr}
+
+
+def _check_state_dir(folder: Path) -> None:
+    """`OptionError` for a ``state_dir`` that holds anything but a saved state: a run replaces it, and removes it once done."""
+    if not folder.exists() or (folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir()))):
+        return
+    what = "a file" if not folder.is_dir() else "a folder without an optimization state (no state.json)"
+    raise OptionError("state_dir", f"{folder} is {what}; a run replaces its state folder and removes it when done: give a new folder")
 
 
 def _save_state(folder: Path, fingerprint: str, scale: int, solver: Solver) -> None:

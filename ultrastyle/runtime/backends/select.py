@@ -173,6 +173,13 @@ def check_runner_options(*, backend: str = "auto", device: str = "cpu", precisio
     check.thread_count("threads", threads)
 
 
+def require_torch_device(device: str) -> None:
+    """`RunnerError` where PyTorch has no CUDA device for ``device`` (``cuda``, ``cuda:N``); the CPU always runs."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise remedied(RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')"),
+                       (Setting("device", "cuda"), Setting("device", "cpu")))  # fmt: skip
+
+
 def _precisions(backend: str) -> tuple[str, ...]:
     """The precisions ``backend`` runs, as each backend declares them."""
     if backend == "tensorrt":
@@ -230,9 +237,7 @@ def open_runner(
             )
         from ultrastyle.runtime.backends.torch_backend import TorchRunner
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise remedied(RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')"),
-                           (Setting("device", "cuda"), Setting("device", "cpu")))  # fmt: skip
+        require_torch_device(device)
         model = load_model(source, stages=stages, device=device, progress=progress)
         return TorchRunner(model, threads=threads, precision=precision, compile=compile)
     from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner, providers_for
