@@ -17,6 +17,7 @@ from ultrastyle.core.plan import TilingOptions
 from ultrastyle.export.bundle import export_bundle
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import Runner, RunnerError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from ultrastyle.runtime.backends.select import ensure_bundle, open_runner, resolve_backend
@@ -233,7 +234,7 @@ def test_auto_backend_is_onnxruntime_on_cpu_and_tensorrt_says_what_is_missing():
     if missing_for_tensorrt():  # one message naming each missing piece, before any export
         with pytest.raises(RunnerError, match="the TensorRT backend needs"):
             open_runner("cd-wct-16x", backend="tensorrt")
-    with pytest.raises(RunnerError, match="unknown backend"):
+    with pytest.raises(OptionError, match="backend: expected one of auto, torch, onnxruntime, tensorrt, got 'tflite'"):
         resolve_backend("tflite", "cpu")
 
 

@@ -378,9 +378,10 @@ def test_trained_weights_in_the_output_folder_are_not_replaced_by_a_fresh_run(te
     distill(cfg)
     shutil.rmtree(tmp_path / "m" / "runs")
     before = (tmp_path / "m" / "2SE.pth").read_bytes()
-    with pytest.raises(OutputError, match=r"2SE.pth holds trained weights already.*\(resume=True\)") as info:
-        distill(cfg)
-    assert "(--resume)" in as_command(info.value) and "(--out)" in as_command(info.value)
+    for resume in (False, True):  # nothing to resume either: a run would start over
+        with pytest.raises(OutputError, match=r"2SE.pth holds trained weights already, and .* has no checkpoint to resume") as info:
+            distill(cfg, resume=resume)
+        assert "(--out)" in as_command(info.value)
     assert (tmp_path / "m" / "2SE.pth").read_bytes() == before and not (tmp_path / "m" / "runs").exists()
 
 
@@ -422,6 +423,14 @@ def test_a_run_resumes_from_another_directory_and_from_a_copied_folder(teacher_d
     assert moved.train.step == 4 and moved.outputs == [tmp_path / "copy" / "2SE.pth"]  # written where it was resumed, not in r1
     with pytest.raises(ConfigError, match=r"lr=0.001 \(now 0.01\)"):  # how it trains is still compared
         distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=5, lr=0.01), resume=True)
+    # train-decoder's documented layout: the encoder is the output folder itself, and moves with it
+    dec = DecoderConfig(stage=2, out=str(work / "r1"), encoder=str(work / "r1"), images=str(work / "imgs"), crop=16, resize=24,
+                        batch_size=2, steps=2, checkpoint_every=1, workers=0)  # fmt: skip
+    train_decoder(dec)
+    shutil.copytree(work / "r1", tmp_path / "copy2")
+    again = train_decoder(DecoderConfig(**{**dec.__dict__, "out": str(tmp_path / "copy2"), "encoder": str(tmp_path / "copy2"), "steps": 3}),
+                          resume=True)  # fmt: skip
+    assert again.train.step == 3 and again.outputs == [tmp_path / "copy2" / "2SD.pth"]
 
 
 @pytest.mark.parametrize(("argv", "said"), [

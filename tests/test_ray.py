@@ -373,9 +373,28 @@ def test_bad_pool_settings_are_refused_before_ray_starts(monkeypatch, cd16x_dir)
         assert info.value.option == option, info.value
 
 
-def test_compile_reaches_every_worker_runner(tmp_path, cd16x_dir):
-    """``compile=True`` goes to each worker's runner (it was once dropped without a word): ONNX Runtime refuses it there."""
+def test_compile_reaches_every_worker_runner(tmp_path, cd16x_dir, monkeypatch):
+    """``compile=True`` goes from `ClusterStylizer` into the workers' `RunnerSpec` (it was once dropped without a word),
+    and a worker opens its runner with it (ONNX Runtime refuses it there)."""
+    import types
+
+    from ultrastyle.api import ClusterStylizer
+    from ultrastyle.distributed import pool
     from ultrastyle.distributed.worker import RunnerSpec, StylizeWorker
 
+    class Started(Exception):
+        pass
+
+    def start(self, workers):
+        self.started_with = self.spec
+        raise Started(self.spec)
+
+    monkeypatch.setattr(pool, "connect", lambda address: False)  # no Ray: the pool is stopped where its actors would start
+    monkeypatch.setattr(pool, "import_ray", lambda loopback: types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}))
+    monkeypatch.setattr(pool.WorkerPool, "_start", start)
+    monkeypatch.setattr(pool.WorkerPool, "close", lambda self: None)
+    with pytest.raises(Started) as info:
+        ClusterStylizer(cd16x_dir, address="local", levels=(5,), backend="torch", compile=True)
+    assert info.value.args[0].compile is True and info.value.args[0].backend == "torch"
     worker = StylizeWorker(RunnerSpec(str(cd16x_dir), backend="onnxruntime", stages=(5,), compile=True), {})
     assert worker.runner is None and "compile=True runs the torch backend" in worker.error, worker.error

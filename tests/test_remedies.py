@@ -135,7 +135,7 @@ def test_a_setting_swaps_only_its_own_keyword_and_value():
 def test_a_call_and_a_setting_on_one_error_are_each_shown_as_the_command_line_says_them():
     fix = Remedy("calibrate", ("b/", Placeholder("PHOTOS/")), (("stages", [3]),))
     exc = remedied(RunnerError(f"calibrate again: {fix.python()}, or every stage (stages=None)"), (fix, Setting("stages", None)))
-    assert as_command(exc) == "calibrate again: ultrastyle calibrate b/ --images PHOTOS/ --stages [3], or every stage (leave out --stages)"
+    assert as_command(exc) == "calibrate again: ultrastyle calibrate b/ --images PHOTOS/ --stages 3, or every stage (leave out --stages)"
 
 
 @pytest.mark.parametrize(("argv", "said", "exit_code"), [
@@ -143,6 +143,7 @@ def test_a_call_and_a_setting_on_one_error_are_each_shown_as_the_command_line_sa
     (["--backend", "onnxruntime", "--compile"], "--compile runs the torch backend", 2),
     (["-o", "result.png"], "and the format separately (--format)", 2),
     (["--max-pixels", "1000"], "(--max-pixels); raise the limit", 1),
+    (["--max-pixels", "200000"], "style /", 1),  # the content (420 x 420) fits, the style does not: its error names the flag too
 ])  # fmt: skip
 def test_stylize_names_its_flags_where_the_library_names_keywords(argv, said, exit_code, tmp_path, cd16x_dir, shared_dir, monkeypatch):
     from typer.testing import CliRunner
@@ -150,10 +151,11 @@ def test_stylize_names_its_flags_where_the_library_names_keywords(argv, said, ex
     from ultrastyle.cli.main import app
 
     monkeypatch.chdir(tmp_path)
-    content = shared_dir / "images" / "content" / "cd_content_in1.jpg"
-    style = shared_dir / "images" / "style" / "cd_style_in1.jpg"
+    content = shared_dir / "images" / "content" / "cd_content_in2.jpg"  # 420 x 420
+    style = shared_dir / "images" / "style" / "cd_style_in1.jpg"  # larger
     argv = ["stylize", str(content), "--style", str(style), "-m", str(cd16x_dir), "--levels", "5", *argv]
     r = CliRunner().invoke(app, argv if "-o" in argv else [*argv, "-o", "out"])
     text = " ".join(r.output.replace("│", " ").split())  # a usage error comes in a box
     assert r.exit_code == exit_code and said in text, text
+    assert "(--max-pixels); raise the limit" in text or "--max-pixels" not in argv, text
     assert not re.search(r"\b(threads|compile|max_pixels|format)=|\(max_pixels\)|\(format\)", text), text  # no library keyword is left

@@ -102,8 +102,9 @@ def make_options(
     max_pixels = check.pixel_limit("max_pixels", max_pixels)
     depth, png_level = check.count("depth", depth), check.count("png_level", png_level)
     io_workers = check.count("io_workers", io_workers, what="reader and encoder threads")
-    if io_workers > 4 * (os.cpu_count() or 1):
-        raise OptionError("io_workers", f"expected at most 4 per core ({os.cpu_count()} cores here), got {io_workers}; 0 picks half the cores")
+    if io_workers > check.MAX_THREADS_PER_CORE * (os.cpu_count() or 1):
+        raise OptionError("io_workers", f"expected at most {check.MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here), "
+                                        f"got {io_workers}; 0 picks half the cores")  # fmt: skip
     preserve_color = check.choice("preserve_color", preserve_color, COLOR_MODES)
     fmt = check.format_choice("format", format, OUTPUT_FORMATS)
     if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
@@ -356,8 +357,9 @@ class ClusterStylizer(Stylizer):
     ``distribute_tiles``: each image runs on every actor (its stages' tiles
     spread over them), one image after the other, for images too large or slow
     for one machine; the result equals the local one. Other keywords as
-    `Stylizer`. Raises ``ClusterError`` (Ray missing or unreachable) or
-    ``RunnerError`` (the workers cannot open the model).
+    `Stylizer`. Raises ``OptionError`` (a bad setting, before Ray starts),
+    ``ClusterError`` (Ray missing or unreachable) or ``RunnerError`` (the
+    workers cannot open the model).
     """
 
     def __init__(

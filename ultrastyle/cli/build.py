@@ -47,13 +47,17 @@ def build_command(
     from ultrastyle.deploy import build_tensorrt, check_tensorrt
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
-    from ultrastyle.options import OptionError
+    from ultrastyle.options import OptionError, memory_budget
     from ultrastyle.trt.graphs import GraphError
 
     try:
         asked = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    try:
+        memory_budget("workspace", workspace)  # a typo is refused with --check too, which takes no workspace
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     tiles = {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max}
     if check:
         try:

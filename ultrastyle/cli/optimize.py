@@ -140,6 +140,8 @@ def optimize_command(
         raise typer.Exit(2)
     try:
         optimizer = Optimizer(model, device=device.value, threads=threads)
+    except OptionError as exc:  # --threads beyond the cores
+        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
         _err(" ".join(as_command(exc).split()))
         raise typer.Exit(2) from None

@@ -25,14 +25,12 @@ COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
 
 
 def command(remedy: Remedy) -> str:
-    """``remedy`` as a command line: keywords as ``--flags`` (True: the flag alone)."""
+    """``remedy`` as a command line: keywords as flags, as `flag` says a setting (True: the flag alone; a list: comma-separated)."""
     name, positional, always = COMMANDS[remedy.function]
     parts = [name]
-    for flag, value in zip(positional, remedy.args):
-        parts += [str(value)] if flag is None else [flag, str(value)]
-    for key, value in remedy.kwargs:
-        flag = "--" + key.replace("_", "-")
-        parts += [flag] if value is True else [flag, str(value)]
+    for given, value in zip(positional, remedy.args):
+        parts += [str(value)] if given is None else [given, str(value)]
+    parts += [flag(Setting(key, value)) for key, value in remedy.kwargs]
     return " ".join([*parts, *always])
 
 

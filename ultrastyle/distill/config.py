@@ -280,6 +280,8 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
     """
     now = dataclasses.asdict(given)
     then = dataclasses.asdict(saved)
+    moved = _moved_with_out(then, now)  # e.g. train-decoder's encoder in its own output folder, copied with it
+    then.update(moved)
     names = {str(k).replace("-", "_") for k in explicit}
     clash = sorted(k for k in names - RESUMABLE - LOCATION if k in now and not _same(now[k], then[k]))
     if clash:
@@ -288,7 +290,24 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
             f"cannot resume with different settings: the run was started with {diffs}; "
             "start a new run in another folder to change them"
         )
-    return dataclasses.replace(saved, **{k: now[k] for k in (RESUMABLE & names) | LOCATION})
+    return dataclasses.replace(saved, **moved, **{k: now[k] for k in (RESUMABLE & names) | LOCATION})
+
+
+def _moved_with_out(then: dict[str, Any], now: dict[str, Any]) -> dict[str, str]:
+    """Saved path settings inside the saved output folder, moved into the output folder given now (where it differs)."""
+    old, new = then.get("out"), now.get("out")
+    if not old or not new or _same(new, old):
+        return {}
+    old_dir = Path(old).resolve()
+    out = {}
+    for name in PATHS:
+        value = then.get(name)
+        if name in LOCATION or not isinstance(value, str) or not value:
+            continue
+        path = Path(value).resolve()
+        if path == old_dir or old_dir in path.parents:
+            out[name] = str(Path(new).resolve() / path.relative_to(old_dir))
+    return out
 
 
 def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = None) -> None:

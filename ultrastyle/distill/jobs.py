@@ -199,11 +199,11 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
     written = Path(config.out) / f"{config.stage}{config.kind}.pth"
-    if not resume and written.is_file():  # its run folder may be gone; the weights are still someone's work
+    if written.is_file() and not (run_dir / CHECKPOINT).is_file():  # its run folder may be gone; the weights are still someone's work
         raise remedied(OutputError(
-            f"{written} holds trained weights already, which a fresh run would replace; resume the run that wrote them "
-            "(resume=True), or move the file away, or write into another model folder (out)"
-        ), (Setting("resume", True), Setting("out")))
+            f"{written} holds trained weights already, and {run_dir} has no checkpoint to resume: a run would start from step 0 and "
+            "replace them; move the file away, or write into another model folder (out)"
+        ), Setting("out"))
     saved = run_dir / CONFIG_FILE
     if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
         given = explicit if explicit is not None else dataclasses.asdict(config)
@@ -307,7 +307,8 @@ def _refuse_another_encoder(config: DecoderConfig, encoder: Encoder) -> None:
     there = Path(config.out) / f"{k}SE.pth"
     if not there.is_file() or (Path(config.encoder).is_dir() and Path(config.encoder).resolve() == Path(config.out).resolve()):
         return
-    theirs = sources.load_encoder(config.out, k, aux=None).state_dict()
+    with _source("out"):
+        theirs = sources.load_encoder(config.out, k, aux=None).state_dict()
     ours = encoder.state_dict()
     if theirs.keys() != ours.keys() or any(not torch.equal(theirs[n], ours[n]) for n in ours):
         raise remedied(OutputError(

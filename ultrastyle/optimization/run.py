@@ -327,7 +327,7 @@ def _read(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch.Tens
         return src, array_to_tensor(read_source(src, max_pixels))
     except ImageError as exc:
         if role == "style":  # "style photo.jpg: cannot read ...", as `stylize` says it
-            raise ImageError(f"style {exc}") from None
+            raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None  # its setting, named its way
         raise
 
 

@@ -332,7 +332,7 @@ class StyleBook:
             warn_read_whole(src, opts, plan)
             canvas = decode(src, opts, plan).to_canvas(CanvasSite())
         except ImageError as exc:
-            raise ImageError(f"style {exc}") from None
+            raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None  # its setting, named its way
         if recolor is not None:
             with canvas:
                 recoloured = match_colors(torch.from_numpy(canvas.read(slice(None), slice(None))), recolor)

@@ -102,7 +102,8 @@ def requested_ranges(
     given = [(n, v) for n, v in (("tile_min", tile_min), ("tile_opt", tile_opt), ("tile_max", tile_max)) if v is not None]
     for (a, x), (b, y) in zip(given, given[1:]):
         if x > y:
-            raise remedied(ValueError(f"{a}={x} is above {b}={y}; give the tile sides in order, min <= opt <= max"), (Setting(a, x), Setting(b, y)))
+            named = (Setting(a, int(x)), Setting(b, int(y)))
+            raise remedied(ValueError(f"{named[0].python()} is above {named[1].python()}; give the tile sides in order, min <= opt <= max"), named)
     defaults = default_ranges(spec, stages, precision)
     out = {}
     for k in stages:

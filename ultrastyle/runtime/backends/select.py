@@ -144,8 +144,7 @@ def resolve_backend(
     backend: str, device: str, source: str | Path | None = None, stages: tuple[int, ...] = STAGES, precision: str = "fp32"
 ) -> str:
     """``auto`` -> a concrete backend for ``device`` (TensorRT when ``source`` has fresh engines here)."""
-    if backend not in BACKENDS:
-        raise RunnerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check.choice("backend", backend, BACKENDS)
     if backend != "auto":
         return backend
     if precision == "bf16":  # only PyTorch runs bfloat16 networks

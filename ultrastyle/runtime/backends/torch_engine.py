@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.core.transforms import apply_affine
-from ultrastyle.errors import RunnerError, Setting, remedied
+from ultrastyle.errors import RunnerError
 from ultrastyle.models.networks import Decoder, reflect_pad
 from ultrastyle.models.pretrained import StyleModel
 
@@ -52,8 +52,7 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 def network_dtype(precision: str) -> torch.dtype:
     """``"fp16"`` -> torch.float16; a typed error naming the keyword for anything else."""
     if precision not in DTYPES:
-        raise remedied(RunnerError(f"precision={precision!r} is not one the torch backend runs; choose one of {', '.join(DTYPES)}"),
-                       Setting("precision", precision))  # fmt: skip
+        raise RunnerError(f"precision={precision!r} is not one the torch backend runs; choose one of {', '.join(DTYPES)}")
     return DTYPES[precision]
 
 
