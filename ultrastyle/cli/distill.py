@@ -162,7 +162,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                 run_dir = config.resolved_run_dir()
                 _err(
                     f"aborted; the last checkpoint in {run_dir} is intact: rerun with --resume" if (run_dir / CHECKPOINT).exists()
-                    else "aborted before training started; nothing was saved"
+                    else "aborted before training started; no checkpoint was written (a rerun starts this stage again)"
                 )  # fmt: skip
                 raise typer.Exit(130) from None
             _report(progress.console, result)
@@ -205,7 +205,8 @@ def _report(console: Console, r: JobResult) -> None:
 # Shared options (None: "from --config, else the default").
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML file of settings (keys as the flag names); flags override it.")]
 StageOpt = Annotated[Optional[str], typer.Option("--stage", help="Stage(s) 1..5, e.g. 4 or 1,2,3,4,5 (run one after another).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write {k}SE.pth/{k}SD.pth and architecture.json into.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write {k}SE.pth and architecture.json into.")]
+DecoderOutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write {k}SD.pth (and {k}SE.pth when it has none) into.")]
 ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder of training photos (searched recursively).")]
 StyleOpt = Annotated[Optional[Path], typer.Option("--style", help="Folder of style images (AdaIN mode).")]
 ModeOpt = Annotated[Optional[Mode], typer.Option(help="wct: reconstruction losses; adain: AdaIN style-transfer loss (needs --style).")]
@@ -290,7 +291,7 @@ def distill_command(
 def train_decoder_command(
     encoder: Annotated[Optional[str], typer.Option("--encoder", "-e", help="Encoder whose features are decoded: zoo name, model folder or VGG-19 .pth.")] = None,
     stage: StageOpt = None,
-    out: OutOpt = None,
+    out: DecoderOutOpt = None,
     images: ImagesOpt = None,
     loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder", show_default="the encoder")] = None,
     init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider)", show_default="random")] = None,

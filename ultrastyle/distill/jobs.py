@@ -341,4 +341,7 @@ def _run(
     outputs = []
     if result.status == "done":
         outputs.append(write_network(out, filename, task.trained, result.step))
+        decoder = out / f"{config.stage}SD.pth"
+        if config.kind == "SE" and decoder.is_file():  # trained on another encoder's features
+            on_message(f"warning: {decoder} was trained before this encoder was written; train the decoder again for it")
     return JobResult(config, run_dir, result, outputs)
