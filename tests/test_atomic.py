@@ -216,3 +216,11 @@ def test_a_folder_that_cannot_be_made_is_named_not_its_temp(tmp_path: Path) -> N
         with atomic_dir(target):
             pass
     assert PARTIAL_SUFFIX not in str(info.value)
+
+
+def test_atomic_dir_over_a_file_leaves_no_partial_behind(tmp_path: Path) -> None:
+    (tmp_path / "out_files").write_text("a file where the folder goes")
+    with atomic_dir(tmp_path / "out_files") as tmp:
+        (tmp / "0").mkdir()
+    assert (tmp_path / "out_files" / "0").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_files"]  # the file it replaced is gone, not left as a partial

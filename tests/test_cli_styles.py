@@ -145,3 +145,37 @@ def test_preserve_color_match_moves_the_palette_towards_the_content(invoke, imag
     match = _read(tmp_path / "match" / "c_stylized_s1.png").reshape(-1, 3)
     plain = _read(tmp_path / "plain" / "c_stylized_s1.png").reshape(-1, 3)
     assert np.abs(match.mean(0) - content.mean(0)).sum() < np.abs(plain.mean(0) - content.mean(0)).sum()
+
+
+def test_mix_and_mask_mistakes_are_refused_before_the_model_is_fetched(images, tmp_path, monkeypatch):
+    """A fresh install: the usage error, not a download of the model first (nothing is installed here)."""
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", str(tmp_path / "nowhere"))  # a download would fail loudly, not hang
+
+    def run(*args: object) -> Result:
+        return CliRunner().invoke(app, ["stylize", *map(str, args), "-m", "cd-wct-16x", "-o", str(tmp_path / "o")])
+
+    cases = {
+        "mask": run(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask3"]),
+        "weights": run(images["c"], "--mix", f"{images['s1']}=-1", "--mix", f"{images['s2']}=1"),
+        "zero": run(images["c"], "--mix", f"{images['s1']}=0", "--mix", f"{images['s2']}=0"),
+        "one --mix, two values": run(images["c"], "--mix", f"{images['s1']}=0.7", f"{images['s2']}=0.3"),
+    }
+    said = {k: " ".join(r.output.replace("│", " ").split()) for k, r in cases.items()}
+    assert all(r.exit_code == 2 for r in cases.values()), said
+    assert "the mask has 3 labels but 2 style(s)" in said["mask"] and ">= 0" in said["weights"] and "all zero" in said["zero"]
+    assert "two or more styles, each given with its own --mix" in said["one --mix, two values"]
+    assert not any("download" in text or "nowhere" in text for text in said.values()), said
+    assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
+
+
+def test_a_mask_painted_on_a_transparent_layer_has_the_transparent_region_as_a_label(tmp_path):
+    from ultrastyle.io.masks import read_labels
+
+    a = np.zeros((8, 12, 4), np.uint8)
+    a[:, :6, :3] = (12, 34, 56)  # transparent, whatever its colour channels hold
+    a[:, 6:] = (255, 255, 255, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "m.png")
+    labels, colours = read_labels(tmp_path / "m.png")
+    assert colours == [(0, 0, 0, 0), (255, 255, 255, 255)]  # two labels, not one white region
+    assert (labels[:, :6] == 0).all() and (labels[:, 6:] == 1).all()

@@ -572,3 +572,20 @@ def test_numpy_orientation_matches_pil_exif_transpose(orientation):
     img.info["exif"] = exif.tobytes()
     ref = np.asarray(ImageOps.exif_transpose(img))
     assert np.array_equal(_orient(a, orientation), ref)
+
+
+def test_tiffs_pillow_cannot_open_are_read_through_tifffile(tmp_path):
+    """Float RGB samples and 16-bit planes stored one after another: pixels, not "corrupt"."""
+    import tifffile
+
+    from ultrastyle.io.images import read_image
+
+    rgb = np.random.default_rng(0).random((12, 16, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "f32.tif", rgb * 1.5 - 0.25)  # out of [0, 1] too: clipped, as a whole float image is read
+    np.testing.assert_array_equal(read_image(tmp_path / "f32.tif"), np.clip(rgb * 1.5 - 0.25, 0, 1))
+    planes = np.random.default_rng(1).integers(0, 65536, (3, 12, 16)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", planes, planarconfig="separate", photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), np.moveaxis(planes, 0, -1))
+    (tmp_path / "cut.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ImageError, match="truncated or corrupt TIFF file"):
+        read_image(tmp_path / "cut.tif")

@@ -107,8 +107,10 @@ def make_options(
                                         f"got {io_workers}; 0 picks half the cores")  # fmt: skip
     preserve_color = check.choice("preserve_color", preserve_color, COLOR_MODES)
     fmt = check.format_choice("format", format, OUTPUT_FORMATS)
-    if depth not in (8, 16) or (depth == 16 and fmt in ("jpg", "dzi")):
-        raise OptionError("depth", f"expected 8, or 16 with png or tiff, got {depth} with {fmt}; give depth 8, or format png or tiff")
+    if depth not in (8, 16):
+        raise OptionError("depth", f"expected 8 or 16 (bits per sample), got {depth}")
+    if depth == 16 and fmt in ("jpg", "dzi"):
+        raise OptionError("depth", f"16 bits need png or tiff, not {fmt}; give depth 8, or format png or tiff")
     tiff_layout = check.choice("tiff_layout", tiff_layout, TIFF_LAYOUTS)
     tiff_compression = check.choice("tiff_compression", tiff_compression, TIFF_COMPRESSIONS)
     dzi_tiles = check.choice("dzi_tiles", dzi_tiles, DZI_TILE_FORMATS)
@@ -158,6 +160,14 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         items = list(mix.items()) if isinstance(mix, Mapping) else list(mix)
         if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
             raise OptionError("mix", "expected (style, weight) pairs or a {style: weight} dict, e.g. [('a.jpg', 0.7), ('b.jpg', 0.3)]")
+        if len(items) < 2:
+            raise OptionError("mix", "a mix blends two or more styles; give one style as style=")
+        for i, (s, w) in enumerate(items):
+            try:
+                check.number("mix", w, least=0, example=0.5)
+            except OptionError as exc:  # which style's weight
+                raise OptionError("mix", f"the weight of {os.fspath(s) if isinstance(s, (str, os.PathLike)) else _nth('style', i)}: "
+                                         f"{exc.message}") from None  # fmt: skip
         paths = [os.path.abspath(s) for s, _ in items if isinstance(s, (str, os.PathLike))]
         if twice := sorted({p for p in paths if paths.count(p) > 1}):
             raise OptionError("mix", f"{twice[0]} is given twice; give each style once with its weight")

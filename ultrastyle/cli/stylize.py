@@ -136,6 +136,15 @@ def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
         if path in paths:
             raise typer.BadParameter(f"{name} is given twice; give each style once with its weight", param_hint="--mix")
         paths.append(path)
+    if len(paths) < 2:  # `--mix a.jpg=0.7 b.jpg=0.3` gives one --mix (b.jpg=0.3 becomes a content)
+        raise typer.BadParameter("a mix blends two or more styles, each given with its own --mix (--mix a.jpg=0.7 --mix b.jpg=0.3); "
+                                 "for one style use --style", param_hint="--mix")  # fmt: skip
+    from ultrastyle.core.styles import mix_weights  # the library's rule, before the model opens
+
+    try:
+        mix_weights(weights)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from None
     return list(zip(paths, weights))
 
 
@@ -249,6 +258,15 @@ def stylize_command(
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
+    if mask is not None:  # its label count, before the model opens (a download, an export)
+        from ultrastyle.io.images import ImageError
+        from ultrastyle.io.masks import check_label_count, read_labels
+
+        try:
+            check_label_count(mask, read_labels(mask, max_pixels=options.max_pixels)[1], len(styles))
+        except ImageError as exc:
+            _err(str(exc))
+            raise typer.Exit(2) from None
     if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device.value == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
     console = Console(stderr=True, highlight=False)

@@ -154,7 +154,7 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
                 os.replace(old, path)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)  # a folder, or a file that stood where the folder goes
     except BaseException:
         _remove(tmp)
         raise

@@ -73,11 +73,13 @@ def array_to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.float32) / np.float32(peak)).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_alpha: bool = False) -> np.ndarray:
     """Read ``path`` as an (H, W, 3) RGB array: uint8, uint16 (16-bit files) or float32 in [0, 1].
 
     EXIF orientation is applied; grey, palette and CMYK images become RGB;
-    transparency is composited over white; 16-bit grey and 16-bit RGB PNG/TIFF
+    transparency is composited over white (``keep_alpha``: an 8-bit image with
+    transparency is (H, W, 4) RGBA instead, its fully transparent pixels all
+    (0, 0, 0, 0), as a mask's labels want); 16-bit grey and 16-bit RGB PNG/TIFF
     keep their precision. Raises `ImageError` naming the file and the cause.
     """
     path = Path(path)
@@ -98,13 +100,17 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                 return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
-            return pil_to_array(img)
+            return pil_to_array(img, keep_alpha=keep_alpha)
     except ImageError:
         raise
     except PermissionError as exc:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from exc
     except UnidentifiedImageError as exc:
         kind = _signature(path)
+        if kind in ("TIFF", "BigTIFF"):  # float RGB and other layouts Pillow does not open
+            found = _read_tiff(path, max_pixels)
+            if found is not None:
+                return found
         if kind:  # the file says what it is, but its header or directory is cut or damaged
             raise ImageError(f"{path}: truncated or corrupt {kind} file (its header or directory cannot be read)") from exc
         raise ImageError(f"{path}: not an image file PIL can read") from exc
@@ -245,11 +251,44 @@ def _is_rgb16(path: Path, img: Image.Image) -> bool:
     return False
 
 
+def _read_tiff(path: Path, max_pixels: int) -> np.ndarray | None:
+    """A TIFF Pillow cannot open (float samples, BigTIFF) through tifffile, as `read_image` gives pixels; None if it cannot either."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            check_pixels(path, page.imagewidth, page.imagelength, max_pixels)
+            a = _interleaved(page.asarray(), page)
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError):
+        return None
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype.kind not in "uf":
+        return None
+    if a.dtype.kind == "f":
+        a = np.clip(a.astype(np.float32), 0, 1)  # as a float image Pillow opens (mode F) is read
+    elif a.dtype not in (np.uint8, np.uint16):
+        return None
+    return over_white(a) if a.shape[2] == 4 else np.ascontiguousarray(a)
+
+
+def _interleaved(a: np.ndarray, page: object) -> np.ndarray:
+    """tifffile's samples of a planar (``planarconfig`` separate) page, (S, H, W), as (H, W, S)."""
+    if a.ndim == 3 and int(getattr(page, "planarconfig", 1)) == 2:
+        return np.moveaxis(a, 0, -1)
+    return a
+
+
 def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
     import imagecodecs
     import tifffile
 
-    a = tifffile.imread(path) if fmt == "TIFF" else imagecodecs.png_decode(path.read_bytes())
+    if fmt == "TIFF":
+        with tifffile.TiffFile(path) as tif:
+            a = _interleaved(tif.pages[0].asarray(), tif.pages[0])
+    else:
+        a = imagecodecs.png_decode(path.read_bytes())
     if a.ndim != 3 or a.shape[2] not in (3, 4):
         raise ImageError(f"{path}: unsupported 16-bit layout {a.shape}")
     if a.shape[2] == 4:
@@ -276,8 +315,8 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
-def pil_to_array(img: Image.Image) -> np.ndarray:
-    """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside)."""
+def pil_to_array(img: Image.Image, *, keep_alpha: bool = False) -> np.ndarray:
+    """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside; ``keep_alpha`` as there)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey (PNG/TIFF): keep the precision instead of going through 8 bits.
@@ -287,6 +326,10 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
         a = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         return np.repeat(a[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
+    if has_alpha and keep_alpha:
+        a = np.array(img.convert("RGBA"))
+        a[a[..., 3] == 0] = 0  # what a transparent pixel's colour channels hold is not seen: one label
+        return a
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -19,25 +19,31 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     numbered in ascending order of colour, so label ``i`` takes the ``i``-th
     style. Raises `ImageError` naming the file for unreadable images and for
     images with more than `MAX_LABELS` colours (a photo or a JPEG, whose
-    compression noise makes every pixel a label).
+    compression noise makes every pixel a label). Transparent pixels (a mask
+    painted on a transparent layer) are one label, colour (0, 0, 0, 0): the first.
     """
-    return labels_of(read_image(path, max_pixels=max_pixels), str(path))
+    return labels_of(read_image(path, max_pixels=max_pixels, keep_alpha=True), str(path))
 
 
 def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """`read_labels` of decoded pixels (H, W, 3) or (H, W); ``name`` names them in errors."""
+    """`read_labels` of decoded pixels (H, W, 3), (H, W, 4) RGBA or (H, W); ``name`` names them in errors."""
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
+    if a.shape[-1] == 4 and (a[..., 3] == np.iinfo(a.dtype).max).all():
+        a = a[..., :3]  # opaque: the colours alone
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    if np.array_equal(r, g) and np.array_equal(r, b):
+    if a.shape[-1] == 3 and np.array_equal(r, g) and np.array_equal(r, b):
         values, inverse = np.unique(r, return_inverse=True)
         colours = [(int(v),) for v in values]
     else:
         shift = 8 * a.itemsize
-        packed = (r.astype(np.int64) << (2 * shift)) | (g.astype(np.int64) << shift) | b
+        channels = a.shape[-1]
+        packed = np.zeros(r.shape, np.int64)
+        for c in range(channels):
+            packed = (packed << shift) | a[..., c].astype(np.int64)
         values, inverse = np.unique(packed, return_inverse=True)
         m = (1 << shift) - 1
-        colours = [(int(v >> (2 * shift)), int((v >> shift) & m), int(v & m)) for v in values]
+        colours = [tuple(int((v >> (shift * (channels - 1 - c))) & m) for c in range(channels)) for v in values]
     if len(values) > MAX_LABELS:
         raise ImageError(
             f"{name}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "

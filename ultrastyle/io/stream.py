@@ -125,6 +125,8 @@ def _to_rgb(a: np.ndarray, mode: str) -> np.ndarray:
         out = colour * alpha + peak * (1 - alpha)
         a = (out + 0.5).astype(np.uint16) if a.dtype == np.uint16 else out.astype(np.float32)
         mode = mode[:-1]
+    if a.dtype.kind == "f":  # float samples are read as [0, 1], clipped as a whole read clips them (`pil_to_array`)
+        a = np.clip(a, 0, 1)
     if mode in ("L", "LA"):
         return np.repeat(a[..., :1], 3, axis=2)
     return np.ascontiguousarray(a[..., :3])
