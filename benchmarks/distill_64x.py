@@ -79,6 +79,7 @@ from ultrastyle.distill.data import CropSettings, CropStream, PairStream, list_i
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
 from ultrastyle.distill.jobs import calibration_crops, distill, train_decoder
 from ultrastyle.distill.metrics import psnr, ssim
+from ultrastyle.distill.outputs import OutputError
 from ultrastyle.distill.prune import prune_encoder
 from ultrastyle.distill.sources import load_decoder, load_encoder
 from ultrastyle.distill.trainer import StepReport
@@ -146,7 +147,11 @@ def train(args: argparse.Namespace) -> bool:
                 continue
             job = distill if config.kind == "SE" else train_decoder
             t0 = time.perf_counter()
-            result = job(config, resume=True, on_step=_progress(label, args.checkpoint_every), on_message=lambda m, l=label: print(f"[{l}] {m}", flush=True))
+            try:
+                result = job(config, resume=True, on_step=_progress(label, args.checkpoint_every), on_message=lambda m, l=label: print(f"[{l}] {m}", flush=True))
+            except OutputError as exc:  # weights of another run in the way (e.g. its run folder moved aside, not the weights)
+                print(f"[{label}] refused: {exc}", flush=True)
+                return False
             t = result.train
             if t.status != "done":
                 print(f"[{label}] interrupted at step {t.step}; run the same command again to resume", flush=True)

@@ -179,3 +179,15 @@ def test_a_mask_painted_on_a_transparent_layer_has_the_transparent_region_as_a_l
     labels, colours = read_labels(tmp_path / "m.png")
     assert colours == [(0, 0, 0, 0), (255, 255, 255, 255)]  # two labels, not one white region
     assert (labels[:, :6] == 0).all() and (labels[:, 6:] == 1).all()
+
+
+def test_mask_labels_come_in_ascending_colour_for_any_sample_type():
+    from ultrastyle.io.masks import labels_of
+
+    rgba16 = np.zeros((2, 3, 4), np.uint16)
+    rgba16[0, 0], rgba16[0, 1] = (40000, 0, 0, 65535), (100, 0, 0, 65535)  # red above 2**15: no sign bit in the order
+    assert labels_of(rgba16)[1] == [(0, 0, 0, 0), (100, 0, 0, 65535), (40000, 0, 0, 65535)]
+    floats = np.zeros((2, 2, 3), np.float32)
+    floats[0, 0], floats[0, 1] = (1, 0, 0), (0, 1, 0)  # three colours, not one (0, 0, 0)
+    labels, colours = labels_of(floats)
+    assert colours == [(0, 0, 0), (0, 65535, 0), (65535, 0, 0)] and labels[0].tolist() == [2, 1]

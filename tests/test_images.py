@@ -586,6 +586,8 @@ def test_tiffs_pillow_cannot_open_are_read_through_tifffile(tmp_path):
     planes = np.random.default_rng(1).integers(0, 65536, (3, 12, 16)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "planar.tif", planes, planarconfig="separate", photometric="rgb")
     np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), np.moveaxis(planes, 0, -1))
+    with pytest.raises(ImageError, match=r"above the limit of 100 pixels \(max_pixels\)"):  # the limit, not "corrupt"
+        read_image(tmp_path / "f32.tif", max_pixels=100)
     (tmp_path / "cut.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(ImageError, match="truncated or corrupt TIFF file"):
         read_image(tmp_path / "cut.tif")

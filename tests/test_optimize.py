@@ -500,6 +500,15 @@ def test_outputs_that_would_replace_an_input_or_each_other_are_refused(shared_di
     assert [p.content for p in one] == [tmp_path / "x" / "p.jpg"]
     with pytest.raises(OptionError, match="not a Deep Zoom folder"):
         plan_outputs([content], style, tmp_path / "f.dzi", "png")
+    # A rerun into the contents' own folder: the earlier output is not a content; one file named two ways is one content.
+    shutil.copy(content, tmp_path / "x" / "p_optimized_cd_style_in3.png")
+    again = plan_outputs([tmp_path / "x", tmp_path / "x" / "p.jpg"], style, tmp_path / "x", "png")
+    assert [p.content.name for p in again] == ["p.jpg"]
+    state = tmp_path / "x" / ".p_optimized_cd_style_in3.png.optimize-state"
+    state.mkdir()
+    (state / "notes.txt").write_text("not ours")
+    with pytest.raises(OptionError, match="optimization state is saved, holds something else"):
+        plan_outputs([tmp_path / "x" / "p.jpg"], style, tmp_path / "x", "png")
 
 
 def test_a_state_dir_that_is_not_a_saved_state_is_refused_and_left_alone(optimizer, shared_dir, tmp_path):

@@ -265,7 +265,7 @@ def stylize_command(
         try:
             check_label_count(mask, read_labels(mask, max_pixels=options.max_pixels)[1], len(styles))
         except ImageError as exc:
-            _err(str(exc))
+            _err(as_command(exc, flags=_FLAGS))
             raise typer.Exit(2) from None
     if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device.value == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time

@@ -294,7 +294,7 @@ def for_resume(saved: C, given: C, explicit: Mapping[str, Any]) -> C:
 
 
 def _moved_with_out(then: dict[str, Any], now: dict[str, Any]) -> dict[str, str]:
-    """Saved path settings inside the saved output folder, moved into the output folder given now (where it differs)."""
+    """Saved path settings inside the saved output folder, moved into the output folder given now where they are there too."""
     old, new = then.get("out"), now.get("out")
     if not old or not new or _same(new, old):
         return {}
@@ -306,7 +306,9 @@ def _moved_with_out(then: dict[str, Any], now: dict[str, Any]) -> dict[str, str]
             continue
         path = Path(value).resolve()
         if path == old_dir or old_dir in path.parents:
-            out[name] = str(Path(new).resolve() / path.relative_to(old_dir))
+            moved = Path(new).resolve() / path.relative_to(old_dir)
+            if moved.exists():  # copied along; a path left behind stays where it is
+                out[name] = str(moved)
     return out
 
 

@@ -154,7 +154,10 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
                 os.replace(old, path)
             raise
         if old is not None:
-            _remove(old)  # a folder, or a file that stood where the folder goes
+            try:
+                _remove(old)  # a folder, or a file that stood where the folder goes
+            except OSError:
+                pass  # the new folder is in place; what is left has our pattern, and sweep_stale removes it
     except BaseException:
         _remove(tmp)
         raise

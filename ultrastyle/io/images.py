@@ -258,8 +258,13 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray | None:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            check_pixels(path, page.imagewidth, page.imagelength, max_pixels)
+            if int(page.photometric) not in (1, 2):  # grey (black is 0) or RGB; CMYK, palette, white-is-0: not guessed at
+                return None
+            check_pixels(path, page.imagewidth, page.imagelength, max_pixels)  # an ImageError: a ValueError, not caught below
             a = _interleaved(page.asarray(), page)
+            orientation = int(getattr(page, "orientation", 1) or 1)
+    except ImageError:
+        raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError):
         return None
     if a.ndim == 2:
@@ -267,10 +272,11 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray | None:
     if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype.kind not in "uf":
         return None
     if a.dtype.kind == "f":
-        a = np.clip(a.astype(np.float32), 0, 1)  # as a float image Pillow opens (mode F) is read
+        a = a.astype(np.float32)
+        np.clip(a, 0, 1, out=a)  # as a float image Pillow opens (mode F) is read
     elif a.dtype not in (np.uint8, np.uint16):
         return None
-    return over_white(a) if a.shape[2] == 4 else np.ascontiguousarray(a)
+    return _orient(over_white(a) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
 
 
 def _interleaved(a: np.ndarray, page: object) -> np.ndarray:

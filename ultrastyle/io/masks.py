@@ -26,30 +26,33 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
 
 
 def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """`read_labels` of decoded pixels (H, W, 3), (H, W, 4) RGBA or (H, W); ``name`` names them in errors."""
+    """`read_labels` of decoded pixels (H, W, 3), (H, W, 4) RGBA or (H, W); ``name`` names them in errors.
+
+    Float samples (in [0, 1]) are read as 16-bit values, so that colours are whole numbers in ascending order.
+    """
+    if a.dtype.kind == "f":
+        a = np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
     if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
+        a = a[..., None]
     if a.shape[-1] == 4 and (a[..., 3] == np.iinfo(a.dtype).max).all():
         a = a[..., :3]  # opaque: the colours alone
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    if a.shape[-1] == 3 and np.array_equal(r, g) and np.array_equal(r, b):
-        values, inverse = np.unique(r, return_inverse=True)
-        colours = [(int(v),) for v in values]
-    else:
-        shift = 8 * a.itemsize
-        channels = a.shape[-1]
-        packed = np.zeros(r.shape, np.int64)
-        for c in range(channels):
-            packed = (packed << shift) | a[..., c].astype(np.int64)
-        values, inverse = np.unique(packed, return_inverse=True)
-        m = (1 << shift) - 1
-        colours = [tuple(int((v >> (shift * (channels - 1 - c))) & m) for c in range(channels)) for v in values]
+    if a.shape[-1] == 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
+        a = a[..., :1]  # grey: one value per label
+    # Channels packed into one unsigned 64-bit number (at most 4 x 16 bits): sorted, they are the colours in ascending order.
+    shift, channels = 8 * a.itemsize, a.shape[-1]
+    packed = np.zeros(a.shape[:2], np.uint64)
+    for c in range(channels):
+        packed = (packed << np.uint64(shift)) | a[..., c].astype(np.uint64)
+    values, inverse = np.unique(packed, return_inverse=True)
+    m = (1 << shift) - 1
+    colours = [tuple((int(v) >> (shift * (channels - 1 - c))) & m for c in range(channels)) for v in values]
+    shape = a.shape[:2]
     if len(values) > MAX_LABELS:
         raise ImageError(
             f"{name}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "
             f"(at most {MAX_LABELS}), e.g. a PNG painted without antialiasing (not a JPEG)"
         )
-    return inverse.reshape(r.shape).astype(np.uint8), colours
+    return inverse.reshape(shape).astype(np.uint8), colours
 
 
 def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: int) -> None:

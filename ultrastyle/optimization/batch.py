@@ -68,19 +68,28 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
             "(files in it are named {content}_optimized_{style}.{format})",
         )  # fmt: skip
     spec = StyleSpec((style,))
-    pairs = [Pair(f, spec, output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}") for f in files]
-    inputs = {Path(p).resolve(): p for p in [*files, style]}
+    files = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # one file named two ways is one content
+
+    def out_of(f: Path) -> Path:
+        return output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}"
+
+    planned = {out_of(f).resolve() for f in files}
+    # Earlier outputs in the contents' folder are not contents (a rerun into that folder, --skip-existing after Ctrl-C).
+    pairs = [Pair(f, spec, out_of(f)) for f in files if f.resolve() not in planned or out_of(f).resolve() == f.resolve()]
     seen: dict[Path, Path] = {}
     for p in pairs:
         assert p.output is not None
         target = p.output.resolve()
-        if target in inputs:
-            raise OptionError("output", f"{p.output} is one of the inputs ({inputs[target]}); writing it would replace that image: give "
-                                        "another output")  # fmt: skip
+        if target in (p.content.resolve(), style.resolve()):
+            raise OptionError("output", f"{p.output} is one of the inputs; writing it would replace that image: give another output")
         if target in seen:
             raise OptionError("contents", f"{seen[target]} and {p.content} would both write {p.output}; rename one of them, or "
                                           "optimize them into different output folders")  # fmt: skip
         seen[target] = p.content
+        state = state_dir_for(p.output)
+        if state.exists() and not (state / "state.json").is_file() and (state.is_file() or any(state.iterdir())):
+            raise OptionError("output", f"{state}, where {p.output.name}'s optimization state is saved, holds something else: move it "
+                                        "away")  # fmt: skip
     return pairs
 
 

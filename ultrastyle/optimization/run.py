@@ -251,12 +251,14 @@ def plan_memory(
     if opts.tile is not None:
         return MemoryPlan(site, opts.tile, need)
     tiles = opts.max_memory - (0 if on_disk else need) - (beside or 0)
-    side = int(math.sqrt(tiles / _bytes_per_region_pixel(net))) // net.grid * net.grid
+    side = int(math.sqrt(max(tiles, 0) / _bytes_per_region_pixel(net))) // net.grid * net.grid
     if side * side >= hp * wp and side >= max(hp, wp) // 2:  # the whole image fits: one tile, no halo
         return MemoryPlan(site, None, need)
     core = side - 2 * net.halo
     if core < 2 * net.grid:
-        total = least + (beside or 0)
+        # The least budget that works: the content's canvases go to disk where RAM would leave no tile (above); the style's
+        # pass keeps its canvas and the content's in RAM.
+        total = least + (need + beside if beside is not None else 0)
         raise OptionError("max_memory", f"{size_text(opts.max_memory)} is too small for one tile of the loss network on this "
                                         f"image; give at least {size_text(total, up=True)}")  # fmt: skip
     return MemoryPlan(site, core, need)
