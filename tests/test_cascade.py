@@ -117,5 +117,5 @@ def test_parse_levels_accepts_stage_lists_and_rejects_others():
     assert parse_levels("5,4,3,2,1") == (5, 4, 3, 2, 1)
     assert parse_levels("3") == (3,)
     for bad in ("", "0", "6", "a,b"):
-        with pytest.raises(ValueError, match="levels"):
+        with pytest.raises(ValueError, match=f"expected comma-separated stage numbers 1..5, got {bad!r}"):
             parse_levels(bad)
