@@ -1,8 +1,10 @@
-"""The validators of a run's settings, shared by `api.make_options` and `optimization.run.make_optimize_options`.
+"""The validators of a run's settings: `api.make_options`, `optimization.run.make_optimize_options`, the runner options
+(`runtime.backends.select.check_runner_options`), training configs, calibration settings and the Ray pool.
 
-One rule per keyword: a setting both resolvers take (``max_memory``,
-``tile``, ``content_size``, ``style_size``, ``max_pixels``, ``format``) is
-checked by the same function in both and fails with the same `OptionError`.
+One rule per keyword: a setting several resolvers take (``max_memory``,
+``tile``, ``content_size``, ``style_size``, ``max_pixels``, ``format``,
+``threads``, ``device``) is checked by the same function in each and fails
+with the same `OptionError`.
 Each function is pure: it returns the resolved value or raises `OptionError`
 whose ``option`` is the Python keyword (``max_memory``) and whose message says
 what was expected, what came and how to fix it, in the library's terms (the
