@@ -39,10 +39,13 @@ def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple
     if a.shape[-1] == 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
         a = a[..., :1]  # grey: one value per label
     # Channels packed into one unsigned 64-bit number (at most 4 x 16 bits): sorted, they are the colours in ascending order.
+    # A grey mask's values are sorted as they are (no 8-byte copy of a gigapixel mask).
     shift, channels = 8 * a.itemsize, a.shape[-1]
-    packed = np.zeros(a.shape[:2], np.uint64)
-    for c in range(channels):
-        packed = (packed << np.uint64(shift)) | a[..., c].astype(np.uint64)
+    packed = a[..., 0]
+    if channels > 1:
+        packed = np.zeros(a.shape[:2], np.uint64)
+        for c in range(channels):
+            packed = (packed << np.uint64(shift)) | a[..., c].astype(np.uint64)
     values, inverse = np.unique(packed, return_inverse=True)
     m = (1 << shift) - 1
     colours = [tuple((int(v) >> (shift * (channels - 1 - c))) & m for c in range(channels)) for v in values]
