@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.cli.remedies import as_command, flag_name, swap
+from ultrastyle.cli.remedies import as_command, bad_parameter, swap
 from ultrastyle.core.arch import parse_levels
 
 if TYPE_CHECKING:
@@ -94,8 +94,7 @@ def build_command(
 
 def _bad_option(exc: OptionError) -> typer.BadParameter:
     """A tile side's error names the three flags: which of them is out of order is in the message."""
-    hint = "--tile-min/--tile-opt/--tile-max" if exc.option.startswith("tile_") else flag_name(exc.option)
-    return typer.BadParameter(as_command(exc, exc.message), param_hint=hint)
+    return bad_parameter(exc, hint="--tile-min/--tile-opt/--tile-max" if exc.option.startswith("tile_") else None)
 
 
 def _print_check(report, precision: str) -> None:

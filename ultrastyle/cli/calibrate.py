@@ -21,7 +21,7 @@ from ultrastyle.calibration.constants import (
     KEEP_FLOAT,
     METHODS,
 )
-from ultrastyle.cli.remedies import as_command, flag_name
+from ultrastyle.cli.remedies import as_command, bad_parameter
 from ultrastyle.core.arch import parse_levels
 from ultrastyle.models import zoo
 
@@ -65,7 +65,7 @@ def calibrate_command(
     try:
         calibration_settings(**settings)
     except OptionError as exc:
-        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
+        raise bad_parameter(exc) from None
     try:
         stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
     except ValueError as exc:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.cli.remedies import as_command, flag_name, swap
+from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
@@ -61,7 +61,7 @@ def _format(output: Path | None, given: Format | None) -> str:
     try:
         fmt = output_format(output, given.value if given else None, FORMATS)
     except OptionError as exc:
-        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
+        raise bad_parameter(exc) from None
     if fmt not in [f.value for f in Format]:  # normalised by output_format: JPG, jpeg -> jpg
         raise typer.BadParameter(f"{output}: optimize writes png, jpg or tiff, not {fmt}", param_hint="--output")
     return fmt
@@ -132,7 +132,7 @@ def optimize_command(
         if exc.option in ("contents", "style"):  # nothing to read, or outputs that would collide
             _err(as_command(exc, exc.message))
             raise typer.Exit(2) from None
-        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
+        raise bad_parameter(exc) from None
     import torch
 
     if device is Device.cuda and not torch.cuda.is_available():
@@ -141,7 +141,7 @@ def optimize_command(
     try:
         optimizer = Optimizer(model, device=device.value, threads=threads)
     except OptionError as exc:  # --threads beyond the cores
-        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
+        raise bad_parameter(exc) from None
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
         _err(" ".join(as_command(exc).split()))
         raise typer.Exit(2) from None
@@ -153,7 +153,7 @@ def optimize_command(
             Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
         check_budget(optimizer, opts, pairs)
     except OptionError as exc:
-        raise typer.BadParameter(as_command(exc, exc.message), param_hint=flag_name(exc.option)) from None
+        raise bad_parameter(exc) from None
     console = Console(stderr=True, highlight=False)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import typer
 
 from ultrastyle.errors import Remedies, Remedy, Setting, remedies_of
+
+if TYPE_CHECKING:
+    from ultrastyle.options import OptionError
 
 # Remedy.function -> (command, what each positional argument is there: None a positional, else its flag; flags it always has).
 COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
@@ -72,3 +78,8 @@ def swap(text: str, remedy: Remedies, flags: Mapping[str, str] | None = None) ->
 def as_command(exc: BaseException, text: str | None = None, flags: Mapping[str, str] | None = None) -> str:
     """``text`` (default: ``str(exc)``) with ``exc``'s remedy, if any, written as a command and its settings as flags."""
     return swap(str(exc) if text is None else text, getattr(exc, "remedy", None), flags)
+
+
+def bad_parameter(exc: OptionError, flags: Mapping[str, str] | None = None, hint: str | None = None) -> typer.BadParameter:
+    """A library `OptionError` as typer's usage error: its message with settings as flags, under its option's flag (or ``hint``)."""
+    return typer.BadParameter(as_command(exc, exc.message, flags), param_hint=hint or flag_name(exc.option, flags))

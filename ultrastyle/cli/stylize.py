@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ultrastyle.cli.remedies import as_command, flag_name, swap
+from ultrastyle.cli.remedies import as_command, bad_parameter, swap
 
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from ultrastyle.models import zoo
@@ -114,10 +114,6 @@ def _drop(progress: Progress) -> None:
 _FLAGS = {"output_dir": "--output", "address": "--ray"}
 
 
-def _flag(option: str) -> str:
-    return flag_name(option, _FLAGS)
-
-
 def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
     """``["a.jpg=0.7", "b.jpg=0.3"]`` -> [(path, weight), ...]; one clear error per bad item."""
     paths: list[Path] = []
@@ -153,7 +149,7 @@ def _err(message: str) -> None:
 
 
 def _bad_option(exc: OptionError) -> typer.BadParameter:
-    return typer.BadParameter(as_command(exc, exc.message, _FLAGS), param_hint=_flag(exc.option))
+    return bad_parameter(exc, _FLAGS)
 
 
 def stylize_command(
