@@ -138,8 +138,8 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             def on_message(m: str) -> None:
                 progress.console.print(m, markup=False, soft_wrap=True)
 
-            written = Path(config.out) / f"{config.stage}{kind}.pth"  # with weights there, the run refuses and says why
-            if resume and not (config.resolved_run_dir() / CHECKPOINT).exists() and not written.exists():  # a typo in -o would go unnoticed
+            # A typo in -o would go unnoticed; with weights there, the run refuses and says why.
+            if resume and not (config.resolved_run_dir() / CHECKPOINT).exists() and not config.weights_file().exists():
                 on_message(f"--resume: no checkpoint in {config.resolved_run_dir()}; starting from step 0")
             try:
                 with warnings.catch_warnings():

@@ -119,6 +119,10 @@ class RunConfig:
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out) / "runs" / f"{self.stage}{self.kind}"
 
+    def weights_file(self) -> Path:
+        """Where the run's trained network goes: ``OUT/{k}SE.pth`` or ``OUT/{k}SD.pth``."""
+        return Path(self.out) / f"{self.stage}{self.kind}.pth"
+
 
 @dataclass
 class DistillConfig(RunConfig):

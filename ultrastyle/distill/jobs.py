@@ -198,7 +198,7 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
-    written = Path(config.out) / f"{config.stage}{config.kind}.pth"
+    written = config.weights_file()
     if written.is_file() and not (run_dir / CHECKPOINT).is_file():  # its run folder may be gone; the weights are still someone's work
         raise remedied(OutputError(
             f"{written} holds trained weights already, and {run_dir} has no checkpoint to resume: a run would start from step 0 and "
@@ -252,7 +252,7 @@ def distill(
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    return _run(config, task, spec, f"{k}SE.pth", data, resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
+    return _run(config, task, spec, data, resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
 
 
 def train_decoder(
@@ -284,7 +284,7 @@ def train_decoder(
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    result = _run(config, task, spec, f"{k}SD.pth", data, resume, on_step, on_message, {})
+    result = _run(config, task, spec, data, resume, on_step, on_message, {})
     if result.outputs and not (Path(config.out) / f"{k}SE.pth").is_file():
         result.outputs.append(write_network(config.out, f"{k}SE.pth", encoder))
     if result.outputs and config.mode == "adain":  # the folder stylizes with adain by default
@@ -321,7 +321,6 @@ def _run(
     config: RunConfig,
     task: StudentEncoderTask | DecoderTask,
     spec: ArchSpec,
-    filename: str,
     data: tuple[PairStream, CenterCrops | None, dict[str, Any]],
     resume: bool,
     on_step: Callable[[StepReport], None] | None,
@@ -340,7 +339,7 @@ def _run(
     result = trainer.fit(resume=resume)
     outputs = []
     if result.status == "done":
-        outputs.append(write_network(out, filename, task.trained, result.step))
+        outputs.append(write_network(out, config.weights_file().name, task.trained, result.step))
         decoder = out / f"{config.stage}SD.pth"
         if config.kind == "SE" and decoder.is_file():  # trained on another encoder's features
             on_message(f"warning: {decoder} was trained before this encoder was written; train the decoder again for it")
