@@ -23,7 +23,7 @@ from ultrastyle.io.images import ImageError
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.io.sources import resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
-from ultrastyle.optimization.run import _SETTINGS, FORMATS, OptimizeOptions, Optimizer, ProgressEvent, make_optimize_options
+from ultrastyle.optimization.run import _SETTINGS, FORMATS, OptimizeOptions, Optimizer, ProgressEvent, foreign_state, make_optimize_options
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
@@ -87,7 +87,7 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
                                           "optimize them into different output folders")  # fmt: skip
         seen[target] = p.content
         state = state_dir_for(p.output)
-        if state.exists() and not (state / "state.json").is_file() and (state.is_file() or any(state.iterdir())):
+        if foreign_state(state):
             raise OptionError("output", f"{state}, where {p.output.name}'s optimization state is saved, holds something else: move it "
                                         "away")  # fmt: skip
     return pairs

@@ -468,7 +468,9 @@ class Optimizer:
             check.output_format(output, opts.format, FORMATS)
         self.check(opts)
         if state_dir is not None:
-            _check_state_dir(Path(state_dir))
+            if what := foreign_state(Path(state_dir)):
+                raise OptionError("state_dir", f"{state_dir} is {what}; a run replaces its state folder and removes it when done: give a "
+                                               "new folder")  # fmt: skip
         if not self.threads:
             return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
         threads = torch.get_num_threads()
@@ -604,12 +606,11 @@ def _solver_settings(opts: OptimizeOptions) -> dict:
     return {"history": opts.history} if opts.solver == "lbfgs" else {"lr": opts.lr}
 
 
-def _check_state_dir(folder: Path) -> None:
-    """`OptionError` for a ``state_dir`` that holds anything but a saved state: a run replaces it, and removes it once done."""
+def foreign_state(folder: Path) -> str | None:
+    """What ``folder`` is when it holds anything but a saved state (a run replaces it, and removes it once done); None when free."""
     if not folder.exists() or (folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir()))):
-        return
-    what = "a file" if not folder.is_dir() else "a folder without an optimization state (no state.json)"
-    raise OptionError("state_dir", f"{folder} is {what}; a run replaces its state folder and removes it when done: give a new folder")
+        return None
+    return "a file" if not folder.is_dir() else "a folder without an optimization state (no state.json)"
 
 
 def _save_state(folder: Path, fingerprint: str, scale: int, solver: Solver) -> None:
