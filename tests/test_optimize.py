@@ -555,4 +555,57 @@ def test_optimize_cli_refuses_dzi_and_webp_outputs_with_its_own_formats_and_take
     assert r.exit_code == 2 and "not a Deep Zoom folder" in " ".join(r.output.replace("│", " ").split()), r.output
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "out"), "--max-pixels", "1000"])
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "(--max-pixels); raise the limit" in text, text
+    assert r.exit_code == 2 and f"style {style}:" in text and "(--max-pixels); raise the limit" in text, text  # the style: once
+    small = tmp_path / "small.png"
+    Image.open(style).convert("RGB").resize((30, 20)).save(small)
+    r = CliRunner().invoke(app, [*base[:3], str(small), *base[4:], "-o", str(tmp_path / "out"), "--max-pixels", "1000"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and f"{content}:" in text and "(--max-pixels); raise the limit" in text, text  # the content: it fails
+
+
+def test_a_style_that_every_content_would_fail_on_is_refused_once_before_the_model_opens(shared_dir, tmp_path, monkeypatch):
+    import ultrastyle
+    from ultrastyle.cli.main import app
+    from ultrastyle.io.images import ImageError
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))  # an empty zoo: opening the model would mean a download
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", "http://127.0.0.1:9/nowhere")
+    contents = [shared_dir / "images/content/cd_content_in2.jpg", shared_dir / "images/content/cd_content_in4.jpg"]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = CliRunner().invoke(app, ["optimize", *map(str, contents), "--style", str(bad), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.count("error:") == 1, r.output
+    assert f"style {bad}: not an image file" in " ".join(r.output.split()) and "download" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ImageError, match="style .*bad.jpg: not an image file"):
+        ultrastyle.optimize_batch(contents, bad, tmp_path / "out")
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.pth"))
+
+
+def test_a_fixed_tile_that_costs_more_than_expected_is_a_tile_warning(optimizer):
+    from ultrastyle import TileWarning
+
+    with pytest.warns(TileWarning, match=r"tile 16 px is small beside the loss network's halo of 80 px.* a tile of (\d+) px") as seen:
+        optimizer.check(make_optimize_options(tile=16))
+    enough = int(__import__("re").search(r"a tile of (\d+) px", str(seen[0].message)).group(1))
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        optimizer.check(make_optimize_options(tile=enough))  # the size it names is quiet
+        optimizer.check(make_optimize_options())  # an automatic tile is never warned about
+    with pytest.warns(TileWarning, match="more than the 100 MiB memory budget"):
+        optimizer.check(make_optimize_options(tile=4000, max_memory="100MB"))
+
+
+def test_a_log_gets_plain_progress_lines_at_each_scale_not_a_bar(cd16x_dir, shared_dir, tmp_path, one_thread):
+    from ultrastyle.cli.main import app
+
+    content = tmp_path / "c.png"
+    Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((64, 48)).save(content)
+    r = CliRunner().invoke(app, ["optimize", str(content), "--style", str(content), "-o", str(tmp_path / "out"), "--model", str(cd16x_dir),
+                                 "--iterations", "2", "--scales", "32,full"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("c_optimized_c.png: iteration")]
+    assert [x.split(" loss")[0] for x in lines] == [
+        "c_optimized_c.png: iteration 2/2 scale 1/2 32x24", "c_optimized_c.png: iteration 2/2 scale 2/2 64x48"
+    ], r.output
+    assert "━" not in r.output  # no bar drawn into the log

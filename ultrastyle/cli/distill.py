@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 from enum import Enum
 from functools import partial
@@ -21,13 +20,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli.logs import LogLines
 from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.arch import parse_levels
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig, RunConfig, resolve
 from ultrastyle.models import zoo
-
-# Seconds between progress lines in a log (stderr not a terminal); checkpoints, validations and the end always get one.
-LOG_LINE_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from ultrastyle.distill.jobs import JobResult
@@ -121,19 +118,17 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
     with Progress(
         TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=False,
-        disable=not err.is_terminal,  # a log gets plain lines (`on_step`), not one bar cut at 80 columns at the end
+        disable=LogLines(err).active,  # a log gets plain lines (`on_step`)
     ) as progress:  # fmt: skip
         for config in configs:
             name = f"stage {config.stage} {kind}"
             bar = progress.add_task("", total=config.steps, name=name)
-            said = [time.monotonic()]
+            lines = LogLines(err)
 
-            def on_step(r: StepReport, bar: Any = bar, name: str = name, said: list[float] = said) -> None:
+            def on_step(r: StepReport, bar: Any = bar, name: str = name, lines: LogLines = lines) -> None:
                 progress.update(bar, completed=r.step, total=r.steps, description=_loss_text(r.losses))
-                if not err.is_terminal and (r.event or r.step >= r.steps or time.monotonic() - said[0] >= LOG_LINE_SECONDS):
-                    said[0] = time.monotonic()
-                    err.print(f"{name}: step {r.step}/{r.steps} {_loss_text(r.losses)}{' (' + r.event + ')' if r.event else ''}",
-                              markup=False, soft_wrap=True)  # fmt: skip
+                lines.say(f"{name}: step {r.step}/{r.steps} {_loss_text(r.losses)}{' (' + r.event + ')' if r.event else ''}",
+                          milestone=bool(r.event) or r.step >= r.steps)  # fmt: skip
 
             def on_message(m: str) -> None:
                 progress.console.print(m, markup=False, soft_wrap=True)

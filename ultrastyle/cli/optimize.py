@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli.logs import LogLines
 from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -110,7 +111,8 @@ def optimize_command(
     same command is run again. Exit status is 1 if any content failed; the
     others still run.
     """
-    from ultrastyle.optimization.batch import check_budget, is_file_output, plan_outputs, run_batch, state_dir_for
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.optimization.batch import check_budget, check_style, is_file_output, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
     from ultrastyle.options import OptionError
     from ultrastyle.runtime.batch import BatchInterrupted, Pair, PairResult
@@ -133,6 +135,11 @@ def optimize_command(
             _err(as_command(exc, exc.message))
             raise typer.Exit(2) from None
         raise bad_parameter(exc) from None
+    try:
+        check_style(style, opts.max_pixels)  # one error for the batch, before the model opens
+    except ImageError as exc:
+        _err(swap(str(exc), getattr(exc, "remedy", None)))
+        raise typer.Exit(2) from None
     import torch
 
     if device is Device.cuda and not torch.cuda.is_available():
@@ -155,9 +162,11 @@ def optimize_command(
     except OptionError as exc:
         raise bad_parameter(exc) from None
     console = Console(stderr=True, highlight=False)
+    lines = LogLines(console)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        disable=lines.active,  # a log gets plain lines (`on_progress`)
     ) as progress:  # fmt: skip
         tasks: dict[Path, int] = {}
 
@@ -165,10 +174,12 @@ def optimize_command(
             if pair.output not in tasks:
                 tasks[pair.output] = progress.add_task("", total=e.scales * opts.iterations or None, name=pair.output.name)
             v = e.value
+            text = (f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
+                    f"(content {opts.content_weight * v.content:.3g}, style {v.total - opts.content_weight * v.content:.3g}) "
+                    f"{e.tiles} tile(s)")  # fmt: skip
             progress.update(tasks[pair.output], completed=e.scale * opts.iterations + e.iteration, total=e.scales * opts.iterations,
-                            description=f"scale {e.scale + 1}/{e.scales} {e.size[1]}x{e.size[0]} loss {v.total:.4g} "
-                                        f"(content {opts.content_weight * v.content:.3g}, style {v.total - opts.content_weight * v.content:.3g}) "
-                                        f"{e.tiles} tile(s)")  # fmt: skip
+                            description=text)  # fmt: skip
+            lines.say(f"{pair.output.name}: iteration {e.iteration}/{e.iterations} {text}", milestone=e.iteration >= e.iterations)
 
         def on_result(r: PairResult) -> None:
             if r.status == "failed":

@@ -17,17 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from ultrastyle import options as check
+from ultrastyle.errors import remedied
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
-from ultrastyle.io.images import ImageError
+from ultrastyle.io.images import ImageError, check_pixels
 from ultrastyle.io.paths import expand_inputs
-from ultrastyle.io.sources import resized_header
+from ultrastyle.io.sources import image_header, resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
-from ultrastyle.optimization.run import _SETTINGS, FORMATS, OptimizeOptions, Optimizer, ProgressEvent, foreign_state, make_optimize_options
+from ultrastyle.optimization.run import (
+    _SETTINGS,
+    FORMATS,
+    OptimizeOptions,
+    Optimizer,
+    ProgressEvent,
+    foreign_state,
+    make_optimize_options,
+    read_input,
+)
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
-__all__ = ["check_budget", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
+__all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
 PairProgress = Callable[[Pair, ProgressEvent], None]
 
@@ -91,6 +101,21 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
             raise OptionError("output", f"{state}, where {p.output.name}'s optimization state is saved, holds something else: move it "
                                         "away")  # fmt: skip
     return pairs
+
+
+def check_style(style: str | os.PathLike, max_pixels: int) -> None:
+    """`ImageError` naming the style where its header is unreadable or above ``max_pixels``: every content would fail on it.
+
+    Cheap (the header; a full read only to say why a header is unreadable), so it runs before the model opens.
+    """
+    header = image_header(Path(style))
+    if header is None:
+        read_input(Path(style), "style", max_pixels)  # raises, saying why
+        return  # a file PIL opens only whole: its run reads it
+    try:
+        check_pixels(style, header[0], header[1], max_pixels)
+    except ImageError as exc:
+        raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None
 
 
 def check_budget(optimizer: Optimizer, options: OptimizeOptions, pairs: Sequence[Pair]) -> None:
@@ -186,7 +211,8 @@ def optimize_batch(
     `make_optimize_options` (iterations, scales, init, max_memory, ...).
     ``model``, ``device``, ``dtype``, ``threads``, ``progress``: as `Optimizer`.
     A bad file fails alone; a budget too small for every content, a bad
-    setting or a missing style is an `OptionError` before any image.
+    setting or a missing style is an `OptionError` before any image, and an
+    unreadable style an `ImageError`.
     """
     known_keywords(settings, _SETTINGS)  # the model's settings are this function's own keywords
     if is_file_output(output):
@@ -195,6 +221,7 @@ def optimize_batch(
         settings["format"] = output_format(output, settings.get("format"), FORMATS)
     options = make_optimize_options(**settings)
     pairs = plan_outputs(contents, style, output, options.format)
+    check_style(style, options.max_pixels)
     loss_dtype = {} if dtype is None else {"dtype": dtype}  # None: the Optimizer's default (float32)
     with Optimizer(model, device=device, threads=threads, progress=progress, **loss_dtype) as optimizer:
         check_budget(optimizer, options, pairs)

@@ -39,7 +39,7 @@ import torch
 from ultrastyle import options as check
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
-from ultrastyle.core.plan import size_text
+from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TileWarning, size_text
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
@@ -279,6 +279,36 @@ def least_tile_bytes(net: LossNetwork) -> int:
     return math.ceil((side * side + 1) * _bytes_per_region_pixel(net))
 
 
+def tile_notes(net: LossNetwork, opts: OptimizeOptions) -> list[str]:
+    """What a fixed ``opts.tile`` costs that the caller may not expect, as `core.plan.fixed_tile_notes` says it for stylize; [].
+
+    Regions above the whole budget make the run hold more than it; a core far below the halo computes each pixel many
+    times over (on images larger than the tile).
+    """
+    if opts.tile is None:
+        return []
+    g, halo = net.grid, net.halo
+
+    def side(tile: int) -> int:  # the core `plan_gradient` makes of it
+        return max(g, tile // g * g)
+
+    def overhead(tile: int) -> float:
+        return ((side(tile) + 2 * halo) / side(tile)) ** 2
+
+    notes: list[str] = []
+    region = math.ceil((side(opts.tile) + 2 * halo) ** 2 * _bytes_per_region_pixel(net))
+    if opts.max_memory is not None and region > opts.max_memory:
+        notes.append(f"tile {opts.tile} px makes regions of about {size_text(region, up=True)}, more than the {size_text(opts.max_memory)} "
+                     "memory budget: on images larger than the tile the run holds more than its budget; an automatic tile stays "
+                     "within it")  # fmt: skip
+    if overhead(opts.tile) > TILE_OVERHEAD_WARN:
+        enough = next(t for t in range(g, 1 << 20, g) if overhead(t) <= TILE_OVERHEAD_WARN)
+        notes.append(f"tile {opts.tile} px is small beside the loss network's halo of {halo} px: on images larger than the tile each "
+                     f"pixel is computed about {overhead(opts.tile):.0f} times over; a tile of {enough} px or more keeps that under "
+                     f"{TILE_OVERHEAD_WARN:.0f}")  # fmt: skip
+    return notes
+
+
 def _tempdir() -> str:
     import tempfile
 
@@ -322,7 +352,7 @@ def _source_key(src: Any) -> str:
     return str(getattr(src, "key", ""))
 
 
-def _read(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch.Tensor]:
+def read_input(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch.Tensor]:
     """(source, (3, H, W) float32 in [0, 1]); `ImageError` naming the file."""
     src = as_source(image, role)
     try:
@@ -409,9 +439,10 @@ class Optimizer:
     def check(self, opts: OptimizeOptions) -> None:
         """OptionError where ``opts`` weighs a layer this loss network lacks (a model whose encoder stops earlier).
 
-        Default layer weights (None) cover the layers it has; the rest are left out with a warning.
+        Default layer weights (None) cover the layers it has; the rest are left out with a warning. A fixed tile that
+        costs more than expected is a `TileWarning` (`tile_notes`). Once per setting: a batch's runs warn once.
         """
-        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight))
+        key = (opts.content_layer, opts.layer_weights, bool(opts.content_weight), opts.tile, opts.max_memory)
         if key in self._checked:  # once per setting: a batch's runs warn once
             return
         have = self.net.taps
@@ -422,6 +453,8 @@ class Optimizer:
                 warnings.warn(f"{self.model}'s loss network stops at {have[-1]}: the style loss leaves out {', '.join(missing)}", stacklevel=2)
         elif missing := [k for k, v in opts.layer_weights if v and k not in have]:
             raise OptionError("layer_weights", f"{', '.join(missing)}: not layers of {self.model}'s loss network, which has {', '.join(have)}; weigh them 0")
+        for note in tile_notes(self.net, opts):
+            warnings.warn(note, TileWarning, stacklevel=2)
         self._checked.add(key)
 
     def check_budget(self, opts: OptimizeOptions, height: int, width: int) -> None:
@@ -484,8 +517,8 @@ class Optimizer:
              state_dir: str | os.PathLike | None, on_progress: ProgressCallback | None, on_tile: TileCallback | None) -> np.ndarray:  # fmt: skip
         from ultrastyle.runtime.tiled import canvas_to_image
 
-        c_src, content_full = _read(content, "content", opts.max_pixels)
-        s_src, style_full = _read(style, "style", opts.max_pixels)
+        c_src, content_full = read_input(content, "content", opts.max_pixels)
+        s_src, style_full = read_input(style, "style", opts.max_pixels)
         if opts.content_size:
             content_full = resize_long_side(content_full, opts.content_size)
         h, w = content_full.shape[-2:]

@@ -1,0 +1,32 @@
+"""Progress in a log: with stderr not a terminal, a live bar would be one line cut at 80 columns, drawn once at the end.
+
+A long command shows its bar on a terminal and prints `LogLines` in a log instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+# Seconds between progress lines in a log; milestones (a checkpoint, a scale done, the end) always get one.
+LOG_LINE_SECONDS = 30.0
+
+
+class LogLines:
+    """Plain progress lines on ``console`` when it is not a terminal (a log): milestones, and one every ``every`` seconds."""
+
+    def __init__(self, console: Console, every: float = LOG_LINE_SECONDS) -> None:
+        self.console, self.every = console, every
+        self._said = time.monotonic()
+
+    @property
+    def active(self) -> bool:
+        """Whether lines are printed (no live bar is drawn)."""
+        return not self.console.is_terminal
+
+    def say(self, text: str, *, milestone: bool = False) -> None:
+        """Print ``text`` as one line if this is a log and it is a milestone or ``every`` seconds passed since the last line."""
+        if self.active and (milestone or time.monotonic() - self._said >= self.every):
+            self._said = time.monotonic()
+            self.console.print(text, markup=False, soft_wrap=True, highlight=False)
