@@ -184,8 +184,10 @@ def test_bool_and_integer_label_arrays_are_masks(installed, small):
     left = np.zeros((56, 72), bool)
     left[:, 36:] = True
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        rgba = np.zeros((56, 72, 4), np.uint8)
+        rgba[left] = (200, 10, 10, 255)  # painted on a transparent layer: the transparent part is the first region
         outs = [s.stylize(small["c1"], [small["s1"], small["s2"]], mask=m, style_size=64)
-                for m in (left.astype(np.uint8) * 255, left, left.astype(np.int64) + 7)]  # fmt: skip
+                for m in (left.astype(np.uint8) * 255, left, left.astype(np.int64) + 7, rgba)]  # fmt: skip
         with pytest.raises(ultrastyle.OptionError, match="0..65535"):
             s.stylize(small["c1"], [small["s1"], small["s2"]], mask=left.astype(np.int64) - 1)
     assert all(np.array_equal(outs[0], o) for o in outs[1:])

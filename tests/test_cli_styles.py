@@ -181,6 +181,32 @@ def test_a_mask_painted_on_a_transparent_layer_has_the_transparent_region_as_a_l
     assert (labels[:, :6] == 0).all() and (labels[:, 6:] == 1).all()
 
 
+def test_a_transparent_region_is_a_label_in_16_bit_files_and_in_memory_masks_too(tmp_path):
+    import imagecodecs
+    import tifffile
+
+    from ultrastyle.io.masks import labels_of, read_labels
+    from ultrastyle.io.sources import as_source
+
+    a = np.zeros((8, 12, 4), np.uint8)
+    a[:, :6, :3] = (12, 34, 56)  # transparent, whatever its colour channels hold
+    a[:, 6:] = (255, 255, 255, 255)
+    a16 = a.astype(np.uint16) * 257
+    (tmp_path / "m16.png").write_bytes(imagecodecs.png_encode(a16))
+    tifffile.imwrite(tmp_path / "m16.tif", a16, photometric="rgb", extrasamples=["unassalpha"])
+    for f in ("m16.png", "m16.tif"):
+        labels, colours = read_labels(tmp_path / f)
+        assert colours == [(0, 0, 0, 0), (65535, 65535, 65535, 65535)], f  # two labels, not one white region
+        assert (labels[:, :6] == 0).all() and (labels[:, 6:] == 1).all(), f
+    given = a.copy()
+    for mask in (given, Image.fromarray(a, "RGBA"), a16):
+        src = as_source(mask, "mask", keep_alpha=True)
+        labels, colours = labels_of(src.pixels)
+        assert len(colours) == 2 and (labels[:, :6] == 0).all() and (labels[:, 6:] == 1).all(), type(mask)
+    assert np.array_equal(given, a)  # the caller's array is left as it was
+    assert as_source(a, "content").pixels.shape == (8, 12, 3)  # an image, not a mask: over white as before
+
+
 def test_mask_labels_come_in_ascending_colour_for_any_sample_type():
     from ultrastyle.io.masks import labels_of
 

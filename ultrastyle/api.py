@@ -179,7 +179,7 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         raise OptionError("style", "give a style image (or a mix)")
     styles = list(style) if isinstance(style, (list, tuple)) else [style]
     if mask is not None:
-        return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask"))
+        return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask", keep_alpha=True))
     if len(styles) != 1:
         raise OptionError("style", "several styles make one output only as a mix or with a mask")
     return StyleSpec((as_source(styles[0], "style"),))

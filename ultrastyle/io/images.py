@@ -77,9 +77,9 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     """Read ``path`` as an (H, W, 3) RGB array: uint8, uint16 (16-bit files) or float32 in [0, 1].
 
     EXIF orientation is applied; grey, palette and CMYK images become RGB;
-    transparency is composited over white (``keep_alpha``: an 8-bit image with
+    transparency is composited over white (``keep_alpha``: an image with
     transparency is (H, W, 4) RGBA instead, its fully transparent pixels all
-    (0, 0, 0, 0), as a mask's labels want); 16-bit grey and 16-bit RGB PNG/TIFF
+    zero, as a mask's labels want); 16-bit grey and 16-bit RGB PNG/TIFF
     keep their precision. Raises `ImageError` naming the file and the cause.
     """
     path = Path(path)
@@ -97,7 +97,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
             if _is_rgb16(path, img):
-                return _orient(_read_rgb16(path, img.format), img.getexif().get(ORIENTATION, 1))
+                return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
             return pil_to_array(img, keep_alpha=keep_alpha)
@@ -108,7 +108,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     except UnidentifiedImageError as exc:
         kind = _signature(path)
         if kind in ("TIFF", "BigTIFF"):  # float RGB and other layouts Pillow does not open
-            found = _read_tiff(path, max_pixels)
+            found = _read_tiff(path, max_pixels, keep_alpha)
             if found is not None:
                 return found
         if kind:  # the file says what it is, but its header or directory is cut or damaged
@@ -251,7 +251,7 @@ def _is_rgb16(path: Path, img: Image.Image) -> bool:
     return False
 
 
-def _read_tiff(path: Path, max_pixels: int) -> np.ndarray | None:
+def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndarray | None:
     """A TIFF Pillow cannot open (float samples, BigTIFF) through tifffile, as `read_image` gives pixels; None if it cannot either."""
     import tifffile
 
@@ -276,7 +276,7 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray | None:
         np.clip(a, 0, 1, out=a)  # as a float image Pillow opens (mode F) is read
     elif a.dtype not in (np.uint8, np.uint16):
         return None
-    return _orient(over_white(a) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
+    return _orient(_alpha(a, keep_alpha) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
 
 
 def _interleaved(a: np.ndarray, page: object) -> np.ndarray:
@@ -286,7 +286,7 @@ def _interleaved(a: np.ndarray, page: object) -> np.ndarray:
     return a
 
 
-def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
+def _read_rgb16(path: Path, fmt: str, keep_alpha: bool = False) -> np.ndarray:
     import imagecodecs
     import tifffile
 
@@ -298,8 +298,22 @@ def _read_rgb16(path: Path, fmt: str) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] not in (3, 4):
         raise ImageError(f"{path}: unsupported 16-bit layout {a.shape}")
     if a.shape[2] == 4:
-        a = over_white(a)
+        a = _alpha(a, keep_alpha)
     return np.ascontiguousarray(a, dtype=np.uint16)
+
+
+def _alpha(a: np.ndarray, keep_alpha: bool) -> np.ndarray:
+    """Decoded RGBA pixels (owned: changed in place) as ``keep_alpha`` asks: `clear_transparent`, else `over_white`."""
+    return clear_transparent(a) if keep_alpha else over_white(a)
+
+
+def clear_transparent(a: np.ndarray) -> np.ndarray:
+    """RGBA (H, W, 4) with every fully transparent pixel all zero, in place: what its colour channels hold is not seen.
+
+    So a mask painted on a transparent layer has one label there, whatever colours the painting program left under it.
+    """
+    a[a[..., 3] == 0] = 0
+    return a
 
 
 def over_white(a: np.ndarray) -> np.ndarray:
@@ -333,9 +347,7 @@ def pil_to_array(img: Image.Image, *, keep_alpha: bool = False) -> np.ndarray:
         return np.repeat(a[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
     if has_alpha and keep_alpha:
-        a = np.array(img.convert("RGBA"))
-        a[a[..., 3] == 0] = 0  # what a transparent pixel's colour channels hold is not seen: one label
-        return a
+        return clear_transparent(np.array(img.convert("RGBA")))
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

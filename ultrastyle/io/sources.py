@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.core.resample import resized_size
-from ultrastyle.io.images import ImageError, check_pixels, over_white, pil_limits_off, pil_to_array, read_image
+from ultrastyle.io.images import ImageError, check_pixels, clear_transparent, over_white, pil_limits_off, pil_to_array, read_image
 
 __all__ = ["ImageInput", "ImageLike", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
 
@@ -27,8 +27,8 @@ ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 class ImageInput:
     """An image given in memory (an (H, W, 3) array or a PIL image) where a path would go; ``name`` names it in outputs and errors."""
 
-    def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image") -> None:
-        self.pixels = as_pixels(pixels, name)
+    def __init__(self, pixels: np.ndarray | Image.Image, name: str = "image", *, keep_alpha: bool = False) -> None:
+        self.pixels = as_pixels(pixels, name, keep_alpha=keep_alpha)
         self.name = name
         h = hashlib.blake2b(memoryview(self.pixels).cast("B"), digest_size=16)  # contiguous: hashed in place, no copy
         h.update(f"{self.pixels.shape}{self.pixels.dtype}".encode())
@@ -51,14 +51,16 @@ class ImageInput:
 Source = Union[Path, ImageInput]
 
 
-def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarray:
+def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alpha: bool = False) -> np.ndarray:
     """(H, W, 3) uint8, uint16 or float32 in [0, 1] from an array (grey (H, W) too) or a PIL image; ImageError naming it otherwise.
 
     As a file's pixels (`read_image`): a PIL image's EXIF orientation is applied
-    and 16-bit grey kept; transparency (RGBA arrays too) is composited over white.
+    and 16-bit grey kept; transparency (RGBA arrays too) is composited over
+    white, or kept as there with ``keep_alpha`` ((H, W, 4), transparent pixels
+    all zero; the caller's array is not changed).
     """
     if isinstance(image, Image.Image):
-        image = pil_to_array(ImageOps.exif_transpose(image))
+        image = pil_to_array(ImageOps.exif_transpose(image), keep_alpha=keep_alpha)
     a = np.asarray(image)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
@@ -73,6 +75,8 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image") -> np.ndarra
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
             hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
             raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    if a.shape[2] == 4 and keep_alpha:
+        return clear_transparent(np.array(a))  # a copy: the caller's array stays as given
     if a.shape[2] == 4:  # as files with transparency are
         return np.ascontiguousarray(over_white(a))
     return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
@@ -87,12 +91,12 @@ def read_source(src: Source, max_pixels: int) -> np.ndarray:
     return read_image(src, max_pixels=max_pixels)
 
 
-def as_source(image: ImageLike, role: str) -> Source:
-    """A path as a `Path`, an array or PIL image as an `ImageInput` named ``role``; TypeError for anything else."""
+def as_source(image: ImageLike, role: str, *, keep_alpha: bool = False) -> Source:
+    """A path as a `Path`, an array or PIL image as an `ImageInput` named ``role`` (``keep_alpha`` as `as_pixels`); TypeError otherwise."""
     if isinstance(image, (str, os.PathLike)):
         return Path(image)
     if isinstance(image, (np.ndarray, Image.Image)):
-        return ImageInput(image, role)
+        return ImageInput(image, role, keep_alpha=keep_alpha)
     raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")
 
 
