@@ -217,3 +217,35 @@ def test_mask_labels_come_in_ascending_colour_for_any_sample_type():
     floats[0, 0], floats[0, 1] = (1, 0, 0), (0, 1, 0)  # three colours, not one (0, 0, 0)
     labels, colours = labels_of(floats)
     assert colours == [(0, 0, 0), (0, 65535, 0), (65535, 0, 0)] and labels[0].tolist() == [2, 1]
+
+
+def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir, shared_dir, tmp_path, monkeypatch):
+    import os
+
+    import ultrastyle.io.masks as masks
+    from ultrastyle.cli.main import app
+
+    decoded: list[Path] = []
+    read_image = masks.read_image
+    monkeypatch.setattr(masks, "read_image", lambda path, **kw: decoded.append(Path(path)) or read_image(path, **kw))
+    Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((64, 48)).save(tmp_path / "c.png")
+    for s in ("s1", "s2"):
+        Image.open(shared_dir / "images/style/cd_style_in3.jpg").convert("RGB").resize((64, 48)).save(tmp_path / f"{s}.png")
+    a = np.zeros((48, 64), np.uint8)
+    a[:, 32:] = 255
+    Image.fromarray(a).save(tmp_path / "m.png")
+    r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s1.png"), "-s", str(tmp_path / "s2.png"),
+                                 "--mask", str(tmp_path / "m.png"), "-o", str(tmp_path / "out"), "--model", str(cd16x_dir)])  # fmt: skip
+    assert r.exit_code == 0 and (tmp_path / "out" / "c_stylized_s1+s2.png").is_file(), r.output
+    assert decoded == [tmp_path / "m.png"] and masks._kept is None  # once; nothing kept after the command
+    masks.read_labels(tmp_path / "m.png")
+    masks.read_labels(tmp_path / "m.png")
+    assert len(decoded) == 3  # outside keep_labels, every read decodes
+    with masks.keep_labels():
+        masks.read_labels(tmp_path / "m.png")
+        masks.read_labels(tmp_path / "m.png")
+        a[:, :8] = 128  # a new version of the file: read again, with its three labels
+        Image.fromarray(a).save(tmp_path / "m.png")
+        os.utime(tmp_path / "m.png", ns=(0, os.stat(tmp_path / "m.png").st_mtime_ns + 10**9))
+        assert len(masks.read_labels(tmp_path / "m.png")[1]) == 3
+    assert len(decoded) == 5

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -152,6 +154,20 @@ def _bad_option(exc: OptionError) -> typer.BadParameter:
     return bad_parameter(exc, _FLAGS)
 
 
+def _keeping_mask_labels(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with `io.masks.keep_labels` open: the mask checked before the model opens is not decoded again by the batch."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        from ultrastyle.io.masks import keep_labels
+
+        with keep_labels():
+            command(*args, **kwargs)
+
+    return run
+
+
+@_keeping_mask_labels
 def stylize_command(
     content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,

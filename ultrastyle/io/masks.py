@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+from ultrastyle.io.paths import file_signature
 
 MAX_LABELS = 255
+
+_kept: dict[tuple, tuple[np.ndarray, list[tuple[int, ...]]]] | None = None  # `keep_labels`'s, while one is open
+
+
+@contextmanager
+def keep_labels() -> Iterator[None]:
+    """Within it, `read_labels` decodes each version of a mask file once: a front end's early check, then its batch's read.
+
+    Outside, nothing is kept: a gigapixel mask's labels are a gigabyte. Measured: a 25 MP two-colour PNG mask takes 2.2 s
+    to read (0.09 s/MP, as much as stylizing it on a GPU).
+    """
+    global _kept
+    outer = _kept
+    _kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _kept = outer
 
 
 def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[tuple[int, ...]]]:
@@ -21,8 +42,15 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     images with more than `MAX_LABELS` colours (a photo or a JPEG, whose
     compression noise makes every pixel a label). Transparent pixels (a mask
     painted on a transparent layer) are one label, colour (0, 0, 0, 0): the first.
+    Within `keep_labels`, a file read before is not decoded again.
     """
-    return labels_of(read_image(path, max_pixels=max_pixels, keep_alpha=True), str(path))
+    kept, key = _kept, (Path(path).resolve(), file_signature(path), max_pixels)
+    if kept is not None and key in kept:
+        return kept[key]
+    found = labels_of(read_image(path, max_pixels=max_pixels, keep_alpha=True), str(path))
+    if kept is not None and key[1] is not None:
+        kept[key] = found
+    return found
 
 
 def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple[int, ...]]]:
