@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
 import typer
 
 from ultrastyle.cli.build import build_command
@@ -29,6 +34,24 @@ def _process_setup() -> None:
     keep_freed_memory()  # large tensors reuse freed heap pages instead of faulting in fresh ones
 
 
+def _interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` saying one line on a Ctrl-C it does not report itself (typer would exit 130 in silence).
+
+    The commands report a Ctrl-C during their work (what was finished, how to resume); this covers the rest: loading
+    modules (torch takes seconds), checking inputs.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted: nothing partial is left (every file is written whole or not at all)\n")
+            raise typer.Exit(130) from None
+
+    return run
+
+
 app.command("stylize")(stylize_command)
 app.command("optimize")(optimize_command)
 app.command("export")(export_command)
@@ -38,6 +61,8 @@ app.command("build")(build_command)
 app.command("calibrate")(calibrate_command)
 app.command("doctor")(doctor_command)
 app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
+for _info in (*app.registered_commands, *models_app.registered_commands):
+    _info.callback = _interruptible(_info.callback)  # type: ignore[arg-type]
 
 if __name__ == "__main__":  # pragma: no cover
     app()
