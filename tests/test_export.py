@@ -189,6 +189,10 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(model, bundle, 
     assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
     r = CliRunner().invoke(app, ["export", "no-such-model", "-o", str(tmp_path / "project")])
     assert r.exit_code == 2 and "exists and is not a bundle" in " ".join(r.output.split())  # refused before the model is looked up
+    (tmp_path / "project" / "manifest.json").write_text('{"name": "a web extension"}')  # another program's manifest
+    with pytest.raises(BundleError, match=r"is not a bundle \(its manifest.json is not an ultrastyle bundle's\)"):
+        export_bundle(model, tmp_path / "project", spec=ExportSpec(stages=(1,)))
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["manifest.json", "notes.txt"]
     # an existing bundle is replaced whole
     dst = _copy(bundle, tmp_path)
     again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))

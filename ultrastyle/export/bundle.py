@@ -70,8 +70,9 @@ class BundleTargetError(BundleError):
 def check_bundle_target(out_dir: str | Path) -> None:
     """`BundleTargetError` unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (is_bundle(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise BundleTargetError(f"{out_dir.resolve()} exists and is not a bundle; choose a new or empty folder for the bundle")
+    if out_dir.exists() and not (_manifest_format(out_dir) == BUNDLE_FORMAT or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        why = " (its manifest.json is not an ultrastyle bundle's)" if is_bundle(out_dir) else ""
+        raise BundleTargetError(f"{out_dir.resolve()} exists and is not a bundle{why}; choose a new or empty folder for the bundle")
     for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
         if parent.exists():
             if not parent.is_dir():
@@ -209,4 +210,14 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
 
 
 def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is meant as a bundle: it holds a manifest (`read_bundle` says what is wrong with it, if anything)."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def _manifest_format(path: Path) -> str | None:
+    """The ``format`` a folder's manifest declares; None without a readable JSON manifest (another program's folder, say)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
