@@ -126,7 +126,7 @@ def test_missing_graph_and_non_bundle_folders_are_named(bundle, tmp_path):
         read_bundle(dst)
     with pytest.raises(BundleError, match=r"not a bundle .* ultrastyle\.export_model\(MODEL, ") as info:
         read_bundle(tmp_path)
-    assert as_command(info.value).endswith(f"create one with ultrastyle export MODEL --output {tmp_path}")
+    assert as_command(info.value).endswith("create one with ultrastyle export MODEL --output NEW_FOLDER")  # export refuses tmp_path
 
 
 def test_mismatching_graph_raises_typed_error_with_max_difference_and_leaves_nothing(model, tmp_path, monkeypatch):
@@ -249,3 +249,32 @@ def test_a_bundle_that_lost_its_manifest_is_not_called_a_weights_folder(bundle, 
     (dst / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"ONNX graphs but no manifest.json"):
         model_stages(dst)
+
+
+def test_exporting_a_bundle_says_it_is_a_bundle_not_that_its_manifest_is_missing(bundle, tmp_path):
+    from ultrastyle.deploy import export_model
+    from ultrastyle.models.convert import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"an ONNX bundle.*, not model weights; give the zoo model or weights folder"):
+        export_model(bundle.path, tmp_path / "again")
+    r = CliRunner().invoke(app, ["export", str(bundle.path), "-o", str(tmp_path / "again")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "an ONNX bundle" in text and "no manifest.json" not in text, text
+    assert not (tmp_path / "again").exists()
+
+
+def test_opening_something_that_is_not_a_bundle_says_what_it_is_and_a_fix_that_works(tmp_path):
+    from ultrastyle.export.bundle import read_bundle
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "afile").write_text("x")
+    cases = {"photos": "not a bundle (no manifest.json); create one with ultrastyle.export_model(MODEL, NEW_FOLDER)",
+             "nowhere": "no such folder; create one with ultrastyle.export_model(MODEL, ",
+             "afile": "a file, not a bundle folder"}  # fmt: skip
+    for name, said in cases.items():
+        with pytest.raises(BundleError) as info:
+            read_bundle(tmp_path / name)
+        assert said in str(info.value), str(info.value)
+    r = CliRunner().invoke(app, ["build", str(tmp_path / "photos")])
+    assert r.exit_code == 2 and "ultrastyle export MODEL --output NEW_FOLDER" in " ".join(r.output.split()), r.output

@@ -178,8 +178,12 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
-        fix = Remedy("export_model", (Placeholder("MODEL"), str(path)))
-        raise remedied(BundleError(f"{path}: not a bundle (no {MANIFEST}); create one with {fix.python()}"), fix)
+        if path.exists() and not path.is_dir():
+            raise BundleError(f"{path}: a file, not a bundle folder")
+        fresh = not path.exists() or not any(path.iterdir())  # export writes there; anything else it refuses
+        fix = Remedy("export_model", (Placeholder("MODEL"), str(path) if fresh else Placeholder("NEW_FOLDER")))
+        why = "no such folder" if not path.exists() else f"not a bundle (no {MANIFEST})"
+        raise remedied(BundleError(f"{path}: {why}; create one with {fix.python()}"), fix)
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError) as exc:

@@ -101,6 +101,15 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
         return (4,)
     stages = folder_stages(path)
     if not stages:
+        if (path / "manifest.json").is_file() and any(path.glob("*.onnx")):  # a bundle where weights were wanted
+            try:
+                made_from = _read_json(path / "manifest.json").get("model")
+            except ModelDefaultsError:  # a damaged manifest: still not weights
+                made_from = None
+            source = f" (made from {made_from})" if isinstance(made_from, str) else ""
+            raise convert.CheckpointError(
+                f"{path}: an ONNX bundle{source}, not model weights; give the zoo model or weights folder it was made from"
+            )
         if any(path.glob("*.onnx")):  # graphs without their manifest: a damaged bundle, not a weights folder
             raise convert.CheckpointError(
                 f"{path}: holds ONNX graphs but no manifest.json, so it is not a usable bundle; "
