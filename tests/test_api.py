@@ -358,3 +358,21 @@ def test_a_mix_of_in_memory_styles_names_its_output_without_spaces(installed, sm
     summary = ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "o", mix=[(a, 1), (b, 1)], backend="torch", levels=5, style_size=64)
     (name,) = [p.name for p in (tmp_path / "o").iterdir()]
     assert summary.count("done") == 1 and name == "c1_stylized_style@0.5+style-2@0.5.png", name  # as in-memory contents: content, content-2
+
+
+def test_a_large_style_s_canvas_goes_where_a_content_s_of_its_size_would_within_the_budget(installed, small, shared_dir, tmp_path,
+                                                                                            monkeypatch):  # fmt: skip
+    import ultrastyle.runtime.batch as batch
+
+    style = tmp_path / "big_style.png"
+    with Image.open(shared_dir / "images/style/cd_style_in3.jpg") as im:
+        im.convert("RGB").resize((1600, 1200)).save(style)
+    sites: list = []
+    plan_image_for = batch.plan_image_for
+    monkeypatch.setattr(batch, "plan_image_for", lambda *a, **k: sites.append(plan_image_for(*a, **k).site) or plan_image_for(*a, **k))
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        budgeted = s.stylize(small["c1"], style, style_size=0, max_memory="160MB", scratch=tmp_path)
+        # The tiny content's canvases in RAM, the style's on disk: they would take more than the budget's share for RAM.
+        assert [site.disk_dir for site in sites] == [None, str(tmp_path)], sites
+        whole = s.stylize(small["c1"], style, style_size=0, max_memory=None)
+    assert np.abs(budgeted.astype(int) - whole.astype(int)).max() <= 1
