@@ -376,3 +376,18 @@ def test_a_large_style_s_canvas_goes_where_a_content_s_of_its_size_would_within_
         assert [site.disk_dir for site in sites] == [None, str(tmp_path)], sites
         whole = s.stylize(small["c1"], style, style_size=0, max_memory=None)
     assert np.abs(budgeted.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_a_stylizer_keeps_statistics_of_in_memory_styles_not_their_pixels(installed, small):
+    from ultrastyle.io.sources import ImageInput
+
+    rng = np.random.default_rng(0)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
+        for _ in range(3):
+            style = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+            s.stylize(small["c1"], style, style_size=64)
+        keys = [k for book in s._books.values() for k in book._stats]
+        assert len(keys) == 3 and not any(isinstance(part, ImageInput) for k in keys for part in k)
+        for i in range(ultrastyle.api.BOOKS_KEPT + 2):  # settings a service may try: a bounded number of books
+            s.stylize(small["c1"], small["s1"], style_size=32 + i)
+        assert len(s._books) == ultrastyle.api.BOOKS_KEPT

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Union
@@ -44,6 +45,9 @@ from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.core.plan import BudgetTooSmall, TileWarning, TilingOptions, check_budget, fixed_tile_notes, size_text
 from ultrastyle.runtime.tiled import TileCallback
+
+# Style books (statistics per style) a Stylizer keeps, one per combination of the settings they depend on (`Stylizer._book`).
+BOOKS_KEPT = 8
 
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 
@@ -219,7 +223,7 @@ class Stylizer:
             on_export=on_message, precision=precision, progress=progress, compile=compile,
         )  # fmt: skip
         self.runner.activate()
-        self._books: dict[tuple, StyleBook] = {}
+        self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
 
     @property
     def backend(self) -> str:
@@ -271,8 +275,12 @@ class Stylizer:
     def _book(self, opts: StylizeOptions) -> StyleBook:
         # Everything the statistics depend on, and how a style is read (streamed or whole).
         key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits), opts.streaming, opts.io_allowance)
-        if key not in self._books:
+        if key in self._books:
+            self._books.move_to_end(key)
+        else:
             self._books[key] = StyleBook(self.runner, opts)
+            while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
+                self._books.popitem(last=False)
         return self._books[key]
 
     def stylize(
@@ -398,7 +406,7 @@ class ClusterStylizer(Stylizer):
         stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)
         self.distribute_tiles = distribute_tiles
-        self._books = {}
+        self._books = OrderedDict()
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
         self._closed = False

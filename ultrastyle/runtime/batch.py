@@ -283,8 +283,9 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
 
 
 def _version(src: Source) -> tuple:
-    """What a cached result of ``src`` depends on: a file's path and `file_signature` (None while missing)."""
-    return (src,) if isinstance(src, ImageInput) else (src, file_signature(src))
+    """What a cached result of ``src`` depends on: a file's path and `file_signature` (None while missing), or an in-memory
+    image's digest (not the image: a cache of statistics must not hold the pixels they came from)."""
+    return ("memory", src.key) if isinstance(src, ImageInput) else (src, file_signature(src))
 
 
 class StyleBook:
@@ -296,13 +297,14 @@ class StyleBook:
     """
 
     KEEP = 256  # statistics of a style: ~0.2 MB (five stages' sums, float64)
+    KEEP_MASKS = 4  # a mask's label map: a byte per pixel, 1 GB at a gigapixel
 
     def __init__(self, model: StageNetworks, options: StylizeOptions) -> None:
         self.model, self.options = model, options
         self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict()
 
-    def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any]) -> Any:
+    def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
         if key in book:
             book.move_to_end(key)
         else:
@@ -310,7 +312,7 @@ class StyleBook:
                 book[key] = make()
             except ImageError as exc:
                 book[key] = exc
-            while len(book) > self.KEEP:
+            while len(book) > keep:
                 book.popitem(last=False)
         got = book[key]
         if isinstance(got, ImageError):
@@ -367,7 +369,7 @@ class StyleBook:
                 return labels_of(src.pixels, str(src))
             return read_labels(src, max_pixels=self.options.max_pixels)
 
-        labels, colours = self._remember(self._masks, _version(src), read)
+        labels, colours = self._remember(self._masks, _version(src), read, self.KEEP_MASKS)
         check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
         return labels
 
