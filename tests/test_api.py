@@ -391,3 +391,31 @@ def test_a_stylizer_keeps_statistics_of_in_memory_styles_not_their_pixels(instal
         for i in range(ultrastyle.api.BOOKS_KEPT + 2):  # settings a service may try: a bounded number of books
             s.stylize(small["c1"], small["s1"], style_size=32 + i)
         assert len(s._books) == ultrastyle.api.BOOKS_KEPT
+
+
+def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_naming_them(small, tmp_path):
+    from ultrastyle.io.images import AnimatedImageWarning
+    from ultrastyle.io.sources import as_pixels
+
+    grey = np.arange(0, 200, dtype=np.uint8).reshape(10, 20)
+    with pytest.raises(ultrastyle.ImageError, match=r"content: float samples must lie in \[0, 1\], got 0..199; divide"):
+        as_pixels(Image.fromarray(grey.astype(np.float32)), "content")  # mode F, 0..255: refused as the array is, not clipped
+    with pytest.raises(ultrastyle.ImageError, match="convert it to 'I;16' .* or 'L'"):
+        as_pixels(Image.fromarray(grey.astype(np.int32)), "content")  # mode I: its range is unknown
+    assert np.array_equal(as_pixels(Image.fromarray(grey / np.float32(255))), as_pixels(grey / np.float32(255)))
+    assert np.array_equal(as_pixels(grey[..., None]), as_pixels(grey))  # (H, W, 1) is grey too
+    assert np.array_equal(as_pixels(grey.astype(">u2")), as_pixels(grey.astype(np.uint16)))  # big-endian samples
+    cut = tmp_path / "cut.jpg"
+    Image.open(small["c1"]).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ultrastyle.ImageError, match=r"style: cannot read the PIL image \(OSError: image file is truncated"):
+        as_pixels(Image.open(cut), "style")
+    with Image.open(small["c1"]) as closed:
+        pass
+    with pytest.raises(ultrastyle.ImageError, match=r"content: cannot read the PIL image \(closed"):
+        as_pixels(closed, "content")
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(AnimatedImageWarning, match="content: an animation of 2 frames"):
+        as_pixels(Image.open(tmp_path / "a.gif"), "content")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.core.resample import resized_size
-from ultrastyle.io.images import ImageError, check_pixels, clear_transparent, over_white, pil_limits_off, pil_to_array, read_image
+from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_pixels, clear_transparent, over_white, pil_limits_off, pil_to_array, read_image
 
 __all__ = ["ImageInput", "ImageLike", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
 
@@ -60,16 +61,21 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
     all zero; the caller's array is not changed).
     """
     if isinstance(image, Image.Image):
-        image = pil_to_array(ImageOps.exif_transpose(image), keep_alpha=keep_alpha)
+        image = _pil_pixels(image, name, keep_alpha)
     a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape[:2]:
         raise ImageError(f"{name}: expected an (H, W, 3) RGB array, got shape {a.shape}")
+    if not a.dtype.isnative:  # big-endian samples (FITS, some TIFF readers): the same values in this machine's order
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype in (np.float64, np.float16):
         a = a.astype(np.float32)
     if a.dtype not in (np.uint8, np.uint16, np.float32):
-        raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}")
+        hint = "; for a PIL image of mode I, convert it to 'I;16' (16-bit) or 'L' (8-bit) to say which" if a.dtype == np.int32 else ""
+        raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}{hint}")
     if a.dtype == np.float32:
         lo, hi = float(a.min()), float(a.max())  # NaN propagates, and fails the test below
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):
@@ -80,6 +86,21 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
     if a.shape[2] == 4:  # as files with transparency are
         return np.ascontiguousarray(over_white(a))
     return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
+
+
+def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
+    """A PIL image's pixels as `pil_to_array` gives a file's, but modes F and I as they are: an array's checks judge their range.
+
+    A file of those modes is read by its own rule (`read_image`); an image made in memory says nothing of its range.
+    """
+    if getattr(image, "n_frames", 1) > 1:
+        warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
+    try:
+        image = ImageOps.exif_transpose(image)
+        return np.asarray(image) if image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha)
+    except (OSError, ValueError, SyntaxError, AssertionError) as exc:  # a truncated file behind it; a closed image asserts
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else "closed, or its file cannot be read"
+        raise ImageError(f"{name}: cannot read the PIL image ({why})") from exc
 
 
 def read_source(src: Source, max_pixels: int) -> np.ndarray:
