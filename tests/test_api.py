@@ -419,3 +419,13 @@ def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     with pytest.warns(AnimatedImageWarning, match="content: an animation of 2 frames"):
         as_pixels(Image.open(tmp_path / "a.gif"), "content")
+
+
+def test_on_tile_reports_progress_for_images_of_one_tile_too(installed, small):
+    seen: list[tuple[str, int, int]] = []
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5, 4)) as s:
+        s.stylize(small["c1"], small["s1"], style_size=64, on_tile=lambda *a: seen.append(a))  # 72x56: one tile per stage
+        assert seen == [("stage 5 (one tile)", 1, 1), ("stage 4 (one tile)", 1, 1)]
+        seen.clear()
+        s.stylize(small["c1"], small["s1"], style_size=64, max_memory=None, on_tile=lambda *a: seen.append(a))
+        assert [w for w, _, _ in seen] == ["stage 5 (one tile)", "stage 4 (one tile)"]

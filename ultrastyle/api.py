@@ -302,6 +302,8 @@ class Stylizer:
         the content's size, one region per colour, taking the styles (a list)
         in ascending order of colour. ``output``: also write the image there
         (atomically; the format from its suffix unless ``format`` is given).
+        ``on_tile(what, done, total)``: progress, after each tile of each pass
+        (`runtime.tiled.TileCallback`).
         ``settings``: as `make_options` (method, alpha, levels, preserve_color,
         content_size, style_size, max_memory, tile, halo, depth, ...). Raises
         `ImageError` for a bad image, `OptionError` for a bad setting, ValueError when the budget cannot hold
@@ -341,7 +343,9 @@ class Stylizer:
         blended output per content instead of ``styles``; ``mask``: one output
         per content with ``styles`` one per label. A bad file fails its pairs
         (``status`` "failed", ``error`` naming it) and the rest run; results in
-        pair order. Raises `OutputCollisionError` before any work when two
+        pair order: ``on_result(PairResult)`` as each is known,
+        ``on_tile`` as in `stylize`. In-memory images are checked before any
+        work. Raises `OutputCollisionError` before any work when two
         pairs would write one file, ``BatchInterrupted`` (with the summary so
         far) on Ctrl-C.
         """

@@ -46,6 +46,8 @@ from ultrastyle.runtime.device_fit import DEVICE_FITTER, fit_on_device
 from ultrastyle.runtime.memory import available_bytes, disk_free, release_free_memory, trim_heap
 from ultrastyle.runtime.tile_io import Pending, TileIO
 
+# (what, done, total) after each tile of a pass ("stage 5 statistics", "stage 5 decode"), and once for a stage that runs
+# as one tile ("stage 5 (one tile)", 1, 1): progress moves for images of any size.
 TileCallback = Callable[[str, int, int], None]
 
 
@@ -216,9 +218,12 @@ def stylize_stage_tiled(
     regions = target if isinstance(target, Regions) else None
     if plan.one_tile:
         try:
-            return _whole_stage(model, stage, src, target, method, alpha, out, site)
+            done = _whole_stage(model, stage, src, target, method, alpha, out, site)
         finally:
             _release(model, keep_bytes)
+        if on_tile is not None:
+            on_tile(f"stage {stage} (one tile)", 1, 1)
+        return done
     if regions is not None and not plan.cache:
         raise ValueError("mask regions need the stage's features cached between the passes: plan the image with masked=True")
     feats = None
