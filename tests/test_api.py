@@ -429,3 +429,16 @@ def test_on_tile_reports_progress_for_images_of_one_tile_too(installed, small):
         seen.clear()
         s.stylize(small["c1"], small["s1"], style_size=64, max_memory=None, on_tile=lambda *a: seen.append(a))
         assert [w for w, _, _ in seen] == ["stage 5 (one tile)", "stage 4 (one tile)"]
+
+
+def test_a_batch_s_style_errors_name_its_keyword_styles_before_the_model_opens(small, tmp_path, monkeypatch):
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "empty"))  # opening the model would mean a download
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", "http://127.0.0.1:9/nowhere")
+    with pytest.raises(ultrastyle.OptionError, match="no style given: give one style image per mask label") as info:
+        ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "out", mask=np.eye(56, 72, dtype=bool))
+    assert info.value.option == "styles"
+    with pytest.raises(ultrastyle.OptionError, match="give a style image") as info:
+        ultrastyle.stylize(small["c1"], None)
+    assert info.value.option == "style"
+    with pytest.raises(ultrastyle.OptionError, match="all zero"):
+        ultrastyle.stylize(small["c1"], mix=[(small["s1"], 0), (small["s2"], 0)])

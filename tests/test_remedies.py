@@ -46,8 +46,10 @@ def test_an_unknown_model_points_at_models_list_on_the_command_line(argv, tmp_pa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
-    for name in ("c.jpg", "s.jpg"):
-        (tmp_path / name).write_bytes(b"")
+    from PIL import Image
+
+    for name in ("c.jpg", "s.jpg"):  # readable: what is refused before the model opens is not the point here
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "p.png").write_bytes(b"")
     r = CliRunner().invoke(app, argv)

@@ -43,6 +43,7 @@ from ultrastyle.runtime.batch import (
 )  # fmt: skip
 from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
+from ultrastyle.core.styles import mix_weights
 from ultrastyle.core.plan import BudgetTooSmall, TileWarning, TilingOptions, check_budget, fixed_tile_notes, size_text
 from ultrastyle.runtime.tiled import TileCallback
 
@@ -155,10 +156,15 @@ def _label_array(mask: ImageLike) -> ImageLike:
     return mask.astype(np.uint16 if mask.size and mask.max() > 255 else np.uint8)
 
 
-def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None) -> StyleSpec:
+def _style_args(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None,
+                keyword: str = "style") -> tuple[list[ImageLike], tuple[float, ...] | None]:  # fmt: skip
+    """The styles and mix weights of one output, checked (`OptionError`) but not read: cheap, so callers check before a model opens.
+
+    ``keyword``: the caller's name for ``style`` (``styles`` in `stylize_batch`).
+    """
     if mix is not None:
         if style is not None:
-            raise OptionError("mix", "give either a style (one output per style) or a mix (one blended output)")
+            raise OptionError("mix", f"give either {keyword} (one output per style) or a mix (one blended output)")
         if mask is not None:
             raise OptionError("mix", "a mask takes one style per label, not a mix")
         items = list(mix.items()) if isinstance(mix, Mapping) else list(mix)
@@ -176,17 +182,25 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         if twice := sorted({p for p in paths if paths.count(p) > 1}):
             raise OptionError("mix", f"{twice[0]} is given twice; give each style once with its weight")
         try:
-            return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, (s, _) in enumerate(items)), tuple(float(w) for _, w in items))
+            return [s for s, _ in items], mix_weights([float(w) for _, w in items])
         except ValueError as exc:
             raise OptionError("mix", str(exc)) from None
     if style is None:
-        raise OptionError("style", "give a style image (or a mix)")
+        raise OptionError(keyword, "no style given: " + ("give one style image per mask label" if mask is not None else "give a style image (or a mix)"))
     styles = list(style) if isinstance(style, (list, tuple)) else [style]
+    if mask is None and len(styles) != 1:
+        raise OptionError(keyword, "several styles make one output only as a mix or with a mask")
+    return styles, None
+
+
+def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None,
+                keyword: str = "style") -> StyleSpec:  # fmt: skip
+    """The style side of one output (`_style_args`), its images as sources."""
+    styles, weights = _style_args(style, mix, mask, keyword)
+    sources = tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles))
     if mask is not None:
-        return StyleSpec(tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles)), mask=as_source(_label_array(mask), "mask", keep_alpha=True))
-    if len(styles) != 1:
-        raise OptionError("style", "several styles make one output only as a mix or with a mask")
-    return StyleSpec((as_source(styles[0], "style"),))
+        return StyleSpec(sources, mask=as_source(_label_array(mask), "mask", keep_alpha=True))
+    return StyleSpec(sources, weights)
 
 
 class Stylizer:
@@ -353,7 +367,7 @@ class Stylizer:
         folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content")
         if mix is not None or mask is not None:
-            specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask)]
+            specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask, "styles")]
         else:
             specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style")]
         if not content_list or not specs:
@@ -515,6 +529,7 @@ def stylize(
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
+    _style_args(style, mix, mask)  # before the model opens (a download, an export)
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
 
@@ -542,6 +557,9 @@ def stylize_batch(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check.output_folder("output_dir", output_dir)  # before the model opens
+    if mix is not None or mask is not None:
+        styles = _listed(styles) if styles is not None else None  # a list: checked here, read there
+        _style_args(styles, mix, mask, "styles")
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
     if executor == "ray":
