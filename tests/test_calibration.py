@@ -151,7 +151,42 @@ def test_empty_or_unreadable_image_folder_is_a_clear_error(tmp_path):
     warnings: list[str] = []
     with pytest.raises(CalibrationDataError, match="none of the 1 calibration images could be read.*broken.jpg"):
         TileSampler(tuple(calibration_images(tmp_path))).tiles(warnings.append)
-    assert warnings and "broken.jpg" in warnings[0]
+    assert warnings and "broken.jpg" in warnings[0] and warnings[0].count("broken.jpg") == 1  # named once
+    with pytest.raises(CalibrationDataError, match="broken.jpg: a file; .* give the folder that holds it"):
+        calibration_images(tmp_path / "broken.jpg")
+
+
+def test_calibration_records_the_images_it_used_and_says_what_it_left_out(fp32_bundle, train_dir, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(train_dir, photos)
+    (photos / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    folder = tmp_path / "b"
+    shutil.copytree(fp32_bundle.path, folder)
+    said: list[str] = []
+    settings = CalibrationSettings(samples=2, tile=512, image_size=128, method="minmax", percentile=90.0)
+    done = calibrate_bundle(folder, photos, settings, stages=(5,), warn=said.append)
+    used = done.manifest["calibration"]["images"]
+    assert "zz_broken.jpg" not in used and len(used) == len(calibration_images(train_dir))
+    assert any("percentile=90 is left out" in w for w in said), said
+    assert any("tiles are as small as" in w and "not 512" in w for w in said), said
+
+
+def test_an_adain_bundle_is_calibrated_on_adain_maps_at_its_alpha(cd16x_dir, tmp_path, train_dir, monkeypatch):
+    import ultrastyle.calibration.quantize as quantize
+    from ultrastyle.models import zoo
+    from ultrastyle.models.sources import model_defaults
+    from ultrastyle.runtime.backends.select import ensure_bundle
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    zoo.import_local("cd-wct-16x", cd16x_dir)  # the AdaIN model's encoders; its decoder ships inside the package
+    bundle = ensure_bundle("ultrastyle-adain-16x", progress=False)
+    defaults = model_defaults(bundle.path)
+    assert defaults.method == "adain"
+    seen: list[dict] = []
+    stage_feeds = quantize.stage_feeds
+    monkeypatch.setattr(quantize, "stage_feeds", lambda *a, **k: seen.append(k) or stage_feeds(*a, **k))
+    calibrate_bundle(bundle, train_dir, CalibrationSettings(samples=2, tile=64, image_size=128))
+    assert seen and all(k == {"method": "adain", "alpha": defaults.alpha} for k in seen), seen
 
 
 def test_cli_calibrate_reports_an_empty_folder_in_one_line(fp32_bundle, tmp_path):

@@ -30,6 +30,18 @@ def test_export_model_refuses_a_folder_that_is_not_a_bundle_before_loading(tmp_p
     with pytest.raises(OptionError, match="expected 13..21, got 5") as info:
         ultrastyle.export_model("no-such-model", tmp_path / "b", opset=5)  # refused before the model is looked up
     assert info.value.option == "opset"
+    for stages in ([], "one", [7]):
+        with pytest.raises(OptionError, match="stage numbers 1..5") as info:
+            ultrastyle.export_model("no-such-model", tmp_path / "b", stages=stages)
+        assert info.value.option == "stages"
+
+
+def test_export_model_names_the_stages_a_model_has_before_anything_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ULTRASTYLE_MIRROR", "http://127.0.0.1:9/nowhere")
+    with pytest.raises(OptionError, match=r"ultrastyle-adain-16x has no stage\(s\) \[5\]; it has \[4\]") as info:
+        ultrastyle.export_model("ultrastyle-adain-16x", tmp_path / "b", stages="5")
+    assert info.value.option == "stages" and not (tmp_path / "b").exists()
 
 
 def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_dir, tmp_path):
@@ -59,8 +71,15 @@ def test_check_tensorrt_reports_profiles_and_refuses_bad_tiles(bundle):
     with pytest.raises(OptionError, match="tile_min=900 is above tile_max=512") as info:
         ultrastyle.check_tensorrt(bundle, tile_min=900, tile_max=512)
     assert info.value.option == "tile_min"
-    with pytest.raises(BundleError, match=r"no stage\(s\) \[3\]"):
+    with pytest.raises(OptionError, match=r"no stage\(s\) \[3\]") as info:
         ultrastyle.check_tensorrt(bundle, stages=[3])
+    assert info.value.option == "stages"
+    for stages in ("1", 1, [1, 1]):  # one stage, as a string, a number or twice: the same
+        assert ultrastyle.check_tensorrt(bundle, stages=stages).ranges.keys() == {1}
+    for stages in ([], [7], "one", "1,,2"):
+        with pytest.raises(OptionError) as info:
+            ultrastyle.check_tensorrt(bundle, stages=stages)
+        assert info.value.option == "stages" and "stage numbers 1..5" in str(info.value), info.value
     with pytest.raises(OptionError):
         ultrastyle.check_tensorrt(bundle, precision="int4")
     for kw in ({"tile_max": 0}, {"tile_min": -64}, {"workspace": "0GB"}, {"workspace": "lots"}):  # before TensorRT is looked for

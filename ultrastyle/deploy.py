@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["build_tensorrt", "calibrate", "check_tensorrt", "export_model"]
 
 
-def _stages(stages: Iterable[int] | None) -> tuple[int, ...] | None:
-    return None if stages is None else tuple(sorted(set(stages)))
+def _stages(stages: Iterable[int] | str | int | None) -> tuple[int, ...] | None:
+    return check.stage_set("stages", stages)  # an OptionError for anything but stages
 
 
 def export_model(
@@ -54,12 +54,16 @@ def export_model(
     model loads. The manifest records the source weights' sha256.
     """
     from ultrastyle.models.pretrained import load_model
+    from ultrastyle.models.sources import model_stages
     from ultrastyle.runtime.backends.select import weights_digest
 
     if opset not in SUPPORTED_OPSETS:  # before the model loads
         raise OptionError("opset", f"expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; give e.g. {DEFAULT_OPSET}")
+    chosen = _stages(stages)
     check_bundle_target(output)
-    net = load_model(model, stages=_stages(stages), aux=aux)
+    if chosen is not None and (missing := sorted(set(chosen) - set(model_stages(model)))):  # before anything is downloaded
+        raise OptionError("stages", f"{model} has no stage(s) {missing}; it has {list(model_stages(model))}: choose among them")
+    net = load_model(model, stages=chosen, aux=aux)
     _, files = weights_digest(model, net.stages)
     kinds = ExportSpec().kinds + (("encoder_aux",) if aux else ())
     return export_bundle(net, output, spec=ExportSpec(opset=opset, stages=net.stages, kinds=kinds), source_weights=files, on_network=on_network)
@@ -98,9 +102,10 @@ def calibrate(
     from ultrastyle.runtime.backends.select import ensure_bundle
 
     chosen = calibration_settings(**settings)
+    wanted = _stages(stages)
     calibration_images(images)  # a folder without images is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
-    return calibrate_bundle(target, images, chosen, stages=_stages(stages), on_progress=on_progress, warn=warn)
+    return calibrate_bundle(target, images, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 
 
 def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | None, tiles: dict[str, int | None]):
@@ -115,7 +120,7 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     chosen = _stages(stages) or tuple(sorted(b.stages))
     if why := b.stages_problem(chosen):
-        raise remedied(BundleError(f"{why}; choose among them (stages)"), Setting("stages"))
+        raise remedied(OptionError("stages", f"{why}; choose among them (stages)"), Setting("stages"))
     try:
         ranges = requested_ranges(b.arch, chosen, precision=precision, **tiles)
     except ValueError as exc:  # "tile_min=900 is above tile_max=512; ...": the first setting is the option

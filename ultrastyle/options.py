@@ -227,9 +227,10 @@ def alpha(value: object) -> float | None:
     return float(value)
 
 
-def levels(value: object) -> tuple[int, ...] | None:
+def levels(value: object, option: str = "levels") -> tuple[int, ...] | None:
     """``levels``: None (the model's default), a stage, ``"5,4,3"`` or a sequence of stages of `core.arch.STAGES`, coarse to fine."""
     stages = f"{STAGES[0]}..{STAGES[-1]}"
+    order = ", coarse to fine" if option == "levels" else ""
     if value is None:
         return None
     if _whole(value):
@@ -238,14 +239,20 @@ def levels(value: object) -> tuple[int, ...] | None:
         try:
             return parse_levels(value)
         except ValueError:
-            raise OptionError("levels", f"expected comma-separated stage numbers {stages}, coarse to fine, got {value!r}; give e.g. 5,4,3") from None
+            raise OptionError(option, f"expected comma-separated stage numbers {stages}{order}, got {value!r}; give e.g. 5,4,3") from None
     try:
         items = list(value)  # type: ignore[call-overload]
     except TypeError:
         items = []
     if not items or not all(_whole(k) and k in STAGES for k in items):
-        raise OptionError("levels", f"expected stage numbers {stages}, coarse to fine, got {value!r}; give e.g. (5, 4, 3) or '5,4,3'")
+        raise OptionError(option, f"expected stage numbers {stages}{order}, got {value!r}; give e.g. (5, 4, 3) or '5,4,3'")
     return tuple(int(k) for k in items)
+
+
+def stage_set(option: str, value: object) -> tuple[int, ...] | None:
+    """Which stages a deployment step covers: None (every stage there is), a stage, ``"5,4"`` or a sequence; ascending, once each."""
+    chosen = levels(value, option)
+    return None if chosen is None else tuple(sorted(set(chosen)))
 
 
 def known_keywords(settings: Collection[str], allowed: Collection[str], model_keys: Collection[str] = (), opener: str = "") -> None:

@@ -36,6 +36,8 @@ class CalibrationDataError(ValueError):
 def calibration_images(folder: str | Path) -> list[Path]:
     """The folder's image files, sorted; an empty or missing folder is an error."""
     path = Path(folder)
+    if path.is_file():
+        raise CalibrationDataError(f"{path}: a file; calibration images are a folder of images: give the folder that holds it")
     if not path.is_dir():
         raise CalibrationDataError(f"{path}: calibration images must be a folder of images; no such folder")
     files = expand_inputs([path])
@@ -61,23 +63,31 @@ class TileSampler:
     image_size: int = DEFAULT_IMAGE_SIZE
     seed: int = 0
 
-    def images(self, warn: Callable[[str], None] | None = None) -> list[torch.Tensor]:
-        """The readable images as (3, H, W) float32, long side ``image_size``."""
+    def read(self, warn: Callable[[str], None] | None = None) -> list[tuple[Path, torch.Tensor]]:
+        """The readable files and their images as (3, H, W) float32, long side ``image_size``."""
         out, errors = [], []
         for f in self.files:
             try:
-                out.append(resize_long_side(array_to_tensor(read_image(f)), self.image_size))
+                out.append((f, resize_long_side(array_to_tensor(read_image(f)), self.image_size)))
             except (ImageError, OSError) as exc:
-                errors.append(f"{f}: {exc}")
+                said = str(exc) if isinstance(exc, ImageError) else f"{f}: {exc}"  # an ImageError names its file
+                errors.append(said)
                 if warn:
-                    warn(f"skipping {f}: {exc}")
+                    warn(f"skipping {said}")
         if not out:
             raise CalibrationDataError(f"none of the {len(self.files)} calibration images could be read; first: {errors[0]}")
         return out
 
+    def images(self, warn: Callable[[str], None] | None = None) -> list[torch.Tensor]:
+        """The readable images as (3, H, W) float32, long side ``image_size``."""
+        return [image for _, image in self.read(warn)]
+
     def tiles(self, warn: Callable[[str], None] | None = None) -> list[tuple[torch.Tensor, int]]:
         """[(tile (1, 3, t, t), index of its image)]: deterministic for the files, seed and counts."""
-        images = self.images(warn)
+        return self.tiles_of(self.images(warn))
+
+    def tiles_of(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """`tiles` of images already read (`read`): at most ``tile`` px, less where an image is smaller."""
         gen = np.random.default_rng(self.seed)
         out = []
         for i in range(self.samples):

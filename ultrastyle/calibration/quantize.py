@@ -76,6 +76,7 @@ from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.io.digest import sha256_file
+from ultrastyle.models.sources import model_defaults
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
@@ -203,18 +204,26 @@ def calibrate_bundle(
     """Calibrate and quantize the bundle's encoders and fused decoders; returns the updated bundle.
 
     The float32 reference for the decoders' inputs is the bundle's own
-    encoder, run with ONNX Runtime.
+    encoder, run with ONNX Runtime, mapped by the bundle's own method and alpha
+    (its defaults: WCT or AdaIN).
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
     files = calibration_images(images)
     settings = settings or CalibrationSettings()
-    settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f in files]})
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched
         raise CalibrationRefused(why)
     sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
-    tiles = sampler.tiles(warn)
+    read = sampler.read(warn)
+    tiles = sampler.tiles_of([image for _, image in read])
+    settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f, _ in read]})  # the images used, for the record
+    if warn and settings.method != "percentile" and settings.percentile != DEFAULT_PERCENTILE:
+        warn(f"percentile={settings.percentile:g} is left out: it sets the range of method 'percentile', not {settings.method!r}")
+    if warn and (small := min(min(t.shape[-2:]) for t, _ in tiles)) < settings.tile:
+        warn(f"tiles are as small as {small} px, not {settings.tile}: the images are at most {settings.image_size} px on their long "
+             "side (image_size) and smaller on their short one")  # fmt: skip
     arch = bundle.arch
+    defaults = model_defaults(bundle.path)  # an AdaIN bundle's decoders see AdaIN maps at its alpha, not WCT's
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     _check_consistent(bundle, manifest, stages, settings)
     keep = float_networks(settings.keep_float, tuple(bundle.stages))
@@ -225,7 +234,7 @@ def calibrate_bundle(
     # bundle as it was (a crash between the renames and the manifest would leave digests to re-calibrate).
     with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work, ExitStack() as commit:
         for k in stages:
-            feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles)
+            feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles, method=defaults.method, alpha=defaults.alpha)
             for kind in QUANTIZED_KINDS:
                 name = f"{kind}{k}"
                 if on_progress:
