@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 import ultrastyle
@@ -98,3 +99,12 @@ def test_build_tensorrt_without_tensorrt_says_what_is_missing(bundle):
     with pytest.raises(OptionError) as info:
         ultrastyle.build_tensorrt(bundle, workspace="lots")
     assert info.value.option == "workspace"
+
+
+def test_the_bundle_export_model_returns_is_a_model_to_stylize_with(bundle):
+    content = np.full((40, 48, 3), 120, np.uint8)
+    style = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[None, :, None], (40, 1, 3))
+    by_path = ultrastyle.stylize(content, style, model=bundle.path, levels=(1,))
+    assert np.array_equal(ultrastyle.stylize(content, style, model=bundle, levels=(1,)), by_path)
+    with ultrastyle.load(bundle) as s:
+        assert s.model == str(bundle.path) and np.array_equal(s.stylize(content, style, levels=(1,)), by_path)

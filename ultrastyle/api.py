@@ -43,6 +43,7 @@ from ultrastyle.runtime.batch import (
 )  # fmt: skip
 from ultrastyle.runtime.memory import keep_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
+from ultrastyle.export.bundle import Bundle
 from ultrastyle.core.styles import mix_weights
 from ultrastyle.core.plan import BudgetTooSmall, TileWarning, TilingOptions, check_budget, fixed_tile_notes, size_text
 from ultrastyle.runtime.tiled import TileCallback
@@ -203,11 +204,17 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
     return StyleSpec(sources, weights)
 
 
+def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
+    """A zoo name or a folder as given; a `Bundle` (what `export_model` and `calibrate` return) as its folder."""
+    return model.path if isinstance(model, Bundle) else model
+
+
 class Stylizer:
     """A model opened on one backend and device, for many images; style statistics are cached per style.
 
     ``model``: a zoo name (installed on first use), a weights folder or a bundle
-    folder. ``levels``: the stages to load and run by default (default: the
+    (its folder, or the `Bundle` that `export_model` and `calibrate` return).
+    ``levels``: the stages to load and run by default (default: the
     model's default levels); calls may run any of them. ``precision`` and
     ``compile`` (half-precision and compiled PyTorch networks): see
     `runtime.backends.select.open_runner`. Use as a context manager, or call `close`.
@@ -215,7 +222,7 @@ class Stylizer:
 
     def __init__(
         self,
-        model: str | os.PathLike = DEFAULT_MODEL,
+        model: str | os.PathLike | Bundle = DEFAULT_MODEL,
         *,
         backend: str = "auto",
         device: str = "cpu",
@@ -227,6 +234,7 @@ class Stylizer:
         progress: bool = True,
     ) -> None:
         check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
+        model = model_source(model)
         self.model = str(model)
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
@@ -400,7 +408,7 @@ class ClusterStylizer(Stylizer):
 
     def __init__(
         self,
-        model: str | os.PathLike = DEFAULT_MODEL,
+        model: str | os.PathLike | Bundle = DEFAULT_MODEL,
         *,
         address: str = "local",
         workers: int | None = None,
@@ -419,6 +427,7 @@ class ClusterStylizer(Stylizer):
 
         del on_message, progress  # as `Stylizer` takes them; the workers open the model quietly
         check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)  # before Ray starts
+        model = model_source(model)
         self.model = str(model)
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
@@ -516,7 +525,7 @@ def stylize(
     content: ImageLike,
     style: ImageLike | Sequence[ImageLike] | None = None,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | Bundle = DEFAULT_MODEL,
     mix: MixLike | None = None,
     mask: ImageLike | None = None,
     output: str | os.PathLike | None = None,
@@ -539,7 +548,7 @@ def stylize_batch(
     styles: ImageLike | Iterable[ImageLike] | None = None,
     output_dir: str | os.PathLike = "out",
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
+    model: str | os.PathLike | Bundle = DEFAULT_MODEL,
     executor: str = "local",
     ray_address: str = "local",
     distribute_tiles: bool = False,
