@@ -101,6 +101,12 @@ def test_cores_fit_their_profile_exactly():
 def test_requested_ranges_use_the_cli_values_on_each_grid():
     r = requested_ranges(SPEC, (1, 5), tile_min=None, tile_opt=None, tile_max=1000)
     assert r[1] == TileRange(2, 1000, 1000) and r[5] == TileRange(32, 992, 992)
+    default = requested_ranges(SPEC, (5,), tile_min=None, tile_opt=None, tile_max=None)[5]
+    above = default.max + 32 * 40
+    r = requested_ranges(SPEC, (5,), tile_min=None, tile_opt=above, tile_max=None)
+    assert r[5].opt == r[5].max == above  # an opt above the default max raises it, as tile_max raises opt: never clipped unsaid
+    r = requested_ranges(SPEC, (5,), tile_min=above, tile_opt=None, tile_max=None)
+    assert r[5].min == r[5].opt == r[5].max == above
 
 
 def test_tiles_shrink_to_fit_the_engines_and_never_grow():

@@ -108,7 +108,8 @@ def requested_ranges(
     out = {}
     for k in stages:
         d = defaults[k]
-        hi = tile_max if tile_max is not None else d.max
+        # A side given above the default max raises it (as tile_max raises opt): a given side is never clipped unsaid.
+        hi = tile_max if tile_max is not None else max(d.max, tile_opt or 0, tile_min or 0)
         opt = tile_opt if tile_opt is not None else (hi if tile_max is not None else d.opt)
         out[k] = stage_range(spec, k, TileRange(tile_min if tile_min is not None else d.min, opt, hi))
     return out
