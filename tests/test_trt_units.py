@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -319,3 +321,20 @@ def test_tile_sides_out_of_order_are_refused():
     assert info.value.remedy == (Setting("tile_min", 512), Setting("tile_max", 64))  # a front end shows them its way
     with pytest.raises(ValueError, match="tile_opt=1000 is above tile_max=64"):
         requested_ranges(ARCHS["cd16x"], (1,), tile_min=None, tile_opt=1000, tile_max=64)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: the backend would open")
+def test_the_tensorrt_backend_unavailable_names_the_cpu_backend_as_a_keyword_or_a_flag(cd16x_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    import ultrastyle
+    from ultrastyle.cli.main import app
+
+    with pytest.raises(TensorRTUnavailable, match=r"give backend='onnxruntime' to run on the CPU$"):
+        ultrastyle.load(cd16x_dir, backend="tensorrt")
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "c.png")
+    r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "c.png"), "-m", str(cd16x_dir),
+                                 "--backend", "tensorrt", "-o", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 2 and "give --backend onnxruntime to run on the CPU" in " ".join(r.output.split()), r.output

@@ -257,7 +257,11 @@ def _open_tensorrt(
     from ultrastyle.trt.graphs import GraphError
     from ultrastyle.trt.profiles import default_ranges
 
-    gpu = require_tensorrt_stack()  # before any export: one message naming all that is missing
+    cpu = Setting("backend", "onnxruntime")
+    try:
+        gpu = require_tensorrt_stack(instead=f"give {cpu.python()} to run on the CPU")  # before any export: all that is missing
+    except RunnerError as exc:
+        raise remedied(exc, cpu) from None
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
     bundle_stages(bundle, stages)  # before any engine is built
     try:
