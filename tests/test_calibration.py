@@ -353,3 +353,12 @@ def test_tensorrt_int8_refuses_stages_without_int8_graphs(signed_bundle, tmp_pat
         graph_sources(b, "int8")
     assert info.value.remedy.function == "calibrate"
     assert {s.stage for s in graph_sources(b, "int8", (1, 3))} == {1, 3}
+
+
+def test_running_int8_stages_calibration_never_reached_names_the_calibration_that_does(fp32_bundle, train_dir, tmp_path):
+    folder = tmp_path / "part"
+    shutil.copytree(fp32_bundle.path, folder)
+    calibrate_bundle(folder, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(3,))
+    with pytest.raises(RunnerError, match=r"int8 graphs for stage\(s\) \[3\], not for \[1\]") as info:
+        OnnxRuntimeRunner(read_bundle(folder), precision="int8", stages=(1, 3))
+    assert f"ultrastyle calibrate {folder} --images YOUR_PHOTOS/ --stages 1" in as_command(info.value)

@@ -200,16 +200,19 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         if Path(n["file"]).name != n["file"]:  # graphs live in the bundle folder, nowhere else
             raise BundleError(f"{mf}: graph {name} names a file outside the bundle: {n['file']!r}")
     if verify:
+        made_from = manifest.get("model")  # a zoo name, or the weights folder's name (the user knows where it is)
+        again = Remedy("export_model", (made_from if isinstance(made_from, str) else Placeholder("MODEL"), str(path)))
         for name, n in manifest["networks"].items():
             f = path / n["file"]
             if not f.is_file():
-                raise BundleError(f"{f}: graph {name} listed in the manifest is missing; re-export the bundle")
+                raise remedied(BundleError(f"{f}: graph {name} listed in the manifest is missing; export the bundle again: "
+                                           f"{again.python()}"), again)  # fmt: skip
             found = sha256_file(f)
             if found != n["sha256"]:
-                raise BundleError(
+                raise remedied(BundleError(
                     f"{f}: sha256 {found} does not match the manifest's {n['sha256']}: "
-                    "the graph was modified or corrupted; re-export the bundle"
-                )
+                    f"the graph was modified or corrupted; export the bundle again: {again.python()}"
+                ), again)
     return Bundle(path, manifest)
 
 

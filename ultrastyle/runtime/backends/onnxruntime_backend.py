@@ -155,10 +155,11 @@ class OnnxRuntimeRunner(Runner):
         if self._int8:  # a stage calibration never reached would run in float32 without a word
             calibrated = sorted({parse_network(n)[1] for n in self._int8})
             if bare := [k for k in self.stages if k not in calibrated]:
-                raise RunnerError(
+                fix = Remedy("calibrate", (str(self.bundle.path), Placeholder("YOUR_PHOTOS/")), (("stages", bare),))
+                raise remedied(RunnerError(
                     f"bundle {self.bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; "
-                    f"calibrate those stages too, or run only stages {calibrated}"
-                )
+                    f"calibrate those stages too ({fix.python()}), or run only stages {calibrated}"
+                ), fix)  # fmt: skip
         self.providers = providers or providers_for("cpu")
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"
