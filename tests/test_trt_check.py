@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -241,3 +242,17 @@ def test_the_stage_contract_refuses_runtime_conv_weights():
     m.graph.initializer.append(numpy_helper.from_array(W4, "w"))
     assert not any("computed at run time" in e for e in _errors(m, None))  # only stage graphs promise constant weights
     assert any("convolution weights are computed at run time" in e for e in _errors(m, "encoder"))
+
+
+def test_cli_check_refuses_the_flags_of_a_build_it_does_not_run(bundle, tmp_path):
+    for flags in (["--force"], ["--verbose"], ["--timing-cache", str(tmp_path / "t.cache")]):
+        r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", *flags])
+        text = " ".join(r.output.replace("│", " ").split())
+        assert r.exit_code == 2 and f"{flags[0]} applies to a build, and --check builds nothing" in text, text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: the build would run")
+def test_a_build_names_the_bundle_s_own_problem_before_the_missing_tensorrt(bundle):
+    r = CliRunner().invoke(app, ["build", str(bundle.path), "--precision", "int8"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "has no int8 (Q/DQ) graphs" in text and "needs the tensorrt package" not in text, text

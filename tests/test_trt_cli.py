@@ -39,7 +39,7 @@ def test_stylize_backend_tensorrt_without_tensorrt_exits_2_with_one_message(imag
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the TensorRT backend needs"), r.output
-    assert "tensorrt package" in r.output and "NVIDIA GPU" in r.output and "onnxruntime backend" in r.output
+    assert "tensorrt package" in r.output and "NVIDIA GPU" in r.output and "--backend onnxruntime" in r.output
     assert not (tmp_path / "o").exists()
 
 

@@ -59,6 +59,9 @@ def build_command(
     except OptionError as exc:
         raise _bad_option(exc) from None
     tiles = {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max}
+    if check and (given := [f for f, on in (("--force", force), ("--timing-cache", timing_cache is not None), ("--verbose", verbose)) if on]):
+        raise typer.BadParameter(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a build, and --check builds nothing; "
+                                 "leave it out, or build without --check", param_hint=given[0])  # fmt: skip
     if check:
         try:
             report = check_tensorrt(bundle, precision=precision.value, stages=asked, **tiles)

@@ -205,6 +205,7 @@ def build_engines(
     ``tf32``: let float32 convolutions and GEMMs use TF32 (faster on Ampere and
     newer, ~1e-3 per network and ~3e-2 on the cascade; see the module docstring).
     """
+    graph_sources(bundle, precision, stages)  # the bundle's own problems first (int8 graphs missing...): they need no GPU to find
     fix = Remedy("check_tensorrt", (str(bundle.path),))
     try:
         gpu = require_tensorrt_stack("building TensorRT engines", f"{fix.python()} checks the bundle without them")

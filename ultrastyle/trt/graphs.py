@@ -100,7 +100,8 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
         for kind in ("encoder", "decoder", "decoder_affine"):
             name = f"{kind}{k}"
             if name not in nets:
-                fix = Remedy("export_model", ("MODEL", str(bundle.path)))
+                made_from = bundle.manifest.get("model")
+                fix = Remedy("export_model", (made_from if isinstance(made_from, str) else Placeholder("MODEL"), str(bundle.path)))
                 raise remedied(GraphError(f"bundle {bundle.path} lacks {name}; export it again: {fix.python()}"), fix)
             path = bundle.path / nets[name]["file"]
             sha = nets[name]["sha256"]
