@@ -369,7 +369,12 @@ def test_a_large_style_s_canvas_goes_where_a_content_s_of_its_size_would_within_
         im.convert("RGB").resize((1600, 1200)).save(style)
     sites: list = []
     plan_image_for = batch.plan_image_for
-    monkeypatch.setattr(batch, "plan_image_for", lambda *a, **k: sites.append(plan_image_for(*a, **k).site) or plan_image_for(*a, **k))
+    def spy(*args, **kwargs):
+        plan = plan_image_for(*args, **kwargs)
+        sites.append(plan.site)
+        return plan
+
+    monkeypatch.setattr(batch, "plan_image_for", spy)
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,)) as s:
         budgeted = s.stylize(small["c1"], style, style_size=0, max_memory="160MB", scratch=tmp_path)
         # The tiny content's canvases in RAM, the style's on disk: they would take more than the budget's share for RAM.
@@ -391,6 +396,22 @@ def test_a_stylizer_keeps_statistics_of_in_memory_styles_not_their_pixels(instal
         for i in range(ultrastyle.api.BOOKS_KEPT + 2):  # settings a service may try: a bounded number of books
             s.stylize(small["c1"], small["s1"], style_size=32 + i)
         assert len(s._books) == ultrastyle.api.BOOKS_KEPT
+        book = next(iter(s._books.values()))
+
+        def fails() -> None:
+            pixels = np.zeros((64, 64, 3), np.uint8)  # what a frame of a failed read holds  # noqa: F841
+            raise ultrastyle.ImageError("style: unreadable")
+
+        for _ in range(2):  # made, then found: each raise is of a copy
+            with pytest.raises(ultrastyle.ImageError, match="unreadable"):
+                book._remember(book._stats, ("failed",), fails)
+        kept = book._stats[("failed",)]
+        assert kept.__traceback__ is None and kept.__context__ is None  # a failed style is kept as its error alone
+        for i in range(6):  # masks across settings: one store, bounded
+            left = np.zeros((56, 72), np.uint8)
+            left[:, : 10 + i] = 255
+            s.stylize(small["c1"], [small["s1"], small["s2"]], mask=left, style_size=32 + i % 3)
+        assert len(s._masks) == ultrastyle.runtime.batch.StyleBook.KEEP_MASKS
 
 
 def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_naming_them(small, tmp_path):
@@ -403,6 +424,9 @@ def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_
     with pytest.raises(ultrastyle.ImageError, match="convert it to 'I;16' .* or 'L'"):
         as_pixels(Image.fromarray(grey.astype(np.int32)), "content")  # mode I: its range is unknown
     assert np.array_equal(as_pixels(Image.fromarray(grey / np.float32(255))), as_pixels(grey / np.float32(255)))
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f.tif")  # a file of mode F: read by the file's rule, clipped
+    with Image.open(tmp_path / "f.tif") as opened:
+        assert np.array_equal(as_pixels(opened), ultrastyle.io.images.read_image(tmp_path / "f.tif"))
     assert np.array_equal(as_pixels(grey[..., None]), as_pixels(grey))  # (H, W, 1) is grey too
     assert np.array_equal(as_pixels(grey.astype(">u2")), as_pixels(grey.astype(np.uint16)))  # big-endian samples
     cut = tmp_path / "cut.jpg"
@@ -419,6 +443,10 @@ def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     with pytest.warns(AnimatedImageWarning, match="content: an animation of 2 frames"):
         as_pixels(Image.open(tmp_path / "a.gif"), "content")
+    with Image.open(tmp_path / "a.gif") as gif:
+        pass
+    with pytest.raises(ultrastyle.ImageError, match=r"content: cannot read the PIL image"):
+        as_pixels(gif, "content")  # closed: its frame count cannot be read either
 
 
 def test_on_tile_reports_progress_for_images_of_one_tile_too(installed, small):
@@ -442,3 +470,8 @@ def test_a_batch_s_style_errors_name_its_keyword_styles_before_the_model_opens(s
     assert info.value.option == "style"
     with pytest.raises(ultrastyle.OptionError, match="all zero"):
         ultrastyle.stylize(small["c1"], mix=[(small["s1"], 0), (small["s2"], 0)])
+    with pytest.raises(ultrastyle.OptionError, match="no style given: give a style image") as info:
+        ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "out")
+    assert info.value.option == "styles"
+    with pytest.raises(ultrastyle.OptionError, match="give one style as styles="):
+        ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "out", mix=[(small["s1"], 1.0)])

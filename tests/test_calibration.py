@@ -209,7 +209,7 @@ def test_tensorrt_refuses_uint8_graphs_and_says_how_to_calibrate_for_it(int8_bun
 
     with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*activations='int8'\)") as info:
         graph_sources(int8_bundle, "int8")
-    assert f"ultrastyle calibrate {int8_bundle.path} --images DIR --activations int8" in as_command(info.value)
+    assert f"ultrastyle calibrate {int8_bundle.path} --images YOUR_PHOTOS/ --activations int8" in as_command(info.value)
 
 
 # Mean feature error of uint8 over signed int8 activations, measured 0.59 / 0.69 / 0.87 for stages 1 / 3 / 5
@@ -361,4 +361,10 @@ def test_running_int8_stages_calibration_never_reached_names_the_calibration_tha
     calibrate_bundle(folder, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(3,))
     with pytest.raises(RunnerError, match=r"int8 graphs for stage\(s\) \[3\], not for \[1\]") as info:
         OnnxRuntimeRunner(read_bundle(folder), precision="int8", stages=(1, 3))
-    assert f"ultrastyle calibrate {folder} --images YOUR_PHOTOS/ --stages 1" in as_command(info.value)
+    assert as_command(info.value).endswith(f"ultrastyle calibrate {folder} --images YOUR_PHOTOS/ --stages 1), or run only stages [3]")
+    signed = tmp_path / "signed"  # a bundle of signed graphs: the command keeps them signed, or calibration would refuse the mix
+    shutil.copytree(fp32_bundle.path, signed)
+    calibrate_bundle(signed, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128, activations="int8"), stages=(3,))
+    with pytest.raises(RunnerError) as info:
+        OnnxRuntimeRunner(read_bundle(signed), precision="int8", stages=(1, 3))
+    assert f"ultrastyle calibrate {signed} --images YOUR_PHOTOS/ --stages 1 --activations int8" in as_command(info.value)

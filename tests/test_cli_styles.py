@@ -221,6 +221,7 @@ def test_mask_labels_come_in_ascending_colour_for_any_sample_type():
 
 def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir, shared_dir, tmp_path, monkeypatch):
     import os
+    import threading
 
     import ultrastyle.io.masks as masks
     from ultrastyle.cli.main import app
@@ -237,7 +238,7 @@ def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir
     r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s1.png"), "-s", str(tmp_path / "s2.png"),
                                  "--mask", str(tmp_path / "m.png"), "-o", str(tmp_path / "out"), "--model", str(cd16x_dir)])  # fmt: skip
     assert r.exit_code == 0 and (tmp_path / "out" / "c_stylized_s1+s2.png").is_file(), r.output
-    assert decoded == [tmp_path / "m.png"] and masks._kept is None  # once; nothing kept after the command
+    assert decoded == [tmp_path / "m.png"] and masks._kept.get() is None  # once; nothing kept after the command
     masks.read_labels(tmp_path / "m.png")
     masks.read_labels(tmp_path / "m.png")
     assert len(decoded) == 3  # outside keep_labels, every read decodes
@@ -248,4 +249,7 @@ def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir
         Image.fromarray(a).save(tmp_path / "m.png")
         os.utime(tmp_path / "m.png", ns=(0, os.stat(tmp_path / "m.png").st_mtime_ns + 10**9))
         assert len(masks.read_labels(tmp_path / "m.png")[1]) == 3
-    assert len(decoded) == 5
+        other = threading.Thread(target=masks.read_labels, args=(tmp_path / "m.png",))
+        other.start()  # another thread's reads are its own: decoded, not kept
+        other.join()
+    assert len(decoded) == 6 and masks._kept.get() is None

@@ -37,7 +37,10 @@ def _run(args: list[object], cd16x_dir: Path):
 
 @pytest.fixture
 def plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TilingOptions, ImagePlan]]:
-    """Every (options, plan) the batch made, in order: which tiles each run really had."""
+    """Every (options, plan) the batch made for a content, in order: which tiles each run really had.
+
+    A style's statistics are planned too (`StyleBook`, where its canvas goes), without ``masked``: those are left out.
+    """
     import ultrastyle.runtime.batch as batch
 
     made: list[tuple[TilingOptions, ImagePlan]] = []
@@ -45,7 +48,8 @@ def plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[TilingOptions, ImagePla
 
     def spy(model, height, width, levels, options, **kw):
         plan = real(model, height, width, levels, options, **kw)
-        made.append((options, plan))
+        if "masked" in kw:  # `stylize_content`'s
+            made.append((options, plan))
         return plan
 
     monkeypatch.setattr(batch, "plan_image_for", spy)

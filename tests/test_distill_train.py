@@ -459,8 +459,10 @@ def test_a_damaged_checkpoint_says_how_to_go_on_and_not_to_unpickle_it(teacher_d
     assert "weights_only" not in str(info.value)  # torch's advice would run pickled code
 
 
-def test_a_log_gets_a_line_at_each_checkpoint_and_at_the_end(teacher_dir, photos, tmp_path):
+def test_a_log_gets_a_line_at_each_checkpoint_and_at_the_end(teacher_dir, photos, tmp_path, monkeypatch):
     """stderr piped to a file: plain progress lines, not one bar drawn once at the end."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # what would make rich take the log for a terminal
+        monkeypatch.delenv(name, raising=False)
     r = CliRunner().invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "2", "-o", str(tmp_path / "o"), "--images", str(photos),
                                  "--steps", "4", "--checkpoint-every", "2", "--crop", "16", "--resize", "24", "--batch-size", "2",
                                  "--workers", "0"])  # fmt: skip

@@ -108,8 +108,14 @@ def test_tampered_graph_is_detected_by_sha256(bundle, tmp_path):
     (dst / "decoder3.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"decoder3.onnx: sha256 .* does not match .* export the bundle again") as info:
         read_bundle(dst)
-    # The bundle fixture's model is its folder's name: the fix is the command that makes the bundle again, over it.
-    assert as_command(info.value).endswith(f"ultrastyle export {bundle.manifest['model']} --output {dst}")
+    # The fix is the command that makes the bundle again, over it: from its zoo model (this fixture's folder has a zoo name),
+    assert as_command(info.value).endswith(f"ultrastyle export cd-wct-16x --output {dst}")
+    m = json.loads((dst / "manifest.json").read_text())
+    m["model"] = "my-weights"  # or MODEL for a weights folder, which the manifest knows by its name only
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        read_bundle(dst)
+    assert as_command(info.value).endswith(f"ultrastyle export MODEL --output {dst}")
 
 
 def test_newer_bundle_format_is_refused_with_a_clear_message(bundle, tmp_path):
@@ -280,3 +286,18 @@ def test_opening_something_that_is_not_a_bundle_says_what_it_is_and_a_fix_that_w
         assert said in str(info.value), str(info.value)
     r = CliRunner().invoke(app, ["build", str(tmp_path / "photos")])
     assert r.exit_code == 2 and "ultrastyle export MODEL --output NEW_FOLDER" in " ".join(r.output.split()), r.output
+
+
+def test_a_bundle_with_an_unreadable_manifest_says_to_export_again_and_export_may_replace_it(model, bundle, tmp_path):
+    dst = _copy(bundle, tmp_path)
+    (dst / "manifest.json").write_text("{ cut off")
+    with pytest.raises(BundleError, match="unreadable manifest") as info:
+        read_bundle(dst)
+    assert as_command(info.value).endswith(f"export the bundle again over it: ultrastyle export MODEL --output {dst}")
+    again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))  # the fix works: a damaged bundle is replaced
+    assert again.stages == (1,)
+    (dst / "notes.txt").write_text("mine")
+    (dst / "manifest.json").write_text("{ cut off")  # beside a file of the user's: not a damaged bundle alone, kept
+    with pytest.raises(BundleError, match="exists and is not a bundle"):
+        export_bundle(model, dst, spec=ExportSpec(stages=(1,)))
+    assert (dst / "notes.txt").read_text() == "mine"

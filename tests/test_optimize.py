@@ -7,6 +7,8 @@ autograd reference and the solvers' contracts, not the looks.
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -580,6 +582,28 @@ def test_a_style_that_every_content_would_fail_on_is_refused_once_before_the_mod
     with pytest.raises(ImageError, match="style .*bad.jpg: not an image file"):
         ultrastyle.optimize_batch(contents, bad, tmp_path / "out")
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.pth"))
+    from ultrastyle.optimization.batch import check_style, plan_outputs
+
+    pairs = plan_outputs(contents, bad, tmp_path / "out", "png")
+    for p in pairs:  # every output there: with skip_existing nothing reads the style, so nothing refuses it
+        p.output.parent.mkdir(exist_ok=True)
+        p.output.write_bytes(b"done before")
+    check_style(bad, 10**9, pairs, skip_existing=True)
+    with pytest.raises(ImageError):
+        check_style(bad, 10**9, pairs, skip_existing=False)
+
+
+def test_a_style_tiff_pillow_cannot_open_is_checked_from_its_header_not_decoded(tmp_path, monkeypatch):
+    import tifffile
+
+    import ultrastyle.optimization.batch as batch
+    from ultrastyle.io.images import ImageError
+
+    tifffile.imwrite(tmp_path / "f.tif", np.random.default_rng(0).random((30, 40, 3), dtype=np.float32), photometric="rgb")
+    monkeypatch.setattr(batch, "read_input", lambda *a, **k: pytest.fail("decoded the style to check it"))
+    batch.check_style(tmp_path / "f.tif", 10**9)
+    with pytest.raises(ImageError, match=r"style .*f.tif: 40x30 = 1200 pixels is above the limit of 1000 pixels"):
+        batch.check_style(tmp_path / "f.tif", 1000)
 
 
 def test_a_fixed_tile_that_costs_more_than_expected_is_a_tile_warning(optimizer):
@@ -587,17 +611,22 @@ def test_a_fixed_tile_that_costs_more_than_expected_is_a_tile_warning(optimizer)
 
     with pytest.warns(TileWarning, match=r"tile 16 px is small beside the loss network's halo of 80 px.* a tile of (\d+) px") as seen:
         optimizer.check(make_optimize_options(tile=16))
-    enough = int(__import__("re").search(r"a tile of (\d+) px", str(seen[0].message)).group(1))
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")
+    enough = int(re.search(r"a tile of (\d+) px", str(seen[0].message)).group(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         optimizer.check(make_optimize_options(tile=enough))  # the size it names is quiet
         optimizer.check(make_optimize_options())  # an automatic tile is never warned about
     with pytest.warns(TileWarning, match="more than the 100 MiB memory budget"):
         optimizer.check(make_optimize_options(tile=4000, max_memory="100MB"))
 
 
-def test_a_log_gets_plain_progress_lines_at_each_scale_not_a_bar(cd16x_dir, shared_dir, tmp_path, one_thread):
+def test_a_log_gets_plain_progress_lines_at_each_scale_not_a_bar(cd16x_dir, shared_dir, tmp_path, one_thread, monkeypatch):
+    import ultrastyle.cli.logs
     from ultrastyle.cli.main import app
+
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # what would make rich take the log for a terminal
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ultrastyle.cli.logs, "LOG_LINE_SECONDS", 1e9)  # milestones only, however slow the machine
 
     content = tmp_path / "c.png"
     Image.open(shared_dir / "images/content/cd_content_in2.jpg").convert("RGB").resize((64, 48)).save(content)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -121,7 +120,7 @@ def test_int8_without_qdq_graphs_says_to_calibrate(bundle):
 
     report = check_bundle(bundle, precisions=("int8",))
     assert not report.ok and "ultrastyle.calibrate(" in report.errors[0].message
-    assert f"ultrastyle calibrate {bundle.path} --images DIR --activations int8" in swap(str(report.errors[0]), report.errors[0].remedy)
+    assert f"ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/ --activations int8" in swap(str(report.errors[0]), report.errors[0].remedy)
 
 
 def test_int8_qdq_graph_stored_by_calibration_is_checked(bundle, tmp_path):
@@ -251,7 +250,6 @@ def test_cli_check_refuses_the_flags_of_a_build_it_does_not_run(bundle, tmp_path
         assert r.exit_code == 2 and f"{flags[0]} applies to a build, and --check builds nothing" in text, text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: the build would run")
 def test_a_build_names_the_bundle_s_own_problem_before_the_missing_tensorrt(bundle):
     r = CliRunner().invoke(app, ["build", str(bundle.path), "--precision", "int8"])
     text = " ".join(r.output.split())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -323,12 +321,14 @@ def test_tile_sides_out_of_order_are_refused():
         requested_ranges(ARCHS["cd16x"], (1,), tile_min=None, tile_opt=1000, tile_max=64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: the backend would open")
-def test_the_tensorrt_backend_unavailable_names_the_cpu_backend_as_a_keyword_or_a_flag(cd16x_dir, tmp_path):
+def test_the_tensorrt_backend_unavailable_names_the_cpu_backend_as_a_keyword_or_a_flag(cd16x_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import ultrastyle
+    import ultrastyle.trt.env as env
     from ultrastyle.cli.main import app
+
+    monkeypatch.setattr(env, "missing_for_tensorrt", lambda: ["an NVIDIA GPU"])  # as here, wherever the test runs
 
     with pytest.raises(TensorRTUnavailable, match=r"give backend='onnxruntime' to run on the CPU$"):
         ultrastyle.load(cd16x_dir, backend="tensorrt")

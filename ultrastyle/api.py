@@ -172,7 +172,7 @@ def _style_args(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
         if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
             raise OptionError("mix", "expected (style, weight) pairs or a {style: weight} dict, e.g. [('a.jpg', 0.7), ('b.jpg', 0.3)]")
         if len(items) < 2:
-            raise OptionError("mix", "a mix blends two or more styles; give one style as style=")
+            raise OptionError("mix", f"a mix blends two or more styles; give one style as {keyword}=")
         for i, (s, w) in enumerate(items):
             try:
                 check.number("mix", w, least=0, example=0.5)
@@ -246,6 +246,7 @@ class Stylizer:
         )  # fmt: skip
         self.runner.activate()
         self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
+        self._masks: OrderedDict = OrderedDict()  # label maps, shared by the books (`StyleBook`)
 
     @property
     def backend(self) -> str:
@@ -260,6 +261,7 @@ class Stylizer:
         if self.runner.is_active:
             self.runner.deactivate()
         self._books.clear()
+        self._masks.clear()
 
     def _open(self) -> None:
         if not self.runner.is_active:  # closed (a `with` block ended): the next use opens the networks again
@@ -300,7 +302,7 @@ class Stylizer:
         if key in self._books:
             self._books.move_to_end(key)
         else:
-            self._books[key] = StyleBook(self.runner, opts)
+            self._books[key] = StyleBook(self.runner, opts, self._masks)
             while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
                 self._books.popitem(last=False)
         return self._books[key]
@@ -434,6 +436,7 @@ class ClusterStylizer(Stylizer):
         self.defaults = replace(defaults, levels=stages)
         self.distribute_tiles = distribute_tiles
         self._books = OrderedDict()
+        self._masks = OrderedDict()
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
         self._closed = False
@@ -444,6 +447,7 @@ class ClusterStylizer(Stylizer):
         """Stop the actors (and a local Ray instance this started); idempotent. A later call starts the pool again."""
         self.pool.close()
         self._books.clear()
+        self._masks.clear()
         self._closed = True
 
     def _open(self) -> None:  # as a Stylizer reopens its networks: a new pool at the same address
@@ -566,7 +570,7 @@ def stylize_batch(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check.output_folder("output_dir", output_dir)  # before the model opens
-    if mix is not None or mask is not None:
+    if mix is not None or mask is not None or styles is None:  # (many styles alone: an output each, nothing to check)
         styles = _listed(styles) if styles is not None else None  # a list: checked here, read there
         _style_args(styles, mix, mask, "styles")
     if executor not in ("local", "ray"):

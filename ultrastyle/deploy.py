@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
 from ultrastyle.errors import Setting, remedied, remedies_of
-from ultrastyle.export.bundle import Bundle, BundleError, check_bundle_target, export_bundle, read_bundle
+from ultrastyle.export.bundle import Bundle, check_bundle_target, export_bundle, read_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.options import OptionError
 
@@ -41,7 +41,7 @@ def export_model(
     model: str | Path,
     output: str | Path,
     *,
-    stages: Iterable[int] | None = None,
+    stages: Iterable[int] | str | int | None = None,
     opset: int = DEFAULT_OPSET,
     aux: bool = False,
     on_network: Callable[[str], None] | None = None,
@@ -83,7 +83,7 @@ def calibrate(
     bundle: Bundle | str | Path,
     images: str | Path,
     *,
-    stages: Iterable[int] | None = None,
+    stages: Iterable[int] | str | int | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     on_export: Callable[[str], None] | None = None,
@@ -108,7 +108,7 @@ def calibrate(
     return calibrate_bundle(target, images, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 
 
-def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | None, tiles: dict[str, int | None]):
+def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None]):
     from ultrastyle.trt import PRECISIONS
     from ultrastyle.trt.profiles import requested_ranges
 
@@ -133,7 +133,7 @@ def check_tensorrt(
     bundle: Bundle | str | Path,
     *,
     precision: str = "fp32",
-    stages: Iterable[int] | None = None,
+    stages: Iterable[int] | str | int | None = None,
     tile_min: int | None = None,
     tile_opt: int | None = None,
     tile_max: int | None = None,
@@ -153,7 +153,7 @@ def build_tensorrt(
     bundle: Bundle | str | Path,
     *,
     precision: str = "fp32",
-    stages: Iterable[int] | None = None,
+    stages: Iterable[int] | str | int | None = None,
     tile_min: int | None = None,
     tile_opt: int | None = None,
     tile_max: int | None = None,

@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 
 from ultrastyle.cli.remedies import as_command, bad_parameter, swap
-from ultrastyle.core.arch import parse_levels
 
 if TYPE_CHECKING:
     from ultrastyle.options import OptionError
@@ -47,13 +46,13 @@ def build_command(
     from ultrastyle.deploy import build_tensorrt, check_tensorrt
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
-    from ultrastyle.options import OptionError, memory_budget
+    from ultrastyle.options import OptionError, memory_budget, stage_set
     from ultrastyle.trt.graphs import GraphError
 
     try:
-        asked = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+        asked = stage_set("stages", stages)
+    except OptionError as exc:
+        raise bad_parameter(exc) from None
     try:
         memory_budget("workspace", workspace)  # a typo is refused with --check too, which takes no workspace
     except OptionError as exc:
@@ -67,7 +66,7 @@ def build_command(
             report = check_tensorrt(bundle, precision=precision.value, stages=asked, **tiles)
         except OptionError as exc:  # the library names its keywords; here they are flags
             raise _bad_option(exc) from None
-        except BundleError as exc:  # unreadable, or without the stages asked: refused before any check
+        except BundleError as exc:  # unreadable: refused before any check
             _err(as_command(exc))
             raise typer.Exit(2) from None
         _print_check(report, precision.value)

@@ -22,7 +22,6 @@ from ultrastyle.calibration.constants import (
     METHODS,
 )
 from ultrastyle.cli.remedies import as_command, bad_parameter
-from ultrastyle.core.arch import parse_levels
 from ultrastyle.models import zoo
 
 
@@ -55,7 +54,7 @@ def calibrate_command(
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
     from ultrastyle.models.convert import CheckpointError
-    from ultrastyle.options import OptionError
+    from ultrastyle.options import OptionError, stage_set
 
     err = Console(stderr=True, highlight=False)
     settings = dict(
@@ -67,9 +66,9 @@ def calibrate_command(
     except OptionError as exc:
         raise bad_parameter(exc) from None
     try:
-        stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+        stage_tuple = stage_set("stages", stages)
+    except OptionError as exc:
+        raise bad_parameter(exc) from None
     try:  # before the progress bar: a folder without images is refused in one line
         calibration_images(images)
     except CalibrationDataError as exc:

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ultrastyle.cli.remedies import as_command
-from ultrastyle.core.arch import parse_levels
+from ultrastyle.cli.remedies import as_command, bad_parameter
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS
 from ultrastyle.models import zoo
 
@@ -28,10 +27,12 @@ def export_command(
     the architecture, receptive fields, sha256 of the weights and of each graph.
     """
     err = Console(stderr=True, highlight=False)
+    from ultrastyle.options import OptionError, stage_set
+
     try:
-        stage_tuple = tuple(sorted(set(parse_levels(stages)))) if stages is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+        stage_tuple = stage_set("stages", stages)
+    except OptionError as exc:
+        raise bad_parameter(exc) from None
     from ultrastyle.deploy import export_model
     from ultrastyle.export.bundle import BundleError, BundleTargetError
     from ultrastyle.export.validate import ExportValidationError

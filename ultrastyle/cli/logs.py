@@ -16,8 +16,8 @@ LOG_LINE_SECONDS = 30.0
 class LogLines:
     """Plain progress lines on ``console`` when it is not a terminal (a log): milestones, and one every ``every`` seconds."""
 
-    def __init__(self, console: Console, every: float = LOG_LINE_SECONDS) -> None:
-        self.console, self.every = console, every
+    def __init__(self, console: Console, every: float | None = None) -> None:
+        self.console, self.every = console, LOG_LINE_SECONDS if every is None else every  # read now: a test may set it
         self._said = time.monotonic()
 
     @property

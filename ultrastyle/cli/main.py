@@ -64,5 +64,5 @@ app.add_typer(models_app, name="models", help="List, download, import and verify
 for _info in (*app.registered_commands, *models_app.registered_commands):
     _info.callback = _interruptible(_info.callback)  # type: ignore[arg-type]
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - the bare app (tests); `ultrastyle` and `python -m ultrastyle` run `cli.entry`
     app()

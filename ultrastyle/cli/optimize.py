@@ -136,7 +136,7 @@ def optimize_command(
             raise typer.Exit(2) from None
         raise bad_parameter(exc) from None
     try:
-        check_style(style, opts.max_pixels)  # one error for the batch, before the model opens
+        check_style(style, opts.max_pixels, pairs, skip_existing)  # one error for the batch, before the model opens
     except ImageError as exc:
         _err(swap(str(exc), getattr(exc, "remedy", None)))
         raise typer.Exit(2) from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -471,6 +471,16 @@ def check_budget(
 TILE_OVERHEAD_WARN = 16.0
 
 
+def halo_overhead(core: int, halo: int) -> float:
+    """Work of a square tile's region over its core's own: ((core + 2 halo) / core)²."""
+    return ((core + 2 * halo) / core) ** 2
+
+
+def smallest_tile(overhead: Callable[[int], float], step: int) -> int:
+    """The smallest tile side (a multiple of ``step``) whose ``overhead(side)`` is at most `TILE_OVERHEAD_WARN`."""
+    return next(t for t in range(step, 1 << 20, step) if overhead(t) <= TILE_OVERHEAD_WARN)
+
+
 class TileWarning(UserWarning):
     """A fixed tile that makes the run hold more than its memory budget, or one so small that its halo dominates the work."""
 
@@ -493,8 +503,8 @@ def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptio
     def core(k: int, tile: int) -> int:
         return max(arch.grid(k), tile // arch.grid(k) * arch.grid(k))
 
-    def overhead(k: int, tile: int) -> float:  # region work over core work
-        return ((core(k, tile) + 2 * halo[k]) / core(k, tile)) ** 2
+    def overhead(k: int, tile: int) -> float:
+        return halo_overhead(core(k, tile), halo[k])
 
     notes: list[str] = []
     need = {k: (core(k, options.tile) + 2 * halo[k]) ** 2 * traits.memory_factor(k) * stage_bytes_per_pixel(arch, k) for k in stages}
@@ -510,7 +520,7 @@ def fixed_tile_notes(arch: ArchSpec, levels: Iterable[int], options: TilingOptio
                      f"more than its budget; {largest}")  # fmt: skip
     slow = max(stages, key=lambda k: overhead(k, options.tile))
     if overhead(slow, options.tile) > TILE_OVERHEAD_WARN:
-        enough = next(t for t in range(64, 1 << 20, 64) if all(overhead(k, t) <= TILE_OVERHEAD_WARN for k in stages))
+        enough = smallest_tile(lambda t: max(overhead(k, t) for k in stages), 64)
         notes.append(f"tile {options.tile} px is small beside stage {slow}'s halo of {halo[slow]} px: on images larger than the tile "
                      f"each pixel is computed about {overhead(slow, options.tile):.0f} times over; a tile of {enough} px or more "
                      f"keeps that under {TILE_OVERHEAD_WARN:.0f}")  # fmt: skip

@@ -70,7 +70,8 @@ class BundleTargetError(BundleError):
 def check_bundle_target(out_dir: str | Path) -> None:
     """`BundleTargetError` unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (_manifest_format(out_dir) == BUNDLE_FORMAT or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+    if out_dir.exists() and not (_manifest_format(out_dir) == BUNDLE_FORMAT or _damaged_bundle(out_dir)
+                                 or (out_dir.is_dir() and not any(out_dir.iterdir()))):  # fmt: skip
         why = " (its manifest.json is not an ultrastyle bundle's)" if is_bundle(out_dir) else ""
         raise BundleTargetError(f"{out_dir.resolve()} exists and is not a bundle{why}; choose a new or empty folder for the bundle")
     for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
@@ -179,7 +180,7 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     mf = path / MANIFEST
     if not mf.is_file():
         if path.exists() and not path.is_dir():
-            raise BundleError(f"{path}: a file, not a bundle folder")
+            raise BundleError(f"{path}: a file, not a bundle folder; give the folder that export made")
         fresh = not path.exists() or not any(path.iterdir())  # export writes there; anything else it refuses
         fix = Remedy("export_model", (Placeholder("MODEL"), str(path) if fresh else Placeholder("NEW_FOLDER")))
         why = "no such folder" if not path.exists() else f"not a bundle (no {MANIFEST})"
@@ -187,7 +188,8 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{mf}: unreadable manifest ({exc})") from exc
+        again = Remedy("export_model", (Placeholder("MODEL"), str(path)))
+        raise remedied(BundleError(f"{mf}: unreadable manifest ({exc}); export the bundle again over it: {again.python()}"), again) from exc
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{mf}: expected format {BUNDLE_FORMAT!r}, found {manifest.get('format')!r}")
     version = manifest.get("format_version")
@@ -200,8 +202,7 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         if Path(n["file"]).name != n["file"]:  # graphs live in the bundle folder, nowhere else
             raise BundleError(f"{mf}: graph {name} names a file outside the bundle: {n['file']!r}")
     if verify:
-        made_from = manifest.get("model")  # a zoo name, or the weights folder's name (the user knows where it is)
-        again = Remedy("export_model", (made_from if isinstance(made_from, str) else Placeholder("MODEL"), str(path)))
+        again = remake(path, manifest)
         for name, n in manifest["networks"].items():
             f = path / n["file"]
             if not f.is_file():
@@ -216,9 +217,29 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     return Bundle(path, manifest)
 
 
+def remake(path: str | Path, manifest: dict) -> Remedy:
+    """The export that makes the bundle at ``path`` again, over it: from its zoo model, or MODEL for a weights folder.
+
+    The manifest records a weights folder by its name only, which is no path to export from.
+    """
+    from ultrastyle.models.registry import entries
+
+    made_from = manifest.get("model")
+    model = made_from if isinstance(made_from, str) and made_from in entries() else Placeholder("MODEL")
+    return Remedy("export_model", (model, str(path)))
+
+
 def is_bundle(path: str | Path) -> bool:
     """Whether ``path`` is meant as a bundle: it holds a manifest (`read_bundle` says what is wrong with it, if anything)."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def _damaged_bundle(path: Path) -> bool:
+    """A bundle whose manifest cannot be read: that manifest beside ONNX graphs (and their engines), nothing else."""
+    if not is_bundle(path) or _manifest_format(path) is not None:
+        return False
+    entries = [p for p in path.iterdir() if p.name != MANIFEST]
+    return bool(entries) and all(p.suffix == ".onnx" or p.name == "engines" for p in entries)
 
 
 def _manifest_format(path: Path) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ultrastyle.calibration.constants import DEFAULT_ACTIVATIONS
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, BundleError
 from ultrastyle.io.digest import sha256_file
@@ -19,6 +20,14 @@ from ultrastyle.io.digest import sha256_file
 def calibrated_activations(manifest: dict) -> str:
     """The activation type of a bundle's int8 graphs (calibration version 1 wrote signed graphs only)."""
     return (manifest.get("calibration") or {}).get("activations", "int8")
+
+
+def calibrate_more(bundle: Bundle, stages: list[int]) -> Remedy:
+    """The calibration that adds int8 graphs for ``stages`` to ``bundle``, with its graphs' activations (a mix is refused)."""
+    kwargs: list[tuple[str, object]] = [("stages", list(stages))]
+    if (activations := calibrated_activations(bundle.manifest)) != DEFAULT_ACTIVATIONS:
+        kwargs.append(("activations", activations))
+    return Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), tuple(kwargs))
 
 
 def int8_graph(bundle: Bundle, network: str) -> dict | None:

@@ -48,6 +48,11 @@ def pil_limits_off() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
+def as_role(role: str, exc: ImageError) -> ImageError:
+    """``exc`` said of the image's role (``style photo.jpg: cannot read ...``), its remedy kept (a front end names its setting)."""
+    return remedied(ImageError(f"{role} {exc}"), getattr(exc, "remedy", None))
+
+
 def pixel_count(n: int) -> str:
     """``"268 MP"``, ``"0.25 MP"`` or ``"100 pixels"``: readable at any size."""
     return f"{n / 1e6:.0f} MP" if n >= 10**7 else f"{n / 1e6:.3g} MP" if n >= 10**4 else f"{n} pixels"
@@ -106,7 +111,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     except PermissionError as exc:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from exc
     except UnidentifiedImageError as exc:
-        kind = _signature(path)
+        kind = image_kind(path)
         if kind in ("TIFF", "BigTIFF"):  # float RGB and other layouts Pillow does not open
             found = _read_tiff(path, max_pixels, keep_alpha)
             if found is not None:
@@ -123,7 +128,7 @@ _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\
                (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"), (b"GIF8", "GIF"), (b"BM", "BMP"))  # fmt: skip
 
 
-def _signature(path: Path) -> str | None:
+def image_kind(path: Path) -> str | None:
     """The format a file's first bytes announce (None: none this module knows)."""
     try:
         with open(path, "rb") as f:
@@ -249,6 +254,18 @@ def _is_rgb16(path: Path, img: Image.Image) -> bool:
         bits = img.tag_v2.get(258, (8,))
         return img.mode in ("RGB", "RGBA", "RGBX") and max(bits) == 16
     return False
+
+
+def tiff_header(path: Path) -> tuple[int, int, int] | None:
+    """(width, height, bytes per sample) of a TIFF Pillow cannot open (float samples, BigTIFF), from tifffile; None if it cannot."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagewidth), int(page.imagelength), int(page.dtype.itemsize) if page.dtype is not None else 1
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, AttributeError):
+        return None
 
 
 def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndarray | None:

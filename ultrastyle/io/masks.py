@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from ultrastyle.io.paths import file_signature
 
 MAX_LABELS = 255
 
-_kept: dict[tuple, tuple[np.ndarray, list[tuple[int, ...]]]] | None = None  # `keep_labels`'s, while one is open
+# `keep_labels`'s store while one is open in this thread (a context variable: other threads' reads are not kept).
+_kept: ContextVar[dict[tuple, tuple[np.ndarray, list[tuple[int, ...]]]] | None] = ContextVar("ultrastyle_kept_labels", default=None)
 
 
 @contextmanager
@@ -22,15 +24,13 @@ def keep_labels() -> Iterator[None]:
     """Within it, `read_labels` decodes each version of a mask file once: a front end's early check, then its batch's read.
 
     Outside, nothing is kept: a gigapixel mask's labels are a gigabyte. Measured: a 25 MP two-colour PNG mask takes 2.2 s
-    to read (0.09 s/MP, as much as stylizing it on a GPU).
+    to read (0.09 s/MP, as much as stylizing it on a GPU). Per thread (and asyncio task); nested, the outer store is used.
     """
-    global _kept
-    outer = _kept
-    _kept = {} if outer is None else outer
+    token = _kept.set(_kept.get() if _kept.get() is not None else {})
     try:
         yield
     finally:
-        _kept = outer
+        _kept.reset(token)
 
 
 def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[tuple[int, ...]]]:
@@ -44,7 +44,7 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     painted on a transparent layer) are one label, colour (0, 0, 0, 0): the first.
     Within `keep_labels`, a file read before is not decoded again.
     """
-    kept, key = _kept, (Path(path).resolve(), file_signature(path), max_pixels)
+    kept, key = _kept.get(), (Path(path).resolve(), file_signature(path), max_pixels)
     if kept is not None and key in kept:
         return kept[key]
     found = labels_of(read_image(path, max_pixels=max_pixels, keep_alpha=True), str(path))

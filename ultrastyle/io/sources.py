@@ -18,7 +18,18 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.core.resample import resized_size
-from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_pixels, clear_transparent, over_white, pil_limits_off, pil_to_array, read_image
+from ultrastyle.io.images import (
+    AnimatedImageWarning,
+    ImageError,
+    check_pixels,
+    clear_transparent,
+    image_kind,
+    over_white,
+    pil_limits_off,
+    pil_to_array,
+    read_image,
+    tiff_header,
+)
 
 __all__ = ["ImageInput", "ImageLike", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
 
@@ -89,15 +100,16 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
 
 
 def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
-    """A PIL image's pixels as `pil_to_array` gives a file's, but modes F and I as they are: an array's checks judge their range.
+    """A PIL image's pixels as `pil_to_array` gives a file's; one made in memory in mode F or I as an array (checked as such).
 
-    A file of those modes is read by its own rule (`read_image`); an image made in memory says nothing of its range.
+    An opened file of those modes is read by the file's rule (`read_image`); an image made in memory says nothing of its range.
     """
-    if getattr(image, "n_frames", 1) > 1:
-        warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
     try:
+        if getattr(image, "n_frames", 1) > 1:
+            warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
+        made_here = image.format is None
         image = ImageOps.exif_transpose(image)
-        return np.asarray(image) if image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha)
+        return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha)
     except (OSError, ValueError, SyntaxError, AssertionError) as exc:  # a truncated file behind it; a closed image asserts
         why = f"{type(exc).__name__}: {exc}" if str(exc) else "closed, or its file cannot be read"
         raise ImageError(f"{name}: cannot read the PIL image ({why})") from exc
@@ -131,7 +143,8 @@ def image_header(src: Source) -> tuple[int, int, int] | None:
             deep = img.mode in ("I;16", "I;16B", "I", "F") or "16" in img.mode
             return img.size[0], img.size[1], 2 if deep else 1
     except Exception:  # noqa: BLE001
-        return None
+        # A TIFF Pillow cannot open (float RGB, BigTIFF) is read through tifffile (`read_image`): its header too.
+        return tiff_header(Path(src)) if image_kind(Path(src)) in ("TIFF", "BigTIFF") else None
 
 
 def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ultrastyle import options as check
-from ultrastyle.errors import remedied
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
-from ultrastyle.io.images import ImageError, check_pixels
+from ultrastyle.io.images import ImageError, as_role, check_pixels
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.io.sources import image_header, resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -103,19 +102,22 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
     return pairs
 
 
-def check_style(style: str | os.PathLike, max_pixels: int) -> None:
+def check_style(style: str | os.PathLike, max_pixels: int, pairs: Sequence[Pair] = (), skip_existing: bool = False) -> None:
     """`ImageError` naming the style where its header is unreadable or above ``max_pixels``: every content would fail on it.
 
-    Cheap (the header; a full read only to say why a header is unreadable), so it runs before the model opens.
+    Cheap (the header; where there is none, the read that says why fails at once), so it runs before the model opens. Not
+    where every one of ``pairs`` is skipped for its existing output (``skip_existing``): nothing reads the style then.
     """
+    if skip_existing and pairs and all(p.output is not None and p.output.exists() for p in pairs):
+        return
     header = image_header(Path(style))
     if header is None:
         read_input(Path(style), "style", max_pixels)  # raises, saying why
-        return  # a file PIL opens only whole: its run reads it
+        return
     try:
         check_pixels(style, header[0], header[1], max_pixels)
     except ImageError as exc:
-        raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None
+        raise as_role("style", exc) from None
 
 
 def check_budget(optimizer: Optimizer, options: OptimizeOptions, pairs: Sequence[Pair]) -> None:
@@ -221,7 +223,7 @@ def optimize_batch(
         settings["format"] = output_format(output, settings.get("format"), FORMATS)
     options = make_optimize_options(**settings)
     pairs = plan_outputs(contents, style, output, options.format)
-    check_style(style, options.max_pixels)
+    check_style(style, options.max_pixels, pairs, skip_existing)
     loss_dtype = {} if dtype is None else {"dtype": dtype}  # None: the Optimizer's default (float32)
     with Optimizer(model, device=device, threads=threads, progress=progress, **loss_dtype) as optimizer:
         check_budget(optimizer, options, pairs)

@@ -39,11 +39,11 @@ import torch
 from ultrastyle import options as check
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array
 from ultrastyle.core.padding import padded_size
-from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TileWarning, size_text
+from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TileWarning, halo_overhead, size_text, smallest_tile
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
@@ -293,7 +293,7 @@ def tile_notes(net: LossNetwork, opts: OptimizeOptions) -> list[str]:
         return max(g, tile // g * g)
 
     def overhead(tile: int) -> float:
-        return ((side(tile) + 2 * halo) / side(tile)) ** 2
+        return halo_overhead(side(tile), halo)
 
     notes: list[str] = []
     region = math.ceil((side(opts.tile) + 2 * halo) ** 2 * _bytes_per_region_pixel(net))
@@ -302,7 +302,7 @@ def tile_notes(net: LossNetwork, opts: OptimizeOptions) -> list[str]:
                      "memory budget: on images larger than the tile the run holds more than its budget; an automatic tile stays "
                      "within it")  # fmt: skip
     if overhead(opts.tile) > TILE_OVERHEAD_WARN:
-        enough = next(t for t in range(g, 1 << 20, g) if overhead(t) <= TILE_OVERHEAD_WARN)
+        enough = smallest_tile(overhead, g)
         notes.append(f"tile {opts.tile} px is small beside the loss network's halo of {halo} px: on images larger than the tile each "
                      f"pixel is computed about {overhead(opts.tile):.0f} times over; a tile of {enough} px or more keeps that under "
                      f"{TILE_OVERHEAD_WARN:.0f}")  # fmt: skip
@@ -359,7 +359,7 @@ def read_input(image: ImageLike, role: str, max_pixels: int) -> tuple[Any, torch
         return src, array_to_tensor(read_source(src, max_pixels))
     except ImageError as exc:
         if role == "style":  # "style photo.jpg: cannot read ...", as `stylize` says it
-            raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None  # its setting, named its way
+            raise as_role("style", exc) from None
         raise
 
 

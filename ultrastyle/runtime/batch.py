@@ -19,6 +19,7 @@ other pairs still run, and results are reported in pair order.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ultrastyle.errors import Remedies, Setting, remedied
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, resize_long_side
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
@@ -299,10 +300,12 @@ class StyleBook:
     KEEP = 256  # statistics of a style: ~0.2 MB (five stages' sums, float64)
     KEEP_MASKS = 4  # a mask's label map: a byte per pixel, 1 GB at a gigapixel
 
-    def __init__(self, model: StageNetworks, options: StylizeOptions) -> None:
+    def __init__(self, model: StageNetworks, options: StylizeOptions, masks: OrderedDict | None = None) -> None:
+        """``masks``: label maps shared with other books (a `Stylizer`'s, one per settings): they depend on no setting but
+        ``max_pixels``, which their key holds, so `KEEP_MASKS` bounds them all."""
         self.model, self.options = model, options
         self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
-        self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict()
+        self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict() if masks is None else masks
 
     def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
         if key in book:
@@ -310,13 +313,14 @@ class StyleBook:
         else:
             try:
                 book[key] = make()
-            except ImageError as exc:
-                book[key] = exc
+            except ImageError as exc:  # kept bare: its traceback's frames would keep the image (an in-memory one's pixels)
+                book[key] = exc.with_traceback(None)
+                exc.__context__ = exc.__cause__ = None
             while len(book) > keep:
                 book.popitem(last=False)
         got = book[key]
         if isinstance(got, ImageError):
-            raise got
+            raise copy.copy(got)  # a copy takes this raise's traceback: the kept one holds no frame (and none of their images)
         return got
 
     def get(self, src: Source, recolor: FeatureStats | None = None) -> dict[int, FeatureStats]:
@@ -335,7 +339,7 @@ class StyleBook:
             warn_read_whole(src, opts, plan)
             decoded = decode(src, opts, plan)
         except ImageError as exc:
-            raise remedied(ImageError(f"style {exc}"), getattr(exc, "remedy", None)) from None  # its setting, named its way
+            raise as_role("style", exc) from None
         h, w = decoded.shape[:2]
         placed = plan_image_for(self.model, h, w, opts.levels, opts.tiling_for(self.model.traits))
         canvas = decoded.to_canvas(placed.site)
@@ -369,7 +373,7 @@ class StyleBook:
                 return labels_of(src.pixels, str(src))
             return read_labels(src, max_pixels=self.options.max_pixels)
 
-        labels, colours = self._remember(self._masks, _version(src), read, self.KEEP_MASKS)
+        labels, colours = self._remember(self._masks, (*_version(src), self.options.max_pixels), read, self.KEEP_MASKS)
         check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
         return labels
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import onnx
 
 from ultrastyle.errors import Placeholder, Remedy, remedied
-from ultrastyle.export.bundle import Bundle, load_graph
-from ultrastyle.export.int8 import calibrated_activations, int8_graph
+from ultrastyle.export.bundle import Bundle, load_graph, remake
+from ultrastyle.export.int8 import calibrate_more, calibrated_activations, int8_graph
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
 from ultrastyle.io.digest import sha256_file
 
@@ -77,7 +77,7 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
     nets = bundle.manifest["networks"]
     if precision == "int8":
         calibrated = sorted({e["stage"] for n, e in nets.items() if isinstance(e, dict) and int8_graph(bundle, n)})
-        fix = Remedy("calibrate", (str(bundle.path), "DIR"), (("activations", "int8"),))
+        fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), (("activations", "int8"),))
         if not calibrated:
             raise remedied(GraphError(
                 f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
@@ -85,10 +85,11 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
                 "(int8 calibration on sample photos), or build fp16 or fp32 engines"
             ), fix)  # fmt: skip
         if bare := [k for k in stages if k not in calibrated]:  # they would build in float32 without a word
+            more = calibrate_more(bundle, bare)
             raise remedied(GraphError(
                 f"bundle {bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; calibrate those stages too "
-                f"({fix.python()}), or build only stages {calibrated}"
-            ), fix)  # fmt: skip
+                f"({more.python()}), or build only stages {calibrated}"
+            ), more)  # fmt: skip
     activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":
         raise remedied(GraphError(
@@ -100,8 +101,7 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
         for kind in ("encoder", "decoder", "decoder_affine"):
             name = f"{kind}{k}"
             if name not in nets:
-                made_from = bundle.manifest.get("model")
-                fix = Remedy("export_model", (made_from if isinstance(made_from, str) else Placeholder("MODEL"), str(bundle.path)))
+                fix = remake(bundle.path, bundle.manifest)
                 raise remedied(GraphError(f"bundle {bundle.path} lacks {name}; export it again: {fix.python()}"), fix)
             path = bundle.path / nets[name]["file"]
             sha = nets[name]["sha256"]

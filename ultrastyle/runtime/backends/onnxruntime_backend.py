@@ -36,7 +36,7 @@ import torch
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, read_bundle
-from ultrastyle.export.int8 import int8_networks
+from ultrastyle.export.int8 import calibrate_more, int8_networks
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages, parse_network
 from ultrastyle.runtime.memory import resident_bytes, trim_heap
 
@@ -155,7 +155,7 @@ class OnnxRuntimeRunner(Runner):
         if self._int8:  # a stage calibration never reached would run in float32 without a word
             calibrated = sorted({parse_network(n)[1] for n in self._int8})
             if bare := [k for k in self.stages if k not in calibrated]:
-                fix = Remedy("calibrate", (str(self.bundle.path), Placeholder("YOUR_PHOTOS/")), (("stages", bare),))
+                fix = calibrate_more(self.bundle, bare)
                 raise remedied(RunnerError(
                     f"bundle {self.bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; "
                     f"calibrate those stages too ({fix.python()}), or run only stages {calibrated}"
