@@ -33,7 +33,8 @@ def test_full_scratch_disk_fails_the_pair_and_leaves_nothing(cd16x_dir: Path, tm
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     with ultrastyle.load(str(cd16x_dir), backend="torch", levels=(1,)) as st:
-        summary = st.stylize_batch(contents, [style], out, max_memory="16MB", scratch=scratch, levels="1", io_memory="1MB")
+        # style_size=32: the style's canvas in RAM (at the default 1024 px it would go to the full scratch disk too, and fail all)
+        summary = st.stylize_batch(contents, [style], out, max_memory="16MB", scratch=scratch, levels="1", io_memory="1MB", style_size=32)
     assert calls, "the canvases never went to the scratch folder: the test did not test a full disk"
     by = {r.pair.content.name: r for r in summary.results}
     assert by["big.png"].status == "failed" and by["small.png"].status == "done", summary.describe()
