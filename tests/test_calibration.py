@@ -361,7 +361,8 @@ def test_running_int8_stages_calibration_never_reached_names_the_calibration_tha
     calibrate_bundle(folder, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(3,))
     with pytest.raises(RunnerError, match=r"int8 graphs for stage\(s\) \[3\], not for \[1\]") as info:
         OnnxRuntimeRunner(read_bundle(folder), precision="int8", stages=(1, 3))
-    assert as_command(info.value).endswith(f"ultrastyle calibrate {folder} --images YOUR_PHOTOS/ --stages 1), or run only stages [3]")
+    said = f"ultrastyle calibrate {folder} --images YOUR_PHOTOS/ --stages 1 --activations uint8), or run only stages [3]"
+    assert as_command(info.value).endswith(said)
     signed = tmp_path / "signed"  # a bundle of signed graphs: the command keeps them signed, or calibration would refuse the mix
     shutil.copytree(fp32_bundle.path, signed)
     calibrate_bundle(signed, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128, activations="int8"), stages=(3,))

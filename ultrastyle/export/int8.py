@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultrastyle.calibration.constants import DEFAULT_ACTIVATIONS
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, BundleError
 from ultrastyle.io.digest import sha256_file
@@ -24,10 +23,8 @@ def calibrated_activations(manifest: dict) -> str:
 
 def calibrate_more(bundle: Bundle, stages: list[int]) -> Remedy:
     """The calibration that adds int8 graphs for ``stages`` to ``bundle``, with its graphs' activations (a mix is refused)."""
-    kwargs: list[tuple[str, object]] = [("stages", list(stages))]
-    if (activations := calibrated_activations(bundle.manifest)) != DEFAULT_ACTIVATIONS:
-        kwargs.append(("activations", activations))
-    return Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), tuple(kwargs))
+    kwargs = (("stages", list(stages)), ("activations", calibrated_activations(bundle.manifest)))
+    return Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), kwargs)
 
 
 def int8_graph(bundle: Bundle, network: str) -> dict | None:
