@@ -455,9 +455,26 @@ def test_ensure_refuses_a_tampered_installed_file_then_repair_works(shared_dir: 
     assert [x[0] for x in err.damaged] == ["4SE.pth"]
     with pytest.raises(zoo.DamagedModelError):  # load_model goes through ensure: refused before any weight is read
         load_model(NAME, progress=False)
+    (d / "1SD.pth").unlink()  # and another file missing: still refused naming the damage, not fetched over it
+    with pytest.raises(zoo.DamagedModelError) as ei:
+        zoo.ensure(NAME, mirror=closed_port_url, progress=False)
+    assert "4SE.pth" in [x[0] for x in ei.value.damaged] and victim.is_file()  # nothing deleted
     # The repair the message names: re-import (fetch works the same way, from the network).
     zoo.import_local(NAME, shared_dir / "models" / NAME)
     assert zoo.ensure(NAME, mirror=closed_port_url, progress=False) == d
+
+
+def test_fetch_deletes_nothing_before_its_mirror_is_known_to_be_usable_and_names_a_folder_in_the_way(shared_dir: Path) -> None:
+    d = zoo.import_local(NAME, shared_dir / "models" / NAME)
+    victim = d / "5SD.pth"
+    victim.write_bytes(victim.read_bytes()[:7])
+    with pytest.raises(zoo.ZooError):
+        zoo.fetch(NAME, mirror=str(shared_dir / "models"), progress=False)  # a folder is imported, not fetched
+    assert victim.stat().st_size == 7  # still there to be named, not deleted before the refusal
+    victim.unlink()
+    victim.mkdir()
+    with pytest.raises(zoo.ZooError, match=r"5SD.pth: a folder where a model file goes"):
+        zoo.import_local(NAME, shared_dir / "models" / NAME)
 
 
 def test_ensure_refuses_a_tampered_packaged_file(registry: TempRegistry, no_network: None) -> None:

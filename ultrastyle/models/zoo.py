@@ -270,6 +270,8 @@ def verify(name: str) -> list[str]:
 
 
 def _unlink(path: Path) -> None:
+    if path.is_dir():  # not ours to delete
+        raise ZooError(f"{path}: a folder where a model file goes; move it away, then install again")
     try:
         path.unlink()
     except FileNotFoundError:
@@ -304,18 +306,30 @@ def _clean_stale_partials(d: Path) -> None:
 
 
 def _needs_install(entry: ZooEntry, f: ZooFile, dest: Path, force: bool) -> bool:
-    """Decide whether ``dest`` must be (re)written; drop it if it is corrupt.
-
-    A corrupt file is removed up front so that a failed re-download never
-    leaves it behind looking installed. A good file is kept under ``force``
-    until its replacement has been verified.
-    """
+    """Whether ``dest`` must be (re)written: missing, corrupt, or ``force`` (a good file is kept until its replacement is verified)."""
     if not dest.exists():
         return True
-    if _file_problem(entry, f, dest) is None:
-        return force
-    _unlink(dest)
-    return True
+    return force or _file_problem(entry, f, dest) is not None
+
+
+def _drop_corrupt(entry: ZooEntry, d: Path, todo: list[ZooFile]) -> None:
+    """Remove the corrupt files among ``todo`` once their install is sure to start (its source checked): a failed install
+    never leaves one behind looking installed."""
+    for f in todo:
+        if (d / f.name).exists() and _file_problem(entry, f, d / f.name) is not None:
+            _unlink(d / f.name)
+
+
+def _damaged_present(name: str) -> bool:
+    """Whether an installed file of ``name`` is neither this release's nor an earlier one's: damaged, not outdated."""
+    entry, d = get_entry(name), model_dir(name)
+    for f in entry.files:
+        path = d / f.name
+        if path.is_dir():
+            return True
+        if path.is_file() and (found := sha256_file_cached(path)) != f.sha256 and found not in f.earlier_sha256:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- download
@@ -520,7 +534,8 @@ def fetch(
     d = model_dir(name)
     todo = [f for f in entry.files if _needs_install(entry, f, d / f.name, force)]
     if mirror is not None and any(f.kind == "url" for f in todo):
-        check_mirror(mirror, entry.name, given_as=given_as)  # only where it is used; before any folder or progress bar
+        check_mirror(mirror, entry.name, given_as=given_as)  # only where it is used; before any folder, deletion or progress bar
+    _drop_corrupt(entry, d, todo)
     _prepare_dir(d)
     # Source models first, each with its own progress bar (rich allows one live display at a time).
     for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
@@ -612,11 +627,12 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
             ), reinstall(other)) from exc
     d = model_dir(name)
 
-    def is_own_source(f: ZooFile) -> bool:  # importing the cache into itself: _needs_install would delete a corrupt source
+    def is_own_source(f: ZooFile) -> bool:  # importing the cache into itself: _drop_corrupt would delete a corrupt source
         return f.name in sources and (d / f.name).exists() and sources[f.name].resolve() == (d / f.name).resolve()
 
     todo = [f for f in entry.files if not is_own_source(f) and _needs_install(entry, f, d / f.name, force)]
     _check_sources(entry, sources, todo)
+    _drop_corrupt(entry, d, todo)
     _prepare_dir(d)
     for f in todo:
         dest = d / f.name
@@ -643,10 +659,9 @@ def ensure(name: str, *, mirror: str | None = None, progress: bool = True) -> Pa
     :class:`DamagedModelError` rather than being used. Packaged files need no
     network; derived files install their source model first.
     """
-    outdated = is_outdated(name)
-    d = model_dir(name)
-    if not outdated and any((d / f.name).is_file() and (d / f.name).stat().st_size != f.bytes for f in get_entry(name).files):
+    if _damaged_present(name):
         return check_installed(name)  # a damaged file is refused, naming it, not replaced without a word (fetch would)
+    outdated = is_outdated(name)
     if outdated or not is_installed(name):
         fetch(name, mirror=mirror, progress=progress)
     return check_installed(name)
