@@ -75,3 +75,17 @@ def test_stylize_on_tensorrt_matches_onnxruntime(images, cd16x_dir, tmp_path, mo
         if backend == "tensorrt":
             assert "first use" in r.output
     assert np.abs(outs["onnxruntime"] - outs["tensorrt"]).max() <= 1
+
+
+def test_doctor_names_a_damaged_default_model_once_as_the_command_and_exits_1(cd16x_dir, tmp_path, monkeypatch):
+    from ultrastyle.models import zoo
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    d = zoo.import_local("cd-wct-16x", cd16x_dir)
+    data = bytearray((d / "4SE.pth").read_bytes())
+    data[-100] ^= 0xFF  # same size: only its sha256 tells
+    (d / "4SE.pth").write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["doctor"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "not ready: 1 problem(s) above (model cd-wct-16x)" in text, text
+    assert "ultrastyle models fetch cd-wct-16x" in text and "ultrastyle.models.zoo" not in text and "ready;" not in text, text

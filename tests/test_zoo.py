@@ -880,3 +880,27 @@ def test_import_local_names_every_corrupt_copy_and_installs_none(shared_dir: Pat
     assert "3SE.pth" in msg and f"{src / '5SD.pth'} do not match either" in msg and "nothing was installed" in msg, msg
     d = zoo.model_dir(NAME)
     assert not d.exists() or not [p for p in d.iterdir() if p.suffix == ".pth"]  # the good files were not installed either
+
+
+@pytest.mark.parametrize("mirror", ["http://[::1", "http://", "https:///models"])
+def test_a_mirror_that_is_no_url_is_refused_naming_it(mirror: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    with pytest.raises(zoo.ZooError, match=r"mirror .*: (not a URL|no host)"):
+        zoo.fetch(NAME, mirror=mirror, progress=False)
+    r = CliRunner().invoke(app, ["models", "fetch", NAME, "--mirror", mirror])
+    assert r.exit_code == 2 and "--mirror" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan")])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_refused_before_any_download(timeout: float) -> None:
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+        zoo.fetch(NAME, timeout=timeout, progress=False)
+    r = CliRunner().invoke(app, ["models", "fetch", NAME, f"--timeout={timeout}"])
+    assert r.exit_code == 2 and "--timeout" in r.output, r.output

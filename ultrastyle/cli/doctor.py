@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ultrastyle.cli.remedies import as_command
 
 @dataclass
 class Row:
@@ -29,6 +30,10 @@ def baseline_rows(model: str | None = None) -> list[Row]:
     if not zoo.is_installed(model):
         return [Row("memory baseline", "info", f"{model} is not installed (or a file of it is damaged: ultrastyle models verify); "
                     f"install it (ultrastyle models fetch {model}, or offline: ultrastyle models import {model} DIR) to measure")]  # fmt: skip
+    try:
+        zoo.check_installed(model)
+    except zoo.DamagedModelError as exc:  # one row, the fix as the command, not one Python call per backend
+        return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
     rows = []
     for backend in ("onnxruntime", "torch"):
         try:
@@ -36,7 +41,7 @@ def baseline_rows(model: str | None = None) -> list[Row]:
             rows.append(Row(f"baseline ({backend})", "info", f"{rss / 2**20:.0f} MiB resident with {model} open: "
                             "a run's peak is this plus at most --max-memory"))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            rows.append(Row(f"baseline ({backend})", "unusable", str(exc)))
+            rows.append(Row(f"baseline ({backend})", "unusable", " ".join(as_command(exc).split())))
     return rows
 
 
@@ -125,21 +130,26 @@ def doctor_command(
     and the memory baseline of each CPU backend with the default model.
 
     Exit status 0 on a healthy setup, CPU-only included; what is missing comes
-    with the command that installs it.
+    with the command that installs it. 1 where something present is unusable
+    (a damaged model, a backend that fails to open).
     """
     from ultrastyle.trt.env import missing_for_tensorrt
 
     table = Table(show_header=True, header_style="bold", box=None)
     for col in ("component", "status", "details"):
         table.add_column(col)
-    for r in gather() + (baseline_rows() if baseline else []):
+    measured = baseline_rows() if baseline else []
+    for r in gather() + measured:
         style = {"ok": "green", "missing": "yellow", "unusable": "red"}.get(r.status, "")
         table.add_row(escape(r.what), f"[{style}]{r.status}[/]" if style else r.status, escape(r.detail))
     out = Console(highlight=False, soft_wrap=True)
     out.print(table)
+    unusable = [r for r in measured if r.status == "unusable"]  # the CPU path itself (TensorRT unusable on a CPU machine is not)
     missing = missing_for_tensorrt()
-    if missing:
+    if unusable:
+        out.print(f"not ready: {len(unusable)} problem(s) above ({', '.join(r.what for r in unusable)})", markup=False)
+    elif missing:
         out.print(f"backends: onnxruntime and torch ready; tensorrt not usable here ({len(missing)} missing above)", markup=False)
     else:
         out.print("backends: onnxruntime, torch and tensorrt ready (build engines with: ultrastyle build BUNDLE)", markup=False)
-    raise typer.Exit(0)
+    raise typer.Exit(1 if unusable else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,6 +121,8 @@ def fetch(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")] = True,
 ) -> None:
     """Download a model into the cache, verifying every file's sha256; prints its directory."""
+    if not 0 < timeout < math.inf:
+        raise typer.BadParameter(f"expected a positive number of seconds, got {timeout}", param_hint="--timeout")
     if mirror is not None:
         try:
             zoo.check_mirror(mirror, name)

@@ -44,6 +44,7 @@ Getting the files:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import urllib.error
@@ -344,7 +345,15 @@ def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirro
 
     ``name``: the model it is for (named in the remedy); ``given_as``: where the value came from, for the message.
     """
-    scheme = _scheme(mirror)
+    if not isinstance(mirror, str):  # a Path is a folder: what it holds is imported, not fetched
+        mirror = os.fspath(mirror) if isinstance(mirror, os.PathLike) else mirror
+    try:
+        scheme = _scheme(mirror)
+        host = urllib.parse.urlsplit(mirror).hostname
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ZooError(f"{given_as} {mirror!r}: not a URL ({exc}); expected an http:// or https:// base URL, e.g. https://host/models") from None
+    if scheme in ("http", "https") and not host:
+        raise ZooError(f"{given_as} {mirror!r}: no host; expected an http:// or https:// base URL, e.g. https://host/models")
     if scheme not in ("http", "https"):
         folder = Placeholder("DIR") if scheme else mirror  # a path: the folder to import from
         fix = Remedy("models.zoo.import_local", (name if name else Placeholder("NAME"), folder))
@@ -528,6 +537,8 @@ def fetch(
     installed, and nothing of the failing file is left.
     """
     entry = get_entry(name)
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):  # a server is not to blame for these
+        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     given_as = "mirror"
     if mirror is None:
         mirror, given_as = os.environ.get("ULTRASTYLE_MIRROR") or None, "ULTRASTYLE_MIRROR"
