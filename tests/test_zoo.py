@@ -780,10 +780,12 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
     src.write_bytes(bytes(data))
     with pytest.raises(zoo.ChecksumError) as ei:
         zoo.fetch("own", force=True, progress=False)
-    assert f"ultrastyle.models.zoo.fetch('{NAME}', force=True)" in str(ei.value) and se["sha256"] in str(ei.value)
+    # The repair of the source: a plain fetch replaces a damaged file (no force: that downloads every file), or offline an import.
+    said = f"reinstall it: ultrastyle.models.zoo.fetch('{NAME}')  (offline: ultrastyle.models.zoo.import_local('{NAME}', DIR))"
+    assert said in str(ei.value) and se["sha256"] in str(ei.value)
     from ultrastyle.cli.remedies import as_command
 
-    assert f"ultrastyle models fetch {NAME} --force" in as_command(ei.value)  # as the CLI prints it
+    assert f"reinstall it: ultrastyle models fetch {NAME}  (offline: ultrastyle models import {NAME} DIR)" in as_command(ei.value)
     assert zoo.verify("own") == []  # the verified copy was kept
     assert mirror.requests == []  # force applies to `own`, not to the model it reuses
 
@@ -904,3 +906,10 @@ def test_a_timeout_that_is_no_positive_number_of_seconds_is_refused_before_any_d
         zoo.fetch(NAME, timeout=timeout, progress=False)
     r = CliRunner().invoke(app, ["models", "fetch", NAME, f"--timeout={timeout}"])
     assert r.exit_code == 2 and "--timeout" in r.output, r.output
+
+
+def test_a_path_where_a_zoo_model_s_name_goes_is_named_as_a_path(tmp_path: Path) -> None:
+    with pytest.raises(zoo.UnknownModelError, match="a path, where a zoo model's name goes"):
+        zoo.get_entry(str(tmp_path))
+    with pytest.raises(zoo.UnknownModelError, match="no such model folder"):
+        zoo.get_entry(str(tmp_path / "nowhere"))

@@ -82,8 +82,11 @@ class UnknownModelError(ZooError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = known
-        if "/" in name or "\\" in name or name.startswith((".", "~")):  # meant as a folder, which is not there
-            super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
+        if "/" in name or "\\" in name or name.startswith((".", "~")):  # meant as a folder
+            if Path(name).expanduser().exists():  # where only a zoo model goes (`models fetch`, `verify`, ...)
+                super().__init__(f"{name}: a path, where a zoo model's name goes; known models are {', '.join(known) or '(none)'}")
+            else:
+                super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
             return
         self.remedy = Remedy("models.zoo.entries")
         super().__init__(f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")

@@ -105,7 +105,7 @@ _STALE_PARTIAL_S = 3600.0
 class ChecksumError(ZooError):
     """A file whose content is not the published one."""
 
-    def __init__(self, file: str, expected: str, found: str, *, detail: str = "", hint: str = "", remedy: Remedy | None = None) -> None:
+    def __init__(self, file: str, expected: str, found: str, *, detail: str = "", hint: str = "", remedy: Remedies = None) -> None:
         self.file = file
         self.expected = expected
         self.found = found
@@ -116,7 +116,7 @@ class ChecksumError(ZooError):
         msg += "; the file was not installed."
         if hint:
             msg += f" {hint}"
-        if remedy:
+        if isinstance(remedy, Remedy):  # several remedies: the hint says them
             msg += f" Fetch it again: {remedy.python()}"
         super().__init__(msg)
 
@@ -469,7 +469,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
     remember(dest, f.sha256)
 
 
-def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str = "", remedy: Remedy | None = None,
+def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail: str, hint: str = "", remedy: Remedies = None,
                    advance: Callable[[int], None] = lambda n: None) -> None:
     """Copy ``src`` to ``dest`` through a temp file, renamed into place only if its sha256 is ``f``'s."""
     with atomic_write(dest) as fh:  # renamed into place only if the block does not raise
@@ -511,7 +511,7 @@ def _install_local(entry: ZooEntry, f: ZooFile, dest: Path, advance: Callable[[i
         ), reinstall(other))
     _copy_verified(
         entry, f, src, dest, detail=f"copied from {other}/{name} at {src}", advance=advance,
-        hint=f"The installed {other} is damaged.", remedy=Remedy("models.zoo.fetch", (other,), (("force", True),)),
+        hint=f"The installed {other} is damaged; reinstall it: {reinstall_text(other)}", remedy=reinstall(other),
     )  # fmt: skip
 
 
