@@ -143,16 +143,19 @@ class DamagedModelError(ZooError):
 class DownloadError(ZooError):
     """A download that could not complete (network, HTTP status, interrupted)."""
 
-    def __init__(self, url: str, cause: str, *, model: str) -> None:
+    def __init__(self, url: str, cause: str, *, model: str, mirror: str | None = None) -> None:
         self.url = url
         self.cause = cause
         self.model = model
-        mirror, offline = Remedy("models.zoo.fetch", (model,), (("mirror", Placeholder("URL")),)), _import_remedy(model)
-        self.remedy = (mirror, offline)
-        super().__init__(
-            f"could not download {url}: {cause}. Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {mirror.python()}). "
-            f"On an offline machine, copy the files there and import them: {offline.python()}"
-        )
+        via, offline = Remedy("models.zoo.fetch", (model,), (("mirror", Placeholder("URL")),)), _import_remedy(model)
+        self.remedy = (via, offline)
+        if mirror is not None:  # the mirror is the suspect, not the network alone: say what it must serve
+            advice = (f"The mirror {mirror} must serve each file at MIRROR/NAME/FILE: check that it holds {model}/{url.rsplit('/', 1)[-1]}, "
+                      "or fetch without the mirror")  # fmt: skip
+        else:
+            advice = f"Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {via.python()})"
+        super().__init__(f"could not download {url}: {cause}. {advice}. On an offline machine, copy the files there and import them: "
+                         f"{offline.python()}")  # fmt: skip
 
 
 def _import_remedy(model: str) -> Remedy:
@@ -415,8 +418,13 @@ class _Progress:
         return lambda n: bar.advance(tid, n)
 
 
-def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float, advance: Callable[[int], None]) -> None:
-    """Stream ``url`` into ``dest`` atomically, checking size and sha256."""
+def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float, advance: Callable[[int], None],
+              mirror: str | None = None) -> None:  # fmt: skip
+    """Stream ``url`` into ``dest`` atomically, checking size and sha256; ``mirror``: the base it comes from, for the errors."""
+
+    def failed(cause: str) -> DownloadError:
+        return DownloadError(url, cause, model=entry.name, mirror=mirror)
+
     _check_url(url, entry.name)
     req = urllib.request.Request(url, headers={"User-Agent": "ultrastyle-model-zoo"})
     with atomic_write(dest) as fh:
@@ -429,7 +437,7 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
                 while True:
                     # Read at most one byte past the expected size: enough to tell
                     # a too-long file, never enough to fill the disk.
-                    chunk = resp.read(min(CHUNK, f.bytes + 1 - got))
+                    chunk = resp.read1(min(CHUNK, f.bytes + 1 - got))  # what has arrived: the bar and the count stay true
                     if not chunk:
                         break
                     fh.write(chunk)
@@ -439,22 +447,22 @@ def _download(entry: ZooEntry, f: ZooFile, url: str, dest: Path, timeout: float,
                     if got > f.bytes:
                         break
         except urllib.error.HTTPError as exc:
-            raise DownloadError(url, f"HTTP {exc.code} {exc.reason}", model=entry.name) from exc
+            raise failed(f"HTTP {exc.code} {exc.reason}") from exc
         except urllib.error.URLError as exc:
-            raise DownloadError(url, f"{exc.reason}", model=entry.name) from exc
+            raise failed(f"{exc.reason}") from exc
         except TimeoutError as exc:
-            raise DownloadError(url, f"timed out after {timeout:g} s (received {got} of {f.bytes} bytes)", model=entry.name) from exc
+            raise failed(f"timed out after {timeout:g} s (received {got} of {f.bytes} bytes)") from exc
         except OSError as exc:  # connection reset, http.client.IncompleteRead, ...
-            raise DownloadError(url, f"{type(exc).__name__}: {exc} (received {got} of {f.bytes} bytes)", model=entry.name) from exc
+            raise failed(f"{type(exc).__name__}: {exc} (received {got} of {f.bytes} bytes)") from exc
         except ValueError as exc:  # http.client raises e.g. for a malformed chunked body
-            raise DownloadError(url, f"bad response: {exc}", model=entry.name) from exc
+            raise failed(f"bad response: {exc}") from exc
 
         # http.client returns b"" instead of raising when a connection drops
         # before Content-Length bytes arrived, so compare counts ourselves.
         digest = h.hexdigest()
         if got < f.bytes and (announced_n is None or got < announced_n):
             total = announced_n if announced_n is not None else f.bytes
-            raise DownloadError(url, f"connection closed after {got} of {total} bytes", model=entry.name)
+            raise failed(f"connection closed after {got} of {total} bytes")
         if got != f.bytes:
             raise ChecksumError(
                 f"{entry.name}/{f.name}", f.sha256, digest if got < f.bytes else "(not computed: file too long)",
@@ -558,7 +566,7 @@ def fetch(
             if f.kind == "url":
                 assert f.url is not None
                 url = _mirror_url(mirror, entry, f) if mirror else f.url
-                _download(entry, f, url, d / f.name, timeout, advance)
+                _download(entry, f, url, d / f.name, timeout, advance, mirror)
             else:
                 _install_local(entry, f, d / f.name, advance)
     return d
