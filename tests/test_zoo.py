@@ -916,3 +916,9 @@ def test_a_path_where_a_zoo_model_s_name_goes_is_named_as_a_path(tmp_path: Path)
         zoo.get_entry(str(tmp_path))
     with pytest.raises(zoo.UnknownModelError, match="no such model folder"):
         zoo.get_entry(str(tmp_path / "nowhere"))
+
+
+def test_check_installed_says_a_model_never_installed_is_not_installed_not_damaged() -> None:
+    with pytest.raises(zoo.ZooError, match=f"{NAME} is not installed") as ei:
+        zoo.check_installed(NAME)
+    assert not isinstance(ei.value, zoo.DamagedModelError)

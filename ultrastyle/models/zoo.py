@@ -258,6 +258,9 @@ def check_installed(name: str) -> Path:
         found = sha256_file_cached(path)
         if found != f.sha256:
             damaged.append((f.name, path, f"sha256 {f.sha256}", f"sha256 {found}"))
+    if damaged and all(found == "no file" for *_, found in damaged):  # nothing there: not damaged, never installed
+        raise remedied(ZooError(f"{entry.name} is not installed (no file of it in {d}); install it: {reinstall_text(entry.name)}"),
+                       reinstall(entry.name))  # fmt: skip
     if damaged:
         raise DamagedModelError(entry.name, damaged, reinstall_text(entry.name), reinstall(entry.name))
     return d
