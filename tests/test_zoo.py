@@ -922,3 +922,14 @@ def test_check_installed_says_a_model_never_installed_is_not_installed_not_damag
     with pytest.raises(zoo.ZooError, match=f"{NAME} is not installed") as ei:
         zoo.check_installed(NAME)
     assert not isinstance(ei.value, zoo.DamagedModelError)
+
+
+def test_a_model_of_packaged_files_needs_no_folder_and_its_path_fix_names_none(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    packaged = next(n for n, e in zoo.entries().items() if all(f.kind == "package" for f in e.files) and not e.depends_on)
+    r = CliRunner().invoke(app, ["models", "path", packaged])
+    assert r.exit_code == 1 and "nothing is downloaded" in " ".join(r.output.split()) and "DIR" not in r.output, r.output
+    assert zoo.import_local(packaged, tmp_path / "nowhere") == zoo.model_dir(packaged)  # a folder it does not need is not checked

@@ -203,9 +203,6 @@ def path(name: NameArg) -> None:
     """Print the directory holding an installed model (exit status 1 if it is not installed)."""
     with _zoo_errors():
         if not zoo.is_installed(name):
-            _fail(
-                f"model {name} is not installed in {zoo.model_dir(name)}; "
-                f"run: ultrastyle models fetch {name}  (offline: ultrastyle models import {name} DIR)"
-            )
+            _fail(f"model {name} is not installed in {zoo.model_dir(name)}; run: {swap(zoo.reinstall_text(name), zoo.reinstall(name))}")
         d = zoo.model_dir(name)
     typer.echo(str(d))

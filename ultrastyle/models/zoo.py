@@ -630,7 +630,8 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     url_files = [f for f in entry.files if f.kind == "url"]
     if url_files and src is None:
         raise ZooError(f"{name} has {len(url_files)} file(s) to import ({url_files[0].name} ...); pass the folder that holds them")
-    src = Path(src).expanduser() if src is not None else None
+    needs_src = bool(url_files) or any(not is_installed(other) for other in entry.depends_on)
+    src = Path(src).expanduser() if src is not None and needs_src else None  # packaged files, or derived from what is here: no folder
     if src is not None and not src.is_dir():
         raise ZooError(f"{src} is not a directory; pass the folder that holds {name}'s files")
     sources = _find_source(entry, src, url_files) if url_files and src is not None else {}
