@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ultrastyle.cli.remedies import as_command
 
+
 @dataclass
 class Row:
     what: str
@@ -47,6 +48,7 @@ def baseline_rows(model: str | None = None) -> list[Row]:
 
 def gather() -> list[Row]:
     """Every probe; none raises (a CPU-only machine is a healthy setup)."""
+    from ultrastyle.runtime.memory import describe_memory_setup
     from ultrastyle.trt.env import (
         INSTALL_ORT_GPU,
         INSTALL_PYCUDA,
@@ -60,8 +62,6 @@ def gather() -> list[Row]:
         probe_gpus,
         tensorrt_status,
     )
-
-    from ultrastyle.runtime.memory import describe_memory_setup
 
     rows = [Row("python", "ok", f"{platform.python_version()} ({sys.executable})")]
     rows.append(Row("memory", "info", describe_memory_setup()))
