@@ -274,3 +274,19 @@ def test_a_style_too_large_to_read_whole_is_streamed_at_style_size(runner, share
         a, b = whole[k], streamed[k]
         mean_a, mean_b = (a.sum / a.count).numpy(), (b.sum / b.count).numpy()
         assert a.count == b.count and np.abs(mean_a - mean_b).max() <= 1e-5 * np.abs(mean_a).max(), k  # the same filter, by bands
+
+
+def test_the_jpeg_side_limit_is_the_one_the_encoders_keep():
+    import io
+
+    from PIL import Image
+
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.io.pyramid import JPEG_MAX_SIDE, check_output_size
+
+    Image.new("RGB", (JPEG_MAX_SIDE, 8)).save(io.BytesIO(), "JPEG")  # the widest allowed writes
+    with pytest.raises(OSError):
+        Image.new("RGB", (JPEG_MAX_SIDE + 1, 8)).save(io.BytesIO(), "JPEG")  # one more fails, but only at the write
+    check_output_size("o.jpg", "jpg", 8, JPEG_MAX_SIDE)
+    with pytest.raises(ImageError, match="JPEG holds at most 65500 pixels a side"):
+        check_output_size("o.jpg", "jpg", 8, JPEG_MAX_SIDE + 1)  # refused before any tile runs

@@ -253,3 +253,28 @@ def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir
         other.start()  # another thread's reads are its own: decoded, not kept
         other.join()
     assert len(decoded) == 6 and masks._kept.get() is None
+
+
+@pytest.mark.parametrize("kind", ["grey8", "grey16", "rgb8", "rgba8", "rgb16"])
+def test_mask_labels_made_band_by_band_equal_one_sort_of_the_whole_mask(kind, monkeypatch):
+    import ultrastyle.io.masks as masks
+
+    rng = np.random.default_rng(3)
+    palette = rng.integers(0, 65536 if kind.endswith("16") else 256, (6, 4)).astype(np.uint16 if kind.endswith("16") else np.uint8)
+    palette[:, 3] = np.iinfo(palette.dtype).max
+    index = rng.integers(0, 6, (37, 23))
+    a = palette[index]
+    a = {"grey8": a[..., 0], "grey16": a[..., 0], "rgb8": a[..., :3], "rgba8": a, "rgb16": a[..., :3]}[kind]
+    a = a.copy()
+    if kind == "rgba8":
+        a[:5, :, 3] = 0  # a transparent band: one more label
+    whole = masks.labels_of(a)
+    monkeypatch.setattr(masks, "LABEL_BAND_PIXELS", 50)  # bands of 2 rows: every band boundary crossed
+    banded = masks.labels_of(a)
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    keys = [tuple(int(x) for x in px) for px in flat.reshape(-1, flat.shape[-1])]
+    expected = sorted(set(keys))  # ascending colour, the order the labels promise (grey: one value)
+    assert banded[1] == whole[1] and np.array_equal(banded[0], whole[0])
+    if kind != "rgba8":  # (opaque packing drops alpha; a transparent region packs all four channels)
+        assert [c[: len(expected[0])] for c in banded[1]] == expected
+        assert np.array_equal(banded[0].ravel(), np.array([expected.index(k) for k in keys]))

@@ -84,7 +84,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     EXIF orientation is applied; grey, palette and CMYK images become RGB;
     transparency is composited over white (``keep_alpha``: an image with
     transparency is (H, W, 4) RGBA instead, its fully transparent pixels all
-    zero, as a mask's labels want); 16-bit grey and 16-bit RGB PNG/TIFF
+    zero, and a grey one (H, W), as a mask's labels want); 16-bit grey and 16-bit RGB PNG/TIFF
     keep their precision. Raises `ImageError` naming the file and the cause.
     """
     path = Path(path)
@@ -353,12 +353,17 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def pil_to_array(img: Image.Image, *, keep_alpha: bool = False) -> np.ndarray:
-    """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside; ``keep_alpha`` as there)."""
+    """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside; ``keep_alpha`` as there).
+
+    ``keep_alpha`` (a mask's reading) also keeps a grey image (H, W): its labels need no colour channels.
+    """
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey (PNG/TIFF): keep the precision instead of going through 8 bits.
         a = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
-        return np.repeat(a[..., None], 3, axis=2)
+        return a if keep_alpha else np.repeat(a[..., None], 3, axis=2)
+    if keep_alpha and mode in ("L", "1"):  # a grey mask as its values: a third of the memory of RGB, the same labels
+        return np.asarray(img if mode == "L" else img.convert("L"))
     if mode == "F":
         a = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
         return np.repeat(a[..., None], 3, axis=2)

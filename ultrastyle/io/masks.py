@@ -53,37 +53,51 @@ def read_labels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     return found
 
 
+# Pixels per band when labelling: the sort's temporaries (8 bytes a pixel, twice) stay a few MB beside the mask.
+LABEL_BAND_PIXELS = 1 << 20
+
+
 def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """`read_labels` of decoded pixels (H, W, 3), (H, W, 4) RGBA or (H, W); ``name`` names them in errors.
 
     Float samples (in [0, 1]) are read as 16-bit values, so that colours are whole numbers in ascending order.
+    Labelled a band of rows at a time: beside the pixels, a byte per pixel for the labels and a band's temporaries
+    (measured before: 474 MiB for a 16 MP grey mask, its sort and inverse in int64 over the whole image).
     """
     if a.dtype.kind == "f":
         a = np.round(np.clip(a, 0, 1) * 65535).astype(np.uint16)
     if a.ndim == 2:
         a = a[..., None]
-    if a.shape[-1] == 4 and (a[..., 3] == np.iinfo(a.dtype).max).all():
+    h, w = a.shape[:2]
+    step = max(1, LABEL_BAND_PIXELS // max(w, 1))
+    bands = [slice(r, min(h, r + step)) for r in range(0, h, step)]
+    if a.shape[-1] == 4 and all((a[b, :, 3] == np.iinfo(a.dtype).max).all() for b in bands):
         a = a[..., :3]  # opaque: the colours alone
-    if a.shape[-1] == 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
+    if a.shape[-1] == 3 and all(np.array_equal(a[b, :, 0], a[b, :, 1]) and np.array_equal(a[b, :, 0], a[b, :, 2]) for b in bands):
         a = a[..., :1]  # grey: one value per label
     # Channels packed into one unsigned 64-bit number (at most 4 x 16 bits): sorted, they are the colours in ascending order.
-    # A grey mask's values are sorted as they are (no 8-byte copy of a gigapixel mask).
     shift, channels = 8 * a.itemsize, a.shape[-1]
-    packed = a[..., 0]
-    if channels > 1:
-        packed = np.zeros(a.shape[:2], np.uint64)
+
+    def packed(rows: slice) -> np.ndarray:
+        if channels == 1:
+            return a[rows, :, 0]
+        out = np.zeros((rows.stop - rows.start, w), np.uint64)
         for c in range(channels):
-            packed = (packed << np.uint64(shift)) | a[..., c].astype(np.uint64)
-    values, inverse = np.unique(packed, return_inverse=True)
-    m = (1 << shift) - 1
-    colours = [tuple((int(v) >> (shift * (channels - 1 - c))) & m for c in range(channels)) for v in values]
-    shape = a.shape[:2]
+            out = (out << np.uint64(shift)) | a[rows, :, c].astype(np.uint64)
+        return out
+
+    values = np.unique(np.concatenate([np.unique(packed(b)) for b in bands]))
     if len(values) > MAX_LABELS:
         raise ImageError(
             f"{name}: {len(values)} distinct colours; a mask is a label image with one flat colour per region "
             f"(at most {MAX_LABELS}), e.g. a PNG painted without antialiasing (not a JPEG)"
         )
-    return inverse.reshape(shape).astype(np.uint8), colours
+    labels = np.empty((h, w), np.uint8)
+    for b in bands:
+        labels[b] = np.searchsorted(values, packed(b))
+    m = (1 << shift) - 1
+    colours = [tuple((int(v) >> (shift * (channels - 1 - c))) & m for c in range(channels)) for v in values]
+    return labels, colours
 
 
 def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: int) -> None:

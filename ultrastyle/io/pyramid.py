@@ -221,7 +221,9 @@ def _png_stream(
 
 # --- plain TIFF and JPEG, band by band -------------------------------------------------------------
 
-JPEG_MAX_SIDE = 65535
+# libjpeg's own limit (JPEG_MAX_DIMENSION), below the format's 65535: Pillow and libvips both refuse a side above it, and
+# only when they write (measured: 65500 writes, 65501 fails with "Maximum supported image dimension is 65500 pixels").
+JPEG_MAX_SIDE = 65500
 # Plain TIFF strips: about this many bytes each (whole rows), as libtiff's writers keep strips small.
 _STRIP_BYTES = 2**20
 
@@ -307,7 +309,7 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
 
 
 def check_output_size(path: str | Path, fmt: str, height: int, width: int) -> None:
-    """Raise `ImageError` naming ``path`` where ``fmt`` cannot hold a ``height`` x ``width`` image (JPEG: 65535 px a side).
+    """Raise `ImageError` naming ``path`` where ``fmt`` cannot hold a ``height`` x ``width`` image (JPEG: 65500 px a side, libjpeg's limit).
 
     Checked before an image is stylized, not after hours of tiles.
     """
