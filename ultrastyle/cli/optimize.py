@@ -138,7 +138,7 @@ def optimize_command(
     try:
         check_style(style, opts.max_pixels, pairs, skip_existing)  # one error for the batch, before the model opens
     except ImageError as exc:
-        _err(swap(str(exc), getattr(exc, "remedy", None)))
+        _err(as_command(exc))
         raise typer.Exit(2) from None
     import torch
 
