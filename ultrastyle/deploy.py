@@ -61,8 +61,8 @@ def export_model(
         raise OptionError("opset", f"expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; give e.g. {DEFAULT_OPSET}")
     chosen = _stages(stages)
     check_bundle_target(output)
-    if chosen is not None and (missing := sorted(set(chosen) - set(model_stages(model)))):  # before anything is downloaded
-        raise OptionError("stages", f"{model} has no stage(s) {missing}; it has {list(model_stages(model))}: choose among them")
+    if chosen is not None and (missing := sorted(set(chosen) - set(have := model_stages(model)))):  # before anything is downloaded
+        raise OptionError("stages", f"{model} has no stage(s) {missing}; it has {list(have)}: choose among them")
     net = load_model(model, stages=chosen, aux=aux)
     _, files = weights_digest(model, net.stages)
     kinds = ExportSpec().kinds + (("encoder_aux",) if aux else ())
