@@ -369,3 +369,16 @@ def test_running_int8_stages_calibration_never_reached_names_the_calibration_tha
     with pytest.raises(RunnerError) as info:
         OnnxRuntimeRunner(read_bundle(signed), precision="int8", stages=(1, 3))
     assert f"ultrastyle calibrate {signed} --images YOUR_PHOTOS/ --stages 1 --activations int8" in as_command(info.value)
+
+
+def test_cli_calibrate_lists_the_image_folder_once(fp32_bundle, train_dir, tmp_path, monkeypatch):
+    from ultrastyle.calibration import data
+
+    listed: list = []
+    expand = data.expand_inputs
+    monkeypatch.setattr(data, "expand_inputs", lambda paths: listed.append(paths) or expand(paths))
+    shutil.copytree(fp32_bundle.path, tmp_path / "b")
+    args = ["calibrate", str(tmp_path / "b"), "--images", str(train_dir), "--samples", "1", "--tile", "64", "--image-size", "128", "--stages", "5"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert len(listed) == 1, listed  # a folder of many photos is listed once, not once per layer

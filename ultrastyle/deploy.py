@@ -103,9 +103,9 @@ def calibrate(
 
     chosen = calibration_settings(**settings)
     wanted = _stages(stages)
-    calibration_images(images)  # a folder without images is refused before a bundle is exported
+    files = calibration_images(images)  # a folder without images is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
-    return calibrate_bundle(target, images, chosen, stages=wanted, on_progress=on_progress, warn=warn)
+    return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 
 
 def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None]):

@@ -49,7 +49,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,7 +194,7 @@ def quantize_graph(
 
 def calibrate_bundle(
     bundle: Bundle | str | Path,
-    images: str | Path,
+    images: str | Path | Sequence[Path],
     settings: CalibrationSettings | None = None,
     *,
     stages: tuple[int, ...] | None = None,
@@ -203,12 +203,14 @@ def calibrate_bundle(
 ) -> Bundle:
     """Calibrate and quantize the bundle's encoders and fused decoders; returns the updated bundle.
 
+    ``images``: a folder of images, or its files as `calibration_images` lists them.
+
     The float32 reference for the decoders' inputs is the bundle's own
     encoder, run with ONNX Runtime, mapped by the bundle's own method and alpha
     (its defaults: WCT or AdaIN).
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-    files = calibration_images(images)
+    files = calibration_images(images) if isinstance(images, (str, Path)) else list(images)
     settings = settings or CalibrationSettings()
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched

@@ -48,7 +48,7 @@ def calibrate_command(
     Runtime, and `build --precision int8` builds TensorRT engines from graphs
     calibrated with --activations int8.
     """
-    from ultrastyle.calibration.data import CalibrationDataError, calibration_images
+    from ultrastyle.calibration.data import CalibrationDataError
     from ultrastyle.calibration.quantize import CalibrationError, CalibrationRefused
     from ultrastyle.deploy import calibrate, calibration_settings
     from ultrastyle.errors import RunnerError
@@ -69,11 +69,6 @@ def calibrate_command(
         stage_tuple = stage_set("stages", stages)
     except OptionError as exc:
         raise bad_parameter(exc) from None
-    try:  # before the progress bar: a folder without images is refused in one line
-        calibration_images(images)
-    except CalibrationDataError as exc:
-        err.print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:  # a log gets no blank line
