@@ -128,18 +128,18 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _interrupt(script: str, ready, again_after: float | None = None) -> tuple[int, str, str]:
-    """Run ``script``, press Ctrl-C once ``ready()`` (and again ``again_after`` s later); (exit status, stdout, stderr)."""
+def _interrupt(script: str, ready, again_after: float | None = None, signum: int = signal.SIGINT) -> tuple[int, str, str]:
+    """Run ``script``, press Ctrl-C (``signum``) once ``ready()`` (and again ``again_after`` s later); (status, stdout, stderr)."""
     # A shell's background job starts with SIGINT ignored, which a child inherits (and Python then leaves
     # ignored): the child gets the default disposition, as a terminal's foreground command has.
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         _wait_for(ready)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         if again_after is not None:
             time.sleep(again_after)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -196,6 +196,26 @@ def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, 
     assert said in " ".join(stderr.split()), stderr
     assert _partials(out) == []
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == done
+
+
+def test_sigterm_is_taken_as_a_ctrl_c_and_exits_143_with_nothing_partial(folder, cd16x_dir, tmp_path):
+    """What `kill`, systemd and schedulers send: the console script's entry (`cli.entry.main`) unwinds it as a Ctrl-C."""
+    out = tmp_path / "out"
+    slow = textwrap.indent(textwrap.dedent("""
+        real = images._encode
+        def _encode(a, f, fmt, *args):
+            time.sleep(1.0)
+            return real(a, f, fmt, *args)
+        images._encode = _encode
+    """), " " * 8)
+    script = _script(out, folder, cd16x_dir, slow).replace("from ultrastyle.cli.main import app", "from ultrastyle.cli.entry import main as app")
+    code, stdout, stderr = _interrupt(script, lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()), signum=signal.SIGTERM)
+    assert code == 143, (stdout, stderr)
+    assert "rerun with --skip-existing" in " ".join(stderr.split()) and "Traceback" not in stderr, stderr
+    assert _partials(out) == []
+    for p in out.iterdir():
+        with Image.open(p) as im:
+            im.load()
 
 
 def test_a_second_ctrl_c_while_outputs_finish_still_exits_130_with_whole_files(folder, cd16x_dir, tmp_path):

@@ -78,7 +78,7 @@ def test_interrupted_crashed_and_resumed_run_equals_an_uninterrupted_one(teacher
             os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C in the terminal sends
 
     part = distill(cfg, on_step=ctrl_c_at_3)
-    assert part.train.status == "interrupted" and part.train.step == 3 and part.outputs == []
+    assert part.train.status == "interrupted" and part.train.step == 3 and part.outputs == [] and part.train.signal == signal.SIGINT
     assert not (tmp_path / "b" / "2SE.pth").exists()
     ck = read_checkpoint(part.run_dir / "checkpoint.pt")
     assert ck["step"] == 3 and ck["optimizer"]["state"] and "torch" in ck["rng"]
@@ -231,13 +231,14 @@ def test_a_vgg19_file_teacher_runs_the_same_commands(photos, tmp_path):
     assert json.loads((tmp_path / "s16" / "architecture.json").read_text())["name"] == "vgg19-x0.25"
 
 
-def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir, photos, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_in_a_real_process_writes_a_checkpoint_and_exits_128_plus_it(teacher_dir, photos, tmp_path, signum, status):
     import subprocess
     import sys
     import time
 
     out = tmp_path / "s"
-    argv = [sys.executable, "-m", "ultrastyle.cli.main", "distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos),
+    argv = [sys.executable, "-m", "ultrastyle", "distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos),
             "-o", str(out), "--crop", "16", "--resize", "24", "--batch-size", "2", "--workers", "1", "--log-every", "1",
             "--threads", "1", "--checkpoint-every", "100000", "--steps", "100000"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -245,15 +246,29 @@ def test_ctrl_c_in_a_real_process_writes_a_checkpoint_and_exits_130(teacher_dir,
     deadline = time.monotonic() + 60
     while not (log.is_file() and len(log.read_text().splitlines()) > 2) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
+    assert proc.returncode == status, output
     assert "Run the same command with --resume" in output
     step = read_checkpoint(out / "runs" / "2SE" / "checkpoint.pt")["step"]
     assert step >= 2  # the steps done before Ctrl-C were kept, not only the step-0 state
     r = subprocess.run([*argv[:-1], str(step + 1), "--resume"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _weights(out / "2SE.pth") and read_checkpoint(out / "runs" / "2SE" / "checkpoint.pt")["step"] == step + 1
+
+
+def test_sigterm_stops_training_after_its_step_with_a_checkpoint(teacher_dir, photos, tmp_path):
+    """What `kill`, systemd and job schedulers send before they kill: taken as a first Ctrl-C, and the handler put back."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def term_at_2(r):
+        if r.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = distill(_config(teacher_dir, photos, tmp_path / "t"), on_step=term_at_2)
+    assert part.train.status == "interrupted" and part.train.step == 2 and part.train.signal == signal.SIGTERM
+    assert read_checkpoint(part.run_dir / "checkpoint.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_fitted_inits_are_where_the_runs_start(teacher_dir, photos, tmp_path):

@@ -9,6 +9,7 @@ the checkpoints.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from enum import Enum
@@ -164,7 +165,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             _report(progress.console, result)
             if result.train.status == "interrupted":
                 progress.stop()
-                raise typer.Exit(130)
+                raise typer.Exit(128 + (result.train.signal or signal.SIGINT))  # 130 for a Ctrl-C, 143 for SIGTERM
 
 
 def _show_bad_image(on_message: Any, parent: int, message: Any, category: type, *args: Any, **kwargs: Any) -> None:

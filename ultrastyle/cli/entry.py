@@ -1,24 +1,44 @@
-"""The console script's entry: a Ctrl-C before a command's work is one line and exit 130, not a traceback or silence."""
+"""The console script's entry: a Ctrl-C before a command's work is one line and exit 130, not a traceback or silence.
+
+SIGTERM (what `kill`, systemd and job schedulers send) is taken as a Ctrl-C, so temp files are removed and outputs being
+written are finished as they are on a Ctrl-C; the exit status is then 143 (128 + SIGTERM), the shells' convention.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from types import FrameType
 
 _STARTING = "interrupted while starting; nothing was done\n"
+TERMINATED = 128 + signal.SIGTERM
+_terminated = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _terminated.set()
+    raise KeyboardInterrupt  # unwinds as a Ctrl-C does: the commands' reports, atomic writes' clean-up
+
+
+def _exit_status(code: object) -> object:
+    return TERMINATED if code == 130 and _terminated.is_set() else code
 
 
 def main() -> None:
     """Run the `ultrastyle` command line (`cli.main.app`)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # one the parent set to ignore stays ignored
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         from ultrastyle.cli.main import app
 
         app()  # builds every command, then parses (a Ctrl-C inside a command is the command's, or `cli.main`'s, to report)
     except KeyboardInterrupt:  # loading the modules, building the commands
         sys.stderr.write(_STARTING)
-        sys.exit(130)
+        sys.exit(_exit_status(130))
     except SystemExit as exc:
         # typer turns a Ctrl-C while it parses (its converters import pydantic: a second) into exit 130 in silence; the
         # commands' own reports come with no KeyboardInterrupt behind them.
         if exc.code == 130 and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
             sys.stderr.write(_STARTING)
-        raise
+        sys.exit(_exit_status(exc.code))

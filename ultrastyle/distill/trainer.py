@@ -11,9 +11,9 @@ A run directory holds:
 Resuming loads the checkpoint and continues at its step. Because every batch
 is a function of the data seed and the step (`data.CropStream`), and the RNG
 and optimizer states are restored, a resumed run computes the same weights as
-an uninterrupted one. Ctrl-C (SIGINT) finishes the current step, writes a
-checkpoint and returns with status ``"interrupted"``; a second Ctrl-C aborts
-at once.
+an uninterrupted one. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+writes a checkpoint and returns with status ``"interrupted"``; a second one
+aborts at once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -95,6 +95,7 @@ class TrainResult:
     seconds: float
     last: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)
+    signal: int | None = None  # what stopped an "interrupted" run: signal.SIGINT (Ctrl-C) or signal.SIGTERM
 
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
@@ -145,26 +146,38 @@ def _set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopOnSigint:
-    """First SIGINT sets a flag (the loop stops after its step); the second raises KeyboardInterrupt."""
+class _StopOnSignal:
+    """The first SIGINT or SIGTERM sets a flag (the loop stops after its step); the second goes to the handler before.
+
+    SIGTERM is what `kill`, systemd and job schedulers (SLURM, Kubernetes) send before they kill: a checkpoint is written.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopOnSigint:
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # a signal ignored by the parent stays ignored
+                    self._old[signum] = signal.signal(signum, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            old = self._old.get(signum)
+            if callable(old):
+                old(signum, frame)  # Python's KeyboardInterrupt for SIGINT; the command line's for SIGTERM
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
 
 
 def refuse_overwrite(run_dir: str | Path, resume: bool) -> None:
@@ -200,7 +213,6 @@ class Trainer:
         self.on_step = on_step
         self.device = torch.device(options.device)
         self.optimizer: torch.optim.Optimizer | None = None
-        self._stop: _StopOnSigint | None = None
 
     def lr_at(self, step: int) -> float:
         return learning_rate(self.options, step)
@@ -296,8 +308,7 @@ class Trainer:
         loader = step_loader(self.stream, opts.batch_size, start, opts.steps, opts.workers)
         batches = None
         step = start
-        with _StopOnSigint() as stop:
-            self._stop = stop
+        with _StopOnSignal() as stop:
             try:
                 batches = iter(loader)
                 while step < opts.steps and not stop.requested:
@@ -338,11 +349,10 @@ class Trainer:
                     if self.on_step:
                         self.on_step(StepReport(step, opts.steps, last, now, event))
             finally:
-                self._stop = None
                 # Drop the iterator now: that shuts its worker processes down.
                 batches = loader = None  # noqa: F841
             seconds = time.perf_counter() - t0
             if saved_at != step:  # a stop requested by the last step's callback
                 self._checkpoint(log, step, seconds, sums, count)
         status: Literal["done", "interrupted"] = "done" if step >= opts.steps else "interrupted"
-        return TrainResult(status, step, opts.steps, seconds, last, val)
+        return TrainResult(status, step, opts.steps, seconds, last, val, stop.signum if status == "interrupted" else None)

@@ -4,7 +4,7 @@ Every file or folder this tool writes goes first to a hidden temp beside its
 target, named ``.{name}.{pid}.{token}.ultrastyle-partial`` (``pid`` is the
 writer's process id, ``token`` 8 random hex digits), and is renamed onto the
 target (``os.replace``) only once complete and fsynced. An exception,
-KeyboardInterrupt included, removes the temp. Only SIGKILL or a power cut can
+KeyboardInterrupt included (Ctrl-C; SIGTERM to the command line), removes the temp. Only SIGKILL or a power cut can
 leave one; :func:`sweep_stale` removes those whose writer is no longer alive.
 
 Pure standard library (no torch), so any module can use it.
