@@ -102,6 +102,21 @@ def test_the_viewer_page_is_self_contained(tmp_path: Path) -> None:
         assert f'"{handler}"' in page
 
 
+@pytest.mark.parametrize("name, tiles", [("b.DZI", "b.DZI"), ("frame.0001", "frame.0001"), ("my.xml", "my"), ("p.tif.dzi", "p.tif")])
+def test_the_tile_folder_is_where_openseadragon_looks_for_it(tmp_path: Path, name: str, tiles: str) -> None:
+    """OpenSeadragon takes a lowercase .dzi/.xml off the descriptor's name and adds _files; the page names the file written."""
+    write_dzi(_noise(40, 50), tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"{tiles}.html", f"{tiles}_files"])
+    config = json.loads(re.search(r"const CONFIG = (\{.*?\});", (tmp_path / f"{tiles}.html").read_text()).group(1))
+    assert config["dzi"] == name and config["files"] == f"{tiles}_files"
+
+
+def test_png_tiles_one_pixel_wide_are_written(tmp_path: Path) -> None:
+    a = _noise(300, 1)  # imagecodecs' PNG encoder under-sizes its buffer for these
+    write_dzi(a, tmp_path / "w.dzi", PyramidOptions(dzi_tile_format="png"))
+    np.testing.assert_array_equal(_assemble(tmp_path / "w_files", len(dzi_levels(300, 1)) - 1, 300, 1, "png"), a)
+
+
 @pytest.mark.parametrize("compression", ["deflate", "zstd"])
 def test_tiff_pyramid_levels_halve(tmp_path: Path, compression: str) -> None:
     h, w = 601, 1031
@@ -269,6 +284,12 @@ def test_skip_existing_counts_a_dzi_only_beside_its_tiles(tmp_path: Path) -> Non
     assert not output_exists(dzi)  # its tile folder was deleted: run it again
     (tmp_path / "a_stylized_b_files").mkdir()
     assert output_exists(dzi) and not output_exists(tmp_path / "none.png")
+    upper = tmp_path / "c.DZI"
+    upper.write_text("<Image/>")
+    (tmp_path / "c_files").mkdir()
+    assert not output_exists(upper)  # its tiles are c.DZI_files (OpenSeadragon's rule), not c_files
+    (tmp_path / "c.DZI_files").mkdir()
+    assert output_exists(upper)
 
 
 @pytest.mark.parametrize("fail_at", ["tiles", "page"])

@@ -93,3 +93,17 @@ def test_the_viewer_loads_the_tiles_in_view(tmp_path: Path) -> None:
 
     out = [_exists(u, "pic", h, w) for u in phases["buttons"]["requested"]]
     assert out and all(lv == top - 1 for lv, _, _ in out)  # 1/32 of ~10.7 x: the half-size level
+
+
+def test_a_tiny_image_is_fitted_large_and_zoom_in_zooms_in(tmp_path: Path) -> None:
+    page = viewer_html("dot", 2, 3, "png")  # fitted to 800 x 600: 26667%, above the 1600% a large image may reach
+    steps = 'settle(); phase("open"); others["zoom-in"].onclick(); settle(); phase("in"); console.log(JSON.stringify(phases));'
+    (tmp_path / "view.js").write_text(re.search(r"<script>(.*)</script>", page, re.S).group(1))
+    (tmp_path / "harness.js").write_text(HARNESS[: HARNESS.index('settle(); phase("open");')] + steps)
+    r = subprocess.run([NODE, str(tmp_path / "harness.js"), str(tmp_path / "view.js")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    shown = {p["name"]: p["info"] for p in json.loads(r.stdout)}
+    percent = {k: re.match(r"(\d+(?:\.\d+)?)%", v) for k, v in shown.items()}
+    assert all(percent.values()), shown  # a plain number, not "2.67e+4%"
+    assert float(percent["open"].group(1)) == pytest.approx(800 / 3 * 100, abs=1)
+    assert float(percent["in"].group(1)) == pytest.approx(2 * 800 / 3 * 100, abs=1), shown  # in, not out to the 1600% cap

@@ -473,7 +473,10 @@ def _write_tile(a: np.ndarray, path: Path, fmt: str, quality: int) -> None:
     if fmt == "png":
         import imagecodecs
 
-        path.write_bytes(imagecodecs.png_encode(a, level=1))
+        try:
+            path.write_bytes(imagecodecs.png_encode(a, level=1))
+        except imagecodecs.PngError:  # its output buffer is too small for some 1-px-wide noisy tiles: Pillow sizes its own
+            Image.fromarray(a).save(path, "PNG", compress_level=1)
     else:
         Image.fromarray(a).save(path, "JPEG", quality=quality)
 
@@ -488,14 +491,24 @@ def dzi_xml(height: int, width: int, fmt: str) -> str:
     )
 
 
-def viewer_html(name: str, height: int, width: int, fmt: str) -> str:
-    """The offline viewer page of pyramid ``name`` (``name.dzi``, ``name_files/``): `io.viewer.PAGE` with its settings.
+def dzi_name(path: str | Path) -> str:
+    """``NAME`` of a Deep Zoom descriptor ``NAME.dzi`` (or ``.xml``): its tiles are ``NAME_files/``, its page ``NAME.html``.
+
+    As OpenSeadragon finds the tiles of a descriptor: only a lowercase ``.dzi``
+    or ``.xml`` is taken off, so ``b.DZI`` has ``b.DZI_files/``.
+    """
+    name = Path(path).name
+    return name[:-4] if name.endswith((".dzi", ".xml")) and len(name) > 4 else name
+
+
+def viewer_html(name: str, height: int, width: int, fmt: str, dzi: str | None = None) -> str:
+    """The offline viewer page of pyramid ``name`` (``dzi``, default ``name.dzi``; ``name_files/``): `io.viewer.PAGE` with its settings.
 
     The settings are in the page, not read from the ``.dzi``: browsers refuse
     to fetch files from a ``file://`` page, but load its images.
     """
     config = {
-        "dzi": f"{name}.dzi", "files": f"{name}_files", "width": width, "height": height,
+        "dzi": dzi or f"{name}.dzi", "files": f"{name}_files", "width": width, "height": height,
         "tileSize": DZI_TILE, "overlap": DZI_OVERLAP, "format": fmt, "maxLevel": len(dzi_levels(height, width)) - 1,
     }  # fmt: skip
     title = name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
@@ -512,7 +525,7 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
     ``path``; raises `ImageError` naming it, leaving nothing new behind.
     """
     path = Path(path)
-    name = path.name[: -len(path.suffix)] if path.suffix else path.name
+    name = dzi_name(path)
     h, w = image_size(src)
     if isinstance(src, np.ndarray) and src.dtype != np.uint8:
         raise ImageError(f"{path}: Deep Zoom tiles are 8-bit; got {src.dtype} samples")
@@ -526,7 +539,7 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
         with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
                 atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
             dzi_tmp.write_text(dzi_xml(h, w, fmt))
-            html_tmp.write_text(viewer_html(name, h, w, fmt))
+            html_tmp.write_text(viewer_html(name, h, w, fmt, path.name))
             chain: _Level | None = None
             tilers = []
             for level, (lh, lw) in enumerate(sizes):  # 1 x 1 first: each level feeds the one before it

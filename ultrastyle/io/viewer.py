@@ -67,7 +67,7 @@ const CONFIG = __CONFIG__;
   let loading = 0, frame = 0, pending = false;
 
   function minScale() { return Math.min(fitScale(), 1) / 4; }
-  function maxScale() { return 16; }
+  function maxScale() { return Math.max(16, 4 * fitScale()); }  // a tiny image is fitted large: zoom goes on from there
   function fitScale() { return Math.min(cssW / W, cssH / H); }
 
   function fit() {
@@ -193,7 +193,8 @@ const CONFIG = __CONFIG__;
     });
     for (const t of want) load(t);
     evict();
-    info.textContent = (scale * dpr * 100).toPrecision(3) + "%  " + W + " \u00d7 " + H;
+    const pct = scale * dpr * 100;  // toPrecision alone writes 20000 as "2.00e+4"
+    info.textContent = (pct >= 100 ? Math.round(pct).toString() : pct.toPrecision(3)) + "%  " + W + " \u00d7 " + H;
   }
 
   function dist(t, x, y) {

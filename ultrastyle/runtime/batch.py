@@ -38,7 +38,7 @@ import torch
 from ultrastyle.errors import Remedies, Setting, remedied
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
-from ultrastyle.io.pyramid import PyramidOptions, check_output_size, image_size, save_output, streams
+from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.paths import file_signature
 from ultrastyle import options as check
@@ -640,7 +640,7 @@ class _Allowance:
 def output_exists(path: Path) -> bool:
     """Whether an output is there whole: a Deep Zoom ``NAME.dzi`` counts only beside its ``NAME_files/`` tiles."""
     if path.suffix.lower() == ".dzi":
-        return path.is_file() and path.with_name(f"{path.stem}_files").is_dir()
+        return path.is_file() and path.with_name(f"{dzi_name(path)}_files").is_dir()
     return path.exists()
 
 
