@@ -1,6 +1,7 @@
 """Exact tiling: plans, receptive fields, and tiled == whole-image results."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -651,6 +652,23 @@ def test_check_budget_says_what_one_tile_of_a_stage_needs():
     need = int(float(msg.split("at least ")[1].split(" MiB")[0]) * 2**20)
     check_budget(spec, (5,), TilingOptions(max_memory=need), RunnerTraits(default_memory_factor=2.5))
     plan_stage(spec, 5, 4000, 4000, TilingOptions(max_memory=need), 2.5)
+
+
+def test_the_least_budget_check_budget_names_plans_every_image_size(tmp_path):
+    """Canvases in RAM would take their share of the least budget from the tiles: there they go on disk instead."""
+    spec = ARCHS["cd16x"]
+    traits = RunnerTraits(default_memory_factor=2.5)
+    with pytest.raises(ValueError, match="at least") as info:
+        check_budget(spec, (5, 4), TilingOptions(max_memory=2**20), traits)
+    need = math.ceil(float(str(info.value).split("at least ")[1].split(" MiB")[0]) * 2**20)
+    check_budget(spec, (5, 4), TilingOptions(max_memory=need), traits)
+    placed = {}
+    for side in (200, 400, 800, 1600):  # small canvases stay in RAM; near the least budget they go on disk
+        plan = plan_image(spec, side, side, (5, 4), TilingOptions(max_memory=need, scratch_dir=tmp_path), traits)
+        placed[side] = plan.site.disk_dir is None
+    roomy = plan_image(spec, 800, 800, (5, 4), TilingOptions(max_memory=4 * need, scratch_dir=tmp_path), traits)
+    assert roomy.site.disk_dir is None  # with room for both, the canvases stay in RAM
+    assert not all(placed.values()), placed  # the case this is about happened: some size needed the disk
 
 
 @pytest.mark.parametrize("levels", [(5, 4, 3), (5, 4)])

@@ -385,10 +385,11 @@ def plan_image(
     the disk. Where the runner's tensors live on a GPU (PyTorch on CUDA) and
     the canvases do not fit in its memory with every cache, only the stages
     whose encoders cost `GPU_HOST_CACHE_MACS_PER_VALUE` cache (and the canvases
-    go on the device if they then fit).
+    go on the device if they then fit). Canvases that a host budget would hold
+    in RAM go on disk where they would leave the tiles too little (near the
+    least budget, `check_budget`'s, which holds the tiles alone).
     """
     options = options.resolve(traits)
-    short_disk: str | None = None  # why the caches were left out for lack of disk
     if masked:
         options = replace(options, cache_features=True)
     site = options.canvas_site(arch, height, width, levels, device, ram_available)
@@ -399,20 +400,38 @@ def plan_image(
         # `check_budget` are sized with the caches of the CPU rule, and its tiles cross as host arrays.
         options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, GPU_HOST_CACHE_MACS_PER_VALUE))
         site = options.canvas_site(arch, height, width, levels, device, ram_available)
-    if site.disk_dir is not None and options.cache_features is None:
-        if ram_available is not None and options.canvas_bytes(arch, height, width, levels) > ram_available:
-            options = replace(options, cache_macs_per_value=max(options.cache_macs_per_value, DISK_CACHE_MACS_PER_VALUE))
-        if disk_free is not None and options.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE:
-            options = replace(options, cache_features=False)
-            short_disk = f"the scratch folder {site.disk_dir} has {size_text(disk_free)} free, too little for this image's feature caches"
-    options = replace(options, max_memory=options.tile_budget(arch, height, width, levels, site))
+
+    def placed(site: CanvasSite) -> tuple[TilingOptions, str | None]:
+        """The tiles' options with the canvases at ``site``, and why the caches were left out for lack of disk."""
+        placed, short_disk = options, None
+        if site.disk_dir is not None and placed.cache_features is None:
+            if ram_available is not None and placed.canvas_bytes(arch, height, width, levels) > ram_available:
+                placed = replace(placed, cache_macs_per_value=max(placed.cache_macs_per_value, DISK_CACHE_MACS_PER_VALUE))
+            if disk_free is not None and placed.canvas_bytes(arch, height, width, levels) > disk_free * DISK_SHARE:
+                placed = replace(placed, cache_features=False)
+                short_disk = f"the scratch folder {site.disk_dir} has {size_text(disk_free)} free, too little for this image's feature caches"
+        return replace(placed, max_memory=placed.tile_budget(arch, height, width, levels, site)), short_disk
+
+    def stages_at(site: CanvasSite) -> tuple[TilingOptions, tuple[StagePlan, ...]]:
+        tiles, short_disk = placed(site)
+        try:
+            return tiles, plan_stages(arch, height, width, levels, tiles, traits)
+        except ValueError as exc:  # without caches pass 2 needs wider halos: the disk is the cause, not the budget alone
+            if short_disk is not None:
+                raise ValueError(f"{short_disk}, and without them {exc}; free space there or choose another scratch folder") from None
+            raise
+
     try:
-        stages = plan_stages(arch, height, width, levels, options, traits)
-    except ValueError as exc:  # without caches pass 2 needs wider halos: the disk is the cause, not the budget alone
-        if short_disk is not None:
-            raise ValueError(f"{short_disk}, and without them {exc}; free space there or choose another scratch folder") from None
-        raise
-    return ImagePlan(height, width, tuple(levels), options, site, options.keep_bytes(traits), stages)
+        tiles, stages = stages_at(site)
+    except ValueError:
+        in_ram = site.disk_dir is None and site.device is None
+        if not (in_ram and options.tile is None and options.max_memory is not None and options.budget != "device"):
+            raise
+        # Canvases in RAM share a host budget with the tiles; near the least budget (`check_budget`'s figure, which is
+        # for tiles alone) they leave too little, and on disk they leave the tiles all of it.
+        site = CanvasSite(disk_dir=str(options.scratch_dir or tempfile.gettempdir()))
+        tiles, stages = stages_at(site)
+    return ImagePlan(height, width, tuple(levels), tiles, site, tiles.keep_bytes(traits), stages)
 
 
 class BudgetTooSmall(ValueError):
