@@ -453,6 +453,62 @@ def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, ima
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, said", [
+    (["-f", "jpg", "--png-level", "9"], "--png-level shapes png outputs only; this run writes jpg: left out"),
+    (["-f", "png", "--dzi-tiles", "png"], "--dzi-tiles shapes dzi outputs only"),
+    (["-f", "png", "--tiff-layout", "pyramid"], "--tiff-layout shapes tiff outputs only"),
+    (["-f", "tif", "--tiff-layout", "plain", "--tiff-compression", "zstd"], "--tiff-compression sets the compression of pyramidal TIFFs"),
+])
+def test_a_format_flag_the_format_leaves_out_is_said(invoke, images, tmp_path, args, said) -> None:
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--levels", "5", *args)
+    assert r.exit_code == 0, r.output
+    assert f"warning: {said}" in " ".join(r.stderr.split()), r.stderr
+    quiet = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out2", "--levels", "5", *args[:2])
+    assert "warning:" not in quiet.stderr  # the defaults of the other formats' flags say nothing
+
+
+@pytest.mark.parametrize("where", ["content", "style", "output"])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(invoke, images, tmp_path, monkeypatch, where) -> None:
+    monkeypatch.chdir(images["c1"].parent)  # "" would be this folder: every image in it, as contents or styles
+    args = {"content": ["", "--style", images["s1"], "-o", tmp_path / "out"],
+            "style": [images["c1"], "--style", "", "-o", tmp_path / "out"], "output": [images["c1"], "--style", images["s1"], "-o", ""]}
+    r = invoke(*args[where])
+    assert r.exit_code == 2 and "an empty path" in r.output, r.output
+    assert {"content": "CONTENT", "style": "--style", "output": "--output"}[where] in r.output
+    assert not (tmp_path / "out").exists() and not list(images["c1"].parent.glob("*_stylized_*"))
+
+
+def test_one_file_written_two_ways_is_one_content(invoke, images, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(images["c1"].parent)
+    r = invoke("c1.png", images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--levels", "5")
+    assert r.exit_code == 0, r.output
+    assert _summary(r) == (1, 0, 0, 1)
+
+
+def test_a_rerun_into_the_contents_folder_does_not_stylize_its_own_outputs(invoke, images, tmp_path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "c1.png").write_bytes(images["c1"].read_bytes())
+    first = invoke(d, "--style", images["s1"], "-o", d, "--levels", "5")
+    assert first.exit_code == 0 and _summary(first) == (1, 0, 0, 1), first.output
+    again = invoke(d, "--style", images["s1"], "-o", d, "--levels", "5", "--skip-existing")
+    assert again.exit_code == 0 and _summary(again) == (0, 1, 0, 1), again.output  # c1_stylized_s1.png is an output, not a content
+    assert sorted(p.name for p in d.iterdir()) == ["c1.png", "c1_stylized_s1.png"]
+
+
+def test_an_output_that_would_replace_the_mask_is_refused_before_any_work(invoke, images, tmp_path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    mask = d / "c1_stylized_s1+s2.png"  # the name c1's masked output takes
+    labels = np.zeros(SIZES["c1"][::-1], np.uint8)
+    labels[:, : SIZES["c1"][0] // 2] = 255
+    Image.fromarray(labels).save(mask)
+    before = mask.read_bytes()
+    r = invoke(images["c1"], "--style", images["s1"], "--style", images["s2"], "--mask", mask, "-o", d)
+    assert r.exit_code == 2 and "an input of this batch" in " ".join(r.output.split()), r.output
+    assert mask.read_bytes() == before
+
+
 # ---------------------------------------------------------------- a user's review: what a newcomer tries
 
 

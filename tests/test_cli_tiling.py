@@ -94,9 +94,11 @@ def test_fixed_tile_size_cuts_every_stage_and_matches_no_tile(inputs, cd16x_dir,
     assert np.abs(got - whole).max() <= 1
 
 
-def test_a_tile_size_with_no_tile_is_refused(inputs, cd16x_dir, tmp_path):
-    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "x", "--tile", "40", "--no-tile"], cd16x_dir)
-    assert r.exit_code == 2 and "give one of them" in " ".join(r.output.replace("│", " ").split()), r.output
+@pytest.mark.parametrize("flag, value", [("--tile", "40"), ("--tile", "auto"), ("--max-memory", "512MB"), ("--halo", "8")])
+def test_a_tiling_flag_with_no_tile_is_refused_not_dropped(inputs, cd16x_dir, tmp_path, flag, value):
+    r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "x", flag, value, "--no-tile"], cd16x_dir)
+    said = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "give one of them" in said and flag in said, r.output
     assert not (tmp_path / "x").exists()
 
 

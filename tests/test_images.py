@@ -554,6 +554,14 @@ def test_expand_drops_duplicates_keeping_first_order(tmp_path: Path) -> None:
     assert got == [d / "b.png", d / "a.png"]
 
 
+def test_expand_drops_one_file_written_two_ways(tmp_path: Path, monkeypatch) -> None:
+    _touch_images(tmp_path, "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["a.png", str(tmp_path / "a.png"), "./a.png"]) == [Path("a.png")]
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")  # another name, another output: kept
+    assert expand_inputs(["a.png", "link.png"]) == [Path("a.png"), Path("link.png")]
+
+
 def test_expand_empty_directory_gives_nothing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert expand_inputs([tmp_path / "empty"]) == []

@@ -7,6 +7,8 @@ resolvers and must give the same outcome: the same resolved value, or the same
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -184,6 +186,41 @@ def test_an_output_folder_that_is_a_file_or_named_like_one_is_refused_before_any
     (tmp_path / "was.png").mkdir()  # an existing folder is a folder, whatever its name
     for ok in (tmp_path / "new" / "deeper", tmp_path, tmp_path / "was.png"):
         assert output_folder("output_dir", ok) == ok
+
+
+def test_an_output_folder_that_cannot_be_written_or_is_empty_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    from ultrastyle import options
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    # As root, permission bits allow everything; what refuses a root writer is a read-only mount, which access() reports.
+    monkeypatch.setattr(options.os, "access", lambda p, mode: Path(p) != ro if mode & os.W_OK else True)
+    with pytest.raises(OptionError, match="ro is not writable") as info:
+        options.output_folder("output_dir", ro)
+    assert info.value.option == "output_dir"
+    with pytest.raises(OptionError, match=r"ro/new cannot be made: .*ro is not writable"):
+        options.output_folder("output_dir", ro / "new")
+    assert options.output_folder("output_dir", tmp_path / "ok") == tmp_path / "ok"
+    with pytest.raises(OptionError, match="an empty path .*give a folder"):
+        options.output_folder("output_dir", "")
+
+
+@pytest.mark.parametrize("call", ["stylize_batch contents", "stylize_batch styles", "optimize contents", "optimize output"])
+def test_an_empty_path_is_an_option_error_naming_the_keyword(call, monkeypatch):
+    import ultrastyle
+    from ultrastyle import api
+    from ultrastyle.optimization.batch import plan_outputs
+
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was opened"))
+    fn, keyword = call.split()
+    with pytest.raises(OptionError, match="an empty path") as info:
+        if fn == "stylize_batch":
+            ultrastyle.stylize_batch(*(["", "s.jpg"] if keyword == "contents" else ["c.jpg", ["s.jpg", ""]]))
+        else:
+            plan_outputs(*(["", "s.jpg", "out"] if keyword == "contents" else ["c.jpg", "s.jpg", ""]), "png")
+    assert info.value.option == keyword
 
 
 def test_stylize_batch_refuses_a_file_as_its_folder_before_the_model_opens(tmp_path, monkeypatch):

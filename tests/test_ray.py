@@ -398,3 +398,65 @@ def test_compile_reaches_every_worker_runner(tmp_path, cd16x_dir, monkeypatch):
     assert info.value.args[0].compile is True and info.value.args[0].backend == "torch"
     worker = StylizeWorker(RunnerSpec(str(cd16x_dir), backend="onnxruntime", stages=(5,), compile=True), {})
     assert worker.runner is None and "compile=True runs the torch backend" in worker.error, worker.error
+
+
+def test_distribute_tiles_with_preserve_color_match_equals_the_local_batch(pool, folder, cd16x_dir, tmp_path):
+    """Matched styles are recoloured per content, so the style table holds none of them (it once raised KeyError)."""
+    from ultrastyle.models.pretrained import load_model
+    from ultrastyle.runtime.backends.torch_backend import TorchRunner
+
+    opts = StylizeOptions(**{**OPTIONS.__dict__, "preserve_color": "match"})
+    pairs = [p for p in _pairs(folder, tmp_path / "ray") if p.content.name == "c0.png"]
+    summary = pool.run_batch(pairs, opts, distribute_tiles=True)
+    assert [r.status for r in summary.results] == ["done", "done"], [r.error for r in summary.results]
+    with TorchRunner(load_model(cd16x_dir, stages=LEVELS), threads=1) as r:
+        run_batch(r, [p for p in _pairs(folder, tmp_path / "local") if p.content.name == "c0.png"], opts)
+    for p in pairs:
+        a, b = np.asarray(Image.open(p.output), np.int16), np.asarray(Image.open(tmp_path / "local" / p.output.name), np.int16)
+        assert np.abs(a - b).max() <= 1, p.output.name  # the tiled cascade's tiles are a single machine's
+
+
+def test_joining_ray_keeps_the_process_signal_handlers(monkeypatch):
+    """ray.init installs its own SIGINT/SIGTERM handlers, which would end the command line without its clean-up (SIGTERM: an abort)."""
+    import types
+
+    from ultrastyle.distributed import cluster
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        monkeypatch.setattr(cluster, "import_ray", lambda loopback: fake)
+        assert cluster.connect("local") is True
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_masked_outputs_spread_over_the_cluster_are_refused_before_ray_starts(folder, tmp_path, monkeypatch):
+    import ultrastyle
+    from ultrastyle.api import OptionError
+    from ultrastyle.distributed import pool
+
+    monkeypatch.setattr(pool, "connect", lambda address: pytest.fail("Ray was started"))
+    with pytest.raises(OptionError, match=r"not spread over the cluster \(distribute_tiles\)") as info:
+        ultrastyle.stylize_batch([folder / "c0.png"], [folder / "s0.png", folder / "s1.png"], tmp_path, mask=folder / "c0.png",
+                                 executor="ray", distribute_tiles=True)  # fmt: skip
+    assert info.value.option == "mask"
+    with pytest.raises(OptionError, match="executor='ray'") as info:
+        ultrastyle.stylize_batch([folder / "c0.png"], [folder / "s0.png"], tmp_path, workers=2)
+    assert info.value.option == "workers"
+
+
+def test_a_gpu_pool_on_a_cluster_without_gpus_is_refused_at_once(monkeypatch, cd16x_dir):
+    import types
+
+    from ultrastyle.distributed import pool
+    from ultrastyle.distributed.cluster import ClusterError
+
+    monkeypatch.setattr(pool, "connect", lambda address: False)
+    monkeypatch.setattr(pool, "import_ray", lambda loopback: types.SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0},
+                                                                            is_initialized=lambda: False))
+    monkeypatch.setattr(pool.WorkerPool, "_start", lambda self, n: pytest.fail("actors were started to wait for a GPU"))
+    with pytest.raises(ClusterError, match="has no GPU"):
+        pool.WorkerPool(cd16x_dir, address="10.0.0.1:6379", device="cuda", stages=(5,))

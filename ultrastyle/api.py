@@ -375,11 +375,11 @@ class Stylizer:
         """
         opts = self.options(**settings)
         folder = check.output_folder("output_dir", output_dir)
-        content_list = _sources(contents, "content")
+        content_list = _sources(contents, "content", "contents")
         if mix is not None or mask is not None:
             specs: list[StyleSpec] = [_style_spec(_listed(styles) if styles is not None else None, mix, mask, "styles")]
         else:
-            specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style")]
+            specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style", "styles")]
         if not content_list or not specs:
             raise OptionError("contents" if not content_list else "styles", "no images given or found")
         pairs = plan_pairs(content_list, specs, folder, opts.format)
@@ -391,6 +391,13 @@ class Stylizer:
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
                    on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
         return run_batch(self.runner, pairs, opts, on_result, on_tile)
+
+
+def check_distributed(distribute_tiles: bool, masked: bool) -> None:
+    """OptionError (``mask``) for masked outputs spread over a cluster, which `distributed.pool` cannot do: before Ray starts."""
+    if distribute_tiles and masked:
+        raise remedied(OptionError("mask", "mask regions are not spread over the cluster (distribute_tiles): run masked outputs one "
+                                           "image per worker, without it"), Setting("distribute_tiles"))  # fmt: skip
 
 
 class ClusterStylizer(Stylizer):
@@ -463,7 +470,9 @@ class ClusterStylizer(Stylizer):
 
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
                    on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
-        return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles)
+        check_distributed(self.distribute_tiles, any(p.style.mask is not None for p in pairs))
+        scratch = opts.tiling.scratch_dir if opts.tiling is not None else None  # the stage arrays of distribute_tiles
+        return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles, scratch=scratch)
 
 
 def _levels_of(model: str | os.PathLike, defaults: ModelDefaults, levels: Sequence[int] | str | None) -> tuple[int, ...]:
@@ -505,11 +514,20 @@ def _nth(role: str, i: int) -> str:
     return role if i == 0 else f"{role}-{i + 1}"
 
 
-def _sources(images: ImageLike | Iterable[ImageLike], role: str) -> list[Source]:
-    """Paths, folders and globs expanded (`expand_inputs`); in-memory images named ``role``, ``role``-2, ..."""
+def _no_empty_path(images: list[ImageLike], keyword: str) -> None:
+    check.no_empty_path(keyword, [i for i in images if isinstance(i, (str, os.PathLike))])
+
+
+def _sources(images: ImageLike | Iterable[ImageLike], role: str, keyword: str) -> list[Source]:
+    """Paths, folders and globs expanded (`expand_inputs`); in-memory images named ``role``, ``role``-2, ...
+
+    An empty path is an `OptionError` naming ``keyword``.
+    """
+    listed = _listed(images)
+    _no_empty_path(listed, keyword)
     out: list[Source] = []
     paths: list[str] = []
-    for image in _listed(images):
+    for image in listed:
         if isinstance(image, (str, os.PathLike)):
             paths.append(os.fspath(image))
             continue
@@ -556,6 +574,8 @@ def stylize_batch(
     executor: str = "local",
     ray_address: str = "local",
     distribute_tiles: bool = False,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
     mix: MixLike | None = None,
     mask: ImageLike | None = None,
     on_result: Callable[[PairResult], None] | None = None,
@@ -565,22 +585,31 @@ def stylize_batch(
     """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both).
 
     ``executor="ray"``: on a Ray cluster instead (`ClusterStylizer`, at ``ray_address``: ``"local"`` or
-    ``host:port``; ``distribute_tiles``: each image across every worker).
+    ``host:port``; ``distribute_tiles``: each image across every worker; ``workers``, ``cpus_per_worker``: the
+    pool, default one actor per CPU of the cluster, each with its own memory budget).
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check.output_folder("output_dir", output_dir)  # before the model opens
-    if mix is not None or mask is not None or styles is None:  # (many styles alone: an output each, nothing to check)
-        styles = _listed(styles) if styles is not None else None  # a list: checked here, read there
+    contents = _listed(contents)  # lists: checked here, read there (a generator would be spent)
+    styles = _listed(styles) if styles is not None else None
+    _no_empty_path(contents, "contents")
+    _no_empty_path(styles or [], "styles")
+    if mix is not None or mask is not None or styles is None:  # (many styles alone: an output each, nothing else to check)
         _style_args(styles, mix, mask, "styles")
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
+    pool = {k: v for k, v in (("workers", workers), ("cpus_per_worker", cpus_per_worker)) if v is not None}
     if executor == "ray":
-        opener: Callable[..., Stylizer] = lambda m, **kw: ClusterStylizer(m, address=ray_address, distribute_tiles=distribute_tiles, **kw)  # noqa: E731
+        check_distributed(distribute_tiles, mask is not None)
+        opener: Callable[..., Stylizer] = lambda m, **kw: ClusterStylizer(  # noqa: E731
+            m, address=ray_address, distribute_tiles=distribute_tiles, **pool, **kw)
     elif distribute_tiles:
         raise OptionError("distribute_tiles", "spreads an image over a Ray cluster: give executor='ray'")
     elif ray_address != "local":
         raise OptionError("ray_address", f"{ray_address!r} is a Ray cluster's address: give executor='ray' to run there")
+    elif pool:
+        raise OptionError(next(iter(pool)), "sizes the pool of Ray workers: give executor='ray' to run there")
     else:
         opener = load
     with opener(model, levels=settings.get("levels"), **runner_kw) as s:

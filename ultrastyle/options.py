@@ -167,18 +167,30 @@ def halo_width(option: str, value: object) -> int | None:
                          "'exact' for the exact result, or 0 or more pixels such as 32")  # fmt: skip
 
 
-def output_folder(option: str, value: str | os.PathLike) -> Path:
-    """A folder that outputs go into: absent (it is made) or a folder, and not named like an image file.
+def no_empty_path(option: str, values: Collection[str | os.PathLike], give: str = "a file, a folder or a glob") -> None:
+    """Refuses an empty path among ``values``: ``Path("")`` is the current folder, which an unset variable would stylize whole."""
+    if any(os.fspath(v) == "" for v in values):
+        raise OptionError(option, f"an empty path (an unset shell variable?); give {give}")
 
-    Checked before any work: a file there (or above it) would fail every
-    output at its write, after all the compute.
+
+def output_folder(option: str, value: str | os.PathLike) -> Path:
+    """A folder that outputs go into: absent (it is made) or a folder we may write, and not named like an image file.
+
+    Checked before any work: a file there (or above it), or a folder we may not
+    write (a read-only mount), would fail every output at its write, after all
+    the compute.
     """
+    no_empty_path(option, [value], "a folder")
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
     ancestor = next((p for p in path.absolute().parents if p.exists()), None)
     if ancestor is not None and not ancestor.is_dir():
         raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
+    where = path if path.exists() else ancestor
+    if where is not None and not os.access(where, os.W_OK | os.X_OK):  # EROFS too: a read-only mount answers no
+        said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
+        raise OptionError(option, f"{said} not writable (permissions or a read-only file system); give a folder you can write")
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
         raise remedied(OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file "
                                            "per content and style); give a folder, and the format separately (format)"), Setting("format"))  # fmt: skip

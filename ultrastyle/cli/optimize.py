@@ -80,7 +80,7 @@ def _layer_weights(text: str | None) -> list[float] | None:
 def optimize_command(
     content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs).", show_default=False)],
     style: Annotated[Path, typer.Option("--style", "-s", help="The style image.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder ({content}_optimized_{style}.{ext}), or a file name for one content.")] = Path("out"),
+    output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Output folder ({content}_optimized_{style}.{ext}), or a file name for one content.")] = "out",
     iterations: Annotated[int, typer.Option(min=0, help="Solver iterations per scale.")] = DEFAULT_ITERATIONS,
     scales: Annotated[str, typer.Option(help="Long sides to optimize at, coarse to fine, each starting from the previous result upsampled, e.g. 512,1024,full.")] = "full",
     init: Annotated[Init, typer.Option(help="Starting image at the first scale: the content, uniform noise (--seed), or ultrastyle's WCT result.")] = Init.content,

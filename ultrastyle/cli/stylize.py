@@ -113,7 +113,7 @@ def _drop(progress: Progress) -> None:
 
 
 # The library's keywords whose flag is not ``--kebab-case``.
-_FLAGS = {"output_dir": "--output", "address": "--ray"}
+_FLAGS = {"output_dir": "--output", "address": "--ray", "contents": "CONTENT", "styles": "--style"}
 
 
 def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
@@ -150,6 +150,32 @@ def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
+# Flags that shape one output format only: given for another, they are said to be left out, not silently dropped.
+_FORMAT_FLAGS = {"png_level": ("--png-level", "png"), "tiff_layout": ("--tiff-layout", "tiff"),
+                 "tiff_compression": ("--tiff-compression", "tiff"), "dzi_tiles": ("--dzi-tiles", "dzi")}  # fmt: skip
+# What --no-tile leaves without a meaning (whole images: no budget, no tiles, no halo).
+_TILING_FLAGS = {"tile": "--tile", "max_memory": "--max-memory", "halo": "--halo"}
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters set on the command line (or by an environment variable), not left at their defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer's own copy of click's ParameterSource: by name
+    return {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+def _unused_flags(given: set[str], fmt: str, tiff_layout: str) -> list[str]:
+    """Warnings for the format flags ``given`` that this run's format leaves out."""
+    from ultrastyle.io.constants import format_name
+
+    fmt = format_name(fmt)
+    said = [f"{flag} shapes {only} outputs only; this run writes {fmt}: left out"
+            for name, (flag, only) in _FORMAT_FLAGS.items() if name in given and only != fmt]  # fmt: skip
+    if fmt == "tiff" and tiff_layout == "plain" and "tiff_compression" in given:
+        said.append("--tiff-compression sets the compression of pyramidal TIFFs; --tiff-layout plain writes 8-bit samples "
+                    "uncompressed and 16-bit ones deflated: left out")  # fmt: skip
+    return said
+
+
 def _bad_option(exc: OptionError) -> typer.BadParameter:
     return bad_parameter(exc, _FLAGS)
 
@@ -169,13 +195,14 @@ def _keeping_mask_labels(command: Callable[..., None]) -> Callable[..., None]:
 
 @_keeping_mask_labels
 def stylize_command(
-    content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
+    ctx: typer.Context,
+    content: Annotated[list[str], typer.Argument(metavar="CONTENT", help="Content images: files, folders or globs (quote globs). Without --style or --mix, the last one is the style.", show_default=False)],
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = Path("out"),
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FOLDER", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = "out",
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (installed on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth), or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
     method: Annotated[Method | None, typer.Option(help="Feature transform \\[default: the model's, wct for the CD models]", show_default=False)] = None,
     alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
-    levels: Annotated[str | None, typer.Option(help="Stages to run, in order (coarse to fine) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
+    levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
@@ -201,7 +228,8 @@ def stylize_command(
     preserve_color: Annotated[PreserveColor, typer.Option(help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
     io_workers: Annotated[int, typer.Option(min=0, help="Threads decoding the next contents and encoding finished outputs while the model computes (0: half the cores, between 1 and 8; at most 4 per core).")] = 0,
     png_level: Annotated[int, typer.Option(min=0, max=9, help="zlib level of PNG outputs: 1 is fast; 6-9 write files ~10-20% smaller, several times slower.")] = DEFAULT_PNG_LEVEL,
-    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS|local", help="Run on Ray (the ray extra): 'local' starts Ray on this machine alone (bound to 127.0.0.1); HOST:PORT joins a running cluster, whose nodes must all see the model, inputs and --output at the same paths. One actor per CPU, each content on one actor.", show_default=False)] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS|local", help="Run on Ray (the ray extra): 'local' starts Ray on this machine alone (bound to 127.0.0.1); HOST:PORT joins a running cluster, whose nodes must all see the model, inputs and --output at the same paths. One actor per CPU (--workers), each content on one actor.", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: Ray actors, each with a model and its own --max-memory \\[default: one per CPU of the cluster; per GPU with --device cuda]", show_default=False)] = None,
     distribute_tiles: Annotated[bool, typer.Option("--distribute-tiles", help="With --ray: spread each image's tiles over every worker, one image after the other (for images too large or slow for one machine); the result equals the local one.")] = False,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
@@ -213,7 +241,7 @@ def stylize_command(
     flight are written (--ray: abandons them), prints the summary and exits 130.
     """
     # The library is imported here, not at module level: every `--help` builds this command (typer), without torch.
-    from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, make_options
+    from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, check_distributed, make_options
     from ultrastyle.distributed.cluster import ClusterError
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
@@ -222,11 +250,15 @@ def stylize_command(
     from ultrastyle.io.paths import expand_inputs
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.models.sources import model_defaults
-    from ultrastyle.options import output_folder
+    from ultrastyle.options import no_empty_path, output_folder
     from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
 
-    if no_tile and tile.strip().lower() != "auto":
-        raise typer.BadParameter("--no-tile runs each stage on the whole image and --tile sets a tile size; give one of them", param_hint="--tile")
+    given = _given(ctx)
+    if no_tile and (clash := [flag for name, flag in _TILING_FLAGS.items() if name in given]):
+        raise typer.BadParameter(f"--no-tile runs each stage on the whole image, which {clash[0]} would tile; give one of them",
+                                 param_hint=clash[0])  # fmt: skip
+    for said in _unused_flags(given, fmt.value, tiff_layout.value):
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {said}", style="yellow", markup=False)
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:
@@ -244,12 +276,18 @@ def stylize_command(
         options = make_options(defaults, **settings)  # every bad value, before the model is opened
     except OptionError as exc:
         raise _bad_option(exc) from None
-    if device is Device.cuda and backend is not Backend.tensorrt:  # TensorRT needs no CUDA build of PyTorch
+    if device is Device.cuda and backend is not Backend.tensorrt and ray is None:  # TensorRT needs no CUDA build of PyTorch; the
+        # workers of a Ray cluster run on its GPU nodes (the pool says when it has none)
         import torch
 
         if not torch.cuda.is_available():
             _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
             raise typer.Exit(2)
+    try:
+        no_empty_path("contents", content)
+        no_empty_path("styles", style or [])
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     if mix:
         if style:
             raise typer.BadParameter("give either --style (one output per style) or --mix (one blended output)", param_hint="--mix")
@@ -264,7 +302,7 @@ def stylize_command(
             content, style = content[:-1], content[-1:]
         mix_items, contents, styles = None, expand_inputs(content), expand_inputs(style, unique=mask is None)  # a mask's labels may share a style
     try:  # before the model opens: a file there would fail every output after all the compute
-        output_folder("output_dir", output)
+        output = output_folder("output_dir", output)  # a str until here: typer would make "" the current folder
     except OptionError as exc:
         raise _bad_option(exc) from None
     if not contents or (not styles and not mix_items):
@@ -284,9 +322,17 @@ def stylize_command(
     console = Console(stderr=True, highlight=False)
     if distribute_tiles and ray is None:
         raise typer.BadParameter("spreads an image over a Ray cluster: give --ray ADDRESS or --ray local too", param_hint="--distribute-tiles")
+    if ray is not None and not ray.strip():
+        raise typer.BadParameter("an empty address; give HOST:PORT of a running cluster, or local", param_hint="--ray")
+    if workers is not None and ray is None:
+        raise typer.BadParameter("sizes the pool of Ray workers: give --ray ADDRESS or --ray local too", param_hint="--workers")
+    try:
+        check_distributed(distribute_tiles, mask is not None)
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     t_open = time.perf_counter()
     try:
-        opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles)
+        opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles, workers=workers)
         stylizer = opener(
             model, backend=backend.value, device=device.value, precision=precision.value, threads=threads, compile=compile_,
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),

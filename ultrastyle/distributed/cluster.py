@@ -121,6 +121,7 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
         return False
     probe(address)
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    handlers = _signal_handlers()
     try:
         if address == "local":
             ray.init(
@@ -132,7 +133,27 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
         where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
         raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}") from None
+    finally:
+        _restore(handlers)
     return True
+
+
+def _signal_handlers() -> dict[int, object]:
+    """The process's SIGINT/SIGTERM handlers (main thread only): ray.init installs its own, which end the process
+    without the caller's clean-up (SIGTERM: its C++ stack dump, then an abort)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(handlers: dict[int, object]) -> None:
+    import signal
+
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def disconnect() -> None:

@@ -47,6 +47,7 @@ from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
 
 MAX_ATTEMPTS = 3  # a job is tried on this many actors before its pairs fail
+KILL_WAIT_S = 10.0  # at most this long for killed actors to be gone, so the last sweep may drop their temp files
 TILE_JOBS_PER_WORKER = 4  # a stage's tiles are cut into this many jobs per worker (balance, and little to redo on a loss)
 
 
@@ -95,13 +96,23 @@ class WorkerPool:
         if workers is not None:  # before Ray starts
             check.count("workers", workers, least=1)
         check.number("cpus_per_worker", cpus_per_worker, above=0)
-        self._owns_ray = connect(address)
+        self._owns_ray = False
+        try:
+            self._owns_ray = connect(address)
+        except BaseException:  # a Ctrl-C inside ray.init: what it started of a local instance is stopped
+            if address == "local":
+                disconnect()
+            raise
         self._ray = import_ray(is_loopback(address))
         ray = self._ray
         try:
             gpus = 1 if device == "cuda" else 0
+            have = ray.cluster_resources()
+            if gpus and have.get("GPU", 0) < 1:  # the actors would wait for a GPU until the start time-out
+                raise ClusterError(f"device='cuda', but the Ray cluster at {address} has no GPU (resources: "
+                                   f"{', '.join(f'{k} {v:g}' for k, v in sorted(have.items()) if k in ('CPU', 'GPU'))}); "
+                                   "use device='cpu', or join a cluster with GPU nodes")  # fmt: skip
             if workers is None:
-                have = ray.cluster_resources()
                 workers = max(1, int(have.get("GPU", 0)) if gpus else int(have.get("CPU", 1) // cpus_per_worker))
             self.spec = RunnerSpec(
                 str(model), backend, device, precision, threads or max(1, int(cpus_per_worker)),
@@ -273,6 +284,10 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001
                     pass
                 self._replace(actor)
+            try:  # ray.kill returns at once: their calls fail once they are dead, after which the sweep may drop their temps
+                ray.wait(list(busy), num_returns=len(busy), timeout=KILL_WAIT_S)
+            except BaseException:  # noqa: BLE001 - a second Ctrl-C: the next run sweeps what is left
+                pass
             raise
 
     # --- batches -----------------------------------------------------------------------------------------------
@@ -311,7 +326,7 @@ class WorkerPool:
         finished; outputs being written are abandoned and their temp files swept.
         """
         t_start = time.perf_counter()
-        folders = {p.output.parent for p in pairs if p.output is not None}
+        folders = {p.output.parent for p in pairs if p.output is not None} | ({Path(scratch)} if distribute_tiles and scratch else set())
         for folder in folders:
             atomic.sweep_stale(folder)  # temp files of a killed earlier run (its workers are gone)
         results, runs = content_runs(pairs, options.skip_existing)
@@ -373,8 +388,9 @@ class WorkerPool:
             assert pair.output is not None
             t0 = time.perf_counter()
             try:
-                stats = [table[s] for s in pair.style.paths]
-                bad = [s for s in stats if isinstance(s, ImageError)]
+                # Matched styles are recoloured per content (`style_table` leaves them out): `stylize_image` computes them.
+                stats = None if options.preserve_color == "match" else [table[s] for s in pair.style.paths]
+                bad = [s for s in stats or () if isinstance(s, ImageError)]
                 if bad:
                     raise bad[0]
                 # The stage arrays: a temp name of this process (swept by a later run if this driver is killed).

@@ -13,9 +13,10 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
     """Files as given, directories as their image files (sorted), globs as their matches (sorted).
 
     A path that exists nowhere is kept as it is, so the batch reports it as a
-    bad input ("no such file") instead of silently dropping it. Duplicates are
-    dropped, order kept, unless ``unique`` is False (a mask's styles, one per
-    label: one style may cover two labels).
+    bad input ("no such file") instead of silently dropping it. Duplicates (the
+    same file, however written) are dropped, the first spelling and the order
+    kept, unless ``unique`` is False (a mask's styles, one per label: one style
+    may cover two labels).
     """
     out: list[Path] = []
     for spec in map(str, specs):
@@ -29,7 +30,12 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
             out += sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file()) or [p]
         else:
             out.append(p)
-    return list(dict.fromkeys(out)) if unique else out
+    if not unique:
+        return out
+    firsts: dict[str, Path] = {}
+    for p in out:
+        firsts.setdefault(os.path.abspath(p), p)  # not realpath: two names of one file (a link) are two inputs
+    return list(firsts.values())
 
 
 def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:

@@ -60,6 +60,9 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
     """
     if isinstance(contents, (str, os.PathLike)):  # one path, not a sequence of its characters
         contents = [contents]
+    check.no_empty_path("contents", contents)
+    check.no_empty_path("style", [style], "a style image file")
+    check.no_empty_path("output", [output], "a folder, or a file name for one content")
     files = expand_inputs([os.fspath(c) for c in contents])
     if not files:
         raise OptionError("contents", f"no content images found in: {' '.join(map(os.fspath, contents))}")

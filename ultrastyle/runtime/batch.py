@@ -267,12 +267,24 @@ class OutputCollisionError(ValueError):
 
 
 def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
-    """Every content x style pair, in content-major order; refuses pairs that share an output name."""
+    """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
+
+    Contents that are outputs of this batch (an earlier run's, written into the contents' folder) are left out, as
+    `optimization.batch.plan_outputs` does: a rerun there (``skip_existing`` after Ctrl-C) does not stylize its outputs.
+    """
     specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
-    pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in contents for s in specs]
+    planned = {(outdir / output_name(c, s, fmt)).resolve() for c in contents for s in specs}
+    kept = [c for c in contents if not (isinstance(c, Path) and c.resolve() in planned)]
+    pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
+    inputs = {p.resolve(): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
     seen: dict[Path, Pair] = {}
     for p in pairs:
         assert p.output is not None
+        if (replaced := inputs.get(p.output.resolve())) is not None:
+            raise remedied(OutputCollisionError(
+                f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
+                "outputs into another folder (output_dir)"
+            ), Setting("output_dir"))
         if p.output in seen:
             q = seen[p.output]
             raise remedied(OutputCollisionError(
