@@ -284,8 +284,13 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001
                     pass
                 self._replace(actor)
-            try:  # ray.kill returns at once: their calls fail once they are dead, after which the sweep may drop their temps
-                ray.wait(list(busy), num_returns=len(busy), timeout=KILL_WAIT_S)
+            # ray.kill returns at once; the sweep after this keeps the temp files of live writers. A pid of another
+            # machine's actor that happens to be alive here costs the wait, no more.
+            pids = [self._info[a].pid for _, a in busy.values() if a in self._info]
+            deadline = time.monotonic() + KILL_WAIT_S
+            try:
+                while (pids := [p for p in pids if atomic.is_alive(p)]) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             except BaseException:  # noqa: BLE001 - a second Ctrl-C: the next run sweeps what is left
                 pass
             raise

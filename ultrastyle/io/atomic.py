@@ -26,6 +26,7 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "atomic_write",
+    "is_alive",
     "partial_path",
     "sweep_stale",
     "write_atomic",
@@ -171,7 +172,8 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
     return path
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether process ``pid`` may be alive on this machine (undecidable counts as alive: its files are kept)."""
     if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
         return True
     try:
@@ -197,7 +199,7 @@ def sweep_stale(folder: str | Path) -> list[Path]:
         return removed
     for e in entries:
         pid = writer_pid(e.name)
-        if pid is None or _alive(pid):
+        if pid is None or is_alive(pid):
             continue
         p = Path(e.path)
         try:
