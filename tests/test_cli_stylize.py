@@ -467,6 +467,17 @@ def test_a_format_flag_the_format_leaves_out_is_said(invoke, images, tmp_path, a
     assert "warning:" not in quiet.stderr  # the defaults of the other formats' flags say nothing
 
 
+@pytest.mark.parametrize("flag, names", [("--content-size", "error: {c1}"), ("--style-size", "error: style {s1}")])
+def test_a_size_that_would_pass_max_pixels_fails_its_pairs_before_any_read(runner, cd16x_dir, images, tmp_path, flag, names) -> None:
+    """An enlargement is bounded as a file's own size is: --style-size 100000 once asked for a 112 GiB scratch canvas."""
+    r = runner.invoke(app, ["stylize", str(images["c1"]), "--style", str(images["s1"]), "-o", str(tmp_path / "out"), "--model",
+                            str(cd16x_dir), flag, "100000", "--max-pixels", "1000000"])  # fmt: skip
+    said = " ".join(r.stderr.split())
+    names = names.format(**images)
+    assert r.exit_code == 1 and f"{names}: resized to 100000x" in said and f"({flag})" in said and "(--max-pixels)" in said, said
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 @pytest.mark.parametrize("where", ["content", "style", "output"])
 def test_an_empty_path_is_refused_not_taken_as_the_current_folder(invoke, images, tmp_path, monkeypatch, where) -> None:
     monkeypatch.chdir(images["c1"].parent)  # "" would be this folder: every image in it, as contents or styles

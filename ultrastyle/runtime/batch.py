@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ultrastyle.errors import Remedies, Setting, remedied
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, as_role, resize_long_side
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, as_role, pixel_count, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
@@ -347,7 +347,7 @@ class StyleBook:
         # RAM would break the budget), so a 48 MP style keeps the memory rule too (measured: 1.83 GB peak at 1GB in RAM).
         opts = replace(self.options, content_size=self.options.style_size)
         try:
-            plan = read_plan(src, opts)
+            plan = read_plan(src, opts, "style_size")
             warn_read_whole(src, opts, plan)
             decoded = decode(src, opts, plan)
         except ImageError as exc:
@@ -513,12 +513,20 @@ def _streamed_read_bytes(header: tuple[int, int, int], content_size: int) -> int
     return band_rows(w) * 3 * 4 * (2 * w + nw) * 2
 
 
-def read_plan(src: Source, options: StylizeOptions) -> tuple[bool, int, str | None]:
+def read_plan(src: Source, options: StylizeOptions, size_option: str = "content_size") -> tuple[bool, int, str | None]:
     """(stream?, bytes the read holds, why a file that should stream cannot) for ``src`` under ``options``.
 
-    From one read of the header; an unreadable header counts 0 bytes (the read reports the file).
+    From one read of the header; an unreadable header counts 0 bytes (the read reports the file). An image that
+    ``content_size`` (the setting ``size_option``) would enlarge past ``max_pixels`` is an `ImageError`, before any read.
     """
     header = image_header(src)
+    if header is not None and options.content_size:
+        h, w = resized_size(header[1], header[0], options.content_size)
+        if h * w > options.max_pixels:
+            raise remedied(ImageError(
+                f"{src}: resized to {w}x{h} ({size_option}) it would have "
+                f"{pixel_count(h * w)}, above the limit of {pixel_count(options.max_pixels)} (max_pixels); give a smaller size"
+            ), (Setting(size_option), Setting("max_pixels")))
     whole = 0 if header is None else _whole_read_bytes(header, options.content_size)
     if isinstance(src, ImageInput) or options.streaming == "never":
         return False, whole, None
@@ -695,6 +703,7 @@ class _Job:
     estimate: int = 0
     read: Future | None = None
     plan: tuple[bool, int, str | None] | None = None  # `read_plan`
+    refused: ImageError | None = None  # `read_plan`'s refusal: the content's pairs fail without a read
 
 
 class _BatchRun:
@@ -709,7 +718,11 @@ class _BatchRun:
         self.jobs = [_Job(content, indices) for content, indices in runs]
         self.report()
         for job in self.jobs:  # before any work: which contents stream, and one line for each that should but cannot
-            job.plan = read_plan(job.content, options)
+            try:
+                job.plan = read_plan(job.content, options)
+            except ImageError as exc:
+                job.plan, job.refused = (False, 0, None), exc
+                continue
             warn_read_whole(job.content, options, job.plan)
         self.styles = StyleBook(model, options)
         self.workers = options.workers
@@ -728,7 +741,11 @@ class _BatchRun:
             if self.submitted > current and not self.allowance.fits(job.estimate):
                 return
             self.allowance.take(job.estimate)
-            job.read = self.readers.submit(decode, job.content, self.options, job.plan)
+            if job.refused is not None:
+                job.read = Future()
+                job.read.set_exception(job.refused)
+            else:
+                job.read = self.readers.submit(decode, job.content, self.options, job.plan)
             self.submitted += 1
 
     def write(self, i: int, pair: Pair, out: np.ndarray | Canvas, seconds: float, nbytes: int) -> None:
