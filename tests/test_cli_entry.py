@@ -64,3 +64,17 @@ def test_a_command_that_reports_its_own_ctrl_c_is_not_reported_twice(monkeypatch
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 130 and capsys.readouterr().err == "the command's own line\n"
+
+
+def test_help_shows_flags_without_a_value_they_do_not_take():
+    """typer writes ``--skip-existing <bool>``, which reads as a flag taking a value (``--skip-existing true``: a content)."""
+    from ultrastyle.cli.main import app
+    from ultrastyle.cli.models import app as models_app
+
+    commands = [[c.name] for c in app.registered_commands] + [["models", c.name] for c in models_app.registered_commands]
+    for argv in ([], ["models"], *commands):
+        r = CliRunner().invoke(app, [*argv, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "--help" in r.output, (argv, r.output)
+        assert "<bool>" not in r.output, argv
+    r = CliRunner().invoke(app, ["stylize", "--help"], env={"COLUMNS": "200"})
+    assert "--skip-existing" in r.output and "<int" in r.output  # options that take a value keep their type

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from ultrastyle.cli.build import build_command
 from ultrastyle.cli.calibrate import calibrate_command
@@ -19,7 +20,27 @@ from ultrastyle.cli.optimize import optimize_command
 from ultrastyle.cli.stylize import stylize_command
 from ultrastyle.runtime.memory import keep_freed_memory
 
+class _BareFlags:
+    """Help without typer's ``<bool>`` beside a flag, which reads as if it took a value (``--skip-existing true``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_BareFlags, TyperCommand):
+    pass
+
+
+class _Group(_BareFlags, TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="ultrastyle",
     help="Ultra-resolution universal style transfer (Collaborative Distillation, WCT, AdaIN).",
     no_args_is_help=True,
@@ -60,9 +81,10 @@ app.command("train-decoder")(train_decoder_command)
 app.command("build")(build_command)
 app.command("calibrate")(calibrate_command)
 app.command("doctor")(doctor_command)
-app.add_typer(models_app, name="models", help="List, download, import and verify published models.")
+app.add_typer(models_app, name="models", help="List, download, import and verify published models.", cls=_Group)
 for _info in (*app.registered_commands, *models_app.registered_commands):
     _info.callback = _interruptible(_info.callback)  # type: ignore[arg-type]
+    _info.cls = _Command
 
 if __name__ == "__main__":  # pragma: no cover - the bare app (tests); `ultrastyle` and `python -m ultrastyle` run `cli.entry`
     app()
