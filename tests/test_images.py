@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import ultrastyle.io.images
-from ultrastyle.io.images import ImageError, load_image, resize_long_side, save_image
+from ultrastyle.io.images import ImageError, load_image, read_image, resize_long_side, save_image
 from ultrastyle.io.paths import expand_inputs
 
 TOL = 1.0 / 255 / 2 + 1e-6  # half an 8-bit step
@@ -599,3 +599,10 @@ def test_tiffs_pillow_cannot_open_are_read_through_tifffile(tmp_path):
     (tmp_path / "cut.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(ImageError, match="truncated or corrupt TIFF file"):
         read_image(tmp_path / "cut.tif")
+
+
+def test_a_pipe_is_refused_as_one_not_as_an_empty_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fd63"
+    os.mkfifo(fifo)  # what `<(cat photo.jpg)` gives: its size reads 0, and it can be read only once
+    with pytest.raises(ImageError, match="fd63: not a regular file"):
+        read_image(fifo)

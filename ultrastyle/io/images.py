@@ -93,6 +93,8 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
             raise ImageError(f"{path}: no such file")
         if path.is_dir():
             raise ImageError(f"{path}: is a directory, not an image")
+        if not path.is_file():  # the header is read twice, and the file once more for PNG checks: a pipe has none of it
+            raise ImageError(f"{path}: not a regular file (a pipe or a device); save the image to a file and give that")
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with pil_limits_off(), Image.open(path) as img:
