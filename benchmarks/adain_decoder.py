@@ -118,7 +118,8 @@ STAGE = 4
 LAST = f"relu{STAGE}_1"
 SHARED = ROOT.parent / "shared"
 CD16X = SHARED / "models" / "cd-wct-16x"
-DEFAULT_DECODER = ROOT / "out/adain/model/4SD.pth"
+# The decoder the package ships (`ultrastyle-adain-16x`); point --decoder at a fresh run's out/adain/model/4SD.pth to judge it.
+DEFAULT_DECODER = ROOT / "ultrastyle/models/weights/ultrastyle-adain-16x/4SD.pth"
 DEFAULT_RUN = ROOT / "out/adain/model/runs/4SD"
 DEFAULT_STYLES = [SHARED / f"images/style/cd_style_in{i}.jpg" for i in (1, 2, 3, 4)]
 CELL = 256

@@ -207,9 +207,9 @@ def main() -> None:
             m = run(content, Path(args.style), args.model, fmt, budget, work)
             spm = m["wall"] / actual
             per_mp.setdefault(fmt, []).append(spm)
-            profiles.append((f"{actual:.0f} MP, {fmt}", m["passes"]))
+            profiles.append((f"{actual:.3g} MP, {fmt}", m["passes"]))
             ok = "yes" if m["peak"] <= baseline + budget_bytes else "NO"
-            print(f"| {actual:.0f} MP ({head.width}x{head.height}) | {fmt} | {m['wall']:.0f} | {spm:.2f} | {m['cpu'] / m['wall']:.2f} | "
+            print(f"| {actual:.3g} MP ({head.width}x{head.height}) | {fmt} | {m['wall']:.0f} | {spm:.2f} | {m['cpu'] / m['wall']:.2f} | "
                   f"{m['peak'] / 2**30:.2f} | {ok} | {m['scratch'] / 2**30:.1f} | {m['output'] / 1e9:.2f} | {read_s:.1f} |", flush=True)  # fmt: skip
         content.unlink()
     for name, passes in profiles:  # where the time went: pass 1 "encode", pass 2 "decode", the rest "other"

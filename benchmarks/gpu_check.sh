@@ -58,8 +58,17 @@ T0=$SECONDS
 
 echo "== machine"
 if [[ "$DEVICE" == "cuda" ]]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))" || exit 2
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    "$PY" -c "
+import sys
+try:
+    import torch, triton
+except ImportError as exc:
+    sys.exit(f'$PY cannot import {exc.name}: this check needs PyTorch with CUDA, and Triton')
+if not torch.cuda.is_available():
+    sys.exit(f'torch {torch.__version__} sees no CUDA device here')
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))
+" || { echo "no GPU check here; on a machine without a GPU, GPU_CHECK_DEVICE=cpu runs this script as a dry run" >&2; exit 2; }
 else
     "$PY" -c "import torch; print('dry run on the CPU: torch', torch.__version__)" || exit 2
 fi

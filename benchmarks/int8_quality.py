@@ -137,8 +137,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.system_malloc:
         keep_freed_memory()  # as the command line does
-    if args.quick:
-        args.styles, args.samples, args.repeats = 2, 4, 1
+    if args.quick:  # what was not given explicitly
+        for name, value in (("styles", 2), ("samples", 4), ("repeats", 1)):
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
     base = ensure_bundle(SHARED / "models/cd-wct-16x")
     pairs = _pairs(args)
     reference: dict = {}

@@ -22,8 +22,8 @@ encoder5+decoder_affine5 on one square tile (warm-up first, median of
 
 4. the CPU memory arena over a sequence of tile shapes, each configuration in
    a fresh subprocess: the arena with its default extend strategy
-   (kNextPowerOfTwo -- what the runner uses today), no arena, an arena that
-   extends by what is requested (kSameAsRequested, a shared environment
+   (kNextPowerOfTwo, ONNX Runtime's default), no arena, an arena that
+   extends by what is requested (kSameAsRequested -- the runner's default, a shared environment
    allocator registered with ``ort.create_and_register_allocator`` and used
    through ``session.use_env_allocators``), and the default arena shrunk after
    every run (run option ``memory.enable_memory_arena_shrinkage``). Each runs

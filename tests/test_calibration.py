@@ -156,6 +156,15 @@ def test_empty_or_unreadable_image_folder_is_a_clear_error(tmp_path):
         calibration_images(tmp_path / "broken.jpg")
 
 
+def test_calibrate_bundle_takes_a_folder_or_its_files_and_refuses_none(fp32_bundle, train_dir, tmp_path):
+    with pytest.raises(CalibrationDataError, match="no calibration images given"):
+        calibrate_bundle(fp32_bundle, [], CalibrationSettings(samples=1, tile=64, image_size=128), stages=(5,))
+    shutil.copytree(fp32_bundle.path, tmp_path / "b")
+    files = [str(f) for f in calibration_images(train_dir)][:2]  # paths as text too
+    out = calibrate_bundle(tmp_path / "b", files, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(5,))
+    assert out.manifest["calibration"]["images"] == [Path(f).name for f in files]
+
+
 def test_calibration_records_the_images_it_used_and_says_what_it_left_out(fp32_bundle, train_dir, tmp_path):
     photos = tmp_path / "photos"
     shutil.copytree(train_dir, photos)

@@ -504,6 +504,7 @@ def test_a_rerun_into_the_contents_folder_does_not_stylize_its_own_outputs(invok
     assert first.exit_code == 0 and _summary(first) == (1, 0, 0, 1), first.output
     again = invoke(d, "--style", images["s1"], "-o", d, "--levels", "5", "--skip-existing")
     assert again.exit_code == 0 and _summary(again) == (0, 1, 0, 1), again.output  # c1_stylized_s1.png is an output, not a content
+    assert "1 of the contents are outputs of this batch" in " ".join(again.stderr.split()) and "c1_stylized_s1.png" in again.stderr
     assert sorted(p.name for p in d.iterdir()) == ["c1.png", "c1_stylized_s1.png"]
 
 

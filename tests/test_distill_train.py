@@ -241,12 +241,13 @@ def test_ctrl_c_or_sigterm_in_a_real_process_writes_a_checkpoint_and_exits_128_p
     argv = [sys.executable, "-m", "ultrastyle", "distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos),
             "-o", str(out), "--crop", "16", "--resize", "24", "--batch-size", "2", "--workers", "1", "--log-every", "1",
             "--threads", "1", "--checkpoint-every", "100000", "--steps", "100000"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own process group, signalled whole: a terminal's Ctrl-C and systemd's or Slurm's SIGTERM reach the loader's workers too.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = out / "runs" / "2SE" / "log.csv"
     deadline = time.monotonic() + 60
     while not (log.is_file() and len(log.read_text().splitlines()) > 2) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == status, output
     assert "Run the same command with --resume" in output

@@ -560,6 +560,10 @@ def test_expand_drops_one_file_written_two_ways(tmp_path: Path, monkeypatch) -> 
     assert expand_inputs(["a.png", str(tmp_path / "a.png"), "./a.png"]) == [Path("a.png")]
     (tmp_path / "link.png").symlink_to(tmp_path / "a.png")  # another name, another output: kept
     assert expand_inputs(["a.png", "link.png"]) == [Path("a.png"), Path("link.png")]
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    (tmp_path / "up").symlink_to(tmp_path / "deep" / "sub")
+    _touch_images(tmp_path / "deep", "a.png")  # up/../a.png is deep/a.png, which ".." taken as text would merge with a.png
+    assert expand_inputs(["a.png", "up/../a.png", "deep/a.png"]) == [Path("a.png"), Path("up/../a.png")]
 
 
 def test_expand_empty_directory_gives_nothing(tmp_path: Path) -> None:

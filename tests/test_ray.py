@@ -448,7 +448,7 @@ def test_masked_outputs_spread_over_the_cluster_are_refused_before_ray_starts(fo
     assert info.value.option == "workers"
 
 
-def test_a_gpu_pool_on_a_cluster_without_gpus_is_refused_at_once(monkeypatch, cd16x_dir):
+def test_a_gpu_pool_on_a_local_instance_without_gpus_is_refused_at_once(monkeypatch, cd16x_dir):
     import types
 
     from ultrastyle.distributed import pool
@@ -458,5 +458,20 @@ def test_a_gpu_pool_on_a_cluster_without_gpus_is_refused_at_once(monkeypatch, cd
     monkeypatch.setattr(pool, "import_ray", lambda loopback: types.SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0},
                                                                             is_initialized=lambda: False))
     monkeypatch.setattr(pool.WorkerPool, "_start", lambda self, n: pytest.fail("actors were started to wait for a GPU"))
-    with pytest.raises(ClusterError, match="has no GPU"):
-        pool.WorkerPool(cd16x_dir, address="10.0.0.1:6379", device="cuda", stages=(5,))
+    with pytest.raises(ClusterError, match="has no GPU") as info:
+        pool.WorkerPool(cd16x_dir, address="local", device="cuda", stages=(5,))
+    assert "device='cpu'" in str(info.value)
+
+
+def test_without_ray_the_pool_says_to_install_the_extra(monkeypatch, cd16x_dir):
+    """A refusal from connect (Ray missing) is not taken for a Ctrl-C inside ray.init, whose clean-up imports Ray."""
+    from ultrastyle.distributed import pool
+    from ultrastyle.distributed.cluster import ClusterError
+
+    def missing(address):
+        raise ClusterError("Ray is not installed (No module named 'ray'); install the extra: pip install 'ultrastyle[ray]'")
+
+    monkeypatch.setattr(pool, "connect", missing)
+    monkeypatch.setattr(pool, "disconnect", lambda: pytest.fail("disconnect imports Ray"))
+    with pytest.raises(ClusterError, match="install the extra"):
+        pool.WorkerPool(cd16x_dir, address="local", stages=(5,))

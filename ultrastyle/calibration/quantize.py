@@ -70,7 +70,7 @@ from ultrastyle.calibration.constants import (
     MIN_IMAGE_SIZE,
     MIN_TILE,
 )
-from ultrastyle.calibration.data import FeedReader, TileSampler, calibration_images, stage_feeds
+from ultrastyle.calibration.data import CalibrationDataError, FeedReader, TileSampler, calibration_images, stage_feeds
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
@@ -210,7 +210,9 @@ def calibrate_bundle(
     (its defaults: WCT or AdaIN).
     """
     bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
-    files = calibration_images(images) if isinstance(images, (str, Path)) else list(images)
+    files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
+    if not files:
+        raise CalibrationDataError("no calibration images given; give a folder of photos like the ones you will stylize")
     settings = settings or CalibrationSettings()
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched

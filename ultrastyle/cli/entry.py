@@ -27,7 +27,8 @@ def _exit_status(code: object) -> object:
 
 def main() -> None:
     """Run the `ultrastyle` command line (`cli.main.app`)."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # one the parent set to ignore stays ignored
+    on_main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    if on_main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # one the parent set to ignore stays ignored
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         from ultrastyle.cli.main import app

@@ -376,6 +376,7 @@ def stylize_command(
                 summary = stylizer.stylize_batch(
                     contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
                 )  # fmt: skip
+            progress.update(task, completed=progress.tasks[task].total)  # contents left out (earlier outputs) planned no work
         except OptionError as exc:
             _drop(progress)
             raise _bad_option(exc) from None

@@ -257,9 +257,10 @@ class StepSampler(Sampler[int]):
 
 
 def _worker_init(_: int) -> None:
-    # Ctrl-C goes to the whole process group; the main process handles it
-    # (checkpoint, then stop), so workers must not die half-way through a batch.
+    # Ctrl-C goes to the whole process group, and so does SIGTERM from systemd or a job scheduler; the main process
+    # handles both (checkpoint, then stop, shutting the loader down), so workers must not die half-way through a batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)  # decoding and resizing: leave the cores to the training step
 
 

@@ -176,7 +176,8 @@ class _StopOnSignal:
 
     def __exit__(self, *exc: object) -> None:
         for signum, old in self._old.items():
-            signal.signal(signum, old)
+            if old is not None:  # None: set outside Python, which cannot be put back
+                signal.signal(signum, old)
         self._old = {}
 
 

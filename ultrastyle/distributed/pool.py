@@ -15,8 +15,10 @@ actor starts wherever the cluster has room.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -38,13 +40,19 @@ from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
 from ultrastyle.io import atomic
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import save_output
-from ultrastyle.errors import remedied
+from ultrastyle.errors import Setting, remedied
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import (
     BatchInterrupted, BatchSummary, InOrder, Pair, PairResult, StyleSpec, StylizeOptions, _failure, content_runs, load_content,
 )  # fmt: skip
 from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
+
+def _stage_folder(scratch: str | os.PathLike) -> Path:
+    """This machine's folder for stage arrays in a shared ``scratch``: temp names hold a pid, which only the machine that
+    wrote them may judge dead (another driver's sweep of the shared folder would remove live arrays)."""
+    return Path(scratch) / f".ultrastyle-stages-{socket.gethostname()}"
+
 
 MAX_ATTEMPTS = 3  # a job is tried on this many actors before its pairs fail
 KILL_WAIT_S = 10.0  # at most this long for killed actors to be gone, so the last sweep may drop their temp files
@@ -99,6 +107,8 @@ class WorkerPool:
         self._owns_ray = False
         try:
             self._owns_ray = connect(address)
+        except ClusterError:  # Ray missing, or refused: nothing was started
+            raise
         except BaseException:  # a Ctrl-C inside ray.init: what it started of a local instance is stopped
             if address == "local":
                 disconnect()
@@ -108,10 +118,11 @@ class WorkerPool:
         try:
             gpus = 1 if device == "cuda" else 0
             have = ray.cluster_resources()
-            if gpus and have.get("GPU", 0) < 1:  # the actors would wait for a GPU until the start time-out
-                raise ClusterError(f"device='cuda', but the Ray cluster at {address} has no GPU (resources: "
-                                   f"{', '.join(f'{k} {v:g}' for k, v in sorted(have.items()) if k in ('CPU', 'GPU'))}); "
-                                   "use device='cpu', or join a cluster with GPU nodes")  # fmt: skip
+            # A local instance without a GPU would have its actors wait for one until the start time-out. (A cluster's
+            # autoscaler may add GPU nodes for them: there the wait is the start time-out's.)
+            if gpus and address == "local" and have.get("GPU", 0) < 1:
+                raise remedied(ClusterError("device='cuda', but this machine has no GPU that Ray sees, so no worker could "
+                                            "start; use device='cpu', or join a cluster with GPU nodes"), Setting("device", "cpu"))  # fmt: skip
             if workers is None:
                 workers = max(1, int(have.get("GPU", 0)) if gpus else int(have.get("CPU", 1) // cpus_per_worker))
             self.spec = RunnerSpec(
@@ -284,9 +295,8 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001
                     pass
                 self._replace(actor)
-            # ray.kill returns at once; the sweep after this keeps the temp files of live writers. A pid of another
-            # machine's actor that happens to be alive here costs the wait, no more.
-            pids = [self._info[a].pid for _, a in busy.values() if a in self._info]
+            # ray.kill returns at once; the sweep after this keeps the temp files of live writers (of this machine).
+            pids = [self._info[a].pid for _, a in busy.values() if a in self._info and self._info[a].host == socket.gethostname()]
             deadline = time.monotonic() + KILL_WAIT_S
             try:
                 while (pids := [p for p in pids if atomic.is_alive(p)]) and time.monotonic() < deadline:
@@ -331,7 +341,8 @@ class WorkerPool:
         finished; outputs being written are abandoned and their temp files swept.
         """
         t_start = time.perf_counter()
-        folders = {p.output.parent for p in pairs if p.output is not None} | ({Path(scratch)} if distribute_tiles and scratch else set())
+        stages_in = _stage_folder(scratch) if distribute_tiles and scratch else None
+        folders = {p.output.parent for p in pairs if p.output is not None} | ({stages_in} if stages_in else set())
         for folder in folders:
             atomic.sweep_stale(folder)  # temp files of a killed earlier run (its workers are gone)
         results, runs = content_runs(pairs, options.skip_existing)
@@ -374,6 +385,9 @@ class WorkerPool:
             # it until Ray stops them (asynchronously), so one still writing at the start may have died since.
             for folder in folders:
                 atomic.sweep_stale(folder)
+            if stages_in is not None:
+                with contextlib.suppress(OSError):  # empty unless another run of this machine is using it
+                    stages_in.rmdir()
         summary.wall_seconds = time.perf_counter() - t_start
         return summary
 
@@ -399,7 +413,7 @@ class WorkerPool:
                 if bad:
                     raise bad[0]
                 # The stage arrays: a temp name of this process (swept by a later run if this driver is killed).
-                base = Path(scratch) if scratch is not None else pair.output.parent
+                base = _stage_folder(scratch) if scratch is not None else pair.output.parent
                 try:  # the output folder is made as the local batch makes it, before the stage arrays go in it
                     base.mkdir(parents=True, exist_ok=True)
                     work = atomic.partial_path(base / f"{pair.output.name}.tiles")

@@ -11,6 +11,7 @@ a stage's tiles, reading and writing `ZarrCanvas` arrays on a shared folder.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class WorkerInfo:
     stages: tuple[int, ...] = ()
     arch: ArchSpec | None = None
     traits: RunnerTraits | None = None
+    host: str = ""  # socket.gethostname(): whether ``pid`` is a process of the driver's machine
 
 
 class SharedStyleBook(StyleBook):
@@ -106,9 +108,9 @@ class StylizeWorker:
 
         node = ray.get_runtime_context().get_node_id()
         if self.runner is None:
-            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open", self.remedy)
+            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open", self.remedy, host=socket.gethostname())
         r = self.runner
-        return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits)
+        return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits, host=socket.gethostname())
 
     def style_statistics(self, src: Source, options: StylizeOptions, recolor: FeatureStats | None = None) -> dict[int, FeatureStats] | ImageError:
         """Per-stage statistics of one style (of the style recoloured to ``recolor``), or the ImageError that fails its pairs."""

@@ -34,8 +34,15 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
         return out
     firsts: dict[str, Path] = {}
     for p in out:
-        firsts.setdefault(os.path.abspath(p), p)  # not realpath: two names of one file (a link) are two inputs
+        firsts.setdefault(input_key(p), p)
     return list(firsts.values())
+
+
+def input_key(path: str | os.PathLike) -> str:
+    """One input however its path is written (relative, absolute, through linked folders or ``..``): its folder with links
+    followed, and its own name (a link to a file is an input of its own name, which names its outputs)."""
+    p = Path(path)
+    return os.path.join(os.path.realpath(p.parent), p.name)
 
 
 def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:

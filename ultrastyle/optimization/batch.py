@@ -80,7 +80,6 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
             "(files in it are named {content}_optimized_{style}.{format})",
         )  # fmt: skip
     spec = StyleSpec((style,))
-    files = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # one file named two ways is one content
 
     def out_of(f: Path) -> Path:
         return output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}"

@@ -266,6 +266,10 @@ class OutputCollisionError(ValueError):
     """Two pairs would write the same output file."""
 
 
+class OutputsAsContentsWarning(UserWarning):
+    """Contents that are outputs of the same batch (a rerun into the contents' folder) were left out."""
+
+
 def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
     """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
 
@@ -273,8 +277,13 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     `optimization.batch.plan_outputs` does: a rerun there (``skip_existing`` after Ctrl-C) does not stylize its outputs.
     """
     specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
-    planned = {(outdir / output_name(c, s, fmt)).resolve() for c in contents for s in specs}
+    where = outdir.resolve()
+    planned = {where / output_name(c, s, fmt) for c in contents for s in specs}
     kept = [c for c in contents if not (isinstance(c, Path) and c.resolve() in planned)]
+    if len(kept) < len(contents):
+        left = [c for c in contents if c not in kept]
+        warnings.warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
+                      f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning, stacklevel=2)  # fmt: skip
     pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
     inputs = {p.resolve(): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
     seen: dict[Path, Pair] = {}
@@ -867,7 +876,7 @@ def run_batch(
 
 
 __all__ = [
-    "BatchInterrupted", "BatchSummary", "InOrder", "content_runs", "OutputCollisionError", "Pair", "PairResult", "StyleBook",
+    "BatchInterrupted", "BatchSummary", "InOrder", "content_runs", "OutputCollisionError", "OutputsAsContentsWarning", "Pair", "PairResult", "StyleBook",
     "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
     "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
 ]  # fmt: skip
