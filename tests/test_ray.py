@@ -400,6 +400,19 @@ def test_compile_reaches_every_worker_runner(tmp_path, cd16x_dir, monkeypatch):
     assert worker.runner is None and "compile=True runs the torch backend" in worker.error, worker.error
 
 
+def test_after_ctrl_c_the_summary_counts_every_output_on_disk(pool, folder, tmp_path):
+    """A job cut off by Ctrl-C may have written some of its content's outputs whole: they are done, not abandoned."""
+
+    def ctrl_c(r):
+        if r.status == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(BatchInterrupted) as info:
+        pool.run_batch(_pairs(folder, tmp_path), OPTIONS, on_result=ctrl_c)
+    done = {r.pair.output.name for r in info.value.summary.results if r.status == "done"}
+    assert done and done == {p.name for p in tmp_path.iterdir()}, (done, sorted(p.name for p in tmp_path.iterdir()))
+
+
 def test_distribute_tiles_with_preserve_color_match_equals_the_local_batch(pool, folder, cd16x_dir, tmp_path):
     """Matched styles are recoloured per content, so the style table holds none of them (it once raised KeyError)."""
     from ultrastyle.models.pretrained import load_model

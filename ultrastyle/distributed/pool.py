@@ -40,6 +40,7 @@ from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
 from ultrastyle.io import atomic
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import save_output
+from ultrastyle.io.sources import image_header
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import (
@@ -349,6 +350,7 @@ class WorkerPool:
         summary = BatchSummary(planned=len(pairs))
         report = InOrder(results, summary, on_result)
         jobs = [_Job(run) for run in runs]
+        signatures = [file_signature(p.output) for p in pairs]  # what each output was before: written since, it is this run's
         report()
         try:
             styles = self.style_table([pairs[i] for job in jobs for i in job.payload[1]], options) if jobs else None
@@ -357,7 +359,6 @@ class WorkerPool:
                     self._tiled_job(job, pairs, options, styles, results, on_tile, scratch)
                     report()
             else:
-                signatures = [file_signature(p.output) for p in pairs]
 
                 def submit(actor: Any, job: _Job) -> Any:
                     content, idx = job.payload
@@ -377,6 +378,10 @@ class WorkerPool:
                 self._run(jobs, submit, done, failed)
             report()
         except KeyboardInterrupt:
+            for i, pair in enumerate(pairs):  # whole outputs (renamed into place) of the jobs cut off: finished, if unreported
+                if results[i] is None and pair.output is not None and file_signature(pair.output) not in (None, signatures[i]):
+                    header = image_header(pair.output)
+                    results[i] = PairResult(pair, "done", None, 0.0, header[0] * header[1] / 1e6 if header else 0.0)
             summary.results += [r for r in results[report.reported:] if r is not None]
             summary.wall_seconds = time.perf_counter() - t_start
             raise BatchInterrupted(summary, abandoned=True) from None
