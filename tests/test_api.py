@@ -475,3 +475,35 @@ def test_a_batch_s_style_errors_name_its_keyword_styles_before_the_model_opens(s
     assert info.value.option == "styles"
     with pytest.raises(ultrastyle.OptionError, match="give one style as styles="):
         ultrastyle.stylize_batch([small["c1"]], None, tmp_path / "out", mix=[(small["s1"], 1.0)])
+
+
+def test_an_on_tile_error_in_a_batch_reaches_the_caller_as_raised(installed, small, tmp_path):
+    """A service cancels a batch from its callback: the error it raised comes back, not a failed pair per content."""
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(what, done, total):
+        raise Cancel(what)
+
+    with ultrastyle.load(levels=(5,), backend="torch") as s:
+        with pytest.raises(Cancel):
+            s.stylize_batch([small["c1"], small["c2"]], [small["s1"]], tmp_path / "out", style_size=64, on_tile=cancel)
+        assert s.stylize(small["c1"], small["s1"], style_size=64).shape[2] == 3  # still usable
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_two_torch_stylizers_closed_in_either_order_give_torch_its_thread_count_back(installed):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        a = ultrastyle.load(levels=(5,), backend="torch", threads=1)
+        b = ultrastyle.load(levels=(5,), backend="torch", threads=2)
+        assert torch.get_num_threads() == 2  # the process's: the last opened sets it
+        a.close()
+        b.close()
+        assert torch.get_num_threads() == 3  # (each putting back what it found left 1)
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ultrastyle.core.tile_memory import core_for_budget, parse_bytes, region_side_for_budget, stage_bytes_per_pixel
@@ -153,8 +154,39 @@ def fake_libc(monkeypatch):
     monkeypatch.setattr(mem, "_HEAP_KEEPS_FREED", False)
     monkeypatch.setattr(mem, "_rss_after_trim", None)
     monkeypatch.setattr(mem, "_HUGE_PAGES", False)
+    monkeypatch.setattr(mem, "_KEPT_FOR_GOOD", False)
+    monkeypatch.setattr(mem, "_HOLDERS", 0)
     monkeypatch.delenv("ULTRASTYLE_MALLOC", raising=False)
     return libc
+
+
+def test_the_last_holder_puts_glibc_defaults_back_unless_kept_for_good(fake_libc):
+    """An open Stylizer holds the setting; a service's own buffers are not kept after the last one closes."""
+    import ultrastyle.runtime.memory as mem
+
+    assert mem.hold_freed_memory() and mem.hold_freed_memory()
+    mem.release_freed_memory()
+    assert fake_libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**40 - 1)] and mem.heap_factor() == mem.HEAP_KEEP_FACTOR
+    mem.release_freed_memory()
+    assert fake_libc.calls[2:] == [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("trim", 0)] and mem.heap_factor() == 1.0
+    mem.release_freed_memory()  # one release too many: nothing
+    assert len(fake_libc.calls) == 5
+    assert mem.keep_freed_memory() and mem.hold_freed_memory()  # the command line keeps it for the process's life
+    mem.release_freed_memory()
+    assert len(fake_libc.calls) == 7 and mem.heap_factor() == mem.HEAP_KEEP_FACTOR
+
+
+def test_a_stylizer_holds_the_heap_setting_while_open(fake_libc, cd16x_dir):
+    import ultrastyle
+    import ultrastyle.runtime.memory as mem
+
+    with ultrastyle.load(cd16x_dir, backend="torch", levels=(5,)) as s:
+        assert mem._HOLDERS == 1 and mem.heap_factor() == mem.HEAP_KEEP_FACTOR
+        s.close()
+        assert mem._HOLDERS == 0 and mem.heap_factor() == 1.0 and fake_libc.calls[-1] == ("trim", 0)
+        s.stylize(np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8))  # reopened: held again
+        assert mem._HOLDERS == 1
+    assert mem._HOLDERS == 0
 
 
 def test_keep_freed_memory_sets_mmap_max_and_trim_threshold_once_unless_opted_out(fake_libc, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,7 @@ from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
 from ultrastyle.runtime.batch import (
     BatchSummary, Pair, PairResult, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode, plan_pairs, run_batch, stylize_content,
 )  # fmt: skip
-from ultrastyle.runtime.memory import keep_freed_memory
+from ultrastyle.runtime.memory import hold_freed_memory, release_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.export.bundle import Bundle
 from ultrastyle.core.styles import mix_weights
@@ -50,6 +51,7 @@ from ultrastyle.runtime.tiled import TileCallback
 
 # Style books (statistics per style) a Stylizer keeps, one per combination of the settings they depend on (`Stylizer._book`).
 BOOKS_KEPT = 8
+_BOOKS_LOCK = threading.Lock()  # the books of every Stylizer: held for dictionary work only, never while computing
 
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 
@@ -239,12 +241,18 @@ class Stylizer:
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)  # calls default to the levels loaded
-        keep_freed_memory()  # process-wide: large tensors reuse freed heap pages (memory.keep_freed_memory)
-        self.runner: Runner = open_runner(
-            model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,
-            on_export=on_message, precision=precision, progress=progress, compile=compile,
-        )  # fmt: skip
-        self.runner.activate()
+        # Process-wide while open: large tensors reuse freed heap pages (memory.hold_freed_memory; about half the wall
+        # time of the PyTorch paths); the last Stylizer closed puts glibc's settings back.
+        self._holds_heap = hold_freed_memory()
+        try:
+            self.runner: Runner = open_runner(
+                model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,
+                on_export=on_message, precision=precision, progress=progress, compile=compile,
+            )  # fmt: skip
+            self.runner.activate()
+        except BaseException:
+            self._let_go_heap()
+            raise
         self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
         self._masks: OrderedDict = OrderedDict()  # label maps, shared by the books (`StyleBook`)
 
@@ -262,9 +270,17 @@ class Stylizer:
             self.runner.deactivate()
         self._books.clear()
         self._masks.clear()
+        self._let_go_heap()
+
+    def _let_go_heap(self) -> None:
+        if self._holds_heap:
+            self._holds_heap = False
+            release_freed_memory()
 
     def _open(self) -> None:
         if not self.runner.is_active:  # closed (a `with` block ended): the next use opens the networks again
+            if not self._holds_heap:
+                self._holds_heap = hold_freed_memory()
             self.runner.activate()
 
     def __enter__(self) -> Stylizer:
@@ -299,13 +315,14 @@ class Stylizer:
     def _book(self, opts: StylizeOptions) -> StyleBook:
         # Everything the statistics depend on, and how a style is read (streamed or whole).
         key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits), opts.streaming, opts.io_allowance)
-        if key in self._books:
-            self._books.move_to_end(key)
-        else:
-            self._books[key] = StyleBook(self.runner, opts, self._masks)
-            while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
-                self._books.popitem(last=False)
-        return self._books[key]
+        with _BOOKS_LOCK:  # calls from several threads: one may evict what another just found
+            if key in self._books:
+                self._books.move_to_end(key)
+            else:
+                self._books[key] = StyleBook(self.runner, opts, self._masks)
+                while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
+                    self._books.popitem(last=False)
+            return self._books[key]
 
     def stylize(
         self,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -379,10 +380,12 @@ def _check_url(url: str, model: str) -> None:
 
 
 class _Progress:
-    """A rich progress bar on stderr (bytes, speed), or nothing."""
+    """A rich progress bar on stderr (bytes, speed) where stderr is a terminal, one plain line per file elsewhere (a log,
+    a service's pipe: rich would print the bar's states there), or nothing."""
 
     def __init__(self, enabled: bool) -> None:
         self._bar = None
+        self._lines = False
         if enabled:
             from rich.console import Console
             from rich.progress import (
@@ -403,6 +406,8 @@ class _Progress:
                 console=Console(stderr=True),  # stdout stays clean for `models path` & co.
                 transient=False,
             )
+            if not self._bar.console.is_terminal:
+                self._bar, self._lines = None, True
 
     def __enter__(self) -> _Progress:
         if self._bar is not None:
@@ -414,6 +419,8 @@ class _Progress:
             self._bar.stop()
 
     def task(self, description: str, total: int) -> Callable[[int], None]:
+        if self._lines:
+            sys.stderr.write(f"downloading {description} ({total / 1e6:.1f} MB)\n")
         if self._bar is None:
             return lambda n: None
         bar = self._bar

@@ -310,6 +310,10 @@ def _version(src: Source) -> tuple:
     return ("memory", src.key) if isinstance(src, ImageInput) else (src, file_signature(src))
 
 
+_CACHE_LOCK = threading.Lock()  # the books' dictionaries (a Stylizer's masks are shared by its books)
+_MISSING = object()
+
+
 class StyleBook:
     """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error.
 
@@ -329,17 +333,20 @@ class StyleBook:
         self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict() if masks is None else masks
 
     def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
-        if key in book:
-            book.move_to_end(key)
-        else:
+        with _CACHE_LOCK:  # dictionary work only: threads compute apart (two may compute one style once each)
+            got = book.get(key, _MISSING)
+            if got is not _MISSING:
+                book.move_to_end(key)
+        if got is _MISSING:
             try:
-                book[key] = make()
+                got = make()
             except ImageError as exc:  # kept bare: its traceback's frames would keep the image (an in-memory one's pixels)
-                book[key] = exc.with_traceback(None)
+                got = exc.with_traceback(None)
                 exc.__context__ = exc.__cause__ = None
-            while len(book) > keep:
-                book.popitem(last=False)
-        got = book[key]
+            with _CACHE_LOCK:
+                book[key] = got
+                while len(book) > keep:
+                    book.popitem(last=False)
         if isinstance(got, ImageError):
             raise copy.copy(got)  # a copy takes this raise's traceback: the kept one holds no frame (and none of their images)
         return got
@@ -572,6 +579,28 @@ class ReadWholeWarning(UserWarning):
     """A content that should have been streamed (too large to read whole within the budget) is read whole."""
 
 
+class _CallbackRaised(Exception):
+    """What a caller's ``on_tile`` raised, on its way through the pair's own error handling."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _raising_through(on_tile: TileCallback | None) -> TileCallback | None:
+    """``on_tile`` whose exceptions reach the caller as raised, not as the pair's failure (KeyboardInterrupt does anyway)."""
+    if on_tile is None:
+        return None
+
+    def call(what: str, done: int, total: int) -> None:
+        try:
+            on_tile(what, done, total)
+        except Exception as exc:
+            raise _CallbackRaised(exc) from exc
+
+    return call
+
+
 def stylize_content(
     model: StageNetworks,
     decoded: Decoded,
@@ -592,6 +621,7 @@ def stylize_content(
     t0 = time.perf_counter()
     results: list[PairResult | None] = []
     tiling = options.tiling_for(model.traits)
+    on_tile = _raising_through(on_tile)
     try:  # one plan per image: where its canvases go, each stage's tiles
         for pair in pairs:  # an output its format cannot hold fails now, not after the tiles
             if pair.output is not None:
@@ -613,6 +643,8 @@ def stylize_content(
                 style = styles.style_for(pair.style, (h, w), original, recolor)
                 out = stylize_canvas(model, content, style, options, on_tile, plan, as_canvas=stream and pair.output is not None,
                                      last_use=len(pairs) == 1)  # fmt: skip
+            except _CallbackRaised as exc:  # the caller's own error (a cancel), not this pair's: it ends the batch as raised
+                raise exc.error from None
             except Exception as exc:  # noqa: BLE001
                 if raise_errors:
                     raise

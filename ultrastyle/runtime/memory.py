@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import sys
+import threading
 
 
 @functools.cache
@@ -28,7 +29,11 @@ def _libc():
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's (malloc/malloc.c: DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX)
 _HEAP_KEEPS_FREED = False
+_KEPT_FOR_GOOD = False  # `keep_freed_memory` was called: no holder puts the defaults back
+_HOLDERS = 0
+_HOLD_LOCK = threading.Lock()
 _rss_after_trim: int | None = None
 # Peak resident memory of eager PyTorch tiles over the planner's model while the heap keeps
 # freed memory: the heap fragments over a tile's layers (PyTorch's 64-byte aligned blocks rarely
@@ -42,7 +47,7 @@ _HUGE_PAGES = False
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc reuse freed memory for large tensors instead of unmapping it; True where applied.
+    """Let glibc reuse freed memory for large tensors instead of unmapping it, for the process's life; True where applied.
 
     By default glibc serves every allocation above 32 MB with a fresh mmap and
     unmaps it on free, so each full-resolution activation of every layer faults
@@ -51,9 +56,42 @@ def keep_freed_memory() -> bool:
     heap and kept there on free, later layers and tiles reuse the pages; the
     tiled pipeline gives them back with `trim_heap` (after tiles, once the
     resident set has grown past a limit, and between passes). Process-wide, so
-    the command line calls it (``ULTRASTYLE_MALLOC=system`` opts out);
-    library users may call it themselves.
+    the command line calls it (``ULTRASTYLE_MALLOC=system`` opts out); a
+    `Stylizer` holds it while open (`hold_freed_memory`).
     """
+    global _KEPT_FOR_GOOD
+    kept = _keep_freed()
+    _KEPT_FOR_GOOD = _KEPT_FOR_GOOD or kept
+    return kept
+
+
+def hold_freed_memory() -> bool:
+    """`keep_freed_memory` while a holder (an open `Stylizer`) needs it: `release_freed_memory` by the last holder puts
+    glibc's settings back and hands the freed memory to the OS, so a service's own buffers are not kept after it."""
+    global _HOLDERS
+    with _HOLD_LOCK:
+        kept = _keep_freed()
+        _HOLDERS += kept
+        return kept
+
+
+def release_freed_memory() -> None:
+    """One holder (`hold_freed_memory`) lets go; the last one, where nobody kept it for good, restores glibc's defaults."""
+    global _HOLDERS, _HEAP_KEEPS_FREED
+    with _HOLD_LOCK:
+        if _HOLDERS == 0:
+            return
+        _HOLDERS -= 1
+        libc = _libc()
+        if _HOLDERS or _KEPT_FOR_GOOD or not _HEAP_KEEPS_FREED or libc is None:
+            return
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _HEAP_KEEPS_FREED = False
+        libc.malloc_trim(0)
+
+
+def _keep_freed() -> bool:
     global _HEAP_KEEPS_FREED
     libc = _libc()
     if libc is None or _system_malloc_requested():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -54,6 +56,46 @@ def _restore_fp32(changed: list[tuple[object, str, object]]) -> None:
         setattr(obj, name, value)
 
 
+class _ProcessSetting:
+    """A process-wide setting (torch's thread count, its TF32 flags) that open runners hold: the first to hold it saves
+    the process's own value, the last to let go puts it back, whatever order they close in (two Stylizers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._restore: Callable[[], None] | None = None
+
+    def hold(self, apply: Callable[[], Callable[[], None]], again: Callable[[], None] | None = None) -> None:
+        """``apply()`` sets the value and returns what restores the process's; ``again`` sets it for a later holder."""
+        with self._lock:
+            if self._holders == 0:
+                self._restore = apply()
+            elif again is not None:
+                again()
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._restore is not None:
+                self._restore()
+                self._restore = None
+
+
+def _set_threads(n: int) -> Callable[[], None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return lambda: torch.set_num_threads(before)
+
+
+def _ieee_fp32() -> Callable[[], None]:
+    changed = _fp32_exact()
+    return lambda: _restore_fp32(changed)
+
+
+_THREADS, _IEEE_FP32 = _ProcessSetting(), _ProcessSetting()
+
+
 class TorchRunner(Runner):
     """Runs a `StyleModel`'s modules on the model's device: eagerly in float32 (the reference), or through a `StageEngine`.
 
@@ -101,28 +143,27 @@ class TorchRunner(Runner):
         # What the C heap's retention adds to eager tiles on the CPU (`memory.heap_factor`), read once here,
         # so that this runner's tile plans do not change with later process-wide heap settings.
         self.heap_factor = memory.heap_factor() if heap_factor is None else heap_factor
-        self._saved_threads = 0
-        self._saved_fp32: list[tuple[object, str, object]] = []
+        self._holds: list[_ProcessSetting] = []  # what `activate_impl` holds, `deactivate_impl` lets go
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def activate_impl(self) -> None:
-        # The modules are already on their device; only the thread count (and, on CUDA, IEEE float32) is set here.
+        # The modules are already on their device; only the thread count (and, on CUDA, IEEE float32) is set here:
+        # both are the process's, so while two runners are open the last one opened sets the threads.
         if self.threads:
-            self._saved_threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
+            n = self.threads
+            _THREADS.hold(lambda: _set_threads(n), lambda: torch.set_num_threads(n))
+            self._holds.append(_THREADS)
         if self.device.type == "cuda" and not self.tf32:
-            self._saved_fp32 = _fp32_exact()
+            _IEEE_FP32.hold(_ieee_fp32)
+            self._holds.append(_IEEE_FP32)
 
     def deactivate_impl(self) -> None:
-        if self._saved_threads:
-            torch.set_num_threads(self._saved_threads)
-            self._saved_threads = 0
+        while self._holds:
+            self._holds.pop().release()
         if self.device.type == "cuda":
-            _restore_fp32(self._saved_fp32)
-            self._saved_fp32 = []
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
