@@ -536,7 +536,7 @@ def read_plan(src: Source, options: StylizeOptions, size_option: str = "content_
     ``content_size`` (the setting ``size_option``) would enlarge past ``max_pixels`` is an `ImageError`, before any read.
     """
     header = image_header(src)
-    if header is not None and options.content_size:
+    if header is not None and options.content_size and header[0] * header[1] <= options.max_pixels:  # (above: the read says so)
         h, w = resized_size(header[1], header[0], options.content_size)
         if h * w > options.max_pixels:
             raise remedied(ImageError(
