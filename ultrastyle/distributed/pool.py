@@ -49,6 +49,7 @@ from ultrastyle.runtime.batch import (
 from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
 
+
 def _stage_folder(scratch: str | os.PathLike) -> Path:
     """This machine's folder for stage arrays in a shared ``scratch``: temp names hold a pid, which only the machine that
     wrote them may judge dead (another driver's sweep of the shared folder would remove live arrays)."""
