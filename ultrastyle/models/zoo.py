@@ -386,28 +386,20 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self._bar = None
         self._lines = False
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+        if not enabled:
+            return
+        from rich.console import Console
 
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),  # stdout stays clean for `models path` & co.
-                transient=False,
-            )
-            if not self._bar.console.is_terminal:
-                self._bar, self._lines = None, True
+        console = Console(stderr=True)  # stdout stays clean for `models path` & co.
+        if not console.is_terminal:
+            self._lines = True
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+            console=console, transient=False,
+        )  # fmt: skip
 
     def __enter__(self) -> _Progress:
         if self._bar is not None:

@@ -279,9 +279,11 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
     where = outdir.resolve()
     planned = {where / output_name(c, s, fmt) for c in contents for s in specs}
-    kept = [c for c in contents if not (isinstance(c, Path) and c.resolve() in planned)]
-    if len(kept) < len(contents):
-        left = [c for c in contents if c not in kept]
+    kept: list[Source] = []
+    left: list[Source] = []
+    for c in contents:
+        (left if isinstance(c, Path) and c.resolve() in planned else kept).append(c)
+    if left:
         warnings.warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
                       f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning, stacklevel=2)  # fmt: skip
     pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
@@ -289,7 +291,7 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     seen: dict[Path, Pair] = {}
     for p in pairs:
         assert p.output is not None
-        if (replaced := inputs.get(p.output.resolve())) is not None:
+        if (replaced := inputs.get(where / p.output.name)) is not None:
             raise remedied(OutputCollisionError(
                 f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
                 "outputs into another folder (output_dir)"
