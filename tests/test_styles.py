@@ -254,6 +254,16 @@ def test_match_colors_gives_the_style_the_contents_rgb_mean_and_covariance():
     assert torch.allclose(got.covariance(), target.covariance(), atol=2e-3)
 
 
+def test_match_colors_to_a_one_pixel_content_is_that_pixels_colour():
+    # One pixel has a colour and no spread: the style takes that colour, flat (it raised "covariance needs 2 pixels").
+    style = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(0))
+    pixel = torch.tensor([0.7, 0.2, 0.4])[:, None, None]
+    out = match_colors(style, rgb_statistics(pixel))
+    assert torch.allclose(out, pixel.expand_as(out), atol=1e-5)
+    flat = match_colors(pixel, rgb_statistics(style))  # a one-pixel style takes the content's mean
+    assert torch.allclose(flat[:, 0, 0], rgb_statistics(style).mean.float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["wct", "adain"])
 def test_mask_and_mix_tiled_equal_whole_on_each_device(cd16x_dir, images, device, method):
     # Through the runner: on CUDA it computes in IEEE float32 (PyTorch's default TF32 breaks exactness).

@@ -78,10 +78,17 @@ def rgb_statistics(image: torch.Tensor | Canvas, band: int = 256) -> FeatureStat
     return stats
 
 
+def _colour_covariance(stats: FeatureStats) -> torch.Tensor:
+    # A one-pixel image has one colour and no spread: zero covariance, not an error.
+    if stats.count < 2:
+        return torch.zeros_like(stats.outer)
+    return stats.covariance()
+
+
 def match_colors(style: torch.Tensor, content: FeatureStats) -> torch.Tensor:
     """The style image (3, H, W) recoloured to the content's RGB mean and covariance, clamped to [0, 1]."""
     s = rgb_statistics(style)
-    a = sym_power(content.covariance(), 0.5) @ sym_power(s.covariance(), -0.5)
+    a = sym_power(_colour_covariance(content), 0.5) @ sym_power(_colour_covariance(s), -0.5)
     b = content.mean - a @ s.mean
     out = torch.einsum("ij,jhw->ihw", a.float(), style) + b.float()[:, None, None]
     return out.clamp_(0, 1)
