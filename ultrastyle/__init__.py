@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ultrastyle._version import __version__
 
 _API = {
     "stylize": "ultrastyle.api",

@@ -398,7 +398,9 @@ class Stylizer:
         else:
             specs = [StyleSpec((s,)) for s in _sources(styles if styles is not None else [], "style", "styles")]
         if not content_list or not specs:
-            raise OptionError("contents" if not content_list else "styles", "no images given or found")
+            keyword, given = ("contents", contents) if not content_list else ("styles", styles)
+            searched = " ".join(os.fspath(p) for p in _listed(given) if isinstance(p, (str, os.PathLike))) if given is not None else ""
+            raise OptionError(keyword, f"no images found in: {searched}" if searched else "no images given")
         pairs = plan_pairs(content_list, specs, folder, opts.format)
         if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))

@@ -108,7 +108,7 @@ class FeedReader:
 
     def __init__(self, feeds: list[Feed]) -> None:
         if not feeds:
-            raise CalibrationDataError("no calibration feeds")
+            raise CalibrationDataError("no calibration feeds: expected at least one tile from the calibration images")
         self.feeds = feeds
         self._it: Iterator[Feed] = iter(feeds)
 

@@ -228,8 +228,9 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.batch < 1 or self.tile < 16 or self.lr <= 0:
-            raise ValueError("batch must be >= 1, tile >= 16 and lr > 0")
+        for name, ok, want in (("batch", self.batch >= 1, ">= 1"), ("tile", self.tile >= 16, ">= 16 pixels"), ("lr", self.lr > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
         if self.decoder_input not in ("quantized", "float"):
             raise ValueError(f"decoder_input must be quantized or float, got {self.decoder_input!r}")
 

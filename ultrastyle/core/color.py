@@ -29,12 +29,6 @@ LUMA = (0.299, 0.587, 0.114)
 CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown colour preservation {mode!r}; choose one of {', '.join(MODES)}")
-    return mode
-
-
 def luminance(rgb: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Y of (3, ...) RGB -> (...)."""
     return LUMA[0] * rgb[0] + LUMA[1] * rgb[1] + LUMA[2] * rgb[2]

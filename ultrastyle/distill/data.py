@@ -129,7 +129,7 @@ class CropStream(Dataset):
 
     def __init__(self, files: Sequence[Path], settings: CropSettings = CropSettings(), seed: int = 0, cache: bool = True) -> None:
         if not files:
-            raise DataError("no training images")
+            raise DataError("no training images: expected at least one image file")
         self.files = list(files)
         self.settings = settings
         self.seed = seed

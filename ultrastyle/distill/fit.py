@@ -46,7 +46,7 @@ def greedy_span(cov: torch.Tensor, n: int) -> torch.Tensor:
     """
     c = cov.shape[0]
     if not 0 < n <= c:
-        raise ValueError(f"cannot keep {n} of {c} channels")
+        raise ValueError(f"cannot keep {n} of {c} channels; expected 1..{c}")
     a = cov.double().clone()
     picked: list[int] = []
     resid = torch.diagonal(a).clone()

@@ -27,7 +27,7 @@ def l1_keep(weight: torch.Tensor, n: int) -> torch.Tensor:
     Ties go to the lower index, so the choice is deterministic.
     """
     if not 0 < n <= weight.shape[0]:
-        raise ValueError(f"cannot keep {n} of {weight.shape[0]} filters")
+        raise ValueError(f"cannot keep {n} of {weight.shape[0]} filters; expected 1..{weight.shape[0]}")
     norms = weight.detach().abs().flatten(1).sum(1).double()
     # stable sort on -norm: equal norms keep index order
     order = torch.sort(-norms, stable=True).indices[:n]

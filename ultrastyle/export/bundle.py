@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ultrastyle import __version__
+from ultrastyle._version import __version__
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.io.atomic import atomic_dir, sweep_stale

@@ -97,7 +97,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def _mode_of(image: object) -> str:
-    """Pillow's name for the file's layout, which `_to_array` converts the same way."""
+    """Pillow's name for the file's layout, which `_to_rgb` converts the same way."""
     bands, interp, fmt = image.bands, image.interpretation, image.format  # type: ignore[attr-defined]
     if fmt not in _FORMATS:
         raise ValueError(f"{fmt} samples")

@@ -630,8 +630,7 @@ def _wct(model: Any, content: torch.Tensor, style: ImageLike, opts: OptimizeOpti
         raise OptionError("init", "'wct' needs a model name or folder with decoders, not a bare encoder")
     pixels = np.ascontiguousarray(content.permute(1, 2, 0).numpy())
     with Stylizer(model, progress=False) as s:
-        memory = opts.max_memory if opts.max_memory is not None else None
-        return s.stylize(pixels, style, depth=16, max_memory=memory, style_size=max(pixels.shape[:2]) if opts.style_size is None else opts.style_size,
+        return s.stylize(pixels, style, depth=16, max_memory=opts.max_memory, style_size=max(pixels.shape[:2]) if opts.style_size is None else opts.style_size,
                          max_pixels=opts.max_pixels)  # fmt: skip
 
 

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ultrastyle import __version__
+from ultrastyle._version import __version__
 from ultrastyle.errors import Remedy, remedied
 from ultrastyle.io.atomic import write_atomic
 from ultrastyle.io.digest import sha256_file

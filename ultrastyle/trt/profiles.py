@@ -129,7 +129,7 @@ def network_shapes(kind: str, stage: int, spec: ArchSpec, rng: TileRange) -> dic
         return {"features": feats, "A": ((c, c),) * 3, "b": ((c,),) * 3}  # type: ignore[dict-item]
     if kind == "stats":
         return {"features": feats, "row_mask": tuple((s // g,) for s in sides), "col_mask": tuple((s // g,) for s in sides)}  # type: ignore[dict-item]
-    raise ValueError(f"no profile for network kind {kind!r}")
+    raise ValueError(f"no profile for network kind {kind!r}; expected encoder, decoder, decoder_affine or stats")
 
 
 # The keywords `profile_problems` names (`errors.Setting`), for a front end to show its way.

@@ -70,14 +70,14 @@ class Runner(ABC):
 
     def activate(self) -> Runner:
         if self.is_active:
-            raise RunnerError(f"{self.backend} runner for {self.name} is already active")
+            raise RunnerError(f"{self.backend} runner for {self.name} is already active; activate it once (one `with runner:` block) and deactivate before activating again")
         self.activate_impl()
         self.is_active = True
         return self
 
     def deactivate(self) -> None:
         if not self.is_active:
-            raise RunnerError(f"{self.backend} runner for {self.name} is not active")
+            raise RunnerError(f"{self.backend} runner for {self.name} is not active; use it inside `with runner:` (or call activate() first)")
         self.deactivate_impl()
         self.is_active = False
 
