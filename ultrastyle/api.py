@@ -29,7 +29,8 @@ from PIL import Image
 
 from ultrastyle import options as check
 from ultrastyle.errors import Setting, remedied
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
+from ultrastyle.core.tile_memory import DEFAULT_BUDGET
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
@@ -68,8 +69,8 @@ def make_options(
     levels: Sequence[int] | str | None = None,
     preserve_color: str = "none",
     content_size: int = 0,
-    style_size: int = 1024,
-    max_memory: int | str | None = "2GB",
+    style_size: int = DEFAULT_STYLE_SIZE,
+    max_memory: int | str | None = DEFAULT_BUDGET,
     tile: int | str | None = None,
     halo: int | str | None = None,
     scratch: str | os.PathLike | None = None,

@@ -20,8 +20,10 @@ from ultrastyle.optimization.constants import (
     DEFAULT_CONTENT_WEIGHT,
     DEFAULT_ITERATIONS,
     DEFAULT_MAX_MEMORY,
+    DEFAULT_SOLVER,
     DEFAULT_STYLE_WEIGHT,
     FORMATS,
+    SOLVERS,
 )
 
 
@@ -31,9 +33,7 @@ class Init(str, Enum):
     wct = "wct"
 
 
-class SolverName(str, Enum):
-    lbfgs = "lbfgs"
-    adam = "adam"
+SolverName = Enum("SolverName", {s: s for s in SOLVERS}, type=str)
 
 
 class Device(str, Enum):
@@ -84,7 +84,7 @@ def optimize_command(
     iterations: Annotated[int, typer.Option(min=0, help="Solver iterations per scale.")] = DEFAULT_ITERATIONS,
     scales: Annotated[str, typer.Option(help="Long sides to optimize at, coarse to fine, each starting from the previous result upsampled, e.g. 512,1024,full.")] = "full",
     init: Annotated[Init, typer.Option(help="Starting image at the first scale: the content, uniform noise (--seed), or ultrastyle's WCT result.")] = Init.content,
-    solver: Annotated[SolverName, typer.Option(help="lbfgs (fewer evaluations to a given loss, measured) or adam.")] = SolverName.lbfgs,
+    solver: Annotated[SolverName, typer.Option(help="lbfgs (fewer evaluations to a given loss, measured) or adam.")] = SolverName(DEFAULT_SOLVER),
     content_weight: Annotated[float, typer.Option(min=0.0, help="alpha: weight of the content loss (per feature position at --content-layer).")] = DEFAULT_CONTENT_WEIGHT,
     style_weight: Annotated[float, typer.Option(min=0.0, help="beta: weight of the style (Gram) loss summed over relu1_1..relu5_1.")] = DEFAULT_STYLE_WEIGHT,
     layer_weights: Annotated[str | None, typer.Option(help="lambda per style layer relu1_1..relu5_1, five numbers (default: 1 each).", show_default=False)] = None,

@@ -18,7 +18,8 @@ from rich.text import Text
 
 from ultrastyle.cli.remedies import as_command, bad_parameter, swap
 
-from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
+from ultrastyle.core.tile_memory import DEFAULT_BUDGET
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
 from ultrastyle.models import zoo
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.runtime.memory import use_huge_pages
@@ -204,7 +205,7 @@ def stylize_command(
     alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
     levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
-    style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = 1024,
+    style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = DEFAULT_STYLE_SIZE,
     device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
     backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
     precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
@@ -220,7 +221,7 @@ def stylize_command(
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
-    max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB. On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = "2GB",
+    max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB. On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = DEFAULT_BUDGET,
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,

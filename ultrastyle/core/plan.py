@@ -28,11 +28,11 @@ from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.canvas import CanvasSite
 from ultrastyle.core.padding import padded_size
 from ultrastyle.core.receptive import decoder_radius, encoder_radius, round_up, stage_radius
-from ultrastyle.core.tile_memory import core_for_budget, region_side_for_budget, stage_bytes_per_pixel
+from ultrastyle.core.tile_memory import DEFAULT_BUDGET, core_for_budget, parse_bytes, region_side_for_budget, stage_bytes_per_pixel
 from ultrastyle.core.tiling import Tile, plan_tiles
 from ultrastyle.core.traits import BUDGET_MEMORIES, RunnerTraits
 
-DEFAULT_MAX_MEMORY = 2 * 2**30
+DEFAULT_MAX_MEMORY = parse_bytes(DEFAULT_BUDGET)
 # A device budget (GPU memory) holds an image's canvases while they take at most this share of it,
 # leaving the rest to the tiles; host canvases of a device budget take at most this share of free RAM.
 DEVICE_CANVAS_SHARE = 0.5

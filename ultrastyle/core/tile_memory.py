@@ -14,6 +14,9 @@ import re
 
 from ultrastyle.core.arch import ArchSpec, Layer
 
+# The memory budget of a run unless told (stylize, optimize, the planner), as a user writes it: binary units.
+DEFAULT_BUDGET = "2GB"
+
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
 
 

@@ -9,6 +9,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 # Ultra-resolution is the point of this toolkit: PIL's decompression-bomb guard
 # (89 MP) is raised deliberately, to this default, and can be set per call.
 DEFAULT_MAX_PIXELS = 400_000_000
+# Styles are resized to this long side unless told: their statistics barely change above it, and it bounds their cost.
+DEFAULT_STYLE_SIZE = 1024
 # zlib level of PNG outputs: level 1 (with libpng's fast filter) is ~10x faster to write than level 6,
 # files 21% larger (benchmarks/codecs.py measures the levels and encoders).
 DEFAULT_PNG_LEVEL = 1

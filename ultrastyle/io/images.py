@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ultrastyle.core.canvas import sample_peak
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import atomic_write
-from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, IMAGE_SUFFIXES  # noqa: F401 - IMAGE_SUFFIXES re-exported
+from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, IMAGE_SUFFIXES  # noqa: F401 - re-exported
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
 

@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+from ultrastyle.core.tile_memory import DEFAULT_BUDGET
+
 DEFAULT_CONTENT_LAYER = "relu4_1"
 DEFAULT_CONTENT_WEIGHT = 1.0
 DEFAULT_STYLE_WEIGHT = 1e-3  # balances the two terms on the CD 16x encoder: see docs/optimize.md
 DEFAULT_ITERATIONS = 100
-DEFAULT_MAX_MEMORY = "2GB"
+DEFAULT_MAX_MEMORY = DEFAULT_BUDGET
+SOLVERS = ("lbfgs", "adam")
+DEFAULT_SOLVER = "lbfgs"  # measured against Adam: docs/optimize.md
 FORMATS = ("png", "jpg", "tiff")  # what optimize writes (no Deep Zoom pyramid: the output is one image in memory)

@@ -24,11 +24,10 @@ from typing import Protocol
 import numpy as np
 
 from ultrastyle.core.canvas import Canvas, CanvasSite
+from ultrastyle.optimization.constants import DEFAULT_SOLVER, SOLVERS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.optimization.loss import LossValue
 
-SOLVERS = ("lbfgs", "adam")
-DEFAULT_SOLVER = "lbfgs"  # measured against Adam: docs/optimize.md
 DEFAULT_HISTORY = 5
 DEFAULT_INITIAL_STEP = 0.05  # L-BFGS's first step: at most this much change of any pixel (images in [0, 1])
 DEFAULT_ADAM_LR = 0.01

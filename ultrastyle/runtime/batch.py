@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ultrastyle.errors import Remedies, Setting, remedied
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, ImageError, array_to_tensor, as_role, pixel_count, resize_long_side
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, ImageError, array_to_tensor, as_role, pixel_count, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
@@ -74,7 +74,7 @@ class StylizeOptions:
     alpha: float = DEFAULT_ALPHA
     levels: tuple[int, ...] = DEFAULT_LEVELS
     content_size: int = 0
-    style_size: int = 1024
+    style_size: int = DEFAULT_STYLE_SIZE
     format: str = "png"
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
