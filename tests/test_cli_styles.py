@@ -160,11 +160,14 @@ def test_mix_and_mask_mistakes_are_refused_before_the_model_is_fetched(images, t
         "weights": run(images["c"], "--mix", f"{images['s1']}=-1", "--mix", f"{images['s2']}=1"),
         "zero": run(images["c"], "--mix", f"{images['s1']}=0", "--mix", f"{images['s2']}=0"),
         "one --mix, two values": run(images["c"], "--mix", f"{images['s1']}=0.7", f"{images['s2']}=0.3"),
+        # the library's rule (one file by its absolute path), not the CLI's own (it compared the paths as written)
+        "twice": run(images["c"], "--mix", f"{images['s1']}=0.5", "--mix", f"{images['s1'].parent}/../{images['s1'].parent.name}/{images['s1'].name}=0.5"),
     }
     said = {k: " ".join(r.output.replace("│", " ").split()) for k, r in cases.items()}
     assert all(r.exit_code == 2 for r in cases.values()), said
     assert "the mask has 3 labels but 2 style(s)" in said["mask"] and ">= 0" in said["weights"] and "all zero" in said["zero"]
     assert "two or more styles, each given with its own --mix" in said["one --mix, two values"]
+    assert "given twice" in said["twice"]
     assert not any("download" in text or "nowhere" in text for text in said.values()), said
     assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
 

@@ -160,7 +160,7 @@ def _label_array(mask: ImageLike) -> ImageLike:
     return mask.astype(np.uint16 if mask.size and mask.max() > 255 else np.uint8)
 
 
-def _style_args(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None,
+def check_style_args(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None,
                 keyword: str = "style") -> tuple[list[ImageLike], tuple[float, ...] | None]:  # fmt: skip
     """The styles and mix weights of one output, checked (`OptionError`) but not read: cheap, so callers check before a model opens.
 
@@ -199,8 +199,8 @@ def _style_args(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
 
 def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | None, mask: ImageLike | None,
                 keyword: str = "style") -> StyleSpec:  # fmt: skip
-    """The style side of one output (`_style_args`), its images as sources."""
-    styles, weights = _style_args(style, mix, mask, keyword)
+    """The style side of one output (`check_style_args`), its images as sources."""
+    styles, weights = check_style_args(style, mix, mask, keyword)
     sources = tuple(as_source(s, _nth("style", i)) for i, s in enumerate(styles))
     if mask is not None:
         return StyleSpec(sources, mask=as_source(_label_array(mask), "mask", keep_alpha=True))
@@ -580,7 +580,7 @@ def stylize(
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
-    _style_args(style, mix, mask)  # before the model opens (a download, an export)
+    check_style_args(style, mix, mask)  # before the model opens (a download, an export)
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
 
@@ -616,7 +616,7 @@ def stylize_batch(
     _no_empty_path(contents, "contents")
     _no_empty_path(styles or [], "styles")
     if mix is not None or mask is not None or styles is None:  # (many styles alone: an output each, nothing else to check)
-        _style_args(styles, mix, mask, "styles")
+        check_style_args(styles, mix, mask, "styles")
     if executor not in ("local", "ray"):
         raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
     pool = {k: v for k, v in (("workers", workers), ("cpus_per_worker", cpus_per_worker)) if v is not None}

@@ -118,7 +118,10 @@ _FLAGS = {"output_dir": "--output", "address": "--ray", "contents": "CONTENT", "
 
 
 def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
-    """``["a.jpg=0.7", "b.jpg=0.3"]`` -> [(path, weight), ...]; one clear error per bad item."""
+    """``["a.jpg=0.7", "b.jpg=0.3"]`` -> [(path, weight), ...]; one clear error per bad item.
+
+    Parsed here; the weights and repeats are the library's rules (`api.check_style_args`), checked before the model opens.
+    """
     paths: list[Path] = []
     weights: list[float] = []
     for item in items:
@@ -132,18 +135,16 @@ def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
         path = Path(name)
         if not path.is_file():
             raise typer.BadParameter(f"{name}: no such style image file", param_hint="--mix")
-        if path in paths:
-            raise typer.BadParameter(f"{name} is given twice; give each style once with its weight", param_hint="--mix")
         paths.append(path)
     if len(paths) < 2:  # `--mix a.jpg=0.7 b.jpg=0.3` gives one --mix (b.jpg=0.3 becomes a content)
         raise typer.BadParameter("a mix blends two or more styles, each given with its own --mix (--mix a.jpg=0.7 --mix b.jpg=0.3); "
                                  "for one style use --style", param_hint="--mix")  # fmt: skip
-    from ultrastyle.core.styles import mix_weights  # the library's rule, before the model opens
+    from ultrastyle.api import OptionError, check_style_args
 
     try:
-        mix_weights(weights)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--mix") from None
+        check_style_args(None, list(zip(paths, weights)), None, "styles")
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     return list(zip(paths, weights))
 
 
