@@ -301,3 +301,15 @@ def test_a_bundle_with_an_unreadable_manifest_says_to_export_again_and_export_ma
     with pytest.raises(BundleError, match="exists and is not a bundle"):
         export_bundle(model, dst, spec=ExportSpec(stages=(1,)))
     assert (dst / "notes.txt").read_text() == "mine"
+
+
+def test_export_cli_refuses_stages_the_model_lacks_as_a_usage_error(cd16x_dir, tmp_path):
+    # A one-stage model (as ultrastyle-adain-16x is): it was an OptionError traceback with exit 1.
+    model = tmp_path / "one-stage"
+    model.mkdir()
+    for name in ("1SE.pth", "1SD.pth"):
+        (model / name).symlink_to(cd16x_dir / name)
+    r = CliRunner().invoke(app, ["export", str(model), "-o", str(tmp_path / "b"), "--stages", "2"])
+    said = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "has no stage(s) [2]; it has [1]" in said and "Traceback" not in said, said
+    assert not (tmp_path / "b").exists()
