@@ -255,3 +255,12 @@ def test_ray_settings_without_the_ray_executor_are_refused_not_ignored(monkeypat
         with pytest.raises(OptionError, match="executor='ray'") as info:
             ultrastyle.stylize_batch(["c.jpg"], ["s.jpg"], "out", **kw)
         assert info.value.option == option
+
+
+def test_a_halo_without_tiles_is_refused_rather_than_dropped():
+    # max_memory=None runs each stage whole unless a tile side is given; a halo there had no effect and no word.
+    with pytest.raises(OptionError, match="halo: 8 px bounds the overlap of tiles"):
+        make_options(DEFAULTS, max_memory=None, halo=8)
+    fixed = make_options(DEFAULTS, max_memory=None, tile=64, halo=8).tiling  # tiles of a fixed side, approximate: as asked
+    assert (fixed.max_memory, fixed.tile, fixed.halo) == (None, 64, 8)
+    assert make_options(DEFAULTS, max_memory=None, halo="exact").tiling.halo is None

@@ -91,7 +91,7 @@ def make_options(
     ``max_memory``: what a run may hold above its baseline (the interpreter, libraries and model;
     `runtime.memory.measure_baseline`), in bytes or ``"2GB"``: a quarter for decoded contents and
     outputs waiting to be encoded (``io_memory`` to set it), the rest for the tiles and canvases;
-    None runs every stage on the whole image. ``format``: png, jpg, tiff or
+    None: no budget, every stage on the whole image, or in tiles of ``tile`` where one is given. ``format``: png, jpg, tiff or
     dzi (a Deep Zoom pyramid and its viewer page, written from the canvas
     band by band; ``dzi_tiles`` "jpg" or lossless "png"). ``tiff_layout``:
     "plain", "pyramid" (tiled, with reduced levels, written band by band) or
@@ -131,10 +131,14 @@ def make_options(
     io_bytes, budget = check.memory_budget("io_memory", io_memory), check.memory_budget("max_memory", max_memory)
     if io_bytes is not None and budget is not None and io_bytes >= budget:
         raise OptionError("io_memory", f"expected less than max_memory ({budget} bytes), which it is a part of; got {io_bytes}")
+    tile_side, halo_width = check.tile_side("tile", tile), check.halo_width("halo", halo)
+    if budget is None and tile_side is None and halo_width is not None:  # it would be dropped without a word
+        raise OptionError("halo", f"{halo_width} px bounds the overlap of tiles, and max_memory=None without a tile runs each stage "
+                                  "on the whole image; give a tile side or a budget, or leave halo out")  # fmt: skip
     tiling = TilingOptions(
-        tile=check.tile_side("tile", tile),
+        tile=tile_side,
         max_memory=budget,
-        halo=check.halo_width("halo", halo),
+        halo=halo_width,
         scratch_dir=check.scratch_folder("scratch", scratch),
     )
     return StylizeOptions(
