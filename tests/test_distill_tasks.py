@@ -246,3 +246,15 @@ def test_real_cd16x_teacher_student_loss_decreases(cd16x_dir, shared_dir):
     task = StudentEncoderTask(teacher, prune_encoder(teacher, ARCHS["cd64x"])[0], dec)
     first, last = _decreases(task, batch, steps=8, lr=1e-3)
     assert last < 0.9 * first
+
+
+@pytest.mark.parametrize("mode, setting, value", [("wct", "style", "styles/"), ("wct", "style_weight", 5.0), ("wct", "content_weight", 2.0),
+                                                  ("adain", "pixel_weight", 5.0), ("adain", "perceptual_weight", 3.0)])  # fmt: skip
+def test_a_setting_of_the_other_decoder_mode_is_refused_not_saved_and_ignored(mode, setting, value):
+    # train-decoder --style without --mode adain trained a WCT decoder, with the style folder in config.yaml.
+    from ultrastyle.distill.config import DecoderConfig
+
+    base = dict(encoder="e", stage=4, out="o", images="i", mode=mode, style="styles/" if mode == "adain" else None)
+    DecoderConfig(**base).check()
+    with pytest.raises(ConfigError, match=f"^{setting}: a setting of {'adain' if mode == 'wct' else 'wct'} mode"):
+        DecoderConfig(**{**base, setting: value}).check()

@@ -22,6 +22,8 @@ from ultrastyle.io.atomic import write_atomic
 
 CONFIG_FILE = "config.yaml"
 MODES = ("wct", "adain")
+# The settings only one mode's loss reads (`tasks`): WCT reconstructs the image, AdaIN matches a style.
+_MODE_SETTINGS = {"wct": ("pixel_weight", "perceptual_weight"), "adain": ("style", "content_weight", "style_weight")}
 KD_CHOICES = ("cd", "review", "cd+review", "mse")  # tasks.KD_METHODS describes them
 PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (distill.prune, distill.fit)
 # What may change when a run is resumed: its length and where it runs.
@@ -86,6 +88,12 @@ class RunConfig:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "adain" and not self.style:
             raise ConfigError("style: AdaIN mode needs a folder of style images")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        other = "adain" if self.mode == "wct" else "wct"
+        if stray := [n for n in _MODE_SETTINGS[other] if getattr(self, n) != defaults[n]]:  # saved in config.yaml, unused by this mode
+            fixes = (Setting("mode", other), Setting(stray[0], None))
+            raise remedied(ConfigError(f"{stray[0]}: a setting of {other} mode, which this {self.mode} run would not use; "
+                                       f"give {fixes[0].python()}, or leave it out ({fixes[1].python()})"), fixes)  # fmt: skip
         try:  # the rules every option follows ("key: message", as a ConfigError's); a type error is one too
             for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
                 check.count(name, getattr(self, name), least=1)
