@@ -424,9 +424,12 @@ def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_
     with pytest.raises(ultrastyle.ImageError, match="convert it to 'I;16' .* or 'L'"):
         as_pixels(Image.fromarray(grey.astype(np.int32)), "content")  # mode I: its range is unknown
     assert np.array_equal(as_pixels(Image.fromarray(grey / np.float32(255))), as_pixels(grey / np.float32(255)))
-    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f.tif")  # a file of mode F: read by the file's rule, clipped
+    Image.fromarray(grey / np.float32(255)).save(tmp_path / "f.tif")  # a file of mode F: read by the file's rule
     with Image.open(tmp_path / "f.tif") as opened:
         assert np.array_equal(as_pixels(opened), ultrastyle.io.images.read_image(tmp_path / "f.tif"))
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f255.tif")  # 0..255 in a float file: refused, as the array is
+    with Image.open(tmp_path / "f255.tif") as opened, pytest.raises(ultrastyle.ImageError, match="content: float samples must lie in"):
+        as_pixels(opened, "content")
     assert np.array_equal(as_pixels(grey[..., None]), as_pixels(grey))  # (H, W, 1) is grey too
     assert np.array_equal(as_pixels(grey.astype(">u2")), as_pixels(grey.astype(np.uint16)))  # big-endian samples
     cut = tmp_path / "cut.jpg"

@@ -593,8 +593,8 @@ def test_tiffs_pillow_cannot_open_are_read_through_tifffile(tmp_path):
     from ultrastyle.io.images import read_image
 
     rgb = np.random.default_rng(0).random((12, 16, 3)).astype(np.float32)
-    tifffile.imwrite(tmp_path / "f32.tif", rgb * 1.5 - 0.25)  # out of [0, 1] too: clipped, as a whole float image is read
-    np.testing.assert_array_equal(read_image(tmp_path / "f32.tif"), np.clip(rgb * 1.5 - 0.25, 0, 1))
+    tifffile.imwrite(tmp_path / "f32.tif", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "f32.tif"), rgb)
     planes = np.random.default_rng(1).integers(0, 65536, (3, 12, 16)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "planar.tif", planes, planarconfig="separate", photometric="rgb")
     np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), np.moveaxis(planes, 0, -1))
@@ -610,3 +610,34 @@ def test_a_pipe_is_refused_as_one_not_as_an_empty_file(tmp_path: Path) -> None:
     os.mkfifo(fifo)  # what `<(cat photo.jpg)` gives: its size reads 0, and it can be read only once
     with pytest.raises(ImageError, match="fd63: not a regular file"):
         read_image(fifo)
+
+
+def test_tiff_files_beyond_pillow_are_read_as_their_tags_and_samples_say(tmp_path):
+    """A user review: float TIFFs ignored their orientation, out-of-range samples became white without a word, grey + alpha
+    PNGs lost 8 bits, other pages were dropped silently, and a WebP TIFF was "corrupt"."""
+    import imagecodecs
+    import tifffile
+
+    from ultrastyle.io.images import AnimatedImageWarning
+
+    rng = np.random.default_rng(0)
+    rgb = rng.random((40, 60, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "turned.tif", rgb, photometric="rgb", extratags=[(274, "H", 1, 6, True)])  # EXIF 6: 90° clockwise
+    np.testing.assert_array_equal(read_image(tmp_path / "turned.tif"), np.rot90(rgb, -1))
+    tifffile.imwrite(tmp_path / "f255.tif", rgb * 255, photometric="rgb")
+    with pytest.raises(ImageError, match=r"f255.tif: float samples must lie in \[0, 1\], got .*; divide 0..255 data by 255"):
+        read_image(tmp_path / "f255.tif")
+    tifffile.imwrite(tmp_path / "i32.tif", (rng.random((40, 60)) * 255000).astype(np.int32))
+    with pytest.raises(ImageError, match="i32.tif: 32-bit integer samples .* do not fit 16 bits"):
+        read_image(tmp_path / "i32.tif")
+    ramp = np.stack([np.tile(np.arange(60, dtype=np.uint16) * 1001, (40, 1)), np.full((40, 60), 65535, np.uint16)], -1)
+    (tmp_path / "la16.png").write_bytes(imagecodecs.png_encode(ramp))  # opaque 16-bit grey + alpha
+    got = read_image(tmp_path / "la16.png")
+    assert got.dtype == np.uint16 and np.array_equal(got, np.repeat(ramp[..., :1], 3, axis=2))
+    pages = (rng.random((2, 40, 60, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="rgb")
+    with pytest.warns(AnimatedImageWarning, match="pages.tif: a TIFF of 2 pages; its first page is used"):
+        assert np.array_equal(read_image(tmp_path / "pages.tif"), pages[0])
+    if imagecodecs.WEBP.available:
+        tifffile.imwrite(tmp_path / "webp.tif", pages[0], photometric="rgb", compression="webp", compressionargs={"level": 100, "lossless": True})
+        assert np.array_equal(read_image(tmp_path / "webp.tif"), pages[0])  # tifffile's codec where Pillow's libtiff has none

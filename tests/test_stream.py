@@ -214,3 +214,24 @@ def test_cli_streams_and_says_which_files_it_reads_whole(files: dict[str, Path],
     assert len(lines) == 1 and str(rotated) in lines[0] and "orientation" in lines[0], r.output
     assert (out / "rgb16_stylized_style.png").is_file() and (out / "rotated_stylized_style.png").is_file()
     assert Image.open(out / "rotated_stylized_style.png").size == (H, W)  # turned by its EXIF orientation
+
+
+def test_tiffs_libvips_may_not_decode_are_read_whole_and_floats_outside_unit_range_are_refused(tmp_path):
+    """A user review: a zstd TIFF streamed as rows of zeros (a flat output, "done"), 0..255 floats streamed as white,
+    and a second page was dropped without the warning a whole read gives."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "zstd.tif", rgb, photometric="rgb", compression="zstd")
+    assert "TIFF compression (50000)" in (stream_blocker(tmp_path / "zstd.tif") or "")
+    assert np.array_equal(read_image(tmp_path / "zstd.tif"), rgb)  # where it goes instead
+    tifffile.imwrite(tmp_path / "lzw.tif", rgb, photometric="rgb", compression="lzw")
+    assert stream_blocker(tmp_path / "lzw.tif") is None and np.array_equal(_streamed(tmp_path / "lzw.tif"), rgb)
+    tifffile.imwrite(tmp_path / "f255.tif", rgb.astype(np.float32), photometric="rgb")
+    assert stream_blocker(tmp_path / "f255.tif") is None
+    with pytest.raises(ImageError, match=r"f255.tif: float samples must lie in \[0, 1\]"):
+        _streamed(tmp_path / "f255.tif")
+    tifffile.imwrite(tmp_path / "pages.tif", np.stack([rgb, rgb[::-1]]), photometric="rgb")
+    with pytest.warns(AnimatedImageWarning, match="a TIFF of 2 pages; its first page is used"):
+        open_stream(tmp_path / "pages.tif", max_pixels=10**9)

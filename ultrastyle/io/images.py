@@ -105,9 +105,11 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
                 check_png_data(path)
             if _is_rgb16(path, img):
                 return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
+            if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
+                warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
-            return pil_to_array(img, keep_alpha=keep_alpha)
+            return pil_to_array(img, keep_alpha=keep_alpha, name=str(path))
     except ImageError:
         raise
     except PermissionError as exc:
@@ -122,6 +124,10 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
             raise ImageError(f"{path}: truncated or corrupt {kind} file (its header or directory cannot be read)") from exc
         raise ImageError(f"{path}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # imagecodecs raises its own errors
+        if image_kind(path) in ("TIFF", "BigTIFF"):  # a compression Pillow's libtiff lacks (WebP, zstd...) that tifffile's codecs read
+            found = _read_tiff(path, max_pixels, keep_alpha)
+            if found is not None:
+                return found
         raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from exc
 
 
@@ -247,15 +253,26 @@ def check_tiff_data(path: Path) -> None:
 
 
 def _is_rgb16(path: Path, img: Image.Image) -> bool:
-    """PIL reads 16-bit RGB PNG/TIFF as 8-bit RGB; those files take the lossless path."""
+    """PIL reads 16-bit RGB (and grey + alpha) PNG/TIFF as 8 bits; those files take the lossless path."""
     if img.format == "PNG":
         with open(path, "rb") as f:
             head = f.read(26)
-        return len(head) == 26 and head[24] == 16 and head[25] in (2, 6)  # IHDR bit depth, colour type
+        return len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6)  # IHDR bit depth, colour type
     if img.format == "TIFF":
         bits = img.tag_v2.get(258, (8,))
         return img.mode in ("RGB", "RGBA", "RGBX") and max(bits) == 16
     return False
+
+
+def tiff_pages(path: Path) -> int:
+    """Images in a TIFF file, its reduced-resolution levels (a pyramid's) not counted; 1 if tifffile cannot tell."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return max(1, sum(1 for p in tif.pages if not p.is_reduced))
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, AttributeError):
+        return 1
 
 
 def tiff_header(path: Path) -> tuple[int, int, int] | None:
@@ -280,8 +297,10 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
             if int(page.photometric) not in (1, 2):  # grey (black is 0) or RGB; CMYK, palette, white-is-0: not guessed at
                 return None
             check_pixels(path, page.imagewidth, page.imagelength, max_pixels)  # an ImageError: a ValueError, not caught below
-            a = _interleaved(page.asarray(), page)
-            orientation = int(getattr(page, "orientation", 1) or 1)
+            a = _grey_alpha_as_rgba(_interleaved(page.asarray(), page))
+            tag = page.tags.get(ORIENTATION)  # a TiffPage has no orientation attribute: the tag itself
+            orientation = int(tag.value) if tag is not None else 1
+            pages = sum(1 for p in tif.pages if not p.is_reduced)
     except ImageError:
         raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError):
@@ -292,9 +311,12 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
         return None
     if a.dtype.kind == "f":
         a = a.astype(np.float32)
-        np.clip(a, 0, 1, out=a)  # as a float image Pillow opens (mode F) is read
+        check_float_range(a, str(path))  # as a float image Pillow opens (mode F) is read
+        np.clip(a, 0, 1, out=a)
     elif a.dtype not in (np.uint8, np.uint16):
         return None
+    if pages > 1:
+        warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=3)
     return _orient(_alpha(a, keep_alpha) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
 
 
@@ -314,6 +336,7 @@ def _read_rgb16(path: Path, fmt: str, keep_alpha: bool = False) -> np.ndarray:
             a = _interleaved(tif.pages[0].asarray(), tif.pages[0])
     else:
         a = imagecodecs.png_decode(path.read_bytes())
+    a = _grey_alpha_as_rgba(a)
     if a.ndim != 3 or a.shape[2] not in (3, 4):
         raise ImageError(f"{path}: unsupported 16-bit layout {a.shape}")
     if a.shape[2] == 4:
@@ -346,6 +369,30 @@ def over_white(a: np.ndarray) -> np.ndarray:
     return rgb if a.dtype.kind == "f" else (rgb + 0.5).astype(a.dtype)
 
 
+def check_float_range(a: np.ndarray, name: str) -> None:
+    """Refuse float samples outside [0, 1] (1e-3 of rounding allowed): `ImageError` naming ``name``.
+
+    Clipping 0..255 data (or HDR) would make a white image without a word; callers clip what passes.
+    """
+    lo, hi = float(np.min(a)), float(np.max(a))  # NaN propagates, and fails the test below
+    if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+        hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
+        raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+
+
+def _check_int_range(a: np.ndarray, name: str) -> np.ndarray:
+    """32-bit integer grey samples (Pillow's mode I) as uint16, after checking they fit 0..65535; `ImageError` naming ``name``."""
+    lo, hi = int(np.min(a)), int(np.max(a))
+    if lo < 0 or hi > 65535:
+        raise ImageError(f"{name}: 32-bit integer samples {lo}..{hi} do not fit 16 bits; save it as 16-bit (0..65535) or 8-bit")
+    return a.astype(np.uint16)
+
+
+def _grey_alpha_as_rgba(a: np.ndarray) -> np.ndarray:
+    """(H, W, 2) grey + alpha samples as (H, W, 4) RGBA."""
+    return a[..., [0, 0, 0, 1]] if a.ndim == 3 and a.shape[2] == 2 else a
+
+
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     """Apply an EXIF orientation (1..8) to an (H, W, C) array, as ImageOps.exif_transpose does."""
     ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
@@ -354,20 +401,24 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
-def pil_to_array(img: Image.Image, *, keep_alpha: bool = False) -> np.ndarray:
+def pil_to_array(img: Image.Image, *, keep_alpha: bool = False, name: str = "the image") -> np.ndarray:
     """An opened PIL image as (H, W, 3), as `read_image` gives a file's pixels (EXIF orientation aside; ``keep_alpha`` as there).
 
-    ``keep_alpha`` (a mask's reading) also keeps a grey image (H, W): its labels need no colour channels.
+    ``keep_alpha`` (a mask's reading) also keeps a grey image (H, W): its labels need no colour channels. Samples
+    outside what their mode can mean here (floats outside [0, 1], 32-bit integers past 16 bits) are an `ImageError`
+    naming ``name``.
     """
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grey (PNG/TIFF): keep the precision instead of going through 8 bits.
-        a = np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+        a = _check_int_range(np.asarray(img), name)
         return a if keep_alpha else np.repeat(a[..., None], 3, axis=2)
     if keep_alpha and mode in ("L", "1"):  # a grey mask as its values: a third of the memory of RGB, the same labels
         return np.asarray(img if mode == "L" else img.convert("L"))
     if mode == "F":
-        a = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        a = np.asarray(img, dtype=np.float32)
+        check_float_range(a, name)
+        a = np.clip(a, 0, 1)
         return np.repeat(a[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
     if has_alpha and keep_alpha:

@@ -21,6 +21,7 @@ from ultrastyle.core.resample import resized_size
 from ultrastyle.io.images import (
     AnimatedImageWarning,
     ImageError,
+    check_float_range,
     check_pixels,
     clear_transparent,
     image_kind,
@@ -88,10 +89,7 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
         hint = "; for a PIL image of mode I, convert it to 'I;16' (16-bit) or 'L' (8-bit) to say which" if a.dtype == np.int32 else ""
         raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}{hint}")
     if a.dtype == np.float32:
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates, and fails the test below
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
-            hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
-            raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+        check_float_range(a, name)
     if a.shape[2] == 4 and keep_alpha:
         return clear_transparent(np.array(a))  # a copy: the caller's array stays as given
     if a.shape[2] == 4:  # as files with transparency are
@@ -109,7 +107,9 @@ def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
             warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
         made_here = image.format is None
         image = ImageOps.exif_transpose(image)
-        return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha)
+        return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha, name=name)
+    except ImageError:
+        raise
     except (OSError, ValueError, SyntaxError, AssertionError) as exc:  # a truncated file behind it; a closed image asserts
         why = f"{type(exc).__name__}: {exc}" if str(exc) else "closed, or its file cannot be read"
         raise ImageError(f"{name}: cannot read the PIL image ({why})") from exc

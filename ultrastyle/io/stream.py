@@ -9,8 +9,9 @@ TIFF/BigTIFF and WebP sequentially, and `core.resample.RowResampler` applies
 Pillow's own, applied per band (tests/test_stream.py).
 
 Not streamed (`stream_blocker` says why, and the caller reads the file whole):
-EXIF-rotated images (a rotation needs every row first), interlaced PNG, images
-whose layout this module does not convert (e.g. Lab TIFF), and in-memory images.
+EXIF-rotated images (a rotation needs every row first), interlaced PNG, TIFFs
+of compressions libvips may lack (`STREAMED_TIFF_COMPRESSIONS`), images whose
+layout this module does not convert (e.g. Lab TIFF), and in-memory images.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle.core.resample import RowResampler, resized_size
-from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_png_data, check_pixels, check_tiff_data
+from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_png_data, check_pixels, check_tiff_data, tiff_pages
 
 BAND_ROWS = 256  # rows per band at most
 BAND_BYTES = 16 * 2**20  # float32 bytes per band at most: a wide image gets fewer rows (a 1 GP image's 31.6k: 44)
@@ -47,6 +48,10 @@ def vips_available() -> bool:
 
 
 _FORMATS = {"uchar": np.uint8, "ushort": np.uint16, "float": np.float32}
+# TIFF compressions every libtiff decodes (none, CCITT, LZW, JPEG, Deflate, PackBits). For others (zstd, LZMA, WebP,
+# JPEG-XL...) libvips' libtiff may lack the codec, and then it returned rows of zeros without an error (measured:
+# pyvips-binary 8.16, zstd): those files are read whole, where tifffile's codecs decode them.
+STREAMED_TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 7, 8, 32773, 32946})
 
 
 class ImageStream:
@@ -80,6 +85,8 @@ class ImageStream:
             for r0 in range(0, h, rows):
                 n = min(rows, h - r0)
                 raw = np.frombuffer(region.fetch(0, r0, w, n), dtype=_FORMATS[self._fmt])
+                if raw.dtype.kind == "f":  # as a whole read refuses them: clipped 0..255 floats would be white
+                    check_float_range(raw, str(self.path))
                 rgb = _to_rgb(raw.reshape(n, w, -1), self._mode)
                 if resampler is None:
                     yield r0, rgb
@@ -145,10 +152,23 @@ def stream_blocker(path: str | Path) -> str | None:
             return "its EXIF orientation turns it, which needs every row first"
         if image.get("vips-loader").startswith("png") and "interlaced" in fields and image.get("interlaced"):
             return "an interlaced PNG cannot be decoded a band at a time"
+        if image.get("vips-loader").startswith("tiff") and (scheme := _tiff_compression(Path(path))) not in STREAMED_TIFF_COMPRESSIONS:
+            return f"its TIFF compression ({scheme}) is not one libvips is sure to decode a band at a time"
         _mode_of(image)
     except (pyvips.Error, ValueError) as exc:
         return f"libvips cannot stream it ({_first_line(exc)})"
     return None
+
+
+def _tiff_compression(path: Path) -> int | str:
+    """The first image's compression tag of a TIFF (its directory only), or "unknown"."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return int(tif.pages.first.compression)
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, AttributeError):
+        return "unknown"
 
 
 def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> ImageStream:
@@ -176,6 +196,8 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
     pages = image.get("n-pages") if "n-pages" in fields else 1
     if pages > 1 and loader.split("load")[0] in ("gif", "webp", "png", "heif"):
         warnings.warn(f"{path}: an animation of {pages} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
+    elif loader.startswith("tiff") and (pages := tiff_pages(path)) > 1:  # a pyramid's reduced levels are not pages
+        warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
     return ImageStream(path, image, content_size)
 
 
