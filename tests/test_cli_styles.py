@@ -103,10 +103,22 @@ def test_mask_labels_may_share_a_style_given_twice(invoke, images, tmp_path):
     assert out.name == "c_stylized_s1+s2+s1.png"
 
 
-def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images, tmp_path):
-    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path)
-    assert r.exit_code == 1
+def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images, tmp_path, monkeypatch):
+    # The size of no content: refused from the headers, before the mask is decoded (a 12k mask took 1.7 GB to be told).
+    import ultrastyle.io.masks
+
+    decoded = []
+    monkeypatch.setattr(ultrastyle.io.masks, "read_image", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path / "a")
+    assert r.exit_code == 2 and not decoded
     assert f"mask_small.png: the mask is {W - 2}x{H} but the content is {W}x{H}" in r.output
+    monkeypatch.undo()
+    # The size of one content: the others' pairs fail alone.
+    small = tmp_path / "small.png"
+    Image.open(images["c"]).crop((0, 0, W - 2, H)).save(small)
+    r = invoke(images["c"], small, "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path / "b")
+    assert r.exit_code == 1 and f"the mask is {W - 2}x{H} but the content is {W}x{H}" in r.output
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["small_stylized_s1+s2.png"]
 
 
 def test_mask_follows_a_resized_content(invoke, images, tmp_path):

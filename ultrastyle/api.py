@@ -32,6 +32,7 @@ from ultrastyle.errors import Setting, remedied
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
+from ultrastyle.io.masks import check_mask_size
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import available_stages, model_defaults
@@ -363,6 +364,8 @@ class Stylizer:
         self._open()
         spec = _style_spec(style, mix, mask)
         src = as_source(content, "content")
+        if spec.mask is not None:
+            check_mask_size(spec.mask, [src])  # from headers, before either is decoded
         pair = Pair(src, spec, None)
         (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
@@ -407,7 +410,8 @@ class Stylizer:
             searched = " ".join(os.fspath(p) for p in _listed(given) if isinstance(p, (str, os.PathLike))) if given is not None else ""
             raise OptionError(keyword, f"no images found in: {searched}" if searched else "no images given")
         pairs = plan_pairs(content_list, specs, folder, opts.format)
-        if specs[0].mask is not None:  # a mask of the wrong label count fails before any work
+        if specs[0].mask is not None:  # a mask of the wrong size or label count fails before any work
+            check_mask_size(specs[0].mask, [p.content for p in pairs])  # its header first: the labels are decoded whole
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))
         self._open()
         return self._run_batch(pairs, opts, on_result, on_tile)

@@ -310,11 +310,12 @@ def stylize_command(
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
-    if mask is not None:  # its label count, before the model opens (a download, an export)
+    if mask is not None:  # its size and label count, before the model opens (a download, an export)
         from ultrastyle.io.images import ImageError
-        from ultrastyle.io.masks import check_label_count, read_labels
+        from ultrastyle.io.masks import check_label_count, check_mask_size, read_labels
 
         try:
+            check_mask_size(mask, contents)
             check_label_count(mask, read_labels(mask, max_pixels=options.max_pixels)[1], len(styles))
         except ImageError as exc:
             _err(as_command(exc, flags=_FLAGS))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -12,6 +12,7 @@ from PIL import Image
 
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from ultrastyle.io.paths import file_signature
+from ultrastyle.io.sources import Source, image_header
 
 MAX_LABELS = 255
 
@@ -98,6 +99,28 @@ def labels_of(a: np.ndarray, name: str = "mask") -> tuple[np.ndarray, list[tuple
     m = (1 << shift) - 1
     colours = [tuple((int(v) >> (shift * (channels - 1 - c))) & m for c in range(channels)) for v in values]
     return labels, colours
+
+
+def check_mask_size(mask: Source, contents: Iterable[Source]) -> None:
+    """Refuse, from headers alone, a mask whose size is that of none of ``contents``: `ImageError` naming the mask.
+
+    Before its labels are decoded (a mask is read whole: 12000 x 12000 took 1.7 GB to be told it did not fit a
+    small photo). Sizes are compared either way round (an EXIF orientation may turn either); an unreadable header
+    refuses nothing (its read reports it).
+    """
+    header = image_header(mask)
+    if header is None:
+        return
+    sizes = []
+    for content in contents:
+        size = image_header(content)
+        if size is None or sorted(size[:2]) == sorted(header[:2]):
+            return
+        sizes.append(size)
+    if sizes:
+        others = " (and no other content is that size)" if len(sizes) > 1 else ""
+        raise ImageError(f"{mask}: the mask is {header[0]}x{header[1]} but the content is {sizes[0][0]}x{sizes[0][1]}{others}; "
+                         "give a mask of the content's size")
 
 
 def check_label_count(path: str | Path, colours: list[tuple[int, ...]], styles: int) -> None:
