@@ -7,6 +7,7 @@ photos keep every run to a fraction of a second of compute.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from ultrastyle.cli.main import app
 from ultrastyle.cli.remedies import as_command
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
 from ultrastyle.distill.jobs import distill, train_decoder
-from ultrastyle.distill.outputs import claim_folder, write_network
+from ultrastyle.distill.outputs import OutputError, claim_folder, write_network
 from ultrastyle.distill.trainer import read_checkpoint
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.models.pretrained import load_model
@@ -486,3 +487,37 @@ def test_a_log_gets_a_line_at_each_checkpoint_and_at_the_end(teacher_dir, photos
     lines = [line for line in r.output.splitlines() if line.startswith("stage 2 SE: step")]
     assert [line.split()[4] for line in lines][-1] == "4/4" and any("2/4" in line and "(checkpoint)" in line for line in lines), r.output
     assert "━" not in r.output  # no bar
+
+
+def test_what_a_review_found_is_refused_or_said_before_training(teacher_dir, photos, tmp_path):
+    """Tracebacks for a collaborator or a start narrower than the networks, a run folder that cannot be one, a finished
+    stage rewritten by --resume with a false warning, and a cosine schedule changed in silence."""
+    narrow = ArchSpec("tinynarrow", (3, 4, 4, 4, 4))
+    small = claim_folder(tmp_path / "narrow", narrow)
+    for k in (1, 2):
+        write_network(small, f"{k}SE.pth", Encoder(narrow, k))
+        write_network(small, f"{k}SD.pth", Decoder(narrow, k))
+    with pytest.raises(ConfigError, match=r"^collaborator: the stage-2 decoder of .* reads 4 channels, and the teacher's .* gives 8"):
+        distill(_config(teacher_dir, photos, tmp_path / "c", collaborator=str(small)))
+    dec = DecoderConfig(stage=2, out=str(tmp_path / "d"), images=str(photos), encoder=str(teacher_dir), init=str(small), crop=16,
+                        resize=24, batch_size=2, steps=2, workers=0)  # fmt: skip
+    for prune in ("fit", "l1"):  # fit widened it without a word; l1 raised "cannot keep 8 of 4 filters"
+        with pytest.raises(ConfigError, match="^init: .* is narrower than the encoder's .* never widened"):
+            train_decoder(dataclasses.replace(dec, prune=prune))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputError, match="afile: cannot be the run folder"):
+        distill(_config(teacher_dir, photos, tmp_path / "e", run_dir=str(tmp_path / "afile")))
+    assert not (tmp_path / "e").exists()  # checked before the model folder is claimed
+
+    cfg = _config(teacher_dir, photos, tmp_path / "f", steps=3, lr_schedule="cosine")
+    assert distill(cfg).outputs
+    before = (tmp_path / "f" / "2SE.pth").stat().st_mtime_ns
+    said: list[str] = []
+    again = distill(cfg, resume=True, on_message=said.append)
+    assert again.outputs == [] and (tmp_path / "f" / "2SE.pth").stat().st_mtime_ns == before  # already done: not rewritten
+    assert not any("warning" in m for m in said)
+    said.clear()
+    longer = distill(dataclasses.replace(cfg, steps=5), resume=True, on_message=said.append)
+    assert longer.train.step == 5 and longer.outputs
+    assert any("cosine schedule spans all the steps: resumed with 5 steps (the run was started with 3)" in m for m in said), said

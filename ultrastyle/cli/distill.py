@@ -215,7 +215,7 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Cro
 StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps; may be raised on --resume.", show_default="2000")]
 LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate", show_default="1e-4")]
 WarmupOpt = Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear learning-rate ramp over the first steps", show_default="0")]
-LrScheduleOpt = Annotated[Optional[str], typer.Option("--lr-schedule", help="constant, or cosine (decays to lr/100 at the last step)", show_default="constant")]
+LrScheduleOpt = Annotated[Optional[str], typer.Option("--lr-schedule", help="constant, or cosine (a half cosine from --lr down towards lr/100 over --steps)", show_default="constant")]
 CkptOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints", show_default="200")]
 LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CSV row", show_default="10")]
 ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints", show_default="0")]

@@ -170,6 +170,11 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
         dec = Decoder(spec, k)
         dec.load_state_dict(start.state_dict())
         return dec
+    target = Decoder(spec, k).state_dict()
+    if narrow := [n for n, v in start.state_dict().items() if n in target and any(a < b for a, b in zip(v.shape, target[n].shape))]:
+        raise ConfigError(f"init: {config.init}'s stage-{k} decoder is narrower than the encoder's ({narrow[0]}: "
+                          f"{tuple(start.state_dict()[narrow[0]].shape)}, needs {tuple(target[narrow[0]].shape)}); a start is "
+                          "copied or thinned, never widened: give a decoder at least as wide, or init random")  # fmt: skip
     if config.prune == "fit":
         if path.is_dir() and not (path / f"{k}SE.pth").is_file():
             raise ConfigError(f"prune: fit needs the encoder of the decoder it thins, {path / f'{k}SE.pth'}, and there is none (use prune l1)")
@@ -191,10 +196,15 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
 # ---------------------------------------------------------------- runs
 
 
-def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: bool) -> RunConfig:
+def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: bool, on_message: Callable[[str], None]) -> RunConfig:
     """The config to run: on resume, the saved one (with resumable changes); else ``config``, checked."""
     config.check()
     run_dir = config.resolved_run_dir()
+    if config.run_dir:  # a folder of the caller's choosing: usable before the model folder is claimed
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise remedied(OutputError(f"{run_dir}: cannot be the run folder ({exc.strerror}); give another run_dir"), Setting("run_dir")) from None
     refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
@@ -207,8 +217,12 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     saved = run_dir / CONFIG_FILE
     if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
         given = explicit if explicit is not None else dataclasses.asdict(config)
-        config = for_resume(read_saved(type(config), saved), config, given)
+        before = read_saved(type(config), saved)
+        config = for_resume(before, config, given)
         config.check()
+        if config.lr_schedule == "cosine" and config.steps != before.steps:
+            on_message(f"warning: the cosine schedule spans all the steps: resumed with {config.steps} steps (the run was started with "
+                       f"{before.steps}), the learning rate jumps from the old schedule to the new one at the step the run resumes from")  # fmt: skip
     return config
 
 
@@ -235,7 +249,7 @@ def distill(
     ``device``, ...; see `config.for_resume`), which are taken from ``config``.
     ``on_message`` receives one-line notes (skipped images, where things go).
     """
-    config = _prepare_run(config, explicit, resume)
+    config = _prepare_run(config, explicit, resume, on_message)
     k = config.stage
     data = _data(config, on_message)
     with _source("teacher"):
@@ -243,6 +257,11 @@ def distill(
     spec = student_spec(teacher.spec, config.student_arch, config.width_factor)
     with _source("collaborator" if config.collaborator else "teacher"):
         decoder = sources.load_decoder(config.collaborator or config.teacher, k) if config.collaborates else None
+    if decoder is not None and decoder.in_channels != teacher.out_channels:
+        setting = "collaborator" if config.collaborator else "teacher"
+        raise ConfigError(f"{setting}: the stage-{k} decoder of {config.collaborator or config.teacher} reads {decoder.in_channels} "
+                          f"channels, and the teacher's stage-{k} encoder gives {teacher.out_channels}; the collaborator is the "
+                          "decoder trained for the teacher: give the teacher's model (or leave collaborator out when it has one)")  # fmt: skip
     with _source("init"):
         student = _student_init(config, teacher, spec, data[0])
     review = _review_head(config, teacher, student) if config.reviews else None
@@ -268,7 +287,7 @@ def train_decoder(
     The output folder also receives the encoder as ``{k}SE.pth`` when it has
     none, so that it is a complete model (e.g. for a VGG-19 teacher file).
     """
-    config = _prepare_run(config, explicit, resume)
+    config = _prepare_run(config, explicit, resume, on_message)
     k = config.stage
     data = _data(config, on_message)
     with _source("encoder"):
@@ -317,6 +336,16 @@ def _refuse_another_encoder(config: DecoderConfig, encoder: Encoder) -> None:
         ), (Setting("out"), Setting("encoder")))
 
 
+def _written_at(path: Path, step: int) -> bool:
+    """Whether ``path`` holds the weights of step ``step`` already (a finished run resumed: nothing to write, or to warn of)."""
+    if not path.is_file():
+        return False
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1)) == step
+    except Exception:  # noqa: BLE001 - unreadable: written again
+        return False
+
+
 def _run(
     config: RunConfig,
     task: StudentEncoderTask | DecoderTask,
@@ -338,7 +367,7 @@ def _run(
     )
     result = trainer.fit(resume=resume)
     outputs = []
-    if result.status == "done":
+    if result.status == "done" and not (resume and _written_at(config.weights_file(), result.step)):
         outputs.append(write_network(out, config.weights_file().name, task.trained, result.step))
         decoder = out / f"{config.stage}SD.pth"
         if config.kind == "SE" and decoder.is_file():  # trained on another encoder's features

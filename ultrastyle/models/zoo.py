@@ -410,9 +410,9 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
 
-    def task(self, description: str, total: int) -> Callable[[int], None]:
+    def task(self, description: str, total: int, verb: str = "downloading") -> Callable[[int], None]:
         if self._lines:
-            sys.stderr.write(f"downloading {description} ({total / 1e6:.1f} MB)\n")
+            sys.stderr.write(f"{verb} {description} ({total / 1e6:.1f} MB)\n")
         if self._bar is None:
             return lambda n: None
         bar = self._bar
@@ -564,7 +564,8 @@ def fetch(
             fetch(other, mirror=mirror, progress=progress, timeout=timeout)
     with _Progress(progress and bool(todo)) as bar:
         for f in todo:
-            advance = bar.task(f"{entry.name}/{f.name}", f.bytes)
+            # A packaged file or a source model's copy is installed, not downloaded (an offline machine should not worry).
+            advance = bar.task(f"{entry.name}/{f.name}", f.bytes, "downloading" if f.kind == "url" else "installing")
             if f.kind == "url":
                 assert f.url is not None
                 url = _mirror_url(mirror, entry, f) if mirror else f.url
