@@ -128,9 +128,12 @@ def _runs(args: argparse.Namespace, k: int) -> list[tuple[str, object]]:
     for name in args.methods:
         out = str(args.work / name)
         steps = args.stage_steps.get(k, args.steps)  # every method: the same budget per stage
-        runs.append((f"{name}/{k}SE", DistillConfig(**common, out=out, steps=steps, lr=args.lr, teacher=teacher,
-                                                      student_arch=STUDENT.name, init=args.init, beta=args.beta, kd=name,
-                                                      review_weight=args.review_weight)))  # fmt: skip
+        # Each method gets the weights of the losses it has (a config refuses the others: they would be saved as if used).
+        losses = {w: common[w] for w in ("pixel_weight", "perceptual_weight") if name in ("cd", "cd+review")}
+        losses |= {"review_weight": args.review_weight} if name in ("review", "cd+review") else {}
+        encoder_common = {key: v for key, v in common.items() if key not in ("pixel_weight", "perceptual_weight")}
+        runs.append((f"{name}/{k}SE", DistillConfig(**encoder_common, **losses, out=out, steps=steps, lr=args.lr, teacher=teacher,
+                                                      student_arch=STUDENT.name, init=args.init, beta=args.beta, kd=name)))  # fmt: skip
         sd = common | {"pixel_weight": args.sd_pixel_weight.get(k, args.pixel_weight)}
         runs.append((f"{name}/{k}SD", DecoderConfig(**sd, out=out, steps=args.stage_steps.get(k, args.sd_steps), lr=args.sd_lr, encoder=out,
                                                       loss_encoder=teacher, init=teacher, prune="fit" if args.init == "fit" else "l1")))  # fmt: skip

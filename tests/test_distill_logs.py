@@ -71,3 +71,16 @@ def test_psnr_and_ssim_reference_values():
     noisy = (x + 0.3 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     assert 0 < ssim(x, noisy) < ssim(x, (x + noisy) / 2) < 1
     assert ssim(torch.zeros(3, 16, 16), torch.ones(3, 16, 16)) < 0.01
+
+
+def test_a_runs_own_config_file_is_reusable_and_is_not_resumed_as_the_other_kind_of_run(tmp_path):
+    # A user review: `-c RUN/config.yaml` said "unknown setting 'resolved'"; a distill run folder resumed as a decoder's
+    # listed every known setting instead of saying which kind of run it was.
+    from ultrastyle.distill.config import DecoderConfig, read_saved, write_yaml
+
+    saved = tmp_path / "config.yaml"
+    write_yaml(DistillConfig(teacher="t", stage=2, out="o", images="i", lr=0.003), saved, {"architecture": {"name": "x"}})
+    again = resolve(DistillConfig, saved, {"out": "new"})
+    assert (again.teacher, again.lr, again.out) == ("t", 0.003, "new")
+    with pytest.raises(ConfigError, match="'teacher' is a setting of a student encoder's run, not of a decoder's run"):
+        read_saved(DecoderConfig, saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -258,3 +259,35 @@ def test_a_setting_of_the_other_decoder_mode_is_refused_not_saved_and_ignored(mo
     DecoderConfig(**base).check()
     with pytest.raises(ConfigError, match=f"^{setting}: a setting of {'adain' if mode == 'wct' else 'wct'} mode"):
         DecoderConfig(**{**base, setting: value}).check()
+
+
+@pytest.mark.parametrize("settings, refused", [
+    (dict(kd="mse", collaborator="m/"), "collaborator: a setting of the collaborator's loss, and kd mse has no collaborator"),
+    (dict(kd="review", pixel_weight=1000.0), "pixel_weight: a setting of the collaborator's loss, and kd review"),
+    (dict(kd="review", mode="adain", style="s/"), "mode: a setting of the collaborator's loss"),
+    (dict(kd="cd", review_weight=5.0), "review_weight: a setting of knowledge review, which kd cd leaves out"),
+    (dict(student_arch="cd64x", width_factor=0.25), "width_factor: the student's widths are cd64x's"),
+    (dict(beta=0.0, pixel_weight=0.0, perceptual_weight=0.0), "beta: 0, with pixel_weight and perceptual_weight 0 too"),
+    (dict(warmup_steps=50, steps=5), "warmup_steps: 50 is more than the 5 steps"),
+    (dict(resize=32, crop=64), "resize: photos resized to 32 px"),
+    (dict(collaborate="no"), "collaborate: expected True or False, got 'no'"),
+])  # fmt: skip
+def test_distill_settings_a_run_would_save_but_not_use_are_refused(settings, refused):
+    # A user review: each was accepted, saved in config.yaml as if used, and ignored (or, collaborate="no", read two ways).
+    from ultrastyle.distill.config import DistillConfig
+
+    base = dict(teacher="t", stage=4, out="o", images="i")
+    DistillConfig(**base).check()
+    with pytest.raises(ConfigError, match="^" + re.escape(refused)):
+        DistillConfig(**{**base, **settings}).check()
+
+
+def test_decoder_settings_a_run_would_not_use_are_refused():
+    from ultrastyle.distill.config import DecoderConfig
+
+    base = dict(encoder="e", stage=4, out="o", images="i")
+    with pytest.raises(ConfigError, match="^prune: how a wider init decoder is thinned, and init is random"):
+        DecoderConfig(**base, prune="l1").check()
+    DecoderConfig(**base, prune="l1", init="cd-wct-16x").check()
+    with pytest.raises(ConfigError, match="^pixel_weight: 0, with perceptual_weight 0 too, leaves nothing to train"):
+        DecoderConfig(**base, pixel_weight=0.0, perceptual_weight=0.0).check()

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ultrastyle.core.arch import STAGES
 from ultrastyle.errors import Setting, remedied
@@ -41,6 +41,8 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     """What every training run needs: stage, images, output folder, optimisation."""
+
+    RUN: ClassVar[str] = "a training"
 
     stage: int = 0
     out: str = ""  # model folder receiving {k}SE.pth / {k}SD.pth and architecture.json
@@ -88,12 +90,14 @@ class RunConfig:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "adain" and not self.style:
             raise ConfigError("style: AdaIN mode needs a folder of style images")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         other = "adain" if self.mode == "wct" else "wct"
-        if stray := [n for n in _MODE_SETTINGS[other] if getattr(self, n) != defaults[n]]:  # saved in config.yaml, unused by this mode
+        if stray := self.changed(_MODE_SETTINGS[other]):  # saved in config.yaml, unused by this mode
             fixes = (Setting("mode", other), Setting(stray[0], None))
             raise remedied(ConfigError(f"{stray[0]}: a setting of {other} mode, which this {self.mode} run would not use; "
                                        f"give {fixes[0].python()}, or leave it out ({fixes[1].python()})"), fixes)  # fmt: skip
+        for f in dataclasses.fields(self):  # a string is truthy: collaborate="no" trained as True, and a resume read it as False
+            if str(f.type).startswith("bool") and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name}: expected True or False, got {getattr(self, f.name)!r}")
         try:  # the rules every option follows ("key: message", as a ConfigError's); a type error is one too
             for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
                 check.count(name, getattr(self, name), least=1)
@@ -114,6 +118,12 @@ class RunConfig:
             raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps, so the rate would never reach lr; "
+                              "give fewer warm-up steps, or more steps")  # fmt: skip
+        if 0 < self.resize < self.crop:
+            raise ConfigError(f"resize: photos resized to {self.resize} px (short side) are enlarged again for crops of {self.crop}; "
+                              "give resize at least crop, or 0 for the photos' own size")  # fmt: skip
         if self.device != "cpu":
             import torch  # only here: the configuration module itself stays torch-free
 
@@ -123,6 +133,16 @@ class RunConfig:
     @property
     def kind(self) -> str:
         raise NotImplementedError
+
+    def changed(self, names: tuple[str, ...]) -> list[str]:
+        """Those of ``names`` set to other than their defaults (in this order)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [n for n in names if getattr(self, n) != defaults[n]]
+
+    def _no_unused(self, names: tuple[str, ...], why: str, fix: str) -> None:
+        """A `ConfigError` for the first of ``names`` set though this run would not read it (it would be saved as if used)."""
+        if stray := self.changed(names):
+            raise ConfigError(f"{stray[0]}: {why}; {fix}, or leave {stray[0]} out")
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out) / "runs" / f"{self.stage}{self.kind}"
@@ -135,6 +155,8 @@ class RunConfig:
 @dataclass
 class DistillConfig(RunConfig):
     """``ultrastyle distill``: a student encoder for one stage."""
+
+    RUN: ClassVar[str] = "a student encoder's"
 
     teacher: str = ""  # zoo name, model folder or VGG-19 .pth: the teacher encoder
     collaborator: str | None = None  # where the collaborator decoder {k}SD.pth is; default: the teacher
@@ -185,11 +207,23 @@ class DistillConfig(RunConfig):
             raise ConfigError("beta: 0 without a collaborator leaves nothing to train")
         if self.method == "review" and self.review_weight == 0:
             raise ConfigError("review_weight: 0 with kd review leaves nothing to train the student")
+        if not self.collaborates:
+            self._no_unused(("collaborator", "mode", "pixel_weight", "perceptual_weight", "content_weight", "style_weight", "style"),
+                            f"a setting of the collaborator's loss, and kd {self.method} has no collaborator", "give kd cd or cd+review")
+        if not self.reviews:
+            self._no_unused(("review_weight", "review_width"), f"a setting of knowledge review, which kd {self.method} leaves out",
+                            "give kd review or cd+review")  # fmt: skip
+        if self.student_arch:
+            self._no_unused(("width_factor",), f"the student's widths are {self.student_arch}'s", "leave student_arch out to scale the teacher")
+        if self.collaborates and self.mode == "wct" and self.beta == self.pixel_weight == self.perceptual_weight == 0:
+            raise ConfigError("beta: 0, with pixel_weight and perceptual_weight 0 too, leaves nothing to train the student")
 
 
 @dataclass
 class DecoderConfig(RunConfig):
     """``ultrastyle train-decoder``: a decoder for one stage of a given encoder."""
+
+    RUN: ClassVar[str] = "a decoder's"
 
     encoder: str = ""  # zoo name, model folder or VGG-19 .pth whose features are decoded
     loss_encoder: str | None = None  # network of the perceptual loss; default: the encoder itself
@@ -206,6 +240,11 @@ class DecoderConfig(RunConfig):
             raise ConfigError("encoder: required")
         if self.prune not in PRUNE_CHOICES:
             raise ConfigError(f"prune: must be one of {', '.join(PRUNE_CHOICES)}, got {self.prune!r}")
+        if self.init == "random":
+            self._no_unused(("prune",), "how a wider init decoder is thinned, and init is random", "give init a model with a decoder")
+        weights = ("pixel_weight", "perceptual_weight") if self.mode == "wct" else ("content_weight", "style_weight")
+        if all(getattr(self, w) == 0 for w in weights):
+            raise ConfigError(f"{weights[0]}: 0, with {weights[1]} 0 too, leaves nothing to train the decoder")
 
 
 C = TypeVar("C", bound=RunConfig)
@@ -243,6 +282,10 @@ def from_mapping(cls: type[C], values: Mapping[str, Any], base: C | None = None,
         name = str(key).replace("-", "_")
         if name not in fields:
             where = f"{source}: " if source else ""
+            theirs = [c for c in RunConfig.__subclasses__() if c is not cls and name in {f.name for f in dataclasses.fields(c)}]
+            if theirs:  # e.g. a distill run's folder resumed as a decoder's
+                raise ConfigError(f"{where}{key!r} is a setting of {theirs[0].RUN} run, not of {cls.RUN} run; "
+                                  f"give the settings (or the run folder) of {cls.RUN} run")  # fmt: skip
             raise ConfigError(f"{where}unknown setting {key!r}; known: {', '.join(sorted(fields))}")
         out[name] = _coerce(fields[name], value)
     return cls(**out)
@@ -270,7 +313,8 @@ def resolve(cls: type[C], config_file: str | Path | None, flags: Mapping[str, An
     given = {k: v for k, v in flags.items() if v is not None}
     cfg = cls()
     if config_file:  # a key the flags give is not read from the file (e.g. `stage: 1,2`, split into one run per stage)
-        from_file = {k: v for k, v in read_yaml(config_file).items() if str(k).replace("-", "_") not in given}
+        # A run's own config.yaml may be given too: its `resolved` facts are a record, not settings.
+        from_file = {k: v for k, v in read_yaml(config_file).items() if str(k).replace("-", "_") not in given and k != "resolved"}
         cfg = from_mapping(cls, from_file, cfg, source=str(config_file))
     return from_mapping(cls, given, cfg)
 

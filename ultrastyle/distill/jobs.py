@@ -115,11 +115,13 @@ def calibration_crops(stream: PairStream, n: int = FIT_CROPS) -> torch.Tensor:
     return torch.stack([stream[g]["content"] for g in range(n)])
 
 
-def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec, stream: PairStream) -> Encoder:
+def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec, stream: PairStream,
+                  on_message: Callable[[str], None]) -> Encoder:  # fmt: skip
     k = config.stage
     if config.init == "prune":
         return prune_encoder(teacher, spec)[0]
     if config.init == "fit":
+        on_message(f"stage {k} SE: fitting the student to the teacher's activations (least squares; the deep stages take minutes on a CPU)")
         with torch.no_grad():
             return fit_encoder(teacher, spec, calibration_crops(stream))[0]
     if config.init == "random":
@@ -145,7 +147,8 @@ def _review_head(config: DistillConfig, teacher: Encoder, student: Encoder) -> R
 CALIBRATION_CROPS = 16
 
 
-def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, stream: PairStream) -> Decoder:
+def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, stream: PairStream,
+                  on_message: Callable[[str], None]) -> Decoder:  # fmt: skip
     """Random, or a decoder to start from: copied if it has ``spec``'s widths, else pruned to them.
 
     A pruned start (``config.prune`` l1) reads the encoder's features through
@@ -178,6 +181,7 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
     if config.prune == "fit":
         if path.is_dir() and not (path / f"{k}SE.pth").is_file():
             raise ConfigError(f"prune: fit needs the encoder of the decoder it thins, {path / f'{k}SE.pth'}, and there is none (use prune l1)")
+        on_message(f"stage {k} SD: fitting the start decoder to {config.init}'s activations (least squares; the deep stages take minutes on a CPU)")
         with torch.no_grad():
             images = calibration_crops(stream)
             return fit_decoder(start, spec, encoder(images), sources.load_encoder(config.init, k)(images))
@@ -263,7 +267,7 @@ def distill(
                           f"channels, and the teacher's stage-{k} encoder gives {teacher.out_channels}; the collaborator is the "
                           "decoder trained for the teacher: give the teacher's model (or leave collaborator out when it has one)")  # fmt: skip
     with _source("init"):
-        student = _student_init(config, teacher, spec, data[0])
+        student = _student_init(config, teacher, spec, data[0], on_message)
     review = _review_head(config, teacher, student) if config.reviews else None
     task = StudentEncoderTask(
         teacher, student, decoder, beta=config.beta, review=review, review_weight=config.review_weight,
@@ -297,7 +301,7 @@ def train_decoder(
     with _source("loss_encoder"):
         loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
     with _source("init"):
-        decoder = _decoder_init(config, encoder, spec, data[0])
+        decoder = _decoder_init(config, encoder, spec, data[0], on_message)
     task = DecoderTask(
         encoder, decoder, loss_encoder=loss_encoder, mode=config.mode,  # type: ignore[arg-type]
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
