@@ -217,6 +217,9 @@ def test_a_typo_or_a_model_setting_in_a_call_says_what_to_do():
     with pytest.raises(ultrastyle.OptionError, match=r"ultrastyle.load"):
         check_settings({"device": "cuda"})
     check_settings({"alpha": 0.5, "levels": 5})  # real settings pass
+    for typo, meant in (("mixes", "mix"), ("masks", "mask"), ("on_tiles", "on_tile"), ("styles", "style")):  # the call's own keywords
+        with pytest.raises(ultrastyle.OptionError, match=f"did you mean '{meant}'"):  # (they suggested max_pixels, dzi_tiles...)
+            ultrastyle.stylize("c.png", None, **{typo: 1})
 
 
 def test_errors_a_caller_catches_are_importable_from_the_package():

@@ -273,3 +273,23 @@ def test_mask_and_mix_tiled_equal_whole_on_each_device(cd16x_dir, images, device
         for style in (Target(tuple(stats), (0.4, 0.6)), Regions(_two_regions(*content.shape[-2:]), (Target((stats[0],)), Target((stats[1],))))):
             ref = stylize(model, content, style, method=method, alpha=0.8, levels=LEVELS).cpu()
             assert _max_diff(_tiled(model, content, style, method), ref) <= ATOL[torch.float32]
+
+
+def test_a_mask_region_no_feature_pixel_samples_is_found_and_warned_of(cd16x_dir, tmp_path):
+    # A user review: a 4x4 region of a 96x96 mask took no style at stage 4 (grid 8) and nothing was said.
+    from ultrastyle.core.styles import unsampled_labels
+    from ultrastyle.runtime.batch import UnusedStyleWarning
+
+    labels = np.zeros((96, 96), np.uint8)
+    labels[:4, :4] = 1  # feature pixels of grid 8 sample (4, 4), (12, 12), ...: not rows/cols 0..3
+    assert unsampled_labels(labels, [8]) == [1] and unsampled_labels(labels, [8, 4]) == [] and unsampled_labels(labels, [1]) == []
+    labels[4, 4] = 2  # one pixel at a grid-8 centre is sampled
+    assert unsampled_labels(labels, [8]) == [1]
+    import ultrastyle
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(tmp_path / "c.png")
+    Image.fromarray(np.where(labels == 1, 255, 0).astype(np.uint8)).save(tmp_path / "m.png")
+    styles = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    with pytest.warns(UnusedStyleWarning, match=r"m.png: the region\(s\) of colour 255 are smaller than one feature pixel of stage\(s\) 4"):
+        ultrastyle.stylize(tmp_path / "c.png", styles, mask=tmp_path / "m.png", model=cd16x_dir, levels=4, backend="torch")

@@ -534,7 +534,8 @@ def check_settings(
     ``allowed``: the call's settings (default: `make_options`'); ``model_keys``: settings of the opened model
     instead, which belong to ``opener``.
     """
-    check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener)
+    check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener,
+                         _CALL_KEYWORDS)  # fmt: skip
 
 
 def _nth(role: str, i: int) -> str:
@@ -568,6 +569,9 @@ def _sources(images: ImageLike | Iterable[ImageLike], role: str, keyword: str) -
 load = Stylizer  # ``ultrastyle.load(model, ...)``: open ``model`` for many calls (the same arguments, typed)
 
 
+# The stylize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
+_CALL_KEYWORDS = ("model", "content", "contents", "style", "styles", "mix", "mask", "output", "output_dir", "on_tile", "on_result",
+                  "executor", "ray_address", "distribute_tiles", "workers", "cpus_per_worker")  # fmt: skip
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
 
 

@@ -27,7 +27,7 @@ def _err(message: str) -> None:
 
 def build_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (ultrastyle export).", show_default=False)],
-    precision: Annotated[Precision, typer.Option(help="fp32; fp16 (the graphs are converted to float16 before the build); int8 (needs the bundle's Q/DQ graphs: ultrastyle calibrate).")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(case_sensitive=False, help="fp32; fp16 (the graphs are converted to float16 before the build); int8 (needs the bundle's Q/DQ graphs: ultrastyle calibrate).")] = Precision.fp32,
     tile_min: Annotated[int | None, typer.Option("--tile-min", min=1, help="Smallest tile region side in pixels the engines accept (default: 2 x the stage's grid).")] = None,
     tile_opt: Annotated[int | None, typer.Option("--tile-opt", min=1, help="Tile region side the engines are tuned for (default: --tile-max).")] = None,
     tile_max: Annotated[int | None, typer.Option("--tile-max", min=1, help="Largest tile region side in pixels (default: what the planner picks for a 2GB budget).")] = None,

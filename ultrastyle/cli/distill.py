@@ -206,7 +206,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folde
 DecoderOutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write {k}SD.pth (and {k}SE.pth when it has none) into.")]
 ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Folder of training photos (searched recursively).")]
 StyleOpt = Annotated[Optional[Path], typer.Option("--style", help="Folder of style images (AdaIN mode).")]
-ModeOpt = Annotated[Optional[Mode], typer.Option(help="wct: reconstruction losses; adain: AdaIN style-transfer loss (needs --style).")]
+ModeOpt = Annotated[Optional[Mode], typer.Option(case_sensitive=False, help="wct: reconstruction losses; adain: AdaIN style-transfer loss (needs --style).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints, log.csv, losses.png, config.yaml", show_default="OUT/runs/{k}SE or {k}SD")]
 CropOpt = Annotated[Optional[int], typer.Option(help="Random crop side in pixels", show_default="256")]
 ResizeOpt = Annotated[Optional[int], typer.Option(help="Resize each photo's short side to this before cropping; 0 keeps it", show_default="300")]
@@ -221,7 +221,7 @@ LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CS
 ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints", show_default="0")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker processes", show_default="2")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init)", show_default="0")]
-DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to train", show_default="cpu")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(case_sensitive=False, help="Where to train", show_default="cpu")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default", show_default="0")]
 PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss (CD's 1; the 64x students used 1e3-1e4, +0.5 to +2.2 dB reconstruction PSNR, docs/training.md)", show_default="1")]
 PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss", show_default="1")]
@@ -250,7 +250,7 @@ def distill_command(
     student_arch: Annotated[Optional[str], typer.Option("--student-arch", help="Registered student architecture (e.g. cd64x)", show_default="teacher widths x --width-factor")] = None,
     width_factor: Annotated[Optional[float], typer.Option("--width-factor", help="Student width / teacher width", show_default="0.5")] = None,
     init: Annotated[Optional[str], typer.Option(help="fit (the teacher's channels that span the rest, refitted by least squares to its activations), prune (L1 filter pruning of the teacher), random, or a folder/.pth with the student's weights", show_default="fit")] = None,
-    kd: Annotated[Optional[Kd], typer.Option("--kd", help="Distillation method. cd: collaborator decoder through Q_k + beta * same-level embedding loss; review: knowledge review (ABF fusion from the deepest tap down, hierarchical context loss against every teacher tap); cd+review: both; mse: embedding loss only.", show_default="cd")] = None,
+    kd: Annotated[Optional[Kd], typer.Option("--kd", case_sensitive=False, help="Distillation method. cd: collaborator decoder through Q_k + beta * same-level embedding loss; review: knowledge review (ABF fusion from the deepest tap down, hierarchical context loss against every teacher tap); cd+review: both; mse: embedding loss only.", show_default="cd")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Weight of the embedding loss sum_k ||F_k - Q_k F'_k||^2 (with review it only fits Q_k)", show_default="10")] = None,
     review_weight: Annotated[Optional[float], typer.Option("--review-weight", help="Weight of the knowledge-review loss (--kd review, cd+review)", show_default="1")] = None,
     review_width: Annotated[Optional[int], typer.Option("--review-width", help="Channels of the training-only fusion (ABF) maps; 0: the student's deepest width", show_default="0")] = None,
@@ -292,7 +292,7 @@ def train_decoder_command(
     images: ImagesOpt = None,
     loss_encoder: Annotated[Optional[str], typer.Option("--loss-encoder", help="Network of the perceptual loss, e.g. the teacher for a student's decoder", show_default="the encoder")] = None,
     init: Annotated[Optional[str], typer.Option(help="random, or a model with {k}SD.pth to start from (pruned to the encoder's widths if wider)", show_default="random")] = None,
-    prune: Annotated[Optional[Prune], typer.Option(help="How a wider --init decoder is thinned: fit (least squares to its activations on its own encoder's features; needs the --init model's encoder) or l1 (filter norms, recalibrated)", show_default="fit")] = None,
+    prune: Annotated[Optional[Prune], typer.Option(case_sensitive=False, help="How a wider --init decoder is thinned: fit (least squares to its activations on its own encoder's features; needs the --init model's encoder) or l1 (filter norms, recalibrated)", show_default="fit")] = None,
     mode: ModeOpt = None, style: StyleOpt = None, run_dir: RunDirOpt = None, crop: CropOpt = None, resize: ResizeOpt = None,
     val_fraction: ValFracOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, lr: LrOpt = None, lr_schedule: LrScheduleOpt = None, warmup_steps: WarmupOpt = None,
     checkpoint_every: CkptOpt = None, log_every: LogOpt = None, val_every: ValOpt = None, workers: WorkersOpt = None,

@@ -148,6 +148,16 @@ def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
     return list(zip(paths, weights))
 
 
+def _checked(keyword: str, value: Any) -> Any:
+    """``value`` as the library's rule for ``keyword`` takes it (`ultrastyle.options`), its message as the flag's error."""
+    from ultrastyle import options
+
+    try:
+        return getattr(options, keyword)(value)
+    except options.OptionError as exc:
+        raise typer.BadParameter(exc.message) from None
+
+
 def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
@@ -202,21 +212,21 @@ def stylize_command(
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="FOLDER", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = "out",
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (installed on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth), or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
-    method: Annotated[Method | None, typer.Option(help="Feature transform \\[default: the model's, wct for the CD models]", show_default=False)] = None,
-    alpha: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Style strength: alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option(case_sensitive=False, help="Feature transform \\[default: the model's, wct for the CD models]", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option(callback=lambda v: _checked("alpha", v), help="Style strength (0..1): alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
     levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = DEFAULT_STYLE_SIZE,
-    device: Annotated[Device, typer.Option(help="Where the networks run.")] = Device.cpu,
-    backend: Annotated[Backend, typer.Option(help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
-    precision: Annotated[Precision, typer.Option(help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
+    device: Annotated[Device, typer.Option(case_sensitive=False, help="Where the networks run.")] = Device.cpu,
+    backend: Annotated[Backend, typer.Option(case_sensitive=False, help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
+    precision: Annotated[Precision, typer.Option(case_sensitive=False, help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
     compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the stage networks with torch.compile (Inductor; the first run of each tile shape compiles, cached on disk after).")] = False,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", case_sensitive=False, help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
-    tiff_layout: Annotated[TiffLayout, typer.Option(help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
-    tiff_compression: Annotated[TiffCompression, typer.Option(help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
-    dzi_tiles: Annotated[DziTiles, typer.Option(help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
-    streaming: Annotated[Streaming, typer.Option(help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
+    tiff_layout: Annotated[TiffLayout, typer.Option(case_sensitive=False, help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
+    tiff_compression: Annotated[TiffCompression, typer.Option(case_sensitive=False, help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
+    dzi_tiles: Annotated[DziTiles, typer.Option(case_sensitive=False, help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
+    streaming: Annotated[Streaming, typer.Option(case_sensitive=False, help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
@@ -227,7 +237,7 @@ def stylize_command(
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
     mask: Annotated[Path | None, typer.Option(help="Label image the content's size: one region per colour, taking the --style images in ascending order of colour; one output per content.", show_default=False)] = None,
-    preserve_color: Annotated[PreserveColor, typer.Option(help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
+    preserve_color: Annotated[PreserveColor, typer.Option(case_sensitive=False, help="luminance: keep the content's colours (chroma) under the stylized luminance; match: recolour the style to the content's palette first.")] = PreserveColor.none,
     io_workers: Annotated[int, typer.Option(min=0, help="Threads decoding the next contents and encoding finished outputs while the model computes (0: half the cores, between 1 and 8; at most 4 per core).")] = 0,
     png_level: Annotated[int, typer.Option(min=0, max=9, help="zlib level of PNG outputs: 1 is fast; 6-9 write files ~10-20% smaller, several times slower.")] = DEFAULT_PNG_LEVEL,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS|local", help="Run on Ray (the ray extra): 'local' starts Ray on this machine alone (bound to 127.0.0.1); HOST:PORT joins a running cluster, whose nodes must all see the model, inputs and --output at the same paths. One actor per CPU (--workers), each content on one actor.", show_default=False)] = None,

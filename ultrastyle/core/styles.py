@@ -100,7 +100,7 @@ class Regions:
         """
         h, w = self.labels.shape
         r = reflect_index(torch.arange(rows.start, rows.stop) * grid + grid // 2, h).numpy()
-        c = reflect_index(torch.arange(cols.start, cols.stop) * grid + grid // 2, w).numpy()
+        c = reflect_index(torch.arange(cols.start, cols.stop) * grid + grid // 2, w).numpy()  # as `unsampled_labels`
         return torch.from_numpy(self.labels[np.ix_(r, c)].astype(np.int64))
 
     def fit(self, method: str, stage: int, content: Sequence[FeatureStats], alpha: float) -> list[Affine]:
@@ -109,6 +109,21 @@ class Regions:
         for s in content[1:]:
             total = total + s
         return [t.fit(method, stage, s if s.count >= 2 else total, alpha) for t, s in zip(self.targets, content)]
+
+
+def unsampled_labels(labels: np.ndarray, grids: Sequence[int]) -> list[int]:
+    """Labels of ``labels`` (H, W) that no feature pixel of any stage with one of ``grids`` samples (`Regions.feature_labels`'
+    rule): regions smaller than a cell there, whose style is never applied. Reads ``H W / g²`` labels per grid."""
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
+    h, w = labels.shape
+    seen: set[int] = set()
+    for g in sorted(set(grids)):
+        if g == 1:
+            return []  # every pixel is a feature pixel
+        r = reflect_index(torch.arange(-(-h // g)) * g + g // 2, h).numpy()
+        c = reflect_index(torch.arange(-(-w // g)) * g + g // 2, w).numpy()
+        seen.update(np.flatnonzero(np.bincount(labels[np.ix_(r, c)].ravel())).tolist())
+    return [int(x) for x in present if int(x) not in seen]
 
 
 Style = StageStats | Target | Regions

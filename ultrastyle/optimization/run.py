@@ -8,7 +8,7 @@
 Per scale (coarse to fine, each long side in ``scales``; 0 is the content's
 own size), the content is resized, the style's Grams and the content's
 features are computed, the image is initialised (first scale: the content,
-noise or ultrastyle's WCT result; later scales: the previous result
+noise or ultrastyle's feed-forward result (``init`` "wct": the model's method, AdaIN for an AdaIN model); later scales: the previous result
 upsampled) and ``iterations`` solver steps run. Canvases sit in RAM or on disk
 as the memory budget says; tiles get what is left (`plan_memory`).
 

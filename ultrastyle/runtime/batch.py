@@ -52,7 +52,7 @@ from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.core.color import MODES as COLOR_MODES, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
-from ultrastyle.core.styles import Regions, Style, Target, mix_weights
+from ultrastyle.core.styles import Regions, Style, Target, mix_weights, unsampled_labels
 from ultrastyle.runtime.tiled import (
     TileCallback, canvas_to_image, plan_image_for, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
@@ -270,6 +270,10 @@ class OutputsAsContentsWarning(UserWarning):
     """Contents that are outputs of the same batch (a rerun into the contents' folder) were left out."""
 
 
+class UnusedStyleWarning(UserWarning):
+    """A mask region smaller than one feature pixel of every stage run: its style is not applied."""
+
+
 def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
     """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
 
@@ -399,9 +403,15 @@ class StyleBook:
         """The mask's label map, read once per file version; its label count must equal the number of styles."""
 
         def read() -> tuple[np.ndarray, list]:
-            if isinstance(src, ImageInput):
-                return labels_of(src.pixels, str(src))
-            return read_labels(src, max_pixels=self.options.max_pixels)
+            found = labels_of(src.pixels, str(src)) if isinstance(src, ImageInput) else read_labels(src, max_pixels=self.options.max_pixels)
+            # Once per file version: at the mask's own size (a content resized smaller loses more, unsaid).
+            if lost := unsampled_labels(found[0], [self.model.arch.grid(k) for k in self.options.levels]):
+                stages = ", ".join(map(str, self.options.levels))
+                colours = ", ".join(str(c[0] if len(c) == 1 else c) for c in (found[1][i] for i in lost))
+                warnings.warn(f"{src}: the region(s) of colour {colours} are smaller than one feature "
+                              f"pixel of stage(s) {stages}, so their style is not applied; paint them larger, or run finer stages (levels)",
+                              UnusedStyleWarning, stacklevel=2)  # fmt: skip
+            return found
 
         labels, colours = self._remember(self._masks, (*_version(src), self.options.max_pixels), read, self.KEEP_MASKS)
         check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
