@@ -74,8 +74,11 @@ def test_vgg19_quarter_student_has_cd16x_block_widths_and_q_to_vgg():
 
 def test_named_student_must_map_onto_the_teacher():
     assert student_spec(ARCHS["vgg19"], "cd16x") is ARCHS["cd16x"]
-    with pytest.raises(ConfigError, match="do not map onto cd16x"):
+    with pytest.raises(ConfigError, match="cd16x is a student of another teacher: its Q_k embeddings map stage 1 conv11 to 64 channels, "
+                                          "and cd16x has 24"):  # it said "cd16x's ... do not map onto cd16x"
         student_spec(ARCHS["cd16x"], "cd16x")
+    with pytest.raises(ConfigError, match="vgg19 is a teacher's architecture"):
+        student_spec(ARCHS["cd16x"], "vgg19")
 
 
 # ---------------------------------------------------------------- pruning

@@ -521,3 +521,18 @@ def test_what_a_review_found_is_refused_or_said_before_training(teacher_dir, pho
     longer = distill(dataclasses.replace(cfg, steps=5), resume=True, on_message=said.append)
     assert longer.train.step == 5 and longer.outputs
     assert any("cosine schedule spans all the steps: resumed with 5 steps (the run was started with 3)" in m for m in said), said
+
+
+def test_sources_a_review_found_confusing_say_what_was_meant(teacher_dir, photos, tmp_path):
+    from ultrastyle.distill.sources import load_encoder
+    from ultrastyle.models.convert import CheckpointError
+
+    with pytest.raises(CheckpointError, match="1SE.pth: a stage file of a model folder, not a whole VGG-19; give its folder"):
+        load_encoder(teacher_dir / "1SE.pth", 1)  # it said "expected tensor '0.weight' for conv0"
+    with pytest.raises(ConfigError, match="init: 'Fit' is none of fit, prune, random"):
+        distill(_config(teacher_dir, photos, tmp_path / "a", init="Fit"))
+    with pytest.raises(ConfigError, match="init: 'fit' is a way to thin a wider start"):  # it said "unknown model 'fit'"
+        DecoderConfig(stage=2, out="o", images="i", encoder="e", init="fit").check()
+    for bad in (-1.0, 0.0, 2.0):  # one rule: -1 said ">= 0", and then 0 was refused too
+        with pytest.raises(ConfigError, match="^width_factor: expected a"):
+            _config(teacher_dir, photos, tmp_path / "b", width_factor=bad).check()

@@ -107,8 +107,10 @@ class RunConfig:
                 raise check.OptionError("val_fraction", f"expected a fraction in [0, 1), got {self.val_fraction}; give e.g. 0.1")
             check.number("lr", self.lr, above=0, example=1e-4)
             for f in dataclasses.fields(self):  # the loss weights, where a run has them
-                if f.name.endswith("_weight") or f.name in ("beta", "width_factor"):
+                if f.name.endswith("_weight") or f.name == "beta":
                     check.number(f.name, getattr(self, f.name), least=0)
+                elif f.name == "width_factor" and check.number(f.name, self.width_factor, above=0, example=0.5) > 1:
+                    raise check.OptionError(f.name, f"expected a fraction in (0, 1], got {self.width_factor:g}; give e.g. 0.5")
             check.thread_count("threads", self.threads)
             check.device("device", self.device)
         except check.OptionError as exc:
@@ -199,8 +201,6 @@ class DistillConfig(RunConfig):
             raise ConfigError(f"review_weight: must not be negative, got {self.review_weight}")
         if self.review_width < 0:
             raise ConfigError(f"review_width: must not be negative, got {self.review_width}")
-        if not 0.0 < self.width_factor <= 1.0:
-            raise ConfigError(f"width_factor: must be in (0, 1], got {self.width_factor}")
         if self.beta < 0:
             raise ConfigError(f"beta: must not be negative, got {self.beta}")
         if self.method == "mse" and self.beta == 0:
@@ -240,6 +240,8 @@ class DecoderConfig(RunConfig):
             raise ConfigError("encoder: required")
         if self.prune not in PRUNE_CHOICES:
             raise ConfigError(f"prune: must be one of {', '.join(PRUNE_CHOICES)}, got {self.prune!r}")
+        if self.init in PRUNE_CHOICES + ("prune",) and not Path(self.init).exists():
+            raise ConfigError(f"init: {self.init!r} is a way to thin a wider start (prune); init is random, or a model with a decoder to start from")
         if self.init == "random":
             self._no_unused(("prune",), "how a wider init decoder is thinned, and init is random", "give init a model with a decoder")
         weights = ("pixel_weight", "perceptual_weight") if self.mode == "wct" else ("content_weight", "style_weight")

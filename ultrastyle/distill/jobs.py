@@ -65,10 +65,14 @@ def student_spec(teacher: ArchSpec, arch: str | None = None, width_factor: float
         for k in (1, 2, 3, 4, 5):
             for b in range(1, k + 1):
                 conv = f"conv{b}1"
-                if spec.teacher_widths is None or spec.teacher_width(k, conv) != teacher.width(k, conv):
+                if spec.teacher_widths is None:
+                    raise ConfigError(f"student_arch: {spec.name} is a teacher's architecture (it has no Q_k embeddings); give a student "
+                                      f"architecture made for {teacher.name}, or leave student_arch out to scale its widths (width_factor)")  # fmt: skip
+                if spec.teacher_width(k, conv) != teacher.width(k, conv):
                     raise ConfigError(
-                        f"student_arch: {spec.name}'s Q_k embeddings do not map onto {teacher.name} "
-                        f"(stage {k} {conv}: teacher has {teacher.width(k, conv)} channels)"
+                        f"student_arch: {spec.name} is a student of another teacher: its Q_k embeddings map stage {k} {conv} to "
+                        f"{spec.teacher_width(k, conv)} channels, and {teacher.name} has {teacher.width(k, conv)}; give a student "
+                        f"architecture made for {teacher.name}, or leave student_arch out to scale its widths (width_factor)"
                     )
         return spec
     spec = teacher.student(f"{teacher.name}-x{width_factor:g}", width_factor)
@@ -128,6 +132,11 @@ def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec, strea
         torch.manual_seed(config.seed)
         return Encoder(spec, k, aux=True)
     path = Path(config.init)
+    if not path.exists():  # a zoo model's folder (`sources`); anything else names what init takes
+        try:
+            path = sources.model_folder(config.init)
+        except zoo.UnknownModelError:  # a path that is not there says so itself
+            raise ConfigError(f"init: {config.init!r} is none of fit, prune, random, a model folder, a weight file or a zoo model") from None
     if path.is_dir():  # a student folder, or CD's pruned base (e{k}_base.pth)
         candidates = [path / f"{k}SE.pth", path / f"e{k}_base.pth"]
         path = next((p for p in candidates if p.is_file()), candidates[0])

@@ -29,6 +29,11 @@ def _folder(source: str | Path) -> tuple[Path, ArchSpec]:
     return zoo.ensure(entry.name), get_arch(entry.architecture)
 
 
+def model_folder(source: str | Path) -> Path:
+    """The folder of a model folder or zoo model (installed on first use)."""
+    return _folder(source)[0]
+
+
 def source_arch(source: str | Path) -> ArchSpec:
     """The architecture of a model folder or zoo model (a VGG-19 file: ``vgg19``)."""
     if Path(source).is_file():
@@ -45,6 +50,8 @@ def load_encoder(source: str | Path, stage: int, *, aux: bool | None = False) ->
     path = Path(source)
     if path.is_file():
         sd = convert.read_state_dict(path)
+        if any(k.startswith("conv") for k in sd):  # CD's format: its architecture is the folder's (architecture.json)
+            raise convert.CheckpointError(f"{path}: a stage file of a model folder, not a whole VGG-19; give its folder, {path.parent}")
         first = next((v for k, v in sd.items() if k.endswith("weight")), None)
         if first is not None and tuple(first.shape) == (3, 3, 1, 1):  # AdaIN's conv0: normalisation built in
             return convert.adain_vgg_encoder(path, stage)
