@@ -32,7 +32,7 @@ from ultrastyle.io.images import (
     tiff_header,
 )
 
-__all__ = ["ImageInput", "ImageLike", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
+__all__ = ["ImageInput", "ImageLike", "PrecisionWarning", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 
@@ -97,6 +97,10 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
     return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
 
 
+class PrecisionWarning(UserWarning):
+    """An input holds fewer bits than its file: a PIL image of a 16-bit RGB file (Pillow keeps 8)."""
+
+
 def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
     """A PIL image's pixels as `pil_to_array` gives a file's; one made in memory in mode F or I as an array (checked as such).
 
@@ -106,6 +110,9 @@ def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
         if getattr(image, "n_frames", 1) > 1:
             warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
         made_here = image.format is None
+        if image.mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in getattr(image, "tile", None) or ()):
+            warnings.warn(f"{name}: a PIL image of a 16-bit RGB file holds 8 bits per sample (Pillow decodes it so); "
+                          "give the file's path to keep 16", PrecisionWarning, stacklevel=4)  # fmt: skip
         image = ImageOps.exif_transpose(image)
         return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha, name=name)
     except ImageError:
