@@ -84,7 +84,9 @@ COMPUTE = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from ultrastyle.api import Stylizer
-    from ultrastyle.runtime.batch import Decoded, Pair, StyleBook, StyleSpec, load_content, stylize_content
+    from ultrastyle.runtime.batch import StyleBook, stylize_content
+    from ultrastyle.runtime.decode import Decoded, load_content
+    from ultrastyle.runtime.pairs import Pair, StyleSpec
 
     contents, style, model, device = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     with Stylizer(model, device=device) as s:

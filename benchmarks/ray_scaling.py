@@ -84,7 +84,8 @@ def main() -> None:
     from ultrastyle.distributed.pool import WorkerPool
     from ultrastyle.models.sources import model_defaults
     from ultrastyle.runtime.backends.select import open_runner
-    from ultrastyle.runtime.batch import StyleSpec, plan_pairs, run_batch
+    from ultrastyle.runtime.batch import run_batch
+    from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
 
     work = Path(args.work or tempfile.mkdtemp(prefix="ray_scaling_"))
     contents = make_inputs(work / "in", args.count, args.mp)
@@ -161,7 +162,8 @@ def tiles_run(args, pool, opts, work: Path, out: list[str]) -> None:
     if not args.tiles_mp:
         return
     from ultrastyle.runtime.backends.select import open_runner
-    from ultrastyle.runtime.batch import StyleSpec, plan_pairs, run_batch
+    from ultrastyle.runtime.batch import run_batch
+    from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
 
     (big,) = make_inputs(work / "big", 1, args.tiles_mp)
     pairs = lambda tag: plan_pairs([big], [StyleSpec((STYLE,))], _fresh(work / f"big_{tag}"), "png")  # noqa: E731

@@ -195,7 +195,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     from ultrastyle.models.pretrained import load_cd_folder
-    from ultrastyle.runtime.batch import StylizeOptions, plan_pairs, run_batch
+    from ultrastyle.runtime.batch import StylizeOptions, run_batch
+    from ultrastyle.runtime.pairs import plan_pairs
     from ultrastyle.core.tile_memory import parse_bytes
     from ultrastyle.runtime.memory import keep_freed_memory, use_huge_pages
     from ultrastyle.core.plan import TilingOptions

@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 
 import ultrastyle.runtime.batch as batch
+import ultrastyle.runtime.decode as reading
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.batch import StylizeOptions, run_batch
+from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +268,7 @@ def test_an_output_its_format_cannot_hold_fails_before_any_tile(folder, runner, 
 
 
 def test_the_summary_gives_a_rate_only_from_a_megapixel_done():
-    from ultrastyle.runtime.batch import BatchSummary, PairResult
+    from ultrastyle.runtime.pairs import BatchSummary, PairResult
 
     small = BatchSummary([PairResult(None, "done", None, 1.0, 0.05), PairResult(None, "failed", "x", 0.1)], wall_seconds=2.0)
     assert small.describe() == "1 done, 0 skipped, 1 failed of 2 pairs in 2.0 s (0.05 MP)"
@@ -285,7 +287,7 @@ def test_a_style_too_large_to_read_whole_is_streamed_at_style_size(runner, share
         im.convert("RGB").resize((900, 640)).save(style)
     opened: list[Path] = []
     real = stream.open_stream
-    monkeypatch.setattr(batch, "open_stream", lambda src, **kw: opened.append(Path(src)) or real(src, **kw))
+    monkeypatch.setattr(reading, "open_stream", lambda src, **kw: opened.append(Path(src)) or real(src, **kw))
     whole = batch.StyleBook(runner, StylizeOptions(style_size=256, levels=(5, 4), streaming="never")).get(style)
     assert opened == []
     streamed = batch.StyleBook(runner, StylizeOptions(style_size=256, levels=(5, 4), streaming="auto", io_memory=1 << 20)).get(style)

@@ -193,10 +193,11 @@ def test_tiled_batch_frees_the_decoded_content_before_the_stages_run(inputs, cd1
     import weakref
 
     import ultrastyle.runtime.batch as batch
+    import ultrastyle.runtime.decode as reading
 
     decoded: list[weakref.ref] = []
     alive_during_stages: list[bool] = []
-    real_load, real_tiled = batch.load_content, batch.stylize_tiled
+    real_load, real_tiled = reading.load_content, batch.stylize_tiled
 
     def load(path, options):
         pixels, original = real_load(path, options)
@@ -209,7 +210,7 @@ def test_tiled_batch_frees_the_decoded_content_before_the_stages_run(inputs, cd1
         alive_during_stages.append(decoded[-1]() is not None)
         return real_tiled(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "load_content", load)
+    monkeypatch.setattr(reading, "load_content", load)
     monkeypatch.setattr(batch, "stylize_tiled", tiled)
     r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path, "--tile", "48"], cd16x_dir)
     assert r.exit_code == 0, r.output

@@ -24,7 +24,7 @@ PACKAGE = Path(ultrastyle.__file__).resolve().parent
 # architecture description it works on, `core.arch`, is part of it).
 CORE_THIRD_PARTY = {"numpy", "torch"}
 CORE_SIBLINGS: set[str] = set()
-PIPELINE = {"ultrastyle.runtime.tiled", "ultrastyle.runtime.batch"}
+PIPELINE = {"ultrastyle.runtime.tiled", "ultrastyle.runtime.batch", "ultrastyle.runtime.pairs", "ultrastyle.runtime.decode"}
 
 
 def _module_name(path: Path) -> str:

@@ -24,7 +24,7 @@ from ultrastyle.optimization.loss import (
     LossNetwork, LossWeights, evaluate, loss_and_gradient, plan_gradient, reference_loss, style_target,
 )  # fmt: skip
 from ultrastyle.api import OptionError
-from ultrastyle.optimization.run import Optimizer, make_optimize_options, upsample
+from ultrastyle.optimization.run import Optimizer, StateWarning, make_optimize_options, upsample
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -182,8 +182,9 @@ def test_a_state_from_other_settings_is_not_resumed(optimizer, photo, style, tmp
     with pytest.raises(KeyboardInterrupt):
         optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", on_progress=stop, max_memory=None)
     steps = []
-    optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", style_weight=1.0, max_memory=None,
-                  on_progress=lambda e: steps.append(e.iteration))  # fmt: skip
+    with pytest.warns(StateWarning, match="a saved state of other inputs or settings; starting over"):  # it was dropped in silence
+        optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", style_weight=1.0, max_memory=None,
+                      on_progress=lambda e: steps.append(e.iteration))  # fmt: skip
     assert steps == [1, 2, 3]
 
 
@@ -270,6 +271,7 @@ def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_canno
         "two contents": run(shared_dir / "images/content/cd_content_in4.jpg", "-o", tmp_path / "z.png"),
         "budget": run("--max-memory", "1MB", "-o", tmp_path / "y.png"),
         "tile and no tile": run("--tile", "64", "--no-tile", "-o", tmp_path / "w.png"),
+        "budget and no tile": run("--max-memory", "10KB", "--no-tile", "-o", tmp_path / "u.png"),  # it was dropped in silence
         "zero weights": run("--content-weight", "0", "--style-weight", "0", "-o", tmp_path / "v.png"),
     }
     assert {k: r.exit_code for k, r in refused.items()} == dict.fromkeys(refused, 2), {k: r.output for k, r in refused.items()}
@@ -278,12 +280,13 @@ def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_canno
     assert "2 contents were given; give a folder" in text["two contents"]
     assert "--max-memory" in text["budget"] and "too small for one tile of the loss network" in text["budget"]
     assert "give one of them" in text["tile and no tile"]
+    assert "--no-tile evaluates whole images, which --max-memory would tile or place" in text["budget and no tile"]
     assert "--content-weight 0 and --style-weight 0: the loss would be 0" in " ".join(text["zero weights"].replace("│", " ").split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jpg"]  # nothing made for a refused run
 
 
 @pytest.mark.parametrize(("save_every", "said"), [
-    (0, "no state was saved yet"), (1, "with --skip-existing (the finished images are not redone) to resume it from its last saved state"),
+    (0, "no state of this run was saved yet"), (1, "with --skip-existing (the finished images are not redone) to resume it from its last saved state"),
 ])  # fmt: skip
 def test_cli_ctrl_c_says_whether_a_rerun_resumes(cd16x_dir, shared_dir, tmp_path, save_every, said):
     import signal
@@ -638,3 +641,48 @@ def test_a_log_gets_plain_progress_lines_at_each_scale_not_a_bar(cd16x_dir, shar
         "c_optimized_c.png: iteration 2/2 scale 1/2 32x24", "c_optimized_c.png: iteration 2/2 scale 2/2 64x48"
     ], r.output
     assert "━" not in r.output  # no bar drawn into the log
+
+
+def test_a_saved_state_is_resumed_by_skip_existing_and_a_damaged_one_starts_over(optimizer, cd16x_dir, photo, style, tmp_path, one_thread):
+    """A user review: --skip-existing (the advice after Ctrl-C) kept an older output of the same name over the interrupted
+    run's saved state, and a truncated state file failed every rerun."""
+    from ultrastyle.optimization.batch import plan_outputs, run_batch, state_dir_for
+
+    Image.fromarray((photo[:, ::8, ::8].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "c.png")
+    Image.fromarray((style.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "s.png")
+    opts = make_optimize_options(iterations=3, save_every=1, max_memory=None)
+    (pair,) = plan_outputs(tmp_path / "c.png", tmp_path / "s.png", tmp_path / "out", "png")
+    fresh = optimizer.run(pair.content, tmp_path / "s.png", options=opts)
+    pair.output.parent.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(pair.output)  # an older run's output
+
+    def stop(e):
+        if e.iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.run(pair.content, tmp_path / "s.png", options=opts, state_dir=state_dir_for(pair.output), on_progress=stop)
+    assert optimizer.resumable == state_dir_for(pair.output)
+    (result,) = run_batch(optimizer, [pair], opts, skip_existing=True).results
+    assert result.status == "done" and np.array_equal(np.asarray(Image.open(pair.output)), fresh)
+
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.run(pair.content, tmp_path / "s.png", options=opts, state_dir=state_dir_for(pair.output), on_progress=stop)
+    x = state_dir_for(pair.output) / "solver" / "x.npy"
+    x.write_bytes(x.read_bytes()[:-16])  # short: what a power cut after the rename could leave
+    with pytest.warns(StateWarning, match="the saved state cannot be read .*; starting over"):
+        again = optimizer.run(pair.content, tmp_path / "s.png", options=opts, state_dir=state_dir_for(pair.output))
+    assert np.array_equal(again, fresh) and not state_dir_for(pair.output).exists()
+
+
+def test_what_a_run_does_not_read_does_not_stop_a_resume_and_api_inputs_are_checked_as_the_cli_checks_them():
+    base = make_optimize_options()
+    assert make_optimize_options(seed=7).trajectory() == base.trajectory()  # the seed is noise's
+    assert make_optimize_options(init="noise", seed=7).trajectory() != make_optimize_options(init="noise").trajectory()
+    assert make_optimize_options(lr=0.5).trajectory() == base.trajectory()  # lr is Adam's
+    assert make_optimize_options(solver="adam", history=9).trajectory() == make_optimize_options(solver="adam").trajectory()
+    assert make_optimize_options(layer_weights="1, 2,1,1,1").layer_weights == make_optimize_options(layer_weights=[1, 2, 1, 1, 1]).layer_weights
+    with pytest.raises(OptionError, match="layer_weights: all 0 with content_weight=0"):
+        make_optimize_options(content_weight=0, layer_weights=[0] * 5)
+    with pytest.raises(OptionError, match="scales: expected long sides in pixels"):
+        make_optimize_options(scales=[48.7])  # it ran at 48 px

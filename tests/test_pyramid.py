@@ -27,7 +27,8 @@ from ultrastyle.io.pyramid import (
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.pretrained import load_model
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.batch import StylizeOptions, run_batch
+from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 

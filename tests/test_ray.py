@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from ultrastyle.core.plan import TilingOptions
-from ultrastyle.runtime.batch import BatchInterrupted, StyleSpec, StylizeOptions, plan_pairs, run_batch
+from ultrastyle.runtime.batch import StylizeOptions, run_batch
+from ultrastyle.runtime.pairs import BatchInterrupted, StyleSpec, plan_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (5, 4)
@@ -173,7 +174,8 @@ def test_one_image_across_the_cluster_equals_the_local_tiled_result(pool, folder
     from ultrastyle.core.canvas import canvas_from_array
     from ultrastyle.models.pretrained import load_model
     from ultrastyle.runtime.backends.torch_backend import TorchRunner
-    from ultrastyle.runtime.batch import StyleBook, load_content
+    from ultrastyle.runtime.batch import StyleBook
+    from ultrastyle.runtime.decode import load_content
     from ultrastyle.runtime.tiled import canvas_to_image, stylize_tiled
 
     opts = StylizeOptions(levels=LEVELS, tiling=TilingOptions(tile=64), io_workers=1)
@@ -218,7 +220,8 @@ def test_a_killed_driver_resumes_with_skip_existing(pool, cluster, folder, local
         import os, signal, sys
         from pathlib import Path
         from ultrastyle.distributed.pool import WorkerPool
-        from ultrastyle.runtime.batch import StyleSpec, StylizeOptions, plan_pairs
+        from ultrastyle.runtime.batch import StylizeOptions
+        from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
         from ultrastyle.core.plan import TilingOptions
         folder, out = Path({str(folder)!r}), Path({str(tmp_path)!r})
         pairs = plan_pairs(sorted(folder.glob("c*.png")), [StyleSpec((folder / "s0.png",)), StyleSpec((folder / "s1.png",))], out, "png")

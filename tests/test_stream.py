@@ -15,9 +15,8 @@ from ultrastyle.io.images import AnimatedImageWarning, ImageError, read_image, r
 pyvips = pytest.importorskip("pyvips", reason="streaming reads need pyvips (pip install 'ultrastyle[vips]')")
 
 from ultrastyle.io.stream import open_stream, stream_blocker  # noqa: E402
-from ultrastyle.runtime.batch import (  # noqa: E402
-    ReadWholeWarning, StreamedDecoded, StylizeOptions, decode, load_content, read_plan,
-)  # fmt: skip
+from ultrastyle.runtime.batch import StylizeOptions  # noqa: E402
+from ultrastyle.runtime.decode import ReadWholeWarning, StreamedDecoded, decode, load_content, read_plan  # noqa: E402
 
 H, W = 61, 83
 

@@ -18,7 +18,7 @@ from ultrastyle.io.images import ImageError, load_image, resize_long_side
 from ultrastyle.io.masks import read_labels, resize_labels
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.runtime.backends.torch_backend import TorchRunner
-from ultrastyle.runtime.batch import StyleSpec
+from ultrastyle.runtime.pairs import StyleSpec
 from ultrastyle.runtime.cascade import style_statistics, stylize
 
 # float32 tolerance of tiled vs whole-image results in [0, 1] (as tests/test_tiling.py).

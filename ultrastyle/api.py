@@ -41,9 +41,9 @@ from ultrastyle.options import OptionError, output_format  # noqa: F401 - output
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
-from ultrastyle.runtime.batch import (
-    BatchSummary, Pair, PairResult, StyleBook, STREAMING, StyleSpec, StylizeOptions, decode, plan_pairs, run_batch, stylize_content,
-)  # fmt: skip
+from ultrastyle.runtime.batch import StyleBook, STREAMING, StylizeOptions, run_batch, stylize_content
+from ultrastyle.runtime.decode import decode
+from ultrastyle.runtime.pairs import BatchSummary, Pair, PairResult, StyleSpec, plan_pairs
 from ultrastyle.runtime.memory import hold_freed_memory, release_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.export.bundle import Bundle

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.cli.logs import LogLines
-from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, swap
+from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, given_flags, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.constants import (
@@ -78,6 +78,7 @@ def _layer_weights(text: str | None) -> list[float] | None:
 
 
 def optimize_command(
+    ctx: typer.Context,
     content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs).", show_default=False)],
     style: Annotated[Path, typer.Option("--style", "-s", help="The style image.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Output folder ({content}_optimized_{style}.{ext}), or a file name for one content.")] = "out",
@@ -101,7 +102,7 @@ def optimize_command(
     device: Annotated[Device, typer.Option(case_sensitive=False, help="Where the loss network runs.")] = Device.cpu,
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists.")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists, unless an interrupted run of it saved a state: that is resumed.")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
@@ -115,12 +116,12 @@ def optimize_command(
     from ultrastyle.optimization.batch import check_budget, check_style, is_file_output, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
     from ultrastyle.options import OptionError
-    from ultrastyle.runtime.batch import BatchInterrupted, Pair, PairResult
+    from ultrastyle.runtime.pairs import BatchInterrupted, Pair, PairResult
 
     as_file = is_file_output(output)
     out_format = _format(output if as_file else None, fmt)
-    if no_tile and tile is not None:
-        raise typer.BadParameter("--no-tile evaluates whole images and --tile sets a tile size; give one of them", param_hint="--tile")
+    if no_tile and (clash := [f"--{n.replace('_', '-')}" for n in ("tile", "max_memory", "scratch") if n in given_flags(ctx)]):
+        raise typer.BadParameter(f"--no-tile evaluates whole images, which {clash[0]} would tile or place; give one of them", param_hint=clash[0])
     settings = dict(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
@@ -190,14 +191,19 @@ def optimize_command(
                 if r.pair.output in tasks:  # a finished image keeps its line (the final losses), a failed one goes
                     progress.update(tasks[r.pair.output], visible=False)
 
+        def on_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+            progress.console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
+
         try:
-            summary = run_batch(optimizer, pairs, opts, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
+            with warnings.catch_warnings():  # the library's notices (a saved state that is not resumed)
+                warnings.showwarning = on_warning
+                summary = run_batch(optimizer, pairs, opts, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
         except BatchInterrupted as stop:
             progress.stop()
             again = "run the same command again" + ("" if skip_existing else " with --skip-existing (the finished images are not redone)")
             for pair in stop.unfinished:
-                resume = (f"{again} to resume it from its last saved state" if state_dir_for(pair.output).exists() else
-                          f"no state was saved yet (--save-every K saves one every K iterations); {again} to start it again")  # fmt: skip
+                resume = (f"{again} to resume it from its last saved state" if optimizer.resumable == state_dir_for(pair.output) else
+                          f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again")  # fmt: skip
                 _err(f"interrupted: {pair.output.name} was not finished; {resume}")
             _err(f"{stop.summary.count('done')} of {len(pairs)} images were done")
             raise typer.Exit(130) from None

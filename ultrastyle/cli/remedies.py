@@ -40,6 +40,12 @@ def command(remedy: Remedy) -> str:
     return " ".join([*parts, *always])
 
 
+def given_flags(ctx: typer.Context) -> set[str]:
+    """The parameters set on the command line (or by an environment variable), not left at their defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer's own copy of click's ParameterSource: by name
+    return {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
+
+
 def flag_name(keyword: str, flags: Mapping[str, str] | None = None) -> str:
     """The flag of the library's ``keyword``: ``flags``' entry (a command's flag that is not the keyword), else ``--kebab-case``."""
     return (flags or {}).get(keyword) or "--" + keyword.replace("_", "-")

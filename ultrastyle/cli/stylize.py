@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from ultrastyle.cli.remedies import as_command, bad_parameter, swap
+from ultrastyle.cli.remedies import as_command, bad_parameter, given_flags, swap
 
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
@@ -169,12 +169,6 @@ _FORMAT_FLAGS = {"png_level": ("--png-level", "png"), "tiff_layout": ("--tiff-la
 _TILING_FLAGS = {"tile": "--tile", "max_memory": "--max-memory", "halo": "--halo"}
 
 
-def _given(ctx: typer.Context) -> set[str]:
-    """The parameters set on the command line (or by an environment variable), not left at their defaults."""
-    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}  # typer's own copy of click's ParameterSource: by name
-    return {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
-
-
 def _unused_flags(given: set[str], fmt: str, tiff_layout: str) -> list[str]:
     """Warnings for the format flags ``given`` that this run's format leaves out."""
     from ultrastyle.io.constants import format_name
@@ -263,9 +257,10 @@ def stylize_command(
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.models.sources import model_defaults
     from ultrastyle.options import no_empty_path, output_folder
-    from ultrastyle.runtime.batch import BatchInterrupted, OutputCollisionError, PairResult, output_megapixels
+    from ultrastyle.runtime.batch import output_megapixels
+    from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, PairResult
 
-    given = _given(ctx)
+    given = given_flags(ctx)
     if no_tile and (clash := [flag for name, flag in _TILING_FLAGS.items() if name in given]):
         raise typer.BadParameter(f"--no-tile runs each stage on the whole image, which {clash[0]} would tile; give one of them",
                                  param_hint=clash[0])  # fmt: skip

@@ -43,9 +43,9 @@ from ultrastyle.io.pyramid import save_output
 from ultrastyle.io.sources import image_header
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.runtime.backends.base import RunnerError
-from ultrastyle.runtime.batch import (
-    BatchInterrupted, BatchSummary, InOrder, Pair, PairResult, StyleSpec, StylizeOptions, _failure, content_runs, load_content,
-)  # fmt: skip
+from ultrastyle.runtime.batch import InOrder, StylizeOptions, _failure, content_runs
+from ultrastyle.runtime.decode import load_content
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
 

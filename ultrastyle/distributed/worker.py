@@ -29,9 +29,9 @@ from ultrastyle.io.pyramid import image_size, save_output
 from ultrastyle.io.paths import file_signature
 from ultrastyle.core.arch import ArchSpec
 from ultrastyle.io.sources import Source
-from ultrastyle.runtime.batch import (
-    Pair, PairResult, StyleBook, StylizeOptions, _failure, decode, output_megapixels, stylize_content,
-)  # fmt: skip
+from ultrastyle.runtime.batch import StyleBook, StylizeOptions, _failure, output_megapixels, stylize_content
+from ultrastyle.runtime.decode import decode
+from ultrastyle.runtime.pairs import Pair, PairResult
 from ultrastyle.runtime.tiled import decode_tiles, encode_statistics, stylize_stage_tiled
 
 # Per style source: its per-stage statistics, or the error that fails its pairs.

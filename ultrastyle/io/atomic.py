@@ -140,8 +140,8 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         raise OSError(exc.errno, f"cannot create {path} ({exc.strerror})", str(path)) from None
     try:
         yield tmp
-        if fsync:
-            for p in tmp.iterdir():
+        if fsync:  # every file, in subfolders too: a power cut after the rename must not leave short files in place
+            for p in tmp.rglob("*"):
                 if p.is_file():
                     _fsync_file(p)
         old = None

@@ -89,8 +89,8 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     """
     path = Path(path)
     try:
-        if not path.exists():
-            raise ImageError(f"{path}: no such file")
+        if not path.exists():  # a glob that matched nothing is kept as given (`expand_inputs`), to be reported here
+            raise ImageError(f"{path}: {'no file matches this pattern' if any(c in path.name for c in '*?[') else 'no such file'}")
         if path.is_dir():
             raise ImageError(f"{path}: is a directory, not an image")
         if not path.is_file():  # the header is read twice, and the file once more for PNG checks: a pipe has none of it

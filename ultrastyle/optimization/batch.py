@@ -5,7 +5,7 @@ names each output ``{content}_optimized_{style}.{format}`` in a folder (or
 writes the one file given), skips outputs that exist when asked, saves and
 resumes each image's state beside its output, and never stops at a bad
 file: its pair is ``"failed"`` with the reason, the others run. Results are
-`runtime.batch.PairResult` s in a `BatchSummary`, as `stylize_batch` gives.
+`runtime.pairs.PairResult` s in a `BatchSummary`, as `stylize_batch` gives.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ultrastyle.optimization.run import (
     read_input,
 )
 from ultrastyle.options import OptionError, known_keywords
-from ultrastyle.runtime.batch import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
@@ -110,7 +110,8 @@ def check_style(style: str | os.PathLike, max_pixels: int, pairs: Sequence[Pair]
     Cheap (the header; where there is none, the read that says why fails at once), so it runs before the model opens. Not
     where every one of ``pairs`` is skipped for its existing output (``skip_existing``): nothing reads the style then.
     """
-    if skip_existing and pairs and all(p.output is not None and p.output.exists() for p in pairs):
+    if skip_existing and pairs and all(p.output is not None and p.output.exists() and not (state_dir_for(p.output) / "state.json").is_file()
+                                       for p in pairs):  # fmt: skip
         return
     header = image_header(Path(style))
     if header is None:
@@ -165,7 +166,7 @@ def run_batch(
         out = pair.output
         assert out is not None
         started = time.perf_counter()
-        if skip_existing and out.exists():
+        if skip_existing and out.exists() and not (state_dir_for(out) / "state.json").is_file():  # a saved state: resumed
             result = PairResult(pair, "skipped")
         else:
             try:

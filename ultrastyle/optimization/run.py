@@ -49,13 +49,13 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.errors import Setting, remedied
-from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, FORMATS
+from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, DEFAULT_SOLVER, FORMATS, SOLVERS
 from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
 )  # fmt: skip
 from ultrastyle.optimization.solvers import (
-    DEFAULT_ADAM_LR, DEFAULT_HISTORY, DEFAULT_SOLVER, SOLVERS, Solver, make_solver, vectors_per_image,
+    DEFAULT_ADAM_LR, DEFAULT_HISTORY, Solver, make_solver, vectors_per_image,
 )  # fmt: skip
 from ultrastyle.options import OptionError
 
@@ -98,10 +98,14 @@ class OptimizeOptions:
         return LossWeights(self.content_weight, self.style_weight, lw, self.content_layer)
 
     def trajectory(self) -> dict:
-        """The settings a saved state must match to be resumed (not the budget, tiles or saving: results equal)."""
+        """The settings a saved state must match to be resumed (not the budget, tiles or saving: results equal; nor what this
+        run's init and solver do not read: the seed is noise's, the history L-BFGS's, lr Adam's)."""
         d = asdict(self)
         for k in ("max_memory", "tile", "scratch", "save_every", "max_pixels", "format"):
             d.pop(k)
+        if self.init != "noise":
+            d.pop("seed")
+        d.pop("lr" if self.solver == "lbfgs" else "history")
         return d
 
 
@@ -116,6 +120,8 @@ def _scales(value: Sequence[int | str] | str | int | None) -> tuple[int, ...]:
             continue
         try:
             n = int(item)
+            if isinstance(item, float) and not item.is_integer():  # int(48.7) is 48: a scale is a whole number of pixels
+                raise ValueError
         except (TypeError, ValueError):
             raise OptionError("scales", f"expected long sides in pixels or 'full', e.g. 512,1024,full; got {item!r}") from None
         if n < 32:
@@ -174,6 +180,12 @@ def make_optimize_options(
         raise remedied(OptionError("style_weight", "content_weight=0 and style_weight=0: the loss would be 0 and the image would not change"),
                        (Setting("content_weight", 0), Setting("style_weight", 0)))  # fmt: skip
     lw = None
+    if isinstance(layer_weights, str):  # as the command line writes them: "1,1,1,1,1"
+        layer_weights = [item.strip() for item in layer_weights.split(",")]
+        try:
+            layer_weights = [float(item) for item in layer_weights]
+        except ValueError:
+            raise OptionError("layer_weights", f"expected {len(TAPS)} numbers (relu1_1..relu5_1), got {','.join(layer_weights)!r}") from None
     if layer_weights is not None:
         items = list(layer_weights.items()) if isinstance(layer_weights, Mapping) else list(zip(TAPS, layer_weights))
         if not isinstance(layer_weights, Mapping) and len(list(layer_weights)) != len(TAPS):
@@ -182,6 +194,8 @@ def make_optimize_options(
             if k not in TAPS:
                 raise OptionError("layer_weights", f"expected taps among {', '.join(TAPS)}, got {k!r}")
         lw = tuple((str(k), check.number("layer_weights", v, least=0)) for k, v in items)
+        if content_weight == 0 and not any(v for _, v in lw):
+            raise OptionError("layer_weights", "all 0 with content_weight=0: the loss would be 0 and the image would not change")
     content_size = check.image_size("content_size", content_size)
     style_size = check.image_size("style_size", style_size, none="each scale's long side, at most the style's own")
     budget = check.memory_budget("max_memory", max_memory)
@@ -406,6 +420,14 @@ def _noise(dst: Canvas, seed: int, band: int = 256) -> None:
         dst.write(r, 0, rng.random((c, min(band, h - r), w), dtype=np.float32))
 
 
+class StateWarning(UserWarning):
+    """A saved optimization state that is not resumed: made with other inputs or settings, or damaged. The run starts over."""
+
+
+class _StartOver(Exception):
+    """The saved state could not be read: removed, and the run starts again from its init."""
+
+
 class Optimizer:
     """The loss network of ``model`` on ``device``, for many optimization runs.
 
@@ -432,6 +454,7 @@ class Optimizer:
             encoder = loaded.encoders[max(loaded.encoders)]
         self.net = LossNetwork(encoder.to(device=device, dtype=dtype))
         self._checked: set[tuple] = set()
+        self.resumable: Path | None = None  # the state folder of the last run that a rerun resumes (None: it would start over)
 
     def close(self) -> None:
         pass
@@ -505,13 +528,19 @@ class Optimizer:
                 raise OptionError("state_dir", f"{state_dir} is {what}; a run replaces its state folder and removes it when done: give a "
                                                "new folder")  # fmt: skip
         if not self.threads:
-            return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
+            return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._run(content, style, opts, output, state_dir, on_progress, on_tile)
+            return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
         finally:
             torch.set_num_threads(threads)
+
+    def _run_or_restart(self, *args: Any) -> np.ndarray:
+        try:
+            return self._run(*args)
+        except _StartOver:  # a damaged saved state, removed: the run starts from its init
+            return self._run(*args)
 
     def _run(self, content: ImageLike, style: ImageLike, opts: OptimizeOptions, output: str | os.PathLike | None,
              state_dir: str | os.PathLike | None, on_progress: ProgressCallback | None, on_tile: TileCallback | None) -> np.ndarray:  # fmt: skip
@@ -528,6 +557,10 @@ class Optimizer:
         ).encode()).hexdigest()  # fmt: skip
         state = Path(state_dir) if state_dir is not None else None
         resume = _read_state(state, fingerprint) if state is not None else None
+        if state is not None and resume is None and (state / "state.json").is_file():
+            warnings.warn(f"{state}: a saved state of other inputs or settings; starting over (it is replaced at the first save)",
+                          StateWarning, stacklevel=3)  # fmt: skip
+        self.resumable = state if resume is not None else None  # what a rerun would resume (`run_batch`'s interrupt message)
         start = resume["scale"] if resume else 0
         t0 = time.perf_counter()
         solver: Solver | None = None
@@ -552,7 +585,13 @@ class Optimizer:
                     if previous is not None:
                         previous.close()
                     if resuming:
-                        solver.load(state / "solver")  # type: ignore[operator]
+                        try:
+                            solver.load(state / "solver")  # type: ignore[operator]
+                        except (OSError, ValueError, KeyError) as exc:  # damaged (a power cut after the rename): start over
+                            warnings.warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning, stacklevel=3)
+                            self.resumable = None
+                            shutil.rmtree(state, ignore_errors=True)
+                            raise _StartOver from None
                     objective = _Objective(self.net, target, opts.weights, plan, on_tile)
                     while solver.iterations < opts.iterations:
                         value = solver.step(objective)
@@ -561,8 +600,10 @@ class Optimizer:
                                                       time.perf_counter() - t0, len(plan.tiles)))  # fmt: skip
                         if state is not None and opts.save_every and solver.iterations % opts.save_every == 0:
                             _save_state(state, fingerprint, i, solver)
+                            self.resumable = state
                     if state is not None and i < len(sizes) - 1:
                         _save_state(state, fingerprint, i, solver)
+                        self.resumable = state
                 finally:
                     for canvas in closing:
                         canvas.close()

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from ultrastyle.core.canvas import Canvas, CanvasSite
-from ultrastyle.optimization.constants import DEFAULT_SOLVER, SOLVERS
+from ultrastyle.optimization.constants import SOLVERS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.optimization.loss import LossValue
 

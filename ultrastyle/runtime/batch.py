@@ -1,12 +1,13 @@
 """Batch stylization: every content x style pair, streamed, surviving bad files.
 
-The style side of a pair is a `StyleSpec`: one style, a weighted mix of
-several (one output blending their statistics), or one style per mask label.
+The style side of a pair is a `StyleSpec` (`runtime.pairs`, with the pairs'
+outputs and results): one style, a weighted mix of several (one output blending
+their statistics), or one style per mask label.
 Each style is read and its statistics computed once for the whole batch (per
 content with ``preserve_color="match"``, which recolours the style to each
 content).
 
-`run_batch` streams: worker threads decode the next contents while the
+`run_batch` streams: worker threads decode (`runtime.decode`) the next contents while the
 runner computes the current one, and encode finished outputs behind it, so
 the device does not wait on files and the CPU does not wait on the device.
 Decoded images waiting to be computed and outputs waiting to be encoded
@@ -35,24 +36,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultrastyle.errors import Remedies, Setting, remedied
-from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, ImageError, array_to_tensor, as_role, pixel_count, resize_long_side
-from ultrastyle.io.sources import ImageInput, Source, image_header, read_source, resized_header
+from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, ImageError, as_role
+from ultrastyle.io.sources import ImageInput, Source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.paths import file_signature
 from ultrastyle import options as check
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import StageNetworks
-from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
-from ultrastyle.core.resample import resized_size
-from ultrastyle.io.stream import ImageStream, band_rows, open_stream, stream_blocker
+from ultrastyle.core.canvas import Canvas, canvas_from_array
 from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
+from ultrastyle.runtime.decode import Decoded, decode, read_plan, warn_read_whole
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 from ultrastyle.core.color import MODES as COLOR_MODES, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
-from ultrastyle.core.styles import Regions, Style, Target, mix_weights, unsampled_labels
+from ultrastyle.core.styles import Regions, Style, Target, unsampled_labels
 from ultrastyle.runtime.tiled import (
     TileCallback, canvas_to_image, plan_image_for, style_statistics_tiled, stylize_tiled,
 )  # fmt: skip
@@ -141,173 +141,8 @@ def default_io_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-@dataclass(frozen=True)
-class StyleSpec:
-    """The style side of one output: one image, a weighted mix, or one image per mask label.
-
-    ``weights`` (a mix) are normalised to sum to 1. With ``mask``, label ``i``
-    (the ``i``-th smallest colour of the mask, `io.masks.read_labels`) takes
-    ``paths[i]``. Entries are paths or `ImageInput`.
-    """
-
-    paths: tuple[Source, ...]
-    weights: tuple[float, ...] | None = None
-    mask: Source | None = None
-
-    def __post_init__(self) -> None:
-        if not self.paths:
-            raise ValueError("a style needs at least one image")
-        if self.weights is not None:
-            if self.mask is not None:
-                raise ValueError("a style mix and a mask cannot be combined; give one style per mask label")
-            if len(self.weights) != len(self.paths):
-                raise ValueError(f"{len(self.paths)} styles but {len(self.weights)} weights: give one weight per style")
-            object.__setattr__(self, "weights", mix_weights(self.weights))
-        elif len(self.paths) > 1 and self.mask is None:
-            raise ValueError("several styles make one output only as a weighted mix or with a mask")
-
-    @property
-    def name(self) -> str:
-        """The part of output file names that names the style."""
-        if self.weights is not None:
-            return "+".join(f"{p.stem}@{w:.3g}" for p, w in zip(self.paths, self.weights))
-        return "+".join(p.stem for p in self.paths)
-
-    def __str__(self) -> str:
-        if self.weights is not None:
-            return " + ".join(f"{p} x {w:.3g}" for p, w in zip(self.paths, self.weights))
-        return " + ".join(map(str, self.paths)) + (f" (mask {self.mask})" if self.mask is not None else "")
-
-
-@dataclass(frozen=True)
-class Pair:
-    content: Source
-    style: StyleSpec
-    output: Path | None  # None: kept in memory (`PairResult.image`)
-
-
-@dataclass
-class PairResult:
-    pair: Pair
-    status: str  # "done" | "skipped" | "failed"
-    error: str | None = None
-    seconds: float = 0.0  # compute time of this pair
-    megapixels: float = 0.0
-    image: np.ndarray | None = None  # (H, W, 3) uint8/uint16, for pairs without an output file
-    remedy: Remedies = None  # the fix the failure's error suggests (`errors.Remedy`), for a front end to show its way
-    option: str | None = None  # the setting the failure is about (an `OptionError`'s keyword), for a front end to name its way
-
-
-# A batch's summary gives seconds per megapixel from this many megapixels done.
-RATE_MIN_MEGAPIXELS = 1.0
-
-
-@dataclass
-class BatchSummary:
-    results: list[PairResult] = field(default_factory=list)
-    wall_seconds: float | None = None  # the whole batch, reading and writing included
-    planned: int | None = None  # the pairs the batch was given (more than `results` after Ctrl-C); None: as many as results
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def megapixels(self) -> float:
-        return sum(r.megapixels for r in self.results if r.status == "done")
-
-    @property
-    def seconds(self) -> float:
-        """The batch's wall time (the sum of compute times where the wall is unknown)."""
-        return self.wall_seconds if self.wall_seconds is not None else sum(r.seconds for r in self.results)
-
-    @property
-    def seconds_per_megapixel(self) -> float | None:
-        """`seconds` per megapixel done."""
-        mp = self.megapixels
-        return self.seconds / mp if mp else None
-
-    def describe(self, total: int | None = None) -> str:
-        """``"3 done, 1 skipped, 0 failed of 4 pairs in 25.2 s (12.0 MP, 2.10 s/MP)"``.
-
-        The rate only from `RATE_MIN_MEGAPIXELS` done: below it the fixed costs (opening the model, the styles'
-        statistics) dominate, and 0.01 MP in 2 s would read as 200 s/MP.
-        """
-        of = total if total is not None else self.planned if self.planned is not None else len(self.results)
-        text = f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed of {of} pairs"
-        seconds = self.seconds
-        if seconds:
-            text += f" in {seconds:.1f} s"
-        mp = self.megapixels
-        if mp >= RATE_MIN_MEGAPIXELS:
-            text += f" ({mp:.1f} MP, {seconds / mp:.2f} s/MP)"
-        elif mp:
-            text += f" ({mp:.2f} MP)"
-        return text
-
-
-class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a batch: ``summary`` holds the pairs finished before it (outputs complete, none partial).
-
-    ``abandoned``: the outputs being written were dropped (a Ray pool kills its busy actors), not finished.
-    ``unfinished``: the pairs that were running, where the caller knows them (an optimization keeps their state).
-    """
-
-    def __init__(self, summary: BatchSummary, abandoned: bool = False, unfinished: tuple[Pair, ...] = ()) -> None:
-        super().__init__("interrupted")
-        self.summary, self.abandoned, self.unfinished = summary, abandoned, unfinished
-
-
-def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
-    name = style.name if isinstance(style, StyleSpec) else style.stem
-    return f"{content.stem}_stylized_{name}.{fmt}"
-
-
-class OutputCollisionError(ValueError):
-    """Two pairs would write the same output file."""
-
-
-class OutputsAsContentsWarning(UserWarning):
-    """Contents that are outputs of the same batch (a rerun into the contents' folder) were left out."""
-
-
 class UnusedStyleWarning(UserWarning):
     """A mask region smaller than one feature pixel of every stage run: its style is not applied."""
-
-
-def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
-    """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
-
-    Contents that are outputs of this batch (an earlier run's, written into the contents' folder) are left out, as
-    `optimization.batch.plan_outputs` does: a rerun there (``skip_existing`` after Ctrl-C) does not stylize its outputs.
-    """
-    specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
-    where = outdir.resolve()
-    planned = {where / output_name(c, s, fmt) for c in contents for s in specs}
-    kept: list[Source] = []
-    left: list[Source] = []
-    for c in contents:
-        (left if isinstance(c, Path) and c.resolve() in planned else kept).append(c)
-    if left:
-        warnings.warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
-                      f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning, stacklevel=2)  # fmt: skip
-    pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
-    inputs = {p.resolve(): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
-    seen: dict[Path, Pair] = {}
-    for p in pairs:
-        assert p.output is not None
-        if (replaced := inputs.get(where / p.output.name)) is not None:
-            raise remedied(OutputCollisionError(
-                f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
-                "outputs into another folder (output_dir)"
-            ), Setting("output_dir"))
-        if p.output in seen:
-            q = seen[p.output]
-            raise remedied(OutputCollisionError(
-                f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}; "
-                "rename one of the files or write them into different output folders (output_dir)"
-            ), Setting("output_dir"))
-        seen[p.output] = p
-    return pairs
 
 
 def _version(src: Source) -> tuple:
@@ -418,15 +253,6 @@ class StyleBook:
         return labels
 
 
-def load_content(src: Source, options: StylizeOptions) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) pixels, resized to ``content_size`` when asked, and the (H, W) of the file."""
-    pixels = read_source(src, options.max_pixels)
-    original = (pixels.shape[0], pixels.shape[1])
-    if options.content_size and max(original) != options.content_size:
-        return resize_long_side(array_to_tensor(pixels), options.content_size).permute(1, 2, 0).numpy(), original
-    return pixels, original
-
-
 def stylize_canvas(
     model: StageNetworks,
     content: Canvas,
@@ -470,125 +296,6 @@ def _failure(pair: Pair, exc: Exception, seconds: float = 0.0) -> PairResult:
     else:  # out of memory, a backend or disk error: this pair fails, the batch goes on
         msg = f"{pair.content}: stylization failed ({type(exc).__name__}: {exc})"
     return PairResult(pair, "failed", msg, seconds, remedy=getattr(exc, "remedy", None), option=exc.option if isinstance(exc, OptionError) else None)
-
-
-class Decoded:
-    """A decoded content, handed over once (`to_canvas`), so that only its canvas outlives the hand-over."""
-
-    def __init__(self, pixels: np.ndarray, original: tuple[int, int]) -> None:
-        self._pixels: np.ndarray | None = pixels
-        self.original = original
-        self.shape = pixels.shape
-        self.on_take: Callable[[], None] | None = None  # e.g. give the queue allowance back
-
-    def take(self) -> np.ndarray:
-        pixels, self._pixels = self._pixels, None
-        if pixels is None:
-            raise RuntimeError("the decoded pixels were handed over already")
-        self._taken()
-        return pixels
-
-    def _taken(self) -> None:
-        if self.on_take is not None:
-            self.on_take()
-            self.on_take = None
-
-    def to_canvas(self, site: CanvasSite) -> Canvas:
-        """The pixels as a [0, 1] canvas at ``site`` (converted band by band; the pixels are dropped)."""
-        return canvas_from_array(self.take(), disk_dir=site.disk_dir, device=site.device)
-
-
-class StreamedDecoded(Decoded):
-    """A content file that is decoded (and resized) into its canvas a band of rows at a time, never whole."""
-
-    def __init__(self, stream: ImageStream) -> None:
-        self.stream = stream
-        self.original = stream.original
-        self.shape = (*stream.size, 3)
-        self.on_take = None
-
-    def take(self) -> np.ndarray:
-        raise RuntimeError(f"{self.stream.path}: a streamed content is read into its canvas (to_canvas), not whole")
-
-    def to_canvas(self, site: CanvasSite) -> Canvas:
-        self._taken()
-        h, w, c = self.shape
-        canvas = Canvas(c, h, w, disk_dir=site.disk_dir, device=site.device)
-        try:
-            for r0, band in self.stream.bands():
-                block = np.moveaxis(band, 2, 0).astype(np.float32)
-                block /= np.float32(sample_peak(band.dtype))  # in place: one float copy of the band, not two
-                canvas.write(r0, 0, block)
-        except BaseException:
-            canvas.close()
-            raise
-        release_free_memory()  # the bands' memory goes back before the tiles need it
-        return canvas
-
-
-def _whole_read_bytes(header: tuple[int, int, int], content_size: int) -> int:
-    """The memory `load_content` takes for an image with ``header``: the decoded pixels, and resizing's float copies."""
-    w, h, depth = header
-    nh, nw = resized_size(h, w, content_size)
-    resize = 12 * (h * w + 2 * nh * nw) if (nh, nw) != (h, w) else 0
-    return h * w * 3 * depth + resize
-
-
-def _streamed_read_bytes(header: tuple[int, int, int], content_size: int) -> int:
-    """The memory a streamed read holds: a band of the file and of the resized rows (float32)."""
-    w, h, _ = header
-    nw = resized_size(h, w, content_size)[1]
-    return band_rows(w) * 3 * 4 * (2 * w + nw) * 2
-
-
-def read_plan(src: Source, options: StylizeOptions, size_option: str = "content_size") -> tuple[bool, int, str | None]:
-    """(stream?, bytes the read holds, why a file that should stream cannot) for ``src`` under ``options``.
-
-    From one read of the header; an unreadable header counts 0 bytes (the read reports the file). An image that
-    ``content_size`` (the setting ``size_option``) would enlarge past ``max_pixels`` is an `ImageError`, before any read.
-    """
-    header = image_header(src)
-    if header is not None and options.content_size and header[0] * header[1] <= options.max_pixels:  # (above: the read says so)
-        h, w = resized_size(header[1], header[0], options.content_size)
-        if h * w > options.max_pixels:
-            raise remedied(ImageError(
-                f"{src}: resized to {w}x{h} ({size_option}) it would have "
-                f"{pixel_count(h * w)}, above the limit of {pixel_count(options.max_pixels)} (max_pixels); give a smaller size"
-            ), (Setting(size_option), Setting("max_pixels")))
-    whole = 0 if header is None else _whole_read_bytes(header, options.content_size)
-    if isinstance(src, ImageInput) or options.streaming == "never":
-        return False, whole, None
-    if options.streaming == "auto" and whole <= options.io_allowance:
-        return False, whole, None
-    why = stream_blocker(src)
-    if why is not None:
-        return False, whole, why
-    return True, 0 if header is None else _streamed_read_bytes(header, options.content_size), None
-
-
-def decode(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None] | None = None) -> Decoded:
-    """``src`` read whole (`load_content`), or opened for a streamed read where `read_plan` says so.
-
-    Without ``plan`` (the caller's `read_plan`, which warned already), a file that cannot stream warns here."""
-    if plan is None:
-        plan = read_plan(src, options)
-        warn_read_whole(src, options, plan)
-    if plan[0]:
-        return StreamedDecoded(open_stream(src, max_pixels=options.max_pixels, content_size=options.content_size))
-    return Decoded(*load_content(src, options))
-
-
-def warn_read_whole(src: Source, options: StylizeOptions, plan: tuple[bool, int, str | None]) -> None:
-    """One `ReadWholeWarning` where ``plan`` reads whole a file that should have streamed."""
-    if plan[2] is not None:
-        size = f"{plan[1] / 2**20:.0f} MiB"
-        why = (f"{size}, above the {options.io_allowance / 2**20:.0f} MiB allowance for decoded images" if plan[1] > options.io_allowance
-               else f"{size}; streaming was asked for")  # streaming="always"
-        warnings.warn(f"{src}: read whole ({why}): {plan[2]}", ReadWholeWarning, stacklevel=3)
-
-
-class ReadWholeWarning(UserWarning):
-    """A content that should have been streamed (too large to read whole within the budget) is read whole."""
 
 
 class _CallbackRaised(Exception):
@@ -920,7 +627,6 @@ def run_batch(
 
 
 __all__ = [
-    "BatchInterrupted", "BatchSummary", "InOrder", "content_runs", "OutputCollisionError", "OutputsAsContentsWarning", "Pair", "PairResult", "StyleBook",
-    "ReadWholeWarning", "StreamedDecoded", "StyleSpec", "StylizeOptions", "decode", "read_plan", "default_io_workers", "load_content", "output_megapixels",
-    "plan_pairs", "run_batch", "stylize_canvas", "stylize_content",
+    "InOrder", "StyleBook", "StylizeOptions", "UnusedStyleWarning", "content_runs", "default_io_workers", "output_megapixels", "run_batch",
+    "stylize_canvas", "stylize_content",
 ]  # fmt: skip
