@@ -203,7 +203,7 @@ def check_png_data(path: Path, *, chunk: int = 1 << 20) -> None:
                 break
             pos += 12 + length
         have = sum(n for _, n in idat)
-        claim = f"the header claims {width}x{height} ({need / 1e6:.1f} MB of pixel data)"
+        claim = f"the header claims {width}x{height} ({need / 1e6:.1f} MB of pixel data)" if need >= 10**5 else f"the header claims {width}x{height} ({need} bytes of pixel data)"
         if have * DEFLATE_MAX_RATIO + 64 < need:
             raise ImageError(f"{path}: truncated PNG: {claim} but its compressed image data is {have} bytes, too short to hold it")
         inflater = zlib.decompressobj()
