@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,13 +110,13 @@ def test_tampered_graph_is_detected_by_sha256(bundle, tmp_path):
     with pytest.raises(BundleError, match=r"decoder3.onnx: sha256 .* does not match .* export the bundle again") as info:
         read_bundle(dst)
     # The fix is the command that makes the bundle again, over it: from its zoo model (this fixture's folder has a zoo name),
-    assert as_command(info.value).endswith(f"ultrastyle export cd-wct-16x --output {dst}")
+    assert as_command(info.value).endswith(f"ultrastyle export cd-wct-16x --output {dst} --stages 1,2,3,4,5")  # the same bundle
     m = json.loads((dst / "manifest.json").read_text())
     m["model"] = "my-weights"  # or MODEL for a weights folder, which the manifest knows by its name only
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError) as info:
         read_bundle(dst)
-    assert as_command(info.value).endswith(f"ultrastyle export MODEL --output {dst}")
+    assert as_command(info.value).endswith(f"ultrastyle export MODEL --output {dst} --stages 1,2,3,4,5")
 
 
 def test_newer_bundle_format_is_refused_with_a_clear_message(bundle, tmp_path):
@@ -313,3 +314,45 @@ def test_export_cli_refuses_stages_the_model_lacks_as_a_usage_error(cd16x_dir, t
     said = " ".join(r.output.replace("│", " ").split())
     assert r.exit_code == 2 and "has no stage(s) [2]; it has [1]" in said and "Traceback" not in said, said
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("edit, said", [
+    ("del m['networks']", "expected 'networks' to map graph names to their files, found NoneType"),
+    ("m['networks'] = []", "found list"),
+    ("del m['networks']['encoder1']['sha256']", "the graph of encoder1 lacks its file or sha256"),
+    ("del m['architecture']", "expected an 'architecture' record"),
+    ("m['format_version'] = '1'", "format_version '1' is none this ultrastyle knows"),
+    ("del m['format_version']", "format_version None is none this ultrastyle knows"),
+    ("m['format_version'] = 0", "format_version 0 is none"),
+    ("m['networks']['encoder1']['int8'] = {'file': '../x.onnx', 'sha256': 'ab'}", "int8 graph encoder1 names a file outside the bundle"),
+])  # fmt: skip
+def test_an_edited_manifest_is_a_bundle_error_not_a_traceback(bundle, tmp_path, edit, said):
+    # A user review: KeyErrors and AttributeErrors from stylize, calibrate and build --check; "version None is newer".
+    dst = _copy(bundle, tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    exec(edit)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=re.escape(said)):
+        read_bundle(dst)
+
+
+def test_export_over_a_bundle_keeps_files_that_are_not_the_bundles_and_a_read_only_one_leaves_nothing(bundle, tmp_path):
+    from ultrastyle.export.bundle import BundleTargetError, check_bundle_target
+
+    dst = _copy(bundle, tmp_path)
+    (dst / "NOTES.txt").write_text("mine")
+    (dst / "samples").mkdir()
+    with pytest.raises(BundleTargetError, match=r"also holds files that are not the bundle's \(NOTES.txt, samples/\)"):
+        check_bundle_target(dst)  # exporting over it deleted them
+    (dst / "NOTES.txt").unlink()
+    (dst / "samples").rmdir()
+    check_bundle_target(dst)
+    from ultrastyle.io.atomic import atomic_dir
+
+    # A shipped, read-only bundle replaced by a new export: the old copy is removed too (as root, which CI may be, the modes
+    # stop nothing; as a user the old copy was left beside it as a hidden partial folder).
+    for p in [*dst.iterdir(), dst]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    with atomic_dir(dst) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no hidden partial copy left beside it

@@ -117,7 +117,7 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
     for name, side in tiles.items():
         if side is not None:
             check.count(name, side, least=1, what="pixels (a tile side)")
-    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    b = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)  # a `Bundle`'s graphs checked now, not when it was made
     chosen = _stages(stages) or tuple(sorted(b.stages))
     if why := b.stages_problem(chosen):
         raise remedied(OptionError("stages", f"{why}; choose among them (stages)"), Setting("stages"))

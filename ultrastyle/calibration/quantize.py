@@ -72,7 +72,7 @@ from ultrastyle.calibration.constants import (
 )
 from ultrastyle.calibration.data import CalibrationDataError, FeedReader, TileSampler, calibration_images, stage_feeds
 from ultrastyle.errors import Setting, remedied
-from ultrastyle.export.bundle import MANIFEST, Bundle, load_graph, read_bundle
+from ultrastyle.export.bundle import MANIFEST, Bundle, BundleError, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.io.digest import sha256_file
@@ -209,7 +209,11 @@ def calibrate_bundle(
     encoder, run with ONNX Runtime, mapped by the bundle's own method and alpha
     (its defaults: WCT or AdaIN).
     """
-    bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    # A `Bundle` is opened again: its graphs are checked against the manifest now, not when it was made.
+    bundle = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
+    if not os.access(bundle.path, os.W_OK):  # before any work: the int8 graphs and the manifest are written there
+        raise BundleError(f"{bundle.path}: not writable, and calibration writes its int8 graphs into the bundle; copy the bundle "
+                          "to a folder you can write, and calibrate that")  # fmt: skip
     files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
     if not files:
         raise CalibrationDataError("no calibration images given; give a folder of photos like the ones you will stylize")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ultrastyle._version import __version__
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
-from ultrastyle.io.atomic import atomic_dir, sweep_stale
+from ultrastyle.io.atomic import atomic_dir, sweep_stale, writer_pid
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.io.digest import sha256_file
 from ultrastyle.core.arch import ArchSpec
@@ -74,6 +74,10 @@ def check_bundle_target(out_dir: str | Path) -> None:
                                  or (out_dir.is_dir() and not any(out_dir.iterdir()))):  # fmt: skip
         why = " (its manifest.json is not an ultrastyle bundle's)" if is_bundle(out_dir) else ""
         raise BundleTargetError(f"{out_dir.resolve()} exists and is not a bundle{why}; choose a new or empty folder for the bundle")
+    if others := _not_the_bundles(out_dir):  # the export replaces the whole folder
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise BundleTargetError(f"{out_dir.resolve()} is a bundle that also holds files that are not the bundle's ({shown}), which "
+                                "exporting over it would delete; move them away, or export into a new folder")  # fmt: skip
     for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
         if parent.exists():
             if not parent.is_dir():
@@ -190,17 +194,20 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     except (OSError, ValueError) as exc:
         again = Remedy("export_model", (Placeholder("MODEL"), str(path)))
         raise remedied(BundleError(f"{mf}: unreadable manifest ({exc}); export the bundle again over it: {again.python()}"), again) from exc
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{mf}: expected format {BUNDLE_FORMAT!r}, found {manifest.get('format')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{mf}: expected format {BUNDLE_FORMAT!r}, found {found!r}")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > BUNDLE_FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{mf}: bundle format version {version} is newer than this ultrastyle ({__version__}) reads "
             f"(up to {BUNDLE_FORMAT_VERSION}); upgrade ultrastyle or re-export the bundle with this version"
         )
-    for name, n in manifest["networks"].items():
-        if Path(n["file"]).name != n["file"]:  # graphs live in the bundle folder, nowhere else
-            raise BundleError(f"{mf}: graph {name} names a file outside the bundle: {n['file']!r}")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+        again = remake(path, manifest)
+        raise remedied(BundleError(f"{mf}: format_version {version!r} is none this ultrastyle knows (1..{BUNDLE_FORMAT_VERSION}); "
+                                   f"export the bundle again: {again.python()}"), again)  # fmt: skip
+    _check_manifest(path, manifest)
     if verify:
         again = remake(path, manifest)
         for name, n in manifest["networks"].items():
@@ -217,6 +224,32 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     return Bundle(path, manifest)
 
 
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """`BundleError` for a manifest whose entries are not what `export_bundle` and `calibrate` write (an edited or damaged one):
+    its networks, their files (in the bundle folder) and hashes, the architecture and stages."""
+    mf = path / MANIFEST
+
+    def bad(what: str) -> BundleError:
+        again = remake(path, manifest)
+        return remedied(BundleError(f"{mf}: {what}; export the bundle again: {again.python()}"), again)
+
+    networks = manifest.get("networks")
+    if not isinstance(networks, dict) or not networks:
+        raise bad(f"expected 'networks' to map graph names to their files, found {type(networks).__name__}")
+    if not isinstance(manifest.get("architecture"), dict):
+        raise bad("expected an 'architecture' record")
+    stages = manifest.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and 1 <= k <= 5 for k in stages):
+        raise bad(f"expected 'stages' to list stages 1..5, found {stages!r}")
+    for name, n in networks.items():
+        records = [("graph", n)] + ([("int8 graph", n["int8"])] if isinstance(n, dict) and n.get("int8") else [])
+        for what, r in records:
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r.get(k) for k in ("file", "sha256")):
+                raise bad(f"the {what} of {name} lacks its file or sha256")
+            if Path(r["file"]).name != r["file"]:  # graphs live in the bundle folder, nowhere else
+                raise BundleError(f"{mf}: {what} {name} names a file outside the bundle: {r['file']!r}")
+
+
 def remake(path: str | Path, manifest: dict) -> Remedy:
     """The export that makes the bundle at ``path`` again, over it: from its zoo model, or MODEL for a weights folder.
 
@@ -226,7 +259,13 @@ def remake(path: str | Path, manifest: dict) -> Remedy:
 
     made_from = manifest.get("model")
     model = made_from if isinstance(made_from, str) and made_from in entries() else Placeholder("MODEL")
-    return Remedy("export_model", (model, str(path)))
+    stages, opset = manifest.get("stages"), manifest.get("opset")
+    kwargs = (("stages", list(stages)),) if isinstance(stages, list) and stages and all(isinstance(k, int) for k in stages) else ()
+    kwargs += (("opset", opset),) if isinstance(opset, int) and opset != ExportSpec().opset else ()
+    networks = manifest.get("networks")
+    kwargs += (("aux", True),) if isinstance(networks, dict) and any(isinstance(n, dict) and n.get("kind") == "encoder_aux"
+                                                                     for n in networks.values()) else ()  # fmt: skip
+    return Remedy("export_model", (model, str(path)), kwargs)  # the same bundle: its stages and opset
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -240,6 +279,14 @@ def _damaged_bundle(path: Path) -> bool:
         return False
     entries = [p for p in path.iterdir() if p.name != MANIFEST]
     return bool(entries) and all(p.suffix == ".onnx" or p.name == "engines" for p in entries)
+
+
+def _not_the_bundles(path: Path) -> list[str]:
+    """Names in a bundle folder that are neither its manifest, its graphs (float or int8, listed or not) nor its engines."""
+    if not path.is_dir() or not is_bundle(path):
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                  if p.name not in (MANIFEST, "engines") and not p.name.endswith(".onnx") and writer_pid(p) is None)  # fmt: skip
 
 
 def _manifest_format(path: Path) -> str | None:

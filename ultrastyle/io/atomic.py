@@ -16,7 +16,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -66,11 +68,23 @@ def _fsync_file(path: Path) -> None:
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, onexc=_writable_and_again) if sys.version_info >= (3, 12) else shutil.rmtree(path, onerror=_writable_and_again)
         else:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _writable_and_again(function: Callable[..., Any], name: str, *_: object) -> None:
+    """rmtree's handler: a read-only folder (a bundle made read-only, swapped out by `atomic_dir`) made writable, then retried."""
+    try:
+        parent = os.path.dirname(name)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+        if os.path.isdir(name) and not os.path.islink(name):
+            os.chmod(name, os.stat(name).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+        function(name)
+    except OSError:
+        pass  # left: it has our pattern, and sweep_stale removes it
 
 
 @contextmanager

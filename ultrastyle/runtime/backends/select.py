@@ -14,6 +14,7 @@ first use, the way the bundle itself is exported on first use.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,8 +78,18 @@ def ensure_bundle(
         return found
     name, files = weights_digest(source, stages)
     target = bundle_dir_for(name, files)  # a missing or damaged (or older: a graph kind short) cache: exported again
+    damaged = None
+    if target.exists():
+        try:
+            read_bundle(target)
+        except BundleError as exc:
+            damaged = str(exc).split("; ")[0]
+        if target.is_dir() and not is_bundle(target):  # the cache's own folder without its manifest: export refuses other folders
+            shutil.rmtree(target)
     if on_export:
-        on_export(f"exporting {name} to ONNX (first use) into {target}")
+        on_export(f"exporting {name} to ONNX (first use) into {target}" if damaged is None else
+                  f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
+                  "there must be calibrated again)")  # fmt: skip
     model = load_model(source, stages=stages, progress=progress)
     return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
 
