@@ -253,4 +253,5 @@ def test_cli_check_refuses_the_flags_of_a_build_it_does_not_run(bundle, tmp_path
 def test_a_build_names_the_bundle_s_own_problem_before_the_missing_tensorrt(bundle):
     r = CliRunner().invoke(app, ["build", str(bundle.path), "--precision", "int8"])
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "has no int8 (Q/DQ) graphs" in text and "needs the tensorrt package" not in text, text
+    # exit 2, as stylize --precision int8 refuses the bundle (it was 1)
+    assert r.exit_code == 2 and "has no int8 (Q/DQ) graphs" in text and "needs the tensorrt package" not in text, text

@@ -15,6 +15,7 @@ The command line calls these; they raise the library's typed errors
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,10 @@ def export_model(
     from ultrastyle.models.sources import model_stages
     from ultrastyle.runtime.backends.select import weights_digest
 
-    if opset not in SUPPORTED_OPSETS:  # before the model loads
-        raise OptionError("opset", f"expected {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; give e.g. {DEFAULT_OPSET}")
+    # Before the model loads. An int: 17.0 is in range(13, 22) too, and failed later as a TypeError.
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset not in SUPPORTED_OPSETS:
+        raise OptionError("opset", f"expected an integer {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; "
+                                   f"give e.g. {DEFAULT_OPSET}")  # fmt: skip
     chosen = _stages(stages)
     check_bundle_target(output)
     if chosen is not None and (missing := sorted(set(chosen) - set(have := model_stages(model)))):  # before anything is downloaded

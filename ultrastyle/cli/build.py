@@ -47,7 +47,7 @@ def build_command(
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
     from ultrastyle.options import OptionError, memory_budget, stage_set
-    from ultrastyle.trt.graphs import GraphError
+    from ultrastyle.trt.graphs import BundleRefused, GraphError
 
     try:
         asked = stage_set("stages", stages)
@@ -83,7 +83,7 @@ def build_command(
             )  # fmt: skip
     except OptionError as exc:
         raise _bad_option(exc) from None
-    except (TensorRTUnavailable, BundleError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
+    except (TensorRTUnavailable, BundleError, BundleRefused) as exc:  # refused before any work, as `stylize --backend tensorrt` is
         _err(as_command(exc))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:

@@ -43,6 +43,11 @@ class GraphError(ValueError):
     """A bundle that lacks the graphs a precision needs (says which and how to make them)."""
 
 
+class BundleRefused(GraphError):
+    """The bundle cannot give the graphs asked for (stages it lacks, int8 graphs it lacks or of other activations): refused
+    before any build, as `stylize` refuses such a bundle."""
+
+
 @dataclass
 class GraphSource:
     network: str  # "encoder3", "stats3"
@@ -73,26 +78,26 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
         raise GraphError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):
-        raise GraphError(why)
+        raise BundleRefused(why)
     nets = bundle.manifest["networks"]
     if precision == "int8":
         calibrated = sorted({e["stage"] for n, e in nets.items() if isinstance(e, dict) and int8_graph(bundle, n)})
         fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), (("activations", "int8"),))
         if not calibrated:
-            raise remedied(GraphError(
+            raise remedied(BundleRefused(
                 f"bundle {bundle.path} has no int8 (Q/DQ) graphs: TensorRT 11 builds INT8 only from explicitly quantized "
                 f"graphs (its implicit INT8 calibration was removed); create them with {fix.python()} "
                 "(int8 calibration on sample photos), or build fp16 or fp32 engines"
             ), fix)  # fmt: skip
         if bare := [k for k in stages if k not in calibrated]:  # they would build in float32 without a word
             more = calibrate_more(bundle, bare)
-            raise remedied(GraphError(
+            raise remedied(BundleRefused(
                 f"bundle {bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; calibrate those stages too "
                 f"({more.python()}), or build only stages {calibrated}"
             ), more)  # fmt: skip
     activations = calibrated_activations(bundle.manifest)
     if precision == "int8" and activations != "int8":
-        raise remedied(GraphError(
+        raise remedied(BundleRefused(
             f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
             f"TensorRT's INT8 is signed with zero-point 0: calibrate again with {fix.python()}"
         ), fix)  # fmt: skip

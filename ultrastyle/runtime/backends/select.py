@@ -22,7 +22,7 @@ import torch
 
 from ultrastyle import options as check
 from ultrastyle.core.arch import STAGES
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models import zoo
@@ -91,7 +91,12 @@ def ensure_bundle(
                   f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
                   "there must be calibrated again)")  # fmt: skip
     model = load_model(source, stages=stages, progress=progress)
-    return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
+    try:
+        return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
+    except PermissionError as exc:  # a read-only ULTRASTYLE_HOME: say where, and the two ways round it
+        fix = Remedy("export_model", (str(source), Placeholder("BUNDLE_FOLDER")))
+        raise remedied(BundleError(f"cannot write the bundle cache {target.parent} ({exc.strerror}); set ULTRASTYLE_HOME to a folder "
+                                   f"you can write, or export the model once ({fix.python()}) and run from that bundle"), fix) from None
 
 
 def _find_bundle(source: str | Path, stages: tuple[int, ...]) -> Bundle | None:
