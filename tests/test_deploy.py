@@ -28,7 +28,7 @@ def test_export_model_refuses_a_folder_that_is_not_a_bundle_before_loading(tmp_p
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(BundleError, match="exists and is not a bundle"):
         ultrastyle.export_model("no-such-model", tmp_path)  # refused before the name is looked up
-    with pytest.raises(OptionError, match="expected 13..21, got 5") as info:
+    with pytest.raises(OptionError, match="expected an integer 13..21, got 5") as info:
         ultrastyle.export_model("no-such-model", tmp_path / "b", opset=5)  # refused before the model is looked up
     assert info.value.option == "opset"
     for stages in ([], "one", [7]):
