@@ -272,7 +272,6 @@ def test_a_setting_of_the_other_decoder_mode_is_refused_not_saved_and_ignored(mo
     (dict(student_arch="cd64x", width_factor=0.25), "width_factor: the student's widths are cd64x's"),
     (dict(beta=0.0, pixel_weight=0.0, perceptual_weight=0.0), "beta: 0, with pixel_weight and perceptual_weight 0 too"),
     (dict(warmup_steps=50, steps=5), "warmup_steps: 50 is more than the 5 steps"),
-    (dict(resize=32, crop=64), "resize: photos resized to 32 px"),
     (dict(collaborate="no"), "collaborate: expected True or False, got 'no'"),
 ])  # fmt: skip
 def test_distill_settings_a_run_would_save_but_not_use_are_refused(settings, refused):

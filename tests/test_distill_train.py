@@ -536,3 +536,19 @@ def test_sources_a_review_found_confusing_say_what_was_meant(teacher_dir, photos
     for bad in (-1.0, 0.0, 2.0):  # one rule: -1 said ">= 0", and then 0 was refused too
         with pytest.raises(ConfigError, match="^width_factor: expected a"):
             _config(teacher_dir, photos, tmp_path / "b", width_factor=bad).check()
+
+
+def test_a_run_saved_with_a_setting_now_refused_still_resumes(teacher_dir, photos, tmp_path):
+    # The review of this change: refusals added for settings a run does not read must not lock out a run saved before them.
+    cfg = _config(teacher_dir, photos, tmp_path / "a", kd="mse", steps=2)
+    distill(cfg)
+    saved = tmp_path / "a" / "runs" / "2SE" / "config.yaml"
+    saved.write_text(saved.read_text().replace("pixel_weight: 1.0", "pixel_weight: 1000.0"))  # as an older version saved it
+    with pytest.raises(ConfigError, match="^pixel_weight: a setting of the collaborator's loss"):
+        dataclasses.replace(cfg, pixel_weight=1000.0).check()  # a fresh run is refused
+    again = distill(dataclasses.replace(cfg, steps=3), resume=True, explicit={"steps": 3})
+    assert again.train.step == 3 and again.outputs
+    r = CliRunner().invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "2", "--images", str(photos), "-o", str(tmp_path / "a"),
+                                 "--kd", "mse", "--pixel-weight", "1000", "--crop", "16", "--resize", "24", "-b", "2", "--steps", "4",
+                                 "--workers", "0", "--resume"])  # fmt: skip
+    assert r.exit_code == 0, r.output

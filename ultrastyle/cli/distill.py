@@ -99,7 +99,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         if len({c.resolved_run_dir() for c in configs}) < len(configs):  # from --run-dir or the file's run_dir
             raise ConfigError("run_dir: give one stage per run folder (or leave --run-dir out)")
         for c in configs:
-            c.check()
+            c.check(fresh=not (resume and c.has_saved_run()))  # a saved run resumes as it was saved
     except ConfigError as exc:
         _err(as_command(exc, _config_text(exc, {**flags, "stage": stage_text}, config_file)))
         raise typer.Exit(2) from None
@@ -107,7 +107,8 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
     from ultrastyle.distill.data import BadImageWarning, DataError
     from ultrastyle.distill.jobs import distill, train_decoder
     from ultrastyle.distill.outputs import OutputError
-    from ultrastyle.distill.trainer import CHECKPOINT, RunFolderInUse, StepReport, TrainingError
+    from ultrastyle.distill.config import CHECKPOINT
+    from ultrastyle.distill.trainer import RunFolderInUse, StepReport, TrainingError
     from ultrastyle.models.convert import CheckpointError
 
     if configs[0].threads:

@@ -21,6 +21,7 @@ from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import write_atomic
 
 CONFIG_FILE = "config.yaml"
+CHECKPOINT = "checkpoint.pt"  # in the run folder, beside its config.yaml (`trainer`)
 MODES = ("wct", "adain")
 # The settings only one mode's loss reads (`tasks`): WCT reconstructs the image, AdaIN matches a style.
 _MODE_SETTINGS = {"wct": ("pixel_weight", "perceptual_weight"), "adain": ("style", "content_weight", "style_weight")}
@@ -76,7 +77,9 @@ class RunConfig:
             if isinstance(getattr(self, f.name), Path):
                 setattr(self, f.name, str(getattr(self, f.name)))
 
-    def check(self) -> None:
+    def check(self, fresh: bool = True) -> None:
+        """`ConfigError` for a setting that cannot be used. ``fresh`` False (a saved run resumed): the rules on settings a
+        run would not read are left out, so that a run saved before them resumes."""
         from ultrastyle import options as check  # here: the CLI imports this module for its help, and options imports numpy
 
         if not self.stage:
@@ -91,7 +94,7 @@ class RunConfig:
         if self.mode == "adain" and not self.style:
             raise ConfigError("style: AdaIN mode needs a folder of style images")
         other = "adain" if self.mode == "wct" else "wct"
-        if stray := self.changed(_MODE_SETTINGS[other]):  # saved in config.yaml, unused by this mode
+        if fresh and (stray := self.changed(_MODE_SETTINGS[other])):  # saved in config.yaml, unused by this mode
             fixes = (Setting("mode", other), Setting(stray[0], None))
             raise remedied(ConfigError(f"{stray[0]}: a setting of {other} mode, which this {self.mode} run would not use; "
                                        f"give {fixes[0].python()}, or leave it out ({fixes[1].python()})"), fixes)  # fmt: skip
@@ -120,12 +123,9 @@ class RunConfig:
             raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
-        if self.warmup_steps > self.steps:
+        if fresh and self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps, so the rate would never reach lr; "
                               "give fewer warm-up steps, or more steps")  # fmt: skip
-        if 0 < self.resize < self.crop:
-            raise ConfigError(f"resize: photos resized to {self.resize} px (short side) are enlarged again for crops of {self.crop}; "
-                              "give resize at least crop, or 0 for the photos' own size")  # fmt: skip
         if self.device != "cpu":
             import torch  # only here: the configuration module itself stays torch-free
 
@@ -145,6 +145,11 @@ class RunConfig:
         """A `ConfigError` for the first of ``names`` set though this run would not read it (it would be saved as if used)."""
         if stray := self.changed(names):
             raise ConfigError(f"{stray[0]}: {why}; {fix}, or leave {stray[0]} out")
+
+    def has_saved_run(self) -> bool:
+        """Whether the run folder holds a run to resume: its settings and a checkpoint."""
+        run_dir = self.resolved_run_dir()
+        return (run_dir / CONFIG_FILE).is_file() and (run_dir / CHECKPOINT).is_file()
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out) / "runs" / f"{self.stage}{self.kind}"
@@ -188,8 +193,8 @@ class DistillConfig(RunConfig):
     def reviews(self) -> bool:
         return self.method in ("review", "cd+review")
 
-    def check(self) -> None:
-        super().check()
+    def check(self, fresh: bool = True) -> None:
+        super().check(fresh)
         if not self.teacher:
             raise ConfigError("teacher: required")
         if self.kd not in KD_CHOICES:
@@ -207,6 +212,10 @@ class DistillConfig(RunConfig):
             raise ConfigError("beta: 0 without a collaborator leaves nothing to train")
         if self.method == "review" and self.review_weight == 0:
             raise ConfigError("review_weight: 0 with kd review leaves nothing to train the student")
+        if fresh:
+            self._unused_by_method()
+
+    def _unused_by_method(self) -> None:
         if not self.collaborates:
             self._no_unused(("collaborator", "mode", "pixel_weight", "perceptual_weight", "content_weight", "style_weight", "style"),
                             f"a setting of the collaborator's loss, and kd {self.method} has no collaborator", "give kd cd or cd+review")
@@ -234,15 +243,15 @@ class DecoderConfig(RunConfig):
     def kind(self) -> str:
         return "SD"
 
-    def check(self) -> None:
-        super().check()
+    def check(self, fresh: bool = True) -> None:
+        super().check(fresh)
         if not self.encoder:
             raise ConfigError("encoder: required")
         if self.prune not in PRUNE_CHOICES:
             raise ConfigError(f"prune: must be one of {', '.join(PRUNE_CHOICES)}, got {self.prune!r}")
         if self.init in PRUNE_CHOICES + ("prune",) and not Path(self.init).exists():
             raise ConfigError(f"init: {self.init!r} is a way to thin a wider start (prune); init is random, or a model with a decoder to start from")
-        if self.init == "random":
+        if fresh and self.init == "random":
             self._no_unused(("prune",), "how a wider init decoder is thinned, and init is random", "give init a model with a decoder")
         weights = ("pixel_weight", "perceptual_weight") if self.mode == "wct" else ("content_weight", "style_weight")
         if all(getattr(self, w) == 0 for w in weights):

@@ -22,14 +22,14 @@ import torch
 
 from ultrastyle.core.arch import ARCHS, ArchSpec, get_arch, spec_to_dict
 from ultrastyle.distill import sources
-from ultrastyle.distill.config import CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
+from ultrastyle.distill.config import CHECKPOINT, CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
 from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, DataError, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
 from ultrastyle.distill.outputs import OutputError, claim_folder, record_adain_stage, write_network
 from ultrastyle.distill.prune import prune_decoder, prune_encoder
 from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
-from ultrastyle.distill.trainer import CHECKPOINT, StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
+from ultrastyle.distill.trainer import StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
@@ -211,28 +211,29 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
 
 def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: bool, on_message: Callable[[str], None]) -> RunConfig:
     """The config to run: on resume, the saved one (with resumable changes); else ``config``, checked."""
-    config.check()
     run_dir = config.resolved_run_dir()
+    saved = run_dir / CONFIG_FILE
+    resuming = resume and config.has_saved_run()
+    config.check(fresh=not resuming)  # a saved run resumes as it was saved (rules added since do not lock it out)
+    refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
     if config.run_dir:  # a folder of the caller's choosing: usable before the model folder is claimed
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise remedied(OutputError(f"{run_dir}: cannot be the run folder ({exc.strerror}); give another run_dir"), Setting("run_dir")) from None
-    refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
     written = config.weights_file()
     if written.is_file() and not (run_dir / CHECKPOINT).is_file():  # its run folder may be gone; the weights are still someone's work
         raise remedied(OutputError(
             f"{written} holds trained weights already, and {run_dir} has no checkpoint to resume: a run would start from step 0 and "
             "replace them; move the file away, or write into another model folder (out)"
         ), Setting("out"))
-    saved = run_dir / CONFIG_FILE
-    if resume and saved.is_file() and (run_dir / CHECKPOINT).is_file():
+    if resuming:
         given = explicit if explicit is not None else dataclasses.asdict(config)
         before = read_saved(type(config), saved)
         config = for_resume(before, config, given)
-        config.check()
+        config.check(fresh=False)
         if config.lr_schedule == "cosine" and config.steps != before.steps:
             on_message(f"warning: the cosine schedule spans all the steps: resumed with {config.steps} steps (the run was started with "
                        f"{before.steps}), the learning rate jumps from the old schedule to the new one at the step the run resumes from")  # fmt: skip

@@ -32,13 +32,13 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ultrastyle.distill.config import CHECKPOINT
 from ultrastyle.distill.data import step_loader
 from ultrastyle.distill.logs import LossLog, plot_losses
 from ultrastyle.distill.tasks import Task
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 PLOT = "losses.png"
 CHECKPOINT_FORMAT = "ultrastyle-train-checkpoint"
