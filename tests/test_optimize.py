@@ -182,7 +182,7 @@ def test_a_state_from_other_settings_is_not_resumed(optimizer, photo, style, tmp
     with pytest.raises(KeyboardInterrupt):
         optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", on_progress=stop, max_memory=None)
     steps = []
-    with pytest.warns(StateWarning, match="a saved state of other inputs or settings; starting over"):  # it was dropped in silence
+    with pytest.warns(StateWarning, match="the saved state is of other inputs or settings; starting over"):  # it was dropped in silence
         optimizer.run(content, st, iterations=3, save_every=1, state_dir=tmp_path / "s", style_weight=1.0, max_memory=None,
                       on_progress=lambda e: steps.append(e.iteration))  # fmt: skip
     assert steps == [1, 2, 3]
@@ -662,7 +662,11 @@ def test_a_saved_state_is_resumed_by_skip_existing_and_a_damaged_one_starts_over
 
     with pytest.raises(KeyboardInterrupt):
         optimizer.run(pair.content, tmp_path / "s.png", options=opts, state_dir=state_dir_for(pair.output), on_progress=stop)
-    assert optimizer.resumable == state_dir_for(pair.output)
+    assert optimizer.resumes(pair.content, tmp_path / "s.png", opts, state_dir_for(pair.output))
+    other = make_optimize_options(iterations=3, save_every=1, max_memory=None, style_weight=1.0)
+    assert not optimizer.resumes(pair.content, tmp_path / "s.png", other, state_dir_for(pair.output))
+    (result,) = run_batch(optimizer, [pair], other, skip_existing=True).results  # a state this run would not resume: the file is kept
+    assert result.status == "skipped" and np.asarray(Image.open(pair.output)).shape == (4, 4, 3)
     (result,) = run_batch(optimizer, [pair], opts, skip_existing=True).results
     assert result.status == "done" and np.array_equal(np.asarray(Image.open(pair.output)), fresh)
 

@@ -202,7 +202,8 @@ def optimize_command(
             progress.stop()
             again = "run the same command again" + ("" if skip_existing else " with --skip-existing (the finished images are not redone)")
             for pair in stop.unfinished:
-                resume = (f"{again} to resume it from its last saved state" if optimizer.resumable == state_dir_for(pair.output) else
+                resumes = optimizer.resumes(pair.content, pair.style.paths[0], opts, state_dir_for(pair.output))
+                resume = (f"{again} to resume it from its last saved state" if resumes else
                           f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again")  # fmt: skip
                 _err(f"interrupted: {pair.output.name} was not finished; {resume}")
             _err(f"{stop.summary.count('done')} of {len(pairs)} images were done")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Optimizer", "OptimizeOptions", "ProgressEvent", "make_optimize_options", "optimize"]
+__all__ = ["Optimizer", "OptimizeOptions", "ProgressEvent", "StateWarning", "make_optimize_options", "optimize"]
 
 
 def __getattr__(name: str) -> Any:

@@ -166,8 +166,8 @@ def run_batch(
         out = pair.output
         assert out is not None
         started = time.perf_counter()
-        if skip_existing and out.exists() and not (state_dir_for(out) / "state.json").is_file():  # a saved state: resumed
-            result = PairResult(pair, "skipped")
+        if skip_existing and out.exists() and not optimizer.resumes(pair.content, pair.style.paths[0], options, state_dir_for(out)):
+            result = PairResult(pair, "skipped")  # (an interrupted run's state that this run would resume is resumed instead)
         else:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -454,7 +454,6 @@ class Optimizer:
             encoder = loaded.encoders[max(loaded.encoders)]
         self.net = LossNetwork(encoder.to(device=device, dtype=dtype))
         self._checked: set[tuple] = set()
-        self.resumable: Path | None = None  # the state folder of the last run that a rerun resumes (None: it would start over)
 
     def close(self) -> None:
         pass
@@ -536,6 +535,21 @@ class Optimizer:
         finally:
             torch.set_num_threads(threads)
 
+    def resumes(self, content: ImageLike, style: ImageLike, options: OptimizeOptions, state_dir: str | os.PathLike) -> bool:
+        """Whether a run with these inputs and ``options`` would resume the state saved in ``state_dir`` (its fingerprint
+        matches; the images' headers and dates, not their pixels, are read)."""
+        try:
+            fingerprint = self._fingerprint(as_source(content, "content"), as_source(style, "style"), options)
+        except OSError:  # an input gone: its run says so
+            return False
+        return _read_state(Path(state_dir), fingerprint) is not None
+
+    def _fingerprint(self, content: Any, style: Any, opts: OptimizeOptions) -> str:
+        """What a saved state must match to be resumed: the inputs (path, size, date), the model and the trajectory's settings."""
+        return hashlib.sha256(json.dumps(
+            [STATE_VERSION, _source_key(content), _source_key(style), str(self.model), opts.trajectory()], default=str
+        ).encode()).hexdigest()  # fmt: skip
+
     def _run_or_restart(self, *args: Any) -> np.ndarray:
         try:
             return self._run(*args)
@@ -552,15 +566,12 @@ class Optimizer:
             content_full = resize_long_side(content_full, opts.content_size)
         h, w = content_full.shape[-2:]
         sizes = scale_sizes(h, w, opts.scales)
-        fingerprint = hashlib.sha256(json.dumps(
-            [STATE_VERSION, _source_key(c_src), _source_key(s_src), str(self.model), opts.trajectory()], default=str
-        ).encode()).hexdigest()  # fmt: skip
+        fingerprint = self._fingerprint(c_src, s_src, opts)
         state = Path(state_dir) if state_dir is not None else None
         resume = _read_state(state, fingerprint) if state is not None else None
         if state is not None and resume is None and (state / "state.json").is_file():
-            warnings.warn(f"{state}: a saved state of other inputs or settings; starting over (it is replaced at the first save)",
-                          StateWarning, stacklevel=3)  # fmt: skip
-        self.resumable = state if resume is not None else None  # what a rerun would resume (`run_batch`'s interrupt message)
+            why = "cannot be read" if _read_state(state, None) is None else "is of other inputs or settings"
+            warnings.warn(f"{state}: the saved state {why}; starting over (it is replaced at the first save)", StateWarning, stacklevel=4)
         start = resume["scale"] if resume else 0
         t0 = time.perf_counter()
         solver: Solver | None = None
@@ -588,8 +599,7 @@ class Optimizer:
                         try:
                             solver.load(state / "solver")  # type: ignore[operator]
                         except (OSError, ValueError, KeyError) as exc:  # damaged (a power cut after the rename): start over
-                            warnings.warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning, stacklevel=3)
-                            self.resumable = None
+                            warnings.warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning, stacklevel=4)
                             shutil.rmtree(state, ignore_errors=True)
                             raise _StartOver from None
                     objective = _Objective(self.net, target, opts.weights, plan, on_tile)
@@ -600,10 +610,8 @@ class Optimizer:
                                                       time.perf_counter() - t0, len(plan.tiles)))  # fmt: skip
                         if state is not None and opts.save_every and solver.iterations % opts.save_every == 0:
                             _save_state(state, fingerprint, i, solver)
-                            self.resumable = state
                     if state is not None and i < len(sizes) - 1:
                         _save_state(state, fingerprint, i, solver)
-                        self.resumable = state
                 finally:
                     for canvas in closing:
                         canvas.close()
@@ -695,13 +703,13 @@ def _save_state(folder: Path, fingerprint: str, scale: int, solver: Solver) -> N
         (tmp / "state.json").write_text(json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint, "scale": scale}))
 
 
-def _read_state(folder: Path, fingerprint: str) -> dict | None:
-    """The saved state's header when it matches this run, else None (a mismatch starts over)."""
+def _read_state(folder: Path, fingerprint: str | None) -> dict | None:
+    """The saved state's header when it matches this run (``fingerprint`` None: any readable one), else None (a run starts over)."""
     try:
         meta = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("version") != STATE_VERSION or meta.get("fingerprint") != fingerprint:
+    if not isinstance(meta, dict) or (fingerprint is not None and (meta.get("version") != STATE_VERSION or meta.get("fingerprint") != fingerprint)):
         return None
     return meta
 
