@@ -429,8 +429,11 @@ def test_in_memory_images_of_any_origin_are_read_or_refused_with_an_image_error_
     assert np.array_equal(as_pixels(Image.fromarray(grey / np.float32(255))), as_pixels(grey / np.float32(255)))
     rgb16 = np.random.default_rng(0).integers(0, 65536, (6, 8, 3)).astype(np.uint16)
     (tmp_path / "rgb16.png").write_bytes(__import__("imagecodecs").png_encode(rgb16))
-    with Image.open(tmp_path / "rgb16.png") as opened, pytest.warns(ultrastyle.io.sources.PrecisionWarning, match="give the file's path"):
-        as_pixels(opened, "content")  # Pillow decodes 16-bit RGB to 8 bits; the path keeps 16
+    for load in (False, True):  # Pillow decodes 16-bit RGB to 8 bits; the path keeps 16 (loaded, the image forgets its raw mode)
+        with Image.open(tmp_path / "rgb16.png") as opened, pytest.warns(ultrastyle.io.sources.PrecisionWarning, match="give the file's path"):
+            if load:
+                opened.load()
+            as_pixels(opened, "content")
     Image.fromarray(grey / np.float32(255)).save(tmp_path / "f.tif")  # a file of mode F: read by the file's rule
     with Image.open(tmp_path / "f.tif") as opened:
         assert np.array_equal(as_pixels(opened), ultrastyle.io.images.read_image(tmp_path / "f.tif"))

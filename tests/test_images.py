@@ -627,6 +627,8 @@ def test_tiff_files_beyond_pillow_are_read_as_their_tags_and_samples_say(tmp_pat
     tifffile.imwrite(tmp_path / "f255.tif", rgb * 255, photometric="rgb")
     with pytest.raises(ImageError, match=r"f255.tif: float samples must lie in \[0, 1\], got .*; divide 0..255 data by 255"):
         read_image(tmp_path / "f255.tif")
+    tifffile.imwrite(tmp_path / "over.tif", rgb * 1.03 - 0.01, photometric="rgb")  # resampling's overshoot: clipped, not refused
+    np.testing.assert_array_equal(read_image(tmp_path / "over.tif"), np.clip(rgb * 1.03 - 0.01, 0, 1))
     tifffile.imwrite(tmp_path / "i32.tif", (rng.random((40, 60)) * 255000).astype(np.int32))
     with pytest.raises(ImageError, match="i32.tif: 32-bit integer samples .* do not fit 16 bits"):
         read_image(tmp_path / "i32.tif")
@@ -638,6 +640,12 @@ def test_tiff_files_beyond_pillow_are_read_as_their_tags_and_samples_say(tmp_pat
     tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="rgb")
     with pytest.warns(AnimatedImageWarning, match="pages.tif: a TIFF of 2 pages; its first page is used"):
         assert np.array_equal(read_image(tmp_path / "pages.tif"), pages[0])
+    deep = pages.astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "pages16.tif", deep, photometric="rgb")  # the 16-bit path too
+    with pytest.warns(AnimatedImageWarning, match="pages16.tif: a TIFF of 2 pages"):
+        assert np.array_equal(read_image(tmp_path / "pages16.tif"), deep[0])
+    with pytest.raises(ImageError, match=r"nothing\*.png: no file matches this pattern"):
+        read_image(tmp_path / "nothing*.png")
     if imagecodecs.WEBP.available:
         tifffile.imwrite(tmp_path / "webp.tif", pages[0], photometric="rgb", compression="webp", compressionargs={"level": 100, "lossless": True})
         assert np.array_equal(read_image(tmp_path / "webp.tif"), pages[0])  # tifffile's codec where Pillow's libtiff has none

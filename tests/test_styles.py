@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -291,5 +293,9 @@ def test_a_mask_region_no_feature_pixel_samples_is_found_and_warned_of(cd16x_dir
     Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(tmp_path / "c.png")
     Image.fromarray(np.where(labels == 1, 255, 0).astype(np.uint8)).save(tmp_path / "m.png")
     styles = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(2)]
-    with pytest.warns(UnusedStyleWarning, match=r"m.png: the region\(s\) of colour 255 are smaller than one feature pixel of stage\(s\) 4"):
-        ultrastyle.stylize(tmp_path / "c.png", styles, mask=tmp_path / "m.png", model=cd16x_dir, levels=4, backend="torch")
+    with ultrastyle.load(cd16x_dir, backend="torch") as s:
+        with pytest.warns(UnusedStyleWarning, match=r"m.png: the region\(s\) of colour 255 are smaller than one feature pixel of stage\(s\) 4 at 96x96"):
+            s.stylize(tmp_path / "c.png", styles, mask=tmp_path / "m.png", levels=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnusedStyleWarning)  # the region at the content's size: 4x4 grown to 40x40, sampled
+            s.stylize(tmp_path / "c.png", styles, mask=tmp_path / "m.png", levels=4, content_size=960)

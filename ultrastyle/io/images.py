@@ -6,6 +6,7 @@ file beside the target and renamed, so no partial file is ever left.
 
 from __future__ import annotations
 
+import glob
 import os
 import struct
 import warnings
@@ -90,7 +91,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     path = Path(path)
     try:
         if not path.exists():  # a glob that matched nothing is kept as given (`expand_inputs`), to be reported here
-            raise ImageError(f"{path}: {'no file matches this pattern' if any(c in path.name for c in '*?[') else 'no such file'}")
+            raise ImageError(f"{path}: {'no file matches this pattern' if glob.has_magic(str(path)) else 'no such file'}")
         if path.is_dir():
             raise ImageError(f"{path}: is a directory, not an image")
         if not path.is_file():  # the header is read twice, and the file once more for PNG checks: a pipe has none of it
@@ -103,10 +104,10 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
                 warnings.warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
-            if _is_rgb16(path, img):
-                return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
             if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
                 warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
+            if is_rgb16(path, img):
+                return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
             return pil_to_array(img, keep_alpha=keep_alpha, name=str(path))
@@ -252,7 +253,7 @@ def check_tiff_data(path: Path) -> None:
         raise ImageError(f"{path}: truncated TIFF: its image data runs to byte {max(ends)} but the file ends at {size}")
 
 
-def _is_rgb16(path: Path, img: Image.Image) -> bool:
+def is_rgb16(path: Path, img: Image.Image) -> bool:
     """PIL reads 16-bit RGB (and grey + alpha) PNG/TIFF as 8 bits; those files take the lossless path."""
     if img.format == "PNG":
         with open(path, "rb") as f:
@@ -369,13 +370,15 @@ def over_white(a: np.ndarray) -> np.ndarray:
     return rgb if a.dtype.kind == "f" else (rgb + 0.5).astype(a.dtype)
 
 
-def check_float_range(a: np.ndarray, name: str) -> None:
-    """Refuse float samples outside [0, 1] (1e-3 of rounding allowed): `ImageError` naming ``name``.
+# Float samples this far outside [0, 1] are clipped: resampling's over- and undershoot. Beyond it the data has
+# another range (0..255, HDR), which clipping would turn white without a word.
+FLOAT_SLACK = 0.05
 
-    Clipping 0..255 data (or HDR) would make a white image without a word; callers clip what passes.
-    """
+
+def check_float_range(a: np.ndarray, name: str) -> None:
+    """Refuse float samples outside [0, 1] by more than `FLOAT_SLACK`: `ImageError` naming ``name``; callers clip what passes."""
     lo, hi = float(np.min(a)), float(np.max(a))  # NaN propagates, and fails the test below
-    if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+    if not (lo >= -FLOAT_SLACK and hi <= 1 + FLOAT_SLACK):
         hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
         raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
 

@@ -25,6 +25,7 @@ from ultrastyle.io.images import (
     check_pixels,
     clear_transparent,
     image_kind,
+    is_rgb16,
     over_white,
     pil_limits_off,
     pil_to_array,
@@ -97,6 +98,19 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
     return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
 
 
+def _holds_16_bits(image: Image.Image) -> bool:
+    """Whether ``image`` was opened from a 16-bit RGB file (its decoder's raw mode before `load`, else the file's header)."""
+    if any(";16" in str(t.args) for t in getattr(image, "tile", None) or ()):
+        return True
+    filename = getattr(image, "filename", "")
+    if not filename or image.format not in ("PNG", "TIFF") or not Path(filename).is_file():
+        return False
+    try:
+        return is_rgb16(Path(filename), image)
+    except OSError:
+        return False
+
+
 class PrecisionWarning(UserWarning):
     """An input holds fewer bits than its file: a PIL image of a 16-bit RGB file (Pillow keeps 8)."""
 
@@ -110,7 +124,7 @@ def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
         if getattr(image, "n_frames", 1) > 1:
             warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
         made_here = image.format is None
-        if image.mode in ("RGB", "RGBA") and any(";16" in str(t.args) for t in getattr(image, "tile", None) or ()):
+        if image.mode in ("RGB", "RGBA") and _holds_16_bits(image):
             warnings.warn(f"{name}: a PIL image of a 16-bit RGB file holds 8 bits per sample (Pillow decodes it so); "
                           "give the file's path to keep 16", PrecisionWarning, stacklevel=4)  # fmt: skip
         image = ImageOps.exif_transpose(image)

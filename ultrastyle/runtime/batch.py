@@ -172,6 +172,7 @@ class StyleBook:
         self.model, self.options = model, options
         self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict() if masks is None else masks
+        self._warned: set[tuple] = set()  # masks warned of (`_warn_unsampled`)
 
     def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
         with _CACHE_LOCK:  # dictionary work only: threads compute apart (two may compute one style once each)
@@ -226,31 +227,46 @@ class StyleBook:
         stats = tuple(self.get(p, recolor) for p in spec.paths)
         if spec.mask is None:
             return Target(stats, spec.weights or (1.0,))
-        labels = self.labels(spec.mask, len(spec.paths))
+        labels, colours = self._labels(spec.mask, len(spec.paths))
         if labels.shape != original:
             raise ImageError(
                 f"{spec.mask}: the mask is {labels.shape[1]}x{labels.shape[0]} but the content is "
                 f"{original[1]}x{original[0]}; give a mask of the content's size"
             )
-        return Regions(resize_labels(labels, *size), tuple(Target((s,)) for s in stats))
+        regions = Regions(resize_labels(labels, *size), tuple(Target((s,)) for s in stats))
+        self._warn_unsampled(spec.mask, regions.labels, colours)
+        return regions
+
+    def _warn_unsampled(self, mask: Source, labels: np.ndarray, colours: list) -> None:
+        """One `UnusedStyleWarning` per mask version, content size and stages where a region of ``labels`` (at the content's
+        size) is sampled by no feature pixel of the stages run: its style would not be applied."""
+        key = (*_version(mask), labels.shape, tuple(self.options.levels))
+        with _CACHE_LOCK:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        if lost := unsampled_labels(labels, [self.model.arch.grid(k) for k in self.options.levels]):
+            stages = ", ".join(map(str, self.options.levels))
+            shown = ", ".join(str(c[0] if len(c) == 1 else c) for c in (colours[i] for i in lost))
+            warnings.warn(f"{mask}: the region(s) of colour {shown} are smaller than one feature pixel of stage(s) {stages} at "
+                          f"{labels.shape[1]}x{labels.shape[0]}, so their style is not applied; paint them larger, or run finer stages "
+                          "(levels)", UnusedStyleWarning, stacklevel=2)  # fmt: skip
 
     def labels(self, src: Source, styles: int) -> np.ndarray:
         """The mask's label map, read once per file version; its label count must equal the number of styles."""
+        return self._labels(src, styles)[0]
+
+    def _labels(self, src: Source, styles: int) -> tuple[np.ndarray, list]:
+        """`labels` and the colour of each label."""
 
         def read() -> tuple[np.ndarray, list]:
-            found = labels_of(src.pixels, str(src)) if isinstance(src, ImageInput) else read_labels(src, max_pixels=self.options.max_pixels)
-            # Once per file version: at the mask's own size (a content resized smaller loses more, unsaid).
-            if lost := unsampled_labels(found[0], [self.model.arch.grid(k) for k in self.options.levels]):
-                stages = ", ".join(map(str, self.options.levels))
-                colours = ", ".join(str(c[0] if len(c) == 1 else c) for c in (found[1][i] for i in lost))
-                warnings.warn(f"{src}: the region(s) of colour {colours} are smaller than one feature "
-                              f"pixel of stage(s) {stages}, so their style is not applied; paint them larger, or run finer stages (levels)",
-                              UnusedStyleWarning, stacklevel=2)  # fmt: skip
-            return found
+            if isinstance(src, ImageInput):
+                return labels_of(src.pixels, str(src))
+            return read_labels(src, max_pixels=self.options.max_pixels)
 
         labels, colours = self._remember(self._masks, (*_version(src), self.options.max_pixels), read, self.KEEP_MASKS)
         check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
-        return labels
+        return labels, colours
 
 
 def stylize_canvas(
