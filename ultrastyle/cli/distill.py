@@ -104,10 +104,10 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         _err(as_command(exc, _config_text(exc, {**flags, "stage": stage_text}, config_file)))
         raise typer.Exit(2) from None
     # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
+    from ultrastyle.distill.config import CHECKPOINT
     from ultrastyle.distill.data import BadImageWarning, DataError
     from ultrastyle.distill.jobs import distill, train_decoder
     from ultrastyle.distill.outputs import OutputError
-    from ultrastyle.distill.config import CHECKPOINT
     from ultrastyle.distill.trainer import RunFolderInUse, StepReport, TrainingError
     from ultrastyle.models.convert import CheckpointError
 

@@ -22,7 +22,17 @@ import torch
 
 from ultrastyle.core.arch import ARCHS, ArchSpec, get_arch, spec_to_dict
 from ultrastyle.distill import sources
-from ultrastyle.distill.config import CHECKPOINT, CONFIG_FILE, ConfigError, DecoderConfig, DistillConfig, RunConfig, for_resume, read_saved, write_yaml
+from ultrastyle.distill.config import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    ConfigError,
+    DecoderConfig,
+    DistillConfig,
+    RunConfig,
+    for_resume,
+    read_saved,
+    write_yaml,
+)
 from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, DataError, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
 from ultrastyle.distill.outputs import OutputError, claim_folder, record_adain_stage, write_network

@@ -7,9 +7,9 @@ would replace an input; `BatchSummary` says what was done, skipped or failed (`r
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 import numpy as np
 
