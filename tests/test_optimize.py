@@ -680,6 +680,10 @@ def test_a_saved_state_is_resumed_by_skip_existing_and_a_damaged_one_starts_over
 
 
 def test_what_a_run_does_not_read_does_not_stop_a_resume_and_api_inputs_are_checked_as_the_cli_checks_them():
+    import ultrastyle
+
+    with pytest.raises(OptionError, match="did you mean 'state_dir'"):  # the call's own keywords, as stylize's
+        ultrastyle.optimize("c.png", "s.png", stat_dir="x")
     base = make_optimize_options()
     assert make_optimize_options(seed=7).trajectory() == base.trajectory()  # the seed is noise's
     assert make_optimize_options(init="noise", seed=7).trajectory() != make_optimize_options(init="noise").trajectory()

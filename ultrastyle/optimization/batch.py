@@ -25,6 +25,7 @@ from ultrastyle.io.sources import image_header, resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.run import (
     _SETTINGS,
+    CALL_KEYWORDS,
     FORMATS,
     OptimizeOptions,
     Optimizer,
@@ -219,7 +220,7 @@ def optimize_batch(
     setting or a missing style is an `OptionError` before any image, and an
     unreadable style an `ImageError`.
     """
-    known_keywords(settings, _SETTINGS)  # the model's settings are this function's own keywords
+    known_keywords(settings, _SETTINGS, named=CALL_KEYWORDS)  # the model's settings are this function's own keywords
     if is_file_output(output):
         from ultrastyle.options import output_format
 

@@ -60,6 +60,9 @@ from ultrastyle.optimization.solvers import (
 from ultrastyle.options import OptionError
 
 INITS = ("content", "noise", "wct")
+# The optimize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
+CALL_KEYWORDS = ("content", "contents", "style", "output", "state_dir", "on_progress", "on_tile", "on_result", "model", "device", "dtype",
+                 "threads", "progress", "skip_existing")  # fmt: skip
 STATE_VERSION = 1
 # Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
 # here at 1024 px with a heap trim after each tile: 933 B/px with glibc's defaults, 1129 B/px with
@@ -515,7 +518,7 @@ class Optimizer:
             settings["format"] = check.output_format(output, settings.get("format"), FORMATS)  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
         if opts is None:
-            check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)")
+            check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "Optimizer(...) (or to ultrastyle.optimize)", CALL_KEYWORDS)
             opts = make_optimize_options(**settings)
         elif settings or not isinstance(opts, OptimizeOptions):
             raise TypeError("give either options (an OptimizeOptions) or settings, not both")
@@ -738,6 +741,6 @@ def optimize(
     as `Optimizer.run`; ``dtype``, ``threads``, ``progress`` (the model's
     download bar): as `Optimizer`. For many images, open an `Optimizer` once.
     """
-    check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)")  # before the model loads
+    check.known_keywords(settings, _SETTINGS, _MODEL_KEYS, "ultrastyle.optimize or Optimizer(...)", CALL_KEYWORDS)  # before the model loads
     with Optimizer(model, device=device, dtype=dtype, threads=threads, progress=progress) as o:
         return o.run(content, style, output=output, state_dir=state_dir, on_progress=on_progress, on_tile=on_tile, **settings)
