@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,7 +130,17 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
     except ValueError as exc:  # "tile_min=900 is above tile_max=512; ...": the first setting is the option
         named = remedies_of(getattr(exc, "remedy", None))
         raise remedied(OptionError(named[0].keyword if named else "tile_max", str(exc)), named) from None
+    for name, side in tiles.items():  # each stage's profile is on its grid: a side given is said where it moved
+        moved = [f"{getattr(ranges[k], name.removeprefix('tile_'))} px at stage {k}" for k in chosen
+                 if side is not None and getattr(ranges[k], name.removeprefix("tile_")) != side]  # fmt: skip
+        if moved:
+            warnings.warn(f"{name}={side} is {', '.join(moved)}: a profile's sides are multiples of the stage's grid (2^(k-1) px), "
+                          "at least two cells, and in order", ProfileWarning, stacklevel=3)  # fmt: skip
     return b, chosen, ranges
+
+
+class ProfileWarning(UserWarning):
+    """A tile side given for TensorRT profiles that a stage's grid moved (rounded to its grid, at least two cells, in order)."""
 
 
 def check_tensorrt(

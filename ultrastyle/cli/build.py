@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from ultrastyle.cli.logs import saying_warnings
 from ultrastyle.cli.remedies import as_command, bad_parameter, swap
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ def _err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
 
+@saying_warnings
 def build_command(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder (ultrastyle export).", show_default=False)],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle folder (ultrastyle export).", show_default=False)],
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="fp32; fp16 (the graphs are converted to float16 before the build); int8 (needs the bundle's Q/DQ graphs: ultrastyle calibrate).")] = Precision.fp32,
     tile_min: Annotated[int | None, typer.Option("--tile-min", min=1, help="Smallest tile region side in pixels the engines accept (default: 2 x the stage's grid).")] = None,
     tile_opt: Annotated[int | None, typer.Option("--tile-opt", min=1, help="Tile region side the engines are tuned for (default: --tile-max).")] = None,

@@ -5,7 +5,11 @@ A long command shows its bar on a terminal and prints `LogLines` in a log instea
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 
@@ -30,3 +34,17 @@ class LogLines:
         if self.active and (milestone or time.monotonic() - self._said >= self.every):
             self._said = time.monotonic()
             self.console.print(text, markup=False, soft_wrap=True, highlight=False)
+
+
+def saying_warnings(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the library's warnings said as ``warning: ...`` lines on stderr (not Python's file:line form)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        console = Console(stderr=True, highlight=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *a, **k: console.print(f"warning: {message}", style="yellow", markup=False,
+                                                                           soft_wrap=True)  # fmt: skip
+            command(*args, **kwargs)
+
+    return run
