@@ -552,3 +552,9 @@ def test_a_run_saved_with_a_setting_now_refused_still_resumes(teacher_dir, photo
                                  "--kd", "mse", "--pixel-weight", "1000", "--crop", "16", "--resize", "24", "-b", "2", "--steps", "4",
                                  "--workers", "0", "--resume"])  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+def test_a_job_reports_its_set_up_time_apart_from_the_steps(teacher_dir, photos, tmp_path):
+    # A user review: a 76 s fit of the start, then "1 steps in 1 s".
+    r = distill(_config(teacher_dir, photos, tmp_path / "a", steps=1))
+    assert r.setup_seconds > 0 and r.train.seconds >= 0

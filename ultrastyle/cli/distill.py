@@ -194,8 +194,9 @@ def _report(console: Console, r: JobResult) -> None:
         )  # fmt: skip
     val = f"; validation {_loss_text(t.val)}" if t.val else ""
     wrote = ", ".join(str(p) for p in r.outputs) or "nothing new (already done)"
+    setup = f" after {r.setup_seconds:.0f} s of set-up" if r.setup_seconds >= 1 else ""  # a fitted start takes minutes
     console.print(
-        f"stage {r.config.stage} {r.config.kind}: {t.step} steps in {t.seconds:.0f} s{val}; wrote {wrote}; "
+        f"stage {r.config.stage} {r.config.kind}: {t.step} steps in {t.seconds:.0f} s{setup}{val}; wrote {wrote}; "
         f"log and plot in {r.run_dir}", markup=False, soft_wrap=True,
     )  # fmt: skip
 

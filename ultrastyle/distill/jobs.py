@@ -11,6 +11,7 @@ thin layers over these two functions.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ class JobResult:
     run_dir: Path
     train: TrainResult
     outputs: list[Path]  # files written into config.out (empty unless the run finished)
+    setup_seconds: float = 0.0  # before the first step: data, networks, a fitted start (`train.seconds` is the steps')
 
 
 # ---------------------------------------------------------------- architectures
@@ -273,6 +275,7 @@ def distill(
     ``device``, ...; see `config.for_resume`), which are taken from ``config``.
     ``on_message`` receives one-line notes (skipped images, where things go).
     """
+    started = time.perf_counter()
     config = _prepare_run(config, explicit, resume, on_message)
     k = config.stage
     data = _data(config, on_message)
@@ -295,7 +298,7 @@ def distill(
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    return _run(config, task, spec, data, resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)})
+    return _run(config, task, spec, data, resume, on_step, on_message, {"teacher_architecture": spec_to_dict(teacher.spec)}, started)
 
 
 def train_decoder(
@@ -311,6 +314,7 @@ def train_decoder(
     The output folder also receives the encoder as ``{k}SE.pth`` when it has
     none, so that it is a complete model (e.g. for a VGG-19 teacher file).
     """
+    started = time.perf_counter()
     config = _prepare_run(config, explicit, resume, on_message)
     k = config.stage
     data = _data(config, on_message)
@@ -327,7 +331,7 @@ def train_decoder(
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
         content_weight=config.content_weight, style_weight=config.style_weight,
     )  # fmt: skip
-    result = _run(config, task, spec, data, resume, on_step, on_message, {})
+    result = _run(config, task, spec, data, resume, on_step, on_message, {}, started)
     if result.outputs and not (Path(config.out) / f"{k}SE.pth").is_file():
         result.outputs.append(write_network(config.out, f"{k}SE.pth", encoder))
     if result.outputs and config.mode == "adain":  # the folder stylizes with adain by default
@@ -379,6 +383,7 @@ def _run(
     on_step: Callable[[StepReport], None] | None,
     on_message: Callable[[str], None],
     facts: dict[str, Any],
+    started: float,
 ) -> JobResult:
     out = claim_folder(config.out, spec)
     run_dir = config.resolved_run_dir()
@@ -389,6 +394,7 @@ def _run(
         f"stage {config.stage} {config.kind}: {data_facts['train_images']} training / {data_facts['val_images']} "
         f"validation images; run folder {run_dir}"
     )
+    setup = time.perf_counter() - started
     result = trainer.fit(resume=resume)
     outputs = []
     if result.status == "done" and not (resume and _written_at(config.weights_file(), result.step)):
@@ -396,4 +402,4 @@ def _run(
         decoder = out / f"{config.stage}SD.pth"
         if config.kind == "SE" and decoder.is_file():  # trained on another encoder's features
             on_message(f"warning: {decoder} was trained before this encoder was written; train the decoder again for it")
-    return JobResult(config, run_dir, result, outputs)
+    return JobResult(config, run_dir, result, outputs, setup)
