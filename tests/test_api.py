@@ -520,3 +520,13 @@ def test_two_torch_stylizers_closed_in_either_order_give_torch_its_thread_count_
         assert torch.get_num_threads() == 3  # (each putting back what it found left 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_float_samples_a_little_outside_the_unit_range_are_clipped_not_passed_on():
+    # The review of this change: the 0.05 slack let 1.04 through as 1.04 (alpha -0.04 too).
+    from ultrastyle.io.sources import as_pixels
+
+    rgba = np.full((2, 3, 4), 1.04, np.float32)
+    rgba[..., 3] = -0.04
+    got = as_pixels(rgba, "content", keep_alpha=True)
+    assert got.min() >= 0 and got.max() <= 1 and rgba.max() > 1  # the caller's array is left as given

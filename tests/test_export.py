@@ -320,17 +320,21 @@ def test_export_cli_refuses_stages_the_model_lacks_as_a_usage_error(cd16x_dir, t
     ("del m['networks']", "expected 'networks' to map graph names to their files, found NoneType"),
     ("m['networks'] = []", "found list"),
     ("del m['networks']['encoder1']['sha256']", "the graph of encoder1 lacks its file or sha256"),
-    ("del m['architecture']", "expected an 'architecture' record"),
+    ("del m['architecture']", "its 'architecture' record cannot be read"),
     ("m['format_version'] = '1'", "format_version '1' is none this ultrastyle knows"),
     ("del m['format_version']", "format_version None is none this ultrastyle knows"),
     ("m['format_version'] = 0", "format_version 0 is none"),
     ("m['networks']['encoder1']['int8'] = {'file': '../x.onnx', 'sha256': 'ab'}", "int8 graph encoder1 names a file outside the bundle"),
+    ("m['architecture'] = {}", "its 'architecture' record cannot be read"),
+    ("m['stages'] = [1, 2, 3, 4, 5, 6][:5]; [m['networks'].pop(n) for n in list(m['networks']) if n.endswith('5')]",
+     "'stages' lists [5], which no graph is of"),
+    ("m['calibration'] = [1]", "its 'calibration' record is not a record"),
 ])  # fmt: skip
 def test_an_edited_manifest_is_a_bundle_error_not_a_traceback(bundle, tmp_path, edit, said):
     # A user review: KeyErrors and AttributeErrors from stylize, calibrate and build --check; "version None is newer".
     dst = _copy(bundle, tmp_path)
     m = json.loads((dst / "manifest.json").read_text())
-    exec(edit)
+    exec(edit, {"m": m})  # each edit changes m in place
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=re.escape(said)):
         read_bundle(dst)
@@ -346,6 +350,7 @@ def test_export_over_a_bundle_keeps_files_that_are_not_the_bundles_and_a_read_on
         check_bundle_target(dst)  # exporting over it deleted them
     (dst / "NOTES.txt").unlink()
     (dst / "samples").rmdir()
+    (dst / ".DS_Store").write_bytes(b"\0")  # a file browser's: replaced with the bundle, not a reason to refuse
     check_bundle_target(dst)
     from ultrastyle.io.atomic import atomic_dir
 

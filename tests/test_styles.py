@@ -287,6 +287,8 @@ def test_a_mask_region_no_feature_pixel_samples_is_found_and_warned_of(cd16x_dir
     assert unsampled_labels(labels, [8]) == [1] and unsampled_labels(labels, [8, 4]) == [] and unsampled_labels(labels, [1]) == []
     labels[4, 4] = 2  # one pixel at a grid-8 centre is sampled
     assert unsampled_labels(labels, [8]) == [1]
+    shrunk = np.zeros((12, 12), np.uint8)  # the mask resized to a small content: region 1 is gone, and still asked for
+    assert unsampled_labels(shrunk, [8], present=np.array([0, 1])) == [1] and unsampled_labels(shrunk, [1], present=np.array([0, 1])) == [1]
     import ultrastyle
 
     rng = np.random.default_rng(0)

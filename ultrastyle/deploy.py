@@ -63,6 +63,7 @@ def export_model(
     if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset not in SUPPORTED_OPSETS:
         raise OptionError("opset", f"expected an integer {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; "
                                    f"give e.g. {DEFAULT_OPSET}")  # fmt: skip
+    opset = int(opset)  # a numpy integer would not go into the manifest's JSON
     chosen = _stages(stages)
     check_bundle_target(output)
     if chosen is not None and (missing := sorted(set(chosen) - set(have := model_stages(model)))):  # before anything is downloaded

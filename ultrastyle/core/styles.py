@@ -111,15 +111,17 @@ class Regions:
         return [t.fit(method, stage, s if s.count >= 2 else total, alpha) for t, s in zip(self.targets, content)]
 
 
-def unsampled_labels(labels: np.ndarray, grids: Sequence[int]) -> list[int]:
+def unsampled_labels(labels: np.ndarray, grids: Sequence[int], present: np.ndarray | None = None) -> list[int]:
     """Labels of ``labels`` (H, W) that no feature pixel of any stage with one of ``grids`` samples (`Regions.feature_labels`'
-    rule): regions smaller than a cell there, whose style is never applied. Reads ``H W / g²`` labels per grid."""
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
+    rule): regions smaller than a cell there, whose style is never applied. ``present``: the labels to look for (default:
+    those of ``labels``; a mask's own, when ``labels`` is it resized and may have lost some). Reads ``H W / g²`` labels per grid."""
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1)) if present is None else present
     h, w = labels.shape
     seen: set[int] = set()
     for g in sorted(set(grids)):
-        if g == 1:
-            return []  # every pixel is a feature pixel
+        if g == 1:  # every pixel is a feature pixel
+            seen.update(np.flatnonzero(np.bincount(labels.ravel())).tolist())
+            continue
         r = reflect_index(torch.arange(-(-h // g)) * g + g // 2, h).numpy()
         c = reflect_index(torch.arange(-(-w // g)) * g + g // 2, w).numpy()
         seen.update(np.flatnonzero(np.bincount(labels[np.ix_(r, c)].ravel())).tolist())

@@ -123,7 +123,7 @@ class RunConfig:
             raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
-        if fresh and self.warmup_steps > self.steps:
+        if self.warmup_steps > self.steps:  # (on resume too: steps may change there)
             raise ConfigError(f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps, so the rate would never reach lr; "
                               "give fewer warm-up steps, or more steps")  # fmt: skip
         if self.device != "cpu":

@@ -236,11 +236,18 @@ def _check_manifest(path: Path, manifest: dict) -> None:
     networks = manifest.get("networks")
     if not isinstance(networks, dict) or not networks:
         raise bad(f"expected 'networks' to map graph names to their files, found {type(networks).__name__}")
-    if not isinstance(manifest.get("architecture"), dict):
-        raise bad("expected an 'architecture' record")
+    try:
+        arch_from_dict(manifest.get("architecture"))  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise bad(f"its 'architecture' record cannot be read ({type(exc).__name__}: {exc})") from None
     stages = manifest.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and 1 <= k <= 5 for k in stages):
         raise bad(f"expected 'stages' to list stages 1..5, found {stages!r}")
+    have = {n.get("stage") for n in networks.values() if isinstance(n, dict)}
+    if lacking := sorted(set(stages) - have):
+        raise bad(f"'stages' lists {lacking}, which no graph is of")
+    if "calibration" in manifest and not isinstance(manifest["calibration"], dict):
+        raise bad("its 'calibration' record is not a record")
     for name, n in networks.items():
         records = [("graph", n)] + ([("int8 graph", n["int8"])] if isinstance(n, dict) and n.get("int8") else [])
         for what, r in records:
@@ -286,7 +293,11 @@ def _not_the_bundles(path: Path) -> list[str]:
     if not path.is_dir() or not is_bundle(path):
         return []
     return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
-                  if p.name not in (MANIFEST, "engines") and not p.name.endswith(".onnx") and writer_pid(p) is None)  # fmt: skip
+                  if p.name not in (MANIFEST, "engines", *DESKTOP_FILES) and not p.name.endswith(".onnx") and writer_pid(p) is None)  # fmt: skip
+
+
+# What file browsers leave in a folder they show: not the user's work, replaced with the bundle.
+DESKTOP_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 
 def _manifest_format(path: Path) -> str | None:

@@ -17,8 +17,7 @@ import re
 import secrets
 import shutil
 import stat
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -68,23 +67,25 @@ def _fsync_file(path: Path) -> None:
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, onexc=_writable_and_again) if sys.version_info >= (3, 12) else shutil.rmtree(path, onerror=_writable_and_again)
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():  # read-only folders inside (a bundle made read-only, swapped out): ours now, made writable
+                _make_writable(path)
+                shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink()
     except FileNotFoundError:
         pass
 
 
-def _writable_and_again(function: Callable[..., Any], name: str, *_: object) -> None:
-    """rmtree's handler: a read-only folder (a bundle made read-only, swapped out by `atomic_dir`) made writable, then retried."""
-    try:
-        parent = os.path.dirname(name)
-        os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
-        if os.path.isdir(name) and not os.path.islink(name):
-            os.chmod(name, os.stat(name).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
-        function(name)
-    except OSError:
-        pass  # left: it has our pattern, and sweep_stale removes it
+def _make_writable(top: Path) -> None:
+    """``top`` and every folder under it writable and searchable by their owner (nothing above ``top`` is touched)."""
+    for root, dirs, _ in os.walk(top):  # top-down: a folder is opened after it was made readable
+        for d in (root, *(os.path.join(root, x) for x in dirs)):
+            try:
+                if not os.path.islink(d):
+                    os.chmod(d, os.stat(d).st_mode | stat.S_IRWXU)
+            except OSError:
+                pass
 
 
 @contextmanager
@@ -218,7 +219,9 @@ def sweep_stale(folder: str | Path) -> list[Path]:
         p = Path(e.path)
         try:
             if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(p)
+                _remove(p)  # read-only folders inside too
+                if p.exists():
+                    continue
             else:
                 p.unlink()
         except FileNotFoundError:

@@ -91,6 +91,7 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
         raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}{hint}")
     if a.dtype == np.float32:
         check_float_range(a, name)
+        a = np.clip(a, 0, 1)  # the slack it allows (alpha too); a copy: the caller's array stays as given
     if a.shape[2] == 4 and keep_alpha:
         return clear_transparent(np.array(a))  # a copy: the caller's array stays as given
     if a.shape[2] == 4:  # as files with transparency are

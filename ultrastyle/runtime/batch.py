@@ -234,18 +234,19 @@ class StyleBook:
                 f"{original[1]}x{original[0]}; give a mask of the content's size"
             )
         regions = Regions(resize_labels(labels, *size), tuple(Target((s,)) for s in stats))
-        self._warn_unsampled(spec.mask, regions.labels, colours)
+        self._warn_unsampled(spec.mask, regions.labels, colours, labels)
         return regions
 
-    def _warn_unsampled(self, mask: Source, labels: np.ndarray, colours: list) -> None:
-        """One `UnusedStyleWarning` per mask version, content size and stages where a region of ``labels`` (at the content's
-        size) is sampled by no feature pixel of the stages run: its style would not be applied."""
+    def _warn_unsampled(self, mask: Source, labels: np.ndarray, colours: list, original: np.ndarray) -> None:
+        """One `UnusedStyleWarning` per mask version, content size and stages where a region of the mask (``original``) is
+        sampled by no feature pixel of the stages run in ``labels`` (it at the content's size): its style would not be applied."""
         key = (*_version(mask), labels.shape, tuple(self.options.levels))
         with _CACHE_LOCK:
             if key in self._warned:
                 return
             self._warned.add(key)
-        if lost := unsampled_labels(labels, [self.model.arch.grid(k) for k in self.options.levels]):
+        present = np.flatnonzero(np.bincount(original.ravel(), minlength=1))
+        if lost := unsampled_labels(labels, [self.model.arch.grid(k) for k in self.options.levels], present):
             stages = ", ".join(map(str, self.options.levels))
             shown = ", ".join(str(c[0] if len(c) == 1 else c) for c in (colours[i] for i in lost))
             warnings.warn(f"{mask}: the region(s) of colour {shown} are smaller than one feature pixel of stage(s) {stages} at "

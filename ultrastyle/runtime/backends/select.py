@@ -84,14 +84,14 @@ def ensure_bundle(
             read_bundle(target)
         except BundleError as exc:
             damaged = str(exc).split("; ")[0]
-        if target.is_dir() and not is_bundle(target):  # the cache's own folder without its manifest: export refuses other folders
-            shutil.rmtree(target)
     if on_export:
         on_export(f"exporting {name} to ONNX (first use) into {target}" if damaged is None else
                   f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
                   "there must be calibrated again)")  # fmt: skip
     model = load_model(source, stages=stages, progress=progress)
     try:
+        if damaged is not None and target.is_dir() and not target.is_symlink():  # the cache's own folder: made again whole
+            shutil.rmtree(target)
         return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
     except PermissionError as exc:  # a read-only ULTRASTYLE_HOME: say where, and the two ways round it
         fix = Remedy("export_model", (str(source), Placeholder("BUNDLE_FOLDER")))
