@@ -201,6 +201,9 @@ def test_an_adain_bundle_is_calibrated_on_adain_maps_at_its_alpha(cd16x_dir, tmp
 def test_cli_calibrate_reports_an_empty_folder_in_one_line(fp32_bundle, tmp_path):
     r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path)])
     assert r.exit_code == 2 and "no image files" in r.output and str(tmp_path) in " ".join(r.output.split())  # refused before any work
+    # Choices in any case, as every command takes them: the settings pass, and the empty folder is what is refused.
+    r = CliRunner().invoke(app, ["calibrate", str(fp32_bundle.path), "--images", str(tmp_path), "--method", "MinMax", "--activations", "UINT8"])
+    assert r.exit_code == 2 and "no image files" in r.output, r.output
 
 
 def test_tensorrt_static_check_accepts_the_signed_qdq_graphs(signed_bundle):

@@ -261,6 +261,6 @@ def test_cli_check_says_where_a_stage_grid_moved_a_tile_side_given(bundle):
     # A user review: --tile-min 40 --tile-max 40 became 48..48..48 at stage 5 without a word (and 8 became 32 at every stage).
     r = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-min", "40", "--tile-max", "40", "--stages", "5"])
     text = " ".join(r.output.split())
-    assert "warning: tile_min=40 is 48 px at stage 5" in text and "warning: tile_max=40 is 48 px at stage 5" in text, text
+    assert "warning: --tile-min 40 is 48 px at stage 5" in text and "warning: --tile-max 40 is 48 px at stage 5" in text, text
     quiet = CliRunner().invoke(app, ["build", str(bundle.path), "--check", "--tile-min", "64", "--stages", "5"])
-    assert "tile_min=" not in quiet.output  # 64 is on stage 5's grid
+    assert "--tile-min 64 is" not in quiet.output  # 64 is on stage 5's grid

@@ -135,8 +135,11 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
         moved = [f"{getattr(ranges[k], name.removeprefix('tile_'))} px at stage {k}" for k in chosen
                  if side is not None and getattr(ranges[k], name.removeprefix("tile_")) != side]  # fmt: skip
         if moved:
-            warnings.warn(f"{name}={side} is {', '.join(moved)}: a profile's sides are multiples of the stage's grid (2^(k-1) px), "
-                          "at least two cells, and in order", ProfileWarning, stacklevel=3)  # fmt: skip
+            given = Setting(name, side)
+            notice = ProfileWarning(f"{given.python()} is {', '.join(moved)}: a profile's sides are multiples of the stage's grid "
+                                    "(2^(k-1) px), at least two cells, and in order")  # fmt: skip
+            notice.remedy = given  # type: ignore[attr-defined]  # a front end says the setting its way
+            warnings.warn(notice, stacklevel=3)
     return b, chosen, ranges
 
 

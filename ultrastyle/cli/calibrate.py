@@ -57,9 +57,9 @@ def calibrate_command(
     from ultrastyle.options import OptionError, stage_set
 
     err = Console(stderr=True, highlight=False)
-    settings = dict(
-        method=method, per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed, keep_float=keep_float,
-        activations=activations, percentile=percentile,
+    settings = dict(  # the choices in any case, as every command takes its choices (--method MinMax)
+        method=method.lower(), per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed,
+        keep_float=keep_float.lower(), activations=activations.lower(), percentile=percentile,
     )  # fmt: skip
     try:
         calibration_settings(**settings)

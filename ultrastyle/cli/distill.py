@@ -280,7 +280,7 @@ def distill_command(
         width_factor=width_factor, init=init, beta=beta, kd=kd, review_weight=review_weight, review_width=review_width,
         collaborate=collaborate, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
-        lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        lr=lr, lr_schedule=lr_schedule and lr_schedule.lower(), warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
         content_weight=content_weight, style_weight=style_weight,
     )  # fmt: skip
@@ -312,7 +312,7 @@ def train_decoder_command(
     flags = _common(
         encoder=encoder, out=out, images=images, loss_encoder=loss_encoder, init=init, prune=prune, mode=mode, style=style,
         run_dir=run_dir, crop=crop, resize=resize, val_fraction=val_fraction, batch_size=batch_size, steps=steps,
-        lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
+        lr=lr, lr_schedule=lr_schedule and lr_schedule.lower(), warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, log_every=log_every, val_every=val_every, workers=workers,
         seed=seed, device=device, threads=threads, pixel_weight=pixel_weight, perceptual_weight=perceptual_weight,
         content_weight=content_weight, style_weight=style_weight,
     )  # fmt: skip

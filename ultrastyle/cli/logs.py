@@ -13,6 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
+from ultrastyle.cli.remedies import swap
+
 # Seconds between progress lines in a log; milestones (a checkpoint, a scale done, the end) always get one.
 LOG_LINE_SECONDS = 30.0
 
@@ -43,8 +45,9 @@ def saying_warnings(command: Callable[..., None]) -> Callable[..., None]:
     def run(*args: Any, **kwargs: Any) -> None:
         console = Console(stderr=True, highlight=False)
         with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *a, **k: console.print(f"warning: {message}", style="yellow", markup=False,
-                                                                           soft_wrap=True)  # fmt: skip
+            warnings.showwarning = lambda message, *a, **k: console.print(
+                f"warning: {swap(str(message), getattr(message, 'remedy', None))}", style="yellow", markup=False, soft_wrap=True
+            )  # settings named the library's way (tile_min=40) said as flags
             command(*args, **kwargs)
 
     return run
