@@ -38,16 +38,23 @@ class LogLines:
             self.console.print(text, markup=False, soft_wrap=True, highlight=False)
 
 
+def warning_lines(console: Console) -> Callable[..., None]:
+    """A `warnings.showwarning` that says the library's warnings as ``warning: ...`` lines on ``console`` (not Python's
+    file:line form), a setting the warning carries (``.remedy``, named the library's way: tile_min=40) as its flag."""
+
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        console.print(f"warning: {swap(str(message), getattr(message, 'remedy', None))}", style="yellow", markup=False, soft_wrap=True)
+
+    return show
+
+
 def saying_warnings(command: Callable[..., None]) -> Callable[..., None]:
-    """``command`` with the library's warnings said as ``warning: ...`` lines on stderr (not Python's file:line form)."""
+    """``command`` with the library's warnings said as `warning_lines` on stderr."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
-        console = Console(stderr=True, highlight=False)
         with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *a, **k: console.print(
-                f"warning: {swap(str(message), getattr(message, 'remedy', None))}", style="yellow", markup=False, soft_wrap=True
-            )  # settings named the library's way (tile_min=40) said as flags
+            warnings.showwarning = warning_lines(Console(stderr=True, highlight=False))
             command(*args, **kwargs)
 
     return run

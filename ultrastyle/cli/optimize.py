@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ultrastyle.cli.logs import LogLines
+from ultrastyle.cli.logs import LogLines, warning_lines
 from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, given_flags, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -191,12 +191,9 @@ def optimize_command(
                 if r.pair.output in tasks:  # a finished image keeps its line (the final losses), a failed one goes
                     progress.update(tasks[r.pair.output], visible=False)
 
-        def on_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
-            progress.console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
-
         try:
             with warnings.catch_warnings():  # the library's notices (a saved state that is not resumed)
-                warnings.showwarning = on_warning
+                warnings.showwarning = warning_lines(progress.console)
                 summary = run_batch(optimizer, pairs, opts, skip_existing=skip_existing, on_progress=on_progress, on_result=on_result)
         except BatchInterrupted as stop:
             progress.stop()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from ultrastyle.cli.logs import warning_lines
 from ultrastyle.cli.remedies import as_command, bad_parameter, given_flags, swap
 
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
@@ -375,12 +376,9 @@ def stylize_command(
             progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
             progress.update(tiles, visible=False)
 
-        def on_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-            progress.console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
-
         try:
             with warnings.catch_warnings():  # the library's notices (a file read whole, an animation's first frame)
-                warnings.showwarning = on_warning
+                warnings.showwarning = warning_lines(progress.console)
                 summary = stylizer.stylize_batch(
                     contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
                 )  # fmt: skip

@@ -271,9 +271,14 @@ def tiff_pages(path: Path) -> int:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return max(1, sum(1 for p in tif.pages if not p.is_reduced))
+            return _page_count(tif)
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, AttributeError):
         return 1
+
+
+def _page_count(tif: object) -> int:
+    """`tiff_pages` of an open ``tifffile.TiffFile``."""
+    return max(1, sum(1 for p in tif.pages if not p.is_reduced))  # type: ignore[attr-defined]
 
 
 def tiff_header(path: Path) -> tuple[int, int, int] | None:
@@ -301,7 +306,7 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
             a = _grey_alpha_as_rgba(_interleaved(page.asarray(), page))
             tag = page.tags.get(ORIENTATION)  # a TiffPage has no orientation attribute: the tag itself
             orientation = int(tag.value) if tag is not None else 1
-            pages = sum(1 for p in tif.pages if not p.is_reduced)
+            pages = _page_count(tif)
     except ImageError:
         raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError):
