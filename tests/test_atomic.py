@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,30 @@ def test_sweep_keeps_live_writers_and_other_programs_files(tmp_path: Path) -> No
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_sweep_keeps_another_machines_temps_until_a_day_untouched(tmp_path: Path) -> None:
+    # A shared cache: a writer on another machine or in another container has a pid that means nothing here.
+    dead = _dead_pid()
+    other = "0123abcd" if atomic.HOST_TAG != "0123abcd" else "fedc9876"
+    fresh = tmp_path / f".a.pth.{dead}@{other}.0123abcd{PARTIAL_SUFFIX}"
+    old = tmp_path / f".b.pth.{dead}@{other}.0123abcd{PARTIAL_SUFFIX}"
+    old_dir = tmp_path / f".bundle.{dead}@{other}.0123abcd{PARTIAL_SUFFIX}"
+    ours = tmp_path / f".c.pth.{dead}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"
+    legacy = tmp_path / f".d.pth.{dead}.0123abcd{PARTIAL_SUFFIX}"  # older ultrastyle's names: by pid, as then
+    for p in (fresh, old, ours, legacy):
+        p.write_bytes(b"x")
+    old_dir.mkdir()
+    stale = time.time() - atomic.FOREIGN_STALE_SECONDS - 60
+    for p in (old, old_dir):
+        os.utime(p, (stale, stale))
+    assert sorted(sweep_stale(tmp_path)) == sorted([old, old_dir, ours, legacy])
+    assert _names(tmp_path) == [fresh.name]
+
+
+def test_partial_names_carry_this_machine(tmp_path: Path) -> None:
+    p = partial_path(tmp_path / "out.png")
+    assert f".{os.getpid()}@{atomic.HOST_TAG}." in p.name and writer_pid(p) == os.getpid()
 
 
 def test_sweep_treats_a_pid_it_may_not_signal_as_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 from ultrastyle.cli.main import app
 from ultrastyle.core.canvas import canvas_from_array
 from ultrastyle.core.plan import TilingOptions
-from ultrastyle.export.bundle import export_bundle
+from ultrastyle.export.bundle import BundleError, export_bundle
 from ultrastyle.io.images import load_image, resize_long_side
 from ultrastyle.models.pretrained import load_cd_folder
 from ultrastyle.options import OptionError
@@ -266,6 +268,29 @@ def test_bundle_is_exported_on_first_use_and_reused(cd16x_dir, tmp_path):
     changed = ensure_bundle(other, stages=(1, 2))
     assert changed.path != first.path
     assert changed.manifest["source_weights"]["1SD.pth"] != first.manifest["source_weights"]["1SD.pth"]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_bundle_cache_is_a_bundle_error_naming_it(cd16x_dir, monkeypatch, code):
+    # A read-only mount raises a plain OSError (EROFS), not PermissionError; as root no mode can stage either, so the
+    # export is made to fail as the file system would.
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "bundles")
+
+    monkeypatch.setattr("ultrastyle.runtime.backends.select.export_bundle", refuse)
+    with pytest.raises(BundleError, match=r"cannot write the bundle cache .*bundles.*PyTorch backend") as info:
+        ensure_bundle(cd16x_dir, stages=(1,))
+    assert os.strerror(code) in str(info.value)
+
+
+def test_other_export_failures_are_not_called_a_read_only_cache(cd16x_dir, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("ultrastyle.runtime.backends.select.export_bundle", full)
+    with pytest.raises(OSError, match="No space left") as info:
+        ensure_bundle(cd16x_dir, stages=(1,))
+    assert not isinstance(info.value, BundleError)
 
 
 def test_a_subset_of_stages_runs_from_the_whole_models_bundle(cd16x_dir, tmp_path):

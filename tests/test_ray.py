@@ -355,7 +355,7 @@ def test_a_worker_that_cannot_open_the_model_keeps_the_fix_its_error_suggests(tm
     monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path))
     worker = StylizeWorker(RunnerSpec("no-such-model"), {})  # in this process: the actor's constructor
     assert worker.runner is None and "unknown model 'no-such-model'" in worker.error
-    assert worker.remedy == Remedy("models.zoo.entries")
+    assert worker.remedy == Remedy("list_models")
     exc = remedied(RuntimeError(f"the Ray workers cannot open the model no-such-model: {worker.error}"), worker.remedy)  # as the pool raises it
     assert "(described by ultrastyle models list)" in as_command(exc)
 

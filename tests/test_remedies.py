@@ -18,17 +18,26 @@ def test_a_remedy_reads_as_python_and_as_the_command():
     assert command(Remedy("calibrate", ("b/", "photos/"), (("activations", "int8"),))) == "ultrastyle calibrate b/ --images photos/ --activations int8"
 
 
+def test_every_remedy_the_cli_knows_is_a_public_name_of_the_package():
+    # A message's Python fix must run as printed: `ultrastyle.models.zoo.fetch(...)` once failed (no such attribute).
+    import ultrastyle
+
+    for function in COMMANDS:
+        assert "." not in function and callable(getattr(ultrastyle, function)), function
+        assert function in ultrastyle.__all__ and getattr(ultrastyle, function).__doc__, function
+
+
 def test_the_cli_swaps_the_call_for_the_command_and_leaves_other_errors_alone():
-    fix = Remedy("models.zoo.fetch", ("cd-wct-16x",), (("mirror", "URL"),))
+    fix = Remedy("fetch_model", ("cd-wct-16x",), (("mirror", "URL"),))
     exc = remedied(RunnerError(f"could not download; fetch it from a mirror: {fix.python()}"), fix)
     assert as_command(exc) == "could not download; fetch it from a mirror: ultrastyle models fetch cd-wct-16x --mirror URL"
     assert as_command(RunnerError("plain")) == "plain"
 
 
 def test_an_error_may_carry_several_fixes_and_each_becomes_a_command():
-    online, offline = Remedy("models.zoo.fetch", ("m",)), Remedy("models.zoo.import_local", ("m", Placeholder("DIR")))
+    online, offline = Remedy("fetch_model", ("m",)), Remedy("import_model", ("m", Placeholder("DIR")))
     exc = remedied(RunnerError(f"install it: {online.python()}  (offline: {offline.python()})"), (online, offline))
-    assert str(exc) == "install it: ultrastyle.models.zoo.fetch('m')  (offline: ultrastyle.models.zoo.import_local('m', DIR))"
+    assert str(exc) == "install it: ultrastyle.fetch_model('m')  (offline: ultrastyle.import_model('m', DIR))"
     assert as_command(exc) == "install it: ultrastyle models fetch m  (offline: ultrastyle models import m DIR)"
 
 

@@ -77,15 +77,22 @@ def test_stylize_on_tensorrt_matches_onnxruntime(images, cd16x_dir, tmp_path, mo
     assert np.abs(outs["onnxruntime"] - outs["tensorrt"]).max() <= 1
 
 
-def test_doctor_names_a_damaged_default_model_once_as_the_command_and_exits_1(cd16x_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("damage", "flags"), [("flip", []), ("truncate", []), ("flip", ["--no-baseline"]), ("remove", ["--no-baseline"])])
+def test_doctor_names_a_damaged_default_model_once_as_the_command_and_exits_1(cd16x_dir, tmp_path, monkeypatch, damage, flags):
     from ultrastyle.models import zoo
 
     monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
     d = zoo.import_local("cd-wct-16x", cd16x_dir)
     data = bytearray((d / "4SE.pth").read_bytes())
-    data[-100] ^= 0xFF  # same size: only its sha256 tells
-    (d / "4SE.pth").write_bytes(bytes(data))
-    r = CliRunner().invoke(app, ["doctor"])
+    if damage == "flip":
+        data[-100] ^= 0xFF  # same size: only its sha256 tells
+        (d / "4SE.pth").write_bytes(bytes(data))
+    elif damage == "truncate":  # stylize calls it damaged; doctor once called it "not installed" and the setup ready
+        (d / "4SE.pth").write_bytes(bytes(data[:-10]))
+    else:  # an interrupted install: 9 of 10 files
+        (d / "4SE.pth").unlink()
+    assert zoo.install_status("cd-wct-16x") == ("incomplete" if damage == "remove" else "damaged")
+    r = CliRunner().invoke(app, ["doctor", *flags])
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and "not ready: 1 problem(s) above (model cd-wct-16x)" in text, text
     assert "ultrastyle models fetch cd-wct-16x" in text and "ultrastyle.models.zoo" not in text and "ready;" not in text, text

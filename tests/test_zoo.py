@@ -254,7 +254,7 @@ def test_fetch_dropped_connection_raises_and_leaves_nothing(mirror: Mirror) -> N
     with pytest.raises(zoo.DownloadError) as ei:
         zoo.fetch(NAME, mirror=mirror.url, progress=False)
     assert "4SD.pth" in str(ei.value)  # the URL is named
-    assert f"ultrastyle.models.zoo.import_local({NAME!r}, DIR)" in str(ei.value)  # the offline fix, as Python
+    assert f"ultrastyle.import_model({NAME!r}, DIR)" in str(ei.value)  # the offline fix, as Python
     assert f"ultrastyle models import {NAME} DIR" in as_command(ei.value)  # and as the CLI prints it
     d = zoo.model_dir(NAME)
     assert _leftovers(d, "4SD.pth") == []
@@ -295,7 +295,7 @@ def test_fetch_unreachable_mirror_has_offline_hint(closed_port_url: str) -> None
 
 
 def test_fetch_rejects_non_http_mirror(shared_dir: Path, runner: CliRunner) -> None:
-    with pytest.raises(zoo.ZooError, match=rf"expected an http:// or https:// base URL.*models\.zoo\.import_local\('{NAME}', '{shared_dir}/models'\)"):
+    with pytest.raises(zoo.ZooError, match=rf"expected an http:// or https:// base URL.*ultrastyle\.import_model\('{NAME}', '{shared_dir}/models'\)"):
         zoo.fetch(NAME, mirror=str(shared_dir / "models"), progress=False)
     assert not zoo.model_dir(NAME).exists()  # refused before any folder is made
     r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", "notaurl"])
@@ -307,7 +307,7 @@ def test_a_local_folder_as_ultrastyle_mirror_is_named_and_does_not_block_what_do
     shared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ULTRASTYLE_MIRROR", str(shared_dir / "models"))
-    with pytest.raises(zoo.ZooError, match=rf"ULTRASTYLE_MIRROR .*models\.zoo\.import_local\('{NAME}', '{shared_dir / 'models'}'\)"):
+    with pytest.raises(zoo.ZooError, match=rf"ULTRASTYLE_MIRROR .*ultrastyle\.import_model\('{NAME}', '{shared_dir / 'models'}'\)"):
         zoo.fetch(NAME, progress=False)
     zoo.import_local(NAME, shared_dir / "models" / NAME)
     assert zoo.fetch(NAME, progress=False) == zoo.model_dir(NAME)  # installed: nothing to download, the mirror is not used
@@ -454,7 +454,7 @@ def test_ensure_refuses_a_tampered_installed_file_then_repair_works(shared_dir: 
     expected = next(f.sha256 for f in zoo.get_entry(NAME).files if f.name == "4SE.pth")
     msg = str(err)
     assert str(victim) in msg and expected in msg and zoo.sha256_file(victim) in msg
-    assert f"ultrastyle.models.zoo.fetch({NAME!r})" in msg and f"ultrastyle.models.zoo.import_local({NAME!r}, DIR)" in msg
+    assert f"ultrastyle.fetch_model({NAME!r})" in msg and f"ultrastyle.import_model({NAME!r}, DIR)" in msg
     assert f"ultrastyle models fetch {NAME}  (offline: ultrastyle models import {NAME} DIR)" in as_command(err)
     assert [x[0] for x in err.damaged] == ["4SE.pth"]
     with pytest.raises(zoo.DamagedModelError):  # load_model goes through ensure: refused before any weight is read
@@ -541,6 +541,21 @@ def test_cli_list(runner: CliRunner, shared_dir: Path) -> None:
     zoo.import_local(NAME, shared_dir / "models" / NAME)
     r = runner.invoke(app, ["models", "list"])
     assert r.exit_code == 0 and "yes" in r.stdout and "9.7 MB" in r.stdout
+    assert zoo.install_status(NAME) == "installed"
+
+
+@pytest.mark.parametrize(("damage", "status"), [("flip", "damaged"), ("remove", "incomplete")])
+def test_cli_list_and_path_tell_a_damaged_model_from_an_installed_one(runner: CliRunner, shared_dir: Path, damage: str,
+                                                                      status: str) -> None:  # fmt: skip
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    f = zoo.model_dir(NAME) / "4SD.pth"
+    _flip_one_byte(f) if damage == "flip" else f.unlink()  # same size: only the sha256 tells; or an interrupted install
+    assert zoo.install_status(NAME) == status
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0 and status in r.stdout and "yes" not in r.stdout, r.output
+    assert f"{NAME}: damaged or half installed; see: ultrastyle models verify" in " ".join(r.stdout.split())
+    r = runner.invoke(app, ["models", "path", NAME])
+    assert r.exit_code == 1 and f"is {status}" in r.stderr and f"ultrastyle models verify {NAME}" in r.stderr, r.output
 
 
 def test_cli_import_verify_path(runner: CliRunner, shared_dir: Path) -> None:
@@ -787,7 +802,7 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
     with pytest.raises(zoo.ChecksumError) as ei:
         zoo.fetch("own", force=True, progress=False)
     # The repair of the source: a plain fetch replaces a damaged file (no force: that downloads every file), or offline an import.
-    said = f"reinstall it: ultrastyle.models.zoo.fetch('{NAME}')  (offline: ultrastyle.models.zoo.import_local('{NAME}', DIR))"
+    said = f"reinstall it: ultrastyle.fetch_model('{NAME}')  (offline: ultrastyle.import_model('{NAME}', DIR))"
     assert said in str(ei.value) and se["sha256"] in str(ei.value)
     from ultrastyle.cli.remedies import as_command
 
@@ -799,7 +814,7 @@ def test_derived_file_installs_after_its_source_model(registry: TempRegistry, mi
 def test_import_installs_derived_files_from_the_source_model(registry: TempRegistry, shared_dir: Path, no_network: None, runner: CliRunner) -> None:
     _own_from_cd(registry)
     # Not installed, no folder: a clear error, nothing downloaded.
-    with pytest.raises(zoo.ZooError, match=rf"reuses files of {NAME}, which is not installed.*models\.zoo\.fetch\('{NAME}'\)"):
+    with pytest.raises(zoo.ZooError, match=rf"reuses files of {NAME}, which is not installed.*ultrastyle\.fetch_model\('{NAME}'\)"):
         zoo.import_local("own", None)
     # A mirror-style root holds the source model: it is imported from there first.
     r = runner.invoke(app, ["models", "import", "own", str(shared_dir / "models")])
@@ -935,4 +950,42 @@ def test_a_model_of_packaged_files_needs_no_folder_and_its_path_fix_names_none(t
     packaged = next(n for n, e in zoo.entries().items() if all(f.kind == "package" for f in e.files) and not e.depends_on)
     r = CliRunner().invoke(app, ["models", "path", packaged])
     assert r.exit_code == 1 and "nothing is downloaded" in " ".join(r.output.split()) and "DIR" not in r.output, r.output
-    assert zoo.import_local(packaged, tmp_path / "nowhere") == zoo.model_dir(packaged)  # a folder it does not need is not checked
+    assert zoo.import_local(packaged) == zoo.model_dir(packaged)  # no folder needed (one that does not exist is refused, below)
+
+
+@pytest.mark.parametrize("value", ["relhome", "./cache", " "])
+def test_a_relative_home_is_refused_not_a_cache_per_working_folder(monkeypatch: pytest.MonkeyPatch, runner: CliRunner, value: str) -> None:
+    monkeypatch.setenv("ULTRASTYLE_HOME", value)
+    with pytest.raises(zoo.ZooError, match="is not an absolute path"):
+        zoo.home_dir()
+    r = runner.invoke(app, ["models", "path", NAME])
+    assert r.exit_code == 1 and "ULTRASTYLE_HOME=" in r.stderr and "not an absolute path" in r.stderr, r.output
+    monkeypatch.setenv("ULTRASTYLE_HOME", "")  # unset in effect: the default
+    assert zoo.home_dir() == Path.home() / ".cache" / "ultrastyle"
+
+
+def test_cli_import_interrupted_says_how_many_files_are_in_and_how_to_finish(runner: CliRunner, shared_dir: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    copy, calls = zoo._copy_verified, []
+
+    def interrupted_at_the_fourth(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        copy(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "_copy_verified", interrupted_at_the_fourth)
+    r = runner.invoke(app, ["models", "import", NAME, str(shared_dir / "models" / NAME)])
+    assert r.exit_code == 130, r.output
+    assert f"interrupted: 3 of 10 files of {NAME} are installed" in r.stderr and "run the same command again" in r.stderr
+    assert zoo.install_status(NAME) == "incomplete"
+    monkeypatch.setattr(zoo, "_copy_verified", copy)
+    r = runner.invoke(app, ["models", "import", NAME, str(shared_dir / "models" / NAME)])
+    assert r.exit_code == 0 and f"imported {NAME}" in r.stdout and zoo.install_status(NAME) == "installed"
+    r = runner.invoke(app, ["models", "import", NAME, str(shared_dir / "models" / NAME)])  # nothing to do: not "imported"
+    assert r.exit_code == 0 and "already installed and verified" in r.stdout and "was not read" in r.stdout, r.output
+
+
+def test_import_of_a_folder_that_does_not_exist_is_refused_even_where_unneeded(tmp_path: Path) -> None:
+    with pytest.raises(zoo.ZooError, match="is not a directory"):
+        zoo.import_local("ultrastyle-wct-64x", tmp_path / "nosuch")  # packaged files: no folder needed, but one was given

@@ -6,6 +6,7 @@
         s.stylize(image, "art.jpg", alpha=0.8, output="out.png")
     ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")   # what `ultrastyle stylize` does
     bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")      # `export`; then calibrate, check_tensorrt, build_tensorrt
+    ultrastyle.import_model("cd-wct-16x", "downloads/")           # `models import`; fetch_model, verify_model, list_models
 
 The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
@@ -49,13 +50,20 @@ _API = {
     "ExportValidationError": "ultrastyle.export.validate",
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
+    # The model zoo, as `ultrastyle models` (MODULE:NAME where the public name is not the module's).
+    "fetch_model": "ultrastyle.models.zoo:fetch",
+    "import_model": "ultrastyle.models.zoo:import_local",
+    "verify_model": "ultrastyle.models.zoo:verify",
+    "model_status": "ultrastyle.models.zoo:install_status",
+    "list_models": "ultrastyle.models.zoo:entries",
 }
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
+        module, _, attr = _API[name].partition(":")
+        value = getattr(importlib.import_module(module), attr or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ultrastyle' has no attribute {name!r}")

@@ -34,7 +34,7 @@ class Remedy:
 
     The library's message shows it as Python (`python`); a front end shows it
     its own way (the command line as a command, `ultrastyle.cli.remedies`).
-    ``function`` is a name under ``ultrastyle`` (``build_tensorrt``, ``models.zoo.fetch``).
+    ``function`` is a name under ``ultrastyle`` (``build_tensorrt``, ``fetch_model``).
     """
 
     function: str

@@ -21,20 +21,37 @@ class Row:
     detail: str
 
 
-def baseline_rows(model: str | None = None) -> list[Row]:
-    """The memory baseline per CPU backend (`runtime.memory.measure_baseline`): what --max-memory comes on top of."""
+def model_rows(model: str | None = None) -> list[Row]:
+    """The default model's files, hashed: absent is a note (installed on first use), damaged or half installed is unusable."""
     from ultrastyle.models import zoo
+    from ultrastyle.models.pretrained import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
+    try:
+        status = zoo.install_status(model)
+    except zoo.ZooError as exc:  # a relative ULTRASTYLE_HOME
+        return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
+    if status == "absent":
+        return [Row(f"model {model}", "missing", f"not installed (fetched on first use); install it now: ultrastyle models fetch {model}, "
+                    f"or offline: ultrastyle models import {model} DIR")]  # fmt: skip
+    if status == "outdated":
+        return [Row(f"model {model}", "info", f"an earlier release's files, replaced on first use (or now: {zoo.reinstall_text(model)})")]
+    try:
+        d = zoo.check_installed(model)
+    except zoo.DamagedModelError as exc:  # one row, the fix as the command, not one Python call per backend
+        return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
+    return [Row(f"model {model}", "ok", f"{d} (sha256 verified)")]
+
+
+def baseline_rows(model: str | None = None) -> list[Row]:
+    """The memory baseline per CPU backend (`runtime.memory.measure_baseline`): what --max-memory comes on top of.
+
+    Measured with an installed, verified ``model`` only (:func:`model_rows` reports the others).
+    """
     from ultrastyle.models.pretrained import DEFAULT_MODEL
     from ultrastyle.runtime.memory import measure_baseline
 
     model = model or DEFAULT_MODEL
-    if not zoo.is_installed(model):
-        return [Row("memory baseline", "info", f"{model} is not installed (or a file of it is damaged: ultrastyle models verify); "
-                    f"install it (ultrastyle models fetch {model}, or offline: ultrastyle models import {model} DIR) to measure")]  # fmt: skip
-    try:
-        zoo.check_installed(model)
-    except zoo.DamagedModelError as exc:  # one row, the fix as the command, not one Python call per backend
-        return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
     rows = []
     for backend in ("onnxruntime", "torch"):
         try:
@@ -50,6 +67,7 @@ def gather() -> list[Row]:
     """Every probe; none raises (a CPU-only machine is a healthy setup)."""
     from ultrastyle.runtime.memory import describe_memory_setup
     from ultrastyle.trt.env import (
+        INSTALL_CUDA_PYTHON,
         INSTALL_ORT_GPU,
         INSTALL_PYCUDA,
         INSTALL_TENSORRT,
@@ -63,6 +81,7 @@ def gather() -> list[Row]:
         tensorrt_status,
     )
 
+    gpus = probe_gpus()
     rows = [Row("python", "ok", f"{platform.python_version()} ({sys.executable})")]
     rows.append(Row("memory", "info", describe_memory_setup()))
     try:
@@ -78,7 +97,7 @@ def gather() -> list[Row]:
         providers = ort.get_available_providers()
         gpu = "CUDAExecutionProvider" in providers
         rows.append(Row("onnxruntime", "ok", f"{ort.__version__}; providers {', '.join(providers)}"
-                        + ("" if gpu else f"; for its CUDA provider: {INSTALL_ORT_GPU}")))  # fmt: skip
+                        + (f"; for its CUDA provider: {INSTALL_ORT_GPU}" if not gpu and gpus else "")))  # fmt: skip
     except ImportError as exc:  # pragma: no cover - a base dependency
         rows.append(Row("onnxruntime", "missing", f"{exc}: pip install onnxruntime"))
 
@@ -92,7 +111,6 @@ def gather() -> list[Row]:
     else:
         rows.append(Row("libvips", "missing", "contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
 
-    gpus = probe_gpus()
     if gpus:
         for g in gpus:
             rows.append(Row(f"gpu {g.index}", "ok", f"{g.name}, compute capability {g.compute_capability[0]}.{g.compute_capability[1]}, "
@@ -117,14 +135,15 @@ def gather() -> list[Row]:
             rows.append(Row("tensorrt", "unusable", f"{trt_version or '?'}: {exc}"))
     cp = package_version("cuda-python") or package_version("cuda-bindings")
     has_cp = has_cuda_python()
-    rows.append(Row("cuda-python", "ok" if has_cp else "missing", cp if has_cp else f"{INSTALL_TENSORRT} (or pip install cuda-python)"))
+    rows.append(Row("cuda-python", "ok" if has_cp else "missing", cp if has_cp else f"{INSTALL_TENSORRT} (or {INSTALL_CUDA_PYTHON})"))
     has_pc = has_pycuda()
     rows.append(Row("pycuda", "ok" if has_pc else "missing", (package_version("pycuda") or "?") if has_pc else f"optional; {INSTALL_PYCUDA}"))
     return rows
 
 
 def doctor_command(
-    baseline: bool = typer.Option(True, help="Measure the memory baseline of each CPU backend (a child process each, a few seconds)."),
+    baseline: bool = typer.Option(True, help="Measure the memory baseline of each CPU backend: a child process each, 10-40 s "
+                                  "(the first time, the model's ONNX bundle is exported into the cache)."),
 ) -> None:
     """Report Python, the memory setup, PyTorch, ONNX Runtime, TensorRT, cuda-python, pycuda, the GPU and driver,
     and the memory baseline of each CPU backend with the default model.
@@ -138,7 +157,9 @@ def doctor_command(
     table = Table(show_header=True, header_style="bold", box=None)
     for col in ("component", "status", "details"):
         table.add_column(col)
-    measured = baseline_rows() if baseline else []
+    measured = model_rows()
+    if baseline and measured[0].status == "ok":
+        measured += baseline_rows()
     for r in gather() + measured:
         style = {"ok": "green", "missing": "yellow", "unusable": "red"}.get(r.status, "")
         table.add_row(escape(r.what), f"[{style}]{r.status}[/]" if style else r.status, escape(r.detail))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,19 @@ def _zoo_errors() -> Iterator[None]:
         _fail(" ".join(as_command(exc).split()), 2 if isinstance(exc, UnknownModelError) else 1)
 
 
+@contextmanager
+def _installing(name: str) -> Iterator[None]:
+    """A Ctrl-C during an install says what is left and how to finish (the model is half there, each file whole)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        entry = zoo.get_entry(name)
+        have = sum((zoo.model_dir(name) / f.name).is_file() for f in entry.files)
+        sys.stderr.write(f"interrupted: {have} of {len(entry.files)} files of {name} are installed, each whole; "
+                         "run the same command again to finish (files already verified are kept)\n")  # fmt: skip
+        raise typer.Exit(130) from None
+
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -74,6 +88,11 @@ def _sources(entry: zoo.ZooEntry) -> str:
     return "+".join(parts)
 
 
+# installed column: what the cache holds (zoo.install_status; every present file hashed).
+_STATUS_CELLS = {"installed": "[green]yes[/green]", "absent": "no", "incomplete": "[yellow]incomplete[/yellow]",
+                 "outdated": "[yellow]outdated[/yellow]", "damaged": "[red]damaged[/red]"}  # fmt: skip
+
+
 @app.command("list")
 def list_models() -> None:
     """Show every model in the registry: files, total size, stages, where its files come from, whether installed.
@@ -89,18 +108,20 @@ def list_models() -> None:
         table.add_column("stages", no_wrap=True)
         table.add_column("source")
         table.add_column("installed", no_wrap=True)
+        statuses = {name: zoo.install_status(name) for name in zoo.entries()}
         for name, entry in sorted(zoo.entries().items()):
-            installed = zoo.is_installed(name)
             table.add_row(
                 name,
                 str(len(entry.files)),
                 _human(entry.total_bytes),
                 _stages(entry.stages),
                 _sources(entry).replace("+", "\n"),
-                "[green]yes[/green]" if installed else "no",
+                _STATUS_CELLS[statuses[name]],
             )
         out = _stdout()
         out.print(table)
+        if bad := [n for n, st in sorted(statuses.items()) if st in ("damaged", "incomplete")]:
+            out.print(f"{', '.join(bad)}: damaged or half installed; see: ultrastyle models verify", markup=False)
         for name, entry in sorted(zoo.entries().items()):
             out.print(f"[bold]{name}[/bold]: {escape(entry.description)}")
 
@@ -128,7 +149,7 @@ def fetch(
             zoo.check_mirror(mirror, name)
         except zoo.ZooError as exc:
             raise typer.BadParameter(as_command(exc), param_hint="--mirror") from None
-    with _zoo_errors():
+    with _zoo_errors(), _installing(name):
         d = zoo.fetch(name, mirror=mirror, force=force, progress=progress, timeout=timeout)
     typer.echo(str(d))
 
@@ -154,8 +175,14 @@ def import_(
     installed); nothing is downloaded.
     """
     with _zoo_errors():
-        d = zoo.import_local(name, directory, force=force)
-    typer.echo(f"imported {name} into {d}")
+        already = not force and zoo.install_status(name) == "installed"
+        with _installing(name):
+            d = zoo.import_local(name, directory, force=force)
+    if already:  # nothing was copied: not "imported", which would vouch for DIR
+        read = f"; {directory} was not read (--force copies its files again)" if directory is not None else ""
+        typer.echo(f"{name} is already installed and verified in {d}{read}")
+    else:
+        typer.echo(f"imported {name} into {d}")
 
 
 @app.command("verify")
@@ -200,9 +227,11 @@ def verify(
 
 @app.command("path")
 def path(name: NameArg) -> None:
-    """Print the directory holding an installed model (exit status 1 if it is not installed)."""
+    """Print the directory holding an installed model (exit status 1 if it is not installed, or a file of it is damaged)."""
     with _zoo_errors():
-        if not zoo.is_installed(name):
-            _fail(f"model {name} is not installed in {zoo.model_dir(name)}; run: {swap(zoo.reinstall_text(name), zoo.reinstall(name))}")
+        status = zoo.install_status(name)
+        if status != "installed":
+            what = "not installed" if status == "absent" else f"{status} (see: ultrastyle models verify {name})"
+            _fail(f"model {name} is {what} in {zoo.model_dir(name)}; run: {swap(zoo.reinstall_text(name), zoo.reinstall(name))}")
         d = zoo.model_dir(name)
     typer.echo(str(d))

@@ -24,9 +24,9 @@ COMMANDS: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
     "check_tensorrt": ("ultrastyle build", (None,), ("--check",)),
     "calibrate": ("ultrastyle calibrate", (None, "--images"), ()),
     "export_model": ("ultrastyle export", (None, "--output"), ()),
-    "models.zoo.fetch": ("ultrastyle models fetch", (None,), ()),
-    "models.zoo.import_local": ("ultrastyle models import", (None, None), ()),
-    "models.zoo.entries": ("ultrastyle models list", (), ()),
+    "fetch_model": ("ultrastyle models fetch", (None,), ()),
+    "import_model": ("ultrastyle models import", (None, None), ()),
+    "list_models": ("ultrastyle models list", (), ()),
 }
 
 

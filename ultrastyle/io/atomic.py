@@ -1,33 +1,43 @@
 """Atomic writes and the sweep of temp files that killed writers left behind.
 
 Every file or folder this tool writes goes first to a hidden temp beside its
-target, named ``.{name}.{pid}.{token}.ultrastyle-partial`` (``pid`` is the
-writer's process id, ``token`` 8 random hex digits), and is renamed onto the
-target (``os.replace``) only once complete and fsynced. An exception,
+target, named ``.{name}.{pid}@{host}.{token}.ultrastyle-partial`` (``pid`` is
+the writer's process id, ``host`` 8 hex digits naming its machine and process
+namespace, ``token`` 8 random hex digits), and is renamed onto the target
+(``os.replace``) only once complete and fsynced. An exception,
 KeyboardInterrupt included (Ctrl-C; SIGTERM to the command line), removes the temp. Only SIGKILL or a power cut can
 leave one; :func:`sweep_stale` removes those whose writer is no longer alive.
+A folder shared by several machines or containers (a network cache, a Ray
+cluster's outputs) holds temps of writers whose pids mean nothing here: those
+are removed only once untouched for :data:`FOREIGN_STALE_SECONDS`.
 
 Pure standard library (no torch), so any module can use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import hashlib
 import secrets
 import shutil
+import socket
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "FOREIGN_STALE_SECONDS",
     "PARTIAL_SUFFIX",
     "atomic_dir",
     "atomic_path",
     "atomic_write",
     "is_alive",
+    "is_unwritable",
     "partial_path",
     "sweep_stale",
     "write_atomic",
@@ -36,18 +46,35 @@ __all__ = [
 
 PARTIAL_SUFFIX = ".ultrastyle-partial"
 # The exact shape of our temp names; nothing else is ever swept.
-_PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})\.(?P<token>[0-9a-f]{8})" + re.escape(PARTIAL_SUFFIX))
-# Keeps ".{name}.{pid}.{token}.ultrastyle-partial" under the usual 255-byte name limit.
-_MAX_NAME_BYTES = 200
+# The host part is optional: older ultrastyle wrote ".{name}.{pid}.{token}", judged by the pid alone as then.
+_PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})(?:@(?P<host>[0-9a-f]{8}))?\.(?P<token>[0-9a-f]{8})"
+                         + re.escape(PARTIAL_SUFFIX))  # fmt: skip
+# Keeps ".{name}.{pid}@{host}.{token}.ultrastyle-partial" under the usual 255-byte name limit.
+_MAX_NAME_BYTES = 190
+# A temp of another machine's writer (its pid cannot be asked about here) untouched this long is taken as dead: a
+# download or export in progress writes far more often than once a day.
+FOREIGN_STALE_SECONDS = 24 * 3600
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine and pid namespace: containers on one host each see their own pids."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\n{namespace}".encode()).hexdigest()[:8]
+
+
+HOST_TAG = _host_tag()
 
 
 def partial_path(path: str | Path) -> Path:
-    """A fresh temp name beside ``path`` in this tool's pattern, carrying this process's pid."""
+    """A fresh temp name beside ``path`` in this tool's pattern, carrying this process's pid and machine."""
     path = Path(path)
     name = path.name
     if len(name.encode()) > _MAX_NAME_BYTES:
         name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
-    return path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return path.with_name(f".{name}.{os.getpid()}@{HOST_TAG}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def writer_pid(path: str | Path) -> int | None:
@@ -187,6 +214,11 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
     return path
 
 
+def is_unwritable(exc: OSError) -> bool:
+    """Whether ``exc`` says the place cannot be written (permissions, or a read-only mount), rather than some other failure."""
+    return isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def is_alive(pid: int) -> bool:
     """Whether process ``pid`` may be alive on this machine (undecidable counts as alive: its files are kept)."""
     if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
@@ -200,12 +232,26 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+def _is_stale(entry: os.DirEntry[str]) -> bool:
+    m = _PARTIAL_RE.fullmatch(entry.name)
+    if m is None:
+        return False
+    if m["host"] in (None, HOST_TAG):
+        return not is_alive(int(m["pid"]))
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_STALE_SECONDS
+    except OSError:
+        return False
+
+
 def sweep_stale(folder: str | Path) -> list[Path]:
     """Remove this tool's temp files and folders in ``folder`` (not recursive) whose writer has died.
 
-    Only names of the exact pattern ``.{name}.{pid}.{token}.ultrastyle-partial``
-    are considered; one whose pid is a live process is kept. Missing
-    ``folder`` or unremovable entries are ignored. Returns what was removed.
+    Only names of the exact pattern ``.{name}.{pid}@{host}.{token}.ultrastyle-partial``
+    are considered. One of this machine whose pid is a live process is kept;
+    one of another machine (or container) is kept until untouched for
+    :data:`FOREIGN_STALE_SECONDS`. Missing ``folder`` or unremovable entries
+    are ignored. Returns what was removed.
     """
     removed: list[Path] = []
     try:
@@ -213,8 +259,7 @@ def sweep_stale(folder: str | Path) -> list[Path]:
     except OSError:
         return removed
     for e in entries:
-        pid = writer_pid(e.name)
-        if pid is None or is_alive(pid):
+        if not _is_stale(e):
             continue
         p = Path(e.path)
         try:

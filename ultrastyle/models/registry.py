@@ -88,7 +88,7 @@ class UnknownModelError(ZooError):
             else:
                 super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
             return
-        self.remedy = Remedy("models.zoo.entries")
+        self.remedy = Remedy("list_models")
         super().__init__(f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")
 
 

@@ -91,7 +91,7 @@ def model_stages(source: str | Path) -> tuple[int, ...]:
     if not path.is_dir():
         entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
         if entry.format not in LOADABLE_FORMATS:
-            fix = Remedy("models.zoo.entries")
+            fix = Remedy("list_models")
             raise remedied(convert.CheckpointError(
                 f"model {entry.name} has format {entry.format!r}, which is not a stylization model "
                 f"(loadable formats: {', '.join(LOADABLE_FORMATS)}); pick another model (see {fix.python()})"

@@ -16,7 +16,7 @@ Getting the files:
 
 - :func:`fetch` installs every file that is missing or damaged. URL files are
   streamed into a temp file next to their destination
-  (`ultrastyle.io.atomic`: ``.FILE.PID.TOKEN.ultrastyle-partial``, swept by
+  (`ultrastyle.io.atomic`: ``.FILE.PID@HOST.TOKEN.ultrastyle-partial``, swept by
   the next fetch or import once its writer is dead), hashed while streaming,
   checked for size and sha256 and only then moved into place with ``os.replace``; packaged and
   derived files are copied the same way (a derived file's source model is
@@ -53,6 +53,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from ultrastyle.errors import Placeholder, Remedies, Remedy, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
@@ -80,6 +81,8 @@ __all__ = [
     "get_entry",
     "home_dir",
     "model_dir",
+    "InstallStatus",
+    "install_status",
     "is_installed",
     "is_outdated",
     "verify",
@@ -148,7 +151,7 @@ class DownloadError(ZooError):
         self.url = url
         self.cause = cause
         self.model = model
-        via, offline = Remedy("models.zoo.fetch", (model,), (("mirror", Placeholder("URL")),)), _import_remedy(model)
+        via, offline = Remedy("fetch_model", (model,), (("mirror", Placeholder("URL")),)), _import_remedy(model)
         self.remedy = (via, offline)
         if mirror is not None:  # the mirror is the suspect, not the network alone: say what it must serve
             advice = (f"The mirror {mirror} must serve each file at MIRROR/NAME/FILE: check that it holds {model}/{url.rsplit('/', 1)[-1]}, "
@@ -160,13 +163,13 @@ class DownloadError(ZooError):
 
 
 def _import_remedy(model: str) -> Remedy:
-    return Remedy("models.zoo.import_local", (model, Placeholder("DIR")))
+    return Remedy("import_model", (model, Placeholder("DIR")))
 
 
 def reinstall(name: str) -> tuple[Remedy, ...]:
     """The calls that (re)install model ``name``: `fetch`, and `import_local` where it has files to download."""
     entry = get_entry(name)
-    fetch_it = Remedy("models.zoo.fetch", (entry.name,))
+    fetch_it = Remedy("fetch_model", (entry.name,))
     return (fetch_it, _import_remedy(entry.name)) if any(f.kind == "url" for f in entry.files) else (fetch_it,)
 
 
@@ -182,11 +185,20 @@ def reinstall_text(name: str) -> str:
 
 
 def home_dir() -> Path:
-    """``$ULTRASTYLE_HOME`` (read at each call), default ``~/.cache/ultrastyle``."""
+    """``$ULTRASTYLE_HOME`` (read at each call), default ``~/.cache/ultrastyle``.
+
+    A relative ``$ULTRASTYLE_HOME`` is refused (`ZooError`): the cache would be
+    another folder in every working directory, and a model installed from one
+    missing in the next.
+    """
     env = os.environ.get("ULTRASTYLE_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "ultrastyle"
+    if env is None or env == "":
+        return Path.home() / ".cache" / "ultrastyle"
+    home = Path(env).expanduser()
+    if not env.strip() or not home.is_absolute():
+        raise ZooError(f"ULTRASTYLE_HOME={env!r} is not an absolute path: the model cache would move with the working "
+                       f"folder; set it to one, such as {str(Path(env.strip() or 'ultrastyle').absolute())!r}")  # fmt: skip
+    return home
 
 
 def weights_dir() -> Path:
@@ -228,6 +240,34 @@ def _file_problem(entry: ZooEntry, f: ZooFile, path: Path) -> str | None:
     return None
 
 
+InstallStatus = Literal["installed", "absent", "incomplete", "outdated", "damaged"]
+
+
+def install_status(name: str) -> InstallStatus:
+    """What the cache holds of ``name``, every present file hashed (remembered per process).
+
+    ``installed``: every file verified; ``absent``: none of its files;
+    ``incomplete``: some missing, the rest verified (an interrupted install:
+    installing again finishes it); ``outdated``: an earlier release's files
+    (replaced on use); ``damaged``: a file of the wrong size or sha256.
+    """
+    entry, d = get_entry(name), model_dir(name)
+    missing = 0
+    for f in entry.files:
+        path = d / f.name
+        if not path.exists():
+            missing += 1
+        elif not path.is_file():
+            return "damaged"
+    if missing == len(entry.files):
+        return "absent"
+    if is_outdated(name):
+        return "outdated"
+    if _damaged_present(name):
+        return "damaged"
+    return "incomplete" if missing else "installed"
+
+
 def is_outdated(name: str) -> bool:
     """True when an installed file is an earlier release's version of it (its registry ``earlier_sha256``)."""
     entry = get_entry(name)
@@ -259,7 +299,7 @@ def check_installed(name: str) -> Path:
         found = sha256_file_cached(path)
         if found != f.sha256:
             damaged.append((f.name, path, f"sha256 {f.sha256}", f"sha256 {found}"))
-    if damaged and all(found == "no file" for *_, found in damaged):  # nothing there: not damaged, never installed
+    if len(damaged) == len(entry.files) and all(found == "no file" for *_, found in damaged):  # nothing there: never installed
         raise remedied(ZooError(f"{entry.name} is not installed (no file of it in {d}); install it: {reinstall_text(entry.name)}"),
                        reinstall(entry.name))  # fmt: skip
     if damaged:
@@ -363,7 +403,7 @@ def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirro
         raise ZooError(f"{given_as} {mirror!r}: no host; expected an http:// or https:// base URL, e.g. https://host/models")
     if scheme not in ("http", "https"):
         folder = Placeholder("DIR") if scheme else mirror  # a path: the folder to import from
-        fix = Remedy("models.zoo.import_local", (name if name else Placeholder("NAME"), folder))
+        fix = Remedy("import_model", (name if name else Placeholder("NAME"), folder))
         raise remedied(ZooError(f"{given_as} {mirror!r}: expected an http:// or https:// base URL (files are read from URL/NAME/FILE), "
                                 f"got scheme {scheme or '(none)'!r}; a local copy of the files is installed with {fix.python()}"), fix)  # fmt: skip
     return mirror
@@ -612,7 +652,7 @@ def _check_sources(entry: ZooEntry, sources: dict[str, Path], todo: list[ZooFile
                             hint="Copy the files again from a trusted source.")  # fmt: skip
 
 
-def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
+def import_local(name: str, src: str | Path | None = None, *, force: bool = False) -> Path:
     """Install model ``name`` from local copies in ``src`` and return its directory.
 
     For offline machines. ``src`` holds the URL files flat (``1SE.pth`` ...) or
@@ -630,10 +670,10 @@ def import_local(name: str, src: Path | None, *, force: bool = False) -> Path:
     url_files = [f for f in entry.files if f.kind == "url"]
     if url_files and src is None:
         raise ZooError(f"{name} has {len(url_files)} file(s) to import ({url_files[0].name} ...); pass the folder that holds them")
+    if src is not None and not Path(src).expanduser().is_dir():  # even where unneeded: a mistyped folder is said, not ignored
+        raise ZooError(f"{src} is not a directory; pass the folder that holds {name}'s files")
     needs_src = bool(url_files) or any(not is_installed(other) for other in entry.depends_on)
     src = Path(src).expanduser() if src is not None and needs_src else None  # packaged files, or derived from what is here: no folder
-    if src is not None and not src.is_dir():
-        raise ZooError(f"{src} is not a directory; pass the folder that holds {name}'s files")
     sources = _find_source(entry, src, url_files) if url_files and src is not None else {}
     for other in entry.depends_on:
         if is_installed(other):

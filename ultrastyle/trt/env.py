@@ -28,8 +28,10 @@ from typing import Any
 from ultrastyle.errors import RunnerError
 
 INSTALL_TENSORRT = "pip install 'ultrastyle[tensorrt]'"  # the tensorrt and cuda-python wheels
+INSTALL_CUDA_PYTHON = "pip install 'cuda-python>=12.6,<13'"  # as the tensorrt extra pins it: 13.x needs an R580+ driver
 INSTALL_PYCUDA = "pip install pycuda (it builds from source and needs the CUDA toolkit headers)"
-INSTALL_ORT_GPU = "pip uninstall -y onnxruntime && pip install 'ultrastyle[gpu]'"  # onnxruntime-gpu replaces the CPU wheel
+# onnxruntime-gpu replaces the CPU wheel (one import package); an extra of ultrastyle would reinstall the CPU one beside it.
+INSTALL_ORT_GPU = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 _CC_MAJOR, _CC_MINOR = 75, 76  # CUdevice_attribute: COMPUTE_CAPABILITY_MAJOR / _MINOR
 
@@ -274,7 +276,7 @@ def missing_for_tensorrt() -> list[str]:
     if not has_tensorrt():
         missing.append(f"the tensorrt package ({INSTALL_TENSORRT}, which brings cuda-python too)")
     if not has_cuda_binding():
-        missing.append("a CUDA binding for device memory: cuda-python (pip install cuda-python) or pycuda")
+        missing.append(f"a CUDA binding for device memory: cuda-python ({INSTALL_CUDA_PYTHON}) or pycuda")
     if not probe_gpus():
         missing.append("an NVIDIA GPU with its driver (none is visible: libcuda.so.1 missing or no device)")
     return missing

@@ -25,6 +25,7 @@ from ultrastyle.core.arch import STAGES
 from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
+from ultrastyle.io.atomic import is_unwritable
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.models.sources import check_stages, model_files
@@ -93,10 +94,13 @@ def ensure_bundle(
         if damaged is not None and target.is_dir() and not target.is_symlink():  # the cache's own folder: made again whole
             shutil.rmtree(target)
         return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
-    except PermissionError as exc:  # a read-only ULTRASTYLE_HOME: say where, and the two ways round it
+    except OSError as exc:  # a read-only ULTRASTYLE_HOME (permissions or a read-only mount): say where, and the ways round it
+        if not is_unwritable(exc):
+            raise
         fix = Remedy("export_model", (str(source), Placeholder("BUNDLE_FOLDER")))
         raise remedied(BundleError(f"cannot write the bundle cache {target.parent} ({exc.strerror}); set ULTRASTYLE_HOME to a folder "
-                                   f"you can write, or export the model once ({fix.python()}) and run from that bundle"), fix) from None
+                                   f"you can write, export the model once ({fix.python()}) and run from that bundle, or run on the "
+                                   "PyTorch backend, which needs no bundle"), fix) from None
 
 
 def _find_bundle(source: str | Path, stages: tuple[int, ...]) -> Bundle | None:
