@@ -530,3 +530,35 @@ def test_float_samples_a_little_outside_the_unit_range_are_clipped_not_passed_on
     rgba[..., 3] = -0.04
     got = as_pixels(rgba, "content", keep_alpha=True)
     assert got.min() >= 0 and got.max() <= 1 and rgba.max() > 1  # the caller's array is left as given
+
+
+@pytest.mark.parametrize("role", ["content", "style", "mix", "mask"])
+def test_stylize_refuses_an_output_that_would_replace_an_input_before_any_work(installed, small, tmp_path, role, monkeypatch):
+    # The batch and the CLI refused this; stylize(output=...) replaced its own content or style without a word.
+    import shutil
+
+    files = {k: tmp_path / f"{k}.png" for k in ("c1", "s1", "s2")}
+    for k, f in files.items():
+        shutil.copy(small[k], f)
+    mask = tmp_path / "mask.png"
+    Image.new("RGB", (72, 56), (0, 0, 0)).save(mask)
+    before = {f: f.read_bytes() for f in [*files.values(), mask]}
+    call = {"content": dict(style=files["s1"], output=files["c1"]), "style": dict(style=files["s1"], output=files["s1"]),
+            "mix": dict(mix=[(files["s1"], 1), (files["s2"], 1)], output=files["s2"]),
+            "mask": dict(style=[files["s1"], files["s2"]], mask=mask, output=mask)}[role]  # fmt: skip
+    monkeypatch.setattr(ultrastyle.Stylizer, "_open", lambda self: pytest.fail("the model opened before the output was checked"))
+    with pytest.raises(ultrastyle.OptionError, match="is one of the inputs; writing it would replace that image"):
+        ultrastyle.stylize(files["c1"], backend="torch", **call)
+    with pytest.raises(ultrastyle.OptionError, match="is one of the inputs; writing it would replace that image"):
+        ultrastyle.load("cd-wct-16x", backend="torch").stylize(files["c1"], **call)
+    assert {f: f.read_bytes() for f in before} == before
+
+
+def test_stylize_refuses_a_folder_or_a_lying_suffix_as_output_before_any_work(installed, small, tmp_path, monkeypatch):
+    monkeypatch.setattr(ultrastyle.Stylizer, "_open", lambda self: pytest.fail("the model opened before the output was checked"))
+    with pytest.raises(ultrastyle.OptionError, match="is a folder; give a file name"):
+        ultrastyle.stylize(small["c1"], small["s1"], output=tmp_path, backend="torch")
+    for name in ("b.webp", "j.bmp", "n.gif"):  # PNG bytes in a .webp: the suffix would lie
+        with pytest.raises(ultrastyle.OptionError, match=rf"format 'png' but .*{name} ends in"):
+            ultrastyle.stylize(small["c1"], small["s1"], output=tmp_path / name, format="png", backend="torch")
+    assert list(tmp_path.iterdir()) == []

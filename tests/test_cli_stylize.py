@@ -443,6 +443,16 @@ def test_missing_default_model_offline_says_how_to_import(
     assert _partials(zoo.home_dir()) == []
 
 
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(invoke, images, tmp_path) -> None:
+    # 140 + 120 characters: "File name too long" once came after the compute, exit 1.
+    content, style = tmp_path / f"{'c' * 140}.png", tmp_path / f"{'s' * 120}.png"
+    content.write_bytes(images["c1"].read_bytes())
+    style.write_bytes(images["s1"].read_bytes())
+    r = invoke(content, "--style", style, "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "longer than a file name may be (255)" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, images: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
@@ -457,7 +467,6 @@ def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, ima
     (["-f", "jpg", "--png-level", "9"], "--png-level shapes png outputs only; this run writes jpg: left out"),
     (["-f", "png", "--dzi-tiles", "png"], "--dzi-tiles shapes dzi outputs only"),
     (["-f", "png", "--tiff-layout", "pyramid"], "--tiff-layout shapes tiff outputs only"),
-    (["-f", "tif", "--tiff-layout", "plain", "--tiff-compression", "zstd"], "--tiff-compression sets the compression of pyramidal TIFFs"),
 ])
 def test_a_format_flag_the_format_leaves_out_is_said(invoke, images, tmp_path, args, said) -> None:
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--levels", "5", *args)
@@ -465,6 +474,23 @@ def test_a_format_flag_the_format_leaves_out_is_said(invoke, images, tmp_path, a
     assert f"warning: {said}" in " ".join(r.stderr.split()), r.stderr
     quiet = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out2", "--levels", "5", *args[:2])
     assert "warning:" not in quiet.stderr  # the defaults of the other formats' flags say nothing
+
+
+def test_tiff_compression_shapes_plain_tiffs_too_and_jpeg_makes_a_pyramid(invoke, images, tmp_path) -> None:
+    # --tiff-compression was left out of every plain TIFF, and auto is plain for nearly every photo.
+    import tifffile
+
+    pages = {}
+    for name, args in {"zstd": ["--tiff-compression", "zstd"], "deflate": [], "jpeg": ["--tiff-compression", "jpeg"]}.items():
+        r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / name, "--levels", "5", "-f", "tiff", *args)
+        assert r.exit_code == 0 and "warning:" not in r.stderr, r.output
+        with tifffile.TiffFile(tmp_path / name / "c1_stylized_s1.tiff") as tif:
+            pages[name] = (int(tif.pages[0].compression), tif.pages[0].is_tiled)
+    assert pages == {"zstd": (50000, False), "deflate": (8, False), "jpeg": (7, True)}  # jpeg: tiles, so auto makes a pyramid
+    r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "no", "-f", "tiff", "--tiff-layout", "plain",
+               "--tiff-compression", "jpeg")  # fmt: skip
+    assert r.exit_code == 2 and "a plain TIFF takes deflate or zstd" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("flag, names", [("--content-size", "error: {c1}"), ("--style-size", "error: style {s1}")])

@@ -217,6 +217,24 @@ def test_exif_orientation_6_is_rotated_clockwise(tmp_path: Path, suffix: str) ->
     _assert_rgb(t, 8, 40, (0, 255, 0), tol)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+def test_a_turned_uncompressed_tiff_is_turned_not_scrambled(tmp_path: Path, mode: str, orientation: int) -> None:
+    # Pillow 13 turns a TIFF by its tag on load, and scrambled uncompressed grey and RGBA ones turned 5-8.
+    from ultrastyle.io.images import _orient
+
+    rng = np.random.default_rng(orientation)
+    stored = (rng.random((24, 40, 3)) * 255).astype(np.uint8)
+    if mode == "L":
+        stored[:] = stored[..., :1]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pil = Image.fromarray(stored, "RGB").convert(mode)
+    pil.save(tmp_path / "t.tif", exif=exif)
+    got = read_image(tmp_path / "t.tif")
+    assert np.array_equal(got, _orient(stored, orientation)), (mode, orientation)
+
+
 def test_image_without_exif_is_not_rotated(tmp_path: Path) -> None:
     _orientation_test_image().save(tmp_path / "plain.png")
     t = load_image(tmp_path / "plain.png")
@@ -467,6 +485,46 @@ def test_save_failing_midway_leaves_no_target_and_no_partial(tmp_path: Path, mon
     assert calls, "the patched save was not used"
     assert str(target) in str(ei.value) and "No space left" in str(ei.value)
     assert list(tmp_path.iterdir()) == []
+
+
+_SHORT_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from ultrastyle.io.images import ImageError, save_array
+from ultrastyle.io.pyramid import _write_tile
+# A write that crosses the size limit is short, as one that fills a disk is; past it, writes fail (EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+a = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+out = Path(sys.argv[1])
+for fmt in ("jpg", "tiff", "png"):
+    try:
+        save_array(a, out / f"o.{fmt}", fmt)
+        print(fmt, "written")
+    except ImageError as exc:
+        print(fmt, "refused", exc)
+try:
+    _write_tile(a, out / "t.jpeg", "jpeg", 90)
+    print("tile written")
+except OSError as exc:
+    print("tile refused", exc)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_fails_the_write_rather_than_leaving_a_truncated_jpeg(tmp_path: Path) -> None:
+    # Pillow's C encoders wrote to the descriptor and ignored a short write: a JPEG cut at the disk's end, "done".
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SHORT_WRITE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    said = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    for fmt in ("jpg", "tiff", "png"):
+        assert said[fmt].startswith("refused") and f"o.{fmt}: cannot write the image" in said[fmt], r.stdout
+    assert said["tile"].startswith("refused"), r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jpeg"]  # the tile's own file (its folder is removed whole); no image
 
 
 def test_save_interrupted_midway_reraises_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -538,6 +538,21 @@ def test_an_output_name_that_contradicts_the_options_format_is_refused(optimizer
     assert not (tmp_path / "x.jpg").exists()
 
 
+def test_one_optimized_image_refuses_to_replace_its_content_or_style_or_a_folder(optimizer, shared_dir, tmp_path):
+    import shutil
+
+    content, style = tmp_path / "c.jpg", tmp_path / "s.jpg"
+    shutil.copy(shared_dir / "images/content/cd_content_in2.jpg", content)
+    shutil.copy(shared_dir / "images/style/cd_style_in3.jpg", style)
+    before = content.read_bytes(), style.read_bytes()
+    for output in (content, style):
+        with pytest.raises(OptionError, match="is one of the inputs; writing it would replace that image"):
+            optimizer.run(content, style, output=output, iterations=0, content_size=32)
+    with pytest.raises(OptionError, match="is a folder; give a file name"):
+        optimizer.run(content, style, output=tmp_path, iterations=0, content_size=32)
+    assert (content.read_bytes(), style.read_bytes()) == before
+
+
 def test_optimizer_settings_the_machine_cannot_run_are_typed_errors(cd16x_dir):
     from ultrastyle.errors import RunnerError
 

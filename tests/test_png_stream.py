@@ -45,16 +45,19 @@ def test_canvas_png_output_streams_above_the_threshold_and_equals_the_whole_conv
 # --- plain TIFF and JPEG outputs, band by band ------------------------------------------------------
 
 
+@pytest.mark.parametrize("compression", ["deflate", "zstd"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_strip_written_tiff_is_byte_identical_however_banded_and_reads_back(tmp_path: Path, dtype: type, monkeypatch) -> None:
+def test_strip_written_tiff_is_byte_identical_however_banded_and_reads_back(tmp_path: Path, dtype: type, compression: str,
+                                                                            monkeypatch) -> None:  # fmt: skip
     import ultrastyle.io.pyramid as pyramid
     from ultrastyle.io.pyramid import write_tiff_strips
 
     monkeypatch.setattr(pyramid, "_STRIP_BYTES", 257 * 3 * 2 * 7)  # strips of a few rows: bands cross them
     rng = np.random.default_rng(1)
     a = (rng.random((301, 257, 3)) * np.iinfo(dtype).max).astype(dtype)
-    whole = write_tiff_strips([a], tmp_path / "whole.tif", 301, 257, dtype)
-    bands = write_tiff_strips((a[i : i + 17] for i in range(0, 301, 17)), tmp_path / "bands.tif", 301, 257, dtype)
+    whole = write_tiff_strips([a], tmp_path / "whole.tif", 301, 257, dtype, compression=compression)
+    bands = write_tiff_strips((a[i : i + 17] for i in range(0, 301, 17)), tmp_path / "bands.tif", 301, 257, dtype,
+                              compression=compression)  # fmt: skip
     assert whole.read_bytes() == bands.read_bytes()
     np.testing.assert_array_equal(read_image(bands), a)
     import tifffile
@@ -62,7 +65,7 @@ def test_strip_written_tiff_is_byte_identical_however_banded_and_reads_back(tmp_
     with tifffile.TiffFile(bands) as tif:
         page = tif.pages[0]
         assert not page.is_tiled and len(page.dataoffsets) > 1  # strips, not one block
-        assert page.compression == (8 if dtype == np.uint16 else 1)  # deflate for 16-bit, none for 8-bit
+        assert page.compression == {"deflate": 8, "zstd": 50000}[compression]  # as asked, 8-bit too (it once wrote 8-bit raw)
 
 
 def test_short_tiff_bands_leave_no_file(tmp_path: Path) -> None:

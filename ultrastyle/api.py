@@ -126,6 +126,8 @@ def make_options(
     dzi_tiles = check.choice("dzi_tiles", dzi_tiles, DZI_TILE_FORMATS)
     if depth == 16 and fmt == "tiff" and tiff_compression == "jpeg":
         raise OptionError("tiff_compression", "jpeg holds 8-bit samples; use deflate or zstd with depth 16")
+    if tiff_layout == "plain" and tiff_compression == "jpeg":
+        raise OptionError("tiff_compression", "jpeg compresses pyramidal TIFFs (tiles); a plain TIFF takes deflate or zstd")
     if not 0 <= png_level <= 9:
         raise OptionError("png_level", f"expected a zlib level 0..9, got {png_level}; give 0 (fastest) to 9 (smallest)")
     streaming = check.choice("streaming", streaming, STREAMING)
@@ -359,7 +361,7 @@ class Stylizer:
         if settings.get("skip_existing"):
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         if output is not None:
-            settings["format"] = output_format(output, settings.get("format"))
+            settings["format"] = _output_format(output, content, style, mix, mask, settings.get("format"))
         opts = self.options(**settings)
         self._open()
         spec = _style_spec(style, mix, mask)
@@ -575,6 +577,15 @@ _CALL_KEYWORDS = ("model", "content", "contents", "style", "styles", "mix", "mas
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
 
 
+def _output_format(output: str | os.PathLike, content: ImageLike, style: object, mix: MixLike | None, mask: ImageLike | None,
+                   given: str | None) -> str:  # fmt: skip
+    """The format ``output`` is written in, once it is known to be a file name that replaces no input (`OptionError`)."""
+    styles = [style] if isinstance(style, (str, os.PathLike)) or not isinstance(style, Sequence) else list(style)
+    mixed = list(mix) if isinstance(mix, Mapping) else [m[0] for m in mix or () if isinstance(m, (tuple, list)) and m]
+    check.output_file(output, [content, mask, *styles, *mixed])
+    return output_format(output, given)
+
+
 def stylize(
     content: ImageLike,
     style: ImageLike | Sequence[ImageLike] | None = None,
@@ -593,6 +604,8 @@ def stylize(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check_style_args(style, mix, mask)  # before the model opens (a download, an export)
+    if output is not None:
+        _output_format(output, content, style, mix, mask, settings.get("format"))
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
 

@@ -197,6 +197,22 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     return path
 
 
+def output_file(output: str | os.PathLike, inputs: Collection[object] = ()) -> Path:
+    """The file one image is written to: not a folder, and none of ``inputs`` (those that are paths), which it would replace.
+
+    Checked before any work, as `output_folder` is for a batch.
+    """
+    no_empty_path("output", [output], "a file name")
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise OptionError("output", f"{path} is a folder; give a file name (the image's, such as {path / 'out.png'})")
+    target = path.resolve()
+    for given in inputs:
+        if isinstance(given, (str, os.PathLike)) and Path(given).expanduser().resolve() == target:
+            raise OptionError("output", f"{path} is one of the inputs; writing it would replace that image: give another output")
+    return path
+
+
 def scratch_folder(option: str, value: str | os.PathLike | None) -> Path | None:
     """An existing folder for scratch canvases (unlinked files), or None for the system's temp folder."""
     if value is None:
@@ -287,8 +303,9 @@ def output_format(output: str | os.PathLike, given: str | None, formats: Collect
     ``formats``: what the caller writes (the optimizer writes no Deep Zoom folder).
     """
     suffix = Path(output).suffix.lstrip(".")
-    if given is not None:  # a suffix that names no format ("frame.0001") is just part of the name
-        if format_name(suffix) in OUTPUT_FORMATS and format_name(suffix) != format_name(str(given)):
+    if given is not None:  # a suffix that names no image format ("frame.0001") is just part of the name
+        named = format_name(suffix) in OUTPUT_FORMATS or f".{suffix.lower()}" in IMAGE_SUFFIXES  # .webp holding PNG bytes: a lie
+        if named and format_name(suffix) != format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
         return format_name(str(given))
     if suffix and format_name(suffix) not in formats:

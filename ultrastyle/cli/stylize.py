@@ -170,16 +170,13 @@ _FORMAT_FLAGS = {"png_level": ("--png-level", "png"), "tiff_layout": ("--tiff-la
 _TILING_FLAGS = {"tile": "--tile", "max_memory": "--max-memory", "halo": "--halo"}
 
 
-def _unused_flags(given: set[str], fmt: str, tiff_layout: str) -> list[str]:
+def _unused_flags(given: set[str], fmt: str) -> list[str]:
     """Warnings for the format flags ``given`` that this run's format leaves out."""
     from ultrastyle.io.constants import format_name
 
     fmt = format_name(fmt)
     said = [f"{flag} shapes {only} outputs only; this run writes {fmt}: left out"
             for name, (flag, only) in _FORMAT_FLAGS.items() if name in given and only != fmt]  # fmt: skip
-    if fmt == "tiff" and tiff_layout == "plain" and "tiff_compression" in given:
-        said.append("--tiff-compression sets the compression of pyramidal TIFFs; --tiff-layout plain writes 8-bit samples "
-                    "uncompressed and 16-bit ones deflated: left out")  # fmt: skip
     return said
 
 
@@ -218,13 +215,13 @@ def stylize_command(
     compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the stage networks with torch.compile (Inductor; the first run of each tile shape compiles, cached on disk after).")] = False,
     threads: Annotated[int, typer.Option(min=0, help="Threads per network (0: one per physical core).")] = 0,
     fmt: Annotated[Format, typer.Option("--format", "-f", case_sensitive=False, help="Output format: png, jpg (quality 95), tiff (a tiled pyramid above 8192 px: --tiff-layout), dzi (a Deep Zoom pyramid NAME.dzi + NAME_files/ and NAME.html, an offline zoomable viewer). tiff pyramids and dzi are written from the canvas band by band.")] = Format.png,
-    tiff_layout: Annotated[TiffLayout, typer.Option(case_sensitive=False, help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px).")] = TiffLayout.auto,
-    tiff_compression: Annotated[TiffCompression, typer.Option(case_sensitive=False, help="Compression of pyramidal TIFFs (jpeg: 8-bit only).")] = TiffCompression.deflate,
+    tiff_layout: Annotated[TiffLayout, typer.Option(case_sensitive=False, help="TIFF outputs: plain (one image), pyramid (256-px tiles and reduced levels, BigTIFF past 4 GB), auto (pyramid above 8192 px or with jpeg compression).")] = TiffLayout.auto,
+    tiff_compression: Annotated[TiffCompression, typer.Option(case_sensitive=False, help="Compression of TIFFs: deflate or zstd (any layout), jpeg (8-bit; a pyramid).")] = TiffCompression.deflate,
     dzi_tiles: Annotated[DziTiles, typer.Option(case_sensitive=False, help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
     streaming: Annotated[Streaming, typer.Option(case_sensitive=False, help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
-    depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (16-bit inputs keep their precision).")] = 8,
+    depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (a 16-bit input keeps its precision only with 16).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
     max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB. On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = DEFAULT_BUDGET,
@@ -265,7 +262,7 @@ def stylize_command(
     if no_tile and (clash := [flag for name, flag in _TILING_FLAGS.items() if name in given]):
         raise typer.BadParameter(f"--no-tile runs each stage on the whole image, which {clash[0]} would tile; give one of them",
                                  param_hint=clash[0])  # fmt: skip
-    for said in _unused_flags(given, fmt.value, tiff_layout.value):
+    for said in _unused_flags(given, fmt.value):
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {said}", style="yellow", markup=False)
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)

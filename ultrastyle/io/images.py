@@ -7,6 +7,7 @@ file beside the target and renamed, so no partial file is ever left.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import struct
 import warnings
@@ -14,6 +15,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -104,6 +106,12 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
                 warnings.warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
+            if img.format == "TIFF" and img.tag_v2.get(ORIENTATION, 1) != 1:
+                # Pillow turns a TIFF by its tag on load, and scrambles uncompressed grey and RGBA ones turned 5-8
+                # (Pillow 13); tifffile's pixels, turned here, are right for every layout it reads.
+                found = _read_tiff(path, max_pixels, keep_alpha)
+                if found is not None:
+                    return found
             if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
                 warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
             if is_rgb16(path, img):
@@ -482,6 +490,32 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: 
     return path
 
 
+class _ThroughWrite:
+    """File ``f`` without its descriptor, so that Pillow writes through ``f.write``, which raises on a full disk.
+
+    Given a descriptor, Pillow's C encoders (JPEG, TIFF) write to it directly and ignore a short write: a full disk
+    gave a truncated file, "done", and no error.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def pil_save(img: Image.Image, dest: str | Path | BinaryIO, fmt: str, **kwargs: Any) -> None:
+    """``img.save(dest, fmt, **kwargs)``, where a full disk raises ``OSError`` (ENOSPC) rather than leaving a truncated file."""
+    if isinstance(dest, (str, Path)):
+        with open(dest, "wb") as f:
+            img.save(_ThroughWrite(f), fmt, **kwargs)
+    else:
+        img.save(_ThroughWrite(dest), fmt, **kwargs)
+
+
 def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL) -> None:
     if fmt == "png":  # 8- and 16-bit through libpng (imagecodecs); PIL truncates 16-bit RGB
         import imagecodecs
@@ -497,4 +531,4 @@ def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL) -> N
         tifffile.imwrite(f, a, photometric="rgb", compression="zlib")
         return
     kwargs = {"jpg": {"quality": JPEG_QUALITY}}.get(fmt, {})
-    Image.fromarray(a, "RGB").save(f, FORMATS[fmt], **kwargs)
+    pil_save(Image.fromarray(a, "RGB"), f, FORMATS[fmt], **kwargs)

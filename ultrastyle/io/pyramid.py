@@ -28,6 +28,7 @@ written last, so its presence means the pyramid is whole.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from PIL import Image
 from ultrastyle.core.canvas import Canvas, sample_peak
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.constants import OUTPUT_FORMATS
-from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, save_array
+from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
 from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
 
@@ -86,10 +87,10 @@ _BIGTIFF_AT = 2**32 - 2**28
 class PyramidOptions:
     """How zoomable outputs are written.
 
-    ``tiff_layout``: "plain" (one image, as PNG-sized outputs always were),
-    "pyramid" (tiled, with reduced levels), "auto" (a pyramid when the long
-    side is above `TIFF_PYRAMID_SIDE`). ``tiff_compression``: "deflate",
-    "zstd" or "jpeg" (8-bit only) for pyramids. ``dzi_tile_format``: "jpg" or
+    ``tiff_layout``: "plain" (one image in strips), "pyramid" (tiled, with
+    reduced levels), "auto" (a pyramid when the long side is above
+    `TIFF_PYRAMID_SIDE` or the compression is jpeg). ``tiff_compression``:
+    "deflate", "zstd" (either layout) or "jpeg" (8-bit pyramids only). ``dzi_tile_format``: "jpg" or
     "png" (lossless). ``jpeg_quality``: of JPEG tiles (1-100).
     """
 
@@ -103,14 +104,17 @@ class PyramidOptions:
             raise ValueError(f"tiff_layout must be one of {', '.join(TIFF_LAYOUTS)}, got {self.tiff_layout!r}")
         if self.tiff_compression not in TIFF_COMPRESSIONS:
             raise ValueError(f"tiff_compression must be one of {', '.join(TIFF_COMPRESSIONS)}, got {self.tiff_compression!r}")
+        if self.tiff_layout == "plain" and self.tiff_compression == "jpeg":
+            raise ValueError("tiff_compression jpeg is for pyramidal TIFFs (tiles); a plain TIFF takes deflate or zstd")
         if self.dzi_tile_format not in DZI_TILE_FORMATS:
             raise ValueError(f"dzi_tile_format must be one of {', '.join(DZI_TILE_FORMATS)}, got {self.dzi_tile_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
 
     def tiff_pyramid(self, height: int, width: int) -> bool:
-        """Whether a ``height`` x ``width`` TIFF output is written as a tiled pyramid."""
-        return self.tiff_layout == "pyramid" or (self.tiff_layout == "auto" and max(height, width) > TIFF_PYRAMID_SIDE)
+        """Whether a ``height`` x ``width`` TIFF output is written as a tiled pyramid (JPEG compression: always, it is tiled)."""
+        auto = max(height, width) > TIFF_PYRAMID_SIDE or self.tiff_compression == "jpeg"
+        return self.tiff_layout == "pyramid" or (self.tiff_layout == "auto" and auto)
 
 
 def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
@@ -145,13 +149,14 @@ def save_output(
         return write_dzi(src, path, pyramid)
     if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
         return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
-    # A canvas's PNG always leaves band by band (the same bytes whatever its size); TIFF and JPEG when large.
+    if fmt == "tiff":  # plain: strips, compressed as asked (the same bytes from an array or a canvas's bands)
+        bands = _bands(src, dtype, 256) if isinstance(src, Canvas) else [np.asarray(src, dtype)]
+        return write_tiff_strips(bands, path, h, w, dtype, compression=pyramid.tiff_compression)
+    # A canvas's PNG always leaves band by band (the same bytes whatever its size); JPEG when large.
     if isinstance(src, Canvas) and (fmt == "png" or streams(fmt, h, w, pyramid)):
         bands = _bands(src, dtype, 256)
         if fmt == "png":
             return write_png_bands(bands, path, h, w, dtype, level=png_level)
-        if fmt == "tiff":
-            return write_tiff_strips(bands, path, h, w, dtype)
         return write_jpeg_bands(bands, path, h, w, quality=JPEG_QUALITY)
     a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
     return save_array(a, path, fmt, png_level=png_level)
@@ -229,21 +234,29 @@ _STRIP_BYTES = 2**20
 
 
 def write_tiff_strips(
-    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8
+    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *,
+    compression: str = "deflate",
 ) -> Path:
     """Write (rows, W, 3) ``bands`` as a plain (untiled) RGB TIFF, atomically, never whole: tifffile, strips of ~1 MB.
 
-    8-bit strips uncompressed (as Pillow writes small TIFFs), 16-bit ones
-    deflated; BigTIFF where the pixels could pass 4 GB. The strips are cut
-    from the rows whatever the bands, so the bytes do not depend on them.
+    ``compression``: "deflate" or "zstd" per strip. BigTIFF where the pixels
+    could pass 4 GB. The strips are cut from the rows whatever the bands, so
+    the bytes do not depend on them.
     """
     import tifffile
 
+    if compression not in ("deflate", "zstd"):
+        raise ValueError(f"a plain TIFF takes deflate or zstd, not {compression!r}")
+    if compression == "zstd":
+        import imagecodecs
+
+        encode = imagecodecs.zstd_encode
+    else:
+        encode = functools.partial(zlib.compress, level=6)
     path = Path(path)
     dt = np.dtype(dtype)
     row_bytes = width * 3 * dt.itemsize
     per_strip = max(1, _STRIP_BYTES // row_bytes)
-    deflate = dt == np.uint16
 
     def strips() -> Iterator[bytes]:
         pending: list[np.ndarray] = []  # rows of the strip being filled
@@ -260,7 +273,7 @@ def write_tiff_strips(
                     raw = b"".join(b.tobytes() for b in pending)
                     pending.clear()
                     held = 0
-                    yield zlib.compress(raw, 6) if deflate else raw
+                    yield encode(raw)
         if rows != height:
             raise ValueError(f"{path}: the bands held {rows} rows, the header says {height}")
 
@@ -268,7 +281,7 @@ def write_tiff_strips(
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=height * row_bytes > _BIGTIFF_AT) as tif:
             tif.write(strips(), shape=(height, width, 3), dtype=dt, photometric="rgb", rowsperstrip=per_strip,
-                      compression="zlib" if deflate else None, metadata=None)  # fmt: skip
+                      compression=TIFF_COMPRESSIONS[compression], metadata=None)  # fmt: skip
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
@@ -476,9 +489,9 @@ def _write_tile(a: np.ndarray, path: Path, fmt: str, quality: int) -> None:
         try:
             path.write_bytes(imagecodecs.png_encode(a, level=1))
         except imagecodecs.PngError:  # its output buffer is too small for some 1-px-wide noisy tiles: Pillow sizes its own
-            Image.fromarray(a).save(path, "PNG", compress_level=1)
+            pil_save(Image.fromarray(a), path, "PNG", compress_level=1)
     else:
-        Image.fromarray(a).save(path, "JPEG", quality=quality)
+        pil_save(Image.fromarray(a), path, "JPEG", quality=quality)
 
 
 def dzi_xml(height: int, width: int, fmt: str) -> str:

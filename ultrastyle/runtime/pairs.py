@@ -140,7 +140,13 @@ def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
 
 
 class OutputCollisionError(ValueError):
-    """Two pairs would write the same output file."""
+    """The outputs cannot be written as planned: two pairs would write one file, one would replace an input, or a name is
+    longer than a file name may be."""
+
+
+# The longest file name (bytes) of the usual file systems (ext4, XFS, APFS, NTFS in UTF-16 units): a longer output
+# name would fail at its write, after the compute.
+NAME_MAX = 255
 
 
 class OutputsAsContentsWarning(UserWarning):
@@ -168,6 +174,9 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     seen: dict[Path, Pair] = {}
     for p in pairs:
         assert p.output is not None
+        if len(p.output.name.encode()) > NAME_MAX:
+            raise OutputCollisionError(f"{p.content} + {p.style} would write {p.output.name[:60]}... ({len(p.output.name.encode())} "
+                                       f"bytes), longer than a file name may be ({NAME_MAX}); give the content or style a shorter name")  # fmt: skip
         if (replaced := inputs.get(where / p.output.name)) is not None:
             raise remedied(OutputCollisionError(
                 f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
