@@ -562,3 +562,92 @@ def test_stylize_refuses_a_folder_or_a_lying_suffix_as_output_before_any_work(in
         with pytest.raises(ultrastyle.OptionError, match=rf"format 'png' but .*{name} ends in"):
             ultrastyle.stylize(small["c1"], small["s1"], output=tmp_path / name, format="png", backend="torch")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_close_or_another_threads_with_block_ending_waits_for_calls_in_flight(installed, small):
+    # One thread's `with s:` ending freed the networks under another thread's call: "call activate() before infer()".
+    import threading
+
+    s = ultrastyle.load("cd-wct-16x", backend="torch", levels=5)
+    ref = s.stylize(small["c1"], small["s1"], style_size=64, tile=32)
+    closed_during: list[bool] = []
+
+    def close_midway(what, done, total):  # a close() while this call runs: deferred until it returns
+        s.close()
+        closed_during.append(s.runner.is_active)
+
+    got = s.stylize(small["c1"], small["s1"], style_size=64, tile=32, on_tile=close_midway)
+    assert closed_during and all(closed_during) and np.array_equal(got, ref)
+    assert not s.runner.is_active  # then freed, as asked
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            for _ in range(4):
+                with s:
+                    assert np.array_equal(s.stylize(small["c1"], small["s1"], style_size=64, tile=32), ref)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and not s.runner.is_active
+
+
+def test_stylize_batch_uses_the_stylizers_style_statistics(installed, small, tmp_path, monkeypatch):
+    # The docstring's "statistics are cached per style" held for stylize only: each batch computed them again.
+    from ultrastyle.runtime.batch import StyleBook
+
+    computed: list[object] = []
+    compute = StyleBook._compute
+
+    def counting(self, src, recolor):
+        computed.append(src)
+        return compute(self, src, recolor)
+
+    monkeypatch.setattr(StyleBook, "_compute", counting)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=5) as s:
+        s.stylize(small["c1"], small["s1"], style_size=64)
+        for out in ("a", "b"):
+            summary = s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / out, style_size=64)
+            assert summary.count("done") == 1
+    assert len(computed) == 1, computed
+
+
+def test_stylize_batch_refuses_a_tensor_rather_than_splitting_it_into_rows(installed, small, tmp_path):
+    import torch
+
+    a = np.asarray(Image.open(small["c1"]).convert("RGB"))
+    t = torch.from_numpy(a).permute(2, 0, 1).float() / 255
+    with pytest.raises(TypeError, match="got a Tensor; convert it to a numpy array"):
+        ultrastyle.stylize_batch(t, small["s1"], tmp_path / "o", backend="torch")
+    with pytest.raises(TypeError, match="content: expected a path, an .H, W, 3. array or a PIL image, got Tensor"):
+        ultrastyle.stylize_batch([t], small["s1"], tmp_path / "o", backend="torch")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_callback_that_cannot_be_called_is_an_option_error_before_any_work(installed, small, tmp_path):
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=5) as s:
+        with pytest.raises(ultrastyle.OptionError, match="expected a function") as info:
+            s.stylize(small["c1"], small["s1"], on_tile=5)
+        assert info.value.option == "on_tile"
+        with pytest.raises(ultrastyle.OptionError, match="expected a function") as info:
+            s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "o", on_result="print")
+        assert info.value.option == "on_result" and not (tmp_path / "o").exists()
+
+
+def test_a_float_array_in_range_is_used_as_given_and_nan_is_named(installed, small):
+    from ultrastyle.io.sources import as_pixels
+
+    a = np.asarray(Image.open(small["c1"]).convert("RGB"), np.float32) / 255
+    assert np.shares_memory(as_pixels(a), a)  # in [0, 1] already: no clipped copy (it made two)
+    over = a.copy()
+    over[0, 0, 0] = 1.02  # within the slack: clipped, in a copy
+    got = as_pixels(over)
+    assert got is not over and got.max() == 1.0 and over[0, 0, 0] == np.float32(1.02)
+    a[1, 1, 1] = np.nan
+    with pytest.raises(ultrastyle.ImageError, match="some are NaN"):
+        as_pixels(a)

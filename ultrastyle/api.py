@@ -20,7 +20,8 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Union
 
@@ -263,6 +264,7 @@ class Stylizer:
             raise
         self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
         self._masks: OrderedDict = OrderedDict()  # label maps, shared by the books (`StyleBook`)
+        self._lock, self._users, self._close_wanted = threading.RLock(), 0, False  # `with` blocks and calls running
 
     @property
     def backend(self) -> str:
@@ -273,12 +275,40 @@ class Stylizer:
         return self.runner.stages
 
     def close(self) -> None:
-        """Free the networks (idempotent); a later call opens them again."""
+        """Free the networks (idempotent); a later call opens them again.
+
+        Calls running in other threads finish first: the networks are freed when the last of them returns.
+        """
+        with self._lock:
+            self._close_wanted = True
+            if self._users == 0:
+                self._close_now()
+
+    def _close_now(self) -> None:
         if self.runner.is_active:
             self.runner.deactivate()
         self._books.clear()
         self._masks.clear()
         self._let_go_heap()
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """The networks open for one call: a `close` (or another thread's ``with`` block ending) waits for it."""
+        with self._lock:
+            self._users += 1
+            self._close_wanted = False  # a call after close() opens them again, and they stay open (as before)
+            try:
+                self._open()
+            except BaseException:
+                self._users -= 1
+                raise
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._close_wanted:
+                    self._close_now()
 
     def _let_go_heap(self) -> None:
         if self._holds_heap:
@@ -292,11 +322,22 @@ class Stylizer:
             self.runner.activate()
 
     def __enter__(self) -> Stylizer:
-        self._open()
+        with self._lock:  # counted as a user: one thread's block ending does not close the networks under another's call
+            self._users += 1
+            self._close_wanted = False
+            try:
+                self._open()
+            except BaseException:
+                self._users -= 1
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        with self._lock:
+            self._users -= 1
+            self._close_wanted = True
+            if self._users == 0:
+                self._close_now()
 
     def options(self, **settings: Any) -> StylizeOptions:
         """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
@@ -360,16 +401,17 @@ class Stylizer:
         """
         if settings.get("skip_existing"):
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
+        _check_callbacks(on_tile=on_tile)
         if output is not None:
             settings["format"] = _output_format(output, content, style, mix, mask, settings.get("format"))
         opts = self.options(**settings)
-        self._open()
         spec = _style_spec(style, mix, mask)
         src = as_source(content, "content")
         if spec.mask is not None:
             check_mask_size(spec.mask, [src])  # from headers, before either is decoded
         pair = Pair(src, spec, None)
-        (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
+        with self._in_use():
+            (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
         if output is not None:
             save_output(result.image, output, opts.format, depth=opts.depth, png_level=opts.png_level, pyramid=opts.pyramid)
@@ -400,6 +442,7 @@ class Stylizer:
         pairs would write one file, ``BatchInterrupted`` (with the summary so
         far) on Ctrl-C.
         """
+        _check_callbacks(on_tile=on_tile, on_result=on_result)
         opts = self.options(**settings)
         folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content", "contents")
@@ -415,12 +458,12 @@ class Stylizer:
         if specs[0].mask is not None:  # a mask of the wrong size or label count fails before any work
             check_mask_size(specs[0].mask, [p.content for p in pairs])  # its header first: the labels are decoded whole
             self._book(opts).labels(specs[0].mask, len(specs[0].paths))
-        self._open()
-        return self._run_batch(pairs, opts, on_result, on_tile)
+        with self._in_use():
+            return self._run_batch(pairs, opts, on_result, on_tile)
 
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
                    on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
-        return run_batch(self.runner, pairs, opts, on_result, on_tile)
+        return run_batch(self.runner, pairs, opts, on_result, on_tile, styles=self._book(opts))  # statistics kept across calls
 
 
 def check_distributed(distribute_tiles: bool, masked: bool) -> None:
@@ -474,6 +517,7 @@ class ClusterStylizer(Stylizer):
         self.distribute_tiles = distribute_tiles
         self._books = OrderedDict()
         self._masks = OrderedDict()
+        self._lock, self._users, self._close_wanted = threading.RLock(), 0, False
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
         self._closed = False
@@ -482,6 +526,9 @@ class ClusterStylizer(Stylizer):
 
     def close(self) -> None:
         """Stop the actors (and a local Ray instance this started); idempotent. A later call starts the pool again."""
+        super().close()
+
+    def _close_now(self) -> None:
         self.pool.close()
         self._books.clear()
         self._masks.clear()
@@ -516,11 +563,17 @@ def _levels_of(model: str | os.PathLike, defaults: ModelDefaults, levels: Sequen
 
 
 def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
-    """One image (a path is a string: not its characters) or many, as a list; an (N, H, W, C) array is N images."""
+    """One image (a path is a string: not its characters) or many, as a list; an (N, H, W, C) array is N images.
+
+    Another array type (a torch tensor) is a TypeError: iterated, it would be split into rows taken for images.
+    """
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return list(images)
     if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         return [images]
+    if hasattr(images, "__array__") or hasattr(images, "__array_interface__"):
+        raise TypeError(f"expected paths, (H, W, 3) arrays or PIL images, got a {type(images).__name__}; convert it to a numpy "
+                        "array (H, W, 3), or a list of them")  # fmt: skip
     return list(images)
 
 
@@ -564,7 +617,7 @@ def _sources(images: ImageLike | Iterable[ImageLike], role: str, keyword: str) -
             continue
         out += expand_inputs(paths)
         paths = []
-        out.append(ImageInput(image, _nth(role, sum(isinstance(s, ImageInput) for s in out))))
+        out.append(as_source(image, _nth(role, sum(isinstance(s, ImageInput) for s in out))))  # TypeError for what is no image
     return out + expand_inputs(paths)
 
 
@@ -575,6 +628,13 @@ load = Stylizer  # ``ultrastyle.load(model, ...)``: open ``model`` for many call
 _CALL_KEYWORDS = ("model", "content", "contents", "style", "styles", "mix", "mask", "output", "output_dir", "on_tile", "on_result",
                   "executor", "ray_address", "distribute_tiles", "workers", "cpus_per_worker")  # fmt: skip
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
+
+
+def _check_callbacks(**callbacks: object) -> None:
+    """OptionError for a callback that cannot be called, before any work (not a TypeError at the first tile)."""
+    for keyword, f in callbacks.items():
+        if f is not None and not callable(f):
+            raise OptionError(keyword, f"expected a function (or None), got {type(f).__name__} {f!r}")
 
 
 def _output_format(output: str | os.PathLike, content: ImageLike, style: object, mix: MixLike | None, mask: ImageLike | None,
@@ -597,7 +657,7 @@ def stylize(
     on_tile: TileCallback | None = None,
     **settings: Any,
 ) -> np.ndarray:
-    """Stylize one image with ``model``: `load` then `Stylizer.stylize` (see both); returns (H, W, 3) uint8.
+    """Stylize one image with ``model``: `load` then `Stylizer.stylize` (see both); returns (H, W, 3) uint8 (uint16 with ``depth=16``).
 
     For many images, `load` the model once instead.
     """

@@ -251,7 +251,7 @@ def alpha(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 <= value <= 1.0:
-        raise OptionError("alpha", f"expected a number in 0..1, got {value!r}; give e.g. 0.6 (0 keeps the content, 1 is the full style)")
+        raise OptionError("alpha", f"expected a number in 0..1, got {value!r}; give e.g. 0.6 (0: the content's own features, decoded; 1: the full style)")
     return float(value)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import io
+import math
 import os
 import struct
 import warnings
@@ -388,12 +389,18 @@ def over_white(a: np.ndarray) -> np.ndarray:
 FLOAT_SLACK = 0.05
 
 
-def check_float_range(a: np.ndarray, name: str) -> None:
-    """Refuse float samples outside [0, 1] by more than `FLOAT_SLACK`: `ImageError` naming ``name``; callers clip what passes."""
+def check_float_range(a: np.ndarray, name: str) -> tuple[float, float]:
+    """The least and greatest float sample, once they lie in [0, 1] within `FLOAT_SLACK`: else `ImageError` naming ``name``.
+
+    Callers clip what passes (where the range says there is anything to clip).
+    """
     lo, hi = float(np.min(a)), float(np.max(a))  # NaN propagates, and fails the test below
+    if math.isnan(lo) or math.isnan(hi):
+        raise ImageError(f"{name}: float samples must lie in [0, 1], and some are NaN")
     if not (lo >= -FLOAT_SLACK and hi <= 1 + FLOAT_SLACK):
-        hint = "; divide 0..255 data by 255" if hi > 1.5 else ""
+        hint = "; divide 0..255 data by 255" if 1.5 < hi < math.inf else ""
         raise ImageError(f"{name}: float samples must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    return lo, hi
 
 
 def _check_int_range(a: np.ndarray, name: str) -> np.ndarray:

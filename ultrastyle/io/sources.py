@@ -90,13 +90,14 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
         hint = "; for a PIL image of mode I, convert it to 'I;16' (16-bit) or 'L' (8-bit) to say which" if a.dtype == np.int32 else ""
         raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}{hint}")
     if a.dtype == np.float32:
-        check_float_range(a, name)
-        a = np.clip(a, 0, 1)  # the slack it allows (alpha too); a copy: the caller's array stays as given
+        lo, hi = check_float_range(a, name)
+        if lo < 0 or hi > 1:
+            a = np.clip(a, 0, 1)  # the slack it allows (alpha too); a copy: the caller's array stays as given
     if a.shape[2] == 4 and keep_alpha:
         return clear_transparent(np.array(a))  # a copy: the caller's array stays as given
     if a.shape[2] == 4:  # as files with transparency are
         return np.ascontiguousarray(over_white(a))
-    return np.ascontiguousarray(a[..., :3] if a.dtype != np.float32 else np.clip(a[..., :3], 0, 1))
+    return np.ascontiguousarray(a[..., :3])  # no copy where the caller's array is already RGB in one block
 
 
 def _holds_16_bits(image: Image.Image) -> bool:

@@ -487,7 +487,7 @@ class _BatchRun:
     """The state of one `run_batch`: reads ahead within the allowance, stylizes job by job, writes on threads."""
 
     def __init__(self, model: StageNetworks, pairs: list[Pair], options: StylizeOptions,
-                 on_result: Callable[[PairResult], None] | None, on_tile: TileCallback | None) -> None:
+                 on_result: Callable[[PairResult], None] | None, on_tile: TileCallback | None, styles: StyleBook | None) -> None:
         self.model, self.pairs, self.options, self.on_tile = model, pairs, options, on_tile
         self.results, runs = content_runs(pairs, options.skip_existing)
         self.summary = BatchSummary(planned=len(pairs))
@@ -501,7 +501,7 @@ class _BatchRun:
                 job.plan, job.refused = (False, 0, None), exc
                 continue
             warn_read_whole(job.content, options, job.plan)
-        self.styles = StyleBook(model, options)
+        self.styles = styles if styles is not None else StyleBook(model, options)
         self.workers = options.workers
         self.allowance = _Allowance(options.io_allowance)
         self.writes: deque[Future] = deque()
@@ -614,18 +614,21 @@ def run_batch(
     options: StylizeOptions,
     on_result: Callable[[PairResult], None] | None = None,
     on_tile: TileCallback | None = None,
+    styles: StyleBook | None = None,
 ) -> BatchSummary:
     """Stylize ``pairs``, streaming; results reach ``on_result`` and the summary in pair order.
 
     Outputs are written atomically (an interrupted batch resumes with
     ``skip_existing``); Ctrl-C raises `BatchInterrupted` with the summary so far.
+    ``styles``: a book of style statistics made for ``options`` to use and fill (a `Stylizer`'s, kept across its
+    calls); default a fresh one.
     """
     from ultrastyle.io import atomic
 
     for folder in {p.output.parent for p in pairs if p.output is not None}:
         atomic.sweep_stale(folder)  # temp files of a killed earlier run
     t_start = time.perf_counter()
-    run = _BatchRun(model, pairs, options, on_result, on_tile)
+    run = _BatchRun(model, pairs, options, on_result, on_tile, styles)
     try:
         for j in range(len(run.jobs)):
             run.run_job(j)
