@@ -312,3 +312,29 @@ def test_the_jpeg_side_limit_is_the_one_the_encoders_keep():
     check_output_size("o.jpg", "jpg", 8, JPEG_MAX_SIDE)
     with pytest.raises(ImageError, match="JPEG holds at most 65500 pixels a side"):
         check_output_size("o.jpg", "jpg", 8, JPEG_MAX_SIDE + 1)  # refused before any tile runs
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_an_in_memory_content_is_resized_band_by_band_where_its_whole_resize_would_not_fit(shared_dir: Path, dtype: type) -> None:
+    # The in-memory path resized the whole image in float32 (12 bytes a pixel and more) whatever the allowance:
+    # +1 GB at 6000 x 6000 under a 400 MB budget. Now it streams as a file does, to the same pixels.
+    from ultrastyle.io.sources import ImageInput
+    from ultrastyle.io.stream import ArrayStream
+
+    with Image.open(shared_dir / "images/content/cd_content_in1.jpg") as im:
+        a8 = np.asarray(im.convert("RGB").resize((2100, 1500)))
+    a = {np.uint8: a8, np.uint16: a8.astype(np.uint16) * 257, np.float32: a8.astype(np.float32) / 255}[dtype]
+    src = ImageInput(a, "content")
+    small = StylizeOptions(content_size=300, io_memory=1 << 20)
+    plan = reading.read_plan(src, small)
+    assert plan[0] and plan[1] < reading.read_plan(src, StylizeOptions(content_size=300, streaming="never"))[1]  # streamed: less
+    streamed = reading.decode(src, small, plan)
+    assert isinstance(streamed.stream, ArrayStream) and streamed.shape == (214, 300, 3)
+    assert not reading.read_plan(ImageInput(a[:300, :400], "c"), small)[0]  # small: its bands would hold more than the whole
+    whole = reading.decode(src, StylizeOptions(content_size=300, streaming="never"))
+    from ultrastyle.core.canvas import CanvasSite
+
+    with streamed.to_canvas(CanvasSite()) as c1, whole.to_canvas(CanvasSite()) as c2:
+        d = np.abs(c1.read(slice(None), slice(None)) - c2.read(slice(None), slice(None)))
+    assert d.max() <= 1e-5, d.max()  # the same filter, by bands
+    assert not reading.read_plan(src, StylizeOptions(content_size=0, io_memory=1 << 20))[0]  # no resize: nothing to stream

@@ -178,7 +178,7 @@ def test_batch_outputs_equal_with_and_without_streaming(files: dict[str, Path], 
 
     streamed = []
     original = StreamedDecoded.to_canvas
-    monkeypatch.setattr(StreamedDecoded, "to_canvas", lambda self, site: streamed.append(1) or original(self, site))
+    monkeypatch.setattr(StreamedDecoded, "to_canvas", lambda self, site: streamed.append(self.stream.path) or original(self, site))
 
     style = Image.fromarray((np.random.default_rng(3).random((40, 40, 3)) * 255).astype(np.uint8))
     st = ultrastyle.load(str(cd16x_dir), backend="torch")
@@ -186,8 +186,8 @@ def test_batch_outputs_equal_with_and_without_streaming(files: dict[str, Path], 
     for mode in ("never", "always"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ReadWholeWarning)
-            outs[mode] = st.stylize(files["cmyk.jpg"], style, streaming=mode, levels="5,1", max_memory="64MB")
-    assert len(streamed) == 1  # "always" streamed, "never" did not
+            outs[mode] = st.stylize(files["cmyk.jpg"], style, streaming=mode, levels="5,1", max_memory="64MB", style_size=40)
+    assert streamed == [files["cmyk.jpg"]]  # "always" streamed, "never" did not (the style, at its own size, has nothing to resize)
     np.testing.assert_array_equal(outs["never"], outs["always"])
     ref = resize_long_side(torch.zeros(3, H, W), 0)
     assert outs["always"].shape == (ref.shape[1], ref.shape[2], 3)

@@ -11,7 +11,9 @@ Pillow's own, applied per band (tests/test_stream.py).
 Not streamed (`stream_blocker` says why, and the caller reads the file whole):
 EXIF-rotated images (a rotation needs every row first), interlaced PNG, TIFFs
 of compressions libvips may lack (`STREAMED_TIFF_COMPRESSIONS`), images whose
-layout this module does not convert (e.g. Lab TIFF), and in-memory images.
+layout this module does not convert (e.g. Lab TIFF). An in-memory image
+(`ArrayStream`) is resized the same way, band by band, where its whole resize
+would not fit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from PIL import Image
 
 from ultrastyle.core.resample import RowResampler, resized_size
 from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_png_data, check_pixels, check_tiff_data, tiff_pages
+from ultrastyle.io.sources import ImageInput
 
 BAND_ROWS = 256  # rows per band at most
 BAND_BYTES = 16 * 2**20  # float32 bytes per band at most: a wide image gets fewer rows (a 1 GP image's 31.6k: 44)
@@ -96,6 +99,39 @@ class ImageStream:
                 yield from resampler.push(block)
         except pyvips.Error as exc:
             raise ImageError(f"{self.path}: truncated or corrupt image data ({_first_line(exc)})") from None
+
+
+class ArrayStream:
+    """An in-memory image (`ImageInput`) resized to ``content_size`` a band of rows at a time, as `ImageStream` resizes a
+    file: its float copy and the whole-image resize (12 bytes a pixel and more) are never made."""
+
+    def __init__(self, src: ImageInput, content_size: int) -> None:
+        self.path = str(src)
+        self._pixels = src.pixels
+        h, w = self._pixels.shape[:2]
+        self.original = (h, w)
+        self.size = resized_size(h, w, content_size)
+        self.dtype = np.dtype(np.float32 if self.size != self.original else self._pixels.dtype)
+
+    def bands(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W, 3) array) from the top, as `ImageStream.bands`."""
+        h, w = self.original
+        rows = rows or band_rows(w)
+        resampler = RowResampler(h, w, *self.size, band=rows) if self.size != self.original else None
+        peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(self._pixels.dtype)
+        for r0 in range(0, h, rows):
+            rgb = self._pixels[r0 : r0 + rows]
+            if resampler is None:
+                yield r0, rgb
+                continue
+            yield from resampler.push(rgb.astype(np.float32) / np.float32(peak) if peak else rgb)
+
+
+def open_array_stream(src: ImageInput, *, max_pixels: int, content_size: int = 0) -> ArrayStream:
+    """`ArrayStream` of ``src`` after checking its size against ``max_pixels`` (`ImageError` naming it)."""
+    h, w = src.pixels.shape[:2]
+    check_pixels(str(src), w, h, max_pixels)
+    return ArrayStream(src, content_size)
 
 
 def _first_line(exc: Exception) -> str:
@@ -201,4 +237,5 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
     return ImageStream(path, image, content_size)
 
 
-__all__ = ["AnimatedImageWarning", "BAND_BYTES", "BAND_ROWS", "band_rows", "ImageStream", "open_stream", "stream_blocker", "vips_available"]
+__all__ = ["AnimatedImageWarning", "ArrayStream", "BAND_BYTES", "BAND_ROWS", "band_rows", "ImageStream", "open_array_stream", "open_stream",
+           "stream_blocker", "vips_available"]  # fmt: skip

@@ -18,7 +18,7 @@ from ultrastyle.core.resample import resized_size
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.images import ImageError, array_to_tensor, pixel_count, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source
-from ultrastyle.io.stream import ImageStream, band_rows, open_stream, stream_blocker
+from ultrastyle.io.stream import ArrayStream, ImageStream, band_rows, open_array_stream, open_stream, stream_blocker
 from ultrastyle.runtime.memory import release_free_memory
 
 
@@ -71,7 +71,7 @@ class Decoded:
 class StreamedDecoded(Decoded):
     """A content file that is decoded (and resized) into its canvas a band of rows at a time, never whole."""
 
-    def __init__(self, stream: ImageStream) -> None:
+    def __init__(self, stream: ImageStream | ArrayStream) -> None:
         self.stream = stream
         self.original = stream.original
         self.shape = (*stream.size, 3)
@@ -126,8 +126,14 @@ def read_plan(src: Source, options: ReadOptions, size_option: str = "content_siz
                 f"{pixel_count(h * w)}, above the limit of {pixel_count(options.max_pixels)} (max_pixels); give a smaller size"
             ), (Setting(size_option), Setting("max_pixels")))
     whole = 0 if header is None else _whole_read_bytes(header, options.content_size)
-    if isinstance(src, ImageInput) or options.streaming == "never":
+    if options.streaming == "never":
         return False, whole, None
+    if isinstance(src, ImageInput):  # in memory already: only a resize has anything to stream (`ArrayStream`)
+        h, w = src.pixels.shape[:2]
+        resized = resized_size(h, w, options.content_size) != (h, w)
+        banded = _streamed_read_bytes((w, h, 0), options.content_size)
+        stream = resized and (options.streaming == "always" or options.io_allowance < whole > banded)
+        return stream, banded if stream else whole, None
     if options.streaming == "auto" and whole <= options.io_allowance:
         return False, whole, None
     why = stream_blocker(src)
@@ -143,6 +149,8 @@ def decode(src: Source, options: ReadOptions, plan: tuple[bool, int, str | None]
     if plan is None:
         plan = read_plan(src, options)
         warn_read_whole(src, options, plan)
+    if plan[0] and isinstance(src, ImageInput):
+        return StreamedDecoded(open_array_stream(src, max_pixels=options.max_pixels, content_size=options.content_size))
     if plan[0]:
         return StreamedDecoded(open_stream(src, max_pixels=options.max_pixels, content_size=options.content_size))
     return Decoded(*load_content(src, options))
