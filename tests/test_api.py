@@ -622,14 +622,35 @@ def test_stylize_batch_refuses_a_tensor_rather_than_splitting_it_into_rows(insta
 
     a = np.asarray(Image.open(small["c1"]).convert("RGB"))
     t = torch.from_numpy(a).permute(2, 0, 1).float() / 255
-    with pytest.raises(TypeError, match="got a Tensor; convert it to a numpy array"):
+    with pytest.raises(TypeError, match="got a Tensor of 3 dimensions; convert it to a numpy array"):
         ultrastyle.stylize_batch(t, small["s1"], tmp_path / "o", backend="torch")
     with pytest.raises(TypeError, match="content: expected a path, an .H, W, 3. array or a PIL image, got Tensor"):
         ultrastyle.stylize_batch([t], small["s1"], tmp_path / "o", backend="torch")
     assert not (tmp_path / "o").exists()
+    from ultrastyle.api import _listed
+
+    class Series:  # as pandas' Series of paths: one dimension, an __array__
+        ndim = 1
+
+        def __init__(self, items):
+            self.items = items
+
+        def __array__(self, dtype=None):
+            return np.array(self.items, dtype=object)
+
+        def __iter__(self):
+            return iter(self.items)
+
+    assert _listed(Series([str(small["c1"]), str(small["c2"])])) == [str(small["c1"]), str(small["c2"])]
 
 
-def test_a_callback_that_cannot_be_called_is_an_option_error_before_any_work(installed, small, tmp_path):
+def test_a_callback_that_cannot_be_called_is_an_option_error_before_any_work(installed, small, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr("ultrastyle.api.load", lambda *a, **k: pytest.fail("the model opened before the callbacks were checked"))
+        with pytest.raises(ultrastyle.OptionError, match="expected a function"):
+            ultrastyle.stylize(small["c1"], small["s1"], on_tile=5)
+        with pytest.raises(ultrastyle.OptionError, match="expected a function"):
+            ultrastyle.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "o", on_result="print")
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=5) as s:
         with pytest.raises(ultrastyle.OptionError, match="expected a function") as info:
             s.stylize(small["c1"], small["s1"], on_tile=5)
@@ -651,3 +672,22 @@ def test_a_float_array_in_range_is_used_as_given_and_nan_is_named(installed, sma
     a[1, 1, 1] = np.nan
     with pytest.raises(ultrastyle.ImageError, match="some are NaN"):
         as_pixels(a)
+
+
+def test_a_style_that_failed_one_call_is_read_again_by_the_next(installed, small, tmp_path, monkeypatch):
+    # Errors are kept per file signature; a chmod fix leaves it as it was, and the Stylizer's book outlives the batch.
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.runtime.batch import StyleBook
+
+    compute, fails = StyleBook._compute, [1]
+
+    def once_unreadable(self, src, recolor):
+        if fails:
+            fails.pop()
+            raise ImageError(f"{src}: cannot read the file (permission denied)")
+        return compute(self, src, recolor)
+
+    monkeypatch.setattr(StyleBook, "_compute", once_unreadable)
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=5) as s:
+        assert s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "a", style_size=64).count("failed") == 1
+        assert s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "b", style_size=64).count("done") == 1

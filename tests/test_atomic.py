@@ -206,6 +206,17 @@ def test_sweep_keeps_another_machines_temps_until_a_day_untouched(tmp_path: Path
     assert _names(tmp_path) == [fresh.name]
 
 
+def test_sweep_removes_the_temps_of_writers_it_is_told_were_killed_on_other_machines(tmp_path: Path) -> None:
+    # A Ray driver kills a busy worker on another node after Ctrl-C: its pid cannot be asked about here.
+    other = "0123abcd" if atomic.HOST_TAG != "0123abcd" else "fedc9876"
+    killed = tmp_path / f".a.png.4242@{other}.0123abcd{PARTIAL_SUFFIX}"
+    live = tmp_path / f".b.png.4243@{other}.0123abcd{PARTIAL_SUFFIX}"  # another worker there, not killed
+    for p in (killed, live):
+        p.write_bytes(b"x")
+    assert sweep_stale(tmp_path, dead={(other, 4242)}) == [killed]
+    assert _names(tmp_path) == [live.name]
+
+
 def test_partial_names_carry_this_machine(tmp_path: Path) -> None:
     p = partial_path(tmp_path / "out.png")
     assert f".{os.getpid()}@{atomic.HOST_TAG}." in p.name and writer_pid(p) == os.getpid()

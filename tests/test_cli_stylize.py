@@ -451,6 +451,10 @@ def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(
     r = invoke(content, "--style", style, "-o", tmp_path / "out")
     assert r.exit_code == 2 and "longer than a file name may be (255)" in " ".join(r.output.split()), r.output
     assert not (tmp_path / "out").exists()
+    dzi = tmp_path / f"{'d' * 238}.png"  # NAME_stylized_s.dzi fits 255 bytes; NAME_stylized_s_files, written beside it, does not
+    dzi.write_bytes(images["c1"].read_bytes())
+    r = invoke(dzi, "--style", images["s1"], "-o", tmp_path / "out", "-f", "dzi")
+    assert r.exit_code == 2 and "_stylized_s1_files (256 bytes)" in " ".join(r.output.split()), r.output
 
 
 def test_two_contents_with_the_same_stem_are_refused_before_any_work(invoke, images: dict[str, Path], tmp_path: Path) -> None:

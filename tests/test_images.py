@@ -218,9 +218,9 @@ def test_exif_orientation_6_is_rotated_clockwise(tmp_path: Path, suffix: str) ->
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB", "P", "CMYK"])
 def test_a_turned_uncompressed_tiff_is_turned_not_scrambled(tmp_path: Path, mode: str, orientation: int) -> None:
-    # Pillow 13 turns a TIFF by its tag on load, and scrambled uncompressed grey and RGBA ones turned 5-8.
+    # Pillow 13 turns a TIFF by its tag on load, and scrambled uncompressed grey, RGBA, palette and CMYK ones turned 5-8.
     from ultrastyle.io.images import _orient
 
     rng = np.random.default_rng(orientation)
@@ -232,7 +232,10 @@ def test_a_turned_uncompressed_tiff_is_turned_not_scrambled(tmp_path: Path, mode
     pil = Image.fromarray(stored, "RGB").convert(mode)
     pil.save(tmp_path / "t.tif", exif=exif)
     got = read_image(tmp_path / "t.tif")
-    assert np.array_equal(got, _orient(stored, orientation)), (mode, orientation)
+    assert np.array_equal(got, _orient(np.asarray(pil.convert("RGB")), orientation)), (mode, orientation)
+    if mode == "L":  # a mask's reading keeps grey as (H, W)
+        labels = read_image(tmp_path / "t.tif", keep_alpha=True)
+        assert np.array_equal(labels, _orient(stored[..., :1], orientation)[..., 0]), orientation
 
 
 def test_image_without_exif_is_not_rotated(tmp_path: Path) -> None:
@@ -509,6 +512,14 @@ try:
     print("tile written")
 except OSError as exc:
     print("tile refused", exc)
+from PIL import Image
+from ultrastyle.io.images import pil_save
+try:  # an open file: Pillow's JPEG encoder wrote to its descriptor and ignored the short write
+    with open(out / "direct.jpg", "wb") as f:
+        pil_save(Image.fromarray(a), f, "JPEG")
+    print("direct written")
+except OSError as exc:
+    print("direct refused", exc)
 """
 
 
@@ -523,8 +534,8 @@ def test_a_full_disk_fails_the_write_rather_than_leaving_a_truncated_jpeg(tmp_pa
     said = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     for fmt in ("jpg", "tiff", "png"):
         assert said[fmt].startswith("refused") and f"o.{fmt}: cannot write the image" in said[fmt], r.stdout
-    assert said["tile"].startswith("refused"), r.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jpeg"]  # the tile's own file (its folder is removed whole); no image
+    assert said["tile"].startswith("refused") and said["direct"].startswith("refused"), r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.jpg", "t.jpeg"]  # the callers' own files; no image
 
 
 def test_save_interrupted_midway_reraises_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

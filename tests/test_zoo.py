@@ -726,7 +726,10 @@ def test_an_earlier_releases_packaged_file_is_replaced_not_refused(registry: Tem
     d = zoo.fetch("own", progress=False)
     new_se = registry.package("own/4SE.pth", _blob(3))  # same size, other bytes: the upgrade
     registry.write({"own": entry_json([{**new_se, "earlier_sha256": [old[0]["sha256"]]}, old[1]], stages=[4])})
-    assert zoo.is_installed("own") and zoo.is_outdated("own")
+    assert zoo.is_installed("own") and zoo.is_outdated("own") and zoo.install_status("own") == "outdated"
+    _flip_one_byte(d / "4SD.pth")  # outdated and damaged: damaged, as ensure refuses it (it once said outdated)
+    assert zoo.install_status("own") == "damaged"
+    (d / "4SD.pth").write_bytes(_blob(2))
     problems = zoo.verify("own")
     assert len(problems) == 1 and "earlier ultrastyle release" in problems[0] and "ultrastyle models" not in problems[0]  # no command in the library
     r = runner.invoke(app, ["models", "verify", "own"])

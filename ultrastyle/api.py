@@ -97,8 +97,8 @@ def make_options(
     dzi (a Deep Zoom pyramid and its viewer page, written from the canvas
     band by band; ``dzi_tiles`` "jpg" or lossless "png"). ``tiff_layout``:
     "plain", "pyramid" (tiled, with reduced levels, written band by band) or
-    "auto" (a pyramid above 8192 pixels); ``tiff_compression`` of pyramids:
-    "deflate", "zstd" or "jpeg". ``tile``: a fixed tile core side
+    "auto" (a pyramid above 8192 pixels, or with jpeg); ``tiff_compression``:
+    "deflate", "zstd" or "jpeg" (8-bit pyramids only). ``tile``: a fixed tile core side
     (None or ``"auto"``: fitted to the budget). ``halo``: None or ``"exact"``
     for the exact result, else at most that many pixels (approximate).
     ``streaming``: read content files a band at a time (libvips, the ``vips``
@@ -410,8 +410,10 @@ class Stylizer:
         if spec.mask is not None:
             check_mask_size(spec.mask, [src])  # from headers, before either is decoded
         pair = Pair(src, spec, None)
+        book = self._book(opts)
+        book.forget_errors()  # a style that failed an earlier call is read again
         with self._in_use():
-            (result,) = stylize_content(self.runner, decode(src, opts), [pair], self._book(opts), opts, on_tile, raise_errors=True)
+            (result,) = stylize_content(self.runner, decode(src, opts), [pair], book, opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
         if output is not None:
             save_output(result.image, output, opts.format, depth=opts.depth, png_level=opts.png_level, pyramid=opts.pyramid)
@@ -444,6 +446,7 @@ class Stylizer:
         """
         _check_callbacks(on_tile=on_tile, on_result=on_result)
         opts = self.options(**settings)
+        self._book(opts).forget_errors()  # statistics are kept across calls, errors within one: a fixed style is read again
         folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content", "contents")
         if mix is not None or mask is not None:
@@ -565,15 +568,16 @@ def _levels_of(model: str | os.PathLike, defaults: ModelDefaults, levels: Sequen
 def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     """One image (a path is a string: not its characters) or many, as a list; an (N, H, W, C) array is N images.
 
-    Another array type (a torch tensor) is a TypeError: iterated, it would be split into rows taken for images.
+    Another type of image array (a torch tensor: 2 dimensions or more) is a TypeError: iterated, it would be split
+    into rows taken for images. A sequence of paths of any type (a pandas Series) is a sequence.
     """
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return list(images)
     if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
         return [images]
-    if hasattr(images, "__array__") or hasattr(images, "__array_interface__"):
-        raise TypeError(f"expected paths, (H, W, 3) arrays or PIL images, got a {type(images).__name__}; convert it to a numpy "
-                        "array (H, W, 3), or a list of them")  # fmt: skip
+    if getattr(images, "ndim", 1) >= 2 and hasattr(images, "__array__"):
+        raise TypeError(f"expected paths, (H, W, 3) arrays or PIL images, got a {type(images).__name__} of {images.ndim} "  # type: ignore[union-attr]
+                        "dimensions; convert it to a numpy array (H, W, 3), or a list of them")  # fmt: skip
     return list(images)
 
 
@@ -664,6 +668,7 @@ def stylize(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check_style_args(style, mix, mask)  # before the model opens (a download, an export)
+    _check_callbacks(on_tile=on_tile)
     if output is not None:
         _output_format(output, content, style, mix, mask, settings.get("format"))
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
@@ -696,6 +701,7 @@ def stylize_batch(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     check.output_folder("output_dir", output_dir)  # before the model opens
+    _check_callbacks(on_tile=on_tile, on_result=on_result)
     contents = _listed(contents)  # lists: checked here, read there (a generator would be spent)
     styles = _listed(styles) if styles is not None else None
     _no_empty_path(contents, "contents")

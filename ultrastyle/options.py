@@ -308,6 +308,9 @@ def output_format(output: str | os.PathLike, given: str | None, formats: Collect
         if named and format_name(suffix) != format_name(str(given)):
             raise OptionError("format", f"format {given!r} but {os.fspath(output)} ends in .{suffix}; make them agree")
         return format_name(str(given))
+    if suffix and f".{suffix.lower()}" in IMAGE_SUFFIXES and format_name(suffix) not in formats:  # .webp: read, not written
+        raise OptionError("output", f"{os.fspath(output)}: .{suffix} images are read, not written; give the suffix of an output "
+                                    f"format ({', '.join(formats)})")  # fmt: skip
     if suffix and format_name(suffix) not in formats:
         raise remedied(OptionError("output", f"{os.fspath(output)}: .{suffix} is no output format ({', '.join(formats)}); "
                                              "give another suffix, or the format (format)"), Setting("format"))  # fmt: skip

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ultrastyle.cli.remedies import as_command
+from ultrastyle.cli.remedies import as_command, swap
 
 
 @dataclass
@@ -35,7 +35,8 @@ def model_rows(model: str | None = None) -> list[Row]:
         return [Row(f"model {model}", "missing", f"not installed (fetched on first use); install it now: ultrastyle models fetch {model}, "
                     f"or offline: ultrastyle models import {model} DIR")]  # fmt: skip
     if status == "outdated":
-        return [Row(f"model {model}", "info", f"an earlier release's files, replaced on first use (or now: {zoo.reinstall_text(model)})")]
+        return [Row(f"model {model}", "info", "an earlier release's files, replaced on first use (or now: "
+                    f"{swap(zoo.reinstall_text(model), zoo.reinstall(model))})")]  # fmt: skip
     try:
         d = zoo.check_installed(model)
     except zoo.DamagedModelError as exc:  # one row, the fix as the command, not one Python call per backend

@@ -140,6 +140,7 @@ class WorkerPool:
             self._warming: dict[Any, Any] = {}  # info ref -> actor not yet up (it joins when it is)
             self._spares = 2 * workers  # replacements allowed over the pool's life
             self._info: dict[Any, WorkerInfo] = {}
+            self._killed: set[tuple[str, int]] = set()  # (host tag, pid) of the workers this pool killed mid-call
             self._start(workers)
         except BaseException:
             self.close()
@@ -292,6 +293,8 @@ class WorkerPool:
                     on_done(job, value)
         except BaseException:
             for _, actor in busy.values():  # their calls may be mid-write: stop them (temp files are swept)
+                if actor in self._info:  # another machine's pid means nothing here: the sweep is told it is dead
+                    self._killed.add((self._info[actor].host_tag, self._info[actor].pid))
                 try:
                     ray.kill(actor)
                 except Exception:  # noqa: BLE001
@@ -390,7 +393,7 @@ class WorkerPool:
             # Again at the end: after Ctrl-C the abandoned writers are dead; and a killed driver's actors outlive
             # it until Ray stops them (asynchronously), so one still writing at the start may have died since.
             for folder in folders:
-                atomic.sweep_stale(folder)
+                atomic.sweep_stale(folder, dead=self._killed)
             if stages_in is not None:
                 with contextlib.suppress(OSError):  # empty unless another run of this machine is using it
                     stages_in.rmdir()

@@ -24,6 +24,7 @@ from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.distributed.zarr_canvas import open_array
 from ultrastyle.errors import Remedies
+from ultrastyle.io.atomic import HOST_TAG
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, save_output
 from ultrastyle.io.paths import file_signature
@@ -66,6 +67,7 @@ class WorkerInfo:
     arch: ArchSpec | None = None
     traits: RunnerTraits | None = None
     host: str = ""  # socket.gethostname(): whether ``pid`` is a process of the driver's machine
+    host_tag: str = ""  # `io.atomic.HOST_TAG`: what its temp files' names carry, so the driver sweeps a killed worker's
 
 
 class SharedStyleBook(StyleBook):
@@ -108,9 +110,11 @@ class StylizeWorker:
 
         node = ray.get_runtime_context().get_node_id()
         if self.runner is None:
-            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open", self.remedy, host=socket.gethostname())
+            return WorkerInfo(os.getpid(), node, self.error or "the runner did not open", self.remedy, host=socket.gethostname(),
+                              host_tag=HOST_TAG)  # fmt: skip
         r = self.runner
-        return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits, host=socket.gethostname())
+        return WorkerInfo(os.getpid(), node, backend=r.backend, stages=r.stages, arch=r.arch, traits=r.traits, host=socket.gethostname(),
+                          host_tag=HOST_TAG)  # fmt: skip
 
     def style_statistics(self, src: Source, options: StylizeOptions, recolor: FeatureStats | None = None) -> dict[int, FeatureStats] | ImageError:
         """Per-stage statistics of one style (of the style recoloured to ``recolor``), or the ImageError that fails its pairs."""

@@ -25,7 +25,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -232,10 +232,12 @@ def is_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(entry: os.DirEntry[str]) -> bool:
+def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> bool:
     m = _PARTIAL_RE.fullmatch(entry.name)
     if m is None:
         return False
+    if m["host"] is not None and (m["host"], int(m["pid"])) in dead:
+        return True
     if m["host"] in (None, HOST_TAG):
         return not is_alive(int(m["pid"]))
     try:
@@ -244,14 +246,15 @@ def _is_stale(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def sweep_stale(folder: str | Path) -> list[Path]:
+def sweep_stale(folder: str | Path, *, dead: Collection[tuple[str, int]] = ()) -> list[Path]:
     """Remove this tool's temp files and folders in ``folder`` (not recursive) whose writer has died.
 
     Only names of the exact pattern ``.{name}.{pid}@{host}.{token}.ultrastyle-partial``
     are considered. One of this machine whose pid is a live process is kept;
     one of another machine (or container) is kept until untouched for
-    :data:`FOREIGN_STALE_SECONDS`. Missing ``folder`` or unremovable entries
-    are ignored. Returns what was removed.
+    :data:`FOREIGN_STALE_SECONDS`, unless ``dead`` lists its (host, pid): a
+    writer the caller killed (a Ray worker on another node). Missing
+    ``folder`` or unremovable entries are ignored. Returns what was removed.
     """
     removed: list[Path] = []
     try:
@@ -259,7 +262,7 @@ def sweep_stale(folder: str | Path) -> list[Path]:
     except OSError:
         return removed
     for e in entries:
-        if not _is_stale(e):
+        if not _is_stale(e, dead):
             continue
         p = Path(e.path)
         try:

@@ -107,10 +107,12 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
                 warnings.warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
-            if img.format == "TIFF" and img.tag_v2.get(ORIENTATION, 1) != 1:
-                # Pillow turns a TIFF by its tag on load, and scrambles uncompressed grey and RGBA ones turned 5-8
-                # (Pillow 13); tifffile's pixels, turned here, are right for every layout it reads.
+            if img.format == "TIFF" and (orientation := img.tag_v2.get(ORIENTATION, 1)) != 1:
+                # Pillow turns a TIFF by its tag on load, and scrambles uncompressed ones turned 5-8 (Pillow 13: grey,
+                # RGBA, palette, CMYK); tifffile's samples, turned here, are right.
                 found = _read_tiff(path, max_pixels, keep_alpha)
+                if found is None:
+                    found = _read_turned_tiff(path, orientation, keep_alpha)
                 if found is not None:
                     return found
             if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
@@ -320,9 +322,10 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
         raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError):
         return None
+    grey = a.ndim == 2 and keep_alpha  # as `read_image` gives a mask's labels: (H, W), not three copies
     if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype.kind not in "uf":
+        a = a[..., None] if grey else np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in ((1,) if grey else (3, 4)) or a.dtype.kind not in "uf":
         return None
     if a.dtype.kind == "f":
         a = a.astype(np.float32)
@@ -332,7 +335,33 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
         return None
     if pages > 1:
         warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=3)
+    if grey:
+        return np.ascontiguousarray(_orient(a, orientation)[..., 0])
     return _orient(_alpha(a, keep_alpha) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
+
+
+def _read_turned_tiff(path: Path, orientation: int, keep_alpha: bool) -> np.ndarray | None:
+    """A palette or CMYK TIFF with an orientation tag: tifffile's samples, converted as Pillow converts them, then turned.
+
+    None for other layouts (Pillow reads them). The size was checked by the caller.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            photometric = int(page.photometric)
+            if photometric == 3 and page.colormap is not None and int(page.bitspersample) == 8:
+                img = Image.fromarray(np.ascontiguousarray(page.asarray()), "P")
+                cmap = np.asarray(page.colormap)
+                img.putpalette(((cmap >> 8) if cmap.max() > 255 else cmap).astype(np.uint8).T.tobytes())
+            elif photometric == 5 and page.samplesperpixel == 4 and int(page.bitspersample) == 8:
+                img = Image.fromarray(np.ascontiguousarray(_interleaved(page.asarray(), page)), "CMYK")
+            else:
+                return None
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError):
+        return None
+    return np.ascontiguousarray(_orient(pil_to_array(img, keep_alpha=keep_alpha, name=str(path)), orientation))
 
 
 def _interleaved(a: np.ndarray, page: object) -> np.ndarray:

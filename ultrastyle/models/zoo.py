@@ -227,6 +227,8 @@ def is_installed(name: str) -> bool:
 
 def _file_problem(entry: ZooEntry, f: ZooFile, path: Path) -> str | None:
     """One human-readable problem with an installed file, or None if it is intact."""
+    if path.is_dir():
+        return f"{entry.name}/{f.name}: a folder where the file goes ({path}); move it away"
     if not path.is_file():
         return f"{entry.name}/{f.name}: missing (expected at {path})"
     size = path.stat().st_size
@@ -261,10 +263,10 @@ def install_status(name: str) -> InstallStatus:
             return "damaged"
     if missing == len(entry.files):
         return "absent"
+    if _damaged_present(name):  # before outdated: a damaged file is refused on use (`ensure`), an outdated one replaced
+        return "damaged"
     if is_outdated(name):
         return "outdated"
-    if _damaged_present(name):
-        return "damaged"
     return "incomplete" if missing else "installed"
 
 

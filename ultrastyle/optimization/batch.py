@@ -35,7 +35,7 @@ from ultrastyle.optimization.run import (
     read_input,
 )
 from ultrastyle.options import OptionError, known_keywords
-from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, too_long_name
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
@@ -92,6 +92,8 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
     for p in pairs:
         assert p.output is not None
         target = p.output.resolve()
+        if (long := too_long_name(p.output)) is not None:
+            raise OptionError("output", f"{p.content} would be written to {long}; give the content a shorter name")
         if target in (p.content.resolve(), style.resolve()):
             raise OptionError("output", f"{p.output} is one of the inputs; writing it would replace that image: give another output")
         if target in seen:

@@ -193,6 +193,14 @@ class StyleBook:
             raise copy.copy(got)  # a copy takes this raise's traceback: the kept one holds no frame (and none of their images)
         return got
 
+    def forget_errors(self) -> None:
+        """Drop the errors kept (not the statistics): a new call reads a failed style or mask again, which a fix that
+        leaves the file's signature as it was (a chmod, a folder's permissions, a network share back) made readable."""
+        with _CACHE_LOCK:
+            for book in (self._stats, self._masks):
+                for key in [k for k, v in book.items() if isinstance(v, ImageError)]:
+                    del book[key]
+
     def get(self, src: Source, recolor: FeatureStats | None = None) -> dict[int, FeatureStats]:
         """Statistics of style ``src``; with ``recolor`` (a content's RGB statistics) of the recoloured style, not cached."""
         if recolor is not None:

@@ -153,6 +153,17 @@ class OutputsAsContentsWarning(UserWarning):
     """Contents that are outputs of the same batch (a rerun into the contents' folder) were left out."""
 
 
+def too_long_name(output: Path) -> str | None:
+    """What is wrong where an output writes a name longer than `NAME_MAX` bytes (a Deep Zoom output's ``NAME_files``
+    and ``NAME.html`` too), else None."""
+    names = [output.name]
+    if output.suffix.lower() == ".dzi":
+        names += [f"{output.stem}_files", f"{output.stem}.html"]
+    longest = max(names, key=lambda n: len(n.encode()))
+    size = len(longest.encode())
+    return f"{longest[:40]}...{longest[-24:]} ({size} bytes), longer than a file name may be ({NAME_MAX})" if size > NAME_MAX else None
+
+
 def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
     """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
 
@@ -174,9 +185,8 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     seen: dict[Path, Pair] = {}
     for p in pairs:
         assert p.output is not None
-        if len(p.output.name.encode()) > NAME_MAX:
-            raise OutputCollisionError(f"{p.content} + {p.style} would write {p.output.name[:60]}... ({len(p.output.name.encode())} "
-                                       f"bytes), longer than a file name may be ({NAME_MAX}); give the content or style a shorter name")  # fmt: skip
+        if (long := too_long_name(p.output)) is not None:
+            raise OutputCollisionError(f"{p.content} + {p.style} would write {long}; give the content or style a shorter name")
         if (replaced := inputs.get(where / p.output.name)) is not None:
             raise remedied(OutputCollisionError(
                 f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
@@ -194,5 +204,5 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
 
 __all__ = [
     "BatchInterrupted", "BatchSummary", "OutputCollisionError", "OutputsAsContentsWarning", "Pair", "PairResult", "RATE_MIN_MEGAPIXELS",
-    "StyleSpec", "output_name", "plan_pairs",
+    "StyleSpec", "output_name", "plan_pairs", "too_long_name",
 ]  # fmt: skip
