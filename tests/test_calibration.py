@@ -162,20 +162,71 @@ def test_calibrate_bundle_takes_a_folder_or_its_files_and_refuses_none(fp32_bund
     shutil.copytree(fp32_bundle.path, tmp_path / "b")
     files = [str(f) for f in calibration_images(train_dir)][:2]  # paths as text too
     out = calibrate_bundle(tmp_path / "b", files, CalibrationSettings(samples=1, tile=64, image_size=128), stages=(5,))
-    assert out.manifest["calibration"]["images"] == [Path(f).name for f in files]
+    assert out.manifest["calibration"]["images"] == [Path(files[0]).name]  # one sample: one image read
+
+
+def test_calibration_changes_nothing_process_wide_that_other_threads_see(fp32_bundle, train_dir, tmp_path, capsys):
+    # It chdir'ed into a temp folder: another thread's relative outputs went there, and were deleted with it.
+    import logging
+    import os
+    import sys
+    import threading
+
+    shutil.copytree(fp32_bundle.path, tmp_path / "b")
+    seen: set[tuple[str, object, int]] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add((os.getcwd(), sys.stdout, logging.getLogger().level))
+
+    level = logging.getLogger().level
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        calibrate_bundle(tmp_path / "b", train_dir, CalibrationSettings(samples=1, tile=64, image_size=128, method="percentile"),
+                         stages=(5,))  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {(os.getcwd(), sys.stdout, level)}, seen
+    assert "Collecting tensor data" not in capsys.readouterr().out  # ORT's calibrators stay quiet all the same
+    import onnxruntime.quantization.calibrate as ort_calibrate
+
+    assert "print" not in vars(ort_calibrate)  # the shadowing print is gone after the call
+
+
+def test_entropy_calibration_is_its_own_method_not_minmax(fp32_bundle, train_dir, tmp_path):
+    # quantize_static left ORT's entropy calibrator 128 bins for 128 quantized bins: one candidate, minmax's graphs byte
+    # for byte. With 2048 bins its thresholds are its own.
+    from ultrastyle.io.digest import sha256_file
+
+    graphs = {}
+    for method in ("minmax", "entropy"):
+        shutil.copytree(fp32_bundle.path, tmp_path / method)
+        out = calibrate_bundle(tmp_path / method, train_dir, CalibrationSettings(samples=1, tile=64, image_size=128, method=method),
+                               stages=(1,))  # fmt: skip
+        graphs[method] = sha256_file(out.path / out.manifest["networks"]["encoder1"]["int8"]["file"])
+    assert graphs["minmax"] != graphs["entropy"]
+    import importlib
+
+    assert importlib.import_module("onnxruntime.quantization.quantize").create_calibrator.__name__ == "create_calibrator"
+    assert importlib.import_module("onnxruntime.quantization.quantize").create_calibrator.__module__.startswith("onnxruntime")
 
 
 def test_calibration_records_the_images_it_used_and_says_what_it_left_out(fp32_bundle, train_dir, tmp_path):
     photos = tmp_path / "photos"
     shutil.copytree(train_dir, photos)
-    (photos / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "aa_broken.jpg").write_bytes(b"not a jpeg")
     folder = tmp_path / "b"
     shutil.copytree(fp32_bundle.path, folder)
     said: list[str] = []
     settings = CalibrationSettings(samples=2, tile=512, image_size=128, method="minmax", percentile=90.0)
     done = calibrate_bundle(folder, photos, settings, stages=(5,), warn=said.append)
     used = done.manifest["calibration"]["images"]
-    assert "zz_broken.jpg" not in used and len(used) == len(calibration_images(train_dir))
+    # One tile from each of the first 2 readable images, and only those decoded and recorded (it read all 128 before).
+    assert used == [f.name for f in calibration_images(train_dir)][:2]
+    assert any("aa_broken.jpg" in w for w in said), said
     assert any("percentile=90 is left out" in w for w in said), said
     assert any("tiles are as small as" in w and "not 512" in w for w in said), said
 

@@ -65,7 +65,7 @@ def test_simulation_matches_onnxruntime(model, images, tmp_path):
     src, dst = tmp_path / "encoder2.onnx", tmp_path / "encoder2.int8.onnx"
     onnx.save(build_graph(net, spec, opset=ExportSpec().opset), src)
     xs = [im[None, :, :64, :64].contiguous() for im in images[:3]]
-    quantize_graph(src, dst, "encoder", FeedReader([{"image": x.numpy()} for x in xs]), CalibrationSettings(), tmp_path)
+    quantize_graph(src, dst, "encoder", FeedReader([{"image": x.numpy()} for x in xs]), CalibrationSettings())
     sim = FakeQuantNet(net)
     ranges = sim.calibrate(xs)
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(dst).graph.initializer}

@@ -64,6 +64,11 @@ def test_calibrate_takes_settings_as_keywords_and_names_a_typo(bundle, shared_di
     entry = out.manifest["networks"]["encoder1"]["int8"]
     assert entry["settings"]["activations"] == "int8" and (out.path / entry["file"]).is_file()
     assert ultrastyle.check_tensorrt(out, precision="int8").ok  # signed Q/DQ graphs: what TensorRT builds
+    files = sorted(images.glob("*.jpg"))[:3]  # a list of files, as calibrate_bundle takes (a raw TypeError once)
+    listed = ultrastyle.calibrate(tmp_path / "b", files, samples=2, tile=64, image_size=128, stages=[1])
+    assert listed.manifest["calibration"]["images"] == [f.name for f in files[:2]]
+    with pytest.raises(ultrastyle.CalibrationDataError, match="no calibration images given"):
+        ultrastyle.calibrate(tmp_path / "b", [], stages=[1])
 
 
 def test_check_tensorrt_reports_profiles_and_refuses_bad_tiles(bundle):

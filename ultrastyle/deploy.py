@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,7 @@ def calibration_settings(**settings: Any) -> CalibrationSettings:
 
 def calibrate(
     bundle: Bundle | str | Path,
-    images: str | Path,
+    images: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     stages: Iterable[int] | str | int | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
@@ -94,7 +95,8 @@ def calibrate(
     on_export: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> Bundle:
-    """Int8 (Q/DQ) graphs for ``bundle``'s encoders and fused decoders from a folder of real ``images`` (`ultrastyle calibrate`).
+    """Int8 (Q/DQ) graphs for ``bundle``'s encoders and fused decoders from real ``images`` (`ultrastyle calibrate`): a
+    folder, or a list of files (one tile from each of the first ``samples`` readable ones, as `calibration.data.TileSampler`).
 
     ``bundle``: a bundle, or a zoo name / weights folder whose cached bundle is
     calibrated (exported first if needed). ``settings``: `CalibrationSettings`
@@ -102,13 +104,16 @@ def calibrate(
     ``seed``, ``keep_float``, ``percentile``, ``activations``: ``"int8"`` for
     TensorRT). ``stages`` None: every stage of the bundle. Returns the updated bundle.
     """
-    from ultrastyle.calibration.data import calibration_images
+    from ultrastyle.calibration.data import CalibrationDataError, calibration_images
     from ultrastyle.calibration.quantize import calibrate_bundle
     from ultrastyle.runtime.backends.select import ensure_bundle
 
     chosen = calibration_settings(**settings)
     wanted = _stages(stages)
-    files = calibration_images(images)  # a folder without images is refused before a bundle is exported
+    # A folder without images (or an empty list) is refused before a bundle is exported.
+    files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
+    if not files:
+        raise CalibrationDataError("no calibration images given; give a folder of photos, or a list of image files")
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 

@@ -51,7 +51,9 @@ def calibration_images(folder: str | Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class TileSampler:
-    """``samples`` tiles of ``tile`` x ``tile`` px drawn from ``files`` (seeded, in a fixed order).
+    """``samples`` tiles of ``tile`` x ``tile`` px from ``files``: one from each of the first ``samples`` readable files
+    (in the order given: sorted by name from a folder), more from files drawn with a ``seed``-ed generator where there
+    are fewer files than tiles; each crop's place is drawn with that generator too.
 
     Unreadable files are skipped with a note through ``warn``; if none is
     readable the sampler raises `CalibrationDataError` naming the first cause.
@@ -63,10 +65,13 @@ class TileSampler:
     image_size: int = DEFAULT_IMAGE_SIZE
     seed: int = 0
 
-    def read(self, warn: Callable[[str], None] | None = None) -> list[tuple[Path, torch.Tensor]]:
-        """The readable files and their images as (3, H, W) float32, long side ``image_size``."""
+    def read(self, warn: Callable[[str], None] | None = None, *, limit: int | None = None) -> list[tuple[Path, torch.Tensor]]:
+        """The readable files and their images as (3, H, W) float32, long side ``image_size``: the first ``limit``
+        readable ones (None: all; the tiles need ``samples``, and decoding the rest cost gigabytes for nothing)."""
         out, errors = [], []
         for f in self.files:
+            if limit is not None and len(out) >= limit:
+                break
             try:
                 out.append((f, resize_long_side(array_to_tensor(read_image(f)), self.image_size)))
             except (ImageError, OSError) as exc:
@@ -84,7 +89,7 @@ class TileSampler:
 
     def tiles(self, warn: Callable[[str], None] | None = None) -> list[tuple[torch.Tensor, int]]:
         """[(tile (1, 3, t, t), index of its image)]: deterministic for the files, seed and counts."""
-        return self.tiles_of(self.images(warn))
+        return self.tiles_of([image for _, image in self.read(warn, limit=self.samples)])
 
     def tiles_of(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         """`tiles` of images already read (`read`): at most ``tile`` px, less where an image is smaller."""

@@ -43,17 +43,17 @@ them (`export.int8`). The manifest is rewritten atomically.
 from __future__ import annotations
 
 import contextlib
-import io
+import importlib
 import json
 import logging
 import os
-import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
 from ultrastyle.calibration.constants import (
@@ -151,9 +151,7 @@ def float_networks(keep_float: str, stages: tuple[int, ...]) -> set[str]:
     return {f"encoder{max(stages)}"} if keep_float == "deep" and stages else set()
 
 
-def quantize_graph(
-    src: Path, dst: Path, kind: str, reader: FeedReader, settings: CalibrationSettings, workdir: Path
-) -> None:
+def quantize_graph(src: Path, dst: Path, kind: str, reader: FeedReader, settings: CalibrationSettings) -> None:
     """One float32 graph -> its Q/DQ graph at ``dst`` (ONNX Runtime static quantization)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -167,12 +165,10 @@ def quantize_graph(
         "CalibPercentile": settings.percentile,
         "CalibTensorRangeSymmetric": not unsigned,
     }
-    cwd = os.getcwd()
-    os.chdir(workdir)  # the calibrator writes its augmented model into the working directory
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # ORT's advice to pre-process: shape inference is done at export
+    # Nothing process-wide changes while it runs (other threads keep writing): no chdir (ORT writes its augmented model
+    # into a temp folder of its own), no stdout redirect, no root logger level.
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print progress ("Collecting tensor data ...")
+        with _ort_quiet():
             quantize_static(
                 model_input=src,
                 model_output=dst,
@@ -187,9 +183,64 @@ def quantize_graph(
             )
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; report them as one
         raise CalibrationError(f"{src.name}: ONNX Runtime quantization failed: {exc}") from exc
+
+
+class _FromOrtQuantization(logging.Filter):
+    """Drops ORT quantization's warnings (its advice to pre-process: shape inference is done at export), logged on the
+    root logger; other modules' records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/onnxruntime/quantization/" not in record.pathname.replace("\\", "/")
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_USERS = 0
+
+
+@contextlib.contextmanager
+def _ort_quiet() -> Iterator[None]:
+    """ORT's calibrators silent: their progress prints (``print`` shadowed in their module alone) and warnings (a filter
+    on the root logger that passes every other record). Counted: calibrations in several threads share it."""
+    global _QUIET_USERS
+    import onnxruntime.quantization.calibrate as calibrate_module
+
+    quantize_module = importlib.import_module("onnxruntime.quantization.quantize")  # the module: the package's `quantize` is a function
+
+    quiet = _FromOrtQuantization()
+    with _QUIET_LOCK:
+        _QUIET_USERS += 1
+        if _QUIET_USERS == 1:
+            calibrate_module.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+            if hasattr(quantize_module, "create_calibrator"):
+                quantize_module.create_calibrator = _with_entropy_bins(calibrate_module.create_calibrator)
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
     finally:
-        os.chdir(cwd)
-        logging.getLogger().setLevel(quiet)
+        logging.getLogger().removeFilter(quiet)
+        with _QUIET_LOCK:
+            _QUIET_USERS -= 1
+            if _QUIET_USERS == 0:
+                del calibrate_module.print  # type: ignore[attr-defined]
+                if hasattr(quantize_module, "create_calibrator"):
+                    quantize_module.create_calibrator = calibrate_module.create_calibrator
+
+
+# quantize_static passes no bin counts to its entropy calibrator, whose defaults (128 bins, 128 quantized) leave the
+# KL search one candidate, the whole range: it gave minmax's graphs byte for byte. TensorRT's entropy calibration uses
+# 2048 bins; so does this.
+ENTROPY_BINS = 2048
+
+
+def _with_entropy_bins(create: Callable[..., Any]) -> Callable[..., Any]:
+    def create_calibrator(*args: Any, **kwargs: Any) -> Any:
+        from onnxruntime.quantization import CalibrationMethod
+
+        if kwargs.get("calibrate_method") == CalibrationMethod.Entropy:
+            kwargs["extra_options"] = {"num_bins": ENTROPY_BINS, "num_quantized_bins": 128, **(kwargs.get("extra_options") or {})}
+        return create(*args, **kwargs)
+
+    return create_calibrator
 
 
 def calibrate_bundle(
@@ -222,7 +273,7 @@ def calibrate_bundle(
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched
         raise CalibrationRefused(why)
     sampler = TileSampler(tuple(files), settings.tile, settings.samples, settings.image_size, settings.seed)
-    read = sampler.read(warn)
+    read = sampler.read(warn, limit=settings.samples)  # the images the tiles come from, and no more
     tiles = sampler.tiles_of([image for _, image in read])
     settings = CalibrationSettings(**{**asdict(settings), "images": [f.name for f, _ in read]})  # the images used, for the record
     if warn and settings.method != "percentile" and settings.percentile != DEFAULT_PERCENTILE:
@@ -240,7 +291,7 @@ def calibrate_bundle(
     # Every int8 graph is written beside its target and renamed into place only once all are done (`commit`
     # exits first), then the manifest is written: a run that fails or is interrupted before that leaves the
     # bundle as it was (a crash between the renames and the manifest would leave digests to re-calibrate).
-    with OnnxRuntimeRunner(bundle) as runner, tempfile.TemporaryDirectory(prefix="ultrastyle-calib-") as work, ExitStack() as commit:
+    with OnnxRuntimeRunner(bundle) as runner, ExitStack() as commit:
         for k in stages:
             feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles, method=defaults.method, alpha=defaults.alpha)
             for kind in QUANTIZED_KINDS:
@@ -254,9 +305,8 @@ def calibrate_bundle(
                     done += 1
                     continue
                 t0 = time.perf_counter()
-                # Absolute paths: quantize_graph runs in `work` (chdir).
                 tmp = commit.enter_context(atomic_path(out.absolute()))
-                quantize_graph(bundle.graph_path(name).absolute(), tmp, kind, FeedReader(feeds[name]), settings, Path(work))
+                quantize_graph(bundle.graph_path(name).absolute(), tmp, kind, FeedReader(feeds[name]), settings)
                 manifest["networks"][name]["int8"] = {
                     "file": out.name,
                     "sha256": sha256_file(tmp),

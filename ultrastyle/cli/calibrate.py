@@ -28,7 +28,8 @@ from ultrastyle.models import zoo
 def calibrate_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder (ultrastyle export), or a zoo name / weights folder whose cached bundle to calibrate.")],
     images: Annotated[Path, typer.Option("--images", help="Folder of real images like the ones you will stylize.")],
-    method: Annotated[str, typer.Option(help=f"Calibration method: {', '.join(METHODS)}.")] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option(help=f"Calibration method: {', '.join(METHODS)} (percentile measured best; entropy, KL over "
+                                             "2048-bin histograms as TensorRT's, worst here and 10x slower).")] = DEFAULT_METHOD,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel, or one per tensor.")] = True,
     samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded).")] = DEFAULT_SAMPLES,
     tile: Annotated[int, typer.Option(min=32, help="Tile side in pixels.")] = DEFAULT_TILE,
