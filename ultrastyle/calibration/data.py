@@ -130,6 +130,21 @@ class FeedReader:
         return len(self.feeds)
 
 
+def probe_tiles(size: int = 128) -> list[tuple[torch.Tensor, int]]:
+    """Two fixed (1, 3, size, size) tiles of photo-like noise (a 1/f spectrum, as natural images have; seeded), as two
+    images: held-out inputs on which a calibration's int8 graphs are compared with float32 (`quantize.probe_snr`)."""
+    out = []
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        f = np.fft.fftfreq(size)
+        falloff = 1 / np.maximum(np.hypot(*np.meshgrid(f, f)), 1 / size)
+        spectrum = np.fft.fft2(rng.standard_normal((3, size, size))) * falloff
+        x = np.fft.ifft2(spectrum).real
+        x = (x - x.min(axis=(1, 2), keepdims=True)) / np.ptp(x, axis=(1, 2), keepdims=True)
+        out.append((torch.from_numpy(x.astype(np.float32))[None], seed))
+    return out
+
+
 def stage_feeds(
     encode: Callable[[int, torch.Tensor], torch.Tensor],
     stage: int,

@@ -46,6 +46,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -70,7 +71,7 @@ from ultrastyle.calibration.constants import (
     MIN_IMAGE_SIZE,
     MIN_TILE,
 )
-from ultrastyle.calibration.data import CalibrationDataError, FeedReader, TileSampler, calibration_images, stage_feeds
+from ultrastyle.calibration.data import CalibrationDataError, Feed, FeedReader, TileSampler, calibration_images, probe_tiles, stage_feeds
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.export.bundle import MANIFEST, Bundle, BundleError, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
@@ -230,6 +231,11 @@ def _ort_quiet() -> Iterator[None]:
 # KL search one candidate, the whole range: it gave minmax's graphs byte for byte. TensorRT's entropy calibration uses
 # 2048 bins; so does this.
 ENTROPY_BINS = 2048
+# Below this, an int8 graph is called far from float32 (`probe_snr` on `data.probe_tiles`). Measured per graph on CD
+# 16x (2026-12-07): calibrated on the train photos (defaults, or 2 tiles of 128 px) 27.4-39.0 dB; on one flat grey
+# image 1.7-13.8 dB. It catches a broken calibration, not a merely weaker one: 2 tiles of 128 px probe as the defaults
+# do, yet cost the cascade 4-7 dB (a user review's PSNR).
+PROBE_SNR_WARN_DB = 20.0
 
 
 def _with_entropy_bins(create: Callable[..., Any]) -> Callable[..., Any]:
@@ -291,9 +297,11 @@ def calibrate_bundle(
     # Every int8 graph is written beside its target and renamed into place only once all are done (`commit`
     # exits first), then the manifest is written: a run that fails or is interrupted before that leaves the
     # bundle as it was (a crash between the renames and the manifest would leave digests to re-calibrate).
+    weak: list[str] = []
     with OnnxRuntimeRunner(bundle) as runner, ExitStack() as commit:
         for k in stages:
             feeds = stage_feeds(runner.encode, k, arch.grid(k), tiles, method=defaults.method, alpha=defaults.alpha)
+            probes = stage_feeds(runner.encode, k, arch.grid(k), probe_tiles(), method=defaults.method, alpha=defaults.alpha)
             for kind in QUANTIZED_KINDS:
                 name = f"{kind}{k}"
                 if on_progress:
@@ -307,15 +315,22 @@ def calibrate_bundle(
                 t0 = time.perf_counter()
                 tmp = commit.enter_context(atomic_path(out.absolute()))
                 quantize_graph(bundle.graph_path(name).absolute(), tmp, kind, FeedReader(feeds[name]), settings)
+                snr = probe_snr(bundle.graph_path(name), tmp, probes[name])
+                if snr < PROBE_SNR_WARN_DB:
+                    weak.append(f"{name} {snr:.1f} dB")
                 manifest["networks"][name]["int8"] = {
                     "file": out.name,
                     "sha256": sha256_file(tmp),
                     "source_sha256": manifest["networks"][name]["sha256"],
                     "seconds": round(time.perf_counter() - t0, 1),
+                    "probe_snr_db": round(snr, 1),  # int8 against float32 on held-out tiles (`probe_snr`)
                     # Per graph: a later run over some stages must not rewrite what the others were made with.
                     "settings": {k: v for k, v in asdict(settings).items() if k != "images"},
                 }
                 done += 1
+    if weak and warn:
+        warn(f"the int8 graphs are far from float32 on held-out tiles ({', '.join(weak)}; calibrations of varied photos give "
+             f"{PROBE_SNR_WARN_DB:g} dB or more): calibrate on more, larger and more varied images")  # fmt: skip
     # The latest run's settings and the stages it calibrated (each int8 entry keeps its own `settings`).
     manifest["calibration"] = {**asdict(settings), "stages": list(stages)}
     _write_manifest(bundle.path, manifest)
@@ -324,6 +339,23 @@ def calibrate_bundle(
     if on_progress:
         on_progress("calibrated", total, total)
     return read_bundle(bundle.path)
+
+
+def probe_snr(fp32: Path, int8: Path, feeds: list[Feed]) -> float:
+    """Signal-to-noise ratio (dB) of the ``int8`` graph's output against the ``fp32`` graph's over ``feeds``: a
+    calibration that broke a network (too few, flat or tiny images) shows here, on inputs it was not fitted to."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(g), options, providers=["CPUExecutionProvider"]) for g in (fp32, int8)]
+    signal = noise = 0.0
+    for feed in feeds:
+        ref, got = (s.run(None, feed)[0].astype(np.float64) for s in sessions)
+        signal += float(np.sum(ref**2))
+        noise += float(np.sum((ref - got) ** 2))
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
 
 
 def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], settings: CalibrationSettings) -> None:
