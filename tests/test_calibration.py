@@ -243,6 +243,7 @@ def test_calibration_records_the_images_it_used_and_says_what_it_left_out(fp32_b
     used = done.manifest["calibration"]["images"]
     # One tile from each of the first 2 readable images, and only those decoded and recorded (it read all 128 before).
     assert used == [f.name for f in calibration_images(train_dir)][:2]
+    assert done.manifest["networks"]["encoder5"]["int8"]["settings"]["images"] == used  # per graph: it outlives the top record
     assert any("aa_broken.jpg" in w for w in said), said
     assert any("percentile=90 is left out" in w for w in said), said
     assert any("tiles are as small as" in w and "not 512" in w for w in said), said

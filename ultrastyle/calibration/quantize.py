@@ -325,7 +325,7 @@ def calibrate_bundle(
                     "seconds": round(time.perf_counter() - t0, 1),
                     "probe_snr_db": round(snr, 1),  # int8 against float32 on held-out tiles (`probe_snr`)
                     # Per graph: a later run over some stages must not rewrite what the others were made with.
-                    "settings": {k: v for k, v in asdict(settings).items() if k != "images"},
+                    "settings": asdict(settings),  # the images too: a later run of other stages replaces the top-level record
                 }
                 done += 1
     if weak and warn:
