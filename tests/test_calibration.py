@@ -193,7 +193,8 @@ def test_calibration_changes_nothing_process_wide_that_other_threads_see(fp32_bu
     assert "Collecting tensor data" not in capsys.readouterr().out  # ORT's calibrators stay quiet all the same
     import onnxruntime.quantization.calibrate as ort_calibrate
 
-    assert "print" not in vars(ort_calibrate)  # the shadowing print is gone after the call
+    assert "print" not in vars(ort_calibrate)  # the shadowing print is gone after the call, and the log filter
+    assert not logging.getLogger().filters
 
 
 def test_entropy_calibration_is_its_own_method_not_minmax(fp32_bundle, train_dir, tmp_path):
@@ -208,10 +209,39 @@ def test_entropy_calibration_is_its_own_method_not_minmax(fp32_bundle, train_dir
                                stages=(1,))  # fmt: skip
         graphs[method] = sha256_file(out.path / out.manifest["networks"]["encoder1"]["int8"]["file"])
     assert graphs["minmax"] != graphs["entropy"]
+    assert out.manifest["networks"]["encoder1"]["int8"]["entropy_bins"] == 2048  # told apart from the earlier minmax-like ones
     import importlib
 
-    assert importlib.import_module("onnxruntime.quantization.quantize").create_calibrator.__name__ == "create_calibrator"
-    assert importlib.import_module("onnxruntime.quantization.quantize").create_calibrator.__module__.startswith("onnxruntime")
+    import onnxruntime.quantization.calibrate as ort_calibrate
+
+    assert importlib.import_module("onnxruntime.quantization.quantize").create_calibrator is ort_calibrate.create_calibrator  # put back
+
+
+def test_probe_snr_calls_a_graph_with_nan_or_inf_broken_not_perfect(tmp_path):
+    import math
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ultrastyle.calibration.quantize import probe_snr
+
+    def graph(path, scale):  # y = x * scale
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
+        model = helper.make_model(helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k]),
+                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+        model.ir_version = 8
+        onnx.save(model, path)
+        return path
+
+    feeds = [{"x": np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)}]
+    ref = graph(tmp_path / "ref.onnx", 1.0)
+    assert probe_snr(ref, graph(tmp_path / "same.onnx", 1.0), feeds) == math.inf
+    assert abs(probe_snr(ref, graph(tmp_path / "close.onnx", 1.01), feeds) - 40.0) < 1e-4  # 1% off: 40 dB (float32 1.01)
+    for bad in (float("nan"), float("inf")):
+        assert probe_snr(ref, graph(tmp_path / "bad.onnx", bad), feeds) == -math.inf
+    assert probe_snr(graph(tmp_path / "zero.onnx", 0.0), ref, feeds) == -math.inf  # float32 all zero, int8 not
 
 
 def test_a_calibration_that_broke_the_networks_is_said_and_recorded(fp32_bundle, train_dir, tmp_path):
@@ -229,6 +259,10 @@ def test_a_calibration_that_broke_the_networks_is_said_and_recorded(fp32_bundle,
         snr = out.manifest["networks"]["encoder1"]["int8"]["probe_snr_db"]
         assert (snr >= 20) if name == "good" else (snr < 20), (name, snr)
         assert any("far from float32 on held-out tiles" in w for w in said) == (name == "grey"), said
+    import ultrastyle
+
+    with pytest.warns(ultrastyle.CalibrationWarning, match="far from float32 on held-out tiles"):  # from Python too, not dropped
+        ultrastyle.calibrate(tmp_path / "b_grey", grey, samples=2, tile=64, image_size=256, stages=[1])
 
 
 def test_calibration_records_the_images_it_used_and_says_what_it_left_out(fp32_bundle, train_dir, tmp_path):

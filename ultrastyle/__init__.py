@@ -50,6 +50,7 @@ _API = {
     "ExportValidationError": "ultrastyle.export.validate",
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
+    "CalibrationWarning": "ultrastyle.calibration.quantize",
     # The model zoo, as `ultrastyle models` (MODULE:NAME where the public name is not the module's).
     "fetch_model": "ultrastyle.models.zoo:fetch",
     "import_model": "ultrastyle.models.zoo:import_local",

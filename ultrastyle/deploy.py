@@ -102,7 +102,8 @@ def calibrate(
     calibrated (exported first if needed). ``settings``: `CalibrationSettings`
     fields (``method``, ``per_channel``, ``samples``, ``tile``, ``image_size``,
     ``seed``, ``keep_float``, ``percentile``, ``activations``: ``"int8"`` for
-    TensorRT). ``stages`` None: every stage of the bundle. Returns the updated bundle.
+    TensorRT). ``stages`` None: every stage of the bundle. ``warn``: what the calibration notes (a setting left out,
+    graphs far from float32), default `CalibrationWarning` warnings. Returns the updated bundle.
     """
     from ultrastyle.calibration.data import CalibrationDataError, calibration_images
     from ultrastyle.calibration.quantize import calibrate_bundle
@@ -110,6 +111,10 @@ def calibrate(
 
     chosen = calibration_settings(**settings)
     wanted = _stages(stages)
+    if warn is None:  # said as Python warnings, not dropped: a bundle far from float32 must not pass in silence
+        from ultrastyle.calibration.quantize import CalibrationWarning
+
+        warn = lambda message: warnings.warn(message, CalibrationWarning, stacklevel=3)  # noqa: E731
     # A folder without images (or an empty list) is refused before a bundle is exported.
     files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
     if not files:

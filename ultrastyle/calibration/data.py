@@ -5,9 +5,11 @@ feeds each network what the tiled pipeline will feed it: encoders get image
 tiles; the decoders with the fused transform (``decoder_affineK``) get the
 encoder's features of a tile together with a WCT map (A, b) fitted from that
 tile's statistics and a *different* image's (so the transformed features have
-another image's colours, as in stylization). Tiles are drawn with a seeded
-generator over the sorted files, so a fixed folder, seed and count always give
-the same samples, and calibration is deterministic.
+another image's colours, as in stylization). One tile comes from each of the
+first ``samples`` readable files (sorted by name), more from files drawn with a
+seeded generator where there are fewer, each crop placed by that generator: a
+fixed folder, seed and count always give the same samples, and calibration is
+deterministic. `probe_tiles` are held-out inputs of a fixed, photo-like noise.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ What stays in float (``keep_float``):
 
 The Q/DQ graphs are written beside the float32 graphs (``encoderK.int8.onnx``)
 and recorded in the manifest as ``networks[name]["int8"] = {"file", "sha256",
-"calibration"}``, where the TensorRT builder and the ONNX Runtime runner find
+"source_sha256", "seconds", "probe_snr_db", "settings"}`` (``entropy_bins``
+too for entropy), where the TensorRT builder and the ONNX Runtime runner find
 them (`export.int8`). The manifest is rewritten atomically.
 """
 
@@ -88,6 +89,11 @@ QUANTIZED_KINDS = ("encoder", "decoder_affine")
 CALIBRATION_VERSION = 2
 
 ProgressCallback = Callable[[str, int, int], None]
+
+
+class CalibrationWarning(UserWarning):
+    """A calibration that ran but may not serve: a setting it left out, tiles smaller than asked, int8 graphs far from
+    float32 on held-out tiles. (The command line prints these as ``warning:`` lines.)"""
 
 
 class CalibrationError(RuntimeError):
@@ -187,44 +193,52 @@ def quantize_graph(src: Path, dst: Path, kind: str, reader: FeedReader, settings
 
 
 class _FromOrtQuantization(logging.Filter):
-    """Drops ORT quantization's warnings (its advice to pre-process: shape inference is done at export), logged on the
-    root logger; other modules' records pass."""
+    """Drops ORT quantization's warnings and notes (its advice to pre-process: shape inference is done at export),
+    logged on the root logger by the threads calibrating; its errors, other threads' and other modules' records pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "/onnxruntime/quantization/" not in record.pathname.replace("\\", "/")
+        ours = record.thread in _QUIET_THREADS and record.levelno <= logging.WARNING
+        return not (ours and "/onnxruntime/quantization/" in record.pathname.replace("\\", "/"))
 
 
 _QUIET_LOCK = threading.Lock()
 _QUIET_USERS = 0
+_QUIET_THREADS: set[int] = set()  # the threads calibrating now (a thread's `_ort_quiet` blocks do not nest)
+_QUIET_FILTER = _FromOrtQuantization()
+_SWAPPED: dict[str, Any] = {}  # what `_ort_quiet` replaced in ORT's quantize module, put back by the last one out
 
 
 @contextlib.contextmanager
 def _ort_quiet() -> Iterator[None]:
     """ORT's calibrators silent: their progress prints (``print`` shadowed in their module alone) and warnings (a filter
-    on the root logger that passes every other record). Counted: calibrations in several threads share it."""
+    on the root logger: the calibrating threads' ORT records up to WARNING), and entropy with 2048 bins. Counted:
+    calibrations in several threads share it. While any runs, ORT's calibrate module prints nothing and its entropy
+    gets those bins for any caller in the process; the last one out puts back what it replaced."""
     global _QUIET_USERS
     import onnxruntime.quantization.calibrate as calibrate_module
 
     quantize_module = importlib.import_module("onnxruntime.quantization.quantize")  # the module: the package's `quantize` is a function
 
-    quiet = _FromOrtQuantization()
     with _QUIET_LOCK:
         _QUIET_USERS += 1
+        _QUIET_THREADS.add(threading.get_ident())
         if _QUIET_USERS == 1:
             calibrate_module.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
             if hasattr(quantize_module, "create_calibrator"):
-                quantize_module.create_calibrator = _with_entropy_bins(calibrate_module.create_calibrator)
-    logging.getLogger().addFilter(quiet)
+                _SWAPPED["create_calibrator"] = quantize_module.create_calibrator  # ORT's, or an application's own patch
+                quantize_module.create_calibrator = _with_entropy_bins(quantize_module.create_calibrator)
+            logging.getLogger().addFilter(_QUIET_FILTER)
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(quiet)
         with _QUIET_LOCK:
             _QUIET_USERS -= 1
+            _QUIET_THREADS.discard(threading.get_ident())
             if _QUIET_USERS == 0:
+                logging.getLogger().removeFilter(_QUIET_FILTER)
                 del calibrate_module.print  # type: ignore[attr-defined]
-                if hasattr(quantize_module, "create_calibrator"):
-                    quantize_module.create_calibrator = calibrate_module.create_calibrator
+                if "create_calibrator" in _SWAPPED:
+                    quantize_module.create_calibrator = _SWAPPED.pop("create_calibrator")
 
 
 # quantize_static passes no bin counts to its entropy calibrator, whose defaults (128 bins, 128 quantized) leave the
@@ -315,6 +329,7 @@ def calibrate_bundle(
                 t0 = time.perf_counter()
                 tmp = commit.enter_context(atomic_path(out.absolute()))
                 quantize_graph(bundle.graph_path(name).absolute(), tmp, kind, FeedReader(feeds[name]), settings)
+                seconds = time.perf_counter() - t0
                 snr = probe_snr(bundle.graph_path(name), tmp, probes[name])
                 if snr < PROBE_SNR_WARN_DB:
                     weak.append(f"{name} {snr:.1f} dB")
@@ -322,10 +337,12 @@ def calibrate_bundle(
                     "file": out.name,
                     "sha256": sha256_file(tmp),
                     "source_sha256": manifest["networks"][name]["sha256"],
-                    "seconds": round(time.perf_counter() - t0, 1),
-                    "probe_snr_db": round(snr, 1),  # int8 against float32 on held-out tiles (`probe_snr`)
+                    "seconds": round(seconds, 1),
+                    # int8 against float32 on held-out tiles (`probe_snr`); None where not finite (JSON has no infinity)
+                    "probe_snr_db": round(snr, 1) if math.isfinite(snr) else None,
                     # Per graph: a later run over some stages must not rewrite what the others were made with.
                     "settings": asdict(settings),  # the images too: a later run of other stages replaces the top-level record
+                    **({"entropy_bins": ENTROPY_BINS} if settings.method == "entropy" else {}),  # earlier entropy was minmax
                 }
                 done += 1
     if weak and warn:
@@ -353,9 +370,13 @@ def probe_snr(fp32: Path, int8: Path, feeds: list[Feed]) -> float:
     signal = noise = 0.0
     for feed in feeds:
         ref, got = (s.run(None, feed)[0].astype(np.float64) for s in sessions)
+        if not np.all(np.isfinite(got)):  # NaN or inf out of the int8 graph: as broken as can be
+            return -math.inf
         signal += float(np.sum(ref**2))
         noise += float(np.sum((ref - got) ** 2))
-    return 10 * math.log10(signal / noise) if noise > 0 else math.inf
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def _check_consistent(bundle: Bundle, manifest: dict, stages: tuple[int, ...], settings: CalibrationSettings) -> None:

@@ -29,7 +29,7 @@ def calibrate_command(
     bundle: Annotated[str, typer.Argument(help="Bundle folder (ultrastyle export), or a zoo name / weights folder whose cached bundle to calibrate.")],
     images: Annotated[Path, typer.Option("--images", help="Folder of real images like the ones you will stylize.")],
     method: Annotated[str, typer.Option(help=f"Calibration method: {', '.join(METHODS)} (percentile measured best; entropy, KL over "
-                                             "2048-bin histograms as TensorRT's, worst here and 10x slower).")] = DEFAULT_METHOD,
+                                             "2048-bin histograms as TensorRT's, worst here and the slowest).")] = DEFAULT_METHOD,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel, or one per tensor.")] = True,
     samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded).")] = DEFAULT_SAMPLES,
     tile: Annotated[int, typer.Option(min=32, help="Tile side in pixels.")] = DEFAULT_TILE,
@@ -85,7 +85,7 @@ def calibrate_command(
         text = " ".join(as_command(exc).split())
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)
         # A bundle, model, image folder or settings that cannot be used are refused before any graph is written (2, as
-        # `stylize` does; calibrate_bundle reads every image before it quantizes); the rest failed (1).
+        # `stylize` does; calibrate_bundle reads the images its tiles come from before it quantizes); the rest failed (1).
         refused = (BundleError, RunnerError, zoo.ZooError, CheckpointError, CalibrationDataError, CalibrationRefused)
         raise typer.Exit(2 if isinstance(exc, refused) else 1) from None
     done = set(result.manifest["calibration"]["stages"])
