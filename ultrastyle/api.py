@@ -264,7 +264,7 @@ class Stylizer:
             raise
         self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
         self._masks: OrderedDict = OrderedDict()  # label maps, shared by the books (`StyleBook`)
-        self._lock, self._users, self._close_wanted = threading.RLock(), 0, False  # `with` blocks and calls running
+        self._lock, self._calls, self._close_wanted = threading.RLock(), 0, False  # the calls running, and a close asked for
 
     @property
     def backend(self) -> str:
@@ -277,11 +277,12 @@ class Stylizer:
     def close(self) -> None:
         """Free the networks (idempotent); a later call opens them again.
 
-        Calls running in other threads finish first: the networks are freed when the last of them returns.
+        Calls running (in other threads, or the one whose callback closes) finish first: the networks are freed when
+        the last of them returns.
         """
         with self._lock:
             self._close_wanted = True
-            if self._users == 0:
+            if self._calls == 0:
                 self._close_now()
 
     def _close_now(self) -> None:
@@ -295,19 +296,19 @@ class Stylizer:
     def _in_use(self) -> Iterator[None]:
         """The networks open for one call: a `close` (or another thread's ``with`` block ending) waits for it."""
         with self._lock:
-            self._users += 1
+            self._calls += 1
             self._close_wanted = False  # a call after close() opens them again, and they stay open (as before)
             try:
                 self._open()
             except BaseException:
-                self._users -= 1
+                self._calls -= 1
                 raise
         try:
             yield
         finally:
             with self._lock:
-                self._users -= 1
-                if self._users == 0 and self._close_wanted:
+                self._calls -= 1
+                if self._calls == 0 and self._close_wanted:
                     self._close_now()
 
     def _let_go_heap(self) -> None:
@@ -322,22 +323,13 @@ class Stylizer:
             self.runner.activate()
 
     def __enter__(self) -> Stylizer:
-        with self._lock:  # counted as a user: one thread's block ending does not close the networks under another's call
-            self._users += 1
+        with self._lock:
             self._close_wanted = False
-            try:
-                self._open()
-            except BaseException:
-                self._users -= 1
-                raise
+            self._open()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._users -= 1
-            self._close_wanted = True
-            if self._users == 0:
-                self._close_now()
+        self.close()  # deferred while another thread's call runs; that thread's next call opens the networks again
 
     def options(self, **settings: Any) -> StylizeOptions:
         """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
@@ -520,7 +512,7 @@ class ClusterStylizer(Stylizer):
         self.distribute_tiles = distribute_tiles
         self._books = OrderedDict()
         self._masks = OrderedDict()
-        self._lock, self._users, self._close_wanted = threading.RLock(), 0, False
+        self._lock, self._calls, self._close_wanted = threading.RLock(), 0, False
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
         self._closed = False
