@@ -17,9 +17,9 @@ Pure standard library (no torch), so any module can use it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
-import hashlib
 import secrets
 import shutil
 import socket
