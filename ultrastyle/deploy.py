@@ -105,7 +105,7 @@ def calibrate(
     TensorRT). ``stages`` None: every stage of the bundle. ``warn``: what the calibration notes (a setting left out,
     graphs far from float32), default `CalibrationWarning` warnings. Returns the updated bundle.
     """
-    from ultrastyle.calibration.data import CalibrationDataError, calibration_images
+    from ultrastyle.calibration.data import calibration_images
     from ultrastyle.calibration.quantize import calibrate_bundle
     from ultrastyle.runtime.backends.select import ensure_bundle
 
@@ -115,10 +115,7 @@ def calibrate(
         from ultrastyle.calibration.quantize import CalibrationWarning
 
         warn = lambda message: warnings.warn(message, CalibrationWarning, stacklevel=3)  # noqa: E731
-    # A folder without images (or an empty list) is refused before a bundle is exported.
-    files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
-    if not files:
-        raise CalibrationDataError("no calibration images given; give a folder of photos, or a list of image files")
+    files = calibration_images(images)  # a folder without images (or an empty list) is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 

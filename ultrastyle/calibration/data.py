@@ -14,7 +14,8 @@ deterministic. `probe_tiles` are held-out inputs of a fixed, photo-like noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,15 @@ class CalibrationDataError(ValueError):
     """No usable calibration images: says which folder or file and why."""
 
 
-def calibration_images(folder: str | Path) -> list[Path]:
-    """The folder's image files, sorted; an empty or missing folder is an error."""
+def calibration_images(folder: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The folder's image files, sorted, or the files given as a list, in their order; an empty or missing folder, or an
+    empty list, is an error (`CalibrationDataError`)."""
+    if not isinstance(folder, (str, os.PathLike)):
+        files = [Path(f) for f in folder]
+        if not files:
+            raise CalibrationDataError("no calibration images given; give a folder of photos like the ones you will stylize, "
+                                       "or a list of image files")  # fmt: skip
+        return files
     path = Path(folder)
     if path.is_file():
         raise CalibrationDataError(f"{path}: a file; calibration images are a folder of images: give the folder that holds it")

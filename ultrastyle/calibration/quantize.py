@@ -72,7 +72,7 @@ from ultrastyle.calibration.constants import (
     MIN_IMAGE_SIZE,
     MIN_TILE,
 )
-from ultrastyle.calibration.data import CalibrationDataError, Feed, FeedReader, TileSampler, calibration_images, probe_tiles, stage_feeds
+from ultrastyle.calibration.data import Feed, FeedReader, TileSampler, calibration_images, probe_tiles, stage_feeds
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.export.bundle import MANIFEST, Bundle, BundleError, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
@@ -285,9 +285,7 @@ def calibrate_bundle(
     if not os.access(bundle.path, os.W_OK):  # before any work: the int8 graphs and the manifest are written there
         raise BundleError(f"{bundle.path}: not writable, and calibration writes its int8 graphs into the bundle; copy the bundle "
                           "to a folder you can write, and calibrate that")  # fmt: skip
-    files = calibration_images(images) if isinstance(images, (str, os.PathLike)) else [Path(f) for f in images]
-    if not files:
-        raise CalibrationDataError("no calibration images given; give a folder of photos like the ones you will stylize")
+    files = calibration_images(images)
     settings = settings or CalibrationSettings()
     stages = tuple(stages or bundle.stages)
     if why := bundle.stages_problem(stages):  # before any work: nothing of the bundle is touched
