@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ultrastyle.core.canvas import sample_peak
 from ultrastyle.core.resample import RowResampler, resized_size
-from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_png_data, check_pixels, check_tiff_data, tiff_pages
+from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_pixels, check_png_data, check_tiff_data, tiff_pages
 from ultrastyle.io.sources import ImageInput
 
 BAND_ROWS = 256  # rows per band at most
@@ -80,25 +81,37 @@ class ImageStream:
         `ImageError` naming the file."""
         import pyvips
 
-        h, w = self.original
-        rows = rows or band_rows(w)
-        resampler = RowResampler(h, w, *self.size, band=rows) if self.size != self.original else None
-        region = pyvips.Region.new(self._image)
+        rows = rows or band_rows(self.original[1])
         try:
-            for r0 in range(0, h, rows):
-                n = min(rows, h - r0)
-                raw = np.frombuffer(region.fetch(0, r0, w, n), dtype=_FORMATS[self._fmt])
-                if raw.dtype.kind == "f":  # as a whole read refuses them: clipped 0..255 floats would be white
-                    check_float_range(raw, str(self.path))
-                rgb = _to_rgb(raw.reshape(n, w, -1), self._mode)
-                if resampler is None:
-                    yield r0, rgb
-                    continue
-                peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(rgb.dtype)
-                block = rgb.astype(np.float32) / np.float32(peak) if peak else rgb
-                yield from resampler.push(block)
+            yield from _resized(self._decoded(rows), self.original, self.size, rows)
         except pyvips.Error as exc:
             raise ImageError(f"{self.path}: truncated or corrupt image data ({_first_line(exc)})") from None
+
+    def _decoded(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W, 3)) of the file as `read_image` converts it, at its own size."""
+        import pyvips
+
+        h, w = self.original
+        region = pyvips.Region.new(self._image)
+        for r0 in range(0, h, rows):
+            n = min(rows, h - r0)
+            raw = np.frombuffer(region.fetch(0, r0, w, n), dtype=_FORMATS[self._fmt])
+            if raw.dtype.kind == "f":  # as a whole read refuses them: clipped 0..255 floats would be white
+                check_float_range(raw, str(self.path))
+            yield r0, _to_rgb(raw.reshape(n, w, -1), self._mode)
+
+
+def _resized(bands: Iterator[tuple[int, np.ndarray]], original: tuple[int, int], size: tuple[int, int],
+             rows: int) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """``bands`` of an image of ``original`` (H, W), resized to ``size`` by `RowResampler` (as [0, 1] float32) unless
+    that is its own size: the one resize of files and in-memory images alike."""
+    if size == original:
+        yield from bands
+        return
+    resampler = RowResampler(*original, *size, band=rows)
+    for _, rgb in bands:
+        peak = sample_peak(rgb.dtype)
+        yield from resampler.push(rgb.astype(np.float32) / np.float32(peak) if peak != 1 else rgb)
 
 
 class ArrayStream:
@@ -115,16 +128,9 @@ class ArrayStream:
 
     def bands(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (rows, W, 3) array) from the top, as `ImageStream.bands`."""
-        h, w = self.original
-        rows = rows or band_rows(w)
-        resampler = RowResampler(h, w, *self.size, band=rows) if self.size != self.original else None
-        peak = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(self._pixels.dtype)
-        for r0 in range(0, h, rows):
-            rgb = self._pixels[r0 : r0 + rows]
-            if resampler is None:
-                yield r0, rgb
-                continue
-            yield from resampler.push(rgb.astype(np.float32) / np.float32(peak) if peak else rgb)
+        rows = rows or band_rows(self.original[1])
+        own = ((r0, self._pixels[r0 : r0 + rows]) for r0 in range(0, self.original[0], rows))
+        yield from _resized(own, self.original, self.size, rows)
 
 
 def open_array_stream(src: ImageInput, *, max_pixels: int, content_size: int = 0) -> ArrayStream:
