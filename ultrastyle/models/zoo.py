@@ -195,7 +195,7 @@ def home_dir() -> Path:
     if env is None or env == "":
         return Path.home() / ".cache" / "ultrastyle"
     home = Path(env).expanduser()
-    if not env.strip() or not home.is_absolute():
+    if not home.is_absolute():  # " " too
         raise ZooError(f"ULTRASTYLE_HOME={env!r} is not an absolute path: the model cache would move with the working "
                        f"folder; set it to one, such as {str(Path(env.strip() or 'ultrastyle').absolute())!r}")  # fmt: skip
     return home
@@ -254,13 +254,7 @@ def install_status(name: str) -> InstallStatus:
     (replaced on use); ``damaged``: a file of the wrong size or sha256.
     """
     entry, d = get_entry(name), model_dir(name)
-    missing = 0
-    for f in entry.files:
-        path = d / f.name
-        if not path.exists():
-            missing += 1
-        elif not path.is_file():
-            return "damaged"
+    missing = sum(not (d / f.name).exists() for f in entry.files)
     if missing == len(entry.files):
         return "absent"
     if _damaged_present(name):  # before outdated: a damaged file is refused on use (`ensure`), an outdated one replaced
