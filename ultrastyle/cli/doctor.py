@@ -32,8 +32,8 @@ def model_rows(model: str | None = None) -> list[Row]:
     except zoo.ZooError as exc:  # a relative ULTRASTYLE_HOME
         return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
     if status == "absent":
-        return [Row(f"model {model}", "missing", f"not installed (fetched on first use); install it now: ultrastyle models fetch {model}, "
-                    f"or offline: ultrastyle models import {model} DIR")]  # fmt: skip
+        return [Row(f"model {model}", "missing", "not installed (fetched on first use); install it now: "
+                    f"{swap(zoo.reinstall_text(model), zoo.reinstall(model))}")]  # fmt: skip
     if status == "outdated":
         return [Row(f"model {model}", "info", "an earlier release's files, replaced on first use (or now: "
                     f"{swap(zoo.reinstall_text(model), zoo.reinstall(model))})")]  # fmt: skip
