@@ -691,3 +691,20 @@ def test_a_style_that_failed_one_call_is_read_again_by_the_next(installed, small
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=5) as s:
         assert s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "a", style_size=64).count("failed") == 1
         assert s.stylize_batch([small["c1"]], [small["s1"]], tmp_path / "b", style_size=64).count("done") == 1
+
+
+def test_library_warnings_name_the_callers_line_however_deep_the_call(tmp_path):
+    import inspect
+    import warnings
+
+    from ultrastyle.io.images import AnimatedImageWarning
+    from ultrastyle.io.sources import as_pixels, as_source
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    for call in (as_pixels, as_source):  # two depths into the library: a fixed stacklevel named a library line for one
+        with warnings.catch_warnings(record=True) as seen, Image.open(tmp_path / "a.gif") as gif:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            call(gif, "content")
+        assert [(w.category, w.filename, w.lineno) for w in seen] == [(AnimatedImageWarning, __file__, line)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ultrastyle import options as check
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
@@ -345,7 +344,7 @@ class Stylizer:
             tiling = opts.tiling_for(self.runner.traits)
             check_budget(self.runner.arch, opts.levels, tiling, self.runner.traits, self.runner.device)
             for note in fixed_tile_notes(self.runner.arch, opts.levels, tiling, self.runner.traits):
-                warnings.warn(note, TileWarning, stacklevel=3)
+                warn(note, TileWarning)
         except BudgetTooSmall as exc:  # in the caller's terms: the whole budget, of which the tiles get a share
             given, need = opts.resolved_tiling.max_memory or 0, opts.budget_for_tiles(exc.need, self.runner.traits)
             raise OptionError("max_memory", f"{size_text(given)} cannot hold one tile of stage {exc.stage}; give at least {size_text(need, up=True)}") from None

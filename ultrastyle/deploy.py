@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
 from ultrastyle.errors import Setting, remedied, remedies_of
+from ultrastyle.errors import warn as warn_user
 from ultrastyle.export.bundle import Bundle, check_bundle_target, export_bundle, read_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.options import OptionError
@@ -114,7 +114,7 @@ def calibrate(
     if warn is None:  # said as Python warnings, not dropped: a bundle far from float32 must not pass in silence
         from ultrastyle.calibration.quantize import CalibrationWarning
 
-        warn = lambda message: warnings.warn(message, CalibrationWarning, stacklevel=3)  # noqa: E731
+        warn = lambda message: warn_user(message, CalibrationWarning)  # noqa: E731
     files = calibration_images(images)  # a folder without images (or an empty list) is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
@@ -146,7 +146,7 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
             notice = ProfileWarning(f"{given.python()} is {', '.join(moved)}: a profile's sides are multiples of the stage's grid "
                                     "(2^(k-1) px), at least two cells, and in order")  # fmt: skip
             notice.remedy = given  # type: ignore[attr-defined]  # a front end says the setting its way
-            warnings.warn(notice, stacklevel=3)
+            warn_user(notice)
     return b, chosen, ranges
 
 

@@ -13,6 +13,9 @@ shows as its flag. Library messages name no command-line flags.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
@@ -80,3 +83,15 @@ def remedies_of(remedy: Remedies) -> tuple[Remedy | Setting, ...]:
     if isinstance(remedy, (Remedy, Setting)):
         return (remedy,)
     return tuple(r for r in remedy or () if isinstance(r, (Remedy, Setting)))
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str | Warning, category: type[Warning] = UserWarning) -> None:
+    """`warnings.warn` attributed to the first caller outside this package: the user's line, however deep the call
+    (a fixed ``stacklevel`` names whichever library frame sits at that depth on one path or another)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ultrastyle.errors import warn
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, read_image
 
 
@@ -63,10 +63,10 @@ def readable_images(files: Sequence[Path], min_side: int = 1) -> list[Path]:
             with Image.open(f) as img:
                 w, h = img.size
         except Exception as exc:  # PIL raises many types for broken files
-            warnings.warn(f"{f}: skipped, not a readable image ({type(exc).__name__}: {exc})", BadImageWarning, stacklevel=2)
+            warn(f"{f}: skipped, not a readable image ({type(exc).__name__}: {exc})", BadImageWarning)
             continue
         if min(w, h) < min_side:
-            warnings.warn(f"{f}: skipped, {w}x{h} is smaller than {min_side} px", BadImageWarning, stacklevel=2)
+            warn(f"{f}: skipped, {w}x{h} is smaller than {min_side} px", BadImageWarning)
             continue
         good.append(f)
     return good
@@ -166,7 +166,7 @@ class CropStream(Dataset):
             except ImageError as exc:
                 if index not in self._warned:  # drawn again and again over a run: said once (per loader process)
                     self._warned.add(index)
-                    warnings.warn(f"{exc}; using another image for each sample that draws it", BadImageWarning, stacklevel=2)
+                    warn(f"{exc}; using another image for each sample that draws it", BadImageWarning)
         else:
             raise DataError(f"none of the {n} training images could be decoded")
         c = self.settings.crop

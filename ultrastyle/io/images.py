@@ -11,7 +11,6 @@ import io
 import math
 import os
 import struct
-import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ultrastyle.core.canvas import sample_peak
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.io.atomic import atomic_write
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, IMAGE_SUFFIXES  # noqa: F401 - re-exported
 
@@ -104,7 +103,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
         with pil_limits_off(), Image.open(path) as img:
             check_pixels(path, *img.size, max_pixels)
             if getattr(img, "n_frames", 1) > 1 and img.format in ("GIF", "PNG", "WEBP"):
-                warnings.warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
+                warn(f"{path}: an animation of {img.n_frames} frames; its first frame is used", AnimatedImageWarning)
             if img.format == "PNG":  # before any decoder allocates the w x h image the header claims
                 check_png_data(path)
             if img.format == "TIFF" and (orientation := img.tag_v2.get(ORIENTATION, 1)) != 1:
@@ -116,7 +115,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
                 if found is not None:
                     return found
             if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
-                warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
+                warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning)
             if is_rgb16(path, img):
                 return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
             img.load()
@@ -334,7 +333,7 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
     elif a.dtype not in (np.uint8, np.uint16):
         return None
     if pages > 1:
-        warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=3)
+        warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning)
     if grey:
         return np.ascontiguousarray(_orient(a, orientation)[..., 0])
     return _orient(_alpha(a, keep_alpha) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)

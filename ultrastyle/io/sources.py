@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import Union
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ultrastyle.core.resample import resized_size
+from ultrastyle.errors import warn
 from ultrastyle.io.images import (
     AnimatedImageWarning,
     ImageError,
@@ -124,11 +124,11 @@ def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
     """
     try:
         if getattr(image, "n_frames", 1) > 1:
-            warnings.warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning, stacklevel=4)
+            warn(f"{name}: an animation of {image.n_frames} frames; its first frame is used", AnimatedImageWarning)
         made_here = image.format is None
         if image.mode in ("RGB", "RGBA") and _holds_16_bits(image):
-            warnings.warn(f"{name}: a PIL image of a 16-bit RGB file holds 8 bits per sample (Pillow decodes it so); "
-                          "give the file's path to keep 16", PrecisionWarning, stacklevel=4)  # fmt: skip
+            warn(f"{name}: a PIL image of a 16-bit RGB file holds 8 bits per sample (Pillow decodes it so); "
+                          "give the file's path to keep 16", PrecisionWarning)  # fmt: skip
         image = ImageOps.exif_transpose(image)
         return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha, name=name)
     except ImageError:

@@ -19,7 +19,6 @@ would not fit.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from PIL import Image
 
 from ultrastyle.core.canvas import sample_peak
 from ultrastyle.core.resample import RowResampler, resized_size
+from ultrastyle.errors import warn
 from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_pixels, check_png_data, check_tiff_data, tiff_pages
 from ultrastyle.io.sources import ImageInput
 
@@ -237,9 +237,9 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
     fields = set(image.get_fields())
     pages = image.get("n-pages") if "n-pages" in fields else 1
     if pages > 1 and loader.split("load")[0] in ("gif", "webp", "png", "heif"):
-        warnings.warn(f"{path}: an animation of {pages} frames; its first frame is used", AnimatedImageWarning, stacklevel=2)
+        warn(f"{path}: an animation of {pages} frames; its first frame is used", AnimatedImageWarning)
     elif loader.startswith("tiff") and (pages := tiff_pages(path)) > 1:  # a pyramid's reduced levels are not pages
-        warnings.warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning, stacklevel=2)
+        warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning)
     return ImageStream(path, image, content_size)
 
 

@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, DEFAULT_SOLVER, FORMATS, SOLVERS
 from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
@@ -475,11 +474,11 @@ class Optimizer:
             raise OptionError("content_layer", f"{opts.content_layer} is not a layer of {self.model}'s loss network, which has {', '.join(have)}")
         if opts.layer_weights is None:
             if missing := [t for t in TAPS if t not in have]:
-                warnings.warn(f"{self.model}'s loss network stops at {have[-1]}: the style loss leaves out {', '.join(missing)}", stacklevel=2)
+                warn(f"{self.model}'s loss network stops at {have[-1]}: the style loss leaves out {', '.join(missing)}")
         elif missing := [k for k, v in opts.layer_weights if v and k not in have]:
             raise OptionError("layer_weights", f"{', '.join(missing)}: not layers of {self.model}'s loss network, which has {', '.join(have)}; weigh them 0")
         for note in tile_notes(self.net, opts):
-            warnings.warn(note, TileWarning, stacklevel=2)
+            warn(note, TileWarning)
         self._checked.add(key)
 
     def check_budget(self, opts: OptimizeOptions, height: int, width: int) -> None:
@@ -576,7 +575,7 @@ class Optimizer:
         resume = _read_state(state, fingerprint) if state is not None else None
         if state is not None and resume is None and (state / "state.json").is_file():
             why = "cannot be read" if _read_state(state, None) is None else "is of other inputs or settings"
-            warnings.warn(f"{state}: the saved state {why}; starting over (it is replaced at the first save)", StateWarning, stacklevel=4)
+            warn(f"{state}: the saved state {why}; starting over (it is replaced at the first save)", StateWarning)
         start = resume["scale"] if resume else 0
         t0 = time.perf_counter()
         solver: Solver | None = None
@@ -604,7 +603,7 @@ class Optimizer:
                         try:
                             solver.load(state / "solver")  # type: ignore[operator]
                         except (OSError, ValueError, KeyError) as exc:  # damaged (a power cut after the rename): start over
-                            warnings.warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning, stacklevel=4)
+                            warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning)
                             shutil.rmtree(state, ignore_errors=True)
                             raise _StartOver from None
                     objective = _Objective(self.net, target, opts.weights, plan, on_tile)

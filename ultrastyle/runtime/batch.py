@@ -25,7 +25,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +51,7 @@ from ultrastyle.runtime.decode import Decoded, decode, read_plan, warn_read_whol
 from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
 from ultrastyle.core.color import MODES as COLOR_MODES, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
+from ultrastyle.errors import warn
 from ultrastyle.core.styles import Regions, Style, Target, unsampled_labels
 from ultrastyle.runtime.tiled import (
     TileCallback, canvas_to_image, plan_image_for, style_statistics_tiled, stylize_tiled,
@@ -257,9 +257,9 @@ class StyleBook:
         if lost := unsampled_labels(labels, [self.model.arch.grid(k) for k in self.options.levels], present):
             stages = ", ".join(map(str, self.options.levels))
             shown = ", ".join(str(c[0] if len(c) == 1 else c) for c in (colours[i] for i in lost))
-            warnings.warn(f"{mask}: the region(s) of colour {shown} are smaller than one feature pixel of stage(s) {stages} at "
+            warn(f"{mask}: the region(s) of colour {shown} are smaller than one feature pixel of stage(s) {stages} at "
                           f"{labels.shape[1]}x{labels.shape[0]}, so their style is not applied; paint them larger, or run finer stages "
-                          "(levels)", UnusedStyleWarning, stacklevel=2)  # fmt: skip
+                          "(levels)", UnusedStyleWarning)  # fmt: skip
 
     def labels(self, src: Source, styles: int) -> np.ndarray:
         """The mask's label map, read once per file version; its label count must equal the number of styles."""

@@ -7,7 +7,6 @@ A read whole holds the decoded image (and its resized float copies); a streamed 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from ultrastyle.core.canvas import Canvas, CanvasSite, canvas_from_array, sample_peak
 from ultrastyle.core.resample import resized_size
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.io.images import ImageError, array_to_tensor, pixel_count, resize_long_side
 from ultrastyle.io.sources import ImageInput, Source, image_header, read_source
 from ultrastyle.io.stream import ArrayStream, ImageStream, band_rows, open_array_stream, open_stream, stream_blocker
@@ -162,7 +161,7 @@ def warn_read_whole(src: Source, options: ReadOptions, plan: tuple[bool, int, st
         size = f"{plan[1] / 2**20:.0f} MiB"
         why = (f"{size}, above the {options.io_allowance / 2**20:.0f} MiB allowance for decoded images" if plan[1] > options.io_allowance
                else f"{size}; streaming was asked for")  # streaming="always"
-        warnings.warn(f"{src}: read whole ({why}): {plan[2]}", ReadWholeWarning, stacklevel=3)
+        warn(f"{src}: read whole ({why}): {plan[2]}", ReadWholeWarning)
 
 
 class ReadWholeWarning(UserWarning):

@@ -6,7 +6,6 @@ would replace an input; `BatchSummary` says what was done, skipped or failed (`r
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ultrastyle.core.styles import mix_weights
-from ultrastyle.errors import Remedies, Setting, remedied
+from ultrastyle.errors import Remedies, Setting, remedied, warn
 from ultrastyle.io.sources import Source
 
 
@@ -178,8 +177,8 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
     for c in contents:
         (left if isinstance(c, Path) and c.resolve() in planned else kept).append(c)
     if left:
-        warnings.warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
-                      f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning, stacklevel=2)  # fmt: skip
+        warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
+                      f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning)  # fmt: skip
     pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
     inputs = {p.resolve(): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
     seen: dict[Path, Pair] = {}

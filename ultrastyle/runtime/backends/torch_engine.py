@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrastyle.core.transforms import apply_affine
-from ultrastyle.errors import RunnerError
+from ultrastyle.errors import RunnerError, warn
 from ultrastyle.models.networks import Decoder, reflect_pad
 from ultrastyle.models.pretrained import StyleModel
 
@@ -202,10 +201,9 @@ class StageEngine:
         if shape not in seen and len(seen) >= self.max_shapes:
             if name not in self._warned:
                 self._warned.add(name)
-                warnings.warn(
+                warn(
                     f"{name}: more than max_shapes={self.max_shapes} input shapes; new shapes run uncompiled "
-                    "(uniform tiles keep the shapes few)",
-                    stacklevel=3,
+                    "(uniform tiles keep the shapes few)"
                 )
             return eager(x, *args)
         seen.add(shape)
