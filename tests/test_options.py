@@ -264,3 +264,18 @@ def test_a_halo_without_tiles_is_refused_rather_than_dropped():
     fixed = make_options(DEFAULTS, max_memory=None, tile=64, halo=8).tiling  # tiles of a fixed side, approximate: as asked
     assert (fixed.max_memory, fixed.tile, fixed.halo) == (None, 64, 8)
     assert make_options(DEFAULTS, max_memory=None, halo="exact").tiling.halo is None
+
+
+def test_named_choices_take_any_case_from_python_as_the_command_line_does():
+    from ultrastyle.calibration.quantize import CalibrationSettings
+    from ultrastyle.runtime.backends.select import check_runner_options
+
+    o = make_options(DEFAULTS, method="AdaIN", preserve_color="LUMINANCE", streaming="Never", tiff_layout="Plain", dzi_tiles="JPG")
+    assert (o.method, o.preserve_color, o.streaming, o.pyramid.tiff_layout, o.pyramid.dzi_tile_format) == (
+        "adain", "luminance", "never", "plain", "jpg")  # fmt: skip
+    assert check_runner_options(backend="ONNXRuntime", device="CUDA:1", precision="FP16") == ("onnxruntime", "cuda:1", "fp16")
+    s = CalibrationSettings(method="MinMax", keep_float="Ends", activations="UINT8")
+    assert (s.method, s.keep_float, s.activations) == ("minmax", "ends", "uint8")
+    assert make_optimize_options(solver="LBFGS", init="Noise").solver == "lbfgs"
+    with pytest.raises(OptionError, match="expected one of minmax, entropy, percentile, got 'min max'"):
+        CalibrationSettings(method="min max")

@@ -243,7 +243,7 @@ class Stylizer:
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
     ) -> None:
-        check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
+        backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
         model = model_source(model)
         self.model = str(model)
         defaults = model_defaults(model)
@@ -502,7 +502,8 @@ class ClusterStylizer(Stylizer):
         from ultrastyle.distributed.pool import WorkerPool
 
         del on_message, progress  # as `Stylizer` takes them; the workers open the model quietly
-        check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)  # before Ray starts
+        backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile,
+                                                          threads=threads)  # before Ray starts  # fmt: skip
         model = model_source(model)
         self.model = str(model)
         defaults = model_defaults(model)

@@ -82,10 +82,10 @@ def thread_count(option: str, value: object) -> int:
 
 
 def device(option: str, value: object) -> str:
-    """``device``: ``cpu``, ``cuda`` or ``cuda:N`` (whether that device exists is the runner's to say)."""
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+    """``device``: ``cpu``, ``cuda`` or ``cuda:N`` in any case, as lower case (whether that device exists is the runner's to say)."""
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value.lower()):
         raise OptionError(option, f"expected cpu, cuda or cuda:N, got {value!r}; give one of them")
-    return value
+    return value.lower()
 
 
 def image_size(option: str, value: object, *, none: str | None = None) -> int | None:
@@ -225,10 +225,11 @@ def scratch_folder(option: str, value: str | os.PathLike | None) -> Path | None:
 
 
 def choice(option: str, value: object, choices: Collection[str]) -> str:
-    """One of ``choices``, exactly as spelt there."""
-    if not isinstance(value, str) or value not in choices:
+    """One of ``choices`` in any case, spelt as there (the command line takes any case too: ``MinMax`` is ``minmax``)."""
+    spelt = {c.casefold(): c for c in choices}.get(value.casefold()) if isinstance(value, str) else None
+    if spelt is None:
         raise OptionError(option, f"expected one of {', '.join(choices)}, got {value!r}; give one of them")
-    return value
+    return spelt
 
 
 def format_choice(option: str, value: object, formats: Collection[str]) -> str:

@@ -121,15 +121,15 @@ class CalibrationSettings:
     images: list[str] = field(default_factory=list)  # file names, for the record
 
     def __post_init__(self) -> None:  # `OptionError` (a ValueError) naming the keyword
-        check.choice("method", self.method, METHODS)
+        object.__setattr__(self, "method", check.choice("method", self.method, METHODS))  # any case, as the command line
         if not isinstance(self.per_channel, bool):
             raise OptionError("per_channel", f"expected True or False, got {self.per_channel!r}")
         check.count("samples", self.samples, least=1)
         check.count("tile", self.tile, least=MIN_TILE, what="pixels (the tile side)")
         check.count("image_size", self.image_size, least=MIN_IMAGE_SIZE, what="pixels (the images' long side)")
         check.count("seed", self.seed)
-        check.choice("keep_float", self.keep_float, KEEP_FLOAT)
-        check.choice("activations", self.activations, ACTIVATIONS)
+        object.__setattr__(self, "keep_float", check.choice("keep_float", self.keep_float, KEEP_FLOAT))
+        object.__setattr__(self, "activations", check.choice("activations", self.activations, ACTIVATIONS))
         if check.number("percentile", self.percentile, above=50, example=DEFAULT_PERCENTILE) > 100:
             raise OptionError("percentile", f"expected a number in (50, 100], got {self.percentile}; give e.g. {DEFAULT_PERCENTILE}")
 

@@ -92,8 +92,8 @@ class StylizeOptions:
     streaming: str = "auto"
 
     def __post_init__(self) -> None:  # `api.make_options` checks every value; this guards direct construction, by its rules
-        check.choice("preserve_color", self.preserve_color, COLOR_MODES)
-        check.choice("streaming", self.streaming, STREAMING)
+        object.__setattr__(self, "preserve_color", check.choice("preserve_color", self.preserve_color, COLOR_MODES))
+        object.__setattr__(self, "streaming", check.choice("streaming", self.streaming, STREAMING))
         if check.count("png_level", self.png_level) > 9:
             raise OptionError("png_level", f"expected a zlib level 0..9, got {self.png_level}; give 0 (fastest) to 9 (smallest)")
 

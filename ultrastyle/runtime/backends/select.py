@@ -164,7 +164,7 @@ def resolve_backend(
     backend: str, device: str, source: str | Path | None = None, stages: tuple[int, ...] = STAGES, precision: str = "fp32"
 ) -> str:
     """``auto`` -> a concrete backend for ``device`` (TensorRT when ``source`` has fresh engines here)."""
-    check.choice("backend", backend, BACKENDS)
+    backend = check.choice("backend", backend, BACKENDS)
     if backend != "auto":
         return backend
     if precision == "bf16":  # only PyTorch runs bfloat16 networks
@@ -182,14 +182,17 @@ def resolve_backend(
     return "onnxruntime"
 
 
-def check_runner_options(*, backend: str = "auto", device: str = "cpu", precision: str = "fp32", compile: bool = False, threads: int = 0) -> None:
-    """`OptionError` for a value no runner takes (before a model is looked up or opened)."""
-    check.choice("backend", backend, BACKENDS)
-    check.device("device", device)
-    check.choice("precision", precision, PRECISIONS)
+def check_runner_options(
+    *, backend: str = "auto", device: str = "cpu", precision: str = "fp32", compile: bool = False, threads: int = 0
+) -> tuple[str, str, str]:
+    """(backend, device, precision) as spelt here (any case is taken); `OptionError` for a value no runner takes
+    (before a model is looked up or opened)."""
+    backend, device = check.choice("backend", backend, BACKENDS), check.device("device", device)
+    precision = check.choice("precision", precision, PRECISIONS)
     if not isinstance(compile, bool):
         raise OptionError("compile", f"expected True or False, got {compile!r}")
     check.thread_count("threads", threads)
+    return backend, device, precision
 
 
 def require_torch_device(device: str) -> None:
@@ -230,7 +233,7 @@ def open_runner(
     PyTorch (CUDA); bf16 on PyTorch. ``compile``: the PyTorch backend's stage
     networks through ``torch.compile`` (``backend="auto"`` then means torch).
     """
-    check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
+    backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
     if stages is None:
         stages = read_bundle(source, verify=False).stages if is_bundle(source) else check_stages(source, None)
     concrete = "torch" if compile and backend == "auto" else resolve_backend(backend, device, source, stages, precision)
