@@ -708,3 +708,16 @@ def test_library_warnings_name_the_callers_line_however_deep_the_call(tmp_path):
             line = inspect.currentframe().f_lineno + 1
             call(gif, "content")
         assert [(w.category, w.filename, w.lineno) for w in seen] == [(AnimatedImageWarning, __file__, line)]
+
+
+@pytest.mark.parametrize(("array", "advice"), [
+    (np.full((4, 4, 3), 200, np.int64), r"got int64; its samples lie in 200..200: convert it with .astype\(np.uint8\)"),
+    (np.full((4, 4), 3000, np.int64), r"got int64; its samples lie in 3000..3000: convert it with .astype\(np.uint16\)"),
+    (np.full((4, 4), -1, np.int16), r"got int16; its samples lie in -1..-1: scale them to 0..255"),
+    (np.zeros((4, 4), bool), r"got bool; a true/false array is a mask: give it as the mask \(mask=\)"),
+])  # fmt: skip
+def test_integer_and_bool_arrays_are_refused_with_the_conversion_their_range_needs(array, advice):
+    from ultrastyle.io.sources import as_pixels
+
+    with pytest.raises(ultrastyle.ImageError, match=r"content: expected uint8, uint16 or float32 in \[0, 1\] samples, " + advice):
+        as_pixels(array, "content")

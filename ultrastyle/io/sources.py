@@ -87,7 +87,15 @@ def as_pixels(image: np.ndarray | Image.Image, name: str = "image", *, keep_alph
     if a.dtype in (np.float64, np.float16):
         a = a.astype(np.float32)
     if a.dtype not in (np.uint8, np.uint16, np.float32):
-        hint = "; for a PIL image of mode I, convert it to 'I;16' (16-bit) or 'L' (8-bit) to say which" if a.dtype == np.int32 else ""
+        hint = ""
+        if a.dtype == np.int32:
+            hint = "; for a PIL image of mode I, convert it to 'I;16' (16-bit) or 'L' (8-bit) to say which"
+        if a.dtype.kind in "iu" and a.dtype != np.int32:  # the range says which 8 or 16 bits hold; the type alone does not
+            lo, hi = int(a.min()), int(a.max())
+            fits = "np.uint8" if 0 <= lo and hi <= 255 else "np.uint16" if 0 <= lo and hi <= 65535 else None
+            hint = f"; its samples lie in {lo}..{hi}: " + (f"convert it with .astype({fits})" if fits else "scale them to 0..255 (uint8) or 0..65535 (uint16)")
+        elif a.dtype == np.bool_:
+            hint = "; a true/false array is a mask: give it as the mask (mask=), or .astype(np.uint8) * 255 as a grey image"
         raise ImageError(f"{name}: expected uint8, uint16 or float32 in [0, 1] samples, got {a.dtype}{hint}")
     if a.dtype == np.float32:
         lo, hi = check_float_range(a, name)
