@@ -992,3 +992,38 @@ def test_cli_import_interrupted_says_how_many_files_are_in_and_how_to_finish(run
 def test_import_of_a_folder_that_does_not_exist_is_refused_even_where_unneeded(tmp_path: Path) -> None:
     with pytest.raises(zoo.ZooError, match="is not a directory"):
         zoo.import_local("ultrastyle-wct-64x", tmp_path / "nosuch")  # packaged files: no folder needed, but one was given
+
+
+def test_remove_deletes_the_models_files_and_its_bundles_and_nothing_it_did_not_make(runner: CliRunner, shared_dir: Path) -> None:
+    d = zoo.import_local(NAME, shared_dir / "models" / NAME)
+    size = sum(f.bytes for f in zoo.get_entry(NAME).files)
+    ours = zoo.bundles_dir() / f"{NAME}-0123456789ab"  # as `select.bundle_dir_for` names them
+    (ours / "int8").mkdir(parents=True)
+    (ours / "int8" / "encoder5.onnx").write_bytes(b"x" * 1000)
+    others = [zoo.bundles_dir() / f"{NAME}-extra-0123456789ab", zoo.bundles_dir() / f"{NAME}-0123"]  # another model's; not ours
+    for o in others:
+        o.mkdir()
+    r = runner.invoke(app, ["models", "remove", NAME, "--keep-bundles"])
+    assert r.exit_code == 0 and f"removed {NAME}: 10 files from {d}" in " ".join(r.stdout.split()), r.output
+    assert "kept 1 bundle(s)" in r.stdout and not d.exists() and ours.is_dir() and zoo.install_status(NAME) == "absent"
+    assert zoo.remove(NAME) == zoo.Removed([], [ours], 1000)
+    assert all(o.is_dir() for o in others)
+    r = runner.invoke(app, ["models", "remove", NAME])
+    assert r.exit_code == 0 and "nothing removed" in r.stdout, r.output
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    (d / "notes.txt").write_text("mine")  # a file the cache did not make keeps the folder
+    removed = zoo.remove(NAME)
+    assert removed.freed == size and len(removed.files) == 10 and sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+    r = runner.invoke(app, ["models", "remove", "no-such-model"])
+    assert r.exit_code == 2 and "no-such-model" in r.stderr
+
+
+def test_cli_list_as_json_and_on_a_narrow_terminal_keeps_every_name_whole(runner: CliRunner, shared_dir: Path) -> None:
+    zoo.import_local(NAME, shared_dir / "models" / NAME)
+    rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)}
+    assert set(rows) == set(zoo.entries()) and rows[NAME]["status"] == "installed" and rows["cd-16x-pruned-base"]["status"] == "absent"
+    assert rows[NAME]["bytes"] == zoo.get_entry(NAME).total_bytes and rows[NAME]["path"] == str(zoo.model_dir(NAME))
+    r = runner.invoke(app, ["models", "list"], env={"COLUMNS": "50"})
+    assert r.exit_code == 0, r.output
+    for name, entry in zoo.entries().items():  # the table cut names (ultrastyle-adain-1…) and dropped the source column
+        assert name in r.stdout and "+".join(entry.source_kinds[:1]) in r.stdout

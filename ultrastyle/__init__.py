@@ -6,7 +6,7 @@
         s.stylize(image, "art.jpg", alpha=0.8, output="out.png")
     ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")   # what `ultrastyle stylize` does
     bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")      # `export`; then calibrate, check_tensorrt, build_tensorrt
-    ultrastyle.import_model("cd-wct-16x", "downloads/")           # `models import`; fetch_model, verify_model, list_models
+    ultrastyle.import_model("cd-wct-16x", "downloads/")           # `models import`; fetch_model, verify_model, list_models, remove_model
 
 The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
@@ -57,6 +57,7 @@ _API = {
     "verify_model": "ultrastyle.models.zoo:verify",
     "model_status": "ultrastyle.models.zoo:install_status",
     "list_models": "ultrastyle.models.zoo:entries",
+    "remove_model": "ultrastyle.models.zoo:remove",
 }
 __all__ = ["__version__", *_API]
 

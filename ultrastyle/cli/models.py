@@ -1,7 +1,8 @@
-"""`ultrastyle models ...`: list, fetch, import, verify and locate published models."""
+"""`ultrastyle models ...`: list, fetch, import, verify, locate and remove published models."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from ultrastyle.models import zoo
 from ultrastyle.models.registry import UnknownModelError
 
 app = typer.Typer(
-    help="List, download, import and verify published models.",
+    help="List, download, import, verify and remove published models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -93,37 +94,54 @@ _STATUS_CELLS = {"installed": "[green]yes[/green]", "absent": "no", "incomplete"
                  "outdated": "[yellow]outdated[/yellow]", "damaged": "[red]damaged[/red]"}  # fmt: skip
 
 
+_NARROW = 76  # columns below which the table no longer fits (names and sources cut): one block per model instead
+
+
 @app.command("list")
-def list_models() -> None:
+def list_models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (name, status, files, bytes, stages, sources, path, "
+                                                          "bundles, description) for scripts.")] = False,  # fmt: skip
+) -> None:
     """Show every model in the registry: files, total size, stages, where its files come from, whether installed.
 
     Sources: url (downloaded), package (shipped inside ultrastyle), from:MODEL (the same files as MODEL's).
     """
     with _zoo_errors():
-        # Compact columns so the table fits 80 columns; descriptions follow it, wrapped.
-        table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column("name", no_wrap=True, style="bold")
-        table.add_column("files", justify="right", no_wrap=True)
-        table.add_column("size", justify="right", no_wrap=True)
-        table.add_column("stages", no_wrap=True)
-        table.add_column("source")
-        table.add_column("installed", no_wrap=True)
         statuses = {name: zoo.install_status(name) for name in zoo.entries()}
-        for name, entry in sorted(zoo.entries().items()):
-            table.add_row(
-                name,
-                str(len(entry.files)),
-                _human(entry.total_bytes),
-                _stages(entry.stages),
-                _sources(entry).replace("+", "\n"),
-                _STATUS_CELLS[statuses[name]],
-            )
+        models = sorted(zoo.entries().items())
+        if as_json:
+            rows = [{"name": name, "status": statuses[name], "files": len(e.files), "bytes": e.total_bytes, "stages": list(e.stages),
+                     "sources": _sources(e).split("+"), "path": str(zoo.model_dir(name)),
+                     "bundles": [str(b) for b in zoo.cached_bundles(name)], "description": e.description}
+                    for name, e in models]  # fmt: skip
+            typer.echo(json.dumps(rows, indent=2))
+            return
         out = _stdout()
-        out.print(table)
+        if out.width < _NARROW:
+            out.print(f"Models (cache: {zoo.home_dir() / 'models'})", markup=False)
+            for name, entry in models:
+                out.print(f"\n[bold]{name}[/bold]  installed: {_STATUS_CELLS[statuses[name]]}")
+                out.print(f"  {len(entry.files)} files, {_human(entry.total_bytes)}, stages {_stages(entry.stages)}, from {_sources(entry)}",
+                          markup=False)  # fmt: skip
+                out.print(f"  {escape(entry.description)}")
+        else:
+            # Compact columns so the table fits 80 columns; descriptions follow it, wrapped.
+            table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left", box=box.SIMPLE_HEAD)
+            table.add_column("name", no_wrap=True, style="bold")
+            table.add_column("files", justify="right", no_wrap=True)
+            table.add_column("size", justify="right", no_wrap=True)
+            table.add_column("stages", no_wrap=True)
+            table.add_column("source")
+            table.add_column("installed", no_wrap=True)
+            for name, entry in models:
+                table.add_row(name, str(len(entry.files)), _human(entry.total_bytes), _stages(entry.stages),
+                              _sources(entry).replace("+", "\n"), _STATUS_CELLS[statuses[name]])  # fmt: skip
+            out.print(table)
         if bad := [n for n, st in sorted(statuses.items()) if st in ("damaged", "incomplete")]:
             out.print(f"{', '.join(bad)}: damaged or half installed; see: ultrastyle models verify", markup=False)
-        for name, entry in sorted(zoo.entries().items()):
-            out.print(f"[bold]{name}[/bold]: {escape(entry.description)}")
+        if out.width >= _NARROW:
+            for name, entry in models:
+                out.print(f"[bold]{name}[/bold]: {escape(entry.description)}")
 
 
 @app.command("fetch")
@@ -235,3 +253,27 @@ def path(name: NameArg) -> None:
             _fail(f"model {name} is {what} in {zoo.model_dir(name)}; run: {swap(zoo.reinstall_text(name), zoo.reinstall(name))}")
         d = zoo.model_dir(name)
     typer.echo(str(d))
+
+
+@app.command("remove")
+def remove(
+    name: NameArg,
+    keep_bundles: Annotated[bool, typer.Option("--keep-bundles", help="Keep the ONNX bundles exported from the model (and the int8 "
+                                                                      "calibrations and TensorRT engines in them).")] = False,  # fmt: skip
+) -> None:
+    """Delete an installed model's files from the cache, and the ONNX bundles exported from it unless --keep-bundles.
+
+    Bundles are exported again on first use; int8 calibrations and TensorRT engines in them must be made again.
+    """
+    with _zoo_errors():
+        removed = zoo.remove(name, bundles=not keep_bundles)
+        fix = swap(zoo.reinstall_text(name), zoo.reinstall(name))
+    if not removed.files and not removed.bundles:
+        typer.echo(f"{name} has nothing in the cache ({zoo.model_dir(name)}); nothing removed")
+        return
+    parts = [f"{len(removed.files)} files from {zoo.model_dir(name)}"] if removed.files else []
+    parts += [f"{len(removed.bundles)} bundle(s) from {zoo.bundles_dir()}"] if removed.bundles else []
+    typer.echo(f"removed {name}: {' and '.join(parts)} ({_human(removed.freed)} freed); to use it again: {fix}")
+    kept = zoo.cached_bundles(name)
+    if kept:
+        typer.echo(f"kept {len(kept)} bundle(s) exported from it in {zoo.bundles_dir()} (ultrastyle models remove {name} deletes them)")

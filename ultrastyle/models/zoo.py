@@ -43,9 +43,12 @@ Getting the files:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -53,7 +56,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ultrastyle.errors import Placeholder, Remedies, Remedy, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
@@ -201,6 +204,18 @@ def home_dir() -> Path:
     return home
 
 
+def bundles_dir() -> Path:
+    """The cache of ONNX bundles exported from models on first use (``NAME-DIGEST``: the digest of the weights exported)."""
+    return home_dir() / "bundles"
+
+
+def cached_bundles(name: str) -> list[Path]:
+    """The cached bundles exported from a model or weights folder called ``name`` (any digest), sorted."""
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+    d = bundles_dir()
+    return sorted(p for p in d.iterdir() if pattern.fullmatch(p.name) and p.is_dir()) if d.is_dir() else []
+
+
 def weights_dir() -> Path:
     """The folder of this project's own weights shipped in the package (``"package"`` sources)."""
     return _WEIGHTS
@@ -308,6 +323,53 @@ def verify(name: str) -> list[str]:
     entry = get_entry(name)
     d = model_dir(name)
     return [p for f in entry.files if (p := _file_problem(entry, f, d / f.name)) is not None]
+
+
+class Removed(NamedTuple):
+    """What `remove` deleted: the model's files, its cached bundles, and the bytes freed by both."""
+
+    files: list[Path]
+    bundles: list[Path]
+    freed: int
+
+
+def remove(name: str, *, bundles: bool = True) -> Removed:
+    """Delete model ``name`` from the cache: its registry's files (its folder too once empty) and, with ``bundles``, the
+    ONNX bundles exported from it, int8 calibrations and TensorRT engines in them included (`cached_bundles`).
+
+    Only files this cache made are deleted: a file of another name in the model's folder keeps the folder, and a
+    symbolic link is unlinked, not followed. Nothing installed: an empty `Removed`. Install it again to use it
+    (`reinstall_text`); bundles are exported again on first use.
+    """
+    entry, d = get_entry(name), model_dir(name)
+    files, freed = [], 0
+    for f in entry.files:
+        path = d / f.name
+        if path.is_dir() and not path.is_symlink():
+            raise ZooError(f"{path}: a folder where a model file goes; move it away, then remove {entry.name} again")
+        try:
+            size = 0 if path.is_symlink() else path.lstat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ZooError(f"cannot delete {path} ({exc.strerror or exc}); nothing else of {entry.name} was deleted after it") from exc
+        files.append(path)
+        freed += size
+    if d.is_dir():
+        _clean_stale_partials(d)  # temp files of dead installs; a live install's keep the folder
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    gone = []
+    for b in cached_bundles(entry.name) if bundles else ():
+        size = sum(p.stat().st_size for p in b.rglob("*") if p.is_file() and not p.is_symlink())
+        try:
+            shutil.rmtree(b)
+        except OSError as exc:
+            raise ZooError(f"cannot delete the cached bundle {b} ({exc.strerror or exc}); its model's files are deleted") from exc
+        gone.append(b)
+        freed += size
+    return Removed(files, gone, freed)
 
 
 # ---------------------------------------------------------------- install folder

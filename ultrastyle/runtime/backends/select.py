@@ -54,7 +54,7 @@ def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) ->
 
 def bundle_dir_for(name: str, files: dict[str, str]) -> Path:
     digest = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()[:12]
-    return zoo.home_dir() / "bundles" / f"{name}-{digest}"
+    return zoo.bundles_dir() / f"{name}-{digest}"  # zoo.cached_bundles finds them by this name
 
 
 def ensure_bundle(
