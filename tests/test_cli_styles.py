@@ -77,7 +77,7 @@ def test_mask_gives_each_region_its_style_and_tiles_match_the_whole_image(invoke
     assert invoke(*args, "-o", tmp_path / "tiled", "--tile", "16").exit_code == 0
     r = invoke(*args, "-o", tmp_path / "whole", "--no-tile")
     assert r.exit_code == 0, r.output
-    name = "c_stylized_s1+s2.png"
+    name = "c_stylized_s1+s2_mask-mask.png"
     tiled, whole = _read(tmp_path / "tiled" / name), _read(tmp_path / "whole" / name)
     assert np.abs(tiled - whole).max() <= 1 / 255
     for s in ("s1", "s2"):
@@ -100,7 +100,7 @@ def test_mask_labels_may_share_a_style_given_twice(invoke, images, tmp_path):
     r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--style", images["s1"], "--mask", images["mask3"], "-o", tmp_path)
     assert r.exit_code == 0, r.output
     (out,) = tmp_path.iterdir()
-    assert out.name == "c_stylized_s1+s2+s1.png"
+    assert out.name == "c_stylized_s1+s2+s1_mask-mask3.png"
 
 
 def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images, tmp_path, monkeypatch):
@@ -118,13 +118,13 @@ def test_mask_of_the_wrong_size_fails_the_pair_naming_both_sizes(invoke, images,
     Image.open(images["c"]).crop((0, 0, W - 2, H)).save(small)
     r = invoke(images["c"], small, "--style", images["s1"], "--style", images["s2"], "--mask", images["mask_small"], "-o", tmp_path / "b")
     assert r.exit_code == 1 and f"the mask is {W - 2}x{H} but the content is {W}x{H}" in r.output
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["small_stylized_s1+s2.png"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["small_stylized_s1+s2_mask-mask_small.png"]
 
 
 def test_mask_follows_a_resized_content(invoke, images, tmp_path):
     r = invoke(images["c"], "--style", images["s1"], "--style", images["s2"], "--mask", images["mask"], "--content-size", "96", "-o", tmp_path)
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "c_stylized_s1+s2.png").size == (96, 80)
+    assert Image.open(tmp_path / "c_stylized_s1+s2_mask-mask.png").size == (96, 80)
 
 
 # Chroma tolerance of --preserve-color luminance, in [0, 1] units, where the
@@ -252,7 +252,7 @@ def test_the_cli_decodes_a_mask_once_for_its_early_check_and_its_batch(cd16x_dir
     Image.fromarray(a).save(tmp_path / "m.png")
     r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s1.png"), "-s", str(tmp_path / "s2.png"),
                                  "--mask", str(tmp_path / "m.png"), "-o", str(tmp_path / "out"), "--model", str(cd16x_dir)])  # fmt: skip
-    assert r.exit_code == 0 and (tmp_path / "out" / "c_stylized_s1+s2.png").is_file(), r.output
+    assert r.exit_code == 0 and (tmp_path / "out" / "c_stylized_s1+s2_mask-m.png").is_file(), r.output
     assert decoded == [tmp_path / "m.png"] and masks._kept.get() is None  # once; nothing kept after the command
     masks.read_labels(tmp_path / "m.png")
     masks.read_labels(tmp_path / "m.png")

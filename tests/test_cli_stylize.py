@@ -538,17 +538,21 @@ def test_a_rerun_into_the_contents_folder_does_not_stylize_its_own_outputs(invok
     assert sorted(p.name for p in d.iterdir()) == ["c1.png", "c1_stylized_s1.png"]
 
 
-def test_an_output_that_would_replace_the_mask_is_refused_before_any_work(invoke, images, tmp_path) -> None:
+def test_masked_outputs_are_named_by_their_mask_so_other_masks_neither_replace_them_nor_the_mask(invoke, images, tmp_path) -> None:
     d = tmp_path / "d"
     d.mkdir()
-    mask = d / "c1_stylized_s1+s2.png"  # the name c1's masked output takes
     labels = np.zeros(SIZES["c1"][::-1], np.uint8)
     labels[:, : SIZES["c1"][0] // 2] = 255
-    Image.fromarray(labels).save(mask)
-    before = mask.read_bytes()
-    r = invoke(images["c1"], "--style", images["s1"], "--style", images["s2"], "--mask", mask, "-o", d)
-    assert r.exit_code == 2 and "an input of this batch" in " ".join(r.output.split()), r.output
-    assert mask.read_bytes() == before
+    masks = [d / "c1_stylized_s1+s2.png", d / "right.png"]  # the first: the name c1's masked output took without its mask
+    Image.fromarray(labels).save(masks[0])
+    Image.fromarray(255 - labels).save(masks[1])
+    before = [m.read_bytes() for m in masks]
+    for mask in masks:
+        r = invoke(images["c1"], "--style", images["s1"], "--style", images["s2"], "--mask", mask, "-o", d, "--skip-existing")
+        assert r.exit_code == 0 and "1 done" in r.output, r.output
+    assert [m.read_bytes() for m in masks] == before
+    assert sorted(p.name for p in d.iterdir()) == ["c1_stylized_s1+s2.png", "c1_stylized_s1+s2_mask-c1_stylized_s1+s2.png",
+                                                   "c1_stylized_s1+s2_mask-right.png", "right.png"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- a user's review: what a newcomer tries

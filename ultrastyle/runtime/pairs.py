@@ -47,7 +47,8 @@ class StyleSpec:
         """The part of output file names that names the style."""
         if self.weights is not None:
             return "+".join(f"{p.stem}@{w:.3g}" for p, w in zip(self.paths, self.weights))
-        return "+".join(p.stem for p in self.paths)
+        # The mask too: runs of one content and styles with other masks must not replace (or skip) each other's output.
+        return "+".join(p.stem for p in self.paths) + (f"_mask-{self.mask.stem}" if self.mask is not None else "")
 
     def __str__(self) -> str:
         if self.weights is not None:
