@@ -375,7 +375,8 @@ class Stylizer:
         on_tile: TileCallback | None = None,
         **settings: Any,
     ) -> np.ndarray:
-        """Stylize one content image; returns (H, W, 3) uint8 (uint16 with ``depth=16``).
+        """Stylize one content image; returns (H, W, 3) uint8 (uint16 with ``depth=16``), held beside ``max_memory``
+        (3 or 6 bytes a pixel, which the budget does not count: it is the caller's; `stylize_batch` writes files instead).
 
         ``content``, ``style``: paths, (H, W, 3) arrays (uint8, uint16 or
         float32 in [0, 1]) or PIL images. ``mix``: ``[(style, weight), ...]``
