@@ -318,3 +318,28 @@ def test_cli_onnxruntime_backend_matches_torch_backend(shared_dir, cd16x_dir, tm
         assert r.exit_code == 0, r.output
         outs[backend] = np.asarray(Image.open(tmp_path / backend / "c_stylized_cd_style_in3.png"), np.int16)
     assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1
+
+
+def test_cuda_n_reaches_the_onnxruntime_cuda_provider_and_the_command_line(bundle, monkeypatch, tmp_path):
+    import ultrastyle.runtime.backends.onnxruntime_backend as ort_backend
+    import ultrastyle.runtime.backends.select as select
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_backend, "providers_for", lambda device: cuda if device.startswith("cuda") else ["CPUExecutionProvider"])
+    made = {}
+    monkeypatch.setattr(ort_backend, "OnnxRuntimeRunner", lambda bundle, **kw: made.update(kw) or "runner")
+    assert select.open_runner(bundle.path, backend="onnxruntime", device="CUDA:1") == "runner"
+    assert made["providers"] == cuda and made["device_id"] == 1  # the GPU asked for, not the provider's first
+    runner = OnnxRuntimeRunner(bundle, providers=cuda, device_id=1)
+    runner.activate_impl()  # session options only: no session is made
+    assert runner._provider_options == [{"arena_extend_strategy": "kSameAsRequested", "device_id": "1"}, {}]
+    monkeypatch.undo()
+    r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s.png"), "--device", "gpu"])
+    assert r.exit_code == 2 and "expected cpu, cuda or cuda:N, got 'gpu'" in " ".join(r.output.split()), r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(app, ["stylize", str(tmp_path / "c.png"), "-s", str(tmp_path / "s.png"), "--device", "cuda:1"])
+        assert r.exit_code == 2 and "--device cuda:1: no CUDA device is available to PyTorch here" in r.output, r.output
+    with pytest.raises(OptionError, match="expected cpu or cuda on a Ray pool"):
+        import ultrastyle
+
+        ultrastyle.api.ClusterStylizer("cd-wct-16x", address="127.0.0.1:1", device="cuda:1")

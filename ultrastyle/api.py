@@ -505,6 +505,8 @@ class ClusterStylizer(Stylizer):
         del on_message, progress  # as `Stylizer` takes them; the workers open the model quietly
         backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile,
                                                           threads=threads)  # before Ray starts  # fmt: skip
+        if device.startswith("cuda:"):  # an actor sees only the GPU Ray gives it, as its cuda:0
+            raise OptionError("device", f"expected cpu or cuda on a Ray pool (each worker runs on the GPU Ray assigns it), got {device!r}")
         model = model_source(model)
         self.model = str(model)
         defaults = model_defaults(model)

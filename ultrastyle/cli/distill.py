@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli import params
 from ultrastyle.cli.logs import LogLines
 from ultrastyle.cli.remedies import as_command
 from ultrastyle.core.arch import parse_levels
@@ -46,11 +47,6 @@ class Kd(str, Enum):
 class Prune(str, Enum):
     l1 = "l1"
     fit = "fit"
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _err(message: str) -> None:
@@ -223,7 +219,7 @@ LogOpt = Annotated[Optional[int], typer.Option("--log-every", help="Steps per CS
 ValOpt = Annotated[Optional[int], typer.Option("--val-every", help="Steps between validations; 0: at checkpoints", show_default="0")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Data loader worker processes", show_default="2")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of the crops (and of a random init)", show_default="0")]
-DeviceOpt = Annotated[Optional[Device], typer.Option(case_sensitive=False, help="Where to train", show_default="cpu")]
+DeviceOpt = Annotated[Optional[str], typer.Option(metavar=params.DEVICE_METAVAR, parser=params.device, help="Where to train: the CPU, or a CUDA GPU (cuda:N: the N-th)", show_default="cpu")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="PyTorch threads; 0: PyTorch's default", show_default="0")]
 PixelOpt = Annotated[Optional[float], typer.Option("--pixel-weight", help="WCT mode: weight of the pixel loss (CD's 1; the 64x students used 1e3-1e4, +0.5 to +2.2 dB reconstruction PSNR, docs/training.md)", show_default="1")]
 PercOpt = Annotated[Optional[float], typer.Option("--perceptual-weight", help="WCT mode: weight of the perceptual loss", show_default="1")]

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ultrastyle.cli import params
 from ultrastyle.cli.logs import LogLines, warning_lines
 from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, given_flags, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
@@ -34,11 +35,6 @@ class Init(str, Enum):
 
 
 SolverName = Enum("SolverName", {s: s for s in SOLVERS}, type=str)
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Format(str, Enum):
@@ -99,7 +95,7 @@ def optimize_command(
     save_every: Annotated[int, typer.Option(min=0, help="Save the state every K iterations (and after each scale); a rerun of the same command resumes from it. 0: only after each scale.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of --init noise.")] = 0,
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name or folder of CD weights: its deepest encoder is the loss network (WCT init uses the whole model).")] = DEFAULT_MODEL,
-    device: Annotated[Device, typer.Option(case_sensitive=False, help="Where the loss network runs.")] = Device.cpu,
+    device: Annotated[str, typer.Option(metavar=params.DEVICE_METAVAR, parser=params.device, help="Where the loss network runs: the CPU, or a CUDA GPU (cuda:N: the N-th).")] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists, unless an interrupted run of it saved a state: that is resumed.")] = False,
@@ -141,13 +137,9 @@ def optimize_command(
     except ImageError as exc:
         _err(as_command(exc))
         raise typer.Exit(2) from None
-    import torch
-
-    if device is Device.cuda and not torch.cuda.is_available():
-        _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
-        raise typer.Exit(2)
+    params.require_cuda(device)
     try:
-        optimizer = Optimizer(model, device=device.value, threads=threads)
+        optimizer = Optimizer(model, device=device, threads=threads)
     except OptionError as exc:  # --threads beyond the cores
         raise bad_parameter(exc) from None
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from ultrastyle.cli import params
 from ultrastyle.cli.logs import warning_lines
 from ultrastyle.cli.remedies import as_command, bad_parameter, given_flags, swap
 
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
 class Method(str, Enum):
     wct = "wct"
     adain = "adain"
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Backend(str, Enum):
@@ -209,7 +205,7 @@ def stylize_command(
     levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = DEFAULT_STYLE_SIZE,
-    device: Annotated[Device, typer.Option(case_sensitive=False, help="Where the networks run.")] = Device.cpu,
+    device: Annotated[str, typer.Option(metavar=params.DEVICE_METAVAR, parser=params.device, help="Where the networks run: the CPU, or a CUDA GPU (cuda:N: the N-th).")] = "cpu",
     backend: Annotated[Backend, typer.Option(case_sensitive=False, help="auto: TensorRT where this GPU has fresh engines (ultrastyle build), else ONNX Runtime; tensorrt: builds missing engines on first use; torch: the PyTorch reference.")] = Backend.auto,
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="fp32; int8 (the Q/DQ graphs from ultrastyle calibrate) on onnxruntime and tensorrt; fp16 on tensorrt, and on torch with --device cuda; bf16 on torch. Statistics and the style fit stay float64.")] = Precision.fp32,
     compile_: Annotated[bool, typer.Option("--compile", help="torch backend: compile the stage networks with torch.compile (Inductor; the first run of each tile shape compiles, cached on disk after).")] = False,
@@ -281,13 +277,8 @@ def stylize_command(
         options = make_options(defaults, **settings)  # every bad value, before the model is opened
     except OptionError as exc:
         raise _bad_option(exc) from None
-    if device is Device.cuda and backend is not Backend.tensorrt and ray is None:  # TensorRT needs no CUDA build of PyTorch; the
-        # workers of a Ray cluster run on its GPU nodes (the pool says when it has none)
-        import torch
-
-        if not torch.cuda.is_available():
-            _err("--device cuda: no CUDA device is available to PyTorch here; use --device cpu")
-            raise typer.Exit(2)
+    if backend is not Backend.tensorrt and ray is None:  # TensorRT needs no CUDA build of PyTorch; the workers of a Ray
+        params.require_cuda(device)  # cluster run on its GPU nodes (the pool says when it has none)
     try:
         no_empty_path("contents", content)
         no_empty_path("styles", style or [])
@@ -323,7 +314,7 @@ def stylize_command(
         except ImageError as exc:
             _err(as_command(exc, flags=_FLAGS))
             raise typer.Exit(2) from None
-    if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device.value == "cpu":
+    if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
     console = Console(stderr=True, highlight=False)
     if distribute_tiles and ray is None:
@@ -340,7 +331,7 @@ def stylize_command(
     try:
         opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles, workers=workers)
         stylizer = opener(
-            model, backend=backend.value, device=device.value, precision=precision.value, threads=threads, compile=compile_,
+            model, backend=backend.value, device=device, precision=precision.value, threads=threads, compile=compile_,
             levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError, ClusterError) as exc:

@@ -130,8 +130,10 @@ class OnnxRuntimeRunner(Runner):
         precision: str = "fp32",
         spinning: bool = False,
         stages: tuple[int, ...] | None = None,
+        device_id: int = 0,
     ) -> None:
-        """``stages``: the stages it runs (default: every stage of the bundle; a bundle may hold more)."""
+        """``stages``: the stages it runs (default: every stage of the bundle; a bundle may hold more). ``device_id``:
+        the GPU of the CUDA provider (``cuda:N``)."""
         if arena not in ("shared", "shrink", "off"):
             raise RunnerError(f"arena must be 'shared', 'shrink' (after every run) or 'off', got {arena!r}")
         if precision not in PRECISIONS:
@@ -161,6 +163,7 @@ class OnnxRuntimeRunner(Runner):
                     f"calibrate those stages too ({fix.python()}), or run only stages {calibrated}"
                 ), fix)  # fmt: skip
         self.providers = providers or providers_for("cpu")
+        self.device_id = device_id
         self.threads = threads
         self.io_binding = io_binding and self.providers[0] == "CPUExecutionProvider"
         self._sessions: dict = {}
@@ -214,7 +217,8 @@ class OnnxRuntimeRunner(Runner):
         if self.arena == "shrink":  # hand unused arena chunks back after every run
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._provider_options = [
-            {"arena_extend_strategy": "kSameAsRequested"} if p == "CUDAExecutionProvider" else {} for p in self.providers
+            {"arena_extend_strategy": "kSameAsRequested", "device_id": str(self.device_id)} if p == "CUDAExecutionProvider" else {}
+            for p in self.providers
         ]
 
     def deactivate_impl(self) -> None:

@@ -267,7 +267,8 @@ def open_runner(
     providers = providers_for(device)
 
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
-    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages)
+    device_id = int(device.partition(":")[2] or 0)  # cuda:N: the CUDA provider's GPU N (else its first, whatever was asked)
+    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages, device_id=device_id)
 
 
 def _open_tensorrt(
