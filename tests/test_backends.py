@@ -343,3 +343,8 @@ def test_cuda_n_reaches_the_onnxruntime_cuda_provider_and_the_command_line(bundl
         import ultrastyle
 
         ultrastyle.api.ClusterStylizer("cd-wct-16x", address="127.0.0.1:1", device="cuda:1")
+
+
+def test_tensorrt_refuses_a_gpu_other_than_the_first_visible_before_anything_loads():
+    with pytest.raises(RunnerError, match="runs on the first visible GPU, not cuda:2; choose the GPU with CUDA_VISIBLE_DEVICES=2"):
+        open_runner("cd-wct-16x", backend="tensorrt", device="cuda:2")

@@ -250,6 +250,9 @@ def open_runner(
             + ", or precision='fp32'"
         ), Setting("precision", "fp32"))
     if concrete == "tensorrt":
+        if device.partition(":")[2] not in ("", "0"):  # its engines and buffers live on the current CUDA device
+            raise remedied(RunnerError(f"the tensorrt backend runs on the first visible GPU, not {device}; choose the GPU with "
+                                       f"CUDA_VISIBLE_DEVICES={device.partition(':')[2]} and device='cuda'"), Setting("device", "cuda"))  # fmt: skip
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
     if concrete == "torch":
         if is_bundle(source):
