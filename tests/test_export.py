@@ -340,6 +340,27 @@ def test_an_edited_manifest_is_a_bundle_error_not_a_traceback(bundle, tmp_path, 
         read_bundle(dst)
 
 
+def test_export_over_a_calibrated_or_built_bundle_needs_force(bundle, tmp_path):
+    from ultrastyle.cli.remedies import as_command
+    from ultrastyle.export.bundle import BundleTargetError, check_bundle_target
+
+    dst = _copy(bundle, tmp_path)
+    (dst / "encoder1.int8.onnx").write_bytes((dst / "encoder1.onnx").read_bytes())
+    (dst / "decoder_affine1.int8.onnx").write_bytes((dst / "decoder_affine1.onnx").read_bytes())
+    with pytest.raises(BundleTargetError, match=r"holding 2 int8 graphs, which exporting over it would delete") as info:
+        check_bundle_target(dst)  # a re-export deleted the calibration without a word
+    assert "(force=True)" in str(info.value) and "(--force)" in as_command(info.value)
+    (dst / "engines").mkdir()
+    (dst / "engines" / "x.plan").write_bytes(b"\0")
+    with pytest.raises(BundleTargetError, match=r"holding 2 int8 graphs and TensorRT engines"):
+        check_bundle_target(dst)
+    check_bundle_target(dst, force=True)
+    for p in dst.glob("*.int8.onnx"):
+        p.unlink()
+    (dst / "engines" / "x.plan").unlink()
+    check_bundle_target(dst)  # an empty engines folder is nothing to lose
+
+
 def test_export_over_a_bundle_keeps_files_that_are_not_the_bundles_and_a_read_only_one_leaves_nothing(bundle, tmp_path):
     from ultrastyle.export.bundle import BundleTargetError, check_bundle_target
 

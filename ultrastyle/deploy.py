@@ -48,13 +48,14 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     aux: bool = False,
     on_network: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> Bundle:
     """A zoo model or weights folder's stage networks as a validated ONNX bundle in ``output`` (`ultrastyle export`).
 
     ``stages`` None: every stage the model has. ``aux``: also the encoders with
     their Q_k embeddings as outputs (training bundles). ``output`` must be new,
-    empty or a bundle (replaced whole); anything else is refused before the
-    model loads. The manifest records the source weights' sha256.
+    empty or a bundle (replaced whole; one holding int8 graphs or TensorRT engines only with ``force``); anything
+    else is refused before the model loads. The manifest records the source weights' sha256.
     """
     from ultrastyle.models.pretrained import load_model
     from ultrastyle.models.sources import model_stages
@@ -66,13 +67,14 @@ def export_model(
                                    f"give e.g. {DEFAULT_OPSET}")  # fmt: skip
     opset = int(opset)  # a numpy integer would not go into the manifest's JSON
     chosen = _stages(stages)
-    check_bundle_target(output)
+    check_bundle_target(output, force=force)
     if chosen is not None and (missing := sorted(set(chosen) - set(have := model_stages(model)))):  # before anything is downloaded
         raise OptionError("stages", f"{model} has no stage(s) {missing}; it has {list(have)}: choose among them")
     net = load_model(model, stages=chosen, aux=aux)
     _, files = weights_digest(model, net.stages)
     kinds = ExportSpec().kinds + (("encoder_aux",) if aux else ())
-    return export_bundle(net, output, spec=ExportSpec(opset=opset, stages=net.stages, kinds=kinds), source_weights=files, on_network=on_network)
+    return export_bundle(net, output, spec=ExportSpec(opset=opset, stages=net.stages, kinds=kinds), source_weights=files, on_network=on_network,
+                         force=force)  # fmt: skip
 
 
 def calibration_settings(**settings: Any) -> CalibrationSettings:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ultrastyle._version import __version__
-from ultrastyle.errors import Placeholder, Remedy, remedied
+from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.io.atomic import atomic_dir, sweep_stale, writer_pid
 from ultrastyle.models.pretrained import StyleModel
@@ -67,8 +67,9 @@ class BundleTargetError(BundleError):
     """An output folder that cannot take a bundle (it holds something else, or a file stands in its path)."""
 
 
-def check_bundle_target(out_dir: str | Path) -> None:
-    """`BundleTargetError` unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced)."""
+def check_bundle_target(out_dir: str | Path, *, force: bool = False) -> None:
+    """`BundleTargetError` unless ``out_dir`` can take a bundle: absent, an empty folder, or a bundle (replaced); one
+    holding int8 graphs or TensorRT engines (work that takes minutes to redo) only with ``force``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (_manifest_format(out_dir) == BUNDLE_FORMAT or _damaged_bundle(out_dir)
                                  or (out_dir.is_dir() and not any(out_dir.iterdir()))):  # fmt: skip
@@ -78,6 +79,10 @@ def check_bundle_target(out_dir: str | Path) -> None:
         shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
         raise BundleTargetError(f"{out_dir.resolve()} is a bundle that also holds files that are not the bundle's ({shown}), which "
                                 "exporting over it would delete; move them away, or export into a new folder")  # fmt: skip
+    if not force and (work := _derived_work(out_dir)):
+        raise remedied(BundleTargetError(f"{out_dir.resolve()} is a bundle holding {work}, which exporting over it would delete "
+                                         "(calibrating and building make them again); export into a new folder, or replace "
+                                         "them (force=True)"), Setting("force", True))  # fmt: skip
     for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
         if parent.exists():
             if not parent.is_dir():
@@ -93,12 +98,14 @@ def export_bundle(
     source_weights: dict[str, str] | None = None,
     validate: bool = True,
     on_network: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> Bundle:
     """Write ``model``'s stage networks as ONNX graphs plus a manifest into ``out_dir``.
 
     The bundle is assembled in a temporary folder beside ``out_dir`` and renamed
     into place, so a failed export (a validation error, say) leaves nothing.
-    ``source_weights`` maps weight file names to their sha256.
+    ``source_weights`` maps weight file names to their sha256. ``force``: replace a bundle holding int8 graphs or
+    engines (`check_bundle_target`).
     """
     import onnx
 
@@ -110,7 +117,7 @@ def export_bundle(
         raise BundleError(
             f"opset {spec.opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {ExportSpec().opset})"
         )
-    check_bundle_target(out_dir)
+    check_bundle_target(out_dir, force=force)
     missing = [k for k in spec.stages if k not in model.encoders]
     if missing:
         raise BundleError(f"model {model.name} has no stage(s) {missing}; it has {list(model.stages)}")
@@ -286,6 +293,16 @@ def _damaged_bundle(path: Path) -> bool:
         return False
     entries = [p for p in path.iterdir() if p.name != MANIFEST]
     return bool(entries) and all(p.suffix == ".onnx" or p.name == "engines" for p in entries)
+
+
+def _derived_work(path: Path) -> str:
+    """What a bundle folder holds beyond its float graphs: ``"3 int8 graphs and TensorRT engines"``, or ``""``."""
+    if not path.is_dir() or not is_bundle(path):
+        return ""
+    int8 = sum(1 for p in path.glob("*.int8.onnx") if writer_pid(p) is None)
+    engines = (path / "engines").is_dir() and any((path / "engines").iterdir())
+    said = [f"{int8} int8 graph{'s' if int8 > 1 else ''}"] if int8 else []
+    return " and ".join(said + (["TensorRT engines"] if engines else []))
 
 
 def _not_the_bundles(path: Path) -> list[str]:

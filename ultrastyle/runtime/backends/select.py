@@ -93,7 +93,8 @@ def ensure_bundle(
     try:
         if damaged is not None and target.is_dir() and not target.is_symlink():  # the cache's own folder: made again whole
             shutil.rmtree(target)
-        return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files)
+        # force: the cache's own folder, said above to lose its int8 graphs (a damaged one is removed before)
+        return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files, force=True)
     except OSError as exc:  # a read-only ULTRASTYLE_HOME (permissions or a read-only mount): say where, and the ways round it
         if not is_unwritable(exc):
             raise
