@@ -608,3 +608,12 @@ def test_small_pixel_limits_read_in_pixels(invoke, images: dict[str, Path], tmp_
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--max-pixels", "100")
     w, h = SIZES["c1"]
     assert f"{w}x{h} = {w * h} pixels is above the limit of 100 pixels" in " ".join(r.output.split())  # not "0 MP ... 0 MP"
+
+
+def test_the_summary_and_errors_are_one_line_each_when_piped(invoke, images, tmp_path) -> None:
+    out = tmp_path / ("a_long_output_folder_name_" * 4) / "with_a_sub_folder_for_results"  # past 80 columns: it was wrapped mid-word
+    r = invoke(images["c1"], "--style", images["s1"], "-o", out)
+    assert r.exit_code == 0, r.output
+    assert any(line.endswith(f"; outputs in {out}") for line in r.stdout.splitlines()), r.stdout
+    r = invoke(images["c1"], "--style", tmp_path / ("no_such_style_" * 8 + ".jpg"), "-o", out)
+    assert r.exit_code == 1 and any(line.startswith("error: ") and "no_such_style_.jpg" in line for line in r.output.splitlines()), r.output

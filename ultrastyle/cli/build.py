@@ -76,7 +76,7 @@ def build_command(
     from ultrastyle.trt.build import BuildError
     from ultrastyle.trt.env import TensorRTUnavailable
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         with err.status("building TensorRT engines") as status:
             built = build_tensorrt(
@@ -91,7 +91,7 @@ def build_command(
     except (RunnerError, GraphError, BuildError, OSError) as exc:
         _err(as_command(exc))
         raise typer.Exit(1) from None
-    Console(highlight=False).print(
+    Console(highlight=False, soft_wrap=True).print(
         f"{len(built.built)} engine(s) built, {len(built.fresh)} up to date, in {built.folder} ({built.seconds:.0f} s)"
     )
 

@@ -57,7 +57,7 @@ def calibrate_command(
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.options import OptionError, stage_set
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     settings = dict(  # the choices in any case, as every command takes its choices (--method MinMax)
         method=method.lower(), per_channel=per_channel, samples=samples, tile=tile, image_size=image_size, seed=seed,
         keep_float=keep_float.lower(), activations=activations.lower(), percentile=percentile,
@@ -90,7 +90,7 @@ def calibrate_command(
         raise typer.Exit(2 if isinstance(exc, refused) else 1) from None
     done = set(result.manifest["calibration"]["stages"])
     quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8") and e.get("stage") in done]
-    Console(highlight=False).print(
+    Console(highlight=False, soft_wrap=True).print(
         f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
         f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, {activations} activations, float: {keep_float})"
     )

@@ -81,7 +81,7 @@ def _loss_text(losses: dict[str, float]) -> str:
 
 def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file: Path | None, stage_text: str | None, resume: bool) -> None:
     """Resolve and run one job per stage, with a progress bar; exit codes: 1 error, 2 bad settings, 130 Ctrl-C."""
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     file_values: dict[str, Any] = {}
     try:
         if config_file is not None:

@@ -27,7 +27,7 @@ def export_command(
     PyTorch under ONNX Runtime on several input sizes; the manifest records
     the architecture, receptive fields, sha256 of the weights and of each graph.
     """
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     from ultrastyle.options import OptionError, stage_set
 
     try:
@@ -52,7 +52,7 @@ def export_command(
         # An output folder or a model that cannot be used is refused before any work (2); a failed export or validation is 1.
         raise typer.Exit(2 if isinstance(exc, (BundleTargetError, zoo.ZooError, CheckpointError)) else 1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())
-    Console(highlight=False).print(
+    Console(highlight=False, soft_wrap=True).print(
         f"wrote {len(bundle.manifest['networks'])} graphs to {bundle.path} "
         f"(opset {opset}; ONNX Runtime vs PyTorch max abs diff {worst:.2e})"
     )

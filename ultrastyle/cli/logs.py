@@ -54,7 +54,7 @@ def saying_warnings(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         with warnings.catch_warnings():
-            warnings.showwarning = warning_lines(Console(stderr=True, highlight=False))
+            warnings.showwarning = warning_lines(Console(stderr=True, highlight=False, soft_wrap=True))
             command(*args, **kwargs)
 
     return run

@@ -150,11 +150,11 @@ def optimize_command(
             warnings.simplefilter("always")
             optimizer.check(opts)  # before any image: layers the model's loss network lacks
         for w in noted:
-            Console(stderr=True, highlight=False).print(f"warning: {w.message}", style="yellow", markup=False)
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {w.message}", style="yellow", markup=False)
         check_budget(optimizer, opts, pairs)
     except OptionError as exc:
         raise bad_parameter(exc) from None
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     lines = LogLines(console)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
@@ -199,6 +199,6 @@ def optimize_command(
             raise typer.Exit(130) from None
     done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
     where = output if as_file else f"outputs in {output}"
-    Console(highlight=False).print(f"{done} done, {skipped} skipped, {failed} failed of {len(pairs)} images; {where}")
+    Console(highlight=False, soft_wrap=True).print(f"{done} done, {skipped} skipped, {failed} failed of {len(pairs)} images; {where}")
     if failed:
         raise typer.Exit(1)

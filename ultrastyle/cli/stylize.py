@@ -316,7 +316,7 @@ def stylize_command(
             raise typer.Exit(2) from None
     if options.resolved_tiling.max_memory is not None and backend.value == "torch" and device == "cpu":
         use_huge_pages()  # before the first tensor: eager tiles re-fault trimmed pages 2 MB at a time
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     if distribute_tiles and ray is None:
         raise typer.BadParameter("spreads an image over a Ray cluster: give --ray ADDRESS or --ray local too", param_hint="--distribute-tiles")
     if ray is not None and not ray.strip():
@@ -386,14 +386,14 @@ def stylize_command(
             else:
                 said = "the outputs being written were finished" if done else "no output was finished, and nothing partial is left"
             again = f"; rerun with --skip-existing to keep the {done} done" if done else "; an image is stylized whole or not at all"
-            Console(stderr=True, highlight=False).print(f"interrupted: {said}{again}")
-            Console(highlight=False).print(f"{exc.summary.describe()}{opened}; outputs in {output}")
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said}{again}")
+            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; outputs in {output}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
             _err("interrupted before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
-    Console(highlight=False).print(f"{summary.describe()}{opened}; outputs in {output}")
+    Console(highlight=False, soft_wrap=True).print(f"{summary.describe()}{opened}; outputs in {output}")
     if summary.count("failed"):
         raise typer.Exit(1)
