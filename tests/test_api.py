@@ -721,3 +721,20 @@ def test_integer_and_bool_arrays_are_refused_with_the_conversion_their_range_nee
 
     with pytest.raises(ultrastyle.ImageError, match=r"content: expected uint8, uint16 or float32 in \[0, 1\] samples, " + advice):
         as_pixels(array, "content")
+
+
+def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_the_model_opens(installed, small, monkeypatch):
+    import ultrastyle.api
+
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=[5, 4], alpha=0.3, style_size=64) as s:
+        assert s.options().alpha == 0.3 and s.options(alpha=0.9).alpha == 0.9  # a call's own setting wins
+        got = s.stylize(small["c1"], small["s1"])
+        assert np.array_equal(got, s.stylize(small["c1"], small["s1"], alpha=0.3))
+        assert not np.array_equal(got, s.stylize(small["c1"], small["s1"], alpha=0.9))
+    monkeypatch.setattr(ultrastyle.api, "open_runner", lambda *a, **k: pytest.fail("the model opened before its settings were checked"))
+    with pytest.raises(ultrastyle.OptionError, match="did you mean 'alpha'"):
+        ultrastyle.load("cd-wct-16x", alpah=0.8)  # a TypeError before
+    with pytest.raises(ultrastyle.OptionError, match="max_memory"):
+        ultrastyle.load("cd-wct-16x", max_memory="lots")
+    with pytest.raises(ultrastyle.OptionError, match="skip_existing: applies to stylize_batch calls"):
+        ultrastyle.load("cd-wct-16x", skip_existing=True)

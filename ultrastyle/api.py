@@ -219,6 +219,15 @@ def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
     return model.path if isinstance(model, Bundle) else model
 
 
+def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings given at load for every call, checked as a call's are (a typo, a bad value: `OptionError`)."""
+    check_settings(settings, model_keys=())
+    if "skip_existing" in settings:  # a batch's choice, not the model's: stylize() refuses it
+        raise OptionError("skip_existing", "applies to stylize_batch calls; give it there")
+    make_options(defaults, **settings)
+    return dict(settings)
+
+
 class Stylizer:
     """A model opened on one backend and device, for many images; style statistics are cached per style.
 
@@ -227,7 +236,9 @@ class Stylizer:
     ``levels``: the stages to load and run by default (default: the
     model's default levels); calls may run any of them. ``precision`` and
     ``compile`` (half-precision and compiled PyTorch networks): see
-    `runtime.backends.select.open_runner`. Use as a context manager, or call `close`.
+    `runtime.backends.select.open_runner`. ``settings``: defaults of every call (as `make_options`: alpha,
+    max_memory, format, ...; checked here, before the model opens), which a call's own settings override.
+    Use as a context manager, or call `close`.
     """
 
     def __init__(
@@ -242,6 +253,7 @@ class Stylizer:
         levels: Sequence[int] | str | None = None,
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
+        **settings: Any,
     ) -> None:
         backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
         model = model_source(model)
@@ -249,6 +261,7 @@ class Stylizer:
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)  # calls default to the levels loaded
+        self.settings = _call_defaults(self.defaults, settings)
         # Process-wide while open: large tensors reuse freed heap pages (memory.hold_freed_memory; about half the wall
         # time of the PyTorch paths); the last Stylizer closed puts glibc's settings back.
         self._holds_heap = hold_freed_memory()
@@ -331,9 +344,10 @@ class Stylizer:
         self.close()  # deferred while another thread's call runs; that thread's next call opens the networks again
 
     def options(self, **settings: Any) -> StylizeOptions:
-        """`make_options` with this model's defaults, checked against the loaded stages and the budget."""
+        """`make_options` with this model's defaults and the settings given at load (``settings`` over them), checked
+        against the loaded stages and the budget."""
         check_settings(settings)
-        opts = make_options(self.defaults, **settings)
+        opts = make_options(self.defaults, **{**self.settings, **settings})
         missing = sorted(set(opts.levels) - set(self.stages))
         if missing:
             _levels_of(self.model, self.defaults, opts.levels)  # stages the model lacks: say which it has
@@ -499,6 +513,7 @@ class ClusterStylizer(Stylizer):
         levels: Sequence[int] | str | None = None,
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
+        **settings: Any,
     ) -> None:
         from ultrastyle.distributed.pool import WorkerPool
 
@@ -512,6 +527,7 @@ class ClusterStylizer(Stylizer):
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
         self.defaults = replace(defaults, levels=stages)
+        self.settings = _call_defaults(self.defaults, settings)
         self.distribute_tiles = distribute_tiles
         self._books = OrderedDict()
         self._masks = OrderedDict()
