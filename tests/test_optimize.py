@@ -250,6 +250,12 @@ def test_cli_runs_a_batch_past_a_bad_file_and_writes_atomically(cd16x_dir, share
     assert Image.open(out / "a_optimized_cd_style_in3.png").size == (48, 36)
     bad_flag = CliRunner().invoke(app, ["optimize", str(good), "--style", str(good), "--scales", "64,32"])
     assert bad_flag.exit_code == 2 and "--scales" in bad_flag.output
+    # The style as the last argument, as stylize takes it (it was "Missing option '--style'")
+    last = CliRunner().invoke(app, ["optimize", str(good), str(shared_dir / "images/style/cd_style_in3.jpg"), "-o", str(tmp_path / "o2"),
+                                    "--iterations", "0", "--style-size", "48", "--model", str(cd16x_dir)])  # fmt: skip
+    assert last.exit_code == 0 and [p.name for p in (tmp_path / "o2").iterdir()] == ["a_optimized_cd_style_in3.png"], last.output
+    alone = CliRunner().invoke(app, ["optimize", str(good)])
+    assert alone.exit_code == 2 and "give a style image with --style, or as the last" in alone.output
 
 
 def test_cli_takes_an_output_files_format_from_its_suffix_and_refuses_what_cannot_work(cd16x_dir, shared_dir, tmp_path, one_thread):

@@ -75,8 +75,8 @@ def _layer_weights(text: str | None) -> list[float] | None:
 
 def optimize_command(
     ctx: typer.Context,
-    content: Annotated[list[str], typer.Argument(help="Content images: files, folders or globs (quote globs).", show_default=False)],
-    style: Annotated[Path, typer.Option("--style", "-s", help="The style image.", show_default=False)],
+    content: Annotated[list[str], typer.Argument(metavar="CONTENT", help="Content images: files, folders or globs (quote globs). Without --style, the last one is the style.", show_default=False)],
+    style: Annotated[Path | None, typer.Option("--style", "-s", help="The style image.", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Output folder ({content}_optimized_{style}.{ext}), or a file name for one content.")] = "out",
     iterations: Annotated[int, typer.Option(min=0, help="Solver iterations per scale.")] = DEFAULT_ITERATIONS,
     scales: Annotated[str, typer.Option(help="Long sides to optimize at, coarse to fine, each starting from the previous result upsampled, e.g. 512,1024,full.")] = "full",
@@ -114,6 +114,10 @@ def optimize_command(
     from ultrastyle.options import OptionError
     from ultrastyle.runtime.pairs import BatchInterrupted, Pair, PairResult
 
+    if style is None:  # `ultrastyle optimize CONTENT... STYLE`, as stylize takes it
+        if len(content) < 2:
+            raise typer.BadParameter("give a style image with --style, or as the last argument", param_hint="--style")
+        content, style = content[:-1], Path(content[-1])
     as_file = is_file_output(output)
     out_format = _format(output if as_file else None, fmt)
     if no_tile and (clash := [f"--{n.replace('_', '-')}" for n in ("tile", "max_memory", "scratch") if n in given_flags(ctx)]):
