@@ -279,3 +279,11 @@ def test_named_choices_take_any_case_from_python_as_the_command_line_does():
     assert make_optimize_options(solver="LBFGS", init="Noise").solver == "lbfgs"
     with pytest.raises(OptionError, match="expected one of minmax, entropy, percentile, got 'min max'"):
         CalibrationSettings(method="min max")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder that takes no new folders even for root")
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work_even_where_access_says_yes(tmp_path):
+    with pytest.raises(OptionError, match=r"/proc/nope cannot be made: /proc is not writable \("):
+        ultrastyle.options.output_folder("output_dir", "/proc/nope")  # os.access says yes to root: the compute ran first
+    assert ultrastyle.options.output_folder("output_dir", tmp_path / "new" / "out") == tmp_path / "new" / "out"
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing

@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -188,13 +189,24 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     if ancestor is not None and not ancestor.is_dir():
         raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
     where = path if path.exists() else ancestor
+    said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
     if where is not None and not os.access(where, os.W_OK | os.X_OK):  # EROFS too: a read-only mount answers no
-        said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
         raise OptionError(option, f"{said} not writable (permissions or a read-only file system); give a folder you can write")
+    if where is not None and (exc := _write_probe(where)) is not None:  # what os.access cannot tell (root, /proc, some mounts)
+        raise OptionError(option, f"{said} not writable ({exc.strerror or exc}); give a folder you can write")
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
         raise remedied(OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file "
                                            "per content and style); give a folder, and the format separately (format)"), Setting("format"))  # fmt: skip
     return path
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    """Why a folder cannot be made inside ``folder`` (a temporary one, removed at once), or None where it can."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ultrastyle-probe-", dir=folder))
+    except OSError as exc:
+        return exc
+    return None
 
 
 def output_file(output: str | os.PathLike, inputs: Collection[object] = ()) -> Path:
