@@ -290,6 +290,7 @@ def test_fetch_unreachable_mirror_has_offline_hint(closed_port_url: str) -> None
     msg = str(ei.value)
     assert closed_port_url in msg
     assert f"ultrastyle models import {NAME} DIR" in as_command(ei.value)
+    assert re.search(r"copy its 10 file\(s\) \(\w+\.pth, \w+\.pth, \w+\.pth, ...\) from one that has it into a folder DIR here", msg)
     assert _no_partials(zoo.model_dir(NAME)) == []
     assert not any(zoo.model_dir(NAME).iterdir())
 
@@ -300,7 +301,8 @@ def test_fetch_rejects_non_http_mirror(shared_dir: Path, runner: CliRunner) -> N
     assert not zoo.model_dir(NAME).exists()  # refused before any folder is made
     r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", "notaurl"])
     text = " ".join(r.output.replace("│", " ").split())
-    assert r.exit_code == 2 and "Invalid value for --mirror" in text and f"ultrastyle models import {NAME} notaurl" in text, r.output
+    # not a folder either: the fix names a folder to fill, not the bad value (which `import` refused in turn)
+    assert r.exit_code == 2 and "Invalid value for --mirror" in text and f"ultrastyle models import {NAME} DIR" in text, r.output
 
 
 def test_a_local_folder_as_ultrastyle_mirror_is_named_and_does_not_block_what_downloads_nothing(

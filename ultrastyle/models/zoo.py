@@ -161,8 +161,13 @@ class DownloadError(ZooError):
                       "or fetch without the mirror")  # fmt: skip
         else:
             advice = f"Retry, or fetch it from a mirror (ULTRASTYLE_MIRROR=URL, or {via.python()})"
-        super().__init__(f"could not download {url}: {cause}. {advice}. On an offline machine, copy the files there and import them: "
-                         f"{offline.python()}")  # fmt: skip
+        try:
+            names = [f.name for f in get_entry(model).files if f.kind == "url"]
+        except ZooError:
+            names = []
+        files = f"its {len(names)} file(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "its files"
+        super().__init__(f"could not download {url}: {cause}. {advice}. On a machine without internet access, copy {files} from "
+                         f"one that has it into a folder DIR here and import them: {offline.python()}")  # fmt: skip
 
 
 def _import_remedy(model: str) -> Remedy:
@@ -460,7 +465,7 @@ def check_mirror(mirror: str, name: str | None = None, *, given_as: str = "mirro
     if scheme in ("http", "https") and not host:
         raise ZooError(f"{given_as} {mirror!r}: no host; expected an http:// or https:// base URL, e.g. https://host/models")
     if scheme not in ("http", "https"):
-        folder = Placeholder("DIR") if scheme else mirror  # a path: the folder to import from
+        folder = mirror if not scheme and Path(mirror).is_dir() else Placeholder("DIR")  # a folder given: the one to import from
         fix = Remedy("import_model", (name if name else Placeholder("NAME"), folder))
         raise remedied(ZooError(f"{given_as} {mirror!r}: expected an http:// or https:// base URL (files are read from URL/NAME/FILE), "
                                 f"got scheme {scheme or '(none)'!r}; a local copy of the files is installed with {fix.python()}"), fix)  # fmt: skip
@@ -510,7 +515,8 @@ class _Progress:
 
     def task(self, description: str, total: int, verb: str = "downloading") -> Callable[[int], None]:
         if self._lines:
-            sys.stderr.write(f"{verb} {description} ({total / 1e6:.1f} MB)\n")
+            size = f"{total / 1e6:.1f} MB" if total >= 10**5 else f"{total / 1e3:.0f} kB"  # not "0.0 MB"
+            sys.stderr.write(f"{verb} {description} ({size})\n")
         if self._bar is None:
             return lambda n: None
         bar = self._bar
