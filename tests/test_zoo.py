@@ -172,6 +172,8 @@ def test_unknown_model_lists_known_names() -> None:
     msg = str(ei.value)
     assert "cd-wct-99x" in msg and "cd-wct-16x" in msg and "cd-16x-pruned-base" in msg
     assert isinstance(ei.value, zoo.ZooError)
+    with pytest.raises(zoo.UnknownModelError, match="unknown model 'cd-wct16x'; did you mean 'cd-wct-16x'\\? known models"):
+        zoo.get_entry("cd-wct16x")  # a typo, as option typos get
     with pytest.raises(zoo.UnknownModelError):
         zoo.model_dir("../../etc")
 

@@ -51,6 +51,7 @@ unreadable or malformed ``zoo.json`` is a :class:`ZooError` too.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -89,7 +90,9 @@ class UnknownModelError(ZooError):
                 super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
             return
         self.remedy = Remedy("list_models")
-        super().__init__(f"unknown model {name!r}; known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        super().__init__(f"unknown model {name!r}; {guess}known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")
 
 
 @dataclass(frozen=True)
