@@ -558,3 +558,34 @@ def test_a_job_reports_its_set_up_time_apart_from_the_steps(teacher_dir, photos,
     # A user review: a 76 s fit of the start, then "1 steps in 1 s".
     r = distill(_config(teacher_dir, photos, tmp_path / "a", steps=1))
     assert r.setup_seconds > 0 and r.train.seconds >= 0
+
+
+def test_a_folder_whose_images_all_fail_to_decode_is_refused_before_the_run_folder_is_written(teacher_dir, photos, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _truncated_copy(photos / "p0.png", bad / "a.png")  # headers read: only decoding tells
+    (bad / "b.png").write_bytes(b"")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["train-decoder", "--stage", "1", "-e", str(teacher_dir), "--images", str(bad), "-o", str(out),
+                                 "--crop", "16", "--resize", "24", "-b", "2", "--steps", "2", "--workers", "2"])  # fmt: skip
+    assert r.exit_code == 2 and f"--images: no image in {bad} can be read" in " ".join(r.output.split()), r.output
+    assert "a.png: truncated PNG" in r.output and not out.exists()  # a rerun with good photos is not blocked
+    r = CliRunner().invoke(app, ["train-decoder", "--stage", "1", "-e", str(teacher_dir), "--images", str(photos), "-o", str(out),
+                                 "--crop", "16", "--resize", "24", "-b", "2", "--steps", "2", "--workers", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+
+def test_an_error_in_the_loaders_workers_ends_the_command_rather_than_hanging_it(teacher_dir, photos, tmp_path):
+    import subprocess
+    import sys
+
+    argv = ["ultrastyle", "train-decoder", "--stage", "1", "-e", str(teacher_dir), "--images", str(photos), "-o", str(tmp_path / "o"),
+            "--crop", "16", "--resize", "24", "-b", "2", "--steps", "4", "--workers", "2", "--threads", "1"]  # fmt: skip
+    code = ("import sys, ultrastyle.distill.data as data\n"
+            "def broken(self, g):\n    raise data.DataError('broken in a worker')\n"
+            "data.CropStream.__getitem__ = broken  # the workers fork with it: the probe before the run reads files, not this\n"
+            f"sys.argv = {argv!r}\n"
+            "from ultrastyle.cli.entry import main\nmain()\n")  # fmt: skip
+    # At exit multiprocessing joined workers that ignore its SIGTERM, still held by the error's traceback: it never ended.
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 1 and "error: broken in a worker" in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout, r.stdout + r.stderr

@@ -72,6 +72,23 @@ def readable_images(files: Sequence[Path], min_side: int = 1) -> list[Path]:
     return good
 
 
+def decodable_from(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """``files`` from the first one that decodes whole (those before it, which do not, left out), and why each left out failed.
+
+    A header (`readable_images`) passes a truncated file: a run whose images all failed found out in its data loader,
+    after its run folder was written.
+    """
+    failed = []
+    for i, f in enumerate(files):
+        try:
+            read_image(f)
+        except ImageError as exc:
+            failed.append(f"{exc}; skipped")
+            continue
+        return list(files[i:]), failed
+    return [], failed
+
+
 def split_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """(train, validation): a file goes to validation when a hash of its name falls below ``val_fraction``.
 

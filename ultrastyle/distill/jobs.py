@@ -34,7 +34,17 @@ from ultrastyle.distill.config import (
     read_saved,
     write_yaml,
 )
-from ultrastyle.distill.data import CenterCrops, CropSettings, CropStream, DataError, PairStream, list_images, readable_images, split_files
+from ultrastyle.distill.data import (
+    CenterCrops,
+    CropSettings,
+    CropStream,
+    DataError,
+    PairStream,
+    decodable_from,
+    list_images,
+    readable_images,
+    split_files,
+)
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
 from ultrastyle.distill.outputs import OutputError, claim_folder, record_adain_stage, write_network
 from ultrastyle.distill.prune import prune_decoder, prune_encoder
@@ -110,8 +120,14 @@ def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, C
         styles = readable_images(_listed("style", config.style), min_side=1) if config.mode == "adain" and config.style else []
     for w in caught:
         warn(f"warning: {w.message}")
+    # Decoded before the run folder is written: one whose images all fail stopped in its data loader, and blocked a rerun.
+    (files, bad_files), (styles, bad_styles) = decodable_from(files), decodable_from(styles)
+    for message in bad_files + bad_styles:
+        warn(f"warning: {message}")
     if not files:
-        raise ConfigError(f"images: no readable image in {config.images}")
+        raise ConfigError(f"images: no image in {config.images} can be read (see the warnings above); give a folder of photos")
+    if config.mode == "adain" and config.style and not styles:
+        raise ConfigError(f"style: no image in {config.style} can be read (see the warnings above); give a folder of style images")
     train, val = split_files(files, config.val_fraction)
     style_stream = CropStream(styles, settings, seed=config.seed + 1) if styles else None
     stream = PairStream(CropStream(train, settings, seed=config.seed), style_stream)

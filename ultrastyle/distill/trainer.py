@@ -24,7 +24,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ultrastyle.distill.config import CHECKPOINT
-from ultrastyle.distill.data import step_loader
+from ultrastyle.distill.data import DataError, step_loader
 from ultrastyle.distill.logs import LossLog, plot_losses
 from ultrastyle.distill.tasks import Task
 from ultrastyle.errors import Setting, remedied
@@ -144,6 +144,17 @@ def _set_rng_state(state: Mapping) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _next_batch(batches: Iterator[dict]) -> dict:
+    """The next batch; a `DataError` from a loader worker as its own message (torch's carries the worker's traceback)."""
+    try:
+        return next(batches)
+    except DataError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        raise DataError(text.strip().splitlines()[-1].partition(": ")[2] or text) from None
 
 
 class _StopOnSignal:
@@ -313,7 +324,7 @@ class Trainer:
             try:
                 batches = iter(loader)
                 while step < opts.steps and not stop.requested:
-                    batch = next(batches)
+                    batch = _next_batch(batches)
                     losses = self.task({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
                     loss = losses["loss"]
                     value = float(loss.detach())
@@ -350,7 +361,11 @@ class Trainer:
                     if self.on_step:
                         self.on_step(StepReport(step, opts.steps, last, now, event))
             finally:
-                # Drop the iterator now: that shuts its worker processes down.
+                # Shut the workers down now: an exception's traceback holds the iterator past this frame, and at exit
+                # multiprocessing would join workers that ignore the SIGTERM it sends them (`data._worker_init`): a hang.
+                shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+                if shutdown is not None:
+                    shutdown()
                 batches = loader = None  # noqa: F841
             seconds = time.perf_counter() - t0
             if saved_at != step:  # a stop requested by the last step's callback
