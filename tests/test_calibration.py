@@ -497,3 +497,19 @@ def test_cli_calibrate_lists_the_image_folder_once(fp32_bundle, train_dir, tmp_p
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert len(listed) == 1, listed  # a folder of many photos is listed once, not once per layer
+
+
+def test_images_of_other_shapes_give_tiles_of_one_size_and_calibrate(fp32_bundle, train_dir, tmp_path):
+    from PIL import Image
+
+    photos = sorted(calibration_images(train_dir))[:2]
+    Image.open(photos[0]).resize((300, 80)).save(tmp_path / "a_panorama.png")  # 384 x 102 at image_size 384
+    Image.open(photos[1]).save(tmp_path / "b_photo.png")
+    files = tuple(calibration_images(tmp_path))
+    tiles = TileSampler(files, tile=128, samples=3, image_size=384).tiles()
+    assert {t.shape for t, _ in tiles} == {(1, 3, 102, 102)}  # one size: ORT stacks the feeds' outputs
+    folder = tmp_path / "b"
+    shutil.copytree(fp32_bundle.path, folder)
+    said: list[str] = []
+    out = calibrate_bundle(folder, list(files), SETTINGS, stages=(1,), warn=said.append)  # an "inhomogeneous shape" error before
+    assert out.manifest["networks"]["encoder1"]["int8"] and any("tiles are 102 px, not 128" in s for s in said), said

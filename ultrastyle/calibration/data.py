@@ -102,14 +102,15 @@ class TileSampler:
         return self.tiles_of([image for _, image in self.read(warn, limit=self.samples)])
 
     def tiles_of(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        """`tiles` of images already read (`read`): at most ``tile`` px, less where an image is smaller."""
+        """`tiles` of images already read (`read`): ``tile`` px, or all as small as the smallest image's short side
+        (ONNX Runtime's calibrators stack every feed's outputs: tiles of two sizes failed as an "inhomogeneous shape")."""
         gen = np.random.default_rng(self.seed)
+        t = min(self.tile, *(min(img.shape[-2:]) for img in images))
         out = []
         for i in range(self.samples):
             j = i % len(images) if i < len(images) else int(gen.integers(len(images)))
             img = images[j]
             _, h, w = img.shape
-            t = min(self.tile, h, w)
             r, c = int(gen.integers(h - t + 1)), int(gen.integers(w - t + 1))
             out.append((img[None, :, r : r + t, c : c + t].contiguous(), j))
         return out

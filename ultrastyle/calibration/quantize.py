@@ -297,8 +297,8 @@ def calibrate_bundle(
     if warn and settings.method != "percentile" and settings.percentile != DEFAULT_PERCENTILE:
         warn(f"percentile={settings.percentile:g} is left out: it sets the range of method 'percentile', not {settings.method!r}")
     if warn and (small := min(min(t.shape[-2:]) for t, _ in tiles)) < settings.tile:
-        warn(f"tiles are as small as {small} px, not {settings.tile}: the images are at most {settings.image_size} px on their long "
-             "side (image_size) and smaller on their short one")  # fmt: skip
+        warn(f"tiles are {small} px, not {settings.tile}: the smallest image is {small} px on its short side at {settings.image_size} px "
+             "on its long one (image_size), and every tile has one size")  # fmt: skip
     arch = bundle.arch
     defaults = model_defaults(bundle.path)  # an AdaIN bundle's decoders see AdaIN maps at its alpha, not WCT's
     manifest = json.loads((bundle.path / MANIFEST).read_text())

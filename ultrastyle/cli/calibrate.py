@@ -92,5 +92,5 @@ def calibrate_command(
     quantized = [n for n, e in result.manifest["networks"].items() if e.get("int8") and e.get("stage") in done]
     Console(highlight=False, soft_wrap=True).print(
         f"wrote {len(quantized)} int8 graphs into {result.path} ({method}, "
-        f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of {tile} px, {activations} activations, float: {keep_float})"
+        f"{'per-channel' if per_channel else 'per-tensor'}, {samples} tiles of up to {tile} px, {activations} activations, float: {keep_float})"
     )
