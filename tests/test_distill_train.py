@@ -372,6 +372,9 @@ def test_cli_training_settings_from_a_file_and_bad_outputs(teacher_dir, photos, 
     (tmp_path / "afile").write_text("x")
     r = runner.invoke(app, ["distill", "--stage", "1", "-o", str(tmp_path / "afile"), *common])
     assert r.exit_code == 2 and "afile: is a file" in " ".join(r.output.split()), r.output
+    (tmp_path / "photo.yaml").write_bytes(b"\x89PNG\r\n\x1a\n")  # an image given as the config: a traceback before
+    r = runner.invoke(app, ["distill", "-c", str(tmp_path / "photo.yaml"), "-o", str(tmp_path / "s2"), *common])
+    assert r.exit_code == 2 and "photo.yaml: not a UTF-8 text file (byte 0 is 0x89)" in r.output, r.output
 
 
 def test_cli_names_a_photo_that_fails_to_decode_during_training(teacher_dir, photos, tmp_path):
