@@ -96,3 +96,11 @@ def test_doctor_names_a_damaged_default_model_once_as_the_command_and_exits_1(cd
     text = " ".join(r.output.split())
     assert r.exit_code == 1 and "not ready: 1 problem(s) above (model cd-wct-16x)" in text, text
     assert "ultrastyle models fetch cd-wct-16x" in text and "ultrastyle.models.zoo" not in text and "ready;" not in text, text
+
+
+def test_doctor_calls_a_cache_it_cannot_install_into_unusable(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "afile"))  # "fetched on first use", said doctor; stylize then failed
+    r = CliRunner().invoke(app, ["doctor", "--no-baseline"])
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 1 and f"cannot be made: {tmp_path / 'afile'} is a file; set ULTRASTYLE_HOME to a folder you can write" in text, text
