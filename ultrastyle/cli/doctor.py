@@ -172,8 +172,9 @@ def doctor_command(
     from ultrastyle.trt.env import missing_for_tensorrt
 
     table = Table(show_header=True, header_style="bold", box=None)
-    for col in ("component", "status", "details"):
-        table.add_column(col)
+    table.add_column("component")
+    table.add_column("status")
+    table.add_column("details", overflow="fold")  # a long path folds onto the next line, not cut with an ellipsis
     measured = model_rows()
     if baseline and measured[0].status == "ok":
         measured += baseline_rows()
