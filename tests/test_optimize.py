@@ -719,3 +719,15 @@ def test_what_a_run_does_not_read_does_not_stop_a_resume_and_api_inputs_are_chec
         make_optimize_options(content_weight=0, layer_weights=[0] * 5)
     with pytest.raises(OptionError, match="scales: expected long sides in pixels"):
         make_optimize_options(scales=[48.7])  # it ran at 48 px
+
+
+def test_the_state_folder_of_an_output_name_near_the_limit_fits_and_stays_its_own(tmp_path):
+    from ultrastyle.optimization.batch import state_dir_for
+    from ultrastyle.runtime.pairs import NAME_MAX
+
+    a, b = tmp_path / ("x" * 240 + "_a.png"), tmp_path / ("x" * 240 + "_b.png")  # outputs that fit; ".NAME.optimize-state" did not
+    states = [state_dir_for(a), state_dir_for(b)]
+    assert all(len(s.name.encode()) <= NAME_MAX and s.parent == tmp_path for s in states) and states[0] != states[1]
+    for s in states:
+        s.mkdir()  # an OSError (File name too long) after the compute before
+    assert state_dir_for(tmp_path / "short.png").name == ".short.png.optimize-state"

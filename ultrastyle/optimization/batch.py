@@ -10,6 +10,7 @@ file: its pair is ``"failed"`` with the reason, the others run. Results are
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from ultrastyle.optimization.run import (
     read_input,
 )
 from ultrastyle.options import OptionError, known_keywords
-from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, too_long_name
+from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, too_long_name
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
@@ -43,8 +44,16 @@ PairProgress = Callable[[Pair, ProgressEvent], None]
 
 
 def state_dir_for(output: Path) -> Path:
-    """Where an output's optimization state is saved while it runs (beside it, hidden; removed once done)."""
-    return output.with_name(f".{output.name}.optimize-state")
+    """Where an output's optimization state is saved while it runs (beside it, hidden; removed once done).
+
+    An output name within `NAME_MAX` bytes whose state name is not keeps its first bytes and a digest of the whole
+    (the state failed to save, after the compute).
+    """
+    name = f".{output.name}.optimize-state"
+    if len(name.encode()) > NAME_MAX:
+        digest = hashlib.blake2b(output.name.encode(), digest_size=6).hexdigest()
+        name = f".{output.name.encode()[:NAME_MAX - 40].decode(errors='ignore')}~{digest}.optimize-state"
+    return output.with_name(name)
 
 
 def is_file_output(output: str | os.PathLike) -> bool:
