@@ -609,6 +609,12 @@ def test_a_style_that_every_content_would_fail_on_is_refused_once_before_the_mod
     assert not (tmp_path / "out").exists()
     with pytest.raises(ImageError, match="style .*bad.jpg: not an image file"):
         ultrastyle.optimize_batch(contents, bad, tmp_path / "out")
+    cut = tmp_path / "cut.jpg"  # a good header, then too few bytes: each content failed on it in turn, after the model opened
+    data = (shared_dir / "images/style/cd_style_in3.jpg").read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    r = CliRunner().invoke(app, ["optimize", *map(str, contents), "--style", str(cut), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "truncated" in r.output and "download" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.pth"))
     from ultrastyle.optimization.batch import check_style, plan_outputs
 

@@ -117,10 +117,12 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
 
 
 def check_style(style: str | os.PathLike, max_pixels: int, pairs: Sequence[Pair] = (), skip_existing: bool = False) -> None:
-    """`ImageError` naming the style where its header is unreadable or above ``max_pixels``: every content would fail on it.
+    """`ImageError` naming the style where it cannot be read or is above ``max_pixels``: every content would fail on it.
 
-    Cheap (the header; where there is none, the read that says why fails at once), so it runs before the model opens. Not
-    where every one of ``pairs`` is skipped for its existing output (``skip_existing``): nothing reads the style then.
+    The header first (a style too large is refused before it is decoded), then the whole read each content's run makes
+    anyway (a truncated file has a good header: every content failed on it in turn, the model opened for nothing); it
+    runs before the model opens. Not where every one of ``pairs`` is skipped for its existing output (``skip_existing``):
+    nothing reads the style then.
     """
     if skip_existing and pairs and all(p.output is not None and p.output.exists() and not (state_dir_for(p.output) / "state.json").is_file()
                                        for p in pairs):  # fmt: skip
@@ -133,6 +135,7 @@ def check_style(style: str | os.PathLike, max_pixels: int, pairs: Sequence[Pair]
         check_pixels(style, header[0], header[1], max_pixels)
     except ImageError as exc:
         raise as_role("style", exc) from None
+    read_input(Path(style), "style", max_pixels)  # raises, saying why; the pixels are read again by each run
 
 
 def check_budget(optimizer: Optimizer, options: OptimizeOptions, pairs: Sequence[Pair]) -> None:
