@@ -287,3 +287,16 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work_even_wh
         ultrastyle.options.output_folder("output_dir", "/proc/nope")  # os.access says yes to root: the compute ran first
     assert ultrastyle.options.output_folder("output_dir", tmp_path / "new" / "out") == tmp_path / "new" / "out"
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+
+
+def test_the_fix_a_message_gives_is_a_value_that_works():
+    from ultrastyle.distill.config import ConfigError, DistillConfig
+
+    with pytest.raises(OptionError, match=r"depth: expected 8 or 16 \(bits per sample\), got -1; give 8, or 16"):
+        make_options(DEFAULTS, depth=-1)  # it said "give 0 or more", and 0 is refused
+    assert make_options(DEFAULTS, depth=16).depth == 16
+    cores = __import__("os").cpu_count() or 1
+    with pytest.raises(OptionError, match=rf"give at most {ultrastyle.options.MAX_THREADS_PER_CORE * cores}, or 0 for the default"):
+        ultrastyle.options.thread_count("threads", 10**6)
+    with pytest.raises(ConfigError, match=r"crop: expected a whole number of pixels, a multiple of 16 at stage 5, >= 32, got -8; give 32"):
+        DistillConfig(stage=5, out="o", images="i", teacher="cd-wct-16x", crop=-8).check(True)

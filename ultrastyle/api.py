@@ -110,15 +110,16 @@ def make_options(
     method, alpha, levels = check.method(method), check.alpha(alpha), check.levels(levels)
     content_size, style_size = check.image_size("content_size", content_size), check.image_size("style_size", style_size)
     max_pixels = check.pixel_limit("max_pixels", max_pixels)
-    depth, png_level = check.count("depth", depth), check.count("png_level", png_level)
+    png_level = check.count("png_level", png_level)
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth not in (8, 16):  # not "0 or more"
+        raise OptionError("depth", f"expected 8 or 16 (bits per sample), got {depth!r}; give 8, or 16 for png or tiff")
+    depth = int(depth)
     io_workers = check.count("io_workers", io_workers, what="reader and encoder threads")
     if io_workers > check.MAX_THREADS_PER_CORE * (os.cpu_count() or 1):
         raise OptionError("io_workers", f"expected at most {check.MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here), "
                                         f"got {io_workers}; 0 picks half the cores")  # fmt: skip
     preserve_color = check.choice("preserve_color", preserve_color, COLOR_MODES)
     fmt = check.format_choice("format", format, OUTPUT_FORMATS)
-    if depth not in (8, 16):
-        raise OptionError("depth", f"expected 8 or 16 (bits per sample), got {depth}")
     if depth == 16 and fmt in ("jpg", "dzi"):
         raise OptionError("depth", f"16 bits need png or tiff, not {fmt}; give depth 8, or format png or tiff")
     tiff_layout = check.choice("tiff_layout", tiff_layout, TIFF_LAYOUTS)

@@ -78,7 +78,8 @@ def thread_count(option: str, value: object) -> int:
     n = count(option, value, what="threads (0: one per core)")
     cores = os.cpu_count() or 1
     if n > MAX_THREADS_PER_CORE * cores:
-        raise OptionError(option, f"{n} threads are more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); give 0 for one per core")
+        raise OptionError(option, f"{n} threads are more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); give at most "
+                                  f"{MAX_THREADS_PER_CORE * cores}, or 0 for the default")  # fmt: skip
     return n
 
 

@@ -104,7 +104,9 @@ class RunConfig:
         try:  # the rules every option follows ("key: message", as a ConfigError's); a type error is one too
             for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
                 check.count(name, getattr(self, name), least=1)
-            for name in ("crop", "resize", "val_every", "workers", "warmup_steps", "seed"):
+            grid = 2 ** (self.stage - 1)
+            check.count("crop", self.crop, least=2 * grid, what=f"pixels, a multiple of {grid} at stage {self.stage},")
+            for name in ("resize", "val_every", "workers", "warmup_steps", "seed"):
                 check.count(name, getattr(self, name))
             if check.number("val_fraction", self.val_fraction, least=0, example=0.1) >= 1:
                 raise check.OptionError("val_fraction", f"expected a fraction in [0, 1), got {self.val_fraction}; give e.g. 0.1")
@@ -118,8 +120,7 @@ class RunConfig:
             check.device("device", self.device)
         except check.OptionError as exc:
             raise ConfigError(str(exc)) from None
-        grid = 2 ** (self.stage - 1)
-        if self.crop < 2 * grid or self.crop % grid:
+        if self.crop % grid:
             raise ConfigError(f"crop: stage {self.stage} needs a multiple of {grid} of at least {2 * grid}, got {self.crop}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule: constant or cosine, got {self.lr_schedule!r}")
