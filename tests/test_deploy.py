@@ -113,3 +113,14 @@ def test_the_bundle_export_model_returns_is_a_model_to_stylize_with(bundle):
     assert np.array_equal(ultrastyle.stylize(content, style, model=bundle, levels=(1,)), by_path)
     with ultrastyle.load(bundle) as s:
         assert s.model == str(bundle.path) and np.array_equal(s.stylize(content, style, levels=(1,)), by_path)
+
+
+def test_check_tensorrt_takes_a_zoo_name_as_calibrate_does_and_names_an_unknown_one(cd16x_dir):
+    import ultrastyle
+    from ultrastyle.models import zoo
+
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+    report = ultrastyle.check_tensorrt("cd-wct-16x", stages=5)  # "no such folder; create one with ultrastyle export" before
+    assert report.ok and report.bundle.parent == zoo.bundles_dir()
+    with pytest.raises(ultrastyle.ZooError, match="did you mean 'cd-wct-16x'"):
+        ultrastyle.check_tensorrt("cd-wct16x")

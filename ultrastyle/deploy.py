@@ -122,7 +122,20 @@ def calibrate(
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
 
 
-def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None]):
+def _as_bundle(bundle: Bundle | str | Path, on_export: Callable[[str], None] | None = None) -> Bundle:
+    """A bundle, read now (a `Bundle`'s graphs checked now, not when it was made); a zoo name or weights folder: its
+    cached bundle, exported first where needed (as `calibrate` takes them, and `stylize` finds engines built there)."""
+    from ultrastyle.export.bundle import is_bundle
+
+    if isinstance(bundle, Bundle) or is_bundle(bundle):
+        return read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
+    from ultrastyle.runtime.backends.select import ensure_bundle
+
+    return ensure_bundle(bundle, on_export=on_export)
+
+
+def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None],
+                       on_export: Callable[[str], None] | None = None):  # fmt: skip
     from ultrastyle.trt import PRECISIONS
     from ultrastyle.trt.profiles import requested_ranges
 
@@ -131,7 +144,7 @@ def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iter
     for name, side in tiles.items():
         if side is not None:
             check.count(name, side, least=1, what="pixels (a tile side)")
-    b = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)  # a `Bundle`'s graphs checked now, not when it was made
+    b = _as_bundle(bundle, on_export)
     chosen = _stages(stages) or tuple(sorted(b.stages))
     if why := b.stages_problem(chosen):
         raise remedied(OptionError("stages", f"{why}; choose among them (stages)"), Setting("stages"))
@@ -167,8 +180,9 @@ def check_tensorrt(
 ) -> CheckReport:
     """Whether TensorRT can build ``bundle`` at ``precision``, checked statically (no GPU or TensorRT needed; `build --check`).
 
-    The report lists findings (ops and attributes the parser lacks, Q/DQ rules,
-    profiles for the tile sides, stale engines); ``report.ok`` is False on any error.
+    ``bundle``: a bundle, or a zoo name / weights folder (its cached bundle, exported first where needed). The report
+    lists findings (ops and attributes the parser lacks, Q/DQ rules, profiles for the tile sides, stale engines);
+    ``report.ok`` is False on any error.
     """
     from ultrastyle.trt.check import check_bundle
 
@@ -192,7 +206,8 @@ def build_tensorrt(
 ) -> BuildReport:
     """TensorRT engines for ``bundle`` on this GPU, into ``BUNDLE/engines/<gpu>_sm<cc>_trt<version>/`` (`ultrastyle build`).
 
-    Fresh engines are kept (``force`` rebuilds them). Tile sides in pixels
+    ``bundle``: a bundle, or a zoo name / weights folder: its cached bundle (exported first where needed), where
+    ``stylize``'s ``backend="auto"`` finds the engines. Fresh engines are kept (``force`` rebuilds them). Tile sides in pixels
     (None: what the planner makes for a 2GB budget); ``workspace``: bytes or
     ``"1GB"``. Without TensorRT or a GPU, `TensorRTUnavailable` says what is missing.
     """
@@ -201,7 +216,8 @@ def build_tensorrt(
     workspace_bytes = check.memory_budget("workspace", workspace)
     if workspace_bytes is None:
         raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
-    b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
+    b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max},
+                                           on_export=on_step)  # fmt: skip
     return build_engines(
         b, precision=precision, ranges=ranges, stages=chosen, workspace=workspace_bytes, timing_cache=timing_cache,
         force=force, verbose=verbose, on_step=on_step,

@@ -28,7 +28,7 @@ def _err(message: str) -> None:
 
 @saying_warnings
 def build_command(
-    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle folder (ultrastyle export).", show_default=False)],
+    bundle: Annotated[str, typer.Argument(metavar="BUNDLE", help="Bundle folder (ultrastyle export), or a zoo name / weights folder: its cached bundle, where stylize --backend auto finds the engines.", show_default=False)],
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="fp32; fp16 (the graphs are converted to float16 before the build); int8 (needs the bundle's Q/DQ graphs: ultrastyle calibrate).")] = Precision.fp32,
     tile_min: Annotated[int | None, typer.Option("--tile-min", min=1, help="Smallest tile region side in pixels the engines accept (default: 2 x the stage's grid).")] = None,
     tile_opt: Annotated[int | None, typer.Option("--tile-opt", min=1, help="Tile region side the engines are tuned for (default: --tile-max).")] = None,
@@ -48,6 +48,8 @@ def build_command(
     from ultrastyle.deploy import build_tensorrt, check_tensorrt
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
+    from ultrastyle.models.convert import CheckpointError
+    from ultrastyle.models.errors import ZooError
     from ultrastyle.options import OptionError, memory_budget, stage_set
     from ultrastyle.trt.graphs import BundleRefused, GraphError
 
@@ -68,7 +70,7 @@ def build_command(
             report = check_tensorrt(bundle, precision=precision.value, stages=asked, **tiles)
         except OptionError as exc:  # the library names its keywords; here they are flags
             raise _bad_option(exc) from None
-        except BundleError as exc:  # unreadable: refused before any check
+        except (BundleError, ZooError, CheckpointError) as exc:  # unreadable, or no such model: refused before any check
             _err(as_command(exc))
             raise typer.Exit(2) from None
         _print_check(report, precision.value)
@@ -85,7 +87,7 @@ def build_command(
             )  # fmt: skip
     except OptionError as exc:
         raise _bad_option(exc) from None
-    except (TensorRTUnavailable, BundleError, BundleRefused) as exc:  # refused before any work, as `stylize --backend tensorrt` is
+    except (TensorRTUnavailable, BundleError, BundleRefused, ZooError, CheckpointError) as exc:  # refused before any work, as `stylize --backend tensorrt` is
         _err(as_command(exc))
         raise typer.Exit(2) from None
     except (RunnerError, GraphError, BuildError, OSError) as exc:
