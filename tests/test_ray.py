@@ -303,8 +303,11 @@ def test_the_address_probe_bounds_a_hanging_name_lookup_and_checks_the_port(monk
     assert time.perf_counter() - t0 < 2
     with pytest.raises(ClusterError, match="out of range"):
         probe("127.0.0.1:70000")
-    for passed_to_ray in ("local", "auto", "::1", "ray://[::1]", "127.0.0.1:notaport"):
+    for passed_to_ray in ("local", "auto", "::1", "ray://[::1]"):
         probe(passed_to_ray)  # Ray's own parsing says what is wrong with these (nothing is contacted here)
+    for not_an_address in ("foo", "127.0.0.1:notaport", ":6379"):  # Ray said "ValueError: Invalid address format: foo"
+        with pytest.raises(ClusterError, match=f"'{not_an_address}' is not a Ray address: expected 'local'"):
+            probe(not_an_address)
 
 
 def test_an_address_where_nothing_listens_is_refused_at_once(folder, cd16x_dir, tmp_path):

@@ -131,7 +131,8 @@ def _mix_items(items: list[str]) -> list[tuple[Path, float]]:
             raise typer.BadParameter(f"weight of {name} is not a number: {weight!r}", param_hint="--mix") from None
         path = Path(name)
         if not path.is_file():
-            raise typer.BadParameter(f"{name}: no such style image file", param_hint="--mix")
+            raise typer.BadParameter(f"{name}: {'a folder; a mix takes one image per --mix' if path.is_dir() else 'no such style image file'}",
+                                     param_hint="--mix")  # fmt: skip
         paths.append(path)
     if len(paths) < 2:  # `--mix a.jpg=0.7 b.jpg=0.3` gives one --mix (b.jpg=0.3 becomes a content)
         raise typer.BadParameter("a mix blends two or more styles, each given with its own --mix (--mix a.jpg=0.7 --mix b.jpg=0.3); "

@@ -63,7 +63,8 @@ def readable_images(files: Sequence[Path], min_side: int = 1) -> list[Path]:
             with Image.open(f) as img:
                 w, h = img.size
         except Exception as exc:  # PIL raises many types for broken files
-            warn(f"{f}: skipped, not a readable image ({type(exc).__name__}: {exc})", BadImageWarning)
+            why = "an empty file (0 bytes)" if f.stat().st_size == 0 else f"not a readable image ({type(exc).__name__}: {exc})"
+            warn(f"{f}: skipped, {why}", BadImageWarning)
             continue
         if min(w, h) < min_side:
             warn(f"{f}: skipped, {w}x{h} is smaller than {min_side} px", BadImageWarning)

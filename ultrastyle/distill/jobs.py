@@ -250,7 +250,8 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise remedied(OutputError(f"{run_dir}: cannot be the run folder ({exc.strerror}); give another run_dir"), Setting("run_dir")) from None
+            raise remedied(OutputError(f"{run_dir}: cannot be the run folder ({exc.strerror}); give another folder (run_dir)"),
+                           Setting("run_dir")) from None  # fmt: skip
     written = config.weights_file()
     if written.is_file() and not (run_dir / CHECKPOINT).is_file():  # its run folder may be gone; the weights are still someone's work
         raise remedied(OutputError(

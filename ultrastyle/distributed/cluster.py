@@ -68,8 +68,11 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         return
     client = address.startswith("ray://")
     host, sep, port_text = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not port_text.isdigit() or (":" in host and not host.startswith("[")):
-        return  # no port, or a bare IPv6 address: Ray's own parsing says what is wrong
+    if (":" in host and not host.startswith("[")) or (client and not (sep and port_text.isdigit())):
+        return  # a bare IPv6 address, a client address without a port: Ray's own parsing says what is wrong
+    if not sep or not host or not port_text.isdigit():  # Ray said "ValueError: Invalid address format: foo"
+        raise ClusterError(f"{address!r} is not a Ray address: expected 'local' (Ray on this machine), 'auto' (the cluster this "
+                           "machine joined), HOST:PORT (a head's GCS port, e.g. 10.0.0.5:6379) or ray://HOST:PORT (its client server)")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: port {port} is out of range (1..65535)")
