@@ -627,15 +627,15 @@ def test_a_style_that_every_content_would_fail_on_is_refused_once_before_the_mod
         check_style(bad, 10**9, pairs, skip_existing=False)
 
 
-def test_a_style_tiff_pillow_cannot_open_is_checked_from_its_header_not_decoded(tmp_path, monkeypatch):
+def test_a_style_tiff_pillow_cannot_open_is_read_and_one_above_the_limit_refused_from_its_header(tmp_path, monkeypatch):
     import tifffile
 
     import ultrastyle.optimization.batch as batch
     from ultrastyle.io.images import ImageError
 
     tifffile.imwrite(tmp_path / "f.tif", np.random.default_rng(0).random((30, 40, 3), dtype=np.float32), photometric="rgb")
-    monkeypatch.setattr(batch, "read_input", lambda *a, **k: pytest.fail("decoded the style to check it"))
-    batch.check_style(tmp_path / "f.tif", 10**9)
+    batch.check_style(tmp_path / "f.tif", 10**9)  # read through tifffile, whole (a truncated file has a good header)
+    monkeypatch.setattr(batch, "read_input", lambda *a, **k: pytest.fail("decoded a style above the limit to check it"))
     with pytest.raises(ImageError, match=r"style .*f.tif: 40x30 = 1200 pixels is above the limit of 1000 pixels"):
         batch.check_style(tmp_path / "f.tif", 1000)
 
@@ -737,3 +737,18 @@ def test_the_state_folder_of_an_output_name_near_the_limit_fits_and_stays_its_ow
     for s in states:
         s.mkdir()  # an OSError (File name too long) after the compute before
     assert state_dir_for(tmp_path / "short.png").name == ".short.png.optimize-state"
+
+
+def test_a_batch_whose_contents_all_fail_leaves_no_output_folder(cd16x_dir, shared_dir, tmp_path, one_thread):
+    import ultrastyle
+
+    bad = tmp_path / "bad.jpg"
+    data = (shared_dir / "images/content/cd_content_in2.jpg").read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    summary = ultrastyle.optimize_batch([bad], shared_dir / "images/style/cd_style_in3.jpg", tmp_path / "out" / "sub", model=cd16x_dir,
+                                        iterations=1, style_size=48)  # fmt: skip
+    assert summary.count("failed") == 1 and not (tmp_path / "out").exists()  # an empty folder was left before
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    ultrastyle.optimize_batch([bad], shared_dir / "images/style/cd_style_in3.jpg", tmp_path / "kept", model=cd16x_dir, iterations=1,
+                              style_size=48)  # fmt: skip
+    assert (tmp_path / "kept").is_dir()

@@ -54,7 +54,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -403,6 +403,21 @@ def _prepare_dir(d: Path) -> None:
     _clean_stale_partials(d)
 
 
+@contextlib.contextmanager
+def _prepared_dir(d: Path) -> Iterator[None]:
+    """`_prepare_dir`, and the folder removed again where the install fails before any file is in it (a failed first
+    fetch left an empty model folder behind)."""
+    existed = d.exists()
+    _prepare_dir(d)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only while empty
+        raise
+
+
 def _clean_stale_partials(d: Path) -> None:
     # SIGKILL or power loss can skip our cleanup; don't let those pile up.
     sweep_stale(d)
@@ -661,21 +676,21 @@ def fetch(
     if mirror is not None and any(f.kind == "url" for f in todo):
         check_mirror(mirror, entry.name, given_as=given_as)  # only where it is used; before any folder, deletion or progress bar
     _drop_corrupt(entry, d, todo)
-    _prepare_dir(d)
-    # Source models first, each with its own progress bar (rich allows one live display at a time).
-    for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
-        if not is_installed(other):
-            fetch(other, mirror=mirror, progress=progress, timeout=timeout)
-    with _Progress(progress and bool(todo)) as bar:
-        for f in todo:
-            # A packaged file or a source model's copy is installed, not downloaded (an offline machine should not worry).
-            advance = bar.task(f"{entry.name}/{f.name}", f.bytes, "downloading" if f.kind == "url" else "installing")
-            if f.kind == "url":
-                assert f.url is not None
-                url = _mirror_url(mirror, entry, f) if mirror else f.url
-                _download(entry, f, url, d / f.name, timeout, advance, mirror)
-            else:
-                _install_local(entry, f, d / f.name, advance)
+    with _prepared_dir(d):
+        # Source models first, each with its own progress bar (rich allows one live display at a time).
+        for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
+            if not is_installed(other):
+                fetch(other, mirror=mirror, progress=progress, timeout=timeout)
+        with _Progress(progress and bool(todo)) as bar:
+            for f in todo:
+                # A packaged file or a source model's copy is installed, not downloaded (an offline machine should not worry).
+                advance = bar.task(f"{entry.name}/{f.name}", f.bytes, "downloading" if f.kind == "url" else "installing")
+                if f.kind == "url":
+                    assert f.url is not None
+                    url = _mirror_url(mirror, entry, f) if mirror else f.url
+                    _download(entry, f, url, d / f.name, timeout, advance, mirror)
+                else:
+                    _install_local(entry, f, d / f.name, advance)
     return d
 
 
@@ -760,16 +775,16 @@ def import_local(name: str, src: str | Path | None = None, *, force: bool = Fals
     todo = [f for f in entry.files if not is_own_source(f) and _needs_install(entry, f, d / f.name, force)]
     _check_sources(entry, sources, todo)
     _drop_corrupt(entry, d, todo)
-    _prepare_dir(d)
-    for f in todo:
-        dest = d / f.name
-        if f.kind == "url":
-            _copy_verified(
-                entry, f, sources[f.name], dest, detail=f"source {sources[f.name]}",
-                hint="Copy the file again from a trusted source.",
-            )  # fmt: skip
-        else:
-            _install_local(entry, f, dest)
+    with _prepared_dir(d):
+        for f in todo:
+            dest = d / f.name
+            if f.kind == "url":
+                _copy_verified(
+                    entry, f, sources[f.name], dest, detail=f"source {sources[f.name]}",
+                    hint="Copy the file again from a trusted source.",
+                )  # fmt: skip
+            else:
+                _install_local(entry, f, dest)
     problems = verify(name)
     if problems:  # e.g. the cache dir was modified concurrently
         raise ZooError(f"{name} failed verification after import: {'; '.join(problems)}")

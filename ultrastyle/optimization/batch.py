@@ -10,6 +10,7 @@ file: its pair is ``"failed"`` with the reason, the others run. Results are
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -177,6 +178,21 @@ def run_batch(
             sweep_stale(folder)  # temp files and state folders of killed runs (their writer is gone)
     summary = BatchSummary(planned=len(pairs))
     t0 = time.perf_counter()
+    made = [f for out in {p.output.parent for p in pairs if p.output is not None} for f in (out, *out.parents) if not f.exists()]
+    try:
+        _run_pairs(optimizer, pairs, options, summary, t0, skip_existing, on_progress, on_result)
+    finally:  # a folder this batch made and nothing went into (every content failed): not left behind
+        for folder in sorted(set(made), key=lambda f: len(f.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    summary.wall_seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_pairs(optimizer: Optimizer, pairs: Sequence[Pair], options: OptimizeOptions, summary: BatchSummary, t0: float,
+               skip_existing: bool, on_progress: PairProgress | None,
+               on_result: Callable[[PairResult], None] | None) -> None:  # fmt: skip
+    """`run_batch`'s loop: each pair's result into ``summary``."""
     for pair in pairs:
         out = pair.output
         assert out is not None
@@ -205,8 +221,6 @@ def run_batch(
         summary.results.append(result)
         if on_result is not None:
             on_result(result)
-    summary.wall_seconds = time.perf_counter() - t0
-    return summary
 
 
 def optimize_batch(
