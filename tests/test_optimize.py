@@ -254,6 +254,9 @@ def test_cli_runs_a_batch_past_a_bad_file_and_writes_atomically(cd16x_dir, share
     last = CliRunner().invoke(app, ["optimize", str(good), str(shared_dir / "images/style/cd_style_in3.jpg"), "-o", str(tmp_path / "o2"),
                                     "--iterations", "0", "--style-size", "48", "--model", str(cd16x_dir)])  # fmt: skip
     assert last.exit_code == 0 and [p.name for p in (tmp_path / "o2").iterdir()] == ["a_optimized_cd_style_in3.png"], last.output
+    seeded = CliRunner().invoke(app, ["optimize", str(good), str(shared_dir / "images/style/cd_style_in3.jpg"), "-o", str(tmp_path / "o3"),
+                                      "--iterations", "0", "--style-size", "48", "--model", str(cd16x_dir), "--seed", "3"])  # fmt: skip
+    assert seeded.exit_code == 0 and "warning: --seed seeds --init noise; this run starts from the content: left out" in seeded.output
     alone = CliRunner().invoke(app, ["optimize", str(good)])
     assert alone.exit_code == 2 and "give a style image with --style, or as the last" in alone.output
 

@@ -122,6 +122,9 @@ def optimize_command(
     out_format = _format(output if as_file else None, fmt)
     if no_tile and (clash := [f"--{n.replace('_', '-')}" for n in ("tile", "max_memory", "scratch") if n in given_flags(ctx)]):
         raise typer.BadParameter(f"--no-tile evaluates whole images, which {clash[0]} would tile or place; give one of them", param_hint=clash[0])
+    if "seed" in given_flags(ctx) and init is not Init.noise:  # as stylize says of a flag its run leaves out
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: --seed seeds --init noise; this run starts from the "
+                                                                    f"{init.value}: left out", style="yellow", markup=False)  # fmt: skip
     settings = dict(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
