@@ -723,7 +723,7 @@ def test_integer_and_bool_arrays_are_refused_with_the_conversion_their_range_nee
         as_pixels(array, "content")
 
 
-def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_the_model_opens(installed, small, monkeypatch):
+def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_the_model_opens(installed, small, monkeypatch, tmp_path):
     import ultrastyle.api
 
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=[5, 4], alpha=0.3, style_size=64) as s:
@@ -731,6 +731,9 @@ def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_
         got = s.stylize(small["c1"], small["s1"])
         assert np.array_equal(got, s.stylize(small["c1"], small["s1"], alpha=0.3))
         assert not np.array_equal(got, s.stylize(small["c1"], small["s1"], alpha=0.9))
+    with ultrastyle.load("cd-wct-16x", backend="torch", levels=[5], format="jpg", style_size=64) as s:
+        s.stylize(small["c1"], small["s1"], output=tmp_path / "result")  # the format given at load, for a name without a suffix
+        assert (tmp_path / "result").read_bytes()[:2] == b"\xff\xd8"
     monkeypatch.setattr(ultrastyle.api, "open_runner", lambda *a, **k: pytest.fail("the model opened before its settings were checked"))
     with pytest.raises(ultrastyle.OptionError, match="did you mean 'alpha'"):
         ultrastyle.load("cd-wct-16x", alpah=0.8)  # a TypeError before

@@ -348,3 +348,29 @@ def test_cuda_n_reaches_the_onnxruntime_cuda_provider_and_the_command_line(bundl
 def test_tensorrt_refuses_a_gpu_other_than_the_first_visible_before_anything_loads():
     with pytest.raises(RunnerError, match="runs on the first visible GPU, not cuda:2; choose the GPU with CUDA_VISIBLE_DEVICES=2"):
         open_runner("cd-wct-16x", backend="tensorrt", device="cuda:2")
+
+
+def test_auto_does_not_pick_tensorrt_for_a_gpu_it_cannot_run_on(monkeypatch):
+    import ultrastyle.runtime.backends.select as select
+
+    monkeypatch.setattr(select, "tensorrt_engines_ready", lambda *a, **k: True)  # engines built (`ultrastyle build MODEL`)
+    assert select.resolve_backend("auto", "cuda:0", "cd-wct-16x") == "tensorrt"
+    assert select.resolve_backend("auto", "cuda:1", "cd-wct-16x") != "tensorrt"  # then refused by open_runner: a dead end
+
+
+def test_a_cached_bundle_exported_again_says_the_int8_graphs_it_loses(cd16x_dir):
+    import json
+
+    from ultrastyle.models import zoo
+
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+    b = ensure_bundle("cd-wct-16x", stages=(5,))
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    del manifest["networks"]["decoder_folded5"]  # as an older release's bundle: a graph kind short, so exported again
+    (b.path / "decoder_folded5.onnx").unlink()
+    (b.path / "manifest.json").write_text(json.dumps(manifest))
+    (b.path / "encoder5.int8.onnx").write_bytes((b.path / "encoder5.onnx").read_bytes())
+    said: list[str] = []
+    again = ensure_bundle("cd-wct-16x", stages=(5,), on_export=said.append)
+    assert again.path == b.path and not (b.path / "encoder5.int8.onnx").exists()
+    assert said and "the 1 int8 graph it holds are deleted (calibrate and build again)" in said[0], said  # "first use" before

@@ -124,3 +124,17 @@ def test_check_tensorrt_takes_a_zoo_name_as_calibrate_does_and_names_an_unknown_
     assert report.ok and report.bundle.parent == zoo.bundles_dir()
     with pytest.raises(ultrastyle.ZooError, match="did you mean 'cd-wct-16x'"):
         ultrastyle.check_tensorrt("cd-wct16x")
+
+
+def test_building_a_zoo_model_without_tensorrt_says_so_before_exporting_it(cd16x_dir):
+    import ultrastyle
+    from ultrastyle.models import zoo
+    from ultrastyle.trt.env import missing_for_tensorrt
+
+    if not missing_for_tensorrt():
+        pytest.skip("TensorRT, a CUDA binding and a GPU are all here: the build would run")
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+    with pytest.raises(ultrastyle.RunnerError, match="building TensorRT engines needs") as info:
+        ultrastyle.build_tensorrt("cd-wct-16x", precision="FP16")
+    assert "check_tensorrt('cd-wct-16x')" in str(info.value)
+    assert not zoo.bundles_dir().exists() or not any(zoo.bundles_dir().iterdir())  # nothing exported for a build that cannot run

@@ -737,8 +737,12 @@ def test_the_state_folder_of_an_output_name_near_the_limit_fits_and_stays_its_ow
     a, b = tmp_path / ("x" * 240 + "_a.png"), tmp_path / ("x" * 240 + "_b.png")  # outputs that fit; ".NAME.optimize-state" did not
     states = [state_dir_for(a), state_dir_for(b)]
     assert all(len(s.name.encode()) <= NAME_MAX and s.parent == tmp_path for s in states) and states[0] != states[1]
+    from ultrastyle.io.atomic import atomic_dir
+
     for s in states:
-        s.mkdir()  # an OSError (File name too long) after the compute before
+        with atomic_dir(s) as tmp:  # as the state is saved: an OSError (File name too long) after the compute before
+            (tmp / "state.json").write_text("{}")
+        assert (s / "state.json").is_file()
     assert state_dir_for(tmp_path / "short.png").name == ".short.png.optimize-state"
 
 

@@ -1001,17 +1001,24 @@ def test_import_of_a_folder_that_does_not_exist_is_refused_even_where_unneeded(t
 def test_remove_deletes_the_models_files_and_its_bundles_and_nothing_it_did_not_make(runner: CliRunner, shared_dir: Path) -> None:
     d = zoo.import_local(NAME, shared_dir / "models" / NAME)
     size = sum(f.bytes for f in zoo.get_entry(NAME).files)
-    ours = zoo.bundles_dir() / f"{NAME}-0123456789ab"  # as `select.bundle_dir_for` names them
-    (ours / "int8").mkdir(parents=True)
+    def bundle(folder: str, weights: dict[str, str]) -> Path:  # named as `select.bundle_dir_for` names them
+        (zoo.bundles_dir() / folder / "int8").mkdir(parents=True)
+        (zoo.bundles_dir() / folder / "manifest.json").write_text(json.dumps({"source_weights": weights}))
+        return zoo.bundles_dir() / folder
+
+    mine = {f.name: f.sha256 for f in zoo.get_entry(NAME).files if f.name.startswith("5")}
+    ours = bundle(f"{NAME}-0123456789ab", mine)
     (ours / "int8" / "encoder5.onnx").write_bytes(b"x" * 1000)
-    others = [zoo.bundles_dir() / f"{NAME}-extra-0123456789ab", zoo.bundles_dir() / f"{NAME}-0123"]  # another model's; not ours
-    for o in others:
-        o.mkdir()
+    in_bundle = 1000 + len((ours / "manifest.json").read_bytes())
+    others = [bundle(f"{NAME}-extra-0123456789ab", mine), bundle(f"{NAME}-0123", mine),  # another model's names
+              bundle(f"{NAME}-fedcba987654", {**mine, "5SD.pth": "0" * 64})]  # a weights folder called cd-wct-16x: the user's own
+    linked = zoo.bundles_dir() / f"{NAME}-aaaaaaaaaaaa"
+    linked.symlink_to(bundle("elsewhere", mine), target_is_directory=True)  # unlinked, not followed
     r = runner.invoke(app, ["models", "remove", NAME, "--keep-bundles"])
     assert r.exit_code == 0 and f"removed {NAME}: 10 files from {d}" in " ".join(r.stdout.split()), r.output
-    assert "kept 1 bundle(s)" in r.stdout and not d.exists() and ours.is_dir() and zoo.install_status(NAME) == "absent"
-    assert zoo.remove(NAME) == zoo.Removed([], [ours], 1000)
-    assert all(o.is_dir() for o in others)
+    assert "kept 2 bundle(s)" in r.stdout and not d.exists() and ours.is_dir() and zoo.install_status(NAME) == "absent"
+    assert zoo.remove(NAME) == zoo.Removed([], [ours, linked], in_bundle)
+    assert all(o.is_dir() for o in others) and (zoo.bundles_dir() / "elsewhere" / "manifest.json").is_file() and not linked.exists()
     r = runner.invoke(app, ["models", "remove", NAME])
     assert r.exit_code == 0 and "nothing removed" in r.stdout, r.output
     zoo.import_local(NAME, shared_dir / "models" / NAME)

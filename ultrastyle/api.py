@@ -410,7 +410,7 @@ class Stylizer:
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         _check_callbacks(on_tile=on_tile)
         if output is not None:
-            settings["format"] = _output_format(output, content, style, mix, mask, settings.get("format"))
+            settings["format"] = _output_format(output, content, style, mix, mask, settings.get("format", self.settings.get("format")))  # given at load too
         opts = self.options(**settings)
         spec = _style_spec(style, mix, mask)
         src = as_source(content, "content")
@@ -720,8 +720,7 @@ def stylize_batch(
     _no_empty_path(styles or [], "styles")
     if mix is not None or mask is not None or styles is None:  # (many styles alone: an output each, nothing else to check)
         check_style_args(styles, mix, mask, "styles")
-    if executor not in ("local", "ray"):
-        raise OptionError("executor", f"expected 'local' or 'ray', got {executor!r}")
+    executor = check.choice("executor", executor, ("local", "ray"))
     pool = {k: v for k, v in (("workers", workers), ("cpus_per_worker", cpus_per_worker)) if v is not None}
     if executor == "ray":
         check_distributed(distribute_tiles, mask is not None)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
-from ultrastyle.errors import Setting, remedied, remedies_of
+from ultrastyle.errors import Remedy, Setting, remedied, remedies_of
 from ultrastyle.errors import warn as warn_user
-from ultrastyle.export.bundle import Bundle, check_bundle_target, export_bundle, read_bundle
+from ultrastyle.export.bundle import Bundle, check_bundle_target, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.options import OptionError
 
@@ -125,8 +125,6 @@ def calibrate(
 def _as_bundle(bundle: Bundle | str | Path, on_export: Callable[[str], None] | None = None) -> Bundle:
     """A bundle, read now (a `Bundle`'s graphs checked now, not when it was made); a zoo name or weights folder: its
     cached bundle, exported first where needed (as `calibrate` takes them, and `stylize` finds engines built there)."""
-    from ultrastyle.export.bundle import is_bundle
-
     if isinstance(bundle, Bundle) or is_bundle(bundle):
         return read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
     from ultrastyle.runtime.backends.select import ensure_bundle
@@ -134,13 +132,20 @@ def _as_bundle(bundle: Bundle | str | Path, on_export: Callable[[str], None] | N
     return ensure_bundle(bundle, on_export=on_export)
 
 
+def _trt_precision(precision: object) -> str:
+    """``precision`` of TensorRT engines, in any case as `check.choice` takes names."""
+    from ultrastyle.trt import PRECISIONS
+
+    try:
+        return check.choice("precision", precision, PRECISIONS)
+    except OptionError:
+        raise OptionError("precision", f"TensorRT engines are {', '.join(PRECISIONS)}, not {precision!r}") from None
+
+
 def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None],
                        on_export: Callable[[str], None] | None = None):  # fmt: skip
-    from ultrastyle.trt import PRECISIONS
     from ultrastyle.trt.profiles import requested_ranges
 
-    if precision not in PRECISIONS:
-        raise OptionError("precision", f"TensorRT engines are {', '.join(PRECISIONS)}, not {precision!r}")
     for name, side in tiles.items():
         if side is not None:
             check.count(name, side, least=1, what="pixels (a tile side)")
@@ -186,6 +191,7 @@ def check_tensorrt(
     """
     from ultrastyle.trt.check import check_bundle
 
+    precision = _trt_precision(precision)
     b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
     return check_bundle(b, precisions=(precision,), ranges=ranges, stages=chosen)
 
@@ -213,9 +219,18 @@ def build_tensorrt(
     """
     from ultrastyle.trt.build import build_engines
 
+    precision = _trt_precision(precision)
     workspace_bytes = check.memory_budget("workspace", workspace)
     if workspace_bytes is None:
         raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
+    if not isinstance(bundle, Bundle) and not is_bundle(bundle):  # a model to export first: not before TensorRT is known to be here
+        from ultrastyle.trt.env import TensorRTUnavailable, require_tensorrt_stack
+
+        fix = Remedy("check_tensorrt", (str(bundle),))
+        try:
+            require_tensorrt_stack("building TensorRT engines", f"{fix.python()} checks the model's bundle without them")
+        except TensorRTUnavailable as exc:
+            raise remedied(exc, fix) from None
     b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max},
                                            on_export=on_step)  # fmt: skip
     return build_engines(

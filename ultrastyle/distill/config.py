@@ -117,7 +117,7 @@ class RunConfig:
                 elif f.name == "width_factor" and check.number(f.name, self.width_factor, above=0, example=0.5) > 1:
                     raise check.OptionError(f.name, f"expected a fraction in (0, 1], got {self.width_factor:g}; give e.g. 0.5")
             check.thread_count("threads", self.threads)
-            check.device("device", self.device)
+            self.device = check.device("device", self.device)  # "CUDA:1" too, as torch spells it
         except check.OptionError as exc:
             raise ConfigError(str(exc)) from None
         if self.crop % grid:
@@ -132,6 +132,8 @@ class RunConfig:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"device: {self.device!r}, but no CUDA device is available to PyTorch here; use cpu")
+            if (index := int(self.device.partition(":")[2] or 0)) >= (count := torch.cuda.device_count()):
+                raise ConfigError(f"device: {self.device!r}, but PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}")
 
     @property
     def kind(self) -> str:

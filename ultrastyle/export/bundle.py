@@ -79,7 +79,7 @@ def check_bundle_target(out_dir: str | Path, *, force: bool = False) -> None:
         shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
         raise BundleTargetError(f"{out_dir.resolve()} is a bundle that also holds files that are not the bundle's ({shown}), which "
                                 "exporting over it would delete; move them away, or export into a new folder")  # fmt: skip
-    if not force and (work := _derived_work(out_dir)):
+    if not force and (work := derived_work(out_dir)):
         raise remedied(BundleTargetError(f"{out_dir.resolve()} is a bundle holding {work}, which exporting over it would delete "
                                          "(calibrating and building make them again); export into a new folder, or replace "
                                          "them (force=True)"), Setting("force", True))  # fmt: skip
@@ -295,7 +295,7 @@ def _damaged_bundle(path: Path) -> bool:
     return bool(entries) and all(p.suffix == ".onnx" or p.name == "engines" for p in entries)
 
 
-def _derived_work(path: Path) -> str:
+def derived_work(path: Path) -> str:
     """What a bundle folder holds beyond its float graphs: ``"3 int8 graphs and TensorRT engines"``, or ``""``."""
     if not path.is_dir() or not is_bundle(path):
         return ""

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
@@ -215,10 +216,25 @@ def bundles_dir() -> Path:
 
 
 def cached_bundles(name: str) -> list[Path]:
-    """The cached bundles exported from a model or weights folder called ``name`` (any digest), sorted."""
-    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
-    d = bundles_dir()
-    return sorted(p for p in d.iterdir() if pattern.fullmatch(p.name) and p.is_dir()) if d.is_dir() else []
+    """The cached bundles exported from zoo model ``name``, sorted: named for it (any digest), and every source weight
+    in their manifest one of its files (this release's or an earlier one's). A weights folder of the same name (a copy
+    being fine-tuned) exports bundles of the same name: those are the user's, not listed."""
+    entry, d = get_entry(name), bundles_dir()
+    if not d.is_dir():
+        return []
+    known = {f.name: {f.sha256, *f.earlier_sha256} for f in entry.files}
+    pattern = re.compile(re.escape(entry.name) + r"-[0-9a-f]{12}")
+    found = []
+    for p in d.iterdir():
+        if not pattern.fullmatch(p.name) or not p.is_dir():
+            continue
+        try:
+            weights = json.loads((p / "manifest.json").read_text()).get("source_weights")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: not known to be this model's
+        if isinstance(weights, dict) and weights and all(v in known.get(k, ()) for k, v in weights.items()):
+            found.append(p)
+    return sorted(found)
 
 
 def weights_dir() -> Path:
@@ -367,9 +383,9 @@ def remove(name: str, *, bundles: bool = True) -> Removed:
             d.rmdir()
     gone = []
     for b in cached_bundles(entry.name) if bundles else ():
-        size = sum(p.stat().st_size for p in b.rglob("*") if p.is_file() and not p.is_symlink())
+        size = 0 if b.is_symlink() else sum(p.stat().st_size for p in b.rglob("*") if p.is_file() and not p.is_symlink())
         try:
-            shutil.rmtree(b)
+            b.unlink() if b.is_symlink() else shutil.rmtree(b)  # a link: unlinked, not followed
         except OSError as exc:
             raise ZooError(f"cannot delete the cached bundle {b} ({exc.strerror or exc}); its model's files are deleted") from exc
         gone.append(b)
@@ -676,13 +692,15 @@ def fetch(
     if mirror is not None and any(f.kind == "url" for f in todo):
         check_mirror(mirror, entry.name, given_as=given_as)  # only where it is used; before any folder, deletion or progress bar
     _drop_corrupt(entry, d, todo)
+    # Source models first, each with its own progress bar (rich allows one live display at a time), before this
+    # model's folder is made: it stays empty no longer than its own files take.
+    for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
+        if not is_installed(other):
+            fetch(other, mirror=mirror, progress=progress, timeout=timeout)
     with _prepared_dir(d):
-        # Source models first, each with its own progress bar (rich allows one live display at a time).
-        for other in dict.fromkeys(f.source_model for f in todo if f.source_model):
-            if not is_installed(other):
-                fetch(other, mirror=mirror, progress=progress, timeout=timeout)
         with _Progress(progress and bool(todo)) as bar:
             for f in todo:
+                d.mkdir(exist_ok=True)  # another install into this cache may have failed and removed it, empty, meanwhile
                 # A packaged file or a source model's copy is installed, not downloaded (an offline machine should not worry).
                 advance = bar.task(f"{entry.name}/{f.name}", f.bytes, "downloading" if f.kind == "url" else "installing")
                 if f.kind == "url":
@@ -777,6 +795,7 @@ def import_local(name: str, src: str | Path | None = None, *, force: bool = Fals
     _drop_corrupt(entry, d, todo)
     with _prepared_dir(d):
         for f in todo:
+            d.mkdir(exist_ok=True)  # another install into this cache may have failed and removed it, empty, meanwhile
             dest = d / f.name
             if f.kind == "url":
                 _copy_verified(

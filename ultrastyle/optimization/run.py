@@ -446,7 +446,8 @@ class Optimizer:
         from ultrastyle.runtime.backends.select import require_torch_device
 
         self.model, self.threads = model, check.thread_count("threads", threads)
-        require_torch_device(check.device("device", str(device)))
+        device = check.device("device", str(device))  # "CPU" too, as the command line takes it
+        require_torch_device(device)
         if dtype not in (torch.float32, torch.float64):
             raise OptionError("dtype", f"expected torch.float32 or torch.float64, got {dtype!r}")
         if isinstance(model, Encoder):

@@ -23,7 +23,7 @@ import torch
 from ultrastyle import options as check
 from ultrastyle.core.arch import STAGES
 from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
-from ultrastyle.export.bundle import Bundle, BundleError, export_bundle, is_bundle, read_bundle
+from ultrastyle.export.bundle import Bundle, BundleError, derived_work, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.io.atomic import is_unwritable
 from ultrastyle.models import zoo
@@ -85,15 +85,17 @@ def ensure_bundle(
             read_bundle(target)
         except BundleError as exc:
             damaged = str(exc).split("; ")[0]
+    lost = derived_work(target) if damaged is None else ""  # an older release's bundle, a graph kind short: exported again
     if on_export:
-        on_export(f"exporting {name} to ONNX (first use) into {target}" if damaged is None else
-                  f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
-                  "there must be calibrated again)")  # fmt: skip
+        on_export(f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
+                  "there must be calibrated again)" if damaged is not None else  # fmt: skip
+                  f"exporting {name} to ONNX again into {target}, which lacks graphs this release runs; the {lost} it holds are "
+                  "deleted (calibrate and build again)" if lost else f"exporting {name} to ONNX (first use) into {target}")  # fmt: skip
     model = load_model(source, stages=stages, progress=progress)
     try:
         if damaged is not None and target.is_dir() and not target.is_symlink():  # the cache's own folder: made again whole
             shutil.rmtree(target)
-        # force: the cache's own folder, said above to lose its int8 graphs (a damaged one is removed before)
+        # force: the cache's own folder, whose int8 graphs and engines are said above to be lost (a damaged one is removed before)
         return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files, force=True)
     except OSError as exc:  # a read-only ULTRASTYLE_HOME (permissions or a read-only mount): say where, and the ways round it
         if not is_unwritable(exc):
@@ -170,7 +172,8 @@ def resolve_backend(
         return backend
     if precision == "bf16":  # only PyTorch runs bfloat16 networks
         return "torch"
-    if source is not None and tensorrt_engines_ready(source, stages, precision):
+    first_gpu = device.partition(":")[2] in ("", "0")  # TensorRT runs on the first visible GPU only (`open_runner`)
+    if first_gpu and source is not None and tensorrt_engines_ready(source, stages, precision):
         return "tensorrt"
     if device.startswith("cuda"):
         from ultrastyle.runtime.backends.onnxruntime_backend import providers_for
