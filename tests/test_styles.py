@@ -87,7 +87,7 @@ def test_style_spec_names_outputs_by_styles_and_normalised_weights():
     spec = StyleSpec((Path("x/a.jpg"), Path("y/b.png")), (0.7, 2.1))
     assert spec.weights == pytest.approx((0.25, 0.75))
     assert spec.name == "a@0.25+b@0.75"
-    assert StyleSpec((Path("a.jpg"), Path("b.jpg")), mask=Path("m.png")).name == "a+b"
+    assert StyleSpec((Path("a.jpg"), Path("b.jpg")), mask=Path("m.png")).name == "a+b_mask-m"
     with pytest.raises(ValueError, match="mask"):
         StyleSpec((Path("a.jpg"), Path("b.jpg")), (1.0, 1.0), mask=Path("m.png"))
 
