@@ -494,3 +494,34 @@ def test_without_ray_the_pool_says_to_install_the_extra(monkeypatch, cd16x_dir):
     monkeypatch.setattr(pool, "disconnect", lambda: pytest.fail("disconnect imports Ray"))
     with pytest.raises(ClusterError, match="install the extra"):
         pool.WorkerPool(cd16x_dir, address="local", stages=(5,))
+
+
+def test_a_cluster_gets_absolute_paths_whatever_folder_its_workers_run_in(monkeypatch, tmp_path):
+    import numpy as np
+
+    from ultrastyle.api import ClusterStylizer, make_options
+    from ultrastyle.core.plan import TilingOptions
+    from ultrastyle.io.sources import ImageInput
+    from ultrastyle.models.defaults import ModelDefaults
+    from ultrastyle.runtime.pairs import Pair, StyleSpec
+
+    monkeypatch.chdir(tmp_path)
+    sent = {}
+
+    class Pool:
+        def run_batch(self, pairs, opts, on_result, on_tile, *, distribute_tiles, scratch):
+            sent.update(pairs=pairs, opts=opts, scratch=scratch)
+
+    cluster = ClusterStylizer.__new__(ClusterStylizer)  # no Ray: what goes to the pool is the question
+    cluster.pool, cluster.distribute_tiles = Pool(), False
+    grey = ImageInput(np.zeros((4, 4, 3), np.uint8), "content")
+    pairs = [Pair(Path("in/c.jpg"), StyleSpec((Path("s.jpg"), Path("t.jpg")), mask=Path("m.png")), Path("out/c_stylized_s.png")),
+             Pair(grey, StyleSpec((Path("s.jpg"),)), Path("out/content_stylized_s.png"))]  # fmt: skip
+    opts = make_options(ModelDefaults("wct", (5, 4), 0.6))
+    opts = type(opts)(**{**opts.__dict__, "tiling": TilingOptions(max_memory=2**30, scratch_dir=Path("scratch"))})
+    cluster._run_batch(pairs, opts, None, None)
+    # A joined head's workers run in the folder `ray start` ran in: relative outputs went there, relative inputs were not found.
+    first, second = sent["pairs"]
+    assert first.content == tmp_path / "in/c.jpg" and first.output == tmp_path / "out/c_stylized_s.png"
+    assert first.style.paths == (tmp_path / "s.jpg", tmp_path / "t.jpg") and first.style.mask == tmp_path / "m.png"
+    assert second.content is grey and sent["scratch"] == tmp_path / "scratch" == sent["opts"].tiling.scratch_dir

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -524,6 +525,8 @@ class ClusterStylizer(Stylizer):
         if device.startswith("cuda:"):  # an actor sees only the GPU Ray gives it, as its cuda:0
             raise OptionError("device", f"expected cpu or cuda on a Ray pool (each worker runs on the GPU Ray assigns it), got {device!r}")
         model = model_source(model)
+        if isinstance(model, (str, os.PathLike)) and os.path.exists(model):  # a folder: as the workers' folder is not this one
+            model = os.path.abspath(model)
         self.model = str(model)
         defaults = model_defaults(model)
         stages = _levels_of(model, defaults, levels)
@@ -564,7 +567,24 @@ class ClusterStylizer(Stylizer):
                    on_tile: TileCallback | None) -> BatchSummary:  # fmt: skip
         check_distributed(self.distribute_tiles, any(p.style.mask is not None for p in pairs))
         scratch = opts.tiling.scratch_dir if opts.tiling is not None else None  # the stage arrays of distribute_tiles
+        # Absolute: a joined cluster's workers run in the folder its head was started in, not this one (relative outputs
+        # went there, and relative inputs were not found).
+        pairs = [_absolute_pair(p) for p in pairs]
+        if scratch is not None:
+            scratch = scratch.absolute()
+            opts = replace(opts, tiling=replace(opts.tiling, scratch_dir=scratch))
         return self.pool.run_batch(pairs, opts, on_result, on_tile, distribute_tiles=self.distribute_tiles, scratch=scratch)
+
+
+def _absolute_pair(pair: Pair) -> Pair:
+    """``pair`` with its paths absolute (in-memory images as they are)."""
+
+    def absolute(src: Source) -> Source:
+        return src.absolute() if isinstance(src, Path) else src
+
+    style = replace(pair.style, paths=tuple(absolute(p) for p in pair.style.paths),
+                    mask=absolute(pair.style.mask) if pair.style.mask is not None else None)  # fmt: skip
+    return replace(pair, content=absolute(pair.content), style=style, output=pair.output.absolute() if pair.output else None)
 
 
 def _levels_of(model: str | os.PathLike, defaults: ModelDefaults, levels: Sequence[int] | str | None) -> tuple[int, ...]:
