@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -525,3 +526,34 @@ def test_a_cluster_gets_absolute_paths_whatever_folder_its_workers_run_in(monkey
     assert first.content == tmp_path / "in/c.jpg" and first.output == tmp_path / "out/c_stylized_s.png"
     assert first.style.paths == (tmp_path / "s.jpg", tmp_path / "t.jpg") and first.style.mask == tmp_path / "m.png"
     assert second.content is grey and sent["scratch"] == tmp_path / "scratch" == sent["opts"].tiling.scratch_dir
+
+
+def test_ray_starts_with_stop_signals_blocked_so_its_processes_leave_a_group_signal_to_the_driver(monkeypatch):
+    """A scheduler's SIGTERM (or a terminal's Ctrl-C) to the process group killed Ray's processes first, and the driver hung
+    a minute on a dead GCS; a Ctrl-C while Ray started was lost. What Ray spawns inherits the mask in force during init."""
+    import types
+
+    from ultrastyle.distributed import cluster
+
+    seen = {}
+
+    def init(**kw):  # what Ray's spawned processes would inherit
+        seen["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C during the start: pending, not lost
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setattr(cluster, "import_ray", lambda loopback: fake)
+    monkeypatch.setattr(cluster, "probe", lambda address: None)
+    got: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        cluster.connect("local")
+        for _ in range(100):  # the handler runs at the interpreter's next check
+            if got:
+                break
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert got == [signal.SIGINT]  # the pending Ctrl-C is delivered once the start is over
+    assert {signal.SIGINT, signal.SIGTERM} <= set(seen["mask"])
+    assert not {signal.SIGINT, signal.SIGTERM} & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # unblocked after

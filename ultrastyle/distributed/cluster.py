@@ -125,6 +125,10 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
     probe(address)
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     handlers = _signal_handlers()
+    # Blocked while Ray starts: the processes it spawns inherit the mask, so a terminal's Ctrl-C or a scheduler's SIGTERM
+    # to the whole process group reaches this driver alone, which reports and shuts them down (they died first, and
+    # the driver hung a minute on a dead GCS); a Ctrl-C during the start is delivered once it is over, not lost.
+    blocked = _block_stop_signals()
     try:
         if address == "local":
             ray.init(
@@ -138,6 +142,7 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
         raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}") from None
     finally:
         _restore(handlers)
+        _unblock(blocked)
     return True
 
 
@@ -149,6 +154,24 @@ def _signal_handlers() -> dict[int, object]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _block_stop_signals() -> set[int]:
+    """Block SIGINT and SIGTERM in this thread (the main one; elsewhere nothing); the signals it blocked."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return set()
+    stop = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    return stop - set(before)
+
+
+def _unblock(blocked: set[int]) -> None:
+    import signal
+
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
 def _restore(handlers: dict[int, object]) -> None:
