@@ -557,3 +557,25 @@ def test_ray_starts_with_stop_signals_blocked_so_its_processes_leave_a_group_sig
     assert got == [signal.SIGINT]  # the pending Ctrl-C is delivered once the start is over
     assert {signal.SIGINT, signal.SIGTERM} <= set(seen["mask"])
     assert not {signal.SIGINT, signal.SIGTERM} & set(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # unblocked after
+
+
+def test_a_join_that_fails_where_a_ray_token_exists_says_how_to_join_with_it(monkeypatch, tmp_path):
+    import types
+
+    from ultrastyle.distributed import cluster
+
+    monkeypatch.setattr(cluster.Path, "home", lambda: tmp_path)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+
+    def init(**kw):
+        raise ConnectionError("GCS has not been started")  # what a token-authenticated head gives a driver without one
+
+    monkeypatch.setattr(cluster, "import_ray", lambda loopback: types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    monkeypatch.setattr(cluster, "probe", lambda address: None)
+    with pytest.raises(cluster.ClusterError) as info:
+        cluster.connect("127.0.0.1:6390")
+    assert "token" not in str(info.value)  # no token here: nothing to say of one
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    with pytest.raises(cluster.ClusterError, match="uses token authentication, which a driver joins only with RAY_AUTH_MODE=token"):
+        cluster.connect("127.0.0.1:6390")

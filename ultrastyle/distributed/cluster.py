@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+from pathlib import Path
 from types import ModuleType
 
 from ultrastyle.errors import Setting, remedied
@@ -139,7 +140,12 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
             ray.init(address=address, _node_ip_address=LOOPBACK if loopback else None, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
         where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
-        raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}") from None
+        hint = ""
+        token = Path.home() / ".ray" / "auth_token"
+        if address != "local" and token.is_file() and "RAY_AUTH_MODE" not in os.environ:  # measured: Ray 2.60's heads
+            hint = (f"; {token} exists, so a head started here uses token authentication, which a driver joins only with "
+                    "RAY_AUTH_MODE=token set")  # fmt: skip
+        raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}{hint}") from None
     finally:
         _restore(handlers)
         _unblock(blocked)
