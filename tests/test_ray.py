@@ -579,3 +579,18 @@ def test_a_join_that_fails_where_a_ray_token_exists_says_how_to_join_with_it(mon
     (tmp_path / ".ray" / "auth_token").write_text("t")
     with pytest.raises(cluster.ClusterError, match="uses token authentication, which a driver joins only with RAY_AUTH_MODE=token"):
         cluster.connect("127.0.0.1:6390")
+
+
+def test_more_local_workers_than_cpus_are_refused_rather_than_waited_for(cd16x_dir, monkeypatch):
+    import types
+
+    from ultrastyle.distributed import pool
+    from ultrastyle.distributed.cluster import ClusterError
+
+    fake = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}, is_initialized=lambda: False)  # a local instance of 2 CPUs
+    monkeypatch.setattr(pool, "connect", lambda address: False)
+    monkeypatch.setattr(pool, "import_ray", lambda loopback: fake)
+    with pytest.raises(ClusterError, match="5 workers of 1 CPU each are more than this machine's 2 CPUs hold; give at most 2 workers"):
+        pool.WorkerPool(cd16x_dir, address="local", workers=5)  # the pool waited 30 s for actors that could never start
+    with pytest.raises(ClusterError, match="give at most 4 workers"):
+        pool.WorkerPool(cd16x_dir, address="local", workers=5, cpus_per_worker=0.5)

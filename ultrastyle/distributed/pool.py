@@ -127,6 +127,11 @@ class WorkerPool:
                                             "start; use device='cpu', or join a cluster with GPU nodes"), Setting("device", "cpu"))  # fmt: skip
             if workers is None:
                 workers = max(1, int(have.get("GPU", 0)) if gpus else int(have.get("CPU", 1) // cpus_per_worker))
+            fits = int(have.get("CPU", 1) // cpus_per_worker)
+            if address == "local" and not gpus and workers > max(1, fits):  # the rest waited 30 s for CPUs that never come
+                raise remedied(ClusterError(f"{workers} workers of {cpus_per_worker:g} CPU each are more than this machine's "
+                                            f"{have.get('CPU', 1):g} CPUs hold; give at most {max(1, fits)} workers"),
+                               Setting("workers", max(1, fits)))  # fmt: skip
             self.spec = RunnerSpec(
                 str(model), backend, device, precision, threads or max(1, int(cpus_per_worker)),
                 tuple(sorted(set(stages))) if stages else None, compile,
