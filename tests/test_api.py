@@ -734,6 +734,8 @@ def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_
     with ultrastyle.load("cd-wct-16x", backend="torch", levels=[5], format="jpg", style_size=64) as s:
         s.stylize(small["c1"], small["s1"], output=tmp_path / "result")  # the format given at load, for a name without a suffix
         assert (tmp_path / "result").read_bytes()[:2] == b"\xff\xd8"
+        s.stylize(small["c1"], small["s1"], output=tmp_path / "result.png")  # a format's suffix overrides the default
+        assert (tmp_path / "result.png").read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setattr(ultrastyle.api, "open_runner", lambda *a, **k: pytest.fail("the model opened before its settings were checked"))
     with pytest.raises(ultrastyle.OptionError, match="did you mean 'alpha'"):
         ultrastyle.load("cd-wct-16x", alpah=0.8)  # a TypeError before

@@ -31,6 +31,7 @@ from PIL import Image
 from ultrastyle import options as check
 from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
+from ultrastyle.io.constants import format_name
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
 from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
 from ultrastyle.io.masks import check_mask_size
@@ -411,7 +412,11 @@ class Stylizer:
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         _check_callbacks(on_tile=on_tile)
         if output is not None:
-            settings["format"] = _output_format(output, content, style, mix, mask, settings.get("format", self.settings.get("format")))  # given at load too
+            given = settings.get("format")
+            if given is None and "format" in self.settings:  # given at load: a default, which a format's suffix overrides
+                suffix = format_name(Path(output).suffix.lstrip("."))
+                given = None if suffix in OUTPUT_FORMATS else self.settings["format"]
+            settings["format"] = _output_format(output, content, style, mix, mask, given)
         opts = self.options(**settings)
         spec = _style_spec(style, mix, mask)
         src = as_source(content, "content")
