@@ -125,7 +125,7 @@ def calibrate(
 def _as_bundle(bundle: Bundle | str | Path, on_export: Callable[[str], None] | None = None) -> Bundle:
     """A bundle, read now (a `Bundle`'s graphs checked now, not when it was made); a zoo name or weights folder: its
     cached bundle, exported first where needed (as `calibrate` takes them, and `stylize` finds engines built there)."""
-    if isinstance(bundle, Bundle) or is_bundle(bundle):
+    if isinstance(bundle, Bundle) or is_bundle(bundle) or not _model_source(bundle):  # else read_bundle says what it is
         return read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
     from ultrastyle.runtime.backends.select import ensure_bundle
 
@@ -140,6 +140,16 @@ def _trt_precision(precision: object) -> str:
         return check.choice("precision", precision, PRECISIONS)
     except OptionError:
         raise OptionError("precision", f"TensorRT engines are {', '.join(PRECISIONS)}, not {precision!r}") from None
+
+
+def _model_source(given: str | Path) -> bool:
+    """Whether ``given`` is meant as a model: a folder of weights, or a name (the zoo says whether it knows it)."""
+    from ultrastyle.models.sources import folder_format, folder_stages
+
+    path = Path(given)
+    if path.is_dir():
+        return bool(folder_stages(path)) or folder_format(path) == "pytorch-adain"
+    return not path.exists() and "/" not in str(given) and "\\" not in str(given)
 
 
 def _bundle_and_ranges(bundle: Bundle | str | Path, precision: str, stages: Iterable[int] | str | int | None, tiles: dict[str, int | None],
@@ -223,7 +233,7 @@ def build_tensorrt(
     workspace_bytes = check.memory_budget("workspace", workspace)
     if workspace_bytes is None:
         raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
-    if not isinstance(bundle, Bundle) and not is_bundle(bundle):  # a model to export first: not before TensorRT is known to be here
+    if not isinstance(bundle, Bundle) and not is_bundle(bundle) and _model_source(bundle):  # a model to export first: not before TensorRT is known to be here
         from ultrastyle.trt.env import TensorRTUnavailable, require_tensorrt_stack
 
         fix = Remedy("check_tensorrt", (str(bundle),))
