@@ -186,19 +186,29 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
-    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        raise OptionError(option, f"{path} cannot be made: {ancestor} is a file; give a folder")
-    where = path if path.exists() else ancestor
-    said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
-    if where is not None and not os.access(where, os.W_OK | os.X_OK):  # EROFS too: a read-only mount answers no
-        raise OptionError(option, f"{said} not writable (permissions or a read-only file system); give a folder you can write")
-    if where is not None and (exc := _write_probe(where)) is not None:  # what os.access cannot tell (root, /proc, some mounts)
-        raise OptionError(option, f"{said} not writable ({exc.strerror or exc}); give a folder you can write")
+    if why := unwritable_folder(path):
+        raise OptionError(option, f"{why}; give a folder you can write")
     if not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES | {".dzi"}:  # `result.jpg` would become a folder of that name
         raise remedied(OptionError(option, f"{path} looks like a file name, but outputs go into a folder of that name (one file "
                                            "per content and style); give a folder, and the format separately (format)"), Setting("format"))  # fmt: skip
     return path
+
+
+def unwritable_folder(path: Path) -> str | None:
+    """Why folder ``path`` (made where absent) cannot be written: a file above it, or it or the folder above it not
+    writable; None where it can. For a file at ``path`` itself, the caller says what it expected there."""
+    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        return f"{path} cannot be made: {ancestor} is a file"
+    where = path if path.exists() else ancestor
+    if where is None:
+        return None
+    said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
+    if not os.access(where, os.W_OK | os.X_OK):  # EROFS too: a read-only mount answers no
+        return f"{said} not writable (permissions or a read-only file system)"
+    if (exc := _write_probe(where)) is not None:  # what os.access cannot tell (root, /proc, some mounts)
+        return f"{said} not writable ({exc.strerror or exc})"
+    return None
 
 
 def _write_probe(folder: Path) -> OSError | None:

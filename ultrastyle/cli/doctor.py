@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -27,13 +25,14 @@ def model_rows(model: str | None = None) -> list[Row]:
     """The default model's files, hashed: absent is a note (installed on first use), damaged or half installed is unusable."""
     from ultrastyle.models import zoo
     from ultrastyle.models.pretrained import DEFAULT_MODEL
+    from ultrastyle.options import unwritable_folder
 
     model = model or DEFAULT_MODEL
     try:
         status = zoo.install_status(model)
     except zoo.ZooError as exc:  # a relative ULTRASTYLE_HOME
         return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
-    if status == "absent" and (why := _cannot_install(zoo.model_dir(model))):  # "fetched on first use" would fail then
+    if status == "absent" and (why := unwritable_folder(zoo.model_dir(model))):  # "fetched on first use" would fail then
         return [Row(f"model {model}", "unusable", f"not installed, and {why}; set ULTRASTYLE_HOME to a folder you can write")]
     if status == "absent":
         return [Row(f"model {model}", "missing", "not installed (fetched on first use); install it now: "
@@ -46,18 +45,6 @@ def model_rows(model: str | None = None) -> list[Row]:
     except zoo.DamagedModelError as exc:  # one row, the fix as the command, not one Python call per backend
         return [Row(f"model {model}", "unusable", " ".join(as_command(exc).split()))]
     return [Row(f"model {model}", "ok", f"{d} (sha256 verified)")]
-
-
-def _cannot_install(folder: Path) -> str | None:
-    """Why ``folder`` (a model's, absent) cannot be made: a file in its path, or a folder above it not writable."""
-    above = next((p for p in folder.parents if p.exists()), None)
-    if above is None:
-        return None
-    if not above.is_dir():
-        return f"{folder} cannot be made: {above} is a file"
-    if not os.access(above, os.W_OK | os.X_OK):
-        return f"{folder} cannot be made: {above} is not writable"
-    return None
 
 
 def baseline_rows(model: str | None = None) -> list[Row]:
