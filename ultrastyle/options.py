@@ -90,6 +90,11 @@ def device(option: str, value: object) -> str:
     return value.lower()
 
 
+def device_index(device: str) -> int:
+    """The GPU index of a checked ``device``: N of ``cuda:N``, 0 for ``cuda`` (and ``cpu``)."""
+    return int(device.partition(":")[2] or 0)
+
+
 def image_size(option: str, value: object, *, none: str | None = None) -> int | None:
     """``content_size`` / ``style_size``: 0 keeps the image's own size, else its long side in pixels (a whole number >= 1).
 

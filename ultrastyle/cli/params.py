@@ -24,11 +24,13 @@ def require_cuda(device: str) -> None:
     import torch
     from rich.console import Console
 
+    from ultrastyle.options import device_index
+
     def error_line(message: str) -> None:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.partition(":")[2] or 0)
+    index = device_index(device)
     if count == 0:
         error_line(f"--device {device}: no CUDA device is available to PyTorch here; use --device cpu")
         raise typer.Exit(2)

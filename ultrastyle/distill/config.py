@@ -132,7 +132,7 @@ class RunConfig:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"device: {self.device!r}, but no CUDA device is available to PyTorch here; use cpu")
-            if (index := int(self.device.partition(":")[2] or 0)) >= (count := torch.cuda.device_count()):
+            if (index := check.device_index(self.device)) >= (count := torch.cuda.device_count()):
                 raise ConfigError(f"device: {self.device!r}, but PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}")
 
     @property

@@ -172,7 +172,7 @@ def resolve_backend(
         return backend
     if precision == "bf16":  # only PyTorch runs bfloat16 networks
         return "torch"
-    first_gpu = device.partition(":")[2] in ("", "0")  # TensorRT runs on the first visible GPU only (`open_runner`)
+    first_gpu = check.device_index(device) == 0  # TensorRT runs on the first visible GPU only (`open_runner`)
     if first_gpu and source is not None and tensorrt_engines_ready(source, stages, precision):
         return "tensorrt"
     if device.startswith("cuda"):
@@ -254,9 +254,9 @@ def open_runner(
             + ", or precision='fp32'"
         ), Setting("precision", "fp32"))
     if concrete == "tensorrt":
-        if device.partition(":")[2] not in ("", "0"):  # its engines and buffers live on the current CUDA device
+        if (index := check.device_index(device)) != 0:  # its engines and buffers live on the current CUDA device
             raise remedied(RunnerError(f"the tensorrt backend runs on the first visible GPU, not {device}; choose the GPU with "
-                                       f"CUDA_VISIBLE_DEVICES={device.partition(':')[2]} and device='cuda'"), Setting("device", "cuda"))  # fmt: skip
+                                       f"CUDA_VISIBLE_DEVICES={index} and device='cuda'"), Setting("device", "cuda"))  # fmt: skip
         return _open_tensorrt(source, stages=stages, precision=precision, progress=progress, on_export=on_export)
     if concrete == "torch":
         if is_bundle(source):
@@ -274,8 +274,9 @@ def open_runner(
     providers = providers_for(device)
 
     bundle = ensure_bundle(source, stages=stages, progress=progress, on_export=on_export)
-    device_id = int(device.partition(":")[2] or 0)  # cuda:N: the CUDA provider's GPU N (else its first, whatever was asked)
-    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages, device_id=device_id)
+    # cuda:N: the CUDA provider's GPU N (else its first, whatever was asked)
+    return OnnxRuntimeRunner(bundle, threads=threads, providers=providers, precision=precision, stages=stages,
+                             device_id=check.device_index(device))  # fmt: skip
 
 
 def _open_tensorrt(
