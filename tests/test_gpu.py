@@ -532,3 +532,29 @@ def test_a_tiled_decode_pass_does_not_wait_per_tile(gpu_model, photo, regions):
     print(f"synchronising calls in pass 2 over {len(stage.decode_tiles())} tiles, {regions or 1} map(s): {syncs}")
     assert bool(torch.isfinite(out).all()) and out.abs().sum() > 0  # every tile decoded
     assert syncs <= 2 * regions + 1  # each region's A and b copied to the device once per pass
+
+
+def test_cli_device_index_runs_on_that_gpu_and_refuses_one_past_the_last(shared_dir, cd16x_dir, tmp_path, cuda):
+    """``--device cuda:0`` is ``--device cuda``, to the bit; ``cuda:N`` with N GPUs is one line, exit 2, before any work."""
+    from PIL import Image
+
+    from ultrastyle.cli.main import app
+
+    content = shared_dir / "images/content/cd_content_in1.jpg"
+    style_img = shared_dir / "images/style/cd_style_in4.jpg"
+
+    def run(dev: str, out: str):
+        return CliRunner().invoke(app, ["stylize", str(content), "--style", str(style_img), "-m", str(cd16x_dir), "--backend", "torch",
+                                        "--device", dev, "--content-size", "128", "--style-size", "128", "-o", str(tmp_path / out)])
+
+    pixels = {}
+    for dev in ("cuda", "cuda:0", "CUDA:0"):
+        r = run(dev, dev.replace(":", "_"))
+        assert r.exit_code == 0, r.output
+        (path,) = (tmp_path / dev.replace(":", "_")).iterdir()
+        pixels[dev] = np.asarray(Image.open(path))
+    assert np.array_equal(pixels["cuda"], pixels["cuda:0"]) and np.array_equal(pixels["cuda"], pixels["CUDA:0"])
+    n = torch.cuda.device_count()
+    r = run(f"cuda:{n}", "past")
+    assert r.exit_code == 2 and f"PyTorch sees {n} CUDA device(s) here, cuda:0 to cuda:{n - 1}" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "past").exists()
