@@ -1029,6 +1029,19 @@ def test_remove_deletes_the_models_files_and_its_bundles_and_nothing_it_did_not_
     assert r.exit_code == 2 and "no-such-model" in r.stderr
 
 
+def test_remove_of_a_linked_model_folder_unlinks_it_and_keeps_what_it_points_to(runner: CliRunner, shared_dir: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    shared = tmp_path / "shared-copy"
+    shutil.copytree(shared_dir / "models" / NAME, shared)
+    zoo.model_dir(NAME).parent.mkdir(parents=True, exist_ok=True)
+    zoo.model_dir(NAME).symlink_to(shared, target_is_directory=True)
+    assert zoo.install_status(NAME) == "installed"
+    r = runner.invoke(app, ["models", "remove", NAME])
+    assert r.exit_code == 0 and f"the link {zoo.model_dir(NAME)} (the folder it points to is kept)" in " ".join(r.stdout.split()), r.output
+    assert not zoo.model_dir(NAME).is_symlink() and zoo.install_status(NAME) == "absent"
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in (shared_dir / "models" / NAME).iterdir())
+
+
 def test_cli_list_as_json_and_on_a_narrow_terminal_keeps_every_name_whole(runner: CliRunner, shared_dir: Path) -> None:
     zoo.import_local(NAME, shared_dir / "models" / NAME)
     rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)}

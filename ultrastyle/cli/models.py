@@ -271,7 +271,9 @@ def remove(
     if not removed.files and not removed.bundles:
         typer.echo(f"{name} has nothing in the cache ({zoo.model_dir(name)}); nothing removed")
         return
-    parts = [f"{len(removed.files)} files from {zoo.model_dir(name)}"] if removed.files else []
+    linked = removed.files == [zoo.model_dir(name)]  # the model folder was a link: it alone went
+    parts = [f"the link {removed.files[0]} (the folder it points to is kept)" if linked else f"{len(removed.files)} files from "
+             f"{zoo.model_dir(name)}"] if removed.files else []  # fmt: skip
     parts += [f"{len(removed.bundles)} bundle(s) from {zoo.bundles_dir()}"] if removed.bundles else []
     typer.echo(f"removed {name}: {' and '.join(parts)} ({_human(removed.freed)} freed); to use it again: {fix}")
     kept = zoo.cached_bundles(name)

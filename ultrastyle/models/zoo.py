@@ -359,12 +359,15 @@ def remove(name: str, *, bundles: bool = True) -> Removed:
     ONNX bundles exported from it, int8 calibrations and TensorRT engines in them included (`cached_bundles`).
 
     Only files this cache made are deleted: a file of another name in the model's folder keeps the folder, and a
-    symbolic link is unlinked, not followed. Nothing installed: an empty `Removed`. Install it again to use it
+    symbolic link (a file's, or the model folder's itself) is unlinked, not followed. Nothing installed: an empty `Removed`. Install it again to use it
     (`reinstall_text`); bundles are exported again on first use.
     """
     entry, d = get_entry(name), model_dir(name)
     files, freed = [], 0
-    for f in entry.files:
+    if d.is_symlink():  # a linked copy (shared, on another disk) is not this cache's to empty: the link goes, its target stays
+        d.unlink()
+        files.append(d)
+    for f in entry.files if not files else ():
         path = d / f.name
         if path.is_dir() and not path.is_symlink():
             raise ZooError(f"{path}: a folder where a model file goes; move it away, then remove {entry.name} again")
