@@ -743,3 +743,26 @@ def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_
         ultrastyle.load("cd-wct-16x", max_memory="lots")
     with pytest.raises(ultrastyle.OptionError, match="skip_existing: applies to stylize_batch calls"):
         ultrastyle.load("cd-wct-16x", skip_existing=True)
+
+
+def test_tilde_paths_are_the_home_folder_for_inputs_outputs_and_models(installed, small, cd16x_dir, tmp_path, monkeypatch):
+    """As a shell expands them: a literal "~" folder in the working directory was made (and invites ``rm -rf ~``)."""
+    import shutil
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "in").mkdir(parents=True)
+    work.mkdir()
+    shutil.copy(small["c1"], home / "in" / "c1.png")
+    shutil.copy(small["s1"], home / "in" / "s1.png")
+    shutil.copytree(cd16x_dir, home / "model")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    kw = dict(backend="torch", levels=(5,), style_size=64)
+    a = ultrastyle.stylize("~/in/c1.png", "~/in/s1.png", model="~/model", output="~/one.png", **kw)
+    summary = ultrastyle.stylize_batch("~/in/c*.png", ["~/in/s1.png"], "~/batch", model="~/model", **kw)
+    with ultrastyle.load("~/model", backend="torch", levels=(5,)) as s:
+        s.stylize_batch(["~/in"], "~/in/s1.png", "~/again", style_size=64)
+    assert [r.status for r in summary.results] == ["done"] and list(work.iterdir()) == []
+    assert np.array_equal(np.asarray(Image.open(home / "one.png")), a)
+    assert np.array_equal(np.asarray(Image.open(home / "batch" / "c1_stylized_s1.png")), a)
+    assert sorted(p.name for p in (home / "again").iterdir()) == ["c1_stylized_s1.png", "s1_stylized_s1.png"]

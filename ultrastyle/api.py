@@ -218,8 +218,8 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
 
 
 def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
-    """A zoo name or a folder as given; a `Bundle` (what `export_model` and `calibrate` return) as its folder."""
-    return model.path if isinstance(model, Bundle) else model
+    """A zoo name or a folder as given (``~`` expanded); a `Bundle` (what `export_model` and `calibrate` return) as its folder."""
+    return model.path if isinstance(model, Bundle) else os.path.expanduser(model)
 
 
 def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
@@ -412,6 +412,7 @@ class Stylizer:
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         _check_callbacks(on_tile=on_tile)
         if output is not None:
+            output = Path(output).expanduser()
             given = settings.get("format")
             if given is None and "format" in self.settings:  # given at load: a default, which a format's suffix overrides
                 suffix = format_name(Path(output).suffix.lstrip("."))
@@ -707,6 +708,7 @@ def stylize(
     check_style_args(style, mix, mask)  # before the model opens (a download, an export)
     _check_callbacks(on_tile=on_tile)
     if output is not None:
+        output = Path(output).expanduser()
         _output_format(output, content, style, mix, mask, settings.get("format"))
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)
@@ -737,7 +739,7 @@ def stylize_batch(
     """
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
-    check.output_folder("output_dir", output_dir)  # before the model opens
+    output_dir = check.output_folder("output_dir", output_dir)  # before the model opens
     _check_callbacks(on_tile=on_tile, on_result=on_result)
     contents = _listed(contents)  # lists: checked here, read there (a generator would be spent)
     styles = _listed(styles) if styles is not None else None

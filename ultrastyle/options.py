@@ -181,14 +181,15 @@ def no_empty_path(option: str, values: Collection[str | os.PathLike], give: str 
 
 
 def output_folder(option: str, value: str | os.PathLike) -> Path:
-    """A folder that outputs go into: absent (it is made) or a folder we may write, and not named like an image file.
+    """A folder that outputs go into (returned, ``~`` expanded): absent (it is made) or a folder we may write, and not named
+    like an image file.
 
     Checked before any work: a file there (or above it), or a folder we may not
     write (a read-only mount), would fail every output at its write, after all
     the compute.
     """
     no_empty_path(option, [value], "a folder")
-    path = Path(value)
+    path = Path(value).expanduser()  # as a shell would: from Python, a literal "~" folder would be made here
     if path.exists() and not path.is_dir():
         raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
     if why := unwritable_folder(path):
@@ -226,7 +227,8 @@ def _write_probe(folder: Path) -> OSError | None:
 
 
 def output_file(output: str | os.PathLike, inputs: Collection[object] = ()) -> Path:
-    """The file one image is written to: not a folder, and none of ``inputs`` (those that are paths), which it would replace.
+    """The file one image is written to (returned, ``~`` expanded): not a folder, and none of ``inputs`` (those that are
+    paths), which it would replace.
 
     Checked before any work, as `output_folder` is for a batch.
     """

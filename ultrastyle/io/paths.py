@@ -10,7 +10,7 @@ from ultrastyle.io.constants import IMAGE_SUFFIXES
 
 
 def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Path]:
-    """Files as given, directories as their image files (sorted), globs as their matches (sorted).
+    """Files as given, directories as their image files (sorted), globs as their matches (sorted); ``~`` expanded.
 
     A path that exists nowhere is kept as it is, so the batch reports it as a
     bad input ("no such file") instead of silently dropping it. Duplicates (the
@@ -19,7 +19,7 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
     may cover two labels).
     """
     out: list[Path] = []
-    for spec in map(str, specs):
+    for spec in map(os.path.expanduser, map(str, specs)):  # ~ as a shell would (from Python, a quoted argument)
         p = Path(spec)
         if p.is_dir():
             out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

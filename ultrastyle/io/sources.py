@@ -156,9 +156,10 @@ def read_source(src: Source, max_pixels: int) -> np.ndarray:
 
 
 def as_source(image: ImageLike, role: str, *, keep_alpha: bool = False) -> Source:
-    """A path as a `Path`, an array or PIL image as an `ImageInput` named ``role`` (``keep_alpha`` as `as_pixels`); TypeError otherwise."""
+    """A path as a `Path` (``~`` expanded), an array or PIL image as an `ImageInput` named ``role`` (``keep_alpha`` as `as_pixels`);
+    TypeError otherwise."""
     if isinstance(image, (str, os.PathLike)):
-        return Path(image)
+        return Path(image).expanduser()
     if isinstance(image, (np.ndarray, Image.Image)):
         return ImageInput(image, role, keep_alpha=keep_alpha)
     raise TypeError(f"{role}: expected a path, an (H, W, 3) array or a PIL image, got {type(image).__name__}")

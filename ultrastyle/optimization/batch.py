@@ -77,10 +77,10 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
     files = expand_inputs([os.fspath(c) for c in contents])
     if not files:
         raise OptionError("contents", f"no content images found in: {' '.join(map(os.fspath, contents))}")
-    style = Path(style)
+    style = Path(style).expanduser()
     if not style.is_file():
         raise OptionError("style", f"{style}: {'a folder, not a style image file' if style.is_dir() else 'no such style image file'}")
-    output = Path(output)
+    output = Path(output).expanduser()
     if output.suffix.lower() == ".dzi":
         raise OptionError("output", f"{output}: the optimizer writes one image (png, jpg or tiff), not a Deep Zoom folder")
     as_file = is_file_output(output)

@@ -515,7 +515,7 @@ class Optimizer:
         `OptionError` for a bad setting.
         """
         if output is not None:
-            check.output_file(output, [content, style])  # before any work, as `Stylizer.stylize`
+            output = check.output_file(output, [content, style])  # before any work, as `Stylizer.stylize`
         if output is not None and "options" not in settings:
             settings["format"] = check.output_format(output, settings.get("format"), FORMATS)  # as `Stylizer.stylize`: from the name
         opts = settings.pop("options", None)  # the command line validates its settings once for the batch
