@@ -90,6 +90,14 @@ def test_empty_or_missing_folder_is_one_clear_error(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_hidden_files_and_folders_are_not_training_images(tmp_path):
+    for name in ("a.png", "sub/b.jpg", "._a.png", ".ipynb_checkpoints/a.png", "sub/.thumbs/c.png", ".hidden.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "sub/b.jpg"]
+    assert list_images(tmp_path / "sub" / ".thumbs") == [tmp_path / "sub/.thumbs/c.png"]  # a hidden folder given is searched
+
+
 def test_unreadable_file_is_skipped_with_a_warning_naming_it(tmp_path):
     files = _photos(tmp_path, n=2)
     bad = tmp_path / "broken.jpg"

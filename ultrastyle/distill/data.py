@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ultrastyle.errors import warn
 from ultrastyle.io.images import IMAGE_SUFFIXES, ImageError, read_image
+from ultrastyle.io.paths import is_image_name
 
 
 class DataError(ValueError):
@@ -40,13 +41,14 @@ class BadImageWarning(UserWarning):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted; `DataError` if there are none."""
+    """Image files under ``folder`` (recursively, hidden files and folders left out), sorted; `DataError` if there are none."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name)
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parent.parts))  # not .git, ._NAME  # fmt: skip
     if not files:
         raise DataError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files

@@ -10,7 +10,8 @@ from ultrastyle.io.constants import IMAGE_SUFFIXES
 
 
 def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Path]:
-    """Files as given, directories as their image files (sorted), globs as their matches (sorted); ``~`` expanded.
+    """Files as given, directories as their image files (sorted, hidden ones left out), globs as their matches (sorted);
+    ``~`` expanded.
 
     A path that exists nowhere is kept as it is, so the batch reports it as a
     bad input ("no such file") instead of silently dropping it. Duplicates (the
@@ -22,7 +23,7 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
     for spec in map(os.path.expanduser, map(str, specs)):  # ~ as a shell would (from Python, a quoted argument)
         p = Path(spec)
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in p.iterdir() if f.is_file() and is_image_name(f.name))
         elif p.exists():
             out.append(p)
         elif glob.has_magic(spec):
@@ -36,6 +37,12 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
     for p in out:
         firsts.setdefault(input_key(p), p)
     return list(firsts.values())
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file found in a folder is taken for an image: an image suffix, and not hidden. macOS leaves ``._NAME``
+    resource forks beside copied files (not images), and a glob leaves dot-files out too."""
+    return not name.startswith(".") and f".{name.rpartition('.')[2].lower()}" in IMAGE_SUFFIXES
 
 
 def input_key(path: str | os.PathLike) -> str:
