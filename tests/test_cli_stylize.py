@@ -536,6 +536,9 @@ def test_a_rerun_into_the_contents_folder_does_not_stylize_its_own_outputs(invok
     assert again.exit_code == 0 and _summary(again) == (0, 1, 0, 1), again.output  # c1_stylized_s1.png is an output, not a content
     assert "1 of the contents are outputs of this batch" in " ".join(again.stderr.split()) and "c1_stylized_s1.png" in again.stderr
     assert sorted(p.name for p in d.iterdir()) == ["c1.png", "c1_stylized_s1.png"]
+    other = invoke(d, "--style", images["s1"], "-o", d, "--levels", "5", "-f", "jpg")  # another format: still an output
+    assert other.exit_code == 0 and _summary(other) == (1, 0, 0, 1), other.output
+    assert sorted(p.name for p in d.iterdir()) == ["c1.png", "c1_stylized_s1.jpg", "c1_stylized_s1.png"]
 
 
 def test_masked_outputs_are_named_by_their_mask_so_other_masks_neither_replace_them_nor_the_mask(invoke, images, tmp_path) -> None:

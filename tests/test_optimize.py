@@ -522,6 +522,7 @@ def test_outputs_that_would_replace_an_input_or_each_other_are_refused(shared_di
     shutil.copy(content, tmp_path / "x" / "p_optimized_cd_style_in3.png")
     again = plan_outputs([tmp_path / "x", tmp_path / "x" / "p.jpg"], style, tmp_path / "x", "png")
     assert [p.content.name for p in again] == ["p.jpg"]
+    assert [p.content.name for p in plan_outputs([tmp_path / "x"], style, tmp_path / "x", "tiff")] == ["p.jpg"]  # in another format
     state = tmp_path / "x" / ".p_optimized_cd_style_in3.png.optimize-state"
     state.mkdir()
     (state / "notes.txt").write_text("not ours")

@@ -92,11 +92,12 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
         )  # fmt: skip
     spec = StyleSpec((style,))
 
-    def out_of(f: Path) -> Path:
-        return output if as_file else output / f"{f.stem}_optimized_{style.stem}.{fmt}"
+    def out_of(f: Path, suffix: str = fmt) -> Path:
+        return output if as_file else output / f"{f.stem}_optimized_{style.stem}.{suffix}"
 
-    planned = {out_of(f).resolve() for f in files}
-    # Earlier outputs in the contents' folder are not contents (a rerun into that folder, --skip-existing after Ctrl-C).
+    planned = {out_of(f, suffix).resolve() for f in files for suffix in FORMATS}
+    # Earlier outputs in the contents' folder are not contents (a rerun into that folder, --skip-existing after Ctrl-C), in
+    # any format: a rerun in another would optimize them.
     pairs = [Pair(f, spec, out_of(f)) for f in files if f.resolve() not in planned or out_of(f).resolve() == f.resolve()]
     seen: dict[Path, Path] = {}
     for p in pairs:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ultrastyle.core.styles import mix_weights
 from ultrastyle.errors import Remedies, Setting, remedied, warn
+from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.sources import Source
 
 
@@ -167,12 +168,13 @@ def too_long_name(output: Path) -> str | None:
 def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec], outdir: Path, fmt: str) -> list[Pair]:
     """Every content x style pair, in content-major order; refuses pairs that share an output name or would replace a style.
 
-    Contents that are outputs of this batch (an earlier run's, written into the contents' folder) are left out, as
-    `optimization.batch.plan_outputs` does: a rerun there (``skip_existing`` after Ctrl-C) does not stylize its outputs.
+    Contents that are outputs of this batch (an earlier run's, written into the contents' folder, in any format) are left
+    out, as `optimization.batch.plan_outputs` does: a rerun there (``skip_existing`` after Ctrl-C, another format) does
+    not stylize its outputs.
     """
     specs = [s if isinstance(s, StyleSpec) else StyleSpec((s,)) for s in styles]
     where = outdir.resolve()
-    planned = {where / output_name(c, s, fmt) for c in contents for s in specs}
+    planned = {where / output_name(c, s, f) for c in contents for s in specs for f in OUTPUT_FORMATS}
     kept: list[Source] = []
     left: list[Source] = []
     for c in contents:
