@@ -295,6 +295,20 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work_even_wh
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
 
 
+def test_a_broken_link_as_output_folder_and_a_file_above_an_output_file_are_refused_before_any_work(tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone", target_is_directory=True)
+    with pytest.raises(OptionError, match=rf"{link} is a link to {tmp_path / 'gone'}, which does not exist; make that folder"):
+        ultrastyle.options.output_folder("output_dir", link)  # exists() said no: the model opened and every write failed
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OptionError, match=rf"{tmp_path / 'afile'} is a file; give a file in a folder you can write"):
+        ultrastyle.options.output_file(tmp_path / "afile" / "x.png")
+    with pytest.raises(OptionError, match=rf"{tmp_path / 'afile' / 'd'} cannot be made: {tmp_path / 'afile'} is a file"):
+        ultrastyle.options.output_file(tmp_path / "afile" / "d" / "x.png")
+    assert ultrastyle.options.output_file(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "out"]
+
+
 def test_the_fix_a_message_gives_is_a_value_that_works():
     from ultrastyle.distill.config import ConfigError, DistillConfig
 

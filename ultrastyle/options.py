@@ -190,6 +190,8 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     """
     no_empty_path(option, [value], "a folder")
     path = Path(value).expanduser()  # as a shell would: from Python, a literal "~" folder would be made here
+    if path.is_symlink() and not path.exists():  # exists() follows the link: it would pass as absent, then fail every write
+        raise OptionError(option, f"{path} is a link to {os.readlink(path)}, which does not exist; make that folder, or give another")
     if path.exists() and not path.is_dir():
         raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
     if why := unwritable_folder(path):
@@ -236,6 +238,9 @@ def output_file(output: str | os.PathLike, inputs: Collection[object] = ()) -> P
     path = Path(output).expanduser()
     if path.is_dir():
         raise OptionError("output", f"{path} is a folder; give a file name (the image's, such as {path / 'out.png'})")
+    # Its folder is made where absent: a file there or above it would fail after the compute.
+    if why := (f"{path.parent} is a file" if path.parent.exists() and not path.parent.is_dir() else unwritable_folder(path.parent)):
+        raise OptionError("output", f"{why}; give a file in a folder you can write")
     target = path.resolve()
     for given in inputs:
         if isinstance(given, (str, os.PathLike)) and Path(given).expanduser().resolve() == target:
