@@ -743,6 +743,11 @@ def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_
         ultrastyle.load("cd-wct-16x", max_memory="lots")
     with pytest.raises(ultrastyle.OptionError, match="skip_existing: applies to stylize_batch calls"):
         ultrastyle.load("cd-wct-16x", skip_existing=True)
+    for keyword in ("output", "output_dir", "style"):  # a call's own argument: "did you mean 'output_dir'" pointed at another
+        with pytest.raises(ultrastyle.OptionError, match=f"{keyword}: is an argument of each call, not a setting kept for them"):
+            ultrastyle.load("cd-wct-16x", **{keyword: "x"})
+    with pytest.raises(ultrastyle.OptionError, match="did you mean 'backend'"):
+        ultrastyle.load("cd-wct-16x", backnd="torch")
 
 
 def test_tilde_paths_are_the_home_folder_for_inputs_outputs_and_models(installed, small, cd16x_dir, tmp_path, monkeypatch):

@@ -224,9 +224,9 @@ def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
 
 def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
     """Settings given at load for every call, checked as a call's are (a typo, a bad value: `OptionError`)."""
-    check_settings(settings, model_keys=())
     if "skip_existing" in settings:  # a batch's choice, not the model's: stylize() refuses it
         raise OptionError("skip_existing", "applies to stylize_batch calls; give it there")
+    check_settings(settings, _SETTINGS - {"skip_existing"}, model_keys=(), at_load=True)
     make_options(defaults, **settings)
     return dict(settings)
 
@@ -624,15 +624,17 @@ _SETTINGS = frozenset(inspect.signature(make_options).parameters) - {"defaults"}
 
 def check_settings(
     settings: Mapping[str, Any], allowed: frozenset[str] | None = None, model_keys: Sequence[str] | None = None,
-    opener: str = "ultrastyle.load(...) (or to ultrastyle.stylize)",
+    opener: str = "ultrastyle.load(...) (or to ultrastyle.stylize)", *, at_load: bool = False,
 ) -> None:
     """OptionError for a keyword that is no setting of a call: a typo (with the closest setting), or one of ``model_keys``.
 
     ``allowed``: the call's settings (default: `make_options`'); ``model_keys``: settings of the opened model
-    instead, which belong to ``opener``.
+    instead, which belong to ``opener``. ``at_load``: settings kept by `load` for every call, where the calls' own
+    arguments (``output``, ``style``) are no typo of a setting.
     """
+    calls = (_CALL_KEYWORDS, "stylize(...) or stylize_batch(...)") if at_load else ((), "")
     check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener,
-                         _CALL_KEYWORDS)  # fmt: skip
+                         _RUNNER_KEYS if at_load else _CALL_KEYWORDS, calls)  # fmt: skip
 
 
 def _nth(role: str, i: int) -> str:
