@@ -205,6 +205,11 @@ def test_cli_settings_errors_are_one_line_and_exit_2(teacher_dir, photos, tmp_pa
     if not torch.cuda.is_available():
         r = runner.invoke(app, ["distill", "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images", str(photos), "--device", "cuda"])
         assert r.exit_code == 2 and "no CUDA device" in r.output
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text("device:\n")  # YAML's null: its default is meant, and the message says to leave it out
+    r = runner.invoke(app, ["distill", "--config", str(nothing), "-t", str(teacher_dir), "--stage", "1", "-o", str(tmp_path / "o"), "--images",
+                            str(photos)])  # fmt: skip
+    assert r.exit_code == 2 and f"{nothing}: device: got nothing (null); leave it out for its default, cpu" in " ".join(r.output.split())
 
 
 def test_train_decoder_writes_a_complete_teacher_model(teacher_dir, photos, tmp_path):

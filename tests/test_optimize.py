@@ -575,6 +575,10 @@ def test_optimizer_settings_the_machine_cannot_run_are_typed_errors(cd16x_dir):
     if not torch.cuda.is_available():
         with pytest.raises(RunnerError, match="no CUDA device is available"):  # not torch's AssertionError
             Optimizer(cd16x_dir, device="cuda")
+        with pytest.raises(RunnerError, match=r"device='cuda:1': no CUDA device is available"):  # the GPU asked for, not 'cuda'
+            Optimizer(cd16x_dir, device="CUDA:1")
+    with pytest.raises(OptionError, match="expected cpu, cuda or cuda:N, got None"):  # not the string 'None'
+        Optimizer(cd16x_dir, device=None)
 
 
 def test_optimize_cli_refuses_dzi_and_webp_outputs_with_its_own_formats_and_takes_max_pixels(shared_dir, cd16x_dir, tmp_path):

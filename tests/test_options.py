@@ -309,6 +309,14 @@ def test_a_broken_link_as_output_folder_and_a_file_above_an_output_file_are_refu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "out"]
 
 
+def test_a_cuda_device_past_the_ones_pytorch_sees_says_which_there_are():
+    from ultrastyle.options import cuda_shortfall
+
+    assert cuda_shortfall("cpu", 0) is None and cuda_shortfall("cuda:1", 2) is None and cuda_shortfall("cuda", 1) is None
+    assert cuda_shortfall("cuda", 0) == cuda_shortfall("cuda:3", 0) == "no CUDA device is available to PyTorch here"
+    assert cuda_shortfall("cuda:2", 2) == "PyTorch sees 2 CUDA device(s) here, cuda:0 to cuda:1"
+
+
 def test_the_fix_a_message_gives_is_a_value_that_works():
     from ultrastyle.distill.config import ConfigError, DistillConfig
 

@@ -95,6 +95,15 @@ def device_index(device: str) -> int:
     return int(device.partition(":")[2] or 0)
 
 
+def cuda_shortfall(device: str, count: int) -> str | None:
+    """Why a checked ``device`` cannot run where PyTorch sees ``count`` CUDA devices, else None (the CPU always runs)."""
+    if not device.startswith("cuda"):
+        return None
+    if count == 0:
+        return "no CUDA device is available to PyTorch here"
+    return f"PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}" if device_index(device) >= count else None
+
+
 def image_size(option: str, value: object, *, none: str | None = None) -> int | None:
     """``content_size`` / ``style_size``: 0 keeps the image's own size, else its long side in pixels (a whole number >= 1).
 

@@ -21,19 +21,13 @@ def require_cuda(device: str) -> None:
     """Exit 2 with one line where PyTorch has no CUDA device for ``device`` (``cuda``, ``cuda:N``); the CPU always runs."""
     if not device.startswith("cuda"):
         return
-    import torch
     from rich.console import Console
 
-    from ultrastyle.options import device_index
+    from ultrastyle.options import cuda_shortfall
+    from ultrastyle.runtime.backends.select import cuda_count
 
-    def error_line(message: str) -> None:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", style="red", markup=False)
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = device_index(device)
-    if count == 0:
-        error_line(f"--device {device}: no CUDA device is available to PyTorch here; use --device cpu")
-        raise typer.Exit(2)
-    if index >= count:
-        error_line(f"--device {device}: PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}; give one of them")
+    count = cuda_count()
+    if (why := cuda_shortfall(device, count)) is not None:
+        fix = "give one of them" if count else "use --device cpu"
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: --device {device}: {why}; {fix}", style="red", markup=False)
         raise typer.Exit(2)

@@ -130,8 +130,9 @@ class RunConfig:
         if self.device != "cpu":
             import torch  # only here: the configuration module itself stays torch-free
 
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device: {self.device!r}, but no CUDA device is available to PyTorch here; use cpu")
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (why := check.cuda_shortfall(self.device, count)) is not None:
+                raise ConfigError(f"device: {self.device}: {why}; {'give one of them' if count else 'use cpu'}")
             if (index := check.device_index(self.device)) >= (count := torch.cuda.device_count()):
                 raise ConfigError(f"device: {self.device!r}, but PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}")
 
@@ -269,6 +270,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if "None" in kind:
             return None
+        if field.default is not dataclasses.MISSING:  # YAML's "device:" with nothing after it
+            raise ConfigError(f"{field.name}: got nothing (null); leave it out for its default, {field.default}")
         raise ConfigError(f"{field.name}: required, got nothing")
     try:
         if kind.startswith("int"):

@@ -446,7 +446,7 @@ class Optimizer:
         from ultrastyle.runtime.backends.select import require_torch_device
 
         self.model, self.threads = model, check.thread_count("threads", threads)
-        device = check.device("device", str(device))  # "CPU" too, as the command line takes it
+        device = check.device("device", str(device) if isinstance(device, torch.device) else device)  # "CPU" too, as the CLI takes it
         require_torch_device(device)
         if dtype not in (torch.float32, torch.float64):
             raise OptionError("dtype", f"expected torch.float32 or torch.float64, got {dtype!r}")

@@ -199,11 +199,20 @@ def check_runner_options(
     return backend, device, precision
 
 
+def cuda_count() -> int:
+    """How many CUDA devices PyTorch sees here (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def require_torch_device(device: str) -> None:
     """`RunnerError` where PyTorch has no CUDA device for ``device`` (``cuda``, ``cuda:N``); the CPU always runs."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise remedied(RunnerError("device='cuda': no CUDA device is available to PyTorch here; run on the CPU (device='cpu')"),
-                       (Setting("device", "cuda"), Setting("device", "cpu")))  # fmt: skip
+    count = cuda_count() if device.startswith("cuda") else 0
+    if (why := check.cuda_shortfall(device, count)) is None:
+        return
+    if count:
+        raise RunnerError(f"device={device!r}: {why}; give one of them")
+    raise remedied(RunnerError(f"device={device!r}: {why}; run on the CPU (device='cpu')"),
+                   (Setting("device", device), Setting("device", "cpu")))  # fmt: skip
 
 
 def _precisions(backend: str) -> tuple[str, ...]:
