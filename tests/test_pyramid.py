@@ -285,6 +285,8 @@ def test_skip_existing_counts_a_dzi_only_beside_its_tiles(tmp_path: Path) -> Non
     assert not output_exists(dzi)  # its tile folder was deleted: run it again
     (tmp_path / "a_stylized_b_files").mkdir()
     assert output_exists(dzi) and not output_exists(tmp_path / "none.png")
+    (tmp_path / "empty.png").write_bytes(b"")  # another tool's, or a full disk's: redone, not kept
+    assert not output_exists(tmp_path / "empty.png")
     upper = tmp_path / "c.DZI"
     upper.write_text("<Image/>")
     (tmp_path / "c_files").mkdir()

@@ -37,6 +37,7 @@ from ultrastyle.optimization.run import (
     read_input,
 )
 from ultrastyle.options import OptionError, known_keywords
+from ultrastyle.runtime.batch import output_exists
 from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, too_long_name
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
@@ -126,7 +127,7 @@ def check_style(style: str | os.PathLike, max_pixels: int, pairs: Sequence[Pair]
     runs before the model opens. Not where every one of ``pairs`` is skipped for its existing output (``skip_existing``):
     nothing reads the style then.
     """
-    if skip_existing and pairs and all(p.output is not None and p.output.exists() and not (state_dir_for(p.output) / "state.json").is_file()
+    if skip_existing and pairs and all(p.output is not None and output_exists(p.output) and not (state_dir_for(p.output) / "state.json").is_file()
                                        for p in pairs):  # fmt: skip
         return
     header = image_header(Path(style))
@@ -198,7 +199,7 @@ def _run_pairs(optimizer: Optimizer, pairs: Sequence[Pair], options: OptimizeOpt
         out = pair.output
         assert out is not None
         started = time.perf_counter()
-        if skip_existing and out.exists() and not optimizer.resumes(pair.content, pair.style.paths[0], options, state_dir_for(out)):
+        if skip_existing and output_exists(out) and not optimizer.resumes(pair.content, pair.style.paths[0], options, state_dir_for(out)):
             result = PairResult(pair, "skipped")  # (an interrupted run's state that this run would resume is resumed instead)
         else:
             try:

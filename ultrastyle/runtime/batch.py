@@ -443,10 +443,14 @@ class _Allowance:
 
 
 def output_exists(path: Path) -> bool:
-    """Whether an output is there whole: a Deep Zoom ``NAME.dzi`` counts only beside its ``NAME_files/`` tiles."""
+    """Whether an output is there whole (what ``skip_existing`` keeps): a Deep Zoom ``NAME.dzi`` counts only beside its
+    ``NAME_files/`` tiles, and an empty file (another tool's, a full disk's: this one writes through a rename) not at all."""
     if path.suffix.lower() == ".dzi":
         return path.is_file() and path.with_name(f"{dzi_name(path)}_files").is_dir()
-    return path.exists()
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def content_runs(pairs: Sequence[Pair], skip_existing: bool) -> tuple[list[PairResult | None], list[tuple[Source, list[int]]]]:
