@@ -386,7 +386,8 @@ def stylize_command(
                 said = "the outputs being written were abandoned (nothing partial is left)"
             else:
                 said = "the outputs being written were finished" if done else "no output was finished, and nothing partial is left"
-            again = f"; rerun with --skip-existing to keep the {done} done" if done else "; an image is stylized whole or not at all"
+            kept = done + exc.summary.count("skipped")  # a resumed run's outputs are kept by the next one too
+            again = f"; rerun with --skip-existing to keep the {kept} written" if kept else "; an image is stylized whole or not at all"
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said}{again}")
             Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; outputs in {output}")
             raise typer.Exit(130) from None
