@@ -1051,3 +1051,5 @@ def test_cli_list_as_json_and_on_a_narrow_terminal_keeps_every_name_whole(runner
     assert r.exit_code == 0, r.output
     for name, entry in zoo.entries().items():  # the table cut names (ultrastyle-adain-1…) and dropped the source column
         assert name in r.stdout and "+".join(entry.source_kinds[:1]) in r.stdout
+    described = [ln for ln in r.stdout.splitlines() if ln.startswith("  ") and " files, " not in ln]
+    assert len(described) > 10 and max(map(len, described)) <= 50 and ", stage 4, " in r.stdout  # folded (400+ columns before)

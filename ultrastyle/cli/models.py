@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,9 +122,10 @@ def list_models(
             out.print(f"Models (cache: {zoo.home_dir() / 'models'})", markup=False)
             for name, entry in models:
                 out.print(f"\n[bold]{name}[/bold]  installed: {_STATUS_CELLS[statuses[name]]}")
-                out.print(f"  {len(entry.files)} files, {_human(entry.total_bytes)}, stages {_stages(entry.stages)}, from {_sources(entry)}",
-                          markup=False)  # fmt: skip
-                out.print(f"  {escape(entry.description)}")
+                stages = f"stage{'s' if len(entry.stages) > 1 else ''} {_stages(entry.stages)}"
+                out.print(f"  {len(entry.files)} files, {_human(entry.total_bytes)}, {stages}, from {_sources(entry)}", markup=False)
+                # The console does not wrap (soft_wrap: one line per error when piped): a description is folded here.
+                out.print(textwrap.fill(entry.description, max(out.width, 40) - 1, initial_indent="  ", subsequent_indent="  "), markup=False)
         else:
             # Compact columns so the table fits 80 columns; descriptions follow it, wrapped.
             table = Table(title=f"Models (cache: {zoo.home_dir() / 'models'})", title_justify="left", box=box.SIMPLE_HEAD)
