@@ -174,6 +174,8 @@ def test_unknown_model_lists_known_names() -> None:
     assert isinstance(ei.value, zoo.ZooError)
     with pytest.raises(zoo.UnknownModelError, match="unknown model 'cd-wct16x'; did you mean 'cd-wct-16x'\\? known models"):
         zoo.get_entry("cd-wct16x")  # a typo, as option typos get
+    with pytest.raises(zoo.UnknownModelError, match="unknown model 'CD-WCT-16X'; did you mean 'cd-wct-16x'\\?"):
+        zoo.get_entry("CD-WCT-16X")  # names are lower case
     with pytest.raises(zoo.UnknownModelError):
         zoo.model_dir("../../etc")
 

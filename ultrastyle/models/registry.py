@@ -90,7 +90,8 @@ class UnknownModelError(ZooError):
                 super().__init__(f"{name}: no such model folder (nor a model name: known models are {', '.join(known) or '(none)'})")
             return
         self.remedy = Remedy("list_models")
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        lower = {k.lower(): k for k in known}  # names are lower case: CD-WCT-16X is no typo
+        close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.75)]
         guess = f"did you mean {close[0]!r}? " if close else ""
         super().__init__(f"unknown model {name!r}; {guess}known models: {', '.join(known) or '(none)'} (described by {self.remedy.python()})")
 
