@@ -57,8 +57,9 @@ def test_config_layers_defaults_file_flags_and_resume_rules(tmp_path):
     cfg.check()
     longer = resolve(DistillConfig, cfg_file, {"lr": 0.002, "stage": 2, "out": "o", "steps": 5000})
     assert for_resume(cfg, longer, {"steps": 5000, "lr": 0.002}).steps == 5000
-    with pytest.raises(ConfigError, match=r"lr=0.002 \(now 0.01\)"):
-        for_resume(cfg, resolve(DistillConfig, cfg_file, {"stage": 2, "out": "o"}), {"lr": 0.01})
+    with pytest.raises(ConfigError, match=r"batch_size=8 \(now 4\)"):
+        for_resume(cfg, resolve(DistillConfig, cfg_file, {"stage": 2, "out": "o", "batch_size": 4}), {"batch_size": 4})
+    assert for_resume(cfg, resolve(DistillConfig, cfg_file, {"stage": 2, "out": "o"}), {"lr": 0.01}).lr == 0.01  # lowered after a loss that diverged
     with pytest.raises(ConfigError, match="batch_size: expected int"):
         resolve(DistillConfig, None, {"batch_size": "many"})
 

@@ -265,11 +265,11 @@ def test_a_setting_of_the_other_decoder_mode_is_refused_not_saved_and_ignored(mo
 
 
 @pytest.mark.parametrize("settings, refused", [
-    (dict(kd="mse", collaborator="m/"), "collaborator: a setting of the collaborator's loss, and kd mse has no collaborator"),
-    (dict(kd="review", pixel_weight=1000.0), "pixel_weight: a setting of the collaborator's loss, and kd review"),
+    (dict(kd="mse", collaborator="m/"), "collaborator: a setting of the collaborator's loss, and kd='mse' has no collaborator"),
+    (dict(kd="review", pixel_weight=1000.0), "pixel_weight: a setting of the collaborator's loss, and kd='review'"),
     (dict(kd="review", mode="adain", style="s/"), "mode: a setting of the collaborator's loss"),
-    (dict(kd="cd", review_weight=5.0), "review_weight: a setting of knowledge review, which kd cd leaves out"),
-    (dict(student_arch="cd64x", width_factor=0.25), "width_factor: the student's widths are cd64x's"),
+    (dict(kd="cd", review_weight=5.0), "review_weight: a setting of knowledge review, which kd='cd' leaves out"),
+    (dict(student_arch="cd64x", width_factor=0.25), "width_factor: the student's widths are those of cd64x (student_arch)"),
     (dict(beta=0.0, pixel_weight=0.0, perceptual_weight=0.0), "beta: 0, with pixel_weight and perceptual_weight 0 too"),
     (dict(warmup_steps=50, steps=5), "warmup_steps: 50 is more than the 5 steps"),
     (dict(collaborate="no"), "collaborate: expected True or False, got 'no'"),
@@ -288,7 +288,7 @@ def test_decoder_settings_a_run_would_not_use_are_refused():
     from ultrastyle.distill.config import DecoderConfig
 
     base = dict(encoder="e", stage=4, out="o", images="i")
-    with pytest.raises(ConfigError, match="^prune: how a wider init decoder is thinned, and init is random"):
+    with pytest.raises(ConfigError, match=r"^prune: how a wider start decoder is thinned, and the start is random \(init\)"):
         DecoderConfig(**base, prune="l1").check()
     DecoderConfig(**base, prune="l1", init="cd-wct-16x").check()
     with pytest.raises(ConfigError, match="^pixel_weight: 0, with perceptual_weight 0 too, leaves nothing to train"):

@@ -138,9 +138,9 @@ def test_cli_distill_then_train_decoder_gives_a_model_that_loads_stylizes_and_ex
         assert png.format == "PNG" and png.size[0] > 100
     assert {"embed", "pixel", "perceptual", "loss"} <= set(next(csv.DictReader(open(run / "log.csv"))))
 
-    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "3", "--lr", "0.5",
+    r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "3", "--batch-size", "3",
                             "--lr-schedule", "cosine", "--warmup-steps", "2", "--resume"])  # fmt: skip
-    assert r.exit_code == 2 and "lr=0.001 (now 0.5)" in r.output
+    assert r.exit_code == 2 and "batch_size=2 (now 3)" in r.output
     r = runner.invoke(app, ["distill", "--config", str(cfg), "--stage", "2", "-o", str(out), "--steps", "5",
                             "--lr-schedule", "cosine", "--warmup-steps", "2", "--resume"])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -446,8 +446,8 @@ def test_a_run_resumes_from_another_directory_and_from_a_copied_folder(teacher_d
     shutil.copytree(work / "r1", tmp_path / "copy")
     moved = distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=4), resume=True)
     assert moved.train.step == 4 and moved.outputs == [tmp_path / "copy" / "2SE.pth"]  # written where it was resumed, not in r1
-    with pytest.raises(ConfigError, match=r"lr=0.001 \(now 0.01\)"):  # how it trains is still compared
-        distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=5, lr=0.01), resume=True)
+    with pytest.raises(ConfigError, match=r"crop=16 \(now 32\)"):  # how it trains is still compared
+        distill(_config(teacher_dir, work / "imgs", tmp_path / "copy", steps=5, crop=32), resume=True)
     # train-decoder's documented layout: the encoder is the output folder itself, and moves with it
     dec = DecoderConfig(stage=2, out=str(work / "r1"), encoder=str(work / "r1"), images=str(work / "imgs"), crop=16, resize=24,
                         batch_size=2, steps=2, checkpoint_every=1, workers=0)  # fmt: skip
@@ -597,3 +597,68 @@ def test_an_error_in_the_loaders_workers_ends_the_command_rather_than_hanging_it
     # At exit multiprocessing joined workers that ignore its SIGTERM, still held by the error's traceback: it never ended.
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
     assert r.returncode == 1 and "error: broken in a worker" in r.stderr + r.stdout and "Traceback" not in r.stderr + r.stdout, r.stdout + r.stderr
+
+
+def test_a_resume_takes_a_lower_learning_rate_its_threads_and_does_not_fit_the_start_again(teacher_dir, photos, tmp_path, monkeypatch):
+    import ultrastyle.distill.jobs as jobs
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    first = distill(_config(teacher_dir, photos, tmp_path / "m", steps=2, threads=1, init="fit"),
+                    on_step=lambda r: seen.append(torch.get_num_threads()))  # fmt: skip
+    assert first.train.step == 2 and set(seen) == {1} and torch.get_num_threads() == before  # set for the job, then put back
+    monkeypatch.setattr(jobs, "_student_init", lambda *a, **k: pytest.fail("the start was fitted again for a checkpoint that replaces it"))
+    seen.clear()
+    # "loss became inf ...; lower the learning rate and resume": the rate may change on resume (it was refused)
+    again = distill(_config(teacher_dir, photos, tmp_path / "m", steps=4, lr=1e-4, init="fit"), resume=True,
+                    explicit={"steps": 4, "lr": 1e-4}, on_step=lambda r: seen.append(torch.get_num_threads()))  # fmt: skip
+    assert again.train.step == 4 and set(seen) == {1}  # the run's saved threads, not given again
+    rows = list(csv.DictReader(open(tmp_path / "m" / "runs" / "2SE" / "log.csv")))
+    assert {float(r["lr"]) for r in rows if r["split"] == "train" and int(r["step"]) > 2} == {1e-4}
+    assert yaml.safe_load((tmp_path / "m" / "runs" / "2SE" / "config.yaml").read_text())["lr"] == 1e-4
+
+
+def test_a_fresh_run_over_an_earlier_runs_log_starts_a_new_log(teacher_dir, photos, tmp_path):
+    run = tmp_path / "run"
+    distill(_config(teacher_dir, photos, tmp_path / "a", steps=4, run_dir=str(run), kd="mse"))
+    assert set(next(csv.DictReader(open(run / "log.csv")))) >= {"embed"}
+    (run / "checkpoint.pt").unlink()  # as a damaged checkpoint's message says, to start the run again
+    distill(_config(teacher_dir, photos, tmp_path / "b", steps=2, run_dir=str(run)))
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert {"pixel", "perceptual"} <= set(rows[0]) and [int(r["step"]) for r in rows if r["split"] == "train"] == [1, 2]
+
+
+def test_a_folder_whose_only_decodable_image_is_for_validation_is_refused_before_any_work(teacher_dir, photos, tmp_path):
+    from ultrastyle.distill.data import split_files
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    names = [d / f"g{i}.png" for i in range(200)]
+    train, val = split_files(names, 0.25)
+    val[0].write_bytes((photos / "p0.png").read_bytes())  # hashed into validation
+    _truncated_copy(photos / "p1.png", train[0])  # the training side's only image: its header reads, its data does not
+    with pytest.raises(ConfigError, match=r"images: none of the 1 training images \(the other 1 are for validation\) in .* can be read \(see the "
+                                          r"warnings above\); give a folder of photos, or val_fraction=0"):  # it failed mid-run, the run folder written
+        distill(_config(teacher_dir, d, tmp_path / "o", steps=2, val_fraction=0.25, init="prune"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_errors_of_unused_settings_name_flags_and_a_key_the_file_lacks_is_not_blamed_on_it(teacher_dir, photos, tmp_path):
+    runner = CliRunner()
+    base = ["--stage", "1", "--images", str(photos), "-o", str(tmp_path / "o")]
+    cases = [
+        (["distill", "-t", str(teacher_dir), "--kd", "mse", "--collaborator", str(teacher_dir)],
+         "--collaborator: a setting of the collaborator's loss, and --kd mse has no collaborator; give --kd cd or --kd cd+review, or leave it out"),
+        (["distill", "-t", str(teacher_dir), "--student-arch", "cd64x", "--width-factor", "0.25"],
+         "--width-factor: the student's widths are those of cd64x (--student-arch); leave it out"),
+        (["train-decoder", "-e", str(teacher_dir), "--mode", "adain", "--style", str(photos), "--loss-encoder", str(teacher_dir)],
+         "--loss-encoder: the network of the reconstruction's perceptual loss, and --mode adain measures its loss through the encoder"),
+    ]  # fmt: skip
+    for args, said in cases:  # they said "give kd cd", "leave student_arch out"; the loss encoder was saved though unused
+        r = runner.invoke(app, args + base)
+        assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("steps: 3\n")
+    r = runner.invoke(app, ["train-decoder", "-c", str(cfg), "-e", str(teacher_dir), "--mode", "adain", *base])
+    assert r.exit_code == 2 and "error: --style: AdaIN mode needs a folder of style images" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "o").exists()

@@ -75,7 +75,7 @@ def number(option: str, value: object, *, least: float | None = None, above: flo
 
 def thread_count(option: str, value: object) -> int:
     """``threads``: 0 (one per core, or the library's default) or a number of threads, at most `MAX_THREADS_PER_CORE` per core."""
-    n = count(option, value, what="threads (0: one per core)")
+    n = count(option, value, what="threads (0: the library's default)")
     cores = os.cpu_count() or 1
     if n > MAX_THREADS_PER_CORE * cores:
         raise OptionError(option, f"{n} threads are more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); give at most "

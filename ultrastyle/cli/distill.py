@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Collection
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -62,15 +63,17 @@ def _stages(text: str | None) -> list[int | None]:
         raise typer.BadParameter(str(exc), param_hint="--stage") from None
 
 
-def _config_text(exc: Exception, flags: dict[str, Any] | None = None, config_file: Path | None = None) -> str:
-    """A `ConfigError` line naming where its setting came from: the flag (``--device: ...``) or the config file's key."""
+def _config_text(exc: Exception, flags: dict[str, Any] | None = None, config_file: Path | None = None,
+                 in_file: Collection[str] = ()) -> str:  # fmt: skip
+    """A `ConfigError` line naming where its setting came from: the config file's key (one of ``in_file``, the flag not
+    given), else the flag (``--device: ...``), which is also how to give a setting neither gave."""
     text = str(exc)
     key, _, rest = text.partition(": ")
     if text.endswith(": required"):  # a flag or a config key
         return f"{text}: give --{key.replace('_', '-')} (or {key}: in --config)"
     if not (key.isidentifier() and rest):
         return text
-    if config_file is not None and (flags or {}).get(key) is None:  # the file's value (or a default the file did not change)
+    if config_file is not None and key in {str(k).replace("-", "_") for k in in_file} and (flags or {}).get(key) is None:  # the file's
         return f"{config_file}: {key}: {rest}"
     return f"--{key.replace('_', '-')}: {rest}"
 
@@ -97,7 +100,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         for c in configs:
             c.check(fresh=not (resume and c.has_saved_run()))  # a saved run resumes as it was saved
     except ConfigError as exc:
-        _err(as_command(exc, _config_text(exc, {**flags, "stage": stage_text}, config_file)))
+        _err(as_command(exc, _config_text(exc, {**flags, "stage": stage_text}, config_file, file_values)))
         raise typer.Exit(2) from None
     # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
     from ultrastyle.distill.config import CHECKPOINT
@@ -107,10 +110,6 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
     from ultrastyle.distill.trainer import RunFolderInUse, StepReport, TrainingError
     from ultrastyle.models.convert import CheckpointError
 
-    if configs[0].threads:
-        import torch
-
-        torch.set_num_threads(configs[0].threads)
     explicit = {**file_values, **{k: v for k, v in flags.items() if v is not None}}
     job = distill if kind == "SE" else train_decoder
     with Progress(
@@ -118,7 +117,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
         TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=False,
         disable=LogLines(err).active,  # a log gets plain lines (`on_step`)
     ) as progress:  # fmt: skip
-        for config in configs:
+        for index, config in enumerate(configs):
             name = f"stage {config.stage} {kind}"
             bar = progress.add_task("", total=config.steps, name=name)
             lines = LogLines(err)
@@ -143,7 +142,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                     result = job(config, resume=resume, explicit={**explicit, "stage": config.stage}, on_step=on_step, on_message=on_message)  # type: ignore[arg-type]
             except (ConfigError, OutputError, RunFolderInUse) as exc:
                 progress.stop()
-                text = as_command(exc, _config_text(exc, flags, config_file) if isinstance(exc, ConfigError) else None)
+                text = as_command(exc, _config_text(exc, flags, config_file, file_values) if isinstance(exc, ConfigError) else None)
                 _err(text)
                 raise typer.Exit(2) from None
             except (TrainingError, DataError, CheckpointError, zoo.ZooError, OSError) as exc:
@@ -154,10 +153,12 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
                 progress.stop()
                 run_dir = config.resolved_run_dir()
-                _err(
-                    f"aborted; the last checkpoint in {run_dir} is intact: rerun with --resume" if (run_dir / CHECKPOINT).exists()
-                    else "aborted before training started; no checkpoint was written (a rerun starts this stage again)"
-                )  # fmt: skip
+                if (run_dir / CHECKPOINT).exists():
+                    _err(f"aborted; the last checkpoint in {run_dir} is intact: rerun with --resume")
+                elif index:  # the stages before it hold checkpoints: a plain rerun is refused
+                    _err(f"aborted before {name}'s training started; the stages before it are done: rerun with --resume")
+                else:
+                    _err("aborted before training started; no checkpoint was written (a rerun starts this stage again)")
                 raise typer.Exit(130) from None
             _report(progress.console, result)
             if result.train.status == "interrupted":

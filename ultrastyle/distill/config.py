@@ -4,8 +4,8 @@ A configuration is resolved in layers: the dataclass defaults, then a YAML
 file (``--config``; keys as the field names, ``-`` or ``_``), then the flags
 given on the command line. The resolved configuration is written beside the
 checkpoints as ``config.yaml``; resuming a run reads it back, and only the
-fields in `RESUMABLE` (how long and where to run, not what to train) may then
-differ.
+fields in `RESUMABLE` (how long and where to run, and the learning rate; not
+what to train) may then differ.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ MODES = ("wct", "adain")
 _MODE_SETTINGS = {"wct": ("pixel_weight", "perceptual_weight"), "adain": ("style", "content_weight", "style_weight")}
 KD_CHOICES = ("cd", "review", "cd+review", "mse")  # tasks.KD_METHODS describes them
 PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (distill.prune, distill.fit)
-# What may change when a run is resumed: its length and where it runs.
-RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads"})
+# What may change when a run is resumed: its length, where it runs, and its learning rate (lowered after a loss that
+# diverged, as `trainer` advises; the rate is a function of the step, so the resumed steps take the new one).
+RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads", "lr"})
 # Where a run's files are, not how it trains: a resume takes them as given (a copied or moved model folder resumes).
 LOCATION = frozenset({"out", "run_dir"})
 # Settings that may name a file or folder: saved absolute where they exist, so a resume from another directory matches.
@@ -145,10 +146,13 @@ class RunConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return [n for n in names if getattr(self, n) != defaults[n]]
 
-    def _no_unused(self, names: tuple[str, ...], why: str, fix: str) -> None:
-        """A `ConfigError` for the first of ``names`` set though this run would not read it (it would be saved as if used)."""
+    def _no_unused(self, names: tuple[str, ...], why: str, fix: str = "", remedy: tuple[Setting, ...] = ()) -> None:
+        """A `ConfigError` for the first of ``names`` set though this run would not read it (it would be saved as if used).
+
+        ``why``, ``fix``: settings named as `Setting.python` writes them, each in ``remedy`` (a front end shows them its way).
+        """
         if stray := self.changed(names):
-            raise ConfigError(f"{stray[0]}: {why}; {fix}, or leave {stray[0]} out")
+            raise remedied(ConfigError(f"{stray[0]}: {why}; {fix + ', or ' if fix else ''}leave it out"), remedy)
 
     def has_saved_run(self) -> bool:
         """Whether the run folder holds a run to resume: its settings and a checkpoint."""
@@ -222,12 +226,13 @@ class DistillConfig(RunConfig):
     def _unused_by_method(self) -> None:
         if not self.collaborates:
             self._no_unused(("collaborator", "mode", "pixel_weight", "perceptual_weight", "content_weight", "style_weight", "style"),
-                            f"a setting of the collaborator's loss, and kd {self.method} has no collaborator", "give kd cd or cd+review")
+                            f"a setting of the collaborator's loss, and kd={self.method!r} has no collaborator", "give kd='cd' or kd='cd+review'",
+                            (Setting("kd", self.method), Setting("kd", "cd"), Setting("kd", "cd+review")))  # fmt: skip
         if not self.reviews:
-            self._no_unused(("review_weight", "review_width"), f"a setting of knowledge review, which kd {self.method} leaves out",
-                            "give kd review or cd+review")  # fmt: skip
+            self._no_unused(("review_weight", "review_width"), f"a setting of knowledge review, which kd={self.method!r} leaves out",
+                            "give kd='review' or kd='cd+review'", (Setting("kd", self.method), Setting("kd", "review"), Setting("kd", "cd+review")))  # fmt: skip
         if self.student_arch:
-            self._no_unused(("width_factor",), f"the student's widths are {self.student_arch}'s", "leave student_arch out to scale the teacher")
+            self._no_unused(("width_factor",), f"the student's widths are those of {self.student_arch} (student_arch)", remedy=(Setting("student_arch"),))
         if self.collaborates and self.mode == "wct" and self.beta == self.pixel_weight == self.perceptual_weight == 0:
             raise ConfigError("beta: 0, with pixel_weight and perceptual_weight 0 too, leaves nothing to train the student")
 
@@ -256,7 +261,11 @@ class DecoderConfig(RunConfig):
         if self.init in PRUNE_CHOICES + ("prune",) and not Path(self.init).exists():
             raise ConfigError(f"init: {self.init!r} is a way to thin a wider start (prune); init is random, or a model with a decoder to start from")
         if fresh and self.init == "random":
-            self._no_unused(("prune",), "how a wider init decoder is thinned, and init is random", "give init a model with a decoder")
+            self._no_unused(("prune",), "how a wider start decoder is thinned, and the start is random (init)",
+                            "give a model with a decoder to start from (init)", (Setting("init"),))  # fmt: skip
+        if fresh and self.mode == "adain":  # the AdaIN loss is measured through the encoder itself (tasks.DecoderTask)
+            self._no_unused(("loss_encoder",), "the network of the reconstruction's perceptual loss, and mode='adain' measures its "
+                                               "loss through the encoder", "give mode='wct'", (Setting("mode", "adain"), Setting("mode", "wct")))  # fmt: skip
         weights = ("pixel_weight", "perceptual_weight") if self.mode == "wct" else ("content_weight", "style_weight")
         if all(getattr(self, w) == 0 for w in weights):
             raise ConfigError(f"{weights[0]}: 0, with {weights[1]} 0 too, leaves nothing to train the decoder")

@@ -52,6 +52,7 @@ from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
 from ultrastyle.errors import Setting, remedied
+from ultrastyle.options import unwritable_folder
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 
@@ -120,19 +121,26 @@ def _data(config: RunConfig, warn: Callable[[str], None]) -> tuple[PairStream, C
         styles = readable_images(_listed("style", config.style), min_side=1) if config.mode == "adain" and config.style else []
     for w in caught:
         warn(f"warning: {w.message}")
-    # Decoded before the run folder is written: one whose images all fail stopped in its data loader, and blocked a rerun.
-    (files, bad_files), (styles, bad_styles) = decodable_from(files), decodable_from(styles)
-    for message in bad_files + bad_styles:
-        warn(f"warning: {message}")
     if not files:
         raise ConfigError(f"images: no image in {config.images} can be read (see the warnings above); give a folder of photos")
+    train, val = split_files(files, config.val_fraction)
+    # Decoded before the run folder is written: one whose training images all fail stopped in its data loader, and
+    # blocked a rerun. The training side's: validation images that fail are left out of validation (`CenterCrops`).
+    (train, bad_files), (styles, bad_styles) = decodable_from(train), decodable_from(styles)
+    for message in bad_files + bad_styles:
+        warn(f"warning: {message}")
+    if not train:
+        readable = "no image" if not val else f"none of the {len(bad_files)} training images (the other {len(val)} are for validation)"
+        raise remedied(ConfigError(f"images: {readable} in {config.images} can be read (see the warnings above); give a folder of "
+                                   "photos" + (", or val_fraction=0 to train on every image" if val else "")),
+                       Setting("val_fraction", 0) if val else None)  # fmt: skip
     if config.mode == "adain" and config.style and not styles:
         raise ConfigError(f"style: no image in {config.style} can be read (see the warnings above); give a folder of style images")
-    train, val = split_files(files, config.val_fraction)
     style_stream = CropStream(styles, settings, seed=config.seed + 1) if styles else None
     stream = PairStream(CropStream(train, settings, seed=config.seed), style_stream)
     val_data = CenterCrops(val, settings, styles[: len(val)]).readable(lambda m: warn(f"warning: {m}")) if val else None
-    facts = {"train_images": len(train), "val_images": len(val_data.files) if val_data else 0, "style_images": len(styles)}  # readable ones
+    # Headers read, the first training image decoded: one that fails later is replaced by another (`data.CropStream`).
+    facts = {"train_images": len(train), "val_images": len(val_data.files) if val_data else 0, "style_images": len(styles)}
     return stream, val_data, facts
 
 
@@ -217,7 +225,8 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
                           "copied or thinned, never widened: give a decoder at least as wide, or init random")  # fmt: skip
     if config.prune == "fit":
         if path.is_dir() and not (path / f"{k}SE.pth").is_file():
-            raise ConfigError(f"prune: fit needs the encoder of the decoder it thins, {path / f'{k}SE.pth'}, and there is none (use prune l1)")
+            raise remedied(ConfigError(f"prune: fit needs the encoder of the decoder it thins, {path / f'{k}SE.pth'}, and there is none; "
+                                       "give prune='l1'"), Setting("prune", "l1"))  # fmt: skip
         on_message(f"stage {k} SD: fitting the start decoder to {config.init}'s activations (least squares; the deep stages take minutes on a CPU)")
         with torch.no_grad():
             images = calibration_crops(stream)
@@ -237,6 +246,11 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
 # ---------------------------------------------------------------- runs
 
 
+def _resumes(config: RunConfig, resume: bool) -> bool:
+    """Whether the run continues from a checkpoint, whose weights replace any start."""
+    return resume and (config.resolved_run_dir() / CHECKPOINT).is_file()
+
+
 def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: bool, on_message: Callable[[str], None]) -> RunConfig:
     """The config to run: on resume, the saved one (with resumable changes); else ``config``, checked."""
     run_dir = config.resolved_run_dir()
@@ -246,6 +260,8 @@ def _prepare_run(config: RunConfig, explicit: Mapping[str, Any] | None, resume: 
     refuse_overwrite(run_dir, resume)  # before anything is loaded or config.yaml is rewritten
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise OutputError(f"{config.out}: is a file; the output is a model folder (new, or holding this architecture's weights)")
+    if why := unwritable_folder(Path(config.out)):  # found before the start is fitted (minutes), not after
+        raise remedied(OutputError(f"{why}; it cannot be the model folder: give another (out)"), Setting("out"))
     if config.run_dir:  # a folder of the caller's choosing: usable before the model folder is claimed
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +310,12 @@ def distill(
     """
     started = time.perf_counter()
     config = _prepare_run(config, explicit, resume, on_message)
+    with _threads(config.threads):
+        return _distill(config, resume, on_step, on_message, started)
+
+
+def _distill(config: DistillConfig, resume: bool, on_step: Callable[[StepReport], None] | None, on_message: Callable[[str], None],
+             started: float) -> JobResult:  # fmt: skip
     k = config.stage
     data = _data(config, on_message)
     with _source("teacher"):
@@ -306,8 +328,8 @@ def distill(
         raise ConfigError(f"{setting}: the stage-{k} decoder of {config.collaborator or config.teacher} reads {decoder.in_channels} "
                           f"channels, and the teacher's stage-{k} encoder gives {teacher.out_channels}; the collaborator is the "
                           "decoder trained for the teacher: give the teacher's model (or leave collaborator out when it has one)")  # fmt: skip
-    with _source("init"):
-        student = _student_init(config, teacher, spec, data[0], on_message)
+    with _source("init"):  # a resumed checkpoint replaces the start: not fitted again (a minute at stage 5)
+        student = Encoder(spec, k, aux=True) if _resumes(config, resume) else _student_init(config, teacher, spec, data[0], on_message)
     review = _review_head(config, teacher, student) if config.reviews else None
     task = StudentEncoderTask(
         teacher, student, decoder, beta=config.beta, review=review, review_weight=config.review_weight,
@@ -333,6 +355,12 @@ def train_decoder(
     """
     started = time.perf_counter()
     config = _prepare_run(config, explicit, resume, on_message)
+    with _threads(config.threads):
+        return _train_decoder(config, resume, on_step, on_message, started)
+
+
+def _train_decoder(config: DecoderConfig, resume: bool, on_step: Callable[[StepReport], None] | None,
+                   on_message: Callable[[str], None], started: float) -> JobResult:  # fmt: skip
     k = config.stage
     data = _data(config, on_message)
     with _source("encoder"):
@@ -342,7 +370,7 @@ def train_decoder(
     with _source("loss_encoder"):
         loss_encoder = sources.load_encoder(config.loss_encoder, k) if config.loss_encoder else None
     with _source("init"):
-        decoder = _decoder_init(config, encoder, spec, data[0], on_message)
+        decoder = Decoder(spec, k) if _resumes(config, resume) else _decoder_init(config, encoder, spec, data[0], on_message)
     task = DecoderTask(
         encoder, decoder, loss_encoder=loss_encoder, mode=config.mode,  # type: ignore[arg-type]
         pixel_weight=config.pixel_weight, perceptual_weight=config.perceptual_weight,
@@ -354,6 +382,19 @@ def train_decoder(
     if result.outputs and config.mode == "adain":  # the folder stylizes with adain by default
         result.outputs.append(record_adain_stage(config.out, k))
     return result
+
+
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``threads`` (0: left as they are) for one job (the resumed run's setting, where a
+    resume does not give it again), then put back."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager

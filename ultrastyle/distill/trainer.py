@@ -301,11 +301,13 @@ class Trainer:
         self.task.to(self.device)
         self.task.train(True)
         self.optimizer = torch.optim.Adam(self.task.parameters_to_train(), lr=opts.lr)
-        log = LossLog(self.run_dir / LOG)
         start, spent = 0, 0.0
         if resume and self.checkpoint_path.exists():
             start, spent = self._load()
-            log.truncate(start)  # rows after the checkpoint belong to lost steps
+        if start == 0:  # a log there is an earlier run's (its checkpoint deleted): its columns and rows are not this run's
+            (self.run_dir / LOG).unlink(missing_ok=True)
+        log = LossLog(self.run_dir / LOG)
+        log.truncate(start)  # rows after the checkpoint belong to lost steps
         if start >= opts.steps:
             return TrainResult("done", start, opts.steps, spent)
         if not self.checkpoint_path.exists():
