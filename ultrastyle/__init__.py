@@ -7,6 +7,7 @@
     ultrastyle.stylize_batch(["photos/"], ["art.jpg"], "out/")   # what `ultrastyle stylize` does
     bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")      # `export`; then calibrate, check_tensorrt, build_tensorrt
     ultrastyle.import_model("cd-wct-16x", "downloads/")           # `models import`; fetch_model, verify_model, list_models, remove_model
+    ultrastyle.distill_encoder(ultrastyle.DistillConfig(teacher="cd-wct-16x", stage=1, images="photos/", out="mine/"))  # `distill`
 
 The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
@@ -51,6 +52,13 @@ _API = {
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
     "CalibrationWarning": "ultrastyle.calibration.quantize",
+    # Training, as `ultrastyle distill` and `train-decoder` (resume=True continues a run); not "distill", the subpackage's name.
+    "distill_encoder": "ultrastyle.distill.jobs:distill",
+    "train_decoder": "ultrastyle.distill.jobs",
+    "DistillConfig": "ultrastyle.distill.config",
+    "DecoderConfig": "ultrastyle.distill.config",
+    "ConfigError": "ultrastyle.distill.config",
+    "TrainingError": "ultrastyle.distill.trainer",
     # The model zoo, as `ultrastyle models` (MODULE:NAME where the public name is not the module's).
     "fetch_model": "ultrastyle.models.zoo:fetch",
     "import_model": "ultrastyle.models.zoo:import_local",
