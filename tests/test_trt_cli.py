@@ -104,3 +104,20 @@ def test_doctor_calls_a_cache_it_cannot_install_into_unusable(tmp_path, monkeypa
     r = CliRunner().invoke(app, ["doctor", "--no-baseline"])
     text = "".join(r.output.split())  # a long path folds across lines
     assert r.exit_code == 1 and f"cannotbemade:{tmp_path / 'afile'}isafile;setULTRASTYLE_HOMEtoafolderyoucanwrite" in text, text
+
+
+def test_a_damaged_cached_bundle_is_reported_with_what_a_repair_would_delete_and_left_alone(cd16x_dir, tmp_path, monkeypatch):
+    """`doctor` measured its baseline through a run, which exported the damaged bundle again and deleted its int8 graphs."""
+    from ultrastyle.models import zoo
+    from ultrastyle.runtime.backends.select import cache_repair_loss, ensure_bundle
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+    bundle = ensure_bundle("cd-wct-16x", stages=(5,), progress=False)
+    assert cache_repair_loss("cd-wct-16x", (5,)) is None
+    (bundle.path / "encoder5.int8.onnx").write_bytes(b"calibrated")
+    graph = bundle.path / "encoder5.onnx"
+    graph.write_bytes(graph.read_bytes()[:-100])
+    said = cache_repair_loss("cd-wct-16x", (5,))
+    assert said is not None and f"the cached bundle {bundle.path} is damaged" in said and said.endswith("deleting the 1 int8 graph it holds")
+    assert (bundle.path / "encoder5.int8.onnx").read_bytes() == b"calibrated"  # nothing exported or deleted to find out

@@ -55,9 +55,14 @@ def baseline_rows(model: str | None = None) -> list[Row]:
     from ultrastyle.models.pretrained import DEFAULT_MODEL
     from ultrastyle.runtime.memory import measure_baseline
 
+    from ultrastyle.runtime.backends.select import cache_repair_loss
+
     model = model or DEFAULT_MODEL
     rows = []
     for backend in ("onnxruntime", "torch"):
+        if backend == "onnxruntime" and (loss := cache_repair_loss(model)) is not None:  # a diagnosis, not a repair that deletes work
+            rows.append(Row(f"baseline ({backend})", "unusable", f"not measured: {loss}"))
+            continue
         try:
             rss = measure_baseline(model, backend)
             rows.append(Row(f"baseline ({backend})", "info", f"{rss / 2**20:.0f} MiB resident with {model} open: "

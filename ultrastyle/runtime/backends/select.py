@@ -78,14 +78,7 @@ def ensure_bundle(
     if found is not None:
         return found
     name, files = weights_digest(source, stages)
-    target = bundle_dir_for(name, files)  # a missing or damaged (or older: a graph kind short) cache: exported again
-    damaged = None
-    if target.exists():
-        try:
-            read_bundle(target)
-        except BundleError as exc:
-            damaged = str(exc).split("; ")[0]
-    lost = derived_work(target) if damaged is None else ""  # an older release's bundle, a graph kind short: exported again
+    target, damaged, lost = _cache_repair(name, files)
     if on_export:
         on_export(f"the cached bundle of {name} is damaged ({damaged}); exporting it again into {target} (int8 graphs calibrated "
                   "there must be calibrated again)" if damaged is not None else  # fmt: skip
@@ -104,6 +97,35 @@ def ensure_bundle(
         raise remedied(BundleError(f"cannot write the bundle cache {target.parent} ({exc.strerror}); set ULTRASTYLE_HOME to a folder "
                                    f"you can write, export the model once ({fix.python()}) and run from that bundle, or run on the "
                                    "PyTorch backend, which needs no bundle"), fix) from None
+
+
+def _cache_repair(name: str, files: dict[str, str]) -> tuple[Path, str | None, str]:
+    """The cache folder a bundle of these weights is exported into, why the one there is damaged (None: absent, or only
+    short of a graph kind this release runs), and the int8 graphs and engines an export there deletes ("": none)."""
+    target = bundle_dir_for(name, files)  # a missing or damaged (or older: a graph kind short) cache: exported again
+    damaged = None
+    if target.exists():
+        try:
+            read_bundle(target)
+        except BundleError as exc:
+            damaged = str(exc).split("; ")[0]
+    return target, damaged, derived_work(target) if damaged is None else ""
+
+
+def cache_repair_loss(source: str | Path, stages: tuple[int, ...] | None = None) -> str | None:
+    """What the next run of ``source`` on ONNX Runtime would delete by exporting its cached bundle again (damaged, or an
+    older release's), else None; nothing is exported or deleted to find out (`doctor` reports it rather than repairs)."""
+    if is_bundle(source):
+        return None
+    stages = check_stages(source, stages)
+    if _find_bundle(source, stages) is not None:
+        return None
+    target, damaged, lost = _cache_repair(*weights_digest(source, stages))
+    if damaged is not None:
+        held = derived_work(target)
+        return f"the cached bundle {target} is damaged ({damaged}): the next run exports it again" + (f", deleting the {held} it holds"
+                                                                                                      if held else "")  # fmt: skip
+    return f"the cached bundle {target} lacks graphs this release runs: the next run exports it again, deleting the {lost} it holds" if lost else None
 
 
 def _find_bundle(source: str | Path, stages: tuple[int, ...]) -> Bundle | None:
