@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from ultrastyle.calibration.data import CalibrationDataError, TileSampler, calibration_images
@@ -140,6 +141,22 @@ def test_tile_sampler_is_seeded(train_dir):
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
     assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, c))
     assert all(t.shape == (1, 3, 64, 64) for t, _ in a)
+
+
+def test_images_enlarged_more_than_twice_to_the_image_size_are_warned_about(train_dir, tmp_path):
+    from ultrastyle.calibration.data import MAX_ENLARGEMENT
+
+    files = tuple(calibration_images(train_dir))[:3]
+    with Image.open(files[0]) as im:
+        im.convert("RGB").resize((60, 40)).save(tmp_path / "thumb.png")  # 64 px thumbnails gave 16 dB where photos gave 25
+    said: list[str] = []
+    TileSampler((*files[1:], tmp_path / "thumb.png"), tile=32, samples=3, image_size=256).tiles(said.append)
+    assert said == [f"1 of 3 calibration images are enlarged more than {MAX_ENLARGEMENT}x to 256 px (the smallest, {tmp_path / 'thumb.png'}, "
+                    "4x): ranges measured on blurred images fit photos poorly (16 dB where photos gave 25); give photos of at least 128 px, "
+                    "or a smaller image size"]  # fmt: skip
+    said.clear()
+    TileSampler(files, tile=32, samples=3, image_size=256).tiles(said.append)
+    assert said == []
 
 
 def test_empty_or_unreadable_image_folder_is_a_clear_error(tmp_path):

@@ -59,6 +59,11 @@ def calibration_images(folder: str | os.PathLike | Sequence[str | os.PathLike]) 
     return files
 
 
+# Calibration images enlarged more than this to image_size warn: 64 px thumbnails enlarged 16x gave 16 dB int8 outputs
+# where the same photos whole gave 23-26 dB (a user review, 3 pairs at 384 px).
+MAX_ENLARGEMENT = 2
+
+
 @dataclass(frozen=True)
 class TileSampler:
     """``samples`` tiles of ``tile`` x ``tile`` px from ``files``: one from each of the first ``samples`` readable files
@@ -78,19 +83,28 @@ class TileSampler:
     def read(self, warn: Callable[[str], None] | None = None, *, limit: int | None = None) -> list[tuple[Path, torch.Tensor]]:
         """The readable files and their images as (3, H, W) float32, long side ``image_size``: the first ``limit``
         readable ones (None: all; the tiles need ``samples``, and decoding the rest cost gigabytes for nothing)."""
-        out, errors = [], []
+        out, errors, enlarged = [], [], []
         for f in self.files:
             if limit is not None and len(out) >= limit:
                 break
             try:
-                out.append((f, resize_long_side(array_to_tensor(read_image(f)), self.image_size)))
+                image = array_to_tensor(read_image(f))
             except (ImageError, OSError) as exc:
                 said = str(exc) if isinstance(exc, ImageError) else f"{f}: {exc}"  # an ImageError names its file
                 errors.append(said)
                 if warn:
                     warn(f"skipping {said}")
+                continue
+            if max(image.shape[-2:]) * MAX_ENLARGEMENT < self.image_size:
+                enlarged.append((max(image.shape[-2:]), f))
+            out.append((f, resize_long_side(image, self.image_size)))
         if not out:
             raise CalibrationDataError(f"none of the {len(self.files)} calibration images could be read; first: {errors[0]}")
+        if enlarged and warn:
+            side, f = min(enlarged)
+            warn(f"{len(enlarged)} of {len(out)} calibration images are enlarged more than {MAX_ENLARGEMENT}x to {self.image_size} px "
+                 f"(the smallest, {f}, {self.image_size / side:.0f}x): ranges measured on blurred images fit photos poorly (16 dB "
+                 f"where photos gave 25); give photos of at least {self.image_size // MAX_ENLARGEMENT} px, or a smaller image size")
         return out
 
     def images(self, warn: Callable[[str], None] | None = None) -> list[torch.Tensor]:

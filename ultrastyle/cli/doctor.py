@@ -53,9 +53,8 @@ def baseline_rows(model: str | None = None) -> list[Row]:
     Measured with an installed, verified ``model`` only (:func:`model_rows` reports the others).
     """
     from ultrastyle.models.pretrained import DEFAULT_MODEL
-    from ultrastyle.runtime.memory import measure_baseline
-
     from ultrastyle.runtime.backends.select import cache_repair_loss
+    from ultrastyle.runtime.memory import measure_baseline
 
     model = model or DEFAULT_MODEL
     rows = []

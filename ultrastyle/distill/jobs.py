@@ -52,9 +52,9 @@ from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
 from ultrastyle.errors import Setting, remedied
-from ultrastyle.options import unwritable_folder
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.options import unwritable_folder
 
 
 @dataclass
