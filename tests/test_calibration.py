@@ -339,7 +339,7 @@ def test_tensorrt_refuses_uint8_graphs_and_says_how_to_calibrate_for_it(int8_bun
 
     from ultrastyle.cli.remedies import as_command
 
-    with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*activations='int8'\)") as info:
+    with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*activations='int8', method='percentile'\)") as info:
         graph_sources(int8_bundle, "int8")
     assert f"ultrastyle calibrate {int8_bundle.path} --images YOUR_PHOTOS/ --activations int8" in as_command(info.value)
 

@@ -118,7 +118,7 @@ def test_a_missing_int8_graph_keeps_its_calibrate_remedy_through_the_runner(tmp_
     (bundle.path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RunnerError, match="the int8 graph of encoder5 is missing") as info:
         OnnxRuntimeRunner(bundle.path, precision="int8")
-    assert as_command(info.value).endswith(f"calibrate again: ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/")
+    assert as_command(info.value).endswith(f"calibrate again: ultrastyle calibrate {bundle.path} --images YOUR_PHOTOS/ --activations int8")
 
 
 @pytest.mark.parametrize(("setting", "python", "cli"), [

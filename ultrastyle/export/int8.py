@@ -21,6 +21,14 @@ def calibrated_activations(manifest: dict) -> str:
     return (manifest.get("calibration") or {}).get("activations", "int8")
 
 
+def recalibrate(bundle: Bundle, **settings: object) -> Remedy:
+    """The calibration that makes ``bundle``'s int8 graphs again as they were made: its recorded activations and method
+    (a repair that dropped them turned a TensorRT-ready bundle's int8 activations into uint8), ``settings`` over them."""
+    recorded = bundle.manifest.get("calibration") or {}
+    kwargs = {"activations": calibrated_activations(bundle.manifest), **({"method": recorded["method"]} if "method" in recorded else {})}
+    return Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), tuple({**kwargs, **settings}.items()))
+
+
 def calibrate_more(bundle: Bundle, stages: list[int]) -> Remedy:
     """The calibration that adds int8 graphs for ``stages`` to ``bundle``, with its graphs' activations (a mix is refused)."""
     kwargs = (("stages", list(stages)), ("activations", calibrated_activations(bundle.manifest)))
@@ -39,7 +47,7 @@ def int8_networks(bundle: Bundle) -> dict[str, Path]:
     A missing, modified or stale graph raises `BundleError` with the command that remakes it.
     """
     out = {}
-    fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")))
+    fix = recalibrate(bundle)
     for name, entry in bundle.manifest["networks"].items():
         q = entry.get("int8") if isinstance(entry, dict) else None
         if not q:

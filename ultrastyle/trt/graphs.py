@@ -31,7 +31,7 @@ import onnx
 
 from ultrastyle.errors import Placeholder, Remedy, remedied
 from ultrastyle.export.bundle import Bundle, load_graph, remake
-from ultrastyle.export.int8 import calibrate_more, calibrated_activations, int8_graph
+from ultrastyle.export.int8 import calibrate_more, calibrated_activations, int8_graph, recalibrate
 from ultrastyle.export.stats_graph import build_stats_graph, stats_network_name
 from ultrastyle.io.digest import sha256_file
 
@@ -89,18 +89,19 @@ def graph_sources(bundle: Bundle, precision: str, stages: tuple[int, ...] | None
                 f"graphs (its implicit INT8 calibration was removed); create them with {fix.python()} "
                 "(int8 calibration on sample photos), or build fp16 or fp32 engines"
             ), fix)  # fmt: skip
+        activations = calibrated_activations(bundle.manifest)
+        if activations != "int8":  # before stages missing: calibrating those alike would be refused here next
+            fix = recalibrate(bundle, activations="int8")
+            raise remedied(BundleRefused(
+                f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
+                f"TensorRT's INT8 is signed with zero-point 0: calibrate again with {fix.python()}"
+            ), fix)  # fmt: skip
         if bare := [k for k in stages if k not in calibrated]:  # they would build in float32 without a word
             more = calibrate_more(bundle, bare)
             raise remedied(BundleRefused(
                 f"bundle {bundle.path} has int8 graphs for stage(s) {calibrated}, not for {bare}; calibrate those stages too "
                 f"({more.python()}), or build only stages {calibrated}"
             ), more)  # fmt: skip
-    activations = calibrated_activations(bundle.manifest)
-    if precision == "int8" and activations != "int8":
-        raise remedied(BundleRefused(
-            f"bundle {bundle.path} was calibrated with {activations} activations, for ONNX Runtime on the CPU; "
-            f"TensorRT's INT8 is signed with zero-point 0: calibrate again with {fix.python()}"
-        ), fix)  # fmt: skip
     out: list[GraphSource] = []
     for k in stages:
         for kind in ("encoder", "decoder", "decoder_affine"):
@@ -134,7 +135,7 @@ def _loader(path: Path) -> Callable[[], onnx.ModelProto]:
 def verify_int8_file(bundle: Bundle, source: GraphSource) -> None:
     """A Q/DQ graph's bytes against the sha256 calibration recorded (the bundle reader checks only the fp32 graphs)."""
     path = bundle.path / source.label
-    fix = Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")))
+    fix = recalibrate(bundle)
     if not path.is_file():
         raise remedied(GraphError(f"{path}: int8 graph listed for {source.network} is missing; calibrate again: {fix.python()}"), fix)
     if sha256_file(path) != source.sha256:
