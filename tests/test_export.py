@@ -117,6 +117,11 @@ def test_tampered_graph_is_detected_by_sha256(bundle, tmp_path):
     with pytest.raises(BundleError) as info:
         read_bundle(dst)
     assert as_command(info.value).endswith(f"ultrastyle export MODEL --output {dst} --stages 1,2,3,4,5")
+    (dst / "decoder3.int8.onnx").write_bytes(b"calibrated")  # the export it advised was refused: it would delete this
+    with pytest.raises(BundleError) as info:
+        read_bundle(dst)
+    assert as_command(info.value).endswith(f"export the bundle again, which deletes its 1 int8 graph (made again after it): ultrastyle "
+                                           f"export MODEL --output {dst} --stages 1,2,3,4,5 --force")  # fmt: skip
 
 
 def test_newer_bundle_format_is_refused_with_a_clear_message(bundle, tmp_path):
@@ -294,7 +299,7 @@ def test_a_bundle_with_an_unreadable_manifest_says_to_export_again_and_export_ma
     (dst / "manifest.json").write_text("{ cut off")
     with pytest.raises(BundleError, match="unreadable manifest") as info:
         read_bundle(dst)
-    assert as_command(info.value).endswith(f"export the bundle again over it: ultrastyle export MODEL --output {dst}")
+    assert as_command(info.value).endswith(f"export the bundle again: ultrastyle export MODEL --output {dst}")
     again = export_bundle(model, dst, spec=ExportSpec(stages=(1,)))  # the fix works: a damaged bundle is replaced
     assert again.stages == (1,)
     (dst / "notes.txt").write_text("mine")

@@ -199,8 +199,8 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, ValueError) as exc:
-        again = Remedy("export_model", (Placeholder("MODEL"), str(path)))
-        raise remedied(BundleError(f"{mf}: unreadable manifest ({exc}); export the bundle again over it: {again.python()}"), again) from exc
+        again = Remedy("export_model", (Placeholder("MODEL"), str(path)), (("force", True),) if derived_work(path) else ())
+        raise remedied(BundleError(f"{mf}: unreadable manifest ({exc}); {_export_again(path, again)}"), again) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{mf}: expected format {BUNDLE_FORMAT!r}, found {found!r}")
@@ -213,20 +213,19 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
         again = remake(path, manifest)
         raise remedied(BundleError(f"{mf}: format_version {version!r} is none this ultrastyle knows (1..{BUNDLE_FORMAT_VERSION}); "
-                                   f"export the bundle again: {again.python()}"), again)  # fmt: skip
+                                   f"{_export_again(path, again)}"), again)  # fmt: skip
     _check_manifest(path, manifest)
     if verify:
         again = remake(path, manifest)
         for name, n in manifest["networks"].items():
             f = path / n["file"]
             if not f.is_file():
-                raise remedied(BundleError(f"{f}: graph {name} listed in the manifest is missing; export the bundle again: "
-                                           f"{again.python()}"), again)  # fmt: skip
+                raise remedied(BundleError(f"{f}: graph {name} listed in the manifest is missing; {_export_again(path, again)}"), again)
             found = sha256_file(f)
             if found != n["sha256"]:
                 raise remedied(BundleError(
                     f"{f}: sha256 {found} does not match the manifest's {n['sha256']}: "
-                    f"the graph was modified or corrupted; export the bundle again: {again.python()}"
+                    f"the graph was modified or corrupted; {_export_again(path, again)}"
                 ), again)
     return Bundle(path, manifest)
 
@@ -238,7 +237,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
 
     def bad(what: str) -> BundleError:
         again = remake(path, manifest)
-        return remedied(BundleError(f"{mf}: {what}; export the bundle again: {again.python()}"), again)
+        return remedied(BundleError(f"{mf}: {what}; {_export_again(path, again)}"), again)
 
     networks = manifest.get("networks")
     if not isinstance(networks, dict) or not networks:
@@ -279,7 +278,14 @@ def remake(path: str | Path, manifest: dict) -> Remedy:
     networks = manifest.get("networks")
     kwargs += (("aux", True),) if isinstance(networks, dict) and any(isinstance(n, dict) and n.get("kind") == "encoder_aux"
                                                                      for n in networks.values()) else ()  # fmt: skip
+    kwargs += (("force", True),) if derived_work(Path(path)) else ()  # its int8 graphs and engines, which `_export_again` names
     return Remedy("export_model", (model, str(path)), kwargs)  # the same bundle: its stages and opset
+
+
+def _export_again(path: Path, again: Remedy) -> str:
+    """The advice to export the bundle at ``path`` again (`remake`), naming the calibration and engines that deletes."""
+    lost = derived_work(path)
+    return f"export the bundle again{f', which deletes its {lost} (made again after it)' if lost else ''}: {again.python()}"
 
 
 def is_bundle(path: str | Path) -> bool:
