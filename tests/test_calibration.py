@@ -143,6 +143,26 @@ def test_tile_sampler_is_seeded(train_dir):
     assert all(t.shape == (1, 3, 64, 64) for t, _ in a)
 
 
+def test_a_second_calibration_of_a_bundle_waits_its_turn_and_one_over_earlier_graphs_says_so(int8_bundle, train_dir, tmp_path):
+    import fcntl
+    import os
+
+    from ultrastyle.calibration.quantize import CalibrationRefused
+
+    folder = tmp_path / "b"
+    shutil.copytree(int8_bundle.path, folder)
+    fd = os.open(folder, os.O_RDONLY)  # as a calibration running in another process holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(CalibrationRefused, match=f"{folder}: another calibration of this bundle is running"):
+            calibrate_bundle(folder, train_dir, SETTINGS, stages=(3,))  # both wrote the manifest: one's graphs were lost
+    finally:
+        os.close(fd)
+    said: list[str] = []
+    calibrate_bundle(folder, train_dir, SETTINGS, stages=(3,), warn=said.append)
+    assert said == ["replacing the int8 graphs of stage(s) [3], calibrated before (percentile, uint8 activations)"]  # silently, before
+
+
 def test_images_enlarged_more_than_twice_to_the_image_size_are_warned_about(train_dir, tmp_path):
     from ultrastyle.calibration.data import MAX_ENLARGEMENT
 

@@ -285,6 +285,33 @@ def calibrate_bundle(
     if not os.access(bundle.path, os.W_OK):  # before any work: the int8 graphs and the manifest are written there
         raise BundleError(f"{bundle.path}: not writable, and calibration writes its int8 graphs into the bundle; copy the bundle "
                           "to a folder you can write, and calibrate that")  # fmt: skip
+    with _one_calibration(bundle.path):  # two at once each wrote the manifest: one's int8 graphs were lost, and both said done
+        return _calibrate(read_bundle(bundle.path), images, settings, stages, on_progress, warn)  # as the last one left it
+
+
+@contextlib.contextmanager
+def _one_calibration(path: Path) -> Iterator[None]:
+    """An exclusive lock on the bundle folder for one calibration (`CalibrationRefused` while another holds it); a lock on
+    the folder itself, which leaves no file behind and is released when its process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: unlocked
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CalibrationRefused(f"{path}: another calibration of this bundle is running; wait for it to end, then calibrate "
+                                     "(the stages it leaves out are kept)") from None  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
+
+
+def _calibrate(bundle: Bundle, images: str | Path | Sequence[Path], settings: CalibrationSettings | None, stages: tuple[int, ...] | None,
+               on_progress: ProgressCallback | None, warn: Callable[[str], None] | None) -> Bundle:  # fmt: skip
     files = calibration_images(images)
     settings = settings or CalibrationSettings()
     stages = tuple(stages or bundle.stages)
@@ -303,6 +330,10 @@ def calibrate_bundle(
     defaults = model_defaults(bundle.path)  # an AdaIN bundle's decoders see AdaIN maps at its alpha, not WCT's
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     _check_consistent(bundle, manifest, stages, settings)
+    if warn and (again := sorted({k for k in stages for kind in QUANTIZED_KINDS if manifest["networks"][f"{kind}{k}"].get("int8")})):
+        before = manifest.get("calibration") or {}
+        warn(f"replacing the int8 graphs of stage(s) {again}, calibrated before ({before.get('method', '?')}, "
+             f"{calibrated_activations(manifest)} activations)")  # fmt: skip
     keep = float_networks(settings.keep_float, tuple(bundle.stages))
     total, done = len(stages) * len(QUANTIZED_KINDS), 0
     dropped: list[Path] = []
