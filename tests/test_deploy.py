@@ -138,3 +138,5 @@ def test_building_a_zoo_model_without_tensorrt_says_so_before_exporting_it(cd16x
         ultrastyle.build_tensorrt("cd-wct-16x", precision="FP16")
     assert "check_tensorrt('cd-wct-16x')" in str(info.value)
     assert not zoo.bundles_dir().exists() or not any(zoo.bundles_dir().iterdir())  # nothing exported for a build that cannot run
+    with pytest.raises(ultrastyle.UnknownModelError, match="unknown model 'cd-wct16x'; did you mean 'cd-wct-16x'"):
+        ultrastyle.build_tensorrt("cd-wct16x")  # it said TensorRT was missing and to check_tensorrt('cd-wct16x'), refused then

@@ -234,8 +234,11 @@ def build_tensorrt(
     if workspace_bytes is None:
         raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
     if not isinstance(bundle, Bundle) and not is_bundle(bundle) and _model_source(bundle):  # a model to export first: not before TensorRT is known to be here
+        from ultrastyle.models.registry import get_entry
         from ultrastyle.trt.env import TensorRTUnavailable, require_tensorrt_stack
 
+        if not Path(bundle).is_dir():
+            get_entry(str(bundle))  # an unknown name first: the advice below would name it again, to be refused then
         fix = Remedy("check_tensorrt", (str(bundle),))
         try:
             require_tensorrt_stack("building TensorRT engines", f"{fix.python()} checks the model's bundle without them")

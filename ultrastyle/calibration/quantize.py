@@ -374,9 +374,10 @@ def _calibrate(bundle: Bundle, images: str | Path | Sequence[Path], settings: Ca
                     **({"entropy_bins": ENTROPY_BINS} if settings.method == "entropy" else {}),  # earlier entropy was minmax
                 }
                 done += 1
-    if weak and warn:
+    if weak and warn:  # entropy's ranges are the narrow ones here (19.5 dB to percentile's 27.3): the method, not the images
+        fix = "calibrate with the percentile method" if settings.method == "entropy" else "calibrate on more, larger and more varied images"
         warn(f"the int8 graphs are far from float32 on held-out tiles ({', '.join(weak)}; calibrations of varied photos give "
-             f"{PROBE_SNR_WARN_DB:g} dB or more): calibrate on more, larger and more varied images")  # fmt: skip
+             f"{PROBE_SNR_WARN_DB:g} dB or more): {fix}")  # fmt: skip
     # The latest run's settings and the stages it calibrated (each int8 entry keeps its own `settings`).
     manifest["calibration"] = {**asdict(settings), "stages": list(stages)}
     _write_manifest(bundle.path, manifest)
