@@ -31,7 +31,7 @@ def calibrate_command(
     method: Annotated[str, typer.Option(help=f"Calibration method: {', '.join(METHODS)} (percentile measured best; entropy, KL over "
                                              "2048-bin histograms as TensorRT's, worst here and the slowest).")] = DEFAULT_METHOD,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel, or one per tensor.")] = True,
-    samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded).")] = DEFAULT_SAMPLES,
+    samples: Annotated[int, typer.Option(min=1, help="Tiles drawn from the images (seeded). Memory grows with it: about 0.25 GB a 512 px tile (8: 2.4 GB peak, 24: 6.5 GB).")] = DEFAULT_SAMPLES,
     tile: Annotated[int, typer.Option(min=32, help="Tile side in pixels.")] = DEFAULT_TILE,
     image_size: Annotated[int, typer.Option(min=64, help="Images are resized to this long side before tiles are cut.")] = DEFAULT_IMAGE_SIZE,
     keep_float: Annotated[str, typer.Option(help=f"Layers kept in float: {', '.join(KEEP_FLOAT)} (see README).")] = DEFAULT_KEEP_FLOAT,
