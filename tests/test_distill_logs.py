@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,12 @@ def test_a_runs_own_config_file_is_reusable_and_is_not_resumed_as_the_other_kind
     assert (again.teacher, again.lr, again.out) == ("t", 0.003, "new")
     with pytest.raises(ConfigError, match="'teacher' is a setting of a student encoder's run, not of a decoder's run"):
         read_saved(DecoderConfig, saved)
+
+
+def test_a_key_given_nothing_says_required_or_to_leave_it_out_for_its_default():
+    from ultrastyle.distill.config import from_mapping
+
+    for mapping, said in (({"teacher": None}, "teacher: required, got nothing"), ({"stage": None}, "stage: required, got nothing"),
+                          ({"device": None}, "device: got nothing (null); leave it out for its default, cpu")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            from_mapping(DistillConfig, mapping)

@@ -30,6 +30,8 @@ PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (di
 # What may change when a run is resumed: its length, where it runs, and its learning rate (lowered after a loss that
 # diverged, as `trainer` advises; the rate is a function of the step, so the resumed steps take the new one).
 RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads", "lr"})
+# What a run needs given (their defaults, "" and 0, say "not given"; `RunConfig.check` and its subclasses refuse them).
+REQUIRED = ("stage", "out", "images", "teacher", "encoder")
 # Where a run's files are, not how it trains: a resume takes them as given (a copied or moved model folder resumes).
 LOCATION = frozenset({"out", "run_dir"})
 # Settings that may name a file or folder: saved absolute where they exist, so a resume from another directory matches.
@@ -134,8 +136,6 @@ class RunConfig:
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if (why := check.cuda_shortfall(self.device, count)) is not None:
                 raise ConfigError(f"device: {self.device}: {why}; {'give one of them' if count else 'use cpu'}")
-            if (index := check.device_index(self.device)) >= (count := torch.cuda.device_count()):
-                raise ConfigError(f"device: {self.device!r}, but PyTorch sees {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}")
 
     @property
     def kind(self) -> str:
@@ -279,7 +279,7 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if "None" in kind:
             return None
-        if field.default is not dataclasses.MISSING:  # YAML's "device:" with nothing after it
+        if field.name not in REQUIRED and field.default is not dataclasses.MISSING:  # YAML's "device:" with nothing after it
             raise ConfigError(f"{field.name}: got nothing (null); leave it out for its default, {field.default}")
         raise ConfigError(f"{field.name}: required, got nothing")
     try:
