@@ -115,9 +115,21 @@ def test_a_damaged_cached_bundle_is_reported_with_what_a_repair_would_delete_and
     zoo.import_local("cd-wct-16x", cd16x_dir)
     bundle = ensure_bundle("cd-wct-16x", stages=(5,), progress=False)
     assert cache_repair_loss("cd-wct-16x", (5,)) is None
-    (bundle.path / "encoder5.int8.onnx").write_bytes(b"calibrated")
     graph = bundle.path / "encoder5.onnx"
     graph.write_bytes(graph.read_bytes()[:-100])
+    assert cache_repair_loss("cd-wct-16x", (5,)) is None  # damaged, but a repair deletes nothing: the next run just exports
+    (bundle.path / "encoder5.int8.onnx").write_bytes(b"calibrated")
     said = cache_repair_loss("cd-wct-16x", (5,))
     assert said is not None and f"the cached bundle {bundle.path} is damaged" in said and said.endswith("deleting the 1 int8 graph it holds")
     assert (bundle.path / "encoder5.int8.onnx").read_bytes() == b"calibrated"  # nothing exported or deleted to find out
+
+    import ultrastyle.runtime.backends.select as select
+    import ultrastyle.runtime.memory as memory
+    from ultrastyle.cli.doctor import baseline_rows
+
+    measured: list[str] = []
+    monkeypatch.setattr(memory, "measure_baseline", lambda model, backend: measured.append(backend) or 2**29)
+    monkeypatch.setattr(select, "cache_repair_loss", lambda model: said if model == "cd-wct-16x" else None)  # as for stages 1-5
+    rows = {r.what: r for r in baseline_rows("cd-wct-16x")}
+    assert measured == ["torch"] and rows["baseline (torch)"].status == "info"  # the run that would have deleted them is not made
+    assert rows["baseline (onnxruntime)"].status == "missing" and said in rows["baseline (onnxruntime)"].detail

@@ -59,10 +59,10 @@ def baseline_rows(model: str | None = None) -> list[Row]:
     model = model or DEFAULT_MODEL
     rows = []
     for backend in ("onnxruntime", "torch"):
-        if backend == "onnxruntime" and (loss := cache_repair_loss(model)) is not None:  # a diagnosis, not a repair that deletes work
-            rows.append(Row(f"baseline ({backend})", "unusable", f"not measured: {loss}"))
-            continue
         try:
+            if backend == "onnxruntime" and (loss := cache_repair_loss(model)) is not None:  # a diagnosis: not a repair that deletes work
+                rows.append(Row(f"baseline ({backend})", "missing", f"not measured: {loss} (calibrate and build again after)"))
+                continue
             rss = measure_baseline(model, backend)
             rows.append(Row(f"baseline ({backend})", "info", f"{rss / 2**20:.0f} MiB resident with {model} open: "
                             "a run's peak is this plus at most --max-memory"))  # fmt: skip

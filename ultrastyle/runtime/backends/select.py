@@ -114,17 +114,17 @@ def _cache_repair(name: str, files: dict[str, str]) -> tuple[Path, str | None, s
 
 def cache_repair_loss(source: str | Path, stages: tuple[int, ...] | None = None) -> str | None:
     """What the next run of ``source`` on ONNX Runtime would delete by exporting its cached bundle again (damaged, or an
-    older release's), else None; nothing is exported or deleted to find out (`doctor` reports it rather than repairs)."""
+    older release's): its int8 graphs and engines; None where it deletes nothing. Nothing is exported or deleted to find
+    out (`doctor` reports it rather than repairs)."""
     if is_bundle(source):
         return None
     stages = check_stages(source, stages)
     if _find_bundle(source, stages) is not None:
         return None
     target, damaged, lost = _cache_repair(*weights_digest(source, stages))
-    if damaged is not None:
+    if damaged is not None:  # a repair that deletes nothing costs an export: not worth a word
         held = derived_work(target)
-        return f"the cached bundle {target} is damaged ({damaged}): the next run exports it again" + (f", deleting the {held} it holds"
-                                                                                                      if held else "")  # fmt: skip
+        return f"the cached bundle {target} is damaged ({damaged}): the next run exports it again, deleting the {held} it holds" if held else None
     return f"the cached bundle {target} lacks graphs this release runs: the next run exports it again, deleting the {lost} it holds" if lost else None
 
 
