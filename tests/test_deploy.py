@@ -140,3 +140,24 @@ def test_building_a_zoo_model_without_tensorrt_says_so_before_exporting_it(cd16x
     assert not zoo.bundles_dir().exists() or not any(zoo.bundles_dir().iterdir())  # nothing exported for a build that cannot run
     with pytest.raises(ultrastyle.UnknownModelError, match="unknown model 'cd-wct16x'; did you mean 'cd-wct-16x'"):
         ultrastyle.build_tensorrt("cd-wct16x")  # it said TensorRT was missing and to check_tensorrt('cd-wct16x'), refused then
+
+
+def test_tilde_is_the_home_folder_for_exports_calibration_images_and_the_optimizers_model(cd16x_dir, shared_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from ultrastyle.calibration.data import calibration_images
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "photos").mkdir(parents=True)
+    work.mkdir()
+    shutil.copy(shared_dir / "images/content/cd_content_in1.jpg", home / "photos" / "a.jpg")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    made = ultrastyle.export_model(str(cd16x_dir), "~/bundle", stages=5)  # a literal ./~/bundle was made
+    assert made.path == home / "bundle" and list(work.iterdir()) == []
+    assert ultrastyle.check_tensorrt("~/bundle", precision="fp32").bundle == home / "bundle"
+    assert calibration_images("~/photos") == [home / "photos" / "a.jpg"]  # "no such folder"
+    shutil.copytree(cd16x_dir, home / "model")
+    from ultrastyle.optimization.run import Optimizer
+
+    assert Optimizer("~/model").model == str(home / "model")  # an unknown zoo model

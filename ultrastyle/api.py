@@ -219,7 +219,7 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
 
 def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
     """A zoo name or a folder as given (``~`` expanded); a `Bundle` (what `export_model` and `calibrate` return) as its folder."""
-    return model.path if isinstance(model, Bundle) else os.path.expanduser(model)
+    return model.path if isinstance(model, Bundle) else check.user_path(model)
 
 
 def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
@@ -412,7 +412,7 @@ class Stylizer:
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
         _check_callbacks(on_tile=on_tile)
         if output is not None:
-            output = Path(output).expanduser()
+            output = check.user_path(output)  # "" stays "" for its own message
             given = settings.get("format")
             if given is None and "format" in self.settings:  # given at load: a default, which a format's suffix overrides
                 suffix = format_name(Path(output).suffix.lstrip("."))
@@ -710,7 +710,7 @@ def stylize(
     check_style_args(style, mix, mask)  # before the model opens (a download, an export)
     _check_callbacks(on_tile=on_tile)
     if output is not None:
-        output = Path(output).expanduser()
+        output = check.user_path(output)
         _output_format(output, content, style, mix, mask, settings.get("format"))
     with load(model, levels=settings.get("levels"), **runner_kw) as s:
         return s.stylize(content, style, mix=mix, mask=mask, output=output, on_tile=on_tile, **settings)

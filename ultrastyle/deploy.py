@@ -61,6 +61,7 @@ def export_model(
     from ultrastyle.models.sources import model_stages
     from ultrastyle.runtime.backends.select import weights_digest
 
+    model, output = check.user_path(model), check.user_path(output)
     # Before the model loads. An int: 17.0 is in range(13, 22) too, and failed later as a TypeError.
     if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset not in SUPPORTED_OPSETS:
         raise OptionError("opset", f"expected an integer {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; "
@@ -117,6 +118,7 @@ def calibrate(
         from ultrastyle.calibration.quantize import CalibrationWarning
 
         warn = lambda message: warn_user(message, CalibrationWarning)  # noqa: E731
+    bundle = check.user_path(bundle)
     files = calibration_images(images)  # a folder without images (or an empty list) is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)
@@ -202,6 +204,7 @@ def check_tensorrt(
     from ultrastyle.trt.check import check_bundle
 
     precision = _trt_precision(precision)
+    bundle = check.user_path(bundle)
     b, chosen, ranges = _bundle_and_ranges(bundle, precision, stages, {"tile_min": tile_min, "tile_opt": tile_opt, "tile_max": tile_max})
     return check_bundle(b, precisions=(precision,), ranges=ranges, stages=chosen)
 
@@ -233,6 +236,7 @@ def build_tensorrt(
     workspace_bytes = check.memory_budget("workspace", workspace)
     if workspace_bytes is None:
         raise OptionError("workspace", "expected a number of bytes or a size such as '1GB', got None; give e.g. 1GB")
+    bundle = check.user_path(bundle)
     if not isinstance(bundle, Bundle) and not is_bundle(bundle) and _model_source(bundle):  # a model to export first: not before TensorRT is known to be here
         from ultrastyle.models.registry import get_entry
         from ultrastyle.trt.env import TensorRTUnavailable, require_tensorrt_stack

@@ -20,6 +20,7 @@ import re
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -187,6 +188,19 @@ def no_empty_path(option: str, values: Collection[str | os.PathLike], give: str 
     """Refuses an empty path among ``values``: ``Path("")`` is the current folder, which an unset variable would stylize whole."""
     if any(os.fspath(v) == "" for v in values):
         raise OptionError(option, f"an empty path (an unset shell variable?); give {give}")
+
+
+P = TypeVar("P")
+
+
+def user_path(value: P) -> P:
+    """``value`` with a leading ``~`` expanded where it is a path (a str, or a path object), as a shell expands it; anything
+    else (a `Bundle`, None) as given. Python itself does not: a literal ``~`` folder would be made in the working directory."""
+    if isinstance(value, str):
+        return os.path.expanduser(value)  # type: ignore[return-value]
+    if isinstance(value, os.PathLike):
+        return Path(value).expanduser()  # type: ignore[return-value]
+    return value
 
 
 def output_folder(option: str, value: str | os.PathLike) -> Path:

@@ -40,12 +40,12 @@ def calibration_images(folder: str | os.PathLike | Sequence[str | os.PathLike]) 
     """The folder's image files, sorted, or the files given as a list, in their order; an empty or missing folder, or an
     empty list, is an error (`CalibrationDataError`)."""
     if not isinstance(folder, (str, os.PathLike)):
-        files = [Path(f) for f in folder]
+        files = [Path(f).expanduser() for f in folder]
         if not files:
             raise CalibrationDataError("no calibration images given; give a folder of photos like the ones you will stylize, "
                                        "or a list of image files")  # fmt: skip
         return files
-    path = Path(folder)
+    path = Path(folder).expanduser()  # as a shell would
     if path.is_file():
         raise CalibrationDataError(f"{path}: a file; calibration images are a folder of images: give the folder that holds it")
     if not path.is_dir():

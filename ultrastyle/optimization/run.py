@@ -445,7 +445,8 @@ class Optimizer:
         from ultrastyle.models.networks import Encoder
         from ultrastyle.runtime.backends.select import require_torch_device
 
-        self.model, self.threads = model, check.thread_count("threads", threads)
+        self.model = model = check.user_path(model)
+        self.threads = check.thread_count("threads", threads)
         device = check.device("device", str(device) if isinstance(device, torch.device) else device)  # "CPU" too, as the CLI takes it
         require_torch_device(device)
         if dtype not in (torch.float32, torch.float64):
