@@ -626,6 +626,14 @@ def test_a_fresh_run_over_an_earlier_runs_log_starts_a_new_log(teacher_dir, phot
     distill(_config(teacher_dir, photos, tmp_path / "b", steps=2, run_dir=str(run)))
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert {"pixel", "perceptual"} <= set(rows[0]) and [int(r["step"]) for r in rows if r["split"] == "train"] == [1, 2]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.csv").write_text("date,amount\n")  # someone's own file, in the run folder they chose: kept, and said
+    from ultrastyle.distill.trainer import RunFolderInUse
+
+    with pytest.raises(RunFolderInUse, match="log.csv is no loss log of a run"):
+        distill(_config(teacher_dir, photos, tmp_path / "c", steps=2, run_dir=str(mine)))
+    assert (mine / "log.csv").read_text() == "date,amount\n"
 
 
 def test_a_folder_whose_only_decodable_image_is_for_validation_is_refused_before_any_work(teacher_dir, photos, tmp_path):

@@ -588,7 +588,7 @@ def _touch_images(d: Path, *names: str) -> None:
 
 def test_expand_directory_gives_sorted_image_files_only(tmp_path: Path) -> None:
     d = tmp_path / "imgs"
-    _touch_images(d, "c.webp", "a.png", "b.JPG", "notes.txt", "model.pth", "d.tiff", "._a.png", ".hidden.jpg")  # macOS resource forks
+    _touch_images(d, "c.webp", "a.png", "b.JPG", "notes.txt", "model.pth", "d.tiff", "._a.png", ".hidden.jpg", "png")  # macOS forks
     (d / "sub.png").mkdir()  # a folder with an image suffix is not a file
     _touch_images(d / "nested", "e.png")  # no recursion
     assert expand_inputs([d]) == [d / "a.png", d / "b.JPG", d / "c.webp", d / "d.tiff"]

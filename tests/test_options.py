@@ -298,8 +298,12 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work_even_wh
 def test_a_broken_link_as_output_folder_and_a_file_above_an_output_file_are_refused_before_any_work(tmp_path):
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "gone", target_is_directory=True)
-    with pytest.raises(OptionError, match=rf"{link} is a link to {tmp_path / 'gone'}, which does not exist; make that folder"):
+    with pytest.raises(OptionError, match=rf"{link} is a link to {tmp_path / 'gone'}, which does not exist; give a folder you can write"):
         ultrastyle.options.output_folder("output_dir", link)  # exists() said no: the model opened and every write failed
+    with pytest.raises(OptionError, match=rf"{link / 'sub'} cannot be made: {link} is a link to {tmp_path / 'gone'}, which does not"):
+        ultrastyle.options.output_folder("output_dir", link / "sub")
+    with pytest.raises(OptionError, match=rf"{link / 'x.png'} cannot be made|{link} is a link to {tmp_path / 'gone'}, which does not"):
+        ultrastyle.options.output_file(link / "x.png")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OptionError, match=rf"{tmp_path / 'afile'} is a file; give a file in a folder you can write"):
         ultrastyle.options.output_file(tmp_path / "afile" / "x.png")

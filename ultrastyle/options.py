@@ -213,8 +213,6 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
     """
     no_empty_path(option, [value], "a folder")
     path = Path(value).expanduser()  # as a shell would: from Python, a literal "~" folder would be made here
-    if path.is_symlink() and not path.exists():  # exists() follows the link: it would pass as absent, then fail every write
-        raise OptionError(option, f"{path} is a link to {os.readlink(path)}, which does not exist; make that folder, or give another")
     if path.exists() and not path.is_dir():
         raise OptionError(option, f"{path} is a file, and outputs go into a folder; give a folder (absent or existing)")
     if why := unwritable_folder(path):
@@ -226,15 +224,18 @@ def output_folder(option: str, value: str | os.PathLike) -> Path:
 
 
 def unwritable_folder(path: Path) -> str | None:
-    """Why folder ``path`` (made where absent) cannot be written: a file above it, or it or the folder above it not
-    writable; None where it can. For a file at ``path`` itself, the caller says what it expected there."""
-    ancestor = next((p for p in path.absolute().parents if p.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        return f"{path} cannot be made: {ancestor} is a file"
-    where = path if path.exists() else ancestor
+    """Why folder ``path`` (made where absent) cannot be written: it or the nearest entry above it a file or a link to
+    nothing (`exists` follows links: a broken one passed as absent, then every write failed), or not writable; None
+    where it can."""
+    here = path.absolute()
+    where = next((p for p in (here, *here.parents) if os.path.lexists(p)), None)
     if where is None:
         return None
-    said = f"{path} is" if where == path else f"{path} cannot be made: {where} is"
+    said = f"{path} is" if where == here else f"{path} cannot be made: {where} is"
+    if where.is_symlink() and not where.exists():
+        return f"{said} a link to {os.readlink(where)}, which does not exist"
+    if not where.is_dir():
+        return f"{said} a file"
     if not os.access(where, os.W_OK | os.X_OK):  # EROFS too: a read-only mount answers no
         return f"{said} not writable (permissions or a read-only file system)"
     if (exc := _write_probe(where)) is not None:  # what os.access cannot tell (root, /proc, some mounts)
@@ -261,8 +262,7 @@ def output_file(output: str | os.PathLike, inputs: Collection[object] = ()) -> P
     path = Path(output).expanduser()
     if path.is_dir():
         raise OptionError("output", f"{path} is a folder; give a file name (the image's, such as {path / 'out.png'})")
-    # Its folder is made where absent: a file there or above it would fail after the compute.
-    if why := (f"{path.parent} is a file" if path.parent.exists() and not path.parent.is_dir() else unwritable_folder(path.parent)):
+    if why := unwritable_folder(path.parent):  # its folder is made where absent: a file there or above it failed after the compute
         raise OptionError("output", f"{why}; give a file in a folder you can write")
     target = path.resolve()
     for given in inputs:

@@ -42,7 +42,7 @@ def expand_inputs(specs: list[str] | list[Path], unique: bool = True) -> list[Pa
 def is_image_name(name: str) -> bool:
     """Whether a file found in a folder is taken for an image: an image suffix, and not hidden. macOS leaves ``._NAME``
     resource forks beside copied files (not images), and a glob leaves dot-files out too."""
-    return not name.startswith(".") and f".{name.rpartition('.')[2].lower()}" in IMAGE_SUFFIXES
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES  # "png" alone has no suffix
 
 
 def input_key(path: str | os.PathLike) -> str:
