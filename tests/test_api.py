@@ -743,9 +743,9 @@ def test_settings_given_at_load_are_every_calls_defaults_and_are_checked_before_
         ultrastyle.load("cd-wct-16x", max_memory="lots")
     with pytest.raises(ultrastyle.OptionError, match="skip_existing: applies to stylize_batch calls"):
         ultrastyle.load("cd-wct-16x", skip_existing=True)
-    for keyword in ("output", "output_dir", "style"):  # a call's own argument: "did you mean 'output_dir'" pointed at another
-        with pytest.raises(ultrastyle.OptionError, match=f"{keyword}: is an argument of each call, not a setting kept for them"):
-            ultrastyle.load("cd-wct-16x", **{keyword: "x"})
+    for keyword, call in (("output", "stylize"), ("output_dir", "stylize_batch"), ("style", "stylize"), ("workers", "ultrastyle.stylize_batch")):
+        with pytest.raises(ultrastyle.OptionError, match=rf"{keyword}: is an argument of {call}\(.*not a setting kept for every call"):
+            ultrastyle.load("cd-wct-16x", **{keyword: "x"})  # "did you mean 'output_dir'" pointed at another call's keyword
     with pytest.raises(ultrastyle.OptionError, match="did you mean 'backend'"):
         ultrastyle.load("cd-wct-16x", backnd="torch")
 

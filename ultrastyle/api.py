@@ -632,9 +632,8 @@ def check_settings(
     instead, which belong to ``opener``. ``at_load``: settings kept by `load` for every call, where the calls' own
     arguments (``output``, ``style``) are no typo of a setting.
     """
-    calls = (_CALL_KEYWORDS, "stylize(...) or stylize_batch(...)") if at_load else ((), "")
     check.known_keywords(settings, _SETTINGS if allowed is None else allowed, _RUNNER_KEYS if model_keys is None else model_keys, opener,
-                         _RUNNER_KEYS if at_load else _CALL_KEYWORDS, calls)  # fmt: skip
+                         _RUNNER_KEYS if at_load else _CALL_KEYWORDS, _CALLS_TAKING if at_load else None)  # fmt: skip
 
 
 def _nth(role: str, i: int) -> str:
@@ -668,6 +667,12 @@ def _sources(images: ImageLike | Iterable[ImageLike], role: str, keyword: str) -
 load = Stylizer  # ``ultrastyle.load(model, ...)``: open ``model`` for many calls (the same arguments, typed)
 
 
+# Each of the calls' own keywords, with the calls that take it: what `load` says of one given to it.
+_BOTH, _BATCH = "stylize(...) or stylize_batch(...)", "stylize_batch(...)"
+_RAY = "ultrastyle.stylize_batch(..., executor='ray'), or a ClusterStylizer(...) opened in place of load"
+_CALLS_TAKING = {"content": "stylize(...)", "output": "stylize(...)", "contents": _BATCH, "output_dir": _BATCH, "on_result": _BATCH,
+                 "style": _BOTH, "styles": _BATCH, "mix": _BOTH, "mask": _BOTH, "on_tile": _BOTH, "executor": _RAY,
+                 "ray_address": _RAY, "distribute_tiles": _RAY, "workers": _RAY, "cpus_per_worker": _RAY}  # fmt: skip
 # The stylize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
 _CALL_KEYWORDS = ("model", "content", "contents", "style", "styles", "mix", "mask", "output", "output_dir", "on_tile", "on_result",
                   "executor", "ray_address", "distribute_tiles", "workers", "cpus_per_worker")  # fmt: skip

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -343,18 +343,18 @@ def stage_set(option: str, value: object) -> tuple[int, ...] | None:
 
 
 def known_keywords(settings: Collection[str], allowed: Collection[str], model_keys: Collection[str] = (), opener: str = "",
-                   named: Collection[str] = (), calls: tuple[Collection[str], str] = ((), "")) -> None:  # fmt: skip
+                   named: Collection[str] = (), calls: Mapping[str, str] | None = None) -> None:  # fmt: skip
     """OptionError for a keyword that is no setting of a call: a typo (with the closest of ``allowed`` and ``named``, the
     call's own keyword arguments: ``mixes=`` means ``mix``), or one of ``model_keys``, the settings of the opened model,
-    which belong to ``opener``. ``calls``: (keywords, calls) where settings are kept for calls to come (`load`), the
-    keywords of those calls, which only they take."""
+    which belong to ``opener``. ``calls``: where settings are kept for calls to come (`load`), the keywords of those
+    calls, which only they take, each with the call that takes it."""
     for name in settings:
         if name in allowed:
             continue
         if name in model_keys:
             raise OptionError(name, f"is a setting of the model, not of each call: give it to {opener}")
-        if name in calls[0]:
-            raise OptionError(name, f"is an argument of each call, not a setting kept for them: give it to {calls[1]}")
+        if name in (calls or {}):
+            raise OptionError(name, f"is an argument of {calls[name]}, not a setting kept for every call: give it there")  # type: ignore[index]
         close = difflib.get_close_matches(name, sorted({*allowed, *named} - {name}), n=1)  # `styles` to stylize: `style`
         raise OptionError(name, "unknown setting" + (f"; did you mean {close[0]!r}?" if close else f"; settings: {', '.join(sorted(allowed))}"))
 
