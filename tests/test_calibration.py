@@ -368,7 +368,8 @@ def test_tensorrt_refuses_uint8_graphs_and_says_how_to_calibrate_for_it(int8_bun
 
     from ultrastyle.cli.remedies import as_command
 
-    with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*activations='int8', method='percentile'\)") as info:
+    remade = r"activations='int8', method='percentile', keep_float='ends', percentile=99.99\)"  # as it was made, but signed
+    with pytest.raises(GraphError, match=r"uint8 activations.*ultrastyle.calibrate\(.*" + remade) as info:
         graph_sources(int8_bundle, "int8")
     assert f"ultrastyle calibrate {int8_bundle.path} --images YOUR_PHOTOS/ --activations int8" in as_command(info.value)
 
@@ -559,3 +560,16 @@ def test_images_of_other_shapes_give_tiles_of_one_size_and_calibrate(fp32_bundle
     said: list[str] = []
     out = calibrate_bundle(folder, list(files), SETTINGS, stages=(1,), warn=said.append)  # an "inhomogeneous shape" error before
     assert out.manifest["networks"]["encoder1"]["int8"] and any("tiles are 102 px, not 128" in s for s in said), said
+
+
+def test_calibrating_again_repeats_each_graphs_own_settings(int8_bundle):
+    import copy
+
+    from ultrastyle.export.bundle import Bundle
+    from ultrastyle.export.int8 import recalibrate
+
+    manifest = copy.deepcopy(int8_bundle.manifest)
+    manifest["networks"]["encoder3"]["int8"]["settings"].update(method="minmax", keep_float="deep")  # a later run of other stages
+    remade = dict(recalibrate(Bundle(int8_bundle.path, manifest), "encoder3").kwargs)
+    assert remade == {"activations": "uint8", "method": "minmax", "keep_float": "deep"}  # not the latest run's percentile
+    assert dict(recalibrate(Bundle(int8_bundle.path, manifest)).kwargs)["method"] == "percentile"

@@ -332,9 +332,10 @@ def _calibrate(bundle: Bundle, images: str | Path | Sequence[Path], settings: Ca
     defaults = model_defaults(bundle.path)  # an AdaIN bundle's decoders see AdaIN maps at its alpha, not WCT's
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     _check_consistent(bundle, manifest, stages, settings)
+    earlier = [manifest["networks"][f"{kind}{k}"].get("int8") for k in stages for kind in QUANTIZED_KINDS]
     if warn and (again := sorted({k for k in stages for kind in QUANTIZED_KINDS if manifest["networks"][f"{kind}{k}"].get("int8")})):
-        before = manifest.get("calibration") or {}
-        warn(f"replacing the int8 graphs of stage(s) {again}, calibrated before ({before.get('method', '?')}, "
+        methods = sorted({str((e.get("settings") or {}).get("method", "?")) for e in earlier if isinstance(e, dict)})  # each its own
+        warn(f"replacing the int8 graphs of stage(s) {again}, calibrated before ({', '.join(methods)}, "
              f"{calibrated_activations(manifest)} activations)")  # fmt: skip
     keep = float_networks(settings.keep_float, tuple(bundle.stages))
     total, done = len(stages) * len(QUANTIZED_KINDS), 0

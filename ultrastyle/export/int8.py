@@ -21,11 +21,21 @@ def calibrated_activations(manifest: dict) -> str:
     return (manifest.get("calibration") or {}).get("activations", "int8")
 
 
-def recalibrate(bundle: Bundle, **settings: object) -> Remedy:
-    """The calibration that makes ``bundle``'s int8 graphs again as they were made: its recorded activations and method
-    (a repair that dropped them turned a TensorRT-ready bundle's int8 activations into uint8), ``settings`` over them."""
-    recorded = bundle.manifest.get("calibration") or {}
-    kwargs = {"activations": calibrated_activations(bundle.manifest), **({"method": recorded["method"]} if "method" in recorded else {})}
+# What `recalibrate` repeats of a recorded calibration: what changes the graphs most (activations: whether TensorRT
+# builds them; a repair that dropped them turned a TensorRT-ready bundle's int8 activations into uint8).
+_REPEATED = ("activations", "method", "keep_float")
+
+
+def recalibrate(bundle: Bundle, network: str | None = None, **settings: object) -> Remedy:
+    """The calibration that makes ``bundle``'s int8 graphs again (``network``'s, by its own record; else the latest run's):
+    with the activations, method, layers kept in float (and percentile, for that method) they were made with, ``settings``
+    over them."""
+    entry = bundle.manifest.get("networks", {}).get(network) if network else None
+    own = (entry.get("int8") or {}).get("settings") if isinstance(entry, dict) and isinstance(entry.get("int8"), dict) else None
+    recorded = own if isinstance(own, dict) else bundle.manifest.get("calibration") or {}
+    kwargs = {"activations": calibrated_activations(bundle.manifest), **{k: recorded[k] for k in _REPEATED if k in recorded}}
+    if kwargs.get("method") == "percentile" and "percentile" in recorded:
+        kwargs["percentile"] = recorded["percentile"]
     return Remedy("calibrate", (str(bundle.path), Placeholder("YOUR_PHOTOS/")), tuple({**kwargs, **settings}.items()))
 
 
@@ -47,11 +57,11 @@ def int8_networks(bundle: Bundle) -> dict[str, Path]:
     A missing, modified or stale graph raises `BundleError` with the command that remakes it.
     """
     out = {}
-    fix = recalibrate(bundle)
     for name, entry in bundle.manifest["networks"].items():
         q = entry.get("int8") if isinstance(entry, dict) else None
         if not q:
             continue
+        fix = recalibrate(bundle, name)
         path = bundle.path / Path(q["file"]).name
         if not path.is_file():
             raise remedied(BundleError(f"{path}: the int8 graph of {name} is missing; calibrate again: {fix.python()}"), fix)

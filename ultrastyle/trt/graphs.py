@@ -135,7 +135,7 @@ def _loader(path: Path) -> Callable[[], onnx.ModelProto]:
 def verify_int8_file(bundle: Bundle, source: GraphSource) -> None:
     """A Q/DQ graph's bytes against the sha256 calibration recorded (the bundle reader checks only the fp32 graphs)."""
     path = bundle.path / source.label
-    fix = recalibrate(bundle)
+    fix = recalibrate(bundle, source.network)
     if not path.is_file():
         raise remedied(GraphError(f"{path}: int8 graph listed for {source.network} is missing; calibrate again: {fix.python()}"), fix)
     if sha256_file(path) != source.sha256:
