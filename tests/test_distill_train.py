@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ultrastyle.cli.main import app
 from ultrastyle.cli.remedies import as_command
 from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
-from ultrastyle.distill.jobs import distill, train_decoder
+from ultrastyle.distill.jobs import TrainingInterrupted, distill, train_decoder
 from ultrastyle.distill.outputs import OutputError, claim_folder, write_network
 from ultrastyle.distill.trainer import read_checkpoint
 from ultrastyle.models.networks import Decoder, Encoder
@@ -78,7 +78,9 @@ def test_interrupted_crashed_and_resumed_run_equals_an_uninterrupted_one(teacher
         if r.step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C in the terminal sends
 
-    part = distill(cfg, on_step=ctrl_c_at_3)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3 of 6; checkpoint written to .*: the same call with resume=True") as info:
+        distill(cfg, on_step=ctrl_c_at_3)  # it returned: a caller's loop over stages went on to the next
+    part = info.value.result
     assert part.train.status == "interrupted" and part.train.step == 3 and part.outputs == [] and part.train.signal == signal.SIGINT
     assert not (tmp_path / "b" / "2SE.pth").exists()
     ck = read_checkpoint(part.run_dir / "checkpoint.pt")
@@ -272,7 +274,9 @@ def test_sigterm_stops_training_after_its_step_with_a_checkpoint(teacher_dir, ph
         if r.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    part = distill(_config(teacher_dir, photos, tmp_path / "t"), on_step=term_at_2)
+    with pytest.raises(TrainingInterrupted) as info:
+        distill(_config(teacher_dir, photos, tmp_path / "t"), on_step=term_at_2)
+    part = info.value.result
     assert part.train.status == "interrupted" and part.train.step == 2 and part.train.signal == signal.SIGTERM
     assert read_checkpoint(part.run_dir / "checkpoint.pt")["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is before

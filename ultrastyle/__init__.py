@@ -59,6 +59,8 @@ _API = {
     "DecoderConfig": "ultrastyle.distill.config",
     "ConfigError": "ultrastyle.distill.config",
     "TrainingError": "ultrastyle.distill.trainer",
+    "TrainingInterrupted": "ultrastyle.distill.jobs",
+    "JobResult": "ultrastyle.distill.jobs",
     # The model zoo, as `ultrastyle models` (MODULE:NAME where the public name is not the module's).
     "fetch_model": "ultrastyle.models.zoo:fetch",
     "import_model": "ultrastyle.models.zoo:import_local",

@@ -105,7 +105,7 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
     # Training is imported here, once the settings are checked: every `--help` builds these commands (typer), without torch.
     from ultrastyle.distill.config import CHECKPOINT
     from ultrastyle.distill.data import BadImageWarning, DataError
-    from ultrastyle.distill.jobs import distill, train_decoder
+    from ultrastyle.distill.jobs import TrainingInterrupted, distill, train_decoder
     from ultrastyle.distill.outputs import OutputError
     from ultrastyle.distill.trainer import RunFolderInUse, StepReport, TrainingError
     from ultrastyle.models.convert import CheckpointError
@@ -150,6 +150,10 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                 text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else as_command(exc)
                 _err(text)
                 raise typer.Exit(1) from None
+            except TrainingInterrupted as exc:  # the step finished, a checkpoint written
+                _report(progress.console, exc.result)
+                progress.stop()
+                raise typer.Exit(128 + (exc.result.train.signal or signal.SIGINT)) from None  # 130 for a Ctrl-C, 143 for SIGTERM
             except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
                 progress.stop()
                 run_dir = config.resolved_run_dir()
@@ -161,9 +165,6 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
                     _err("aborted before training started; no checkpoint was written (a rerun starts this stage again)")
                 raise typer.Exit(130) from None
             _report(progress.console, result)
-            if result.train.status == "interrupted":
-                progress.stop()
-                raise typer.Exit(128 + (result.train.signal or signal.SIGINT))  # 130 for a Ctrl-C, 143 for SIGTERM
 
 
 def _show_bad_image(on_message: Any, parent: int, message: Any, category: type, *args: Any, **kwargs: Any) -> None:

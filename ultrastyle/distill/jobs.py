@@ -51,10 +51,27 @@ from ultrastyle.distill.prune import prune_decoder, prune_encoder
 from ultrastyle.distill.review import ReviewHead
 from ultrastyle.distill.tasks import DecoderTask, StudentEncoderTask
 from ultrastyle.distill.trainer import StepReport, Trainer, TrainOptions, TrainResult, refuse_overwrite
-from ultrastyle.errors import Setting, remedied
+from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
 from ultrastyle.options import unwritable_folder
+
+
+def _warnings_only(message: str) -> None:
+    """The default ``on_message``: its warnings as Python warnings (an image skipped, a decoder to train again); notes dropped."""
+    if message.startswith("warning: "):
+        warn(message.removeprefix("warning: "))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a run: the step finished and a checkpoint was written; ``result`` says where. The same
+    call with ``resume=True`` continues it."""
+
+    def __init__(self, result: JobResult) -> None:
+        t = result.train
+        super().__init__(f"interrupted at step {t.step} of {t.steps}; checkpoint written to {result.run_dir / CHECKPOINT}: the same "
+                         "call with resume=True continues it")  # fmt: skip
+        self.result = result
 
 
 @dataclass
@@ -298,7 +315,7 @@ def distill(
     resume: bool = False,
     explicit: Mapping[str, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
-    on_message: Callable[[str], None] = lambda m: None,
+    on_message: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Train the stage-``config.stage`` student encoder by ``config.method`` (Collaborative Distillation by default).
 
@@ -309,6 +326,7 @@ def distill(
     ``on_message`` receives one-line notes (skipped images, where things go).
     """
     started = time.perf_counter()
+    on_message = on_message or _warnings_only
     config = _prepare_run(config, explicit, resume, on_message)
     with _threads(config.threads):
         return _distill(config, resume, on_step, on_message, started)
@@ -346,7 +364,7 @@ def train_decoder(
     resume: bool = False,
     explicit: Mapping[str, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
-    on_message: Callable[[str], None] = lambda m: None,
+    on_message: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Train the stage-``config.stage`` decoder of ``config.encoder`` (collaborator or student decoder).
 
@@ -354,6 +372,7 @@ def train_decoder(
     none, so that it is a complete model (e.g. for a VGG-19 teacher file).
     """
     started = time.perf_counter()
+    on_message = on_message or _warnings_only
     config = _prepare_run(config, explicit, resume, on_message)
     with _threads(config.threads):
         return _train_decoder(config, resume, on_step, on_message, started)
@@ -460,4 +479,7 @@ def _run(
         decoder = out / f"{config.stage}SD.pth"
         if config.kind == "SE" and decoder.is_file():  # trained on another encoder's features
             on_message(f"warning: {decoder} was trained before this encoder was written; train the decoder again for it")
-    return JobResult(config, run_dir, result, outputs, setup)
+    job = JobResult(config, run_dir, result, outputs, setup)
+    if result.status == "interrupted":  # as a batch's Ctrl-C: a caller's loop over stages must not go on to the next
+        raise TrainingInterrupted(job)
+    return job
