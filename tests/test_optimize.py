@@ -764,3 +764,13 @@ def test_a_batch_whose_contents_all_fail_leaves_no_output_folder(cd16x_dir, shar
     ultrastyle.optimize_batch([bad], shared_dir / "images/style/cd_style_in3.jpg", tmp_path / "kept", model=cd16x_dir, iterations=1,
                               style_size=48)  # fmt: skip
     assert (tmp_path / "kept").is_dir()
+
+
+def test_python_saves_an_optimization_as_often_as_the_command_line():
+    import inspect
+
+    from ultrastyle.cli.optimize import optimize_command
+    from ultrastyle.optimization.constants import DEFAULT_SAVE_EVERY
+
+    # optimize_batch saved only after each scale (0): a batch interrupted mid-image kept nothing to resume from
+    assert make_optimize_options().save_every == DEFAULT_SAVE_EVERY == inspect.signature(optimize_command).parameters["save_every"].default

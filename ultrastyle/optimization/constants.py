@@ -11,6 +11,7 @@ DEFAULT_CONTENT_LAYER = "relu4_1"
 DEFAULT_CONTENT_WEIGHT = 1.0
 DEFAULT_STYLE_WEIGHT = 1e-3  # balances the two terms on the CD 16x encoder: see docs/optimize.md
 DEFAULT_ITERATIONS = 100
+DEFAULT_SAVE_EVERY = 10  # iterations between saves of a run's state (where it has a state folder): a crash loses at most these
 DEFAULT_MAX_MEMORY = DEFAULT_BUDGET
 SOLVERS = ("lbfgs", "adam")
 DEFAULT_SOLVER = "lbfgs"  # measured against Adam: docs/optimize.md

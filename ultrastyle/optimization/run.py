@@ -48,7 +48,7 @@ from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.errors import Setting, remedied, warn
-from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, DEFAULT_SOLVER, FORMATS, SOLVERS
+from ultrastyle.optimization.constants import DEFAULT_ITERATIONS, DEFAULT_MAX_MEMORY, DEFAULT_SAVE_EVERY, DEFAULT_SOLVER, FORMATS, SOLVERS
 from ultrastyle.optimization.loss import (
     DEFAULT_CONTENT_LAYER, DEFAULT_CONTENT_WEIGHT, DEFAULT_STYLE_WEIGHT, TAPS, GradientPlan, LossNetwork, LossValue,
     LossWeights, StyleTarget, TileCallback, evaluate, loss_and_gradient, plan_gradient, style_target,
@@ -87,7 +87,7 @@ class OptimizeOptions:
     max_memory: int | None = parse_bytes(DEFAULT_MAX_MEMORY)
     tile: int | None = None
     scratch: str | None = None
-    save_every: int = 0
+    save_every: int = DEFAULT_SAVE_EVERY
     seed: int = 0
     history: int = DEFAULT_HISTORY
     lr: float = DEFAULT_ADAM_LR
@@ -152,7 +152,7 @@ def make_optimize_options(
     max_memory: int | str | None = DEFAULT_MAX_MEMORY,
     tile: int | str | None = None,
     scratch: str | os.PathLike | None = None,
-    save_every: int = 0,
+    save_every: int = DEFAULT_SAVE_EVERY,
     seed: int = 0,
     history: int = DEFAULT_HISTORY,
     lr: float = DEFAULT_ADAM_LR,
