@@ -293,3 +293,12 @@ def test_decoder_settings_a_run_would_not_use_are_refused():
     DecoderConfig(**base, prune="l1", init="cd-wct-16x").check()
     with pytest.raises(ConfigError, match="^pixel_weight: 0, with perceptual_weight 0 too, leaves nothing to train"):
         DecoderConfig(**base, pixel_weight=0.0, perceptual_weight=0.0).check()
+
+
+def test_named_choices_are_taken_in_any_case_as_the_command_line_takes_them():
+    from ultrastyle.distill.config import DecoderConfig, DistillConfig
+
+    c = DistillConfig(teacher="t", stage=4, out="o", images="i", mode="WCT", kd="CD+Review", lr_schedule="Cosine", device="CPU")
+    c.check()  # ConfigError before: "mode: must be one of wct, adain, got 'WCT'"
+    assert (c.mode, c.kd, c.lr_schedule, c.device) == ("wct", "cd+review", "cosine", "cpu")
+    assert DecoderConfig(encoder="e", stage=4, out="o", images="i", prune="L1").prune == "l1"

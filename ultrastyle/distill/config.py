@@ -30,6 +30,8 @@ PRUNE_CHOICES = ("l1", "fit")  # how a wider decoder is thinned to a student (di
 # What may change when a run is resumed: its length, where it runs, and its learning rate (lowered after a loss that
 # diverged, as `trainer` advises; the rate is a function of the step, so the resumed steps take the new one).
 RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "val_every", "workers", "device", "threads", "lr"})
+# Settings that name a choice, taken in any case as the command line takes them (`options.choice`).
+NAMED_CHOICES = ("mode", "kd", "lr_schedule", "prune", "student_arch", "device")
 # What a run needs given (their defaults, "" and 0, say "not given"; `RunConfig.check` and its subclasses refuse them).
 REQUIRED = ("stage", "out", "images", "teacher", "encoder")
 # Where a run's files are, not how it trains: a resume takes them as given (a copied or moved model folder resumes).
@@ -79,6 +81,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if isinstance(getattr(self, f.name), Path):
                 setattr(self, f.name, str(getattr(self, f.name)))
+            elif f.name in NAMED_CHOICES and isinstance(getattr(self, f.name), str):  # "WCT", "CD": any case, as the CLI's
+                setattr(self, f.name, getattr(self, f.name).lower())
 
     def check(self, fresh: bool = True) -> None:
         """`ConfigError` for a setting that cannot be used. ``fresh`` False (a saved run resumed): the rules on settings a
