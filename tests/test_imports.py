@@ -217,3 +217,12 @@ def test_image_io_and_the_networks_import_no_orchestration():
     bad = [f"{m} -> {t} ({modules()[m].relative_to(PACKAGE.parent)}:{line})" for m in pure for t, line in g[m].items()
            if t.startswith(ORCHESTRATION)]  # fmt: skip
     assert not bad, "\n".join(bad)
+
+
+def test_type_checkers_see_every_public_name_at_its_lazy_home():
+    """``import ultrastyle`` loads names on first use (``__getattr__``), which a type checker cannot follow: every name
+    was ``Any`` to mypy and IDEs. The TYPE_CHECKING imports give each its real type; they must name what ``_API`` loads."""
+    tree = ast.parse(Path(ultrastyle.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {(a.asname or a.name): f"{imp.module}:{a.name}" if a.asname else imp.module for imp in block.body for a in imp.names}
+    assert seen == {name: spec for name, spec in ultrastyle._API.items()}

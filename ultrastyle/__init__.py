@@ -13,10 +13,11 @@ The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
 """
 
+# ruff: noqa: F401 - the TYPE_CHECKING imports are the public names (__all__ lists them through _API)
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultrastyle._version import __version__
 
@@ -69,6 +70,35 @@ _API = {
     "list_models": "ultrastyle.models.zoo:entries",
     "remove_model": "ultrastyle.models.zoo:remove",
 }
+if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed (at run time they load on first use)
+    from ultrastyle.api import ClusterStylizer, ImageLike, OptionError, Stylizer, load, make_options, stylize, stylize_batch
+    from ultrastyle.calibration.data import CalibrationDataError
+    from ultrastyle.calibration.quantize import CalibrationError, CalibrationWarning
+    from ultrastyle.core.plan import TileWarning
+    from ultrastyle.deploy import build_tensorrt, calibrate, check_tensorrt, export_model
+    from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
+    from ultrastyle.distill.jobs import JobResult, TrainingInterrupted, train_decoder
+    from ultrastyle.distill.jobs import distill as distill_encoder
+    from ultrastyle.distill.trainer import TrainingError
+    from ultrastyle.distributed.cluster import ClusterError
+    from ultrastyle.errors import RunnerError
+    from ultrastyle.export.bundle import BundleError
+    from ultrastyle.export.validate import ExportValidationError
+    from ultrastyle.io.images import ImageError
+    from ultrastyle.models.convert import CheckpointError
+    from ultrastyle.models.defaults import ModelDefaults
+    from ultrastyle.models.errors import ZooError
+    from ultrastyle.models.registry import UnknownModelError
+    from ultrastyle.models.zoo import entries as list_models
+    from ultrastyle.models.zoo import fetch as fetch_model
+    from ultrastyle.models.zoo import import_local as import_model
+    from ultrastyle.models.zoo import install_status as model_status
+    from ultrastyle.models.zoo import remove as remove_model
+    from ultrastyle.models.zoo import verify as verify_model
+    from ultrastyle.optimization.batch import optimize_batch
+    from ultrastyle.optimization.run import optimize
+    from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, OutputCollisionError, PairResult
+
 __all__ = ["__version__", *_API]
 
 
