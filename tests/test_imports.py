@@ -44,7 +44,13 @@ def _imports(name: str, path: Path) -> list[tuple[str, int]]:
     """(imported module or package, line) of every import statement in ``path`` (any package, unresolved)."""
     is_package = path.name == "__init__.py"
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    # `if TYPE_CHECKING:` imports never run: the package's own typed names (ultrastyle/__init__.py) are no edge.
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}  # fmt: skip
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
