@@ -244,6 +244,9 @@ def test_a_scratch_folder_that_is_missing_or_a_file_is_refused_by_both_resolvers
                 make_optimize_options(scratch=value)
         assert info.value.option == "scratch"
     assert make_options(DEFAULTS, scratch=tmp_path).tiling.scratch_dir == tmp_path
+    if Path("/proc/self").is_dir():  # a folder that takes no files, even for root: the command line refused it, Python took it
+        with pytest.raises(OptionError, match="/proc/self is not writable"):
+            make_options(DEFAULTS, scratch="/proc/self") if resolve == "stylize" else make_optimize_options(scratch="/proc/self")
 
 
 def test_ray_settings_without_the_ray_executor_are_refused_not_ignored(monkeypatch):

@@ -44,6 +44,9 @@ _API = {
     "ImageError": "ultrastyle.io.images",
     "optimize": "ultrastyle.optimization.run",
     "optimize_batch": "ultrastyle.optimization.batch",
+    "Optimizer": "ultrastyle.optimization.run",
+    "OptimizeOptions": "ultrastyle.optimization.run",
+    "make_optimize_options": "ultrastyle.optimization.run",
     "export_model": "ultrastyle.deploy",
     "calibrate": "ultrastyle.deploy",
     "check_tensorrt": "ultrastyle.deploy",
@@ -53,6 +56,8 @@ _API = {
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
     "CalibrationWarning": "ultrastyle.calibration.quantize",
+    "BuildError": "ultrastyle.trt.build",
+    "GraphError": "ultrastyle.trt.graphs",
     # Training, as `ultrastyle distill` and `train-decoder` (resume=True continues a run); not "distill", the subpackage's name.
     "distill_encoder": "ultrastyle.distill.jobs:distill",
     "train_decoder": "ultrastyle.distill.jobs",
@@ -61,6 +66,8 @@ _API = {
     "ConfigError": "ultrastyle.distill.config",
     "TrainingError": "ultrastyle.distill.trainer",
     "TrainingInterrupted": "ultrastyle.distill.jobs",
+    "OutputError": "ultrastyle.distill.outputs",
+    "DataError": "ultrastyle.distill.data",
     "JobResult": "ultrastyle.distill.jobs",
     # The model zoo, as `ultrastyle models` (MODULE:NAME where the public name is not the module's).
     "fetch_model": "ultrastyle.models.zoo:fetch",
@@ -69,6 +76,7 @@ _API = {
     "model_status": "ultrastyle.models.zoo:install_status",
     "list_models": "ultrastyle.models.zoo:entries",
     "remove_model": "ultrastyle.models.zoo:remove",
+    "model_path": "ultrastyle.models.zoo:model_dir",
 }
 if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed (at run time they load on first use)
     from ultrastyle.api import ClusterStylizer, ImageLike, OptionError, Stylizer, load, make_options, stylize, stylize_batch
@@ -77,8 +85,10 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed 
     from ultrastyle.core.plan import TileWarning
     from ultrastyle.deploy import build_tensorrt, calibrate, check_tensorrt, export_model
     from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
+    from ultrastyle.distill.data import DataError
     from ultrastyle.distill.jobs import JobResult, TrainingInterrupted, train_decoder
     from ultrastyle.distill.jobs import distill as distill_encoder
+    from ultrastyle.distill.outputs import OutputError
     from ultrastyle.distill.trainer import TrainingError
     from ultrastyle.distributed.cluster import ClusterError
     from ultrastyle.errors import RunnerError
@@ -93,11 +103,14 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed 
     from ultrastyle.models.zoo import fetch as fetch_model
     from ultrastyle.models.zoo import import_local as import_model
     from ultrastyle.models.zoo import install_status as model_status
+    from ultrastyle.models.zoo import model_dir as model_path
     from ultrastyle.models.zoo import remove as remove_model
     from ultrastyle.models.zoo import verify as verify_model
     from ultrastyle.optimization.batch import optimize_batch
-    from ultrastyle.optimization.run import optimize
+    from ultrastyle.optimization.run import OptimizeOptions, Optimizer, make_optimize_options, optimize
     from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, OutputCollisionError, PairResult
+    from ultrastyle.trt.build import BuildError
+    from ultrastyle.trt.graphs import GraphError
 
 __all__ = ["__version__", *_API]
 

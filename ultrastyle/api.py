@@ -92,7 +92,7 @@ def make_options(
     """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults`` (a `Stylizer`'s ``.defaults``).
 
     ``max_memory``: what a run may hold above its baseline (the interpreter, libraries and model;
-    `runtime.memory.measure_baseline`), in bytes or ``"2GB"``: a quarter for decoded contents and
+    `runtime.memory.measure_baseline`), in bytes or ``"2GB"`` (binary units: 2 GiB): a quarter for decoded contents and
     outputs waiting to be encoded (``io_memory`` to set it), the rest for the tiles and canvases;
     None: no budget, every stage on the whole image, or in tiles of ``tile`` where one is given. ``format``: png, jpg, tiff or
     dzi (a Deep Zoom pyramid and its viewer page, written from the canvas

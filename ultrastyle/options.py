@@ -275,10 +275,12 @@ def scratch_folder(option: str, value: str | os.PathLike | None) -> Path | None:
     """An existing folder for scratch canvases (unlinked files), or None for the system's temp folder."""
     if value is None:
         return None
-    path = Path(value)
+    path = Path(value).expanduser()
     if not path.is_dir():
         why = "is a file" if path.exists() else "does not exist"
         raise OptionError(option, f"{path} {why}; scratch canvases go into an existing folder (None: the system's temp folder)")
+    if why := unwritable_folder(path):  # the command line refused it; Python took it, to fail mid-run
+        raise OptionError(option, f"{why}; give a folder you can write (None: the system's temp folder)")
     return path
 
 
