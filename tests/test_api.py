@@ -771,3 +771,35 @@ def test_tilde_paths_are_the_home_folder_for_inputs_outputs_and_models(installed
     assert np.array_equal(np.asarray(Image.open(home / "one.png")), a)
     assert np.array_equal(np.asarray(Image.open(home / "batch" / "c1_stylized_s1.png")), a)
     assert sorted(p.name for p in (home / "again").iterdir()) == ["c1_stylized_s1.png", "s1_stylized_s1.png"]
+
+
+def test_a_close_in_another_thread_never_breaks_a_call_finding_its_style_book(installed, small):
+    """The books were cleared under a call finding its own: a KeyError (1.6% of calls at this switch interval), or a crash."""
+    import sys
+    import threading
+
+    failed: list[BaseException] = []
+    done = threading.Event()
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with ultrastyle.load("cd-wct-16x", backend="torch", levels=(5,), progress=False) as s:
+
+            def calls() -> None:
+                for _ in range(1500):
+                    try:
+                        s.stylize(small["c1"].with_name("missing.png"), small["s1"], style_size=32)
+                    except ultrastyle.ImageError:
+                        pass  # what it should raise: the content is missing
+                    except BaseException as exc:  # noqa: BLE001 - what the race raised
+                        failed.append(exc)
+                done.set()
+
+            caller = threading.Thread(target=calls)
+            caller.start()
+            while not done.is_set():
+                s.close()  # as another thread's with block ending
+            caller.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert failed == []

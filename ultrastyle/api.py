@@ -303,8 +303,9 @@ class Stylizer:
     def _close_now(self) -> None:
         if self.runner.is_active:
             self.runner.deactivate()
-        self._books.clear()
-        self._masks.clear()
+        with _BOOKS_LOCK:  # a call in another thread may be finding its book (a crash, clearing under it)
+            self._books.clear()
+            self._masks.clear()
         self._let_go_heap()
 
     @contextmanager
@@ -373,13 +374,14 @@ class Stylizer:
         # Everything the statistics depend on, and how a style is read (streamed or whole).
         key = (opts.levels, opts.style_size, opts.max_pixels, opts.tiling_for(self.runner.traits), opts.streaming, opts.io_allowance)
         with _BOOKS_LOCK:  # calls from several threads: one may evict what another just found
-            if key in self._books:
+            book = self._books.get(key)
+            if book is not None:
                 self._books.move_to_end(key)
             else:
-                self._books[key] = StyleBook(self.runner, opts, self._masks)
+                book = self._books[key] = StyleBook(self.runner, opts, self._masks)
                 while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
                     self._books.popitem(last=False)
-            return self._books[key]
+            return book
 
     def stylize(
         self,
@@ -424,9 +426,9 @@ class Stylizer:
         if spec.mask is not None:
             check_mask_size(spec.mask, [src])  # from headers, before either is decoded
         pair = Pair(src, spec, None)
-        book = self._book(opts)
-        book.forget_errors()  # a style that failed an earlier call is read again
-        with self._in_use():
+        with self._in_use():  # the book too: a close() in another thread cleared the books under it (a KeyError, a crash)
+            book = self._book(opts)
+            book.forget_errors()  # a style that failed an earlier call is read again
             (result,) = stylize_content(self.runner, decode(src, opts), [pair], book, opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
         if output is not None:
@@ -554,8 +556,9 @@ class ClusterStylizer(Stylizer):
 
     def _close_now(self) -> None:
         self.pool.close()
-        self._books.clear()
-        self._masks.clear()
+        with _BOOKS_LOCK:
+            self._books.clear()
+            self._masks.clear()
         self._closed = True
 
     def _open(self) -> None:  # as a Stylizer reopens its networks: a new pool at the same address
