@@ -144,10 +144,10 @@ def test_tile_sampler_is_seeded(train_dir):
 
 
 def test_a_second_calibration_of_a_bundle_waits_its_turn_and_one_over_earlier_graphs_says_so(int8_bundle, train_dir, tmp_path,
-                                                                                            monkeypatch):  # fmt: skip
+                                                                                            monkeypatch, cd16x_dir):  # fmt: skip
     import os
 
-    from ultrastyle.calibration.quantize import CalibrationRefused
+    from ultrastyle.export.bundle import BundleBusy
 
     fcntl = pytest.importorskip("fcntl", reason="the lock is fcntl's flock, which Windows lacks (calibration runs unlocked there)")
 
@@ -156,8 +156,10 @@ def test_a_second_calibration_of_a_bundle_waits_its_turn_and_one_over_earlier_gr
     fd = os.open(folder, os.O_RDONLY)  # as a calibration running in another process holds it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(CalibrationRefused, match=f"{folder}: another calibration of this bundle is running"):
+        with pytest.raises(BundleBusy, match=f"{folder}: another process is calibrating or exporting this bundle"):
             calibrate_bundle(folder, train_dir, SETTINGS, stages=(3,))  # both wrote the manifest: one's graphs were lost
+        with pytest.raises(BundleBusy):  # an export swapped the folder away under the calibration, which said done
+            export_bundle(load_cd_folder(cd16x_dir, stages=(3,)), folder, spec=ExportSpec(stages=(3,)), validate=False, force=True)
     finally:
         os.close(fd)
     said: list[str] = []

@@ -74,7 +74,7 @@ from ultrastyle.calibration.constants import (
 )
 from ultrastyle.calibration.data import Feed, FeedReader, TileSampler, calibration_images, probe_tiles, stage_feeds
 from ultrastyle.errors import Setting, remedied
-from ultrastyle.export.bundle import MANIFEST, Bundle, BundleError, load_graph, read_bundle
+from ultrastyle.export.bundle import MANIFEST, Bundle, BundleError, bundle_in_use, load_graph, read_bundle
 from ultrastyle.export.int8 import calibrated_activations
 from ultrastyle.io.atomic import atomic_path, write_atomic
 from ultrastyle.io.digest import sha256_file
@@ -285,31 +285,8 @@ def calibrate_bundle(
     if not os.access(bundle.path, os.W_OK):  # before any work: the int8 graphs and the manifest are written there
         raise BundleError(f"{bundle.path}: not writable, and calibration writes its int8 graphs into the bundle; copy the bundle "
                           "to a folder you can write, and calibrate that")  # fmt: skip
-    with _one_calibration(bundle.path):  # two at once each wrote the manifest: one's int8 graphs were lost, and both said done
+    with bundle_in_use(bundle.path):  # two at once each wrote the manifest: one's int8 graphs were lost, and both said done
         return _calibrate(read_bundle(bundle.path), images, settings, stages, on_progress, warn)  # as the last one left it
-
-
-@contextlib.contextmanager
-def _one_calibration(path: Path) -> Iterator[None]:
-    """An exclusive lock on the bundle folder for one calibration (`CalibrationRefused` while another holds it); a lock on
-    the folder itself, which leaves no file behind and is released when its process dies."""
-    try:
-        import fcntl
-    except ImportError:  # not on Windows: unlocked
-        yield
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CalibrationRefused(f"{path}: another calibration of this bundle is running; wait for it to end, then calibrate "
-                                     "(the stages it leaves out are kept)") from None  # fmt: skip
-        except OSError:  # a file system without flock on folders (NFS: EBADF, Lustre: ENOSYS): unlocked, as before
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 def _calibrate(bundle: Bundle, images: str | Path | Sequence[Path], settings: CalibrationSettings | None, stages: tuple[int, ...] | None,

@@ -7,9 +7,11 @@ sha256 before anything runs it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,14 +107,20 @@ def export_bundle(
     The bundle is assembled in a temporary folder beside ``out_dir`` and renamed
     into place, so a failed export (a validation error, say) leaves nothing.
     ``source_weights`` maps weight file names to their sha256. ``force``: replace a bundle holding int8 graphs or
-    engines (`check_bundle_target`).
+    engines (`check_bundle_target`). `BundleBusy` while another process calibrates or exports that bundle.
     """
+    out_dir = Path(out_dir).resolve()
+    with bundle_in_use(out_dir):  # a calibration running there lost its graphs to the swap, and said done
+        return _export(model, out_dir, spec, source_weights, validate, on_network, force)
+
+
+def _export(model: StyleModel, out_dir: Path, spec: ExportSpec, source_weights: dict[str, str] | None, validate: bool,
+            on_network: Callable[[str], None] | None, force: bool) -> Bundle:  # fmt: skip
     import onnx
 
     from ultrastyle.export.graph import build_graph
     from ultrastyle.export.validate import validate_network
 
-    out_dir = Path(out_dir).resolve()
     if spec.opset not in SUPPORTED_OPSETS:
         raise BundleError(
             f"opset {spec.opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {ExportSpec().opset})"
@@ -172,6 +180,37 @@ def export_bundle(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Bundle(out_dir, manifest)
+
+
+class BundleBusy(BundleError):
+    """Another process calibrates or exports over this bundle now."""
+
+
+@contextlib.contextmanager
+def bundle_in_use(path: Path) -> Iterator[None]:
+    """An exclusive lock on the bundle folder ``path`` (where it exists) while it is calibrated or exported over:
+    `BundleBusy` while another process holds it. The lock is on the folder itself (flock): no file is left behind, and
+    a dead process's lock goes with it. Where the file system has none (NFS gives EBADF, Lustre ENOSYS) or on
+    Windows, unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is None or not path.is_dir():
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BundleBusy(f"{path}: another process is calibrating or exporting this bundle; wait for it to end, then run "
+                             "again") from None  # fmt: skip
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_graph(path: str | Path) -> onnx.ModelProto:
