@@ -387,3 +387,16 @@ def test_export_over_a_bundle_keeps_files_that_are_not_the_bundles_and_a_read_on
     with atomic_dir(dst) as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no hidden partial copy left beside it
+
+
+def test_a_full_disk_during_an_export_names_the_bundle(model, tmp_path, monkeypatch):
+    import errno
+
+    import ultrastyle.export.bundle as bundle_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as onnx.save says it: no file name
+
+    monkeypatch.setattr(bundle_module, "_export", full)
+    with pytest.raises(BundleError, match=rf"{tmp_path / 'b'}: cannot write the bundle \(No space left on device\)"):
+        export_bundle(model, tmp_path / "b", spec=ExportSpec(stages=(1,)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -110,8 +111,13 @@ def export_bundle(
     engines (`check_bundle_target`). `BundleBusy` while another process calibrates or exports that bundle.
     """
     out_dir = Path(out_dir).resolve()
-    with bundle_in_use(out_dir):  # a calibration running there lost its graphs to the swap, and said done
-        return _export(model, out_dir, spec, source_weights, validate, on_network, force)
+    try:
+        with bundle_in_use(out_dir):  # a calibration running there lost its graphs to the swap, and said done
+            return _export(model, out_dir, spec, source_weights, validate, on_network, force)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # said with no file name: "[Errno 28] No space left on device"
+            raise BundleError(f"{out_dir}: cannot write the bundle ({exc.strerror}); nothing of it was left there") from exc
+        raise
 
 
 def _export(model: StyleModel, out_dir: Path, spec: ExportSpec, source_weights: dict[str, str] | None, validate: bool,
