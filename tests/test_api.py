@@ -803,3 +803,14 @@ def test_a_close_in_another_thread_never_breaks_a_call_finding_its_style_book(in
     finally:
         sys.setswitchinterval(before)
     assert failed == []
+
+
+def test_a_graph_deleted_after_the_model_opened_is_said_to_be_gone_not_bad(installed, small, tmp_path):
+    bundle = ultrastyle.export_model("cd-wct-16x", tmp_path / "b", stages=5)
+    with ultrastyle.load(bundle, levels=(5,), progress=False) as s:
+        s.stylize(small["c1"], small["s1"], style_size=32)
+    for graph in bundle.path.glob("*.onnx"):  # as `models remove` deletes a bundle under a service holding it open
+        graph.unlink()
+    with pytest.raises(ultrastyle.RunnerError, match="the graph is gone, deleted after the model was opened") as info:
+        s.stylize(small["c1"], small["s1"], style_size=32)  # "export the model again" before: not what happened
+    assert "export the model again" not in str(info.value)

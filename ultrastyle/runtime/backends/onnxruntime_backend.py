@@ -273,6 +273,9 @@ class OnnxRuntimeRunner(Runner):
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (InvalidProtobuf, Fail, ...)
                 if type(exc).__module__.split(".")[0] != "onnxruntime":
                     raise
+                if not path.is_file():  # deleted since the bundle was opened (`models remove`, another export): not a bad graph
+                    raise RunnerError(f"{path}: the graph is gone, deleted after the model was opened (a model removed, a bundle "
+                                      "exported or calibrated again?); open the model again") from None  # fmt: skip
                 raise RunnerError(f"{path}: ONNX Runtime cannot load this graph ({' '.join(str(exc).split())}); export the model again") from None
         return self._sessions[network]
 
