@@ -260,3 +260,32 @@ def test_atomic_dir_over_a_file_leaves_no_partial_behind(tmp_path: Path) -> None
         (tmp / "0").mkdir()
     assert (tmp_path / "out_files" / "0").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_files"]  # the file it replaced is gone, not left as a partial
+
+
+def _replace_many(path: str, n: int, errors) -> None:
+    from ultrastyle.io.atomic import atomic_dir
+
+    for i in range(n):
+        try:
+            with atomic_dir(path, fsync=False) as tmp:
+                (tmp / "state.json").write_text(str(i))
+        except OSError as exc:  # what two runs saving one state got: a raw "No such file", "Directory not empty"
+            errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_replacing_one_folder_at_once_both_succeed_and_leave_it_whole(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    path = tmp_path / "state"
+    workers = [ctx.Process(target=_replace_many, args=(str(path), 200, errors)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    said = []
+    while not errors.empty():
+        said.append(errors.get())
+    assert said == [] and all(w.exitcode == 0 for w in workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] and (path / "state.json").is_file()  # nothing else left

@@ -166,6 +166,33 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
+def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
+    """Rename folder ``tmp`` to ``path``, moving what stands there aside first; the names moved aside, to remove.
+
+    Another writer of the same folder (two runs saving one state) may move it away between the renames, or put its own
+    in place: the last writer wins, where a raw "No such file" or "Directory not empty" failed one of them.
+    """
+    moved: list[Path] = []
+    for attempt in range(tries):
+        if os.path.lexists(path):
+            old = partial_path(path)  # our pattern: a crash right here leaves it for sweep_stale
+            try:
+                os.replace(path, old)
+                moved.append(old)
+            except FileNotFoundError:  # another writer moved it aside first
+                pass
+        try:
+            os.replace(tmp, path)
+            return moved
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and attempt + 1 < tries:  # another writer's folder came in between
+                continue
+            if moved and not os.path.lexists(path):
+                os.replace(moved.pop(), path)  # what stood there, back
+            raise
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a new empty temp folder beside ``path``; it replaces ``path`` (folder or absent) on a clean exit.
@@ -186,17 +213,8 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
             for p in tmp.rglob("*"):
                 if p.is_file():
                     _fsync_file(p)
-        old = None
-        if path.exists():
-            old = partial_path(path)  # our pattern: a crash right here leaves it for sweep_stale
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
+        gone = _swap_in(tmp, path)
+        for old in gone:
             try:
                 _remove(old)  # a folder, or a file that stood where the folder goes
             except OSError:
