@@ -677,8 +677,7 @@ _CALLS_TAKING = {"content": "stylize(...)", "output": "stylize(...)", "contents"
                  "style": _BOTH, "styles": _BATCH, "mix": _BOTH, "mask": _BOTH, "on_tile": _BOTH, "executor": _RAY,
                  "ray_address": _RAY, "distribute_tiles": _RAY, "workers": _RAY, "cpus_per_worker": _RAY}  # fmt: skip
 # The stylize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
-_CALL_KEYWORDS = ("model", "content", "contents", "style", "styles", "mix", "mask", "output", "output_dir", "on_tile", "on_result",
-                  "executor", "ray_address", "distribute_tiles", "workers", "cpus_per_worker")  # fmt: skip
+_CALL_KEYWORDS = ("model", *_CALLS_TAKING)
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
 
 
