@@ -13,7 +13,6 @@ The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
 """
 
-# ruff: noqa: F401 - the TYPE_CHECKING imports are the public names (__all__ lists them through _API)
 from __future__ import annotations
 
 import importlib
@@ -78,27 +77,42 @@ _API = {
     "remove_model": "ultrastyle.models.zoo:remove",
     "model_path": "ultrastyle.models.zoo:model_dir",
 }
-if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed (at run time they load on first use)
-    from ultrastyle.api import ClusterStylizer, ImageLike, OptionError, Stylizer, load, make_options, stylize, stylize_batch
-    from ultrastyle.calibration.data import CalibrationDataError
-    from ultrastyle.calibration.quantize import CalibrationError, CalibrationWarning
-    from ultrastyle.core.plan import TileWarning
-    from ultrastyle.deploy import build_tensorrt, calibrate, check_tensorrt, export_model
-    from ultrastyle.distill.config import ConfigError, DecoderConfig, DistillConfig
-    from ultrastyle.distill.data import DataError
-    from ultrastyle.distill.jobs import JobResult, TrainingInterrupted, train_decoder
+if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-exported explicitly (`X as X`); at run time each loads on first use
+    from ultrastyle.api import ClusterStylizer as ClusterStylizer
+    from ultrastyle.api import ImageLike as ImageLike
+    from ultrastyle.api import OptionError as OptionError
+    from ultrastyle.api import Stylizer as Stylizer
+    from ultrastyle.api import load as load
+    from ultrastyle.api import make_options as make_options
+    from ultrastyle.api import stylize as stylize
+    from ultrastyle.api import stylize_batch as stylize_batch
+    from ultrastyle.calibration.data import CalibrationDataError as CalibrationDataError
+    from ultrastyle.calibration.quantize import CalibrationError as CalibrationError
+    from ultrastyle.calibration.quantize import CalibrationWarning as CalibrationWarning
+    from ultrastyle.core.plan import TileWarning as TileWarning
+    from ultrastyle.deploy import build_tensorrt as build_tensorrt
+    from ultrastyle.deploy import calibrate as calibrate
+    from ultrastyle.deploy import check_tensorrt as check_tensorrt
+    from ultrastyle.deploy import export_model as export_model
+    from ultrastyle.distill.config import ConfigError as ConfigError
+    from ultrastyle.distill.config import DecoderConfig as DecoderConfig
+    from ultrastyle.distill.config import DistillConfig as DistillConfig
+    from ultrastyle.distill.data import DataError as DataError
+    from ultrastyle.distill.jobs import JobResult as JobResult
+    from ultrastyle.distill.jobs import TrainingInterrupted as TrainingInterrupted
     from ultrastyle.distill.jobs import distill as distill_encoder
-    from ultrastyle.distill.outputs import OutputError
-    from ultrastyle.distill.trainer import TrainingError
-    from ultrastyle.distributed.cluster import ClusterError
-    from ultrastyle.errors import RunnerError
-    from ultrastyle.export.bundle import BundleError
-    from ultrastyle.export.validate import ExportValidationError
-    from ultrastyle.io.images import ImageError
-    from ultrastyle.models.convert import CheckpointError
-    from ultrastyle.models.defaults import ModelDefaults
-    from ultrastyle.models.errors import ZooError
-    from ultrastyle.models.registry import UnknownModelError
+    from ultrastyle.distill.jobs import train_decoder as train_decoder
+    from ultrastyle.distill.outputs import OutputError as OutputError
+    from ultrastyle.distill.trainer import TrainingError as TrainingError
+    from ultrastyle.distributed.cluster import ClusterError as ClusterError
+    from ultrastyle.errors import RunnerError as RunnerError
+    from ultrastyle.export.bundle import BundleError as BundleError
+    from ultrastyle.export.validate import ExportValidationError as ExportValidationError
+    from ultrastyle.io.images import ImageError as ImageError
+    from ultrastyle.models.convert import CheckpointError as CheckpointError
+    from ultrastyle.models.defaults import ModelDefaults as ModelDefaults
+    from ultrastyle.models.errors import ZooError as ZooError
+    from ultrastyle.models.registry import UnknownModelError as UnknownModelError
     from ultrastyle.models.zoo import entries as list_models
     from ultrastyle.models.zoo import fetch as fetch_model
     from ultrastyle.models.zoo import import_local as import_model
@@ -106,11 +120,17 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the names below, typed 
     from ultrastyle.models.zoo import model_dir as model_path
     from ultrastyle.models.zoo import remove as remove_model
     from ultrastyle.models.zoo import verify as verify_model
-    from ultrastyle.optimization.batch import optimize_batch
-    from ultrastyle.optimization.run import OptimizeOptions, Optimizer, make_optimize_options, optimize
-    from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, OutputCollisionError, PairResult
-    from ultrastyle.trt.build import BuildError
-    from ultrastyle.trt.graphs import GraphError
+    from ultrastyle.optimization.batch import optimize_batch as optimize_batch
+    from ultrastyle.optimization.run import OptimizeOptions as OptimizeOptions
+    from ultrastyle.optimization.run import Optimizer as Optimizer
+    from ultrastyle.optimization.run import make_optimize_options as make_optimize_options
+    from ultrastyle.optimization.run import optimize as optimize
+    from ultrastyle.runtime.pairs import BatchInterrupted as BatchInterrupted
+    from ultrastyle.runtime.pairs import BatchSummary as BatchSummary
+    from ultrastyle.runtime.pairs import OutputCollisionError as OutputCollisionError
+    from ultrastyle.runtime.pairs import PairResult as PairResult
+    from ultrastyle.trt.build import BuildError as BuildError
+    from ultrastyle.trt.graphs import GraphError as GraphError
 
 __all__ = ["__version__", *_API]
 
