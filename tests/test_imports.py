@@ -234,3 +234,4 @@ def test_type_checkers_see_every_public_name_at_its_lazy_home():
     assert all(a.asname for imp in block.body for a in imp.names)
     seen = {a.asname: imp.module if a.asname == a.name else f"{imp.module}:{a.name}" for imp in block.body for a in imp.names}
     assert seen == {name: spec for name, spec in ultrastyle._API.items()}
+    assert ultrastyle.__all__ == ["__version__", *ultrastyle._API]  # a literal list, which type checkers read

@@ -132,7 +132,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-export
     from ultrastyle.trt.build import BuildError as BuildError
     from ultrastyle.trt.graphs import GraphError as GraphError
 
-__all__ = ["__version__", *_API]
+# A literal list, as type checkers read it (pyright: the aliased names above are public only through it); equal to
+# ["__version__", *_API] (tests/test_imports.py).
+__all__ = [
+    "__version__", "stylize", "stylize_batch", "load", "Stylizer", "ClusterStylizer", "ImageLike", "make_options",
+    "ModelDefaults", "OptionError", "RunnerError", "ZooError", "UnknownModelError", "CheckpointError", "ClusterError",
+    "BatchSummary", "BatchInterrupted", "PairResult", "OutputCollisionError", "TileWarning", "ImageError", "optimize",
+    "optimize_batch", "Optimizer", "OptimizeOptions", "make_optimize_options", "export_model", "calibrate", "check_tensorrt",
+    "build_tensorrt", "BundleError", "ExportValidationError", "CalibrationError", "CalibrationDataError", "CalibrationWarning",
+    "BuildError", "GraphError", "distill_encoder", "train_decoder", "DistillConfig", "DecoderConfig", "ConfigError",
+    "TrainingError", "TrainingInterrupted", "OutputError", "DataError", "JobResult", "fetch_model", "import_model",
+    "verify_model", "model_status", "list_models", "remove_model", "model_path",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
