@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
 from pathlib import Path
 
@@ -400,3 +401,24 @@ def test_a_full_disk_during_an_export_names_the_bundle(model, tmp_path, monkeypa
     monkeypatch.setattr(bundle_module, "_export", full)
     with pytest.raises(BundleError, match=rf"{tmp_path / 'b'}: cannot write the bundle \(No space left on device\)"):
         export_bundle(model, tmp_path / "b", spec=ExportSpec(stages=(1,)))
+
+
+def test_the_bundle_lock_follows_a_folder_swapped_in_while_it_was_taken(tmp_path, monkeypatch):
+    """An export swaps the bundle folder: a lock taken on the folder opened before the swap guarded a deleted folder."""
+    fcntl = pytest.importorskip("fcntl", reason="the lock is fcntl's flock, which Windows lacks")
+    import ultrastyle.export.bundle as bundle_module
+
+    path = tmp_path / "b"
+    path.mkdir()
+    real, calls = fcntl.flock, []
+
+    def swap_then_lock(fd: int, op: int) -> None:
+        if not calls:  # as an export's rename lands between this process's open and its lock
+            path.rename(tmp_path / "old")
+            path.mkdir()
+        calls.append(os.fstat(fd).st_ino)
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", swap_then_lock)
+    with bundle_module.bundle_in_use(path):
+        assert calls[-1] == path.stat().st_ino != calls[0]  # locked again, on the folder now there

@@ -51,6 +51,7 @@ _API = {
     "check_tensorrt": "ultrastyle.deploy",
     "build_tensorrt": "ultrastyle.deploy",
     "BundleError": "ultrastyle.export.bundle",
+    "BundleBusy": "ultrastyle.export.bundle",
     "ExportValidationError": "ultrastyle.export.validate",
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
@@ -106,6 +107,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-export
     from ultrastyle.distill.trainer import TrainingError as TrainingError
     from ultrastyle.distributed.cluster import ClusterError as ClusterError
     from ultrastyle.errors import RunnerError as RunnerError
+    from ultrastyle.export.bundle import BundleBusy as BundleBusy
     from ultrastyle.export.bundle import BundleError as BundleError
     from ultrastyle.export.validate import ExportValidationError as ExportValidationError
     from ultrastyle.io.images import ImageError as ImageError
@@ -139,10 +141,10 @@ __all__ = [
     "ModelDefaults", "OptionError", "RunnerError", "ZooError", "UnknownModelError", "CheckpointError", "ClusterError",
     "BatchSummary", "BatchInterrupted", "PairResult", "OutputCollisionError", "TileWarning", "ImageError", "optimize",
     "optimize_batch", "Optimizer", "OptimizeOptions", "make_optimize_options", "export_model", "calibrate", "check_tensorrt",
-    "build_tensorrt", "BundleError", "ExportValidationError", "CalibrationError", "CalibrationDataError", "CalibrationWarning",
-    "BuildError", "GraphError", "distill_encoder", "train_decoder", "DistillConfig", "DecoderConfig", "ConfigError",
-    "TrainingError", "TrainingInterrupted", "OutputError", "DataError", "JobResult", "fetch_model", "import_model",
-    "verify_model", "model_status", "list_models", "remove_model", "model_path",
+    "build_tensorrt", "BundleError", "BundleBusy", "ExportValidationError", "CalibrationError", "CalibrationDataError",
+    "CalibrationWarning", "BuildError", "GraphError", "distill_encoder", "train_decoder", "DistillConfig", "DecoderConfig",
+    "ConfigError", "TrainingError", "TrainingInterrupted", "OutputError", "DataError", "JobResult", "fetch_model",
+    "import_model", "verify_model", "model_status", "list_models", "remove_model", "model_path",
 ]  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def export_command(
     except OptionError as exc:
         raise bad_parameter(exc) from None
     from ultrastyle.deploy import export_model
-    from ultrastyle.export.bundle import BundleError, BundleTargetError
+    from ultrastyle.export.bundle import BundleBusy, BundleError, BundleTargetError
     from ultrastyle.export.validate import ExportValidationError
     from ultrastyle.models.convert import CheckpointError
 
@@ -50,7 +50,7 @@ def export_command(
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(as_command(exc).split())}", style="red", markup=False)
         # An output folder or a model that cannot be used is refused before any work (2); a failed export or validation is 1.
-        raise typer.Exit(2 if isinstance(exc, (BundleTargetError, zoo.ZooError, CheckpointError)) else 1) from None
+        raise typer.Exit(2 if isinstance(exc, (BundleTargetError, BundleBusy, zoo.ZooError, CheckpointError)) else 1) from None
     worst = max(v["max_abs_diff"] for v in bundle.manifest["validation"].values())
     Console(highlight=False, soft_wrap=True).print(
         f"wrote {len(bundle.manifest['networks'])} graphs to {bundle.path} "

@@ -205,15 +205,29 @@ def bundle_in_use(path: Path) -> Iterator[None]:
     if fcntl is None or not path.is_dir():
         yield
         return
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # gone since: nothing there to keep from another writer
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise BundleBusy(f"{path}: another process is calibrating or exporting this bundle; wait for it to end, then run "
                              "again") from None  # fmt: skip
-        except OSError:
+        except OSError:  # no flock here: unlocked
             pass
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # an export swapped the folder in between: the lock is on the old one; lock the new
+    else:
+        raise BundleBusy(f"{path}: replaced again and again while this waited to lock it; run again")
+    try:
         yield
     finally:
         os.close(fd)
