@@ -289,3 +289,23 @@ def test_two_processes_replacing_one_folder_at_once_both_succeed_and_leave_it_wh
         said.append(errors.get())
     assert said == [] and all(w.exitcode == 0 for w in workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] and (path / "state.json").is_file()  # nothing else left
+
+
+def test_a_folder_that_cannot_be_swapped_in_is_named_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    path = tmp_path / "state"
+    path.mkdir()
+    (path / "old.json").write_text("kept")
+    real = os.replace
+
+    def another_writer_always_first(src, dst):
+        if Path(dst) == path and atomic.writer_pid(src) is not None and Path(src).is_dir() and (Path(src) / "new.json").exists():
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(dst))  # its folder lands before ours, every time
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", another_writer_always_first)
+    with pytest.raises(OSError, match=f"cannot replace {path} \\(Directory not empty\\)"):
+        with atomic.atomic_dir(path, fsync=False) as tmp:
+            (tmp / "new.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] and (path / "old.json").read_text() == "kept"  # no temp names left

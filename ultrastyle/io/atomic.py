@@ -16,6 +16,7 @@ Pure standard library (no torch), so any module can use it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -188,8 +189,11 @@ def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and attempt + 1 < tries:  # another writer's folder came in between
                 continue
             if moved and not os.path.lexists(path):
-                os.replace(moved.pop(), path)  # what stood there, back
-            raise
+                os.replace(moved.pop(), path)  # the last that stood there, back
+            for old in moved:  # superseded: not left under this process's temp names
+                with contextlib.suppress(OSError):
+                    _remove(old)
+            raise OSError(exc.errno, f"cannot replace {path} ({exc.strerror})", str(path)) from exc
     raise AssertionError("unreachable")
 
 
