@@ -77,7 +77,7 @@ import torch
 from ultrastyle.distill.config import DecoderConfig, DistillConfig
 from ultrastyle.distill.data import CropSettings, CropStream, PairStream, list_images, readable_images, split_files
 from ultrastyle.distill.fit import fit_decoder, fit_encoder
-from ultrastyle.distill.jobs import calibration_crops, distill, train_decoder
+from ultrastyle.distill.jobs import TrainingInterrupted, calibration_crops, distill, train_decoder
 from ultrastyle.distill.metrics import psnr, ssim
 from ultrastyle.distill.outputs import OutputError
 from ultrastyle.distill.prune import prune_encoder
@@ -155,10 +155,10 @@ def train(args: argparse.Namespace) -> bool:
             except OutputError as exc:  # weights of another run in the way (e.g. its run folder moved aside, not the weights)
                 print(f"[{label}] refused: {exc}", flush=True)
                 return False
-            t = result.train
-            if t.status != "done":
-                print(f"[{label}] interrupted at step {t.step}; run the same command again to resume", flush=True)
+            except TrainingInterrupted as exc:  # Ctrl-C: the checkpoint is written
+                print(f"[{label}] interrupted at step {exc.result.train.step}; run the same command again to resume", flush=True)
                 return False
+            t = result.train
             print(f"[{label}] finished {t.steps} steps ({t.seconds / max(t.steps, 1):.2f} s/step over the run; "
                   f"this session {time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     return True

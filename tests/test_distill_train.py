@@ -639,6 +639,9 @@ def test_a_fresh_run_over_an_earlier_runs_log_starts_a_new_log(teacher_dir, phot
     with pytest.raises(RunFolderInUse, match="log.csv is no loss log of a run"):
         distill(_config(teacher_dir, photos, tmp_path / "c", steps=2, run_dir=str(mine)))
     assert (mine / "log.csv").read_text() == "date,amount\n"
+    (mine / "log.csv").write_bytes(b"\xff\xfe\x00binary")  # not even text: the same, not a traceback
+    with pytest.raises(RunFolderInUse, match="log.csv is no loss log of a run"):
+        distill(_config(teacher_dir, photos, tmp_path / "c", steps=2, run_dir=str(mine)))
 
 
 def test_a_folder_whose_only_decodable_image_is_for_validation_is_refused_before_any_work(teacher_dir, photos, tmp_path):

@@ -58,6 +58,15 @@ class LossLog:
         write_atomic(self.path, text.getvalue())
 
 
+def is_loss_log(path: str | Path) -> bool:
+    """Whether ``path`` is a log `LossLog` wrote (its fixed columns first), or empty; not text, or other columns: someone's file."""
+    try:
+        columns = LossLog(path).columns
+    except (UnicodeDecodeError, csv.Error):
+        return False
+    return columns is None or columns[: len(FIXED)] == FIXED
+
+
 def _series(rows: list[dict[str, str]], name: str, split: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:

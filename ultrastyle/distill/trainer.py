@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ultrastyle.distill.config import CHECKPOINT
 from ultrastyle.distill.data import DataError, step_loader
-from ultrastyle.distill.logs import FIXED, LossLog, plot_losses
+from ultrastyle.distill.logs import LossLog, is_loss_log, plot_losses
 from ultrastyle.distill.tasks import Task
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import atomic_write, sweep_stale
@@ -304,13 +304,13 @@ class Trainer:
         start, spent = 0, 0.0
         if resume and self.checkpoint_path.exists():
             start, spent = self._load()
-        log = LossLog(self.run_dir / LOG)
-        if start == 0 and log.columns is not None:  # an earlier run's (its checkpoint deleted): its columns and rows are not this run's
-            if log.columns[: len(FIXED)] != FIXED:  # not a loss log: someone's file, in a run folder they chose
-                raise remedied(RunFolderInUse(f"{log.path} is no loss log of a run, and a run writes its log there; move it away, or "
+        log_path = self.run_dir / LOG
+        if start == 0 and log_path.exists():  # an earlier run's (its checkpoint deleted): its columns and rows are not this run's
+            if not is_loss_log(log_path):  # someone's own file, in a run folder they chose
+                raise remedied(RunFolderInUse(f"{log_path} is no loss log of a run, and a run writes its log there; move it away, or "
                                               "choose another run folder (run_dir)"), Setting("run_dir"))  # fmt: skip
-            log.path.unlink()
-            log = LossLog(log.path)
+            log_path.unlink()
+        log = LossLog(log_path)
         log.truncate(start)  # rows after the checkpoint belong to lost steps
         if start >= opts.steps:
             return TrainResult("done", start, opts.steps, spent)
