@@ -462,7 +462,6 @@ class Stylizer:
         """
         _check_callbacks(on_tile=on_tile, on_result=on_result)
         opts = self.options(**settings)
-        self._book(opts).forget_errors()  # statistics are kept across calls, errors within one: a fixed style is read again
         folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content", "contents")
         if mix is not None or mask is not None:
@@ -474,10 +473,13 @@ class Stylizer:
             searched = " ".join(os.fspath(p) for p in _listed(given) if isinstance(p, (str, os.PathLike))) if given is not None else ""
             raise OptionError(keyword, f"no images found in: {searched}" if searched else "no images given")
         pairs = plan_pairs(content_list, specs, folder, opts.format)
-        if specs[0].mask is not None:  # a mask of the wrong size or label count fails before any work
+        if specs[0].mask is not None:  # a mask of the wrong size fails before any work
             check_mask_size(specs[0].mask, [p.content for p in pairs])  # its header first: the labels are decoded whole
-            self._book(opts).labels(specs[0].mask, len(specs[0].paths))
-        with self._in_use():
+        with self._in_use():  # the book inside: a close() in another thread clears the books
+            book = self._book(opts)
+            book.forget_errors()  # statistics are kept across calls, errors within one: a fixed style is read again
+            if specs[0].mask is not None:  # its label count, before the work (the labels are decoded whole, and kept)
+                book.labels(specs[0].mask, len(specs[0].paths))
             return self._run_batch(pairs, opts, on_result, on_tile)
 
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
@@ -674,8 +676,9 @@ load = Stylizer  # ``ultrastyle.load(model, ...)``: open ``model`` for many call
 _BOTH, _BATCH = "stylize(...) or stylize_batch(...)", "stylize_batch(...)"
 _RAY = "ultrastyle.stylize_batch(..., executor='ray'), or a ClusterStylizer(...) opened in place of load"
 _CALLS_TAKING = {"content": "stylize(...)", "output": "stylize(...)", "contents": _BATCH, "output_dir": _BATCH, "on_result": _BATCH,
-                 "style": _BOTH, "styles": _BATCH, "mix": _BOTH, "mask": _BOTH, "on_tile": _BOTH, "executor": _RAY,
-                 "ray_address": _RAY, "distribute_tiles": _RAY, "workers": _RAY, "cpus_per_worker": _RAY}  # fmt: skip
+                 "style": "stylize(...) (stylize_batch takes styles)", "styles": _BATCH, "mix": _BOTH, "mask": _BOTH, "on_tile": _BOTH,
+                 "executor": _RAY, "ray_address": "ultrastyle.stylize_batch(..., executor='ray') (a ClusterStylizer takes address)",
+                 "distribute_tiles": _RAY, "workers": _RAY, "cpus_per_worker": _RAY}  # fmt: skip
 # The stylize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
 _CALL_KEYWORDS = ("model", *_CALLS_TAKING)
 _RUNNER_KEYS = ("backend", "device", "precision", "compile", "threads", "on_message", "progress")
