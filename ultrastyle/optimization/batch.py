@@ -248,7 +248,9 @@ def optimize_batch(
     ``model``, ``device``, ``dtype``, ``threads``, ``progress``: as `Optimizer`.
     A bad file fails alone; a budget too small for every content, a bad
     setting or a missing style is an `OptionError` before any image, and an
-    unreadable style an `ImageError`.
+    unreadable style an `ImageError`. Each image's state is saved beside its
+    output every ``save_every`` iterations (10, as the command line: the image,
+    its gradient and the solver's history, written whole) and removed once done.
     """
     known_keywords(settings, _SETTINGS, named=CALL_KEYWORDS)  # the model's settings are this function's own keywords
     if is_file_output(output):
