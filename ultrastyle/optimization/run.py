@@ -2,7 +2,7 @@
 
     import ultrastyle
     out = ultrastyle.optimize("photo.jpg", "art.jpg", iterations=100, max_memory="1GB")   # (H, W, 3) uint8
-    with ultrastyle.optimization.Optimizer("cd-wct-16x") as o:                                 # one model, many images
+    with ultrastyle.Optimizer("cd-wct-16x") as o:                                             # one model, many images
         o.run("a.jpg", "art.jpg", output="a_opt.png", state_dir=".a.state", save_every=10)
 
 Per scale (coarse to fine, each long side in ``scales``; 0 is the content's
