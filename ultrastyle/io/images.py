@@ -26,6 +26,7 @@ from ultrastyle.core.canvas import sample_peak
 from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.io.atomic import atomic_write
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, IMAGE_SUFFIXES  # noqa: F401 - re-exported
+from ultrastyle.io.profiles import ICC_TAG, array_to_srgb, to_srgb, unconverted
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
 
@@ -117,10 +118,13 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
             if img.format == "TIFF" and (pages := tiff_pages(path)) > 1:
                 warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning)
             if is_rgb16(path, img):
+                if not keep_alpha:
+                    unconverted(img.info.get("icc_profile"), str(path))
                 return _orient(_read_rgb16(path, img.format, keep_alpha), img.getexif().get(ORIENTATION, 1))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no second full-size copy
-            return pil_to_array(img, keep_alpha=keep_alpha, name=str(path))
+            # A mask's colours are labels, matched as painted: its profile is not applied.
+            return pil_to_array(img if keep_alpha else to_srgb(img, str(path)), keep_alpha=keep_alpha, name=str(path))
     except ImageError:
         raise
     except PermissionError as exc:
@@ -316,6 +320,7 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
             a = _grey_alpha_as_rgba(_interleaved(page.asarray(), page))
             tag = page.tags.get(ORIENTATION)  # a TiffPage has no orientation attribute: the tag itself
             orientation = int(tag.value) if tag is not None else 1
+            icc = _icc(page)
             pages = _page_count(tif)
     except ImageError:
         raise
@@ -336,7 +341,15 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
         warn(f"{path}: a TIFF of {pages} pages; its first page is used", AnimatedImageWarning)
     if grey:
         return np.ascontiguousarray(_orient(a, orientation)[..., 0])
+    if not keep_alpha:
+        a = array_to_srgb(a, icc, str(path))
     return _orient(_alpha(a, keep_alpha) if a.shape[2] == 4 else np.ascontiguousarray(a), orientation)
+
+
+def _icc(page: object) -> bytes | None:
+    """The embedded ICC profile of a tifffile page, or None."""
+    tag = page.tags.get(ICC_TAG)  # type: ignore[attr-defined]
+    return bytes(tag.value) if tag is not None and tag.value else None
 
 
 def _read_turned_tiff(path: Path, orientation: int, keep_alpha: bool) -> np.ndarray | None:
@@ -358,6 +371,9 @@ def _read_turned_tiff(path: Path, orientation: int, keep_alpha: bool) -> np.ndar
                 img = Image.fromarray(np.ascontiguousarray(_interleaved(page.asarray(), page)), "CMYK")
             else:
                 return None
+            if (icc := _icc(page)) and not keep_alpha:
+                img.info["icc_profile"] = icc
+                img = to_srgb(img, str(path))
     except (tifffile.TiffFileError, ValueError, OSError, IndexError):
         return None
     return np.ascontiguousarray(_orient(pil_to_array(img, keep_alpha=keep_alpha, name=str(path)), orientation))

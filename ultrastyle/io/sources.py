@@ -32,6 +32,7 @@ from ultrastyle.io.images import (
     read_image,
     tiff_header,
 )
+from ultrastyle.io.profiles import to_srgb
 
 __all__ = ["ImageInput", "ImageLike", "PrecisionWarning", "Source", "as_pixels", "as_source", "image_header", "read_source", "resized_header"]
 
@@ -138,7 +139,9 @@ def _pil_pixels(image: Image.Image, name: str, keep_alpha: bool) -> np.ndarray:
             warn(f"{name}: a PIL image of a 16-bit RGB file holds 8 bits per sample (Pillow decodes it so); "
                           "give the file's path to keep 16", PrecisionWarning)  # fmt: skip
         image = ImageOps.exif_transpose(image)
-        return np.asarray(image) if made_here and image.mode in ("F", "I") else pil_to_array(image, keep_alpha=keep_alpha, name=name)
+        if made_here and image.mode in ("F", "I"):
+            return np.asarray(image)
+        return pil_to_array(image if keep_alpha else to_srgb(image, name), keep_alpha=keep_alpha, name=name)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, AssertionError) as exc:  # a truncated file behind it; a closed image asserts

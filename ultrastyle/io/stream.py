@@ -6,7 +6,7 @@ band at a time: libvips (pyvips, the ``vips`` extra) decodes JPEG, PNG,
 TIFF/BigTIFF and WebP sequentially, and `core.resample.RowResampler` applies
 `resize_long_side`'s filter to the rows as they come. The bands equal what
 `read_image` (+ `resize_long_side`) returns: the colour conversions are
-Pillow's own, applied per band (tests/test_stream.py).
+Pillow's own, and so is the colour profile's (`io.profiles`), applied per band (tests/test_stream.py).
 
 Not streamed (`stream_blocker` says why, and the caller reads the file whole):
 EXIF-rotated images (a rotation needs every row first), interlaced PNG, TIFFs
@@ -29,6 +29,7 @@ from ultrastyle.core.canvas import sample_peak
 from ultrastyle.core.resample import RowResampler, resized_size
 from ultrastyle.errors import warn
 from ultrastyle.io.images import AnimatedImageWarning, ImageError, check_float_range, check_pixels, check_png_data, check_tiff_data, tiff_pages
+from ultrastyle.io.profiles import srgb_converter, unconverted
 from ultrastyle.io.sources import ImageInput
 
 BAND_ROWS = 256  # rows per band at most
@@ -75,6 +76,11 @@ class ImageStream:
         native = _FORMATS[self._fmt]
         self.dtype = np.dtype(np.float32 if self.size != self.original else native)
         self._mode = _mode_of(image)
+        # The file's colour profile, as a whole read applies it: 8-bit pixels converted band by band, others warned of.
+        icc = image.get("icc-profile-data") if "icc-profile-data" in image.get_fields() else None  # type: ignore[attr-defined]
+        self._to_srgb = srgb_converter(icc, self._mode, str(path)) if native == np.uint8 else None
+        if native != np.uint8 and self._mode in ("RGB", "RGBA"):
+            unconverted(icc, str(path))
 
     def bands(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (rows, W, 3) array) from the top (``rows`` None: `band_rows`); a decoding error is an
@@ -98,7 +104,11 @@ class ImageStream:
             raw = np.frombuffer(region.fetch(0, r0, w, n), dtype=_FORMATS[self._fmt])
             if raw.dtype.kind == "f":  # as a whole read refuses them: clipped 0..255 floats would be white
                 check_float_range(raw, str(self.path))
-            yield r0, _to_rgb(raw.reshape(n, w, -1), self._mode)
+            band, mode = raw.reshape(n, w, -1), self._mode
+            if self._to_srgb is not None:
+                band = np.asarray(self._to_srgb(Image.fromarray(band, mode)))
+                mode = "RGBA" if mode == "RGBA" else "RGB"
+            yield r0, _to_rgb(band, mode)
 
 
 def _resized(bands: Iterator[tuple[int, np.ndarray]], original: tuple[int, int], size: tuple[int, int],
