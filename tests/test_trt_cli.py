@@ -125,11 +125,35 @@ def test_a_damaged_cached_bundle_is_reported_with_what_a_repair_would_delete_and
 
     import ultrastyle.runtime.backends.select as select
     import ultrastyle.runtime.memory as memory
-    from ultrastyle.cli.doctor import baseline_rows
+    from ultrastyle.checkup import baseline_checks
 
     measured: list[str] = []
     monkeypatch.setattr(memory, "measure_baseline", lambda model, backend: measured.append(backend) or 2**29)
     monkeypatch.setattr(select, "cache_repair_loss", lambda model: said if model == "cd-wct-16x" else None)  # as for stages 1-5
-    rows = {r.what: r for r in baseline_rows("cd-wct-16x")}
+    rows = {r.what: r for r in baseline_checks("cd-wct-16x")}
     assert measured == ["torch"] and rows["baseline (torch)"].status == "info"  # the run that would have deleted them is not made
     assert rows["baseline (onnxruntime)"].status == "missing" and said in rows["baseline (onnxruntime)"].detail
+
+
+def test_python_doctor_gives_the_checks_the_command_prints_with_fixes_as_calls(cd16x_dir, tmp_path, monkeypatch):
+    import ultrastyle
+    from ultrastyle.errors import Remedy, remedies_of
+    from ultrastyle.models import zoo
+
+    monkeypatch.setenv("ULTRASTYLE_HOME", str(tmp_path / "home"))
+    checks = ultrastyle.doctor()
+    assert {"python", "memory", "torch", "onnxruntime", "tensorrt"} <= {c.what for c in checks}
+    model = next(c for c in checks if c.what == "model cd-wct-16x")
+    assert model.status == "missing" and model.blocking and ultrastyle.ready(checks)  # fetched on first use: not a problem
+    d = zoo.import_local("cd-wct-16x", cd16x_dir)
+    assert next(c for c in ultrastyle.doctor() if c.blocking).status == "ok"
+    (d / "4SE.pth").write_bytes((d / "4SE.pth").read_bytes()[:-10])
+    checks = ultrastyle.doctor()
+    bad = [c for c in checks if c.blocking and c.status == "unusable"]
+    assert not ultrastyle.ready(checks) and [c.what for c in bad] == ["model cd-wct-16x"]
+    assert "ultrastyle.fetch_model('cd-wct-16x')" in bad[0].detail and "ultrastyle models fetch" not in bad[0].detail  # Python's words
+    assert Remedy("fetch_model", ("cd-wct-16x",)) in remedies_of(bad[0].remedy)
+    unknown = ultrastyle.doctor("no-such-model")[-1]
+    assert unknown.status == "unusable" and "unknown model 'no-such-model'" in unknown.detail
+    r = CliRunner().invoke(app, ["doctor", "--no-baseline", "--model", "no-such-model"])
+    assert r.exit_code == 1 and "ultrastyle models list" in " ".join(r.output.split()), r.output

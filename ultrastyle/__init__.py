@@ -8,6 +8,7 @@
     bundle = ultrastyle.export_model("cd-wct-16x", "bundle/")      # `export`; then calibrate, check_tensorrt, build_tensorrt
     ultrastyle.import_model("cd-wct-16x", "downloads/")           # `models import`; fetch_model, verify_model, list_models, remove_model
     ultrastyle.distill_encoder(ultrastyle.DistillConfig(teacher="cd-wct-16x", stage=1, images="photos/", out="mine/"))  # `distill`
+    ultrastyle.ready(ultrastyle.doctor())                           # `doctor`: what is installed and usable here
 
 The names below are imported on first use, so ``import ultrastyle`` stays
 cheap (no torch) for the command line's ``--help`` and torch-free modules.
@@ -77,6 +78,10 @@ _API = {
     "list_models": "ultrastyle.models.zoo:entries",
     "remove_model": "ultrastyle.models.zoo:remove",
     "model_path": "ultrastyle.models.zoo:model_dir",
+    # The set-up, as `ultrastyle doctor` (the module is "checkup": "doctor" is the function).
+    "doctor": "ultrastyle.checkup",
+    "ready": "ultrastyle.checkup",
+    "Check": "ultrastyle.checkup",
 }
 if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-exported explicitly (`X as X`); at run time each loads on first use
     from ultrastyle.api import ClusterStylizer as ClusterStylizer
@@ -90,6 +95,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-export
     from ultrastyle.calibration.data import CalibrationDataError as CalibrationDataError
     from ultrastyle.calibration.quantize import CalibrationError as CalibrationError
     from ultrastyle.calibration.quantize import CalibrationWarning as CalibrationWarning
+    from ultrastyle.checkup import Check as Check
+    from ultrastyle.checkup import doctor as doctor
+    from ultrastyle.checkup import ready as ready
     from ultrastyle.core.plan import TileWarning as TileWarning
     from ultrastyle.deploy import build_tensorrt as build_tensorrt
     from ultrastyle.deploy import calibrate as calibrate
@@ -144,7 +152,7 @@ __all__ = [
     "build_tensorrt", "BundleError", "BundleBusy", "ExportValidationError", "CalibrationError", "CalibrationDataError",
     "CalibrationWarning", "BuildError", "GraphError", "distill_encoder", "train_decoder", "DistillConfig", "DecoderConfig",
     "ConfigError", "TrainingError", "TrainingInterrupted", "OutputError", "DataError", "JobResult", "fetch_model",
-    "import_model", "verify_model", "model_status", "list_models", "remove_model", "model_path",
+    "import_model", "verify_model", "model_status", "list_models", "remove_model", "model_path", "doctor", "ready", "Check",
 ]  # fmt: skip
 
 
