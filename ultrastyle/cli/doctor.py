@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ultrastyle.cli.remedies import swap
 from ultrastyle.checkup import doctor, ready
+from ultrastyle.cli.remedies import swap
 
 
 def doctor_command(
