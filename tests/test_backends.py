@@ -374,3 +374,27 @@ def test_a_cached_bundle_exported_again_says_the_int8_graphs_it_loses(cd16x_dir)
     again = ensure_bundle("cd-wct-16x", stages=(5,), on_export=said.append)
     assert again.path == b.path and not (b.path / "encoder5.int8.onnx").exists()
     assert said and "the 1 int8 graph it holds are deleted (calibrate and build again)" in said[0], said  # "first use" before
+
+
+def test_a_damaged_cached_bundle_is_removed_only_under_its_lock_and_only_if_still_damaged(cd16x_dir):
+    """A first-use run removed a damaged cached bundle unlocked: the one another run had just exported in its place too."""
+    import ultrastyle.runtime.backends.select as select
+    from ultrastyle.export.bundle import BundleBusy, bundle_in_use
+    from ultrastyle.models import zoo
+
+    zoo.import_local("cd-wct-16x", cd16x_dir)
+    b = ensure_bundle("cd-wct-16x", stages=(5,))
+    inode = os.stat(b.path).st_ino
+    real = select._cache_repair
+    with pytest.MonkeyPatch.context() as mp:  # found damaged, then repaired by another run before this one takes the lock
+        mp.setattr(select, "_find_bundle", lambda *a: None)
+        mp.setattr(select, "_cache_repair", lambda name, files: (real(name, files)[0], "a graph's sha256 differs", ""))
+        mp.setattr(select, "export_bundle", lambda *a, **k: pytest.fail("exported again over a sound bundle"))
+        assert ensure_bundle("cd-wct-16x", stages=(5,)).path == b.path and os.stat(b.path).st_ino == inode  # kept
+    (b.path / "encoder5.onnx").write_bytes(b"damaged")
+    with bundle_in_use(b.path):  # another process calibrating or exporting it
+        with pytest.raises(BundleBusy, match="another process is calibrating or exporting this bundle"):
+            ensure_bundle("cd-wct-16x", stages=(5,))
+    assert (b.path / "encoder5.onnx").read_bytes() == b"damaged"  # left to the process holding it
+    again = ensure_bundle("cd-wct-16x", stages=(5,))
+    assert again.path == b.path and (b.path / "encoder5.onnx").read_bytes() != b"damaged"

@@ -23,7 +23,7 @@ import torch
 from ultrastyle import options as check
 from ultrastyle.core.arch import STAGES
 from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
-from ultrastyle.export.bundle import Bundle, BundleError, derived_work, export_bundle, is_bundle, read_bundle
+from ultrastyle.export.bundle import Bundle, BundleError, bundle_in_use, derived_work, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.io.atomic import is_unwritable
 from ultrastyle.models import zoo
@@ -87,7 +87,11 @@ def ensure_bundle(
     model = load_model(source, stages=stages, progress=progress)
     try:
         if damaged is not None and target.is_dir() and not target.is_symlink():  # the cache's own folder: made again whole
-            shutil.rmtree(target)
+            with bundle_in_use(target):  # not while another process exports or calibrates it; it may have repaired it since
+                try:
+                    return read_bundle(target)
+                except BundleError:
+                    shutil.rmtree(target)
         # force: the cache's own folder, whose int8 graphs and engines are said above to be lost (a damaged one is removed before)
         return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files, force=True)
     except OSError as exc:  # a read-only ULTRASTYLE_HOME (permissions or a read-only mount): say where, and the ways round it
