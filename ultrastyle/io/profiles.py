@@ -63,7 +63,8 @@ def _srgb_like(icc: bytes) -> bool:
 def srgb_converter(icc: bytes | None, mode: str, name: str) -> Converter | None:
     """A function turning 8-bit images of PIL ``mode`` in profile ``icc`` into sRGB ones, or None where none is needed.
 
-    ``mode`` "RGB" and "CMYK" give "RGB" images, "RGBA" gives "RGBA" (alpha kept). None, silently, for no profile, an
+    ``mode`` "RGB" and "CMYK" give "RGB" images, "RGBA" gives "RGBA" (alpha kept); RGB and RGBA images are converted
+    in place (the caller's image changes). None, silently, for no profile, an
     sRGB profile and other modes; None with a `ProfileWarning` naming ``name`` for a profile that cannot be read or
     does not fit ``mode``.
     """
@@ -85,7 +86,11 @@ def srgb_converter(icc: bytes | None, mode: str, name: str) -> Converter | None:
         return None
 
     def convert(img: Image.Image) -> Image.Image:
-        return ImageCms.applyTransform(img, transform)
+        if mode == "CMYK":
+            return ImageCms.applyTransform(img, transform)
+        img = img.copy() if img.readonly else img  # an image over a numpy buffer (`Image.fromarray`) is read-only
+        ImageCms.applyTransform(img, transform, inPlace=True)  # no second full-size image while the first is held
+        return img
 
     return convert
 
