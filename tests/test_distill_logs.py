@@ -95,3 +95,18 @@ def test_a_key_given_nothing_says_required_or_to_leave_it_out_for_its_default():
                           ({"device": None}, "device: got nothing (null); leave it out for its default, cpu")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(said)):
             from_mapping(DistillConfig, mapping)
+
+
+def test_a_config_file_is_read_from_python_with_keywords_over_it(tmp_path, monkeypatch):
+    import ultrastyle
+
+    (tmp_path / "d.yaml").write_text("teacher: cd-wct-16x\nimages: photos/\nout: mine/\nstage: 2\nsteps: 50\nlr: 0.001\n")
+    c = ultrastyle.DistillConfig.from_file(tmp_path / "d.yaml", stage=4, steps=None)  # None: not given, as a flag left out
+    assert isinstance(c, DistillConfig) and (c.teacher, c.stage, c.steps, c.lr, c.batch_size) == ("cd-wct-16x", 4, 50, 0.001, 4)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ultrastyle.DistillConfig.from_file("~/d.yaml").stage == 2
+    (tmp_path / "bad.yaml").write_text("stage: 2\nwidht_factor: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'widht_factor'"):
+        ultrastyle.DistillConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="'teacher' is a setting of a student encoder's run, not of a decoder's run"):
+        ultrastyle.DecoderConfig.from_file(tmp_path / "d.yaml")

@@ -11,6 +11,7 @@ what to train) may then differ.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,12 @@ class RunConfig:
         """
         if stray := self.changed(names):
             raise remedied(ConfigError(f"{stray[0]}: {why}; {fix + ', or ' if fix else ''}leave it out"), remedy)
+
+    @classmethod
+    def from_file(cls: type[C], path: str | os.PathLike, **settings: Any) -> C:
+        """The settings of a YAML file (as ``--config`` reads it; a run's own ``config.yaml`` too), ``settings`` over them:
+        ``DistillConfig.from_file("distill.yaml", stage=3)``. `ConfigError` naming the file for what it cannot take."""
+        return resolve(cls, os.path.expanduser(os.fspath(path)), settings)
 
     def has_saved_run(self) -> bool:
         """Whether the run folder holds a run to resume: its settings and a checkpoint."""
