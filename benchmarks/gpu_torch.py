@@ -532,16 +532,16 @@ def main() -> int:
                         if reference is None:
                             reference = out
                         row["max_diff_uint8"] = int(np.abs(out.astype(np.int16) - reference.astype(np.int16)).max())
+                    # tiled / whole of this config and size, side by side in this run; set now, so a run stopped by
+                    # its time limit keeps the ratio (the whole row of a config runs before its tiled one)
+                    whole = [x for x in report["rows"] if x["size"] == row["size"] and x["config"] == row["config"]
+                             and x["path"] == "whole" and "ms_per_mp" in x]  # fmt: skip
+                    if p != "whole" and whole:
+                        row["tiled_over_whole"] = round(row["ms_per_mp"] / whole[0]["ms_per_mp"], 2)
                 row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(DEV) / GiB, 3) if DEV.type == "cuda" else ""
                 report["rows"].append(row)
                 save()
                 print(f"# {row}", file=sys.stderr, flush=True)
-        # tiled / whole per config and size, side by side in this run
-        for r in report["rows"]:
-            if r["size"] == f"{w}x{h}" and r["path"] != "whole" and "ms_per_mp" in r:
-                whole = [x for x in report["rows"] if x["size"] == r["size"] and x["config"] == r["config"] and x["path"] == "whole" and "ms_per_mp" in x]
-                if whole:
-                    r["tiled_over_whole"] = round(r["ms_per_mp"] / whole[0]["ms_per_mp"], 2)
         del content
 
     tf32 = "TF32 on (PyTorch defaults)" if args.tf32 else "fp32 in IEEE (TF32 off)"

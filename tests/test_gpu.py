@@ -448,7 +448,9 @@ def test_a_stage_synchronises_only_for_its_statistics(gpu_model, photo, style):
                     torch.cuda.set_sync_debug_mode("default")
             counts[fit_on] = sum("synchroniz" in str(w.message) for w in caught)
     print(f"synchronising calls over 5 stages: fit on the device {counts['device']}, on the host {counts['host']}")
-    assert 1 <= counts["device"] <= 3 * len(DEFAULT_LEVELS)
+    # 3 a stage expected (two statistics copies, eigh's error check); one more a stage allowed for another torch's
+    # eigh checks: a wait per kernel would be tens more
+    assert 1 <= counts["device"] <= 4 * len(DEFAULT_LEVELS)
 
 
 @pytest.mark.parametrize("regions", [0, 2], ids=["one-map", "two-regions"])
@@ -545,7 +547,8 @@ def test_cli_device_index_runs_on_that_gpu_and_refuses_one_past_the_last(shared_
 
     def run(dev: str, out: str):
         return CliRunner().invoke(app, ["stylize", str(content), "--style", str(style_img), "-m", str(cd16x_dir), "--backend", "torch",
-                                        "--device", dev, "--content-size", "128", "--style-size", "128", "-o", str(tmp_path / out)])
+                                        "--device", dev, "--content-size", "128", "--style-size", "128", "-o", str(tmp_path / out),
+                                        "-f", "tiff"])  # not PNG: its encoder needs imagecodecs, not on the GPU machine
 
     pixels = {}
     for dev in ("cuda", "cuda:0", "CUDA:0"):

@@ -6,6 +6,7 @@ autograd reference and the solvers' contracts, not the looks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -63,6 +64,13 @@ def _images(h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     ],
 )
 def test_tiled_gradient_equals_the_whole_image_autograd(encoder, device, dtype, size, core, two_pass, one_thread):
+    from ultrastyle.runtime.backends.torch_backend import ieee_fp32
+
+    with ieee_fp32(device):  # as `Optimizer.run` holds it: in TF32 (PyTorch's CUDA default) tiles drift ~3e-2 off the whole
+        _check_tiled_gradient(encoder, device, dtype, size, core, two_pass)
+
+
+def _check_tiled_gradient(encoder, device, dtype, size, core, two_pass) -> None:
     net = LossNetwork(copy.deepcopy(encoder).to(device=device, dtype=dtype))
     weights = LossWeights(content_weight=2.0, style_weight=1e-3, layer_weights={"relu1_1": 1.0, "relu2_1": 0.5, "relu3_1": 2.0, "relu4_1": 1.0, "relu5_1": 3.0})
     image, style, content = _images(*size)
@@ -774,3 +782,38 @@ def test_python_saves_an_optimization_as_often_as_the_command_line():
 
     # optimize_batch saved only after each scale (0): a batch interrupted mid-image kept nothing to resume from
     assert make_optimize_options().save_every == DEFAULT_SAVE_EVERY == inspect.signature(optimize_command).parameters["save_every"].default
+
+
+def test_ieee_fp32_is_held_on_cuda_only_and_the_callers_tf32_settings_come_back(monkeypatch):
+    """The optimizer ran its CUDA float32 convolutions in TF32 (PyTorch's default), where tiled != whole."""
+    import ultrastyle.runtime.backends.torch_backend as tb
+
+    calls: list[str] = []
+    monkeypatch.setattr(tb, "_fp32_exact", lambda: calls.append("off") or [("flag", "was", "on")])
+    monkeypatch.setattr(tb, "_restore_fp32", lambda changed: calls.append(f"restore {changed}"))
+    with tb.ieee_fp32("cpu"):
+        assert calls == []
+    with tb.ieee_fp32(torch.device("cuda", 1)):
+        assert calls == ["off"]
+        with tb.ieee_fp32("cuda"):  # nested (a runner open too): set once, restored once, by the last to let go
+            assert calls == ["off"]
+        assert calls == ["off"]
+    assert calls == ["off", "restore [('flag', 'was', 'on')]"]
+    with pytest.raises(ZeroDivisionError), tb.ieee_fp32("cuda:0"):
+        1 / 0
+    assert calls[-1].startswith("restore")  # an error inside restores too
+
+
+def test_an_optimizer_run_holds_ieee_fp32_on_its_device(optimizer, monkeypatch):
+    import ultrastyle.optimization.run as run
+
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        seen.append(str(device))
+        yield
+
+    monkeypatch.setattr(run, "ieee_fp32", spy)
+    monkeypatch.setattr(optimizer, "_run_or_restart", lambda *a: "ran")
+    assert optimizer.run(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8), iterations=1) == "ran" and seen == ["cpu"]

@@ -106,3 +106,24 @@ def test_compiled_stage_equals_eager_and_compiles_once_per_shape(cd16x_dir, monk
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"second process: {stats}")
     assert stats.get("fxgraph_cache_hit", 0) >= 1 and stats.get("fxgraph_cache_miss", 0) == 0
+
+
+@pytest.mark.slow
+def test_one_shape_compiles_once_whatever_the_inputs_strides_and_inference_mode(cd16x_dir):
+    """Dynamo guards on strides and dispatch keys too: a channels-last feature tile, or a plain tensor after an inference
+    one (a cascade's first stage, then a later one), compiled a shape already compiled again."""
+    from torch._dynamo.utils import counters
+
+    engine = StageEngine(load_cd_folder(cd16x_dir, stages=(1,)), compile=True)
+    graphs = lambda: int(counters["stats"]["unique_graphs"])  # noqa: E731
+    x = torch.rand(1, 3, 32, 40)
+    with torch.inference_mode():
+        x_inference = x.clone()
+    f = engine.encode(1, x)
+    a, b = torch.eye(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], dtype=torch.float64)
+    y = engine.decode(1, f, a, b)
+    before = graphs()
+    assert torch.equal(engine.encode(1, x_inference), f)  # an inference tensor after a plain one
+    f_last = f.contiguous(memory_format=torch.channels_last)  # as a tile of a channels-last feature canvas
+    assert f_last.stride() != f.stride() and torch.equal(engine.decode(1, f_last, a, b), y)
+    assert graphs() == before and engine.compile_count() == 2

@@ -185,6 +185,7 @@ def apply_regions(features: torch.Tensor, labels: torch.Tensor, maps: Sequence[A
     return out.view(1, c, h, w)
 
 
-def identity_map(channels: int) -> Affine:
-    """``A = I``, ``b = 0``: for decoders fed features that were already transformed."""
-    return torch.eye(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+def identity_map(channels: int, device: torch.device | str | None = None) -> Affine:
+    """``A = I``, ``b = 0``: for decoders fed features that were already transformed. Made on ``device`` (a GPU's: no
+    host copy, which would wait on the GPU, each time a tile uses it)."""
+    return torch.eye(channels, dtype=torch.float64, device=device), torch.zeros(channels, dtype=torch.float64, device=device)

@@ -45,6 +45,7 @@ from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
+from ultrastyle.runtime.backends.torch_backend import ieee_fp32
 from ultrastyle.core.arch import ARCHS
 import ultrastyle.optimization.vectors as vec
 from ultrastyle.errors import Setting, remedied, warn
@@ -457,6 +458,7 @@ class Optimizer:
             loaded = load_model(model, device=device, progress=progress)
             encoder = loaded.encoders[max(loaded.encoders)]
         self.net = LossNetwork(encoder.to(device=device, dtype=dtype))
+        self.device = torch.device(device)
         self._checked: set[tuple] = set()
 
     def close(self) -> None:
@@ -532,14 +534,15 @@ class Optimizer:
             if what := foreign_state(Path(state_dir)):
                 raise OptionError("state_dir", f"{state_dir} is {what}; a run replaces its state folder and removes it when done: give a "
                                                "new folder")  # fmt: skip
-        if not self.threads:
-            return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
-        finally:
-            torch.set_num_threads(threads)
+        with ieee_fp32(self.device):  # on CUDA: TF32 off, or the tiled gradient drifts from the whole image's (~3e-2)
+            if not self.threads:
+                return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                return self._run_or_restart(content, style, opts, output, state_dir, on_progress, on_tile)
+            finally:
+                torch.set_num_threads(threads)
 
     def resumes(self, content: ImageLike, style: ImageLike, options: OptimizeOptions, state_dir: str | os.PathLike) -> bool:
         """Whether a run with these inputs and ``options`` would resume the state saved in ``state_dir`` (its fingerprint

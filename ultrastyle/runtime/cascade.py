@@ -45,7 +45,7 @@ def stylize_stage(
     if isinstance(target, Regions):
         labels = target.feature_labels(g, slice(0, f.shape[-2]), slice(0, f.shape[-1]))
         maps = target.fit(method, stage, region_statistics(f, labels, target.count), alpha)
-        out = model.decode(stage, apply_regions(f, labels, maps), *identity_map(f.shape[1]))
+        out = model.decode(stage, apply_regions(f, labels, maps), *identity_map(f.shape[1], f.device))
     else:
         stats = FeatureStats.of(f)  # the stage's one device-to-host copy: C + C² float64 numbers
         if fit_on_device(fit_on, f.device):

@@ -143,7 +143,7 @@ def decode_tiles(
     if regions is not None:
         if features is None:
             raise ValueError("mask regions need the stage's features cached between the passes")
-        a, b = identity_map(model.arch.feature_channels(stage))  # the features arrive transformed
+        a, b = identity_map(model.arch.feature_channels(stage), device)  # the features arrive transformed
         mask, maps = regions[0], [(ra.to(device), rb.to(device)) for ra, rb in regions[1]]  # copied once, not per tile
     # Backwards: pass 1 ran forwards, so what it touched last, still in the page cache when disk
     # canvases outgrow RAM, is read first; the next stage's pass 1 (forwards) then starts on what

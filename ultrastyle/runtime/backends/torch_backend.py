@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -94,6 +95,20 @@ def _ieee_fp32() -> Callable[[], None]:
 
 
 _THREADS, _IEEE_FP32 = _ProcessSetting(), _ProcessSetting()
+
+
+@contextmanager
+def ieee_fp32(device: torch.device | str) -> Iterator[None]:
+    """IEEE float32 (TF32 off, `_fp32_exact`) while the block runs on CUDA ``device``, shared with open runners; nothing
+    on other devices. Tiled equals whole only in IEEE float32 (the optimizer's gradients too)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    _IEEE_FP32.hold(_ieee_fp32)
+    try:
+        yield
+    finally:
+        _IEEE_FP32.release()
 
 
 class TorchRunner(Runner):

@@ -131,6 +131,18 @@ class FoldedDecoder(nn.Module):
         return x
 
 
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as every call hands it to a compiled graph: contiguous, and an inference tensor (inside inference mode).
+
+    Dynamo guards on strides and dispatch keys as well as shapes: a channels-last tile of a feature canvas, or a plain
+    tensor where an inference one came before (the first stage's input, then the previous stage's output), compiled a
+    shape it had already compiled again (measured: every stage of a cascade on its second shape, seconds each).
+    """
+    if x.is_inference() and x.is_contiguous():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class StageEngine:
     """A `StyleModel`'s stage networks in ``precision``, optionally compiled and with the affine map fused.
 
@@ -210,7 +222,7 @@ class StageEngine:
         # Dynamo counts compiles per code object, and all encoders share Encoder.forward: allow one per network and shape.
         limit = max(DEFAULT_MAX_SHAPES, 2 * len(self.stages) * self.max_shapes)
         with _recompile_limit(limit):
-            return fn(x, *args)
+            return fn(_uniform(x), *args)
 
     def _fold(self, stage: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first convolution folded with (A, b), reused while the same A and b tensors come (every tile of a stage)."""
