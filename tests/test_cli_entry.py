@@ -78,3 +78,30 @@ def test_help_shows_flags_without_a_value_they_do_not_take():
         assert "<bool>" not in r.output, argv
     r = CliRunner().invoke(app, ["stylize", "--help"], env={"COLUMNS": "200"})
     assert "--skip-existing" in r.output and "<int" in r.output  # options that take a value keep their type
+
+
+def test_a_non_ascii_path_printed_into_a_pipe_of_a_narrower_encoding_is_escaped_not_a_crash(tmp_path):
+    """Windows prints into a file or pipe in its ANSI code page, strictly: the summary raised after the work was done."""
+    import os
+    import subprocess
+
+    home = tmp_path / "données-出力"
+    env = {**os.environ, "ULTRASTYLE_HOME": str(home), "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, "-m", "ultrastyle", "models", "path", "cd-wct-16x"], capture_output=True, text=True, env=env,
+                       encoding="ascii", errors="replace", timeout=120)  # fmt: skip
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    assert "donn\\xe9es-\\u51fa\\u529b" in r.stdout + r.stderr
+
+
+def test_a_library_warning_outside_a_commands_report_is_one_line_with_its_flag(capsys):
+    import warnings
+
+    from ultrastyle.cli.entry import _show_warning
+    from ultrastyle.errors import Setting, remedied
+
+    _show_warning(remedied(UserWarning("tiles smaller than asked: raise it (tile_min)"), Setting("tile_min")), UserWarning, "x.py", 1)
+    assert capsys.readouterr().err == "warning: tiles smaller than asked: raise it (--tile-min)\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _show_warning(DeprecationWarning("old"), DeprecationWarning, "x.py", 7)  # not ours to reword: Python's form
+    assert "x.py:7: DeprecationWarning: old" in capsys.readouterr().err

@@ -1055,3 +1055,32 @@ def test_cli_list_as_json_and_on_a_narrow_terminal_keeps_every_name_whole(runner
         assert name in r.stdout and "+".join(entry.source_kinds[:1]) in r.stdout
     described = [ln for ln in r.stdout.splitlines() if ln.startswith("  ") and " files, " not in ln]
     assert len(described) > 10 and max(map(len, described)) <= 50 and ", stage 4, " in r.stdout  # folded (400+ columns before)
+
+
+def test_a_zoo_name_is_the_zoos_verified_model_whatever_folder_of_that_name_is_here(shared_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A folder named cd-wct-16x in the working directory silently replaced the default model, unverified."""
+    import torch
+
+    from ultrastyle.export.bundle import is_bundle
+    from ultrastyle.models import sources, zoo
+    from ultrastyle.models.pretrained import load_model
+
+    zoo.import_local("cd-wct-16x", shared_dir / "models" / "cd-wct-16x")
+    here = tmp_path / "cwd"
+    shutil.copytree(shared_dir / "models" / "cd-wct-16x", here / "cd-wct-16x")
+    sd = torch.load(here / "cd-wct-16x" / "1SD.pth", weights_only=True, map_location="cpu")
+    weights = sd.get("model", sd)  # CD's {"model": state_dict} or the state dict itself
+    for k, v in weights.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            weights[k] = -v
+    torch.save(sd, here / "cd-wct-16x" / "1SD.pth")
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(sources, "_SHADOWED", set())
+    first = lambda m: next(iter(m.decoders[1].state_dict().values()))  # noqa: E731
+    with pytest.warns(UserWarning, match=r"'cd-wct-16x' is the zoo's model cd-wct-16x; the folder of that name here is not used \(give ./cd-wct-16x"):
+        zoo_model = load_model("cd-wct-16x", stages=(1,))
+    assert sources.model_folder("cd-wct-16x") is None and sources.model_folder("./cd-wct-16x") == Path("./cd-wct-16x")
+    local = load_model("./cd-wct-16x", stages=(1,))  # asked for as a folder: that folder
+    assert torch.equal(first(local), -first(zoo_model))
+    (here / "cd-wct-16x" / "manifest.json").write_text("{}")  # as a bundle of that name would have
+    assert not is_bundle("cd-wct-16x") and is_bundle("./cd-wct-16x") and is_bundle(Path("cd-wct-16x"))  # a Path is a folder

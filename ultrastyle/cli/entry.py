@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import warnings
 from types import FrameType
 
 _STARTING = "interrupted while starting; nothing was done\n"
@@ -25,11 +26,28 @@ def _exit_status(code: object) -> object:
     return TERMINATED if code == 130 and _terminated.is_set() else code
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                  line: str | None = None) -> None:  # fmt: skip
+    """A user-facing warning before or beside a command's own report: one ``warning: ...`` line, not Python's file:line
+    form naming typer's frame (commands say theirs beside their progress bars, `cli.logs.warning_lines`)."""
+    if issubclass(category, UserWarning):
+        from ultrastyle.cli.remedies import swap
+
+        (file or sys.stderr).write(f"warning: {swap(str(message), getattr(message, 'remedy', None))}\n")  # type: ignore[attr-defined]
+    else:  # Python's own form
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))  # type: ignore[attr-defined]
+
+
 def main() -> None:
     """Run the `ultrastyle` command line (`cli.main.app`)."""
     on_main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
     if on_main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # one the parent set to ignore stays ignored
         signal.signal(signal.SIGTERM, _on_sigterm)
+    # A summary naming a non-ASCII path, printed into a file or pipe on Windows (the ANSI code page, strict), raised
+    # after the work was done; an unencodable character is written as an escape instead.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    warnings.showwarning = _show_warning
     try:
         from ultrastyle.cli.main import app
 

@@ -16,14 +16,17 @@ from pathlib import Path
 from ultrastyle.core.arch import ArchSpec, get_arch
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.models.sources import folder_arch
+from ultrastyle.models.sources import model_folder as given_folder
 
 
 def _folder(source: str | Path) -> tuple[Path, ArchSpec]:
+    found = given_folder(source)  # a zoo name is the zoo's model, whatever folder of that name is here
+    if found is not None:
+        return found, folder_arch(found)
     path = Path(source)
-    if path.is_dir():
-        return path, folder_arch(path)
-    if path.suffix or "/" in str(source) or path.exists():
+    if not is_zoo_name(source) and (path.suffix or "/" in str(source) or path.exists()):
         raise convert.CheckpointError(f"{source}: no such model folder or weight file")
     entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
     return zoo.ensure(entry.name), get_arch(entry.architecture)

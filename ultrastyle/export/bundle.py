@@ -22,6 +22,7 @@ from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
 from ultrastyle.io.atomic import atomic_dir, sweep_stale, writer_pid
 from ultrastyle.models.pretrained import StyleModel
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.io.digest import sha256_file
 from ultrastyle.core.arch import ArchSpec
 from ultrastyle.core.arch import spec_from_dict as arch_from_dict
@@ -348,8 +349,9 @@ def _export_again(path: Path, again: Remedy) -> str:
 
 
 def is_bundle(path: str | Path) -> bool:
-    """Whether ``path`` is meant as a bundle: it holds a manifest (`read_bundle` says what is wrong with it, if anything)."""
-    return (Path(path) / MANIFEST).is_file()
+    """Whether ``path`` is meant as a bundle: it holds a manifest (`read_bundle` says what is wrong with it, if anything).
+    A zoo model's name never is (`is_zoo_name`), whatever folder of that name the working directory holds."""
+    return not is_zoo_name(path) and (Path(path) / MANIFEST).is_file()
 
 
 def _damaged_bundle(path: Path) -> bool:

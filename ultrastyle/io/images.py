@@ -291,8 +291,25 @@ def tiff_pages(path: Path) -> int:
 
 
 def _page_count(tif: object) -> int:
-    """`tiff_pages` of an open ``tifffile.TiffFile``."""
-    return max(1, sum(1 for p in tif.pages if not p.is_reduced))  # type: ignore[attr-defined]
+    """`tiff_pages` of an open ``tifffile.TiffFile``.
+
+    By index after ``len``: iterating the pages follows a chain of directories that loops back forever (a 792-byte
+    file hung a batch past SIGTERM), where ``len`` stops at the loop."""
+    pages = tif.pages  # type: ignore[attr-defined]
+    return max(1, sum(1 for i in range(len(pages)) if not pages[i].is_reduced))
+
+
+MAX_SAMPLES = 4  # grey, grey + alpha, RGB, RGBA: what a TIFF may hold per pixel to be read
+
+
+def _check_layout(path: Path, page: object) -> None:
+    """`ImageError` for a TIFF page of more samples per pixel (or depth) than an image has, before its pixels are
+    decoded: ``max_pixels`` counts pixels, and 32 float64 samples a pixel are 85 times an RGB image's bytes."""
+    samples, depth = int(page.samplesperpixel), int(getattr(page, "imagedepth", 1) or 1)  # type: ignore[attr-defined]
+    if samples > MAX_SAMPLES or depth > 1:
+        what = f"{samples} samples per pixel" if samples > MAX_SAMPLES else f"a depth of {depth} planes"
+        raise ImageError(f"{path}: a TIFF of {what}; images of at most {MAX_SAMPLES} samples per pixel in one plane (grey, RGB, "
+                         "CMYK, grey or RGB with alpha) are read")  # fmt: skip
 
 
 def tiff_header(path: Path) -> tuple[int, int, int] | None:
@@ -314,9 +331,10 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            check_pixels(path, page.imagewidth, page.imagelength, max_pixels)  # an ImageError: a ValueError, not caught below
+            _check_layout(path, page)
             if int(page.photometric) not in (1, 2):  # grey (black is 0) or RGB; CMYK, palette, white-is-0: not guessed at
                 return None
-            check_pixels(path, page.imagewidth, page.imagelength, max_pixels)  # an ImageError: a ValueError, not caught below
             a = _grey_alpha_as_rgba(_interleaved(page.asarray(), page))
             tag = page.tags.get(ORIENTATION)  # a TiffPage has no orientation attribute: the tag itself
             orientation = int(tag.value) if tag is not None else 1
@@ -362,6 +380,7 @@ def _read_turned_tiff(path: Path, orientation: int, keep_alpha: bool) -> np.ndar
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            _check_layout(path, page)
             photometric = int(page.photometric)
             if photometric == 3 and page.colormap is not None and int(page.bitspersample) == 8:
                 img = Image.fromarray(np.ascontiguousarray(page.asarray()), "P")
@@ -392,6 +411,7 @@ def _read_rgb16(path: Path, fmt: str, keep_alpha: bool = False) -> np.ndarray:
 
     if fmt == "TIFF":
         with tifffile.TiffFile(path) as tif:
+            _check_layout(path, tif.pages[0])
             a = _interleaved(tif.pages[0].asarray(), tif.pages[0])
     else:
         a = imagecodecs.png_decode(path.read_bytes())

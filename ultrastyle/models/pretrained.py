@@ -19,7 +19,7 @@ from ultrastyle.core.transforms import apply_affine
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.defaults import DEFAULT_MODEL, ModelDefaults
 from ultrastyle.models.networks import Decoder, Encoder
-from ultrastyle.models.sources import ADAIN_FILES, check_stages, folder_arch, folder_format, model_defaults
+from ultrastyle.models.sources import ADAIN_FILES, check_stages, folder_arch, folder_format, model_defaults, model_folder
 
 
 @dataclass
@@ -137,8 +137,8 @@ def load_model(
     The model's `defaults` (`model_defaults`, restricted to the loaded stages)
     ride along as ``StyleModel.defaults``.
     """
-    path = Path(source)
-    if path.is_dir():
+    path = model_folder(source)
+    if path is not None:
         stages = check_stages(path, stages)
         defaults = model_defaults(path)
         if folder_format(path) == "pytorch-adain":

@@ -331,6 +331,12 @@ def entries() -> dict[str, ZooEntry]:
     return dict(_load_registry())
 
 
+def is_zoo_name(source: object) -> bool:
+    """Whether ``source`` is a ``str`` naming a registry model: the zoo's, sha256-verified, even where a folder of that
+    name lies in the working directory (``./NAME`` or a `Path` gives such a folder)."""
+    return isinstance(source, str) and source in _load_registry()
+
+
 def get_entry(name: str) -> ZooEntry:
     """The entry called ``name``; :class:`UnknownModelError` lists the known names."""
     reg = _load_registry()

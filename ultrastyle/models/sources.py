@@ -37,11 +37,13 @@ Loading the weights is `models.pretrained`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ultrastyle.errors import Remedy, remedied
+from ultrastyle.errors import Remedy, remedied, warn
 from ultrastyle.io.atomic import write_atomic
 from ultrastyle.models import convert, zoo
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.models.defaults import (
     DEFAULTS_KEY, ModelDefaults, ModelDefaultsError, defaults_from_dict, standard_defaults,
 )  # fmt: skip
@@ -82,13 +84,32 @@ def _csv(stages: tuple[int, ...] | list[int]) -> str:
     return ",".join(map(str, stages))
 
 
+_SHADOWED: set[str] = set()
+
+
+def model_folder(source: str | os.PathLike) -> Path | None:
+    """``source`` as a folder of weights (or a bundle), or None where it names a zoo model (`is_zoo_name`).
+
+    A zoo name is the zoo's model, sha256-verified, even where a folder of that name lies in the working directory:
+    a folder named ``cd-wct-16x`` beside the photos once replaced the default model unverified. Such a folder is
+    given as ``./cd-wct-16x`` or a `Path`; a warning says so, once per name.
+    """
+    if is_zoo_name(source):
+        if Path(source).is_dir() and source not in _SHADOWED:
+            _SHADOWED.add(str(source))
+            warn(f"{source!r} is the zoo's model {source}; the folder of that name here is not used (give ./{source} for it)")
+        return None
+    path = Path(source)
+    return path if path.is_dir() else None
+
+
 def model_stages(source: str | Path) -> tuple[int, ...]:
     """The stages a zoo model or weights folder has, ascending (nothing is downloaded).
 
     A folder without any weights raises `CheckpointError` listing what was looked for.
     """
-    path = Path(source)
-    if not path.is_dir():
+    path = model_folder(source)
+    if path is None:
         entry = zoo.get_entry(str(source))  # UnknownModelError lists the known names
         if entry.format not in LOADABLE_FORMATS:
             fix = Remedy("list_models")
@@ -148,10 +169,10 @@ def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[in
     missing = [k for k in stages if k not in have]
     if not missing:
         return tuple(stages)
-    path = Path(source)
+    path = model_folder(source)
     what = f"model {source}"
     files = ""
-    if path.is_dir():
+    if path is not None:
         if folder_format(path) == "pytorch-adain":
             what += " (pytorch-AdaIN weights)"
         else:
@@ -163,8 +184,8 @@ def check_stages(source: str | Path, stages: tuple[int, ...] | None) -> tuple[in
 
 def model_files(source: str | Path, stages: tuple[int, ...]) -> list[str]:
     """The weight file names that ``stages`` of a zoo model or weights folder are loaded from."""
-    path = Path(source)
-    fmt = folder_format(path) if path.is_dir() else zoo.get_entry(str(source)).format
+    path = model_folder(source)
+    fmt = folder_format(path) if path is not None else zoo.get_entry(str(source)).format
     return list(ADAIN_FILES) if fmt == "pytorch-adain" else cd_file_names(tuple(dict.fromkeys(stages)))
 
 
@@ -197,8 +218,8 @@ def model_defaults(source: str | Path) -> ModelDefaults:
     (bad values, naming the file), ``CheckpointError`` (a folder without model
     weights) or ``UnknownModelError`` (neither a folder nor a zoo name).
     """
-    path = Path(source)
-    if not path.is_dir():
+    path = model_folder(source)
+    if path is None:
         entry = zoo.get_entry(str(source))
         if entry.defaults is not None:
             return entry.defaults

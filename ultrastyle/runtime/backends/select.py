@@ -28,7 +28,7 @@ from ultrastyle.export.spec import ExportSpec
 from ultrastyle.io.atomic import is_unwritable
 from ultrastyle.models import zoo
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
-from ultrastyle.models.sources import check_stages, model_files
+from ultrastyle.models.sources import check_stages, model_files, model_folder
 from ultrastyle.options import OptionError
 from ultrastyle.runtime.backends.base import Runner, RunnerError, bundle_stages
 
@@ -44,9 +44,9 @@ def weights_digest(source: str | Path, stages: tuple[int, ...] | None = None) ->
     ``stages`` None: every stage the model has; one it lacks raises
     ``CheckpointError`` (`check_stages`).
     """
-    path = Path(source)
-    name = path.name if path.is_dir() else zoo.get_entry(str(source)).name
-    folder = path if path.is_dir() else zoo.model_dir(name)
+    path = model_folder(source)
+    name = path.name if path is not None else zoo.get_entry(str(source)).name
+    folder = path if path is not None else zoo.model_dir(name)
     stages = check_stages(source, stages)
     # Cached: zoo.ensure has just hashed these same files to check them.
     return name, {f: zoo.sha256_file_cached(folder / f) for f in model_files(source, stages)}
@@ -72,7 +72,7 @@ def ensure_bundle(
     if is_bundle(source):
         return read_bundle(source)
     stages = check_stages(source, stages)
-    if not Path(source).is_dir():
+    if model_folder(source) is None:
         zoo.ensure(str(source), progress=progress)
     found = _find_bundle(source, stages)
     if found is not None:
