@@ -42,3 +42,78 @@ def test_a_tiff_of_more_samples_than_an_image_has_is_refused_before_its_pixels_a
     monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))  # 4 GiB for a 4 MB file once
     with pytest.raises(ImageError, match=rf"many\.tif: a TIFF of {samples} samples per pixel; images of at most 4 samples"):
         read_image(p)
+
+
+def test_a_bundle_graph_keeping_its_weights_in_another_file_is_refused(cd16x_dir, tmp_path):
+    """The manifest's sha256 covers the graph file only: weights in an external data file changed unseen."""
+    import json
+
+    import onnx
+
+    from ultrastyle.export.bundle import BundleError, export_bundle, read_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.io.digest import sha256_file
+    from ultrastyle.models.pretrained import load_cd_folder
+
+    b = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(1,)))
+    graph = b.path / b.manifest["networks"]["encoder1"]["file"]
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="enc1.data", size_threshold=0)
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    manifest["networks"]["encoder1"]["sha256"] = sha256_file(graph)  # as a crafted bundle would record it
+    (b.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"encoder1\.onnx: tensor '.*' keeps its data in another file \(enc1\.data\)"):
+        read_bundle(b.path)
+
+
+@pytest.mark.parametrize("field", ["stage", "widths"])
+def test_a_manifest_with_crafted_fields_is_one_bundle_error_not_a_traceback(cd16x_dir, tmp_path, field):
+    import json
+
+    from ultrastyle.export.bundle import BundleError, export_bundle, read_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+
+    b = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(1,)))
+    manifest = json.loads((b.path / "manifest.json").read_text())
+    if field == "stage":
+        manifest["networks"]["encoder1"]["stage"] = [1]  # unhashable: a TypeError once
+        said = "the graph encoder1 has no stage number"
+    else:
+        manifest["architecture"]["widths"] = [1e400] * 5  # int(inf): an OverflowError once
+        said = "its 'architecture' record cannot be read"
+    (b.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=said):
+        read_bundle(b.path)
+
+
+def test_a_training_config_of_nested_yaml_aliases_is_refused_by_its_type_not_expanded(tmp_path):
+    """Billion laughs: 420 bytes of YAML aliases gave a 58 MB error line (and 1.2 GB of memory) through str() and repr()."""
+    from ultrastyle.distill.config import ConfigError, DistillConfig
+
+    lines = ["images: &top", "  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]  # 10^9 strings if expanded
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        DistillConfig.from_file(tmp_path / "laughs.yaml")
+    assert str(info.value).endswith("images: expected str, got a dict") and len(str(info.value)) < 300
+    (tmp_path / "long.yaml").write_text("steps: " + "x" * 10_000 + "\n")
+    with pytest.raises(ConfigError, match=r"steps: expected int, got 'x{70,}\.\.\.$"):
+        DistillConfig.from_file(tmp_path / "long.yaml")
+
+
+def test_only_the_documented_formats_stream_through_libvips(tmp_path):
+    """libvips renders SVG (fetching images it names), PDF, HEIF...: with --streaming always an SVG was stylized."""
+    pyvips = pytest.importorskip("pyvips", reason="streaming reads need pyvips (pip install 'ultrastyle[vips]')")
+    from ultrastyle.io.stream import open_stream, stream_blocker
+
+    svg = tmp_path / "x.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48"><rect width="64" height="48" fill="red"/></svg>')
+    try:
+        pyvips.Image.new_from_file(str(svg))
+    except pyvips.Error:
+        pytest.skip("this libvips has no SVG loader to refuse")
+    assert stream_blocker(svg) == "libvips reads it with svgload; JPEG, PNG, TIFF, WebP and GIF are streamed"
+    with pytest.raises(ImageError, match=r"x\.svg: not streamed: libvips reads it with svgload"):
+        open_stream(svg, max_pixels=10**8)
+    with pytest.raises(ImageError, match=r"x\.svg: not an image file PIL can read"):
+        read_image(svg)  # where a blocked file goes

@@ -203,7 +203,7 @@ def spec_from_dict(d: dict) -> ArchSpec:
             teacher_widths=tuple(int(w) for w in teacher) if teacher else None,  # type: ignore[arg-type]
             teacher_overrides={(int(k), str(conv)): int(w) for k, conv, w in d.get("teacher_overrides", [])},
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ArithmeticError) as exc:  # ArithmeticError: int(1e400) of a crafted file
         raise ValueError(f"not an architecture description ({type(exc).__name__}: {exc})") from None
 
 

@@ -293,6 +293,9 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
         if field.name not in REQUIRED and field.default is not dataclasses.MISSING:  # YAML's "device:" with nothing after it
             raise ConfigError(f"{field.name}: got nothing (null); leave it out for its default, {field.default}")
         raise ConfigError(f"{field.name}: required, got nothing")
+    if not isinstance(value, (str, int, float)):  # bool is an int; a YAML list or mapping is no setting's value
+        # named by its type: the text of a few hundred bytes of YAML aliases ("billion laughs") runs to gigabytes
+        raise ConfigError(f"{field.name}: expected {kind}, got a {'list' if isinstance(value, (list, tuple)) else type(value).__name__}")
     try:
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -308,7 +311,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
             return value
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field.name}: expected {kind}, got {value!r}") from None
+        shown = repr(value)
+        raise ConfigError(f"{field.name}: expected {kind}, got {shown if len(shown) <= 80 else shown[:77] + '...'}") from None
 
 
 def from_mapping(cls: type[C], values: Mapping[str, Any], base: C | None = None, source: str = "") -> C:

@@ -287,7 +287,34 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
                     f"{f}: sha256 {found} does not match the manifest's {n['sha256']}: "
                     f"the graph was modified or corrupted; {_export_again(path, again)}"
                 ), again)
+            refuse_external_data(f)
     return Bundle(path, manifest)
+
+
+def refuse_external_data(graph: Path) -> None:
+    """`BundleError` for a graph whose weights lie in another file (ONNX external data): the manifest's sha256 covers
+    the graph file alone, so those weights could change unseen. Exports never write external data."""
+    import onnx
+
+    def tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        yield from (s.values for s in g.sparse_initializer)
+        for node in g.node:
+            for a in node.attribute:
+                yield from ([a.t] if a.HasField("t") else [])
+                yield from a.tensors
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    yield from tensors(sub)
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX: the runtime that opens it says so, as before
+        return
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in t.external_data if e.key == "location"), "?")
+            raise BundleError(f"{graph}: tensor {t.name!r} keeps its data in another file ({where}), which the bundle's sha256 "
+                              "does not cover; export the model again (exports keep every weight in the graph)")  # fmt: skip
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:
@@ -309,7 +336,9 @@ def _check_manifest(path: Path, manifest: dict) -> None:
     stages = manifest.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(k, int) and 1 <= k <= 5 for k in stages):
         raise bad(f"expected 'stages' to list stages 1..5, found {stages!r}")
-    have = {n.get("stage") for n in networks.values() if isinstance(n, dict)}
+    if bad_stage := [name for name, n in networks.items() if not isinstance(n, dict) or not isinstance(n.get("stage"), int)]:
+        raise bad(f"the graph {bad_stage[0]} has no stage number")
+    have = {n["stage"] for n in networks.values()}
     if lacking := sorted(set(stages) - have):
         raise bad(f"'stages' lists {lacking}, which no graph is of")
     if "calibration" in manifest and not isinstance(manifest["calibration"], dict):

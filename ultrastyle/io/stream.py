@@ -199,6 +199,8 @@ def stream_blocker(path: str | Path) -> str | None:
 
     try:
         image = pyvips.Image.new_from_file(str(path))  # the header only
+        if (why := _unstreamed_loader(image)) is not None:
+            return why
         fields = set(image.get_fields())
         if "orientation" in fields and image.get("orientation") not in (0, 1):
             return "its EXIF orientation turns it, which needs every row first"
@@ -210,6 +212,16 @@ def stream_blocker(path: str | Path) -> str | None:
     except (pyvips.Error, ValueError) as exc:
         return f"libvips cannot stream it ({_first_line(exc)})"
     return None
+
+
+STREAMED_FORMATS = ("jpeg", "png", "tiff", "webp", "gif")  # libvips loaders "{format}load": formats a whole read takes too
+
+
+def _unstreamed_loader(image: object) -> str | None:
+    """Why libvips' loader for ``image`` is not one to stream through: libvips also renders SVG (fetching files it
+    names), PDF, HEIF and more, which no whole read takes: untrusted files stay with the documented decoders."""
+    loader = str(image.get("vips-loader"))  # type: ignore[attr-defined]
+    return None if loader.split("load")[0] in STREAMED_FORMATS else f"libvips reads it with {loader}; JPEG, PNG, TIFF, WebP and GIF are streamed"
 
 
 def _tiff_compression(path: Path) -> int | str:
@@ -238,6 +250,8 @@ def open_stream(path: str | Path, *, max_pixels: int, content_size: int = 0) -> 
         image = pyvips.Image.new_from_file(str(path), access="sequential", fail_on="truncated")
     except pyvips.Error as exc:
         raise ImageError(f"{path}: not an image file libvips can read ({_first_line(exc)})") from None
+    if (why := _unstreamed_loader(image)) is not None:
+        raise ImageError(f"{path}: not streamed: {why}")
     check_pixels(path, image.width, image.height, max_pixels)
     loader = image.get("vips-loader")
     if loader.startswith("png"):
