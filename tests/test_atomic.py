@@ -309,3 +309,33 @@ def test_a_folder_that_cannot_be_swapped_in_is_named_and_leaves_nothing_behind(t
         with atomic.atomic_dir(path, fsync=False) as tmp:
             (tmp / "new.json").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] and (path / "old.json").read_text() == "kept"  # no temp names left
+
+
+def test_where_pids_cannot_be_asked_about_this_machines_temps_go_by_age(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows: is_alive says every pid lives (os.kill(pid, 0) would end it), so a killed run's temps stayed forever."""
+    monkeypatch.setattr(atomic, "PIDS_CHECKABLE", False)
+    monkeypatch.setattr(atomic, "is_alive", lambda pid: pytest.fail("asked about a pid"))
+    dead = _dead_pid()
+    fresh, old = (tmp_path / f".{n}.png.{dead}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}" for n in "ab")
+    for p in (fresh, old):
+        p.write_bytes(b"x")
+    stale = time.time() - atomic.FOREIGN_STALE_SECONDS - 60
+    os.utime(old, (stale, stale))
+    assert sweep_stale(tmp_path) == [old] and _names(tmp_path) == [fresh.name]
+
+
+def test_files_are_flushed_through_a_descriptor_windows_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows' fsync needs write access: every atomic write (the first-use export, TIFF outputs) failed with EBADF."""
+    import fcntl
+
+    def windows_fsync(fd: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic.os, "fsync", windows_fsync)
+    monkeypatch.setattr(atomic, "FSYNC_OPEN_FLAGS", os.O_RDWR)  # as set where os.name == "nt"
+    with atomic_path(tmp_path / "out.tif") as tmp:
+        tmp.write_bytes(b"image")
+    with atomic_dir(tmp_path / "bundle") as d:
+        (d / "g.onnx").write_bytes(b"graph")
+    assert (tmp_path / "out.tif").read_bytes() == b"image" and (tmp_path / "bundle" / "g.onnx").read_bytes() == b"graph"

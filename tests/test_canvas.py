@@ -18,9 +18,13 @@ REGIONS = [
 ]
 
 
+@pytest.mark.parametrize("positioned", [True, False], ids=["pread", "seek"])  # seek: Windows, which has no os.pread/pwrite
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(3, 37, 53), (7, 40, 53)])
-def test_disk_canvas_equals_ram_canvas(tmp_path, shape, channels_last, monkeypatch):
+def test_disk_canvas_equals_ram_canvas(tmp_path, shape, channels_last, monkeypatch, positioned):
+    if not positioned:
+        for name in ("preadv", "pread", "pwrite"):
+            monkeypatch.delattr("ultrastyle.core.canvas.os." + name, raising=False)
     if channels_last:  # chunks of a few rows, so that runs span several chunks
         monkeypatch.setattr("ultrastyle.core.canvas._HWC_CHUNK_BYTES", 3 * shape[0] * 4 * shape[2])
     rng = np.random.default_rng(0)

@@ -261,8 +261,13 @@ def test_a_killed_dzi_write_leaves_nothing_after_the_rerun(inputs: Path, cd16x_d
     assert sorted(p.name for p in out.iterdir()) == ["c_stylized_style.dzi", "c_stylized_style.html", "c_stylized_style_files"]
 
 
-def test_tiff_pyramid_band_by_band_equals_tifffile_writing_whole_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("positioned", [True, False], ids=["pread", "seek"])  # seek: Windows, which has no os.pread/pwrite
+def test_tiff_pyramid_band_by_band_equals_tifffile_writing_whole_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        positioned: bool) -> None:  # fmt: skip
     """Byte for byte: the streamed writer (bands, reduced levels spilled to scratch) vs tifffile given each whole level."""
+    if not positioned:
+        for name in ("preadv", "pread", "pwrite"):
+            monkeypatch.delattr("ultrastyle.core.canvas.os." + name, raising=False)
     a = _noise(601, 1031)
     monkeypatch.setattr(pyramid, "_SPILL_BYTES", 1000)  # every reduced level through the scratch file
     streamed = write_tiff_pyramid(canvas_from_array(a), tmp_path / "s.tif")

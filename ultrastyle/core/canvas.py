@@ -72,10 +72,10 @@ class Canvas:
         elif disk_dir is None:
             self._ram = np.zeros(self.shape, np.float32)
         else:
-            # Unlinked at once: the space comes back even if the process is killed.
-            fd, name = tempfile.mkstemp(prefix="ultrastyle-canvas-", suffix=".f32", dir=disk_dir)
-            os.unlink(name)
-            self._file = os.fdopen(fd, "w+b")
+            # Nameless from the start (POSIX: unlinked at once; Windows: deleted on close, as an open file cannot be
+            # removed there): the space comes back even if the process is killed.
+            self._file = tempfile.TemporaryFile("w+b", prefix="ultrastyle-canvas-", suffix=".f32", dir=disk_dir)
+            fd = self._file.fileno()
             try:
                 # Reserve the blocks now: a sparse file that meets a full disk
                 # later would kill the process with SIGBUS mid-image.
@@ -290,16 +290,38 @@ def _check_block(shape: tuple[int, int, int], row: int, col: int, block: np.ndar
         raise ValueError(f"block {block.shape} at ({row}, {col}) does not fit a canvas {shape}")
 
 
+# Windows has no positioned reads or writes (os.pread, os.pwrite): a seek and a read or write, one file at a time.
+_SEEK_LOCK = threading.Lock()
+
+
+def read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Read into the byte ``view`` from ``offset`` of ``fd`` without moving a position other threads use; bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    if hasattr(os, "pread"):  # macOS before preadv
+        data = os.pread(fd, view.nbytes, offset)
+    else:
+        with _SEEK_LOCK:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, view.nbytes)
+    view[: len(data)] = data
+    return len(data)
+
+
+def write_at(fd: int, view: memoryview | bytes, offset: int) -> int:
+    """Write ``view`` at ``offset`` of ``fd`` (as `read_at` reads); bytes written."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, view, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, view)
+
+
 def _read_exact(fd: int, buf: np.ndarray, offset: int) -> None:
     """Fill the contiguous array ``buf`` from ``offset``; a short read is an error (the file is preallocated)."""
     view = memoryview(buf).cast("B")
     while view.nbytes:
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view], offset)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, view.nbytes, offset)
-            n = len(data)
-            view[:n] = data
+        n = read_at(fd, view, offset)
         if n <= 0:
             raise OSError(f"scratch canvas: read {n} bytes at offset {offset}, expected {view.nbytes}")
         view, offset = view[n:], offset + n
@@ -351,7 +373,7 @@ def _file_scatter_hwc(fd: int, shape: tuple[int, int, int], row: int, col: int, 
 def _write_all(fd: int, buf: np.ndarray, offset: int) -> None:
     view = memoryview(buf).cast("B")
     while view.nbytes:
-        n = os.pwrite(fd, view, offset)
+        n = write_at(fd, view, offset)
         view, offset = view[n:], offset + n
 
 

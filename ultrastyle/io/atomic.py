@@ -84,8 +84,13 @@ def writer_pid(path: str | Path) -> int | None:
     return int(m["pid"]) if m else None
 
 
+# Windows' fsync (FlushFileBuffers) needs a handle open for writing ("Bad file descriptor" on a read-only one); POSIX
+# takes any descriptor.
+FSYNC_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0) if os.name == "nt" else os.O_RDONLY
+
+
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, FSYNC_OPEN_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -241,6 +246,11 @@ def is_unwritable(exc: OSError) -> bool:
     return isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+# Whether a pid can be asked about here: not on Windows (os.kill(pid, 0) would end the process), where this machine's temp
+# files are judged by age, as another machine's are.
+PIDS_CHECKABLE = os.name != "nt"
+
+
 def is_alive(pid: int) -> bool:
     """Whether process ``pid`` may be alive on this machine (undecidable counts as alive: its files are kept)."""
     if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
@@ -260,7 +270,7 @@ def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> boo
         return False
     if m["host"] is not None and (m["host"], int(m["pid"])) in dead:
         return True
-    if m["host"] in (None, HOST_TAG):
+    if m["host"] in (None, HOST_TAG) and PIDS_CHECKABLE:
         return not is_alive(int(m["pid"]))
     try:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_STALE_SECONDS
@@ -273,7 +283,8 @@ def sweep_stale(folder: str | Path, *, dead: Collection[tuple[str, int]] = ()) -
 
     Only names of the exact pattern ``.{name}.{pid}@{host}.{token}.ultrastyle-partial``
     are considered. One of this machine whose pid is a live process is kept;
-    one of another machine (or container) is kept until untouched for
+    one of another machine (or container), or of this one where pids cannot be asked
+    about (Windows), is kept until untouched for
     :data:`FOREIGN_STALE_SECONDS`, unless ``dead`` lists its (host, pid): a
     writer the caller killed (a Ray worker on another node). Missing
     ``folder`` or unremovable entries are ignored. Returns what was removed.

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultrastyle.core.canvas import Canvas, sample_peak
+from ultrastyle.core.canvas import Canvas, read_at, sample_peak, write_at
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
@@ -572,7 +572,11 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
 
 
 def _sync_filesystem(folder: Path) -> None:
-    """Flush the filesystem holding ``folder`` (Linux syncfs; elsewhere everything): thousands of tiles, one call."""
+    """Flush the filesystem holding ``folder`` (Linux syncfs; elsewhere everything): thousands of tiles, one call.
+
+    Not on Windows, which opens no folder this way and has no os.sync: its tiles are not flushed before the rename."""
+    if os.name == "nt" or not hasattr(os, "sync"):
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -614,15 +618,24 @@ class _Spill:
             self._ram[self.filled : self.filled + rows.shape[0]] = rows
         else:
             assert self._file is not None
-            os.pwrite(self._file.fileno(), np.ascontiguousarray(rows, self.dtype).tobytes(), self.filled * self.row_bytes)
+            data, offset = memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B"), self.filled * self.row_bytes
+            while data.nbytes:
+                n = write_at(self._file.fileno(), data, offset)
+                data, offset = data[n:], offset + n
         self.filled += rows.shape[0]
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         if self._ram is not None:
             return self._ram[r0:r1]
         assert self._file is not None
-        data = os.pread(self._file.fileno(), (r1 - r0) * self.row_bytes, r0 * self.row_bytes)
-        return np.frombuffer(data, self.dtype).reshape(r1 - r0, self.shape[1], 3)
+        out = np.empty((r1 - r0, self.shape[1], 3), self.dtype)
+        view, offset = memoryview(out).cast("B"), r0 * self.row_bytes
+        while view.nbytes:
+            n = read_at(self._file.fileno(), view, offset)
+            if n <= 0:
+                raise OSError(f"level scratch file: read {n} bytes at offset {offset}, expected {view.nbytes}")
+            view, offset = view[n:], offset + n
+        return out
 
     def close(self) -> None:
         if self._file is not None:
