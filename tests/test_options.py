@@ -335,3 +335,17 @@ def test_the_fix_a_message_gives_is_a_value_that_works():
         ultrastyle.options.thread_count("threads", 10**6)
     with pytest.raises(ConfigError, match=r"crop: expected a whole number of pixels, a multiple of 16 at stage 5, >= 32, got -8; give 32"):
         DistillConfig(stage=5, out="o", images="i", teacher="cd-wct-16x", crop=-8).check(True)
+
+
+def test_the_cpus_a_job_may_use_are_its_affinitys_not_the_nodes(monkeypatch):
+    """A 4-core job on a 128-core node got 8 reader threads and a thread limit sized by 128 cores."""
+    import os
+
+    from ultrastyle import options
+    from ultrastyle.runtime.batch import default_io_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert options.usable_cpus() <= 4 and default_io_workers() <= 2
+    with pytest.raises(options.OptionError, match=r"cores here\)"):
+        options.thread_count("threads", options.MAX_THREADS_PER_CORE * 4 + 1)

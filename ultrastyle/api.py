@@ -117,8 +117,8 @@ def make_options(
         raise OptionError("depth", f"expected 8 or 16 (bits per sample), got {depth!r}; give 8, or 16 for png or tiff")
     depth = int(depth)
     io_workers = check.count("io_workers", io_workers, what="reader and encoder threads")
-    if io_workers > check.MAX_THREADS_PER_CORE * (os.cpu_count() or 1):
-        raise OptionError("io_workers", f"expected at most {check.MAX_THREADS_PER_CORE} per core ({os.cpu_count()} cores here), "
+    if io_workers > check.MAX_THREADS_PER_CORE * check.usable_cpus():
+        raise OptionError("io_workers", f"expected at most {check.MAX_THREADS_PER_CORE} per core ({check.usable_cpus()} cores here), "
                                         f"got {io_workers}; 0 picks half the cores")  # fmt: skip
     preserve_color = check.choice("preserve_color", preserve_color, COLOR_MODES)
     fmt = check.format_choice("format", format, OUTPUT_FORMATS)

@@ -74,10 +74,27 @@ def number(option: str, value: object, *, least: float | None = None, above: flo
     return float(value)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity (a SLURM job's or ``taskset``'s cores), within a cgroup v2 ``cpu.max``
+    quota (a container's CPU limit), else the machine's count. A 4-core job on a 128-core node is 4, not 128."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/self/cgroup") as f:
+            group = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        if group is not None:
+            with open(os.path.join("/sys/fs/cgroup", group.lstrip("/"), "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def thread_count(option: str, value: object) -> int:
     """``threads``: 0 (one per core, or the library's default) or a number of threads, at most `MAX_THREADS_PER_CORE` per core."""
     n = count(option, value, what="threads (0: the library's default)")
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     if n > MAX_THREADS_PER_CORE * cores:
         raise OptionError(option, f"{n} threads are more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); give at most "
                                   f"{MAX_THREADS_PER_CORE * cores}, or 0 for the default")  # fmt: skip

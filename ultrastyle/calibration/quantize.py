@@ -307,7 +307,7 @@ def _calibrate(bundle: Bundle, images: str | Path | Sequence[Path], settings: Ca
              "on its long one (image_size), and every tile has one size")  # fmt: skip
     arch = bundle.arch
     defaults = model_defaults(bundle.path)  # an AdaIN bundle's decoders see AdaIN maps at its alpha, not WCT's
-    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    manifest = json.loads((bundle.path / MANIFEST).read_text(encoding="utf-8"))
     _check_consistent(bundle, manifest, stages, settings)
     earlier = [manifest["networks"][f"{kind}{k}"].get("int8") for k in stages for kind in QUANTIZED_KINDS]
     if warn and (again := sorted({k for k in stages for kind in QUANTIZED_KINDS if manifest["networks"][f"{kind}{k}"].get("int8")})):

@@ -75,6 +75,6 @@ def record_adain_stage(folder: str | Path, stage: int) -> Path:
     folder must stylize with adain by default, as a published AdaIN model does.
     """
     path = Path(folder) / ARCH_FILE
-    saved = json.loads(path.read_text()).get(DEFAULTS_KEY) if path.is_file() else None
+    saved = json.loads(path.read_text(encoding="utf-8")).get(DEFAULTS_KEY) if path.is_file() else None
     levels = {stage} | (set(saved.get("levels", [])) if saved and saved.get("method") == "adain" else set())
     return write_folder_defaults(folder, ModelDefaults("adain", tuple(sorted(levels, reverse=True)), 1.0))

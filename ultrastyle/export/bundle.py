@@ -185,7 +185,7 @@ def _export(model: StyleModel, out_dir: Path, spec: ExportSpec, source_weights: 
             "networks": networks,
             "validation": report,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return Bundle(out_dir, manifest)
 
 
@@ -257,7 +257,7 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         why = "no such folder" if not path.exists() else f"not a bundle (no {MANIFEST})"
         raise remedied(BundleError(f"{path}: {why}; create one with {fix.python()}"), fix)
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         again = Remedy("export_model", (Placeholder("MODEL"), str(path)), (("force", True),) if derived_work(path) else ())
         raise remedied(BundleError(f"{mf}: unreadable manifest ({exc}); {_export_again(path, again)}"), again) from exc
@@ -416,7 +416,7 @@ DESKTOP_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 def _manifest_format(path: Path) -> str | None:
     """The ``format`` a folder's manifest declares; None without a readable JSON manifest (another program's folder, say)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None

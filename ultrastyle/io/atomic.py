@@ -234,10 +234,11 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
 
 
 def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> Path:
-    """Write ``data`` (bytes, or str as utf-8) to ``path`` atomically; returns ``path``."""
+    """Write ``data`` (bytes, or str as utf-8, its line endings as given on every platform) to ``path`` atomically;
+    returns ``path``. (Text mode turned a CSV's ``\r\n`` into ``\r\r\n`` on Windows.)"""
     path = Path(path)
-    with atomic_write(path, "w" if isinstance(data, str) else "wb", fsync=fsync) as f:
-        f.write(data)
+    with atomic_write(path, "wb", fsync=fsync) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
     return path
 
 

@@ -551,8 +551,8 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
         # (a failed rename after the old .dzi is gone leaves it incomplete, which skip_existing reruns).
         with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
                 atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
-            dzi_tmp.write_text(dzi_xml(h, w, fmt))
-            html_tmp.write_text(viewer_html(name, h, w, fmt, path.name))
+            dzi_tmp.write_text(dzi_xml(h, w, fmt), encoding="utf-8")
+            html_tmp.write_text(viewer_html(name, h, w, fmt, path.name), encoding="utf-8")
             chain: _Level | None = None
             tilers = []
             for level, (lh, lw) in enumerate(sizes):  # 1 x 1 first: each level feeds the one before it

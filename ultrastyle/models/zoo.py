@@ -229,7 +229,7 @@ def cached_bundles(name: str) -> list[Path]:
         if not pattern.fullmatch(p.name) or not p.is_dir():
             continue
         try:
-            weights = json.loads((p / "manifest.json").read_text()).get("source_weights")
+            weights = json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("source_weights")
         except (OSError, ValueError, AttributeError):
             continue  # unreadable: not known to be this model's
         if isinstance(weights, dict) and weights and all(v in known.get(k, ()) for k, v in weights.items()):

@@ -709,13 +709,13 @@ def _save_state(folder: Path, fingerprint: str, scale: int, solver: Solver) -> N
     with atomic_dir(folder) as tmp:
         (tmp / "solver").mkdir()
         solver.save(tmp / "solver")
-        (tmp / "state.json").write_text(json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint, "scale": scale}))
+        (tmp / "state.json").write_text(json.dumps({"version": STATE_VERSION, "fingerprint": fingerprint, "scale": scale}), encoding="utf-8")
 
 
 def _read_state(folder: Path, fingerprint: str | None) -> dict | None:
     """The saved state's header when it matches this run (``fingerprint`` None: any readable one), else None (a run starts over)."""
     try:
-        meta = json.loads((folder / "state.json").read_text())
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or (fingerprint is not None and (meta.get("version") != STATE_VERSION or meta.get("fingerprint") != fingerprint)):

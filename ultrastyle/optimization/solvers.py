@@ -77,11 +77,11 @@ class Solver:
         for name, canvas in self._vectors().items():
             vec.save(canvas, folder / f"{name}.npy")
         meta = {"solver": self.name, "iterations": self.iterations, "value": _value_dict(self.value), **self._scalars()}
-        (folder / "solver.json").write_text(json.dumps(meta))
+        (folder / "solver.json").write_text(json.dumps(meta), encoding="utf-8")
 
     def load(self, folder: Path) -> None:
         """Restore what `save` wrote; ValueError when it is another solver's state."""
-        meta = json.loads((folder / "solver.json").read_text())
+        meta = json.loads((folder / "solver.json").read_text(encoding="utf-8"))
         if meta.get("solver") != self.name:
             raise ValueError(f"{folder}: holds {meta.get('solver')!r} state, not {self.name!r}")
         vec.load(folder / "x.npy", self.x)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -138,7 +137,7 @@ class StylizeOptions:
 
 def default_io_workers() -> int:
     """Half the cores for decoding (and as many for encoding), 1 to 8: the rest compute."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(8, check.usable_cpus() // 2))
 
 
 class UnusedStyleWarning(UserWarning):

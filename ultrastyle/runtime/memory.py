@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+from pathlib import Path
 
 
 @functools.cache
@@ -223,11 +224,50 @@ def release_free_memory() -> None:
 
 
 def resident_bytes() -> int | None:
-    """The process's resident set (Linux /proc); None where unknown."""
+    """The process's resident set (Linux /proc; Windows: its working set); None where unknown (macOS)."""
+    if os.name == "nt":
+        counters = _windows_memory_counters()
+        return None if counters is None else int(counters.WorkingSetSize)
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_resident_bytes() -> int | None:
+    """The process's peak resident set so far: getrusage's ``ru_maxrss`` (KiB on Linux, bytes on macOS), Windows' peak
+    working set; None where unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        counters = _windows_memory_counters()
+        return None if counters is None else int(counters.PeakWorkingSetSize)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _windows_memory_counters():  # noqa: ANN202 - a ctypes structure, Windows only
+    """PROCESS_MEMORY_COUNTERS of this process (psapi GetProcessMemoryInfo), None where it cannot be read."""
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+            (name, ctypes.c_size_t) for name in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                                                 "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")
+        ]  # fmt: skip
+
+    try:
+        kernel32, psapi = ctypes.WinDLL("kernel32"), ctypes.WinDLL("psapi")  # type: ignore[attr-defined]
+        kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+        psapi.GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
+        counters = Counters()
+        counters.cb = ctypes.sizeof(Counters)
+        if not psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            return None
+        return counters
+    except (OSError, AttributeError):
         return None
 
 
@@ -243,27 +283,93 @@ def disk_free(folder: str | os.PathLike | None = None) -> int | None:
 
 
 def available_bytes() -> int:
-    """RAM available to new allocations now: /proc/meminfo's MemAvailable (Linux), else free physical pages; 0 if unknown."""
+    """RAM available to new allocations now: /proc/meminfo's MemAvailable (Linux), else free physical pages; 0 if unknown.
+
+    Within a memory cgroup's limit (a container's, a SLURM or Kubernetes job's: `cgroup_room`), whatever the node has.
+    """
+    found = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if not found:
+        try:
+            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            found = 0
+    room = cgroup_room()
+    return found if room is None or not found else min(found, room)
+
+
+CGROUP_FILE, CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"
+_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def cgroup_room() -> int | None:
+    """Bytes this process's memory cgroups let it add now: each enclosing group's limit less its use (its reclaimable
+    inactive page cache not counted as used), the least of them; None without a limit, or off Linux.
+
+    cgroup v2 (``memory.max``, ``memory.current``) and v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``). A job
+    on a large node was planned by the node's free memory, and its scratch canvases in RAM were killed by its own limit.
+    """
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return 0
+        with open(CGROUP_FILE) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            base, names = Path(CGROUP_ROOT), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in parts[1].split(","):
+            base, names = Path(CGROUP_ROOT) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        group = base / parts[2].lstrip("/")
+        for d in [group, *group.parents]:
+            limit, used = _cgroup_number(d / names[0]), _cgroup_number(d / names[1])
+            if limit is not None and used is not None and limit < _UNLIMITED:
+                rooms.append(max(0, limit - max(0, used - _cgroup_stat(d / "memory.stat", names[2]))))
+            if d == base:
+                break
+    return min(rooms) if rooms else None
+
+
+def _cgroup_number(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 _BASELINE_SCRIPT = """
-import resource, sys, numpy as np
+import sys, numpy as np
 import ultrastyle
+from ultrastyle.runtime.memory import peak_resident_bytes
 rng = np.random.default_rng(0)
 with ultrastyle.load(sys.argv[1], backend=sys.argv[2], device=sys.argv[3]) as st:
     st.stylize((rng.random((8, 8, 3)) * 255).astype(np.uint8), (rng.random((16, 16, 3)) * 255).astype(np.uint8))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+peak = peak_resident_bytes()
+sys.exit("this platform reports no peak memory") if peak is None else print(peak)
 """
 
 

@@ -147,7 +147,7 @@ def read_manifest(folder: str | Path) -> EngineManifest | None:
     if not path.is_file():
         return None
     try:
-        return EngineManifest.from_json(json.loads(path.read_text()))
+        return EngineManifest.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         fix = Remedy("build_tensorrt", (str(Path(folder).parents[1]),))
         raise remedied(ValueError(f"{path}: unreadable engine manifest ({exc}); rebuild with {fix.python()}"), fix) from exc

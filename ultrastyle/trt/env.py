@@ -54,7 +54,8 @@ class GpuInfo:
         return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
 
 
-def _libcuda():
+def libcuda() -> ctypes.CDLL | None:
+    """The CUDA driver library (Linux libcuda.so.1, Windows nvcuda.dll), None without one."""
     try:
         return ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -66,7 +67,7 @@ def _libcuda():
 
 def probe_gpus() -> list[GpuInfo]:
     """Every CUDA device the driver shows; empty without a driver or a device (never raises)."""
-    cuda = _libcuda()
+    cuda = libcuda()
     if cuda is None:
         return []
     try:

@@ -72,9 +72,10 @@ def providers_for(device: str) -> list[str]:
 def _cuda_device_present() -> bool:
     import ctypes
 
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    from ultrastyle.trt.env import libcuda  # Windows' nvcuda.dll too
+
+    cuda = libcuda()
+    if cuda is None:
         return False
     count = ctypes.c_int(0)
     return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
