@@ -338,3 +338,19 @@ def test_an_in_memory_content_is_resized_band_by_band_where_its_whole_resize_wou
         d = np.abs(c1.read(slice(None), slice(None)) - c2.read(slice(None), slice(None)))
     assert d.max() <= 1e-5, d.max()  # the same filter, by bands
     assert not reading.read_plan(src, StylizeOptions(content_size=0, io_memory=1 << 20))[0]  # no resize: nothing to stream
+
+
+def test_outputs_differing_only_in_case_collide_where_the_disk_ignores_case(tmp_path, monkeypatch):
+    """macOS and Windows: Photo.jpg and photo.png wrote one file, the summary said 2 done (and --skip-existing skipped one)."""
+    import ultrastyle.runtime.pairs as pairs_module
+    from ultrastyle.io.paths import ignores_case
+    from ultrastyle.runtime.pairs import OutputCollisionError
+
+    for name in ("Photo.jpg", "photo.png", "style.png"):
+        (tmp_path / name).write_bytes(b"x")
+    contents, style = [tmp_path / "Photo.jpg", tmp_path / "photo.png"], [StyleSpec((tmp_path / "style.png",))]
+    assert ignores_case(tmp_path) is False  # this machine's disk tells the names apart: both outputs are made
+    assert len(plan_pairs(contents, style, tmp_path / "out", "png")) == 2
+    monkeypatch.setattr(pairs_module, "ignores_case", lambda folder: True)
+    with pytest.raises(OutputCollisionError, match=r"would both write .*photo_stylized_style\.png \(and Photo_stylized_style\.png: one file"):
+        plan_pairs(contents, style, tmp_path / "out", "png")

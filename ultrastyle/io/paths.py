@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 from ultrastyle.io.constants import IMAGE_SUFFIXES
@@ -61,3 +64,22 @@ def file_signature(path: os.PathLike | str | None) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=64)
+def ignores_case(folder: str | os.PathLike) -> bool:
+    """Whether file names in ``folder`` (or its nearest existing parent) ignore case, as macOS's and Windows' disks do:
+    there ``Photo_x.png`` and ``photo_x.png`` are one file. Found by making a file and asking for its upper-case name."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ultrastyle-case-", dir=p)
+    except OSError:  # not writable here: the platform's usual disks
+        return os.name == "nt" or sys.platform == "darwin"
+    os.close(fd)
+    try:
+        return os.path.exists(os.path.join(p, os.path.basename(name).upper()))
+    finally:
+        os.unlink(name)
+

@@ -22,7 +22,7 @@ from ultrastyle import options as check
 from ultrastyle.io.atomic import sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError, as_role, check_pixels
-from ultrastyle.io.paths import expand_inputs
+from ultrastyle.io.paths import expand_inputs, ignores_case
 from ultrastyle.io.sources import image_header, resized_header
 from ultrastyle.models.defaults import DEFAULT_MODEL
 from ultrastyle.optimization.run import (
@@ -100,13 +100,15 @@ def plan_outputs(contents: str | os.PathLike | Sequence[str | os.PathLike], styl
     # Earlier outputs in the contents' folder are not contents (a rerun into that folder, --skip-existing after Ctrl-C), in
     # any format: a rerun in another would optimize them.
     pairs = [Pair(f, spec, out_of(f)) for f in files if f.resolve() not in planned or out_of(f).resolve() == f.resolve()]
+    # Photo_x.png and photo_x.png: one file where the disk ignores case (macOS, Windows)
+    fold = (lambda q: Path(str(q).casefold())) if ignores_case(output.parent if as_file else output) else (lambda q: q)
     seen: dict[Path, Path] = {}
     for p in pairs:
         assert p.output is not None
-        target = p.output.resolve()
+        target = fold(p.output.resolve())
         if (long := too_long_name(p.output)) is not None:
             raise OptionError("output", f"{p.content} would be written to {long}; give the content a shorter name")
-        if target in (p.content.resolve(), style.resolve()):
+        if target in (fold(p.content.resolve()), fold(style.resolve())):
             raise OptionError("output", f"{p.output} is one of the inputs; writing it would replace that image: give another output")
         if target in seen:
             raise OptionError("contents", f"{seen[target]} and {p.content} would both write {p.output}; rename one of them, or "

@@ -15,6 +15,7 @@ import numpy as np
 from ultrastyle.core.styles import mix_weights
 from ultrastyle.errors import Remedies, Setting, remedied, warn
 from ultrastyle.io.constants import OUTPUT_FORMATS
+from ultrastyle.io.paths import ignores_case
 from ultrastyle.io.sources import Source
 
 
@@ -183,24 +184,27 @@ def plan_pairs(contents: Sequence[Source], styles: Sequence[Source | StyleSpec],
         warn(f"{len(left)} of the contents are outputs of this batch (an earlier run's, in the output folder), left "
                       f"out: {', '.join(map(str, left[:3]))}{', ...' if len(left) > 3 else ''}", OutputsAsContentsWarning)  # fmt: skip
     pairs = [Pair(c, s, outdir / output_name(c, s, fmt)) for c in kept for s in specs]
-    inputs = {p.resolve(): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
-    seen: dict[Path, Pair] = {}
+    # One file, two names: where the disk ignores case (macOS, Windows), Photo_x.png and photo_x.png collide.
+    key = (lambda path: str(path).casefold()) if ignores_case(outdir) else (lambda path: str(path))
+    inputs = {key(p.resolve()): p for spec in specs for p in (*spec.paths, spec.mask) if isinstance(p, Path)}
+    seen: dict[str, Pair] = {}
     for p in pairs:
         assert p.output is not None
         if (long := too_long_name(p.output)) is not None:
             raise OutputCollisionError(f"{p.content} + {p.style} would write {long}; give the content or style a shorter name")
-        if (replaced := inputs.get(where / p.output.name)) is not None:
+        if (replaced := inputs.get(key(where / p.output.name))) is not None:
             raise remedied(OutputCollisionError(
                 f"{p.content} + {p.style} would write {p.output}, which is {replaced}, an input of this batch; write the "
                 "outputs into another folder (output_dir)"
             ), Setting("output_dir"))
-        if p.output in seen:
-            q = seen[p.output]
+        if key(p.output) in seen:
+            q = seen[key(p.output)]
+            same = "" if q.output == p.output else f" (and {q.output.name}: one file on this disk, which ignores case)"
             raise remedied(OutputCollisionError(
-                f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}; "
+                f"{q.content} + {q.style} and {p.content} + {p.style} would both write {p.output}{same}; "
                 "rename one of the files or write them into different output folders (output_dir)"
             ), Setting("output_dir"))
-        seen[p.output] = p
+        seen[key(p.output)] = p
     return pairs
 
 
