@@ -167,19 +167,19 @@ def test_disk_canvas_via_scratch_leaves_no_files(inputs, cd16x_dir, tmp_path, mo
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    made: list[str] = []
-    real_mkstemp = canvas_mod.tempfile.mkstemp
+    made: list[Path] = []
+    real = canvas_mod.tempfile.TemporaryFile
 
     def spy(*a, **kw):
-        fd, name = real_mkstemp(*a, **kw)
-        made.append(name)
-        return fd, name
+        if str(kw.get("prefix", "")).startswith("ultrastyle-canvas-"):
+            made.append(Path(kw["dir"]))
+        return real(*a, **kw)
 
-    monkeypatch.setattr(canvas_mod.tempfile, "mkstemp", spy)
+    monkeypatch.setattr(canvas_mod.tempfile, "TemporaryFile", spy)
     r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "a", "--max-memory", "3MB",
               "--tile", "32", "--scratch", scratch], cd16x_dir)  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert made and all(Path(n).parent == scratch for n in made)  # the canvases really were on disk
+    assert made and all(d == scratch for d in made)  # the canvases really were on disk
     assert list(scratch.iterdir()) == []
     r = _run([inputs["content"], "--style", inputs["style"], "-o", tmp_path / "b", "--no-tile"], cd16x_dir)
     a = np.asarray(Image.open(tmp_path / "a/content_stylized_style.png"), np.int16)

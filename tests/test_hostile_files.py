@@ -117,3 +117,27 @@ def test_only_the_documented_formats_stream_through_libvips(tmp_path):
         open_stream(svg, max_pixels=10**8)
     with pytest.raises(ImageError, match=r"x\.svg: not an image file PIL can read"):
         read_image(svg)  # where a blocked file goes
+
+
+def test_a_tiff_pillow_reads_keeps_being_read_whatever_its_extra_samples_and_orientation(tmp_path):
+    """The samples check refused a turned RGB TIFF with extra samples, which Pillow reads (and did before)."""
+    import tifffile
+
+    a = (np.random.default_rng(0).random((16, 24, 5)) * 255).astype(np.uint8)
+    p = tmp_path / "extra.tif"
+    tifffile.imwrite(p, a, photometric="rgb", extrasamples=(0, 0), metadata=None, extratags=[(274, "H", 1, 6, True)])
+    got = read_image(p)
+    assert got.shape == (24, 16, 3)  # turned by its orientation tag (6: a quarter turn clockwise)
+
+
+def test_a_yaml_alias_bomb_in_the_stage_key_is_refused_by_type(tmp_path):
+    from typer.testing import CliRunner
+
+    from ultrastyle.cli.main import app
+
+    lines = ["stage: &top", "  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (tmp_path / "stages.yaml").write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(app, ["distill", "-c", str(tmp_path / "stages.yaml"), "-t", "cd-wct-16x", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "stage: expected stage numbers 1..5, got a list holding a list" in " ".join(r.output.split())
+    assert len(r.output) < 1000

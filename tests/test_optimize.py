@@ -817,3 +817,18 @@ def test_an_optimizer_run_holds_ieee_fp32_on_its_device(optimizer, monkeypatch):
     monkeypatch.setattr(run, "ieee_fp32", spy)
     monkeypatch.setattr(optimizer, "_run_or_restart", lambda *a: "ran")
     assert optimizer.run(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8), iterations=1) == "ran" and seen == ["cpu"]
+
+
+def test_optimize_outputs_differing_only_in_case_collide_where_the_disk_ignores_case(shared_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import ultrastyle.optimization.batch as batch
+
+    content, style = shared_dir / "images/content/cd_content_in1.jpg", shared_dir / "images/style/cd_style_in3.jpg"
+    shutil.copy(content, tmp_path / "Photo.jpg")
+    shutil.copy(content, tmp_path / "photo.png")
+    files = [tmp_path / "Photo.jpg", tmp_path / "photo.png"]
+    assert len(batch.plan_outputs(files, style, tmp_path / "out", "png")) == 2  # this disk tells the names apart
+    monkeypatch.setattr(batch, "ignores_case", lambda folder: True)
+    with pytest.raises(OptionError, match=r"Photo\.jpg and .*photo\.png would both write"):
+        batch.plan_outputs(files, style, tmp_path / "out", "png")

@@ -349,3 +349,28 @@ def test_the_cpus_a_job_may_use_are_its_affinitys_not_the_nodes(monkeypatch):
     assert options.usable_cpus() <= 4 and default_io_workers() <= 2
     with pytest.raises(options.OptionError, match=r"cores here\)"):
         options.thread_count("threads", options.MAX_THREADS_PER_CORE * 4 + 1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_cpu_quota_on_a_parent_cgroup_bounds_the_cpus(tmp_path, monkeypatch, version):
+    from ultrastyle import options
+
+    root = tmp_path / "cg"
+    if version == 2:
+        (tmp_path / "self").write_text("0::/kubepods/pod1/ctr\n")
+        pod = root / "kubepods" / "pod1"
+        (pod / "ctr").mkdir(parents=True)
+        (pod / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs on the pod: 3
+        (pod / "ctr" / "cpu.max").write_text("max 100000\n")
+    else:
+        (tmp_path / "self").write_text("4:memory:/\n2:cpu,cpuacct:/job/step\n")
+        job = root / "cpu,cpuacct" / "job"
+        (job / "step").mkdir(parents=True)
+        (job / "cpu.cfs_quota_us").write_text("300000\n")
+        (job / "cpu.cfs_period_us").write_text("100000\n")
+        (job / "step" / "cpu.cfs_quota_us").write_text("-1\n")
+        (job / "step" / "cpu.cfs_period_us").write_text("100000\n")
+    monkeypatch.setattr(options, "CGROUP_FILE", str(tmp_path / "self"))
+    monkeypatch.setattr(options, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert options.usable_cpus() == 3

@@ -122,3 +122,18 @@ def test_streamed_bands_convert_as_the_whole_read_does(tmp_path, shared_dir, ado
         assert np.array_equal(bands, whole), name
         with Image.open(p) as im:
             assert np.abs(whole.astype(int) - np.asarray(im.convert("RGB"))).max() >= 10, name  # converted, not as decoded
+
+
+def test_a_turned_tiff_read_through_tifffile_converts_as_the_plain_one_does(tmp_path, adobe_icc, monkeypatch):
+    import tifffile
+
+    import ultrastyle.io.profiles as profiles
+
+    monkeypatch.setattr(profiles, "BAND_BYTES", 1000)  # several bands: the in-place conversion band by band
+    a = (np.random.default_rng(1).random((40, 64, 3)) * 255).astype(np.uint8)
+    icc = [(34675, 7, len(adobe_icc), adobe_icc, True)]
+    tifffile.imwrite(tmp_path / "plain.tif", a, photometric="rgb", metadata=None, extratags=icc)
+    tifffile.imwrite(tmp_path / "turned.tif", a, photometric="rgb", metadata=None, extratags=[*icc, (274, "H", 1, 6, True)])
+    plain = read_image(tmp_path / "plain.tif")  # Pillow's path
+    assert np.abs(plain.astype(int) - a).max() >= 10  # converted
+    assert np.array_equal(read_image(tmp_path / "turned.tif"), np.rot90(plain, -1))  # tifffile's path, then turned

@@ -166,3 +166,13 @@ def test_pad_to_grid_extends_bottom_right_only_and_handles_one_pixel_strips():
     assert p.shape == (1, 3, 32, 48)
     assert torch.equal(p[..., :1, :37], x)
     assert torch.equal(p[..., 5, :37], x[..., 0, :])
+
+
+def test_the_identity_map_is_made_on_the_device_asked_for():
+    """Made on the host, it was copied to the GPU (a wait on the GPU) for every tile of a masked pass."""
+    from ultrastyle.core.styles import identity_map
+
+    a, b = identity_map(4, "meta")
+    assert a.device.type == b.device.type == "meta" and a.shape == (4, 4) and a.dtype == b.dtype == torch.float64
+    a, b = identity_map(3)
+    assert torch.equal(a, torch.eye(3, dtype=torch.float64)) and not b.any()

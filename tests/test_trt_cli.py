@@ -157,3 +157,13 @@ def test_python_doctor_gives_the_checks_the_command_prints_with_fixes_as_calls(c
     assert unknown.status == "unusable" and "unknown model 'no-such-model'" in unknown.detail
     r = CliRunner().invoke(app, ["doctor", "--no-baseline", "--model", "no-such-model"])
     assert r.exit_code == 1 and "ultrastyle models list" in " ".join(r.output.split()), r.output
+
+
+def test_doctor_does_not_measure_a_model_that_does_not_stylize():
+    """`doctor --model cd-16x-pruned-base` (a start for training) called both baselines unusable: 'not ready'."""
+    import ultrastyle
+    from ultrastyle.checkup import baseline_checks
+
+    (only,) = baseline_checks("cd-16x-pruned-base")
+    assert only.status == "info" and not only.blocking and "a start for training" in only.detail
+    assert ultrastyle.ready([only])

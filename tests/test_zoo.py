@@ -1082,5 +1082,14 @@ def test_a_zoo_name_is_the_zoos_verified_model_whatever_folder_of_that_name_is_h
     assert sources.model_folder("cd-wct-16x") is None and sources.model_folder("./cd-wct-16x") == Path("./cd-wct-16x")
     local = load_model("./cd-wct-16x", stages=(1,))  # asked for as a folder: that folder
     assert torch.equal(first(local), -first(zoo_model))
+    from ultrastyle.api import model_source
+    from ultrastyle.distill.config import DistillConfig, write_yaml
+
+    assert model_source(Path("cd-wct-16x")) == here / "cd-wct-16x"  # a Path stays that folder when kept as text later
+    write_yaml(DistillConfig(teacher="cd-wct-16x", images="p", out="o", stage=1), tmp_path / "c.yaml")
+    assert "teacher: cd-wct-16x\n" in (tmp_path / "c.yaml").read_text()  # not this folder's absolute path, for a resume
     (here / "cd-wct-16x" / "manifest.json").write_text("{}")  # as a bundle of that name would have
     assert not is_bundle("cd-wct-16x") and is_bundle("./cd-wct-16x") and is_bundle(Path("cd-wct-16x"))  # a Path is a folder
+    from ultrastyle.deploy import _as_bundle
+
+    assert _as_bundle("cd-wct-16x").path.parent.name == "bundles"  # build_tensorrt: the zoo's cached bundle, as calibrate's

@@ -39,6 +39,7 @@ from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
 from ultrastyle.models.sources import available_stages, model_defaults
 from ultrastyle.models.pretrained import DEFAULT_MODEL
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.options import OptionError, output_format  # noqa: F401 - output_format re-exported
 from ultrastyle.runtime.backends.base import Runner
 from ultrastyle.runtime.backends.select import check_runner_options, open_runner
@@ -218,8 +219,14 @@ def _style_spec(style: ImageLike | Sequence[ImageLike] | None, mix: MixLike | No
 
 
 def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
-    """A zoo name or a folder as given (``~`` expanded); a `Bundle` (what `export_model` and `calibrate` return) as its folder."""
-    return model.path if isinstance(model, Bundle) else check.user_path(model)
+    """A zoo name or a folder as given (``~`` expanded); a `Bundle` (what `export_model` and `calibrate` return) as its folder.
+
+    A `Path` whose text is a zoo name (``Path("cd-wct-16x")``) is that folder, made absolute: kept as text later, it
+    would name the zoo's model (`is_zoo_name`)."""
+    if isinstance(model, Bundle):
+        return model.path
+    source = check.user_path(model)
+    return Path(os.path.abspath(source)) if not isinstance(source, str) and is_zoo_name(os.fspath(source)) else source
 
 
 def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
@@ -535,7 +542,7 @@ class ClusterStylizer(Stylizer):
         if device.startswith("cuda:"):  # an actor sees only the GPU Ray gives it, as its cuda:0
             raise OptionError("device", f"expected cpu or cuda on a Ray pool (each worker runs on the GPU Ray assigns it), got {device!r}")
         model = model_source(model)
-        if isinstance(model, (str, os.PathLike)) and os.path.exists(model):  # a folder: as the workers' folder is not this one
+        if isinstance(model, (str, os.PathLike)) and not is_zoo_name(model) and os.path.exists(model):  # a folder, as here
             model = os.path.abspath(model)
         self.model = str(model)
         defaults = model_defaults(model)

@@ -90,10 +90,14 @@ def baseline_checks(model: str | None = None) -> list[Check]:
     Measured with an installed, verified ``model`` only (`model_checks` reports the others).
     """
     from ultrastyle.models.pretrained import DEFAULT_MODEL
+    from ultrastyle.models.registry import get_entry, is_zoo_name
+    from ultrastyle.models.sources import LOADABLE_FORMATS
     from ultrastyle.runtime.backends.select import cache_repair_loss
     from ultrastyle.runtime.memory import measure_baseline
 
     model = model or DEFAULT_MODEL
+    if is_zoo_name(model) and (kind := get_entry(model).format) not in LOADABLE_FORMATS:
+        return [Check("baseline", "info", f"not measured: {model} is a {kind} model, a start for training, not one that stylizes")]
     checks = []
     for backend in ("onnxruntime", "torch"):
         what = f"baseline ({backend})"

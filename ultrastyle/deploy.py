@@ -26,6 +26,7 @@ from ultrastyle.errors import Remedy, Setting, remedied, remedies_of
 from ultrastyle.errors import warn as warn_user
 from ultrastyle.export.bundle import Bundle, check_bundle_target, export_bundle, is_bundle, read_bundle
 from ultrastyle.export.spec import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportSpec
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.options import OptionError
 
 if TYPE_CHECKING:
@@ -127,8 +128,8 @@ def calibrate(
 def _as_bundle(bundle: Bundle | str | Path, on_export: Callable[[str], None] | None = None) -> Bundle:
     """A bundle, read now (a `Bundle`'s graphs checked now, not when it was made); a zoo name or weights folder: its
     cached bundle, exported first where needed (as `calibrate` takes them, and `stylize` finds engines built there)."""
-    if isinstance(bundle, Bundle) or is_bundle(bundle) or not _model_source(bundle):  # else read_bundle says what it is
-        return read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
+    if isinstance(bundle, Bundle) or (not is_zoo_name(bundle) and (is_bundle(bundle) or not _model_source(bundle))):
+        return read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)  # else read_bundle says what it is
     from ultrastyle.runtime.backends.select import ensure_bundle
 
     return ensure_bundle(bundle, on_export=on_export)
@@ -148,6 +149,8 @@ def _model_source(given: str | Path) -> bool:
     """Whether ``given`` is meant as a model: a folder of weights, or a name (the zoo says whether it knows it)."""
     from ultrastyle.models.sources import folder_format, folder_stages
 
+    if is_zoo_name(given):  # the zoo's, whatever folder of that name is here
+        return True
     path = Path(given)
     if path.is_dir():
         return bool(folder_stages(path)) or folder_format(path) == "pytorch-adain"

@@ -79,16 +79,35 @@ def usable_cpus() -> int:
     quota (a container's CPU limit), else the machine's count. A 4-core job on a 128-core node is 4, not 128."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        with open("/proc/self/cgroup") as f:
-            group = next((line[3:].strip() for line in f if line.startswith("0::")), None)
-        if group is not None:
-            with open(os.path.join("/sys/fs/cgroup", group.lstrip("/"), "cpu.max")) as f:
-                quota, period = f.read().split()[:2]
-            if quota != "max":
-                n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+        with open(CGROUP_FILE) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return max(1, n)
+    for line in lines:  # the process's group and every group above it: a job's limit may sit on a parent
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":  # v2: "quota period" in cpu.max, "max" for none
+            base, read = Path(CGROUP_ROOT), lambda d: (d / "cpu.max").read_text().split()[:2]
+        elif "cpu" in parts[1].split(","):  # v1: cfs_quota_us (-1 for none) and cfs_period_us
+            base = Path(CGROUP_ROOT) / parts[1]
+            read = lambda d: [(d / "cpu.cfs_quota_us").read_text().strip(), (d / "cpu.cfs_period_us").read_text().strip()]  # noqa: E731
+        else:
+            continue
+        group = base / parts[2].lstrip("/")
+        for d in [group, *group.parents]:
+            try:
+                quota, period = read(d)
+                if quota not in ("max", "-1"):
+                    n = min(n, max(1, math.ceil(int(quota) / int(period))))
+            except (OSError, ValueError):
+                pass
+            if d == base:
+                break
     return max(1, n)
+
+
+CGROUP_FILE, CGROUP_ROOT = "/proc/self/cgroup", "/sys/fs/cgroup"
 
 
 def thread_count(option: str, value: object) -> int:

@@ -92,7 +92,11 @@ def _run_all(kind: str, cls: type[RunConfig], flags: dict[str, Any], config_file
 
             file_values = read_yaml(config_file)
         if stage_text is None and isinstance(file_values.get("stage"), (str, list)):  # `stage: 1,2` or `[1, 2]`, as --stage takes
-            stage_text = ",".join(map(str, file_values["stage"])) if isinstance(file_values["stage"], list) else file_values["stage"]
+            given = file_values["stage"]
+            if isinstance(given, list) and not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in given):
+                raise ConfigError(f"{config_file}: stage: expected stage numbers 1..5, got a list holding a "
+                                  f"{type(next(k for k in given if not isinstance(k, (int, str)) or isinstance(k, bool))).__name__}")  # fmt: skip
+            stage_text = ",".join(map(str, given)) if isinstance(given, list) else given
         stages = _stages(stage_text)
         configs = [resolve(cls, config_file, {**flags, "stage": k}) for k in stages]
         if len({c.resolved_run_dir() for c in configs}) < len(configs):  # from --run-dir or the file's run_dir

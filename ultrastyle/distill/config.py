@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from ultrastyle.core.arch import STAGES
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.io.atomic import write_atomic
+from ultrastyle.models.registry import is_zoo_name
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT = "checkpoint.pt"  # in the run folder, beside its config.yaml (`trainer`)
@@ -293,6 +294,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
         if field.name not in REQUIRED and field.default is not dataclasses.MISSING:  # YAML's "device:" with nothing after it
             raise ConfigError(f"{field.name}: got nothing (null); leave it out for its default, {field.default}")
         raise ConfigError(f"{field.name}: required, got nothing")
+    if isinstance(value, os.PathLike):  # a path from Python, kept as text (as `RunConfig.__post_init__` keeps it)
+        value = os.fspath(value)
     if not isinstance(value, (str, int, float)):  # bool is an int; a YAML list or mapping is no setting's value
         # named by its type: the text of a few hundred bytes of YAML aliases ("billion laughs") runs to gigabytes
         raise ConfigError(f"{field.name}: expected {kind}, got a {'list' if isinstance(value, (list, tuple)) else type(value).__name__}")
@@ -419,7 +422,8 @@ def write_yaml(config: RunConfig, path: Path, extra: Mapping[str, Any] | None = 
     data = dataclasses.asdict(config)
     for name in PATHS:
         value = data.get(name)
-        if isinstance(value, str) and value not in ("", "fit", "prune", "random") and Path(value).exists():  # not init's methods
+        # not init's methods, nor a zoo name (the zoo's model, whatever folder of that name is here)
+        if isinstance(value, str) and value not in ("", "fit", "prune", "random") and not is_zoo_name(value) and Path(value).exists():
             data[name] = str(Path(value).resolve())
     if extra:
         data["resolved"] = dict(extra)

@@ -54,6 +54,7 @@ from ultrastyle.distill.trainer import StepReport, Trainer, TrainOptions, TrainR
 from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.models import convert, zoo
 from ultrastyle.models.networks import Decoder, Encoder
+from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.options import unwritable_folder
 
 
@@ -185,7 +186,7 @@ def _student_init(config: DistillConfig, teacher: Encoder, spec: ArchSpec, strea
         torch.manual_seed(config.seed)
         return Encoder(spec, k, aux=True)
     path = Path(config.init)
-    if not path.exists():  # a zoo model's folder (`sources`); anything else names what init takes
+    if is_zoo_name(config.init) or not path.exists():  # a zoo model's folder (`sources`); anything else names what init takes
         try:
             path = sources.model_folder(config.init)
         except zoo.UnknownModelError:  # a path that is not there says so itself
@@ -224,8 +225,10 @@ def _decoder_init(config: DecoderConfig, encoder: Encoder, spec: ArchSpec, strea
         torch.manual_seed(config.seed)
         return Decoder(spec, k)
     path = Path(config.init)
-    if path.is_file():  # one decoder file of this very architecture: a warm start
+    if not is_zoo_name(config.init) and path.is_file():  # one decoder file of this very architecture: a warm start
         return convert.cd_decoder(path, k, spec=spec)
+    if is_zoo_name(config.init):
+        path = sources.model_folder(config.init)  # installed on first use; not a folder of that name here
     if path.is_dir() and not (path / f"{k}SD.pth").is_file() and (path / f"d{k}_base.pth").is_file():
         start = convert.cd_decoder(path / f"d{k}_base.pth", k, spec=sources.source_arch(path))  # CD's pruned base
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ultrastyle.errors import Setting, remedied
+from ultrastyle.options import usable_cpus
 
 LOOPBACK = "127.0.0.1"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -134,7 +135,7 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
         if address == "local":
             ray.init(
                 address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
-                num_cpus=num_cpus or os.cpu_count() or 1, **kwargs,
+                num_cpus=num_cpus or usable_cpus(), **kwargs,
             )  # fmt: skip
         else:
             ray.init(address=address, _node_ip_address=LOOPBACK if loopback else None, **kwargs)

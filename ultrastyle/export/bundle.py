@@ -298,11 +298,14 @@ def refuse_external_data(graph: Path) -> None:
 
     def tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from g.initializer
-        yield from (s.values for s in g.sparse_initializer)
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
         for node in g.node:
             for a in node.attribute:
                 yield from ([a.t] if a.HasField("t") else [])
                 yield from a.tensors
+                for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield from (sparse.values, sparse.indices)
                 for sub in [a.g] if a.HasField("g") else list(a.graphs):
                     yield from tensors(sub)
 

@@ -132,7 +132,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
     except UnidentifiedImageError as exc:
         kind = image_kind(path)
         if kind in ("TIFF", "BigTIFF"):  # float RGB and other layouts Pillow does not open
-            found = _read_tiff(path, max_pixels, keep_alpha)
+            found = _read_tiff(path, max_pixels, keep_alpha, only_reader=True)
             if found is not None:
                 return found
         if kind:  # the file says what it is, but its header or directory is cut or damaged
@@ -140,7 +140,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_a
         raise ImageError(f"{path}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # imagecodecs raises its own errors
         if image_kind(path) in ("TIFF", "BigTIFF"):  # a compression Pillow's libtiff lacks (WebP, zstd...) that tifffile's codecs read
-            found = _read_tiff(path, max_pixels, keep_alpha)
+            found = _read_tiff(path, max_pixels, keep_alpha, only_reader=True)
             if found is not None:
                 return found
         raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from exc
@@ -324,7 +324,7 @@ def tiff_header(path: Path) -> tuple[int, int, int] | None:
         return None
 
 
-def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndarray | None:
+def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False, only_reader: bool = False) -> np.ndarray | None:
     """A TIFF Pillow cannot open (float samples, BigTIFF) through tifffile, as `read_image` gives pixels; None if it cannot either."""
     import tifffile
 
@@ -332,7 +332,10 @@ def _read_tiff(path: Path, max_pixels: int, keep_alpha: bool = False) -> np.ndar
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             check_pixels(path, page.imagewidth, page.imagelength, max_pixels)  # an ImageError: a ValueError, not caught below
-            _check_layout(path, page)
+            if only_reader:  # Pillow cannot open it: refused here before its samples are decoded
+                _check_layout(path, page)
+            elif int(page.samplesperpixel) > MAX_SAMPLES or int(getattr(page, "imagedepth", 1) or 1) > 1:
+                return None  # Pillow opened it (RGB with extra samples, say): Pillow reads it
             if int(page.photometric) not in (1, 2):  # grey (black is 0) or RGB; CMYK, palette, white-is-0: not guessed at
                 return None
             a = _grey_alpha_as_rgba(_interleaved(page.asarray(), page))
@@ -380,9 +383,8 @@ def _read_turned_tiff(path: Path, orientation: int, keep_alpha: bool) -> np.ndar
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            _check_layout(path, page)
             photometric = int(page.photometric)
-            if photometric == 3 and page.colormap is not None and int(page.bitspersample) == 8:
+            if photometric == 3 and page.colormap is not None and int(page.bitspersample) == 8 and int(page.samplesperpixel) == 1:
                 img = Image.fromarray(np.ascontiguousarray(page.asarray()), "P")
                 cmap = np.asarray(page.colormap)
                 img.putpalette(((cmap >> 8) if cmap.max() > 255 else cmap).astype(np.uint8).T.tobytes())

@@ -113,8 +113,9 @@ def to_srgb(img: Image.Image, name: str) -> Image.Image:
 
 
 def array_to_srgb(a: np.ndarray, icc: bytes | None, name: str) -> np.ndarray:
-    """(H, W, 3 or 4) decoded samples in profile ``icc`` as sRGB: uint8 converted (alpha kept), 16-bit and float left
-    with a `ProfileWarning` where their profile is not sRGB. Grey (H, W) and profile-less arrays come back as they are."""
+    """(H, W, 3 or 4) decoded samples in profile ``icc`` as sRGB: uint8 converted (alpha kept; in place where ``a`` is
+    writable), 16-bit and float left with a `ProfileWarning` where their profile is not sRGB. Grey (H, W) and
+    profile-less arrays come back as they are."""
     if not icc or a.ndim != 3 or a.shape[2] not in (3, 4):
         return a
     mode = "RGB" if a.shape[2] == 3 else "RGBA"
@@ -122,7 +123,17 @@ def array_to_srgb(a: np.ndarray, icc: bytes | None, name: str) -> np.ndarray:
         unconverted(icc, name)
         return a
     converter = srgb_converter(icc, mode, name)
-    return np.asarray(converter(Image.fromarray(np.ascontiguousarray(a), mode))) if converter else a
+    if converter is None:
+        return a
+    out = a if a.flags.writeable else a.copy()  # converted in place, a band of rows at a time: no second full-size image
+    rows = max(1, BAND_BYTES // (a.shape[1] * a.shape[2]))
+    for r0 in range(0, a.shape[0], rows):
+        band = np.ascontiguousarray(out[r0 : r0 + rows])
+        out[r0 : r0 + rows] = np.asarray(converter(Image.fromarray(band, mode)))
+    return out
+
+
+BAND_BYTES = 4 * 2**20
 
 
 def unconverted(icc: bytes | None, name: str) -> None:

@@ -13,6 +13,7 @@ first use, the way the bundle itself is exported on first use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from collections.abc import Callable
@@ -91,7 +92,8 @@ def ensure_bundle(
                 try:
                     return read_bundle(target)
                 except BundleError:
-                    shutil.rmtree(target)
+                    with contextlib.suppress(FileNotFoundError):  # gone already: another run removed it first
+                        shutil.rmtree(target)
         # force: the cache's own folder, whose int8 graphs and engines are said above to be lost (a damaged one is removed before)
         return export_bundle(model, target, spec=ExportSpec(stages=tuple(sorted(set(stages)))), source_weights=files, force=True)
     except OSError as exc:  # a read-only ULTRASTYLE_HOME (permissions or a read-only mount): say where, and the ways round it
