@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -201,6 +203,11 @@ def test_damaged_or_newer_manifest_is_refused_with_the_rebuild_command(tmp_path)
     assert f"ultrastyle build {tmp_path / 'b'}" in as_command(info.value)  # the command in the CLI's
     (folder / eng.MANIFEST).write_text('{"format": "ultrastyle-engines", "format_version": 99}')
     with pytest.raises(ValueError, match="version <= 1"):
+        eng.read_manifest(folder)
+    crafted = _manifest_with_engine(folder).to_json()
+    crafted["engines"]["encoder3.fp32"]["file"] = "../../../elsewhere.engine"  # an engine is code to TensorRT: never from outside
+    (folder / eng.MANIFEST).write_text(json.dumps(crafted))
+    with pytest.raises(ValueError, match=r"names a file outside the engine folder: '\.\./\.\./\.\./elsewhere\.engine'"):
         eng.read_manifest(folder)
 
 

@@ -109,6 +109,9 @@ class EngineEntry:
 
     @classmethod
     def from_json(cls, d: dict) -> EngineEntry:
+        file = d["file"]
+        if not isinstance(file, str) or not file or Path(file).name != file:  # engines live in the engine folder, nowhere else
+            raise ValueError(f"engine {d.get('network')!r} names a file outside the engine folder: {file!r}")
         return cls(**{k: d[k] for k in ("network", "precision", "file", "sha256", "graph_sha256", "graph", "profile", "tiles")},
                    settings=d.get("settings", {}))  # fmt: skip
 
