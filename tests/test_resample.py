@@ -58,3 +58,17 @@ def test_resized_size_rounds_as_resize_long_side() -> None:
     for h, w, s in ((97, 150, 64), (150, 97, 64), (1, 5000, 100), (10, 10, 0), (10, 20, 20)):
         t = resize_long_side(torch.zeros(3, h, w), s)
         assert resized_size(h, w, s) == tuple(t.shape[1:])
+
+
+def test_a_resize_to_one_pixel_wide_keeps_the_columns_content():
+    """torch 2.13's CPU kernel gives one flat colour for an output 1 wide (1 high is right): a 300x1 column came out flat."""
+    from ultrastyle.core.resample import aa_bicubic_weights
+    from ultrastyle.io.images import resize_long_side
+
+    img = torch.rand(3, 2000, 3, dtype=torch.float64)
+    got = resize_long_side(img.float(), 512).double()
+    wh = torch.from_numpy(aa_bicubic_weights(2000, 512).matrix(0, 512, 0, 2000)).double()
+    ww = torch.from_numpy(aa_bicubic_weights(3, 1).matrix(0, 1, 0, 3)).double()
+    want = torch.einsum("oh,chw,pw->cop", wh, img, ww).clamp(0, 1)
+    assert got.shape == (3, 512, 1) and float((got - want).abs().max()) < 1e-5 and float(got.std()) > 0.02
+    assert resize_long_side(img.float().transpose(1, 2), 512).shape == (3, 1, 512)  # 1 high: torch's own path

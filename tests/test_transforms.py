@@ -176,3 +176,24 @@ def test_the_identity_map_is_made_on_the_device_asked_for():
     assert a.device.type == b.device.type == "meta" and a.shape == (4, 4) and a.dtype == b.dtype == torch.float64
     a, b = identity_map(3)
     assert torch.equal(a, torch.eye(3, dtype=torch.float64)) and not b.any()
+
+
+def test_features_that_are_not_finite_are_one_clear_error_not_a_black_image():
+    """A model whose weights (or precision) overflow: AdaIN gave a black image reported done, WCT a LAPACK error."""
+    from ultrastyle.core.transforms import FeatureStats, fit_affine
+
+    good = FeatureStats.of(torch.rand(1, 4, 6, 6, dtype=torch.float64))
+    bad = FeatureStats.of(torch.rand(1, 4, 6, 6, dtype=torch.float64).index_fill_(2, torch.tensor([0]), float("nan")))
+    for method in ("wct", "adain"):
+        with pytest.raises(ValueError, match="the content image's features are not finite"):
+            fit_affine(method, bad, good, 0.6)
+        with pytest.raises(ValueError, match="the style image's features are not finite"):
+            fit_affine(method, good, bad, 0.6)
+        a, b = fit_affine(method, good, good, 0.6)
+        assert bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+
+
+def test_mix_weights_near_the_float_limit_are_weighed_not_refused_as_zero():
+    from ultrastyle.core.styles import mix_weights
+
+    assert mix_weights([1e308, 1e308]) == (0.5, 0.5) and mix_weights([3.0, 1.0]) == (0.75, 0.25)

@@ -40,10 +40,11 @@ def mix_weights(weights: Sequence[float]) -> tuple[float, ...]:
     bad = [x for x in w if not np.isfinite(x) or x < 0]
     if bad:
         raise ValueError(f"style weights must be finite and >= 0, got {bad[0]:g}")
-    total = sum(w)
-    if total <= 0:
+    top = max(w)
+    if top <= 0:
         raise ValueError("style weights are all zero; give at least one positive weight")
-    return tuple(x / total for x in w)
+    total = sum(x / top for x in w)  # scaled by the largest first: weights near 1e308 sum to inf, and then all to 0
+    return tuple(x / top / total for x in w)
 
 
 @dataclass(frozen=True)

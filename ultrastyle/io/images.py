@@ -526,6 +526,9 @@ def resize_long_side(img: torch.Tensor, size: int) -> torch.Tensor:
         return img
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if nw == 1 < nh:  # torch 2.13's CPU kernel returns one flat colour for an output 1 wide; 1 high is right: transposed
+        out = F.interpolate(img[None].transpose(-1, -2), size=(nw, nh), mode="bicubic", antialias=True, align_corners=False)
+        return out[0].transpose(-1, -2).clamp(0, 1)
     out = F.interpolate(img[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
     return out[0].clamp(0, 1)
 
