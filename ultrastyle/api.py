@@ -46,7 +46,7 @@ from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
 from ultrastyle.runtime.batch import StyleBook, STREAMING, StylizeOptions, run_batch, stylize_content
 from ultrastyle.runtime.decode import decode
-from ultrastyle.runtime.pairs import BatchSummary, Pair, PairResult, StyleSpec, plan_pairs
+from ultrastyle.runtime.pairs import BatchSummary, Pair, PairResult, StyleSpec, deal, plan_pairs
 from ultrastyle.runtime.memory import hold_freed_memory, release_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.export.bundle import Bundle
@@ -82,6 +82,7 @@ def make_options(
     depth: int = 8,
     png_level: int = DEFAULT_PNG_LEVEL,
     skip_existing: bool = False,
+    shard: str | tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     io_workers: int = 0,
     io_memory: int | str | None = None,
@@ -152,7 +153,7 @@ def make_options(
         method=method or defaults.method,
         alpha=defaults.alpha if alpha is None else alpha,
         levels=levels or defaults.levels,
-        content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing,
+        content_size=content_size, style_size=style_size, format=fmt, skip_existing=skip_existing, shard=check.shard("shard", shard),
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
         io_workers=io_workers, io_memory=io_bytes,
         pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
@@ -231,9 +232,9 @@ def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
 
 def _call_defaults(defaults: ModelDefaults, settings: dict[str, Any]) -> dict[str, Any]:
     """Settings given at load for every call, checked as a call's are (a typo, a bad value: `OptionError`)."""
-    if "skip_existing" in settings:  # a batch's choice, not the model's: stylize() refuses it
-        raise OptionError("skip_existing", "applies to stylize_batch calls; give it there")
-    check_settings(settings, _SETTINGS - {"skip_existing"}, model_keys=(), at_load=True)
+    if batch_only := sorted(_BATCH_SETTINGS & set(settings)):  # a batch's choice, not the model's: stylize() refuses it
+        raise OptionError(batch_only[0], "applies to stylize_batch calls; give it there")
+    check_settings(settings, _SETTINGS - _BATCH_SETTINGS, model_keys=(), at_load=True)
     make_options(defaults, **settings)
     return dict(settings)
 
@@ -419,6 +420,8 @@ class Stylizer:
         """
         if settings.get("skip_existing"):
             raise OptionError("skip_existing", "applies to stylize_batch (outputs found are kept); stylize(output=...) always writes")
+        if settings.get("shard") is not None:
+            raise OptionError("shard", "parts a batch's contents; stylize() makes one image: give it to stylize_batch")
         _check_callbacks(on_tile=on_tile)
         if output is not None:
             output = check.user_path(output)  # "" stays "" for its own message
@@ -479,7 +482,7 @@ class Stylizer:
             keyword, given = ("contents", contents) if not content_list else ("styles", styles)
             searched = " ".join(os.fspath(p) for p in _listed(given) if isinstance(p, (str, os.PathLike))) if given is not None else ""
             raise OptionError(keyword, f"no images found in: {searched}" if searched else "no images given")
-        pairs = plan_pairs(content_list, specs, folder, opts.format)
+        pairs = plan_pairs(deal(content_list, opts.shard), specs, folder, opts.format)
         if specs[0].mask is not None:  # a mask of the wrong size fails before any work
             check_mask_size(specs[0].mask, [p.content for p in pairs])  # its header first: the labels are decoded whole
         with self._in_use():  # the book inside: a close() in another thread clears the books
@@ -632,6 +635,7 @@ def _listed(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
 
 
 _SETTINGS = frozenset(inspect.signature(make_options).parameters) - {"defaults"}
+_BATCH_SETTINGS = frozenset({"skip_existing", "shard"})  # a batch's, not a model's or an image's
 
 
 def check_settings(

@@ -32,7 +32,8 @@ from ultrastyle.models.defaults import METHODS
 
 __all__ = [
     "OptionError", "alpha", "choice", "count", "device", "known_keywords", "format_choice", "halo_width", "image_size", "levels",
-    "memory_budget", "method", "number", "output_folder", "output_format", "pixel_limit", "scratch_folder", "thread_count", "tile_side",
+    "memory_budget", "method", "number", "output_folder", "output_format", "pixel_limit", "scratch_folder", "shard", "thread_count",
+    "tile_side",
 ]  # fmt: skip
 
 # More threads than this per core spin rather than work: thousands of them stall a run.
@@ -218,6 +219,26 @@ def halo_width(option: str, value: object) -> int | None:
     """``halo``: None or ``"exact"`` (the exact result), else at most that many pixels, a whole number >= 0 (approximate)."""
     return _side_or_word(option, value, "exact", 0, "'exact' or a whole number of pixels >= 0 (an approximate halo)",
                          "'exact' for the exact result, or 0 or more pixels such as 32")  # fmt: skip
+
+
+def shard(option: str, value: object) -> tuple[int, int] | None:
+    """``"K/N"`` or ``(K, N)``: the K-th of N parts of a batch (K counts from 1, as in ``split -n K/N``), or None for all of it."""
+    if value is None:
+        return None
+    example = "give e.g. '2/4' (the second of four parts)"
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+        if m is None:
+            raise OptionError(option, f"expected K/N, got {value[:40]!r}; {example}")
+        k, n = int(m[1]), int(m[2])
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_whole(v) for v in value):
+        k, n = int(value[0]), int(value[1])
+    else:
+        raise OptionError(option, f"expected K/N or a pair (K, N), got {value!r} ({type(value).__name__}); {example}")
+    if n < 1 or not 1 <= k <= n:
+        raise OptionError(option, f"expected 1 <= K <= N, got {k}/{n}; K counts from 1 (a SLURM array from 0: "
+                                  "$((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)")  # fmt: skip
+    return k, n
 
 
 def no_empty_path(option: str, values: Collection[str | os.PathLike], give: str = "a file, a folder or a glob") -> None:

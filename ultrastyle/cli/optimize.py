@@ -100,6 +100,7 @@ def optimize_command(
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists, unless an interrupted run of it saved a state: that is resumed.")] = False,
+    shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
@@ -113,7 +114,8 @@ def optimize_command(
     from ultrastyle.optimization.batch import check_budget, check_style, is_file_output, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
     from ultrastyle.options import OptionError
-    from ultrastyle.runtime.pairs import BatchInterrupted, Pair, PairResult
+    from ultrastyle.options import shard as check_shard
+    from ultrastyle.runtime.pairs import BatchInterrupted, Pair, PairResult, deal
 
     if style is None:  # `ultrastyle optimize CONTENT... STYLE`, as stylize takes it
         if len(content) < 2:
@@ -133,13 +135,19 @@ def optimize_command(
         scratch=scratch, save_every=save_every, seed=seed, format=out_format, max_pixels=max_pixels,
     )  # fmt: skip
     try:
-        opts = make_optimize_options(**settings)
-        pairs = plan_outputs(content, style, output, opts.format)
+        opts, part = make_optimize_options(**settings), check_shard("shard", shard)
+        planned = plan_outputs(content, style, output, opts.format)
     except OptionError as exc:
         if exc.option in ("contents", "style"):  # nothing to read, or outputs that would collide
             _err(as_command(exc, exc.message))
             raise typer.Exit(2) from None
         raise bad_parameter(exc) from None
+    pairs = deal(planned, part)
+    if part is not None:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"part {part[0]}/{part[1]}: {len(pairs)} of the {len(planned)} contents"
+                                                                    + ("; nothing to do" if not pairs else ""))  # fmt: skip
+        if not pairs:
+            return
     try:
         check_style(style, opts.max_pixels, pairs, skip_existing)  # one error for the batch, before the model opens
     except ImageError as exc:

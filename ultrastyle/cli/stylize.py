@@ -217,6 +217,7 @@ def stylize_command(
     dzi_tiles: Annotated[DziTiles, typer.Option(case_sensitive=False, help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
     streaming: Annotated[Streaming, typer.Option(case_sensitive=False, help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
+    shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (a 16-bit input keeps its precision only with 16).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
@@ -253,7 +254,7 @@ def stylize_command(
     from ultrastyle.models.sources import model_defaults
     from ultrastyle.options import no_empty_path, output_folder
     from ultrastyle.runtime.batch import output_megapixels
-    from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, PairResult
+    from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, PairResult, deal
 
     given = given_flags(ctx)
     if no_tile and (clash := [flag for name, flag in _TILING_FLAGS.items() if name in given]):
@@ -270,7 +271,7 @@ def stylize_command(
         method=method.value if method is not None else None, alpha=alpha, levels=levels,
         preserve_color=preserve_color.value, content_size=content_size, style_size=style_size,
         max_memory=None if no_tile else max_memory, tile=tile, halo=halo, scratch=scratch, format=fmt.value,
-        depth=depth, png_level=png_level, skip_existing=skip_existing, max_pixels=max_pixels, io_workers=io_workers,
+        depth=depth, png_level=png_level, skip_existing=skip_existing, shard=shard, max_pixels=max_pixels, io_workers=io_workers,
         tiff_layout=tiff_layout.value, tiff_compression=tiff_compression.value, dzi_tiles=dzi_tiles.value,
         streaming=streaming.value,
     )  # fmt: skip
@@ -305,6 +306,12 @@ def stylize_command(
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
+    mine = deal(contents, options.shard)  # this part's (stylize_batch deals the same list alike)
+    if options.shard is not None:
+        k, n = options.shard
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"part {k}/{n}: {len(mine)} of the {len(contents)} contents" + ("; nothing to do" if not mine else ""))
+        if not mine:
+            return
     if mask is not None:  # its size and label count, before the model opens (a download, an export)
         from ultrastyle.io.images import ImageError
         from ultrastyle.io.masks import check_label_count, check_mask_size, read_labels
@@ -350,7 +357,7 @@ def stylize_command(
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
-        sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
+        sizes = {c: output_megapixels(c, options) for c in mine}  # headers only: the bar counts megapixels
         per_content = 1 if mix_items or mask else len(styles)  # outputs of each content
         task = progress.add_task("", total=sum(sizes.values()) * per_content or None)
         tiles = progress.add_task("", total=None, visible=False, unit="tiles")

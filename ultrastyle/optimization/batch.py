@@ -38,7 +38,7 @@ from ultrastyle.optimization.run import (
 )
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import output_exists
-from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, too_long_name
+from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, deal, too_long_name
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
@@ -238,6 +238,7 @@ def optimize_batch(
     threads: int = 0,
     progress: bool = True,
     skip_existing: bool = False,
+    shard: str | tuple[int, int] | None = None,
     on_progress: PairProgress | None = None,
     on_result: Callable[[PairResult], None] | None = None,
     **settings: Any,
@@ -247,7 +248,8 @@ def optimize_batch(
     ``output``: a folder (``{content}_optimized_{style}.{format}``), or a file
     name for one content (its suffix gives the format). ``settings``: as
     `make_optimize_options` (iterations, scales, init, max_memory, ...).
-    ``model``, ``device``, ``dtype``, ``threads``, ``progress``: as `Optimizer`.
+    ``model``, ``device``, ``dtype``, ``threads``, ``progress``: as `Optimizer`. ``shard``: ``"K/N"`` or ``(K, N)``, the K-th
+    of N parts of the contents, dealt round-robin (`runtime.pairs.deal`): one part per machine, into one shared folder.
     A bad file fails alone; a budget too small for every content, a bad
     setting or a missing style is an `OptionError` before any image, and an
     unreadable style an `ImageError`. Each image's state is saved beside its
@@ -259,8 +261,8 @@ def optimize_batch(
         from ultrastyle.options import output_format
 
         settings["format"] = output_format(output, settings.get("format"), FORMATS)
-    options = make_optimize_options(**settings)
-    pairs = plan_outputs(contents, style, output, options.format)
+    options, part = make_optimize_options(**settings), check.shard("shard", shard)
+    pairs = deal(plan_outputs(contents, style, output, options.format), part)
     check_style(style, options.max_pixels, pairs, skip_existing)
     loss_dtype = {} if dtype is None else {"dtype": dtype}  # None: the Optimizer's default (float32)
     with Optimizer(model, device=device, threads=threads, progress=progress, **loss_dtype) as optimizer:

@@ -62,7 +62,7 @@ from ultrastyle.options import OptionError
 INITS = ("content", "noise", "wct")
 # The optimize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
 CALL_KEYWORDS = ("content", "contents", "style", "output", "state_dir", "on_progress", "on_tile", "on_result", "model", "device", "dtype",
-                 "threads", "progress", "skip_existing")  # fmt: skip
+                 "threads", "progress", "skip_existing", "shard")  # fmt: skip
 STATE_VERSION = 1
 # Pass 2 (forward and backward through the 16x encoder) per pixel of a tile's region, measured
 # here at 1024 px with a heap trim after each tile: 933 B/px with glibc's defaults, 1129 B/px with

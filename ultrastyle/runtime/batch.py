@@ -76,6 +76,7 @@ class StylizeOptions:
     style_size: int = DEFAULT_STYLE_SIZE
     format: str = "png"
     skip_existing: bool = False
+    shard: tuple[int, int] | None = None  # (K, N): the batch's K-th of N parts of its contents (`runtime.pairs.deal`); None: all
     max_pixels: int = DEFAULT_MAX_PIXELS
     depth: int = 8  # bits per sample of the output (16: png/tiff)
     tiling: TilingOptions | None = field(default_factory=TilingOptions)  # None: `TilingOptions.unbounded()`

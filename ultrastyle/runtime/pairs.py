@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -134,6 +135,22 @@ class BatchInterrupted(KeyboardInterrupt):
     def __init__(self, summary: BatchSummary, abandoned: bool = False, unfinished: tuple[Pair, ...] = ()) -> None:
         super().__init__("interrupted")
         self.summary, self.abandoned, self.unfinished = summary, abandoned, unfinished
+
+
+T = TypeVar("T")
+
+
+def deal(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
+    """The K-th of N parts of ``items``, dealt round-robin (items K, K+N, ... counting from 1): every part of one list is
+    disjoint from the others, they cover it, and their sizes differ by at most one. None: every item.
+
+    A batch deals its contents (so each is read by one part only); every machine given the same inputs deals them
+    alike, since folders and globs expand in sorted order.
+    """
+    if shard is None:
+        return list(items)
+    k, n = shard
+    return list(items[k - 1 :: n])
 
 
 def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
