@@ -233,6 +233,18 @@ def test_device_fit_equals_the_host_fit(method):
         fitter.fit(Target(({2: _stats(6, 6)},)), method, 2, content, 0.5, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("method", ["wct", "adain"])
+def test_device_fit_refuses_features_that_are_not_finite_as_the_host_fit_does(method):
+    good = _stats(8, 3)
+    bad = FeatureStats(good.count, good.sum.clone(), good.outer.clone())
+    bad.outer[1, 2] = float("inf")
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="the content image's features are not finite"):
+        DeviceFitter().fit(Target(({2: good},)), method, 2, bad, 0.6, cpu)  # WCT gave eigh's LAPACK error
+    with pytest.raises(ValueError, match="the style image's features are not finite"):
+        DeviceFitter().fit(Target(({2: bad},)), method, 2, good, 0.6, cpu)
+
+
 def test_device_fitter_keeps_each_styles_colouring_matrix():
     fitter = DeviceFitter(cache_size=2)
     s1, s2, s3 = _stats(8, 7), _stats(8, 8), _stats(8, 9)

@@ -151,11 +151,17 @@ def fit_affine(method: str, content: FeatureStats, style: FeatureStats, alpha: f
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if content.channels != style.channels:
         raise ValueError(f"content has {content.channels} channels, style {style.channels}")
-    for what, stats in (("content", content), ("style", style)):  # else a black image "done", or eigh's LAPACK error
-        if not (bool(torch.isfinite(stats.sum).all()) and bool(torch.isfinite(stats.outer).all())):
-            raise ValueError(f"the {what} image's features are not finite (inf or NaN): the model's weights, or its "
-                             "precision, overflowed")  # fmt: skip
+    check_finite("content", content)
+    check_finite("style", style)
     return METHODS[method](content, style, alpha)
+
+
+def check_finite(what: str, stats: FeatureStats) -> None:
+    """ValueError naming the ``what`` image where its statistics hold inf or NaN: else a black image reported done, or
+    eigh's LAPACK error. Reads the sums where they are (on a GPU, a wait for it)."""
+    if not (bool(torch.isfinite(stats.sum).all()) and bool(torch.isfinite(stats.outer).all())):
+        raise ValueError(f"the {what} image's features are not finite (inf or NaN): the model's weights, or its "
+                         "precision, overflowed")  # fmt: skip
 
 
 def apply_affine(features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

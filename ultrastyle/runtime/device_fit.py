@@ -26,7 +26,7 @@ from collections import OrderedDict
 import torch
 
 from ultrastyle.core.styles import Affine, Target
-from ultrastyle.core.transforms import EIG_FLOOR, FeatureStats, fit_affine
+from ultrastyle.core.transforms import EIG_FLOOR, FeatureStats, check_finite, fit_affine
 
 FIT_PLACES = ("auto", "host", "device")
 STYLE_CACHE_SIZE = 64  # style statistics (one per style and stage) whose Σ^1/2 is kept per device
@@ -80,6 +80,7 @@ class DeviceFitter:
         if hit is not None and hit[0] is style:
             self._styles.move_to_end(key)
             return hit[1], hit[2]
+        check_finite("style", style)  # once per style: its statistics are the host's
         on = stats_on(style, device)
         colour = sym_power_masked(on.covariance(), 0.5)
         self._styles[key] = (style, colour, on.mean)
@@ -96,6 +97,8 @@ class DeviceFitter:
             return a.to(device), b.to(device)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if content.sum.device.type == "cpu":  # the stage's host copy: checked free (statistics left on a GPU would wait)
+            check_finite("content", content)
         dev = stats_on(content, device)
         eye = torch.eye(content.channels, dtype=torch.float64, device=device)
         whiten = sym_power_masked(dev.covariance() + eye, -0.5)
