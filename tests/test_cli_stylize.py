@@ -357,13 +357,26 @@ def test_bad_style_fails_its_pairs_and_good_style_pairs_succeed(invoke, images: 
     assert _partials(out) == []
 
 
-def test_missing_style_is_named_in_the_error(invoke, images: dict[str, Path], tmp_path: Path) -> None:
+def test_a_missing_file_every_pair_needs_is_refused_before_the_model_opens(invoke, images: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch) -> None:  # fmt: skip
+    """As optimize refuses its style: exit 2, one line, no model opened (a download, an export) for outputs that all fail."""
+    import ultrastyle.api
+
     missing = tmp_path / "nostyle.png"
-    r = invoke(images["c1"], "--style", missing, "-o", tmp_path / "out")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ultrastyle.api.Stylizer, "__init__", lambda *a, **k: pytest.fail("the model was opened"))
+        for args, role in (((images["c1"], "--style", missing), "style"), ((missing, tmp_path / "no2.png", "--style", images["s1"]), "content"),
+                           ((images["c1"], "--style", images["s1"], "--style", missing, "--mask", images["c1"]), "style")):  # fmt: skip
+            r = invoke(*args, "-o", tmp_path / "out")
+            assert r.exit_code == 2, r.output
+            assert _error_lines(r) == [f"error: {missing}: no such {role} image file{' (and 1 more)' if role == 'content' else ''}; "
+                                       "every output would fail on it"]  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    r = invoke(images["c1"], "--style", missing, "--style", images["s1"], "-o", tmp_path / "out")  # the other style's pair still runs
     assert r.exit_code == 1
     errors = _error_lines(r)
     assert len(errors) == 1 and str(missing) in errors[0] and "no such file" in errors[0]
-    assert _summary(r) == (0, 0, 1, 1)
+    assert _summary(r) == (1, 0, 1, 2)
 
 
 def test_an_output_dir_under_a_file_is_refused_before_any_work_naming_it(invoke, images: dict[str, Path], tmp_path: Path) -> None:

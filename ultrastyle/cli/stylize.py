@@ -306,6 +306,13 @@ def stylize_command(
     if not contents or (not styles and not mix_items):
         _err(f"no {'content' if not contents else 'style'} images found in: {' '.join(content if not contents else style)}")
         raise typer.Exit(2)
+    # Files that are nowhere and would fail every pair: refused before the model opens, as optimize refuses its style.
+    for role, files, every in (("content", contents, True), ("style", [p for p, _ in mix_items] if mix_items else styles, not (mix or mask))):
+        gone = [p for p in files if not p.exists()]
+        if gone and (len(gone) == len(files) or not every):  # every one missing, or one of a mix's (or a mask's) styles
+            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            _err(f"{gone[0]}: no such {role} image file{more}; every output would fail on it")
+            raise typer.Exit(2)
     mine = deal(contents, options.shard)  # this part's (stylize_batch deals the same list alike)
     if options.shard is not None:
         k, n = options.shard
