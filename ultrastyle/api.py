@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 import numpy as np
 from PIL import Image
@@ -58,10 +58,14 @@ from ultrastyle.runtime.tiled import TileCallback
 BOOKS_KEPT = 8
 _BOOKS_LOCK = threading.Lock()  # the books of every Stylizer: held for dictionary work only, never while computing
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
+
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 
 __all__ = [
-    "ClusterStylizer", "ImageLike", "OptionError", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
+    "BatchSettings", "CallSettings", "ClusterStylizer", "ImageLike", "ImageSettings", "OneBatchSettings", "OneImageSettings",
+    "OptionError", "RunnerSettings", "Stylizer", "load", "make_options", "stylize", "stylize_batch",
 ]  # fmt: skip
 
 
@@ -159,6 +163,63 @@ def make_options(
         pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
         streaming=streaming,
     )  # fmt: skip
+
+
+class CallSettings(TypedDict, total=False):
+    """The settings a `load` gives every call (`make_options`' keywords but ``levels`` and a batch's own)."""
+
+    method: str | None
+    alpha: float | None
+    preserve_color: str
+    content_size: int
+    style_size: int
+    max_memory: int | str | None
+    tile: int | str | None
+    halo: int | str | None
+    scratch: str | os.PathLike | None
+    format: str
+    depth: int
+    png_level: int
+    max_pixels: int
+    io_workers: int
+    io_memory: int | str | None
+    tiff_layout: str
+    tiff_compression: str
+    dzi_tiles: str
+    streaming: str
+
+
+class ImageSettings(CallSettings, total=False):
+    """The settings of one image (`Stylizer.stylize`)."""
+
+    levels: Sequence[int] | str | None
+
+
+class BatchSettings(ImageSettings, total=False):
+    """The settings of a batch (`Stylizer.stylize_batch`): every keyword of `make_options`."""
+
+    skip_existing: bool
+    shard: str | tuple[int, int] | None
+
+
+class RunnerSettings(TypedDict, total=False):
+    """How the model runs (`Stylizer`'s keywords), as the one-call functions take them."""
+
+    backend: str
+    device: str
+    precision: str
+    compile: bool
+    threads: int
+    on_message: Callable[[str], None] | None
+    progress: bool
+
+
+class OneImageSettings(ImageSettings, RunnerSettings, total=False):
+    """`stylize`'s keywords: the image's settings and the runner's."""
+
+
+class OneBatchSettings(BatchSettings, RunnerSettings, total=False):
+    """`stylize_batch`'s keywords: the batch's settings and the runner's."""
 
 
 def _label_array(mask: ImageLike) -> ImageLike:
@@ -264,7 +325,7 @@ class Stylizer:
         levels: Sequence[int] | str | None = None,
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
-        **settings: Any,
+        **settings: Unpack[CallSettings],
     ) -> None:
         backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile, threads=threads)
         model = model_source(model)
@@ -355,7 +416,7 @@ class Stylizer:
     def __exit__(self, *exc: object) -> None:
         self.close()  # deferred while another thread's call runs; that thread's next call opens the networks again
 
-    def options(self, **settings: Any) -> StylizeOptions:
+    def options(self, **settings: Unpack[BatchSettings]) -> StylizeOptions:
         """`make_options` with this model's defaults and the settings given at load (``settings`` over them), checked
         against the loaded stages and the budget."""
         check_settings(settings)
@@ -400,7 +461,7 @@ class Stylizer:
         mask: ImageLike | None = None,
         output: str | os.PathLike | None = None,
         on_tile: TileCallback | None = None,
-        **settings: Any,
+        **settings: Unpack[ImageSettings],
     ) -> np.ndarray:
         """Stylize one content image; returns (H, W, 3) uint8 (uint16 with ``depth=16``), held beside ``max_memory``
         (3 or 6 bytes a pixel, which the budget does not count: it is the caller's; `stylize_batch` writes files instead).
@@ -455,7 +516,7 @@ class Stylizer:
         mask: ImageLike | None = None,
         on_result: Callable[[PairResult], None] | None = None,
         on_tile: TileCallback | None = None,
-        **settings: Any,
+        **settings: Unpack[BatchSettings],
     ) -> BatchSummary:
         """Every content x style pair into ``output_dir`` as ``{content}_stylized_{style}.{ext}``, streamed.
 
@@ -535,7 +596,7 @@ class ClusterStylizer(Stylizer):
         levels: Sequence[int] | str | None = None,
         on_message: Callable[[str], None] | None = None,
         progress: bool = True,
-        **settings: Any,
+        **settings: Unpack[CallSettings],
     ) -> None:
         from ultrastyle.distributed.pool import WorkerPool
 
@@ -720,7 +781,7 @@ def stylize(
     mask: ImageLike | None = None,
     output: str | os.PathLike | None = None,
     on_tile: TileCallback | None = None,
-    **settings: Any,
+    **settings: Unpack[OneImageSettings],
 ) -> np.ndarray:
     """Stylize one image with ``model``: `load` then `Stylizer.stylize` (see both); returns (H, W, 3) uint8 (uint16 with ``depth=16``).
 
@@ -752,7 +813,7 @@ def stylize_batch(
     mask: ImageLike | None = None,
     on_result: Callable[[PairResult], None] | None = None,
     on_tile: TileCallback | None = None,
-    **settings: Any,
+    **settings: Unpack[OneBatchSettings],
 ) -> BatchSummary:
     """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both).
 

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
 from ultrastyle.io.atomic import sweep_stale
@@ -39,6 +39,11 @@ from ultrastyle.optimization.run import (
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import output_exists
 from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, deal, too_long_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
+
+    from ultrastyle.optimization.run import OptimizeSettings
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 
@@ -241,7 +246,7 @@ def optimize_batch(
     shard: str | tuple[int, int] | None = None,
     on_progress: PairProgress | None = None,
     on_result: Callable[[PairResult], None] | None = None,
-    **settings: Any,
+    **settings: Unpack[OptimizeSettings],
 ) -> BatchSummary:
     """What `ultrastyle optimize` does: every content image (files, folders, globs) with ``style``, into ``output``.
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from ultrastyle.optimization.solvers import (
     DEFAULT_ADAM_LR, DEFAULT_HISTORY, Solver, make_solver, vectors_per_image,
 )  # fmt: skip
 from ultrastyle.options import OptionError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
 
 INITS = ("content", "noise", "wct")
 # The optimize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).
@@ -136,6 +139,30 @@ def _scales(value: Sequence[int | str] | str | int | None) -> tuple[int, ...]:
     if body != sorted(body) or (0 in out and out.index(0) != len(out) - 1):
         raise OptionError("scales", f"scales go coarse to fine, 'full' last; got {value!r}")
     return tuple(out)
+
+
+class OptimizeSettings(TypedDict, total=False):
+    """The keywords of `make_optimize_options`, which the optimize calls take as ``**settings`` (typed for editors)."""
+
+    iterations: int
+    scales: Sequence[int | str] | str | int | None
+    init: str
+    solver: str
+    content_weight: float
+    style_weight: float
+    layer_weights: Mapping[str, float] | Sequence[float] | None
+    content_layer: str
+    content_size: int
+    style_size: int | None
+    max_memory: int | str | None
+    tile: int | str | None
+    scratch: str | os.PathLike | None
+    save_every: int
+    seed: int
+    history: int
+    lr: float
+    max_pixels: int
+    format: str
 
 
 def make_optimize_options(
@@ -507,7 +534,7 @@ class Optimizer:
         state_dir: str | os.PathLike | None = None,
         on_progress: ProgressCallback | None = None,
         on_tile: TileCallback | None = None,
-        **settings: Any,
+        **settings: Unpack[OptimizeSettings],
     ) -> np.ndarray:
         """Optimize one image; returns (H, W, 3) uint8 (the content's size after ``content_size``).
 
@@ -736,7 +763,7 @@ def optimize(
     state_dir: str | os.PathLike | None = None,
     on_progress: ProgressCallback | None = None,
     on_tile: TileCallback | None = None,
-    **settings: Any,
+    **settings: Unpack[OptimizeSettings],
 ) -> np.ndarray:
     """Stylize ``content`` by optimization (Gatys et al.) with ``model``'s encoder as the loss network; (H, W, 3) uint8.
 
