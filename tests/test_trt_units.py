@@ -154,10 +154,13 @@ def test_engine_folder_name_and_timing_cache_key():
     assert eng.timing_cache_path(HOST, "/x/t.cache").as_posix() == "/x/t.cache"
 
 
-def _manifest_with_engine(folder, data=b"plan", graph_sha="g" * 64, tiles_max=1024) -> eng.EngineManifest:
+def _manifest_with_engine(folder, data=b"plan", graph_sha="g" * 64, tiles_max=1024, built_here=True) -> eng.EngineManifest:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "encoder3.fp32.engine").write_bytes(data)
     import hashlib
+
+    if built_here:  # as `build` records each engine it writes
+        eng.record_built(hashlib.sha256(data).hexdigest())
 
     m = eng.EngineManifest(HOST, "12.8", "570.1")
     m.engines["encoder3.fp32"] = eng.EngineEntry(
@@ -191,6 +194,21 @@ def test_stale_reasons_cover_every_way_an_engine_goes_bad(tmp_path):
     assert "does not match its recorded sha256" in reasons()
     (folder / "encoder3.fp32.engine").unlink()
     assert "is missing" in reasons()
+
+
+def test_an_engine_this_user_did_not_build_is_stale_whatever_its_manifest_says(tmp_path):
+    """Engines are native code (TensorRT runs what it deserializes): one that came in a bundle is built again, not run."""
+    folder = tmp_path / "f"
+    m = _manifest_with_engine(folder, data=b"a plan from elsewhere", built_here=False)  # its sha256 matches its manifest
+    reasons = eng.stale_reasons(m, folder, "encoder3", "fp32", host=HOST, graph_sha256="g" * 64)
+    assert len(reasons) == 1 and "was not built by this user's ultrastyle" in reasons[0]
+    eng.record_built(m.engines["encoder3.fp32"].sha256)  # built here (another engine's record does not count)
+    eng.record_built("0" * 64)
+    assert eng.stale_reasons(m, folder, "encoder3", "fp32", host=HOST, graph_sha256="g" * 64) == []
+    assert eng.built_record().read_text().split() == [m.engines["encoder3.fp32"].sha256, "0" * 64]
+    assert eng.built_record().parent == eng.timing_cache_path(HOST).parent  # the user's home, outside the bundle
+    with pytest.raises(ValueError, match="64 hex digits"):
+        eng.record_built("../../etc\nx")
 
 
 def test_damaged_or_newer_manifest_is_refused_with_the_rebuild_command(tmp_path):

@@ -297,6 +297,7 @@ class _Build:
             precision=self.precision, quantized=src.quantized, tf32=self.engine_from.tf32 and src.kind != "stats",
         )  # fmt: skip
         name = eng.engine_file(src.network, self.precision)
+        eng.record_built(hashlib.sha256(data).hexdigest())  # before the file: a run never finds one it does not trust
         write_atomic(self.folder / name, data)
         self.manifest.engines[eng.engine_key(src.network, self.precision)] = eng.EngineEntry(
             network=src.network,

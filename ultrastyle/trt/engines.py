@@ -21,12 +21,21 @@ TensorRT version, CUDA driver and kernel driver versions.
 the runner (never run what is stale) use. The driver version is recorded but
 does not make an engine stale: engines depend on the GPU and TensorRT, and a
 newer driver runs them.
+
+An engine is native code (TensorRT's security guidance: deserializing one is
+running it; deserialize only engines you built). The manifest's sha256 comes
+with the bundle, so it proves nothing about who built it: every engine this
+user's builds write is recorded outside any bundle (`record_built`, in
+``$ULTRASTYLE_HOME/tensorrt/``), and an engine not recorded there is stale:
+never run, and built again here. A bundle from elsewhere keeps working; its
+engines are simply rebuilt before they run.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +99,35 @@ def timing_cache_path(host: Host, path: str | Path | None = None) -> Path:
     if path is not None:
         return Path(path)
     return home_dir() / "tensorrt" / f"timing_{host.folder_name}.cache"
+
+
+BUILT_RECORD = "built-engines.txt"  # sha256 of each engine this user's builds wrote, one a line
+
+
+def built_record() -> Path:
+    """The record of engines built here (`record_built`): in the user's ultrastyle home, outside every bundle."""
+    return home_dir() / "tensorrt" / BUILT_RECORD
+
+
+def record_built(sha256: str) -> None:
+    """Record an engine this process built (its file's sha256), so that runs trust it: one appended line."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"expected an engine's sha256 (64 hex digits), got {sha256[:80]!r}")
+    path = built_record()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # one short append: whole, beside other builds'
+    try:
+        os.write(fd, f"{sha256}\n".encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def built_here(sha256: str) -> bool:
+    """Whether `record_built` recorded this engine sha256 (a build of this user's, on any machine sharing the home)."""
+    try:
+        return sha256 in built_record().read_text(encoding="ascii", errors="replace").split()
+    except FileNotFoundError:
+        return False
 
 
 @dataclass
@@ -199,6 +237,9 @@ def stale_reasons(
             reasons.append(f"{key}: engine file {path} is missing")
         elif sha256_file(path) != entry.sha256:
             reasons.append(f"{key}: engine file {path} does not match its recorded sha256 (modified or truncated)")
+        elif not built_here(entry.sha256):
+            reasons.append(f"{key}: engine file {path} was not built by this user's ultrastyle (an engine is native code: only "
+                           "engines built here run)")  # fmt: skip
     if need_region is not None and entry.tiles.get("max", 0) < need_region:
         reasons.append(f"{key}: its profile ends at {entry.tiles.get('max')}-px tiles, {need_region}-px tiles are planned")
     return reasons
