@@ -109,9 +109,15 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
 
 def atomic_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, rename (`ultrastyle.io.atomic`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # torch.save names no file ("[Errno 28] No space left on device"): the checkpoint's path goes with it
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def read_checkpoint(path: Path) -> dict:

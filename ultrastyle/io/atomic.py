@@ -37,6 +37,7 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "atomic_write",
+    "disk_full",
     "is_alive",
     "is_unwritable",
     "partial_path",
@@ -245,6 +246,19 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
 def is_unwritable(exc: OSError) -> bool:
     """Whether ``exc`` says the place cannot be written (permissions, or a read-only mount), rather than some other failure."""
     return isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or its causes) that says the disk or the user's quota is full, else None:
+    every later write to that disk fails too, unlike one file's error (EFBIG is a per-file limit)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # Whether a pid can be asked about here: not on Windows (os.kill(pid, 0) would end the process), where this machine's temp

@@ -313,12 +313,19 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
             except pyvips.Error as exc:
                 if failure:  # the bands failed (a canvas read): that is the error, not libvips' end of data
                     raise failure[0] from exc
-                raise ImageError(f"{path}: cannot write the image (libvips: {str(exc).strip().splitlines()[0]})") from exc
+                raise ImageError(f"{path}: cannot write the image ({_vips_cause(exc)})") from exc
             if failure:
                 raise failure[0]
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
+
+
+def _vips_cause(exc: Exception) -> str:
+    """libvips' error in a few words: the system error it names (a full disk), else its first line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or ["unknown error"]
+    system = [ln.split("system error:", 1)[1].strip() for ln in lines if "system error:" in ln]
+    return system[0] if system else f"libvips: {lines[0]}"
 
 
 def check_output_size(path: str | Path, fmt: str, height: int, width: int) -> None:

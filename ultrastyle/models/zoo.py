@@ -625,7 +625,11 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
         try:
             with open(src, "rb") as s:
                 for chunk in iter(lambda: s.read(CHUNK), b""):
-                    fh.write(chunk)
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:  # the cache's disk, not the source (a full disk said "cannot read" the source)
+                        raise ZooError(f"cannot write {dest} ({exc.strerror or exc}) to install {entry.name}/{f.name}; "
+                                       "free space there, or set ULTRASTYLE_HOME to a folder on another disk") from exc  # fmt: skip
                     h.update(chunk)
                     advance(len(chunk))
         except OSError as exc:

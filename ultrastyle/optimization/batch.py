@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ultrastyle import options as check
-from ultrastyle.io.atomic import sweep_stale
+from ultrastyle.io.atomic import disk_full, sweep_stale
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 from ultrastyle.io.images import ImageError, as_role, check_pixels
 from ultrastyle.io.paths import expand_inputs, ignores_case
@@ -38,7 +38,7 @@ from ultrastyle.optimization.run import (
 )
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import output_exists
-from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, deal, too_long_name
+from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, deal, not_made_disk_full, too_long_name
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
@@ -201,13 +201,17 @@ def run_batch(
 def _run_pairs(optimizer: Optimizer, pairs: Sequence[Pair], options: OptimizeOptions, summary: BatchSummary, t0: float,
                skip_existing: bool, on_progress: PairProgress | None,
                on_result: Callable[[PairResult], None] | None) -> None:  # fmt: skip
-    """`run_batch`'s loop: each pair's result into ``summary``."""
+    """`run_batch`'s loop: each pair's result into ``summary``; once an output finds its disk full, the rest are not run."""
+    full: tuple[Path, OSError] | None = None
     for pair in pairs:
         out = pair.output
         assert out is not None
         started = time.perf_counter()
+        error: Exception | None = None
         if skip_existing and output_exists(out) and not optimizer.resumes(pair.content, pair.style.paths[0], options, state_dir_for(out)):
             result = PairResult(pair, "skipped")  # (an interrupted run's state that this run would resume is resumed instead)
+        elif full is not None:
+            result = not_made_disk_full(pair, *full)
         else:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,13 +224,17 @@ def _run_pairs(optimizer: Optimizer, pairs: Sequence[Pair], options: OptimizeOpt
                 summary.wall_seconds = time.perf_counter() - t0
                 raise BatchInterrupted(summary, unfinished=(pair,)) from None
             except ImageError as exc:  # its remedy goes with it: a front end says the setting its way
+                error = exc
                 result = PairResult(pair, "failed", str(exc), time.perf_counter() - started, remedy=getattr(exc, "remedy", None))
             except OptionError as exc:  # a setting this image cannot take (its canvases and tiles in the budget)
                 result = PairResult(pair, "failed", f"{pair.content}: {exc}", time.perf_counter() - started, option=exc.option,
                                     remedy=getattr(exc, "remedy", None))  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - this content fails, the batch goes on
+                error = exc
                 result = PairResult(pair, "failed", f"{pair.content}: optimization failed ({type(exc).__name__}: {exc})",
                                     time.perf_counter() - started, remedy=getattr(exc, "remedy", None))  # fmt: skip
+        if error is not None and full is None and (disk := disk_full(error)) is not None:
+            full = (out, disk)
         summary.results.append(result)
         if on_result is not None:
             on_result(result)

@@ -451,7 +451,8 @@ def _noise(dst: Canvas, seed: int, band: int = 256) -> None:
 
 
 class StateWarning(UserWarning):
-    """A saved optimization state that is not resumed: made with other inputs or settings, or damaged. The run starts over."""
+    """A saved optimization state that is not resumed (made with other inputs or settings, or damaged: the run starts
+    over), or one that cannot be saved (the run goes on without saving)."""
 
 
 class _StartOver(Exception):
@@ -611,6 +612,20 @@ class Optimizer:
         start = resume["scale"] if resume else 0
         t0 = time.perf_counter()
         solver: Solver | None = None
+        saving = state is not None
+
+        def save(scale: int) -> None:
+            """The state, or (a full disk: the solver's canvases need more room than the image) one warning and no more saves."""
+            nonlocal saving
+            if not saving:
+                return
+            assert state is not None and solver is not None
+            try:
+                _save_state(state, fingerprint, scale, solver)
+            except OSError as exc:
+                saving = False
+                warn(f"{state}: cannot save the optimization state ({exc.strerror or exc}); this image goes on without "
+                     "saving it (an interruption resumes from the last state saved, if any)", StateWarning)  # fmt: skip
         try:
             for i in range(start, len(sizes)):
                 sh, sw = sizes[i]
@@ -644,10 +659,10 @@ class Optimizer:
                         if on_progress is not None:
                             on_progress(ProgressEvent(i, len(sizes), (sh, sw), solver.iterations, opts.iterations, value,
                                                       time.perf_counter() - t0, len(plan.tiles)))  # fmt: skip
-                        if state is not None and opts.save_every and solver.iterations % opts.save_every == 0:
-                            _save_state(state, fingerprint, i, solver)
-                    if state is not None and i < len(sizes) - 1:
-                        _save_state(state, fingerprint, i, solver)
+                        if opts.save_every and solver.iterations % opts.save_every == 0:
+                            save(i)
+                    if i < len(sizes) - 1:
+                        save(i)
                 finally:
                     for canvas in closing:
                         canvas.close()

@@ -38,6 +38,7 @@ from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_
 from ultrastyle.io.sources import ImageInput, Source, resized_header
 from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
+from ultrastyle.io.atomic import disk_full
 from ultrastyle.io.paths import file_signature
 from ultrastyle import options as check
 from ultrastyle.options import OptionError
@@ -47,7 +48,7 @@ from ultrastyle.core.plan import ImagePlan, TilingOptions
 from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.runtime.cascade import DEFAULT_ALPHA, DEFAULT_LEVELS
 from ultrastyle.runtime.decode import Decoded, decode, read_plan, warn_read_whole
-from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, not_made_disk_full
 from ultrastyle.core.color import MODES as COLOR_MODES, keep_content_chroma_canvas, match_colors, rgb_statistics
 from ultrastyle.runtime.memory import release_free_memory
 from ultrastyle.errors import warn
@@ -517,6 +518,7 @@ class _BatchRun:
         self.workers = options.workers
         self.allowance = _Allowance(options.io_allowance)
         self.writes: deque[Future] = deque()
+        self.full: tuple[Path, OSError] | None = None  # the output whose write found the disk full (`not_made_disk_full`)
         self.readers = ThreadPoolExecutor(self.workers, thread_name_prefix="ultrastyle-read")
         self.writers = ThreadPoolExecutor(self.workers, thread_name_prefix="ultrastyle-write")
         self.submitted = 0
@@ -547,6 +549,8 @@ class _BatchRun:
             self.results[i] = PairResult(pair, "done", None, seconds, h * w / 1e6)
         except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
             self.results[i] = _failure(pair, exc, seconds)
+            if self.full is None and (full := disk_full(exc)) is not None:  # the batch stops computing (`run_batch`)
+                self.full = (pair.output, full)
         finally:
             if isinstance(out, Canvas):
                 out.close()
@@ -603,6 +607,14 @@ class _BatchRun:
         while self.writes and self.writes[0].done():
             self.writes.popleft().result()
 
+    def stop_for_full_disk(self, j: int) -> None:
+        """Jobs ``j`` on are not computed: a write found the output disk full, and each of theirs would fail after its work."""
+        assert self.full is not None
+        for job in self.jobs[j:]:
+            for i in job.indices:
+                if self.results[i] is None:
+                    self.results[i] = not_made_disk_full(self.pairs[i], *self.full)
+
     def interrupted(self) -> BatchSummary:
         """After Ctrl-C: outputs not yet being encoded are dropped, those being encoded are finished."""
         self.readers.shutdown(wait=False, cancel_futures=True)
@@ -643,6 +655,9 @@ def run_batch(
     run = _BatchRun(model, pairs, options, on_result, on_tile, styles)
     try:
         for j in range(len(run.jobs)):
+            if run.full is not None:
+                run.stop_for_full_disk(j)
+                break
             run.run_job(j)
             run.report()
         for f in run.writes:

@@ -78,6 +78,15 @@ class PairResult:
     option: str | None = None  # the setting the failure is about (an `OptionError`'s keyword), for a front end to name its way
 
 
+def not_made_disk_full(pair: Pair, failed: Path, full: OSError) -> PairResult:
+    """The result of a pair a batch does not compute once writing ``failed`` found its disk full (``full``): every later
+    output would fail after all its work. One message for all of them, so a front end says it once."""
+    rerun = Setting("skip_existing", True)
+    return PairResult(pair, "failed", remedy=rerun, error=(
+        f"not made: the disk of {failed.parent} is full ({full.strerror or full}, writing {failed.name}); free space, "
+        f"then run the batch again with {rerun.python()} to make the rest"))  # fmt: skip
+
+
 # A batch's summary gives seconds per megapixel from this many megapixels done.
 RATE_MIN_MEGAPIXELS = 1.0
 
