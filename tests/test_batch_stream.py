@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -51,16 +50,24 @@ def _pairs(folder: Path, out: Path) -> list:
 
 def test_results_keep_pair_order_and_a_bad_file_fails_alone(folder, runner, tmp_path, monkeypatch):
     real = batch.decode
+    c1_decoded = threading.Event()
+    held, finished = [], []
 
-    def slow_first(src, options, *plan):  # later contents finish decoding first
+    def c0_after_c1(src, options, *plan):  # c0 finishes decoding only after c1 has: the decodes end out of order
         if src.name == "c0.png":
-            time.sleep(0.5)
-        return real(src, options, *plan)
+            held.append(c1_decoded.wait(10))
+        try:
+            return real(src, options, *plan)
+        finally:
+            finished.append(src.name)
+            if src.name == "c1.png":
+                c1_decoded.set()
 
-    monkeypatch.setattr(batch, "decode", slow_first)
+    monkeypatch.setattr(batch, "decode", c0_after_c1)
     pairs = _pairs(folder, tmp_path)
     seen = []
     summary = run_batch(runner, pairs, StylizeOptions(levels=(5, 4), style_size=64, io_workers=3), on_result=seen.append)
+    assert held == [True] and finished.index("c1.png") < finished.index("c0.png"), (held, finished)
     assert [r.pair for r in summary.results] == pairs == [r.pair for r in seen]
     assert [r.status for r in summary.results] == ["done"] * 3 + ["failed"] + ["done"] * 2
     assert "c3.png" in summary.results[3].error
@@ -68,20 +75,29 @@ def test_results_keep_pair_order_and_a_bad_file_fails_alone(folder, runner, tmp_
     assert summary.wall_seconds > 0 and summary.seconds_per_megapixel > 0
 
 
-def _decode_vs_compute(monkeypatch) -> list[tuple[str, str]]:
-    """Records ("decode", name) at each decode's start and ("done", name) at each content's end of compute."""
+def _decode_vs_compute(monkeypatch, c0_waits_for_c1: list[bool] | None = None) -> list[tuple[str, str]]:
+    """Records ("decode", name) at each decode's start and ("done", name) at each content's end of compute.
+
+    ``c0_waits_for_c1``: c0's compute ends only once c1's decode has started (or 10 s passed), the wait's outcome appended.
+    """
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
+    c1_started = threading.Event()
     real_decode, real_content = batch.decode, batch.stylize_content
 
     def decode(src, options, *plan):
         with lock:
             events.append(("decode", src.name))
+        if src.name == "c1.png":
+            c1_started.set()
         return real_decode(src, options, *plan)
 
     def content(model, decoded, pairs, *a, **k):
         out = real_content(model, decoded, pairs, *a, **k)
-        time.sleep(0.2)  # room for a read-ahead to start, were it allowed
+        if c0_waits_for_c1 is None:
+            time.sleep(0.2)  # room for a read-ahead to start, were it allowed
+        elif pairs[0].content.name == "c0.png":
+            c0_waits_for_c1.append(c1_started.wait(10))
         with lock:
             events.append(("done", pairs[0].content.name))
         return out
@@ -92,10 +108,12 @@ def _decode_vs_compute(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_contents_are_decoded_ahead_within_the_allowance(folder, runner, tmp_path, monkeypatch):
-    events = _decode_vs_compute(monkeypatch)
+    waited: list[bool] = []
+    events = _decode_vs_compute(monkeypatch, c0_waits_for_c1=waited)
     run_batch(runner, _pairs(folder, tmp_path / "a"), StylizeOptions(levels=(5,), style_size=64, io_workers=2))
     first_done = events.index(("done", "c0.png"))
-    assert ("decode", "c1.png") in events[:first_done]  # read ahead while c0 was computed
+    assert waited == [True], events  # c1's decode started while c0 was computed: read ahead
+    assert ("decode", "c1.png") in events[:first_done]
 
 
 def test_a_full_allowance_holds_the_next_decode_back(folder, runner, tmp_path, monkeypatch):
@@ -245,9 +263,13 @@ def test_a_second_ctrl_c_while_outputs_finish_still_exits_130_with_whole_files(f
             im.load()
 
 
-def test_io_workers_default_comes_from_the_core_count():
-    n = os.cpu_count() or 2
-    assert StylizeOptions().workers == max(1, min(8, n // 2))
+def test_io_workers_default_comes_from_the_core_count(monkeypatch):
+    import ultrastyle.options
+
+    # Half the cores this process may use (affinity, cgroup quota: `usable_cpus`, looked up there), between 1 and 8.
+    for cores, workers in ((1, 1), (2, 1), (5, 2), (16, 8), (40, 8)):
+        monkeypatch.setattr(ultrastyle.options, "usable_cpus", lambda cores=cores: cores)
+        assert StylizeOptions().workers == workers, cores
     assert StylizeOptions(io_workers=3).workers == 3
     assert np.isclose(StylizeOptions(tiling=None).io_allowance, 2**30)
 

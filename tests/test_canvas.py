@@ -111,22 +111,39 @@ def test_prefetch_advises_the_kernel_from_a_thread(tmp_path, channels_last, monk
 def test_close_waits_for_advice_already_running(tmp_path, monkeypatch):
     import os
     import threading
-    import time
+    from concurrent.futures import Future
 
-    open_during = []
+    import ultrastyle.core.canvas as canvas_module
+
+    open_during: list[bool] = []  # per advice call: the canvas's file was still open under it
     started = threading.Event()
+    close_progressed = threading.Event()  # close waits (on the advice) or has returned: set from the closing thread
+    real_result = Future.result
 
-    def slow(fd, off, n, advice):
+    def result(self, timeout=None):
+        if threading.current_thread().name == "closer" and not self.done():
+            close_progressed.set()  # close is about to wait, the advice still running
+        return real_result(self, timeout)
+
+    def held(fd, off, n, advice):  # advice that is still running when close comes, until close waits or is done
         started.set()
-        time.sleep(0.05)
-        open_during.append(os.fstat(fd).st_size > 0)  # raises once the descriptor is closed
+        progressed = close_progressed.wait(10)
+        try:
+            open_during.append(progressed and os.fstat(fd).st_ino == inode)
+        except OSError:  # the descriptor was closed under it
+            open_during.append(False)
 
-    monkeypatch.setattr(os, "posix_fadvise", slow)
+    monkeypatch.setattr(Future, "result", result)
+    monkeypatch.setattr(os, "posix_fadvise", held)
     canvas = Canvas(3, 20, 30, disk_dir=tmp_path)
+    inode = os.fstat(canvas._fd()).st_ino
     canvas.prefetch(slice(0, 10), slice(0, 5))
     assert started.wait(10)  # running when close comes
     canvas.prefetch(slice(10, 20), slice(0, 5))  # queued, then cancelled by close
-    canvas.close()
+    closer = threading.Thread(target=lambda: (canvas.close(), close_progressed.set()), name="closer")
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive()
     n = len(open_during)
-    time.sleep(0.2)
-    assert n >= 1 and open_during == [True] * n  # nothing ran on the descriptor after close
+    canvas_module._advisor().submit(int).result(10)  # the advice thread runs in order: whatever was queued has run now
+    assert n >= 1 and open_during == [True] * n  # the file open under every advice, and nothing ran on it after close

@@ -566,10 +566,24 @@ def test_a_run_saved_with_a_setting_now_refused_still_resumes(teacher_dir, photo
     assert r.exit_code == 0, r.output
 
 
-def test_a_job_reports_its_set_up_time_apart_from_the_steps(teacher_dir, photos, tmp_path):
+def test_a_job_reports_its_set_up_time_apart_from_the_steps(teacher_dir, photos, tmp_path, monkeypatch):
     # A user review: a 76 s fit of the start, then "1 steps in 1 s".
+    import time
+
+    import ultrastyle.distill.jobs as jobs
+
+    real_clock, real_init, skipped = time.perf_counter, jobs._student_init, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])  # the clock of the job and of its steps
+
+    def slow_init(*args, **kwargs):  # fitting the start appears to take 100 s
+        student = real_init(*args, **kwargs)
+        skipped[0] += 100.0
+        return student
+
+    monkeypatch.setattr(jobs, "_student_init", slow_init)
     r = distill(_config(teacher_dir, photos, tmp_path / "a", steps=1))
-    assert r.setup_seconds > 0 and r.train.seconds >= 0
+    assert r.train.status == "done" and r.train.step == 1
+    assert r.setup_seconds >= 100 > r.train.seconds, (r.setup_seconds, r.train.seconds)
 
 
 def test_a_folder_whose_images_all_fail_to_decode_is_refused_before_the_run_folder_is_written(teacher_dir, photos, tmp_path):

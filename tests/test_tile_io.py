@@ -4,7 +4,6 @@ bit for bit; a failed write surfaces and leaves no thread behind; writes behind 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -136,27 +135,44 @@ class _SlowCanvas(Canvas):
         super().write(row, col, block)
 
 
-def test_stores_wait_once_writes_behind_are_full_and_flush_waits_for_all():
+def test_stores_wait_once_writes_behind_are_full_and_flush_waits_for_all(monkeypatch):
+    from concurrent.futures import Future
+
     gate = threading.Event()
     canvas = _SlowCanvas(1, 4, 8, gate=gate)
     stored = []
+    waits: list[tuple[int, bool]] = []  # (stores returned, whether the write waited on was done) as the producer waits
+    progressed = threading.Event()  # the producer waits on a write, or has stored everything
+
+    real_result = Future.result
+
+    def result(self, timeout=None):
+        if threading.current_thread().name == "producer":
+            waits.append((len(stored), self.done()))
+            progressed.set()
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(Future, "result", result)
 
     def producer(io: TileIO) -> None:
-        for j in range(WRITES_BEHIND + 2):
-            io.store(canvas, 0, j, torch.full((1, 4, 1), float(j + 1)))
-            stored.append(j)
+        try:
+            for j in range(WRITES_BEHIND + 2):
+                io.store(canvas, 0, j, torch.full((1, 4, 1), float(j + 1)))
+                stored.append(j)
+        finally:
+            progressed.set()
 
     with TileIO(torch.device("cpu"), overlap=True) as io:
-        t = threading.Thread(target=producer, args=(io,))
+        t = threading.Thread(target=producer, args=(io,), name="producer")
         t.start()
-        deadline = time.monotonic() + 10
-        while len(stored) < WRITES_BEHIND and time.monotonic() < deadline:  # however slow the machine
-            time.sleep(0.01)
-        time.sleep(0.1)  # time for one store too many, were it to happen
-        # WRITES_BEHIND stores outstanding (the writer blocked on the first): the next store waits.
-        assert len(stored) == WRITES_BEHIND and t.is_alive()
-        gate.set()
-        t.join(10)
+        try:
+            assert progressed.wait(10)
+            # WRITES_BEHIND stores outstanding (the writer held on the first): the next store waits for that write.
+            assert waits[:1] == [(WRITES_BEHIND, False)] and stored == list(range(WRITES_BEHIND)), (waits, stored)
+        finally:
+            gate.set()
+            t.join(10)
+        assert not t.is_alive()
         io.flush()
     assert stored == list(range(WRITES_BEHIND + 2))
     assert canvas.numpy()[0, 0, : WRITES_BEHIND + 2].tolist() == [float(j + 1) for j in range(WRITES_BEHIND + 2)]
