@@ -447,9 +447,34 @@ def test_stylize_precision_int8_runs_the_calibrated_bundle(int8_bundle, shared_d
     assert 0 < diff.mean() < 0.08, diff.mean()
 
 
-def test_manifest_stays_valid_json_with_calibration_block(int8_bundle):
-    manifest = json.loads((int8_bundle.path / "manifest.json").read_text())
-    assert read_bundle(int8_bundle.path).manifest == manifest
+def test_manifest_stays_valid_json_with_calibration_block(fp32_bundle, train_dir, tmp_path, monkeypatch):
+    import copy
+    from dataclasses import asdict
+
+    import ultrastyle.calibration.quantize as q
+
+    folder = tmp_path / "b"
+    shutil.copytree(fp32_bundle.path, folder)
+    written, write = [], q._write_manifest
+    monkeypatch.setattr(q, "_write_manifest", lambda where, manifest: (written.append(copy.deepcopy(manifest)), write(where, manifest))[1])
+    done = calibrate_bundle(folder, train_dir, SETTINGS, stages=(1,))
+    assert len(written) == 1
+    manifest = written[0]  # the calibration's own, in memory: the file and the bundle read from it hold the same
+    assert json.loads((folder / "manifest.json").read_text()) == manifest == read_bundle(folder).manifest == done.manifest
+    cal = manifest["calibration"]
+    assert set(cal) == set(asdict(SETTINGS)) | {"stages"} and cal["stages"] == [1]
+    assert cal["method"] == "percentile" and cal["per_channel"] is True and cal["keep_float"] == "ends" and cal["activations"] == "uint8"
+    assert cal["samples"] == 3 and cal["tile"] == 128 and cal["image_size"] == 384 and cal["seed"] == 0
+    train = {p.name for p in calibration_images(train_dir)}
+    assert cal["images"] and len(cal["images"]) <= 3 and set(cal["images"]) <= train, cal["images"]
+    # The rest is the float32 bundle's, with the int8 graphs of stage 1 added to their networks' entries.
+    assert set(manifest) - {"calibration"} == set(fp32_bundle.manifest)
+    assert {k: v for k, v in manifest.items() if k not in ("calibration", "networks")} == {
+        k: v for k, v in fp32_bundle.manifest.items() if k != "networks"
+    }
+    for name, entry in manifest["networks"].items():
+        assert {k: v for k, v in entry.items() if k != "int8"} == fp32_bundle.manifest["networks"][name], name
+        assert ("int8" in entry) == (name in ("encoder1", "decoder_affine1")), name
 
 
 def test_a_failed_recalibration_leaves_the_bundle_as_it_was(int8_bundle, train_dir, tmp_path, monkeypatch):

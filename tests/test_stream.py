@@ -111,6 +111,11 @@ def test_interlaced_png_is_read_whole(tmp_path: Path) -> None:
     p = tmp_path / "adam7.png"
     pyvips.Image.new_from_array((np.random.default_rng(2).random((H, W, 3)) * 255).astype(np.uint8)).pngsave(str(p), interlace=True)
     assert "interlaced" in (stream_blocker(p) or "")
+    with pytest.warns(ReadWholeWarning, match="interlaced") as caught:
+        d = decode(p, StylizeOptions(streaming="always"))
+    assert "streaming was asked for" in str(caught[0].message)
+    assert not isinstance(d, StreamedDecoded)
+    np.testing.assert_array_equal(d.take(), read_image(p))
 
 
 def test_auto_streams_only_what_does_not_fit(files: dict[str, Path]) -> None:

@@ -266,8 +266,9 @@ def test_match_colors_to_a_one_pixel_content_is_that_pixels_colour():
     assert torch.allclose(flat[:, 0, 0], rgb_statistics(style).mean.float(), atol=1e-5)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu)], indirect=True)  # the CPU: the tests above
 @pytest.mark.parametrize("method", ["wct", "adain"])
-def test_mask_and_mix_tiled_equal_whole_on_each_device(cd16x_dir, images, device, method):
+def test_mask_and_mix_tiled_equal_whole_on_cuda(cd16x_dir, images, device, method):
     # Through the runner: on CUDA it computes in IEEE float32 (PyTorch's default TF32 breaks exactness).
     with TorchRunner(load_cd_folder(cd16x_dir, stages=LEVELS).to(device)) as model:
         content = images["content"]

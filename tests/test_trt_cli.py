@@ -11,7 +11,10 @@ import test_trt_fakes as fakes
 from ultrastyle.cli.main import app
 from ultrastyle.trt.env import missing_for_tensorrt
 
-NO_TRT = pytest.mark.skipif(not missing_for_tensorrt(), reason="checks the messages of a machine without TensorRT or a GPU")
+NO_TRT = pytest.mark.skipif(
+    not missing_for_tensorrt(),
+    reason="TensorRT, a CUDA binding and a GPU are all here, so the messages of a machine that lacks one cannot be produced",
+)
 
 
 @pytest.fixture

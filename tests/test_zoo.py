@@ -753,27 +753,35 @@ def test_an_earlier_releases_packaged_file_is_replaced_not_refused(registry: Tem
 def test_the_packaged_models_list_their_earlier_versions() -> None:
     """Every earlier digest of a packaged file in this repository's history is listed (so upgrades replace, not refuse)."""
     repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        log = subprocess.run(["git", "-C", str(repo), "log", "--format=%H", "--", "ultrastyle/models/zoo.json"],
-                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        shallow = git("rev-parse", "--is-shallow-repository").strip() == "true"
+        log = git("log", "--format=%H", "--", "ultrastyle/models/zoo.json").split()
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"no git history to compare with ({exc})")
-    if len(log) < 2:
-        pytest.skip("a shallow clone: zoo.json has no earlier versions here")
+        pytest.skip(f"not a git checkout with its history here, so there is none to compare with ({exc})")
+    if shallow and len(log) < 2:
+        pytest.skip("a shallow clone: zoo.json's earlier versions are not in this checkout's history")
     current = {(n, f.name): f for n, e in zoo.entries().items() for f in e.files if f.kind == "package"}
-    missing = []
-    for commit in log[1:]:
-        raw = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:ultrastyle/models/zoo.json"], capture_output=True, text=True).stdout
+    assert current, "zoo.json lists no packaged file"
+    missing, compared, unreadable = [], [], []
+    for commit in log:  # the latest commit too: the working copy may have changed since
         try:
-            models = json.loads(raw)["models"]
-        except (ValueError, KeyError, TypeError):
-            continue  # an older schema
-        for n, e in models.items():
-            for f in e.get("files", []):
-                now = current.get((n, f.get("name")))
-                if now is not None and f.get("sha256") not in (now.sha256, *now.earlier_sha256):
-                    missing.append(f"{n}/{f['name']} {f['sha256']} (zoo.json at {commit[:7]})")
+            models = json.loads(git("show", f"{commit}:ultrastyle/models/zoo.json"))["models"]
+            files = [(n, f.get("name"), f.get("sha256")) for n, e in models.items() for f in e.get("files", [])]
+        except (subprocess.CalledProcessError, ValueError, KeyError, TypeError, AttributeError):
+            unreadable.append(commit[:7])  # an older schema, or the commit that removed the file
+            continue
+        compared.append(commit)
+        for n, name, sha in files:
+            now = current.get((n, name))
+            if now is not None and sha not in (now.sha256, *now.earlier_sha256):
+                missing.append(f"{n}/{name} {sha} (zoo.json at {commit[:7]})")
     assert not missing, "add to the file's earlier_sha256: " + "; ".join(sorted(set(missing)))
+    if len(log) > 1:  # several versions: at least one earlier one was read, not all skipped as an older schema
+        assert set(compared) - {log[0]}, f"no earlier zoo.json could be read (older schema at {', '.join(unreadable)})"
 
 
 def _own_from_cd(registry: TempRegistry) -> dict:
