@@ -377,11 +377,17 @@ def test_size_text_names_small_budgets_in_their_own_unit():
 def test_a_scratch_disk_too_small_for_the_caches_is_named_as_the_cause():
     """Without feature caches (no room on the scratch disk) pass 2 needs wider halos; where the budget then holds no tile,
     the error names the scratch folder, not the memory budget alone."""
-    from ultrastyle.core.plan import TilingOptions, plan_image
+    from dataclasses import replace
+
+    from ultrastyle.core.plan import TilingOptions, plan_image, size_text
     from ultrastyle.core.traits import RunnerTraits
 
     arch, levels = ARCHS["cd16x"], (5, 4, 3, 2, 1)
     options = TilingOptions(max_memory=38 << 20, scratch_dir="/scratch", ram_canvas_limit=0)
     assert plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=20 << 30).site.disk_dir == "/scratch"
-    with pytest.raises(ValueError, match=r"the scratch folder /scratch has 20 MiB free, too little for this image's feature caches"):
+    with pytest.raises(ValueError, match=r"the scratch folder /scratch has 300 MiB free, too little for this image's feature caches"):
+        plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=300 << 20)  # room for the canvases, not the caches
+    # Room for neither: refused before any tile (it failed at the first canvas that did not fit, after the work before it)
+    without = replace(options, cache_features=False).canvas_bytes(arch, 2000, 3000, levels)
+    with pytest.raises(ValueError, match=rf"its canvases need {size_text(without)} on disk and the scratch folder /scratch has 20 MiB free"):
         plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=20 << 20)

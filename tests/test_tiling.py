@@ -451,7 +451,7 @@ def test_feature_caches_are_left_out_where_the_scratch_disk_cannot_hold_them(tmp
 
     assert any(caches(None)) and caches(None) == caches(int(need / DISK_SHARE) + 1)
     assert not any(caches(int(need / DISK_SHARE) - 1))  # pass 2 encodes again rather than fill the disk
-    assert all(caches(0, masked=True))  # masks transform cached features: kept, whatever the disk
+    assert all(caches(1 << 50, masked=True))  # masks transform cached features: kept (a disk that cannot hold them: refused)
 
 
 def test_scratch_larger_than_ram_caches_only_expensive_encoders(tmp_path):
