@@ -33,7 +33,8 @@ from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
 from ultrastyle.io.constants import format_name
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE
-from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, save_output
+from ultrastyle.io.metadata import METADATA
+from ultrastyle.io.pyramid import DZI_TILE_FORMATS, OUTPUT_FORMATS, TIFF_COMPRESSIONS, TIFF_LAYOUTS, PyramidOptions, output_meta, save_output
 from ultrastyle.io.masks import check_mask_size
 from ultrastyle.io.paths import expand_inputs
 from ultrastyle.models.defaults import ModelDefaults
@@ -94,6 +95,7 @@ def make_options(
     tiff_compression: str = "deflate",
     dzi_tiles: str = "jpg",
     streaming: str = "auto",
+    metadata: str = "keep",
 ) -> StylizeOptions:
     """Every setting of a run, validated, with ``None`` resolved from the model's ``defaults`` (a `Stylizer`'s ``.defaults``).
 
@@ -112,7 +114,8 @@ def make_options(
     extra): "auto" where a whole read would not fit beside the budget,
     "always", or "never". ``content_size``, ``style_size``: long sides in
     pixels, 0 keeping the image's own size. ``max_pixels``: the largest image
-    decoded. Each setting is checked by `ultrastyle.options` (the rules
+    decoded. ``metadata``: what outputs keep of their content file's (`io.metadata`): "keep" its resolution, scaled with
+    the resize, and EXIF (GPS left out), "all" (GPS too) or "none". Each setting is checked by `ultrastyle.options` (the rules
     `make_optimize_options` shares). Raises `OptionError` naming the setting.
     """
     method, alpha, levels = check.method(method), check.alpha(alpha), check.levels(levels)
@@ -161,7 +164,7 @@ def make_options(
         max_pixels=max_pixels, depth=depth, tiling=tiling, preserve_color=preserve_color, png_level=png_level,
         io_workers=io_workers, io_memory=io_bytes,
         pyramid=PyramidOptions(tiff_layout=tiff_layout, tiff_compression=tiff_compression, dzi_tile_format=dzi_tiles),
-        streaming=streaming,
+        streaming=streaming, metadata=check.choice("metadata", metadata, METADATA),
     )  # fmt: skip
 
 
@@ -187,6 +190,7 @@ class CallSettings(TypedDict, total=False):
     tiff_compression: str
     dzi_tiles: str
     streaming: str
+    metadata: str
 
 
 class ImageSettings(CallSettings, total=False):
@@ -503,7 +507,8 @@ class Stylizer:
             (result,) = stylize_content(self.runner, decode(src, opts), [pair], book, opts, on_tile, raise_errors=True)
         assert result is not None and result.image is not None
         if output is not None:
-            save_output(result.image, output, opts.format, depth=opts.depth, png_level=opts.png_level, pyramid=opts.pyramid)
+            save_output(result.image, output, opts.format, depth=opts.depth, png_level=opts.png_level, pyramid=opts.pyramid,
+                        meta=output_meta(src, result.image, opts.metadata))  # fmt: skip
         return result.image
 
     def stylize_batch(

@@ -101,6 +101,7 @@ def optimize_command(
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists, unless an interrupted run of it saved a state: that is resumed.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
+    metadata: Annotated[params.Metadata, typer.Option(case_sensitive=False, help=params.METADATA_HELP)] = params.Metadata.keep,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Stylize every CONTENT image with --style by optimizing the image (Gatys et al.), tile by tile within --max-memory.
@@ -132,7 +133,7 @@ def optimize_command(
         iterations=iterations, scales=scales, init=init.value, solver=solver.value, content_weight=content_weight,
         style_weight=style_weight, layer_weights=_layer_weights(layer_weights), content_layer=content_layer,
         content_size=content_size, style_size=style_size, max_memory=None if no_tile else max_memory, tile=tile,
-        scratch=scratch, save_every=save_every, seed=seed, format=out_format, max_pixels=max_pixels,
+        scratch=scratch, save_every=save_every, seed=seed, format=out_format, max_pixels=max_pixels, metadata=metadata.value,
     )  # fmt: skip
     try:
         opts, part = make_optimize_options(**settings), check_shard("shard", shard)

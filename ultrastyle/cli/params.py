@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import typer
 
 DEVICE_METAVAR = "cpu|cuda[:N]"
+
+
+class Metadata(str, Enum):
+    """`io.metadata.METADATA`, spelled here: that module imports torch, which `--help` does without."""
+
+    keep = "keep"
+    all = "all"
+    none = "none"
+
+
+METADATA_HELP = ("What outputs keep of the content file's metadata: keep (its DPI, scaled with --content-size, and EXIF "
+                 "without GPS), all (GPS too), none.")  # fmt: skip
 
 
 def device(value: str) -> str:

@@ -216,6 +216,7 @@ def stylize_command(
     tiff_compression: Annotated[TiffCompression, typer.Option(case_sensitive=False, help="Compression of TIFFs: deflate or zstd (any layout), jpeg (8-bit; a pyramid).")] = TiffCompression.deflate,
     dzi_tiles: Annotated[DziTiles, typer.Option(case_sensitive=False, help="Deep Zoom tile format: jpg (quality 90) or png (lossless).")] = DziTiles.jpg,
     streaming: Annotated[Streaming, typer.Option(case_sensitive=False, help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
+    metadata: Annotated[params.Metadata, typer.Option(case_sensitive=False, help=params.METADATA_HELP)] = params.Metadata.keep,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
@@ -273,7 +274,7 @@ def stylize_command(
         max_memory=None if no_tile else max_memory, tile=tile, halo=halo, scratch=scratch, format=fmt.value,
         depth=depth, png_level=png_level, skip_existing=skip_existing, shard=shard, max_pixels=max_pixels, io_workers=io_workers,
         tiff_layout=tiff_layout.value, tiff_compression=tiff_compression.value, dzi_tiles=dzi_tiles.value,
-        streaming=streaming.value,
+        streaming=streaming.value, metadata=metadata.value,
     )  # fmt: skip
     try:
         options = make_options(defaults, **settings)  # every bad value, before the model is opened

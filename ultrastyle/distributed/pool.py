@@ -39,7 +39,7 @@ from ultrastyle.distributed.worker import (
 from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
 from ultrastyle.io import atomic
 from ultrastyle.io.images import ImageError
-from ultrastyle.io.pyramid import save_output
+from ultrastyle.io.pyramid import output_meta, save_output
 from ultrastyle.io.sources import image_header
 from ultrastyle.errors import Setting, remedied
 from ultrastyle.runtime.backends.base import RunnerError
@@ -438,7 +438,7 @@ class WorkerPool:
                 try:
                     result = self.stylize_image(pixels, pair.style, options, work, stats=stats, on_tile=on_tile)
                     save_output(result, pair.output, options.format, depth=options.depth, png_level=options.png_level,
-                                pyramid=options.pyramid)  # fmt: skip
+                                pyramid=options.pyramid, meta=output_meta(pair.content, result, options.metadata))  # fmt: skip
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
             except (ImageError, ValueError, TileJobError, OSError) as exc:

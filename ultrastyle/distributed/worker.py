@@ -26,7 +26,7 @@ from ultrastyle.distributed.zarr_canvas import open_array
 from ultrastyle.errors import Remedies
 from ultrastyle.io.atomic import HOST_TAG
 from ultrastyle.io.images import ImageError
-from ultrastyle.io.pyramid import image_size, save_output
+from ultrastyle.io.pyramid import image_size, output_meta, save_output
 from ultrastyle.io.paths import file_signature
 from ultrastyle.core.arch import ArchSpec
 from ultrastyle.io.sources import Source
@@ -161,7 +161,7 @@ class StylizeWorker:
             try:
                 assert pair.output is not None
                 save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level,  # type: ignore[arg-type]
-                            pyramid=options.pyramid)  # fmt: skip
+                            pyramid=options.pyramid, meta=output_meta(pair.content, out, options.metadata))  # type: ignore[arg-type]  # fmt: skip
                 h, w = image_size(out)  # type: ignore[arg-type]
                 results[slot[id(pair)]] = PairResult(pair, "done", None, seconds, h * w / 1e6)
             except Exception as exc:  # noqa: BLE001 - this pair fails, the others go on

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from ultrastyle.errors import Setting, remedied, warn
 from ultrastyle.io.atomic import atomic_write
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, IMAGE_SUFFIXES  # noqa: F401 - re-exported
 from ultrastyle.io.profiles import ICC_TAG, array_to_srgb, to_srgb, unconverted
+
+if TYPE_CHECKING:
+    from ultrastyle.io.metadata import OutputMeta
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "tiff": "TIFF"}
 
@@ -543,10 +546,12 @@ def save_image(img: torch.Tensor, path: str | Path, fmt: str = "png", depth: int
     return save_array(np.ascontiguousarray(a), path, fmt)  # imagecodecs' PNG encoder refuses strided arrays
 
 
-def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: int = DEFAULT_PNG_LEVEL) -> Path:
+def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: int = DEFAULT_PNG_LEVEL,
+               meta: OutputMeta | None = None) -> Path:  # fmt: skip
     """Write an (H, W, 3) uint8 or uint16 array: temp file in the same folder, then rename.
 
-    16-bit goes to TIFF (tifffile, deflate) or PNG (imagecodecs); JPEG is 8-bit only.
+    16-bit goes to TIFF (tifffile, deflate) or PNG (imagecodecs); JPEG is 8-bit only. ``meta``: the resolution and
+    EXIF to write (`io.metadata`).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -558,7 +563,7 @@ def save_array(a: np.ndarray, path: str | Path, fmt: str = "png", *, png_level: 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:  # the temp is removed on any failure, Ctrl-C included
             encoding = True
-            _encode(a, f, fmt, png_level)
+            _encode(a, f, fmt, png_level, meta)
     except OSError as exc:
         if not encoding:
             raise ImageError(f"{path.parent}: cannot write to the output directory ({exc.strerror or exc})") from exc
@@ -592,19 +597,24 @@ def pil_save(img: Image.Image, dest: str | Path | BinaryIO, fmt: str, **kwargs: 
         img.save(_ThroughWrite(dest), fmt, **kwargs)
 
 
-def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL) -> None:
+def _encode(a: np.ndarray, f, fmt: str, png_level: int = DEFAULT_PNG_LEVEL, meta: OutputMeta | None = None) -> None:
     if fmt == "png":  # 8- and 16-bit through libpng (imagecodecs); PIL truncates 16-bit RGB
         import imagecodecs
 
         # Level 1 with the RLE strategy and the SUB filter (libpng's fast settings): 2x faster than
         # PIL's level 1, files 6% larger (benchmarks/codecs.py: 0.13 vs 0.27 s at 4 MP).
         fast = {"strategy": 3, "filter": 16} if png_level == 1 else {}
-        f.write(imagecodecs.png_encode(np.ascontiguousarray(a), level=png_level, **fast))
+        data = imagecodecs.png_encode(np.ascontiguousarray(a), level=png_level, **fast)
+        f.write(meta.into_png(data) if meta is not None else data)
         return
     if a.dtype == np.uint16:
         import tifffile
 
-        tifffile.imwrite(f, a, photometric="rgb", compression="zlib")
+        tifffile.imwrite(f, a, photometric="rgb", compression="zlib", **(meta.tiff_tags() if meta else {}))
         return
-    kwargs = {"jpg": {"quality": JPEG_QUALITY}}.get(fmt, {})
+    kwargs: dict[str, Any] = {"jpg": {"quality": JPEG_QUALITY}}.get(fmt, {})
+    if meta is not None and fmt == "jpg":
+        kwargs.update(meta.pil_jpeg())
+    elif meta is not None and meta.dpi is not None:  # TIFF: the resolution
+        kwargs["dpi"] = meta.dpi
     pil_save(Image.fromarray(a, "RGB"), f, FORMATS[fmt], **kwargs)

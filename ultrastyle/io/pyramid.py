@@ -48,6 +48,7 @@ from ultrastyle.core.canvas import Canvas, read_at, sample_peak, write_at
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
+from ultrastyle.io.metadata import OutputMeta, content_meta
 from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
 
@@ -126,6 +127,12 @@ def streams(fmt: str, height: int, width: int, options: PyramidOptions) -> bool:
     return large and (fmt in ("png", "tiff") or (fmt == "jpg" and vips_available()))
 
 
+def output_meta(content: object, out: Pixels, policy: str) -> OutputMeta | None:
+    """What the output ``out`` of ``content`` keeps of its metadata (`io.metadata.content_meta`; ``policy`` one of `METADATA`)."""
+    h, w = image_size(out)
+    return content_meta(content, h, w, policy)  # type: ignore[arg-type]
+
+
 def image_size(src: Pixels) -> tuple[int, int]:
     """(H, W) of an (H, W, 3) array or a (3, H, W) canvas."""
     return (src.shape[1], src.shape[2]) if isinstance(src, Canvas) else (src.shape[0], src.shape[1])
@@ -133,13 +140,14 @@ def image_size(src: Pixels) -> tuple[int, int]:
 
 def save_output(
     src: Pixels, path: str | Path, fmt: str, *, depth: int = 8, png_level: int = DEFAULT_PNG_LEVEL,
-    pyramid: PyramidOptions = PyramidOptions(),
+    pyramid: PyramidOptions = PyramidOptions(), meta: OutputMeta | None = None,
 ) -> Path:
     """Write ``src`` as ``fmt`` at ``path``: zoomable formats band by band, the others through `images.save_array`.
 
     ``src``: (H, W, 3) uint8/uint16, or a [0, 1] canvas converted to ``depth``
     bits as `runtime.tiled.canvas_to_image` does (a whole-image format then
-    converts it whole). The caller keeps ownership of a canvas. Returns
+    converts it whole). The caller keeps ownership of a canvas. ``meta``: the
+    resolution and EXIF to write (`io.metadata`; Deep Zoom takes none). Returns
     ``path``; raises `ImageError` naming it.
     """
     path = Path(path)
@@ -148,18 +156,18 @@ def save_output(
     if fmt == "dzi":
         return write_dzi(src, path, pyramid)
     if fmt == "tiff" and pyramid.tiff_pyramid(h, w):
-        return write_tiff_pyramid(src, path, pyramid, dtype=dtype)
+        return write_tiff_pyramid(src, path, pyramid, dtype=dtype, meta=meta)
     if fmt == "tiff":  # plain: strips, compressed as asked (the same bytes from an array or a canvas's bands)
         bands = _bands(src, dtype, 256) if isinstance(src, Canvas) else [np.asarray(src, dtype)]
-        return write_tiff_strips(bands, path, h, w, dtype, compression=pyramid.tiff_compression)
+        return write_tiff_strips(bands, path, h, w, dtype, compression=pyramid.tiff_compression, meta=meta)
     # A canvas's PNG always leaves band by band (the same bytes whatever its size); JPEG when large.
     if isinstance(src, Canvas) and (fmt == "png" or streams(fmt, h, w, pyramid)):
         bands = _bands(src, dtype, 256)
         if fmt == "png":
-            return write_png_bands(bands, path, h, w, dtype, level=png_level)
-        return write_jpeg_bands(bands, path, h, w, quality=JPEG_QUALITY)
+            return write_png_bands(bands, path, h, w, dtype, level=png_level, meta=meta)
+        return write_jpeg_bands(bands, path, h, w, quality=JPEG_QUALITY, meta=meta)
     a = src if isinstance(src, np.ndarray) else np.concatenate(list(_bands(src, dtype, 512)), axis=0)
-    return save_array(a, path, fmt, png_level=png_level)
+    return save_array(a, path, fmt, png_level=png_level, meta=meta)
 
 
 # --- PNG, band by band ----------------------------------------------------------------------------
@@ -170,7 +178,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def write_png_bands(
-    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *, level: int = DEFAULT_PNG_LEVEL
+    bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *, level: int = DEFAULT_PNG_LEVEL,
+    meta: OutputMeta | None = None,
 ) -> Path:
     """Write (rows, W, 3) ``bands`` (top to bottom, ``height`` rows in all) as an RGB PNG, atomically, never whole.
 
@@ -182,7 +191,8 @@ def write_png_bands(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            for chunk in _png_stream(bands, height, width, dtype, level=level, sub_filter=True, label=f"{path}: "):
+            extra = meta.png_chunks() if meta is not None else b""
+            for chunk in _png_stream(bands, height, width, dtype, level=level, sub_filter=True, label=f"{path}: ", extra=extra):
                 f.write(chunk)
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
@@ -190,17 +200,19 @@ def write_png_bands(
 
 
 def _png_stream(
-    bands: Iterable[np.ndarray], height: int, width: int, dtype: type, *, level: int, sub_filter: bool, label: str = ""
+    bands: Iterable[np.ndarray], height: int, width: int, dtype: type, *, level: int, sub_filter: bool, label: str = "",
+    extra: bytes = b"",
 ) -> Iterator[bytes]:
     """The bytes of an RGB PNG of ``bands``, in pieces of about 1 MB of compressed data (one IDAT chunk each).
 
     ``sub_filter``: every row SUB-filtered (`write_png_bands`), else unfiltered (with ``level`` 0, the
-    cheapest PNG to make: stored deflate blocks). ``label`` prefixes the error for a wrong row count.
+    cheapest PNG to make: stored deflate blocks). ``label`` prefixes the error for a wrong row count; ``extra``: chunks
+    after IHDR (`io.metadata.OutputMeta.png_chunks`).
     """
     depth = 16 if np.dtype(dtype) == np.uint16 else 8
     bpp = 3 * depth // 8
     strategy = zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY
-    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0))
+    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)) + extra
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     pending, rows = bytearray(), 0
     for band in bands:
@@ -235,7 +247,7 @@ _STRIP_BYTES = 2**20
 
 def write_tiff_strips(
     bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *,
-    compression: str = "deflate",
+    compression: str = "deflate", meta: OutputMeta | None = None,
 ) -> Path:
     """Write (rows, W, 3) ``bands`` as a plain (untiled) RGB TIFF, atomically, never whole: tifffile, strips of ~1 MB.
 
@@ -281,13 +293,14 @@ def write_tiff_strips(
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=height * row_bytes > _BIGTIFF_AT) as tif:
             tif.write(strips(), shape=(height, width, 3), dtype=dt, photometric="rgb", rowsperstrip=per_strip,
-                      compression=TIFF_COMPRESSIONS[compression], metadata=None)  # fmt: skip
+                      compression=TIFF_COMPRESSIONS[compression], metadata=None, **(meta.tiff_tags() if meta else {}))  # fmt: skip
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the image ({exc.strerror or exc})") from exc
     return path
 
 
-def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, *, quality: int = JPEG_QUALITY) -> Path:
+def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, *, quality: int = JPEG_QUALITY,
+                     meta: OutputMeta | None = None) -> Path:  # fmt: skip
     """Write (rows, W, 3) uint8 ``bands`` as a JPEG, atomically, never whole (libvips: the `vips` extra).
 
     libvips encodes rows as they come: the bands reach it as an uncompressed
@@ -309,7 +322,14 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
         with atomic_path(path) as tmp:
             try:
                 image = pyvips.Image.new_from_source(custom, "", access="sequential")
-                image.jpegsave(str(tmp), Q=quality, subsample_mode="on", keep="none")
+                keep = "none"
+                if meta is not None and meta.dpi is not None:
+                    image = image.copy(xres=meta.dpi[0] / 25.4, yres=meta.dpi[1] / 25.4)  # libvips counts pixels per mm
+                if meta is not None and meta.exif is not None:
+                    image = image.copy()
+                    image.set_type(pyvips.GValue.blob_type, "exif-data", meta.exif)
+                    keep = "exif"
+                image.jpegsave(str(tmp), Q=quality, subsample_mode="on", keep=keep)
             except pyvips.Error as exc:
                 if failure:  # the bands failed (a canvas read): that is the error, not libvips' end of data
                     raise failure[0] from exc
@@ -657,7 +677,8 @@ def _tiles(bands: Iterator[np.ndarray], width: int) -> Iterator[np.ndarray]:
             yield band[:, c : c + TIFF_TILE]
 
 
-def write_tiff_pyramid(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOptions(), *, dtype: type = np.uint8) -> Path:
+def write_tiff_pyramid(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOptions(), *, dtype: type = np.uint8,
+                       meta: OutputMeta | None = None) -> Path:  # fmt: skip
     """Write ``src`` as a tiled pyramidal TIFF at ``path`` (tifffile): the full level, then its halves in SubIFDs.
 
     ``src``: (H, W, 3) uint8/uint16 or a [0, 1] canvas (converted to
@@ -698,7 +719,8 @@ def write_tiff_pyramid(src: Pixels, path: str | Path, options: PyramidOptions = 
                 yield band
 
         with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=raw > _BIGTIFF_AT) as tif:
-            tif.write(_tiles(full_bands(), w), shape=(h, w, 3), dtype=dtype, subifds=len(spills), **kwargs)
+            tif.write(_tiles(full_bands(), w), shape=(h, w, 3), dtype=dtype, subifds=len(spills), **kwargs,
+                      **(meta.tiff_tags() if meta else {}))  # fmt: skip
             full.finish()  # here, not after the generator's loop: tifffile takes the tiles it needs, never StopIteration
             for spill in spills:
                 lh, lw, _ = spill.shape

@@ -43,6 +43,7 @@ from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.io.atomic import atomic_dir
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, as_role, resize_long_side
+from ultrastyle.io.metadata import METADATA
 from ultrastyle.io.sources import ImageLike, as_source, read_source
 from ultrastyle.models.pretrained import DEFAULT_MODEL, load_model
 from ultrastyle.runtime.backends.torch_backend import ieee_fp32
@@ -97,6 +98,7 @@ class OptimizeOptions:
     lr: float = DEFAULT_ADAM_LR
     max_pixels: int = DEFAULT_MAX_PIXELS
     format: str = "png"
+    metadata: str = "keep"  # what the output keeps of the content file's (`io.metadata.METADATA`)
 
     @property
     def weights(self) -> LossWeights:
@@ -107,7 +109,7 @@ class OptimizeOptions:
         """The settings a saved state must match to be resumed (not the budget, tiles or saving: results equal; nor what this
         run's init and solver do not read: the seed is noise's, the history L-BFGS's, lr Adam's)."""
         d = asdict(self)
-        for k in ("max_memory", "tile", "scratch", "save_every", "max_pixels", "format"):
+        for k in ("max_memory", "tile", "scratch", "save_every", "max_pixels", "format", "metadata"):
             d.pop(k)
         if self.init != "noise":
             d.pop("seed")
@@ -163,6 +165,7 @@ class OptimizeSettings(TypedDict, total=False):
     lr: float
     max_pixels: int
     format: str
+    metadata: str
 
 
 def make_optimize_options(
@@ -186,6 +189,7 @@ def make_optimize_options(
     lr: float = DEFAULT_ADAM_LR,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     format: str = "png",  # noqa: A002 - the name users know from --format
+    metadata: str = "keep",
 ) -> OptimizeOptions:
     """Validated `OptimizeOptions`; raises `OptionError` naming the keyword.
 
@@ -196,7 +200,7 @@ def make_optimize_options(
     the whole image at once. ``tile``: a fixed tile core side instead (None or
     ``"auto"``: fitted to the budget). ``content_size``: the content's long
     side, 0 keeping its size; ``style_size``: the style's, 0 keeping its own
-    size, None each scale's long side (at most the style's own). The keywords
+    size, None each scale's long side (at most the style's own). ``metadata``: as `api.make_options`. The keywords
     `api.make_options` takes too are checked by the same `ultrastyle.options`
     rules there and here.
     """
@@ -241,7 +245,7 @@ def make_optimize_options(
         content_weight=float(content_weight), style_weight=float(style_weight), layer_weights=lw,
         content_layer=content_layer, content_size=content_size, style_size=style_size, max_memory=budget,
         tile=tile, scratch=None if scratch is None else str(check.scratch_folder("scratch", scratch)), save_every=save_every, seed=int(seed),
-        history=history, lr=float(lr), max_pixels=max_pixels, format=fmt,
+        history=history, lr=float(lr), max_pixels=max_pixels, format=fmt, metadata=check.choice("metadata", metadata, METADATA),
     )  # fmt: skip
 
 
@@ -672,9 +676,9 @@ class Optimizer:
             if solver is not None:
                 solver.close()
         if output is not None:
-            from ultrastyle.io.pyramid import save_output
+            from ultrastyle.io.pyramid import output_meta, save_output
 
-            save_output(image, output, opts.format)
+            save_output(image, output, opts.format, meta=output_meta(c_src, image, opts.metadata))
         if state is not None and state.exists():
             shutil.rmtree(state, ignore_errors=True)
         return image

@@ -36,7 +36,8 @@ import torch
 
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DEFAULT_STYLE_SIZE, ImageError, as_role
 from ultrastyle.io.sources import ImageInput, Source, resized_header
-from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, save_output, streams
+from ultrastyle.io.metadata import METADATA
+from ultrastyle.io.pyramid import PyramidOptions, check_output_size, dzi_name, image_size, output_meta, save_output, streams
 from ultrastyle.io.masks import check_label_count, labels_of, read_labels, resize_labels
 from ultrastyle.io.atomic import disk_full
 from ultrastyle.io.paths import file_signature
@@ -91,10 +92,12 @@ class StylizeOptions:
     # Content files read a band at a time (`io.stream`): "auto" where reading one whole would not fit the
     # allowance of decoded images (`io_allowance`), "always" where the file allows it, "never".
     streaming: str = "auto"
+    metadata: str = "keep"  # what outputs keep of their content file's metadata (`io.metadata.METADATA`)
 
     def __post_init__(self) -> None:  # `api.make_options` checks every value; this guards direct construction, by its rules
         object.__setattr__(self, "preserve_color", check.choice("preserve_color", self.preserve_color, COLOR_MODES))
         object.__setattr__(self, "streaming", check.choice("streaming", self.streaming, STREAMING))
+        object.__setattr__(self, "metadata", check.choice("metadata", self.metadata, METADATA))
         if check.count("png_level", self.png_level) > 9:
             raise OptionError("png_level", f"expected a zlib level 0..9, got {self.png_level}; give 0 (fastest) to 9 (smallest)")
 
@@ -544,7 +547,8 @@ class _BatchRun:
         options = self.options
         try:
             assert pair.output is not None
-            save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid)
+            save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid,
+                        meta=output_meta(pair.content, out, options.metadata))  # fmt: skip
             h, w = image_size(out)
             self.results[i] = PairResult(pair, "done", None, seconds, h * w / 1e6)
         except Exception as exc:  # noqa: BLE001 - the pair fails, the batch goes on
