@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from ultrastyle.cli.main import app
 from ultrastyle.cli.params import Metadata
-from ultrastyle.io.metadata import EXIF_IFD, GPS_IFD, METADATA, ORIENTATION, PIXEL_X, PIXEL_Y, OutputMeta, content_meta
+from ultrastyle.io.metadata import EXIF_IFD, GPS_IFD, METADATA, ORIENTATION, PIXEL_X, PIXEL_Y, OutputMeta
 from ultrastyle.io.pyramid import PyramidOptions, save_output, write_jpeg_bands, write_png_bands
+from ultrastyle.io.sources import content_meta
 
 MAKE, ARTIST = 0x010F, 0x013B
 

@@ -18,6 +18,8 @@ photo editor's "save as" keeps them.
 Written into PNG (``pHYs`` and ``eXIf`` chunks), JPEG (JFIF density and an
 APP1 segment), and TIFF (the resolution tags; TIFF outputs get no EXIF).
 Deep Zoom tiles carry none. In-memory contents (arrays) have none to give.
+`io.sources.content_meta` reads them from a content file; this module only
+holds and writes them (it imports nothing of the package).
 """
 
 from __future__ import annotations
@@ -25,13 +27,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from PIL import Image
-
-from ultrastyle.io.images import pil_limits_off
-from ultrastyle.io.sources import Source
 
 METADATA = ("keep", "all", "none")  # keep: resolution and EXIF without GPS; all: with GPS; none: nothing
 ORIENTATION, EXIF_IFD, GPS_IFD = 0x0112, 0x8769, 0x8825
@@ -39,7 +35,7 @@ X_RESOLUTION, Y_RESOLUTION, RESOLUTION_UNIT = 0x011A, 0x011B, 0x0128  # IFD0's r
 PIXEL_X, PIXEL_Y = 0xA002, 0xA003  # the EXIF IFD's image width and height
 MAKER_NOTE = 0x927C  # the camera maker's private block: left out where the EXIF would not fit a JPEG segment
 JPEG_EXIF_MAX = 65533 - 2  # an APP1 segment's payload
-_TURNED = (5, 6, 7, 8)  # orientations whose stored rows are the displayed columns
+TURNED = (5, 6, 7, 8)  # orientations whose stored rows are the displayed columns
 _INCH = 0.0254  # metres
 
 
@@ -76,51 +72,3 @@ class OutputMeta:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def content_meta(content: Source, height: int, width: int, policy: str = "keep") -> OutputMeta | None:
-    """What an output ``height`` x ``width`` of ``content`` keeps (``policy``: one of `METADATA`); None: nothing.
-
-    Read from the content file's header (Pillow opens it lazily); a file Pillow cannot open gives None, as does an
-    in-memory content.
-    """
-    if policy not in METADATA:
-        raise ValueError(f"metadata must be one of {', '.join(METADATA)}, got {policy!r}")
-    if policy == "none" or not isinstance(content, (str, Path)):
-        return None
-    try:
-        with pil_limits_off(), Image.open(content) as img:
-            exif = img.getexif()
-            dpi = img.info.get("dpi")
-            stored_w, stored_h = img.size
-    except Exception:  # noqa: BLE001 - a file Pillow cannot open (a float TIFF): nothing to keep
-        return None
-    turned = exif.get(ORIENTATION) in _TURNED
-    shown_w, shown_h = (stored_h, stored_w) if turned else (stored_w, stored_h)
-    out_dpi = None
-    if dpi and len(dpi) == 2 and all(isinstance(d, (int, float)) and d > 0 for d in dpi):
-        dx, dy = (dpi[1], dpi[0]) if turned else (dpi[0], dpi[1])
-        out_dpi = (float(dx) * width / shown_w, float(dy) * height / shown_h)  # the same print size
-    out_exif = None
-    if len(exif):
-        if ORIENTATION in exif:
-            exif[ORIENTATION] = 1
-        if policy != "all" and GPS_IFD in exif:
-            del exif[GPS_IFD]
-        if out_dpi is not None:
-            exif[X_RESOLUTION], exif[Y_RESOLUTION], exif[RESOLUTION_UNIT] = out_dpi[0], out_dpi[1], 2  # inches
-        sub = exif.get_ifd(EXIF_IFD)
-        if PIXEL_X in sub or PIXEL_Y in sub:
-            sub[PIXEL_X], sub[PIXEL_Y] = width, height
-        try:
-            out_exif = exif.tobytes()
-            if len(out_exif) > JPEG_EXIF_MAX and MAKER_NOTE in sub:
-                del sub[MAKER_NOTE]
-                out_exif = exif.tobytes()
-        except Exception:  # noqa: BLE001 - EXIF Pillow cannot write back (a malformed tag): the resolution alone
-            out_exif = None
-        if out_exif is not None and len(out_exif) > JPEG_EXIF_MAX:  # too long for any JPEG: left out everywhere, alike
-            out_exif = None
-    if out_dpi is None and out_exif is None:
-        return None
-    return OutputMeta(out_dpi, out_exif)

@@ -48,7 +48,8 @@ from ultrastyle.core.canvas import Canvas, read_at, sample_peak, write_at
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
-from ultrastyle.io.metadata import OutputMeta, content_meta
+from ultrastyle.io.metadata import OutputMeta
+from ultrastyle.io.sources import content_meta
 from ultrastyle.io.stream import vips_available
 from ultrastyle.io.viewer import PAGE
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from ultrastyle.core.resample import resized_size
 from ultrastyle.errors import warn
+from ultrastyle.io import metadata as md
 from ultrastyle.io.images import (
     AnimatedImageWarning,
     ImageError,
@@ -186,3 +187,51 @@ def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:
     """(H, W) of ``src`` after resizing its long side to ``long_side`` (0: kept), from its header; None when unreadable."""
     header = image_header(src)
     return None if header is None else resized_size(header[1], header[0], long_side)
+
+
+def content_meta(content: Source, height: int, width: int, policy: str = "keep") -> md.OutputMeta | None:
+    """What an output ``height`` x ``width`` of ``content`` keeps (``policy``: one of `METADATA`); None: nothing.
+
+    Read from the content file's header (Pillow opens it lazily; `io.metadata` says what is kept and how); a file
+    Pillow cannot open gives None, as does an in-memory content.
+    """
+    if policy not in md.METADATA:
+        raise ValueError(f"metadata must be one of {', '.join(md.METADATA)}, got {policy!r}")
+    if policy == "none" or not isinstance(content, (str, Path)):
+        return None
+    try:
+        with pil_limits_off(), Image.open(content) as img:
+            exif = img.getexif()
+            dpi = img.info.get("dpi")
+            stored_w, stored_h = img.size
+    except Exception:  # noqa: BLE001 - a file Pillow cannot open (a float TIFF): nothing to keep
+        return None
+    turned = exif.get(md.ORIENTATION) in md.TURNED
+    shown_w, shown_h = (stored_h, stored_w) if turned else (stored_w, stored_h)
+    out_dpi = None
+    if dpi and len(dpi) == 2 and all(isinstance(d, (int, float)) and d > 0 for d in dpi):
+        dx, dy = (dpi[1], dpi[0]) if turned else (dpi[0], dpi[1])
+        out_dpi = (float(dx) * width / shown_w, float(dy) * height / shown_h)  # the same print size
+    out_exif = None
+    if len(exif):
+        if md.ORIENTATION in exif:
+            exif[md.ORIENTATION] = 1
+        if policy != "all" and md.GPS_IFD in exif:
+            del exif[md.GPS_IFD]
+        if out_dpi is not None:
+            exif[md.X_RESOLUTION], exif[md.Y_RESOLUTION], exif[md.RESOLUTION_UNIT] = out_dpi[0], out_dpi[1], 2  # inches
+        sub = exif.get_ifd(md.EXIF_IFD)
+        if md.PIXEL_X in sub or md.PIXEL_Y in sub:
+            sub[md.PIXEL_X], sub[md.PIXEL_Y] = width, height
+        try:
+            out_exif = exif.tobytes()
+            if len(out_exif) > md.JPEG_EXIF_MAX and md.MAKER_NOTE in sub:
+                del sub[md.MAKER_NOTE]
+                out_exif = exif.tobytes()
+        except Exception:  # noqa: BLE001 - EXIF Pillow cannot write back (a malformed tag): the resolution alone
+            out_exif = None
+        if out_exif is not None and len(out_exif) > md.JPEG_EXIF_MAX:  # too long for any JPEG: left out everywhere, alike
+            out_exif = None
+    if out_dpi is None and out_exif is None:
+        return None
+    return md.OutputMeta(out_dpi, out_exif)
