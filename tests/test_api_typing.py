@@ -58,6 +58,17 @@ def test_each_call_s_settings_are_typed_and_none_is_also_a_named_keyword(functio
     assert not named & set(_types(getattr(api, typed)))  # a key also named would be two ways to give one setting
 
 
+def test_the_typed_signatures_resolve_at_run_time():
+    """Tools that read hints at run time (typing.get_type_hints, pydantic, documentation builders) resolve every name."""
+    import typing
+
+    for function in (api.Stylizer.__init__, api.Stylizer.stylize, api.Stylizer.stylize_batch, api.stylize, api.stylize_batch,
+                     run.Optimizer.run, run.optimize, optimize_batch):  # fmt: skip
+        hints = typing.get_type_hints(function, include_extras=True)
+        assert "settings" in hints and typing.get_origin(hints["settings"]).__name__ == "Unpack", function
+        assert inspect.signature(function, eval_str=True).parameters["settings"].annotation == hints["settings"]
+
+
 def test_the_optimize_calls_settings_are_make_optimize_options_keywords_typed():
     assert _types(run.OptimizeSettings) == _params(run.make_optimize_options)
     for function in (run.Optimizer.run, run.optimize, optimize_batch):

@@ -77,7 +77,7 @@ def test_a_full_disk_stops_a_stylize_batch_and_says_so_once(inputs, cd16x_dir, t
     assert computed[0] == "p0.png" and len(computed) <= 2  # the next content may have started while the write failed
     not_made = [ln for ln in r.output.splitlines() if "not made" in ln]
     assert len(not_made) == 1, r.output  # one line for every pair not made
-    assert f"not made: the disk of {tmp_path / 'out'} is full (No space left on device, writing p0_stylized_style.png)" in not_made[0]
+    assert f"not made: no room is left on the disk of {tmp_path / 'out'} (No space left on device, writing p0_stylized_style.png)" in not_made[0]
     assert "run the batch again with --skip-existing" in not_made[0]
     assert "0 done, 0 skipped, 4 failed of 4 pairs" in r.stdout
     with ultrastyle.load(cd16x_dir, levels=(5,)) as stylizer, pytest.MonkeyPatch.context() as m:
@@ -85,7 +85,45 @@ def test_a_full_disk_stops_a_stylize_batch_and_says_so_once(inputs, cd16x_dir, t
         summary = stylizer.stylize_batch(contents, style, tmp_path / "py", style_size=48, io_workers=1)
     assert [r.status for r in summary.results] == ["failed"] * 4
     assert "cannot write the image (No space left on device)" in summary.results[0].error
-    assert summary.results[-1].error.startswith("not made: the disk of") and summary.results[-1].remedy is not None
+    assert summary.results[-1].error.startswith("not made: no room is left") and summary.results[-1].remedy is not None
+
+
+def test_a_full_disk_stops_the_pairs_of_the_content_being_computed_too(inputs, cd16x_dir, tmp_path, one_thread):
+    """One content, three styles: the first write fails, the other two styles are not computed (the stop was checked
+    between contents only)."""
+    import ultrastyle.runtime.batch as batch
+
+    contents, style = inputs
+    styles = []
+    for k in range(3):
+        styles.append(tmp_path / f"s{k}.png")
+        Image.fromarray(np.roll(np.asarray(Image.open(style)), 9 * k, axis=1)).save(styles[-1])
+    computed: list[str] = []
+    real = batch.stylize_canvas
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(batch, "save_output", _written_to_a_full_disk)
+        m.setattr(batch, "stylize_canvas", lambda *a, **k: computed.append("pair") or real(*a, **k))
+        with ultrastyle.load(cd16x_dir, levels=(5,)) as stylizer:
+            summary = stylizer.stylize_batch(contents / "p0.png", styles, tmp_path / "out", style_size=48, io_workers=1)
+    assert [r.status for r in summary.results] == ["failed"] * 3
+    assert "cannot write the image" in summary.results[0].error
+    assert all(r.error.startswith("not made: no room is left") for r in summary.results[1:])
+    assert len(computed) <= 2  # the second may have started while the first was being written
+
+
+def test_libvips_writing_to_a_full_disk_is_seen_as_a_full_disk(tmp_path, monkeypatch):
+    pyvips = pytest.importorskip("pyvips", reason="JPEG bands are written by libvips: the vips extra is not installed here")
+    from ultrastyle.io.pyramid import write_jpeg_bands
+
+    def full(self, *a, **k):
+        raise pyvips.Error("unable to call jpegsave", "VipsTarget: write error\nwrite: system error: No space left on device")
+
+    monkeypatch.setattr(pyvips.Image, "jpegsave", full)
+    a = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ImageError, match="cannot write the image \\(No space left on device\\)") as info:
+        write_jpeg_bands([a], tmp_path / "o.jpg", 16, 16)
+    assert disk_full(info.value) is not None and disk_full(info.value).errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # no temp file left
 
 
 def test_a_full_disk_stops_an_optimize_batch_and_a_state_that_cannot_be_saved_is_a_warning(inputs, cd16x_dir, tmp_path, one_thread):
@@ -102,7 +140,7 @@ def test_a_full_disk_stops_an_optimize_batch_and_a_state_that_cannot_be_saved_is
         summary = optimize_batch(contents, style, tmp_path / "out", model=cd16x_dir, iterations=0, style_size=48, progress=False)
     assert len(runs) == 1  # the other three were not computed
     assert [r.status for r in summary.results] == ["failed"] * 4
-    assert all(r.error.startswith(f"not made: the disk of {tmp_path / 'out'} is full") for r in summary.results[1:])
+    assert all(r.error.startswith(f"not made: no room is left on the disk of {tmp_path / 'out'}") for r in summary.results[1:])
 
     def no_room(*a, **k):
         raise FULL

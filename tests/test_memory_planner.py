@@ -389,5 +389,5 @@ def test_a_scratch_disk_too_small_for_the_caches_is_named_as_the_cause():
         plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=300 << 20)  # room for the canvases, not the caches
     # Room for neither: refused before any tile (it failed at the first canvas that did not fit, after the work before it)
     without = replace(options, cache_features=False).canvas_bytes(arch, 2000, 3000, levels)
-    with pytest.raises(ValueError, match=rf"its canvases need {size_text(without)} on disk and the scratch folder /scratch has 20 MiB free"):
+    with pytest.raises(ValueError, match=rf"a 3000x2000 image's canvases need {size_text(without)} on disk and the scratch folder /scratch has 20 MiB free"):
         plan_image(arch, 2000, 3000, levels, options, RunnerTraits(), disk_free=20 << 20)

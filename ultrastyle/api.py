@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, Union
+from typing import Any, TypedDict, Union
 
 import numpy as np
+from typing_extensions import Unpack  # typing's own from Python 3.11
 from PIL import Image
 
 from ultrastyle import options as check
@@ -59,8 +60,6 @@ from ultrastyle.runtime.tiled import TileCallback
 BOOKS_KEPT = 8
 _BOOKS_LOCK = threading.Lock()  # the books of every Stylizer: held for dictionary work only, never while computing
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
 
 MixLike = Union[Mapping[Union[str, os.PathLike], float], Sequence[tuple[ImageLike, float]]]
 

@@ -412,8 +412,8 @@ def plan_image(
                 short_disk = f"the scratch folder {site.disk_dir} has {size_text(disk_free)} free, too little for this image's feature caches"
         if site.disk_dir is not None and disk_free is not None and (need := placed.canvas_bytes(arch, height, width, levels)) > disk_free:
             # before any tile: else the run fails at its first canvas that does not fit, after the work before it
-            raise ValueError(f"its canvases need {size_text(need)} on disk and the scratch folder {site.disk_dir} has {size_text(disk_free)} "
-                             "free; free space there or choose another scratch folder")  # fmt: skip
+            raise ValueError(f"a {width}x{height} image's canvases need {size_text(need)} on disk and the scratch folder "
+                             f"{site.disk_dir} has {size_text(disk_free)} free; free space there or choose another scratch folder")
         return replace(placed, max_memory=placed.tile_budget(arch, height, width, levels, site)), short_disk
 
     def stages_at(site: CanvasSite) -> tuple[TilingOptions, tuple[StagePlan, ...]]:

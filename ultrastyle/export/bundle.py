@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ultrastyle._version import __version__
 from ultrastyle.errors import Placeholder, Remedy, Setting, remedied
 from ultrastyle.export.spec import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, SUPPORTED_OPSETS, ExportSpec
-from ultrastyle.io.atomic import atomic_dir, is_unwritable, sweep_stale, writer_pid
+from ultrastyle.io.atomic import atomic_dir, sweep_stale, writer_pid
 from ultrastyle.models.pretrained import StyleModel
 from ultrastyle.models.registry import is_zoo_name
 from ultrastyle.io.digest import sha256_file
@@ -116,7 +116,7 @@ def export_bundle(
         with bundle_in_use(out_dir):  # a calibration running there lost its graphs to the swap, and said done
             return _export(model, out_dir, spec, source_weights, validate, on_network, force)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or is_unwritable(exc):  # said with no file name ("[Errno 28] ...")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # said with no file name ("[Errno 28] ...")
             raise BundleError(f"{out_dir}: cannot write the bundle ({exc.strerror}); nothing of it was left there") from exc
         raise
 

@@ -28,6 +28,7 @@ written last, so its presence means the pyramid is whole.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import math
@@ -334,7 +335,10 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
             except pyvips.Error as exc:
                 if failure:  # the bands failed (a canvas read): that is the error, not libvips' end of data
                     raise failure[0] from exc
-                raise ImageError(f"{path}: cannot write the image ({_vips_cause(exc)})") from exc
+                cause = _vips_cause(exc)
+                # libvips says a full disk in words only: the OSError it stands for goes with it (a batch stops on it)
+                full = next((OSError(code, cause) for code in (errno.ENOSPC, errno.EDQUOT) if cause == os.strerror(code)), exc)
+                raise ImageError(f"{path}: cannot write the image ({cause})") from full
             if failure:
                 raise failure[0]
     except OSError as exc:

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from ultrastyle.errors import Placeholder, Remedies, Remedy, remedied
-from ultrastyle.io.atomic import atomic_write, sweep_stale
+from ultrastyle.io.atomic import atomic_write, disk_full, sweep_stale
 from ultrastyle.io.digest import CHUNK, remember, sha256_file, sha256_file_cached
 from ultrastyle.models.registry import (
     SOURCE_KINDS,
@@ -628,8 +628,9 @@ def _copy_verified(entry: ZooEntry, f: ZooFile, src: Path, dest: Path, *, detail
                     try:
                         fh.write(chunk)
                     except OSError as exc:  # the cache's disk, not the source (a full disk said "cannot read" the source)
+                        room = "free space there, or " if disk_full(exc) else ""
                         raise ZooError(f"cannot write {dest} ({exc.strerror or exc}) to install {entry.name}/{f.name}; "
-                                       "free space there, or set ULTRASTYLE_HOME to a folder on another disk") from exc  # fmt: skip
+                                       f"{room}set ULTRASTYLE_HOME to a folder on another disk") from exc  # fmt: skip
                     h.update(chunk)
                     advance(len(chunk))
         except OSError as exc:

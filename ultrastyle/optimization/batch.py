@@ -16,7 +16,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from typing_extensions import Unpack  # typing's own from Python 3.11
 
 from ultrastyle import options as check
 from ultrastyle.io.atomic import disk_full, sweep_stale
@@ -31,6 +33,7 @@ from ultrastyle.optimization.run import (
     FORMATS,
     OptimizeOptions,
     Optimizer,
+    OptimizeSettings,
     ProgressEvent,
     foreign_state,
     make_optimize_options,
@@ -39,11 +42,6 @@ from ultrastyle.optimization.run import (
 from ultrastyle.options import OptionError, known_keywords
 from ultrastyle.runtime.batch import output_exists
 from ultrastyle.runtime.pairs import NAME_MAX, BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, deal, not_made_disk_full, too_long_name
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
-
-    from ultrastyle.optimization.run import OptimizeSettings
 
 __all__ = ["check_budget", "check_style", "is_file_output", "optimize_batch", "plan_outputs", "run_batch", "state_dir_for"]
 

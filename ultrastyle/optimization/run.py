@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
+from typing_extensions import Unpack  # typing's own from Python 3.11
 import torch
 
 from ultrastyle import options as check
@@ -60,8 +61,6 @@ from ultrastyle.optimization.solvers import (
 )  # fmt: skip
 from ultrastyle.options import OptionError
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # typing's own from Python 3.12; torch depends on typing_extensions
 
 INITS = ("content", "noise", "wct")
 # The optimize calls' own keyword arguments, for "did you mean" (a typo of them lands among the settings).

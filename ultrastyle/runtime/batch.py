@@ -359,10 +359,11 @@ def stylize_content(
     on_output: Callable[[Pair, np.ndarray | Canvas, float], None] | None = None,
     *,
     raise_errors: bool = False,
+    skip: Callable[[Pair], PairResult | None] | None = None,
 ) -> list[PairResult | None]:
     """Every pair of one ``decoded`` content; a pair's output goes to ``on_output`` (its result then None),
     else into its result. Failures are results (raised with ``raise_errors``); the content canvas is built once
-    for all its pairs. An output file of a zoomable format (`io.pyramid.streams`) goes to ``on_output`` as
+    for all its pairs. ``skip(pair)``: a result instead of the work (the batch has stopped), or None. An output file of a zoomable format (`io.pyramid.streams`) goes to ``on_output`` as
     the last stage's host canvas, which the receiver writes band by band and closes."""
     h, w = decoded.shape[:2]
     original = decoded.original
@@ -387,6 +388,9 @@ def stylize_content(
         stream = on_output is not None and plan.site.device is None and streams(options.format, h, w, options.pyramid)
         for pair in pairs:
             t0 = time.perf_counter()
+            if skip is not None and (skipped := skip(pair)) is not None:
+                results.append(skipped)
+                continue
             try:
                 style = styles.style_for(pair.style, (h, w), original, recolor)
                 out = stylize_canvas(model, content, style, options, on_tile, plan, as_canvas=stream and pair.output is not None,
@@ -547,6 +551,9 @@ class _BatchRun:
         options = self.options
         try:
             assert pair.output is not None
+            if self.full is not None:  # an earlier output found the disk full: this one is not tried
+                self.results[i] = not_made_disk_full(pair, *self.full)
+                return
             save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid,
                         meta=output_meta(pair.content, out, options.metadata))  # fmt: skip
             h, w = image_size(out)
@@ -599,7 +606,8 @@ class _BatchRun:
         by_pair = {id(pairs[i]): i for i in job.indices}
         try:
             got = stylize_content(self.model, decoded, [pairs[i] for i in job.indices], self.styles, self.options, self.on_tile,
-                                  lambda pair, out, seconds: self.queue_write(by_pair[id(pair)], pair, out, seconds))
+                                  lambda pair, out, seconds: self.queue_write(by_pair[id(pair)], pair, out, seconds),
+                                  skip=lambda pair: None if self.full is None else not_made_disk_full(pair, *self.full))  # fmt: skip
         finally:
             del decoded
             if not given:

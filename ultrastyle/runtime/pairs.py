@@ -83,7 +83,7 @@ def not_made_disk_full(pair: Pair, failed: Path, full: OSError) -> PairResult:
     output would fail after all its work. One message for all of them, so a front end says it once."""
     rerun = Setting("skip_existing", True)
     return PairResult(pair, "failed", remedy=rerun, error=(
-        f"not made: the disk of {failed.parent} is full ({full.strerror or full}, writing {failed.name}); free space, "
+        f"not made: no room is left on the disk of {failed.parent} ({full.strerror or full}, writing {failed.name}); free space, "
         f"then run the batch again with {rerun.python()} to make the rest"))  # fmt: skip
 
 

@@ -126,7 +126,7 @@ def built_here(sha256: str) -> bool:
     """Whether `record_built` recorded this engine sha256 (a build of this user's, on any machine sharing the home)."""
     try:
         return sha256 in built_record().read_text(encoding="ascii", errors="replace").split()
-    except FileNotFoundError:
+    except Exception:  # noqa: BLE001 - no record, an unreadable one, a home that cannot be: not built here (then rebuilt)
         return False
 
 
