@@ -3,6 +3,7 @@ parts together make every output once, as one run would."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 import ultrastyle
 from ultrastyle.cli.main import app
 from ultrastyle.options import OptionError, shard
-from ultrastyle.runtime.pairs import deal
+from ultrastyle.runtime.pairs import OutputCollisionError, deal
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 5, 7, 12])
@@ -73,7 +74,7 @@ def test_the_cli_parts_of_a_batch_make_each_output_once_as_one_run_does(photos, 
         r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "parts"), "--shard", f"{k}/3"])
         assert r.exit_code == 0, r.output
         made[k] = sorted({p.name for p in (tmp_path / "parts").iterdir()} - before)
-        assert f"part {k}/3: {len(made[k])} of the 5 contents" in r.output
+        assert f"part {k}/3: {len(made[k])} contents, {len(made[k])} pairs" in r.output
         assert f"{len(made[k])} done, 0 skipped, 0 failed of {len(made[k])} pairs" in r.stdout
     assert [len(made[k]) for k in (1, 2, 3)] == [2, 2, 1]
     assert made[1] == ["p0_stylized_style.png", "p3_stylized_style.png"]  # round-robin in sorted order
@@ -83,10 +84,37 @@ def test_the_cli_parts_of_a_batch_make_each_output_once_as_one_run_does(photos, 
         np.testing.assert_array_equal(parts_px[name], px, err_msg=name)
     empty = CliRunner().invoke(app, ["stylize", str(contents / "p0.png"), "--style", str(style), "-o", str(tmp_path / "none"),
                                      "--shard", "2/2", "--model", str(cd16x_dir)])  # fmt: skip
-    assert empty.exit_code == 0 and "part 2/2: 0 of the 1 contents; nothing to do" in empty.output
+    assert empty.exit_code == 0 and "part 2/2: none of the 1 contents; nothing to do" in empty.output
     assert not (tmp_path / "none").exists()
     bad = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "bad"), "--shard", "0/3"])
     assert bad.exit_code == 2 and "--shard" in bad.output and "K counts from 1" in bad.output
+
+
+def test_parts_deal_what_the_whole_batch_plans_whatever_the_other_parts_wrote(photos, cd16x_dir, tmp_path, one_thread):
+    """Outputs written into the contents' folder are left out of the contents before dealing, so a part run after another
+    deals the same list; and two contents whose outputs clash are refused in every part, not written by two."""
+    import shutil
+
+    contents, style = photos
+    folder = tmp_path / "both"
+    shutil.copytree(contents, folder)
+    planned: dict[int, list[str]] = {}
+    with ultrastyle.load(cd16x_dir, levels=(5,)) as stylizer:
+        for k in (2, 1):  # part 2 first: its outputs are in the folder when part 1 lists it
+            with pytest.warns(UserWarning, match="outputs of this batch") if k == 1 else contextlib.nullcontext():
+                summary = stylizer.stylize_batch(folder, style, folder, shard=(k, 2), style_size=48,
+                                                 on_plan=lambda pairs, k=k: planned.setdefault(k, [p.content.name for p in pairs]))  # fmt: skip
+            assert summary.count("done") == len(planned[k])
+        assert planned == {1: ["p0.png", "p2.png", "p4.png"], 2: ["p1.png", "p3.png"]}
+        assert sorted(p.name for p in folder.iterdir() if "stylized" in p.name) == [f"p{i}_stylized_style.png" for i in range(5)]
+        clash = tmp_path / "clash"
+        clash.mkdir()
+        Image.open(contents / "p0.png").save(clash / "a.png")
+        Image.open(contents / "p1.png").save(clash / "a.jpg")
+        for k in (1, 2):  # each part alone has one of them: the clash is the whole batch's
+            with pytest.raises(OutputCollisionError):
+                stylizer.stylize_batch(clash, style, tmp_path / "clash_out", shard=(k, 2), style_size=48)
+    assert not (tmp_path / "clash_out").exists()
 
 
 def test_python_batches_take_a_shard_and_one_image_refuses_it(photos, cd16x_dir, tmp_path, one_thread):

@@ -48,7 +48,7 @@ from ultrastyle.runtime.backends.select import check_runner_options, open_runner
 from ultrastyle.io.sources import ImageInput, ImageLike, Source, as_source
 from ultrastyle.runtime.batch import StyleBook, STREAMING, StylizeOptions, run_batch, stylize_content
 from ultrastyle.runtime.decode import decode
-from ultrastyle.runtime.pairs import BatchSummary, Pair, PairResult, StyleSpec, deal, plan_pairs
+from ultrastyle.runtime.pairs import BatchSummary, Pair, PairResult, StyleSpec, plan_pairs, shard_pairs
 from ultrastyle.runtime.memory import hold_freed_memory, release_freed_memory
 from ultrastyle.core.color import MODES as COLOR_MODES
 from ultrastyle.export.bundle import Bundle
@@ -520,6 +520,7 @@ class Stylizer:
         mask: ImageLike | None = None,
         on_result: Callable[[PairResult], None] | None = None,
         on_tile: TileCallback | None = None,
+        on_plan: Callable[[list[Pair]], None] | None = None,
         **settings: Unpack[BatchSettings],
     ) -> BatchSummary:
         """Every content x style pair into ``output_dir`` as ``{content}_stylized_{style}.{ext}``, streamed.
@@ -530,12 +531,13 @@ class Stylizer:
         per content with ``styles`` one per label. A bad file fails its pairs
         (``status`` "failed", ``error`` naming it) and the rest run; results in
         pair order: ``on_result(PairResult)`` as each is known,
-        ``on_tile`` as in `stylize`. In-memory images are checked before any
+        ``on_tile`` as in `stylize`; ``on_plan(pairs)`` once, before any work, with the pairs
+        this call will run (this part's, with ``shard``). In-memory images are checked before any
         work. Raises `OutputCollisionError` before any work when two
         pairs would write one file, ``BatchInterrupted`` (with the summary so
         far) on Ctrl-C.
         """
-        _check_callbacks(on_tile=on_tile, on_result=on_result)
+        _check_callbacks(on_tile=on_tile, on_result=on_result, on_plan=on_plan)
         opts = self.options(**settings)
         folder = check.output_folder("output_dir", output_dir)
         content_list = _sources(contents, "content", "contents")
@@ -547,7 +549,7 @@ class Stylizer:
             keyword, given = ("contents", contents) if not content_list else ("styles", styles)
             searched = " ".join(os.fspath(p) for p in _listed(given) if isinstance(p, (str, os.PathLike))) if given is not None else ""
             raise OptionError(keyword, f"no images found in: {searched}" if searched else "no images given")
-        pairs = plan_pairs(deal(content_list, opts.shard), specs, folder, opts.format)
+        pairs = shard_pairs(plan_pairs(content_list, specs, folder, opts.format), opts.shard)
         if specs[0].mask is not None:  # a mask of the wrong size fails before any work
             check_mask_size(specs[0].mask, [p.content for p in pairs])  # its header first: the labels are decoded whole
         with self._in_use():  # the book inside: a close() in another thread clears the books
@@ -555,6 +557,8 @@ class Stylizer:
             book.forget_errors()  # statistics are kept across calls, errors within one: a fixed style is read again
             if specs[0].mask is not None:  # its label count, before the work (the labels are decoded whole, and kept)
                 book.labels(specs[0].mask, len(specs[0].paths))
+            if on_plan is not None:
+                on_plan(list(pairs))
             return self._run_batch(pairs, opts, on_result, on_tile)
 
     def _run_batch(self, pairs: list[Pair], opts: StylizeOptions, on_result: Callable[[PairResult], None] | None,
@@ -817,6 +821,7 @@ def stylize_batch(
     mask: ImageLike | None = None,
     on_result: Callable[[PairResult], None] | None = None,
     on_tile: TileCallback | None = None,
+    on_plan: Callable[[list[Pair]], None] | None = None,
     **settings: Unpack[OneBatchSettings],
 ) -> BatchSummary:
     """What ``ultrastyle stylize`` does: `load` then `Stylizer.stylize_batch` (see both).
@@ -828,7 +833,7 @@ def stylize_batch(
     runner_kw = {k: settings.pop(k) for k in _RUNNER_KEYS if k in settings}
     check_settings(settings)
     output_dir = check.output_folder("output_dir", output_dir)  # before the model opens
-    _check_callbacks(on_tile=on_tile, on_result=on_result)
+    _check_callbacks(on_tile=on_tile, on_result=on_result, on_plan=on_plan)
     contents = _listed(contents)  # lists: checked here, read there (a generator would be spent)
     styles = _listed(styles) if styles is not None else None
     _no_empty_path(contents, "contents")
@@ -850,4 +855,5 @@ def stylize_batch(
     else:
         opener = load
     with opener(model, levels=settings.get("levels"), **runner_kw) as s:
-        return s.stylize_batch(contents, styles, output_dir, mix=mix, mask=mask, on_result=on_result, on_tile=on_tile, **settings)
+        return s.stylize_batch(contents, styles, output_dir, mix=mix, mask=mask, on_result=on_result, on_tile=on_tile, on_plan=on_plan,
+                               **settings)  # fmt: skip

@@ -255,7 +255,7 @@ def stylize_command(
     from ultrastyle.models.sources import model_defaults
     from ultrastyle.options import no_empty_path, output_folder
     from ultrastyle.runtime.batch import output_megapixels
-    from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, PairResult, deal
+    from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, Pair, PairResult
 
     given = given_flags(ctx)
     if no_tile and (clash := [flag for name, flag in _TILING_FLAGS.items() if name in given]):
@@ -314,12 +314,10 @@ def stylize_command(
             more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
             _err(f"{gone[0]}: no such {role} image file{more}; every output would fail on it")
             raise typer.Exit(2)
-    mine = deal(contents, options.shard)  # this part's (stylize_batch deals the same list alike)
-    if options.shard is not None:
-        k, n = options.shard
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"part {k}/{n}: {len(mine)} of the {len(contents)} contents" + ("; nothing to do" if not mine else ""))
-        if not mine:
-            return
+    if options.shard is not None and options.shard[0] > len(contents):  # the library deals what it plans, fewer still
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"part {options.shard[0]}/{options.shard[1]}: none of the "
+                                                                    f"{len(contents)} contents; nothing to do")  # fmt: skip
+        return
     if mask is not None:  # its size and label count, before the model opens (a download, an export)
         from ultrastyle.io.images import ImageError
         from ultrastyle.io.masks import check_label_count, check_mask_size, read_labels
@@ -365,10 +363,16 @@ def stylize_command(
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
-        sizes = {c: output_megapixels(c, options) for c in mine}  # headers only: the bar counts megapixels
+        sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
         per_content = 1 if mix_items or mask else len(styles)  # outputs of each content
         task = progress.add_task("", total=sum(sizes.values()) * per_content or None)
         tiles = progress.add_task("", total=None, visible=False, unit="tiles")
+
+        def on_plan(pairs: list[Pair]) -> None:  # what runs (this part's; the batch's own earlier outputs left out)
+            progress.update(task, total=sum(sizes.get(p.content, 0.0) for p in pairs) or None)
+            if options.shard is not None:
+                k, n = options.shard
+                progress.console.print(f"part {k}/{n}: {len({p.content for p in pairs})} contents, {len(pairs)} pairs")
 
         def on_tile(what: str, done: int, total: int) -> None:
             progress.update(tiles, description=f"  {what}", completed=done, total=total, visible=total > 1)
@@ -384,7 +388,8 @@ def stylize_command(
             with warnings.catch_warnings():  # the library's notices (a file read whole, an animation's first frame)
                 warnings.showwarning = warning_lines(progress.console)
                 summary = stylizer.stylize_batch(
-                    contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, **settings
+                    contents, styles or None, output, mix=mix_items, mask=mask, on_result=on_result, on_tile=on_tile, on_plan=on_plan,
+                    **settings
                 )  # fmt: skip
             progress.update(task, completed=progress.tasks[task].total)  # contents left out (earlier outputs) planned no work
         except OptionError as exc:

@@ -162,6 +162,18 @@ def deal(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     return list(items[k - 1 :: n])
 
 
+def shard_pairs(pairs: Sequence[Pair], shard: tuple[int, int] | None) -> list[Pair]:
+    """The pairs of the K-th of N parts of a planned batch: its contents dealt (`deal`) in pair order, each with all its pairs.
+
+    Dealt after planning (`plan_pairs` leaves out the batch's own outputs and refuses clashing names over the whole
+    batch), so every part deals the same list whatever the other parts have written so far.
+    """
+    if shard is None:
+        return list(pairs)
+    mine = set(deal(list(dict.fromkeys(p.content for p in pairs)), shard))
+    return [p for p in pairs if p.content in mine]
+
+
 def output_name(content: Source, style: Source | StyleSpec, fmt: str) -> str:
     name = style.name if isinstance(style, StyleSpec) else style.stem
     return f"{content.stem}_stylized_{name}.{fmt}"
