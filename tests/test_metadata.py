@@ -63,6 +63,60 @@ def test_an_output_keeps_the_content_s_print_size_and_its_exif_upright_without_g
     assert tuple(m.value for m in Metadata) == METADATA  # the command line's spelling of the same choices
 
 
+def test_a_tiff_content_gives_its_descriptive_tags_not_its_layout_profile_or_form(tmp_path):
+    """A TIFF's first directory is its whole layout: strip offsets, bits per sample, its ICC profile. The output's EXIF
+    keeps the make and artist, in classic TIFF form, with the resolution scaled."""
+    exif = Image.Exif()
+    exif[MAKE], exif[ARTIST] = "Scanner Co", "A. Scanner"
+    tif = tmp_path / "scan.tif"
+    Image.new("RGB", (40, 20), (10, 20, 30)).save(tif, exif=exif, dpi=(600, 600), icc_profile=b"\0" * 128)
+    meta = content_meta(tif, 10, 20, "keep")  # half the pixels
+    assert meta is not None and meta.dpi == pytest.approx((300.0, 300.0))
+    out = Image.Exif()
+    out.load(meta.exif)
+    assert meta.exif.startswith(b"Exif\0\0II*\0") or meta.exif.startswith(b"Exif\0\0MM\0*")  # classic, not BigTIFF
+    assert out[MAKE] == "Scanner Co" and out[ARTIST] == "A. Scanner" and out[ORIENTATION] == 1
+    assert not {0x0100, 0x0101, 0x0102, 0x0111, 0x0117, 0x8773} & set(out)  # no layout, no ICC profile
+
+
+def test_a_png_s_metadata_is_read_without_decoding_it(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    png = tmp_path / "big.png"
+    Image.new("RGB", (64, 48)).save(png, dpi=(150, 150))  # no eXIf chunk: Pillow's getexif() would decode the pixels
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("the pixels were decoded"))
+    meta = content_meta(png, 96, 128, "keep")
+    assert meta is not None and meta.dpi == pytest.approx((300.0, 300.0), abs=0.05) and meta.exif is None  # whole px/m
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+@pytest.mark.parametrize(("unit", "resolution", "expected"), [(2, 300, 600.0), (3, 100, 508.0)])
+def test_a_resolution_given_only_in_the_exif_is_kept_and_scaled(fmt, unit, resolution, expected, tmp_path):
+    """A camera JPEG without a JFIF density, or a WebP, says its resolution in EXIF alone (Pillow's IFDRationals, which
+    were dropped, or no ``dpi`` at all for WebP)."""
+    exif = Image.Exif()
+    exif[MAKE], exif[0x011A], exif[0x011B], exif[0x0128] = "Camera Co", resolution, resolution, unit
+    photo = tmp_path / f"cam.{fmt}"
+    Image.new("RGB", (30, 20)).save(photo, exif=exif)
+    meta = content_meta(photo, 40, 60, "keep")  # twice the pixels
+    assert meta is not None and meta.dpi == pytest.approx((expected, expected))
+    out = Image.Exif()
+    out.load(meta.exif)
+    assert float(out[0x011A]) == pytest.approx(expected) and out[0x0128] == 2  # the EXIF says the output's, in inches
+
+
+def test_an_exif_resolution_without_a_unit_says_no_size_and_is_not_kept_stale(tmp_path):
+    exif = Image.Exif()
+    exif[MAKE], exif[0x011A], exif[0x011B], exif[0x0128] = "Camera Co", 300, 300, 1  # 1: no absolute unit
+    photo = tmp_path / "cam.webp"
+    Image.new("RGB", (30, 20)).save(photo, exif=exif)
+    meta = content_meta(photo, 40, 60, "keep")
+    assert meta is not None and meta.dpi is None
+    out = Image.Exif()
+    out.load(meta.exif)
+    assert out[MAKE] == "Camera Co" and 0x011A not in out
+
+
 @pytest.mark.parametrize("writer", ["png", "png-bands", "jpg", "jpg-bands", "tiff", "tiff-pyramid", "tiff-16"])
 def test_every_writer_that_can_hold_them_writes_the_resolution_and_exif(writer, tmp_path):
     pytest.importorskip("pyvips", reason="JPEG bands are written by libvips: the vips extra is not installed here")

@@ -363,13 +363,13 @@ def stylize_command(
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
-        sizes = {c: output_megapixels(c, options) for c in contents}  # headers only: the bar counts megapixels
-        per_content = 1 if mix_items or mask else len(styles)  # outputs of each content
-        task = progress.add_task("", total=sum(sizes.values()) * per_content or None)
+        sizes: dict[object, float] = {}  # megapixels of each content that runs (headers only): the bar counts them
+        task = progress.add_task("", total=None)
         tiles = progress.add_task("", total=None, visible=False, unit="tiles")
 
         def on_plan(pairs: list[Pair]) -> None:  # what runs (this part's; the batch's own earlier outputs left out)
-            progress.update(task, total=sum(sizes.get(p.content, 0.0) for p in pairs) or None)
+            sizes.update((c, output_megapixels(c, options)) for c in dict.fromkeys(p.content for p in pairs))
+            progress.update(task, total=sum(sizes[p.content] for p in pairs) or None)
             if options.shard is not None:
                 k, n = options.shard
                 progress.console.print(f"part {k}/{n}: {len({p.content for p in pairs})} contents, {len(pairs)} pairs")

@@ -9,6 +9,7 @@ orientation applied, floats in [0, 1]).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -192,46 +193,74 @@ def resized_header(src: Source, long_side: int) -> tuple[int, int] | None:
 def content_meta(content: Source, height: int, width: int, policy: str = "keep") -> md.OutputMeta | None:
     """What an output ``height`` x ``width`` of ``content`` keeps (``policy``: one of `METADATA`); None: nothing.
 
-    Read from the content file's header (Pillow opens it lazily; `io.metadata` says what is kept and how); a file
-    Pillow cannot open gives None, as does an in-memory content.
+    Read from the content file's header (Pillow opens it lazily; `io.metadata` says what is kept and how); an
+    in-memory content, a file Pillow cannot open or metadata it cannot read give None: metadata never fails an output.
     """
     if policy not in md.METADATA:
         raise ValueError(f"metadata must be one of {', '.join(md.METADATA)}, got {policy!r}")
     if policy == "none" or not isinstance(content, (str, Path)):
         return None
     try:
-        with pil_limits_off(), Image.open(content) as img:
-            exif = img.getexif()
-            dpi = img.info.get("dpi")
-            stored_w, stored_h = img.size
-    except Exception:  # noqa: BLE001 - a file Pillow cannot open (a float TIFF): nothing to keep
+        with pil_limits_off(), Image.open(content) as img:  # the EXIF's blocks are read from the open file (TIFF)
+            return _kept_meta(img, height, width, policy)
+    except Exception:  # noqa: BLE001 - unreadable metadata (a float TIFF, a malformed block): the output goes without
         return None
+
+
+def _kept_meta(img: Image.Image, height: int, width: int, policy: str) -> md.OutputMeta | None:
+    if img.format == "PNG":  # PNG's getexif() decodes the whole image where no eXIf chunk comes before the pixels
+        exif = Image.Exif()
+        if raw := img.info.get("exif"):
+            exif.load(raw)
+    else:
+        exif = img.getexif()
     turned = exif.get(md.ORIENTATION) in md.TURNED
+    stored_w, stored_h = img.size
     shown_w, shown_h = (stored_h, stored_w) if turned else (stored_w, stored_h)
+    dpi = _dpi(img.info.get("dpi")) or _exif_dpi(exif)
     out_dpi = None
-    if dpi and len(dpi) == 2 and all(isinstance(d, (int, float)) and d > 0 for d in dpi):
-        dx, dy = (dpi[1], dpi[0]) if turned else (dpi[0], dpi[1])
-        out_dpi = (float(dx) * width / shown_w, float(dy) * height / shown_h)  # the same print size
+    if dpi is not None:
+        dx, dy = (dpi[1], dpi[0]) if turned else dpi
+        out_dpi = (dx * width / shown_w, dy * height / shown_h)  # the same print size
     out_exif = None
     if len(exif):
-        if md.ORIENTATION in exif:
-            exif[md.ORIENTATION] = 1
-        if policy != "all" and md.GPS_IFD in exif:
-            del exif[md.GPS_IFD]
+        kept = Image.Exif()  # built afresh: classic TIFF form, the descriptive tags alone
+        for tag in md.KEPT_IFD0:
+            if tag in exif:
+                kept[tag] = exif[tag]
+        kept[md.ORIENTATION] = 1  # the pixels are turned already
         if out_dpi is not None:
-            exif[md.X_RESOLUTION], exif[md.Y_RESOLUTION], exif[md.RESOLUTION_UNIT] = out_dpi[0], out_dpi[1], 2  # inches
-        sub = exif.get_ifd(md.EXIF_IFD)
+            kept[md.X_RESOLUTION], kept[md.Y_RESOLUTION], kept[md.RESOLUTION_UNIT] = out_dpi[0], out_dpi[1], 2  # inches
+        sub = dict(exif.get_ifd(md.EXIF_IFD))
         if md.PIXEL_X in sub or md.PIXEL_Y in sub:
             sub[md.PIXEL_X], sub[md.PIXEL_Y] = width, height
-        try:
-            out_exif = exif.tobytes()
-            if len(out_exif) > md.JPEG_EXIF_MAX and md.MAKER_NOTE in sub:
-                del sub[md.MAKER_NOTE]
-                out_exif = exif.tobytes()
-        except Exception:  # noqa: BLE001 - EXIF Pillow cannot write back (a malformed tag): the resolution alone
-            out_exif = None
-        if out_exif is not None and len(out_exif) > md.JPEG_EXIF_MAX:  # too long for any JPEG: left out everywhere, alike
+        sub[md.COLOR_SPACE] = 1  # sRGB: what the pixels are
+        kept.get_ifd(md.EXIF_IFD).update(sub)
+        if policy == "all" and (gps := exif.get_ifd(md.GPS_IFD)):
+            kept.get_ifd(md.GPS_IFD).update(gps)
+        out_exif = kept.tobytes()
+        if len(out_exif) > md.JPEG_EXIF_MAX and md.MAKER_NOTE in sub:
+            del kept.get_ifd(md.EXIF_IFD)[md.MAKER_NOTE]
+            out_exif = kept.tobytes()
+        if len(out_exif) > md.JPEG_EXIF_MAX:  # too long for any JPEG: left out everywhere, alike
             out_exif = None
     if out_dpi is None and out_exif is None:
         return None
     return md.OutputMeta(out_dpi, out_exif)
+
+
+def _dpi(value: object) -> tuple[float, float] | None:
+    """Pillow's ``info["dpi"]`` (numbers, or IFDRationals from EXIF or TIFF) as two positive floats, else None."""
+    try:
+        x, y = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return (x, y) if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y) else None
+
+
+def _exif_dpi(exif: Image.Exif) -> tuple[float, float] | None:
+    """The EXIF's own resolution (a file with no JFIF density or pHYs chunk), per inch; None without a unit."""
+    unit = exif.get(md.RESOLUTION_UNIT, 2)
+    per_inch = {2: 1.0, 3: 2.54}.get(unit)  # 2: inches, 3: centimetres; 1 (no unit) says nothing of size
+    found = _dpi((exif.get(md.X_RESOLUTION), exif.get(md.Y_RESOLUTION)))
+    return None if per_inch is None or found is None else (found[0] * per_inch, found[1] * per_inch)
