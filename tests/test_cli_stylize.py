@@ -631,5 +631,8 @@ def test_the_summary_and_errors_are_one_line_each_when_piped(invoke, images, tmp
     r = invoke(images["c1"], "--style", images["s1"], "-o", out)
     assert r.exit_code == 0, r.output
     assert any(line.endswith(f"; outputs in {out}") for line in r.stdout.splitlines()), r.stdout
-    r = invoke(images["c1"], "--style", tmp_path / ("no_such_style_" * 8 + ".jpg"), "-o", out)
+    r = invoke(images["c1"], "--style", tmp_path / ("no_such_style_" * 8 + ".jpg"), "--style", images["s2"], "-o", out)  # a pair's error
     assert r.exit_code == 1 and any(line.startswith("error: ") and "no_such_style_.jpg" in line for line in r.output.splitlines()), r.output
+    r = invoke(images["c1"], "--style", tmp_path / ("no_such_style_" * 8 + ".jpg"), "-o", out)  # the batch's: before the model opens
+    assert r.exit_code == 2 and any(line.startswith("error: ") and "no_such_style_.jpg: no such style" in line
+                                    for line in r.output.splitlines()), r.output  # fmt: skip
