@@ -239,3 +239,22 @@ def test_tiffs_libvips_may_not_decode_are_read_whole_and_floats_outside_unit_ran
     tifffile.imwrite(tmp_path / "pages.tif", np.stack([rgb, rgb[::-1]]), photometric="rgb")
     with pytest.warns(AnimatedImageWarning, match="a TIFF of 2 pages; its first page is used"):
         open_stream(tmp_path / "pages.tif", max_pixels=10**9)
+
+
+@pytest.mark.parametrize("fmt", ["webp", "png", "jpg"])
+def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path: Path, fmt: str) -> None:
+    """A service's upload slot: libvips' operation cache gave the earlier file's pixels for a WebP written at the same
+    path, and held the descriptors of deleted files."""
+    rng = np.random.default_rng(5)
+    slot = tmp_path / f"upload.{fmt}"
+    read = []
+    for k in range(2):
+        if slot.exists():
+            slot.unlink()
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(slot, **({"lossless": True} if fmt == "webp" else {}))
+        assert stream_blocker(slot) is None
+        stream = open_stream(slot, max_pixels=10**6)
+        got = np.concatenate([band for _, band in stream.bands()], axis=0)
+        np.testing.assert_array_equal(got, read_image(slot), err_msg=f"upload {k}")
+        read.append(got)
+    assert not np.array_equal(read[0], read[1])

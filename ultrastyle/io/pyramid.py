@@ -51,7 +51,7 @@ from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
 from ultrastyle.io.metadata import OutputMeta
 from ultrastyle.io.sources import content_meta
-from ultrastyle.io.stream import vips_available
+from ultrastyle.io.stream import vips_available, vips_module
 from ultrastyle.io.viewer import PAGE
 
 __all__ = [
@@ -311,7 +311,7 @@ def write_jpeg_bands(bands: Iterable[np.ndarray], path: str | Path, height: int,
     the decoded pixels equal those of a JPEG Pillow would write
     (`tests/test_png_stream.py`).
     """
-    import pyvips
+    pyvips = vips_module()
 
     path = Path(path)
     check_output_size(path, "jpg", height, width)
