@@ -189,6 +189,25 @@ def test_a_stylizer_holds_the_heap_setting_while_open(fake_libc, cd16x_dir):
     assert mem._HOLDERS == 0
 
 
+def test_a_stylizer_dropped_unclosed_lets_go_of_the_heap_setting(fake_libc, cd16x_dir):
+    """A service that drops a Stylizer without close() kept glibc's setting for the rest of the process (leak review)."""
+    import gc
+
+    import ultrastyle
+    import ultrastyle.runtime.memory as mem
+
+    s = ultrastyle.load(cd16x_dir, backend="torch", levels=(5,))
+    assert mem._HOLDERS == 1
+    del s
+    gc.collect()
+    assert mem._HOLDERS == 0 and mem.heap_factor() == 1.0
+    with ultrastyle.load(cd16x_dir, backend="torch", levels=(5,)) as s:  # closed: let go once, not again when collected
+        assert mem._HOLDERS == 1
+    del s
+    gc.collect()
+    assert mem._HOLDERS == 0 and mem.hold_freed_memory() and mem._HOLDERS == 1
+
+
 def test_keep_freed_memory_sets_mmap_max_and_trim_threshold_once_unless_opted_out(fake_libc, monkeypatch):
     import ultrastyle.runtime.memory as mem
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -339,7 +340,8 @@ class Stylizer:
         self.settings = _call_defaults(self.defaults, settings)
         # Process-wide while open: large tensors reuse freed heap pages (memory.hold_freed_memory; about half the wall
         # time of the PyTorch paths); the last Stylizer closed puts glibc's settings back.
-        self._holds_heap = hold_freed_memory()
+        self._holds_heap, self._heap_release = False, None
+        self._hold_heap()
         try:
             self.runner: Runner = open_runner(
                 model, backend=backend, device=device, stages=tuple(sorted(set(stages))), threads=threads,
@@ -399,15 +401,22 @@ class Stylizer:
                 if self._calls == 0 and self._close_wanted:
                     self._close_now()
 
+    def _hold_heap(self) -> None:
+        if not self._holds_heap:
+            self._holds_heap = hold_freed_memory()
+            if self._holds_heap:  # a Stylizer dropped unclosed lets go too (it held glibc's setting for the process's life)
+                self._heap_release = weakref.finalize(self, release_freed_memory)
+
     def _let_go_heap(self) -> None:
         if self._holds_heap:
             self._holds_heap = False
+            if self._heap_release is not None:
+                self._heap_release.detach()
             release_freed_memory()
 
     def _open(self) -> None:
         if not self.runner.is_active:  # closed (a `with` block ended): the next use opens the networks again
-            if not self._holds_heap:
-                self._holds_heap = hold_freed_memory()
+            self._hold_heap()
             self.runner.activate()
 
     def __enter__(self) -> Stylizer:
