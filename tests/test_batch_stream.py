@@ -376,3 +376,17 @@ def test_outputs_differing_only_in_case_collide_where_the_disk_ignores_case(tmp_
     monkeypatch.setattr(pairs_module, "ignores_case", lambda folder: True)
     with pytest.raises(OutputCollisionError, match=r"would both write .*photo_stylized_style\.png \(and Photo_stylized_style\.png: one file"):
         plan_pairs(contents, style, tmp_path / "out", "png")
+
+
+def test_a_style_file_s_earlier_versions_leave_the_book_when_a_new_one_is_read(tmp_path):
+    """A service rewriting one style path kept every version's statistics until the cap (leak review: 40 rewrites, 40
+    entries); in-memory styles and other files stay."""
+    from ultrastyle.runtime.batch import StyleBook, StylizeOptions
+
+    book = StyleBook(None, StylizeOptions())  # type: ignore[arg-type]  # the cache alone: no model needed
+    path, other = tmp_path / "s.png", tmp_path / "t.png"
+    for version in range(5):
+        assert book._remember(book._stats, (path, ("sig", version)), lambda v=version: {"v": v}) == {"v": version}
+    book._remember(book._stats, (other, ("sig", 0)), lambda: {"v": "other"})
+    book._remember(book._stats, ("memory", "digest"), lambda: {"v": "memory"})
+    assert list(book._stats) == [(path, ("sig", 4)), (other, ("sig", 0)), ("memory", "digest")]

@@ -163,8 +163,8 @@ class StyleBook:
     """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error.
 
     Results (errors too) are kept per file version (`_version`): a style file
-    created, fixed or replaced since is read again. At most `KEEP` of each are
-    kept, the least recently used dropped first.
+    created, fixed or replaced since is read again, and its earlier versions are
+    dropped. At most `KEEP` of each are kept, the least recently used dropped first.
     """
 
     KEEP = 256  # statistics of a style: ~0.3 MB (five stages' sums, float64; 0.31 MB measured)
@@ -176,7 +176,7 @@ class StyleBook:
         self.model, self.options = model, options
         self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict() if masks is None else masks
-        self._warned: set[tuple] = set()  # masks warned of (`_warn_unsampled`)
+        self._warned: OrderedDict[tuple, None] = OrderedDict()  # masks warned of (`_warn_unsampled`), the last `KEEP`
 
     def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
         with _CACHE_LOCK:  # dictionary work only: threads compute apart (two may compute one style once each)
@@ -190,6 +190,9 @@ class StyleBook:
                 got = exc.with_traceback(None)
                 exc.__context__ = exc.__cause__ = None
             with _CACHE_LOCK:
+                if key[0] != "memory":  # a file's earlier versions are never asked for again: they go now, not at the cap
+                    for old in [k for k in book if k[0] == key[0] and k[1] != key[1]]:  # (path, signature, ...)
+                        del book[old]
                 book[key] = got
                 while len(book) > keep:
                     book.popitem(last=False)
@@ -256,7 +259,9 @@ class StyleBook:
         with _CACHE_LOCK:
             if key in self._warned:
                 return
-            self._warned.add(key)
+            self._warned[key] = None
+            while len(self._warned) > self.KEEP:
+                self._warned.popitem(last=False)
         present = np.flatnonzero(np.bincount(original.ravel(), minlength=1))
         if lost := unsampled_labels(labels, [self.model.arch.grid(k) for k in self.options.levels], present):
             stages = ", ".join(map(str, self.options.levels))
