@@ -61,9 +61,9 @@ class OutputMeta:
         out = b""
         if self.dpi is not None:
             x, y = (max(1, round(d / _INCH)) for d in self.dpi)
-            out += _chunk(b"pHYs", struct.pack(">IIB", x, y, 1))
+            out += png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1))
         if self.exif is not None:
-            out += _chunk(b"eXIf", self.exif[6:] if self.exif.startswith(b"Exif\0\0") else self.exif)
+            out += png_chunk(b"eXIf", self.exif[6:] if self.exif.startswith(b"Exif\0\0") else self.exif)
         return out
 
     def into_png(self, data: bytes) -> bytes:
@@ -79,5 +79,6 @@ class OutputMeta:
         return {"resolution": self.dpi, "resolutionunit": "INCH"} if self.dpi else {}
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC (the band writer's too, `io.pyramid`)."""
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

@@ -49,7 +49,7 @@ from ultrastyle.core.canvas import Canvas, read_at, sample_peak, write_at
 from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
 from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
-from ultrastyle.io.metadata import OutputMeta
+from ultrastyle.io.metadata import OutputMeta, png_chunk
 from ultrastyle.io.sources import content_meta
 from ultrastyle.io.stream import vips_available, vips_module
 from ultrastyle.io.viewer import PAGE
@@ -175,10 +175,6 @@ def save_output(
 # --- PNG, band by band ----------------------------------------------------------------------------
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def write_png_bands(
     bands: Iterable[np.ndarray], path: str | Path, height: int, width: int, dtype: type = np.uint8, *, level: int = DEFAULT_PNG_LEVEL,
     meta: OutputMeta | None = None,
@@ -214,7 +210,7 @@ def _png_stream(
     depth = 16 if np.dtype(dtype) == np.uint16 else 8
     bpp = 3 * depth // 8
     strategy = zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY
-    yield PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)) + extra
+    yield PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)) + extra
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     pending, rows = bytearray(), 0
     for band in bands:
@@ -230,12 +226,12 @@ def _png_stream(
         pending += z.compress(filtered.tobytes())
         rows += len(band)
         if len(pending) >= 1 << 20:
-            yield _png_chunk(b"IDAT", bytes(pending))
+            yield png_chunk(b"IDAT", bytes(pending))
             pending.clear()
     if rows != height:
         raise ValueError(f"{label}the bands held {rows} rows, the header says {height}")
     pending += z.flush()
-    yield _png_chunk(b"IDAT", bytes(pending)) + _png_chunk(b"IEND", b"")
+    yield png_chunk(b"IDAT", bytes(pending)) + png_chunk(b"IEND", b"")
 
 
 # --- plain TIFF and JPEG, band by band -------------------------------------------------------------

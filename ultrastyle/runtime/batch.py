@@ -556,8 +556,8 @@ class _BatchRun:
         options = self.options
         try:
             assert pair.output is not None
-            if self.full is not None:  # an earlier output found the disk full: this one is not tried
-                self.results[i] = not_made_disk_full(pair, *self.full)
+            if (stopped := self.stopped(pair)) is not None:  # an earlier output found the disk full: this one is not tried
+                self.results[i] = stopped
                 return
             save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level, pyramid=options.pyramid,
                         meta=output_meta(pair.content, out, options.metadata))  # fmt: skip
@@ -612,7 +612,7 @@ class _BatchRun:
         try:
             got = stylize_content(self.model, decoded, [pairs[i] for i in job.indices], self.styles, self.options, self.on_tile,
                                   lambda pair, out, seconds: self.queue_write(by_pair[id(pair)], pair, out, seconds),
-                                  skip=lambda pair: None if self.full is None else not_made_disk_full(pair, *self.full))  # fmt: skip
+                                  skip=self.stopped)  # fmt: skip
         finally:
             del decoded
             if not given:
@@ -624,13 +624,16 @@ class _BatchRun:
         while self.writes and self.writes[0].done():
             self.writes.popleft().result()
 
+    def stopped(self, pair: Pair) -> PairResult | None:
+        """``pair``'s result when the batch has stopped (a write found the output disk full), else None: it runs."""
+        return None if self.full is None else not_made_disk_full(pair, *self.full)
+
     def stop_for_full_disk(self, j: int) -> None:
-        """Jobs ``j`` on are not computed: a write found the output disk full, and each of theirs would fail after its work."""
-        assert self.full is not None
+        """Jobs ``j`` on are not computed (nor their contents read): each of their outputs would fail after its work."""
         for job in self.jobs[j:]:
             for i in job.indices:
                 if self.results[i] is None:
-                    self.results[i] = not_made_disk_full(self.pairs[i], *self.full)
+                    self.results[i] = self.stopped(self.pairs[i])
 
     def interrupted(self) -> BatchSummary:
         """After Ctrl-C: outputs not yet being encoded are dropped, those being encoded are finished."""
