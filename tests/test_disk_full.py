@@ -204,3 +204,32 @@ def test_an_export_that_cannot_be_written_is_one_bundle_error(code, tmp_path, mo
     monkeypatch.setattr(bundle, "_export", fail)
     with pytest.raises(bundle.BundleError, match=f"cannot write the bundle \\({os.strerror(code)}\\)"):
         bundle.export_bundle(object(), tmp_path / "b")  # type: ignore[arg-type]
+
+
+def test_a_ray_worker_stops_its_contents_pairs_at_a_full_disk_and_tells_the_driver(inputs, cd16x_dir, tmp_path, monkeypatch, one_thread):
+    """The actor's own method, in this process: the first write fails, the other styles are not computed, and the output
+    whose write found the disk full comes back (as a plain OSError, to cross to the driver) so the pool stops too."""
+    import ultrastyle.distributed.worker as worker_module
+    import ultrastyle.runtime.batch as batch
+    from ultrastyle.distributed.worker import RunnerSpec, StylizeWorker
+    from ultrastyle.runtime.pairs import StyleSpec, plan_pairs
+
+    contents, style = inputs
+    styles = []
+    for k in range(3):
+        styles.append(tmp_path / f"s{k}.png")
+        Image.fromarray(np.roll(np.asarray(Image.open(style)), 9 * k, axis=1)).save(styles[-1])
+    worker = StylizeWorker(RunnerSpec(str(cd16x_dir), backend="torch", threads=1, stages=(5,)), {})
+    assert worker.runner is not None, worker.error
+    options = batch.StylizeOptions(levels=(5,), style_size=48, io_workers=1)
+    table = {s: worker.style_statistics(s, options) for s in styles}
+    pairs = plan_pairs([contents / "p0.png"], [StyleSpec((s,)) for s in styles], tmp_path / "out", "png")
+    computed: list[str] = []
+    real = batch.stylize_canvas
+    monkeypatch.setattr(worker_module, "save_output", _written_to_a_full_disk)
+    monkeypatch.setattr(batch, "stylize_canvas", lambda *a, **k: computed.append("pair") or real(*a, **k))
+    results, full = worker.stylize_pairs(contents / "p0.png", pairs, options, table)
+    assert [r.status for r in results] == ["failed"] * 3 and len(computed) == 1  # written in turn: nothing more computed
+    assert "cannot write the image (No space left on device)" in results[0].error
+    assert all(r.error.startswith("not made: no room is left") for r in results[1:])
+    assert full is not None and full[0] == pairs[0].output and type(full[1]) is OSError and full[1].errno == errno.ENOSPC

@@ -215,6 +215,58 @@ def test_distribute_tiles_batch_writes_the_local_outputs(pool, folder, local, tm
     assert not _partials(out)
 
 
+
+def test_a_full_disk_stops_the_batch_at_the_contents_not_yet_begun(pool, folder, local, tmp_path, monkeypatch):
+    """A worker reports the output whose write found its disk full (`StylizeWorker.stylize_pairs`, tested in
+    test_disk_full.py; a real full disk cannot be made here): the driver runs no content not yet begun."""
+    import errno
+
+    pairs = _pairs(folder, tmp_path)
+    real = pool._run
+
+    def run(jobs, submit, on_done, on_failed, skip=None):
+        if skip is None:  # the style statistics
+            return real(jobs, submit, on_done, on_failed)
+
+        def done(job, value):  # the first job back says its disk filled up
+            got, full = value
+            on_done(job, (got, full if done.told else (got[0].pair.output, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))))
+            done.told = True
+
+        done.told = False
+        return real(jobs, submit, done, on_failed, skip)
+
+    monkeypatch.setattr(pool, "_run", run)
+    summary = pool.run_batch(pairs, OPTIONS)
+    began = [r for r in summary.results if not (r.error or "").startswith("not made: no room is left")]
+    # The contents the actors began (two, or one while a replacement for an actor killed earlier is still starting),
+    # in pair order; the rest never ran.
+    assert summary.results[: len(began)] == began and len(began) in (2, 4) and summary.count("done") == len(began)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(r.pair.output.name for r in began)
+    assert len(summary.results) == len(pairs)
+
+
+def test_a_full_disk_stops_a_distribute_tiles_batch(pool, folder, tmp_path, monkeypatch):
+    """There the driver writes: its first write to a full disk stops every later image before its tiles."""
+    import errno
+
+    from ultrastyle.distributed import pool as pool_module
+    from ultrastyle.io.images import ImageError
+
+    def full(image, path, *a, **k):
+        raise ImageError(f"{path}: cannot write the image") from OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    images = []
+    real = pool.stylize_image
+    monkeypatch.setattr(pool_module, "save_output", full)
+    monkeypatch.setattr(pool, "stylize_image", lambda *a, **k: images.append(1) or real(*a, **k))
+    pairs = [p for p in _pairs(folder, tmp_path) if p.content.name in ("c0.png", "c1.png")]
+    summary = pool.run_batch(pairs, OPTIONS, distribute_tiles=True)
+    assert len(images) == 1 and [r.status for r in summary.results] == ["failed"] * 4
+    assert "cannot write the image" in summary.results[0].error
+    assert all(r.error.startswith("not made: no room is left on the disk of") for r in summary.results[1:])
+    assert not _partials(tmp_path) and not list(tmp_path.iterdir())
+
 @pytest.mark.slow
 def test_a_killed_driver_resumes_with_skip_existing(pool, cluster, folder, local, cd16x_dir, tmp_path):
     script = textwrap.dedent(f"""

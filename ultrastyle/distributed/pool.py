@@ -34,7 +34,7 @@ from ultrastyle.core.plan import StagePlan, plan_image
 from ultrastyle.core.styles import Target
 from ultrastyle.distributed.cluster import ClusterError, connect, disconnect, import_ray, is_loopback
 from ultrastyle.distributed.worker import (
-    FORWARDED_ENV, RunnerSpec, StyleTable, StylizeWorker, WorkerInfo, as_float32_band, file_signature, stats_sum,
+    FORWARDED_ENV, DiskFull, RunnerSpec, StyleTable, StylizeWorker, WorkerInfo, as_float32_band, file_signature, stats_sum,
 )  # fmt: skip
 from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
 from ultrastyle.io import atomic
@@ -45,7 +45,7 @@ from ultrastyle.errors import Setting, remedied
 from ultrastyle.runtime.backends.base import RunnerError
 from ultrastyle.runtime.batch import InOrder, StylizeOptions, _failure, content_runs
 from ultrastyle.runtime.decode import load_content
-from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec
+from ultrastyle.runtime.pairs import BatchInterrupted, BatchSummary, Pair, PairResult, StyleSpec, not_made_disk_full
 from ultrastyle.runtime.memory import available_bytes
 from ultrastyle.runtime.tiled import TileCallback
 
@@ -230,13 +230,15 @@ class WorkerPool:
         submit: Callable[[Any, _Job], Any],
         on_done: Callable[[_Job, Any], None],
         on_failed: Callable[[_Job, str], None],
+        skip: Callable[[_Job], bool] | None = None,
     ) -> None:
         """Run ``jobs`` on the actors: ``submit(actor, job)`` returns the call's ref; results to ``on_done``.
 
         A job whose actor died is retried elsewhere (`MAX_ATTEMPTS` actors in
         all); an error raised by the call itself, or no actor left, goes to
-        ``on_failed`` with a message. Calls left running at an exception
-        (Ctrl-C) are abandoned with their actors.
+        ``on_failed`` with a message. ``skip(job)`` true: a job not yet
+        submitted is not (it made its own results: the batch has stopped).
+        Calls left running at an exception (Ctrl-C) are abandoned with their actors.
         """
         ray = self._ray
         from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
@@ -249,7 +251,10 @@ class WorkerPool:
         try:
             while pending or busy:
                 while pending and idle:
-                    job, actor = pending.popleft(), idle.pop()
+                    job = pending.popleft()
+                    if skip is not None and skip(job):
+                        continue
+                    actor = idle.pop()
                     busy[submit(actor, job)] = (job, actor)
                 if not busy and not self._warming:
                     for job in pending:
@@ -347,7 +352,9 @@ class WorkerPool:
         image runs on every actor, one after the other, `stylize_image`;
         ``scratch``: the shared folder for its stage arrays, default a hidden
         folder beside each output). ``on_tile`` reports tiles only with
-        ``distribute_tiles``. Ctrl-C raises `BatchInterrupted` with the pairs
+        ``distribute_tiles``. A write that finds its disk full stops the batch as
+        the local one stops: the contents not yet begun are not computed (those
+        running on other actors finish). Ctrl-C raises `BatchInterrupted` with the pairs
         finished; outputs being written are abandoned and their temp files swept.
         """
         t_start = time.perf_counter()
@@ -359,14 +366,25 @@ class WorkerPool:
         summary = BatchSummary(planned=len(pairs))
         report = InOrder(results, summary, on_result)
         jobs = [_Job(run) for run in runs]
+        full: list[DiskFull] = []  # the first output whose write found its disk full: the jobs not yet begun are not run
+
+        def stopped(job: _Job) -> bool:
+            if not full:
+                return False
+            for i in job.payload[1]:
+                results[i] = results[i] or not_made_disk_full(pairs[i], *full[0])
+            report()
+            return True
+
         signatures = [file_signature(p.output) for p in pairs]  # what each output was before: written since, it is this run's
         report()
         try:
             styles = self.style_table([pairs[i] for job in jobs for i in job.payload[1]], options) if jobs else None
             if distribute_tiles:
                 for job in jobs:
-                    self._tiled_job(job, pairs, options, styles, results, on_tile, scratch)
-                    report()
+                    if not stopped(job):
+                        self._tiled_job(job, pairs, options, styles, results, on_tile, scratch, full)
+                        report()
             else:
 
                 def submit(actor: Any, job: _Job) -> Any:
@@ -374,7 +392,10 @@ class WorkerPool:
                     written = [signatures[i] for i in idx] if job.tries else None
                     return actor.stylize_pairs.remote(content, [pairs[i] for i in idx], options, styles, written)
 
-                def done(job: _Job, got: list[PairResult]) -> None:
+                def done(job: _Job, value: tuple[list[PairResult], DiskFull | None]) -> None:
+                    got, disk = value
+                    if disk is not None and not full:
+                        full.append(disk)
                     for i, r in zip(job.payload[1], got):
                         results[i] = PairResult(pairs[i], r.status, r.error, r.seconds, r.megapixels, remedy=r.remedy, option=r.option)
                     report()
@@ -384,7 +405,7 @@ class WorkerPool:
                         results[i] = PairResult(pairs[i], "failed", f"{pairs[i].content}: stylization failed ({why})")
                     report()
 
-                self._run(jobs, submit, done, failed)
+                self._run(jobs, submit, done, failed, skip=stopped)
             report()
         except KeyboardInterrupt:
             for i, pair in enumerate(pairs):  # whole outputs (renamed into place) of the jobs cut off: finished, if unreported
@@ -406,8 +427,10 @@ class WorkerPool:
         return summary
 
     def _tiled_job(self, job: _Job, pairs: list[Pair], options: StylizeOptions, styles: Any,
-                   results: list[PairResult | None], on_tile: TileCallback | None, scratch: str | os.PathLike | None) -> None:  # fmt: skip
-        """One content's pairs, each image spread over every actor; written by the driver."""
+                   results: list[PairResult | None], on_tile: TileCallback | None, scratch: str | os.PathLike | None,
+                   full: list[DiskFull]) -> None:  # fmt: skip
+        """One content's pairs, each image spread over every actor; written by the driver. A write that finds its disk
+        full goes into ``full``, and the pairs after it are not computed."""
         content, idx = job.payload
         try:
             pixels, _ = load_content(content, options)
@@ -419,6 +442,9 @@ class WorkerPool:
         for i in idx:
             pair = pairs[i]
             assert pair.output is not None
+            if full:
+                results[i] = not_made_disk_full(pair, *full[0])
+                continue
             t0 = time.perf_counter()
             try:
                 # Matched styles are recoloured per content (`style_table` leaves them out): `stylize_image` computes them.
@@ -443,6 +469,8 @@ class WorkerPool:
                     shutil.rmtree(work, ignore_errors=True)
             except (ImageError, ValueError, TileJobError, OSError) as exc:
                 results[i] = _failure(pair, exc, time.perf_counter() - t0)
+                if not full and (cause := atomic.disk_full(exc)) is not None:
+                    full.append((pair.output, cause))
                 continue
             h, w = pixels.shape[:2]
             results[i] = PairResult(pair, "done", None, time.perf_counter() - t0, h * w / 1e6)

@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ultrastyle.core.traits import RunnerTraits
 from ultrastyle.core.transforms import FeatureStats
 from ultrastyle.distributed.zarr_canvas import open_array
 from ultrastyle.errors import Remedies
-from ultrastyle.io.atomic import HOST_TAG
+from ultrastyle.io.atomic import HOST_TAG, disk_full
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import image_size, output_meta, save_output
 from ultrastyle.io.paths import file_signature
@@ -32,11 +33,13 @@ from ultrastyle.core.arch import ArchSpec
 from ultrastyle.io.sources import Source
 from ultrastyle.runtime.batch import StyleBook, StylizeOptions, _failure, output_megapixels, stylize_content
 from ultrastyle.runtime.decode import decode
-from ultrastyle.runtime.pairs import Pair, PairResult
+from ultrastyle.runtime.pairs import Pair, PairResult, not_made_disk_full
 from ultrastyle.runtime.tiled import decode_tiles, encode_statistics, stylize_stage_tiled
 
 # Per style source: its per-stage statistics, or the error that fails its pairs.
 StyleTable = Mapping[Source, "dict[int, FeatureStats] | ImageError"]
+# The output whose write found its disk full, and that error (a plain OSError: it crosses to the driver).
+DiskFull = tuple[Path, OSError]
 # Environment a worker takes from the driver (a local cluster's workers inherit the rest).
 FORWARDED_ENV = ("ULTRASTYLE_HOME", "ULTRASTYLE_MALLOC")
 
@@ -130,13 +133,16 @@ class StylizeWorker:
         options: StylizeOptions,
         styles: StyleTable,
         written: Sequence[tuple[int, int] | None] | None = None,
-    ) -> list[PairResult]:
-        """Every pair of one content, written atomically; results as the local batch makes them (images not returned).
+    ) -> tuple[list[PairResult], DiskFull | None]:
+        """Every pair of one content, written atomically; results as the local batch makes them (images not returned),
+        and the output whose write found its disk full (None if none did): the pairs after it are not computed, and the
+        driver stops the batch (every later output there would fail after its work).
 
         ``written``: on a retry, each output's signature (`file_signature`) when the job began; an output
         whose signature has changed since was written by an earlier attempt and is not written again.
         """
         results: list[PairResult | None] = [None] * len(pairs)
+        full = None
         todo = []
         for i, p in enumerate(pairs):
             if written is not None and p.output is not None and file_signature(p.output) not in (None, written[i]):
@@ -144,37 +150,48 @@ class StylizeWorker:
             else:
                 todo.append(i)
         if todo:
-            self._stylize(content, [pairs[i] for i in todo], options, styles, results, todo)
-        return [r for r in results if r is not None]
+            full = self._stylize(content, [pairs[i] for i in todo], options, styles, results, todo)
+        return [r for r in results if r is not None], full
 
     def _stylize(self, content: Source, pairs: list[Pair], options: StylizeOptions, styles: StyleTable,
-                 results: list[PairResult | None], slots: list[int]) -> None:  # fmt: skip
+                 results: list[PairResult | None], slots: list[int]) -> DiskFull | None:  # fmt: skip
         try:
             decoded = decode(content, options)
         except Exception as exc:  # noqa: BLE001 - the content's pairs fail, the job goes on
             for i, p in zip(slots, pairs):
                 results[i] = _failure(p, exc)
-            return
+            return None
         slot = {id(p): i for i, p in zip(slots, pairs)}
+        full: DiskFull | None = None
+
+        def stopped(pair: Pair) -> PairResult | None:
+            return None if full is None else not_made_disk_full(pair, *full)
 
         def on_output(pair: Pair, out: object, seconds: float) -> None:
+            nonlocal full
             try:
                 assert pair.output is not None
+                if (result := stopped(pair)) is not None:
+                    results[slot[id(pair)]] = result
+                    return
                 save_output(out, pair.output, options.format, depth=options.depth, png_level=options.png_level,  # type: ignore[arg-type]
                             pyramid=options.pyramid, meta=output_meta(pair.content, out, options.metadata))  # type: ignore[arg-type]  # fmt: skip
                 h, w = image_size(out)  # type: ignore[arg-type]
                 results[slot[id(pair)]] = PairResult(pair, "done", None, seconds, h * w / 1e6)
             except Exception as exc:  # noqa: BLE001 - this pair fails, the others go on
                 results[slot[id(pair)]] = _failure(pair, exc, seconds)
+                if full is None and (cause := disk_full(exc)) is not None and pair.output is not None:
+                    full = (pair.output, OSError(cause.errno, cause.strerror))
             finally:
                 if hasattr(out, "close"):
                     out.close()  # type: ignore[union-attr]
 
         book = SharedStyleBook(self.runner, options, styles)
-        got = stylize_content(self.runner, decoded, pairs, book, options, on_output=on_output)  # type: ignore[arg-type]
+        got = stylize_content(self.runner, decoded, pairs, book, options, on_output=on_output, skip=stopped)  # type: ignore[arg-type]
         for i, r in zip(slots, got):
             if r is not None:
                 results[i] = r
+        return full
 
     # --- one image across the cluster: shares of a stage's tiles -------------------------------------------
 
