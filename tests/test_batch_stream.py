@@ -390,3 +390,28 @@ def test_a_style_file_s_earlier_versions_leave_the_book_when_a_new_one_is_read(t
     book._remember(book._stats, (other, ("sig", 0)), lambda: {"v": "other"})
     book._remember(book._stats, ("memory", "digest"), lambda: {"v": "memory"})
     assert list(book._stats) == [(path, ("sig", 4)), (other, ("sig", 0)), ("memory", "digest")]
+
+
+def test_the_style_book_is_bounded_in_bytes_and_a_stylizers_books_share_one_bound(tmp_path, shared_dir, cd16x_dir, monkeypatch):
+    """A count alone let a model of wide features hold ~1.2 GB per book (256 styles of ~4.7 MB), in each of 8 books."""
+    import ultrastyle
+    from ultrastyle.runtime.batch import StyleBook, StylizeOptions
+
+    book = StyleBook(None, StylizeOptions())  # type: ignore[arg-type]
+    mb = np.zeros(1 << 20, np.uint8)
+    for i in range(6):
+        book._remember(book._stats, (tmp_path / f"s{i}.png", ("sig",)), lambda: {"a": mb.copy()}, keep=100, keep_bytes=3 << 20)
+    assert [k[0].name for k in book._stats] == ["s3.png", "s4.png", "s5.png"]  # the least recently used went first
+    huge = np.zeros(5 << 20, np.uint8)
+    book._remember(book._stats, (tmp_path / "big.png", ("sig",)), lambda: (huge, []), keep=100, keep_bytes=3 << 20)
+    assert [k[0].name for k in book._stats] == ["big.png"]  # over the bound alone: still kept, it is the one in use
+
+    monkeypatch.setattr(StyleBook, "KEEP_BYTES", 1)  # one style's statistics at a time, over every settings
+    styles = sorted((shared_dir / "images/style").glob("*.jpg"))[:2]
+    with ultrastyle.load(cd16x_dir, levels=(5,)) as s:
+        content = np.full((32, 32, 3), 128, np.uint8)
+        s.stylize(content, styles[0], style_size=64)
+        s.stylize(content, styles[1], style_size=64)
+        s.stylize(content, styles[1], style_size=48)  # another book
+        assert len(s._books) == 2 and len(s._stats) == 1
+        assert next(iter(s._stats))[0] == styles[1]

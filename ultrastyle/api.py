@@ -352,7 +352,8 @@ class Stylizer:
             self._let_go_heap()
             raise
         self._books: OrderedDict[tuple, StyleBook] = OrderedDict()
-        self._masks: OrderedDict = OrderedDict()  # label maps, shared by the books (`StyleBook`)
+        self._masks: OrderedDict = OrderedDict()  # label maps and statistics, shared by the books (`StyleBook`)
+        self._stats: OrderedDict = OrderedDict()
         self._lock, self._calls, self._close_wanted = threading.RLock(), 0, False  # the calls running, and a close asked for
 
     @property
@@ -380,6 +381,7 @@ class Stylizer:
         with _BOOKS_LOCK:  # a call in another thread may be finding its book (a crash, clearing under it)
             self._books.clear()
             self._masks.clear()
+            self._stats.clear()
         self._let_go_heap()
 
     @contextmanager
@@ -459,7 +461,7 @@ class Stylizer:
             if book is not None:
                 self._books.move_to_end(key)
             else:
-                book = self._books[key] = StyleBook(self.runner, opts, self._masks)
+                book = self._books[key] = StyleBook(self.runner, opts, self._masks, self._stats, key)
                 while len(self._books) > BOOKS_KEPT:  # a service trying many settings: the least recently used go
                     self._books.popitem(last=False)
             return book
@@ -632,7 +634,7 @@ class ClusterStylizer(Stylizer):
         self.settings = _call_defaults(self.defaults, settings)
         self.distribute_tiles = distribute_tiles
         self._books = OrderedDict()
-        self._masks = OrderedDict()
+        self._masks, self._stats = OrderedDict(), OrderedDict()
         self._lock, self._calls, self._close_wanted = threading.RLock(), 0, False
         self._pool_args = dict(address=address, workers=workers, cpus_per_worker=cpus_per_worker, backend=backend,
                                device=device, precision=precision, threads=threads, compile=compile, stages=stages)  # fmt: skip
@@ -649,6 +651,7 @@ class ClusterStylizer(Stylizer):
         with _BOOKS_LOCK:
             self._books.clear()
             self._masks.clear()
+            self._stats.clear()
         self._closed = True
 
     def _open(self) -> None:  # as a Stylizer reopens its networks: a new pool at the same address

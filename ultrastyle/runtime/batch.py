@@ -159,26 +159,46 @@ _CACHE_LOCK = threading.Lock()  # the books' dictionaries (a Stylizer's masks ar
 _MISSING = object()
 
 
+def _nbytes(value: object) -> int:
+    """The bytes of the arrays and tensors in a cached value (statistics, a label map; an error: none)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.nbytes
+    if isinstance(value, FeatureStats):
+        return value.sum.nbytes + value.outer.nbytes
+    if isinstance(value, dict):
+        return sum(map(_nbytes, value.values()))
+    if isinstance(value, (tuple, list)):
+        return sum(map(_nbytes, value))
+    return 0
+
+
 class StyleBook:
     """Style statistics per style image, computed on first use; a bad style fails all its pairs with one error.
 
     Results (errors too) are kept per file version (`_version`): a style file
     created, fixed or replaced since is read again, and its earlier versions are
-    dropped. At most `KEEP` of each are kept, the least recently used dropped first.
+    dropped. At most `KEEP` of them and `KEEP_BYTES` are kept (masks: `KEEP_MASKS`,
+    `KEEP_MASK_BYTES`), the least recently used dropped first; the last one always stays.
     """
 
-    KEEP = 256  # statistics of a style: ~0.3 MB (five stages' sums, float64; 0.31 MB measured)
+    KEEP = 256
+    # A style's statistics: 0.31 MB measured for cd-wct-16x's five stages (float64 sums), ~4.7 MB for a full VGG-19
+    # (512x512 at stages 4-5): 256 MB holds ~850 of the one, ~55 of the other, for every settings of a Stylizer together.
+    KEEP_BYTES = 256 << 20
     KEEP_MASKS = 4  # a mask's label map: a byte per pixel, 1 GB at a gigapixel
+    KEEP_MASK_BYTES = 512 << 20
 
-    def __init__(self, model: StageNetworks, options: StylizeOptions, masks: OrderedDict | None = None) -> None:
-        """``masks``: label maps shared with other books (a `Stylizer`'s, one per settings): they depend on no setting but
-        ``max_pixels``, which their key holds, so `KEEP_MASKS` bounds them all."""
-        self.model, self.options = model, options
-        self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict()
+    def __init__(self, model: StageNetworks, options: StylizeOptions, masks: OrderedDict | None = None,
+                 stats: OrderedDict | None = None, tag: tuple = ()) -> None:  # fmt: skip
+        """``masks``, ``stats``: label maps and statistics shared with other books (a `Stylizer`'s, one per settings), so
+        the limits bound them all. Masks depend on no setting but ``max_pixels``, which their key holds; statistics are
+        kept under ``tag``, the settings they depend on."""
+        self.model, self.options, self._tag = model, options, tag
+        self._stats: OrderedDict[tuple, dict[int, FeatureStats] | ImageError] = OrderedDict() if stats is None else stats
         self._masks: OrderedDict[tuple, tuple[np.ndarray, list] | ImageError] = OrderedDict() if masks is None else masks
         self._warned: OrderedDict[tuple, None] = OrderedDict()  # masks warned of (`_warn_unsampled`), the last `KEEP`
 
-    def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int = KEEP) -> Any:
+    def _remember(self, book: OrderedDict, key: tuple, make: Callable[[], Any], keep: int | None = None, keep_bytes: int | None = None) -> Any:
         with _CACHE_LOCK:  # dictionary work only: threads compute apart (two may compute one style once each)
             got = book.get(key, _MISSING)
             if got is not _MISSING:
@@ -194,8 +214,10 @@ class StyleBook:
                     for old in [k for k in book if k[0] == key[0] and k[1] != key[1]]:  # (path, signature, ...)
                         del book[old]
                 book[key] = got
-                while len(book) > keep:
-                    book.popitem(last=False)
+                keep, keep_bytes = keep or self.KEEP, keep_bytes or self.KEEP_BYTES
+                held = sum(map(_nbytes, book.values()))
+                while len(book) > 1 and (len(book) > keep or held > keep_bytes):
+                    held -= _nbytes(book.popitem(last=False)[1])
         if isinstance(got, ImageError):
             raise copy.copy(got)  # a copy takes this raise's traceback: the kept one holds no frame (and none of their images)
         return got
@@ -212,7 +234,7 @@ class StyleBook:
         """Statistics of style ``src``; with ``recolor`` (a content's RGB statistics) of the recoloured style, not cached."""
         if recolor is not None:
             return self._compute(src, recolor)
-        return self._remember(self._stats, _version(src), lambda: self._compute(src, None))
+        return self._remember(self._stats, (*_version(src), *self._tag), lambda: self._compute(src, None))
 
     def _compute(self, src: Source, recolor: FeatureStats | None) -> dict[int, FeatureStats]:
         # Read as a content is, at style_size: streamed (and resized band by band) where reading it whole would not fit the
@@ -282,7 +304,7 @@ class StyleBook:
                 return labels_of(src.pixels, str(src))
             return read_labels(src, max_pixels=self.options.max_pixels)
 
-        labels, colours = self._remember(self._masks, (*_version(src), self.options.max_pixels), read, self.KEEP_MASKS)
+        labels, colours = self._remember(self._masks, (*_version(src), self.options.max_pixels), read, self.KEEP_MASKS, self.KEEP_MASK_BYTES)
         check_label_count(src, colours, styles)  # per call: the same mask may come with another number of styles
         return labels, colours
 
