@@ -59,8 +59,8 @@ about 1.6 s per method on one core of this 2-core machine when idle (stage 5:
 0.55 s, stage 4: 0.4 s, stage 3: 0.28 s, stage 2: 0.2 s, stage 1: 0.1 s), so
 3000 steps of four methods take about 5.5 CPU hours.
 
-Smoke run (a few minutes): ``--steps 6 --checkpoint-every 2 --work
-out/distill_64x_smoke --eval-size 128 --time-size 256``.
+Smoke run (about 10 minutes; the warm-up must fit in the steps): ``--steps 6
+--warmup-steps 1 --checkpoint-every 2 --work out/distill_64x_smoke --eval-size 128 --time-size 256``.
 """
 
 from __future__ import annotations

@@ -400,7 +400,7 @@ def main() -> int:
     ap.add_argument("--style", type=Path, help="style image (default: synthetic)")
     ap.add_argument("--style-size", type=int, default=1024)
     ap.add_argument("--sizes", default="16,40,100", help="megapixels or WxH, comma-separated")
-    ap.add_argument("--paths", default="tiled,whole")
+    ap.add_argument("--paths", default="whole,tiled")  # whole first: the tiled rows get their tiled/whole ratio
     ap.add_argument("--configs", default="fp32", help="PRECISION[+compile[+graphs]][+hostfit][+syncio][+hostcache], comma-separated (e.g. fp32,fp16,bf16,fp16+compile)")
     ap.add_argument("--large-configs", help="configs for sizes above 20 MP (default: --configs)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after the untimed one (median)")
