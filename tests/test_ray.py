@@ -571,6 +571,31 @@ def test_without_ray_the_pool_says_to_install_the_extra(monkeypatch, cd16x_dir):
         pool.WorkerPool(cd16x_dir, address="local", stages=(5,))
 
 
+
+@pytest.mark.parametrize("zarr", [None, "2.18.3"], ids=["missing", "zarr-2"])
+def test_without_zarr_3_distribute_tiles_is_refused_before_ray_starts(zarr, monkeypatch, cd16x_dir, tmp_path):
+    """Ray installed by hand (zarr 3 needs Python 3.11: on 3.10 the extra leaves it out) gave a traceback once the pool
+    had started and the first image's tiles began."""
+    import types
+
+    from typer.testing import CliRunner
+
+    from ultrastyle.api import ClusterStylizer
+    from ultrastyle.cli.main import app
+    from ultrastyle.distributed import pool
+    from ultrastyle.distributed.cluster import ClusterError
+
+    monkeypatch.setitem(sys.modules, "zarr", None if zarr is None else types.SimpleNamespace(__version__=zarr))
+    monkeypatch.setattr(pool, "connect", lambda address: pytest.fail("Ray started"))
+    with pytest.raises(ClusterError, match=r"keeps its stages in zarr 3 arrays, but zarr .*pip install 'ultrastyle\[ray\]'"):
+        ClusterStylizer(cd16x_dir, address="local", distribute_tiles=True, levels=(5,))
+    # Without distribute_tiles zarr is not needed: the pool starts (here: stopped where Ray would start).
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):
+        ClusterStylizer(cd16x_dir, address="local", levels=(5,))
+    r = CliRunner().invoke(app, ["stylize", str(cd16x_dir / "1SE.pth"), "--style", str(cd16x_dir / "1SE.pth"), "-o", str(tmp_path),
+                                 "--model", str(cd16x_dir), "--ray", "local", "--distribute-tiles"])  # fmt: skip
+    assert r.exit_code == 2 and "zarr 3 arrays" in r.output and "Traceback" not in r.output, r.output
+
 def test_a_cluster_gets_absolute_paths_whatever_folder_its_workers_run_in(monkeypatch, tmp_path):
     import numpy as np
 

@@ -258,3 +258,17 @@ def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path: Path, fmt: str)
         np.testing.assert_array_equal(got, read_image(slot), err_msg=f"upload {k}")
         read.append(got)
     assert not np.array_equal(read[0], read[1])
+
+
+def test_why_a_file_is_not_streamed_tells_a_missing_pyvips_from_a_libvips_it_cannot_load(tmp_path, monkeypatch):
+    """pyvips without pyvips-binary (no system libvips) was reported as "pyvips is not installed"."""
+    import importlib.util
+
+    from ultrastyle.io import stream
+
+    monkeypatch.setattr(stream, "vips_available", lambda: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "pyvips" else real(name, *a))
+    assert stream.stream_blocker(tmp_path / "a.jpg").startswith("pyvips cannot load libvips")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyvips" else real(name, *a))
+    assert stream.stream_blocker(tmp_path / "a.jpg") == "pyvips is not installed (pip install 'ultrastyle[vips]')"

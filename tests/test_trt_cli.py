@@ -27,7 +27,7 @@ def images(tmp_path, shared_dir):
 def test_doctor_reports_every_component_and_exits_0_without_a_gpu():
     r = CliRunner().invoke(app, ["doctor"])
     assert r.exit_code == 0, r.output
-    for name in ("python", "memory", "torch", "onnxruntime", "tensorrt", "cuda-python", "pycuda"):
+    for name in ("ultrastyle", "python", "memory", "torch", "onnxruntime", "libvips", "ray", "tensorrt", "cuda-python", "pycuda"):
         assert name in r.output
     assert "gpu" in r.output and "backends:" in r.output
     assert "transparent huge pages" in " ".join(r.output.split())  # the memory row (rich may wrap it)
@@ -170,3 +170,20 @@ def test_doctor_does_not_measure_a_model_that_does_not_stylize():
     (only,) = baseline_checks("cd-16x-pruned-base")
     assert only.status == "info" and not only.blocking and "a start for training" in only.detail
     assert ultrastyle.ready([only])
+
+
+def test_doctor_says_what_ray_and_zarr_allow_and_the_cli_prints_its_version():
+    from ultrastyle import __version__
+    from ultrastyle.checkup import _ray_check
+
+    versions = {"ray": None, "zarr": None}
+    assert _ray_check(versions.get).status == "missing" and "pip install 'ultrastyle[ray]'" in _ray_check(versions.get).detail
+    versions["ray"] = "2.60.0"
+    assert "needs zarr 3, but zarr is not installed" in _ray_check(versions.get).detail
+    versions["zarr"] = "2.18.3"
+    assert "but zarr 2.18.3 is installed" in _ray_check(versions.get).detail
+    versions["zarr"] = "3.1.6"
+    check = _ray_check(versions.get)
+    assert check.status == "ok" and "ray 2.60.0, zarr 3.1.6" in check.detail and "needs" not in check.detail
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"ultrastyle {__version__}"

@@ -618,8 +618,11 @@ class ClusterStylizer(Stylizer):
         **settings: Unpack[CallSettings],
     ) -> None:
         from ultrastyle.distributed.pool import WorkerPool
+        from ultrastyle.distributed.zarr_canvas import require_zarr
 
         del on_message, progress  # as `Stylizer` takes them; the workers open the model quietly
+        if distribute_tiles:  # before Ray starts
+            require_zarr()
         backend, device, precision = check_runner_options(backend=backend, device=device, precision=precision, compile=compile,
                                                           threads=threads)  # before Ray starts  # fmt: skip
         if device.startswith("cuda:"):  # an actor sees only the GPU Ray gives it, as its cuda:0

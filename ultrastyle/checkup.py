@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ultrastyle.errors import Remedies, Setting
@@ -38,7 +40,7 @@ class Check:
 
 
 def doctor(model: str | None = None, *, baseline: bool = False) -> list[Check]:
-    """Python, the memory setup, PyTorch, ONNX Runtime, libvips, the GPUs and driver, TensorRT, cuda-python, pycuda,
+    """ultrastyle, Python, the memory setup, PyTorch, ONNX Runtime, libvips, Ray, the GPUs and driver, TensorRT, cuda-python, pycuda,
     and ``model`` (default: the default model; every file's sha256 checked).
 
     ``baseline``: also measure the memory baseline of each CPU backend with ``model`` open, where the model is
@@ -131,8 +133,12 @@ def environment_checks() -> list[Check]:
         tensorrt_status,
     )
 
+    from ultrastyle._version import __version__
+
     gpus = probe_gpus()
-    checks = [Check("python", "ok", f"{platform.python_version()} ({sys.executable})")]
+    here = Path(__file__).resolve().parent
+    checks = [Check("ultrastyle", "ok", f"{__version__} ({here})"),
+              Check("python", "ok", f"{platform.python_version()} ({sys.executable})")]  # fmt: skip
     checks.append(Check("memory", "info", describe_memory_setup()))
     try:
         import torch
@@ -160,6 +166,8 @@ def environment_checks() -> list[Check]:
                             f"{pyvips.version(2)}: large contents are read a band at a time"))  # fmt: skip
     else:
         checks.append(Check("libvips", "missing", "contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
+
+    checks.append(_ray_check(package_version))
 
     if gpus:
         for g in gpus:
@@ -189,6 +197,18 @@ def environment_checks() -> list[Check]:
     has_pc = has_pycuda()
     checks.append(Check("pycuda", "ok" if has_pc else "missing", (package_version("pycuda") or "?") if has_pc else f"optional; {INSTALL_PYCUDA}"))
     return checks
+
+
+def _ray_check(package_version: Callable[[str], str | None]) -> Check:
+    """Ray and zarr from their installed metadata (importing Ray takes seconds)."""
+    ray, zarr = package_version("ray"), package_version("zarr")
+    if ray is None:
+        return Check("ray", "missing", "batches run on this machine; to spread them over a cluster: pip install 'ultrastyle[ray]'")
+    if zarr is None or int(zarr.split(".")[0]) < 3:
+        found = "zarr is not installed" if zarr is None else f"zarr {zarr} is installed"
+        return Check("ray", "ok", f"ray {ray}: batches over a cluster; spreading one image's tiles (distribute_tiles) needs zarr 3, "
+                                  f"but {found}: pip install 'ultrastyle[ray]' (Python 3.11 or newer)")  # fmt: skip
+    return Check("ray", "ok", f"ray {ray}, zarr {zarr}: batches, and one image's tiles, over a cluster")
 
 
 __all__ = ["Check", "Status", "baseline_checks", "doctor", "environment_checks", "model_checks", "ready"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -49,8 +49,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from ultrastyle._version import __version__
+
+        typer.echo(f"ultrastyle {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _process_setup() -> None:
+def _process_setup(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)] = False,
+) -> None:
     """Process-wide settings every command benefits from (the library leaves them to its caller)."""
     keep_freed_memory()  # large tensors reuse freed heap pages instead of faulting in fresh ones
 

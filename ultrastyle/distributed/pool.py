@@ -36,7 +36,7 @@ from ultrastyle.distributed.cluster import ClusterError, connect, disconnect, im
 from ultrastyle.distributed.worker import (
     FORWARDED_ENV, DiskFull, RunnerSpec, StyleTable, StylizeWorker, WorkerInfo, as_float32_band, file_signature, stats_sum,
 )  # fmt: skip
-from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array
+from ultrastyle.distributed.zarr_canvas import ZarrCanvas, create_array, require_zarr
 from ultrastyle.io import atomic
 from ultrastyle.io.images import ImageError
 from ultrastyle.io.pyramid import output_meta, save_output
@@ -502,6 +502,7 @@ class WorkerPool:
         """
         if style.mask is not None:
             raise ValueError("mask regions are not supported across the cluster; run masked pairs one image per worker")
+        require_zarr()
         work = Path(work)
         h, w = pixels.shape[:2]
         plan = plan_image(self.arch, h, w, options.levels, options.tiling_for(self.traits), self.traits,

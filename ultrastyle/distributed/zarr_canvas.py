@@ -16,6 +16,21 @@ import numpy as np
 import torch
 
 from ultrastyle.core.canvas import Canvas
+from ultrastyle.distributed.cluster import ClusterError
+
+
+def require_zarr() -> None:
+    """Raise `ClusterError` naming the fix when zarr 3 (the stage arrays of one image spread over a cluster) is missing."""
+    try:
+        import zarr
+    except ImportError as exc:
+        found = f"zarr is not installed ({exc})"
+    else:
+        if int(zarr.__version__.split(".")[0]) >= 3:
+            return
+        found = f"zarr {zarr.__version__} is installed"
+    raise ClusterError(f"spreading an image's tiles over a cluster (distribute_tiles) keeps its stages in zarr 3 arrays, but {found}; "
+                       "install the extra: pip install 'ultrastyle[ray]' (zarr 3 needs Python 3.11 or newer)")  # fmt: skip
 
 
 def create_array(path: str | Path, shape: tuple[int, int, int], chunk: tuple[int, int]) -> ZarrCanvas:

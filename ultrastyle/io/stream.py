@@ -210,7 +210,9 @@ def _to_rgb(a: np.ndarray, mode: str) -> np.ndarray:
 def stream_blocker(path: str | Path) -> str | None:
     """Why ``path`` cannot be streamed (read whole instead), or None when it can; never raises."""
     if not vips_available():
-        return "pyvips is not installed (pip install 'ultrastyle[vips]')"
+        if importlib.util.find_spec("pyvips") is None:
+            return "pyvips is not installed (pip install 'ultrastyle[vips]')"
+        return "pyvips cannot load libvips (pip install 'ultrastyle[vips]' installs it with pyvips-binary)"
     pyvips = vips_module()
 
     try:
