@@ -406,7 +406,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after the untimed one (median)")
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--whole-gib-per-mp", type=float, default=0.75, help="estimate used to skip whole-image runs that cannot fit")
-    ap.add_argument("--compare", action="store_true", help="largest uint8 difference of each row from the first config's whole-image output")
+    ap.add_argument("--compare", action="store_true", help="largest uint8 difference of each row from the first row's output (the first config's whole-image one with the default --paths)")
     ap.add_argument("--tf32", action="store_true", help="fp32 configs: leave PyTorch's TF32 defaults on (cuDNN convolutions in TF32)")
     ap.add_argument("--networks", action="store_true", help="network-only rows (5 stages, and stage 5 alone) per config")
     ap.add_argument("--net-size", type=int, default=4096)

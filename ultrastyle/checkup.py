@@ -165,7 +165,10 @@ def environment_checks() -> list[Check]:
         checks.append(Check("libvips", "ok", f"pyvips {pyvips.__version__}, libvips {pyvips.version(0)}.{pyvips.version(1)}."
                             f"{pyvips.version(2)}: large contents are read a band at a time"))  # fmt: skip
     else:
-        checks.append(Check("libvips", "missing", "contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
+        import importlib.util
+
+        why = "pyvips cannot load libvips" if importlib.util.find_spec("pyvips") is not None else "pyvips is not installed"
+        checks.append(Check("libvips", "missing", f"{why}: contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
 
     checks.append(_ray_check(package_version))
 

@@ -256,6 +256,8 @@ class WorkerPool:
                         continue
                     actor = idle.pop()
                     busy[submit(actor, job)] = (job, actor)
+                while pending and skip is not None and skip(pending[0]):  # stopped: no need to wait for an actor
+                    pending.popleft()
                 if not busy and not self._warming:
                     for job in pending:
                         on_failed(job, "no Ray worker is left to run it (every worker was lost)")
@@ -357,6 +359,8 @@ class WorkerPool:
         running on other actors finish). Ctrl-C raises `BatchInterrupted` with the pairs
         finished; outputs being written are abandoned and their temp files swept.
         """
+        if distribute_tiles:
+            require_zarr()
         t_start = time.perf_counter()
         stages_in = _stage_folder(scratch) if distribute_tiles and scratch else None
         folders = {p.output.parent for p in pairs if p.output is not None} | ({stages_in} if stages_in else set())
@@ -366,17 +370,26 @@ class WorkerPool:
         summary = BatchSummary(planned=len(pairs))
         report = InOrder(results, summary, on_result)
         jobs = [_Job(run) for run in runs]
+        signatures = [file_signature(p.output) for p in pairs]  # what each output was before: written since, it is this run's
         full: list[DiskFull] = []  # the first output whose write found its disk full: the jobs not yet begun are not run
+
+        def written_since(i: int) -> None:
+            """Pair ``i`` done if unreported and its output was renamed into place since the start (by a call cut off)."""
+            pair = pairs[i]
+            if results[i] is None and pair.output is not None and file_signature(pair.output) not in (None, signatures[i]):
+                header = image_header(pair.output)
+                results[i] = PairResult(pair, "done", None, 0.0, header[0] * header[1] / 1e6 if header else 0.0)
 
         def stopped(job: _Job) -> bool:
             if not full:
                 return False
             for i in job.payload[1]:
+                if job.tries:  # what its lost attempt wrote whole is done
+                    written_since(i)
                 results[i] = results[i] or not_made_disk_full(pairs[i], *full[0])
             report()
             return True
 
-        signatures = [file_signature(p.output) for p in pairs]  # what each output was before: written since, it is this run's
         report()
         try:
             styles = self.style_table([pairs[i] for job in jobs for i in job.payload[1]], options) if jobs else None
@@ -408,10 +421,8 @@ class WorkerPool:
                 self._run(jobs, submit, done, failed, skip=stopped)
             report()
         except KeyboardInterrupt:
-            for i, pair in enumerate(pairs):  # whole outputs (renamed into place) of the jobs cut off: finished, if unreported
-                if results[i] is None and pair.output is not None and file_signature(pair.output) not in (None, signatures[i]):
-                    header = image_header(pair.output)
-                    results[i] = PairResult(pair, "done", None, 0.0, header[0] * header[1] / 1e6 if header else 0.0)
+            for i in range(len(pairs)):  # whole outputs (renamed into place) of the jobs cut off: finished, if unreported
+                written_since(i)
             summary.results += [r for r in results[report.reported:] if r is not None]
             summary.wall_seconds = time.perf_counter() - t_start
             raise BatchInterrupted(summary, abandoned=True) from None

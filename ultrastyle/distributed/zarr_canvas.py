@@ -17,6 +17,7 @@ import torch
 
 from ultrastyle.core.canvas import Canvas
 from ultrastyle.distributed.cluster import ClusterError
+from ultrastyle.errors import Setting, remedied
 
 
 def require_zarr() -> None:
@@ -29,8 +30,9 @@ def require_zarr() -> None:
         if int(zarr.__version__.split(".")[0]) >= 3:
             return
         found = f"zarr {zarr.__version__} is installed"
-    raise ClusterError(f"spreading an image's tiles over a cluster (distribute_tiles) keeps its stages in zarr 3 arrays, but {found}; "
-                       "install the extra: pip install 'ultrastyle[ray]' (zarr 3 needs Python 3.11 or newer)")  # fmt: skip
+    raise remedied(ClusterError(f"spreading an image's tiles over a cluster (distribute_tiles) keeps its stages in zarr 3 arrays, "
+                                f"but {found}; install the extra: pip install 'ultrastyle[ray]' (zarr 3 needs Python 3.11 or "
+                                "newer), or run without it"), Setting("distribute_tiles"))  # fmt: skip
 
 
 def create_array(path: str | Path, shape: tuple[int, int, int], chunk: tuple[int, int]) -> ZarrCanvas:
