@@ -117,6 +117,7 @@ def baseline_checks(model: str | None = None) -> list[Check]:
 
 def environment_checks() -> list[Check]:
     """Every probe of the machine and its packages; none raises."""
+    from ultrastyle._version import __version__
     from ultrastyle.runtime.memory import describe_memory_setup
     from ultrastyle.trt.env import (
         INSTALL_CUDA_PYTHON,
@@ -132,8 +133,6 @@ def environment_checks() -> list[Check]:
         probe_gpus,
         tensorrt_status,
     )
-
-    from ultrastyle._version import __version__
 
     gpus = probe_gpus()
     here = Path(__file__).resolve().parent
