@@ -339,3 +339,63 @@ def test_files_are_flushed_through_a_descriptor_windows_accepts(tmp_path: Path, 
     with atomic_dir(tmp_path / "bundle") as d:
         (d / "g.onnx").write_bytes(b"graph")
     assert (tmp_path / "out.tif").read_bytes() == b"image" and (tmp_path / "bundle" / "g.onnx").read_bytes() == b"graph"
+
+
+def test_a_writer_killed_between_the_renames_of_a_folder_leaves_the_old_one_which_the_sweep_puts_back(tmp_path: Path, monkeypatch) -> None:
+    """The old folder moved aside and the new one not yet in place: both were swept, and an optimization's saved state
+    (hours of work) was lost. The old one is whole: it goes back; the new one may not be, and goes."""
+    state = tmp_path / ".photo.optimize-state"
+    state.mkdir()
+    (state / "state.json").write_text("old")
+    real, calls = os.replace, []
+
+    def killed_at_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a SIGKILL has no clean-up at all: the except below only removes the new folder
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(state) as tmp:
+        (tmp / "state.json").write_text("new")
+    monkeypatch.undo()
+    aside = [p for p in tmp_path.iterdir() if p.name.endswith(atomic.PREVIOUS_SUFFIX)]
+    assert not state.exists() and len(aside) == 1 and writer_pid(aside[0]) == os.getpid()
+    assert sweep_stale(tmp_path, dead=[(atomic.HOST_TAG, os.getpid())]) == []  # put back, not removed
+    assert _names(tmp_path) == [state.name] and (state / "state.json").read_text() == "old"
+    # Where the new folder did take its place, the old one aside is removed.
+    state.rename(aside[0])
+    state.mkdir()
+    assert sweep_stale(tmp_path, dead=[(atomic.HOST_TAG, os.getpid())]) == aside and _names(tmp_path) == [state.name]
+
+
+def test_a_folder_removed_part_way_leaves_a_temp_name_not_a_folder_missing_files(tmp_path: Path, monkeypatch) -> None:
+    """A kill while an optimization's state was deleted left its solver files without state.json under the real name,
+    which every later run refused as something else's folder."""
+    state = tmp_path / ".photo.optimize-state"
+    (state / "solver").mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    monkeypatch.setattr(atomic, "_remove", lambda p: None)  # killed before any file went
+    atomic.remove_tree(state)
+    monkeypatch.undo()
+    [left] = tmp_path.iterdir()
+    assert not state.exists() and writer_pid(left) == os.getpid() and left.name.endswith(PARTIAL_SUFFIX)
+    atomic.remove_tree(state)  # nothing there: nothing to do
+
+
+def test_a_live_pid_that_started_after_a_temp_was_written_is_not_its_writer(tmp_path: Path) -> None:
+    """After a reboot (or 32768 processes where pid_max is small) a dead writer's pid is another process's: its temp was
+    kept as long as that process lived."""
+    if atomic.process_start_time(os.getpid()) is None:
+        pytest.skip("no /proc here: process start times cannot be read, and a reused pid's temp is kept (by design)")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            reused = tmp_path / f".a.png.{other.pid}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"
+            live = tmp_path / f".b.png.{other.pid}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"
+            reused.write_bytes(b"x")
+            live.write_bytes(b"x")
+            hour_ago = time.time() - 3600
+            os.utime(reused, (hour_ago, hour_ago))  # written before the process with this pid began
+            assert sweep_stale(tmp_path) == [reused] and _names(tmp_path) == [live.name]
+        finally:
+            other.kill()

@@ -415,3 +415,18 @@ def test_the_style_book_is_bounded_in_bytes_and_a_stylizers_books_share_one_boun
         s.stylize(content, styles[1], style_size=48)  # another book
         assert len(s._books) == 2 and len(s._stats) == 1
         assert next(iter(s._stats))[0] == styles[1]
+
+
+def test_skip_existing_redoes_a_png_or_jpeg_cut_short(tmp_path):
+    """A copy or sync interrupted leaves a short file under the output's name: it was kept as done."""
+    from ultrastyle.runtime.batch import output_exists
+
+    a = (np.arange(48 * 40 * 3) % 251).astype(np.uint8).reshape(48, 40, 3)
+    for suffix in (".png", ".jpg", ".tif"):
+        whole, cut = tmp_path / f"whole{suffix}", tmp_path / f"cut{suffix}"
+        Image.fromarray(a).save(whole)
+        cut.write_bytes(whole.read_bytes()[:-20])
+        assert output_exists(whole), suffix
+        assert output_exists(cut) is (suffix == ".tif"), suffix  # a TIFF's end says nothing: any non-empty one counts
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert not output_exists(tmp_path / "empty.png") and not output_exists(tmp_path / "missing.png")

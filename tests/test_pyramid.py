@@ -323,3 +323,16 @@ def test_a_failed_dzi_write_leaves_nothing_new_and_keeps_an_old_output_whole(tmp
     with pytest.raises(ImageError):
         write_dzi(_noise(40, 50), tmp_path / "new.dzi")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.dzi", "o.html", "o_files"]  # a first write that fails leaves nothing
+
+
+def test_an_old_deep_zoom_output_s_tiles_go_only_once_the_new_dzi_is_in_place(tmp_path, monkeypatch):
+    """Deleting a gigapixel pyramid's old tiles takes a while: a kill then left no NAME.dzi at all (the old one gone, the
+    new one not yet renamed in), so neither output was there."""
+    path = tmp_path / "x.dzi"
+    write_dzi(_noise(40, 50), path)
+    seen = []
+    real = pyramid.remove_tree
+    monkeypatch.setattr(pyramid, "remove_tree", lambda old: seen.append((old.name, path.is_file(), json.dumps(path.read_text()))) or real(old))
+    write_dzi(_noise(60, 70), path)
+    assert len(seen) == 1 and seen[0][0].startswith(".x_files.") and seen[0][1] and 'Width=\\"70\\"' in seen[0][2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.dzi", "x.html", "x_files"]  # the old tiles gone after all

@@ -34,6 +34,7 @@ from typing import IO, Any
 __all__ = [
     "FOREIGN_STALE_SECONDS",
     "PARTIAL_SUFFIX",
+    "PREVIOUS_SUFFIX",
     "atomic_dir",
     "atomic_path",
     "atomic_write",
@@ -41,16 +42,21 @@ __all__ = [
     "is_alive",
     "is_unwritable",
     "partial_path",
+    "process_start_time",
+    "remove_tree",
     "sweep_stale",
     "write_atomic",
     "writer_pid",
 ]
 
 PARTIAL_SUFFIX = ".ultrastyle-partial"
+# A whole folder moved aside for its replacement (`atomic_dir`): a writer killed before the replacement took its place
+# leaves it, and the sweep puts it back rather than removing it (the state of a long optimization, say).
+PREVIOUS_SUFFIX = ".ultrastyle-previous"
 # The exact shape of our temp names; nothing else is ever swept.
 # The host part is optional: older ultrastyle wrote ".{name}.{pid}.{token}", judged by the pid alone as then.
 _PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})(?:@(?P<host>[0-9a-f]{8}))?\.(?P<token>[0-9a-f]{8})"
-                         + re.escape(PARTIAL_SUFFIX))  # fmt: skip
+                         r"\.ultrastyle-(?P<kind>partial|previous)")  # fmt: skip
 # Keeps ".{name}.{pid}@{host}.{token}.ultrastyle-partial" under the usual 255-byte name limit.
 _MAX_NAME_BYTES = 190
 # A temp of another machine's writer (its pid cannot be asked about here) untouched this long is taken as dead: a
@@ -70,13 +76,26 @@ def _host_tag() -> str:
 HOST_TAG = _host_tag()
 
 
-def partial_path(path: str | Path) -> Path:
-    """A fresh temp name beside ``path`` in this tool's pattern, carrying this process's pid and machine."""
+def partial_path(path: str | Path, suffix: str = PARTIAL_SUFFIX) -> Path:
+    """A fresh temp name beside ``path`` in this tool's pattern, carrying this process's pid and machine (``suffix``:
+    `PREVIOUS_SUFFIX` for a whole folder moved aside, which a sweep restores where nothing took its place)."""
     path = Path(path)
     name = path.name
     if len(name.encode()) > _MAX_NAME_BYTES:
         name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
-    return path.with_name(f".{name}.{os.getpid()}@{HOST_TAG}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    return path.with_name(f".{name}.{os.getpid()}@{HOST_TAG}.{secrets.token_hex(4)}{suffix}")
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove folder ``path`` (or a file) so that a kill part-way leaves a temp name a sweep removes, not a folder
+    without some of its files under the real name (which a later run would take for something else's)."""
+    path = Path(path)
+    aside = partial_path(path)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    _remove(aside)
 
 
 def writer_pid(path: str | Path) -> int | None:
@@ -182,7 +201,7 @@ def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
     moved: list[Path] = []
     for attempt in range(tries):
         if os.path.lexists(path):
-            old = partial_path(path)  # our pattern: a crash right here leaves it for sweep_stale
+            old = partial_path(path, PREVIOUS_SUFFIX)  # a crash before the next rename: sweep_stale puts it back
             try:
                 os.replace(path, old)
                 moved.append(old)
@@ -204,12 +223,15 @@ def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] | None = None) -> Iterator[Path]:
     """Yield a new empty temp folder beside ``path``; it replaces ``path`` (folder or absent) on a clean exit.
 
     An existing ``path`` is swapped out by renames, so ``path`` is always
-    either the old folder or the complete new one, then removed. If the block
-    raises, the temp folder is removed and ``path`` is left as it was.
+    either the old folder or the complete new one (a kill between the renames
+    leaves the old one aside, which `sweep_stale` puts back), then removed; or,
+    given ``superseded``, listed there for the caller to remove (`remove_tree`)
+    once its other files are in place too. If the block raises, the temp folder
+    is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = partial_path(path)
@@ -224,6 +246,9 @@ def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
                 if p.is_file():
                     _fsync_file(p)
         gone = _swap_in(tmp, path)
+        if superseded is not None:
+            superseded.extend(gone)
+            gone = []
         for old in gone:
             try:
                 _remove(old)  # a folder, or a file that stood where the folder goes
@@ -279,6 +304,18 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` of this machine started (seconds since the epoch; Linux's /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime: after the command's parentheses
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> bool:
     m = _PARTIAL_RE.fullmatch(entry.name)
     if m is None:
@@ -286,18 +323,40 @@ def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> boo
     if m["host"] is not None and (m["host"], int(m["pid"])) in dead:
         return True
     if m["host"] in (None, HOST_TAG) and PIDS_CHECKABLE:
-        return not is_alive(int(m["pid"]))
+        pid = int(m["pid"])
+        if not is_alive(pid):
+            return True
+        started = process_start_time(pid)  # a live pid that started after the file was last written is not its writer
+        try:  # (pids are reused: after a reboot, or after 32768 processes where pid_max is small)
+            return started is not None and started > entry.stat(follow_symlinks=False).st_mtime + 2.0
+        except OSError:
+            return False
     try:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_STALE_SECONDS
     except OSError:
         return False
 
 
+def _restore(previous: Path) -> bool:
+    """Put a folder moved aside by a dead writer (`PREVIOUS_SUFFIX`) back where nothing took its place; whether it was."""
+    m = _PARTIAL_RE.fullmatch(previous.name)
+    assert m is not None
+    target = previous.with_name(m["name"])
+    if len(m["name"].encode()) >= _MAX_NAME_BYTES or os.path.lexists(target):  # a cut name, or superseded: removed
+        return False
+    try:
+        os.rename(previous, target)
+    except OSError:
+        return False
+    return True
+
+
 def sweep_stale(folder: str | Path, *, dead: Collection[tuple[str, int]] = ()) -> list[Path]:
     """Remove this tool's temp files and folders in ``folder`` (not recursive) whose writer has died.
 
     Only names of the exact pattern ``.{name}.{pid}@{host}.{token}.ultrastyle-partial``
-    are considered. One of this machine whose pid is a live process is kept;
+    (or ``-previous``: a whole folder moved aside, put back as ``name`` where nothing
+    stands there, else removed) are considered. One of this machine whose pid is a live process is kept;
     one of another machine (or container), or of this one where pids cannot be asked
     about (Windows), is kept until untouched for
     :data:`FOREIGN_STALE_SECONDS`, unless ``dead`` lists its (host, pid): a
@@ -313,6 +372,8 @@ def sweep_stale(folder: str | Path, *, dead: Collection[tuple[str, int]] = ()) -
         if not _is_stale(e, dead):
             continue
         p = Path(e.path)
+        if e.name.endswith(PREVIOUS_SUFFIX) and _restore(p):
+            continue
         try:
             if e.is_dir(follow_symlinks=False):
                 _remove(p)  # read-only folders inside too

@@ -27,6 +27,7 @@ written last, so its presence means the pyramid is whole.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -46,7 +47,7 @@ import torch
 from PIL import Image
 
 from ultrastyle.core.canvas import Canvas, read_at, sample_peak, write_at
-from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write
+from ultrastyle.io.atomic import atomic_dir, atomic_path, atomic_write, remove_tree
 from ultrastyle.io.constants import OUTPUT_FORMATS
 from ultrastyle.io.images import DEFAULT_PNG_LEVEL, FORMATS, JPEG_QUALITY, PNG_SIGNATURE, ImageError, pil_save, save_array
 from ultrastyle.io.metadata import OutputMeta, png_chunk
@@ -572,13 +573,16 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
         raise ImageError(f"{path}: Deep Zoom tiles are 8-bit; got {src.dtype} samples")
     fmt = options.dzi_tile_format
     sizes = dzi_levels(h, w)
+    old_tiles: list[Path] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The page and the .dzi are written first (a full disk fails before any tile) and renamed last, after the
         # tiles: the blocks exit innermost first. A failure while writing leaves no new file and an old output whole
-        # (a failed rename after the old .dzi is gone leaves it incomplete, which skip_existing reruns).
+        # (a failed rename after the old .dzi is gone leaves it incomplete, which skip_existing reruns). An old
+        # output's tiles go after the new .dzi is in place: deleting 100k tiles takes a while, and a kill then would
+        # leave neither output.
         with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
-                atomic_dir(path.with_name(f"{name}_files"), fsync=False) as tmp:
+                atomic_dir(path.with_name(f"{name}_files"), fsync=False, superseded=old_tiles) as tmp:
             dzi_tmp.write_text(dzi_xml(h, w, fmt), encoding="utf-8")
             html_tmp.write_text(viewer_html(name, h, w, fmt, path.name), encoding="utf-8")
             chain: _Level | None = None
@@ -596,6 +600,9 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
             path.unlink(missing_ok=True)  # an old .dzi never points at the new tiles, even after a crash right here
     except OSError as exc:
         raise ImageError(f"{path}: cannot write the Deep Zoom pyramid ({exc.strerror or exc})") from exc
+    for old in old_tiles:
+        with contextlib.suppress(OSError):  # left under a temp name: a later sweep removes it
+            remove_tree(old)
     return path
 
 

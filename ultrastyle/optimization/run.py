@@ -20,12 +20,12 @@ removes it once the output is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -42,7 +42,7 @@ from ultrastyle.core.padding import padded_size
 from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TileWarning, halo_overhead, size_text, smallest_tile
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.io.atomic import atomic_dir
+from ultrastyle.io.atomic import atomic_dir, remove_tree
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.metadata import METADATA
 from ultrastyle.io.sources import ImageLike, as_source, read_source
@@ -654,7 +654,7 @@ class Optimizer:
                             solver.load(state / "solver")  # type: ignore[operator]
                         except (OSError, ValueError, KeyError) as exc:  # damaged (a power cut after the rename): start over
                             warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning)
-                            shutil.rmtree(state, ignore_errors=True)
+                            remove_tree(state)
                             raise _StartOver from None
                     objective = _Objective(self.net, target, opts.weights, plan, on_tile)
                     while solver.iterations < opts.iterations:
@@ -678,8 +678,9 @@ class Optimizer:
             from ultrastyle.io.pyramid import output_meta, save_output
 
             save_output(image, output, opts.format, meta=output_meta(c_src, image, opts.metadata))
-        if state is not None and state.exists():
-            shutil.rmtree(state, ignore_errors=True)
+        if state is not None:
+            with contextlib.suppress(OSError):  # the output is written: a state left is swept by a later run
+                remove_tree(state)
         return image
 
     def _target(self, content: torch.Tensor, style: torch.Tensor, opts: OptimizeOptions, mem: MemoryPlan,

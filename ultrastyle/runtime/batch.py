@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -477,13 +478,25 @@ class _Allowance:
             self._cond.notify_all()
 
 
+# How a whole file of a format ends: a PNG with its IEND chunk, a JPEG with its end-of-image marker.
+_ENDINGS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
 def output_exists(path: Path) -> bool:
     """Whether an output is there whole (what ``skip_existing`` keeps): a Deep Zoom ``NAME.dzi`` counts only beside its
-    ``NAME_files/`` tiles, and an empty file (another tool's, a full disk's: this one writes through a rename) not at all."""
-    if path.suffix.lower() == ".dzi":
+    ``NAME_files/`` tiles; an empty file, or a PNG or JPEG cut short (a copy or sync interrupted: this tool writes
+    through a rename), not at all."""
+    suffix = path.suffix.lower()
+    if suffix == ".dzi":
         return path.is_file() and path.with_name(f"{dzi_name(path)}_files").is_dir()
     try:
-        return path.stat().st_size > 0
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if suffix not in _ENDINGS or size == 0:
+                return size > 0
+            end = _ENDINGS[suffix]
+            f.seek(max(0, size - len(end)))
+            return f.read() == end
     except OSError:
         return False
 
