@@ -17,7 +17,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +26,7 @@ import numpy as np
 from ultrastyle.core.arch import STAGES, parse_levels
 from ultrastyle.core.tile_memory import parse_bytes
 from ultrastyle.errors import Setting, remedied
+from ultrastyle.io.atomic import partial_path
 from ultrastyle.io.constants import IMAGE_SUFFIXES, OUTPUT_FORMATS, format_name
 from ultrastyle.models.defaults import METHODS
 
@@ -302,8 +302,10 @@ def unwritable_folder(path: Path) -> str | None:
 
 def _write_probe(folder: Path) -> OSError | None:
     """Why a folder cannot be made inside ``folder`` (a temporary one, removed at once), or None where it can."""
+    probe = partial_path(folder / "probe")  # a kill right now leaves a name the next sweep of the folder removes
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".ultrastyle-probe-", dir=folder))
+        os.mkdir(probe)
+        os.rmdir(probe)
     except OSError as exc:
         return exc
     return None

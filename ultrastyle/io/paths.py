@@ -6,9 +6,9 @@ import functools
 import glob
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from ultrastyle.io.atomic import partial_path
 from ultrastyle.io.constants import IMAGE_SUFFIXES
 
 
@@ -73,11 +73,11 @@ def ignores_case(folder: str | os.PathLike) -> bool:
     p = Path(folder).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
+    name = str(partial_path(p / "case-probe"))  # a kill right now leaves a name the next sweep of the folder removes
     try:
-        fd, name = tempfile.mkstemp(prefix=".ultrastyle-case-", dir=p)
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError:  # not writable here: the platform's usual disks
         return os.name == "nt" or sys.platform == "darwin"
-    os.close(fd)
     try:
         return os.path.exists(os.path.join(p, os.path.basename(name).upper()))
     finally:
