@@ -399,3 +399,18 @@ def test_a_live_pid_that_started_after_a_temp_was_written_is_not_its_writer(tmp_
             assert sweep_stale(tmp_path) == [reused] and _names(tmp_path) == [live.name]
         finally:
             other.kill()
+
+
+def test_a_rename_into_place_is_flushed_with_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """The file's data was flushed before its rename, but not the rename: after a power cut the output could be gone."""
+    flushed: list[Path] = []
+    real = atomic._fsync_dir
+    monkeypatch.setattr(atomic, "_fsync_dir", lambda folder: flushed.append(folder) or real(folder))
+    with atomic_write(tmp_path / "a.bin") as f:
+        f.write(b"a")
+    with atomic_path(tmp_path / "b.bin") as p:
+        p.write_bytes(b"b")
+    with atomic_dir(tmp_path / "c") as d:
+        (d / "x").write_bytes(b"c")
+    write_atomic(tmp_path / "d.bin", b"d", fsync=False)  # asked not to flush: neither
+    assert flushed == [tmp_path] * 3

@@ -117,6 +117,22 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries, so a rename into it survives a power cut (POSIX; where a file system refuses, skipped)."""
+    if os.name == "nt":  # no folder can be opened there to flush; NTFS journals its renames
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL on some file systems: nothing to flush there
+        pass
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -166,6 +182,8 @@ def atomic_write(
             if fsync:  # the rename must never expose a file whose data is not on disk yet
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
     except BaseException:
         _remove(tmp)
         raise
@@ -187,6 +205,8 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
     except BaseException:
         _remove(tmp)
         raise
@@ -246,6 +266,8 @@ def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] |
                 if p.is_file():
                     _fsync_file(p)
         gone = _swap_in(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
         if superseded is not None:
             superseded.extend(gone)
             gone = []
