@@ -383,22 +383,61 @@ def test_a_folder_removed_part_way_leaves_a_temp_name_not_a_folder_missing_files
     atomic.remove_tree(state)  # nothing there: nothing to do
 
 
-def test_a_live_pid_that_started_after_a_temp_was_written_is_not_its_writer(tmp_path: Path) -> None:
+def test_a_live_pid_of_another_start_than_the_writer_s_is_not_its_writer(tmp_path: Path) -> None:
     """After a reboot (or 32768 processes where pid_max is small) a dead writer's pid is another process's: its temp was
-    kept as long as that process lived."""
-    if atomic.process_start_time(os.getpid()) is None:
+    kept as long as that process lived. The writer's start is in the name, in clock ticks since boot: a clock set
+    forward or back changes nothing (a wall-clock comparison deleted a live writer's temp after a clock jump)."""
+    if atomic.process_start_ticks(os.getpid()) is None:
         pytest.skip("no /proc here: process start times cannot be read, and a reused pid's temp is kept (by design)")
+    assert f"-{atomic.process_start_ticks(os.getpid()):x}{PARTIAL_SUFFIX}" in partial_path(tmp_path / "a.png").name
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
         try:
-            reused = tmp_path / f".a.png.{other.pid}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"
-            live = tmp_path / f".b.png.{other.pid}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"
-            reused.write_bytes(b"x")
-            live.write_bytes(b"x")
-            hour_ago = time.time() - 3600
-            os.utime(reused, (hour_ago, hour_ago))  # written before the process with this pid began
-            assert sweep_stale(tmp_path) == [reused] and _names(tmp_path) == [live.name]
+            ticks = atomic.process_start_ticks(other.pid)
+            assert ticks is not None
+            reused = tmp_path / f".a.png.{other.pid}@{atomic.HOST_TAG}.0123abcd-{ticks - 100:x}{PARTIAL_SUFFIX}"
+            live = tmp_path / f".b.png.{other.pid}@{atomic.HOST_TAG}.0123abcd-{ticks:x}{PARTIAL_SUFFIX}"
+            old_style = tmp_path / f".c.png.{other.pid}@{atomic.HOST_TAG}.0123abcd{PARTIAL_SUFFIX}"  # no start: by the pid
+            for f in (reused, live, old_style):
+                f.write_bytes(b"x")
+                os.utime(f, (0, 0))  # any date: the clock is not asked
+            assert sweep_stale(tmp_path) == [reused] and _names(tmp_path) == sorted([live.name, old_style.name])
         finally:
             other.kill()
+
+
+def test_a_folder_moved_aside_goes_back_only_whole_newest_and_under_its_own_name(tmp_path: Path, monkeypatch) -> None:
+    """The diff review: a superseded folder removed part-way under its "previous" name was put back, half empty, once the
+    real one went; a name cut to fit came back cut; of two writers killed between their renames the older could win."""
+    dead = [(atomic.HOST_TAG, os.getpid())]
+    # Superseded: renamed to a plain temp name before its files go, so a kill then leaves nothing to put back.
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "a").write_text("old")
+    removed: list[Path] = []
+    monkeypatch.setattr(atomic, "_remove", lambda p: removed.append(p))  # killed while removing the old one
+    with atomic_dir(state) as tmp:
+        (tmp / "a").write_text("new")
+    monkeypatch.undo()
+    assert [p.name.endswith(PARTIAL_SUFFIX) for p in removed] == [True]
+    atomic.remove_tree(state)  # the real one goes on purpose
+    sweep_stale(tmp_path, dead=dead)
+    assert _names(tmp_path) == []  # the old one did not come back
+    # Two moved aside, neither replaced: the one moved last goes back.
+    for k, text in enumerate(("older", "newer")):
+        d = partial_path(state, atomic.PREVIOUS_SUFFIX)
+        d.mkdir()
+        (d / "a").write_text(text)
+        if k == 0:
+            os.utime(d, (1, 1))
+            time.sleep(0.05)  # a later ctime for the second
+    sweep_stale(tmp_path, dead=dead)
+    assert _names(tmp_path) == ["state"] and (state / "a").read_text() == "newer"
+    # A name that may have been cut to fit is removed, not put back under the cut name.
+    long = tmp_path / ("風" * 64 + ".optimize-state")
+    aside = partial_path(long, atomic.PREVIOUS_SUFFIX)
+    aside.mkdir()
+    sweep_stale(tmp_path, dead=dead)
+    assert _names(tmp_path) == ["state"]
 
 
 def test_a_rename_into_place_is_flushed_with_its_folder(tmp_path: Path, monkeypatch) -> None:

@@ -228,7 +228,10 @@ def test_a_ray_worker_stops_its_contents_pairs_at_a_full_disk_and_tells_the_driv
     real = batch.stylize_canvas
     monkeypatch.setattr(worker_module, "save_output", _written_to_a_full_disk)
     monkeypatch.setattr(batch, "stylize_canvas", lambda *a, **k: computed.append("pair") or real(*a, **k))
-    results, full = worker.stylize_pairs(contents / "p0.png", pairs, options, table)
+    try:
+        results, full = worker.stylize_pairs(contents / "p0.png", pairs, options, table)
+    finally:
+        worker.runner.deactivate()  # its thread count back now, not when collected in a later test
     assert [r.status for r in results] == ["failed"] * 3 and len(computed) == 1  # written in turn: nothing more computed
     assert "cannot write the image (No space left on device)" in results[0].error
     assert all(r.error.startswith("not made: no room is left") for r in results[1:])

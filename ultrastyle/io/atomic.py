@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -42,7 +43,7 @@ __all__ = [
     "is_alive",
     "is_unwritable",
     "partial_path",
-    "process_start_time",
+    "process_start_ticks",
     "remove_tree",
     "sweep_stale",
     "write_atomic",
@@ -55,10 +56,12 @@ PARTIAL_SUFFIX = ".ultrastyle-partial"
 PREVIOUS_SUFFIX = ".ultrastyle-previous"
 # The exact shape of our temp names; nothing else is ever swept.
 # The host part is optional: older ultrastyle wrote ".{name}.{pid}.{token}", judged by the pid alone as then.
+# The token may carry the writer's start time (clock ticks since boot, hex): a live process of that pid that started at
+# another time is not the writer (pids are reused), whatever the wall clock did meanwhile.
 _PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[1-9][0-9]{0,9})(?:@(?P<host>[0-9a-f]{8}))?\.(?P<token>[0-9a-f]{8})"
-                         r"\.ultrastyle-(?P<kind>partial|previous)")  # fmt: skip
-# Keeps ".{name}.{pid}@{host}.{token}.ultrastyle-partial" under the usual 255-byte name limit.
-_MAX_NAME_BYTES = 190
+                         r"(?:-(?P<start>[0-9a-f]{1,16}))?\.ultrastyle-(?P<kind>partial|previous)")  # fmt: skip
+# Keeps ".{name}.{pid}@{host}.{token}-{start}.ultrastyle-previous" under the usual 255-byte name limit.
+_MAX_NAME_BYTES = 180
 # A temp of another machine's writer (its pid cannot be asked about here) untouched this long is taken as dead: a
 # download or export in progress writes far more often than once a day.
 FOREIGN_STALE_SECONDS = 24 * 3600
@@ -83,17 +86,24 @@ def partial_path(path: str | Path, suffix: str = PARTIAL_SUFFIX) -> Path:
     name = path.name
     if len(name.encode()) > _MAX_NAME_BYTES:
         name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore")
-    return path.with_name(f".{name}.{os.getpid()}@{HOST_TAG}.{secrets.token_hex(4)}{suffix}")
+    start = process_start_ticks(os.getpid())
+    token = secrets.token_hex(4) + ("" if start is None else f"-{start:x}")
+    return path.with_name(f".{name}.{os.getpid()}@{HOST_TAG}.{token}{suffix}")
 
 
 def remove_tree(path: str | Path) -> None:
     """Remove folder ``path`` (or a file) so that a kill part-way leaves a temp name a sweep removes, not a folder
-    without some of its files under the real name (which a later run would take for something else's)."""
+    without some of its files under the real name (which a later run would take for something else's), nor under a
+    name the sweep puts back (`PREVIOUS_SUFFIX`). Where it cannot be renamed, removed in place."""
     path = Path(path)
-    aside = partial_path(path)
+    m = _PARTIAL_RE.fullmatch(path.name)
+    aside = partial_path(path.with_name(m["name"]) if m else path)  # short: named after what it stood for
     try:
         os.replace(path, aside)
     except FileNotFoundError:
+        return
+    except OSError:  # (Windows, a file inside still open)
+        _remove(path)
         return
     _remove(aside)
 
@@ -212,7 +222,7 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
-def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
+def _swap_in(tmp: Path, path: Path, tries: int = 5, aside: str = PREVIOUS_SUFFIX) -> list[Path]:
     """Rename folder ``tmp`` to ``path``, moving what stands there aside first; the names moved aside, to remove.
 
     Another writer of the same folder (two runs saving one state) may move it away between the renames, or put its own
@@ -221,7 +231,7 @@ def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
     moved: list[Path] = []
     for attempt in range(tries):
         if os.path.lexists(path):
-            old = partial_path(path, PREVIOUS_SUFFIX)  # a crash before the next rename: sweep_stale puts it back
+            old = partial_path(path, aside)  # a crash before the next rename: sweep_stale puts it back (`PREVIOUS_SUFFIX`)
             try:
                 os.replace(path, old)
                 moved.append(old)
@@ -237,21 +247,23 @@ def _swap_in(tmp: Path, path: Path, tries: int = 5) -> list[Path]:
                 os.replace(moved.pop(), path)  # the last that stood there, back
             for old in moved:  # superseded: not left under this process's temp names
                 with contextlib.suppress(OSError):
-                    _remove(old)
+                    remove_tree(old)
             raise OSError(exc.errno, f"cannot replace {path} ({exc.strerror})", str(path)) from exc
     raise AssertionError("unreachable")
 
 
 @contextmanager
-def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] | None = None) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] | None = None,
+               restorable: bool = True) -> Iterator[Path]:  # fmt: skip
     """Yield a new empty temp folder beside ``path``; it replaces ``path`` (folder or absent) on a clean exit.
 
     An existing ``path`` is swapped out by renames, so ``path`` is always
     either the old folder or the complete new one (a kill between the renames
-    leaves the old one aside, which `sweep_stale` puts back), then removed; or,
-    given ``superseded``, listed there for the caller to remove (`remove_tree`)
-    once its other files are in place too. If the block raises, the temp folder
-    is removed and ``path`` is left as it was.
+    leaves the old one aside, which `sweep_stale` puts back unless not
+    ``restorable``: a folder useless alone), then removed; or, given
+    ``superseded``, listed there for the caller to remove (`remove_tree`) once
+    its other files are in place too. If the block raises, the temp folder is
+    removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = partial_path(path)
@@ -265,7 +277,7 @@ def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] |
             for p in tmp.rglob("*"):
                 if p.is_file():
                     _fsync_file(p)
-        gone = _swap_in(tmp, path)
+        gone = _swap_in(tmp, path, aside=PREVIOUS_SUFFIX if restorable else PARTIAL_SUFFIX)
         if fsync:
             _fsync_dir(path.parent)
         if superseded is not None:
@@ -273,7 +285,7 @@ def atomic_dir(path: str | Path, *, fsync: bool = True, superseded: list[Path] |
             gone = []
         for old in gone:
             try:
-                _remove(old)  # a folder, or a file that stood where the folder goes
+                remove_tree(old)  # a folder, or a file that stood where the folder goes
             except OSError:
                 pass  # the new folder is in place; what is left has our pattern, and sweep_stale removes it
     except BaseException:
@@ -326,16 +338,23 @@ def is_alive(pid: int) -> bool:
     return True
 
 
-def process_start_time(pid: int) -> float | None:
-    """When process ``pid`` of this machine started (seconds since the epoch; Linux's /proc), else None."""
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` of this machine started, in clock ticks since boot (Linux's /proc; None elsewhere): unlike a
+    wall-clock time, it does not move when the clock is set."""
+    cached = _START_TICKS.get(pid) if pid == os.getpid() else None
+    if cached is not None:
+        return cached
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, starttime: after the command's parentheses
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return None
+    if pid == os.getpid():  # a forked child has its own pid: its own entry
+        _START_TICKS[pid] = ticks
+    return ticks
+
+
+_START_TICKS: dict[int, int] = {}
 
 
 def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> bool:
@@ -348,15 +367,20 @@ def _is_stale(entry: os.DirEntry[str], dead: Collection[tuple[str, int]]) -> boo
         pid = int(m["pid"])
         if not is_alive(pid):
             return True
-        started = process_start_time(pid)  # a live pid that started after the file was last written is not its writer
-        try:  # (pids are reused: after a reboot, or after 32768 processes where pid_max is small)
-            return started is not None and started > entry.stat(follow_symlinks=False).st_mtime + 2.0
-        except OSError:
-            return False
+        # A live pid whose process started at another time than the writer's is not the writer: pids are reused, after
+        # a reboot, or after 32768 processes where pid_max is small. (Names without the start: judged by the pid alone.)
+        return m["start"] is not None and process_start_ticks(pid) not in (None, int(m["start"], 16))
     try:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_STALE_SECONDS
     except OSError:
         return False
+
+
+def _ctime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_ctime
+    except OSError:
+        return 0.0
 
 
 def _restore(previous: Path) -> bool:
@@ -364,7 +388,8 @@ def _restore(previous: Path) -> bool:
     m = _PARTIAL_RE.fullmatch(previous.name)
     assert m is not None
     target = previous.with_name(m["name"])
-    if len(m["name"].encode()) >= _MAX_NAME_BYTES or os.path.lexists(target):  # a cut name, or superseded: removed
+    # A name that may have been cut (`partial_path`; by up to a character, 4 bytes), or a folder superseded: removed.
+    if len(m["name"].encode()) > _MAX_NAME_BYTES - 4 or os.path.lexists(target):
         return False
     try:
         os.rename(previous, target)
@@ -390,6 +415,9 @@ def sweep_stale(folder: str | Path, *, dead: Collection[tuple[str, int]] = ()) -
         entries = list(os.scandir(folder))
     except OSError:
         return removed
+    # Folders moved aside first, the last moved first (rename sets ctime): of two writers killed between their renames,
+    # the newer state goes back, and the older is then superseded.
+    entries.sort(key=lambda e: -_ctime(e) if e.name.endswith(PREVIOUS_SUFFIX) else math.inf)
     for e in entries:
         if not _is_stale(e, dead):
             continue

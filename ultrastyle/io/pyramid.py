@@ -582,7 +582,7 @@ def write_dzi(src: Pixels, path: str | Path, options: PyramidOptions = PyramidOp
         # output's tiles go after the new .dzi is in place: deleting 100k tiles takes a while, and a kill then would
         # leave neither output.
         with atomic_path(path) as dzi_tmp, atomic_path(path.with_name(f"{name}.html")) as html_tmp, \
-                atomic_dir(path.with_name(f"{name}_files"), fsync=False, superseded=old_tiles) as tmp:
+                atomic_dir(path.with_name(f"{name}_files"), fsync=False, superseded=old_tiles, restorable=False) as tmp:
             dzi_tmp.write_text(dzi_xml(h, w, fmt), encoding="utf-8")
             html_tmp.write_text(viewer_html(name, h, w, fmt, path.name), encoding="utf-8")
             chain: _Level | None = None

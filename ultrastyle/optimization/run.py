@@ -42,7 +42,7 @@ from ultrastyle.core.padding import padded_size
 from ultrastyle.core.plan import TILE_OVERHEAD_WARN, TileWarning, halo_overhead, size_text, smallest_tile
 from ultrastyle.core.resample import resized_size
 from ultrastyle.core.tile_memory import parse_bytes
-from ultrastyle.io.atomic import atomic_dir, remove_tree
+from ultrastyle.io.atomic import atomic_dir, remove_tree, sweep_stale
 from ultrastyle.io.images import DEFAULT_MAX_PIXELS, ImageError, array_to_tensor, as_role, resize_long_side
 from ultrastyle.io.metadata import METADATA
 from ultrastyle.io.sources import ImageLike, as_source, read_source
@@ -562,6 +562,7 @@ class Optimizer:
             check.output_format(output, opts.format, FORMATS)
         self.check(opts)
         if state_dir is not None:
+            sweep_stale(Path(state_dir).absolute().parent)  # a killed run's temps; its state, moved aside mid-save, put back
             if what := foreign_state(Path(state_dir)):
                 raise OptionError("state_dir", f"{state_dir} is {what}; a run replaces its state folder and removes it when done: give a "
                                                "new folder")  # fmt: skip
@@ -654,7 +655,8 @@ class Optimizer:
                             solver.load(state / "solver")  # type: ignore[operator]
                         except (OSError, ValueError, KeyError) as exc:  # damaged (a power cut after the rename): start over
                             warn(f"{state}: the saved state cannot be read ({exc}); starting over", StateWarning)
-                            remove_tree(state)
+                            with contextlib.suppress(OSError):  # what is left is swept by a later run
+                                remove_tree(state)
                             raise _StartOver from None
                     objective = _Objective(self.net, target, opts.weights, plan, on_tile)
                     while solver.iterations < opts.iterations:
