@@ -184,7 +184,8 @@ class StyleBook:
 
     KEEP = 256
     # A style's statistics: 0.31 MB measured for cd-wct-16x's five stages (float64 sums), ~4.7 MB for a full VGG-19
-    # (512x512 at stages 4-5): 256 MB holds ~850 of the one, ~55 of the other, for every settings of a Stylizer together.
+    # (512x512 at stages 4-5): 256 MB holds ~55 of the other's; the one's stop at `KEEP` (~80 MB). For every settings
+    # of a Stylizer together.
     KEEP_BYTES = 256 << 20
     KEEP_MASKS = 4  # a mask's label map: a byte per pixel, 1 GB at a gigapixel
     KEEP_MASK_BYTES = 512 << 20
