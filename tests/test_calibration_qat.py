@@ -20,6 +20,7 @@ from ultrastyle.calibration.quantize import CalibrationSettings, quantize_graph
 from ultrastyle.export.graph import build_graph
 from ultrastyle.export.spec import ExportSpec
 from ultrastyle.models.pretrained import load_cd_folder
+from ultrastyle.runtime.backends.onnxruntime_backend import EXACT_INT8
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,9 @@ def test_simulation_matches_onnxruntime(model, images, tmp_path):
     np.testing.assert_allclose(sim_scales, ort_scales, rtol=1e-3)
     x = images[3][None, :, :64, :64].contiguous()
     ref = net(x).detach()
-    got = torch.from_numpy(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0])
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*EXACT_INT8)  # as the runner runs int8 graphs (u8 x s8 saturates without VNNI)
+    got = torch.from_numpy(ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0])
     with torch.no_grad():
         simulated = sim(x)
     int8_err = float(((got - ref) ** 2).mean())
