@@ -156,17 +156,14 @@ def environment_checks() -> list[Check]:
     except ImportError as exc:  # pragma: no cover - a base dependency
         checks.append(Check("onnxruntime", "missing", f"{exc}: pip install onnxruntime"))
 
-    from ultrastyle.io.stream import vips_available
+    from ultrastyle.io.stream import vips_missing
 
-    if vips_available():
+    if (why := vips_missing()) is None:
         import pyvips
 
         checks.append(Check("libvips", "ok", f"pyvips {pyvips.__version__}, libvips {pyvips.version(0)}.{pyvips.version(1)}."
                             f"{pyvips.version(2)}: large contents are read a band at a time"))  # fmt: skip
     else:
-        import importlib.util
-
-        why = "pyvips cannot load libvips" if importlib.util.find_spec("pyvips") is not None else "pyvips is not installed"
         checks.append(Check("libvips", "missing", f"{why}: contents are read whole; to stream large ones: pip install 'ultrastyle[vips]'"))
 
     checks.append(_ray_check(package_version))
@@ -203,11 +200,12 @@ def environment_checks() -> list[Check]:
 
 def _ray_check(package_version: Callable[[str], str | None]) -> Check:
     """Ray and zarr from their installed metadata (importing Ray takes seconds)."""
+    from ultrastyle.distributed.zarr_canvas import zarr_lacking
+
     ray, zarr = package_version("ray"), package_version("zarr")
     if ray is None:
         return Check("ray", "missing", "batches run on this machine; to spread them over a cluster: pip install 'ultrastyle[ray]'")
-    if zarr is None or int(zarr.split(".")[0]) < 3:
-        found = "zarr is not installed" if zarr is None else f"zarr {zarr} is installed"
+    if (found := zarr_lacking(zarr)) is not None:
         return Check("ray", "ok", f"ray {ray}: batches over a cluster; spreading one image's tiles (distribute_tiles) needs zarr 3, "
                                   f"but {found}: pip install 'ultrastyle[ray]' (Python 3.11 or newer)")  # fmt: skip
     return Check("ray", "ok", f"ray {ray}, zarr {zarr}: batches, and one image's tiles, over a cluster")

@@ -20,16 +20,23 @@ from ultrastyle.distributed.cluster import ClusterError
 from ultrastyle.errors import Setting, remedied
 
 
+def zarr_lacking(version: str | None) -> str | None:
+    """What is wrong with the zarr of ``version`` (None: not installed) for the stage arrays, or None: zarr 3 or newer."""
+    if version is None:
+        return "zarr is not installed"
+    return None if int(version.split(".")[0]) >= 3 else f"zarr {version} is installed"
+
+
 def require_zarr() -> None:
     """Raise `ClusterError` naming the fix when zarr 3 (the stage arrays of one image spread over a cluster) is missing."""
     try:
         import zarr
     except ImportError as exc:
-        found = f"zarr is not installed ({exc})"
+        found: str | None = f"zarr is not installed ({exc})"
     else:
-        if int(zarr.__version__.split(".")[0]) >= 3:
-            return
-        found = f"zarr {zarr.__version__} is installed"
+        found = zarr_lacking(zarr.__version__)
+    if found is None:
+        return
     raise remedied(ClusterError(f"spreading an image's tiles over a cluster (distribute_tiles) keeps its stages in zarr 3 arrays, "
                                 f"but {found}; install the extra: pip install 'ultrastyle[ray]' (zarr 3 needs Python 3.11 or "
                                 "newer), or run without it"), Setting("distribute_tiles"))  # fmt: skip

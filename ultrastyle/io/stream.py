@@ -54,6 +54,16 @@ def vips_available() -> bool:
     return True
 
 
+def vips_missing() -> str | None:
+    """Why libvips cannot be used here (pyvips not installed, or a libvips it cannot load), or None when it can."""
+    if vips_available():
+        return None
+    return _NO_PYVIPS if importlib.util.find_spec("pyvips") is None else "pyvips cannot load libvips"
+
+
+_NO_PYVIPS = "pyvips is not installed"
+
+
 @functools.cache
 def vips_module() -> Any:
     """The pyvips module, with libvips' operation cache off.
@@ -209,10 +219,9 @@ def _to_rgb(a: np.ndarray, mode: str) -> np.ndarray:
 
 def stream_blocker(path: str | Path) -> str | None:
     """Why ``path`` cannot be streamed (read whole instead), or None when it can; never raises."""
-    if not vips_available():
-        if importlib.util.find_spec("pyvips") is None:
-            return "pyvips is not installed (pip install 'ultrastyle[vips]')"
-        return "pyvips cannot load libvips (pip install 'ultrastyle[vips]' installs it with pyvips-binary)"
+    if (why := vips_missing()) is not None:
+        fix = "pip install 'ultrastyle[vips]'" + ("" if why == _NO_PYVIPS else " installs it with pyvips-binary")
+        return f"{why} ({fix})"
     pyvips = vips_module()
 
     try:
