@@ -709,3 +709,28 @@ def test_more_local_workers_than_cpus_are_refused_rather_than_waited_for(cd16x_d
         pool.WorkerPool(cd16x_dir, address="local", workers=5)  # the pool waited 30 s for actors that could never start
     with pytest.raises(ClusterError, match="give at most 4 workers"):
         pool.WorkerPool(cd16x_dir, address="local", workers=5, cpus_per_worker=0.5)
+
+
+def test_a_local_instance_starts_without_rays_token_notice(monkeypatch, caplog):
+    """Ray 2.60 logs a token-authentication notice at every new local instance; token authentication stays on."""
+    import logging
+    import types
+
+    from ultrastyle.distributed import cluster
+
+    ray_log = logging.getLogger(cluster._TOKEN_LOGGER)
+
+    def init(**kw):
+        ray_log.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        ray_log.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+
+    monkeypatch.setattr(cluster, "import_ray", lambda loopback: types.SimpleNamespace(is_initialized=lambda: False, init=init))
+    monkeypatch.setattr(cluster, "probe", lambda address: None)
+    with caplog.at_level(logging.WARNING, logger=cluster._TOKEN_LOGGER):
+        cluster.connect("local")
+        assert [r.getMessage()[:35] for r in caplog.records] == ["Token authentication is disabled fo"]  # the warning stays
+        caplog.clear()
+        cluster.connect("127.0.0.1:6390")  # a cluster joined: Ray's word on it is kept
+        assert len(caplog.records) == 2
+        ray_log.warning("Token authentication is enabled later")
+        assert len(caplog.records) == 3  # the filter is gone after the start

@@ -26,6 +26,8 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # ray.init retries an address where nothing listens without end (measured: 10 minutes of "Failed to connect
 # to GCS"): a plain TCP connect answers within this many seconds first.
 PROBE_TIMEOUT_S = 10.0
+# Ray 2.60 logs this at every new local instance (it turns token authentication on, which is kept): noise on each run.
+_TOKEN_LOGGER, _TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup", "Token authentication is enabled"
 
 
 class ClusterError(RuntimeError):
@@ -131,8 +133,14 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
     # to the whole process group reaches this driver alone, which reports and shuts them down (they died first, and
     # the driver hung a minute on a dead GCS); a Ctrl-C during the start is delivered once it is over, not lost.
     blocked = _block_stop_signals()
+    quiet = logging.getLogger(_TOKEN_LOGGER)
+
+    def notice(record: logging.LogRecord) -> bool:  # a logging filter (any callable is one)
+        return not record.getMessage().startswith(_TOKEN_NOTICE)
+
     try:
         if address == "local":
+            quiet.addFilter(notice)
             ray.init(
                 address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
                 num_cpus=num_cpus or usable_cpus(), **kwargs,
@@ -148,6 +156,7 @@ def connect(address: str = "local", *, num_cpus: int | None = None) -> bool:
                     "RAY_AUTH_MODE=token set")  # fmt: skip
         raise ClusterError(f"cannot start or reach {where}: {type(exc).__name__}: {exc}{hint}") from None
     finally:
+        quiet.removeFilter(notice)
         _restore(handlers)
         _unblock(blocked)
     return True
