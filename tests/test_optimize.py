@@ -342,7 +342,12 @@ def test_cli_ctrl_c_says_whether_a_rerun_resumes(cd16x_dir, shared_dir, tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert said in " ".join(stderr.split()), stderr
+    text = " ".join(stderr.split())
+    assert said in text, stderr
+    states = list((tmp_path / "out").glob(".*.optimize-state"))
+    assert len(states) == bool(save_every)
+    if save_every:  # the state is hidden: the line says where it is and how much it holds
+        assert re.search(rf"\({re.escape(str(states[0]))}, \d+ [KM]iB; delete it to start over\)", text), stderr
 
 
 def test_api_typos_and_model_settings_are_option_errors(optimizer, cd16x_dir):

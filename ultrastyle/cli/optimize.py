@@ -111,6 +111,7 @@ def optimize_command(
     same command is run again. Exit status is 1 if any content failed; the
     others still run.
     """
+    from ultrastyle.core.plan import size_text
     from ultrastyle.io.images import ImageError
     from ultrastyle.optimization.batch import check_budget, check_style, is_file_output, plan_outputs, run_batch, state_dir_for
     from ultrastyle.optimization.run import Optimizer, ProgressEvent, make_optimize_options
@@ -208,9 +209,12 @@ def optimize_command(
             progress.stop()
             again = "run the same command again" + ("" if skip_existing else " with --skip-existing (the finished images are not redone)")
             for pair in stop.unfinished:
-                resumes = optimizer.resumes(pair.content, pair.style.paths[0], opts, state_dir_for(pair.output))
-                resume = (f"{again} to resume it from its last saved state" if resumes else
-                          f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again")  # fmt: skip
+                state = state_dir_for(pair.output)
+                if optimizer.resumes(pair.content, pair.style.paths[0], opts, state):  # where and how big: it is hidden
+                    held = size_text(sum(f.stat().st_size for f in state.rglob("*") if f.is_file()))
+                    resume = f"{again} to resume it from its last saved state ({state}, {held}; delete it to start over)"
+                else:
+                    resume = f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again"
                 _err(f"interrupted: {pair.output.name} was not finished; {resume}")
             _err(f"{stop.summary.count('done')} of {len(pairs)} images were done")
             raise typer.Exit(130) from None
