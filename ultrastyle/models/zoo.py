@@ -16,7 +16,7 @@ Getting the files:
 
 - :func:`fetch` installs every file that is missing or damaged. URL files are
   streamed into a temp file next to their destination
-  (`ultrastyle.io.atomic`: ``.FILE.PID@HOST.TOKEN.ultrastyle-partial``, swept by
+  (`ultrastyle.io.atomic`: ``.FILE.PID@HOST.TOKEN-START.ultrastyle-partial``, swept by
   the next fetch or import once its writer is dead), hashed while streaming,
   checked for size and sha256 and only then moved into place with ``os.replace``; packaged and
   derived files are copied the same way (a derived file's source model is
