@@ -212,7 +212,8 @@ def test_ctrl_c_prints_the_summary_exits_130_and_leaves_nothing_partial(folder, 
     assert code == 130, (stdout, stderr)
     done = int(stdout.split(" done,")[0].split()[-1])
     assert 1 <= done < 5 and "of 6 pairs" in stdout and "outputs in" in stdout, stdout  # queued outputs were dropped
-    said = f"interrupted: the outputs being written were finished; rerun with --skip-existing to keep the {done} written"
+    said = (f"interrupted: the image being computed was dropped and the outputs already being written were finished (nothing partial "
+            f"is left); rerun with --skip-existing to resume (the {done} written are kept)")
     assert said in " ".join(stderr.split()), stderr
     assert _partials(out) == []
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == done

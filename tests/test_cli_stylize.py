@@ -379,6 +379,30 @@ def test_a_missing_file_every_pair_needs_is_refused_before_the_model_opens(invok
     assert _summary(r) == (1, 0, 1, 2)
 
 
+def test_a_style_every_pair_needs_that_is_no_image_or_too_large_is_refused_before_the_model_opens(
+        invoke, images: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    """A review: a text file given as the only style opened the model and failed every pair (exit 1), where optimize refuses it."""
+    import ultrastyle.api
+
+    bad = _bad_inputs(tmp_path / "in")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ultrastyle.api.Stylizer, "__init__", lambda *a, **k: pytest.fail("the model was opened"))
+        for args, said in (((bad["text"],), f"style {bad['text']}: not an image file"), ((bad["empty"],), f"style {bad['empty']}: "),
+                           ((images["s1"], "--max-pixels", "100"), f"style {images['s1']}: "),
+                           ((images["s1"], "--style", bad["text"], "--mask", images["c1"]), f"style {bad['text']}: not an image file")):  # fmt: skip
+            r = invoke(images["c1"], "--style", *args, "-o", tmp_path / "out")
+            assert r.exit_code == 2, r.output
+            errors = _error_lines(r)
+            assert len(errors) == 1 and errors[0].startswith(f"error: {said}") and errors[0].endswith("every output would fail on it"), errors
+            assert ("above the limit of 100 pixels (--max-pixels)" in errors[0]) == ("--max-pixels" in args), errors
+    assert not (tmp_path / "out").exists()
+    r = invoke(images["c1"], "--style", bad["text"], "--style", images["s1"], "-o", tmp_path / "out")  # the other style's pair still runs
+    assert r.exit_code == 1 and _summary(r) == (1, 0, 1, 2), r.output
+    assert r.stdout.rstrip().endswith(f"; outputs in {tmp_path / 'out'}"), r.stdout
+    r = invoke(bad["truncated"], "--style", images["s1"], "-o", tmp_path / "out2")  # a good header: it fails in its run
+    assert r.exit_code == 1 and r.stdout.rstrip().endswith("; no output was written"), r.stdout  # not "outputs in" a folder never made
+
+
 def test_an_output_dir_under_a_file_is_refused_before_any_work_naming_it(invoke, images: dict[str, Path], tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a regular file")

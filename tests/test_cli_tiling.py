@@ -226,4 +226,40 @@ def test_the_tile_line_counts_tiles_and_the_batch_line_megapixels():
     p.add_task("", total=40.0, completed=32.0)
     p.add_task("", total=9, completed=3, unit="tiles")
     p.add_task("", total=None, completed=1.5)
-    assert [str(MegapixelColumn().render(t)) for t in p.tasks] == ["32.0/40.0 MP", "3/9 tiles", "1.5/? MP"]
+    p.add_task("", total=0.05, completed=0.02)
+    assert [str(MegapixelColumn().render(t)) for t in p.tasks] == ["32.0/40.0 MP", "3/9 tiles", "1.5/? MP", "0.02/0.05 MP"]
+
+
+@pytest.mark.parametrize("width", [40, 60, 66, 80, 200])
+def test_the_bar_keeps_its_counts_and_times_whole_and_cuts_the_name_to_one_line(width):
+    """A review: at 80 columns a long output name wrapped every refresh onto two lines, and at 40 hid the counts."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ultrastyle.cli.stylize import _bar_columns
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=False, color_system=None)
+    p = Progress(*_bar_columns(width), console=console, disable=True)
+    p.add_task("cd_content_in1_stylized_gcompris_details_Gogh4_background.png", total=1234.5, completed=123.4)
+    p.add_task("  stage 5 decode", total=96, completed=7, unit="tiles")
+    console.print(p.make_tasks_table(p.tasks))
+    rows = out.getvalue().splitlines()
+    assert len(rows) == 2 and all(len(r) <= width for r in rows), rows
+    assert "123.4/1234.5 MP 0:00:00" in rows[0] and "7/96 tiles" in rows[1], rows
+    assert ("cd_content" in rows[0]) == (width >= 66), rows  # the name where there is room for some of it
+    assert ("Gogh4_background.png" in rows[0]) == (width >= 120), rows
+
+
+def test_a_log_gets_a_line_per_finished_pair_not_a_bar(tmp_path, cd16x_dir, monkeypatch):
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):  # what would make rich take the log for a terminal
+        monkeypatch.delenv(name, raising=False)
+    for i, size in enumerate([(200, 150), (100, 100)]):
+        Image.fromarray(np.full((*size[::-1], 3), 60 * i + 40, np.uint8)).save(tmp_path / f"c{i}.png")
+    r = _run([tmp_path / "c0.png", tmp_path / "c1.png", "--style", tmp_path / "c0.png", "-o", tmp_path / "out"], cd16x_dir)
+    assert r.exit_code == 0, r.output
+    lines = [x.split(" in ")[0] for x in r.output.splitlines() if x.startswith("[")]
+    assert lines == ["[1/2] c0_stylized_c0.png done; 0.03/0.04 MP", "[2/2] c1_stylized_c0.png done; 0.04/0.04 MP"], r.output
+    assert "━" not in r.output  # no bar drawn into the log

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 from rich.text import Text
 
 from ultrastyle.cli import params
-from ultrastyle.cli.logs import warning_lines
+from ultrastyle.cli.logs import LogLines, warning_lines
 from ultrastyle.cli.remedies import as_command, bad_parameter, given_flags, swap
 
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
@@ -87,6 +88,34 @@ class Streaming(str, Enum):
     never = "never"
 
 
+# Columns the bar's counts and times take at most (bar 20, up to "12345.6/12345.6 MP", two times, the gaps), and the least
+# room worth giving the output's name: below their sum the name is left out and the bar shortened.
+BAR_FIXED_WIDTH, NAME_MIN_WIDTH = 54, 12
+
+
+def _where(output: Path, written: int) -> str:
+    """The summary's last words: the output folder (absolute: a log is read elsewhere), or that nothing was written."""
+    return f"outputs in {output.absolute()}" if written else "no output was written"
+
+
+def _mp(n: float | None) -> str:
+    """Megapixels to 0.1, or to 0.01 below 1 MP (small images are not "0.0 MP"); ``?`` when unknown."""
+    return "?" if n is None else f"{n:.1f}" if n >= 1 or n == 0 else f"{n:.2f}"
+
+
+def _bar_columns(width: int) -> list[ProgressColumn]:
+    """The bar's columns (``width``: the terminal's): the counts and times, kept whole, then the output's name, cut to
+    the room left or left out, so that a long name or a narrow terminal never wraps a line or hides the counts."""
+    whole = Column(no_wrap=True)
+    if width < BAR_FIXED_WIDTH + NAME_MIN_WIDTH:
+        return [BarColumn(bar_width=8, table_column=whole), MegapixelColumn(table_column=whole), TimeElapsedColumn(table_column=whole)]
+    return [
+        BarColumn(bar_width=20, table_column=whole), MegapixelColumn(table_column=whole),
+        TimeElapsedColumn(table_column=whole), TimeRemainingColumn(table_column=whole),
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=width - BAR_FIXED_WIDTH)),
+    ]  # fmt: skip
+
+
 class MegapixelColumn(ProgressColumn):
     """``done/total MP``; ``done/? MP`` while the total is unknown (no content header could be read).
 
@@ -97,8 +126,7 @@ class MegapixelColumn(ProgressColumn):
         unit = task.fields.get("unit")
         if unit:
             return Text(f"{task.completed:.0f}/{'?' if task.total is None else f'{task.total:.0f}'} {unit}")
-        total = "?" if task.total is None else f"{task.total:.1f}"
-        return Text(f"{task.completed:.1f}/{total} MP")
+        return Text(f"{_mp(task.completed)}/{_mp(task.total)} MP")
 
 
 def _drop(progress: Progress) -> None:
@@ -249,8 +277,9 @@ def stylize_command(
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
     from ultrastyle.export.validate import ExportValidationError
-    from ultrastyle.io.images import ImageError
+    from ultrastyle.io.images import ImageError, as_role, check_pixels, read_image
     from ultrastyle.io.paths import expand_inputs
+    from ultrastyle.io.sources import image_header
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.models.sources import model_defaults
     from ultrastyle.options import no_empty_path, output_folder
@@ -314,6 +343,16 @@ def stylize_command(
             more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
             _err(f"{gone[0]}: no such {role} image file{more}; every output would fail on it")
             raise typer.Exit(2)
+        if role == "style" and (len(files) == 1 or not every):  # and styles that are no image, or too large: from their headers
+            for p in files:
+                try:
+                    if (header := image_header(p)) is None:
+                        read_image(p, max_pixels=options.max_pixels)  # raises, saying why
+                    else:
+                        check_pixels(p, header[0], header[1], options.max_pixels)
+                except ImageError as exc:
+                    _err(f"{as_command(as_role('style', exc), flags=_FLAGS)}; every output would fail on it")
+                    raise typer.Exit(2) from None
     if options.shard is not None and options.shard[0] > len(contents):  # the library deals what it plans, fewer still
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"part {options.shard[0]}/{options.shard[1]}: none of the "
                                                                     f"{len(contents)} contents; nothing to do")  # fmt: skip
@@ -358,31 +397,39 @@ def stylize_command(
         _err("interrupted while opening the model; no image was stylized")
         raise typer.Exit(130) from None
     opened = f"; model {'and Ray pool ' if ray is not None else ''}opened in {time.perf_counter() - t_open:.1f} s"  # not in the batch's time
+    lines = LogLines(console)
     with stylizer, Progress(
-        TextColumn("[bold]stylize"), BarColumn(), MegapixelColumn(),
-        TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    ) as progress:  # fmt: skip
+        *_bar_columns(console.width), console=console, transient=False, disable=lines.active,  # a log gets plain lines
+    ) as progress:
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
         sizes: dict[object, float] = {}  # megapixels of each content that runs (headers only): the bar counts them
         task = progress.add_task("", total=None)
         tiles = progress.add_task("", total=None, visible=False, unit="tiles")
+        counted = {"pairs": 0, "finished": 0}
 
         def on_plan(pairs: list[Pair]) -> None:  # what runs (this part's; the batch's own earlier outputs left out)
             sizes.update((c, output_megapixels(c, options)) for c in dict.fromkeys(p.content for p in pairs))
             progress.update(task, total=sum(sizes[p.content] for p in pairs) or None)
+            counted["pairs"] = len(pairs)
             if options.shard is not None:
                 k, n = options.shard
                 progress.console.print(f"part {k}/{n}: {len({p.content for p in pairs})} contents, {len(pairs)} pairs")
 
         def on_tile(what: str, done: int, total: int) -> None:
             progress.update(tiles, description=f"  {what}", completed=done, total=total, visible=total > 1)
+            lines.say(f"  {what}: tile {done}/{total}")
 
         def on_result(r: PairResult) -> None:
             if r.status == "failed" and r.error not in reported:
                 reported.add(r.error or "")
                 progress.console.print(f"error: {swap(r.error or '', r.remedy, _FLAGS)}", style="red", markup=False, soft_wrap=True)
-            progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=r.pair.output.name if r.pair.output else "")
+            name = r.pair.output.name if r.pair.output else ""
+            progress.update(task, advance=sizes.get(r.pair.content, 0.0), description=name)
             progress.update(tiles, visible=False)
+            counted["finished"] += 1
+            t = progress.tasks[task]
+            lines.say(f"[{counted['finished']}/{counted['pairs'] or '?'}] {name} {r.status}; {_mp(t.completed)}/{_mp(t.total)} MP "
+                      f"in {t.elapsed or 0:.1f} s", milestone=True)  # fmt: skip
 
         try:
             with warnings.catch_warnings():  # the library's notices (a file read whole, an animation's first frame)
@@ -401,21 +448,20 @@ def stylize_command(
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:
             progress.stop()
-            done = exc.summary.count("done")
-            if exc.abandoned:
-                said = "the outputs being written were abandoned (nothing partial is left)"
+            if exc.abandoned:  # a Ray pool kills its busy actors
+                said = "the images being computed or written were dropped"
             else:
-                said = "the outputs being written were finished" if done else "no output was finished, and nothing partial is left"
-            kept = done + exc.summary.count("skipped")  # a resumed run's outputs are kept by the next one too
-            again = f"; rerun with --skip-existing to keep the {kept} written" if kept else "; an image is stylized whole or not at all"
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said}{again}")
-            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; outputs in {output}")
+                said = "the image being computed was dropped and the outputs already being written were finished"
+            kept = exc.summary.count("done") + exc.summary.count("skipped")  # a resumed run's outputs are kept by the next one too
+            again = f"rerun with --skip-existing to resume (the {kept} written are kept)" if kept else "no output was written"
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said} (nothing partial is left); {again}")
+            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; {_where(output, kept)}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
             _err("interrupted before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
-    Console(highlight=False, soft_wrap=True).print(f"{summary.describe()}{opened}; outputs in {output}")
+    Console(highlight=False, soft_wrap=True).print(f"{summary.describe()}{opened}; {_where(output, summary.count('done'))}")
     if summary.count("failed"):
         raise typer.Exit(1)
