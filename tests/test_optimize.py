@@ -338,11 +338,13 @@ def test_cli_ctrl_c_says_whether_a_rerun_resumes(cd16x_dir, shared_dir, tmp_path
         while not marker.exists() and proc.poll() is None and time.time() < end:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
     text = " ".join(stderr.split())
+    assert "error:" not in text and stdout.startswith("0 done, 0 skipped, 0 failed of 1 images in "), (stdout, stderr)  # not an error
+    assert stdout.rstrip().endswith("; no output was written"), stdout
     assert said in text, stderr
     states = list((tmp_path / "out").glob(".*.optimize-state"))
     assert len(states) == bool(save_every)

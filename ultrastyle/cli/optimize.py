@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -27,6 +27,9 @@ from ultrastyle.optimization.constants import (
     FORMATS,
     SOLVERS,
 )
+
+if TYPE_CHECKING:
+    from ultrastyle.runtime.pairs import BatchSummary
 
 
 class Init(str, Enum):
@@ -215,11 +218,18 @@ def optimize_command(
                     resume = f"{again} to resume it from its last saved state ({state}, {held}; delete it to start over)"
                 else:
                     resume = f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again"
-                _err(f"interrupted: {pair.output.name} was not finished; {resume}")
-            _err(f"{stop.summary.count('done')} of {len(pairs)} images were done")
+                console.print(f"interrupted: {pair.output.name} was not finished; {resume}", markup=False)
+            _summary(stop.summary, len(pairs), output, as_file)
             raise typer.Exit(130) from None
-    done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
-    where = output if as_file else f"outputs in {output}"
-    Console(highlight=False, soft_wrap=True).print(f"{done} done, {skipped} skipped, {failed} failed of {len(pairs)} images; {where}")
-    if failed:
+    _summary(summary, len(pairs), output, as_file)
+    if summary.count("failed"):
         raise typer.Exit(1)
+
+
+def _summary(summary: BatchSummary, of: int, output: str | Path, as_file: bool) -> None:
+    """The last line, on stdout: counts, the wall time, and where the outputs are (absolute: a log is read elsewhere)."""
+    done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
+    path = Path(output).absolute()
+    where = "no output was written" if not done else path if as_file else f"outputs in {path}"
+    text = f"{done} done, {skipped} skipped, {failed} failed of {of} images in {summary.seconds:.1f} s; {where}"
+    Console(highlight=False, soft_wrap=True).print(text, markup=False)
