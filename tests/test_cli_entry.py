@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.abc
+import re
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 
@@ -105,3 +107,27 @@ def test_a_library_warning_outside_a_commands_report_is_one_line_with_its_flag(c
         warnings.simplefilter("always")
         _show_warning(DeprecationWarning("old"), DeprecationWarning, "x.py", 7)  # not ours to reword: Python's form
     assert "x.py:7: DeprecationWarning: old" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_help_names_every_flag_whole_in_a_log_and_on_a_wide_terminal(wide, monkeypatch):
+    """A review: at 80 columns (a pipe, a log) rich's panels cut flag names (``--checkpoint-eve…``) and wrapped help 17
+    columns wide; there the help is Click's plain text now, and rich's panels only from `RICH_HELP_MIN_WIDTH` columns."""
+    import click
+
+    from ultrastyle.cli import main
+
+    monkeypatch.setattr(main, "_wide_terminal", lambda: wide)
+    group = typer.main.get_command(main.app)
+    commands = [([name], cmd) for name, cmd in group.commands.items() if not isinstance(cmd, click.Group)]
+    commands += [(["models", name], cmd) for name, cmd in group.commands["models"].commands.items()]
+    assert len(commands) > 10
+    for argv, cmd in commands:
+        r = CliRunner().invoke(main.app, [*argv, "--help"], env={"COLUMNS": str(main.RICH_HELP_MIN_WIDTH if wide else 80)})
+        assert r.exit_code == 0, (argv, r.output)
+        assert ("╭" in r.output) == wide, argv  # rich's panels, or plain text
+        assert "…" not in r.output, (argv, [line for line in r.output.splitlines() if "…" in line])
+        for param in cmd.params:
+            for flag in param.opts + param.secondary_opts:
+                if flag.startswith("-"):
+                    assert re.search(rf"(^|[\s,/]){re.escape(flag)}($|[\s,=])", r.output, re.M), (argv, flag)

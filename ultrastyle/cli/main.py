@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -20,6 +21,14 @@ from ultrastyle.cli.optimize import optimize_command
 from ultrastyle.cli.stylize import stylize_command
 from ultrastyle.runtime.memory import keep_freed_memory
 
+RICH_HELP_MIN_WIDTH = 120  # columns: narrower, help is Click's plain text (`_BareFlags.format_help`)
+
+
+def _wide_terminal() -> bool:
+    """Whether stdout is a terminal of at least `RICH_HELP_MIN_WIDTH` columns."""
+    return sys.stdout.isatty() and shutil.get_terminal_size().columns >= RICH_HELP_MIN_WIDTH
+
+
 class _BareFlags:
     """Help without typer's ``<bool>`` beside a flag, which reads as if it took a value (``--skip-existing true``)."""
 
@@ -29,6 +38,18 @@ class _BareFlags:
             if getattr(p, "is_flag", False) and p.metavar is None:
                 p.metavar = ""
         return params
+
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Rich's panels where the terminal is wide; Click's plain help below `RICH_HELP_MIN_WIDTH` columns (a log, a pipe, a
+        narrow terminal), where the panels cut flag names short (``--checkpoint-eve…``) and wrap the text 17 columns wide."""
+        if _wide_terminal():
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        mode, self.rich_markup_mode = self.rich_markup_mode, None  # type: ignore[attr-defined]
+        try:
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        finally:
+            self.rich_markup_mode = mode
 
 
 class _Command(_BareFlags, TyperCommand):
