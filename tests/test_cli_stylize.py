@@ -545,14 +545,15 @@ def test_a_size_that_would_pass_max_pixels_fails_its_pairs_before_any_read(runne
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("where", ["content", "style", "output"])
-def test_an_empty_path_is_refused_not_taken_as_the_current_folder(invoke, images, tmp_path, monkeypatch, where) -> None:
+@pytest.mark.parametrize("where", ["content", "style", "output", "model"])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(runner, images, tmp_path, monkeypatch, where) -> None:
     monkeypatch.chdir(images["c1"].parent)  # "" would be this folder: every image in it, as contents or styles
     args = {"content": ["", "--style", images["s1"], "-o", tmp_path / "out"],
-            "style": [images["c1"], "--style", "", "-o", tmp_path / "out"], "output": [images["c1"], "--style", images["s1"], "-o", ""]}
-    r = invoke(*args[where])
+            "style": [images["c1"], "--style", "", "-o", tmp_path / "out"], "output": [images["c1"], "--style", images["s1"], "-o", ""],
+            "model": [images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--model", ""]}  # fmt: skip
+    r = runner.invoke(app, ["stylize", *map(str, args[where])])  # "no model weights in ." said nothing of the cause
     assert r.exit_code == 2 and "an empty path" in r.output, r.output
-    assert {"content": "CONTENT", "style": "--style", "output": "--output"}[where] in r.output
+    assert {"content": "CONTENT", "style": "--style", "output": "--output", "model": "--model"}[where] in r.output
     assert not (tmp_path / "out").exists() and not list(images["c1"].parent.glob("*_stylized_*"))
 
 

@@ -207,7 +207,8 @@ def test_an_output_folder_that_cannot_be_written_or_is_empty_is_refused_before_a
         options.output_folder("output_dir", "")
 
 
-@pytest.mark.parametrize("call", ["stylize_batch contents", "stylize_batch styles", "optimize contents", "optimize output"])
+@pytest.mark.parametrize("call", ["stylize_batch contents", "stylize_batch styles", "optimize contents", "optimize output",
+                                  "load model", "Optimizer model", "export_model model"])
 def test_an_empty_path_is_an_option_error_naming_the_keyword(call, monkeypatch):
     import ultrastyle
     from ultrastyle import api
@@ -218,6 +219,8 @@ def test_an_empty_path_is_an_option_error_naming_the_keyword(call, monkeypatch):
     with pytest.raises(OptionError, match="an empty path") as info:
         if fn == "stylize_batch":
             ultrastyle.stylize_batch(*(["", "s.jpg"] if keyword == "contents" else ["c.jpg", ["s.jpg", ""]]))
+        elif keyword == "model":  # "" is the current folder: "no model weights in ." said nothing of the cause
+            {"load": api.Stylizer, "Optimizer": ultrastyle.Optimizer, "export_model": ultrastyle.export_model}[fn]("", *(["b"] if fn == "export_model" else []))
         else:
             plan_outputs(*(["", "s.jpg", "out"] if keyword == "contents" else ["c.jpg", "s.jpg", ""]), "png")
     assert info.value.option == keyword

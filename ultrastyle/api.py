@@ -291,7 +291,7 @@ def model_source(model: str | os.PathLike | Bundle) -> str | os.PathLike:
     would name the zoo's model (`is_zoo_name`)."""
     if isinstance(model, Bundle):
         return model.path
-    source = check.user_path(model)
+    source = check.model_path(model)
     return Path(os.path.abspath(source)) if not isinstance(source, str) and is_zoo_name(os.fspath(source)) else source
 
 

@@ -62,7 +62,7 @@ def export_model(
     from ultrastyle.models.sources import model_stages
     from ultrastyle.runtime.backends.select import weights_digest
 
-    model, output = check.user_path(model), check.user_path(output)
+    model, output = check.model_path(model), check.user_path(output)
     # Before the model loads. An int: 17.0 is in range(13, 22) too, and failed later as a TypeError.
     if isinstance(opset, bool) or not isinstance(opset, numbers.Integral) or opset not in SUPPORTED_OPSETS:
         raise OptionError("opset", f"expected an integer {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset!r}; "

@@ -260,6 +260,14 @@ def user_path(value: P) -> P:
     return value
 
 
+def model_path(value: P) -> P:
+    """A model as given (a zoo name or a folder, ``~`` expanded: `user_path`); an empty one is refused (``""`` is the
+    current folder: "no model weights in ." said nothing of the cause)."""
+    if isinstance(value, (str, os.PathLike)):
+        no_empty_path("model", [value], "a zoo name (ultrastyle models list) or a model folder")
+    return user_path(value)
+
+
 def output_folder(option: str, value: str | os.PathLike) -> Path:
     """A folder that outputs go into (returned, ``~`` expanded): absent (it is made) or a folder we may write, and not named
     like an image file.

@@ -45,8 +45,8 @@ def export_command(
                 model, output, stages=stage_tuple, opset=opset, aux=aux, force=force,
                 on_network=lambda name: status.update(f"exporting and validating {name}"),
             )
-    except OptionError as exc:  # stages the model lacks: known once the model is found
-        raise bad_parameter(exc) from None
+    except OptionError as exc:  # stages the model lacks: known once the model is found; an empty MODEL
+        raise bad_parameter(exc, {"model": "MODEL"}) from None
     except (zoo.ZooError, CheckpointError, BundleError, ExportValidationError, OSError) as exc:
         err.print(f"error: {' '.join(as_command(exc).split())}", style="red", markup=False)
         # An output folder or a model that cannot be used is refused before any work (2); a failed export or validation is 1.

@@ -57,7 +57,15 @@ class _Command(_BareFlags, TyperCommand):
 
 
 class _Group(_BareFlags, TyperGroup):
-    pass
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Usage errors as Click's plain lines where help is plain text too (`_wide_terminal`): rich's box split paths mid-name."""
+        if _wide_terminal():
+            return super().main(*args, **kwargs)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            self.rich_markup_mode = mode
 
 
 app = typer.Typer(

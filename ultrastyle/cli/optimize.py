@@ -92,7 +92,7 @@ def optimize_command(
     content_layer: Annotated[str, typer.Option(help="Layer of the content loss: relu1_1 .. relu5_1.")] = DEFAULT_CONTENT_LAYER,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int | None, typer.Option(min=0, help="Long side of the style; 0 keeps its own size (default: each scale's long side, at most the style's own).", show_default=False)] = None,
-    max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 1GB: tiles get what the canvases (in RAM up to a quarter of it, else on disk) leave.")] = DEFAULT_MAX_MEMORY,
+    max_memory: Annotated[str, typer.Option(help="Memory budget per image, e.g. 1GB (binary: 1 GiB): tiles get what the canvases (in RAM up to a quarter of it, else on disk) leave.")] = DEFAULT_MAX_MEMORY,
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Evaluate the whole image at once (memory grows with the image; same result).")] = False,
     tile: Annotated[int | None, typer.Option(min=1, help="Fixed tile core side in pixels instead of fitting --max-memory.", show_default=False)] = None,
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk canvases (default: system temp).")] = None,

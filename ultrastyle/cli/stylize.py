@@ -251,7 +251,7 @@ def stylize_command(
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (a 16-bit input keeps its precision only with 16).")] = 8,
     tile: Annotated[str, typer.Option(help="Tile core side in pixels, or 'auto' to fit --max-memory. Tiled output equals the whole-image result.")] = "auto",
     no_tile: Annotated[bool, typer.Option("--no-tile", help="Run each stage on the whole image at once (the reference path; memory grows with the image).")] = False,
-    max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB. On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = DEFAULT_BUDGET,
+    max_memory: Annotated[str, typer.Option(help="Memory budget, e.g. 512MB, 2GB (binary: 1GB = 1 GiB = 1024^3 bytes). On the CPU: RAM above the baseline (interpreter, libraries, model: see ultrastyle doctor), a quarter for images being read and written, the rest for tiles and canvases. With --device cuda: GPU memory (tiles, and PyTorch's canvases up to half).")] = DEFAULT_BUDGET,
     halo: Annotated[str, typer.Option(help="'exact' (the full receptive field: exact result) or a smaller halo in pixels (faster, approximate).")] = "exact",
     scratch: Annotated[Path | None, typer.Option(exists=True, file_okay=False, writable=True, help="Folder for disk-backed canvases of images too large for RAM (default: system temp).")] = None,
     mix: Annotated[list[str] | None, typer.Option("--mix", help="STYLE=WEIGHT; repeat to blend several styles into one output (weights are normalised). Instead of --style.", show_default=False)] = None,
@@ -282,7 +282,7 @@ def stylize_command(
     from ultrastyle.io.sources import image_header
     from ultrastyle.models.convert import CheckpointError
     from ultrastyle.models.sources import model_defaults
-    from ultrastyle.options import no_empty_path, output_folder
+    from ultrastyle.options import model_path, no_empty_path, output_folder
     from ultrastyle.runtime.batch import output_megapixels
     from ultrastyle.runtime.pairs import BatchInterrupted, OutputCollisionError, Pair, PairResult
 
@@ -292,6 +292,10 @@ def stylize_command(
                                  param_hint=clash[0])  # fmt: skip
     for said in _unused_flags(given, fmt.value):
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {said}", style="yellow", markup=False)
+    try:
+        model_path(model)
+    except OptionError as exc:
+        raise _bad_option(exc) from None
     try:  # unset --method/--levels/--alpha come from the model (zoo entry, folder or bundle)
         defaults = model_defaults(model)
     except (zoo.ZooError, OSError, ValueError) as exc:

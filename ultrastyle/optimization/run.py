@@ -477,7 +477,7 @@ class Optimizer:
         from ultrastyle.models.networks import Encoder
         from ultrastyle.runtime.backends.select import require_torch_device
 
-        self.model = model = check.user_path(model)
+        self.model = model = check.model_path(model)
         self.threads = check.thread_count("threads", threads)
         device = check.device("device", str(device) if isinstance(device, torch.device) else device)  # "CPU" too, as the CLI takes it
         require_torch_device(device)
