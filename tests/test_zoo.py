@@ -613,6 +613,8 @@ def test_cli_errors_are_one_red_line(runner: CliRunner, closed_port_url: str, tm
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
         assert "cd-wct-16x" in r.stderr  # the known names are listed
         assert "Traceback" not in r.output
+    r = runner.invoke(app, ["models", "import", NAME, str(tmp_path / "nope")])  # a source that is no folder: a bad argument too
+    assert r.exit_code == 2 and r.stderr == f"error: {tmp_path / 'nope'} is not a directory; pass the folder that holds {NAME}'s files\n"
 
     r = runner.invoke(app, ["models", "fetch", NAME, "--mirror", closed_port_url, "--no-progress"])
     assert r.exit_code == 1

@@ -45,13 +45,13 @@ def _fail(message: str, status: int = 1) -> None:
 
 @contextmanager
 def _zoo_errors() -> Iterator[None]:
-    """Turn a ZooError into a one-line message (no traceback): exit 2 for a name the registry lacks, as other commands
-    refuse a bad argument; 1 for the rest."""
+    """Turn a ZooError into a one-line message (no traceback): exit 2 for a name the registry lacks or a source that is
+    no folder, as other commands refuse a bad argument; 1 for the rest."""
     try:
         yield
     except zoo.ZooError as exc:
         # Messages are single sentences; flatten any newline so it stays one line.
-        _fail(" ".join(as_command(exc).split()), 2 if isinstance(exc, UnknownModelError) else 1)
+        _fail(" ".join(as_command(exc).split()), 2 if isinstance(exc, (UnknownModelError, zoo.SourceFolderError)) else 1)
 
 
 @contextmanager

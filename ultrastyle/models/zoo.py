@@ -76,6 +76,7 @@ __all__ = [
     "ZooError",
     "UnknownModelError",
     "ChecksumError",
+    "SourceFolderError",
     "DamagedModelError",
     "DownloadError",
     "ZooFile",
@@ -108,6 +109,10 @@ _WEIGHTS = Path(__file__).with_name("weights")
 # no pid: one untouched this long belongs to a killed process, not to a
 # download in progress (those write at least every `timeout` seconds).
 _STALE_PARTIAL_S = 3600.0
+
+
+class SourceFolderError(ZooError):
+    """A folder to import from that is not one: a bad argument, refused before anything is read."""
 
 
 class ChecksumError(ZooError):
@@ -726,7 +731,7 @@ def fetch(
 def _find_source(entry: ZooEntry, src: Path, files: list[ZooFile]) -> dict[str, Path]:
     """Map each of ``files`` to its path under ``src`` (flat, or in ``src/NAME/``)."""
     if not src.is_dir():
-        raise ZooError(f"{src} is not a directory; pass the folder that holds {files[0].name} etc.")
+        raise SourceFolderError(f"{src} is not a directory; pass the folder that holds {files[0].name} etc.")
     found: dict[str, Path] = {}
     missing: list[str] = []
     for f in files:
@@ -776,7 +781,7 @@ def import_local(name: str, src: str | Path | None = None, *, force: bool = Fals
     if url_files and src is None:
         raise ZooError(f"{name} has {len(url_files)} file(s) to import ({url_files[0].name} ...); pass the folder that holds them")
     if src is not None and not Path(src).expanduser().is_dir():  # even where unneeded: a mistyped folder is said, not ignored
-        raise ZooError(f"{src} is not a directory; pass the folder that holds {name}'s files")
+        raise SourceFolderError(f"{src} is not a directory; pass the folder that holds {name}'s files")
     needs_src = bool(url_files) or any(not is_installed(other) for other in entry.depends_on)
     src = Path(src).expanduser() if src is not None and needs_src else None  # packaged files, or derived from what is here: no folder
     sources = _find_source(entry, src, url_files) if url_files and src is not None else {}
