@@ -647,8 +647,12 @@ def test_help_shows_the_model_defaults(runner: CliRunner) -> None:
 
 def test_small_pixel_limits_read_in_pixels(invoke, images: dict[str, Path], tmp_path: Path) -> None:
     r = invoke(images["c1"], "--style", images["s1"], "-o", tmp_path / "out", "--max-pixels", "100")
+    with Image.open(images["s1"]) as im:
+        sw, sh = im.size
+    assert f"{sw}x{sh} = {sw * sh} pixels is above the limit of 100 pixels" in " ".join(r.output.split())  # not "0 MP ... 0 MP"
+    r = invoke(images["c1"], "--style", images["c2"], "-o", tmp_path / "out", "--max-pixels", "1700")  # c2 as the style passes
     w, h = SIZES["c1"]
-    assert f"{w}x{h} = {w * h} pixels is above the limit of 100 pixels" in " ".join(r.output.split())  # not "0 MP ... 0 MP"
+    assert f"{w}x{h} = {w * h} pixels is above the limit of 1700 pixels" in " ".join(r.output.split())
 
 
 def test_the_summary_and_errors_are_one_line_each_when_piped(invoke, images, tmp_path) -> None:
