@@ -608,7 +608,9 @@ def test_without_zarr_3_distribute_tiles_is_refused_before_ray_starts(zarr, monk
     # Without distribute_tiles zarr is not needed: the pool starts (here: stopped where Ray would start).
     with pytest.raises(pytest.fail.Exception, match="Ray started"):
         ClusterStylizer(cd16x_dir, address="local", levels=(5,))
-    r = CliRunner().invoke(app, ["stylize", str(cd16x_dir / "1SE.pth"), "--style", str(cd16x_dir / "1SE.pth"), "-o", str(tmp_path),
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    r = CliRunner().invoke(app, ["stylize", str(image), "--style", str(image), "-o", str(tmp_path / "out"),
                                  "--model", str(cd16x_dir), "--ray", "local", "--distribute-tiles"])  # fmt: skip
     assert r.exit_code == 2 and "zarr 3 arrays" in r.output and "Traceback" not in r.output, r.output
 

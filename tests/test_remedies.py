@@ -146,8 +146,8 @@ def test_a_call_and_a_setting_on_one_error_are_each_shown_as_the_command_line_sa
     (["--threads", "100000"], "Invalid value for --threads: 100000 threads are more than 4 per core", 2),
     (["--backend", "onnxruntime", "--compile"], "--compile runs the torch backend", 2),
     (["-o", "result.png"], "and the format separately (--format)", 2),
-    (["--max-pixels", "1000"], "(--max-pixels); raise the limit", 1),
-    (["--max-pixels", "200000"], "style /", 1),  # the content (420 x 420) fits, the style does not: its error names the flag too
+    (["--max-pixels", "1000"], "(--max-pixels); raise the limit", 2),  # the style every output needs: refused before any work
+    (["--max-pixels", "200000"], "style /", 2),  # the content (420 x 420) fits, the style does not: its error names the flag too
 ])  # fmt: skip
 def test_stylize_names_its_flags_where_the_library_names_keywords(argv, said, exit_code, tmp_path, cd16x_dir, shared_dir, monkeypatch):
     from typer.testing import CliRunner
