@@ -263,3 +263,5 @@ def test_a_log_gets_a_line_per_finished_pair_not_a_bar(tmp_path, cd16x_dir, monk
     lines = [x.split(" in ")[0] for x in r.output.splitlines() if x.startswith("[")]
     assert lines == ["[1/2] c0_stylized_c0.png done; 0.03/0.04 MP", "[2/2] c1_stylized_c0.png done; 0.04/0.04 MP"], r.output
     assert "━" not in r.output  # no bar drawn into the log
+    r = _run([tmp_path / "c0.png", "--style", tmp_path / "c0.png", "-o", tmp_path / "quiet", "-q"], cd16x_dir)
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout.startswith("1 done, 0 skipped, 0 failed of 1 pairs"), r.output

@@ -695,6 +695,9 @@ def test_a_log_gets_plain_progress_lines_at_each_scale_not_a_bar(cd16x_dir, shar
         "c_optimized_c.png: iteration 2/2 scale 1/2 32x24", "c_optimized_c.png: iteration 2/2 scale 2/2 64x48"
     ], r.output
     assert "━" not in r.output  # no bar drawn into the log
+    r = CliRunner().invoke(app, ["optimize", str(content), "--style", str(content), "-o", str(tmp_path / "quiet"), "--model", str(cd16x_dir),
+                                 "--iterations", "2", "--scales", "32,full", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout.startswith("1 done, 0 skipped, 0 failed of 1 images"), r.output
 
 
 def test_a_saved_state_is_resumed_by_skip_existing_and_a_damaged_one_starts_over(optimizer, cd16x_dir, photo, style, tmp_path, one_thread):

@@ -22,14 +22,20 @@ LOG_LINE_SECONDS = 30.0
 class LogLines:
     """Plain progress lines on ``console`` when it is not a terminal (a log): milestones, and one every ``every`` seconds."""
 
-    def __init__(self, console: Console, every: float | None = None) -> None:
+    def __init__(self, console: Console, every: float | None = None, quiet: bool = False) -> None:
         self.console, self.every = console, LOG_LINE_SECONDS if every is None else every  # read now: a test may set it
+        self.quiet = quiet  # neither lines nor a bar (`--quiet`)
         self._said = time.monotonic()
 
     @property
     def active(self) -> bool:
         """Whether lines are printed (no live bar is drawn)."""
-        return not self.console.is_terminal
+        return not self.quiet and not self.console.is_terminal
+
+    @property
+    def bar(self) -> bool:
+        """Whether a live bar is drawn."""
+        return not self.quiet and self.console.is_terminal
 
     def say(self, text: str, *, milestone: bool = False) -> None:
         """Print ``text`` as one line if this is a log and it is a milestone or ``every`` seconds passed since the last line."""

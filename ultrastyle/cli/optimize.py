@@ -103,6 +103,7 @@ def optimize_command(
     threads: Annotated[int, typer.Option(min=0, help="PyTorch threads (0: PyTorch's default).")] = 0,
     fmt: Annotated[Format | None, typer.Option("--format", "-f", help="Output format (default: an output file's suffix, else png).", show_default=False, case_sensitive=False)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip contents whose output exists, unless an interrupted run of it saved a state: that is resumed.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (in a log: no progress lines); warnings, errors and the summary still print.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
     metadata: Annotated[params.Metadata, typer.Option(case_sensitive=False, help=params.METADATA_HELP)] = params.Metadata.keep,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
@@ -176,11 +177,11 @@ def optimize_command(
     except OptionError as exc:
         raise bad_parameter(exc) from None
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    lines = LogLines(console)
+    lines = LogLines(console, quiet=quiet)
     with optimizer, Progress(
         TextColumn("{task.fields[name]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
         TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        disable=lines.active,  # a log gets plain lines (`on_progress`)
+        disable=not lines.bar,  # a log gets plain lines (`on_progress`)
     ) as progress:  # fmt: skip
         tasks: dict[Path, int] = {}
 

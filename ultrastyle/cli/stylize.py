@@ -246,6 +246,7 @@ def stylize_command(
     streaming: Annotated[Streaming, typer.Option(case_sensitive=False, help="Read content files a band of rows at a time (libvips, the vips extra): auto where a whole read would not fit beside --max-memory, always, never.")] = Streaming.auto,
     metadata: Annotated[params.Metadata, typer.Option(case_sensitive=False, help=params.METADATA_HELP)] = params.Metadata.keep,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip pairs whose output exists (resume an interrupted batch).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (in a log: no line per pair); warnings, errors and the summary still print.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Do the K-th of N parts of the contents (dealt round-robin, K from 1): give each machine of a job array its part, with the same inputs and --output.", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images above this many pixels (PIL's bomb guard, raised deliberately).")] = DEFAULT_MAX_PIXELS,
     depth: Annotated[int, typer.Option(help="Bits per output sample: 8, or 16 for png/tiff (a 16-bit input keeps its precision only with 16).")] = 8,
@@ -401,9 +402,9 @@ def stylize_command(
         _err("interrupted while opening the model; no image was stylized")
         raise typer.Exit(130) from None
     opened = f"; model {'and Ray pool ' if ray is not None else ''}opened in {time.perf_counter() - t_open:.1f} s"  # not in the batch's time
-    lines = LogLines(console)
+    lines = LogLines(console, quiet=quiet)
     with stylizer, Progress(
-        *_bar_columns(console.width), console=console, transient=False, disable=lines.active,  # a log gets plain lines
+        *_bar_columns(console.width), console=console, transient=False, disable=not lines.bar,  # a log gets plain lines
     ) as progress:
         reported: set[str] = set()  # a bad file fails every pair it is in; say so once
         sizes: dict[object, float] = {}  # megapixels of each content that runs (headers only): the bar counts them
