@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -21,12 +22,27 @@ from ultrastyle.cli.optimize import optimize_command
 from ultrastyle.cli.stylize import stylize_command
 from ultrastyle.runtime.memory import keep_freed_memory
 
-RICH_HELP_MIN_WIDTH = 120  # columns: narrower, help is Click's plain text (`_BareFlags.format_help`)
+RICH_HELP_MIN_WIDTH = 120  # columns: narrower, help and usage errors are Click's plain text (`_plain_unless_wide`)
 
 
 def _wide_terminal() -> bool:
     """Whether stdout is a terminal of at least `RICH_HELP_MIN_WIDTH` columns."""
     return sys.stdout.isatty() and shutil.get_terminal_size().columns >= RICH_HELP_MIN_WIDTH
+
+
+@contextlib.contextmanager
+def _plain_unless_wide(command: Any) -> Iterator[None]:
+    """``command`` (a typer command or group) without rich's formatting inside, unless on a `_wide_terminal`: in a log, a
+    pipe or a narrow terminal rich's panels cut flag names (``--checkpoint-eve…``), wrap help 17 columns wide and split
+    paths in error boxes mid-name, where Click's plain text wraps between words."""
+    if _wide_terminal():
+        yield
+        return
+    mode, command.rich_markup_mode = command.rich_markup_mode, None
+    try:
+        yield
+    finally:
+        command.rich_markup_mode = mode
 
 
 class _BareFlags:
@@ -39,17 +55,9 @@ class _BareFlags:
                 p.metavar = ""
         return params
 
-
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        """Rich's panels where the terminal is wide; Click's plain help below `RICH_HELP_MIN_WIDTH` columns (a log, a pipe, a
-        narrow terminal), where the panels cut flag names short (``--checkpoint-eve…``) and wrap the text 17 columns wide."""
-        if _wide_terminal():
+        with _plain_unless_wide(self):
             return super().format_help(ctx, formatter)  # type: ignore[misc]
-        mode, self.rich_markup_mode = self.rich_markup_mode, None  # type: ignore[attr-defined]
-        try:
-            return super().format_help(ctx, formatter)  # type: ignore[misc]
-        finally:
-            self.rich_markup_mode = mode
 
 
 class _Command(_BareFlags, TyperCommand):
@@ -57,15 +65,9 @@ class _Command(_BareFlags, TyperCommand):
 
 
 class _Group(_BareFlags, TyperGroup):
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        """Usage errors as Click's plain lines where help is plain text too (`_wide_terminal`): rich's box split paths mid-name."""
-        if _wide_terminal():
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # its usage errors: plain lines where help is plain
+        with _plain_unless_wide(self):
             return super().main(*args, **kwargs)
-        mode, self.rich_markup_mode = self.rich_markup_mode, None
-        try:
-            return super().main(*args, **kwargs)
-        finally:
-            self.rich_markup_mode = mode
 
 
 app = typer.Typer(

@@ -458,9 +458,9 @@ def stylize_command(
             else:
                 said = "the image being computed was dropped and the outputs already being written were finished"
             kept = exc.summary.count("done") + exc.summary.count("skipped")  # a resumed run's outputs are kept by the next one too
-            again = f"rerun with --skip-existing to resume (the {kept} written are kept)" if kept else "no output was written"
+            again = f"rerun with --skip-existing to resume (the {kept} written are kept)" if kept else "rerun to start again"
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said} (nothing partial is left); {again}")
-            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; {_where(output, kept)}")
+            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; {_where(output, exc.summary.count('done'))}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
