@@ -93,9 +93,9 @@ class Streaming(str, Enum):
 BAR_FIXED_WIDTH, NAME_MIN_WIDTH = 54, 12
 
 
-def _where(output: Path, written: int) -> str:
+def _where(output: str | Path, written: int) -> str:
     """The summary's last words: the output folder (absolute: a log is read elsewhere), or that nothing was written."""
-    return f"outputs in {output.absolute()}" if written else "no output was written"
+    return f"outputs in {Path(output).absolute()}" if written else "no output was written"
 
 
 def _mp(n: float | None) -> str:
