@@ -56,6 +56,7 @@ def test_a_bundle_graph_keeping_its_weights_in_another_file_is_refused(cd16x_dir
     from ultrastyle.models.pretrained import load_cd_folder
 
     b = export_bundle(load_cd_folder(cd16x_dir, stages=(1,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(1,)))
+    read_bundle(b.path)  # clean: each graph is remembered by its sha256, so the crafted one below is a new content, scanned
     graph = b.path / b.manifest["networks"]["encoder1"]["file"]
     onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="enc1.data", size_threshold=0)
     manifest = json.loads((b.path / "manifest.json").read_text())
@@ -141,3 +142,26 @@ def test_a_yaml_alias_bomb_in_the_stage_key_is_refused_by_type(tmp_path):
     r = CliRunner().invoke(app, ["distill", "-c", str(tmp_path / "stages.yaml"), "-t", "cd-wct-16x", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "stage: expected stage numbers 1..5, got a list holding a list" in " ".join(r.output.split())
     assert len(r.output) < 1000
+
+
+def test_a_bundle_opened_again_needs_no_onnx(cd16x_dir, tmp_path):
+    """Its graphs' external-data scan needs onnx (0.8 s to import, on every run once): a graph found clean is remembered by
+    its sha256 under $ULTRASTYLE_HOME, so a later process opens the bundle and stylizes without importing onnx."""
+    import os
+    import subprocess
+    import sys
+
+    from ultrastyle.export.bundle import export_bundle
+    from ultrastyle.export.spec import ExportSpec
+    from ultrastyle.models.pretrained import load_cd_folder
+
+    b = export_bundle(load_cd_folder(cd16x_dir, stages=(5,)), tmp_path / "b", validate=False, spec=ExportSpec(stages=(5,)))
+    probe = ("import sys, numpy as np, ultrastyle\n"
+             f"with ultrastyle.load({str(b.path)!r}, levels=(5,), progress=False) as s:\n"
+             "    s.stylize(np.zeros((40, 40, 3), np.uint8), np.full((40, 40, 3), 99, np.uint8))\n"
+             "print(sorted(m for m in ('onnx', 'ml_dtypes') if m in sys.modules))")  # fmt: skip
+    env = dict(os.environ)  # this test's $ULTRASTYLE_HOME: nothing remembered yet
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0 and "'onnx'" in first.stdout.splitlines()[-1], first.stderr  # the first open scans
+    again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip().endswith("[]"), again.stderr

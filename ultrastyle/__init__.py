@@ -53,7 +53,7 @@ _API = {
     "build_tensorrt": "ultrastyle.deploy",
     "BundleError": "ultrastyle.export.bundle",
     "BundleBusy": "ultrastyle.export.bundle",
-    "ExportValidationError": "ultrastyle.export.validate",
+    "ExportValidationError": "ultrastyle.export.errors",
     "CalibrationError": "ultrastyle.calibration.quantize",
     "CalibrationDataError": "ultrastyle.calibration.data",
     "CalibrationWarning": "ultrastyle.calibration.quantize",
@@ -117,7 +117,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: each name typed, re-export
     from ultrastyle.errors import RunnerError as RunnerError
     from ultrastyle.export.bundle import BundleBusy as BundleBusy
     from ultrastyle.export.bundle import BundleError as BundleError
-    from ultrastyle.export.validate import ExportValidationError as ExportValidationError
+    from ultrastyle.export.errors import ExportValidationError as ExportValidationError
     from ultrastyle.io.images import ImageError as ImageError
     from ultrastyle.models.convert import CheckpointError as CheckpointError
     from ultrastyle.models.defaults import ModelDefaults as ModelDefaults

@@ -36,7 +36,7 @@ def export_command(
         raise bad_parameter(exc) from None
     from ultrastyle.deploy import export_model
     from ultrastyle.export.bundle import BundleBusy, BundleError, BundleTargetError
-    from ultrastyle.export.validate import ExportValidationError
+    from ultrastyle.export.errors import ExportValidationError
     from ultrastyle.models.convert import CheckpointError
 
     try:

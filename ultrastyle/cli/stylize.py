@@ -277,7 +277,7 @@ def stylize_command(
     from ultrastyle.distributed.cluster import ClusterError
     from ultrastyle.errors import RunnerError
     from ultrastyle.export.bundle import BundleError
-    from ultrastyle.export.validate import ExportValidationError
+    from ultrastyle.export.errors import ExportValidationError
     from ultrastyle.io.images import ImageError, as_role, check_pixels, read_image
     from ultrastyle.io.paths import expand_inputs
     from ultrastyle.io.sources import image_header

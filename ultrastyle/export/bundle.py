@@ -287,13 +287,40 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
                     f"{f}: sha256 {found} does not match the manifest's {n['sha256']}: "
                     f"the graph was modified or corrupted; {_export_again(path, again)}"
                 ), again)
-            refuse_external_data(f)
+            refuse_external_data(f, found)
     return Bundle(path, manifest)
 
 
-def refuse_external_data(graph: Path) -> None:
+def refuse_external_data(graph: Path, digest: str | None = None) -> None:
     """`BundleError` for a graph whose weights lie in another file (ONNX external data): the manifest's sha256 covers
-    the graph file alone, so those weights could change unseen. Exports never write external data."""
+    the graph file alone, so those weights could change unseen. Exports never write external data.
+
+    ``digest``: the graph's sha256, just checked: a graph found clean is remembered by it (`_checked_marker`), so that
+    opening a bundle again needs no onnx (its import alone took 0.8 s of every run).
+    """
+    marker = _checked_marker(digest)
+    if marker is not None and marker.is_file():
+        return
+    _scan_external_data(graph)
+    if marker is not None:
+        with contextlib.suppress(OSError):  # a cache: where it cannot be written, the next open scans again
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+
+def _checked_marker(digest: str | None) -> Path | None:
+    """``$ULTRASTYLE_HOME/cache/graphs-checked/SHA256``: present once a graph of that content was scanned and found clean."""
+    from ultrastyle.models.zoo import ZooError, home_dir
+
+    if digest is None:
+        return None
+    try:
+        return home_dir() / "cache" / "graphs-checked" / digest
+    except ZooError:  # a relative $ULTRASTYLE_HOME: no cache, every open scans
+        return None
+
+
+def _scan_external_data(graph: Path) -> None:
     import onnx
 
     def tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

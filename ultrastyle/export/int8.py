@@ -69,6 +69,6 @@ def int8_networks(bundle: Bundle) -> dict[str, Path]:
             raise remedied(BundleError(f"{path}: sha256 does not match the manifest's; the int8 graph was modified, calibrate again: {fix.python()}"), fix)
         if q.get("source_sha256") not in (None, entry["sha256"]):
             raise remedied(BundleError(f"{path}: calibrated from another {name} graph than the bundle's; calibrate again: {fix.python()}"), fix)
-        refuse_external_data(path)
+        refuse_external_data(path, q["sha256"])
         out[name] = path
     return out

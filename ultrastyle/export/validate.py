@@ -8,17 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ultrastyle.export.errors import ExportValidationError
 from ultrastyle.export.graph import torch_reference
 from ultrastyle.export.spec import ATOL, RTOL, NetworkSpec
 from ultrastyle.models.networks import _StageNet
-
-
-class ExportValidationError(RuntimeError):
-    """An exported graph that disagrees with its PyTorch module (or is not valid ONNX)."""
-
-    def __init__(self, network: str, detail: str, max_diff: float | None = None, atol: float | None = None) -> None:
-        self.network, self.max_diff, self.atol = network, max_diff, atol
-        super().__init__(f"{network}: {detail}")
 
 
 def _feeds(spec: NetworkSpec, grid: int, cells: Iterable[tuple[int, int]], seed: int = 0):
