@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -187,3 +189,18 @@ def test_doctor_says_what_ray_and_zarr_allow_and_the_cli_prints_its_version():
     assert check.status == "ok" and "ray 2.60.0, zarr 3.1.6" in check.detail and "needs" not in check.detail
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"ultrastyle {__version__}"
+
+
+def test_doctor_in_a_narrow_terminal_keeps_paths_and_commands_whole():
+    """A review: at 40 columns the details column split install commands and paths mid-word ('ultrastyle[t' / 'ensorrt]')."""
+    from ultrastyle.cli.doctor import NARROW
+
+    r = CliRunner().invoke(app, ["doctor", "--no-baseline"], env={"COLUMNS": "40"})
+    lines = r.output.splitlines()
+    assert 40 < NARROW and lines[0].startswith("ultrastyle: ok"), r.output  # one block per check, not the table
+    assert any(sys.executable in line for line in lines), r.output  # a path on one line, to copy
+    assert "  pip install 'ultrastyle[tensorrt]'" in lines, r.output  # a command too
+    details = [line for line in lines if line.startswith("  ")]
+    assert details and all(len(line) < 40 or " " not in line.strip() for line in details), details  # wrapped between words
+    wide = CliRunner().invoke(app, ["doctor", "--no-baseline"], env={"COLUMNS": "120"})
+    assert wide.output.split()[:3] == ["component", "status", "details"], wide.output  # the table where it fits

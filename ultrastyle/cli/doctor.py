@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -9,6 +11,8 @@ from rich.table import Table
 
 from ultrastyle.checkup import doctor, ready
 from ultrastyle.cli.remedies import swap
+
+NARROW = 72  # columns below which the table's details column splits paths and commands: one block per check instead
 
 
 def doctor_command(
@@ -25,16 +29,23 @@ def doctor_command(
     """
     from ultrastyle.trt.env import missing_for_tensorrt
 
-    table = Table(show_header=True, header_style="bold", box=None)
-    table.add_column("component")
-    table.add_column("status")
-    table.add_column("details", overflow="fold")  # a long path folds onto the next line, not cut with an ellipsis
     checks = doctor(model, baseline=baseline)
-    for c in checks:
-        style = {"ok": "green", "missing": "yellow", "unusable": "red"}.get(c.status, "")
-        table.add_row(escape(c.what), f"[{style}]{c.status}[/]" if style else c.status, escape(swap(c.detail, c.remedy)))
     out = Console(highlight=False, soft_wrap=True)
-    out.print(table)
+    styles = {"ok": "green", "missing": "yellow", "unusable": "red"}
+    if out.width < NARROW:  # a details column this narrow split paths and install commands mid-word: one block per check
+        for c in checks:
+            out.print(f"[bold]{escape(c.what)}[/bold]: {_status(c.status, styles)}")
+            text = swap(c.detail, c.remedy)  # wrapped between words only: a path or a command stays whole, to copy
+            out.print(textwrap.fill(text, max(out.width, 20) - 1, initial_indent="  ", subsequent_indent="  ",
+                                    break_long_words=False, break_on_hyphens=False), markup=False)  # fmt: skip
+    else:
+        table = Table(show_header=True, header_style="bold", box=None)
+        table.add_column("component")
+        table.add_column("status")
+        table.add_column("details", overflow="fold")  # a long path folds onto the next line, not cut with an ellipsis
+        for c in checks:
+            table.add_row(escape(c.what), _status(c.status, styles), escape(swap(c.detail, c.remedy)))
+        out.print(table)
     unusable = [c for c in checks if c.blocking and c.status == "unusable"]  # the CPU path itself (TensorRT unusable on a CPU machine is not)
     missing = missing_for_tensorrt()
     if unusable:
@@ -44,3 +55,9 @@ def doctor_command(
     else:
         out.print("backends: onnxruntime, torch and tensorrt ready (build engines with: ultrastyle build BUNDLE)", markup=False)
     raise typer.Exit(0 if ready(checks) else 1)
+
+
+def _status(status: str, styles: dict[str, str]) -> str:
+    """A check's status as rich markup, coloured where it has a colour."""
+    style = styles.get(status)
+    return f"[{style}]{status}[/]" if style else status
