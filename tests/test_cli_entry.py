@@ -117,7 +117,7 @@ def test_help_names_every_flag_whole_in_a_log_and_on_a_wide_terminal(wide, monke
 
     from ultrastyle.cli import main
 
-    monkeypatch.setattr(main, "_wide_terminal", lambda: wide)
+    monkeypatch.setattr(main, "_wide_terminal", lambda stream: wide)
     group = typer.main.get_command(main.app)
     commands = [([name], cmd) for name, cmd in group.commands.items() if not isinstance(cmd, click.Group)]
     commands += [(["models", name], cmd) for name, cmd in group.commands["models"].commands.items()]
@@ -127,6 +127,7 @@ def test_help_names_every_flag_whole_in_a_log_and_on_a_wide_terminal(wide, monke
         assert r.exit_code == 0, (argv, r.output)
         assert ("╭" in r.output) == wide, argv  # rich's panels, or plain text
         assert "…" not in r.output, (argv, [line for line in r.output.splitlines() if "…" in line])
+        assert "\\[" not in r.output, (argv, [line for line in r.output.splitlines() if "\\[" in line])  # rich's escapes shown as typed
         for param in cmd.params:
             for flag in param.opts + param.secondary_opts:
                 if flag.startswith("-"):

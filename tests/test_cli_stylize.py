@@ -642,7 +642,7 @@ def test_the_max_memory_error_names_a_budget_that_works(invoke, images: dict[str
 
 def test_help_shows_the_model_defaults(runner: CliRunner) -> None:
     out = " ".join(runner.invoke(app, ["stylize", "--help"], env={"COLUMNS": "300"}).output.split())
-    assert "[default: the model's, wct for the CD models]" in out and "[default: the model's, 0.6 for the CD models]" in out
+    assert "(default: the model's, wct for the CD models)" in out and "(default: the model's, 0.6 for the CD models)" in out
 
 
 def test_small_pixel_limits_read_in_pixels(invoke, images: dict[str, Path], tmp_path: Path) -> None:
@@ -665,3 +665,16 @@ def test_the_summary_and_errors_are_one_line_each_when_piped(invoke, images, tmp
     r = invoke(images["c1"], "--style", tmp_path / ("no_such_style_" * 8 + ".jpg"), "-o", out)  # the batch's: before the model opens
     assert r.exit_code == 2 and any(line.startswith("error: ") and "no_such_style_.jpg: no such style" in line
                                     for line in r.output.splitlines()), r.output  # fmt: skip
+
+
+def test_the_summary_says_where_the_outputs_are_or_that_none_were_written(tmp_path, monkeypatch) -> None:
+    """A review: `-o '~/out'` (unexpanded by a shell, expanded by the library) was reported as ./~/out; an all-skipped rerun
+    said "no output was written" without the folder that holds them."""
+    from ultrastyle.cli.logs import where_outputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert where_outputs("~/out", 2, 0) == f"outputs in {tmp_path / 'out'}"
+    assert where_outputs("rel", 0, 3) == f"nothing new written; outputs in {tmp_path / 'rel'}"
+    assert where_outputs("~/a.png", 1, 0, as_file=True) == str(tmp_path / "a.png")
+    assert where_outputs("out", 0, 0) == "no output was written"

@@ -230,7 +230,7 @@ def test_the_tile_line_counts_tiles_and_the_batch_line_megapixels():
     assert [str(MegapixelColumn().render(t)) for t in p.tasks] == ["32.0/40.0 MP", "3/9 tiles", "1.5/? MP", "0.02/0.05 MP"]
 
 
-@pytest.mark.parametrize("width", [40, 60, 66, 80, 200])
+@pytest.mark.parametrize("width", [40, 60, 70, 80, 200])
 def test_the_bar_keeps_its_counts_and_times_whole_and_cuts_the_name_to_one_line(width):
     """A review: at 80 columns a long output name wrapped every refresh onto two lines, and at 40 hid the counts."""
     import io
@@ -243,13 +243,14 @@ def test_the_bar_keeps_its_counts_and_times_whole_and_cuts_the_name_to_one_line(
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=False, color_system=None)
     p = Progress(*_bar_columns(width), console=console, disable=True)
-    p.add_task("cd_content_in1_stylized_gcompris_details_Gogh4_background.png", total=1234.5, completed=123.4)
+    p.add_task("cd_content_in1_stylized_gcompris_details_Gogh4_background.png", total=12345.6, completed=12344.4)
     p.add_task("  stage 5 decode", total=96, completed=7, unit="tiles")
+    p.tasks[0].start_time = p.get_time() - 11 * 3600  # 11 hours in: the elapsed time takes 8 columns
     console.print(p.make_tasks_table(p.tasks))
     rows = out.getvalue().splitlines()
     assert len(rows) == 2 and all(len(r) <= width for r in rows), rows
-    assert "123.4/1234.5 MP 0:00:00" in rows[0] and "7/96 tiles" in rows[1], rows
-    assert ("cd_content" in rows[0]) == (width >= 66), rows  # the name where there is room for some of it
+    assert "12344.4/12345.6 MP 11:00:00" in rows[0] and "7/96 tiles" in rows[1] and "…" not in rows[0][:width - 12], rows
+    assert ("cd_content" in rows[0]) == (width >= 70), rows  # the name where there is room for some of it
     assert ("Gogh4_background.png" in rows[0]) == (width >= 120), rows
 
 

@@ -293,6 +293,11 @@ def test_opening_something_that_is_not_a_bundle_says_what_it_is_and_a_fix_that_w
         assert said in str(info.value), str(info.value)
     r = CliRunner().invoke(app, ["build", str(tmp_path / "photos")])
     assert r.exit_code == 2 and "ultrastyle export MODEL --output NEW_FOLDER" in " ".join(r.output.split()), r.output
+    with pytest.raises(BundleError, match="an empty bundle path"):  # not "./: not a bundle"
+        read_bundle("")
+    for argv in (["build", ""], ["calibrate", "", "--images", str(tmp_path / "photos")]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 2 and "an empty" in r.output and "no model weights" not in r.output, (argv, r.output)
 
 
 def test_a_bundle_with_an_unreadable_manifest_says_to_export_again_and_export_may_replace_it(model, bundle, tmp_path):

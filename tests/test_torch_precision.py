@@ -126,9 +126,9 @@ def test_open_runner_routes_precision_and_compile(cd16x_dir):
     assert isinstance(r, TorchRunner) and r.precision == "bf16"  # only PyTorch runs bfloat16
     r = open_runner(cd16x_dir, backend="auto", compile=True, stages=(1,), progress=False)
     assert isinstance(r, TorchRunner) and r.compile and r.traits.uniform_tiles  # compiled: one tile shape per pass
-    with pytest.raises(RunnerError, match=r"bf16 does not run on the onnxruntime backend \(it runs"):
+    with pytest.raises(RunnerError, match=r"bf16 does not run on the onnxruntime backend, which runs fp32, int8; "):
         open_runner(cd16x_dir, backend="onnxruntime", precision="bf16", stages=(1,), progress=False)
-    with pytest.raises(RunnerError, match="fp16 does not run on the onnxruntime backend, which backend 'auto' chose on cpu"):
+    with pytest.raises(RunnerError, match=r"fp16 does not run on the onnxruntime backend \(picked by backend='auto' on cpu\), which"):
         open_runner(cd16x_dir, backend="auto", precision="fp16", stages=(1,), progress=False)  # the user chose no backend
     with pytest.raises(RunnerError, match=r"compile=True runs the torch backend"):
         open_runner(cd16x_dir, backend="onnxruntime", compile=True, stages=(1,), progress=False)

@@ -35,7 +35,7 @@ def build_command(
     tile_max: Annotated[int | None, typer.Option("--tile-max", min=1, help="Largest tile region side in pixels (default: what the planner picks for a 2GB budget).")] = None,
     workspace: Annotated[str, typer.Option(help="TensorRT builder workspace limit, e.g. 1GB (binary: 1 GiB).")] = "1GB",
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, kept across builds (default: $ULTRASTYLE_HOME/tensorrt/timing_<gpu>_sm<cc>_trt<version>.cache).")] = None,
-    stages: Annotated[str | None, typer.Option(help="Stages to build \\[default: every stage of the bundle]", show_default=False)] = None,
+    stages: Annotated[str | None, typer.Option(help="Stages to build (default: every stage of the bundle)", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Check statically, without a GPU or TensorRT: ops and attributes the TensorRT parser supports, Q/DQ rules, profiles, engine staleness. Exit 1 on any problem.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild engines even when they are fresh.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="TensorRT's verbose log.")] = False,

@@ -39,7 +39,7 @@ def calibrate_command(
         str, typer.Option(help=f"{' or '.join(ACTIVATIONS)}: uint8 for ONNX Runtime on the CPU (about 3 dB closer to fp32); int8 (signed, zero-point 0) for TensorRT.")
     ] = DEFAULT_ACTIVATIONS,
     percentile: Annotated[float, typer.Option(help="Range kept by --method percentile (the rest is clipped).")] = DEFAULT_PERCENTILE,
-    stages: Annotated[str | None, typer.Option(help="Stages to quantize \\[default: every stage of the bundle]", show_default=False)] = None,
+    stages: Annotated[str | None, typer.Option(help="Stages to quantize (default: every stage of the bundle)", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the tile sampler.")] = 0,
 ) -> None:
     """Quantize the bundle's encoders and fused decoders to int8 Q/DQ graphs.
@@ -81,6 +81,8 @@ def calibrate_command(
                 on_export=lambda msg: err.print(msg, markup=False),
                 **settings,
             )  # fmt: skip
+    except OptionError as exc:  # an empty BUNDLE
+        raise bad_parameter(exc, {"bundle": "BUNDLE"}) from None
     except (CalibrationDataError, CalibrationError, BundleError, RunnerError, zoo.ZooError, CheckpointError, OSError) as exc:
         text = " ".join(as_command(exc).split())
         err.print(f"error: {text}", style="red", markup=False, soft_wrap=True)

@@ -17,7 +17,7 @@ def export_command(
     model: Annotated[str, typer.Argument(help="Zoo model name, a folder of CD weights {k}SE.pth/{k}SD.pth, or a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write (a bundle there is replaced; one holding int8 graphs or engines needs --force; a bundle holding other files, or any other non-empty folder, is refused).")],
     opset: Annotated[int, typer.Option(min=SUPPORTED_OPSETS.start, max=SUPPORTED_OPSETS.stop - 1, help="ONNX opset.")] = DEFAULT_OPSET,
-    stages: Annotated[str | None, typer.Option(help="Stages to export \\[default: every stage the model has]", show_default=False)] = None,
+    stages: Annotated[str | None, typer.Option(help="Stages to export (default: every stage the model has)", show_default=False)] = None,
     aux: Annotated[bool, typer.Option("--aux", help="Also export encoder_auxK graphs with the Q_k embeddings as outputs (training bundles).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a bundle holding int8 graphs (ultrastyle calibrate) or TensorRT engines (ultrastyle build), which are deleted.")] = False,
 ) -> None:

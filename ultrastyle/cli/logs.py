@@ -9,6 +9,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -64,3 +65,11 @@ def saying_warnings(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
 
     return run
+
+
+def where_outputs(output: str | Path, done: int, skipped: int, *, as_file: bool = False) -> str:
+    """A batch summary's last words: where its outputs are (absolute, ``~`` expanded: a log is read elsewhere), or that
+    nothing was written; ``as_file``: ``output`` is the one output file."""
+    path = Path(output).expanduser().absolute()
+    where = str(path) if as_file else f"outputs in {path}"
+    return where if done else f"nothing new written; {where}" if skipped else "no output was written"

@@ -7,7 +7,7 @@ import functools
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -25,17 +25,18 @@ from ultrastyle.runtime.memory import keep_freed_memory
 RICH_HELP_MIN_WIDTH = 120  # columns: narrower, help and usage errors are Click's plain text (`_plain_unless_wide`)
 
 
-def _wide_terminal() -> bool:
-    """Whether stdout is a terminal of at least `RICH_HELP_MIN_WIDTH` columns."""
-    return sys.stdout.isatty() and shutil.get_terminal_size().columns >= RICH_HELP_MIN_WIDTH
+def _wide_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal of at least `RICH_HELP_MIN_WIDTH` columns."""
+    return stream.isatty() and shutil.get_terminal_size().columns >= RICH_HELP_MIN_WIDTH
 
 
 @contextlib.contextmanager
-def _plain_unless_wide(command: Any) -> Iterator[None]:
-    """``command`` (a typer command or group) without rich's formatting inside, unless on a `_wide_terminal`: in a log, a
-    pipe or a narrow terminal rich's panels cut flag names (``--checkpoint-eve…``), wrap help 17 columns wide and split
-    paths in error boxes mid-name, where Click's plain text wraps between words."""
-    if _wide_terminal():
+def _plain_unless_wide(command: Any, stream: TextIO) -> Iterator[None]:
+    """``command`` (a typer command or group) without rich's formatting inside, unless it writes to a `_wide_terminal`
+    (help: stdout; usage errors: stderr): in a log, a pipe or a narrow terminal rich's panels cut flag names
+    (``--checkpoint-eve…``), wrap help 17 columns wide and split paths in error boxes mid-name, where Click's plain
+    text wraps between words."""
+    if _wide_terminal(stream):
         yield
         return
     mode, command.rich_markup_mode = command.rich_markup_mode, None
@@ -56,7 +57,7 @@ class _BareFlags:
         return params
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        with _plain_unless_wide(self):
+        with _plain_unless_wide(self, sys.stdout):
             return super().format_help(ctx, formatter)  # type: ignore[misc]
 
 
@@ -66,7 +67,7 @@ class _Command(_BareFlags, TyperCommand):
 
 class _Group(_BareFlags, TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:  # its usage errors: plain lines where help is plain
-        with _plain_unless_wide(self):
+        with _plain_unless_wide(self, sys.stderr):
             return super().main(*args, **kwargs)
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ultrastyle.cli import params
-from ultrastyle.cli.logs import LogLines, warning_lines
+from ultrastyle.cli.logs import LogLines, warning_lines, where_outputs
 from ultrastyle.cli.remedies import as_command, bad_parameter, flag_name, given_flags, swap
 from ultrastyle.io.constants import DEFAULT_MAX_PIXELS
 from ultrastyle.models.defaults import DEFAULT_MODEL
@@ -161,7 +161,7 @@ def optimize_command(
         raise typer.Exit(2) from None
     params.require_cuda(device)
     try:
-        optimizer = Optimizer(model, device=device, threads=threads)
+        optimizer = Optimizer(model, device=device, threads=threads, progress=not quiet)
     except OptionError as exc:  # --threads beyond the cores
         raise bad_parameter(exc) from None
     except Exception as exc:  # noqa: BLE001 - a bad model: one line, exit 2
@@ -216,7 +216,7 @@ def optimize_command(
                 state = state_dir_for(pair.output)
                 if optimizer.resumes(pair.content, pair.style.paths[0], opts, state):  # where and how big: it is hidden
                     held = size_text(sum(f.stat().st_size for f in state.rglob("*") if f.is_file()))
-                    resume = f"{again} to resume it from its last saved state ({state}, {held}; delete it to start over)"
+                    resume = f"{again} to resume it from its last saved state ({state.absolute()}, {held}; delete it to start over)"
                 else:
                     resume = f"no state of this run was saved yet (--save-every K saves one every K iterations); {again} to start it again"
                 console.print(f"interrupted: {pair.output.name} was not finished; {resume}", markup=False)
@@ -228,9 +228,8 @@ def optimize_command(
 
 
 def _summary(summary: BatchSummary, of: int, output: str | Path, as_file: bool) -> None:
-    """The last line, on stdout: counts, the wall time, and where the outputs are (absolute: a log is read elsewhere)."""
+    """The last line, on stdout: counts, the wall time, and where the outputs are (`where_outputs`)."""
     done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
-    path = Path(output).absolute()
-    where = "no output was written" if not done else path if as_file else f"outputs in {path}"
+    where = where_outputs(output, done, skipped, as_file=as_file)
     text = f"{done} done, {skipped} skipped, {failed} failed of {of} images in {summary.seconds:.1f} s; {where}"
     Console(highlight=False, soft_wrap=True).print(text, markup=False)

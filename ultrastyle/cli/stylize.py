@@ -18,7 +18,7 @@ from rich.table import Column
 from rich.text import Text
 
 from ultrastyle.cli import params
-from ultrastyle.cli.logs import LogLines, warning_lines
+from ultrastyle.cli.logs import LogLines, warning_lines, where_outputs
 from ultrastyle.cli.remedies import as_command, bad_parameter, given_flags, swap
 
 from ultrastyle.core.tile_memory import DEFAULT_BUDGET
@@ -88,14 +88,9 @@ class Streaming(str, Enum):
     never = "never"
 
 
-# Columns the bar's counts and times take at most (bar 20, up to "12345.6/12345.6 MP", two times, the gaps), and the least
-# room worth giving the output's name: below their sum the name is left out and the bar shortened.
-BAR_FIXED_WIDTH, NAME_MIN_WIDTH = 54, 12
-
-
-def _where(output: str | Path, written: int) -> str:
-    """The summary's last words: the output folder (absolute: a log is read elsewhere), or that nothing was written."""
-    return f"outputs in {Path(output).absolute()}" if written else "no output was written"
+# Columns the bar's counts and times take at most (bar 20, up to "12345.6/12345.6 MP" 18, two times of up to 8 for 10 h
+# and more, 4 gaps), and the least room worth giving the output's name: below their sum the name is left out.
+BAR_FIXED_WIDTH, NAME_MIN_WIDTH = 58, 12
 
 
 def _mp(n: float | None) -> str:
@@ -229,9 +224,9 @@ def stylize_command(
     style: Annotated[list[str] | None, typer.Option("--style", "-s", help="Style image(s): file, folder or glob; repeat for more. Every content x style pair is made.", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", metavar="FOLDER", help="Output folder; files are named {content}_stylized_{style}.{ext}.")] = "out",
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name (installed on first use), a folder of CD weights {k}SE.pth/{k}SD.pth, a pytorch-AdaIN folder (vgg_normalised.pth + decoder.pth), or a bundle folder (ultrastyle export).")] = DEFAULT_MODEL,
-    method: Annotated[Method | None, typer.Option(case_sensitive=False, help="Feature transform \\[default: the model's, wct for the CD models]", show_default=False)] = None,
-    alpha: Annotated[float | None, typer.Option(callback=lambda v: _checked("alpha", v), help="Style strength (0..1): alpha*transformed + (1-alpha)*content features \\[default: the model's, 0.6 for the CD models]", show_default=False)] = None,
-    levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) \\[default: the model's, 5,4,3,2,1 for the CD models]", show_default=False)] = None,
+    method: Annotated[Method | None, typer.Option(case_sensitive=False, help="Feature transform (default: the model's, wct for the CD models)", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option(callback=lambda v: _checked("alpha", v), help="Style strength (0..1): alpha*transformed + (1-alpha)*content features (default: the model's, 0.6 for the CD models)", show_default=False)] = None,
+    levels: Annotated[str | None, typer.Option(help="Stages to run, in the order given (5,4,3,2,1 runs coarse to fine, as WCT does) (default: the model's, 5,4,3,2,1 for the CD models)", show_default=False)] = None,
     content_size: Annotated[int, typer.Option(min=0, help="Resize contents so the long side is this many pixels; 0 keeps the size.")] = 0,
     style_size: Annotated[int, typer.Option(min=0, help="Resize styles so the long side is this many pixels; 0 keeps the size.")] = DEFAULT_STYLE_SIZE,
     device: Annotated[str, typer.Option(metavar=params.DEVICE_METAVAR, parser=params.device, help="Where the networks run: the CPU, or a CUDA GPU (cuda:N: the N-th).")] = "cpu",
@@ -261,7 +256,7 @@ def stylize_command(
     io_workers: Annotated[int, typer.Option(min=0, help="Threads decoding the next contents and encoding finished outputs while the model computes (0: half the cores, between 1 and 8; at most 4 per core).")] = 0,
     png_level: Annotated[int, typer.Option(min=0, max=9, help="zlib level of PNG outputs: 1 is fast; 6-9 write files ~10-20% smaller, several times slower.")] = DEFAULT_PNG_LEVEL,
     ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS|local", help="Run on Ray (the ray extra): 'local' starts Ray on this machine alone (bound to 127.0.0.1); HOST:PORT joins a running cluster, whose nodes must all see the model, inputs and --output at the same paths. One actor per CPU (--workers), each content on one actor.", show_default=False)] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: Ray actors, each with a model and its own --max-memory \\[default: one per CPU of the cluster; per GPU with --device cuda]", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: Ray actors, each with a model and its own --max-memory (default: one per CPU of the cluster; per GPU with --device cuda)", show_default=False)] = None,
     distribute_tiles: Annotated[bool, typer.Option("--distribute-tiles", help="With --ray: spread each image's tiles over every worker, one image after the other (for images too large or slow for one machine); the result equals the local one.")] = False,
 ) -> None:
     """Stylize every CONTENT image with every --style image (WCT or AdaIN cascade).
@@ -351,7 +346,7 @@ def stylize_command(
         if role == "style" and (len(files) == 1 or not every):  # and styles that are no image, or too large: from their headers
             for p in files:
                 try:
-                    if (header := image_header(p)) is None:
+                    if not p.is_file() or (header := image_header(p)) is None:  # a pipe's header read would consume it
                         read_image(p, max_pixels=options.max_pixels)  # raises, saying why
                     else:
                         check_pixels(p, header[0], header[1], options.max_pixels)
@@ -390,7 +385,7 @@ def stylize_command(
         opener = Stylizer if ray is None else partial(ClusterStylizer, address=ray, distribute_tiles=distribute_tiles, workers=workers)
         stylizer = opener(
             model, backend=backend.value, device=device, precision=precision.value, threads=threads, compile=compile_,
-            levels=options.levels, on_message=lambda msg: console.print(msg, markup=False),
+            levels=options.levels, on_message=lambda msg: console.print(msg, markup=False), progress=not quiet,
         )  # fmt: skip
     except (zoo.ZooError, CheckpointError, BundleError, RunnerError, ExportValidationError, OSError, ClusterError) as exc:
         text = as_command(exc, flags=_FLAGS)
@@ -453,20 +448,22 @@ def stylize_command(
             raise typer.Exit(2) from None
         except BatchInterrupted as exc:
             progress.stop()
+            done, skipped = exc.summary.count("done"), exc.summary.count("skipped")
             if exc.abandoned:  # a Ray pool kills its busy actors
                 said = "the images being computed or written were dropped"
             else:
-                said = "the image being computed was dropped and the outputs already being written were finished"
-            kept = exc.summary.count("done") + exc.summary.count("skipped")  # a resumed run's outputs are kept by the next one too
+                said = "the image being computed was dropped" + (" and the outputs already being written were finished" if done else "")
+            kept = done + skipped  # a resumed run's outputs are kept by the next one too
             again = f"rerun with --skip-existing to resume (the {kept} written are kept)" if kept else "rerun to start again"
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"interrupted: {said} (nothing partial is left); {again}")
-            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; {_where(output, exc.summary.count('done'))}")
+            Console(highlight=False, soft_wrap=True).print(f"{exc.summary.describe()}{opened}; {where_outputs(output, done, skipped)}")
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # before the batch began, or a second Ctrl-C while the outputs in flight were being finished
             progress.stop()
             _err("interrupted before the summary: each output is written whole or not at all; rerun with --skip-existing to resume")
             raise typer.Exit(130) from None
         progress.remove_task(tiles)
-    Console(highlight=False, soft_wrap=True).print(f"{summary.describe()}{opened}; {_where(output, summary.count('done'))}")
+    where = where_outputs(output, summary.count("done"), summary.count("skipped"))
+    Console(highlight=False, soft_wrap=True).print(f"{summary.describe()}{opened}; {where}")
     if summary.count("failed"):
         raise typer.Exit(1)

@@ -247,6 +247,8 @@ def load_graph(path: str | Path) -> onnx.ModelProto:
 
 def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Open a bundle: format and version checked, every graph's sha256 verified."""
+    if os.fspath(path) == "":  # Path("") is the current folder: "./: not a bundle" would hide the cause
+        raise BundleError("an empty bundle path (an unset shell variable?); give the folder that export made")
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
@@ -301,26 +303,27 @@ def refuse_external_data(graph: Path, digest: str | None = None) -> None:
     marker = _checked_marker(digest)
     if marker is not None and marker.is_file():
         return
-    _scan_external_data(graph)
-    if marker is not None:
+    if _scan_external_data(graph) and marker is not None:  # not ONNX at all: no mark, the runtime that opens it says why
         with contextlib.suppress(OSError):  # a cache: where it cannot be written, the next open scans again
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
 
 
 def _checked_marker(digest: str | None) -> Path | None:
-    """``$ULTRASTYLE_HOME/cache/graphs-checked/SHA256``: present once a graph of that content was scanned and found clean."""
+    """``$ULTRASTYLE_HOME/cache/graphs-checked/v1/SHA256``: present once a graph of that content was scanned and found
+    clean (``v1``: this scan; a stricter one gets a new folder)."""
     from ultrastyle.models.zoo import ZooError, home_dir
 
     if digest is None:
         return None
     try:
-        return home_dir() / "cache" / "graphs-checked" / digest
+        return home_dir() / "cache" / "graphs-checked" / "v1" / digest
     except ZooError:  # a relative $ULTRASTYLE_HOME: no cache, every open scans
         return None
 
 
-def _scan_external_data(graph: Path) -> None:
+def _scan_external_data(graph: Path) -> bool:
+    """`refuse_external_data`'s scan; whether ``graph`` parsed as ONNX (and so was scanned)."""
     import onnx
 
     def tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -339,12 +342,13 @@ def _scan_external_data(graph: Path) -> None:
     try:
         model = onnx.load(str(graph), load_external_data=False)
     except Exception:  # noqa: BLE001 - not ONNX: the runtime that opens it says so, as before
-        return
+        return False
     for t in tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             where = next((e.value for e in t.external_data if e.key == "location"), "?")
             raise BundleError(f"{graph}: tensor {t.name!r} keeps its data in another file ({where}), which the bundle's sha256 "
                               "does not cover; export the model again (exports keep every weight in the graph)")  # fmt: skip
+    return True
 
 
 def _check_manifest(path: Path, manifest: dict) -> None:

@@ -285,7 +285,7 @@ def open_runner(
     if precision not in allowed:
         raise remedied(RunnerError(
             f"precision {precision} does not run on the {concrete} backend"
-            + (f", which backend 'auto' chose on {device}" if backend == "auto" else "") + f" (it runs {', '.join(allowed)}); "
+            + (f" (picked by backend='auto' on {device})" if backend == "auto" else "") + f", which runs {', '.join(allowed)}; "
             + {"fp16": "use the tensorrt backend, or torch on an NVIDIA GPU", "bf16": "use the torch backend"}.get(
                 precision, "use the onnxruntime or tensorrt backend"
             )
