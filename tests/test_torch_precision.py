@@ -113,7 +113,7 @@ def test_precision_errors_without_cuda(cd16x):
         StageEngine(cd16x, "fp8")
     if cd16x.device.type != "cuda":
         # PyTorch runs float16 convolutions on the CPU, but 80x slower than float32 here: refused with the way out.
-        with pytest.raises(RunnerError, match=r"precision='fp16'.*CUDA.*precision='bf16'"):
+        with pytest.raises(RunnerError, match=r"precision='fp16'.*CUDA.*precision='fp32' there"):
             TorchRunner(cd16x, precision="fp16")
     with TorchRunner(cd16x, precision="bf16") as r:  # bf16 runs on the CPU
         assert r.encode(1, torch.rand(1, 3, 8, 8)).dtype == torch.float32
@@ -267,3 +267,24 @@ def test_cascade_fitted_on_the_device_equals_the_host_fit(cd16x, small, referenc
     assert fit_on_device("auto", torch.device("cuda")) and not fit_on_device("auto", torch.device("cpu"))
     with pytest.raises(ValueError, match="fit_on"):
         stylize(cd16x, content, stats, fit_on="gpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bfloat16_warns_that_it_is_slow(cd16x, monkeypatch, native):
+    """Measured 20x slower than float32 on an AVX2 CPU (docs/gpu.md); the fp16 refusal used to suggest it as the fix."""
+    import warnings
+
+    from ultrastyle.runtime.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "native_cpu_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        TorchRunner(cd16x, precision="bf16")
+        TorchRunner(cd16x)  # float32: nothing to say
+    slow = [w for w in seen if issubclass(w.category, torch_backend.SlowPrecisionWarning)]
+    assert len(slow) == (0 if native else 1), [str(w.message) for w in seen]
+    if not native:
+        assert "about 20x slower than float32" in str(slow[0].message) and slow[0].message.remedy[-1].value == "fp32"
+        assert slow[0].filename == __file__  # said at the caller's line, not the library's
+    with pytest.raises(RunnerError, match=r"use precision='fp32' there \(or 'bf16' on a CPU with native bfloat16\)"):
+        TorchRunner(cd16x, precision="fp16")
