@@ -264,8 +264,9 @@ def stylize_command(
     ultrastyle stylize photos/ --style art.jpg -o out/   or   ultrastyle stylize photos/ art.jpg -o out/
 
     Exit status is 1 if any pair failed; the other pairs still run and no
-    partial output file is left behind. Ctrl-C stops after the outputs in
-    flight are written (--ray: abandons them), prints the summary and exits 130.
+    partial output file is left behind. Ctrl-C drops the image being computed,
+    finishes the outputs being written (--ray: drops them too), prints the
+    summary and exits 130.
     """
     # The library is imported here, not at module level: every `--help` builds this command (typer), without torch.
     from ultrastyle.api import ClusterStylizer, OptionError, Stylizer, check_distributed, make_options
