@@ -35,15 +35,14 @@ def _plain_unless_wide(command: Any, stream: TextIO) -> Iterator[None]:
     """``command`` (a typer command or group) without rich's formatting inside, unless it writes to a `_wide_terminal`
     (help: stdout; usage errors: stderr): in a log, a pipe or a narrow terminal rich's panels cut flag names
     (``--checkpoint-eve…``), wrap help 17 columns wide and split paths in error boxes mid-name, where Click's plain
-    text wraps between words."""
-    if _wide_terminal(stream):
-        yield
-        return
-    mode, command.rich_markup_mode = command.rich_markup_mode, None
+    text wraps between words. Nested (the group's help inside its run), each judges its own stream."""
+    before = command.rich_markup_mode
+    own = command.__dict__.setdefault("_own_markup_mode", before)  # the mode as built, before any of these swaps
+    command.rich_markup_mode = own if _wide_terminal(stream) else None
     try:
         yield
     finally:
-        command.rich_markup_mode = mode
+        command.rich_markup_mode = before
 
 
 class _BareFlags:
