@@ -119,8 +119,7 @@ def calibrate(
         from ultrastyle.calibration.quantize import CalibrationWarning
 
         warn = lambda message: warn_user(message, CalibrationWarning)  # noqa: E731
-    check.no_empty_path("bundle", [bundle] if isinstance(bundle, (str, os.PathLike)) else [], "a bundle, a zoo name or a model folder")
-    bundle = check.user_path(bundle)
+    bundle = check.model_path(bundle, "bundle", "a bundle, a zoo name or a model folder")
     files = calibration_images(images)  # a folder without images (or an empty list) is refused before a bundle is exported
     target = bundle if isinstance(bundle, Bundle) else ensure_bundle(bundle, on_export=on_export)
     return calibrate_bundle(target, files, chosen, stages=wanted, on_progress=on_progress, warn=warn)

@@ -260,11 +260,11 @@ def user_path(value: P) -> P:
     return value
 
 
-def model_path(value: P) -> P:
-    """A model as given (a zoo name or a folder, ``~`` expanded: `user_path`); an empty one is refused (``""`` is the
+def model_path(value: P, option: str = "model", give: str = "a zoo name (ultrastyle models list) or a model folder") -> P:
+    """A model (or a bundle) as given, ``~`` expanded (`user_path`); an empty one is refused as ``option`` (``""`` is the
     current folder: "no model weights in ." said nothing of the cause)."""
     if isinstance(value, (str, os.PathLike)):
-        no_empty_path("model", [value], "a zoo name (ultrastyle models list) or a model folder")
+        no_empty_path(option, [value], give)
     return user_path(value)
 
 
